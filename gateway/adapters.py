@@ -1,0 +1,169 @@
+"""The adapter interface every channel plugs into, and the registry of channel types.
+
+A channel type (``ChannelType``) names a config dataclass and a factory. The factory gets an
+``AdapterContext`` (the door into the gateway: Intake, events, HTTP routes, attachments, clock)
+and returns an ``Adapter``. Built-in types are listed in ``gateway.channels.BUILTIN``; other
+packages add types through the ``gateway.channels`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from gateway.clock import Clock, Micros
+from gateway.records import Contact, Deadline, Event, EventType, Inbound, Reply, Repeat
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.attachments import AttachmentStore
+    from gateway.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What Intake answers once a contact is durable.
+
+    ``status`` is ``enqueued`` (in Redis), ``duplicate`` (already there: ``contact_id`` is the
+    first contact's id) or ``spooled`` (in the local spool, replayed to Redis later).
+    """
+
+    contact_id: str
+    status: str
+    deadline: Deadline
+    repeat: Repeat
+
+    @property
+    def durable(self) -> bool:
+        return self.status in ("enqueued", "duplicate", "spooled")
+
+
+class IntakeUnavailable(Exception):
+    """Neither Redis nor the spool could take the contact: the peer must retry later."""
+
+
+class Submitter(Protocol):
+    """The one door into the queue."""
+
+    async def submit(self, inbound: Inbound) -> Receipt:
+        """Make the contact durable and return its receipt; raise ``IntakeUnavailable``."""
+        ...
+
+
+class EventSink(Protocol):
+    """Writes events on ``{gateway}:events``."""
+
+    async def emit(self, event: Event) -> None:
+        """Append one event."""
+        ...
+
+    async def stamp(
+        self,
+        contact_id: str,
+        type: EventType,
+        at: Micros,
+        source: str,
+        detail: dict[str, Any] | None = None,
+    ) -> Event | None:
+        """Record a deadline event (answered, responded, acknowledged) once per contact and type.
+
+        Computes ``elapsed_ms`` from the contact's ``received_at`` and ``met`` against its deadline,
+        clears the deadline when it is the contact's own kind, and returns the event, or None when
+        that type was already stamped (or the contact is unknown).
+        """
+        ...
+
+
+class ContactLookup(Protocol):
+    """Finds a contact by id (reply routing, callbacks)."""
+
+    async def get(self, contact_id: str) -> Contact | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """A reply handed to the provider; ``external_id`` is the provider's own id, if any."""
+
+    external_id: str | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+class SendError(Exception):
+    """A reply could not be delivered. ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(slots=True)
+class AdapterContext:
+    """Everything an adapter may touch; it never sees Redis or the server itself."""
+
+    name: str
+    intake: Submitter
+    events: EventSink
+    contacts: ContactLookup
+    router: web.UrlDispatcher
+    attachments: AttachmentStore
+    clock: Clock
+    settings: Settings
+
+
+class Adapter(Protocol):
+    """A running channel adapter instance."""
+
+    name: str
+    channel: str
+
+    async def start(self) -> None:
+        """Start listening; return once the listener accepts connections."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight work; safe to call twice or before start."""
+        ...
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """Deliver one reply to the citizen of ``contact``; raise ``SendError``."""
+        ...
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelType(Generic[ConfigT]):
+    """A registered kind of adapter: ``type = "<name>"`` in an ``[adapters.X]`` table."""
+
+    name: str
+    channel: str
+    config: type[ConfigT]
+    factory: Callable[[AdapterContext, ConfigT], Adapter]
+    example: Mapping[str, Any]
+    """A minimal valid config table (without ``type``), used by docs and the contract tests."""
+
+
+ENTRY_POINT_GROUP = "gateway.channels"
+
+
+def load_channel_types() -> dict[str, ChannelType[Any]]:
+    """Return every channel type: the built-in ones, then those from entry points."""
+    from gateway.channels import BUILTIN
+
+    types: dict[str, ChannelType[Any]] = {}
+    for spec in BUILTIN:
+        module_name, _, attr = spec.partition(":")
+        channel_type = getattr(importlib.import_module(module_name), attr)
+        types[channel_type.name] = channel_type
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        channel_type = ep.load()
+        if not isinstance(channel_type, ChannelType):
+            raise TypeError(f"entry point {ep.name!r} is not a gateway.adapters.ChannelType")
+        types.setdefault(channel_type.name, channel_type)
+    return types

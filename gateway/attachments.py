@@ -1,0 +1,81 @@
+"""Content-addressed attachment store shared by every channel.
+
+Bytes are kept once per sha256 under ``<data_dir>/attachments/<aa>/<sha256>``; a contact
+refers to them as ``/v1/attachments/<sha256>``, which the HTTP server serves to API clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from gateway.records import Attachment
+
+REF_PREFIX = "/v1/attachments/"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AttachmentTooLarge(Exception):
+    """The file is larger than the configured bound."""
+
+
+class AttachmentStore:
+    """Stores attachment bytes by sha256, durably (fsync before the rename)."""
+
+    def __init__(self, root: Path, max_size: int) -> None:
+        self.root = root
+        self.max_size = max_size
+
+    def path_for(self, sha256: str) -> Path:
+        """Return where the bytes of ``sha256`` live; raise ValueError for a malformed hash."""
+        if not _SHA256.match(sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256
+
+    def put_sync(self, data: bytes, name: str, content_type: str) -> Attachment:
+        """Store ``data`` (blocking) and return its Attachment."""
+        if len(data) > self.max_size:
+            raise AttachmentTooLarge(f"{len(data)} bytes > {self.max_size}")
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path_for(digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return Attachment(
+            name=_safe_name(name),
+            content_type=content_type or "application/octet-stream",
+            size=len(data),
+            sha256=digest,
+            ref=REF_PREFIX + digest,
+        )
+
+    async def put(self, data: bytes, name: str, content_type: str) -> Attachment:
+        """Store ``data`` off the event loop and return its Attachment."""
+        if len(data) < 64 * 1024:
+            return self.put_sync(data, name, content_type)
+        return await asyncio.to_thread(self.put_sync, data, name, content_type)
+
+    def read(self, sha256: str) -> bytes:
+        """Return the stored bytes; raise FileNotFoundError or ValueError."""
+        return self.path_for(sha256).read_bytes()
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def _safe_name(name: str) -> str:
+    cleaned = _UNSAFE.sub("_", name).strip() or "attachment"
+    return cleaned[:255]

@@ -1,0 +1,8 @@
+"""Channel adapters, one folder per medium.
+
+``BUILTIN`` lists the built-in channel types as ``module:attribute``; each attribute is a
+``gateway.adapters.ChannelType``. Other packages register more through the
+``gateway.channels`` entry-point group.
+"""
+
+BUILTIN: tuple[str, ...] = ()

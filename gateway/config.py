@@ -1,0 +1,407 @@
+"""Configuration: one TOML file, validated on load; every error names its key.
+
+Each section is a frozen dataclass. ``load_table`` fills one from a TOML table by the
+dataclass's own field types, rejects unknown keys, and reads ``Secret`` fields from
+``<key>``, ``<key>_env`` (an environment variable) or ``<key>_file`` (a file).
+Adapters declare their config the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """One or more configuration errors, each ``(key, message)``."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__("\n".join(f"{prefix}{key}: {msg}" for key, msg in errors))
+
+
+class Secret:
+    """A secret value that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class Duration(float):
+    """Seconds, written in TOML as ``"15s"``, ``"3m"``, ``"24h"``, ``"7d"``, ``"250ms"`` or a number."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse a duration; raise ValueError with a readable message."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"15s\", \"3m\", \"24h\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return Duration(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return Duration(float(m.group(1)) * _UNITS[m.group(2)])
+    raise ValueError(f"expected a duration such as \"15s\", \"3m\", \"24h\", got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A listen or connect address, written ``"host:port"`` (``[::1]:port`` for IPv6)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: object) -> HostPort:
+    """Parse ``host:port``."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"host:port\", got {value!r}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected \"host:port\", got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return HostPort(host, int(port))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str, errors: list[tuple[str, str]]) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _convert(args[0], value, key, errors)
+        for arg in args:
+            sub: list[tuple[str, str]] = []
+            result = _convert(arg, value, key, sub)
+            if not sub:
+                return result
+        errors.append((key, f"expected one of {', '.join(_type_name(a) for a in args)}"))
+        return None
+    if origin is typing.Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            errors.append((key, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"))
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            errors.append((key, f"expected a list, got {type(value).__name__}"))
+            return ()
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, dict):
+            errors.append((key, f"expected a table, got {type(value).__name__}"))
+            return {}
+        args = get_args(tp)
+        if len(args) == 2:
+            return {
+                str(k): _convert(args[1], v, f"{key}.{k}", errors) for k, v in value.items()
+            }
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            errors.append((key, f"expected a table, got {type(value).__name__}"))
+            return None
+        return _load(tp, value, key, errors)
+    if tp is Duration:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            errors.append((key, str(exc)))
+            return Duration(0)
+    if tp is HostPort:
+        try:
+            return parse_host_port(value)
+        except ValueError as exc:
+            errors.append((key, str(exc)))
+            return HostPort("127.0.0.1", 0)
+    if tp is Secret:
+        if not isinstance(value, str):
+            errors.append((key, "expected a string"))
+            return Secret("")
+        return Secret(value)
+    if tp is Path:
+        if not isinstance(value, str):
+            errors.append((key, "expected a path string"))
+            return Path()
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append((key, f"expected true or false, got {value!r}"))
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append((key, f"expected an integer, got {value!r}"))
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append((key, f"expected a number, got {value!r}"))
+            return 0.0
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append((key, f"expected a string, got {type(value).__name__}"))
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _read_secret(raw: Mapping[str, Any], name: str, key: str, errors: list[tuple[str, str]]) -> Secret | None:
+    if name in raw:
+        value = raw[name]
+        if not isinstance(value, str):
+            errors.append((key, "expected a string"))
+            return Secret("")
+        return Secret(value)
+    env_key = f"{name}_env"
+    if env_key in raw:
+        var = raw[env_key]
+        if not isinstance(var, str) or var not in os.environ:
+            errors.append((f"{key}_env", f"environment variable {var!r} is not set"))
+            return Secret("")
+        return Secret(os.environ[var])
+    file_key = f"{name}_file"
+    if file_key in raw:
+        try:
+            return Secret(Path(str(raw[file_key])).read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            errors.append((f"{key}_file", f"cannot read secret file: {exc.strerror}"))
+            return Secret("")
+    return None
+
+
+def _load(cls: type[T], raw: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]) -> T:
+    hints = get_type_hints(cls)
+    known: set[str] = set()
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not f.init:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        known.add(f.name)
+        is_secret = tp is Secret or (
+            get_origin(tp) in (typing.Union, types.UnionType) and Secret in get_args(tp)
+        )
+        if is_secret:
+            known.update((f"{f.name}_env", f"{f.name}_file"))
+            secret = _read_secret(raw, f.name, key, errors)
+            if secret is not None:
+                values[f.name] = secret
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append((key, f"required (set {f.name}, {f.name}_env or {f.name}_file)"))
+            continue
+        if f.name in raw:
+            values[f.name] = _convert(tp, raw[f.name], key, errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append((key, "required"))
+    for k in raw:
+        if k not in known:
+            errors.append((f"{prefix}.{k}" if prefix else k, "unknown key"))
+    try:
+        return cls(**values)
+    except TypeError:  # a required field was missing: already reported
+        return None  # type: ignore[return-value]
+
+
+def load_table(cls: type[T], raw: Mapping[str, Any], prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a TOML table; raise ``ConfigError`` listing every error."""
+    errors: list[tuple[str, str]] = []
+    result = _load(cls, raw, prefix, errors)
+    if errors:
+        raise ConfigError(errors)
+    return result
+
+
+# ---------------------------------------------------------------- core sections
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    data_dir: Path = Path("var")
+    instance: str = ""
+    """Name of this gateway instance in events and consumer names; default: host name."""
+    log_format: typing.Literal["plain", "json"] = "plain"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelSection:
+    hosts: tuple[HostPort, ...] = ()
+    master: str = "mymaster"
+    password: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSection:
+    url: str = ""
+    """Empty: start the embedded server. Otherwise redis://, rediss:// or unix://."""
+    prefix: str = "gateway"
+    cluster: bool = False
+    sentinel: SentinelSection | None = None
+    password: Secret | None = None
+    server_binary: str = ""
+    """Embedded mode: a redis-server or valkey-server to run instead of the bundled Valkey."""
+    write_timeout: Duration = Duration(1.0)
+    """A batch not written within this bound goes to the spool instead."""
+    stream_maxlen: int = 1_000_000
+    retention: Duration = Duration(35 * 86400)
+    """How long a contact stays retrievable by id (reply routing, API)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSection:
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    max_body: int = 1 << 20
+    """Bytes; larger request bodies get 413 (adapters may set their own bound)."""
+    public_url: str = ""
+    """Externally visible base URL (webhook registration, signature checks)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlaSection:
+    voice_answer: Duration = Duration(15)
+    sms_response: Duration = Duration(180)
+    chat_response: Duration = Duration(180)
+    web_response: Duration = Duration(180)
+    email_response: Duration = Duration(86400)
+    warning_fraction: float = 0.8
+    connection_target: float = 0.95
+    short_abandon: Duration = Duration(0)
+    """Abandons shorter than this are left out of the voice connection rate (default: none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeSection:
+    dedupe_window: Duration = Duration(7 * 86400)
+    repeat_window: Duration = Duration(30 * 86400)
+    max_attachment: int = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key: Secret
+    name: str = ""
+    scopes: tuple[str, ...] = ("intake",)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSection:
+    keys: tuple[ApiKey, ...] = ()
+    open_to_loopback: bool = False
+    """Allow ``POST /v1/intake`` without a key from 127.0.0.1 / ::1 (the no-config default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RepliesSection:
+    max_attempts: int = 5
+    backoff: Duration = Duration(2)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole validated configuration."""
+
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    redis: RedisSection = field(default_factory=RedisSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    sla: SlaSection = field(default_factory=SlaSection)
+    intake: IntakeSection = field(default_factory=IntakeSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    replies: RepliesSection = field(default_factory=RepliesSection)
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Raw adapter tables; each is validated by its channel type's own config class."""
+    source: str = ""
+
+
+def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, dict[str, Any]]:
+    """Validate the core sections and every adapter table; return settings and adapter configs."""
+    from gateway.adapters import load_channel_types
+
+    errors: list[tuple[str, str]] = []
+    core = {k: v for k, v in raw.items() if k != "adapters"}
+    settings = _load(Settings, core, "", errors)
+    adapters_raw = raw.get("adapters", {})
+    adapter_configs: dict[str, Any] = {}
+    if not isinstance(adapters_raw, dict):
+        errors.append(("adapters", "expected a table of adapter tables"))
+        adapters_raw = {}
+    channel_types = load_channel_types()
+    for name, table in adapters_raw.items():
+        key = f"adapters.{name}"
+        if not isinstance(table, dict):
+            errors.append((key, "expected a table"))
+            continue
+        type_name = table.get("type")
+        if type_name not in channel_types:
+            known = ", ".join(sorted(channel_types)) or "none"
+            errors.append((f"{key}.type", f"unknown adapter type {type_name!r} (known: {known})"))
+            continue
+        body = {k: v for k, v in table.items() if k != "type"}
+        adapter_configs[name] = _load(channel_types[type_name].config, body, key, errors)
+    if errors:
+        raise ConfigError(errors, source)
+    settings = dataclasses.replace(
+        settings, adapters={k: dict(v) for k, v in adapters_raw.items()}, source=source
+    )
+    return settings, adapter_configs
+
+
+def load_file(path: str | Path) -> tuple[Settings, dict[str, Any]]:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {exc.strerror}")], str(p)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"invalid TOML: {exc}")], str(p)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", "not UTF-8")], str(p)) from exc
+    return parse_settings(raw, str(p))

@@ -1,0 +1,36 @@
+"""UUIDv7 identifiers (RFC 9562): time-ordered, so contact ids sort by arrival."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+_lock = threading.Lock()
+_last_ms = 0
+_seq = 0
+
+
+def uuid7(now_ms: int | None = None) -> str:
+    """Return a new UUIDv7 string, monotonic within this process."""
+    global _last_ms, _seq
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    with _lock:
+        if ms <= _last_ms:
+            ms = _last_ms
+            _seq = (_seq + 1) & 0xFFF
+            if _seq == 0:
+                ms += 1
+        else:
+            _seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
+        _last_ms = ms
+        seq = _seq
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand
+    return str(uuid.UUID(int=value))
+
+
+def uuid7_time_ms(value: str) -> int:
+    """Return the millisecond timestamp inside a UUIDv7."""
+    return uuid.UUID(value).int >> 80
