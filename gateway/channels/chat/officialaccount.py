@@ -1,0 +1,550 @@
+"""What WeChat Official Accounts and Weibo fan service share.
+
+Both platforms verify the callback URL with a GET (``signature`` = sha1 of the sorted and
+joined secret, timestamp and nonce; ``echostr`` echoed back), push messages by POST with the
+same signature, wait a few seconds for an answer and retry, and take replies through a
+customer-service message API with an access token. This module holds those pieces, and the
+adapter skeleton built on them; ``wechat.py`` and ``weibo.py`` only decode and encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import string
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from xml.etree.ElementTree import Element, ParseError
+
+import aiohttp
+import orjson
+from aiohttp import web
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as _defused_fromstring
+
+from gateway.adapters import AdapterContext, IntakeUnavailable, Receipt, SendError
+from gateway.clock import MICROS_PER_SECOND, Micros
+from gateway.config import Duration
+from gateway.language import guess_language
+from gateway.records import Attachment, Inbound, Sender, clean_text
+
+log = logging.getLogger(__name__)
+
+MAX_BODY: Final = 64 * 1024
+"""Push bodies are small (a text message is < 2 KB); anything larger is refused with 413."""
+
+
+class PayloadError(ValueError):
+    """A push body that cannot be decoded (malformed, oversize, forbidden XML constructs)."""
+
+
+class SignatureError(ValueError):
+    """A missing or wrong signature, or a timestamp outside the accepted window."""
+
+
+# ---------------------------------------------------------------- signatures
+
+
+def sha1_signature(*parts: str) -> str:
+    """Return sha1 hex of the parts sorted and joined, as both platforms sign."""
+    return hashlib.sha1("".join(sorted(parts)).encode("utf-8")).hexdigest()  # noqa: S324
+
+
+def signature_matches(given: str, *parts: str) -> bool:
+    """Compare ``given`` with the expected signature in constant time."""
+    expected = sha1_signature(*parts)
+    return hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected.encode())
+
+
+def timestamp_within(timestamp: str, now_us: Micros, window_s: float) -> bool:
+    """Tell whether ``timestamp`` (Unix seconds, or milliseconds) is within ``window_s`` of now."""
+    try:
+        value = int(timestamp)
+    except ValueError:
+        return False
+    if value > 100_000_000_000:  # milliseconds
+        value //= 1000
+    return abs(now_us / MICROS_PER_SECOND - value) <= window_s
+
+
+def check_push(
+    query: Mapping[str, str], secret: str, now_us: Micros, window_s: float, *extra: str
+) -> None:
+    """Check ``signature`` over secret, timestamp, nonce (and ``extra``); raise SignatureError."""
+    signature = query.get("signature", "")
+    timestamp = query.get("timestamp", "")
+    nonce = query.get("nonce", "")
+    if not signature or not timestamp:
+        raise SignatureError("missing signature or timestamp")
+    if not signature_matches(signature, secret, timestamp, nonce, *extra):
+        raise SignatureError("signature mismatch")
+    if window_s > 0 and not timestamp_within(timestamp, now_us, window_s):
+        raise SignatureError("timestamp outside the window")
+
+
+# ---------------------------------------------------------------- XML
+
+
+def parse_xml(data: bytes, max_bytes: int = MAX_BODY) -> dict[str, Any]:
+    """Parse a flat WeChat-style ``<xml>`` document into ``{tag: text}``; raise PayloadError.
+
+    No DTD, no entities, no external references (defusedxml), and a size bound. A child with
+    children of its own becomes a nested mapping (``ScanCodeInfo``, ``SendLocationInfo``).
+    """
+    if len(data) > max_bytes:
+        raise PayloadError("body too large")
+    try:
+        root = _defused_fromstring(
+            data, forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+    except (ParseError, DefusedXmlException, ValueError, SyntaxError) as exc:
+        raise PayloadError(f"malformed XML: {type(exc).__name__}") from None
+    if root.tag != "xml":
+        raise PayloadError("root element is not <xml>")
+    return _flatten(root, 0)
+
+
+def _flatten(elem: Element, depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for child in elem:
+        if len(child) and depth < 3:
+            out[child.tag] = _flatten(child, depth + 1)
+        else:
+            out[child.tag] = (child.text or "").strip()
+    return out
+
+
+def _cdata(value: str) -> str:
+    return "<![CDATA[" + value.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+
+
+def text_reply_xml(to_user: str, from_user: str, create_time: int, content: str) -> str:
+    """Build a passive text reply as both platforms take it."""
+    return (
+        f"<xml><ToUserName>{_cdata(to_user)}</ToUserName>"
+        f"<FromUserName>{_cdata(from_user)}</FromUserName>"
+        f"<CreateTime>{create_time}</CreateTime>"
+        f"<MsgType>{_cdata('text')}</MsgType>"
+        f"<Content>{_cdata(content)}</Content></xml>"
+    )
+
+
+# ---------------------------------------------------------------- safe mode (AES)
+
+
+class MessageCrypto:
+    """WeChat's message encryption (safe and compatible mode).
+
+    ``EncodingAESKey`` is 43 base64 characters; the AES-256 key is its decoding (with one ``=``)
+    and the CBC IV its first 16 bytes. Plaintext is 16 random bytes, the message length (4 bytes,
+    network order), the message, then the AppID, padded PKCS#7 to a 32-byte multiple.
+    ``msg_signature`` is sha1 of the sorted token, timestamp, nonce and ciphertext.
+    """
+
+    BLOCK: Final = 32
+
+    def __init__(self, token: str, encoding_aes_key: str, app_id: str) -> None:
+        try:
+            key = base64.b64decode(encoding_aes_key + "=", validate=True)
+        except ValueError:
+            key = b""
+        if len(encoding_aes_key) != 43 or len(key) != 32:
+            raise ValueError("EncodingAESKey must be 43 base64 characters")
+        self.token = token
+        self.key = key
+        self.app_id = app_id
+
+    def _cipher(self) -> Cipher[modes.CBC]:
+        return Cipher(algorithms.AES(self.key), modes.CBC(self.key[:16]))
+
+    def decrypt(self, encrypted: str) -> bytes:
+        """Return the plaintext message; raise PayloadError (bad base64, padding or AppID)."""
+        try:
+            data = base64.b64decode(encrypted, validate=True)
+        except ValueError:
+            raise PayloadError("Encrypt is not base64") from None
+        if not data or len(data) % 16:
+            raise PayloadError("Encrypt is not whole AES blocks")
+        decryptor = self._cipher().decryptor()
+        plain = decryptor.update(data) + decryptor.finalize()
+        pad = plain[-1]
+        if not 1 <= pad <= self.BLOCK or len(plain) < 20 + pad:
+            raise PayloadError("bad padding")
+        content = plain[16:-pad]
+        (length,) = struct.unpack(">I", content[:4])
+        if length > len(content) - 4:
+            raise PayloadError("bad message length")
+        message = content[4 : 4 + length]
+        app_id = content[4 + length :]
+        if not hmac.compare_digest(app_id, self.app_id.encode()):
+            raise PayloadError("AppID mismatch")
+        return message
+
+    def encrypt(self, message: bytes, random16: bytes | None = None) -> str:
+        """Return the base64 ciphertext of ``message``."""
+        prefix = random16 if random16 is not None else _random_alnum(16)
+        body = prefix + struct.pack(">I", len(message)) + message + self.app_id.encode()
+        pad = self.BLOCK - len(body) % self.BLOCK
+        body += bytes([pad]) * pad
+        encryptor = self._cipher().encryptor()
+        return base64.b64encode(encryptor.update(body) + encryptor.finalize()).decode("ascii")
+
+    def msg_signature(self, timestamp: str, nonce: str, encrypted: str) -> str:
+        """Return ``msg_signature`` for an encrypted message."""
+        return sha1_signature(self.token, timestamp, nonce, encrypted)
+
+    def encrypted_reply(self, xml: str, timestamp: str, nonce: str) -> str:
+        """Wrap a passive reply for safe mode."""
+        encrypted = self.encrypt(xml.encode("utf-8"))
+        signature = self.msg_signature(timestamp, nonce, encrypted)
+        return (
+            f"<xml><Encrypt>{_cdata(encrypted)}</Encrypt>"
+            f"<MsgSignature>{_cdata(signature)}</MsgSignature>"
+            f"<TimeStamp>{timestamp}</TimeStamp><Nonce>{_cdata(nonce)}</Nonce></xml>"
+        )
+
+
+_ALNUM = (string.ascii_letters + string.digits).encode()
+
+
+def _random_alnum(n: int) -> bytes:
+    return bytes(_ALNUM[b % len(_ALNUM)] for b in os.urandom(n))
+
+
+# ---------------------------------------------------------------- access token
+
+
+class TokenError(Exception):
+    """The platform would not give an access token."""
+
+
+@dataclass(slots=True)
+class AccessToken:
+    """Fetches, caches and refreshes a platform access token (one fetch at a time).
+
+    ``fetch`` returns ``(token, expires_in_s)``. The token is refreshed ``margin_s`` before it
+    expires, or at once after ``invalidate`` (the platform said it expired).
+    """
+
+    fetch: Callable[[], Awaitable[tuple[str, float]]]
+    margin_s: float = 300.0
+    _token: str = ""
+    _expires_at: float = 0.0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get(self) -> str:
+        if self._token and time.monotonic() < self._expires_at:
+            return self._token
+        async with self._lock:
+            if self._token and time.monotonic() < self._expires_at:
+                return self._token
+            token, expires_in = await self.fetch()
+            self._token = token
+            self._expires_at = time.monotonic() + max(expires_in - self.margin_s, expires_in / 2)
+            return token
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` if it is still the cached one."""
+        if token == self._token:
+            self._token = ""
+            self._expires_at = 0.0
+
+
+# ---------------------------------------------------------------- decoded pushes
+
+
+@dataclass(frozen=True, slots=True)
+class PushMessage:
+    """One decoded push, the same for both platforms.
+
+    ``kind`` is the platform's message type (``text``, ``image``, ``location``, ``event``...);
+    ``event`` the event name for events. ``external_id`` is what Intake dedupes on.
+    """
+
+    kind: str
+    sender: str
+    recipient: str
+    external_id: str
+    created_at: int | None
+    text: str = ""
+    event: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_bounded(request: web.Request, limit: int) -> bytes:
+    """Read the request body, refusing more than ``limit`` bytes with 413."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def to_inbound(
+    msg: PushMessage,
+    *,
+    adapter: str,
+    scheme: str,
+    received_at: Micros,
+    attachments: tuple[Attachment, ...] = (),
+) -> Inbound:
+    """Turn a decoded push into the contact handed to Intake (thread = the citizen)."""
+    text = clean_text(msg.text)
+    meta = {"type": msg.kind, **msg.meta}
+    if msg.event is not None:
+        meta["event"] = msg.event
+    address = f"{scheme}:{msg.sender}"
+    return Inbound(
+        channel="chat",
+        adapter=adapter,
+        external_id=msg.external_id,
+        sender=Sender(address),
+        recipient=msg.recipient,
+        received_at=received_at,
+        text=text,
+        language=guess_language(text) if text else None,
+        attachments=attachments,
+        thread=address,
+        origin_at=None if msg.created_at is None else msg.created_at * MICROS_PER_SECOND,
+        meta=meta,
+    )
+
+
+WINDOW: Final = Duration(300)
+"""Default accepted distance between a push's timestamp and our clock."""
+
+ANSWER_WITHIN_S: Final = 4.0
+"""Both platforms give up after 5 s and retry; answer (or refuse) before that."""
+
+
+async def submit_within(ctx: AdapterContext, inbound: Inbound, limit_s: float) -> Receipt | None:
+    """Submit ``inbound``; return None when it is not durable within ``limit_s``.
+
+    The submission goes on in the background: the platform's retry (same message id) then
+    finds it as a duplicate. Raises ``IntakeUnavailable``.
+    """
+    task = asyncio.ensure_future(ctx.intake.submit(inbound))
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), limit_s)
+    except TimeoutError:
+        task.add_done_callback(_log_late)
+        return None
+
+
+def _log_late(task: asyncio.Future[Receipt]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("late submission failed: %s", type(task.exception()).__name__)
+
+
+def retry_later() -> web.Response:
+    """Answer a push that could not be made durable: the platform retries."""
+    return web.Response(status=503, headers={"Retry-After": "5"}, text="retry later")
+
+
+async def call_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    params: Mapping[str, str] | None = None,
+    json: Any = None,
+    data: Mapping[str, str] | None = None,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    """Call a platform API and return its JSON object; raise SendError for transport failures.
+
+    ``json`` is sent as UTF-8 without escapes (WeChat shows ``\\uXXXX`` escapes literally).
+    """
+    headers = {}
+    body: Any = data
+    if json is not None:
+        body = orjson.dumps(json)
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    try:
+        async with session.request(
+            method,
+            url,
+            params=params,
+            data=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
+            status = resp.status
+            raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise SendError(f"transport: {type(exc).__name__}", retryable=True) from None
+    if status == 429 or status >= 500:
+        raise SendError(f"HTTP {status}", retryable=True)
+    try:
+        result = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise SendError(f"HTTP {status}: not JSON", retryable=False) from None
+    if not isinstance(result, dict):
+        raise SendError(f"HTTP {status}: not a JSON object", retryable=False)
+    return result
+
+
+# ---------------------------------------------------------------- the adapter skeleton
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A verified and decoded push: the message (None: ignore) and how to reply passively."""
+
+    message: PushMessage | None
+    passive: Callable[[str], web.Response]
+
+
+class PushAdapter:
+    """The webhook half both platforms share: URL verification, signed pushes, passive replies.
+
+    Subclasses set ``scheme`` (the sender address prefix), implement ``decode`` (verify and
+    decode one POST) and ``send`` (customer-service message API).
+    """
+
+    channel = "chat"
+    scheme = ""
+    events: frozenset[str] = frozenset()
+    """Event names that become contacts (others are answered and ignored)."""
+
+    def __init__(
+        self,
+        ctx: AdapterContext,
+        *,
+        path: str,
+        secret: str,
+        verify: bool,
+        window_s: float,
+        auto_ack: str,
+        event_contacts: bool,
+        max_body: int = MAX_BODY,
+    ) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.path = path
+        self.secret = secret
+        self.verify = verify
+        self.window_s = window_s
+        self.auto_ack = auto_ack
+        self.event_contacts = event_contacts
+        self.max_body = max_body
+        self._session: aiohttp.ClientSession | None = None
+        ctx.router.add_route("GET", path, self.handle_verify)
+        ctx.router.add_route("POST", path, self.handle_push)
+
+    async def start(self) -> None:
+        """Nothing to listen on: the routes are on the gateway's server."""
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def check(self, query: Mapping[str, str], *extra: str) -> None:
+        """Check the push signature and timestamp unless verification is off."""
+        if self.verify:
+            check_push(query, self.secret, self.ctx.clock.now_us(), self.window_s, *extra)
+
+    async def handle_verify(self, request: web.Request) -> web.Response:
+        """Answer the platform's URL verification: ``echostr`` back when the signature holds."""
+        try:
+            check_push(request.query, self.secret, self.ctx.clock.now_us(), self.window_s)
+        except SignatureError as exc:
+            log.warning("%s: URL verification refused: %s", self.name, exc)
+            return web.Response(status=403, text="forbidden")
+        return web.Response(text=request.query.get("echostr", ""))
+
+    def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:
+        """Verify and decode one push; raise SignatureError or PayloadError."""
+        raise NotImplementedError
+
+    def success(self) -> web.Response:
+        """The platform's plain 'received, no reply' answer."""
+        return web.Response(text="success")
+
+    async def handle_push(self, request: web.Request) -> web.Response:
+        """Take one push: durable before answering, within the platform's time limit."""
+        received_at = self.ctx.clock.now_us()
+        body = await read_bounded(request, self.max_body)
+        try:
+            decoded = self.decode(request.query, body)
+        except SignatureError as exc:
+            log.warning("%s: push refused: %s", self.name, exc)
+            return web.Response(status=403, text="forbidden")
+        except PayloadError as exc:
+            log.warning("%s: malformed push: %s", self.name, exc)
+            return web.Response(status=400, text="bad request")
+        msg = decoded.message
+        if msg is None:
+            return self.success()
+        if msg.event is not None and (not self.event_contacts or msg.event not in self.events):
+            log.info("%s: event %r not taken as a contact", self.name, msg.event)
+            return self.success()
+        inbound = to_inbound(msg, adapter=self.name, scheme=self.scheme, received_at=received_at)
+        try:
+            receipt = await submit_within(self.ctx, inbound, ANSWER_WITHIN_S)
+        except IntakeUnavailable:
+            log.warning("%s: intake unavailable, asking the platform to retry", self.name)
+            return retry_later()
+        if receipt is None:
+            log.warning("%s: intake slower than the platform waits, asking it to retry", self.name)
+            return retry_later()
+        if self.auto_ack and msg.event not in ("unsubscribe", "unfollow"):
+            await self.ctx.events.stamp(
+                receipt.contact_id,
+                "acknowledged",
+                self.ctx.clock.now_us(),
+                self.name,
+                {"via": "passive_reply"},
+            )
+            return decoded.passive(self.auto_ack)
+        return self.success()
+
+
+__all__ = [
+    "ANSWER_WITHIN_S",
+    "MAX_BODY",
+    "WINDOW",
+    "AccessToken",
+    "Decoded",
+    "IntakeUnavailable",
+    "MessageCrypto",
+    "PayloadError",
+    "PushAdapter",
+    "PushMessage",
+    "SignatureError",
+    "TokenError",
+    "call_json",
+    "check_push",
+    "parse_xml",
+    "read_bounded",
+    "retry_later",
+    "sha1_signature",
+    "signature_matches",
+    "submit_within",
+    "text_reply_xml",
+    "timestamp_within",
+    "to_inbound",
+]

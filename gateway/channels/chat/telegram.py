@@ -1,0 +1,502 @@
+"""Telegram bot: channel type ``telegram`` (python-telegram-bot).
+
+Two ways in, chosen by ``mode``:
+
+- ``webhook``: PTB is built with ``.updater(None)``; Telegram posts updates to our route on the
+  gateway's HTTP server, where ``X-Telegram-Bot-Api-Secret-Token`` is checked in constant time,
+  the update is decoded with ``Update.de_json`` and answered 200 only once its contact is durable
+  (503 otherwise, and Telegram retries). ``setWebhook`` is called on start when configured.
+- ``polling``: for hosts without a public URL. We drive ``getUpdates`` ourselves through the PTB
+  ``Bot``: the next offset, which confirms an update to Telegram, is asked for only after that
+  update's contact is durable.
+
+Text, photo, document, voice, video, location, venue and contact messages become contacts
+(files fetched with ``getFile`` into the attachment store); edited messages are follow-ups on
+the same thread; in groups only messages that address the bot are taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Final, Literal
+
+import orjson
+from aiohttp import web
+from telegram import Bot, Message, MessageEntity, Update
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
+from telegram.ext import Application, ApplicationBuilder
+
+from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
+from gateway.attachments import AttachmentTooLarge
+from gateway.channels.chat.officialaccount import read_bounded, retry_later
+from gateway.clock import Micros, from_datetime
+from gateway.config import Duration, Secret
+from gateway.language import guess_language
+from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
+
+log = logging.getLogger(__name__)
+
+ALLOWED_UPDATES: Final = ("message", "edited_message")
+SECRET_HEADER: Final = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 - a header name
+_POLL_TIMEOUT: Final = Duration(30)
+_MAX_FILE: Final = 20 * 1024 * 1024
+"""The Bot API serves files up to 20 MB to bots."""
+
+
+@dataclass(frozen=True, slots=True)
+class TelegramConfig:
+    """``[adapters.NAME]`` with ``type = "telegram"``."""
+
+    token: Secret
+    mode: Literal["webhook", "polling"] = "webhook"
+    path: str = ""
+    """Webhook path on the gateway's HTTP server; default ``/chat/telegram/<name>``."""
+    secret_token: Secret | None = None
+    """X-Telegram-Bot-Api-Secret-Token; default: derived from the bot token."""
+    verify: bool = True
+    set_webhook: bool = True
+    """Call setWebhook on start (webhook mode) with ``webhook_url`` or public_url + path."""
+    webhook_url: str = ""
+    drop_pending_updates: bool = False
+    api_base: str = "https://api.telegram.org/bot"
+    file_base: str = "https://api.telegram.org/file/bot"
+    poll_timeout: Duration = _POLL_TIMEOUT
+    max_file: int = _MAX_FILE
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """A file to fetch with getFile."""
+
+    file_id: str
+    name: str
+    content_type: str
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TelegramMessage:
+    """One decoded message (before its files are fetched)."""
+
+    chat_id: int
+    message_id: int
+    external_id: str
+    kind: str
+    sender: Sender
+    text: str
+    edited: bool
+    origin_at: Micros | None
+    files: tuple[FileRef, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def derived_secret(token: str) -> str:
+    """Return the default webhook secret: 64 hex characters derived from the bot token."""
+    return hmac.new(token.encode(), b"gateway-telegram-webhook", hashlib.sha256).hexdigest()
+
+
+def addressed_to_bot(message: Message, bot_id: int, bot_username: str) -> bool:
+    """Tell whether a group message addresses the bot (mention, /command@bot, or reply to it)."""
+    reply = message.reply_to_message
+    if reply is not None and reply.from_user is not None and reply.from_user.id == bot_id:
+        return True
+    handle = "@" + bot_username.lower()
+    text = message.text or message.caption or ""
+    entities = message.entities or message.caption_entities or ()
+    for entity in entities:
+        if entity.type == MessageEntity.TEXT_MENTION:
+            if entity.user is not None and entity.user.id == bot_id:
+                return True
+            continue
+        if entity.type not in (MessageEntity.MENTION, MessageEntity.BOT_COMMAND):
+            continue
+        fragment = _utf16_slice(text, entity.offset, entity.length).lower()
+        if fragment == handle or fragment.endswith(handle):
+            return True
+    return False
+
+
+def _utf16_slice(text: str, offset: int, length: int) -> str:
+    encoded = text.encode("utf-16-le")
+    return encoded[offset * 2 : (offset + length) * 2].decode("utf-16-le", errors="ignore")
+
+
+def decode_update(update: Update, bot_id: int, bot_username: str) -> TelegramMessage | None:
+    """Decode one update into a message to take; None for what we ignore (logged)."""
+    message = update.message or update.edited_message
+    if message is None:
+        log.info("telegram: ignoring update %d without a message", update.update_id)
+        return None
+    edited = update.message is None
+    chat = message.chat
+    if chat.type in ("group", "supergroup") and not addressed_to_bot(message, bot_id, bot_username):
+        return None
+    if chat.type == "channel":
+        return None
+    user = message.from_user
+    if user is None or user.is_bot:
+        return None
+    name = " ".join(p for p in (user.first_name, user.last_name) if p) or None
+    sender = Sender(f"telegram:{user.id}", name)
+    text = message.text or message.caption or ""
+    files: list[FileRef] = []
+    meta: dict[str, Any] = {}
+    if message.text is not None:
+        kind = "text"
+    elif message.photo:
+        kind = "photo"
+        best = max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0))
+        files.append(
+            FileRef(best.file_id, f"photo-{best.file_unique_id}.jpg", "image/jpeg", best.file_size)
+        )
+    elif message.document is not None:
+        kind = "document"
+        doc = message.document
+        files.append(
+            FileRef(
+                doc.file_id,
+                doc.file_name or f"document-{doc.file_unique_id}",
+                doc.mime_type or "application/octet-stream",
+                doc.file_size,
+            )
+        )
+    elif message.voice is not None:
+        kind = "voice"
+        voice = message.voice
+        files.append(
+            FileRef(
+                voice.file_id,
+                f"voice-{voice.file_unique_id}.ogg",
+                voice.mime_type or "audio/ogg",
+                voice.file_size,
+            )
+        )
+        meta["duration_s"] = _seconds(voice.duration)
+    elif message.video is not None:
+        kind = "video"
+        video = message.video
+        files.append(
+            FileRef(
+                video.file_id,
+                video.file_name or f"video-{video.file_unique_id}.mp4",
+                video.mime_type or "video/mp4",
+                video.file_size,
+            )
+        )
+        meta["duration_s"] = _seconds(video.duration)
+    elif message.venue is not None:
+        kind = "venue"
+        venue = message.venue
+        meta["location"] = {"lat": venue.location.latitude, "lon": venue.location.longitude}
+        meta["venue"] = {"title": venue.title, "address": venue.address}
+        text = "\n".join(p for p in (venue.title, venue.address) if p)
+    elif message.location is not None:
+        kind = "location"
+        loc = message.location
+        meta["location"] = {"lat": loc.latitude, "lon": loc.longitude}
+        if loc.horizontal_accuracy is not None:
+            meta["location"]["accuracy_m"] = loc.horizontal_accuracy
+    elif message.contact is not None:
+        kind = "contact"
+        shared = message.contact
+        meta["contact"] = {
+            "phone_number": shared.phone_number,
+            "first_name": shared.first_name,
+            "last_name": shared.last_name,
+            "user_id": shared.user_id,
+        }
+        text = " ".join(p for p in (shared.first_name, shared.last_name, shared.phone_number) if p)
+    else:
+        log.info("telegram: ignoring a message of a kind we do not take (chat type %s)", chat.type)
+        return None
+    external_id = f"{chat.id}:{message.message_id}"
+    if edited:
+        edit_stamp = int(message.edit_date.timestamp()) if message.edit_date else update.update_id
+        meta["edit_of"] = external_id
+        external_id = f"{external_id}:edit:{edit_stamp}"
+    meta.update(
+        {
+            "kind": kind,
+            "chat_id": chat.id,
+            "chat_type": chat.type,
+            "message_id": message.message_id,
+            "update_id": update.update_id,
+        }
+    )
+    if user.username:
+        meta["username"] = user.username
+    if user.language_code:
+        meta["language_code"] = user.language_code
+    when = message.edit_date if edited and message.edit_date else message.date
+    return TelegramMessage(
+        chat_id=chat.id,
+        message_id=message.message_id,
+        external_id=external_id,
+        kind=kind,
+        sender=sender,
+        text=clean_text(text),
+        edited=edited,
+        origin_at=from_datetime(when) if when else None,
+        files=tuple(files),
+        meta=meta,
+    )
+
+
+def _seconds(value: int | timedelta | None) -> float | None:
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class TelegramAdapter:
+    """One bot, in webhook or polling mode."""
+
+    channel = "chat"
+
+    def __init__(self, ctx: AdapterContext, config: TelegramConfig) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.config = config
+        self.path = config.path or f"/chat/telegram/{ctx.name}"
+        token = config.token.reveal()
+        self.secret = (
+            config.secret_token.reveal() if config.secret_token else derived_secret(token)
+        ).encode()
+        self.application: Application[Any, Any, Any, Any, Any, Any] = (
+            ApplicationBuilder()
+            .token(token)
+            .base_url(config.api_base)
+            .base_file_url(config.file_base)
+            .updater(None)
+            .build()
+        )
+        self.bot: Bot = self.application.bot
+        self.offset: int | None = None
+        """Polling: the next offset to ask for (every update below it is durable)."""
+        self._poller: asyncio.Task[None] | None = None
+        self._started = False
+        if config.mode == "webhook":
+            ctx.router.add_route("POST", self.path, self.handle_webhook)
+
+    async def start(self) -> None:
+        """Initialize the bot (getMe); register the webhook or start polling."""
+        if self._started:
+            return
+        await self.application.initialize()
+        await self.application.start()
+        self._started = True
+        if self.config.mode == "webhook":
+            url = self.config.webhook_url or (
+                self.ctx.settings.http.public_url.rstrip("/") + self.path
+                if self.ctx.settings.http.public_url
+                else ""
+            )
+            if self.config.set_webhook and url:
+                await self.bot.set_webhook(
+                    url,
+                    allowed_updates=list(ALLOWED_UPDATES),
+                    drop_pending_updates=self.config.drop_pending_updates,
+                    secret_token=self.secret.decode(),
+                )
+                log.info("%s: webhook set", self.name)
+            elif self.config.set_webhook:
+                log.warning("%s: no http.public_url or webhook_url: setWebhook skipped", self.name)
+        else:
+            await self.bot.delete_webhook(drop_pending_updates=self.config.drop_pending_updates)
+            self._poller = asyncio.create_task(self._poll(), name=f"telegram-poll-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop polling and shut PTB down; idempotent."""
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        if self._started:
+            self._started = False
+            await self.application.stop()
+            await self.application.shutdown()
+
+    # -------------------------------------------------------------- intake
+
+    async def take(self, update: Update) -> str | None:
+        """Make one update durable; return its contact id (None when ignored).
+
+        Raises ``IntakeUnavailable`` when it could not be made durable.
+        """
+        received_at = self.ctx.clock.now_us()
+        msg = decode_update(update, self.bot.id, self.bot.username)
+        if msg is None:
+            return None
+        attachments = tuple([a for ref in msg.files if (a := await self._fetch(ref, msg.meta))])
+        inbound = Inbound(
+            channel="chat",
+            adapter=self.name,
+            external_id=msg.external_id,
+            sender=msg.sender,
+            recipient="@" + self.bot.username,
+            received_at=received_at,
+            text=msg.text,
+            language=guess_language(msg.text) if msg.text else None,
+            attachments=attachments,
+            thread=f"telegram:{msg.chat_id}",
+            origin_at=msg.origin_at,
+            meta=msg.meta,
+        )
+        receipt = await self.ctx.intake.submit(inbound)
+        return receipt.contact_id
+
+    async def _fetch(self, ref: FileRef, meta: dict[str, Any]) -> Attachment | None:
+        if ref.size is not None and ref.size > self.config.max_file:
+            meta.setdefault("attachment_errors", []).append(f"{ref.name}: too large")
+            return None
+        try:
+            tg_file = await self.bot.get_file(ref.file_id)
+            if tg_file.file_size is not None and tg_file.file_size > self.config.max_file:
+                raise AttachmentTooLarge(str(tg_file.file_size))
+            data = bytes(await tg_file.download_as_bytearray())
+            return await self.ctx.attachments.put(data, ref.name, ref.content_type)
+        except AttachmentTooLarge:
+            meta.setdefault("attachment_errors", []).append(f"{ref.name}: too large")
+        except TelegramError as exc:
+            log.warning("%s: file not fetched: %s", self.name, type(exc).__name__)
+            meta.setdefault("attachment_errors", []).append(f"{ref.name}: {type(exc).__name__}")
+        return None
+
+    async def handle_webhook(self, request: web.Request) -> web.Response:
+        """Take one update posted by Telegram."""
+        if self.config.verify:
+            given = request.headers.get(SECRET_HEADER, "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, self.secret):
+                log.warning("%s: webhook refused: bad secret token", self.name)
+                return web.Response(status=403, text="forbidden")
+        body = await read_bounded(request, self.ctx.settings.http.max_body)
+        try:
+            data = orjson.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            update = Update.de_json(data, self.bot)
+        except Exception as exc:  # PTB raises assorted errors for bad shapes
+            log.warning("%s: malformed update: %s", self.name, type(exc).__name__)
+            return web.Response(status=400, text="bad request")
+        try:
+            await self.take(update)
+        except IntakeUnavailable:
+            log.warning("%s: intake unavailable, Telegram will retry", self.name)
+            return retry_later()
+        return web.Response(text="")
+
+    async def _poll(self) -> None:
+        backoff = 1.0
+        timeout = max(int(self.config.poll_timeout), 0)
+        while True:
+            try:
+                updates = await self.bot.get_updates(
+                    offset=self.offset,
+                    timeout=timeout,
+                    allowed_updates=list(ALLOWED_UPDATES),
+                    read_timeout=timeout + 10,
+                )
+                backoff = 1.0
+            except RetryAfter as exc:
+                await asyncio.sleep(_retry_after_s(exc))
+                continue
+            except (InvalidToken, Forbidden) as exc:
+                log.error(
+                    "%s: getUpdates refused (%s); retrying in 60 s", self.name, type(exc).__name__
+                )
+                await asyncio.sleep(60)
+                continue
+            except TelegramError as exc:
+                log.warning("%s: getUpdates failed: %s", self.name, type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            for update in updates:
+                if self.offset is not None and update.update_id < self.offset:
+                    continue
+                try:
+                    await self.take(update)
+                except IntakeUnavailable:
+                    log.warning(
+                        "%s: intake unavailable; update %d not confirmed",
+                        self.name,
+                        update.update_id,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    break
+                self.offset = update.update_id + 1
+
+    # -------------------------------------------------------------- replies
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """Send a text reply to the contact's chat."""
+        chat_id = contact.meta.get("chat_id")
+        if not isinstance(chat_id, int):
+            raise SendError("contact has no Telegram chat id", retryable=False)
+        reply_to = contact.meta.get("message_id")
+        try:
+            sent = await self.bot.send_message(
+                chat_id,
+                reply.text,
+                reply_to_message_id=reply_to if isinstance(reply_to, int) else None,
+                allow_sending_without_reply=True,
+            )
+        except RetryAfter as exc:
+            raise SendError(
+                "flood control", retryable=True, retry_after_s=_retry_after_s(exc)
+            ) from None
+        except Forbidden:
+            raise SendError(
+                "forbidden: the user blocked the bot or left", retryable=False
+            ) from None
+        except (BadRequest, ChatMigrated, InvalidToken) as exc:
+            raise SendError(f"refused: {type(exc).__name__}", retryable=False) from None
+        except NetworkError as exc:
+            raise SendError(f"network: {type(exc).__name__}", retryable=True) from None
+        except TelegramError as exc:
+            raise SendError(f"telegram: {type(exc).__name__}", retryable=True) from None
+        return SendReceipt(external_id=f"{sent.chat.id}:{sent.message_id}")
+
+
+def _retry_after_s(exc: RetryAfter) -> float:
+    value: Any = getattr(exc, "_retry_after", None)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value) if isinstance(value, (int, float)) else 1.0
+
+
+def _factory(ctx: AdapterContext, config: TelegramConfig) -> TelegramAdapter:
+    return TelegramAdapter(ctx, config)
+
+
+CHANNEL: ChannelType[TelegramConfig] = ChannelType(
+    name="telegram",
+    channel="chat",
+    config=TelegramConfig,
+    factory=_factory,
+    example={"token": "123456:ABC-DEF", "mode": "polling"},
+)
+
+__all__ = ["CHANNEL", "TelegramAdapter", "TelegramConfig", "decode_update"]

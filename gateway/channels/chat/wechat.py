@@ -1,0 +1,276 @@
+"""WeChat Official Account (微信公众号) server: channel type ``wechat``.
+
+URL verification by GET, message push by POST (XML, plain or safe mode with AES and
+``msg_signature``), answered within WeChat's 5 s with ``success`` or a passive auto-ack;
+replies through the customer-service message API with a cached access token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from aiohttp import web
+
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.chat.officialaccount import (
+    WINDOW,
+    AccessToken,
+    Decoded,
+    MessageCrypto,
+    PayloadError,
+    PushAdapter,
+    PushMessage,
+    SignatureError,
+    TokenError,
+    call_json,
+    parse_xml,
+    signature_matches,
+    text_reply_xml,
+    timestamp_within,
+)
+from gateway.config import Duration, Secret
+from gateway.records import Contact, Reply
+
+log = logging.getLogger(__name__)
+
+_TOKEN_EXPIRED: Final = frozenset({40001, 40014, 42001})
+_RETRYABLE: Final = frozenset({-1, 45009, 45047})
+"""System busy, API quota reached, too many customer-service messages: try later."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeChatConfig:
+    """``[adapters.NAME]`` with ``type = "wechat"``."""
+
+    app_id: str
+    token: Secret
+    """The Token set in the Official Account's server configuration (signs every push)."""
+    app_secret: Secret | None = None
+    """AppSecret: needed to send replies through the customer-service message API."""
+    encoding_aes_key: Secret | None = None
+    """EncodingAESKey (43 characters): needed in compatible and safe mode."""
+    mode: Literal["plain", "compatible", "safe"] = "plain"
+    path: str = ""
+    """Webhook path on the gateway's HTTP server; default ``/chat/wechat/<name>``."""
+    verify: bool = True
+    """Check signatures; turn off only behind a proxy that already does."""
+    timestamp_window: Duration = WINDOW
+    auto_ack: str = ""
+    """A passive text reply sent with every accepted message (stamps ``acknowledged``)."""
+    event_contacts: bool = True
+    """subscribe / unsubscribe events become contacts (``meta.event``)."""
+    api_base: str = "https://api.weixin.qq.com"
+
+
+def decode_message(fields: Mapping[str, Any]) -> PushMessage | None:
+    """Decode one WeChat push (already parsed XML); None for types we do not take.
+
+    Raises PayloadError when a field every message has is missing.
+    """
+    kind = _text(fields, "MsgType").lower()
+    sender = _text(fields, "FromUserName")
+    recipient = _text(fields, "ToUserName")
+    if not kind or not sender:
+        raise PayloadError("MsgType or FromUserName missing")
+    created = _int(_text(fields, "CreateTime"))
+    msg_id = _text(fields, "MsgId")
+    meta: dict[str, Any] = {}
+    text = ""
+    event: str | None = None
+    if kind == "text":
+        text = _text(fields, "Content")
+    elif kind == "image":
+        meta = {"pic_url": _text(fields, "PicUrl"), "media_id": _text(fields, "MediaId")}
+    elif kind == "voice":
+        meta = {"media_id": _text(fields, "MediaId"), "format": _text(fields, "Format")}
+        text = _text(fields, "Recognition")
+    elif kind in ("video", "shortvideo"):
+        meta = {
+            "media_id": _text(fields, "MediaId"),
+            "thumb_media_id": _text(fields, "ThumbMediaId"),
+        }
+    elif kind == "location":
+        meta = {
+            "location": {
+                "lat": _float(_text(fields, "Location_X")),
+                "lon": _float(_text(fields, "Location_Y")),
+                "scale": _int(_text(fields, "Scale")),
+                "label": _text(fields, "Label"),
+            }
+        }
+        text = _text(fields, "Label")
+    elif kind == "link":
+        title, description, url = (_text(fields, k) for k in ("Title", "Description", "Url"))
+        meta = {"link": {"title": title, "description": description, "url": url}}
+        text = "\n".join(p for p in (title, description, url) if p)
+    elif kind == "event":
+        event = _text(fields, "Event").lower()
+        key = _text(fields, "EventKey")
+        if key:
+            meta = {"event_key": key}
+    else:
+        log.info("wechat: ignoring message type %r", kind[:32])
+        return None
+    if msg_id:
+        external_id = msg_id
+    else:  # events carry no MsgId: WeChat says dedupe them on FromUserName + CreateTime
+        external_id = f"{sender}:{_text(fields, 'CreateTime')}"
+    return PushMessage(
+        kind=kind,
+        sender=sender,
+        recipient=recipient,
+        external_id=external_id,
+        created_at=created,
+        text=text,
+        event=event,
+        meta=meta,
+    )
+
+
+def _text(fields: Mapping[str, Any], key: str) -> str:
+    value = fields.get(key, "")
+    return value if isinstance(value, str) else ""
+
+
+def _int(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _float(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
+class WeChatAdapter(PushAdapter):
+    """One Official Account."""
+
+    scheme = "wechat"
+    events = frozenset({"subscribe", "unsubscribe"})
+
+    def __init__(self, ctx: AdapterContext, config: WeChatConfig) -> None:
+        self.config = config
+        self.crypto: MessageCrypto | None = None
+        if config.mode != "plain":
+            if not config.encoding_aes_key:
+                raise ValueError(f"{ctx.name}: encoding_aes_key is required in {config.mode} mode")
+            self.crypto = MessageCrypto(
+                config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
+            )
+        super().__init__(
+            ctx,
+            path=config.path or f"/chat/wechat/{ctx.name}",
+            secret=config.token.reveal(),
+            verify=config.verify,
+            window_s=float(config.timestamp_window),
+            auto_ack=config.auto_ack,
+            event_contacts=config.event_contacts,
+        )
+        self.access_token = AccessToken(self._fetch_token)
+
+    def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:
+        encrypted = query.get("encrypt_type", "raw").lower() == "aes"
+        if self.config.mode == "safe" and not encrypted:
+            raise SignatureError("safe mode: unencrypted push refused")
+        fields = parse_xml(body)
+        if encrypted:
+            if self.crypto is None:
+                raise PayloadError("encrypted push but no encoding_aes_key configured")
+            cipher_text = fields.get("Encrypt")
+            if not isinstance(cipher_text, str) or not cipher_text:
+                raise PayloadError("Encrypt missing")
+            timestamp = query.get("timestamp", "")
+            nonce = query.get("nonce", "")
+            if self.verify:
+                if not signature_matches(
+                    query.get("msg_signature", ""), self.secret, timestamp, nonce, cipher_text
+                ):
+                    raise SignatureError("msg_signature mismatch")
+                if not timestamp_within(timestamp, self.ctx.clock.now_us(), self.window_s):
+                    raise SignatureError("timestamp outside the window")
+            fields = parse_xml(self.crypto.decrypt(cipher_text))
+        else:
+            self.check(query)
+        msg = decode_message(fields)
+        return Decoded(msg, self._passive(msg, query, encrypted))
+
+    def _passive(self, msg: PushMessage | None, query: Mapping[str, str], encrypted: bool) -> Any:
+        def reply(text: str) -> web.Response:
+            if msg is None:
+                return self.success()
+            now_s = self.ctx.clock.now_us() // 1_000_000
+            xml = text_reply_xml(msg.sender, msg.recipient, now_s, text)
+            if encrypted and self.crypto is not None:
+                xml = self.crypto.encrypted_reply(
+                    xml, query.get("timestamp", ""), query.get("nonce", "")
+                )
+            return web.Response(text=xml, content_type="application/xml")
+
+        return reply
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        if not self.config.app_secret:
+            raise TokenError("app_secret is not configured")
+        result = await call_json(
+            self.session,
+            "GET",
+            f"{self.config.api_base}/cgi-bin/token",
+            params={
+                "grant_type": "client_credential",
+                "appid": self.config.app_id,
+                "secret": self.config.app_secret.reveal(),
+            },
+        )
+        token = result.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise TokenError(f"errcode {result.get('errcode')}")
+        expires = result.get("expires_in", 7200)
+        return token, float(expires) if isinstance(expires, (int, float)) else 7200.0
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """Send a text reply through the customer-service message API."""
+        openid = contact.sender.address.removeprefix("wechat:")
+        payload = {"touser": openid, "msgtype": "text", "text": {"content": reply.text}}
+        for attempt in (1, 2):
+            try:
+                token = await self.access_token.get()
+            except TokenError as exc:
+                raise SendError(f"access token: {exc}", retryable=True) from None
+            result = await call_json(
+                self.session,
+                "POST",
+                f"{self.config.api_base}/cgi-bin/message/custom/send",
+                params={"access_token": token},
+                json=payload,
+            )
+            code = result.get("errcode", 0)
+            if code == 0:
+                msgid = result.get("msgid")
+                return SendReceipt(external_id=None if msgid is None else str(msgid))
+            if code in _TOKEN_EXPIRED and attempt == 1:
+                self.access_token.invalidate(token)
+                continue
+            retryable = code in _RETRYABLE or code in _TOKEN_EXPIRED
+            raise SendError(f"errcode {code}", retryable=retryable)
+        raise SendError("access token rejected twice", retryable=True)  # pragma: no cover
+
+
+def _factory(ctx: AdapterContext, config: WeChatConfig) -> WeChatAdapter:
+    return WeChatAdapter(ctx, config)
+
+
+CHANNEL: ChannelType[WeChatConfig] = ChannelType(
+    name="wechat",
+    channel="chat",
+    config=WeChatConfig,
+    factory=_factory,
+    example={"app_id": "wx0123456789abcdef", "token": "change-me"},
+)

@@ -1,0 +1,261 @@
+"""Weibo fan service private messages (微博粉丝服务平台): channel type ``weibo``.
+
+The same shape as WeChat: URL verification by GET (``signature`` = sha1 of the sorted app
+secret, timestamp and nonce; ``echostr`` back), then pushes by POST signed the same way, JSON by
+default or WeChat-style XML when the account chose it. Text, image, voice, position and event
+messages become contacts; other types are ignored with a log line. Replies go back as a passive
+response (auto-ack) or through the customer-service message API with the account's token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
+from urllib.parse import quote
+
+import orjson
+from aiohttp import web
+
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.chat.officialaccount import (
+    WINDOW,
+    Decoded,
+    PayloadError,
+    PushAdapter,
+    PushMessage,
+    call_json,
+    parse_xml,
+    text_reply_xml,
+)
+from gateway.clock import from_datetime
+from gateway.config import Duration, Secret
+from gateway.records import Contact, Reply
+
+log = logging.getLogger(__name__)
+
+KINDS: Final = frozenset({"text", "image", "voice", "position", "event"})
+_RETRYABLE: Final = frozenset({10001, 10009, 10022, 10023, 10024})
+"""System error, task too busy, IP/user/app request rate limits: try later."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeiboConfig:
+    """``[adapters.NAME]`` with ``type = "weibo"``."""
+
+    app_secret: Secret
+    """The App Secret that signs URL verification and every push."""
+    access_token: Secret | None = None
+    """The fan service access token of the account (for the customer-service message API)."""
+    format: Literal["json", "xml"] = "json"
+    path: str = ""
+    """Webhook path on the gateway's HTTP server; default ``/chat/weibo/<name>``."""
+    verify: bool = True
+    timestamp_window: Duration = WINDOW
+    auto_ack: str = ""
+    event_contacts: bool = True
+    """follow / unfollow / subscribe / unsubscribe events become contacts (``meta.event``)."""
+    api_base: str = "https://m.api.weibo.com"
+
+
+def _created_at(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value < 10**11 else None
+    if not isinstance(value, str):
+        return None
+    if value.isdigit():
+        return int(value) if len(value) < 12 else None
+    try:  # "Mon Jul 16 18:09:20 +0800 2012", as the Weibo API writes dates
+        return from_datetime(datetime.strptime(value, "%a %b %d %H:%M:%S %z %Y")) // 1_000_000
+    except ValueError:
+        return None
+
+
+def _id(value: Any) -> str:
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, (int, str)):
+        return str(value).strip()[:64]
+    return ""
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def decode_json(body: bytes) -> PushMessage | None:
+    """Decode a JSON push; None for types we do not take; PayloadError when malformed."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise PayloadError("malformed JSON") from None
+    if not isinstance(doc, dict):
+        raise PayloadError("not a JSON object")
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        data = {}
+    return _decode(
+        kind=_str(doc.get("type")).lower(),
+        sender=_id(doc.get("sender_id")),
+        recipient=_id(doc.get("receiver_id")),
+        created_raw=doc.get("created_at"),
+        text=_str(doc.get("text")),
+        data=data,
+    )
+
+
+def decode_xml(body: bytes) -> PushMessage | None:
+    """Decode an XML push (WeChat-style fields); None for types we do not take."""
+    fields = parse_xml(body)
+    data: dict[str, Any] = {}
+    for ours, theirs in (
+        ("longitude", ("Longitude", "Location_Y")),
+        ("latitude", ("Latitude", "Location_X")),
+        ("subtype", ("Event",)),
+        ("key", ("EventKey",)),
+        ("vfid", ("MediaId", "Vfid")),
+        ("tovfid", ("ToVfid",)),
+    ):
+        for key in theirs:
+            if isinstance(fields.get(key), str) and fields[key]:
+                data[ours] = fields[key]
+                break
+    return _decode(
+        kind=_str(fields.get("MsgType")).lower(),
+        sender=_str(fields.get("FromUserName")),
+        recipient=_str(fields.get("ToUserName")),
+        created_raw=_str(fields.get("CreateTime")),
+        text=_str(fields.get("Content")),
+        data=data,
+    )
+
+
+def _decode(
+    *, kind: str, sender: str, recipient: str, created_raw: Any, text: str, data: dict[str, Any]
+) -> PushMessage | None:
+    if not kind or not sender:
+        raise PayloadError("type or sender_id missing")
+    if kind not in KINDS:
+        log.info("weibo: ignoring message type %r", kind[:32])
+        return None
+    meta: dict[str, Any] = {}
+    event: str | None = None
+    if kind in ("image", "voice"):
+        meta = {"vfid": _id(data.get("vfid")), "tovfid": _id(data.get("tovfid"))}
+    elif kind == "position":
+        meta = {
+            "location": {
+                "lat": _coordinate(data.get("latitude")),
+                "lon": _coordinate(data.get("longitude")),
+            }
+        }
+    elif kind == "event":
+        event = _str(data.get("subtype")).lower() or "unknown"
+        key = _str(data.get("key"))
+        if key:
+            meta = {"event_key": key[:256]}
+    created = _created_at(created_raw)
+    # Pushes carry no message id: a retry repeats the same sender, time, type and content.
+    digest = hashlib.sha256(
+        orjson.dumps([kind, text, data], option=orjson.OPT_SORT_KEYS, default=str)
+    ).hexdigest()[:16]
+    stamp = created if created is not None else _str(created_raw)[:40]
+    return PushMessage(
+        kind=kind,
+        sender=sender,
+        recipient=recipient,
+        external_id=f"{sender}:{stamp}:{digest}",
+        created_at=created,
+        text=text,
+        event=event,
+        meta=meta,
+    )
+
+
+def _coordinate(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if -180.0 <= number <= 180.0 else None
+
+
+class WeiboAdapter(PushAdapter):
+    """One Weibo account's fan service."""
+
+    scheme = "weibo"
+    events = frozenset({"follow", "unfollow", "subscribe", "unsubscribe"})
+
+    def __init__(self, ctx: AdapterContext, config: WeiboConfig) -> None:
+        self.config = config
+        super().__init__(
+            ctx,
+            path=config.path or f"/chat/weibo/{ctx.name}",
+            secret=config.app_secret.reveal(),
+            verify=config.verify,
+            window_s=float(config.timestamp_window),
+            auto_ack=config.auto_ack,
+            event_contacts=config.event_contacts,
+        )
+
+    def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:
+        self.check(query)
+        msg = decode_xml(body) if self.config.format == "xml" else decode_json(body)
+        return Decoded(msg, lambda text: self._passive(msg, text))
+
+    def success(self) -> web.Response:
+        return web.Response(text="")
+
+    def _passive(self, msg: PushMessage | None, text: str) -> web.Response:
+        if msg is None:
+            return self.success()
+        if self.config.format == "xml":
+            now_s = self.ctx.clock.now_us() // 1_000_000
+            xml = text_reply_xml(msg.sender, msg.recipient, now_s, text)
+            return web.Response(text=xml, content_type="application/xml")
+        body = {
+            "result": True,
+            "receiver_id": msg.sender,
+            "sender_id": msg.recipient,
+            "type": "text",
+            "data": quote(orjson.dumps({"text": text}).decode("utf-8"), safe=""),
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """Send a text private message through the customer-service message API."""
+        if not self.config.access_token:
+            raise SendError("access_token is not configured", retryable=False)
+        result = await call_json(
+            self.session,
+            "POST",
+            f"{self.config.api_base}/2/messages/reply.json",
+            data={
+                "access_token": self.config.access_token.reveal(),
+                "type": "text",
+                "data": orjson.dumps({"text": reply.text}).decode("utf-8"),
+                "receiver_id": contact.sender.address.removeprefix("weibo:"),
+                "save_sender_box": "0",
+            },
+        )
+        code = result.get("error_code")
+        if code is None:
+            ident = result.get("id") or result.get("idstr")
+            return SendReceipt(external_id=None if ident is None else str(ident))
+        raise SendError(f"error_code {code}", retryable=code in _RETRYABLE)
+
+
+def _factory(ctx: AdapterContext, config: WeiboConfig) -> WeiboAdapter:
+    return WeiboAdapter(ctx, config)
+
+
+CHANNEL: ChannelType[WeiboConfig] = ChannelType(
+    name="weibo",
+    channel="chat",
+    config=WeiboConfig,
+    factory=_factory,
+    example={"app_secret": "change-me"},
+)
