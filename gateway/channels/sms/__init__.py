@@ -1,0 +1,1 @@
+"""SMS channel: Kannel, Twilio and a generic webhook, with shared segments and concatenation."""

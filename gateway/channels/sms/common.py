@@ -1,0 +1,169 @@
+"""Pieces every SMS provider shares: bounded bodies, answers, credentials, references, sending."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.adapters import SendError
+from gateway.phone import to_e164
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5
+"""What a 503 asks the provider to wait when Intake is unavailable."""
+
+
+class BadRequest(Exception):
+    """The request is malformed: answer 400 with this message."""
+
+
+async def read_body(request: web.Request, max_body: int) -> bytes:
+    """Read the request body; raise 413 past ``max_body`` bytes (declared or actual)."""
+    declared = request.content_length
+    if declared is not None and declared > max_body:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_body, actual_size=declared)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_body, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def unavailable() -> web.Response:
+    """503 with Retry-After: nothing was stored, the provider must send again."""
+    return web.Response(
+        status=503, text="temporarily unavailable\n", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+def bad_request(message: str) -> web.Response:
+    return web.Response(status=400, text=message + "\n")
+
+
+def unauthorized(realm: str = "sms") -> web.Response:
+    return web.Response(
+        status=401, text="authentication required\n",
+        headers={"WWW-Authenticate": f'Basic realm="{realm}"'},
+    )
+
+
+def forbidden() -> web.Response:
+    return web.Response(status=403, text="forbidden\n")
+
+
+def equal(a: str | bytes, b: str | bytes) -> bool:
+    """Compare two secrets in constant time."""
+    ab = a.encode("utf-8") if isinstance(a, str) else a
+    bb = b.encode("utf-8") if isinstance(b, str) else b
+    return hmac.compare_digest(ab, bb)
+
+
+def basic_password(header: str | None) -> tuple[str, str] | None:
+    """Return (user, password) from an ``Authorization: Basic`` header, or None."""
+    if not header or not header[:6].lower() == "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def phone_address(raw: str, region: str) -> str:
+    """Return the sender as E.164 when it is a number, else the trimmed text (alphanumeric ids)."""
+    text = raw.strip()
+    if not text:
+        raise BadRequest("sender is empty")
+    return to_e164(text, region) or text[:64]
+
+
+def short_ref(contact_id: str) -> str:
+    """Return the reference number quoted to the citizen: the last 10 hex digits of the id."""
+    return contact_id.replace("-", "")[-10:].upper()
+
+
+def render_ack(template: str, contact_id: str) -> str:
+    """Fill ``{ref}`` (short reference) and ``{id}`` (full contact id) in an ack template."""
+    return template.replace("{ref}", short_ref(contact_id)).replace("{id}", contact_id)
+
+
+def sign(secret: str, *values: str) -> str:
+    """Return a short HMAC-SHA256 tag over ``values`` (references carried through providers)."""
+    msg = "\x1f".join(values).encode("utf-8")
+    return hmac.new(secret.encode("utf-8"), msg, hashlib.sha256).hexdigest()[:32]
+
+
+def retry_after_seconds(value: str | None, now_s: float | None = None) -> float | None:
+    """Parse a Retry-After header (seconds or an HTTP date) into seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    now = time.time() if now_s is None else now_s
+    return max(0.0, when.timestamp() - now)
+
+
+def check_status(status: int, headers: Mapping[str, str], body: bytes, provider: str) -> None:
+    """Raise SendError for a non-2xx answer: 429 and 5xx retryable (Retry-After kept), 4xx not."""
+    if 200 <= status < 300:
+        return
+    snippet = body[:200].decode("utf-8", "replace").strip()
+    message = f"{provider} answered {status}: {snippet}"
+    if status == 429 or status >= 500 or status == 408:
+        raise SendError(
+            message, retryable=True, retry_after_s=retry_after_seconds(headers.get("Retry-After"))
+        )
+    raise SendError(message, retryable=False)
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    timeout_s: float,
+    provider: str,
+    **kwargs: Any,
+) -> tuple[int, Mapping[str, str], bytes]:
+    """Make one HTTP request to a provider; timeouts and connection errors are retryable.
+
+    Error messages never carry the URL (it may hold credentials).
+    """
+    try:
+        async with session.request(
+            method, url, timeout=aiohttp.ClientTimeout(total=timeout_s), **kwargs
+        ) as resp:
+            body = b""
+            while len(body) < 1 << 20:
+                chunk = await resp.content.read(65536)
+                if not chunk:
+                    break
+                body += chunk
+            return resp.status, dict(resp.headers), body
+    except TimeoutError as exc:
+        raise SendError(f"{provider} timed out after {timeout_s:g}s", retryable=True) from exc
+    except aiohttp.ClientError as exc:
+        raise SendError(f"{provider} unreachable: {type(exc).__name__}", retryable=True) from exc

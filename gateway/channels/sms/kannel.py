@@ -1,0 +1,570 @@
+"""Kannel: smsbox ``sms-service`` get-url/post-url in, ``sendsms`` out, ``dlr-url`` reports back.
+
+Inbound, the sms-service calls ``<path>?from=%p&to=%P&text=%b&time=%T&id=%I&coding=%c&charset=%C
+&udh=%u&smsc=%i`` (get-url), or POSTs the raw text with ``X-Kannel-*`` headers (post-url, with at
+least ``?id=%I`` in its URL). ``%b`` carries the message bytes exactly as Kannel holds them: UCS-2
+(coding 2) as UTF-16BE unless smsbox ``mo-recode`` turned it into UTF-8, 8-bit data in whatever the
+handset or SMSC used (the regional fallback charsets decide), 7-bit text as UTF-8. The text is
+decoded from those bytes by the declared coding and charset, never by guessing.
+
+The body of our 200 answer is sent to the handset by Kannel, so it is empty unless the
+auto-acknowledgement is on; non-GSM text is flagged with ``X-Kannel-Coding: 2`` (the sms-service
+needs ``accept-x-kannel-headers = true``). Kannel repeats a failed request identically, so a
+contact is deduplicated on ``%I``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote_plus, unquote_to_bytes, urlencode
+
+import aiohttp
+import phonenumbers
+from aiohttp import web
+
+from gateway.adapters import (
+    AdapterContext,
+    ChannelType,
+    IntakeUnavailable,
+    Receipt,
+    SendError,
+    SendReceipt,
+)
+from gateway.channels.sms import common
+from gateway.channels.sms.concat import Assembler, Part, assembled_id, group_key, parse_udh
+from gateway.channels.sms.segments import split, substitute
+from gateway.clock import MICROS_PER_SECOND
+from gateway.config import ConfigError, Duration, Secret
+from gateway.phone import mask_phone
+from gateway.records import Contact, Event, Inbound, Reply, Sender, clean_text
+
+log = logging.getLogger(__name__)
+
+CODING_7BIT = 0
+CODING_8BIT = 1
+CODING_UCS2 = 2
+
+REGIONAL_8BIT: dict[str, tuple[str, ...]] = {
+    "CN": ("gb18030",),
+    "TW": ("big5",),
+    "HK": ("big5hkscs",),
+    "MO": ("big5hkscs",),
+    "JP": ("shift_jis",),
+    "KR": ("euc_kr",),
+    "RU": ("cp1251",),
+}
+"""8-bit user data in the wild, by region; the last resort everywhere is ISO-8859-1."""
+
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "from": ("from", "sender", "p"),
+    "to": ("to", "receiver", "P"),
+    "text": ("text", "message", "b", "a"),
+    "time": ("time", "ts", "T"),
+    "id": ("id", "I"),
+    "coding": ("coding", "c"),
+    "charset": ("charset", "C"),
+    "udh": ("udh", "u"),
+    "smsc": ("smsc", "i"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KannelConfig:
+    """``[adapters.NAME]`` with ``type = "kannel"``."""
+
+    path: str = "/sms/kannel"
+    secret: Secret | None = None
+    """Password Kannel sends: in the URL's user info (Basic auth, preferred) or as ``key=``."""
+    username: str = "kannel"
+    """User name expected with Basic auth."""
+    insecure_no_auth: bool = False
+    """Accept unauthenticated requests (a Kannel on a trusted network only)."""
+    region: str = "CN"
+    """Default region for numbers without a country code."""
+    eight_bit_charsets: tuple[str, ...] = ()
+    """Charsets tried in order for 8-BIT data; default by region (CN: gb18030), then latin-1."""
+    max_body: int = 64 * 1024
+    ack_text: str = ""
+    """Auto-acknowledgement sent back as the answer body; ``{ref}`` and ``{id}`` are filled."""
+    concat_timeout: Duration = Duration(60)
+    """How long parts of a concatenated message wait for the rest."""
+    sendsms_url: str = ""
+    """``http://kannel:13013/cgi-bin/sendsms``; empty: replies cannot be sent."""
+    sendsms_username: str = ""
+    sendsms_password: Secret | None = None
+    sender_id: str = ""
+    """``from`` of replies; default: the number the citizen wrote to."""
+    smsc: str = ""
+    dlr_mask: int = 27
+    """1 delivered + 2 undeliverable + 8 SMSC accepted + 16 SMSC rejected."""
+    public_url: str = ""
+    """Base URL Kannel reaches the gateway at, for the dlr-url; default ``[http] public_url``."""
+    number_format: Literal["e164", "digits", "national"] = "e164"
+    """How ``to`` is written on sendsms: ``+8613800138000``, ``8613800138000`` or national."""
+    max_segments: int = 10
+    gsm_substitutions: bool = True
+    """Send curly quotes and dashes as their GSM-7 look-alikes instead of switching to UCS-2."""
+    send_timeout: Duration = Duration(10)
+
+
+@dataclass(frozen=True, slots=True)
+class KannelMessage:
+    """One sms-service request, undecoded."""
+
+    sender: str
+    recipient: str
+    data: bytes
+    coding: int
+    charset: str
+    udh: bytes
+    id: str
+    time: int | None
+    smsc: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def parse_query(raw: str) -> dict[str, bytes]:
+    """Split a raw query string into names and raw byte values (``+`` is a space)."""
+    out: dict[str, bytes] = {}
+    for item in raw.split("&"):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        key = unquote_plus(name, errors="replace")
+        if key not in out:
+            out[key] = unquote_to_bytes(value.replace("+", " "))
+    return out
+
+
+def _pick(params: dict[str, bytes], name: str) -> bytes | None:
+    for alias in _ALIASES[name]:
+        if alias in params:
+            return params[alias]
+    return None
+
+
+def _ascii(value: bytes | None) -> str:
+    return "" if value is None else value.decode("latin-1").strip()
+
+
+def _content_charset(content_type: str) -> str:
+    for piece in content_type.split(";")[1:]:
+        key, _, value = piece.strip().partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').strip()
+    return ""
+
+
+def parse_request(
+    method: str, raw_query: str, headers: dict[str, str], body: bytes
+) -> KannelMessage:
+    """Parse an sms-service request (get-url or post-url); raise ``BadRequest``.
+
+    ``headers`` has lower-case names.
+    """
+    params = parse_query(raw_query)
+    sender = _ascii(_pick(params, "from")) or headers.get("x-kannel-from", "").strip()
+    recipient = _ascii(_pick(params, "to")) or headers.get("x-kannel-to", "").strip()
+    message_id = _ascii(_pick(params, "id"))
+    if not sender:
+        raise common.BadRequest("missing sender (from=%p)")
+    if not message_id:
+        raise common.BadRequest("missing message id (id=%I)")
+    if len(message_id) > 128 or len(sender) > 64 or len(recipient) > 64:
+        raise common.BadRequest("field too long")
+    text = _pick(params, "text")
+    charset = _ascii(_pick(params, "charset"))
+    coding_raw = _ascii(_pick(params, "coding")) or headers.get("x-kannel-coding", "").strip()
+    if text is None and method == "POST":
+        text = body
+        charset = charset or _content_charset(headers.get("content-type", ""))
+        if not coding_raw and "application/octet-stream" in headers.get("content-type", ""):
+            coding_raw = str(CODING_8BIT)
+    try:
+        coding = int(coding_raw) if coding_raw else CODING_7BIT
+    except ValueError as exc:
+        raise common.BadRequest("coding must be 0, 1 or 2") from exc
+    if coding not in (CODING_7BIT, CODING_8BIT, CODING_UCS2):
+        coding = CODING_7BIT  # DC_UNDEF (-1) and the like: Kannel's own default
+    udh = _pick(params, "udh")
+    if udh is None and headers.get("x-kannel-udh"):
+        udh = unquote_to_bytes(headers["x-kannel-udh"].strip())
+    time_raw = _ascii(_pick(params, "time"))
+    origin: int | None = None
+    if time_raw:
+        try:
+            origin = int(time_raw)
+        except ValueError as exc:
+            raise common.BadRequest("time must be a unix time (time=%T)") from exc
+        if not 0 <= origin < 1 << 40:
+            raise common.BadRequest("time out of range")
+    smsc = _ascii(_pick(params, "smsc")) or headers.get("x-kannel-smsc", "").strip()
+    return KannelMessage(
+        sender=sender,
+        recipient=recipient,
+        data=text or b"",
+        coding=coding,
+        charset=charset[:40],
+        udh=udh or b"",
+        id=message_id,
+        time=origin,
+        smsc=smsc[:64],
+    )
+
+
+def _known(name: str) -> str | None:
+    try:
+        return codecs.lookup(name).name
+    except (LookupError, ValueError):
+        return None
+
+
+def decode_text(
+    data: bytes, coding: int, charset: str, eight_bit: tuple[str, ...]
+) -> tuple[str, str]:
+    """Decode message bytes by their declared coding and charset; return (text, codec used).
+
+    UCS-2 is read as UTF-16BE; ``8-BIT`` (or 8-bit coding without a charset) tries
+    ``eight_bit`` strictly in order, then ISO-8859-1. A declared charset that does not fit
+    the bytes falls back the same way; undecodable bytes never raise.
+    """
+    declared = charset.strip().upper()
+    if declared in ("UTF-16BE", "UTF-16", "UCS-2", "UCS2", "UCS-2BE", "ISO-10646-UCS-2") or (
+        not declared and coding == CODING_UCS2
+    ):
+        text = data.decode("utf-16-be", errors="replace")
+        return clean_text(text.removeprefix("\ufeff")), "utf-16-be"
+    chain: list[str] = []
+    if declared and declared not in ("8-BIT", "8BIT", "BINARY"):
+        known = _known(declared)
+        if known:
+            chain.append(known)
+    elif not declared and coding == CODING_7BIT:
+        chain.append("utf-8")  # Kannel's internal charset for 7-bit text (%C says UTF-8)
+    chain.extend(eight_bit)
+    for name in chain:
+        try:
+            return clean_text(data.decode(name)), codecs.lookup(name).name
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return clean_text(data.decode("latin-1")), "iso8859-1"
+
+
+class KannelAdapter:
+    """One Kannel smsbox: inbound sms-service, outbound sendsms, delivery reports."""
+
+    channel = "sms"
+
+    def __init__(self, ctx: AdapterContext, config: KannelConfig) -> None:
+        if not config.secret and not config.insecure_no_auth:
+            raise ConfigError(
+                [(f"adapters.{ctx.name}.secret", "required (or set insecure_no_auth = true)")]
+            )
+        self.name = ctx.name
+        self.ctx = ctx
+        self.config = config
+        self.eight_bit = config.eight_bit_charsets or REGIONAL_8BIT.get(config.region.upper(), ())
+        for cs in self.eight_bit:
+            if _known(cs) is None:
+                raise ConfigError([(f"adapters.{ctx.name}.eight_bit_charsets", f"unknown {cs!r}")])
+        base = config.path.rstrip("/") or "/"
+        self.path = base
+        self.dlr_path = base.rstrip("/") + "/dlr"
+        data_dir = Path(ctx.settings.gateway.data_dir) / "sms" / ctx.name / "parts"
+        self.assembler = Assembler(
+            data_dir, float(config.concat_timeout), ctx.clock, self._handover
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._reported: dict[tuple[str, str], None] = {}
+        for method in ("GET", "POST"):
+            ctx.router.add_route(method, self.path, self.receive)
+            ctx.router.add_route(method, self.dlr_path, self.delivery_report)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.assembler.start()
+
+    async def stop(self) -> None:
+        await self.assembler.stop()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # ------------------------------------------------------------------ inbound
+
+    def _authorized(self, request: web.Request, params_key: str | None) -> web.Response | None:
+        secret = self.config.secret
+        if not secret:
+            return None
+        creds = common.basic_password(request.headers.get("Authorization"))
+        if creds is not None:
+            user_ok = common.equal(creds[0], self.config.username)
+            pass_ok = common.equal(creds[1], secret.reveal())
+            return None if user_ok and pass_ok else common.forbidden()
+        if params_key is not None:
+            return None if common.equal(params_key, secret.reveal()) else common.forbidden()
+        return common.unauthorized()
+
+    async def receive(self, request: web.Request) -> web.StreamResponse:
+        """Handle one sms-service request."""
+        received_at = self.ctx.clock.now_us()
+        try:
+            body = await common.read_body(request, self.config.max_body)
+        except web.HTTPRequestEntityTooLarge:
+            return web.Response(status=413, text="request body too large\n")
+        raw_query = request.rel_url.raw_query_string
+        if len(raw_query) > self.config.max_body:
+            return web.Response(status=413, text="query too large\n")
+        key = parse_query(raw_query).get("key")
+        denied = self._authorized(request, None if key is None else key.decode("latin-1"))
+        if denied is not None:
+            return denied
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            msg = parse_request(request.method, raw_query, headers, body)
+            sender = common.phone_address(msg.sender, self.config.region)
+        except common.BadRequest as exc:
+            return common.bad_request(str(exc))
+        recipient = common.phone_address(msg.recipient, self.config.region) if msg.recipient else ""
+        origin_at = None if msg.time is None else msg.time * MICROS_PER_SECOND
+        concat = parse_udh(msg.udh) if msg.udh else None
+        if concat is not None and concat.total > 1:
+            part = Part(
+                group=group_key(sender, recipient, concat),
+                seq=concat.seq,
+                total=concat.total,
+                external_id=msg.id,
+                data=msg.data,
+                charset=f"{msg.coding}:{msg.charset}",
+                received_at=received_at,
+                origin_at=origin_at,
+                sender=sender,
+                recipient=recipient,
+                meta={"smsc": msg.smsc, "ref": concat.ref},
+            )
+            try:
+                added = await self.assembler.add(part)
+            except OSError as exc:
+                log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
+                return common.unavailable()
+            if isinstance(added.handed_over, Receipt):
+                return await self._answer(added.handed_over)
+            return self._empty()
+        text, used = decode_text(msg.data, msg.coding, msg.charset, self.eight_bit)
+        inbound = Inbound(
+            channel="sms",
+            adapter=self.name,
+            external_id=msg.id,
+            sender=Sender(sender),
+            recipient=recipient,
+            received_at=received_at,
+            text=text,
+            origin_at=origin_at,
+            meta={
+                "provider": "kannel",
+                "smsc": msg.smsc,
+                "coding": msg.coding,
+                "charset": msg.charset,
+                "decoded_as": used,
+            },
+        )
+        try:
+            receipt = await self.ctx.intake.submit(inbound)
+        except IntakeUnavailable:
+            log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
+            return common.unavailable()
+        log.info("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
+        return await self._answer(receipt)
+
+    def _empty(self) -> web.Response:
+        return web.Response(status=200, body=b"", content_type="text/plain", charset="utf-8")
+
+    async def _answer(self, receipt: Receipt) -> web.Response:
+        if not self.config.ack_text:
+            return self._empty()
+        text = common.render_ack(self.config.ack_text, receipt.contact_id)
+        if self.config.gsm_substitutions:
+            text = substitute(text) if split(substitute(text)).encoding == "gsm7" else text
+        coding = "0" if split(text).encoding == "gsm7" else "2"
+        await self._stamp_ack(receipt.contact_id)
+        return web.Response(
+            status=200,
+            text=text,
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Kannel-Coding": coding},
+        )
+
+    async def _stamp_ack(self, contact_id: str) -> None:
+        try:
+            await self.ctx.events.stamp(
+                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": "answer"}
+            )
+        except Exception as exc:
+            log.warning("acknowledged stamp for %s not recorded: %s", contact_id, exc)
+
+    async def _handover(self, parts: list[Part], complete: bool) -> Receipt:
+        texts: list[str] = []
+        used: list[str] = []
+        # Join the bytes before decoding: a UCS-2 surrogate pair or a GBK double byte may
+        # straddle two parts. Parts with another coding (rare) are decoded as their own run.
+        for hint, run in itertools.groupby(parts, key=lambda p: p.charset):
+            coding, _, charset = hint.partition(":")
+            text, codec = decode_text(
+                b"".join(p.data for p in run), int(coding or 0), charset, self.eight_bit
+            )
+            texts.append(text)
+            used.append(codec)
+        first = parts[0]
+        inbound = Inbound(
+            channel="sms",
+            adapter=self.name,
+            external_id=assembled_id(parts),
+            sender=Sender(first.sender),
+            recipient=first.recipient,
+            received_at=min(p.received_at for p in parts),
+            text="".join(texts),
+            origin_at=min((p.origin_at for p in parts if p.origin_at is not None), default=None),
+            meta={
+                "provider": "kannel",
+                "smsc": first.meta.get("smsc", ""),
+                "decoded_as": used[0] if len(set(used)) == 1 else used,
+                "concat": {
+                    "ref": first.meta.get("ref"),
+                    "total": first.total,
+                    "parts": [p.seq for p in parts],
+                    "ids": [p.external_id for p in parts],
+                },
+                "incomplete": not complete,
+            },
+        )
+        receipt = await self.ctx.intake.submit(inbound)
+        log.info(
+            "SMS from %s assembled from %d/%d parts as %s",
+            mask_phone(first.sender), len(parts), first.total, receipt.contact_id,
+        )
+        return receipt
+
+    # ------------------------------------------------------------------ delivery reports
+
+    async def delivery_report(self, request: web.Request) -> web.Response:
+        """Handle a Kannel dlr-url callback for one of our replies."""
+        params = {k: _ascii(v) for k, v in parse_query(request.rel_url.raw_query_string).items()}
+        contact_id, ref, tag = params.get("c", ""), params.get("r", ""), params.get("s", "")
+        if not contact_id or not ref or not tag or not params.get("status", "").isdigit():
+            return common.bad_request("missing c, r, s or status")
+        if not common.equal(tag, common.sign(self._ref_key(), contact_id, ref)):
+            return common.forbidden()
+        status = int(params["status"])
+        kind: Literal["delivered", "failed"] | None
+        if status & 1:
+            kind = "delivered"
+        elif status & (2 | 16):
+            kind = "failed"
+        else:
+            kind = None  # 4 buffered, 8 accepted by the SMSC: not final
+        if kind is not None and (ref, kind) not in self._reported:
+            detail: dict[str, Any] = {"reply_id": ref, "dlr": status}
+            if params.get("answer"):
+                detail["answer"] = params["answer"][:160]
+            try:
+                await self.ctx.events.emit(
+                    Event(contact_id, kind, self.ctx.clock.now_us(), self.name, detail=detail)
+                )
+            except Exception as exc:
+                log.warning("delivery report for %s not recorded: %s", contact_id, exc)
+                return common.unavailable()
+            self._reported[(ref, kind)] = None
+            if len(self._reported) > 10000:
+                self._reported.pop(next(iter(self._reported)))
+        return web.Response(status=200, text="OK\n")
+
+    def _ref_key(self) -> str:
+        secret = self.config.secret or self.config.sendsms_password
+        return secret.reveal() if secret else f"kannel:{self.name}"
+
+    # ------------------------------------------------------------------ outbound
+
+    def _format_number(self, address: str) -> str:
+        if self.config.number_format == "e164" or not address.startswith("+"):
+            return address
+        if self.config.number_format == "digits":
+            return address[1:]
+        try:
+            number = phonenumbers.parse(address, None)
+        except phonenumbers.NumberParseException:
+            return address
+        return str(number.national_number)
+
+    def dlr_url(self, contact_id: str, ref: str) -> str:
+        """Return the dlr-url for one reply: our own reference, signed, plus Kannel's escapes."""
+        base = (self.config.public_url or self.ctx.settings.http.public_url).rstrip("/")
+        tag = common.sign(self._ref_key(), contact_id, ref)
+        query = urlencode({"c": contact_id, "r": ref, "s": tag})
+        return f"{base}{self.dlr_path}?{query}&status=%d&answer=%A&ts=%T"
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """Send one reply through sendsms; Kannel splits it (coding and charset say how)."""
+        cfg = self.config
+        if not cfg.sendsms_url:
+            raise SendError("no sendsms_url configured", retryable=False)
+        text = reply.text
+        if not text.strip():
+            raise SendError("empty reply", retryable=False)
+        if cfg.gsm_substitutions and split(substitute(text)).encoding == "gsm7":
+            text = substitute(text)
+        segments = split(text)
+        if segments.count > cfg.max_segments:
+            raise SendError(
+                f"reply needs {segments.count} segments (max_segments {cfg.max_segments})",
+                retryable=False,
+            )
+        ref = reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
+        params = {
+            "username": cfg.sendsms_username,
+            "password": cfg.sendsms_password.reveal() if cfg.sendsms_password else "",
+            "from": cfg.sender_id or contact.recipient,
+            "to": self._format_number(contact.sender.address),
+            "text": text,
+            "charset": "UTF-8",
+            "coding": "0" if segments.encoding == "gsm7" else "2",
+        }
+        if cfg.smsc:
+            params["smsc"] = cfg.smsc
+        if cfg.dlr_mask and (cfg.public_url or self.ctx.settings.http.public_url):
+            params["dlr-mask"] = str(cfg.dlr_mask)
+            params["dlr-url"] = self.dlr_url(contact.id, ref)
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        status, headers, body = await common.call(
+            self._session, "GET", cfg.sendsms_url, params=params,
+            timeout_s=float(cfg.send_timeout), provider="kannel sendsms",
+        )
+        common.check_status(status, headers, body, "kannel sendsms")
+        log.info(
+            "reply %s to %s accepted by kannel (%d %s segments)",
+            ref, mask_phone(contact.sender.address), segments.count, segments.encoding,
+        )
+        return SendReceipt(
+            external_id=None,
+            detail={"ref": ref, "segments": segments.count, "encoding": segments.encoding},
+        )
+
+
+def _factory(ctx: AdapterContext, config: KannelConfig) -> KannelAdapter:
+    return KannelAdapter(ctx, config)
+
+
+CHANNEL: ChannelType[KannelConfig] = ChannelType(
+    name="kannel",
+    channel="sms",
+    config=KannelConfig,
+    factory=_factory,
+    example={"path": "/sms/kannel", "secret": "change-me", "region": "CN"},
+)
