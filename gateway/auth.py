@@ -1,0 +1,72 @@
+"""API keys and shared secrets, always compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from aiohttp import web
+
+from gateway.config import ApiKey, ApiSection
+
+
+def secrets_equal(given: str | bytes, expected: str | bytes) -> bool:
+    """Compare two secrets in constant time (for equal lengths)."""
+    a = given.encode() if isinstance(given, str) else given
+    b = expected.encode() if isinstance(expected, str) else expected
+    return hmac.compare_digest(a, b)
+
+
+def is_loopback(request: web.Request) -> bool:
+    """True when the peer is on a loopback address."""
+    remote = request.remote or ""
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("X-API-Key")
+
+
+class ApiKeys:
+    """The configured API keys and their scopes."""
+
+    def __init__(self, section: ApiSection) -> None:
+        self.keys = section.keys
+        self.open_to_loopback = section.open_to_loopback
+
+    def match(self, token: str) -> ApiKey | None:
+        """Return the key equal to ``token``; every key is compared, so timing tells nothing."""
+        found = None
+        for key in self.keys:
+            if secrets_equal(token, key.key.reveal()) and found is None:
+                found = key
+        return found
+
+    def authorize(self, request: web.Request, scope: str) -> ApiKey | None:
+        """Return the caller's key or raise 401 (no key) / 403 (wrong key or scope).
+
+        Loopback callers need no key when ``open_to_loopback`` is set (the no-config default);
+        then None is returned.
+        """
+        token = presented_key(request)
+        if token is None:
+            if self.open_to_loopback and is_loopback(request):
+                return None
+            raise web.HTTPUnauthorized(
+                text='{"error":"missing API key"}',
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        key = self.match(token)
+        if key is None or scope not in key.scopes:
+            raise web.HTTPForbidden(
+                text='{"error":"invalid API key or scope"}', content_type="application/json"
+            )
+        return key

@@ -1,0 +1,261 @@
+"""The ``gateway`` command: serve, tail, report, check-config, info, agi."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import platform
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway import __version__
+from gateway.config import ConfigError, Settings, load_file, parse_settings
+from gateway.logs import setup_logging
+from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.keys import Keys
+from gateway.queueing.store import connect, decode_fields
+
+
+def default_raw_config() -> dict[str, Any]:
+    """The try-it-here setup used when no config file is given (see DESIGN.md)."""
+    from gateway.adapters import load_channel_types
+
+    types = load_channel_types()
+    adapters: dict[str, Any] = {}
+    if "smtp" in types:
+        adapters["mailbox"] = {"type": "smtp", "listen": "127.0.0.1:2525", "domains": ["localhost"]}
+    if "asterisk" in types:
+        adapters["asterisk"] = {"type": "asterisk", "agi_listen": "127.0.0.1:4573"}
+    return {
+        "gateway": {"data_dir": "var"},
+        "api": {"open_to_loopback": True},
+        "adapters": adapters,
+    }
+
+
+def load_settings(path: str | None) -> tuple[Settings, dict[str, Any]]:
+    """Load ``path``, or the built-in defaults when None."""
+    if path:
+        return load_file(path)
+    return parse_settings(default_raw_config(), "<defaults>")
+
+
+# ------------------------------------------------------------------ serve
+
+
+async def _serve(settings: Settings, adapter_configs: dict[str, Any]) -> int:
+    from gateway.runtime import Gateway
+
+    gateway = Gateway(settings, adapter_configs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    print(
+        f"gateway {__version__} listening: http://{settings.http.listen.host}:{gateway.http_port}"
+        f" (Ctrl-C to stop)",
+        file=sys.stderr,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings, adapter_configs = load_settings(args.config)
+    setup_logging(settings.gateway.log_format, settings.gateway.log_level)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    return int(runner(_serve(settings, adapter_configs)))
+
+
+# ------------------------------------------------------------------ redis for the tools
+
+
+@contextlib.asynccontextmanager
+async def open_queue(settings: Settings) -> AsyncIterator[tuple[Any, Keys, str]]:
+    """Connect to the configured Redis; with none, to the embedded one (started if not running)."""
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis.url
+    if not url and settings.redis.sentinel is None:
+        candidate = EmbeddedRedis(settings.gateway.data_dir.resolve(), settings.redis.server_binary)
+        url = candidate.url
+        probe = connect(settings.redis, url)
+        try:
+            await probe.ping()
+        except Exception:
+            embedded = candidate
+            await embedded.start()
+        finally:
+            await probe.aclose()
+    client = connect(settings.redis, url)
+    try:
+        yield client, Keys(settings.redis.prefix), url
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def _print_contact(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(data).decode() + "\n")
+    else:
+        sender = data.get("sender") or {}
+        text = (data.get("subject") or data.get("text") or "").replace("\n", " ")
+        sys.stdout.write(
+            f"{data.get('received_at')}  {data.get('channel', ''):5}  {data.get('id')}  "
+            f"{sender.get('address') or '-'}  {text[:80]}\n"
+        )
+    sys.stdout.flush()
+
+
+async def _tail(settings: Settings, count: int, follow: bool, as_json: bool) -> int:
+    async with open_queue(settings) as (client, keys, _):
+        entries = await client.xrevrange(keys.contacts, count=count)
+        last = "$"
+        for entry_id, fields in reversed(entries):
+            _print_contact(decode_fields(fields), as_json)
+            last = entry_id
+        if entries:
+            last = entries[0][0]
+        while follow:
+            reply = await client.xread({keys.contacts: last}, block=1000, count=100)
+            for _, items in reply or []:
+                for entry_id, fields in items:
+                    _print_contact(decode_fields(fields), as_json)
+                    last = entry_id
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    settings, _ = load_settings(args.config)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_tail(settings, args.count, args.follow, args.json))
+    return 0
+
+
+# ------------------------------------------------------------------ check-config, info
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        _, adapters = load_file(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(adapters)} adapters: {', '.join(adapters) or 'none'})")
+    return 0
+
+
+async def _info(settings: Settings) -> dict[str, Any]:
+    keys = Keys(settings.redis.prefix)
+    info: dict[str, Any] = {
+        "gateway": __version__,
+        "python": platform.python_version(),
+        "config": settings.source,
+        "data_dir": str(settings.gateway.data_dir.resolve()),
+        "redis": {
+            "url": settings.redis.url or "embedded",
+            "keys": {"contacts": keys.contacts, "events": keys.events, "replies": keys.replies},
+        },
+        "listeners": {"http": str(settings.http.listen)},
+        "adapters": {name: table.get("type") for name, table in settings.adapters.items()},
+    }
+    for name, table in settings.adapters.items():
+        for key in ("listen", "agi_listen"):
+            if key in table:
+                info["listeners"][f"{name}.{key}"] = table[key]
+    try:
+        async with open_queue(settings) as (client, _, url):
+            server = await client.info("server")
+            info["redis"]["url"] = url
+            info["redis"]["server"] = server.get("valkey_version") or server.get("redis_version")
+            info["redis"]["contacts"] = await client.xlen(keys.contacts)
+    except Exception as exc:
+        info["redis"]["error"] = str(exc)
+    return info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    settings, _ = load_settings(args.config)
+    info = asyncio.run(_info(settings))
+    sys.stdout.write(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def cmd_agi(args: argparse.Namespace) -> int:
+    import importlib
+
+    classic = importlib.import_module("gateway.channels.voice.classic")
+    return int(classic.main(args.agi_args))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gateway.report import main as report_main
+
+    settings, _ = load_settings(args.config)
+    return int(report_main(settings, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run every configured adapter")
+    p.add_argument("-c", "--config", help="TOML config file (default: built-in loopback setup)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tail", help="print contacts from the stream")
+    p.add_argument("-c", "--config")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, default=10, help="how many recent contacts (default 10)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new contacts")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("report", help="service levels per channel")
+    p.add_argument("-c", "--config")
+    p.add_argument("--since", default="24h", help="window, e.g. 24h, 7d (default 24h)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("info", help="where the queue is, listeners, versions")
+    p.add_argument("-c", "--config")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("agi", help="classic AGI script (run by Asterisk over stdin/stdout)")
+    p.add_argument("agi_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_agi)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gateway`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

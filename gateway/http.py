@@ -1,0 +1,92 @@
+"""The one HTTP server every adapter shares: health, readiness, metrics, attachments."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.attachments import AttachmentStore
+from gateway.auth import ApiKeys
+from gateway.config import HostPort
+from gateway.problems import problem
+
+log = logging.getLogger(__name__)
+
+
+def build_app(max_body: int) -> web.Application:
+    """Create the application; adapters add their routes to ``app.router`` before it starts."""
+    return web.Application(client_max_size=max_body)
+
+
+class CoreRoutes:
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/attachments/{sha256}``."""
+
+    def __init__(
+        self,
+        ready: Callable[[], Awaitable[tuple[bool, dict[str, object]]]],
+        metrics: Callable[[], Awaitable[bytes]],
+        attachments: AttachmentStore,
+        keys: ApiKeys,
+    ) -> None:
+        self._ready = ready
+        self._metrics = metrics
+        self.attachments = attachments
+        self.keys = keys
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/healthz", self.healthz)
+        router.add_get("/readyz", self.readyz)
+        router.add_get("/metrics", self.metrics)
+        router.add_get("/v1/attachments/{sha256}", self.attachment)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ok, detail = await self._ready()
+        return web.json_response(
+            {"status": "ready" if ok else "unready", **detail}, status=200 if ok else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self._metrics()
+        return web.Response(
+            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+    async def attachment(self, request: web.Request) -> web.StreamResponse:
+        self.keys.authorize(request, "read")
+        try:
+            path = self.attachments.path_for(request.match_info["sha256"])
+        except ValueError:
+            return problem(400, "not a sha256 digest")
+        if not path.is_file():
+            return problem(404, "no such attachment")
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+class HttpServer:
+    """Runs the application on the gateway's loop (AppRunner + TCPSite)."""
+
+    def __init__(self, app: web.Application, listen: HostPort) -> None:
+        self.app = app
+        self.listen = listen
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.listen.host, self.listen.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.listen.port
+        log.info("http: listening on %s:%d", self.listen.host, self.port)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,206 @@
+"""Intake, the one door into the queue: id, deadline, dedupe, repeat count, then Redis or spool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from gateway.adapters import IntakeUnavailable, Receipt
+from gateway.clock import MICROS_PER_SECOND, Clock
+from gateway.ids import uuid7
+from gateway.metrics import Metrics
+from gateway.queueing.batching import Coalescer
+from gateway.queueing.spool import Spool, SpoolError
+from gateway.queueing.store import Prepared, RedisQueue, WriteResult
+from gateway.records import Inbound, Repeat
+from gateway.sla import SlaPolicy
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    """Makes contacts durable: in Redis when it answers in time, else in the local spool.
+
+    Concurrent submits are coalesced into one pipelined round trip. A write that misses
+    ``write_timeout`` or fails goes to the spool; the replayer moves it to Redis later, where
+    the intake script's dedupe key makes the second write a no-op if the first one landed.
+    """
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        spool: Spool,
+        sla: SlaPolicy,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        write_timeout_s: float = 1.0,
+        probe_interval_s: float = 0.5,
+    ) -> None:
+        self.queue = queue
+        self.spool = spool
+        self.sla = sla
+        self.metrics = metrics
+        self.clock = clock
+        self.write_timeout_s = write_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.redis_up = True
+        self._writer: Coalescer[Prepared, WriteResult] = Coalescer(
+            queue.write_batch, max_batch=256, max_inflight=2
+        )
+        self._spooled_ids: dict[tuple[str, str], str] = {}
+        self._replayer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def prepare(self, inbound: Inbound) -> Prepared:
+        """Fix the contact's id and deadline."""
+        deadline = self.sla.deadline(inbound)
+        return Prepared(
+            id=uuid7(inbound.received_at // 1000),
+            inbound=inbound,
+            deadline=deadline,
+            warn_at=self.sla.warning_at(inbound, deadline),
+        )
+
+    async def submit(self, inbound: Inbound) -> Receipt:
+        """Make ``inbound`` durable and return its receipt (see ``gateway.adapters.Submitter``)."""
+        channel = inbound.channel
+        self.metrics.received.labels(channel).inc()
+        prepared = self.prepare(inbound)
+        if self.redis_up and not self._closing:
+            future = self._writer.submit(prepared)
+            try:
+                result = await asyncio.wait_for(asyncio.shield(future), self.write_timeout_s)
+            except Exception as exc:
+                future.add_done_callback(_consume)
+                self._mark_down(exc)
+            else:
+                return await self._receipt(prepared, result)
+        return await self._spool(prepared)
+
+    async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
+        channel = prepared.inbound.channel
+        if not result.created:
+            self.metrics.duplicate.labels(channel).inc()
+            first = None
+            with contextlib.suppress(Exception):
+                first = await self.queue.get(result.contact_id)
+            if first is not None:
+                return Receipt(result.contact_id, "duplicate", first.deadline, first.repeat)
+            return Receipt(
+                result.contact_id,
+                "duplicate",
+                prepared.deadline,
+                Repeat(0, self.queue.repeat_window_s),
+            )
+        self.metrics.enqueued.labels(channel).inc()
+        self.metrics.edge_to_enqueue.labels(channel).observe(
+            max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
+        )
+        return Receipt(
+            result.contact_id,
+            "enqueued",
+            prepared.deadline,
+            Repeat(result.repeat_count, self.queue.repeat_window_s),
+        )
+
+    async def _spool(self, prepared: Prepared) -> Receipt:
+        inbound = prepared.inbound
+        channel = inbound.channel
+        key = (inbound.adapter, inbound.external_id)
+        if inbound.external_id and key in self._spooled_ids:
+            self.metrics.duplicate.labels(channel).inc()
+            return Receipt(
+                self._spooled_ids[key],
+                "duplicate",
+                prepared.deadline,
+                Repeat(0, self.queue.repeat_window_s),
+            )
+        try:
+            await self.spool.append(prepared)
+        except (SpoolError, OSError) as exc:
+            self.metrics.refused.labels(channel).inc()
+            log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc)
+            raise IntakeUnavailable(str(exc)) from exc
+        if inbound.external_id:
+            self._spooled_ids[key] = prepared.id
+        self.metrics.spooled.labels(channel).inc()
+        self.metrics.spool_depth.set(self.spool.depth)
+        self._wake.set()
+        return Receipt(
+            prepared.id, "spooled", prepared.deadline, Repeat(0, self.queue.repeat_window_s)
+        )
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.redis_up:
+            log.warning("intake: Redis unavailable (%s), spooling", type(exc).__name__)
+        self.redis_up = False
+        self.metrics.redis_up.set(0)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ replay
+
+    def start(self) -> None:
+        """Start the replayer, which probes Redis and empties the spool."""
+        self.metrics.redis_up.set(1 if self.redis_up else 0)
+        self.metrics.spool_depth.set(self.spool.depth)
+        self._replayer = asyncio.get_running_loop().create_task(self._replay_loop())
+        self._wake.set()
+
+    async def _replay_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.probe_interval_s)
+            self._wake.clear()
+            if self.redis_up and self.spool.depth == 0 and not self.spool.segments(True):
+                continue
+            try:
+                await self.replay_once()
+            except Exception as exc:
+                log.debug("intake: replay deferred: %s", exc)
+                self.redis_up = False
+                self.metrics.redis_up.set(0)
+
+    async def replay_once(self) -> int:
+        """Probe Redis; if it answers, move the spool into it. Return how many were replayed."""
+        await asyncio.wait_for(self.queue.ping(), self.write_timeout_s)
+        if not self.redis_up:
+            await self.queue.load_scripts()
+        count = await self.spool.replay(self._replay_write)
+        self._spooled_ids.clear()
+        if not self.redis_up:
+            log.info("intake: Redis is back")
+        self.redis_up = True
+        self.metrics.redis_up.set(1)
+        self.metrics.spool_depth.set(self.spool.depth)
+        self.metrics.spool_oldest.set(self.spool.oldest_age_s())
+        if count:
+            self.metrics.replayed.inc(count)
+        return count
+
+    async def _replay_write(self, batch: list[Prepared]) -> None:
+        results = await asyncio.wait_for(self.queue.write_batch(batch), 10 * self.write_timeout_s)
+        for prepared, result in zip(batch, results, strict=True):
+            if result.created:
+                channel = prepared.inbound.channel
+                self.metrics.enqueued.labels(channel).inc()
+                self.metrics.edge_to_enqueue.labels(channel).observe(
+                    max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
+                )
+
+    async def close(self) -> None:
+        """Finish in-flight writes (spooling what cannot be written) and stop the replayer."""
+        self._closing = True
+        await self._writer.drain()
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+        await self.spool.close()
+
+
+def _consume(future: asyncio.Future[WriteResult]) -> None:
+    if not future.cancelled():
+        future.exception()

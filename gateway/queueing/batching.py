@@ -1,0 +1,86 @@
+"""Coalescing: concurrent callers' items are processed together, one batch per round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    """Collects items from concurrent callers and hands them to ``process`` in batches.
+
+    While ``max_inflight`` batches are being processed, new items wait and join the next batch,
+    so the batch size grows with the load and a lone caller is never delayed by a timer.
+    ``process`` returns one result per item, or raises to fail the whole batch.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_batch: int = 256,
+        max_inflight: int = 2,
+    ) -> None:
+        self._process = process
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; the future resolves with its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._kick)
+        return future
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        while self._pending and len(self._inflight) < self._max_inflight:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._process([item for item, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending or self._inflight)
+
+    async def drain(self) -> None:
+        """Wait until every queued item has been processed."""
+        while self._pending or self._inflight:
+            if self._inflight:
+                await asyncio.wait(set(self._inflight))
+            else:
+                await asyncio.sleep(0)

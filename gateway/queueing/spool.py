@@ -1,0 +1,234 @@
+"""The local spool: contacts that could not reach Redis, kept on disk until they can.
+
+Records are appended to segment files, one line each: ``<crc32 hex> <json>``, and fsynced
+before the caller's receipt. Concurrent appends share one write and one fsync. The replayer
+closes the active segment, writes each closed segment's contacts to Redis (the intake script
+deduplicates, so a replay that is interrupted can simply run again) and deletes it. A line
+that fails its checksum or does not decode is moved to ``quarantine/``, never blocking the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.queueing.batching import Coalescer
+from gateway.queueing.store import Prepared
+from gateway.records import Attachment, Deadline, Inbound, Sender
+
+log = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+class SpoolError(Exception):
+    """The spool cannot be written."""
+
+
+def prepared_to_json(p: Prepared) -> bytes:
+    """Encode a prepared contact for the spool (times as integer microseconds)."""
+    i = p.inbound
+    return orjson.dumps(
+        {
+            "id": p.id,
+            "deadline": [p.deadline.kind, p.deadline.due_at, p.deadline.policy],
+            "warn_at": p.warn_at,
+            "channel": i.channel,
+            "adapter": i.adapter,
+            "external_id": i.external_id,
+            "sender": [i.sender.address, i.sender.name],
+            "recipient": i.recipient,
+            "received_at": i.received_at,
+            "text": i.text,
+            "subject": i.subject,
+            "language": i.language,
+            "attachments": [
+                [a.name, a.content_type, a.size, a.sha256, a.ref] for a in i.attachments
+            ],
+            "thread": i.thread,
+            "origin_at": i.origin_at,
+            "confidential": i.confidential,
+            "meta": i.meta,
+        }
+    )
+
+
+def prepared_from_json(data: bytes) -> Prepared:
+    """Decode what :func:`prepared_to_json` wrote; raise on anything else."""
+    d: dict[str, Any] = orjson.loads(data)
+    kind, due_at, policy = d["deadline"]
+    inbound = Inbound(
+        channel=d["channel"],
+        adapter=d["adapter"],
+        external_id=d["external_id"],
+        sender=Sender(*d["sender"]),
+        recipient=d["recipient"],
+        received_at=int(d["received_at"]),
+        text=d["text"],
+        subject=d["subject"],
+        language=d["language"],
+        attachments=tuple(Attachment(*a) for a in d["attachments"]),
+        thread=d["thread"],
+        origin_at=d["origin_at"],
+        confidential=bool(d["confidential"]),
+        meta=d["meta"],
+    )
+    return Prepared(str(d["id"]), inbound, Deadline(kind, int(due_at), policy), int(d["warn_at"]))
+
+
+class Spool:
+    """Durable, append-only local queue of prepared contacts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.quarantine_dir = directory / "quarantine"
+        self._active: Path | None = None
+        self._fh: Any = None
+        self._lock = asyncio.Lock()
+        self._writer: Coalescer[bytes, None] = Coalescer(self._write_batch, max_inflight=1)
+        self._count = 0
+
+    def check_writable(self) -> None:
+        """Create the folder and prove it takes an fsynced write; raise SpoolError otherwise."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.quarantine_dir.mkdir(exist_ok=True)
+            probe = self.dir / ".probe"
+            with open(probe, "wb") as fh:
+                fh.write(b"ok")
+                fh.flush()
+                os.fsync(fh.fileno())
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolError(f"spool folder {self.dir} is not writable: {exc.strerror}") from exc
+
+    def open(self) -> None:
+        """Check the folder (see :meth:`check_writable`) and count what an earlier run left."""
+        self.check_writable()
+        self._count = sum(self._count_lines(p) for p in self.segments(include_active=True))
+
+    @staticmethod
+    def _count_lines(path: Path) -> int:
+        try:
+            with open(path, "rb") as fh:
+                return sum(1 for _ in fh)
+        except OSError:
+            return 0
+
+    def segments(self, include_active: bool = False) -> list[Path]:
+        """Return the segment files, oldest first."""
+        found = sorted(self.dir.glob("segment-*.log"))
+        if not include_active and self._active is not None:
+            found = [p for p in found if p != self._active]
+        return found
+
+    @property
+    def depth(self) -> int:
+        """Contacts waiting in the spool (approximate after a quarantine)."""
+        return self._count
+
+    def oldest_age_s(self) -> float:
+        """Age of the oldest segment file in seconds (0 when empty)."""
+        segments = self.segments(include_active=True)
+        if not segments or self._count == 0:
+            return 0.0
+        try:
+            return max(0.0, time.time() - segments[0].stat().st_mtime)
+        except OSError:
+            return 0.0
+
+    async def append(self, prepared: Prepared) -> None:
+        """Append one contact durably (fsynced) before returning."""
+        line = prepared_to_json(prepared)
+        await self._writer.submit(b"%08x %s\n" % (zlib.crc32(line), line))
+
+    async def _write_batch(self, lines: list[bytes]) -> list[None]:
+        async with self._lock:
+            await asyncio.to_thread(self._write_sync, b"".join(lines))
+            self._count += len(lines)
+        return [None] * len(lines)
+
+    def _write_sync(self, data: bytes) -> None:
+        try:
+            if self._fh is None or self._fh.tell() > SEGMENT_BYTES:
+                self._open_new_segment()
+            self._fh.write(data)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise SpoolError(f"spool write failed: {exc.strerror}") from exc
+
+    def _open_new_segment(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        name = f"segment-{time.time_ns():020d}.log"
+        self._active = self.dir / name
+        self._fh = open(self._active, "ab")
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def rotate(self) -> None:
+        """Close the active segment so that the replayer may take it."""
+        async with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+                self._active = None
+
+    async def replay(
+        self, write: Callable[[list[Prepared]], Awaitable[object]], batch: int = 200
+    ) -> int:
+        """Write every closed segment through ``write``; delete each once written. Return count.
+
+        Raises whatever ``write`` raises (Redis down again): the segment stays for the next try.
+        """
+        await self.rotate()
+        total = 0
+        for segment in self.segments():
+            records = await asyncio.to_thread(self._read_segment, segment)
+            for start in range(0, len(records), batch):
+                await write(records[start : start + batch])
+            total += len(records)
+            segment.unlink()
+            self._count = max(0, self._count - len(records))
+            log.info("spool: replayed %d contacts from %s", len(records), segment.name)
+        return total
+
+    def _read_segment(self, segment: Path) -> list[Prepared]:
+        records: list[Prepared] = []
+        bad: list[bytes] = []
+        with open(segment, "rb") as fh:
+            for line in fh:
+                try:
+                    if not line.endswith(b"\n") or line[8:9] != b" ":
+                        raise ValueError("torn or malformed line")
+                    crc, body = int(line[:8], 16), line[9:-1]
+                    if zlib.crc32(body) != crc:
+                        raise ValueError("checksum mismatch")
+                    records.append(prepared_from_json(body))
+                except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                    bad.append(line)
+        if bad:
+            target = self.quarantine_dir / segment.name
+            with open(target, "ab") as out:
+                out.writelines(bad)
+                out.flush()
+                os.fsync(out.fileno())
+            self._count = max(0, self._count - len(bad))
+            log.error("spool: %d corrupt records quarantined to %s", len(bad), target)
+        return records
+
+    async def close(self) -> None:
+        await self._writer.drain()
+        await self.rotate()

@@ -1,0 +1,178 @@
+"""Reply routing: replies written by case systems go out through the contact's own adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Mapping
+
+from gateway.adapters import Adapter, SendError
+from gateway.clock import Clock
+from gateway.config import RepliesSection
+from gateway.metrics import Metrics
+from gateway.queueing.consumer import Delivery, ReplyConsumer
+from gateway.queueing.store import RedisQueue
+from gateway.records import Event, Reply
+
+log = logging.getLogger(__name__)
+
+GROUP = "gateway-replies"
+RECLAIM_IDLE_MS = 60_000
+
+
+class ReplyRouter:
+    """Consumes ``{gateway}:replies`` as a member of one group shared by all gateway instances.
+
+    Each reply is handed to ``adapters[contact.adapter].send``. The first success stamps
+    ``responded`` (elapsed and met against the contact's deadline); a permanent failure, or a
+    retryable one that outlives ``max_attempts``, emits ``failed``. The entry is acknowledged
+    after either outcome; entries held by a dead instance are reclaimed after a minute.
+    """
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        adapters: Mapping[str, Adapter],
+        clock: Clock,
+        metrics: Metrics,
+        section: RepliesSection,
+        consumer_name: str,
+        *,
+        concurrency: int = 32,
+    ) -> None:
+        self.queue = queue
+        self.adapters = adapters
+        self.clock = clock
+        self.metrics = metrics
+        self.section = section
+        self.consumer = ReplyConsumer(queue.redis, GROUP, consumer_name, prefix=queue.keys.prefix)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._main = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop reading; let replies being sent finish (a bounded wait), the rest stay pending."""
+        self._stopping = True
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+            self._main = None
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=5)
+            for task in pending:
+                task.cancel()
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        ready = False
+        last_reclaim = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                if not ready:
+                    await self.consumer.ensure_group()
+                    for delivery in await self.consumer.read_own_pending():
+                        await self._dispatch(delivery)
+                    ready = True
+                if loop.time() - last_reclaim > RECLAIM_IDLE_MS / 1000:
+                    last_reclaim = loop.time()
+                    for delivery in await self.consumer.reclaim(RECLAIM_IDLE_MS):
+                        await self._dispatch(delivery)
+                for delivery in await self.consumer.read(count=50, block_ms=1000):
+                    await self._dispatch(delivery)
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "replies: reading failed (%s), retrying in %.1f s", type(exc).__name__, backoff
+                )
+                ready = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _dispatch(self, delivery: Delivery[Reply]) -> None:
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _handle(self, delivery: Delivery[Reply]) -> None:
+        try:
+            await self._deliver(delivery)
+            await self.consumer.ack(delivery.entry_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("replies: entry %s left pending", delivery.entry_id)
+
+    async def _fail(self, contact_id: str, source: str, reason: str, reply_id: str) -> None:
+        log.warning("replies: reply %s to contact %s failed: %s", reply_id, contact_id, reason)
+        await self.queue.emit(
+            Event(
+                contact_id,
+                "failed",
+                self.clock.now_us(),
+                source,
+                detail={"reason": reason, "reply_id": reply_id},
+            )
+        )
+
+    async def _deliver(self, delivery: Delivery[Reply]) -> None:
+        reply = delivery.record
+        if reply is None:
+            log.error(
+                "replies: undecodable entry %s dropped: %s", delivery.entry_id, delivery.error
+            )
+            return
+        reply_id = reply.id or delivery.entry_id
+        contact = await self.queue.get(reply.contact_id)
+        if contact is None:
+            await self._fail(reply.contact_id, "gateway", "unknown contact", reply_id)
+            self.metrics.replies.labels("unknown", "failed").inc()
+            return
+        adapter = self.adapters.get(contact.adapter)
+        if adapter is None:
+            await self._fail(
+                contact.id, "gateway", f"no adapter {contact.adapter!r} to send through", reply_id
+            )
+            self.metrics.replies.labels(contact.channel, "failed").inc()
+            return
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                receipt = await adapter.send(contact, reply)
+            except SendError as exc:
+                if not exc.retryable or attempt >= self.section.max_attempts:
+                    await self._fail(contact.id, adapter.name, str(exc), reply_id)
+                    self.metrics.replies.labels(contact.channel, "failed").inc()
+                    return
+                delay = exc.retry_after_s
+                if delay is None:
+                    delay = (
+                        float(self.section.backoff) * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
+                    )
+                log.info("replies: retrying reply %s in %.1f s: %s", reply_id, delay, exc)
+                await asyncio.sleep(min(delay, 300.0))
+                continue
+            detail: dict[str, object] = {"reply_id": reply_id}
+            if receipt.external_id:
+                detail["external_id"] = receipt.external_id
+            # Only the first reply settles the deadline; later ones leave no deadline event.
+            await self.queue.stamp(
+                contact.id, "responded", self.clock.now_us(), adapter.name, detail
+            )
+            self.metrics.replies.labels(contact.channel, "sent").inc()
+            return

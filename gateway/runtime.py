@@ -1,0 +1,200 @@
+"""The running gateway: wires Redis, Intake, the HTTP server, adapters and reply routing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.adapters import Adapter, AdapterContext, load_channel_types
+from gateway.attachments import AttachmentStore
+from gateway.auth import ApiKeys
+from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.config import Settings
+from gateway.http import CoreRoutes, HttpServer, build_app
+from gateway.intake import Intake
+from gateway.intake_api import IntakeApi
+from gateway.metrics import Metrics
+from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.keys import Keys
+from gateway.queueing.spool import Spool
+from gateway.queueing.store import RedisQueue, connect, decode_fields
+from gateway.records import Contact, Event
+from gateway.replies import ReplyRouter
+from gateway.sla import SlaPolicy
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """One gateway instance. ``start`` returns once every listener accepts connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        adapter_configs: dict[str, Any] | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.adapter_configs = adapter_configs or {}
+        self.clock = clock
+        self.instance = settings.gateway.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.data_dir: Path = settings.gateway.data_dir.resolve()
+        self.keys = Keys(settings.redis.prefix)
+        self.metrics = Metrics()
+        self.adapters: dict[str, Adapter] = {}
+        self.embedded: EmbeddedRedis | None = None
+        self.redis_url = settings.redis.url
+        self._started: list[Adapter] = []
+        self._running = False
+        self.http: HttpServer | None = None
+        self.replies: ReplyRouter | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http else 0
+
+    async def start(self) -> None:
+        """Start everything; on failure, stop what was started and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        self._running = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(self.data_dir / "spool")
+        self.spool.open()
+        self.attachments = AttachmentStore(self.data_dir / "attachments", s.intake.max_attachment)
+        if not s.redis.url and s.redis.sentinel is None:
+            self.embedded = EmbeddedRedis(self.data_dir, s.redis.server_binary)
+            await self.embedded.start()
+            self.redis_url = self.embedded.url
+        self.redis = connect(s.redis, self.redis_url)
+        self.queue = RedisQueue(
+            self.redis,
+            self.keys,
+            self.clock,
+            source=self.instance,
+            dedupe_window_s=s.intake.dedupe_window,
+            repeat_window_s=s.intake.repeat_window,
+            retention_s=s.redis.retention,
+            maxlen=s.redis.stream_maxlen,
+        )
+        self.intake = Intake(
+            self.queue,
+            self.spool,
+            SlaPolicy(s.sla),
+            self.metrics,
+            self.clock,
+            write_timeout_s=s.redis.write_timeout,
+        )
+        try:
+            await self.queue.load_scripts()
+        except Exception as exc:
+            log.warning("redis unreachable at start (%s): contacts go to the spool", exc)
+            self.intake.redis_up = False
+        app = build_app(s.http.max_body)
+        api_keys = ApiKeys(s.api)
+        CoreRoutes(self._ready, self._render_metrics, self.attachments, api_keys).register(
+            app.router
+        )
+        IntakeApi(self.intake, api_keys, self.clock, s.http.max_body).register(app.router)
+        channel_types = load_channel_types()
+        for name, table in s.adapters.items():
+            channel_type = channel_types[table["type"]]
+            ctx = AdapterContext(
+                name=name,
+                intake=self.intake,
+                events=self.queue,
+                contacts=self.queue,
+                router=app.router,
+                attachments=self.attachments,
+                clock=self.clock,
+                settings=s,
+            )
+            self.adapters[name] = channel_type.factory(ctx, self.adapter_configs[name])
+        self.app = app
+        self.http = HttpServer(app, s.http.listen)
+        await self.http.start()
+        self.intake.start()
+        for adapter in self.adapters.values():
+            await adapter.start()
+            self._started.append(adapter)
+        self.replies = ReplyRouter(
+            self.queue, self.adapters, self.clock, self.metrics, s.replies, self.instance
+        )
+        self.replies.start()
+        log.info(
+            "gateway %s started: http %s:%d, %d adapters, redis %s",
+            __version__,
+            s.http.listen.host,
+            self.http_port,
+            len(self.adapters),
+            "embedded" if self.embedded else "external",
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight work, close everything. Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        if self.replies is not None:
+            await self.replies.stop()
+        for adapter in reversed(self._started):
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("adapter %s failed to stop", adapter.name)
+        self._started.clear()
+        if self.http is not None:
+            await self.http.stop()
+        if hasattr(self, "intake"):
+            await self.intake.close()
+        if hasattr(self, "redis"):
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        if self.embedded is not None:
+            await self.embedded.stop()
+            self.embedded = None
+        log.info("gateway stopped")
+
+    async def _ready(self) -> tuple[bool, dict[str, object]]:
+        redis_ok = False
+        with contextlib.suppress(Exception):
+            redis_ok = await self.queue.ping()
+        spool_ok = True
+        try:
+            self.spool.check_writable()
+        except Exception:
+            spool_ok = False
+        return redis_ok or spool_ok, {
+            "redis": redis_ok,
+            "spool": spool_ok,
+            "spool_depth": self.spool.depth,
+        }
+
+    async def _render_metrics(self) -> bytes:
+        with contextlib.suppress(Exception):
+            self.metrics.stream_length.set(await self.queue.stream_length())
+        self.metrics.spool_depth.set(self.spool.depth)
+        self.metrics.spool_oldest.set(self.spool.oldest_age_s())
+        return self.metrics.render()
+
+    async def read_contacts(self, count: int | None = None) -> list[Contact]:
+        """Contacts on the stream, oldest first (tests, ``gateway tail``)."""
+        entries = await self.redis.xrange(self.keys.contacts, count=count)
+        return [Contact.from_dict(decode_fields(fields)) for _, fields in entries]
+
+    async def read_events(self, count: int | None = None) -> list[Event]:
+        """Events on the stream, oldest first."""
+        entries = await self.redis.xrange(self.keys.events, count=count)
+        return [Event.from_dict(decode_fields(fields)) for _, fields in entries]
