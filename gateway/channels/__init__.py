@@ -5,4 +5,7 @@
 ``gateway.channels`` entry-point group.
 """
 
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "gateway.channels.sms.kannel:CHANNEL",
+    "gateway.channels.sms.twilio:CHANNEL",
+)

@@ -1,0 +1,375 @@
+"""Kannel: real HTTP requests in Kannel's own get-url/post-url formats into a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote_from_bytes, urlsplit
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway.adapters import SendError
+from gateway.clock import FixedClock
+from gateway.records import Reply
+from tests.sms.fakes import Answer, FakeProvider, running
+
+SECRET = "kannel-s3cret"
+AUTH = {"Authorization": "Basic " + base64.b64encode(f"kannel:{SECRET}".encode()).decode()}
+ADAPTER = {"type": "kannel", "path": "/sms/kannel", "secret": SECRET, "region": "CN"}
+
+
+def enc(data: bytes) -> str:
+    """URL-encode bytes the way Kannel's octstr_url_encode does (space as +)."""
+    return quote_from_bytes(data, safe="").replace("%20", "+")
+
+
+def get_url(text: bytes, *, sender: str = "+8613800138000", coding: int = 0,
+            charset: str = "UTF-8", msg_id: str = "1b3c5d7e-0000-4000-8000-000000000001",
+            udh: bytes = b"", to: str = "12345", ts: str = "1795594480") -> str:
+    """The query Kannel's get-url pattern of docs/channels/sms.md produces."""
+    return (
+        f"from={enc(sender.encode())}&to={to}&text={enc(text)}&time={ts}&id={msg_id}"
+        f"&coding={coding}&charset={charset}&udh={enc(udh)}&smsc=cmcc"
+    )
+
+
+@dataclass
+class Case:
+    label: str
+    query: str
+    method: str = "GET"
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    auth: dict[str, str] | None = None
+    status: int = 200
+    text: str | None = None
+    sender: str = "+8613800138000"
+    external_id: str = "1b3c5d7e-0000-4000-8000-000000000001"
+    decoded_as: str | None = None
+
+
+NOISE = "你好，楼下工地夜间施工噪音很大，请处理。"
+CASES = [
+    Case("UCS-2 Chinese, Kannel not recoding",
+         get_url(NOISE.encode("utf-16-be"), coding=2, charset="UTF-16BE"),
+         text=NOISE, decoded_as="utf-16-be"),
+    Case("UCS-2 without a charset escape",
+         get_url(NOISE.encode("utf-16-be"), coding=2, charset=""),
+         text=NOISE, decoded_as="utf-16-be"),
+    Case("UTF-8 Chinese after mo-recode",
+         get_url(NOISE.encode("utf-8"), coding=0, charset="UTF-8"), text=NOISE,
+         decoded_as="utf-8"),
+    Case("GBK in 8-bit, regional fallback",
+         get_url(NOISE.encode("gbk"), coding=1, charset="8-BIT"), text=NOISE,
+         decoded_as="gb18030"),
+    Case("emoji as a UCS-2 surrogate pair",
+         get_url("谢谢🙂".encode("utf-16-be"), coding=2, charset="UTF-16BE"), text="谢谢🙂"),
+    Case("emoji in UTF-8", get_url("ok 👍".encode(), coding=0), text="ok 👍"),
+    Case("empty text", get_url(b""), text=""),
+    Case("GSM text with spaces as +", get_url(b"Street light out at No. 5"),
+         text="Street light out at No. 5"),
+    Case("national sender normalized to E.164",
+         get_url(b"hi", sender="13800138000"), text="hi"),
+    Case("post-url UCS-2 body",
+         "id=1b3c5d7e-0000-4000-8000-000000000001", method="POST",
+         body=NOISE.encode("utf-16-be"),
+         headers={"Content-Type": 'text/plain; charset="UTF-16BE"',
+                  "X-Kannel-From": "+8613800138000", "X-Kannel-To": "12345",
+                  "X-Kannel-Coding": "2", "X-Kannel-SMSC": "cmcc"},
+         text=NOISE),
+    Case("post-url 8-bit GBK body",
+         "id=1b3c5d7e-0000-4000-8000-000000000001", method="POST", body=NOISE.encode("gbk"),
+         headers={"Content-Type": "application/octet-stream", "X-Kannel-From": "13800138000",
+                  "X-Kannel-To": "12345", "X-Kannel-Coding": "1"},
+         text=NOISE, decoded_as="gb18030"),
+    Case("shared secret as key= instead of Basic",
+         get_url(b"hello") + f"&key={SECRET}", auth={}, text="hello"),
+    Case("missing sender", get_url(b"x").replace("from=%2B8613800138000&", ""), status=400),
+    Case("missing message id",
+         get_url(b"x").replace("id=1b3c5d7e-0000-4000-8000-000000000001&", ""), status=400),
+    Case("coding not a number", get_url(b"x").replace("coding=0", "coding=x"), status=400),
+    Case("time not a number", get_url(b"x").replace("time=1795594480", "time=now"),
+         status=400),
+    Case("no credentials", get_url(b"x"), auth={}, status=401),
+    Case("wrong password", get_url(b"x"),
+         auth={"Authorization": "Basic " + base64.b64encode(b"kannel:guess").decode()},
+         status=403),
+    Case("wrong key", get_url(b"x") + "&key=guess", auth={}, status=403),
+    Case("oversize body", "id=1", method="POST", body=b"x" * (64 * 1024 + 1),
+         headers={"X-Kannel-From": "+8613800138000"}, status=413),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+async def test_inbound(case: Case, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"kannel": ADAPTER})
+    url = f"http://127.0.0.1:{gw.http_port}/sms/kannel?{case.query}"
+    headers = {**(AUTH if case.auth is None else case.auth), **case.headers}
+    async with aiohttp.ClientSession() as http, http.request(
+        case.method, url, data=case.body or None, headers=headers
+    ) as resp:
+        assert resp.status == case.status, await resp.text()
+        body = await resp.read()
+    contacts = await gw.read_contacts()
+    if case.status != 200:
+        assert contacts == []
+        return
+    assert body == b""  # Kannel would send any body to the handset
+    assert len(contacts) == 1
+    contact = contacts[0]
+    assert contact.channel == "sms"
+    assert contact.adapter == "kannel"
+    assert contact.text == case.text
+    assert contact.sender.address == case.sender
+    assert contact.external_id == case.external_id
+    assert contact.recipient == "12345"
+    assert contact.deadline.kind == "response"
+    if case.decoded_as:
+        assert contact.meta["decoded_as"] == case.decoded_as
+
+
+async def kannel_get(
+    gw: Any, query: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, Any]:
+    url = f"http://127.0.0.1:{gw.http_port}/sms/kannel?{query}"
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers or AUTH) as resp:
+        return resp.status, await resp.read(), resp.headers
+
+
+async def test_duplicate_request_gives_one_contact(start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"kannel": ADAPTER})
+    query = get_url(NOISE.encode("utf-16-be"), coding=2, charset="UTF-16BE")
+    first = await kannel_get(gw, query)
+    second = await kannel_get(gw, query)
+    assert first[0] == second[0] == 200
+    contacts = await gw.read_contacts()
+    assert len(contacts) == 1
+
+
+def udh(ref: int, total: int, seq: int) -> bytes:
+    return bytes([5, 0, 3, ref, total, seq])
+
+
+async def test_three_parts_out_of_order_with_duplicates(start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"kannel": ADAPTER})
+    # A surrogate pair and a CJK character straddle the part boundaries on purpose.
+    text = "第一段内容🙂" + "第二段" * 5 + "🙂结尾"
+    data = text.encode("utf-16-be")
+    cuts = [0, 13, 29, len(data)]
+    parts = [data[cuts[i]:cuts[i + 1]] for i in range(3)]
+    order = [2, 0, 2, 1, 0]  # part 3, part 1, part 3 again (Kannel retry), part 2, part 1 again
+    for n, i in enumerate(order):
+        status, body, _ = await kannel_get(gw, get_url(
+            parts[i], coding=2, charset="UTF-16BE", udh=udh(0x42, 3, i + 1),
+            msg_id=f"00000000-0000-4000-8000-00000000000{i}",
+        ))
+        assert status == 200, n
+        assert body == b""
+        if n < 3:
+            assert await gw.read_contacts() == []
+    contacts = await gw.read_contacts()
+    assert len(contacts) == 1
+    assert contacts[0].text == text
+    assert contacts[0].meta["incomplete"] is False
+    assert contacts[0].meta["concat"]["parts"] == [1, 2, 3]
+    assert gw.adapters["kannel"].assembler.pending == 0
+
+
+async def test_missing_part_times_out_as_incomplete(start_gateway: Any, tmp_path: Path) -> None:
+    clock = FixedClock()
+    gw = await start_gateway(adapters={"kannel": {**ADAPTER, "concat_timeout": "60s"}},
+                             clock=clock)
+    for seq, chunk in ((1, "前半部分，"), (3, "结尾。")):
+        status, _, _ = await kannel_get(gw, get_url(
+            chunk.encode("utf-16-be"), coding=2, charset="UTF-16BE", udh=udh(7, 3, seq),
+            msg_id=f"00000000-0000-4000-8000-00000000010{seq}",
+        ))
+        assert status == 200
+    adapter = gw.adapters["kannel"]
+    assert await adapter.assembler.sweep() == 0
+    assert adapter.assembler.pending == 2
+    clock.advance(61)
+    assert await adapter.assembler.sweep() == 1
+    contacts = await gw.read_contacts()
+    assert len(contacts) == 1
+    assert contacts[0].text == "前半部分，结尾。"
+    assert contacts[0].meta["incomplete"] is True
+    assert contacts[0].meta["concat"]["parts"] == [1, 3]
+    assert contacts[0].received_at < clock.now_us()
+
+
+async def test_acknowledged_parts_survive_a_restart(start_gateway: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "keep"
+    gw = await start_gateway(adapters={"kannel": ADAPTER}, data_dir=data_dir)
+    status, _, _ = await kannel_get(gw, get_url(
+        "第一部分".encode("utf-16-be"), coding=2, charset="UTF-16BE", udh=udh(9, 2, 1),
+        msg_id="00000000-0000-4000-8000-000000000201",
+    ))
+    assert status == 200
+    await gw.stop()
+    gw2 = await start_gateway(adapters={"kannel": ADAPTER}, data_dir=data_dir)
+    assert gw2.adapters["kannel"].assembler.pending == 1
+    status, _, _ = await kannel_get(gw2, get_url(
+        "第二部分".encode("utf-16-be"), coding=2, charset="UTF-16BE", udh=udh(9, 2, 2),
+        msg_id="00000000-0000-4000-8000-000000000202",
+    ))
+    assert status == 200
+    contacts = await gw2.read_contacts()
+    assert [c.text for c in contacts] == ["第一部分第二部分"]
+
+
+async def test_auto_acknowledgement_in_chinese(start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"kannel": {**ADAPTER, "ack_text": "已收到，编号{ref}"}})
+    status, body, headers = await kannel_get(gw, get_url(b"help"))
+    assert status == 200
+    contact = (await gw.read_contacts())[0]
+    assert headers["X-Kannel-Coding"] == "2"
+    assert "charset=utf-8" in headers["Content-Type"]
+    assert body.decode("utf-8") == f"已收到，编号{contact.id.replace('-', '')[-10:].upper()}"
+    events = [e for e in await gw.read_events() if e.type == "acknowledged"]
+    assert [e.contact_id for e in events] == [contact.id]
+
+
+async def test_auto_acknowledgement_in_latin_is_gsm(start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"kannel": {**ADAPTER, "ack_text": "Received, ref {ref}"}})
+    status, body, headers = await kannel_get(gw, get_url(b"help"))
+    assert status == 200
+    assert headers["X-Kannel-Coding"] == "0"
+    assert body.startswith(b"Received, ref ")
+
+
+async def test_intake_unavailable_answers_503(start_gateway: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "down"
+    gw = await start_gateway(adapters={"kannel": ADAPTER}, data_dir=data_dir,
+                             url=f"unix://{tmp_path}/no-redis.sock")
+    spool = data_dir / "spool"
+    for child in spool.rglob("*"):
+        if child.is_file():
+            child.unlink()
+    for child in sorted(spool.rglob("*"), reverse=True):
+        child.rmdir()
+    spool.rmdir()
+    spool.write_bytes(b"not a folder")  # the spool cannot take anything now
+    status, _, headers = await kannel_get(gw, get_url(b"hello"))
+    assert status == 503
+    assert int(headers["Retry-After"]) > 0
+
+
+# ---------------------------------------------------------------------------- outbound
+
+
+def outbound(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
+    return {
+        **ADAPTER,
+        "sendsms_url": provider.url + "/cgi-bin/sendsms",
+        "sendsms_username": "gw",
+        "sendsms_password": "sendpass",
+        "public_url": "https://gw.example.gov.cn",
+        "send_timeout": "1s",
+        **extra,
+    }
+
+
+async def inbound_contact(gw: Any) -> Any:
+    status, _, _ = await kannel_get(gw, get_url(NOISE.encode("utf-16-be"), coding=2,
+                                                charset="UTF-16BE"))
+    assert status == 200
+    return (await gw.read_contacts())[0]
+
+
+async def test_send_chinese_reply_as_ucs2_with_dlr(start_gateway: Any) -> None:
+    async with running(FakeProvider(Answer(202, b"0: Accepted for delivery"))) as kannel:
+        gw = await start_gateway(adapters={"kannel": outbound(kannel)})
+        contact = await inbound_contact(gw)
+        adapter = gw.adapters["kannel"]
+        reply = Reply(contact.id, "您好，已转交城管部门处理。", id="r-1")
+        receipt = await adapter.send(contact, reply)
+        assert receipt.detail["encoding"] == "ucs2"
+        (call,) = kannel.calls
+        assert call.path == "/cgi-bin/sendsms"
+        q = call.query
+        assert (q["username"], q["password"]) == ("gw", "sendpass")
+        assert (q["coding"], q["charset"]) == ("2", "UTF-8")
+        assert q["text"] == "您好，已转交城管部门处理。"
+        assert q["to"] == "+8613800138000"
+        assert q["from"] == "12345"
+        assert q["dlr-mask"] == "27"
+        dlr = urlsplit(q["dlr-url"])
+        assert dlr.netloc == "gw.example.gov.cn"
+        params = dict(parse_qsl(dlr.query))
+        assert params["c"] == contact.id and params["r"] == "r-1"
+        assert params["status"] == "%d"
+
+        # Kannel fills %d and calls the dlr-url back: 8 (SMSC ack) then 1 (delivered).
+        base = f"http://127.0.0.1:{gw.http_port}{dlr.path}"
+        async with aiohttp.ClientSession() as http:
+            for code in (8, 1, 1):
+                query = dlr.query.replace("%d", str(code)).replace("%A", "ok").replace("%T", "0")
+                async with http.get(f"{base}?{query}") as resp:
+                    assert resp.status == 200
+            forged = dlr.query.replace(params["s"], "0" * 32).replace("%d", "2")
+            async with http.get(f"{base}?{forged}") as resp:
+                assert resp.status == 403
+        delivered = [e for e in await gw.read_events() if e.type in ("delivered", "failed")]
+        assert [(e.type, e.detail["reply_id"]) for e in delivered] == [("delivered", "r-1")]
+
+
+async def test_send_latin_reply_as_gsm(start_gateway: Any) -> None:
+    async with running(FakeProvider(Answer(202, b"0: Accepted for delivery"))) as kannel:
+        gw = await start_gateway(adapters={"kannel": outbound(kannel, number_format="digits")})
+        contact = await inbound_contact(gw)
+        await gw.adapters["kannel"].send(contact, Reply(contact.id, "We’re on it – ref 12 {ok}"))
+        q = kannel.calls[0].query
+        assert q["coding"] == "0"
+        assert q["text"] == "We're on it - ref 12 {ok}"
+        assert q["to"] == "8613800138000"
+
+
+@pytest.mark.parametrize(
+    ("answer", "retryable", "retry_after"),
+    [
+        (Answer(503, b"Temporal failure, try again later."), True, None),
+        (Answer(500, b"internal"), True, None),
+        (Answer(429, b"slow down", {"Retry-After": "7"}), True, 7.0),
+        (Answer(403, b"Authorization failed for sendsms"), False, None),
+        (Answer(400, b"Missing receiver number"), False, None),
+        (Answer(hang=True), True, None),
+    ],
+    ids=["503", "500", "429 Retry-After", "403 permanent", "400 permanent", "timeout"],
+)
+async def test_send_errors(start_gateway: Any, answer: Answer, retryable: bool,
+                           retry_after: float | None) -> None:
+    async with running(FakeProvider(answer)) as kannel:
+        gw = await start_gateway(adapters={"kannel": outbound(kannel)})
+        contact = await inbound_contact(gw)
+        with pytest.raises(SendError) as err:
+            await gw.adapters["kannel"].send(contact, Reply(contact.id, "ok"))
+        assert err.value.retryable is retryable
+        assert err.value.retry_after_s == retry_after
+        assert "sendpass" not in str(err.value)
+
+
+async def test_reply_stream_end_to_end_with_retry(start_gateway: Any, redis_client: Any,
+                                                  prefix: str) -> None:
+    async with running(FakeProvider(Answer(202, b"0: Accepted for delivery"))) as kannel:
+        kannel.answers = [Answer(500, b"oops")]
+        gw = await start_gateway(adapters={"kannel": outbound(kannel)},
+                                 replies={"backoff": "10ms"})
+        contact = await inbound_contact(gw)
+        await redis_client.xadd(f"{{{prefix}}}:replies", {
+            "reply": orjson.dumps({"contact_id": contact.id, "text": "收到", "id": "rep-9"})
+        })
+        for _ in range(500):
+            events = await gw.read_events()
+            if any(e.type == "responded" for e in events):
+                break
+            await asyncio.sleep(0.01)
+        responded = [e for e in events if e.type == "responded"]
+        assert len(responded) == 1 and responded[0].contact_id == contact.id
+        assert len(kannel.calls) == 2
+        assert kannel.calls[1].query["text"] == "收到"
