@@ -1,0 +1,309 @@
+"""Local servers speaking the providers' real wire formats: the Telegram Bot API, WeChat's and
+Weibo's customer-service APIs. Each runs on an ephemeral loopback port and records what it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+BOT_TOKEN = "123456:TEST-token_abcdefghijklmnopqrstuv"
+BOT_ID = 123456
+BOT_USERNAME = "hotline12345_bot"
+
+
+class LocalServer:
+    """An aiohttp app on 127.0.0.1:0."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _ok(result: Any) -> web.Response:
+    return web.Response(
+        body=orjson.dumps({"ok": True, "result": result}), content_type="application/json"
+    )
+
+
+def user(
+    uid: int = 777000001, first: str = "Li", last: str | None = "Wei", *, is_bot: bool = False
+) -> dict[str, Any]:
+    u: dict[str, Any] = {
+        "id": uid,
+        "is_bot": is_bot,
+        "first_name": first,
+        "language_code": "zh-hans",
+    }
+    if last:
+        u["last_name"] = last
+    return u
+
+
+def private_chat(uid: int = 777000001) -> dict[str, Any]:
+    return {"id": uid, "type": "private", "first_name": "Li"}
+
+
+def group_chat(cid: int = -1001234567890) -> dict[str, Any]:
+    return {"id": cid, "type": "supergroup", "title": "Neighbourhood"}
+
+
+def message(
+    message_id: int, chat: dict[str, Any] | None = None, *, date: int = 1795594480, **content: Any
+) -> dict[str, Any]:
+    """A Message object as the Bot API documents it (``from``, ``chat`` with ``type``, ``date``)."""
+    m: dict[str, Any] = {
+        "message_id": message_id,
+        "from": user(),
+        "chat": chat or private_chat(),
+        "date": date,
+    }
+    m.update(content)
+    return m
+
+
+class FakeBotApi(LocalServer):
+    """The Bot API subset the adapter uses: ``/bot<token>/<method>``, ``/file/bot<token>/``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates: list[dict[str, Any]] = []
+        self.offsets: list[int | None] = []
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.send_errors: list[dict[str, Any]] = []
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.on_get_updates: Callable[[int | None], Awaitable[None]] | None = None
+        self._new = asyncio.Event()
+        self.app.router.add_route("*", "/bot{token}/{method}", self.method)
+        self.app.router.add_get("/file/bot{token}/{path:.+}", self.download)
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.base}/bot"
+
+    @property
+    def file_base(self) -> str:
+        return f"{self.base}/file/bot"
+
+    def push(self, update: dict[str, Any]) -> None:
+        self.updates.append(update)
+        self._new.set()
+
+    def add_file(self, file_id: str, path: str, data: bytes) -> None:
+        self.files[file_id] = (path, data)
+
+    async def method(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != BOT_TOKEN:
+            return web.Response(
+                status=401,
+                body=orjson.dumps({"ok": False, "error_code": 401, "description": "Unauthorized"}),
+                content_type="application/json",
+            )
+        name = request.match_info["method"]
+        params: dict[str, Any] = {}
+        if request.content_type == "application/json":
+            params = await request.json()
+        else:
+            for key, value in (await request.post()).items():
+                text = value if isinstance(value, str) else ""
+                try:
+                    params[key] = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    params[key] = text
+        self.calls.append((name, params))
+        handler = getattr(self, f"m_{name}", None)
+        if handler is None:
+            return web.Response(
+                status=404,
+                body=orjson.dumps({"ok": False, "error_code": 404, "description": "Not Found"}),
+                content_type="application/json",
+            )
+        result: web.Response = await handler(params)
+        return result
+
+    async def m_getMe(self, params: dict[str, Any]) -> web.Response:
+        return _ok(
+            {
+                "id": BOT_ID,
+                "is_bot": True,
+                "first_name": "Hotline",
+                "username": BOT_USERNAME,
+                "can_join_groups": True,
+                "can_read_all_group_messages": False,
+                "supports_inline_queries": False,
+            }
+        )
+
+    async def m_deleteWebhook(self, params: dict[str, Any]) -> web.Response:
+        return _ok(True)
+
+    async def m_setWebhook(self, params: dict[str, Any]) -> web.Response:
+        return _ok(True)
+
+    async def m_getUpdates(self, params: dict[str, Any]) -> web.Response:
+        offset = params.get("offset")
+        offset = int(offset) if offset is not None else None
+        self.offsets.append(offset)
+        if self.on_get_updates is not None:
+            await self.on_get_updates(offset)
+        timeout = float(params.get("timeout") or 0)
+        deadline = time.monotonic() + min(timeout, 1.0)
+        while True:
+            pending = [u for u in self.updates if offset is None or u["update_id"] >= offset]
+            if pending or time.monotonic() >= deadline:
+                return _ok(pending[: int(params.get("limit") or 100)])
+            self._new.clear()
+            try:
+                await asyncio.wait_for(self._new.wait(), max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                pass
+
+    async def m_getFile(self, params: dict[str, Any]) -> web.Response:
+        file_id = str(params.get("file_id"))
+        if file_id not in self.files:
+            return web.Response(
+                status=400,
+                body=orjson.dumps(
+                    {"ok": False, "error_code": 400, "description": "Bad Request: invalid file_id"}
+                ),
+                content_type="application/json",
+            )
+        path, data = self.files[file_id]
+        return _ok(
+            {
+                "file_id": file_id,
+                "file_unique_id": "u" + file_id,
+                "file_size": len(data),
+                "file_path": path,
+            }
+        )
+
+    async def m_sendMessage(self, params: dict[str, Any]) -> web.Response:
+        if self.send_errors:
+            error = self.send_errors.pop(0)
+            return web.Response(
+                status=error["error_code"],
+                body=orjson.dumps({"ok": False, **error}),
+                content_type="application/json",
+            )
+        self.sent.append(params)
+        chat_id = int(params["chat_id"])
+        return _ok(
+            {
+                "message_id": 9000 + len(self.sent),
+                "from": user(BOT_ID, "Hotline", None, is_bot=True),
+                "chat": {"id": chat_id, "type": "private"},
+                "date": 1795594500,
+                "text": params.get("text", ""),
+            }
+        )
+
+    async def download(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != BOT_TOKEN:
+            return web.Response(status=401)
+        for path, data in self.files.values():
+            if path == request.match_info["path"]:
+                return web.Response(body=data, content_type="application/octet-stream")
+        return web.Response(status=404)
+
+
+class FakeWeChatApi(LocalServer):
+    """``/cgi-bin/token`` and ``/cgi-bin/message/custom/send`` as WeChat answers them."""
+
+    def __init__(self, app_id: str, app_secret: str) -> None:
+        super().__init__()
+        self.app_id = app_id
+        self.app_secret = app_secret
+        self.tokens_issued = 0
+        self.valid: set[str] = set()
+        self.sent: list[dict[str, Any]] = []
+        self.errors: list[int] = []
+        self.app.router.add_get("/cgi-bin/token", self.token)
+        self.app.router.add_post("/cgi-bin/message/custom/send", self.custom_send)
+
+    async def token(self, request: web.Request) -> web.Response:
+        q = request.query
+        if (
+            q.get("grant_type") != "client_credential"
+            or q.get("appid") != self.app_id
+            or q.get("secret") != self.app_secret
+        ):
+            return web.json_response({"errcode": 40125, "errmsg": "invalid appsecret"})
+        self.tokens_issued += 1
+        token = f"ACCESS_TOKEN_{self.tokens_issued}"
+        self.valid = {token}
+        return web.json_response({"access_token": token, "expires_in": 7200})
+
+    def expire_tokens(self) -> None:
+        self.valid = set()
+
+    async def custom_send(self, request: web.Request) -> web.Response:
+        if request.query.get("access_token") not in self.valid:
+            return web.json_response(
+                {
+                    "errcode": 40001,
+                    "errmsg": "invalid credential, access_token is invalid or not latest",
+                }
+            )
+        if self.errors:
+            return web.json_response({"errcode": self.errors.pop(0), "errmsg": "error"})
+        raw = await request.read()
+        self.sent.append(orjson.loads(raw))
+        return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+
+class FakeWeiboApi(LocalServer):
+    """``/2/messages/reply.json`` of the fan service."""
+
+    def __init__(self, access_token: str) -> None:
+        super().__init__()
+        self.access_token = access_token
+        self.sent: list[dict[str, str]] = []
+        self.errors: list[tuple[int, int]] = []
+        self.app.router.add_post("/2/messages/reply.json", self.reply)
+
+    async def reply(self, request: web.Request) -> web.Response:
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        if form.get("access_token") != self.access_token:
+            return web.json_response(
+                {
+                    "error": "expired_token",
+                    "error_code": 21327,
+                    "request": "/2/messages/reply.json",
+                },
+                status=401,
+            )
+        if self.errors:
+            status, code = self.errors.pop(0)
+            return web.json_response(
+                {"error": "err", "error_code": code, "request": "/2/messages/reply.json"},
+                status=status,
+            )
+        self.sent.append(form)
+        return web.json_response(
+            {"id": 3500000000000 + len(self.sent), "created_at": "Mon Jul 16 18:09:20 +0800 2012"}
+        )
