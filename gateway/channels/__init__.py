@@ -11,4 +11,5 @@ BUILTIN: tuple[str, ...] = (
     "gateway.channels.chat.weibo:CHANNEL",
     "gateway.channels.sms.kannel:CHANNEL",
     "gateway.channels.sms.twilio:CHANNEL",
+    "gateway.channels.voice.adapter:CHANNEL",
 )

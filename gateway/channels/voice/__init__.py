@@ -1,0 +1,1 @@
+"""Voice: Asterisk FastAGI intake, AMI answer timing, missed-call callbacks, classic AGI."""

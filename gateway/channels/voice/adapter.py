@@ -1,0 +1,151 @@
+"""The ``asterisk`` channel type: FastAGI intake, AMI answer timing, missed-call callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.voice.ami import AmiClient
+from gateway.channels.voice.intake import IntakeScript
+from gateway.channels.voice.server import FastAgiServer
+from gateway.channels.voice.tracker import CallTracker
+from gateway.config import Duration, HostPort, Secret
+from gateway.records import Contact, Reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AmiConfig:
+    """Where the manager interface is (``manager.conf``) and how to keep the link up."""
+
+    username: str
+    secret: Secret
+    host: str = "127.0.0.1"
+    port: int = 5038
+    reconnect_min: Duration = Duration(0.5)
+    reconnect_max: Duration = Duration(30)
+    ping_interval: Duration = Duration(20)
+    """Send ``Ping`` this often; a link with no answer within the interval is reconnected."""
+
+
+@dataclass(frozen=True, slots=True)
+class AsteriskConfig:
+    """``[adapters.<name>]`` with ``type = "asterisk"``."""
+
+    agi_listen: HostPort = HostPort("127.0.0.1", 4573)
+    ami: AmiConfig | None = None
+    default_region: str = "CN"
+    """Region for caller ids without a country code (``to_e164``)."""
+    languages: dict[str, str] = field(default_factory=dict)
+    """Dialled number -> BCP 47 language of the seat group (``"12345" = "zh"``)."""
+    queues: dict[str, str] = field(default_factory=dict)
+    """Dialled number or language -> Asterisk queue name; the number wins."""
+    default_queue: str = "hotline"
+    repeat_priority: int = 5
+    """``GATEWAY_PRIORITY`` for a caller with earlier contacts in the repeat window (else 0)."""
+    intake_timeout: Duration = Duration(3)
+    """The longest the caller waits on Intake before the script gives up (``FAILED``)."""
+    session_timeout: Duration = Duration(10)
+    """Bound on one FastAGI session, headers included."""
+    call_timeout: Duration = Duration(4 * 3600)
+    """A call with no hangup seen on AMI is closed after this long."""
+    settle: Duration = Duration(1)
+    """After a hangup, wait this long for late answer events before calling it abandoned."""
+    callbacks: bool = True
+    """Turn each abandoned call into a callback contact (national guidance since 2025)."""
+
+
+class AsteriskAdapter:
+    """FastAGI listener plus, when configured, the AMI follower."""
+
+    channel = "voice"
+
+    def __init__(self, ctx: AdapterContext, config: AsteriskConfig) -> None:
+        self.name = ctx.name
+        self.ctx = ctx
+        self.config = config
+        self.tracker = CallTracker(
+            adapter=ctx.name,
+            events=ctx.events,
+            intake=ctx.intake,
+            contacts=ctx.contacts,
+            clock=ctx.clock,
+            call_timeout=float(config.call_timeout),
+            settle=float(config.settle),
+            callbacks=config.callbacks,
+            default_region=config.default_region,
+        )
+        self.intake = IntakeScript(ctx.name, ctx.intake, config, tracker=self.tracker)
+        self.server = FastAgiServer(
+            {"intake": self.intake},
+            config.agi_listen.host,
+            config.agi_listen.port,
+            ctx.clock,
+            session_timeout=float(config.session_timeout),
+        )
+        self.ami: AmiClient | None = None
+        if config.ami is not None:
+            a = config.ami
+            self.ami = AmiClient(
+                a.host,
+                a.port,
+                a.username,
+                a.secret,
+                on_event=self.tracker.handle,
+                on_connect=self.tracker.on_reconnect,
+                reconnect_min=float(a.reconnect_min),
+                reconnect_max=float(a.reconnect_max),
+                ping_interval=float(a.ping_interval),
+            )
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound FastAGI port."""
+        return self.server.port
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.ami is not None:
+            await self.ami.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name=f"{self.name}-calls")
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self.ami is not None:
+            await self.ami.stop()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        await self.tracker.drain()
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        raise SendError("a call takes no written reply; return the call instead", retryable=False)
+
+    async def _sweep(self) -> None:
+        interval = max(0.05, min(1.0, float(self.config.settle) / 2 or 1.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.tracker.sweep()
+            except Exception:
+                log.exception("call tracker sweep failed")
+
+
+def _factory(ctx: AdapterContext, config: AsteriskConfig) -> AsteriskAdapter:
+    return AsteriskAdapter(ctx, config)
+
+
+CHANNEL: ChannelType[AsteriskConfig] = ChannelType(
+    name="asterisk",
+    channel="voice",
+    config=AsteriskConfig,
+    factory=_factory,
+    example={"agi_listen": "127.0.0.1:0"},
+)

@@ -1,0 +1,356 @@
+"""The AGI protocol (FastAGI and classic): header block, command quoting, replies.
+
+Follows ``res/res_agi.c``: Asterisk writes ``agi_<key>: <value>`` lines ended by an empty line,
+then reads one command per LF-terminated line (at most 8192 bytes, 128 arguments; words split on
+blanks, double quotes group, a backslash escapes the next character) and answers each with
+``200 result=<n>[ (<data>)][ endpos=<n>]``, ``510 ...``, ``511 ...``, a one-line ``520 ...`` or a
+multi-line ``520-`` block ended by a line starting ``520 ``. When the caller hangs up it also
+writes ``HANGUP`` on its own line between replies: that line is never a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+MAX_COMMAND_BYTES: Final = 8192
+"""``AGI_BUF_LEN`` in res_agi.c: a longer command line is cut by Asterisk."""
+MAX_ARGS: Final = 128
+"""``MAX_ARGS`` in res_agi.c."""
+MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_HEADER_LINES: Final = 200
+MAX_REPLY_LINES: Final = 200
+MAX_REPLY_BYTES: Final = 64 * 1024
+
+HANGUP_LINE: Final = "HANGUP"
+
+
+class AgiError(Exception):
+    """The peer broke the protocol, closed, or the exchange cannot go on: close the socket."""
+
+
+class AgiClosed(AgiError):
+    """The peer closed the connection (EOF)."""
+
+
+class AgiHangupError(AgiError):
+    """A command answered 511: not permitted on a dead channel."""
+
+
+_HEADER_KEY = re.compile(r"agi_[A-Za-z0-9_]+\Z")
+
+
+def parse_header_line(line: str) -> tuple[str, str]:
+    """Split one ``agi_key: value`` line; raise ``AgiError`` when it is not one."""
+    key, sep, value = line.partition(":")
+    key = key.strip()
+    if not sep or not _HEADER_KEY.match(key):
+        raise AgiError("not an AGI header line")
+    return key, value.strip()
+
+
+def parse_header_block(data: bytes, *, max_lines: int = MAX_HEADER_LINES) -> dict[str, str]:
+    """Parse a complete header block (lines up to, not including, the empty line).
+
+    Bytes that are not UTF-8 are replaced (a caller name may arrive in any encoding); NUL is
+    removed. Raise ``AgiError`` on a line that is not ``agi_key: value`` or too many lines.
+    """
+    env: dict[str, str] = {}
+    lines = data.split(b"\n")
+    if len(lines) > max_lines:
+        raise AgiError("too many header lines")
+    for raw in lines:
+        text = _decode(raw)
+        if not text:
+            continue
+        key, value = parse_header_line(text)
+        env.setdefault(key, value)
+    return env
+
+
+async def read_header_block(
+    reader: asyncio.StreamReader,
+    *,
+    max_bytes: int = MAX_HEADER_BYTES,
+    max_lines: int = MAX_HEADER_LINES,
+) -> dict[str, str]:
+    """Read headers up to the empty line; raise ``AgiClosed`` on EOF, ``AgiError`` otherwise.
+
+    The block is bounded in bytes and lines, so a peer that never sends the empty line costs at
+    most ``max_bytes`` of memory (the session timeout bounds its time).
+    """
+    env: dict[str, str] = {}
+    total = 0
+    for _ in range(max_lines + 1):
+        line = await _readline(reader, max_bytes - total)
+        total += len(line)
+        if not line.endswith(b"\n"):
+            raise AgiClosed("connection closed inside the header block")
+        text = _decode(line)
+        if not text:
+            return env
+        key, value = parse_header_line(text)
+        env.setdefault(key, value)
+    raise AgiError("too many header lines")
+
+
+async def _readline(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Read one LF-terminated line of at most ``limit`` bytes (the partial line at EOF)."""
+    if limit <= 0:
+        raise AgiError("header block too large")
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+    except asyncio.LimitOverrunError as exc:
+        raise AgiError("line too long") from exc
+    if len(line) > limit:
+        raise AgiError("header block too large")
+    return line
+
+
+def _decode(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace").replace("\x00", "")
+    return text.rstrip("\r\n")
+
+
+def script_name(request: str) -> str:
+    """Return the routing name of ``agi_network_script``: path without query, slashes trimmed."""
+    return request.partition("?")[0].strip("/ ")
+
+
+def query_params(request: str) -> dict[str, str]:
+    """Return the query string of ``agi_network_script`` as a mapping (first value wins)."""
+    from urllib.parse import parse_qsl
+
+    query = request.partition("?")[2]
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(key, value)
+    return params
+
+
+def script_args(env: dict[str, str]) -> list[str]:
+    """Return ``agi_arg_1..N`` in order, stopping at the first missing index."""
+    args: list[str] = []
+    while f"agi_arg_{len(args) + 1}" in env:
+        args.append(env[f"agi_arg_{len(args) + 1}"])
+    return args
+
+
+# ------------------------------------------------------------------ commands
+
+
+def quote(value: str) -> str:
+    """Quote one argument for res_agi.c's ``parse_args``.
+
+    Double quotes keep blanks inside one word, a backslash makes the next ``"`` or ``\\`` literal.
+    A line break cannot travel inside a command (it ends the line), so CR and LF become spaces;
+    NUL would end the C string and is removed.
+    """
+    cleaned = value.replace("\x00", "").replace("\r", " ").replace("\n", " ")
+    escaped = cleaned.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def format_command(verb: str, *args: str | int) -> bytes:
+    """Encode one command line: ``verb`` as is (``SET VARIABLE``), each argument quoted.
+
+    Raise ``ValueError`` when the line would exceed Asterisk's 8192 bytes or 128 words.
+    """
+    words = verb.split()
+    if not words or any(not w.isascii() or not w.replace("_", "").isalnum() for w in words):
+        raise ValueError("an AGI verb is one or more ASCII words")
+    if len(words) + len(args) > MAX_ARGS - 1:
+        raise ValueError("too many AGI arguments")
+    parts = [" ".join(words)]
+    parts.extend(str(a) if isinstance(a, int) else quote(a) for a in args)
+    line = (" ".join(parts) + "\n").encode("utf-8")
+    if len(line) > MAX_COMMAND_BYTES:
+        raise ValueError("AGI command longer than 8192 bytes")
+    return line
+
+
+def split_command(line: str) -> list[str]:
+    """Split a command line the way res_agi.c's ``parse_args`` does (for fakes and tests)."""
+    words: list[list[str]] = []
+    quoted = escaped = False
+    whitespace = True
+    for ch in line.rstrip("\n"):
+        if ch == '"' and not escaped:
+            quoted = not quoted
+            if quoted and whitespace:
+                words.append([])
+                whitespace = False
+            continue
+        if ch in " \t" and not quoted and not escaped:
+            whitespace = True
+            continue
+        if ch == "\\" and not escaped:
+            escaped = True
+            continue
+        if whitespace:
+            words.append([])
+            whitespace = False
+        words[-1].append(ch)
+        escaped = False
+    return ["".join(w) for w in words]
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True, slots=True)
+class AgiReply:
+    """One reply. ``result``/``data``/``endpos`` are set on 200; ``text`` holds the rest."""
+
+    code: int
+    result: str | None = None
+    data: str | None = None
+    endpos: int | None = None
+    text: str = ""
+    lines: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 200
+
+    @property
+    def result_int(self) -> int | None:
+        """``result`` as an integer when it is one (GET DATA answers digits, too)."""
+        if self.result is None:
+            return None
+        try:
+            return int(self.result)
+        except ValueError:
+            return None
+
+
+_STATUS = re.compile(r"(\d{3})([ -]|\Z)(.*)\Z", re.S)
+_ENDPOS = re.compile(r"(.*?)\s*\bendpos=(-?\d+)\s*\Z", re.S)
+_RESULT = re.compile(r"result=(\S*)(.*)\Z", re.S)
+
+
+def parse_reply_line(line: str) -> AgiReply:
+    """Parse one single-line reply; raise ``AgiError`` when it is not one.
+
+    ``200 result=1 (ok) endpos=1234`` gives result ``"1"``, data ``"ok"``, endpos 1234. The data
+    may itself hold parentheses and blanks (a variable's value): it is everything between the
+    first `` (`` and the last ``)``.
+    """
+    text = line.rstrip("\r\n")
+    m = _STATUS.match(text)
+    if not m:
+        raise AgiError("not an AGI reply")
+    code, sep, rest = int(m.group(1)), m.group(2), m.group(3)
+    if sep == "-":
+        raise AgiError("continuation line where a reply was expected")
+    if code != 200:
+        return AgiReply(code=code, text=rest, lines=(text,))
+    r = _RESULT.match(rest)
+    if not r:
+        return AgiReply(code=code, text=rest, lines=(text,))
+    result, tail = r.group(1), r.group(2)
+    endpos: int | None = None
+    e = _ENDPOS.match(tail)
+    if e:
+        tail, endpos = e.group(1), int(e.group(2))
+    tail = tail.strip()
+    data: str | None = None
+    if tail.startswith("(") and tail.endswith(")"):
+        data = tail[1:-1]
+    elif tail:
+        data = tail
+    return AgiReply(code=200, result=result, data=data, endpos=endpos, text=rest, lines=(text,))
+
+
+def parse_reply(lines: Sequence[str]) -> AgiReply:
+    """Parse a complete reply: one line, or a ``520-`` block ended by ``520 ...``."""
+    if not lines:
+        raise AgiError("empty reply")
+    first = lines[0].rstrip("\r\n")
+    if first.startswith("520-"):
+        last = lines[-1].rstrip("\r\n")
+        if len(lines) < 2 or not last.startswith("520 "):
+            raise AgiError("unterminated 520 block")
+        body = [ln.rstrip("\r\n") for ln in lines[1:-1]]
+        return AgiReply(
+            code=520,
+            text="\n".join([first[4:], *body]),
+            lines=tuple(ln.rstrip("\r\n") for ln in lines),
+        )
+    if len(lines) != 1:
+        raise AgiError("extra lines after a single-line reply")
+    return parse_reply_line(first)
+
+
+class ReplyAssembler:
+    """Turns reply lines into replies, skipping unsolicited ``HANGUP`` lines.
+
+    Feed lines one at a time; ``feed`` returns a reply when one is complete, else None.
+    """
+
+    __slots__ = ("_block", "hangups")
+
+    def __init__(self) -> None:
+        self._block: list[str] = []
+        self.hangups = 0
+
+    def feed(self, line: str) -> AgiReply | None:
+        text = line.rstrip("\r\n")
+        if self._block:
+            if len(self._block) >= MAX_REPLY_LINES:
+                raise AgiError("520 block too long")
+            self._block.append(text)
+            if text.startswith("520 "):
+                block, self._block = self._block, []
+                return parse_reply(block)
+            return None
+        if text == HANGUP_LINE:
+            self.hangups += 1
+            return None
+        if text.startswith("520-"):
+            self._block = [text]
+            return None
+        return parse_reply_line(text)
+
+
+class AgiChannel:
+    """Commands and replies over one AGI stream pair (a FastAGI socket)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._assembler = ReplyAssembler()
+
+    @property
+    def hung_up(self) -> bool:
+        """True once Asterisk has written ``HANGUP``: the caller is gone."""
+        return self._assembler.hangups > 0
+
+    async def command(self, verb: str, *args: str | int) -> AgiReply:
+        """Send one command and return its reply."""
+        (reply,) = await self.pipeline([(verb, args)])
+        return reply
+
+    async def pipeline(self, commands: Iterable[tuple[str, Sequence[str | int]]]) -> list[AgiReply]:
+        """Send several commands in one write and read their replies in order.
+
+        Asterisk reads one command line at a time and answers each before reading the next, so a
+        batch costs one round trip instead of one per command.
+        """
+        lines = [format_command(verb, *args) for verb, args in commands]
+        self.writer.write(b"".join(lines))
+        await self.writer.drain()
+        replies: list[AgiReply] = []
+        while len(replies) < len(lines):
+            raw = await _readline(self.reader, MAX_REPLY_BYTES)
+            if not raw.endswith(b"\n"):
+                raise AgiClosed("connection closed while a reply was awaited")
+            reply = self._assembler.feed(_decode(raw))
+            if reply is not None:
+                replies.append(reply)
+        return replies

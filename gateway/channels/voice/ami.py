@@ -1,0 +1,253 @@
+"""Asterisk Manager Interface client: our own CRLF frame reader, login, reconnect with backoff.
+
+The wire (``main/manager.c``): a greeting line ``Asterisk Call Manager/<version>``, then frames
+of ``Key: Value`` lines ended by CRLF, each frame ended by an empty line. Values are UTF-8 but a
+TCP read may end inside a character, so decoding is incremental across reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from gateway.config import Secret
+
+log = logging.getLogger(__name__)
+
+Frame = dict[str, str]
+
+MAX_FRAME_BYTES: Final = 256 * 1024
+MAX_LINE_CHARS: Final = 64 * 1024
+
+
+class AmiError(Exception):
+    """The manager link broke or answered nonsense: reconnect."""
+
+
+class AmiAuthError(AmiError):
+    """Login refused (``Response: Error``): wrong user or secret."""
+
+
+class FrameReader:
+    """Incremental AMI decoder: feed bytes, get complete frames.
+
+    Repeated keys (``Output``, ``ChanVariable``) are joined with ``\\n``. A frame larger than
+    ``max_frame`` characters raises ``AmiError``; the first line may be the greeting, returned
+    as ``{"Greeting": ...}``.
+    """
+
+    def __init__(self, *, max_frame: int = MAX_FRAME_BYTES, greeting: bool = True) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._lines: list[str] = []
+        self._size = 0
+        self._max = max_frame
+        self._greeting = greeting
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Decode ``data`` and return the frames it completed."""
+        self._buffer += self._decoder.decode(data)
+        frames: list[Frame] = []
+        while True:
+            end = self._buffer.find("\n")
+            if end < 0:
+                if len(self._buffer) > MAX_LINE_CHARS:
+                    raise AmiError("AMI line too long")
+                break
+            line = self._buffer[:end].rstrip("\r")
+            self._buffer = self._buffer[end + 1 :]
+            if self._greeting:
+                self._greeting = False
+                if not line.startswith("Asterisk Call Manager/"):
+                    raise AmiError("not an Asterisk manager greeting")
+                frames.append({"Greeting": line})
+                continue
+            if line == "":
+                if self._lines:
+                    frames.append(_frame(self._lines))
+                    self._lines = []
+                    self._size = 0
+                continue
+            self._size += len(line)
+            if self._size > self._max:
+                raise AmiError("AMI frame too large")
+            self._lines.append(line)
+        return frames
+
+
+def _frame(lines: list[str]) -> Frame:
+    frame: Frame = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        value = value[1:] if value.startswith(" ") else value
+        frame[key] = f"{frame[key]}\n{value}" if key in frame else value
+    return frame
+
+
+def format_action(fields: dict[str, str]) -> bytes:
+    """Encode an action; CR and LF inside values would split the frame, so they are removed."""
+    out = []
+    for key, value in fields.items():
+        clean = str(value).replace("\r", "").replace("\n", "")
+        out.append(f"{key}: {clean}\r\n")
+    out.append("\r\n")
+    return "".join(out).encode("utf-8")
+
+
+EventCallback = Callable[[Frame], Awaitable[None]]
+ConnectCallback = Callable[[], Awaitable[None]]
+
+
+class AmiClient:
+    """Keeps one logged-in manager session and hands every event to ``on_event``.
+
+    Reconnects forever with jittered exponential backoff between ``reconnect_min`` and
+    ``reconnect_max`` seconds (a refused login waits the maximum); survives Asterisk restarts.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        secret: Secret,
+        *,
+        on_event: EventCallback,
+        on_connect: ConnectCallback | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+        ping_interval: float = 20.0,
+        events: str = "call,agent,dialplan",
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.username = username
+        self.secret = secret
+        self.on_event = on_event
+        self.on_connect = on_connect
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.ping_interval = ping_interval
+        self.events = events
+        self.connect_timeout = connect_timeout
+        self.connected = asyncio.Event()
+        self.logins = 0
+        self.login_failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+
+    async def start(self) -> None:
+        """Start the connection loop (returns at once; the link comes up in the background)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ami")
+
+    async def stop(self) -> None:
+        """Close the link and stop reconnecting."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.connected.clear()
+
+    async def _run(self) -> None:
+        delay = self.reconnect_min
+        while True:
+            try:
+                await self._session()
+                delay = self.reconnect_min
+            except AmiAuthError:
+                self.login_failures += 1
+                log.error("AMI login refused for user %r; retrying in %.0fs",
+                          self.username, self.reconnect_max)
+                delay = self.reconnect_max
+            except (OSError, AmiError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.warning("AMI %s:%d unavailable (%s); retrying in %.1fs",
+                            self.host, self.port, exc or type(exc).__name__, delay)
+            except Exception:
+                log.exception("AMI session failed")
+            self.connected.clear()
+            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            delay = min(self.reconnect_max, max(self.reconnect_min, delay * 2))
+
+    async def _session(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.connect_timeout
+        )
+        frames = FrameReader()
+        queue: list[Frame] = []
+        try:
+            greeting = await self._next(reader, frames, queue, self.connect_timeout)
+            if "Greeting" not in greeting:
+                raise AmiError("no greeting")
+            action_id = f"gateway-login-{next(self._ids)}"
+            writer.write(format_action({
+                "Action": "Login",
+                "Username": self.username,
+                "Secret": self.secret.reveal(),
+                "Events": self.events,
+                "ActionID": action_id,
+            }))
+            await writer.drain()
+            while True:
+                # Asterisk answers a bad login after a 1 s delay, then closes.
+                frame = await self._next(reader, frames, queue, self.connect_timeout + 2)
+                if frame.get("ActionID") == action_id and "Response" in frame:
+                    break
+            if frame.get("Response") != "Success":
+                raise AmiAuthError(frame.get("Message", "authentication failed"))
+            self.logins += 1
+            self.connected.set()
+            log.info("AMI logged in to %s:%d", self.host, self.port)
+            if self.on_connect is not None:
+                await self.on_connect()
+            await self._follow(reader, writer, frames, queue)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _follow(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frames: FrameReader,
+        queue: list[Frame],
+    ) -> None:
+        awaiting_pong = False
+        while True:
+            try:
+                frame = await self._next(reader, frames, queue, self.ping_interval)
+            except TimeoutError:
+                if awaiting_pong:
+                    raise AmiError("no answer to Ping") from None
+                writer.write(format_action({"Action": "Ping", "ActionID": "gateway-ping"}))
+                await writer.drain()
+                awaiting_pong = True
+                continue
+            awaiting_pong = False
+            if "Event" in frame:
+                try:
+                    await self.on_event(frame)
+                except Exception:
+                    log.exception("AMI event handler failed on %s", frame.get("Event"))
+
+    async def _next(
+        self, reader: asyncio.StreamReader, frames: FrameReader, queue: list[Frame], wait: float
+    ) -> Frame:
+        while not queue:
+            data = await asyncio.wait_for(reader.read(65536), wait)
+            if not data:
+                raise AmiError("connection closed")
+            queue.extend(frames.feed(data))
+        return queue.pop(0)

@@ -1,0 +1,237 @@
+"""The ``intake`` AGI script: one voice contact per call, then channel variables for the queue.
+
+Channel variables set on every call (the dialplan reads them after ``AGI()``):
+
+- ``GATEWAY_STATUS``: ``OK`` (durable in Redis, or a re-run of the same call), ``SPOOLED`` (durable
+  in the local spool, replayed later) or ``FAILED`` (no contact: queue the call anyway).
+- ``GATEWAY_CONTACT_ID``: the contact's id (empty on FAILED).
+- ``GATEWAY_ANSWER_BY``: the answer deadline, epoch seconds (empty on FAILED).
+- ``GATEWAY_QUEUE``: the queue for the dialled number, else for the language, else the default.
+- ``GATEWAY_PRIORITY``: ``repeat_priority`` for a repeat caller, else ``0`` (for ``QUEUE_PRIO``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.adapters import IntakeUnavailable, Receipt, Submitter
+from gateway.channels.voice.agi import AgiError
+from gateway.clock import MICROS_PER_SECOND, Micros
+from gateway.phone import mask_phone, to_e164
+from gateway.records import Inbound, Sender, clean_text
+
+if TYPE_CHECKING:
+    from gateway.channels.voice.server import AgiSession
+    from gateway.channels.voice.tracker import CallTracker
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN = frozenset({"", "unknown", "<unknown>", "anonymous", "restricted", "private"})
+
+VARIABLES = (
+    "GATEWAY_CONTACT_ID",
+    "GATEWAY_ANSWER_BY",
+    "GATEWAY_QUEUE",
+    "GATEWAY_PRIORITY",
+    "GATEWAY_STATUS",
+)
+
+
+class RoutingConfig(Protocol):
+    """The config keys the intake needs (``AsteriskConfig`` has them)."""
+
+    @property
+    def default_region(self) -> str: ...
+    @property
+    def languages(self) -> Mapping[str, str]: ...
+    @property
+    def queues(self) -> Mapping[str, str]: ...
+    @property
+    def default_queue(self) -> str: ...
+    @property
+    def repeat_priority(self) -> int: ...
+
+
+def known(value: str | None) -> str | None:
+    """Return ``value`` stripped, or None for Asterisk's ``unknown`` and empty values."""
+    if value is None:
+        return None
+    text = clean_text(value).strip()
+    return None if text.lower() in _UNKNOWN else text
+
+
+def dialled_number(env: Mapping[str, str]) -> str:
+    """The number the caller dialled: ``agi_dnid``, else ``agi_extension``."""
+    return known(env.get("agi_dnid")) or known(env.get("agi_extension")) or ""
+
+
+def build_inbound(
+    env: Mapping[str, str],
+    *,
+    adapter: str,
+    received_at: Micros,
+    config: RoutingConfig,
+    args: list[str] | None = None,
+    query: Mapping[str, str] | None = None,
+    linkedid: str | None = None,
+) -> Inbound:
+    """Build the voice contact from an AGI header block (pure; never raises on odd values).
+
+    The sender is the caller id as E.164 (with ``config.default_region``), its name the caller
+    name; ``unknown`` or empty means none, and an unknown caller gets the address ``""``.
+    ``external_id`` is ``agi_uniqueid`` (Asterisk re-running the dialplan gives the same id,
+    and Intake answers the first contact). Raise ``ValueError`` only when ``agi_uniqueid`` is
+    missing: a call without its id cannot be followed or deduplicated.
+    """
+    uniqueid = known(env.get("agi_uniqueid"))
+    if not uniqueid:
+        raise ValueError("agi_uniqueid is missing")
+    raw_number = known(env.get("agi_callerid"))
+    address = (to_e164(raw_number, config.default_region) or "") if raw_number else ""
+    name = known(env.get("agi_calleridname"))
+    if name is not None and raw_number is not None and name == raw_number:
+        name = None  # Asterisk repeats the number when there is no name
+    recipient = dialled_number(env)
+    language = config.languages.get(recipient)
+    meta: dict[str, Any] = {
+        "channel": env.get("agi_channel", ""),
+        "context": env.get("agi_context", ""),
+        "extension": env.get("agi_extension", ""),
+        "priority": env.get("agi_priority", ""),
+        "type": env.get("agi_type", ""),
+        "language": env.get("agi_language", ""),
+        "uniqueid": uniqueid,
+    }
+    if linkedid:
+        meta["linkedid"] = linkedid
+    rdnis = known(env.get("agi_rdnis"))
+    if rdnis:
+        meta["rdnis"] = rdnis
+    if env.get("agi_accountcode"):
+        meta["accountcode"] = env["agi_accountcode"]
+    if args:
+        meta["args"] = list(args)
+    if query:
+        meta["query"] = dict(query)
+    return Inbound(
+        channel="voice",
+        adapter=adapter,
+        external_id=uniqueid,
+        sender=Sender(address=address, name=name),
+        recipient=recipient,
+        received_at=received_at,
+        language=language,
+        meta=meta,
+    )
+
+
+def pick_queue(recipient: str, language: str | None, config: RoutingConfig) -> str:
+    """The queue by dialled number, else by language, else the default."""
+    if recipient in config.queues:
+        return config.queues[recipient]
+    if language and language in config.queues:
+        return config.queues[language]
+    return config.default_queue
+
+
+def channel_variables(
+    receipt: Receipt | None,
+    *,
+    recipient: str,
+    language: str | None,
+    config: RoutingConfig,
+) -> list[tuple[str, str]]:
+    """The five ``GATEWAY_*`` variables for a receipt (None: Intake failed)."""
+    queue = pick_queue(recipient, language, config)
+    if receipt is None:
+        return [
+            ("GATEWAY_CONTACT_ID", ""),
+            ("GATEWAY_ANSWER_BY", ""),
+            ("GATEWAY_QUEUE", queue),
+            ("GATEWAY_PRIORITY", "0"),
+            ("GATEWAY_STATUS", "FAILED"),
+        ]
+    status = "SPOOLED" if receipt.status == "spooled" else "OK"
+    priority = config.repeat_priority if receipt.repeat.count > 0 else 0
+    return [
+        ("GATEWAY_CONTACT_ID", receipt.contact_id),
+        ("GATEWAY_ANSWER_BY", str(receipt.deadline.due_at // MICROS_PER_SECOND)),
+        ("GATEWAY_QUEUE", queue),
+        ("GATEWAY_PRIORITY", str(priority)),
+        ("GATEWAY_STATUS", status),
+    ]
+
+
+@dataclass(slots=True)
+class IntakeScript:
+    """The FastAGI handler for script ``intake``."""
+
+    adapter: str
+    intake: Submitter
+    config: Any
+    tracker: CallTracker | None = None
+    ask_linkedid: bool = True
+
+    async def __call__(self, session: AgiSession) -> None:
+        env = session.env
+        recipient = dialled_number(env)
+        language = self.config.languages.get(recipient)
+        receipt: Receipt | None = None
+        inbound: Inbound | None = None
+        try:
+            async with asyncio.timeout(float(self.config.intake_timeout)):
+                linkedid = session.query.get("linkedid") or None
+                if linkedid is None and self.ask_linkedid:
+                    linkedid = await _linkedid(session)
+                inbound = build_inbound(
+                    env,
+                    adapter=self.adapter,
+                    received_at=session.received_at,
+                    config=self.config,
+                    args=session.args,
+                    query=session.query,
+                    linkedid=linkedid,
+                )
+                receipt = await self.intake.submit(inbound)
+        except IntakeUnavailable:
+            log.warning("intake unavailable: call queued without a contact")
+        except TimeoutError:
+            log.warning("intake took longer than %ss: call queued without a contact",
+                        self.config.intake_timeout)
+        except Exception:
+            log.exception("voice intake failed: call queued without a contact")
+        if receipt is not None and inbound is not None:
+            log.info(
+                "call %s from %s: contact %s (%s)",
+                inbound.external_id,
+                mask_phone(inbound.sender.address) if inbound.sender.address else "unknown",
+                receipt.contact_id,
+                receipt.status,
+            )
+            if self.tracker is not None:
+                self.tracker.register(inbound, receipt)
+        variables = channel_variables(
+            receipt, recipient=recipient, language=language, config=self.config
+        )
+        await session.channel.pipeline(
+            [("SET VARIABLE", (name, value)) for name, value in variables]
+        )
+
+
+async def _linkedid(session: AgiSession) -> str | None:
+    """Ask for ``CHANNEL(linkedid)`` (not in the AGI headers); None when unavailable.
+
+    A caller who hangs up now (``AGIEXITONHANGUP`` closes the socket) still made a call: the
+    contact is submitted all the same.
+    """
+    try:
+        reply = await session.channel.command("GET VARIABLE", "CHANNEL(linkedid)")
+    except (AgiError, ConnectionError):
+        return None
+    if reply.ok and reply.result == "1" and reply.data:
+        return reply.data
+    return None

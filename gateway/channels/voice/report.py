@@ -1,0 +1,158 @@
+"""Voice service levels from Contact and Event records (GB/T 33358-2016).
+
+- offered: voice calls (not callback contacts) received in the period, minus short abandons;
+- answered / abandoned: calls with an ``answered`` / ``abandoned`` event;
+- answered within the answer deadline (15 s by default): ``answered`` events with ``met``, as a
+  share of answered calls and of offered calls;
+- connection rate: answered / offered, against the target (95 % over 24 h);
+- average speed of answer: mean of ``elapsed_ms`` (answer time minus edge stamp) of answered calls;
+- short abandons: calls abandoned within ``short_abandon_s`` of arrival are left out of offered
+  and abandoned when the setting is above zero (default 0: none are left out);
+- callbacks: callback contacts made of abandoned calls, and how many were returned (responded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gateway.clock import Micros, format_time
+from gateway.records import Contact, Event
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceReport:
+    """Voice figures for one period."""
+
+    since: Micros
+    until: Micros
+    offered: int
+    answered: int
+    abandoned: int
+    short_abandoned: int
+    unresolved: int
+    answered_within: int
+    answered_within_pct: float | None
+    """Share of answered calls answered within the deadline (Asterisk's SL)."""
+    answered_within_offered_pct: float | None
+    connection_rate: float | None
+    connection_target: float
+    connection_met: bool | None
+    average_speed_of_answer_s: float | None
+    answer_deadline_s: float
+    short_abandon_s: float
+    callbacks: int
+    callbacks_returned: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["since"] = format_time(self.since)
+        d["until"] = format_time(self.until)
+        return d
+
+    def lines(self) -> list[str]:
+        """Human-readable lines for ``gateway report``."""
+
+        def pct(value: float | None) -> str:
+            return "n/a" if value is None else f"{value * 100:.1f} %"
+
+        asa = self.average_speed_of_answer_s
+        verdict = {None: "no calls", True: "met", False: "NOT met"}[self.connection_met]
+        out = [
+            f"voice  {format_time(self.since)} .. {format_time(self.until)}",
+            f"  calls offered          {self.offered}",
+            f"  answered               {self.answered}",
+            f"  abandoned              {self.abandoned}",
+            f"  answered within {self.answer_deadline_s:g} s  {self.answered_within}"
+            f" ({pct(self.answered_within_pct)} of answered,"
+            f" {pct(self.answered_within_offered_pct)} of offered)",
+            f"  connection rate        {pct(self.connection_rate)}"
+            f" (target {self.connection_target * 100:g} %: {verdict})",
+            f"  average speed of answer {'n/a' if asa is None else f'{asa:.1f} s'}",
+            f"  callbacks returned     {self.callbacks_returned} of {self.callbacks}",
+        ]
+        if self.short_abandon_s > 0:
+            out.append(
+                f"  short abandons (< {self.short_abandon_s:g} s, left out) {self.short_abandoned}"
+            )
+        if self.unresolved:
+            out.append(f"  no outcome yet         {self.unresolved}")
+        return out
+
+
+def voice_report(
+    contacts: Iterable[Contact],
+    events: Iterable[Event],
+    *,
+    since: Micros,
+    until: Micros,
+    answer_deadline_s: float = 15.0,
+    connection_target: float = 0.95,
+    short_abandon_s: float = 0.0,
+) -> VoiceReport:
+    """Compute the voice figures for contacts received in ``[since, until)``."""
+    calls: dict[str, Contact] = {}
+    callbacks: dict[str, Contact] = {}
+    for c in contacts:
+        if c.channel != "voice" or not since <= c.received_at < until:
+            continue
+        (callbacks if c.meta.get("callback") else calls)[c.id] = c
+    answered: dict[str, Event] = {}
+    abandoned: dict[str, Event] = {}
+    responded: set[str] = set()
+    for e in events:
+        if e.contact_id in calls:
+            if e.type == "answered":
+                first = answered.get(e.contact_id)
+                if first is None or e.at < first.at:
+                    answered[e.contact_id] = e
+            elif e.type == "abandoned":
+                abandoned.setdefault(e.contact_id, e)
+        elif e.contact_id in callbacks and e.type == "responded":
+            responded.add(e.contact_id)
+    for cid in answered:
+        abandoned.pop(cid, None)  # an answer wins over a late or duplicated abandon
+    short = 0
+    if short_abandon_s > 0:
+        limit_us = int(short_abandon_s * 1_000_000)
+        for cid, e in list(abandoned.items()):
+            if e.at - calls[cid].received_at < limit_us:
+                del abandoned[cid]
+                short += 1
+    offered = len(calls) - short
+    limit_ms = answer_deadline_s * 1000
+    waits = [_elapsed_ms(calls[cid], e) for cid, e in answered.items()]
+    within = sum(
+        1
+        for (cid, e), wait in zip(answered.items(), waits, strict=True)
+        if (e.met if e.met is not None else wait <= limit_ms)
+    )
+    n_answered = len(answered)
+    rate = n_answered / offered if offered else None
+    return VoiceReport(
+        since=since,
+        until=until,
+        offered=offered,
+        answered=n_answered,
+        abandoned=len(abandoned),
+        short_abandoned=short,
+        unresolved=offered - n_answered - len(abandoned),
+        answered_within=within,
+        answered_within_pct=within / n_answered if n_answered else None,
+        answered_within_offered_pct=within / offered if offered else None,
+        connection_rate=rate,
+        connection_target=connection_target,
+        connection_met=None if rate is None else rate >= connection_target,
+        average_speed_of_answer_s=(sum(waits) / len(waits) / 1000) if waits else None,
+        answer_deadline_s=answer_deadline_s,
+        short_abandon_s=short_abandon_s,
+        callbacks=len(callbacks),
+        callbacks_returned=len(responded),
+    )
+
+
+def _elapsed_ms(contact: Contact, event: Event) -> float:
+    if event.elapsed_ms is not None:
+        return float(event.elapsed_ms)
+    return max(0, event.at - contact.received_at) / 1000

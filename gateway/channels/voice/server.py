@@ -1,0 +1,139 @@
+"""FastAGI server on asyncio: one session per connection, routed on the script name."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.channels.voice.agi import (
+    MAX_HEADER_BYTES,
+    AgiChannel,
+    AgiClosed,
+    AgiError,
+    query_params,
+    read_header_block,
+    script_args,
+    script_name,
+)
+from gateway.clock import Clock, Micros
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AgiSession:
+    """One FastAGI call: its headers, routing facts and the command channel."""
+
+    env: dict[str, str]
+    script: str
+    query: dict[str, str]
+    args: list[str]
+    received_at: Micros
+    channel: AgiChannel
+    peer: str = ""
+    facts: dict[str, object] = field(default_factory=dict)
+
+
+Handler = Callable[[AgiSession], Awaitable[None]]
+
+
+class FastAgiServer:
+    """Accepts FastAGI connections and runs the handler named by ``agi_network_script``.
+
+    Every session is bounded: the header block by ``max_header_bytes``, the whole session by
+    ``session_timeout`` seconds. Whatever happens, the socket is closed when the handler returns,
+    since Asterisk continues the dialplan only then.
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        host: str,
+        port: int,
+        clock: Clock,
+        *,
+        session_timeout: float = 10.0,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.host = host
+        self.port = port
+        self.clock = clock
+        self.session_timeout = session_timeout
+        self.max_header_bytes = max_header_bytes
+        self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+        self.sessions_total = 0
+
+    async def start(self) -> None:
+        """Listen; ``port`` holds the bound port afterwards (``0`` picks a free one)."""
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, limit=self.max_header_bytes, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("FastAGI listening on %s:%d", self.host, self.port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let running sessions finish for ``grace`` seconds, then cancel them."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        pending = set(self._sessions)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received_at = self.clock.now_us()
+        task = asyncio.current_task()
+        if task is not None:
+            self._sessions.add(task)
+        self.sessions_total += 1
+        try:
+            async with asyncio.timeout(self.session_timeout):
+                await self._session(reader, writer, received_at)
+        except TimeoutError:
+            log.warning("FastAGI session exceeded %.1fs; closed", self.session_timeout)
+        except AgiClosed:
+            log.debug("FastAGI peer closed early")
+        except AgiError as exc:
+            log.warning("FastAGI protocol error: %s", exc)
+        except (ConnectionError, OSError) as exc:
+            log.info("FastAGI connection lost: %s", exc)
+        except Exception:
+            log.exception("FastAGI session failed")
+        finally:
+            writer.close()
+            if task is not None:
+                self._sessions.discard(task)
+
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received_at: Micros
+    ) -> None:
+        env = await read_header_block(reader, max_bytes=self.max_header_bytes)
+        request = env.get("agi_network_script", "")
+        name = script_name(request)
+        handler = self.handlers.get(name)
+        if handler is None:
+            log.warning("FastAGI script %r is not served here", name[:64])
+            return
+        peer = writer.get_extra_info("peername")
+        session = AgiSession(
+            env=env,
+            script=name,
+            query=query_params(request),
+            args=script_args(env),
+            received_at=received_at,
+            channel=AgiChannel(reader, writer),
+            peer=str(peer[0]) if isinstance(peer, tuple) and peer else "",
+        )
+        await handler(session)

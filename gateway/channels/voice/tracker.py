@@ -1,0 +1,406 @@
+"""Call state from AMI events: one ``answered`` or ``abandoned`` outcome per call, exactly once.
+
+A call is known by its caller channel's ``Uniqueid`` (the ``agi_uniqueid`` the intake saw), from
+the intake itself (``register``) or from AMI's ``VarSet`` of ``GATEWAY_CONTACT_ID`` (so a restarted
+gateway, or another instance, still follows it). Evidence, with Asterisk's own microsecond
+``Timestamp``:
+
+- answered: ``AgentConnect`` for the caller, or a ``BridgeEnter`` that puts the caller in a bridge
+  with another channel (dialplans that ``Dial`` instead of ``Queue``);
+- gone: ``QueueCallerAbandon``, or ``Hangup`` of the caller channel (or of the call's root
+  channel, ``Uniqueid == Linkedid``).
+
+``answered`` is stamped at the first evidence. A call that is gone without an answer is declared
+``abandoned`` once ``settle`` seconds passed with no late answer evidence, and becomes a callback
+contact. Duplicates and replays change nothing; a call never seen to end is closed (``closed``,
+reason ``timeout``) after ``call_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receipt, Submitter
+from gateway.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.records import Event, Inbound, Sender
+
+log = logging.getLogger(__name__)
+
+Frame = Mapping[str, str]
+
+CALLBACK_SUFFIX = ":callback"
+_MAX_CALLBACK_ATTEMPTS = 20
+
+
+def event_time(frame: Frame) -> Micros | None:
+    """The event's ``Timestamp: <sec>.<usec>`` (``timestampevents=yes``) in microseconds."""
+    raw = frame.get("Timestamp", "")
+    sec, _, frac = raw.strip().partition(".")
+    if not sec.isdigit() or (frac and not frac.isdigit()):
+        return None
+    micros = int((frac + "000000")[:6]) if frac else 0
+    return int(sec) * MICROS_PER_SECOND + micros
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass(slots=True)
+class Call:
+    """What is known about one call."""
+
+    uniqueid: str
+    contact_id: str
+    seen_us: Micros
+    linkedid: str | None = None
+    received_at: Micros | None = None
+    sender: Sender | None = None
+    recipient: str = ""
+    language: str | None = None
+    queue: str | None = None
+    answered_at: Micros | None = None
+    gone_at: Micros | None = None
+    gone_seen_us: Micros | None = None
+    gone_reason: str = ""
+    abandon: dict[str, Any] = field(default_factory=dict)
+    caller_number: str = ""
+    outcome: str | None = None
+
+
+@dataclass(slots=True)
+class _PendingCallback:
+    inbound: Inbound
+    attempts: int = 0
+    next_us: Micros = 0
+
+
+class CallTracker:
+    """Follows calls through AMI events and writes their outcome events."""
+
+    def __init__(
+        self,
+        *,
+        adapter: str,
+        events: EventSink,
+        intake: Submitter,
+        contacts: ContactLookup,
+        clock: Clock,
+        call_timeout: float = 4 * 3600,
+        settle: float = 1.0,
+        callbacks: bool = True,
+        default_region: str = "CN",
+    ) -> None:
+        self.adapter = adapter
+        self.events = events
+        self.intake = intake
+        self.contacts = contacts
+        self.clock = clock
+        self.call_timeout_us = int(call_timeout * MICROS_PER_SECOND)
+        self.settle_us = int(settle * MICROS_PER_SECOND)
+        self.callbacks = callbacks
+        self.default_region = default_region
+        self.calls: dict[str, Call] = {}
+        self._by_linkedid: dict[str, set[str]] = {}
+        self._bridges: dict[str, set[str]] = {}
+        self._finished: dict[str, Micros] = {}
+        self._pending: list[_PendingCallback] = []
+
+    # ------------------------------------------------------------ feeding
+
+    def register(self, inbound: Inbound, receipt: Receipt) -> None:
+        """Follow a call the intake has just made a contact of."""
+        uniqueid = inbound.external_id
+        if uniqueid in self._finished:
+            return
+        call = self._ensure(uniqueid, receipt.contact_id)
+        call.received_at = inbound.received_at
+        call.sender = inbound.sender
+        call.recipient = inbound.recipient
+        call.language = inbound.language
+        linkedid = inbound.meta.get("linkedid")
+        if isinstance(linkedid, str) and linkedid:
+            self._link(call, linkedid)
+
+    async def handle(self, frame: Frame) -> None:
+        """Apply one AMI event."""
+        name = frame.get("Event")
+        if name is None:
+            return
+        uniqueid = frame.get("Uniqueid", "")
+        if name == "VarSet":
+            if frame.get("Variable") == "GATEWAY_CONTACT_ID" and frame.get("Value"):
+                if uniqueid and uniqueid not in self._finished:
+                    call = self._ensure(uniqueid, frame["Value"])
+                    self._learn(call, frame)
+            return
+        if name in ("BridgeEnter", "BridgeLeave"):
+            await self._bridge(name, frame)
+            return
+        found = self.calls.get(uniqueid)
+        if name == "Hangup":
+            now = self.clock.now_us()
+            if found is not None:
+                self._learn(found, frame)
+                self._gone(found, frame, "hangup", now)
+            linkedid = frame.get("Linkedid", "")
+            if linkedid and linkedid == uniqueid:
+                for other in list(self._by_linkedid.get(linkedid, ())):
+                    if other in self.calls:
+                        self._gone(self.calls[other], frame, "hangup", now)
+            if self.settle_us <= 0:
+                await self.sweep()
+            return
+        if found is None:
+            return
+        call = found
+        self._learn(call, frame)
+        if name == "QueueCallerJoin":
+            call.queue = frame.get("Queue") or call.queue
+        elif name == "AgentConnect":
+            call.queue = frame.get("Queue") or call.queue
+            detail = {
+                "via": "AgentConnect",
+                "queue": call.queue,
+                "member": frame.get("MemberName", ""),
+                "hold_s": _int(frame.get("HoldTime")),
+                "ring_s": _int(frame.get("RingTime")),
+            }
+            await self._answer(call, frame, detail)
+        elif name == "QueueCallerAbandon":
+            call.queue = frame.get("Queue") or call.queue
+            call.abandon = {
+                "queue": call.queue,
+                "position": _int(frame.get("Position")),
+                "original_position": _int(frame.get("OriginalPosition")),
+                "hold_s": _int(frame.get("HoldTime")),
+            }
+            self._gone(call, frame, "abandon", self.clock.now_us())
+            if self.settle_us <= 0:
+                await self.sweep()
+
+    async def on_reconnect(self) -> None:
+        """AMI came back: events of the gap are lost, the timeout closes calls that ended then."""
+        if self.calls:
+            log.info("AMI reconnected with %d calls open", len(self.calls))
+
+    # ------------------------------------------------------------ time
+
+    async def sweep(self) -> None:
+        """Finish gone calls after ``settle``, close stale ones, retry pending callbacks."""
+        now = self.clock.now_us()
+        for call in list(self.calls.values()):
+            if call.outcome is None and call.gone_seen_us is not None:
+                if now - call.gone_seen_us >= self.settle_us:
+                    await self._abandon(call)
+            elif call.outcome is not None and call.gone_seen_us is not None:
+                self._forget(call, now)
+            elif now - call.seen_us >= self.call_timeout_us:
+                await self._close_stale(call, now)
+        for uniqueid, at in list(self._finished.items()):
+            if now - at >= self.call_timeout_us:
+                del self._finished[uniqueid]
+        if self._pending:
+            await self._retry_callbacks(now)
+
+    async def drain(self) -> None:
+        """Try pending callbacks once more (shutdown)."""
+        if self._pending:
+            await self._retry_callbacks(None)
+
+    # ------------------------------------------------------------ internals
+
+    def _ensure(self, uniqueid: str, contact_id: str) -> Call:
+        call = self.calls.get(uniqueid)
+        if call is None:
+            call = Call(uniqueid=uniqueid, contact_id=contact_id, seen_us=self.clock.now_us())
+            self.calls[uniqueid] = call
+        return call
+
+    def _link(self, call: Call, linkedid: str) -> None:
+        if call.linkedid == linkedid:
+            return
+        call.linkedid = linkedid
+        self._by_linkedid.setdefault(linkedid, set()).add(call.uniqueid)
+
+    def _learn(self, call: Call, frame: Frame) -> None:
+        linkedid = frame.get("Linkedid")
+        if linkedid and call.linkedid is None:
+            self._link(call, linkedid)
+        number = frame.get("CallerIDNum", "")
+        if number and not call.caller_number and number.lower() not in ("<unknown>", "unknown"):
+            call.caller_number = number
+
+    def _gone(self, call: Call, frame: Frame, reason: str, now: Micros) -> None:
+        at = event_time(frame) or now
+        if call.gone_at is None or at < call.gone_at:
+            call.gone_at = at
+            call.gone_reason = reason if not call.gone_reason else call.gone_reason
+        if reason == "abandon":
+            call.gone_reason = "abandon"
+        if call.gone_seen_us is None:
+            call.gone_seen_us = now
+
+    async def _bridge(self, name: str, frame: Frame) -> None:
+        bridge = frame.get("BridgeUniqueid", "")
+        uniqueid = frame.get("Uniqueid", "")
+        if not bridge or not uniqueid:
+            return
+        members = self._bridges.setdefault(bridge, set())
+        if name == "BridgeLeave":
+            members.discard(uniqueid)
+            if not members:
+                del self._bridges[bridge]
+            return
+        members.add(uniqueid)
+        if len(members) < 2:
+            return
+        for member in members:
+            call = self.calls.get(member)
+            if call is not None and call.outcome is None:
+                await self._answer(call, frame, {"via": "BridgeEnter", "queue": call.queue})
+
+    async def _answer(self, call: Call, frame: Frame, detail: dict[str, Any]) -> None:
+        if call.outcome is not None:
+            return
+        at = event_time(frame) or self.clock.now_us()
+        if call.gone_at is not None and at > call.gone_at + self.settle_us:
+            return  # evidence from after the caller left: not an answer of this call
+        call.outcome = "answered"
+        call.answered_at = at
+        try:
+            await self.events.stamp(
+                call.contact_id,
+                "answered",
+                at,
+                self.adapter,
+                {k: v for k, v in detail.items() if v is not None and v != ""},
+            )
+        except Exception:
+            log.exception("could not record the answer of contact %s", call.contact_id)
+
+    async def _abandon(self, call: Call) -> None:
+        if call.outcome is not None:
+            return
+        call.outcome = "abandoned"
+        at = call.gone_at or self.clock.now_us()
+        received_at = call.received_at
+        if received_at is None or call.sender is None:
+            contact = await self._lookup(call.contact_id)
+            if contact is not None:
+                received_at = contact.received_at
+                call.sender = call.sender or contact.sender
+                call.recipient = call.recipient or contact.recipient
+                call.language = call.language or contact.language
+        detail: dict[str, Any] = {"reason": call.gone_reason or "hangup"}
+        detail.update({k: v for k, v in call.abandon.items() if v is not None})
+        if call.queue and "queue" not in detail:
+            detail["queue"] = call.queue
+        elapsed_ms = None if received_at is None else max(0, (at - received_at) // 1000)
+        try:
+            await self.events.emit(
+                Event(
+                    contact_id=call.contact_id,
+                    type="abandoned",
+                    at=at,
+                    source=self.adapter,
+                    elapsed_ms=elapsed_ms,
+                    detail=detail,
+                )
+            )
+        except Exception:
+            log.exception("could not record the abandon of contact %s", call.contact_id)
+        self._forget(call, self.clock.now_us())
+        if self.callbacks:
+            await self._callback(call, at, detail)
+
+    async def _close_stale(self, call: Call, now: Micros) -> None:
+        if call.outcome is None:
+            call.outcome = "closed"
+            try:
+                await self.events.emit(
+                    Event(
+                        contact_id=call.contact_id,
+                        type="closed",
+                        at=now,
+                        source=self.adapter,
+                        detail={"reason": "timeout", "answered": False},
+                    )
+                )
+            except Exception:
+                log.exception("could not close contact %s", call.contact_id)
+        self._forget(call, now)
+
+    def _forget(self, call: Call, now: Micros) -> None:
+        self.calls.pop(call.uniqueid, None)
+        self._finished[call.uniqueid] = now
+        if call.linkedid:
+            peers = self._by_linkedid.get(call.linkedid)
+            if peers is not None:
+                peers.discard(call.uniqueid)
+                if not peers:
+                    del self._by_linkedid[call.linkedid]
+
+    async def _lookup(self, contact_id: str) -> Any:
+        try:
+            return await self.contacts.get(contact_id)
+        except Exception:
+            log.exception("contact lookup failed")
+            return None
+
+    async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> None:
+        sender = call.sender
+        if (sender is None or not sender.address) and call.caller_number:
+            from gateway.phone import to_e164
+
+            address = to_e164(call.caller_number, self.default_region)
+            if address:
+                sender = Sender(address=address, name=sender.name if sender else None)
+        if sender is None or not sender.address:
+            log.info("abandoned call %s has no caller number: no callback", call.uniqueid)
+            return
+        inbound = Inbound(
+            channel="voice",
+            adapter=self.adapter,
+            external_id=call.uniqueid + CALLBACK_SUFFIX,
+            sender=sender,
+            recipient=call.recipient,
+            received_at=at,
+            language=call.language,
+            thread=call.contact_id,
+            meta={
+                "callback": True,
+                "original_contact_id": call.contact_id,
+                "uniqueid": call.uniqueid,
+                **{k: v for k, v in detail.items() if k in ("reason", "queue", "hold_s")},
+            },
+        )
+        self._pending.append(_PendingCallback(inbound))
+        await self._retry_callbacks(self.clock.now_us())
+
+    async def _retry_callbacks(self, now: Micros | None) -> None:
+        keep: list[_PendingCallback] = []
+        for item in self._pending:
+            if now is not None and item.next_us > now:
+                keep.append(item)
+                continue
+            try:
+                await self.intake.submit(item.inbound)
+            except IntakeUnavailable:
+                item.attempts += 1
+                if item.attempts < _MAX_CALLBACK_ATTEMPTS:
+                    backoff = min(60, 2**item.attempts) * MICROS_PER_SECOND
+                    item.next_us = (now or self.clock.now_us()) + backoff
+                    keep.append(item)
+                else:
+                    log.error("callback for %s dropped after %d attempts",
+                              item.inbound.external_id, item.attempts)
+            except Exception:
+                log.exception("callback for %s failed", item.inbound.external_id)
+        self._pending = keep

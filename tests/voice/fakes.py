@@ -1,0 +1,201 @@
+"""A fake Asterisk: FastAGI sessions from recorded header blocks, and an AMI server replaying
+recorded transcripts, both over real TCP sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.channels.voice.agi import split_command
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def agi_fixture(name: str) -> bytes:
+    return (FIXTURES / "agi" / name).read_bytes()
+
+
+def ami_fixture(name: str, **values: str) -> bytes:
+    data = (FIXTURES / "ami" / name).read_bytes()
+    for key, value in values.items():
+        data = data.replace(("{" + key + "}").encode(), value.encode())
+    return data
+
+
+def asterisk_reply(argv: list[str], linkedid: str = "1795594483.0") -> bytes:
+    """What res_agi.c answers to the commands the intake sends."""
+    verb = " ".join(argv[:2]).upper()
+    if verb == "GET VARIABLE":
+        if argv[2:] == ["CHANNEL(linkedid)"]:
+            return f"200 result=1 ({linkedid})\n".encode()
+        return b"200 result=0\n"
+    if verb == "SET VARIABLE":
+        if len(argv) != 4:
+            return (
+                b"520-Invalid command syntax.  Proper usage follows:\n"
+                b"Usage: SET VARIABLE <variablename> <value>\n"
+                b"520 End of proper usage.\n"
+            )
+        return b"200 result=1\n"
+    return b"510 Invalid or unknown command\n"
+
+
+Script = Callable[[int, list[str]], bytes | None]
+"""Given the command's index and words, the bytes to answer (None: close the socket)."""
+
+
+@dataclass
+class AgiTranscript:
+    commands: list[list[str]] = field(default_factory=list)
+    closed_by_server: bool = False
+
+    @property
+    def variables(self) -> dict[str, str]:
+        return {
+            c[2]: c[3]
+            for c in self.commands
+            if len(c) == 4 and [w.upper() for w in c[:2]] == ["SET", "VARIABLE"]
+        }
+
+
+async def fake_call(
+    port: int,
+    header: bytes,
+    script: Script | None = None,
+    *,
+    linkedid: str = "1795594483.0",
+    send_eof_after_header: bool = False,
+) -> AgiTranscript:
+    """Play one FastAGI call: send ``header``, answer each command, wait for the server to close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = AgiTranscript()
+    try:
+        writer.write(header)
+        await writer.drain()
+        if send_eof_after_header:
+            writer.write_eof()
+        while True:
+            try:
+                line = await reader.readline()
+            except ConnectionError:
+                out.closed_by_server = True
+                break
+            if not line:
+                out.closed_by_server = True
+                break
+            argv = split_command(line.decode("utf-8"))
+            out.commands.append(argv)
+            answer = (
+                script(len(out.commands) - 1, argv)
+                if script is not None
+                else asterisk_reply(argv, linkedid)
+            )
+            if answer is None:
+                break
+            writer.write(answer)
+            await writer.drain()
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return out
+
+
+class FakeAmi:
+    """A manager server: greets, checks the login, then replays one transcript per connection.
+
+    ``sessions[i]`` is written on the i-th successful login (the connection is then closed when
+    the entry ends in ``close=True``, kept open otherwise). Writes go out in ``chunk``-byte pieces
+    so that UTF-8 characters and CRLF pairs are split across TCP reads.
+    """
+
+    def __init__(
+        self,
+        sessions: list[tuple[bytes, bool]],
+        *,
+        username: str = "gateway",
+        secret: str = "s3cret",
+        chunk: int = 7,
+    ) -> None:
+        self.sessions = list(sessions)
+        self.username = username
+        self.secret = secret
+        self.chunk = chunk
+        self.logins: list[dict[str, str]] = []
+        self.accepted = 0
+        self.refused = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.done = asyncio.Event()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            writer.write(b"Asterisk Call Manager/11.0.0\r\n")
+            await writer.drain()
+            action = await _read_frame(reader)
+            self.logins.append(action)
+            action_id = action.get("ActionID", "")
+            if action.get("Username") != self.username or action.get("Secret") != self.secret:
+                self.refused += 1
+                await asyncio.sleep(0.05)  # Asterisk waits 1 s; kept short here
+                writer.write(
+                    f"Response: Error\r\nActionID: {action_id}\r\n"
+                    "Message: Authentication failed\r\n\r\n".encode()
+                )
+                await writer.drain()
+                return
+            writer.write(
+                f"Response: Success\r\nActionID: {action_id}\r\n"
+                "Message: Authentication accepted\r\n\r\n".encode()
+            )
+            writer.write(
+                b"Event: FullyBooted\r\nPrivilege: system,all\r\n"
+                b"Timestamp: 1795594480.000001\r\nStatus: Fully Booted\r\n"
+                b"Uptime: 100\r\nLastReload: 100\r\n\r\n"
+            )
+            index = self.accepted
+            self.accepted += 1
+            if index >= len(self.sessions):
+                await reader.read()  # idle until the client leaves
+                return
+            data, close = self.sessions[index]
+            for i in range(0, len(data), self.chunk):
+                writer.write(data[i : i + self.chunk])
+                await writer.drain()
+            if index == len(self.sessions) - 1:
+                self.done.set()
+            if not close:
+                await reader.read()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, str]:
+    frame: dict[str, str] = {}
+    while True:
+        line = (await reader.readuntil(b"\r\n")).decode()[:-2]
+        if not line:
+            return frame
+        key, _, value = line.partition(": ")
+        frame[key] = value

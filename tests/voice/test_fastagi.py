@@ -1,0 +1,245 @@
+"""FastAGI: a fake Asterisk plays recorded header blocks over TCP into a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from gateway.clock import FixedClock
+from gateway.records import Contact
+from gateway.runtime import Gateway
+from tests.voice.fakes import agi_fixture, asterisk_reply, fake_call
+
+T0 = 1_795_594_483_000_000
+
+
+async def start_voice(
+    start_gateway: Any, clock: FixedClock | None = None, **config: Any
+) -> Gateway:
+    table = {
+        "type": "asterisk",
+        "agi_listen": "127.0.0.1:0",
+        "languages": {"12345": "zh", "12346": "en"},
+        "queues": {"en": "hotline-en", "12399": "special"},
+        "settle": "0s",
+        **config,
+    }
+    return await start_gateway(adapters={"asterisk": table}, clock=clock or FixedClock(T0))  # type: ignore[no-any-return]
+
+
+def agi_port(gw: Gateway) -> int:
+    return gw.adapters["asterisk"].port  # type: ignore[attr-defined,no-any-return]
+
+
+async def one_contact(gw: Gateway) -> Contact:
+    contacts = await gw.read_contacts()
+    assert len(contacts) == 1
+    return contacts[0]
+
+
+@dataclass
+class HeaderCase:
+    label: str
+    fixture: str
+    address: str
+    name: str | None
+    recipient: str
+    language: str | None
+    queue: str
+    external_id: str
+
+
+CASES = [
+    HeaderCase("SIP call", "sip_call.agi", "+8613800138000", "Test Caller", "12345", "zh",
+               "hotline", "1795594483.1"),
+    HeaderCase("Local channel, query string and arguments", "local_query_args.agi", "+865551234",
+               "Test Caller", "12345", "zh", "hotline", "1795594483.2"),
+    HeaderCase("caller id unknown", "unknown_caller.agi", "", None, "12345", "zh", "hotline",
+               "1795594483.3"),
+    HeaderCase("caller id empty, English seat", "empty_caller.agi", "", None, "12346", "en",
+               "hotline-en", "1795594483.4"),
+    HeaderCase("non-ASCII caller name", "non_ascii_name.agi", "+8613912345678", "张三 (市民)",
+               "12345", "zh", "hotline", "1795594483.5"),
+    HeaderCase("caller name not UTF-8", "latin1_name.agi", "+8675523456789", "Jos\ufffd",
+               "12345", "zh", "hotline", "1795594483.6"),
+    HeaderCase("fields missing", "missing_fields.agi", "", None, "12345", "zh", "hotline",
+               "1795594483.7"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+async def test_header_blocks_become_voice_contacts(start_gateway: Any, case: HeaderCase) -> None:
+    gw = await start_voice(start_gateway)
+    call = await fake_call(agi_port(gw), agi_fixture(case.fixture))
+
+    assert call.closed_by_server
+    contact = await one_contact(gw)
+    assert contact.channel == "voice"
+    assert contact.adapter == "asterisk"
+    assert contact.external_id == case.external_id
+    assert contact.sender.address == case.address
+    assert contact.sender.name == case.name
+    assert contact.recipient == case.recipient
+    assert contact.language == case.language
+    assert contact.received_at == T0
+    assert contact.deadline.kind == "answer"
+    assert contact.deadline.due_at == T0 + 15_000_000
+    assert contact.meta["uniqueid"] == case.external_id
+    assert contact.meta["linkedid"] == "1795594483.0"
+    assert call.variables == {
+        "GATEWAY_CONTACT_ID": contact.id,
+        "GATEWAY_ANSWER_BY": str(T0 // 1_000_000 + 15),
+        "GATEWAY_QUEUE": case.queue,
+        "GATEWAY_PRIORITY": "0",
+        "GATEWAY_STATUS": "OK",
+    }
+
+
+async def test_query_and_arguments_reach_the_script(start_gateway: Any) -> None:
+    gw = await start_voice(start_gateway)
+    await fake_call(agi_port(gw), agi_fixture("local_query_args.agi"))
+    contact = await one_contact(gw)
+    assert contact.meta["args"] == ["first arg", "second"]
+    assert contact.meta["query"] == {"source": "test"}
+    assert contact.meta["channel"] == "Local/12345@intake-00000000;2"
+    assert contact.meta["context"] == "intake"
+
+
+async def test_rerun_of_the_same_call_is_one_contact_and_a_repeat_caller_is_raised(
+    start_gateway: Any,
+) -> None:
+    clock = FixedClock(T0)
+    gw = await start_voice(start_gateway, clock)
+    first = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert first.variables["GATEWAY_PRIORITY"] == "0"
+    clock.advance(60)
+    again = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert again.variables["GATEWAY_CONTACT_ID"] == first.variables["GATEWAY_CONTACT_ID"]
+    assert again.variables["GATEWAY_STATUS"] == "OK"
+    assert len(await gw.read_contacts()) == 1
+
+    later = agi_fixture("sip_call.agi").replace(b"1795594483.1\n", b"1795594999.1\n")
+    repeat = await fake_call(agi_port(gw), later)
+    assert repeat.variables["GATEWAY_PRIORITY"] == "5"
+    assert repeat.variables["GATEWAY_CONTACT_ID"] != first.variables["GATEWAY_CONTACT_ID"]
+
+
+async def test_hangup_while_a_reply_is_awaited_is_not_taken_as_the_reply(
+    start_gateway: Any,
+) -> None:
+    gw = await start_voice(start_gateway)
+
+    def script(index: int, argv: list[str]) -> bytes:
+        if index == 0:  # the caller hangs up while GET VARIABLE is on its way
+            return b"HANGUP\n" + asterisk_reply(argv, "1795594483.77")
+        return asterisk_reply(argv)
+
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), script)
+    contact = await one_contact(gw)
+    assert contact.meta["linkedid"] == "1795594483.77"
+    assert call.variables["GATEWAY_STATUS"] == "OK"
+    assert call.variables["GATEWAY_CONTACT_ID"] == contact.id
+    assert call.closed_by_server
+
+
+async def test_two_hangups_then_eof_still_records_the_call(start_gateway: Any) -> None:
+    gw = await start_voice(start_gateway)
+
+    def script(index: int, argv: list[str]) -> bytes | None:
+        return b"HANGUP\nHANGUP\n" if index == 0 else None
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", agi_port(gw))
+    writer.write(agi_fixture("sip_call.agi"))
+    await reader.readline()  # GET VARIABLE
+    writer.write(script(0, []) or b"")
+    writer.close()  # AGIEXITONHANGUP: Asterisk leaves the AGI and closes
+    await writer.wait_closed()
+
+    async def contacts() -> list[Contact]:
+        while not (found := await gw.read_contacts()):
+            await asyncio.sleep(0.02)
+        return found
+
+    found = await asyncio.wait_for(contacts(), 10)
+    assert [c.external_id for c in found] == ["1795594483.1"]
+
+
+async def test_multi_line_520_and_510_replies_keep_the_dialogue_in_step(
+    start_gateway: Any,
+) -> None:
+    gw = await start_voice(start_gateway)
+
+    def script(index: int, argv: list[str]) -> bytes:
+        if index == 0:
+            return b"510 Invalid or unknown command\n"
+        if index == 1:
+            return (
+                b"520-Invalid command syntax.  Proper usage follows:\n"
+                b"Usage: SET VARIABLE <variablename> <value>\n"
+                b" Sets a variable to the current channel.\n"
+                b"520 End of proper usage.\n"
+            )
+        return asterisk_reply(argv)
+
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), script)
+    assert len(call.commands) == 6
+    assert call.variables["GATEWAY_STATUS"] == "OK"
+    assert "linkedid" not in (await one_contact(gw)).meta
+
+
+@pytest.mark.parametrize(
+    "fixture", ["garbage.agi", "overlong_line.agi", "unknown_script.agi", "no_uniqueid.agi"]
+)
+async def test_unusable_sessions_are_closed_without_a_contact(
+    start_gateway: Any, fixture: str
+) -> None:
+    gw = await start_voice(start_gateway)
+    call = await fake_call(agi_port(gw), agi_fixture(fixture))
+    assert call.closed_by_server
+    if fixture == "no_uniqueid.agi":  # a call all the same: it still goes to the queue
+        assert call.variables["GATEWAY_STATUS"] == "FAILED"
+        assert call.variables["GATEWAY_QUEUE"] == "hotline"
+    else:
+        assert call.commands == []
+    assert await gw.read_contacts() == []
+    # and the listener still serves the next call
+    ok = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert ok.variables["GATEWAY_STATUS"] == "OK"
+
+
+async def test_a_peer_that_connects_and_closes(start_gateway: Any) -> None:
+    gw = await start_voice(start_gateway)
+    call = await fake_call(agi_port(gw), b"", send_eof_after_header=True)
+    assert call.closed_by_server and call.commands == []
+    call = await fake_call(
+        agi_port(gw), agi_fixture("no_empty_line.agi"), send_eof_after_header=True
+    )
+    assert call.closed_by_server and call.commands == []
+    assert await gw.read_contacts() == []
+
+
+async def test_a_peer_that_never_sends_the_empty_line_is_cut_off(start_gateway: Any) -> None:
+    gw = await start_voice(start_gateway, session_timeout="300ms")
+    stalled = asyncio.create_task(fake_call(agi_port(gw), agi_fixture("no_empty_line.agi")))
+    # other calls are served meanwhile
+    ok = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert ok.variables["GATEWAY_STATUS"] == "OK"
+    call = await asyncio.wait_for(stalled, 10)
+    assert call.closed_by_server and call.commands == []
+    assert len(await gw.read_contacts()) == 1
+
+
+async def test_redis_down_spools_and_says_so(start_gateway: Any) -> None:
+    gw = await start_gateway(
+        adapters={"asterisk": {"type": "asterisk", "agi_listen": "127.0.0.1:0"}},
+        url="redis://127.0.0.1:1",
+        clock=FixedClock(T0),
+    )
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert call.variables["GATEWAY_STATUS"] == "SPOOLED"
+    assert call.variables["GATEWAY_CONTACT_ID"]
+    assert call.variables["GATEWAY_ANSWER_BY"] == str(T0 // 1_000_000 + 15)
+    assert call.closed_by_server
