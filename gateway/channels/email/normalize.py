@@ -1,0 +1,860 @@
+"""Turn one raw e-mail (bytes plus SMTP envelope) into the fields of a contact.
+
+Pure and total: ``normalize`` never raises. Whatever the email package can parse is decoded
+with lenient, superset-aware charset handling (mail labelled gb2312 that holds GBK characters,
+Big5 with HKSCS or Windows extensions, Shift_JIS as cp932, EUC-KR as cp949, undeclared 8-bit
+as UTF-8 then a configured regional fallback); anything that cannot be parsed yields a
+flagged result that keeps the raw message as its only attachment.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import html
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from email import policy
+from email.message import Message
+from email.parser import BytesParser
+from email.utils import getaddresses, parsedate_to_datetime
+from html.parser import HTMLParser
+from typing import Any, Final
+
+from gateway.clock import Micros, from_datetime
+from gateway.records import Sender, clean_text
+
+MAX_DEPTH: Final = 16
+MAX_PARTS: Final = 200
+MAX_HEADER_CHARS: Final = 4000
+MAX_DEFECTS: Final = 20
+
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CONTACT_ID: Final = re.compile(rf"^{_UUID}$")
+_OWN_MESSAGE_ID: Final = re.compile(rf"<(?:reply|ack)\.({_UUID})\.[0-9a-z]+@", re.IGNORECASE)
+"""Message-IDs the gateway puts on its own replies carry the contact id (see relay.py)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope of one message; ``mail_from`` is "" for the null sender ``<>``."""
+
+    mail_from: str | None
+    rcpt_tos: tuple[str, ...]
+    peer: str | None = None
+    helo: str | None = None
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Decoding choices taken from the adapter's config."""
+
+    regional_fallback: str = "gb18030"
+    max_text_chars: int = 500_000
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One attachment or inline image, with its decoded bytes."""
+
+    name: str
+    content_type: str
+    data: bytes
+    content_id: str | None = None
+    inline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """The contact fields of one message, before its files are stored."""
+
+    external_id: str
+    sender: Sender
+    recipient: str
+    subject: str | None
+    text: str
+    language: str | None
+    thread: str | None
+    origin_at: Micros | None
+    parts: tuple[Part, ...]
+    auto_generated: str | None
+    """Why the message is machine-generated (never auto-acknowledge it), or None."""
+    parse_error: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- charsets
+
+_SUPERSETS: Final[dict[str, tuple[str, ...]]] = {
+    "gb2312": ("gb18030",),
+    "gbk": ("gb18030",),
+    "gb18030": ("gb18030",),
+    "hz": ("hz", "gb18030"),
+    "big5": ("cp950", "big5hkscs"),
+    "big5hkscs": ("big5hkscs", "cp950"),
+    "cp950": ("cp950", "big5hkscs"),
+    "iso2022_jp": ("iso2022_jp", "iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_2004"),
+    "iso2022_jp_2": ("iso2022_jp_2", "iso2022_jp_ext", "iso2022_jp_2004"),
+    "shift_jis": ("cp932", "shift_jis_2004"),
+    "cp932": ("cp932", "shift_jis_2004"),
+    "euc_jp": ("euc_jp", "euc_jis_2004"),
+    "euc_kr": ("cp949",),
+    "cp949": ("cp949",),
+    "iso2022_kr": ("iso2022_kr", "cp949"),
+    "latin_1": ("cp1252", "latin_1"),
+    "ascii": (),
+}
+"""Codec (by Python's canonical name) -> the decoders to try, widest real-world superset first."""
+
+_SEVEN_BIT: Final = ("iso2022", "hz", "utf_7")
+"""Stateful encodings whose bytes are all ASCII."""
+
+_ALIASES: Final[dict[str, str]] = {
+    "x-gbk": "gbk",
+    "cp936": "gbk",
+    "ms936": "gbk",
+    "windows-936": "gbk",
+    "gb_2312-80": "gb2312",
+    "csgb2312": "gb2312",
+    "euc-cn": "gb2312",
+    "x-euc-cn": "gb2312",
+    "chinese": "gb2312",
+    "x-big5": "big5",
+    "big5-hkscs": "big5hkscs",
+    "windows-950": "cp950",
+    "x-sjis": "shift_jis",
+    "windows-31j": "cp932",
+    "ks_c_5601-1987": "euc_kr",
+    "ks_c_5601": "euc_kr",
+    "ksc5601": "euc_kr",
+    "windows-949": "cp949",
+    "unicode-1-1-utf-7": "utf-7",
+    "x-unknown": "",
+    "unknown-8bit": "",
+    "default": "",
+}
+
+_LANGUAGES: Final[dict[str, str]] = {
+    "gb2312": "zh-Hans",
+    "gbk": "zh-Hans",
+    "gb18030": "zh-Hans",
+    "hz": "zh-Hans",
+    "big5": "zh-Hant",
+    "big5hkscs": "zh-Hant",
+    "cp950": "zh-Hant",
+    "iso2022_jp": "ja",
+    "iso2022_jp_2": "ja",
+    "shift_jis": "ja",
+    "cp932": "ja",
+    "euc_jp": "ja",
+    "euc_kr": "ko",
+    "cp949": "ko",
+    "iso2022_kr": "ko",
+}
+
+
+def canonical_charset(label: str | None) -> str | None:
+    """Return Python's codec name for a MIME charset label, or None if unknown or absent."""
+    if not label:
+        return None
+    name = label.strip().strip("\"'").split("*", 1)[0].lower()
+    name = _ALIASES.get(name, name)
+    if not name or len(name) > 40:
+        return None
+    try:
+        return codecs.lookup(name).name.replace("-", "_")
+    except (LookupError, ValueError):
+        return None
+
+
+def decode_bytes(data: bytes, charset: str | None, fallback: str) -> str:
+    """Decode text bytes: the declared charset's superset, else UTF-8, else ``fallback``."""
+    name = canonical_charset(charset)
+    candidates: list[str] = []
+    if name and name not in ("ascii", "utf_8"):
+        candidates.extend(_SUPERSETS.get(name, (name,)))
+    candidates.append("utf_8")
+    fb = canonical_charset(fallback)
+    if fb:
+        candidates.extend(_SUPERSETS.get(fb, (fb,)))
+    if data.isascii() and not (name and name.startswith(_SEVEN_BIT)):
+        return data.decode("ascii")
+    for codec in candidates:
+        try:
+            return data.decode(codec)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return data.decode(candidates[0] if name else "utf_8", errors="replace")
+
+
+def language_of(charset: str | None) -> str | None:
+    """Return a BCP 47 hint implied by a regional charset, or None."""
+    name = canonical_charset(charset)
+    return _LANGUAGES.get(name) if name else None
+
+
+# ---------------------------------------------------------------- headers
+
+_ENCODED_WORD: Final = re.compile(
+    r"=\?([^?\s]{1,60})\?([bBqQ])\?(?:([^?]{0,2000}?)\?=|([^?\s]{0,2000}))",
+)
+_HEX2: Final = re.compile(rb"[0-9A-Fa-f]{2}")
+_FOLD: Final = re.compile(r"\r?\n(?=[ \t])|\r?\n")
+_SPACES: Final = re.compile(r"[ \t\r\n]+")
+
+
+def _unfold(value: str) -> str:
+    return _FOLD.sub("", value)
+
+
+def _q_decode(text: str) -> bytes:
+    raw = text.replace("_", " ").encode("ascii", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        if c == 0x3D and _HEX2.fullmatch(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+            continue
+        out.append(c)
+        i += 1
+    return bytes(out)
+
+
+def _b_decode(text: str) -> bytes:
+    cleaned = re.sub(r"[^A-Za-z0-9+/]", "", text)
+    cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _raw_text(value: str, fallback: str) -> str:
+    """Decode a header string whose 8-bit bytes arrived as surrogate escapes."""
+    try:
+        data = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return clean_text(value)
+    return decode_bytes(data, None, fallback)
+
+
+def decode_header(value: str, fallback: str = "gb18030") -> str:
+    """Decode RFC 2047 encoded words leniently and raw 8-bit text; unfold; never raise.
+
+    Adjacent encoded words in one charset are joined as bytes before decoding, so a character
+    split across two words (a common fault of CJK mailers) comes out whole.
+    """
+    value = _unfold(value[: MAX_HEADER_CHARS * 4])
+    pieces: list[str] = []
+    pending: bytearray = bytearray()
+    pending_charset: str | None = None
+    pos = 0
+
+    def flush() -> None:
+        nonlocal pending_charset
+        if pending_charset is not None:
+            pieces.append(decode_bytes(bytes(pending), pending_charset, fallback))
+            pending.clear()
+            pending_charset = None
+
+    for m in _ENCODED_WORD.finditer(value):
+        between = value[pos : m.start()]
+        charset, enc = m.group(1), m.group(2).upper()
+        text = m.group(3) if m.group(3) is not None else (m.group(4) or "")
+        data = _b_decode(text) if enc == "B" else _q_decode(text)
+        if (between and not between.isspace()) or pending_charset is None:
+            flush()
+            if between:
+                pieces.append(_raw_text(between, fallback))
+        elif pending_charset.lower() != charset.lower():
+            flush()
+        pending_charset = pending_charset or charset
+        pending.extend(data)
+        pos = m.end()
+    flush()
+    if pos < len(value):
+        pieces.append(_raw_text(value[pos:], fallback))
+    return clean_text("".join(pieces))
+
+
+def _clean_line(value: str, limit: int = MAX_HEADER_CHARS) -> str:
+    return _SPACES.sub(" ", value).strip()[:limit]
+
+
+_TOKEN_PARAM: Final = re.compile(
+    r';\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)',
+)
+
+
+def header_params(value: str, fallback: str = "gb18030") -> tuple[str, dict[str, str]]:
+    """Split a MIME header (Content-Type, Content-Disposition) into its value and parameters.
+
+    Handles quoted strings, RFC 2231 continuations and charsets, and RFC 2047 words inside
+    parameter values (common in file names although not allowed there).
+    """
+    value = _unfold(value)
+    main, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    extended: dict[str, dict[int, tuple[str, bool]]] = {}
+    for m in _TOKEN_PARAM.finditer(";" + rest):
+        name = m.group(1).lower()
+        raw = m.group(2).strip()
+        if raw.startswith('"'):
+            inner = raw[1:-1] if raw.endswith('"') and len(raw) > 1 else raw[1:]
+            raw = re.sub(r"\\(.)", r"\1", inner)
+        cm = re.fullmatch(r"([^*]+)\*(\d+)?(\*)?", name)
+        if cm:
+            base, index, star = cm.group(1), cm.group(2), cm.group(3)
+            if index is None:
+                extended.setdefault(base, {})[0] = (raw, True)
+            else:
+                extended.setdefault(base, {})[int(index)] = (raw, star is not None)
+            continue
+        params.setdefault(name, raw)
+    for base, chunks in extended.items():
+        first = chunks.get(0)
+        charset: str | None = None
+        buf = bytearray()
+        for i in sorted(chunks):
+            text, encoded = chunks[i]
+            if encoded:
+                if i == 0 and first is not None and text.count("'") >= 2:
+                    charset, _, text = text.split("'", 2)
+                buf.extend(_percent_decode(text))
+            else:
+                buf.extend(text.encode("utf-8", "surrogateescape"))
+        params[base] = decode_bytes(bytes(buf), charset, fallback)
+    for key, val in params.items():
+        params[key] = decode_header(val, fallback) if ("=?" in val or not val.isascii()) else val
+    return main.strip().lower(), params
+
+
+def _percent_decode(text: str) -> bytes:
+    out = bytearray()
+    data = text.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(data):
+        if data[i] == 0x25 and _HEX2.fullmatch(data[i + 1 : i + 3]):
+            out.append(int(data[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(data[i])
+            i += 1
+    return bytes(out)
+
+
+_MSGID: Final = re.compile(r"<([^<>\s]{1,900})>")
+
+
+def message_ids(value: str) -> list[str]:
+    """Return the ``<id>`` tokens of a Message-ID, In-Reply-To or References value."""
+    return [f"<{m.group(1)}>" for m in _MSGID.finditer(_unfold(value))][:100]
+
+
+# ---------------------------------------------------------------- html
+
+_BLOCK: Final = frozenset(
+    "address article aside blockquote div dl dt dd fieldset figcaption figure footer form "
+    "h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre section table tr ul center".split()
+)
+_SKIP: Final = frozenset(("script", "style", "head", "title", "template", "noscript", "xml"))
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skip = 0
+        self.pre = 0
+        self.href: list[str | None] = []
+
+    def _newline(self, count: int = 1) -> None:
+        self.out.append("\n" * count)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIP:
+            self.skip += 1
+        elif tag == "br":
+            self._newline()
+        elif tag == "pre":
+            self.pre += 1
+            self._newline()
+        elif tag == "li":
+            self._newline()
+            self.out.append("- ")
+        elif tag in ("td", "th"):
+            self.out.append("\t")
+        elif tag == "img":
+            alt = dict(attrs).get("alt")
+            if alt and not self.skip:
+                self.out.append(f"[{alt}]")
+        elif tag == "a":
+            self.href.append(dict(attrs).get("href"))
+        elif tag in _BLOCK:
+            self._newline()
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            return
+        self.handle_starttag(tag, attrs)
+        if tag in _SKIP:
+            self.skip -= 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIP:
+            self.skip = max(0, self.skip - 1)
+        elif tag == "pre":
+            self.pre = max(0, self.pre - 1)
+            self._newline()
+        elif tag == "a":
+            href = self.href.pop() if self.href else None
+            if href and not self.skip and href.startswith(("http://", "https://", "mailto:")):
+                target = href.removeprefix("mailto:")
+                if target not in "".join(self.out[-3:]):
+                    self.out.append(f" <{target}>")
+        elif tag in _BLOCK or tag == "p":
+            self._newline()
+
+    def handle_data(self, data: str) -> None:
+        if self.skip:
+            return
+        self.out.append(data if self.pre else _SPACES.sub(" ", data))
+
+
+_BLANK_LINES: Final = re.compile(r"\n[ \t]*(?:\n[ \t]*){2,}")
+_TRAILING: Final = re.compile(r"[ \t]+\n")
+_TAG: Final = re.compile(r"<[^>]*>")
+
+
+def html_to_text(markup: str) -> str:
+    """Render HTML as readable plain text (paragraphs, line breaks, list items, link targets)."""
+    parser = _TextExtractor()
+    try:
+        parser.feed(markup)
+        parser.close()
+        text = "".join(parser.out)
+    except Exception:  # html.parser is lenient, but a fallback costs nothing
+        text = html.unescape(_TAG.sub(" ", markup))
+    lines = (line.strip(" ") for line in text.replace("\xa0", " ").split("\n"))
+    text = "\n".join(lines)
+    text = _BLANK_LINES.sub("\n\n", _TRAILING.sub("\n", text))
+    return text.strip()
+
+
+# ---------------------------------------------------------------- message structure
+
+
+def _raw_headers(msg: Message) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in msg.raw_items():
+        key = name.strip().lower()
+        if key not in headers:
+            headers[key] = str(value)
+    return headers
+
+
+_MAIL_TRACE: Final = frozenset(
+    (b"received", b"return-path", b"delivered-to", b"x-original-to", b"x-envelope-to")
+)
+
+
+def content_hash(raw: bytes) -> str:
+    """Hash the message with CRLF line ends and without leading trace headers.
+
+    A resend of the same message through another relay then hashes the same.
+    """
+    lines = re.split(rb"\r?\n", raw)
+    i = 0
+    skipping = False
+    while i < len(lines):
+        line = lines[i]
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                break
+            i += 1
+            continue
+        name = line.split(b":", 1)[0].strip().lower() if b":" in line else b""
+        if name in _MAIL_TRACE:
+            skipping = True
+            i += 1
+            continue
+        break
+    digest = hashlib.sha256(b"\r\n".join(lines[i:])).hexdigest()
+    return f"sha256:{digest}"
+
+
+_BOUNDARY_LINE: Final = re.compile(rb"^--([ -~]{1,70}?)(--)?[ \t]*\r?$", re.MULTILINE)
+
+
+def _guess_boundary(body: bytes) -> bytes | None:
+    """Find the lost boundary of a multipart: a ``--x`` line, best one closed by ``--x--``."""
+    seen: dict[bytes, int] = {}
+    for m in _BOUNDARY_LINE.finditer(body[:1_000_000]):
+        token = m.group(1)
+        if m.group(2):
+            if token in seen:
+                return token
+        else:
+            seen[token] = seen.get(token, 0) + 1
+    return max(seen, key=lambda t: seen[t]) if seen else None
+
+
+def _recover_multipart(part: Message, ctype: str) -> Message | None:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return None
+    boundary = _guess_boundary(payload)
+    if boundary is None or b'"' in boundary:
+        return None
+    header = b'Content-Type: ' + ctype.encode() + b'; boundary="' + boundary + b'"\r\n\r\n'
+    rebuilt = BytesParser(policy=policy.default).parsebytes(header + payload)
+    return rebuilt if rebuilt.is_multipart() else None
+
+
+@dataclass(slots=True)
+class _Body:
+    plain: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
+    charsets: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _part_bytes(part: Message) -> bytes:
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        return payload
+    inner = part.get_payload()
+    if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+        try:
+            return inner[0].as_bytes(policy=policy.compat32)
+        except Exception:  # the generator chokes on some hostile headers
+            return b""
+    return b""
+
+
+def _part_text(part: Message, headers: dict[str, str], opts: Options, body: _Body) -> str:
+    _, params = header_params(headers.get("content-type", ""), opts.regional_fallback)
+    charset = params.get("charset")
+    data = _part_bytes(part)
+    if charset is None and part.get_content_subtype() == "html":
+        m = re.search(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_.:-]+)""", data[:4096], re.I)
+        if m:
+            charset = m.group(1).decode("ascii", "replace")
+    if charset:
+        body.charsets.append(charset)
+    return decode_bytes(data, charset, opts.regional_fallback)
+
+
+def _attachment(
+    part: Message, headers: dict[str, str], ctype: str, opts: Options, index: int
+) -> Part:
+    fallback = opts.regional_fallback
+    disposition, dparams = header_params(headers.get("content-disposition", ""), fallback)
+    _, cparams = header_params(headers.get("content-type", ""), fallback)
+    name = dparams.get("filename") or cparams.get("name") or ""
+    content_id = message_ids(headers.get("content-id", ""))
+    data = _part_bytes(part)
+    if ctype == "message/rfc822":
+        name = name or f"message-{index}.eml"
+    if not name:
+        ext = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "text/html": ".html",
+               "text/plain": ".txt", "application/pdf": ".pdf"}.get(ctype, ".bin")
+        name = f"part-{index}{ext}"
+    return Part(
+        name=clean_text(_clean_line(name, 255)),
+        content_type=ctype,
+        data=data,
+        content_id=content_id[0] if content_id else None,
+        inline=disposition == "inline" or (bool(content_id) and disposition != "attachment"),
+    )
+
+
+def _walk(msg: Message, opts: Options, body: _Body) -> None:
+    """Collect body text and files; alternatives not chosen for text still give their files."""
+    stack: list[tuple[Message, int, bool]] = [(msg, 0, True)]
+    count = 0
+    while stack:
+        part, depth, text_wanted = stack.pop()
+        count += 1
+        if count > MAX_PARTS:
+            body.notes.append("too many parts")
+            return
+        headers = _raw_headers(part)
+        ctype, _ = header_params(headers.get("content-type", ""), opts.regional_fallback)
+        if "/" not in ctype:
+            ctype = "text/plain"
+        maintype = ctype.split("/", 1)[0]
+        if maintype == "multipart" and not part.is_multipart():
+            recovered = _recover_multipart(part, ctype)
+            if recovered is None:
+                body.notes.append("multipart without parts")
+                ctype, maintype = "text/plain", "text"
+            else:
+                body.notes.append("multipart boundary recovered")
+                part = recovered
+        if part.is_multipart():
+            if depth >= MAX_DEPTH:
+                body.notes.append("nesting too deep")
+                continue
+            children = [c for c in (part.get_payload() or []) if isinstance(c, Message)]
+            chosen = _choose_alternative(children) if ctype == "multipart/alternative" else None
+            stack.extend(
+                (c, depth + 1, text_wanted and (chosen is None or c is chosen))
+                for c in reversed(children)
+            )
+            continue
+        disposition, dparams = header_params(
+            headers.get("content-disposition", ""), opts.regional_fallback
+        )
+        is_attachment = disposition == "attachment" or "filename" in dparams
+        if maintype == "text" and not is_attachment and (
+            ctype in ("text/plain", "text/html") or part is msg
+        ):
+            if text_wanted:
+                text = _part_text(part, headers, opts, body)
+                (body.html if ctype == "text/html" else body.plain).append(text)
+            continue
+        body.parts.append(_attachment(part, headers, ctype, opts, len(body.parts) + 1))
+
+
+def _choose_alternative(children: list[Message]) -> Message | None:
+    """Prefer text/plain, then HTML (or a multipart holding it), then the last alternative."""
+    for wanted in ("text/plain", "text/html"):
+        for c in children:
+            if c.get_content_type() == wanted:
+                return c
+    for c in children:
+        if c.is_multipart():
+            return c
+    return children[-1] if children else None
+
+
+# ---------------------------------------------------------------- the message
+
+
+_AUTO_PRECEDENCE: Final = frozenset(("bulk", "list", "junk"))
+_DAEMONS: Final = ("mailer-daemon", "postmaster", "noreply", "no-reply", "do-not-reply")
+
+
+def auto_generated_reason(
+    headers: dict[str, str], mail_from: str | None, sender: str
+) -> str | None:
+    """Return why a message must never get an automatic answer (RFC 3834), or None."""
+    if mail_from == "":
+        return "null sender"
+    auto = _clean_line(headers.get("auto-submitted", "")).lower()
+    if auto and auto.split(";", 1)[0].strip() != "no":
+        return f"auto-submitted: {auto[:40]}"
+    precedence = _clean_line(headers.get("precedence", "")).lower()
+    if precedence in _AUTO_PRECEDENCE:
+        return f"precedence: {precedence}"
+    if "list-id" in headers or "list-unsubscribe" in headers:
+        return "mailing list"
+    suppress = headers.get("x-auto-response-suppress", "").lower()
+    if any(k in suppress for k in ("all", "autoreply", "oof")):
+        return "x-auto-response-suppress"
+    local = sender.split("@", 1)[0].lower()
+    if local.startswith(_DAEMONS) or local.endswith("-request") or local.startswith("owner-"):
+        return f"sender {local[:40]}"
+    return None
+
+
+def _address(raw: str, fallback: str) -> tuple[str, str | None]:
+    pairs = getaddresses([_unfold(raw)])
+    for name, addr in pairs:
+        if addr and "@" in addr:
+            display = decode_header(name, fallback).strip().strip('"').strip() if name else ""
+            return _norm_address(_raw_text(addr, fallback)), (display or None)
+    return "", None
+
+
+def _norm_address(addr: str) -> str:
+    addr = clean_text(addr).strip().strip("<>").strip()
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        return addr[:320]
+    return f"{local}@{domain.lower()}"[:320]
+
+
+def split_mailbox(address: str) -> tuple[str, str | None]:
+    """Return the mailbox without its ``+tag`` and the tag: ``a+t@d`` -> (``a@d``, ``t``)."""
+    addr = _norm_address(address)
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        return addr, None
+    base, plus, tag = local.partition("+")
+    return f"{base}@{domain}", (tag if plus else None)
+
+
+def _origin(raw_date: str | None) -> Micros | None:
+    if not raw_date:
+        return None
+    try:
+        return from_datetime(parsedate_to_datetime(_clean_line(raw_date)))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _thread(headers: dict[str, str], rcpt_tos: Iterable[str]) -> tuple[str | None, dict[str, Any]]:
+    refs = message_ids(headers.get("references", ""))
+    in_reply = message_ids(headers.get("in-reply-to", ""))
+    facts: dict[str, Any] = {}
+    if refs:
+        facts["references"] = refs[-20:]
+    if in_reply:
+        facts["in_reply_to"] = in_reply[0]
+    for rcpt in rcpt_tos:
+        _, tag = split_mailbox(rcpt)
+        if tag and _CONTACT_ID.match(tag.lower()):
+            facts["reply_to_contact"] = tag.lower()
+            return tag.lower(), facts
+    for mid in [*in_reply, *reversed(refs)]:
+        m = _OWN_MESSAGE_ID.search(mid)
+        if m:
+            facts["reply_to_contact"] = m.group(1).lower()
+            return m.group(1).lower(), facts
+    if refs:
+        return refs[0], facts
+    if in_reply:
+        return in_reply[0], facts
+    return None, facts
+
+
+def _language(headers: dict[str, str], charsets: Iterable[str]) -> str | None:
+    declared = _clean_line(headers.get("content-language", "")).split(",", 1)[0].strip()
+    if declared and re.fullmatch(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*", declared):
+        return declared
+    for cs in charsets:
+        hint = language_of(cs)
+        if hint:
+            return hint
+    return None
+
+
+_CONTROLS: Final = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")
+
+
+def _tidy(text: str) -> str:
+    text = clean_text(text).replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROLS.sub("", text).strip()
+
+
+def normalize(raw: bytes, envelope: Envelope, opts: Options = Options()) -> Normalized:
+    """Return the contact fields of ``raw``; on any failure, a result flagged ``parse_error``."""
+    try:
+        return _normalize(raw, envelope, opts)
+    except Exception as exc:  # one bad message must never block the next
+        return _unparsed(raw, envelope, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _recipient(envelope: Envelope) -> str:
+    return split_mailbox(envelope.rcpt_tos[0])[0] if envelope.rcpt_tos else ""
+
+
+def _unparsed(raw: bytes, envelope: Envelope, error: str) -> Normalized:
+    try:
+        mail_from = _norm_address(envelope.mail_from or "")
+        recipient = _recipient(envelope)
+    except Exception:
+        mail_from, recipient = "", ""
+    return Normalized(
+        external_id=f"sha256:{hashlib.sha256(raw).hexdigest()}",
+        sender=Sender(mail_from, None),
+        recipient=recipient,
+        subject=None,
+        text="",
+        language=None,
+        thread=None,
+        origin_at=None,
+        parts=(Part("message.eml", "message/rfc822", raw),),
+        auto_generated="unparsed" if not envelope.mail_from else None,
+        parse_error=error,
+        meta={"parse_error": error},
+    )
+
+
+def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
+    fallback = opts.regional_fallback
+    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    headers = _raw_headers(msg)
+    sender_addr, sender_name = _address(headers.get("from", ""), fallback)
+    if not sender_addr:
+        sender_addr, sender_name = _norm_address(envelope.mail_from or ""), None
+    reply_to, _ = _address(headers.get("reply-to", ""), fallback)
+    subject = (
+        _tidy(_clean_line(decode_header(headers["subject"], fallback), 1000))
+        if "subject" in headers
+        else None
+    )
+    body = _Body()
+    _walk(msg, opts, body)
+    if body.plain:
+        text = "\n\n".join(t.strip("\r\n") for t in body.plain if t.strip())
+        source = "plain"
+    elif body.html:
+        text = "\n\n".join(html_to_text(h) for h in body.html)
+        source = "html"
+    else:
+        text, source = "", "none"
+    text = _tidy(text)
+    meta: dict[str, Any] = {"body": source}
+    if len(text) > opts.max_text_chars:
+        text = text[: opts.max_text_chars]
+        meta["text_truncated"] = True
+    mids = message_ids(headers.get("message-id", ""))
+    if mids:
+        external_id = mids[0]
+    else:
+        bare = _clean_line(headers.get("message-id", ""), 900)
+        external_id = bare if bare and bare.isascii() and bare.isprintable() else content_hash(raw)
+    thread, thread_facts = _thread(headers, envelope.rcpt_tos)
+    meta.update(thread_facts)
+    if reply_to and reply_to != sender_addr:
+        meta["reply_to"] = reply_to
+    auto = auto_generated_reason(headers, envelope.mail_from, sender_addr)
+    if auto:
+        meta["auto_generated"] = auto
+    defects = sorted({type(d).__name__ for p in _safe_walk(msg) for d in p.defects})
+    if defects:
+        meta["defects"] = defects[:MAX_DEFECTS]
+    if body.notes:
+        meta["notes"] = sorted(set(body.notes))
+    return Normalized(
+        external_id=external_id,
+        sender=Sender(sender_addr, sender_name),
+        recipient=_recipient(envelope),
+        subject=subject,
+        text=text,
+        language=_language(headers, [*body.charsets, *_subject_charsets(headers)]),
+        thread=thread,
+        origin_at=_origin(headers.get("date")),
+        parts=tuple(body.parts),
+        auto_generated=auto,
+        parse_error=None,
+        meta=meta,
+    )
+
+
+def _subject_charsets(headers: dict[str, str]) -> list[str]:
+    return [m.group(1) for m in _ENCODED_WORD.finditer(headers.get("subject", ""))][:3]
+
+
+def _safe_walk(msg: Message) -> Iterator[Message]:
+    stack: list[tuple[Message, int]] = [(msg, 0)]
+    seen = 0
+    while stack and seen < MAX_PARTS:
+        part, depth = stack.pop()
+        seen += 1
+        yield part
+        if part.is_multipart() and depth < MAX_DEPTH:
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend((c, depth + 1) for c in payload if isinstance(c, Message))

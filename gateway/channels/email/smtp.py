@@ -1,0 +1,219 @@
+"""The SMTP listener: aiosmtpd's protocol on the gateway's own loop, with our policy.
+
+aiosmtpd parses the protocol and enforces SIZE, line length and the idle timeout; the handler
+here decides: which recipients are ours (550 for the rest, never an open relay), how many per
+message, and answers DATA with 250 only once the contact is durable (451 when it cannot be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway.adapters import IntakeUnavailable
+from gateway.attachments import AttachmentTooLarge
+from gateway.channels.email.config import EmailConfig
+from gateway.channels.email.normalize import Envelope as MailEnvelope
+from gateway.channels.email.normalize import split_mailbox
+
+log = logging.getLogger(__name__)
+
+Accept = Callable[[bytes, MailEnvelope], Coroutine[Any, Any, str]]
+"""Makes one received message durable and returns its contact id."""
+
+
+class Policy:
+    """Which recipients this listener accepts."""
+
+    def __init__(self, mailboxes: tuple[str, ...], domains: tuple[str, ...]) -> None:
+        self.mailboxes = frozenset(split_mailbox(m)[0].lower() for m in mailboxes)
+        self.domains = frozenset(d.strip().lower().lstrip("@").rstrip(".") for d in domains)
+
+    def accepts(self, address: str) -> bool:
+        """True for a configured mailbox (with or without ``+tag``) or an address in a domain."""
+        base, _ = split_mailbox(address)
+        if "@" not in base:
+            return False
+        domain = base.rpartition("@")[2].rstrip(".")
+        return base.lower() in self.mailboxes or domain in self.domains
+
+
+def masked(address: str) -> str:
+    """Hide the local part of an address in logs: ``c***@example.org``."""
+    local, at, domain = address.rpartition("@")
+    return f"{local[:1]}***@{domain}" if at else "***"
+
+
+class Handler:
+    """aiosmtpd hooks (``handle_<VERB>``): policy and hand-off, no protocol parsing."""
+
+    def __init__(self, config: EmailConfig, accept: Accept) -> None:
+        self.config = config
+        self.policy = Policy(config.mailboxes, config.domains)
+        self.accept = accept
+        self.in_flight: set[asyncio.Task[str]] = set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # Commands are read and answered strictly in order, and STARTTLS drops buffered input
+        # (RFC 3207 4.2): pipelining is safe to announce.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self.policy.accepts(address):
+            log.info("smtp: recipient %s refused (not ours)", masked(address))
+            return "550 5.7.1 Relaying denied: not a mailbox of this server"
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        mail_from = envelope.mail_from or ""
+        peer: Any = session.peer  # typed str in aiosmtpd, a (host, port) tuple in fact
+        env = MailEnvelope(
+            mail_from="" if mail_from == "<>" else mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            peer=str(peer[0]) if isinstance(peer, tuple) and peer else None,
+            helo=session.host_name,
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        # Shielded: a client that hangs up mid-way must not cut a write to the queue in half.
+        task = asyncio.get_running_loop().create_task(self.accept(raw, env))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        try:
+            contact_id = await asyncio.shield(task)
+        except IntakeUnavailable:
+            return "451 4.3.0 Queue unavailable, try again later"
+        except AttachmentTooLarge:
+            return "552 5.3.4 Message too big for the attachment store"
+        except Exception:
+            log.exception("smtp: message from %s not accepted", peer)
+            return "451 4.3.0 Temporary failure, try again later"
+        return f"250 2.0.0 OK queued as {contact_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.warning("smtp: session error %s", type(error).__name__)
+        return "421 4.3.0 Error, closing connection"
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's protocol with a per-connection line bound and a session time bound."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        line_length: int,
+        max_session_s: float,
+        sessions: set[GatewaySMTP],
+        **kwargs: Any,
+    ) -> None:
+        self.line_length_limit = line_length
+        self._sessions = sessions
+        # aiosmtpd keeps these limits on the class and grows them per EHLO: keep ours apart.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self._max_session_s = max_session_s
+        self._session_timer: asyncio.TimerHandle | None = None
+        super().__init__(handler, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._session_timer is None:
+            self._session_timer = self.loop.call_later(self._max_session_s, self._session_expired)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    def _session_expired(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(b"421 4.4.2 Session time limit exceeded\r\n")
+            transport.close()
+
+
+def tls_context(config: EmailConfig) -> ssl.SSLContext | None:
+    """Return the server TLS context for STARTTLS, or None without a certificate."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    return context
+
+
+class Listener:
+    """The SMTP server socket; ``port`` is the bound port once started."""
+
+    def __init__(self, config: EmailConfig, handler: Handler) -> None:
+        self.config = config
+        self.handler = handler
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tls = tls_context(config)
+        self._sessions: set[GatewaySMTP] = set()
+
+    def _protocol(self) -> GatewaySMTP:
+        c = self.config
+        proto = GatewaySMTP(
+            self.handler,
+            line_length=c.max_line_length + 2,
+            max_session_s=float(c.max_session_time),
+            sessions=self._sessions,
+            data_size_limit=c.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=c.hostname or None,
+            ident="intake gateway ESMTP",
+            tls_context=self._tls,
+            require_starttls=c.require_tls,
+            timeout=float(c.idle_timeout),
+            loop=asyncio.get_running_loop(),
+        )
+        self._sessions.add(proto)
+        return proto
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self.config.listen.host, self.config.listen.port
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop accepting, let messages being queued finish, then close every session."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        if self.handler.in_flight:
+            await asyncio.wait(set(self.handler.in_flight), timeout=30)
+        for proto in list(self._sessions):
+            transport = proto.transport
+            if transport is not None and not transport.is_closing():
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(b"421 4.3.2 Service shutting down\r\n")
+                transport.close()
+        self._sessions.clear()
+        await server.wait_closed()
