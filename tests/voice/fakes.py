@@ -107,9 +107,10 @@ async def fake_call(
 class FakeAmi:
     """A manager server: greets, checks the login, then replays one transcript per connection.
 
-    ``sessions[i]`` is written on the i-th successful login (the connection is then closed when
-    the entry ends in ``close=True``, kept open otherwise). Writes go out in ``chunk``-byte pieces
-    so that UTF-8 characters and CRLF pairs are split across TCP reads.
+    Each successful login takes the next ``(transcript, close)`` from ``sessions`` (the
+    connection is closed after it when ``close``, kept open otherwise; idle when none is left).
+    Writes go out in ``chunk``-byte pieces so that UTF-8 characters and CRLF pairs are split
+    across TCP reads.
     """
 
     def __init__(
@@ -171,16 +172,15 @@ class FakeAmi:
                 b"Timestamp: 1795594480.000001\r\nStatus: Fully Booted\r\n"
                 b"Uptime: 100\r\nLastReload: 100\r\n\r\n"
             )
-            index = self.accepted
             self.accepted += 1
-            if index >= len(self.sessions):
+            if not self.sessions:
                 await reader.read()  # idle until the client leaves
                 return
-            data, close = self.sessions[index]
+            data, close = self.sessions.pop(0)
             for i in range(0, len(data), self.chunk):
                 writer.write(data[i : i + self.chunk])
                 await writer.drain()
-            if index == len(self.sessions) - 1:
+            if not self.sessions:
                 self.done.set()
             if not close:
                 await reader.read()
