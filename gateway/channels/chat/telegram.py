@@ -188,7 +188,6 @@ def decode_update(update: Update, bot_id: int, bot_username: str) -> TelegramMes
                 voice.file_size,
             )
         )
-        meta["duration_s"] = _seconds(voice.duration)
     elif message.video is not None:
         kind = "video"
         video = message.video
@@ -200,7 +199,6 @@ def decode_update(update: Update, bot_id: int, bot_username: str) -> TelegramMes
                 video.file_size,
             )
         )
-        meta["duration_s"] = _seconds(video.duration)
     elif message.venue is not None:
         kind = "venue"
         venue = message.venue
@@ -257,12 +255,6 @@ def decode_update(update: Update, bot_id: int, bot_username: str) -> TelegramMes
         files=tuple(files),
         meta=meta,
     )
-
-
-def _seconds(value: int | timedelta | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 # ---------------------------------------------------------------- the adapter

@@ -1,0 +1,120 @@
+"""When Intake cannot make a contact durable, every webhook asks its platform to retry (503).
+
+The adapters get the real Intake of a running gateway behind a door that refuses the first
+submission, and their routes on an HTTP server of the test's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway.adapters import AdapterContext
+from gateway.channels.chat.telegram import TelegramAdapter, TelegramConfig
+from gateway.channels.chat.wechat import WeChatAdapter, WeChatConfig
+from gateway.channels.chat.weibo import WeiboAdapter, WeiboConfig
+from gateway.clock import FixedClock
+from gateway.config import Secret
+from tests.chat import payloads as p
+from tests.chat.fakes import BOT_TOKEN, FakeBotApi, LocalServer, message
+from tests.chat.test_telegram import FlakyIntake
+
+NOW_S = 1_795_594_483
+
+
+@pytest.fixture
+async def bot_api() -> AsyncIterator[FakeBotApi]:
+    api = FakeBotApi()
+    await api.start()
+    yield api
+    await api.stop()
+
+
+async def _serve(
+    gw: Any, build: Callable[[AdapterContext], Any]
+) -> tuple[LocalServer, Any, FlakyIntake]:
+    server = LocalServer()
+    flaky = FlakyIntake(gw.intake, failures=1)
+    ctx = AdapterContext(
+        name="x",
+        intake=flaky,
+        events=gw.queue,
+        contacts=gw.queue,
+        router=server.app.router,
+        attachments=gw.attachments,
+        clock=FixedClock(NOW_S * 1_000_000),
+        settings=gw.settings,
+    )
+    adapter = build(ctx)
+    await server.start()
+    await adapter.start()
+    return server, adapter, flaky
+
+
+async def _twice(
+    url: str, body: bytes, headers: dict[str, str] | None = None
+) -> list[tuple[int, str | None]]:
+    out = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.post(url, data=body, headers=headers or {}) as resp:
+                out.append((resp.status, resp.headers.get("Retry-After")))
+    return out
+
+
+async def test_wechat_503_then_taken(start_gateway: Any) -> None:
+    gw = await start_gateway()
+    server, adapter, _flaky = await _serve(
+        gw, lambda ctx: WeChatAdapter(ctx, WeChatConfig(app_id=p.APP_ID, token=Secret(p.TOKEN)))
+    )
+    try:
+        url = f"{server.base}/chat/wechat/x?{p.wechat_query(NOW_S)}"
+        assert await _twice(url, p.text("t", create_time=NOW_S, msg_id=5)) == [
+            (503, "5"),
+            (200, None),
+        ]
+    finally:
+        await adapter.stop()
+        await server.stop()
+    assert [c.external_id for c in await gw.read_contacts()] == ["5"]
+
+
+async def test_weibo_503_then_taken(start_gateway: Any) -> None:
+    gw = await start_gateway()
+    server, adapter, _flaky = await _serve(
+        gw, lambda ctx: WeiboAdapter(ctx, WeiboConfig(app_secret=Secret(p.APP_SECRET)))
+    )
+    try:
+        url = f"{server.base}/chat/weibo/x?{p.weibo_query(NOW_S)}"
+        assert await _twice(url, p.weibo_push("text", "t")) == [(503, "5"), (200, None)]
+    finally:
+        await adapter.stop()
+        await server.stop()
+    assert len(await gw.read_contacts()) == 1
+
+
+async def test_telegram_webhook_503_then_taken(start_gateway: Any, bot_api: FakeBotApi) -> None:
+    gw = await start_gateway()
+    config = TelegramConfig(
+        token=Secret(BOT_TOKEN),
+        secret_token=Secret("k"),
+        api_base=bot_api.api_base,
+        file_base=bot_api.file_base,
+    )
+    server, adapter, flaky = await _serve(gw, lambda ctx: TelegramAdapter(ctx, config))
+    try:
+        body = orjson.dumps({"update_id": 1, "message": message(1, text="t")})
+        headers = {"X-Telegram-Bot-Api-Secret-Token": "k", "Content-Type": "application/json"}
+        assert await _twice(f"{server.base}/chat/telegram/x", body, headers) == [
+            (503, "5"),
+            (200, None),
+        ]
+    finally:
+        await adapter.stop()
+        await server.stop()
+    assert [c.external_id for c in await gw.read_contacts()] == ["777000001:1"]
+    assert flaky.refused == ["777000001:1"]
