@@ -10,6 +10,7 @@ BUILTIN: tuple[str, ...] = (
     "gateway.channels.chat.wechat:CHANNEL",
     "gateway.channels.chat.weibo:CHANNEL",
     "gateway.channels.email.adapter:CHANNEL",
+    "gateway.channels.sms.generic:CHANNEL",
     "gateway.channels.sms.kannel:CHANNEL",
     "gateway.channels.sms.twilio:CHANNEL",
     "gateway.channels.voice.adapter:CHANNEL",

@@ -1,0 +1,534 @@
+"""A generic SMS webhook for any other aggregator: JSON or form, field names from the config.
+
+Authentication is an HMAC-SHA256 of the raw body in a header (hex or base64, with or without a
+``sha256=`` prefix) or a shared secret in a header; the operator may turn it off. Replies go
+out through an HTTP template (JSON, form or query) whose values are filled per message, so the
+text is always encoded by the serializer and never spliced into a string. Delivery reports
+come back on ``<path>/status`` carrying the signed reference we put in ``{ref}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.adapters import (
+    AdapterContext,
+    ChannelType,
+    IntakeUnavailable,
+    Receipt,
+    SendError,
+    SendReceipt,
+)
+from gateway.channels.sms import common
+from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
+from gateway.channels.sms.segments import split
+from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
+from gateway.config import ConfigError, Duration, Secret
+from gateway.phone import mask_phone
+from gateway.records import Contact, Event, Inbound, Reply, Sender, clean_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldNames:
+    """Where the aggregator puts each fact (dotted paths reach into JSON objects)."""
+
+    sender: str = "from"
+    recipient: str = "to"
+    text: str = "text"
+    id: str = "id"
+    """Empty: the aggregator sends no id; a hash of the content is used for deduplication."""
+    time: str = "timestamp"
+    """Unix seconds (or milliseconds) or RFC 3339."""
+    concat_ref: str = ""
+    concat_total: str = ""
+    concat_part: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFields:
+    """How the aggregator reports delivery on ``<path>/status``."""
+
+    reference: str = "reference"
+    status: str = "status"
+    delivered: tuple[str, ...] = ("delivered", "DELIVRD")
+    failed: tuple[str, ...] = (
+        "failed", "undelivered", "rejected", "expired", "UNDELIV", "REJECTD", "EXPIRED",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SendTemplate:
+    """One HTTP request per reply (or per segment with ``split``)."""
+
+    url: str = ""
+    method: Literal["POST", "GET"] = "POST"
+    format: Literal["json", "form"] = "json"
+    fields: dict[str, str] = field(
+        default_factory=lambda: {"to": "{to}", "from": "{from}", "text": "{text}",
+                                 "reference": "{ref}"}
+    )
+    """Values may use {to} {to_digits} {from} {text} {ref} {part} {parts} {encoding}."""
+    headers: dict[str, str] = field(default_factory=dict)
+    authorization: Secret | None = None
+    """Sent as the ``Authorization`` header."""
+    split: bool = False
+    """Send each segment as its own request (the aggregator does not split)."""
+    timeout: Duration = Duration(10)
+
+
+@dataclass(frozen=True, slots=True)
+class GenericConfig:
+    """``[adapters.NAME]`` with ``type = "sms-webhook"``."""
+
+    path: str = "/sms/webhook"
+    auth: Literal["hmac-sha256", "shared-secret", "none"] = "hmac-sha256"
+    secret: Secret | None = None
+    signature_header: str = "X-Signature"
+    secret_header: str = "X-Webhook-Secret"  # noqa: S105 (a header name)
+    fields: FieldNames = field(default_factory=FieldNames)
+    status: StatusFields = field(default_factory=StatusFields)
+    send: SendTemplate = field(default_factory=SendTemplate)
+    region: str = "CN"
+    recipient: str = ""
+    """Recipient when the aggregator does not say (the hotline number)."""
+    sender_id: str = ""
+    """``{from}`` of replies; default: the number the citizen wrote to."""
+    max_body: int = 64 * 1024
+    response_body: str = ""
+    response_content_type: str = "text/plain"
+    ack_text: str = ""
+    """Auto-acknowledgement sent through the send template; ``{ref}``, ``{id}`` filled."""
+    concat_timeout: Duration = Duration(60)
+    max_segments: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class GenericMessage:
+    sender: str
+    recipient: str
+    text: str
+    id: str
+    origin_at: Micros | None
+    concat: Concat | None
+
+
+def _lookup(data: Any, path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _scalar(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return None
+
+
+def parse_fields(content_type: str, body: bytes, raw_query: str) -> dict[str, Any]:
+    """Decode a JSON object, a form body or (for GET) the query; raise ``BadRequest``."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise common.BadRequest("malformed JSON") from exc
+        if not isinstance(data, dict):
+            raise common.BadRequest("JSON body must be an object")
+        return data
+    source = body if body else raw_query.encode("latin-1", "replace")
+    try:
+        text = source.decode("utf-8")
+        return dict(parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=200))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise common.BadRequest("malformed form (UTF-8 expected)") from exc
+
+
+def _time(value: str) -> Micros:
+    text = value.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        try:
+            return from_datetime(datetime.fromisoformat(text.replace("Z", "+00:00")))
+        except ValueError as exc:
+            raise common.BadRequest("time is neither unix time nor RFC 3339") from exc
+    if not 0 <= number < 1e14:
+        raise common.BadRequest("time out of range")
+    seconds = number / 1000 if number > 1e11 else number
+    return int(seconds * MICROS_PER_SECOND)
+
+
+def parse_message(
+    data: dict[str, Any], names: FieldNames, default_recipient: str
+) -> GenericMessage:
+    """Pick the configured fields out of a decoded payload; raise ``BadRequest``."""
+    sender = _scalar(_lookup(data, names.sender)) or ""
+    if not sender.strip():
+        raise common.BadRequest(f"missing sender ({names.sender})")
+    text_value = _lookup(data, names.text)
+    if text_value is not None and not isinstance(text_value, str):
+        raise common.BadRequest(f"{names.text} must be a string")
+    text = clean_text(text_value or "")
+    recipient = _scalar(_lookup(data, names.recipient)) or default_recipient
+    time_raw = _scalar(_lookup(data, names.time)) if names.time else None
+    origin_at = _time(time_raw) if time_raw else None
+    if names.id:
+        message_id = _scalar(_lookup(data, names.id)) or ""
+        if not message_id.strip():
+            raise common.BadRequest(f"missing message id ({names.id})")
+    else:
+        digest = hashlib.sha256(f"{sender}\x1f{recipient}\x1f{time_raw}\x1f{text}".encode())
+        message_id = "sha256:" + digest.hexdigest()[:32]
+    if len(message_id) > 128 or len(sender) > 64 or len(recipient) > 64:
+        raise common.BadRequest("field too long")
+    concat = None
+    if names.concat_ref and names.concat_total and names.concat_part:
+        values = [_scalar(_lookup(data, n)) for n in
+                  (names.concat_ref, names.concat_total, names.concat_part)]
+        if all(values):
+            try:
+                ref, total, seq = (int(v or "") for v in values)
+            except ValueError as exc:
+                raise common.BadRequest("concatenation fields must be integers") from exc
+            if not (0 <= ref < 65536 and 1 <= seq <= total <= 255):
+                raise common.BadRequest("concatenation fields out of range")
+            concat = Concat(ref, total, seq)
+    return GenericMessage(sender.strip(), recipient.strip(), text, message_id.strip(),
+                          origin_at, concat)
+
+
+def verify_hmac(secret: str, body: bytes, given: str) -> bool:
+    """Check an HMAC-SHA256 of ``body``: hex or base64, optionally prefixed ``sha256=``."""
+    value = given.strip()
+    if value.lower().startswith("sha256="):
+        value = value[7:]
+    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).digest()
+    hex_ok = common.equal(value.lower(), digest.hex())
+    b64_ok = common.equal(value, base64.b64encode(digest).decode("ascii"))
+    return hex_ok | b64_ok
+
+
+class GenericAdapter:
+    """A configurable SMS webhook, its reply template and its delivery reports."""
+
+    channel = "sms"
+
+    def __init__(self, ctx: AdapterContext, config: GenericConfig) -> None:
+        if config.auth != "none" and not config.secret:
+            raise ConfigError(
+                [(f"adapters.{ctx.name}.secret", f"required with auth = {config.auth!r}")]
+            )
+        self.name = ctx.name
+        self.ctx = ctx
+        self.config = config
+        self.path = config.path.rstrip("/") or "/"
+        self.status_path = self.path.rstrip("/") + "/status"
+        data_dir = ctx.settings.gateway.data_dir / "sms" / ctx.name / "parts"
+        self.assembler = Assembler(
+            data_dir, float(config.concat_timeout), ctx.clock, self._handover
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._progress: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reported: dict[tuple[str, str], None] = {}
+        for method in ("GET", "POST"):
+            ctx.router.add_route(method, self.path, self.receive)
+            ctx.router.add_route(method, self.status_path, self.status_report)
+
+    async def start(self) -> None:
+        await self.assembler.start()
+
+    async def stop(self) -> None:
+        await self.assembler.stop()
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # ------------------------------------------------------------------ inbound
+
+    def _check(self, request: web.Request, body: bytes) -> web.Response | None:
+        cfg = self.config
+        if cfg.auth == "none" or not cfg.secret:
+            return None
+        header = cfg.signature_header if cfg.auth == "hmac-sha256" else cfg.secret_header
+        given = request.headers.get(header, "")
+        if not given:
+            return common.unauthorized("sms-webhook")
+        if cfg.auth == "hmac-sha256":
+            signed = body if body else request.rel_url.raw_query_string.encode("latin-1", "replace")
+            ok = verify_hmac(cfg.secret.reveal(), signed, given)
+        else:
+            ok = common.equal(given, cfg.secret.reveal())
+        return None if ok else common.forbidden()
+
+    async def _read(
+        self, request: web.Request
+    ) -> tuple[dict[str, Any] | None, web.Response | None]:
+        try:
+            body = await common.read_body(request, self.config.max_body)
+        except web.HTTPRequestEntityTooLarge:
+            return None, web.Response(status=413, text="request body too large\n")
+        denied = self._check(request, body)
+        if denied is not None:
+            return None, denied
+        try:
+            raw_query = request.rel_url.raw_query_string if request.method == "GET" else ""
+            return parse_fields(request.headers.get("Content-Type", ""), body, raw_query), None
+        except common.BadRequest as exc:
+            return None, common.bad_request(str(exc))
+
+    async def receive(self, request: web.Request) -> web.StreamResponse:
+        """Handle one inbound message."""
+        received_at = self.ctx.clock.now_us()
+        data, refused = await self._read(request)
+        if refused is not None or data is None:
+            return refused or common.bad_request("empty")
+        try:
+            msg = parse_message(data, self.config.fields, self.config.recipient)
+            sender = common.phone_address(msg.sender, self.config.region)
+        except common.BadRequest as exc:
+            return common.bad_request(str(exc))
+        recipient = common.phone_address(msg.recipient, self.config.region) if msg.recipient else ""
+        if msg.concat is not None and msg.concat.total > 1:
+            part = Part(
+                group=group_key(sender, recipient, msg.concat),
+                seq=msg.concat.seq,
+                total=msg.concat.total,
+                external_id=msg.id,
+                data=msg.text.encode("utf-8"),
+                charset="utf-8",
+                received_at=received_at,
+                origin_at=msg.origin_at,
+                sender=sender,
+                recipient=recipient,
+                meta={"ref": msg.concat.ref},
+            )
+            try:
+                added = await self.assembler.add(part)
+            except OSError as exc:
+                log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
+                return common.unavailable()
+            if isinstance(added.handed_over, Receipt):
+                self._acknowledge(added.handed_over)
+            return self._answer()
+        inbound = Inbound(
+            channel="sms",
+            adapter=self.name,
+            external_id=msg.id,
+            sender=Sender(sender),
+            recipient=recipient,
+            received_at=received_at,
+            text=msg.text,
+            origin_at=msg.origin_at,
+            meta={"provider": "sms-webhook"},
+        )
+        try:
+            receipt = await self.ctx.intake.submit(inbound)
+        except IntakeUnavailable:
+            log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
+            return common.unavailable()
+        log.info("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
+        self._acknowledge(receipt)
+        return self._answer()
+
+    def _answer(self) -> web.Response:
+        return web.Response(
+            status=200,
+            body=self.config.response_body.encode("utf-8"),
+            headers={"Content-Type": self.config.response_content_type},
+        )
+
+    async def _handover(self, parts: list[Part], complete: bool) -> Receipt:
+        first = parts[0]
+        inbound = Inbound(
+            channel="sms",
+            adapter=self.name,
+            external_id=assembled_id(parts),
+            sender=Sender(first.sender),
+            recipient=first.recipient,
+            received_at=min(p.received_at for p in parts),
+            text=b"".join(p.data for p in parts).decode("utf-8", "replace"),
+            origin_at=min((p.origin_at for p in parts if p.origin_at is not None), default=None),
+            meta={
+                "provider": "sms-webhook",
+                "concat": {
+                    "ref": first.meta.get("ref"),
+                    "total": first.total,
+                    "parts": [p.seq for p in parts],
+                    "ids": [p.external_id for p in parts],
+                },
+                "incomplete": not complete,
+            },
+        )
+        return await self.ctx.intake.submit(inbound)
+
+    def _acknowledge(self, receipt: Receipt) -> None:
+        if not self.config.ack_text or not self.config.send.url or receipt.status == "duplicate":
+            return
+        task = asyncio.get_running_loop().create_task(self._send_ack(receipt.contact_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_ack(self, contact_id: str) -> None:
+        contact = await self.ctx.contacts.get(contact_id)
+        if contact is None:  # spooled: not in Redis yet, so nobody can be told its id there
+            log.info("no acknowledgement for spooled contact %s", contact_id)
+            return
+        text = common.render_ack(self.config.ack_text, contact_id)
+        try:
+            await self._deliver(contact, text, f"ack-{contact_id}")
+        except SendError as exc:
+            log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
+            return
+        try:
+            await self.ctx.events.stamp(
+                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": "sms"}
+            )
+        except Exception as exc:
+            log.warning("acknowledged stamp for %s not recorded: %s", contact_id, exc)
+
+    # ------------------------------------------------------------------ delivery reports
+
+    def reference(self, contact_id: str, ref: str) -> str:
+        """Return the reference handed to the aggregator: contact, reply, signature."""
+        key = self.config.secret.reveal() if self.config.secret else self.name
+        return f"{contact_id}:{ref}:{common.sign(key, contact_id, ref)}"
+
+    async def status_report(self, request: web.Request) -> web.Response:
+        """Handle a delivery report carrying one of our references."""
+        data, refused = await self._read(request)
+        if refused is not None or data is None:
+            return refused or common.bad_request("empty")
+        names = self.config.status
+        reference = _scalar(_lookup(data, names.reference)) or ""
+        status = _scalar(_lookup(data, names.status)) or ""
+        contact_id, _, rest = reference.partition(":")
+        ref, _, tag = rest.rpartition(":")
+        if not contact_id or not ref or not tag or not status:
+            return common.bad_request(f"missing {names.reference} or {names.status}")
+        if not common.equal(reference, self.reference(contact_id, ref)):
+            return common.forbidden()
+        kind: Literal["delivered", "failed"] | None = None
+        if status in names.delivered:
+            kind = "delivered"
+        elif status in names.failed:
+            kind = "failed"
+        if kind is not None and (ref, kind) not in self._reported:
+            event = Event(contact_id, kind, self.ctx.clock.now_us(), self.name,
+                          detail={"reply_id": ref, "status": status[:40]})
+            try:
+                await self.ctx.events.emit(event)
+            except Exception as exc:
+                log.warning("delivery report for %s not recorded: %s", contact_id, exc)
+                return common.unavailable()
+            self._reported[(ref, kind)] = None
+            if len(self._reported) > 10000:
+                self._reported.pop(next(iter(self._reported)))
+        return self._answer()
+
+    # ------------------------------------------------------------------ outbound
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """Send one reply through the template."""
+        if not reply.text.strip():
+            raise SendError("empty reply", retryable=False)
+        ref = reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
+        return await self._deliver(contact, reply.text, ref)
+
+    async def _deliver(self, contact: Contact, text: str, ref: str) -> SendReceipt:
+        tpl = self.config.send
+        if not tpl.url:
+            raise SendError("no send.url configured", retryable=False)
+        segments = split(text)
+        if segments.count > self.config.max_segments:
+            raise SendError(
+                f"reply needs {segments.count} segments "
+                f"(max_segments {self.config.max_segments})",
+                retryable=False,
+            )
+        pieces = segments.parts if tpl.split else (text,)
+        start = self._progress.get(ref, 0)  # a retry resumes after the parts already sent
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = dict(tpl.headers)
+        if tpl.authorization:
+            headers["Authorization"] = tpl.authorization.reveal()
+        for index in range(start, len(pieces)):
+            values = {
+                "to": contact.sender.address,
+                "to_digits": contact.sender.address.lstrip("+"),
+                "from": self.config.sender_id or contact.recipient,
+                "text": pieces[index],
+                "ref": self.reference(contact.id, ref),
+                "part": str(index + 1),
+                "parts": str(len(pieces)),
+                "encoding": segments.encoding,
+            }
+            payload = {k: _fill(v, values) for k, v in tpl.fields.items()}
+            kwargs: dict[str, Any]
+            if tpl.method == "GET":
+                kwargs = {"params": payload}
+            elif tpl.format == "json":
+                kwargs = {"data": orjson.dumps(payload),
+                          "headers": {**headers, "Content-Type": "application/json"}}
+            else:
+                kwargs = {"data": payload}
+            kwargs.setdefault("headers", headers)
+            status, resp_headers, body = await common.call(
+                self._session, tpl.method, tpl.url, timeout_s=float(tpl.timeout),
+                provider="sms-webhook send", **kwargs,
+            )
+            common.check_status(status, resp_headers, body, "sms-webhook send")
+            self._progress[ref] = index + 1
+        self._progress.pop(ref, None)
+        log.info("reply %s to %s sent (%d requests)", ref, mask_phone(contact.sender.address),
+                 len(pieces) - start)
+        return SendReceipt(
+            external_id=None,
+            detail={"ref": ref, "segments": segments.count, "encoding": segments.encoding},
+        )
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    out = template
+    for key, value in values.items():
+        out = out.replace("{" + key + "}", value)
+    return out
+
+
+def _factory(ctx: AdapterContext, config: GenericConfig) -> GenericAdapter:
+    return GenericAdapter(ctx, config)
+
+
+CHANNEL: ChannelType[GenericConfig] = ChannelType(
+    name="sms-webhook",
+    channel="sms",
+    config=GenericConfig,
+    factory=_factory,
+    example={"path": "/sms/webhook", "auth": "hmac-sha256", "secret": "change-me"},
+)
