@@ -156,14 +156,17 @@ def quote(value: str) -> str:
     return f'"{escaped}"'
 
 
+_VERB = re.compile(r"[A-Za-z]+( [A-Za-z]+)*\Z")
+
+
 def format_command(verb: str, *args: str | int) -> bytes:
     """Encode one command line: ``verb`` as is (``SET VARIABLE``), each argument quoted.
 
     Raise ``ValueError`` when the line would exceed Asterisk's 8192 bytes or 128 words.
     """
-    words = verb.split()
-    if not words or any(not w.isascii() or not w.replace("_", "").isalnum() for w in words):
+    if not _VERB.match(verb):
         raise ValueError("an AGI verb is one or more ASCII words")
+    words = verb.split(" ")
     if len(words) + len(args) > MAX_ARGS - 1:
         raise ValueError("too many AGI arguments")
     parts = [" ".join(words)]
