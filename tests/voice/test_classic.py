@@ -1,0 +1,115 @@
+"""Classic AGI (`gateway agi`): the script runs as a subprocess with a scripted stdin."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.channels.voice.agi import split_command
+from gateway.clock import FixedClock
+from tests.voice.fakes import agi_fixture
+
+T0 = 1_795_594_483_000_000
+ROOT = Path(__file__).resolve().parents[2]
+
+# A classic AGI header block: no agi_network lines, agi_request is the script path.
+CLASSIC_HEADER = (
+    agi_fixture("sip_call.agi")
+    .replace(b"agi_network: yes\nagi_network_script: intake\n", b"")
+    .replace(b"agi://127.0.0.1:4573/intake", b"/opt/gateway/.venv/bin/gateway")
+    .replace(b"agi_threadid: 140206706226880\n", b"agi_threadid: 140206706226880\nagi_arg_1: agi\n")
+)
+
+
+async def run_classic(args: list[str], stdin: bytes, **env: str) -> tuple[int, dict[str, str]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.channels.voice.classic", *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    variables: dict[str, str] = {}
+    for line in out.decode().splitlines():
+        argv = split_command(line)
+        if argv[:2] == ["SET", "VARIABLE"] and len(argv) == 4:
+            variables[argv[2]] = argv[3]
+    assert b"13800138000" not in err  # no caller id in what Asterisk logs
+    assert proc.returncode is not None
+    return proc.returncode, variables
+
+
+REPLIES = b"200 result=1\n" * 5
+
+
+async def test_classic_agi_posts_the_contact_and_sets_the_variables(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    gw = await start_gateway(clock=FixedClock(T0))
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[adapters.asterisk]\ntype = "asterisk"\nlanguages = { "12345" = "zh" }\n'
+        'queues = { "zh" = "hotline-zh" }\n'
+        'ami = { username = "gateway", secret_env = "NOT_SET_IN_THIS_PROCESS" }\n',
+        encoding="utf-8",
+    )
+    code, variables = await run_classic(
+        ["--url", f"http://127.0.0.1:{gw.http_port}/v1/intake", "--config", str(config)],
+        CLASSIC_HEADER + REPLIES,
+    )
+    assert code == 0
+    (contact,) = await gw.read_contacts()
+    assert contact.channel == "voice"
+    assert contact.external_id == "1795594483.1"
+    assert contact.sender.address == "+8613800138000"
+    assert contact.sender.name == "Test Caller"
+    assert contact.recipient == "12345"
+    assert contact.language == "zh"
+    assert contact.meta["agi_mode"] == "classic"
+    assert "args" not in contact.meta  # "agi" is the command itself, not an argument
+    assert contact.origin_at is not None
+    assert variables == {
+        "GATEWAY_CONTACT_ID": contact.id,
+        "GATEWAY_ANSWER_BY": str(contact.deadline.due_at // 1_000_000),
+        "GATEWAY_QUEUE": "hotline-zh",
+        "GATEWAY_PRIORITY": "0",
+        "GATEWAY_STATUS": "OK",
+    }
+    assert contact.deadline.due_at == T0 + 15_000_000
+
+    # Asterisk re-running the dialplan: same contact
+    code, again = await run_classic(
+        ["--url", f"http://127.0.0.1:{gw.http_port}/v1/intake"], CLASSIC_HEADER + REPLIES
+    )
+    assert again["GATEWAY_CONTACT_ID"] == contact.id
+    assert len(await gw.read_contacts()) == 1
+
+
+async def test_classic_agi_without_a_gateway_still_sends_the_call_on(tmp_path: Path) -> None:
+    code, variables = await run_classic(
+        [], CLASSIC_HEADER + REPLIES, GATEWAY_INTAKE_URL="http://127.0.0.1:1/v1/intake"
+    )
+    assert code == 0
+    assert variables == {
+        "GATEWAY_CONTACT_ID": "",
+        "GATEWAY_ANSWER_BY": "",
+        "GATEWAY_QUEUE": "hotline",
+        "GATEWAY_PRIORITY": "0",
+        "GATEWAY_STATUS": "FAILED",
+    }
+
+
+async def test_classic_agi_with_a_truncated_header_and_no_replies(start_gateway: Any) -> None:
+    gw = await start_gateway(clock=FixedClock(T0))
+    code, variables = await run_classic(
+        ["--url", f"http://127.0.0.1:{gw.http_port}/v1/intake"], b"agi_callerid: 1380013"
+    )
+    assert code == 0
+    assert variables["GATEWAY_STATUS"] == "FAILED"  # no uniqueid: no contact
+    assert await gw.read_contacts() == []
+
