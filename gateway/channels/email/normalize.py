@@ -32,6 +32,14 @@ MAX_PARTS: Final = 200
 MAX_HEADER_CHARS: Final = 4000
 MAX_DEFECTS: Final = 20
 
+def _raw_header(name: str, value: str) -> str:
+    return value
+
+
+POLICY: Final = policy.default.clone(header_factory=_raw_header)
+"""The modern policy, minus its header objects: headers are decoded here, leniently and with
+charset supersets, and parsing them twice costs ~2 ms per message (15x the whole parse)."""
+
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _CONTACT_ID: Final = re.compile(rf"^{_UUID}$")
 _OWN_MESSAGE_ID: Final = re.compile(rf"<(?:reply|ack)\.({_UUID})\.[0-9a-z]+@", re.IGNORECASE)
@@ -105,7 +113,7 @@ _SUPERSETS: Final[dict[str, tuple[str, ...]]] = {
     "euc_kr": ("cp949",),
     "cp949": ("cp949",),
     "iso2022_kr": ("iso2022_kr", "cp949"),
-    "latin_1": ("cp1252", "latin_1"),
+    "iso8859_1": ("cp1252", "iso8859_1"),
     "ascii": (),
 }
 """Codec (by Python's canonical name) -> the decoders to try, widest real-world superset first."""
@@ -490,6 +498,7 @@ def content_hash(raw: bytes) -> str:
     return f"sha256:{digest}"
 
 
+_MIME_TYPE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
 _BOUNDARY_LINE: Final = re.compile(rb"^--([ -~]{1,70}?)(--)?[ \t]*\r?$", re.MULTILINE)
 
 
@@ -514,7 +523,7 @@ def _recover_multipart(part: Message, ctype: str) -> Message | None:
     if boundary is None or b'"' in boundary:
         return None
     header = b'Content-Type: ' + ctype.encode() + b'; boundary="' + boundary + b'"\r\n\r\n'
-    rebuilt = BytesParser(policy=policy.default).parsebytes(header + payload)
+    rebuilt = BytesParser(policy=POLICY).parsebytes(header + payload)
     return rebuilt if rebuilt.is_multipart() else None
 
 
@@ -589,8 +598,8 @@ def _walk(msg: Message, opts: Options, body: _Body) -> None:
             return
         headers = _raw_headers(part)
         ctype, _ = header_params(headers.get("content-type", ""), opts.regional_fallback)
-        if "/" not in ctype:
-            ctype = "text/plain"
+        if not _MIME_TYPE.fullmatch(ctype):
+            ctype = "text/plain"  # RFC 2045 5.2: an invalid Content-Type means text/plain
         maintype = ctype.split("/", 1)[0]
         if maintype == "multipart" and not part.is_multipart():
             recovered = _recover_multipart(part, ctype)
@@ -783,7 +792,7 @@ def _unparsed(raw: bytes, envelope: Envelope, error: str) -> Normalized:
 
 def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
     fallback = opts.regional_fallback
-    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    msg = BytesParser(policy=POLICY).parsebytes(raw)
     headers = _raw_headers(msg)
     sender_addr, sender_name = _address(headers.get("from", ""), fallback)
     if not sender_addr:

@@ -1,0 +1,96 @@
+"""Hypothesis: nothing a sender can put in a message makes the normalizer raise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.channels.email.normalize import (
+    Envelope,
+    Normalized,
+    decode_header,
+    header_params,
+    html_to_text,
+    normalize,
+)
+
+FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("*.eml"))
+CORPUS = [p.read_bytes() for p in FIXTURES]
+ENVELOPE = Envelope("citizen@example.org", ("12345@hotline.example.gov.cn",))
+TOKENS = [
+    b"=?", b"?=", b"=?utf-8?B?", b"=?gb2312?Q?", b"\r\n", b"\n", b"\r\n\r\n", b"\r\n ", b"--",
+    b";", b'"', b"'", b"*0*=", b"<", b">", b"\x00", b"\xff", b"boundary=", b"charset=",
+    b"Content-Type: multipart/mixed; boundary=\"\"\r\n", b"Content-Type: message/rfc822\r\n",
+    b"Content-Transfer-Encoding: base64\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n",
+    b"Content-Transfer-Encoding: x-uuencode\r\n", b"Content-Disposition: attachment; filename*=",
+]
+
+HTML_TOKENS = [
+    *"<>/=\"' abp&;#x\n", "<br>", "<pre>", "</pre>", "</a>", "<a href='http://x'>", "<script>",
+    "<style>", "<li>", "<td>", "&#0;", "&#xD800;", "&nbsp;", "<!--", "<![CDATA[",
+]
+
+
+def check(result: Normalized) -> None:
+    assert isinstance(result, Normalized)
+    assert result.external_id
+    sender = result.sender
+    for text in (result.text, result.subject or "", sender.address, sender.name or ""):
+        assert "\x00" not in text
+        text.encode("utf-8")  # valid UTF-8: no lone surrogates
+    assert all(isinstance(p.data, bytes) for p in result.parts)
+    if result.parse_error:
+        assert result.parts[-1].content_type == "message/rfc822"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4000))
+def test_arbitrary_bytes(raw: bytes):
+    check(normalize(raw, ENVELOPE))
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(CORPUS)))
+    for _ in range(draw(st.integers(1, 12))):
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if op == "flip" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[pos:pos] = draw(st.sampled_from(TOKENS))
+        elif op == "delete":
+            del data[pos : pos + draw(st.integers(1, 40))]
+        else:
+            del data[pos:]
+    return bytes(data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(), st.sampled_from(["", "citizen@example.org", "<>", "\udcff@x"]))
+def test_mutated_corpus(raw: bytes, mail_from: str):
+    check(normalize(raw, Envelope(mail_from, ("12345+x@hotline.example.gov.cn",))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300), st.sampled_from(["gb18030", "cp1252", "utf-8", "nonsense"]))
+def test_header_decoding(value: str, fallback: str):
+    decode_header(value, fallback).encode("utf-8")
+    header_params(value, fallback)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(HTML_TOKENS), max_size=60).map("".join))
+def test_html_to_text(markup: str):
+    assert isinstance(html_to_text(markup), str)
+
+
+def test_deep_nesting_is_flagged_not_raised():
+    nest = b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n'
+    raw = b"From: a@b.c\r\n" + b"".join(nest % (i, i) for i in range(3000))
+    raw += b"Content-Type: text/plain\r\n\r\ndeep\r\n"
+    result = normalize(raw, ENVELOPE)
+    check(result)
+    assert result.parse_error or "nesting too deep" in result.meta.get("notes", [])
