@@ -54,7 +54,7 @@ def parse_intake(body: object, received_at: int, adapter: str) -> Inbound:
     channel = body.get("channel", "web")
     if channel not in CHANNELS:
         raise BadRequest(f"channel: expected one of {', '.join(CHANNELS)}")
-    sender_raw = body.get("sender")
+    sender_raw = body.get("sender") or {}
     if isinstance(sender_raw, str):
         sender_raw = {"address": sender_raw}
     if not isinstance(sender_raw, dict) or not isinstance(sender_raw.get("address", ""), str):

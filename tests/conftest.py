@@ -77,3 +77,21 @@ async def start_gateway(tmp_path: Path, redis_url: str, prefix: str) -> AsyncIte
     yield start
     for gateway in reversed(started):
         await gateway.stop()
+
+
+@pytest.fixture
+async def aiohttp_client_session() -> AsyncIterator[Any]:
+    """A plain aiohttp client session for real HTTP requests to a started gateway."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of this test's own, to stop, kill and restart."""
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    server.start_sync()
+    yield server
+    server.stop_sync()

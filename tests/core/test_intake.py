@@ -1,0 +1,234 @@
+"""Intake: dedupe, repeat counting, deadlines, atomic writes, the spool and its replay."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.adapters import IntakeUnavailable
+from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
+from gateway.queueing.spool import Spool, SpoolError
+from gateway.records import Inbound, Sender
+from gateway.runtime import Gateway
+from tests.harness import settings_for
+
+
+def inbound(channel="sms", external_id="m1", sender="+8613800138000", **kw) -> Inbound:
+    return Inbound(
+        channel=channel,
+        adapter=kw.pop("adapter", "test"),
+        external_id=external_id,
+        sender=Sender(sender),
+        recipient="12345",
+        received_at=kw.pop("received_at", SYSTEM_CLOCK.now_us()),
+        text=kw.pop("text", "hello"),
+        **kw,
+    )
+
+
+async def test_concurrent_duplicates_give_exactly_one_stream_entry(start_gateway):
+    gw = await start_gateway()
+    receipts = await asyncio.gather(*(gw.intake.submit(inbound(external_id="same")) for _ in range(200)))
+    ids = {r.contact_id for r in receipts}
+    assert len(ids) == 1
+    assert sorted(r.status for r in receipts).count("enqueued") == 1
+    assert len(await gw.read_contacts()) == 1
+    events = await gw.read_events()
+    assert [e.type for e in events] == ["enqueued"]
+
+
+async def test_same_external_id_on_two_adapters_is_two_contacts(start_gateway):
+    gw = await start_gateway()
+    a = await gw.intake.submit(inbound(adapter="kannel"))
+    b = await gw.intake.submit(inbound(adapter="twilio"))
+    assert a.contact_id != b.contact_id
+    assert len(await gw.read_contacts()) == 2
+
+
+async def test_repeat_counts_earlier_contacts_of_the_sender_within_the_window(start_gateway):
+    gw = await start_gateway(intake={"repeat_window": "1h"})
+    now = SYSTEM_CLOCK.now_us()
+    hour = 3600 * MICROS_PER_SECOND
+    old = await gw.intake.submit(inbound(external_id="old", received_at=now - 2 * hour))
+    r1 = await gw.intake.submit(inbound(external_id="1", received_at=now - 10 * MICROS_PER_SECOND))
+    r2 = await gw.intake.submit(inbound(external_id="2", received_at=now))
+    other = await gw.intake.submit(inbound(external_id="3", sender="+8613900000000", received_at=now))
+    assert old.repeat.count == 0
+    assert r1.repeat.count == 0  # the first one is outside the one-hour window
+    assert r2.repeat.count == 1
+    assert r2.repeat.window == 3600
+    assert other.repeat.count == 0
+    contacts = {c.external_id: c for c in await gw.read_contacts()}
+    assert contacts["2"].repeat.count == 1
+
+
+@pytest.mark.parametrize(
+    ("channel", "kind", "policy", "seconds"),
+    [
+        ("voice", "answer", "voice_answer", 15),
+        ("sms", "response", "sms_response", 180),
+        ("chat", "response", "chat_response", 180),
+        ("web", "response", "web_response", 180),
+        ("email", "response", "email_response", 86400),
+    ],
+)
+async def test_deadline_follows_gb_t_33358_defaults(start_gateway, channel, kind, policy, seconds):
+    gw = await start_gateway()
+    item = inbound(channel=channel)
+    receipt = await gw.intake.submit(item)
+    assert receipt.deadline.kind == kind
+    assert receipt.deadline.policy == policy
+    assert receipt.deadline.due_at == item.received_at + seconds * MICROS_PER_SECOND
+    (contact,) = await gw.read_contacts()
+    assert contact.deadline == receipt.deadline
+    assert contact.received_at == item.received_at <= contact.enqueued_at
+    score = await gw.redis.zscore(gw.keys.deadlines, contact.id)
+    assert int(score) == receipt.deadline.due_at
+
+
+async def test_sla_overrides_from_config(start_gateway):
+    gw = await start_gateway(sla={"sms_response": "10m", "voice_answer": "20s"})
+    item = inbound(channel="sms")
+    receipt = await gw.intake.submit(item)
+    assert receipt.deadline.due_at - item.received_at == 600 * MICROS_PER_SECOND
+    callback = await gw.intake.submit(inbound(channel="voice", external_id="cb", meta={"callback": True}))
+    assert callback.deadline.policy == "voice_callback"
+    assert callback.deadline.kind == "response"
+
+
+async def test_stamp_records_once_and_settles_the_deadline(start_gateway):
+    gw = await start_gateway()
+    item = inbound(channel="voice")
+    receipt = await gw.intake.submit(item)
+    at = item.received_at + 4 * MICROS_PER_SECOND
+    first = await gw.queue.stamp(receipt.contact_id, "answered", at, "asterisk")
+    second = await gw.queue.stamp(receipt.contact_id, "answered", at + 1, "asterisk")
+    assert first is not None and second is None
+    assert first.elapsed_ms == 4000 and first.met is True
+    assert await gw.redis.zscore(gw.keys.deadlines, receipt.contact_id) is None
+    assert await gw.queue.stamp("no-such-contact", "answered", at, "asterisk") is None
+    assert [e.type for e in await gw.read_events()] == ["enqueued", "answered"]
+
+
+async def test_script_is_atomic_when_the_connection_dies_mid_write(start_gateway, redis_client):
+    """Connections are killed while batches are in flight; every receipt's contact is there once."""
+    gw = await start_gateway()
+
+    async def killer():
+        for _ in range(20):
+            await asyncio.sleep(0.002)
+            await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+    items = [inbound(external_id=f"k{i}") for i in range(400)]
+    kill = asyncio.create_task(killer())
+    receipts = await asyncio.gather(*(gw.intake.submit(i) for i in items))
+    await kill
+    for _ in range(100):  # whatever was spooled is replayed
+        if gw.spool.depth == 0:
+            break
+        await asyncio.sleep(0.1)
+    contacts = await gw.read_contacts()
+    by_external = {}
+    for c in contacts:
+        assert c.external_id not in by_external, "a contact was written twice"
+        by_external[c.external_id] = c
+    assert set(by_external) == {i.external_id for i in items}
+    for item, receipt in zip(items, receipts, strict=True):
+        assert by_external[item.external_id].id == receipt.contact_id
+    # each contact has its dedupe key, contact hash and deadline: the script never half-ran
+    for c in contacts:
+        assert await gw.redis.exists(gw.keys.contact(c.id))
+        assert await gw.redis.zscore(gw.keys.deadlines, c.id) is not None
+    enqueued = [e for e in await gw.read_events() if e.type == "enqueued"]
+    assert len(enqueued) == len(items)
+
+
+async def test_redis_stopped_contacts_spool_and_replay_without_loss(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    before = [inbound(external_id=f"b{i}") for i in range(20)]
+    for item in before:
+        assert (await gw.intake.submit(item)).status == "enqueued"
+    own_redis.stop_sync()
+    during = [inbound(external_id=f"d{i}") for i in range(50)]
+    receipts = await asyncio.gather(*(gw.intake.submit(i) for i in during))
+    assert {r.status for r in receipts} == {"spooled"}
+    dup = await gw.intake.submit(inbound(external_id="d0"))
+    assert dup.status == "duplicate" and dup.contact_id == receipts[0].contact_id
+    assert gw.spool.depth == 50
+    own_redis.start_sync()
+    for _ in range(200):
+        if gw.spool.depth == 0 and gw.intake.redis_up:
+            break
+        await asyncio.sleep(0.05)
+    assert gw.spool.depth == 0
+    contacts = await gw.read_contacts()
+    assert len(contacts) == 70
+    assert len({c.external_id for c in contacts}) == 70
+    by_external = {c.external_id: c for c in contacts}
+    for item, receipt in zip(during, receipts, strict=True):
+        contact = by_external[item.external_id]
+        assert contact.id == receipt.contact_id
+        assert contact.received_at == item.received_at
+        assert contact.enqueued_at > contact.received_at
+    after = await gw.intake.submit(inbound(external_id="after"))
+    assert after.status == "enqueued"
+
+
+async def test_spool_survives_a_gateway_restart(tmp_path, own_redis, prefix):
+    settings, configs = settings_for(tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"})
+    gw = Gateway(settings, configs)
+    await gw.start()
+    own_redis.stop_sync()
+    receipts = [await gw.intake.submit(inbound(external_id=f"r{i}")) for i in range(10)]
+    assert {r.status for r in receipts} == {"spooled"}
+    await gw.stop()
+    own_redis.start_sync()
+    gw2 = Gateway(settings, configs)
+    await gw2.start()
+    try:
+        for _ in range(200):
+            if gw2.spool.depth == 0:
+                break
+            await asyncio.sleep(0.05)
+        contacts = await gw2.read_contacts()
+        assert sorted(c.id for c in contacts) == sorted(r.contact_id for r in receipts)
+    finally:
+        await gw2.stop()
+
+
+async def test_corrupt_spool_record_is_quarantined_and_the_rest_replayed(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    own_redis.stop_sync()
+    for i in range(5):
+        assert (await gw.intake.submit(inbound(external_id=f"q{i}"))).status == "spooled"
+    (segment,) = gw.spool.segments(include_active=True)
+    data = segment.read_bytes().split(b"\n")
+    data[2] = data[2][:20] + b"X" + data[2][21:]  # flip one byte of the third record
+    segment.write_bytes(b"\n".join(data))
+    own_redis.start_sync()
+    for _ in range(200):
+        if not gw.spool.segments(include_active=True):
+            break
+        await asyncio.sleep(0.05)
+    contacts = await gw.read_contacts()
+    assert sorted(c.external_id for c in contacts) == ["q0", "q1", "q3", "q4"]
+    quarantined = list(gw.spool.quarantine_dir.iterdir())
+    assert len(quarantined) == 1 and quarantined[0].read_bytes().count(b"\n") == 1
+
+
+def test_spool_that_is_a_file_refuses_startup(tmp_path):
+    blocker = tmp_path / "spool"
+    blocker.write_text("not a folder")
+    with pytest.raises(SpoolError):
+        Spool(blocker).check_writable()
+
+
+async def test_neither_redis_nor_spool_raises_intake_unavailable(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "200ms"})
+    own_redis.stop_sync()
+    gw.spool.dir.rename(gw.spool.dir.with_name("gone"))
+    gw.spool.dir.write_text("a file where the spool folder was")
+    await gw.spool.rotate()
+    with pytest.raises(IntakeUnavailable):
+        await gw.intake.submit(inbound(external_id="lost"))
