@@ -28,6 +28,7 @@ from gateway.channels.email.relay import (
 )
 from gateway.channels.email.smtp import Handler, Listener, masked
 from gateway.clock import MICROS_PER_SECOND
+from gateway.config import ConfigError
 from gateway.records import Attachment, Contact, Inbound, Reply
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,13 @@ def _message_id(threading: tuple[str, ...], external_id: str) -> str | None:
 
 
 def _factory(ctx: AdapterContext, config: EmailConfig) -> EmailAdapter:
-    config.check(f"adapters.{ctx.name}")
+    key = f"adapters.{ctx.name}"
+    config.check(key)
+    if config.max_message_size > ctx.settings.intake.max_attachment:
+        raise ConfigError(
+            [(f"{key}.max_message_size", "larger than [intake] max_attachment: raw messages "
+              "that size could not be kept (raise max_attachment too)")]
+        )
     return EmailAdapter(ctx, config)
 
 
