@@ -72,7 +72,8 @@ class Intake:
         if self.redis_up and not self._closing:
             future = self._writer.submit(prepared)
             try:
-                result = await asyncio.wait_for(asyncio.shield(future), self.write_timeout_s)
+                async with asyncio.timeout(self.write_timeout_s):
+                    result = await asyncio.shield(future)
             except Exception as exc:
                 future.add_done_callback(_consume)
                 self._mark_down(exc)
@@ -150,9 +151,10 @@ class Intake:
         self._wake.set()
 
     async def _replay_loop(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.probe_interval_s)
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.probe_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             if self.redis_up and self.spool.depth == 0 and not self.spool.segments(True):
                 continue
@@ -165,7 +167,8 @@ class Intake:
 
     async def replay_once(self) -> int:
         """Probe Redis; if it answers, move the spool into it. Return how many were replayed."""
-        await asyncio.wait_for(self.queue.ping(), self.write_timeout_s)
+        async with asyncio.timeout(self.write_timeout_s):
+            await self.queue.ping()
         if not self.redis_up:
             await self.queue.load_scripts()
         count = await self.spool.replay(self._replay_write)
@@ -181,7 +184,8 @@ class Intake:
         return count
 
     async def _replay_write(self, batch: list[Prepared]) -> None:
-        results = await asyncio.wait_for(self.queue.write_batch(batch), 10 * self.write_timeout_s)
+        async with asyncio.timeout(10 * self.write_timeout_s):
+            results = await self.queue.write_batch(batch)
         for prepared, result in zip(batch, results, strict=True):
             if result.created:
                 channel = prepared.inbound.channel
