@@ -32,13 +32,20 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{prefix}{key}: {msg}" for key, msg in errors))
 
 
+KNOWN_SECRETS: set[str] = set()
+"""Every secret value loaded, so the log filter can redact it wherever it appears
+(a third-party library logging a URL with a bot token in it, for instance)."""
+
+
 class Secret:
-    """A secret value that never prints itself."""
+    """A secret value that never prints itself, and is redacted from every log line."""
 
     __slots__ = ("_value",)
 
     def __init__(self, value: str) -> None:
         self._value = value
+        if len(value) >= 6:
+            KNOWN_SECRETS.add(value)
 
     def reveal(self) -> str:
         return self._value
@@ -329,11 +336,16 @@ class IntakeSection:
     max_attachment: int = 25 * 1024 * 1024
 
 
+Scope = typing.Literal["intake", "read", "reply", "admin"]
+"""intake: POST /v1/intake; read: consumer API reads, acks, reports; reply: replies and events;
+admin: dead letters (and everything read and reply may do)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     key: Secret
     name: str = ""
-    scopes: tuple[str, ...] = ("intake",)
+    scopes: tuple[Scope, ...] = ("intake",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +362,40 @@ class RepliesSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PushSubscriber:
+    """A case system that takes contacts (and optionally events) by signed webhook."""
+
+    name: str
+    url: str
+    secret: Secret
+    events: bool = False
+    max_attempts: int = 8
+    """Tries before an entry is parked in ``{prefix}:deadletter:<name>``."""
+    backoff: Duration = Duration(1)
+    max_backoff: Duration = Duration(300)
+    timeout: Duration = Duration(10)
+
+
+@dataclass(frozen=True, slots=True)
+class PushSection:
+    subscribers: tuple[PushSubscriber, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherSection:
+    enabled: bool = True
+    interval: Duration = Duration(0.25)
+    """Longest sleep between two looks at the deadline and warning sets."""
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSection:
+    enabled: bool = True
+    window: Duration = Duration(86400)
+    refresh: Duration = Duration(5)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -360,6 +406,9 @@ class Settings:
     intake: IntakeSection = field(default_factory=IntakeSection)
     api: ApiSection = field(default_factory=ApiSection)
     replies: RepliesSection = field(default_factory=RepliesSection)
+    push: PushSection = field(default_factory=PushSection)
+    watcher: WatcherSection = field(default_factory=WatcherSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Raw adapter tables; each is validated by its channel type's own config class."""
     source: str = ""

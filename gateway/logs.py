@@ -9,12 +9,17 @@ import time
 
 import orjson
 
+from gateway.config import KNOWN_SECRETS
+
 _PHONE = re.compile(r"(?<![\w-])(\+?)(\d[\d\- ]{2,})(\d{4})(?!\d)")
 _EMAIL = re.compile(r"([A-Za-z0-9])[A-Za-z0-9._%+\-]*@([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
 
 
 def mask(text: str) -> str:
-    """Mask phone numbers (keep the last four digits) and e-mail local parts."""
+    """Redact known secrets, mask phone numbers (keep the last four digits) and e-mail users."""
+    for secret in KNOWN_SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
     text = _PHONE.sub(lambda m: m.group(1) + re.sub(r"\d", "*", m.group(2)) + m.group(3), text)
     return _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
 
@@ -27,6 +32,8 @@ class MaskingFilter(logging.Filter):
         masked = mask(message)
         if masked != message or record.args:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -60,3 +67,5 @@ def setup_logging(fmt: str = "plain", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for chatty in ("httpx", "httpcore", "telegram.ext.ExtBot"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

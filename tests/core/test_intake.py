@@ -29,7 +29,9 @@ def inbound(channel="sms", external_id="m1", sender="+8613800138000", **kw) -> I
 
 async def test_concurrent_duplicates_give_exactly_one_stream_entry(start_gateway):
     gw = await start_gateway()
-    receipts = await asyncio.gather(*(gw.intake.submit(inbound(external_id="same")) for _ in range(200)))
+    receipts = await asyncio.gather(
+        *(gw.intake.submit(inbound(external_id="same")) for _ in range(200))
+    )
     ids = {r.contact_id for r in receipts}
     assert len(ids) == 1
     assert sorted(r.status for r in receipts).count("enqueued") == 1
@@ -53,7 +55,9 @@ async def test_repeat_counts_earlier_contacts_of_the_sender_within_the_window(st
     old = await gw.intake.submit(inbound(external_id="old", received_at=now - 2 * hour))
     r1 = await gw.intake.submit(inbound(external_id="1", received_at=now - 10 * MICROS_PER_SECOND))
     r2 = await gw.intake.submit(inbound(external_id="2", received_at=now))
-    other = await gw.intake.submit(inbound(external_id="3", sender="+8613900000000", received_at=now))
+    other = await gw.intake.submit(
+        inbound(external_id="3", sender="+8613900000000", received_at=now)
+    )
     assert old.repeat.count == 0
     assert r1.repeat.count == 0  # the first one is outside the one-hour window
     assert r2.repeat.count == 1
@@ -92,7 +96,9 @@ async def test_sla_overrides_from_config(start_gateway):
     item = inbound(channel="sms")
     receipt = await gw.intake.submit(item)
     assert receipt.deadline.due_at - item.received_at == 600 * MICROS_PER_SECOND
-    callback = await gw.intake.submit(inbound(channel="voice", external_id="cb", meta={"callback": True}))
+    callback = await gw.intake.submit(
+        inbound(channel="voice", external_id="cb", meta={"callback": True})
+    )
     assert callback.deadline.policy == "voice_callback"
     assert callback.deadline.kind == "response"
 
@@ -176,7 +182,9 @@ async def test_redis_stopped_contacts_spool_and_replay_without_loss(start_gatewa
 
 
 async def test_spool_survives_a_gateway_restart(tmp_path, own_redis, prefix):
-    settings, configs = settings_for(tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"})
+    settings, configs = settings_for(
+        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"}
+    )
     gw = Gateway(settings, configs)
     await gw.start()
     own_redis.stop_sync()

@@ -28,9 +28,23 @@ async def test_real_output_validates_against_schemas(start_gateway, aiohttp_clie
     gw = await start_gateway()
     url = f"http://127.0.0.1:{gw.http_port}/v1/intake"
     bodies = [
-        {"sender": {"address": "+8613800138000", "name": "张三"}, "text": "路灯坏了", "external_id": "a"},
-        {"channel": "sms", "sender": "+8613900139000", "text": "", "origin_at": "2026-11-25T08:00:00+08:00"},
-        {"channel": "voice", "sender": {"address": ""}, "meta": {"agi": {"x": 1}}, "confidential": True},
+        {
+            "sender": {"address": "+8613800138000", "name": "张三"},
+            "text": "路灯坏了",
+            "external_id": "a",
+        },
+        {
+            "channel": "sms",
+            "sender": "+8613900139000",
+            "text": "",
+            "origin_at": "2026-11-25T08:00:00+08:00",
+        },
+        {
+            "channel": "voice",
+            "sender": {"address": ""},
+            "meta": {"agi": {"x": 1}},
+            "confidential": True,
+        },
         {"channel": "email", "subject": "Re: 投诉", "text": "x" * 1000, "thread": "t1"},
     ]
     for body in bodies:
@@ -48,13 +62,25 @@ async def test_real_output_validates_against_schemas(start_gateway, aiohttp_clie
 
 def test_schema_rejects_a_contact_with_an_unknown_field():
     record = {
-        "schema": 1, "id": uuid7(), "channel": "web", "adapter": "api", "external_id": "",
-        "sender": {"address": "", "name": None}, "recipient": "", "subject": None, "text": "",
-        "language": None, "attachments": [], "thread": None,
-        "received_at": "2026-11-25T08:00:00.000000Z", "origin_at": None,
+        "schema": 1,
+        "id": uuid7(),
+        "channel": "web",
+        "adapter": "api",
+        "external_id": "",
+        "sender": {"address": "", "name": None},
+        "recipient": "",
+        "subject": None,
+        "text": "",
+        "language": None,
+        "attachments": [],
+        "thread": None,
+        "received_at": "2026-11-25T08:00:00.000000Z",
+        "origin_at": None,
         "enqueued_at": "2026-11-25T08:00:00.000100Z",
         "deadline": {"kind": "response", "due_at": "2026-11-25T08:03:00.000000Z", "policy": "web"},
-        "repeat": {"count": 0, "window": 2592000}, "confidential": False, "meta": {},
+        "repeat": {"count": 0, "window": 2592000},
+        "confidential": False,
+        "meta": {},
     }
     jsonschema.validate(record, CONTACT_SCHEMA)
     with pytest.raises(jsonschema.ValidationError):
@@ -65,7 +91,9 @@ def test_schema_rejects_a_contact_with_an_unknown_field():
 
 
 def test_event_round_trip_and_schema():
-    event = Event("c1", "answered", 1_795_594_483_000_001, "asterisk", 1_795_594_498_000_000, 1200, True)
+    event = Event(
+        "c1", "answered", 1_795_594_483_000_001, "asterisk", 1_795_594_498_000_000, 1200, True
+    )
     jsonschema.validate(event.to_dict(), EVENT_SCHEMA)
     assert Event.from_json(event.to_json()) == event
 

@@ -1,0 +1,90 @@
+"""The contract every registered channel type keeps (built-in and entry-point ones alike).
+
+Parametrized over the registry, so a new channel runs these without writing a line:
+its example config validates, unknown keys are rejected by name, secrets never print,
+the adapter starts from its example inside a real gateway, and stop is idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from typing import Any
+
+import pytest
+
+from gateway.adapters import ChannelType, load_channel_types
+from gateway.config import ConfigError, HostPort, Secret, load_table
+from gateway.logs import MaskingFilter
+from gateway.records import CHANNELS
+
+TYPES = load_channel_types()
+SECRET = "contract-secret-3f9a1c"
+
+
+def example_with_secrets(channel_type: ChannelType[Any]) -> dict[str, Any]:
+    """The type's example with every secret replaced by a recognizable value and ports at 0."""
+    table = dict(channel_type.example)
+    hints = typing.get_type_hints(channel_type.config)
+    for f in dataclasses.fields(channel_type.config):
+        tp = hints[f.name]
+        if tp is Secret and f.name in table:
+            table[f.name] = SECRET
+        if tp is HostPort:
+            table[f.name] = "127.0.0.1:0"
+    return table
+
+
+def test_builtin_channels_are_registered():
+    assert {
+        "smtp",
+        "kannel",
+        "twilio",
+        "sms-webhook",
+        "telegram",
+        "wechat",
+        "weibo",
+        "open311",
+    } <= set(TYPES)
+
+
+@pytest.mark.parametrize("type_name", sorted(TYPES))
+def test_type_declares_a_known_channel_and_a_valid_example(type_name):
+    channel_type = TYPES[type_name]
+    assert channel_type.name == type_name
+    assert channel_type.channel in CHANNELS
+    config = load_table(channel_type.config, channel_type.example, f"adapters.{type_name}")
+    assert dataclasses.is_dataclass(config)
+
+
+@pytest.mark.parametrize("type_name", sorted(TYPES))
+def test_unknown_keys_are_rejected_by_name(type_name):
+    channel_type = TYPES[type_name]
+    with pytest.raises(ConfigError) as info:
+        load_table(channel_type.config, {**channel_type.example, "no_such_key": 1}, "adapters.x")
+    assert ("adapters.x.no_such_key", "unknown key") in info.value.errors
+
+
+@pytest.mark.parametrize("type_name", sorted(TYPES))
+def test_secrets_never_appear_in_the_config_repr(type_name):
+    channel_type = TYPES[type_name]
+    config = load_table(channel_type.config, example_with_secrets(channel_type), "adapters.x")
+    assert SECRET not in repr(config)
+
+
+@pytest.mark.parametrize("type_name", sorted(TYPES))
+async def test_adapter_starts_from_its_example_and_stops_twice(type_name, start_gateway, caplog):
+    """Secrets are checked in what reaches a log handler: the gateway's handlers carry the
+    masking filter (``gateway.logs.setup_logging``), so the test's capture handler does too."""
+    channel_type = TYPES[type_name]
+    table = {"type": type_name, **example_with_secrets(channel_type)}
+    caplog.handler.addFilter(MaskingFilter())
+    with caplog.at_level(logging.DEBUG):
+        gw = await start_gateway(adapters={"probe": table})
+        adapter = gw.adapters["probe"]
+        assert adapter.name == "probe"
+        assert adapter.channel == channel_type.channel
+        await adapter.stop()
+        await adapter.stop()
+    assert SECRET not in caplog.text
