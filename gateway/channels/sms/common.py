@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -87,11 +88,20 @@ def basic_password(header: str | None) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+_SHORT = re.compile(r"[0-9]{1,6}")
+
+
 def phone_address(raw: str, region: str) -> str:
-    """Return the sender as E.164 when it is a number, else the trimmed text (alphanumeric ids)."""
+    """Return the sender as E.164 when it is a number, else the trimmed text (alphanumeric ids).
+
+    Numbers already in E.164 form and short codes skip the (costly) full parse.
+    """
     text = raw.strip()
     if not text:
         raise BadRequest("sender is empty")
+    if _E164.fullmatch(text) or _SHORT.fullmatch(text):
+        return text
     return to_e164(text, region) or text[:64]
 
 
@@ -116,7 +126,7 @@ def retry_after_seconds(value: str | None, now_s: float | None = None) -> float 
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)

@@ -352,7 +352,7 @@ class GenericAdapter:
         except IntakeUnavailable:
             log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
             return common.unavailable()
-        log.info("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
+        log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         self._acknowledge(receipt)
         return self._answer()
 

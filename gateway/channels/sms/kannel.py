@@ -161,13 +161,14 @@ def _content_charset(content_type: str) -> str:
 
 
 def parse_request(
-    method: str, raw_query: str, headers: dict[str, str], body: bytes
+    method: str, raw_query: str | dict[str, bytes], headers: dict[str, str], body: bytes
 ) -> KannelMessage:
     """Parse an sms-service request (get-url or post-url); raise ``BadRequest``.
 
-    ``headers`` has lower-case names.
+    ``raw_query`` is the raw query string or its :func:`parse_query` result; ``headers`` has
+    lower-case names.
     """
-    params = parse_query(raw_query)
+    params = parse_query(raw_query) if isinstance(raw_query, str) else raw_query
     sender = _ascii(_pick(params, "from")) or headers.get("x-kannel-from", "").strip()
     recipient = _ascii(_pick(params, "to")) or headers.get("x-kannel-to", "").strip()
     message_id = _ascii(_pick(params, "id"))
@@ -215,6 +216,10 @@ def parse_request(
         time=origin,
         smsc=smsc[:64],
     )
+
+
+def _is_number(value: str) -> bool:
+    return value.isascii() and value.isdigit() and len(value) < 10
 
 
 def _known(name: str) -> str | None:
@@ -321,13 +326,14 @@ class KannelAdapter:
         raw_query = request.rel_url.raw_query_string
         if len(raw_query) > self.config.max_body:
             return web.Response(status=413, text="query too large\n")
-        key = parse_query(raw_query).get("key")
+        params = parse_query(raw_query)
+        key = params.get("key")
         denied = self._authorized(request, None if key is None else key.decode("latin-1"))
         if denied is not None:
             return denied
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            msg = parse_request(request.method, raw_query, headers, body)
+            msg = parse_request(request.method, params, headers, body)
             sender = common.phone_address(msg.sender, self.config.region)
         except common.BadRequest as exc:
             return common.bad_request(str(exc))
@@ -379,7 +385,7 @@ class KannelAdapter:
         except IntakeUnavailable:
             log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
             return common.unavailable()
-        log.info("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
+        log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         return await self._answer(receipt)
 
     def _empty(self) -> web.Response:
@@ -457,7 +463,7 @@ class KannelAdapter:
         """Handle a Kannel dlr-url callback for one of our replies."""
         params = {k: _ascii(v) for k, v in parse_query(request.rel_url.raw_query_string).items()}
         contact_id, ref, tag = params.get("c", ""), params.get("r", ""), params.get("s", "")
-        if not contact_id or not ref or not tag or not params.get("status", "").isdigit():
+        if not contact_id or not ref or not tag or not _is_number(params.get("status", "")):
             return common.bad_request("missing c, r, s or status")
         if not common.equal(tag, common.sign(self._ref_key(), contact_id, ref)):
             return common.forbidden()

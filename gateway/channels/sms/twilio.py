@@ -170,7 +170,7 @@ def parse_message(params: Sequence[tuple[str, str]]) -> TwilioMessage:
         recipient=form.get("To", "").strip(),
         body=clean_text(form.get("Body", "")),
         media=tuple(media),
-        segments=int(segments_raw) if segments_raw.isdigit() else None,
+        segments=int(segments_raw) if segments_raw.isascii() and segments_raw.isdigit() else None,
         extra=extra,
     )
 
@@ -288,7 +288,7 @@ class TwilioAdapter:
         except IntakeUnavailable:
             log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
             return common.unavailable()
-        log.info("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
+        log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         return await self._answer(receipt)
 
     async def _answer(self, receipt: Receipt) -> web.Response:
