@@ -43,14 +43,22 @@ SYSTEM_CLOCK = SystemClock()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def format_time(us: Micros) -> str:
     """Format as RFC 3339 UTC with microseconds: ``2026-11-25T08:00:00.123456Z``."""
+    global _second_cache
     seconds, micros = divmod(us, MICROS_PER_SECOND)
-    t = time.gmtime(seconds)
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d}Z"
-    )
+    cached_second, prefix = _second_cache
+    if seconds != cached_second:
+        t = time.gmtime(seconds)
+        prefix = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
+        )
+        _second_cache = (seconds, prefix)
+    return f"{prefix}{micros:06d}Z"
 
 
 def parse_time(text: str) -> Micros:
