@@ -331,7 +331,8 @@ class KannelAdapter:
         denied = self._authorized(request, None if key is None else key.decode("latin-1"))
         if denied is not None:
             return denied
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        post = request.method == "POST"
+        headers = {k.lower(): v for k, v in request.headers.items()} if post else {}
         try:
             msg = parse_request(request.method, params, headers, body)
             sender = common.phone_address(msg.sender, self.config.region)
@@ -385,7 +386,10 @@ class KannelAdapter:
         except IntakeUnavailable:
             log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
             return common.unavailable()
-        log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id
+            )
         return await self._answer(receipt)
 
     def _empty(self) -> web.Response:
