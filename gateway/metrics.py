@@ -82,6 +82,61 @@ class Metrics:
         self.replies = Counter(
             "gateway_replies", "Replies handled, by outcome", ["channel", "outcome"], registry=r
         )
+        # case systems: consumer API, push webhooks, deadline watcher
+        self.api_requests = Counter(
+            "gateway_api_requests",
+            "Consumer API requests, by operation and status",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.api_delivered = Counter(
+            "gateway_api_delivered",
+            "Entries handed out by the consumer API",
+            ["stream"],
+            registry=r,
+        )
+        self.api_acked = Counter(
+            "gateway_api_acked",
+            "Entries acknowledged through the consumer API",
+            ["stream"],
+            registry=r,
+        )
+        self.push_deliveries = Counter(
+            "gateway_push_deliveries",
+            "Webhook POSTs, by subscriber and outcome (delivered, failed, parked, replayed)",
+            ["subscriber", "outcome"],
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "gateway_push_latency_seconds",
+            "From the stream entry's time to its successful delivery",
+            ["subscriber"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_deadletter = Gauge(
+            "gateway_push_deadletter",
+            "Entries parked in a dead-letter stream",
+            ["subscriber"],
+            registry=r,
+        )
+        self.deadline_events = Counter(
+            "gateway_deadline_events",
+            "warning and breached events emitted by this instance's watcher",
+            ["type", "channel"],
+            registry=r,
+        )
+        self.deadline_lag = Histogram(
+            "gateway_deadline_lag_seconds",
+            "From the moment a warning or deadline was due to its event",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadlines_open = Gauge(
+            "gateway_deadlines_open",
+            "Contacts whose deadline is neither met nor passed",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """Return the text exposition format."""

@@ -1,11 +1,25 @@
-"""Service levels per channel, from the contacts and events streams (``gateway report``)."""
+"""Service levels per channel, from the contacts and events streams (``gateway report``).
+
+Each contact received in the window is counted once, by what settled its deadline:
+- ``within``: its settling event (``answered`` for an answer deadline, ``responded`` for a
+  response deadline) came at or before the deadline;
+- ``breached``: it was settled late, or a ``breached`` event was written, or the deadline has
+  passed with nothing settling it (a watcher that was down does not hide a breach);
+- ``abandoned``: the caller hung up before the deadline; ``closed``: closed before the deadline
+  without a response; ``open``: nothing yet and not yet due.
+``within_pct`` is within / volume. Times are from the edge stamp to the settling event; the
+percentiles are nearest-rank (p90 of 10 values is the 9th smallest). Voice figures (connection
+rate, average speed of answer, callbacks) come from ``gateway.channels.voice.report``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import csv
+import html
 import io
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -13,29 +27,34 @@ from typing import Any
 
 import orjson
 
-from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, Micros
-from gateway.config import Settings, parse_duration
+from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, Micros, format_time
+from gateway.config import Settings, SlaSection, parse_duration
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient, decode_fields
-from gateway.records import Contact, Event
+from gateway.records import CHANNELS, Contact, Event
 
 SETTLING = {"answer": "answered", "response": "responded"}
+HOUR_US = 3600 * MICROS_PER_SECOND
 
 
 @dataclass(slots=True)
 class ChannelFigures:
-    """Figures of one channel over the window."""
+    """Figures of one channel (and, with ``--by hour``, one hour) over the window."""
 
     channel: str
+    hour: str | None = None
     volume: int = 0
     settled: int = 0
     """Answered (voice) or responded (other media)."""
     within: int = 0
-    """Settled before the deadline."""
+    """Settled at or before the deadline."""
     breached: int = 0
-    """Deadline passed unsettled (a ``breached`` event, or settled late, or still open past it)."""
+    abandoned: int = 0
+    closed: int = 0
     open: int = 0
     """Not settled and not yet due."""
+    connection_rate: float | None = None
+    """Voice only: answered / offered calls, in percent."""
     times_ms: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -43,18 +62,21 @@ class ChannelFigures:
         return None if not self.volume else 100.0 * self.within / self.volume
 
     def percentile(self, q: float) -> int | None:
+        """Nearest-rank percentile of the settling times."""
         if not self.times_ms:
             return None
         ordered = sorted(self.times_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
     @property
     def average_ms(self) -> int | None:
-        return None if not self.times_ms else sum(self.times_ms) // len(self.times_ms)
+        return None if not self.times_ms else round(sum(self.times_ms) / len(self.times_ms))
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("times_ms")
+        if self.hour is None:
+            d.pop("hour")
         d.update(
             within_pct=self.within_pct,
             average_ms=self.average_ms,
@@ -65,32 +87,123 @@ class ChannelFigures:
         return d
 
 
-def compute(
-    contacts: Iterable[Contact], events: Iterable[Event], now_us: Micros
-) -> dict[str, ChannelFigures]:
-    """Per-channel figures for ``contacts``, settled by the matching ``events``."""
+def hour_of(us: Micros) -> str:
+    """The UTC hour a time falls in, ``2026-11-25T08:00Z``."""
+    return format_time(us - us % HOUR_US)[:13] + ":00Z"
+
+
+def _index(events: Iterable[Event]) -> dict[str, dict[str, Event]]:
     by_contact: dict[str, dict[str, Event]] = {}
     for event in events:
-        by_contact.setdefault(event.contact_id, {}).setdefault(event.type, event)
+        seen = by_contact.setdefault(event.contact_id, {})
+        first = seen.get(event.type)
+        if first is None or event.at < first.at:
+            seen[event.type] = event
+    return by_contact
+
+
+def compute(
+    contacts: Iterable[Contact], events: Iterable[Event], now_us: Micros, by: str = "channel"
+) -> dict[str, ChannelFigures]:
+    """Figures per channel (``by="hour"``: per hour and channel), keyed by label."""
+    by_contact = _index(events)
     figures: dict[str, ChannelFigures] = {}
     for contact in contacts:
-        fig = figures.setdefault(contact.channel, ChannelFigures(contact.channel))
+        hour = hour_of(contact.received_at) if by == "hour" else None
+        label = f"{hour} {contact.channel}" if hour else contact.channel
+        fig = figures.setdefault(label, ChannelFigures(contact.channel, hour))
         fig.volume += 1
         seen = by_contact.get(contact.id, {})
+        due = contact.deadline.due_at
         settle = seen.get(SETTLING[contact.deadline.kind])
         if settle is not None:
             fig.settled += 1
-            elapsed = (settle.at - contact.received_at) // 1000
-            fig.times_ms.append(max(0, elapsed))
-            if settle.at <= contact.deadline.due_at:
+            fig.times_ms.append(max(0, (settle.at - contact.received_at) // 1000))
+            if settle.at <= due:
                 fig.within += 1
             else:
                 fig.breached += 1
-        elif "breached" in seen or contact.deadline.due_at < now_us:
+        elif "breached" in seen:
+            fig.breached += 1
+        elif contact.deadline.kind == "answer" and "abandoned" in seen:
+            fig.abandoned += 1
+        elif "closed" in seen and seen["closed"].at <= due:
+            fig.closed += 1
+        elif due < now_us:
             fig.breached += 1
         else:
             fig.open += 1
     return figures
+
+
+def deadlines_s(sla: SlaSection) -> dict[str, float]:
+    """Each channel's response or answer deadline in seconds (voice: the answer deadline)."""
+    return {
+        "voice": float(sla.voice_answer),
+        "sms": float(sla.sms_response),
+        "chat": float(sla.chat_response),
+        "web": float(sla.web_response),
+        "email": float(sla.email_response),
+        "voice_callback": float(sla.voice_callback),
+    }
+
+
+def build(
+    contacts: list[Contact],
+    events: list[Event],
+    *,
+    since_us: Micros,
+    until_us: Micros,
+    sla: SlaSection,
+    by: str = "channel",
+) -> dict[str, Any]:
+    """The whole report as a JSON-ready mapping: rows, voice figures and chart series."""
+    from gateway.channels.voice.report import voice_report
+
+    contacts = [c for c in contacts if since_us <= c.received_at < until_us]
+    figures = compute(contacts, events, until_us, by)
+    voice = None
+    if any(c.channel == "voice" for c in contacts):
+        voice = voice_report(
+            contacts,
+            events,
+            since=since_us,
+            until=until_us,
+            answer_deadline_s=float(sla.voice_answer),
+            connection_target=sla.connection_target,
+            short_abandon_s=float(sla.short_abandon),
+        )
+        if by == "channel" and "voice" in figures and voice.connection_rate is not None:
+            figures["voice"].connection_rate = 100.0 * voice.connection_rate
+    by_contact = _index(events)
+    volume: dict[str, dict[str, int]] = {}
+    start = since_us - since_us % HOUR_US
+    for h in range(start, until_us, HOUR_US):
+        volume[hour_of(h)] = {}
+    answer_ms: list[int] = []
+    response_ms: dict[str, list[int]] = {}
+    for c in contacts:
+        per_hour = volume.setdefault(hour_of(c.received_at), {})
+        per_hour[c.channel] = per_hour.get(c.channel, 0) + 1
+        kind = c.deadline.kind
+        name = "voice_callback" if c.channel == "voice" and kind == "response" else c.channel
+        times = answer_ms if kind == "answer" else response_ms.setdefault(name, [])
+        settle = by_contact.get(c.id, {}).get(SETTLING[kind])
+        if settle is not None:
+            times.append(max(0, (settle.at - c.received_at) // 1000))
+    return {
+        "since": format_time(since_us),
+        "until": format_time(until_us),
+        "by": by,
+        "channels": [figures[k].as_dict() for k in sorted(figures)],
+        "voice": None if voice is None else voice.to_dict(),
+        "series": {
+            "volume_per_hour": volume,
+            "answer_times_ms": sorted(answer_ms),
+            "response_times_ms": {k: sorted(v) for k, v in sorted(response_ms.items())},
+            "deadlines_s": deadlines_s(sla),
+        },
+    }
 
 
 async def load(
@@ -116,7 +229,10 @@ COLUMNS = (
     "within",
     "within_pct",
     "breached",
+    "abandoned",
+    "closed",
     "open",
+    "connection_rate",
     "average_ms",
     "p50_ms",
     "p90_ms",
@@ -124,40 +240,99 @@ COLUMNS = (
 )
 
 
-def render(figures: dict[str, ChannelFigures], fmt: str) -> str:
-    """Render as a text table, JSON or CSV."""
-    rows = [figures[c].as_dict() for c in sorted(figures)]
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    """Render as a text table, JSON, CSV or a standalone HTML page with charts."""
+    rows = report["channels"]
+    columns = ("hour", *COLUMNS) if report.get("by") == "hour" else COLUMNS
     if fmt == "json":
-        return orjson.dumps({"channels": rows}, option=orjson.OPT_INDENT_2).decode() + "\n"
+        return orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue()
-    lines = ["  ".join(f"{c:>10}" for c in COLUMNS)]
+    if fmt == "html":
+        return render_html(report)
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    lines = [f"service levels {report['since']} .. {report['until']}"]
+    lines.append("  ".join(f"{c:>{widths[c]}}" for c in columns))
     for row in rows:
-        cells = []
-        for c in COLUMNS:
-            v = row[c]
-            cells.append(
-                f"{v:>10.1f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}"
-            )
-        lines.append("  ".join(cells))
+        lines.append("  ".join(f"{_cell(row.get(c)):>{widths[c]}}" for c in columns))
+    if report.get("voice"):
+        from gateway.channels.voice.report import VoiceReport
+        from gateway.clock import parse_time
+
+        v = dict(report["voice"])
+        v["since"], v["until"] = parse_time(v["since"]), parse_time(v["until"])
+        lines.append("")
+        lines.extend(VoiceReport(**v).lines())
     return "\n".join(lines) + "\n"
 
 
-async def _run(settings: Settings, since_s: float, fmt: str) -> str:
+def table_html(report: dict[str, Any]) -> str:
+    """The figures as an HTML table (also built the same way by the dashboard's script)."""
+    columns = ("hour", *COLUMNS) if report.get("by") == "hour" else COLUMNS
+    head = "".join(f"<th>{c}</th>" for c in columns)
+    body = []
+    for row in report["channels"]:
+        cells = "".join(f'<td class="{c}">{html.escape(_cell(row.get(c)))}</td>' for c in columns)
+        body.append(f'<tr data-channel="{html.escape(row["channel"])}">{cells}</tr>')
+    rows = "".join(body)
+    return f'<table id="figures"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A standalone page: figures table, voice figures and inline SVG charts (no CDN)."""
+    from gateway.dashboard.charts import STYLE, charts
+
+    svgs = charts(report)
+    voice = ""
+    if report.get("voice"):
+        v = report["voice"]
+        rate = v.get("connection_rate")
+        voice = (
+            '<h2>Voice</h2><ul id="voice">'
+            f'<li>calls offered <b class="offered">{v["offered"]}</b></li>'
+            f'<li>answered <b class="answered">{v["answered"]}</b></li>'
+            f'<li>connection rate <b class="connection_rate">'
+            f"{'-' if rate is None else f'{rate * 100:.1f} %'}</b>"
+            f" (target {v['connection_target'] * 100:g} %)</li></ul>"
+        )
+    blocks = "".join(f'<figure id="chart-{k}">{svg}</figure>' for k, svg in svgs.items())
+    title = f"Service levels {report['since']} .. {report['until']}"
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{table_html(report)}{voice}{blocks}</body></html>\n"
+    )
+
+
+async def _run(settings: Settings, since_s: float, fmt: str, by: str) -> str:
     from gateway.cli import open_queue
 
     now = SYSTEM_CLOCK.now_us()
+    since_us = now - int(since_s * MICROS_PER_SECOND)
     async with open_queue(settings) as (client, keys, _):
-        contacts, events = await load(client, keys, now - int(since_s * MICROS_PER_SECOND))
-    return render(compute(contacts, events, now), fmt)
+        contacts, events = await load(client, keys, since_us)
+    report = build(contacts, events, since_us=since_us, until_us=now + 1, sla=settings.sla, by=by)
+    return render(report, fmt)
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     """``gateway report``."""
     since = parse_duration(args.since)
-    sys.stdout.write(asyncio.run(_run(settings, since, args.format)))
+    by = getattr(args, "by", "channel")
+    sys.stdout.write(asyncio.run(_run(settings, since, args.format, by)))
     return 0
+
+
+__all__ = ["CHANNELS", "ChannelFigures", "build", "compute", "load", "main", "render"]

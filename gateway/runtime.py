@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.adapters import Adapter, AdapterContext, load_channel_types
+from gateway.api.services import CaseServices
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
 from gateway.clock import SYSTEM_CLOCK, Clock
@@ -54,6 +55,7 @@ class Gateway:
         self._running = False
         self.http: HttpServer | None = None
         self.replies: ReplyRouter | None = None
+        self.cases: CaseServices | None = None
 
     @property
     def http_port(self) -> int:
@@ -108,6 +110,10 @@ class Gateway:
             app.router
         )
         IntakeApi(self.intake, api_keys, self.clock, s.http.max_body).register(app.router)
+        self.cases = CaseServices(
+            s, self.queue, self.attachments, self.clock, self.metrics, self.instance
+        )
+        self.cases.register(app.router)
         channel_types = load_channel_types()
         for name, table in s.adapters.items():
             channel_type = channel_types[table["type"]]
@@ -133,6 +139,7 @@ class Gateway:
             self.queue, self.adapters, self.clock, self.metrics, s.replies, self.instance
         )
         self.replies.start()
+        await self.cases.start()
         log.info(
             "gateway %s started: http %s:%d, %d adapters, redis %s",
             __version__,
@@ -147,6 +154,8 @@ class Gateway:
         if not self._running:
             return
         self._running = False
+        if self.cases is not None:
+            await self.cases.stop()
         if self.replies is not None:
             await self.replies.stop()
         for adapter in reversed(self._started):

@@ -1,0 +1,173 @@
+"""Deadline watcher: ``warning`` and ``breached`` events the moment they fall due, exactly once.
+
+Intake puts every contact in two sorted sets, ``{p}:warnings`` (scored by when its warning is
+due) and ``{p}:deadlines`` (scored by its deadline); the stamp that settles a deadline removes
+it from both. Every gateway instance runs a watcher. Each looks at the members whose score has
+passed and claims them one by one with a script that re-checks the score, ZREMs the member and
+XADDs the event in one atomic step: of several instances racing for a member, only the one whose
+ZREM removed it writes the event. A settling stamp racing the watcher is decided the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from gateway.api.tasks import cancel_and_wait
+from gateway.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.config import WatcherSection
+from gateway.metrics import Metrics
+from gateway.queueing.store import RedisQueue
+from gateway.records import Event, EventType
+
+log = logging.getLogger(__name__)
+
+CLAIM_LUA = """
+-- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well
+-- ARGV: 1 contact id, 2 now (us), 3 event JSON ('' to drop without an event), 4 maxlen, 5 type
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[3] == '' then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+  'event', ARGV[3], 'contact_id', ARGV[1], 'type', ARGV[5])
+return 1
+"""
+
+BATCH = 200
+
+
+class DeadlineWatcher:
+    """Emits ``warning`` and ``breached`` for this gateway's key prefix."""
+
+    def __init__(
+        self, queue: RedisQueue, clock: Clock, metrics: Metrics, section: WatcherSection
+    ) -> None:
+        self.queue = queue
+        self.clock = clock
+        self.metrics = metrics
+        self.interval_s = max(0.01, float(section.interval))
+        self._sha = ""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self.tick()
+                delay = await self._until_next()
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watcher: %s, retrying in %.1f s", type(exc).__name__, backoff)
+                delay = backoff
+                backoff = min(backoff * 2, 10.0)
+            await asyncio.sleep(delay)
+
+    async def _until_next(self) -> float:
+        """Sleep until the earliest pending score, at most ``interval``."""
+        k = self.queue.keys
+        pipe = self.queue.redis.pipeline(transaction=False)
+        pipe.zrange(k.warnings, 0, 0, withscores=True)
+        pipe.zrange(k.deadlines, 0, 0, withscores=True)
+        pipe.zcard(k.deadlines)
+        first_warning, first_deadline, open_count = await pipe.execute()
+        self.metrics.deadlines_open.set(int(open_count))
+        scores = [s for items in (first_warning, first_deadline) for _, s in items]
+        if not scores:
+            return self.interval_s
+        wait = (float(min(scores)) - self.clock.now_us()) / MICROS_PER_SECOND
+        return min(self.interval_s, max(0.0, wait))
+
+    async def tick(self) -> int:
+        """Claim every due warning and deadline now; return how many events this instance wrote."""
+        now = self.clock.now_us()
+        written = await self._sweep("warning", now)
+        written += await self._sweep("breached", now)
+        return written
+
+    async def _sweep(self, type: EventType, now: Micros) -> int:
+        k = self.queue.keys
+        zset, other = (k.deadlines, k.warnings) if type == "breached" else (k.warnings, k.warnings)
+        written = 0
+        while True:
+            ids = await self.queue.redis.zrangebyscore(zset, "-inf", now, start=0, num=BATCH)
+            if not ids:
+                return written
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+            pipe = self.queue.redis.pipeline(transaction=False)
+            for cid in ids:
+                pipe.hmget(k.contact(cid), ["received_us", "due_us", "kind", "channel"])
+            facts = await pipe.execute()
+            calls: list[tuple[str, bytes, str, Micros]] = []
+            for cid, (received, due, kind, channel) in zip(ids, facts, strict=True):
+                if received is None:  # the contact expired: drop the member, no event
+                    calls.append((cid, b"", "", 0))
+                    continue
+                due_us = int(due)
+                if type == "warning" and due_us <= now:
+                    calls.append((cid, b"", "", 0))  # the breach says it all
+                    continue
+                event = Event(
+                    contact_id=cid,
+                    type=type,
+                    at=now,
+                    source="watcher",
+                    due_at=due_us,
+                    elapsed_ms=max(0, (now - int(received)) // 1000),
+                    met=False if type == "breached" else None,
+                    detail={"kind": kind.decode()},
+                )
+                calls.append((cid, event.to_json(), channel.decode(), due_us))
+            results = await self._claim_all(zset, other, calls, now, type)
+            for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
+                if claimed and body:
+                    written += 1
+                    self.metrics.deadline_events.labels(type, channel).inc()
+                    if type == "breached":
+                        self.metrics.deadline_lag.observe(max(0, now - due_us) / MICROS_PER_SECOND)
+                    log.info("watcher: %s for contact %s", type, cid)
+            if len(ids) < BATCH:
+                return written
+
+    async def _claim_all(
+        self,
+        zset: str,
+        other: str,
+        calls: list[tuple[str, bytes, str, Micros]],
+        now: Micros,
+        type: EventType,
+    ) -> list[Any]:
+        redis = self.queue.redis
+        keys = [zset, self.queue.keys.events, other]
+        for attempt in range(2):
+            if not self._sha:
+                self._sha = await redis.script_load(CLAIM_LUA)
+            pipe = redis.pipeline(transaction=False)
+            for cid, body, _, _ in calls:
+                pipe.evalsha(self._sha, len(keys), *keys, cid, now, body, self.queue.maxlen, type)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                self._sha = ""  # the server restarted or failed over: load and claim again
+                continue
+            break
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results

@@ -1,0 +1,421 @@
+"""The consumer API over real HTTP and a real Redis: every operation, and how it refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+
+import pytest
+
+from gateway.runtime import Gateway
+from tests.cases.conftest import Client, eventually, submit
+
+CONTACTS = "/v1/groups/{group}/contacts"
+EVENTS = "/v1/groups/{group}/events"
+
+
+async def read(client: Client, group: str, consumer: str, **params: str) -> list[dict]:
+    status, body = await client.call(
+        "GET",
+        f"/v1/groups/{group}/contacts",
+        CONTACTS,
+        params={"consumer": consumer, **params},
+    )
+    assert status == 200, body
+    return list(body["entries"])
+
+
+async def test_two_consumers_compete_and_share_the_stream(client: Client) -> None:
+    ids = [await submit(client, f"pothole {i}") for i in range(20)]
+    a = await read(client, "cases", "worker-a", count="7")
+    b = await read(client, "cases", "worker-b", count="100")
+    got_a = [e["contact"]["id"] for e in a]
+    got_b = [e["contact"]["id"] for e in b]
+    assert len(got_a) == 7
+    assert not set(got_a) & set(got_b)
+    assert sorted(got_a + got_b) == sorted(ids)
+    assert got_a + got_b == ids  # stream order, split between the two
+    # a second group sees everything again
+    other = await read(client, "audit", "auditor", count="100")
+    assert [e["contact"]["id"] for e in other] == ids
+    # nothing new for the first group
+    assert await read(client, "cases", "worker-a") == []
+    status, acked = await client.call(
+        "POST",
+        "/v1/groups/cases/contacts/ack",
+        "/v1/groups/{group}/contacts/ack",
+        json_body={"ids": [e["entry_id"] for e in a]},
+    )
+    assert (status, acked) == (200, {"acked": 7})
+    # acking again acknowledges nothing
+    status, acked = await client.call(
+        "POST",
+        "/v1/groups/cases/contacts/ack",
+        "/v1/groups/{group}/contacts/ack",
+        json_body={"ids": [a[0]["entry_id"]]},
+    )
+    assert acked == {"acked": 0}
+    # b's entries are still pending for b, and only for b
+    pending_b = await read(client, "cases", "worker-b", pending="true", count="100")
+    assert [e["contact"]["id"] for e in pending_b] == got_b
+    assert await read(client, "cases", "worker-a", pending="true") == []
+
+
+async def test_long_poll_returns_when_a_contact_arrives(client: Client) -> None:
+    assert await read(client, "cases", "w", start="new") == []
+    poll = asyncio.ensure_future(read(client, "cases", "w", wait_ms="20000"))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    cid = await submit(client, "late arrival")
+    entries = await poll
+    assert [e["contact"]["id"] for e in entries] == [cid]
+
+
+async def test_long_poll_with_nothing_returns_empty(client: Client) -> None:
+    assert await read(client, "quiet", "w", start="new", wait_ms="300") == []
+
+
+async def test_start_new_skips_history(client: Client) -> None:
+    await submit(client, "old")
+    assert await read(client, "late-group", "w", start="new") == []
+    cid = await submit(client, "new")
+    assert [e["contact"]["id"] for e in await read(client, "late-group", "w")] == [cid]
+
+
+async def test_a_dying_consumer_leaves_its_entries_to_reclaim(client: Client) -> None:
+    ids = [await submit(client, f"noise {i}") for i in range(5)]
+    dead = await read(client, "cases", "dies", count="5")
+    assert len(dead) == 5
+    # it acknowledges the first two, then dies holding three
+    await client.call(
+        "POST",
+        "/v1/groups/cases/contacts/ack",
+        "/v1/groups/{group}/contacts/ack",
+        json_body={"ids": [dead[0]["entry_id"], dead[1]["entry_id"]]},
+    )
+    # too fresh to take over with a long idle bound
+    status, body = await client.call(
+        "POST",
+        "/v1/groups/cases/contacts/reclaim",
+        "/v1/groups/{group}/contacts/reclaim",
+        json_body={"consumer": "survivor", "min_idle_ms": 600000},
+    )
+    assert status == 200 and body["entries"] == []
+    await asyncio.sleep(0.05)
+    status, body = await client.call(
+        "POST",
+        "/v1/groups/cases/contacts/reclaim",
+        "/v1/groups/{group}/contacts/reclaim",
+        json_body={"consumer": "survivor", "min_idle_ms": 10},
+    )
+    assert status == 200
+    assert [e["contact"]["id"] for e in body["entries"]] == ids[2:]
+    assert body["next"] == "0-0"
+    # now the survivor holds them: they are its own pending entries
+    mine = await read(client, "cases", "survivor", pending="true")
+    assert [e["contact"]["id"] for e in mine] == ids[2:]
+    assert await read(client, "cases", "dies", pending="true") == []
+
+
+async def test_events_group_read_ack_and_reclaim(client: Client) -> None:
+    cid = await submit(client, "hello")
+    status, body = await client.call(
+        "GET", "/v1/groups/ev/events", EVENTS, params={"consumer": "e1", "count": "50"}
+    )
+    assert status == 200
+    mine = [e for e in body["entries"] if e["event"]["contact_id"] == cid]
+    assert [e["event"]["type"] for e in mine] == ["enqueued"]
+    status, body = await client.call(
+        "POST",
+        "/v1/groups/ev/events/reclaim",
+        "/v1/groups/{group}/events/reclaim",
+        json_body={"consumer": "e2", "min_idle_ms": 0},
+    )
+    assert [e["entry_id"] for e in body["entries"]] == [mine[0]["entry_id"]]
+    status, body = await client.call(
+        "POST",
+        "/v1/groups/ev/events/ack",
+        "/v1/groups/{group}/events/ack",
+        json_body={"ids": [mine[0]["entry_id"]]},
+    )
+    assert body == {"acked": 1}
+
+
+async def test_get_contact_with_its_events(client: Client) -> None:
+    cid = await submit(client, "street light out")
+    status, body = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/events",
+        "/v1/contacts/{contact_id}/events",
+        token="replier",
+        json_body={"type": "responded", "detail": {"case": "C-1"}},
+    )
+    assert status == 201 and body["recorded"] is True
+    assert body["event"]["met"] is True and body["event"]["source"] == "api:replier"
+
+    async def both() -> dict | None:
+        status, body = await client.call(
+            "GET", f"/v1/contacts/{cid}", "/v1/contacts/{contact_id}"
+        )
+        assert status == 200
+        types = [e["type"] for e in body["events"]]
+        return body if types == ["enqueued", "responded"] else None
+
+    body = await eventually(both)
+    assert body["contact"]["id"] == cid and body["contact"]["text"] == "street light out"
+    assert body["events"][1]["detail"] == {"case": "C-1"}
+    # a second responded is not recorded again
+    status, again = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/events",
+        "/v1/contacts/{contact_id}/events",
+        token="replier",
+        json_body={"type": "responded"},
+    )
+    assert (status, again) == (200, {"recorded": False, "event": None})
+
+
+async def test_closed_settles_the_deadline(client: Client, api_gateway: Gateway) -> None:
+    cid = await submit(client, "never mind")
+    keys = api_gateway.keys
+    assert await api_gateway.redis.zscore(keys.deadlines, cid) is not None
+    status, body = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/events",
+        "/v1/contacts/{contact_id}/events",
+        token="replier",
+        json_body={"type": "closed", "at": "2026-01-01T00:00:00Z"},
+    )
+    assert status == 201 and body["event"]["type"] == "closed"
+    assert body["event"]["at"] == "2026-01-01T00:00:00.000000Z"
+    assert await api_gateway.redis.zscore(keys.deadlines, cid) is None
+    assert await api_gateway.redis.zscore(keys.warnings, cid) is None
+
+
+async def test_unknown_contact_is_404(client: Client) -> None:
+    for method, path, template, token, body in [
+        ("GET", "/v1/contacts/0190-nope", "/v1/contacts/{contact_id}", "reader", None),
+        (
+            "POST",
+            "/v1/contacts/0190-nope/replies",
+            "/v1/contacts/{contact_id}/replies",
+            "replier",
+            {"text": "hi"},
+        ),
+        (
+            "POST",
+            "/v1/contacts/0190-nope/events",
+            "/v1/contacts/{contact_id}/events",
+            "replier",
+            {"type": "answered"},
+        ),
+    ]:
+        status, problem = await client.call(method, path, template, token=token, json_body=body)
+        assert status == 404, (path, problem)
+
+
+async def test_reply_lands_on_the_replies_stream_and_fails_visibly(
+    client: Client, api_gateway: Gateway
+) -> None:
+    """A contact from /v1/intake has no adapter to answer through: the router says so."""
+    cid = await submit(client, "where is my bin")
+    data = b"%PDF-1.4 fake"
+    status, body = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/replies",
+        "/v1/contacts/{contact_id}/replies",
+        token="replier",
+        json_body={
+            "text": "We are on it.",
+            "attachments": [
+                {
+                    "name": "notice.pdf",
+                    "content_type": "application/pdf",
+                    "data": base64.b64encode(data).decode(),
+                }
+            ],
+        },
+    )
+    assert status == 202
+    reply_id = body["id"]
+    raw = await api_gateway.redis.xrange(api_gateway.keys.replies)
+    import orjson
+
+    on_stream = [orjson.loads(f[b"reply"]) for _, f in raw]
+    assert [r["id"] for r in on_stream] == [reply_id]
+    assert on_stream[0]["text"] == "We are on it."
+    attachment = on_stream[0]["attachments"][0]
+    assert attachment["sha256"] == hashlib.sha256(data).hexdigest()
+    assert attachment["size"] == len(data)
+    assert api_gateway.attachments.read(attachment["sha256"]) == data
+
+    async def failed() -> dict | None:
+        _, body = await client.call("GET", f"/v1/contacts/{cid}", "/v1/contacts/{contact_id}")
+        return next((e for e in body["events"] if e["type"] == "failed"), None)
+
+    event = await eventually(failed)
+    assert event["detail"]["reply_id"] == reply_id
+    # the stored file can be attached to another reply by its digest alone
+    status, body = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/replies",
+        "/v1/contacts/{contact_id}/replies",
+        token="replier",
+        json_body={"attachments": [{"sha256": attachment["sha256"], "name": "again.pdf"}]},
+    )
+    assert status == 202
+
+
+@pytest.mark.parametrize(
+    ("token", "method", "path", "template", "body", "status"),
+    [
+        (None, "GET", "/v1/groups/g/contacts?consumer=c", CONTACTS, None, 401),
+        ("bogus", "GET", "/v1/groups/g/contacts?consumer=c", CONTACTS, None, 401),
+        ("replier", "GET", "/v1/groups/g/contacts?consumer=c", CONTACTS, None, 403),
+        ("intake", "GET", "/v1/groups/g/events?consumer=c", EVENTS, None, 403),
+        ("reader", "POST", "/v1/contacts/x/replies", "/v1/contacts/{contact_id}/replies",
+         {"text": "hi"}, 403),
+        ("reader", "POST", "/v1/contacts/x/events", "/v1/contacts/{contact_id}/events",
+         {"type": "closed"}, 403),
+        ("reader", "GET", "/v1/admin/deadletter", "/v1/admin/deadletter", None, 403),
+        ("replier", "GET", "/v1/report", "/v1/report", None, 403),
+        (None, "GET", "/v1/report", "/v1/report", None, 401),
+        ("admin", "GET", "/v1/report", "/v1/report", None, 200),
+        ("admin", "GET", "/v1/groups/g/contacts?consumer=c", CONTACTS, None, 200),
+    ],
+)
+async def test_tokens_and_scopes(
+    client: Client,
+    token: str | None,
+    method: str,
+    path: str,
+    template: str,
+    body: object,
+    status: int,
+) -> None:
+    headers = {}
+    if token == "bogus":
+        headers = {"Authorization": "Bearer not-a-token"}
+        token = None
+    got, answer = await client.call(
+        method, path, template, token=token, json_body=body, headers=headers
+    )
+    assert got == status, answer
+    if status == 401:
+        assert answer["title"] == "Unauthorized"
+
+
+async def test_open_to_loopback_lets_local_callers_in(start_gateway, session) -> None:
+    """The try-it-here default: no token needed from 127.0.0.1."""
+    gw = await start_gateway()
+    local = Client(session, f"http://127.0.0.1:{gw.http_port}")
+    status, _ = await local.call(
+        "GET", "/v1/groups/g/contacts", CONTACTS, token=None, params={"consumer": "c"}
+    )
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "template", "kwargs", "status"),
+    [
+        ("GET", "/v1/groups/g/contacts", CONTACTS, {}, 400),  # consumer missing
+        ("GET", "/v1/groups/g/contacts?consumer=a/b", CONTACTS, {}, 400),
+        ("GET", "/v1/groups/gateway-replies/contacts?consumer=c", CONTACTS, {}, 400),
+        ("GET", "/v1/groups/g/contacts?consumer=c&count=0", CONTACTS, {}, 400),
+        ("GET", "/v1/groups/g/contacts?consumer=c&count=abc", CONTACTS, {}, 400),
+        ("GET", "/v1/groups/g/contacts?consumer=c&wait_ms=999999", CONTACTS, {}, 400),
+        ("GET", "/v1/groups/g/contacts?consumer=c&start=middle", CONTACTS, {}, 400),
+        ("GET", "/v1/groups/g/contacts?consumer=c&pending=maybe", CONTACTS, {}, 400),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"data": b"{not json"}, 400),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"data": b"[1,2]"}, 400),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"json_body": {"ids": ["not-an-id"]}}, 400),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"json_body": {"ids": []}}, 400),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"json_body": {"ids": ["1-0"], "extra": 1}}, 400),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"data": b'{"ids":["1-0"]}', "headers": {"Content-Type": "text/plain"}}, 415),
+        ("POST", "/v1/groups/g/contacts/ack", "/v1/groups/{group}/contacts/ack",
+         {"json_body": {"ids": ["1234567890-0"] * 6000}}, 413),
+        ("POST", "/v1/groups/g/contacts/reclaim", "/v1/groups/{group}/contacts/reclaim",
+         {"json_body": {"min_idle_ms": 5}}, 400),
+        ("POST", "/v1/groups/g/contacts/reclaim", "/v1/groups/{group}/contacts/reclaim",
+         {"json_body": {"consumer": "c", "min_idle_ms": -1}}, 400),
+        ("POST", "/v1/groups/never-made/contacts/reclaim",
+         "/v1/groups/{group}/contacts/reclaim", {"json_body": {"consumer": "c"}}, 404),
+        ("GET", "/v1/report?since=forever", "/v1/report", {}, 400),
+        ("GET", "/v1/report?by=week", "/v1/report", {}, 400),
+    ],
+)
+async def test_malformed_requests(
+    client: Client, method: str, path: str, template: str, kwargs: dict, status: int
+) -> None:
+    got, problem = await client.call(method, path, template, **kwargs)
+    assert got == status, problem
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"type": "abandoned"}, 400),
+        ({"type": "answered", "at": "yesterday"}, 400),
+        ({"type": "answered", "at": "2999-01-01T00:00:00Z"}, 400),
+        ({"type": "answered", "detail": "text"}, 400),
+        ({"type": "answered", "detail": {"x": "y" * 5000}}, 400),
+        ({"type": "answered", "who": "me"}, 400),
+    ],
+)
+async def test_malformed_events(client: Client, body: dict, status: int) -> None:
+    cid = await submit(client, "x")
+    got, problem = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/events",
+        "/v1/contacts/{contact_id}/events",
+        token="replier",
+        json_body=body,
+    )
+    assert got == status, problem
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({}, 400),
+        ({"text": "   "}, 400),
+        ({"text": 5}, 400),
+        ({"text": "x" * 70000}, 400),
+        ({"text": "hi", "attachments": {}}, 400),
+        ({"text": "hi", "attachments": [{"name": "a"}]}, 400),
+        ({"text": "hi", "attachments": [{"data": "***not base64***"}]}, 400),
+        ({"text": "hi", "attachments": [{"sha256": "ab" * 32}]}, 400),
+        ({"text": "hi", "attachments": [{"sha256": "zz"}]}, 400),
+        ({"text": "hi", "attachments": [{"data": "QQ=="}] * 11}, 400),
+        ({"text": "y" * (2 << 20)}, 413),
+    ],
+)
+async def test_malformed_replies(client: Client, body: dict, status: int) -> None:
+    cid = await submit(client, "x")
+    got, problem = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/replies",
+        "/v1/contacts/{contact_id}/replies",
+        token="replier",
+        json_body=body,
+    )
+    assert got == status, problem
+
+
+async def test_api_metrics(client: Client) -> None:
+    await submit(client, "m")
+    await read(client, "cases", "w")
+    await client.call("GET", "/v1/groups/cases/contacts", CONTACTS, token=None)
+    status, text = await client.call("GET", "/metrics", token=None)
+    assert status == 200
+    body = text.decode()
+    assert 'gateway_api_requests_total{operation="read",status="200"} 1.0' in body
+    assert 'gateway_api_requests_total{operation="read",status="401"} 1.0' in body
+    assert 'gateway_api_delivered_total{stream="contacts"} 1.0' in body
