@@ -315,8 +315,17 @@ async def test_send_chinese_reply_as_ucs2_with_dlr(start_gateway: Any) -> None:
             forged = dlr.query.replace(params["s"], "0" * 32).replace("%d", "2")
             async with http.get(f"{base}?{forged}") as resp:
                 assert resp.status == 403
-        delivered = [e for e in await gw.read_events() if e.type in ("delivered", "failed")]
-        assert [(e.type, e.detail["reply_id"]) for e in delivered] == [("delivered", "r-1")]
+        await adapter.send(contact, Reply(contact.id, "第二条", id="r-2"))
+        dlr2 = urlsplit(kannel.calls[1].query["dlr-url"])
+        async with aiohttp.ClientSession() as http:
+            query = dlr2.query.replace("%d", "16").replace("%A", "NACK/0x0000000b").replace(
+                "%T", "0")
+            async with http.get(f"{base}?{query}") as resp:
+                assert resp.status == 200
+        final = [e for e in await gw.read_events() if e.type in ("delivered", "failed")]
+        assert [(e.type, e.detail["reply_id"]) for e in final] == [
+            ("delivered", "r-1"), ("failed", "r-2")]
+        assert final[1].detail["answer"] == "NACK/0x0000000b"
 
 
 async def test_send_latin_reply_as_gsm(start_gateway: Any) -> None:

@@ -298,6 +298,9 @@ class Assembler:
             self._next_try[key] = self.clock.now_us() + self.retry_us
             log.warning("concatenated SMS hand-over deferred (%d parts): %s", len(parts), exc)
             return False, None
+        except BaseException:
+            group.busy = False
+            raise
         now = self.clock.now_us()
         for p in parts:
             self._done[p.external_id] = now

@@ -427,7 +427,10 @@ class KannelAdapter:
         for hint, run in itertools.groupby(parts, key=lambda p: p.charset):
             coding, _, charset = hint.partition(":")
             text, codec = decode_text(
-                b"".join(p.data for p in run), int(coding or 0), charset, self.eight_bit
+                b"".join(p.data for p in run),
+                int(coding) if _is_number(coding) else CODING_7BIT,
+                charset,
+                self.eight_bit,
             )
             texts.append(text)
             used.append(codec)

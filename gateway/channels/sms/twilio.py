@@ -353,8 +353,8 @@ class TwilioAdapter:
         query = dict(parse_qsl(request.rel_url.query_string))
         contact_id, ref = query.get("c", ""), query.get("r", "")
         status = form.get("MessageStatus") or form.get("SmsStatus") or ""
-        if not contact_id or not status:
-            return common.bad_request("missing c or MessageStatus")
+        if not contact_id or not ref or not status:
+            return common.bad_request("missing c, r or MessageStatus")
         kind: Literal["delivered", "failed"] | None = None
         if status == "delivered":
             kind = "delivered"

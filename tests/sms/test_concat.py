@@ -1,0 +1,94 @@
+"""The part assembler on its own: UDH parsing, durability, retries, reference reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, parse_udh
+from gateway.clock import FixedClock
+
+UDH_CASES = [
+    ("8-bit reference", bytes([5, 0, 3, 0x42, 3, 2]), Concat(0x42, 3, 2)),
+    ("16-bit reference", bytes([6, 8, 4, 0x12, 0x34, 2, 1]), Concat(0x1234, 2, 1)),
+    ("after another element", bytes([9, 0x0A, 2, 0, 0, 0, 3, 7, 4, 4]), Concat(7, 4, 4)),
+    ("part number 0", bytes([5, 0, 3, 1, 3, 0]), None),
+    ("part past total", bytes([5, 0, 3, 1, 3, 4]), None),
+    ("truncated", bytes([5, 0, 3, 1]), None),
+    ("no concatenation element", bytes([4, 0x0A, 2, 0, 0]), None),
+    ("empty", b"", None),
+]
+
+
+@pytest.mark.parametrize(("label", "udh", "expected"), UDH_CASES, ids=[c[0] for c in UDH_CASES])
+def test_parse_udh(label: str, udh: bytes, expected: Concat | None) -> None:
+    assert parse_udh(udh) == expected
+
+
+def part(seq: int, text: str, pid: str, total: int = 3, at: int = 0) -> Part:
+    return Part(group="+8613800138000|12345|5|3", seq=seq, total=total, external_id=pid,
+                data=text.encode(), charset="utf-8", received_at=1_000 + at, origin_at=None,
+                sender="+8613800138000", recipient="12345")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], bool]] = []
+        self.fail = False
+
+    async def __call__(self, parts: list[Part], complete: bool) -> str:
+        if self.fail:
+            raise RuntimeError("intake unavailable")
+        self.calls.append(([p.data.decode() for p in parts], complete))
+        return assembled_id(parts)
+
+
+async def test_handover_refused_keeps_parts_and_retries(tmp_path: Path) -> None:
+    clock = FixedClock()
+    handover = Recorder()
+    asm = Assembler(tmp_path, 60, clock, handover, retry_s=5)
+    handover.fail = True
+    for seq, text in ((2, "b"), (1, "a"), (3, "c")):
+        assert (await asm.add(part(seq, text, f"id{seq}"))).stored
+    assert asm.pending == 3 and handover.calls == []
+    assert len(list(tmp_path.glob("*.part"))) == 3
+    handover.fail = False
+    assert await asm.sweep() == 0  # not before retry_s
+    clock.advance(5)
+    assert await asm.sweep() == 1
+    assert handover.calls == [(["a", "b", "c"], True)]
+    assert list(tmp_path.glob("*.part")) == []
+    assert not (await asm.add(part(2, "b", "id2"))).stored  # a late retry of a part
+
+
+async def test_reload_after_restart(tmp_path: Path) -> None:
+    clock = FixedClock()
+    first = Assembler(tmp_path, 60, clock, Recorder())
+    await first.add(part(1, "a", "id1"))
+    await first.add(part(3, "c", "id3"))
+    handover = Recorder()
+    second = Assembler(tmp_path, 60, clock, handover)
+    assert second.load() == 2
+    added = await second.add(part(2, "b", "id2"))
+    assert added.handed_over == assembled_id(
+        [part(1, "a", "id1"), part(2, "b", "id2"), part(3, "c", "id3")])
+    assert handover.calls == [(["a", "b", "c"], True)]
+
+
+async def test_reference_reused_by_a_new_message(tmp_path: Path) -> None:
+    handover = Recorder()
+    asm = Assembler(tmp_path, 60, FixedClock(), handover)
+    await asm.add(part(1, "old1", "o1"))
+    await asm.add(part(1, "new1", "n1"))  # same ref and part number, another message id
+    assert handover.calls == [(["old1"], False)]
+    await asm.add(part(2, "new2", "n2"))
+    await asm.add(part(3, "new3", "n3"))
+    assert handover.calls[-1] == (["new1", "new2", "new3"], True)
+
+
+async def test_corrupt_part_file_is_quarantined(tmp_path: Path) -> None:
+    (tmp_path / "broken-001.part").write_bytes(b"{not json")
+    asm = Assembler(tmp_path, 60, FixedClock(), Recorder())
+    assert asm.load() == 0
+    assert (tmp_path / "broken-001.bad").exists()
