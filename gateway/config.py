@@ -438,7 +438,15 @@ def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, 
             errors.append((f"{key}.type", f"unknown adapter type {type_name!r} (known: {known})"))
             continue
         body = {k: v for k, v in table.items() if k != "type"}
-        adapter_configs[name] = _load(channel_types[type_name].config, body, key, errors)
+        before = len(errors)
+        config = _load(channel_types[type_name].config, body, key, errors)
+        check = getattr(config, "check", None)
+        if len(errors) == before and callable(check):
+            try:
+                check(key)  # rules the field types cannot express (optional on a config class)
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+        adapter_configs[name] = config
     if errors:
         raise ConfigError(errors, source)
     settings = dataclasses.replace(

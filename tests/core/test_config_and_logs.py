@@ -65,9 +65,17 @@ def test_missing_secret_env_is_an_error(tmp_path):
 
 
 def test_example_config_is_valid(monkeypatch):
-    for name in ("GATEWAY_AMI_SECRET", "GATEWAY_APP_KEY", "GATEWAY_CASES_TOKEN"):
-        monkeypatch.setenv(name, "x")
-    load_file("config/gateway.example.toml")
+    for name in (
+        "GATEWAY_AMI_SECRET",
+        "GATEWAY_APP_KEY",
+        "GATEWAY_KANNEL_SECRET",
+        "GATEWAY_KANNEL_SENDSMS_PASSWORD",
+        "GATEWAY_TELEGRAM_TOKEN",
+    ):
+        monkeypatch.setenv(name, "example-secret")
+    settings, adapters = load_file("config/gateway.example.toml")
+    assert set(adapters) == {"asterisk", "mailbox", "kannel", "telegram", "open311"}
+    assert settings.sla.voice_answer == 15 and settings.sla.email_response == 86400
 
 
 @pytest.mark.parametrize(
