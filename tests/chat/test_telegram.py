@@ -46,7 +46,9 @@ async def _webhook_gateway(start_gateway: Any, api: FakeBotApi, **extra: Any) ->
         "file_base": api.file_base,
         **extra,
     }
-    return await start_gateway(adapters={"tg": table}, http={"public_url": PUBLIC})
+    gw = await start_gateway(adapters={"tg": table}, http={"public_url": PUBLIC})
+    await asyncio.wait_for(gw.adapters["tg"].ready.wait(), 30)
+    return gw
 
 
 async def _post(gw: Any, update: Any, secret: str | None = SECRET) -> int:
@@ -112,6 +114,7 @@ async def test_default_secret_is_derived_and_registered(
         "file_base": bot_api.file_base,
     }
     gw = await start_gateway(adapters={"tg": table}, http={"public_url": PUBLIC})
+    await asyncio.wait_for(gw.adapters["tg"].ready.wait(), 30)
     [params] = [params for name, params in bot_api.calls if name == "setWebhook"]
     assert params["secret_token"] == derived_secret(BOT_TOKEN)
     assert (
@@ -120,6 +123,22 @@ async def test_default_secret_is_derived_and_registered(
         )
         == 200
     )
+
+
+async def test_unreachable_telegram_does_not_stop_the_gateway(start_gateway: Any) -> None:
+    table = {
+        "type": "telegram",
+        "token": BOT_TOKEN,
+        "secret_token": SECRET,
+        "api_base": "http://127.0.0.1:9/bot",
+        "file_base": "http://127.0.0.1:9/file/bot",
+    }
+    gw = await start_gateway(adapters={"tg": table}, http={"public_url": PUBLIC})
+    assert not gw.adapters["tg"].ready.is_set()
+    assert await _post(gw, {"update_id": 1, "message": message(1, text="x")}) == 503
+    assert await _post(gw, {"update_id": 1, "message": message(1, text="x")}, "wrong") == 403
+    await gw.adapters["tg"].stop()
+    await gw.adapters["tg"].stop()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ submission, and their routes on an HTTP server of the test's own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -52,6 +53,8 @@ async def _serve(
     adapter = build(ctx)
     await server.start()
     await adapter.start()
+    if isinstance(adapter, TelegramAdapter):
+        await asyncio.wait_for(adapter.ready.wait(), 30)
     return server, adapter, flaky
 
 

@@ -341,7 +341,8 @@ async def submit_within(ctx: AdapterContext, inbound: Inbound, limit_s: float) -
     """
     task = asyncio.ensure_future(ctx.intake.submit(inbound))
     try:
-        return await asyncio.wait_for(asyncio.shield(task), limit_s)
+        async with asyncio.timeout(limit_s):  # not wait_for: it can swallow a cancel on 3.11
+            return await asyncio.shield(task)
     except TimeoutError:
         task.add_done_callback(_log_late)
         return None

@@ -285,49 +285,71 @@ class TelegramAdapter:
         self.bot: Bot = self.application.bot
         self.offset: int | None = None
         """Polling: the next offset to ask for (every update below it is durable)."""
-        self._poller: asyncio.Task[None] | None = None
-        self._started = False
+        self.ready = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._initialized = False
         if config.mode == "webhook":
             ctx.router.add_route("POST", self.path, self.handle_webhook)
 
     async def start(self) -> None:
-        """Initialize the bot (getMe); register the webhook or start polling."""
-        if self._started:
-            return
-        await self.application.initialize()
-        await self.application.start()
-        self._started = True
-        if self.config.mode == "webhook":
-            url = self.config.webhook_url or (
-                self.ctx.settings.http.public_url.rstrip("/") + self.path
-                if self.ctx.settings.http.public_url
-                else ""
-            )
-            if self.config.set_webhook and url:
-                await self.bot.set_webhook(
-                    url,
-                    allowed_updates=list(ALLOWED_UPDATES),
-                    drop_pending_updates=self.config.drop_pending_updates,
-                    secret_token=self.secret.decode(),
-                )
-                log.info("%s: webhook set", self.name)
-            elif self.config.set_webhook:
-                log.warning("%s: no http.public_url or webhook_url: setWebhook skipped", self.name)
-        else:
-            await self.bot.delete_webhook(drop_pending_updates=self.config.drop_pending_updates)
-            self._poller = asyncio.create_task(self._poll(), name=f"telegram-poll-{self.name}")
+        """Bring the bot up in the background: an unreachable Telegram must not stop the gateway.
+
+        ``ready`` is set once getMe (and setWebhook or deleteWebhook) succeeded; until then the
+        webhook answers 503, so Telegram retries.
+        """
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name=f"telegram-{self.name}")
 
     async def stop(self) -> None:
         """Stop polling and shut PTB down; idempotent."""
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.cancel()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await poller
-        if self._started:
-            self._started = False
+                await runner
+        if self._initialized:
+            self._initialized = False
+            self.ready.clear()
             await self.application.stop()
             await self.application.shutdown()
+
+    async def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                await self._bring_up()
+                break
+            except (InvalidToken, Forbidden) as exc:
+                log.error("%s: Telegram refused the bot token (%s)", self.name, type(exc).__name__)
+                await asyncio.sleep(60)
+            except Exception as exc:  # network, DNS, a bad api_base: keep trying
+                log.warning("%s: bot not up yet (%s); retrying", self.name, type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+        self.ready.set()
+        if self.config.mode == "polling":
+            await self._poll()
+
+    async def _bring_up(self) -> None:
+        if not self._initialized:
+            await self.application.initialize()
+            await self.application.start()
+            self._initialized = True
+        if self.config.mode == "polling":
+            await self.bot.delete_webhook(drop_pending_updates=self.config.drop_pending_updates)
+            return
+        public = self.ctx.settings.http.public_url
+        url = self.config.webhook_url or (public.rstrip("/") + self.path if public else "")
+        if self.config.set_webhook and url:
+            await self.bot.set_webhook(
+                url,
+                allowed_updates=list(ALLOWED_UPDATES),
+                drop_pending_updates=self.config.drop_pending_updates,
+                secret_token=self.secret.decode(),
+            )
+            log.info("%s: webhook set", self.name)
+        elif self.config.set_webhook:
+            log.warning("%s: no http.public_url or webhook_url: setWebhook skipped", self.name)
 
     # -------------------------------------------------------------- intake
 
@@ -382,6 +404,8 @@ class TelegramAdapter:
             if not hmac.compare_digest(given, self.secret):
                 log.warning("%s: webhook refused: bad secret token", self.name)
                 return web.Response(status=403, text="forbidden")
+        if not self.ready.is_set():
+            return retry_later()
         body = await read_bounded(request, self.ctx.settings.http.max_body)
         try:
             data = orjson.loads(body)

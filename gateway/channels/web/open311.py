@@ -1,0 +1,732 @@
+"""Open311 GeoReport v2: channel type ``open311``, so existing 311 apps report straight in.
+
+Endpoints under ``path`` (default ``/open311/v2``), each in JSON (``.json``) and XML (``.xml``):
+
+- ``GET discovery``: this endpoint, its formats and changeset;
+- ``GET services``, ``GET services/{service_code}``: the service list and attribute definitions
+  from config;
+- ``POST requests``: a service request (form-encoded as the spec says; multipart with a ``media``
+  file and JSON are also taken) answered with ``service_request_id`` = the contact id once the
+  contact is durable;
+- ``GET requests/{service_request_id}`` and ``GET requests?service_request_id=a,b``: the request
+  with its status (``open`` until the case system closes it).
+
+Errors are the spec's list of ``{code, description}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape
+
+import orjson
+from aiohttp import BodyPartReader, web
+
+from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
+from gateway.attachments import AttachmentTooLarge
+from gateway.auth import secrets_equal
+from gateway.clock import Micros, format_time
+from gateway.config import Secret
+from gateway.language import guess_language
+from gateway.phone import to_e164
+from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
+
+log = logging.getLogger(__name__)
+
+SPEC_URL: Final = "http://wiki.open311.org/GeoReport_v2"
+FORMATS: Final = ("application/json", "text/xml")
+_ATTRIBUTE: Final = re.compile(r"^attribute\[([^\[\]]{1,64})\](\[\])?$")
+_FIELDS: Final = frozenset(
+    {
+        "api_key",
+        "jurisdiction_id",
+        "service_code",
+        "lat",
+        "long",
+        "address_string",
+        "address_id",
+        "email",
+        "device_id",
+        "account_id",
+        "first_name",
+        "last_name",
+        "phone",
+        "description",
+        "media_url",
+        "media",
+    }
+)
+_LIMITS: Final = {"description": 8000, "address_string": 1024, "media_url": 2048}
+_MAX_FORM: Final = 64 * 1024
+
+Datatype = Literal["string", "number", "datetime", "text", "singlevaluelist", "multivaluelist"]
+
+
+@dataclass(frozen=True, slots=True)
+class Open311Attribute:
+    """One attribute of a service definition (GeoReport v2 ``services/{code}``)."""
+
+    code: str
+    description: str = ""
+    datatype: Datatype = "string"
+    required: bool = False
+    variable: bool = True
+    order: int = 0
+    datatype_description: str = ""
+    values: dict[str, str] = field(default_factory=dict)
+    """For list datatypes: key -> name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Open311Service:
+    """One service (GeoReport v2 ``services``); the table key is its ``service_code``."""
+
+    name: str
+    description: str = ""
+    group: str = ""
+    keywords: tuple[str, ...] = ()
+    type: Literal["realtime", "batch", "blackbox"] = "realtime"
+    attributes: tuple[Open311Attribute, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Open311Key:
+    """An api_key given to one client application."""
+
+    key: Secret
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Open311Config:
+    """``[adapters.NAME]`` with ``type = "open311"``."""
+
+    services: dict[str, Open311Service] = field(default_factory=dict)
+    api_keys: tuple[Open311Key, ...] = ()
+    require_api_key: bool = True
+    """POST requests needs a configured api_key (GET endpoints are public, as in the spec)."""
+    path: str = "/open311/v2"
+    jurisdiction_id: str = ""
+    """When set, a request naming another jurisdiction is refused (404)."""
+    contact: str = ""
+    """Discovery ``contact``: who runs this endpoint."""
+    key_service: str = ""
+    """Discovery ``key_service``: where developers ask for an api_key."""
+    changeset: str = "2026-01-01T00:00:00Z"
+    agency_responsible: str = ""
+    service_notice: str = ""
+    phone_region: str = "CN"
+    recipient: str = "open311"
+    max_body: int = 30 * 1024 * 1024
+
+
+class Open311Error(Exception):
+    """An error the spec reports as ``[{code, description}]`` with that HTTP status."""
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def to_xml(root: str, item: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Render rows as the spec's XML: ``<root><item><field>v</field>...</item></root>``."""
+    out = ['<?xml version="1.0" encoding="utf-8"?>', f"<{root}>"]
+    for row in rows:
+        out.append(f"<{item}>{_xml_fields(row)}</{item}>")
+    out.append(f"</{root}>")
+    return "".join(out)
+
+
+_PLURALS: Final = {
+    "attributes": "attribute",
+    "values": "value",
+    "endpoints": "endpoint",
+    "formats": "format",
+    "keywords": "keyword",
+}
+
+
+def _xml_fields(row: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            parts.append(f"<{key}>{_xml_fields(value)}</{key}>")
+        elif isinstance(value, (list, tuple)):
+            child = _PLURALS.get(key, "item")
+            inner = "".join(
+                f"<{child}>{_xml_fields(v)}</{child}>"
+                if isinstance(v, Mapping)
+                else f"<{child}>{_xml_value(v)}</{child}>"
+                for v in value
+            )
+            parts.append(f"<{key}>{inner}</{key}>")
+        else:
+            parts.append(f"<{key}>{_xml_value(value)}</{key}>")
+    return "".join(parts)
+
+
+def _xml_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return escape(str(value))
+
+
+def _iso(us: Micros) -> str:
+    """ISO 8601 with offset, as the spec's examples write datetimes."""
+    return format_time(us).split(".")[0] + "Z"
+
+
+# ---------------------------------------------------------------- parsing a request
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequest:
+    """A validated ``POST requests`` body."""
+
+    service_code: str
+    lat: float | None
+    long: float | None
+    address_string: str
+    address_id: str
+    description: str
+    media_url: str
+    email: str
+    phone: str
+    first_name: str
+    last_name: str
+    device_id: str
+    account_id: str
+    attributes: dict[str, str | list[str]]
+
+
+def parse_request(
+    form: Mapping[str, str | list[str]], services: Mapping[str, Open311Service]
+) -> ServiceRequest:
+    """Validate a service request as GeoReport v2 defines it; raise Open311Error."""
+    plain: dict[str, str] = {}
+    attributes: dict[str, str | list[str]] = {}
+    for key, value in form.items():
+        m = _ATTRIBUTE.match(key)
+        if m:
+            values = value if isinstance(value, list) else [value]
+            if m.group(2) or len(values) != 1:
+                attributes[m.group(1)] = [v[:1024] for v in values]
+            else:
+                attributes[m.group(1)] = values[0][:1024]
+            continue
+        if key not in _FIELDS:
+            raise Open311Error(400, f"unknown parameter: {key[:64]}")
+        if isinstance(value, list):
+            if len(value) > 1:
+                raise Open311Error(400, f"{key} given more than once")
+            text = value[0] if value else ""
+        else:
+            text = value
+        limit = _LIMITS.get(key, 256)
+        if len(text) > limit:
+            raise Open311Error(400, f"{key}: longer than {limit} characters")
+        plain[key] = clean_text(text).strip()
+    code = plain.get("service_code", "")
+    if not code:
+        raise Open311Error(400, "service_code is required")
+    service = services.get(code)
+    if service is None:
+        raise Open311Error(404, f"service_code not found: {code[:64]}")
+    lat = _coordinate(plain.get("lat"), "lat", 90.0)
+    long = _coordinate(plain.get("long"), "long", 180.0)
+    if (lat is None) != (long is None):
+        raise Open311Error(400, "lat and long go together")
+    if lat is None and not plain.get("address_string") and not plain.get("address_id"):
+        raise Open311Error(
+            400, "a location is required: lat and long, address_string or address_id"
+        )
+    _check_attributes(service, attributes)
+    return ServiceRequest(
+        service_code=code,
+        lat=lat,
+        long=long,
+        address_string=plain.get("address_string", ""),
+        address_id=plain.get("address_id", ""),
+        description=plain.get("description", ""),
+        media_url=plain.get("media_url", ""),
+        email=plain.get("email", ""),
+        phone=plain.get("phone", ""),
+        first_name=plain.get("first_name", ""),
+        last_name=plain.get("last_name", ""),
+        device_id=plain.get("device_id", ""),
+        account_id=plain.get("account_id", ""),
+        attributes=attributes,
+    )
+
+
+def _coordinate(raw: str | None, name: str, bound: float) -> float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Open311Error(400, f"{name}: not a number") from None
+    if not math.isfinite(value) or abs(value) > bound:
+        raise Open311Error(400, f"{name}: out of range")
+    return value
+
+
+def _check_attributes(service: Open311Service, given: Mapping[str, str | list[str]]) -> None:
+    defined = {a.code: a for a in service.attributes}
+    for code in given:
+        if code not in defined:
+            raise Open311Error(400, f"attribute[{code[:64]}] is not defined for this service")
+    for attr in service.attributes:
+        value = given.get(attr.code)
+        if value is None or value == "" or value == []:
+            if attr.required and attr.variable:
+                raise Open311Error(400, f"attribute[{attr.code}] is required")
+            continue
+        values = value if isinstance(value, list) else [value]
+        if attr.datatype in ("singlevaluelist", "multivaluelist"):
+            if attr.datatype == "singlevaluelist" and len(values) > 1:
+                raise Open311Error(400, f"attribute[{attr.code}] takes one value")
+            for v in values:
+                if v not in attr.values:
+                    raise Open311Error(400, f"attribute[{attr.code}]: {v[:64]!r} is not a choice")
+        elif attr.datatype == "number":
+            for v in values:
+                try:
+                    float(v)
+                except ValueError:
+                    raise Open311Error(400, f"attribute[{attr.code}]: not a number") from None
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class Open311:
+    """The GeoReport v2 endpoint."""
+
+    channel = "web"
+
+    def __init__(self, ctx: AdapterContext, config: Open311Config) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.config = config
+        base = config.path.rstrip("/")
+        router = ctx.router
+        router.add_get(base + "/discovery.{fmt}", self.discovery)
+        router.add_get(base + "/services.{fmt}", self.services)
+        router.add_get(base + "/services/{code}.{fmt}", self.service_definition)
+        router.add_post(base + "/requests.{fmt}", self.post_request)
+        router.add_get(base + "/requests.{fmt}", self.get_requests)
+        router.add_get(base + "/requests/{id}.{fmt}", self.get_request)
+
+    async def start(self) -> None:
+        """Routes are on the gateway's server: nothing to start."""
+
+    async def stop(self) -> None:
+        """Nothing to drain beyond the server's own in-flight requests."""
+
+    async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
+        """GeoReport v2 has no push: clients read status through ``GET requests``."""
+        raise SendError("Open311 clients poll for status; no reply can be pushed", retryable=False)
+
+    # -------------------------------------------------------------- responses
+
+    @staticmethod
+    def _fmt(request: web.Request) -> str:
+        fmt = request.match_info.get("fmt", "json")
+        if fmt not in ("json", "xml"):
+            raise web.HTTPNotFound()
+        return fmt
+
+    @staticmethod
+    def _render(
+        fmt: str, root: str, item: str, rows: Sequence[Mapping[str, Any]], status: int = 200
+    ) -> web.Response:
+        if fmt == "xml":
+            return web.Response(
+                status=status,
+                text=to_xml(root, item, rows),
+                content_type="text/xml",
+                charset="utf-8",
+            )
+        return web.Response(
+            status=status, body=orjson.dumps(list(rows)), content_type="application/json"
+        )
+
+    def _error(self, fmt: str, status: int, description: str) -> web.Response:
+        return self._render(
+            fmt, "errors", "error", [{"code": status, "description": description}], status
+        )
+
+    # -------------------------------------------------------------- discovery and services
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        fmt = self._fmt(request)
+        origin = self.ctx.settings.http.public_url.rstrip("/") or str(request.url.origin())
+        base = origin + self.config.path.rstrip("/")
+        doc = {
+            "changeset": self.config.changeset,
+            "contact": self.config.contact,
+            "key_service": self.config.key_service,
+            "endpoints": [
+                {
+                    "specification": SPEC_URL,
+                    "url": base,
+                    "changeset": self.config.changeset,
+                    "type": "production",
+                    "formats": list(FORMATS),
+                }
+            ],
+        }
+        if fmt == "xml":
+            xml = (
+                '<?xml version="1.0" encoding="utf-8"?><discovery>'
+                + _xml_fields(doc)
+                + "</discovery>"
+            )
+            return web.Response(text=xml, content_type="text/xml", charset="utf-8")
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    async def services(self, request: web.Request) -> web.Response:
+        fmt = self._fmt(request)
+        rows = [
+            {
+                "service_code": code,
+                "service_name": s.name,
+                "description": s.description,
+                "metadata": bool(s.attributes),
+                "type": s.type,
+                "keywords": ",".join(s.keywords),
+                "group": s.group,
+            }
+            for code, s in self.config.services.items()
+        ]
+        return self._render(fmt, "services", "service", rows)
+
+    async def service_definition(self, request: web.Request) -> web.Response:
+        fmt = self._fmt(request)
+        code = request.match_info["code"]
+        service = self.config.services.get(code)
+        if service is None:
+            return self._error(fmt, 404, "service_code not found")
+        attributes = [
+            {
+                "variable": a.variable,
+                "code": a.code,
+                "datatype": a.datatype,
+                "required": a.required,
+                "datatype_description": a.datatype_description,
+                "order": a.order or i + 1,
+                "description": a.description,
+                "values": [{"key": k, "name": v} for k, v in a.values.items()],
+            }
+            for i, a in enumerate(service.attributes)
+        ]
+        doc = {"service_code": code, "attributes": attributes}
+        if fmt == "xml":
+            xml = (
+                '<?xml version="1.0" encoding="utf-8"?><service_definition>'
+                + _xml_fields(doc)
+                + "</service_definition>"
+            )
+            return web.Response(text=xml, content_type="text/xml", charset="utf-8")
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    # -------------------------------------------------------------- requests
+
+    def _check_key(self, given: str) -> str | None:
+        """Return the client name for ``given`` (every key compared), or None."""
+        found: str | None = None
+        for entry in self.config.api_keys:
+            if secrets_equal(given, entry.key.reveal()) and found is None:
+                found = entry.name or "client"
+        return found
+
+    async def post_request(self, request: web.Request) -> web.Response:
+        """Take one service request; answer with its id once it is durable."""
+        received_at = self.ctx.clock.now_us()
+        fmt = self._fmt(request)
+        if request.content_length is not None and request.content_length > self.config.max_body:
+            return self._error(fmt, 413, "request too large")
+        try:
+            form, media = await self._read_form(request)
+            api_key = form.get("api_key", "")
+            client = self._check_key(api_key if isinstance(api_key, str) else "")
+            if self.config.require_api_key and client is None:
+                raise Open311Error(403, "api_key is missing or invalid")
+            jurisdiction = form.get("jurisdiction_id", "")
+            if (
+                self.config.jurisdiction_id
+                and jurisdiction
+                and jurisdiction != self.config.jurisdiction_id
+            ):
+                raise Open311Error(404, "jurisdiction_id not found")
+            req = parse_request(form, self.config.services)
+        except Open311Error as exc:
+            return self._error(fmt, exc.status, exc.description)
+        except AttachmentTooLarge:
+            return self._error(fmt, 413, "media too large")
+        inbound = self._inbound(
+            req, client, received_at, media, request.headers.get("Idempotency-Key", "")
+        )
+        try:
+            receipt = await self.ctx.intake.submit(inbound)
+        except IntakeUnavailable:
+            response = self._error(fmt, 503, "temporarily unavailable, retry later")
+            response.headers["Retry-After"] = "5"
+            return response
+        row = {
+            "service_request_id": receipt.contact_id,
+            "service_notice": self.config.service_notice,
+            "account_id": req.account_id or None,
+        }
+        return self._render(
+            fmt, "service_requests", "request", [row], 201 if receipt.status != "duplicate" else 200
+        )
+
+    def _inbound(
+        self,
+        req: ServiceRequest,
+        client: str | None,
+        received_at: Micros,
+        media: tuple[Attachment, ...],
+        idempotency_key: str,
+    ) -> Inbound:
+        service = self.config.services[req.service_code]
+        phone = to_e164(req.phone, self.config.phone_region) if req.phone else None
+        if req.email:
+            address = req.email
+        elif phone:
+            address = phone
+        elif req.account_id:
+            address = f"open311:account:{req.account_id}"
+        elif req.device_id:
+            address = f"open311:device:{req.device_id}"
+        else:
+            address = "open311:anonymous"
+        name = " ".join(p for p in (req.first_name, req.last_name) if p) or None
+        details: dict[str, Any] = {
+            "service_code": req.service_code,
+            "service_name": service.name,
+            "attributes": req.attributes,
+        }
+        for key in (
+            "address_string",
+            "address_id",
+            "media_url",
+            "device_id",
+            "account_id",
+            "email",
+        ):
+            value = getattr(req, key)
+            if value:
+                details[key] = value
+        if phone:
+            details["phone"] = phone
+        if client:
+            details["client"] = client
+        meta: dict[str, Any] = {"open311": details}
+        if req.lat is not None and req.long is not None:
+            meta["location"] = {"lat": req.lat, "lon": req.long}
+        if req.address_string:
+            meta.setdefault("location", {})["address"] = req.address_string
+        return Inbound(
+            channel="web",
+            adapter=self.name,
+            external_id=idempotency_key[:200] if idempotency_key else "",
+            sender=Sender(address, name),
+            recipient=self.config.recipient,
+            received_at=received_at,
+            text=req.description,
+            subject=service.name,
+            language=guess_language(req.description),
+            attachments=media,
+            meta=meta,
+        )
+
+    async def _read_form(
+        self, request: web.Request
+    ) -> tuple[dict[str, str | list[str]], tuple[Attachment, ...]]:
+        form: dict[str, str | list[str]] = {}
+
+        def add(key: str, value: str) -> None:
+            old = form.get(key)
+            if old is None:
+                form[key] = value
+            elif isinstance(old, list):
+                old.append(value)
+            else:
+                form[key] = [old, value]
+
+        media: list[Attachment] = []
+        ctype = request.content_type
+        if ctype == "multipart/form-data":
+            reader = await request.multipart()
+            total = 0
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise Open311Error(400, "nested multipart is not supported")
+                if part.filename:
+                    if media:
+                        raise Open311Error(400, "one media file per request")
+                    data = await _read_part(
+                        part, min(self.ctx.attachments.max_size, self.config.max_body)
+                    )
+                    media.append(
+                        await self.ctx.attachments.put(
+                            data,
+                            part.filename,
+                            part.headers.get("Content-Type", "application/octet-stream"),
+                        )
+                    )
+                    continue
+                value = await _read_part(part, _MAX_FORM)
+                total += len(value)
+                if total > _MAX_FORM:
+                    raise Open311Error(413, "form too large")
+                add(part.name or "", value.decode("utf-8", errors="replace"))
+            return form, tuple(media)
+        raw = await request.content.read(_MAX_FORM + 1)
+        if len(raw) > _MAX_FORM:
+            raise Open311Error(413, "form too large")
+        if ctype == "application/json":
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise Open311Error(400, "body is not valid JSON") from None
+            if not isinstance(doc, dict):
+                raise Open311Error(400, "expected a JSON object")
+            for key, value in doc.items():
+                if key == "attribute" and isinstance(value, dict):
+                    for code, v in value.items():
+                        for item in v if isinstance(v, list) else [v]:
+                            add(
+                                f"attribute[{code}]" + ("[]" if isinstance(v, list) else ""),
+                                str(item),
+                            )
+                elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                    add(key, str(value))
+                elif value is not None:
+                    raise Open311Error(400, f"{str(key)[:64]}: expected a string or number")
+            return form, ()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Open311Error(400, "form is not UTF-8") from None
+        try:
+            pairs = parse_qsl(
+                text, keep_blank_values=True, strict_parsing=False, max_num_fields=200
+            )
+        except ValueError:
+            raise Open311Error(400, "too many form fields") from None
+        for name, item in pairs:
+            add(name, item)
+        return form, ()
+
+    async def _status_rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        rows = []
+        for contact_id in ids:
+            contact = await self.ctx.contacts.get(contact_id)
+            if contact is None or contact.adapter != self.name:
+                continue
+            rows.append(await self._row(contact))
+        return rows
+
+    async def _row(self, contact: Contact) -> dict[str, Any]:
+        details = contact.meta.get("open311", {})
+        location = contact.meta.get("location", {})
+        stamps = await _stamps(self.ctx.contacts, contact.id)
+        closed = stamps.get("closed")
+        updated = max([contact.enqueued_at, *stamps.values()])
+        status_notes = ""
+        if closed is not None:
+            status_notes = "closed"
+        elif "responded" in stamps:
+            status_notes = "responded"
+        row: dict[str, Any] = {
+            "service_request_id": contact.id,
+            "status": "closed" if closed is not None else "open",
+            "status_notes": status_notes,
+            "service_name": details.get("service_name", contact.subject or ""),
+            "service_code": details.get("service_code", ""),
+            "description": "" if contact.confidential else contact.text,
+            "agency_responsible": self.config.agency_responsible,
+            "service_notice": self.config.service_notice,
+            "requested_datetime": _iso(contact.received_at),
+            "updated_datetime": _iso(updated),
+            "expected_datetime": None,
+            "address": "" if contact.confidential else location.get("address", ""),
+            "address_id": details.get("address_id", ""),
+            "zipcode": None,
+            "lat": None if contact.confidential else location.get("lat"),
+            "long": None if contact.confidential else location.get("lon"),
+            "media_url": details.get("media_url", ""),
+        }
+        return row
+
+    async def get_request(self, request: web.Request) -> web.Response:
+        fmt = self._fmt(request)
+        rows = await self._status_rows([request.match_info["id"][:64]])
+        if not rows:
+            return self._error(fmt, 404, "service_request_id not found")
+        return self._render(fmt, "service_requests", "request", rows)
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        """``service_request_id=a,b,c`` (the spec's lookup by ids); searching is not offered."""
+        fmt = self._fmt(request)
+        ids = [i for i in request.query.get("service_request_id", "").split(",") if i][:50]
+        return self._render(fmt, "service_requests", "request", await self._status_rows(ids))
+
+
+async def _stamps(contacts: Any, contact_id: str) -> dict[str, Micros]:
+    """When each event type last happened to the contact, if the lookup can tell.
+
+    ``ContactLookup`` promises only ``get``; a lookup that also offers ``events(contact_id)``
+    (the contact's events, oldest first) lets ``GET requests`` report ``closed``.
+    """
+    lookup = getattr(contacts, "events", None)
+    if lookup is None:
+        return {}
+    out: dict[str, Micros] = {}
+    for event in await lookup(contact_id):
+        kind = str(getattr(event, "type", ""))
+        at = int(getattr(event, "at", 0))
+        out[kind] = max(out.get(kind, at), at)
+    return out
+
+
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise AttachmentTooLarge(f"more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _factory(ctx: AdapterContext, config: Open311Config) -> Open311:
+    return Open311(ctx, config)
+
+
+CHANNEL: ChannelType[Open311Config] = ChannelType(
+    name="open311",
+    channel="web",
+    config=Open311Config,
+    factory=_factory,
+    example={"services": {"001": {"name": "Streetlight out"}}, "require_api_key": False},
+)
+
+__all__ = ["CHANNEL", "Open311", "Open311Config", "parse_request", "to_xml"]
