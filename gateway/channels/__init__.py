@@ -9,6 +9,8 @@ BUILTIN: tuple[str, ...] = (
     "gateway.channels.chat.telegram:CHANNEL",
     "gateway.channels.chat.wechat:CHANNEL",
     "gateway.channels.chat.weibo:CHANNEL",
+    "gateway.channels.web.app:CHANNEL",
+    "gateway.channels.web.open311:CHANNEL",
     "gateway.channels.email.adapter:CHANNEL",
     "gateway.channels.sms.generic:CHANNEL",
     "gateway.channels.sms.kannel:CHANNEL",
