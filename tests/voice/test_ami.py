@@ -42,6 +42,7 @@ async def voice_with_ami(
         "type": "asterisk",
         "agi_listen": "127.0.0.1:0",
         "settle": "0s",
+        "linkedid_lookup": True,
         "ami": {
             "host": "127.0.0.1",
             "port": ami.port,

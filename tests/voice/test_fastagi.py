@@ -25,6 +25,7 @@ async def start_voice(
         "languages": {"12345": "zh", "12346": "en"},
         "queues": {"en": "hotline-en", "12399": "special"},
         "settle": "0s",
+        "linkedid_lookup": True,
         **config,
     }
     return await start_gateway(adapters={"asterisk": table}, clock=clock or FixedClock(T0))  # type: ignore[no-any-return]
@@ -186,6 +187,7 @@ async def test_multi_line_520_and_510_replies_keep_the_dialogue_in_step(
 
     call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), script)
     assert len(call.commands) == 6
+    assert call.commands[0] == ["GET", "VARIABLE", "CHANNEL(linkedid)"]
     assert call.variables["GATEWAY_STATUS"] == "OK"
     assert "linkedid" not in (await one_contact(gw)).meta
 
@@ -243,3 +245,27 @@ async def test_redis_down_spools_and_says_so(start_gateway: Any) -> None:
     assert call.variables["GATEWAY_CONTACT_ID"]
     assert call.variables["GATEWAY_ANSWER_BY"] == str(T0 // 1_000_000 + 15)
     assert call.closed_by_server
+
+
+async def test_by_default_the_session_is_five_set_variables_in_one_round_trip(
+    start_gateway: Any,
+) -> None:
+    gw = await start_voice(start_gateway, linkedid_lookup=False)
+    seen: list[int] = []
+
+    def script(index: int, argv: list[str]) -> bytes:
+        seen.append(index)
+        return b"HANGUP\n" + asterisk_reply(argv) if index == 0 else asterisk_reply(argv)
+
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), script)
+    assert [c[:2] for c in call.commands] == [["SET", "VARIABLE"]] * 5
+    assert call.variables["GATEWAY_STATUS"] == "OK"
+    contact = await one_contact(gw)
+    assert "linkedid" not in contact.meta
+    query = agi_fixture("sip_call.agi").replace(
+        b"agi_network_script: intake\n",
+        b"agi_network_script: intake?linkedid=1795594483.42\n",
+    ).replace(b"1795594483.1\n", b"1795594483.43\n")
+    await fake_call(agi_port(gw), query)
+    second = (await gw.read_contacts())[1]
+    assert second.meta["linkedid"] == "1795594483.42"

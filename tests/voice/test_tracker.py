@@ -15,7 +15,8 @@ UID = "1795594483.1"
 
 
 async def voice(start_gateway: Any, clock: FixedClock, **config: Any) -> Gateway:
-    table = {"type": "asterisk", "agi_listen": "127.0.0.1:0", "call_timeout": "1h", **config}
+    table = {"type": "asterisk", "agi_listen": "127.0.0.1:0", "call_timeout": "1h",
+             "linkedid_lookup": True, **config}
     return await start_gateway(adapters={"asterisk": table}, clock=clock)  # type: ignore[no-any-return]
 
 

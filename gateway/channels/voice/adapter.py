@@ -47,6 +47,9 @@ class AsteriskConfig:
     default_queue: str = "hotline"
     repeat_priority: int = 5
     """``GATEWAY_PRIORITY`` for a caller with earlier contacts in the repeat window (else 0)."""
+    linkedid_lookup: bool = False
+    """Ask Asterisk for ``CHANNEL(linkedid)`` (one more round trip) unless the AGI URL passes
+    ``?linkedid=${CHANNEL(linkedid)}``; AMI events carry it anyway."""
     intake_timeout: Duration = Duration(3)
     """The longest the caller waits on Intake before the script gives up (``FAILED``)."""
     session_timeout: Duration = Duration(10)
@@ -79,7 +82,13 @@ class AsteriskAdapter:
             callbacks=config.callbacks,
             default_region=config.default_region,
         )
-        self.intake = IntakeScript(ctx.name, ctx.intake, config, tracker=self.tracker)
+        self.intake = IntakeScript(
+            ctx.name,
+            ctx.intake,
+            config,
+            tracker=self.tracker,
+            ask_linkedid=config.linkedid_lookup,
+        )
         self.server = FastAgiServer(
             {"intake": self.intake},
             config.agi_listen.host,

@@ -58,58 +58,99 @@ def parse_header_block(data: bytes, *, max_lines: int = MAX_HEADER_LINES) -> dic
     Bytes that are not UTF-8 are replaced (a caller name may arrive in any encoding); NUL is
     removed. Raise ``AgiError`` on a line that is not ``agi_key: value`` or too many lines.
     """
-    env: dict[str, str] = {}
-    lines = data.split(b"\n")
+    text = data.decode("utf-8", errors="replace").replace("\x00", "")
+    lines = text.split("\n")
     if len(lines) > max_lines:
         raise AgiError("too many header lines")
-    for raw in lines:
-        text = _decode(raw)
-        if not text:
-            continue
-        key, value = parse_header_line(text)
-        env.setdefault(key, value)
+    env: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if not sep or not _HEADER_KEY.match(key):
+            if not line.strip("\r"):
+                continue
+            raise AgiError("not an AGI header line")
+        if key not in env:
+            env[key] = value.strip()
     return env
 
 
+class AgiStream:
+    """One receive buffer over a stream: a TCP read usually carries the whole header block or
+    a batch of replies, so lines are cut from the buffer instead of one read per line."""
+
+    __slots__ = ("buffer", "reader")
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buffer = bytearray()
+
+    async def fill(self) -> bool:
+        """Read what the peer sent; False at EOF."""
+        chunk = await self.reader.read(65536)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
+
+    async def readline(self, limit: int) -> bytes:
+        """One LF-terminated line of at most ``limit`` bytes, or the partial line at EOF."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start)
+            if end >= 0:
+                if end >= limit:
+                    raise AgiError("line too long")
+                line = bytes(self.buffer[: end + 1])
+                del self.buffer[: end + 1]
+                return line
+            if len(self.buffer) > limit:
+                raise AgiError("line too long")
+            start = len(self.buffer)
+            if not await self.fill():
+                line = bytes(self.buffer)
+                self.buffer.clear()
+                return line
+
+
 async def read_header_block(
-    reader: asyncio.StreamReader,
+    source: AgiStream | asyncio.StreamReader,
     *,
     max_bytes: int = MAX_HEADER_BYTES,
     max_lines: int = MAX_HEADER_LINES,
 ) -> dict[str, str]:
     """Read headers up to the empty line; raise ``AgiClosed`` on EOF, ``AgiError`` otherwise.
 
-    The block is bounded in bytes and lines, so a peer that never sends the empty line costs at
+    Each complete line is checked as soon as it arrives, so garbage closes the session at once;
+    the block is bounded in bytes and lines, so a peer that never sends the empty line costs at
     most ``max_bytes`` of memory (the session timeout bounds its time).
     """
-    env: dict[str, str] = {}
-    total = 0
-    for _ in range(max_lines + 1):
-        line = await _readline(reader, max_bytes - total)
-        total += len(line)
-        if not line.endswith(b"\n"):
+    stream = source if isinstance(source, AgiStream) else AgiStream(source)
+    buf = stream.buffer
+    checked = 0
+    lines = 0
+    while True:
+        if buf[:1] == b"\n":
+            del buf[:1]
+            return {}
+        end = buf.find(b"\n\n")
+        if end >= 0:
+            block = bytes(buf[:end])
+            del buf[: end + 2]
+            if len(block) + 2 > max_bytes:
+                raise AgiError("header block too large")
+            return parse_header_block(block, max_lines=max_lines)
+        last = buf.rfind(b"\n")
+        if last >= checked:
+            for raw in bytes(buf[checked:last]).split(b"\n"):
+                lines += 1
+                parse_header_line(_decode(raw))
+            checked = last + 1
+            if lines > max_lines:
+                raise AgiError("too many header lines")
+        if len(buf) >= max_bytes:
+            raise AgiError("header block too large")
+        if not await stream.fill():
             raise AgiClosed("connection closed inside the header block")
-        text = _decode(line)
-        if not text:
-            return env
-        key, value = parse_header_line(text)
-        env.setdefault(key, value)
-    raise AgiError("too many header lines")
-
-
-async def _readline(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """Read one LF-terminated line of at most ``limit`` bytes (the partial line at EOF)."""
-    if limit <= 0:
-        raise AgiError("header block too large")
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-    except asyncio.LimitOverrunError as exc:
-        raise AgiError("line too long") from exc
-    if len(line) > limit:
-        raise AgiError("header block too large")
-    return line
 
 
 def _decode(raw: bytes) -> str:
@@ -324,8 +365,10 @@ class ReplyAssembler:
 class AgiChannel:
     """Commands and replies over one AGI stream pair (a FastAGI socket)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
+    def __init__(
+        self, stream: AgiStream | asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.stream = stream if isinstance(stream, AgiStream) else AgiStream(stream)
         self.writer = writer
         self._assembler = ReplyAssembler()
 
@@ -350,7 +393,7 @@ class AgiChannel:
         await self.writer.drain()
         replies: list[AgiReply] = []
         while len(replies) < len(lines):
-            raw = await _readline(self.reader, MAX_REPLY_BYTES)
+            raw = await self.stream.readline(MAX_REPLY_BYTES)
             if not raw.endswith(b"\n"):
                 raise AgiClosed("connection closed while a reply was awaited")
             reply = self._assembler.feed(_decode(raw))

@@ -174,7 +174,7 @@ class IntakeScript:
     intake: Submitter
     config: Any
     tracker: CallTracker | None = None
-    ask_linkedid: bool = True
+    ask_linkedid: bool = False
 
     async def __call__(self, session: AgiSession) -> None:
         env = session.env
@@ -199,13 +199,15 @@ class IntakeScript:
                 receipt = await self.intake.submit(inbound)
         except IntakeUnavailable:
             log.warning("intake unavailable: call queued without a contact")
+        except ValueError as exc:
+            log.warning("unusable AGI header (%s): call queued without a contact", exc)
         except TimeoutError:
             log.warning("intake took longer than %ss: call queued without a contact",
                         self.config.intake_timeout)
         except Exception:
             log.exception("voice intake failed: call queued without a contact")
         if receipt is not None and inbound is not None:
-            log.info(
+            log.debug(
                 "call %s from %s: contact %s (%s)",
                 inbound.external_id,
                 mask_phone(inbound.sender.address) if inbound.sender.address else "unknown",

@@ -13,6 +13,7 @@ from gateway.channels.voice.agi import (
     AgiChannel,
     AgiClosed,
     AgiError,
+    AgiStream,
     query_params,
     read_header_block,
     script_args,
@@ -87,7 +88,7 @@ class FastAgiServer:
             for task in still:
                 task.cancel()
             if still:
-                await asyncio.wait(still)
+                await asyncio.wait(still, timeout=1.0)
         if server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
@@ -119,7 +120,8 @@ class FastAgiServer:
     async def _session(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received_at: Micros
     ) -> None:
-        env = await read_header_block(reader, max_bytes=self.max_header_bytes)
+        stream = AgiStream(reader)
+        env = await read_header_block(stream, max_bytes=self.max_header_bytes)
         request = env.get("agi_network_script", "")
         name = script_name(request)
         handler = self.handlers.get(name)
@@ -133,7 +135,7 @@ class FastAgiServer:
             query=query_params(request),
             args=script_args(env),
             received_at=received_at,
-            channel=AgiChannel(reader, writer),
+            channel=AgiChannel(stream, writer),
             peer=str(peer[0]) if isinstance(peer, tuple) and peer else "",
         )
         await handler(session)

@@ -1,0 +1,276 @@
+"""FastAGI benchmark: the gateway's intake vs a bare asyncio AGI server vs pyst2 classic AGI.
+
+    python bench/voice_bench.py [--duration 3] [--concurrency 100] [--rate 1000]
+
+One session = connect, header block, the intake (one GET VARIABLE, Intake into a real embedded
+Valkey, five SET VARIABLE in one write), close. The callers run in a separate process (so the
+gateway keeps its core) and answer every command like res_agi.c. Printed per setup: sessions/s
+with ``--concurrency`` callers back to back, server CPU per session, session time p50/p99, and
+for the gateway the added time over the bare server and a paced run at ``--rate`` calls/s.
+The whole run takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADER = (
+    "agi_network: yes\nagi_network_script: intake\nagi_request: agi://127.0.0.1/intake\n"
+    "agi_channel: PJSIP/sipp-{n:08x}\nagi_language: en\nagi_type: PJSIP\n"
+    "agi_uniqueid: {run}.{n}\nagi_version: 22.10.1\nagi_callerid: 1380{n:07d}\n"
+    "agi_calleridname: Caller {n}\nagi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\n"
+    "agi_callingtns: 0\nagi_dnid: 12345\nagi_rdnis: unknown\nagi_context: intake\n"
+    "agi_extension: 12345\nagi_priority: 3\nagi_enhanced: 0.0\nagi_accountcode: \n"
+    "agi_threadid: 140206706226880\n\n"
+)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# ------------------------------------------------------------------ callers (child process)
+
+
+async def call(port: int, run: str, n: int) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HEADER.format(run=run, n=n).encode())
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        if line.startswith(b"GET VARIABLE"):
+            writer.write(b"200 result=1 (1795594483.0)\n")
+        else:
+            writer.write(b"200 result=1\n")
+    writer.close()
+    return time.perf_counter() - started
+
+
+async def closed_loop(port: int, run: str, concurrency: int, duration: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    counter = iter(range(10**9))
+    stop_at = time.perf_counter() + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            latencies.append(await call(port, run, next(counter)))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"sessions": len(latencies), "seconds": time.perf_counter() - started,
+            "latencies": latencies}
+
+
+async def open_loop(port: int, run: str, rate: float, duration: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    tasks = []
+    started = time.perf_counter()
+    total = int(rate * duration)
+    for n in range(total):
+        delay = started + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(call(port, run, n)))
+    latencies = list(await asyncio.gather(*tasks))
+    return {"sessions": total, "seconds": time.perf_counter() - started, "latencies": latencies}
+
+
+def child(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int)
+    p.add_argument("--run")
+    p.add_argument("--mode", choices=["closed", "open"])
+    p.add_argument("--concurrency", type=int, default=100)
+    p.add_argument("--rate", type=float, default=1000)
+    p.add_argument("--duration", type=float, default=3)
+    a = p.parse_args(argv)
+    runner = _runner()
+    if a.mode == "closed":
+        result = runner(closed_loop(a.port, a.run, a.concurrency, a.duration))
+    else:
+        result = runner(open_loop(a.port, a.run, a.rate, a.duration))
+    print(json.dumps(result))
+
+
+def _runner() -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
+
+
+# ------------------------------------------------------------------ servers (this process)
+
+
+async def bare_server() -> asyncio.Server:
+    """Reads the header block and closes: the floor of any FastAGI server on asyncio."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\n", b""):
+            pass
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+
+
+async def protocol_only_server() -> Any:
+    """Our FastAGI server and intake script with an Intake that keeps contacts in memory:
+    what the voice channel costs by itself, without Redis."""
+    from gateway.adapters import Receipt
+    from gateway.channels.voice.adapter import AsteriskConfig
+    from gateway.channels.voice.intake import IntakeScript
+    from gateway.channels.voice.server import FastAgiServer
+    from gateway.clock import SYSTEM_CLOCK
+    from gateway.ids import uuid7
+    from gateway.records import Deadline, Inbound, Repeat
+
+    class MemoryIntake:
+        def __init__(self) -> None:
+            self.contacts: dict[str, Inbound] = {}
+
+        async def submit(self, inbound: Inbound) -> Receipt:
+            cid = uuid7()
+            self.contacts[cid] = inbound
+            due = inbound.received_at + 15_000_000
+            return Receipt(cid, "enqueued", Deadline("answer", due, "voice_answer"), Repeat(0, 0))
+
+    script = IntakeScript("bench", MemoryIntake(), AsteriskConfig())
+    server = FastAgiServer({"intake": script}, "127.0.0.1", 0, SYSTEM_CLOCK)
+    await server.start()
+    return server
+
+
+async def drive(port: int, run: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    cpu0 = time.process_time()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--child", "--port", str(port), "--run", run, "--mode", mode,
+        "--concurrency", str(args.concurrency), "--rate", str(args.rate),
+        "--duration", str(args.duration),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    result: dict[str, Any] = json.loads(out)
+    result["server_cpu"] = time.process_time() - cpu0
+    return result
+
+
+def line(label: str, r: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    lat = [x * 1000 for x in r["latencies"]]
+    rate = r["sessions"] / r["seconds"]
+    cpu_us = r["server_cpu"] / max(1, r["sessions"]) * 1e6
+    text = (f"{label:<34} {rate:8.0f} sessions/s  {1e6 / cpu_us:8.0f}/s per server core"
+            f"  p50 {pct(lat, 0.5):6.2f} ms  p99 {pct(lat, 0.99):6.2f} ms")
+    if base is not None:
+        blat = [x * 1000 for x in base["latencies"]]
+        text += (f"  added p50 {pct(lat, 0.5) - pct(blat, 0.5):+.2f} ms"
+                 f" p99 {pct(lat, 0.99) - pct(blat, 0.99):+.2f} ms")
+    return text
+
+
+async def bench_pyst2(calls: int, parallel: int) -> dict[str, Any]:
+    script = (
+        "import sys\nfrom asterisk.agi import AGI\n"
+        "agi = AGI(stderr=open('/dev/null', 'w'))\n"
+        "for i in range(5):\n    agi.set_variable('GATEWAY_VAR%d' % i, 'value')\n"
+    )
+    replies = b"200 result=1\n" * 5
+    latencies: list[float] = []
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(n: int) -> None:
+        async with sem:
+            started = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", script, stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            await proc.communicate(HEADER.format(run="p", n=n).encode() + replies)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(n) for n in range(calls)))
+    return {"sessions": calls, "seconds": time.perf_counter() - started,
+            "latencies": latencies, "server_cpu": float("nan")}
+
+
+async def main(args: argparse.Namespace) -> None:
+    from gateway.clock import SYSTEM_CLOCK
+    from gateway.queueing.embedded import EmbeddedRedis
+    from gateway.runtime import Gateway
+    from tests.harness import settings_for
+
+    logging_off()
+    print(f"voice bench: {args.concurrency} concurrent callers, {args.duration:g} s per run, "
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    bare = await bare_server()
+    bare_port = bare.sockets[0].getsockname()[1]
+    base = await drive(bare_port, "b", "closed", args)
+    print(line("bare asyncio server (no writes)", base))
+    bare.close()
+
+    layer = await protocol_only_server()
+    proto = await drive(layer.port, "m", "closed", args)
+    print(line("FastAGI layer, in-memory Intake", proto, base))
+    await layer.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = EmbeddedRedis(Path(tmp) / "redis")
+        await redis.start()
+        settings, configs = settings_for(
+            Path(tmp) / "gw", redis.url, "bench",
+            adapters={"asterisk": {"type": "asterisk", "agi_listen": "127.0.0.1:0"}},
+        )
+        gateway = Gateway(settings, configs, clock=SYSTEM_CLOCK)
+        await gateway.start()
+        port = gateway.adapters["asterisk"].port  # type: ignore[attr-defined]
+        try:
+            run = str(int(time.time()))
+            gw = await drive(port, run + "1", "closed", args)
+            print(line("gateway intake (Redis, 5 SET)", gw, base))
+            paced = await drive(port, run + "2", "open", args)
+            print(line(f"gateway paced at {args.rate:g} calls/s", paced))
+            contacts = await gateway.redis.xlen(gateway.keys.contacts)
+            print(f"{'':<34} {contacts} contacts on the stream")
+        finally:
+            await gateway.stop()
+            await redis.stop()
+
+    classic = await bench_pyst2(args.pyst2_calls, 4)
+    print(line("pyst2 classic AGI, process/call", classic))
+
+
+def logging_off() -> None:
+    import logging
+
+    logging.disable(logging.WARNING)
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        sys.argv.remove("--child")
+        child(sys.argv[1:])
+    else:
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--duration", type=float, default=3.0)
+        parser.add_argument("--concurrency", type=int, default=100)
+        parser.add_argument("--rate", type=float, default=1000.0)
+        parser.add_argument("--pyst2-calls", type=int, default=60)
+        ns = parser.parse_args()
+        _runner()(main(ns))
