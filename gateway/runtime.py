@@ -104,6 +104,8 @@ class Gateway:
         except Exception as exc:
             log.warning("redis unreachable at start (%s): contacts go to the spool", exc)
             self.intake.redis_up = False
+        else:
+            await self._warn_if_not_durable()
         app = build_app(s.http.max_body)
         api_keys = ApiKeys(s.api)
         CoreRoutes(self._ready, self._render_metrics, self.attachments, api_keys).register(
@@ -175,6 +177,22 @@ class Gateway:
             await self.embedded.stop()
             self.embedded = None
         log.info("gateway stopped")
+
+    async def _warn_if_not_durable(self) -> None:
+        """Say so when the server may lose what it acknowledged (CONFIG may be disabled)."""
+        try:
+            config = await self.redis.config_get("append*")
+        except Exception:  # managed services often forbid CONFIG
+            return
+        appendonly = config.get(b"appendonly", config.get("appendonly"))
+        fsync = config.get(b"appendfsync", config.get("appendfsync"))
+        if appendonly in (b"no", "no") or fsync not in (b"always", "always", None):
+            log.warning(
+                "redis runs appendonly=%s appendfsync=%s: a crash of the server may lose "
+                "contacts it already acknowledged; appendonly yes + appendfsync always is safe",
+                appendonly,
+                fsync,
+            )
 
     async def _ready(self) -> tuple[bool, dict[str, object]]:
         redis_ok = False
