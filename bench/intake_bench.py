@@ -1,0 +1,216 @@
+"""Contacts per second through ``POST /v1/intake`` into Redis, next to two baselines, in one run.
+
+- ``plain``: an aiohttp handler that reads the body and answers 202, writing nothing.
+- ``xadd``: an aiohttp handler that awaits one redis-py XADD per request.
+- ``gateway``: the full Intake path (validation, id, deadline, dedupe key, repeat counter,
+  stream entry, contact hash, deadline index, ``enqueued`` event) in one Lua script per contact,
+  coalesced into pipelines.
+
+Each server runs in its own process on uvloop; the load (raw HTTP/1.1 keep-alive, 64
+connections) runs in this process; the three are measured in alternating rounds. Then the
+gateway is driven at half its peak rate to read the edge-to-enqueue latency from the records
+themselves (``enqueued_at - received_at``), and its peak is measured again with the
+append-only file's other fsync policies.
+
+    .venv/bin/python -m bench.intake_bench                 # about a minute
+    .venv/bin/python -m bench.intake_bench --seconds 2 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.loadgen import LoadResult, build_request, run_load
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def body(i: int) -> bytes:
+    return orjson.dumps(
+        {
+            "channel": "web",
+            "external_id": f"bench-{i}",
+            "sender": {"address": f"+86138{i % 100000000:08d}", "name": "张三"},
+            "recipient": "12345",
+            "subject": "路灯损坏",
+            "text": "您好，我家楼下的路灯已经坏了一个星期，晚上出行很不安全，请尽快派人维修。" * 3,
+        }
+    )
+
+
+def serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) -> None:
+    import uvloop
+
+    uvloop.run(_serve(kind, port, redis_url, prefix, ready))
+
+
+async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) -> None:
+    from aiohttp import web
+
+    if kind == "gateway":
+        from gateway.config import parse_settings
+        from gateway.runtime import Gateway
+
+        settings, configs = parse_settings(
+            {
+                "gateway": {"data_dir": tempfile.mkdtemp(prefix="bench-gw-"), "instance": "bench"},
+                "redis": {"url": redis_url, "prefix": prefix},
+                "http": {"listen": f"{HOST}:{port}"},
+                "api": {"open_to_loopback": True},
+            }
+        )
+        gateway = Gateway(settings, configs)
+        await gateway.start()
+    else:
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(redis_url)
+        stream = "{%s}:contacts" % prefix
+
+        async def plain(request: web.Request) -> web.Response:
+            await request.read()
+            return web.json_response({"id": "x"}, status=202)
+
+        async def xadd(request: web.Request) -> web.Response:
+            raw = await request.read()
+            orjson.loads(raw)
+            await client.xadd(stream, {"contact": raw})
+            return web.json_response({"id": "x"}, status=202)
+
+        app = web.Application()
+        app.router.add_post("/v1/intake", plain if kind == "plain" else xadd)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+    ready.set()
+    await asyncio.Event().wait()
+
+
+class Target:
+    def __init__(self, kind: str, redis_url: str, prefix: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.ready = ctx.Event()
+        self.process = ctx.Process(
+            target=serve, args=(kind, self.port, redis_url, prefix, self.ready), daemon=True
+        )
+        self.process.start()
+        if not self.ready.wait(30):
+            raise RuntimeError(f"{kind} server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+async def drive(target: Target, seconds: float, offset: int, rate: float | None = None) -> LoadResult:
+    headers = {"Content-Type": "application/json"}
+    return await run_load(
+        HOST,
+        target.port,
+        lambda i: build_request(HOST, target.port, "POST", "/v1/intake", body(offset + i), headers),
+        connections=64,
+        seconds=seconds,
+        rate=rate,
+        expect=202,
+    )
+
+
+async def edge_to_enqueue(redis_url: str, prefix: str, since_ms: int) -> tuple[float, float, int]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    entries = await client.xrange("{%s}:contacts" % prefix, min=f"{since_ms}-0")
+    await client.aclose()
+    from gateway.clock import parse_time
+
+    lat = sorted(
+        parse_time(c["enqueued_at"]) - parse_time(c["received_at"])
+        for c in (orjson.loads(f[b"contact"]) for _, f in entries)
+    )
+    if not lat:
+        return float("nan"), float("nan"), 0
+    return lat[len(lat) // 2] / 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] / 1000, len(lat)
+
+
+def fmt(r: LoadResult) -> str:
+    return f"{r.rate:8.0f}/s  p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms"
+
+
+async def main(seconds: float, rounds: int) -> None:
+    import time
+
+    from gateway.queueing.embedded import EmbeddedRedis
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
+    server = EmbeddedRedis(tmp / "everysec")
+    server.start_sync()
+    targets = {k: Target(k, server.url, f"b-{k}") for k in ("plain", "xadd", "gateway")}
+    best: dict[str, LoadResult] = {}
+    offset = 0
+    try:
+        for r in range(rounds):
+            for kind, target in targets.items():
+                result = await drive(target, seconds, offset)
+                offset += 10_000_000
+                print(f"round {r + 1} {kind:8} {fmt(result)}  errors {result.errors}", flush=True)
+                if kind not in best or result.rate > best[kind].rate:
+                    best[kind] = result
+        peak = best["gateway"].rate
+        since_ms = int(time.time() * 1000)
+        half = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
+        offset += 10_000_000
+        p50, p99, n = await edge_to_enqueue(server.url, "b-gateway", since_ms)
+    finally:
+        for target in targets.values():
+            target.stop()
+        server.stop_sync()
+    fsync: dict[str, float] = {"everysec": peak}
+    for mode in ("always", "no"):
+        other = EmbeddedRedis(tmp / mode, appendfsync=mode)
+        other.start_sync()
+        target = Target("gateway", other.url, f"b-{mode}")
+        try:
+            fsync[mode] = (await drive(target, seconds, offset)).rate
+            offset += 10_000_000
+        finally:
+            target.stop()
+            other.stop_sync()
+
+    plain, xadd = best["plain"].rate, best["xadd"].rate
+    print()
+    print("| server | contacts/s | client p50 | client p99 |")
+    print("|---|---:|---:|---:|")
+    for kind in ("plain", "xadd", "gateway"):
+        b = best[kind]
+        print(f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms | {b.percentile_ms(0.99):.2f} ms |")
+    print()
+    print(f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)")
+    print(
+        f"at half peak ({half.rate:.0f}/s, {n} contacts): edge-to-enqueue p50 {p50:.2f} ms, "
+        f"p99 {p99:.2f} ms (aim < 5 ms)"
+    )
+    print("appendfsync: " + ", ".join(f"{m} {r:.0f}/s ({r / peak:.2f}x)" for m, r in fsync.items()))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    asyncio.run(main(args.seconds, args.rounds))
