@@ -118,7 +118,9 @@ class Target:
         self.process.join(10)
 
 
-async def drive(target: Target, seconds: float, offset: int, rate: float | None = None) -> LoadResult:
+async def drive(
+    target: Target, seconds: float, offset: int, rate: float | None = None
+) -> LoadResult:
     headers = {"Content-Type": "application/json"}
     return await run_load(
         HOST,
@@ -149,7 +151,9 @@ async def edge_to_enqueue(redis_url: str, prefix: str, since_ms: int) -> tuple[f
 
 
 def fmt(r: LoadResult) -> str:
-    return f"{r.rate:8.0f}/s  p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms"
+    return (
+        f"{r.rate:8.0f}/s  p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms"
+    )
 
 
 async def main(seconds: float, rounds: int) -> None:
@@ -158,7 +162,7 @@ async def main(seconds: float, rounds: int) -> None:
     from gateway.queueing.embedded import EmbeddedRedis
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
-    server = EmbeddedRedis(tmp / "everysec")
+    server = EmbeddedRedis(tmp / "always", appendfsync="always")
     server.start_sync()
     targets = {k: Target(k, server.url, f"b-{k}") for k in ("plain", "xadd", "gateway")}
     best: dict[str, LoadResult] = {}
@@ -180,8 +184,8 @@ async def main(seconds: float, rounds: int) -> None:
         for target in targets.values():
             target.stop()
         server.stop_sync()
-    fsync: dict[str, float] = {"everysec": peak}
-    for mode in ("always", "no"):
+    fsync: dict[str, float] = {"always": peak}
+    for mode in ("everysec", "no"):
         other = EmbeddedRedis(tmp / mode, appendfsync=mode)
         other.start_sync()
         target = Target("gateway", other.url, f"b-{mode}")
@@ -198,9 +202,13 @@ async def main(seconds: float, rounds: int) -> None:
     print("|---|---:|---:|---:|")
     for kind in ("plain", "xadd", "gateway"):
         b = best[kind]
-        print(f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms | {b.percentile_ms(0.99):.2f} ms |")
+        print(
+            f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms | {b.percentile_ms(0.99):.2f} ms |"
+        )
     print()
-    print(f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)")
+    print(
+        f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)"
+    )
     print(
         f"at half peak ({half.rate:.0f}/s, {n} contacts): edge-to-enqueue p50 {p50:.2f} ms, "
         f"p99 {p99:.2f} ms (aim < 5 ms)"

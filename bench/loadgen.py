@@ -31,7 +31,9 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
 
 
-def build_request(host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+def build_request(
+    host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str]
+) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return head.encode() + b"\r\n" + body
