@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from bench.loadgen import LoadResult, build_request, run_load
+from gateway.queueing.keys import Keys
 
 HOST = "127.0.0.1"
 
@@ -79,7 +80,7 @@ async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) 
         import redis.asyncio as aioredis
 
         client = aioredis.from_url(redis_url)
-        stream = "{%s}:contacts" % prefix
+        stream = Keys(prefix).contacts
 
         async def plain(request: web.Request) -> web.Response:
             await request.read()
@@ -137,7 +138,7 @@ async def edge_to_enqueue(redis_url: str, prefix: str, since_ms: int) -> tuple[f
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(redis_url)
-    entries = await client.xrange("{%s}:contacts" % prefix, min=f"{since_ms}-0")
+    entries = await client.xrange(Keys(prefix).contacts, min=f"{since_ms}-0")
     await client.aclose()
     from gateway.clock import parse_time
 
@@ -203,11 +204,13 @@ async def main(seconds: float, rounds: int) -> None:
     for kind in ("plain", "xadd", "gateway"):
         b = best[kind]
         print(
-            f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms | {b.percentile_ms(0.99):.2f} ms |"
+            f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms "
+            f"| {b.percentile_ms(0.99):.2f} ms |"
         )
     print()
     print(
-        f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)"
+        f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); "
+        f"gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)"
     )
     print(
         f"at half peak ({half.rate:.0f}/s, {n} contacts): edge-to-enqueue p50 {p50:.2f} ms, "
