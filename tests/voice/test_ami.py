@@ -271,9 +271,26 @@ async def test_failed_login_retries_without_leaking_the_secret(
     await until(lambda: client.login_failures >= 2)
     assert ami.refused >= 2 and ami.accepted == 0
     assert ami.logins[0]["Secret"] == SECRET
-    assert ami.logins[0]["Events"] == "call,agent,dialplan"
+    assert ami.logins[0]["Events"] == "system,call,agent,dialplan"
     assert SECRET not in caplog.text
     # calls still get their contact while the manager link is down
     contact_id = await intake_call(gw)
     assert contact_id
     assert not client.connected.is_set()
+
+
+async def test_calls_older_than_a_restarted_asterisk_are_closed(start_gateway: Any) -> None:
+    clock = FixedClock(T0)
+    ami = FakeAmi([])
+    gw = await voice_with_ami(start_gateway, ami, clock)
+    contact_id = await intake_call(gw)
+    tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
+    assert "1795594483.1" in tracker.calls
+    clock.advance(200)  # Asterisk restarts; its FullyBooted at the next login says Uptime: 100
+    client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    await client.stop()
+    await client.start()
+    (closed,) = await events_of(gw, "closed")
+    assert closed.contact_id == contact_id
+    assert closed.detail == {"reason": "asterisk restarted", "answered": False}
+    assert tracker.calls == {}

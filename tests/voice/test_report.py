@@ -86,3 +86,18 @@ def test_no_calls() -> None:
     assert r.offered == 0 and r.connection_rate is None and r.connection_met is None
     assert r.average_speed_of_answer_s is None
     assert "no calls" in "\n".join(r.lines())
+
+
+def test_settings_drive_the_figures() -> None:
+    from gateway.channels.voice.report import voice_report_for
+    from gateway.config import parse_settings
+
+    settings, _ = parse_settings(
+        {"sla": {"voice_answer": "10s", "connection_target": 0.8, "short_abandon": "3s"}}
+    )
+    contacts = [call(i) for i in range(1, 5)]
+    events = [answered(1, 3), answered(2, 12), answered(3, 5), abandoned(4, 2.5)]
+    r = voice_report_for(settings, contacts, events, since=T0, until=T0 + 3600 * S)
+    assert r.answer_deadline_s == 10
+    assert r.answered_within == 3  # the events' own met (their deadline) wins over the setting
+    assert (r.offered, r.short_abandoned, r.connection_met) == (3, 1, True)

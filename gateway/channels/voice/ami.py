@@ -126,7 +126,7 @@ class AmiClient:
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         ping_interval: float = 20.0,
-        events: str = "call,agent,dialplan",
+        events: str = "system,call,agent,dialplan",
         connect_timeout: float = 5.0,
     ) -> None:
         self.host = host

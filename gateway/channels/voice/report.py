@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.clock import Micros, format_time
+from gateway.config import Settings
 from gateway.records import Contact, Event
 
 
@@ -156,3 +157,24 @@ def _elapsed_ms(contact: Contact, event: Event) -> float:
     if event.elapsed_ms is not None:
         return float(event.elapsed_ms)
     return max(0, event.at - contact.received_at) / 1000
+
+
+def voice_report_for(
+    settings: Settings,
+    contacts: Iterable[Contact],
+    events: Iterable[Event],
+    *,
+    since: Micros,
+    until: Micros,
+) -> VoiceReport:
+    """``voice_report`` with the ``[sla]`` section's deadline, target and short-abandon setting."""
+    sla = settings.sla
+    return voice_report(
+        contacts,
+        events,
+        since=since,
+        until=until,
+        answer_deadline_s=float(sla.voice_answer),
+        connection_target=float(sla.connection_target),
+        short_abandon_s=float(sla.short_abandon),
+    )

@@ -33,6 +33,9 @@ Frame = Mapping[str, str]
 
 CALLBACK_SUFFIX = ":callback"
 _MAX_CALLBACK_ATTEMPTS = 20
+_FINISHED_RETENTION_US = 15 * 60 * MICROS_PER_SECOND
+"""How long a finished call's id is remembered, so that replayed events change nothing."""
+_IDLE_BRIDGE_US = 60 * MICROS_PER_SECOND
 
 
 def event_time(frame: Frame) -> Micros | None:
@@ -108,7 +111,7 @@ class CallTracker:
         self.default_region = default_region
         self.calls: dict[str, Call] = {}
         self._by_linkedid: dict[str, set[str]] = {}
-        self._bridges: dict[str, set[str]] = {}
+        self._bridges: dict[str, tuple[set[str], Micros]] = {}
         self._finished: dict[str, Micros] = {}
         self._pending: list[_PendingCallback] = []
 
@@ -142,6 +145,9 @@ class CallTracker:
             return
         if name in ("BridgeEnter", "BridgeLeave"):
             await self._bridge(name, frame)
+            return
+        if name == "FullyBooted":
+            await self._booted(frame)
             return
         found = self.calls.get(uniqueid)
         if name == "Hangup":
@@ -185,6 +191,20 @@ class CallTracker:
             if self.settle_us <= 0:
                 await self.sweep()
 
+    async def _booted(self, frame: Frame) -> None:
+        """Asterisk's uptime at login: calls older than this Asterisk process ended with it."""
+        uptime = _int(frame.get("Uptime"))
+        if uptime is None:
+            return
+        now = self.clock.now_us()
+        boot = now - uptime * MICROS_PER_SECOND
+        for call in list(self.calls.values()):
+            if call.seen_us < boot - 2 * MICROS_PER_SECOND:
+                if call.outcome is None:
+                    await self._close(call, now, "asterisk restarted")
+                else:
+                    self._forget(call, now)
+
     async def on_reconnect(self) -> None:
         """AMI came back: events of the gap are lost, the timeout closes calls that ended then."""
         if self.calls:
@@ -204,8 +224,11 @@ class CallTracker:
             elif now - call.seen_us >= self.call_timeout_us:
                 await self._close_stale(call, now)
         for uniqueid, at in list(self._finished.items()):
-            if now - at >= self.call_timeout_us:
+            if now - at >= _FINISHED_RETENTION_US:
                 del self._finished[uniqueid]
+        for bridge, (members, touched) in list(self._bridges.items()):
+            if now - touched >= _IDLE_BRIDGE_US and not any(m in self.calls for m in members):
+                del self._bridges[bridge]
         if self._pending:
             await self._retry_callbacks(now)
 
@@ -252,13 +275,16 @@ class CallTracker:
         uniqueid = frame.get("Uniqueid", "")
         if not bridge or not uniqueid:
             return
-        members = self._bridges.setdefault(bridge, set())
+        members = self._bridges.get(bridge, (set(), 0))[0]
         if name == "BridgeLeave":
             members.discard(uniqueid)
-            if not members:
-                del self._bridges[bridge]
+            if members:
+                self._bridges[bridge] = (members, self.clock.now_us())
+            else:
+                self._bridges.pop(bridge, None)
             return
         members.add(uniqueid)
+        self._bridges[bridge] = (members, self.clock.now_us())
         if len(members) < 2:
             return
         for member in members:
@@ -322,6 +348,13 @@ class CallTracker:
 
     async def _close_stale(self, call: Call, now: Micros) -> None:
         if call.outcome is None:
+            await self._close(call, now, "timeout")
+        else:
+            self._forget(call, now)
+
+    async def _close(self, call: Call, now: Micros, reason: str) -> None:
+        """End a call whose outcome cannot be known (no hangup seen)."""
+        if call.outcome is None:
             call.outcome = "closed"
             try:
                 await self.events.emit(
@@ -330,7 +363,7 @@ class CallTracker:
                         type="closed",
                         at=now,
                         source=self.adapter,
-                        detail={"reason": "timeout", "answered": False},
+                        detail={"reason": reason, "answered": False},
                     )
                 )
             except Exception:
