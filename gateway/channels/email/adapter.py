@@ -16,6 +16,7 @@ from string import Template
 from typing import Any
 
 from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
+from gateway.attachments import AttachmentTooLarge
 from gateway.channels.email.config import EmailConfig
 from gateway.channels.email.normalize import Envelope, Normalized, Options, normalize
 from gateway.channels.email.relay import (
@@ -29,11 +30,16 @@ from gateway.channels.email.relay import (
 from gateway.channels.email.smtp import Handler, Listener, masked
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import ConfigError
+from gateway.queueing.batching import Coalescer
 from gateway.records import Attachment, Contact, Inbound, Reply
 
 log = logging.getLogger(__name__)
 
-_Prepared = tuple[Attachment, Normalized, list[tuple[str | None, bool, Attachment]], list[str]]
+_File = tuple[bytes, str, str]
+"""Bytes, name, content type."""
+
+INLINE_PARSE_LIMIT = 1 << 20
+"""Messages up to this size are parsed on the event loop (~0.2 ms for 2 KB, ~4 ms for 200 KB)."""
 
 
 class EmailAdapter:
@@ -53,6 +59,9 @@ class EmailAdapter:
         self.default_mailbox = (
             config.mailboxes[0] if config.mailboxes else f"postmaster@{config.domains[0]}"
         )
+        self._files: Coalescer[_File, Attachment | Exception] = Coalescer(
+            self._write, max_batch=64, max_inflight=4
+        )
         self._acks: set[asyncio.Task[None]] = set()
         self._ack_times: dict[str, collections.deque[float]] = {}
         self._zone = zoneinfo.ZoneInfo(config.ack.timezone)
@@ -71,26 +80,48 @@ class EmailAdapter:
 
     # ------------------------------------------------------------------ inbound
 
-    def _prepare(self, raw: bytes, envelope: Envelope) -> _Prepared:
-        """Store the raw message, normalize it, store its files (blocking: runs in a thread)."""
-        store = self.ctx.attachments
-        raw_file = store.put_sync(raw, "message.eml", "message/rfc822")
-        result = normalize(raw, envelope, self.options)
-        files: list[tuple[str | None, bool, Attachment]] = []
-        skipped: list[str] = []
-        for part in result.parts:
+    def _write_sync(self, items: list[_File]) -> list[Attachment | Exception]:
+        out: list[Attachment | Exception] = []
+        for data, name, content_type in items:
             try:
-                stored = store.put_sync(part.data, part.name, part.content_type)
-            except Exception as exc:  # too large for the store: the raw message still has it
-                skipped.append(f"{part.name}: {type(exc).__name__}")
-                continue
-            files.append((part.content_id, part.inline, stored))
-        return raw_file, result, files, skipped
+                out.append(self.ctx.attachments.put_sync(data, name, content_type))
+            except (AttachmentTooLarge, OSError) as exc:
+                out.append(exc)
+        return out
+
+    async def _write(self, items: list[_File]) -> list[Attachment | Exception]:
+        return await asyncio.to_thread(self._write_sync, items)
 
     async def accept(self, raw: bytes, envelope: Envelope) -> str:
         """Make one received message durable; return its contact id (raises IntakeUnavailable)."""
         received_at = self.ctx.clock.now_us()
-        raw_file, result, files, skipped = await asyncio.to_thread(self._prepare, raw, envelope)
+        # File writes (fsync) go to a thread in batches, where they release the GIL; parsing
+        # stays on the loop unless the message is large: a parsing thread would hold the GIL
+        # for whole switch intervals and stall every other session.
+        raw_write = self._files.submit((raw, "message.eml", "message/rfc822"))
+        try:
+            if len(raw) > INLINE_PARSE_LIMIT:
+                result = await asyncio.to_thread(normalize, raw, envelope, self.options)
+            else:
+                result = normalize(raw, envelope, self.options)
+        finally:
+            raw_result = await raw_write
+        if isinstance(raw_result, Exception):
+            raise raw_result
+        raw_file = raw_result
+        files: list[tuple[str | None, bool, Attachment]] = []
+        skipped: list[str] = []
+        if result.parts:
+            stored = await asyncio.gather(
+                *(self._files.submit((p.data, p.name, p.content_type)) for p in result.parts)
+            )
+            for part, outcome in zip(result.parts, stored, strict=True):
+                if isinstance(outcome, AttachmentTooLarge):  # the raw message still holds it
+                    skipped.append(f"{part.name}: too large for the attachment store")
+                elif isinstance(outcome, Exception):
+                    raise outcome
+                else:
+                    files.append((part.content_id, part.inline, outcome))
         meta: dict[str, Any] = {
             "smtp": {
                 "mail_from": envelope.mail_from,
