@@ -211,6 +211,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return int(report_main(settings, args))
 
 
+def cmd_deadletter(args: argparse.Namespace) -> int:
+    from gateway.push.deadletter import main as deadletter_main
+
+    settings, _ = load_settings(args.config)
+    return int(deadletter_main(settings, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
@@ -230,8 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="service levels per channel")
     p.add_argument("-c", "--config")
     p.add_argument("--since", default="24h", help="window, e.g. 24h, 7d (default 24h)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--by", choices=["channel", "hour"], default="channel")
+    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("deadletter", help="list push dead letters, or replay them")
+    p.add_argument("-c", "--config")
+    p.add_argument("--replay", metavar="SUBSCRIBER", help="POST this subscriber's again")
+    p.add_argument("--count", type=int, default=1000, help="replay at most this many")
+    p.set_defaults(func=cmd_deadletter)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file", type=Path)

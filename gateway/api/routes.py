@@ -175,6 +175,8 @@ class ConsumerApi:
 
     async def _json(self, request: web.Request, limit: int = 64 * 1024) -> dict[str, Any]:
         limit = min(limit, self.max_body)
+        if request.content_length == 0:
+            return {}
         ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
         if ctype.lower() not in ("application/json", ""):
             raise ApiProblem(415, "expected Content-Type: application/json")

@@ -8,12 +8,16 @@ receiver takes (2xx) is deleted, and replay stops at the first refusal so order 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import orjson
 
-from gateway.config import PushSubscriber
+from gateway.config import PushSubscriber, Settings
 from gateway.metrics import Metrics
 from gateway.push.pusher import DeliveryFailed, Item, deadletter_key, post_once
 from gateway.queueing.keys import Keys
@@ -88,3 +92,24 @@ class DeadLetters:
         if self.metrics is not None:
             self.metrics.push_deadletter.labels(name).set(remaining)
         return {"subscriber": name, "replayed": replayed, "remaining": remaining, "error": error}
+
+
+async def _run(settings: Settings, replay: str | None, count: int) -> tuple[int, str]:
+    from gateway.cli import open_queue
+
+    async with open_queue(settings) as (client, keys, _):
+        letters = DeadLetters(client, keys, settings.push.subscribers)
+        if replay is None:
+            lines = [f"{name}\t{await letters.parked(name)}" for name in letters.names]
+            return 0, "".join(line + "\n" for line in lines)
+        if replay not in letters.subscribers:
+            return 2, f"no push subscriber {replay!r} in the config\n"
+        result = await letters.replay(replay, count)
+        return (0 if result["error"] is None else 1), orjson.dumps(result).decode() + "\n"
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    """``gateway deadletter [--replay SUBSCRIBER] [--count N]``: parked counts, or a replay."""
+    code, text = asyncio.run(_run(settings, args.replay, args.count))
+    (sys.stdout if code != 2 else sys.stderr).write(text)
+    return code

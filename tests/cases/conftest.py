@@ -139,7 +139,7 @@ class Receiver:
     """Behaviour of the next requests: ok, fail (500), busy (503 Retry-After 1), slow (answers
     after a while), hang (never answers before the pusher's timeout). Empty: ok."""
     default: str = "ok"
-    hang_s: float = 30.0
+    hang_s: float = 5.0
     slow_s: float = 0.3
     accepted: list[bytes] = field(default_factory=list)
 
@@ -151,8 +151,9 @@ class Receiver:
             return web.Response(status=500, text="boom")
         if action == "busy":
             return web.Response(status=503, headers={"Retry-After": "1"})
-        if action == "hang":
+        if action == "hang":  # the pusher gives up waiting; this answer is never read
             await asyncio.sleep(self.hang_s)
+            return web.Response(status=504)
         if action == "slow":
             await asyncio.sleep(self.slow_s)
         self.accepted.append(body)
