@@ -1,0 +1,41 @@
+"""Reply routing failure paths that need no channel: unknown contact, no adapter to send through."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.queueing import post_reply
+from gateway.records import Reply
+from tests.core.test_intake import inbound
+
+
+async def wait_for_event(gw, contact_id: str, type_: str):
+    for _ in range(100):
+        for event in await gw.read_events():
+            if event.contact_id == contact_id and event.type == type_:
+                return event
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {type_} event for {contact_id}")
+
+
+async def test_reply_to_unknown_contact_emits_failed_and_is_acked(start_gateway):
+    gw = await start_gateway()
+    await post_reply(gw.redis, Reply(contact_id="nope", text="hi", id="r1"), prefix=gw.keys.prefix)
+    event = await wait_for_event(gw, "nope", "failed")
+    assert event.detail == {"reason": "unknown contact", "reply_id": "r1"}
+    for _ in range(50):
+        if not (await gw.redis.xpending(gw.keys.replies, "gateway-replies"))["pending"]:
+            break
+        await asyncio.sleep(0.05)
+    assert (await gw.redis.xpending(gw.keys.replies, "gateway-replies"))["pending"] == 0
+
+
+async def test_reply_to_an_api_contact_without_a_channel_fails_with_a_reason(start_gateway):
+    gw = await start_gateway()
+    receipt = await gw.intake.submit(inbound(adapter="api"))
+    await post_reply(
+        gw.redis, Reply(contact_id=receipt.contact_id, text="收到"), prefix=gw.keys.prefix
+    )
+    event = await wait_for_event(gw, receipt.contact_id, "failed")
+    assert "no adapter" in event.detail["reason"]
+    assert not [e for e in await gw.read_events() if e.type == "responded"]
