@@ -223,11 +223,15 @@ async def main(args: argparse.Namespace) -> None:
     bare_port = bare.sockets[0].getsockname()[1]
     base = await drive(bare_port, "b", "closed", args)
     print(line("bare asyncio server (no writes)", base))
+    base_paced = await drive(bare_port, "c", "open", args)
+    print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
     bare.close()
 
     layer = await protocol_only_server()
     proto = await drive(layer.port, "m", "closed", args)
     print(line("FastAGI layer, in-memory Intake", proto, base))
+    proto_paced = await drive(layer.port, "n", "open", args)
+    print(line(f"FastAGI layer paced at {args.rate:g} calls/s", proto_paced, base_paced))
     await layer.stop()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +249,7 @@ async def main(args: argparse.Namespace) -> None:
             gw = await drive(port, run + "1", "closed", args)
             print(line("gateway intake (Redis, 5 SET)", gw, base))
             paced = await drive(port, run + "2", "open", args)
-            print(line(f"gateway paced at {args.rate:g} calls/s", paced))
+            print(line(f"gateway paced at {args.rate:g} calls/s", paced, base_paced))
             contacts = await gateway.redis.xlen(gateway.keys.contacts)
             print(f"{'':<34} {contacts} contacts on the stream")
         finally:
