@@ -283,3 +283,39 @@ async def test_listener_serves_after_fuzzing(start_gateway: Any) -> None:
         await fake_call(port, junk, send_eof_after_header=True)
     call = await fake_call(port, agi_fixture("sip_call.agi"))
     assert call.variables["GATEWAY_STATUS"] == "OK"
+
+
+def _routing() -> Any:
+    from gateway.channels.voice.adapter import AsteriskConfig
+
+    return AsteriskConfig(languages={"12345": "zh"}, queues={"zh": "hotline-zh"})
+
+
+header_values = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40
+) | st.sampled_from(["unknown", "", "<unknown>", "+8613800138000", "0755 2345 6789", "12345"])
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["agi_uniqueid", "agi_callerid", "agi_calleridname", "agi_dnid", "agi_extension",
+             "agi_rdnis", "agi_channel", "agi_context", "agi_accountcode"]
+        ),
+        header_values,
+    )
+)
+def test_build_inbound_never_raises_anything_else(env: dict[str, str]) -> None:
+    from gateway.channels.voice.intake import build_inbound, channel_variables, known
+
+    try:
+        inbound = build_inbound(env, adapter="asterisk", received_at=1, config=_routing())
+    except ValueError:
+        assert known(env.get("agi_uniqueid")) is None
+        return
+    assert inbound.channel == "voice"
+    assert inbound.sender.address == "" or inbound.sender.address.lstrip("+").isdigit()
+    names = [n for n, _ in channel_variables(None, recipient=inbound.recipient,
+                                             language=inbound.language, config=_routing())]
+    assert names == ["GATEWAY_CONTACT_ID", "GATEWAY_ANSWER_BY", "GATEWAY_QUEUE",
+                     "GATEWAY_PRIORITY", "GATEWAY_STATUS"]

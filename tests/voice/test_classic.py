@@ -113,3 +113,13 @@ async def test_classic_agi_with_a_truncated_header_and_no_replies(start_gateway:
     assert variables["GATEWAY_STATUS"] == "FAILED"  # no uniqueid: no contact
     assert await gw.read_contacts() == []
 
+
+
+async def test_classic_agi_reports_a_spooled_contact(start_gateway: Any) -> None:
+    gw = await start_gateway(url="redis://127.0.0.1:1", clock=FixedClock(T0))
+    code, variables = await run_classic(
+        ["--url", f"http://127.0.0.1:{gw.http_port}/v1/intake"], CLASSIC_HEADER + REPLIES
+    )
+    assert code == 0
+    assert variables["GATEWAY_STATUS"] == "SPOOLED"
+    assert variables["GATEWAY_CONTACT_ID"]

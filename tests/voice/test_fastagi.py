@@ -269,3 +269,30 @@ async def test_by_default_the_session_is_five_set_variables_in_one_round_trip(
     await fake_call(agi_port(gw), query)
     second = (await gw.read_contacts())[1]
     assert second.meta["linkedid"] == "1795594483.42"
+
+
+async def test_neither_redis_nor_spool_still_sends_the_call_to_the_queue(
+    start_gateway: Any, tmp_path: Any
+) -> None:
+    data_dir = tmp_path / "down"
+    gw = await start_gateway(
+        adapters={"asterisk": {"type": "asterisk", "agi_listen": "127.0.0.1:0",
+                               "queues": {"12345": "hotline-zh"}}},
+        data_dir=data_dir,
+        url=f"unix://{tmp_path}/no-redis.sock",
+        clock=FixedClock(T0),
+    )
+    spool = data_dir / "spool"
+    for child in sorted(spool.rglob("*"), reverse=True):
+        child.unlink() if child.is_file() else child.rmdir()
+    spool.rmdir()
+    spool.write_bytes(b"not a folder")  # the spool cannot take anything now
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert call.closed_by_server
+    assert call.variables == {
+        "GATEWAY_CONTACT_ID": "",
+        "GATEWAY_ANSWER_BY": "",
+        "GATEWAY_QUEUE": "hotline-zh",
+        "GATEWAY_PRIORITY": "0",
+        "GATEWAY_STATUS": "FAILED",
+    }
