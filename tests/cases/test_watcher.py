@@ -1,0 +1,146 @@
+"""The deadline watcher: ``warning`` and ``breached`` once per contact, with several instances."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from gateway.clock import MICROS_PER_SECOND, FixedClock
+from gateway.config import WatcherSection
+from gateway.records import Inbound, Sender
+from gateway.runtime import Gateway
+from gateway.watcher import DeadlineWatcher
+from tests.cases.conftest import API, Client, eventually, submit
+
+
+def own_watcher(gw: Gateway, clock: FixedClock) -> DeadlineWatcher:
+    """A watcher ticked by the test itself (the gateway's own is disabled)."""
+    return DeadlineWatcher(gw.queue, clock, gw.metrics, WatcherSection())
+
+
+def deadline_events(events: list[Any], type_: str) -> Counter[str]:
+    return Counter(e.contact_id for e in events if e.type == type_)
+
+
+async def test_two_instances_one_breach_and_one_warning_per_deadline(
+    start_gateway: Any, session: Any
+) -> None:
+    sla = {"sms_response": "1s", "web_response": "1h", "warning_fraction": 0.5}
+    a = await start_gateway(api=API, sla=sla, gateway={"instance": "gw-a"})
+    b = await start_gateway(api=API, sla=sla, gateway={"instance": "gw-b"})
+    ca = Client(session, f"http://127.0.0.1:{a.http_port}")
+    cb = Client(session, f"http://127.0.0.1:{b.http_port}")
+    late = [await submit(ca if i % 2 else cb, f"sms {i}", channel="sms") for i in range(12)]
+    kept = [await submit(ca, f"web {i}") for i in range(3)]
+    for cid in kept:
+        status, _ = await cb.call(
+            "POST", f"/v1/contacts/{cid}/events", token="replier", json_body={"type": "responded"}
+        )
+        assert status == 201
+
+    async def all_breached() -> list[Any] | None:
+        events = await a.read_events()
+        return events if len(deadline_events(events, "breached")) == len(late) else None
+
+    events = await eventually(all_breached)
+    # nothing is left to claim, so no instance can write another one later
+    assert await a.redis.zcard(a.keys.deadlines) == 0
+    assert await a.redis.zcard(a.keys.warnings) == 0
+    events = await a.read_events()
+    assert deadline_events(events, "breached") == Counter(late)
+    assert deadline_events(events, "warning") == Counter(late)
+    contacts = {c.id: c for c in await a.read_contacts()}
+    for e in events:
+        if e.type in ("breached", "warning"):
+            c = contacts[e.contact_id]
+            assert e.due_at == c.deadline.due_at
+            assert e.elapsed_ms == (e.at - c.received_at) // 1000
+            assert e.source == "watcher" and e.detail == {"kind": "response"}
+        if e.type == "breached":
+            assert e.met is False
+            assert e.at >= c.deadline.due_at  # never early
+        if e.type == "warning":
+            assert e.at >= c.received_at + (c.deadline.due_at - c.received_at) // 2
+            assert e.at < c.deadline.due_at
+    # every warning comes before its breach on the stream
+    order = [(e.contact_id, e.type) for e in events if e.type in ("warning", "breached")]
+    for cid in late:
+        assert order.index((cid, "warning")) < order.index((cid, "breached"))
+    assert not any(e.contact_id in kept and e.type in ("breached", "warning") for e in events)
+    # the two instances' metrics add up to one event each
+    total = 0
+    for gw in (a, b):
+        text = (
+            await (await session.get(f"http://127.0.0.1:{gw.http_port}/metrics")).read()
+        ).decode()
+        for line in text.splitlines():
+            if line.startswith('gateway_deadline_events_total{channel="sms",type="breached"}'):
+                total += int(float(line.rsplit(" ", 1)[1]))
+    assert total == len(late)
+
+
+async def test_a_late_answer_after_the_breach_is_recorded_not_met(
+    start_gateway: Any, session: Any
+) -> None:
+    gw = await start_gateway(api=API, sla={"chat_response": "1s"})
+    client = Client(session, f"http://127.0.0.1:{gw.http_port}")
+    cid = await submit(client, "hello", channel="chat")
+
+    async def breached() -> bool:
+        return any(e.type == "breached" for e in await gw.read_events())
+
+    await eventually(breached)
+    status, body = await client.call(
+        "POST", f"/v1/contacts/{cid}/events", token="replier", json_body={"type": "responded"}
+    )
+    assert status == 201 and body["event"]["met"] is False
+    events = await gw.read_events()
+    assert [e.type for e in events] == ["enqueued", "warning", "breached", "responded"]
+
+
+async def test_fraction_and_deadline_on_a_pinned_clock(start_gateway: Any) -> None:
+    """With the clock pinned, each step is exact: nothing before 80 %, a warning at 80 %,
+    nothing more until the deadline, one breach at it, nothing after."""
+    clock = FixedClock()
+    gw: Gateway = await start_gateway(
+        api=API, clock=clock, sla={"web_response": "100s"}, watcher={"enabled": False}
+    )
+    receipt = await gw.intake.submit(
+        Inbound("web", "api", "ext-1", Sender("a@example.org"), "", clock.now_us(), text="x")
+    )
+    watcher = own_watcher(gw, clock)
+    clock.advance(79.9)
+    assert await watcher.tick() == 0
+    clock.advance(0.1)
+    assert await watcher.tick() == 1
+    assert await watcher.tick() == 0
+    clock.advance(19.9)
+    assert await watcher.tick() == 0
+    clock.advance(0.1)
+    assert await watcher.tick() == 1
+    clock.advance(1000)
+    assert await watcher.tick() == 0
+    events = [e for e in await gw.read_events() if e.contact_id == receipt.contact_id]
+    assert [(e.type, e.elapsed_ms) for e in events] == [
+        ("enqueued", None),
+        ("warning", 80_000),
+        ("breached", 100_000),
+    ]
+    (contact,) = await gw.read_contacts()
+    assert events[2].due_at == contact.received_at + 100 * MICROS_PER_SECOND
+
+
+async def test_settled_before_its_warning_gets_nothing(start_gateway: Any) -> None:
+    clock = FixedClock()
+    gw: Gateway = await start_gateway(
+        api=API, clock=clock, sla={"voice_answer": "15s"}, watcher={"enabled": False}
+    )
+    receipt = await gw.intake.submit(
+        Inbound("voice", "pbx", "call-1", Sender("+8613800138000"), "12345", clock.now_us())
+    )
+    clock.advance(5)
+    assert await gw.queue.stamp(receipt.contact_id, "answered", clock.now_us(), "pbx")
+    clock.advance(60)
+    assert await own_watcher(gw, clock).tick() == 0
+    types = [e.type for e in await gw.read_events() if e.contact_id == receipt.contact_id]
+    assert types == ["enqueued", "answered"]
