@@ -3,7 +3,7 @@
     python bench/voice_bench.py [--duration 3] [--concurrency 100] [--rate 1000]
 
 One session = connect, header block, the intake (one GET VARIABLE, Intake into a real embedded
-Valkey, five SET VARIABLE in one write), close. The callers run in a separate process (so the
+Valkey, five SET VARIABLE one after the other), close. The callers run in a separate process (so the
 gateway keeps its core) and answer every command like res_agi.c. Printed per setup: sessions/s
 with ``--concurrency`` callers back to back, server CPU per session, session time p50/p99, and
 for the gateway the added time over the bare server and a paced run at ``--rate`` calls/s.

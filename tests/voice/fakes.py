@@ -51,6 +51,8 @@ Script = Callable[[int, list[str]], bytes | None]
 class AgiTranscript:
     commands: list[list[str]] = field(default_factory=list)
     closed_by_server: bool = False
+    stalled: bool = False
+    """A command arrived before the previous reply: Asterisk would not have read it."""
 
     @property
     def variables(self) -> dict[str, str]:
@@ -69,9 +71,16 @@ async def fake_call(
     linkedid: str = "1795594483.0",
     send_eof_after_header: bool = False,
 ) -> AgiTranscript:
-    """Play one FastAGI call: send ``header``, answer each command, wait for the server to close."""
+    """Play one FastAGI call: send ``header``, answer each command, wait for the server to close.
+
+    Reads like res_agi.c's ``run_agi``: it waits until the socket is readable, then takes one
+    line through a buffered ``FILE`` (``fgets``) and answers it. Lines that came in the same read
+    stay in that buffer until the socket is readable again, so a server that sends a command
+    before the previous reply stalls here as it would on Asterisk (``stalled`` is set).
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     out = AgiTranscript()
+    buffered = bytearray()  # the FILE buffer
     try:
         writer.write(header)
         await writer.drain()
@@ -79,13 +88,20 @@ async def fake_call(
             writer.write_eof()
         while True:
             try:
-                line = await reader.readline()
+                chunk = await reader.read(65536)  # poll() said readable; fgets fills the FILE
             except ConnectionError:
+                chunk = b""
+            if not chunk:
                 out.closed_by_server = True
                 break
-            if not line:
-                out.closed_by_server = True
-                break
+            buffered += chunk
+            end = buffered.find(b"\n")
+            if end < 0:
+                continue
+            line = bytes(buffered[: end + 1])
+            del buffered[: end + 1]
+            if b"\n" in buffered:
+                out.stalled = True  # a whole command waits in the FILE buffer, unseen by poll()
             argv = split_command(line.decode("utf-8"))
             out.commands.append(argv)
             answer = (

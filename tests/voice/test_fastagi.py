@@ -77,6 +77,7 @@ async def test_header_blocks_become_voice_contacts(start_gateway: Any, case: Hea
     call = await fake_call(agi_port(gw), agi_fixture(case.fixture))
 
     assert call.closed_by_server
+    assert not call.stalled
     contact = await one_contact(gw)
     assert contact.channel == "voice"
     assert contact.adapter == "asterisk"
@@ -247,7 +248,7 @@ async def test_redis_down_spools_and_says_so(start_gateway: Any) -> None:
     assert call.closed_by_server
 
 
-async def test_by_default_the_session_is_five_set_variables_in_one_round_trip(
+async def test_by_default_the_session_is_five_set_variables_one_at_a_time(
     start_gateway: Any,
 ) -> None:
     gw = await start_voice(start_gateway, linkedid_lookup=False)
@@ -258,6 +259,7 @@ async def test_by_default_the_session_is_five_set_variables_in_one_round_trip(
         return b"HANGUP\n" + asterisk_reply(argv) if index == 0 else asterisk_reply(argv)
 
     call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), script)
+    assert not call.stalled
     assert [c[:2] for c in call.commands] == [["SET", "VARIABLE"]] * 5
     assert call.variables["GATEWAY_STATUS"] == "OK"
     contact = await one_contact(gw)
@@ -296,3 +298,23 @@ async def test_neither_redis_nor_spool_still_sends_the_call_to_the_queue(
         "GATEWAY_PRIORITY": "0",
         "GATEWAY_STATUS": "FAILED",
     }
+
+
+async def test_the_fake_asterisk_stalls_on_pipelined_commands_as_asterisk_does() -> None:
+    """Guards the fake itself: two commands in one write are never both answered."""
+
+    async def pipelining(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\n", b""):
+            pass
+        writer.write(b'SET VARIABLE "A" "1"\nSET VARIABLE "B" "2"\n')
+        await writer.drain()
+        await asyncio.sleep(0.2)  # Asterisk would wait forever; the server gives up
+        writer.close()
+
+    server = await asyncio.start_server(pipelining, "127.0.0.1", 0)
+    try:
+        call = await fake_call(server.sockets[0].getsockname()[1], agi_fixture("sip_call.agi"))
+    finally:
+        server.close()
+    assert call.stalled
+    assert call.variables == {"A": "1"}

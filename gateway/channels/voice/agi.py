@@ -36,17 +36,12 @@ class AgiClosed(AgiError):
     """The peer closed the connection (EOF)."""
 
 
-class AgiHangupError(AgiError):
-    """A command answered 511: not permitted on a dead channel."""
-
-
 _HEADER_KEY = re.compile(r"agi_[A-Za-z0-9_]+\Z")
 
 
 def parse_header_line(line: str) -> tuple[str, str]:
     """Split one ``agi_key: value`` line; raise ``AgiError`` when it is not one."""
     key, sep, value = line.partition(":")
-    key = key.strip()
     if not sep or not _HEADER_KEY.match(key):
         raise AgiError("not an AGI header line")
     return key, value.strip()
@@ -379,24 +374,23 @@ class AgiChannel:
 
     async def command(self, verb: str, *args: str | int) -> AgiReply:
         """Send one command and return its reply."""
-        (reply,) = await self.pipeline([(verb, args)])
-        return reply
-
-    async def pipeline(self, commands: Iterable[tuple[str, Sequence[str | int]]]) -> list[AgiReply]:
-        """Send several commands in one write and read their replies in order.
-
-        Asterisk reads one command line at a time and answers each before reading the next, so a
-        batch costs one round trip instead of one per command.
-        """
-        lines = [format_command(verb, *args) for verb, args in commands]
-        self.writer.write(b"".join(lines))
+        self.writer.write(format_command(verb, *args))
         await self.writer.drain()
-        replies: list[AgiReply] = []
-        while len(replies) < len(lines):
+        while True:
             raw = await self.stream.readline(MAX_REPLY_BYTES)
             if not raw.endswith(b"\n"):
                 raise AgiClosed("connection closed while a reply was awaited")
             reply = self._assembler.feed(_decode(raw))
             if reply is not None:
-                replies.append(reply)
-        return replies
+                return reply
+
+    async def commands(
+        self, commands: Iterable[tuple[str, Sequence[str | int]]]
+    ) -> list[AgiReply]:
+        """Run commands one after the other, each after the previous reply.
+
+        Never two at once: res_agi.c reads the socket through a stdio ``FILE`` but waits for
+        the next command by polling the descriptor, so a second command that arrived with the
+        first sits in the ``FILE`` buffer unread until more bytes come, and the call stalls.
+        """
+        return [await self.command(verb, *args) for verb, args in commands]

@@ -219,7 +219,7 @@ class IntakeScript:
         variables = channel_variables(
             receipt, recipient=recipient, language=language, config=self.config
         )
-        await session.channel.pipeline(
+        await session.channel.commands(
             [("SET VARIABLE", (name, value)) for name, value in variables]
         )
 
