@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from gateway.runtime import Gateway
-from tests.cases.conftest import Client, eventually, submit
+from tests.cases.conftest import API, Client, eventually, submit
 
 CONTACTS = "/v1/groups/{group}/contacts"
 EVENTS = "/v1/groups/{group}/events"
@@ -479,3 +481,67 @@ async def test_api_metrics(client: Client) -> None:
     assert 'gateway_api_requests_total{operation="read",status="200"} 1.0' in body
     assert 'gateway_api_requests_total{operation="read",status="401"} 1.0' in body
     assert 'gateway_api_delivered_total{stream="contacts"} 1.0' in body
+
+
+async def test_reply_through_a_real_adapter_shows_responded(
+    start_gateway: Any, session: Any
+) -> None:
+    """An SMS contact from a Kannel get-url request; the API's reply goes out through Kannel's
+    sendsms (a local server speaking its wire format) and comes back as ``responded``."""
+    sent: list[dict[str, str]] = []
+
+    async def sendsms(request: web.Request) -> web.Response:
+        sent.append(dict(request.query))
+        return web.Response(status=202, text="0: Accepted for delivery")
+
+    app = web.Application()
+    app.router.add_get("/cgi-bin/sendsms", sendsms)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        gw = await start_gateway(
+            api=API,
+            adapters={
+                "kannel": {
+                    "type": "kannel",
+                    "path": "/sms/kannel",
+                    "insecure_no_auth": True,
+                    "sendsms_url": f"http://127.0.0.1:{port}/cgi-bin/sendsms",
+                    "sendsms_username": "gw",
+                    "sendsms_password": "pw",
+                }
+            },
+        )
+        base = f"http://127.0.0.1:{gw.http_port}"
+        client = Client(session, base)
+        async with session.get(
+            base + "/sms/kannel",
+            params={"from": "+8613800138000", "to": "12345", "text": "pothole", "id": "m-1"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+        (contact,) = await eventually(gw.read_contacts)
+        status, body = await client.call(
+            "POST",
+            f"/v1/contacts/{contact.id}/replies",
+            "/v1/contacts/{contact_id}/replies",
+            token="replier",
+            json_body={"text": "Thanks, a crew is on the way."},
+        )
+        assert status == 202
+        reply_id = body["id"]
+
+        async def responded() -> dict | None:
+            _, got = await client.call(
+                "GET", f"/v1/contacts/{contact.id}", "/v1/contacts/{contact_id}"
+            )
+            return next((e for e in got["events"] if e["type"] == "responded"), None)
+
+        event = await eventually(responded)
+        assert event["detail"]["reply_id"] == reply_id and event["met"] is True
+        assert [s["text"] for s in sent] == ["Thanks, a crew is on the way."]
+        assert sent[0]["to"] == "+8613800138000"
+    finally:
+        await runner.cleanup()
