@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
+import smtplib
 from email import policy
 from email.message import EmailMessage
 
@@ -215,3 +217,38 @@ async def test_reply_with_a_missing_file_fails_without_retry(start_mailbox, star
 
     assert await eventually(failed)
     assert recorder.attempts == 0
+
+
+async def test_no_address_or_secret_in_the_logs(start_mailbox, start_recorder, certificate,
+                                               redis_client, prefix, caplog):
+    caplog.set_level(logging.DEBUG)
+    cert, key = certificate
+    recorder = await start_recorder(tls=(cert, key), auth=True)
+    recorder.script = ["550 5.1.1 <citizen@example.org>: Recipient address rejected"]
+    gw = await start_mailbox(
+        relay=relay_table(recorder, host="localhost", tls="starttls", username="gw",
+                          password="s3cret", ca_file=str(cert)),
+    )
+    port = gw.adapters["mail"].port
+    contact_id = await asyncio.to_thread(send, port, (FIXTURES / "plain.eml").read_bytes())
+
+    def refused_relay_attempt() -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.example.org")
+            client.mail("citizen@example.org")
+            return client.rcpt("citizen@example.org")[0]
+
+    assert await asyncio.to_thread(refused_relay_attempt) == 550
+    await post_reply(redis_client, Reply(contact_id, "ok"), prefix=prefix)
+
+    async def failed() -> bool:
+        events = await gw.read_events()
+        return any(e.type == "failed" for e in events)
+
+    assert await eventually(failed)
+    (failed,) = [e for e in await gw.read_events() if e.type == "failed"]
+    assert "c***@example.org" in failed.detail["reason"]
+    assert "citizen@example.org" not in failed.detail["reason"]
+    assert "citizen@example.org" not in caplog.text
+    assert "s3cret" not in caplog.text
+    assert contact_id in caplog.text  # the logs did capture the session

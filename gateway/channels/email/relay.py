@@ -92,6 +92,14 @@ def build_message(
     return msg
 
 
+_ADDRESS = re.compile(r"([^\s<>@\"':;,]+)@([^\s<>@\"':;,]+)")
+
+
+def scrub(text: str) -> str:
+    """Mask e-mail addresses in a relay's answer before it reaches logs and events."""
+    return _ADDRESS.sub(lambda m: f"{m.group(1)[:1]}***@{m.group(2)}", text)
+
+
 def _code(exc: BaseException) -> int | None:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
@@ -126,11 +134,12 @@ class Relay:
                 return
             except aiosmtplib.SMTPException as exc:
                 code = _code(exc)
-                reason = f"{code} {getattr(exc, 'message', '')}" if code else type(exc).__name__
+                text = scrub(str(getattr(exc, "message", "")))[:300]
+                reason = f"{code} {text}" if code else type(exc).__name__
                 if code is not None and 500 <= code < 600:
                     raise SendError(f"relay refused: {reason}", retryable=False) from exc
                 if isinstance(exc, aiosmtplib.SMTPNotSupported):
-                    raise SendError(f"relay cannot: {exc}", retryable=False) from exc
+                    raise SendError(f"relay cannot: {scrub(str(exc))}", retryable=False) from exc
                 last = reason
             except (TimeoutError, OSError) as exc:
                 last = type(exc).__name__

@@ -195,6 +195,8 @@ class Listener:
         return proto
 
     async def start(self) -> None:
+        # aiosmtpd logs every command line and address at INFO: keep addresses out of our logs.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, self.config.listen.host, self.config.listen.port
