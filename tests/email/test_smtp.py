@@ -10,6 +10,7 @@ import smtplib
 import socket
 import ssl
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -407,3 +408,17 @@ def test_base64_fixture_really_is_base64():
     raw = (FIXTURES / "gbk_as_gb2312.eml").read_bytes()
     body = raw.split(b"\r\n\r\n", 1)[1]
     assert base64.b64decode(body).decode("gbk") == "朱镕基同志：小区堃园路积水严重。"
+
+
+def test_deploy_sample_config_is_valid(monkeypatch):
+    import tomllib
+
+    from gateway.config import parse_settings
+
+    monkeypatch.setenv("GATEWAY_SMTP_PASSWORD", "from-the-environment")
+    path = Path(__file__).parents[2] / "deploy" / "email" / "gateway.toml"
+    _, configs = parse_settings(tomllib.loads(path.read_text()), str(path))
+    mailbox = configs["mailbox"]
+    assert mailbox.mailboxes == ("12345@hotline.example.gov.cn",)
+    assert mailbox.relay.password.reveal() == "from-the-environment"
+    assert mailbox.ack.enabled
