@@ -146,6 +146,8 @@ class ConsumerApi:
         self.max_body = max_body
         self.report_source = report
         self.deadletter = deadletter
+        self.closing = False
+        """Set when the gateway stops: long polls answer at their next slice."""
         self._long_polls = asyncio.Semaphore(MAX_LONG_POLLS)
         self._groups: set[tuple[str, str]] = set()
 
@@ -286,7 +288,7 @@ class ConsumerApi:
             remaining_ms = int((until - loop.time()) * 1000)
             block = min(BLOCK_SLICE_MS, remaining_ms) if remaining_ms >= 1 else None
             entries = await self._xreadgroup(stream_key, group, consumer, ">", count, block)
-            if entries or block is None:
+            if entries or block is None or self.closing:
                 return entries
 
     @operation("ack", "read")

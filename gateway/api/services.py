@@ -77,6 +77,7 @@ class CaseServices:
         if not self._started:
             return
         self._started = False
+        self.api.closing = True
         if self.watcher is not None:
             await self.watcher.stop()
         await self.pusher.stop()

@@ -100,6 +100,10 @@ def envelope(kind: str, entry_id: str, record: bytes) -> bytes:
     )
 
 
+class LeaseLost(Exception):
+    """Another instance holds the subscriber's lease now: stop, leave the entry pending."""
+
+
 class DeliveryFailed(Exception):
     """One attempt failed; ``retry_after_s`` when the receiver said how long to wait."""
 
@@ -171,6 +175,7 @@ class Lane:
         self._buffer: list[Item] = []
         self._horizon: tuple[int, int, int] | None = None
         self._acks: dict[str, list[str]] = {}
+        self._lease_lost = False
         self._task: asyncio.Task[None] | None = None
 
     async def ensure_groups(self) -> None:
@@ -232,6 +237,7 @@ class Lane:
 
     async def _hold(self) -> None:
         """Deliver while the lease is ours: first what earlier holders left pending, then new."""
+        self._lease_lost = False
         renewer = asyncio.get_running_loop().create_task(self._renew())
         try:
             self._buffer = await self._take_over_pending()
@@ -252,6 +258,7 @@ class Lane:
             await asyncio.sleep(LEASE_MS / 3000)
             if not await self._lease():
                 log.warning("push %s: lease lost", self.sub.name)
+                self._lease_lost = True
                 return
 
     async def _take_over_pending(self) -> list[Item]:
@@ -325,6 +332,8 @@ class Lane:
         attempt = 0
         while True:
             attempt += 1
+            if self._lease_lost:
+                raise LeaseLost(sub.name)
             try:
                 await post_once(self.session, sub, item, attempt)
             except DeliveryFailed as exc:
