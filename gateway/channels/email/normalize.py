@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import hashlib
 import html
 import re
@@ -165,6 +166,7 @@ _LANGUAGES: Final[dict[str, str]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def canonical_charset(label: str | None) -> str | None:
     """Return Python's codec name for a MIME charset label, or None if unknown or absent."""
     if not label:
@@ -676,8 +678,21 @@ def auto_generated_reason(
     return None
 
 
+_SIMPLE_ADDRESS: Final = re.compile(
+    r'\s*(?:"?([^"<>,;:\\]*?)"?\s*<([^<>\s@,;"]+@[^<>\s@,;"]+)>|<?([^<>\s@,;"]+@[^<>\s@,;"]+)>?)\s*'
+)
+
+
 def _address(raw: str, fallback: str) -> tuple[str, str | None]:
-    pairs = getaddresses([_unfold(raw)])
+    if not raw:
+        return "", None
+    raw = _unfold(raw)
+    simple = _SIMPLE_ADDRESS.fullmatch(raw)
+    if simple:  # the common shapes, without the cost of the full RFC 5322 parser
+        name, addr = simple.group(1), simple.group(2) or simple.group(3)
+        display = decode_header(name, fallback).strip() if name else ""
+        return _norm_address(_raw_text(addr, fallback)), (display or None)
+    pairs = getaddresses([raw])
     for name, addr in pairs:
         if addr and "@" in addr:
             display = decode_header(name, fallback).strip().strip('"').strip() if name else ""
