@@ -55,6 +55,8 @@ async def call(port: int, run: str, n: int) -> float:
             break
         if line.startswith(b"GET VARIABLE"):
             writer.write(b"200 result=1 (1795594483.0)\n")
+        elif line.startswith(b"EXEC"):
+            writer.write(b"200 result=0\n")  # what pbx_exec of MSet returns
         else:
             writer.write(b"200 result=1\n")
     writer.close()
@@ -130,7 +132,7 @@ async def bare_server() -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
 
 
-async def protocol_only_server() -> Any:
+async def protocol_only_server(mode: str) -> Any:
     """Our FastAGI server and intake script with an Intake that keeps contacts in memory:
     what the voice channel costs by itself, without Redis."""
     from gateway.adapters import Receipt
@@ -151,7 +153,7 @@ async def protocol_only_server() -> Any:
             due = inbound.received_at + 15_000_000
             return Receipt(cid, "enqueued", Deadline("answer", due, "voice_answer"), Repeat(0, 0))
 
-    script = IntakeScript("bench", MemoryIntake(), AsteriskConfig())
+    script = IntakeScript("bench", MemoryIntake(), AsteriskConfig(), mset=mode == "mset")
     server = FastAgiServer({"intake": script}, "127.0.0.1", 0, SYSTEM_CLOCK)
     await server.start()
     return server
@@ -227,29 +229,34 @@ async def main(args: argparse.Namespace) -> None:
     print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
     bare.close()
 
-    layer = await protocol_only_server()
-    proto = await drive(layer.port, "m", "closed", args)
-    print(line("FastAGI layer, in-memory Intake", proto, base))
-    proto_paced = await drive(layer.port, "n", "open", args)
-    print(line(f"FastAGI layer paced at {args.rate:g} calls/s", proto_paced, base_paced))
-    await layer.stop()
+    for mode in ("set_variable", "mset"):
+        layer = await protocol_only_server(mode)
+        proto = await drive(layer.port, "m" + mode, "closed", args)
+        print(line(f"FastAGI layer ({mode})", proto, base))
+        proto_paced = await drive(layer.port, "n" + mode, "open", args)
+        print(line(f"  paced at {args.rate:g} calls/s", proto_paced, base_paced))
+        await layer.stop()
 
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis")
         await redis.start()
         settings, configs = settings_for(
             Path(tmp) / "gw", redis.url, "bench",
-            adapters={"asterisk": {"type": "asterisk", "agi_listen": "127.0.0.1:0"}},
+            adapters={
+                "set": {"type": "asterisk", "agi_listen": "127.0.0.1:0"},
+                "mset": {"type": "asterisk", "agi_listen": "127.0.0.1:0", "set_with": "mset"},
+            },
         )
         gateway = Gateway(settings, configs, clock=SYSTEM_CLOCK)
         await gateway.start()
-        port = gateway.adapters["asterisk"].port  # type: ignore[attr-defined]
         try:
             run = str(int(time.time()))
-            gw = await drive(port, run + "1", "closed", args)
-            print(line("gateway intake (Redis, 5 SET)", gw, base))
-            paced = await drive(port, run + "2", "open", args)
-            print(line(f"gateway paced at {args.rate:g} calls/s", paced, base_paced))
+            for name, label in (("set", "set_variable"), ("mset", "mset")):
+                port = gateway.adapters[name].port  # type: ignore[attr-defined]
+                gw = await drive(port, run + name + "1", "closed", args)
+                print(line(f"gateway, Redis intake ({label})", gw, base))
+                paced = await drive(port, run + name + "2", "open", args)
+                print(line(f"  paced at {args.rate:g} calls/s", paced, base_paced))
             contacts = await gateway.redis.xlen(gateway.keys.contacts)
             print(f"{'':<34} {contacts} contacts on the stream")
         finally:

@@ -40,6 +40,8 @@ def asterisk_reply(argv: list[str], linkedid: str = "1795594483.0") -> bytes:
                 b"520 End of proper usage.\n"
             )
         return b"200 result=1\n"
+    if argv[:1] == ["EXEC"] and len(argv) >= 2:
+        return b"200 result=0\n" if argv[1].lower() == "mset" else b"200 result=-2\n"
     return b"510 Invalid or unknown command\n"
 
 
@@ -56,11 +58,16 @@ class AgiTranscript:
 
     @property
     def variables(self) -> dict[str, str]:
-        return {
-            c[2]: c[3]
-            for c in self.commands
-            if len(c) == 4 and [w.upper() for w in c[:2]] == ["SET", "VARIABLE"]
-        }
+        """What SET VARIABLE and EXEC MSet (comma-separated ``name=value``) set, in order."""
+        found: dict[str, str] = {}
+        for c in self.commands:
+            if len(c) == 4 and [w.upper() for w in c[:2]] == ["SET", "VARIABLE"]:
+                found[c[2]] = c[3]
+            elif len(c) == 3 and c[0] == "EXEC" and c[1].lower() == "mset":
+                for pair in c[2].split(","):
+                    name, _, value = pair.partition("=")
+                    found[name] = value
+        return found
 
 
 async def fake_call(

@@ -318,3 +318,35 @@ async def test_the_fake_asterisk_stalls_on_pipelined_commands_as_asterisk_does()
         server.close()
     assert call.stalled
     assert call.variables == {"A": "1"}
+
+
+async def test_mset_sets_all_five_in_one_command(start_gateway: Any) -> None:
+    gw = await start_voice(start_gateway, set_with="mset", linkedid_lookup=False)
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    contact = await one_contact(gw)
+    assert len(call.commands) == 1
+    assert call.commands[0][:2] == ["EXEC", "MSet"]
+    assert call.variables == {
+        "GATEWAY_CONTACT_ID": contact.id,
+        "GATEWAY_ANSWER_BY": str(T0 // 1_000_000 + 15),
+        "GATEWAY_QUEUE": "hotline",
+        "GATEWAY_PRIORITY": "0",
+        "GATEWAY_STATUS": "OK",
+    }
+
+
+async def test_mset_falls_back_to_set_variable(start_gateway: Any) -> None:
+    gw = await start_voice(
+        start_gateway, set_with="mset", linkedid_lookup=False, queues={"12346": "hot line,2"}
+    )
+
+    def no_mset(index: int, argv: list[str]) -> bytes:
+        return b"200 result=-2\n" if argv[0] == "EXEC" else asterisk_reply(argv)
+
+    refused = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), no_mset)
+    assert [c[0] for c in refused.commands] == ["EXEC"] + ["SET"] * 5
+    assert refused.variables["GATEWAY_STATUS"] == "OK"
+    # a value MSet would split (comma, blank) never goes through MSet
+    unsafe = await fake_call(agi_port(gw), agi_fixture("empty_caller.agi"))
+    assert [c[0] for c in unsafe.commands] == ["SET"] * 5
+    assert unsafe.variables["GATEWAY_QUEUE"] == "hot line,2"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.voice.ami import AmiClient
@@ -47,6 +48,9 @@ class AsteriskConfig:
     default_queue: str = "hotline"
     repeat_priority: int = 5
     """``GATEWAY_PRIORITY`` for a caller with earlier contacts in the repeat window (else 0)."""
+    set_with: Literal["set_variable", "mset"] = "set_variable"
+    """How the five variables are set: five ``SET VARIABLE`` (one round trip each), or one
+    ``EXEC MSet`` (one round trip; falls back to ``SET VARIABLE`` when it is refused)."""
     linkedid_lookup: bool = False
     """Ask Asterisk for ``CHANNEL(linkedid)`` (one more round trip) unless the AGI URL passes
     ``?linkedid=${CHANNEL(linkedid)}``; AMI events carry it anyway."""
@@ -88,6 +92,7 @@ class AsteriskAdapter:
             config,
             tracker=self.tracker,
             ask_linkedid=config.linkedid_lookup,
+            mset=config.set_with == "mset",
         )
         self.server = FastAgiServer(
             {"intake": self.intake},

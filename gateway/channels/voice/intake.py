@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.adapters import IntakeUnavailable, Receipt, Submitter
-from gateway.channels.voice.agi import AgiError
+from gateway.channels.voice.agi import AgiChannel, AgiError
 from gateway.clock import MICROS_PER_SECOND, Micros
 from gateway.phone import mask_phone, to_e164
 from gateway.records import Inbound, Sender, clean_text
@@ -175,6 +176,7 @@ class IntakeScript:
     config: Any
     tracker: CallTracker | None = None
     ask_linkedid: bool = False
+    mset: bool = False
 
     async def __call__(self, session: AgiSession) -> None:
         env = session.env
@@ -219,9 +221,27 @@ class IntakeScript:
         variables = channel_variables(
             receipt, recipient=recipient, language=language, config=self.config
         )
-        await session.channel.commands(
-            [("SET VARIABLE", (name, value)) for name, value in variables]
-        )
+        await set_variables(session.channel, variables, mset=self.mset)
+
+
+_MSET_SAFE = re.compile(r"[A-Za-z0-9_.@+:-]*\Z")
+
+
+async def set_variables(
+    channel: AgiChannel, variables: list[tuple[str, str]], *, mset: bool = False
+) -> None:
+    """Set the variables: ``SET VARIABLE`` each, or all in one ``EXEC MSet`` when asked.
+
+    MSet splits its argument on commas and strips quotes, so it is used only when every value
+    is a plain token; Asterisk answers ``200 result=0`` when it ran, anything else (an unknown
+    application gives ``result=-2``) falls back to ``SET VARIABLE``.
+    """
+    if mset and all(_MSET_SAFE.match(value) for _, value in variables):
+        pairs = ",".join(f"{name}={value}" for name, value in variables)
+        reply = await channel.command("EXEC", "MSet", pairs)
+        if reply.ok and reply.result == "0":
+            return
+    await channel.commands([("SET VARIABLE", (name, value)) for name, value in variables])
 
 
 async def _linkedid(session: AgiSession) -> str | None:
