@@ -14,39 +14,25 @@ from typing import Final
 
 _SAMPLE: Final = 2000
 
-# (first code point, last code point, script)
-_RANGES: Final[tuple[tuple[int, int, str], ...]] = (
-    (0x0041, 0x005A, "latin"),
-    (0x0061, 0x007A, "latin"),
-    (0x00C0, 0x024F, "latin"),
-    (0x0370, 0x03FF, "greek"),
-    (0x0400, 0x052F, "cyrillic"),
-    (0x0590, 0x05FF, "hebrew"),
-    (0x0600, 0x06FF, "arabic"),
-    (0x0750, 0x077F, "arabic"),
-    (0x0900, 0x097F, "devanagari"),
-    (0x0E00, 0x0E7F, "thai"),
-    (0x0F00, 0x0FFF, "tibetan"),
-    (0x1100, 0x11FF, "hangul"),
-    (0x1800, 0x18AF, "mongolian"),
-    (0x1E00, 0x1EFF, "latin"),
-    (0x3040, 0x309F, "kana"),
-    (0x30A0, 0x30FA, "kana"),
-    (0x30FD, 0x30FF, "kana"),
-    (0x3130, 0x318F, "hangul"),
-    (0x31F0, 0x31FF, "kana"),
-    (0x3400, 0x4DBF, "han"),
-    (0x4E00, 0x9FFF, "han"),
-    (0xAC00, 0xD7AF, "hangul"),
-    (0xF900, 0xFAFF, "han"),
-    (0xFB50, 0xFDFF, "arabic"),
-    (0xFE70, 0xFEFF, "arabic"),
-    (0xFF66, 0xFF9F, "kana"),
-    (0x20000, 0x2FA1F, "han"),
-)
+# Character classes per script, counted with compiled patterns (C speed, no per-char Python).
+_SCRIPTS: Final[dict[str, re.Pattern[str]]] = {
+    "han": re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]"),
+    "latin": re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff]"),
+    "cyrillic": re.compile("[\u0400-\u052f]"),
+    "arabic": re.compile("[\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff]"),
+    "greek": re.compile("[\u0370-\u03ff]"),
+    "hebrew": re.compile("[\u0590-\u05ff]"),
+    "devanagari": re.compile("[\u0900-\u097f]"),
+    "thai": re.compile("[\u0e00-\u0e7f]"),
+    "tibetan": re.compile("[\u0f00-\u0fff]"),
+    "mongolian": re.compile("[\u1800-\u18af]"),
+}
+_KANA: Final = re.compile("[\u3040-\u309f\u30a0-\u30fa\u30fd-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+_HANGUL: Final = re.compile("[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+_ASCII_LETTER: Final = re.compile("[A-Za-z]")
 
 # One Han character carries about as much as a short Latin word.
-_WEIGHT: Final = {"han": 3, "hangul": 2}
+_WEIGHT: Final = {"han": 3}
 
 _SIMPLE: Final = {
     "greek": "el",
@@ -55,7 +41,6 @@ _SIMPLE: Final = {
     "thai": "th",
     "tibetan": "bo",
     "mongolian": "mn",
-    "hangul": "ko",
 }
 
 # Letters used by Uyghur and Persian but not by Arabic.
@@ -78,63 +63,52 @@ _STOPWORDS: Final[dict[str, frozenset[str]]] = {
 }
 
 
-def _script(cp: int) -> str | None:
-    lo, hi = 0, len(_RANGES) - 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        first, last, name = _RANGES[mid]
-        if cp < first:
-            hi = mid - 1
-        elif cp > last:
-            lo = mid + 1
-        else:
-            return name
-    return None
+_WORD_LANGS: Final[dict[str, tuple[str, ...]]] = {
+    word: tuple(lang for lang, words in _STOPWORDS.items() if word in words)
+    for word in set().union(*_STOPWORDS.values())
+}
 
 
 def _latin(text: str) -> str:
-    if any(ch in _VIETNAMESE for ch in text):
+    if not text.isascii() and any(ch in _VIETNAMESE for ch in text):
         return "vi"
     scores = dict.fromkeys(_STOPWORDS, 0)
     for word in _WORDS.findall(text.lower()):
-        for lang, words in _STOPWORDS.items():
-            if word in words:
-                scores[lang] += 1
-    best = max(scores, key=lambda lang: scores[lang])
+        for lang in _WORD_LANGS.get(word, ()):
+            scores[lang] += 1
+    best = max(scores, key=scores.__getitem__)
     return best if scores[best] > scores["en"] else "en"
 
 
 def guess_language(text: str) -> str | None:
     """Return a BCP 47 language hint for ``text`` from its script, or None without letters."""
     sample = text[:_SAMPLE]
-    counts: dict[str, int] = {}
-    for ch in sample:
-        if ch.isascii() and not ch.isalpha():
-            continue
-        script = _script(ord(ch))
-        if script is not None:
-            counts[script] = counts.get(script, 0) + _WEIGHT.get(script, 1)
-    if not counts:
-        return None
-    if counts.get("kana"):
+    if sample.isascii():
+        return _latin(sample) if _ASCII_LETTER.search(sample) else None
+    if _KANA.search(sample):
         return "ja"
-    if counts.get("hangul"):
+    if _HANGUL.search(sample):
         return "ko"
-    script = max(counts, key=lambda s: counts[s])
-    if script == "han":
+    best, best_count = "", 0
+    for script, pattern in _SCRIPTS.items():
+        count = pattern.subn("", sample)[1] * _WEIGHT.get(script, 1)
+        if count > best_count:
+            best, best_count = script, count
+    if not best_count:
+        return None
+    if best == "han":
         return "zh"
-    if script == "latin":
+    if best == "latin":
         return _latin(sample)
-    if script == "cyrillic":
-        letters = set(sample)
+    letters = set(sample)
+    if best == "cyrillic":
         if letters & _UKRAINIAN and not letters & _RUSSIAN_ONLY:
             return "uk"
         return "ru"
-    if script == "arabic":
-        letters = set(sample)
+    if best == "arabic":
         if letters & _UYGHUR:
             return "ug"
         if letters & _PERSIAN:
             return "fa"
         return "ar"
-    return _SIMPLE.get(script)
+    return _SIMPLE.get(best)

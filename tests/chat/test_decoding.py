@@ -114,7 +114,7 @@ def test_oversize_xml_is_refused_before_parsing() -> None:
         parse_xml(b"<xml>" + b"<a>1</a>" * 20_000 + b"</xml>", max_bytes=64 * 1024)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048))
 def test_parse_xml_fuzz(data: bytes) -> None:
     try:
@@ -124,7 +124,7 @@ def test_parse_xml_fuzz(data: bytes) -> None:
     assert isinstance(result, dict)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(
@@ -197,7 +197,7 @@ def test_bad_aes_keys_are_config_errors(key: str) -> None:
         MessageCrypto(p.TOKEN, key, p.APP_ID)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.one_of(
         st.text(max_size=200), st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())
@@ -378,7 +378,7 @@ def test_weibo_xml_push() -> None:
     )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(
         st.binary(max_size=512),
@@ -415,3 +415,22 @@ def test_weibo_decode_fuzz(body: bytes) -> None:
             decode(body)
         except PayloadError:
             pass
+
+
+@pytest.mark.parametrize(
+    ("created_at", "expected"),
+    [
+        ("Mon Jul 16 18:09:20 +0800 2012", 1342433360),
+        ("Tue Feb 23 12:28:47 -0530 2021", 1614103127),
+        (1342433360, 1342433360),
+        ("1342433360", 1342433360),
+        ("Mon Jul 99 18:09:20 +0800 2012", None),
+        ("Mon Foo 16 18:09:20 +0800 2012", None),
+        ("Mon Jul 16 18:09 +0800 2012", None),
+        ("", None),
+    ],
+)
+def test_weibo_dates(created_at: object, expected: int | None) -> None:
+    msg = decode_json(p.weibo_push("text", "x", created_at=created_at))  # type: ignore[arg-type]
+    assert msg is not None
+    assert msg.created_at == expected

@@ -1,7 +1,7 @@
 """Language hints by script (and a few Latin cues)."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.language import guess_language
@@ -42,6 +42,7 @@ def test_no_letters_no_hint(text: str) -> None:
     assert guess_language(text) is None
 
 
+@settings(deadline=None)
 @given(st.text())
 def test_any_text_gives_a_tag_or_none(text: str) -> None:
     result = guess_language(text)

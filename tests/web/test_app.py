@@ -176,7 +176,7 @@ async def test_bad_bodies_are_400(start_gateway: Any, body: Any) -> None:
     assert await gw.read_contacts() == []
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(["lat", "lon", "accuracy_m", "address", "x"]),
@@ -193,7 +193,7 @@ def test_parse_location_fuzz(value: dict[str, Any]) -> None:
     assert ("lat" in loc) == ("lon" in loc)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(["text", "confidential", "lat", "lon", "sender", "sender_name", "zzz"]),

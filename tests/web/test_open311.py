@@ -403,7 +403,7 @@ def test_to_xml_escapes() -> None:
 _SERVICES = {"033": Open311Service(name="Pothole")}
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
         st.one_of(

@@ -336,21 +336,15 @@ ANSWER_WITHIN_S: Final = 4.0
 async def submit_within(ctx: AdapterContext, inbound: Inbound, limit_s: float) -> Receipt | None:
     """Submit ``inbound``; return None when it is not durable within ``limit_s``.
 
-    The submission goes on in the background: the platform's retry (same message id) then
-    finds it as a duplicate. Raises ``IntakeUnavailable``.
+    Intake bounds its own Redis wait and falls back to the spool, so this rarely fires; when it
+    does, the platform is told to retry and its retry (same message id) dedupes. Raises
+    ``IntakeUnavailable``.
     """
-    task = asyncio.ensure_future(ctx.intake.submit(inbound))
     try:
         async with asyncio.timeout(limit_s):  # not wait_for: it can swallow a cancel on 3.11
-            return await asyncio.shield(task)
+            return await ctx.intake.submit(inbound)
     except TimeoutError:
-        task.add_done_callback(_log_late)
         return None
-
-
-def _log_late(task: asyncio.Future[Receipt]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("late submission failed: %s", type(task.exception()).__name__)
 
 
 def retry_later() -> web.Response:

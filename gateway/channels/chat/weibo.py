@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 from urllib.parse import quote
 
@@ -68,10 +68,39 @@ def _created_at(value: Any) -> int | None:
         return None
     if value.isdigit():
         return int(value) if len(value) < 12 else None
-    try:  # "Mon Jul 16 18:09:20 +0800 2012", as the Weibo API writes dates
-        return from_datetime(datetime.strptime(value, "%a %b %d %H:%M:%S %z %Y")) // 1_000_000
+    return _weibo_date(value)
+
+
+_MONTHS: Final = {
+    m: i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+
+def _weibo_date(value: str) -> int | None:
+    """Parse ``Mon Jul 16 18:09:20 +0800 2012`` (how the Weibo API writes dates) to Unix seconds."""
+    parts = value.split()
+    if len(parts) != 6:
+        return None
+    _, month, day, hms, zone, year = parts
+    clock = hms.split(":")
+    if (
+        month not in _MONTHS
+        or len(clock) != 3
+        or len(zone) != 5
+        or zone[0] not in "+-"
+        or not all(x.isascii() and x.isdigit() for x in (day, year, zone[1:], *clock))
+    ):
+        return None
+    try:
+        hour, minute, second = (int(x) for x in clock)
+        moment = datetime(int(year), _MONTHS[month], int(day), hour, minute, second, tzinfo=UTC)
     except ValueError:
         return None
+    offset = (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60) * (1 if zone[0] == "+" else -1)
+    return from_datetime(moment) // 1_000_000 - offset
 
 
 def _id(value: Any) -> str:
