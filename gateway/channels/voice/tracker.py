@@ -152,16 +152,17 @@ class CallTracker:
         found = self.calls.get(uniqueid)
         if name == "Hangup":
             now = self.clock.now_us()
-            if found is not None:
-                self._learn(found, frame)
-                self._gone(found, frame, "hangup", now)
+            ended = [found] if found is not None else []
             linkedid = frame.get("Linkedid", "")
-            if linkedid and linkedid == uniqueid:
-                for other in list(self._by_linkedid.get(linkedid, ())):
-                    if other in self.calls:
-                        self._gone(self.calls[other], frame, "hangup", now)
-            if self.settle_us <= 0:
-                await self.sweep()
+            if linkedid and linkedid == uniqueid:  # the call's root channel: all of it ends
+                ended += [
+                    self.calls[u] for u in self._by_linkedid.get(linkedid, ()) if u in self.calls
+                ]
+            for call in ended:
+                self._learn(call, frame)
+                self._gone(call, frame, "hangup", now)
+                if self.settle_us <= 0:
+                    await self._settle(call, now)
             return
         if found is None:
             return
@@ -187,9 +188,10 @@ class CallTracker:
                 "original_position": _int(frame.get("OriginalPosition")),
                 "hold_s": _int(frame.get("HoldTime")),
             }
-            self._gone(call, frame, "abandon", self.clock.now_us())
+            now = self.clock.now_us()
+            self._gone(call, frame, "abandon", now)
             if self.settle_us <= 0:
-                await self.sweep()
+                await self._settle(call, now)
 
     async def _booted(self, frame: Frame) -> None:
         """Asterisk's uptime at login: calls older than this Asterisk process ended with it."""
@@ -216,11 +218,8 @@ class CallTracker:
         """Finish gone calls after ``settle``, close stale ones, retry pending callbacks."""
         now = self.clock.now_us()
         for call in list(self.calls.values()):
-            if call.outcome is None and call.gone_seen_us is not None:
-                if now - call.gone_seen_us >= self.settle_us:
-                    await self._abandon(call)
-            elif call.outcome is not None and call.gone_seen_us is not None:
-                self._forget(call, now)
+            if call.gone_seen_us is not None:
+                await self._settle(call, now)
             elif now - call.seen_us >= self.call_timeout_us:
                 await self._close_stale(call, now)
         for uniqueid, at in list(self._finished.items()):
@@ -231,6 +230,13 @@ class CallTracker:
                 del self._bridges[bridge]
         if self._pending:
             await self._retry_callbacks(now)
+
+    async def _settle(self, call: Call, now: Micros) -> None:
+        """Finish a call that is gone: abandoned once ``settle`` passed without an answer."""
+        if call.outcome is not None:
+            self._forget(call, now)
+        elif call.gone_seen_us is not None and now - call.gone_seen_us >= self.settle_us:
+            await self._abandon(call)
 
     async def drain(self) -> None:
         """Try pending callbacks once more (shutdown)."""
