@@ -350,3 +350,18 @@ async def test_mset_falls_back_to_set_variable(start_gateway: Any) -> None:
     unsafe = await fake_call(agi_port(gw), agi_fixture("empty_caller.agi"))
     assert [c[0] for c in unsafe.commands] == ["SET"] * 5
     assert unsafe.variables["GATEWAY_QUEUE"] == "hot line,2"
+
+
+async def test_logs_carry_no_full_phone_number(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    gw = await start_voice(start_gateway)
+    await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    await fake_call(agi_port(gw), agi_fixture("no_uniqueid.agi"))
+    await fake_call(agi_port(gw), agi_fixture("garbage.agi"))
+    assert "1795594483.1" in caplog.text  # the call was logged ...
+    assert "13800138000" not in caplog.text  # ... without the caller's number
+    assert "Test Caller" not in caplog.text
