@@ -13,6 +13,7 @@ import pytest
 from gateway.adapters import SendError
 from gateway.channels.chat.officialaccount import parse_xml
 from gateway.clock import FixedClock
+from gateway.config import ConfigError
 from gateway.records import Reply
 from tests.chat import payloads as p
 from tests.chat.fakes import FakeWeChatApi
@@ -274,3 +275,12 @@ async def test_send_errors_say_whether_to_retry(
     with pytest.raises(SendError) as info:
         await gw.adapters["wx"].send(contact, Reply(contact.id, "r"))
     assert info.value.retryable is retryable
+
+
+@pytest.mark.parametrize(
+    "extra", [{"mode": "safe"}, {"mode": "compatible", "encoding_aes_key": "too-short"}]
+)
+async def test_safe_mode_needs_a_valid_aes_key(start_gateway: Any, extra: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        await _gateway(start_gateway, **extra)
+    assert info.value.errors[0][0] == "adapters.wx.encoding_aes_key"

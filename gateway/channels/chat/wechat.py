@@ -31,7 +31,7 @@ from gateway.channels.chat.officialaccount import (
     text_reply_xml,
     timestamp_within,
 )
-from gateway.config import Duration, Secret
+from gateway.config import ConfigError, Duration, Secret
 from gateway.records import Contact, Reply
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,15 @@ class WeChatAdapter(PushAdapter):
         self.config = config
         self.crypto: MessageCrypto | None = None
         if config.mode != "plain":
+            key = f"adapters.{ctx.name}.encoding_aes_key"
             if not config.encoding_aes_key:
-                raise ValueError(f"{ctx.name}: encoding_aes_key is required in {config.mode} mode")
-            self.crypto = MessageCrypto(
-                config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
-            )
+                raise ConfigError([(key, f"required in {config.mode} mode")])
+            try:
+                self.crypto = MessageCrypto(
+                    config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
+                )
+            except ValueError as exc:
+                raise ConfigError([(key, str(exc))]) from None
         super().__init__(
             ctx,
             path=config.path or f"/chat/wechat/{ctx.name}",
