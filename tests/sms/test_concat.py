@@ -92,3 +92,26 @@ async def test_corrupt_part_file_is_quarantined(tmp_path: Path) -> None:
     asm = Assembler(tmp_path, 60, FixedClock(), Recorder())
     assert asm.load() == 0
     assert (tmp_path / "broken-001.bad").exists()
+
+
+async def test_reused_reference_during_a_slow_handover(tmp_path: Path) -> None:
+    import asyncio
+
+    release = asyncio.Event()
+    started = asyncio.Event()
+    handed: list[list[str]] = []
+
+    async def slow(parts: list[Part], complete: bool) -> None:
+        started.set()
+        await release.wait()
+        handed.append([p.external_id for p in parts])
+
+    asm = Assembler(tmp_path, 60, FixedClock(), slow)
+    await asm.add(part(1, "a", "o1", total=2))
+    first = asyncio.create_task(asm.add(part(2, "b", "o2", total=2)))  # completes, hands over
+    await started.wait()
+    await asm.add(part(1, "x", "n1", total=2))  # a new message reusing the reference
+    release.set()
+    await first
+    assert handed == [["o1", "o2"]]
+    assert asm.pending == 1  # the new message's first part is still held

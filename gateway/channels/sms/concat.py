@@ -190,7 +190,10 @@ class Assembler:
                     path.rename(path.with_suffix(".bad"))
                 continue
             group = self._groups.setdefault(part.group, _Group({}, part.received_at))
-            if part.seq in group.parts:
+            held = group.parts.get(part.seq)
+            if held is not None and held.external_id == part.external_id:
+                continue
+            if held is not None:
                 self._retire(part.group)
                 group = self._groups.setdefault(part.group, _Group({}, part.received_at))
             group.parts[part.seq] = part
@@ -210,8 +213,8 @@ class Assembler:
         return new_key
 
     async def start(self, interval_s: float = 1.0) -> None:
-        """Reload stored parts and start the sweeper that hands over expired groups."""
-        await asyncio.to_thread(self.load)
+        """Start the sweeper that hands over expired groups (call :meth:`load` first, before
+        the webhook can receive parts)."""
         if self._task is None:
             self._task = asyncio.create_task(self._sweep_forever(interval_s), name="sms-concat")
 
@@ -304,8 +307,11 @@ class Assembler:
         now = self.clock.now_us()
         for p in parts:
             self._done[p.external_id] = now
-        self._groups.pop(key, None)
-        self._next_try.pop(key, None)
+        # The group may have been moved to another key meanwhile (a reused reference).
+        for k, g in list(self._groups.items()):
+            if g is group:
+                del self._groups[k]
+                self._next_try.pop(k, None)
         await asyncio.to_thread(self._remove, parts)
         return True, result
 

@@ -246,6 +246,7 @@ class GenericAdapter:
         self.assembler = Assembler(
             data_dir, float(config.concat_timeout), ctx.clock, self._handover
         )
+        self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
         self._progress: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -284,6 +284,7 @@ class KannelAdapter:
         self.assembler = Assembler(
             data_dir, float(config.concat_timeout), ctx.clock, self._handover
         )
+        self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
         self._reported: dict[tuple[str, str], None] = {}
         for method in ("GET", "POST"):
