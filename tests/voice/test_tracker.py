@@ -153,3 +153,43 @@ async def test_unknown_calls_and_odd_frames_are_ignored(start_gateway: Any) -> N
     await tracker.sweep()
     assert kinds(await gw.read_events()) == []
     assert tracker.calls == {}
+
+
+async def test_answer_of_a_spooled_call_is_written_once_redis_is_back(
+    start_gateway: Any, own_redis: Any
+) -> None:
+    import asyncio
+
+    clock = FixedClock(T0)
+    gw = await start_gateway(
+        adapters={"asterisk": {"type": "asterisk", "agi_listen": "127.0.0.1:0", "settle": "0s"}},
+        url=own_redis.url,
+        redis={"write_timeout": "300ms"},
+        clock=clock,
+    )
+    own_redis.stop_sync()
+    call = await fake_call(gw.adapters["asterisk"].port, agi_fixture("sip_call.agi"))  # type: ignore[attr-defined]
+    assert call.variables["GATEWAY_STATUS"] == "SPOOLED"
+    contact_id = call.variables["GATEWAY_CONTACT_ID"]
+    tracker = tracker_of(gw)
+    await tracker.handle(frame("AgentConnect", 8.2, Queue="hotline", HoldTime="8"))
+    await tracker.handle(frame("Hangup", 60.0))
+    own_redis.start_sync()
+    for _ in range(400):
+        if gw.spool.depth == 0 and gw.intake.redis_up:
+            break
+        await asyncio.sleep(0.05)
+    for _ in range(100):
+        clock.advance(60)
+        await tracker.sweep()
+        if kinds(await gw.read_events()) == ["answered"]:
+            break
+        await asyncio.sleep(0.05)
+    events = await gw.read_events()
+    assert kinds(events) == ["answered"]
+    answered = next(e for e in events if e.type == "answered")
+    assert answered.contact_id == contact_id
+    assert answered.at == T0 + 8_200_000
+    assert answered.met is True
+    await tracker.sweep()
+    assert kinds(await gw.read_events()) == ["answered"]

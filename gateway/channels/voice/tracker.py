@@ -78,6 +78,19 @@ class Call:
 
 
 @dataclass(slots=True)
+class _PendingWrite:
+    """An outcome to write: ``stamp`` (answered, with this detail) or ``event`` (emit)."""
+
+    contact_id: str
+    at: Micros
+    stamp: dict[str, Any] | None = None
+    event: Event | None = None
+    attempts: int = 0
+    next_us: Micros = 0
+    first_us: Micros = 0
+
+
+@dataclass(slots=True)
 class _PendingCallback:
     inbound: Inbound
     attempts: int = 0
@@ -114,6 +127,7 @@ class CallTracker:
         self._bridges: dict[str, tuple[set[str], Micros]] = {}
         self._finished: dict[str, Micros] = {}
         self._pending: list[_PendingCallback] = []
+        self._writes: list[_PendingWrite] = []
 
     # ------------------------------------------------------------ feeding
 
@@ -228,6 +242,8 @@ class CallTracker:
         for bridge, (members, touched) in list(self._bridges.items()):
             if now - touched >= _IDLE_BRIDGE_US and not any(m in self.calls for m in members):
                 del self._bridges[bridge]
+        if self._writes:
+            await self._retry_writes(now)
         if self._pending:
             await self._retry_callbacks(now)
 
@@ -239,9 +255,47 @@ class CallTracker:
             await self._abandon(call)
 
     async def drain(self) -> None:
-        """Try pending callbacks once more (shutdown)."""
+        """Try pending outcome writes and callbacks once more (shutdown)."""
+        if self._writes:
+            await self._retry_writes(None)
         if self._pending:
             await self._retry_callbacks(None)
+
+    async def _write(self, item: _PendingWrite) -> bool:
+        """Write one outcome; keep it for a retry when Redis is down or the contact is not
+        there yet (a spooled contact reaches Redis when the spool is replayed)."""
+        try:
+            if item.event is not None:
+                await self.events.emit(item.event)
+                return True
+            done = await self.events.stamp(
+                item.contact_id, "answered", item.at, self.adapter, item.stamp
+            )
+            if done is not None or await self.contacts.get(item.contact_id) is not None:
+                return True  # written now, or stamped before (a replayed event)
+        except Exception as exc:
+            log.warning("outcome of contact %s not written yet: %s", item.contact_id,
+                        type(exc).__name__)
+        now = self.clock.now_us()
+        item.attempts += 1
+        if item.attempts == 1:
+            item.first_us = now
+            self._writes.append(item)
+        backoff_s = min(30.0, 0.25 * 2 ** min(item.attempts, 8))
+        item.next_us = now + int(backoff_s * MICROS_PER_SECOND)
+        return False
+
+    async def _retry_writes(self, now: Micros | None) -> None:
+        """Retry kept outcomes with backoff, for as long as a call may last."""
+        for item in list(self._writes):
+            if now is not None and item.next_us > now:
+                continue
+            if await self._write(item):
+                self._writes.remove(item)
+            elif self.clock.now_us() - item.first_us > self.call_timeout_us:
+                log.error("outcome of contact %s dropped after %d attempts",
+                          item.contact_id, item.attempts)
+                self._writes.remove(item)
 
     # ------------------------------------------------------------ internals
 
@@ -306,16 +360,8 @@ class CallTracker:
             return  # evidence from after the caller left: not an answer of this call
         call.outcome = "answered"
         call.answered_at = at
-        try:
-            await self.events.stamp(
-                call.contact_id,
-                "answered",
-                at,
-                self.adapter,
-                {k: v for k, v in detail.items() if v is not None and v != ""},
-            )
-        except Exception:
-            log.exception("could not record the answer of contact %s", call.contact_id)
+        clean = {k: v for k, v in detail.items() if v is not None and v != ""}
+        await self._write(_PendingWrite(call.contact_id, at, stamp=clean))
 
     async def _abandon(self, call: Call) -> None:
         if call.outcome is not None:
@@ -335,19 +381,15 @@ class CallTracker:
         if call.queue and "queue" not in detail:
             detail["queue"] = call.queue
         elapsed_ms = None if received_at is None else max(0, (at - received_at) // 1000)
-        try:
-            await self.events.emit(
-                Event(
-                    contact_id=call.contact_id,
-                    type="abandoned",
-                    at=at,
-                    source=self.adapter,
-                    elapsed_ms=elapsed_ms,
-                    detail=detail,
-                )
-            )
-        except Exception:
-            log.exception("could not record the abandon of contact %s", call.contact_id)
+        event = Event(
+            contact_id=call.contact_id,
+            type="abandoned",
+            at=at,
+            source=self.adapter,
+            elapsed_ms=elapsed_ms,
+            detail=detail,
+        )
+        await self._write(_PendingWrite(call.contact_id, at, event=event))
         self._forget(call, self.clock.now_us())
         if self.callbacks:
             await self._callback(call, at, detail)
@@ -362,18 +404,14 @@ class CallTracker:
         """End a call whose outcome cannot be known (no hangup seen)."""
         if call.outcome is None:
             call.outcome = "closed"
-            try:
-                await self.events.emit(
-                    Event(
-                        contact_id=call.contact_id,
-                        type="closed",
-                        at=now,
-                        source=self.adapter,
-                        detail={"reason": reason, "answered": False},
-                    )
-                )
-            except Exception:
-                log.exception("could not close contact %s", call.contact_id)
+            event = Event(
+                contact_id=call.contact_id,
+                type="closed",
+                at=now,
+                source=self.adapter,
+                detail={"reason": reason, "answered": False},
+            )
+            await self._write(_PendingWrite(call.contact_id, now, event=event))
         self._forget(call, now)
 
     def _forget(self, call: Call, now: Micros) -> None:
