@@ -3,7 +3,9 @@
 The gateway runs an ``smtp`` adapter on an embedded Valkey: every message is stored raw,
 normalized (GBK subject, UTF-8 body, a base64 attachment for the large size), its files
 stored, and made durable before the 250. The baseline is aiosmtpd with the same options and a
-handler that answers 250 and writes nothing. A separate load process (aiosmtplib, persistent
+handler that answers 250 and writes nothing, and our own listener (policy hooks, bounds) with an
+accept step that does nothing, which separates the protocol layer from the durable work. A
+separate load process (aiosmtplib, persistent
 connections, a unique Message-ID per message) drives each target for 2 KB and 200 KB messages
 over 8 and 50 connections; p50 and p99 are client round-trip times of one whole transaction.
 
@@ -134,10 +136,16 @@ class _Bare:
         return "250 2.0.0 OK"
 
 
+async def _accept_nothing(raw: bytes, envelope: Any) -> str:
+    return "00000000-0000-7000-8000-000000000000"
+
+
 async def main(seconds: float) -> None:
     from aiosmtpd.smtp import SMTP
 
-    from gateway.config import parse_settings
+    from gateway.channels.email.config import EmailConfig
+    from gateway.channels.email.smtp import Handler, Listener
+    from gateway.config import HostPort, parse_settings
     from gateway.queueing.embedded import EmbeddedRedis
     from gateway.runtime import Gateway
 
@@ -161,8 +169,12 @@ async def main(seconds: float) -> None:
                          hostname="bare", loop=loop),
             "127.0.0.1", 0,
         )
+        layer_config = EmailConfig(listen=HostPort("127.0.0.1", 0), mailboxes=(MAILBOX,))
+        layer = Listener(layer_config, Handler(layer_config, _accept_nothing))
+        await layer.start()
         targets = {
             "bare aiosmtpd (writes nothing)": bare.sockets[0].getsockname()[1],
+            "our listener (accepts nothing)": layer.port,
             "smtp -> gateway -> redis": gateway.adapters["mail"].port,  # type: ignore[attr-defined]
         }
         redis_pid = redis.process.pid if redis.process else None
@@ -182,6 +194,7 @@ async def main(seconds: float) -> None:
             stored = await gateway.redis.xlen(gateway.keys.contacts)
         finally:
             bare.close()
+            await layer.stop()
             await gateway.stop()
             redis.stop_sync()
 
@@ -200,7 +213,7 @@ async def main(seconds: float) -> None:
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
         print(f"{name:32} {label:>7} {fanout:6d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {errors:7d} "
               f"{per_msg:11.0f}")
-    bare_name, gw_name = targets
+    bare_name, _, gw_name = targets
     print("gateway / bare (throughput; CPU cost per message, bare / gateway):")
     for label in sizes:
         for fanout in fanouts:
@@ -214,6 +227,6 @@ async def main(seconds: float) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
     _loop()(main(args.seconds))
