@@ -252,3 +252,21 @@ async def test_no_address_or_secret_in_the_logs(start_mailbox, start_recorder, c
     assert "citizen@example.org" not in caplog.text
     assert "s3cret" not in caplog.text
     assert contact_id in caplog.text  # the logs did capture the session
+
+
+async def test_relay_without_starttls_is_refused_not_retried(start_mailbox, start_recorder,
+                                                            redis_client, prefix):
+    recorder = await start_recorder()  # plain text only
+    gw = await start_mailbox(relay=relay_table(recorder, tls="starttls", attempts=3))
+    contact_id = await asyncio.to_thread(
+        send, gw.adapters["mail"].port, (FIXTURES / "plain.eml").read_bytes()
+    )
+    await post_reply(redis_client, Reply(contact_id, "ok"), prefix=prefix)
+
+    async def failed() -> bool:
+        return any(e.type == "failed" for e in await gw.read_events())
+
+    assert await eventually(failed)
+    (event,) = [e for e in await gw.read_events() if e.type == "failed"]
+    assert "STARTTLS" in event.detail["reason"]
+    assert recorder.attempts == 0 and recorder.messages == []

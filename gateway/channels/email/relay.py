@@ -138,7 +138,9 @@ class Relay:
                 reason = f"{code} {text}" if code else type(exc).__name__
                 if code is not None and 500 <= code < 600:
                     raise SendError(f"relay refused: {reason}", retryable=False) from exc
-                if isinstance(exc, aiosmtplib.SMTPNotSupported):
+                if isinstance(exc, aiosmtplib.SMTPNotSupported) or (
+                    code is None and "not supported" in str(exc).lower()
+                ):  # no STARTTLS, AUTH or SMTPUTF8 there: trying again cannot help
                     raise SendError(f"relay cannot: {scrub(str(exc))}", retryable=False) from exc
                 last = reason
             except (TimeoutError, OSError) as exc:
