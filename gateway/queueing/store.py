@@ -201,7 +201,7 @@ class RedisQueue:
         for attempt in range(2):
             if not self._intake_sha:
                 await self.load_scripts()
-            commands = [[b"EVALSHA", self._intake_sha, len(k), *k, *a] for k, a in encoded]
+            commands = [["EVALSHA", self._intake_sha, len(k), *k, *a] for k, a in encoded]
             replies = await self._execute(commands)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 self._intake_sha = ""  # the server restarted: reload and write again (idempotent)
