@@ -244,6 +244,8 @@ class FakeWeChatApi(LocalServer):
         self.errors: list[int] = []
         self.app.router.add_get("/cgi-bin/token", self.token)
         self.app.router.add_post("/cgi-bin/message/custom/send", self.custom_send)
+        self.media: dict[str, tuple[str, bytes]] = {}
+        self.app.router.add_get("/cgi-bin/media/get", self.media_get)
 
     async def token(self, request: web.Request) -> web.Response:
         q = request.query
@@ -257,6 +259,19 @@ class FakeWeChatApi(LocalServer):
         token = f"ACCESS_TOKEN_{self.tokens_issued}"
         self.valid = {token}
         return web.json_response({"access_token": token, "expires_in": 7200})
+
+    async def media_get(self, request: web.Request) -> web.Response:
+        if request.query.get("access_token") not in self.valid:
+            return web.json_response({"errcode": 40001, "errmsg": "invalid credential"})
+        found = self.media.get(request.query.get("media_id", ""))
+        if found is None:
+            return web.json_response({"errcode": 40007, "errmsg": "invalid media_id"})
+        ctype, data = found
+        return web.Response(
+            body=data,
+            content_type=ctype,
+            headers={"Content-disposition": 'attachment; filename="MEDIA_ID.jpg"'},
+        )
 
     def expire_tokens(self) -> None:
         self.valid = set()

@@ -274,6 +274,7 @@ async def test_media_and_places(start_gateway: Any, bot_api: FakeBotApi) -> None
     assert gw.attachments.read(contacts["voice"].attachments[0].sha256) == ogg
     assert gw.attachments.read(contacts["video"].attachments[0].sha256) == mp4
     assert contacts["location"].meta["location"] == {"lat": 39.9042, "lon": 116.4074}
+    assert contacts["location"].language == "zh"  # no text: the user's Telegram language (zh-hans)
     assert contacts["venue"].meta["venue"] == {"title": "人民广场", "address": "上海市黄浦区"}
     assert contacts["venue"].meta["location"] == {"lat": 31.2304, "lon": 121.4737}
     assert contacts["contact"].meta["contact"]["phone_number"] == "+8613800138000"

@@ -284,3 +284,41 @@ async def test_safe_mode_needs_a_valid_aes_key(start_gateway: Any, extra: dict[s
     with pytest.raises(ConfigError) as info:
         await _gateway(start_gateway, **extra)
     assert info.value.errors[0][0] == "adapters.wx.encoding_aes_key"
+
+
+async def test_image_and_voice_media_are_fetched_into_the_attachment_store(
+    start_gateway: Any, wechat_api: FakeWeChatApi
+) -> None:
+    gw = await _gateway(start_gateway, wechat_api)
+    jpeg = b"\xff\xd8\xff\xe0" + b"i" * 3000
+    amr = b"#!AMR\n" + b"v" * 1000
+    wechat_api.media = {"img-1": ("image/jpeg", jpeg), "voice-1": ("audio/amr", amr)}
+    image = p.wechat_xml(
+        "image", {"PicUrl": "http://mmbiz/x.jpg", "MediaId": "img-1"}, create_time=NOW_S, msg_id=11
+    )
+    voice = p.wechat_xml(
+        "voice", {"MediaId": "voice-1", "Format": "amr"}, create_time=NOW_S, msg_id=12
+    )
+    gone = p.wechat_xml(
+        "image",
+        {"PicUrl": "http://mmbiz/y.jpg", "MediaId": "expired"},
+        create_time=NOW_S,
+        msg_id=13,
+    )
+    video = p.wechat_xml(
+        "video", {"MediaId": "img-1", "ThumbMediaId": "t"}, create_time=NOW_S, msg_id=14
+    )
+    for body in (image, voice, gone, video):
+        assert await _post(gw, p.wechat_query(NOW_S), body) == (200, "success")
+    contacts = {c.external_id: c for c in await gw.read_contacts()}
+    [img] = contacts["11"].attachments
+    assert (img.content_type, img.name) == ("image/jpeg", "image-img-1.jpg")
+    assert gw.attachments.read(img.sha256) == jpeg
+    [snd] = contacts["12"].attachments
+    assert gw.attachments.read(snd.sha256) == amr
+    assert contacts["13"].attachments == ()
+    assert contacts["13"].meta["attachment_errors"] == [
+        "expired: media/get errcode 40007, HTTP 200"
+    ]
+    assert contacts["14"].attachments == ()  # video is not fetched by default
+    assert wechat_api.tokens_issued == 1

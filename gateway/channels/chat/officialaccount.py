@@ -475,6 +475,10 @@ class PushAdapter:
         """Verify and decode one push; raise SignatureError or PayloadError."""
         raise NotImplementedError
 
+    async def fetch_attachments(self, msg: PushMessage) -> tuple[Attachment, ...]:
+        """Fetch the message's media into the attachment store (none by default)."""
+        return ()
+
     def success(self) -> web.Response:
         """The platform's plain 'received, no reply' answer."""
         return web.Response(text="success")
@@ -497,7 +501,14 @@ class PushAdapter:
         if msg.event is not None and (not self.event_contacts or msg.event not in self.events):
             log.info("%s: event %r not taken as a contact", self.name, msg.event)
             return self.success()
-        inbound = to_inbound(msg, adapter=self.name, scheme=self.scheme, received_at=received_at)
+        attachments = await self.fetch_attachments(msg)
+        inbound = to_inbound(
+            msg,
+            adapter=self.name,
+            scheme=self.scheme,
+            received_at=received_at,
+            attachments=attachments,
+        )
         try:
             receipt = await submit_within(self.ctx, inbound, ANSWER_WITHIN_S)
         except IntakeUnavailable:

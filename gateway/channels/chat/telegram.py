@@ -371,7 +371,7 @@ class TelegramAdapter:
             recipient="@" + self.bot.username,
             received_at=received_at,
             text=msg.text,
-            language=guess_language(msg.text) if msg.text else None,
+            language=_language(msg),
             attachments=attachments,
             thread=f"telegram:{msg.chat_id}",
             origin_at=msg.origin_at,
@@ -494,6 +494,16 @@ class TelegramAdapter:
         except TelegramError as exc:
             raise SendError(f"telegram: {type(exc).__name__}", retryable=True) from None
         return SendReceipt(external_id=f"{sent.chat.id}:{sent.message_id}")
+
+
+def _language(msg: TelegramMessage) -> str | None:
+    """The text's script first; else the primary subtag of the user's Telegram language."""
+    hint = guess_language(msg.text) if msg.text else None
+    if hint is None:
+        code = msg.meta.get("language_code")
+        if isinstance(code, str) and code:
+            hint = code.split("-")[0].lower()[:8] or None
+    return hint
 
 
 def _retry_after_s(exc: RetryAfter) -> float:

@@ -7,14 +7,18 @@ replies through the customer-service message API with a cached access token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import aiohttp
+import orjson
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.attachments import AttachmentTooLarge
 from gateway.channels.chat.officialaccount import (
     WINDOW,
     AccessToken,
@@ -32,13 +36,24 @@ from gateway.channels.chat.officialaccount import (
     timestamp_within,
 )
 from gateway.config import ConfigError, Duration, Secret
-from gateway.records import Contact, Reply
+from gateway.records import Attachment, Contact, Reply
 
 log = logging.getLogger(__name__)
 
 _TOKEN_EXPIRED: Final = frozenset({40001, 40014, 42001})
 _RETRYABLE: Final = frozenset({-1, 45009, 45047})
 """System busy, API quota reached, too many customer-service messages: try later."""
+
+
+_MEDIA_BUDGET: Final = Duration(2.0)
+_EXTENSIONS: Final = {
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/gif": ".gif",
+    "audio/amr": ".amr",
+    "audio/speex": ".speex",
+    "video/mp4": ".mp4",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +78,10 @@ class WeChatConfig:
     event_contacts: bool = True
     """subscribe / unsubscribe events become contacts (``meta.event``)."""
     api_base: str = "https://api.weixin.qq.com"
+    fetch_media: tuple[str, ...] = ("image", "voice")
+    """Message types whose media is downloaded (temporary media API) before WeChat is answered."""
+    media_budget: Duration = _MEDIA_BUDGET
+    """How long a media download may take out of WeChat's 5 s; past it, only media_id is kept."""
 
 
 def decode_message(fields: Mapping[str, Any]) -> PushMessage | None:
@@ -219,6 +238,53 @@ class WeChatAdapter(PushAdapter):
             return web.Response(text=xml, content_type="application/xml")
 
         return reply
+
+    async def fetch_attachments(self, msg: PushMessage) -> tuple[Attachment, ...]:
+        """Download image and voice media within the budget; keep media_id when that fails."""
+        media_id = msg.meta.get("media_id")
+        if (
+            msg.kind not in self.config.fetch_media
+            or not isinstance(media_id, str)
+            or not media_id
+            or not self.config.app_secret
+        ):
+            return ()
+        try:
+            async with asyncio.timeout(float(self.config.media_budget)):
+                return (await self._download(msg.kind, media_id),)
+        except (TimeoutError, SendError, TokenError, AttachmentTooLarge) as exc:
+            reason = type(exc).__name__ if not isinstance(exc, SendError) else str(exc)
+            log.warning("%s: media not fetched: %s", self.name, reason)
+            msg.meta["attachment_errors"] = [f"{media_id[:64]}: {reason}"]
+        return ()
+
+    async def _download(self, kind: str, media_id: str) -> Attachment:
+        token = await self.access_token.get()
+        limit = self.ctx.attachments.max_size
+        try:
+            async with self.session.get(
+                f"{self.config.api_base}/cgi-bin/media/get",
+                params={"access_token": token, "media_id": media_id},
+            ) as resp:
+                ctype = resp.content_type
+                if resp.status != 200 or ctype in ("application/json", "text/plain"):
+                    body = await resp.content.read(4096)
+                    try:
+                        code = orjson.loads(body).get("errcode")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        code = None
+                    if code in _TOKEN_EXPIRED:
+                        self.access_token.invalidate(token)
+                    raise SendError(f"media/get errcode {code}, HTTP {resp.status}", retryable=True)
+                data = bytearray()
+                while chunk := await resp.content.readany():
+                    data += chunk
+                    if len(data) > limit:
+                        raise AttachmentTooLarge(f"more than {limit} bytes")
+        except aiohttp.ClientError as exc:
+            raise SendError(f"media/get: {type(exc).__name__}", retryable=True) from None
+        name = f"{kind}-{media_id[:32]}{_EXTENSIONS.get(ctype, '')}"
+        return await self.ctx.attachments.put(bytes(data), name, ctype)
 
     async def _fetch_token(self) -> tuple[str, float]:
         if not self.config.app_secret:
