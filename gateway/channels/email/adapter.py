@@ -27,7 +27,7 @@ from gateway.channels.email.relay import (
     reply_subject,
     tagged_address,
 )
-from gateway.channels.email.smtp import Handler, Listener, masked
+from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import ConfigError
 from gateway.queueing.batching import Coalescer
@@ -56,7 +56,7 @@ class EmailAdapter:
         self.options = Options(config.regional_fallback, config.max_text_chars)
         self.handler = Handler(config, self.accept)
         self.listener = Listener(config, self.handler)
-        self.relay = Relay(config.relay, config.hostname or None)
+        self.relay = Relay(config.relay, self.listener.hostname)
         self.port = 0
         self.default_mailbox = (
             config.mailboxes[0] if config.mailboxes else f"postmaster@{config.domains[0]}"
@@ -97,6 +97,7 @@ class EmailAdapter:
     async def accept(self, raw: bytes, envelope: Envelope) -> str:
         """Make one received message durable; return its contact id (raises IntakeUnavailable)."""
         received_at = self.ctx.clock.now_us()
+        raw = trace_headers(envelope, self.listener.hostname, received_at) + raw
         # File writes (fsync) go to a thread in batches, where they release the GIL; parsing
         # stays on the loop unless the message is large: a parsing thread would hold the GIL
         # for whole switch intervals and stall every other session.

@@ -56,6 +56,7 @@ class Envelope:
     peer: str | None = None
     helo: str | None = None
     smtputf8: bool = False
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -789,8 +790,12 @@ def _unparsed(raw: bytes, envelope: Envelope, error: str) -> Normalized:
         recipient = _recipient(envelope)
     except Exception:
         mail_from, recipient = "", ""
+    try:
+        external_id = content_hash(raw)  # stable across resends: trace headers left out
+    except Exception:
+        external_id = f"sha256:{hashlib.sha256(raw).hexdigest()}"
     return Normalized(
-        external_id=f"sha256:{hashlib.sha256(raw).hexdigest()}",
+        external_id=external_id,
         sender=Sender(mail_from, None),
         recipient=recipient,
         subject=None,

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
+import socket
 import ssl
 from collections.abc import Callable, Coroutine
+from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -42,6 +45,23 @@ class Policy:
             return False
         domain = base.rpartition("@")[2].rstrip(".")
         return base.lower() in self.mailboxes or domain in self.domains
+
+
+def trace_headers(envelope: MailEnvelope, hostname: str, at_us: int) -> bytes:
+    """Return-Path and Received lines for a message delivered here (RFC 5321 4.4)."""
+    helo = _TRACE_UNSAFE.sub("", envelope.helo or "unknown")[:100]
+    peer = _TRACE_UNSAFE.sub("", envelope.peer or "unknown")[:60]
+    peer = f"IPv6:{peer}" if ":" in peer else peer
+    protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") + ("S" if envelope.tls else "")
+    stamp = formatdate(at_us / 1_000_000, usegmt=True)
+    return_path = envelope.mail_from or ""
+    return (
+        f"Return-Path: <{_TRACE_UNSAFE.sub('', return_path)[:320]}>\r\n"
+        f"Received: from {helo} ([{peer}])\r\n\tby {hostname} with {protocol}; {stamp}\r\n"
+    ).encode("utf-8", "replace")
+
+
+_TRACE_UNSAFE = re.compile(r"[\x00-\x20\x7f<>()\[\];]")
 
 
 def masked(address: str) -> str:
@@ -94,6 +114,7 @@ class Handler:
             peer=str(peer[0]) if isinstance(peer, tuple) and peer else None,
             helo=session.host_name,
             smtputf8=bool(envelope.smtp_utf8),
+            tls=session.ssl is not None,
         )
         # Shielded: a client that hangs up mid-way must not cut a write to the queue in half.
         task = asyncio.get_running_loop().create_task(self.accept(raw, env))
@@ -173,6 +194,8 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._tls = tls_context(config)
         self._sessions: set[GatewaySMTP] = set()
+        # Once, not per connection: aiosmtpd would call getfqdn() (a DNS lookup) every time.
+        self.hostname = config.hostname or socket.getfqdn()
 
     def _protocol(self) -> GatewaySMTP:
         c = self.config
@@ -184,7 +207,7 @@ class Listener:
             data_size_limit=c.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
-            hostname=c.hostname or None,
+            hostname=self.hostname,
             ident="intake gateway ESMTP",
             tls_context=self._tls,
             require_starttls=c.require_tls,
