@@ -133,7 +133,7 @@ class Handler:
 
     async def handle_exception(self, error: Exception) -> str:
         log.warning("smtp: session error %s", type(error).__name__)
-        return "421 4.3.0 Error, closing connection"
+        return "451 4.3.0 Temporary error, try again later"
 
 
 class GatewaySMTP(SMTP):
