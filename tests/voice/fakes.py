@@ -143,8 +143,13 @@ class FakeAmi:
         username: str = "gateway",
         secret: str = "s3cret",
         chunk: int = 7,
+        live_channels: list[str] | None = None,
     ) -> None:
         self.sessions = list(sessions)
+        self.live_channels = live_channels
+        """Uniqueids listed by CoreShowChannels; None answers it like a user without
+        ``write = reporting`` (Permission denied)."""
+        self.actions: list[dict[str, str]] = []
         self.username = username
         self.secret = secret
         self.chunk = chunk
@@ -196,22 +201,64 @@ class FakeAmi:
                 b"Uptime: 100\r\nLastReload: 100\r\n\r\n"
             )
             self.accepted += 1
+            lock = asyncio.Lock()  # whole frames only: action answers never split an event
+            actions = asyncio.create_task(self._answer_actions(reader, writer, lock))
             if not self.sessions:
-                await reader.read()  # idle until the client leaves
+                await actions  # idle (answering actions) until the client leaves
                 return
             data, close = self.sessions.pop(0)
-            for i in range(0, len(data), self.chunk):
-                writer.write(data[i : i + self.chunk])
-                await writer.drain()
+            for event in data.split(b"\r\n\r\n"):
+                if not event:
+                    continue
+                async with lock:
+                    frame = event + b"\r\n\r\n"
+                    for i in range(0, len(frame), self.chunk):
+                        writer.write(frame[i : i + self.chunk])
+                        await writer.drain()
             if not self.sessions:
                 self.done.set()
-            if not close:
-                await reader.read()
+            if close:
+                actions.cancel()
+            else:
+                await actions
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self._writers.discard(writer)
             writer.close()
+
+
+    async def _answer_actions(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lock: asyncio.Lock
+    ) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                action = await _read_frame(reader)
+                self.actions.append(action)
+                action_id = action.get("ActionID", "")
+                name = action.get("Action", "").lower()
+                if name == "ping":
+                    reply = f"Response: Success\r\nActionID: {action_id}\r\nPing: Pong\r\n"
+                    reply += "Timestamp: 1795594483.000000\r\n\r\n"
+                elif name == "coreshowchannels" and self.live_channels is None:
+                    reply = (f"Response: Error\r\nActionID: {action_id}\r\n"
+                             "Message: Permission denied\r\n\r\n")
+                elif name == "coreshowchannels":
+                    reply = (f"Response: Success\r\nActionID: {action_id}\r\n"
+                             "EventList: start\r\nMessage: Channels will follow\r\n\r\n")
+                    for n, uid in enumerate(self.live_channels or []):
+                        reply += (f"Event: CoreShowChannel\r\nActionID: {action_id}\r\n"
+                                  f"Channel: PJSIP/live-{n:08x}\r\nUniqueid: {uid}\r\n"
+                                  f"Linkedid: {uid}\r\nApplication: Queue\r\n\r\n")
+                    reply += (f"Event: CoreShowChannelsComplete\r\nActionID: {action_id}\r\n"
+                              f"EventList: Complete\r\nListItems: "
+                              f"{len(self.live_channels or [])}\r\n\r\n")
+                else:
+                    reply = (f"Response: Error\r\nActionID: {action_id}\r\n"
+                             "Message: Invalid/unknown command\r\n\r\n")
+                async with lock:
+                    writer.write(reply.encode())
+                    await writer.drain()
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> dict[str, str]:

@@ -294,3 +294,44 @@ async def test_calls_older_than_a_restarted_asterisk_are_closed(start_gateway: A
     assert closed.contact_id == contact_id
     assert closed.detail == {"reason": "asterisk restarted", "answered": False}
     assert tracker.calls == {}
+
+
+@pytest.mark.parametrize("alive", [False, True], ids=["call ended in the gap", "call alive"])
+async def test_channel_list_after_reconnect_closes_calls_that_ended_in_the_gap(
+    start_gateway: Any, alive: bool
+) -> None:
+    clock = FixedClock(T0)
+    ami = FakeAmi([], live_channels=["1795594483.1"] if alive else ["1795594483.77"])
+    gw = await voice_with_ami(start_gateway, ami, clock)
+    contact_id = await intake_call(gw)
+    tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
+    client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    clock.advance(30)  # the link was down for a while
+    await client.stop()
+    await client.start()
+    await until(lambda: client.channel_lists >= 2)
+    if alive:
+        await tracker.sweep()
+        assert "1795594483.1" in tracker.calls
+        assert of_type(await gw.read_events(), "closed") == []
+    else:
+        (closed,) = await events_of(gw, "closed")
+        assert closed.contact_id == contact_id
+        assert closed.detail == {"reason": "ended while AMI was down", "answered": False}
+        assert tracker.calls == {}
+
+
+async def test_refused_channel_list_closes_nothing(start_gateway: Any) -> None:
+    clock = FixedClock(T0)
+    ami = FakeAmi([])  # a manager user without write = reporting
+    gw = await voice_with_ami(start_gateway, ami, clock)
+    await intake_call(gw)
+    clock.advance(30)
+    client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    await client.stop()
+    await client.start()
+    await until(lambda: client.channel_lists >= 2)
+    assert [a["Action"] for a in ami.actions].count("CoreShowChannels") == 2
+    tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
+    await tracker.sweep()
+    assert "1795594483.1" in tracker.calls

@@ -74,7 +74,7 @@ steps = st.lists(
     st.tuples(
         st.sampled_from(
             ["join", "connect", "bridge", "agent-bridge", "abandon", "hangup", "varset", "other",
-             "tick", "reboot"]
+             "tick", "reboot", "reconnect"]
         ),
         st.integers(0, len(CALLS) - 1),
         st.floats(0, 100, allow_nan=False),
@@ -106,6 +106,10 @@ async def test_one_outcome_per_call_whatever_the_events(
             await tracker.sweep()
         elif kind == "reboot":
             await tracker.handle({"Event": "FullyBooted", "Uptime": str(int(at))})
+        elif kind == "reconnect":  # the channel list after it keeps only some calls alive
+            clock.advance(1)
+            await tracker.on_reconnect()
+            await tracker.reconcile({u for n, u in enumerate(CALLS) if (int(at) >> n) & 1})
         else:
             await tracker.handle(frame(kind, call, at))
     clock.advance(601)

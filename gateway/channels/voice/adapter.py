@@ -111,6 +111,7 @@ class AsteriskAdapter:
                 a.secret,
                 on_event=self.tracker.handle,
                 on_connect=self.tracker.on_reconnect,
+                on_channels=self.tracker.reconcile,
                 reconnect_min=float(a.reconnect_min),
                 reconnect_max=float(a.reconnect_max),
                 ping_interval=float(a.ping_interval),

@@ -105,6 +105,7 @@ def format_action(fields: dict[str, str]) -> bytes:
 
 EventCallback = Callable[[Frame], Awaitable[None]]
 ConnectCallback = Callable[[], Awaitable[None]]
+ChannelsCallback = Callable[[set[str]], Awaitable[None]]
 
 
 class AmiClient:
@@ -123,6 +124,7 @@ class AmiClient:
         *,
         on_event: EventCallback,
         on_connect: ConnectCallback | None = None,
+        on_channels: ChannelsCallback | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         ping_interval: float = 20.0,
@@ -135,6 +137,7 @@ class AmiClient:
         self.secret = secret
         self.on_event = on_event
         self.on_connect = on_connect
+        self.on_channels = on_channels
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.ping_interval = ping_interval
@@ -143,6 +146,8 @@ class AmiClient:
         self.connected = asyncio.Event()
         self.logins = 0
         self.login_failures = 0
+        self.channel_lists = 0
+        """Channel lists received (and handed to ``on_channels``) or refused, since start."""
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
 
@@ -225,6 +230,15 @@ class AmiClient:
         queue: list[Frame],
     ) -> None:
         awaiting_pong = False
+        listing: set[str] | None = None
+        list_id = ""
+        if self.on_channels is not None:
+            # The channels alive now: calls that ended while the link was down are not among
+            # them. Needs ``write = reporting`` in manager.conf; refused, it is simply skipped.
+            list_id = f"gateway-channels-{next(self._ids)}"
+            listing = set()
+            writer.write(format_action({"Action": "CoreShowChannels", "ActionID": list_id}))
+            await writer.drain()
         while True:
             try:
                 frame = await self._next(reader, frames, queue, self.ping_interval)
@@ -236,6 +250,20 @@ class AmiClient:
                 awaiting_pong = True
                 continue
             awaiting_pong = False
+            if listing is not None and frame.get("ActionID") == list_id:
+                if frame.get("Response", "Success") != "Success":
+                    log.info("AMI CoreShowChannels refused (%s): no channel check after "
+                             "reconnect", frame.get("Message", ""))
+                    listing = None
+                    self.channel_lists += 1
+                elif frame.get("Event") == "CoreShowChannel" and frame.get("Uniqueid"):
+                    listing.add(frame["Uniqueid"])
+                elif frame.get("Event") == "CoreShowChannelsComplete":
+                    live, listing = listing, None
+                    if self.on_channels is not None:
+                        await self.on_channels(live)
+                    self.channel_lists += 1
+                continue
             if "Event" in frame:
                 try:
                     await self.on_event(frame)

@@ -75,6 +75,8 @@ class Call:
     abandon: dict[str, Any] = field(default_factory=dict)
     caller_number: str = ""
     outcome: str | None = None
+    missing_us: Micros | None = None
+    """When the channel list after a reconnect did not have this call."""
 
 
 @dataclass(slots=True)
@@ -128,6 +130,7 @@ class CallTracker:
         self._finished: dict[str, Micros] = {}
         self._pending: list[_PendingCallback] = []
         self._writes: list[_PendingWrite] = []
+        self._snapshot_from: Micros = 0
 
     # ------------------------------------------------------------ feeding
 
@@ -222,9 +225,21 @@ class CallTracker:
                     self._forget(call, now)
 
     async def on_reconnect(self) -> None:
-        """AMI came back: events of the gap are lost, the timeout closes calls that ended then."""
+        """AMI is (back) up; the channel list that follows is compared with calls older than now."""
+        self._snapshot_from = self.clock.now_us()
         if self.calls:
-            log.info("AMI reconnected with %d calls open", len(self.calls))
+            log.info("AMI connected with %d calls open", len(self.calls))
+
+    async def reconcile(self, live: set[str]) -> None:
+        """Close calls whose channel is gone although no hangup was seen (AMI was down)."""
+        now = self.clock.now_us()
+        for call in list(self.calls.values()):
+            if call.seen_us >= self._snapshot_from or call.uniqueid in live:
+                continue
+            if call.gone_seen_us is None and call.missing_us is None:
+                call.missing_us = now  # closed by the sweep unless its hangup comes in late
+        if self.settle_us <= 0:
+            await self.sweep()
 
     # ------------------------------------------------------------ time
 
@@ -234,6 +249,8 @@ class CallTracker:
         for call in list(self.calls.values()):
             if call.gone_seen_us is not None:
                 await self._settle(call, now)
+            elif call.missing_us is not None and now - call.missing_us >= self.settle_us:
+                await self._close_stale(call, now, "ended while AMI was down")
             elif now - call.seen_us >= self.call_timeout_us:
                 await self._close_stale(call, now)
         for uniqueid, at in list(self._finished.items()):
@@ -394,9 +411,9 @@ class CallTracker:
         if self.callbacks:
             await self._callback(call, at, detail)
 
-    async def _close_stale(self, call: Call, now: Micros) -> None:
+    async def _close_stale(self, call: Call, now: Micros, reason: str = "timeout") -> None:
         if call.outcome is None:
-            await self._close(call, now, "timeout")
+            await self._close(call, now, reason)
         else:
             self._forget(call, now)
 
