@@ -108,6 +108,19 @@ async def test_inbound(case: Case, start_gateway: Any) -> None:
     assert contact.origin_at == case.origin_at
 
 
+async def test_get_with_hmac_over_the_raw_query(start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"agg": adapter()})
+    query = "from=%2B8613800138000&text=%E4%BD%A0%E5%A5%BD&id=g-1"
+    url = f"http://127.0.0.1:{gw.http_port}/sms/agg?{query}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers={"X-Signature": hmac_hex(b"x")}) as resp:
+            assert resp.status == 403
+        async with http.get(url, headers={"X-Signature": hmac_hex(query.encode())}) as resp:
+            assert resp.status == 200
+    (contact,) = await gw.read_contacts()
+    assert contact.text == "你好"
+
+
 async def post(gw: Any, data: dict[str, Any], path: str = "/sms/agg") -> int:
     body = orjson.dumps(data)
     async with aiohttp.ClientSession() as http, http.post(
