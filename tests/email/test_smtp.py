@@ -359,6 +359,19 @@ async def test_smtputf8_envelope(start_mailbox):
     assert contact.subject == "UTF-8 地址" and contact.text == "正文"
 
 
+def test_recipient_policy_compares_domains_in_one_form():
+    from gateway.channels.email.smtp import Policy
+
+    policy = Policy(("12345@hotline.example.gov.cn", "市长@邮箱.example.cn"), ("例子.cn",))
+    assert policy.accepts("12345@HOTLINE.Example.gov.cn.")
+    assert policy.accepts("12345+0196c8a4@hotline.example.gov.cn")
+    assert policy.accepts("市长@xn--c0zu34b.example.cn")  # the same domain, as IDNA
+    assert policy.accepts("anyone@xn--fsqu00a.cn") and policy.accepts("anyone@例子.cn")
+    for other in ("12345@hotline.example.gov.cn.evil.example", "12345@example.gov.cn",
+                  "other@hotline.example.gov.cn", "no-at-sign", "x@sub.例子.cn"):
+        assert not policy.accepts(other), other
+
+
 async def test_idle_and_session_time_bounds(start_mailbox):
     gw = await start_mailbox(idle_timeout="1s", max_session_time="2s")
     port = gw.adapters["mail"].port

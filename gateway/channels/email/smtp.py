@@ -31,20 +31,33 @@ Accept = Callable[[bytes, MailEnvelope], Coroutine[Any, Any, str]]
 """Makes one received message durable and returns its contact id."""
 
 
+def _domain(name: str) -> str:
+    """Compare domains in one form: lower case, ASCII (IDNA) when possible, no final dot."""
+    name = name.strip().lower().lstrip("@").rstrip(".")
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
+
+
+def _mailbox(address: str) -> str:
+    local, _, domain = split_mailbox(address)[0].rpartition("@")
+    return f"{local.lower()}@{_domain(domain)}"
+
+
 class Policy:
     """Which recipients this listener accepts."""
 
     def __init__(self, mailboxes: tuple[str, ...], domains: tuple[str, ...]) -> None:
-        self.mailboxes = frozenset(split_mailbox(m)[0].lower() for m in mailboxes)
-        self.domains = frozenset(d.strip().lower().lstrip("@").rstrip(".") for d in domains)
+        self.mailboxes = frozenset(_mailbox(m) for m in mailboxes)
+        self.domains = frozenset(_domain(d) for d in domains)
 
     def accepts(self, address: str) -> bool:
         """True for a configured mailbox (with or without ``+tag``) or an address in a domain."""
-        base, _ = split_mailbox(address)
-        if "@" not in base:
+        if "@" not in address:
             return False
-        domain = base.rpartition("@")[2].rstrip(".")
-        return base.lower() in self.mailboxes or domain in self.domains
+        mailbox = _mailbox(address)
+        return mailbox in self.mailboxes or mailbox.rpartition("@")[2] in self.domains
 
 
 def trace_headers(envelope: MailEnvelope, hostname: str, at_us: int) -> bytes:
