@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 
+from redis.exceptions import ResponseError
+
 from gateway.adapters import IntakeUnavailable, Receipt
 from gateway.clock import MICROS_PER_SECOND, Clock
 from gateway.ids import uuid7
@@ -184,8 +186,30 @@ class Intake:
         return count
 
     async def _replay_write(self, batch: list[Prepared]) -> None:
+        try:
+            async with asyncio.timeout(10 * self.write_timeout_s):
+                results = await self.queue.write_batch(batch)
+        except ResponseError as exc:
+            if is_transient(exc):
+                raise
+            # One record the server refuses for good must not hold back the spool: write the
+            # batch one by one and quarantine what is refused.
+            for prepared in batch:
+                try:
+                    await self._replay_write_one(prepared)
+                except ResponseError as one_exc:
+                    if is_transient(one_exc):
+                        raise
+                    await asyncio.to_thread(self.spool.quarantine, [prepared], str(one_exc))
+            return
+        self._count_replayed(batch, results)
+
+    async def _replay_write_one(self, prepared: Prepared) -> None:
         async with asyncio.timeout(10 * self.write_timeout_s):
-            results = await self.queue.write_batch(batch)
+            results = await self.queue.write_batch([prepared])
+        self._count_replayed([prepared], results)
+
+    def _count_replayed(self, batch: list[Prepared], results: list[WriteResult]) -> None:
         for prepared, result in zip(batch, results, strict=True):
             if result.created:
                 channel = prepared.inbound.channel
@@ -203,6 +227,32 @@ class Intake:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replayer
         await self.spool.close()
+
+
+_TRANSIENT = (
+    "LOADING",
+    "BUSY",
+    "READONLY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "OOM",
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
+)
+
+
+def is_transient(exc: ResponseError) -> bool:
+    """True for server errors that go away (failover, loading, memory): retry, do not discard."""
+    return str(exc).upper().startswith(_TRANSIENT) or type(exc).__name__ in (
+        "BusyLoadingError",
+        "ReadOnlyError",
+        "ClusterDownError",
+        "TryAgainError",
+        "MasterDownError",
+        "OutOfMemoryError",
+    )
 
 
 def _consume(future: asyncio.Future[WriteResult]) -> None:

@@ -229,6 +229,22 @@ class Spool:
             log.error("spool: %d corrupt records quarantined to %s", len(bad), target)
         return records
 
+    def quarantine(self, records: list[Prepared], reason: str) -> None:
+        """Set aside records the server refuses for good (blocking), with the reason."""
+        target = self.quarantine_dir / f"refused-{time.time_ns():020d}.log"
+        with open(target, "ab") as out:
+            for record in records:
+                line = prepared_to_json(record)
+                out.write(b"%08x %s\n" % (zlib.crc32(line), line))
+            out.flush()
+            os.fsync(out.fileno())
+        log.error(
+            "spool: %d records refused by Redis (%s) quarantined to %s",
+            len(records),
+            reason,
+            target,
+        )
+
     async def close(self) -> None:
         await self._writer.drain()
         await self.rotate()

@@ -240,3 +240,20 @@ async def test_neither_redis_nor_spool_raises_intake_unavailable(start_gateway, 
     await gw.spool.rotate()
     with pytest.raises(IntakeUnavailable):
         await gw.intake.submit(inbound(external_id="lost"))
+
+
+async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    # a key of the wrong type makes the intake script fail for exactly one contact
+    await gw.redis.hset(gw.keys.dedupe("test", "p2"), "not", "a string")
+    own_redis.stop_sync()
+    for i in range(5):
+        assert (await gw.intake.submit(inbound(external_id=f"p{i}"))).status == "spooled"
+    own_redis.start_sync()
+    for _ in range(200):
+        if not gw.spool.segments(include_active=True) and gw.spool.depth == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(c.external_id for c in await gw.read_contacts()) == ["p0", "p1", "p3", "p4"]
+    (refused,) = gw.spool.quarantine_dir.glob("refused-*.log")
+    assert refused.read_bytes().count(b"\n") == 1 and b'"p2"' in refused.read_bytes()
