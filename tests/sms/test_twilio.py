@@ -242,3 +242,19 @@ async def test_send_errors(start_gateway: Any, answer: Answer, retryable: bool,
         assert err.value.retryable is retryable
         assert err.value.retry_after_s == retry_after
         assert TOKEN not in str(err.value)
+
+
+async def test_media_that_never_comes_does_not_lose_the_message(start_gateway: Any) -> None:
+    async with running(FakeProvider(Answer(hang=True))) as api:
+        gw = await start_gateway(adapters={"twilio": adapter(api_base_url=api.url,
+                                                             media_timeout="200ms")})
+        form = message("照片", NumMedia="1", MediaUrl0=api.url + "/slow/Media/ME1",
+                       MediaContentType0="image/png")
+        status, _ = await post_signed(gw, form)
+        assert status == 200
+        (contact,) = await gw.read_contacts()
+        assert contact.text == "照片"
+        assert contact.attachments == ()
+        assert contact.meta["media_errors"] == [
+            {"url": api.url + "/slow/Media/ME1", "error": "TimeoutError"}
+        ]

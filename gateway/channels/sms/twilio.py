@@ -68,6 +68,7 @@ class TwilioConfig:
     max_body: int = 64 * 1024
     max_segments: int = 10
     media_timeout: Duration = Duration(10)
+    """Time allowed for fetching all media of one message (Twilio waits 15 s for the answer)."""
     send_timeout: Duration = Duration(10)
 
 
@@ -315,15 +316,18 @@ class TwilioAdapter:
         errors: list[dict[str, str]] = []
         limit = self.ctx.settings.intake.max_attachment
         session = self._session_for_use()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(self.config.media_timeout)  # for all media together
         for i, (url, content_type) in enumerate(media):
             target = urlsplit(url)
             if (target.scheme, target.netloc) != (allowed.scheme, allowed.netloc):
                 errors.append({"url": url[:500], "error": "not a media URL of the API host"})
                 continue
             try:
-                data = await asyncio.wait_for(
-                    self._download(session, url, limit), float(self.config.media_timeout)
-                )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                data = await asyncio.wait_for(self._download(session, url, limit), remaining)
                 ext = mimetypes.guess_extension(content_type.split(";")[0].strip()) or ""
                 results.append(
                     await self.ctx.attachments.put(data, f"media{i}{ext}", content_type)
