@@ -193,10 +193,11 @@ async def test_acknowledgement_once_never_to_machines(start_mailbox, start_recor
     assert ack.mail_from == "<>"  # the null reverse-path, as aiosmtpd records it
     msg = parse(ack.data)
     assert msg["Auto-Submitted"] == "auto-replied"
-    assert msg["Subject"] == f"Re: 噪音投诉 [{first}]"
+    reference = first.replace("-", "")[-10:].upper()
+    assert msg["Subject"] == f"Re: 噪音投诉 [{reference}]"
     assert msg["In-Reply-To"] == "<alt-1@example.org>"
     assert msg["Reply-To"] == f"12345+{first}@hotline.example.gov.cn"
-    assert first in msg.get_content() and "CST" in msg.get_content()
+    assert f"编号 {reference}" in msg.get_content() and "CST" in msg.get_content()
     acknowledged = [e for e in await gw.read_events() if e.type == "acknowledged"]
     assert len(acknowledged) == 3
     assert first in {e.contact_id for e in acknowledged}

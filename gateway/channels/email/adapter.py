@@ -205,7 +205,7 @@ class EmailAdapter:
         mailbox = self._mailbox_for(result.recipient)
         due = datetime.fromtimestamp(receipt.deadline.due_at / MICROS_PER_SECOND, self._zone)
         fields = {
-            "reference": contact_id,
+            "reference": short_ref(contact_id),
             "contact_id": contact_id,
             "subject": result.subject or "",
             "mailbox": mailbox,
@@ -258,7 +258,7 @@ class EmailAdapter:
         message_id = own_message_id("reply", contact.id, mailbox.rpartition("@")[2])
         threading = _threading(contact.external_id, contact.meta.get("references"))
         subject = Template(self.config.reply_subject).safe_substitute(
-            subject=contact.subject or "", reference=contact.id
+            subject=contact.subject or "", reference=short_ref(contact.id), contact_id=contact.id
         )
         message = build_message(
             sender=self.config.reply_from or mailbox,
@@ -282,6 +282,11 @@ def _threading(external_id: str, references: object) -> tuple[str, ...]:
     if external_id.startswith("<") and external_id.endswith(">"):
         refs.append(external_id)
     return tuple(refs[-10:])
+
+
+def short_ref(contact_id: str) -> str:
+    """Return the reference quoted to the citizen: the id's last 10 hex digits (as for SMS)."""
+    return contact_id.replace("-", "")[-10:].upper()
 
 
 def _message_id(threading: tuple[str, ...], external_id: str) -> str | None:

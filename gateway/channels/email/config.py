@@ -34,7 +34,11 @@ class RelayConfig:
 
 @dataclass(frozen=True, slots=True)
 class AckConfig:
-    """The automatic acknowledgement (``$reference``, ``$subject``, ``$mailbox``, ``$due``)."""
+    """The automatic acknowledgement.
+
+    Templates take ``$reference`` (the contact id's last 10 hex digits, as quoted by the SMS
+    channel), ``$contact_id``, ``$subject``, ``$mailbox`` and ``$due`` (the response deadline).
+    """
 
     enabled: bool = False
     subject: str = "Re: $subject [$reference]"
