@@ -319,3 +319,48 @@ def test_build_inbound_never_raises_anything_else(env: dict[str, str]) -> None:
                                              language=inbound.language, config=_routing())]
     assert names == ["GATEWAY_CONTACT_ID", "GATEWAY_ANSWER_BY", "GATEWAY_QUEUE",
                      "GATEWAY_PRIORITY", "GATEWAY_STATUS"]
+
+
+async def feed_in_chunks(data: bytes, cuts: list[int]) -> dict[str, str]:
+    """Feed ``data`` split at ``cuts`` while the reader runs, as TCP may deliver it."""
+    reader = asyncio.StreamReader(limit=64 * 1024)
+
+    async def feed() -> None:
+        last = 0
+        for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+            reader.feed_data(data[last:cut])
+            last = cut
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    try:
+        return await read_header_block(reader)
+    finally:
+        await feeder
+
+
+header_line = st.builds(
+    lambda key, value: f"agi_{key}: {value}\n".encode(),
+    st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True),
+    st.text(alphabet=st.characters(blacklist_characters="\n\r\x00",
+                                   blacklist_categories=("Cs",)), max_size=30),
+)
+
+
+@given(st.lists(header_line, max_size=30), st.lists(st.integers(0, 5000), max_size=8))
+async def test_header_block_split_anywhere_reads_the_same(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    block = b"".join(lines) + b"\n"
+    expected = parse_header_block(block[:-1])
+    assert await feed_in_chunks(block + b"200 result=1\n", cuts) == expected
+
+
+@given(st.lists(header_line, max_size=10), st.lists(st.integers(0, 2000), max_size=8))
+async def test_garbage_line_is_refused_wherever_the_split(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    block = b"".join(lines) + b"GET / HTTP/1.1\n" + b"".join(lines) + b"\n"
+    with pytest.raises(AgiError):
+        await feed_in_chunks(block, cuts)

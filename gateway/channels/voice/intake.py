@@ -26,6 +26,7 @@ from gateway.phone import mask_phone, to_e164
 from gateway.records import Inbound, Sender, clean_text
 
 if TYPE_CHECKING:
+    from gateway.channels.voice.adapter import AsteriskConfig
     from gateway.channels.voice.server import AgiSession
     from gateway.channels.voice.tracker import CallTracker
 
@@ -173,7 +174,7 @@ class IntakeScript:
 
     adapter: str
     intake: Submitter
-    config: Any
+    config: AsteriskConfig
     tracker: CallTracker | None = None
     ask_linkedid: bool = False
     mset: bool = False
