@@ -8,6 +8,7 @@ packages add types through the ``gateway.channels`` entry-point group.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -152,8 +153,9 @@ class ChannelType(Generic[ConfigT]):
 ENTRY_POINT_GROUP = "gateway.channels"
 
 
+@functools.cache
 def load_channel_types() -> dict[str, ChannelType[Any]]:
-    """Return every channel type: the built-in ones, then those from entry points."""
+    """Return every channel type: the built-in ones, then those from entry points (cached)."""
     from gateway.channels import BUILTIN
 
     types: dict[str, ChannelType[Any]] = {}
