@@ -2,6 +2,7 @@
 
 - ``plain``: an aiohttp handler that reads the body and answers 202, writing nothing.
 - ``xadd``: an aiohttp handler that awaits one redis-py XADD per request.
+- ``gateway-unbatched``: the same, with ``redis.max_batch = 1`` (one round trip per contact).
 - ``gateway``: the full Intake path (validation, id, deadline, dedupe key, repeat counter,
   stream entry, contact hash, deadline index, ``enqueued`` event) in one Lua script per contact,
   coalesced into pipelines.
@@ -62,14 +63,18 @@ def serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) -> None
 async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) -> None:
     from aiohttp import web
 
-    if kind == "gateway":
+    if kind.startswith("gateway"):
         from gateway.config import parse_settings
         from gateway.runtime import Gateway
 
         settings, configs = parse_settings(
             {
                 "gateway": {"data_dir": tempfile.mkdtemp(prefix="bench-gw-"), "instance": "bench"},
-                "redis": {"url": redis_url, "prefix": prefix},
+                "redis": {
+                    "url": redis_url,
+                    "prefix": prefix,
+                    "max_batch": 1 if kind == "gateway-unbatched" else 256,
+                },
                 "http": {"listen": f"{HOST}:{port}"},
                 "api": {"open_to_loopback": True},
             }
@@ -165,7 +170,8 @@ async def main(seconds: float, rounds: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     server = EmbeddedRedis(tmp / "always", appendfsync="always")
     server.start_sync()
-    targets = {k: Target(k, server.url, f"b-{k}") for k in ("plain", "xadd", "gateway")}
+    kinds = ("plain", "xadd", "gateway-unbatched", "gateway")
+    targets = {k: Target(k, server.url, f"b-{k}") for k in kinds}
     best: dict[str, LoadResult] = {}
     offset = 0
     try:
@@ -201,13 +207,15 @@ async def main(seconds: float, rounds: int) -> None:
     print()
     print("| server | contacts/s | client p50 | client p99 |")
     print("|---|---:|---:|---:|")
-    for kind in ("plain", "xadd", "gateway"):
+    for kind in kinds:
         b = best[kind]
         print(
             f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms "
             f"| {b.percentile_ms(0.99):.2f} ms |"
         )
     print()
+    unbatched = best["gateway-unbatched"].rate
+    print(f"batching gain: gateway / gateway-unbatched = {peak / unbatched:.2f}")
     print(
         f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); "
         f"gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)"

@@ -300,6 +300,8 @@ class RedisSection:
     """Embedded mode: a redis-server or valkey-server to run instead of the bundled Valkey."""
     write_timeout: Duration = Duration(1.0)
     """A batch not written within this bound goes to the spool instead."""
+    max_batch: int = 256
+    """Contacts written per pipelined round trip (1 turns coalescing off)."""
     stream_maxlen: int = 1_000_000
     retention: Duration = Duration(35 * 86400)
     """How long a contact stays retrievable by id (reply routing, API)."""

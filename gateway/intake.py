@@ -39,6 +39,7 @@ class Intake:
         *,
         write_timeout_s: float = 1.0,
         probe_interval_s: float = 0.5,
+        max_batch: int = 256,
     ) -> None:
         self.queue = queue
         self.spool = spool
@@ -49,7 +50,10 @@ class Intake:
         self.probe_interval_s = probe_interval_s
         self.redis_up = True
         self._writer: Coalescer[Prepared, WriteResult] = Coalescer(
-            queue.write_batch, max_batch=256, max_inflight=2
+            queue.write_batch,
+            max_batch=max(1, max_batch),
+            # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
+            max_inflight=2 if max_batch > 1 else 1024,
         )
         self._spooled_ids: dict[tuple[str, str], str] = {}
         self._replayer: asyncio.Task[None] | None = None

@@ -98,6 +98,7 @@ class Gateway:
             self.metrics,
             self.clock,
             write_timeout_s=s.redis.write_timeout,
+            max_batch=s.redis.max_batch,
         )
         try:
             await self.queue.load_scripts()
@@ -116,6 +117,7 @@ class Gateway:
             s, self.queue, self.attachments, self.clock, self.metrics, self.instance
         )
         self.cases.register(app.router)
+        await self.cases.start()  # push groups exist before the first contact can arrive
         channel_types = load_channel_types()
         for name, table in s.adapters.items():
             channel_type = channel_types[table["type"]]
@@ -141,7 +143,6 @@ class Gateway:
             self.queue, self.adapters, self.clock, self.metrics, s.replies, self.instance
         )
         self.replies.start()
-        await self.cases.start()
         log.info(
             "gateway %s started: http %s:%d, %d adapters, redis %s",
             __version__,
