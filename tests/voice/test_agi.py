@@ -39,6 +39,10 @@ REPLIES = [
     ("200 result=-1", AgiReply(200, "-1")),
     ("200 result=1 ()", AgiReply(200, "1", "")),
     ("200 result=", AgiReply(200, "")),
+    ("200 result=1 (speech) endpos=1600 results=2 ", AgiReply(200, "1", "speech", 1600)),
+    ("200 result=1 (a) endpos=b (c) endpos=7", AgiReply(200, "1", "a) endpos=b (c", 7)),
+    ("200 result=0 (timeout) endpos=-1", AgiReply(200, "0", "timeout", -1)),
+    ("503 result=-2 Memory allocation failure", AgiReply(503)),
     ("510 Invalid or unknown command", AgiReply(510)),
     ("511 Command Not Permitted on a dead channel or intercept routine", AgiReply(511)),
     ("520 Invalid command syntax.  Proper usage not available.", AgiReply(520)),
@@ -55,6 +59,11 @@ def test_reply_lines(line: str, expected: AgiReply) -> None:
         expected.endpos,
     )
     assert reply.ok == (expected.code == 200)
+
+
+def test_speech_reply_keeps_what_follows_endpos() -> None:
+    reply = parse_reply_line("200 result=1 (speech) endpos=1600 results=2 one two\n")
+    assert (reply.data, reply.endpos, reply.extra) == ("speech", 1600, "results=2 one two")
 
 
 def test_result_int() -> None:

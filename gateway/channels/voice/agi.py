@@ -252,6 +252,8 @@ class AgiReply:
     endpos: int | None = None
     text: str = ""
     lines: tuple[str, ...] = ()
+    extra: str = ""
+    """What follows ``endpos`` (SPEECH RECOGNIZE adds ``results=<n> ...``)."""
 
     @property
     def ok(self) -> bool:
@@ -269,16 +271,17 @@ class AgiReply:
 
 
 _STATUS = re.compile(r"(\d{3})([ -]|\Z)(.*)\Z", re.S)
-_ENDPOS = re.compile(r"(.*?)\s*\bendpos=(-?\d+)\s*\Z", re.S)
 _RESULT = re.compile(r"result=(\S*)(.*)\Z", re.S)
+_ENDPOS = re.compile(r"endpos=(-?\d+)(?:\s+(.*))?\Z", re.S)
 
 
 def parse_reply_line(line: str) -> AgiReply:
     """Parse one single-line reply; raise ``AgiError`` when it is not one.
 
     ``200 result=1 (ok) endpos=1234`` gives result ``"1"``, data ``"ok"``, endpos 1234. The data
-    may itself hold parentheses and blanks (a variable's value): it is everything between the
-    first `` (`` and the last ``)``.
+    may itself hold parentheses and blanks (a variable's value): it runs from the first ``(`` to
+    the last ``)``, or to the last ``) endpos=<n>`` when one follows (anything after the
+    number is kept in ``extra``).
     """
     text = line.rstrip("\r\n")
     m = _STATUS.match(text)
@@ -292,18 +295,26 @@ def parse_reply_line(line: str) -> AgiReply:
     r = _RESULT.match(rest)
     if not r:
         return AgiReply(code=code, text=rest, lines=(text,))
-    result, tail = r.group(1), r.group(2)
-    endpos: int | None = None
-    e = _ENDPOS.match(tail)
-    if e:
-        tail, endpos = e.group(1), int(e.group(2))
-    tail = tail.strip()
+    result, tail = r.group(1), r.group(2).strip()
     data: str | None = None
-    if tail.startswith("(") and tail.endswith(")"):
-        data = tail[1:-1]
+    endpos: int | None = None
+    extra = ""
+    if tail.startswith("("):
+        cut = tail.rfind(") endpos=")
+        e = _ENDPOS.match(tail, cut + 2) if cut >= 0 else None
+        if e:
+            data, endpos, extra = tail[1:cut], int(e.group(1)), e.group(2) or ""
+        else:
+            data = tail[1:-1] if tail.endswith(")") else tail
     elif tail:
-        data = tail
-    return AgiReply(code=200, result=result, data=data, endpos=endpos, text=rest, lines=(text,))
+        e = _ENDPOS.match(tail)
+        if e:
+            endpos, extra = int(e.group(1)), e.group(2) or ""
+        else:
+            data = tail
+    return AgiReply(
+        code=200, result=result, data=data, endpos=endpos, text=rest, lines=(text,), extra=extra
+    )
 
 
 def parse_reply(lines: Sequence[str]) -> AgiReply:
