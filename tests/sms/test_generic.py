@@ -224,3 +224,24 @@ async def test_auto_acknowledgement_by_sms(start_gateway: Any) -> None:
         assert orjson.loads(call.body)["text"] == (
             "已收到，编号" + contact.id.replace("-", "")[-10:].upper()
         )
+
+
+async def test_incomplete_long_message_is_acknowledged_at_the_timeout(start_gateway: Any) -> None:
+    from gateway.clock import FixedClock
+
+    clock = FixedClock()
+    async with running(FakeProvider(Answer(200))) as api:
+        gw = await start_gateway(clock=clock, adapters={"agg": adapter(
+            send=sender(api), ack_text="收到{ref}", concat_timeout="30s",
+            fields={"concat_ref": "ref", "concat_total": "total", "concat_part": "part"})})
+        assert await post(gw, payload(id="q1", text="上半", ref=9, total=2, part=1)) == 200
+        assert await gw.read_contacts() == []
+        clock.advance(31)
+        assert await gw.adapters["agg"].assembler.sweep() == 1
+        (contact,) = await gw.read_contacts()
+        assert contact.text == "上半" and contact.meta["incomplete"] is True
+        for _ in range(500):
+            if api.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert orjson.loads(api.calls[0].body)["text"].startswith("收到")

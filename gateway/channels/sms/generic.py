@@ -330,12 +330,10 @@ class GenericAdapter:
                 meta={"ref": msg.concat.ref},
             )
             try:
-                added = await self.assembler.add(part)
+                await self.assembler.add(part)  # the hand-over acknowledges, whenever it happens
             except OSError as exc:
                 log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
                 return common.unavailable()
-            if isinstance(added.handed_over, Receipt):
-                self._acknowledge(added.handed_over)
             return self._answer()
         inbound = Inbound(
             channel="sms",
@@ -386,7 +384,9 @@ class GenericAdapter:
                 "incomplete": not complete,
             },
         )
-        return await self.ctx.intake.submit(inbound)
+        receipt = await self.ctx.intake.submit(inbound)
+        self._acknowledge(receipt)
+        return receipt
 
     def _acknowledge(self, receipt: Receipt) -> None:
         if not self.config.ack_text or not self.config.send.url or receipt.status == "duplicate":
