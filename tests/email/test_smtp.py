@@ -9,6 +9,7 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -397,6 +398,28 @@ async def test_idle_and_session_time_bounds(start_mailbox):
     assert await asyncio.to_thread(idle) == b""
     lines = await asyncio.to_thread(busy)
     assert lines[-1].startswith(b"421 4.4.2") and all(x.startswith(b"250") for x in lines[:-1])
+
+
+async def test_a_slow_message_is_not_idle(start_mailbox):
+    gw = await start_mailbox(idle_timeout="2s")
+    port = gw.adapters["mail"].port
+    lines = (FIXTURES / "plain.eml").read_bytes().split(b"\r\n")
+
+    def session() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"HELO client.example.org\r\nMAIL FROM:<citizen@example.org>\r\n"
+                         b"RCPT TO:<" + MAILBOX.encode() + b">\r\nDATA\r\n")
+            for _ in range(4):
+                f.readline()
+            for line in lines:  # one line every 0.3 s: 4 s in all, twice the idle timeout
+                sock.sendall(line + b"\r\n")
+                time.sleep(4 / len(lines))
+            sock.sendall(b".\r\n")
+            return f.readline()
+
+    assert (await asyncio.to_thread(session)).startswith(b"250 2.0.0 OK queued as ")
 
 
 async def test_listener_survives_garbage(start_mailbox):

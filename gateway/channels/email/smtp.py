@@ -180,6 +180,12 @@ class GatewaySMTP(SMTP):
         self._sessions.discard(self)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd restarts its idle timer on commands only: a large message still arriving
+        # would be cut at idle_timeout. Any bytes from the client mean it is not idle.
+        self._reset_timeout()
+        super().data_received(data)
+
     def _session_expired(self) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
