@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -30,8 +31,11 @@ async def _gateway(start_gateway: Any, **extra: Any) -> Any:
     return await start_gateway(adapters={"apps": table}, intake={"max_attachment": 100_000})
 
 
-async def _post(gw: Any, app: str, key: str | None, **kw: Any) -> tuple[int, Any]:
+async def _post(
+    gw: Any, app: str, key: str | None, headers_extra: dict[str, str] | None = None, **kw: Any
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    headers.update(headers_extra or {})
     async with aiohttp.ClientSession() as http:
         async with http.post(
             f"http://127.0.0.1:{gw.http_port}/v1/apps/{app}/contacts", headers=headers, **kw
@@ -207,3 +211,24 @@ def test_form_to_body_fuzz(fields: dict[str, str]) -> None:
     except BadRequest:
         return
     assert isinstance(body, dict)
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    body = json.dumps({"text": "路灯" * 5000, "external_id": "slow-1"}).encode()
+
+    async def trickle() -> Any:
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+            await asyncio.sleep(0.001)
+
+    status, answer = await _post(
+        gw,
+        "citizen-web",
+        WEB_KEY,
+        data=trickle(),
+        headers_extra={"Content-Type": "application/json"},
+    )
+    assert status == 202, answer
+    [contact] = await gw.read_contacts()
+    assert len(contact.text) == 10000

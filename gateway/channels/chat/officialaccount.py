@@ -352,6 +352,19 @@ def retry_later() -> web.Response:
     return web.Response(status=503, headers={"Retry-After": "5"}, text="retry later")
 
 
+_MAX_API_ANSWER: Final = 1 << 20
+
+
+async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """Read a stream to its end; None when it holds more than ``limit`` bytes."""
+    data = bytearray()
+    while chunk := await stream.readany():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
 async def call_json(
     session: aiohttp.ClientSession,
     method: str,
@@ -381,7 +394,9 @@ async def call_json(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             status = resp.status
-            raw = await resp.read()
+            raw = await read_capped(resp.content, _MAX_API_ANSWER)
+            if raw is None:
+                raise SendError("answer too large", retryable=False)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SendError(f"transport: {type(exc).__name__}", retryable=True) from None
     if status == 429 or status >= 500:
@@ -546,6 +561,7 @@ __all__ = [
     "check_push",
     "parse_xml",
     "read_bounded",
+    "read_capped",
     "retry_later",
     "sha1_signature",
     "signature_matches",

@@ -31,6 +31,7 @@ from gateway.channels.chat.officialaccount import (
     TokenError,
     call_json,
     parse_xml,
+    read_capped,
     signature_matches,
     text_reply_xml,
     timestamp_within,
@@ -268,7 +269,7 @@ class WeChatAdapter(PushAdapter):
             ) as resp:
                 ctype = resp.content_type
                 if resp.status != 200 or ctype in ("application/json", "text/plain"):
-                    body = await resp.content.read(4096)
+                    body = await read_capped(resp.content, 4096) or b""
                     try:
                         code = orjson.loads(body).get("errcode")
                     except (orjson.JSONDecodeError, AttributeError):
@@ -276,15 +277,13 @@ class WeChatAdapter(PushAdapter):
                     if code in _TOKEN_EXPIRED:
                         self.access_token.invalidate(token)
                     raise SendError(f"media/get errcode {code}, HTTP {resp.status}", retryable=True)
-                data = bytearray()
-                while chunk := await resp.content.readany():
-                    data += chunk
-                    if len(data) > limit:
-                        raise AttachmentTooLarge(f"more than {limit} bytes")
+                data = await read_capped(resp.content, limit)
+                if data is None:
+                    raise AttachmentTooLarge(f"more than {limit} bytes")
         except aiohttp.ClientError as exc:
             raise SendError(f"media/get: {type(exc).__name__}", retryable=True) from None
         name = f"{kind}-{media_id[:32]}{_EXTENSIONS.get(ctype, '')}"
-        return await self.ctx.attachments.put(bytes(data), name, ctype)
+        return await self.ctx.attachments.put(data, name, ctype)
 
     async def _fetch_token(self) -> tuple[str, float]:
         if not self.config.app_secret:

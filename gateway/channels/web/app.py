@@ -27,6 +27,7 @@ from aiohttp import BodyPartReader, web
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import presented_key, secrets_equal
+from gateway.channels.web.bodies import read_body, read_part
 from gateway.clock import format_time
 from gateway.config import Secret
 from gateway.intake_api import BadRequest, parse_intake
@@ -183,8 +184,8 @@ class AppIntake:
             if request.content_type == "multipart/form-data":
                 body = await self._read_multipart(request, attachments)
             else:
-                raw = await request.content.read(_MAX_FIELD + 1)
-                if len(raw) > _MAX_FIELD:
+                raw = await read_body(request, _MAX_FIELD)
+                if raw is None:
                     return problem(413, f"JSON body larger than {_MAX_FIELD} bytes")
                 try:
                     body = orjson.loads(raw)
@@ -262,7 +263,7 @@ class AppIntake:
                 if len(attachments) >= self.config.max_files:
                     raise BadRequest(f"more than {self.config.max_files} files")
                 limit = min(self.ctx.attachments.max_size, self.config.max_body - total)
-                data = await _read_part(part, limit)
+                data = await read_part(part, limit)
                 total += len(data)
                 content_type = part.headers.get("Content-Type", "application/octet-stream")
                 attachments.append(
@@ -270,7 +271,7 @@ class AppIntake:
                 )
                 continue
             name = part.name or ""
-            value = await _read_part(part, _MAX_FIELD)
+            value = await read_part(part, _MAX_FIELD)
             total += len(value)
             if name == "contact":
                 try:
@@ -286,20 +287,6 @@ class AppIntake:
                 raise BadRequest("contact: expected a JSON object")
             return contact
         return form_to_body(fields)
-
-
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await part.read_chunk(64 * 1024)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise AttachmentTooLarge(f"{part.filename or part.name}: more than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _factory(ctx: AdapterContext, config: AppConfig) -> AppIntake:

@@ -31,6 +31,7 @@ from aiohttp import BodyPartReader, web
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import secrets_equal
+from gateway.channels.web.bodies import read_body, read_part
 from gateway.clock import Micros, format_time
 from gateway.config import Secret
 from gateway.language import guess_language
@@ -62,6 +63,7 @@ _FIELDS: Final = frozenset(
         "media",
     }
 )
+_CONTACT_ID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _LIMITS: Final = {"description": 8000, "address_string": 1024, "media_url": 2048}
 _MAX_FORM: Final = 64 * 1024
 
@@ -580,7 +582,7 @@ class Open311:
                 if part.filename:
                     if media:
                         raise Open311Error(400, "one media file per request")
-                    data = await _read_part(
+                    data = await read_part(
                         part, min(self.ctx.attachments.max_size, self.config.max_body)
                     )
                     media.append(
@@ -591,14 +593,14 @@ class Open311:
                         )
                     )
                     continue
-                value = await _read_part(part, _MAX_FORM)
+                value = await read_part(part, _MAX_FORM)
                 total += len(value)
                 if total > _MAX_FORM:
                     raise Open311Error(413, "form too large")
                 add(part.name or "", value.decode("utf-8", errors="replace"))
             return form, tuple(media)
-        raw = await request.content.read(_MAX_FORM + 1)
-        if len(raw) > _MAX_FORM:
+        raw = await read_body(request, _MAX_FORM)
+        if raw is None:
             raise Open311Error(413, "form too large")
         if ctype == "application/json":
             try:
@@ -637,6 +639,8 @@ class Open311:
     async def _status_rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         rows = []
         for contact_id in ids:
+            if not _CONTACT_ID.match(contact_id):
+                continue
             contact = await self.ctx.contacts.get(contact_id)
             if contact is None or contact.adapter != self.name:
                 continue
@@ -704,17 +708,6 @@ async def _stamps(contacts: Any, contact_id: str) -> dict[str, Micros]:
         at = int(getattr(event, "at", 0))
         out[kind] = max(out.get(kind, at), at)
     return out
-
-
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await part.read_chunk(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise AttachmentTooLarge(f"more than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _factory(ctx: AdapterContext, config: Open311Config) -> Open311:
