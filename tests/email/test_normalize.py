@@ -302,3 +302,21 @@ def test_twenty_megabyte_attachment():
     (part,) = n.parts
     assert part.name == "big.bin" and len(part.data) == len(data)
     assert hashlib.sha256(part.data).digest() == hashlib.sha256(data).digest()
+
+
+def test_forwarded_message_is_one_eml_file():
+    inner = (FIXTURES / "plain.eml").read_bytes()
+    raw = (
+        b"From: citizen@example.org\r\nSubject: Fwd: streetlight\r\n"
+        b"Message-ID: <fwd@example.org>\r\n"
+        b'Content-Type: multipart/mixed; boundary="f"\r\n\r\n--f\r\n'
+        b"Content-Type: text/plain\r\n\r\nSee the message below.\r\n--f\r\n"
+        b"Content-Type: message/rfc822\r\nContent-Disposition: attachment\r\n\r\n"
+        + inner + b"\r\n--f--\r\n"
+    )
+    n = normalize(raw, ENVELOPE)
+    assert n.text == "See the message below."
+    (forwarded,) = n.parts
+    assert (forwarded.name, forwarded.content_type) == ("message-1.eml", "message/rfc822")
+    assert b"Subject: Streetlight broken on Renmin Road" in forwarded.data
+    assert b"The streetlight at Renmin Road 12" in forwarded.data

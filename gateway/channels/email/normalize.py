@@ -612,6 +612,10 @@ def _walk(msg: Message, opts: Options, body: _Body) -> None:
             else:
                 body.notes.append("multipart boundary recovered")
                 part = recovered
+        if ctype == "message/rfc822" and part is not msg:
+            # A forwarded message stays whole, as a .eml file, rather than mixed into the body.
+            body.parts.append(_attachment(part, headers, ctype, opts, len(body.parts) + 1))
+            continue
         if part.is_multipart():
             if depth >= MAX_DEPTH:
                 body.notes.append("nesting too deep")
