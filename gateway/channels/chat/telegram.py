@@ -353,12 +353,12 @@ class TelegramAdapter:
 
     # -------------------------------------------------------------- intake
 
-    async def take(self, update: Update) -> str | None:
+    async def take(self, update: Update, received_at: Micros) -> str | None:
         """Make one update durable; return its contact id (None when ignored).
 
-        Raises ``IntakeUnavailable`` when it could not be made durable.
+        ``received_at`` is when the update was first seen (before it was parsed). Raises
+        ``IntakeUnavailable`` when it could not be made durable.
         """
-        received_at = self.ctx.clock.now_us()
         msg = decode_update(update, self.bot.id, self.bot.username)
         if msg is None:
             return None
@@ -399,6 +399,7 @@ class TelegramAdapter:
 
     async def handle_webhook(self, request: web.Request) -> web.Response:
         """Take one update posted by Telegram."""
+        received_at = self.ctx.clock.now_us()
         if self.config.verify:
             given = request.headers.get(SECRET_HEADER, "").encode("utf-8", "replace")
             if not hmac.compare_digest(given, self.secret):
@@ -416,7 +417,7 @@ class TelegramAdapter:
             log.warning("%s: malformed update: %s", self.name, type(exc).__name__)
             return web.Response(status=400, text="bad request")
         try:
-            await self.take(update)
+            await self.take(update, received_at)
         except IntakeUnavailable:
             log.warning("%s: intake unavailable, Telegram will retry", self.name)
             return retry_later()
@@ -431,8 +432,9 @@ class TelegramAdapter:
                     offset=self.offset,
                     timeout=timeout,
                     allowed_updates=list(ALLOWED_UPDATES),
-                    read_timeout=timeout + 10,
+                    read_timeout=10,  # PTB adds the long-poll timeout to it
                 )
+                received_at = self.ctx.clock.now_us()
                 backoff = 1.0
             except RetryAfter as exc:
                 await asyncio.sleep(_retry_after_s(exc))
@@ -443,7 +445,7 @@ class TelegramAdapter:
                 )
                 await asyncio.sleep(60)
                 continue
-            except TelegramError as exc:
+            except Exception as exc:  # network errors, or an update PTB cannot parse
                 log.warning("%s: getUpdates failed: %s", self.name, type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -452,12 +454,13 @@ class TelegramAdapter:
                 if self.offset is not None and update.update_id < self.offset:
                     continue
                 try:
-                    await self.take(update)
-                except IntakeUnavailable:
+                    await self.take(update, received_at)
+                except Exception as exc:  # IntakeUnavailable, or a disk error storing a file
                     log.warning(
-                        "%s: intake unavailable; update %d not confirmed",
+                        "%s: update %d not taken (%s); it stays unconfirmed",
                         self.name,
                         update.update_id,
+                        type(exc).__name__,
                     )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
