@@ -320,3 +320,14 @@ def test_forwarded_message_is_one_eml_file():
     assert (forwarded.name, forwarded.content_type) == ("message-1.eml", "message/rfc822")
     assert b"Subject: Streetlight broken on Renmin Road" in forwarded.data
     assert b"The streetlight at Renmin Road 12" in forwarded.data
+
+
+def test_format_flowed_is_unwrapped():
+    raw = (
+        b"From: citizen@example.org\r\nSubject: flowed\r\n"
+        b"Content-Type: text/plain; charset=utf-8; format=flowed; delsp=yes\r\n\r\n"
+        + "路灯已经坏了一个 \r\n星期。\r\n> 引用的 \r\n> 原文\r\n-- \r\n张三\r\n".encode()
+    )
+    assert normalize(raw, ENVELOPE).text == "路灯已经坏了一个星期。\n> 引用的原文\n-- \n张三"
+    fixed = raw.replace(b"; format=flowed; delsp=yes", b"")
+    assert normalize(fixed, ENVELOPE).text.splitlines()[0] == "路灯已经坏了一个 "

@@ -562,7 +562,31 @@ def _part_text(part: Message, headers: dict[str, str], opts: Options, body: _Bod
             charset = m.group(1).decode("ascii", "replace")
     if charset:
         body.charsets.append(charset)
-    return decode_bytes(data, charset, opts.regional_fallback)
+    text = decode_bytes(data, charset, opts.regional_fallback)
+    if params.get("format", "").lower() == "flowed":
+        text = unflow(text, delsp=params.get("delsp", "").lower() == "yes")
+    return text
+
+
+def unflow(text: str, *, delsp: bool = False) -> str:
+    """Join the soft line breaks of ``format=flowed`` text (RFC 3676)."""
+    out: list[str] = []
+    pending: str | None = None
+    for line in text.replace("\r\n", "\n").split("\n"):
+        quote = len(line) - len(line.lstrip(">"))
+        content = line[quote:]
+        if content.startswith(" "):
+            content = content[1:]  # space-stuffing
+        if pending is None:
+            pending = line[:quote] + (" " if quote else "")
+        if content.endswith(" ") and content != "-- ":  # soft break: the paragraph goes on
+            pending += content[:-1] if delsp else content
+            continue
+        out.append(pending + content)
+        pending = None
+    if pending:
+        out.append(pending)
+    return "\n".join(out)
 
 
 def _attachment(
