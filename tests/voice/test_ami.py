@@ -335,3 +335,22 @@ async def test_refused_channel_list_closes_nothing(start_gateway: Any) -> None:
     tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
     await tracker.sweep()
     assert "1795594483.1" in tracker.calls
+
+
+async def test_two_instances_following_one_call_record_one_outcome(start_gateway: Any) -> None:
+    first_ami = FakeAmi([])
+    first = await voice_with_ami(start_gateway, first_ami)
+    contact_id = await intake_call(first)
+    transcript = ami_fixture("abandoned.ami", contact_id=contact_id)
+    first_ami.sessions.append((transcript, False))
+    client = first.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    await client.stop()
+    await client.start()
+    second = await voice_with_ami(start_gateway, FakeAmi([(transcript, False)]))
+    trackers = [gw.adapters["asterisk"].tracker for gw in (first, second)]  # type: ignore[attr-defined]
+    await until(lambda: all(t.finished("1795594483.1") for t in trackers))
+    await until(lambda: all(not t._pending for t in trackers))
+    events = await first.read_events()
+    assert [e.contact_id for e in of_type(events, "abandoned")] == [contact_id]
+    callbacks = [c for c in await first.read_contacts() if c.meta.get("callback")]
+    assert len(callbacks) == 1

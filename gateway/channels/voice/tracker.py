@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receipt, Submitter
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
-from gateway.records import Event, Inbound, Sender
+from gateway.records import EventType, Inbound, Sender
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ class Call:
     contact_id: str
     seen_us: Micros
     linkedid: str | None = None
-    received_at: Micros | None = None
     sender: Sender | None = None
     recipient: str = ""
     language: str | None = None
@@ -81,12 +80,12 @@ class Call:
 
 @dataclass(slots=True)
 class _PendingWrite:
-    """An outcome to write: ``stamp`` (answered, with this detail) or ``event`` (emit)."""
+    """An outcome to stamp: answered, abandoned or closed."""
 
     contact_id: str
+    type: EventType
     at: Micros
-    stamp: dict[str, Any] | None = None
-    event: Event | None = None
+    detail: dict[str, Any]
     attempts: int = 0
     next_us: Micros = 0
     first_us: Micros = 0
@@ -140,13 +139,16 @@ class CallTracker:
         if uniqueid in self._finished:
             return
         call = self._ensure(uniqueid, receipt.contact_id)
-        call.received_at = inbound.received_at
         call.sender = inbound.sender
         call.recipient = inbound.recipient
         call.language = inbound.language
         linkedid = inbound.meta.get("linkedid")
         if isinstance(linkedid, str) and linkedid:
             self._link(call, linkedid)
+
+    def finished(self, uniqueid: str) -> bool:
+        """True when the call's outcome is written (its id is kept a while for replays)."""
+        return uniqueid in self._finished
 
     async def handle(self, frame: Frame) -> None:
         """Apply one AMI event."""
@@ -279,14 +281,15 @@ class CallTracker:
             await self._retry_callbacks(None)
 
     async def _write(self, item: _PendingWrite) -> bool:
-        """Write one outcome; keep it for a retry when Redis is down or the contact is not
-        there yet (a spooled contact reaches Redis when the spool is replayed)."""
+        """Stamp one outcome; keep it for a retry when Redis is down or the contact is not
+        there yet (a spooled contact reaches Redis when the spool is replayed).
+
+        Stamping (not a plain emit) records each outcome once per contact even when several
+        gateway instances follow the same call, and settles the answer deadline.
+        """
         try:
-            if item.event is not None:
-                await self.events.emit(item.event)
-                return True
             done = await self.events.stamp(
-                item.contact_id, "answered", item.at, self.adapter, item.stamp
+                item.contact_id, item.type, item.at, self.adapter, item.detail
             )
             if done is not None or await self.contacts.get(item.contact_id) is not None:
                 return True  # written now, or stamped before (a replayed event)
@@ -378,35 +381,24 @@ class CallTracker:
         call.outcome = "answered"
         call.answered_at = at
         clean = {k: v for k, v in detail.items() if v is not None and v != ""}
-        await self._write(_PendingWrite(call.contact_id, at, stamp=clean))
+        await self._write(_PendingWrite(call.contact_id, "answered", at, clean))
 
     async def _abandon(self, call: Call) -> None:
         if call.outcome is not None:
             return
         call.outcome = "abandoned"
         at = call.gone_at or self.clock.now_us()
-        received_at = call.received_at
-        if received_at is None or call.sender is None:
+        if call.sender is None:  # learned from AMI only: the contact has the caller
             contact = await self._lookup(call.contact_id)
             if contact is not None:
-                received_at = contact.received_at
-                call.sender = call.sender or contact.sender
+                call.sender = contact.sender
                 call.recipient = call.recipient or contact.recipient
                 call.language = call.language or contact.language
         detail: dict[str, Any] = {"reason": call.gone_reason or "hangup"}
         detail.update({k: v for k, v in call.abandon.items() if v is not None})
         if call.queue and "queue" not in detail:
             detail["queue"] = call.queue
-        elapsed_ms = None if received_at is None else max(0, (at - received_at) // 1000)
-        event = Event(
-            contact_id=call.contact_id,
-            type="abandoned",
-            at=at,
-            source=self.adapter,
-            elapsed_ms=elapsed_ms,
-            detail=detail,
-        )
-        await self._write(_PendingWrite(call.contact_id, at, event=event))
+        await self._write(_PendingWrite(call.contact_id, "abandoned", at, detail))
         self._forget(call, self.clock.now_us())
         if self.callbacks:
             await self._callback(call, at, detail)
@@ -421,14 +413,8 @@ class CallTracker:
         """End a call whose outcome cannot be known (no hangup seen)."""
         if call.outcome is None:
             call.outcome = "closed"
-            event = Event(
-                contact_id=call.contact_id,
-                type="closed",
-                at=now,
-                source=self.adapter,
-                detail={"reason": reason, "answered": False},
-            )
-            await self._write(_PendingWrite(call.contact_id, now, event=event))
+            detail = {"reason": reason, "answered": False}
+            await self._write(_PendingWrite(call.contact_id, "closed", now, detail))
         self._forget(call, now)
 
     def _forget(self, call: Call, now: Micros) -> None:
