@@ -18,6 +18,7 @@ from gateway.channels.email.normalize import (
     header_params,
     html_to_text,
     normalize,
+    script_language,
     split_mailbox,
 )
 from gateway.clock import parse_time
@@ -49,11 +50,11 @@ CASES = [
          "The streetlight at Renmin Road 12 has been out for a week.", name="Zhang San",
          external_id="<plain-1@example.org>", origin="2026-11-25T00:00:00Z"),
     Case("alternative.eml", "噪音投诉", "工地夜间施工噪音太大。\n请尽快处理。",
-         sender="lisi@example.org", name="李四", meta={"body": "plain"}),
+         sender="lisi@example.org", name="李四", language="zh", meta={"body": "plain"}),
     Case("nested.eml", "Nested", "Photo of the pothole below.",
          files=(("part-1.png", "image/png"), ("report.pdf", "application/pdf")),
          inline=("<img1@example.org>",)),
-    Case("attachments.eml", "Attachments with CJK names", "见附件。",
+    Case("attachments.eml", "Attachments with CJK names", "见附件。", language="zh",
          files=(("投诉材料.pdf", "application/pdf"), ("现场照片.png", "image/png"))),
     Case("inline_image.eml", "Inline image, HTML only", "See the photo:\n[photo]\nThanks & regards",
          files=(("part-1.png", "image/png"),), inline=("<photo@x>",), meta={"body": "html"}),
@@ -69,16 +70,17 @@ CASES = [
          sender="citizen@example.jp", language="ja"),
     Case("euc_kr.eml", "똠방각하 민원", "똠방각하 민원입니다.", sender="citizen@example.kr",
          language="ko"),
-    Case("broken_rfc2047.eml", "市长信箱", "正文", sender="zhao@example.cn", name="赵六"),
+    Case("broken_rfc2047.eml", "市长信箱", "正文", sender="zhao@example.cn", name="赵六",
+         language="zh"),
     Case("no_date.eml", "No date", "No Date header here.", origin=None),
     Case("no_message_id.eml", "No message id", "No Message-ID header here.",
          external_id="sha256:"),
     Case("undeclared_utf8.eml", "未声明编码的主题", "正文没有声明字符集。",
-         sender="chen@example.cn", name="陈七"),
+         sender="chen@example.cn", name="陈七", language="zh"),
     Case("undeclared_gbk.eml", "未声明编码的主题", "正文没有声明字符集，是GBK。",
-         sender="citizen@example.cn"),
+         sender="citizen@example.cn", language="zh"),
     Case("bare_lf.eml", "Bare LF", "line one\nline two", files=(("a.txt", "text/plain"),)),
-    Case("no_boundary.eml", "Multipart without boundary", "边界参数丢失了。",
+    Case("no_boundary.eml", "Multipart without boundary", "边界参数丢失了。", language="zh",
          files=(("p.png", "image/png"),), meta={"notes": ["multipart boundary recovered"]}),
     Case("html_only.eml", "HTML only",
          "您好，\n\n路灯不亮。\n地址：地图 <https://map.example/1>\n\n- 一\n\n- 二",
@@ -331,3 +333,12 @@ def test_format_flowed_is_unwrapped():
     assert normalize(raw, ENVELOPE).text == "路灯已经坏了一个星期。\n> 引用的原文\n-- \n张三"
     fixed = raw.replace(b"; format=flowed; delsp=yes", b"")
     assert normalize(fixed, ENVELOPE).text.splitlines()[0] == "路灯已经坏了一个 "
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [("路灯坏了", "zh"), ("道路の陥没", "ja"), ("민원입니다", "ko"), ("Streetlight", None),
+     ("Streetlight at 人民路 12, broken for a week", None), ("", None)],
+)
+def test_script_language(text: str, language: str | None):
+    assert script_language(text) == language

@@ -781,7 +781,25 @@ def _thread(headers: dict[str, str], rcpt_tos: Iterable[str]) -> tuple[str | Non
     return None, facts
 
 
-def _language(headers: dict[str, str], charsets: Iterable[str]) -> str | None:
+_KANA: Final = re.compile("[\u3040-\u30ff]")
+_HANGUL: Final = re.compile("[\uac00-\ud7af\u1100-\u11ff]")
+_HAN: Final = re.compile("[\u4e00-\u9fff\u3400-\u4dbf]")
+
+
+def script_language(text: str) -> str | None:
+    """Guess a language from the script of the text: kana ja, hangul ko, Han only zh."""
+    sample = text[:2000]
+    han = len(_HAN.findall(sample))
+    if _KANA.search(sample):
+        return "ja"
+    if len(_HANGUL.findall(sample)) > han:
+        return "ko"
+    if han and han * 4 >= len(sample.strip()):
+        return "zh"
+    return None
+
+
+def _language(headers: dict[str, str], charsets: Iterable[str], text: str) -> str | None:
     declared = _clean_line(headers.get("content-language", "")).split(",", 1)[0].strip()
     if declared and re.fullmatch(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*", declared):
         return declared
@@ -789,7 +807,7 @@ def _language(headers: dict[str, str], charsets: Iterable[str]) -> str | None:
         hint = language_of(cs)
         if hint:
             return hint
-    return None
+    return script_language(text)
 
 
 _CONTROLS: Final = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")
@@ -890,7 +908,9 @@ def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
         recipient=_recipient(envelope),
         subject=subject,
         text=text,
-        language=_language(headers, [*body.charsets, *_subject_charsets(headers)]),
+        language=_language(
+            headers, [*body.charsets, *_subject_charsets(headers)], text or subject or ""
+        ),
         thread=thread,
         origin_at=_origin(headers.get("date")),
         parts=tuple(body.parts),
