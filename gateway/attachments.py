@@ -37,11 +37,39 @@ class AttachmentStore:
         return self.root / sha256[:2] / sha256
 
     def put_sync(self, data: bytes, name: str, content_type: str) -> Attachment:
-        """Store ``data`` (blocking) and return its Attachment."""
+        """Store ``data`` (blocking, durable: file and folder entry fsynced) and return it."""
+        attachment, folder = self._write(data, name, content_type)
+        if folder is not None:
+            _fsync_dir(folder)
+        return attachment
+
+    def put_many_sync(self, items: list[tuple[bytes, str, str]]) -> list[Attachment | Exception]:
+        """Store several files (blocking); each folder entry is fsynced once for all of them.
+
+        A file that is too large or cannot be written comes back as its exception.
+        """
+        out: list[Attachment | Exception] = []
+        folders: set[Path] = set()
+        for data, name, content_type in items:
+            try:
+                attachment, folder = self._write(data, name, content_type)
+            except (AttachmentTooLarge, OSError) as exc:
+                out.append(exc)
+                continue
+            out.append(attachment)
+            if folder is not None:
+                folders.add(folder)
+        for folder in folders:
+            _fsync_dir(folder)
+        return out
+
+    def _write(self, data: bytes, name: str, content_type: str) -> tuple[Attachment, Path | None]:
+        """Write the file if new (fsynced, renamed into place); return it and the folder to sync."""
         if len(data) > self.max_size:
             raise AttachmentTooLarge(f"{len(data)} bytes > {self.max_size}")
         digest = hashlib.sha256(data).hexdigest()
         target = self.path_for(digest)
+        folder = None
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
@@ -54,13 +82,15 @@ class AttachmentStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        return Attachment(
+            folder = target.parent
+        attachment = Attachment(
             name=_safe_name(name),
             content_type=content_type or "application/octet-stream",
             size=len(data),
             sha256=digest,
             ref=REF_PREFIX + digest,
         )
+        return attachment, folder
 
     async def put(self, data: bytes, name: str, content_type: str) -> Attachment:
         """Store ``data`` off the event loop and return its Attachment."""
@@ -71,6 +101,15 @@ class AttachmentStore:
     def read(self, sha256: str) -> bytes:
         """Return the stored bytes; raise FileNotFoundError or ValueError."""
         return self.path_for(sha256).read_bytes()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename into ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")

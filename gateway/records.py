@@ -308,6 +308,14 @@ class Reply:
         )
 
 
+def short_ref(contact_id: str) -> str:
+    """The reference quoted to a citizen (SMS, mail): the id's last 10 hex digits, upper case.
+
+    They are random bits of the UUIDv7, so two contacts share one with odds of 1 in 2**40.
+    """
+    return contact_id.replace("-", "")[-10:].upper()
+
+
 _CONTROL = re.compile("[\x00\ud800-\udfff]")
 
 

@@ -31,7 +31,7 @@ from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import ConfigError
 from gateway.queueing.batching import Coalescer
-from gateway.records import Attachment, Contact, Inbound, Reply
+from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +82,8 @@ class EmailAdapter:
 
     # ------------------------------------------------------------------ inbound
 
-    def _write_sync(self, items: list[_File]) -> list[Attachment | Exception]:
-        out: list[Attachment | Exception] = []
-        for data, name, content_type in items:
-            try:
-                out.append(self.ctx.attachments.put_sync(data, name, content_type))
-            except (AttachmentTooLarge, OSError) as exc:
-                out.append(exc)
-        return out
-
     async def _write(self, items: list[_File]) -> list[Attachment | Exception]:
-        return await asyncio.to_thread(self._write_sync, items)
+        return await asyncio.to_thread(self.ctx.attachments.put_many_sync, items)
 
     async def accept(self, raw: bytes, envelope: Envelope) -> str:
         """Make one received message durable; return its contact id (raises IntakeUnavailable)."""
@@ -282,11 +273,6 @@ def _threading(external_id: str, references: object) -> tuple[str, ...]:
     if external_id.startswith("<") and external_id.endswith(">"):
         refs.append(external_id)
     return tuple(refs[-10:])
-
-
-def short_ref(contact_id: str) -> str:
-    """Return the reference quoted to the citizen: the id's last 10 hex digits (as for SMS)."""
-    return contact_id.replace("-", "")[-10:].upper()
 
 
 def _message_id(threading: tuple[str, ...], external_id: str) -> str | None:
