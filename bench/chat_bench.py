@@ -5,9 +5,11 @@ The gateway runs the four adapters on an embedded Valkey in this process (uvloop
 request is a real platform push with a unique message id: a Telegram ``Update`` with the secret
 token header, a signed WeChat XML push (plain, and AES safe mode with ``msg_signature``), a
 signed Weibo JSON push. Each is verified, decoded, language-tagged and made durable before the
-200. Telegram's ``getMe`` is answered by a stub Bot API on loopback. The load (raw HTTP/1.1
-keep-alive, ``bench.loadgen``) runs in its own process and measures the targets in alternating
-rounds.
+200. Telegram's ``getMe`` is answered by a stub Bot API on loopback. A plain handler that hands an
+already normalized contact to ``Intake.submit`` shows the floor every channel shares; the gap
+between it and a chat line is what that adapter costs. The load (raw HTTP/1.1 keep-alive,
+``bench.loadgen``) runs in its own process and measures the targets in alternating rounds; the
+server's own CPU time per request is printed too, steadier than req/s on a shared machine.
 
     .venv/bin/python -m bench.chat_bench            # about a minute
     .venv/bin/python -m bench.chat_bench --seconds 2 --rounds 1
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import hashlib
 import multiprocessing as mp
 import os
@@ -77,6 +80,8 @@ def request_maker(target: str, port: int, run: str) -> Any:
         nonce = str(n)
         if target == "plain":
             return build_request(HOST, port, "POST", "/plain", _wx_xml(n, now), {})
+        if target == "intake":
+            return build_request(HOST, port, "POST", f"/intake?n={n}", _wx_xml(n, now), {})
         if target == "telegram":
             update = {
                 "update_id": n,
@@ -140,13 +145,13 @@ def request_maker(target: str, port: int, run: str) -> Any:
 def _load(plan: list[tuple[str, int, float, str]], connections: int, out: Any) -> None:
     import uvloop
 
-    async def go() -> list[tuple[str, LoadResult]]:
+    async def go() -> list[tuple[str, LoadResult, float, float]]:
         results = []
         for target, port, seconds, run in plan:
             make = request_maker(target, port, run)
-            results.append(
-                (target, await run_load(HOST, port, make, connections=connections, seconds=seconds))
-            )
+            t0 = time.time()
+            result = await run_load(HOST, port, make, connections=connections, seconds=seconds)
+            results.append((target, result, t0, time.time()))
         return results
 
     out.put(uvloop.run(go()))
@@ -154,7 +159,7 @@ def _load(plan: list[tuple[str, int, float, str]], connections: int, out: Any) -
 
 async def _measure(
     plan: list[tuple[str, int, float, str]], connections: int
-) -> list[tuple[str, LoadResult]]:
+) -> list[tuple[str, LoadResult, float, float]]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=_load, args=(plan, connections, out))
@@ -167,6 +172,29 @@ async def _measure(
 async def _plain(request: web.Request) -> web.Response:
     await request.read()
     return web.Response(text="success")
+
+
+def _intake_only(box: list[Any]) -> Any:
+    """A plain handler that hands an already normalized contact to Intake: the floor."""
+    from gateway.records import Inbound, Sender
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        gateway = box[0]
+        n = request.rel_url.query.get("n", "")
+        inbound = Inbound(
+            channel="chat",
+            adapter="direct",
+            external_id=f"direct-{n}",
+            sender=Sender(f"wechat:oBench{n}"),
+            recipient="gh_bench",
+            received_at=gateway.clock.now_us(),
+            text=TEXT,
+        )
+        await gateway.intake.submit(inbound)
+        return web.Response(text="success")
+
+    return handler
 
 
 async def _get_me(request: web.Request) -> web.Response:
@@ -185,7 +213,7 @@ async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
-async def main(seconds: float, rounds: int, connections: int) -> None:
+async def main(seconds: float, rounds: int, connections: int, only: tuple[str, ...] = ()) -> None:
     import logging
 
     from gateway.config import parse_settings
@@ -202,6 +230,8 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
         stub_runner, stub_port = await _site(stub)
         plain = web.Application()
         plain.router.add_post("/plain", _plain)
+        box: list[Any] = []
+        plain.router.add_post("/intake", _intake_only(box))
         plain_runner, plain_port = await _site(plain)
         settings, configs = parse_settings(
             {
@@ -231,35 +261,58 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
         )
         gateway = Gateway(settings, configs)
         await gateway.start()
+        box.append(gateway)
         await asyncio.wait_for(gateway.adapters["tg"].ready.wait(), 30)  # type: ignore[attr-defined]
         gw_port = gateway.http_port
         targets = {
             "plain aiohttp (writes nothing)": ("plain", plain_port),
+            "aiohttp + Intake.submit only": ("intake", plain_port),
             "telegram webhook -> redis": ("telegram", gw_port),
             "wechat plain -> redis": ("wechat", gw_port),
             "wechat safe (AES) -> redis": ("wechat-aes", gw_port),
             "weibo JSON -> redis": ("weibo", gw_port),
         }
+        if only:
+            keep = {*only, "plain", "intake"}
+            targets = {k: v for k, v in targets.items() if v[0] in keep}
         plan = [(kind, port, 1.0, f"warm-{kind}") for kind, port in targets.values()]
         for r in range(rounds):
             plan += [(kind, port, seconds, f"r{r}-{kind}") for kind, port in targets.values()]
+        samples: list[tuple[float, float]] = []
+
+        async def sample() -> None:
+            while True:
+                samples.append((time.time(), time.process_time()))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
         try:
             measured = await _measure(plan, connections)
             stored = await gateway.redis.xlen(gateway.keys.contacts)
         finally:
+            sampler.cancel()
             await gateway.stop()
             await plain_runner.cleanup()
             await stub_runner.cleanup()
             redis.stop_sync()
 
+    def cpu_at(t: float) -> float:
+        i = min(bisect.bisect_left(samples, (t, 0.0)), len(samples) - 1)
+        return samples[i][1]
+
     warm = len(targets)
     by_kind: dict[str, list[LoadResult]] = {}
-    for kind, result in measured[warm:]:
+    cpu_s: dict[str, float] = {}
+    for kind, result, t0, t1 in measured[warm:]:
         by_kind.setdefault(kind, []).append(result)
+        cpu_s[kind] = cpu_s.get(kind, 0.0) + cpu_at(t1) - cpu_at(t0)
     print(
         f"\nChat webhooks, {connections} keep-alive connections, {rounds} x {seconds:g}s per target"
     )
-    print(f"{'target':32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs plain':>9}")
+    print(
+        f"{'target':32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs plain':>9}"
+        f" {'server CPU us/req':>18}"
+    )
     plain_rate = 0.0
     for name, (kind, _) in targets.items():
         runs = by_kind[kind]
@@ -271,11 +324,17 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
             plain_rate = rate
         ratio = rate / plain_rate if plain_rate else float("nan")
         errors = sum(r.errors for r in runs)
+        per_req = cpu_s[kind] / ok * 1e6 if ok else float("nan")
         print(
             f"{name:32} {rate:9.0f} {merged.percentile_ms(0.5):8.2f} "
-            f"{merged.percentile_ms(0.99):8.2f} {errors:7d} {ratio:9.2f}"
+            f"{merged.percentile_ms(0.99):8.2f} {errors:7d} {ratio:9.2f} {per_req:18.0f}"
         )
     print(f"aim: each chat path >= 0.5 of plain; contacts on the stream: {stored}")
+    print("the Intake.submit line is the floor any channel can reach: plain handler + Intake only")
+    print(
+        "server CPU = this process (aiohttp, adapters, Intake, redis client), not Valkey's;"
+        " req/s is shared-machine throughput, CPU per request is the steadier number"
+    )
 
 
 if __name__ == "__main__":
@@ -283,7 +342,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--only", nargs="*", default=(), help="telegram wechat wechat-aes weibo (plain always runs)"
+    )
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(main(args.seconds, args.rounds, args.connections))
+    uvloop.run(main(args.seconds, args.rounds, args.connections, tuple(args.only)))

@@ -161,9 +161,11 @@ class MessageCrypto:
         self.token = token
         self.key = key
         self.app_id = app_id
+        self._app_id = app_id.encode()
+        self._cipher_obj = Cipher(algorithms.AES(key), modes.CBC(key[:16]))
 
     def _cipher(self) -> Cipher[modes.CBC]:
-        return Cipher(algorithms.AES(self.key), modes.CBC(self.key[:16]))
+        return self._cipher_obj  # a fresh encryptor/decryptor context is made per message
 
     def decrypt(self, encrypted: str) -> bytes:
         """Return the plaintext message; raise PayloadError (bad base64, padding or AppID)."""
@@ -184,7 +186,7 @@ class MessageCrypto:
             raise PayloadError("bad message length")
         message = content[4 : 4 + length]
         app_id = content[4 + length :]
-        if not hmac.compare_digest(app_id, self.app_id.encode()):
+        if not hmac.compare_digest(app_id, self._app_id):
             raise PayloadError("AppID mismatch")
         return message
 
