@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway.api.tasks import cancel_and_wait
@@ -75,7 +76,7 @@ class DeadlineWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("watcher: %s, retrying in %.1f s", type(exc).__name__, backoff)
+                log.warning("watcher: %r, retrying in %.1f s", exc, backoff)
                 delay = backoff
                 backoff = min(backoff * 2, 10.0)
             await asyncio.sleep(delay)
@@ -159,10 +160,18 @@ class DeadlineWatcher:
         for attempt in range(2):
             if not self._sha:
                 self._sha = await redis.script_load(CLAIM_LUA)
-            pipe = redis.pipeline(transaction=False)
-            for cid, body, _, _ in calls:
-                pipe.evalsha(self._sha, len(keys), *keys, cid, now, body, self.queue.maxlen, type)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+            argv = [(cid, now, body, self.queue.maxlen, type) for cid, body, _, _ in calls]
+            results: list[Any]
+            if isinstance(redis, RedisCluster):  # cluster pipelines refuse EVALSHA
+                results = await asyncio.gather(
+                    *(redis.evalsha(self._sha, len(keys), *keys, *a) for a in argv),
+                    return_exceptions=True,
+                )
+            else:
+                pipe = redis.pipeline(transaction=False)
+                for a in argv:
+                    pipe.evalsha(self._sha, len(keys), *keys, *a)
+                results = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 self._sha = ""  # the server restarted or failed over: load and claim again
                 continue

@@ -86,7 +86,7 @@ class EventIndexer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("index: %s, retrying in %.1f s", type(exc).__name__, backoff)
+                log.warning("index: %r, retrying in %.1f s", exc, backoff)
                 own_pending = True
                 with contextlib.suppress(Exception):
                     await self.consumer.ensure_group()

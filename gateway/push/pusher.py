@@ -226,9 +226,7 @@ class Lane:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning(
-                    "push %s: %s, retrying in %.1f s", self.sub.name, type(exc).__name__, backoff
-                )
+                log.warning("push %s: %r, retrying in %.1f s", self.sub.name, exc, backoff)
                 self._buffer.clear()
                 with contextlib.suppress(Exception):
                     await self.ensure_groups()
