@@ -371,7 +371,7 @@ async def test_reply_is_sent_and_stamps_responded(
         gw.keys.replies,
         {"reply": orjson.dumps({"contact_id": contact.id, "text": "已受理，工单号 12345"})},
     )
-    for _ in range(200):
+    for _ in range(600):
         responded = [e for e in await gw.read_events() if e.type == "responded"]
         if responded:
             break
@@ -431,7 +431,7 @@ async def test_polling_confirms_an_offset_only_after_the_contact_is_durable(
         "file_base": bot_api.file_base,
     }
     gw_box.append(await start_gateway(adapters={"tg": table}))
-    for _ in range(200):
+    for _ in range(600):
         if any(offset == 73 for offset, _ in seen):
             break
         await asyncio.sleep(0.05)
@@ -490,7 +490,7 @@ async def test_polling_never_confirms_an_update_intake_refused(
     bot_api.push({"update_id": 301, "message": message(91, text="second")})
     await adapter.start()
     try:
-        for _ in range(400):
+        for _ in range(800):
             if adapter.offset == 302:
                 break
             await asyncio.sleep(0.05)
