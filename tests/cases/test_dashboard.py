@@ -27,13 +27,9 @@ def chromium() -> str:
     """Debian's chromium, installed here when missing (CI: a fresh machine, root)."""
     if not Path(CHROMIUM).exists():
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
+        for step in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+            done = subprocess.run(step, env=env, capture_output=True, text=True, check=False)
+            assert done.returncode == 0, f"{' '.join(step)}: {done.stderr[-2000:]}"
     assert Path(CHROMIUM).exists()
     return CHROMIUM
 
