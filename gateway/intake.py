@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from redis.exceptions import ResponseError
 
 from gateway.adapters import IntakeUnavailable, Receipt
-from gateway.clock import MICROS_PER_SECOND, Clock
+from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.ids import uuid7
 from gateway.metrics import Metrics
 from gateway.queueing.batching import Coalescer
-from gateway.queueing.spool import Spool, SpoolError
+from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
 from gateway.queueing.store import Prepared, RedisQueue, WriteResult
-from gateway.records import Inbound, Repeat
+from gateway.records import Event, EventType, Inbound, Repeat
 from gateway.sla import SlaPolicy
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Intake:
             max_inflight=2 if max_batch > 1 else 1024,
         )
         self._spooled_ids: dict[tuple[str, str], str] = {}
+        self._spooled_contacts: set[str] = set()
         self._replayer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -133,12 +135,69 @@ class Intake:
             raise IntakeUnavailable(str(exc)) from exc
         if inbound.external_id:
             self._spooled_ids[key] = prepared.id
+        self._spooled_contacts.add(prepared.id)
         self.metrics.spooled.labels(channel).inc()
         self.metrics.spool_depth.set(self.spool.depth)
         self._wake.set()
         return Receipt(
             prepared.id, "spooled", prepared.deadline, Repeat(0, self.queue.repeat_window_s)
         )
+
+    # ------------------------------------------------------------------ events (EventSink)
+
+    async def emit(self, event: Event) -> None:
+        """Append an event; while Redis is away it waits in the spool with the contacts."""
+        if self.redis_up and not self._closing:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    await self.queue.emit(event)
+                return
+            except Exception as exc:  # the spool takes it
+                self._mark_down(exc)
+        await self._spool_event(SpooledEvent(event, stamp=False))
+
+    async def stamp(
+        self,
+        contact_id: str,
+        type: EventType,
+        at: Micros,
+        source: str,
+        detail: dict[str, Any] | None = None,
+    ) -> Event | None:
+        """Record a deadline event once per contact and type (see ``EventSink.stamp``).
+
+        While Redis is away, or while the contact itself still waits in the spool, the stamp
+        is spooled behind it and settled on replay; the event returned then has no elapsed
+        time yet (it is computed from the contact's edge stamp when it lands).
+        """
+        if self.redis_up and not self._closing and contact_id not in self._spooled_contacts:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    return await self.queue.stamp(contact_id, type, at, source, detail)
+            except Exception as exc:  # the spool takes it
+                self._mark_down(exc)
+        event = Event(contact_id, type, at, source, detail=detail or {})
+        await self._spool_event(SpooledEvent(event, stamp=True))
+        return event
+
+    async def _spool_event(self, item: SpooledEvent) -> None:
+        try:
+            await self.spool.append_event(item)
+        except (SpoolError, OSError) as exc:
+            log.error("intake: event lost, neither Redis nor the spool took it: %s", exc)
+            raise IntakeUnavailable(str(exc)) from exc
+        self.metrics.spool_depth.set(self.spool.depth)
+        self._wake.set()
+
+    async def _replay_event(self, item: SpooledEvent) -> None:
+        event = item.event
+        async with asyncio.timeout(10 * self.write_timeout_s):
+            if item.stamp:
+                await self.queue.stamp(
+                    event.contact_id, event.type, event.at, event.source, event.detail
+                )
+            else:
+                await self.queue.emit(event)
 
     def _mark_down(self, exc: BaseException) -> None:
         if self.redis_up:
@@ -177,8 +236,9 @@ class Intake:
             await self.queue.ping()
         if not self.redis_up:
             await self.queue.load_scripts()
-        count = await self.spool.replay(self._replay_write)
+        count = await self.spool.replay(self._replay_write, self._replay_event)
         self._spooled_ids.clear()
+        self._spooled_contacts.clear()
         if not self.redis_up:
             log.info("intake: Redis is back")
         self.redis_up = True

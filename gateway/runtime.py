@@ -124,7 +124,7 @@ class Gateway:
             ctx = AdapterContext(
                 name=name,
                 intake=self.intake,
-                events=self.queue,
+                events=self.intake,
                 contacts=self.queue,
                 router=app.router,
                 attachments=self.attachments,

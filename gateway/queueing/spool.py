@@ -15,6 +15,7 @@ import os
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import orjson
 
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.store import Prepared
-from gateway.records import Attachment, Deadline, Inbound, Sender
+from gateway.records import Attachment, Deadline, Event, Inbound, Sender
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,27 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 
 class SpoolError(Exception):
     """The spool cannot be written."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEvent:
+    """An event written while Redis was away; ``stamp`` events are settled once per contact."""
+
+    event: Event
+    stamp: bool
+
+
+def event_to_json(item: SpooledEvent) -> bytes:
+    """Encode a spooled event (told apart from contacts by its ``kind``)."""
+    return orjson.dumps({"kind": "event", "stamp": item.stamp, "event": item.event.to_dict()})
+
+
+def record_from_json(data: bytes) -> Prepared | SpooledEvent:
+    """Decode one spool line's JSON: a prepared contact or an event; raise on anything else."""
+    d = orjson.loads(data)
+    if isinstance(d, dict) and d.get("kind") == "event":
+        return SpooledEvent(Event.from_dict(d["event"]), bool(d["stamp"]))
+    return prepared_from_json(data)
 
 
 def prepared_to_json(p: Prepared) -> bytes:
@@ -150,6 +172,11 @@ class Spool:
         line = prepared_to_json(prepared)
         await self._writer.submit(b"%08x %s\n" % (zlib.crc32(line), line))
 
+    async def append_event(self, item: SpooledEvent) -> None:
+        """Append one event durably (fsynced) before returning."""
+        line = event_to_json(item)
+        await self._writer.submit(b"%08x %s\n" % (zlib.crc32(line), line))
+
     async def _write_batch(self, lines: list[bytes]) -> list[None]:
         async with self._lock:
             await asyncio.to_thread(self._write_sync, b"".join(lines))
@@ -187,26 +214,44 @@ class Spool:
                 self._active = None
 
     async def replay(
-        self, write: Callable[[list[Prepared]], Awaitable[object]], batch: int = 200
+        self,
+        write: Callable[[list[Prepared]], Awaitable[object]],
+        apply: Callable[[SpooledEvent], Awaitable[object]],
+        batch: int = 200,
     ) -> int:
-        """Write every closed segment through ``write``; delete each once written. Return count.
+        """Replay every closed segment in order: contacts in batches through ``write``, events
+        one by one through ``apply`` (after the contacts before them). Delete each segment once
+        replayed and return how many records were replayed.
 
-        Raises whatever ``write`` raises (Redis down again): the segment stays for the next try.
+        Raises whatever ``write`` or ``apply`` raise (Redis down again): the segment stays, and
+        replaying it again is harmless (contacts dedupe, stamps are once per contact).
         """
         await self.rotate()
         total = 0
         for segment in self.segments():
             records = await asyncio.to_thread(self._read_segment, segment)
-            for start in range(0, len(records), batch):
-                await write(records[start : start + batch])
+            pending: list[Prepared] = []
+            for record in records:
+                if isinstance(record, SpooledEvent):
+                    if pending:
+                        await write(pending)
+                        pending = []
+                    await apply(record)
+                    continue
+                pending.append(record)
+                if len(pending) >= batch:
+                    await write(pending)
+                    pending = []
+            if pending:
+                await write(pending)
             total += len(records)
             segment.unlink()
             self._count = max(0, self._count - len(records))
-            log.info("spool: replayed %d contacts from %s", len(records), segment.name)
+            log.info("spool: replayed %d records from %s", len(records), segment.name)
         return total
 
-    def _read_segment(self, segment: Path) -> list[Prepared]:
-        records: list[Prepared] = []
+    def _read_segment(self, segment: Path) -> list[Prepared | SpooledEvent]:
+        records: list[Prepared | SpooledEvent] = []
         bad: list[bytes] = []
         with open(segment, "rb") as fh:
             for line in fh:
@@ -216,8 +261,8 @@ class Spool:
                     crc, body = int(line[:8], 16), line[9:-1]
                     if zlib.crc32(body) != crc:
                         raise ValueError("checksum mismatch")
-                    records.append(prepared_from_json(body))
-                except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                    records.append(record_from_json(body))
+                except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
                     bad.append(line)
         if bad:
             target = self.quarantine_dir / segment.name

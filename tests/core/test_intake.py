@@ -9,7 +9,7 @@ import pytest
 from gateway.adapters import IntakeUnavailable
 from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.spool import Spool, SpoolError
-from gateway.records import Inbound, Sender
+from gateway.records import Event, Inbound, Sender
 from gateway.runtime import Gateway
 from tests.harness import settings_for
 
@@ -242,7 +242,9 @@ async def test_neither_redis_nor_spool_raises_intake_unavailable(start_gateway, 
         await gw.intake.submit(inbound(external_id="lost"))
 
 
-async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(start_gateway, own_redis):
+async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(
+    start_gateway, own_redis
+):
     gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
     # a key of the wrong type makes the intake script fail for exactly one contact
     await gw.redis.hset(gw.keys.dedupe("test", "p2"), "not", "a string")
@@ -257,3 +259,29 @@ async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(start
     assert sorted(c.external_id for c in await gw.read_contacts()) == ["p0", "p1", "p3", "p4"]
     (refused,) = gw.spool.quarantine_dir.glob("refused-*.log")
     assert refused.read_bytes().count(b"\n") == 1 and b'"p2"' in refused.read_bytes()
+
+
+async def test_events_and_stamps_wait_in_the_spool_behind_their_contact(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    own_redis.stop_sync()
+    item = inbound(channel="voice", external_id="call-1")
+    receipt = await gw.intake.submit(item)
+    assert receipt.status == "spooled"
+    answered_at = item.received_at + 9 * MICROS_PER_SECOND
+    provisional = await gw.intake.stamp(receipt.contact_id, "answered", answered_at, "asterisk")
+    assert provisional is not None and provisional.elapsed_ms is None
+    await gw.intake.emit(Event(receipt.contact_id, "closed", answered_at + 1, "asterisk"))
+    own_redis.start_sync()
+    for _ in range(200):
+        if gw.spool.depth == 0 and not gw.spool.segments(include_active=True):
+            break
+        await asyncio.sleep(0.05)
+    events = [e for e in await gw.read_events() if e.contact_id == receipt.contact_id]
+    assert [e.type for e in events] == ["enqueued", "answered", "closed"]
+    answered = events[1]
+    assert answered.elapsed_ms == 9000 and answered.met is True
+    assert await gw.redis.zscore(gw.keys.deadlines, receipt.contact_id) is None
+    # a second stamp of the same type after replay is refused: once per contact
+    assert (
+        await gw.intake.stamp(receipt.contact_id, "answered", answered_at + 5, "asterisk") is None
+    )
