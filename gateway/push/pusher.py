@@ -147,6 +147,10 @@ async def post_once(
         raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _entry_id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 class Lane:
     """Delivers to one subscriber, in order, while this instance holds the subscriber's lease."""
 
@@ -287,11 +291,15 @@ class Lane:
 
     def _items(self, kind: str, entries: Sequence[Any]) -> list[Item]:
         field = b"contact" if kind == "contact" else b"event"
+        stream = self.keys.contacts if kind == "contact" else self.keys.events
         out = []
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             record = fields.get(field) if fields else None
-            out.append(Item(kind, eid, envelope(kind, eid, record if record else b"null")))
+            if not record:  # trimmed from the stream while pending: nothing left to send
+                self._acks.setdefault(stream, []).append(eid)
+                continue
+            out.append(Item(kind, eid, envelope(kind, eid, record)))
         return out
 
     async def _read_new(self) -> None:
@@ -305,12 +313,16 @@ class Lane:
         horizon: tuple[int, int, int] | None = None
         for stream_name, entries in reply or []:
             name = stream_name.decode() if isinstance(stream_name, bytes) else str(stream_name)
-            items = self._items(self.streams[name], entries)
-            self._buffer.extend(items)
+            kind = self.streams[name]
+            self._buffer.extend(self._items(kind, entries))
             if len(entries) >= READ_COUNT and len(self.streams) > 1:
                 # this stream may hold more, earlier than what the other one returned: wait
-                last = items[-1].order
+                last = Item(kind, _entry_id(entries[-1][0]), b"").order
                 horizon = last if horizon is None or last < horizon else horizon
+                log.debug(
+                    "push %s: holding entries after %s until %s is read",
+                    *(self.sub.name, _entry_id(entries[-1][0]), name),
+                )
         self._buffer.sort(key=lambda i: i.order)
         self._horizon = horizon
 

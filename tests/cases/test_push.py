@@ -298,3 +298,31 @@ async def test_an_instance_dying_mid_delivery_hands_over_to_another(
     assert [d["data"]["id"] for d in firsts(receiver.accepted)] == ids + more
     pending = await other.redis.xpending(other.keys.contacts, "gateway-push.crm")
     assert pending["pending"] == 0
+
+
+async def test_many_contacts_and_events_merge_in_order(
+    start_gateway: Any, session: Any, receiver: Receiver
+) -> None:
+    """More entries than one read takes (100 per stream) pile up while the receiver is busy;
+    the merged sequence still has every contact before its own events, each kind in order."""
+    receiver.plan = ["busy"]
+    gw = await start_gateway(api=API, push=subscriber(receiver, events=True, max_backoff="2s"))
+    client = Client(session, f"http://127.0.0.1:{gw.http_port}")
+    ids = await asyncio.gather(*(submit(client, f"c{i}") for i in range(250)))
+
+    async def all_in() -> bool:
+        return len(firsts(receiver.accepted)) == 500
+
+    await eventually(all_in, timeout=60)
+    docs = firsts(receiver.accepted)
+    contacts = [d for d in docs if d["type"] == "contact"]
+    events = [d for d in docs if d["type"] == "event"]
+    assert [d["delivery"] for d in contacts] == await stream_ids(gw, gw.keys.contacts)
+    assert [d["delivery"] for d in events] == await stream_ids(gw, gw.keys.events)
+    assert sorted(d["data"]["id"] for d in contacts) == sorted(ids)
+    seen: set[str] = set()
+    for d in docs:
+        if d["type"] == "contact":
+            seen.add(d["data"]["id"])
+        else:
+            assert d["data"]["contact_id"] in seen
