@@ -321,7 +321,9 @@ class Lane:
                 horizon = last if horizon is None or last < horizon else horizon
                 log.debug(
                     "push %s: holding entries after %s until %s is read",
-                    *(self.sub.name, _entry_id(entries[-1][0]), name),
+                    self.sub.name,
+                    _entry_id(entries[-1][0]),
+                    name,
                 )
         self._buffer.sort(key=lambda i: i.order)
         self._horizon = horizon
