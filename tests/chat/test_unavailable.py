@@ -36,10 +36,10 @@ async def bot_api() -> AsyncIterator[FakeBotApi]:
 
 
 async def _serve(
-    gw: Any, build: Callable[[AdapterContext], Any]
+    gw: Any, build: Callable[[AdapterContext], Any], failures: int = 1
 ) -> tuple[LocalServer, Any, FlakyIntake]:
     server = LocalServer()
-    flaky = FlakyIntake(gw.intake, failures=1)
+    flaky = FlakyIntake(gw.intake, failures=failures)
     ctx = AdapterContext(
         name="x",
         intake=flaky,
@@ -58,6 +58,12 @@ async def _serve(
     return server, adapter, flaky
 
 
+async def _once(url: str, body: bytes) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=body) as resp:
+            return resp.status, await resp.text()
+
+
 async def _twice(
     url: str, body: bytes, headers: dict[str, str] | None = None
 ) -> list[tuple[int, str | None]]:
@@ -69,34 +75,57 @@ async def _twice(
     return out
 
 
-async def test_wechat_503_then_taken(start_gateway: Any) -> None:
+async def test_wechat_retries_a_passing_intake_failure_inside_the_window(
+    start_gateway: Any,
+) -> None:
     gw = await start_gateway()
-    server, adapter, _flaky = await _serve(
-        gw, lambda ctx: WeChatAdapter(ctx, WeChatConfig(app_id=p.APP_ID, token=Secret(p.TOKEN)))
+    server, adapter, flaky = await _serve(
+        gw,
+        lambda ctx: WeChatAdapter(ctx, WeChatConfig(app_id=p.APP_ID, token=Secret(p.TOKEN))),
+        failures=2,
     )
     try:
         url = f"{server.base}/chat/wechat/x?{p.wechat_query(NOW_S)}"
-        assert await _twice(url, p.text("t", create_time=NOW_S, msg_id=5)) == [
-            (503, "5"),
-            (200, None),
-        ]
+        assert await _once(url, p.text("t", create_time=NOW_S, msg_id=5)) == (200, "success")
     finally:
         await adapter.stop()
         await server.stop()
+    assert flaky.refused == ["5", "5"]
     assert [c.external_id for c in await gw.read_contacts()] == ["5"]
 
 
-async def test_weibo_503_then_taken(start_gateway: Any) -> None:
+async def test_wechat_is_left_to_time_out_when_intake_stays_down(start_gateway: Any) -> None:
+    """WeChat retries a push it got no answer to within 5 s; the answer comes after that."""
     gw = await start_gateway()
-    server, adapter, _flaky = await _serve(
-        gw, lambda ctx: WeiboAdapter(ctx, WeiboConfig(app_secret=Secret(p.APP_SECRET)))
+    server, adapter, flaky = await _serve(
+        gw,
+        lambda ctx: WeChatAdapter(ctx, WeChatConfig(app_id=p.APP_ID, token=Secret(p.TOKEN))),
+        failures=10**6,
     )
     try:
-        url = f"{server.base}/chat/weibo/x?{p.weibo_query(NOW_S)}"
-        assert await _twice(url, p.weibo_push("text", "t")) == [(503, "5"), (200, None)]
+        url = f"{server.base}/chat/wechat/x?{p.wechat_query(NOW_S)}"
+        assert await _once(url, p.text("t", create_time=NOW_S, msg_id=6)) == (503, "retry later")
     finally:
         await adapter.stop()
         await server.stop()
+    assert len(flaky.refused) > 2  # kept trying inside the window
+    assert await gw.read_contacts() == []
+
+
+async def test_weibo_retries_a_passing_intake_failure(start_gateway: Any) -> None:
+    gw = await start_gateway()
+    server, adapter, flaky = await _serve(
+        gw,
+        lambda ctx: WeiboAdapter(ctx, WeiboConfig(app_secret=Secret(p.APP_SECRET))),
+        failures=1,
+    )
+    try:
+        url = f"{server.base}/chat/weibo/x?{p.weibo_query(NOW_S)}"
+        assert await _once(url, p.weibo_push("text", "t")) == (200, "")
+    finally:
+        await adapter.stop()
+        await server.stop()
+    assert len(flaky.refused) == 1
     assert len(await gw.read_contacts()) == 1
 
 

@@ -332,21 +332,34 @@ WINDOW: Final = Duration(300)
 """Default accepted distance between a push's timestamp and our clock."""
 
 ANSWER_WITHIN_S: Final = 4.0
-"""Both platforms give up after 5 s and retry; answer (or refuse) before that."""
+"""Both platforms wait 5 s for an answer; have one (durable, or given up) before that."""
+
+PLATFORM_WAIT_S: Final = 5.5
+"""A push that could not be made durable is answered only after this long: both platforms
+retry (three times, same message id) a push left unanswered for 5 s, while an error answer
+shows the citizen an error prompt and is not documented to be retried."""
 
 
 async def submit_within(ctx: AdapterContext, inbound: Inbound, limit_s: float) -> Receipt | None:
-    """Submit ``inbound``; return None when it is not durable within ``limit_s``.
+    """Submit ``inbound``; None when it is not durable within ``limit_s``.
 
-    Intake bounds its own Redis wait and falls back to the spool, so this rarely fires; when it
-    does, the platform is told to retry and its retry (same message id) dedupes. Raises
-    ``IntakeUnavailable``.
+    ``IntakeUnavailable`` is retried with back-off inside the limit (a Redis failover or a
+    spool hiccup often passes in a second). Intake bounds its own Redis wait and falls back to
+    the spool, so giving up is rare; the platform's retry (same message id) then dedupes.
     """
-    try:
-        async with asyncio.timeout(limit_s):  # not wait_for: it can swallow a cancel on 3.11
-            return await ctx.intake.submit(inbound)
-    except TimeoutError:
-        return None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    delay = 0.1
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            async with asyncio.timeout(remaining):  # not wait_for: it can swallow a cancel (3.11)
+                return await ctx.intake.submit(inbound)
+        except TimeoutError:
+            return None
+        except IntakeUnavailable:
+            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0.0)))
+            delay = min(delay * 2, 1.0)
+    return None
 
 
 def retry_later() -> web.Response:
@@ -503,6 +516,8 @@ class PushAdapter:
     async def handle_push(self, request: web.Request) -> web.Response:
         """Take one push: durable before answering, within the platform's time limit."""
         received_at = self.ctx.clock.now_us()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         body = await read_bounded(request, self.max_body)
         try:
             decoded = self.decode(request.query, body)
@@ -526,13 +541,10 @@ class PushAdapter:
             received_at=received_at,
             attachments=attachments,
         )
-        try:
-            receipt = await submit_within(self.ctx, inbound, ANSWER_WITHIN_S)
-        except IntakeUnavailable:
-            log.warning("%s: intake unavailable, asking the platform to retry", self.name)
-            return retry_later()
+        receipt = await submit_within(self.ctx, inbound, ANSWER_WITHIN_S)
         if receipt is None:
-            log.warning("%s: intake slower than the platform waits, asking it to retry", self.name)
+            log.warning("%s: push not durable in time; letting the platform time out", self.name)
+            await asyncio.sleep(max(0.0, started + PLATFORM_WAIT_S - loop.time()))
             return retry_later()
         if self.auto_ack and msg.event not in ("unsubscribe", "unfollow"):
             await self.ctx.events.stamp(
@@ -549,6 +561,7 @@ class PushAdapter:
 __all__ = [
     "ANSWER_WITHIN_S",
     "MAX_BODY",
+    "PLATFORM_WAIT_S",
     "WINDOW",
     "AccessToken",
     "Decoded",
