@@ -326,3 +326,36 @@ async def test_many_contacts_and_events_merge_in_order(
             seen.add(d["data"]["id"])
         else:
             assert d["data"]["contact_id"] in seen
+
+
+async def test_redis_restart_api_answers_503_then_everything_resumes(
+    start_gateway: Any, session: Any, receiver: Receiver, own_redis: Any
+) -> None:
+    gw = await start_gateway(api=API, url=own_redis.url, push=subscriber(receiver))
+    client = Client(session, f"http://127.0.0.1:{gw.http_port}")
+    first = await submit(client, "before")
+
+    async def delivered(n: int) -> Any:
+        async def probe() -> bool:
+            return len(firsts(receiver.accepted)) == n
+
+        return probe
+
+    await eventually(await delivered(1))
+    own_redis.stop_sync()
+    status, problem = await client.call(
+        "GET", "/v1/groups/g/contacts", "/v1/groups/{group}/contacts", params={"consumer": "c"}
+    )
+    assert status == 503 and problem["detail"] == "queue unavailable, retry later"
+    own_redis.start_sync()  # same data directory: the append-only file brings everything back
+
+    async def api_back() -> bool:
+        status, _ = await client.call(
+            "GET", "/v1/groups/g/contacts", "/v1/groups/{group}/contacts", params={"consumer": "c"}
+        )
+        return status == 200
+
+    await eventually(api_back, timeout=30)
+    second = await submit(client, "after")
+    await eventually(await delivered(2), timeout=30)
+    assert [d["data"]["id"] for d in firsts(receiver.accepted)] == [first, second]
