@@ -432,9 +432,15 @@ class ConsumerApi:
         await self._contact_json(contact_id)
         source = source_of(key)
         if type_ == "closed":
+            # once per contact, like the stamps; marked after the write, so a failed write
+            # can be retried (two concurrent closes may both be written)
+            key = self.queue.keys.contact(contact_id)
+            if await self.redis.hexists(key, "stamp:closed"):
+                return json_body({"recorded": False, "event": None})
             event: Event | None = Event(contact_id, "closed", at, source, detail=detail)
             assert event is not None
             await self.queue.emit(event)
+            await self.redis.hset(key, "stamp:closed", at)
         else:
             event = await self.queue.stamp(contact_id, type_, at, source, detail)
         if event is None:

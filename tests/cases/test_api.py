@@ -191,6 +191,16 @@ async def test_closed_settles_the_deadline(client: Client, api_gateway: Gateway)
     assert body["event"]["at"] == "2026-01-01T00:00:00.000000Z"
     assert await api_gateway.redis.zscore(keys.deadlines, cid) is None
     assert await api_gateway.redis.zscore(keys.warnings, cid) is None
+    status, body = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/events",
+        "/v1/contacts/{contact_id}/events",
+        token="replier",
+        json_body={"type": "closed"},
+    )
+    assert (status, body) == (200, {"recorded": False, "event": None})
+    closed = [e for e in await api_gateway.read_events() if e.type == "closed"]
+    assert len(closed) == 1
 
 
 async def test_unknown_contact_is_404(client: Client) -> None:
