@@ -434,13 +434,13 @@ class ConsumerApi:
         if type_ == "closed":
             # once per contact, like the stamps; marked after the write, so a failed write
             # can be retried (two concurrent closes may both be written)
-            key = self.queue.keys.contact(contact_id)
-            if await self.redis.hexists(key, "stamp:closed"):
+            hash_key = self.queue.keys.contact(contact_id)
+            if await self.redis.hexists(hash_key, "stamp:closed"):
                 return json_body({"recorded": False, "event": None})
             event: Event | None = Event(contact_id, "closed", at, source, detail=detail)
             assert event is not None
             await self.queue.emit(event)
-            await self.redis.hset(key, "stamp:closed", at)
+            await self.redis.hset(hash_key, "stamp:closed", at)
         else:
             event = await self.queue.stamp(contact_id, type_, at, source, detail)
         if event is None:
