@@ -94,7 +94,7 @@ class FakeBotApi(LocalServer):
         self.offsets: list[int | None] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.sent: list[dict[str, Any]] = []
-        self.send_errors: list[dict[str, Any]] = []
+        self.send_errors: list[dict[str, Any] | None] = []
         self.files: dict[str, tuple[str, bytes]] = {}
         self.on_get_updates: Callable[[int | None], Awaitable[None]] | None = None
         self._new = asyncio.Event()
@@ -129,11 +129,13 @@ class FakeBotApi(LocalServer):
             params = await request.json()
         else:
             for key, value in (await request.post()).items():
-                text = value if isinstance(value, str) else ""
+                if not isinstance(value, str):  # an uploaded file
+                    params[key] = (value.filename, value.file.read())
+                    continue
                 try:
-                    params[key] = orjson.loads(text)
+                    params[key] = orjson.loads(value)
                 except orjson.JSONDecodeError:
-                    params[key] = text
+                    params[key] = value
         self.calls.append((name, params))
         handler = getattr(self, f"m_{name}", None)
         if handler is None:
@@ -202,15 +204,16 @@ class FakeBotApi(LocalServer):
             }
         )
 
-    async def m_sendMessage(self, params: dict[str, Any]) -> web.Response:
+    async def _send(self, method: str, params: dict[str, Any]) -> web.Response:
         if self.send_errors:
             error = self.send_errors.pop(0)
-            return web.Response(
-                status=error["error_code"],
-                body=orjson.dumps({"ok": False, **error}),
-                content_type="application/json",
-            )
-        self.sent.append(params)
+            if error is not None:
+                return web.Response(
+                    status=error["error_code"],
+                    body=orjson.dumps({"ok": False, **error}),
+                    content_type="application/json",
+                )
+        self.sent.append({"method": method, **params})
         chat_id = int(params["chat_id"])
         return _ok(
             {
@@ -221,6 +224,15 @@ class FakeBotApi(LocalServer):
                 "text": params.get("text", ""),
             }
         )
+
+    async def m_sendMessage(self, params: dict[str, Any]) -> web.Response:
+        return await self._send("sendMessage", params)
+
+    async def m_sendPhoto(self, params: dict[str, Any]) -> web.Response:
+        return await self._send("sendPhoto", params)
+
+    async def m_sendDocument(self, params: dict[str, Any]) -> web.Response:
+        return await self._send("sendDocument", params)
 
     async def download(self, request: web.Request) -> web.Response:
         if request.match_info["token"] != BOT_TOKEN:

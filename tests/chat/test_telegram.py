@@ -406,6 +406,83 @@ async def test_send_maps_flood_control_and_blocked(start_gateway: Any, bot_api: 
     assert receipt.external_id == "777000001:9001"
 
 
+async def _one_contact(gw: Any, message_id: int = 71) -> Any:
+    assert (
+        await _post(gw, {"update_id": 1200 + message_id, "message": message(message_id, text="x")})
+        == 200
+    )
+    [contact] = [c for c in await gw.read_contacts() if c.meta["message_id"] == message_id]
+    return contact
+
+
+async def test_long_reply_is_split_and_answers_the_message(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    contact = await _one_contact(gw)
+    text = ("第一段说明。" * 400 + "\n") * 3 + "😀" * 2100  # > 3 x 4096 chars, emoji count twice
+    await gw.adapters["tg"].send(contact, Reply(contact.id, text, id="r-long"))
+    parts = [m["text"] for m in bot_api.sent]
+    assert "".join(parts) == text
+    assert len(parts) >= 4
+    assert all(len(t.encode("utf-16-le")) // 2 <= 4096 for t in parts)
+    assert bot_api.sent[0]["reply_parameters"]["message_id"] == 71
+    assert all("reply_parameters" not in m for m in bot_api.sent[1:])
+
+
+async def test_a_retried_reply_resumes_after_the_parts_sent(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    contact = await _one_contact(gw)
+    text = "a" * 4096 + "b" * 4096 + "c" * 10
+    bot_api.send_errors = [
+        None,
+        {
+            "error_code": 429,
+            "description": "Too Many Requests: retry after 3",
+            "parameters": {"retry_after": 3},
+        },
+    ]
+    with pytest.raises(SendError) as info:
+        await gw.adapters["tg"].send(contact, Reply(contact.id, text, id="r-1"))
+    assert info.value.retry_after_s == 3.0
+    await gw.adapters["tg"].send(contact, Reply(contact.id, text, id="r-1"))
+    assert [m["text"][0] for m in bot_api.sent] == ["a", "b", "c"]
+
+
+async def test_reply_attachments_go_as_photo_and_document(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    contact = await _one_contact(gw)
+    jpeg = b"\xff\xd8\xff\xe0" + b"r" * 2000
+    pdf = b"%PDF-1.7 receipt"
+    photo = await gw.attachments.put(jpeg, "map.jpg", "image/jpeg")
+    doc = await gw.attachments.put(pdf, "受理回执.pdf", "application/pdf")
+    await gw.adapters["tg"].send(contact, Reply(contact.id, "见附件", (photo, doc), id="r-att"))
+    assert [m["method"] for m in bot_api.sent] == ["sendMessage", "sendPhoto", "sendDocument"]
+    assert bot_api.sent[1]["photo"] == ("map.jpg", jpeg)
+    assert bot_api.sent[2]["document"] == ("受理回执.pdf", pdf)
+
+
+async def test_reply_follows_a_group_that_became_a_supergroup(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    contact = await _one_contact(gw)
+    bot_api.send_errors = [
+        {
+            "error_code": 400,
+            "description": "Bad Request: group chat was upgraded to a supergroup chat",
+            "parameters": {"migrate_to_chat_id": -1009876543210},
+        }
+    ]
+    await gw.adapters["tg"].send(contact, Reply(contact.id, "hello", id="r-mig"))
+    [sent] = bot_api.sent
+    assert sent["chat_id"] == -1009876543210
+
+
 # ---------------------------------------------------------------- polling
 
 

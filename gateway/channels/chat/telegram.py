@@ -288,6 +288,8 @@ class TelegramAdapter:
         self.ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._initialized = False
+        self._progress: dict[str, int] = {}
+        """Reply id -> parts already sent, for a retried multi-part reply."""
         if config.mode == "webhook":
             ctx.router.add_route("POST", self.path, self.handle_webhook)
 
@@ -470,33 +472,106 @@ class TelegramAdapter:
     # -------------------------------------------------------------- replies
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
-        """Send a text reply to the contact's chat."""
+        """Send a reply to the contact's chat: the text (split at Telegram's 4096-character
+        limit), then each attachment as a photo or a document.
+
+        A retried reply resumes after the parts already sent (same process), so a flood-control
+        pause in the middle of a long answer does not repeat its beginning.
+        """
         chat_id = contact.meta.get("chat_id")
         if not isinstance(chat_id, int):
             raise SendError("contact has no Telegram chat id", retryable=False)
         reply_to = contact.meta.get("message_id")
-        try:
-            sent = await self.bot.send_message(
-                chat_id,
-                reply.text,
-                reply_to_message_id=reply_to if isinstance(reply_to, int) else None,
-                allow_sending_without_reply=True,
-            )
-        except RetryAfter as exc:
-            raise SendError(
-                "flood control", retryable=True, retry_after_s=_retry_after_s(exc)
-            ) from None
-        except Forbidden:
-            raise SendError(
-                "forbidden: the user blocked the bot or left", retryable=False
-            ) from None
-        except (BadRequest, ChatMigrated, InvalidToken) as exc:
-            raise SendError(f"refused: {type(exc).__name__}", retryable=False) from None
-        except NetworkError as exc:
-            raise SendError(f"network: {type(exc).__name__}", retryable=True) from None
-        except TelegramError as exc:
-            raise SendError(f"telegram: {type(exc).__name__}", retryable=True) from None
-        return SendReceipt(external_id=f"{sent.chat.id}:{sent.message_id}")
+        parts: list[str | Attachment] = [*split_text(reply.text), *reply.attachments]
+        key = reply.id or f"{contact.id}:{hash(reply.text)}"
+        done = self._progress.pop(key, 0)
+        first: str | None = None
+        for index in range(done, len(parts)):
+            try:
+                sent = await self._send_part(
+                    chat_id, parts[index], reply_to if index == 0 else None
+                )
+            except SendError:
+                if index:
+                    self._progress[key] = index
+                    while len(self._progress) > 10_000:
+                        self._progress.pop(next(iter(self._progress)))
+                raise
+            first = first or f"{sent.chat.id}:{sent.message_id}"
+        return SendReceipt(external_id=first)
+
+    async def _send_part(self, chat_id: int, part: str | Attachment, reply_to: Any) -> Message:
+        for attempt in (1, 2):
+            try:
+                if isinstance(part, str):
+                    return await self.bot.send_message(
+                        chat_id,
+                        part,
+                        reply_to_message_id=reply_to if isinstance(reply_to, int) else None,
+                        allow_sending_without_reply=True,
+                    )
+                data = await asyncio.to_thread(self.ctx.attachments.read, part.sha256)
+                if part.content_type in _PHOTO_TYPES and part.size <= _MAX_PHOTO:
+                    return await self.bot.send_photo(chat_id, data, filename=part.name)
+                return await self.bot.send_document(chat_id, data, filename=part.name)
+            except ChatMigrated as exc:  # the group became a supergroup: send there
+                if attempt == 2:
+                    raise SendError("chat migrated twice", retryable=False) from None
+                chat_id = exc.new_chat_id
+            except RetryAfter as exc:
+                raise SendError(
+                    "flood control", retryable=True, retry_after_s=_retry_after_s(exc)
+                ) from None
+            except Forbidden:
+                raise SendError(
+                    "forbidden: the user blocked the bot or left", retryable=False
+                ) from None
+            except (BadRequest, InvalidToken) as exc:
+                raise SendError(f"refused: {type(exc).__name__}", retryable=False) from None
+            except NetworkError as exc:
+                raise SendError(f"network: {type(exc).__name__}", retryable=True) from None
+            except TelegramError as exc:
+                raise SendError(f"telegram: {type(exc).__name__}", retryable=True) from None
+            except (FileNotFoundError, ValueError):
+                raise SendError("attachment not in the store", retryable=False) from None
+        raise SendError("chat migrated", retryable=False)  # pragma: no cover
+
+
+TEXT_LIMIT: Final = 4096
+"""sendMessage takes at most 4096 characters (UTF-16 code units) per message."""
+_PHOTO_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/webp"})
+_MAX_PHOTO: Final = 10 * 1024 * 1024
+
+
+def split_text(text: str, limit: int = TEXT_LIMIT) -> list[str]:
+    """Split ``text`` into messages of at most ``limit`` UTF-16 units, at line ends if possible."""
+    if not text:
+        return []
+    parts: list[str] = []
+    while _utf16_len(text) > limit:
+        cut = _utf16_prefix(text, limit)
+        newline = text.rfind("\n", 0, cut)
+        if newline > cut // 2:
+            cut = newline + 1
+        parts.append(text[:cut])
+        text = text[cut:]
+    if text:
+        parts.append(text)
+    return parts
+
+
+def _utf16_len(text: str) -> int:
+    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+
+
+def _utf16_prefix(text: str, limit: int) -> int:
+    """The largest number of characters whose UTF-16 length is at most ``limit``."""
+    units = 0
+    for index, ch in enumerate(text):
+        units += 2 if ord(ch) > 0xFFFF else 1
+        if units > limit:
+            return index
+    return len(text)
 
 
 def _language(msg: TelegramMessage) -> str | None:
