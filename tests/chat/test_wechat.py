@@ -263,7 +263,8 @@ async def test_reply_through_customer_service_api_refreshes_the_token(
 
 
 @pytest.mark.parametrize(
-    ("errcode", "retryable"), [(45015, False), (43004, False), (-1, True), (45047, True)]
+    ("errcode", "retryable"),
+    [(45015, False), (43004, False), (45047, False), (-1, True), (45009, True)],
 )
 async def test_send_errors_say_whether_to_retry(
     start_gateway: Any, wechat_api: FakeWeChatApi, errcode: int, retryable: bool

@@ -42,8 +42,10 @@ from gateway.records import Attachment, Contact, Reply
 log = logging.getLogger(__name__)
 
 _TOKEN_EXPIRED: Final = frozenset({40001, 40014, 42001})
-_RETRYABLE: Final = frozenset({-1, 45009, 45047})
-"""System busy, API quota reached, too many customer-service messages: try later."""
+_RETRYABLE: Final = frozenset({-1, 45009})
+"""System busy, daily API quota reached: try later. Not 45047 (the 5 replies per citizen
+message are used up) nor 45015 (48 h since the citizen's last message): only the citizen
+writing again helps."""
 
 
 _MEDIA_BUDGET: Final = Duration(2.0)
