@@ -19,6 +19,7 @@ from gateway.channels.chat.telegram import (
     TelegramConfig,
     decode_update,
     derived_secret,
+    split_text,
 )
 from gateway.config import Secret
 from gateway.records import Inbound, Reply
@@ -636,3 +637,11 @@ def test_decode_update_fuzz(fields: dict[str, Any], chat_type: str, edited: bool
     if decoded is not None:
         assert decoded.external_id.startswith(f"{-uid}:1")
         assert decoded.sender.address == f"telegram:{uid}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300), limit=st.integers(2, 50))
+def test_split_text_fuzz(text: str, limit: int) -> None:
+    parts = split_text(text, limit)
+    assert "".join(parts) == text
+    assert all(0 < len(part.encode("utf-16-le", "surrogatepass")) // 2 <= limit for part in parts)
