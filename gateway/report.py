@@ -206,20 +206,41 @@ def build(
     }
 
 
+CHUNK = 5000
+
+
+async def _entries(client: RedisClient, stream: str, start: str) -> list[dict[bytes, bytes]]:
+    """Every entry from ``start`` on, read in chunks so no single reply is huge."""
+    out: list[dict[bytes, bytes]] = []
+    while True:
+        batch = await client.xrange(stream, min=start, count=CHUNK)
+        out.extend(fields for _, fields in batch)
+        if len(batch) < CHUNK:
+            return out
+        last = batch[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+
+def _decode(
+    raw_contacts: list[dict[bytes, bytes]], raw_events: list[dict[bytes, bytes]], since_us: Micros
+) -> tuple[list[Contact], list[Event]]:
+    contacts = [Contact.from_dict(decode_fields(f)) for f in raw_contacts]
+    events = [Event.from_dict(decode_fields(f)) for f in raw_events]
+    return [c for c in contacts if c.received_at >= since_us], events
+
+
 async def load(
     client: RedisClient, keys: Keys, since_us: Micros
 ) -> tuple[list[Contact], list[Event]]:
-    """Read the contacts received since ``since_us`` and the events since then."""
+    """Read the contacts received since ``since_us`` and the events since then.
+
+    Decoding runs in a worker thread: a day of contacts is a lot of JSON, and the gateway's
+    loop (intake, webhooks) must not stall while a dashboard refreshes.
+    """
     start = f"{since_us // 1000}-0"
-    contacts = [
-        Contact.from_dict(decode_fields(f))
-        for _, f in await client.xrange(keys.contacts, min=start)
-    ]
-    contacts = [c for c in contacts if c.received_at >= since_us]
-    events = [
-        Event.from_dict(decode_fields(f)) for _, f in await client.xrange(keys.events, min=start)
-    ]
-    return contacts, events
+    raw_contacts = await _entries(client, keys.contacts, start)
+    raw_events = await _entries(client, keys.events, start)
+    return await asyncio.to_thread(_decode, raw_contacts, raw_events, since_us)
 
 
 COLUMNS = (

@@ -134,3 +134,19 @@ async def test_gateway_report_command(
     assert sum(int(r["volume"]) for r in csv_rows) == 11 and "hour" in csv_rows[0]
     table = await run()
     assert "voice" in table and "connection rate" in table
+
+
+async def test_load_reads_past_one_chunk(redis_client: Any, prefix: str) -> None:
+    from gateway.report import CHUNK, load
+
+    keys = Keys(prefix)
+    now = SYSTEM_CLOCK.now_us()
+    template = dataset.contact("x", "sms", now - 10 * dataset.S)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(CHUNK + 7):
+        c = dataset.contact(f"c{i}", "sms", template.received_at)
+        pipe.xadd(keys.contacts, {"contact": c.to_json(), "id": c.id, "channel": "sms"})
+    await pipe.execute()
+    contacts, events = await load(redis_client, keys, now - 60 * dataset.S)
+    assert len(contacts) == CHUNK + 7 and events == []
+    assert [c.id for c in contacts[:2]] == ["c0", "c1"] and contacts[-1].id == f"c{CHUNK + 6}"
