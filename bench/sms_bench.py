@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -104,9 +105,10 @@ def _intake_only(gateway: Any) -> Any:
     async def handler(request: web.Request) -> web.Response:
         await request.read()
         n = request.rel_url.query.get("id", "")
+        sender = request.rel_url.query.get("from", "+8613800138000")  # unique, like Kannel
         inbound = Inbound(
             channel="sms", adapter="kannel", external_id=f"direct-{n}",
-            sender=Sender("+8613800138000"), recipient="12345",
+            sender=Sender(sender), recipient="12345",
             received_at=gateway.clock.now_us(), text=TEXT,
         )
         await gateway.intake.submit(inbound)
@@ -120,6 +122,7 @@ async def main(seconds: float, rounds: int, concurrency: int) -> None:
     from gateway.queueing.embedded import EmbeddedRedis
     from gateway.runtime import Gateway
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis")
         redis.start_sync()
@@ -159,7 +162,9 @@ async def main(seconds: float, rounds: int, concurrency: int) -> None:
             await gateway.stop()
             redis.stop_sync()
 
-    print(f"\nSMS inbound webhooks, {concurrency} concurrent clients, {rounds} x {seconds:g}s each")
+    load = os.getloadavg()[0]
+    print(f"\nSMS inbound webhooks, {concurrency} concurrent clients, {rounds} x {seconds:g}s each"
+          f" (load average {load_before:.1f} before, {load:.1f} after)")
     print(f"{'target':34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     rates: dict[str, float] = {}
     for name, runs in results.items():
