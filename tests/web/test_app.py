@@ -232,3 +232,26 @@ async def test_a_body_arriving_in_pieces_is_read_whole(start_gateway: Any) -> No
     assert status == 202, answer
     [contact] = await gw.read_contacts()
     assert len(contact.text) == 10000
+
+
+async def test_an_app_reads_the_status_of_its_own_contacts_only(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    status, answer = await _post(gw, "citizen-ios", IOS_KEY, json={"text": "积水"})
+    assert status == 202
+    url = f"http://127.0.0.1:{gw.http_port}/v1/apps/citizen-ios/contacts/{answer['id']}"
+    other = f"http://127.0.0.1:{gw.http_port}/v1/apps/citizen-web/contacts/{answer['id']}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers={"Authorization": f"Bearer {IOS_KEY}"}) as resp:
+            got = await resp.json()
+            assert resp.status == 200
+        async with http.get(url, headers={"Authorization": f"Bearer {WEB_KEY}"}) as resp:
+            assert resp.status == 403
+        async with http.get(other, headers={"Authorization": f"Bearer {WEB_KEY}"}) as resp:
+            assert resp.status == 404
+        async with http.get(
+            url.rsplit("/", 1)[0] + "/not-an-id", headers={"Authorization": f"Bearer {IOS_KEY}"}
+        ) as resp:
+            assert resp.status == 404
+    assert got["id"] == answer["id"]
+    assert got["status"] == "open"
+    assert got["deadline"] == answer["deadline"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,7 +28,7 @@ from aiohttp import BodyPartReader, web
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import presented_key, secrets_equal
-from gateway.channels.web.bodies import read_body, read_part
+from gateway.channels.web.bodies import contact_history, read_body, read_part
 from gateway.clock import format_time
 from gateway.config import Secret
 from gateway.intake_api import BadRequest, parse_intake
@@ -54,6 +55,7 @@ _FORM_FIELDS: Final = frozenset(
     }
 )
 _MAX_FIELD: Final = 64 * 1024
+_CONTACT_ID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +153,9 @@ class AppIntake:
         self.ctx = ctx
         self.name = ctx.name
         self.config = config
-        ctx.router.add_post(config.path.rstrip("/") + "/{app}/contacts", self.post)
+        base = config.path.rstrip("/") + "/{app}/contacts"
+        ctx.router.add_post(base, self.post)
+        ctx.router.add_get(base + "/{id}", self.get)
 
     async def start(self) -> None:
         """Routes are on the gateway's server: nothing to start."""
@@ -170,6 +174,36 @@ class AppIntake:
         expected = client.key.reveal() if client is not None else "\x00" * 32
         ok = secrets_equal(given, expected)
         return client if ok and client is not None and given else None
+
+    async def get(self, request: web.Request) -> web.Response:
+        """The status of one of this app's contacts: open, responded or closed."""
+        app = request.match_info["app"]
+        if self._authorize(request, app) is None:
+            return problem(403, "unknown app or wrong key")
+        contact_id = request.match_info["id"]
+        contact = await self.ctx.contacts.get(contact_id) if _CONTACT_ID.match(contact_id) else None
+        if contact is None or contact.adapter != self.name or contact.meta.get("app") != app:
+            return problem(404, "no such contact for this app")
+        history = await contact_history(self.ctx.contacts, contact.id)
+        status = (
+            "closed" if "closed" in history else "responded" if "responded" in history else "open"
+        )
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "id": contact.id,
+                    "status": status,
+                    "received_at": format_time(contact.received_at),
+                    "deadline": {
+                        "kind": contact.deadline.kind,
+                        "due_at": format_time(contact.deadline.due_at),
+                        "policy": contact.deadline.policy,
+                    },
+                    "events": {k: format_time(v) for k, v in sorted(history.items())},
+                }
+            ),
+            content_type="application/json",
+        )
 
     async def post(self, request: web.Request) -> web.Response:
         """Take one contact from a client app."""

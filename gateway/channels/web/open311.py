@@ -31,7 +31,7 @@ from aiohttp import BodyPartReader, web
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import secrets_equal
-from gateway.channels.web.bodies import read_body, read_part
+from gateway.channels.web.bodies import contact_history, read_body, read_part
 from gateway.clock import Micros, format_time
 from gateway.config import Secret
 from gateway.language import guess_language
@@ -650,7 +650,7 @@ class Open311:
     async def _row(self, contact: Contact) -> dict[str, Any]:
         details = contact.meta.get("open311", {})
         location = contact.meta.get("location", {})
-        stamps = await _stamps(self.ctx.contacts, contact.id)
+        stamps = await contact_history(self.ctx.contacts, contact.id)
         closed = stamps.get("closed")
         updated = max([contact.enqueued_at, *stamps.values()])
         status_notes = ""
@@ -691,23 +691,6 @@ class Open311:
         fmt = self._fmt(request)
         ids = [i for i in request.query.get("service_request_id", "").split(",") if i][:50]
         return self._render(fmt, "service_requests", "request", await self._status_rows(ids))
-
-
-async def _stamps(contacts: Any, contact_id: str) -> dict[str, Micros]:
-    """When each event type last happened to the contact, if the lookup can tell.
-
-    ``ContactLookup`` promises only ``get``; a lookup that also offers ``events(contact_id)``
-    (the contact's events, oldest first) lets ``GET requests`` report ``closed``.
-    """
-    lookup = getattr(contacts, "events", None)
-    if lookup is None:
-        return {}
-    out: dict[str, Micros] = {}
-    for event in await lookup(contact_id):
-        kind = str(getattr(event, "type", ""))
-        at = int(getattr(event, "at", 0))
-        out[kind] = max(out.get(kind, at), at)
-    return out
 
 
 def _factory(ctx: AdapterContext, config: Open311Config) -> Open311:
