@@ -389,3 +389,26 @@ async def test_reply_stream_end_to_end_with_retry(start_gateway: Any, redis_clie
         assert len(responded) == 1 and responded[0].contact_id == contact.id
         assert len(kannel.calls) == 2
         assert kannel.calls[1].query["text"] == "收到"
+
+
+async def test_timed_out_long_message_is_acknowledged_by_sendsms(start_gateway: Any) -> None:
+    clock = FixedClock()
+    async with running(FakeProvider(Answer(202, b"0: Accepted for delivery"))) as kannel:
+        gw = await start_gateway(clock=clock, adapters={"kannel": outbound(
+            kannel, ack_text="已收到，编号{ref}", concat_timeout="30s")})
+        status, body, _ = await kannel_get(gw, get_url(
+            "只有第一部分".encode("utf-16-be"), coding=2, charset="UTF-16BE",
+            udh=udh(3, 2, 1), msg_id="00000000-0000-4000-8000-000000000301"))
+        assert (status, body) == (200, b"")  # no ack for a part: the message is not there yet
+        clock.advance(31)
+        assert await gw.adapters["kannel"].assembler.sweep() == 1
+        (contact,) = await gw.read_contacts()
+        for _ in range(500):
+            acks = [e for e in await gw.read_events() if e.type == "acknowledged"]
+            if acks:
+                break
+            await asyncio.sleep(0.01)
+        assert [(e.contact_id, e.detail["via"]) for e in acks] == [(contact.id, "sendsms")]
+        (call,) = kannel.calls
+        assert call.query["text"].startswith("已收到，编号")
+        assert call.query["coding"] == "2"

@@ -15,7 +15,9 @@ contact is deduplicated on ``%I``.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -287,6 +289,7 @@ class KannelAdapter:
         self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
         self._reported: dict[tuple[str, str], None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
             ctx.router.add_route(method, self.dlr_path, self.delivery_report)
@@ -298,6 +301,12 @@ class KannelAdapter:
 
     async def stop(self) -> None:
         await self.assembler.stop()
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -412,10 +421,10 @@ class KannelAdapter:
             headers={"X-Kannel-Coding": coding},
         )
 
-    async def _stamp_ack(self, contact_id: str) -> None:
+    async def _stamp_ack(self, contact_id: str, via: str = "answer") -> None:
         try:
             await self.ctx.events.stamp(
-                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": "answer"}
+                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": via}
             )
         except Exception as exc:
             log.warning("acknowledged stamp for %s not recorded: %s", contact_id, exc)
@@ -463,7 +472,24 @@ class KannelAdapter:
             "SMS from %s assembled from %d/%d parts as %s",
             mask_phone(first.sender), len(parts), first.total, receipt.contact_id,
         )
+        if not complete and self.config.ack_text and self.config.sendsms_url:
+            # Handed over at the timeout: no request left to answer, so the ack goes by sendsms.
+            task = asyncio.get_running_loop().create_task(self._send_ack(receipt.contact_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return receipt
+
+    async def _send_ack(self, contact_id: str) -> None:
+        contact = await self.ctx.contacts.get(contact_id)
+        if contact is None:  # spooled: its id is not in Redis yet
+            return
+        text = common.render_ack(self.config.ack_text, contact_id)
+        try:
+            await self.send(contact, Reply(contact_id, text, id=f"ack-{contact_id}"))
+        except SendError as exc:
+            log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
+            return
+        await self._stamp_ack(contact_id, via="sendsms")
 
     # ------------------------------------------------------------------ delivery reports
 
