@@ -27,6 +27,7 @@ async def test_registered_example_starts_and_stops_twice(name: str, start_gatewa
     [
         ({"type": "kannel"}, "adapters.a.secret"),
         ({"type": "sms-webhook"}, "adapters.a.secret"),
+        ({"type": "twilio", "account_sid": "AC1", "auth_token": "t"}, "adapters.a.public_url"),
         ({"type": "kannel", "secret": "s", "eight_bit_charsets": ["no-such-codec"]},
          "adapters.a.eight_bit_charsets"),
     ],

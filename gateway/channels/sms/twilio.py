@@ -195,6 +195,11 @@ class TwilioAdapter:
     def __init__(self, ctx: AdapterContext, config: TwilioConfig) -> None:
         if not config.auth_token:
             raise ConfigError([(f"adapters.{ctx.name}.auth_token", "must not be empty")])
+        if config.verify_signature and not (config.public_url or ctx.settings.http.public_url):
+            raise ConfigError([(
+                f"adapters.{ctx.name}.public_url",
+                "required to verify X-Twilio-Signature (or set [http] public_url)",
+            )])
         self.name = ctx.name
         self.ctx = ctx
         self.config = config
