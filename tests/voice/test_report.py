@@ -101,3 +101,35 @@ def test_settings_drive_the_figures() -> None:
     assert r.answer_deadline_s == 10
     assert r.answered_within == 3  # the events' own met (their deadline) wins over the setting
     assert (r.offered, r.short_abandoned, r.connection_met) == (3, 1, True)
+
+
+def test_worst_24_hours_over_a_longer_period() -> None:
+    day = 24 * 3600 * S
+    # day 1: 10 calls all answered; day 2 (from hour 30): 10 calls, 8 answered
+    contacts = [call(i, at=T0 + i * 60 * S) for i in range(10)]
+    contacts += [call(100 + i, at=T0 + 30 * 3600 * S + i * 60 * S) for i in range(10)]
+    events = [answered(i, 5, at=T0 + i * 60 * S) for i in range(10)]
+    events += [answered(100 + i, 5, at=T0 + 30 * 3600 * S + i * 60 * S) for i in range(8)]
+    r = voice_report(contacts, events, since=T0, until=T0 + 3 * day)
+    assert r.connection_rate == pytest.approx(18 / 20)
+    assert r.worst_24h_rate == pytest.approx(0.8)
+    assert r.worst_24h_since is not None
+    assert T0 + 7 * 3600 * S <= r.worst_24h_since <= T0 + 30 * 3600 * S
+    assert "worst 24 h             80.0 %" in "\n".join(r.lines())
+    assert voice_report(contacts, events, since=T0, until=T0 + day).worst_24h_rate is None
+
+
+def test_report_round_trips_through_its_dict() -> None:
+    from gateway.channels.voice.report import VoiceReport
+    from gateway.clock import parse_time
+
+    day = 24 * 3600 * S
+    contacts = [call(i, at=T0 + i * 3600 * S) for i in range(30)]
+    events = [answered(i, 5, at=T0 + i * 3600 * S) for i in range(25)]
+    r = voice_report(contacts, events, since=T0, until=T0 + 2 * day)
+    d = r.to_dict()
+    assert VoiceReport.from_dict(d) == r
+    # what gateway.report does with the JSON form: since/until back, the rest as is
+    v = dict(d)
+    v["since"], v["until"] = parse_time(v["since"]), parse_time(v["until"])
+    assert VoiceReport(**v).lines() == r.lines()

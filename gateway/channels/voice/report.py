@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gateway.clock import Micros, format_time
+from gateway.clock import Micros, format_time, parse_time
 from gateway.config import Settings
 from gateway.records import Contact, Event
 
@@ -45,12 +46,26 @@ class VoiceReport:
     short_abandon_s: float
     callbacks: int
     callbacks_returned: int
+    worst_24h_rate: float | None = None
+    """Lowest connection rate over the 24 h windows of a longer period, one per hour."""
+    worst_24h_since: Micros | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["since"] = format_time(self.since)
         d["until"] = format_time(self.until)
+        if self.worst_24h_since is not None:
+            d["worst_24h_since"] = format_time(self.worst_24h_since)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VoiceReport:
+        """Rebuild a report from :meth:`to_dict` (times back to microseconds)."""
+        values = dict(d)
+        for key in ("since", "until", "worst_24h_since"):
+            if isinstance(values.get(key), str):
+                values[key] = parse_time(values[key])
+        return cls(**values)
 
     def lines(self) -> list[str]:
         """Human-readable lines for ``gateway report``."""
@@ -73,6 +88,11 @@ class VoiceReport:
             f"  average speed of answer {'n/a' if asa is None else f'{asa:.1f} s'}",
             f"  callbacks returned     {self.callbacks_returned} of {self.callbacks}",
         ]
+        if self.worst_24h_rate is not None and self.worst_24h_since is not None:
+            out.append(
+                f"  worst 24 h             {pct(self.worst_24h_rate)}"
+                f" from {_when(self.worst_24h_since)}"
+            )
         if self.short_abandon_s > 0:
             out.append(
                 f"  short abandons (< {self.short_abandon_s:g} s, left out) {self.short_abandoned}"
@@ -114,13 +134,14 @@ def voice_report(
             responded.add(e.contact_id)
     for cid in answered:
         abandoned.pop(cid, None)  # an answer wins over a late or duplicated abandon
-    short = 0
+    short_ids: set[str] = set()
     if short_abandon_s > 0:
         limit_us = int(short_abandon_s * 1_000_000)
         for cid, e in list(abandoned.items()):
             if e.at - calls[cid].received_at < limit_us:
                 del abandoned[cid]
-                short += 1
+                short_ids.add(cid)
+    short = len(short_ids)
     offered = len(calls) - short
     limit_ms = answer_deadline_s * 1000
     waits = [_elapsed_ms(calls[cid], e) for cid, e in answered.items()]
@@ -131,6 +152,12 @@ def voice_report(
     )
     n_answered = len(answered)
     rate = n_answered / offered if offered else None
+    worst_rate, worst_since = _worst_day(
+        sorted(c.received_at for cid, c in calls.items() if cid not in short_ids),
+        sorted(calls[cid].received_at for cid in answered),
+        since,
+        until,
+    )
     return VoiceReport(
         since=since,
         until=until,
@@ -150,7 +177,37 @@ def voice_report(
         short_abandon_s=short_abandon_s,
         callbacks=len(callbacks),
         callbacks_returned=len(responded),
+        worst_24h_rate=worst_rate,
+        worst_24h_since=worst_since,
     )
+
+
+_DAY_US = 86_400 * 1_000_000
+_HOUR_US = 3_600 * 1_000_000
+
+
+def _worst_day(
+    offered: list[Micros], answered: list[Micros], since: Micros, until: Micros
+) -> tuple[float | None, Micros | None]:
+    """The lowest answered/offered over the period's 24 h windows, one starting every hour."""
+    if until - since <= _DAY_US:
+        return None, None
+    worst: tuple[float, Micros] | None = None
+    start = since
+    while start + _DAY_US <= until:
+        end = start + _DAY_US
+        n = bisect_left(offered, end) - bisect_left(offered, start)
+        if n:
+            rate = (bisect_left(answered, end) - bisect_left(answered, start)) / n
+            if worst is None or rate < worst[0]:
+                worst = (rate, start)
+        start += _HOUR_US
+    return (None, None) if worst is None else worst
+
+
+def _when(value: object) -> str:
+    """A time for display: microseconds, or an RFC 3339 string already."""
+    return value if isinstance(value, str) else format_time(int(value))  # type: ignore[call-overload]
 
 
 def _elapsed_ms(contact: Contact, event: Event) -> float:
