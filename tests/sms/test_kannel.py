@@ -51,6 +51,7 @@ class Case:
     sender: str = "+8613800138000"
     external_id: str = "1b3c5d7e-0000-4000-8000-000000000001"
     decoded_as: str | None = None
+    origin_at: int | None = None
 
 
 NOISE = "你好，楼下工地夜间施工噪音很大，请处理。"
@@ -89,6 +90,11 @@ CASES = [
                   "X-Kannel-From": "+8613800138000", "X-Kannel-To": "12345",
                   "X-Kannel-Coding": "2", "X-Kannel-SMSC": "cmcc"},
          text=NOISE),
+    Case("post-url with X-Kannel-Time",
+         "id=1b3c5d7e-0000-4000-8000-000000000001", method="POST", body=b"hello",
+         headers={"Content-Type": 'text/plain; charset="UTF-8"', "X-Kannel-From": "13800138000",
+                  "X-Kannel-To": "12345", "X-Kannel-Time": "2026-11-25 08:00:00"},
+         text="hello", origin_at=1795593600_000000),
     Case("post-url 8-bit GBK body",
          "id=1b3c5d7e-0000-4000-8000-000000000001", method="POST", body=NOISE.encode("gbk"),
          headers={"Content-Type": "application/octet-stream", "X-Kannel-From": "13800138000",
@@ -138,6 +144,10 @@ async def test_inbound(case: Case, start_gateway: Any) -> None:
     assert contact.deadline.kind == "response"
     if case.decoded_as:
         assert contact.meta["decoded_as"] == case.decoded_as
+    if "time=" in case.query:
+        assert contact.origin_at == 1795594480_000000
+    elif case.origin_at is not None:
+        assert contact.origin_at == case.origin_at
 
 
 async def kannel_get(

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote_plus, unquote_to_bytes, urlencode
@@ -199,6 +200,12 @@ def parse_request(
         udh = unquote_to_bytes(headers["x-kannel-udh"].strip())
     time_raw = _ascii(_pick(params, "time"))
     origin: int | None = None
+    if not time_raw and headers.get("x-kannel-time"):  # post-url: "2026-11-25 08:00:00" UTC
+        try:
+            stamp = datetime.strptime(headers["x-kannel-time"].strip(), "%Y-%m-%d %H:%M:%S")
+        except ValueError as exc:
+            raise common.BadRequest("X-Kannel-Time is not YYYY-MM-DD HH:MM:SS") from exc
+        time_raw = str(int(stamp.replace(tzinfo=UTC).timestamp()))
     if time_raw:
         try:
             origin = int(time_raw)
