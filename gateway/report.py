@@ -197,6 +197,7 @@ def build(
         "by": by,
         "channels": [figures[k].as_dict() for k in sorted(figures)],
         "voice": None if voice is None else voice.to_dict(),
+        "voice_lines": [] if voice is None else voice.lines(),
         "series": {
             "volume_per_hour": volume,
             "answer_times_ms": sorted(answer_ms),
@@ -288,14 +289,9 @@ def render(report: dict[str, Any], fmt: str) -> str:
     lines.append("  ".join(f"{c:>{widths[c]}}" for c in columns))
     for row in rows:
         lines.append("  ".join(f"{_cell(row.get(c)):>{widths[c]}}" for c in columns))
-    if report.get("voice"):
-        from gateway.channels.voice.report import VoiceReport
-        from gateway.clock import parse_time
-
-        v = dict(report["voice"])
-        v["since"], v["until"] = parse_time(v["since"]), parse_time(v["until"])
+    if report.get("voice_lines"):
         lines.append("")
-        lines.extend(VoiceReport(**v).lines())
+        lines.extend(report["voice_lines"])
     return "\n".join(lines) + "\n"
 
 
