@@ -255,11 +255,33 @@ class FakeWeChatApi(LocalServer):
         self.sent: list[dict[str, Any]] = []
         self.errors: list[int] = []
         self.app.router.add_get("/cgi-bin/token", self.token)
+        self.app.router.add_post("/cgi-bin/stable_token", self.stable_token)
+        self.token_calls: list[str] = []
         self.app.router.add_post("/cgi-bin/message/custom/send", self.custom_send)
         self.media: dict[str, tuple[str, bytes]] = {}
         self.app.router.add_get("/cgi-bin/media/get", self.media_get)
 
+    async def stable_token(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.token_calls.append("stable" + (" force" if body.get("force_refresh") else ""))
+        if (body.get("grant_type"), body.get("appid"), body.get("secret")) != (
+            "client_credential",
+            self.app_id,
+            self.app_secret,
+        ):
+            return web.json_response({"errcode": 40125, "errmsg": "invalid appsecret"})
+        if self.valid and not body.get("force_refresh"):
+            return web.json_response({"access_token": next(iter(self.valid)), "expires_in": 7000})
+        return self._issue()
+
+    def _issue(self) -> web.Response:
+        self.tokens_issued += 1
+        token = f"ACCESS_TOKEN_{self.tokens_issued}"
+        self.valid = {token}
+        return web.json_response({"access_token": token, "expires_in": 7200})
+
     async def token(self, request: web.Request) -> web.Response:
+        self.token_calls.append("classic")
         q = request.query
         if (
             q.get("grant_type") != "client_credential"
@@ -267,10 +289,7 @@ class FakeWeChatApi(LocalServer):
             or q.get("secret") != self.app_secret
         ):
             return web.json_response({"errcode": 40125, "errmsg": "invalid appsecret"})
-        self.tokens_issued += 1
-        token = f"ACCESS_TOKEN_{self.tokens_issued}"
-        self.valid = {token}
-        return web.json_response({"access_token": token, "expires_in": 7200})
+        return self._issue()
 
     async def media_get(self, request: web.Request) -> web.Response:
         if request.query.get("access_token") not in self.valid:

@@ -260,6 +260,17 @@ async def test_reply_through_customer_service_api_refreshes_the_token(
     await adapter.send(contact, Reply(contact.id, "third"))
     assert wechat_api.tokens_issued == 2  # refreshed after errcode 40001, then sent
     assert [m["text"]["content"] for m in wechat_api.sent] == ["已派单维修", "second", "third"]
+    # stable_token: plain fetch first, a forced refresh only after WeChat called the token invalid
+    assert wechat_api.token_calls == ["stable", "stable force"]
+
+
+async def test_classic_token_api(start_gateway: Any, wechat_api: FakeWeChatApi) -> None:
+    gw = await _gateway(start_gateway, wechat_api, stable_token=False)
+    await _post(gw, p.wechat_query(NOW_S), p.text("x", create_time=NOW_S, msg_id=1))
+    [contact] = await gw.read_contacts()
+    await gw.adapters["wx"].send(contact, Reply(contact.id, "r"))
+    assert wechat_api.token_calls == ["classic"]
+    assert len(wechat_api.sent) == 1
 
 
 @pytest.mark.parametrize(

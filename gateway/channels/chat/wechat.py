@@ -81,6 +81,9 @@ class WeChatConfig:
     event_contacts: bool = True
     """subscribe / unsubscribe events become contacts (``meta.event``)."""
     api_base: str = "https://api.weixin.qq.com"
+    stable_token: bool = True
+    """Fetch tokens from /cgi-bin/stable_token, which does not invalidate the token held by other
+    systems sharing the AppSecret; false: /cgi-bin/token (each fetch invalidates the last)."""
     fetch_media: tuple[str, ...] = ("image", "voice")
     """Message types whose media is downloaded (temporary media API) before WeChat is answered."""
     media_budget: Duration = _MEDIA_BUDGET
@@ -201,6 +204,7 @@ class WeChatAdapter(PushAdapter):
             event_contacts=config.event_contacts,
         )
         self.access_token = AccessToken(self._fetch_token)
+        self._force_refresh = False
 
     def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:
         encrypted = query.get("encrypt_type", "raw").lower() == "aes"
@@ -277,6 +281,7 @@ class WeChatAdapter(PushAdapter):
                     except (orjson.JSONDecodeError, AttributeError):
                         code = None
                     if code in _TOKEN_EXPIRED:
+                        self._force_refresh = True
                         self.access_token.invalidate(token)
                     raise SendError(f"media/get errcode {code}, HTTP {resp.status}", retryable=True)
                 data = await read_capped(resp.content, limit)
@@ -290,16 +295,23 @@ class WeChatAdapter(PushAdapter):
     async def _fetch_token(self) -> tuple[str, float]:
         if not self.config.app_secret:
             raise TokenError("app_secret is not configured")
-        result = await call_json(
-            self.session,
-            "GET",
-            f"{self.config.api_base}/cgi-bin/token",
-            params={
-                "grant_type": "client_credential",
-                "appid": self.config.app_id,
-                "secret": self.config.app_secret.reveal(),
-            },
-        )
+        credentials = {
+            "grant_type": "client_credential",
+            "appid": self.config.app_id,
+            "secret": self.config.app_secret.reveal(),
+        }
+        if self.config.stable_token:
+            force, self._force_refresh = self._force_refresh, False
+            result = await call_json(
+                self.session,
+                "POST",
+                f"{self.config.api_base}/cgi-bin/stable_token",
+                json={**credentials, "force_refresh": force},
+            )
+        else:
+            result = await call_json(
+                self.session, "GET", f"{self.config.api_base}/cgi-bin/token", params=credentials
+            )
         token = result.get("access_token")
         if not isinstance(token, str) or not token:
             raise TokenError(f"errcode {result.get('errcode')}")
@@ -327,6 +339,7 @@ class WeChatAdapter(PushAdapter):
                 msgid = result.get("msgid")
                 return SendReceipt(external_id=None if msgid is None else str(msgid))
             if code in _TOKEN_EXPIRED and attempt == 1:
+                self._force_refresh = True
                 self.access_token.invalidate(token)
                 continue
             retryable = code in _RETRYABLE or code in _TOKEN_EXPIRED
