@@ -93,7 +93,7 @@ def build_inbound(
     if not uniqueid:
         raise ValueError("agi_uniqueid is missing")
     raw_number = known(env.get("agi_callerid"))
-    address = (to_e164(raw_number, config.default_region) or "") if raw_number else ""
+    address = caller_address(raw_number, config.default_region) if raw_number else ""
     name = known(env.get("agi_calleridname"))
     if name is not None and raw_number is not None and name == raw_number:
         name = None  # Asterisk repeats the number when there is no name
@@ -129,6 +129,18 @@ def build_inbound(
         language=language,
         meta=meta,
     )
+
+
+_NOT_DIGIT = re.compile(r"\D")
+
+
+def caller_address(raw: str, region: str) -> str:
+    """E.164 when the caller id is a number; its digits otherwise (short codes); else ``""``."""
+    number = to_e164(raw, region) or ""
+    digits = _NOT_DIGIT.sub("", number)
+    if not digits:
+        return ""
+    return f"+{digits}" if number.startswith("+") else digits
 
 
 def pick_queue(recipient: str, language: str | None, config: RoutingConfig) -> str:

@@ -437,9 +437,9 @@ class CallTracker:
     async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> None:
         sender = call.sender
         if (sender is None or not sender.address) and call.caller_number:
-            from gateway.phone import to_e164
+            from gateway.channels.voice.intake import caller_address
 
-            address = to_e164(call.caller_number, self.default_region)
+            address = caller_address(call.caller_number, self.default_region)
             if address:
                 sender = Sender(address=address, name=sender.name if sender else None)
         if sender is None or not sender.address:
