@@ -253,9 +253,11 @@ class FakeWeChatApi(LocalServer):
         self.tokens_issued = 0
         self.valid: set[str] = set()
         self.sent: list[dict[str, Any]] = []
-        self.errors: list[int] = []
+        self.errors: list[int | None] = []
+        self.uploads: dict[str, tuple[str, str, bytes]] = {}
         self.app.router.add_get("/cgi-bin/token", self.token)
         self.app.router.add_post("/cgi-bin/stable_token", self.stable_token)
+        self.app.router.add_post("/cgi-bin/media/upload", self.media_upload)
         self.token_calls: list[str] = []
         self.app.router.add_post("/cgi-bin/message/custom/send", self.custom_send)
         self.media: dict[str, tuple[str, bytes]] = {}
@@ -291,6 +293,19 @@ class FakeWeChatApi(LocalServer):
             return web.json_response({"errcode": 40125, "errmsg": "invalid appsecret"})
         return self._issue()
 
+    async def media_upload(self, request: web.Request) -> web.Response:
+        if request.query.get("access_token") not in self.valid:
+            return web.json_response({"errcode": 40001, "errmsg": "invalid credential"})
+        if request.query.get("type") != "image":
+            return web.json_response({"errcode": 40004, "errmsg": "invalid media type"})
+        form = await request.post()
+        media = form.get("media")
+        if media is None or isinstance(media, str):
+            return web.json_response({"errcode": 41005, "errmsg": "media data missing"})
+        media_id = f"MEDIA_{len(self.uploads) + 1}"
+        self.uploads[media_id] = (media.filename, media.content_type, media.file.read())
+        return web.json_response({"type": "image", "media_id": media_id, "created_at": 1795594483})
+
     async def media_get(self, request: web.Request) -> web.Response:
         if request.query.get("access_token") not in self.valid:
             return web.json_response({"errcode": 40001, "errmsg": "invalid credential"})
@@ -316,7 +331,9 @@ class FakeWeChatApi(LocalServer):
                 }
             )
         if self.errors:
-            return web.json_response({"errcode": self.errors.pop(0), "errmsg": "error"})
+            code = self.errors.pop(0)
+            if code is not None:
+                return web.json_response({"errcode": code, "errmsg": "error"})
         raw = await request.read()
         self.sent.append(orjson.loads(raw))
         return web.json_response({"errcode": 0, "errmsg": "ok"})

@@ -334,3 +334,25 @@ async def test_image_and_voice_media_are_fetched_into_the_attachment_store(
     ]
     assert contacts["14"].attachments == ()  # video is not fetched by default
     assert wechat_api.tokens_issued == 1
+
+
+async def test_image_attachments_are_uploaded_and_sent_after_the_text(
+    start_gateway: Any, wechat_api: FakeWeChatApi
+) -> None:
+    gw = await _gateway(start_gateway, wechat_api)
+    await _post(gw, p.wechat_query(NOW_S), p.text("x", create_time=NOW_S, msg_id=1))
+    [contact] = await gw.read_contacts()
+    jpeg = b"\xff\xd8\xff\xe0" + b"m" * 1000
+    photo = await gw.attachments.put(jpeg, "维修现场.jpg", "image/jpeg")
+    pdf = await gw.attachments.put(b"%PDF", "回执.pdf", "application/pdf")
+    wechat_api.errors = [None, -1]  # the text goes, the image meets "system busy"
+    with pytest.raises(SendError) as info:
+        await gw.adapters["wx"].send(contact, Reply(contact.id, "已修复", (photo, pdf), id="r-9"))
+    assert info.value.retryable
+    receipt = await gw.adapters["wx"].send(
+        contact, Reply(contact.id, "已修复", (photo, pdf), id="r-9")
+    )
+    assert [m["msgtype"] for m in wechat_api.sent] == ["text", "image"]  # the text only once
+    media_id = wechat_api.sent[1]["image"]["media_id"]
+    assert wechat_api.uploads[media_id] == (f"{photo.sha256[:16]}.jpg", "image/jpeg", jpeg)
+    assert receipt.detail == {"skipped": ["回执.pdf"]}
