@@ -1,6 +1,7 @@
 """Language hint for text contacts: by writing system, refined by a few cheap cues.
 
-``guess_language`` is pure and fast (one pass over at most ``_SAMPLE`` characters). It gives a
+``guess_language`` is pure and fast (compiled character classes over at most the first 2000
+characters: a few microseconds for a chat message). It gives a
 BCP 47 primary tag that case systems can use to pick a language seat, or None when the text has
 no letters. Scripts decide first (Han ``zh``, kana ``ja``, hangul ``ko``, Cyrillic ``ru``,
 Arabic ``ar``, ...); Latin text is told apart by common function words and diacritics,
