@@ -24,9 +24,13 @@ CLASSIC_HEADER = (
 )
 
 
-async def run_classic(args: list[str], stdin: bytes, **env: str) -> tuple[int, dict[str, str]]:
+async def run_classic(
+    args: list[str], stdin: bytes, *, via_cli: bool = False, **env: str
+) -> tuple[int, dict[str, str]]:
+    """Run the script as Asterisk would: ``gateway agi ...`` (or the module), piped stdin."""
+    entry = ["-m", "gateway", "agi"] if via_cli else ["-m", "gateway.channels.voice.classic"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.channels.voice.classic", *args,
+        sys.executable, *entry, *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -82,10 +86,12 @@ async def test_classic_agi_posts_the_contact_and_sets_the_variables(
     }
     assert contact.deadline.due_at == T0 + 15_000_000
 
-    # Asterisk re-running the dialplan: same contact
+    # Asterisk re-running the dialplan, through the `gateway agi` command: same contact
     code, again = await run_classic(
-        ["--url", f"http://127.0.0.1:{gw.http_port}/v1/intake"], CLASSIC_HEADER + REPLIES
+        [f"url=http://127.0.0.1:{gw.http_port}/v1/intake"], CLASSIC_HEADER + REPLIES,
+        via_cli=True,
     )
+    assert code == 0
     assert again["GATEWAY_CONTACT_ID"] == contact.id
     assert len(await gw.read_contacts()) == 1
 

@@ -6,11 +6,12 @@ header block through pyst2, posts the contact to the gateway's ``POST /v1/intake
 channel variables as the FastAGI ``intake`` script. Whatever fails, it sets
 ``GATEWAY_STATUS=FAILED`` and exits 0 so that the call goes on to the queue.
 
-Dialplan: ``same => n,AGI(/opt/gateway/.venv/bin/gateway,agi)``.
-Options (or environment): ``--url`` (``GATEWAY_INTAKE_URL``, default
-``http://127.0.0.1:8080/v1/intake``), the API key from ``GATEWAY_API_KEY`` or ``--api-key-file``,
-``--config FILE --adapter NAME`` to take ``languages``/``queues``/``default_queue``/
-``default_region``/``repeat_priority`` from that adapter's table, ``--timeout`` seconds.
+Dialplan: ``same => n,AGI(/opt/gateway/.venv/bin/gateway,agi,url=http://gw:8080/v1/intake)``.
+Options, as ``--name=value`` or ``name=value``, or environment: ``url``
+(``GATEWAY_INTAKE_URL``, default ``http://127.0.0.1:8080/v1/intake``), the API key from
+``GATEWAY_API_KEY`` or ``api-key-file``, ``config=FILE adapter=NAME`` to take ``languages``/
+``queues``/``default_queue``/``default_region``/``repeat_priority`` from that adapter's table,
+``timeout`` in seconds.
 """
 
 from __future__ import annotations
@@ -57,8 +58,16 @@ def _options(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", ""))
     p.add_argument("--adapter", default="asterisk")
     p.add_argument("--timeout", type=float, default=2.0)
-    opts, _ = p.parse_known_args(list(argv))
+    # ``name=value`` words work like ``--name=value``: the dialplan can pass them through
+    # command lines that would take a leading ``--`` for their own options.
+    words = [
+        f"--{w}" if "=" in w and w.split("=", 1)[0] in _OPTION_NAMES else w for w in argv
+    ]
+    opts, _ = p.parse_known_args(words)
     return opts
+
+
+_OPTION_NAMES = frozenset({"url", "api-key-file", "config", "adapter", "timeout"})
 
 
 def _api_key(opts: argparse.Namespace) -> str:
