@@ -167,18 +167,24 @@ class AmiClient:
 
     async def _run(self) -> None:
         delay = self.reconnect_min
+        failures = 0
         while True:
+            logins = self.logins
             try:
                 await self._session()
-                delay = self.reconnect_min
             except AmiAuthError:
                 self.login_failures += 1
                 log.error("AMI login refused for user %r; retrying in %.0fs",
                           self.username, self.reconnect_max)
                 delay = self.reconnect_max
             except (OSError, AmiError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                log.warning("AMI %s:%d unavailable (%s); retrying in %.1fs",
-                            self.host, self.port, exc or type(exc).__name__, delay)
+                if self.logins > logins:  # it was up: start over with short retries
+                    failures, delay = 0, self.reconnect_min
+                failures += 1
+                # the first failure and then one in 20: an Asterisk down for hours is no flood
+                level = logging.WARNING if failures % 20 == 1 else logging.DEBUG
+                log.log(level, "AMI %s:%d unavailable (%s); retrying in %.1fs (attempt %d)",
+                        self.host, self.port, exc or type(exc).__name__, delay, failures)
             except Exception:
                 log.exception("AMI session failed")
             self.connected.clear()
