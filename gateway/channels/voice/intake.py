@@ -34,15 +34,6 @@ log = logging.getLogger(__name__)
 
 _UNKNOWN = frozenset({"", "unknown", "<unknown>", "anonymous", "restricted", "private"})
 
-VARIABLES = (
-    "GATEWAY_CONTACT_ID",
-    "GATEWAY_ANSWER_BY",
-    "GATEWAY_QUEUE",
-    "GATEWAY_PRIORITY",
-    "GATEWAY_STATUS",
-)
-
-
 class RoutingConfig(Protocol):
     """The config keys the intake needs (``AsteriskConfig`` has them)."""
 

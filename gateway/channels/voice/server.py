@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.channels.voice.agi import (
     MAX_HEADER_BYTES,
@@ -35,7 +35,6 @@ class AgiSession:
     received_at: Micros
     channel: AgiChannel
     peer: str = ""
-    facts: dict[str, object] = field(default_factory=dict)
 
 
 Handler = Callable[[AgiSession], Awaitable[None]]
