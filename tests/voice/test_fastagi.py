@@ -365,3 +365,19 @@ async def test_logs_carry_no_full_phone_number(
     assert "1795594483.1" in caplog.text  # the call was logged ...
     assert "13800138000" not in caplog.text  # ... without the caller's number
     assert "Test Caller" not in caplog.text
+
+
+@pytest.mark.parametrize(("allow", "served"), [(["10.0.0.0/8"], False), (["127.0.0.1"], True)])
+async def test_agi_allow_list(start_gateway: Any, allow: list[str], served: bool) -> None:
+    gw = await start_voice(start_gateway, agi_allow=allow)
+    call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    assert call.closed_by_server
+    assert bool(call.variables) is served
+    assert len(await gw.read_contacts()) == (1 if served else 0)
+
+
+async def test_agi_allow_list_is_checked_at_start(start_gateway: Any) -> None:
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"adapters.asterisk.agi_allow\[1\]"):
+        await start_voice(start_gateway, agi_allow=["10.0.0.0/8", "not-a-network"])

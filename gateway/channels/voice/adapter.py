@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,7 +14,7 @@ from gateway.channels.voice.ami import AmiClient
 from gateway.channels.voice.intake import IntakeScript
 from gateway.channels.voice.server import FastAgiServer
 from gateway.channels.voice.tracker import CallTracker
-from gateway.config import Duration, HostPort, Secret
+from gateway.config import ConfigError, Duration, HostPort, Secret
 from gateway.records import Contact, Reply
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class AsteriskConfig:
     """``[adapters.<name>]`` with ``type = "asterisk"``."""
 
     agi_listen: HostPort = HostPort("127.0.0.1", 4573)
+    agi_allow: tuple[str, ...] = ()
+    """Addresses or networks (``"10.1.2.3"``, ``"10.1.0.0/16"``) allowed to connect to FastAGI,
+    which has no authentication of its own; empty: any peer that reaches the listener."""
     ami: AmiConfig | None = None
     default_region: str = "CN"
     """Region for caller ids without a country code (``to_e164``)."""
@@ -100,6 +104,7 @@ class AsteriskAdapter:
             config.agi_listen.port,
             ctx.clock,
             session_timeout=float(config.session_timeout),
+            allow=config.agi_allow,
         )
         self.ami: AmiClient | None = None
         if config.ami is not None:
@@ -154,6 +159,12 @@ class AsteriskAdapter:
 
 
 def _factory(ctx: AdapterContext, config: AsteriskConfig) -> AsteriskAdapter:
+    for i, net in enumerate(config.agi_allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            key = f"adapters.{ctx.name}.agi_allow[{i}]"
+            raise ConfigError([(key, f"not an address or network: {net!r}")]) from None
     return AsteriskAdapter(ctx, config)
 
 

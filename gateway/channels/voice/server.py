@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class FastAgiServer:
         *,
         session_timeout: float = 10.0,
         max_header_bytes: int = MAX_HEADER_BYTES,
+        allow: tuple[str, ...] = (),
     ) -> None:
         self.handlers = dict(handlers)
         self.host = host
@@ -64,6 +66,8 @@ class FastAgiServer:
         self.clock = clock
         self.session_timeout = session_timeout
         self.max_header_bytes = max_header_bytes
+        self.allow = tuple(ipaddress.ip_network(net, strict=False) for net in allow)
+        """FastAGI has no authentication: when set, only these peers are served."""
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self.sessions_total = 0
@@ -94,6 +98,9 @@ class FastAgiServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         received_at = self.clock.now_us()
+        if self.allow and not self._allowed(writer):
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._sessions.add(task)
@@ -115,6 +122,17 @@ class FastAgiServer:
             writer.close()
             if task is not None:
                 self._sessions.discard(task)
+
+    def _allowed(self, writer: asyncio.StreamWriter) -> bool:
+        peer = writer.get_extra_info("peername")
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        if any(address in net for net in self.allow):
+            return True
+        log.warning("FastAGI connection from %s refused (not in agi_allow)", address)
+        return False
 
     async def _session(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received_at: Micros
