@@ -1,0 +1,1 @@
+"""Chat channels: Telegram, WeChat Official Accounts and Weibo fan service private messages."""

@@ -541,7 +541,9 @@ class PushAdapter:
             received_at=received_at,
             attachments=attachments,
         )
-        receipt = await submit_within(self.ctx, inbound, ANSWER_WITHIN_S)
+        # one 4 s budget for everything before the answer (media download included)
+        budget = max(ANSWER_WITHIN_S - (loop.time() - started), 0.5)
+        receipt = await submit_within(self.ctx, inbound, budget)
         if receipt is None:
             log.warning("%s: push not durable in time; letting the platform time out", self.name)
             await asyncio.sleep(max(0.0, started + PLATFORM_WAIT_S - loop.time()))
