@@ -144,12 +144,14 @@ class FakeAmi:
         secret: str = "s3cret",
         chunk: int = 7,
         live_channels: list[str] | None = None,
+        answer_ping: bool = True,
     ) -> None:
         self.sessions = list(sessions)
         self.live_channels = live_channels
         """Uniqueids listed by CoreShowChannels; None answers it like a user without
         ``write = reporting`` (Permission denied)."""
         self.actions: list[dict[str, str]] = []
+        self.answer_ping = answer_ping
         self.username = username
         self.secret = secret
         self.chunk = chunk
@@ -237,6 +239,8 @@ class FakeAmi:
                 self.actions.append(action)
                 action_id = action.get("ActionID", "")
                 name = action.get("Action", "").lower()
+                if name == "ping" and not self.answer_ping:
+                    continue  # a manager that hangs: the socket stays open, nothing comes back
                 if name == "ping":
                     reply = f"Response: Success\r\nActionID: {action_id}\r\nPing: Pong\r\n"
                     reply += "Timestamp: 1795594483.000000\r\n\r\n"

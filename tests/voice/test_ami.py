@@ -354,3 +354,18 @@ async def test_two_instances_following_one_call_record_one_outcome(start_gateway
     assert [e.contact_id for e in of_type(events, "abandoned")] == [contact_id]
     callbacks = [c for c in await first.read_contacts() if c.meta.get("callback")]
     assert len(callbacks) == 1
+
+
+async def test_a_silent_manager_is_pinged_then_reconnected(start_gateway: Any) -> None:
+    ami = FakeAmi([], answer_ping=False)
+    await ami.start()
+    table = {
+        "type": "asterisk",
+        "agi_listen": "127.0.0.1:0",
+        "ami": {"host": "127.0.0.1", "port": ami.port, "username": "gateway", "secret": SECRET,
+                "reconnect_min": "20ms", "reconnect_max": "100ms", "ping_interval": "100ms"},
+    }
+    gw = await start_gateway(adapters={"asterisk": table}, clock=FixedClock(T0))
+    client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    await until(lambda: client.logins >= 2)
+    assert [a["Action"] for a in ami.actions].count("Ping") >= 1
