@@ -23,7 +23,16 @@ from gateway.channels.chat.telegram import (
 )
 from gateway.config import Secret
 from gateway.records import Inbound, Reply
-from tests.chat.fakes import BOT_ID, BOT_TOKEN, BOT_USERNAME, FakeBotApi, group_chat, message, user
+from tests.chat.fakes import (
+    BOT_ID,
+    BOT_TOKEN,
+    BOT_USERNAME,
+    FakeBotApi,
+    group_chat,
+    message,
+    private_chat,
+    user,
+)
 
 SECRET = "s3cret-Token_1"
 PUBLIC = "https://hotline.example.gov.cn"
@@ -580,6 +589,64 @@ async def test_polling_never_confirms_an_update_intake_refused(
     # confirmed); only once both were durable did it ask for 302
     assert bot_api.offsets[:3] == [None, None, 302]
     assert [c.text for c in await gw.read_contacts()] == ["first", "second"]
+
+
+class RefusingIntake:
+    """The real Intake, refusing the named external ids once each."""
+
+    def __init__(self, intake: Any, refuse: set[str]) -> None:
+        self.intake = intake
+        self.refuse = set(refuse)
+        self.refused: list[str] = []
+
+    async def submit(self, inbound: Inbound) -> Receipt:
+        if inbound.external_id in self.refuse:
+            self.refuse.discard(inbound.external_id)
+            self.refused.append(inbound.external_id)
+            raise IntakeUnavailable("down for this one")
+        receipt: Receipt = await self.intake.submit(inbound)
+        return receipt
+
+
+async def test_polling_takes_chats_in_parallel_but_confirms_only_a_durable_prefix(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await start_gateway()
+    a_chat, b_chat = private_chat(1001), private_chat(1002)
+    refusing = RefusingIntake(gw.intake, {"1001:1"})
+    ctx = AdapterContext(
+        name="tg",
+        intake=refusing,
+        events=gw.queue,
+        contacts=gw.queue,
+        router=gw.app.router,
+        attachments=gw.attachments,
+        clock=gw.clock,
+        settings=gw.settings,
+    )
+    config = TelegramConfig(
+        token=Secret(BOT_TOKEN),
+        mode="polling",
+        api_base=bot_api.api_base,
+        file_base=bot_api.file_base,
+        poll_timeout=1,
+    )  # type: ignore[arg-type]
+    adapter = TelegramAdapter(ctx, config)
+    bot_api.push({"update_id": 400, "message": message(1, a_chat, text="A1")})
+    bot_api.push({"update_id": 401, "message": message(1, b_chat, text="B1")})
+    bot_api.push({"update_id": 402, "message": message(2, a_chat, text="A2")})
+    await adapter.start()
+    try:
+        for _ in range(800):
+            if adapter.offset == 403:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await adapter.stop()
+    assert refusing.refused == ["1001:1"]
+    assert bot_api.offsets[:3] == [None, None, 403]  # 400 failed: nothing confirmed until retaken
+    texts = [c.text for c in await gw.read_contacts()]
+    assert texts == ["B1", "A1", "A2"]  # B went on in parallel; A kept its order
 
 
 # ---------------------------------------------------------------- fuzzing the decoder

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final, Literal
@@ -452,9 +453,27 @@ class TelegramAdapter:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            for update in updates:
-                if self.offset is not None and update.update_id < self.offset:
-                    continue
+            if not await self._take_batch(updates, received_at):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _take_batch(self, updates: Sequence[Update], received_at: Micros) -> bool:
+        """Take one getUpdates batch; return False when some update could not be taken.
+
+        Chats go in parallel, each chat's updates in order (a failure holds that chat's later
+        updates back). The offset then moves over the longest prefix of the batch that is all
+        durable: nothing after an update that failed is confirmed (what was taken after it is
+        fetched again and dedupes).
+        """
+        pending = [u for u in updates if self.offset is None or u.update_id >= self.offset]
+        chains: dict[int | None, list[Update]] = {}
+        for update in pending:
+            chat = update.effective_chat
+            chains.setdefault(chat.id if chat is not None else None, []).append(update)
+        taken: set[int] = set()
+
+        async def run(chain: list[Update]) -> None:
+            for update in chain:
                 try:
                     await self.take(update, received_at)
                 except Exception as exc:  # IntakeUnavailable, or a disk error storing a file
@@ -464,10 +483,15 @@ class TelegramAdapter:
                         update.update_id,
                         type(exc).__name__,
                     )
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    break
-                self.offset = update.update_id + 1
+                    return
+                taken.add(update.update_id)
+
+        await asyncio.gather(*(run(chain) for chain in chains.values()))
+        for update in pending:
+            if update.update_id not in taken:
+                return False
+            self.offset = update.update_id + 1
+        return True
 
     # -------------------------------------------------------------- replies
 
