@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -231,10 +232,13 @@ async def bench_pyst2(calls: int, parallel: int) -> dict[str, Any]:
             await proc.communicate(HEADER.format(run="p", n=n).encode() + replies)
             latencies.append(time.perf_counter() - started)
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     await asyncio.gather(*(one(n) for n in range(calls)))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"sessions": calls, "seconds": time.perf_counter() - started,
-            "latencies": latencies, "server_cpu": float("nan")}
+            "latencies": latencies, "server_cpu": cpu}
 
 
 async def main(args: argparse.Namespace) -> None:
