@@ -58,17 +58,19 @@ class DeadlineWatcher:
         self.interval_s = max(0.01, float(section.interval))
         self._sha = ""
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True  # the loop ends even if a client call swallows the cancellation
         task, self._task = self._task, None
         await cancel_and_wait(task)
 
     async def _run(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
                 delay = await self._until_next()

@@ -53,6 +53,7 @@ class EventIndexer:
             client, keys.events, GROUP, consumer, lambda d: d
         )
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         try:
@@ -62,6 +63,7 @@ class EventIndexer:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True  # the loop ends even if a client call swallows the cancellation
         task, self._task = self._task, None
         await cancel_and_wait(task)
 
@@ -70,7 +72,7 @@ class EventIndexer:
         backoff = 0.5
         last_reclaim = 0.0
         own_pending = True
-        while True:
+        while not self._stopping:
             try:
                 if own_pending:
                     await self._index(await self._raw_read("0", None))

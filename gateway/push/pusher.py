@@ -181,6 +181,7 @@ class Lane:
         self._acks: dict[str, list[str]] = {}
         self._lease_lost = False
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def ensure_groups(self) -> None:
         """Create the subscriber's groups at the streams' current end (only new entries)."""
@@ -195,6 +196,7 @@ class Lane:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True  # the loop ends even if a client call swallows the cancellation
         task, self._task = self._task, None
         await cancel_and_wait(task)
         with contextlib.suppress(Exception):
@@ -220,7 +222,7 @@ class Lane:
 
     async def _run(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._stopping:
             try:
                 if not await self._lease():
                     await asyncio.sleep(LEASE_MS / 3000)
@@ -244,7 +246,7 @@ class Lane:
         try:
             self._buffer = await self._take_over_pending()
             self._buffer.sort(key=lambda i: i.order)
-            while not renewer.done():
+            while not renewer.done() and not self._stopping:
                 await self._deliver_ready()
                 await self._flush_acks()
                 await self._read_new()
@@ -344,7 +346,7 @@ class Lane:
         attempt = 0
         while True:
             attempt += 1
-            if self._lease_lost:
+            if self._lease_lost or self._stopping:
                 raise LeaseLost(sub.name)
             try:
                 await post_once(self.session, sub, item, attempt)

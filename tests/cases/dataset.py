@@ -59,7 +59,8 @@ def build(now: Micros) -> tuple[list[Contact], list[Event]]:
     h = now - now % HOUR - 2 * HOUR
     v = [contact(f"v{i}", "voice", h + 600 * S + i * S) for i in range(1, 6)]
     s = [contact(f"s{i}", "sms", h + 4200 * S + i * S) for i in range(1, 5)]
-    s.append(contact("s5", "sms", now - 60 * S))  # not yet due
+    # not yet due, and inside the current hour even in its first minute
+    s.append(contact("s5", "sms", now - max(1, min(60 * S, (now % HOUR) // 2))))
     e = [contact("e1", "email", h + 1200 * S)]
     events = [
         settle(v[0], "answered", 5),
