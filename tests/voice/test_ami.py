@@ -259,6 +259,7 @@ async def test_call_known_only_from_ami_varset(start_gateway: Any) -> None:
     (cb,) = await until(callback)
     assert cb.sender.address == "+8613800138000"
     assert cb.thread == contact_id
+    assert cb.recipient == "12345"
 
 
 async def test_failed_login_retries_without_leaking_the_secret(

@@ -394,6 +394,8 @@ class CallTracker:
                 call.sender = contact.sender
                 call.recipient = call.recipient or contact.recipient
                 call.language = call.language or contact.language
+                call.recipient = call.recipient or contact.recipient
+                call.language = call.language or contact.language
         detail: dict[str, Any] = {"reason": call.gone_reason or "hangup"}
         detail.update({k: v for k, v in call.abandon.items() if v is not None})
         if call.queue and "queue" not in detail:
