@@ -712,3 +712,11 @@ def test_split_text_fuzz(text: str, limit: int) -> None:
     parts = split_text(text, limit)
     assert "".join(parts) == text
     assert all(0 < len(part.encode("utf-16-le", "surrogatepass")) // 2 <= limit for part in parts)
+
+
+async def test_secret_check_can_be_turned_off_by_the_operator(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api, verify=False)
+    assert await _post(gw, {"update_id": 5, "message": message(5, text="x")}, None) == 200
+    assert len(await gw.read_contacts()) == 1

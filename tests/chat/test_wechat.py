@@ -356,3 +356,11 @@ async def test_image_attachments_are_uploaded_and_sent_after_the_text(
     media_id = wechat_api.sent[1]["image"]["media_id"]
     assert wechat_api.uploads[media_id] == (f"{photo.sha256[:16]}.jpg", "image/jpeg", jpeg)
     assert receipt.detail == {"skipped": ["回执.pdf"]}
+
+
+async def test_verification_can_be_turned_off_by_the_operator(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway, verify=False)
+    assert await _post(
+        gw, f"timestamp={NOW_S - 99999}&nonce=1", p.text("x", create_time=NOW_S, msg_id=8)
+    ) == (200, "success")
+    assert [c.external_id for c in await gw.read_contacts()] == ["8"]
