@@ -267,19 +267,20 @@ async def test_hostile_bytes_never_crash_the_listener(start_gateway: Any, data: 
     assert ok.variables["GATEWAY_STATUS"] == "OK"
 
 
-_gateways: dict[int, Any] = {}
+_shared: dict[str, Any] = {"start": None, "gateway": None}
 
 
 async def _shared_gateway(start_gateway: Any) -> Any:
-    key = id(start_gateway)
-    if key not in _gateways:
-        _gateways.clear()
-        _gateways[key] = await start_gateway(
+    """One gateway for all examples of a test (the fixture object itself is the key, so a
+    later test's fixture is never mistaken for this one)."""
+    if _shared["start"] is not start_gateway:
+        _shared["start"] = start_gateway
+        _shared["gateway"] = await start_gateway(
             adapters={"asterisk": {"type": "asterisk", "agi_listen": "127.0.0.1:0",
                                    "session_timeout": "1s"}},
             clock=FixedClock(),
         )
-    return _gateways[key]
+    return _shared["gateway"]
 
 
 async def test_listener_serves_after_fuzzing(start_gateway: Any) -> None:
