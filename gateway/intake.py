@@ -75,7 +75,7 @@ class Intake:
     async def submit(self, inbound: Inbound) -> Receipt:
         """Make ``inbound`` durable and return its receipt (see ``gateway.adapters.Submitter``)."""
         channel = inbound.channel
-        self.metrics.received.labels(channel).inc()
+        self.metrics.per_channel[channel].received.inc()
         prepared = self.prepare(inbound)
         if self.redis_up and not self._closing:
             future = self._writer.submit(prepared)
@@ -92,7 +92,7 @@ class Intake:
     async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
         channel = prepared.inbound.channel
         if not result.created:
-            self.metrics.duplicate.labels(channel).inc()
+            self.metrics.per_channel[channel].duplicate.inc()
             first = None
             with contextlib.suppress(Exception):
                 first = await self.queue.get(result.contact_id)
@@ -104,8 +104,8 @@ class Intake:
                 prepared.deadline,
                 Repeat(0, self.queue.repeat_window_s),
             )
-        self.metrics.enqueued.labels(channel).inc()
-        self.metrics.edge_to_enqueue.labels(channel).observe(
+        self.metrics.per_channel[channel].enqueued.inc()
+        self.metrics.per_channel[channel].edge_to_enqueue.observe(
             max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
         )
         return Receipt(
@@ -120,7 +120,7 @@ class Intake:
         channel = inbound.channel
         key = (inbound.adapter, inbound.external_id)
         if inbound.external_id and key in self._spooled_ids:
-            self.metrics.duplicate.labels(channel).inc()
+            self.metrics.per_channel[channel].duplicate.inc()
             return Receipt(
                 self._spooled_ids[key],
                 "duplicate",
@@ -130,13 +130,13 @@ class Intake:
         try:
             await self.spool.append(prepared)
         except (SpoolError, OSError) as exc:
-            self.metrics.refused.labels(channel).inc()
+            self.metrics.per_channel[channel].refused.inc()
             log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc)
             raise IntakeUnavailable(str(exc)) from exc
         if inbound.external_id:
             self._spooled_ids[key] = prepared.id
         self._spooled_contacts.add(prepared.id)
-        self.metrics.spooled.labels(channel).inc()
+        self.metrics.per_channel[channel].spooled.inc()
         self.metrics.spool_depth.set(self.spool.depth)
         self._wake.set()
         return Receipt(
@@ -277,8 +277,8 @@ class Intake:
         for prepared, result in zip(batch, results, strict=True):
             if result.created:
                 channel = prepared.inbound.channel
-                self.metrics.enqueued.labels(channel).inc()
-                self.metrics.edge_to_enqueue.labels(channel).observe(
+                self.metrics.per_channel[channel].enqueued.inc()
+                self.metrics.per_channel[channel].edge_to_enqueue.observe(
                     max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
                 )
 

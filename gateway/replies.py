@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Mapping
@@ -136,7 +137,9 @@ class ReplyRouter:
                 "replies: undecodable entry %s dropped: %s", delivery.entry_id, delivery.error
             )
             return
-        reply_id = reply.id or delivery.entry_id
+        if not reply.id:  # the id events carry, and the adapter's own reference
+            reply = dataclasses.replace(reply, id=delivery.entry_id)
+        reply_id = reply.id
         contact = await self.queue.get(reply.contact_id)
         if contact is None:
             await self._fail(reply.contact_id, "gateway", "unknown contact", reply_id)

@@ -79,12 +79,16 @@ async def test_adapter_starts_from_its_example_and_stops_twice(type_name, start_
     masking filter (``gateway.logs.setup_logging``), so the test's capture handler does too."""
     channel_type = TYPES[type_name]
     table = {"type": type_name, **example_with_secrets(channel_type)}
-    caplog.handler.addFilter(MaskingFilter())
-    with caplog.at_level(logging.DEBUG):
-        gw = await start_gateway(adapters={"probe": table})
-        adapter = gw.adapters["probe"]
-        assert adapter.name == "probe"
-        assert adapter.channel == channel_type.channel
-        await adapter.stop()
-        await adapter.stop()
-    assert SECRET not in caplog.text
+    masking = MaskingFilter()
+    caplog.handler.addFilter(masking)  # pytest keeps one capture handler: take it off after
+    try:
+        with caplog.at_level(logging.DEBUG):
+            gw = await start_gateway(adapters={"probe": table})
+            adapter = gw.adapters["probe"]
+            assert adapter.name == "probe"
+            assert adapter.channel == channel_type.channel
+            await adapter.stop()
+            await adapter.stop()
+        assert SECRET not in caplog.text
+    finally:
+        caplog.handler.removeFilter(masking)

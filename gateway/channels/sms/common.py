@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.adapters import SendError
 from gateway.phone import to_e164
+from gateway.records import short_ref
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,6 @@ def phone_address(raw: str, region: str) -> str:
     if _E164.fullmatch(text) or _SHORT.fullmatch(text):
         return text
     return to_e164(text, region) or text[:64]
-
-
-def short_ref(contact_id: str) -> str:
-    """Return the reference number quoted to the citizen: the last 10 hex digits of the id."""
-    return contact_id.replace("-", "")[-10:].upper()
 
 
 def render_ack(template: str, contact_id: str) -> str:
