@@ -720,3 +720,31 @@ async def test_secret_check_can_be_turned_off_by_the_operator(
     gw = await _webhook_gateway(start_gateway, bot_api, verify=False)
     assert await _post(gw, {"update_id": 5, "message": message(5, text="x")}, None) == 200
     assert len(await gw.read_contacts()) == 1
+
+
+async def test_start_gets_the_welcome_once_and_is_no_contact(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(
+        start_gateway, bot_api, welcome="您好，这里是12345热线，请描述您的诉求。"
+    )
+    start = {"update_id": 1300, "message": message(130, text="/start")}
+    assert await _post(gw, start) == 200
+    assert await _post(gw, start) == 200  # redelivered
+    assert [m["text"] for m in bot_api.sent] == ["您好，这里是12345热线，请描述您的诉求。"]
+    assert await gw.read_contacts() == []
+    assert await _post(gw, {"update_id": 1301, "message": message(131, text="路灯坏了")}) == 200
+    assert [c.text for c in await gw.read_contacts()] == ["路灯坏了"]
+
+
+async def test_start_with_a_deep_link_can_be_a_contact(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api, start_contacts=True)
+    assert (
+        await _post(gw, {"update_id": 1310, "message": message(140, text="/start district_5")})
+        == 200
+    )
+    [contact] = await gw.read_contacts()
+    assert (contact.meta["command"], contact.meta["start_payload"]) == ("start", "district_5")
+    assert bot_api.sent == []  # no welcome configured

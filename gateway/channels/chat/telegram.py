@@ -77,6 +77,11 @@ class TelegramConfig:
     file_base: str = "https://api.telegram.org/file/bot"
     poll_timeout: Duration = _POLL_TIMEOUT
     max_file: int = _MAX_FILE
+    welcome: str = ""
+    """Sent at once to a citizen who starts the bot (``/start``); not a case reply, no SLA."""
+    start_contacts: bool = False
+    """``/start`` (sent by Telegram when a citizen opens the bot) becomes a contact too
+    (``meta.command = "start"``, ``meta.start_payload`` for deep links); default: not."""
 
 
 # ---------------------------------------------------------------- decoding
@@ -289,6 +294,7 @@ class TelegramAdapter:
         self.ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._initialized = False
+        self._welcomed: dict[str, None] = {}
         self._progress: dict[str, int] = {}
         """Reply id -> parts already sent, for a retried multi-part reply."""
         if config.mode == "webhook":
@@ -365,6 +371,17 @@ class TelegramAdapter:
         msg = decode_update(update, self.bot.id, self.bot.username)
         if msg is None:
             return None
+        payload = _start_payload(msg)
+        if payload is not None:
+            msg.meta.update(command="start", start_payload=payload)
+            if self.config.welcome and not msg.edited and msg.external_id not in self._welcomed:
+                self._welcomed[msg.external_id] = None  # Telegram may deliver it again
+                while len(self._welcomed) > 10_000:
+                    self._welcomed.pop(next(iter(self._welcomed)))
+                await self._welcome(msg.chat_id)
+            if not self.config.start_contacts:
+                log.info("%s: /start not taken as a contact", self.name)
+                return None
         attachments = tuple([a for ref in msg.files if (a := await self._fetch(ref, msg.meta))])
         inbound = Inbound(
             channel="chat",
@@ -382,6 +399,12 @@ class TelegramAdapter:
         )
         receipt = await self.ctx.intake.submit(inbound)
         return receipt.contact_id
+
+    async def _welcome(self, chat_id: int) -> None:
+        try:
+            await self.bot.send_message(chat_id, self.config.welcome)
+        except TelegramError as exc:  # best effort: the citizen can still write
+            log.warning("%s: welcome not sent: %s", self.name, type(exc).__name__)
 
     async def _fetch(self, ref: FileRef, meta: dict[str, Any]) -> Attachment | None:
         if ref.size is not None and ref.size > self.config.max_file:
@@ -596,6 +619,16 @@ def _utf16_prefix(text: str, limit: int) -> int:
         if units > limit:
             return index
     return len(text)
+
+
+def _start_payload(msg: TelegramMessage) -> str | None:
+    """The deep-link payload of a private ``/start`` ("" without one); None for other messages."""
+    if msg.kind != "text" or msg.meta.get("chat_type") != "private":
+        return None
+    command, _, rest = msg.text.strip().partition(" ")
+    if command.split("@")[0] != "/start":
+        return None
+    return rest.strip()[:64]
 
 
 def _language(msg: TelegramMessage) -> str | None:
