@@ -27,7 +27,8 @@ from gateway.records import Event, EventType
 log = logging.getLogger(__name__)
 
 CLAIM_LUA = """
--- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well
+-- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well,
+--       4 the contact's hash (its event index)
 -- ARGV: 1 contact id, 2 now (us), 3 event JSON ('' to drop without an event), 4 maxlen, 5 type
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then
@@ -38,8 +39,11 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 if ARGV[3] == '' then
   return 0
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+local event = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
   'event', ARGV[3], 'contact_id', ARGV[1], 'type', ARGV[5])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('HSET', KEYS[4], 'event:' .. event, ARGV[3])
+end
 return 1
 """
 
@@ -158,20 +162,23 @@ class DeadlineWatcher:
         type: EventType,
     ) -> list[Any]:
         redis = self.queue.redis
-        keys = [zset, self.queue.keys.events, other]
+        k = self.queue.keys
         for attempt in range(2):
             if not self._sha:
                 self._sha = await redis.script_load(CLAIM_LUA)
-            argv = [(cid, now, body, self.queue.maxlen, type) for cid, body, _, _ in calls]
+            scripts = [
+                ([zset, k.events, other, k.contact(cid)], (cid, now, body, self.queue.maxlen, type))
+                for cid, body, _, _ in calls
+            ]
             results: list[Any]
             if isinstance(redis, RedisCluster):  # cluster pipelines refuse EVALSHA
                 results = await asyncio.gather(
-                    *(redis.evalsha(self._sha, len(keys), *keys, *a) for a in argv),
+                    *(redis.evalsha(self._sha, len(keys), *keys, *a) for keys, a in scripts),
                     return_exceptions=True,
                 )
             else:
                 pipe = redis.pipeline(transaction=False)
-                for a in argv:
+                for keys, a in scripts:
                     pipe.evalsha(self._sha, len(keys), *keys, *a)
                 results = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):

@@ -17,7 +17,6 @@ from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.api.auth import ApiProblem, authorize, source_of
-from gateway.api.index import contact_events
 from gateway.attachments import REF_PREFIX, AttachmentStore, AttachmentTooLarge
 from gateway.auth import ApiKeys
 from gateway.clock import MICROS_PER_SECOND, Clock, parse_time
@@ -355,7 +354,7 @@ class ConsumerApi:
     async def get_contact(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
         contact_id = request.match_info["contact_id"]
         raw = await self._contact_json(contact_id)
-        events = await contact_events(self.redis, self.queue.keys, contact_id)
+        events = await self.queue.contact_events(contact_id)
         return json_body(b'{"contact":' + raw + b',"events":[' + b",".join(events) + b"]}")
 
     async def _attachment(self, item: object, index: int) -> Attachment:

@@ -1,5 +1,5 @@
-"""The consumer API, push webhooks, the deadline watcher, the per-contact event index and the
-live dashboard, wired as one unit for the runtime."""
+"""The consumer API, push webhooks, the deadline watcher and the live dashboard, wired as one
+unit for the runtime."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 
 from aiohttp import web
 
-from gateway.api.index import EventIndexer
 from gateway.api.routes import ConsumerApi
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
@@ -51,7 +50,6 @@ class CaseServices:
             deadletter=self.deadletters,
         )
         self.dashboard = DashboardRoutes(settings.dashboard) if settings.dashboard.enabled else None
-        self.indexer = EventIndexer(queue.redis, keys, instance, settings.redis.retention)
         self.watcher = (
             DeadlineWatcher(queue, clock, metrics, settings.watcher)
             if settings.watcher.enabled
@@ -66,9 +64,8 @@ class CaseServices:
             self.dashboard.register(router)
 
     async def start(self) -> None:
-        """Start the index, the watcher and the pusher; with Redis down they retry on their own."""
+        """Start the watcher and the pusher; with Redis down they retry on their own."""
         self._started = True
-        await self.indexer.start()
         await self.pusher.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -81,4 +78,3 @@ class CaseServices:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.pusher.stop()
-        await self.indexer.stop()

@@ -1,4 +1,6 @@
 -- Intake: one atomic write of a new contact, or the id of the first one (dedupe).
+-- Every event of a contact is also kept in its hash as field 'event:<entry id>' (the per-contact
+-- index the API reads), so it expires with the contact.
 -- KEYS: 1 contacts stream, 2 events stream, 3 dedupe key, 4 sender zset, 5 contact hash,
 --       6 deadlines zset, 7 warnings zset
 -- ARGV: 1 id, 2 contact JSON before the repeat count, 3 contact JSON after it,
@@ -28,6 +30,7 @@ redis.call('HSET', KEYS[5], 'contact', contact, 'entry', entry, 'received_us', A
 redis.call('EXPIRE', KEYS[5], ARGV[11])
 redis.call('ZADD', KEYS[6], ARGV[7], id)
 redis.call('ZADD', KEYS[7], ARGV[8], id)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*',
+local event = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*',
   'event', ARGV[9], 'contact_id', id, 'type', 'enqueued')
+redis.call('HSET', KEYS[5], 'event:' .. event, ARGV[9])
 return {1, id, count}

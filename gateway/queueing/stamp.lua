@@ -11,6 +11,7 @@ if ARGV[6] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*',
+local event = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*',
   'event', ARGV[4], 'contact_id', ARGV[1], 'type', ARGV[2])
+redis.call('HSET', KEYS[1], 'event:' .. event, ARGV[4])
 return 1

@@ -50,8 +50,7 @@ def _script(name: str) -> str:
     return files("gateway.queueing").joinpath(name).read_text(encoding="utf-8")
 
 
-INTAKE_LUA = _script("intake.lua")
-STAMP_LUA = _script("stamp.lua")
+SCRIPTS = {name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +147,11 @@ class RedisQueue:
         self.repeat_window_s = int(repeat_window_s)
         self.retention_s = max(1, int(retention_s))
         self.maxlen = maxlen
-        self._intake_sha = ""
-        self._stamp_sha = ""
+        self._shas: dict[str, str] = {}
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover)."""
-        self._intake_sha = await self.redis.script_load(INTAKE_LUA)
-        self._stamp_sha = await self.redis.script_load(STAMP_LUA)
+        self._shas = {name: await self.redis.script_load(body) for name, body in SCRIPTS.items()}
 
     async def ping(self) -> bool:
         """True when the server answers."""
@@ -199,12 +196,13 @@ class RedisQueue:
         enqueued_at = self.clock.now_us()
         encoded = [self._encode(p, enqueued_at) for p in batch]
         for attempt in range(2):
-            if not self._intake_sha:
+            if not self._shas:
                 await self.load_scripts()
-            commands = [["EVALSHA", self._intake_sha, len(k), *k, *a] for k, a in encoded]
+            sha = self._shas["intake"]
+            commands = [["EVALSHA", sha, len(k), *k, *a] for k, a in encoded]
             replies = await self._execute(commands)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                self._intake_sha = ""  # the server restarted: reload and write again (idempotent)
+                self._shas = {}  # the server restarted: reload and write again (idempotent)
                 continue
             break
         results: list[WriteResult] = []
@@ -247,17 +245,25 @@ class RedisQueue:
 
     async def emit(self, event: Event) -> None:
         """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
+        keys = [
             self.keys.events,
-            {"event": event.to_json(), "contact_id": event.contact_id, "type": event.type},
-            maxlen=self.maxlen,
-            approximate=True,
-        )
-        if event.type in ("abandoned", "closed"):
-            pipe.zrem(self.keys.deadlines, event.contact_id)
-            pipe.zrem(self.keys.warnings, event.contact_id)
-        await pipe.execute()
+            self.keys.contact(event.contact_id),
+            self.keys.deadlines,
+            self.keys.warnings,
+        ]
+        clears = "1" if event.type in ("abandoned", "closed") else "0"
+        args = [event.contact_id, event.type, event.to_json(), self.maxlen, clears]
+        await self._evalsha("emit", keys, args)
+
+    async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of the gateway's scripts, loading it again after a restart or failover."""
+        if not self._shas:
+            await self.load_scripts()
+        try:
+            return await self.redis.evalsha(self._shas[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load_scripts()
+            return await self.redis.evalsha(self._shas[name], len(keys), *keys, *args)
 
     async def stamp(
         self,
@@ -292,14 +298,24 @@ class RedisQueue:
             self.keys.events,
         ]
         args = [contact_id, type, at, event.to_json(), self.maxlen, clears]
-        try:
-            if not self._stamp_sha:
-                await self.load_scripts()
-            done = await self.redis.evalsha(self._stamp_sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self.load_scripts()
-            done = await self.redis.evalsha(self._stamp_sha, len(keys), *keys, *args)
+        done = await self._evalsha("stamp", keys, args)
         return event if done else None
+
+    async def contact_events(self, contact_id: str) -> list[bytes]:
+        """The contact's events as raw JSON, in stream order.
+
+        Every script that appends an event (``intake.lua``, ``stamp.lua``, ``emit.lua``, the
+        watcher's claim) also writes it into the contact's hash as ``event:<entry id>`` in the
+        same atomic step: the index never lags the stream, expires with the contact, and a read
+        is one HGETALL instead of a scan of everything written since the contact arrived.
+        """
+        fields: dict[bytes, bytes] = await self.redis.hgetall(self.keys.contact(contact_id))
+        indexed = [
+            (_entry_order(name[6:]), value)
+            for name, value in fields.items()
+            if name.startswith(b"event:")
+        ]
+        return [value for _, value in sorted(indexed)]
 
     async def get(self, contact_id: str) -> Contact | None:
         """Return the contact by id while it is retained, else None."""
@@ -311,6 +327,11 @@ class RedisQueue:
             return int(await self.redis.xlen(self.keys.contacts))
         except ResponseError:
             return 0
+
+
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def pack_commands(commands: list[list[Any]]) -> bytes:

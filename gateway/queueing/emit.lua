@@ -1,0 +1,13 @@
+-- Append an event; index it in the contact's hash; 'abandoned' and 'closed' settle the deadline.
+-- KEYS: 1 events stream, 2 contact hash, 3 deadlines zset, 4 warnings zset
+-- ARGV: 1 contact id, 2 event type, 3 event JSON, 4 stream maxlen, 5 clears (1/0)
+local event = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*',
+  'event', ARGV[3], 'contact_id', ARGV[1], 'type', ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'event:' .. event, ARGV[3])
+end
+if ARGV[5] == '1' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+return event
