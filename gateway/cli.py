@@ -197,11 +197,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_agi(args: argparse.Namespace) -> int:
+def run_classic_agi(arguments: list[str]) -> int:
+    """``gateway agi``: the classic AGI script; its options go to it untouched."""
     import importlib
 
     classic = importlib.import_module("gateway.channels.voice.classic")
-    return int(classic.main(args.agi_args))
+    return int(classic.main(arguments))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -257,13 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agi", help="classic AGI script (run by Asterisk over stdin/stdout)")
     p.add_argument("agi_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_agi)
+    p.set_defaults(func=lambda a: run_classic_agi(a.agi_args))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gateway`` console script."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["agi"]:  # before argparse, which would refuse the script's options
+        return run_classic_agi(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         return int(args.func(args))
     except ConfigError as exc:

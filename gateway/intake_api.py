@@ -139,6 +139,7 @@ class IntakeApi:
                     "due_at": format_time(deadline.due_at),
                     "policy": deadline.policy,
                 },
+                "repeat": {"count": receipt.repeat.count, "window": receipt.repeat.window},
             },
             status=202,
             dumps=lambda o: orjson.dumps(o).decode(),

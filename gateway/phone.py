@@ -26,7 +26,7 @@ def to_e164(raw: str, default_region: str = "CN") -> str | None:
     except phonenumbers.NumberParseException:
         pass
     digits = _DIGITS.sub("", text)
-    return digits or None
+    return digits if any(c.isdigit() for c in digits) else None
 
 
 def mask_phone(number: str) -> str:
