@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
@@ -13,6 +13,30 @@ from gateway.config import HostPort
 from gateway.problems import problem
 
 log = logging.getLogger(__name__)
+
+
+async def read_capped(stream: StreamReader, limit: int) -> bytes | None:
+    """Read a body stream to its end; None once it holds more than ``limit`` bytes.
+
+    ``StreamReader.read(n)`` returns what has arrived so far, not ``n`` bytes: this loops.
+    """
+    data = bytearray()
+    while chunk := await stream.readany():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read a request body whole; raise 413 past ``limit`` bytes (declared or actual)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    body = await read_capped(request.content, limit)
+    if body is None:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1)
+    return body
 
 
 def build_app(max_body: int) -> web.Application:

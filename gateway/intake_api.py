@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.adapters import IntakeUnavailable, Submitter
 from gateway.auth import ApiKeys
 from gateway.clock import Clock, format_time, parse_time
+from gateway.http import read_capped
 from gateway.problems import problem
 from gateway.records import CHANNELS, Inbound, Sender, clean_text
 
@@ -108,14 +109,12 @@ class IntakeApi:
     async def post(self, request: web.Request) -> web.Response:
         received_at = self.clock.now_us()
         key = self.keys.authorize(request, "intake")
+        too_large = problem(413, f"body larger than {self.max_body} bytes")
         if request.content_length is not None and request.content_length > self.max_body:
-            return problem(413, f"body larger than {self.max_body} bytes")
-        try:
-            raw = await request.content.read(self.max_body + 1)
-        except ValueError:
-            return problem(400, "unreadable body")
-        if len(raw) > self.max_body:
-            return problem(413, f"body larger than {self.max_body} bytes")
+            return too_large
+        raw = await read_capped(request.content, self.max_body)
+        if raw is None:
+            return too_large
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -21,6 +21,7 @@ from gateway.attachments import REF_PREFIX, AttachmentStore, AttachmentTooLarge
 from gateway.auth import ApiKeys
 from gateway.clock import MICROS_PER_SECOND, Clock, parse_time
 from gateway.config import ApiKey, parse_duration
+from gateway.http import read_capped
 from gateway.ids import uuid7
 from gateway.metrics import Metrics
 from gateway.problems import problem
@@ -183,11 +184,8 @@ class ConsumerApi:
             raise ApiProblem(415, "expected Content-Type: application/json")
         if request.content_length is not None and request.content_length > limit:
             raise ApiProblem(413, f"body larger than {limit} bytes")
-        try:
-            raw = await request.content.read(limit + 1)
-        except ValueError as exc:
-            raise ApiProblem(400, "unreadable body") from exc
-        if len(raw) > limit:
+        raw = await read_capped(request.content, limit)
+        if raw is None:
             raise ApiProblem(413, f"body larger than {limit} bytes")
         try:
             body = orjson.loads(raw or b"{}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
@@ -98,3 +100,19 @@ async def test_health_ready_and_metrics(start_gateway, aiohttp_client_session):
     assert 'gateway_edge_to_enqueue_seconds_count{channel="sms"} 1.0' in text
     assert "gateway_stream_length 1.0" in text
     assert "gateway_spool_depth 0.0" in text
+
+
+async def test_a_body_arriving_in_many_pieces_is_read_whole(start_gateway, aiohttp_client_session):
+    gw = await start_gateway()
+    body = orjson.dumps({"text": "长" * 10_000, "external_id": "chunked"})
+
+    async def pieces():
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+            await asyncio.sleep(0)
+
+    url = f"http://127.0.0.1:{gw.http_port}/v1/intake"
+    async with aiohttp_client_session.post(url, data=pieces()) as resp:
+        assert resp.status == 202, await resp.text()
+    (contact,) = await gw.read_contacts()
+    assert contact.text == "长" * 10_000

@@ -33,6 +33,7 @@ from defusedxml.ElementTree import fromstring as _defused_fromstring
 from gateway.adapters import AdapterContext, IntakeUnavailable, Receipt, SendError
 from gateway.clock import MICROS_PER_SECOND, Micros
 from gateway.config import Duration
+from gateway.http import read_body, read_capped
 from gateway.language import guess_language
 from gateway.records import Attachment, Inbound, Sender, clean_text
 
@@ -281,23 +282,6 @@ class PushMessage:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """Read the request body, refusing more than ``limit`` bytes with 413."""
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def to_inbound(
     msg: PushMessage,
     *,
@@ -368,16 +352,6 @@ def retry_later() -> web.Response:
 
 
 _MAX_API_ANSWER: Final = 1 << 20
-
-
-async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """Read a stream to its end; None when it holds more than ``limit`` bytes."""
-    data = bytearray()
-    while chunk := await stream.readany():
-        data += chunk
-        if len(data) > limit:
-            return None
-    return bytes(data)
 
 
 async def call_json(
@@ -518,7 +492,7 @@ class PushAdapter:
         received_at = self.ctx.clock.now_us()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        body = await read_bounded(request, self.max_body)
+        body = await read_body(request, self.max_body)
         try:
             decoded = self.decode(request.query, body)
         except SignatureError as exc:
@@ -577,8 +551,6 @@ __all__ = [
     "call_json",
     "check_push",
     "parse_xml",
-    "read_bounded",
-    "read_capped",
     "retry_later",
     "sha1_signature",
     "signature_matches",

@@ -43,9 +43,10 @@ from telegram.ext import Application, ApplicationBuilder
 
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
-from gateway.channels.chat.officialaccount import read_bounded, retry_later
+from gateway.channels.chat.officialaccount import retry_later
 from gateway.clock import Micros, from_datetime
 from gateway.config import Duration, Secret
+from gateway.http import read_body
 from gateway.language import guess_language
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
 
@@ -433,7 +434,7 @@ class TelegramAdapter:
                 return web.Response(status=403, text="forbidden")
         if not self.ready.is_set():
             return retry_later()
-        body = await read_bounded(request, self.ctx.settings.http.max_body)
+        body = await read_body(request, self.ctx.settings.http.max_body)
         try:
             data = orjson.loads(body)
             if not isinstance(data, dict):

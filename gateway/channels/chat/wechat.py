@@ -31,12 +31,12 @@ from gateway.channels.chat.officialaccount import (
     TokenError,
     call_json,
     parse_xml,
-    read_capped,
     signature_matches,
     text_reply_xml,
     timestamp_within,
 )
 from gateway.config import ConfigError, Duration, Secret
+from gateway.http import read_capped
 from gateway.records import Attachment, Contact, Reply
 
 log = logging.getLogger(__name__)

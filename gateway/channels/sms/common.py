@@ -30,24 +30,6 @@ class BadRequest(Exception):
     """The request is malformed: answer 400 with this message."""
 
 
-async def read_body(request: web.Request, max_body: int) -> bytes:
-    """Read the request body; raise 413 past ``max_body`` bytes (declared or actual)."""
-    declared = request.content_length
-    if declared is not None and declared > max_body:
-        raise web.HTTPRequestEntityTooLarge(max_size=max_body, actual_size=declared)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.read(65536)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > max_body:
-            raise web.HTTPRequestEntityTooLarge(max_size=max_body, actual_size=size)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def unavailable() -> web.Response:
     """503 with Retry-After: nothing was stored, the provider must send again."""
     return web.Response(

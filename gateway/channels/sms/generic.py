@@ -37,6 +37,7 @@ from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, g
 from gateway.channels.sms.segments import split
 from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
 from gateway.config import ConfigError, Duration, Secret
+from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Contact, Event, Inbound, Reply, Sender, clean_text
 
@@ -291,7 +292,7 @@ class GenericAdapter:
         self, request: web.Request
     ) -> tuple[dict[str, Any] | None, web.Response | None]:
         try:
-            body = await common.read_body(request, self.config.max_body)
+            body = await read_body(request, self.config.max_body)
         except web.HTTPRequestEntityTooLarge:
             return None, web.Response(status=413, text="request body too large\n")
         denied = self._check(request, body)

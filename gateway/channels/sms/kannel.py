@@ -43,6 +43,7 @@ from gateway.channels.sms.concat import Assembler, Part, assembled_id, group_key
 from gateway.channels.sms.segments import split, substitute
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import ConfigError, Duration, Secret
+from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Contact, Event, Inbound, Reply, Sender, clean_text
 
@@ -337,7 +338,7 @@ class KannelAdapter:
         """Handle one sms-service request."""
         received_at = self.ctx.clock.now_us()
         try:
-            body = await common.read_body(request, self.config.max_body)
+            body = await read_body(request, self.config.max_body)
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="request body too large\n")
         raw_query = request.rel_url.raw_query_string

@@ -37,6 +37,7 @@ from gateway.attachments import AttachmentTooLarge
 from gateway.channels.sms import common
 from gateway.channels.sms.segments import split
 from gateway.config import ConfigError, Duration, Secret
+from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Attachment, Contact, Event, Inbound, Reply, Sender, clean_text
 
@@ -239,7 +240,7 @@ class TwilioAdapter:
         self, request: web.Request
     ) -> tuple[list[tuple[str, str]] | None, web.Response | None]:
         try:
-            body = await common.read_body(request, self.config.max_body)
+            body = await read_body(request, self.config.max_body)
         except web.HTTPRequestEntityTooLarge:
             return None, web.Response(status=413, text="request body too large\n")
         if self.config.verify_signature:

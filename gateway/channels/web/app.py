@@ -28,9 +28,10 @@ from aiohttp import BodyPartReader, web
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import presented_key, secrets_equal
-from gateway.channels.web.bodies import contact_history, read_body, read_part
+from gateway.channels.web.bodies import contact_history, read_part
 from gateway.clock import format_time
 from gateway.config import Secret
+from gateway.http import read_capped
 from gateway.intake_api import BadRequest, parse_intake
 from gateway.language import guess_language
 from gateway.problems import problem
@@ -218,7 +219,7 @@ class AppIntake:
             if request.content_type == "multipart/form-data":
                 body = await self._read_multipart(request, attachments)
             else:
-                raw = await read_body(request, _MAX_FIELD)
+                raw = await read_capped(request.content, _MAX_FIELD)
                 if raw is None:
                     return problem(413, f"JSON body larger than {_MAX_FIELD} bytes")
                 try:

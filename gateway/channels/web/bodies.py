@@ -4,23 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader
 
 from gateway.attachments import AttachmentTooLarge
 from gateway.clock import Micros
-
-
-async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """Read the whole body; None when it is longer than ``limit`` bytes.
-
-    ``StreamReader.read(n)`` returns what has arrived so far, not ``n`` bytes: loop to the end.
-    """
-    data = bytearray()
-    while chunk := await request.content.readany():
-        data += chunk
-        if len(data) > limit:
-            return None
-    return bytes(data)
 
 
 async def read_part(part: BodyPartReader, limit: int) -> bytes:

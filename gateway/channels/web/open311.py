@@ -31,9 +31,10 @@ from aiohttp import BodyPartReader, web
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import secrets_equal
-from gateway.channels.web.bodies import contact_history, read_body, read_part
+from gateway.channels.web.bodies import contact_history, read_part
 from gateway.clock import Micros, format_time
 from gateway.config import Secret
+from gateway.http import read_capped
 from gateway.language import guess_language
 from gateway.phone import to_e164
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
@@ -599,7 +600,7 @@ class Open311:
                     raise Open311Error(413, "form too large")
                 add(part.name or "", value.decode("utf-8", errors="replace"))
             return form, tuple(media)
-        raw = await read_body(request, _MAX_FORM)
+        raw = await read_capped(request.content, _MAX_FORM)
         if raw is None:
             raise Open311Error(413, "form too large")
         if ctype == "application/json":
