@@ -84,6 +84,10 @@ class ContactLookup(Protocol):
 
     async def get(self, contact_id: str) -> Contact | None: ...
 
+    async def events(self, contact_id: str) -> list[Event]:
+        """The contact's events so far, oldest first (empty once it has expired)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SendReceipt:

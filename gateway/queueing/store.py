@@ -317,6 +317,10 @@ class RedisQueue:
         ]
         return [value for _, value in sorted(indexed)]
 
+    async def events(self, contact_id: str) -> list[Event]:
+        """The contact's events so far, oldest first (``ContactLookup.events``)."""
+        return [Event.from_json(raw) for raw in await self.contact_events(contact_id)]
+
     async def get(self, contact_id: str) -> Contact | None:
         """Return the contact by id while it is retained, else None."""
         raw = await self.redis.hget(self.keys.contact(contact_id), "contact")

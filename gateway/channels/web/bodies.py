@@ -1,11 +1,10 @@
-"""What the web channels share: bounded body reads, a contact's event history."""
+"""What the web channels share: bounded multipart parts, a contact's event history."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import BodyPartReader
 
+from gateway.adapters import ContactLookup
 from gateway.attachments import AttachmentTooLarge
 from gateway.clock import Micros
 
@@ -20,18 +19,9 @@ async def read_part(part: BodyPartReader, limit: int) -> bytes:
     return bytes(data)
 
 
-async def contact_history(contacts: Any, contact_id: str) -> dict[str, Micros]:
-    """When each event type last happened to the contact, if the lookup can tell.
-
-    ``ContactLookup`` promises only ``get``; a lookup that also offers ``events(contact_id)``
-    (the contact's events, oldest first) lets status lookups say ``responded`` and ``closed``.
-    """
-    lookup = getattr(contacts, "events", None)
-    if lookup is None:
-        return {}
+async def contact_history(contacts: ContactLookup, contact_id: str) -> dict[str, Micros]:
+    """When each event type last happened to the contact."""
     out: dict[str, Micros] = {}
-    for event in await lookup(contact_id):
-        kind = str(getattr(event, "type", ""))
-        at = int(getattr(event, "at", 0))
-        out[kind] = max(out.get(kind, at), at)
+    for event in await contacts.events(contact_id):
+        out[event.type] = max(out.get(event.type, event.at), event.at)
     return out
