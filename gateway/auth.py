@@ -8,6 +8,7 @@ import ipaddress
 from aiohttp import web
 
 from gateway.config import ApiKey, ApiSection
+from gateway.problems import ApiProblem
 
 
 def secrets_equal(given: str | bytes, expected: str | bytes) -> bool:
@@ -50,23 +51,34 @@ class ApiKeys:
         return found
 
     def authorize(self, request: web.Request, scope: str) -> ApiKey | None:
-        """Return the caller's key or raise 401 (no key) / 403 (wrong key or scope).
+        """Return the caller's key, or raise ``ApiProblem`` 401 (no or unknown key) / 403 (scope).
 
-        Loopback callers need no key when ``open_to_loopback`` is set (the no-config default);
-        then None is returned.
+        ``admin`` grants every scope. With ``open_to_loopback`` a loopback caller without a key
+        is let in (the no-config try-it-here setup) and None is returned.
         """
         token = presented_key(request)
         if token is None:
             if self.open_to_loopback and is_loopback(request):
                 return None
-            raise web.HTTPUnauthorized(
-                text='{"error":"missing API key"}',
-                content_type="application/json",
-                headers={"WWW-Authenticate": "Bearer"},
+            raise ApiProblem(
+                401, "missing API key", {"WWW-Authenticate": 'Bearer realm="gateway"'}
             )
         key = self.match(token)
-        if key is None or scope not in key.scopes:
-            raise web.HTTPForbidden(
-                text='{"error":"invalid API key or scope"}', content_type="application/json"
+        if key is None:
+            raise ApiProblem(
+                401,
+                "unknown API key",
+                {"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'},
+            )
+        if scope not in key.scopes and "admin" not in key.scopes:
+            raise ApiProblem(
+                403,
+                f"this key lacks the {scope!r} scope",
+                {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
             )
         return key
+
+
+def source_of(key: ApiKey | None) -> str:
+    """Who acted through the API: ``api:<key name>``, or ``api`` (adapter, event source)."""
+    return f"api:{key.name}" if key is not None and key.name else "api"

@@ -10,7 +10,7 @@ from aiohttp import StreamReader, web
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
 from gateway.config import HostPort
-from gateway.problems import problem
+from gateway.problems import ApiProblem, problem
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,10 @@ class CoreRoutes:
         )
 
     async def attachment(self, request: web.Request) -> web.StreamResponse:
-        self.keys.authorize(request, "read")
+        try:
+            self.keys.authorize(request, "read")
+        except ApiProblem as exc:
+            return exc.response()
         try:
             path = self.attachments.path_for(request.match_info["sha256"])
         except ValueError:

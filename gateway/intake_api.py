@@ -8,10 +8,10 @@ import orjson
 from aiohttp import web
 
 from gateway.adapters import IntakeUnavailable, Submitter
-from gateway.auth import ApiKeys
+from gateway.auth import ApiKeys, source_of
 from gateway.clock import Clock, format_time, parse_time
 from gateway.http import read_capped
-from gateway.problems import problem
+from gateway.problems import ApiProblem, problem
 from gateway.records import CHANNELS, Inbound, Sender, clean_text
 
 MAX_TEXT = 64 * 1024
@@ -108,7 +108,10 @@ class IntakeApi:
 
     async def post(self, request: web.Request) -> web.Response:
         received_at = self.clock.now_us()
-        key = self.keys.authorize(request, "intake")
+        try:
+            key = self.keys.authorize(request, "intake")
+        except ApiProblem as exc:
+            return exc.response()
         too_large = problem(413, f"body larger than {self.max_body} bytes")
         if request.content_length is not None and request.content_length > self.max_body:
             return too_large
@@ -119,7 +122,7 @@ class IntakeApi:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return problem(400, "body is not valid UTF-8 JSON")
-        adapter = f"api:{key.name}" if key is not None and key.name else "api"
+        adapter = source_of(key)
         try:
             inbound = parse_intake(body, received_at, adapter)
         except BadRequest as exc:

@@ -8,6 +8,19 @@ import orjson
 from aiohttp import web
 
 
+class ApiProblem(Exception):
+    """An error to answer as ``application/problem+json`` (see :func:`problem`)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+    def response(self) -> web.Response:
+        return problem(self.status, self.detail, self.headers)
+
+
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     """Return an ``application/problem+json`` response."""
     return web.Response(

@@ -16,15 +16,14 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.api.auth import ApiProblem, authorize, source_of
 from gateway.attachments import REF_PREFIX, AttachmentStore, AttachmentTooLarge
-from gateway.auth import ApiKeys
+from gateway.auth import ApiKeys, source_of
 from gateway.clock import MICROS_PER_SECOND, Clock, parse_time
 from gateway.config import ApiKey, parse_duration
 from gateway.http import read_capped
 from gateway.ids import uuid7
 from gateway.metrics import Metrics
-from gateway.problems import problem
+from gateway.problems import ApiProblem, problem
 from gateway.queueing.consumer import post_reply
 from gateway.queueing.store import RedisQueue
 from gateway.records import Attachment, Event, Reply, clean_text
@@ -64,7 +63,7 @@ def operation(
         @functools.wraps(fn)
         async def handler(self: ConsumerApi, request: web.Request) -> web.StreamResponse:
             try:
-                key = authorize(self.keys, request, scope)
+                key = self.keys.authorize(request, scope)
                 response = await fn(self, request, key)
             except ApiProblem as exc:
                 response = problem(exc.status, exc.detail, exc.headers)

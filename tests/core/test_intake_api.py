@@ -68,14 +68,17 @@ async def test_api_keys_are_required_when_configured(
     start_gateway, aiohttp_client_session, monkeypatch
 ):
     monkeypatch.setenv("TEST_APP_KEY", "s3cret-key-of-the-app")
-    gw = await start_gateway(
-        api={"open_to_loopback": False, "keys": [{"name": "app", "key_env": "TEST_APP_KEY"}]}
-    )
+    keys = [
+        {"name": "app", "key_env": "TEST_APP_KEY"},
+        {"name": "reader", "key": "reader-only-key", "scopes": ["read"]},
+    ]
+    gw = await start_gateway(api={"open_to_loopback": False, "keys": keys})
     body = orjson.dumps({"text": "hi"})
     assert (await post(aiohttp_client_session, gw, body))[0] == 401
-    assert (await post(aiohttp_client_session, gw, body, {"Authorization": "Bearer wrong"}))[
-        0
-    ] == 403
+    status, raw = await post(aiohttp_client_session, gw, body, {"Authorization": "Bearer wrong"})
+    assert status == 401 and orjson.loads(raw)["detail"] == "unknown API key"
+    status, raw = await post(aiohttp_client_session, gw, body, {"X-API-Key": "reader-only-key"})
+    assert status == 403 and "intake" in orjson.loads(raw)["detail"]
     status, _raw = await post(
         aiohttp_client_session, gw, body, {"Authorization": "Bearer s3cret-key-of-the-app"}
     )
