@@ -47,11 +47,19 @@ class IntakeUnavailable(Exception):
     """Neither Redis nor the spool could take the contact: the peer must retry later."""
 
 
+class InvalidContact(ValueError):
+    """The contact cannot be encoded (e.g. ``meta`` nested too deep): refuse it as bad input."""
+
+
 class Submitter(Protocol):
     """The one door into the queue."""
 
     async def submit(self, inbound: Inbound) -> Receipt:
-        """Make the contact durable and return its receipt; raise ``IntakeUnavailable``."""
+        """Make the contact durable and return its receipt.
+
+        Raises ``IntakeUnavailable`` (retry later) or ``InvalidContact`` (bad input). Cancelling
+        the caller does not cancel the write: the contact still becomes durable.
+        """
         ...
 
 

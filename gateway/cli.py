@@ -16,9 +16,11 @@ import orjson
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_file, parse_settings
+from gateway.lock import DataDirBusy, DataDirLock
 from gateway.logs import setup_logging
-from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.embedded import EmbeddedRedis, EmbeddedRedisError
 from gateway.queueing.keys import Keys
+from gateway.queueing.spool import SpoolError
 from gateway.queueing.store import connect, decode_fields
 
 
@@ -89,18 +91,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def open_queue(settings: Settings) -> AsyncIterator[tuple[Any, Keys, str]]:
     """Connect to the configured Redis; with none, to the embedded one (started if not running)."""
     embedded: EmbeddedRedis | None = None
+    lock: DataDirLock | None = None
     url = settings.redis.url
     if not url and settings.redis.sentinel is None:
-        candidate = EmbeddedRedis(settings.gateway.data_dir.resolve(), settings.redis.server_binary)
+        data_dir = settings.gateway.data_dir.resolve()
+        candidate = EmbeddedRedis(data_dir, settings.redis.server_binary)
         url = candidate.url
-        probe = connect(settings.redis, url)
+        lock = DataDirLock(data_dir)
         try:
-            await probe.ping()
-        except Exception:
+            lock.acquire()
+        except DataDirBusy:  # `gateway serve` runs there: use its server, never start a second
+            lock = None
+        else:  # nothing runs there: start the server for the duration of the command
             embedded = candidate
-            await embedded.start()
-        finally:
-            await probe.aclose()
+            try:
+                await embedded.start()
+            except BaseException:
+                lock.release()
+                raise
     client = connect(settings.redis, url)
     try:
         yield client, Keys(settings.redis.prefix), url
@@ -108,6 +116,8 @@ async def open_queue(settings: Settings) -> AsyncIterator[tuple[Any, Keys, str]]
         await client.aclose()
         if embedded is not None:
             await embedded.stop()
+        if lock is not None:
+            lock.release()
 
 
 def _print_contact(data: dict[str, Any], as_json: bool) -> None:
@@ -270,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(arguments)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    except (ConfigError, DataDirBusy, SpoolError, EmbeddedRedisError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
         return 2
 
 

@@ -7,9 +7,10 @@ import contextlib
 import logging
 from typing import Any
 
+import orjson
 from redis.exceptions import ResponseError
 
-from gateway.adapters import IntakeUnavailable, Receipt
+from gateway.adapters import IntakeUnavailable, InvalidContact, Receipt
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.ids import uuid7
 from gateway.metrics import Metrics
@@ -50,7 +51,7 @@ class Intake:
         self.write_timeout_s = write_timeout_s
         self.probe_interval_s = probe_interval_s
         self.redis_up = True
-        self._writer: Coalescer[Prepared, WriteResult] = Coalescer(
+        self._writer: Coalescer[Prepared, WriteResult | ResponseError] = Coalescer(
             queue.write_batch,
             max_batch=max(1, max_batch),
             # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
@@ -63,7 +64,11 @@ class Intake:
         self._closing = False
 
     def prepare(self, inbound: Inbound) -> Prepared:
-        """Fix the contact's id and deadline."""
+        """Fix the contact's id and deadline; raise InvalidContact when it cannot be encoded."""
+        try:
+            orjson.dumps(inbound.meta)
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            raise InvalidContact(f"meta: {exc}") from exc
         deadline = self.sla.deadline(inbound)
         return Prepared(
             id=uuid7(inbound.received_at // 1000),
@@ -73,7 +78,19 @@ class Intake:
         )
 
     async def submit(self, inbound: Inbound) -> Receipt:
-        """Make ``inbound`` durable and return its receipt (see ``gateway.adapters.Submitter``)."""
+        """Make ``inbound`` durable and return its receipt (see ``gateway.adapters.Submitter``).
+
+        The work runs in its own task: a caller that gives up (a timeout around the call) does
+        not cancel a write half done; the contact is still written or spooled.
+        """
+        task = asyncio.ensure_future(self._submit(inbound))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_consume)
+            raise
+
+    async def _submit(self, inbound: Inbound) -> Receipt:
         channel = inbound.channel
         self.metrics.per_channel[channel].received.inc()
         prepared = self.prepare(inbound)
@@ -86,7 +103,12 @@ class Intake:
                 future.add_done_callback(_consume)
                 self._mark_down(exc)
             else:
-                return await self._receipt(prepared, result)
+                if not isinstance(result, ResponseError):
+                    return await self._receipt(prepared, result)
+                if is_transient(result):
+                    self._mark_down(result)
+                else:  # kept for an operator: the replay quarantines what Redis refuses for good
+                    log.error("intake: Redis refused contact %s: %s", prepared.id, result)
         return await self._spool(prepared)
 
     async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
@@ -146,8 +168,9 @@ class Intake:
     # ------------------------------------------------------------------ events (EventSink)
 
     async def emit(self, event: Event) -> None:
-        """Append an event; while Redis is away it waits in the spool with the contacts."""
-        if self.redis_up and not self._closing:
+        """Append an event; while Redis is away (or its contact is still in the spool) it waits
+        in the spool behind the contact."""
+        if self.redis_up and not self._closing and event.contact_id not in self._spooled_contacts:
             try:
                 async with asyncio.timeout(self.write_timeout_s):
                     await self.queue.emit(event)
@@ -191,13 +214,18 @@ class Intake:
 
     async def _replay_event(self, item: SpooledEvent) -> None:
         event = item.event
-        async with asyncio.timeout(10 * self.write_timeout_s):
-            if item.stamp:
-                await self.queue.stamp(
-                    event.contact_id, event.type, event.at, event.source, event.detail
-                )
-            else:
-                await self.queue.emit(event)
+        try:
+            async with asyncio.timeout(10 * self.write_timeout_s):
+                if item.stamp:
+                    await self.queue.stamp(
+                        event.contact_id, event.type, event.at, event.source, event.detail
+                    )
+                else:
+                    await self.queue.emit(event)
+        except ResponseError as exc:
+            if is_transient(exc):
+                raise
+            await asyncio.to_thread(self.spool.quarantine, [item], str(exc))
 
     def _mark_down(self, exc: BaseException) -> None:
         if self.redis_up:
@@ -236,9 +264,14 @@ class Intake:
             await self.queue.ping()
         if not self.redis_up:
             await self.queue.load_scripts()
-        count = await self.spool.replay(self._replay_write, self._replay_event)
-        self._spooled_ids.clear()
-        self._spooled_contacts.clear()
+        replayed = await self.spool.replay(self._replay_write, self._replay_event)
+        count = len(replayed)
+        for record in replayed:  # contacts spooled during this pass stay known as spooled
+            if isinstance(record, Prepared):
+                self._spooled_contacts.discard(record.id)
+                key = (record.inbound.adapter, record.inbound.external_id)
+                if self._spooled_ids.get(key) == record.id:
+                    del self._spooled_ids[key]
         if not self.redis_up:
             log.info("intake: Redis is back")
         self.redis_up = True
@@ -250,31 +283,20 @@ class Intake:
         return count
 
     async def _replay_write(self, batch: list[Prepared]) -> None:
-        try:
-            async with asyncio.timeout(10 * self.write_timeout_s):
-                results = await self.queue.write_batch(batch)
-        except ResponseError as exc:
-            if is_transient(exc):
-                raise
-            # One record the server refuses for good must not hold back the spool: write the
-            # batch one by one and quarantine what is refused.
-            for prepared in batch:
-                try:
-                    await self._replay_write_one(prepared)
-                except ResponseError as one_exc:
-                    if is_transient(one_exc):
-                        raise
-                    await asyncio.to_thread(self.spool.quarantine, [prepared], str(one_exc))
-            return
-        self._count_replayed(batch, results)
-
-    async def _replay_write_one(self, prepared: Prepared) -> None:
         async with asyncio.timeout(10 * self.write_timeout_s):
-            results = await self.queue.write_batch([prepared])
-        self._count_replayed([prepared], results)
-
-    def _count_replayed(self, batch: list[Prepared], results: list[WriteResult]) -> None:
+            results = await self.queue.write_batch(batch)
+        written: list[tuple[Prepared, WriteResult]] = []
         for prepared, result in zip(batch, results, strict=True):
+            if not isinstance(result, ResponseError):
+                written.append((prepared, result))
+            elif is_transient(result):
+                raise result
+            else:  # refused for good: set aside, never holding back the rest
+                await asyncio.to_thread(self.spool.quarantine, [prepared], str(result))
+        self._count_replayed(written)
+
+    def _count_replayed(self, written: list[tuple[Prepared, WriteResult]]) -> None:
+        for prepared, result in written:
             if result.created:
                 channel = prepared.inbound.channel
                 self.metrics.per_channel[channel].enqueued.inc()
@@ -319,6 +341,6 @@ def is_transient(exc: ResponseError) -> bool:
     )
 
 
-def _consume(future: asyncio.Future[WriteResult]) -> None:
+def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()

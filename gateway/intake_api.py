@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.adapters import IntakeUnavailable, Submitter
+from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter
 from gateway.auth import ApiKeys, source_of
 from gateway.clock import Clock, format_time, parse_time
 from gateway.http import read_capped
@@ -129,6 +129,8 @@ class IntakeApi:
             return problem(400, str(exc))
         try:
             receipt = await self.intake.submit(inbound)
+        except InvalidContact as exc:
+            return problem(400, str(exc))
         except IntakeUnavailable:
             return problem(503, "queue unavailable, retry later", {"Retry-After": "5"})
         deadline = receipt.deadline

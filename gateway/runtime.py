@@ -19,6 +19,7 @@ from gateway.config import Settings
 from gateway.http import CoreRoutes, HttpServer, build_app
 from gateway.intake import Intake
 from gateway.intake_api import IntakeApi
+from gateway.lock import DataDirLock
 from gateway.metrics import Metrics
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
@@ -50,6 +51,7 @@ class Gateway:
         self.metrics = Metrics()
         self.adapters: dict[str, Adapter] = {}
         self.embedded: EmbeddedRedis | None = None
+        self.lock = DataDirLock(self.data_dir)
         self.redis_url = settings.redis.url
         self._started: list[Adapter] = []
         self._running = False
@@ -73,6 +75,7 @@ class Gateway:
         s = self.settings
         self._running = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
         self.spool = Spool(self.data_dir / "spool")
         self.spool.open()
         self.attachments = AttachmentStore(self.data_dir / "attachments", s.intake.max_attachment)
@@ -177,6 +180,7 @@ class Gateway:
         if self.embedded is not None:
             await self.embedded.stop()
             self.embedded = None
+        self.lock.release()
         log.info("gateway stopped")
 
     async def _warn_if_not_durable(self) -> None:

@@ -10,6 +10,7 @@ that fails its checksum or does not decode is moved to ``quarantine/``, never bl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -184,14 +185,28 @@ class Spool:
         return [None] * len(lines)
 
     def _write_sync(self, data: bytes) -> None:
+        offset = None
         try:
             if self._fh is None or self._fh.tell() > SEGMENT_BYTES:
                 self._open_new_segment()
+            offset = self._fh.tell()
             self._fh.write(data)
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
+            self._abandon_partial_write(offset)
             raise SpoolError(f"spool write failed: {exc.strerror}") from exc
+
+    def _abandon_partial_write(self, offset: int | None) -> None:
+        """Cut what a failed write left (the peer was refused) and start a fresh segment."""
+        fh, self._fh, self._active = self._fh, None, None
+        if fh is None:
+            return
+        with contextlib.suppress(OSError):
+            if offset is not None:
+                fh.truncate(offset)
+        with contextlib.suppress(OSError):
+            fh.close()
 
     def _open_new_segment(self) -> None:
         if self._fh is not None:
@@ -218,16 +233,16 @@ class Spool:
         write: Callable[[list[Prepared]], Awaitable[object]],
         apply: Callable[[SpooledEvent], Awaitable[object]],
         batch: int = 200,
-    ) -> int:
+    ) -> list[Prepared | SpooledEvent]:
         """Replay every closed segment in order: contacts in batches through ``write``, events
         one by one through ``apply`` (after the contacts before them). Delete each segment once
-        replayed and return how many records were replayed.
+        replayed and return the records replayed.
 
         Raises whatever ``write`` or ``apply`` raise (Redis down again): the segment stays, and
         replaying it again is harmless (contacts dedupe, stamps are once per contact).
         """
         await self.rotate()
-        total = 0
+        replayed: list[Prepared | SpooledEvent] = []
         for segment in self.segments():
             records = await asyncio.to_thread(self._read_segment, segment)
             pending: list[Prepared] = []
@@ -244,11 +259,11 @@ class Spool:
                     pending = []
             if pending:
                 await write(pending)
-            total += len(records)
+            replayed.extend(records)
             segment.unlink()
             self._count = max(0, self._count - len(records))
             log.info("spool: replayed %d records from %s", len(records), segment.name)
-        return total
+        return replayed
 
     def _read_segment(self, segment: Path) -> list[Prepared | SpooledEvent]:
         records: list[Prepared | SpooledEvent] = []
@@ -274,12 +289,15 @@ class Spool:
             log.error("spool: %d corrupt records quarantined to %s", len(bad), target)
         return records
 
-    def quarantine(self, records: list[Prepared], reason: str) -> None:
+    def quarantine(self, records: list[Prepared | SpooledEvent], reason: str) -> None:
         """Set aside records the server refuses for good (blocking), with the reason."""
         target = self.quarantine_dir / f"refused-{time.time_ns():020d}.log"
         with open(target, "ab") as out:
             for record in records:
-                line = prepared_to_json(record)
+                if isinstance(record, SpooledEvent):
+                    line = event_to_json(record)
+                else:
+                    line = prepared_to_json(record)
                 out.write(b"%08x %s\n" % (zlib.crc32(line), line))
             out.flush()
             os.fsync(out.fileno())

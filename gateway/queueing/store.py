@@ -191,8 +191,12 @@ class RedisQueue:
         ]
         return keys, args
 
-    async def write_batch(self, batch: list[Prepared]) -> list[WriteResult]:
-        """Run the intake script for every contact in one pipelined round trip."""
+    async def write_batch(self, batch: list[Prepared]) -> list[WriteResult | ResponseError]:
+        """Run the intake script for every contact in one pipelined round trip.
+
+        A contact the server refuses comes back as its error; the others are written. A failed
+        round trip (connection, timeout) raises for the whole batch.
+        """
         enqueued_at = self.clock.now_us()
         encoded = [self._encode(p, enqueued_at) for p in batch]
         for attempt in range(2):
@@ -205,8 +209,11 @@ class RedisQueue:
                 self._shas = {}  # the server restarted: reload and write again (idempotent)
                 continue
             break
-        results: list[WriteResult] = []
+        results: list[WriteResult | ResponseError] = []
         for reply in replies:
+            if isinstance(reply, ResponseError):
+                results.append(reply)
+                continue
             if isinstance(reply, Exception):
                 raise reply
             created, contact_id, count = reply

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.adapters import IntakeUnavailable
 from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
+from gateway.lock import DataDirBusy
 from gateway.queueing.spool import Spool, SpoolError
 from gateway.records import Event, Inbound, Sender
 from gateway.runtime import Gateway
@@ -285,3 +286,51 @@ async def test_events_and_stamps_wait_in_the_spool_behind_their_contact(start_ga
     assert (
         await gw.intake.stamp(receipt.contact_id, "answered", answered_at + 5, "asterisk") is None
     )
+
+
+async def test_a_second_gateway_on_the_same_data_folder_refuses_to_start(
+    tmp_path, redis_url, prefix
+):
+    settings, configs = settings_for(tmp_path / "shared", redis_url, prefix)
+    first = Gateway(settings, configs)
+    await first.start()
+    try:
+        with pytest.raises(DataDirBusy, match="in use by another gateway"):
+            await Gateway(settings, configs).start()
+        assert (await first.intake.submit(inbound())).status == "enqueued"
+    finally:
+        await first.stop()
+    second = Gateway(settings, configs)  # free again once the first one stopped
+    await second.start()
+    await second.stop()
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_write(start_gateway):
+    gw = await start_gateway()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0):
+            await gw.intake.submit(inbound(external_id="impatient"))
+    for _ in range(100):
+        if await gw.read_contacts():
+            break
+        await asyncio.sleep(0.02)
+    assert [c.external_id for c in await gw.read_contacts()] == ["impatient"]
+
+
+async def test_one_unencodable_contact_is_refused_alone(start_gateway, aiohttp_client_session):
+    gw = await start_gateway()
+    deep: dict = {}
+    for _ in range(300):
+        deep = {"x": deep}
+    url = f"http://127.0.0.1:{gw.http_port}/v1/intake"
+
+    async def post(body):
+        async with aiohttp_client_session.post(url, json=body) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    results = await asyncio.gather(
+        post({"text": "bad", "meta": deep}), *(post({"text": f"good {i}"}) for i in range(5))
+    )
+    assert results[0][0] == 400 and "meta" in results[0][1]["detail"]
+    assert [r[1]["status"] for r in results[1:]] == ["enqueued"] * 5
+    assert gw.intake.redis_up
