@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Mapping
 
-from gateway.adapters import Adapter, SendError
+from gateway.adapters import Adapter, EventSink, SendError
 from gateway.clock import Clock
 from gateway.config import RepliesSection
 from gateway.metrics import Metrics
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "gateway-replies"
 RECLAIM_IDLE_MS = 60_000
+HOLD_S = 20.0
 
 
 class ReplyRouter:
@@ -35,6 +36,7 @@ class ReplyRouter:
     def __init__(
         self,
         queue: RedisQueue,
+        events: EventSink,
         adapters: Mapping[str, Adapter],
         clock: Clock,
         metrics: Metrics,
@@ -44,7 +46,9 @@ class ReplyRouter:
         concurrency: int = 32,
     ) -> None:
         self.queue = queue
+        self.events = events
         self.adapters = adapters
+        self._inflight: set[str] = set()
         self.clock = clock
         self.metrics = metrics
         self.section = section
@@ -100,6 +104,9 @@ class ReplyRouter:
                 backoff = min(backoff * 2, 10.0)
 
     async def _dispatch(self, delivery: Delivery[Reply]) -> None:
+        if delivery.entry_id in self._inflight:  # reclaimed from ourselves while still sending
+            return
+        self._inflight.add(delivery.entry_id)
         await self._slots.acquire()
         task = asyncio.get_running_loop().create_task(self._handle(delivery))
         self._tasks.add(task)
@@ -115,12 +122,26 @@ class ReplyRouter:
             await self.consumer.ack(delivery.entry_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # left pending, reclaimed and retried later
             log.exception("replies: entry %s left pending", delivery.entry_id)
+        finally:
+            self._inflight.discard(delivery.entry_id)
+
+    async def _wait_holding(self, entry_id: str, seconds: float) -> None:
+        """Wait before a retry while keeping the entry ours: its idle time is reset every
+        ``HOLD_S``, so other instances' reclaim (idle past a minute) never sends it twice."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while (left := until - loop.time()) > 0:
+            await asyncio.sleep(min(left, HOLD_S))
+            with contextlib.suppress(Exception):
+                await self.queue.redis.xclaim(
+                    self.consumer.stream, GROUP, self.consumer.name, 0, [entry_id], justid=True
+                )
 
     async def _fail(self, contact_id: str, source: str, reason: str, reply_id: str) -> None:
         log.warning("replies: reply %s to contact %s failed: %s", reply_id, contact_id, reason)
-        await self.queue.emit(
+        await self.events.emit(
             Event(
                 contact_id,
                 "failed",
@@ -168,13 +189,13 @@ class ReplyRouter:
                         float(self.section.backoff) * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
                     )
                 log.info("replies: retrying reply %s in %.1f s: %s", reply_id, delay, exc)
-                await asyncio.sleep(min(delay, 300.0))
+                await self._wait_holding(delivery.entry_id, min(delay, 300.0))
                 continue
             detail: dict[str, object] = {"reply_id": reply_id}
             if receipt.external_id:
                 detail["external_id"] = receipt.external_id
             # Only the first reply settles the deadline; later ones leave no deadline event.
-            await self.queue.stamp(
+            await self.events.stamp(
                 contact.id, "responded", self.clock.now_us(), adapter.name, detail
             )
             self.metrics.replies.labels(contact.channel, "sent").inc()

@@ -143,7 +143,13 @@ class Gateway:
             await adapter.start()
             self._started.append(adapter)
         self.replies = ReplyRouter(
-            self.queue, self.adapters, self.clock, self.metrics, s.replies, self.instance
+            self.queue,
+            self.intake,
+            self.adapters,
+            self.clock,
+            self.metrics,
+            s.replies,
+            self.instance,
         )
         self.replies.start()
         log.info(
