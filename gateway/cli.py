@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -179,7 +180,7 @@ async def _info(settings: Settings) -> dict[str, Any]:
         "config": settings.source,
         "data_dir": str(settings.gateway.data_dir.resolve()),
         "redis": {
-            "url": settings.redis.url or "embedded",
+            "url": redact_url(settings.redis.url) or "embedded",
             "keys": {"contacts": keys.contacts, "events": keys.events, "replies": keys.replies},
         },
         "listeners": {"http": str(settings.http.listen)},
@@ -192,12 +193,21 @@ async def _info(settings: Settings) -> dict[str, Any]:
     try:
         async with open_queue(settings) as (client, _, url):
             server = await client.info("server")
-            info["redis"]["url"] = url
+            info["redis"]["url"] = redact_url(url)
             info["redis"]["server"] = server.get("valkey_version") or server.get("redis_version")
             info["redis"]["contacts"] = await client.xlen(keys.contacts)
     except Exception as exc:
         info["redis"]["error"] = str(exc)
     return info
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (``redis://user:***@host``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import orjson
 
 from gateway.config import KNOWN_SECRETS
 
-_PHONE = re.compile(r"(?<![\w-])(\+?)(\d[\d\- ]{2,})(\d{4})(?!\d)")
+_PHONE = re.compile(r"(?<![0-9A-Za-z-])(\+|%2[Bb])?(\d[\d\- ]{2,})(\d{4})(?!\d)")
 _EMAIL = re.compile(r"([A-Za-z0-9])[A-Za-z0-9._%+\-]*@([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
 
 
@@ -20,7 +20,9 @@ def mask(text: str) -> str:
     for secret in KNOWN_SECRETS:
         if secret in text:
             text = text.replace(secret, "***")
-    text = _PHONE.sub(lambda m: m.group(1) + re.sub(r"\d", "*", m.group(2)) + m.group(3), text)
+    text = _PHONE.sub(
+        lambda m: (m.group(1) or "") + re.sub(r"\d", "*", m.group(2)) + m.group(3), text
+    )
     return _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
 
 
