@@ -11,14 +11,14 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
-# Shared, noisy machines: no per-example deadline (a slow example is not a bug).
-settings.register_profile("gateway", deadline=None)
-settings.load_profile("gateway")
-
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.runtime import Gateway
 from tests.harness import settings_for
+
+# Shared, noisy machines: no per-example deadline (a slow example is not a bug).
+settings.register_profile("gateway", deadline=None)
+settings.load_profile("gateway")
 
 _prefixes = itertools.count(1)
 

@@ -71,10 +71,27 @@ def test_example_config_is_valid(monkeypatch):
         "GATEWAY_KANNEL_SECRET",
         "GATEWAY_KANNEL_SENDSMS_PASSWORD",
         "GATEWAY_TELEGRAM_TOKEN",
+        "GATEWAY_CASES_TOKEN",
+        "GATEWAY_PUSH_SECRET",
+        "GATEWAY_WECHAT_TOKEN",
+        "GATEWAY_WECHAT_APPSECRET",
+        "GATEWAY_WEIBO_APPSECRET",
+        "GATEWAY_WEIBO_TOKEN",
+        "GATEWAY_IOS_APP_KEY",
     ):
         monkeypatch.setenv(name, "example-secret")
+    monkeypatch.setenv("GATEWAY_WECHAT_AESKEY", "a" * 43)
     settings, adapters = load_file("config/gateway.example.toml")
-    assert set(adapters) == {"asterisk", "mailbox", "kannel", "telegram", "open311"}
+    assert set(adapters) == {
+        "asterisk",
+        "mailbox",
+        "kannel",
+        "telegram",
+        "wechat",
+        "weibo",
+        "app",
+        "open311",
+    }
     assert settings.sla.voice_answer == 15 and settings.sla.email_response == 86400
 
 
