@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -13,6 +14,7 @@ from redis.exceptions import ResponseError
 from gateway.adapters import IntakeUnavailable, InvalidContact, Receipt
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.ids import uuid7
+from gateway.language import guess_language
 from gateway.metrics import Metrics
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
@@ -64,11 +66,16 @@ class Intake:
         self._closing = False
 
     def prepare(self, inbound: Inbound) -> Prepared:
-        """Fix the contact's id and deadline; raise InvalidContact when it cannot be encoded."""
+        """Fix the contact's id, deadline and language hint; raise InvalidContact when it cannot
+        be encoded."""
         try:
             orjson.dumps(inbound.meta)
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise InvalidContact(f"meta: {exc}") from exc
+        if inbound.language is None and inbound.text:
+            language = guess_language(inbound.text)  # every text contact gets a hint
+            if language is not None:
+                inbound = dataclasses.replace(inbound, language=language)
         deadline = self.sla.deadline(inbound)
         return Prepared(
             id=uuid7(inbound.received_at // 1000),

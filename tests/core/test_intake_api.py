@@ -35,6 +35,7 @@ async def test_accepts_a_contact_and_answers_202_with_id_and_deadline(
     assert status == 202 and orjson.loads(raw)["id"] == answer["id"]
     (contact,) = await gw.read_contacts()
     assert contact.id == answer["id"] and contact.text == "噪音扰民" and contact.adapter == "api"
+    assert contact.language == "zh"  # a hint for every text contact, from its script
 
 
 @pytest.mark.parametrize(
