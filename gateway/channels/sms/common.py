@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.adapters import SendError
+from gateway.adapters import AdapterContext, SendError
 from gateway.phone import to_e164
-from gateway.records import short_ref
+from gateway.records import Event, EventType, short_ref
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +155,36 @@ async def call(
         raise SendError(f"{provider} timed out after {timeout_s:g}s", retryable=True) from exc
     except aiohttp.ClientError as exc:
         raise SendError(f"{provider} unreachable: {type(exc).__name__}", retryable=True) from exc
+
+
+class DeliveryReports:
+    """Turns a provider's final delivery report into a ``delivered`` or ``failed`` event, once
+    per (reply, outcome): providers repeat callbacks. The memory of what was recorded is the
+    last 10,000 outcomes of this process."""
+
+    MEMORY = 10_000
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        self.ctx = ctx
+        self._seen: dict[tuple[str, str], None] = {}
+
+    async def record(
+        self, contact_id: str, reply_id: str, kind: EventType | None, detail: dict[str, Any]
+    ) -> bool:
+        """Record the outcome (None: not final, nothing to do). False when the event could not
+        be written: answer the provider so that it retries."""
+        if kind is None or (reply_id, kind) in self._seen:
+            return True
+        event = Event(
+            contact_id, kind, self.ctx.clock.now_us(), self.ctx.name,
+            detail={"reply_id": reply_id, **detail},
+        )
+        try:
+            await self.ctx.events.emit(event)
+        except Exception as exc:
+            log.warning("delivery report for %s not recorded: %s", contact_id, exc)
+            return False
+        self._seen[(reply_id, kind)] = None
+        if len(self._seen) > self.MEMORY:
+            self._seen.pop(next(iter(self._seen)))
+        return True

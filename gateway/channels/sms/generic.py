@@ -39,7 +39,7 @@ from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
 from gateway.config import ConfigError, Duration, Secret
 from gateway.http import read_body
 from gateway.phone import mask_phone
-from gateway.records import Contact, Event, Inbound, Reply, Sender, clean_text
+from gateway.records import Contact, Inbound, Reply, Sender, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class GenericAdapter:
         self._session: aiohttp.ClientSession | None = None
         self._progress: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reported: dict[tuple[str, str], None] = {}
+        self.reports = common.DeliveryReports(ctx)
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
             ctx.router.add_route(method, self.status_path, self.status_report)
@@ -440,17 +440,8 @@ class GenericAdapter:
             kind = "delivered"
         elif status in names.failed:
             kind = "failed"
-        if kind is not None and (ref, kind) not in self._reported:
-            event = Event(contact_id, kind, self.ctx.clock.now_us(), self.name,
-                          detail={"reply_id": ref, "status": status[:40]})
-            try:
-                await self.ctx.events.emit(event)
-            except Exception as exc:
-                log.warning("delivery report for %s not recorded: %s", contact_id, exc)
-                return common.unavailable()
-            self._reported[(ref, kind)] = None
-            if len(self._reported) > 10000:
-                self._reported.pop(next(iter(self._reported)))
+        if not await self.reports.record(contact_id, ref, kind, {"status": status[:40]}):
+            return common.unavailable()
         return self._answer()
 
     # ------------------------------------------------------------------ outbound

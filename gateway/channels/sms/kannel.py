@@ -45,7 +45,7 @@ from gateway.clock import MICROS_PER_SECOND
 from gateway.config import ConfigError, Duration, Secret
 from gateway.http import read_body
 from gateway.phone import mask_phone
-from gateway.records import Contact, Event, Inbound, Reply, Sender, clean_text
+from gateway.records import Contact, Inbound, Reply, Sender, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class KannelAdapter:
         )
         self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
-        self._reported: dict[tuple[str, str], None] = {}
+        self.reports = common.DeliveryReports(ctx)
         self._tasks: set[asyncio.Task[None]] = set()
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
@@ -517,20 +517,11 @@ class KannelAdapter:
             kind = "failed"
         else:
             kind = None  # 4 buffered, 8 accepted by the SMSC: not final
-        if kind is not None and (ref, kind) not in self._reported:
-            detail: dict[str, Any] = {"reply_id": ref, "dlr": status}
-            if params.get("answer"):
-                detail["answer"] = params["answer"][:160]
-            try:
-                await self.ctx.events.emit(
-                    Event(contact_id, kind, self.ctx.clock.now_us(), self.name, detail=detail)
-                )
-            except Exception as exc:
-                log.warning("delivery report for %s not recorded: %s", contact_id, exc)
-                return common.unavailable()
-            self._reported[(ref, kind)] = None
-            if len(self._reported) > 10000:
-                self._reported.pop(next(iter(self._reported)))
+        detail: dict[str, Any] = {"dlr": status}
+        if params.get("answer"):
+            detail["answer"] = params["answer"][:160]
+        if not await self.reports.record(contact_id, ref, kind, detail):
+            return common.unavailable()
         return web.Response(status=200, text="OK\n")
 
     def _ref_key(self) -> str:

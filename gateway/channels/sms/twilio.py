@@ -39,7 +39,7 @@ from gateway.channels.sms.segments import split
 from gateway.config import ConfigError, Duration, Secret
 from gateway.http import read_body
 from gateway.phone import mask_phone
-from gateway.records import Attachment, Contact, Event, Inbound, Reply, Sender, clean_text
+from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class TwilioAdapter:
         self.path = config.path.rstrip("/") or "/"
         self.status_path = self.path.rstrip("/") + "/status"
         self._session: aiohttp.ClientSession | None = None
-        self._reported: dict[tuple[str, str], None] = {}
+        self.reports = common.DeliveryReports(ctx)
         ctx.router.add_route("POST", self.path, self.receive)
         ctx.router.add_route("POST", self.status_path, self.status_callback)
 
@@ -370,22 +370,13 @@ class TwilioAdapter:
             kind = "delivered"
         elif status in ("failed", "undelivered"):
             kind = "failed"
-        if kind is not None and (ref, kind) not in self._reported:
-            detail: dict[str, Any] = {"reply_id": ref, "status": status}
-            if form.get("MessageSid"):
-                detail["sid"] = form["MessageSid"][:64]
-            if form.get("ErrorCode"):
-                detail["error_code"] = form["ErrorCode"][:16]
-            try:
-                await self.ctx.events.emit(
-                    Event(contact_id, kind, self.ctx.clock.now_us(), self.name, detail=detail)
-                )
-            except Exception as exc:
-                log.warning("status callback for %s not recorded: %s", contact_id, exc)
-                return common.unavailable()
-            self._reported[(ref, kind)] = None
-            if len(self._reported) > 10000:
-                self._reported.pop(next(iter(self._reported)))
+        detail: dict[str, Any] = {"status": status}
+        if form.get("MessageSid"):
+            detail["sid"] = form["MessageSid"][:64]
+        if form.get("ErrorCode"):
+            detail["error_code"] = form["ErrorCode"][:16]
+        if not await self.reports.record(contact_id, ref, kind, detail):
+            return common.unavailable()
         return web.Response(status=200, body=TWIML_EMPTY, content_type="text/xml")
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
