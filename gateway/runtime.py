@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -211,7 +212,7 @@ class Gateway:
             redis_ok = await self.queue.ping()
         spool_ok = True
         try:
-            self.spool.check_writable()
+            await asyncio.to_thread(self.spool.check_writable)
         except Exception:
             spool_ok = False
         return redis_ok or spool_ok, {

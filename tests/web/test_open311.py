@@ -432,3 +432,16 @@ def test_parse_request_fuzz(form: dict[str, Any]) -> None:
         return
     assert req.service_code == "033"
     assert req.lat is not None or req.address_string or req.address_id
+
+
+async def test_media_of_a_request_with_a_bad_key_is_never_stored(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    form = aiohttp.FormData()
+    form.add_field("api_key", "not-the-key")
+    form.add_field("service_code", "001")
+    form.add_field("address_string", "Main St 1")
+    form.add_field("media", b"\xff\xd8 a photo", filename="p.jpg", content_type="image/jpeg")
+    status, _ = await _post(gw, form)
+    assert status == 403
+    assert not [p for p in gw.attachments.root.rglob("*") if p.is_file()]
+    assert await gw.read_contacts() == []

@@ -463,11 +463,12 @@ class Open311:
         if request.content_length is not None and request.content_length > self.config.max_body:
             return self._error(fmt, 413, "request too large")
         try:
-            form, media = await self._read_form(request)
+            form, files = await self._read_form(request)
             api_key = form.get("api_key", "")
             client = self._check_key(api_key if isinstance(api_key, str) else "")
             if self.config.require_api_key and client is None:
                 raise Open311Error(403, "api_key is missing or invalid")
+            media = tuple([await self.ctx.attachments.put(*file) for file in files])
             jurisdiction = form.get("jurisdiction_id", "")
             if (
                 self.config.jurisdiction_id
@@ -560,7 +561,9 @@ class Open311:
 
     async def _read_form(
         self, request: web.Request
-    ) -> tuple[dict[str, str | list[str]], tuple[Attachment, ...]]:
+    ) -> tuple[dict[str, str | list[str]], list[tuple[bytes, str, str]]]:
+        """The form fields, and the media file still in memory: nothing is stored before the
+        api_key (a form field) has been checked."""
         form: dict[str, str | list[str]] = {}
 
         def add(key: str, value: str) -> None:
@@ -572,7 +575,7 @@ class Open311:
             else:
                 form[key] = [old, value]
 
-        media: list[Attachment] = []
+        media: list[tuple[bytes, str, str]] = []
         ctype = request.content_type
         if ctype == "multipart/form-data":
             reader = await request.multipart()
@@ -586,20 +589,15 @@ class Open311:
                     data = await read_part(
                         part, min(self.ctx.attachments.max_size, self.config.max_body)
                     )
-                    media.append(
-                        await self.ctx.attachments.put(
-                            data,
-                            part.filename,
-                            part.headers.get("Content-Type", "application/octet-stream"),
-                        )
-                    )
+                    content_type = part.headers.get("Content-Type", "application/octet-stream")
+                    media.append((data, part.filename, content_type))
                     continue
                 value = await read_part(part, _MAX_FORM)
                 total += len(value)
                 if total > _MAX_FORM:
                     raise Open311Error(413, "form too large")
                 add(part.name or "", value.decode("utf-8", errors="replace"))
-            return form, tuple(media)
+            return form, media
         raw = await read_capped(request.content, _MAX_FORM)
         if raw is None:
             raise Open311Error(413, "form too large")
@@ -622,7 +620,7 @@ class Open311:
                     add(key, str(value))
                 elif value is not None:
                     raise Open311Error(400, f"{str(key)[:64]}: expected a string or number")
-            return form, ()
+            return form, []
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -635,7 +633,7 @@ class Open311:
             raise Open311Error(400, "too many form fields") from None
         for name, item in pairs:
             add(name, item)
-        return form, ()
+        return form, []
 
     async def _status_rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         rows = []
