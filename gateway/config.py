@@ -302,6 +302,9 @@ class RedisSection:
     """A batch not written within this bound goes to the spool instead."""
     max_batch: int = 256
     """Contacts written per pipelined round trip (1 turns coalescing off)."""
+    min_replicas: int = 0
+    """With Sentinel or replicas: a batch counts as written only once this many replicas have
+    it (``WAIT``); otherwise it is spooled and replayed, so a failover loses nothing."""
     stream_maxlen: int = 1_000_000
     retention: Duration = Duration(35 * 86400)
     """How long a contact stays retrievable by id (reply routing, API)."""

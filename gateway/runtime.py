@@ -94,6 +94,8 @@ class Gateway:
             repeat_window_s=s.intake.repeat_window,
             retention_s=s.redis.retention,
             maxlen=s.redis.stream_maxlen,
+            min_replicas=s.redis.min_replicas,
+            replica_timeout_ms=int(s.redis.write_timeout * 1000),
         )
         self.intake = Intake(
             self.queue,

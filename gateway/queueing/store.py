@@ -53,6 +53,10 @@ def _script(name: str) -> str:
 SCRIPTS = {name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit")}
 
 
+class ReplicationLagError(ConnectionError):
+    """Fewer replicas than ``redis.min_replicas`` confirmed a batch: treat it as not written."""
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A contact ready to be written: id and deadline fixed, JSON encoded at write time."""
@@ -138,6 +142,8 @@ class RedisQueue:
         repeat_window_s: float,
         retention_s: float,
         maxlen: int,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 1000,
     ) -> None:
         self.redis = client
         self.keys = keys
@@ -147,6 +153,9 @@ class RedisQueue:
         self.repeat_window_s = int(repeat_window_s)
         self.retention_s = max(1, int(retention_s))
         self.maxlen = maxlen
+        # WAIT has no key to route by: on a cluster each master's replicas answer for their own
+        self.min_replicas = min_replicas if hasattr(client, "connection_pool") else 0
+        self.replica_timeout_ms = replica_timeout_ms
         self._shas: dict[str, str] = {}
 
     async def load_scripts(self) -> None:
@@ -204,7 +213,15 @@ class RedisQueue:
                 await self.load_scripts()
             sha = self._shas["intake"]
             commands = [["EVALSHA", sha, len(k), *k, *a] for k, a in encoded]
+            if self.min_replicas:
+                commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
             replies = await self._execute(commands)
+            if self.min_replicas:
+                replicated = replies.pop()
+                if isinstance(replicated, Exception) or int(replicated) < self.min_replicas:
+                    raise ReplicationLagError(
+                        f"{replicated} of {self.min_replicas} replicas acknowledged the batch"
+                    )
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 self._shas = {}  # the server restarted: reload and write again (idempotent)
                 continue

@@ -141,3 +141,54 @@ async def test_intake_behind_sentinel(tmp_path, start_gateway):
         for proc in (sentinel, master):
             proc.terminate()
             proc.wait(10)
+
+
+async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start_gateway):
+    master_port, replica_port = free_port(), free_port()
+    master = spawn(
+        ["--port", str(master_port), "--appendonly", "yes", "--save", ""], tmp_path / "m"
+    )
+    replica_args = [
+        "--port",
+        str(replica_port),
+        "--replicaof",
+        "127.0.0.1",
+        str(master_port),
+        "--save",
+        "",
+    ]
+    replica = spawn(replica_args, tmp_path / "r")
+    try:
+        wait_ping(master_port).close()
+        probe = wait_ping(replica_port)
+        for _ in range(200):
+            if probe.info("replication").get("master_link_status") == "up":
+                break
+            time.sleep(0.05)
+        probe.close()
+        gw = await start_gateway(
+            url=f"redis://127.0.0.1:{master_port}",
+            redis={"min_replicas": 1, "write_timeout": "500ms"},
+        )
+        assert (await gw.intake.submit(inbound(external_id="r1"))).status == "enqueued"
+        replica.terminate()
+        replica.wait(10)
+        await asyncio.sleep(0.2)
+        assert (await gw.intake.submit(inbound(external_id="r2"))).status == "spooled"
+        replica = spawn(replica_args, tmp_path / "r")
+        for _ in range(300):
+            if gw.spool.depth == 0 and gw.intake.redis_up:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(c.external_id for c in await gw.read_contacts()) == ["r1", "r2"]
+        on_replica = redis.Redis(host="127.0.0.1", port=replica_port)
+        for _ in range(100):
+            if on_replica.xlen(gw.keys.contacts) == 2:
+                break
+            time.sleep(0.05)
+        assert on_replica.xlen(gw.keys.contacts) == 2
+        on_replica.close()
+    finally:
+        for proc in (replica, master):
+            proc.terminate()
+            proc.wait(10)
