@@ -358,6 +358,8 @@ class ApiSection:
     keys: tuple[ApiKey, ...] = ()
     open_to_loopback: bool = False
     """Allow ``POST /v1/intake`` without a key from 127.0.0.1 / ::1 (the no-config default)."""
+    default_region: str = "CN"
+    """Region for phone senders without a country code (sms and voice contacts: E.164)."""
 
 
 @dataclass(frozen=True, slots=True)

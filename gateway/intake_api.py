@@ -11,6 +11,7 @@ from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter
 from gateway.auth import ApiKeys, source_of
 from gateway.clock import Clock, format_time, parse_time
 from gateway.http import read_capped
+from gateway.phone import to_e164
 from gateway.problems import ApiProblem, problem
 from gateway.records import CHANNELS, Inbound, Sender, clean_text
 
@@ -32,8 +33,12 @@ def _opt_str(body: dict[str, Any], name: str, limit: int = 1024) -> str | None:
     return clean_text(value)
 
 
-def parse_intake(body: object, received_at: int, adapter: str) -> Inbound:
-    """Validate a ``/v1/intake`` body and build the Inbound; raise BadRequest."""
+def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN") -> Inbound:
+    """Validate a ``/v1/intake`` body and build the Inbound; raise BadRequest.
+
+    The sender of an sms or voice contact is normalized to E.164 (``region`` for numbers
+    without a country code) when it is a phone number.
+    """
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object")
     known = {
@@ -63,9 +68,10 @@ def parse_intake(body: object, received_at: int, adapter: str) -> Inbound:
     name = sender_raw.get("name")
     if name is not None and not isinstance(name, str):
         raise BadRequest("sender.name: expected a string")
-    sender = Sender(
-        clean_text(sender_raw.get("address", ""))[:320], clean_text(name) if name else None
-    )
+    address = clean_text(sender_raw.get("address", ""))[:320]
+    if channel in ("sms", "voice") and address:
+        address = to_e164(address, region) or address
+    sender = Sender(address, clean_text(name) if name else None)
     confidential = body.get("confidential", False)
     if not isinstance(confidential, bool):
         raise BadRequest("confidential: expected true or false")
@@ -97,11 +103,14 @@ def parse_intake(body: object, received_at: int, adapter: str) -> Inbound:
 class IntakeApi:
     """The JSON intake endpoint."""
 
-    def __init__(self, intake: Submitter, keys: ApiKeys, clock: Clock, max_body: int) -> None:
+    def __init__(
+        self, intake: Submitter, keys: ApiKeys, clock: Clock, max_body: int, region: str = "CN"
+    ) -> None:
         self.intake = intake
         self.keys = keys
         self.clock = clock
         self.max_body = max_body
+        self.region = region
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/intake", self.post)
@@ -124,7 +133,7 @@ class IntakeApi:
             return problem(400, "body is not valid UTF-8 JSON")
         adapter = source_of(key)
         try:
-            inbound = parse_intake(body, received_at, adapter)
+            inbound = parse_intake(body, received_at, adapter, self.region)
         except BadRequest as exc:
             return problem(400, str(exc))
         try:

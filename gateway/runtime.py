@@ -118,7 +118,9 @@ class Gateway:
         CoreRoutes(self._ready, self._render_metrics, self.attachments, api_keys).register(
             app.router
         )
-        IntakeApi(self.intake, api_keys, self.clock, s.http.max_body).register(app.router)
+        IntakeApi(
+            self.intake, api_keys, self.clock, s.http.max_body, s.api.default_region
+        ).register(app.router)
         self.cases = CaseServices(
             s, self.queue, self.attachments, self.clock, self.metrics, self.instance
         )

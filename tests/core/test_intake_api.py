@@ -120,3 +120,13 @@ async def test_a_body_arriving_in_many_pieces_is_read_whole(start_gateway, aioht
         assert resp.status == 202, await resp.text()
     (contact,) = await gw.read_contacts()
     assert contact.text == "长" * 10_000
+
+
+async def test_phone_senders_of_sms_and_voice_become_e164(start_gateway, aiohttp_client_session):
+    gw = await start_gateway()
+    for channel, sender in (("sms", "138 0013 8000"), ("web", "138 0013 8000")):
+        body = orjson.dumps({"channel": channel, "sender": sender, "text": "x"})
+        assert (await post(aiohttp_client_session, gw, body))[0] == 202
+    sms, web = await gw.read_contacts()
+    assert sms.sender.address == "+8613800138000"
+    assert web.sender.address == "138 0013 8000"  # a web sender is whatever the form said
