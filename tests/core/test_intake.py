@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -334,3 +335,15 @@ async def test_one_unencodable_contact_is_refused_alone(start_gateway, aiohttp_c
     assert results[0][0] == 400 and "meta" in results[0][1]["detail"]
     assert [r[1]["status"] for r in results[1:]] == ["enqueued"] * 5
     assert gw.intake.redis_up
+
+
+async def test_the_same_event_written_twice_is_appended_once(start_gateway):
+    gw = await start_gateway()
+    receipt = await gw.intake.submit(inbound())
+    event = Event(receipt.contact_id, "delivered", SYSTEM_CLOCK.now_us(), "kannel")
+    await gw.intake.emit(event)
+    await gw.intake.emit(event)  # e.g. a write that timed out after landing, then replayed
+    await gw.intake.emit(dataclasses.replace(event, at=event.at + 1))  # a second delivery
+    types = [e.type for e in await gw.read_events()]
+    assert types == ["enqueued", "delivered", "delivered"]
+    assert len(await gw.queue.events(receipt.contact_id)) == 3
