@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -11,7 +13,7 @@ import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +21,9 @@ from aiohttp import web
 from gateway.adapters import AdapterContext, SendError
 from gateway.phone import to_e164
 from gateway.records import Event, EventType, short_ref
+
+if TYPE_CHECKING:
+    from gateway.channels.sms.concat import Assembler
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +193,28 @@ class DeliveryReports:
         if len(self._seen) > self.MEMORY:
             self._seen.pop(next(iter(self._seen)))
         return True
+
+
+class PartsLifecycle:
+    """Start and stop of an SMS adapter that joins long messages from parts and sends replies
+    on its own HTTP session with background tasks (Kannel, the generic webhook)."""
+
+    assembler: Assembler
+    _session: aiohttp.ClientSession | None
+    _tasks: set[asyncio.Task[None]]
+
+    async def start(self) -> None:
+        await self.assembler.start()
+
+    async def stop(self) -> None:
+        """Stop the assembler (parts stay on disk), cancel background sends, close the session."""
+        await self.assembler.stop()
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -228,7 +227,7 @@ def verify_hmac(secret: str, body: bytes, given: str) -> bool:
     return hex_ok | b64_ok
 
 
-class GenericAdapter:
+class GenericAdapter(common.PartsLifecycle):
     """A configurable SMS webhook, its reply template and its delivery reports."""
 
     channel = "sms"
@@ -255,21 +254,6 @@ class GenericAdapter:
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
             ctx.router.add_route(method, self.status_path, self.status_report)
-
-    async def start(self) -> None:
-        await self.assembler.start()
-
-    async def stop(self) -> None:
-        await self.assembler.stop()
-        tasks, self._tasks = self._tasks, set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
 
     # ------------------------------------------------------------------ inbound
 

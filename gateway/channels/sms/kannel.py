@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -270,7 +269,7 @@ def decode_text(
     return clean_text(data.decode("latin-1")), "iso8859-1"
 
 
-class KannelAdapter:
+class KannelAdapter(common.PartsLifecycle):
     """One Kannel smsbox: inbound sms-service, outbound sendsms, delivery reports."""
 
     channel = "sms"
@@ -303,21 +302,6 @@ class KannelAdapter:
             ctx.router.add_route(method, self.dlr_path, self.delivery_report)
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def start(self) -> None:
-        await self.assembler.start()
-
-    async def stop(self) -> None:
-        await self.assembler.stop()
-        tasks, self._tasks = self._tasks, set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
 
     # ------------------------------------------------------------------ inbound
 
