@@ -422,3 +422,13 @@ async def test_timed_out_long_message_is_acknowledged_by_sendsms(start_gateway: 
         (call,) = kannel.calls
         assert call.query["text"].startswith("已收到，编号")
         assert call.query["coding"] == "2"
+
+
+def test_delivery_reference_key_without_secrets_is_random_and_kept(tmp_path) -> None:
+    from gateway.channels.sms import common
+
+    first = common.local_key(tmp_path / "sms" / "k")
+    again = common.local_key(tmp_path / "sms" / "k")
+    other = common.local_key(tmp_path / "sms" / "other")
+    assert first == again and len(first) == 64 and first != other
+    assert oct((tmp_path / "sms" / "k" / "signing.key").stat().st_mode & 0o777) == "0o600"

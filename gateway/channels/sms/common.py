@@ -9,10 +9,13 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import re
+import secrets
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -218,3 +221,17 @@ class PartsLifecycle:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def local_key(folder: Path) -> str:
+    """A random signing key kept in ``folder/signing.key`` (made on first use, mode 0600)."""
+    path = folder / "signing.key"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(key)
+        return key

@@ -296,6 +296,7 @@ class KannelAdapter(common.PartsLifecycle):
         self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
         self.reports = common.DeliveryReports(ctx)
+        self._fallback_key: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
@@ -462,7 +463,10 @@ class KannelAdapter(common.PartsLifecycle):
         receipt = await self.ctx.intake.submit(inbound)
         log.info(
             "SMS from %s assembled from %d/%d parts as %s",
-            mask_phone(first.sender), len(parts), first.total, receipt.contact_id,
+            mask_phone(first.sender),
+            len(parts),
+            first.total,
+            receipt.contact_id,
         )
         if not complete and self.config.ack_text and self.config.sendsms_url:
             # Handed over at the timeout: no request left to answer, so the ack goes by sendsms.
@@ -510,7 +514,13 @@ class KannelAdapter(common.PartsLifecycle):
 
     def _ref_key(self) -> str:
         secret = self.config.secret or self.config.sendsms_password
-        return secret.reveal() if secret else f"kannel:{self.name}"
+        if secret:
+            return secret.reveal()
+        if self._fallback_key is None:  # no secret at all: a random key kept in the data folder
+            self._fallback_key = common.local_key(
+                self.ctx.settings.gateway.data_dir / "sms" / self.name
+            )
+        return self._fallback_key
 
     # ------------------------------------------------------------------ outbound
 
@@ -566,13 +576,20 @@ class KannelAdapter(common.PartsLifecycle):
         if self._session is None:
             self._session = aiohttp.ClientSession()
         status, headers, body = await common.call(
-            self._session, "GET", cfg.sendsms_url, params=params,
-            timeout_s=float(cfg.send_timeout), provider="kannel sendsms",
+            self._session,
+            "GET",
+            cfg.sendsms_url,
+            params=params,
+            timeout_s=float(cfg.send_timeout),
+            provider="kannel sendsms",
         )
         common.check_status(status, headers, body, "kannel sendsms")
         log.info(
             "reply %s to %s accepted by kannel (%d %s segments)",
-            ref, mask_phone(contact.sender.address), segments.count, segments.encoding,
+            ref,
+            mask_phone(contact.sender.address),
+            segments.count,
+            segments.encoding,
         )
         return SendReceipt(
             external_id=None,
