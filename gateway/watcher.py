@@ -14,9 +14,6 @@ import asyncio
 import logging
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
-
 from gateway.api.tasks import cancel_and_wait
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.config import WatcherSection
@@ -25,27 +22,6 @@ from gateway.queueing.store import RedisQueue
 from gateway.records import Event, EventType
 
 log = logging.getLogger(__name__)
-
-CLAIM_LUA = """
--- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well,
---       4 the contact's hash (its event index)
--- ARGV: 1 contact id, 2 now (us), 3 event JSON ('' to drop without an event), 4 maxlen, 5 type
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if ARGV[3] == '' then
-  return 0
-end
-local event = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
-  'event', ARGV[3], 'contact_id', ARGV[1], 'type', ARGV[5])
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('HSET', KEYS[4], 'event:' .. event, ARGV[3])
-end
-return 1
-"""
 
 BATCH = 200
 
@@ -60,7 +36,6 @@ class DeadlineWatcher:
         self.clock = clock
         self.metrics = metrics
         self.interval_s = max(0.01, float(section.interval))
-        self._sha = ""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -161,30 +136,14 @@ class DeadlineWatcher:
         now: Micros,
         type: EventType,
     ) -> list[Any]:
-        redis = self.queue.redis
         k = self.queue.keys
-        for attempt in range(2):
-            if not self._sha:
-                self._sha = await redis.script_load(CLAIM_LUA)
-            scripts = [
-                ([zset, k.events, other, k.contact(cid)], (cid, now, body, self.queue.maxlen, type))
+        results = await self.queue.run_scripts(
+            "claim",
+            [
+                ([zset, k.events, other, k.contact(cid)], [cid, now, body, self.queue.maxlen, type])
                 for cid, body, _, _ in calls
-            ]
-            results: list[Any]
-            if isinstance(redis, RedisCluster):  # cluster pipelines refuse EVALSHA
-                results = await asyncio.gather(
-                    *(redis.evalsha(self._sha, len(keys), *keys, *a) for keys, a in scripts),
-                    return_exceptions=True,
-                )
-            else:
-                pipe = redis.pipeline(transaction=False)
-                for keys, a in scripts:
-                    pipe.evalsha(self._sha, len(keys), *keys, *a)
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                self._sha = ""  # the server restarted or failed over: load and claim again
-                continue
-            break
+            ],
+        )
         for r in results:
             if isinstance(r, Exception):
                 raise r

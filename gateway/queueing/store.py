@@ -50,7 +50,7 @@ def _script(name: str) -> str:
     return files("gateway.queueing").joinpath(name).read_text(encoding="utf-8")
 
 
-SCRIPTS = {name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit")}
+SCRIPTS = {name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit", "claim")}
 
 
 class ReplicationLagError(ConnectionError):
@@ -208,24 +208,7 @@ class RedisQueue:
         """
         enqueued_at = self.clock.now_us()
         encoded = [self._encode(p, enqueued_at) for p in batch]
-        for attempt in range(2):
-            if not self._shas:
-                await self.load_scripts()
-            sha = self._shas["intake"]
-            commands = [["EVALSHA", sha, len(k), *k, *a] for k, a in encoded]
-            if self.min_replicas:
-                commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
-            replies = await self._execute(commands)
-            if self.min_replicas:
-                replicated = replies.pop()
-                if isinstance(replicated, Exception) or int(replicated) < self.min_replicas:
-                    raise ReplicationLagError(
-                        f"{replicated} of {self.min_replicas} replicas acknowledged the batch"
-                    )
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                self._shas = {}  # the server restarted: reload and write again (idempotent)
-                continue
-            break
+        replies = await self.run_scripts("intake", encoded, replicated=True)
         results: list[WriteResult | ResponseError] = []
         for reply in replies:
             if isinstance(reply, ResponseError):
@@ -237,6 +220,36 @@ class RedisQueue:
             cid = contact_id.decode() if isinstance(contact_id, bytes) else str(contact_id)
             results.append(WriteResult(bool(created), cid, int(count), enqueued_at))
         return results
+
+    async def run_scripts(
+        self, name: str, calls: list[tuple[list[str], list[Any]]], *, replicated: bool = False
+    ) -> list[Any]:
+        """Run one of the gateway's scripts once per ``(keys, args)`` in one round trip; error
+        replies come back as values. Loads the script again after a restart or failover.
+
+        ``replicated``: with ``redis.min_replicas``, raise ReplicationLagError unless that many
+        replicas confirm the writes (``WAIT`` in the same round trip).
+        """
+        wait = replicated and self.min_replicas > 0
+        for attempt in range(2):
+            if not self._shas:
+                await self.load_scripts()
+            sha = self._shas[name]
+            commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
+            if wait:
+                commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
+            replies = await self._execute(commands)
+            if wait:
+                confirmed = replies.pop()
+                if isinstance(confirmed, Exception) or int(confirmed) < self.min_replicas:
+                    raise ReplicationLagError(
+                        f"{confirmed} of {self.min_replicas} replicas acknowledged the batch"
+                    )
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                self._shas = {}  # the server restarted: load again and rerun (idempotent)
+                continue
+            break
+        return replies
 
     async def _execute(self, commands: list[list[Any]]) -> list[Any]:
         """Send commands in one write and read every reply; error replies come back as values.
@@ -280,14 +293,11 @@ class RedisQueue:
         await self._evalsha("emit", keys, args)
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one of the gateway's scripts, loading it again after a restart or failover."""
-        if not self._shas:
-            await self.load_scripts()
-        try:
-            return await self.redis.evalsha(self._shas[name], len(keys), *keys, *args)
-        except NoScriptError:
-            await self.load_scripts()
-            return await self.redis.evalsha(self._shas[name], len(keys), *keys, *args)
+        """Run one script once; an error reply raises."""
+        (reply,) = await self.run_scripts(name, [(keys, args)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def stamp(
         self,
