@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from gateway.clock import Clock, Micros
 from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Reply
+from gateway.supervise import Supervisor
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -126,6 +127,9 @@ class AdapterContext:
     attachments: AttachmentStore
     clock: Clock
     settings: Settings
+    supervisor: Supervisor = field(default_factory=Supervisor)
+    """Runs the adapter's background loops (``spawn(f"{name}-poll", ...)``), restarted after
+    an error and reported in ``/readyz``; the gateway's own one when run by ``Gateway``."""
 
 
 class Adapter(Protocol):

@@ -21,6 +21,7 @@ from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
 from gateway.queueing.store import Prepared, RedisQueue, WriteResult
 from gateway.records import Event, EventType, Inbound, Repeat
 from gateway.sla import SlaPolicy
+from gateway.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Intake:
         )
         self._spooled_ids: dict[tuple[str, str], str] = {}
         self._spooled_contacts: set[str] = set()
-        self._replayer: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -243,11 +244,13 @@ class Intake:
 
     # ------------------------------------------------------------------ replay
 
-    def start(self) -> None:
-        """Start the replayer, which probes Redis and empties the spool."""
+    def start(self, supervisor: Supervisor) -> None:
+        """Start the replayer (the supervised loop ``replayer``), which probes Redis and empties
+        the spool."""
         self.metrics.redis_up.set(1 if self.redis_up else 0)
         self.metrics.spool_depth.set(self.spool.depth)
-        self._replayer = asyncio.get_running_loop().create_task(self._replay_loop())
+        self._supervisor = supervisor
+        supervisor.spawn("replayer", self._replay_loop, backoff=(0.2, 10.0))
         self._wake.set()
 
     async def _replay_loop(self) -> None:
@@ -315,10 +318,8 @@ class Intake:
         """Finish in-flight writes (spooling what cannot be written) and stop the replayer."""
         self._closing = True
         await self._writer.drain()
-        if self._replayer is not None:
-            self._replayer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replayer
+        if self._supervisor is not None:
+            await self._supervisor.stop("replayer")
         await self.spool.close()
 
 

@@ -139,6 +139,16 @@ class Metrics:
             "Contacts whose deadline is neither met nor passed",
             registry=r,
         )
+        # supervised background loops (gateway/supervise.py)
+        self.loop_up = Gauge(
+            "gateway_loop_up", "1 while a supervised background loop runs", ["loop"], registry=r
+        )
+        self.loop_restarts = Counter(
+            "gateway_loop_restarts",
+            "Restarts of a supervised background loop after an error",
+            ["loop"],
+            registry=r,
+        )
 
         self.per_channel = {c: ChannelMetrics(self, c) for c in CHANNELS}
         """Label children made once per channel: ``labels()`` costs a lookup per call."""

@@ -16,6 +16,7 @@ from gateway.metrics import Metrics
 from gateway.queueing.consumer import Delivery, ReplyConsumer
 from gateway.queueing.store import RedisQueue
 from gateway.records import Event, Reply
+from gateway.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,19 @@ class ReplyRouter:
         self.consumer = ReplyConsumer(queue.redis, GROUP, consumer_name, prefix=queue.keys.prefix)
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._main: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
         self._stopping = False
 
-    def start(self) -> None:
-        self._main = asyncio.get_running_loop().create_task(self._run())
+    def start(self, supervisor: Supervisor) -> None:
+        """Run the reading loop as the supervised loop ``replies``."""
+        self._supervisor = supervisor
+        supervisor.spawn("replies", self._run, backoff=(0.5, 10.0))
 
     async def stop(self) -> None:
         """Stop reading; let replies being sent finish (a bounded wait), the rest stay pending."""
         self._stopping = True
-        if self._main is not None:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main
-            self._main = None
+        if self._supervisor is not None:
+            await self._supervisor.stop("replies")
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=5)
             for task in pending:

@@ -29,6 +29,7 @@ from gateway.queueing.store import RedisQueue, connect, decode_fields
 from gateway.records import Contact, Event
 from gateway.replies import ReplyRouter
 from gateway.sla import SlaPolicy
+from gateway.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Gateway:
         self.data_dir: Path = settings.gateway.data_dir.resolve()
         self.keys = Keys(settings.redis.prefix)
         self.metrics = Metrics()
+        self.supervisor = Supervisor(self.metrics)
+        """Runs the background loops (replayer, replies, ...); see gateway/supervise.py."""
         self.adapters: dict[str, Adapter] = {}
         self.embedded: EmbeddedRedis | None = None
         self.lock = DataDirLock(self.data_dir)
@@ -138,12 +141,13 @@ class Gateway:
                 attachments=self.attachments,
                 clock=self.clock,
                 settings=s,
+                supervisor=self.supervisor,
             )
             self.adapters[name] = channel_type.factory(ctx, self.adapter_configs[name])
         self.app = app
         self.http = HttpServer(app, s.http.listen)
         await self.http.start()
-        self.intake.start()
+        self.intake.start(self.supervisor)
         for adapter in self.adapters.values():
             await adapter.start()
             self._started.append(adapter)
@@ -156,7 +160,7 @@ class Gateway:
             s.replies,
             self.instance,
         )
-        self.replies.start()
+        self.replies.start(self.supervisor)
         log.info(
             "gateway %s started: http %s:%d, %d adapters, redis %s",
             __version__,
@@ -188,6 +192,7 @@ class Gateway:
         if hasattr(self, "redis"):
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
+        await self.supervisor.close()
         if self.embedded is not None:
             await self.embedded.stop()
             self.embedded = None
@@ -219,10 +224,12 @@ class Gateway:
             await asyncio.to_thread(self.spool.check_writable)
         except Exception:
             spool_ok = False
-        return redis_ok or spool_ok, {
+        loops_ok, loops = self.supervisor.ready()
+        return (redis_ok or spool_ok) and loops_ok, {
             "redis": redis_ok,
             "spool": spool_ok,
             "spool_depth": self.spool.depth,
+            "loops": loops,
         }
 
     async def _render_metrics(self) -> bytes:

@@ -1,0 +1,216 @@
+"""Supervised background loops: restarted after an error, visible in ``/readyz`` and metrics.
+
+The whole API::
+
+    supervisor = Supervisor(metrics)              # one per Gateway (``Gateway.supervisor``)
+    supervisor.spawn("replayer", intake.replay_forever, required=True)
+    supervisor.spawn("telegram-bot1", poll, backoff=(1.0, 60.0))
+    ok, detail = supervisor.ready()               # False while a required loop is down
+    supervisor.states()                           # {"replayer": LoopState(...), ...}
+    await supervisor.stop("telegram-bot1")        # cancel one loop and wait for it
+    await supervisor.close()                      # cancel all (Gateway.stop)
+
+``spawn(name, run, ...)`` calls ``run()`` (a coroutine function without arguments) in a task
+of its own. When the coroutine raises, the failure is logged with the loop's name (ERROR with
+the traceback for the first failure in a row, WARNING for the ones that follow), the loop is
+``restarting`` from that moment, and ``run()`` is called again after a back-off that starts at
+``backoff[0]`` seconds and doubles up to ``backoff[1]`` (±10 % jitter, so a fleet does not
+retry in step). The back-off starts again from ``backoff[0]`` once a run has lasted at least
+``backoff[1]`` seconds. A coroutine that returns is ``finished`` and not restarted (a loop
+ends itself when its owner stops it); cancelling it through ``stop``/``close`` is ``stopped``.
+
+While a ``required`` loop is ``restarting`` (or ``finished`` without being stopped), ``ready()``
+answers False: ``/readyz`` fails. Metrics: ``gateway_loop_up{loop}`` (1 while running) and
+``gateway_loop_restarts_total{loop}``.
+
+A loop may also report a problem it survives without raising (a replay that makes no
+progress): ``supervisor.degrade(name, reason)`` marks it ``degraded`` (readiness fails if it
+is required, WARNING logged once) and ``supervisor.degrade(name, None)`` clears it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from gateway.clock import format_time
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+State = Literal["running", "restarting", "degraded", "finished", "stopped"]
+
+LoopFunction = Callable[[], Coroutine[Any, Any, None]]
+
+
+@dataclasses.dataclass(slots=True)
+class LoopState:
+    """What ``/readyz`` shows of one loop; ``since`` is wall-clock microseconds."""
+
+    name: str
+    required: bool
+    state: State = "running"
+    since: int = 0
+    restarts: int = 0
+    last_error: str | None = None
+    failing_since: int | None = None
+    """The first failure of the current row of failures (cleared after a long enough run)."""
+    problem: str | None = None
+
+    @property
+    def down(self) -> bool:
+        """True when a required loop is not doing its work."""
+        return self.required and self.state in ("restarting", "degraded", "finished")
+
+    def as_dict(self) -> dict[str, object]:
+        detail: dict[str, object] = {
+            "state": self.state,
+            "since": format_time(self.since),
+            "restarts": self.restarts,
+        }
+        if self.last_error is not None:
+            detail["last_error"] = self.last_error
+        if self.failing_since is not None:
+            detail["failing_since"] = format_time(self.failing_since)
+        if self.problem is not None:
+            detail["problem"] = self.problem
+        return detail
+
+
+class Supervisor:
+    """Runs named background loops and restarts each after an error (see the module docs)."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        self._loops: dict[str, LoopState] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def spawn(
+        self,
+        name: str,
+        run: LoopFunction,
+        *,
+        required: bool = True,
+        backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> LoopState:
+        """Start ``run()`` as loop ``name`` (a name not running already) and return its state."""
+        if name in self._tasks and not self._tasks[name].done():
+            raise ValueError(f"loop {name!r} is already running")
+        state = LoopState(name, required, since=_now_us())
+        self._loops[name] = state
+        self._set_up(name, True)
+        task = asyncio.get_running_loop().create_task(self._supervise(state, run, backoff))
+        task.set_name(f"loop:{name}")
+        self._tasks[name] = task
+        return state
+
+    def states(self) -> dict[str, LoopState]:
+        return dict(self._loops)
+
+    def ready(self) -> tuple[bool, dict[str, object]]:
+        """(False if a required loop is down, each loop's state) for ``/readyz``."""
+        ok = not any(state.down for state in self._loops.values())
+        return ok, {name: state.as_dict() for name, state in self._loops.items()}
+
+    def degrade(self, name: str, problem: str | None) -> None:
+        """Mark a running loop as not making progress (``problem``), or clear it (None)."""
+        state = self._loops.get(name)
+        if state is None or state.state not in ("running", "degraded"):
+            return
+        if problem is None:
+            if state.state == "degraded":
+                log.warning("loop %s: recovered from: %s", name, state.problem)
+                state.state, state.problem, state.since = "running", None, _now_us()
+                self._set_up(name, True)
+            return
+        if state.state != "degraded":
+            log.warning("loop %s: %s", name, problem)
+            state.state, state.since = "degraded", _now_us()
+            self._set_up(name, False)
+        state.problem = problem
+
+    async def stop(self, name: str) -> None:
+        """Cancel loop ``name`` and wait for it to end."""
+        task = self._tasks.pop(name, None)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        state = self._loops.get(name)
+        if state is not None:
+            state.state, state.since = "stopped", _now_us()
+        self._set_up(name, False)
+
+    async def close(self) -> None:
+        """Stop every loop."""
+        for name in list(self._tasks):
+            await self.stop(name)
+
+    async def _supervise(
+        self, state: LoopState, run: LoopFunction, backoff: tuple[float, float]
+    ) -> None:
+        first, most = backoff
+        delay = first
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await run()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                exc: BaseException = asyncio.CancelledError("the loop cancelled itself")
+            except Exception as error:
+                exc = error
+            else:
+                state.state, state.since = "finished", _now_us()
+                self._set_up(state.name, False)
+                if state.required and failures:
+                    log.warning("loop %s: finished after %d restarts", state.name, failures)
+                return
+            if time.monotonic() - started >= most:
+                delay, failures, state.failing_since = first, 0, None
+            failures += 1
+            state.restarts += 1
+            state.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            now = _now_us()
+            if failures == 1:
+                state.failing_since = now
+            state.state, state.since, state.problem = "restarting", now, None
+            self._set_up(state.name, False)
+            if self.metrics is not None:
+                self.metrics.loop_restarts.labels(state.name).inc()
+            wait = delay * random.uniform(0.9, 1.1)
+            if failures == 1:
+                log.error("loop %s failed, restarting in %.2f s", state.name, wait, exc_info=exc)
+            else:
+                log.warning(
+                    "loop %s failed again (%d in a row: %s), restarting in %.2f s",
+                    state.name,
+                    failures,
+                    state.last_error,
+                    wait,
+                )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, most)
+            self._running_again(state)
+
+    def _running_again(self, state: LoopState) -> None:
+        state.state, state.since = "running", _now_us()
+        self._set_up(state.name, True)
+
+    def _set_up(self, name: str, up: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.loop_up.labels(name).set(1 if up else 0)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000

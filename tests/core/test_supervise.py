@@ -1,0 +1,121 @@
+"""The Supervisor: background loops restarted after an error, with bounded back-off, and shown
+in /readyz and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import aiohttp
+
+from gateway.metrics import Metrics
+from gateway.supervise import Supervisor
+from tests.voice.test_ami import until
+
+
+async def test_a_failing_loop_is_restarted_with_bounded_backoff_and_logged(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.supervise")
+    metrics = Metrics()
+    supervisor = Supervisor(metrics)
+    runs = 0
+    healed = asyncio.Event()
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 6:
+            raise OSError(24, "Too many open files")
+        healed.set()
+        await asyncio.Event().wait()  # runs for good now
+
+    supervisor.spawn("flaky", flaky, backoff=(0.01, 0.04))
+    await asyncio.wait_for(healed.wait(), 10)
+    state = supervisor.states()["flaky"]
+    assert state.state == "running" and state.restarts == 6
+    assert state.last_error == "OSError: [Errno 24] Too many open files"
+    assert supervisor.ready()[0]
+    waits = [
+        float(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r"restarting in ([0-9.]+) s", r.getMessage()))
+    ]
+    assert len(waits) == 6
+    assert all("flaky" in r.getMessage() for r in caplog.records)
+    assert caplog.records[0].levelno == logging.ERROR and caplog.records[0].exc_info
+    assert {r.levelno for r in caplog.records[1:6]} == {logging.WARNING}
+    assert waits == [0.01, 0.02, 0.04, 0.04, 0.04, 0.04]  # doubling, bounded (jitter ±10 %)
+    text = metrics.render().decode()
+    assert 'gateway_loop_restarts_total{loop="flaky"} 6.0' in text
+    assert 'gateway_loop_up{loop="flaky"} 1.0' in text
+    await supervisor.close()
+    assert supervisor.states()["flaky"].state == "stopped"
+    assert 'gateway_loop_up{loop="flaky"} 0.0' in metrics.render().decode()
+
+
+async def test_a_required_loop_that_is_down_fails_readiness_and_a_finished_one_does_not() -> None:
+    supervisor = Supervisor()
+    release = asyncio.Event()
+
+    async def broken() -> None:
+        await release.wait()
+        raise ValueError("broken")
+
+    async def done() -> None:
+        return
+
+    supervisor.spawn("optional", broken, required=False, backoff=(60.0, 60.0))
+    supervisor.spawn("required", broken, backoff=(60.0, 60.0))
+    assert supervisor.ready()[0]
+    release.set()
+    await until(lambda: supervisor.states()["required"].state == "restarting")
+    await until(lambda: supervisor.states()["optional"].state == "restarting")
+    ok, detail = supervisor.ready()
+    assert not ok
+    assert detail["required"]["state"] == "restarting"  # type: ignore[index]
+    assert detail["required"]["last_error"] == "ValueError: broken"  # type: ignore[index]
+    assert "failing_since" in detail["required"]  # type: ignore[operator]
+    await supervisor.stop("required")
+    assert supervisor.ready()[0]  # an optional loop being down does not fail readiness
+    supervisor.degrade("optional", "no progress")  # only a running loop can be degraded
+    assert supervisor.states()["optional"].state == "restarting"
+    await supervisor.close()
+
+
+async def test_degraded_loop_fails_readiness_until_cleared(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.supervise")
+    supervisor = Supervisor()
+    supervisor.spawn("replay", asyncio.Event().wait)
+    supervisor.degrade("replay", "spool not draining for 30 s")
+    supervisor.degrade("replay", "spool not draining for 31 s")
+    ok, detail = supervisor.ready()
+    assert not ok and detail["replay"]["problem"] == "spool not draining for 31 s"  # type: ignore[index]
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    supervisor.degrade("replay", None)
+    assert supervisor.ready()[0]
+    await supervisor.close()
+
+
+async def test_gateway_readyz_and_metrics_show_a_loop_that_is_down(start_gateway) -> None:
+    gw = await start_gateway()
+    assert set(gw.supervisor.states()) == {"replayer", "replies"}
+
+    async def broken() -> None:
+        raise ConnectionResetError("peer went away")
+
+    gw.supervisor.spawn("poller", broken, backoff=(30.0, 30.0))
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{gw.http_port}"
+        async with session.get(f"{url}/readyz") as resp:
+            body = await resp.json()
+            assert resp.status == 503, body
+        assert body["loops"]["poller"]["state"] == "restarting"
+        assert body["loops"]["replayer"]["state"] == "running"
+        async with session.get(f"{url}/metrics") as resp:
+            text = await resp.text()
+        assert 'gateway_loop_up{loop="poller"} 0.0' in text
+        assert 'gateway_loop_restarts_total{loop="poller"} 1.0' in text
+        assert 'gateway_loop_up{loop="replayer"} 1.0' in text
+        await gw.supervisor.stop("poller")
+        async with session.get(f"{url}/readyz") as resp:
+            assert resp.status == 200
