@@ -55,8 +55,7 @@ def smoke_conf(tmp: Path, ports: dict[str, int], combine: bool) -> str:
         "smsbox-port = 13001": f"smsbox-port = {ports['box']}",
         "sendsms-port = 13013": f"sendsms-port = {ports['sendsms']}",
         '"/var/log/kannel/': f'"{tmp}/',
-        '"/var/spool/kannel"': f'"{tmp}/spool"',
-        "CHANGE-ME-secret@127.0.0.1:8080": f"{SECRET}@127.0.0.1:{ports['http']}",
+        "http://127.0.0.1:8080/": f"http://127.0.0.1:{ports['http']}/",
         "password = CHANGE-ME-sendsms": "password = smoke-sendsms",
         "sms-combine-concatenated-mo = true":
             f"sms-combine-concatenated-mo = {str(combine).lower()}",

@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, SendError
+from gateway.config import ConfigError
 from gateway.phone import to_e164
 from gateway.records import Event, EventType, short_ref
 
@@ -58,6 +60,31 @@ def unauthorized(realm: str = "sms") -> web.Response:
 
 def forbidden() -> web.Response:
     return web.Response(status=403, text="forbidden\n")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(values: tuple[str, ...], key: str) -> tuple[Network, ...]:
+    """Parse ``allow_from`` entries (addresses or CIDR networks); ConfigError names the bad one."""
+    parsed: list[Network] = []
+    for value in values:
+        try:
+            parsed.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ConfigError([(key, f"not an address or network: {value!r}")]) from None
+    return tuple(parsed)
+
+
+def peer_in(request: web.Request, allowed: tuple[Network, ...]) -> bool:
+    """True when the TCP peer (not a forwarded-for header) is in one of ``allowed``."""
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed)
 
 
 def equal(a: str | bytes, b: str | bytes) -> bool:

@@ -87,6 +87,9 @@ class KannelConfig:
     """User name expected with Basic auth."""
     insecure_no_auth: bool = False
     """Accept unauthenticated requests (a Kannel on a trusted network only)."""
+    allow_from: tuple[str, ...] = ()
+    """smsbox's addresses or networks: requests from any other peer are refused (403). With it
+    the get-url needs no secret, which Kannel would write to its logs with the URL."""
     region: str = "CN"
     """Default region for numbers without a country code."""
     eight_bit_charsets: tuple[str, ...] = ()
@@ -275,10 +278,12 @@ class KannelAdapter(common.PartsLifecycle):
     channel = "sms"
 
     def __init__(self, ctx: AdapterContext, config: KannelConfig) -> None:
-        if not config.secret and not config.insecure_no_auth:
-            raise ConfigError(
-                [(f"adapters.{ctx.name}.secret", "required (or set insecure_no_auth = true)")]
-            )
+        self.allowed = common.networks(config.allow_from, f"adapters.{ctx.name}.allow_from")
+        if not config.secret and not self.allowed and not config.insecure_no_auth:
+            raise ConfigError([(
+                f"adapters.{ctx.name}.secret",
+                "required (or allow_from, or insecure_no_auth = true)",
+            )])
         self.name = ctx.name
         self.ctx = ctx
         self.config = config
@@ -307,6 +312,8 @@ class KannelAdapter(common.PartsLifecycle):
     # ------------------------------------------------------------------ inbound
 
     def _authorized(self, request: web.Request, params_key: str | None) -> web.Response | None:
+        if self.allowed and not common.peer_in(request, self.allowed):
+            return common.forbidden()
         secret = self.config.secret
         if not secret:
             return None
