@@ -1,7 +1,8 @@
 """Content-addressed attachment store shared by every channel.
 
-Bytes are kept once per sha256 under ``<data_dir>/attachments/<aa>/<sha256>``; a contact
-refers to them as ``/v1/attachments/<sha256>``, which the HTTP server serves to API clients.
+Bytes are kept once per sha256 under ``<data_dir>/attachments/<aa>/<sha256>``, the content type
+they first came with beside them in ``<sha256>.type``; a contact refers to them as
+``/v1/attachments/<sha256>``, which the HTTP server serves to API clients with that type.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from pathlib import Path
 from gateway.records import Attachment
 
 REF_PREFIX = "/v1/attachments/"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+OCTET_STREAM = "application/octet-stream"
+
+
+def media_type(content_type: str) -> str:
+    """``type/subtype`` of a Content-Type (parameters dropped), or octet-stream if malformed."""
+    value = content_type.split(";", 1)[0].strip().lower()
+    return value if _MEDIA_TYPE.fullmatch(value) else OCTET_STREAM
 
 
 class AttachmentTooLarge(Exception):
@@ -32,7 +41,7 @@ class AttachmentStore:
 
     def path_for(self, sha256: str) -> Path:
         """Return where the bytes of ``sha256`` live; raise ValueError for a malformed hash."""
-        if not _SHA256.match(sha256):
+        if not _SHA256.fullmatch(sha256):
             raise ValueError("not a sha256 hex digest")
         return self.root / sha256[:2] / sha256
 
@@ -83,6 +92,14 @@ class AttachmentStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
             folder = target.parent
+        kind = media_type(content_type)
+        sidecar = target.with_name(target.name + ".type")
+        if kind != OCTET_STREAM and not sidecar.exists():  # the first type given is kept
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(kind)
+            os.replace(tmp, sidecar)
+            folder = target.parent
         attachment = Attachment(
             name=_safe_name(name),
             content_type=content_type or "application/octet-stream",
@@ -97,6 +114,13 @@ class AttachmentStore:
         if len(data) < 64 * 1024:
             return self.put_sync(data, name, content_type)
         return await asyncio.to_thread(self.put_sync, data, name, content_type)
+
+    def content_type(self, path: Path) -> str:
+        """The stored content type of the file at ``path`` (octet-stream when none was given)."""
+        try:
+            return media_type(path.with_name(path.name + ".type").read_text(encoding="ascii"))
+        except (OSError, UnicodeDecodeError):
+            return OCTET_STREAM
 
     def read(self, sha256: str) -> bytes:
         """Return the stored bytes; raise FileNotFoundError or ValueError."""

@@ -6,10 +6,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import StreamReader, web
+from aiohttp.typedefs import Handler
 
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
 from gateway.config import HostPort
+from gateway.metrics import Metrics
 from gateway.problems import ApiProblem, problem
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,35 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return body
 
 
-def build_app(max_body: int) -> web.Application:
+API_PREFIX = "/v1/"
+
+
+def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every error under ``/v1/`` is ``application/problem+json`` (aiohttp's own 404, 405 and
+    413 included), and an unhandled exception anywhere is a 500 problem, logged and counted in
+    ``gateway_api_requests`` (operation ``unhandled``): a 500 is a bug, never plain text."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or not request.path.startswith(API_PREFIX):
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+            return problem(exc.status, exc.reason, headers or None)
+        except Exception:
+            log.exception("http: unhandled error in %s %s", request.method, request.path[:200])
+            if metrics is not None:
+                metrics.api_requests.labels("unhandled", "500").inc()
+            return problem(500, "internal error")
+
+    return middleware
+
+
+def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:
     """Create the application; adapters add their routes to ``app.router`` before it starts."""
-    return web.Application(client_max_size=max_body)
+    return web.Application(client_max_size=max_body, middlewares=[errors_middleware(metrics)])
 
 
 class CoreRoutes:
@@ -91,7 +119,14 @@ class CoreRoutes:
             return problem(400, "not a sha256 digest")
         if not path.is_file():
             return problem(404, "no such attachment")
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Type": self.attachments.content_type(path),
+                "Content-Disposition": "attachment",  # never rendered by a browser on our origin
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
 
 class HttpServer:

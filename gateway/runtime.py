@@ -116,7 +116,7 @@ class Gateway:
             self.intake.redis_up = False
         else:
             await self._warn_if_not_durable()
-        app = build_app(s.http.max_body)
+        app = build_app(s.http.max_body, self.metrics)
         api_keys = ApiKeys(s.api)
         CoreRoutes(self._ready, self._render_metrics, self.attachments, api_keys).register(
             app.router

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 OPENAPI: bytes = files("gateway.api").joinpath("openapi.json").read_bytes()
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-CONTACT_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+CONTACT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+"""Patterns used with ``fullmatch`` (``$`` would let a trailing newline through)."""
 RESERVED_GROUP_PREFIX = "gateway-"
 
 MAX_COUNT = 1000
@@ -70,6 +71,9 @@ def operation(
             except (RedisError, OSError) as exc:
                 log.warning("api %s: queue unavailable (%s)", name, type(exc).__name__)
                 response = problem(503, "queue unavailable, retry later", {"Retry-After": "2"})
+            except Exception:  # a bug: answered and counted like every other outcome
+                log.exception("api %s: internal error", name)
+                response = problem(500, "internal error")
             self.metrics.api_requests.labels(name, str(response.status)).inc()
             return response
 
@@ -87,15 +91,15 @@ def int_param(request: web.Request, name: str, default: int, low: int, high: int
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiProblem(400, f"{name}: expected an integer from {low} to {high}")
     return int(raw)
 
 
-def name_param(value: str | None, what: str) -> str:
+def name_param(value: object, what: str) -> str:
     if value is None:
         raise ApiProblem(400, f"{what}: required")
-    if not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise ApiProblem(400, f"{what}: 1-64 letters, digits, '.', '_' or '-'")
     return value
 
@@ -105,6 +109,17 @@ def group_param(request: web.Request) -> str:
     if group.startswith(RESERVED_GROUP_PREFIX):
         raise ApiProblem(400, f"group: names starting with {RESERVED_GROUP_PREFIX!r} are reserved")
     return group
+
+
+MAX_ID_PART = 2**64 - 1
+
+
+def entry_id(value: object) -> bool:
+    """True for a stream entry id Redis accepts: ``<ms>-<seq>``, each at most 2^64 - 1."""
+    if not isinstance(value, str) or not ENTRY_ID.fullmatch(value):
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) <= MAX_ID_PART and int(seq) <= MAX_ID_PART
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
@@ -297,7 +312,7 @@ class ConsumerApi:
         if (
             not isinstance(ids, list)
             or not 1 <= len(ids) <= MAX_COUNT
-            or not all(isinstance(i, str) and ENTRY_ID.match(i) for i in ids)
+            or not all(entry_id(i) for i in ids)
         ):
             raise ApiProblem(400, f"ids: expected 1 to {MAX_COUNT} stream entry ids")
         acked = int(await self.redis.xack(self._stream_key(stream), group, *ids))
@@ -314,7 +329,7 @@ class ConsumerApi:
         min_idle = _int_field(body, "min_idle_ms", 60_000, 0, 7 * 86_400_000)
         count = _int_field(body, "count", 100, 1, MAX_COUNT)
         cursor = body.get("cursor", "0-0")
-        if not isinstance(cursor, str) or not ENTRY_ID.match(cursor):
+        if not entry_id(cursor):
             raise ApiProblem(400, "cursor: expected a stream entry id")
         stream_key = self._stream_key(stream)
         try:
@@ -340,7 +355,7 @@ class ConsumerApi:
         )
 
     async def _contact_json(self, contact_id: str) -> bytes:
-        if not CONTACT_ID.match(contact_id):
+        if not CONTACT_ID.fullmatch(contact_id):
             raise ApiProblem(400, "not a contact id")
         raw: bytes | None = await self.redis.hget(self.queue.keys.contact(contact_id), "contact")
         if raw is None:
@@ -371,6 +386,8 @@ class ConsumerApi:
                 raw = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ApiProblem(400, f"{where}.data: expected base64") from exc
+            if not raw:
+                raise ApiProblem(400, f"{where}.data: empty (an attachment needs content)")
             try:
                 return await self.attachments.put(raw, name, ctype)
             except AttachmentTooLarge as exc:
@@ -384,7 +401,10 @@ class ConsumerApi:
             raise ApiProblem(400, f"{where}.sha256: not a sha256 digest") from exc
         if not path.is_file():
             raise ApiProblem(400, f"{where}.sha256: no such stored attachment")
-        return Attachment(name[:255], ctype, path.stat().st_size, digest, REF_PREFIX + digest)
+        size = path.stat().st_size
+        if not size:
+            raise ApiProblem(400, f"{where}.sha256: an empty file (an attachment needs content)")
+        return Attachment(name[:255], ctype, size, digest, REF_PREFIX + digest)
 
     @operation("post_reply", "reply")
     async def post_reply(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from gateway.runtime import Gateway
-from tests.cases.conftest import API, Client, eventually, submit
+from tests.cases.conftest import API, Client, auth, eventually, submit
 
 CONTACTS = "/v1/groups/{group}/contacts"
 EVENTS = "/v1/groups/{group}/events"
@@ -419,6 +419,49 @@ async def test_open_to_loopback_lets_local_callers_in(start_gateway, session) ->
             {"json_body": {"consumer": "c"}},
             404,
         ),
+        (  # a non-string consumer was a plain-text 500 (TypeError)
+            "POST",
+            "/v1/groups/g/contacts/reclaim",
+            "/v1/groups/{group}/contacts/reclaim",
+            {"json_body": {"consumer": 5}},
+            400,
+        ),
+        (
+            "POST",
+            "/v1/groups/g/contacts/reclaim",
+            "/v1/groups/{group}/contacts/reclaim",
+            {"json_body": {"consumer": ["w"]}},
+            400,
+        ),
+        (
+            "POST",
+            "/v1/groups/g/contacts/reclaim",
+            "/v1/groups/{group}/contacts/reclaim",
+            {"json_body": {"consumer": "c", "cursor": "18446744073709551616-0"}},
+            400,
+        ),
+        (  # an id Redis refuses (past 2^64 - 1) was a 503 "queue unavailable"
+            "POST",
+            "/v1/groups/g/contacts/ack",
+            "/v1/groups/{group}/contacts/ack",
+            {"json_body": {"ids": ["99999999999999999999-0"]}},
+            400,
+        ),
+        (
+            "POST",
+            "/v1/groups/g/events/ack",
+            "/v1/groups/{group}/events/ack",
+            {"json_body": {"ids": ["1-18446744073709551616"]}},
+            400,
+        ),
+        (
+            "GET",
+            "/v1/groups/g/contacts?consumer=w%0A",
+            "/v1/groups/{group}/contacts",
+            {},
+            400,
+        ),
+        ("GET", "/v1/groups/g/contacts?consumer=w&count=%C2%B2", CONTACTS, {}, 400),
         ("GET", "/v1/report?since=forever", "/v1/report", {}, 400),
         ("GET", "/v1/report?by=week", "/v1/report", {}, 400),
     ],
@@ -466,6 +509,9 @@ async def test_malformed_events(client: Client, body: dict, status: int) -> None
         ({"text": "hi", "attachments": [{"sha256": "ab" * 32}]}, 400),
         ({"text": "hi", "attachments": [{"sha256": "zz"}]}, 400),
         ({"text": "hi", "attachments": [{"data": "QQ=="}] * 11}, 400),
+        # an empty file was accepted and sent to the citizen
+        ({"text": "hi", "attachments": [{"data": ""}]}, 400),
+        ({"attachments": [{"name": "empty.pdf", "data": ""}]}, 400),
         ({"text": "y" * (2 << 20)}, 413),
     ],
 )
@@ -479,6 +525,40 @@ async def test_malformed_replies(client: Client, body: dict, status: int) -> Non
         json_body=body,
     )
     assert got == status, problem
+
+
+async def test_a_stored_empty_file_is_no_reply_attachment(
+    client: Client, api_gateway: Gateway
+) -> None:
+    """A citizen's empty upload is stored like any file; a reply naming it is refused."""
+    cid = await submit(client, "x")
+    empty = await api_gateway.attachments.put(b"", "empty.txt", "text/plain")
+    status, problem = await client.call(
+        "POST",
+        f"/v1/contacts/{cid}/replies",
+        "/v1/contacts/{contact_id}/replies",
+        token="replier",
+        json_body={"text": "see attached", "attachments": [{"sha256": empty.sha256}]},
+    )
+    assert status == 400 and "empty" in problem["detail"]
+
+
+async def test_an_internal_error_is_a_counted_problem(
+    client: Client, api_gateway: Gateway
+) -> None:
+    """A bug in a handler answers 500 as problem+json and shows in gateway_api_requests."""
+    api = api_gateway.cases.api  # type: ignore[union-attr]
+
+    async def broken(*args: Any) -> dict[str, Any]:
+        raise TypeError("a bug")
+
+    api.report_source = broken  # the report operation now fails inside its handler
+    async with client.session.get(client.base + "/v1/report", headers=auth("reader")) as resp:
+        assert resp.status == 500
+        assert resp.headers["Content-Type"] == "application/problem+json"
+        assert (await resp.json(content_type=None))["title"] == "Internal Server Error"
+    _, text = await client.call("GET", "/metrics", token=None)
+    assert 'gateway_api_requests_total{operation="report",status="500"} 1.0' in text.decode()
 
 
 async def test_api_metrics(client: Client) -> None:
