@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from gateway.attachments import AttachmentStore
     from gateway.config import Settings
+    from gateway.queueing.coordination import Leases, SharedState
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +118,20 @@ class SendError(Exception):
 
 @dataclass(slots=True)
 class AdapterContext:
-    """Everything an adapter may touch; it never sees Redis or the server itself."""
+    """Everything an adapter may touch; it never sees Redis or the server itself.
+
+    ``leases`` (``gateway.queueing.coordination.Leases``): what must run once per fleet of
+    instances on one Redis (a poller, a tracker) runs as ``await ctx.leases.exclusive(name,
+    work)``: ``work(fence)`` runs only while this instance holds lease ``name``, is cancelled
+    when the lease is lost or Redis is away, and the loop contends again. Name the lease by the
+    remote thing (the bot, the PBX), not by the instance. ``fence.token`` grows with every
+    acquisition; writes passed ``fence=`` happen only while it is still held.
+
+    ``state`` (``SharedState``, scoped to this adapter's name): small state with expiry that
+    the fleet shares and a restart keeps: ``put``/``get``/``pop``, ``hash_add``/``hash_all``/
+    ``hash_take`` (parts collected by several instances, taken by one), ``admit`` (at most N
+    uses in a sliding window).
+    """
 
     name: str
     intake: Submitter
@@ -127,6 +141,8 @@ class AdapterContext:
     attachments: AttachmentStore
     clock: Clock
     settings: Settings
+    leases: Leases
+    state: SharedState
     supervisor: Supervisor = field(default_factory=Supervisor)
     """Runs the adapter's background loops (``spawn(f"{name}-poll", ...)``), restarted after
     an error and reported in ``/readyz``; the gateway's own one when run by ``Gateway``."""

@@ -396,6 +396,15 @@ class WatcherSection:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetSection:
+    """Several instances on one Redis: what runs once per fleet runs under a lease."""
+
+    lease_ttl: Duration = Duration(10)
+    """A lease's time to live: its holder renews every third of it, and a holder that dies is
+    replaced about this long after its last renewal (see docs/reliability.md)."""
+
+
+@dataclass(frozen=True, slots=True)
 class DashboardSection:
     enabled: bool = True
     window: Duration = Duration(86400)
@@ -416,6 +425,7 @@ class Settings:
     push: PushSection = field(default_factory=PushSection)
     watcher: WatcherSection = field(default_factory=WatcherSection)
     dashboard: DashboardSection = field(default_factory=DashboardSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Raw adapter tables; each is validated by its channel type's own config class."""
     source: str = ""

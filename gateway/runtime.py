@@ -22,6 +22,7 @@ from gateway.intake import Intake
 from gateway.intake_api import IntakeApi
 from gateway.lock import DataDirLock
 from gateway.metrics import Metrics
+from gateway.queueing.coordination import Leases, SharedState
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import Spool
@@ -129,6 +130,7 @@ class Gateway:
         )
         self.cases.register(app.router)
         await self.cases.start()  # push groups exist before the first contact can arrive
+        self.leases = Leases(self.redis, self.keys, self.instance, s.fleet.lease_ttl)
         channel_types = load_channel_types()
         for name, table in s.adapters.items():
             channel_type = channel_types[table["type"]]
@@ -141,6 +143,8 @@ class Gateway:
                 attachments=self.attachments,
                 clock=self.clock,
                 settings=s,
+                leases=self.leases,
+                state=self.state_for(name),
                 supervisor=self.supervisor,
             )
             self.adapters[name] = channel_type.factory(ctx, self.adapter_configs[name])
@@ -198,6 +202,10 @@ class Gateway:
             self.embedded = None
         self.lock.release()
         log.info("gateway stopped")
+
+    def state_for(self, scope: str) -> SharedState:
+        """Shared state with expiry under one scope (an adapter's name)."""
+        return SharedState(self.redis, self.keys, scope)
 
     async def _warn_if_not_durable(self) -> None:
         """Say so when the server may lose what it acknowledged (CONFIG may be disabled)."""

@@ -50,6 +50,18 @@ class Keys:
         """Sorted set: a sender's recent contacts scored by arrival (repeat counting)."""
         return f"{self.tag}:sender:{_short(address)}"
 
+    def lease(self, name: str) -> str:
+        """String: ``<holder>/<fence>`` of the instance holding lease ``name`` (with a TTL)."""
+        return f"{self.tag}:lease:{_short(name)}"
+
+    def lease_fence(self, name: str) -> str:
+        """Counter: the last fencing token handed out for lease ``name``."""
+        return f"{self.tag}:lease:{_short(name)}:fence"
+
+    def state(self, scope: str, key: str) -> str:
+        """Shared state with expiry (``SharedState``) of one scope, usually an adapter."""
+        return f"{self.tag}:state:{_short(scope)}:{_short(key)}"
+
 
 def _short(value: str) -> str:
     """Keep keys bounded: long or binary-ish identifiers are hashed."""

@@ -564,6 +564,8 @@ async def test_polling_never_confirms_an_update_intake_refused(
         attachments=gw.attachments,
         clock=gw.clock,
         settings=gw.settings,
+        leases=gw.leases,
+        state=gw.state_for("tg"),
     )
     config = TelegramConfig(
         token=Secret(BOT_TOKEN),
@@ -623,6 +625,8 @@ async def test_polling_takes_chats_in_parallel_but_confirms_only_a_durable_prefi
         attachments=gw.attachments,
         clock=gw.clock,
         settings=gw.settings,
+        leases=gw.leases,
+        state=gw.state_for("tg"),
     )
     config = TelegramConfig(
         token=Secret(BOT_TOKEN),

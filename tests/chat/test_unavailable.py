@@ -49,6 +49,8 @@ async def _serve(
         attachments=gw.attachments,
         clock=FixedClock(NOW_S * 1_000_000),
         settings=gw.settings,
+        leases=gw.leases,
+        state=gw.state_for("x"),
     )
     adapter = build(ctx)
     await server.start()

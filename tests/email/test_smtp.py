@@ -196,7 +196,7 @@ def test_message_size_beyond_the_attachment_store_is_a_config_error(tmp_path):
 
     settings, _ = settings_for(tmp_path, "unix:///nowhere", "p")
     config = load_table(EmailConfig, {"mailboxes": [MAILBOX], "max_message_size": 50_000_000})
-    ctx = AdapterContext("mail", None, None, None, None, None, None, settings)  # type: ignore[arg-type]
+    ctx = AdapterContext("mail", None, None, None, None, None, None, settings, None, None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_attachment"):
         CHANNEL.factory(ctx, config)
     with pytest.raises(ConfigError, match="never an open relay"):
