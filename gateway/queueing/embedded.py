@@ -7,23 +7,47 @@ acknowledged survives a crash of the server. (With ``everysec`` a SIGKILLed serv
 acknowledged writes in our kill test: while a background fsync is slow, Redis postpones the
 AOF write for up to two seconds but still answers. Batching makes ``always`` cheap here; see
 docs/performance.md.)
+
+One server per data folder, always (docs/reliability.md, "Restarts"):
+
+- the server's pid is kept in ``<data_dir>/redis/server.pid``; before starting, a server left
+  by an earlier process on this folder (its working directory is this folder's ``redis/``, its
+  binary a Valkey or Redis) is stopped cleanly (SIGTERM: it writes its append-only file and
+  exits; SIGKILL only if it does not within ``stop_timeout_s``) and waited for. Only then is a
+  stale socket removed and the new server started, so no server ever removes a socket that
+  belongs to another, and two servers never share one append-only file;
+- on Linux the server gets ``PR_SET_PDEATHSIG`` = SIGTERM: when the process that started it
+  dies (even by SIGKILL) it shuts down cleanly. The pidfile covers the other cases (another
+  OS, a server started by an older version);
+- the server runs with umask 077: its data files are 0600 and its folder 0700;
+- a socket path too long for ``sun_path`` moves to ``$TMPDIR/gw-redis-<hash of the folder>/``,
+  the same for every process, so ``gateway tail`` finds the server ``gateway serve`` runs.
+
+``start()`` (and ``start_sync()``) must be called from a thread that outlives the server (the
+event loop's thread, the main thread): the parent-death signal follows the thread that forked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import hashlib
 import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _MAX_SOCKET_PATH = 100
+_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedRedisError(Exception):
@@ -56,18 +80,28 @@ def find_server_binary(configured: str = "") -> str:
 
 
 class EmbeddedRedis:
-    """Starts and stops one server process; ``url`` is its unix-socket URL."""
+    """Starts and stops the one server process of a data folder; ``url`` is its socket URL."""
 
-    def __init__(self, data_dir: Path, binary: str = "", appendfsync: str = "always") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        binary: str = "",
+        appendfsync: str = "always",
+        *,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
         self.dir = (data_dir / "redis").resolve()
         self.binary = binary
         self.appendfsync = appendfsync
+        self.stop_timeout_s = stop_timeout_s
+        self.pidfile = self.dir / "server.pid"
         self.process: subprocess.Popen[bytes] | None = None
-        self._socket_dir: str | None = None
+        self._socket_dir: Path | None = None
         socket = self.dir / "redis.sock"
         if len(str(socket)) > _MAX_SOCKET_PATH:
-            self._socket_dir = tempfile.mkdtemp(prefix="gw-redis-")
-            socket = Path(self._socket_dir) / "redis.sock"
+            digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:16]
+            self._socket_dir = Path(tempfile.gettempdir()) / f"gw-redis-{digest}"
+            socket = self._socket_dir / "redis.sock"
         self.socket = socket
 
     @property
@@ -75,10 +109,50 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def start_sync(self, timeout_s: float = 10.0) -> None:
-        """Start the server and wait until it answers PING."""
+        """Stop a server left on this folder, start ours and wait until it answers PING."""
+        binary = self._prepare_sync()
+        self._spawn(binary)
+        self._wait_ready_sync(timeout_s)
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        binary = await asyncio.to_thread(self._prepare_sync)
+        self._spawn(binary)  # in this (the loop's) thread: see the module docs
+        await asyncio.to_thread(self._wait_ready_sync, timeout_s)
+
+    def _prepare_sync(self) -> str:
         binary = find_server_binary(self.binary)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket.unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._socket_dir is not None:
+            _private_dir(self._socket_dir)
+        left = self.leftover_pid()
+        if left is not None:
+            log.warning(
+                "embedded redis: a server (pid %d) outlived the process that started it on "
+                "%s; stopping it before starting ours",
+                left,
+                self.dir,
+            )
+            if not _terminate(left, self.stop_timeout_s):
+                raise EmbeddedRedisError(f"server pid {left} on {self.dir} does not stop")
+        if self.socket.exists():
+            if _answers(self.socket):  # someone else's live server: never take its socket
+                raise EmbeddedRedisError(
+                    f"{self.socket} is served by a process that is not this folder's server"
+                )
+            self.socket.unlink(missing_ok=True)  # stale: its server is gone
+        return binary
+
+    def leftover_pid(self) -> int | None:
+        """The pid of a live server started on this folder by another process (or None)."""
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if self.process is not None and pid == self.process.pid:
+            return None
+        return pid if is_server_of(pid, self.dir) else None
+
+    def _spawn(self, binary: str) -> None:
         args = [
             binary,
             "--port",
@@ -101,11 +175,24 @@ class EmbeddedRedis:
             str(self.dir / "server.log"),
         ]
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            umask=0o077,  # its data files 0600, folders 0700
+            preexec_fn=_die_with(os.getpid()),
         )
-        deadline = time.monotonic() + timeout_s
+        tmp = self.pidfile.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{self.process.pid}\n")
+        os.replace(tmp, self.pidfile)
+
+    def _wait_ready_sync(self, timeout_s: float) -> None:
         import redis
 
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = (
@@ -129,21 +216,28 @@ class EmbeddedRedis:
         self.stop_sync()
         raise EmbeddedRedisError(f"embedded server did not answer within {timeout_s:.0f} s")
 
-    def stop_sync(self, timeout_s: float = 10.0) -> None:
+    def stop_sync(self, timeout_s: float | None = None) -> None:
         """Stop the server (SIGTERM: it flushes the append-only file first)."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout_s if timeout_s is None else timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("embedded redis: pid %d ignored SIGTERM, killing it", proc.pid)
+                proc.kill()
+                proc.wait()
         if proc.stderr:
             proc.stderr.close()
-        if self._socket_dir:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._forget(proc.pid)
+
+    def _forget(self, pid: int) -> None:
+        """Remove the pidfile if it still names ``pid`` (the server has exited)."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(self.pidfile.read_text().split()[0]) == pid:
+                self.pidfile.unlink()
 
     def kill_sync(self) -> None:
         """Kill the server abruptly (tests of failure paths)."""
@@ -151,8 +245,100 @@ class EmbeddedRedis:
             self.process.kill()
             self.process.wait()
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self.start_sync)
-
     async def stop(self) -> None:
         await asyncio.to_thread(self.stop_sync)
+
+
+def is_server_of(pid: int, directory: Path) -> bool:
+    """True if ``pid`` is a live Valkey/Redis server working in ``directory`` (Linux /proc:
+    the server changes into its ``--dir``). Elsewhere, a live pid from our pidfile counts."""
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+        return True
+    try:
+        if _zombie(pid):
+            return False
+        exe = os.path.basename(os.readlink(proc / "exe")).removesuffix(" (deleted)")
+        cwd = os.readlink(proc / "cwd")
+    except OSError:  # gone, or not ours to look at
+        return False
+    return ("valkey" in exe or "redis" in exe) and Path(cwd) == directory
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] == "Z"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _zombie(pid)
+
+
+def _terminate(pid: int, timeout_s: float) -> bool:
+    """SIGTERM ``pid`` (not our child), wait for it to exit, SIGKILL after ``timeout_s``."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        else:
+            return True
+        log.error("embedded redis: pid %d did not exit after %s", pid, sig.name)
+    return not _alive(pid)
+
+
+def _answers(socket: Path) -> bool:
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(socket), socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` 0700 or check that an existing one is ours and private."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise EmbeddedRedisError(f"{path} is not a private folder of this user")
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """What runs in the server's process before exec, on Linux: SIGTERM when the parent dies
+    (and exit at once if it died already, between fork and prctl)."""
+    libc = None
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL(None, use_errno=True)
+    prctl = getattr(libc, "prctl", None)
+    if prctl is None:
+        return None
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return setup
