@@ -16,8 +16,11 @@ local received = tonumber(ARGV[6])
 local count = 0
 if ARGV[14] == '1' then
   local window = tonumber(ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (received - window))
-  count = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. received)
+  -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
+  -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
+  -- of one batch share one edge stamp and count in the order they were written.
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%.0f', received - window))
+  count = redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[6])
   redis.call('ZADD', KEYS[4], received, id)
   redis.call('PEXPIRE', KEYS[4], math.floor(window / 1000))
 end

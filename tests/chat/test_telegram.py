@@ -533,6 +533,32 @@ async def test_polling_confirms_an_offset_only_after_the_contact_is_durable(
     assert len(await gw_box[0].read_contacts()) == 3
 
 
+async def test_one_chat_three_messages_in_one_batch_count_as_repeats(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    """One getUpdates batch shares one edge stamp; the repeat count still follows the order
+    the messages were taken in (all three read 0 before)."""
+    for i in range(3):
+        bot_api.push({"update_id": 90 + i, "message": message(95 + i, text=f"again {i}")})
+    table = {
+        "type": "telegram",
+        "token": BOT_TOKEN,
+        "mode": "polling",
+        "poll_timeout": "1s",
+        "api_base": bot_api.api_base,
+        "file_base": bot_api.file_base,
+    }
+    gw = await start_gateway(adapters={"tg": table})
+    for _ in range(600):
+        if len(await gw.read_contacts()) == 3:
+            break
+        await asyncio.sleep(0.05)
+    contacts = await gw.read_contacts()
+    assert len({c.received_at for c in contacts}) == 1  # one batch, one stamp
+    assert [c.text for c in contacts] == ["again 0", "again 1", "again 2"]
+    assert [c.repeat.count for c in contacts] == [0, 1, 2]
+
+
 class FlakyIntake:
     """The real Intake behind a door that refuses the first ``failures`` submissions."""
 

@@ -69,6 +69,27 @@ async def test_repeat_counts_earlier_contacts_of_the_sender_within_the_window(st
     assert contacts["2"].repeat.count == 1
 
 
+@pytest.mark.parametrize("offset_us", [7, 93, 50])
+async def test_contacts_sharing_one_stamp_count_in_the_order_written(start_gateway, offset_us):
+    """One polling batch shares one edge stamp. Stamps are exact microseconds: the script once
+    formatted them with 14 digits, so equal stamps counted 0, 0, 0 or 0, 1, 2 by chance
+    (rounded down or up); they count 0, 1, 2, and the window edge is exact too."""
+    gw = await start_gateway(intake={"repeat_window": "1h"})
+    stamp = (SYSTEM_CLOCK.now_us() // 100) * 100 + offset_us
+    window = 3600 * MICROS_PER_SECOND
+    edge = await gw.intake.submit(inbound(external_id="edge", received_at=stamp - window))
+    counts = [
+        (await gw.intake.submit(inbound(external_id=f"b{i}", received_at=stamp))).repeat.count
+        for i in range(3)
+    ]
+    assert edge.repeat.count == 0
+    assert counts == [1, 2, 3]  # exactly on the window's edge still counts
+    beyond = await gw.intake.submit(
+        inbound(external_id="later", received_at=stamp + 1)
+    )
+    assert beyond.repeat.count == 3  # one microsecond on, the edge contact fell out
+
+
 @pytest.mark.parametrize(
     ("channel", "kind", "policy", "seconds"),
     [
