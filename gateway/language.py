@@ -54,7 +54,11 @@ _VIETNAMESE: Final = frozenset("ăâđêôơưĂÂĐÊÔƠƯạảấầẩẫ�
 
 _WORDS: Final = re.compile(r"[^\W\d_]+")
 _STOPWORDS: Final[dict[str, frozenset[str]]] = {
-    "en": frozenset("the and is are was to of in it you my i that this have not for on".split()),
+    # English words that other lists share ("no", "a", "me") are English too: a tie is "en"
+    "en": frozenset(
+        "the and is are was to of in it you my i that this have not for on "
+        "no a me at be we our has from with please help since all there can will".split()
+    ),
     "es": frozenset("el la los las es está de que y en un una por para con mi no se".split()),
     "fr": frozenset("le la les est et de des que un une pour dans je ne pas sur avec mon".split()),
     "de": frozenset("der die das ist und nicht ich ein eine mit für auf zu den sie wir es".split()),
