@@ -104,9 +104,11 @@ def aes_decrypt(encrypted: str, key: str = AES_KEY) -> tuple[bytes, bytes]:
     return plain[20 : 20 + length], plain[20 + length :]
 
 
-def safe_push(message: bytes, timestamp: int, nonce: str = "1320562132") -> tuple[str, bytes]:
+def safe_push(
+    message: bytes, timestamp: int, nonce: str = "1320562132", app_id: str = APP_ID
+) -> tuple[str, bytes]:
     """Query string and body of a safe-mode push: Encrypt in the body, msg_signature in the URL."""
-    encrypted = aes_encrypt(message)
+    encrypted = aes_encrypt(message, app_id=app_id)
     body = (
         f"<xml><ToUserName><![CDATA[{ACCOUNT}]]></ToUserName>"
         f"<Encrypt><![CDATA[{encrypted}]]></Encrypt></xml>"

@@ -187,7 +187,7 @@ def test_encrypted_reply_carries_a_valid_msg_signature() -> None:
 
 def test_other_app_id_is_refused() -> None:
     crypto = MessageCrypto(p.TOKEN, p.AES_KEY, p.APP_ID)
-    with pytest.raises(PayloadError, match="AppID"):
+    with pytest.raises(SignatureError, match="AppID"):
         crypto.decrypt(p.aes_encrypt(b"<xml/>", app_id="wx-someone-else"))
 
 

@@ -229,6 +229,11 @@ async def test_safe_mode_refuses_plain_and_forged_msg_signature(start_gateway: A
     assert (await _post(gw, forged, body))[0] == 403
     bad_body = body.replace(b"<Encrypt><![CDATA[", b"<Encrypt><![CDATA[AAAA")
     assert (await _post(gw, query, bad_body))[0] == 403  # msg_signature covers the ciphertext
+    # signed with our token but encrypted for another AppID: not ours, refused as such (was 400)
+    query, body = p.safe_push(
+        p.text("y", create_time=NOW_S, msg_id=3), NOW_S, app_id="wx-someone-else"
+    )
+    assert (await _post(gw, query, body))[0] == 403
     assert await gw.read_contacts() == []
 
 

@@ -169,7 +169,8 @@ class MessageCrypto:
         return self._cipher_obj  # a fresh encryptor/decryptor context is made per message
 
     def decrypt(self, encrypted: str) -> bytes:
-        """Return the plaintext message; raise PayloadError (bad base64, padding or AppID)."""
+        """Return the plaintext message; raise PayloadError (bad base64, padding, length) or
+        SignatureError (encrypted for another AppID: not ours to take, refused 403)."""
         try:
             data = base64.b64decode(encrypted, validate=True)
         except ValueError:
@@ -188,7 +189,7 @@ class MessageCrypto:
         message = content[4 : 4 + length]
         app_id = content[4 + length :]
         if not hmac.compare_digest(app_id, self._app_id):
-            raise PayloadError("AppID mismatch")
+            raise SignatureError("AppID mismatch: encrypted for another account")
         return message
 
     def encrypt(self, message: bytes, random16: bytes | None = None) -> str:
