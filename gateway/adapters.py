@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from gateway.clock import Clock, Micros
+from gateway.metrics import AdapterMetrics
 from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Reply
 from gateway.supervise import Supervisor
 
@@ -146,6 +147,9 @@ class AdapterContext:
     supervisor: Supervisor = field(default_factory=Supervisor)
     """Runs the adapter's background loops (``spawn(f"{name}-poll", ...)``), restarted after
     an error and reported in ``/readyz``; the gateway's own one when run by ``Gateway``."""
+    metrics: AdapterMetrics = field(default_factory=AdapterMetrics.detached)
+    """Where the adapter reports sessions, links and send waits (series labelled with its
+    name); on a registry of its own unless run by ``Gateway``."""
 
 
 class Adapter(Protocol):

@@ -317,6 +317,12 @@ class HttpSection:
     """Bytes; larger request bodies get 413 (adapters may set their own bound)."""
     public_url: str = ""
     """Externally visible base URL (webhook registration, signature checks)."""
+    metrics_listen: HostPort | None = None
+    """Serve ``/metrics`` (and ``/healthz``, ``/readyz``) on a listener of its own instead of
+    ``listen``, e.g. ``127.0.0.1:9108`` when ``listen`` faces the Internet for webhooks."""
+    metrics_token: Secret | None = None
+    """When set, ``/metrics`` wants ``Authorization: Bearer <token>`` (Prometheus'
+    ``authorization`` / ``bearer_token_file``)."""
 
 
 @dataclass(frozen=True, slots=True)

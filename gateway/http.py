@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import StreamReader, web
 from aiohttp.typedefs import Handler
 
 from gateway.attachments import AttachmentStore
-from gateway.auth import ApiKeys
-from gateway.config import HostPort
+from gateway.auth import ApiKeys, presented_key, secrets_equal
+from gateway.config import HostPort, Secret
 from gateway.metrics import Metrics
 from gateway.problems import ApiProblem, problem
 
@@ -67,9 +68,48 @@ def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
     return middleware
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_of(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/contacts/{id}``), ``unmatched`` for 404/405: labels
+    stay few whatever paths clients try."""
+    match = request.match_info
+    if match.http_exception is not None:
+        return "unmatched"
+    resource = match.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def requests_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Counts every request by route pattern, method and status, and times it."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            route = route_of(request)
+            method = request.method if request.method in _METHODS else "other"
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+
+    return middleware
+
+
 def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:
     """Create the application; adapters add their routes to ``app.router`` before it starts."""
-    return web.Application(client_max_size=max_body, middlewares=[errors_middleware(metrics)])
+    middlewares = [errors_middleware(metrics)]
+    if metrics is not None:
+        middlewares.insert(0, requests_middleware(metrics))
+    return web.Application(client_max_size=max_body, middlewares=middlewares)
 
 
 class CoreRoutes:
@@ -81,17 +121,26 @@ class CoreRoutes:
         metrics: Callable[[], Awaitable[bytes]],
         attachments: AttachmentStore,
         keys: ApiKeys,
+        metrics_token: Secret | None = None,
     ) -> None:
         self._ready = ready
         self._metrics = metrics
         self.attachments = attachments
         self.keys = keys
+        self.metrics_token = metrics_token
 
-    def register(self, router: web.UrlDispatcher) -> None:
+    def register(self, router: web.UrlDispatcher, *, with_metrics: bool = True) -> None:
+        router.add_get("/healthz", self.healthz)
+        router.add_get("/readyz", self.readyz)
+        if with_metrics:
+            router.add_get("/metrics", self.metrics)
+        router.add_get("/v1/attachments/{sha256}", self.attachment)
+
+    def register_probes(self, router: web.UrlDispatcher) -> None:
+        """The metrics listener's routes: ``/metrics``, ``/healthz``, ``/readyz``."""
         router.add_get("/healthz", self.healthz)
         router.add_get("/readyz", self.readyz)
         router.add_get("/metrics", self.metrics)
-        router.add_get("/v1/attachments/{sha256}", self.attachment)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -103,6 +152,13 @@ class CoreRoutes:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_token:
+            given = presented_key(request)
+            if given is None or not secrets_equal(given, self.metrics_token.reveal()):
+                return web.Response(
+                    status=401, text="metrics token required\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
         body = await self._metrics()
         return web.Response(
             body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

@@ -99,8 +99,7 @@ class Intake:
             raise
 
     async def _submit(self, inbound: Inbound) -> Receipt:
-        channel = inbound.channel
-        self.metrics.per_channel[channel].received.inc()
+        self.metrics.intake(inbound.channel, inbound.adapter).received.inc()
         prepared = self.prepare(inbound)
         if self.redis_up and not self._closing:
             future = self._writer.submit(prepared)
@@ -120,9 +119,9 @@ class Intake:
         return await self._spool(prepared)
 
     async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
-        channel = prepared.inbound.channel
+        series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
         if not result.created:
-            self.metrics.per_channel[channel].duplicate.inc()
+            series.duplicate.inc()
             first = None
             with contextlib.suppress(Exception):
                 first = await self.queue.get(result.contact_id)
@@ -134,8 +133,8 @@ class Intake:
                 prepared.deadline,
                 Repeat(0, self.queue.repeat_window_s),
             )
-        self.metrics.per_channel[channel].enqueued.inc()
-        self.metrics.per_channel[channel].edge_to_enqueue.observe(
+        series.enqueued.inc()
+        series.edge_to_enqueue.observe(
             max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
         )
         return Receipt(
@@ -147,10 +146,10 @@ class Intake:
 
     async def _spool(self, prepared: Prepared) -> Receipt:
         inbound = prepared.inbound
-        channel = inbound.channel
+        series = self.metrics.intake(inbound.channel, inbound.adapter)
         key = (inbound.adapter, inbound.external_id)
         if inbound.external_id and key in self._spooled_ids:
-            self.metrics.per_channel[channel].duplicate.inc()
+            series.duplicate.inc()
             return Receipt(
                 self._spooled_ids[key],
                 "duplicate",
@@ -160,13 +159,13 @@ class Intake:
         try:
             await self.spool.append(prepared)
         except (SpoolError, OSError) as exc:
-            self.metrics.per_channel[channel].refused.inc()
+            series.refused.inc()
             log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc)
             raise IntakeUnavailable(str(exc)) from exc
         if inbound.external_id:
             self._spooled_ids[key] = prepared.id
         self._spooled_contacts.add(prepared.id)
-        self.metrics.per_channel[channel].spooled.inc()
+        series.spooled.inc()
         self.metrics.spool_depth.set(self.spool.depth)
         self._wake.set()
         return Receipt(
@@ -204,7 +203,12 @@ class Intake:
         if self.redis_up and not self._closing and contact_id not in self._spooled_contacts:
             try:
                 async with asyncio.timeout(self.write_timeout_s):
-                    return await self.queue.stamp(contact_id, type, at, source, detail)
+                    stamped = await self.queue.stamp(contact_id, type, at, source, detail)
+                if stamped is not None and stamped.elapsed_ms is not None:
+                    self.metrics.stamps.labels(type, str(bool(stamped.met)).lower()).observe(
+                        stamped.elapsed_ms / 1000
+                    )
+                return stamped
             except Exception as exc:  # the spool takes it
                 self._mark_down(exc)
         event = Event(contact_id, type, at, source, detail=detail or {})
@@ -308,9 +312,9 @@ class Intake:
     def _count_replayed(self, written: list[tuple[Prepared, WriteResult]]) -> None:
         for prepared, result in written:
             if result.created:
-                channel = prepared.inbound.channel
-                self.metrics.per_channel[channel].enqueued.inc()
-                self.metrics.per_channel[channel].edge_to_enqueue.observe(
+                series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
+                series.enqueued.inc()
+                series.edge_to_enqueue.observe(
                     max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
                 )
 

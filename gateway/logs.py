@@ -11,7 +11,13 @@ import orjson
 
 from gateway.config import KNOWN_SECRETS
 
-_PHONE = re.compile(r"(?<![0-9A-Za-z-])(\+|%2[Bb])?(\d[\d\- ]{2,})(\d{4})(?!\d)")
+_PHONE = re.compile(
+    r"(?<![0-9A-Za-z.-])(\+|%2[Bb])?(\d[\d\- ]{2,})(\d{4})(?!\d|[.-]\d)"
+)
+"""Digits that may be a phone number. Not when a ``.`` or a ``-<digit>`` follows or a ``.``
+precedes: Asterisk unique ids (``1732981234.17``) and stream ids (``1732981234567-0``)."""
+FIELDS = ("adapter", "contact_id", "event")
+"""Structured fields a log call may pass as ``extra={...}``; JSON lines carry them as keys."""
 _EMAIL = re.compile(r"([A-Za-z0-9])[A-Za-z0-9._%+\-]*@([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
 
 
@@ -50,6 +56,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = str(value)
         if record.exc_info:
             entry["exception"] = mask(self.formatException(record.exc_info))
         return orjson.dumps(entry).decode()

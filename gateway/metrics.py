@@ -1,6 +1,13 @@
-"""Prometheus metrics of one gateway instance (its own registry, so tests can run several)."""
+"""Prometheus metrics of one gateway instance (its own registry, so tests can run several).
+
+Every per-adapter series carries an ``adapter`` label (the ``[adapters.NAME]`` name) next to
+``channel``; adapters report through the ``AdapterMetrics`` in their ``AdapterContext``. The
+names are listed in docs/operations.md; deploy/grafana and deploy/prometheus use them.
+"""
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,8 +17,11 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-from gateway.records import CHANNELS
+from gateway import __version__
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -31,6 +41,10 @@ LATENCY_BUCKETS = (
     10.0,
     60.0,
 )
+SLA_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
+"""Edge-to-stamp times: 15 s is the answer-rate mark, the rest spans GB/T 33358 deadlines."""
+SESSION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -39,28 +53,34 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        build = Gauge("gateway_build_info", "Always 1: the version", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        per_adapter = ["channel", "adapter"]
         self.received = Counter(
-            "gateway_contacts_received", "Contacts handed to Intake", ["channel"], registry=r
+            "gateway_contacts_received", "Contacts handed to Intake", per_adapter, registry=r
         )
         self.enqueued = Counter(
-            "gateway_contacts_enqueued", "Contacts written to the stream", ["channel"], registry=r
+            "gateway_contacts_enqueued", "Contacts written to the stream", per_adapter, registry=r
         )
         self.duplicate = Counter(
             "gateway_contacts_duplicate",
             "Redeliveries answered with the first id",
-            ["channel"],
+            per_adapter,
             registry=r,
         )
         self.spooled = Counter(
             "gateway_contacts_spooled",
             "Contacts written to the local spool",
-            ["channel"],
+            per_adapter,
             registry=r,
         )
         self.refused = Counter(
             "gateway_contacts_refused",
             "Contacts neither Redis nor the spool could take",
-            ["channel"],
+            per_adapter,
             registry=r,
         )
         self.replayed = Counter(
@@ -69,7 +89,7 @@ class Metrics:
         self.edge_to_enqueue = Histogram(
             "gateway_edge_to_enqueue_seconds",
             "From the adapter's edge stamp to the stream write",
-            ["channel"],
+            per_adapter,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -82,7 +102,72 @@ class Metrics:
         )
         self.redis_up = Gauge("gateway_redis_up", "1 when Redis answers", registry=r)
         self.replies = Counter(
-            "gateway_replies", "Replies handled, by outcome", ["channel", "outcome"], registry=r
+            "gateway_replies",
+            "Replies handled, by outcome (sent, failed, retried)",
+            ["channel", "adapter", "outcome"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests to the shared server, by route pattern, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "gateway_http_request_duration_seconds",
+            "HTTP request handling time, by route pattern",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions = Counter(
+            "gateway_sessions",
+            "Protocol sessions accepted (agi: FastAGI, smtp: SMTP connections)",
+            ["adapter", "protocol"],
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            "gateway_sessions_active", "Protocol sessions open now", ["adapter", "protocol"],
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "gateway_session_duration_seconds",
+            "From accepting a session to its end",
+            ["adapter", "protocol"],
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.smtp_replies = Counter(
+            "gateway_smtp_replies", "SMTP replies sent, by reply code", ["adapter", "code"],
+            registry=r,
+        )
+        self.ami_connected = Gauge(
+            "gateway_ami_connected", "1 while the AMI link is logged in", ["adapter"], registry=r
+        )
+        self.ami_reconnects = Counter(
+            "gateway_ami_reconnects", "AMI connection attempts after the first", ["adapter"],
+            registry=r,
+        )
+        self.ami_event_lag = Histogram(
+            "gateway_ami_event_lag_seconds",
+            "From an AMI event's Timestamp (timestampevents = yes) to its handling",
+            ["adapter"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.outbound_wait = Histogram(
+            "gateway_outbound_rate_wait_seconds",
+            "Time an outbound send waited for the adapter's send rate",
+            ["adapter"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.stamps = Histogram(
+            "gateway_deadline_stamp_seconds",
+            "From a contact's edge stamp to its answered / responded / acknowledged stamp",
+            ["type", "met"],
+            buckets=SLA_BUCKETS,
+            registry=r,
         )
         # case systems: consumer API, push webhooks, deadline watcher
         self.api_requests = Counter(
@@ -125,7 +210,7 @@ class Metrics:
         self.deadline_events = Counter(
             "gateway_deadline_events",
             "warning and breached events emitted by this instance's watcher",
-            ["type", "channel"],
+            ["type", "channel", "policy"],
             registry=r,
         )
         self.deadline_lag = Histogram(
@@ -150,23 +235,73 @@ class Metrics:
             registry=r,
         )
 
-        self.per_channel = {c: ChannelMetrics(self, c) for c in CHANNELS}
-        """Label children made once per channel: ``labels()`` costs a lookup per call."""
+        self._intake: dict[tuple[str, str], IntakeMetrics] = {}
+
+    def intake(self, channel: str, adapter: str) -> IntakeMetrics:
+        """The intake series of one adapter, made once: ``labels()`` costs a lookup per call."""
+        found = self._intake.get((channel, adapter))
+        if found is None:
+            found = self._intake[(channel, adapter)] = IntakeMetrics(self, channel, adapter)
+        return found
+
+    def adapter(self, name: str) -> AdapterMetrics:
+        """The view an adapter reports through (its ``AdapterContext.metrics``)."""
+        return AdapterMetrics(self, name)
 
     def render(self) -> bytes:
         """Return the text exposition format."""
         return generate_latest(self.registry)
 
 
-class ChannelMetrics:
-    """The intake counters of one channel, resolved once."""
+class IntakeMetrics:
+    """The intake counters of one adapter, resolved once."""
 
     __slots__ = ("duplicate", "edge_to_enqueue", "enqueued", "received", "refused", "spooled")
 
-    def __init__(self, metrics: Metrics, channel: str) -> None:
-        self.received = metrics.received.labels(channel)
-        self.enqueued = metrics.enqueued.labels(channel)
-        self.duplicate = metrics.duplicate.labels(channel)
-        self.spooled = metrics.spooled.labels(channel)
-        self.refused = metrics.refused.labels(channel)
-        self.edge_to_enqueue = metrics.edge_to_enqueue.labels(channel)
+    def __init__(self, metrics: Metrics, channel: str, adapter: str) -> None:
+        self.received = metrics.received.labels(channel, adapter)
+        self.enqueued = metrics.enqueued.labels(channel, adapter)
+        self.duplicate = metrics.duplicate.labels(channel, adapter)
+        self.spooled = metrics.spooled.labels(channel, adapter)
+        self.refused = metrics.refused.labels(channel, adapter)
+        self.edge_to_enqueue = metrics.edge_to_enqueue.labels(channel, adapter)
+
+
+class AdapterMetrics:
+    """What one adapter's listeners and links report, labelled ``adapter=<name>``."""
+
+    def __init__(self, metrics: Metrics, adapter: str) -> None:
+        self.metrics = metrics
+        self.adapter = adapter
+
+    @classmethod
+    def detached(cls) -> AdapterMetrics:
+        """Series on a registry of their own (an adapter made outside a ``Gateway``)."""
+        return cls(Metrics(), "detached")
+
+    def session_opened(self, protocol: str) -> float:
+        """Count a session; return its start for ``session_closed``."""
+        self.metrics.sessions.labels(self.adapter, protocol).inc()
+        self.metrics.sessions_active.labels(self.adapter, protocol).inc()
+        return time.monotonic()
+
+    def session_closed(self, protocol: str, started: float) -> None:
+        self.metrics.sessions_active.labels(self.adapter, protocol).dec()
+        self.metrics.session_duration.labels(self.adapter, protocol).observe(
+            time.monotonic() - started
+        )
+
+    def smtp_reply(self, code: str) -> None:
+        self.metrics.smtp_replies.labels(self.adapter, code).inc()
+
+    def ami_link(self, up: bool) -> None:
+        self.metrics.ami_connected.labels(self.adapter).set(1 if up else 0)
+
+    def ami_reconnect(self) -> None:
+        self.metrics.ami_reconnects.labels(self.adapter).inc()
+
+    def ami_event_lag(self, seconds: float) -> None:
+        self.metrics.ami_event_lag.labels(self.adapter).observe(max(0.0, seconds))
+
+    def rate_wait(self, seconds: float) -> None:
+        self.metrics.outbound_wait.labels(self.adapter).observe(seconds)

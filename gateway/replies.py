@@ -140,7 +140,8 @@ class ReplyRouter:
                 )
 
     async def _fail(self, contact_id: str, source: str, reason: str, reply_id: str) -> None:
-        log.warning("replies: reply %s to contact %s failed: %s", reply_id, contact_id, reason)
+        log.warning("replies: reply %s to contact %s failed: %s", reply_id, contact_id, reason,
+                    extra={"adapter": source, "contact_id": contact_id, "event": "reply_failed"})
         await self.events.emit(
             Event(
                 contact_id,
@@ -164,14 +165,14 @@ class ReplyRouter:
         contact = await self.queue.get(reply.contact_id)
         if contact is None:
             await self._fail(reply.contact_id, "gateway", "unknown contact", reply_id)
-            self.metrics.replies.labels("unknown", "failed").inc()
+            self.metrics.replies.labels("unknown", "unknown", "failed").inc()
             return
         adapter = self.adapters.get(contact.adapter)
         if adapter is None:
             await self._fail(
                 contact.id, "gateway", f"no adapter {contact.adapter!r} to send through", reply_id
             )
-            self.metrics.replies.labels(contact.channel, "failed").inc()
+            self.metrics.replies.labels(contact.channel, contact.adapter, "failed").inc()
             return
         attempt = 0
         while True:
@@ -181,14 +182,17 @@ class ReplyRouter:
             except SendError as exc:
                 if not exc.retryable or attempt >= self.section.max_attempts:
                     await self._fail(contact.id, adapter.name, str(exc), reply_id)
-                    self.metrics.replies.labels(contact.channel, "failed").inc()
+                    self.metrics.replies.labels(contact.channel, adapter.name, "failed").inc()
                     return
                 delay = exc.retry_after_s
                 if delay is None:
                     delay = (
                         float(self.section.backoff) * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
                     )
-                log.info("replies: retrying reply %s in %.1f s: %s", reply_id, delay, exc)
+                self.metrics.replies.labels(contact.channel, adapter.name, "retried").inc()
+                log.info("replies: retrying reply %s in %.1f s: %s", reply_id, delay, exc,
+                         extra={"adapter": adapter.name, "contact_id": contact.id,
+                                "event": "reply_retry"})
                 await self._wait_holding(delivery.entry_id, min(delay, 300.0))
                 continue
             detail: dict[str, object] = {"reply_id": reply_id}
@@ -198,5 +202,5 @@ class ReplyRouter:
             await self.events.stamp(
                 contact.id, "responded", self.clock.now_us(), adapter.name, detail
             )
-            self.metrics.replies.labels(contact.channel, "sent").inc()
+            self.metrics.replies.labels(contact.channel, adapter.name, "sent").inc()
             return

@@ -61,6 +61,7 @@ class Gateway:
         self._started: list[Adapter] = []
         self._running = False
         self.http: HttpServer | None = None
+        self.metrics_http: HttpServer | None = None
         self.replies: ReplyRouter | None = None
         self.cases: CaseServices | None = None
 
@@ -119,9 +120,14 @@ class Gateway:
             await self._warn_if_not_durable()
         app = build_app(s.http.max_body, self.metrics)
         api_keys = ApiKeys(s.api)
-        CoreRoutes(self._ready, self._render_metrics, self.attachments, api_keys).register(
-            app.router
+        core = CoreRoutes(
+            self._ready, self._render_metrics, self.attachments, api_keys, s.http.metrics_token
         )
+        core.register(app.router, with_metrics=s.http.metrics_listen is None)
+        if s.http.metrics_listen is not None:  # /metrics off the webhook port
+            probes = build_app(s.http.max_body)
+            core.register_probes(probes.router)
+            self.metrics_http = HttpServer(probes, s.http.metrics_listen)
         IntakeApi(
             self.intake, api_keys, self.clock, s.http.max_body, s.api.default_region
         ).register(app.router)
@@ -146,11 +152,14 @@ class Gateway:
                 leases=self.leases,
                 state=self.state_for(name),
                 supervisor=self.supervisor,
+                metrics=self.metrics.adapter(name),
             )
             self.adapters[name] = channel_type.factory(ctx, self.adapter_configs[name])
         self.app = app
         self.http = HttpServer(app, s.http.listen)
         await self.http.start()
+        if self.metrics_http is not None:
+            await self.metrics_http.start()
         self.intake.start(self.supervisor)
         for adapter in self.adapters.values():
             await adapter.start()
@@ -191,6 +200,8 @@ class Gateway:
         self._started.clear()
         if self.http is not None:
             await self.http.stop()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         if hasattr(self, "intake"):
             await self.intake.close()
         if hasattr(self, "redis"):

@@ -7,6 +7,11 @@ from gateway.config import SlaSection
 from gateway.records import Deadline, Inbound
 
 
+def policy_name(channel: str, kind: str) -> str:
+    """The ``[sla]`` rule a deadline came from, by its channel and kind (``voice_answer``...)."""
+    return "voice_callback" if (channel, kind) == ("voice", "response") else f"{channel}_{kind}"
+
+
 class SlaPolicy:
     """Maps a contact to its deadline; the rules come from the ``[sla]`` section."""
 

@@ -20,6 +20,7 @@ from gateway.config import WatcherSection
 from gateway.metrics import Metrics
 from gateway.queueing.store import RedisQueue
 from gateway.records import Event, EventType
+from gateway.sla import policy_name
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class DeadlineWatcher:
                 pipe.hmget(k.contact(cid), ["received_us", "due_us", "kind", "channel"])
             facts = await pipe.execute()
             calls: list[tuple[str, bytes, str, Micros]] = []
+            policies: dict[str, str] = {}
             for cid, (received, due, kind, channel) in zip(ids, facts, strict=True):
                 if received is None:  # the contact expired: drop the member, no event
                     calls.append((cid, b"", "", 0))
@@ -117,14 +119,17 @@ class DeadlineWatcher:
                     detail={"kind": kind.decode()},
                 )
                 calls.append((cid, event.to_json(), channel.decode(), due_us))
+                policies[cid] = policy_name(channel.decode(), kind.decode())
             results = await self._claim_all(zset, other, calls, now, type)
             for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
                 if claimed and body:
                     written += 1
-                    self.metrics.deadline_events.labels(type, channel).inc()
+                    self.metrics.deadline_events.labels(type, channel, policies[cid]).inc()
                     if type == "breached":
                         self.metrics.deadline_lag.observe(max(0, now - due_us) / MICROS_PER_SECOND)
-                    log.info("watcher: %s for contact %s", type, cid)
+                    # one line per contact: DEBUG (the counters and events say it at INFO scale)
+                    log.debug("watcher: %s for contact %s", type, cid,
+                              extra={"contact_id": cid, "event": type})
             if len(ids) < BATCH:
                 return written
 

@@ -74,7 +74,9 @@ async def test_two_instances_one_breach_and_one_warning_per_deadline(
             await (await session.get(f"http://127.0.0.1:{gw.http_port}/metrics")).read()
         ).decode()
         for line in text.splitlines():
-            if line.startswith('gateway_deadline_events_total{channel="sms",type="breached"}'):
+            if line.startswith(
+                'gateway_deadline_events_total{channel="sms",policy="sms_response",type="breached"}'
+            ):
                 total += int(float(line.rsplit(" ", 1)[1]))
     assert total == len(late)
 

@@ -100,8 +100,8 @@ async def test_health_ready_and_metrics(start_gateway, aiohttp_client_session):
         assert resp.status == 200 and (await resp.json())["redis"] is True
     async with aiohttp_client_session.get(base + "/metrics") as resp:
         text = await resp.text()
-    assert 'gateway_contacts_enqueued_total{channel="sms"} 1.0' in text
-    assert 'gateway_edge_to_enqueue_seconds_count{channel="sms"} 1.0' in text
+    assert 'gateway_contacts_enqueued_total{adapter="api",channel="sms"} 1.0' in text
+    assert 'gateway_edge_to_enqueue_seconds_count{adapter="api",channel="sms"} 1.0' in text
     assert "gateway_stream_length 1.0" in text
     assert "gateway_spool_depth 0.0" in text
 

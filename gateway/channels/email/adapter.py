@@ -55,7 +55,7 @@ class EmailAdapter:
         self.config = config
         self.options = Options(config.regional_fallback, config.max_text_chars)
         self.handler = Handler(config, self.accept)
-        self.listener = Listener(config, self.handler)
+        self.listener = Listener(config, self.handler, ctx.metrics)
         self.relay = Relay(config.relay, self.listener.hostname)
         self.port = 0
         self.default_mailbox = (

@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -24,6 +24,7 @@ from gateway.attachments import AttachmentTooLarge
 from gateway.channels.email.config import EmailConfig
 from gateway.channels.email.normalize import Envelope as MailEnvelope
 from gateway.channels.email.normalize import split_mailbox
+from gateway.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,12 @@ class GatewaySMTP(SMTP):
         line_length: int,
         max_session_s: float,
         sessions: set[GatewaySMTP],
+        metrics: AdapterMetrics | None = None,
         **kwargs: Any,
     ) -> None:
         self.line_length_limit = line_length
+        self._metrics = metrics
+        self._started: float | None = None
         self._sessions = sessions
         # aiosmtpd keeps these limits on the class and grows them per EHLO: keep ours apart.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -170,6 +174,8 @@ class GatewaySMTP(SMTP):
         super().__init__(handler, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._metrics is not None and self._started is None:
+            self._started = self._metrics.session_opened("smtp")
         super().connection_made(transport)
         if self._session_timer is None:
             self._session_timer = self.loop.call_later(self._max_session_s, self._session_expired)
@@ -178,7 +184,17 @@ class GatewaySMTP(SMTP):
         if self._session_timer is not None:
             self._session_timer.cancel()
         self._sessions.discard(self)
+        if self._metrics is not None and self._started is not None:
+            self._metrics.session_closed("smtp", self._started)
+            self._started = None
         super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        """Send one reply line; counted by its code (``gateway_smtp_replies_total``)."""
+        if self._metrics is not None:
+            code = status[:3]
+            self._metrics.smtp_reply(code.decode() if isinstance(code, bytes) else code)
+        await super().push(status)
 
     def data_received(self, data: bytes) -> None:
         # aiosmtpd restarts its idle timer on commands only: a large message still arriving
@@ -191,6 +207,8 @@ class GatewaySMTP(SMTP):
         if transport is not None and not transport.is_closing():
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(b"421 4.4.2 Session time limit exceeded\r\n")
+                if self._metrics is not None:
+                    self._metrics.smtp_reply("421")
             transport.close()
 
 
@@ -206,9 +224,12 @@ def tls_context(config: EmailConfig) -> ssl.SSLContext | None:
 class Listener:
     """The SMTP server socket; ``port`` is the bound port once started."""
 
-    def __init__(self, config: EmailConfig, handler: Handler) -> None:
+    def __init__(
+        self, config: EmailConfig, handler: Handler, metrics: AdapterMetrics | None = None
+    ) -> None:
         self.config = config
         self.handler = handler
+        self.metrics = metrics
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tls = tls_context(config)
@@ -223,6 +244,7 @@ class Listener:
             line_length=c.max_line_length + 2,
             max_session_s=float(c.max_session_time),
             sessions=self._sessions,
+            metrics=self.metrics,
             data_size_limit=c.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,

@@ -105,6 +105,7 @@ class AsteriskAdapter:
             ctx.clock,
             session_timeout=float(config.session_timeout),
             allow=config.agi_allow,
+            metrics=ctx.metrics,
         )
         self.ami: AmiClient | None = None
         if config.ami is not None:
@@ -120,6 +121,7 @@ class AsteriskAdapter:
                 reconnect_min=float(a.reconnect_min),
                 reconnect_max=float(a.reconnect_max),
                 ping_interval=float(a.ping_interval),
+                metrics=ctx.metrics,
             )
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -13,10 +13,12 @@ import contextlib
 import itertools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 from gateway.config import Secret
+from gateway.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,9 @@ class AmiClient:
         ping_interval: float = 20.0,
         events: str = "system,call,agent,dialplan",
         connect_timeout: float = 5.0,
+        metrics: AdapterMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.host = host
         self.port = port
         self.username = username
@@ -154,6 +158,8 @@ class AmiClient:
     async def start(self) -> None:
         """Start the connection loop (returns at once; the link comes up in the background)."""
         if self._task is None:
+            if self.metrics is not None:
+                self.metrics.ami_link(False)  # the series exists (and alerts) before a login
             self._task = asyncio.create_task(self._run(), name="ami")
 
     async def stop(self) -> None:
@@ -188,7 +194,11 @@ class AmiClient:
             except Exception:
                 log.exception("AMI session failed")
             self.connected.clear()
+            if self.metrics is not None:
+                self.metrics.ami_link(False)
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            if self.metrics is not None:
+                self.metrics.ami_reconnect()
             delay = min(self.reconnect_max, max(self.reconnect_min, delay * 2))
 
     async def _session(self) -> None:
@@ -219,6 +229,8 @@ class AmiClient:
                 raise AmiAuthError(frame.get("Message", "authentication failed"))
             self.logins += 1
             self.connected.set()
+            if self.metrics is not None:
+                self.metrics.ami_link(True)
             log.info("AMI logged in to %s:%d", self.host, self.port)
             if self.on_connect is not None:
                 await self.on_connect()
@@ -271,6 +283,9 @@ class AmiClient:
                     self.channel_lists += 1
                 continue
             if "Event" in frame:
+                if self.metrics is not None and "Timestamp" in frame:
+                    with contextlib.suppress(ValueError):  # timestampevents = yes
+                        self.metrics.ami_event_lag(time.time() - float(frame["Timestamp"]))
                 try:
                     await self.on_event(frame)
                 except Exception:

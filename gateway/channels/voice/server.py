@@ -21,6 +21,7 @@ from gateway.channels.voice.agi import (
     script_name,
 )
 from gateway.clock import Clock, Micros
+from gateway.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ class FastAgiServer:
         session_timeout: float = 10.0,
         max_header_bytes: int = MAX_HEADER_BYTES,
         allow: tuple[str, ...] = (),
+        metrics: AdapterMetrics | None = None,
     ) -> None:
         self.handlers = dict(handlers)
+        self.metrics = metrics
         self.host = host
         self.port = port
         self.clock = clock
@@ -105,6 +108,7 @@ class FastAgiServer:
         if task is not None:
             self._sessions.add(task)
         self.sessions_total += 1
+        started = self.metrics.session_opened("agi") if self.metrics else 0.0
         try:
             async with asyncio.timeout(self.session_timeout):
                 await self._session(reader, writer, received_at)
@@ -122,6 +126,8 @@ class FastAgiServer:
             writer.close()
             if task is not None:
                 self._sessions.discard(task)
+            if self.metrics is not None:
+                self.metrics.session_closed("agi", started)
 
     def _allowed(self, writer: asyncio.StreamWriter) -> bool:
         peer = writer.get_extra_info("peername")
