@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="24h", help="window, e.g. 24h, 7d (default 24h)")
     p.add_argument("--by", choices=["channel", "hour"], default="channel")
     p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.add_argument(
+        "--lang", choices=["zh", "en"], help="table and html language (default: config, LANG)"
+    )
+    p.add_argument("--tz", help="time zone of the table and html (default: dashboard.timezone)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("deadletter", help="list push dead letters, or replay them")

@@ -415,6 +415,10 @@ class DashboardSection:
     enabled: bool = True
     window: Duration = Duration(86400)
     refresh: Duration = Duration(5)
+    language: typing.Literal["auto", "zh", "en"] = "auto"
+    """The dashboard's and ``gateway report``'s language; auto: the browser's (else Chinese)."""
+    timezone: str = "Asia/Shanghai"
+    """Times shown to supervisors, and where the calendar day starts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +448,7 @@ def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, 
     errors: list[tuple[str, str]] = []
     core = {k: v for k, v in raw.items() if k != "adapters"}
     settings = _load(Settings, core, "", errors)
+    _check_timezone(settings, errors)
     adapters_raw = raw.get("adapters", {})
     adapter_configs: dict[str, Any] = {}
     if not isinstance(adapters_raw, dict):
@@ -476,6 +481,16 @@ def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, 
         settings, adapters={k: dict(v) for k, v in adapters_raw.items()}, source=source
     )
     return settings, adapter_configs
+
+
+def _check_timezone(settings: Settings | None, errors: list[tuple[str, str]]) -> None:
+    from gateway.i18n import check_timezone
+
+    if settings is not None and settings.dashboard is not None:
+        try:
+            check_timezone(settings.dashboard.timezone)
+        except ValueError as exc:
+            errors.append(("dashboard.timezone", str(exc)))
 
 
 def load_file(path: str | Path) -> tuple[Settings, dict[str, Any]]:

@@ -7,9 +7,12 @@ Each contact received in the window is counted once, by what settled its deadlin
   passed with nothing settling it (a watcher that was down does not hide a breach);
 - ``abandoned``: the caller hung up before the deadline; ``closed``: closed before the deadline
   without a response; ``open``: nothing yet and not yet due.
-``within_pct`` is within / volume. Times are from the edge stamp to the settling event; the
-percentiles are nearest-rank (p90 of 10 values is the 9th smallest). Voice figures (connection
-rate, average speed of answer, callbacks) come from ``gateway.channels.voice.report``.
+``within_pct`` is within / volume (of received), ``within_settled_pct`` within / settled (of
+answered or replied: what most call-centre software shows). Times are from the edge stamp to
+the settling event; the percentiles are nearest-rank (p90 of 10 values is the 9th smallest).
+Voice calls and callbacks (a voice contact with a response deadline) are separate rows. Voice
+figures (connection rate, average speed of answer, callbacks) come from
+``gateway.channels.voice.report``. The table and the page are in ``gateway.i18n``'s words.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import html
 import io
 import math
 import sys
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, Micros, format_time
+from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, Micros, format_time, parse_time
 from gateway.config import Settings, SlaSection, parse_duration
+from gateway.i18n import Locale, check_timezone, from_environment
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient, decode_fields
 from gateway.records import CHANNELS, Contact, Event
@@ -61,6 +66,10 @@ class ChannelFigures:
     def within_pct(self) -> float | None:
         return None if not self.volume else 100.0 * self.within / self.volume
 
+    @property
+    def within_settled_pct(self) -> float | None:
+        return None if not self.settled else 100.0 * self.within / self.settled
+
     def percentile(self, q: float) -> int | None:
         """Nearest-rank percentile of the settling times."""
         if not self.times_ms:
@@ -79,6 +88,7 @@ class ChannelFigures:
             d.pop("hour")
         d.update(
             within_pct=self.within_pct,
+            within_settled_pct=self.within_settled_pct,
             average_ms=self.average_ms,
             p50_ms=self.percentile(0.5),
             p90_ms=self.percentile(0.9),
@@ -90,6 +100,16 @@ class ChannelFigures:
 def hour_of(us: Micros) -> str:
     """The UTC hour a time falls in, ``2026-11-25T08:00Z``."""
     return format_time(us - us % HOUR_US)[:13] + ":00Z"
+
+
+def label_of(channel: str, kind: str) -> str:
+    """The row a contact counts in: its channel, but a voice contact with a response deadline
+    (a missed call to return) is a callback, ``voice_callback``, apart from the calls."""
+    return "voice_callback" if channel == "voice" and kind == "response" else channel
+
+
+def row_of(contact: Contact) -> str:
+    return label_of(contact.channel, contact.deadline.kind)
 
 
 def _index(events: Iterable[Event]) -> dict[str, dict[str, Event]]:
@@ -110,8 +130,9 @@ def compute(
     figures: dict[str, ChannelFigures] = {}
     for contact in contacts:
         hour = hour_of(contact.received_at) if by == "hour" else None
-        label = f"{hour} {contact.channel}" if hour else contact.channel
-        fig = figures.setdefault(label, ChannelFigures(contact.channel, hour))
+        row = row_of(contact)
+        label = f"{hour} {row}" if hour else row
+        fig = figures.setdefault(label, ChannelFigures(row, hour))
         fig.volume += 1
         seen = by_contact.get(contact.id, {})
         due = contact.deadline.due_at
@@ -186,7 +207,7 @@ def build(
         per_hour = volume.setdefault(hour_of(c.received_at), {})
         per_hour[c.channel] = per_hour.get(c.channel, 0) + 1
         kind = c.deadline.kind
-        name = "voice_callback" if c.channel == "voice" and kind == "response" else c.channel
+        name = row_of(c)
         times = answer_ms if kind == "answer" else response_ms.setdefault(name, [])
         settle = by_contact.get(c.id, {}).get(SETTLING[kind])
         if settle is not None:
@@ -250,6 +271,7 @@ COLUMNS = (
     "settled",
     "within",
     "within_pct",
+    "within_settled_pct",
     "breached",
     "abandoned",
     "closed",
@@ -260,20 +282,54 @@ COLUMNS = (
     "p90_ms",
     "p99_ms",
 )
+PERCENT_COLUMNS = frozenset({"within_pct", "within_settled_pct", "connection_rate"})
 
 
-def _cell(v: Any) -> str:
+def cell(loc: Locale, column: str, v: Any) -> str:
+    """One figure as a supervisor reads it: channel names, % signs, human durations."""
     if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.1f}"
+        return loc.t("dash")
+    if column == "channel":
+        return loc.channel(str(v))
+    if column == "hour":
+        return loc.time(parse_time(str(v).replace("Z", ":00.000000Z")), seconds=False)
+    if column in PERCENT_COLUMNS:
+        return loc.pct(float(v))
+    if column.endswith("_ms"):
+        return loc.duration(float(v))
     return str(v)
 
 
-def render(report: dict[str, Any], fmt: str) -> str:
-    """Render as a text table, JSON, CSV or a standalone HTML page with charts."""
+def columns_of(report: dict[str, Any]) -> tuple[str, ...]:
+    return ("hour", *COLUMNS) if report.get("by") == "hour" else COLUMNS
+
+
+def title(report: dict[str, Any], loc: Locale, key: str = "report.title") -> str:
+    window = loc.t(
+        "window",
+        since=loc.time(parse_time(report["since"]), seconds=False),
+        until=loc.time(parse_time(report["until"]), seconds=False),
+        tz=loc.timezone,
+    )
+    return f"{loc.t(key)} {window}"
+
+
+def voice_lines(report: dict[str, Any], loc: Locale) -> list[str]:
+    from gateway.channels.voice.report import VoiceReport
+
+    voice = report.get("voice")
+    return [] if not voice else VoiceReport.from_dict(voice).lines(loc)
+
+
+def render(report: dict[str, Any], fmt: str, loc: Locale | None = None) -> str:
+    """Render as a text table, JSON, CSV or a standalone HTML page with charts.
+
+    JSON and CSV keep the machine names (field names, UTC, milliseconds); the table and the
+    page are for people: in ``loc``'s language and time zone.
+    """
+    loc = loc or Locale()
     rows = report["channels"]
-    columns = ("hour", *COLUMNS) if report.get("by") == "hour" else COLUMNS
+    columns = columns_of(report)
     if fmt == "json":
         return orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n"
     if fmt == "csv":
@@ -283,57 +339,159 @@ def render(report: dict[str, Any], fmt: str) -> str:
         writer.writerows(rows)
         return out.getvalue()
     if fmt == "html":
-        return render_html(report)
-    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
-    lines = [f"service levels {report['since']} .. {report['until']}"]
-    lines.append("  ".join(f"{c:>{widths[c]}}" for c in columns))
-    for row in rows:
-        lines.append("  ".join(f"{_cell(row.get(c)):>{widths[c]}}" for c in columns))
-    if report.get("voice_lines"):
+        return render_html(report, loc)
+    heads = [loc.t(f"col.{c}") for c in columns]
+    cells = [[cell(loc, c, r.get(c)) for c in columns] for r in rows]
+    widths = [max(_width(h), *(_width(line[i]) for line in cells)) for i, h in enumerate(heads)]
+    lines = [title(report, loc)]
+    lines.append("  ".join(_pad(h, w) for h, w in zip(heads, widths, strict=True)))
+    for line in cells:
+        lines.append("  ".join(_pad(v, w) for v, w in zip(line, widths, strict=True)))
+    extra = voice_lines(report, loc)
+    if extra:
         lines.append("")
-        lines.extend(report["voice_lines"])
+        lines.extend(extra)
     return "\n".join(lines) + "\n"
 
 
-def table_html(report: dict[str, Any]) -> str:
-    """The figures as an HTML table (also built the same way by the dashboard's script)."""
-    columns = ("hour", *COLUMNS) if report.get("by") == "hour" else COLUMNS
-    head = "".join(f"<th>{c}</th>" for c in columns)
+def _width(text: str) -> int:
+    """Columns a terminal gives ``text``: CJK characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return " " * (width - _width(text)) + text
+
+
+def table_html(report: dict[str, Any], loc: Locale | None = None) -> str:
+    """The figures as an HTML table (the dashboard shows the same one).
+
+    Each cell carries the machine value in ``data-value`` and the supervisor's text inside.
+    """
+    loc = loc or Locale()
+    columns = columns_of(report)
+    head = "".join(_th(loc, c) for c in columns)
     body = []
     for row in report["channels"]:
-        cells = "".join(f'<td class="{c}">{html.escape(_cell(row.get(c)))}</td>' for c in columns)
+        cells = "".join(
+            f'<td class="{c}" data-value="{html.escape(_raw(row.get(c)))}">'
+            f"{html.escape(cell(loc, c, row.get(c)))}</td>"
+            for c in columns
+        )
         body.append(f'<tr data-channel="{html.escape(row["channel"])}">{cells}</tr>')
     rows = "".join(body)
     return f'<table id="figures"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
-def render_html(report: dict[str, Any]) -> str:
-    """A standalone page: figures table, voice figures and inline SVG charts (no CDN)."""
-    from gateway.dashboard.charts import STYLE, charts
+COLUMN_DEFINITIONS = {
+    "volume": "volume",
+    "settled": "within",
+    "within": "within",
+    "within_pct": "within_pct",
+    "within_settled_pct": "within_pct",
+    "breached": "breached",
+    "abandoned": "abandoned",
+    "closed": "abandoned",
+    "open": "abandoned",
+    "connection_rate": "connection_rate",
+    "average_ms": "times",
+    "p50_ms": "times",
+    "p90_ms": "times",
+    "p99_ms": "times",
+}
 
-    svgs = charts(report)
-    voice = ""
-    if report.get("voice"):
-        v = report["voice"]
-        rate = v.get("connection_rate")
-        voice = (
-            '<h2>Voice</h2><ul id="voice">'
-            f'<li>calls offered <b class="offered">{v["offered"]}</b></li>'
-            f'<li>answered <b class="answered">{v["answered"]}</b></li>'
-            f'<li>connection rate <b class="connection_rate">'
-            f"{'-' if rate is None else f'{rate * 100:.1f} %'}</b>"
-            f" (target {v['connection_target'] * 100:g} %)</li></ul>"
-        )
-    blocks = "".join(f'<figure id="chart-{k}">{svg}</figure>' for k, svg in svgs.items())
-    title = f"Service levels {report['since']} .. {report['until']}"
+
+def _th(loc: Locale, column: str) -> str:
+    """A column head; its definition is a hover and a click away (``#def-<key>``)."""
+    label = html.escape(loc.t(f"col.{column}"))
+    key = COLUMN_DEFINITIONS.get(column)
+    if key is None:
+        return f'<th class="{column}">{label}</th>'
+    text = html.escape(loc.definition(key))
+    return f'<th class="{column}" title="{text}"><a href="#def-{key}">{label}</a></th>'
+
+
+def _raw(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def voice_html(report: dict[str, Any], loc: Locale) -> str:
+    """The voice figures as a list (empty without voice calls in the window)."""
+    v = report.get("voice")
+    if not v:
+        return ""
+    deadline = loc.seconds(v["answer_deadline_s"])
+    rate = v.get("connection_rate")
+    target = loc.pct(v["connection_target"], fraction=True, digits=0)
+    verdict = {None: "voice.no_calls", True: "voice.met", False: "voice.not_met"}[
+        v.get("connection_met")
+    ]
+    items = [
+        ("offered", loc.t("voice.offered"), str(v["offered"]), ""),
+        ("answered", loc.t("voice.answered"), str(v["answered"]), ""),
+        ("abandoned", loc.t("voice.abandoned"), str(v["abandoned"]), ""),
+        (
+            "answered_within",
+            loc.t("voice.answered_within_rate", deadline=deadline),
+            loc.pct(v.get("answered_within_offered_pct"), fraction=True),
+            loc.t("voice.of_answered", pct=loc.pct(v.get("answered_within_pct"), fraction=True)),
+        ),
+        (
+            "connection_rate",
+            loc.t("voice.connection_rate"),
+            loc.pct(rate, fraction=True),
+            f"{loc.t('voice.target', target=target)}: {loc.t(verdict)}",
+        ),
+        (
+            "asa",
+            loc.t("voice.asa"),
+            loc.duration(
+                None
+                if v.get("average_speed_of_answer_s") is None
+                else v["average_speed_of_answer_s"] * 1000
+            ),
+            "",
+        ),
+    ]
+    lis = "".join(
+        f'<li>{html.escape(label)} <b class="{cls}">{html.escape(value)}</b>'
+        f"{f' <span>{html.escape(note)}</span>' if note else ''}</li>"
+        for cls, label, value, note in items
+    )
+    return f'<h2>{html.escape(loc.t("voice.heading"))}</h2><ul id="voice">{lis}</ul>'
+
+
+def definitions_html(loc: Locale) -> str:
+    """Every definition behind the figures, folded (one click away)."""
+    items = "".join(
+        f'<dt id="def-{k}">{html.escape(k)}</dt><dd>{html.escape(text)}</dd>'
+        for k, text in loc.definitions()
+    )
     return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>{table_html(report)}{voice}{blocks}</body></html>\n"
+        f'<details id="definitions"><summary>{html.escape(loc.t("definitions"))}</summary>'
+        f"<dl>{items}</dl></details>"
     )
 
 
-async def _run(settings: Settings, since_s: float, fmt: str, by: str) -> str:
+def render_html(report: dict[str, Any], loc: Locale | None = None) -> str:
+    """A standalone page: figures table, voice figures and inline SVG charts (no CDN)."""
+    from gateway.dashboard.charts import STYLE, charts_html
+
+    loc = loc or Locale()
+    head = title(report, loc)
+    return (
+        f'<!doctype html><html lang="{loc.html_lang}"><head><meta charset="utf-8">'
+        f"<title>{html.escape(head)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{html.escape(head)}</h1>{table_html(report, loc)}{voice_html(report, loc)}"
+        f"{charts_html(report, loc)}{definitions_html(loc)}</body></html>\n"
+    )
+
+
+async def _run(settings: Settings, since_s: float, fmt: str, by: str, loc: Locale) -> str:
     from gateway.cli import open_queue
 
     now = SYSTEM_CLOCK.now_us()
@@ -341,14 +499,22 @@ async def _run(settings: Settings, since_s: float, fmt: str, by: str) -> str:
     async with open_queue(settings) as (client, keys, _):
         contacts, events = await load(client, keys, since_us)
     report = build(contacts, events, since_us=since_us, until_us=now + 1, sla=settings.sla, by=by)
-    return render(report, fmt)
+    return render(report, fmt, loc)
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     """``gateway report``."""
     since = parse_duration(args.since)
     by = getattr(args, "by", "channel")
-    sys.stdout.write(asyncio.run(_run(settings, since, args.format, by)))
+    section = settings.dashboard
+    lang = from_environment(getattr(args, "lang", None) or section.language)
+    loc = Locale(lang, getattr(args, "tz", None) or section.timezone)
+    try:
+        check_timezone(loc.timezone)
+    except ValueError as exc:
+        sys.stderr.write(f"gateway report: --tz: {exc}\n")
+        return 2
+    sys.stdout.write(asyncio.run(_run(settings, since, args.format, by, loc)))
     return 0
 
 

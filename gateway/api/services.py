@@ -13,6 +13,8 @@ from gateway.auth import ApiKeys
 from gateway.clock import Clock
 from gateway.config import Settings
 from gateway.dashboard import DashboardRoutes, LiveReport
+from gateway.dashboard.aggregates import Aggregator
+from gateway.dashboard.wallboard import Wallboard
 from gateway.metrics import Metrics
 from gateway.push import DeadLetters, Pusher
 from gateway.queueing.store import RedisQueue
@@ -49,7 +51,14 @@ class CaseServices:
             report=self.live.get,
             deadletter=self.deadletters,
         )
-        self.dashboard = DashboardRoutes(settings.dashboard) if settings.dashboard.enabled else None
+        self.aggregator = Aggregator(queue, clock, settings.sla, instance)
+        channels = configured_channels(settings)
+        self.wallboard = Wallboard(queue.redis, keys, clock, settings, channels)
+        self.dashboard = (
+            DashboardRoutes(settings.dashboard, self.wallboard, ApiKeys(settings.api))
+            if settings.dashboard.enabled
+            else None
+        )
         self.watcher = (
             DeadlineWatcher(queue, clock, metrics, settings.watcher)
             if settings.watcher.enabled
@@ -69,6 +78,7 @@ class CaseServices:
         await self.pusher.start()
         if self.watcher is not None:
             self.watcher.start()
+        self.aggregator.start()
 
     async def stop(self) -> None:
         if not self._started:
@@ -77,4 +87,13 @@ class CaseServices:
         self.api.closing = True
         if self.watcher is not None:
             await self.watcher.stop()
+        await self.aggregator.stop()
         await self.pusher.stop()
+
+
+def configured_channels(settings: Settings) -> set[str]:
+    """The media of the configured adapters (the wallboard shows these even when quiet)."""
+    from gateway.adapters import load_channel_types
+
+    types = load_channel_types()
+    return {types[t["type"]].channel for t in settings.adapters.values() if t.get("type") in types}

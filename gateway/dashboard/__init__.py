@@ -1,21 +1,33 @@
-"""The live dashboard at ``/dashboard``: a static page whose script polls ``/v1/report``."""
+"""The live dashboard at ``/dashboard``: a page whose script polls ``/dashboard/live`` (the
+wallboard's figures from incrementally kept counters, ``aggregates.py``); ``LiveReport``
+serves ``/v1/report`` (a scan of the streams, for any window)."""
 
 from __future__ import annotations
 
 import asyncio
+import html
+import logging
+import re
 from importlib.resources import files
 from typing import Any
 
+import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from gateway.clock import MICROS_PER_SECOND, Clock
+from gateway.auth import ApiKeys
+from gateway.clock import MICROS_PER_SECOND, Clock, parse_time
 from gateway.config import DashboardSection, SlaSection
 from gateway.dashboard.charts import charts
+from gateway.dashboard.wallboard import Wallboard
+from gateway.i18n import LANGUAGES, Locale, locale_for
+from gateway.problems import ApiProblem, problem
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
 from gateway.records import Contact, Event
 from gateway.report import build, load
 
+log = logging.getLogger(__name__)
 PAGE = files("gateway.dashboard").joinpath("page.html").read_text(encoding="utf-8")
 CACHE_S = 2.0
 """One computation serves every viewer for this long: reading the window costs a scan
@@ -59,25 +71,74 @@ class LiveReport:
 
 
 class DashboardRoutes:
-    """``GET /dashboard``; the figures come from ``/v1/report`` (scope ``read``)."""
+    """``GET /dashboard`` (the page, in the browser's language) and ``GET /dashboard/live``
+    (its figures as HTML parts, scope ``read``), refreshed by the page without a reload."""
 
-    def __init__(self, section: DashboardSection) -> None:
-        window = f"{int(section.window)}s"
-        self.page = PAGE.replace("__REFRESH_MS__", str(int(section.refresh * 1000))).replace(
-            "__WINDOW__", window
-        )
+    def __init__(self, section: DashboardSection, wallboard: Wallboard, keys: ApiKeys) -> None:
+        self.section = section
+        self.wallboard = wallboard
+        self.keys = keys
+        self.refresh_ms = str(int(section.refresh * 1000))
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get("/dashboard", self.dashboard)
+        router.add_get("/dashboard/live", self.live)
+
+    def locale(self, request: web.Request) -> Locale:
+        asked = request.query.get("lang")
+        if self.section.language == "auto" and asked in LANGUAGES:
+            return Locale(asked, self.section.timezone)
+        return locale_for(
+            self.section.language,
+            self.section.timezone,
+            request.headers.get("Accept-Language"),
+        )
 
     async def dashboard(self, request: web.Request) -> web.Response:
+        loc = self.locale(request)
+        page = PAGE.replace("__REFRESH_MS__", self.refresh_ms)
+        values = {
+            "html_lang": loc.html_lang,
+            "lang": loc.lang,
+            "refresh_failed_js": loc.t("refresh_failed", error="{error}"),
+            "updated_js": loc.t("updated", time="{time}"),
+        }
+        page = re.sub(
+            r"{{([\w.]+)}}",
+            lambda m: html.escape(values[m[1]] if m[1] in values else loc.t(m[1])),
+            page,
+        )
         return web.Response(
-            text=self.page,
+            text=page,
             content_type="text/html",
             headers={
                 "Cache-Control": "no-store",
+                "Content-Language": loc.html_lang,
+                "Vary": "Accept-Language",
                 "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                 "style-src 'unsafe-inline'; img-src 'self' data:",
                 "Referrer-Policy": "no-referrer",
             },
+        )
+
+    async def live(self, request: web.Request) -> web.Response:
+        try:
+            self.keys.authorize(request, "read")
+            snap = await self.wallboard.snapshot()
+        except ApiProblem as exc:
+            return problem(exc.status, exc.detail, exc.headers)
+        except (RedisError, OSError) as exc:
+            log.warning("dashboard: queue unavailable (%s)", type(exc).__name__)
+            return problem(503, "queue unavailable, retry later", {"Retry-After": "2"})
+        loc = self.locale(request)
+        body = {
+            "figures": snap,
+            "html": self.wallboard.fragments(snap, loc),
+            "shown_at": loc.time(parse_time(snap["now"])),
+            "lang": loc.lang,
+        }
+        return web.Response(
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )

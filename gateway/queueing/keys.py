@@ -62,6 +62,47 @@ class Keys:
         """Shared state with expiry (``SharedState``) of one scope, usually an adapter."""
         return f"{self.tag}:state:{_short(scope)}:{_short(key)}"
 
+    def agg_bucket(self, unit: str, start_s: int) -> str:
+        """Hash: service-level counters of the contacts received in one minute (``m``) or
+        hour (``h``) starting at ``start_s`` (``gateway/dashboard/aggregates.py``)."""
+        return f"{self.tag}:agg:{unit}:{start_s}"
+
+    def agg_open(self, label: str) -> str:
+        """Sorted set: a channel's contacts neither settled nor breached, scored by deadline."""
+        return f"{self.tag}:agg:open:{label}"
+
+    @property
+    def agg_waiting(self) -> str:
+        """Sorted set: calls neither answered nor abandoned, scored by arrival (us)."""
+        return f"{self.tag}:agg:waiting"
+
+    @property
+    def agg_breaches(self) -> str:
+        """Sorted set: contacts that missed their deadline, scored by when (us)."""
+        return f"{self.tag}:agg:breaches"
+
+    @property
+    def agg_repeats(self) -> str:
+        """Sorted set: third and later contacts of one sender, scored by arrival (us)."""
+        return f"{self.tag}:agg:repeats"
+
+    def surge_bucket(self, start_s: int) -> str:
+        """Hash: contacts per surge key (``kind:value``) in one period (``gateway/surge.py``)."""
+        return f"{self.tag}:surge:b:{start_s}"
+
+    def surge_emitted(self, key: str, start_s: int) -> str:
+        """String: set once when a surge of ``key`` in the period was emitted (idempotence)."""
+        return f"{self.tag}:surge:e:{_short(key)}:{start_s}"
+
+    def surge_samples(self, key: str, start_s: int) -> str:
+        """List: the latest contact ids of ``key`` in one period."""
+        return f"{self.tag}:surge:s:{_short(key)}:{start_s}"
+
+    @property
+    def surges(self) -> str:
+        """Sorted set: surge event JSON, scored by when it was emitted (us)."""
+        return f"{self.tag}:surges"
+
 
 def _short(value: str) -> str:
     """Keep keys bounded: long or binary-ish identifiers are hashed."""

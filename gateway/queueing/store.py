@@ -50,7 +50,9 @@ def _script(name: str) -> str:
     return files("gateway.queueing").joinpath(name).read_text(encoding="utf-8")
 
 
-SCRIPTS = {name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit", "claim")}
+SCRIPTS = {
+    name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit", "claim", "aggregate")
+}
 
 
 class ReplicationLagError(ConnectionError):

@@ -131,9 +131,25 @@ SMS: 60 s within, 200 s late, one breached by the watcher, one closed early, one
 
 
 async def write(client: Any, keys: Keys, contacts: list[Contact], events: list[Event]) -> None:
-    """Put the set on the streams the way Intake and the event writers do."""
+    """Put the set on the streams the way Intake and the event writers do (``intake.lua``: the
+    stream entry, the contact's hash and its ``enqueued`` event)."""
     for c in contacts:
         await client.xadd(keys.contacts, {"contact": c.to_json(), "id": c.id, "channel": c.channel})
+        await client.hset(
+            keys.contact(c.id),
+            mapping={
+                "contact": c.to_json(),
+                "received_us": c.received_at,
+                "due_us": c.deadline.due_at,
+                "kind": c.deadline.kind,
+                "channel": c.channel,
+            },
+        )
+        await client.expire(keys.contact(c.id), 86400)
+        enqueued = Event(c.id, "enqueued", c.enqueued_at, "test")
+        await client.xadd(
+            keys.events, {"event": enqueued.to_json(), "contact_id": c.id, "type": "enqueued"}
+        )
     for e in events:
         await client.xadd(
             keys.events, {"event": e.to_json(), "contact_id": e.contact_id, "type": e.type}

@@ -65,7 +65,7 @@ def test_figures() -> None:
     assert r.callbacks == 2 and r.callbacks_returned == 1
     assert r.short_abandoned == 0
     text = "\n".join(r.lines())
-    assert "connection rate        70.0 % (target 95 %: NOT met)" in text
+    assert "Connection rate  70.0% (target 95%: NOT met)" in text
     assert r.to_dict()["since"].endswith("Z")
 
 
@@ -78,7 +78,7 @@ def test_short_abandon_exclusion_is_explicit() -> None:
     assert (left_out.offered, left_out.abandoned, left_out.short_abandoned) == (3, 0, 1)
     assert left_out.connection_rate == 1.0
     assert left_out.connection_met is True
-    assert "short abandons (< 5 s, left out) 1" in "\n".join(left_out.lines())
+    assert "Short abandons (< 5 s, left out)  1" in "\n".join(left_out.lines())
 
 
 def test_no_calls() -> None:
@@ -115,7 +115,7 @@ def test_worst_24_hours_over_a_longer_period() -> None:
     assert r.worst_24h_rate == pytest.approx(0.8)
     assert r.worst_24h_since is not None
     assert T0 + 7 * 3600 * S <= r.worst_24h_since <= T0 + 30 * 3600 * S
-    assert "worst 24 h             80.0 %" in "\n".join(r.lines())
+    assert "Worst 24 h  80.0% from" in "\n".join(r.lines())
     assert voice_report(contacts, events, since=T0, until=T0 + day).worst_24h_rate is None
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.clock import Micros, format_time, parse_time
 from gateway.config import Settings
+from gateway.i18n import Locale
 from gateway.records import Contact, Event
 
 
@@ -67,39 +68,56 @@ class VoiceReport:
                 values[key] = parse_time(values[key])
         return cls(**values)
 
-    def lines(self) -> list[str]:
-        """Human-readable lines for ``gateway report``."""
+    def lines(self, loc: Locale | None = None) -> list[str]:
+        """Human-readable lines for ``gateway report``, in ``loc``'s language and zone."""
+        loc = loc or Locale("en", "UTC")
 
         def pct(value: float | None) -> str:
-            return "n/a" if value is None else f"{value * 100:.1f} %"
+            return loc.pct(value, fraction=True)
 
         asa = self.average_speed_of_answer_s
-        verdict = {None: "no calls", True: "met", False: "NOT met"}[self.connection_met]
-        out = [
-            f"voice  {format_time(self.since)} .. {format_time(self.until)}",
-            f"  calls offered          {self.offered}",
-            f"  answered               {self.answered}",
-            f"  abandoned              {self.abandoned}",
-            f"  answered within {self.answer_deadline_s:g} s  {self.answered_within}"
-            f" ({pct(self.answered_within_pct)} of answered,"
-            f" {pct(self.answered_within_offered_pct)} of offered)",
-            f"  connection rate        {pct(self.connection_rate)}"
-            f" (target {self.connection_target * 100:g} %: {verdict})",
-            f"  average speed of answer {'n/a' if asa is None else f'{asa:.1f} s'}",
-            f"  callbacks returned     {self.callbacks_returned} of {self.callbacks}",
+        verdict = {None: "voice.no_calls", True: "voice.met", False: "voice.not_met"}
+        target = loc.t(
+            "voice.target", target=loc.pct(self.connection_target, fraction=True, digits=0)
+        )
+        deadline = loc.seconds(self.answer_deadline_s)
+        within = (
+            f"{self.answered_within}"
+            f" ({loc.t('voice.of_answered', pct=pct(self.answered_within_pct))},"
+            f" {loc.t('voice.of_offered', pct=pct(self.answered_within_offered_pct))})"
+        )
+        rows = [
+            (loc.t("voice.offered"), str(self.offered)),
+            (loc.t("voice.answered"), str(self.answered)),
+            (loc.t("voice.abandoned"), str(self.abandoned)),
+            (loc.t("voice.answered_within", deadline=deadline), within),
+            (
+                loc.t("voice.connection_rate"),
+                f"{pct(self.connection_rate)} ({target}: {loc.t(verdict[self.connection_met])})",
+            ),
+            (loc.t("voice.asa"), loc.duration(None if asa is None else asa * 1000)),
+            (
+                loc.t("voice.callbacks"),
+                loc.t("voice.of", done=self.callbacks_returned, total=self.callbacks),
+            ),
         ]
         if self.worst_24h_rate is not None and self.worst_24h_since is not None:
-            out.append(
-                f"  worst 24 h             {pct(self.worst_24h_rate)}"
-                f" from {_when(self.worst_24h_since)}"
+            since = _when_us(self.worst_24h_since)
+            rows.append(
+                (
+                    loc.t("voice.worst_24h"),
+                    loc.t("voice.worst_from", rate=pct(self.worst_24h_rate), since=loc.time(since)),
+                )
             )
         if self.short_abandon_s > 0:
-            out.append(
-                f"  short abandons (< {self.short_abandon_s:g} s, left out) {self.short_abandoned}"
-            )
+            limit = loc.seconds(self.short_abandon_s)
+            rows.append((loc.t("voice.short_abandoned", limit=limit), str(self.short_abandoned)))
         if self.unresolved:
-            out.append(f"  no outcome yet         {self.unresolved}")
-        return out
+            rows.append((loc.t("voice.unresolved"), str(self.unresolved)))
+        window = loc.t(
+            "window", since=loc.time(self.since), until=loc.time(self.until), tz=loc.timezone
+        )
+        return [f"{loc.t('voice.heading')}  {window}"] + [f"  {k}  {v}" for k, v in rows]
 
 
 def voice_report(
@@ -205,9 +223,9 @@ def _worst_day(
     return (None, None) if worst is None else worst
 
 
-def _when(value: object) -> str:
-    """A time for display: microseconds, or an RFC 3339 string already."""
-    return value if isinstance(value, str) else format_time(int(value))  # type: ignore[call-overload]
+def _when_us(value: object) -> Micros:
+    """A time as microseconds, from microseconds or an RFC 3339 string."""
+    return parse_time(value) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
 
 
 def _elapsed_ms(contact: Contact, event: Event) -> float:
