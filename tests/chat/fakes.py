@@ -97,6 +97,11 @@ class FakeBotApi(LocalServer):
         self.send_errors: list[dict[str, Any] | None] = []
         self.files: dict[str, tuple[str, bytes]] = {}
         self.on_get_updates: Callable[[int | None], Awaitable[None]] | None = None
+        self.polling = 0
+        """getUpdates requests in flight now; ``most_polling`` the most ever at once."""
+        self.most_polling = 0
+        self.conflicts = 0
+        self._poll_generation = 0
         self._new = asyncio.Event()
         self.app.router.add_route("*", "/bot{token}/{method}", self.method)
         self.app.router.add_get("/file/bot{token}/{path:.+}", self.download)
@@ -174,15 +179,40 @@ class FakeBotApi(LocalServer):
             await self.on_get_updates(offset)
         timeout = float(params.get("timeout") or 0)
         deadline = time.monotonic() + min(timeout, 1.0)
-        while True:
-            pending = [u for u in self.updates if offset is None or u["update_id"] >= offset]
-            if pending or time.monotonic() >= deadline:
-                return _ok(pending[: int(params.get("limit") or 100)])
-            self._new.clear()
-            try:
-                await asyncio.wait_for(self._new.wait(), max(deadline - time.monotonic(), 0.01))
-            except TimeoutError:
-                pass
+        # Telegram serves one poller per bot: a new getUpdates ends the one in flight with 409
+        self._poll_generation += 1
+        generation = self._poll_generation
+        self.polling += 1
+        self.most_polling = max(self.most_polling, self.polling)
+        self._new.set()
+        try:
+            while True:
+                if generation != self._poll_generation:
+                    self.conflicts += 1
+                    return web.Response(
+                        status=409,
+                        body=orjson.dumps(
+                            {
+                                "ok": False,
+                                "error_code": 409,
+                                "description": "Conflict: terminated by other getUpdates "
+                                "request; make sure that only one bot instance is running",
+                            }
+                        ),
+                        content_type="application/json",
+                    )
+                pending = [u for u in self.updates if offset is None or u["update_id"] >= offset]
+                if pending or time.monotonic() >= deadline:
+                    return _ok(pending[: int(params.get("limit") or 100)])
+                self._new.clear()
+                try:
+                    await asyncio.wait_for(
+                        self._new.wait(), max(deadline - time.monotonic(), 0.01)
+                    )
+                except TimeoutError:
+                    pass
+        finally:
+            self.polling -= 1
 
     async def m_getFile(self, params: dict[str, Any]) -> web.Response:
         file_id = str(params.get("file_id"))

@@ -23,6 +23,7 @@ from gateway.channels.chat.telegram import (
 )
 from gateway.config import Secret
 from gateway.records import Inbound, Reply
+from tests.cases.conftest import eventually
 from tests.chat.fakes import (
     BOT_ID,
     BOT_TOKEN,
@@ -778,3 +779,51 @@ async def test_start_with_a_deep_link_can_be_a_contact(
     [contact] = await gw.read_contacts()
     assert (contact.meta["command"], contact.meta["start_payload"]) == ("start", "district_5")
     assert bot_api.sent == []  # no welcome configured
+
+
+# ---------------------------------------------------------------- a fleet of two
+
+
+async def test_two_instances_poll_one_bot_one_at_a_time_and_take_over(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    """Telegram serves one getUpdates per bot (a second ends the first with 409): of two
+    instances running the same bot only the lease holder polls, and the other takes over."""
+    table = {
+        "type": "telegram",
+        "token": BOT_TOKEN,
+        "mode": "polling",
+        "poll_timeout": "1s",
+        "api_base": bot_api.api_base,
+        "file_base": bot_api.file_base,
+    }
+    fleet = {"lease_ttl": "1s"}
+    one = await start_gateway(adapters={"tg": table}, fleet=fleet)
+    two = await start_gateway(adapters={"tg": table}, fleet=fleet)
+    for i in range(5):
+        bot_api.push({"update_id": 500 + i, "message": message(500 + i, text=f"first {i}")})
+    await eventually(lambda: _count(one, 5))
+    polls = len(bot_api.offsets)
+    await eventually(lambda: _true(len(bot_api.offsets) >= polls + 6))  # several long polls
+    assert bot_api.most_polling == 1
+    assert bot_api.conflicts == 0
+    holders = [gw for gw in (one, two) if gw.leases.held]
+    assert len(holders) == 1
+    other = two if holders[0] is one else one
+    await holders[0].stop()
+    for i in range(5):
+        bot_api.push({"update_id": 600 + i, "message": message(600 + i, text=f"second {i}")})
+    await eventually(lambda: _count(other, 10))
+    assert list(other.leases.held) == [f"telegram:{BOT_ID}"]
+    assert bot_api.most_polling == 1
+    texts = [c.text for c in await other.read_contacts()]
+    expected = [f"first {i}" for i in range(5)] + [f"second {i}" for i in range(5)]
+    assert sorted(texts) == sorted(expected)
+
+
+async def _count(gw: Any, n: int) -> bool:
+    return len(await gw.read_contacts()) >= n
+
+
+async def _true(value: object) -> bool:
+    return bool(value)

@@ -8,7 +8,10 @@ Two ways in, chosen by ``mode``:
   (503 otherwise, and Telegram retries). ``setWebhook`` is called on start when configured.
 - ``polling``: for hosts without a public URL. We drive ``getUpdates`` ourselves through the PTB
   ``Bot``: the next offset, which confirms an update to Telegram, is asked for only after that
-  update's contact is durable.
+  update's contact is durable. Telegram allows one poller per bot, so in a fleet the poller
+  runs under the lease ``telegram:<bot id>`` (``AdapterContext.leases``): one instance polls,
+  another takes over within ``[fleet] lease_ttl`` when it dies. What the old holder took but did
+  not confirm is fetched again and dedupes (give the adapter the same name on every instance).
 
 Text, photo, document, voice, video, location, venue and contact messages become contacts
 (files fetched with ``getFile`` into the attachment store); edited messages are follow-ups on
@@ -18,7 +21,6 @@ the same thread; in groups only messages that address the bot are taken.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -48,6 +50,7 @@ from gateway.clock import Micros, from_datetime
 from gateway.config import Duration, Secret
 from gateway.http import read_body
 from gateway.language import guess_language
+from gateway.queueing.coordination import Fence
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
 
 log = logging.getLogger(__name__)
@@ -293,7 +296,8 @@ class TelegramAdapter:
         self.offset: int | None = None
         """Polling: the next offset to ask for (every update below it is durable)."""
         self.ready = asyncio.Event()
-        self._runner: asyncio.Task[None] | None = None
+        self._loop = f"telegram-{ctx.name}"
+        self._running = False
         self._initialized = False
         self._welcomed: dict[str, None] = {}
         self._progress: dict[str, int] = {}
@@ -307,16 +311,15 @@ class TelegramAdapter:
         ``ready`` is set once getMe (and setWebhook or deleteWebhook) succeeded; until then the
         webhook answers 503, so Telegram retries.
         """
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name=f"telegram-{self.name}")
+        if not self._running:
+            self._running = True
+            self.ctx.supervisor.spawn(self._loop, self._run)
 
     async def stop(self) -> None:
-        """Stop polling and shut PTB down; idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+        """Stop polling (releasing the poller's lease) and shut PTB down; idempotent."""
+        if self._running:
+            self._running = False
+            await self.ctx.supervisor.stop(self._loop)
         if self._initialized:
             self._initialized = False
             self.ready.clear()
@@ -338,7 +341,11 @@ class TelegramAdapter:
                 backoff = min(backoff * 2, 60.0)
         self.ready.set()
         if self.config.mode == "polling":
-            await self._poll()
+            await self.ctx.leases.exclusive(f"telegram:{self.bot.id}", self._poll_held)
+
+    async def _poll_held(self, fence: Fence) -> None:
+        log.info("%s: polling (lease fence %d)", self.name, fence.token)
+        await self._poll()
 
     async def _bring_up(self) -> None:
         if not self._initialized:
