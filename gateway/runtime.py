@@ -131,12 +131,19 @@ class Gateway:
         IntakeApi(
             self.intake, api_keys, self.clock, s.http.max_body, s.api.default_region
         ).register(app.router)
+        self.leases = Leases(self.redis, self.keys, self.instance, s.fleet.lease_ttl)
         self.cases = CaseServices(
-            s, self.queue, self.attachments, self.clock, self.metrics, self.instance
+            s,
+            self.queue,
+            self.attachments,
+            self.clock,
+            self.metrics,
+            self.instance,
+            self.leases,
+            self.supervisor,
         )
         self.cases.register(app.router)
         await self.cases.start()  # push groups exist before the first contact can arrive
-        self.leases = Leases(self.redis, self.keys, self.instance, s.fleet.lease_ttl)
         channel_types = load_channel_types()
         for name, table in s.adapters.items():
             channel_type = channel_types[table["type"]]
@@ -249,6 +256,7 @@ class Gateway:
             "spool": spool_ok,
             "spool_depth": self.spool.depth,
             "loops": loops,
+            "leases": {name: fence.token for name, fence in sorted(self.leases.held.items())},
         }
 
     async def _render_metrics(self) -> bytes:

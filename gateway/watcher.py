@@ -2,10 +2,12 @@
 
 Intake puts every contact in two sorted sets, ``{p}:warnings`` (scored by when its warning is
 due) and ``{p}:deadlines`` (scored by its deadline); the stamp that settles a deadline removes
-it from both. Every gateway instance runs a watcher. Each looks at the members whose score has
-passed and claims them one by one with a script that re-checks the score, ZREMs the member and
-XADDs the event in one atomic step: of several instances racing for a member, only the one whose
-ZREM removed it writes the event. A settling stamp racing the watcher is decided the same way.
+it from both. The watcher runs on one instance of a fleet at a time, under the lease ``watcher``
+(``gateway.queueing.coordination``); another takes over within ``[fleet] lease_ttl`` when it
+dies. It looks at the members whose score has passed and claims them one by one with a script
+that re-checks the score, ZREMs the member and XADDs the event in one atomic step: even if two
+instances overlap (a holder paused past its lease), only the one whose ZREM removed a member
+writes its event. A settling stamp racing the watcher is decided the same way.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import asyncio
 import logging
 from typing import Any
 
-from gateway.api.tasks import cancel_and_wait
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.config import WatcherSection
 from gateway.metrics import Metrics
+from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.store import RedisQueue
 from gateway.records import Event, EventType
 from gateway.sla import policy_name
+from gateway.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
 BATCH = 200
+LEASE = "watcher"
 
 
 class DeadlineWatcher:
@@ -37,16 +41,26 @@ class DeadlineWatcher:
         self.clock = clock
         self.metrics = metrics
         self.interval_s = max(0.01, float(section.interval))
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
         self._stopping = False
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, leases: Leases, supervisor: Supervisor) -> None:
+        """Run while this instance holds the ``watcher`` lease (supervised)."""
+        self._supervisor = supervisor
+
+        async def run() -> None:
+            await leases.exclusive(LEASE, self._held)
+
+        supervisor.spawn("watcher", run, backoff=(0.5, 10.0))
 
     async def stop(self) -> None:
         self._stopping = True  # the loop ends even if a client call swallows the cancellation
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        if self._supervisor is not None:
+            await self._supervisor.stop("watcher")
+
+    async def _held(self, fence: Fence) -> None:
+        log.info("watcher: running here (lease fence %d)", fence.token)
+        await self._run()
 
     async def _run(self) -> None:
         backoff = 0.5

@@ -17,7 +17,9 @@ from gateway.dashboard.aggregates import Aggregator
 from gateway.dashboard.wallboard import Wallboard
 from gateway.metrics import Metrics
 from gateway.push import DeadLetters, Pusher
+from gateway.queueing.coordination import Leases
 from gateway.queueing.store import RedisQueue
+from gateway.supervise import Supervisor
 from gateway.watcher import DeadlineWatcher
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ class CaseServices:
         clock: Clock,
         metrics: Metrics,
         instance: str,
+        leases: Leases,
+        supervisor: Supervisor,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -64,7 +68,11 @@ class CaseServices:
             if settings.watcher.enabled
             else None
         )
-        self.pusher = Pusher(queue.redis, keys, subscribers, metrics, clock, instance)
+        self.leases = leases
+        self.supervisor = supervisor
+        self.pusher = Pusher(
+            queue.redis, keys, subscribers, metrics, clock, instance, leases, supervisor
+        )
         self._started = False
 
     def register(self, router: web.UrlDispatcher) -> None:
@@ -77,7 +85,7 @@ class CaseServices:
         self._started = True
         await self.pusher.start()
         if self.watcher is not None:
-            self.watcher.start()
+            self.watcher.start(self.leases, self.supervisor)
         self.aggregator.start()
 
     async def stop(self) -> None:

@@ -1,12 +1,13 @@
 """Push delivery: every contact (and optionally every event) POSTed to each subscriber.
 
 One lane per subscriber. The lane is a consumer group of its own (``gateway-push.<name>``) on
-``{p}:contacts`` (and ``{p}:events``), and a lease (``{p}:push:<name>:lease``) makes one gateway
-instance at a time its only reader, so entries go out strictly one after the other, in stream
-order (contacts and events merged by entry id, a contact before an event of the same
-millisecond). An entry is acknowledged after a 2xx answer, or after ``max_attempts`` failed
-tries, once it is parked in ``{p}:deadletter:<name>``; until then it stays in the group's pending
-list, so an instance that dies mid-way leaves it to the next lease holder: at least once.
+``{p}:contacts`` (and ``{p}:events``), and the fleet lease ``push:<name>``
+(``gateway.queueing.coordination``) makes one gateway instance at a time its only reader, so
+entries go out strictly one after the other, in stream order (contacts and events merged by
+entry id, a contact before an event of the same millisecond). An entry is acknowledged after a
+2xx answer, or after ``max_attempts`` failed tries, once it is parked in
+``{p}:deadletter:<name>``; until then it stays in the group's pending list, so an instance that
+dies mid-way (or loses the lease) leaves it to the next lease holder: at least once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import aiohttp
 from redis.exceptions import ResponseError
 
-from gateway.api.tasks import cancel_and_wait
 from gateway.clock import Clock
 from gateway.config import PushSubscriber
 from gateway.metrics import Metrics
@@ -35,30 +35,16 @@ from gateway.push.signing import (
     TIMESTAMP_HEADER,
     sign,
 )
+from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
+from gateway.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
-LEASE_MS = 15_000
 READ_COUNT = 100
 ACK_BATCH = 50
 DEADLETTER_MAXLEN = 100_000
-
-LEASE_LUA = """
--- KEYS: 1 lease key; ARGV: 1 holder, 2 ttl (ms). Take the lease if free, renew it if ours.
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
 
 def group_name(subscriber: str) -> str:
     return f"gateway-push.{subscriber}"
@@ -68,8 +54,9 @@ def deadletter_key(keys: Keys, subscriber: str) -> str:
     return f"{keys.tag}:deadletter:{subscriber}"
 
 
-def lease_key(keys: Keys, subscriber: str) -> str:
-    return f"{keys.tag}:push:{subscriber}:lease"
+def lease_name(subscriber: str) -> str:
+    """The subscriber's lease (``gateway.queueing.coordination``): one instance delivers."""
+    return f"push:{subscriber}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +88,7 @@ def envelope(kind: str, entry_id: str, record: bytes) -> bytes:
 
 
 class LeaseLost(Exception):
-    """Another instance holds the subscriber's lease now: stop, leave the entry pending."""
+    """The lane is stopping: leave the entry pending for the next lease holder."""
 
 
 class DeliveryFailed(Exception):
@@ -175,13 +162,12 @@ class Lane:
         self.streams = {keys.contacts: "contact"}
         if sub.events:
             self.streams[keys.events] = "event"
-        self._lease_sha = ""
         self._buffer: list[Item] = []
         self._horizon: tuple[int, int, int] | None = None
         self._acks: dict[str, list[str]] = {}
-        self._lease_lost = False
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
         self._stopping = False
+        self.loop_name = f"push-{sub.name}"
 
     async def ensure_groups(self) -> None:
         """Create the subscriber's groups at the streams' current end (only new entries)."""
@@ -192,78 +178,40 @@ class Lane:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, leases: Leases, supervisor: Supervisor) -> None:
+        """Deliver whenever this instance holds the subscriber's lease (supervised)."""
+        self._supervisor = supervisor
+
+        async def run() -> None:
+            await leases.exclusive(lease_name(self.sub.name), self._hold)
+
+        supervisor.spawn(self.loop_name, run, backoff=(0.5, 10.0))
 
     async def stop(self) -> None:
-        self._stopping = True  # the loop ends even if a client call swallows the cancellation
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
-        with contextlib.suppress(Exception):
-            await self.redis.eval(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
-                "end return 0",
-                1,
-                lease_key(self.keys, self.sub.name),
-                self.instance,
-            )
+        """Stop delivering and release the lease (the next holder takes the pending entries)."""
+        self._stopping = True
+        if self._supervisor is not None:
+            await self._supervisor.stop(self.loop_name)
 
-    async def _lease(self) -> bool:
-        if not self._lease_sha:
-            self._lease_sha = await self.redis.script_load(LEASE_LUA)
-        try:
-            got = await self.redis.evalsha(
-                self._lease_sha, 1, lease_key(self.keys, self.sub.name), self.instance, LEASE_MS
-            )
-        except ResponseError:
-            self._lease_sha = ""
-            raise
-        return bool(got)
+    async def _hold(self, fence: Fence) -> None:
+        """Deliver while the lease is ours: first what earlier holders left pending, then new.
 
-    async def _run(self) -> None:
-        backoff = 0.5
-        while not self._stopping:
-            try:
-                if not await self._lease():
-                    await asyncio.sleep(LEASE_MS / 3000)
-                    continue
-                await self._hold()
-                backoff = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("push %s: %r, retrying in %.1f s", self.sub.name, exc, backoff)
-                self._buffer.clear()
-                with contextlib.suppress(Exception):
-                    await self.ensure_groups()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-    async def _hold(self) -> None:
-        """Deliver while the lease is ours: first what earlier holders left pending, then new."""
-        self._lease_lost = False
-        renewer = asyncio.get_running_loop().create_task(self._renew())
+        Losing the lease cancels this; what was delivered but not yet acknowledged goes out
+        again from the next holder (at least once)."""
+        log.info("push %s: delivering (lease fence %d)", self.sub.name, fence.token)
+        self._buffer.clear()
+        self._acks.clear()
+        await self.ensure_groups()
         try:
             self._buffer = await self._take_over_pending()
             self._buffer.sort(key=lambda i: i.order)
-            while not renewer.done() and not self._stopping:
+            while not self._stopping:
                 await self._deliver_ready()
                 await self._flush_acks()
                 await self._read_new()
         finally:
             with contextlib.suppress(Exception):
                 await self._flush_acks()
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await renewer
-
-    async def _renew(self) -> None:
-        while True:
-            await asyncio.sleep(LEASE_MS / 3000)
-            if not await self._lease():
-                log.warning("push %s: lease lost", self.sub.name)
-                self._lease_lost = True
-                return
 
     async def _take_over_pending(self) -> list[Item]:
         items: list[Item] = []
@@ -346,7 +294,7 @@ class Lane:
         attempt = 0
         while True:
             attempt += 1
-            if self._lease_lost or self._stopping:
+            if self._stopping:
                 raise LeaseLost(sub.name)
             try:
                 await post_once(self.session, sub, item, attempt)
@@ -433,7 +381,11 @@ class Pusher:
         metrics: Metrics,
         clock: Clock,
         instance: str,
+        leases: Leases,
+        supervisor: Supervisor,
     ) -> None:
+        self.leases = leases
+        self.supervisor = supervisor
         self.redis = client
         self.keys = keys
         self.subscribers = tuple(subscribers)
@@ -461,7 +413,7 @@ class Pusher:
             except Exception as exc:  # Redis down: the lane creates its groups once it is back
                 log.warning("push %s: not ready yet (%s)", sub.name, type(exc).__name__)
             self.lanes.append(lane)
-            lane.start()
+            lane.start(self.leases, self.supervisor)
 
     async def stop(self) -> None:
         for lane in self.lanes:

@@ -142,8 +142,19 @@ class Receiver:
     hang_s: float = 5.0
     slow_s: float = 0.3
     accepted: list[bytes] = field(default_factory=list)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    """The most requests the receiver was answering at once (one lane delivers one by one)."""
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.received.append((dict(request.headers), body))
         action = self.plan.pop(0) if self.plan else self.default

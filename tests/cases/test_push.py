@@ -282,11 +282,8 @@ async def test_an_instance_dying_mid_delivery_hands_over_to_another(
         return int(pending["pending"]) == 1 and len(receiver.received) >= 3
 
     await eventually(held)
-    holder, other = (
-        (a, b)
-        if await a.redis.get(f"{a.keys.tag}:push:crm:lease") == a.instance.encode()
-        else (b, a)
-    )
+    holder, other = (a, b) if "push:crm" in a.leases.held else (b, a)
+    assert "push:crm" not in other.leases.held
     await holder.stop()
     receiver.default = "ok"
     more = [await submit(Client(session, f"http://127.0.0.1:{other.http_port}"), "late")]
@@ -359,3 +356,25 @@ async def test_redis_restart_api_answers_503_then_everything_resumes(
     second = await submit(client, "after")
     await eventually(await delivered(2), timeout=30)
     assert [d["data"]["id"] for d in firsts(receiver.accepted)] == [first, second]
+
+
+async def test_two_instances_of_one_name_never_deliver_at_once(
+    start_gateway: Any, session: Any, receiver: Receiver
+) -> None:
+    """The lease is held by one process start, not by an instance name: two gateways that share
+    a name (a restart beside a stale one, a copied config) still deliver one at a time."""
+    receiver.default = "slow"
+    receiver.slow_s = 0.05
+    push = subscriber(receiver, timeout="5s")
+    a = await start_gateway(api=API, push=push, gateway={"instance": "same"})
+    b = await start_gateway(api=API, push=push, gateway={"instance": "same"})
+    client = Client(session, f"http://127.0.0.1:{a.http_port}")
+    ids = [await submit(client, f"c{i}") for i in range(20)]
+
+    async def all_in() -> bool:
+        return len(firsts(receiver.accepted)) == 20
+
+    await eventually(all_in, timeout=60)
+    assert receiver.most_in_flight == 1
+    assert [d["data"]["id"] for d in firsts(receiver.accepted)] == ids
+    assert len([gw for gw in (a, b) if "push:crm" in gw.leases.held]) == 1

@@ -146,3 +146,42 @@ async def test_settled_before_its_warning_gets_nothing(start_gateway: Any) -> No
     assert await own_watcher(gw, clock).tick() == 0
     types = [e.type for e in await gw.read_events() if e.contact_id == receipt.contact_id]
     assert types == ["enqueued", "answered"]
+
+
+async def test_one_instance_watches_and_another_takes_over(
+    start_gateway: Any, session: Any
+) -> None:
+    sla = {"sms_response": "1s"}
+    fleet = {"lease_ttl": "1s"}
+    a = await start_gateway(api=API, sla=sla, fleet=fleet, gateway={"instance": "gw-a"})
+    b = await start_gateway(api=API, sla=sla, fleet=fleet, gateway={"instance": "gw-b"})
+
+    async def one_holder() -> bool:
+        return [("watcher" in gw.leases.held) for gw in (a, b)].count(True) == 1
+
+    await eventually(one_holder)
+    holder, other = (a, b) if "watcher" in a.leases.held else (b, a)
+    ca = Client(session, f"http://127.0.0.1:{other.http_port}")
+    first = [await submit(ca, f"sms {i}", channel="sms") for i in range(4)]
+
+    async def breached(ids: list[str]) -> bool:
+        events = deadline_events(await other.read_events(), "breached")
+        return all(events[i] == 1 for i in ids)
+
+    await eventually(lambda: breached(first))
+    written = {
+        gw.instance: sum(
+            s.value
+            for m in gw.metrics.deadline_events.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and "breached" in s.labels.values()
+        )
+        for gw in (a, b)
+    }
+    assert written[other.instance] == 0  # the holder alone watches
+    assert written[holder.instance] == 4
+    await holder.stop()
+    later = [await submit(ca, f"later {i}", channel="sms") for i in range(4)]
+    await eventually(lambda: breached(later))
+    assert "watcher" in other.leases.held
+    assert sum(deadline_events(await other.read_events(), "breached").values()) == 8
