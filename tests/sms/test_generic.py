@@ -174,6 +174,32 @@ async def test_send_json_template_and_status(start_gateway: Any) -> None:
         assert [(e.type, e.detail["reply_id"]) for e in final] == [("delivered", "r1")]
 
 
+async def test_without_a_secret_references_are_signed_with_a_kept_random_key(
+    start_gateway: Any,
+) -> None:
+    """``auth = "none"``: the reference was signed with the adapter's name, so anyone could
+    forge ``delivered`` for any contact. Now the key is random, kept in the data folder (as
+    Kannel's: one implementation in sms/common.py)."""
+    from gateway.channels.sms import common
+
+    table = {k: v for k, v in adapter(auth="none").items() if k != "secret"}
+    async with running(FakeProvider(Answer(200, b'{"ok":true}'))) as api:
+        gw = await start_gateway(adapters={"agg": {**table, "send": sender(api)}})
+        assert await post(gw, payload()) == 200
+        (contact,) = await gw.read_contacts()
+        await gw.adapters["agg"].send(contact, Reply(contact.id, "ok", id="r1"))
+        reference = orjson.loads(api.calls[0].body)["reference"]
+        guessed = f"{contact.id}:r1:{common.sign('agg', contact.id, 'r1')}"
+        assert await post(gw, {"reference": guessed, "status": "DELIVRD"},
+                          path="/sms/agg/status") == 403
+        assert await post(gw, {"reference": reference, "status": "DELIVRD"},
+                          path="/sms/agg/status") == 200
+        key = (gw.data_dir / "sms" / "agg" / "signing.key").read_text()
+        assert reference.endswith(common.sign(key, contact.id, "r1"))
+        final = [e.type for e in await gw.read_events() if e.type in ("delivered", "failed")]
+        assert final == ["delivered"]
+
+
 async def test_split_send_resumes_after_a_failed_part(start_gateway: Any) -> None:
     async with running(FakeProvider(Answer(200))) as api:
         api.answers = [Answer(200), Answer(503)]

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, SendError
-from gateway.config import ConfigError
+from gateway.config import ConfigError, Secret
 from gateway.phone import to_e164
 from gateway.records import Event, EventType, short_ref
 
@@ -262,3 +262,28 @@ def local_key(folder: Path) -> str:
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(key)
         return key
+
+
+class References:
+    """Signs the (contact, reply) reference an SMS provider carries back in its delivery
+    reports, and checks it when it comes back: with the adapter's secret, or, when it has
+    none (``auth = "none"``, ``insecure_no_auth``), with a random key kept in the adapter's
+    data folder, never a guessable one such as the adapter's name."""
+
+    def __init__(self, secret: Secret | None, folder: Path) -> None:
+        self._secret = secret
+        self._folder = folder
+        self._key: str | None = None
+
+    def _signing_key(self) -> str:
+        if self._key is None:
+            self._key = self._secret.reveal() if self._secret else local_key(self._folder)
+        return self._key
+
+    def tag(self, contact_id: str, ref: str) -> str:
+        """The signature of one reference."""
+        return sign(self._signing_key(), contact_id, ref)
+
+    def valid(self, contact_id: str, ref: str, tag: str) -> bool:
+        """True when ``tag`` is ours for (contact, reply); compared in constant time."""
+        return equal(tag, self.tag(contact_id, ref))

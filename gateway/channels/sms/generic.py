@@ -251,6 +251,9 @@ class GenericAdapter(common.PartsLifecycle):
         self._progress: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.reports = common.DeliveryReports(ctx)
+        self.references = common.References(
+            config.secret, ctx.settings.gateway.data_dir / "sms" / ctx.name
+        )
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
             ctx.router.add_route(method, self.status_path, self.status_report)
@@ -402,8 +405,7 @@ class GenericAdapter(common.PartsLifecycle):
 
     def reference(self, contact_id: str, ref: str) -> str:
         """Return the reference handed to the aggregator: contact, reply, signature."""
-        key = self.config.secret.reveal() if self.config.secret else self.name
-        return f"{contact_id}:{ref}:{common.sign(key, contact_id, ref)}"
+        return f"{contact_id}:{ref}:{self.references.tag(contact_id, ref)}"
 
     async def status_report(self, request: web.Request) -> web.Response:
         """Handle a delivery report carrying one of our references."""
@@ -417,7 +419,7 @@ class GenericAdapter(common.PartsLifecycle):
         ref, _, tag = rest.rpartition(":")
         if not contact_id or not ref or not tag or not status:
             return common.bad_request(f"missing {names.reference} or {names.status}")
-        if not common.equal(reference, self.reference(contact_id, ref)):
+        if not self.references.valid(contact_id, ref, tag):
             return common.forbidden()
         kind: Literal["delivered", "failed"] | None = None
         if status in names.delivered:

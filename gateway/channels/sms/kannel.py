@@ -301,7 +301,10 @@ class KannelAdapter(common.PartsLifecycle):
         self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
         self.reports = common.DeliveryReports(ctx)
-        self._fallback_key: str | None = None
+        self.references = common.References(
+            config.secret or config.sendsms_password,
+            ctx.settings.gateway.data_dir / "sms" / ctx.name,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
@@ -502,7 +505,7 @@ class KannelAdapter(common.PartsLifecycle):
         contact_id, ref, tag = params.get("c", ""), params.get("r", ""), params.get("s", "")
         if not contact_id or not ref or not tag or not _is_number(params.get("status", "")):
             return common.bad_request("missing c, r, s or status")
-        if not common.equal(tag, common.sign(self._ref_key(), contact_id, ref)):
+        if not self.references.valid(contact_id, ref, tag):
             return common.forbidden()
         status = int(params["status"])
         kind: Literal["delivered", "failed"] | None
@@ -518,16 +521,6 @@ class KannelAdapter(common.PartsLifecycle):
         if not await self.reports.record(contact_id, ref, kind, detail):
             return common.unavailable()
         return web.Response(status=200, text="OK\n")
-
-    def _ref_key(self) -> str:
-        secret = self.config.secret or self.config.sendsms_password
-        if secret:
-            return secret.reveal()
-        if self._fallback_key is None:  # no secret at all: a random key kept in the data folder
-            self._fallback_key = common.local_key(
-                self.ctx.settings.gateway.data_dir / "sms" / self.name
-            )
-        return self._fallback_key
 
     # ------------------------------------------------------------------ outbound
 
@@ -545,7 +538,7 @@ class KannelAdapter(common.PartsLifecycle):
     def dlr_url(self, contact_id: str, ref: str) -> str:
         """Return the dlr-url for one reply: our own reference, signed, plus Kannel's escapes."""
         base = (self.config.public_url or self.ctx.settings.http.public_url).rstrip("/")
-        tag = common.sign(self._ref_key(), contact_id, ref)
+        tag = self.references.tag(contact_id, ref)
         query = urlencode({"c": contact_id, "r": ref, "s": tag})
         return f"{base}{self.dlr_path}?{query}&status=%d&answer=%A&ts=%T"
 
