@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, quote_from_bytes, urlsplit
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from gateway.adapters import SendError
 from gateway.clock import FixedClock
@@ -399,6 +400,57 @@ async def test_reply_stream_end_to_end_with_retry(start_gateway: Any, redis_clie
         assert len(responded) == 1 and responded[0].contact_id == contact.id
         assert len(kannel.calls) == 2
         assert kannel.calls[1].query["text"] == "收到"
+
+
+async def test_delivered_never_comes_before_responded(
+    start_gateway: Any, redis_client: Any, prefix: str
+) -> None:
+    """Kannel may call the dlr-url before its sendsms answer reaches the gateway (a fast SMSC):
+    this one calls it, and waits for the gateway's answer, before answering sendsms. The
+    events stream said ``delivered`` before ``responded``; ``responded`` comes first now."""
+    gateway: list[Any] = []
+    dlr_answers: list[int] = []
+
+    async def sendsms(request: web.Request) -> web.Response:
+        dlr = urlsplit(request.query["dlr-url"])
+        query = dlr.query.replace("%d", "1").replace("%A", "ok").replace("%T", "0")
+        url = f"http://127.0.0.1:{gateway[0].http_port}{dlr.path}?{query}"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            dlr_answers.append(resp.status)
+        return web.Response(status=202, text="0: Accepted for delivery")
+
+    app = web.Application()
+    app.router.add_get("/cgi-bin/sendsms", sendsms)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        fake = FakeProvider()
+        fake.url = f"http://127.0.0.1:{port}"
+        gateway.append(await start_gateway(adapters={"kannel": outbound(fake)}))
+        gw = gateway[0]
+        contact = await inbound_contact(gw)
+        for n in range(2):  # the first reply settles the deadline, the second only delivers
+            await redis_client.xadd(f"{{{prefix}}}:replies", {
+                "reply": orjson.dumps({"contact_id": contact.id, "text": f"收到 {n}",
+                                       "id": f"rep-{n}"})
+            })
+            for _ in range(1000):
+                types = [e.type for e in await gw.read_events()]
+                if types.count("delivered") == n + 1 and "responded" in types:
+                    break
+                await asyncio.sleep(0.01)
+        events = [e for e in await gw.read_events() if e.type in ("responded", "delivered")]
+        assert [(e.type, e.detail["reply_id"]) for e in events] == [
+            ("responded", "rep-0"),
+            ("delivered", "rep-0"),
+            ("delivered", "rep-1"),
+        ]
+        assert dlr_answers == [200, 200]
+    finally:
+        await runner.cleanup()
 
 
 async def test_timed_out_long_message_is_acknowledged_by_sendsms(start_gateway: Any) -> None:

@@ -192,6 +192,14 @@ async def call(
         raise SendError(f"{provider} unreachable: {type(exc).__name__}", retryable=True) from exc
 
 
+ACK_PREFIX = "ack-"
+"""Reply id of an automatic acknowledgement (``ack-<contact id>``): its delivery is no response."""
+
+
+def ack_reply_id(contact_id: str) -> str:
+    return ACK_PREFIX + contact_id
+
+
 class DeliveryReports:
     """Turns a provider's final delivery report into a ``delivered`` or ``failed`` event, once
     per (reply, outcome): providers repeat callbacks. The memory of what was recorded is the
@@ -210,8 +218,20 @@ class DeliveryReports:
         be written: answer the provider so that it retries."""
         if kind is None or (reply_id, kind) in self._seen:
             return True
+        now = self.ctx.clock.now_us()
+        if kind == "delivered" and not reply_id.startswith(ACK_PREFIX):
+            # A fast provider reports delivery before its answer to our send reached us, so
+            # before the reply router stamped ``responded``: stamp it here first (once per
+            # contact, whoever is first), so ``delivered`` never precedes ``responded``.
+            try:
+                await self.ctx.events.stamp(
+                    contact_id, "responded", now, self.ctx.name, {"reply_id": reply_id}
+                )
+            except Exception as exc:
+                log.warning("delivery report for %s not recorded: %s", contact_id, exc)
+                return False
         event = Event(
-            contact_id, kind, self.ctx.clock.now_us(), self.ctx.name,
+            contact_id, kind, now, self.ctx.name,
             detail={"reply_id": reply_id, **detail},
         )
         try:

@@ -390,7 +390,7 @@ class GenericAdapter(common.PartsLifecycle):
             return
         text = common.render_ack(self.config.ack_text, contact_id)
         try:
-            await self._deliver(contact, text, f"ack-{contact_id}")
+            await self._deliver(contact, text, common.ack_reply_id(contact_id))
         except SendError as exc:
             log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
             return

@@ -491,7 +491,7 @@ class KannelAdapter(common.PartsLifecycle):
             return
         text = common.render_ack(self.config.ack_text, contact_id)
         try:
-            await self.send(contact, Reply(contact_id, text, id=f"ack-{contact_id}"))
+            await self.send(contact, Reply(contact_id, text, id=common.ack_reply_id(contact_id)))
         except SendError as exc:
             log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
             return
