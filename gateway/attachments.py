@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from gateway.records import Attachment
+from gateway.records import Attachment, repair_text
 
 REF_PREFIX = "/v1/attachments/"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -140,5 +140,5 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
 def _safe_name(name: str) -> str:
-    cleaned = _UNSAFE.sub("_", name).strip() or "attachment"
+    cleaned = _UNSAFE.sub("_", repair_text(name)).strip() or "attachment"
     return cleaned[:255]

@@ -7,8 +7,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
+from gateway.adapters import InvalidContact
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys, presented_key, secrets_equal
 from gateway.config import HostPort, Secret
@@ -16,6 +18,11 @@ from gateway.metrics import Metrics
 from gateway.problems import ApiProblem, problem
 
 log = logging.getLogger(__name__)
+
+
+MALFORMED_BODY = (HttpProcessingError, ValueError)
+"""What aiohttp's multipart and form readers raise for a body that does not parse (a part
+header with a NUL, a bad boundary, bad percent-encoding): the peer's error, answered 400."""
 
 
 async def read_capped(stream: StreamReader, limit: int) -> bytes | None:
@@ -47,8 +54,9 @@ API_PREFIX = "/v1/"
 
 def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Every error under ``/v1/`` is ``application/problem+json`` (aiohttp's own 404, 405 and
-    413 included), and an unhandled exception anywhere is a 500 problem, logged and counted in
-    ``gateway_api_requests`` (operation ``unhandled``): a 500 is a bug, never plain text."""
+    413 included), a contact Intake cannot encode is a 400 problem, and an unhandled exception
+    anywhere is a 500 problem, logged and counted in ``gateway_api_requests`` (operation
+    ``unhandled``): a 500 is a bug, never plain text."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -59,6 +67,9 @@ def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
                 raise
             headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
             return problem(exc.status, exc.reason, headers or None)
+        except InvalidContact as exc:  # the peer's bad input, on every route: 400
+            log.info("http: %s %s: contact refused: %s", request.method, request.path[:200], exc)
+            return problem(400, str(exc))
         except Exception:
             log.exception("http: unhandled error in %s %s", request.method, request.path[:200])
             if metrics is not None:

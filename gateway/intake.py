@@ -9,7 +9,9 @@ import logging
 from typing import Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from gateway.adapters import IntakeUnavailable, InvalidContact, Receipt
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
@@ -54,7 +56,7 @@ class Intake:
         self.write_timeout_s = write_timeout_s
         self.probe_interval_s = probe_interval_s
         self.redis_up = True
-        self._writer: Coalescer[Prepared, WriteResult | ResponseError] = Coalescer(
+        self._writer: Coalescer[Prepared, WriteResult | ResponseError | InvalidContact] = Coalescer(
             queue.write_batch,
             max_batch=max(1, max_batch),
             # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
@@ -99,7 +101,8 @@ class Intake:
             raise
 
     async def _submit(self, inbound: Inbound) -> Receipt:
-        self.metrics.intake(inbound.channel, inbound.adapter).received.inc()
+        series = self.metrics.intake(inbound.channel, inbound.adapter)
+        series.received.inc()
         prepared = self.prepare(inbound)
         if self.redis_up and not self._closing:
             future = self._writer.submit(prepared)
@@ -108,14 +111,23 @@ class Intake:
                     result = await asyncio.shield(future)
             except Exception as exc:
                 future.add_done_callback(_consume)
+                if not is_outage(exc):  # not Redis being away: this batch alone failed
+                    log.error("intake: write failed: %r", exc)
+                    series.refused.inc()
+                    raise IntakeUnavailable(f"write failed: {type(exc).__name__}") from exc
                 self._mark_down(exc)
             else:
-                if not isinstance(result, ResponseError):
+                if isinstance(result, WriteResult):
                     return await self._receipt(prepared, result)
+                if isinstance(result, InvalidContact):
+                    series.refused.inc()
+                    raise result
                 if is_transient(result):
                     self._mark_down(result)
-                else:  # kept for an operator: the replay quarantines what Redis refuses for good
+                else:  # this contact alone: its peer retries, everyone else goes on
                     log.error("intake: Redis refused contact %s: %s", prepared.id, result)
+                    series.refused.inc()
+                    raise IntakeUnavailable(f"Redis refused the contact: {result}")
         return await self._spool(prepared)
 
     async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
@@ -158,6 +170,9 @@ class Intake:
             )
         try:
             await self.spool.append(prepared)
+        except (TypeError, ValueError) as exc:  # not encodable (orjson), while Redis is away
+            series.refused.inc()
+            raise InvalidContact(f"contact not encodable: {exc}") from exc
         except (SpoolError, OSError) as exc:
             series.refused.inc()
             log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc)
@@ -182,7 +197,9 @@ class Intake:
                 async with asyncio.timeout(self.write_timeout_s):
                     await self.queue.emit(event)
                 return
-            except Exception as exc:  # the spool takes it
+            except Exception as exc:  # the spool takes it when Redis is away
+                if not is_outage(exc):
+                    raise
                 self._mark_down(exc)
         await self._spool_event(SpooledEvent(event, stamp=False))
 
@@ -209,7 +226,9 @@ class Intake:
                         stamped.elapsed_ms / 1000
                     )
                 return stamped
-            except Exception as exc:  # the spool takes it
+            except Exception as exc:  # the spool takes it when Redis is away
+                if not is_outage(exc):
+                    raise
                 self._mark_down(exc)
         event = Event(contact_id, type, at, source, detail=detail or {})
         await self._spool_event(SpooledEvent(event, stamp=True))
@@ -301,9 +320,9 @@ class Intake:
             results = await self.queue.write_batch(batch)
         written: list[tuple[Prepared, WriteResult]] = []
         for prepared, result in zip(batch, results, strict=True):
-            if not isinstance(result, ResponseError):
+            if isinstance(result, WriteResult):
                 written.append((prepared, result))
-            elif is_transient(result):
+            elif isinstance(result, ResponseError) and is_transient(result):
                 raise result
             else:  # refused for good: set aside, never holding back the rest
                 await asyncio.to_thread(self.spool.quarantine, [prepared], str(result))
@@ -339,6 +358,15 @@ _TRANSIENT = (
     "MOVED",
     "ASK",
 )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when Redis itself is away or not taking writes: a connection that failed or timed
+    out, or a server that is loading, busy, read-only or failing over. Anything else (a bug, a
+    contact that cannot be encoded, a script error) concerns one write, not the queue."""
+    if isinstance(exc, ResponseError):
+        return is_transient(exc)
+    return isinstance(exc, (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeout))
 
 
 def is_transient(exc: ResponseError) -> bool:

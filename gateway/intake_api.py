@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway import safejson
 from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter
 from gateway.auth import ApiKeys, source_of
 from gateway.clock import Clock, format_time, parse_time
@@ -128,9 +129,9 @@ class IntakeApi:
         if raw is None:
             return too_large
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return problem(400, "body is not valid UTF-8 JSON")
+            body = safejson.loads(raw)
+        except safejson.BadJson as exc:
+            return problem(400, f"body: {exc}")
         adapter = source_of(key)
         try:
             inbound = parse_intake(body, received_at, adapter, self.region)

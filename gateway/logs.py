@@ -33,16 +33,36 @@ def mask(text: str) -> str:
 
 
 class MaskingFilter(logging.Filter):
-    """Rewrites each record's message with :func:`mask` before any handler sees it."""
+    """Rewrites each record's message with :func:`mask` before any handler sees it.
+
+    It never raises: a log call whose arguments do not fit its format (a peer's value of an
+    unexpected type reaching ``%d``) is logged as its format and arguments, masked, instead of
+    turning the caller's request into an error.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        formatted = True
+        try:
+            message = record.getMessage()
+        except Exception:
+            formatted = False
+            message = f"{_text(record.msg)} (arguments not matching: {_text(record.args)})"
         masked = mask(message)
-        if masked != message or record.args:
+        if masked != message or record.args or not formatted:
             record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
-            record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
+            try:
+                record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
+            except Exception:
+                record.exc_text = "(exception not formattable)"
         return True
+
+
+def _text(value: object) -> str:
+    try:
+        return repr(value) if not isinstance(value, str) else value
+    except Exception:
+        return object.__repr__(value)
 
 
 class JsonFormatter(logging.Formatter):

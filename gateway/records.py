@@ -319,6 +319,24 @@ def short_ref(contact_id: str) -> str:
 _CONTROL = re.compile("[\x00\ud800-\udfff]")
 
 
+def repair_text(value: str) -> str:
+    """Return ``value`` as valid UTF-8 text, keeping what cannot be decoded visible and stable.
+
+    Bytes that arrived as surrogate escapes (8-bit header bytes) and lone surrogates become
+    ``\\xNN`` / ``\\udNNN`` escapes: the same input always gives the same text, so an
+    identifier built from it still deduplicates a peer's resend.
+    """
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def clean_text(value: str | bytes, encoding: str = "utf-8") -> str:
     """Return valid UTF-8 text: invalid sequences, lone surrogates and NUL removed."""
     if isinstance(value, bytes):

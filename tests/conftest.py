@@ -100,3 +100,22 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server.start_sync()
     yield server
     server.stop_sync()
+
+
+@pytest.fixture
+def production_logging() -> Iterator[None]:
+    """The root logger as ``gateway serve`` sets it up: INFO, through the masking filter."""
+    import io
+    import logging
+
+    from gateway.logs import MaskingFilter
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(MaskingFilter())
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(level)

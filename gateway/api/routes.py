@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
+from gateway import safejson
 from gateway.attachments import REF_PREFIX, AttachmentStore, AttachmentTooLarge
 from gateway.auth import ApiKeys, source_of
 from gateway.clock import MICROS_PER_SECOND, Clock, parse_time
@@ -202,9 +203,9 @@ class ConsumerApi:
         if raw is None:
             raise ApiProblem(413, f"body larger than {limit} bytes")
         try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise ApiProblem(400, "body is not valid UTF-8 JSON") from exc
+            body = safejson.loads(raw or b"{}")
+        except safejson.BadJson as exc:
+            raise ApiProblem(400, f"body: {exc}") from exc
         if not isinstance(body, dict):
             raise ApiProblem(400, "expected a JSON object")
         return body

@@ -13,6 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.adapters import InvalidContact
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.config import RedisSection
 from gateway.queueing.keys import Keys
@@ -168,7 +169,7 @@ class RedisQueue:
         """True when the server answers."""
         return bool(await self.redis.ping())
 
-    def _encode(self, p: Prepared, enqueued_at: Micros) -> tuple[list[str], list[Any]]:
+    def _encode(self, p: Prepared, enqueued_at: Micros) -> tuple[list[Any], list[Any]]:
         inbound = p.inbound
         contact = contact_dict(p, enqueued_at, self.repeat_window_s)
         head, _, tail = orjson.dumps(contact).partition(_REPEAT_MARK)
@@ -178,8 +179,9 @@ class RedisQueue:
         keys = [
             k.contacts,
             k.events,
-            k.dedupe(inbound.adapter, inbound.external_id or p.id),
-            k.sender(address),
+            # encoded here, so a key that is not valid UTF-8 fails this contact alone
+            k.dedupe(inbound.adapter, inbound.external_id or p.id).encode(),
+            k.sender(address).encode(),
             k.contact(p.id),
             k.deadlines,
             k.warnings,
@@ -202,18 +204,30 @@ class RedisQueue:
         ]
         return keys, args
 
-    async def write_batch(self, batch: list[Prepared]) -> list[WriteResult | ResponseError]:
+    async def write_batch(
+        self, batch: list[Prepared]
+    ) -> list[WriteResult | ResponseError | InvalidContact]:
         """Run the intake script for every contact in one pipelined round trip.
 
-        A contact the server refuses comes back as its error; the others are written. A failed
-        round trip (connection, timeout) raises for the whole batch.
+        A contact that cannot be encoded comes back as ``InvalidContact`` and one the server
+        refuses as its error; the others are written. A failed round trip (connection, timeout)
+        raises for the whole batch.
         """
         enqueued_at = self.clock.now_us()
-        encoded = [self._encode(p, enqueued_at) for p in batch]
-        replies = await self.run_scripts("intake", encoded, replicated=True)
-        results: list[WriteResult | ResponseError] = []
+        results: list[WriteResult | ResponseError | InvalidContact] = []
+        encoded: list[tuple[list[Any], list[Any]]] = []
+        invalid: dict[int, InvalidContact] = {}
+        for n, p in enumerate(batch):
+            try:
+                encoded.append(self._encode(p, enqueued_at))
+            except (TypeError, ValueError) as exc:  # orjson's errors, UnicodeEncodeError
+                invalid[n] = InvalidContact(f"contact not encodable: {exc}")
+        replies = await self.run_scripts("intake", encoded, replicated=True) if encoded else []
+        if invalid:
+            for n in sorted(invalid):
+                replies.insert(n, invalid[n])
         for reply in replies:
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, (ResponseError, InvalidContact)):
                 results.append(reply)
                 continue
             if isinstance(reply, Exception):
@@ -224,7 +238,7 @@ class RedisQueue:
         return results
 
     async def run_scripts(
-        self, name: str, calls: list[tuple[list[str], list[Any]]], *, replicated: bool = False
+        self, name: str, calls: list[tuple[list[Any], list[Any]]], *, replicated: bool = False
     ) -> list[Any]:
         """Run one of the gateway's scripts once per ``(keys, args)`` in one round trip; error
         replies come back as values. Loads the script again after a restart or failover.

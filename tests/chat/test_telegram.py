@@ -828,3 +828,14 @@ async def _count(gw: Any, n: int) -> bool:
 
 async def _true(value: object) -> bool:
     return bool(value)
+
+
+@pytest.mark.parametrize(
+    "update", [{"update_id": {}}, {"update_id": []}, {"update_id": "x"}, {"update_id": None}]
+)
+async def test_an_update_of_the_wrong_shape_is_400_never_500(
+    start_gateway: Any, bot_api: FakeBotApi, update: Any, production_logging: Any
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    assert await _post(gw, update) == 400
+    assert await gw.read_contacts() == []

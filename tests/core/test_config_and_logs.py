@@ -111,3 +111,26 @@ def test_logs_mask_phone_numbers_and_addresses(caplog):
     with caplog.at_level(logging.INFO):
         logger.info("sms from %s to %s", "+8613800138000", "12345")
     assert "13800138000" not in caplog.text and "8000" in caplog.text
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no")
+
+    __str__ = __repr__
+
+
+@pytest.mark.parametrize(
+    ("msg", "args"),
+    [
+        ("update %d", ({},)),
+        ("two %s %s", ("+8613800138000",)),
+        ("none %s", ()),
+        (_Unprintable(), ()),
+        ("x %s", (_Unprintable(),)),
+    ],
+)
+def test_masking_filter_never_raises_on_arguments_that_do_not_fit(msg, args):
+    record = logging.LogRecord("gateway.test", logging.INFO, __file__, 1, msg, args, None)
+    assert MaskingFilter().filter(record) is True
+    assert "13800138000" not in record.getMessage()

@@ -464,3 +464,26 @@ def test_deploy_sample_config_is_valid(monkeypatch):
     assert mailbox.mailboxes == ("12345@hotline.example.gov.cn",)
     assert mailbox.relay.password.reveal() == "from-the-environment"
     assert mailbox.ack.enabled
+
+
+async def test_headers_with_bytes_that_are_not_utf8_are_taken_repaired(start_mailbox):
+    gw = await start_mailbox()
+    port = gw.adapters["mail"].port
+    raw = (
+        b"From: Zhang \xff San <citizen@example.org>\r\n"
+        b"To: " + MAILBOX.encode() + b"\r\n"
+        b"Subject: street light \xed\xa0\x80 broken\r\n"
+        b"Message-ID: <bad\xff\xfe-id@example.org>\r\n"
+        b"In-Reply-To: <older\xc3@example.org>\r\n"
+        b"References: <first\xff@example.org> <older\xc3@example.org>\r\n"
+        b"X-Odd: \x80\x81\r\n"
+        b"\r\n"
+        b"The light at gate 3 is out.\r\n"
+    )
+    first = await asyncio.to_thread(send, port, raw)
+    again = await asyncio.to_thread(send, port, raw)  # an MTA's retry: the same contact
+    assert again == first
+    [contact] = await gw.read_contacts()
+    assert contact.id == first and contact.text.startswith("The light at gate 3")
+    assert contact.external_id.startswith("<bad") and contact.external_id.endswith("@example.org>")
+    assert gw.intake.redis_up and gw.spool.depth == 0

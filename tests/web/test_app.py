@@ -255,3 +255,57 @@ async def test_an_app_reads_the_status_of_its_own_contacts_only(start_gateway: A
     assert got["id"] == answer["id"]
     assert got["status"] == "open"
     assert got["deadline"] == answer["deadline"]
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [b"photo\xed\xa0\x80.png", b"\xff\xfe.png", b"\xc3.png"],
+)
+async def test_a_file_name_that_is_not_utf8_is_repaired_never_500(
+    start_gateway: Any, filename: bytes
+) -> None:
+    gw = await _gateway(start_gateway)
+    disposition = b'form-data; name="photo"; filename="' + filename + b'"'
+    body = (
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nbroken bench\r\n"
+        b"--XyZ\r\nContent-Disposition: " + disposition + b"\r\n"
+        b"Content-Type: image/png\r\n\r\nPNGDATA\r\n--XyZ--\r\n"
+    )
+    status, answer = await _post(
+        gw,
+        "citizen-web",
+        WEB_KEY,
+        headers_extra={"Content-Type": "multipart/form-data; boundary=XyZ"},
+        data=body,
+    )
+    assert status == 202, answer
+    [contact] = await gw.read_contacts()
+    [attachment] = contact.attachments
+    attachment.name.encode("utf-8")  # valid text whatever arrived
+    assert gw.attachments.read(attachment.sha256) == b"PNGDATA"
+
+
+async def test_a_malformed_part_header_is_400_never_500(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    body = (
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nbench\r\n"
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"p\"; filename=\"a\x00b.png\"\r\n\r\n"
+        b"PNG\r\n--XyZ--\r\n"
+    )
+    status, answer = await _post(
+        gw, "citizen-web", WEB_KEY,
+        headers_extra={"Content-Type": "multipart/form-data; boundary=XyZ"}, data=body,
+    )
+    assert status == 400 and answer["status"] == 400
+    assert await gw.read_contacts() == []
+
+
+async def test_a_refused_upload_leaves_no_file_behind(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    form = aiohttp.FormData()
+    form.add_field("contact", json.dumps({"text": "x", "channel": "sms"}),
+                   content_type="application/json")
+    form.add_field("photo", b"\x89PNG" + b"p" * 50_000, filename="a.png", content_type="image/png")
+    status, answer = await _post(gw, "citizen-web", WEB_KEY, data=form)
+    assert status == 400, answer
+    assert [p for p in gw.attachments.root.rglob("*") if p.is_file()] == []

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final, Literal
 
-import orjson
 from aiohttp import web
 from telegram import Bot, Message, MessageEntity, Update
 from telegram.error import (
@@ -43,6 +42,7 @@ from telegram.error import (
 )
 from telegram.ext import Application, ApplicationBuilder
 
+from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.channels.chat.officialaccount import retry_later
@@ -443,9 +443,9 @@ class TelegramAdapter:
             return retry_later()
         body = await read_body(request, self.ctx.settings.http.max_body)
         try:
-            data = orjson.loads(body)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
+            data = safejson.loads(body)
+            if not isinstance(data, dict) or type(data.get("update_id")) is not int:
+                raise ValueError("not an update")
             update = Update.de_json(data, self.bot)
         except Exception as exc:  # PTB raises assorted errors for bad shapes
             log.warning("%s: malformed update: %s", self.name, type(exc).__name__)

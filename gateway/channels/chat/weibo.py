@@ -20,6 +20,7 @@ from urllib.parse import quote
 import orjson
 from aiohttp import web
 
+from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.chat.officialaccount import (
     WINDOW,
@@ -118,9 +119,9 @@ def _str(value: Any) -> str:
 def decode_json(body: bytes) -> PushMessage | None:
     """Decode a JSON push; None for types we do not take; PayloadError when malformed."""
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise PayloadError("malformed JSON") from None
+        doc = safejson.loads(body)
+    except safejson.BadJson as exc:
+        raise PayloadError(f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise PayloadError("not a JSON object")
     data = doc.get("data")

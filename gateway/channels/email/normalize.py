@@ -26,7 +26,7 @@ from html.parser import HTMLParser
 from typing import Any, Final
 
 from gateway.clock import Micros, from_datetime
-from gateway.records import Sender, clean_text
+from gateway.records import Sender, clean_text, repair_text
 
 MAX_DEPTH: Final = 16
 MAX_PARTS: Final = 200
@@ -366,7 +366,7 @@ _MSGID: Final = re.compile(r"<([^<>\s]{1,900})>")
 
 def message_ids(value: str) -> list[str]:
     """Return the ``<id>`` tokens of a Message-ID, In-Reply-To or References value."""
-    return [f"<{m.group(1)}>" for m in _MSGID.finditer(_unfold(value))][:100]
+    return [repair_text(f"<{m.group(1)}>") for m in _MSGID.finditer(_unfold(value))][:100]
 
 
 # ---------------------------------------------------------------- html

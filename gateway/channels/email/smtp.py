@@ -19,7 +19,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from gateway.adapters import IntakeUnavailable
+from gateway.adapters import IntakeUnavailable, InvalidContact
 from gateway.attachments import AttachmentTooLarge
 from gateway.channels.email.config import EmailConfig
 from gateway.channels.email.normalize import Envelope as MailEnvelope
@@ -140,6 +140,9 @@ class Handler:
             return "451 4.3.0 Queue unavailable, try again later"
         except AttachmentTooLarge:
             return "552 5.3.4 Message too big for the attachment store"
+        except InvalidContact as exc:  # not retried for ever: the sender gets a bounce
+            log.warning("smtp: message from %s refused: %s", peer, exc)
+            return "554 5.6.0 Message cannot be taken as a contact"
         except Exception:
             log.exception("smtp: message from %s not accepted", peer)
             return "451 4.3.0 Temporary failure, try again later"

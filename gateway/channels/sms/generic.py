@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway import safejson
 from gateway.adapters import (
     AdapterContext,
     ChannelType,
@@ -148,9 +149,9 @@ def parse_fields(content_type: str, body: bytes, raw_query: str) -> dict[str, An
     ctype = content_type.split(";")[0].strip().lower()
     if ctype == "application/json" or ctype.endswith("+json"):
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise common.BadRequest("malformed JSON") from exc
+            data = safejson.loads(body)
+        except safejson.BadJson as exc:
+            raise common.BadRequest(f"malformed JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise common.BadRequest("JSON body must be an object")
         return data

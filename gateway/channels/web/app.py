@@ -25,17 +25,18 @@ from typing import Any, Final
 import orjson
 from aiohttp import BodyPartReader, web
 
+from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import presented_key, secrets_equal
 from gateway.channels.web.bodies import contact_history, read_part
 from gateway.clock import format_time
 from gateway.config import Secret
-from gateway.http import read_capped
+from gateway.http import MALFORMED_BODY, read_capped
 from gateway.intake_api import BadRequest, parse_intake
 from gateway.language import guess_language
 from gateway.problems import problem
-from gateway.records import Attachment, Contact, Inbound, Reply
+from gateway.records import Contact, Inbound, Reply
 
 log = logging.getLogger(__name__)
 
@@ -214,23 +215,28 @@ class AppIntake:
             return problem(403, "unknown app or wrong key")
         if request.content_length is not None and request.content_length > self.config.max_body:
             return problem(413, f"body larger than {self.config.max_body} bytes")
-        attachments: list[Attachment] = []
+        files: list[tuple[bytes, str, str]] = []
         try:
             if request.content_type == "multipart/form-data":
-                body = await self._read_multipart(request, attachments)
+                body = await self._read_multipart(request, files)
             else:
                 raw = await read_capped(request.content, _MAX_FIELD)
                 if raw is None:
                     return problem(413, f"JSON body larger than {_MAX_FIELD} bytes")
                 try:
-                    body = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    return problem(400, "body is not valid UTF-8 JSON")
-            inbound = self._inbound(body, app, received_at, tuple(attachments))
+                    body = safejson.loads(raw)
+                except safejson.BadJson as exc:
+                    return problem(400, f"body: {exc}")
+            inbound = self._inbound(body, app, received_at, bool(files))
+            # stored only once the whole request is valid: a refused upload leaves nothing
+            attachments = [await self.ctx.attachments.put(*file) for file in files]
+            inbound = dataclasses.replace(inbound, attachments=tuple(attachments))
         except BadRequest as exc:
             return problem(400, str(exc))
         except AttachmentTooLarge as exc:
             return problem(413, f"attachment too large: {exc}")
+        except MALFORMED_BODY as exc:
+            return problem(400, f"malformed body: {type(exc).__name__}")
         try:
             receipt = await self.ctx.intake.submit(inbound)
         except IntakeUnavailable:
@@ -254,9 +260,7 @@ class AppIntake:
             content_type="application/json",
         )
 
-    def _inbound(
-        self, body: Any, app: str, received_at: int, attachments: tuple[Attachment, ...]
-    ) -> Inbound:
+    def _inbound(self, body: Any, app: str, received_at: int, has_files: bool) -> Inbound:
         if not isinstance(body, dict):
             raise BadRequest("expected a JSON object")
         body = dict(body)
@@ -267,7 +271,7 @@ class AppIntake:
         if body.get("channel", "web") != "web":
             raise BadRequest("channel: the app endpoint takes web contacts only")
         inbound = parse_intake(body, received_at, self.name)
-        if not inbound.text and not attachments and location is None:
+        if not inbound.text and not has_files and location is None:
             raise BadRequest("give text, a location or an attachment")
         meta = {**inbound.meta, "app": app}
         if location is not None:
@@ -277,12 +281,11 @@ class AppIntake:
             external_id=f"{app}:{inbound.external_id}" if inbound.external_id else "",
             recipient=inbound.recipient or self.config.recipient,
             language=inbound.language or guess_language(inbound.text),
-            attachments=attachments,
             meta=meta,
         )
 
     async def _read_multipart(
-        self, request: web.Request, attachments: list[Attachment]
+        self, request: web.Request, files: list[tuple[bytes, str, str]]
     ) -> dict[str, Any]:
         reader = await request.multipart()
         fields: dict[str, str] = {}
@@ -295,24 +298,22 @@ class AppIntake:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart is not supported")
             if part.filename:
-                if len(attachments) >= self.config.max_files:
+                if len(files) >= self.config.max_files:
                     raise BadRequest(f"more than {self.config.max_files} files")
                 limit = min(self.ctx.attachments.max_size, self.config.max_body - total)
                 data = await read_part(part, limit)
                 total += len(data)
                 content_type = part.headers.get("Content-Type", "application/octet-stream")
-                attachments.append(
-                    await self.ctx.attachments.put(data, part.filename, content_type)
-                )
+                files.append((data, part.filename, content_type))
                 continue
             name = part.name or ""
             value = await read_part(part, _MAX_FIELD)
             total += len(value)
             if name == "contact":
                 try:
-                    contact = orjson.loads(value)
-                except orjson.JSONDecodeError:
-                    raise BadRequest("contact: not valid JSON") from None
+                    contact = safejson.loads(value)
+                except safejson.BadJson as exc:
+                    raise BadRequest(f"contact: {exc}") from None
             else:
                 fields[name] = value.decode("utf-8", errors="replace")
         if contact is not None:

@@ -28,6 +28,7 @@ from xml.sax.saxutils import escape
 import orjson
 from aiohttp import BodyPartReader, web
 
+from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import secrets_equal
@@ -603,9 +604,9 @@ class Open311:
             raise Open311Error(413, "form too large")
         if ctype == "application/json":
             try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise Open311Error(400, "body is not valid JSON") from None
+                doc = safejson.loads(raw)
+            except safejson.BadJson as exc:
+                raise Open311Error(400, f"body: {exc}") from None
             if not isinstance(doc, dict):
                 raise Open311Error(400, "expected a JSON object")
             for key, value in doc.items():
