@@ -6,6 +6,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import aiohttp
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -267,6 +268,11 @@ async def test_multipart_media_upload(start_gateway: Any) -> None:
     assert (att.name, att.content_type, att.size) == ("cans.jpg", "image/jpeg", len(jpeg))
     assert gw.attachments.read(att.sha256) == jpeg
     assert contact.language == "zh"
+    # the uploaded photo is the request's media_url (it was left empty)
+    media_url = f"https://hotline.example.gov/v1/attachments/{att.sha256}"
+    assert contact.meta["open311"]["media_url"] == media_url
+    status, _, body = await _get(gw, f"requests/{contact.id}.json")
+    assert status == 200 and orjson.loads(body)[0]["media_url"] == media_url
 
 
 @pytest.mark.parametrize(
@@ -381,6 +387,46 @@ async def test_unknown_request_and_other_adapters_contacts_are_404(start_gateway
     for rid in (other, "0190f000-0000-7000-8000-000000000000", "../../etc"):
         status, _, _ = await _get(gw, f"requests/{rid}.json")
         assert status == 404
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "discovery.json",
+        "services.json",
+        "services/001.json",
+        "requests.json?service_request_id=x",
+        "requests/{id}.json",
+        "tokens/{id}.json",
+    ],
+)
+async def test_gets_for_another_jurisdiction_are_404(start_gateway: Any, path: str) -> None:
+    """Every method takes jurisdiction_id; only POST used to refuse another one."""
+    gw = await _gateway(start_gateway)
+    status, rows = await _post(gw, {"api_key": API_KEY, "service_code": "001",
+                                    "address_string": "x"})
+    path = path.replace("{id}", rows[0]["service_request_id"])
+    sep = "&" if "?" in path else "?"
+    status, _, _ = await _get(gw, f"{path}{sep}jurisdiction_id=city.example.gov")
+    assert status == 200
+    status, ctype, body = await _get(gw, f"{path}{sep}jurisdiction_id=elsewhere.gov")
+    assert (status, ctype) == (404, "application/json")
+    assert orjson.loads(body) == [{"code": 404, "description": "jurisdiction_id not found"}]
+
+
+async def test_tokens_answer_the_request_id_or_the_specs_error_list(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    _, rows = await _post(gw, {"api_key": API_KEY, "service_code": "001", "address_string": "x"})
+    rid = rows[0]["service_request_id"]
+    status, _, body = await _get(gw, f"tokens/{rid}.json")
+    assert status == 200
+    assert orjson.loads(body) == [{"service_request_id": rid, "token": rid}]
+    status, ctype, body = await _get(gw, "tokens/no-such-token.json")  # was plain text
+    assert (status, ctype) == (404, "application/json")
+    assert orjson.loads(body) == [{"code": 404, "description": "token not found"}]
+    status, ctype, body = await _get(gw, "tokens/no-such-token.xml")
+    assert (status, ctype) == (404, "text/xml")
+    assert ElementTree.fromstring(body).find("error").findtext("code") == "404"  # type: ignore[union-attr]
 
 
 async def test_idempotency_key_dedupes_retries(start_gateway: Any) -> None:

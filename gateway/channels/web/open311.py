@@ -16,6 +16,7 @@ Errors are the spec's list of ``{code, description}``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -333,6 +334,7 @@ class Open311:
         router.add_post(base + "/requests.{fmt}", self.post_request)
         router.add_get(base + "/requests.{fmt}", self.get_requests)
         router.add_get(base + "/requests/{id}.{fmt}", self.get_request)
+        router.add_get(base + "/tokens/{token}.{fmt}", self.get_token)
 
     async def start(self) -> None:
         """Routes are on the gateway's server: nothing to start."""
@@ -373,12 +375,22 @@ class Open311:
             fmt, "errors", "error", [{"code": status, "description": description}], status
         )
 
+    def _foreign(self, given: object) -> bool:
+        """True when ``jurisdiction_id`` names another jurisdiction than the configured one
+        (every method takes it; it is optional, so an absent one is ours)."""
+        wanted = self.config.jurisdiction_id
+        return bool(wanted and given and given != wanted)
+
+    def _origin(self, request: web.Request) -> str:
+        return self.ctx.settings.http.public_url.rstrip("/") or str(request.url.origin())
+
     # -------------------------------------------------------------- discovery and services
 
     async def discovery(self, request: web.Request) -> web.Response:
         fmt = self._fmt(request)
-        origin = self.ctx.settings.http.public_url.rstrip("/") or str(request.url.origin())
-        base = origin + self.config.path.rstrip("/")
+        if self._foreign(request.query.get("jurisdiction_id")):
+            return self._error(fmt, 404, "jurisdiction_id not found")
+        base = self._origin(request) + self.config.path.rstrip("/")
         doc = {
             "changeset": self.config.changeset,
             "contact": self.config.contact,
@@ -404,6 +416,8 @@ class Open311:
 
     async def services(self, request: web.Request) -> web.Response:
         fmt = self._fmt(request)
+        if self._foreign(request.query.get("jurisdiction_id")):
+            return self._error(fmt, 404, "jurisdiction_id not found")
         rows = [
             {
                 "service_code": code,
@@ -420,6 +434,8 @@ class Open311:
 
     async def service_definition(self, request: web.Request) -> web.Response:
         fmt = self._fmt(request)
+        if self._foreign(request.query.get("jurisdiction_id")):
+            return self._error(fmt, 404, "jurisdiction_id not found")
         code = request.match_info["code"]
         service = self.config.services.get(code)
         if service is None:
@@ -470,18 +486,15 @@ class Open311:
             if self.config.require_api_key and client is None:
                 raise Open311Error(403, "api_key is missing or invalid")
             media = tuple([await self.ctx.attachments.put(*file) for file in files])
-            jurisdiction = form.get("jurisdiction_id", "")
-            if (
-                self.config.jurisdiction_id
-                and jurisdiction
-                and jurisdiction != self.config.jurisdiction_id
-            ):
+            if self._foreign(form.get("jurisdiction_id") or request.query.get("jurisdiction_id")):
                 raise Open311Error(404, "jurisdiction_id not found")
             req = parse_request(form, self.config.services)
         except Open311Error as exc:
             return self._error(fmt, exc.status, exc.description)
         except AttachmentTooLarge:
             return self._error(fmt, 413, "media too large")
+        if media and not req.media_url:  # an uploaded photo: its URL on this gateway
+            req = dataclasses.replace(req, media_url=self._origin(request) + media[0].ref)
         inbound = self._inbound(
             req, client, received_at, media, request.headers.get("Idempotency-Key", "")
         )
@@ -681,6 +694,8 @@ class Open311:
 
     async def get_request(self, request: web.Request) -> web.Response:
         fmt = self._fmt(request)
+        if self._foreign(request.query.get("jurisdiction_id")):
+            return self._error(fmt, 404, "jurisdiction_id not found")
         rows = await self._status_rows([request.match_info["id"][:64]])
         if not rows:
             return self._error(fmt, 404, "service_request_id not found")
@@ -689,8 +704,23 @@ class Open311:
     async def get_requests(self, request: web.Request) -> web.Response:
         """``service_request_id=a,b,c`` (the spec's lookup by ids); searching is not offered."""
         fmt = self._fmt(request)
+        if self._foreign(request.query.get("jurisdiction_id")):
+            return self._error(fmt, 404, "jurisdiction_id not found")
         ids = [i for i in request.query.get("service_request_id", "").split(",") if i][:50]
         return self._render(fmt, "service_requests", "request", await self._status_rows(ids))
+
+    async def get_token(self, request: web.Request) -> web.Response:
+        """``GET tokens/{token}``: POST answers the service_request_id at once, so the only
+        tokens are those ids; an unknown one is the spec's error list, 404."""
+        fmt = self._fmt(request)
+        if self._foreign(request.query.get("jurisdiction_id")):
+            return self._error(fmt, 404, "jurisdiction_id not found")
+        token = request.match_info["token"][:64]
+        rows = await self._status_rows([token])
+        if not rows:
+            return self._error(fmt, 404, "token not found")
+        row = {"service_request_id": rows[0]["service_request_id"], "token": token}
+        return self._render(fmt, "service_requests", "request", [row])
 
 
 def _factory(ctx: AdapterContext, config: Open311Config) -> Open311:
