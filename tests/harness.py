@@ -27,3 +27,21 @@ def settings_for(
     for name, table in sections.items():
         raw[name] = {**raw.get(name, {}), **table}
     return parse_settings(raw, "<test>")
+
+
+async def answer_before_body(port: int, head: bytes, first: bytes = b"") -> tuple[int, bytes]:
+    """Send a request's head and the first bytes of a much longer declared body, then read the
+    answer without sending the rest: a server that reads the whole body before refusing never
+    answers (the wait is bounded, so such a server fails the test instead of hanging it)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + first)
+        await writer.drain()
+        async with asyncio.timeout(15):
+            status_line = await reader.readline()
+            rest = await reader.read(65536)
+        return int(status_line.split()[1]), rest
+    finally:
+        writer.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.channels.web.open311 import Open311Error, Open311Service, parse_request, to_xml
 from gateway.records import Event
+from tests.harness import answer_before_body
 
 API_KEY = "xyz-311-app-key"
 
@@ -491,3 +492,50 @@ async def test_media_of_a_request_with_a_bad_key_is_never_stored(start_gateway: 
     assert status == 403
     assert not [p for p in gw.attachments.root.rglob("*") if p.is_file()]
     assert await gw.read_contacts() == []
+
+
+def _stored_files(gw: Any) -> list[Any]:
+    return [p for p in gw.attachments.root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("key_part", [b"", b"wrong"])
+async def test_a_wrong_key_is_refused_before_the_media_is_read(
+    start_gateway: Any, key_part: bytes
+) -> None:
+    gw = await _gateway(start_gateway)
+    fields = b""
+    if key_part:
+        fields = b'--B\r\nContent-Disposition: form-data; name="api_key"\r\n\r\n%b\r\n' % key_part
+    first = fields + (
+        b'--B\r\nContent-Disposition: form-data; name="media"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + b"j" * 65536
+    )
+    head = (
+        b"POST /open311/v2/requests.json HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: multipart/form-data; boundary=B\r\n"
+        b"Content-Length: 20000000\r\n\r\n"
+    )
+    status, _ = await answer_before_body(gw.http_port, head, first)
+    assert status == 403
+    assert _stored_files(gw) == [] and await gw.read_contacts() == []
+
+
+async def test_a_wrong_key_in_the_query_is_refused_before_any_body(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    head = (
+        b"POST /open311/v2/requests.json?api_key=wrong HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n\r\n"
+    )
+    status, _ = await answer_before_body(gw.http_port, head)
+    assert status == 403
+
+
+async def test_a_refused_request_stores_no_media(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    form = aiohttp.FormData()
+    form.add_field("api_key", API_KEY)
+    form.add_field("service_code", "nope")  # unknown: 404
+    form.add_field("media", b"\xff\xd8" + b"j" * 5000, filename="a.jpg", content_type="image/jpeg")
+    status, _ = await _post(gw, form)
+    assert status == 404
+    assert _stored_files(gw) == []

@@ -36,7 +36,7 @@ from gateway.auth import secrets_equal
 from gateway.channels.web.bodies import contact_history, read_part
 from gateway.clock import Micros, format_time
 from gateway.config import Secret
-from gateway.http import read_capped
+from gateway.http import MALFORMED_BODY, read_capped
 from gateway.language import guess_language
 from gateway.phone import to_e164
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
@@ -473,6 +473,16 @@ class Open311:
                 found = entry.name or "client"
         return found
 
+    def _authorize(self, request: web.Request, form: dict[str, str | list[str]]) -> str | None:
+        """The client of the request's ``api_key`` (a form field, or the query string, which
+        is checked before any of the body is read); raise 403 when one is required and it is
+        missing or wrong."""
+        given = form.get("api_key") or request.query.get("api_key", "")
+        client = self._check_key(given if isinstance(given, str) else "")
+        if self.config.require_api_key and client is None:
+            raise Open311Error(403, "api_key is missing or invalid")
+        return client
+
     async def post_request(self, request: web.Request) -> web.Response:
         """Take one service request; answer with its id once it is durable."""
         received_at = self.ctx.clock.now_us()
@@ -481,18 +491,18 @@ class Open311:
             return self._error(fmt, 413, "request too large")
         try:
             form, files = await self._read_form(request)
-            api_key = form.get("api_key", "")
-            client = self._check_key(api_key if isinstance(api_key, str) else "")
-            if self.config.require_api_key and client is None:
-                raise Open311Error(403, "api_key is missing or invalid")
-            media = tuple([await self.ctx.attachments.put(*file) for file in files])
+            client = self._authorize(request, form)
             if self._foreign(form.get("jurisdiction_id") or request.query.get("jurisdiction_id")):
                 raise Open311Error(404, "jurisdiction_id not found")
             req = parse_request(form, self.config.services)
+            # stored only once the request is valid: a refused one leaves nothing behind
+            media = tuple([await self.ctx.attachments.put(*file) for file in files])
         except Open311Error as exc:
             return self._error(fmt, exc.status, exc.description)
         except AttachmentTooLarge:
             return self._error(fmt, 413, "media too large")
+        except MALFORMED_BODY as exc:
+            return self._error(fmt, 400, f"malformed body: {type(exc).__name__}")
         if media and not req.media_url:  # an uploaded photo: its URL on this gateway
             req = dataclasses.replace(req, media_url=self._origin(request) + media[0].ref)
         inbound = self._inbound(
@@ -591,6 +601,8 @@ class Open311:
 
         media: list[tuple[bytes, str, str]] = []
         ctype = request.content_type
+        if "api_key" in request.query:  # a key in the URL: refused before the body is read
+            self._authorize(request, {})
         if ctype == "multipart/form-data":
             reader = await request.multipart()
             total = 0
@@ -600,6 +612,7 @@ class Open311:
                 if part.filename:
                     if media:
                         raise Open311Error(400, "one media file per request")
+                    self._authorize(request, form)  # the key comes first: no file read before
                     data = await read_part(
                         part, min(self.ctx.attachments.max_size, self.config.max_body)
                     )
