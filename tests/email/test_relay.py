@@ -271,3 +271,31 @@ async def test_relay_without_starttls_is_refused_not_retried(start_mailbox, star
     (event,) = [e for e in await gw.read_events() if e.type == "failed"]
     assert "STARTTLS" in event.detail["reason"]
     assert recorder.attempts == 0 and recorder.messages == []
+
+
+async def test_acknowledgement_limit_holds_across_instances_and_restarts(
+    start_mailbox, start_recorder
+):
+    """Three per hour per address means three for the fleet: two instances (and a restart of
+    one) count together, in the gateway's shared state."""
+    recorder = await start_recorder()
+    ack = {"enabled": True, "timezone": "Asia/Shanghai", "per_sender_limit": 3}
+    one = await start_mailbox(relay=relay_table(recorder), ack=ack)
+    two = await start_mailbox(relay=relay_table(recorder), ack=ack)
+    plain = (FIXTURES / "plain.eml").read_bytes()
+
+    async def mail(gw, n: int) -> None:
+        body = plain.replace(b"<plain-1@", f"<fleet-{n}@".encode())
+        await asyncio.to_thread(send, gw.adapters["mail"].port, body)
+
+    for n in range(4):
+        await mail(one if n % 2 else two, n)
+    await one.adapters["mail"].stop()  # drains acknowledgements in flight
+    await two.adapters["mail"].stop()
+    assert len(recorder.messages) == 3
+    await one.stop()
+    again = await start_mailbox(relay=relay_table(recorder), ack=ack)  # a restarted instance
+    await mail(again, 10)
+    await again.adapters["mail"].stop()
+    assert len(recorder.messages) == 3
+    assert all(m.rcpt_tos == ["citizen@example.org"] for m in recorder.messages)

@@ -177,12 +177,25 @@ class EmailAdapter:
         to = self._reply_address(result.meta, result.sender.address)
         if not to or self.handler.policy.accepts(to):
             return False  # never answer ourselves: that is how loops start
+        return True
+
+    async def _admit(self, to: str) -> bool:
+        """At most ``per_sender_limit`` acknowledgements to one address per window, counted in
+        shared state by every instance of the fleet (and across restarts); only while Redis is
+        away does each process count on its own."""
+        ack = self.config.ack
+        address = to.lower()
+        try:
+            return await self.ctx.state.admit(
+                f"ack:{address}", ack.per_sender_limit, float(ack.per_sender_window)
+            )
+        except Exception as exc:
+            log.info("smtp: acknowledgement limit counted locally (%s)", type(exc).__name__)
         now = asyncio.get_running_loop().time()
-        times = self._ack_times.setdefault(to.lower(), collections.deque())
+        times = self._ack_times.setdefault(address, collections.deque())
         while times and now - times[0] > ack.per_sender_window:
             times.popleft()
         if len(times) >= ack.per_sender_limit:
-            log.info("smtp: acknowledgement to %s skipped (per-sender limit)", masked(to))
             return False
         times.append(now)
         if len(self._ack_times) > 10_000:
@@ -193,6 +206,9 @@ class EmailAdapter:
         ack = self.config.ack
         contact_id = receipt.contact_id
         to = self._reply_address(result.meta, result.sender.address)
+        if not await self._admit(to):
+            log.info("smtp: acknowledgement to %s skipped (per-sender limit)", masked(to))
+            return
         mailbox = self._mailbox_for(result.recipient)
         due = datetime.fromtimestamp(receipt.deadline.due_at / MICROS_PER_SECOND, self._zone)
         fields = {
