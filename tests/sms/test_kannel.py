@@ -484,3 +484,30 @@ def test_delivery_reference_key_without_secrets_is_random_and_kept(tmp_path) -> 
     other = common.local_key(tmp_path / "sms" / "other")
     assert first == again and len(first) == 64 and first != other
     assert oct((tmp_path / "sms" / "k" / "signing.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("configured_secret", [True, False])
+async def test_a_repeated_delivery_report_at_another_instance_is_recorded_once(
+    start_gateway: Any, configured_secret: bool
+) -> None:
+    """Kannel repeats a dlr-url callback, and behind a balancer the repeat may reach another
+    instance: the fleet records one ``delivered`` event. Without any secret configured the
+    reference is signed with the fleet's shared random key, so every instance can check it."""
+    async with running(FakeProvider(Answer(202, b"0: Accepted for delivery"))) as kannel:
+        table = outbound(kannel)
+        if not configured_secret:
+            del table["secret"], table["sendsms_password"]
+            table["allow_from"] = ["127.0.0.1"]
+        one = await start_gateway(adapters={"kannel": table})
+        two = await start_gateway(adapters={"kannel": table})
+        contact = await inbound_contact(one)
+        await one.adapters["kannel"].send(contact, Reply(contact.id, "您好", id="r-9"))
+        dlr = urlsplit(kannel.calls[0].query["dlr-url"])
+        query = dlr.query.replace("%d", "1").replace("%A", "ok").replace("%T", "0")
+        async with aiohttp.ClientSession() as http:
+            for gw in (one, two, one):
+                url = f"http://127.0.0.1:{gw.http_port}{dlr.path}?{query}"
+                async with http.get(url) as resp:
+                    assert resp.status == 200
+        delivered = [e for e in await one.read_events() if e.type == "delivered"]
+        assert [e.detail["reply_id"] for e in delivered] == ["r-9"]

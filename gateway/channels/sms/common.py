@@ -29,6 +29,7 @@ from gateway.records import Event, EventType, short_ref
 
 if TYPE_CHECKING:
     from gateway.channels.sms.concat import Assembler
+    from gateway.queueing.coordination import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -202,21 +203,20 @@ def ack_reply_id(contact_id: str) -> str:
 
 class DeliveryReports:
     """Turns a provider's final delivery report into a ``delivered`` or ``failed`` event, once
-    per (reply, outcome): providers repeat callbacks. The memory of what was recorded is the
-    last 10,000 outcomes of this process."""
+    per (reply, outcome): providers repeat callbacks, to any instance of a fleet. What was
+    recorded is remembered in the adapter's shared state for ``REMEMBER_S``."""
 
-    MEMORY = 10_000
+    REMEMBER_S = 7 * 86400
 
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
-        self._seen: dict[tuple[str, str], None] = {}
 
     async def record(
         self, contact_id: str, reply_id: str, kind: EventType | None, detail: dict[str, Any]
     ) -> bool:
         """Record the outcome (None: not final, nothing to do). False when the event could not
         be written: answer the provider so that it retries."""
-        if kind is None or (reply_id, kind) in self._seen:
+        if kind is None:
             return True
         now = self.ctx.clock.now_us()
         if kind == "delivered" and not reply_id.startswith(ACK_PREFIX):
@@ -230,6 +230,13 @@ class DeliveryReports:
             except Exception as exc:
                 log.warning("delivery report for %s not recorded: %s", contact_id, exc)
                 return False
+        key = f"dlr:{contact_id}:{reply_id}:{kind}"
+        try:  # claim first: of two instances handed the same report, one writes the event
+            if not await self.ctx.state.put(key, "1", self.REMEMBER_S, only_new=True):
+                return True
+        except Exception as exc:
+            log.warning("delivery report for %s not recorded: %s", contact_id, exc)
+            return False
         event = Event(
             contact_id, kind, now, self.ctx.name,
             detail={"reply_id": reply_id, **detail},
@@ -238,10 +245,9 @@ class DeliveryReports:
             await self.ctx.events.emit(event)
         except Exception as exc:
             log.warning("delivery report for %s not recorded: %s", contact_id, exc)
+            with contextlib.suppress(Exception):
+                await self.ctx.state.pop(key)
             return False
-        self._seen[(reply_id, kind)] = None
-        if len(self._seen) > self.MEMORY:
-            self._seen.pop(next(iter(self._seen)))
         return True
 
 
@@ -287,23 +293,42 @@ def local_key(folder: Path) -> str:
 class References:
     """Signs the (contact, reply) reference an SMS provider carries back in its delivery
     reports, and checks it when it comes back: with the adapter's secret, or, when it has
-    none (``auth = "none"``, ``insecure_no_auth``), with a random key kept in the adapter's
-    data folder, never a guessable one such as the adapter's name."""
+    none (``auth = "none"``, ``insecure_no_auth``), with a random key, never a guessable one
+    such as the adapter's name. That key lives in the adapter's shared state, so a report that
+    comes back to another instance of the fleet is still ours; while Redis is away the key
+    kept in the adapter's data folder signs, and both are accepted."""
 
-    def __init__(self, secret: Secret | None, folder: Path) -> None:
+    SHARED_KEY_TTL_S = 10 * 365 * 86400
+
+    def __init__(self, secret: Secret | None, folder: Path, state: SharedState) -> None:
         self._secret = secret
         self._folder = folder
-        self._key: str | None = None
+        self._state = state
+        self._local: str | None = None
+        self._shared: str | None = None
 
-    def _signing_key(self) -> str:
-        if self._key is None:
-            self._key = self._secret.reveal() if self._secret else local_key(self._folder)
-        return self._key
+    async def _keys(self) -> list[str]:
+        """The keys a reference may be signed with, the one to sign with first."""
+        if self._secret:
+            return [self._secret.reveal()]
+        if self._local is None:
+            self._local = local_key(self._folder)
+        if self._shared is None:
+            try:
+                await self._state.put(
+                    "signing-key", secrets.token_hex(32), self.SHARED_KEY_TTL_S, only_new=True
+                )
+                shared = await self._state.get("signing-key")
+                self._shared = shared.decode() if shared else None
+            except Exception as exc:
+                log.warning("shared signing key unavailable (%s): the local one signs", exc)
+        return [self._local] if self._shared is None else [self._shared, self._local]
 
-    def tag(self, contact_id: str, ref: str) -> str:
+    async def tag(self, contact_id: str, ref: str) -> str:
         """The signature of one reference."""
-        return sign(self._signing_key(), contact_id, ref)
+        return sign((await self._keys())[0], contact_id, ref)
 
-    def valid(self, contact_id: str, ref: str, tag: str) -> bool:
+    async def valid(self, contact_id: str, ref: str, tag: str) -> bool:
         """True when ``tag`` is ours for (contact, reply); compared in constant time."""
-        return equal(tag, self.tag(contact_id, ref))
+        keys = await self._keys()
+        return any(equal(tag, sign(key, contact_id, ref)) for key in keys)

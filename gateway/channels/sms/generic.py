@@ -253,7 +253,7 @@ class GenericAdapter(common.PartsLifecycle):
         self._tasks: set[asyncio.Task[None]] = set()
         self.reports = common.DeliveryReports(ctx)
         self.references = common.References(
-            config.secret, ctx.settings.gateway.data_dir / "sms" / ctx.name
+            config.secret, ctx.settings.gateway.data_dir / "sms" / ctx.name, ctx.state
         )
         for method in ("GET", "POST"):
             ctx.router.add_route(method, self.path, self.receive)
@@ -404,9 +404,9 @@ class GenericAdapter(common.PartsLifecycle):
 
     # ------------------------------------------------------------------ delivery reports
 
-    def reference(self, contact_id: str, ref: str) -> str:
+    async def reference(self, contact_id: str, ref: str) -> str:
         """Return the reference handed to the aggregator: contact, reply, signature."""
-        return f"{contact_id}:{ref}:{self.references.tag(contact_id, ref)}"
+        return f"{contact_id}:{ref}:{await self.references.tag(contact_id, ref)}"
 
     async def status_report(self, request: web.Request) -> web.Response:
         """Handle a delivery report carrying one of our references."""
@@ -420,7 +420,7 @@ class GenericAdapter(common.PartsLifecycle):
         ref, _, tag = rest.rpartition(":")
         if not contact_id or not ref or not tag or not status:
             return common.bad_request(f"missing {names.reference} or {names.status}")
-        if not self.references.valid(contact_id, ref, tag):
+        if not await self.references.valid(contact_id, ref, tag):
             return common.forbidden()
         kind: Literal["delivered", "failed"] | None = None
         if status in names.delivered:
@@ -464,7 +464,7 @@ class GenericAdapter(common.PartsLifecycle):
                 "to_digits": contact.sender.address.lstrip("+"),
                 "from": self.config.sender_id or contact.recipient,
                 "text": pieces[index],
-                "ref": self.reference(contact.id, ref),
+                "ref": await self.reference(contact.id, ref),
                 "part": str(index + 1),
                 "parts": str(len(pieces)),
                 "encoding": segments.encoding,

@@ -304,6 +304,7 @@ class KannelAdapter(common.PartsLifecycle):
         self.references = common.References(
             config.secret or config.sendsms_password,
             ctx.settings.gateway.data_dir / "sms" / ctx.name,
+            ctx.state,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         for method in ("GET", "POST"):
@@ -505,7 +506,7 @@ class KannelAdapter(common.PartsLifecycle):
         contact_id, ref, tag = params.get("c", ""), params.get("r", ""), params.get("s", "")
         if not contact_id or not ref or not tag or not _is_number(params.get("status", "")):
             return common.bad_request("missing c, r, s or status")
-        if not self.references.valid(contact_id, ref, tag):
+        if not await self.references.valid(contact_id, ref, tag):
             return common.forbidden()
         status = int(params["status"])
         kind: Literal["delivered", "failed"] | None
@@ -535,10 +536,10 @@ class KannelAdapter(common.PartsLifecycle):
             return address
         return str(number.national_number)
 
-    def dlr_url(self, contact_id: str, ref: str) -> str:
+    async def dlr_url(self, contact_id: str, ref: str) -> str:
         """Return the dlr-url for one reply: our own reference, signed, plus Kannel's escapes."""
         base = (self.config.public_url or self.ctx.settings.http.public_url).rstrip("/")
-        tag = self.references.tag(contact_id, ref)
+        tag = await self.references.tag(contact_id, ref)
         query = urlencode({"c": contact_id, "r": ref, "s": tag})
         return f"{base}{self.dlr_path}?{query}&status=%d&answer=%A&ts=%T"
 
@@ -572,7 +573,7 @@ class KannelAdapter(common.PartsLifecycle):
             params["smsc"] = cfg.smsc
         if cfg.dlr_mask and (cfg.public_url or self.ctx.settings.http.public_url):
             params["dlr-mask"] = str(cfg.dlr_mask)
-            params["dlr-url"] = self.dlr_url(contact.id, ref)
+            params["dlr-url"] = await self.dlr_url(contact.id, ref)
         if self._session is None:
             self._session = aiohttp.ClientSession()
         status, headers, body = await common.call(
