@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from gateway.adapters import IntakeUnavailable, InvalidContact, Receipt
@@ -62,8 +63,11 @@ class Intake:
             # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
             max_inflight=2 if max_batch > 1 else 1024,
         )
-        self._spooled_ids: dict[tuple[str, str], str] = {}
-        self._spooled_contacts: set[str] = set()
+        self.stall_after_s = 30.0
+        """A spool that Redis answers for but that has not drained for this long fails
+        readiness (the ``replayer`` loop is ``degraded``)."""
+        self._reachable = False
+        self._stalled_since: float | None = None
         self._supervisor: Supervisor | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -104,6 +108,9 @@ class Intake:
         series = self.metrics.intake(inbound.channel, inbound.adapter)
         series.received.inc()
         prepared = self.prepare(inbound)
+        first = self.spool.spooled_id(inbound.adapter, inbound.external_id)
+        if first is not None:  # its first delivery still waits in the spool: keep that id
+            return self._spooled_duplicate(prepared, first)
         if self.redis_up and not self._closing:
             future = self._writer.submit(prepared)
             try:
@@ -159,15 +166,9 @@ class Intake:
     async def _spool(self, prepared: Prepared) -> Receipt:
         inbound = prepared.inbound
         series = self.metrics.intake(inbound.channel, inbound.adapter)
-        key = (inbound.adapter, inbound.external_id)
-        if inbound.external_id and key in self._spooled_ids:
-            series.duplicate.inc()
-            return Receipt(
-                self._spooled_ids[key],
-                "duplicate",
-                prepared.deadline,
-                Repeat(0, self.queue.repeat_window_s),
-            )
+        first = self.spool.spooled_id(inbound.adapter, inbound.external_id)
+        if first is not None:
+            return self._spooled_duplicate(prepared, first)
         try:
             await self.spool.append(prepared)
         except (TypeError, ValueError) as exc:  # not encodable (orjson), while Redis is away
@@ -177,9 +178,6 @@ class Intake:
             series.refused.inc()
             log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc)
             raise IntakeUnavailable(str(exc)) from exc
-        if inbound.external_id:
-            self._spooled_ids[key] = prepared.id
-        self._spooled_contacts.add(prepared.id)
         series.spooled.inc()
         self.metrics.spool_depth.set(self.spool.depth)
         self._wake.set()
@@ -187,12 +185,16 @@ class Intake:
             prepared.id, "spooled", prepared.deadline, Repeat(0, self.queue.repeat_window_s)
         )
 
+    def _spooled_duplicate(self, prepared: Prepared, first: str) -> Receipt:
+        self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter).duplicate.inc()
+        return Receipt(first, "duplicate", prepared.deadline, Repeat(0, self.queue.repeat_window_s))
+
     # ------------------------------------------------------------------ events (EventSink)
 
     async def emit(self, event: Event) -> None:
         """Append an event; while Redis is away (or its contact is still in the spool) it waits
         in the spool behind the contact."""
-        if self.redis_up and not self._closing and event.contact_id not in self._spooled_contacts:
+        if self.redis_up and not self._closing and not self.spool.holds(event.contact_id):
             try:
                 async with asyncio.timeout(self.write_timeout_s):
                     await self.queue.emit(event)
@@ -217,7 +219,7 @@ class Intake:
         is spooled behind it and settled on replay; the event returned then has no elapsed
         time yet (it is computed from the contact's edge stamp when it lands).
         """
-        if self.redis_up and not self._closing and contact_id not in self._spooled_contacts:
+        if self.redis_up and not self._closing and not self.spool.holds(contact_id):
             try:
                 async with asyncio.timeout(self.write_timeout_s):
                     stamped = await self.queue.stamp(contact_id, type, at, source, detail)
@@ -277,34 +279,68 @@ class Intake:
         self._wake.set()
 
     async def _replay_loop(self) -> None:
+        """Probe Redis and replay the spool, for ever. A Redis failure marks Redis down and
+        waits for the next probe; anything else (the spool cannot be read: no file descriptor
+        left, an I/O error) is raised to the supervisor, which logs it and restarts the loop."""
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.probe_interval_s):
                     await self._wake.wait()
             self._wake.clear()
+            self._check_stall()
             if self.redis_up and self.spool.depth == 0 and not self.spool.segments(True):
+                self._stalled_since = None
                 continue
             try:
                 await self.replay_once()
-            except Exception as exc:
-                log.debug("intake: replay deferred: %s", exc)
+            except (RedisError, TimeoutError) as exc:
+                if self.redis_up or self._reachable:
+                    log.warning("intake: replay deferred: %s", type(exc).__name__)
+                else:
+                    log.debug("intake: replay deferred: %s", exc)
                 self.redis_up = False
                 self.metrics.redis_up.set(0)
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        """Degrade the ``replayer`` loop while the spool cannot drain although Redis answers."""
+        if self._supervisor is None:
+            return
+        if self.spool.stuck:
+            names = ", ".join(sorted(self.spool.stuck))
+            self._supervisor.degrade(
+                "replayer", f"spool cannot drain: {names} can neither be replayed nor set aside"
+            )
+            return
+        waiting = self.spool.depth > 0 and self._reachable
+        if not waiting:
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            self._stalled_since = time.monotonic()
+        stalled = self._stalled_since is not None and (
+            time.monotonic() - self._stalled_since >= self.stall_after_s
+        )
+        if stalled:
+            self._supervisor.degrade(
+                "replayer",
+                f"replay stalled: {self.spool.depth} spooled records, Redis answers, "
+                f"no progress for {self.stall_after_s:.0f} s",
+            )
+        else:
+            self._supervisor.degrade("replayer", None)
 
     async def replay_once(self) -> int:
         """Probe Redis; if it answers, move the spool into it. Return how many were replayed."""
+        self._reachable = False
         async with asyncio.timeout(self.write_timeout_s):
             await self.queue.ping()
+        self._reachable = True
         if not self.redis_up:
             await self.queue.load_scripts()
         replayed = await self.spool.replay(self._replay_write, self._replay_event)
         count = len(replayed)
-        for record in replayed:  # contacts spooled during this pass stay known as spooled
-            if isinstance(record, Prepared):
-                self._spooled_contacts.discard(record.id)
-                key = (record.inbound.adapter, record.inbound.external_id)
-                if self._spooled_ids.get(key) == record.id:
-                    del self._spooled_ids[key]
+        if count or self.spool.depth == 0:
+            self._stalled_since = None  # progress
         if not self.redis_up:
             log.info("intake: Redis is back")
         self.redis_up = True

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,29 +196,32 @@ class Gateway:
         if not self._running:
             return
         self._running = False
+        # Each step runs whatever the one before it raised: the embedded server is always
+        # stopped and the data folder released (a failed step is logged, and stop goes on).
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if self.cases is not None:
-            await self.cases.stop()
+            steps.append(("case services", self.cases.stop))
         if self.replies is not None:
-            await self.replies.stop()
-        for adapter in reversed(self._started):
-            try:
-                await adapter.stop()
-            except Exception:
-                log.exception("adapter %s failed to stop", adapter.name)
+            steps.append(("reply router", self.replies.stop))
+        steps += [(f"adapter {a.name}", a.stop) for a in reversed(self._started)]
         self._started.clear()
         if self.http is not None:
-            await self.http.stop()
+            steps.append(("http", self.http.stop))
         if self.metrics_http is not None:
-            await self.metrics_http.stop()
+            steps.append(("metrics http", self.metrics_http.stop))
         if hasattr(self, "intake"):
-            await self.intake.close()
+            steps.append(("intake", self.intake.close))
         if hasattr(self, "redis"):
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
-        await self.supervisor.close()
+            steps.append(("redis client", self.redis.aclose))
+        steps.append(("supervisor", self.supervisor.close))
         if self.embedded is not None:
-            await self.embedded.stop()
-            self.embedded = None
+            steps.append(("embedded redis", self.embedded.stop))
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("stop: %s failed to stop", what)
+        self.embedded = None
         self.lock.release()
         log.info("gateway stopped")
 

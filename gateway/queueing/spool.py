@@ -5,6 +5,16 @@ before the caller's receipt. Concurrent appends share one write and one fsync. T
 closes the active segment, writes each closed segment's contacts to Redis (the intake script
 deduplicates, so a replay that is interrupted can simply run again) and deletes it. A line
 that fails its checksum or does not decode is moved to ``quarantine/``, never blocking the rest.
+
+When a record cannot be set aside (the disk is full), the rest of its segment is still replayed
+and the segment itself is moved (renamed, which needs no space) to ``quarantine/`` with the
+suffix ``.unsettled``; if even that fails the segment is ``stuck``: skipped by the following
+passes (retried every ``stuck_retry_s``), reported through ``stuck`` for ``/readyz``.
+
+The spool also knows what it holds: the id of each spooled contact by (adapter, external id),
+and the ids of spooled contacts, rebuilt from the segments by ``open``. So after a restart
+while Redis is away, a retried contact still gets its first id, and events still wait behind
+their contact.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from gateway.records import Attachment, Deadline, Event, Inbound, Sender
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 64 * 1024 * 1024
+STUCK_RETRY_S = 10.0
+"""How often a stuck segment is tried again (``Spool.stuck_retry_s``)."""
 
 
 class SpoolError(Exception):
@@ -118,6 +130,36 @@ class Spool:
         self._lock = asyncio.Lock()
         self._writer: Coalescer[bytes, None] = Coalescer(self._write_batch, max_inflight=1)
         self._count = 0
+        self._index: dict[tuple[str, str], str] = {}
+        self._held: set[str] = set()
+        self._unsettled = False
+        self.stuck: set[str] = set()
+        """Names of segments that could neither be fully replayed nor set aside."""
+        self._stuck_tried = 0.0
+        self.stuck_retry_s = STUCK_RETRY_S
+
+    def spooled_id(self, adapter: str, external_id: str) -> str | None:
+        """The id of the spooled contact with this (adapter, external id), if any."""
+        return self._index.get((adapter, external_id)) if external_id else None
+
+    def holds(self, contact_id: str) -> bool:
+        """True while contact ``contact_id`` waits in the spool."""
+        return contact_id in self._held
+
+    def _remember(self, prepared: Prepared) -> None:
+        self._held.add(prepared.id)
+        if prepared.inbound.external_id:
+            self._index.setdefault(
+                (prepared.inbound.adapter, prepared.inbound.external_id), prepared.id
+            )
+
+    def _forget(self, records: list[Prepared | SpooledEvent]) -> None:
+        for record in records:
+            if isinstance(record, Prepared):
+                self._held.discard(record.id)
+                key = (record.inbound.adapter, record.inbound.external_id)
+                if self._index.get(key) == record.id:
+                    del self._index[key]
 
     def check_writable(self) -> None:
         """Create the folder and prove it takes an fsynced write; raise SpoolError otherwise."""
@@ -134,17 +176,25 @@ class Spool:
             raise SpoolError(f"spool folder {self.dir} is not writable: {exc.strerror}") from exc
 
     def open(self) -> None:
-        """Check the folder (see :meth:`check_writable`) and count what an earlier run left."""
+        """Check the folder (see :meth:`check_writable`); count and index what an earlier run
+        left (the contacts' ids by adapter and external id)."""
         self.check_writable()
-        self._count = sum(self._count_lines(p) for p in self.segments(include_active=True))
+        self._count = sum(self._scan(p) for p in self.segments(include_active=True))
 
-    @staticmethod
-    def _count_lines(path: Path) -> int:
+    def _scan(self, path: Path) -> int:
+        """Index the contacts of one segment; return its number of lines."""
+        lines = 0
         try:
             with open(path, "rb") as fh:
-                return sum(1 for _ in fh)
-        except OSError:
-            return 0
+                for line in fh:
+                    lines += 1
+                    with contextlib.suppress(ValueError):
+                        record = _decode_line(line)
+                        if isinstance(record, Prepared):
+                            self._remember(record)
+        except OSError as exc:
+            log.error("spool: %s cannot be read: %s", path.name, exc.strerror)
+        return lines
 
     def segments(self, include_active: bool = False) -> list[Path]:
         """Return the segment files, oldest first."""
@@ -172,6 +222,7 @@ class Spool:
         """Append one contact durably (fsynced) before returning."""
         line = prepared_to_json(prepared)
         await self._writer.submit(b"%08x %s\n" % (zlib.crc32(line), line))
+        self._remember(prepared)
 
     async def append_event(self, item: SpooledEvent) -> None:
         """Append one event durably (fsynced) before returning."""
@@ -236,14 +287,22 @@ class Spool:
     ) -> list[Prepared | SpooledEvent]:
         """Replay every closed segment in order: contacts in batches through ``write``, events
         one by one through ``apply`` (after the contacts before them). Delete each segment once
-        replayed and return the records replayed.
+        replayed (or move it to quarantine, see the module docs) and return the records
+        replayed.
 
-        Raises whatever ``write`` or ``apply`` raise (Redis down again): the segment stays, and
-        replaying it again is harmless (contacts dedupe, stamps are once per contact).
+        Raises whatever ``write`` or ``apply`` raise (Redis down again), and OSError when a
+        segment cannot be read (no file descriptor left): the segment stays, and replaying it
+        again is harmless (contacts dedupe, stamps are once per contact).
         """
         await self.rotate()
         replayed: list[Prepared | SpooledEvent] = []
+        retry_stuck = time.monotonic() - self._stuck_tried >= self.stuck_retry_s
+        if retry_stuck:
+            self._stuck_tried = time.monotonic()
         for segment in self.segments():
+            if segment.name in self.stuck and not retry_stuck:
+                continue
+            self._unsettled = False
             records = await asyncio.to_thread(self._read_segment, segment)
             pending: list[Prepared] = []
             for record in records:
@@ -260,10 +319,43 @@ class Spool:
             if pending:
                 await write(pending)
             replayed.extend(records)
-            segment.unlink()
-            self._count = max(0, self._count - len(records))
-            log.info("spool: replayed %d records from %s", len(records), segment.name)
+            self._forget(records)
+            if await asyncio.to_thread(self._settle, segment):
+                self._count = max(0, self._count - len(records))
+                log.info("spool: replayed %d records from %s", len(records), segment.name)
         return replayed
+
+    def _settle(self, segment: Path) -> bool:
+        """Delete a replayed segment, or move it whole to quarantine when some of its records
+        could not be set aside; False if it has to stay (``stuck``)."""
+        try:
+            if not self._unsettled:
+                segment.unlink()
+            else:
+                self.quarantine_dir.mkdir(exist_ok=True)
+                target = self.quarantine_dir / f"{segment.name}.unsettled"
+                os.replace(segment, target)
+                log.error(
+                    "spool: %s moved whole to %s: some of its records could not be set aside "
+                    "(the others were replayed)",
+                    segment.name,
+                    target,
+                )
+        except OSError as exc:
+            if segment.name not in self.stuck:
+                log.error(
+                    "spool: %s can neither be set aside nor removed (%s); the other segments "
+                    "go on, it is retried every %.0f s",
+                    segment.name,
+                    exc.strerror,
+                    self.stuck_retry_s,
+                )
+            self.stuck.add(segment.name)
+            return False
+        if segment.name in self.stuck:
+            log.warning("spool: %s settled at last", segment.name)
+        self.stuck.discard(segment.name)
+        return True
 
     def _read_segment(self, segment: Path) -> list[Prepared | SpooledEvent]:
         records: list[Prepared | SpooledEvent] = []
@@ -271,36 +363,54 @@ class Spool:
         with open(segment, "rb") as fh:
             for line in fh:
                 try:
-                    if not line.endswith(b"\n") or line[8:9] != b" ":
-                        raise ValueError("torn or malformed line")
-                    crc, body = int(line[:8], 16), line[9:-1]
-                    if zlib.crc32(body) != crc:
-                        raise ValueError("checksum mismatch")
-                    records.append(record_from_json(body))
-                except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+                    records.append(_decode_line(line))
+                except ValueError:
                     bad.append(line)
         if bad:
             target = self.quarantine_dir / segment.name
-            with open(target, "ab") as out:
-                out.writelines(bad)
-                out.flush()
-                os.fsync(out.fileno())
-            self._count = max(0, self._count - len(bad))
-            log.error("spool: %d corrupt records quarantined to %s", len(bad), target)
+            try:
+                self.quarantine_dir.mkdir(exist_ok=True)
+                with open(target, "ab") as out:
+                    out.writelines(bad)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                self._unsettled = True
+                log.error(
+                    "spool: %d corrupt records of %s cannot be quarantined: %s",
+                    len(bad),
+                    segment.name,
+                    exc.strerror,
+                )
+            else:
+                self._count = max(0, self._count - len(bad))
+                log.error("spool: %d corrupt records quarantined to %s", len(bad), target)
         return records
 
     def quarantine(self, records: list[Prepared | SpooledEvent], reason: str) -> None:
-        """Set aside records the server refuses for good (blocking), with the reason."""
+        """Set aside records the server refuses for good (blocking), with the reason. When that
+        fails, their segment is moved whole to quarantine once replayed (see ``replay``)."""
         target = self.quarantine_dir / f"refused-{time.time_ns():020d}.log"
-        with open(target, "ab") as out:
-            for record in records:
-                if isinstance(record, SpooledEvent):
-                    line = event_to_json(record)
-                else:
-                    line = prepared_to_json(record)
-                out.write(b"%08x %s\n" % (zlib.crc32(line), line))
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            self.quarantine_dir.mkdir(exist_ok=True)
+            with open(target, "ab") as out:
+                for record in records:
+                    if isinstance(record, SpooledEvent):
+                        line = event_to_json(record)
+                    else:
+                        line = prepared_to_json(record)
+                    out.write(b"%08x %s\n" % (zlib.crc32(line), line))
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            self._unsettled = True
+            log.error(
+                "spool: %d records refused by Redis (%s) cannot be quarantined: %s",
+                len(records),
+                reason,
+                exc.strerror,
+            )
+            return
         log.error(
             "spool: %d records refused by Redis (%s) quarantined to %s",
             len(records),
@@ -311,3 +421,16 @@ class Spool:
     async def close(self) -> None:
         await self._writer.drain()
         await self.rotate()
+
+
+def _decode_line(line: bytes) -> Prepared | SpooledEvent:
+    """Decode one spool line (``<crc32 hex> <json>\\n``); raise ValueError if torn or corrupt."""
+    if not line.endswith(b"\n") or line[8:9] != b" ":
+        raise ValueError("torn or malformed line")
+    try:
+        crc, body = int(line[:8], 16), line[9:-1]
+        if zlib.crc32(body) != crc:
+            raise ValueError("checksum mismatch")
+        return record_from_json(body)
+    except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
+        raise ValueError(str(exc)) from exc
