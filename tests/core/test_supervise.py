@@ -98,7 +98,7 @@ async def test_degraded_loop_fails_readiness_until_cleared(caplog) -> None:
 
 async def test_gateway_readyz_and_metrics_show_a_loop_that_is_down(start_gateway) -> None:
     gw = await start_gateway()
-    assert set(gw.supervisor.states()) == {"replayer", "replies"}
+    assert {"replayer", "replies"} <= set(gw.supervisor.states())
 
     async def broken() -> None:
         raise ConnectionResetError("peer went away")
