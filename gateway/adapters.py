@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from gateway.clock import Clock, Micros
+from gateway.egress import SendRate
 from gateway.metrics import AdapterMetrics
 from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Reply
 from gateway.supervise import Supervisor
@@ -184,6 +185,8 @@ class ChannelType(Generic[ConfigT]):
     factory: Callable[[AdapterContext, ConfigT], Adapter]
     example: Mapping[str, Any]
     """A minimal valid config table (without ``type``), used by docs and the contract tests."""
+    send_rate: SendRate = SendRate()
+    """The provider's documented send limits, the default of ``send_rate`` & co."""
 
 
 ENTRY_POINT_GROUP = "gateway.channels"

@@ -326,6 +326,18 @@ class HttpSection:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressSection:
+    """How the gateway reaches providers (gateway/egress.py)."""
+
+    proxy: str = ""
+    """``http://proxy:3128``: provider calls go through it; empty: the environment's
+    ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` apply (as they do anyway)."""
+    no_proxy: tuple[str, ...] = ("localhost", "127.0.0.0/8", "::1")
+    """Hosts reached directly despite ``proxy``: names, ``.domain`` suffixes, addresses and
+    networks."""
+
+
+@dataclass(frozen=True, slots=True)
 class SlaSection:
     voice_answer: Duration = Duration(15)
     sms_response: Duration = Duration(180)
@@ -436,9 +448,23 @@ class Settings:
     watcher: WatcherSection = field(default_factory=WatcherSection)
     dashboard: DashboardSection = field(default_factory=DashboardSection)
     fleet: FleetSection = field(default_factory=FleetSection)
+    egress: EgressSection = field(default_factory=EgressSection)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Raw adapter tables; each is validated by its channel type's own config class."""
     source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SendRateTable:
+    """Keys every ``[adapters.NAME]`` table may carry, whatever its type (gateway/egress.py)."""
+
+    send_rate: float | None = None
+    """Replies a second through this adapter (per instance); default: the channel type's."""
+    send_burst: int | None = None
+    send_rate_per_recipient: float | None = None
+
+
+SEND_RATE_KEYS = ("send_rate", "send_burst", "send_rate_per_recipient")
 
 
 def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, dict[str, Any]]:
@@ -465,7 +491,8 @@ def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, 
             known = ", ".join(sorted(channel_types)) or "none"
             errors.append((f"{key}.type", f"unknown adapter type {type_name!r} (known: {known})"))
             continue
-        body = {k: v for k, v in table.items() if k != "type"}
+        body = {k: v for k, v in table.items() if k != "type" and k not in SEND_RATE_KEYS}
+        _load(SendRateTable, {k: table[k] for k in SEND_RATE_KEYS if k in table}, key, errors)
         before = len(errors)
         config = _load(channel_types[type_name].config, body, key, errors)
         check = getattr(config, "check", None)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from gateway.adapters import Adapter, EventSink, SendError
 from gateway.clock import Clock
 from gateway.config import RepliesSection
+from gateway.egress import SendLimiter
 from gateway.metrics import Metrics
 from gateway.queueing.consumer import Delivery, ReplyConsumer
 from gateway.queueing.store import RedisQueue
@@ -45,7 +46,10 @@ class ReplyRouter:
         consumer_name: str,
         *,
         concurrency: int = 32,
+        limiters: Mapping[str, SendLimiter] | None = None,
     ) -> None:
+        self.limiters = dict(limiters or {})
+        """Each adapter's send rate (gateway/egress.py), waited for before every send."""
         self.queue = queue
         self.events = events
         self.adapters = adapters
@@ -177,6 +181,10 @@ class ReplyRouter:
         attempt = 0
         while True:
             attempt += 1
+            limiter = self.limiters.get(adapter.name)
+            if limiter is not None:
+                waited = await limiter.wait(contact.sender.address)
+                self.metrics.outbound_wait.labels(adapter.name).observe(waited)
             try:
                 receipt = await adapter.send(contact, reply)
             except SendError as exc:

@@ -18,6 +18,7 @@ from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Settings
+from gateway.egress import SendLimiter, send_rate_of
 from gateway.http import CoreRoutes, HttpServer, build_app
 from gateway.intake import Intake
 from gateway.intake_api import IntakeApi
@@ -180,6 +181,10 @@ class Gateway:
             self.metrics,
             s.replies,
             self.instance,
+            limiters={
+                name: SendLimiter(send_rate_of(table, channel_types[table["type"]].send_rate))
+                for name, table in s.adapters.items()
+            },
         )
         self.replies.start(self.supervisor)
         log.info(

@@ -71,7 +71,8 @@ class CaseServices:
         self.leases = leases
         self.supervisor = supervisor
         self.pusher = Pusher(
-            queue.redis, keys, subscribers, metrics, clock, instance, leases, supervisor
+            queue.redis, keys, subscribers, metrics, clock, instance, leases, supervisor,
+            settings.egress,
         )
         self._started = False
 

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
 import orjson
 
-from gateway.config import PushSubscriber, Settings
+from gateway.config import EgressSection, PushSubscriber, Settings
+from gateway.egress import client_session
 from gateway.metrics import Metrics
 from gateway.push.pusher import DeliveryFailed, Item, deadletter_key, post_once
 from gateway.queueing.keys import Keys
@@ -70,7 +70,8 @@ class DeadLetters:
         key = deadletter_key(self.keys, name)
         replayed = 0
         error: str | None = None
-        async with aiohttp.ClientSession(headers={"User-Agent": "gateway-push"}) as session:
+        headers = {"User-Agent": "gateway-push"}
+        async with client_session(EgressSection(), headers=headers) as session:
             while replayed < count and error is None:
                 batch = await self.redis.xrange(key, count=min(100, count - replayed))
                 if not batch:

@@ -25,7 +25,8 @@ import aiohttp
 from redis.exceptions import ResponseError
 
 from gateway.clock import Clock
-from gateway.config import PushSubscriber
+from gateway.config import EgressSection, PushSubscriber
+from gateway.egress import client_session
 from gateway.metrics import Metrics
 from gateway.push.signing import (
     ATTEMPT_HEADER,
@@ -383,7 +384,9 @@ class Pusher:
         instance: str,
         leases: Leases,
         supervisor: Supervisor,
+        egress: EgressSection | None = None,
     ) -> None:
+        self.egress = egress or EgressSection()
         self.leases = leases
         self.supervisor = supervisor
         self.redis = client
@@ -398,8 +401,10 @@ class Pusher:
     async def start(self) -> None:
         if not self.subscribers:
             return
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit_per_host=4), headers={"User-Agent": "gateway-push"}
+        self.session = client_session(  # many hosts: the environment's proxy variables apply
+            self.egress,
+            connector=aiohttp.TCPConnector(limit_per_host=4),
+            headers={"User-Agent": "gateway-push"},
         )
         for sub in self.subscribers:
             lane = Lane(

@@ -33,6 +33,7 @@ from defusedxml.ElementTree import fromstring as _defused_fromstring
 from gateway.adapters import AdapterContext, IntakeUnavailable, Receipt, SendError
 from gateway.clock import MICROS_PER_SECOND, Micros
 from gateway.config import Duration
+from gateway.egress import client_session
 from gateway.http import read_body, read_capped
 from gateway.language import guess_language
 from gateway.records import Attachment, Inbound, Sender, clean_text
@@ -434,8 +435,11 @@ class PushAdapter:
         auto_ack: str,
         event_contacts: bool,
         max_body: int = MAX_BODY,
+        api_base: str = "",
     ) -> None:
         self.ctx = ctx
+        self.api_base = api_base
+        """The provider's API host: its calls go through ``[egress] proxy`` unless bypassed."""
         self.name = ctx.name
         self.path = path
         self.secret = secret
@@ -459,7 +463,7 @@ class PushAdapter:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            self._session = client_session(self.ctx.settings.egress, self.api_base)
         return self._session
 
     def check(self, query: Mapping[str, str], *extra: str) -> None:

@@ -48,6 +48,7 @@ from gateway.attachments import AttachmentTooLarge
 from gateway.channels.chat.officialaccount import retry_later
 from gateway.clock import Micros, from_datetime
 from gateway.config import Duration, Secret
+from gateway.egress import SendRate, proxy_for
 from gateway.http import read_body
 from gateway.language import guess_language
 from gateway.queueing.coordination import Fence
@@ -284,14 +285,17 @@ class TelegramAdapter:
         self.secret = (
             config.secret_token.reveal() if config.secret_token else derived_secret(token)
         ).encode()
-        self.application: Application[Any, Any, Any, Any, Any, Any] = (
+        builder = (
             ApplicationBuilder()
             .token(token)
             .base_url(config.api_base)
             .base_file_url(config.file_base)
             .updater(None)
-            .build()
         )
+        proxy = proxy_for(ctx.settings.egress, config.api_base)
+        if proxy:  # otherwise httpx honours HTTPS_PROXY / NO_PROXY itself
+            builder = builder.proxy(proxy).get_updates_proxy(proxy)
+        self.application: Application[Any, Any, Any, Any, Any, Any] = builder.build()
         self.bot: Bot = self.application.bot
         self.offset: int | None = None
         """Polling: the next offset to ask for (every update below it is durable)."""
@@ -666,6 +670,8 @@ CHANNEL: ChannelType[TelegramConfig] = ChannelType(
     config=TelegramConfig,
     factory=_factory,
     example={"token": "123456:ABC-DEF", "mode": "polling"},
+    # core.telegram.org/bots/faq: about 30 messages a second per bot, one a second per chat
+    send_rate=SendRate(per_second=30, burst=30, per_recipient=1),
 )
 
 __all__ = ["CHANNEL", "TelegramAdapter", "TelegramConfig", "decode_update"]

@@ -202,6 +202,7 @@ class WeChatAdapter(PushAdapter):
             window_s=float(config.timestamp_window),
             auto_ack=config.auto_ack,
             event_contacts=config.event_contacts,
+            api_base=config.api_base,
         )
         self.access_token = AccessToken(self._fetch_token)
         self._force_refresh = False

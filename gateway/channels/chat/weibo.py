@@ -229,6 +229,7 @@ class WeiboAdapter(PushAdapter):
             window_s=float(config.timestamp_window),
             auto_ack=config.auto_ack,
             event_contacts=config.event_contacts,
+            api_base=config.api_base,
         )
 
     def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:

@@ -37,6 +37,7 @@ from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, g
 from gateway.channels.sms.segments import split
 from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
 from gateway.config import ConfigError, Duration, Secret
+from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
@@ -454,7 +455,7 @@ class GenericAdapter(common.PartsLifecycle):
         pieces = segments.parts if tpl.split else (text,)
         start = self._progress.get(ref, 0)  # a retry resumes after the parts already sent
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = client_session(self.ctx.settings.egress, tpl.url)
         headers = dict(tpl.headers)
         if tpl.authorization:
             headers["Authorization"] = tpl.authorization.reveal()

@@ -42,6 +42,7 @@ from gateway.channels.sms.concat import Assembler, Part, assembled_id, group_key
 from gateway.channels.sms.segments import split, substitute
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import ConfigError, Duration, Secret
+from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
@@ -575,7 +576,7 @@ class KannelAdapter(common.PartsLifecycle):
             params["dlr-mask"] = str(cfg.dlr_mask)
             params["dlr-url"] = await self.dlr_url(contact.id, ref)
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = client_session(self.ctx.settings.egress, cfg.sendsms_url)
         status, headers, body = await common.call(
             self._session,
             "GET",

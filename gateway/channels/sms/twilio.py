@@ -37,6 +37,7 @@ from gateway.attachments import AttachmentTooLarge
 from gateway.channels.sms import common
 from gateway.channels.sms.segments import split
 from gateway.config import ConfigError, Duration, Secret
+from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
@@ -225,7 +226,9 @@ class TwilioAdapter:
             auth = aiohttp.encode_basic_auth(
                 self.config.account_sid, self.config.auth_token.reveal()
             )
-            self._session = aiohttp.ClientSession(headers={"Authorization": auth})
+            self._session = client_session(
+                self.ctx.settings.egress, self.config.api_base_url, headers={"Authorization": auth}
+            )
         return self._session
 
     @property
