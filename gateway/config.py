@@ -434,6 +434,43 @@ class DashboardSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SurgeSection:
+    """Surge warning (实时舆情预警, ``gateway/surge.py``): contacts well above their usual level."""
+
+    enabled: bool = True
+    window: Duration = Duration(600)
+    """Contacts are counted over this window (whole minutes)."""
+    recent: Duration = Duration(3600)
+    """The usual level is at least the rate of this span before the window."""
+    history_days: int = 7
+    """... and at least the mean of the same window on this many past days."""
+    min_rate: float = 0.1
+    """... and at least this many contacts a minute."""
+    min_count: int = 10
+    ratio: float = 2.0
+    alpha: float = 1e-6
+    """A surge: at least min_count, ratio times the usual level, Poisson tail below alpha."""
+    interval: Duration = Duration(5)
+    warmup: Duration = Duration(3600)
+    """No surge until the counters span this long (a new gateway knows no usual level)."""
+    topics: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "停水": ("停水", "没水", "断水", "水压低"),
+            "停电": ("停电", "断电", "没电", "跳闸"),
+            "燃气": ("燃气", "煤气", "天然气", "漏气"),
+        }
+    )
+    districts: tuple[str, ...] = ()
+    """District (or street, estate) names to look for in text and addresses."""
+    grid: float = 0.01
+    """Grid of locations, in degrees (0.01: about 1 km)."""
+    sensitive: tuple[str, ...] = ()
+    """Sensitive words: any contact with one raises a surge of its word."""
+    repeat: int = 3
+    """A citizen's contact number ``repeat`` within the repeat window raises one (0: off)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -447,6 +484,7 @@ class Settings:
     push: PushSection = field(default_factory=PushSection)
     watcher: WatcherSection = field(default_factory=WatcherSection)
     dashboard: DashboardSection = field(default_factory=DashboardSection)
+    surge: SurgeSection = field(default_factory=SurgeSection)
     fleet: FleetSection = field(default_factory=FleetSection)
     egress: EgressSection = field(default_factory=EgressSection)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)

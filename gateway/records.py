@@ -32,6 +32,7 @@ EventType = Literal[
     "delivered",
     "failed",
     "closed",
+    "surge",
 ]
 EVENT_TYPES: Final[tuple[str, ...]] = (
     "enqueued",
@@ -44,6 +45,7 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     "delivered",
     "failed",
     "closed",
+    "surge",
 )
 
 

@@ -19,7 +19,9 @@ from gateway.metrics import Metrics
 from gateway.push import DeadLetters, Pusher
 from gateway.queueing.coordination import Leases
 from gateway.queueing.store import RedisQueue
+from gateway.records import Contact
 from gateway.supervise import Supervisor
+from gateway.surge import SurgeWatch
 from gateway.watcher import DeadlineWatcher
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,14 @@ class CaseServices:
             report=self.live.get,
             deadletter=self.deadletters,
         )
-        self.aggregator = Aggregator(queue, clock, settings.sla, instance)
+        self.surge = SurgeWatch(queue, clock, settings.surge, instance)
+        self.aggregator = Aggregator(
+            queue,
+            clock,
+            settings.sla,
+            instance,
+            on_contacts=self._count if settings.surge.enabled else None,
+        )
         channels = configured_channels(settings)
         self.wallboard = Wallboard(queue.redis, keys, clock, settings, channels)
         self.dashboard = (
@@ -87,7 +96,12 @@ class CaseServices:
         await self.pusher.start()
         if self.watcher is not None:
             self.watcher.start(self.leases, self.supervisor)
-        self.aggregator.start()
+        self.aggregator.start(self.supervisor)
+        if self.settings.surge.enabled:
+            self.surge.start(self.leases, self.supervisor)
+
+    async def _count(self, contacts: list[Contact]) -> None:
+        await self.surge.count(contacts)
 
     async def stop(self) -> None:
         if not self._started:
@@ -97,6 +111,7 @@ class CaseServices:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.aggregator.stop()
+        await self.surge.stop()
         await self.pusher.stop()
 
 

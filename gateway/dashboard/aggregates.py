@@ -37,6 +37,7 @@ from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue
 from gateway.records import Contact
 from gateway.report import label_of
+from gateway.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -232,21 +233,21 @@ class Aggregator:
         self.instance = instance
         self.on_contacts = on_contacts
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
         self._stopping = False
         self._group_ready = False
         self.processed = 0
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor) -> None:
+        """Run in every instance (the consumer group shares the events out), supervised."""
         self._stopping = False
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="aggregator")
+        self._supervisor = supervisor
+        supervisor.spawn("aggregator", self._run, required=False, backoff=(0.5, 10.0))
 
     async def stop(self) -> None:
-        from gateway.api.tasks import cancel_and_wait
-
         self._stopping = True
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        if self._supervisor is not None:
+            await self._supervisor.stop("aggregator")
 
     async def ensure_group(self) -> None:
         try:

@@ -99,6 +99,11 @@ class Keys:
         return f"{self.tag}:surge:s:{_short(key)}:{start_s}"
 
     @property
+    def surge_first(self) -> str:
+        """String: the arrival (us) of the first contact the surge counters hold."""
+        return f"{self.tag}:surge:first"
+
+    @property
     def surges(self) -> str:
         """Sorted set: surge event JSON, scored by when it was emitted (us)."""
         return f"{self.tag}:surges"

@@ -184,9 +184,10 @@ COLUMNS = ("channel", "volume", "settled", "within", "within_pct", "within_settl
            "p50_ms", "p90_ms", "p99_ms")  # fmt: skip
 WORDS = {
     "en": {"title": "Service levels, live", "answered": "Answered within 15 s today",
-           "connection": "Connection rate, 24 h", "surges": "Surge warnings"},
+           "connection": "Connection rate, 24 h", "surges": "Surge warnings",
+           "repeat": "one citizen repeating"},
     "zh": {"title": "服务水平实时大屏", "answered": "今日 15 秒接听率",
-           "connection": "24 小时接通率", "surges": "实时舆情预警"},
+           "connection": "24 小时接通率", "surges": "实时舆情预警", "repeat": "同一人重复"},
 }  # fmt: skip
 
 
@@ -238,6 +239,7 @@ async def test_dashboard_shows_the_hand_computed_figures(
     assert page.texts["breach-count"] == "1" and "w-late" in page.links
     assert "w-again" in page.links  # the repeat, one click from its contact
     assert words["surges"] in page.texts["surges"]
+    assert words["repeat"] in page.texts["surge-list"]  # the third contact of one citizen
     assert page.charts[:2] == ["volume", "answer"]
     assert {"response-sms", "response-email"} <= set(page.charts)
     assert re.search(r'data-deadline="15"', dom)

@@ -64,7 +64,10 @@ async def test_contacts_and_events_in_order_signed(
 ) -> None:
     gw = await start_gateway(api=API, push=subscriber(receiver, events=True))
     client = Client(session, f"http://127.0.0.1:{gw.http_port}")
-    ids = [await submit(client, f"c{i}") for i in range(12)]
+    # twelve citizens (one citizen's third contact would add a repeat surge event)
+    ids = [
+        await submit(client, f"c{i}", sender={"address": f"c{i}@example.org"}) for i in range(12)
+    ]
     await client.call(
         "POST", f"/v1/contacts/{ids[3]}/events", token="replier", json_body={"type": "responded"}
     )
@@ -305,7 +308,9 @@ async def test_many_contacts_and_events_merge_in_order(
     receiver.plan = ["busy"]
     gw = await start_gateway(api=API, push=subscriber(receiver, events=True, max_backoff="2s"))
     client = Client(session, f"http://127.0.0.1:{gw.http_port}")
-    ids = await asyncio.gather(*(submit(client, f"c{i}") for i in range(250)))
+    ids = await asyncio.gather(
+        *(submit(client, f"c{i}", sender={"address": f"c{i}@example.org"}) for i in range(250))
+    )
 
     async def all_in() -> bool:
         return len(firsts(receiver.accepted)) == 500

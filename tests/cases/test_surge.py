@@ -1,0 +1,193 @@
+"""Surge warning over a real Redis: a steady load raises none, a synthetic burst raises one per
+key and window (also with two evaluators racing), sensitive words, places and a citizen who
+keeps calling and texting; the event as schemed, on the events stream and on the dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+from importlib.resources import files
+from typing import Any
+
+import aiohttp
+import jsonschema
+
+from gateway.clock import MICROS_PER_SECOND, FixedClock
+from gateway.config import SurgeSection
+from gateway.queueing.keys import Keys
+from gateway.queueing.store import RedisQueue
+from gateway.records import Contact, Event
+from gateway.surge import SurgeWatch, poisson_tail
+from tests.cases import dataset
+from tests.cases.conftest import API, TOKENS, eventually
+
+MIN = 60 * MICROS_PER_SECOND
+DAY = 1440 * MIN
+NOW = 1_795_594_483_000_000 - 1_795_594_483_000_000 % MIN + 30 * MICROS_PER_SECOND
+EVENT_SCHEMA = json.loads(files("gateway.schemas").joinpath("event.schema.json").read_text())
+SECTION = SurgeSection(history_days=3, districts=("朝阳区",), sensitive=("自焚",))
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    """Knuth's sampler (small lam)."""
+    limit, k, p = pow(2.718281828459045, -lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def citizen(i: int, at: int, text: str = "路灯坏了", **meta: Any) -> Contact:
+    c = dataset.contact(f"c{i}", "sms", at)
+    return dataclasses.replace(
+        c, text=text, sender=dataclasses.replace(c.sender, address=f"+86138{i:08d}"), meta=meta
+    )
+
+
+def watch(redis_client: Any, prefix: str, clock: FixedClock, section: SurgeSection) -> SurgeWatch:
+    queue = RedisQueue(
+        redis_client,
+        Keys(prefix),
+        clock,
+        source="test",
+        dedupe_window_s=60,
+        repeat_window_s=60,
+        retention_s=86400,
+        maxlen=100_000,
+    )
+    return SurgeWatch(queue, clock, section, "test")
+
+
+async def steady(surge: SurgeWatch, rng: random.Random, per_min: float, days: int) -> int:
+    """Poisson traffic at ``per_min`` over the same 90 minutes on each of ``days`` past days and
+    the 90 minutes up to NOW."""
+    n = 0
+    for day in range(days, -1, -1):
+        batch = []
+        for m in range(90, 0, -1):
+            at = NOW - day * DAY - m * MIN
+            for _ in range(poisson(rng, per_min)):
+                batch.append(citizen(n, at + rng.randrange(MIN)))
+                n += 1
+        await surge.count(batch)
+    return n
+
+
+async def test_poisson_tail() -> None:
+    assert poisson_tail(0, 3.0) == 1.0
+    assert abs(poisson_tail(1, 2.0) - (1 - pow(2.718281828459045, -2.0))) < 1e-12
+    assert poisson_tail(20, 20.0) > 0.4  # the usual level is no surge
+    assert poisson_tail(60, 20.0) < 1e-10
+
+
+async def test_steady_load_raises_none_and_a_burst_raises_one_per_key(
+    redis_client: Any, prefix: str
+) -> None:
+    clock = FixedClock(NOW)
+    surge = watch(redis_client, prefix, clock, SECTION)
+    n = await steady(surge, random.Random(7), per_min=3.0, days=3)
+    for minute in range(0, 30):  # half an hour of ordinary load, evaluated every minute
+        at = NOW + minute * MIN
+        await surge.count([citizen(n + i, at + i) for i in range(3)])
+        n += 3
+        assert await surge.evaluate(at + 30 * MICROS_PER_SECOND) == []
+    # a burst: a water main breaks, 50 contacts in 5 minutes name it
+    t0 = NOW + 30 * MIN
+    burst = [
+        citizen(n + i, t0 + i * 6 * MICROS_PER_SECOND, "小区停水了，什么时候来水")
+        for i in range(50)
+    ]
+    await surge.count(burst)
+    found = await surge.evaluate(t0 + 5 * MIN)
+    kinds = {e.detail["key"]: e for e in found}
+    assert "topic:停水" in kinds and "all" in kinds
+    water = kinds["topic:停水"]
+    assert water.detail["count"] == 50 and water.detail["baseline"] < 5
+    assert set(water.detail["samples"]) <= {c.id for c in burst} and water.detail["samples"]
+    jsonschema.validate(water.to_dict(), EVENT_SCHEMA)
+    # once per key and window, however often it is evaluated
+    assert await surge.evaluate(t0 + 5 * MIN + 5 * MICROS_PER_SECOND) == []
+    events = await redis_client.xrange(Keys(prefix).events)
+    written = [json.loads(f[b"event"]) for _, f in events if f[b"type"] == b"surge"]
+    assert sorted(e["detail"]["key"] for e in written) == sorted(kinds)
+
+
+async def test_two_evaluators_write_each_surge_once(redis_client: Any, prefix: str) -> None:
+    clock = FixedClock(NOW)
+    a = watch(redis_client, prefix, clock, SECTION)
+    b = watch(redis_client, prefix, clock, SECTION)
+    n = await steady(a, random.Random(3), per_min=1.0, days=2)
+    await a.count([citizen(n + i, NOW + i * MICROS_PER_SECOND, "燃气泄漏") for i in range(40)])
+    at = NOW + 2 * MIN
+    one, two = await asyncio.gather(a.evaluate(at), b.evaluate(at))
+    keys = [e.detail["key"] for e in one + two]
+    assert "topic:燃气" in keys and len(keys) == len(set(keys))
+
+
+async def test_places_and_sensitive_words(redis_client: Any, prefix: str) -> None:
+    clock = FixedClock(NOW)
+    surge = watch(redis_client, prefix, clock, SECTION)
+    n = await steady(surge, random.Random(5), per_min=1.0, days=1)
+    near = [
+        citizen(
+            n + i,
+            NOW + i * MICROS_PER_SECOND,
+            "井盖丢了",
+            location={"lat": 39.9087 + i * 1e-4, "lon": 116.3975},
+        )
+        for i in range(15)
+    ]
+    district = [
+        citizen(n + 100 + i, NOW + i * MICROS_PER_SECOND, "朝阳区 路面塌陷") for i in range(15)
+    ]
+    word = [citizen(n + 200, NOW, "我要去自焚")]
+    assert "place:39.90,116.39" in surge.keys_of(near[0])
+    await surge.count(near + district + word)
+    found = {e.detail["key"]: e for e in await surge.evaluate(NOW + MIN)}
+    assert "place:39.90,116.39" in found and "place:朝阳区" in found
+    assert found["sensitive:自焚"].detail["samples"] == [word[0].id]
+
+
+async def test_nothing_before_the_counters_span_the_warmup(redis_client: Any, prefix: str) -> None:
+    clock = FixedClock(NOW)
+    surge = watch(redis_client, prefix, clock, SECTION)
+    await surge.count([citizen(i, NOW + i, "停水") for i in range(100)])
+    assert await surge.evaluate(NOW + MIN) == []  # a new gateway knows no usual level
+
+
+async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(
+    start_gateway: Any,
+) -> None:
+    gw = await start_gateway(api=API)
+    url = f"http://127.0.0.1:{gw.http_port}/v1/intake"
+    async with aiohttp.ClientSession() as s:
+        for channel in ("voice", "sms", "sms", "voice"):
+            body = {"channel": channel, "sender": "+8613912345678", "text": "还是没人来修"}
+            headers = {"Authorization": f"Bearer {TOKENS['intake']}"}
+            async with s.post(url, json=body, headers=headers) as r:
+                assert r.status == 202, await r.text()
+
+    async def surges() -> list[Event]:
+        entries = await gw.redis.xrange(gw.keys.events)
+        return [
+            Event.from_dict(json.loads(f[b"event"])) for _, f in entries if f[b"type"] == b"surge"
+        ]
+
+    (event,) = await eventually(surges)
+    assert event.detail["kind"] == "repeat" and event.detail["count"] == 3
+    assert "12345678" not in json.dumps(event.to_dict())  # the number is masked
+    jsonschema.validate(event.to_dict(), EVENT_SCHEMA)
+    # the dashboard lists it, and the repeat candidates too
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"http://127.0.0.1:{gw.http_port}/dashboard/live?lang=zh",
+            headers={"Authorization": f"Bearer {TOKENS['reader']}"},
+        ) as r:
+            live = await r.json()
+    assert [x["detail"]["kind"] for x in live["figures"]["surges"]] == ["repeat"]
+    assert "同一人重复" in live["html"]["surges"]
+    assert [x["count"] for x in live["figures"]["repeats"]] == [4, 3]
+    assert len(await surges()) == 1  # the fourth contact raises no second one that day

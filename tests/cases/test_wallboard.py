@@ -1,0 +1,124 @@
+"""The wallboard's counters over a real Redis: kept by the aggregator from the events stream,
+once per contact however often an entry is read, in the order the report decides outcomes;
+calls waiting; only configured channels (or channels with contacts) shown."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import aiohttp
+
+from gateway.clock import SYSTEM_CLOCK
+from gateway.config import SlaSection
+from gateway.dashboard.aggregates import read_window, time_bin, window_buckets
+from gateway.queueing.keys import Keys
+from gateway.report import build
+from tests.cases import dataset
+from tests.cases.conftest import API, TOKENS, eventually
+from tests.cases.test_dashboard import _aggregated
+
+S = dataset.S
+
+
+async def live(gw: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"http://127.0.0.1:{gw.http_port}/dashboard/live?lang=en",
+            headers={"Authorization": f"Bearer {TOKENS['reader']}"},
+        ) as r:
+            assert r.status == 200
+            body: dict[str, Any] = await r.json()
+            return body
+
+
+async def test_counters_agree_with_the_report_and_survive_redelivery(start_gateway: Any) -> None:
+    gw = await start_gateway(api=API, sla={"voice_answer": "15s", "sms_response": "3m"})
+    now = SYSTEM_CLOCK.now_us()
+    contacts, events = dataset.build(now)
+    await dataset.write(gw.redis, gw.keys, contacts, events)
+    await eventually(lambda: _aggregated(gw, len(contacts) + len(events)))  # enqueued + events
+    first = await live(gw)
+    sla = SlaSection(voice_answer=15, sms_response=180, email_response=86400)
+    report = build(contacts, events, since_us=now - 3 * dataset.HOUR, until_us=now + 1, sla=sla)
+    for row in report["channels"]:
+        assert first["figures"]["rolling"][row["channel"]] == row, row["channel"]
+    # every entry read again (a consumer died before its XACK): nothing counts twice
+    entries = await gw.redis.xrange(gw.keys.events)
+    await gw.cases.aggregator.process(entries)
+    gw.cases.wallboard._cache = None
+    again = await live(gw)
+    assert again["figures"]["rolling"] == first["figures"]["rolling"]
+
+
+async def test_outcomes_move_only_forward(start_gateway: Any) -> None:
+    gw = await start_gateway(api=API)
+    now = SYSTEM_CLOCK.now_us()
+    sms = dataset.contact("late", "sms", now - 400 * S)
+    call = dataset.contact("call", "voice", now - 60 * S)
+    events = [
+        dataset.settle(sms, "breached", 180),  # the watcher's breach, then a late reply
+        dataset.settle(sms, "responded", 300),
+        dataset.plain(call, "abandoned", 20),  # an abandon, then an answer (the answer wins)
+        dataset.settle(call, "answered", 25),
+    ]
+    await dataset.write(gw.redis, gw.keys, [sms, call], events)
+    await eventually(lambda: _aggregated(gw, 6))
+    rows = (await live(gw))["figures"]["rolling"]
+    assert (rows["sms"]["breached"], rows["sms"]["settled"], rows["sms"]["within"]) == (1, 1, 0)
+    assert (rows["voice"]["abandoned"], rows["voice"]["settled"]) == (0, 1)
+    assert rows["voice"]["connection_rate"] == 100.0
+
+
+async def test_calls_waiting_and_the_longest_wait(start_gateway: Any) -> None:
+    gw = await start_gateway(api=API)
+    now = SYSTEM_CLOCK.now_us()
+    waiting = [dataset.contact(f"w{i}", "voice", now - (40 - i) * S) for i in range(3)]
+    answered = dataset.contact("a", "voice", now - 30 * S)
+    late = dataclasses.replace(dataset.contact("b", "voice", now - 90 * S))
+    events = [
+        dataset.settle(answered, "answered", 4),
+        dataset.settle(late, "breached", 15),  # still waiting after its deadline
+    ]
+    await dataset.write(gw.redis, gw.keys, [*waiting, answered, late], events)
+    await eventually(lambda: _aggregated(gw, 7))
+    voice = (await live(gw))["figures"]["voice"]
+    assert voice["waiting"] == 4
+    assert voice["longest_wait_ms"] >= 90_000  # the breached call has waited longest
+    body = await live(gw)
+    assert "Calls waiting" in body["html"]["tiles"]
+
+
+async def test_only_configured_channels_or_channels_with_contacts(start_gateway: Any) -> None:
+    gw = await start_gateway(
+        api=API, adapters={"wx": {"type": "wechat", "app_id": "wx0123456789abcdef", "token": "t"}}
+    )
+    body = await live(gw)
+    assert body["figures"]["channels"] == ["chat"]
+    assert body["figures"]["voice"] is None and body["html"]["tiles"] == ""
+    assert 'data-chart="answer"' not in body["html"]["charts"]
+    await dataset.write(
+        gw.redis, gw.keys, [dataset.contact("m", "email", SYSTEM_CLOCK.now_us())], []
+    )
+    await eventually(lambda: _aggregated(gw, 1))
+    gw.cases.wallboard._cache = None
+    assert (await live(gw))["figures"]["channels"] == ["chat", "email"]
+
+
+def test_time_bins_and_window_buckets() -> None:
+    assert [time_bin(ms) for ms in (0, 1, 3000, 3001, 300_000, 300_001, 3_600_000, 3_600_001)] == [
+        0, 1, 3, 4, 300, 310, 3600, 3660,
+    ]  # fmt: skip
+    keys = Keys("p")
+    day = window_buckets(keys, 1_000_000_030, 1_000_000_030 + 86400)
+    assert len(day) <= 24 + 120
+    assert sum(60 if ":m:" in k else 3600 for k in day) == 86400 + 60  # to the minute
+
+
+async def test_read_window_sums_hours_and_minutes(redis_client: Any, prefix: str) -> None:
+    keys = Keys(prefix)
+    await redis_client.hset(keys.agg_bucket("h", 7200), mapping={"sms:volume": 5, "sms:within": 2})
+    await redis_client.hset(keys.agg_bucket("m", 10800), mapping={"sms:volume": 1})
+    await redis_client.hset(keys.agg_bucket("m", 7140), mapping={"sms:volume": 100})  # before
+    counts = await read_window(redis_client, keys, 7200 * S, 10860 * S)
+    assert counts["sms"].volume == 6 and counts["sms"].get("within") == 2
