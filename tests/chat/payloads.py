@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import struct
 from typing import Any
 from urllib.parse import urlencode
@@ -74,9 +75,15 @@ def event(name: str, *, create_time: int, key: str = "") -> bytes:
     return wechat_xml("event", fields, create_time=create_time, msg_id=None)
 
 
+def _nonce() -> str:
+    """A fresh nonce, as the platforms send with every push (a signed query is single-use)."""
+    return str(random.randrange(10**9, 10**10))
+
+
 def wechat_query(
-    timestamp: int, nonce: str = "1514711492", token: str = TOKEN, **extra: str
+    timestamp: int, nonce: str | None = None, token: str = TOKEN, **extra: str
 ) -> str:
+    nonce = nonce or _nonce()
     q = {
         "signature": sign(token, str(timestamp), nonce),
         "timestamp": str(timestamp),
@@ -150,8 +157,9 @@ def weibo_push(
 
 
 def weibo_query(
-    timestamp: int, nonce: str = "7a3c8a5e", secret: str = APP_SECRET, **extra: str
+    timestamp: int, nonce: str | None = None, secret: str = APP_SECRET, **extra: str
 ) -> str:
+    nonce = nonce or _nonce()
     q = {
         "signature": sign(secret, str(timestamp), nonce),
         "timestamp": str(timestamp),

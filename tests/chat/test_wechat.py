@@ -17,6 +17,7 @@ from gateway.config import ConfigError
 from gateway.records import Reply
 from tests.chat import payloads as p
 from tests.chat.fakes import FakeWeChatApi
+from tests.harness import answer_before_body
 
 NOW_S = 1_795_594_483
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -369,3 +370,47 @@ async def test_verification_can_be_turned_off_by_the_operator(start_gateway: Any
         gw, f"timestamp={NOW_S - 99999}&nonce=1", p.text("x", create_time=NOW_S, msg_id=8)
     ) == (200, "success")
     assert [c.external_id for c in await gw.read_contacts()] == ["8"]
+
+
+# ---------------------------------------------------------------- replayed signatures
+
+
+async def test_a_signed_query_replayed_with_another_body_is_refused(start_gateway: Any) -> None:
+    """Plain mode signs token, timestamp and nonce, not the message: a captured query must not
+    carry a forged message. WeChat's own retries (the same push again) still pass."""
+    gw = await _gateway(start_gateway)
+    query = p.wechat_query(NOW_S, nonce="2093847561")
+    genuine = p.text("路灯坏了", create_time=NOW_S, msg_id=7001)
+    forged = p.text("伪造的投诉", create_time=NOW_S, msg_id=7002)
+    for _ in range(4):  # the first try and WeChat's three retries
+        assert await _post(gw, query, genuine) == (200, "success")
+    for _ in range(3):
+        assert (await _post(gw, query, forged))[0] == 403
+    assert [c.external_id for c in await gw.read_contacts()] == ["7001"]
+
+
+async def test_a_replay_at_another_instance_is_refused_too(start_gateway: Any) -> None:
+    one = await _gateway(start_gateway)
+    two = await _gateway(start_gateway)  # same Redis and prefix: a fleet of two
+    query = p.wechat_query(NOW_S, nonce="5550001")
+    assert await _post(one, query, p.text("真的", create_time=NOW_S, msg_id=8001)) == (
+        200,
+        "success",
+    )
+    assert (await _post(two, query, p.text("假的", create_time=NOW_S, msg_id=8002)))[0] == 403
+    assert await _post(two, query, p.text("真的", create_time=NOW_S, msg_id=8001)) == (
+        200,
+        "success",
+    )
+    assert [c.external_id for c in await one.read_contacts()] == ["8001"]
+
+
+async def test_a_bad_signature_is_refused_before_the_body_is_read(start_gateway: Any) -> None:
+    gw = await _gateway(start_gateway)
+    query = p.wechat_query(NOW_S, token="forged").encode()
+    head = (
+        b"POST /chat/wechat/wx?" + query + b" HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n"
+        b"Content-Length: 900000\r\n\r\n"
+    )
+    status, _ = await answer_before_body(gw.http_port, head, b"<xml>")
+    assert status == 403

@@ -177,3 +177,14 @@ async def test_reply_api(start_gateway: Any, weibo_api: FakeWeiboApi) -> None:
     with pytest.raises(SendError) as info:
         await gw.adapters["wb"].send(contact, Reply(contact.id, "again"))
     assert not info.value.retryable
+
+
+async def test_a_signed_query_replayed_with_another_body_is_refused(start_gateway: Any) -> None:
+    """Weibo's signature covers the query only: a captured one must not carry another body."""
+    gw = await _gateway(start_gateway)
+    query = p.weibo_query(NOW_S, nonce="9f8e7d6c")
+    genuine = p.weibo_push("text", "井盖丢了")
+    for _ in range(3):  # Weibo's own retries: the same push
+        assert await _post(gw, query, genuine) == (200, b"")
+    assert (await _post(gw, query, p.weibo_push("text", "伪造")))[0] == 403
+    assert [c.text for c in await gw.read_contacts()] == ["井盖丢了"]

@@ -315,6 +315,8 @@ def to_inbound(
 
 
 WINDOW: Final = Duration(300)
+REPLAY_MEMORY_S: Final = 86400.0
+"""How long a signed query is remembered when no timestamp window is configured."""
 """Default accepted distance between a push's timestamp and our clock."""
 
 ANSWER_WITHIN_S: Final = 4.0
@@ -484,6 +486,33 @@ class PushAdapter:
         """Verify and decode one push; raise SignatureError or PayloadError."""
         raise NotImplementedError
 
+    def signs_query_only(self, query: Mapping[str, str]) -> bool:
+        """True when the push's signature covers the query (secret, timestamp, nonce) but not
+        the body: Weibo, and WeChat's plain mode. Such a push is checked before its body is
+        read and its signed query is bound to the first body seen with it."""
+        return True
+
+    async def first_body(self, query: Mapping[str, str], body: bytes) -> bool:
+        """Bind the signed query to ``body`` in the fleet's shared state; False when it was
+        seen before with another body (a captured query replayed with a forged body).
+
+        The same query with the same body passes: the platform's own retries. The binding is
+        kept as long as the timestamp window accepts the query. While Redis is away the check
+        cannot be made and the push is taken (logged): the intake would be spooling anyway.
+        """
+        signed = "\n".join(query.get(k, "") for k in ("signature", "timestamp", "nonce"))
+        key = "replay:" + hashlib.sha256(signed.encode("utf-8", "replace")).hexdigest()
+        digest = hashlib.sha256(body).hexdigest()
+        ttl_s = 2 * self.window_s + 60 if self.window_s > 0 else REPLAY_MEMORY_S
+        try:
+            if await self.ctx.state.put(key, digest, ttl_s, only_new=True):
+                return True
+            seen = await self.ctx.state.get(key)
+        except Exception as exc:  # Redis away: taken, see above
+            log.warning("%s: replay check skipped: %s", self.name, type(exc).__name__)
+            return True
+        return seen is None or seen.decode() == digest
+
     async def fetch_attachments(self, msg: PushMessage) -> tuple[Attachment, ...]:
         """Fetch the message's media into the attachment store (none by default)."""
         return ()
@@ -497,7 +526,17 @@ class PushAdapter:
         received_at = self.ctx.clock.now_us()
         loop = asyncio.get_running_loop()
         started = loop.time()
+        query_only = self.verify and self.signs_query_only(request.query)
+        if query_only:  # authenticated before the body is read
+            try:
+                self.check(request.query)
+            except SignatureError as exc:
+                log.warning("%s: push refused: %s", self.name, exc)
+                return web.Response(status=403, text="forbidden")
         body = await read_body(request, self.max_body)
+        if query_only and not await self.first_body(request.query, body):
+            log.warning("%s: push refused: signed query replayed with another body", self.name)
+            return web.Response(status=403, text="forbidden")
         try:
             decoded = self.decode(request.query, body)
         except SignatureError as exc:

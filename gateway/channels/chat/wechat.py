@@ -209,6 +209,11 @@ class WeChatAdapter(PushAdapter):
         self._progress: dict[str, int] = {}
         """Reply id -> parts already sent, for a retried multi-part reply."""
 
+    def signs_query_only(self, query: Mapping[str, str]) -> bool:
+        """Plain pushes: ``signature`` covers token, timestamp and nonce, not the message.
+        Encrypted ones carry ``msg_signature`` over the ciphertext as well."""
+        return query.get("encrypt_type", "raw").lower() != "aes"
+
     def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:
         encrypted = query.get("encrypt_type", "raw").lower() == "aes"
         if self.config.mode == "safe" and not encrypted:
