@@ -19,6 +19,7 @@ from gateway import __version__
 from gateway.config import ConfigError, Settings, load_file, parse_settings
 from gateway.lock import DataDirBusy, DataDirLock
 from gateway.logs import setup_logging
+from gateway.permissions import UnsafePermissions
 from gateway.queueing.embedded import EmbeddedRedis, EmbeddedRedisError
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import SpoolError
@@ -294,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(arguments)
     try:
         return int(args.func(args))
-    except (ConfigError, DataDirBusy, SpoolError, EmbeddedRedisError) as exc:
+    except (ConfigError, DataDirBusy, SpoolError, EmbeddedRedisError, UnsafePermissions) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
 

@@ -279,6 +279,9 @@ class GatewaySection:
     """Name of this gateway instance in events and consumer names; default: host name."""
     log_format: typing.Literal["plain", "json"] = "plain"
     log_level: str = "INFO"
+    permissions: typing.Literal["warn", "refuse"] = "warn"
+    """The data folder (0700) and its spool and Redis files (0600) found wider at start-up:
+    log a warning, or refuse to start (gateway/permissions.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, permissions
 from gateway.adapters import Adapter, AdapterContext, load_channel_types
 from gateway.api.services import CaseServices
 from gateway.attachments import AttachmentStore
@@ -82,8 +82,9 @@ class Gateway:
     async def _start(self) -> None:
         s = self.settings
         self._running = True
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.lock.acquire()
+        permissions.enforce(self.data_dir, s.gateway.permissions)
         self.spool = Spool(self.data_dir / "spool")
         self.spool.open()
         self.attachments = AttachmentStore(self.data_dir / "attachments", s.intake.max_attachment)

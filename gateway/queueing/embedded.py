@@ -121,7 +121,8 @@ class EmbeddedRedis:
 
     def _prepare_sync(self) -> str:
         binary = find_server_binary(self.binary)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.mkdir(exist_ok=True, mode=0o700)
         if self._socket_dir is not None:
             _private_dir(self._socket_dir)
         left = self.leftover_pid()

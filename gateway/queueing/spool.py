@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from gateway.permissions import open_private, private_dir
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.store import Prepared
 from gateway.records import Attachment, Deadline, Event, Inbound, Sender
@@ -164,10 +165,10 @@ class Spool:
     def check_writable(self) -> None:
         """Create the folder and prove it takes an fsynced write; raise SpoolError otherwise."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.quarantine_dir.mkdir(exist_ok=True)
+            private_dir(self.dir)
+            private_dir(self.quarantine_dir)
             probe = self.dir / ".probe"
-            with open(probe, "wb") as fh:
+            with open_private(probe, "wb") as fh:
                 fh.write(b"ok")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -264,7 +265,7 @@ class Spool:
             self._fh.close()
         name = f"segment-{time.time_ns():020d}.log"
         self._active = self.dir / name
-        self._fh = open(self._active, "ab")
+        self._fh = open_private(self._active)
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -332,7 +333,7 @@ class Spool:
             if not self._unsettled:
                 segment.unlink()
             else:
-                self.quarantine_dir.mkdir(exist_ok=True)
+                private_dir(self.quarantine_dir)
                 target = self.quarantine_dir / f"{segment.name}.unsettled"
                 os.replace(segment, target)
                 log.error(
@@ -369,8 +370,8 @@ class Spool:
         if bad:
             target = self.quarantine_dir / segment.name
             try:
-                self.quarantine_dir.mkdir(exist_ok=True)
-                with open(target, "ab") as out:
+                private_dir(self.quarantine_dir)
+                with open_private(target) as out:
                     out.writelines(bad)
                     out.flush()
                     os.fsync(out.fileno())
@@ -392,8 +393,8 @@ class Spool:
         fails, their segment is moved whole to quarantine once replayed (see ``replay``)."""
         target = self.quarantine_dir / f"refused-{time.time_ns():020d}.log"
         try:
-            self.quarantine_dir.mkdir(exist_ok=True)
-            with open(target, "ab") as out:
+            private_dir(self.quarantine_dir)
+            with open_private(target) as out:
                 for record in records:
                     if isinstance(record, SpooledEvent):
                         line = event_to_json(record)
