@@ -21,9 +21,9 @@ Leases
 
 Shared state
     ``SharedState`` is scoped (per adapter: ``{p}:state:<adapter>:<key>``) and every key it
-    writes expires. ``put``/``get``/``pop``; ``hash_add``/``hash_all``/``hash_take`` (parts that
-    several instances collect, taken by exactly one); ``admit`` (at most N in a sliding window,
-    on the server's clock so every instance counts alike). A write may carry a ``Fence``: it
+    writes expires. ``put``/``get``/``pop``; ``hash_add``/``hash_all``/``hash_take``/
+    ``hash_remove`` (parts that several instances collect); ``admit`` (at most N in a sliding
+    window, on the server's clock so every instance counts alike). A write may carry a ``Fence``: it
     then happens only while that lease is still held by that acquisition.
 """
 
@@ -123,6 +123,15 @@ return all
 """
 )
 
+_HASH_REMOVE = (
+    _FENCE_CHECK
+    + """
+-- KEYS[2]: hash; ARGV[2..]: fields. Returns how many fields are left.
+redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
+return redis.call('HLEN', KEYS[2])
+"""
+)
+
 _ADMIT = (
     _FENCE_CHECK
     + """
@@ -149,6 +158,7 @@ _SCRIPTS = {
     "pop": _POP,
     "hash_add": _HASH_ADD,
     "hash_take": _HASH_TAKE,
+    "hash_remove": _HASH_REMOVE,
     "admit": _ADMIT,
 }
 
@@ -378,6 +388,17 @@ class SharedState:
         lease_key, expected = self._fence(fence)
         flat = await self._scripts.run("hash_take", [lease_key, self._key(key)], [expected])
         return {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def hash_remove(self, key: str, *fields: str, fence: Fence | None = None) -> int:
+        """Delete fields of hash ``key``; return how many are left."""
+        if not fields:
+            return len(await self.hash_all(key))
+        lease_key, expected = self._fence(fence)
+        return int(
+            await self._scripts.run(
+                "hash_remove", [lease_key, self._key(key)], [expected, *fields]
+            )
+        )
 
     async def admit(
         self, key: str, limit: int, window_s: float, *, fence: Fence | None = None

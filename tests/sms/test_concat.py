@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, parse_udh
 from gateway.clock import FixedClock
+from gateway.queueing.coordination import SharedState
+from gateway.queueing.keys import Keys
 
 UDH_CASES = [
     ("8-bit reference", bytes([5, 0, 3, 0x42, 3, 2]), Concat(0x42, 3, 2)),
@@ -115,3 +118,33 @@ async def test_reused_reference_during_a_slow_handover(tmp_path: Path) -> None:
     await first
     assert handed == [["o1", "o2"]]
     assert asm.pending == 1  # the new message's first part is still held
+
+
+async def test_shared_parts_are_kept_until_a_hand_over_succeeds_anywhere(
+    tmp_path: Path, redis_client: Any, prefix: str
+) -> None:
+    """Two instances' assemblers on one Redis: a refused hand-over leaves the parts in shared
+    state (no files), the other instance's sweeper hands them over, a late retry of a part at
+    either one is a duplicate, and a part that never comes is handed over incomplete."""
+    clock = FixedClock()
+    refusing, taking = Recorder(), Recorder()
+    refusing.fail = True
+    state = SharedState(redis_client, Keys(prefix), "kannel")
+    one = Assembler(tmp_path / "one", 60, clock, refusing, retry_s=5, state=state)
+    two = Assembler(tmp_path / "two", 60, clock, taking, retry_s=5, state=state)
+    assert (await one.add(part(1, "a", "id1"))).stored
+    assert (await two.add(part(2, "b", "id2"))).stored
+    assert (await one.add(part(3, "c", "id3"))).handed_over is None  # refused
+    assert await one.held() == await two.held() == 3
+    assert one.pending == two.pending == 0 and not list(tmp_path.glob("*/*.part"))
+    assert await two.sweep() == 1
+    assert taking.calls == [(["a", "b", "c"], True)]
+    assert await one.held() == 0
+    assert not (await one.add(part(2, "b", "id2"))).stored
+    assert not (await two.add(part(3, "c", "id3"))).stored
+    assert (await two.add(part(1, "x", "next1", total=2))).stored
+    assert await one.sweep() == 0
+    clock.advance(61)
+    refusing.fail = False
+    assert await one.sweep() == 1
+    assert refusing.calls == [(["x"], False)]

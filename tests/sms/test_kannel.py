@@ -195,7 +195,7 @@ async def test_three_parts_out_of_order_with_duplicates(start_gateway: Any) -> N
     assert contacts[0].text == text
     assert contacts[0].meta["incomplete"] is False
     assert contacts[0].meta["concat"]["parts"] == [1, 2, 3]
-    assert gw.adapters["kannel"].assembler.pending == 0
+    assert await gw.adapters["kannel"].assembler.held() == 0
 
 
 async def test_missing_part_times_out_as_incomplete(start_gateway: Any, tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ async def test_missing_part_times_out_as_incomplete(start_gateway: Any, tmp_path
         assert status == 200
     adapter = gw.adapters["kannel"]
     assert await adapter.assembler.sweep() == 0
-    assert adapter.assembler.pending == 2
+    assert await adapter.assembler.held() == 2
     clock.advance(61)
     assert await adapter.assembler.sweep() == 1
     contacts = await gw.read_contacts()
@@ -219,6 +219,29 @@ async def test_missing_part_times_out_as_incomplete(start_gateway: Any, tmp_path
     assert contacts[0].meta["incomplete"] is True
     assert contacts[0].meta["concat"]["parts"] == [1, 3]
     assert contacts[0].received_at < clock.now_us()
+
+
+async def test_parts_that_reach_two_instances_join(start_gateway: Any) -> None:
+    """Behind a balancer, Kannel's parts of one long message reach different instances: they
+    join into one contact, whichever instance gets the last part."""
+    one = await start_gateway(adapters={"kannel": ADAPTER})
+    two = await start_gateway(adapters={"kannel": ADAPTER})
+    chunks = ["第一部分，", "第二部分，", "第三部分。"]
+    for seq, (gw, chunk) in enumerate(zip((one, two, one), chunks, strict=True), start=1):
+        status, _, _ = await kannel_get(gw, get_url(
+            chunk.encode("utf-16-be"), coding=2, charset="UTF-16BE", udh=udh(0x51, 3, seq),
+            msg_id=f"00000000-0000-4000-8000-00000000030{seq}",
+        ))
+        assert status == 200
+    status, _, _ = await kannel_get(two, get_url(  # Kannel retries part 1 at the other one
+        chunks[0].encode("utf-16-be"), coding=2, charset="UTF-16BE", udh=udh(0x51, 3, 1),
+        msg_id="00000000-0000-4000-8000-000000000301",
+    ))
+    assert status == 200
+    contacts = await one.read_contacts()
+    assert [(c.text, c.meta["incomplete"]) for c in contacts] == [("".join(chunks), False)]
+    assert await one.adapters["kannel"].assembler.held() == 0
+    assert await one.adapters["kannel"].assembler.sweep() == 0
 
 
 async def test_acknowledged_parts_survive_a_restart(start_gateway: Any, tmp_path: Path) -> None:
@@ -231,7 +254,7 @@ async def test_acknowledged_parts_survive_a_restart(start_gateway: Any, tmp_path
     assert status == 200
     await gw.stop()
     gw2 = await start_gateway(adapters={"kannel": ADAPTER}, data_dir=data_dir)
-    assert gw2.adapters["kannel"].assembler.pending == 1
+    assert await gw2.adapters["kannel"].assembler.held() == 1
     status, _, _ = await kannel_get(gw2, get_url(
         "第二部分".encode("utf-16-be"), coding=2, charset="UTF-16BE", udh=udh(9, 2, 2),
         msg_id="00000000-0000-4000-8000-000000000202",

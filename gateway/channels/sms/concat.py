@@ -10,6 +10,14 @@ last part comes. When every part is present the group is handed over at once; ot
 after the hand-over succeeded, so a crash or an unavailable Intake only means a later retry (the
 startup reload and the sweeper both retry); the hand-over's external id is derived from the part
 ids, so a retry after a crash between submit and delete is a duplicate for Intake.
+
+In a fleet (``state``: the adapter's shared state), parts live in Redis instead, under
+``parts:<group>`` (one field per part number) with an index ``open`` of the groups being
+collected, so parts of one message that reach different instances join: whichever instance
+stores the last part hands the message over; every instance's sweeper hands over what timed
+out. Parts are removed only after the hand-over (two instances handing over the same parts
+give one contact: the external id is the same), and ``done:<part id>`` remembers handed-over
+parts for ``remember_s``. While Redis is away, parts go to the files as above.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
+
+if TYPE_CHECKING:
+    from gateway.queueing.coordination import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +173,9 @@ class Assembler:
         *,
         retry_s: float = 5.0,
         remember_s: float = 3600.0,
+        state: SharedState | None = None,
     ) -> None:
+        self.state = state
         self.directory = directory
         self.timeout_us = int(timeout_s * MICROS_PER_SECOND)
         self.clock = clock
@@ -241,6 +254,15 @@ class Assembler:
         """Parts held, not yet handed over."""
         return sum(len(g.parts) for g in self._groups.values())
 
+    async def held(self) -> int:
+        """Parts held, not yet handed over: in the files and (reachable) shared state."""
+        count = self.pending
+        if self.state is not None:
+            with contextlib.suppress(Exception):
+                for group in await self.state.hash_all("open"):
+                    count += len(await self.state.hash_all(_parts_key(group)))
+        return count
+
     def is_duplicate(self, part: Part) -> bool:
         """True when this exact part (same provider id) is held or was already handed over."""
         if part.external_id in self._done:
@@ -258,6 +280,11 @@ class Assembler:
         """
         if self.is_duplicate(part):
             return Added(stored=False)
+        if self.state is not None:
+            try:
+                return await self._add_shared(part, self.state)
+            except Exception as exc:  # Redis away: the part goes to a file instead
+                log.warning("SMS part kept locally, shared state unavailable: %s", exc)
         group = self._groups.get(part.group)
         if group is not None and part.seq in group.parts:
             # Same reference, same part number, another message: the older one is over.
@@ -272,9 +299,84 @@ class Assembler:
                 return Added(stored=True, handed_over=result)
         return Added(stored=True)
 
+    async def _add_shared(self, part: Part, state: SharedState) -> Added:
+        key = _parts_key(part.group)
+        if await state.get(_done_key(part.external_id)) is not None:
+            return Added(stored=False)
+        held = _parse(await state.hash_all(key))
+        same = held.get(part.seq)
+        if same is not None and same.external_id == part.external_id:
+            return Added(stored=False)
+        if same is not None:  # same reference and part number, another message: hand it over
+            await self._handover_shared(part.group, state, complete=False, parts=held)
+        ttl_s = (self.timeout_us + self.remember_us) / MICROS_PER_SECOND
+        count = await state.hash_add(key, str(part.seq), part.to_json(), ttl_s)
+        await state.hash_add("open", part.group, b"1", ttl_s)
+        if count >= part.total:
+            ok, result = await self._handover_shared(part.group, state, complete=True)
+            return Added(stored=True, handed_over=result if ok else None)
+        return Added(stored=True)
+
+    async def _handover_shared(
+        self,
+        group: str,
+        state: SharedState,
+        *,
+        complete: bool,
+        parts: dict[int, Part] | None = None,
+    ) -> tuple[bool, object | None]:
+        """Hand over the group's parts, then remove them (a crash in between repeats the
+        hand-over, which Intake takes as a duplicate)."""
+        key = _parts_key(group)
+        held = parts if parts is not None else _parse(await state.hash_all(key))
+        if not held:
+            await state.hash_remove("open", group)
+            return False, None
+        ordered = [held[s] for s in sorted(held)]
+        try:
+            result = await self.handover(ordered, complete)
+        except Exception as exc:
+            self._next_try[group] = self.clock.now_us() + self.retry_us
+            log.warning("concatenated SMS hand-over deferred (%d parts): %s", len(ordered), exc)
+            return False, None
+        ttl_s = self.remember_us / MICROS_PER_SECOND
+        try:
+            for p in ordered:
+                await state.put(_done_key(p.external_id), b"1", ttl_s)
+            if await state.hash_remove(key, *(str(s) for s in held)) == 0:
+                await state.hash_remove("open", group)
+        except Exception as exc:  # handed over: a sweeper repeats it, Intake dedupes
+            log.warning("concatenated SMS handed over, parts not yet removed: %s", exc)
+        return True, result
+
+    async def _sweep_shared(self, state: SharedState, now: Micros) -> int:
+        handed = 0
+        for group in await state.hash_all("open"):
+            if now < self._next_try.get(group, 0):
+                continue
+            held = _parse(await state.hash_all(_parts_key(group)))
+            if not held:
+                await state.hash_remove("open", group)
+                continue
+            complete = len(held) >= max(p.total for p in held.values())
+            first_seen = min(p.received_at for p in held.values())
+            if complete or now - first_seen >= self.timeout_us:
+                ok, _ = await self._handover_shared(group, state, complete=complete, parts=held)
+                handed += ok
+        return handed
+
     async def sweep(self) -> int:
         """Hand over groups past the timeout (and retry failed hand-overs); return how many went."""
         now = self.clock.now_us()
+        handed = 0
+        if self.state is not None:
+            try:
+                handed += await self._sweep_shared(self.state, now)
+            except Exception as exc:
+                log.warning("concatenated SMS sweep of shared parts failed: %s", exc)
+        return handed + await self._sweep_local(now)
+
+    async def _sweep_local(self, now: Micros) -> int:
         for pid, at in list(self._done.items()):
             if now - at > self.remember_us:
                 del self._done[pid]
@@ -349,3 +451,22 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _parts_key(group: str) -> str:
+    return f"parts:{group}"
+
+
+def _done_key(external_id: str) -> str:
+    return f"done:{external_id}"
+
+
+def _parse(fields: dict[str, bytes]) -> dict[int, Part]:
+    """Parts from a shared hash (field: part number); unreadable ones are skipped."""
+    parts: dict[int, Part] = {}
+    for seq, raw in fields.items():
+        try:
+            parts[int(seq)] = Part.from_json(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable shared SMS part skipped: %s", exc)
+    return parts

@@ -246,7 +246,7 @@ class GenericAdapter(common.PartsLifecycle):
         self.status_path = self.path.rstrip("/") + "/status"
         data_dir = ctx.settings.gateway.data_dir / "sms" / ctx.name / "parts"
         self.assembler = Assembler(
-            data_dir, float(config.concat_timeout), ctx.clock, self._handover
+            data_dir, float(config.concat_timeout), ctx.clock, self._handover, state=ctx.state
         )
         self.assembler.load()  # parts left by an earlier run, before any request comes
         self._session: aiohttp.ClientSession | None = None
