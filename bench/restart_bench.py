@@ -3,7 +3,8 @@
 A gateway process is started on a data folder holding ``--contacts`` contacts, then killed with
 SIGKILL and started again ``--cycles`` times. For each restart: the time from the kill to the
 first ``202`` of the new process (a client posting every 10 ms), and whether exactly one server
-runs on the folder afterwards. Figures: docs/reliability.md ("Restarts").
+runs on the folder afterwards; the baseline is the first start on an empty folder, in the same
+run. Figures: docs/reliability.md ("Restarts").
 
     .venv/bin/python -m bench.restart_bench                  # 10 cycles, about half a minute
     .venv/bin/python -m bench.restart_bench --cycles 3 --contacts 0
@@ -64,12 +65,13 @@ async def main(cycles: int, contacts: int) -> None:
         )
         redis_dir = (Path(tmp) / "var" / "redis").resolve()
         url = f"http://127.0.0.1:{port}/v1/intake"
+        began = time.monotonic()
         proc = start(cfg)
         gaps: list[float] = []
         single = 0
         timeout = aiohttp.ClientTimeout(total=2)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await first_202(session, url, -1)
+            cold = await first_202(session, url, -1) - began
             for i in range(contacts):
                 body = {"channel": "web", "external_id": f"fill-{i}", "text": "x" * 200}
                 async with session.post(url, json=body) as resp:
@@ -85,6 +87,7 @@ async def main(cycles: int, contacts: int) -> None:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
     gaps.sort()
+    print(f"baseline, first start on an empty folder (spawn to first 202): {cold:.2f} s")
     print(f"restarts after SIGKILL with {contacts} contacts in the folder: {cycles}")
     print(
         f"unavailable (kill to first 202): median {statistics.median(gaps):.2f} s, "
