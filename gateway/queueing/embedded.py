@@ -125,8 +125,7 @@ class EmbeddedRedis:
         self.dir.mkdir(exist_ok=True, mode=0o700)
         if self._socket_dir is not None:
             _private_dir(self._socket_dir)
-        left = self.leftover_pid()
-        if left is not None:
+        for left in self.leftover_pids():
             log.warning(
                 "embedded redis: a server (pid %d) outlived the process that started it on "
                 "%s; stopping it before starting ours",
@@ -143,15 +142,21 @@ class EmbeddedRedis:
             self.socket.unlink(missing_ok=True)  # stale: its server is gone
         return binary
 
-    def leftover_pid(self) -> int | None:
-        """The pid of a live server started on this folder by another process (or None)."""
+    def leftover_pids(self) -> list[int]:
+        """Live servers on this folder that this object did not start: the one named in the
+        pidfile, and (Linux) every Valkey/Redis process working in the folder, so that even a
+        server started by a version without the pidfile is found."""
+        found = set(servers_of(self.dir))
         try:
             pid = int(self.pidfile.read_text().split()[0])
         except (OSError, ValueError, IndexError):
-            return None
-        if self.process is not None and pid == self.process.pid:
-            return None
-        return pid if is_server_of(pid, self.dir) else None
+            pass
+        else:
+            if is_server_of(pid, self.dir):
+                found.add(pid)
+        if self.process is not None:
+            found.discard(self.process.pid)
+        return sorted(found)
 
     def _spawn(self, binary: str) -> None:
         args = [
@@ -248,6 +253,18 @@ class EmbeddedRedis:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.stop_sync)
+
+
+def servers_of(directory: Path) -> list[int]:
+    """Every live Valkey/Redis process working in ``directory``, whoever started it (Linux;
+    elsewhere an empty list)."""
+    if not Path("/proc/self").exists():
+        return []
+    return [
+        int(entry.name)
+        for entry in os.scandir("/proc")
+        if entry.name.isdigit() and is_server_of(int(entry.name), directory)
+    ]
 
 
 def is_server_of(pid: int, directory: Path) -> bool:

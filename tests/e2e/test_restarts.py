@@ -3,7 +3,6 @@ leaves exactly one server on the data folder, its socket in place, and nothing l
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -11,21 +10,14 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
-from gateway.queueing.embedded import EmbeddedRedis, is_server_of
+from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.embedded import servers_of as servers_on
 from tests.e2e.test_serve import PY, free_port, start_serve, wait_healthy, write_config
 from tests.voice.test_ami import until
 
 CYCLES = 6
-
-
-def servers_on(directory: Path) -> list[int]:
-    """Every live Valkey/Redis process working in ``directory`` (whoever started it)."""
-    return [
-        int(entry)
-        for entry in os.listdir("/proc")
-        if entry.isdigit() and is_server_of(int(entry), directory)
-    ]
 
 
 async def post(session: aiohttp.ClientSession, port: int, external_id: str) -> dict[str, Any]:
@@ -92,9 +84,11 @@ async def test_kill_9_loop_leaves_one_server_per_data_folder_and_loses_nothing(t
             proc.wait()
 
 
-def test_a_server_left_on_the_folder_is_stopped_cleanly_before_another_starts(tmp_path):
-    """A server whose starter forgot it (an older gateway, another OS) is found through the
-    pidfile, stopped with SIGTERM (it writes its append-only file) and replaced."""
+@pytest.mark.parametrize("pidfile", [True, False], ids=["pidfile", "no-pidfile"])
+def test_a_server_left_on_the_folder_is_stopped_cleanly_before_another_starts(tmp_path, pidfile):
+    """A server whose starter forgot it (another OS, or an older gateway that wrote no pidfile
+    and whose socket an orphan already removed) is found, stopped with SIGTERM (it writes its
+    append-only file) and replaced."""
     import redis
 
     left = EmbeddedRedis(tmp_path)
@@ -103,6 +97,9 @@ def test_a_server_left_on_the_folder_is_stopped_cleanly_before_another_starts(tm
     client = redis.Redis.from_url(left.url)
     client.set("kept", "1")
     client.close()
+    if not pidfile:
+        left.pidfile.unlink()
+        left.socket.unlink()
     successor = EmbeddedRedis(tmp_path)
     try:
         successor.start_sync()
@@ -115,3 +112,4 @@ def test_a_server_left_on_the_folder_is_stopped_cleanly_before_another_starts(tm
         successor.stop_sync()
         left.stop_sync()
     assert not (tmp_path / "redis" / "server.pid").exists()
+    assert not servers_on(tmp_path.resolve() / "redis")
