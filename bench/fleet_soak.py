@@ -1,0 +1,456 @@
+"""Fleet soak: several ``gateway serve`` processes on one Redis, killed with SIGKILL and
+restarted at random under mixed load, with Redis itself killed and restarted now and then.
+
+Instances have different adapter sets: ``i0`` only the HTTP intake API, the others also a
+Telegram bot in polling mode (against a local fake Bot API speaking the real wire format) and
+Kannel SMS. Load, all the time: ``POST /v1/intake`` to every live instance, Telegram updates
+queued at the fake Bot API (taken by whichever instance holds the bot's lease), Kannel get-url
+requests to the SMS instances. Every few seconds one instance is killed (every other time the
+one polling Telegram) and started again.
+
+Counted: what was acknowledged (202 from the intake API, 200 from the Kannel URL, a Telegram
+update confirmed by a later getUpdates offset), what is on ``{p}:contacts`` at the end (after
+every instance is up again and every spool is empty), lost and duplicated; how many instances
+believed they held each lease at once (sampled through ``/readyz``); the most getUpdates
+requests in flight at once (Telegram allows one per bot); each take-over time, from killing
+a lease holder to another instance holding the lease.
+
+    .venv/bin/python -m bench.fleet_soak                           # 10 cycles, about a minute
+    .venv/bin/python -m bench.fleet_soak --cycles 100 --redis-restarts 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+
+from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.keys import Keys
+from tests.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi, message
+from tests.sms.test_kannel import AUTH, SECRET, get_url
+
+PREFIX = "fleet"
+TELEGRAM_LEASE = f"telegram:{BOT_ID}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Instance:
+    name: str
+    port: int
+    cfg: Path
+    sms: bool
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-c", str(self.cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Report:
+    instances: int
+    cycles: int
+    redis_restarts: int
+    seconds: float = 0.0
+    acknowledged: Counter[str] = field(default_factory=Counter)
+    """By kind: intake, sms, telegram."""
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    on_stream: int = 0
+    unacknowledged: int = 0
+    """Stored, but the answer never reached the client (its instance was killed mid-request)."""
+    kills: int = 0
+    holder_kills: int = 0
+    takeovers_s: list[float] = field(default_factory=list)
+    lease_samples: int = 0
+    most_holders: dict[str, int] = field(default_factory=dict)
+    most_polling: int = 0
+    conflicts: int = 0
+
+    def lines(self) -> list[str]:
+        over = sorted(self.takeovers_s)
+        take = (
+            f"median {over[len(over) // 2]:.1f} s, max {over[-1]:.1f} s ({len(over)})"
+            if over
+            else "none measured"
+        )
+        return [
+            f"instances {self.instances}, kill -9 cycles {self.kills} "
+            f"({self.holder_kills} of the Telegram lease holder), "
+            f"Redis kill -9 + restart {self.redis_restarts}, {self.seconds:.0f} s",
+            "acknowledged "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.acknowledged.items()))
+            + f" (total {sum(self.acknowledged.values())}); on the stream {self.on_stream} "
+            f"({self.unacknowledged} stored whose answer was cut off by a kill)",
+            f"lost {len(self.lost)}, duplicated {len(self.duplicated)}",
+            f"lease samples {self.lease_samples}, most holders at once "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(self.most_holders.items())),
+            f"getUpdates in flight at once: at most {self.most_polling}, "
+            f"409 conflicts {self.conflicts}",
+            f"take-over after killing the holder: {take}",
+        ]
+
+
+def write_config(root: Path, n: int, port: int, redis_url: str, bot: FakeBotApi, ttl: str) -> Path:
+    sms = n > 0
+    cfg = root / f"i{n}.toml"
+    text = f"""
+[gateway]
+data_dir = "{root / f"i{n}"}"
+instance = "i{n}"
+
+[redis]
+url = "{redis_url}"
+prefix = "{PREFIX}"
+write_timeout = "300ms"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[api]
+open_to_loopback = true
+
+[fleet]
+lease_ttl = "{ttl}"
+"""
+    if sms:
+        text += f"""
+[adapters.tg]
+type = "telegram"
+token = "{BOT_TOKEN}"
+mode = "polling"
+poll_timeout = "1s"
+api_base = "{bot.api_base}"
+file_base = "{bot.file_base}"
+
+[adapters.kannel]
+type = "kannel"
+path = "/sms/kannel"
+secret = "{SECRET}"
+region = "CN"
+"""
+    cfg.write_text(text)
+    return cfg
+
+
+class Soak:
+    def __init__(
+        self, root: Path, instances: int, cycles: int, redis_restarts: int, ttl_s: float
+    ) -> None:
+        self.root = root
+        self.cycles = cycles
+        self.redis_restarts = redis_restarts
+        self.ttl_s = ttl_s
+        self.report = Report(instances, cycles, redis_restarts)
+        self.redis = EmbeddedRedis(root / "redis")
+        self.bot = FakeBotApi()
+        self.fleet: list[Instance] = []
+        self.n_instances = instances
+        self.ids = itertools.count()
+        self.pushed_updates: list[int] = []
+        self.running = True
+        self.sms_ids: set[str] = set()
+        self.intake_ids: set[str] = set()
+
+    # ------------------------------------------------------------------ fleet
+
+    async def healthy(self, session: aiohttp.ClientSession, inst: Instance) -> None:
+        for _ in range(1200):
+            if not inst.alive:
+                raise RuntimeError(f"{inst.name} exited with {inst.proc and inst.proc.poll()}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(inst.base + "/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{inst.name} did not become healthy")
+
+    async def ready(self, session: aiohttp.ClientSession, inst: Instance) -> dict[str, Any]:
+        async with session.get(inst.base + "/readyz") as resp:
+            detail: dict[str, Any] = await resp.json(content_type=None)
+            return detail
+
+    async def holders(self, session: aiohttp.ClientSession) -> dict[str, list[str]]:
+        """Lease name -> the live instances that say they hold it (one look at each)."""
+        live = [i for i in self.fleet if i.alive]
+
+        async def look(inst: Instance) -> tuple[str, list[str]]:
+            try:
+                return inst.name, list((await self.ready(session, inst)).get("leases", {}))
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return inst.name, []
+
+        seen: dict[str, list[str]] = {}
+        for name, leases in await asyncio.gather(*(look(i) for i in live)):
+            for lease in leases:
+                seen.setdefault(lease, []).append(name)
+        return seen
+
+    async def watch_leases(self, session: aiohttp.ClientSession) -> None:
+        while self.running:
+            seen = await self.holders(session)
+            self.report.lease_samples += 1
+            for lease, names in seen.items():
+                most = self.report.most_holders.get(lease, 0)
+                self.report.most_holders[lease] = max(most, len(names))
+            await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ load
+
+    async def intake_load(self, session: aiohttp.ClientSession, inst: Instance) -> None:
+        while self.running:
+            if not inst.alive:
+                await asyncio.sleep(0.05)
+                continue
+            external_id = f"web-{next(self.ids)}"
+            body = {
+                "channel": "web",
+                "external_id": external_id,
+                "sender": {"address": f"citizen{random.randrange(50)}@example.org"},
+                "text": "路灯不亮",
+            }
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.post(inst.base + "/v1/intake", json=body) as resp:
+                    if resp.status == 202:
+                        self.intake_ids.add(external_id)
+            await asyncio.sleep(0.02)
+
+    async def sms_load(self, session: aiohttp.ClientSession) -> None:
+        sms = [i for i in self.fleet if i.sms]
+        while self.running:
+            inst = random.choice(sms)
+            if inst.alive:
+                n = next(self.ids)
+                msg_id = f"00000000-0000-4000-8000-{n:012d}"
+                query = get_url("短信投诉".encode("utf-16-be"), coding=2, charset="UTF-16BE",
+                                msg_id=msg_id)
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(
+                        f"{inst.base}/sms/kannel?{query}", headers=AUTH
+                    ) as resp:
+                        if resp.status == 200:
+                            self.sms_ids.add(msg_id)
+            await asyncio.sleep(0.05)
+
+    async def telegram_load(self) -> None:
+        update = 1000
+        while self.running:
+            update += 1
+            self.bot.push({"update_id": update, "message": message(update, text=f"tg {update}")})
+            self.pushed_updates.append(update)
+            await asyncio.sleep(0.05)
+
+    def confirmed_updates(self) -> list[int]:
+        """Updates confirmed to Telegram: a later getUpdates asked for an offset past them."""
+        offsets = [o for o in self.bot.offsets if o is not None]
+        top = max(offsets, default=0)
+        return [u for u in self.pushed_updates if u < top]
+
+    # ------------------------------------------------------------------ the run
+
+    async def kill_and_restart(self, session: aiohttp.ClientSession, cycle: int) -> None:
+        seen = await self.holders(session)
+        holder = seen.get(TELEGRAM_LEASE, [])
+        by_name = {i.name: i for i in self.fleet}
+        if cycle % 2 == 0 and holder:
+            victim = by_name[holder[0]]
+        else:
+            victim = random.choice(self.fleet)
+        was_holder = victim.name in holder
+        killed_at = time.monotonic()
+        victim.kill()
+        self.report.kills += 1
+        if was_holder:
+            self.report.holder_kills += 1
+        await asyncio.sleep(random.uniform(0.0, 1.0))
+        victim.start()
+        if was_holder:
+            while True:
+                now_held = [
+                    n for n in (await self.holders(session)).get(TELEGRAM_LEASE, [])
+                ]
+                if now_held:
+                    self.report.takeovers_s.append(time.monotonic() - killed_at)
+                    break
+                await asyncio.sleep(0.05)
+        await self.healthy(session, victim)
+
+    async def restart_redis(self) -> None:
+        await asyncio.to_thread(self.redis.kill_sync)
+        await asyncio.sleep(random.uniform(0.2, 1.0))
+        await asyncio.to_thread(self.redis.start_sync)
+
+    async def run(self) -> Report:
+        started = time.monotonic()
+        await asyncio.to_thread(self.redis.start_sync)
+        await self.bot.start()
+        ttl = f"{self.ttl_s}s"
+        for n in range(self.n_instances):
+            port = free_port()
+            cfg = write_config(self.root, n, port, self.redis.url, self.bot, ttl)
+            self.fleet.append(Instance(f"i{n}", port, cfg, sms=n > 0))
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            try:
+                for inst in self.fleet:
+                    inst.start()
+                for inst in self.fleet:
+                    await self.healthy(session, inst)
+                load = [
+                    *(asyncio.create_task(self.intake_load(session, i)) for i in self.fleet),
+                    asyncio.create_task(self.sms_load(session)),
+                    asyncio.create_task(self.telegram_load()),
+                    asyncio.create_task(self.watch_leases(session)),
+                ]
+                redis_at = set(
+                    random.sample(range(self.cycles), min(self.redis_restarts, self.cycles))
+                )
+                for cycle in range(self.cycles):
+                    await asyncio.sleep(random.uniform(0.5, 1.5))
+                    await self.kill_and_restart(session, cycle)
+                    if cycle in redis_at:
+                        await self.restart_redis()
+                await asyncio.sleep(1.0)
+                self.running = False
+                await asyncio.gather(*load)
+                await self.settle(session)
+                await self.count()
+            finally:
+                self.running = False
+                for inst in self.fleet:
+                    inst.stop()
+                await self.bot.stop()
+                await asyncio.to_thread(self.redis.stop_sync)
+        self.report.most_polling = self.bot.most_polling
+        self.report.conflicts = self.bot.conflicts
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    async def settle(self, session: aiohttp.ClientSession) -> None:
+        """Wait until every spool is empty and every queued Telegram update is confirmed."""
+        for inst in self.fleet:
+            await self.healthy(session, inst)
+        for _ in range(1200):
+            depths = []
+            for inst in self.fleet:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                    depths.append(int((await self.ready(session, inst)).get("spool_depth", 1)))
+            confirmed = len(self.confirmed_updates()) == len(self.pushed_updates)
+            if len(depths) == len(self.fleet) and not any(depths) and confirmed:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("the fleet did not settle (spools not empty or updates unconfirmed)")
+
+    async def count(self) -> None:
+        client = aioredis.from_url(self.redis.url)
+        try:
+            entries = await client.xrange(Keys(PREFIX).contacts)
+        finally:
+            await client.aclose()
+        seen: Counter[str] = Counter()
+        for _, fields in entries:
+            contact = orjson.loads(fields[b"contact"])
+            seen[contact["external_id"]] += 1
+        self.report.on_stream = len(entries)
+        expected = set(self.intake_ids) | self.sms_ids
+        expected |= {f"{BOT_ID_CHAT}:{u}" for u in self.confirmed_updates()}
+        self.report.acknowledged.update(
+            intake=len(self.intake_ids),
+            sms=len(self.sms_ids),
+            telegram=len(self.confirmed_updates()),
+        )
+        self.report.lost = sorted(k for k in expected if seen[k] == 0)
+        self.report.duplicated = sorted(k for k, v in seen.items() if v > 1)
+        self.report.unacknowledged = len(set(seen) - expected)
+
+
+BOT_ID_CHAT = 777000001
+"""The private chat of ``tests.chat.fakes.message`` (external id ``<chat>:<message id>``)."""
+
+
+async def soak(
+    root: Path,
+    *,
+    instances: int = 3,
+    cycles: int = 10,
+    redis_restarts: int = 2,
+    lease_ttl_s: float = 2.0,
+) -> Report:
+    return await Soak(root, instances, cycles, redis_restarts, lease_ttl_s).run()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--redis-restarts", type=int, default=2)
+    parser.add_argument("--lease-ttl", type=float, default=2.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = asyncio.run(
+            soak(
+                Path(tmp),
+                instances=args.instances,
+                cycles=args.cycles,
+                redis_restarts=args.redis_restarts,
+                lease_ttl_s=args.lease_ttl,
+            )
+        )
+    for line in report.lines():
+        print(line)
+    if report.lost or report.duplicated:
+        print("lost:", report.lost[:20], "duplicated:", report.duplicated[:20])
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
