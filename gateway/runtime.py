@@ -25,7 +25,7 @@ from gateway.intake_api import IntakeApi
 from gateway.lock import DataDirLock
 from gateway.metrics import Metrics
 from gateway.queueing.coordination import Leases, SharedState
-from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.embedded import EmbeddedRedis, EmbeddedRedisError
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import Spool
 from gateway.queueing.store import RedisQueue, connect, decode_fields
@@ -92,6 +92,7 @@ class Gateway:
             self.embedded = EmbeddedRedis(self.data_dir, s.redis.server_binary)
             await self.embedded.start()
             self.redis_url = self.embedded.url
+            self.supervisor.spawn("embedded-redis", self._keep_embedded, backoff=(0.5, 10.0))
         self.redis = connect(s.redis, self.redis_url)
         self.queue = RedisQueue(
             self.redis,
@@ -230,6 +231,22 @@ class Gateway:
         self.embedded = None
         self.lock.release()
         log.info("gateway stopped")
+
+    async def _keep_embedded(self) -> None:
+        """The supervised loop ``embedded-redis``: start the embedded server again when it
+        exits under the gateway (crashed, killed); meanwhile contacts go to the spool."""
+        server = self.embedded
+        assert server is not None
+        if server.process is None or server.process.poll() is not None:
+            await server.start()
+            log.warning("embedded redis: started again on %s", server.url)
+        process = server.process
+        assert process is not None
+        while True:  # a pidfd would do; polling twice a second costs nothing
+            code = process.poll()
+            if code is not None:
+                raise EmbeddedRedisError(f"embedded server pid {process.pid} exited ({code})")
+            await asyncio.sleep(0.5)
 
     def state_for(self, scope: str) -> SharedState:
         """Shared state with expiry under one scope (an adapter's name)."""

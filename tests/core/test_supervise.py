@@ -119,3 +119,23 @@ async def test_gateway_readyz_and_metrics_show_a_loop_that_is_down(start_gateway
         await gw.supervisor.stop("poller")
         async with session.get(f"{url}/readyz") as resp:
             assert resp.status == 200
+
+
+async def test_embedded_server_killed_under_the_gateway_is_started_again(start_gateway) -> None:
+    """The embedded server is SIGKILLed while the gateway runs: contacts go to the spool, the
+    supervised loop ``embedded-redis`` starts the server again, and the spool is replayed."""
+    from tests.core.test_intake import inbound
+
+    gw = await start_gateway(url="", redis={"write_timeout": "300ms"})
+    assert gw.embedded is not None and gw.embedded.process is not None
+    first_pid = gw.embedded.process.pid
+    before = await gw.intake.submit(inbound(external_id="before"))
+    gw.embedded.kill_sync()
+    await until(lambda: gw.supervisor.states()["embedded-redis"].restarts >= 1)
+    during = await gw.intake.submit(inbound(external_id="during"))
+    assert during.status in ("spooled", "enqueued")  # spooled unless the server is back yet
+    await until(lambda: gw.spool.depth == 0 and gw.intake.redis_up, 30)
+    assert gw.embedded.process is not None and gw.embedded.process.pid != first_pid
+    ids = sorted(c.id for c in await gw.read_contacts())
+    assert ids == sorted([before.contact_id, during.contact_id])  # the AOF kept the first
+    await until(lambda: gw.supervisor.ready()[0], 30)
