@@ -195,3 +195,29 @@ async def test_answer_within_15_seconds_is_measured(start_gateway: Any) -> None:
                   le="15.0") == 2
     assert sample(text, "gateway_deadline_stamp_seconds_count", type="answered",
                   met="false") == 1
+
+
+async def test_ami_link_reconnects_and_event_lag(start_gateway: Any) -> None:
+    from tests.cases.conftest import eventually
+    from tests.voice.fakes import FakeAmi
+    from tests.voice.test_ami import voice_with_ami
+
+    ami = FakeAmi([(b"", True)])  # the first session is cut at once; the second stays up
+    gw = await voice_with_ami(start_gateway, ami)
+
+    async def up_again() -> str | None:
+        _, text = await scrape(gw.http_port)
+        ok = ami.accepted >= 2 and sample(text, "gateway_ami_connected", adapter="asterisk") == 1
+        return text if ok else None
+
+    text = await eventually(up_again)
+    assert (sample(text, "gateway_ami_reconnects_total", adapter="asterisk") or 0) >= 1
+    # every login is followed by FullyBooted, which carries a Timestamp (timestampevents)
+    assert (sample(text, "gateway_ami_event_lag_seconds_count", adapter="asterisk") or 0) >= 2
+    await ami.stop()
+
+    async def down() -> bool:
+        _, text = await scrape(gw.http_port)
+        return sample(text, "gateway_ami_connected", adapter="asterisk") == 0
+
+    assert await eventually(down)
