@@ -132,7 +132,9 @@ class Intake:
                 if is_transient(result):
                     self._mark_down(result)
                 else:  # this contact alone: its peer retries, everyone else goes on
-                    log.error("intake: Redis refused contact %s: %s", prepared.id, result)
+                    log.error("intake: Redis refused contact %s: %s", prepared.id, result,
+                              extra={"adapter": prepared.inbound.adapter,
+                                     "contact_id": prepared.id, "event": "refused_by_redis"})
                     series.refused.inc()
                     raise IntakeUnavailable(f"Redis refused the contact: {result}")
         return await self._spool(prepared)
@@ -176,7 +178,9 @@ class Intake:
             raise InvalidContact(f"contact not encodable: {exc}") from exc
         except (SpoolError, OSError) as exc:
             series.refused.inc()
-            log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc)
+            log.error("intake: contact refused, neither Redis nor the spool took it: %s", exc,
+                      extra={"adapter": inbound.adapter, "contact_id": prepared.id,
+                             "event": "refused"})
             raise IntakeUnavailable(str(exc)) from exc
         series.spooled.inc()
         self.metrics.spool_depth.set(self.spool.depth)

@@ -125,35 +125,44 @@ def paths(conf: str) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("bearerbox") is None,
                     reason="needs Kannel's bearerbox: apt-get install kannel (.ci/run does)")
-async def test_bearerbox_starts_with_the_sample(tmp_path: Path) -> None:
+async def test_bearerbox_and_smsbox_start_with_the_sample(tmp_path: Path) -> None:
     text = CONF.read_text(encoding="utf-8")
     for path in paths(text):  # what Debian's kannel package creates (only /var/log/kannel)
         assert Path(path).parent.is_dir(), f"{path}: its folder is not on a Debian install"
-    ports = {13000: free_port(), 13001: free_port()}
+    ports = {13000: free_port(), 13001: free_port(), 13013: free_port()}
     copy = text.replace('"/var/log/kannel/', f'"{tmp_path}/')
     for old, new in ports.items():
         copy = copy.replace(f"-port = {old}", f"-port = {new}")
     conf = tmp_path / "kannel.conf"
     conf.write_text(copy, encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        "bearerbox", str(conf), stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    admin = groups(text)[0]["admin-password"]
-    url = f"http://127.0.0.1:{ports[13000]}/status.txt?password={admin}"
+    boxes: list[asyncio.subprocess.Process] = []
 
-    async def status() -> str | None:
-        assert proc.returncode is None, (tmp_path / "bearerbox.log").read_text()[-2000:]
+    async def get(url: str, log: str) -> tuple[int, str] | None:
+        for box in boxes:
+            assert box.returncode is None, (tmp_path / log).read_text()[-2000:]
         try:
             async with aiohttp.ClientSession() as http, http.get(url) as resp:
-                return await resp.text() if resp.status == 200 else None
+                return resp.status, await resp.text()
         except aiohttp.ClientError:
             return None
 
+    admin = groups(text)[0]["admin-password"]
     try:
-        answer = await eventually(status)
-        assert "Kannel bearerbox version" in answer
-        assert (tmp_path / "kannel.store").exists()
+        for box in ("bearerbox", "smsbox"):
+            boxes.append(await asyncio.create_subprocess_exec(
+                box, str(conf), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            ))
+            if box == "bearerbox":
+                status = f"http://127.0.0.1:{ports[13000]}/status.txt?password={admin}"
+                answer = await eventually(lambda: get(status, "bearerbox.log"))
+                assert answer[0] == 200 and "Kannel bearerbox version" in answer[1]
+                assert (tmp_path / "kannel.store").exists()
+        # smsbox is up when its sendsms port answers: a wrong password is refused (403)
+        sendsms = f"http://127.0.0.1:{ports[13013]}/cgi-bin/sendsms?username=gateway&password=x"
+        answer = await eventually(lambda: get(sendsms, "smsbox.log"))
+        assert answer[0] == 403 and "Authorization failed" in answer[1]
     finally:
-        proc.terminate()
-        await proc.wait()
+        for box in reversed(boxes):
+            box.terminate()
+            await box.wait()
