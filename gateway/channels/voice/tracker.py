@@ -1,27 +1,39 @@
-"""Call state from AMI events: one ``answered`` or ``abandoned`` outcome per call, exactly once.
+"""Call state from AMI events: one ``answered``, ``abandoned`` or ``closed`` outcome per call.
 
 A call is known by its caller channel's ``Uniqueid`` (the ``agi_uniqueid`` the intake saw), from
-the intake itself (``register``) or from AMI's ``VarSet`` of ``GATEWAY_CONTACT_ID`` (so a restarted
-gateway, or another instance, still follows it). Evidence, with Asterisk's own microsecond
-``Timestamp``:
+the intake itself (``register``), from AMI's ``VarSet`` of ``GATEWAY_CONTACT_ID`` or
+``GATEWAY_ARRIVED`` (the dialplan's own arrival stamp), from ``QueueCallerJoin``, or from the
+``Status`` list asked for after every (re)connect. The state of every open call lives in Redis
+(the adapter's shared state, hash ``calls``): the tracker runs once per Asterisk under a lease,
+and whichever instance holds it next (or this one after a restart) carries on from there.
+
+Evidence, with Asterisk's own microsecond ``Timestamp``:
 
 - answered: ``AgentConnect`` for the caller, or a ``BridgeEnter`` that puts the caller in a bridge
-  with another channel (dialplans that ``Dial`` instead of ``Queue``);
+  with another channel (dialplans that ``Dial`` instead of ``Queue``); after a reconnect, a
+  caller found in a bridge by ``Status`` (stamped then, ``detail.exact = false``);
 - gone: ``QueueCallerAbandon``, or ``Hangup`` of the caller channel (or of the call's root
   channel, ``Uniqueid == Linkedid``).
 
-``answered`` is stamped at the first evidence. A call that is gone without an answer is declared
-``abandoned`` once ``settle`` seconds passed with no late answer evidence, and becomes a callback
-contact. Duplicates and replays change nothing; a call never seen to end is closed (``closed``,
-reason ``timeout``) after ``call_timeout``.
+The first decisive evidence decides: ``answered`` is stamped at once; a call gone without an
+answer is stamped ``abandoned`` at once (which settles its answer deadline, so no ``warning``
+or ``breached`` follows a caller who has hung up) and becomes a callback contact. AMI delivers
+one call's events in order, so an answer cannot follow its own hangup.
+
+A call that reached the queue (or hung up) without a contact, because the FastAGI step never
+reached a gateway, gets one made from AMI (``meta.reached_agi = false``, ``received_at`` from
+``GATEWAY_ARRIVED`` or the event's Timestamp). A call cut by an Asterisk restart, or gone while
+no instance watched AMI, is ``closed`` (``met: false``) and, unless answered, called back.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
+
+import orjson
 
 from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receipt, Submitter
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
@@ -36,13 +48,21 @@ _MAX_CALLBACK_ATTEMPTS = 20
 _FINISHED_RETENTION_US = 15 * 60 * MICROS_PER_SECOND
 """How long a finished call's id is remembered, so that replayed events change nothing."""
 _IDLE_BRIDGE_US = 60 * MICROS_PER_SECOND
+_UNKNOWN = frozenset({"", "unknown", "<unknown>", "anonymous", "restricted", "private"})
+
+ARRIVED_VARIABLE = "GATEWAY_ARRIVED"
+CONTACT_VARIABLE = "GATEWAY_CONTACT_ID"
 
 
 def event_time(frame: Frame) -> Micros | None:
     """The event's ``Timestamp: <sec>.<usec>`` (``timestampevents=yes``) in microseconds."""
-    raw = frame.get("Timestamp", "")
+    return parse_epoch(frame.get("Timestamp", ""))
+
+
+def parse_epoch(raw: str) -> Micros | None:
+    """``<sec>[.<fraction>]`` (``${EPOCH}``, ``${STRFTIME(,,%s.%6q)}``) in microseconds."""
     sec, _, frac = raw.strip().partition(".")
-    if not sec.isdigit() or (frac and not frac.isdigit()):
+    if not sec.isdigit() or len(sec) > 12 or (frac and not frac.isdigit()):
         return None
     micros = int((frac + "000000")[:6]) if frac else 0
     return int(sec) * MICROS_PER_SECOND + micros
@@ -55,27 +75,70 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+def channel_variables(frame: Frame) -> dict[str, str]:
+    """The ``Variable: NAME=value`` lines of a ``Status`` entry (joined by ``\\n``)."""
+    found: dict[str, str] = {}
+    for line in frame.get("Variable", "").split("\n"):
+        name, sep, value = line.partition("=")
+        if sep:
+            found[name.strip()] = value
+    return found
+
+
 @dataclass(slots=True)
 class Call:
-    """What is known about one call."""
+    """What is known about one call (kept in Redis as JSON while the call is open)."""
 
     uniqueid: str
     contact_id: str
+    """Empty until a contact is known (a call seen on AMI before, or without, its intake)."""
     seen_us: Micros
     linkedid: str | None = None
-    sender: Sender | None = None
+    sender_address: str | None = None
+    sender_name: str | None = None
     recipient: str = ""
     language: str | None = None
     queue: str | None = None
+    arrived_us: Micros | None = None
+    """The PBX's own arrival stamp (``GATEWAY_ARRIVED``), or the first event's Timestamp."""
     answered_at: Micros | None = None
     gone_at: Micros | None = None
-    gone_seen_us: Micros | None = None
     gone_reason: str = ""
     abandon: dict[str, Any] = field(default_factory=dict)
     caller_number: str = ""
+    caller_name: str = ""
     outcome: str | None = None
+    outcome_at: Micros | None = None
+    outcome_detail: dict[str, Any] = field(default_factory=dict)
+    written: bool = False
+    """The outcome is stamped (or queued for a retry)."""
+    needs_contact: bool = False
+    """The call reached the queue, or ended, without a contact: make one from AMI."""
+    callback_due: bool = False
     missing_us: Micros | None = None
     """When the channel list after a reconnect did not have this call."""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Call | None:
+        try:
+            data = orjson.loads(raw)
+            names = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+
+
+class CallStore(Protocol):
+    """Where open calls are kept for the next lease holder (the adapter's shared state)."""
+
+    async def save(self, uniqueid: str, record: bytes) -> None: ...
+
+    async def drop(self, uniqueid: str) -> None: ...
+
+    async def load(self) -> dict[str, bytes]: ...
 
 
 @dataclass(slots=True)
@@ -110,9 +173,12 @@ class CallTracker:
         contacts: ContactLookup,
         clock: Clock,
         call_timeout: float = 4 * 3600,
-        settle: float = 1.0,
+        settle: float = 0.0,
         callbacks: bool = True,
         default_region: str = "CN",
+        store: CallStore | None = None,
+        ami_contacts: bool = True,
+        languages: Mapping[str, str] | None = None,
     ) -> None:
         self.adapter = adapter
         self.events = events
@@ -121,30 +187,94 @@ class CallTracker:
         self.clock = clock
         self.call_timeout_us = int(call_timeout * MICROS_PER_SECOND)
         self.settle_us = int(settle * MICROS_PER_SECOND)
+        """Grace after a reconnect's channel list before a missing call is closed."""
         self.callbacks = callbacks
         self.default_region = default_region
+        self.store = store
+        self.ami_contacts = ami_contacts
+        self.languages = dict(languages or {})
+        self.active = store is None
+        """True while this instance follows AMI (holds the lease); state is then in memory."""
         self.calls: dict[str, Call] = {}
         self._by_linkedid: dict[str, set[str]] = {}
         self._bridges: dict[str, tuple[set[str], Micros]] = {}
         self._finished: dict[str, Micros] = {}
         self._pending: list[_PendingCallback] = []
         self._writes: list[_PendingWrite] = []
+        self._dirty: set[str] = set()
+        self._dropped: set[str] = set()
         self._snapshot_from: Micros = 0
+        self.ami_contacts_made = 0
+
+    # ------------------------------------------------------------ lease
+
+    async def resume(self) -> None:
+        """This instance follows AMI from now on: load the open calls from Redis."""
+        self.calls.clear()
+        self._by_linkedid.clear()
+        self._bridges.clear()
+        self._dirty.clear()
+        self._dropped.clear()
+        if self.store is not None:
+            for uniqueid, raw in (await self.store.load()).items():
+                call = Call.from_json(raw)
+                if call is None or call.uniqueid != uniqueid:
+                    continue
+                self.calls[uniqueid] = call
+                if call.linkedid:
+                    self._by_linkedid.setdefault(call.linkedid, set()).add(uniqueid)
+            if self.calls:
+                log.info("call tracker resumed with %d open calls", len(self.calls))
+        self.active = True
+
+    def suspend(self) -> None:
+        """Another instance follows AMI now (the lease is lost): forget the memory copy."""
+        if self.store is None:
+            return
+        self.active = False
+        self.calls.clear()
+        self._by_linkedid.clear()
+        self._bridges.clear()
+        self._dirty.clear()
+        self._dropped.clear()
+
+    async def flush(self) -> None:
+        """Write changed calls to Redis (kept for the next try when Redis is away)."""
+        if self.store is None or not self.active:
+            self._dirty.clear()
+            self._dropped.clear()
+            return
+        try:
+            for uniqueid in list(self._dropped):
+                await self.store.drop(uniqueid)
+                self._dropped.discard(uniqueid)
+            for uniqueid in list(self._dirty):
+                call = self.calls.get(uniqueid)
+                if call is not None:
+                    await self.store.save(uniqueid, call.to_json())
+                self._dirty.discard(uniqueid)
+        except Exception as exc:
+            log.warning("call state not saved yet: %s", type(exc).__name__)
 
     # ------------------------------------------------------------ feeding
 
-    def register(self, inbound: Inbound, receipt: Receipt) -> None:
+    async def register(self, inbound: Inbound, receipt: Receipt) -> None:
         """Follow a call the intake has just made a contact of."""
         uniqueid = inbound.external_id
-        if uniqueid in self._finished:
-            return
-        call = self._ensure(uniqueid, receipt.contact_id)
-        call.sender = inbound.sender
+        if uniqueid in self._finished or not self.active:
+            return  # the lease holder learns it from the VarSet
+        call = self._ensure(uniqueid, receipt.contact_id, None)
+        call.contact_id = call.contact_id or receipt.contact_id
+        call.needs_contact = False
+        call.sender_address = inbound.sender.address
+        call.sender_name = inbound.sender.name
         call.recipient = inbound.recipient
         call.language = inbound.language
+        call.arrived_us = call.arrived_us or inbound.received_at
         linkedid = inbound.meta.get("linkedid")
         if isinstance(linkedid, str) and linkedid:
             self._link(call, linkedid)
+        self._dirty.add(uniqueid)
 
     def finished(self, uniqueid: str) -> bool:
         """True when the call's outcome is written (its id is kept a while for replays)."""
@@ -152,15 +282,18 @@ class CallTracker:
 
     async def handle(self, frame: Frame) -> None:
         """Apply one AMI event."""
+        try:
+            await self._handle(frame)
+        finally:
+            await self.flush()
+
+    async def _handle(self, frame: Frame) -> None:
         name = frame.get("Event")
         if name is None:
             return
         uniqueid = frame.get("Uniqueid", "")
         if name == "VarSet":
-            if frame.get("Variable") == "GATEWAY_CONTACT_ID" and frame.get("Value"):
-                if uniqueid and uniqueid not in self._finished:
-                    call = self._ensure(uniqueid, frame["Value"])
-                    self._learn(call, frame)
+            await self._varset(uniqueid, frame)
             return
         if name in ("BridgeEnter", "BridgeLeave"):
             await self._bridge(name, frame)
@@ -170,25 +303,32 @@ class CallTracker:
             return
         found = self.calls.get(uniqueid)
         if name == "Hangup":
-            now = self.clock.now_us()
             ended = [found] if found is not None else []
             linkedid = frame.get("Linkedid", "")
             if linkedid and linkedid == uniqueid:  # the call's root channel: all of it ends
                 ended += [
-                    self.calls[u] for u in self._by_linkedid.get(linkedid, ()) if u in self.calls
+                    self.calls[u]
+                    for u in self._by_linkedid.get(linkedid, ())
+                    if u in self.calls and u != uniqueid
                 ]
             for call in ended:
                 self._learn(call, frame)
-                self._gone(call, frame, "hangup", now)
-                if self.settle_us <= 0:
-                    await self._settle(call, now)
+                await self._gone(call, frame, "hangup")
             return
+        if name == "QueueCallerJoin" and found is None and self.ami_contacts and uniqueid:
+            if uniqueid in self._finished:
+                return
+            found = self._ensure(uniqueid, "", event_time(frame))
         if found is None:
             return
         call = found
         self._learn(call, frame)
+        self._dirty.add(call.uniqueid)
         if name == "QueueCallerJoin":
             call.queue = frame.get("Queue") or call.queue
+            if not call.contact_id and self.ami_contacts:
+                call.needs_contact = True
+                await self._make_contact(call)
         elif name == "AgentConnect":
             call.queue = frame.get("Queue") or call.queue
             detail = {
@@ -198,7 +338,7 @@ class CallTracker:
                 "hold_s": _int(frame.get("HoldTime")),
                 "ring_s": _int(frame.get("RingTime")),
             }
-            await self._answer(call, frame, detail)
+            await self._answer(call, event_time(frame), detail)
         elif name == "QueueCallerAbandon":
             call.queue = frame.get("Queue") or call.queue
             call.abandon = {
@@ -207,10 +347,27 @@ class CallTracker:
                 "original_position": _int(frame.get("OriginalPosition")),
                 "hold_s": _int(frame.get("HoldTime")),
             }
-            now = self.clock.now_us()
-            self._gone(call, frame, "abandon", now)
-            if self.settle_us <= 0:
-                await self._settle(call, now)
+            await self._gone(call, frame, "abandon")
+
+    async def _varset(self, uniqueid: str, frame: Frame) -> None:
+        variable, value = frame.get("Variable"), frame.get("Value", "")
+        if not uniqueid or uniqueid in self._finished or not value:
+            return
+        if variable == CONTACT_VARIABLE:
+            call = self._ensure(uniqueid, value, None)
+            if not call.contact_id:
+                call.contact_id = value
+                call.needs_contact = False
+                await self._settle_written(call)
+            self._learn(call, frame)
+            self._dirty.add(uniqueid)
+        elif variable == ARRIVED_VARIABLE:
+            arrived = parse_epoch(value) or event_time(frame)
+            call = self._ensure(uniqueid, "", arrived)
+            if arrived is not None and call.arrived_us is None:
+                call.arrived_us = arrived
+            self._learn(call, frame)
+            self._dirty.add(uniqueid)
 
     async def _booted(self, frame: Frame) -> None:
         """Asterisk's uptime at login: calls older than this Asterisk process ended with it."""
@@ -221,10 +378,8 @@ class CallTracker:
         boot = now - uptime * MICROS_PER_SECOND
         for call in list(self.calls.values()):
             if call.seen_us < boot - 2 * MICROS_PER_SECOND:
-                if call.outcome is None:
-                    await self._close(call, now, "asterisk restarted")
-                else:
-                    self._forget(call, now)
+                await self._close(call, max(boot, call.arrived_us or 0), "asterisk restarted")
+        await self.flush()
 
     async def on_reconnect(self) -> None:
         """AMI is (back) up; the channel list that follows is compared with calls older than now."""
@@ -232,29 +387,65 @@ class CallTracker:
         if self.calls:
             log.info("AMI connected with %d calls open", len(self.calls))
 
-    async def reconcile(self, live: set[str]) -> None:
-        """Close calls whose channel is gone although no hangup was seen (AMI was down)."""
+    async def reconcile(self, live: Mapping[str, Frame] | set[str]) -> None:
+        """Rebuild from the channel list taken after a (re)connect (``Status`` entries).
+
+        Calls found there that this tracker did not know are followed from now on (a contact is
+        made for those in a queue without one); a caller found in a bridge was answered while
+        nobody watched; calls not found there ended while nobody watched.
+        """
         now = self.clock.now_us()
-        for call in list(self.calls.values()):
-            if call.seen_us >= self._snapshot_from or call.uniqueid in live:
+        entries: Mapping[str, Frame] = (
+            live if isinstance(live, Mapping) else {u: {"Uniqueid": u} for u in live}
+        )
+        for uniqueid, entry in entries.items():
+            if uniqueid in self._finished:
                 continue
-            if call.gone_seen_us is None and call.missing_us is None:
+            variables = channel_variables(entry)
+            contact_id = variables.get(CONTACT_VARIABLE, "")
+            arrived = parse_epoch(variables.get(ARRIVED_VARIABLE, ""))
+            call = self.calls.get(uniqueid)
+            in_queue = entry.get("Application", "") == "Queue"
+            if call is None:
+                if not contact_id and arrived is None and not (in_queue and self.ami_contacts):
+                    continue  # not a hotline call (an agent's phone, a trunk leg)
+                seconds = _int(entry.get("Seconds"))
+                if arrived is None and seconds is not None:
+                    arrived = now - seconds * MICROS_PER_SECOND
+                call = self._ensure(uniqueid, contact_id, arrived)
+                call.seen_us = min(call.seen_us, arrived or call.seen_us)
+            if contact_id and not call.contact_id:
+                call.contact_id = contact_id
+            self._learn(call, entry)
+            self._dirty.add(uniqueid)
+            if entry.get("BridgeID"):
+                await self._answer(call, now, {"via": "Status", "exact": False})
+            elif not call.contact_id and self.ami_contacts and (in_queue or call.gone_at):
+                call.needs_contact = True
+                await self._make_contact(call)
+        for call in list(self.calls.values()):
+            if call.seen_us >= self._snapshot_from or call.uniqueid in entries:
+                continue
+            if call.gone_at is None and call.missing_us is None:
                 call.missing_us = now  # closed by the sweep unless its hangup comes in late
         if self.settle_us <= 0:
             await self.sweep()
+        await self.flush()
 
     # ------------------------------------------------------------ time
 
     async def sweep(self) -> None:
-        """Finish gone calls after ``settle``, close stale ones, retry pending callbacks."""
+        """Close stale calls, retry contacts, outcomes and callbacks; forget finished calls."""
         now = self.clock.now_us()
         for call in list(self.calls.values()):
-            if call.gone_seen_us is not None:
-                await self._settle(call, now)
+            if call.needs_contact and not call.contact_id:
+                await self._make_contact(call)
+            if call.outcome is not None:
+                await self._finish(call, now)
             elif call.missing_us is not None and now - call.missing_us >= self.settle_us:
-                await self._close_stale(call, now, "ended while AMI was down")
+                await self._close(call, now, "ended while AMI was down")
             elif now - call.seen_us >= self.call_timeout_us:
-                await self._close_stale(call, now)
+                await self._close(call, now, "timeout")
         for uniqueid, at in list(self._finished.items()):
             if now - at >= _FINISHED_RETENTION_US:
                 del self._finished[uniqueid]
@@ -265,13 +456,7 @@ class CallTracker:
             await self._retry_writes(now)
         if self._pending:
             await self._retry_callbacks(now)
-
-    async def _settle(self, call: Call, now: Micros) -> None:
-        """Finish a call that is gone: abandoned once ``settle`` passed without an answer."""
-        if call.outcome is not None:
-            self._forget(call, now)
-        elif call.gone_seen_us is not None and now - call.gone_seen_us >= self.settle_us:
-            await self._abandon(call)
+        await self.flush()
 
     async def drain(self) -> None:
         """Try pending outcome writes and callbacks once more (shutdown)."""
@@ -279,6 +464,7 @@ class CallTracker:
             await self._retry_writes(None)
         if self._pending:
             await self._retry_callbacks(None)
+        await self.flush()
 
     async def _write(self, item: _PendingWrite) -> bool:
         """Stamp one outcome; keep it for a retry when Redis is down or the contact is not
@@ -319,11 +505,14 @@ class CallTracker:
 
     # ------------------------------------------------------------ internals
 
-    def _ensure(self, uniqueid: str, contact_id: str) -> Call:
+    def _ensure(self, uniqueid: str, contact_id: str, arrived: Micros | None) -> Call:
         call = self.calls.get(uniqueid)
         if call is None:
-            call = Call(uniqueid=uniqueid, contact_id=contact_id, seen_us=self.clock.now_us())
+            call = Call(uniqueid=uniqueid, contact_id=contact_id, seen_us=self.clock.now_us(),
+                        arrived_us=arrived)
             self.calls[uniqueid] = call
+            self._dropped.discard(uniqueid)
+        self._dirty.add(uniqueid)
         return call
 
     def _link(self, call: Call, linkedid: str) -> None:
@@ -337,18 +526,32 @@ class CallTracker:
         if linkedid and call.linkedid is None:
             self._link(call, linkedid)
         number = frame.get("CallerIDNum", "")
-        if number and not call.caller_number and number.lower() not in ("<unknown>", "unknown"):
+        if number and not call.caller_number and number.strip().lower() not in _UNKNOWN:
             call.caller_number = number
+        name = frame.get("CallerIDName", "")
+        if name and not call.caller_name and name.strip().lower() not in _UNKNOWN:
+            call.caller_name = name
+        exten = frame.get("Exten", "")
+        if exten and not call.recipient and exten not in ("s", "h", "i", "t"):
+            call.recipient = exten
 
-    def _gone(self, call: Call, frame: Frame, reason: str, now: Micros) -> None:
-        at = event_time(frame) or now
+    async def _gone(self, call: Call, frame: Frame, reason: str) -> None:
+        at = event_time(frame) or self.clock.now_us()
         if call.gone_at is None or at < call.gone_at:
             call.gone_at = at
-            call.gone_reason = reason if not call.gone_reason else call.gone_reason
-        if reason == "abandon":
-            call.gone_reason = "abandon"
-        if call.gone_seen_us is None:
-            call.gone_seen_us = now
+        call.gone_reason = "abandon" if reason == "abandon" else (call.gone_reason or reason)
+        self._dirty.add(call.uniqueid)
+        if call.outcome is not None:
+            await self._finish(call, self.clock.now_us())
+            return
+        if not call.contact_id and self.ami_contacts:
+            call.needs_contact = True  # the caller hung up before any intake: still a call
+            await self._make_contact(call)
+        detail: dict[str, Any] = {"reason": call.gone_reason}
+        detail.update({k: v for k, v in call.abandon.items() if v is not None})
+        if call.queue and "queue" not in detail:
+            detail["queue"] = call.queue
+        await self._decide(call, "abandoned", at, detail, callback=True)
 
     async def _bridge(self, name: str, frame: Frame) -> None:
         bridge = frame.get("BridgeUniqueid", "")
@@ -370,58 +573,73 @@ class CallTracker:
         for member in members:
             call = self.calls.get(member)
             if call is not None and call.outcome is None:
-                await self._answer(call, frame, {"via": "BridgeEnter", "queue": call.queue})
+                detail = {"via": "BridgeEnter", "queue": call.queue}
+                await self._answer(call, event_time(frame), detail)
 
-    async def _answer(self, call: Call, frame: Frame, detail: dict[str, Any]) -> None:
+    async def _answer(self, call: Call, at: Micros | None, detail: dict[str, Any]) -> None:
         if call.outcome is not None:
             return
-        at = event_time(frame) or self.clock.now_us()
-        if call.gone_at is not None and at > call.gone_at + self.settle_us:
-            return  # evidence from after the caller left: not an answer of this call
-        call.outcome = "answered"
-        call.answered_at = at
+        when = at or self.clock.now_us()
+        call.answered_at = when
         clean = {k: v for k, v in detail.items() if v is not None and v != ""}
-        await self._write(_PendingWrite(call.contact_id, "answered", at, clean))
+        await self._decide(call, "answered", when, clean, callback=False)
 
-    async def _abandon(self, call: Call) -> None:
+    async def _decide(
+        self, call: Call, outcome: str, at: Micros, detail: dict[str, Any], *, callback: bool
+    ) -> None:
+        """Fix the call's outcome; stamp it now when the contact is known, else once it is."""
         if call.outcome is not None:
             return
-        call.outcome = "abandoned"
-        at = call.gone_at or self.clock.now_us()
-        if call.sender is None:  # learned from AMI only: the contact has the caller
-            contact = await self._lookup(call.contact_id)
-            if contact is not None:
-                call.sender = contact.sender
-                call.recipient = call.recipient or contact.recipient
-                call.language = call.language or contact.language
-                call.recipient = call.recipient or contact.recipient
-                call.language = call.language or contact.language
-        detail: dict[str, Any] = {"reason": call.gone_reason or "hangup"}
-        detail.update({k: v for k, v in call.abandon.items() if v is not None})
-        if call.queue and "queue" not in detail:
-            detail["queue"] = call.queue
-        await self._write(_PendingWrite(call.contact_id, "abandoned", at, detail))
-        self._forget(call, self.clock.now_us())
-        if self.callbacks:
-            await self._callback(call, at, detail)
+        call.outcome = outcome
+        call.outcome_at = at
+        call.outcome_detail = detail
+        call.callback_due = callback and self.callbacks
+        self._dirty.add(call.uniqueid)
+        await self._settle_written(call)
 
-    async def _close_stale(self, call: Call, now: Micros, reason: str = "timeout") -> None:
-        if call.outcome is None:
-            await self._close(call, now, reason)
-        else:
+    async def _settle_written(self, call: Call) -> None:
+        """Stamp a decided outcome once the call has a contact, then make its callback."""
+        if call.outcome is None or call.written or not call.contact_id:
+            return
+        call.written = True
+        self._dirty.add(call.uniqueid)
+        await self._write(_PendingWrite(
+            call.contact_id, call.outcome,  # type: ignore[arg-type]
+            call.outcome_at or self.clock.now_us(), dict(call.outcome_detail),
+        ))
+        if call.callback_due:
+            call.callback_due = False
+            await self._callback(call, call.outcome_at or self.clock.now_us(),
+                                 call.outcome_detail)
+
+    async def _finish(self, call: Call, now: Micros) -> None:
+        """Forget a call whose outcome is written and that is over (or answered)."""
+        await self._settle_written(call)
+        if call.written and (call.gone_at is not None or call.outcome != "answered"):
+            self._forget(call, now)
+        elif call.written and now - call.seen_us >= self.call_timeout_us:
+            self._forget(call, now)  # answered, no hangup seen: nothing more to write
+        elif not call.written and now - call.seen_us >= self.call_timeout_us:
+            log.error("call %s dropped without a contact", call.uniqueid)
             self._forget(call, now)
 
-    async def _close(self, call: Call, now: Micros, reason: str) -> None:
-        """End a call whose outcome cannot be known (no hangup seen)."""
+    async def _close(self, call: Call, at: Micros, reason: str) -> None:
+        """End a call whose end was not seen: ``closed`` (never ``met``), then a callback
+        unless it was answered."""
         if call.outcome is None:
-            call.outcome = "closed"
+            if not call.contact_id and self.ami_contacts:
+                call.needs_contact = True
+                await self._make_contact(call, at)
             detail = {"reason": reason, "answered": False}
-            await self._write(_PendingWrite(call.contact_id, "closed", now, detail))
-        self._forget(call, now)
+            await self._decide(call, "closed", at, detail, callback=True)
+        call.gone_at = call.gone_at or at
+        await self._finish(call, self.clock.now_us())
 
     def _forget(self, call: Call, now: Micros) -> None:
         self.calls.pop(call.uniqueid, None)
         self._finished[call.uniqueid] = now
+        self._dirty.discard(call.uniqueid)
+        self._dropped.add(call.uniqueid)
         if call.linkedid:
             peers = self._by_linkedid.get(call.linkedid)
             if peers is not None:
@@ -436,25 +654,81 @@ class CallTracker:
             log.exception("contact lookup failed")
             return None
 
-    async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> None:
-        sender = call.sender
-        if (sender is None or not sender.address) and call.caller_number:
-            from gateway.channels.voice.intake import caller_address
+    def _sender(self, call: Call) -> Sender | None:
+        from gateway.channels.voice.intake import caller_address
 
+        if call.sender_address:
+            return Sender(address=call.sender_address, name=call.sender_name)
+        if call.caller_number:
             address = caller_address(call.caller_number, self.default_region)
             if address:
-                sender = Sender(address=address, name=sender.name if sender else None)
+                return Sender(address=address, name=call.sender_name or call.caller_name or None)
+        return None
+
+    async def _make_contact(self, call: Call, at: Micros | None = None) -> None:
+        """A call that never reached the FastAGI step: its contact, made from AMI."""
+        if call.contact_id or not call.needs_contact:
+            return
+        sender = self._sender(call) or Sender(address="")
+        received = call.arrived_us or at or call.gone_at or call.seen_us
+        language = call.language or self.languages.get(call.recipient)
+        meta: dict[str, Any] = {
+            "uniqueid": call.uniqueid,
+            "reached_agi": False,
+            "source": "ami",
+        }
+        if call.linkedid:
+            meta["linkedid"] = call.linkedid
+        if call.queue:
+            meta["queue"] = call.queue
+        inbound = Inbound(
+            channel="voice",
+            adapter=self.adapter,
+            external_id=call.uniqueid,
+            sender=sender,
+            recipient=call.recipient,
+            received_at=received,
+            origin_at=call.arrived_us,
+            language=language,
+            meta=meta,
+        )
+        try:
+            receipt = await self.intake.submit(inbound)
+        except IntakeUnavailable:
+            return  # the sweep tries again
+        except Exception:
+            log.exception("contact for call %s from AMI failed", call.uniqueid)
+            return
+        call.contact_id = receipt.contact_id
+        call.needs_contact = False
+        call.language = language
+        self.ami_contacts_made += 1
+        self._dirty.add(call.uniqueid)
+        log.info("call %s never reached the intake: contact %s made from AMI",
+                 call.uniqueid, receipt.contact_id)
+        await self._settle_written(call)
+
+    async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> None:
+        sender = self._sender(call)
+        recipient, language = call.recipient, call.language
+        if sender is None or not recipient:  # learned from AMI only: the contact has the caller
+            contact = await self._lookup(call.contact_id)
+            if contact is not None:
+                sender = sender or (contact.sender if contact.sender.address else None)
+                recipient = recipient or contact.recipient
+                language = language or contact.language
         if sender is None or not sender.address:
-            log.info("abandoned call %s has no caller number: no callback", call.uniqueid)
+            log.info("call %s ended unanswered with no caller number: no callback",
+                     call.uniqueid)
             return
         inbound = Inbound(
             channel="voice",
             adapter=self.adapter,
             external_id=call.uniqueid + CALLBACK_SUFFIX,
             sender=sender,
-            recipient=call.recipient,
+            recipient=recipient,
             received_at=at,
-            language=call.language,
+            language=language,
             thread=call.contact_id,
             meta={
                 "callback": True,
