@@ -337,7 +337,9 @@ class RedisQueue:
             source=source,
             due_at=due,
             elapsed_ms=max(0, (at - received) // 1000),
-            met=at <= due,
+            # a call's answer deadline is met only by an answer: a call abandoned or closed
+            # (an Asterisk restart) in time was still never answered
+            met=at <= due and (kind != "answer" or type == "answered"),
             detail=detail or {},
         )
         clears = "1" if type in _CLEARS.get(kind, ()) else "0"

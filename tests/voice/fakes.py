@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.channels.voice.agi import split_command
 
@@ -148,8 +149,11 @@ class FakeAmi:
     ) -> None:
         self.sessions = list(sessions)
         self.live_channels = live_channels
-        """Uniqueids listed by CoreShowChannels; None answers it like a user without
-        ``write = reporting`` (Permission denied)."""
+        """Uniqueids listed by ``Status``; None answers it like a user without ``write = call``
+        (Permission denied)."""
+        self.channel_info: dict[str, dict[str, Any]] = {}
+        """Per listed uniqueid: ``variables``, ``bridge``, ``application``, ``seconds``,
+        ``caller``, ``exten`` of its ``Status`` entry."""
         self.actions: list[dict[str, str]] = []
         self.answer_ping = answer_ping
         self.username = username
@@ -230,6 +234,39 @@ class FakeAmi:
             writer.close()
 
 
+    def status_reply(self, action_id: str, variables: str) -> str:
+        """What manager.c's ``action_status`` answers: one ``Status`` event per channel, with
+        a ``Variable: NAME=value`` line per asked variable, then ``StatusComplete``."""
+        reply = (f"Response: Success\r\nActionID: {action_id}\r\nEventList: start\r\n"
+                 "Message: Channel status will follow\r\n\r\n")
+        names = [v for v in variables.split(",") if v]
+        for n, uid in enumerate(self.live_channels or []):
+            info = self.channel_info.get(uid, {})
+            values = info.get("variables", {})
+            lines = "".join(f"Variable: {v}={values.get(v, '')}\r\n" for v in names)
+            reply += (
+                f"Event: Status\r\nPrivilege: Call\r\nChannel: PJSIP/live-{n:08x}\r\n"
+                f"ChannelState: 6\r\nChannelStateDesc: Up\r\n"
+                f"CallerIDNum: {info.get('caller', '13800138000')}\r\n"
+                f"CallerIDName: <unknown>\r\nConnectedLineNum: <unknown>\r\n"
+                f"ConnectedLineName: <unknown>\r\nLanguage: en\r\nAccountCode: \r\n"
+                f"Context: from-citizens\r\nExten: {info.get('exten', '12345')}\r\n"
+                f"Priority: 6\r\nUniqueid: {uid}\r\nLinkedid: {uid}\r\nType: PJSIP\r\n"
+                f"DNID: {info.get('exten', '12345')}\r\n"
+                f"EffectiveConnectedLineNum: <unknown>\r\n"
+                f"EffectiveConnectedLineName: <unknown>\r\nTimeToHangup: 0\r\n"
+                f"BridgeID: {info.get('bridge', '')}\r\n"
+                f"Application: {info.get('application', 'Queue')}\r\n"
+                f"Data: hotline,t,,,600\r\nNativeformats: (ulaw)\r\nReadformat: ulaw\r\n"
+                f"Readtrans: \r\nWriteformat: ulaw\r\nWritetrans: \r\nCallgroup: 0\r\n"
+                f"Pickupgroup: 0\r\nSeconds: {info.get('seconds', 12)}\r\n{lines}"
+                f"ActionID: {action_id}\r\n\r\n"
+            )
+        reply += (f"Event: StatusComplete\r\nActionID: {action_id}\r\nEventList: Complete\r\n"
+                  f"ListItems: {len(self.live_channels or [])}\r\n"
+                  f"Items: {len(self.live_channels or [])}\r\n\r\n")
+        return reply
+
     async def _answer_actions(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lock: asyncio.Lock
     ) -> None:
@@ -244,19 +281,11 @@ class FakeAmi:
                 if name == "ping":
                     reply = f"Response: Success\r\nActionID: {action_id}\r\nPing: Pong\r\n"
                     reply += "Timestamp: 1795594483.000000\r\n\r\n"
-                elif name == "coreshowchannels" and self.live_channels is None:
+                elif name == "status" and self.live_channels is None:
                     reply = (f"Response: Error\r\nActionID: {action_id}\r\n"
                              "Message: Permission denied\r\n\r\n")
-                elif name == "coreshowchannels":
-                    reply = (f"Response: Success\r\nActionID: {action_id}\r\n"
-                             "EventList: start\r\nMessage: Channels will follow\r\n\r\n")
-                    for n, uid in enumerate(self.live_channels or []):
-                        reply += (f"Event: CoreShowChannel\r\nActionID: {action_id}\r\n"
-                                  f"Channel: PJSIP/live-{n:08x}\r\nUniqueid: {uid}\r\n"
-                                  f"Linkedid: {uid}\r\nApplication: Queue\r\n\r\n")
-                    reply += (f"Event: CoreShowChannelsComplete\r\nActionID: {action_id}\r\n"
-                              f"EventList: Complete\r\nListItems: "
-                              f"{len(self.live_channels or [])}\r\n\r\n")
+                elif name == "status":
+                    reply = self.status_reply(action_id, action.get("Variables", ""))
                 else:
                     reply = (f"Response: Error\r\nActionID: {action_id}\r\n"
                              "Message: Invalid/unknown command\r\n\r\n")

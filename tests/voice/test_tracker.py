@@ -6,8 +6,10 @@ from typing import Any
 
 from gateway.channels.voice.tracker import CallTracker, event_time
 from gateway.clock import FixedClock
+from gateway.config import WatcherSection
 from gateway.records import Event
 from gateway.runtime import Gateway
+from gateway.watcher import DeadlineWatcher
 from tests.voice.fakes import agi_fixture, fake_call
 
 T0 = 1_795_594_483_000_000
@@ -87,23 +89,26 @@ async def test_an_answered_call_with_no_hangup_is_forgotten_silently(start_gatew
     assert kinds(await gw.read_events()) == ["answered"]
 
 
-async def test_hangup_waits_for_the_settle_window(start_gateway: Any) -> None:
+async def test_hangup_settles_the_deadline_at_once(start_gateway: Any) -> None:
+    """Defect: a caller who hung up got ``warning``/``breached`` during the settle window.
+    The hangup is the outcome: ``abandoned`` is stamped at once, so the watcher's deadline is
+    cleared before it falls due."""
     clock = FixedClock(T0)
     gw = await voice(start_gateway, clock, settle="2s", callbacks=False)
     contact_id = await take_call(gw)
     tracker = tracker_of(gw)
     await tracker.handle(frame("QueueCallerJoin", 0.1, Queue="hotline", Position="1"))
-    await tracker.handle(frame("Hangup", 9.0, Cause="16"))
-    await tracker.sweep()
-    assert kinds(await gw.read_events()) == []
-    clock.advance(2)
-    await tracker.sweep()
+    await tracker.handle(frame("Hangup", 11.9, Cause="16"))
     events = await gw.read_events()
     assert kinds(events) == ["abandoned"]
     abandoned = next(e for e in events if e.type == "abandoned")
     assert abandoned.contact_id == contact_id
-    assert abandoned.at == T0 + 9_000_000
+    assert abandoned.at == T0 + 11_900_000
+    assert abandoned.met is False
     assert abandoned.detail == {"reason": "hangup", "queue": "hotline"}
+    clock.advance(20)  # past the warning (12 s) and the deadline (15 s)
+    await DeadlineWatcher(gw.queue, clock, gw.metrics, WatcherSection()).tick()
+    assert [e.type for e in await gw.read_events() if e.type in ("warning", "breached")] == []
     assert len(await gw.read_contacts()) == 1  # callbacks turned off
 
 

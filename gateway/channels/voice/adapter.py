@@ -15,6 +15,7 @@ from gateway.channels.voice.intake import IntakeScript
 from gateway.channels.voice.server import FastAgiServer
 from gateway.channels.voice.tracker import CallTracker
 from gateway.config import ConfigError, Duration, HostPort, Secret
+from gateway.queueing.coordination import Fence, SharedState
 from gateway.records import Contact, Reply
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,21 @@ class AsteriskConfig:
     call_timeout: Duration = Duration(4 * 3600)
     """A call with no hangup seen on AMI is closed after this long."""
     settle: Duration = Duration(1)
-    """After a hangup, wait this long for late answer events before calling it abandoned."""
+    """After a reconnect, a call missing from the channel list is closed this much later
+    (unless its hangup comes in meanwhile)."""
     callbacks: bool = True
     """Turn each abandoned call into a callback contact (national guidance since 2025)."""
+    ami_contacts: bool = True
+    """Make a contact from AMI for a call that reached a queue, or hung up, without one
+    (the FastAGI step never reached a gateway); ``meta.reached_agi = false``."""
+    pbx_stamp_max_lead: Duration = Duration(120)
+    """Trust the dialplan's arrival stamp (``arrived=`` in the AGI URL) when it is at most this
+    much earlier than the gateway's own stamp (and at most 2 s later)."""
+    agi_read_timeout: Duration = Duration(3)
+    """A FastAGI peer that sends nothing for this long is cut off (the header block, a reply)."""
+    max_loop_lag: Duration = Duration(0.5)
+    """Readiness (``/readyz``) fails while the event loop runs this late: FastAGI answers
+    would be late, so a load balancer or ``hagi://`` should pick another gateway."""
 
 
 class AsteriskAdapter:
@@ -79,6 +92,14 @@ class AsteriskAdapter:
         self.name = ctx.name
         self.ctx = ctx
         self.config = config
+        self.lease = (
+            f"asterisk:{config.ami.host}:{config.ami.port}" if config.ami is not None else ""
+        )
+        """One AMI follower per Asterisk in the whole fleet: the lease is named by the PBX."""
+        self.store = SharedCallStore(
+            ctx.state, f"calls:{config.ami.host}:{config.ami.port}" if config.ami else "calls",
+            ttl_s=float(config.call_timeout) + 3600,
+        )
         self.tracker = CallTracker(
             adapter=ctx.name,
             events=ctx.events,
@@ -89,6 +110,9 @@ class AsteriskAdapter:
             settle=float(config.settle),
             callbacks=config.callbacks,
             default_region=config.default_region,
+            store=self.store if config.ami is not None else None,
+            ami_contacts=config.ami_contacts,
+            languages=config.languages,
         )
         self.intake = IntakeScript(
             ctx.name,
@@ -104,6 +128,7 @@ class AsteriskAdapter:
             config.agi_listen.port,
             ctx.clock,
             session_timeout=float(config.session_timeout),
+            read_timeout=float(config.agi_read_timeout),
             allow=config.agi_allow,
             metrics=ctx.metrics,
         )
@@ -123,29 +148,47 @@ class AsteriskAdapter:
                 ping_interval=float(a.ping_interval),
                 metrics=ctx.metrics,
             )
-        self._sweeper: asyncio.Task[None] | None = None
+        self.loop_lag_s = 0.0
+        """The event loop's lateness at the last probe (seconds)."""
 
     @property
     def port(self) -> int:
         """The bound FastAGI port."""
         return self.server.port
 
+    @property
+    def _loops(self) -> tuple[str, str]:
+        return f"{self.name}-ami", f"{self.name}-loop-lag"
+
     async def start(self) -> None:
         await self.server.start()
+        ami_loop, lag_loop = self._loops
         if self.ami is not None:
-            await self.ami.start()
-        self._sweeper = asyncio.create_task(self._sweep(), name=f"{self.name}-calls")
+            self.ctx.supervisor.spawn(ami_loop, self._follow_under_lease, required=False)
+        self.ctx.supervisor.spawn(lag_loop, self._watch_loop_lag, required=True)
 
     async def stop(self) -> None:
         await self.server.stop()
-        if self.ami is not None:
+        for loop in self._loops:
+            await self.ctx.supervisor.stop(loop)
+
+    async def _follow_under_lease(self) -> None:
+        await self.ctx.leases.exclusive(self.lease, self._follow)
+
+    async def _follow(self, fence: Fence) -> None:
+        """Follow AMI while this instance holds the PBX's lease; the calls are in Redis."""
+        assert self.ami is not None
+        self.store.fence = fence
+        try:
+            await self.tracker.resume()
+            await self.ami.start()
+            await self._sweep()
+        finally:
             await self.ami.stop()
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-        await self.tracker.drain()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.tracker.drain(), 2.0)
+            self.tracker.suspend()
+            self.store.fence = None
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
         raise SendError("a call takes no written reply; return the call instead", retryable=False)
@@ -158,6 +201,42 @@ class AsteriskAdapter:
                 await self.tracker.sweep()
             except Exception:
                 log.exception("call tracker sweep failed")
+
+    async def _watch_loop_lag(self) -> None:
+        """Measure how late the event loop wakes up; degrade readiness while it is too late."""
+        loop = asyncio.get_running_loop()
+        interval = 0.1
+        limit = float(self.config.max_loop_lag)
+        name = self._loops[1]
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag_s = max(0.0, loop.time() - started - interval)
+            if self.loop_lag_s > limit:
+                self.ctx.supervisor.degrade(
+                    name, f"event loop {self.loop_lag_s * 1000:.0f} ms late (max {limit:g} s)"
+                )
+            else:
+                self.ctx.supervisor.degrade(name, None)
+
+
+class SharedCallStore:
+    """Open calls in the adapter's shared state: one hash, a field per call, fenced writes."""
+
+    def __init__(self, state: SharedState, key: str, *, ttl_s: float) -> None:
+        self.state = state
+        self.key = key
+        self.ttl_s = ttl_s
+        self.fence: Fence | None = None
+
+    async def save(self, uniqueid: str, record: bytes) -> None:
+        await self.state.hash_add(self.key, uniqueid, record, self.ttl_s, fence=self.fence)
+
+    async def drop(self, uniqueid: str) -> None:
+        await self.state.hash_remove(self.key, uniqueid, fence=self.fence)
+
+    async def load(self) -> dict[str, bytes]:
+        return await self.state.hash_all(self.key)
 
 
 def _factory(ctx: AdapterContext, config: AsteriskConfig) -> AsteriskAdapter:

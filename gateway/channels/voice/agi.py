@@ -36,6 +36,10 @@ class AgiClosed(AgiError):
     """The peer closed the connection (EOF)."""
 
 
+class AgiIdle(AgiError):
+    """The peer sent nothing within the read timeout (a hung or stopped Asterisk thread)."""
+
+
 _HEADER_KEY = re.compile(r"agi_[A-Za-z0-9_]+\Z")
 
 
@@ -73,15 +77,24 @@ class AgiStream:
     """One receive buffer over a stream: a TCP read usually carries the whole header block or
     a batch of replies, so lines are cut from the buffer instead of one read per line."""
 
-    __slots__ = ("buffer", "reader")
+    __slots__ = ("buffer", "read_timeout", "reader")
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, read_timeout: float | None = None
+    ) -> None:
         self.reader = reader
         self.buffer = bytearray()
+        self.read_timeout = read_timeout
+        """Longest wait for the peer's next bytes; ``AgiIdle`` after it."""
 
     async def fill(self) -> bool:
-        """Read what the peer sent; False at EOF."""
-        chunk = await self.reader.read(65536)
+        """Read what the peer sent; False at EOF, ``AgiIdle`` when it sends nothing for
+        ``read_timeout`` seconds."""
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                chunk = await self.reader.read(65536)
+        except TimeoutError:
+            raise AgiIdle(f"peer sent nothing for {self.read_timeout:g}s") from None
         if not chunk:
             return False
         self.buffer += chunk

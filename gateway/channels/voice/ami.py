@@ -107,7 +107,10 @@ def format_action(fields: dict[str, str]) -> bytes:
 
 EventCallback = Callable[[Frame], Awaitable[None]]
 ConnectCallback = Callable[[], Awaitable[None]]
-ChannelsCallback = Callable[[set[str]], Awaitable[None]]
+ChannelsCallback = Callable[[dict[str, Frame]], Awaitable[None]]
+
+STATUS_VARIABLES = "GATEWAY_CONTACT_ID,GATEWAY_ARRIVED"
+"""Asked for with every channel in the ``Status`` list after a (re)connect."""
 
 
 class AmiClient:
@@ -248,14 +251,17 @@ class AmiClient:
         queue: list[Frame],
     ) -> None:
         awaiting_pong = False
-        listing: set[str] | None = None
+        listing: dict[str, Frame] | None = None
         list_id = ""
         if self.on_channels is not None:
-            # The channels alive now: calls that ended while the link was down are not among
-            # them. Needs ``write = reporting`` in manager.conf; refused, it is simply skipped.
+            # The channels alive now, with the gateway's variables: calls that ended while the
+            # link was down are not among them, calls that started then are. Needs ``write =
+            # call`` (or system/reporting) in manager.conf; refused, it is simply skipped.
             list_id = f"gateway-channels-{next(self._ids)}"
-            listing = set()
-            writer.write(format_action({"Action": "CoreShowChannels", "ActionID": list_id}))
+            listing = {}
+            writer.write(format_action({
+                "Action": "Status", "ActionID": list_id, "Variables": STATUS_VARIABLES,
+            }))
             await writer.drain()
         while True:
             try:
@@ -270,13 +276,13 @@ class AmiClient:
             awaiting_pong = False
             if listing is not None and frame.get("ActionID") == list_id:
                 if frame.get("Response", "Success") != "Success":
-                    log.info("AMI CoreShowChannels refused (%s): no channel check after "
-                             "reconnect", frame.get("Message", ""))
+                    log.warning("AMI Status refused (%s): no channel check after reconnect; "
+                                "give the manager user write = call", frame.get("Message", ""))
                     listing = None
                     self.channel_lists += 1
-                elif frame.get("Event") == "CoreShowChannel" and frame.get("Uniqueid"):
-                    listing.add(frame["Uniqueid"])
-                elif frame.get("Event") == "CoreShowChannelsComplete":
+                elif frame.get("Event") == "Status" and frame.get("Uniqueid"):
+                    listing[frame["Uniqueid"]] = frame
+                elif frame.get("Event") == "StatusComplete":
                     live, listing = listing, None
                     if self.on_channels is not None:
                         await self.on_channels(live)

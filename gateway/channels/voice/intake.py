@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.adapters import IntakeUnavailable, Receipt, Submitter
 from gateway.channels.voice.agi import AgiChannel, AgiError
-from gateway.clock import MICROS_PER_SECOND, Micros
+from gateway.clock import MICROS_PER_SECOND, Micros, format_time
 from gateway.phone import mask_phone, to_e164
 from gateway.records import Inbound, Sender, clean_text
 
@@ -48,6 +48,31 @@ class RoutingConfig(Protocol):
     def default_queue(self) -> str: ...
     @property
     def repeat_priority(self) -> int: ...
+    @property
+    def pbx_stamp_max_lead(self) -> float: ...
+
+
+PBX_SKEW_US = 2 * MICROS_PER_SECOND
+"""A PBX stamp up to this much later than the gateway's is clock skew, not an error."""
+
+
+def arrival(
+    pbx_raw: str | None, edge: Micros, max_lead_s: float
+) -> tuple[Micros, Micros | None, bool]:
+    """``(received_at, origin_at, trusted)`` from the dialplan's arrival stamp and our own.
+
+    The deadline runs from the earlier of the two, so a call that waited on a slow or stopped
+    gateway is measured from when the citizen called; a stamp far from ours (a PBX clock off
+    by minutes, a stale variable) is shown in ``origin_at`` but not trusted.
+    """
+    from gateway.channels.voice.tracker import parse_epoch
+
+    pbx = parse_epoch(pbx_raw) if pbx_raw else None
+    if pbx is None:
+        return edge, None, False
+    if edge - int(float(max_lead_s) * MICROS_PER_SECOND) <= pbx <= edge + PBX_SKEW_US:
+        return min(pbx, edge), pbx, True
+    return edge, pbx, False
 
 
 def known(value: str | None) -> str | None:
@@ -72,6 +97,8 @@ def build_inbound(
     args: list[str] | None = None,
     query: Mapping[str, str] | None = None,
     linkedid: str | None = None,
+    origin_at: Micros | None = None,
+    edge_at: Micros | None = None,
 ) -> Inbound:
     """Build the voice contact from an AGI header block (pure; never raises on odd values).
 
@@ -102,6 +129,8 @@ def build_inbound(
     }
     if linkedid:
         meta["linkedid"] = linkedid
+    if edge_at is not None:
+        meta["edge_received_at"] = format_time(edge_at)
     rdnis = known(env.get("agi_rdnis"))
     if rdnis:
         meta["rdnis"] = rdnis
@@ -118,6 +147,7 @@ def build_inbound(
         sender=Sender(address=address, name=name),
         recipient=recipient,
         received_at=received_at,
+        origin_at=origin_at,
         language=language,
         meta=meta,
     )
@@ -195,14 +225,24 @@ class IntakeScript:
                 linkedid = session.query.get("linkedid") or None
                 if linkedid is None and self.ask_linkedid:
                     linkedid = await _linkedid(session)
+                pbx_raw = session.query.get("arrived")
+                received_at, origin_at, trusted = arrival(
+                    pbx_raw, session.received_at, float(self.config.pbx_stamp_max_lead)
+                )
+                if origin_at is not None and not trusted:
+                    log.warning("arrival stamp %.1fs from ours: deadline from our stamp "
+                                "(check the PBX clock)",
+                                (origin_at - session.received_at) / MICROS_PER_SECOND)
                 inbound = build_inbound(
                     env,
                     adapter=self.adapter,
-                    received_at=session.received_at,
+                    received_at=received_at,
                     config=self.config,
                     args=session.args,
                     query=session.query,
                     linkedid=linkedid,
+                    origin_at=origin_at,
+                    edge_at=session.received_at if pbx_raw else None,
                 )
                 receipt = await self.intake.submit(inbound)
         except IntakeUnavailable:
@@ -223,7 +263,7 @@ class IntakeScript:
                 receipt.status,
             )
             if self.tracker is not None:
-                self.tracker.register(inbound, receipt)
+                await self.tracker.register(inbound, receipt)
         variables = channel_variables(
             receipt, recipient=recipient, language=language, config=self.config
         )

@@ -14,6 +14,7 @@ from gateway.channels.voice.agi import (
     AgiChannel,
     AgiClosed,
     AgiError,
+    AgiIdle,
     AgiStream,
     query_params,
     read_header_block,
@@ -58,6 +59,7 @@ class FastAgiServer:
         clock: Clock,
         *,
         session_timeout: float = 10.0,
+        read_timeout: float | None = None,
         max_header_bytes: int = MAX_HEADER_BYTES,
         allow: tuple[str, ...] = (),
         metrics: AdapterMetrics | None = None,
@@ -68,6 +70,8 @@ class FastAgiServer:
         self.port = port
         self.clock = clock
         self.session_timeout = session_timeout
+        self.read_timeout = read_timeout
+        """Longest silence of the peer (header block, each reply) before the session ends."""
         self.max_header_bytes = max_header_bytes
         self.allow = tuple(ipaddress.ip_network(net, strict=False) for net in allow)
         """FastAGI has no authentication: when set, only these peers are served."""
@@ -116,6 +120,8 @@ class FastAgiServer:
             log.warning("FastAGI session exceeded %.1fs; closed", self.session_timeout)
         except AgiClosed:
             log.debug("FastAGI peer closed early")
+        except AgiIdle as exc:
+            log.warning("FastAGI session closed: %s", exc)
         except AgiError as exc:
             log.warning("FastAGI protocol error: %s", exc)
         except (ConnectionError, OSError) as exc:
@@ -143,7 +149,7 @@ class FastAgiServer:
     async def _session(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received_at: Micros
     ) -> None:
-        stream = AgiStream(reader)
+        stream = AgiStream(reader, self.read_timeout)
         env = await read_header_block(stream, max_bytes=self.max_header_bytes)
         request = env.get("agi_network_script", "")
         name = script_name(request)
