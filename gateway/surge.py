@@ -144,29 +144,35 @@ class SurgeWatch:
 
     async def count(self, contacts: Iterable[Contact]) -> list[Event]:
         """Count a batch of new contacts; return the repeat surges written for them."""
-        pipe = self.redis.pipeline(transaction=False)
-        touched: set[int] = set()
+        counts: dict[tuple[int, str], int] = {}
+        samples: dict[tuple[int, str], list[str]] = {}
         first: Micros | None = None
         repeats: list[Contact] = []
         for c in contacts:
             minute = c.received_at // MICROS_PER_SECOND
             minute -= minute % MINUTE_S
-            bucket = self.keys.surge_bucket(minute)
             for key in self.keys_of(c):
-                pipe.hincrby(bucket, key, 1)
-                samples = self.keys.surge_samples(key, minute)
-                pipe.lpush(samples, c.id)
-                pipe.ltrim(samples, 0, SAMPLES - 1)
-                pipe.expire(samples, 2 * 86400)
-            touched.add(minute)
+                counts[(minute, key)] = counts.get((minute, key), 0) + 1
+                ids = samples.setdefault((minute, key), [])
+                ids.append(c.id)
+                del ids[:-SAMPLES]
             first = c.received_at if first is None else min(first, c.received_at)
             if self.section.repeat and c.repeat.count + 1 >= self.section.repeat:
                 repeats.append(c)
-        for minute in touched:
-            pipe.expire(self.keys.surge_bucket(minute), self.ttl_s)
+        commands: list[list[Any]] = []
+        for (minute, key), n in counts.items():
+            commands.append(["HINCRBY", self.keys.surge_bucket(minute), key, n])
+            name = self.keys.surge_samples(key, minute)
+            commands.append(["LPUSH", name, *samples[(minute, key)]])
+            commands.append(["LTRIM", name, 0, SAMPLES - 1])
+            commands.append(["EXPIRE", name, 2 * 86400])
+        for minute in {m for m, _ in counts}:
+            commands.append(["EXPIRE", self.keys.surge_bucket(minute), self.ttl_s])
         if first is not None:
-            pipe.set(self.keys.surge_first, first, nx=True)
-        await pipe.execute()
+            commands.append(["SET", self.keys.surge_first, first, "NX"])
+        for r in await self.queue.execute(commands):
+            if isinstance(r, Exception):
+                raise r
         written = []
         for c in repeats:
             event = await self._repeat(c)

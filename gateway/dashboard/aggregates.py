@@ -212,6 +212,20 @@ class Step:
     args: list[Any]
 
 
+STEPS_PER_CALL = 200
+
+
+async def apply(queue: RedisQueue, steps: list[Step]) -> None:
+    """Run the steps in order, ``STEPS_PER_CALL`` to one script call, in one round trip."""
+    calls = []
+    for i in range(0, len(steps), STEPS_PER_CALL):
+        chunk = steps[i : i + STEPS_PER_CALL]
+        calls.append(([k for s in chunk for k in s.keys], [a for s in chunk for a in s.args]))
+    for r in await queue.run_scripts("aggregate", calls) if calls else ():
+        if isinstance(r, Exception):
+            raise r
+
+
 class Aggregator:
     """Follows ``{p}:events`` in the ``gateway-aggregate`` group and keeps the counters."""
 
@@ -320,7 +334,7 @@ class Aggregator:
         facts = await self._facts({cid for cid, _, _ in parsed}, parsed)
         steps: list[Step] = []
         contacts: list[Contact] = []
-        extra = self.redis.pipeline(transaction=False)
+        extra: list[list[Any]] = []
         for cid, type_, event in parsed:
             fact = facts.get(cid)
             if fact is None:
@@ -332,17 +346,15 @@ class Aggregator:
                 contact = Contact.from_json(fact["contact"])
                 contacts.append(contact)
                 if contact.repeat.count >= 2:
-                    extra.zadd(self.keys.agg_repeats, {cid: contact.received_at})
-        if steps:
-            results = await self.queue.run_scripts("aggregate", [(s.keys, s.args) for s in steps])
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
+                    extra.append(["ZADD", self.keys.agg_repeats, contact.received_at, cid])
+        await apply(self.queue, steps)
         now = self.clock.now_us()
         day_ago = now - DAY_S * MICROS_PER_SECOND
-        extra.zremrangebyscore(self.keys.agg_repeats, "-inf", day_ago)
-        extra.zremrangebyscore(self.keys.agg_breaches, "-inf", day_ago)
-        await extra.execute()
+        extra.append(["ZREMRANGEBYSCORE", self.keys.agg_repeats, "-inf", day_ago])
+        extra.append(["ZREMRANGEBYSCORE", self.keys.agg_breaches, "-inf", day_ago])
+        for r in await self.queue.execute(extra):
+            if isinstance(r, Exception):
+                raise r
         if contacts and self.on_contacts is not None:
             await self.on_contacts(contacts)
         if entries:
@@ -354,14 +366,16 @@ class Aggregator:
     ) -> dict[str, dict[str, Any]]:
         wanted = sorted(ids)
         enqueued = {cid for cid, type_, _ in parsed if type_ == "enqueued"}
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[list[Any]] = []
         for cid in wanted:
             names = ["received_us", "due_us", "kind", "channel"]
             if cid in enqueued:
                 names.append("contact")
-            pipe.hmget(self.keys.contact(cid), names)
+            commands.append(["HMGET", self.keys.contact(cid), *names])
         out: dict[str, dict[str, Any]] = {}
-        for cid, values in zip(wanted, await pipe.execute(), strict=True):
+        for cid, values in zip(wanted, await self.queue.execute(commands), strict=True):
+            if isinstance(values, Exception):
+                raise values
             if values[0] is None or values[1] is None:
                 continue
             out[cid] = {

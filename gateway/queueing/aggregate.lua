@@ -1,50 +1,58 @@
--- Service-level counters: move one contact to a better-ranked outcome, once (see
+-- Service-level counters: move contacts to a better-ranked outcome, once each (see
 -- gateway/dashboard/aggregates.py). The contact hash remembers the outcome ('agg'), so an
--- event read twice (a redelivered stream entry) changes nothing.
--- KEYS: 1 contact hash, 2 minute bucket, 3 hour bucket, 4 open zset of the label,
+-- event read twice (a redelivered stream entry) changes nothing. One call takes a batch of
+-- steps: 6 keys and 12 arguments each.
+-- KEYS (per step): 1 contact hash, 2 minute bucket, 3 hour bucket, 4 open zset of the label,
 --       5 waiting zset (calls), 6 breaches zset
--- ARGV: 1 contact id, 2 label, 3 outcome, 4 rank, 5 due (us), 6 bucket ttl (s),
+-- ARGV (per step): 1 contact id, 2 label, 3 outcome, 4 rank, 5 due (us), 6 bucket ttl (s),
 --       7 time bin field suffix ('' = none), 8 time (ms), 9 event at (us), 10 received (us),
 --       11 is a call (1/0), 12 ends the wait (1/0)
-local label = ARGV[2]
-if ARGV[12] == '1' then
-  redis.call('ZREM', KEYS[5], ARGV[1])
-end
-local cur = redis.call('HGET', KEYS[1], 'agg')
-local cur_outcome, cur_rank
-if not cur then
-  for b = 2, 3 do
-    redis.call('HINCRBY', KEYS[b], label .. ':volume', 1)
-    redis.call('EXPIRE', KEYS[b], ARGV[6])
+local changed = 0
+for step = 0, #KEYS / 6 - 1 do
+  local K = {KEYS[step * 6 + 1], KEYS[step * 6 + 2], KEYS[step * 6 + 3], KEYS[step * 6 + 4],
+             KEYS[step * 6 + 5], KEYS[step * 6 + 6]}
+  local A = {}
+  for i = 1, 12 do A[i] = ARGV[step * 12 + i] end
+  local label = A[2]
+  if A[12] == '1' then
+    redis.call('ZREM', K[5], A[1])
   end
-  cur_outcome, cur_rank = 'open', 0
-  redis.call('HSET', KEYS[1], 'agg', 'open:0')
-  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
-  if ARGV[11] == '1' and ARGV[12] ~= '1' then
-    redis.call('ZADD', KEYS[5], ARGV[10], ARGV[1])
+  local cur = redis.call('HGET', K[1], 'agg')
+  local cur_outcome, cur_rank
+  if not cur then
+    for b = 2, 3 do
+      redis.call('HINCRBY', K[b], label .. ':volume', 1)
+      redis.call('EXPIRE', K[b], A[6])
+    end
+    cur_outcome, cur_rank = 'open', 0
+    redis.call('HSET', K[1], 'agg', 'open:0')
+    redis.call('ZADD', K[4], A[5], A[1])
+    if A[11] == '1' and A[12] ~= '1' then
+      redis.call('ZADD', K[5], A[10], A[1])
+    end
+  else
+    local sep = string.find(cur, ':', 1, true)
+    cur_outcome, cur_rank = string.sub(cur, 1, sep - 1), tonumber(string.sub(cur, sep + 1))
   end
-else
-  local sep = string.find(cur, ':', 1, true)
-  cur_outcome, cur_rank = string.sub(cur, 1, sep - 1), tonumber(string.sub(cur, sep + 1))
-end
-local rank = tonumber(ARGV[4])
-if rank <= cur_rank then
-  return 0
-end
-local outcome = ARGV[3]
-for b = 2, 3 do
-  if cur_outcome ~= 'open' then
-    redis.call('HINCRBY', KEYS[b], label .. ':' .. cur_outcome, -1)
+  local rank = tonumber(A[4])
+  if rank > cur_rank then
+    local outcome = A[3]
+    for b = 2, 3 do
+      if cur_outcome ~= 'open' then
+        redis.call('HINCRBY', K[b], label .. ':' .. cur_outcome, -1)
+      end
+      redis.call('HINCRBY', K[b], label .. ':' .. outcome, 1)
+      if A[7] ~= '' then
+        redis.call('HINCRBY', K[b], label .. ':t:' .. A[7], 1)
+        redis.call('HINCRBY', K[b], label .. ':tsum', A[8])
+      end
+    end
+    redis.call('HSET', K[1], 'agg', outcome .. ':' .. A[4])
+    redis.call('ZREM', K[4], A[1])
+    if outcome == 'breached' or outcome == 'late' then
+      redis.call('ZADD', K[6], 'NX', A[9], A[1])
+    end
+    changed = changed + 1
   end
-  redis.call('HINCRBY', KEYS[b], label .. ':' .. outcome, 1)
-  if ARGV[7] ~= '' then
-    redis.call('HINCRBY', KEYS[b], label .. ':t:' .. ARGV[7], 1)
-    redis.call('HINCRBY', KEYS[b], label .. ':tsum', ARGV[8])
-  end
 end
-redis.call('HSET', KEYS[1], 'agg', outcome .. ':' .. ARGV[4])
-redis.call('ZREM', KEYS[4], ARGV[1])
-if outcome == 'breached' or outcome == 'late' then
-  redis.call('ZADD', KEYS[6], 'NX', ARGV[9], ARGV[1])
-end
-return 1
+return changed

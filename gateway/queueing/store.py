@@ -267,6 +267,11 @@ class RedisQueue:
             break
         return replies
 
+    async def execute(self, commands: list[list[Any]]) -> list[Any]:
+        """Run plain commands in one round trip (the cheap path ``run_scripts`` takes); error
+        replies come back as values."""
+        return await self._execute(commands)
+
     async def _execute(self, commands: list[list[Any]]) -> list[Any]:
         """Send commands in one write and read every reply; error replies come back as values.
 
