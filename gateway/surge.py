@@ -23,9 +23,10 @@ count ``c`` over the last ``window`` minutes against the usual level ``λ``, the
 
 is a surge when ``c >= min_count``, ``c >= ratio * λ`` and the Poisson tail
 ``P(X >= c | λ) < alpha``. A steady load gives ``c`` near ``λ`` and raises none. A key's surge
-is written once per window (``SET NX`` on ``{p}:surge:e:<key>:<window start>``), even if two
-instances evaluate during a lease take-over. Sensitive words need no rise: any contact with one
-raises a surge of its word (once per window). A citizen's ``repeat``-th contact within the
+is written once per period of two windows (``SET NX`` on ``{p}:surge:e:<key>:<period start>``),
+even if two instances evaluate during a lease take-over, and not again within two windows of
+the last one. Sensitive words need no rise: any contact with one
+raises a surge of its word. A citizen's ``repeat``-th contact within the
 repeat window (one phone number across calls and SMS is one citizen) raises one at once,
 once per citizen and day. Nothing is evaluated until the counters span ``warmup``.
 """
@@ -298,9 +299,16 @@ class SurgeWatch:
         return rates
 
     async def _write(self, f: Finding, now: Micros) -> Event | None:
-        emitted = self.keys.surge_emitted(f.key, f.window_start_s)
-        ttl = int(self.window_min * MINUTE_S * 2)
-        if not await self.redis.set(emitted, 1, nx=True, ex=ttl):
+        # once per key and period of two windows (SET NX: across instances), and not again
+        # within two windows of the last one (a burst going on across a period's end)
+        period = int(self.window_min * MINUTE_S * 2)
+        now_s = now // MICROS_PER_SECOND
+        bucket = now_s - now_s % period
+        last = await self.redis.get(self.keys.surge_emitted(f.key, bucket - period))
+        if last is not None and now - int(last) < period * MICROS_PER_SECOND:
+            return None
+        name = self.keys.surge_emitted(f.key, bucket)
+        if not await self.redis.set(name, now, nx=True, ex=2 * period):
             return None
         pipe = self.redis.pipeline(transaction=False)
         minutes = range(f.window_start_s, f.window_start_s + self.window_min * MINUTE_S, 60)

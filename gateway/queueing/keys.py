@@ -91,7 +91,8 @@ class Keys:
         return f"{self.tag}:surge:b:{start_s}"
 
     def surge_emitted(self, key: str, start_s: int) -> str:
-        """String: set once when a surge of ``key`` in the period was emitted (idempotence)."""
+        """String, expiring: when a surge of ``key`` was written in the period (two windows; a
+        repeat's: the day) starting at ``start_s``; set NX, so it is written once."""
         return f"{self.tag}:surge:e:{_short(key)}:{start_s}"
 
     def surge_samples(self, key: str, start_s: int) -> str:

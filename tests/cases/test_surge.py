@@ -108,8 +108,10 @@ async def test_steady_load_raises_none_and_a_burst_raises_one_per_key(
     assert water.detail["count"] == 50 and water.detail["baseline"] < 5
     assert set(water.detail["samples"]) <= {c.id for c in burst} and water.detail["samples"]
     jsonschema.validate(water.to_dict(), EVENT_SCHEMA)
-    # once per key and window, however often it is evaluated
+    # once per key, however often it is evaluated while the burst lasts
     assert await surge.evaluate(t0 + 5 * MIN + 5 * MICROS_PER_SECOND) == []
+    await surge.count([citizen(n + 100 + i, t0 + 6 * MIN + i, "还是停水") for i in range(30)])
+    assert await surge.evaluate(t0 + 7 * MIN) == []  # the same burst, still going
     events = await redis_client.xrange(Keys(prefix).events)
     written = [json.loads(f[b"event"]) for _, f in events if f[b"type"] == b"surge"]
     assert sorted(e["detail"]["key"] for e in written) == sorted(kinds)
