@@ -146,6 +146,7 @@ class FakeAmi:
         chunk: int = 7,
         live_channels: list[str] | None = None,
         answer_ping: bool = True,
+        uptime: int = 100,
     ) -> None:
         self.sessions = list(sessions)
         self.live_channels = live_channels
@@ -156,6 +157,8 @@ class FakeAmi:
         ``caller``, ``exten`` of its ``Status`` entry."""
         self.actions: list[dict[str, str]] = []
         self.answer_ping = answer_ping
+        self.uptime = uptime
+        """``Uptime`` of the ``FullyBooted`` event after login (seconds since Asterisk started)."""
         self.username = username
         self.secret = secret
         self.chunk = chunk
@@ -204,7 +207,7 @@ class FakeAmi:
             writer.write(
                 b"Event: FullyBooted\r\nPrivilege: system,all\r\n"
                 b"Timestamp: 1795594480.000001\r\nStatus: Fully Booted\r\n"
-                b"Uptime: 100\r\nLastReload: 100\r\n\r\n"
+                + f"Uptime: {self.uptime}\r\nLastReload: {self.uptime}\r\n\r\n".encode()
             )
             self.accepted += 1
             lock = asyncio.Lock()  # whole frames only: action answers never split an event

@@ -37,7 +37,8 @@ async def until(probe: Callable[[], Any], timeout: float = 10.0) -> Any:
 async def voice_with_ami(
     start_gateway: Any, ami: FakeAmi, clock: FixedClock | None = None, **config: Any
 ) -> Gateway:
-    await ami.start()
+    if not ami.port:
+        await ami.start()
     table = {
         "type": "asterisk",
         "agi_listen": "127.0.0.1:0",
