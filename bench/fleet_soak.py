@@ -42,7 +42,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.embedded import EmbeddedRedis, find_server_binary
 from gateway.queueing.keys import Keys
 from tests.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi, message
 from tests.sms.test_kannel import AUTH, SECRET, get_url
@@ -100,6 +100,7 @@ class Report:
     instances: int
     cycles: int
     redis_restarts: int
+    sentinel: bool = False
     seconds: float = 0.0
     acknowledged: Counter[str] = field(default_factory=Counter)
     """By kind: intake, sms, telegram."""
@@ -126,7 +127,12 @@ class Report:
         return [
             f"instances {self.instances}, kill -9 cycles {self.kills} "
             f"({self.holder_kills} of the Telegram lease holder), "
-            f"Redis kill -9 + restart {self.redis_restarts}, {self.seconds:.0f} s",
+            (
+                f"Sentinel failovers (master kill -9) {self.redis_restarts}"
+                if self.sentinel
+                else f"Redis kill -9 + restart {self.redis_restarts}"
+            )
+            + f", {self.seconds:.0f} s",
             "acknowledged "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.acknowledged.items()))
             + f" (total {sum(self.acknowledged.values())}); on the stream {self.on_stream} "
@@ -140,7 +146,8 @@ class Report:
         ]
 
 
-def write_config(root: Path, n: int, port: int, redis_url: str, bot: FakeBotApi, ttl: str) -> Path:
+def write_config(root: Path, n: int, port: int, redis: str, bot: FakeBotApi, ttl: str) -> Path:
+    """``redis``: the rest of the ``[redis]`` table (a url, or Sentinel's settings)."""
     sms = n > 0
     cfg = root / f"i{n}.toml"
     text = f"""
@@ -149,9 +156,9 @@ data_dir = "{root / f"i{n}"}"
 instance = "i{n}"
 
 [redis]
-url = "{redis_url}"
 prefix = "{PREFIX}"
 write_timeout = "300ms"
+{redis}
 
 [http]
 listen = "127.0.0.1:{port}"
@@ -182,15 +189,136 @@ region = "CN"
     return cfg
 
 
+class SentinelGroup:
+    """A master, two replicas (append-only, ``appendfsync always``) and three Sentinels, all
+    the bundled server binary on loopback TCP; ``failover`` kills the master with SIGKILL and
+    brings it back as a replica of the master the Sentinels promoted."""
+
+    MASTER = "mymaster"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.binary = find_server_binary()
+        self.ports = [free_port() for _ in range(3)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.servers: dict[int, subprocess.Popen[bytes]] = {}
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.failovers = 0
+
+    def _server(self, port: int, replica_of: int | None) -> None:
+        folder = self.root / f"redis-{port}"
+        folder.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+        ]
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.servers[port] = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def start_sync(self) -> None:
+        master, *replicas = self.ports
+        self._server(master, None)
+        for port in replicas:
+            self._server(port, master)
+        for port in self.sentinel_ports:
+            conf = self.root / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {master} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 5000\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [self.binary, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        self._wait(lambda: self.master_port() == master and self._replicas_online(master) == 2)
+
+    def _ask(self, port: int, *command: str) -> Any:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return client.execute_command(*command)
+        finally:
+            client.close()
+
+    def master_port(self) -> int | None:
+        for port in self.sentinel_ports:
+            with contextlib.suppress(Exception):
+                _, found = self._ask(port, "SENTINEL", "get-master-addr-by-name", self.MASTER)
+                return int(found)
+        return None
+
+    def _replicas_online(self, master: int) -> int:
+        with contextlib.suppress(Exception):
+            info = self._ask(master, "INFO", "replication")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            return text.count("state=online")
+        return 0
+
+    def _wait(self, done: Any, timeout_s: float = 60.0) -> None:
+        until = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > until:
+                raise RuntimeError("the Sentinel group did not settle")
+            time.sleep(0.1)
+
+    def failover(self) -> None:
+        old = self.master_port()
+        assert old is not None
+        self.servers[old].kill()
+        self.servers[old].wait()
+        self._wait(lambda: self.master_port() not in (None, old))
+        new = self.master_port()
+        self._server(old, new)
+        assert new is not None
+        self._wait(lambda: self._replicas_online(new) == 2)
+        self.failovers += 1
+
+    def client(self) -> Any:
+        return aioredis.Redis(port=self.master_port() or 0)
+
+    def stop_sync(self) -> None:
+        for proc in [*self.sentinels, *self.servers.values()]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.sentinels, *self.servers.values()]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def config(self) -> str:
+        hosts = ", ".join(f'"127.0.0.1:{p}"' for p in self.sentinel_ports)
+        return (
+            "min_replicas = 1\n\n[redis.sentinel]\n"
+            f'hosts = [{hosts}]\nmaster = "{self.MASTER}"\n'
+        )
+
+
 class Soak:
     def __init__(
-        self, root: Path, instances: int, cycles: int, redis_restarts: int, ttl_s: float
+        self,
+        root: Path,
+        instances: int,
+        cycles: int,
+        redis_restarts: int,
+        ttl_s: float,
+        sentinel: bool = False,
     ) -> None:
         self.root = root
         self.cycles = cycles
         self.redis_restarts = redis_restarts
         self.ttl_s = ttl_s
-        self.report = Report(instances, cycles, redis_restarts)
+        self.report = Report(instances, cycles, redis_restarts, sentinel=sentinel)
+        self.group = SentinelGroup(root) if sentinel else None
         self.redis = EmbeddedRedis(root / "redis")
         self.bot = FakeBotApi()
         self.fleet: list[Instance] = []
@@ -325,18 +453,26 @@ class Soak:
         await self.healthy(session, victim)
 
     async def restart_redis(self) -> None:
-        await asyncio.to_thread(self.redis.kill_sync)
+        if self.group is not None:
+            await asyncio.to_thread(self.group.failover)
+            return
+        # on this thread: the embedded server's parent-death signal follows the forking thread
+        self.redis.kill_sync()
         await asyncio.sleep(random.uniform(0.2, 1.0))
-        await asyncio.to_thread(self.redis.start_sync)
+        self.redis.start_sync()
 
     async def run(self) -> Report:
         started = time.monotonic()
-        await asyncio.to_thread(self.redis.start_sync)
+        if self.group is not None:
+            await asyncio.to_thread(self.group.start_sync)
+        else:
+            self.redis.start_sync()
         await self.bot.start()
         ttl = f"{self.ttl_s}s"
         for n in range(self.n_instances):
             port = free_port()
-            cfg = write_config(self.root, n, port, self.redis.url, self.bot, ttl)
+            redis = self.group.config() if self.group else f'url = "{self.redis.url}"'
+            cfg = write_config(self.root, n, port, redis, self.bot, ttl)
             self.fleet.append(Instance(f"i{n}", port, cfg, sms=n > 0))
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -369,7 +505,10 @@ class Soak:
                 for inst in self.fleet:
                     inst.stop()
                 await self.bot.stop()
-                await asyncio.to_thread(self.redis.stop_sync)
+                if self.group is not None:
+                    self.group.stop_sync()
+                else:
+                    self.redis.stop_sync()
         self.report.most_polling = self.bot.most_polling
         self.report.conflicts = self.bot.conflicts
         self.report.seconds = time.monotonic() - started
@@ -391,7 +530,7 @@ class Soak:
         raise RuntimeError("the fleet did not settle (spools not empty or updates unconfirmed)")
 
     async def count(self) -> None:
-        client = aioredis.from_url(self.redis.url)
+        client = self.group.client() if self.group else aioredis.from_url(self.redis.url)
         try:
             entries = await client.xrange(Keys(PREFIX).contacts)
         finally:
@@ -424,8 +563,9 @@ async def soak(
     cycles: int = 10,
     redis_restarts: int = 2,
     lease_ttl_s: float = 2.0,
+    sentinel: bool = False,
 ) -> Report:
-    return await Soak(root, instances, cycles, redis_restarts, lease_ttl_s).run()
+    return await Soak(root, instances, cycles, redis_restarts, lease_ttl_s, sentinel).run()
 
 
 def main() -> None:
@@ -434,6 +574,12 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--redis-restarts", type=int, default=2)
     parser.add_argument("--lease-ttl", type=float, default=2.0)
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="a master, two replicas and three Sentinels (min_replicas = 1); a Redis restart "
+        "is then a failover: the master killed with SIGKILL",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report = asyncio.run(
@@ -443,6 +589,7 @@ def main() -> None:
                 cycles=args.cycles,
                 redis_restarts=args.redis_restarts,
                 lease_ttl_s=args.lease_ttl,
+                sentinel=args.sentinel,
             )
         )
     for line in report.lines():
