@@ -127,7 +127,7 @@ class Report:
         return [
             f"instances {self.instances}, kill -9 cycles {self.kills} "
             f"({self.holder_kills} of the Telegram lease holder), "
-            (
+            + (
                 f"Sentinel failovers (master kill -9) {self.redis_restarts}"
                 if self.sentinel
                 else f"Redis kill -9 + restart {self.redis_restarts}"
@@ -257,10 +257,20 @@ class SentinelGroup:
         return None
 
     def _replicas_online(self, master: int) -> int:
+        import redis
+
         with contextlib.suppress(Exception):
-            info = self._ask(master, "INFO", "replication")
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            return text.count("state=online")
+            client = redis.Redis(port=master, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            return sum(
+                1
+                for key, value in info.items()
+                if key.startswith("slave") and isinstance(value, dict)
+                and value.get("state") == "online"
+            )
         return 0
 
     def _wait(self, done: Any, timeout_s: float = 60.0) -> None:
@@ -273,13 +283,15 @@ class SentinelGroup:
     def failover(self) -> None:
         old = self.master_port()
         assert old is not None
+        # both replicas in sync first (the one brought back last may still be loading)
+        self._wait(lambda: self._replicas_online(old) == 2, timeout_s=180)
         self.servers[old].kill()
         self.servers[old].wait()
         self._wait(lambda: self.master_port() not in (None, old))
         new = self.master_port()
         self._server(old, new)
         assert new is not None
-        self._wait(lambda: self._replicas_online(new) == 2)
+        self._wait(lambda: self._replicas_online(new) >= 1, timeout_s=180)
         self.failovers += 1
 
     def client(self) -> Any:
@@ -464,7 +476,11 @@ class Soak:
     async def run(self) -> Report:
         started = time.monotonic()
         if self.group is not None:
-            await asyncio.to_thread(self.group.start_sync)
+            try:
+                await asyncio.to_thread(self.group.start_sync)
+            except BaseException:
+                self.group.stop_sync()
+                raise
         else:
             self.redis.start_sync()
         await self.bot.start()

@@ -20,3 +20,16 @@ async def test_three_instances_killed_at_random_lose_and_repeat_nothing(tmp_path
     assert report.most_polling == 1 and report.conflicts == 0
     assert report.holder_kills >= 1
     assert len(report.takeovers_s) == report.holder_kills
+
+
+async def test_on_sentinel_a_failover_under_a_killed_fleet_loses_nothing(tmp_path):
+    """The same on a master, two replicas and three Sentinels with ``min_replicas = 1``: the
+    master is killed with SIGKILL and a replica promoted while instances are killed too."""
+    report = await soak(
+        tmp_path, instances=3, cycles=1, redis_restarts=1, lease_ttl_s=1.5, sentinel=True
+    )
+    assert report.lost == [] and report.duplicated == []
+    assert sum(report.acknowledged.values()) > 0
+    assert max(report.most_holders.values()) == 1
+    assert report.most_polling == 1
+    assert len(report.takeovers_s) == report.holder_kills == 1
