@@ -251,6 +251,8 @@ class Aggregator:
         self._stopping = False
         self._group_ready = False
         self.processed = 0
+        self.claim_idle_ms = 60_000
+        """Entries another consumer read and left unacknowledged this long are taken over."""
 
     def start(self, supervisor: Supervisor) -> None:
         """Run in every instance (the consumer group shares the events out), supervised."""
@@ -281,7 +283,7 @@ class Aggregator:
                     await self.ensure_group()
                 if loop.time() - last_claim > 30:
                     last_claim = loop.time()
-                    await self._claim_stale()
+                    await self.claim_stale()
                 await self.poll(block_ms=1000)
                 backoff = 0.5
             except asyncio.CancelledError:
@@ -292,14 +294,23 @@ class Aggregator:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
-    async def _claim_stale(self) -> None:
-        """Take over entries a dead instance read and never acknowledged."""
-        reply = await self.redis.xautoclaim(
-            self.keys.events, GROUP, self.instance, min_idle_time=60_000, count=self.batch
-        )
-        entries = reply[1] if len(reply) > 1 else []
-        if entries:
-            await self.process([(e, f) for e, f in entries if f])
+    async def claim_stale(self) -> None:
+        """Take over entries a dead instance read and never acknowledged (all of them)."""
+        start: Any = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                self.keys.events,
+                GROUP,
+                self.instance,
+                min_idle_time=self.claim_idle_ms,
+                start_id=start,
+                count=self.batch,
+            )
+            start, entries = reply[0], (reply[1] if len(reply) > 1 else [])
+            if entries:
+                await self.process([(e, f) for e, f in entries if f])
+            if start in (b"0-0", "0-0") or not entries:
+                return
 
     async def poll(self, block_ms: int | None = None) -> int:
         """Read and apply one batch; return how many events it held."""

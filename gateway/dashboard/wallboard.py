@@ -262,6 +262,13 @@ class Wallboard:
                     f" {verdict}",
                 )
             )
+        definitions = {
+            "waiting": "answered_within",
+            "longest_wait": "answered_within",
+            "answered_within_today": "answered_within",
+            "connection_24h": "connection_rate",
+            "connection_today": "connection_rate",
+        }
         parts = []
         for cls, label, value, note in tiles:
             state = ""
@@ -270,7 +277,9 @@ class Wallboard:
                 state = "" if rate is None else (" ok" if rate >= target else " bad")
             parts.append(
                 f'<div class="tile{state}" id="tile-{cls}">'
-                f'<div class="label">{html.escape(label)}</div>'
+                f'<div class="label"><a href="#def-{definitions[cls]}" '
+                f'title="{html.escape(loc.definition(definitions[cls]))}">{html.escape(label)}</a>'
+                "</div>"
                 f'<div class="value">{html.escape(value)}</div>'
                 f'<div class="note">{html.escape(note)}</div></div>'
             )

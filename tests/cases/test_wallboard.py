@@ -122,3 +122,25 @@ async def test_read_window_sums_hours_and_minutes(redis_client: Any, prefix: str
     await redis_client.hset(keys.agg_bucket("m", 7140), mapping={"sms:volume": 100})  # before
     counts = await read_window(redis_client, keys, 7200 * S, 10860 * S)
     assert counts["sms"].volume == 6 and counts["sms"].get("within") == 2
+
+
+async def test_what_a_dead_instance_read_is_taken_over(start_gateway: Any) -> None:
+    from gateway.dashboard.aggregates import GROUP
+
+    gw = await start_gateway(api=API)
+    aggregator = gw.cases.aggregator
+    await aggregator.stop()  # this instance's loop; the group stays
+    now = SYSTEM_CLOCK.now_us()
+    contacts, events = dataset.build(now)
+    await dataset.write(gw.redis, gw.keys, contacts, events)
+    # another instance read every entry, then died before acknowledging any
+    taken = await gw.redis.xreadgroup(GROUP, "dead", {gw.keys.events: ">"}, count=1000)
+    assert len(taken[0][1]) == len(contacts) + len(events)
+    assert (await read_window(gw.redis, gw.keys, now - 3 * dataset.HOUR, now)) == {}
+    aggregator.claim_idle_ms = 0
+    aggregator.batch = 4  # several rounds of XAUTOCLAIM
+    await aggregator.claim_stale()
+    counts = await read_window(gw.redis, gw.keys, now - 3 * dataset.HOUR, now)
+    assert {k: c.volume for k, c in counts.items()} == {"voice": 5, "sms": 5, "email": 1}
+    pending = await gw.redis.xpending(gw.keys.events, GROUP)
+    assert pending["pending"] == 0
