@@ -24,6 +24,7 @@ from gateway.queueing.embedded import EmbeddedRedis, EmbeddedRedisError
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import SpoolError
 from gateway.queueing.store import connect, decode_fields
+from gateway.replies import reply_queues
 
 
 def default_raw_config() -> dict[str, Any]:
@@ -197,9 +198,24 @@ async def _info(settings: Settings) -> dict[str, Any]:
             info["redis"]["url"] = redact_url(url)
             info["redis"]["server"] = server.get("valkey_version") or server.get("redis_version")
             info["redis"]["contacts"] = await client.xlen(keys.contacts)
+            info["streams"] = {
+                name: await _stream_info(client, key)
+                for name, key in (("contacts", keys.contacts), ("events", keys.events))
+            }
+            info["replies"] = {q.adapter: q.to_dict() for q in await reply_queues(client, keys)}
     except Exception as exc:
         info["redis"]["error"] = str(exc)
     return info
+
+
+async def _stream_info(client: Any, key: str) -> dict[str, Any]:
+    """Length and consumer groups of a stream: what each group has still to read or ack."""
+    groups: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # no stream yet
+        for g in await client.xinfo_groups(key):
+            name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
+            groups[name] = {"pending": int(g["pending"]), "lag": g.get("lag")}
+    return {"length": int(await client.xlen(key)), "groups": groups}
 
 
 def redact_url(url: str) -> str:

@@ -309,6 +309,20 @@ class RedisSection:
     """With Sentinel or replicas: a batch counts as written only once this many replicas have
     it (``WAIT``); otherwise it is spooled and replayed, so a failover loses nothing."""
     stream_maxlen: int = 1_000_000
+    """Cap of a stream that no consumer group reads. A stream with groups is trimmed only
+    below what every group has read and acknowledged (``gateway/backlog.py``)."""
+    stream_retention: Duration = Duration(0)
+    """Off (0) by default. Otherwise entries older than this leave the streams even if a
+    group has not read them: an explicit retention the operator chose."""
+    trim_interval: Duration = Duration(5)
+    """How often each instance trims the streams and measures the backlog."""
+    backlog_warning: int = 100_000
+    """Entries kept for the slowest consumer group beyond which metrics, a WARNING log and
+    ``/readyz`` say so (0: off)."""
+    backlog_limit: int = 5_000_000
+    """Beyond this backlog new contacts are refused the protocol's retry-later way (0: off)."""
+    memory_limit: float = 0.9
+    """Refuse new contacts once Redis uses this fraction of its ``maxmemory`` (when set)."""
     retention: Duration = Duration(35 * 86400)
     """How long a contact stays retrievable by id (reply routing, API)."""
 
@@ -387,6 +401,9 @@ class ApiSection:
 class RepliesSection:
     max_attempts: int = 5
     backoff: Duration = Duration(2)
+    reclaim_after: Duration = Duration(60)
+    """A reply held this long by an instance that stopped answering is taken over by another
+    instance running the same adapter (a live sender keeps its replies held)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,9 @@ class Intake:
         self.write_timeout_s = write_timeout_s
         self.probe_interval_s = probe_interval_s
         self.redis_up = True
+        self.refusing: str | None = None
+        """Why new contacts are refused (backlog or Redis memory past its bound: set by the
+        ``StreamKeeper`` in ``gateway/backlog.py``), or None."""
         self._writer: Coalescer[Prepared, WriteResult | ResponseError | InvalidContact] = Coalescer(
             queue.write_batch,
             max_batch=max(1, max_batch),
@@ -107,6 +110,9 @@ class Intake:
     async def _submit(self, inbound: Inbound) -> Receipt:
         series = self.metrics.intake(inbound.channel, inbound.adapter)
         series.received.inc()
+        if self.refusing is not None:
+            series.refused.inc()
+            raise IntakeUnavailable(self.refusing)
         prepared = self.prepare(inbound)
         first = self.spool.spooled_id(inbound.adapter, inbound.external_id)
         if first is not None:  # its first delivery still waits in the spool: keep that id

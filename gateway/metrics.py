@@ -101,6 +101,29 @@ class Metrics:
             "gateway_stream_length", "Entries in the contacts stream", registry=r
         )
         self.redis_up = Gauge("gateway_redis_up", "1 when Redis answers", registry=r)
+        self.stream_backlog = Gauge(
+            "gateway_stream_backlog",
+            "Entries kept for the slowest consumer group of a stream (0: no group reads it)",
+            ["stream"],
+            registry=r,
+        )
+        self.intake_refusing = Gauge(
+            "gateway_intake_refusing",
+            "1 while new contacts are refused: backlog or Redis memory past its bound",
+            registry=r,
+        )
+        self.replies_waiting = Gauge(
+            "gateway_replies_waiting",
+            "Replies routed to an adapter and not yet sent (fleet-wide)",
+            ["adapter"],
+            registry=r,
+        )
+        self.replies_held = Gauge(
+            "gateway_replies_held",
+            "Replies waiting for an adapter that no live instance runs (fleet-wide)",
+            ["adapter"],
+            registry=r,
+        )
         self.replies = Counter(
             "gateway_replies",
             "Replies handled, by outcome (sent, failed, retried)",

@@ -16,6 +16,7 @@ from gateway.adapters import Adapter, AdapterContext, load_channel_types
 from gateway.api.services import CaseServices
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
+from gateway.backlog import StreamKeeper
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Settings
 from gateway.egress import SendLimiter, send_rate_of
@@ -65,6 +66,7 @@ class Gateway:
         self.http: HttpServer | None = None
         self.metrics_http: HttpServer | None = None
         self.replies: ReplyRouter | None = None
+        self.keeper: StreamKeeper | None = None
         self.cases: CaseServices | None = None
 
     @property
@@ -189,6 +191,8 @@ class Gateway:
             },
         )
         self.replies.start(self.supervisor)
+        self.keeper = StreamKeeper(self.queue, self.intake, self.metrics, s.redis)
+        self.keeper.start(self.supervisor)
         log.info(
             "gateway %s started: http %s:%d, %d adapters, redis %s",
             __version__,
@@ -206,6 +210,8 @@ class Gateway:
         # Each step runs whatever the one before it raised: the embedded server is always
         # stopped and the data folder released (a failed step is logged, and stop goes on).
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if self.keeper is not None:
+            steps.append(("stream keeper", self.keeper.stop))
         if self.cases is not None:
             steps.append(("case services", self.cases.stop))
         if self.replies is not None:
@@ -278,13 +284,18 @@ class Gateway:
         except Exception:
             spool_ok = False
         loops_ok, loops = self.supervisor.ready()
-        return (redis_ok or spool_ok) and loops_ok, {
+        backlog = self.keeper.last if self.keeper is not None else None
+        refusing = backlog is not None and backlog.state == "refusing"
+        detail: dict[str, object] = {
             "redis": redis_ok,
             "spool": spool_ok,
             "spool_depth": self.spool.depth,
             "loops": loops,
             "leases": {name: fence.token for name, fence in sorted(self.leases.held.items())},
         }
+        if backlog is not None:
+            detail["backlog"] = backlog.detail()
+        return (redis_ok or spool_ok) and loops_ok and not refusing, detail
 
     async def _render_metrics(self) -> bytes:
         with contextlib.suppress(Exception):

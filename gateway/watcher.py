@@ -159,7 +159,7 @@ class DeadlineWatcher:
         results = await self.queue.run_scripts(
             "claim",
             [
-                ([zset, k.events, other, k.contact(cid)], [cid, now, body, self.queue.maxlen, type])
+                ([zset, k.events, other, k.contact(cid)], [cid, now, body, type])
                 for cid, body, _, _ in calls
             ],
         )

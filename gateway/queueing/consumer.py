@@ -115,6 +115,25 @@ class StreamConsumer(Generic[T]):
         return int(info["pending"])
 
 
+async def read_many(
+    consumers: list[StreamConsumer[T]], count: int = 10, block_ms: int | None = 1000
+) -> list[tuple[StreamConsumer[T], Delivery[T]]]:
+    """Read new entries for several consumers (one name, one group per stream) in one blocking
+    XREADGROUP: the streams must share the group and consumer name, as the reply router's do."""
+    if not consumers:
+        return []
+    first = consumers[0]
+    by_stream = {c.stream: c for c in consumers}
+    reply = await first.redis.xreadgroup(
+        first.group, first.name, {c.stream: ">" for c in consumers}, count=count, block=block_ms
+    )
+    out: list[tuple[StreamConsumer[T], Delivery[T]]] = []
+    for stream, entries in reply or []:
+        consumer = by_stream[stream.decode() if isinstance(stream, bytes) else str(stream)]
+        out.extend((consumer, d) for d in consumer._deliveries(entries))
+    return out
+
+
 def _open(url: str) -> RedisClient:
     return aioredis.from_url(url)
 
@@ -148,7 +167,7 @@ class EventConsumer(StreamConsumer[Event]):
 
 
 class ReplyConsumer(StreamConsumer[Reply]):
-    """Reads Reply records from ``{prefix}:replies`` (the gateway's own reply router)."""
+    """Reads Reply records from ``{prefix}:replies`` (the stream case systems write to)."""
 
     def __init__(
         self, client: RedisClient, group: str, name: str, *, prefix: str = "gateway"
@@ -157,7 +176,10 @@ class ReplyConsumer(StreamConsumer[Reply]):
 
 
 async def post_reply(client: RedisClient, reply: Reply, *, prefix: str = "gateway") -> str:
-    """Put a reply on ``{prefix}:replies`` for the gateway to deliver; return the entry id."""
+    """Put a reply on ``{prefix}:replies`` for the gateway to deliver; return the entry id.
+
+    Any gateway instance routes it to the contact's adapter; one running that adapter sends it
+    (held until one runs, see ``gateway/replies.py``)."""
     import orjson
 
     entry = await client.xadd(

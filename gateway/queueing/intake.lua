@@ -5,8 +5,10 @@
 --       6 deadlines zset, 7 warnings zset
 -- ARGV: 1 id, 2 contact JSON before the repeat count, 3 contact JSON after it,
 --       4 dedupe ttl (s), 5 repeat window (us), 6 received_at (us), 7 due_at (us),
---       8 warn_at (us), 9 enqueued event JSON, 10 stream maxlen, 11 retention (s),
---       12 channel, 13 deadline kind, 14 count repeats (1/0)
+--       8 warn_at (us), 9 enqueued event JSON, 10 retention (s), 11 channel,
+--       12 deadline kind, 13 count repeats (1/0)
+-- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
+-- group has read (gateway/backlog.py), never on the hot path.
 local first = redis.call('GET', KEYS[3])
 if first then
   return {0, first, 0}
@@ -14,7 +16,7 @@ end
 local id = ARGV[1]
 local received = tonumber(ARGV[6])
 local count = 0
-if ARGV[14] == '1' then
+if ARGV[13] == '1' then
   local window = tonumber(ARGV[5])
   -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
   -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
@@ -25,15 +27,15 @@ if ARGV[14] == '1' then
   redis.call('PEXPIRE', KEYS[4], math.floor(window / 1000))
 end
 local contact = ARGV[2] .. count .. ARGV[3]
-local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[10], '*',
-  'contact', contact, 'id', id, 'channel', ARGV[12])
+local entry = redis.call('XADD', KEYS[1], '*',
+  'contact', contact, 'id', id, 'channel', ARGV[11])
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
 redis.call('HSET', KEYS[5], 'contact', contact, 'entry', entry, 'received_us', ARGV[6],
-  'due_us', ARGV[7], 'kind', ARGV[13], 'channel', ARGV[12])
-redis.call('EXPIRE', KEYS[5], ARGV[11])
+  'due_us', ARGV[7], 'kind', ARGV[12], 'channel', ARGV[11])
+redis.call('EXPIRE', KEYS[5], ARGV[10])
 redis.call('ZADD', KEYS[6], ARGV[7], id)
 redis.call('ZADD', KEYS[7], ARGV[8], id)
-local event = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*',
+local event = redis.call('XADD', KEYS[2], '*',
   'event', ARGV[9], 'contact_id', id, 'type', 'enqueued')
 redis.call('HSET', KEYS[5], 'event:' .. event, ARGV[9])
 return {1, id, count}

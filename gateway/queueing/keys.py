@@ -28,6 +28,20 @@ class Keys:
     def replies(self) -> str:
         return f"{self.tag}:replies"
 
+    def replies_to(self, adapter: str) -> str:
+        """Stream: replies routed to one adapter, read by the instances that run it."""
+        return f"{self.tag}:replies:{adapter}"
+
+    @property
+    def reply_adapters(self) -> str:
+        """Set: adapters that replies have been routed to (their streams are trimmed, watched)."""
+        return f"{self.tag}:reply-adapters"
+
+    def reply_senders(self, adapter: str) -> str:
+        """Sorted set: instances running the adapter, scored by when their heartbeat expires
+        (milliseconds)."""
+        return f"{self.tag}:reply-senders:{adapter}"
+
     @property
     def deadlines(self) -> str:
         """Sorted set: contact id scored by its deadline (microseconds)."""

@@ -17,7 +17,7 @@ from gateway.adapters import InvalidContact
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.config import RedisSection
 from gateway.queueing.keys import Keys
-from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound
+from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def _script(name: str) -> str:
 
 
 SCRIPTS = {
-    name: _script(f"{name}.lua") for name in ("intake", "stamp", "emit", "claim", "aggregate")
+    name: _script(f"{name}.lua")
+    for name in ("intake", "stamp", "emit", "claim", "aggregate", "trim", "route", "hold")
 }
 
 
@@ -68,6 +69,16 @@ class Prepared:
     inbound: Inbound
     deadline: Deadline
     warn_at: Micros
+
+
+@dataclass(frozen=True, slots=True)
+class TrimResult:
+    """What ``trim.lua`` answered for one stream."""
+
+    length: int
+    """Entries left: for a stream with groups, those some group has not read and acknowledged."""
+    groups: int
+    removed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +167,7 @@ class RedisQueue:
         self.repeat_window_s = int(repeat_window_s)
         self.retention_s = max(1, int(retention_s))
         self.maxlen = maxlen
+        """Cap of a stream no consumer group reads (``trim``); a read stream has no cap."""
         # WAIT has no key to route by: on a cluster each master's replicas answer for their own
         self.min_replicas = min_replicas if hasattr(client, "connection_pool") else 0
         self.replica_timeout_ms = replica_timeout_ms
@@ -196,7 +208,6 @@ class RedisQueue:
             p.deadline.due_at,
             p.warn_at,
             event,
-            self.maxlen,
             self.retention_s,
             inbound.channel,
             p.deadline.kind,
@@ -310,7 +321,7 @@ class RedisQueue:
             self.keys.warnings,
         ]
         clears = "1" if event.type in ("abandoned", "closed") else "0"
-        args = [event.contact_id, event.type, event.to_json(), self.maxlen, clears]
+        args = [event.contact_id, event.type, event.to_json(), clears]
         await self._evalsha("emit", keys, args)
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -354,7 +365,7 @@ class RedisQueue:
             self.keys.warnings,
             self.keys.events,
         ]
-        args = [contact_id, type, at, event.to_json(), self.maxlen, clears]
+        args = [contact_id, type, at, event.to_json(), clears]
         done = await self._evalsha("stamp", keys, args)
         return event if done else None
 
@@ -382,6 +393,27 @@ class RedisQueue:
         """Return the contact by id while it is retained, else None."""
         raw = await self.redis.hget(self.keys.contact(contact_id), "contact")
         return None if raw is None else Contact.from_json(raw)
+
+    async def trim(self, stream: str, floor_ms: int = 0) -> TrimResult:
+        """Trim ``stream`` below what every consumer group on it has read and acknowledged
+        (``trim.lua``); with ``floor_ms``, also every entry older than that (an operator's
+        retention), read or not."""
+        floor = f"{floor_ms}-0" if floor_ms > 0 else ""
+        left, groups, removed = await self._evalsha("trim", [stream], [self.maxlen, floor])
+        return TrimResult(int(left), int(groups), int(removed))
+
+    async def route_reply(self, group: str, entry_id: str, reply: Reply, adapter: str) -> bool:
+        """Move a reply read by ``group`` from ``{p}:replies`` to its adapter's stream, once
+        (``route.lua``); False when another instance already did."""
+        k = self.keys
+        keys = [k.replies, k.replies_to(adapter), k.reply_adapters]
+        args = [group, entry_id, orjson.dumps(reply.to_dict()), reply.contact_id, adapter]
+        return bool(await self._evalsha("route", keys, args))
+
+    async def hold(self, stream: str, group: str, entry_id: str, consumer: str) -> bool:
+        """Reset the idle time of a pending entry while ``consumer`` still owns it
+        (``hold.lua``); False once another consumer has taken it over."""
+        return bool(await self._evalsha("hold", [stream], [group, entry_id, consumer]))
 
     async def stream_length(self) -> int:
         try:
