@@ -1,12 +1,14 @@
-"""The streams' keeper: trims them only below what every consumer group has read, and watches
-the backlog (what the slowest group has not read yet) against its bounds.
+"""The streams' keeper: trims them to their cap but never past what a consumer group has not
+read, and watches the backlog (what the slowest group has not read yet) against its bounds.
 
 The scripts that append to the streams carry no ``MAXLEN``: a blind cap dropped contacts a case
 system had not read yet. Instead every instance runs ``check`` every ``[redis] trim_interval``:
-``trim.lua`` removes, atomically per stream, only the entries every group on it has read and
-acknowledged (or, with ``[redis] stream_retention``, entries older than the operator's chosen
-retention). What is left is the backlog. Past ``backlog_warning`` it is reported (metric,
-WARNING log, ``/readyz``); past ``backlog_limit``, or with Redis using ``memory_limit`` of its
+``trim.lua`` keeps, atomically per stream, the newest ``[redis] stream_maxlen`` entries (history
+for ``gateway report`` and other XRANGE readers) and beyond them only what some consumer group
+has not read and acknowledged; with ``[redis] stream_retention``, entries older than the
+operator's chosen retention go whether read or not. The backlog is what the slowest group has
+still to read or acknowledge. Past ``backlog_warning`` it is reported (metric, WARNING log,
+``/readyz``); past ``backlog_limit``, or with Redis using ``memory_limit`` of its
 ``maxmemory``, Intake refuses new contacts (``IntakeUnavailable``: SMTP 451, HTTP 503 with
 Retry-After...) until the backlog is read.
 """
@@ -29,6 +31,8 @@ from gateway.supervise import Supervisor
 log = logging.getLogger(__name__)
 
 REPEAT_WARNING_S = 300.0
+TRIM_CALLS = 100
+"""Calls of trim.lua per stream and check (each looks at up to 1,000 entries for the cap)."""
 
 State = Literal["ok", "warning", "refusing"]
 
@@ -108,8 +112,11 @@ class StreamKeeper:
         }
         kept: dict[str, int] = {}
         for name, key in streams.items():
-            result = await self.queue.trim(key, floor_ms)
-            kept[name] = result.length if result.groups else 0
+            for _ in range(TRIM_CALLS):
+                result = await self.queue.trim(key, floor_ms)
+                if not result.more:
+                    break
+            kept[name] = result.backlog
             if name in ("contacts", "events"):
                 self.metrics.stream_backlog.labels(name).set(kept[name])
         entries = max(kept["contacts"], kept["events"])

@@ -309,8 +309,8 @@ class RedisSection:
     """With Sentinel or replicas: a batch counts as written only once this many replicas have
     it (``WAIT``); otherwise it is spooled and replayed, so a failover loses nothing."""
     stream_maxlen: int = 1_000_000
-    """Cap of a stream that no consumer group reads. A stream with groups is trimmed only
-    below what every group has read and acknowledged (``gateway/backlog.py``)."""
+    """Entries each stream keeps (history for ``gateway report``, ``tail``); older ones go once
+    every consumer group has read and acknowledged them, never before (``gateway/backlog.py``)."""
     stream_retention: Duration = Duration(0)
     """Off (0) by default. Otherwise entries older than this leave the streams even if a
     group has not read them: an explicit retention the operator chose."""

@@ -76,9 +76,11 @@ class TrimResult:
     """What ``trim.lua`` answered for one stream."""
 
     length: int
-    """Entries left: for a stream with groups, those some group has not read and acknowledged."""
     groups: int
     removed: int
+    backlog: int
+    """Entries the slowest consumer group has still to read or acknowledge."""
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +169,7 @@ class RedisQueue:
         self.repeat_window_s = int(repeat_window_s)
         self.retention_s = max(1, int(retention_s))
         self.maxlen = maxlen
-        """Cap of a stream no consumer group reads (``trim``); a read stream has no cap."""
+        """Entries a stream keeps (``trim``), unless a consumer group has not read them."""
         # WAIT has no key to route by: on a cluster each master's replicas answer for their own
         self.min_replicas = min_replicas if hasattr(client, "connection_pool") else 0
         self.replica_timeout_ms = replica_timeout_ms
@@ -394,13 +396,15 @@ class RedisQueue:
         raw = await self.redis.hget(self.keys.contact(contact_id), "contact")
         return None if raw is None else Contact.from_json(raw)
 
-    async def trim(self, stream: str, floor_ms: int = 0) -> TrimResult:
-        """Trim ``stream`` below what every consumer group on it has read and acknowledged
-        (``trim.lua``); with ``floor_ms``, also every entry older than that (an operator's
-        retention), read or not."""
+    async def trim(self, stream: str, floor_ms: int = 0, look: int = 1000) -> TrimResult:
+        """Trim ``stream`` to ``maxlen`` entries, never past what a consumer group has not
+        read and acknowledged (``trim.lua``); with ``floor_ms``, also every entry older than
+        that (an operator's retention), read or not. One call trims at most ``look`` entries
+        by the cap (``more`` says when there is more to trim)."""
         floor = f"{floor_ms}-0" if floor_ms > 0 else ""
-        left, groups, removed = await self._evalsha("trim", [stream], [self.maxlen, floor])
-        return TrimResult(int(left), int(groups), int(removed))
+        reply = await self._evalsha("trim", [stream], [self.maxlen, floor, look])
+        left, groups, removed, backlog, more = (int(v) for v in reply)
+        return TrimResult(left, groups, removed, backlog, bool(more))
 
     async def route_reply(self, group: str, entry_id: str, reply: Reply, adapter: str) -> bool:
         """Move a reply read by ``group`` from ``{p}:replies`` to its adapter's stream, once

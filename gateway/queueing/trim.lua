@@ -1,12 +1,13 @@
--- Trim a stream only below what every consumer group on it has read and acknowledged: the
--- oldest entry still pending in any group, or the first one a group has not been handed yet.
--- A stream no group reads is capped at ARGV[1] entries (0: not at all). ARGV[2], when not '',
--- is an operator-chosen retention floor: entries older than that id go whatever was read.
+-- Trim a stream to its cap, but never past what a consumer group has not read: the oldest
+-- entry still pending in any group, or the first one a group has not been handed yet. Read
+-- entries are kept up to the cap (history for XRANGE readers: `gateway report`, `tail`).
 -- KEYS: 1 stream
--- ARGV: 1 cap for a stream without groups, 2 retention floor id or ''
--- Returns {entries left, consumer groups, entries removed}.
+-- ARGV: 1 cap (0: none), 2 retention floor id or '' (an operator's retention: entries older
+--       than it go whether read or not), 3 most entries to look at for the cap in one call
+-- Returns {entries left, consumer groups, entries removed, backlog, more}: the backlog is what
+-- the slowest group has still to read or acknowledge; more = 1 when the cap needs another call.
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0, 0, 0}
+  return {0, 0, 0, 0, 0}
 end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -17,36 +18,59 @@ local function before(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
+local function after(id)  -- the smallest id greater than id
+  local ms, seq = parse(id)
+  if seq < 1e14 then
+    return string.format('%.0f-%.0f', ms, seq + 1)
+  end
+  return id
+end
+local length = redis.call('XLEN', KEYS[1])
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 local floor = nil
+local backlog = 0
 for _, group in ipairs(groups) do
   local info = {}
   for i = 1, #group, 2 do
     info[group[i]] = group[i + 1]
   end
+  local pending = tonumber(info['pending'])
   local keep
-  if tonumber(info['pending']) > 0 then
+  if pending > 0 then
     keep = redis.call('XPENDING', KEYS[1], info['name'])[2]
   else
-    local ms, seq = parse(info['last-delivered-id'])
-    if seq < 1e14 then
-      keep = string.format('%.0f-%.0f', ms, seq + 1)
-    else
-      keep = info['last-delivered-id']
-    end
+    keep = after(info['last-delivered-id'])
   end
   if floor == nil or before(keep, floor) then
     floor = keep
   end
+  local lag = tonumber(info['lag'] or length) or length  -- nil lag (unknown): everything
+  if lag + pending > backlog then
+    backlog = lag + pending
+  end
 end
-if ARGV[2] ~= '' and (floor == nil or before(floor, ARGV[2])) then
-  floor = ARGV[2]
+local target = nil
+local more = 0
+local cap = tonumber(ARGV[1])
+if cap > 0 and length > cap then
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+  if floor == nil or before(first, floor) then  -- else every group still needs the head
+    local excess = length - cap
+    local look = math.min(excess, tonumber(ARGV[3]))
+    local range = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', look)
+    target = after(range[#range][1])
+    if floor ~= nil and before(floor, target) then
+      target = floor
+    elseif look < excess then
+      more = 1
+    end
+  end
+end
+if ARGV[2] ~= '' and (target == nil or before(target, ARGV[2])) then
+  target = ARGV[2]
 end
 local removed = 0
-if #groups == 0 and tonumber(ARGV[1]) > 0 then
-  removed = redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
+if target ~= nil then
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', target)
 end
-if floor ~= nil then
-  removed = removed + redis.call('XTRIM', KEYS[1], 'MINID', floor)
-end
-return {redis.call('XLEN', KEYS[1]), #groups, removed}
+return {redis.call('XLEN', KEYS[1]), #groups, removed, backlog, more}

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.adapters import IntakeUnavailable
 from gateway.queueing import ContactConsumer
+from tests.cases.conftest import eventually
 from tests.core.test_intake import inbound
 from tests.email.conftest import MAILBOX
 
@@ -39,8 +40,8 @@ async def test_a_small_stream_cap_trims_nothing_a_consumer_group_has_not_read(st
     await _submit_many(gw, 1000)
     await gw.keeper.check()  # the periodic trim runs now (it also runs on its own)
     assert len(set(await _drain(consumer))) == 1000
-    await gw.keeper.check()  # read and acknowledged by every group: now it may go
-    assert await gw.redis.xlen(gw.keys.contacts) == 0
+    await gw.keeper.check()  # read and acknowledged by every group: now the cap applies
+    assert await gw.redis.xlen(gw.keys.contacts) == 100
 
 
 async def _http(session, gw, method: str, path: str, **kw):
@@ -70,10 +71,9 @@ async def test_a_backlog_is_reported_then_refused_the_retry_later_way_until_read
     assert (await gw.keeper.check()).state == "warning"
     assert any("backlog_warning" in r.getMessage() for r in caplog.records)
     status, _, body = await _http(aiohttp_client_session, gw, "GET", "/readyz")
-    assert status == 200 and body["backlog"] == {
-        "state": "warning", "entries": 30,
-        "reason": "backlog of 30 entries past [redis] backlog_warning",
-    }
+    # the events stream has the dashboard's group too: its backlog may be the larger one
+    assert status == 200 and body["backlog"]["state"] == "warning"
+    assert body["backlog"]["entries"] >= 30 and "backlog_warning" in body["backlog"]["reason"]
     metrics = (await gw._render_metrics()).decode()
     assert 'gateway_stream_backlog{stream="contacts"} 30.0' in metrics
 
@@ -91,9 +91,13 @@ async def test_a_backlog_is_reported_then_refused_the_retry_later_way_until_read
     assert code == 451
 
     assert len(await _drain(consumer)) == 60  # the case system catches up
-    assert (await gw.keeper.check()).state == "ok"
+
+    async def within_bounds() -> bool:
+        return (await gw.keeper.check()).state == "ok"
+
+    await eventually(within_bounds)  # (once the dashboard's group has read the events too)
     status, _, body = await _http(aiohttp_client_session, gw, "GET", "/readyz")
-    assert status == 200 and body["backlog"] == {"state": "ok", "entries": 0}
+    assert status == 200 and body["backlog"]["state"] == "ok"
     code, _ = await asyncio.to_thread(_smtp_data, gw.adapters["mail"].port)
     assert code == 250
 
@@ -130,4 +134,4 @@ async def test_a_stream_no_group_reads_is_capped(start_gateway):
     gw = await start_gateway(redis={"stream_maxlen": 100})
     await _submit_many(gw, 300)
     await gw.keeper.check()
-    assert 100 <= await gw.redis.xlen(gw.keys.contacts) < 300
+    assert await gw.redis.xlen(gw.keys.contacts) == 100
