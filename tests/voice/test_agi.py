@@ -374,3 +374,27 @@ async def test_garbage_line_is_refused_wherever_the_split(
     block = b"".join(lines) + b"GET / HTTP/1.1\n" + b"".join(lines) + b"\n"
     with pytest.raises(AgiError):
         await feed_in_chunks(block, cuts)
+
+
+def test_sample_dialplan_fallback_keeps_the_gateway_routing() -> None:
+    """Defect: with the gateway unreachable the sample dialplan sent an English-line caller to
+    ``hotline``. Its [globals] must hold the routing the gateway would choose for the sample
+    config of docs/channels/voice.md (languages 12345 zh, 12346 en; en -> hotline-en)."""
+    import re
+    from pathlib import Path
+
+    from gateway.channels.voice.adapter import AsteriskConfig
+    from gateway.channels.voice.intake import fallback_globals
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "deploy/asterisk/extensions.conf").read_text()
+    block = text.split("\n[globals]\n", 1)[1].split("\n[", 1)[0]
+    found = dict(re.findall(r"^(FALLBACK_QUEUE|QUEUE_\d+)=(\S+)", block, re.M))
+    config = AsteriskConfig(languages={"12345": "zh", "12346": "en"},
+                            queues={"en": "hotline-en"})
+    assert found == fallback_globals(config) == {
+        "FALLBACK_QUEUE": "hotline", "QUEUE_12346": "hotline-en"
+    }
+    assert "${GLOBAL(QUEUE_${EXTEN})}" in text
+    queues = (root / "deploy/asterisk/queues.conf").read_text()
+    assert all(f"[{q}]" in queues for q in found.values())

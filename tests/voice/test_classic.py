@@ -129,3 +129,39 @@ async def test_classic_agi_reports_a_spooled_contact(start_gateway: Any) -> None
     assert code == 0
     assert variables["GATEWAY_STATUS"] == "SPOOLED"
     assert variables["GATEWAY_CONTACT_ID"]
+
+
+async def test_classic_agi_says_why_when_the_api_key_is_refused(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """Defect: the documented classic-AGI line got a 401 without an API key and neither log
+    said why. Now Asterisk's log (VERBOSE) and stderr say it; with the key file it works."""
+    key = "k" * 40
+    gw = await start_gateway(clock=FixedClock(T0), api={
+        "open_to_loopback": False,
+        "keys": [{"key": key, "name": "pbx", "scopes": ["intake"]}],
+    })
+    url = f"url=http://127.0.0.1:{gw.http_port}/v1/intake"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "agi", url,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "GATEWAY_API_KEY": ""},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(CLASSIC_HEADER + b"200 result=1\n" * 6), 60)
+    assert proc.returncode == 0
+    verbose = [split_command(line) for line in out.decode().splitlines()
+               if line.startswith("VERBOSE")]
+    assert verbose and "no or wrong API key" in verbose[0][1]
+    assert "GATEWAY_API_KEY" in verbose[0][1]
+    assert b"no or wrong API key" in err
+    assert await gw.read_contacts() == []
+    key_file = tmp_path / "gateway.key"
+    key_file.write_text(key + "\n")
+    code, variables = await run_classic(
+        [url, f"api-key-file={key_file}", "arrived=1795594482.5"], CLASSIC_HEADER + REPLIES,
+        via_cli=True,
+    )
+    assert code == 0 and variables["GATEWAY_STATUS"] == "OK"
+    (contact,) = await gw.read_contacts()
+    assert contact.origin_at == T0 - 500_000  # the dialplan's arrival stamp

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,12 @@ import orjson
 
 from gateway.adapters import Receipt
 from gateway.channels.voice.agi import format_command, script_args
-from gateway.channels.voice.intake import build_inbound, channel_variables, dialled_number
+from gateway.channels.voice.intake import (
+    arrival,
+    build_inbound,
+    channel_variables,
+    dialled_number,
+)
 from gateway.clock import format_time, parse_time
 from gateway.records import Deadline, Inbound, Repeat
 
@@ -58,6 +64,7 @@ def _options(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", ""))
     p.add_argument("--adapter", default="asterisk")
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--arrived", default="")
     # ``name=value`` words work like ``--name=value``: the dialplan can pass them through
     # command lines that would take a leading ``--`` for their own options.
     words = [
@@ -67,7 +74,7 @@ def _options(argv: Sequence[str]) -> argparse.Namespace:
     return opts
 
 
-_OPTION_NAMES = frozenset({"url", "api-key-file", "config", "adapter", "timeout"})
+_OPTION_NAMES = frozenset({"url", "api-key-file", "config", "adapter", "timeout", "arrived"})
 
 
 def _api_key(opts: argparse.Namespace) -> str:
@@ -86,7 +93,7 @@ def post_contact(inbound: Inbound, url: str, key: str, timeout: float) -> Receip
         "recipient": inbound.recipient,
         "external_id": inbound.external_id,
         "language": inbound.language,
-        "origin_at": format_time(inbound.received_at),
+        "origin_at": format_time(inbound.origin_at or inbound.received_at),
         "meta": inbound.meta,
     }
     headers = {"Content-Type": "application/json"}
@@ -121,6 +128,17 @@ def _set_variables(agi: Any, out: IO[str], variables: list[tuple[str, str]]) -> 
             continue
 
 
+def _say(agi: Any, out: IO[str], message: str) -> None:
+    """Tell both logs why the call has no contact: stderr and Asterisk's own (``VERBOSE``)."""
+    print(message, file=sys.stderr)
+    try:
+        out.write(format_command("VERBOSE", message, 1).decode("utf-8"))
+        out.flush()
+        agi.get_result()
+    except Exception:  # noqa: S110 - the call goes on to the queue whatever happens here
+        pass
+
+
 def main(argv: Sequence[str]) -> int:
     """Run one classic AGI session on stdin/stdout; always return 0."""
     started = time.time_ns() // 1000
@@ -132,6 +150,7 @@ def main(argv: Sequence[str]) -> int:
     agi = AGI(stdin=stdin, stdout=stdout, stderr=io.StringIO())  # stderr would log caller ids
     env: dict[str, str] = {str(k): str(v) for k, v in agi.env.items()}
     receipt: Receipt | None = None
+    key = ""
     try:
         config = _routing(opts.config, opts.adapter)
     except Exception as exc:
@@ -143,17 +162,27 @@ def main(argv: Sequence[str]) -> int:
     language = config.languages.get(recipient)
     try:
         own = set(argv) | {"agi"}
+        received_at, origin_at, _ = arrival(opts.arrived, started, 120.0)
         inbound = build_inbound(
             env,
             adapter=opts.adapter,
-            received_at=started,
+            received_at=received_at,
             config=config,
             args=[a for a in script_args(env) if a not in own],
+            origin_at=origin_at or started,
         )
         inbound.meta["agi_mode"] = "classic"
-        receipt = post_contact(inbound, opts.url, _api_key(opts), opts.timeout)
+        key = _api_key(opts)
+        receipt = post_contact(inbound, opts.url, key, opts.timeout)
+    except urllib.error.HTTPError as exc:
+        why = {
+            401: "the intake API refused the call: no or wrong API key"
+                 + ("" if key else " (none given: set GATEWAY_API_KEY or api-key-file=)"),
+            403: "the API key may not post to /v1/intake (its scope lacks intake)",
+        }.get(exc.code, f"the intake API answered {exc.code}")
+        _say(agi, stdout, f"gateway agi: {why}")
     except Exception as exc:
-        print(f"gateway agi: intake failed: {type(exc).__name__}", file=sys.stderr)
+        _say(agi, stdout, f"gateway agi: intake failed: {type(exc).__name__}")
     variables = channel_variables(receipt, recipient=recipient, language=language, config=config)
     _set_variables(agi, stdout, variables)
     return 0

@@ -175,6 +175,19 @@ def pick_queue(recipient: str, language: str | None, config: RoutingConfig) -> s
     return config.default_queue
 
 
+def fallback_globals(config: RoutingConfig) -> dict[str, str]:
+    """The dialplan's ``[globals]`` for the fail path: ``FALLBACK_QUEUE`` and a
+    ``QUEUE_<number>`` for each dialled number whose queue is not the default, so that a call
+    the gateway never answered still reaches the queue it would have chosen."""
+    numbers = {n for n in (*config.languages, *config.queues) if n.isdigit()}
+    found = {"FALLBACK_QUEUE": config.default_queue}
+    for number in sorted(numbers):
+        queue = pick_queue(number, config.languages.get(number), config)
+        if queue != config.default_queue:
+            found[f"QUEUE_{number}"] = queue
+    return found
+
+
 def channel_variables(
     receipt: Receipt | None,
     *,
