@@ -6,7 +6,8 @@ header block through pyst2, posts the contact to the gateway's ``POST /v1/intake
 channel variables as the FastAGI ``intake`` script. Whatever fails, it sets
 ``GATEWAY_STATUS=FAILED`` and exits 0 so that the call goes on to the queue.
 
-Dialplan: ``same => n,AGI(/opt/gateway/.venv/bin/gateway,agi,url=http://gw:8080/v1/intake)``.
+Dialplan: ``same => n,AGI(/opt/gateway/.venv/bin/gateway,agi,url=http://gw:8080/v1/intake,
+api-key-file=/etc/asterisk/gateway.key,arrived=${GATEWAY_ARRIVED})``.
 Options, as ``--name=value`` or ``name=value``, or environment: ``url``
 (``GATEWAY_INTAKE_URL``, default ``http://127.0.0.1:8080/v1/intake``), the API key from
 ``GATEWAY_API_KEY`` or ``api-key-file``, ``config=FILE adapter=NAME`` to take ``languages``/
