@@ -150,7 +150,8 @@ class ReplyRouter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: Supervisor | None = None
         self._stopping = False
-        self._held: dict[str, int] = {}
+        self.held: dict[str, int] = {}
+        """Replies held per adapter no live instance runs, fleet-wide, as last reported."""
         self._warned_at = 0.0
 
     @property
@@ -234,14 +235,14 @@ class ReplyRouter:
             if q.held:
                 held[q.adapter] = q.held
         now = time.monotonic()
-        if held and (held != self._held or now - self._warned_at > REPEAT_WARNING_S):
+        if held and (held != self.held or now - self._warned_at > REPEAT_WARNING_S):
             self._warned_at = now
             log.warning(
                 "replies: held, no running instance has the adapter: %s; they are sent when "
                 "an instance with it starts",
                 ", ".join(f"{count} for {name!r}" for name, count in sorted(held.items())),
             )
-        self._held = held
+        self.held = held
         return queues
 
     async def _dispatch(self, consumer: StreamConsumer[Reply], delivery: Delivery[Reply]) -> None:

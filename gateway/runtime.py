@@ -295,6 +295,8 @@ class Gateway:
         }
         if backlog is not None:
             detail["backlog"] = backlog.detail()
+        if self.replies is not None and self.replies.held:
+            detail["replies_held"] = dict(self.replies.held)  # shown, not a reason to fail
         return (redis_ok or spool_ok) and loops_ok and not refusing, detail
 
     async def _render_metrics(self) -> bytes:

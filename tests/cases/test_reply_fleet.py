@@ -109,6 +109,8 @@ async def test_a_reply_for_an_adapter_no_instance_runs_is_held_then_sent(
         assert any("held" in r.getMessage() and "'agg'" in r.getMessage() for r in caplog.records)
         metrics = (await gw_b._render_metrics()).decode()
         assert 'gateway_replies_held{adapter="agg"} 1.0' in metrics
+        async with aiohttp_client_session.get(f"http://127.0.0.1:{gw_b.http_port}/readyz") as r:
+            assert r.status == 200 and (await r.json())["replies_held"] == {"agg": 1}
         info = await _info(gw_b.settings)
         assert info["replies"]["agg"]["held"] == 1 and info["replies"]["agg"]["senders"] == []
         assert not [e for e in await gw_b.read_events() if e.type == "failed"]
