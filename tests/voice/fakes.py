@@ -158,6 +158,10 @@ class FakeAmi:
         self.actions: list[dict[str, str]] = []
         self.answer_ping = answer_ping
         self.uptime = uptime
+        self.originate_outcomes: list[tuple[str, str]] = []
+        """``(Response, Reason)`` of the next ``OriginateResponse`` events (default: answered,
+        ``Success``/``4``)."""
+        self.originated = 0
         """``Uptime`` of the ``FullyBooted`` event after login (seconds since Asterisk started)."""
         self.username = username
         self.secret = secret
@@ -284,6 +288,27 @@ class FakeAmi:
                 if name == "ping":
                     reply = f"Response: Success\r\nActionID: {action_id}\r\nPing: Pong\r\n"
                     reply += "Timestamp: 1795594483.000000\r\n\r\n"
+                elif name == "originate":
+                    self.originated += 1
+                    reply = (f"Response: Success\r\nActionID: {action_id}\r\n"
+                             "Message: Originate successfully queued\r\n\r\n")
+                    response, reason = self.originate_outcomes.pop(0) if (
+                        self.originate_outcomes) else ("Success", "4")
+                    uid = f"1795594600.{self.originated}"
+                    # manager.c's originate thread, once the called party answered or not
+                    reply += (
+                        "Event: OriginateResponse\r\nPrivilege: call,all\r\n"
+                        f"Timestamp: 1795594601.{self.originated:06d}\r\n"
+                        f"ActionID: {action_id}\r\nResponse: {response}\r\n"
+                        f"Channel: {action.get('Channel', '')}\r\n"
+                        f"Context: {action.get('Context', '')}\r\n"
+                        f"Exten: {action.get('Exten', '')}\r\nApplication: \r\nData: \r\n"
+                        f"Reason: {reason}\r\nUniqueid: {uid}\r\n"
+                        "CallerIDNum: <unknown>\r\nCallerIDName: <unknown>\r\n\r\n"
+                    )
+                elif name == "logoff":
+                    reply = (f"Response: Goodbye\r\nActionID: {action_id}\r\n"
+                             "Message: Thanks for all the fish.\r\n\r\n")
                 elif name == "status" and self.live_channels is None:
                     reply = (f"Response: Error\r\nActionID: {action_id}\r\n"
                              "Message: Permission denied\r\n\r\n")

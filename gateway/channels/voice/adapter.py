@@ -9,14 +9,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+import phonenumbers
+
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
-from gateway.channels.voice.ami import AmiClient
+from gateway.channels.voice.ami import AmiClient, AmiError
 from gateway.channels.voice.intake import IntakeScript
 from gateway.channels.voice.server import FastAgiServer
-from gateway.channels.voice.tracker import CallTracker
+from gateway.channels.voice.tracker import CallTracker, event_time
 from gateway.config import ConfigError, Duration, HostPort, Secret
 from gateway.queueing.coordination import Fence, SharedState
-from gateway.records import Contact, Reply
+from gateway.records import Contact, Event, Reply
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,28 @@ class AmiConfig:
     reconnect_max: Duration = Duration(30)
     ping_interval: Duration = Duration(20)
     """Send ``Ping`` this often; a link with no answer within the interval is reconnected."""
+
+
+@dataclass(frozen=True, slots=True)
+class DialConfig:
+    """Dialled callbacks (回访): a reply on a voice contact asks the gateway to call back."""
+
+    channel: str = "PJSIP/{number}@trunk"
+    """The Originate ``Channel``; ``{number}`` is the citizen's number as ``number_format``."""
+    number_format: Literal["national", "e164", "digits"] = "national"
+    """``13800138000`` (national), ``+8613800138000`` (e164) or ``8613800138000`` (digits)."""
+    context: str = "callbacks"
+    """Where the answered call goes (a ``Queue()`` to the seats in the sample dialplan)."""
+    exten: str = "s"
+    priority: int = 1
+    caller_id: str = ""
+    """The number the citizen sees (the hotline's), ``"12345 <12345>"``."""
+    ring_timeout: Duration = Duration(30)
+    per_number: int = 3
+    """At most this many dialled callbacks to one number within ``per_number_window``."""
+    per_number_window: Duration = Duration(3600)
+    per_minute: int = 30
+    """At most this many dialled callbacks per minute over the whole fleet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +102,8 @@ class AsteriskConfig:
     much earlier than the gateway's own stamp (and at most 2 s later)."""
     agi_read_timeout: Duration = Duration(3)
     """A FastAGI peer that sends nothing for this long is cut off (the header block, a reply)."""
+    dial: DialConfig | None = None
+    """Dialled callbacks through AMI ``Originate`` (needs ``ami`` and ``write = originate``)."""
     max_loop_lag: Duration = Duration(0.5)
     """Readiness (``/readyz``) fails while the event loop runs this late: FastAGI answers
     would be late, so a load balancer or ``hagi://`` should pick another gateway."""
@@ -191,7 +217,45 @@ class AsteriskAdapter:
             self.store.fence = None
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
-        raise SendError("a call takes no written reply; return the call instead", retryable=False)
+        """A reply on a voice contact is a dialled callback: call the citizen through AMI
+        ``Originate`` and return once they answered (the router then stamps ``responded``);
+        raise ``SendError`` when they did not (the router writes ``failed``)."""
+        dial = self.config.dial
+        if self.ami is None or dial is None:
+            raise SendError("a call takes no written reply; configure dial to call back",
+                            retryable=False)
+        number = dial_number(contact.sender.address, dial.number_format)
+        if not number:
+            raise SendError("the caller's number is unknown: no callback", retryable=False)
+        window = float(dial.per_number_window)
+        if not await self.ctx.state.admit("dial", dial.per_minute, 60.0):
+            raise SendError("dial rate reached", retryable=True,
+                            retry_after_s=60.0 / max(1, dial.per_minute))
+        if not await self.ctx.state.admit(f"dial:{number}", dial.per_number, window):
+            raise SendError(f"at most {dial.per_number} callbacks to one number per "
+                            f"{window:g} s", retryable=False)
+        fields = {
+            "Channel": dial.channel.replace("{number}", number),
+            "Context": dial.context,
+            "Exten": dial.exten,
+            "Priority": str(dial.priority),
+            "Timeout": str(int(float(dial.ring_timeout) * 1000)),
+            "Variable": f"GATEWAY_CALLBACK_OF={contact.id},GATEWAY_REPLY_ID={reply.id}",
+        }
+        if dial.caller_id:
+            fields["CallerID"] = dial.caller_id
+        try:
+            frame = await self.ami.originate(fields, float(dial.ring_timeout) + 15)
+        except (OSError, TimeoutError, AmiError) as exc:
+            raise SendError(f"AMI: {exc or type(exc).__name__}", retryable=True) from exc
+        reason = frame.get("Reason", "")
+        detail = {"reply_id": reply.id, "uniqueid": frame.get("Uniqueid", ""),
+                  "reason": ORIGINATE_REASONS.get(reason, reason)}
+        if frame.get("Response") != "Success":
+            raise SendError(f"callback not answered: {detail['reason']}", retryable=False)
+        at = event_time(frame) or self.ctx.clock.now_us()
+        await self.ctx.events.emit(Event(contact.id, "delivered", at, self.name, detail=detail))
+        return SendReceipt(external_id=detail["uniqueid"] or None, detail=detail)
 
     async def _sweep(self) -> None:
         interval = max(0.05, min(1.0, float(self.config.settle) / 2 or 1.0))
@@ -218,6 +282,29 @@ class AsteriskAdapter:
                 )
             else:
                 self.ctx.supervisor.degrade(name, None)
+
+
+ORIGINATE_REASONS = {
+    "0": "failed", "1": "hung up", "3": "no answer", "4": "answered", "5": "busy",
+    "8": "congestion",
+}
+"""``OriginateResponse`` ``Reason`` codes (``AST_CONTROL_*`` in include/asterisk/frame.h)."""
+
+
+def dial_number(address: str, number_format: str) -> str:
+    """The citizen's E.164 address as the trunk wants it; ``""`` when there is none."""
+    if not address:
+        return ""
+    if number_format == "e164":
+        return address
+    digits = address.lstrip("+")
+    if number_format == "digits" or not address.startswith("+"):
+        return digits
+    try:
+        parsed = phonenumbers.parse(address)
+    except phonenumbers.NumberParseException:
+        return digits
+    return str(phonenumbers.national_significant_number(parsed))
 
 
 class SharedCallStore:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -211,25 +212,7 @@ class AmiClient:
         frames = FrameReader()
         queue: list[Frame] = []
         try:
-            greeting = await self._next(reader, frames, queue, self.connect_timeout)
-            if "Greeting" not in greeting:
-                raise AmiError("no greeting")
-            action_id = f"gateway-login-{next(self._ids)}"
-            writer.write(format_action({
-                "Action": "Login",
-                "Username": self.username,
-                "Secret": self.secret.reveal(),
-                "Events": self.events,
-                "ActionID": action_id,
-            }))
-            await writer.drain()
-            while True:
-                # Asterisk answers a bad login after a 1 s delay, then closes.
-                frame = await self._next(reader, frames, queue, self.connect_timeout + 2)
-                if frame.get("ActionID") == action_id and "Response" in frame:
-                    break
-            if frame.get("Response") != "Success":
-                raise AmiAuthError(frame.get("Message", "authentication failed"))
+            await self._login(reader, writer, frames, queue, self.events)
             self.logins += 1
             self.connected.set()
             if self.metrics is not None:
@@ -239,6 +222,75 @@ class AmiClient:
                 await self.on_connect()
             await self._follow(reader, writer, frames, queue)
         finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _login(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frames: FrameReader,
+        queue: list[Frame],
+        events: str,
+    ) -> None:
+        greeting = await self._next(reader, frames, queue, self.connect_timeout)
+        if "Greeting" not in greeting:
+            raise AmiError("no greeting")
+        action_id = f"gateway-login-{next(self._ids)}"
+        writer.write(format_action({
+            "Action": "Login",
+            "Username": self.username,
+            "Secret": self.secret.reveal(),
+            "Events": events,
+            "ActionID": action_id,
+        }))
+        await writer.drain()
+        while True:
+            # Asterisk answers a bad login after a 1 s delay, then closes.
+            frame = await self._next(reader, frames, queue, self.connect_timeout + 2)
+            if frame.get("ActionID") == action_id and "Response" in frame:
+                break
+        if frame.get("Response") != "Success":
+            raise AmiAuthError(frame.get("Message", "authentication failed"))
+
+    async def originate(self, fields: dict[str, str], wait: float) -> Frame:
+        """Place a call: ``Originate`` (``Async: true``) on a session of its own, and return
+        its ``OriginateResponse`` event (``Response: Success`` once the called party answered,
+        ``Failure`` with a ``Reason`` code otherwise).
+
+        A session of its own, so that any instance can dial (the follower's link belongs to
+        the lease holder). Raise ``AmiError`` when the manager refuses the action (``write =
+        originate`` missing), or no response comes within ``wait`` seconds.
+        """
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.connect_timeout
+        )
+        frames = FrameReader()
+        queue: list[Frame] = []
+        loop = asyncio.get_running_loop()
+        try:
+            await self._login(reader, writer, frames, queue, "call")
+            action_id = f"gateway-originate-{secrets.token_hex(8)}"
+            writer.write(format_action(
+                {"Action": "Originate", **fields, "Async": "true", "ActionID": action_id}
+            ))
+            await writer.drain()
+            until = loop.time() + wait
+            while True:
+                try:
+                    frame = await self._next(reader, frames, queue, max(0.05, until - loop.time()))
+                except TimeoutError:
+                    raise AmiError("no OriginateResponse in time") from None
+                if frame.get("ActionID") != action_id:
+                    continue
+                if frame.get("Event") == "OriginateResponse":
+                    return frame
+                if "Response" in frame and frame["Response"] != "Success":
+                    raise AmiError(f"Originate refused: {frame.get('Message', '')}")
+        finally:
+            with contextlib.suppress(Exception):
+                writer.write(format_action({"Action": "Logoff"}))
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
