@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.attachments import AttachmentStore
-    from gateway.config import Settings
+    from gateway.config import AdapterCheck, AdapterSettings
     from gateway.queueing.coordination import Leases, SharedState
 
 
@@ -142,7 +142,9 @@ class AdapterContext:
     router: web.UrlDispatcher
     attachments: AttachmentStore
     clock: Clock
-    settings: Settings
+    settings: AdapterSettings
+    """What the adapter may read of the configuration: data folder, public URL, body and
+    attachment bounds, SLA; never a secret of the core or of another adapter."""
     leases: Leases
     state: SharedState
     supervisor: Supervisor = field(default_factory=Supervisor)
@@ -187,6 +189,10 @@ class ChannelType(Generic[ConfigT]):
     """A minimal valid config table (without ``type``), used by docs and the contract tests."""
     send_rate: SendRate = SendRate()
     """The provider's documented send limits, the default of ``send_rate`` & co."""
+    check: AdapterCheck | None = None
+    """Rules the config's field types cannot express, run by the one validation
+    (``parse_settings``) that ``serve`` and ``check-config`` share; a factory never refuses
+    a config that passed it."""
 
 
 ENTRY_POINT_GROUP = "gateway.channels"

@@ -8,7 +8,7 @@ import contextlib
 import platform
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, load_file, parse_settings
+from gateway.config import TOOL_SECRETS, ConfigError, Settings, load_file, parse_settings
 from gateway.lock import DataDirBusy, DataDirLock
 from gateway.logs import setup_logging
 from gateway.permissions import UnsafePermissions
@@ -44,11 +44,20 @@ def default_raw_config() -> dict[str, Any]:
     }
 
 
-def load_settings(path: str | None) -> tuple[Settings, dict[str, Any]]:
-    """Load ``path``, or the built-in defaults when None."""
+def load_settings(
+    path: str | None, *, secrets: Collection[str] | None = None
+) -> tuple[Settings, dict[str, Any]]:
+    """Load ``path``, or the built-in defaults when None; ``secrets``: see ``parse_settings``."""
     if path:
-        return load_file(path)
-    return parse_settings(default_raw_config(), "<defaults>")
+        return load_file(path, secrets=secrets)
+    return parse_settings(default_raw_config(), "<defaults>", secrets=secrets)
+
+
+def load_for_tool(path: str | None, *sections: str) -> Settings:
+    """Settings for a read-only command: only [redis]'s secrets (and ``sections``') are read,
+    adapter tables are not built, so it runs without the adapters' secrets in the environment."""
+    settings, _ = load_settings(path, secrets=TOOL_SECRETS | set(sections))
+    return settings
 
 
 # ------------------------------------------------------------------ serve
@@ -155,7 +164,7 @@ async def _tail(settings: Settings, count: int, follow: bool, as_json: bool) -> 
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    settings, _ = load_settings(args.config)
+    settings = load_for_tool(args.config)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_tail(settings, args.count, args.follow, args.json))
     return 0
@@ -165,8 +174,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exactly the validation ``serve`` runs (``load_settings``), adapter types' rules included."""
     try:
-        _, adapters = load_file(args.file)
+        _, adapters = load_settings(str(args.file))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -228,7 +238,7 @@ def redact_url(url: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    settings, _ = load_settings(args.config)
+    settings = load_for_tool(args.config)
     info = asyncio.run(_info(settings))
     sys.stdout.write(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
@@ -245,14 +255,15 @@ def run_classic_agi(arguments: list[str]) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from gateway.report import main as report_main
 
-    settings, _ = load_settings(args.config)
+    settings = load_for_tool(args.config)
     return int(report_main(settings, args))
 
 
 def cmd_deadletter(args: argparse.Namespace) -> int:
     from gateway.push.deadletter import main as deadletter_main
 
-    settings, _ = load_settings(args.config)
+    # listing needs Redis only; a replay signs its POSTs with the subscriber's secret
+    settings = load_for_tool(args.config, *(["push"] if args.replay else []))
     return int(deadletter_main(settings, args))
 
 

@@ -14,7 +14,8 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -200,9 +201,18 @@ def _convert(tp: Any, value: Any, key: str, errors: list[tuple[str, str]]) -> An
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
 
+_SECRET_SECTIONS: ContextVar[frozenset[str] | None] = ContextVar("_SECRET_SECTIONS", default=None)
+"""Top-level sections whose secrets are read (None: all). The read-only commands read only
+``[redis]``'s, so they run without the adapters' secrets in the environment."""
+
+
 def _read_secret(
     raw: Mapping[str, Any], name: str, key: str, errors: list[tuple[str, str]]
 ) -> Secret | None:
+    sections = _SECRET_SECTIONS.get()
+    if sections is not None and key.split(".", 1)[0] not in sections:
+        given = any(k in raw for k in (name, f"{name}_env", f"{name}_file"))
+        return Secret("") if given else None  # present, not read: a placeholder
     if name in raw:
         value = raw[name]
         if not isinstance(value, str):
@@ -525,47 +535,111 @@ class SendRateTable:
 SEND_RATE_KEYS = ("send_rate", "send_burst", "send_rate_per_recipient")
 
 
-def parse_settings(raw: Mapping[str, Any], source: str = "") -> tuple[Settings, dict[str, Any]]:
-    """Validate the core sections and every adapter table; return settings and adapter configs."""
+@dataclass(frozen=True, slots=True)
+class AdapterGateway:
+    data_dir: Path
+    instance: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterHttp:
+    public_url: str
+    max_body: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    """What an adapter may read of the gateway's configuration (``AdapterContext.settings``):
+    no secret of the core or of any other adapter, only what adapters need (its own table is
+    its config object). A test walks it and fails on any ``Secret``."""
+
+    gateway: AdapterGateway
+    http: AdapterHttp
+    sla: SlaSection
+    intake: IntakeSection
+    egress: EgressSection
+    default_region: str = "CN"
+
+    @classmethod
+    def of(cls, settings: Settings) -> AdapterSettings:
+        return cls(
+            gateway=AdapterGateway(settings.gateway.data_dir, settings.gateway.instance),
+            http=AdapterHttp(settings.http.public_url, settings.http.max_body),
+            sla=settings.sla,
+            intake=settings.intake,
+            egress=settings.egress,
+            default_region=settings.api.default_region,
+        )
+
+
+TOOL_SECRETS: frozenset[str] = frozenset({"redis"})
+"""The secrets the read-only commands (tail, report, info, deadletter listing) read."""
+
+
+def parse_settings(
+    raw: Mapping[str, Any], source: str = "", *, secrets: Collection[str] | None = None
+) -> tuple[Settings, dict[str, Any]]:
+    """Validate the core sections and every adapter table; return settings and adapter configs.
+
+    This is the one validation: ``serve`` and ``check-config`` both run it, each adapter
+    type's own rules included (``ChannelType.check``), so a config ``check-config`` passes is
+    one ``serve`` starts with. With ``secrets`` (top-level section names) only those sections'
+    secrets are read, and adapter tables are checked only for a known ``type`` and kept raw
+    (no configs are returned): the read-only commands need nothing but Redis.
+    """
     from gateway.adapters import load_channel_types
 
-    errors: list[tuple[str, str]] = []
-    core = {k: v for k, v in raw.items() if k != "adapters"}
-    settings = _load(Settings, core, "", errors)
-    _check_timezone(settings, errors)
-    adapters_raw = raw.get("adapters", {})
-    adapter_configs: dict[str, Any] = {}
-    if not isinstance(adapters_raw, dict):
-        errors.append(("adapters", "expected a table of adapter tables"))
-        adapters_raw = {}
-    channel_types = load_channel_types()
-    for name, table in adapters_raw.items():
-        key = f"adapters.{name}"
-        if not isinstance(table, dict):
-            errors.append((key, "expected a table"))
-            continue
-        type_name = table.get("type")
-        if type_name not in channel_types:
-            known = ", ".join(sorted(channel_types)) or "none"
-            errors.append((f"{key}.type", f"unknown adapter type {type_name!r} (known: {known})"))
-            continue
-        body = {k: v for k, v in table.items() if k != "type" and k not in SEND_RATE_KEYS}
-        _load(SendRateTable, {k: table[k] for k in SEND_RATE_KEYS if k in table}, key, errors)
-        before = len(errors)
-        config = _load(channel_types[type_name].config, body, key, errors)
-        check = getattr(config, "check", None)
-        if len(errors) == before and callable(check):
-            try:
-                check(key)  # rules the field types cannot express (optional on a config class)
-            except ConfigError as exc:
-                errors.extend(exc.errors)
-        adapter_configs[name] = config
+    token = _SECRET_SECTIONS.set(None if secrets is None else frozenset(secrets))
+    try:
+        errors: list[tuple[str, str]] = []
+        core = {k: v for k, v in raw.items() if k != "adapters"}
+        settings = _load(Settings, core, "", errors)
+        _check_timezone(settings, errors)
+        adapters_raw = raw.get("adapters", {})
+        adapter_configs: dict[str, Any] = {}
+        if not isinstance(adapters_raw, dict):
+            errors.append(("adapters", "expected a table of adapter tables"))
+            adapters_raw = {}
+        channel_types = load_channel_types()
+        view = AdapterSettings.of(settings) if settings is not None else None
+        for name, table in adapters_raw.items():
+            key = f"adapters.{name}"
+            if not isinstance(table, dict):
+                errors.append((key, "expected a table"))
+                continue
+            type_name = table.get("type")
+            if type_name not in channel_types:
+                known = ", ".join(sorted(channel_types)) or "none"
+                errors.append(
+                    (f"{key}.type", f"unknown adapter type {type_name!r} (known: {known})")
+                )
+                continue
+            if secrets is not None:
+                continue
+            channel_type = channel_types[type_name]
+            body = {k: v for k, v in table.items() if k != "type" and k not in SEND_RATE_KEYS}
+            _load(SendRateTable, {k: table[k] for k in SEND_RATE_KEYS if k in table}, key, errors)
+            before = len(errors)
+            config = _load(channel_type.config, body, key, errors)
+            if len(errors) == before and channel_type.check is not None and view is not None:
+                try:
+                    channel_type.check(config, key, view)  # rules types cannot express
+                except ConfigError as exc:
+                    errors.extend(exc.errors)
+            adapter_configs[name] = config
+    finally:
+        _SECRET_SECTIONS.reset(token)
     if errors:
         raise ConfigError(errors, source)
     settings = dataclasses.replace(
         settings, adapters={k: dict(v) for k, v in adapters_raw.items()}, source=source
     )
     return settings, adapter_configs
+
+
+AdapterCheck = Callable[[Any, str, AdapterSettings], None]
+"""``check(config, key, settings)``: raise ConfigError naming ``key.<field>`` for what a channel
+type's config fields cannot express (see ``ChannelType.check``)."""
 
 
 def _check_timezone(settings: Settings | None, errors: list[tuple[str, str]]) -> None:
@@ -578,8 +652,10 @@ def _check_timezone(settings: Settings | None, errors: list[tuple[str, str]]) ->
             errors.append(("dashboard.timezone", str(exc)))
 
 
-def load_file(path: str | Path) -> tuple[Settings, dict[str, Any]]:
-    """Read and validate a TOML config file."""
+def load_file(
+    path: str | Path, *, secrets: Collection[str] | None = None
+) -> tuple[Settings, dict[str, Any]]:
+    """Read and validate a TOML config file (``secrets``: see ``parse_settings``)."""
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -589,4 +665,4 @@ def load_file(path: str | Path) -> tuple[Settings, dict[str, Any]]:
         raise ConfigError([("", f"invalid TOML: {exc}")], str(p)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([("", "not UTF-8")], str(p)) from exc
-    return parse_settings(raw, str(p))
+    return parse_settings(raw, str(p), secrets=secrets)

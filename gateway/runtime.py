@@ -18,7 +18,7 @@ from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys
 from gateway.backlog import StreamKeeper
 from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.config import Settings
+from gateway.config import AdapterSettings, Settings
 from gateway.egress import SendLimiter, send_rate_of
 from gateway.http import CoreRoutes, HttpServer, build_app
 from gateway.intake import Intake
@@ -151,6 +151,7 @@ class Gateway:
         self.cases.register(app.router)
         await self.cases.start()  # push groups exist before the first contact can arrive
         channel_types = load_channel_types()
+        adapter_settings = AdapterSettings.of(s)  # no secrets: not the core's, no adapter's
         for name, table in s.adapters.items():
             channel_type = channel_types[table["type"]]
             ctx = AdapterContext(
@@ -161,7 +162,7 @@ class Gateway:
                 router=app.router,
                 attachments=self.attachments,
                 clock=self.clock,
-                settings=s,
+                settings=adapter_settings,
                 leases=self.leases,
                 state=self.state_for(name),
                 supervisor=self.supervisor,

@@ -92,3 +92,53 @@ async def test_adapter_starts_from_its_example_and_stops_twice(type_name, start_
         assert SECRET not in caplog.text
     finally:
         caplog.handler.removeFilter(masking)
+
+
+def walk(value: Any, seen: set[int] | None = None) -> list[Any]:
+    """Every value reachable from ``value`` (dataclass fields, mappings, sequences)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    found = [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            found += walk(getattr(value, f.name), seen)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found += walk(k, seen) + walk(v, seen)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            found += walk(v, seen)
+    return found
+
+
+async def test_an_adapter_sees_no_secret_of_the_core_or_of_another_adapter(start_gateway):
+    """``AdapterContext.settings`` was the whole Settings: every adapter could read every other
+    adapter's table (with its secrets), the API keys and the push secrets."""
+    from gateway.config import AdapterSettings
+
+    core_secrets = {
+        "api-key-7c1e0b",
+        "push-secret-5d2a9e",
+        "metrics-token-8b3f4c",
+    }
+    gw = await start_gateway(
+        adapters={
+            "kannel": {"type": "kannel", "path": "/sms/k", "secret": "kannel-secret-1a2b3c"},
+            "hook": {"type": "sms-webhook", "path": "/sms/h", "secret": "hook-secret-4d5e6f"},
+        },
+        api={"keys": [{"name": "cases", "key": "api-key-7c1e0b", "scopes": ["read"]}]},
+        push={"subscribers": [{"name": "crm", "url": "http://127.0.0.1:9/h",
+                               "secret": "push-secret-5d2a9e"}]},
+        http={"metrics_token": "metrics-token-8b3f4c"},
+    )
+    secrets = core_secrets | {"kannel-secret-1a2b3c", "hook-secret-4d5e6f"}
+    for adapter in gw.adapters.values():
+        settings = adapter.ctx.settings  # type: ignore[attr-defined]
+        assert isinstance(settings, AdapterSettings)
+        reachable = walk(settings)
+        assert not [v for v in reachable if isinstance(v, Secret)]
+        assert not [v for v in reachable if isinstance(v, str) and v in secrets]
+        assert settings.gateway.data_dir == gw.settings.gateway.data_dir  # what adapters need
+        assert settings.intake == gw.settings.intake and settings.sla == gw.settings.sla

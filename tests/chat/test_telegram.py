@@ -21,7 +21,7 @@ from gateway.channels.chat.telegram import (
     derived_secret,
     split_text,
 )
-from gateway.config import Secret
+from gateway.config import AdapterSettings, Secret
 from gateway.records import Inbound, Reply
 from tests.cases.conftest import eventually
 from tests.chat.fakes import (
@@ -590,7 +590,7 @@ async def test_polling_never_confirms_an_update_intake_refused(
         router=gw.app.router,
         attachments=gw.attachments,
         clock=gw.clock,
-        settings=gw.settings,
+        settings=AdapterSettings.of(gw.settings),
         leases=gw.leases,
         state=gw.state_for("tg"),
     )
@@ -651,7 +651,7 @@ async def test_polling_takes_chats_in_parallel_but_confirms_only_a_durable_prefi
         router=gw.app.router,
         attachments=gw.attachments,
         clock=gw.clock,
-        settings=gw.settings,
+        settings=AdapterSettings.of(gw.settings),
         leases=gw.leases,
         state=gw.state_for("tg"),
     )

@@ -19,7 +19,7 @@ from gateway.channels.chat.telegram import TelegramAdapter, TelegramConfig
 from gateway.channels.chat.wechat import WeChatAdapter, WeChatConfig
 from gateway.channels.chat.weibo import WeiboAdapter, WeiboConfig
 from gateway.clock import FixedClock
-from gateway.config import Secret
+from gateway.config import AdapterSettings, Secret
 from tests.chat import payloads as p
 from tests.chat.fakes import BOT_TOKEN, FakeBotApi, LocalServer, message
 from tests.chat.test_telegram import FlakyIntake
@@ -48,7 +48,7 @@ async def _serve(
         router=server.app.router,
         attachments=gw.attachments,
         clock=FixedClock(NOW_S * 1_000_000),
-        settings=gw.settings,
+        settings=AdapterSettings.of(gw.settings),
         leases=gw.leases,
         state=gw.state_for("x"),
     )

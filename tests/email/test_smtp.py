@@ -188,17 +188,18 @@ async def test_twenty_megabyte_attachment_with_aiosmtplib(start_mailbox):
 
 
 def test_message_size_beyond_the_attachment_store_is_a_config_error(tmp_path):
-    from gateway.adapters import AdapterContext
-    from gateway.channels.email.adapter import CHANNEL
+    """The rule needs [intake]: it is the channel type's check, run by the one validation."""
     from gateway.channels.email.config import EmailConfig
     from gateway.config import load_table
     from tests.harness import settings_for
 
-    settings, _ = settings_for(tmp_path, "unix:///nowhere", "p")
-    config = load_table(EmailConfig, {"mailboxes": [MAILBOX], "max_message_size": 50_000_000})
-    ctx = AdapterContext("mail", None, None, None, None, None, None, settings, None, None)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="max_attachment"):
-        CHANNEL.factory(ctx, config)
+    with pytest.raises(ConfigError, match="max_attachment") as info:
+        settings_for(
+            tmp_path, "unix:///nowhere", "p",
+            adapters={"mail": {"type": "smtp", "mailboxes": [MAILBOX],
+                               "max_message_size": 50_000_000}},
+        )
+    assert info.value.errors[0][0] == "adapters.mail.max_message_size"
     with pytest.raises(ConfigError, match="never an open relay"):
         load_table(EmailConfig, {}).check("adapters.mail")
 

@@ -35,7 +35,7 @@ from gateway.channels.chat.officialaccount import (
     text_reply_xml,
     timestamp_within,
 )
-from gateway.config import ConfigError, Duration, Secret
+from gateway.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.http import read_capped
 from gateway.records import Attachment, Contact, Reply
 
@@ -184,16 +184,10 @@ class WeChatAdapter(PushAdapter):
     def __init__(self, ctx: AdapterContext, config: WeChatConfig) -> None:
         self.config = config
         self.crypto: MessageCrypto | None = None
-        if config.mode != "plain":
-            key = f"adapters.{ctx.name}.encoding_aes_key"
-            if not config.encoding_aes_key:
-                raise ConfigError([(key, f"required in {config.mode} mode")])
-            try:
-                self.crypto = MessageCrypto(
-                    config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
-                )
-            except ValueError as exc:
-                raise ConfigError([(key, str(exc))]) from None
+        if config.mode != "plain" and config.encoding_aes_key:  # checked by _check
+            self.crypto = MessageCrypto(
+                config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
+            )
         super().__init__(
             ctx,
             path=config.path or f"/chat/wechat/{ctx.name}",
@@ -437,10 +431,23 @@ def _factory(ctx: AdapterContext, config: WeChatConfig) -> WeChatAdapter:
     return WeChatAdapter(ctx, config)
 
 
+def _check(config: WeChatConfig, key: str, settings: AdapterSettings) -> None:
+    if config.mode == "plain":
+        return
+    where = f"{key}.encoding_aes_key"
+    if not config.encoding_aes_key:
+        raise ConfigError([(where, f"required in {config.mode} mode")])
+    try:
+        MessageCrypto(config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id)
+    except ValueError as exc:
+        raise ConfigError([(where, str(exc))]) from None
+
+
 CHANNEL: ChannelType[WeChatConfig] = ChannelType(
     name="wechat",
     channel="chat",
     config=WeChatConfig,
     factory=_factory,
+    check=_check,
     example={"app_id": "wx0123456789abcdef", "token": "change-me"},
 )

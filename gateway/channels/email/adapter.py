@@ -29,7 +29,7 @@ from gateway.channels.email.relay import (
 )
 from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
 from gateway.clock import MICROS_PER_SECOND
-from gateway.config import ConfigError
+from gateway.config import AdapterSettings, ConfigError
 from gateway.queueing.batching import Coalescer
 from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
 
@@ -295,14 +295,16 @@ def _message_id(threading: tuple[str, ...], external_id: str) -> str | None:
     return external_id if threading and threading[-1] == external_id else None
 
 
-def _factory(ctx: AdapterContext, config: EmailConfig) -> EmailAdapter:
-    key = f"adapters.{ctx.name}"
+def _check(config: EmailConfig, key: str, settings: AdapterSettings) -> None:
     config.check(key)
-    if config.max_message_size > ctx.settings.intake.max_attachment:
+    if config.max_message_size > settings.intake.max_attachment:
         raise ConfigError(
             [(f"{key}.max_message_size", "larger than [intake] max_attachment: raw messages "
               "that size could not be kept (raise max_attachment too)")]
         )
+
+
+def _factory(ctx: AdapterContext, config: EmailConfig) -> EmailAdapter:
     return EmailAdapter(ctx, config)
 
 
@@ -311,5 +313,6 @@ CHANNEL: ChannelType[EmailConfig] = ChannelType(
     channel="email",
     config=EmailConfig,
     factory=_factory,
+    check=_check,
     example={"listen": "127.0.0.1:0", "mailboxes": ["12345@hotline.example.gov.cn"]},
 )

@@ -36,7 +36,7 @@ from gateway.channels.sms import common
 from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
 from gateway.channels.sms.segments import split
 from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
-from gateway.config import ConfigError, Duration, Secret
+from gateway.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
@@ -235,10 +235,6 @@ class GenericAdapter(common.PartsLifecycle):
     channel = "sms"
 
     def __init__(self, ctx: AdapterContext, config: GenericConfig) -> None:
-        if config.auth != "none" and not config.secret:
-            raise ConfigError(
-                [(f"adapters.{ctx.name}.secret", f"required with auth = {config.auth!r}")]
-            )
         self.name = ctx.name
         self.ctx = ctx
         self.config = config
@@ -506,10 +502,16 @@ def _factory(ctx: AdapterContext, config: GenericConfig) -> GenericAdapter:
     return GenericAdapter(ctx, config)
 
 
+def _check(config: GenericConfig, key: str, settings: AdapterSettings) -> None:
+    if config.auth != "none" and not config.secret:
+        raise ConfigError([(f"{key}.secret", f"required with auth = {config.auth!r}")])
+
+
 CHANNEL: ChannelType[GenericConfig] = ChannelType(
     name="sms-webhook",
     channel="sms",
     config=GenericConfig,
     factory=_factory,
+    check=_check,
     example={"path": "/sms/webhook", "auth": "hmac-sha256", "secret": "change-me"},
 )

@@ -41,7 +41,7 @@ from gateway.channels.sms import common
 from gateway.channels.sms.concat import Assembler, Part, assembled_id, group_key, parse_udh
 from gateway.channels.sms.segments import split, substitute
 from gateway.clock import MICROS_PER_SECOND
-from gateway.config import ConfigError, Duration, Secret
+from gateway.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
@@ -280,18 +280,10 @@ class KannelAdapter(common.PartsLifecycle):
 
     def __init__(self, ctx: AdapterContext, config: KannelConfig) -> None:
         self.allowed = common.networks(config.allow_from, f"adapters.{ctx.name}.allow_from")
-        if not config.secret and not self.allowed and not config.insecure_no_auth:
-            raise ConfigError([(
-                f"adapters.{ctx.name}.secret",
-                "required (or allow_from, or insecure_no_auth = true)",
-            )])
         self.name = ctx.name
         self.ctx = ctx
         self.config = config
         self.eight_bit = config.eight_bit_charsets or REGIONAL_8BIT.get(config.region.upper(), ())
-        for cs in self.eight_bit:
-            if _known(cs) is None:
-                raise ConfigError([(f"adapters.{ctx.name}.eight_bit_charsets", f"unknown {cs!r}")])
         base = config.path.rstrip("/") or "/"
         self.path = base
         self.dlr_path = base.rstrip("/") + "/dlr"
@@ -603,10 +595,26 @@ def _factory(ctx: AdapterContext, config: KannelConfig) -> KannelAdapter:
     return KannelAdapter(ctx, config)
 
 
+def _check(config: KannelConfig, key: str, settings: AdapterSettings) -> None:
+    errors: list[tuple[str, str]] = []
+    try:
+        common.networks(config.allow_from, f"{key}.allow_from")
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if not config.secret and not config.allow_from and not config.insecure_no_auth:
+        errors.append((f"{key}.secret", "required (or allow_from, or insecure_no_auth = true)"))
+    for cs in config.eight_bit_charsets or REGIONAL_8BIT.get(config.region.upper(), ()):
+        if _known(cs) is None:
+            errors.append((f"{key}.eight_bit_charsets", f"unknown {cs!r}"))
+    if errors:
+        raise ConfigError(errors)
+
+
 CHANNEL: ChannelType[KannelConfig] = ChannelType(
     name="kannel",
     channel="sms",
     config=KannelConfig,
     factory=_factory,
+    check=_check,
     example={"path": "/sms/kannel", "secret": "change-me", "region": "CN"},
 )

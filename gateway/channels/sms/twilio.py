@@ -36,7 +36,7 @@ from gateway.adapters import (
 from gateway.attachments import AttachmentTooLarge
 from gateway.channels.sms import common
 from gateway.channels.sms.segments import split
-from gateway.config import ConfigError, Duration, Secret
+from gateway.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
@@ -195,13 +195,6 @@ class TwilioAdapter:
     channel = "sms"
 
     def __init__(self, ctx: AdapterContext, config: TwilioConfig) -> None:
-        if not config.auth_token:
-            raise ConfigError([(f"adapters.{ctx.name}.auth_token", "must not be empty")])
-        if config.verify_signature and not (config.public_url or ctx.settings.http.public_url):
-            raise ConfigError([(
-                f"adapters.{ctx.name}.public_url",
-                "required to verify X-Twilio-Signature (or set [http] public_url)",
-            )])
         self.name = ctx.name
         self.ctx = ctx
         self.config = config
@@ -427,11 +420,22 @@ def _factory(ctx: AdapterContext, config: TwilioConfig) -> TwilioAdapter:
     return TwilioAdapter(ctx, config)
 
 
+def _check(config: TwilioConfig, key: str, settings: AdapterSettings) -> None:
+    if not config.auth_token:
+        raise ConfigError([(f"{key}.auth_token", "must not be empty")])
+    if config.verify_signature and not (config.public_url or settings.http.public_url):
+        raise ConfigError([(
+            f"{key}.public_url",
+            "required to verify X-Twilio-Signature (or set [http] public_url)",
+        )])
+
+
 CHANNEL: ChannelType[TwilioConfig] = ChannelType(
     name="twilio",
     channel="sms",
     config=TwilioConfig,
     factory=_factory,
+    check=_check,
     example={
         "account_sid": "AC00000000000000000000000000000000",
         "auth_token": "change-me",

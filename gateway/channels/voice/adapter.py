@@ -16,7 +16,7 @@ from gateway.channels.voice.ami import AmiClient, AmiError
 from gateway.channels.voice.intake import IntakeScript
 from gateway.channels.voice.server import FastAgiServer
 from gateway.channels.voice.tracker import CallTracker, event_time
-from gateway.config import ConfigError, Duration, HostPort, Secret
+from gateway.config import AdapterSettings, ConfigError, Duration, HostPort, Secret
 from gateway.queueing.coordination import Fence, SharedState
 from gateway.records import Contact, Event, Reply
 
@@ -326,13 +326,16 @@ class SharedCallStore:
         return await self.state.hash_all(self.key)
 
 
-def _factory(ctx: AdapterContext, config: AsteriskConfig) -> AsteriskAdapter:
+def _check(config: AsteriskConfig, key: str, settings: AdapterSettings) -> None:
     for i, net in enumerate(config.agi_allow):
         try:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
-            key = f"adapters.{ctx.name}.agi_allow[{i}]"
-            raise ConfigError([(key, f"not an address or network: {net!r}")]) from None
+            where = f"{key}.agi_allow[{i}]"
+            raise ConfigError([(where, f"not an address or network: {net!r}")]) from None
+
+
+def _factory(ctx: AdapterContext, config: AsteriskConfig) -> AsteriskAdapter:
     return AsteriskAdapter(ctx, config)
 
 
@@ -342,4 +345,5 @@ CHANNEL: ChannelType[AsteriskConfig] = ChannelType(
     config=AsteriskConfig,
     factory=_factory,
     example={"agi_listen": "127.0.0.1:0"},
+    check=_check,
 )
