@@ -56,8 +56,8 @@ async def test_reply_on_a_call_dials_the_citizen_and_stamps_the_real_outcome(
     assert delivered.contact_id == contact_id
     assert delivered.detail["reason"] == "answered"
     assert delivered.detail["uniqueid"] == "1795594600.1"
-    responded = next(e for e in await gw.read_events() if e.type == "responded")
-    assert responded.detail["reply_id"] == first
+    responded = await outcome(gw, first, "responded")
+    assert responded.contact_id == contact_id
     (originate,) = [a for a in ami.actions if a.get("Action") == "Originate"]
     assert originate["Channel"] == "PJSIP/13800138000@trunk"
     assert originate["Context"] == "callbacks" and originate["Exten"] == "s"
