@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,11 +47,15 @@ class Backlog:
     """Entries kept for the slowest consumer group of the contacts or events stream."""
     streams: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
+    slowest: dict[str, str] = field(default_factory=dict)
+    """The slowest consumer group of each stream with a backlog."""
 
     def detail(self) -> dict[str, object]:
         out: dict[str, object] = {"state": self.state, "entries": self.entries}
         if self.reason:
             out["reason"] = self.reason
+        if self.state != "ok" and self.slowest:
+            out["slowest"] = dict(self.slowest)
         return out
 
 
@@ -111,16 +116,20 @@ class StreamKeeper:
             **{f"replies:{a}": k.replies_to(a) for a in adapters},
         }
         kept: dict[str, int] = {}
+        slowest: dict[str, str] = {}
         for name, key in streams.items():
             for _ in range(TRIM_CALLS):
                 result = await self.queue.trim(key, floor_ms)
                 if not result.more:
                     break
             kept[name] = result.backlog
+            if result.slowest:
+                slowest[name] = result.slowest
             if name in ("contacts", "events"):
                 self.metrics.stream_backlog.labels(name).set(kept[name])
         entries = max(kept["contacts"], kept["events"])
         backlog = self._judge(entries, kept, await self._memory())
+        backlog = dataclasses.replace(backlog, slowest=slowest)
         self._report(backlog)
         self.last = backlog
         return backlog
@@ -167,7 +176,11 @@ class StreamKeeper:
                     "backlog: %s%s (per stream: %s)",
                     backlog.reason,
                     "; new contacts are refused until it is read" if refusing else "",
-                    ", ".join(f"{n} {c}" for n, c in backlog.streams.items() if c),
+                    ", ".join(
+                        f"{name} {count} (slowest group {backlog.slowest.get(name, '?')!r})"
+                        for name, count in backlog.streams.items()
+                        if count
+                    ),
                 )
         elif self.last.state != "ok":
             log.info("backlog: back within its bounds (%d entries)", backlog.entries)

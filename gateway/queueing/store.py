@@ -81,6 +81,8 @@ class TrimResult:
     backlog: int
     """Entries the slowest consumer group has still to read or acknowledge."""
     more: bool
+    slowest: str
+    """That group's name ('' without a backlog)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,8 +405,9 @@ class RedisQueue:
         by the cap (``more`` says when there is more to trim)."""
         floor = f"{floor_ms}-0" if floor_ms > 0 else ""
         reply = await self._evalsha("trim", [stream], [self.maxlen, floor, look])
-        left, groups, removed, backlog, more = (int(v) for v in reply)
-        return TrimResult(left, groups, removed, backlog, bool(more))
+        left, groups, removed, backlog, more = (int(v) for v in reply[:5])
+        slowest = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
+        return TrimResult(left, groups, removed, backlog, bool(more), slowest)
 
     async def route_reply(self, group: str, entry_id: str, reply: Reply, adapter: str) -> bool:
         """Move a reply read by ``group`` from ``{p}:replies`` to its adapter's stream, once

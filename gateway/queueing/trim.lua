@@ -4,10 +4,11 @@
 -- KEYS: 1 stream
 -- ARGV: 1 cap (0: none), 2 retention floor id or '' (an operator's retention: entries older
 --       than it go whether read or not), 3 most entries to look at for the cap in one call
--- Returns {entries left, consumer groups, entries removed, backlog, more}: the backlog is what
--- the slowest group has still to read or acknowledge; more = 1 when the cap needs another call.
+-- Returns {entries left, consumer groups, entries removed, backlog, more, slowest group}: the
+-- backlog is what the slowest group has still to read or acknowledge; more = 1 when the cap
+-- needs another call.
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0, 0, 0, 0, 0}
+  return {0, 0, 0, 0, 0, ''}
 end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -29,6 +30,7 @@ local length = redis.call('XLEN', KEYS[1])
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 local floor = nil
 local backlog = 0
+local slowest = ''
 for _, group in ipairs(groups) do
   local info = {}
   for i = 1, #group, 2 do
@@ -47,6 +49,7 @@ for _, group in ipairs(groups) do
   local lag = tonumber(info['lag'] or length) or length  -- nil lag (unknown): everything
   if lag + pending > backlog then
     backlog = lag + pending
+    slowest = info['name']
   end
 end
 local target = nil
@@ -73,4 +76,4 @@ local removed = 0
 if target ~= nil then
   removed = redis.call('XTRIM', KEYS[1], 'MINID', target)
 end
-return {redis.call('XLEN', KEYS[1]), #groups, removed, backlog, more}
+return {redis.call('XLEN', KEYS[1]), #groups, removed, backlog, more, slowest}

@@ -69,7 +69,8 @@ async def test_a_backlog_is_reported_then_refused_the_retry_later_way_until_read
     await consumer.ensure_group()
     await _submit_many(gw, 30)
     assert (await gw.keeper.check()).state == "warning"
-    assert any("backlog_warning" in r.getMessage() for r in caplog.records)
+    assert any("backlog_warning" in r.getMessage() and "slowest group 'cases'" in r.getMessage()
+               for r in caplog.records)
     status, _, body = await _http(aiohttp_client_session, gw, "GET", "/readyz")
     # the events stream has the dashboard's group too: its backlog may be the larger one
     assert status == 200 and body["backlog"]["state"] == "warning"
@@ -82,6 +83,7 @@ async def test_a_backlog_is_reported_then_refused_the_retry_later_way_until_read
     assert "gateway_intake_refusing 1.0" in (await gw._render_metrics()).decode()
     status, _, body = await _http(aiohttp_client_session, gw, "GET", "/readyz")
     assert status == 503 and body["backlog"]["state"] == "refusing"
+    assert body["backlog"]["slowest"]["contacts"] == "cases"
     with pytest.raises(IntakeUnavailable):
         await gw.intake.submit(inbound(external_id="refused"))
     status, headers, _ = await _http(aiohttp_client_session, gw, "POST", "/v1/intake",
