@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -105,6 +106,9 @@ def requests_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamR
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away first (nginx's code for it)
             raise
         finally:
             route = route_of(request)
