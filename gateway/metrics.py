@@ -187,7 +187,7 @@ class Metrics:
         )
         self.stamps = Histogram(
             "gateway_deadline_stamp_seconds",
-            "From a contact's edge stamp to its answered, abandoned, responded or acknowledged stamp",
+            "From the edge stamp to the answered, abandoned, responded or acknowledged stamp",
             ["type", "met"],
             buckets=SLA_BUCKETS,
             registry=r,
