@@ -62,7 +62,8 @@ def sent_texts(api: FakeProvider) -> Counter[str]:
 async def all_sent(gw: Gateway) -> bool:
     """Nothing left to route or send, fleet-wide (every entry acknowledged)."""
     public = await gw.redis.xinfo_groups(gw.keys.replies)
-    if any(g["pending"] or g["lag"] for g in public if g["name"].decode() == GROUP):
+    if any(g["pending"] or g["lag"] is None or g["lag"]
+           for g in public if g["name"].decode() == GROUP):
         return False
     return all(q.waiting == 0 and q.pending == 0 for q in await reply_queues(gw.redis, gw.keys))
 
@@ -144,6 +145,75 @@ async def test_a_slow_send_is_not_taken_over_by_another_sender(start_gateway):
         assert sent_texts(api) == Counter({"慢": 1})
 
 
+def serve_config(tmp_path: Path, instance: str, redis_url: str, prefix: str, port: int,
+                 api: FakeProvider | None, timeout: str = "5s") -> Path:
+    """A `gateway serve` config on the test's Redis; with ``api``, the SMS adapter ``agg``."""
+    config = tmp_path / f"{instance}.toml"
+    adapter = "" if api is None else f"""
+[adapters.agg]
+type = "sms-webhook"
+path = "/sms/agg"
+secret = "{'s' * 16}"
+region = "CN"
+recipient = "12345"
+send = {{ url = "{api.url}/send", authorization = "Bearer tok", timeout = "{timeout}" }}
+"""
+    config.write_text(f"""
+[gateway]
+data_dir = "{tmp_path / (instance + '-data')}"
+instance = "{instance}"
+[redis]
+url = "{redis_url}"
+prefix = "{prefix}"
+[replies]
+reclaim_after = "1s"
+[http]
+listen = "127.0.0.1:{port}"
+[api]
+open_to_loopback = true
+{adapter}""")
+    return config
+
+
+async def test_replies_through_serve_processes_while_the_sender_is_killed_and_restarted(
+    start_gateway, redis_url, prefix, tmp_path: Path
+):
+    """Two `gateway serve` processes: `front` without adapters takes the replies over HTTP,
+    `sms` sends them. `sms` is killed -9 before a round of replies and started again after
+    the round was posted: the round waits (held), then every reply goes out once."""
+    async with running(ok()) as api:
+        maker = await start_gateway(gateway={"instance": "maker"}, adapters={})
+        contacts = [await contact_of(maker, "agg", n) for n in range(5)]
+        front_port, sms_port = free_port(), free_port()
+        front = start_serve(serve_config(tmp_path, "front", redis_url, prefix, front_port, None))
+        sms_config = serve_config(tmp_path, "sms", redis_url, prefix, sms_port, api)
+        sms = start_serve(sms_config)
+        expected: Counter[str] = Counter()
+        try:
+            async with aiohttp.ClientSession() as session:
+                await wait_healthy(session, front_port, front)
+                await wait_healthy(session, sms_port, sms)
+                for round_ in range(1):  # (each start of `gateway serve` costs seconds)
+                    os.kill(sms.pid, signal.SIGKILL)
+                    sms.wait()
+                    for n, cid in enumerate(contacts):
+                        text = f"round {round_} contact {n}"
+                        url = f"http://127.0.0.1:{front_port}/v1/contacts/{cid}/replies"
+                        async with session.post(url, json={"text": text}) as resp:
+                            assert resp.status == 202
+                        expected[text] += 1
+                    sms = start_serve(sms_config)
+                    await wait_healthy(session, sms_port, sms)
+                    await eventually(lambda: all_sent(maker))
+                    assert sent_texts(api) == expected
+        finally:
+            for proc in (front, sms):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert not [e for e in await maker.read_events() if e.type == "failed"]
+
+
 async def test_a_sender_killed_mid_send_is_taken_over_by_another_instance(
     start_gateway, redis_url, prefix, tmp_path: Path
 ):
@@ -155,26 +225,7 @@ async def test_a_sender_killed_mid_send_is_taken_over_by_another_instance(
         router = await start_gateway(gateway={"instance": "router"}, adapters={})
         cid = await contact_of(router, "agg", 1)
         port = free_port()
-        config = tmp_path / "proc.toml"
-        config.write_text(f"""
-[gateway]
-data_dir = "{tmp_path / 'proc-data'}"
-instance = "proc"
-[redis]
-url = "{redis_url}"
-prefix = "{prefix}"
-[replies]
-reclaim_after = "1s"
-[http]
-listen = "127.0.0.1:{port}"
-[adapters.agg]
-type = "sms-webhook"
-path = "/sms/agg"
-secret = "{'s' * 16}"
-region = "CN"
-recipient = "12345"
-send = {{ url = "{api.url}/send", authorization = "Bearer tok", timeout = "60s" }}
-""")
+        config = serve_config(tmp_path, "proc", redis_url, prefix, port, api, timeout="60s")
         proc = start_serve(config)
         try:
             async with aiohttp.ClientSession() as session:
