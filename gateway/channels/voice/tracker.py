@@ -29,6 +29,7 @@ no instance watched AMI, is ``closed`` (``met: false``) and, unless answered, ca
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
@@ -50,6 +51,9 @@ _FINISHED_RETENTION_US = 15 * 60 * MICROS_PER_SECOND
 _IDLE_BRIDGE_US = 60 * MICROS_PER_SECOND
 _UNKNOWN = frozenset({"", "unknown", "<unknown>", "anonymous", "restricted", "private"})
 
+FLUSH_EVERY_S = 0.1
+"""Open calls' state is written to Redis at most this long after a change (and at every
+sweep, reconnect and stop)."""
 ARRIVED_VARIABLE = "GATEWAY_ARRIVED"
 CONTACT_VARIABLE = "GATEWAY_CONTACT_ID"
 
@@ -204,6 +208,7 @@ class CallTracker:
         self._dirty: set[str] = set()
         self._dropped: set[str] = set()
         self._snapshot_from: Micros = 0
+        self._flushed = 0.0
         self.ami_contacts_made = 0
 
     # ------------------------------------------------------------ lease
@@ -240,6 +245,7 @@ class CallTracker:
 
     async def flush(self) -> None:
         """Write changed calls to Redis (kept for the next try when Redis is away)."""
+        self._flushed = time.monotonic()
         if self.store is None or not self.active:
             self._dirty.clear()
             self._dropped.clear()
@@ -281,11 +287,13 @@ class CallTracker:
         return uniqueid in self._finished
 
     async def handle(self, frame: Frame) -> None:
-        """Apply one AMI event."""
+        """Apply one AMI event; changed calls reach Redis at most ``FLUSH_EVERY_S`` later
+        (outcomes are stamped at once, whatever the state write)."""
         try:
             await self._handle(frame)
         finally:
-            await self.flush()
+            if time.monotonic() - self._flushed >= FLUSH_EVERY_S:
+                await self.flush()
 
     async def _handle(self, frame: Frame) -> None:
         name = frame.get("Event")
