@@ -134,3 +134,39 @@ agi_listen = "127.0.0.1:{agi_port}"
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def test_readiness_fails_while_the_event_loop_lags(start_gateway: Any) -> None:
+    """FastAGI answers come late when the loop is late: /readyz says so, so that hagi:// or a
+    load balancer picks another gateway, and recovers when the loop does."""
+    gw = await start_gateway(adapters={"asterisk": {
+        "type": "asterisk", "agi_listen": "127.0.0.1:0", "max_loop_lag": "150ms",
+    }})
+    ok, _ = gw.supervisor.ready()
+    assert ok
+    stop = asyncio.Event()
+
+    async def hog() -> None:  # CPU-bound work on the loop, as an overloaded gateway has
+        while not stop.is_set():
+            time.sleep(0.4)
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(hog())
+    try:
+        async def degraded() -> bool:
+            ok, loops = gw.supervisor.ready()
+            return not ok and loops["asterisk-loop-lag"]["state"] == "degraded"  # type: ignore[index]
+
+        for _ in range(200):
+            if await degraded():
+                break
+            await asyncio.sleep(0.01)
+        assert await degraded()
+    finally:
+        stop.set()
+        await task
+    for _ in range(2000):
+        if gw.supervisor.ready()[0]:
+            break
+        await asyncio.sleep(0.01)
+    assert gw.supervisor.ready()[0]
