@@ -77,6 +77,10 @@ secret_env = "CLI_TEST_UNSET_KANNEL_SECRET"
 [adapters.tg]
 type = "telegram"
 token_env = "CLI_TEST_UNSET_TELEGRAM_TOKEN"
+
+[adapters.pbx]
+type = "asterisk"
+ami = { username = "gateway", secret_env = "CLI_TEST_UNSET_AMI_SECRET" }
 """
 
 
@@ -89,7 +93,7 @@ def test_read_only_commands_need_no_adapter_secrets(
     # ...the read-only commands need Redis only (all four refused to run before)
     assert main(["info", "-c", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["adapters"] == {"kannel": "kannel", "tg": "telegram"}
+    assert info["adapters"] == {"kannel": "kannel", "tg": "telegram", "pbx": "asterisk"}
     assert info["redis"]["contacts"] == 0
     assert main(["tail", "-c", str(path), "--count", "5"]) == 0
     assert main(["report", "-c", str(path), "--format", "json"]) == 0
