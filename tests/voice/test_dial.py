@@ -82,3 +82,27 @@ async def test_without_dial_a_reply_on_a_call_fails_permanently(start_gateway: A
     reply_id = await reply(gw, contact_id, "hello")
     failed = await outcome(gw, reply_id, "failed")
     assert "configure dial" in str(failed.detail)
+
+
+async def test_a_dialled_callback_in_the_queue_is_not_taken_for_a_new_call(
+    start_gateway: Any,
+) -> None:
+    """The answered callback joins a queue from the ``callbacks`` context: no contact of its own."""
+    joined = (
+        "Event: QueueCallerJoin\r\nPrivilege: agent,all\r\nTimestamp: 1795594602.000100\r\n"
+        "Channel: PJSIP/trunk-00000009\r\nChannelState: 6\r\nChannelStateDesc: Up\r\n"
+        "CallerIDNum: 13800138000\r\nCallerIDName: <unknown>\r\nConnectedLineNum: <unknown>\r\n"
+        "ConnectedLineName: <unknown>\r\nLanguage: en\r\nAccountCode: \r\nContext: callbacks\r\n"
+        "Exten: s\r\nPriority: 3\r\nUniqueid: 1795594600.1\r\nLinkedid: 1795594600.1\r\n"
+        "Queue: hotline\r\nPosition: 1\r\nCount: 1\r\n\r\n"
+    ).encode()
+    other = joined.replace(b"Context: callbacks", b"Context: from-citizens").replace(
+        b"1795594600.1", b"1795594600.2")
+    ami = FakeAmi([(joined + other, False)])
+    gw = await voice_with_ami(start_gateway, ami, dial=DIAL)
+
+    async def made() -> list[str] | None:
+        found = [c.external_id for c in await gw.read_contacts()]
+        return found or None
+
+    assert await until(made) == ["1795594600.2"]  # only the citizen's own call

@@ -139,6 +139,7 @@ class AsteriskAdapter:
             store=self.store if config.ami is not None else None,
             ami_contacts=config.ami_contacts,
             languages=config.languages,
+            own_contexts=frozenset({config.dial.context}) if config.dial else frozenset(),
         )
         self.intake = IntakeScript(
             ctx.name,

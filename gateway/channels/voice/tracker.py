@@ -183,6 +183,7 @@ class CallTracker:
         store: CallStore | None = None,
         ami_contacts: bool = True,
         languages: Mapping[str, str] | None = None,
+        own_contexts: frozenset[str] = frozenset(),
     ) -> None:
         self.adapter = adapter
         self.events = events
@@ -197,6 +198,9 @@ class CallTracker:
         self.store = store
         self.ami_contacts = ami_contacts
         self.languages = dict(languages or {})
+        self.own_contexts = own_contexts
+        """Dialplan contexts of the gateway's own calls (dialled callbacks): a caller there
+        is a citizen called back, never a new call to make a contact of."""
         self.active = store is None
         """True while this instance follows AMI (holds the lease); state is then in memory."""
         self.calls: dict[str, Call] = {}
@@ -324,7 +328,7 @@ class CallTracker:
                 await self._gone(call, frame, "hangup")
             return
         if name == "QueueCallerJoin" and found is None and self.ami_contacts and uniqueid:
-            if uniqueid in self._finished:
+            if uniqueid in self._finished or frame.get("Context", "") in self.own_contexts:
                 return
             found = self._ensure(uniqueid, "", event_time(frame))
         if found is None:
@@ -413,7 +417,8 @@ class CallTracker:
             contact_id = variables.get(CONTACT_VARIABLE, "")
             arrived = parse_epoch(variables.get(ARRIVED_VARIABLE, ""))
             call = self.calls.get(uniqueid)
-            in_queue = entry.get("Application", "") == "Queue"
+            in_queue = (entry.get("Application", "") == "Queue"
+                        and entry.get("Context", "") not in self.own_contexts)
             if call is None:
                 if not contact_id and arrived is None and not (in_queue and self.ami_contacts):
                     continue  # not a hotline call (an agent's phone, a trunk leg)
