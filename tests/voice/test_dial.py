@@ -89,13 +89,13 @@ async def test_a_dialled_callback_in_the_queue_is_not_taken_for_a_new_call(
 ) -> None:
     """The answered callback joins a queue from the ``callbacks`` context: no contact of its own."""
     joined = (
-        "Event: QueueCallerJoin\r\nPrivilege: agent,all\r\nTimestamp: 1795594602.000100\r\n"
-        "Channel: PJSIP/trunk-00000009\r\nChannelState: 6\r\nChannelStateDesc: Up\r\n"
-        "CallerIDNum: 13800138000\r\nCallerIDName: <unknown>\r\nConnectedLineNum: <unknown>\r\n"
-        "ConnectedLineName: <unknown>\r\nLanguage: en\r\nAccountCode: \r\nContext: callbacks\r\n"
-        "Exten: s\r\nPriority: 3\r\nUniqueid: 1795594600.1\r\nLinkedid: 1795594600.1\r\n"
-        "Queue: hotline\r\nPosition: 1\r\nCount: 1\r\n\r\n"
-    ).encode()
+        b"Event: QueueCallerJoin\r\nPrivilege: agent,all\r\nTimestamp: 1795594602.000100\r\n"
+        b"Channel: PJSIP/trunk-00000009\r\nChannelState: 6\r\nChannelStateDesc: Up\r\n"
+        b"CallerIDNum: 13800138000\r\nCallerIDName: <unknown>\r\nConnectedLineNum: <unknown>\r\n"
+        b"ConnectedLineName: <unknown>\r\nLanguage: en\r\nAccountCode: \r\nContext: callbacks\r\n"
+        b"Exten: s\r\nPriority: 3\r\nUniqueid: 1795594600.1\r\nLinkedid: 1795594600.1\r\n"
+        b"Queue: hotline\r\nPosition: 1\r\nCount: 1\r\n\r\n"
+    )
     other = joined.replace(b"Context: callbacks", b"Context: from-citizens").replace(
         b"1795594600.1", b"1795594600.2")
     ami = FakeAmi([(joined + other, False)])
