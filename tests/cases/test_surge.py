@@ -21,7 +21,8 @@ from gateway.queueing.store import RedisQueue
 from gateway.records import Contact, Event
 from gateway.surge import SurgeWatch, poisson_tail
 from tests.cases import dataset
-from tests.cases.conftest import API, TOKENS, eventually
+from tests.cases.conftest import API, TOKENS, Receiver, eventually
+from tests.cases.test_push import subscriber
 
 MIN = 60 * MICROS_PER_SECOND
 DAY = 1440 * MIN
@@ -161,9 +162,9 @@ async def test_nothing_before_the_counters_span_the_warmup(redis_client: Any, pr
 
 
 async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(
-    start_gateway: Any,
+    start_gateway: Any, receiver: Receiver
 ) -> None:
-    gw = await start_gateway(api=API)
+    gw = await start_gateway(api=API, push=subscriber(receiver, events=True))
     url = f"http://127.0.0.1:{gw.http_port}/v1/intake"
     async with aiohttp.ClientSession() as s:
         for channel in ("voice", "sms", "sms", "voice"):
@@ -193,3 +194,11 @@ async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(
     assert "同一人重复" in live["html"]["surges"]
     assert [x["count"] for x in live["figures"]["repeats"]] == [4, 3]
     assert len(await surges()) == 1  # the fourth contact raises no second one that day
+
+    async def pushed() -> list[dict[str, Any]]:
+        docs = [json.loads(body) for body in receiver.accepted]
+        return [d for d in docs if d["type"] == "event" and d["data"]["type"] == "surge"]
+
+    docs = await eventually(pushed)  # push subscribers get it like any event (at least once)
+    assert len({d["delivery"] for d in docs}) == 1
+    assert docs[0]["data"]["detail"]["kind"] == "repeat"
