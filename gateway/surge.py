@@ -110,6 +110,7 @@ class SurgeWatch:
         self._history: dict[tuple[int, int], dict[str, float]] = {}
         self.evaluations = 0
         self._supervisor: Supervisor | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------ counting
 
@@ -206,6 +207,7 @@ class SurgeWatch:
     def start(self, leases: Leases, supervisor: Supervisor) -> None:
         """Evaluate while this instance holds lease ``surge`` (supervised)."""
         self._supervisor = supervisor
+        self._stopping = False
 
         async def run() -> None:
             await leases.exclusive(LEASE, self._held)
@@ -213,12 +215,13 @@ class SurgeWatch:
         supervisor.spawn("surge", run, required=False, backoff=(0.5, 30.0))
 
     async def stop(self) -> None:
+        self._stopping = True  # the loop ends even if a client call swallows the cancellation
         if self._supervisor is not None:
             await self._supervisor.stop("surge")
 
     async def _held(self, fence: Fence) -> None:
         log.info("surge: evaluating here (lease fence %d)", fence.token)
-        while True:
+        while not self._stopping:
             try:
                 await self.evaluate()
             except (RedisError, OSError) as exc:

@@ -89,6 +89,8 @@ class Wallboard:
         pipe.zrange(k.agg_waiting, 0, 0, withscores=True)
         for label in labels:
             soon = now + int(self._warn_span_s(label) * MICROS_PER_SECOND)
+            # overdue for two days and never marked (no watcher ran): not open any more
+            pipe.zremrangebyscore(k.agg_open(label), "-inf", now - 2 * DAY_S * MICROS_PER_SECOND)
             pipe.zcard(k.agg_open(label))
             pipe.zcount(k.agg_open(label), "-inf", soon)
             pipe.zrange(k.agg_open(label), 0, 4, withscores=True)
@@ -103,8 +105,8 @@ class Wallboard:
         replies = replies[3:]
         open_rows = []
         for label in labels:
-            total, soon, nearest = replies[:3]
-            replies = replies[3:]
+            _, total, soon, nearest = replies[:4]
+            replies = replies[4:]
             open_rows.append(
                 {
                     "channel": label,
