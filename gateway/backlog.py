@@ -73,6 +73,7 @@ class StreamKeeper:
         self._warned_at = 0.0
         self._supervisor: Supervisor | None = None
         self._stopping = asyncio.Event()
+        self._checking = asyncio.Lock()  # one check at a time (the loop's, or a caller's)
 
     def start(self, supervisor: Supervisor) -> None:
         """Run the loop as the supervised loop ``stream-keeper``."""
@@ -104,6 +105,10 @@ class StreamKeeper:
 
     async def check(self) -> Backlog:
         """Trim every stream of the gateway, measure the backlog, refuse or accept contacts."""
+        async with self._checking:
+            return await self._check()
+
+    async def _check(self) -> Backlog:
         k = self.queue.keys
         floor_ms = 0
         if self.section.stream_retention > 0:
