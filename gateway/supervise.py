@@ -31,7 +31,6 @@ is required, WARNING logged once) and ``supervisor.degrade(name, None)`` clears 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -135,14 +134,34 @@ class Supervisor:
             self._set_up(name, False)
         state.problem = problem
 
-    async def stop(self, name: str) -> None:
-        """Cancel loop ``name`` and wait for it to end."""
+    async def stop(self, name: str, timeout_s: float = 10.0) -> None:
+        """Cancel loop ``name`` and wait for it to end.
+
+        The cancellation is repeated (after 1 s, then every 0.2 s; the first one leaves the
+        loop time to clean up) while the loop runs on: on Python 3.11
+        ``asyncio.wait_for`` loses a cancellation that arrives as its inner future completes,
+        and a loop around it would then go on for ever. A loop still running after
+        ``timeout_s`` is logged with where it is and left behind.
+        """
         task = self._tasks.pop(name, None)
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        pause = 1.0
+        while not task.done() and loop.time() < until:
+            task.cancel()
+            await asyncio.wait({task}, timeout=min(pause, max(0.0, until - loop.time())))
+            pause = 0.2
+        if not task.done():
+            frames = "; ".join(
+                f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()
+            )
+            log.error(
+                "loop %s: still running %.0f s after its cancellation: %s", name, timeout_s, frames
+            )
+        elif not task.cancelled():
+            task.exception()  # retrieved: the runner only ends by cancellation
         state = self._loops.get(name)
         if state is not None:
             state.state, state.since = "stopped", _now_us()

@@ -4,6 +4,7 @@ in /readyz and /metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -139,3 +140,41 @@ async def test_embedded_server_killed_under_the_gateway_is_started_again(start_g
     ids = sorted(c.id for c in await gw.read_contacts())
     assert ids == sorted([before.contact_id, during.contact_id])  # the AOF kept the first
     await until(lambda: gw.supervisor.ready()[0], 30)
+
+
+async def test_stop_ends_a_loop_that_lost_its_cancellation(caplog) -> None:
+    """On Python 3.11 ``asyncio.wait_for`` can lose a cancellation that arrives as its inner
+    future completes; a loop around it goes on. stop() cancels again; a loop that never ends
+    is logged and left behind instead of hanging the gateway's shutdown."""
+    supervisor = Supervisor()
+    lost = 0
+
+    async def loses_one() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost += 1
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()  # what the lost cancellation looks like to the loop
+
+    released = False
+
+    async def never_ends() -> None:  # ignores every cancellation until the test releases it
+        while not released:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    supervisor.spawn("loses-one", loses_one)
+    supervisor.spawn("never-ends", never_ends)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(supervisor.stop("loses-one"), 10)
+    assert lost == 1 and supervisor.states()["loses-one"].state == "stopped"
+    caplog.set_level(logging.ERROR, logger="gateway.supervise")
+    await asyncio.wait_for(supervisor.stop("never-ends", timeout_s=0.5), 10)
+    assert any("never-ends: still running" in r.getMessage() for r in caplog.records)
+    released = True
