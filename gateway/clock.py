@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -71,6 +72,22 @@ def parse_time(text: str) -> Micros:
         dt = dt.replace(tzinfo=UTC)
     delta = dt - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * MICROS_PER_SECOND + delta.microseconds
+
+
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def parse_rfc3339(text: str) -> Micros:
+    """Parse exactly an RFC 3339 date-time (what the API documents); raise ValueError for the
+    other ISO 8601 forms ``parse_time`` is lenient about (a date alone, no offset...)."""
+    if not _RFC3339.fullmatch(text):
+        raise ValueError("not an RFC 3339 date-time")
+    fraction = re.search(r"\.([0-9]+)", text)
+    if fraction and len(fraction.group(1)) > 6:  # fromisoformat takes at most microseconds
+        text = text.replace(fraction.group(0), fraction.group(0)[:7], 1)
+    return parse_time(text)
 
 
 def from_datetime(dt: datetime) -> Micros:

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway import safejson
 from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter
 from gateway.auth import ApiKeys, source_of
-from gateway.clock import Clock, format_time, parse_time
+from gateway.clock import Clock, format_time, parse_rfc3339
 from gateway.http import read_capped
 from gateway.phone import to_e164
 from gateway.problems import ApiProblem, problem
@@ -61,11 +61,16 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
     channel = body.get("channel", "web")
     if channel not in CHANNELS:
         raise BadRequest(f"channel: expected one of {', '.join(CHANNELS)}")
-    sender_raw = body.get("sender") or {}
+    sender_raw = body.get("sender")
+    if sender_raw is None:
+        sender_raw = {}
     if isinstance(sender_raw, str):
         sender_raw = {"address": sender_raw}
     if not isinstance(sender_raw, dict) or not isinstance(sender_raw.get("address", ""), str):
         raise BadRequest("sender: expected an object with an address")
+    unknown = sorted(set(sender_raw) - {"address", "name"})
+    if unknown:
+        raise BadRequest(f"unknown field: sender.{unknown[0]}")
     name = sender_raw.get("name")
     if name is not None and not isinstance(name, str):
         raise BadRequest("sender.name: expected a string")
@@ -81,7 +86,7 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
         raise BadRequest("meta: expected an object")
     origin_raw = _opt_str(body, "origin_at", 64)
     try:
-        origin_at = parse_time(origin_raw) if origin_raw else None
+        origin_at = parse_rfc3339(origin_raw) if origin_raw is not None else None
     except ValueError as exc:
         raise BadRequest("origin_at: expected an RFC 3339 time") from exc
     return Inbound(

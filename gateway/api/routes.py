@@ -9,7 +9,6 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from importlib.resources import files
 from typing import Any
 
 import orjson
@@ -17,9 +16,10 @@ from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import safejson
+from gateway.api.openapi import document_bytes
 from gateway.attachments import REF_PREFIX, AttachmentStore, AttachmentTooLarge
 from gateway.auth import ApiKeys, source_of
-from gateway.clock import MICROS_PER_SECOND, Clock, parse_time
+from gateway.clock import MICROS_PER_SECOND, Clock, parse_rfc3339
 from gateway.config import ApiKey, parse_duration
 from gateway.http import read_capped
 from gateway.ids import uuid7
@@ -31,13 +31,19 @@ from gateway.records import Attachment, Event, Reply, clean_text
 
 log = logging.getLogger(__name__)
 
-OPENAPI: bytes = files("gateway.api").joinpath("openapi.json").read_bytes()
+OPENAPI: bytes = document_bytes()
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 CONTACT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 """Patterns used with ``fullmatch`` (``$`` would let a trailing newline through)."""
 RESERVED_GROUP_PREFIX = "gateway-"
+
+SINCE = re.compile(
+    r"[1-9][0-9]{0,6}s|[1-9][0-9]{0,4}m|[1-9][0-9]{0,2}h|(?:[1-9][0-9]?|[1-3][0-9]{2}|400)d"
+)
+"""``since`` of the report: 1s to 400d, in the forms the document states (and nothing else)."""
+BOOLEANS = ("true", "false", "1", "0")
 
 MAX_COUNT = 1000
 MAX_WAIT_MS = 30_000
@@ -112,19 +118,16 @@ def group_param(request: web.Request) -> str:
     return group
 
 
-MAX_ID_PART = 2**64 - 1
-
-
 def entry_id(value: object) -> bool:
-    """True for a stream entry id Redis accepts: ``<ms>-<seq>``, each at most 2^64 - 1."""
-    if not isinstance(value, str) or not ENTRY_ID.fullmatch(value):
-        return False
-    ms, _, seq = value.partition("-")
-    return int(ms) <= MAX_ID_PART and int(seq) <= MAX_ID_PART
+    """True for a stream entry id as documented: ``<ms>-<seq>``, at most 19 digits each, so
+    always one Redis accepts (its parts go up to 2^64 - 1, 20 digits)."""
+    return isinstance(value, str) and ENTRY_ID.fullmatch(value) is not None
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
     value = body.get(name, default)
+    if isinstance(value, float) and value.is_integer():  # JSON 67.0 is the integer 67
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ApiProblem(400, f"{name}: expected an integer from {low} to {high}")
     return value
@@ -379,6 +382,8 @@ class ConsumerApi:
         ctype = item.get("content_type", "application/octet-stream")
         if not isinstance(name, str) or not isinstance(ctype, str) or len(ctype) > 255:
             raise ApiProblem(400, f"{where}: name and content_type must be strings")
+        if "data" in item and "sha256" in item:
+            raise ApiProblem(400, f"{where}: give data or sha256, not both")
         if "data" in item:
             data = item["data"]
             if not isinstance(data, str):
@@ -401,7 +406,7 @@ class ConsumerApi:
         except ValueError as exc:
             raise ApiProblem(400, f"{where}.sha256: not a sha256 digest") from exc
         if not path.is_file():
-            raise ApiProblem(400, f"{where}.sha256: no such stored attachment")
+            raise ApiProblem(404, f"{where}.sha256: no such stored attachment")
         size = path.stat().st_size
         if not size:
             raise ApiProblem(400, f"{where}.sha256: an empty file (an attachment needs content)")
@@ -438,11 +443,11 @@ class ConsumerApi:
         at = now
         if "at" in body:
             try:
-                at = parse_time(str(body["at"]))
+                at = parse_rfc3339(body["at"] if isinstance(body["at"], str) else "")
             except ValueError as exc:
                 raise ApiProblem(400, "at: expected an RFC 3339 time") from exc
-            if at > now + FUTURE_SKEW_US:
-                raise ApiProblem(400, "at: in the future")
+            if at > now + FUTURE_SKEW_US:  # the contact's timeline ends at the gateway's now
+                raise ApiProblem(409, "at: more than a minute ahead of the gateway's clock")
         detail = body.get("detail", {})
         if not isinstance(detail, dict) or len(orjson.dumps(detail)) > MAX_DETAIL:
             raise ApiProblem(400, f"detail: expected an object of at most {MAX_DETAIL} bytes")
@@ -466,16 +471,17 @@ class ConsumerApi:
 
     @operation("report", "read")
     async def report(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
-        try:
-            since = float(parse_duration(request.query.get("since", "24h")))
-        except ValueError as exc:
-            raise ApiProblem(400, f"since: {exc}") from exc
-        if not 0 < since <= 400 * 86400:
-            raise ApiProblem(400, "since: from 1s to 400d")
+        raw_since = request.query.get("since", "24h")
+        if not SINCE.fullmatch(raw_since):
+            raise ApiProblem(400, "since: a whole number of s, m, h or d, from 1s to 400d")
+        since = float(parse_duration(raw_since))
         by = request.query.get("by", "channel")
         if by not in ("channel", "hour"):
             raise ApiProblem(400, "by: expected channel or hour")
-        charts = request.query.get("charts", "false") in ("true", "1")
+        charts_raw = request.query.getall("charts", ["false"])
+        if len(charts_raw) != 1 or charts_raw[0] not in BOOLEANS:
+            raise ApiProblem(400, "charts: expected true or false")
+        charts = charts_raw[0] in ("true", "1")
         return json_body(await self.report_source(since, by, charts))
 
     def _subscriber(self, request: web.Request) -> str:

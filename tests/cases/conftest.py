@@ -6,7 +6,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
 import aiohttp
@@ -14,6 +13,7 @@ import jsonschema
 import pytest
 from aiohttp import web
 
+from gateway.api.openapi import document
 from gateway.runtime import Gateway
 
 TOKENS = {
@@ -27,7 +27,7 @@ API = {
     "open_to_loopback": False,
     "keys": [{"key": TOKENS[n], "name": n, "scopes": SCOPES[n]} for n in TOKENS],
 }
-OPENAPI: dict[str, Any] = json.loads(files("gateway.api").joinpath("openapi.json").read_text())
+OPENAPI: dict[str, Any] = document()
 
 
 def auth(name: str) -> dict[str, str]:
@@ -41,6 +41,8 @@ def check_schema(path: str, method: str, status: int, body: Any, ctype: str) -> 
     if "$ref" in response:
         response = OPENAPI["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
     content = response["content"]
+    if "*/*" in content and ctype not in content:
+        return  # any media type: the bytes of a file
     assert ctype in content, f"{method} {path} {status}: {ctype} not documented"
     schema = dict(content[ctype]["schema"])
     schema["components"] = OPENAPI["components"]

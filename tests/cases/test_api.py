@@ -478,7 +478,8 @@ async def test_malformed_requests(
     [
         ({"type": "abandoned"}, 400),
         ({"type": "answered", "at": "yesterday"}, 400),
-        ({"type": "answered", "at": "2999-01-01T00:00:00Z"}, 400),
+        ({"type": "answered", "at": "2999-01-01T00:00:00Z"}, 409),
+        ({"type": "answered", "at": "2026-11-30"}, 400),  # a date is no RFC 3339 date-time
         ({"type": "answered", "detail": "text"}, 400),
         ({"type": "answered", "detail": {"x": "y" * 5000}}, 400),
         ({"type": "answered", "who": "me"}, 400),
@@ -506,7 +507,8 @@ async def test_malformed_events(client: Client, body: dict, status: int) -> None
         ({"text": "hi", "attachments": {}}, 400),
         ({"text": "hi", "attachments": [{"name": "a"}]}, 400),
         ({"text": "hi", "attachments": [{"data": "***not base64***"}]}, 400),
-        ({"text": "hi", "attachments": [{"sha256": "ab" * 32}]}, 400),
+        ({"text": "hi", "attachments": [{"sha256": "ab" * 32}]}, 404),
+        ({"text": "hi", "attachments": [{"sha256": "ab" * 32, "data": "QQ=="}]}, 400),
         ({"text": "hi", "attachments": [{"sha256": "zz"}]}, 400),
         ({"text": "hi", "attachments": [{"data": "QQ=="}] * 11}, 400),
         # an empty file was accepted and sent to the citizen
