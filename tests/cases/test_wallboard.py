@@ -144,3 +144,16 @@ async def test_what_a_dead_instance_read_is_taken_over(start_gateway: Any) -> No
     assert {k: c.volume for k, c in counts.items()} == {"voice": 5, "sms": 5, "email": 1}
     pending = await gw.redis.xpending(gw.keys.events, GROUP)
     assert pending["pending"] == 0
+
+
+async def test_two_instances_share_the_events_and_count_each_once(start_gateway: Any) -> None:
+    one = await start_gateway(api=API, sla={"voice_answer": "15s", "sms_response": "3m"})
+    two = await start_gateway(api=API, sla={"voice_answer": "15s", "sms_response": "3m"})
+    now = SYSTEM_CLOCK.now_us()
+    contacts, events = dataset.build(now)
+    await dataset.write(one.redis, one.keys, contacts, events)
+    await eventually(lambda: _aggregated(one, len(contacts) + len(events)))
+    counts = await read_window(one.redis, one.keys, now - 3 * dataset.HOUR, now)
+    assert {k: c.volume for k, c in counts.items()} == {"voice": 5, "sms": 5, "email": 1}
+    assert counts["voice"].settled == 4 and counts["sms"].get("within") == 1
+    assert (await live(one))["figures"]["rolling"] == (await live(two))["figures"]["rolling"]
