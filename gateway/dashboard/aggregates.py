@@ -215,15 +215,19 @@ class Step:
 STEPS_PER_CALL = 200
 
 
-async def apply(queue: RedisQueue, steps: list[Step]) -> None:
-    """Run the steps in order, ``STEPS_PER_CALL`` to one script call, in one round trip."""
+async def apply(queue: RedisQueue, steps: list[Step]) -> list[bool]:
+    """Run the steps in order, ``STEPS_PER_CALL`` to one script call, in one round trip;
+    return, per step, whether it marked its contact counted for surges just now."""
     calls = []
     for i in range(0, len(steps), STEPS_PER_CALL):
         chunk = steps[i : i + STEPS_PER_CALL]
         calls.append(([k for s in chunk for k in s.keys], [a for s in chunk for a in s.args]))
+    flags: list[bool] = []
     for r in await queue.run_scripts("aggregate", calls) if calls else ():
         if isinstance(r, Exception):
             raise r
+        flags.extend(bool(int(f)) for f in r)
+    return flags
 
 
 class Aggregator:
@@ -344,7 +348,8 @@ class Aggregator:
                 parsed.append((cid, type_, orjson.loads(fields[b"event"])))
         facts = await self._facts({cid for cid, _, _ in parsed}, parsed)
         steps: list[Step] = []
-        contacts: list[Contact] = []
+        new: dict[int, Contact] = {}
+        """Step index -> the contact of an ``enqueued`` step (counted for surges once)."""
         extra: list[list[Any]] = []
         for cid, type_, event in parsed:
             fact = facts.get(cid)
@@ -353,12 +358,14 @@ class Aggregator:
             step = self._step(cid, type_, event, fact)
             if step is not None:
                 steps.append(step)
-            if type_ == "enqueued" and fact.get("contact"):
+            if type_ == "enqueued" and fact.get("contact") and step is not None:
                 contact = Contact.from_json(fact["contact"])
-                contacts.append(contact)
+                new[len(steps) - 1] = contact
                 if contact.repeat.count >= 2:
                     extra.append(["ZADD", self.keys.agg_repeats, contact.received_at, cid])
-        await apply(self.queue, steps)
+        flags = await apply(self.queue, steps)
+        # a redelivered batch counts none of its contacts for surges again
+        contacts = [c for i, c in new.items() if flags[i]]
         now = self.clock.now_us()
         day_ago = now - DAY_S * MICROS_PER_SECOND
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_repeats, "-inf", day_ago])
@@ -453,6 +460,7 @@ class Aggregator:
                 received,
                 "1" if is_call else "0",
                 "1" if ends_wait else "0",
+                "1" if type_ == "enqueued" else "0",
             ],
         )
 

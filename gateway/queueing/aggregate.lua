@@ -1,18 +1,24 @@
 -- Service-level counters: move contacts to a better-ranked outcome, once each (see
 -- gateway/dashboard/aggregates.py). The contact hash remembers the outcome ('agg'), so an
 -- event read twice (a redelivered stream entry) changes nothing. One call takes a batch of
--- steps: 6 keys and 12 arguments each.
+-- steps: 6 keys and 13 arguments each. Returns one flag per step: 1 when the step asked to
+-- mark the contact counted for surges (ARGV 13) and it was not yet (field 'surged').
 -- KEYS (per step): 1 contact hash, 2 minute bucket, 3 hour bucket, 4 open zset of the label,
 --       5 waiting zset (calls), 6 breaches zset
 -- ARGV (per step): 1 contact id, 2 label, 3 outcome, 4 rank, 5 due (us), 6 bucket ttl (s),
 --       7 time bin field suffix ('' = none), 8 time (ms), 9 event at (us), 10 received (us),
---       11 is a call (1/0), 12 ends the wait (1/0)
-local changed = 0
+--       11 is a call (1/0), 12 ends the wait (1/0), 13 mark counted for surges (1/0)
+local flags = {}
 for step = 0, #KEYS / 6 - 1 do
   local K = {KEYS[step * 6 + 1], KEYS[step * 6 + 2], KEYS[step * 6 + 3], KEYS[step * 6 + 4],
              KEYS[step * 6 + 5], KEYS[step * 6 + 6]}
   local A = {}
-  for i = 1, 12 do A[i] = ARGV[step * 12 + i] end
+  for i = 1, 13 do A[i] = ARGV[step * 13 + i] end
+  local flag = 0
+  if A[13] == '1' then
+    flag = redis.call('HSETNX', K[1], 'surged', 1)
+  end
+  flags[#flags + 1] = flag
   local label = A[2]
   if A[12] == '1' then
     redis.call('ZREM', K[5], A[1])
@@ -52,7 +58,6 @@ for step = 0, #KEYS / 6 - 1 do
     if outcome == 'breached' or outcome == 'late' then
       redis.call('ZADD', K[6], 'NX', A[9], A[1])
     end
-    changed = changed + 1
   end
 end
-return changed
+return flags

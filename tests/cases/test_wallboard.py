@@ -49,6 +49,11 @@ async def test_counters_agree_with_the_report_and_survive_redelivery(start_gatew
     gw.cases.wallboard._cache = None
     again = await live(gw)
     assert again["figures"]["rolling"] == first["figures"]["rolling"]
+    # nor for surges: each contact once under 'all'
+    total = 0
+    async for key in gw.redis.scan_iter(match=f"{{{gw.keys.prefix}}}:surge:b:*"):
+        total += int(await gw.redis.hget(key, "all") or 0)
+    assert total == len(contacts)
 
 
 async def test_outcomes_move_only_forward(start_gateway: Any) -> None:
