@@ -40,6 +40,7 @@ def test_builtin_channels_are_registered():
     assert {
         "smtp",
         "kannel",
+        "smpp",
         "twilio",
         "sms-webhook",
         "telegram",

@@ -14,6 +14,7 @@ BUILTIN: tuple[str, ...] = (
     "gateway.channels.email.adapter:CHANNEL",
     "gateway.channels.sms.generic:CHANNEL",
     "gateway.channels.sms.kannel:CHANNEL",
+    "gateway.channels.sms.smpp:CHANNEL",
     "gateway.channels.sms.twilio:CHANNEL",
     "gateway.channels.voice.adapter:CHANNEL",
 )
