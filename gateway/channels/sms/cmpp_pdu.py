@@ -75,6 +75,11 @@ class Cursor:
     def u8(self) -> int:
         return self.take(1)[0]
 
+    def skip(self, n: int) -> str:
+        """Pass over a reserved field (2.0's Reserve); its value is no field of ours."""
+        self.take(n)
+        return ""
+
     def uint(self, n: int) -> int:
         return int.from_bytes(self.take(n), "big")
 
@@ -176,7 +181,7 @@ class Deliver:
         src_type = c.u8() if v3 else 0
         registered, length = c.u8(), c.u8()
         content = c.take(length)
-        link_id = c.str(20) if v3 else (c.take(8) and "")
+        link_id = c.str(20) if v3 else c.skip(8)
         return cls(msg_id, dest_id, src, content, msg_fmt, service_id, tp_pid, tp_udhi, src_type,
                    registered, link_id)
 
@@ -241,7 +246,7 @@ class Submit:
         dests = tuple(c.str(size) for _ in range(c.u8()))
         dest_type = c.u8() if v3 else 0
         content = c.take(c.u8())
-        link_id = c.str(20) if v3 else (c.take(8) and "")
+        link_id = c.str(20) if v3 else c.skip(8)
         return cls(src, dests, content, fmt, msg_src, service_id, pk_total, pk_number, registered,
                    level, fee_user_type, fee_terminal, fee_terminal_type, tp_pid, tp_udhi,
                    fee_type, fee_code, valid, at, dest_type, link_id, msg_id)
