@@ -15,7 +15,6 @@ the contact (or the concatenation part) durable; when it cannot, the answer is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -24,10 +23,7 @@ import re
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
-
-import orjson
 
 from gateway.adapters import (
     AdapterContext,
@@ -38,11 +34,11 @@ from gateway.adapters import (
 )
 from gateway.channels.sms import common, gsm7
 from gateway.channels.sms import smpp_pdu as P
-from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key, parse_udh
+from gateway.channels.sms.concat import Concat, Part, assembled_id, group_key, parse_udh
+from gateway.channels.sms.link import BoundLink, LinkDown
 from gateway.channels.sms.segments import split, substitute
 from gateway.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.phone import mask_phone
-from gateway.queueing.coordination import Fence
 from gateway.records import Contact, EventType, Inbound, Reply, Sender, clean_text
 
 log = logging.getLogger(__name__)
@@ -87,10 +83,6 @@ STATS: dict[str, EventType | None] = {"DELIVRD": "delivered", "EXPIRED": "failed
                                      "REJECTD": "failed"}
 _RECEIPT_TEXT = re.compile(r"id:(?P<id>\S+).*?stat:(?P<stat>[A-Z]+)", re.S)
 _TEMPORARY = frozenset({P.ESME_RMSGQFUL, P.ESME_RTHROTTLED, P.ESME_RSYSERR, P.ESME_RX_T_APPN})
-
-
-class LinkDown(ConnectionError):
-    """The bind is gone (peer closed, timed out, unbound): the supervisor opens a new one."""
 
 
 def decode(data: bytes, coding: int, config: SmppConfig) -> tuple[str, str]:
@@ -170,169 +162,66 @@ def sender_address(addr: str, ton: int, region: str) -> str:
     return common.phone_address(addr, region)
 
 
-class SmppAdapter:
+class SmppAdapter(BoundLink):
     """One SMPP link: the bind loop, MO, receipts and submit_sm."""
 
-    channel = "sms"
-    REMEMBER_S = 7 * 86400
+    HEADER_SIZE = 16
+    MAX_FRAME = P.MAX_PDU
 
     def __init__(self, ctx: AdapterContext, config: SmppConfig) -> None:
-        self.name = ctx.name
-        self.ctx = ctx
+        super().__init__(
+            ctx, lease=f"smpp:{config.host}:{config.port}:{config.system_id}",
+            host=config.host, port=config.port, window=config.window,
+            response_timeout=float(config.response_timeout),
+            keepalive=float(config.enquire_link), concat_timeout=float(config.concat_timeout),
+        )
         self.config = config
-        self.lease = f"smpp:{config.host}:{config.port}:{config.system_id}"
-        self.loop_name = f"{ctx.name}-bind"
-        data_dir = Path(ctx.settings.gateway.data_dir) / "sms" / ctx.name / "parts"
-        self.assembler = Assembler(
-            data_dir, float(config.concat_timeout), ctx.clock, self._handover, state=ctx.state
-        )
-        self.assembler.load()
-        self.reports = common.DeliveryReports(ctx)
-        self._writer: asyncio.StreamWriter | None = None
-        self._pending: dict[int, asyncio.Future[P.Pdu]] = {}
-        self._window = asyncio.Semaphore(max(1, config.window))
-        self._seq = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
         self._refs = itertools.count(1)
-        self.bound = asyncio.Event()
-        self.binds = 0
-        """Binds made since start (tests, metrics)."""
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def start(self) -> None:
-        await self.assembler.start()
-        self.ctx.supervisor.spawn(
-            self.loop_name, lambda: self.ctx.leases.exclusive(self.lease, self._bind),
-            required=False, backoff=(0.2, 30.0),
-        )
-
-    async def stop(self) -> None:
-        await self.ctx.supervisor.stop(self.loop_name)
-        await self.assembler.stop()
 
     # ------------------------------------------------------------------ the bind
 
-    def _next_seq(self) -> int:
-        seq = next(self._seq)
-        if seq >= 0x7FFFFFFF:
-            self._seq = itertools.count(1)
-        return seq
+    def frame(self, command_id: int, seq: int, body: bytes, status: int = 0) -> bytes:
+        return P.Pdu(command_id, status, seq, body).encode()
 
-    async def _write(self, pdu: P.Pdu) -> None:
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            raise LinkDown("not bound")
-        writer.write(pdu.encode())
-        await writer.drain()
+    def header(self, head: bytes) -> tuple[int, int, int, int]:
+        length, command_id, status, seq = P.header(head)
+        return length, command_id, status, seq
 
-    async def request(self, command_id: int, body: bytes = b"") -> P.Pdu:
-        """Send one request within the window and wait for its response."""
-        async with self._window:
-            seq = self._next_seq()
-            future: asyncio.Future[P.Pdu] = asyncio.get_running_loop().create_future()
-            self._pending[seq] = future
-            try:
-                await self._write(P.Pdu(command_id, 0, seq, body))
-                return await asyncio.wait_for(future, float(self.config.response_timeout))
-            finally:
-                self._pending.pop(seq, None)
+    def is_response(self, command_id: int) -> bool:
+        return bool(command_id & P.RESP)
 
-    async def _bind(self, fence: Fence) -> None:
+    async def login(self) -> None:
         cfg = self.config
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(cfg.host, cfg.port), float(cfg.response_timeout)
-        )
-        self._writer = writer
-        reading = asyncio.get_running_loop().create_task(self._read(reader))
-        try:
-            bind = P.Bind(cfg.system_id, cfg.password.reveal() if cfg.password else "",
-                          cfg.system_type, address_range=cfg.address_range)
-            resp = await self._first(reading, self.request(P.BIND_TRANSCEIVER, bind.body()))
-            if resp.status != P.ESME_ROK:
-                raise LinkDown(f"bind_transceiver refused: status 0x{resp.status:08x}")
-            self.binds += 1
-            self.bound.set()
-            log.info("smpp %s: bound (transceiver, fence %d)", self.name, fence.token)
-            self.ctx.supervisor.degrade(self.loop_name, None)
-            while True:
-                await self._first(reading, asyncio.sleep(float(cfg.enquire_link)))
-                await self._first(reading, self.request(P.ENQUIRE_LINK))
-        finally:
-            self.bound.clear()
-            self._writer = None
-            reading.cancel()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(LinkDown("bind lost"))
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reading
+        bind = P.Bind(cfg.system_id, cfg.password.reveal() if cfg.password else "",
+                      cfg.system_type, address_range=cfg.address_range)
+        _, status, _ = await self.request(P.BIND_TRANSCEIVER, bind.body())
+        if status != P.ESME_ROK:
+            raise LinkDown(f"bind_transceiver refused: status 0x{status:08x}")
 
-    async def _first(self, reading: asyncio.Task[None], aw: Any) -> Any:
-        """Await ``aw`` unless the reader ends first (the link is gone: raise)."""
-        task = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait({task, reading}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        exc = reading.exception() if not reading.cancelled() else None
-        raise LinkDown(f"link closed: {exc!r}" if exc else "link closed by the SMSC")
+    async def keepalive(self) -> None:
+        await self.request(P.ENQUIRE_LINK)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                head = await reader.readexactly(16)
-            except asyncio.IncompleteReadError:
-                return
-            length, command_id, status, seq = P.header(head)
-            if length < 16 or length > P.MAX_PDU:
-                # No way to find the next PDU: say why, then drop the link (a new bind follows).
-                await self._write(P.Pdu(P.GENERIC_NACK, P.ESME_RINVCMDLEN, seq))
-                log.warning("smpp %s: PDU with command_length %d, link reset", self.name, length)
-                return
-            try:
-                body = await reader.readexactly(length - 16)
-            except asyncio.IncompleteReadError:
-                return
-            await self._dispatch(P.Pdu(command_id, status, seq, body))
+    async def bad_length(self, length: int, command_id: int, seq: int) -> None:
+        await self.write(P.GENERIC_NACK, seq, status=P.ESME_RINVCMDLEN)
 
-    async def _dispatch(self, pdu: P.Pdu) -> None:
-        cid = pdu.command_id
-        if cid & P.RESP and cid != P.GENERIC_NACK:
-            future = self._pending.get(pdu.seq)
-            if future is not None and not future.done():
-                future.set_result(pdu)
-            return
-        if cid == P.GENERIC_NACK:
-            future = self._pending.get(pdu.seq)
-            if future is not None and not future.done():
-                future.set_result(pdu)
-            log.warning("smpp %s: generic_nack 0x%08x", self.name, pdu.status)
-            return
-        if cid == P.ENQUIRE_LINK:
-            await self._write(P.Pdu(cid | P.RESP, 0, pdu.seq))
-        elif cid == P.UNBIND:
-            await self._write(P.Pdu(cid | P.RESP, 0, pdu.seq))
+    async def handle(self, command_id: int, seq: int, body: bytes) -> None:
+        if command_id == P.ENQUIRE_LINK:
+            await self.write(command_id | P.RESP, seq)
+        elif command_id == P.UNBIND:
+            await self.write(command_id | P.RESP, seq)
             raise LinkDown("unbound by the SMSC")
-        elif cid == P.DELIVER_SM:
+        elif command_id == P.DELIVER_SM:
             try:
-                sm = P.ShortMessage.parse(pdu.body)
+                sm = P.ShortMessage.parse(body)
             except P.Malformed as exc:
                 log.warning("smpp %s: malformed deliver_sm: %s", self.name, exc)
-                await self._write(P.Pdu(P.GENERIC_NACK, P.ESME_RINVCMDLEN, pdu.seq))
+                await self.write(P.GENERIC_NACK, seq, status=P.ESME_RINVCMDLEN)
                 return
-            task = asyncio.get_running_loop().create_task(self._deliver(pdu.seq, sm))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif cid in P.KNOWN:
-            await self._write(P.Pdu(P.GENERIC_NACK, P.ESME_RINVBNDSTS, pdu.seq))
+            self.spawn(self._deliver(seq, sm))
+        elif command_id in P.KNOWN:
+            await self.write(P.GENERIC_NACK, seq, status=P.ESME_RINVBNDSTS)
         else:
-            await self._write(P.Pdu(P.GENERIC_NACK, P.ESME_RINVCMDID, pdu.seq))
+            await self.write(P.GENERIC_NACK, seq, status=P.ESME_RINVCMDID)
 
     # ------------------------------------------------------------------ inbound
 
@@ -343,13 +232,13 @@ class SmppAdapter:
             log.exception("smpp %s: deliver_sm not taken", self.name)
             status = P.ESME_RX_T_APPN
         with contextlib.suppress(ConnectionError, OSError):
-            await self._write(P.Pdu(P.DELIVER_SM | P.RESP, status, seq, P.message_id_body("")))
+            await self.write(P.DELIVER_SM | P.RESP, seq, P.message_id_body(""), status)
 
     async def _take(self, sm: P.ShortMessage) -> int:
         """Make the MO durable (or record the receipt); return the deliver_sm_resp status."""
         receipt = receipt_of(sm)
         if receipt is not None:
-            return await self._receipt(*receipt)
+            return P.ESME_ROK if await self.receipt(*receipt) else P.ESME_RX_T_APPN
         received_at = self.ctx.clock.now_us()
         sender = sender_address(sm.source_addr, sm.source_addr_ton, self.config.region)
         recipient = sm.destination_addr
@@ -382,7 +271,7 @@ class SmppAdapter:
             return P.ESME_RX_T_APPN
         return P.ESME_ROK
 
-    async def _handover(self, parts: list[Part], complete: bool) -> object:
+    async def handover(self, parts: list[Part], complete: bool) -> object:
         texts, used = [], []
         for coding, run in itertools.groupby(parts, key=lambda p: p.charset):
             text, codec = decode(b"".join(p.data for p in run), int(coding), self.config)
@@ -401,22 +290,6 @@ class SmppAdapter:
             },
         )
         return await self.ctx.intake.submit(inbound)
-
-    async def _receipt(self, message_id: str, kind: EventType | None, detail: dict[str, Any]
-                       ) -> int:
-        if not message_id or kind is None:
-            return P.ESME_ROK
-        try:
-            raw = await self.ctx.state.get(f"msg:{message_id.lower()}")
-        except Exception as exc:
-            log.warning("smpp %s: receipt lookup failed: %s", self.name, exc)
-            return P.ESME_RX_T_APPN
-        if raw is None:
-            log.info("smpp %s: receipt for an unknown message id", self.name)
-            return P.ESME_ROK
-        ref = orjson.loads(raw)
-        ok = await self.reports.record(ref["c"], ref["r"], kind, detail)
-        return P.ESME_ROK if ok else P.ESME_RX_T_APPN
 
     # ------------------------------------------------------------------ outbound
 
@@ -454,20 +327,16 @@ class SmppAdapter:
                 data_coding=0 if gsm else 8, short_message=data,
             )
             try:
-                resp = await self.request(P.SUBMIT_SM, sm.body())
+                _, status, body = await self.request(P.SUBMIT_SM, sm.body())
             except (ConnectionError, OSError, TimeoutError) as exc:
                 raise SendError(f"smpp submit_sm: {type(exc).__name__}", retryable=True) from exc
-            if resp.status != P.ESME_ROK:
-                raise SendError(f"smpp submit_sm refused: status 0x{resp.status:02x}",
-                                retryable=resp.status in _TEMPORARY)
-            message_id = P.parse_message_id(resp.body)
+            if status != P.ESME_ROK:
+                raise SendError(f"smpp submit_sm refused: status 0x{status:02x}",
+                                retryable=status in _TEMPORARY)
+            message_id = P.parse_message_id(body)
             ids.append(message_id)
             if message_id:
-                with contextlib.suppress(Exception):
-                    await self.ctx.state.put(
-                        f"msg:{message_id.lower()}",
-                        orjson.dumps({"c": contact.id, "r": reply_ref}), self.REMEMBER_S,
-                    )
+                await self.remember(message_id, contact.id, reply_ref)
         log.info("reply %s to %s accepted by the SMSC (%d %s segments)", reply_ref,
                  mask_phone(dest), segments.count, segments.encoding)
         return SendReceipt(
