@@ -250,7 +250,8 @@ class FakeAmi:
         for n, uid in enumerate(self.live_channels or []):
             info = self.channel_info.get(uid, {})
             values = info.get("variables", {})
-            lines = "".join(f"Variable: {v}={values.get(v, '')}\r\n" for v in names)
+            # an unset variable comes as NAME=(null): glibc printing a NULL (seen on 22.10.1)
+            lines = "".join(f"Variable: {v}={values.get(v, '(null)')}\r\n" for v in names)
             reply += (
                 f"Event: Status\r\nPrivilege: Call\r\nChannel: PJSIP/live-{n:08x}\r\n"
                 f"ChannelState: 6\r\nChannelStateDesc: Up\r\n"

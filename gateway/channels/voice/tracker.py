@@ -80,11 +80,15 @@ def _int(value: str | None) -> int | None:
 
 
 def channel_variables(frame: Frame) -> dict[str, str]:
-    """The ``Variable: NAME=value`` lines of a ``Status`` entry (joined by ``\\n``)."""
+    """The ``Variable: NAME=value`` lines of a ``Status`` entry (joined by ``\\n``).
+
+    Asterisk 22 writes an unset variable as ``NAME=(null)`` (a NULL through ``%s``, seen
+    live): that is no value.
+    """
     found: dict[str, str] = {}
     for line in frame.get("Variable", "").split("\n"):
         name, sep, value = line.partition("=")
-        if sep:
+        if sep and value != "(null)":
             found[name.strip()] = value
     return found
 
