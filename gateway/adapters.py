@@ -51,6 +51,16 @@ class IntakeUnavailable(Exception):
     """Neither Redis nor the spool could take the contact: the peer must retry later."""
 
 
+class RateLimited(Exception):
+    """Too many contacts from one sender (or through one adapter) in the configured window:
+    the peer must slow down. Answered the protocol's way: HTTP 429 with ``Retry-After``, SMTP
+    451 4.7.1, AGI the fail path (``GATEWAY_STATUS=FAILED``, the call still queues)."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"rate limited, retry after {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
 class InvalidContact(ValueError):
     """The contact cannot be encoded (e.g. ``meta`` nested too deep): refuse it as bad input."""
 

@@ -464,6 +464,32 @@ class DashboardSection:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsSection:
+    """Bounds against hostile peers and clumsy integrators (docs/reliability.md)."""
+
+    sender_contacts: int = 30
+    """New contacts one sender address may make per ``sender_window`` (0: no limit); counted
+    in Redis for the whole fleet. A peer's retry of the same contact is not counted."""
+    sender_window: Duration = Duration(60)
+    adapter_contacts: int = 0
+    """New contacts one adapter may take per ``adapter_window`` (0: no limit)."""
+    adapter_window: Duration = Duration(1)
+    json_depth: int = 32
+    """Nesting of arrays and objects in any JSON a peer sends (deeper: 400)."""
+    json_string: int = 1 << 20
+    """Characters in one JSON string a peer sends (longer: 400)."""
+    header_timeout: Duration = Duration(10)
+    """HTTP: a request's head must arrive within this (slow-loris: the connection is closed)."""
+    body_timeout: Duration = Duration(30)
+    """HTTP: while a request body is incomplete, the longest silence from the client."""
+    keepalive_timeout: Duration = Duration(30)
+    """HTTP: an idle keep-alive connection is closed after this."""
+    max_connections: int = 0
+    """Open connections per listener (HTTP, SMTP); further ones are closed at once. 0: a
+    quarter of the process's open-file limit (RLIMIT_NOFILE), at most 4096."""
+
+
+@dataclass(frozen=True, slots=True)
 class SurgeSection:
     """Surge warning (实时舆情预警, ``gateway/surge.py``): contacts well above their usual level."""
 
@@ -515,6 +541,7 @@ class Settings:
     watcher: WatcherSection = field(default_factory=WatcherSection)
     dashboard: DashboardSection = field(default_factory=DashboardSection)
     surge: SurgeSection = field(default_factory=SurgeSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     fleet: FleetSection = field(default_factory=FleetSection)
     egress: EgressSection = field(default_factory=EgressSection)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -558,6 +585,8 @@ class AdapterSettings:
     sla: SlaSection
     intake: IntakeSection
     egress: EgressSection
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    """Listeners of their own (SMTP) bound their connections with ``max_connections``."""
     default_region: str = "CN"
 
     @classmethod
@@ -568,6 +597,7 @@ class AdapterSettings:
             sla=settings.sla,
             intake=settings.intake,
             egress=settings.egress,
+            limits=settings.limits,
             default_region=settings.api.default_region,
         )
 

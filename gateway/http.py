@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,10 +13,11 @@ from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from gateway.adapters import InvalidContact
+from gateway.adapters import InvalidContact, RateLimited
 from gateway.attachments import AttachmentStore
 from gateway.auth import ApiKeys, presented_key, secrets_equal
-from gateway.config import HostPort, Secret
+from gateway.config import HostPort, LimitsSection, Secret
+from gateway.connguard import ConnectionCount, default_cap, guarded_http
 from gateway.metrics import Metrics
 from gateway.problems import ApiProblem, problem
 
@@ -69,6 +71,9 @@ def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
                 raise
             headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
             return problem(exc.status, exc.reason, headers or None)
+        except RateLimited as exc:  # a sender or adapter over its rate: slow down
+            retry = str(max(1, math.ceil(exc.retry_after_s)))
+            return problem(429, "too many contacts, slow down", {"Retry-After": retry})
         except InvalidContact as exc:  # the peer's bad input, on every route: 400
             log.info("http: %s %s: contact refused: %s", request.method, request.path[:200], exc)
             return problem(400, str(exc))
@@ -210,25 +215,45 @@ class CoreRoutes:
 
 
 class HttpServer:
-    """Runs the application on the gateway's loop (AppRunner + TCPSite)."""
+    """Runs the application on the gateway's loop (AppRunner), every connection guarded:
+    a cap per listener, the request head and a silent body bounded in time (``[limits]``)."""
 
-    def __init__(self, app: web.Application, listen: HostPort) -> None:
+    def __init__(
+        self, app: web.Application, listen: HostPort, limits: LimitsSection | None = None
+    ) -> None:
         self.app = app
         self.listen = listen
+        self.limits = limits or LimitsSection()
         self.port = 0
+        self.connections = ConnectionCount(default_cap(self.limits.max_connections))
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        limits = self.limits
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=float(limits.keepalive_timeout),
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.listen.host, self.listen.port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        server = self._runner.server
+        assert server is not None
+        factory = guarded_http(
+            server, self.connections, float(limits.header_timeout), float(limits.body_timeout)
+        )
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self.listen.host, self.listen.port, reuse_address=True, backlog=1024
+        )
+        sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else self.listen.port
         log.info("http: listening on %s:%d", self.listen.host, self.port)
 
     async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from gateway.adapters import IntakeUnavailable, InvalidContact, Receipt
+from gateway.adapters import IntakeUnavailable, InvalidContact, RateLimited, Receipt
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.ids import uuid7
 from gateway.language import guess_language
@@ -60,8 +61,10 @@ class Intake:
         self.refusing: str | None = None
         """Why new contacts are refused (backlog or Redis memory past its bound: set by the
         ``StreamKeeper`` in ``gateway/backlog.py``), or None."""
-        self._writer: Coalescer[Prepared, WriteResult | ResponseError | InvalidContact] = Coalescer(
-            queue.write_batch,
+        self._writer: Coalescer[
+            Prepared, WriteResult | ResponseError | InvalidContact | RateLimited
+        ] = Coalescer(
+            functools.partial(queue.write_batch, limited=True),
             max_batch=max(1, max_batch),
             # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
             max_inflight=2 if max_batch > 1 else 1024,
@@ -132,7 +135,7 @@ class Intake:
             else:
                 if isinstance(result, WriteResult):
                     return await self._receipt(prepared, result)
-                if isinstance(result, InvalidContact):
+                if isinstance(result, (InvalidContact, RateLimited)):
                     series.refused.inc()
                     raise result
                 if is_transient(result):

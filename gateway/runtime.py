@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, permissions
+from gateway import __version__, permissions, safejson
 from gateway.adapters import Adapter, AdapterContext, load_channel_types
 from gateway.api.services import CaseServices
 from gateway.attachments import AttachmentStore
@@ -29,7 +29,7 @@ from gateway.queueing.coordination import Leases, SharedState
 from gateway.queueing.embedded import EmbeddedRedis, EmbeddedRedisError
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import Spool
-from gateway.queueing.store import RedisQueue, connect, decode_fields
+from gateway.queueing.store import RateLimit, RedisQueue, connect, decode_fields
 from gateway.records import Contact, Event
 from gateway.replies import ReplyRouter
 from gateway.sla import SlaPolicy
@@ -107,7 +107,10 @@ class Gateway:
             maxlen=s.redis.stream_maxlen,
             min_replicas=s.redis.min_replicas,
             replica_timeout_ms=int(s.redis.write_timeout * 1000),
+            sender_limit=RateLimit(s.limits.sender_contacts, s.limits.sender_window),
+            adapter_limit=RateLimit(s.limits.adapter_contacts, s.limits.adapter_window),
         )
+        safejson.configure(s.limits.json_depth, s.limits.json_string)
         self.intake = Intake(
             self.queue,
             self.spool,
@@ -133,7 +136,7 @@ class Gateway:
         if s.http.metrics_listen is not None:  # /metrics off the webhook port
             probes = build_app(s.http.max_body)
             core.register_probes(probes.router)
-            self.metrics_http = HttpServer(probes, s.http.metrics_listen)
+            self.metrics_http = HttpServer(probes, s.http.metrics_listen, s.limits)
         IntakeApi(
             self.intake, api_keys, self.clock, s.http.max_body, s.api.default_region
         ).register(app.router)
@@ -170,7 +173,7 @@ class Gateway:
             )
             self.adapters[name] = channel_type.factory(ctx, self.adapter_configs[name])
         self.app = app
-        self.http = HttpServer(app, s.http.listen)
+        self.http = HttpServer(app, s.http.listen, s.limits)
         await self.http.start()
         if self.metrics_http is not None:
             await self.metrics_http.start()

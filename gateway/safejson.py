@@ -17,13 +17,19 @@ MAX_STRING = 1 << 20
 """Characters in one string or object key (the body size bounds the total anyway)."""
 
 
+def configure(max_depth: int, max_string: int) -> None:
+    """Set the bounds every later :func:`loads` uses by default (``[limits]``)."""
+    global MAX_DEPTH, MAX_STRING
+    MAX_DEPTH, MAX_STRING = max(1, max_depth), max(1, max_string)
+
+
 class BadJson(ValueError):
     """Not UTF-8 JSON, nested deeper than allowed, or holding a string longer than allowed."""
 
 
-def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH,
-          max_string: int = MAX_STRING) -> Any:
-    """Parse ``raw`` and check its bounds; raise :class:`BadJson`."""
+def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = 0,
+          max_string: int = 0) -> Any:
+    """Parse ``raw`` and check its bounds (0: the configured ones); raise :class:`BadJson`."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -32,8 +38,10 @@ def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEP
     return value
 
 
-def check(value: Any, *, max_depth: int = MAX_DEPTH, max_string: int = MAX_STRING) -> None:
+def check(value: Any, *, max_depth: int = 0, max_string: int = 0) -> None:
     """Raise :class:`BadJson` if parsed JSON ``value`` exceeds the bounds (no recursion)."""
+    max_depth = max_depth or MAX_DEPTH
+    max_string = max_string or MAX_STRING
     if not isinstance(value, (dict, list)):
         if isinstance(value, str) and len(value) > max_string:
             raise BadJson(f"a string longer than {max_string} characters")

@@ -6,12 +6,27 @@
 -- ARGV: 1 id, 2 contact JSON before the repeat count, 3 contact JSON after it,
 --       4 dedupe ttl (s), 5 repeat window (us), 6 received_at (us), 7 due_at (us),
 --       8 warn_at (us), 9 enqueued event JSON, 10 retention (s), 11 channel,
---       12 deadline kind, 13 count repeats (1/0)
+--       12 deadline kind, 13 count repeats (1/0),
+--       then for each rate counter KEYS[8..] (a fixed window of one sender or adapter):
+--       its limit, the window length (ms) and the ms left in the window, from ARGV[14]
+-- A duplicate passes before the rate limits: a peer's retry is never "too many".
+-- Rate limited: {2, ms until that window ends, 0}; nothing written, nothing counted.
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
 -- group has read (gateway/backlog.py), never on the hot path.
 local first = redis.call('GET', KEYS[3])
 if first then
   return {0, first, 0}
+end
+for i = 8, #KEYS do
+  local at = 14 + 3 * (i - 8)
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[at]) then
+    return {2, ARGV[at + 2], 0}
+  end
+end
+for i = 8, #KEYS do
+  if redis.call('INCR', KEYS[i]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[14 + 3 * (i - 8) + 1])
+  end
 end
 local id = ARGV[1]
 local received = tonumber(ARGV[6])

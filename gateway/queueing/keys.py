@@ -60,6 +60,10 @@ class Keys:
         """String: the first contact id seen for (adapter, external_id)."""
         return f"{self.tag}:dedupe:{adapter}:{_short(external_id)}"
 
+    def rate(self, scope: str, name: str, window: int) -> str:
+        """Counter: contacts of one sender or adapter in one fixed window (rate limits)."""
+        return f"{self.tag}:rate:{scope}:{_short(name)}:{window}"
+
     def sender(self, address: str) -> str:
         """Sorted set: a sender's recent contacts scored by arrival (repeat counting)."""
         return f"{self.tag}:sender:{_short(address)}"

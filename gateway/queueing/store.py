@@ -13,7 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.adapters import InvalidContact
+from gateway.adapters import InvalidContact, RateLimited
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.config import RedisSection
 from gateway.queueing.keys import Keys
@@ -95,6 +95,14 @@ class WriteResult:
     enqueued_at: Micros
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``limit`` new contacts per ``window_s`` (0: no limit), counted in Redis."""
+
+    limit: int = 0
+    window_s: float = 60.0
+
+
 _REPEAT_MARK = b'"repeat":{"count":0'
 
 
@@ -162,6 +170,8 @@ class RedisQueue:
         maxlen: int,
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
+        sender_limit: RateLimit = RateLimit(),
+        adapter_limit: RateLimit = RateLimit(),
     ) -> None:
         self.redis = client
         self.keys = keys
@@ -175,6 +185,8 @@ class RedisQueue:
         # WAIT has no key to route by: on a cluster each master's replicas answer for their own
         self.min_replicas = min_replicas if hasattr(client, "connection_pool") else 0
         self.replica_timeout_ms = replica_timeout_ms
+        self.sender_limit = sender_limit
+        self.adapter_limit = adapter_limit
         self._shas: dict[str, str] = {}
 
     async def load_scripts(self) -> None:
@@ -185,7 +197,9 @@ class RedisQueue:
         """True when the server answers."""
         return bool(await self.redis.ping())
 
-    def _encode(self, p: Prepared, enqueued_at: Micros) -> tuple[list[Any], list[Any]]:
+    def _encode(
+        self, p: Prepared, enqueued_at: Micros, limited: bool = False
+    ) -> tuple[list[Any], list[Any]]:
         inbound = p.inbound
         contact = contact_dict(p, enqueued_at, self.repeat_window_s)
         head, _, tail = orjson.dumps(contact).partition(_REPEAT_MARK)
@@ -217,24 +231,35 @@ class RedisQueue:
             p.deadline.kind,
             "1" if address else "0",
         ]
+        if limited:
+            now_ms = enqueued_at // 1000
+            for scope, name, rate in (
+                ("sender", address, self.sender_limit),
+                ("adapter", inbound.adapter, self.adapter_limit),
+            ):
+                if rate.limit > 0 and name:
+                    window_ms = max(1, int(rate.window_s * 1000))
+                    keys.append(k.rate(scope, name, now_ms // window_ms).encode())
+                    args += [rate.limit, window_ms, window_ms - now_ms % window_ms]
         return keys, args
 
     async def write_batch(
-        self, batch: list[Prepared]
-    ) -> list[WriteResult | ResponseError | InvalidContact]:
+        self, batch: list[Prepared], *, limited: bool = False
+    ) -> list[WriteResult | ResponseError | InvalidContact | RateLimited]:
         """Run the intake script for every contact in one pipelined round trip.
 
-        A contact that cannot be encoded comes back as ``InvalidContact`` and one the server
-        refuses as its error; the others are written. A failed round trip (connection, timeout)
-        raises for the whole batch.
+        A contact that cannot be encoded comes back as ``InvalidContact``, one the server
+        refuses as its error and, with ``limited``, one over its sender's or adapter's rate
+        limit as ``RateLimited``; the others are written. A failed round trip (connection,
+        timeout) raises for the whole batch.
         """
         enqueued_at = self.clock.now_us()
-        results: list[WriteResult | ResponseError | InvalidContact] = []
+        results: list[WriteResult | ResponseError | InvalidContact | RateLimited] = []
         encoded: list[tuple[list[Any], list[Any]]] = []
         invalid: dict[int, InvalidContact] = {}
         for n, p in enumerate(batch):
             try:
-                encoded.append(self._encode(p, enqueued_at))
+                encoded.append(self._encode(p, enqueued_at, limited))
             except (TypeError, ValueError) as exc:  # orjson's errors, UnicodeEncodeError
                 invalid[n] = InvalidContact(f"contact not encodable: {exc}")
         replies = await self.run_scripts("intake", encoded, replicated=True) if encoded else []
@@ -248,6 +273,9 @@ class RedisQueue:
             if isinstance(reply, Exception):
                 raise reply
             created, contact_id, count = reply
+            if created == 2:
+                results.append(RateLimited(int(contact_id) / 1000))
+                continue
             cid = contact_id.decode() if isinstance(contact_id, bytes) else str(contact_id)
             results.append(WriteResult(bool(created), cid, int(count), enqueued_at))
         return results

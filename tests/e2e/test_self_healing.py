@@ -22,6 +22,11 @@ from tests.voice.test_ami import until
 NOFILE = 160
 
 
+# [limits] max_connections (default: a quarter of the open-file limit) keeps idle connections
+# from using up the files; these tests take it off to see what happens when they do run out.
+UNCAPPED = "[limits]\nmax_connections = 100000\n"
+
+
 def start_limited(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     """``gateway serve`` with at most NOFILE open files; its log lines go to ``log``."""
 
@@ -61,7 +66,7 @@ async def exhaust_until(port: int, log: Path, line: str) -> None:
 
 async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
     port = free_port()
-    cfg = write_config(tmp_path, port, own_redis.url)
+    cfg = write_config(tmp_path, port, own_redis.url, UNCAPPED)
     log = tmp_path / "gateway.log"
     proc = start_limited(cfg, log)
     try:
@@ -108,7 +113,7 @@ async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
 
 async def test_shutdown_after_the_open_files_ran_out_exits_0_and_stops_the_server(tmp_path):
     port = free_port()
-    cfg = write_config(tmp_path, port)  # the embedded server
+    cfg = write_config(tmp_path, port, extra=UNCAPPED)  # the embedded server
     log = tmp_path / "gateway.log"
     proc = start_limited(cfg, log)
     try:

@@ -55,7 +55,9 @@ class EmailAdapter:
         self.config = config
         self.options = Options(config.regional_fallback, config.max_text_chars)
         self.handler = Handler(config, self.accept)
-        self.listener = Listener(config, self.handler, ctx.metrics)
+        self.listener = Listener(
+            config, self.handler, ctx.metrics, ctx.settings.limits.max_connections
+        )
         self.relay = Relay(config.relay, self.listener.hostname)
         self.port = 0
         self.default_mailbox = (

@@ -15,15 +15,16 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from gateway.adapters import IntakeUnavailable, InvalidContact
+from gateway.adapters import IntakeUnavailable, InvalidContact, RateLimited
 from gateway.attachments import AttachmentTooLarge
 from gateway.channels.email.config import EmailConfig
 from gateway.channels.email.normalize import Envelope as MailEnvelope
 from gateway.channels.email.normalize import split_mailbox
+from gateway.connguard import ConnectionCount, default_cap
 from gateway.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class Handler:
             return "451 4.3.0 Queue unavailable, try again later"
         except AttachmentTooLarge:
             return "552 5.3.4 Message too big for the attachment store"
+        except RateLimited:
+            return "451 4.7.1 Too many messages from this sender, try again later"
         except InvalidContact as exc:  # not retried for ever: the sender gets a bounce
             log.warning("smtp: message from %s refused: %s", peer, exc)
             return "554 5.6.0 Message cannot be taken as a contact"
@@ -215,6 +218,17 @@ class GatewaySMTP(SMTP):
             transport.close()
 
 
+class _Busy(asyncio.Protocol):
+    """A connection over the listener's cap: 421 and closed (the client retries later)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio subclasses: no isinstance check
+        cast(asyncio.Transport, transport).write(
+            b"421 4.3.2 Too many connections, try again later\r\n"
+        )
+        transport.close()
+
+
 def tls_context(config: EmailConfig) -> ssl.SSLContext | None:
     """Return the server TLS context for STARTTLS, or None without a certificate."""
     if config.tls_cert is None or config.tls_key is None:
@@ -228,11 +242,16 @@ class Listener:
     """The SMTP server socket; ``port`` is the bound port once started."""
 
     def __init__(
-        self, config: EmailConfig, handler: Handler, metrics: AdapterMetrics | None = None
+        self,
+        config: EmailConfig,
+        handler: Handler,
+        metrics: AdapterMetrics | None = None,
+        max_connections: int = 0,
     ) -> None:
         self.config = config
         self.handler = handler
         self.metrics = metrics
+        self.connections = ConnectionCount(default_cap(max_connections))
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tls = tls_context(config)
@@ -240,7 +259,10 @@ class Listener:
         # Once, not per connection: aiosmtpd would call getfqdn() (a DNS lookup) every time.
         self.hostname = config.hostname or socket.getfqdn()
 
-    def _protocol(self) -> GatewaySMTP:
+    def _protocol(self) -> asyncio.Protocol:
+        self.connections.open = len(self._sessions)
+        if not self.connections.take():  # over the cap: refused the SMTP way, at once
+            return _Busy()
         c = self.config
         proto = GatewaySMTP(
             self.handler,

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.adapters import IntakeUnavailable, Receipt, Submitter
+from gateway.adapters import IntakeUnavailable, RateLimited, Receipt, Submitter
 from gateway.channels.voice.agi import AgiChannel, AgiError
 from gateway.clock import MICROS_PER_SECOND, Micros, format_time
 from gateway.phone import mask_phone, to_e164
@@ -260,6 +260,8 @@ class IntakeScript:
                 receipt = await self.intake.submit(inbound)
         except IntakeUnavailable:
             log.warning("intake unavailable: call queued without a contact")
+        except RateLimited:
+            log.warning("caller over the rate limit: call queued without a contact")
         except ValueError as exc:
             log.warning("unusable AGI header (%s): call queued without a contact", exc)
         except TimeoutError:

@@ -1,0 +1,161 @@
+"""Connection bounds for the gateway's listeners: a cap on open connections, and for HTTP a
+time limit on the request head and on silence while a body is still arriving (slow-loris).
+
+aiohttp closes idle keep-alive connections (``keepalive_timeout``) but never a request whose
+head or body trickles in; asyncio servers accept connections until the process runs out of
+file descriptors. The guard wraps each connection's protocol without touching its parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections.abc import Callable
+from typing import Any, cast
+
+log = logging.getLogger(__name__)
+
+
+def default_cap(configured: int) -> int:
+    """``configured`` if set, else a quarter of the open-file limit (at most 4096)."""
+    if configured > 0:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 4096
+    return max(16, min(4096, soft // 4))
+
+
+class ConnectionCount:
+    """Open connections of one listener, against its cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        if self.open >= self.cap:
+            self.refused += 1
+            if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                log.warning("listener at its cap of %d connections: %d refused so far",
+                            self.cap, self.refused)
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class HttpGuard(asyncio.Protocol):
+    """Wraps one aiohttp ``RequestHandler``: refuses the connection over the cap (503), closes
+    it when a request head takes longer than ``header_timeout`` or the client is silent for
+    ``body_timeout`` while its request body is incomplete."""
+
+    def __init__(
+        self,
+        inner: Any,
+        count: ConnectionCount,
+        header_timeout: float,
+        body_timeout: float,
+    ) -> None:
+        self.inner = inner
+        self.count = count
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.transport: asyncio.Transport | None = None
+        self._counted = False
+        self._loop = asyncio.get_running_loop()
+        self._head_started: float | None = None
+        self._last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick = max(0.05, min(1.0, min(header_timeout, body_timeout) / 4))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
+        self.transport = transport
+        if not self.count.take():
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n"
+                b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+            )
+            transport.close()
+            return
+        self._counted = True
+        now = self._loop.time()
+        self._head_started = now  # a connection that sends nothing is a head not arriving
+        self._last_data = now
+        self.inner.connection_made(transport)
+        self._timer = self._loop.call_later(self._tick, self._check)
+
+    def _busy(self) -> bool:
+        """The parser holds a whole request head (queued or being handled): aiohttp 3.x's
+        ``RequestHandler`` state, read defensively."""
+        inner = self.inner
+        return (
+            getattr(inner, "_current_request", None) is not None
+            or bool(getattr(inner, "_messages", ()))
+        )
+
+    def _idle(self) -> bool:
+        return not self._busy()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._counted:
+            return
+        self._last_data = self._loop.time()
+        if self._head_started is None and self._idle():
+            self._head_started = self._last_data
+        self.inner.data_received(data)
+        if self._busy():
+            self._head_started = None  # the parser has a whole head
+
+    def _check(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self._loop.time()
+        request = getattr(self.inner, "_current_request", None)
+        if self._head_started is not None and self._idle():
+            if now - self._head_started >= self.header_timeout:
+                log.info("http: request head not complete in %.0f s: connection closed",
+                         self.header_timeout)
+                transport.abort()
+                return
+        elif request is not None and not request.content.is_eof():
+            if now - self._last_data >= self.body_timeout:
+                log.info("http: request body silent for %.0f s: connection closed",
+                         self.body_timeout)
+                transport.abort()
+                return
+        self._timer = self._loop.call_later(self._tick, self._check)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self._counted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._counted:
+            self._counted = False
+            self.count.release()
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._counted:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._counted:
+            self.inner.resume_writing()
+
+
+def guarded_http(
+    factory: Callable[[], Any], count: ConnectionCount, header_timeout: float, body_timeout: float
+) -> Callable[[], HttpGuard]:
+    """A protocol factory for ``loop.create_server``: aiohttp's handlers, guarded."""
+    return lambda: HttpGuard(factory(), count, header_timeout, body_timeout)
