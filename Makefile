@@ -31,7 +31,7 @@ run: $(RUN_STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff check gateway tests bench tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict gateway

@@ -839,3 +839,12 @@ async def test_an_update_of_the_wrong_shape_is_400_never_500(
     gw = await _webhook_gateway(start_gateway, bot_api)
     assert await _post(gw, update) == 400
     assert await gw.read_contacts() == []
+
+
+async def test_an_update_with_a_message_but_no_chat_is_ignored_never_500(
+    start_gateway: Any, bot_api: FakeBotApi, production_logging: Any
+) -> None:
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    update = {"update_id": 77, "message": {"message_id": 1, "date": 1795594480, "text": "x"}}
+    assert await _post(gw, update) == 200
+    assert await gw.read_contacts() == []

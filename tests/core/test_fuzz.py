@@ -67,3 +67,32 @@ def test_spool_reader_quarantines_any_garbage(tmp_path, lines):
     segment.write_bytes(body)
     records = spool._read_segment(segment)
     assert records == []  # none of these is a valid record, all are set aside
+
+
+# ---------------------------------------------------------------- the campaign, briefly
+# tools/fuzz_campaign.py runs these for minutes (figures in docs/reliability.md); here each
+# parser and each listener gets a short run so a regression shows in `make test`.
+
+
+def test_campaign_short_run_of_every_parser() -> None:
+    import random
+
+    from tools.fuzz_campaign import _targets, run_inprocess
+
+    for name, (seeds, parse, expected) in _targets().items():
+        result = run_inprocess(name, seeds, parse, expected, 0.3, 400, 5.0, random.Random(7))
+        assert result["inputs"] > 0
+        assert result["crashes"] == 0 and result["hangs"] == 0, result
+
+
+async def test_campaign_short_run_of_every_listener(redis_url, prefix) -> None:
+    import random
+
+    from tools.fuzz_campaign import run_sockets
+
+    results = await run_sockets(0.3, 10.0, random.Random(7), 4, redis_url=redis_url,
+                                prefix=prefix)
+    assert len(results) == 8
+    for result in results:
+        assert result["inputs"] > 0, result
+        assert result["hangs"] == 0 and not result.get("status_500"), result

@@ -380,7 +380,12 @@ class TelegramAdapter:
         ``received_at`` is when the update was first seen (before it was parsed). Raises
         ``IntakeUnavailable`` when it could not be made durable.
         """
-        msg = decode_update(update, self.bot.id, self.bot.username)
+        try:
+            msg = decode_update(update, self.bot.id, self.bot.username)
+        except (AttributeError, TypeError, ValueError) as exc:
+            # PTB builds an update with missing fields left None (a message without a chat)
+            log.warning("%s: malformed update ignored: %s", self.name, type(exc).__name__)
+            return None
         if msg is None:
             return None
         payload = _start_payload(msg)

@@ -98,7 +98,7 @@ def _weibo_date(value: str) -> int | None:
     try:
         hour, minute, second = (int(x) for x in clock)
         moment = datetime(int(year), _MONTHS[month], int(day), hour, minute, second, tzinfo=UTC)
-    except ValueError:
+    except (ValueError, OverflowError):  # a day or second of 30 digits
         return None
     offset = (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60) * (1 if zone[0] == "+" else -1)
     return from_datetime(moment) // 1_000_000 - offset
