@@ -41,6 +41,7 @@ def test_builtin_channels_are_registered():
         "smtp",
         "kannel",
         "smpp",
+        "cmpp",
         "twilio",
         "sms-webhook",
         "telegram",

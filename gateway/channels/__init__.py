@@ -15,6 +15,7 @@ BUILTIN: tuple[str, ...] = (
     "gateway.channels.sms.generic:CHANNEL",
     "gateway.channels.sms.kannel:CHANNEL",
     "gateway.channels.sms.smpp:CHANNEL",
+    "gateway.channels.sms.cmpp:CHANNEL",
     "gateway.channels.sms.twilio:CHANNEL",
     "gateway.channels.voice.adapter:CHANNEL",
 )

@@ -1,0 +1,149 @@
+"""CMPP 2.0 and 3.0 against a local ISMG built from the specification (tests/sms/ismg.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.channels.sms import cmpp_pdu as C
+from gateway.records import Reply
+from tests.sms.ismg import Ismg
+from tests.sms.test_unavailable_and_logs import break_spool
+
+PHONE = "13800138000"
+
+
+@pytest.fixture(params=[C.V20, C.V30], ids=["2.0", "3.0"])
+async def ismg(request: pytest.FixtureRequest) -> AsyncIterator[Ismg]:
+    server = await Ismg(request.param).start()
+    yield server
+    await server.close()
+
+
+def config(ismg: Ismg, **extra: Any) -> dict[str, Any]:
+    return {"type": "cmpp", "host": "127.0.0.1", "port": ismg.port, "source_addr": "901234",
+            "shared_secret": "s3cret", "version": "3.0" if ismg.version == C.V30 else "2.0",
+            "src_id": "106512345", "service_id": "HOTLINE", **extra}
+
+
+async def connected(gw: Any) -> Any:
+    adapter = gw.adapters["cmpp"]
+    await asyncio.wait_for(adapter.bound.wait(), 20)
+    return adapter
+
+
+def mo(content: bytes, fmt: int, msg_id: int = 0x5A5A0001, **extra: Any) -> dict[str, Any]:
+    return {"msg_id": msg_id, "dest_id": "106512345", "src_terminal_id": PHONE,
+            "msg_content": content, "msg_fmt": fmt, **extra}
+
+
+async def test_connect_and_mo_in_ucs2_gbk_and_ascii(ismg: Ismg, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    await connected(gw)
+    ((source, version, stamp),) = ismg.connects  # the ISMG checked the MD5 authenticator
+    assert (source, version, len(stamp)) == ("901234", ismg.version, 10)
+    assert await ismg.deliver(**mo("路灯坏了🙂".encode("utf-16-be"), 8, 1)) == (1, 0)
+    assert await ismg.deliver(**mo("噪音扰民".encode("gbk"), 15, 2)) == (2, 0)
+    assert await ismg.deliver(**mo(b"HELP", 0, 3)) == (3, 0)
+    contacts = await gw.read_contacts()  # durable before the answer
+    assert [c.text for c in contacts] == ["路灯坏了🙂", "噪音扰民", "HELP"]
+    assert {c.sender.address for c in contacts} == {"+86" + PHONE}
+    assert contacts[0].recipient == "106512345"
+
+
+async def test_wrong_secret_is_refused_and_retried(ismg: Ismg, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg, shared_secret="wrong")})
+    for _ in range(2000):
+        if ismg.refused >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert ismg.refused >= 2 and not ismg.connects  # refused, connected again with back-off
+    assert not gw.adapters["cmpp"].bound.is_set()
+
+
+async def test_long_mo_by_tp_udhi_out_of_order(ismg: Ismg, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    await connected(gw)
+    raw = "第一段，第二段🙂结束".encode("utf-16-be")
+    chunks = [raw[:10], raw[10:16], raw[16:]]  # the surrogate pair is cut between parts 2 and 3
+    for n in (2, 3, 1):
+        udh = bytes([5, 0, 3, 9, 3, n])
+        assert (await ismg.deliver(**mo(udh + chunks[n - 1], 8, 100 + n, tp_udhi=1)))[1] == 0
+    for _ in range(500):
+        contacts = await gw.read_contacts()
+        if contacts:
+            break
+        await asyncio.sleep(0.01)
+    assert [c.text for c in contacts] == ["第一段，第二段🙂结束"]
+
+
+async def test_reply_and_status_reports(ismg: Ismg, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    adapter = await connected(gw)
+    await ismg.deliver(**mo("你好".encode("utf-16-be"), 8))
+    (contact,) = await gw.read_contacts()
+    long = "您的诉求已受理，编号一二三四。" * 6  # 90 characters: two UCS-2 parts of 134 octets
+    receipt = await adapter.send(contact, Reply(contact.id, long, id="r-1"))
+    first, second = ismg.submits
+    assert first.dest_terminal_ids == (PHONE,) and first.src_id == "106512345"
+    assert (first.pk_total, first.pk_number, second.pk_number) == (2, 1, 2)
+    assert first.tp_udhi == 1 and first.msg_fmt == 8 and first.registered_delivery == 1
+    assert first.msg_src == "901234" and first.service_id == "HOTLINE"
+    joined = (first.msg_content[6:] + second.msg_content[6:]).decode("utf-16-be")
+    assert joined == long
+    msg_id = int(receipt.detail["message_ids"][0])
+    report = C.Report(msg_id, "DELIVRD", "2612010000", "2612010001", PHONE, 1)
+    for _ in range(2):  # the ISMG repeats it: one event
+        answer = await ismg.deliver(**mo(report.encode(ismg.version), 0, 77,
+                                         registered_delivery=1))
+        assert answer == (77, 0)
+    short = await adapter.send(contact, Reply(contact.id, "OK", id="r-2"))
+    assert ismg.submits[-1].msg_fmt == 0 and ismg.submits[-1].msg_content == b"OK"
+    failed = C.Report(int(short.detail["message_ids"][0]), "UNDELIV", "2612010000",
+                      "2612010001", PHONE, 2)
+    assert (await ismg.deliver(**mo(failed.encode(ismg.version), 0, 78,
+                                    registered_delivery=1)))[1] == 0
+    events = [(e.type, e.detail.get("reply_id")) for e in await gw.read_events()
+              if e.type in ("responded", "delivered", "failed")]
+    assert events == [("responded", "r-1"), ("delivered", "r-1"), ("failed", "r-2")]
+    assert await gw.read_contacts() == [contact]
+
+
+async def test_nothing_stored_answers_non_zero_and_the_redelivery_is_taken_once(
+    ismg: Ismg, start_gateway: Any, own_redis: Any, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "cmpp-down"
+    gw = await start_gateway(adapters={"cmpp": config(ismg)}, url=own_redis.url,
+                             data_dir=data_dir, fleet={"lease_ttl": "300s"})
+    await connected(gw)
+    own_redis.stop_sync()
+    break_spool(data_dir)
+    pdu = mo("停水了".encode("utf-16-be"), 8, 555)
+    assert await ismg.deliver(**pdu) == (555, C.DELIVER_FLOW_CONTROL)
+    own_redis.start_sync()
+    for _ in range(100):  # the ISMG's redeliveries, until Intake takes it
+        _, result = await ismg.deliver(**pdu)
+        if result == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert result == 0
+    assert await ismg.deliver(**pdu) == (555, 0)
+    assert [c.text for c in await gw.read_contacts()] == ["停水了"]
+
+
+async def test_link_lost_reconnects_and_a_malformed_deliver_keeps_it(
+    ismg: Ismg, start_gateway: Any
+) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    adapter = await connected(gw)
+    ismg.drop()
+    for _ in range(2000):
+        if adapter.binds == 2 and ismg.connected.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert adapter.binds == 2 and len(ismg.connects) == 2
+    assert await ismg.deliver(**mo(b"again", 0, 9)) == (9, 0)
