@@ -9,7 +9,7 @@ from typing import Any
 from gateway.channels.voice.report import voice_report
 from gateway.clock import FixedClock
 from gateway.records import Contact
-from tests.voice.fakes import FakeAmi, ami_fixture
+from tests.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
 from tests.voice.test_ami import (
     SECRET,
     T0,
@@ -156,3 +156,30 @@ async def test_only_one_instance_follows_a_pbx(start_gateway: Any) -> None:
     (event,) = await events_of(second, "abandoned")
     assert event.contact_id == contact_id
     assert len(of_type(await second.read_events(), "abandoned")) == 1
+
+
+async def test_live_capture_of_an_answered_call(start_gateway: Any) -> None:
+    """``live_answered.ami``: the events a real Asterisk 22.10.1 sent the sample manager user
+    (its event filters) for one call through the sample dialplan into a queue whose member
+    answers at once; the arrival stamp and the edge stamp are the ones that call had."""
+    edge = 1_796_083_602_890_081
+    ami = FakeAmi([])
+    gw = await voice_with_ami(start_gateway, ami, FixedClock(edge))
+    header = agi_fixture("sip_call.agi").replace(b"1795594483.1", b"1796083602.1").replace(
+        b"agi_network_script: intake\n",
+        b"agi_network_script: intake?arrived=1796083602.887972&linkedid=1796083602.0\n")
+    call = await fake_call(gw.adapters["asterisk"].port, header)  # type: ignore[attr-defined]
+    contact_id = call.variables["GATEWAY_CONTACT_ID"]
+    ami.sessions.append((ami_fixture("live_answered.ami", contact_id=contact_id), False))
+    client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    await client.stop()
+    await client.start()
+    (event,) = await events_of(gw, "answered")
+    assert event.contact_id == contact_id
+    assert event.at == 1_796_083_602_899_922  # AgentConnect's Timestamp
+    assert event.elapsed_ms == 11  # from the dialplan's stamp, as the live run recorded
+    assert event.met is True
+    assert event.detail["member"] == "Live Seat"
+    tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
+    await until(lambda: not tracker.calls)  # the root channel's Hangup ends it
+    assert of_type(await gw.read_events(), "abandoned") == []
