@@ -158,6 +158,8 @@ async def main(seconds: float) -> None:
             "gateway": {"data_dir": str(Path(tmp) / "gw"), "instance": "bench"},
             "redis": {"url": redis.url, "prefix": "bench"},
             "http": {"listen": "127.0.0.1:0"},
+            # every message is from one address: a throughput run, not a rate-limit test
+            "limits": {"sender_contacts": 0},
             "adapters": {"mail": {"type": "smtp", "listen": "127.0.0.1:0",
                                   "mailboxes": [MAILBOX]}},
         })
