@@ -24,4 +24,4 @@ def test_documented_config_is_valid(block: str, monkeypatch: pytest.MonkeyPatch)
 
 def test_there_are_examples_for_every_type() -> None:
     types = {m for b in BLOCKS for m in re.findall(r'type = "([a-z-]+)"', b)}
-    assert types == {"kannel", "twilio", "sms-webhook", "smpp"}
+    assert types == {"kannel", "twilio", "sms-webhook", "smpp", "cmpp"}
