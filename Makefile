@@ -19,10 +19,11 @@ $(RUN_STAMP): pyproject.toml requirements.lock
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(RUN_STAMP)
 
-$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock examples/line/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --require-hashes -r requirements.lock -r requirements-dev.lock
 	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) --no-deps --no-build-isolation -e examples/line  # the example adapter (docs/adapters.md)
 	touch $(STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)
@@ -31,7 +32,7 @@ run: $(RUN_STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench tools
+	$(BIN)/ruff check gateway tests bench tools examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict gateway

@@ -1,0 +1,1 @@
+"""An example channel adapter shipped as its own distribution: LINE Messaging API."""

@@ -1,0 +1,99 @@
+"""A table-driven runner for HTTP webhook adapters: real HTTP to a started gateway, then the
+contact and events read back from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from gateway.records import Contact
+    from gateway.runtime import Gateway
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request to the gateway's listener (``path`` may carry a query)."""
+
+    path: str
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    method: str = "POST"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+async def send(gateway: Gateway, request: Request) -> Answer:
+    """Send ``request`` to ``gateway``'s HTTP listener over a real socket."""
+    url = f"http://127.0.0.1:{gateway.http_port}{request.path}"
+    async with aiohttp.ClientSession() as http, http.request(
+        request.method, url, data=request.body, headers=dict(request.headers)
+    ) as resp:
+        return Answer(resp.status, dict(resp.headers), await resp.read())
+
+
+def field_of(contact: Contact, path: str) -> Any:
+    """A contact's field by dotted path: ``text``, ``sender.address``, ``meta.provider``."""
+    value: Any = contact
+    for key in path.split("."):
+        value = value[key] if isinstance(value, Mapping) else getattr(value, key)
+    return value
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, step_s: float = 0.02
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound, not a timing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(step_s)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCase:
+    """One row of a handler table.
+
+    ``contact``: the expected fields of the one contact stored (dotted paths), or ``None`` when
+    the request must store nothing (any status but 2xx stores nothing). ``events``: event types
+    that must be stamped for that contact (others may be stamped too).
+    """
+
+    label: str
+    request: Request
+    status: int
+    contact: Mapping[str, Any] | None = None
+    events: Sequence[str] = ()
+
+
+async def run_case(gateway: Gateway, case: WebhookCase) -> Contact | None:
+    """Send the case's request to a fresh gateway and check status, contact and events."""
+    answer = await send(gateway, case.request)
+    assert answer.status == case.status, (case.label, answer.status, answer.body[:200])
+    contacts = await gateway.read_contacts()
+    if case.contact is None:
+        assert contacts == [], (case.label, "stored a contact", contacts)
+        return None
+    assert len(contacts) == 1, (case.label, contacts)
+    (contact,) = contacts
+    for path, expected in case.contact.items():
+        assert field_of(contact, path) == expected, (case.label, path, field_of(contact, path))
+    wanted = set(case.events)
+
+    async def stamped() -> bool:
+        seen = {e.type for e in await gateway.read_events() if e.contact_id == contact.id}
+        return wanted <= seen
+
+    await eventually(stamped)
+    return contact
