@@ -21,9 +21,18 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
+from gateway.adapters import (
+    AdapterContext,
+    ChannelType,
+    IntakeUnavailable,
+    InvalidContact,
+    RateLimited,
+    SendError,
+    SendReceipt,
+)
 from gateway.config import Duration, Secret
 from gateway.egress import client_session
+from gateway.http import read_body
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
 
 log = logging.getLogger(__name__)
@@ -98,9 +107,10 @@ class LineAdapter:
 
     async def receive(self, request: web.Request) -> web.Response:
         received_at = self.ctx.clock.now_us()
-        if (request.content_length or 0) > self.config.max_body:
+        try:  # bounded even without a Content-Length (chunked)
+            body = await read_body(request, self.config.max_body)
+        except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="body too large\n")
-        body = await request.read()
         given = request.headers.get("X-Line-Signature", "")
         expected = signature(self.config.channel_secret.reveal(), body)
         if not given or not hmac.compare_digest(given.encode(), expected.encode()):
@@ -129,6 +139,11 @@ class LineAdapter:
                 log.warning("LINE event refused: intake unavailable")
                 return web.Response(status=503, text="try again later\n",
                                     headers={"Retry-After": "30"})
+            except RateLimited as exc:
+                return web.Response(status=429, text="slow down\n",
+                                    headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+            except InvalidContact as exc:
+                return web.Response(status=400, text=f"{exc}\n")
             log.debug("LINE message %s as %s", receipt.status, receipt.contact_id)
         return web.Response(status=200, text="ok\n")
 
