@@ -33,6 +33,7 @@ class Ismg:
         self._seq = itertools.count(1)
         self._msg_ids = itertools.count(0x1000)
         self._waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self._raw: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.connected = asyncio.Event()
 
     async def start(self) -> Ismg:
@@ -85,6 +86,8 @@ class Ismg:
                     self.submits.append(C.Submit.parse(body, self.version))
                     self._send(writer, C.SUBMIT | C.RESP, seq,
                                C.msg_id_resp(next(self._msg_ids), 0, self.version))
+                elif command_id & C.RESP and seq in self._raw:
+                    self._raw.pop(seq).set_result((command_id, body))
                 elif command_id & C.RESP:
                     msg_id = int.from_bytes(body[:8], "big")
                     result = int.from_bytes(body[8:8 + rsize], "big")
@@ -105,5 +108,18 @@ class Ismg:
         self._waiting[seq] = future
         writer = self._writers[-1]
         self._send(writer, C.DELIVER, seq, C.Deliver(**fields).encode(self.version))
+        await writer.drain()
+        return await asyncio.wait_for(future, 10)
+
+    async def raw(self, command_id: int, body: bytes = b"", length: int | None = None
+                  ) -> tuple[int, bytes]:
+        """Send any packet (``length`` overrides Total_Length); return the answer's
+        (Command_Id, body)."""
+        seq = next(self._seq)
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._raw[seq] = future
+        writer = self._writers[-1]
+        total = 12 + len(body) if length is None else length
+        writer.write(struct.pack(">III", total, command_id, seq) + body)
         await writer.drain()
         return await asyncio.wait_for(future, 10)

@@ -43,6 +43,10 @@ class Smsc:
         self._waiting: dict[int, asyncio.Future[tuple[int, int, int]]] = {}
         self.bound = asyncio.Event()
         self.enquire_links = 0
+        self.submit_delay = 0.0
+        """Answer submit_sm only after this long (to see the ESME's window fill)."""
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     async def start(self) -> Smsc:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -95,6 +99,13 @@ class Smsc:
                     self.submits.append(pdu)
                     resp = smpp.make_pdu("submit_sm_resp", client=self._seq,
                                          message_id=f"{next(self.message_ids):X}")
+                    if self.submit_delay:
+                        resp.sequence = seq
+                        self.in_flight += 1
+                        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                        asyncio.get_running_loop().call_later(
+                            self.submit_delay, self._answer_late, writer, resp.generate())
+                        continue
                 else:
                     resp = smpp.make_pdu("generic_nack", client=self._seq, status=3)
                 resp.sequence = seq
@@ -105,6 +116,11 @@ class Smsc:
             with contextlib.suppress(ValueError):
                 self._writers.remove(writer)
             writer.close()
+
+    def _answer_late(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        self.in_flight -= 1
+        if not writer.is_closing():
+            writer.write(data)
 
     async def raw(self, data: bytes, seq: int) -> tuple[int, int, int]:
         """Send bytes on the bind; wait for the ESME's answer carrying ``seq``."""

@@ -147,3 +147,23 @@ async def test_link_lost_reconnects_and_a_malformed_deliver_keeps_it(
         await asyncio.sleep(0.01)
     assert adapter.binds == 2 and len(ismg.connects) == 2
     assert await ismg.deliver(**mo(b"again", 0, 9)) == (9, 0)
+
+
+async def test_active_test_malformed_deliver_and_terminate(ismg: Ismg, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    adapter = await connected(gw)
+    assert await ismg.raw(C.ACTIVE_TEST) == (C.ACTIVE_TEST | C.RESP, b"\0")
+    # a CMPP_DELIVER whose body ends inside Src_terminal_Id: Result 1, the link stays
+    cut = C.Deliver(**mo(b"x", 0, 4242)).encode(ismg.version)[:50]
+    command_id, body = await ismg.raw(C.DELIVER, cut)
+    assert command_id == C.DELIVER | C.RESP
+    assert C.parse_msg_id_resp(body, ismg.version) == (4242, 1)
+    assert await ismg.deliver(**mo(b"still here", 0, 4243)) == (4243, 0)
+    assert adapter.binds == 1
+    assert await ismg.raw(C.TERMINATE) == (C.TERMINATE | C.RESP, b"")
+    for _ in range(2000):
+        if adapter.binds == 2 and ismg.connected.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert adapter.binds == 2
+    assert [c.text for c in await gw.read_contacts()] == ["still here"]

@@ -210,3 +210,34 @@ async def test_two_instances_hold_one_bind(smsc: Smsc, start_gateway: Any) -> No
     await bound(other)
     assert len(smsc.binds) == 2
     assert await smsc.deliver(**mo(b"taken over", 0)) == 0
+
+
+async def test_enquire_link_both_ways_and_unbind(smsc: Smsc, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"smpp": config(smsc, enquire_link="0.05s")})
+    adapter = await bound(gw)
+    for _ in range(2000):
+        if smsc.enquire_links >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert smsc.enquire_links >= 2  # ours, answered by the SMSC
+    theirs = struct.pack(">IIII", 16, P.ENQUIRE_LINK, 0, 911)
+    assert await smsc.raw(theirs, 911) == (P.ENQUIRE_LINK | P.RESP, 0, 911)
+    unbind = struct.pack(">IIII", 16, P.UNBIND, 0, 912)
+    assert await smsc.raw(unbind, 912) == (P.UNBIND | P.RESP, 0, 912)
+    for _ in range(2000):  # the SMSC unbound us: a new bind follows
+        if adapter.binds == 2 and smsc.bound.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert adapter.binds == 2
+
+
+async def test_the_send_window_bounds_unanswered_submits(smsc: Smsc, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"smpp": config(smsc, window=2)})
+    adapter = await bound(gw)
+    assert await smsc.deliver(**mo(b"help", 0)) == 0
+    (contact,) = await gw.read_contacts()
+    smsc.submit_delay = 0.05
+    receipts = await asyncio.gather(*(
+        adapter.send(contact, Reply(contact.id, f"reply {n}", id=f"w-{n}")) for n in range(6)))
+    assert len({r.external_id for r in receipts}) == 6
+    assert smsc.max_in_flight == 2
