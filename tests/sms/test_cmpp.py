@@ -167,3 +167,15 @@ async def test_active_test_malformed_deliver_and_terminate(ismg: Ismg, start_gat
         await asyncio.sleep(0.01)
     assert adapter.binds == 2
     assert [c.text for c in await gw.read_contacts()] == ["still here"]
+
+
+async def test_a_flood_beyond_the_in_flight_bound_is_answered_flow_control(
+    ismg: Ismg, start_gateway: Any
+) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    adapter = await connected(gw)
+    adapter.MAX_INFLIGHT = 0
+    assert await ismg.deliver(**mo(b"flood", 0, 31)) == (31, C.DELIVER_FLOW_CONTROL)
+    adapter.MAX_INFLIGHT = 512
+    assert await ismg.deliver(**mo(b"flood", 0, 31)) == (31, 0)
+    assert [c.text for c in await gw.read_contacts()] == ["flood"]

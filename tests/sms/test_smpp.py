@@ -241,3 +241,16 @@ async def test_the_send_window_bounds_unanswered_submits(smsc: Smsc, start_gatew
         adapter.send(contact, Reply(contact.id, f"reply {n}", id=f"w-{n}")) for n in range(6)))
     assert len({r.external_id for r in receipts}) == 6
     assert smsc.max_in_flight == 2
+
+
+async def test_a_flood_beyond_the_in_flight_bound_is_answered_retry_later(
+    smsc: Smsc, start_gateway: Any
+) -> None:
+    gw = await start_gateway(adapters={"smpp": config(smsc)})
+    adapter = await bound(gw)
+    adapter.MAX_INFLIGHT = 0  # as if 512 deliver_sm were being stored already
+    assert await smsc.deliver(**mo(b"too many", 0)) == P.ESME_RX_T_APPN
+    assert await gw.read_contacts() == []
+    adapter.MAX_INFLIGHT = 512
+    assert await smsc.deliver(**mo(b"too many", 0)) == 0
+    assert [c.text for c in await gw.read_contacts()] == ["too many"]

@@ -161,7 +161,10 @@ class CmppAdapter(BoundLink):
             await self.write(C.TERMINATE | C.RESP, seq)
             raise LinkDown("terminated by the ISMG")
         elif command_id == C.DELIVER:
-            self.spawn(self._deliver(seq, body))
+            if not self.spawn(self._deliver(seq, body)):
+                msg_id = int.from_bytes(body[:8], "big") if len(body) >= 8 else 0
+                await self.write(C.DELIVER | C.RESP, seq,
+                                 C.msg_id_resp(msg_id, C.DELIVER_FLOW_CONTROL, self.version))
         else:
             log.warning("cmpp %s: command 0x%08x ignored", self.name, command_id)
 

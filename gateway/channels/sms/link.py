@@ -50,6 +50,9 @@ class BoundLink(ABC):
     MAX_FRAME = 64 * 1024
     REMEMBER_S = 7 * 86400
     """How long a submitted message id is remembered for its delivery receipt."""
+    MAX_INFLIGHT = 512
+    """MO being made durable at once; a peer that sends more without waiting for answers
+    gets the protocol's retry-later answer for the excess instead of unbounded work."""
 
     def __init__(self, ctx: AdapterContext, *, lease: str, host: str, port: int, window: int,
                  response_timeout: float, keepalive: float, concat_timeout: float) -> None:
@@ -152,11 +155,16 @@ class BoundLink(ABC):
             finally:
                 self._pending.pop(seq, None)
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run the answer to one request in the background (the peer's own window bounds them)."""
+    def spawn(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run the answer to one request in the background; False (``work`` dropped) when
+        ``MAX_INFLIGHT`` are running already: answer retry-later at once."""
+        if len(self._tasks) >= self.MAX_INFLIGHT:
+            work.close()
+            return False
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _bind(self, fence: Fence) -> None:
         reader, writer = await asyncio.wait_for(

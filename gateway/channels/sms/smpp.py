@@ -217,7 +217,9 @@ class SmppAdapter(BoundLink):
                 log.warning("smpp %s: malformed deliver_sm: %s", self.name, exc)
                 await self.write(P.GENERIC_NACK, seq, status=P.ESME_RINVCMDLEN)
                 return
-            self.spawn(self._deliver(seq, sm))
+            if not self.spawn(self._deliver(seq, sm)):
+                await self.write(P.DELIVER_SM | P.RESP, seq, P.message_id_body(""),
+                                 P.ESME_RX_T_APPN)
         elif command_id in P.KNOWN:
             await self.write(P.GENERIC_NACK, seq, status=P.ESME_RINVBNDSTS)
         else:
