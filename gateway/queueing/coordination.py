@@ -35,7 +35,7 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, RedisError
 
@@ -43,6 +43,8 @@ from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_TTL_S = 10.0
 
@@ -262,8 +264,9 @@ class Leases:
         loop = asyncio.get_running_loop()
         retry_s = self.ttl_s / 3
         while True:
+            asked = loop.time()  # the lease runs at least until asked + TTL
             try:
-                fence, wait_s = await asyncio.wait_for(self.acquire(name), retry_s)
+                fence, wait_s = await _bounded(self.acquire(name), retry_s)
             except (RedisError, OSError, TimeoutError) as exc:
                 log.debug("lease %s: cannot contend (%r)", name, exc)
                 await asyncio.sleep(retry_s)
@@ -271,7 +274,7 @@ class Leases:
             if fence is None:
                 await asyncio.sleep(min(retry_s, wait_s + 0.01))
                 continue
-            acquired_at = loop.time()
+            acquired_at = asked
             log.info("lease %s: held by %s (fence %d)", name, self.holder, fence.token)
             self._held[name] = fence
             worker = loop.create_task(work(fence), name=f"lease:{name}")
@@ -279,13 +282,14 @@ class Leases:
             try:
                 await asyncio.wait({worker, keeper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not worker.done():
-                    worker.cancel()
-                keeper.cancel()
-                await asyncio.wait({worker, keeper})
                 self._held.pop(name, None)
+                keeper.cancel()
+                while not worker.done():  # a client call may swallow one cancellation
+                    worker.cancel()
+                    await asyncio.wait({worker}, timeout=0.2)
+                await asyncio.wait({keeper})
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(self.release(fence), retry_s)  # compare-and-delete
+                    await _bounded(self.release(fence), retry_s)  # compare-and-delete
             if worker.cancelled():
                 log.warning("lease %s: lost (fence %d), work stopped", name, fence.token)
                 continue
@@ -302,7 +306,7 @@ class Leases:
             started = loop.time()
             give_up = confirmed + 2 * period
             try:
-                ok = await asyncio.wait_for(self.renew(fence), max(0.01, give_up - started))
+                ok = await _bounded(self.renew(fence), max(0.01, give_up - started))
             except (RedisError, OSError, TimeoutError) as exc:
                 if loop.time() >= give_up:
                     log.warning("lease %s: no renewal for %.1f s (%r)", fence.name, 2 * period, exc)
@@ -312,6 +316,32 @@ class Leases:
             if not ok:
                 return
             confirmed = started
+
+
+async def _bounded(call: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """``call``'s result within ``timeout_s``, else TimeoutError at once.
+
+    Unlike ``asyncio.wait_for``, this does not wait for the cancelled call to end: a Redis
+    client may swallow the cancellation and go on connecting (to a Sentinel group in failover,
+    for seconds), and a lease holder must stop believing in its lease on time."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"no answer within {timeout_s:.2f} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume an abandoned call's outcome (no 'exception never retrieved' warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class SharedState:

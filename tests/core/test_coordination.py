@@ -254,3 +254,26 @@ async def _true(value: object) -> bool:
 
 async def _none(value: Any) -> bool:
     return await value is None
+
+
+async def test_a_frozen_redis_ends_the_belief_in_the_lease_on_time(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """Redis stops answering (SIGSTOP: connections open, no replies, as a frozen server or a
+    cut network): the holder stops its work and no longer says it holds the lease, while Redis
+    is still frozen, whatever the client's own socket timeout."""
+    client = aioredis.from_url(own_redis.url, socket_timeout=30, socket_connect_timeout=30)
+    leases = Leases(client, Keys("gw"), "a", TTL)
+    rec = Recorder()
+    task = asyncio.create_task(leases.exclusive("job", rec.work("a")))
+    assert own_redis.process is not None
+    pid = own_redis.process.pid
+    try:
+        await eventually(lambda: _true(rec.running))
+        os.kill(pid, signal.SIGSTOP)
+        await eventually(lambda: _true(rec.cancelled == ["a"] and not leases.held), timeout=10)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
