@@ -8,7 +8,7 @@ from bench.fleet_soak import TELEGRAM_LEASE, soak
 
 
 async def test_three_instances_killed_at_random_lose_and_repeat_nothing(tmp_path):
-    report = await soak(tmp_path, instances=3, cycles=2, redis_restarts=1, lease_ttl_s=1.5)
+    report = await soak(tmp_path, instances=3, cycles=2, redis_restarts=1, lease_ttl_s=4)
     assert report.lost == []
     assert report.duplicated == []
     assert all(report.acknowledged[kind] > 0 for kind in ("intake", "sms", "telegram"))
@@ -26,7 +26,7 @@ async def test_on_sentinel_a_failover_under_a_killed_fleet_loses_nothing(tmp_pat
     """The same on a master, two replicas and three Sentinels with ``min_replicas = 1``: the
     master is killed with SIGKILL and a replica promoted while instances are killed too."""
     report = await soak(
-        tmp_path, instances=3, cycles=1, redis_restarts=1, lease_ttl_s=1.5, sentinel=True
+        tmp_path, instances=3, cycles=1, redis_restarts=1, lease_ttl_s=4, sentinel=True
     )
     assert report.lost == [] and report.duplicated == []
     assert sum(report.acknowledged.values()) > 0
