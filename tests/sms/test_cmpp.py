@@ -179,3 +179,20 @@ async def test_a_flood_beyond_the_in_flight_bound_is_answered_flow_control(
     adapter.MAX_INFLIGHT = 512
     assert await ismg.deliver(**mo(b"flood", 0, 31)) == (31, 0)
     assert [c.text for c in await gw.read_contacts()] == ["flood"]
+
+
+async def test_two_instances_hold_one_link(ismg: Ismg, start_gateway: Any) -> None:
+    first = await start_gateway(adapters={"cmpp": config(ismg)}, fleet={"lease_ttl": "1s"})
+    second = await start_gateway(adapters={"cmpp": config(ismg)}, fleet={"lease_ttl": "1s"})
+    done, _ = await asyncio.wait(
+        [asyncio.ensure_future(gw.adapters["cmpp"].bound.wait()) for gw in (first, second)],
+        return_when=asyncio.FIRST_COMPLETED, timeout=20)
+    assert done
+    holder, other = ((first, second) if first.adapters["cmpp"].bound.is_set()
+                     else (second, first))
+    assert await ismg.deliver(**mo(b"one link", 0, 61)) == (61, 0)
+    assert len(ismg.connects) == 1 and not other.adapters["cmpp"].bound.is_set()
+    await holder.stop()
+    await connected(other)
+    assert len(ismg.connects) == 2
+    assert await ismg.deliver(**mo(b"taken over", 0, 62)) == (62, 0)

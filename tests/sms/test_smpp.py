@@ -254,3 +254,20 @@ async def test_a_flood_beyond_the_in_flight_bound_is_answered_retry_later(
     adapter.MAX_INFLIGHT = 512
     assert await smsc.deliver(**mo(b"too many", 0)) == 0
     assert [c.text for c in await gw.read_contacts()] == ["too many"]
+
+
+async def test_a_receipt_with_the_hex_id_written_in_decimal_is_matched(
+    smsc: Smsc, start_gateway: Any
+) -> None:
+    gw = await start_gateway(adapters={"smpp": config(smsc)})
+    adapter = await bound(gw)
+    assert await smsc.deliver(**mo(b"help", 0)) == 0
+    (contact,) = await gw.read_contacts()
+    receipt = await adapter.send(contact, Reply(contact.id, "ok", id="r-dec"))
+    (hex_id,) = receipt.detail["message_ids"]
+    text = f"id:{int(hex_id, 16)} sub:001 dlvrd:001 submit date:2612010000 " \
+           "done date:2612010001 stat:DELIVRD err:000 text:"
+    assert await smsc.deliver(source_addr=PHONE, destination_addr="12345", esm_class=0x04,
+                              short_message=text.encode()) == 0
+    assert [e.detail["reply_id"] for e in await gw.read_events() if e.type == "delivered"] == [
+        "r-dec"]

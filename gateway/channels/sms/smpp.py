@@ -156,6 +156,15 @@ def receipt_of(sm: P.ShortMessage) -> tuple[str, EventType | None, dict[str, Any
     return message_id, kind, detail
 
 
+def decimal_alias(message_id: str) -> str | None:
+    """The decimal form of a hexadecimal message id: many SMSCs answer submit_sm with a hex id
+    and write it in decimal in the receipt text (SMPP 3.4 appendix B leaves it open)."""
+    if len(message_id) <= 16 and all(c in "0123456789abcdefABCDEF" for c in message_id):
+        alias = str(int(message_id, 16))
+        return alias if alias != message_id else None
+    return None
+
+
 def sender_address(addr: str, ton: int, region: str) -> str:
     if ton == 1 and addr.isdigit():
         return "+" + addr
@@ -339,6 +348,9 @@ class SmppAdapter(BoundLink):
             ids.append(message_id)
             if message_id:
                 await self.remember(message_id, contact.id, reply_ref)
+                alias = decimal_alias(message_id)
+                if alias:
+                    await self.remember(alias, contact.id, reply_ref)
         log.info("reply %s to %s accepted by the SMSC (%d %s segments)", reply_ref,
                  mask_phone(dest), segments.count, segments.encoding)
         return SendReceipt(
