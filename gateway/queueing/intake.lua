@@ -45,12 +45,12 @@ local contact = ARGV[2] .. count .. ARGV[3]
 local entry = redis.call('XADD', KEYS[1], '*',
   'contact', contact, 'id', id, 'channel', ARGV[11])
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+local event = redis.call('XADD', KEYS[2], '*',
+  'event', ARGV[9], 'contact_id', id, 'type', 'enqueued')
+-- One HSET for the contact's fields and its first event's index entry.
 redis.call('HSET', KEYS[5], 'contact', contact, 'entry', entry, 'received_us', ARGV[6],
-  'due_us', ARGV[7], 'kind', ARGV[12], 'channel', ARGV[11])
+  'due_us', ARGV[7], 'kind', ARGV[12], 'channel', ARGV[11], 'event:' .. event, ARGV[9])
 redis.call('EXPIRE', KEYS[5], ARGV[10])
 redis.call('ZADD', KEYS[6], ARGV[7], id)
 redis.call('ZADD', KEYS[7], ARGV[8], id)
-local event = redis.call('XADD', KEYS[2], '*',
-  'event', ARGV[9], 'contact_id', id, 'type', 'enqueued')
-redis.call('HSET', KEYS[5], 'event:' .. event, ARGV[9])
 return {1, id, count}
