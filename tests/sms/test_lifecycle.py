@@ -8,7 +8,7 @@ import pytest
 
 from gateway.adapters import load_channel_types
 
-TYPES = ["kannel", "twilio", "sms-webhook"]
+TYPES = ["kannel", "twilio", "sms-webhook", "smpp", "cmpp"]
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -30,6 +30,12 @@ async def test_registered_example_starts_and_stops_twice(name: str, start_gatewa
         ({"type": "twilio", "account_sid": "AC1", "auth_token": "t"}, "adapters.a.public_url"),
         ({"type": "kannel", "secret": "s", "eight_bit_charsets": ["no-such-codec"]},
          "adapters.a.eight_bit_charsets"),
+        ({"type": "smpp", "system_id": "x"}, "adapters.a.host"),
+        ({"type": "smpp", "host": "h", "system_id": "x", "password": "longer-than-8"},
+         "adapters.a.password"),
+        ({"type": "cmpp", "host": "h", "source_addr": "901234", "window": 17},
+         "adapters.a.window"),
+        ({"type": "cmpp", "host": "h", "source_addr": "9012345"}, "adapters.a.source_addr"),
     ],
 )
 async def test_unauthenticated_or_broken_config_refused(table: dict[str, Any], key: str,
