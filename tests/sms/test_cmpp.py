@@ -196,3 +196,18 @@ async def test_two_instances_hold_one_link(ismg: Ismg, start_gateway: Any) -> No
     await connected(other)
     assert len(ismg.connects) == 2
     assert await ismg.deliver(**mo(b"taken over", 0, 62)) == (62, 0)
+
+
+async def test_logs_never_carry_numbers_or_the_secret(
+    ismg: Ismg, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    gw = await start_gateway(adapters={"cmpp": config(ismg)})
+    adapter = await connected(gw)
+    await ismg.deliver(**mo("你好".encode("utf-16-be"), 8))
+    (contact,) = await gw.read_contacts()
+    await adapter.send(contact, Reply(contact.id, "收到", id="r-log"))
+    assert "accepted by the ISMG" in caplog.text
+    assert PHONE not in caplog.text and "s3cret" not in caplog.text

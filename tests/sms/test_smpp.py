@@ -271,3 +271,25 @@ async def test_a_receipt_with_the_hex_id_written_in_decimal_is_matched(
                               short_message=text.encode()) == 0
     assert [e.detail["reply_id"] for e in await gw.read_events() if e.type == "delivered"] == [
         "r-dec"]
+
+
+async def test_logs_never_carry_numbers_or_the_password(
+    smsc: Smsc, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    smsc.accept_bind = False  # refused binds are logged and retried
+    gw = await start_gateway(adapters={"smpp": config(smsc)})
+    for _ in range(2000):
+        if len(smsc.binds) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    smsc.accept_bind = True
+    adapter = await bound(gw)
+    assert await smsc.deliver(**mo(b"help", 0)) == 0
+    (contact,) = await gw.read_contacts()
+    await adapter.send(contact, Reply(contact.id, "ok", id="r-log"))
+    assert "bind_transceiver refused" in caplog.text and "accepted by the SMSC" in caplog.text
+    assert PHONE not in caplog.text and PHONE[2:] not in caplog.text
+    assert "pw123456" not in caplog.text
