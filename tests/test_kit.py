@@ -140,8 +140,38 @@ APP = WebhookKit(
 )
 
 
+OPEN311_KEY = "kit-311-key-4e6d"
+
+
+def _open311(message_id: str, text: str, key: str = OPEN311_KEY) -> Request:
+    form = {"api_key": key, "service_code": "001", "description": text,
+            "lat": "31.2304", "long": "121.4737", "phone": "+86" + PHONE}
+    return Request("/open311/v2/requests.json", urlencode(form).encode(),
+                   {"Content-Type": "application/x-www-form-urlencoded",
+                    "Idempotency-Key": message_id})
+
+
+OPEN311 = WebhookKit(
+    type="open311",
+    table={"services": {"001": {"name": "Streetlight out"}},
+           "api_keys": [{"key": OPEN311_KEY, "name": "311-app"}]},
+    inbound=_open311,
+    bad=[
+        _open311("k1", "x", key="guess"),
+        Request("/open311/v2/requests.json", b"service_code=999&description=x&lat=1&long=2",
+                {"Content-Type": "application/x-www-form-urlencoded"}),
+        Request("/open311/v2/requests.json", urlencode({"api_key": OPEN311_KEY,
+                                                         "service_code": "001"}).encode(),
+                {"Content-Type": "application/x-www-form-urlencoded"}),
+    ],
+    secrets=[OPEN311_KEY],
+    phone=PHONE,
+)
+
+
 def _kits() -> dict[str, WebhookKit]:
-    kits = {"sms-webhook": SMS_WEBHOOK, "twilio": TWILIO, "kannel": KANNEL, "app": APP}
+    kits = {"sms-webhook": SMS_WEBHOOK, "twilio": TWILIO, "kannel": KANNEL, "app": APP,
+            "open311": OPEN311}
     try:
         from gateway_line.kit import KIT as LINE  # the example distribution (examples/line)
     except ImportError:  # pragma: no cover - make test installs it
