@@ -211,3 +211,17 @@ async def test_logs_never_carry_numbers_or_the_secret(
     await adapter.send(contact, Reply(contact.id, "收到", id="r-log"))
     assert "accepted by the ISMG" in caplog.text
     assert PHONE not in caplog.text and "s3cret" not in caplog.text
+
+
+async def test_gbk_replies_are_cut_between_characters(ismg: Ismg, start_gateway: Any) -> None:
+    gw = await start_gateway(adapters={"cmpp": config(ismg, msg_fmt=15)})
+    adapter = await connected(gw)
+    await ismg.deliver(**mo("你好".encode("utf-16-be"), 8))
+    (contact,) = await gw.read_contacts()
+    text = "a" + "您的诉求已受理" * 12  # 169 GBK octets, the first character a single octet
+    await adapter.send(contact, Reply(contact.id, text, id="r-gbk"))
+    parts = ismg.submits
+    assert [p.msg_fmt for p in parts] == [15, 15] and all(p.tp_udhi == 1 for p in parts)
+    bodies = [p.msg_content[6:] for p in parts]
+    assert all(len(b) <= 134 for b in bodies)
+    assert "".join(b.decode("gbk") for b in bodies) == text  # each part decodes on its own
