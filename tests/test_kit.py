@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -20,6 +21,7 @@ from gateway.testing import (
     run_case,
 )
 from gateway.testing.contract import ProviderAnswer
+from tests.chat import payloads as wx
 
 PHONE = "13800138000"
 SMS_SECRET = "kit-agg-secret-51c2"
@@ -169,9 +171,32 @@ OPEN311 = WebhookKit(
 )
 
 
+def _wechat(message_id: str, text: str, token: str = wx.TOKEN) -> Request:
+    """A plain-mode push as WeChat makes it: a fresh signed query each try, the same MsgId."""
+    now = int(time.time())
+    msg_id = int(hashlib.sha256(message_id.encode()).hexdigest()[:15], 16)
+    return Request(f"/chat/wechat/kit?{wx.wechat_query(now, token=token)}",
+                   wx.text(text, create_time=now, msg_id=msg_id), {"Content-Type": "text/xml"})
+
+
+WECHAT = WebhookKit(
+    type="wechat",
+    table={"app_id": wx.APP_ID, "token": wx.TOKEN},
+    inbound=_wechat,
+    bad=[
+        _wechat("w1", "x", token="forged"),
+        Request(f"/chat/wechat/kit?{wx.wechat_query(int(time.time()))}", b"<xml><Msg",
+                {"Content-Type": "text/xml"}),
+        Request("/chat/wechat/kit", wx.text("x", create_time=1, msg_id=1),
+                {"Content-Type": "text/xml"}),
+    ],
+    secrets=[wx.TOKEN],
+)
+
+
 def _kits() -> dict[str, WebhookKit]:
     kits = {"sms-webhook": SMS_WEBHOOK, "twilio": TWILIO, "kannel": KANNEL, "app": APP,
-            "open311": OPEN311}
+            "open311": OPEN311, "wechat": WECHAT}
     try:
         from gateway_line.kit import KIT as LINE  # the example distribution (examples/line)
     except ImportError:  # pragma: no cover - make test installs it

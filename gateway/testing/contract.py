@@ -41,7 +41,8 @@ class WebhookKit:
     """How the kit reaches one HTTP webhook adapter.
 
     ``inbound(message_id, text)`` builds a valid, authenticated request for one new message
-    (the same arguments give the same request: a provider's redelivery). ``bad`` are requests
+    (called again with the same arguments: the provider's redelivery of that message, which
+    may carry a fresh nonce or timestamp as the provider's own retries do). ``bad`` are requests
     the adapter must refuse with a 4xx and store nothing (forged signature, malformed body...).
     ``secrets`` and ``phone`` must never reach a log. ``reply_config(provider_url)`` returns the
     config keys that point the adapter's sending at a local provider answering
