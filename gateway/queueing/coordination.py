@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -265,8 +265,17 @@ class Leases:
         retry_s = self.ttl_s / 3
         while True:
             asked = loop.time()  # the lease runs at least until asked + TTL
+            acquiring = asyncio.ensure_future(self.acquire(name))
             try:
-                fence, wait_s = await _bounded(self.acquire(name), retry_s)
+                fence, wait_s = await _bounded(acquiring, retry_s)
+            except asyncio.CancelledError:
+                # stopped as the lease became ours: give it up now, not after the TTL
+                if acquiring.done() and not acquiring.cancelled() and not acquiring.exception():
+                    got = acquiring.result()[0]
+                    if got is not None:
+                        with contextlib.suppress(RedisError, OSError, TimeoutError):
+                            await _bounded(self.release(got), retry_s)
+                raise
             except (RedisError, OSError, TimeoutError) as exc:
                 log.debug("lease %s: cannot contend (%r)", name, exc)
                 await asyncio.sleep(retry_s)
@@ -318,7 +327,7 @@ class Leases:
             confirmed = started
 
 
-async def _bounded(call: Coroutine[Any, Any, T], timeout_s: float) -> T:
+async def _bounded(call: Awaitable[T], timeout_s: float) -> T:
     """``call``'s result within ``timeout_s``, else TimeoutError at once.
 
     Unlike ``asyncio.wait_for``, this does not wait for the cancelled call to end: a Redis

@@ -277,3 +277,44 @@ async def test_a_frozen_redis_ends_the_belief_in_the_lease_on_time(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
+
+
+class _StopAt(Leases):
+    """Leases whose holder is stopped (its task cancelled) just as one Redis call completes:
+    the moment Python 3.11's ``asyncio.wait_for`` loses a cancellation."""
+
+    def __init__(self, *args: Any, at: str) -> None:
+        super().__init__(*args)
+        self.at = at
+        self.task: asyncio.Task[None] | None = None
+
+    def _stop_once(self, call: str) -> None:
+        if call == self.at and self.task is not None:
+            self.task.cancel()
+            self.at = ""
+
+    async def acquire(self, name: str) -> tuple[Fence | None, float]:
+        result = await super().acquire(name)
+        self._stop_once("acquire")
+        return result
+
+    async def renew(self, fence: Fence) -> bool:
+        ok = await super().renew(fence)
+        self._stop_once("renew")
+        return ok
+
+
+@pytest.mark.parametrize("at", ["acquire", "renew"])
+async def test_a_stop_that_meets_a_completing_lease_call_ends_the_holder(
+    client: Any, prefix: str, at: str
+) -> None:
+    keys = Keys(prefix)
+    leases = _StopAt(client, keys, "a", TTL, at=at)
+    rec = Recorder()
+    task = leases.task = asyncio.create_task(leases.exclusive("job", rec.work("a")))
+    # the stop is not lost (with wait_for the holder ran on for ever), its work ends, and the
+    # lease is given up at once (not left to expire after the TTL, delaying a take-over)
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done == {task} and task.cancelled()
+    assert not rec.running and not leases.held
+    assert await leases.holder_of("job") is None
