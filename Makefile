@@ -39,6 +39,7 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -q examples/line  # an adapter distribution's own tests, on the kit's fixtures
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
