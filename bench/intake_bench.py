@@ -15,6 +15,10 @@ append-only file's other fsync policies.
 
     .venv/bin/python -m bench.intake_bench                 # about a minute
     .venv/bin/python -m bench.intake_bench --seconds 2 --rounds 1
+
+``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (for example
+``git archive <commit> gateway | tar -x -C DIR``) in the same alternating rounds, so a change
+is measured before and after in one run.
 """
 
 from __future__ import annotations
@@ -54,8 +58,15 @@ def body(i: int) -> bytes:
     )
 
 
-def serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) -> None:
+def serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any, src: str = "") -> None:
+    import sys
+
     import uvloop
+
+    if src:  # an older gateway: forget the one this module imported, load it from src
+        for name in [n for n in sys.modules if n == "gateway" or n.startswith("gateway.")]:
+            del sys.modules[name]
+        sys.path.insert(0, src)
 
     uvloop.run(_serve(kind, port, redis_url, prefix, ready))
 
@@ -107,17 +118,22 @@ async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) 
 
 
 class Target:
-    def __init__(self, kind: str, redis_url: str, prefix: str) -> None:
+    def __init__(self, kind: str, redis_url: str, prefix: str, src: str = "") -> None:
         self.kind = kind
         self.port = free_port()
         ctx = mp.get_context("spawn")
         self.ready = ctx.Event()
         self.process = ctx.Process(
-            target=serve, args=(kind, self.port, redis_url, prefix, self.ready), daemon=True
+            target=serve, args=(kind, self.port, redis_url, prefix, self.ready, src), daemon=True
         )
         self.process.start()
         if not self.ready.wait(30):
             raise RuntimeError(f"{kind} server did not start")
+
+    def cpu_ns(self) -> int:
+        """CPU time the server process has used so far (Linux schedstat, nanoseconds)."""
+        pid = self.process.pid
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
     def stop(self) -> None:
         self.process.terminate()
@@ -162,7 +178,7 @@ def fmt(r: LoadResult) -> str:
     )
 
 
-async def main(seconds: float, rounds: int) -> None:
+async def main(seconds: float, rounds: int, before: str = "") -> None:
     import time
 
     from gateway.queueing.embedded import EmbeddedRedis
@@ -170,18 +186,29 @@ async def main(seconds: float, rounds: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     server = EmbeddedRedis(tmp / "always", appendfsync="always")
     server.start_sync()
-    kinds = ("plain", "xadd", "gateway-unbatched", "gateway")
+    kinds: tuple[str, ...] = ("plain", "xadd", "gateway-unbatched", "gateway")
     targets = {k: Target(k, server.url, f"b-{k}") for k in kinds}
+    if before:
+        kinds += ("gateway-before",)
+        targets["gateway-before"] = Target("gateway-before", server.url, "b-before", before)
     best: dict[str, LoadResult] = {}
+    cpu: dict[str, float] = {}  # the server process's CPU per contact, least of the rounds
     offset = 0
     try:
         for r in range(rounds):
             for kind, target in targets.items():
+                cpu0 = target.cpu_ns()
                 result = await drive(target, seconds, offset)
+                cpu_us = (target.cpu_ns() - cpu0) / 1000 / max(1, result.ok)
                 offset += 10_000_000
-                print(f"round {r + 1} {kind:8} {fmt(result)}  errors {result.errors}", flush=True)
+                print(
+                    f"round {r + 1} {kind:8} {fmt(result)}  server CPU {cpu_us:5.1f} us/contact"
+                    f"  errors {result.errors}",
+                    flush=True,
+                )
                 if kind not in best or result.rate > best[kind].rate:
                     best[kind] = result
+                cpu[kind] = min(cpu.get(kind, cpu_us), cpu_us)
         peak = best["gateway"].rate
         since_ms = int(time.time() * 1000)
         half = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
@@ -205,17 +232,21 @@ async def main(seconds: float, rounds: int) -> None:
 
     plain, xadd = best["plain"].rate, best["xadd"].rate
     print()
-    print("| server | contacts/s | client p50 | client p99 |")
-    print("|---|---:|---:|---:|")
+    print("| server | contacts/s | client p50 | client p99 | server CPU per contact |")
+    print("|---|---:|---:|---:|---:|")
     for kind in kinds:
         b = best[kind]
         print(
             f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms "
-            f"| {b.percentile_ms(0.99):.2f} ms |"
+            f"| {b.percentile_ms(0.99):.2f} ms | {cpu[kind]:.1f} µs |"
         )
     print()
     unbatched = best["gateway-unbatched"].rate
     print(f"batching gain: gateway / gateway-unbatched = {peak / unbatched:.2f}")
+    print(
+        "server CPU per contact, plain / gateway = "
+        f"{cpu['plain'] / cpu['gateway']:.2f}, xadd / gateway = {cpu['xadd'] / cpu['gateway']:.2f}"
+    )
     print(
         f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); "
         f"gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)"
@@ -224,6 +255,13 @@ async def main(seconds: float, rounds: int) -> None:
         f"at half peak ({half.rate:.0f}/s, {n} contacts): edge-to-enqueue p50 {p50:.2f} ms, "
         f"p99 {p99:.2f} ms (aim < 5 ms)"
     )
+    if before:
+        old = best["gateway-before"].rate
+        print(
+            f"before ({before}): {old:.0f}/s, gateway / plain = {old / plain:.2f}, "
+            f"gateway / xadd = {old / xadd:.2f}; after / before = {peak / old:.2f}; "
+            f"server CPU per contact after / before = {cpu['gateway'] / cpu['gateway-before']:.2f}"
+        )
     print("appendfsync: " + ", ".join(f"{m} {r:.0f}/s ({r / peak:.2f}x)" for m, r in fsync.items()))
 
 
@@ -231,5 +269,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--before", default="", help="source tree of an older gateway")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.rounds))
+    asyncio.run(main(args.seconds, args.rounds, args.before))
