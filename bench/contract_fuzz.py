@@ -43,12 +43,16 @@ def gateway_tables(push_url: str) -> dict[str, object]:
     }
 
 
-def schemathesis_command(base_url: str, examples: int, seed: int) -> list[str]:
+def schemathesis_command(
+    base_url: str, examples: int, seed: int, max_time_s: int | None = None
+) -> list[str]:
     """The schemathesis run over every operation of the served document."""
     binary = Path(sys.executable).with_name("schemathesis")
+    budget = ["--max-time", str(max_time_s)] if max_time_s else []
     return [
         str(binary),
         "run",
+        *budget,
         f"{base_url}/v1/openapi.json",
         "--url",
         base_url,
@@ -58,6 +62,8 @@ def schemathesis_command(base_url: str, examples: int, seed: int) -> list[str]:
         str(examples),
         "--seed",
         str(seed),
+        "--request-timeout",
+        "40",  # long polls wait up to 30 s (wait_ms): schemathesis' 10 s would cut them
         "--header",
         f"Authorization: Bearer {ADMIN_TOKEN}",
         "--no-color",
@@ -97,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=500, help="per operation")
     parser.add_argument("--seed", type=int, default=20261201)
+    parser.add_argument(
+        "--max-time", type=int, default=0, help="a time budget in seconds: fuzzing and "
+        "stateful tests repeat until it is spent (schemathesis --max-time); 0: none"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="contract-fuzz-") as folder:
         tmp = Path(folder)
@@ -118,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError:
                     time.sleep(0.1)
             started = time.monotonic()
-            code = subprocess.call(schemathesis_command(base, args.examples, args.seed))
+            code = subprocess.call(
+                schemathesis_command(base, args.examples, args.seed, args.max_time or None)
+            )
             print(f"contract_fuzz: {args.examples} examples per operation, seed {args.seed}: "
                   f"exit {code} in {time.monotonic() - started:.0f} s", flush=True)
             return code
