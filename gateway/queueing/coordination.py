@@ -203,6 +203,22 @@ class _Scripts:
                 raise
         raise AssertionError("unreachable")
 
+    async def run_replicated(
+        self, name: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """Run a script and ``WAIT`` on the same connection: (its reply, replicas that have it)."""
+        if name not in self._shas:
+            self._shas[name] = await self.redis.script_load(_SCRIPTS[name])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        try:
+            reply, confirmed = await pipe.execute()
+        except NoScriptError:
+            self._shas.clear()
+            raise
+        return reply, int(confirmed)
+
 
 Work = Callable[[Fence], Coroutine[Any, Any, None]]
 
@@ -210,8 +226,20 @@ Work = Callable[[Fence], Coroutine[Any, Any, None]]
 class Leases:
     """Named leases of this gateway instance (``holder`` is unique per process start)."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, instance: str, ttl_s: float) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        instance: str,
+        ttl_s: float,
+        *,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 1000,
+    ) -> None:
         self.keys = keys
+        # WAIT has no key to route by: on a cluster each master's replicas answer for their own
+        self.min_replicas = min_replicas if hasattr(redis, "connection_pool") else 0
+        self.replica_timeout_ms = replica_timeout_ms
         self.ttl_s = max(0.3, float(ttl_s))
         self.ttl_ms = int(self.ttl_s * 1000)
         # two Gateway objects may share an instance name (tests, a mis-set config): never a holder
@@ -227,12 +255,28 @@ class Leases:
     async def acquire(self, name: str) -> tuple[Fence | None, float]:
         """Try once: ``(fence, ttl)`` when the lease is ours now, else ``(None, seconds left)``."""
         key = self.keys.lease(name)
-        token, ms = await self._scripts.run(
-            "acquire", [key, self.keys.lease_fence(name)], [self.holder, self.ttl_ms]
-        )
+        calls = ([key, self.keys.lease_fence(name)], [self.holder, self.ttl_ms])
+        if self.min_replicas:
+            (token, ms), confirmed = await self._scripts.run_replicated(
+                "acquire", *calls, self.min_replicas, self.replica_timeout_ms
+            )
+        else:
+            token, ms = await self._scripts.run("acquire", *calls)
+            confirmed = 0
         if not int(token):
             return None, max(0, int(ms)) / 1000
-        return Fence(name, int(token), key, f"{self.holder}/{int(token)}"), self.ttl_s
+        fence = Fence(name, int(token), key, f"{self.holder}/{int(token)}")
+        if self.min_replicas and confirmed < self.min_replicas:
+            # a failover could lose this acquisition and let another take the lease while we
+            # believe in it: only an acquisition a replica has counts (as contact writes)
+            log.warning(
+                "lease %s: %d of %d replicas confirmed the acquisition; not taken",
+                name, confirmed, self.min_replicas,
+            )
+            with contextlib.suppress(RedisError, OSError):
+                await self.release(fence)
+            return None, self.ttl_s / 3
+        return fence, self.ttl_s
 
     async def renew(self, fence: Fence) -> bool:
         """Extend the lease if this acquisition still holds it."""

@@ -318,3 +318,18 @@ async def test_a_stop_that_meets_a_completing_lease_call_ends_the_holder(
     assert done == {task} and task.cancelled()
     assert not rec.running and not leases.held
     assert await leases.holder_of("job") is None
+
+
+async def test_with_min_replicas_an_acquisition_no_replica_has_is_not_taken(
+    client: Any, prefix: str
+) -> None:
+    """Behind Sentinel a failover may lose an acquisition that no replica had yet, and another
+    instance could then take the lease while this one believes in it: with ``min_replicas``
+    only an acquisition ``WAIT`` confirms counts (this server has no replica)."""
+    keys = Keys(prefix)
+    strict = Leases(client, keys, "a", TTL, min_replicas=1, replica_timeout_ms=50)
+    fence, _ = await strict.acquire("job")
+    assert fence is None
+    assert await client.exists(keys.lease("job")) == 0  # given back at once
+    loose, _ = await Leases(client, keys, "b", TTL).acquire("job")
+    assert loose is not None
