@@ -179,6 +179,9 @@ open_to_loopback = true
 
 [fleet]
 lease_ttl = "{ttl}"
+
+[limits]
+sender_contacts = 0   # a load test: one fake citizen sends far more than 30 a minute
 """
     if sms:
         text += f"""
@@ -250,6 +253,20 @@ class SentinelGroup:
                 )
             )
         self._wait(lambda: self.master_port() == master and self._replicas_online(master) == 2)
+        self._wait(self._sentinels_ready)
+
+    def _sentinels_ready(self) -> bool:
+        """Every Sentinel knows both replicas and the other Sentinels (learned from the
+        master's INFO every 10 s and from hello messages): only then can they fail over."""
+        try:
+            for port in self.sentinel_ports:
+                replicas = self._ask(port, "SENTINEL", "replicas", self.MASTER)
+                others = self._ask(port, "SENTINEL", "sentinels", self.MASTER)
+                if len(replicas) < 2 or len(others) < len(self.sentinel_ports) - 1:
+                    return False
+        except Exception:
+            return False
+        return True
 
     def _ask(self, port: int, *command: str) -> Any:
         import redis
@@ -296,6 +313,7 @@ class SentinelGroup:
         assert old is not None
         # both replicas in sync first (the one brought back last may still be loading)
         self._wait(lambda: self._replicas_online(old) == 2, timeout_s=180)
+        self._wait(self._sentinels_ready, timeout_s=60)
         self.servers[old].kill()
         self.servers[old].wait()
         self._wait(lambda: self.master_port() not in (None, old))
@@ -562,7 +580,11 @@ class Soak:
             if len(depths) == len(self.fleet) and not any(depths) and confirmed:
                 return
             await asyncio.sleep(0.1)
-        raise RuntimeError("the fleet did not settle (spools not empty or updates unconfirmed)")
+        raise RuntimeError(
+            f"the fleet did not settle: spool depths {depths}, "
+            f"{len(self.confirmed_updates())} of {len(self.pushed_updates)} updates confirmed, "
+            f"leases {await self.holders(session)}"
+        )
 
     async def count(self) -> None:
         client = self.group.client() if self.group else aioredis.from_url(self.redis.url)
