@@ -631,7 +631,8 @@ def parse_settings(
             errors.append(("adapters", "expected a table of adapter tables"))
             adapters_raw = {}
         channel_types = load_channel_types()
-        view = AdapterSettings.of(settings) if settings is not None else None
+        # an adapter type's own rules read the core settings: only once those are valid
+        view = AdapterSettings.of(settings) if settings is not None and not errors else None
         for name, table in adapters_raw.items():
             key = f"adapters.{name}"
             if not isinstance(table, dict):
