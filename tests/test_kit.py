@@ -194,8 +194,30 @@ WECHAT = WebhookKit(
 )
 
 
+def _weibo(message_id: str, text: str, secret: str = wx.APP_SECRET) -> Request:
+    """A fan service push as Weibo makes it: a fresh signed query each try, the same body."""
+    query = wx.weibo_query(int(time.time()), secret=secret)
+    return Request(f"/chat/weibo/kit?{query}", wx.weibo_push("text", text),
+                   {"Content-Type": "application/json"})
+
+
+WEIBO = WebhookKit(
+    type="weibo",
+    table={"app_secret": wx.APP_SECRET},
+    inbound=_weibo,
+    bad=[
+        _weibo("b1", "x", secret="forged"),
+        Request(f"/chat/weibo/kit?{wx.weibo_query(int(time.time()))}", b"{",
+                {"Content-Type": "application/json"}),
+        Request("/chat/weibo/kit", wx.weibo_push("text", "x"),
+                {"Content-Type": "application/json"}),
+    ],
+    secrets=[wx.APP_SECRET],
+)
+
+
 KITS = {"sms-webhook": SMS_WEBHOOK, "twilio": TWILIO, "kannel": KANNEL, "app": APP,
-        "open311": OPEN311, "wechat": WECHAT}
+        "open311": OPEN311, "wechat": WECHAT, "weibo": WEIBO}
 RUNS = [(kit, check) for kit in sorted(KITS) for check in sorted(ALL_CHECKS)
         if check != "replies_stamped" or KITS[kit].reply_config is not None]
 
