@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from gateway.channels.voice.ami import AmiError, FrameReader, format_action
+from gateway.channels.voice.ami import AmiClient, AmiError, FrameReader, format_action
 from gateway.clock import FixedClock
+from gateway.config import Secret
 from gateway.records import Contact, Event
 from gateway.runtime import Gateway
 from tests.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
@@ -382,3 +383,49 @@ async def test_a_silent_manager_is_pinged_then_reconnected(start_gateway: Any) -
     client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
     await until(lambda: client.logins >= 2)
     assert [a["Action"] for a in ami.actions].count("Ping") >= 1
+
+
+async def test_a_stop_that_meets_a_completing_read_ends_the_session() -> None:
+    """The manager link is stopped just as a read from the manager completes (the moment
+    Python 3.11's ``asyncio.wait_for`` lost the cancellation: the session went on, and the
+    adapter's stop waited on it for ever)."""
+    ami = FakeAmi([])
+    await ami.start()
+    events: list[dict[str, str]] = []
+
+    async def on_event(frame: Any) -> None:
+        events.append(frame)
+
+    client = AmiClient("127.0.0.1", ami.port, "gateway", Secret(SECRET), on_event=on_event,
+                       reconnect_min=0.02, reconnect_max=0.1, ping_interval=0.1)
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    stops = 0
+
+    def stop_as_it_completes(done: asyncio.Future[Any]) -> None:
+        nonlocal stops
+        if not stops and not done.cancelled() and client._task is not None:
+            stops += 1
+            client._task.cancel()
+
+    def watch_reads(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kw)
+        if getattr(coro, "__qualname__", "") == "StreamReader.read":  # a read in a task of its own
+            task.add_done_callback(stop_as_it_completes)
+        return task
+
+    loop.set_task_factory(watch_reads)
+    try:
+        await client.start()
+        await until(lambda: client.logins >= 1)
+        if not stops:  # reads run in the session's own task: stop it as it reads
+            assert client._task is not None
+            client._task.cancel()
+        task = client._task
+        assert task is not None
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done == {task} and task.cancelled()
+    finally:
+        loop.set_task_factory(factory)
+        await asyncio.wait_for(client.stop(), 10)
+        await ami.stop()

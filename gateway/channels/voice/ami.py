@@ -206,9 +206,8 @@ class AmiClient:
             delay = min(self.reconnect_max, max(self.reconnect_min, delay * 2))
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.connect_timeout
-        )
+        async with asyncio.timeout(self.connect_timeout):  # see _next
+            reader, writer = await asyncio.open_connection(self.host, self.port)
         frames = FrameReader()
         queue: list[Frame] = []
         try:
@@ -263,9 +262,8 @@ class AmiClient:
         the lease holder). Raise ``AmiError`` when the manager refuses the action (``write =
         originate`` missing), or no response comes within ``wait`` seconds.
         """
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.connect_timeout
-        )
+        async with asyncio.timeout(self.connect_timeout):  # see _next
+            reader, writer = await asyncio.open_connection(self.host, self.port)
         frames = FrameReader()
         queue: list[Frame] = []
         loop = asyncio.get_running_loop()
@@ -353,7 +351,10 @@ class AmiClient:
         self, reader: asyncio.StreamReader, frames: FrameReader, queue: list[Frame], wait: float
     ) -> Frame:
         while not queue:
-            data = await asyncio.wait_for(reader.read(65536), wait)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation (a stop)
+            # that meets a read's completion, and the session would go on for ever
+            async with asyncio.timeout(wait):
+                data = await reader.read(65536)
             if not data:
                 raise AmiError("connection closed")
             queue.extend(frames.feed(data))
