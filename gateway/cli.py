@@ -28,7 +28,7 @@ from gateway.replies import reply_queues
 
 
 def default_raw_config() -> dict[str, Any]:
-    """The try-it-here setup used when no config file is given (see DESIGN.md)."""
+    """The try-it-here setup used when no config file is given (README, quick start)."""
     from gateway.adapters import load_channel_types
 
     types = load_channel_types()

@@ -47,3 +47,12 @@ async def answer_before_body(port: int, head: bytes, first: bytes = b"") -> tupl
         return int(status_line.split()[1]), rest
     finally:
         writer.close()
+
+
+def require(ok: bool, what: str) -> None:
+    """Fail (never skip) with what the test needs when a real program is missing: `.ci/run`
+    installs every one of them, so a missing program is a broken machine, not a pass."""
+    import pytest
+
+    if not ok:
+        pytest.fail(f"this test needs {what}", pytrace=False)

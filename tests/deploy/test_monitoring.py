@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
+
+from tests.harness import require
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "gateway-rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "gateway-dashboard.json"
 FROM_PROMETHEUS = {"up"}  # made by Prometheus itself for every scrape target
 NAME = re.compile(r"(?<![A-Za-z0-9_:\"'])((?:gateway|process)_[a-z0-9_]+|up)(?=\s*[{\[)]|\s|$)")
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None,
-    reason="needs promtool: apt-get install prometheus (.ci/run does)",
-)
+
+
+def needs_promtool() -> None:
+    require(shutil.which("promtool") is not None,
+            "promtool: apt-get install prometheus (.ci/run does)")
 
 
 def rule_exprs() -> list[str]:
@@ -91,12 +93,12 @@ def promtool(*args: str) -> str:
     return done.stdout
 
 
-@needs_promtool
 def test_promtool_accepts_the_rules_and_the_scrape_config() -> None:
+    needs_promtool()
     assert "SUCCESS" in promtool("check", "rules", str(RULES))
     promtool("check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
 
 
-@needs_promtool
 def test_alerts_fire_on_the_series_they_watch() -> None:
+    needs_promtool()
     promtool("test", "rules", str(DEPLOY / "prometheus" / "gateway-rules.test.yml"))

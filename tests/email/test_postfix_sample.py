@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import require
+
 SAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "email" / "postfix"
 QMGR_ONLY = {  # qmgr(8): read by the queue manager, which serves every transport
     "queue_run_delay", "minimal_backoff_time", "maximal_backoff_time", "maximal_queue_lifetime",
     "bounce_queue_lifetime", "qmgr_message_active_limit", "qmgr_message_recipient_limit",
 }
 GATEWAY_MAX_MESSAGE = 29360128  # the 28 MiB docs/channels/email.md advises for 20 MB files
-needs_postfix = pytest.mark.skipif(
-    shutil.which("postconf") is None or not Path("/usr/share/postfix/main.cf.debian").exists(),
-    reason="needs Debian's postfix: apt-get install postfix (.ci/run does)",
-)
+
+
+def needs_postfix() -> None:
+    require(shutil.which("postconf") is not None
+            and Path("/usr/share/postfix/main.cf.debian").exists(),
+            "Debian's postfix: apt-get install postfix (.ci/run does)")
 
 
 def overrides(master_cf: str) -> list[str]:
@@ -46,6 +50,7 @@ def run(*args: str) -> str:
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     """Debian's stock main.cf and master.cf with the sample appended, maps built with postmap."""
+    needs_postfix()
     conf = tmp_path / "postfix"
     conf.mkdir()
     main = Path("/usr/share/postfix/main.cf.debian").read_text(encoding="utf-8")
@@ -64,7 +69,6 @@ def config_dir(tmp_path: Path) -> Path:
     return conf
 
 
-@needs_postfix
 def test_postconf_reads_the_sample(config_dir: Path) -> None:
     values = dict(
         line.split(" = ", 1) for line in run("postconf", "-c", str(config_dir)).splitlines()
@@ -81,10 +85,6 @@ def test_postconf_reads_the_sample(config_dir: Path) -> None:
                f"hash:{config_dir}/transport").strip() == "hotline:[10.0.0.5]:2525"
 
 
-@needs_postfix
-@pytest.mark.skipif(
-    os.geteuid() != 0,
-    reason="postfix check inspects the queue folder's ownership: needs root",
-)
 def test_postfix_check_accepts_the_sample(config_dir: Path) -> None:
+    require(os.geteuid() == 0, "root: postfix check inspects the queue folder's ownership")
     run("postfix", "-c", str(config_dir), "check")

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.config import ConfigError
 from tests.cases.conftest import eventually
+from tests.harness import require
 
 CONF = Path(__file__).resolve().parents[2] / "deploy" / "kannel" / "kannel.conf"
 
@@ -123,9 +124,9 @@ def paths(conf: str) -> list[str]:
     return [v for g in groups(conf) for k, v in g.items() if k in keys]
 
 
-@pytest.mark.skipif(shutil.which("bearerbox") is None,
-                    reason="needs Kannel's bearerbox: apt-get install kannel (.ci/run does)")
 async def test_bearerbox_and_smsbox_start_with_the_sample(tmp_path: Path) -> None:
+    require(shutil.which("bearerbox") is not None,
+            "Kannel's bearerbox: apt-get install kannel (.ci/run does)")
     text = CONF.read_text(encoding="utf-8")
     for path in paths(text):  # what Debian's kannel package creates (only /var/log/kannel)
         assert Path(path).parent.is_dir(), f"{path}: its folder is not on a Debian install"
