@@ -26,6 +26,24 @@ answers False: ``/readyz`` fails. Metrics: ``gateway_loop_up{loop}`` (1 while ru
 A loop may also report a problem it survives without raising (a replay that makes no
 progress): ``supervisor.degrade(name, reason)`` marks it ``degraded`` (readiness fails if it
 is required, WARNING logged once) and ``supervisor.degrade(name, None)`` clears it.
+
+Work that retries inside a loop (a send, a connect, a poll) uses the same back-off, ``Backoff``
+(doubling pauses with jitter, ``reset()`` after a success), or ``retry(call, on=..., ...)``
+around one call, bounded by a number of ``attempts`` or a time ``within`` (``asyncio.timeout``,
+not ``asyncio.wait_for``: on Python 3.11 that loses a cancellation that meets a completing
+call)::
+
+    backoff = Backoff(1.0, 30.0)
+    while True:
+        try:
+            updates = await poll()
+        except NetworkError:
+            await backoff.sleep()
+            continue
+        backoff.reset()
+
+    receipt = await retry(lambda: intake.submit(inbound), on=IntakeUnavailable,
+                          backoff=Backoff(0.1, 1.0), within=4.0)
 """
 
 from __future__ import annotations
@@ -35,8 +53,8 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 from gateway.clock import format_time
 from gateway.metrics import Metrics
@@ -80,6 +98,80 @@ class LoopState:
         if self.problem is not None:
             detail["problem"] = self.problem
         return detail
+
+
+T = TypeVar("T")
+
+
+class Backoff:
+    """Pauses that start at ``first`` seconds and double up to ``most``, each varied by
+    ``jitter`` (±10 %: a fleet does not retry in step); ``reset()`` starts again from ``first``."""
+
+    def __init__(self, first: float, most: float, *, jitter: float = 0.1) -> None:
+        self.first = first
+        self.most = max(first, most)
+        self.jitter = jitter
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        """The pause to wait now (the following one doubles)."""
+        pause, self._next = self._next, min(self._next * 2, self.most)
+        return pause * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    async def sleep(self, at_least: float = 0.0) -> float:
+        """Wait the next pause (or ``at_least``, when the peer asked for longer); return it."""
+        pause = max(self.next(), at_least)
+        await asyncio.sleep(pause)
+        return pause
+
+    def nth(self, attempt: int) -> float:
+        """The pause after failed ``attempt`` (1, 2, ...), without jitter, for work that keeps
+        its own count of attempts (a scheduled item, a delivery)."""
+        return min(self.most, self.first * (1 << min(max(attempt - 1, 0), 62)))
+
+
+async def retry(
+    call: Callable[[], Awaitable[T]],
+    *,
+    on: type[BaseException] | tuple[type[BaseException], ...],
+    backoff: Backoff,
+    attempts: int | None = None,
+    within: float | None = None,
+    note: Callable[[int, BaseException, float], None] | None = None,
+) -> T:
+    """Call ``call()`` until it returns, pausing by ``backoff`` after each failure ``on``;
+    other exceptions pass through.
+
+    With ``attempts``, at most that many calls: the last failure is raised. With ``within``
+    seconds, the calls and pauses all end by then: a call still running is cancelled and
+    ``TimeoutError`` raised; a failure with too little time left for another call is raised.
+    ``note(attempt, exc, pause)`` is told of each failure that is retried (to log it).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if within is None else loop.time() + within
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if deadline is None:
+                return await call()
+            async with asyncio.timeout_at(deadline):
+                return await call()
+        except on as exc:
+            pause = backoff.next()
+            if attempts is not None and attempt >= attempts:
+                raise
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                pause = min(pause, left)
+            if note is not None:
+                note(attempt, exc, pause)
+            await asyncio.sleep(pause)
 
 
 class Supervisor:
@@ -175,8 +267,7 @@ class Supervisor:
     async def _supervise(
         self, state: LoopState, run: LoopFunction, backoff: tuple[float, float]
     ) -> None:
-        first, most = backoff
-        delay = first
+        delays = Backoff(*backoff)
         failures = 0
         while True:
             started = time.monotonic()
@@ -195,8 +286,9 @@ class Supervisor:
                 if state.required and failures:
                     log.warning("loop %s: finished after %d restarts", state.name, failures)
                 return
-            if time.monotonic() - started >= most:
-                delay, failures, state.failing_since = first, 0, None
+            if time.monotonic() - started >= delays.most:
+                failures, state.failing_since = 0, None
+                delays.reset()
             failures += 1
             state.restarts += 1
             state.last_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -207,7 +299,7 @@ class Supervisor:
             self._set_up(state.name, False)
             if self.metrics is not None:
                 self.metrics.loop_restarts.labels(state.name).inc()
-            wait = delay * random.uniform(0.9, 1.1)
+            wait = delays.next()
             if failures == 1:
                 log.error("loop %s failed, restarting in %.2f s", state.name, wait, exc_info=exc)
             else:
@@ -219,7 +311,6 @@ class Supervisor:
                     wait,
                 )
             await asyncio.sleep(wait)
-            delay = min(delay * 2, most)
             self._running_again(state)
 
     def _running_again(self, state: LoopState) -> None:

@@ -30,13 +30,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as _defused_fromstring
 
-from gateway.adapters import AdapterContext, IntakeUnavailable, Receipt, SendError
+from gateway.adapters import AdapterContext, Receipt, SendError
+from gateway.channels.common import Refused, Unavailable, retry_later, submit
 from gateway.clock import MICROS_PER_SECOND, Micros
 from gateway.config import Duration
 from gateway.egress import client_session
 from gateway.http import read_body, read_capped
 from gateway.language import guess_language
 from gateway.records import Attachment, Inbound, Sender, clean_text
+from gateway.supervise import Backoff, retry
 
 log = logging.getLogger(__name__)
 
@@ -329,30 +331,20 @@ shows the citizen an error prompt and is not documented to be retried."""
 
 
 async def submit_within(ctx: AdapterContext, inbound: Inbound, limit_s: float) -> Receipt | None:
-    """Submit ``inbound``; None when it is not durable within ``limit_s``.
+    """Submit ``inbound``; None when it is not durable within ``limit_s`` (``Refused`` for a
+    contact over the rate or one Intake cannot take).
 
-    ``IntakeUnavailable`` is retried with back-off inside the limit (a Redis failover or a
-    spool hiccup often passes in a second). Intake bounds its own Redis wait and falls back to
-    the spool, so giving up is rare; the platform's retry (same message id) then dedupes.
+    Unavailability is retried with back-off inside the limit (a Redis failover or a spool
+    hiccup often passes in a second). Intake bounds its own Redis wait and falls back to the
+    spool, so giving up is rare; the platform's retry (same message id) then dedupes.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    delay = 0.1
-    while (remaining := deadline - loop.time()) > 0:
-        try:
-            async with asyncio.timeout(remaining):  # not wait_for: it can swallow a cancel (3.11)
-                return await ctx.intake.submit(inbound)
-        except TimeoutError:
-            return None
-        except IntakeUnavailable:
-            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0.0)))
-            delay = min(delay * 2, 1.0)
-    return None
-
-
-def retry_later() -> web.Response:
-    """Answer a push that could not be made durable: the platform retries."""
-    return web.Response(status=503, headers={"Retry-After": "5"}, text="retry later")
+    try:
+        return await retry(
+            lambda: submit(ctx, inbound), on=Unavailable, backoff=Backoff(0.1, 1.0),
+            within=limit_s,
+        )
+    except (TimeoutError, Unavailable):
+        return None
 
 
 _MAX_API_ANSWER: Final = 1 << 20
@@ -561,7 +553,10 @@ class PushAdapter:
         )
         # one 4 s budget for everything before the answer (media download included)
         budget = max(ANSWER_WITHIN_S - (loop.time() - started), 0.5)
-        receipt = await submit_within(self.ctx, inbound, budget)
+        try:
+            receipt = await submit_within(self.ctx, inbound, budget)
+        except Refused as exc:
+            return exc.answer()
         if receipt is None:
             log.warning("%s: push not durable in time; letting the platform time out", self.name)
             await asyncio.sleep(max(0.0, started + PLATFORM_WAIT_S - loop.time()))
@@ -585,7 +580,6 @@ __all__ = [
     "WINDOW",
     "AccessToken",
     "Decoded",
-    "IntakeUnavailable",
     "MessageCrypto",
     "PayloadError",
     "PushAdapter",
@@ -595,7 +589,6 @@ __all__ = [
     "call_json",
     "check_push",
     "parse_xml",
-    "retry_later",
     "sha1_signature",
     "signature_matches",
     "submit_within",

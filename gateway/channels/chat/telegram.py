@@ -43,9 +43,9 @@ from telegram.error import (
 from telegram.ext import Application, ApplicationBuilder
 
 from gateway import safejson
-from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
-from gateway.channels.chat.officialaccount import retry_later
+from gateway.channels.common import Refused, retry_later, submit
 from gateway.clock import Micros, from_datetime
 from gateway.config import Duration, Secret
 from gateway.egress import SendRate, proxy_for
@@ -378,7 +378,7 @@ class TelegramAdapter:
         """Make one update durable; return its contact id (None when ignored).
 
         ``received_at`` is when the update was first seen (before it was parsed). Raises
-        ``IntakeUnavailable`` when it could not be made durable.
+        ``Refused`` when it was not taken (not durable: 503).
         """
         try:
             msg = decode_update(update, self.bot.id, self.bot.username)
@@ -414,7 +414,7 @@ class TelegramAdapter:
             origin_at=msg.origin_at,
             meta=msg.meta,
         )
-        receipt = await self.ctx.intake.submit(inbound)
+        receipt = await submit(self.ctx, inbound)
         return receipt.contact_id
 
     async def _welcome(self, chat_id: int) -> None:
@@ -461,9 +461,8 @@ class TelegramAdapter:
             return web.Response(status=400, text="bad request")
         try:
             await self.take(update, received_at)
-        except IntakeUnavailable:
-            log.warning("%s: intake unavailable, Telegram will retry", self.name)
-            return retry_later()
+        except Refused as exc:
+            return exc.answer()
         return web.Response(text="")
 
     async def _poll(self) -> None:
@@ -516,7 +515,7 @@ class TelegramAdapter:
             for update in chain:
                 try:
                     await self.take(update, received_at)
-                except Exception as exc:  # IntakeUnavailable, or a disk error storing a file
+                except Exception as exc:  # Refused, or a disk error storing a file
                     log.warning(
                         "%s: update %d not taken (%s); it stays unconfirmed",
                         self.name,

@@ -33,19 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 5
-"""What a 503 asks the provider to wait when Intake is unavailable."""
-
-
 class BadRequest(Exception):
     """The request is malformed: answer 400 with this message."""
-
-
-def unavailable() -> web.Response:
-    """503 with Retry-After: nothing was stored, the provider must send again."""
-    return web.Response(
-        status=503, text="temporarily unavailable\n", headers={"Retry-After": str(RETRY_AFTER_S)}
-    )
 
 
 def bad_request(message: str) -> web.Response:

@@ -27,11 +27,11 @@ from gateway import safejson
 from gateway.adapters import (
     AdapterContext,
     ChannelType,
-    IntakeUnavailable,
     Receipt,
     SendError,
     SendReceipt,
 )
+from gateway.channels.common import Refused, retry_later, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
 from gateway.channels.sms.segments import split
@@ -319,7 +319,7 @@ class GenericAdapter(common.PartsLifecycle):
                 await self.assembler.add(part)  # the hand-over acknowledges, whenever it happens
             except OSError as exc:
                 log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
-                return common.unavailable()
+                return retry_later()
             return self._answer()
         inbound = Inbound(
             channel="sms",
@@ -333,10 +333,9 @@ class GenericAdapter(common.PartsLifecycle):
             meta={"provider": "sms-webhook"},
         )
         try:
-            receipt = await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
-            return common.unavailable()
+            receipt = await submit(self.ctx, inbound)
+        except Refused as exc:
+            return exc.answer()
         log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         self._acknowledge(receipt)
         return self._answer()
@@ -425,7 +424,7 @@ class GenericAdapter(common.PartsLifecycle):
         elif status in names.failed:
             kind = "failed"
         if not await self.reports.record(contact_id, ref, kind, {"status": status[:40]}):
-            return common.unavailable()
+            return retry_later()
         return self._answer()
 
     # ------------------------------------------------------------------ outbound

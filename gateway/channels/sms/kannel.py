@@ -32,11 +32,11 @@ from aiohttp import web
 from gateway.adapters import (
     AdapterContext,
     ChannelType,
-    IntakeUnavailable,
     Receipt,
     SendError,
     SendReceipt,
 )
+from gateway.channels.common import Refused, retry_later, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Assembler, Part, assembled_id, group_key, parse_udh
 from gateway.channels.sms.segments import split, substitute
@@ -366,7 +366,7 @@ class KannelAdapter(common.PartsLifecycle):
                 added = await self.assembler.add(part)
             except OSError as exc:
                 log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
-                return common.unavailable()
+                return retry_later()
             if isinstance(added.handed_over, Receipt):
                 return await self._answer(added.handed_over)
             return self._empty()
@@ -389,10 +389,9 @@ class KannelAdapter(common.PartsLifecycle):
             },
         )
         try:
-            receipt = await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
-            return common.unavailable()
+            receipt = await submit(self.ctx, inbound)
+        except Refused as exc:
+            return exc.answer()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id
@@ -513,7 +512,7 @@ class KannelAdapter(common.PartsLifecycle):
         if params.get("answer"):
             detail["answer"] = params["answer"][:160]
         if not await self.reports.record(contact_id, ref, kind, detail):
-            return common.unavailable()
+            return retry_later()
         return web.Response(status=200, text="OK\n")
 
     # ------------------------------------------------------------------ outbound

@@ -28,12 +28,12 @@ from aiohttp import web
 from gateway.adapters import (
     AdapterContext,
     ChannelType,
-    IntakeUnavailable,
     Receipt,
     SendError,
     SendReceipt,
 )
 from gateway.attachments import AttachmentTooLarge
+from gateway.channels.common import Refused, retry_later, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.segments import split
 from gateway.config import AdapterSettings, ConfigError, Duration, Secret
@@ -287,10 +287,9 @@ class TwilioAdapter:
             meta=meta,
         )
         try:
-            receipt = await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            log.warning("SMS from %s refused: intake unavailable", mask_phone(sender))
-            return common.unavailable()
+            receipt = await submit(self.ctx, inbound)
+        except Refused as exc:
+            return exc.answer()
         log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         return await self._answer(receipt)
 
@@ -372,7 +371,7 @@ class TwilioAdapter:
         if form.get("ErrorCode"):
             detail["error_code"] = form["ErrorCode"][:16]
         if not await self.reports.record(contact_id, ref, kind, detail):
-            return common.unavailable()
+            return retry_later()
         return web.Response(status=200, body=TWIML_EMPTY, content_type="text/xml")
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:

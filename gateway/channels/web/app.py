@@ -26,9 +26,10 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from gateway import safejson
-from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import presented_key, secrets_equal
+from gateway.channels.common import Refused, submit
 from gateway.channels.web.bodies import contact_history, read_part
 from gateway.clock import format_time
 from gateway.config import Secret
@@ -238,9 +239,9 @@ class AppIntake:
         except MALFORMED_BODY as exc:
             return problem(400, f"malformed body: {type(exc).__name__}")
         try:
-            receipt = await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            return problem(503, "queue unavailable, retry later", {"Retry-After": "5"})
+            receipt = await submit(self.ctx, inbound)
+        except Refused as exc:
+            return exc.answer(problem)
         return web.Response(
             status=202,
             body=orjson.dumps(

@@ -17,6 +17,7 @@ Errors are the spec's list of ``{code, description}``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -30,9 +31,10 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from gateway import safejson
-from gateway.adapters import AdapterContext, ChannelType, IntakeUnavailable, SendError, SendReceipt
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import secrets_equal
+from gateway.channels.common import Refused, submit
 from gateway.channels.web.bodies import contact_history, read_part
 from gateway.clock import Micros, format_time
 from gateway.config import Secret
@@ -509,11 +511,9 @@ class Open311:
             req, client, received_at, media, request.headers.get("Idempotency-Key", "")
         )
         try:
-            receipt = await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            response = self._error(fmt, 503, "temporarily unavailable, retry later")
-            response.headers["Retry-After"] = "5"
-            return response
+            receipt = await submit(self.ctx, inbound)
+        except Refused as exc:
+            return exc.answer(functools.partial(self._error, fmt))
         row = {
             "service_request_id": receipt.contact_id,
             "service_notice": self.config.service_notice,
