@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+import os
+from typing import Any
 
 import pytest
 
@@ -56,3 +60,60 @@ async def test_attachments_are_served_over_http_with_a_key(
     async with aiohttp_client_session.get(url + "x", headers=headers) as resp:
         assert resp.status == 400
         assert resp.headers["Content-Type"] == "application/problem+json"
+
+
+async def test_concurrent_puts_are_one_group_commit_durable_before_they_return(
+    tmp_path, monkeypatch
+):
+    """Files put at the same time are written together, then fsynced together, then renamed,
+    then their folders fsynced: every file's bytes and folder entry are on disk before its put
+    returns, with no fsync between two renames of one group (the old store fsynced and renamed
+    one file after another)."""
+    store = AttachmentStore(tmp_path, max_size=1024)
+    await store.put(b"warm", "w", "")  # the first group has no company
+    steps: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: Any, dst: Any) -> None:
+        steps.append(("replace", f"{src} {dst}"))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    blobs = [f"message {n}".encode() * 20 for n in range(12)]
+    stored = await asyncio.gather(
+        *(store.put(b, f"m{n}.eml", "message/rfc822") for n, b in enumerate(blobs))
+    )
+    monkeypatch.undo()
+    for blob, attachment in zip(blobs, stored, strict=True):
+        path = store.path_for(attachment.sha256)
+        assert path.read_bytes() == blob and attachment.size == len(blob)
+        renamed = next(
+            n for n, (op, arg) in enumerate(steps)
+            if op == "replace" and arg.endswith(f" {path}")
+        )
+        tmp = steps[renamed][1].split(" ")[0]
+        assert ("fsync", tmp) in steps[:renamed], "renamed into place before its fsync"
+        assert ("fsync", str(path.parent)) in steps[renamed:], "folder entry never fsynced"
+    kinds = "".join("f" if op == "fsync" else "r" for op, _ in steps)
+    groups = [g for g in kinds.split("f") if g]
+    # renames come in runs (one per group, at most the writer's two groups in flight), never
+    # one fsync per file between them
+    assert len(groups) <= 2, kinds
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+async def test_a_file_that_cannot_be_stored_fails_alone_and_leaves_nothing_behind(tmp_path):
+    store = AttachmentStore(tmp_path, max_size=1024)
+    ok = await store.put(b"fine", "a", "text/plain")
+    blocked = b"x"
+    folder = store.path_for(hashlib.sha256(blocked).hexdigest()).parent
+    folder.write_bytes(b"")  # a file where its folder should be
+    results = store.put_many_sync([(blocked, "b", "text/plain"), (b"fine", "a2", "")])
+    assert isinstance(results[0], OSError)
+    assert results[1] == dataclasses.replace(ok, name="a2", content_type="application/octet-stream")
+    assert not list(tmp_path.rglob(".tmp-*"))

@@ -30,13 +30,9 @@ from gateway.channels.email.relay import (
 from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import AdapterSettings, ConfigError
-from gateway.queueing.batching import Coalescer
 from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
 
 log = logging.getLogger(__name__)
-
-_File = tuple[bytes, str, str]
-"""Bytes, name, content type."""
 
 INLINE_PARSE_LIMIT = 64 * 1024
 """Messages up to this size, with few MIME parts, are parsed on the event loop: ~0.2 ms for
@@ -63,9 +59,6 @@ class EmailAdapter:
         self.default_mailbox = (
             config.mailboxes[0] if config.mailboxes else f"postmaster@{config.domains[0]}"
         )
-        self._files: Coalescer[_File, Attachment | Exception] = Coalescer(
-            self._write, max_batch=64, max_inflight=4
-        )
         self._acks: set[asyncio.Task[None]] = set()
         self._ack_times: dict[str, collections.deque[float]] = {}
         self._zone = zoneinfo.ZoneInfo(config.ack.timezone)
@@ -84,17 +77,16 @@ class EmailAdapter:
 
     # ------------------------------------------------------------------ inbound
 
-    async def _write(self, items: list[_File]) -> list[Attachment | Exception]:
-        return await asyncio.to_thread(self.ctx.attachments.put_many_sync, items)
-
     async def accept(self, raw: bytes, envelope: Envelope) -> str:
         """Make one received message durable; return its contact id (raises IntakeUnavailable)."""
         received_at = self.ctx.clock.now_us()
         raw = trace_headers(envelope, self.listener.hostname, received_at) + raw
-        # File writes (fsync) go to a thread in batches, where they release the GIL; parsing
-        # stays on the loop unless the message is large: a parsing thread would hold the GIL
-        # for whole switch intervals and stall every other session.
-        raw_write = self._files.submit((raw, "message.eml", "message/rfc822"))
+        # File writes go to the attachment store's group commit (a thread, one round of fsync
+        # for the files of concurrent sessions); parsing stays on the loop unless the message
+        # is large: a parsing thread would hold the GIL for whole switch intervals and stall
+        # every other session.
+        store = self.ctx.attachments
+        raw_write = store.submit(raw, "message.eml", "message/rfc822")
         try:
             if len(raw) > INLINE_PARSE_LIMIT or raw.count(b"\n--") > INLINE_PARSE_PARTS:
                 result = await asyncio.to_thread(normalize, raw, envelope, self.options)
@@ -109,7 +101,7 @@ class EmailAdapter:
         skipped: list[str] = []
         if result.parts:
             stored = await asyncio.gather(
-                *(self._files.submit((p.data, p.name, p.content_type)) for p in result.parts)
+                *(store.submit(p.data, p.name, p.content_type) for p in result.parts)
             )
             for part, outcome in zip(result.parts, stored, strict=True):
                 if isinstance(outcome, AttachmentTooLarge):  # the raw message still holds it
