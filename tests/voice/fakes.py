@@ -331,3 +331,45 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, str]:
             return frame
         key, _, value = line.partition(": ")
         frame[key] = value
+
+
+@dataclass
+class DialplanIntake:
+    """What the sample dialplan's intake steps did: one entry per gateway tried."""
+
+    attempts: list[tuple[int, str]] = field(default_factory=list)
+    """``(port, outcome)``: ``FAILURE`` (connect refused: res_agi.c sets AGISTATUS=FAILURE),
+    ``T`` (``GATEWAY_AGI_WAIT`` passed: the absolute timeout ended AGI(), the T extension went
+    on to the next gateway), ``FAILED`` (answered without a contact) or ``OK``/``SPOOLED``."""
+    call: AgiTranscript | None = None
+
+
+async def dialplan_intake(ports: list[int], header: bytes, wait: float) -> DialplanIntake:
+    """Play the sample dialplan's intake (deploy/asterisk/extensions.conf) as Asterisk runs it:
+    ``AGI(${GATEWAY_AGI_<n>})`` for n = 1, 2, ... until a gateway answers ``OK``/``SPOOLED``.
+
+    ``launch_netscript`` fails at once on a refused connect (and after ``MAX_AGI_CONNECT``, 2 s,
+    on a silent host). A stopped gateway's kernel accepts the connection into its backlog, and
+    ``run_agi`` waits for commands with no timeout of its own: ``TIMEOUT(absolute)`` set before
+    AGI() soft-hangs the channel after ``GATEWAY_AGI_WAIT``; with ``AGIEXITONHANGUP=yes``
+    run_agi then closes the socket at once, and the pbx loop goes to the T extension, which
+    tries the next gateway. Both are played here: a refused connect, and a socket closed by us
+    when ``wait`` passes.
+    """
+    done = DialplanIntake()
+    for port in ports:
+        try:
+            async with asyncio.timeout(wait):
+                call = await fake_call(port, header)
+        except TimeoutError:
+            done.attempts.append((port, "T"))
+            continue
+        except OSError:
+            done.attempts.append((port, "FAILURE"))
+            continue
+        status = call.variables.get("GATEWAY_STATUS", "FAILED")
+        done.attempts.append((port, status))
+        if status in ("OK", "SPOOLED"):
+            done.call = call
+            break
+    return done

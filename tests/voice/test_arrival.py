@@ -4,11 +4,7 @@ the gateway was slow or stopped (SIGSTOP of a real ``gateway serve``)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +12,7 @@ from typing import Any
 from gateway.channels.voice.intake import arrival
 from gateway.clock import MICROS_PER_SECOND, FixedClock, parse_time
 from tests.voice.fakes import agi_fixture, fake_call
+from tests.voice.serve import served_gateways
 
 T0 = 1_795_594_483_000_000
 
@@ -70,55 +67,22 @@ async def test_a_silent_fastagi_peer_is_cut_off_by_the_read_timeout(start_gatewa
     writer.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_stopped_gateway_still_measures_from_the_pbx_stamp(
     start_gateway: Any, tmp_path: Path, redis_url: str, prefix: str
 ) -> None:
     """Defect: with the gateway stopped (SIGSTOP) the call sat in AGI() and was stamped when
     the gateway woke up, so the deadline ran late. A real ``gateway serve`` is stopped while
     Asterisk's FastAGI connection waits in its backlog, then continued."""
-    agi_port, http_port = _free_port(), _free_port()
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-data_dir = "{tmp_path / "var"}"
-instance = "stopped"
-[redis]
-url = "{redis_url}"
-prefix = "{prefix}"
-[http]
-listen = "127.0.0.1:{http_port}"
-[adapters.asterisk]
-type = "asterisk"
-agi_listen = "127.0.0.1:{agi_port}"
-""")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "-c", str(cfg)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        for _ in range(600):
-            assert proc.poll() is None, "gateway serve exited"
-            try:
-                socket.create_connection(("127.0.0.1", agi_port), 0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+    async with served_gateways(tmp_path, redis_url, prefix) as (served,):
         reader = await start_gateway()  # same Redis and prefix, to read what was written
-        proc.send_signal(signal.SIGSTOP)
+        served.signal(signal.SIGSTOP)
         called = time.time_ns() // 1000  # what ${STRFTIME(,,%s.%6q)} gives in the dialplan
         stamp = f"{called // MICROS_PER_SECOND}.{called % MICROS_PER_SECOND:06d}"
         header = with_query(agi_fixture("sip_call.agi"), f"arrived={stamp}")
-        pending = asyncio.create_task(fake_call(agi_port, header))
+        pending = asyncio.create_task(fake_call(served.agi_port, header))
         await asyncio.sleep(1.5)  # the call waits in AGI(): Asterisk has no read timeout
         assert not pending.done()
-        proc.send_signal(signal.SIGCONT)
+        served.signal(signal.SIGCONT)
         call = await asyncio.wait_for(pending, 30)
         assert call.variables["GATEWAY_STATUS"] == "OK"
         (contact,) = await reader.read_contacts()
@@ -126,14 +90,6 @@ agi_listen = "127.0.0.1:{agi_port}"
         assert edge - called >= 1_500_000  # the gateway itself saw it at least 1.5 s late
         assert contact.received_at == called  # the deadline runs from the dialplan's stamp
         assert contact.deadline.due_at == called + 15 * MICROS_PER_SECOND
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def test_readiness_fails_while_the_event_loop_lags(start_gateway: Any) -> None:

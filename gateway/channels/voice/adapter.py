@@ -213,7 +213,8 @@ class AsteriskAdapter:
         finally:
             await self.ami.stop()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.tracker.drain(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self.tracker.drain()
             self.tracker.suspend()
             self.store.fence = None
 

@@ -223,7 +223,8 @@ class AmiClient:
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     async def _login(
         self,
@@ -291,7 +292,8 @@ class AmiClient:
                 writer.write(format_action({"Action": "Logoff"}))
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     async def _follow(
         self,

@@ -101,7 +101,8 @@ class FastAgiServer:
                 await asyncio.wait(still, timeout=1.0)
         if server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         received_at = self.clock.now_us()
