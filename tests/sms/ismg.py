@@ -6,7 +6,6 @@ tests/sms/test_cmpp_codec.py checks against an independent implementation's vect
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import struct
@@ -14,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.channels.sms import cmpp_pdu as C
+from tests.sms.carrier import CarrierServer
 
 
 @dataclass
-class Ismg:
+class Ismg(CarrierServer):
+    HEADER_SIZE = 12
     version: int
     source_addr: str = "901234"
     secret: str = "s3cret"
@@ -28,98 +29,65 @@ class Ismg:
     submits: list[C.Submit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
+        super().__post_init__()
+        self.connected = self.link_up
         self._seq = itertools.count(1)
         self._msg_ids = itertools.count(0x1000)
         self._waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self._raw: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
-        self.connected = asyncio.Event()
 
-    async def start(self) -> Ismg:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        self.drop()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def drop(self) -> None:
-        self.connected.clear()
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
+    @staticmethod
+    def _packet(command_id: int, seq: int, body: bytes, length: int | None = None) -> bytes:
+        total = 12 + len(body) if length is None else length
+        return struct.pack(">III", total, command_id, seq) + body
 
     def _send(self, writer: asyncio.StreamWriter, command_id: int, seq: int, body: bytes) -> None:
-        writer.write(struct.pack(">III", 12 + len(body), command_id, seq) + body)
+        writer.write(self._packet(command_id, seq, body))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
+    async def frame(self, writer: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
         rsize = 4 if self.version >= C.V30 else 1
-        try:
-            while True:
-                length, command_id, seq = struct.unpack(">III", await reader.readexactly(12))
-                body = await reader.readexactly(length - 12)
-                if command_id == C.CONNECT:
-                    source, auth = body[:6].rstrip(b"\0").decode(), body[6:22]
-                    version, stamp = body[22], struct.unpack(">I", body[23:27])[0]
-                    ts = f"{stamp:010d}"
-                    expected = hashlib.md5(source.encode() + b"\0" * 9 + self.secret.encode()
-                                           + ts.encode()).digest()
-                    status = 0 if (auth == expected and source == self.source_addr) else 3
-                    if status:
-                        self.refused += 1
-                    else:
-                        self.connects.append((source, version, ts))
-                    ismg_auth = hashlib.md5(status.to_bytes(rsize, "big") + auth
-                                            + self.secret.encode()).digest()
-                    self._send(writer, C.CONNECT | C.RESP, seq,
-                               status.to_bytes(rsize, "big") + ismg_auth + bytes([self.version]))
-                    if not status:
-                        self.connected.set()
-                elif command_id == C.ACTIVE_TEST:
-                    self._send(writer, C.ACTIVE_TEST | C.RESP, seq, b"\0")
-                elif command_id == C.SUBMIT:
-                    self.submits.append(C.Submit.parse(body, self.version))
-                    self._send(writer, C.SUBMIT | C.RESP, seq,
-                               C.msg_id_resp(next(self._msg_ids), 0, self.version))
-                elif command_id & C.RESP and seq in self._raw:
-                    self._raw.pop(seq).set_result((command_id, body))
-                elif command_id & C.RESP:
-                    msg_id = int.from_bytes(body[:8], "big")
-                    result = int.from_bytes(body[8:8 + rsize], "big")
-                    future = self._waiting.pop(seq, None)
-                    if future is not None and not future.done():
-                        future.set_result((msg_id, result))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            with contextlib.suppress(ValueError):
-                self._writers.remove(writer)
-            writer.close()
+        _, command_id, seq = struct.unpack(">III", head)
+        if command_id == C.CONNECT:
+            source, auth = body[:6].rstrip(b"\0").decode(), body[6:22]
+            version, stamp = body[22], struct.unpack(">I", body[23:27])[0]
+            ts = f"{stamp:010d}"
+            expected = hashlib.md5(source.encode() + b"\0" * 9 + self.secret.encode()
+                                   + ts.encode()).digest()
+            status = 0 if (auth == expected and source == self.source_addr) else 3
+            if status:
+                self.refused += 1
+            else:
+                self.connects.append((source, version, ts))
+            ismg_auth = hashlib.md5(status.to_bytes(rsize, "big") + auth
+                                    + self.secret.encode()).digest()
+            self._send(writer, C.CONNECT | C.RESP, seq,
+                       status.to_bytes(rsize, "big") + ismg_auth + bytes([self.version]))
+            if not status:
+                self.connected.set()
+        elif command_id == C.ACTIVE_TEST:
+            self._send(writer, C.ACTIVE_TEST | C.RESP, seq, b"\0")
+        elif command_id == C.SUBMIT:
+            self.submits.append(C.Submit.parse(body, self.version))
+            self._send(writer, C.SUBMIT | C.RESP, seq,
+                       C.msg_id_resp(next(self._msg_ids), 0, self.version))
+        elif command_id & C.RESP and seq in self._raw:
+            self._raw.pop(seq).set_result((command_id, body))
+        elif command_id & C.RESP:
+            msg_id = int.from_bytes(body[:8], "big")
+            result = int.from_bytes(body[8:8 + rsize], "big")
+            future = self._waiting.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_result((msg_id, result))
 
     async def deliver(self, **fields: Any) -> tuple[int, int]:
         """Send one CMPP_DELIVER; return the (Msg_Id, Result) of its CMPP_DELIVER_RESP."""
         seq = next(self._seq)
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self._waiting[seq] = future
-        writer = self._writers[-1]
-        self._send(writer, C.DELIVER, seq, C.Deliver(**fields).encode(self.version))
-        await writer.drain()
-        return await asyncio.wait_for(future, 10)
+        packet = self._packet(C.DELIVER, seq, C.Deliver(**fields).encode(self.version))
+        return await self.exchange(packet, seq, self._waiting)
 
     async def raw(self, command_id: int, body: bytes = b"", length: int | None = None
                   ) -> tuple[int, bytes]:
         """Send any packet (``length`` overrides Total_Length); return the answer's
         (Command_Id, body)."""
         seq = next(self._seq)
-        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self._raw[seq] = future
-        writer = self._writers[-1]
-        total = 12 + len(body) if length is None else length
-        writer.write(struct.pack(">III", total, command_id, seq) + body)
-        await writer.drain()
-        return await asyncio.wait_for(future, 10)
+        return await self.exchange(self._packet(command_id, seq, body, length), seq, self._raw)

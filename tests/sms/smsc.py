@@ -5,13 +5,14 @@ every answer. ``raw`` sends arbitrary bytes for the fault cases."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from smpplib import smpp
+
+from tests.sms.carrier import CarrierServer
 
 
 class _Seq:
@@ -27,7 +28,7 @@ class _Seq:
 
 
 @dataclass
-class Smsc:
+class Smsc(CarrierServer):
     accept_bind: bool = True
     binds: list[Any] = field(default_factory=list)
     submits: list[Any] = field(default_factory=list)
@@ -37,85 +38,51 @@ class Smsc:
     message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(0xA000))
 
     def __post_init__(self) -> None:
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
+        super().__post_init__()
+        self.bound = self.link_up
         self._seq = _Seq()
         self._waiting: dict[int, asyncio.Future[tuple[int, int, int]]] = {}
-        self.bound = asyncio.Event()
         self.enquire_links = 0
         self.submit_delay = 0.0
         """Answer submit_sm only after this long (to see the ESME's window fill)."""
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def start(self) -> Smsc:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        self.drop()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def drop(self) -> None:
-        """Cut every bind (as a carrier's restart does)."""
-        self.bound.clear()
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-
-    @property
-    def connections(self) -> int:
-        return len(self._writers)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        try:
-            while True:
-                head = await reader.readexactly(16)
-                length = struct.unpack(">I", head[:4])[0]
-                data = head + await reader.readexactly(length - 16)
-                command_id, status, seq = struct.unpack(">III", data[4:16])
-                if command_id & 0x80000000:
-                    self.answers.append((command_id, status, seq))
-                    future = self._waiting.pop(seq, None)
-                    if future is not None and not future.done():
-                        future.set_result((command_id, status, seq))
-                    continue
-                pdu = smpp.parse_pdu(data, client=self._seq)
-                if pdu.command == "bind_transceiver":
-                    self.binds.append(pdu)
-                    ok = self.accept_bind
-                    resp = smpp.make_pdu("bind_transceiver_resp", client=self._seq,
-                                         system_id="SMSC", status=0 if ok else 0x0E)
-                    if ok:
-                        self.bound.set()
-                elif pdu.command == "enquire_link":
-                    self.enquire_links += 1
-                    resp = smpp.make_pdu("enquire_link_resp", client=self._seq)
-                elif pdu.command == "submit_sm":
-                    self.submits.append(pdu)
-                    resp = smpp.make_pdu("submit_sm_resp", client=self._seq,
-                                         message_id=f"{next(self.message_ids):X}")
-                    if self.submit_delay:
-                        resp.sequence = seq
-                        self.in_flight += 1
-                        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                        asyncio.get_running_loop().call_later(
-                            self.submit_delay, self._answer_late, writer, resp.generate())
-                        continue
-                else:
-                    resp = smpp.make_pdu("generic_nack", client=self._seq, status=3)
+    async def frame(self, writer: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        data = head + body
+        command_id, status, seq = struct.unpack(">III", data[4:16])
+        if command_id & 0x80000000:
+            self.answers.append((command_id, status, seq))
+            future = self._waiting.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_result((command_id, status, seq))
+            return
+        pdu = smpp.parse_pdu(data, client=self._seq)
+        if pdu.command == "bind_transceiver":
+            self.binds.append(pdu)
+            ok = self.accept_bind
+            resp = smpp.make_pdu("bind_transceiver_resp", client=self._seq,
+                                 system_id="SMSC", status=0 if ok else 0x0E)
+            if ok:
+                self.bound.set()
+        elif pdu.command == "enquire_link":
+            self.enquire_links += 1
+            resp = smpp.make_pdu("enquire_link_resp", client=self._seq)
+        elif pdu.command == "submit_sm":
+            self.submits.append(pdu)
+            resp = smpp.make_pdu("submit_sm_resp", client=self._seq,
+                                 message_id=f"{next(self.message_ids):X}")
+            if self.submit_delay:
                 resp.sequence = seq
-                writer.write(resp.generate())
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            with contextlib.suppress(ValueError):
-                self._writers.remove(writer)
-            writer.close()
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                asyncio.get_running_loop().call_later(
+                    self.submit_delay, self._answer_late, writer, resp.generate())
+                return
+        else:
+            resp = smpp.make_pdu("generic_nack", client=self._seq, status=3)
+        resp.sequence = seq
+        writer.write(resp.generate())
 
     def _answer_late(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         self.in_flight -= 1
@@ -124,12 +91,7 @@ class Smsc:
 
     async def raw(self, data: bytes, seq: int) -> tuple[int, int, int]:
         """Send bytes on the bind; wait for the ESME's answer carrying ``seq``."""
-        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
-        self._waiting[seq] = future
-        writer = self._writers[-1]
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(future, 10)
+        return await self.exchange(data, seq, self._waiting)
 
     def make(self, command: str, **fields: Any) -> Any:
         """A PDU made by smpplib, with the next sequence number."""

@@ -22,20 +22,14 @@ from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from gateway.adapters import (
-    AdapterContext,
-    ChannelType,
-    IntakeUnavailable,
-    SendError,
-    SendReceipt,
-)
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.sms import cmpp_pdu as C
 from gateway.channels.sms import common
-from gateway.channels.sms.concat import Part, assembled_id, group_key, parse_udh
-from gateway.channels.sms.link import BoundLink, LinkDown
-from gateway.config import AdapterSettings, ConfigError, Duration, Secret
+from gateway.channels.sms.concat import parse_udh
+from gateway.channels.sms.link import BoundLink, LinkConfig, LinkDown, link_errors, raise_errors
+from gateway.config import AdapterSettings, Duration, Secret
 from gateway.phone import mask_phone
-from gateway.records import Contact, EventType, Inbound, Reply, Sender, clean_text
+from gateway.records import Contact, EventType, Reply
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +38,9 @@ FORMATS: dict[int, str] = {C.FMT_ASCII: "ascii", C.FMT_UCS2: "utf-16-be", C.FMT_
 
 
 @dataclass(frozen=True, slots=True)
-class CmppConfig:
-    """``[adapters.NAME]`` with ``type = "cmpp"``."""
+class CmppConfig(LinkConfig):
+    """``[adapters.NAME]`` with ``type = "cmpp"`` (and ``LinkConfig``'s keys)."""
 
-    host: str = ""
     port: int = 7890
     source_addr: str = ""
     """The SP's enterprise code (Source_Addr, 6 characters), given by the carrier."""
@@ -69,9 +62,6 @@ class CmppConfig:
     response_timeout: Duration = Duration(60)
     timezone: str = "Asia/Shanghai"
     """Zone of the CMPP_CONNECT timestamp (the ISMG's clock)."""
-    region: str = "CN"
-    max_segments: int = 10
-    concat_timeout: Duration = Duration(60)
 
 
 def decode(data: bytes, fmt: int) -> tuple[str, str]:
@@ -108,26 +98,17 @@ def report_kind(stat: str) -> EventType | None:
 class CmppAdapter(BoundLink):
     """One CMPP link."""
 
-    HEADER_SIZE = 12
+    provider = "cmpp"
+    framing = C.FRAMING
     MAX_FRAME = C.MAX_PACKET
 
     def __init__(self, ctx: AdapterContext, config: CmppConfig) -> None:
-        super().__init__(
-            ctx, lease=f"cmpp:{config.host}:{config.port}:{config.source_addr}",
-            host=config.host, port=config.port, window=config.window,
-            response_timeout=float(config.response_timeout),
-            keepalive=float(config.active_test), concat_timeout=float(config.concat_timeout),
-        )
+        super().__init__(ctx, config,
+                         lease=f"cmpp:{config.host}:{config.port}:{config.source_addr}",
+                         keepalive=config.active_test)
         self.config = config
         self.version = C.V30 if config.version == "3.0" else C.V20
         self._refs = itertools.count(1)
-
-    def frame(self, command_id: int, seq: int, body: bytes, status: int = 0) -> bytes:
-        return C.Packet(command_id, seq, body).encode()
-
-    def header(self, head: bytes) -> tuple[int, int, int, int]:
-        length, command_id, seq = C.HEADER.unpack(head)
-        return length, command_id, 0, seq
 
     def is_response(self, command_id: int) -> bool:
         return bool(command_id & C.RESP)
@@ -197,61 +178,22 @@ class CmppAdapter(BoundLink):
             ok = await self.receipt(str(report.msg_id), report_kind(report.stat),
                                     {"stat": report.stat, "smsc_id": str(report.msg_id)})
             return C.DELIVER_OK if ok else C.DELIVER_FLOW_CONTROL
-        received_at = self.ctx.clock.now_us()
-        sender = common.phone_address(d.src_terminal_id, self.config.region)
-        recipient = d.dest_id
-        external_id = f"cmpp:{d.msg_id}:{d.src_terminal_id}"
         data = d.msg_content
         concat = None
         if d.tp_udhi and data:
             udh_len = data[0] + 1
             concat, data = parse_udh(data[:udh_len]), data[udh_len:]
-        if concat is not None and concat.total > 1:
-            part = Part(
-                group=group_key(sender, recipient, concat), seq=concat.seq, total=concat.total,
-                external_id=external_id, data=data, charset=str(d.msg_fmt),
-                received_at=received_at, origin_at=None, sender=sender, recipient=recipient,
-                meta={"ref": concat.ref},
-            )
-            try:
-                await self.assembler.add(part)
-            except OSError as exc:
-                log.error("cmpp part from %s not stored: %s", mask_phone(sender), exc)
-                return C.DELIVER_FLOW_CONTROL
-            return C.DELIVER_OK
-        text, used = decode(data, d.msg_fmt)
-        inbound = Inbound(
-            channel="sms", adapter=self.name, external_id=external_id, sender=Sender(sender),
-            recipient=recipient, received_at=received_at, text=clean_text(text),
-            meta={"provider": "cmpp", "msg_fmt": d.msg_fmt, "decoded_as": used,
-                  "service_id": d.service_id},
+        taken = await self.take_mo(
+            received_at=self.ctx.clock.now_us(),
+            sender=common.phone_address(d.src_terminal_id, self.config.region),
+            recipient=d.dest_id, external_id=f"cmpp:{d.msg_id}:{d.src_terminal_id}",
+            concat=concat, data=data, charset=str(d.msg_fmt),
+            meta={"msg_fmt": d.msg_fmt, "service_id": d.service_id},
         )
-        try:
-            await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            log.warning("cmpp MO from %s refused: intake unavailable", mask_phone(sender))
-            return C.DELIVER_FLOW_CONTROL
-        return C.DELIVER_OK
+        return C.DELIVER_OK if taken else C.DELIVER_FLOW_CONTROL
 
-    async def handover(self, parts: list[Part], complete: bool) -> object:
-        texts, used = [], []
-        for fmt, run in itertools.groupby(parts, key=lambda p: p.charset):
-            text, codec = decode(b"".join(p.data for p in run), int(fmt))
-            texts.append(text)
-            used.append(codec)
-        first = parts[0]
-        inbound = Inbound(
-            channel="sms", adapter=self.name, external_id=assembled_id(parts),
-            sender=Sender(first.sender), recipient=first.recipient,
-            received_at=min(p.received_at for p in parts), text=clean_text("".join(texts)),
-            meta={
-                "provider": "cmpp", "decoded_as": used[0] if len(set(used)) == 1 else used,
-                "concat": {"ref": first.meta.get("ref"), "total": first.total,
-                           "parts": [p.seq for p in parts]},
-                "incomplete": not complete,
-            },
-        )
-        return await self.ctx.intake.submit(inbound)
+    def decode_run(self, data: bytes, charset: str) -> tuple[str, str]:
+        return decode(data, int(charset))
 
     # ------------------------------------------------------------------ outbound
 
@@ -267,12 +209,7 @@ class CmppAdapter(BoundLink):
             raise SendError("empty reply", retryable=False)
         fmt = C.FMT_ASCII if text.isascii() else cfg.msg_fmt
         chunks = pieces(text, FORMATS[fmt])
-        if len(chunks) > cfg.max_segments:
-            raise SendError(f"reply needs {len(chunks)} segments "
-                            f"(max_segments {cfg.max_segments})", retryable=False)
-        if not self.bound.is_set():
-            raise SendError("cmpp link not connected on this instance", retryable=True,
-                            retry_after_s=5)
+        self.sendable(len(chunks))
         ref = next(self._refs) & 0xFF
         reply_ref = reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
         ids: list[str] = []
@@ -305,31 +242,22 @@ class CmppAdapter(BoundLink):
                                    "msg_fmt": fmt})
 
 
-def _factory(ctx: AdapterContext, config: CmppConfig) -> CmppAdapter:
-    return CmppAdapter(ctx, config)
-
-
 def _check(config: CmppConfig, key: str, settings: AdapterSettings) -> None:
-    errors: list[tuple[str, str]] = []
-    if not config.host:
-        errors.append((f"{key}.host", "required"))
+    errors = link_errors(config, key, 16, " (the specification's limit)")
     if not config.source_addr or len(config.source_addr) > 6 or not config.source_addr.isascii():
         errors.append((f"{key}.source_addr", "required, at most 6 characters"))
-    if not 1 <= config.window <= 16:
-        errors.append((f"{key}.window", "between 1 and 16 (the specification's limit)"))
     try:
         ZoneInfo(config.timezone)
     except Exception:
         errors.append((f"{key}.timezone", f"unknown {config.timezone!r}"))
-    if errors:
-        raise ConfigError(errors)
+    raise_errors(errors)
 
 
 CHANNEL: ChannelType[CmppConfig] = ChannelType(
     name="cmpp",
     channel="sms",
     config=CmppConfig,
-    factory=_factory,
+    factory=CmppAdapter,
     check=_check,
     example={"host": "ismg.example.cn", "port": 7890, "source_addr": "901234",
              "shared_secret": "secret", "version": "3.0", "src_id": "106512345"},

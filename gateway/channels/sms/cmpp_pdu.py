@@ -13,7 +13,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-HEADER: Final = struct.Struct(">III")
+from gateway.channels.sms import link
+from gateway.channels.sms.link import Malformed as Malformed
+
+FRAMING: Final = link.Framing(with_status=False)
 MAX_PACKET: Final = 4096
 
 CONNECT: Final = 0x00000001
@@ -37,10 +40,6 @@ DELIVER_FLOW_CONTROL: Final = 8
 SUBMIT_FLOW_CONTROL: Final = 8
 
 
-class Malformed(ValueError):
-    """The body is shorter than its command's fixed fields."""
-
-
 @dataclass(frozen=True, slots=True)
 class Packet:
     command_id: int
@@ -48,7 +47,7 @@ class Packet:
     body: bytes = b""
 
     def encode(self) -> bytes:
-        return HEADER.pack(12 + len(self.body), self.command_id, self.seq) + self.body
+        return FRAMING.encode(self.command_id, self.seq, self.body)
 
 
 def octets(value: str | bytes, size: int) -> bytes:
@@ -61,27 +60,11 @@ def text(raw: bytes) -> str:
     return raw.split(b"\x00", 1)[0].decode("latin-1")
 
 
-class Cursor:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise Malformed(f"body ends {self.pos + n - len(self.data)} octets early")
-        self.pos += n
-        return self.data[self.pos - n : self.pos]
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
+class Cursor(link.Cursor):
     def skip(self, n: int) -> str:
         """Pass over a reserved field (2.0's Reserve); its value is no field of ours."""
         self.take(n)
         return ""
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
 
     def str(self, n: int) -> str:
         return text(self.take(n))

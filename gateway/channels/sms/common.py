@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import contextlib
 import hashlib
 import hmac
@@ -111,6 +112,20 @@ def phone_address(raw: str, region: str) -> str:
     if _E164.fullmatch(text) or _SHORT.fullmatch(text):
         return text
     return to_e164(text, region) or text[:64]
+
+
+def known_charset(name: str) -> str | None:
+    """The codec's canonical name, None when Python has no such codec."""
+    try:
+        return codecs.lookup(name).name
+    except (LookupError, ValueError):
+        return None
+
+
+def charset_errors(names: str | tuple[str, ...], key: str) -> list[tuple[str, str]]:
+    """``ConfigError`` pairs for the charsets (one or several) Python does not know."""
+    listed = (names,) if isinstance(names, str) else names
+    return [(key, f"unknown {cs!r}") for cs in listed if cs and known_charset(cs) is None]
 
 
 def render_ack(template: str, contact_id: str) -> str:

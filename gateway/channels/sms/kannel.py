@@ -235,13 +235,6 @@ def _is_number(value: str) -> bool:
     return value.isascii() and value.isdigit() and len(value) < 10
 
 
-def _known(name: str) -> str | None:
-    try:
-        return codecs.lookup(name).name
-    except (LookupError, ValueError):
-        return None
-
-
 def decode_text(
     data: bytes, coding: int, charset: str, eight_bit: tuple[str, ...]
 ) -> tuple[str, str]:
@@ -259,7 +252,7 @@ def decode_text(
         return clean_text(text.removeprefix("\ufeff")), "utf-16-be"
     chain: list[str] = []
     if declared and declared not in ("8-BIT", "8BIT", "BINARY"):
-        known = _known(declared)
+        known = common.known_charset(declared)
         if known:
             chain.append(known)
     elif not declared and coding == CODING_7BIT:
@@ -602,9 +595,10 @@ def _check(config: KannelConfig, key: str, settings: AdapterSettings) -> None:
         errors.extend(exc.errors)
     if not config.secret and not config.allow_from and not config.insecure_no_auth:
         errors.append((f"{key}.secret", "required (or allow_from, or insecure_no_auth = true)"))
-    for cs in config.eight_bit_charsets or REGIONAL_8BIT.get(config.region.upper(), ()):
-        if _known(cs) is None:
-            errors.append((f"{key}.eight_bit_charsets", f"unknown {cs!r}"))
+    errors += common.charset_errors(
+        config.eight_bit_charsets or REGIONAL_8BIT.get(config.region.upper(), ()),
+        f"{key}.eight_bit_charsets",
+    )
     if errors:
         raise ConfigError(errors)
 

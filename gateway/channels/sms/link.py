@@ -5,7 +5,9 @@ The bind loop runs as ``ctx.leases.exclusive(lease, bind)`` under ``ctx.supervis
 ``<name>-bind``): only the lease holder connects; a dropped or refused link raises, the
 supervisor starts it again with back-off, and the lease is contended anew. A protocol gives the
 framing (header size and layout), the login, the keep-alive request, and what to do with each
-request the peer sends (``handle``).
+request the peer sends (``handle``). The link takes MO the same way for both: a part of a long
+message goes to the assembler, a whole one to Intake (``take_mo``), and a protocol only says how
+its user data decodes (``decode_run``). ``LinkConfig`` holds the settings both share.
 """
 
 from __future__ import annotations
@@ -14,20 +16,107 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
-from gateway.adapters import AdapterContext
+from gateway.adapters import AdapterContext, IntakeUnavailable, SendError
 from gateway.channels.sms import common
-from gateway.channels.sms.concat import Assembler, Part
+from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
+from gateway.config import ConfigError, Duration
+from gateway.phone import mask_phone
 from gateway.queueing.coordination import Fence
-from gateway.records import EventType
+from gateway.records import EventType, Inbound, Sender, clean_text
 
 log = logging.getLogger(__name__)
+
+
+class Malformed(ValueError):
+    """A body that does not hold what its command needs (a field runs past the end)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """The header both protocols put before every body, big-endian 32-bit words: length
+    (header included), command id, (SMPP only) command status, sequence number."""
+
+    with_status: bool
+    struct: struct.Struct = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "struct", struct.Struct(">IIII" if self.with_status else ">III"))
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
+
+    def encode(self, command_id: int, seq: int, body: bytes = b"", status: int = 0) -> bytes:
+        words = (command_id, status, seq) if self.with_status else (command_id, seq)
+        return self.struct.pack(self.size + len(body), *words) + body
+
+    def decode(self, head: bytes) -> tuple[int, int, int, int]:
+        """(length, command_id, status, seq); status 0 where the protocol has none."""
+        if self.with_status:
+            length, command_id, status, seq = self.struct.unpack(head)
+            return length, command_id, status, seq
+        length, command_id, seq = self.struct.unpack(head)
+        return length, command_id, 0, seq
+
+
+class Cursor:
+    """Reads the fields of one body in order; every overrun raises ``Malformed``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise Malformed(f"body ends {self.pos + n - len(self.data)} octets early")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """What every carrier link's ``[adapters.NAME]`` has (defaults per protocol)."""
+
+    host: str = ""
+    port: int = 0
+    window: int = 10
+    """Requests sent and not yet answered, at most."""
+    response_timeout: Duration = Duration(10)
+    region: str = "CN"
+    """Where a sender's national number is read (``phone_region`` of the other adapters)."""
+    max_segments: int = 10
+    concat_timeout: Duration = Duration(60)
+
+
+def link_errors(config: LinkConfig, key: str, max_window: int, hint: str = "") -> list[
+        tuple[str, str]]:
+    """The problems of the shared settings (``ConfigError`` pairs)."""
+    errors: list[tuple[str, str]] = []
+    if not config.host:
+        errors.append((f"{key}.host", "required"))
+    if not 1 <= config.window <= max_window:
+        errors.append((f"{key}.window", f"between 1 and {max_window}{hint}"))
+    return errors
+
+
+def raise_errors(errors: list[tuple[str, str]]) -> None:
+    if errors:
+        raise ConfigError(errors)
 
 
 class LinkDown(ConnectionError):
@@ -46,7 +135,9 @@ class BoundLink(ABC):
     """The protocol-independent half of an SMPP or CMPP adapter."""
 
     channel = "sms"
-    HEADER_SIZE = 16
+    provider: ClassVar[str]
+    """``meta.provider`` of the contacts (``smpp``, ``cmpp``)."""
+    framing: ClassVar[Framing]
     MAX_FRAME = 64 * 1024
     REMEMBER_S = 7 * 86400
     """How long a submitted message id is remembered for its delivery receipt."""
@@ -54,23 +145,24 @@ class BoundLink(ABC):
     """MO being made durable at once; a peer that sends more without waiting for answers
     gets the protocol's retry-later answer for the excess instead of unbounded work."""
 
-    def __init__(self, ctx: AdapterContext, *, lease: str, host: str, port: int, window: int,
-                 response_timeout: float, keepalive: float, concat_timeout: float) -> None:
+    def __init__(self, ctx: AdapterContext, config: LinkConfig, *, lease: str,
+                 keepalive: Duration) -> None:
         self.name = ctx.name
         self.ctx = ctx
+        self.link_config = config
         self.lease = lease
-        self.host, self.port = host, port
-        self.response_timeout = response_timeout
-        self.keepalive_s = keepalive
+        self.host, self.port = config.host, config.port
+        self.response_timeout = float(config.response_timeout)
+        self.keepalive_s = float(keepalive)
         self.loop_name = f"{ctx.name}-bind"
         data_dir = Path(ctx.settings.gateway.data_dir) / "sms" / ctx.name / "parts"
-        self.assembler = Assembler(data_dir, concat_timeout, ctx.clock, self.handover,
-                                   state=ctx.state)
+        self.assembler = Assembler(data_dir, float(config.concat_timeout), ctx.clock,
+                                   self.handover, state=ctx.state)
         self.assembler.load()
         self.reports = common.DeliveryReports(ctx)
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Response]] = {}
-        self._window = asyncio.Semaphore(max(1, window))
+        self._window = asyncio.Semaphore(max(1, config.window))
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self.bound = asyncio.Event()
@@ -79,12 +171,21 @@ class BoundLink(ABC):
 
     # ------------------------------------------------------------------ protocol hooks
 
-    @abstractmethod
-    def frame(self, command_id: int, seq: int, body: bytes, status: int = 0) -> bytes: ...
+    @property
+    def HEADER_SIZE(self) -> int:
+        return self.framing.size
 
-    @abstractmethod
+    def frame(self, command_id: int, seq: int, body: bytes, status: int = 0) -> bytes:
+        return self.framing.encode(command_id, seq, body, status)
+
     def header(self, head: bytes) -> tuple[int, int, int, int]:
         """(length, command_id, status, seq) of a header of ``HEADER_SIZE`` octets."""
+        return self.framing.decode(head)
+
+    @abstractmethod
+    def decode_run(self, data: bytes, charset: str) -> tuple[str, str]:
+        """(text, codec used) of user data in the protocol's coding ``charset`` (as kept in
+        a ``Part``: the data_coding or Msg_Fmt number)."""
 
     @abstractmethod
     async def login(self) -> None:
@@ -105,9 +206,6 @@ class BoundLink(ABC):
     async def bad_length(self, length: int, command_id: int, seq: int) -> None:
         """Called before the link is dropped for a length that cannot be right."""
 
-    @abstractmethod
-    async def handover(self, parts: list[Part], complete: bool) -> object:
-        """Submit the parts of a long message as one contact."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,6 +325,76 @@ class BoundLink(ABC):
                     future.set_result((command_id, status, body))
                 continue
             await self.handle(command_id, seq, body)
+
+    # ------------------------------------------------------------------ MO
+
+    async def take_mo(self, *, received_at: int, sender: str, recipient: str,
+                      external_id: str, concat: Concat | None, data: bytes, charset: str,
+                      meta: dict[str, Any]) -> bool:
+        """Make one MO durable: a part of a long message in the assembler, a whole message
+        through Intake. False: not durable, answer the protocol's retry-later."""
+        if concat is not None and concat.total > 1:
+            part = Part(
+                group=group_key(sender, recipient, concat), seq=concat.seq, total=concat.total,
+                external_id=external_id, data=data, charset=charset,
+                received_at=received_at, origin_at=None, sender=sender, recipient=recipient,
+                meta={"ref": concat.ref},
+            )
+            try:
+                await self.assembler.add(part)
+            except OSError as exc:
+                log.error("%s part from %s not stored: %s", self.provider, mask_phone(sender),
+                          exc)
+                return False
+            return True
+        text, used = self.decode_run(data, charset)
+        inbound = Inbound(
+            channel="sms", adapter=self.name, external_id=external_id, sender=Sender(sender),
+            recipient=recipient, received_at=received_at, text=clean_text(text),
+            meta={"provider": self.provider, "decoded_as": used, **meta},
+        )
+        try:
+            await self.ctx.intake.submit(inbound)
+        except IntakeUnavailable:
+            log.warning("%s MO from %s refused: intake unavailable", self.provider,
+                        mask_phone(sender))
+            return False
+        return True
+
+    async def handover(self, parts: list[Part], complete: bool) -> object:
+        """Submit the parts of a long message as one contact (runs of one coding decoded
+        together: a character may straddle two parts)."""
+        texts, used = [], []
+        for charset, run in itertools.groupby(parts, key=lambda p: p.charset):
+            text, codec = self.decode_run(b"".join(p.data for p in run), charset)
+            texts.append(text)
+            used.append(codec)
+        first = parts[0]
+        inbound = Inbound(
+            channel="sms", adapter=self.name, external_id=assembled_id(parts),
+            sender=Sender(first.sender), recipient=first.recipient,
+            received_at=min(p.received_at for p in parts), text=clean_text("".join(texts)),
+            meta={
+                "provider": self.provider,
+                "decoded_as": used[0] if len(set(used)) == 1 else used,
+                "concat": {"ref": first.meta.get("ref"), "total": first.total,
+                           "parts": [p.seq for p in parts]},
+                "incomplete": not complete,
+            },
+        )
+        return await self.ctx.intake.submit(inbound)
+
+    # ------------------------------------------------------------------ outbound
+
+    def sendable(self, count: int) -> None:
+        """Raise ``SendError`` when a reply of ``count`` segments cannot go out now."""
+        limit = self.link_config.max_segments
+        if count > limit:
+            raise SendError(f"reply needs {count} segments (max_segments {limit})",
+                            retryable=False)
+        if not self.bound.is_set():
+            raise SendError(f"{self.provider} link not bound on this instance", retryable=True,
+                            retry_after_s=5)
 
     # ------------------------------------------------------------------ receipts
 

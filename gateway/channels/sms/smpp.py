@@ -25,40 +25,29 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from gateway.adapters import (
-    AdapterContext,
-    ChannelType,
-    IntakeUnavailable,
-    SendError,
-    SendReceipt,
-)
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.sms import common, gsm7
 from gateway.channels.sms import smpp_pdu as P
-from gateway.channels.sms.concat import Concat, Part, assembled_id, group_key, parse_udh
-from gateway.channels.sms.link import BoundLink, LinkDown
+from gateway.channels.sms.concat import Concat, parse_udh
+from gateway.channels.sms.link import BoundLink, LinkConfig, LinkDown, link_errors, raise_errors
 from gateway.channels.sms.segments import split, substitute
-from gateway.config import AdapterSettings, ConfigError, Duration, Secret
+from gateway.config import AdapterSettings, Duration, Secret
 from gateway.phone import mask_phone
-from gateway.records import Contact, EventType, Inbound, Reply, Sender, clean_text
+from gateway.records import Contact, EventType, Reply
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class SmppConfig:
-    """``[adapters.NAME]`` with ``type = "smpp"``."""
+class SmppConfig(LinkConfig):
+    """``[adapters.NAME]`` with ``type = "smpp"`` (and ``LinkConfig``'s keys)."""
 
-    host: str = ""
     port: int = 2775
     system_id: str = ""
     password: Secret | None = None
     system_type: str = ""
     address_range: str = ""
-    window: int = 10
-    """Requests (submit_sm, enquire_link) sent and not yet answered, at most."""
     enquire_link: Duration = Duration(30)
-    response_timeout: Duration = Duration(10)
-    region: str = "CN"
     default_alphabet: Literal["gsm7", "ascii", "latin1"] = "gsm7"
     """What data_coding 0 (SMSC default alphabet) means on this link."""
     eight_bit_charset: str = ""
@@ -70,9 +59,7 @@ class SmppConfig:
     source_addr_npi: int = 0
     registered_delivery: int = 1
     """1: ask the SMSC for a final delivery receipt."""
-    max_segments: int = 10
     gsm_substitutions: bool = True
-    concat_timeout: Duration = Duration(60)
 
 
 STATES: dict[int, EventType | None] = {2: "delivered", 3: "failed", 4: "failed", 5: "failed",
@@ -174,27 +161,17 @@ def sender_address(addr: str, ton: int, region: str) -> str:
 class SmppAdapter(BoundLink):
     """One SMPP link: the bind loop, MO, receipts and submit_sm."""
 
-    HEADER_SIZE = 16
+    provider = "smpp"
+    framing = P.FRAMING
     MAX_FRAME = P.MAX_PDU
 
     def __init__(self, ctx: AdapterContext, config: SmppConfig) -> None:
-        super().__init__(
-            ctx, lease=f"smpp:{config.host}:{config.port}:{config.system_id}",
-            host=config.host, port=config.port, window=config.window,
-            response_timeout=float(config.response_timeout),
-            keepalive=float(config.enquire_link), concat_timeout=float(config.concat_timeout),
-        )
+        super().__init__(ctx, config, lease=f"smpp:{config.host}:{config.port}:{config.system_id}",
+                         keepalive=config.enquire_link)
         self.config = config
         self._refs = itertools.count(1)
 
     # ------------------------------------------------------------------ the bind
-
-    def frame(self, command_id: int, seq: int, body: bytes, status: int = 0) -> bytes:
-        return P.Pdu(command_id, status, seq, body).encode()
-
-    def header(self, head: bytes) -> tuple[int, int, int, int]:
-        length, command_id, status, seq = P.header(head)
-        return length, command_id, status, seq
 
     def is_response(self, command_id: int) -> bool:
         return bool(command_id & P.RESP)
@@ -251,56 +228,18 @@ class SmppAdapter(BoundLink):
         if receipt is not None:
             return P.ESME_ROK if await self.receipt(*receipt) else P.ESME_RX_T_APPN
         received_at = self.ctx.clock.now_us()
-        sender = sender_address(sm.source_addr, sm.source_addr_ton, self.config.region)
-        recipient = sm.destination_addr
         day = datetime.fromtimestamp(received_at / 1e6, UTC).strftime("%Y%m%d")
-        ext_id = external_id(sm, day)
         concat, data = concat_of(sm)
-        if concat is not None and concat.total > 1:
-            part = Part(
-                group=group_key(sender, recipient, concat), seq=concat.seq, total=concat.total,
-                external_id=ext_id, data=data, charset=str(sm.data_coding),
-                received_at=received_at, origin_at=None, sender=sender, recipient=recipient,
-                meta={"ref": concat.ref},
-            )
-            try:
-                await self.assembler.add(part)
-            except OSError as exc:
-                log.error("smpp part from %s not stored: %s", mask_phone(sender), exc)
-                return P.ESME_RX_T_APPN
-            return P.ESME_ROK
-        text, used = decode(data, sm.data_coding, self.config)
-        inbound = Inbound(
-            channel="sms", adapter=self.name, external_id=ext_id, sender=Sender(sender),
-            recipient=recipient, received_at=received_at, text=clean_text(text),
-            meta={"provider": "smpp", "data_coding": sm.data_coding, "decoded_as": used},
+        taken = await self.take_mo(
+            received_at=received_at,
+            sender=sender_address(sm.source_addr, sm.source_addr_ton, self.config.region),
+            recipient=sm.destination_addr, external_id=external_id(sm, day), concat=concat,
+            data=data, charset=str(sm.data_coding), meta={"data_coding": sm.data_coding},
         )
-        try:
-            await self.ctx.intake.submit(inbound)
-        except IntakeUnavailable:
-            log.warning("smpp MO from %s refused: intake unavailable", mask_phone(sender))
-            return P.ESME_RX_T_APPN
-        return P.ESME_ROK
+        return P.ESME_ROK if taken else P.ESME_RX_T_APPN
 
-    async def handover(self, parts: list[Part], complete: bool) -> object:
-        texts, used = [], []
-        for coding, run in itertools.groupby(parts, key=lambda p: p.charset):
-            text, codec = decode(b"".join(p.data for p in run), int(coding), self.config)
-            texts.append(text)
-            used.append(codec)
-        first = parts[0]
-        inbound = Inbound(
-            channel="sms", adapter=self.name, external_id=assembled_id(parts),
-            sender=Sender(first.sender), recipient=first.recipient,
-            received_at=min(p.received_at for p in parts), text=clean_text("".join(texts)),
-            meta={
-                "provider": "smpp", "decoded_as": used[0] if len(set(used)) == 1 else used,
-                "concat": {"ref": first.meta.get("ref"), "total": first.total,
-                           "parts": [p.seq for p in parts]},
-                "incomplete": not complete,
-            },
-        )
-        return await self.ctx.intake.submit(inbound)
+    def decode_run(self, data: bytes, charset: str) -> tuple[str, str]:
+        return decode(data, int(charset), self.config)
 
     # ------------------------------------------------------------------ outbound
 
@@ -312,12 +251,7 @@ class SmppAdapter(BoundLink):
         if cfg.gsm_substitutions and split(substitute(text)).encoding == "gsm7":
             text = substitute(text)
         segments = split(text)
-        if segments.count > cfg.max_segments:
-            raise SendError(f"reply needs {segments.count} segments "
-                            f"(max_segments {cfg.max_segments})", retryable=False)
-        if not self.bound.is_set():
-            raise SendError("smpp link not bound on this instance", retryable=True,
-                            retry_after_s=5)
+        self.sendable(segments.count)
         gsm = segments.encoding == "gsm7"
         dest = contact.sender.address
         ref = next(self._refs) & 0xFF
@@ -360,34 +294,21 @@ class SmppAdapter(BoundLink):
         )
 
 
-def _factory(ctx: AdapterContext, config: SmppConfig) -> SmppAdapter:
-    return SmppAdapter(ctx, config)
-
-
 def _check(config: SmppConfig, key: str, settings: AdapterSettings) -> None:
-    errors: list[tuple[str, str]] = []
-    if not config.host:
-        errors.append((f"{key}.host", "required"))
+    errors = link_errors(config, key, 1000)
     if not config.system_id or len(config.system_id) > 15:
         errors.append((f"{key}.system_id", "required, at most 15 characters"))
     if config.password is not None and len(config.password.reveal()) > 8:
         errors.append((f"{key}.password", "at most 8 characters (SMPP 3.4)"))
-    if not 1 <= config.window <= 1000:
-        errors.append((f"{key}.window", "between 1 and 1000"))
-    if config.eight_bit_charset:
-        try:
-            b"".decode(config.eight_bit_charset)
-        except LookupError:
-            errors.append((f"{key}.eight_bit_charset", f"unknown {config.eight_bit_charset!r}"))
-    if errors:
-        raise ConfigError(errors)
+    errors += common.charset_errors(config.eight_bit_charset, f"{key}.eight_bit_charset")
+    raise_errors(errors)
 
 
 CHANNEL: ChannelType[SmppConfig] = ChannelType(
     name="smpp",
     channel="sms",
     config=SmppConfig,
-    factory=_factory,
+    factory=SmppAdapter,
     check=_check,
     example={"host": "smsc.example.net", "port": 2775, "system_id": "hotline",
              "password": "secret1", "source_addr": "12345"},

@@ -11,7 +11,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-HEADER: Final = struct.Struct(">IIII")
+from gateway.channels.sms import link
+from gateway.channels.sms.link import Malformed as Malformed
+
+FRAMING: Final = link.Framing(with_status=True)
 MAX_PDU: Final = 64 * 1024
 """Largest PDU accepted: a deliver_sm with a full message_payload fits with room to spare."""
 
@@ -59,10 +62,6 @@ ESM_DELIVERY_RECEIPT: Final = 0x04
 ESM_INTERMEDIATE: Final = 0x20
 
 
-class Malformed(ValueError):
-    """The body does not hold what its command needs (a field runs past the end)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Pdu:
     command_id: int
@@ -71,12 +70,12 @@ class Pdu:
     body: bytes = b""
 
     def encode(self) -> bytes:
-        return HEADER.pack(16 + len(self.body), self.command_id, self.status, self.seq) + self.body
+        return FRAMING.encode(self.command_id, self.seq, self.body, self.status)
 
 
 def header(data: bytes) -> tuple[int, int, int, int]:
     """(command_length, command_id, command_status, sequence_number) of 16 octets."""
-    return HEADER.unpack(data)
+    return FRAMING.decode(data)
 
 
 def cstr(value: str | bytes, size: int) -> bytes:
@@ -85,12 +84,8 @@ def cstr(value: str | bytes, size: int) -> bytes:
     return raw[: size - 1] + b"\x00"
 
 
-class Cursor:
+class Cursor(link.Cursor):
     """Reads the fields of one body in order; every overrun raises ``Malformed``."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
 
     def cstr(self, size: int) -> str:
         end = self.data.find(b"\x00", self.pos, self.pos + size)
@@ -100,17 +95,8 @@ class Cursor:
         self.pos = end + 1
         return value
 
-    def u8(self) -> int:
-        if self.pos + 1 > len(self.data):
-            raise Malformed("body ends inside an integer")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
     def octets(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise Malformed(f"body ends {self.pos + n - len(self.data)} octets early")
-        self.pos += n
-        return self.data[self.pos - n : self.pos]
+        return self.take(n)
 
     def tlvs(self) -> dict[int, bytes]:
         found: dict[int, bytes] = {}
