@@ -9,6 +9,8 @@ over ``--hang`` seconds) and the process RSS at start and end.
     .venv/bin/python tools/fuzz_campaign.py --seconds 30 --max-inputs 1000000
     .venv/bin/python tools/fuzz_campaign.py --socket-seconds 60 --only socket
     .venv/bin/python tools/fuzz_campaign.py --smoke     # what `make test` runs: a few seconds
+    nice -n 19 .venv/bin/python tools/fuzz_campaign.py --only inprocess --isolate \\
+        --seconds 7200 --checkpoint var/fuzz-checkpoint.json   # the 1,000,000-input campaign
 
 Figures are in docs/reliability.md.
 """
@@ -88,12 +90,16 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     from gateway.channels.chat.officialaccount import PayloadError, parse_xml
     from gateway.channels.chat.wechat import decode_message
     from gateway.channels.email.normalize import Envelope, normalize
-    from gateway.channels.sms import common, generic, kannel, twilio
+    from gateway.channels.sms import cmpp, common, generic, kannel, smpp, twilio
+    from gateway.channels.sms import cmpp_pdu as C
+    from gateway.channels.sms import smpp_pdu as P
+    from gateway.channels.sms.concat import parse_udh
     from gateway.channels.voice.agi import AgiError, parse_header_block
     from gateway.channels.voice.ami import AmiError, FrameReader
     from gateway.channels.web.app import form_to_body, parse_location
     from gateway.channels.web.open311 import Open311Error, Open311Service, parse_request
     from gateway.intake_api import BadRequest, parse_intake
+    from gateway.records import clean_text
 
     now = 1_795_594_483_000_000
 
@@ -162,6 +168,46 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
             value.encode("utf-8")  # every field a contact carries is valid text
         return result
 
+    smpp_config = smpp.SmppConfig(eight_bit_charset="gbk")
+
+    def smpp_pdu(raw: bytes) -> object:
+        # as SmppLink._read and handle do: a 16-octet header, then a deliver_sm body, then
+        # everything SmppAdapter._take computes before the contact goes to Intake
+        if len(raw) < 16:
+            raise P.Malformed("short header")
+        length, command_id, _, _ = P.header(raw[:16])
+        if length < 16 or length > P.MAX_PDU or command_id != P.DELIVER_SM:
+            raise P.Malformed("not a deliver_sm the link would read")
+        sm = P.ShortMessage.parse(raw[16:length])
+        receipt = smpp.receipt_of(sm)
+        if receipt is not None:
+            return receipt
+        sender = smpp.sender_address(sm.source_addr, sm.source_addr_ton, "CN")
+        smpp.external_id(sm, "20261201")
+        concat, data = smpp.concat_of(sm)
+        text, _ = smpp.decode(data, sm.data_coding, smpp_config)
+        return sender, concat, clean_text(text).encode("utf-8")
+
+    def cmpp_pdu(raw: bytes) -> object:
+        # as CmppLink: a 12-octet header, a CMPP_DELIVER body (2.0 or 3.0 by the first octet)
+        if len(raw) < 12:
+            raise C.Malformed("short header")
+        length, command_id, _ = C.HEADER.unpack(raw[:12])
+        if length < 12 or length > C.MAX_PACKET or command_id != C.DELIVER:
+            raise C.Malformed("not a CMPP_DELIVER the link would read")
+        version = C.V30 if raw[-1] & 1 else 0x20
+        d = C.Deliver.parse(raw[12:length], version)
+        if d.registered_delivery == 1:
+            report = C.Report.parse(d.msg_content, version)
+            return cmpp.report_kind(report.stat)
+        sender = common.phone_address(d.src_terminal_id, "CN")
+        data = d.msg_content
+        if d.tp_udhi and data:
+            parse_udh(data[: data[0] + 1])
+            data = data[data[0] + 1 :]
+        text, _ = cmpp.decode(data, d.msg_fmt)
+        return sender, clean_text(text).encode("utf-8")
+
     def agi_header(raw: bytes) -> object:
         return parse_header_block(raw)
 
@@ -189,6 +235,29 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     ami = (b"Event: Newchannel\r\nPrivilege: call,all\r\nChannel: PJSIP/trunk-00000001\r\n"
            b"CallerIDNum: 13800138000\r\nUniqueid: 1795594480.1\r\nLinkedid: 1795594480.1\r\n"
            b"\r\nEvent: QueueCallerJoin\r\nQueue: hotline\r\nPosition: 1\r\n\r\n")
+    smpp_seed = P.Pdu(P.DELIVER_SM, 0, 7, P.ShortMessage(
+        "13800138000", "12345", "\u8def\u706f".encode("utf-16-be"), source_addr_ton=1,
+        data_coding=8,
+        tlvs={P.TLV_SAR_MSG_REF_NUM: b"\x00\x01", P.TLV_SAR_TOTAL_SEGMENTS: b"\x02",
+              P.TLV_SAR_SEGMENT_SEQNUM: b"\x01"}).body()).encode()
+    smpp_udh = P.Pdu(P.DELIVER_SM, 0, 8, P.ShortMessage(
+        "8613800138000", "12345", b"\x05\x00\x03\x2a\x02\x01" + "路灯".encode("gbk"),
+        esm_class=P.ESM_UDHI, data_coding=15).body()).encode()
+    smpp_receipt = P.Pdu(P.DELIVER_SM, 0, 9, P.ShortMessage(
+        "13800138000", "12345", b"id:0123456789 sub:001 dlvrd:001 submit date:2612011000 done "
+        b"date:2612011001 stat:DELIVRD err:000 text:x", esm_class=0x04).body()).encode()
+    cmpp_seeds = [
+        C.Packet(C.DELIVER, 5, C.Deliver(1 << 40, "10658012345", "13800138000",
+                 "路灯坏了".encode("utf-16-be"), msg_fmt=8).encode(v)).encode() + bytes([odd])
+        for v, odd in ((0x20, 0), (C.V30, 1))
+    ] + [
+        C.Packet(C.DELIVER, 6, C.Deliver(2, "10658012345", "8613800138000",
+                 b"\x05\x00\x03\x2a\x02\x02" + "井盖".encode("gbk"), msg_fmt=15,
+                 tp_udhi=1).encode(0x20)).encode() + b"\x00",
+        C.Packet(C.DELIVER, 7, C.Deliver(3, "10658012345", "13800138000", C.Report(
+                 9, "DELIVRD", "2612011000", "2612011001", "13800138000", 1).encode(C.V30),
+                 registered_delivery=1).encode(C.V30)).encode() + b"\x01",
+    ]
     json_errors = (safejson.BadJson, BadRequest)
     return {
         "intake-json": ([b'{"channel":"sms","sender":"+8613800138000","text":"\\u8def\\u706f",'
@@ -215,20 +284,89 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
         "smtp-data": ([mail], smtp_data, ()),
         "agi-header": ([agi], agi_header, (AgiError,)),
         "ami-events": ([ami], ami_events, (AmiError,)),
+        # BadRequest (no source number) is answered as a permanent error by both adapters
+        "smpp-pdu": ([smpp_seed, smpp_udh, smpp_receipt], smpp_pdu,
+                     (P.Malformed, common.BadRequest)),
+        "cmpp-pdu": (cmpp_seeds, cmpp_pdu, (C.Malformed, common.BadRequest)),
     }
+
+
+class Progress:
+    """Counts of one target, written to the checkpoint file now and then and at the end.
+
+    RSS is sampled at the start, after the first 2,000 inputs (imports and caches settled: the
+    base to compare with), at every tenth of the way and at the end, so a flat line and a slow
+    climb look different even when a run is cut short.
+    """
+
+    def __init__(self, name: str, kind: str, planned: int, checkpoint: Path | None) -> None:
+        self.result: dict[str, Any] = {
+            "target": name, "kind": kind, "inputs": 0, "crashes": 0, "hangs": 0,
+            "rss_start_kib": rss_kib(), "rss_after_2000_kib": 0, "rss_mid_kib": 0,
+            "rss_end_kib": 0, "rss_samples_kib": [], "seconds": 0.0, "examples": [],
+            "finished": False,
+        }
+        self.planned = planned
+        self.checkpoint = checkpoint
+        self.started = time.perf_counter()
+        self._next_sample = max(planned // 10, 1)
+        self._next_write = self.started + 10
+
+    def step(self, n: int) -> None:
+        """Call with the number of inputs so far (cheap unless a sample or write is due)."""
+        r = self.result
+        r["inputs"] = n
+        if n >= 2000 and not r["rss_after_2000_kib"]:
+            r["rss_after_2000_kib"] = rss_kib()
+        if n >= self._next_sample:
+            self._next_sample += max(self.planned // 10, 1)
+            r["rss_samples_kib"].append([n, rss_kib()])
+            if n >= self.planned // 2 and not r["rss_mid_kib"]:
+                r["rss_mid_kib"] = rss_kib()
+        now = time.perf_counter()
+        if now >= self._next_write:
+            self._next_write = now + 10
+            self.write()
+
+    def crash(self, text: str, kind: str = "") -> None:
+        """Count one; keep the first example of each kind (exception type and place)."""
+        self.result["crashes"] += 1
+        kinds = self.result.setdefault("crash_kinds", {})
+        kind = kind or text[:60]
+        if kind not in kinds and len(kinds) < 10:
+            self.result["examples"].append(text)
+        kinds[kind] = kinds.get(kind, 0) + 1
+
+    def write(self, finished: bool = False) -> None:
+        r = self.result
+        r["seconds"] = round(time.perf_counter() - self.started, 1)
+        r["rss_end_kib"] = rss_kib()
+        r["finished"] = finished
+        if not r["rss_mid_kib"] and finished:
+            r["rss_mid_kib"] = r["rss_end_kib"]
+        if self.checkpoint is None:
+            return
+        try:
+            board = json.loads(self.checkpoint.read_text())
+        except (OSError, ValueError):
+            board = {}
+        board[r["target"]] = r
+        tmp = self.checkpoint.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(board, ensure_ascii=False, indent=1))
+        tmp.replace(self.checkpoint)
+
+    def done(self) -> dict[str, Any]:
+        self.write(finished=True)
+        return self.result
 
 
 def run_inprocess(name: str, seeds: list[bytes], parse: Callable[[bytes], object],
                   expected: tuple[type, ...], seconds: float, max_inputs: int, hang_s: float,
-                  rng: random.Random) -> dict[str, Any]:
-    rss_start = rss_kib()
-    rss_warm = 0
-    started = time.perf_counter()
-    n = crashes = hangs = 0
-    examples: list[str] = []
+                  rng: random.Random, checkpoint: Path | None = None) -> dict[str, Any]:
+    progress = Progress(name, "in-process", max_inputs, checkpoint)
+    started = progress.started
+    n = 0
     while n < max_inputs and time.perf_counter() - started < seconds:
-        if n == 2000:  # after imports and caches have settled: the base to compare the end to
-            rss_warm = rss_kib()
         raw = mutate(rng.choice(seeds), rng) if n % 50 else rng.randbytes(rng.randrange(200))
         t0 = time.perf_counter()
         try:
@@ -236,17 +374,162 @@ def run_inprocess(name: str, seeds: list[bytes], parse: Callable[[bytes], object
         except expected:
             pass
         except Exception as exc:
-            crashes += 1
-            if len(examples) < 3:
-                examples.append(f"{type(exc).__name__}: {exc!s:.120} <- {raw[:120]!r}"
-                                + traceback.format_exc(limit=-2)[-300:])
+            tb = traceback.extract_tb(exc.__traceback__)[-1]
+            progress.crash(f"{type(exc).__name__}: {exc!s:.120} <- {raw[:120]!r}"
+                           + traceback.format_exc(limit=-2)[-300:],
+                           f"{type(exc).__name__} at {Path(tb.filename).name}:{tb.lineno}")
         if time.perf_counter() - t0 > hang_s:
-            hangs += 1
+            progress.result["hangs"] += 1
         n += 1
-    return {"target": name, "kind": "in-process", "inputs": n, "crashes": crashes,
-            "hangs": hangs, "rss_start_kib": rss_start, "rss_after_2000_kib": rss_warm,
-            "rss_end_kib": rss_kib(), "seconds": round(time.perf_counter() - started, 1),
-            "examples": examples}
+        progress.step(n)
+    return progress.done()
+
+
+# ------------------------------------------------------------------ SMTP protocol, in-process
+
+SMTP_COMMANDS = [
+    b"EHLO client.example.org", b"HELO client.example.org", b"MAIL FROM:<citizen@example.org>",
+    b"MAIL FROM:<citizen@example.org> SIZE=1000 BODY=8BITMIME SMTPUTF8", b"MAIL FROM:<>",
+    b"RCPT TO:<12345@hotline.example>", b"RCPT TO:<12345+tag@HOTLINE.example.>",
+    b"RCPT TO:<other@elsewhere.example>", b"RSET", b"NOOP", b"VRFY citizen", b"HELP",
+    b"EXPN list", b"AUTH PLAIN AGNpdGl6ZW4AcHc=", b"STARTTLS", b"DATA",
+    "RCPT TO:<市长@hotline.example>".encode(),
+]
+SMTP_MESSAGE = (b"From: =?utf-8?b?5byg5LiJ?= <citizen@example.org>\r\nTo: 12345@hotline.example"
+                b"\r\nSubject: =?gb2312?b?wrfDxruvwcs=?=\r\nMessage-ID: <m1@example.org>\r\n"
+                b"Content-Type: text/plain; charset=gb18030\r\n\r\n\xc2\xb7\xb5\xc6\r\n")
+
+
+async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng: random.Random,
+                            checkpoint: Path | None = None) -> dict[str, Any]:
+    """SMTP commands and DATA through the listener's real protocol object (aiosmtpd's SMTP with
+    the gateway's Handler and limits), many inputs per session over a loopback socket.
+
+    The Handler hands each message to the real ``normalize`` (what EmailAdapter.accept parses
+    with) instead of a queue: this target is the protocol and the parser, the write path has its
+    own tests. Each command line and each message is one input. A crash is an answer from the
+    catch-alls (``451 4.3.0``: aiosmtpd's handle_exception or our handler's last resort) or an
+    exception logged by the gateway's own loggers; a hang is a reply not seen within ``hang_s``.
+    """
+    import logging
+
+    from gateway.channels.email.config import EmailConfig
+    from gateway.channels.email.normalize import normalize
+    from gateway.channels.email.normalize import Envelope as MailEnvelope
+    from gateway.channels.email.smtp import Handler, Listener
+    from gateway.config import HostPort
+
+    progress = Progress("smtp-session", "in-process protocol", max_inputs, checkpoint)
+    r = progress.result
+    r["replies"] = {}
+    r["sessions"] = 0
+    r["messages"] = 0
+    errors: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+
+    catch = Catch()
+    logging.getLogger("gateway").addHandler(catch)
+    logging.getLogger("mail.log").addHandler(catch)
+    config = EmailConfig(listen=HostPort("127.0.0.1", 0), hostname="gw.example",
+                         mailboxes=("12345@hotline.example",), max_message_size=1 << 20)
+    count = 0
+
+    async def accept(raw: bytes, env: MailEnvelope) -> str:
+        nonlocal count
+        result = normalize(raw, env)
+        for value in (result.external_id, result.text, result.subject or ""):
+            value.encode("utf-8")
+        count += 1
+        return f"c{count}"
+
+    listener = Listener(config, Handler(config, accept))
+    await listener.start()
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # not every bogus command echoed
+    n = 0
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+
+    async def reply() -> bytes:
+        assert reader is not None
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if len(line) < 4 or line[3:4] != b"-":
+                code = line[:3].decode("latin-1")
+                r["replies"][code] = r["replies"].get(code, 0) + 1
+                if line.startswith(b"451 4.3.0"):
+                    progress.crash(line.decode("latin-1").strip())
+                return line
+
+    started = progress.started
+    try:
+        while n < max_inputs and time.perf_counter() - started < seconds:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+                r["sessions"] += 1
+                try:
+                    async with asyncio.timeout(hang_s):
+                        await reply()
+                except TimeoutError:
+                    r["hangs"] += 1
+            assert writer is not None
+            if rng.random() < 0.6:  # a well-formed transaction, its parts sometimes mutated
+                lines = [b"EHLO client.example.org"] * (rng.random() < 0.3) + [
+                    SMTP_COMMANDS[2 + rng.randrange(3)], SMTP_COMMANDS[5 + rng.randrange(3)],
+                    b"DATA"]
+            else:
+                lines = [rng.choice(SMTP_COMMANDS) for _ in range(rng.randrange(1, 6))]
+            try:
+                async with asyncio.timeout(hang_s):
+                    for line in lines:
+                        if rng.random() < 0.25:
+                            line = mutate(line, rng)
+                        line = line.replace(b"\r", b"").replace(b"\n", b"")
+                        writer.write(line + b"\r\n")
+                        n += 1
+                        answer = await reply()
+                        if answer.startswith(b"354"):
+                            message = mutate(SMTP_MESSAGE, rng) if rng.random() < 0.9 else b""
+                            if message.startswith(b"."):
+                                message = b"." + message
+                            writer.write(message.replace(b"\n.", b"\n..") + b"\r\n.\r\n")
+                            n += 1
+                            r["messages"] += 1
+                            await reply()
+                        elif answer.startswith((b"221", b"421")):
+                            raise ConnectionError("closed by the server")
+            except TimeoutError:
+                r["hangs"] += 1
+                writer.close()
+                writer = None
+            except (ConnectionError, OSError):
+                writer.close()
+                writer = None
+            progress.step(n)
+        # the listener still serves a clean session after all that
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        async with asyncio.timeout(hang_s):
+            await reply()
+            for line in (b"EHLO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<12345@hotline.example>",
+                         b"DATA"):
+                writer.write(line + b"\r\n")
+                await reply()
+            writer.write(b"Subject: ok\r\n\r\nfine\r\n.\r\nQUIT\r\n")
+            r["still_serving"] = (await reply()).startswith(b"250")
+        writer.close()
+    finally:
+        await listener.stop()
+        logging.getLogger("gateway").removeHandler(catch)
+        logging.getLogger("mail.log").removeHandler(catch)
+    for record in errors[:3]:
+        progress.crash(f"logged: {record.name}: {record.getMessage()[:200]}")
+    r["crashes"] += max(len(errors) - 3, 0)
+    return progress.done()
 
 
 # ------------------------------------------------------------------ socket targets
@@ -420,6 +703,25 @@ async def _agi_campaign(port: int, seconds: float, hang_s: float,
 # ------------------------------------------------------------------ main
 
 
+def _isolated(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run one target in a child process; a child that dies counts as a crash."""
+    import subprocess
+
+    argv = [sys.executable, __file__, "--only", "inprocess", "--target", name,
+            "--seconds", str(args.seconds), "--max-inputs", str(args.max_inputs),
+            "--hang", str(args.hang), "--seed", str(args.seed + sum(name.encode()))]
+    if args.checkpoint is not None:
+        argv += ["--checkpoint", str(args.checkpoint)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for line in lines:
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    if proc.returncode not in (0, 1) or not lines:
+        return [{"target": name, "kind": "in-process", "crashes": 1,
+                 "examples": [f"exit {proc.returncode}: {proc.stderr[-500:]}"]}]
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30, help="per in-process target")
@@ -434,6 +736,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--smoke", action="store_true", help="a few seconds of everything")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="keep each target's counts here, updated every 10 s (a cut run still"
+                    " has its figures)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each in-process target in its own process (its own RSS)")
     args = ap.parse_args()
     import logging
 
@@ -445,11 +752,20 @@ def main() -> int:
     rng = random.Random(args.seed)
     results: list[dict[str, Any]] = []
     if args.only in (None, "inprocess"):
-        for name, (seeds, parse, expected) in _targets().items():
+        names = [*_targets(), "smtp-session"]
+        for name in names:
             if args.target and name not in args.target:
                 continue
-            result = run_inprocess(name, seeds, parse, expected, args.seconds, args.max_inputs,
-                                   args.hang, rng)
+            if args.isolate:
+                results.extend(_isolated(name, args))
+                continue
+            if name == "smtp-session":
+                result = asyncio.run(run_smtp_protocol(args.seconds, args.max_inputs, args.hang,
+                                                       rng, args.checkpoint))
+            else:
+                seeds, parse, expected = _targets()[name]
+                result = run_inprocess(name, seeds, parse, expected, args.seconds,
+                                       args.max_inputs, args.hang, rng, args.checkpoint)
             results.append(result)
             print(json.dumps(result, ensure_ascii=False), flush=True)
     if args.only in (None, "socket"):

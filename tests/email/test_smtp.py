@@ -447,6 +447,33 @@ async def test_listener_survives_garbage(start_mailbox):
     assert contact_id in {c.id for c in await gw.read_contacts()}
 
 
+async def test_addresses_the_parser_trips_over_are_syntax_errors_not_451(start_mailbox):
+    # found by tools/fuzz_campaign.py: the standard library's address parser raises IndexError
+    # (not its HeaderParseError) on these, and aiosmtpd answered its catch-all 451 4.3.0, which
+    # a client retries for ever
+    gw = await start_mailbox()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.adapters["mail"].port)
+    assert (await reader.readline()).startswith(b"220")
+
+    async def command(line: bytes) -> bytes:
+        writer.write(line + b"\r\n")
+        while True:
+            reply = await reader.readline()
+            if reply[3:4] != b"-":
+                return reply
+
+    await command(b"EHLO client.example.org")
+    assert (await command(b"MAIL FROM:<a@")).startswith(b"5")
+    assert (await command(b"MAIL FROM:<citizen@example.org>")).startswith(b"250")
+    assert (await command(b"RCPT TO:<")).startswith(b"5")
+    assert (await command(b"RCPT TO:<12345@")).startswith(b"5")
+    assert (await command(b"RCPT TO:<" + MAILBOX.encode() + b">")).startswith(b"250")
+    assert (await command(b"DATA")).startswith(b"354")
+    assert (await command(b"Subject: x\r\n\r\nstill served\r\n.")).startswith(b"250")
+    writer.close()
+    assert [c.text for c in await gw.read_contacts()] == ["still served"]
+
+
 def test_base64_fixture_really_is_base64():
     raw = (FIXTURES / "gbk_as_gb2312.eml").read_bytes()
     body = raw.split(b"\r\n\r\n", 1)[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,21 @@ async def test_active_test_malformed_deliver_and_terminate(ismg: Ismg, start_gat
         await asyncio.sleep(0.01)
     assert adapter.binds == 2
     assert [c.text for c in await gw.read_contacts()] == ["still here"]
+
+
+async def test_a_deliver_that_can_never_be_taken_is_refused_for_good_and_a_limited_one_for_now(
+    ismg: Ismg, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by tools/fuzz_campaign.py: an empty Src_terminal_Id raised inside the take and was
+    # answered Result 8 (flow control) with a logged traceback: the ISMG redelivered it for ever
+    gw = await start_gateway(adapters={"cmpp": config(ismg)}, limits={"sender_contacts": 1})
+    await connected(gw)
+    assert await ismg.deliver(**mo(b"no sender", 0, 11, src_terminal_id="")) == (
+        11, C.DELIVER_STRUCTURE)
+    assert await ismg.deliver(**mo(b"first", 0, 12)) == (12, 0)
+    assert await ismg.deliver(**mo(b"second", 0, 13)) == (13, C.DELIVER_FLOW_CONTROL)
+    assert [c.text for c in await gw.read_contacts()] == ["first"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_flood_beyond_the_in_flight_bound_is_answered_flow_control(

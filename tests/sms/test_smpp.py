@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -179,6 +180,22 @@ async def test_bad_pdus_get_generic_nack_and_the_bind_survives(smsc: Smsc,
     assert await smsc.deliver(**mo(b"after", 0)) == 0
     texts = sorted(c.text for c in await gw.read_contacts())
     assert texts == ["after", "still bound"]
+
+
+async def test_an_mo_that_can_never_be_taken_is_refused_for_good_and_a_limited_one_for_now(
+    smsc: Smsc, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by tools/fuzz_campaign.py: an empty source_addr raised inside the take and was
+    # answered ESME_RX_T_APPN with a logged traceback, so the SMSC redelivered it for ever
+    gw = await start_gateway(adapters={"smpp": config(smsc)}, limits={"sender_contacts": 1})
+    await bound(gw)
+    assert await smsc.deliver(**mo(b"no sender", 0, source_addr="")) == P.ESME_RX_P_APPN
+    assert await smsc.deliver(**mo(b"first", 0)) == P.ESME_ROK
+    # over the sender's limit: retry later, and not logged as a failure
+    assert await smsc.deliver(**mo(b"second", 0)) == P.ESME_RX_T_APPN
+    assert [c.text for c in await gw.read_contacts()] == ["first"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert smsc.connections == 1
 
 
 async def test_bind_lost_reconnects(smsc: Smsc, start_gateway: Any) -> None:

@@ -202,6 +202,15 @@ class GatewaySMTP(SMTP):
             self._metrics.smtp_reply(code.decode() if isinstance(code, bytes) else code)
         await super().push(status)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parse; an address the standard library's parser trips over
+        (``RCPT TO:<``, ``MAIL FROM:<a@``: IndexError, not its HeaderParseError) is a syntax
+        error (501/553) instead of aiosmtpd's catch-all 451, which the client would retry."""
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+
     def data_received(self, data: bytes) -> None:
         # aiosmtpd restarts its idle timer on commands only: a large message still arriving
         # would be cut at idle_timeout. Any bytes from the client mean it is not idle.

@@ -22,7 +22,14 @@ from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.adapters import (
+    AdapterContext,
+    ChannelType,
+    InvalidContact,
+    RateLimited,
+    SendError,
+    SendReceipt,
+)
 from gateway.channels.sms import cmpp_pdu as C
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import parse_udh
@@ -161,6 +168,14 @@ class CmppAdapter(BoundLink):
         else:
             try:
                 result = await self._take(deliver)
+            except common.BadRequest as exc:  # no source number: never takeable, not retried
+                log.warning("cmpp %s: CMPP_DELIVER refused: %s", self.name, exc)
+                result = C.DELIVER_STRUCTURE
+            except InvalidContact as exc:
+                log.warning("cmpp %s: CMPP_DELIVER refused: %s", self.name, exc)
+                result = C.DELIVER_OTHER
+            except RateLimited:  # the sender's limit: the ISMG delivers it again later
+                result = C.DELIVER_FLOW_CONTROL
             except Exception:
                 log.exception("cmpp %s: CMPP_DELIVER not taken", self.name)
                 result = C.DELIVER_FLOW_CONTROL

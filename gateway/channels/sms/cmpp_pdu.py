@@ -37,6 +37,10 @@ FMT_GBK: Final = 15
 DELIVER_OK: Final = 0
 DELIVER_FLOW_CONTROL: Final = 8
 """CMPP_DELIVER_RESP Result 8 (flow control error): not taken, the ISMG delivers it again."""
+DELIVER_STRUCTURE: Final = 1
+"""Result 1 (message structure error): a deliver we will never take (no source number)."""
+DELIVER_OTHER: Final = 9
+"""Result 9 (other error): a deliver that cannot become a contact, refused for good."""
 SUBMIT_FLOW_CONTROL: Final = 8
 
 

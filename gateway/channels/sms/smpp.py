@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.adapters import (
+    AdapterContext,
+    ChannelType,
+    InvalidContact,
+    RateLimited,
+    SendError,
+    SendReceipt,
+)
 from gateway.channels.sms import common, gsm7
 from gateway.channels.sms import smpp_pdu as P
 from gateway.channels.sms.concat import Concat, parse_udh
@@ -216,6 +223,11 @@ class SmppAdapter(BoundLink):
     async def _deliver(self, seq: int, sm: P.ShortMessage) -> None:
         try:
             status = await self._take(sm)
+        except (common.BadRequest, InvalidContact) as exc:  # never takeable: not retried
+            log.warning("smpp %s: deliver_sm refused: %s", self.name, exc)
+            status = P.ESME_RX_P_APPN
+        except RateLimited:  # the sender's limit: the SMSC delivers it again later
+            status = P.ESME_RX_T_APPN
         except Exception:
             log.exception("smpp %s: deliver_sm not taken", self.name)
             status = P.ESME_RX_T_APPN

@@ -46,6 +46,8 @@ ESME_RSYSERR: Final = 0x08
 ESME_RMSGQFUL: Final = 0x14
 ESME_RTHROTTLED: Final = 0x58
 ESME_RX_T_APPN: Final = 0x64
+ESME_RX_P_APPN: Final = 0x65
+"""ESME receiver permanent application error: the SMSC does not deliver this message again."""
 """ESME receiver temporary app error: the SMSC keeps the message and delivers it again."""
 
 # TLV tags (section 5.3.2)
