@@ -184,7 +184,8 @@ class SurgeWatch:
 
     async def _repeat(self, c: Contact) -> Event | None:
         day = c.received_at // MICROS_PER_SECOND // 86400 * 86400
-        key = f"repeat:{c.sender.address}"
+        await self.queue.load_pseudonym_key()
+        key = f"repeat:{self.queue.pseudonym(c.sender.address)}"  # no number in a key name
         if not await self.redis.set(self.keys.surge_emitted(key, day), 1, nx=True, ex=2 * 86400):
             return None
         ids = [c.id]

@@ -414,8 +414,8 @@ async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng:
     import logging
 
     from gateway.channels.email.config import EmailConfig
-    from gateway.channels.email.normalize import normalize
     from gateway.channels.email.normalize import Envelope as MailEnvelope
+    from gateway.channels.email.normalize import normalize
     from gateway.channels.email.smtp import Handler, Listener
     from gateway.config import HostPort
 
@@ -712,7 +712,7 @@ def _isolated(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "--hang", str(args.hang), "--seed", str(args.seed + sum(name.encode()))]
     if args.checkpoint is not None:
         argv += ["--checkpoint", str(args.checkpoint)]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True)  # noqa: S603 - our own argv
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     for line in lines:
         print(json.dumps(line, ensure_ascii=False), flush=True)

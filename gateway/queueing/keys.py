@@ -61,12 +61,19 @@ class Keys:
         return f"{self.tag}:dedupe:{adapter}:{_short(external_id)}"
 
     def rate(self, scope: str, name: str, window: int) -> str:
-        """Counter: contacts of one sender or adapter in one fixed window (rate limits)."""
+        """Counter: contacts of one sender (by pseudonym) or adapter in one fixed window (rate
+        limits)."""
         return f"{self.tag}:rate:{scope}:{_short(name)}:{window}"
 
-    def sender(self, address: str) -> str:
-        """Sorted set: a sender's recent contacts scored by arrival (repeat counting)."""
-        return f"{self.tag}:sender:{_short(address)}"
+    def sender(self, pseudonym: str) -> str:
+        """Sorted set: a sender's recent contacts scored by arrival (repeat counting). Keyed by
+        the sender's pseudonym (``RedisQueue.pseudonym``), never the address itself."""
+        return f"{self.tag}:sender:{_short(pseudonym)}"
+
+    @property
+    def pseudonym_key(self) -> str:
+        """String: the fleet's key for pseudonyms of senders in key names (made once)."""
+        return f"{self.tag}:pseudonym-key"
 
     def lease(self, name: str) -> str:
         """String: ``<holder>/<fence>`` of the instance holding lease ``name`` (with a TTL)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
@@ -188,10 +191,37 @@ class RedisQueue:
         self.sender_limit = sender_limit
         self.adapter_limit = adapter_limit
         self._shas: dict[str, str] = {}
+        self._pseudonym_key: bytes | None = None
 
     async def load_scripts(self) -> None:
-        """Load the scripts into the server's cache (again after a restart or failover)."""
+        """Load the scripts into the server's cache (again after a restart or failover), and
+        the fleet's pseudonym key."""
         self._shas = {name: await self.redis.script_load(body) for name, body in SCRIPTS.items()}
+        await self.load_pseudonym_key(again=True)
+
+    async def load_pseudonym_key(self, *, again: bool = False) -> None:
+        """Read the key that turns a sender's address into the part of a key name that stands
+        for it (``pseudonym``); the first instance makes it. ``again`` (after a restart of the
+        server, which may have lost it): offer the one in use, so the fleet keeps one key."""
+        if self._pseudonym_key is not None and not again:
+            return
+        name = self.keys.pseudonym_key
+        offer = self._pseudonym_key or secrets.token_hex(32).encode()
+        await self.redis.set(name, offer, nx=True)
+        value = await self.redis.get(name)
+        self._pseudonym_key = value if isinstance(value, bytes) else str(value).encode()
+
+    def pseudonym(self, address: str) -> str:
+        """What key names hold instead of a sender's address (a full phone number, an e-mail
+        address): a keyed hash, so that listing the keys (``SCAN``, ``--bigkeys``, an exporter)
+        shows no number and one cannot find a number's keys by hashing guesses without the key.
+        Empty for an empty address. ``load_pseudonym_key`` first."""
+        if not address:
+            return ""
+        if self._pseudonym_key is None:
+            raise RuntimeError("pseudonym key not loaded")
+        data = address.encode("utf-8", "surrogatepass")
+        return "p" + hmac.new(self._pseudonym_key, data, hashlib.sha256).hexdigest()[:32]
 
     async def ping(self) -> bool:
         """True when the server answers."""
@@ -206,12 +236,13 @@ class RedisQueue:
         event = Event(p.id, "enqueued", enqueued_at, self.source).to_json()
         k = self.keys
         address = inbound.sender.address
+        sender = self.pseudonym(address)
         keys = [
             k.contacts,
             k.events,
             # encoded here, so a key that is not valid UTF-8 fails this contact alone
             k.dedupe(inbound.adapter, inbound.external_id or p.id).encode(),
-            k.sender(address).encode(),
+            k.sender(sender).encode(),
             k.contact(p.id),
             k.deadlines,
             k.warnings,
@@ -234,7 +265,7 @@ class RedisQueue:
         if limited:
             now_ms = enqueued_at // 1000
             for scope, name, rate in (
-                ("sender", address, self.sender_limit),
+                ("sender", sender, self.sender_limit),
                 ("adapter", inbound.adapter, self.adapter_limit),
             ):
                 if rate.limit > 0 and name:
@@ -253,6 +284,7 @@ class RedisQueue:
         limit as ``RateLimited``; the others are written. A failed round trip (connection,
         timeout) raises for the whole batch.
         """
+        await self.load_pseudonym_key()
         enqueued_at = self.clock.now_us()
         results: list[WriteResult | ResponseError | InvalidContact | RateLimited] = []
         encoded: list[tuple[list[Any], list[Any]]] = []

@@ -161,6 +161,33 @@ async def test_nothing_before_the_counters_span_the_warmup(redis_client: Any, pr
     assert await surge.evaluate(NOW + MIN) == []  # a new gateway knows no usual level
 
 
+async def test_no_key_name_holds_a_sender_number(start_gateway: Any) -> None:
+    # the repeat surge's "once a day" key was surge:e:repeat:<number>:<day>; the repeat counter
+    # (sender:<number>) and the rate limit (rate:sender:<number>:<window>) held it too
+    gw = await start_gateway(api=API, limits={"sender_contacts": 100})
+    url = f"http://127.0.0.1:{gw.http_port}/v1/intake"
+    async with aiohttp.ClientSession() as s:
+        for channel, sender in [("voice", "+8613912345678"), ("sms", "+8613912345678"),
+                                ("sms", "+8613912345678"), ("email", "citizen@example.org"),
+                                ("email", "citizen@example.org"),
+                                ("email", "citizen@example.org")]:
+            body = {"channel": channel, "sender": sender, "text": "还是没人来修"}
+            headers = {"Authorization": f"Bearer {TOKENS['intake']}"}
+            async with s.post(url, json=body, headers=headers) as r:
+                assert r.status == 202, await r.text()
+
+    async def both_flagged() -> list[bytes] | None:
+        names = [n async for n in gw.redis.scan_iter(match=gw.keys.tag + ":*", count=1000)]
+        repeat = [n for n in names if b":surge:e:repeat:" in n]
+        return names if len(repeat) == 2 else None
+
+    names = await eventually(both_flagged)
+    for kind in (b":sender:", b":rate:sender:", b":surge:e:repeat:"):
+        assert [n for n in names if kind in n], kind  # the keys are there ...
+    held = [n for n in names if b"12345678" in n or b"citizen" in n]
+    assert held == []  # ... and none names the citizen
+
+
 async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(
     start_gateway: Any, receiver: Receiver
 ) -> None:

@@ -117,3 +117,36 @@ async def test_per_adapter_rate_limit(start_gateway: Any, aiohttp_client_session
         ) as resp:
             statuses.append(resp.status)
     assert statuses == [202] * 5 + [429] * 3
+
+
+async def test_fastagi_connection_cap(start_gateway: Any) -> None:
+    from gateway.testing.webhook import eventually
+    from tests.voice.fakes import agi_fixture, fake_call
+
+    gw = await start_gateway(
+        adapters={"pbx": {"type": "asterisk", "agi_listen": "127.0.0.1:0",
+                          "session_timeout": "60s", "agi_read_timeout": "60s"}},
+        limits={"max_connections": 2},
+    )
+    server = gw.adapters["pbx"].server
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+
+    async def both_held() -> bool:  # the server has taken both sessions (header not sent)
+        return bool(server.connections.open == 2)
+
+    await eventually(both_held)
+    # over the cap: closed at once, before any command (Asterisk's AGI() then returns and the
+    # dialplan's fail path queues the call), and no contact
+    call = await fake_call(server.port, agi_fixture("sip_call.agi"))
+    assert call.closed_by_server and call.commands == []
+    assert server.connections.refused == 1
+    for _, writer in held:
+        writer.close()
+
+    async def released() -> bool:
+        return bool(server.connections.open == 0)
+
+    await eventually(released)
+    call = await fake_call(server.port, agi_fixture("sip_call.agi"))
+    assert call.variables["GATEWAY_STATUS"] == "OK"
+    assert len(await gw.read_contacts()) == 1

@@ -158,6 +158,7 @@ class AsteriskAdapter:
             read_timeout=float(config.agi_read_timeout),
             allow=config.agi_allow,
             metrics=ctx.metrics,
+            max_connections=ctx.settings.limits.max_connections,
         )
         self.ami: AmiClient | None = None
         if config.ami is not None:

@@ -22,6 +22,7 @@ from gateway.channels.voice.agi import (
     script_name,
 )
 from gateway.clock import Clock, Micros
+from gateway.connguard import ConnectionCount, default_cap
 from gateway.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class FastAgiServer:
         max_header_bytes: int = MAX_HEADER_BYTES,
         allow: tuple[str, ...] = (),
         metrics: AdapterMetrics | None = None,
+        max_connections: int = 0,
     ) -> None:
         self.handlers = dict(handlers)
         self.metrics = metrics
@@ -75,6 +77,9 @@ class FastAgiServer:
         self.max_header_bytes = max_header_bytes
         self.allow = tuple(ipaddress.ip_network(net, strict=False) for net in allow)
         """FastAGI has no authentication: when set, only these peers are served."""
+        self.connections = ConnectionCount(default_cap(max_connections))
+        """Open sessions against ``[limits] max_connections``: over it a connection is closed
+        at once, before its header block is read (the dialplan's fail path queues the call)."""
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self.sessions_total = 0
@@ -109,6 +114,9 @@ class FastAgiServer:
         if self.allow and not self._allowed(writer):
             writer.close()
             return
+        if not self.connections.take():
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._sessions.add(task)
@@ -131,6 +139,7 @@ class FastAgiServer:
             log.exception("FastAGI session failed")
         finally:
             writer.close()
+            self.connections.release()
             if task is not None:
                 self._sessions.discard(task)
             if self.metrics is not None:
