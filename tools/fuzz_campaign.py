@@ -173,12 +173,12 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     def smpp_pdu(raw: bytes) -> object:
         # as SmppLink._read and handle do: a 16-octet header, then a deliver_sm body, then
         # everything SmppAdapter._take computes before the contact goes to Intake
-        if len(raw) < 16:
+        if len(raw) < P.FRAMING.size:
             raise P.Malformed("short header")
-        length, command_id, _, _ = P.header(raw[:16])
-        if length < 16 or length > P.MAX_PDU or command_id != P.DELIVER_SM:
+        length, command_id, _, _ = P.FRAMING.decode(raw[: P.FRAMING.size])
+        if length < P.FRAMING.size or length > P.MAX_PDU or command_id != P.DELIVER_SM:
             raise P.Malformed("not a deliver_sm the link would read")
-        sm = P.ShortMessage.parse(raw[16:length])
+        sm = P.ShortMessage.parse(raw[P.FRAMING.size : length])
         receipt = smpp.receipt_of(sm)
         if receipt is not None:
             return receipt
@@ -190,13 +190,13 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
 
     def cmpp_pdu(raw: bytes) -> object:
         # as CmppLink: a 12-octet header, a CMPP_DELIVER body (2.0 or 3.0 by the first octet)
-        if len(raw) < 12:
+        if len(raw) < C.FRAMING.size:
             raise C.Malformed("short header")
-        length, command_id, _ = C.HEADER.unpack(raw[:12])
-        if length < 12 or length > C.MAX_PACKET or command_id != C.DELIVER:
+        length, command_id, _, _ = C.FRAMING.decode(raw[: C.FRAMING.size])
+        if length < C.FRAMING.size or length > C.MAX_PACKET or command_id != C.DELIVER:
             raise C.Malformed("not a CMPP_DELIVER the link would read")
         version = C.V30 if raw[-1] & 1 else 0x20
-        d = C.Deliver.parse(raw[12:length], version)
+        d = C.Deliver.parse(raw[C.FRAMING.size : length], version)
         if d.registered_delivery == 1:
             report = C.Report.parse(d.msg_content, version)
             return cmpp.report_kind(report.stat)
