@@ -15,22 +15,28 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 from aiohttp import web
 
-from gateway.adapters import AdapterContext, SendError
+from gateway.adapters import AdapterContext, Receipt, SendError, SendReceipt
+from gateway.channels.common import retry_later
+from gateway.channels.sms.concat import Added, Assembler, Part, assembled_id
+from gateway.channels.sms.segments import Segments, split, substitute
 from gateway.config import ConfigError, Secret
-from gateway.phone import to_e164
-from gateway.records import Event, EventType, short_ref
+from gateway.egress import client_session
+from gateway.phone import mask_phone, to_e164
+from gateway.records import Contact, Event, EventType, Inbound, Reply, Sender, short_ref
 
 if TYPE_CHECKING:
-    from gateway.channels.sms.concat import Assembler
     from gateway.queueing.coordination import SharedState
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Deliver = Callable[[Contact, Reply], Awaitable[SendReceipt]]
 
 log = logging.getLogger(__name__)
 
@@ -255,20 +261,49 @@ class DeliveryReports:
         return True
 
 
-class PartsLifecycle:
-    """Start and stop of an SMS adapter that joins long messages from parts and sends replies
-    on its own HTTP session with background tasks (Kannel, the generic webhook)."""
+class SmsWebhook:
+    """What the HTTP SMS providers share (Kannel, Twilio, the generic webhook): the routes of
+    inbound messages and delivery reports, the sender and recipient as E.164, long messages
+    joined from parts (``parts=True``), acknowledgements sent in the background, delivery
+    reports recorded once, and the HTTP session replies go out on."""
 
-    assembler: Assembler
-    _session: aiohttp.ClientSession | None
-    _tasks: set[asyncio.Task[None]]
+    channel = "sms"
+    provider: ClassVar[str]
+    """``meta.provider`` of the contacts."""
+
+    def __init__(self, ctx: AdapterContext, *, path: str, report_suffix: str, region: str,
+                 parts: float | None = None, secret: Secret | None = None) -> None:
+        """``parts``: the seconds a long message's parts are waited for (None: no parts);
+        ``secret``: signs the references carried back by delivery reports."""
+        self.name = ctx.name
+        self.ctx = ctx
+        self.region = region
+        self.path = path.rstrip("/") or "/"
+        self.status_path = self.path.rstrip("/") + report_suffix
+        folder = Path(ctx.settings.gateway.data_dir) / "sms" / ctx.name
+        self.assembler: Assembler | None = None
+        if parts is not None:
+            self.assembler = Assembler(folder / "parts", parts, ctx.clock, self.handover,
+                                       state=ctx.state)
+            self.assembler.load()  # parts left by an earlier run, before any request comes
+        self.reports = DeliveryReports(ctx)
+        self.references = References(secret, folder, ctx.state)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def route(self, methods: tuple[str, ...], receive: Handler, report: Handler) -> None:
+        for method in methods:
+            self.ctx.router.add_route(method, self.path, receive)
+            self.ctx.router.add_route(method, self.status_path, report)
 
     async def start(self) -> None:
-        await self.assembler.start()
+        if self.assembler is not None:
+            await self.assembler.start()
 
     async def stop(self) -> None:
         """Stop the assembler (parts stay on disk), cancel background sends, close the session."""
-        await self.assembler.stop()
+        if self.assembler is not None:
+            await self.assembler.stop()
         tasks, self._tasks = self._tasks, set()
         for task in tasks:
             task.cancel()
@@ -278,6 +313,120 @@ class PartsLifecycle:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+    # ------------------------------------------------------------------ inbound
+
+    def addresses(self, sender: str, recipient: str) -> tuple[str, str]:
+        """(sender, recipient) as E.164 (or as given: short codes, alphanumeric ids);
+        ``BadRequest`` for an empty sender."""
+        return (phone_address(sender, self.region),
+                phone_address(recipient, self.region) if recipient else "")
+
+    async def take_part(self, part: Part) -> Added | web.Response:
+        """Keep one part of a long message (what the assembler did with it), or the 503
+        answer when it could not be stored."""
+        assert self.assembler is not None
+        try:
+            return await self.assembler.add(part)
+        except OSError as exc:
+            log.error("SMS part from %s not stored: %s", mask_phone(part.sender), exc)
+            return retry_later()
+
+    def assembled(self, parts: list[Part], complete: bool, text: str,
+                  **meta: Any) -> Inbound:
+        """The contact of a long message joined from ``parts``."""
+        first = parts[0]
+        return Inbound(
+            channel="sms",
+            adapter=self.name,
+            external_id=assembled_id(parts),
+            sender=Sender(first.sender),
+            recipient=first.recipient,
+            received_at=min(p.received_at for p in parts),
+            text=text,
+            origin_at=min((p.origin_at for p in parts if p.origin_at is not None), default=None),
+            meta={
+                "provider": self.provider,
+                **meta,
+                "concat": {
+                    "ref": first.meta.get("ref"),
+                    "total": first.total,
+                    "parts": [p.seq for p in parts],
+                    "ids": [p.external_id for p in parts],
+                },
+                "incomplete": not complete,
+            },
+        )
+
+    async def handover(self, parts: list[Part], complete: bool) -> Receipt:
+        """Submit the parts of a long message as one contact (adapters with ``parts``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ acknowledgements
+
+    async def stamp_ack(self, contact_id: str, via: str) -> None:
+        """Record ``acknowledged``; a failure is logged (the contact itself is safe)."""
+        try:
+            await self.ctx.events.stamp(
+                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": via}
+            )
+        except Exception as exc:
+            log.warning("acknowledged stamp for %s not recorded: %s", contact_id, exc)
+
+    def send_ack_later(self, contact_id: str, text: str, deliver: Deliver, via: str) -> None:
+        """Send the acknowledgement ``text`` as an SMS in the background (no request is left
+        to carry it), then stamp ``acknowledged``."""
+        task = asyncio.get_running_loop().create_task(
+            self._send_ack(contact_id, render_ack(text, contact_id), deliver, via)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_ack(self, contact_id: str, text: str, deliver: Deliver, via: str) -> None:
+        contact = await self.ctx.contacts.get(contact_id)
+        if contact is None:  # spooled: not in Redis yet, so nobody can be told its id there
+            log.info("no acknowledgement for spooled contact %s", contact_id)
+            return
+        try:
+            await deliver(contact, Reply(contact_id, text, id=ack_reply_id(contact_id)))
+        except SendError as exc:
+            log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
+            return
+        await self.stamp_ack(contact_id, via)
+
+    # ------------------------------------------------------------------ reports and replies
+
+    async def report(self, contact_id: str, ref: str, kind: EventType | None,
+                     detail: dict[str, Any], ok: web.Response) -> web.Response:
+        """Record a delivery report; ``ok`` when done, 503 so that the provider repeats it."""
+        if not await self.reports.record(contact_id, ref, kind, detail):
+            return retry_later()
+        return ok
+
+    def session(self, url: str, **kwargs: Any) -> aiohttp.ClientSession:
+        """The HTTP session replies go out on (made on first use)."""
+        if self._session is None:
+            self._session = client_session(self.ctx.settings.egress, url, **kwargs)
+        return self._session
+
+    def reply_ref(self, contact: Contact, reply: Reply) -> str:
+        """The reply's own id, or one made for it."""
+        return reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
+
+
+def reply_segments(text: str, max_segments: int, *, gsm_substitutions: bool = False
+                   ) -> tuple[str, Segments]:
+    """The text of a reply as sent (with GSM substitutions when they make it fit GSM 7-bit)
+    and its segments; ``SendError`` for an empty reply or one longer than ``max_segments``."""
+    if not text.strip():
+        raise SendError("empty reply", retryable=False)
+    if gsm_substitutions and split(substitute(text)).encoding == "gsm7":
+        text = substitute(text)
+    segments = split(text)
+    if segments.count > max_segments:
+        raise SendError(f"reply needs {segments.count} segments (max_segments {max_segments})",
+                        retryable=False)
+    return text, segments
 
 
 def local_key(folder: Path) -> str:

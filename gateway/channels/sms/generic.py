@@ -9,7 +9,6 @@ come back on ``<path>/status`` carrying the signed reference we put in ``{ref}``
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -19,7 +18,6 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -31,13 +29,11 @@ from gateway.adapters import (
     SendError,
     SendReceipt,
 )
-from gateway.channels.common import Refused, retry_later, submit
+from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
-from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
-from gateway.channels.sms.segments import split
+from gateway.channels.sms.concat import Concat, Part, group_key
 from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
 from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
@@ -229,32 +225,17 @@ def verify_hmac(secret: str, body: bytes, given: str) -> bool:
     return hex_ok | b64_ok
 
 
-class GenericAdapter(common.PartsLifecycle):
+class GenericAdapter(common.SmsWebhook):
     """A configurable SMS webhook, its reply template and its delivery reports."""
 
-    channel = "sms"
+    provider = "sms-webhook"
 
     def __init__(self, ctx: AdapterContext, config: GenericConfig) -> None:
-        self.name = ctx.name
-        self.ctx = ctx
+        super().__init__(ctx, path=config.path, report_suffix="/status", region=config.region,
+                         parts=float(config.concat_timeout), secret=config.secret)
         self.config = config
-        self.path = config.path.rstrip("/") or "/"
-        self.status_path = self.path.rstrip("/") + "/status"
-        data_dir = ctx.settings.gateway.data_dir / "sms" / ctx.name / "parts"
-        self.assembler = Assembler(
-            data_dir, float(config.concat_timeout), ctx.clock, self._handover, state=ctx.state
-        )
-        self.assembler.load()  # parts left by an earlier run, before any request comes
-        self._session: aiohttp.ClientSession | None = None
         self._progress: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.reports = common.DeliveryReports(ctx)
-        self.references = common.References(
-            config.secret, ctx.settings.gateway.data_dir / "sms" / ctx.name, ctx.state
-        )
-        for method in ("GET", "POST"):
-            ctx.router.add_route(method, self.path, self.receive)
-            ctx.router.add_route(method, self.status_path, self.status_report)
+        self.route(("GET", "POST"), self.receive, self.status_report)
 
     # ------------------------------------------------------------------ inbound
 
@@ -297,10 +278,9 @@ class GenericAdapter(common.PartsLifecycle):
             return refused or common.bad_request("empty")
         try:
             msg = parse_message(data, self.config.fields, self.config.recipient)
-            sender = common.phone_address(msg.sender, self.config.region)
+            sender, recipient = self.addresses(msg.sender, msg.recipient)
         except common.BadRequest as exc:
             return common.bad_request(str(exc))
-        recipient = common.phone_address(msg.recipient, self.config.region) if msg.recipient else ""
         if msg.concat is not None and msg.concat.total > 1:
             part = Part(
                 group=group_key(sender, recipient, msg.concat),
@@ -315,12 +295,8 @@ class GenericAdapter(common.PartsLifecycle):
                 recipient=recipient,
                 meta={"ref": msg.concat.ref},
             )
-            try:
-                await self.assembler.add(part)  # the hand-over acknowledges, whenever it happens
-            except OSError as exc:
-                log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
-                return retry_later()
-            return self._answer()
+            added = await self.take_part(part)  # the hand-over acknowledges, whenever it happens
+            return added if isinstance(added, web.Response) else self._answer()
         inbound = Inbound(
             channel="sms",
             adapter=self.name,
@@ -347,27 +323,9 @@ class GenericAdapter(common.PartsLifecycle):
             headers={"Content-Type": self.config.response_content_type},
         )
 
-    async def _handover(self, parts: list[Part], complete: bool) -> Receipt:
-        first = parts[0]
-        inbound = Inbound(
-            channel="sms",
-            adapter=self.name,
-            external_id=assembled_id(parts),
-            sender=Sender(first.sender),
-            recipient=first.recipient,
-            received_at=min(p.received_at for p in parts),
-            text=b"".join(p.data for p in parts).decode("utf-8", "replace"),
-            origin_at=min((p.origin_at for p in parts if p.origin_at is not None), default=None),
-            meta={
-                "provider": "sms-webhook",
-                "concat": {
-                    "ref": first.meta.get("ref"),
-                    "total": first.total,
-                    "parts": [p.seq for p in parts],
-                    "ids": [p.external_id for p in parts],
-                },
-                "incomplete": not complete,
-            },
+    async def handover(self, parts: list[Part], complete: bool) -> Receipt:
+        inbound = self.assembled(
+            parts, complete, b"".join(p.data for p in parts).decode("utf-8", "replace")
         )
         receipt = await self.ctx.intake.submit(inbound)
         self._acknowledge(receipt)
@@ -376,27 +334,10 @@ class GenericAdapter(common.PartsLifecycle):
     def _acknowledge(self, receipt: Receipt) -> None:
         if not self.config.ack_text or not self.config.send.url or receipt.status == "duplicate":
             return
-        task = asyncio.get_running_loop().create_task(self._send_ack(receipt.contact_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.send_ack_later(receipt.contact_id, self.config.ack_text, self._send_reply, "sms")
 
-    async def _send_ack(self, contact_id: str) -> None:
-        contact = await self.ctx.contacts.get(contact_id)
-        if contact is None:  # spooled: not in Redis yet, so nobody can be told its id there
-            log.info("no acknowledgement for spooled contact %s", contact_id)
-            return
-        text = common.render_ack(self.config.ack_text, contact_id)
-        try:
-            await self._deliver(contact, text, common.ack_reply_id(contact_id))
-        except SendError as exc:
-            log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
-            return
-        try:
-            await self.ctx.events.stamp(
-                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": "sms"}
-            )
-        except Exception as exc:
-            log.warning("acknowledged stamp for %s not recorded: %s", contact_id, exc)
+    async def _send_reply(self, contact: Contact, reply: Reply) -> SendReceipt:
+        return await self._deliver(contact, reply.text, reply.id or "")
 
     # ------------------------------------------------------------------ delivery reports
 
@@ -423,34 +364,22 @@ class GenericAdapter(common.PartsLifecycle):
             kind = "delivered"
         elif status in names.failed:
             kind = "failed"
-        if not await self.reports.record(contact_id, ref, kind, {"status": status[:40]}):
-            return retry_later()
-        return self._answer()
+        return await self.report(contact_id, ref, kind, {"status": status[:40]}, self._answer())
 
     # ------------------------------------------------------------------ outbound
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
         """Send one reply through the template."""
-        if not reply.text.strip():
-            raise SendError("empty reply", retryable=False)
-        ref = reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
-        return await self._deliver(contact, reply.text, ref)
+        return await self._deliver(contact, reply.text, self.reply_ref(contact, reply))
 
     async def _deliver(self, contact: Contact, text: str, ref: str) -> SendReceipt:
         tpl = self.config.send
         if not tpl.url:
             raise SendError("no send.url configured", retryable=False)
-        segments = split(text)
-        if segments.count > self.config.max_segments:
-            raise SendError(
-                f"reply needs {segments.count} segments "
-                f"(max_segments {self.config.max_segments})",
-                retryable=False,
-            )
+        text, segments = common.reply_segments(text, self.config.max_segments)
         pieces = segments.parts if tpl.split else (text,)
         start = self._progress.get(ref, 0)  # a retry resumes after the parts already sent
-        if self._session is None:
-            self._session = client_session(self.ctx.settings.egress, tpl.url)
+        session = self.session(tpl.url)
         headers = dict(tpl.headers)
         if tpl.authorization:
             headers["Authorization"] = tpl.authorization.reveal()
@@ -476,7 +405,7 @@ class GenericAdapter(common.PartsLifecycle):
                 kwargs = {"data": payload}
             kwargs.setdefault("headers", headers)
             status, resp_headers, body = await common.call(
-                self._session, tpl.method, tpl.url, timeout_s=float(tpl.timeout),
+                session, tpl.method, tpl.url, timeout_s=float(tpl.timeout),
                 provider="sms-webhook send", **kwargs,
             )
             common.check_status(status, resp_headers, body, "sms-webhook send")
@@ -497,10 +426,6 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return out
 
 
-def _factory(ctx: AdapterContext, config: GenericConfig) -> GenericAdapter:
-    return GenericAdapter(ctx, config)
-
-
 def _check(config: GenericConfig, key: str, settings: AdapterSettings) -> None:
     if config.auth != "none" and not config.secret:
         raise ConfigError([(f"{key}.secret", f"required with auth = {config.auth!r}")])
@@ -510,7 +435,7 @@ CHANNEL: ChannelType[GenericConfig] = ChannelType(
     name="sms-webhook",
     channel="sms",
     config=GenericConfig,
-    factory=_factory,
+    factory=GenericAdapter,
     check=_check,
     example={"path": "/sms/webhook", "auth": "hmac-sha256", "secret": "change-me"},
 )

@@ -15,17 +15,14 @@ contact is deduplicated on ``%I``.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import itertools
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote_plus, unquote_to_bytes, urlencode
 
-import aiohttp
 import phonenumbers
 from aiohttp import web
 
@@ -36,13 +33,12 @@ from gateway.adapters import (
     SendError,
     SendReceipt,
 )
-from gateway.channels.common import Refused, retry_later, submit
+from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
-from gateway.channels.sms.concat import Assembler, Part, assembled_id, group_key, parse_udh
+from gateway.channels.sms.concat import Part, group_key, parse_udh
 from gateway.channels.sms.segments import split, substitute
 from gateway.clock import MICROS_PER_SECOND
 from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
@@ -266,38 +262,19 @@ def decode_text(
     return clean_text(data.decode("latin-1")), "iso8859-1"
 
 
-class KannelAdapter(common.PartsLifecycle):
+class KannelAdapter(common.SmsWebhook):
     """One Kannel smsbox: inbound sms-service, outbound sendsms, delivery reports."""
 
-    channel = "sms"
+    provider = "kannel"
 
     def __init__(self, ctx: AdapterContext, config: KannelConfig) -> None:
         self.allowed = common.networks(config.allow_from, f"adapters.{ctx.name}.allow_from")
-        self.name = ctx.name
-        self.ctx = ctx
+        super().__init__(ctx, path=config.path, report_suffix="/dlr", region=config.region,
+                         parts=float(config.concat_timeout),
+                         secret=config.secret or config.sendsms_password)
         self.config = config
         self.eight_bit = config.eight_bit_charsets or REGIONAL_8BIT.get(config.region.upper(), ())
-        base = config.path.rstrip("/") or "/"
-        self.path = base
-        self.dlr_path = base.rstrip("/") + "/dlr"
-        data_dir = Path(ctx.settings.gateway.data_dir) / "sms" / ctx.name / "parts"
-        self.assembler = Assembler(
-            data_dir, float(config.concat_timeout), ctx.clock, self._handover, state=ctx.state
-        )
-        self.assembler.load()  # parts left by an earlier run, before any request comes
-        self._session: aiohttp.ClientSession | None = None
-        self.reports = common.DeliveryReports(ctx)
-        self.references = common.References(
-            config.secret or config.sendsms_password,
-            ctx.settings.gateway.data_dir / "sms" / ctx.name,
-            ctx.state,
-        )
-        self._tasks: set[asyncio.Task[None]] = set()
-        for method in ("GET", "POST"):
-            ctx.router.add_route(method, self.path, self.receive)
-            ctx.router.add_route(method, self.dlr_path, self.delivery_report)
-
-    # ------------------------------------------------------------------ lifecycle
+        self.route(("GET", "POST"), self.receive, self.delivery_report)
 
     # ------------------------------------------------------------------ inbound
 
@@ -335,10 +312,9 @@ class KannelAdapter(common.PartsLifecycle):
         headers = {k.lower(): v for k, v in request.headers.items()} if post else {}
         try:
             msg = parse_request(request.method, params, headers, body)
-            sender = common.phone_address(msg.sender, self.config.region)
+            sender, recipient = self.addresses(msg.sender, msg.recipient)
         except common.BadRequest as exc:
             return common.bad_request(str(exc))
-        recipient = common.phone_address(msg.recipient, self.config.region) if msg.recipient else ""
         origin_at = None if msg.time is None else msg.time * MICROS_PER_SECOND
         concat = parse_udh(msg.udh) if msg.udh else None
         if concat is not None and concat.total > 1:
@@ -355,11 +331,9 @@ class KannelAdapter(common.PartsLifecycle):
                 recipient=recipient,
                 meta={"smsc": msg.smsc, "ref": concat.ref},
             )
-            try:
-                added = await self.assembler.add(part)
-            except OSError as exc:
-                log.error("SMS part from %s not stored: %s", mask_phone(sender), exc)
-                return retry_later()
+            added = await self.take_part(part)
+            if isinstance(added, web.Response):
+                return added
             if isinstance(added.handed_over, Receipt):
                 return await self._answer(added.handed_over)
             return self._empty()
@@ -401,7 +375,7 @@ class KannelAdapter(common.PartsLifecycle):
         if self.config.gsm_substitutions:
             text = substitute(text) if split(substitute(text)).encoding == "gsm7" else text
         coding = "0" if split(text).encoding == "gsm7" else "2"
-        await self._stamp_ack(receipt.contact_id)
+        await self.stamp_ack(receipt.contact_id, "answer")
         return web.Response(
             status=200,
             text=text,
@@ -410,15 +384,7 @@ class KannelAdapter(common.PartsLifecycle):
             headers={"X-Kannel-Coding": coding},
         )
 
-    async def _stamp_ack(self, contact_id: str, via: str = "answer") -> None:
-        try:
-            await self.ctx.events.stamp(
-                contact_id, "acknowledged", self.ctx.clock.now_us(), self.name, {"via": via}
-            )
-        except Exception as exc:
-            log.warning("acknowledged stamp for %s not recorded: %s", contact_id, exc)
-
-    async def _handover(self, parts: list[Part], complete: bool) -> Receipt:
+    async def handover(self, parts: list[Part], complete: bool) -> Receipt:
         texts: list[str] = []
         used: list[str] = []
         # Join the bytes before decoding: a UCS-2 surrogate pair or a GBK double byte may
@@ -434,27 +400,9 @@ class KannelAdapter(common.PartsLifecycle):
             texts.append(text)
             used.append(codec)
         first = parts[0]
-        inbound = Inbound(
-            channel="sms",
-            adapter=self.name,
-            external_id=assembled_id(parts),
-            sender=Sender(first.sender),
-            recipient=first.recipient,
-            received_at=min(p.received_at for p in parts),
-            text="".join(texts),
-            origin_at=min((p.origin_at for p in parts if p.origin_at is not None), default=None),
-            meta={
-                "provider": "kannel",
-                "smsc": first.meta.get("smsc", ""),
-                "decoded_as": used[0] if len(set(used)) == 1 else used,
-                "concat": {
-                    "ref": first.meta.get("ref"),
-                    "total": first.total,
-                    "parts": [p.seq for p in parts],
-                    "ids": [p.external_id for p in parts],
-                },
-                "incomplete": not complete,
-            },
+        inbound = self.assembled(
+            parts, complete, "".join(texts), smsc=first.meta.get("smsc", ""),
+            decoded_as=used[0] if len(set(used)) == 1 else used,
         )
         receipt = await self.ctx.intake.submit(inbound)
         log.info(
@@ -466,22 +414,8 @@ class KannelAdapter(common.PartsLifecycle):
         )
         if not complete and self.config.ack_text and self.config.sendsms_url:
             # Handed over at the timeout: no request left to answer, so the ack goes by sendsms.
-            task = asyncio.get_running_loop().create_task(self._send_ack(receipt.contact_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.send_ack_later(receipt.contact_id, self.config.ack_text, self.send, "sendsms")
         return receipt
-
-    async def _send_ack(self, contact_id: str) -> None:
-        contact = await self.ctx.contacts.get(contact_id)
-        if contact is None:  # spooled: its id is not in Redis yet
-            return
-        text = common.render_ack(self.config.ack_text, contact_id)
-        try:
-            await self.send(contact, Reply(contact_id, text, id=common.ack_reply_id(contact_id)))
-        except SendError as exc:
-            log.warning("acknowledgement for %s not sent: %s", contact_id, exc)
-            return
-        await self._stamp_ack(contact_id, via="sendsms")
 
     # ------------------------------------------------------------------ delivery reports
 
@@ -504,9 +438,7 @@ class KannelAdapter(common.PartsLifecycle):
         detail: dict[str, Any] = {"dlr": status}
         if params.get("answer"):
             detail["answer"] = params["answer"][:160]
-        if not await self.reports.record(contact_id, ref, kind, detail):
-            return retry_later()
-        return web.Response(status=200, text="OK\n")
+        return await self.report(contact_id, ref, kind, detail, web.Response(text="OK\n"))
 
     # ------------------------------------------------------------------ outbound
 
@@ -526,25 +458,16 @@ class KannelAdapter(common.PartsLifecycle):
         base = (self.config.public_url or self.ctx.settings.http.public_url).rstrip("/")
         tag = await self.references.tag(contact_id, ref)
         query = urlencode({"c": contact_id, "r": ref, "s": tag})
-        return f"{base}{self.dlr_path}?{query}&status=%d&answer=%A&ts=%T"
+        return f"{base}{self.status_path}?{query}&status=%d&answer=%A&ts=%T"
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
         """Send one reply through sendsms; Kannel splits it (coding and charset say how)."""
         cfg = self.config
         if not cfg.sendsms_url:
             raise SendError("no sendsms_url configured", retryable=False)
-        text = reply.text
-        if not text.strip():
-            raise SendError("empty reply", retryable=False)
-        if cfg.gsm_substitutions and split(substitute(text)).encoding == "gsm7":
-            text = substitute(text)
-        segments = split(text)
-        if segments.count > cfg.max_segments:
-            raise SendError(
-                f"reply needs {segments.count} segments (max_segments {cfg.max_segments})",
-                retryable=False,
-            )
-        ref = reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
+        text, segments = common.reply_segments(reply.text, cfg.max_segments,
+                                               gsm_substitutions=cfg.gsm_substitutions)
+        ref = self.reply_ref(contact, reply)
         params = {
             "username": cfg.sendsms_username,
             "password": cfg.sendsms_password.reveal() if cfg.sendsms_password else "",
@@ -559,10 +482,8 @@ class KannelAdapter(common.PartsLifecycle):
         if cfg.dlr_mask and (cfg.public_url or self.ctx.settings.http.public_url):
             params["dlr-mask"] = str(cfg.dlr_mask)
             params["dlr-url"] = await self.dlr_url(contact.id, ref)
-        if self._session is None:
-            self._session = client_session(self.ctx.settings.egress, cfg.sendsms_url)
         status, headers, body = await common.call(
-            self._session,
+            self.session(cfg.sendsms_url),
             "GET",
             cfg.sendsms_url,
             params=params,
@@ -581,10 +502,6 @@ class KannelAdapter(common.PartsLifecycle):
             external_id=None,
             detail={"ref": ref, "segments": segments.count, "encoding": segments.encoding},
         )
-
-
-def _factory(ctx: AdapterContext, config: KannelConfig) -> KannelAdapter:
-    return KannelAdapter(ctx, config)
 
 
 def _check(config: KannelConfig, key: str, settings: AdapterSettings) -> None:
@@ -607,7 +524,7 @@ CHANNEL: ChannelType[KannelConfig] = ChannelType(
     name="kannel",
     channel="sms",
     config=KannelConfig,
-    factory=_factory,
+    factory=KannelAdapter,
     check=_check,
     example={"path": "/sms/kannel", "secret": "change-me", "region": "CN"},
 )

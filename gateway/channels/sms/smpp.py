@@ -37,7 +37,6 @@ from gateway.channels.sms import common, gsm7
 from gateway.channels.sms import smpp_pdu as P
 from gateway.channels.sms.concat import Concat, parse_udh
 from gateway.channels.sms.link import BoundLink, LinkConfig, LinkDown, link_errors, raise_errors
-from gateway.channels.sms.segments import split, substitute
 from gateway.config import AdapterSettings, Duration, Secret
 from gateway.phone import mask_phone
 from gateway.records import Contact, EventType, Reply
@@ -257,12 +256,8 @@ class SmppAdapter(BoundLink):
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
         cfg = self.config
-        text = reply.text
-        if not text.strip():
-            raise SendError("empty reply", retryable=False)
-        if cfg.gsm_substitutions and split(substitute(text)).encoding == "gsm7":
-            text = substitute(text)
-        segments = split(text)
+        _, segments = common.reply_segments(reply.text, cfg.max_segments,
+                                            gsm_substitutions=cfg.gsm_substitutions)
         self.sendable(segments.count)
         gsm = segments.encoding == "gsm7"
         dest = contact.sender.address

@@ -33,11 +33,9 @@ from gateway.adapters import (
     SendReceipt,
 )
 from gateway.attachments import AttachmentTooLarge
-from gateway.channels.common import Refused, retry_later, submit
+from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
-from gateway.channels.sms.segments import split
 from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.egress import client_session
 from gateway.http import read_body
 from gateway.phone import mask_phone
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
@@ -189,40 +187,20 @@ def twiml(message: str | None) -> bytes:
     )
 
 
-class TwilioAdapter:
+class TwilioAdapter(common.SmsWebhook):
     """One Twilio account (or sub-account) and its numbers."""
 
-    channel = "sms"
+    provider = "twilio"
 
     def __init__(self, ctx: AdapterContext, config: TwilioConfig) -> None:
-        self.name = ctx.name
-        self.ctx = ctx
+        super().__init__(ctx, path=config.path, report_suffix="/status", region=config.region)
         self.config = config
-        self.path = config.path.rstrip("/") or "/"
-        self.status_path = self.path.rstrip("/") + "/status"
-        self._session: aiohttp.ClientSession | None = None
-        self.reports = common.DeliveryReports(ctx)
-        ctx.router.add_route("POST", self.path, self.receive)
-        ctx.router.add_route("POST", self.status_path, self.status_callback)
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        self.route(("POST",), self.receive, self.status_callback)
 
     def _session_for_use(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # aiohttp drops this header when a media redirect leaves the API host.
-            auth = aiohttp.encode_basic_auth(
-                self.config.account_sid, self.config.auth_token.reveal()
-            )
-            self._session = client_session(
-                self.ctx.settings.egress, self.config.api_base_url, headers={"Authorization": auth}
-            )
-        return self._session
+        # aiohttp drops this header when a media redirect leaves the API host.
+        auth = aiohttp.encode_basic_auth(self.config.account_sid, self.config.auth_token.reveal())
+        return self.session(self.config.api_base_url, headers={"Authorization": auth})
 
     @property
     def base_url(self) -> str:
@@ -263,12 +241,11 @@ class TwilioAdapter:
             return refused or common.forbidden()
         try:
             msg = parse_message(params)
-            sender = common.phone_address(msg.sender, self.config.region)
+            sender, recipient = self.addresses(msg.sender, msg.recipient)
         except common.BadRequest as exc:
             return common.bad_request(str(exc))
         if msg.account_sid and not common.equal(msg.account_sid, self.config.account_sid):
             return common.forbidden()
-        recipient = common.phone_address(msg.recipient, self.config.region) if msg.recipient else ""
         attachments, media_errors = await self._fetch_media(msg.media)
         meta: dict[str, Any] = {"provider": "twilio", **msg.extra}
         if msg.segments is not None:
@@ -297,13 +274,7 @@ class TwilioAdapter:
         message = None
         if self.config.ack_text:
             message = common.render_ack(self.config.ack_text, receipt.contact_id)
-            try:
-                await self.ctx.events.stamp(
-                    receipt.contact_id, "acknowledged", self.ctx.clock.now_us(), self.name,
-                    {"via": "twiml"},
-                )
-            except Exception as exc:
-                log.warning("acknowledged stamp for %s not recorded: %s", receipt.contact_id, exc)
+            await self.stamp_ack(receipt.contact_id, "twiml")
         return web.Response(status=200, body=twiml(message), content_type="text/xml")
 
     async def _fetch_media(
@@ -370,23 +341,14 @@ class TwilioAdapter:
             detail["sid"] = form["MessageSid"][:64]
         if form.get("ErrorCode"):
             detail["error_code"] = form["ErrorCode"][:16]
-        if not await self.reports.record(contact_id, ref, kind, detail):
-            return retry_later()
-        return web.Response(status=200, body=TWIML_EMPTY, content_type="text/xml")
+        return await self.report(contact_id, ref, kind, detail,
+                                 web.Response(body=TWIML_EMPTY, content_type="text/xml"))
 
     async def send(self, contact: Contact, reply: Reply) -> SendReceipt:
         """Create one Message through the Messages API; Twilio splits it into segments."""
         cfg = self.config
-        text = reply.text
-        if not text.strip():
-            raise SendError("empty reply", retryable=False)
-        segments = split(text)
-        if segments.count > cfg.max_segments:
-            raise SendError(
-                f"reply needs {segments.count} segments (max_segments {cfg.max_segments})",
-                retryable=False,
-            )
-        ref = reply.id or f"{contact.id}-{self.ctx.clock.now_us()}"
+        text, segments = common.reply_segments(reply.text, cfg.max_segments)
+        ref = self.reply_ref(contact, reply)
         form = {"To": contact.sender.address, "Body": text}
         if cfg.messaging_service_sid:
             form["MessagingServiceSid"] = cfg.messaging_service_sid
@@ -415,10 +377,6 @@ class TwilioAdapter:
         )
 
 
-def _factory(ctx: AdapterContext, config: TwilioConfig) -> TwilioAdapter:
-    return TwilioAdapter(ctx, config)
-
-
 def _check(config: TwilioConfig, key: str, settings: AdapterSettings) -> None:
     if not config.auth_token:
         raise ConfigError([(f"{key}.auth_token", "must not be empty")])
@@ -433,7 +391,7 @@ CHANNEL: ChannelType[TwilioConfig] = ChannelType(
     name="twilio",
     channel="sms",
     config=TwilioConfig,
-    factory=_factory,
+    factory=TwilioAdapter,
     check=_check,
     example={
         "account_sid": "AC00000000000000000000000000000000",
