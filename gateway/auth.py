@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 
@@ -20,7 +21,12 @@ def secrets_equal(given: str | bytes, expected: str | bytes) -> bool:
 
 def is_loopback(request: web.Request) -> bool:
     """True when the peer is on a loopback address."""
-    remote = request.remote or ""
+    return _loopback(request.remote or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _loopback(remote: str) -> bool:
+    """Parsing the address costs more than the rest of a key check: peers are few, keep it."""
     try:
         return ipaddress.ip_address(remote).is_loopback
     except ValueError:

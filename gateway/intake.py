@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -77,6 +78,8 @@ class Intake:
         self._supervisor: Supervisor | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._finishing: set[asyncio.Task[None]] = set()
+        """Writes whose callers gave up, settled in the background (``_finish``)."""
 
     def prepare(self, inbound: Inbound) -> Prepared:
         """Fix the contact's id, deadline and language hint; raise InvalidContact when it cannot
@@ -100,17 +103,11 @@ class Intake:
     async def submit(self, inbound: Inbound) -> Receipt:
         """Make ``inbound`` durable and return its receipt (see ``gateway.adapters.Submitter``).
 
-        The work runs in its own task: a caller that gives up (a timeout around the call) does
-        not cancel a write half done; the contact is still written or spooled.
+        A caller that gives up (a timeout around the call) does not cut a write half done: the
+        batch in flight goes on, and a contact whose write then fails is still spooled. The
+        common case (a new contact written in time) runs in the caller's task, with no task
+        or shield of its own; only the slower outcomes (spool, duplicate lookup) get one.
         """
-        task = asyncio.ensure_future(self._submit(inbound))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_consume)
-            raise
-
-    async def _submit(self, inbound: Inbound) -> Receipt:
         series = self.metrics.intake(inbound.channel, inbound.adapter)
         series.received.inc()
         if self.refusing is not None:
@@ -120,49 +117,85 @@ class Intake:
         first = self.spool.spooled_id(inbound.adapter, inbound.external_id)
         if first is not None:  # its first delivery still waits in the spool: keep that id
             return self._spooled_duplicate(prepared, first)
-        if self.redis_up and not self._closing:
-            future = self._writer.submit(prepared)
-            try:
-                async with asyncio.timeout(self.write_timeout_s):
-                    result = await asyncio.shield(future)
-            except Exception as exc:
-                future.add_done_callback(_consume)
-                if not is_outage(exc):  # not Redis being away: this batch alone failed
-                    log.error("intake: write failed: %r", exc)
-                    series.refused.inc()
-                    raise IntakeUnavailable(f"write failed: {type(exc).__name__}") from exc
-                self._mark_down(exc)
-            else:
-                if isinstance(result, WriteResult):
-                    return await self._receipt(prepared, result)
-                if isinstance(result, (InvalidContact, RateLimited)):
-                    series.refused.inc()
-                    raise result
-                if is_transient(result):
-                    self._mark_down(result)
-                else:  # this contact alone: its peer retries, everyone else goes on
-                    log.error("intake: Redis refused contact %s: %s", prepared.id, result,
-                              extra={"adapter": prepared.inbound.adapter,
-                                     "contact_id": prepared.id, "event": "refused_by_redis"})
-                    series.refused.inc()
-                    raise IntakeUnavailable(f"Redis refused the contact: {result}")
+        if not self.redis_up or self._closing:
+            return await self._shielded(self._spool(prepared))
+        future = self._writer.submit(prepared)
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                result = await asyncio.shield(future)
+        except asyncio.CancelledError:  # the caller gave up (our own timeout is TimeoutError)
+            self._detach(self._finish(prepared, future))
+            raise
+        except Exception as exc:
+            future.add_done_callback(_consume)
+            return await self._shielded(self._failed(prepared, exc))
+        if type(result) is WriteResult and result.created:
+            return self._enqueued(prepared, result)
+        return await self._shielded(self._answered(prepared, result))
+
+    async def _finish(
+        self,
+        prepared: Prepared,
+        future: asyncio.Future[WriteResult | ResponseError | InvalidContact | RateLimited],
+    ) -> None:
+        """Settle a write whose caller gave up: counted when written, spooled when it failed."""
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                result = await future
+        except Exception as exc:
+            future.add_done_callback(_consume)
+            with contextlib.suppress(IntakeUnavailable, InvalidContact):
+                await self._failed(prepared, exc)
+            return
+        with contextlib.suppress(IntakeUnavailable, InvalidContact, RateLimited):
+            await self._answered(prepared, result)
+
+    async def _failed(self, prepared: Prepared, exc: Exception) -> Receipt:
+        """The write raised or missed ``write_timeout``: spool it if Redis is away."""
+        if not is_outage(exc):  # not Redis being away: this batch alone failed
+            log.error("intake: write failed: %r", exc)
+            self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter).refused.inc()
+            raise IntakeUnavailable(f"write failed: {type(exc).__name__}") from exc
+        self._mark_down(exc)
         return await self._spool(prepared)
 
-    async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
+    async def _answered(
+        self, prepared: Prepared, result: WriteResult | ResponseError | InvalidContact | RateLimited
+    ) -> Receipt:
+        """What the intake script answered, other than a new contact written in time."""
         series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
-        if not result.created:
-            series.duplicate.inc()
-            first = None
-            with contextlib.suppress(Exception):
-                first = await self.queue.get(result.contact_id)
-            if first is not None:
-                return Receipt(result.contact_id, "duplicate", first.deadline, first.repeat)
-            return Receipt(
-                result.contact_id,
-                "duplicate",
-                prepared.deadline,
-                Repeat(0, self.queue.repeat_window_s),
-            )
+        if isinstance(result, WriteResult):
+            return await self._receipt(prepared, result)
+        if isinstance(result, (InvalidContact, RateLimited)):
+            series.refused.inc()
+            raise result
+        if is_transient(result):
+            self._mark_down(result)
+            return await self._spool(prepared)
+        # this contact alone: its peer retries, everyone else goes on
+        log.error("intake: Redis refused contact %s: %s", prepared.id, result,
+                  extra={"adapter": prepared.inbound.adapter,
+                         "contact_id": prepared.id, "event": "refused_by_redis"})
+        series.refused.inc()
+        raise IntakeUnavailable(f"Redis refused the contact: {result}")
+
+    @staticmethod
+    async def _shielded(work: Coroutine[Any, Any, Receipt]) -> Receipt:
+        """Run ``work`` in its own task: a caller that gives up does not cut it half done."""
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_consume)
+            raise
+
+    def _detach(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    def _enqueued(self, prepared: Prepared, result: WriteResult) -> Receipt:
+        series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
         series.enqueued.inc()
         series.edge_to_enqueue.observe(
             max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND
@@ -172,6 +205,22 @@ class Intake:
             "enqueued",
             prepared.deadline,
             Repeat(result.repeat_count, self.queue.repeat_window_s),
+        )
+
+    async def _receipt(self, prepared: Prepared, result: WriteResult) -> Receipt:
+        if result.created:
+            return self._enqueued(prepared, result)
+        self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter).duplicate.inc()
+        first = None
+        with contextlib.suppress(Exception):
+            first = await self.queue.get(result.contact_id)
+        if first is not None:
+            return Receipt(result.contact_id, "duplicate", first.deadline, first.repeat)
+        return Receipt(
+            result.contact_id,
+            "duplicate",
+            prepared.deadline,
+            Repeat(0, self.queue.repeat_window_s),
         )
 
     async def _spool(self, prepared: Prepared) -> Receipt:
@@ -390,6 +439,8 @@ class Intake:
         """Finish in-flight writes (spooling what cannot be written) and stop the replayer."""
         self._closing = True
         await self._writer.drain()
+        if self._finishing:
+            await asyncio.wait(set(self._finishing))
         if self._supervisor is not None:
             await self._supervisor.stop("replayer")
         await self.spool.close()

@@ -17,6 +17,7 @@ from gateway.problems import ApiProblem, problem
 from gateway.records import CHANNELS, Inbound, Sender, clean_text
 
 MAX_TEXT = 64 * 1024
+_JSON = {"Content-Type": "application/json; charset=utf-8"}
 
 
 class BadRequest(ValueError):
@@ -127,12 +128,11 @@ class IntakeApi:
             key = self.keys.authorize(request, "intake")
         except ApiProblem as exc:
             return exc.response()
-        too_large = problem(413, f"body larger than {self.max_body} bytes")
         if request.content_length is not None and request.content_length > self.max_body:
-            return too_large
+            return problem(413, f"body larger than {self.max_body} bytes")
         raw = await read_capped(request.content, self.max_body)
         if raw is None:
-            return too_large
+            return problem(413, f"body larger than {self.max_body} bytes")
         try:
             body = safejson.loads(raw)
         except safejson.BadJson as exc:
@@ -149,7 +149,7 @@ class IntakeApi:
         except IntakeUnavailable:
             return problem(503, "queue unavailable, retry later", {"Retry-After": "5"})
         deadline = receipt.deadline
-        return web.json_response(
+        body = orjson.dumps(
             {
                 "id": receipt.contact_id,
                 "status": receipt.status,
@@ -159,7 +159,7 @@ class IntakeApi:
                     "policy": deadline.policy,
                 },
                 "repeat": {"count": receipt.repeat.count, "window": receipt.repeat.window},
-            },
-            status=202,
-            dumps=lambda o: orjson.dumps(o).decode(),
+            }
         )
+        # the bytes as they are: json_response would decode them and encode them again
+        return web.Response(body=body, status=202, headers=_JSON)

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
@@ -23,6 +24,12 @@ from gateway.queueing.keys import Keys
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 
 log = logging.getLogger(__name__)
+
+_pack_one: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack_one
+except ImportError:  # hiredis before 2.1
+    _pack_one = None
 
 RedisClient = Any
 """``redis.asyncio.Redis`` or ``RedisCluster`` (their common surface)."""
@@ -495,7 +502,21 @@ def _entry_order(entry_id: bytes) -> tuple[int, int]:
 
 
 def pack_commands(commands: list[list[Any]]) -> bytes:
-    """Encode commands in RESP (arrays of bulk strings), all in one buffer."""
+    """Encode commands in RESP (arrays of bulk strings), all in one buffer.
+
+    hiredis's C packer does it in a third of the time of the Python one (about 5 against
+    15-20 µs for an intake call of 22 arguments); an argument it does not take (only str,
+    bytes, int and float) falls back to the Python packer, which writes ``str(arg)``.
+    """
+    if _pack_one is not None:
+        try:
+            return b"".join([_pack_one(tuple(command)) for command in commands])
+        except TypeError:
+            pass
+    return _pack_commands(commands)
+
+
+def _pack_commands(commands: list[list[Any]]) -> bytes:
     out: list[bytes] = []
     append = out.append
     for command in commands:

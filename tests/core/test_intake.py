@@ -339,6 +339,29 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_write(start_gateway):
     assert [c.external_id for c in await gw.read_contacts()] == ["impatient"]
 
 
+async def test_a_caller_that_gives_up_while_redis_is_away_still_has_its_contact_spooled(
+    start_gateway, own_redis
+):
+    """The write of a caller that gave up goes on without it: when it fails (Redis stopped),
+    the contact is spooled, then replayed, as if the caller had waited."""
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    own_redis.stop_sync()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0):
+            await gw.intake.submit(inbound(external_id="impatient"))
+    for _ in range(200):
+        if gw.spool.depth == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.spool.depth == 1 and not gw.intake.redis_up
+    own_redis.start_sync()
+    for _ in range(500):
+        if gw.spool.depth == 0 and gw.intake.redis_up:
+            break
+        await asyncio.sleep(0.02)
+    assert [c.external_id for c in await gw.read_contacts()] == ["impatient"]
+
+
 async def test_one_unencodable_contact_is_refused_alone(start_gateway, aiohttp_client_session):
     gw = await start_gateway()
     deep: dict = {}
