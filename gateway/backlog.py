@@ -27,7 +27,7 @@ from gateway.config import RedisSection
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.queueing.store import RedisQueue
-from gateway.supervise import Supervisor
+from gateway.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +89,20 @@ class StreamKeeper:
     async def _run(self) -> None:
         # The loop ends on the flag too: a cancellation that meets a client timeout can come
         # out as a TimeoutError, which must not keep the loop alive after stop.
-        backoff = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not self._stopping.is_set():
             try:
                 await self.check()
-                backoff = 1.0
+                backoff.reset()
                 pause = float(self.section.trim_interval)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: the last state stands until it answers
-                log.debug("backlog: check failed (%s), again in %.0f s", exc, backoff)
-                pause, backoff = backoff, min(backoff * 2, 30.0)
+                pause = backoff.next()
+                log.debug("backlog: check failed (%s), again in %.0f s", exc, pause)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), pause)
+                async with asyncio.timeout(pause):  # not wait_for: it can lose a cancel (3.11)
+                    await self._stopping.wait()
 
     async def check(self) -> Backlog:
         """Trim every stream of the gateway, measure the backlog, refuse or accept contacts."""

@@ -36,7 +36,7 @@ from gateway.queueing.consumer import Delivery, StreamConsumer, read_many
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient, RedisQueue
 from gateway.records import Event, Reply
-from gateway.supervise import Supervisor
+from gateway.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class ReplyRouter:
                 await self.queue.redis.zrem(self.queue.keys.reply_senders(name), self.name)
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, 10.0)
         ready = False
         loop = asyncio.get_running_loop()
         last_beat = last_reclaim = -1e9
@@ -205,16 +205,16 @@ class ReplyRouter:
                 block_ms = int(min(1.0, self.reclaim_after_s / 4) * 1000)
                 for consumer, delivery in await read_many(self._consumers, 50, block_ms):
                     await self._dispatch(consumer, delivery)
-                backoff = 0.5
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning(
-                    "replies: reading failed (%s), retrying in %.1f s", type(exc).__name__, backoff
-                )
                 ready = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                pause = backoff.next()
+                log.warning(
+                    "replies: reading failed (%s), retrying in %.1f s", type(exc).__name__, pause
+                )
+                await asyncio.sleep(pause)
 
     async def _heartbeat(self) -> None:
         """Say which adapters this instance sends through (read by ``reply_queues``)."""
@@ -360,9 +360,9 @@ class ReplyRouter:
                     return
                 delay = exc.retry_after_s
                 if delay is None:
-                    delay = (
-                        float(self.section.backoff) * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
-                    )
+                    delay = Backoff(float(self.section.backoff), float("inf")).nth(
+                        attempt
+                    ) * random.uniform(0.8, 1.2)
                 self.metrics.replies.labels(contact.channel, adapter.name, "retried").inc()
                 log.info("replies: retrying reply %s in %.1f s: %s", reply.id, delay, exc,
                          extra={"adapter": adapter.name, "contact_id": contact.id,

@@ -23,7 +23,7 @@ from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.store import RedisQueue
 from gateway.records import Event, EventType
 from gateway.sla import policy_name
-from gateway.supervise import Supervisor
+from gateway.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,17 @@ class DeadlineWatcher:
         await self._run()
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stopping:
             try:
                 await self.tick()
                 delay = await self._until_next()
-                backoff = 0.5
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("watcher: %r, retrying in %.1f s", exc, backoff)
-                delay = backoff
-                backoff = min(backoff * 2, 10.0)
+                delay = backoff.next()
+                log.warning("watcher: %r, retrying in %.1f s", exc, delay)
             await asyncio.sleep(delay)
 
     async def _until_next(self) -> float:

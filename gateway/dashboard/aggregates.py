@@ -37,7 +37,7 @@ from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue
 from gateway.records import Contact
 from gateway.report import label_of
-from gateway.supervise import Supervisor
+from gateway.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class Aggregator:
         self._group_ready = True
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, 10.0)
         last_claim = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
@@ -289,14 +289,12 @@ class Aggregator:
                     last_claim = loop.time()
                     await self.claim_stale()
                 await self.poll(block_ms=1000)
-                backoff = 0.5
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("aggregator: %r, retrying in %.1f s", exc, backoff)
                 self._group_ready = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                log.warning("aggregator: %r, retrying in %.1f s", exc, await backoff.sleep())
 
     async def claim_stale(self) -> None:
         """Take over entries a dead instance read and never acknowledged (all of them)."""

@@ -39,7 +39,7 @@ from gateway.push.signing import (
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
-from gateway.supervise import Supervisor
+from gateway.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class Lane:
                 if attempt >= sub.max_attempts:
                     await self._park(stream, item, attempt, str(exc))
                     return
-                delay = min(float(sub.max_backoff), float(sub.backoff) * 2 ** (attempt - 1))
+                delay = Backoff(float(sub.backoff), float(sub.max_backoff)).nth(attempt)
                 delay = delay / 2 + random.uniform(0, delay / 2)  # equal jitter
                 if exc.retry_after_s is not None:
                     delay = min(float(sub.max_backoff), max(delay, exc.retry_after_s))

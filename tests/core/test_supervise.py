@@ -9,9 +9,10 @@ import logging
 import re
 
 import aiohttp
+import pytest
 
 from gateway.metrics import Metrics
-from gateway.supervise import Supervisor
+from gateway.supervise import Backoff, Supervisor, retry
 from tests.voice.test_ami import until
 
 
@@ -178,3 +179,75 @@ async def test_stop_ends_a_loop_that_lost_its_cancellation(caplog) -> None:
     await asyncio.wait_for(supervisor.stop("never-ends", timeout_s=0.5), 10)
     assert any("never-ends: still running" in r.getMessage() for r in caplog.records)
     released = True
+
+
+def test_backoff_doubles_to_its_bound_and_starts_again_after_reset() -> None:
+    backoff = Backoff(0.5, 3.0, jitter=0.0)
+    assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.next() == 0.5
+    assert [backoff.nth(n) for n in (1, 2, 3, 4, 100)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    jittered = Backoff(1.0, 1.0)
+    assert all(0.9 <= jittered.next() <= 1.1 for _ in range(50))
+
+
+async def test_retry_gives_up_after_its_attempts_with_the_last_failure() -> None:
+    calls: list[int] = []
+    noted: list[int] = []
+
+    async def failing() -> None:
+        calls.append(len(calls) + 1)
+        raise ConnectionError(f"try {len(calls)}")
+
+    with pytest.raises(ConnectionError, match="try 3"):
+        await retry(failing, on=ConnectionError, backoff=Backoff(0.001, 0.001), attempts=3,
+                    note=lambda attempt, exc, pause: noted.append(attempt))
+    assert calls == [1, 2, 3] and noted == [1, 2]
+
+
+async def test_retry_returns_once_a_call_passes_and_lets_other_errors_through() -> None:
+    answers: list[BaseException | str] = [OSError("away"), OSError("away"), "done"]
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert await retry(call, on=OSError, backoff=Backoff(0.001, 0.001)) == "done"
+
+    async def wrong() -> None:
+        raise ValueError("not retried")
+
+    with pytest.raises(ValueError):
+        await retry(wrong, on=OSError, backoff=Backoff(0.001, 0.001), attempts=5)
+
+
+async def test_retry_within_cancels_a_call_that_outlives_the_time() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        await retry(hangs, on=OSError, backoff=Backoff(0.01, 0.01), within=0.05)
+    assert started.is_set() and cancelled.is_set()
+
+
+async def test_retry_is_cancelled_from_outside_even_inside_its_time_bound() -> None:
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(
+        retry(hangs, on=OSError, backoff=Backoff(0.01, 0.01), within=60.0)
+    )
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -53,6 +53,7 @@ from gateway.http import read_body
 from gateway.language import guess_language
 from gateway.queueing.coordination import Fence
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
+from gateway.supervise import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ class TelegramAdapter:
             await self.application.shutdown()
 
     async def _run(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(1.0, 60.0)
         while True:
             try:
                 await self._bring_up()
@@ -341,8 +342,7 @@ class TelegramAdapter:
                 await asyncio.sleep(60)
             except Exception as exc:  # network, DNS, a bad api_base: keep trying
                 log.warning("%s: bot not up yet (%s); retrying", self.name, type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                await backoff.sleep()
         self.ready.set()
         if self.config.mode == "polling":
             await self.ctx.leases.exclusive(f"telegram:{self.bot.id}", self._poll_held)
@@ -466,7 +466,7 @@ class TelegramAdapter:
         return web.Response(text="")
 
     async def _poll(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(1.0, 30.0)
         timeout = max(int(self.config.poll_timeout), 0)
         while True:
             try:
@@ -477,7 +477,7 @@ class TelegramAdapter:
                     read_timeout=10,  # PTB adds the long-poll timeout to it
                 )
                 received_at = self.ctx.clock.now_us()
-                backoff = 1.0
+                backoff.reset()
             except RetryAfter as exc:
                 await asyncio.sleep(_retry_after_s(exc))
                 continue
@@ -489,12 +489,10 @@ class TelegramAdapter:
                 continue
             except Exception as exc:  # network errors, or an update PTB cannot parse
                 log.warning("%s: getUpdates failed: %s", self.name, type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await backoff.sleep()
                 continue
             if not await self._take_batch(updates, received_at):
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await backoff.sleep()
 
     async def _take_batch(self, updates: Sequence[Update], received_at: Micros) -> bool:
         """Take one getUpdates batch; return False when some update could not be taken.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
@@ -17,6 +16,7 @@ import aiosmtplib
 from gateway.adapters import SendError
 from gateway.channels.email.config import RelayConfig
 from gateway.clock import MICROS_PER_SECOND, Micros
+from gateway.supervise import Backoff, retry
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,10 @@ def _code(exc: BaseException) -> int | None:
     return None
 
 
+class _Transient(Exception):
+    """A try that failed in a way another try may not (its reason, scrubbed)."""
+
+
 class Relay:
     """Sends through one SMTP relay; retries 4xx and network errors with backoff."""
 
@@ -125,31 +129,38 @@ class Relay:
         if not self.configured:
             raise SendError("no SMTP relay configured", retryable=False)
         c = self.config
-        delay = float(c.backoff)
         attempts = max(1, c.attempts)
-        last = ""
-        for attempt in range(1, attempts + 1):
-            try:
-                await self._send_once(message, sender, recipient)
-                return
-            except aiosmtplib.SMTPException as exc:
-                code = _code(exc)
-                text = scrub(str(getattr(exc, "message", "")))[:300]
-                reason = f"{code} {text}" if code else type(exc).__name__
-                if code is not None and 500 <= code < 600:
-                    raise SendError(f"relay refused: {reason}", retryable=False) from exc
-                if isinstance(exc, aiosmtplib.SMTPNotSupported) or (
-                    code is None and "not supported" in str(exc).lower()
-                ):  # no STARTTLS, AUTH or SMTPUTF8 there: trying again cannot help
-                    raise SendError(f"relay cannot: {scrub(str(exc))}", retryable=False) from exc
-                last = reason
-            except (TimeoutError, OSError) as exc:
-                last = type(exc).__name__
-            log.info("relay: attempt %d/%d failed (%s)", attempt, attempts, last)
-            if attempt < attempts:
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise SendError(f"relay unavailable: {last}", retryable=True, retry_after_s=delay)
+        backoff = Backoff(float(c.backoff), float("inf"), jitter=0.0)
+
+        def note(attempt: int, exc: BaseException, pause: float) -> None:
+            log.info("relay: attempt %d/%d failed (%s)", attempt, attempts, exc)
+
+        try:
+            await retry(lambda: self._attempt(message, sender, recipient), on=_Transient,
+                        backoff=backoff, attempts=attempts, note=note)
+        except _Transient as exc:
+            log.info("relay: attempt %d/%d failed (%s)", attempts, attempts, exc)
+            raise SendError(f"relay unavailable: {exc}", retryable=True,
+                            retry_after_s=backoff.nth(attempts)) from exc
+
+    async def _attempt(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        """One try: ``SendError`` when the relay refuses for good, ``_Transient`` (a 4xx, a
+        timeout, no connection) when another try may pass."""
+        try:
+            await self._send_once(message, sender, recipient)
+        except aiosmtplib.SMTPException as exc:
+            code = _code(exc)
+            text = scrub(str(getattr(exc, "message", "")))[:300]
+            reason = f"{code} {text}" if code else type(exc).__name__
+            if code is not None and 500 <= code < 600:
+                raise SendError(f"relay refused: {reason}", retryable=False) from exc
+            if isinstance(exc, aiosmtplib.SMTPNotSupported) or (
+                code is None and "not supported" in str(exc).lower()
+            ):  # no STARTTLS, AUTH or SMTPUTF8 there: trying again cannot help
+                raise SendError(f"relay cannot: {scrub(str(exc))}", retryable=False) from exc
+            raise _Transient(reason) from exc
+        except (TimeoutError, OSError) as exc:
+            raise _Transient(type(exc).__name__) from exc
 
     async def _send_once(self, message: EmailMessage, sender: str, recipient: str) -> None:
         c = self.config

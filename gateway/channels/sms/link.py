@@ -249,7 +249,8 @@ class BoundLink(ABC):
             self._pending[seq] = future
             try:
                 await self.write(command_id, seq, body)
-                return await asyncio.wait_for(future, self.response_timeout)
+                async with asyncio.timeout(self.response_timeout):  # not wait_for (3.11)
+                    return await future
             finally:
                 self._pending.pop(seq, None)
 
@@ -265,9 +266,8 @@ class BoundLink(ABC):
         return True
 
     async def _bind(self, fence: Fence) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.response_timeout
-        )
+        async with asyncio.timeout(self.response_timeout):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
         self._writer = writer
         reading = asyncio.get_running_loop().create_task(self._read(reader))
         try:

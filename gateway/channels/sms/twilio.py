@@ -299,7 +299,8 @@ class TwilioAdapter(common.SmsWebhook):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TimeoutError
-                data = await asyncio.wait_for(self._download(session, url, limit), remaining)
+                async with asyncio.timeout(remaining):
+                    data = await self._download(session, url, limit)
                 ext = mimetypes.guess_extension(content_type.split(";")[0].strip()) or ""
                 results.append(
                     await self.ctx.attachments.put(data, f"media{i}{ext}", content_type)
