@@ -12,8 +12,9 @@ from typing import Literal
 import phonenumbers
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
-from gateway.channels.voice.ami import AmiClient, AmiError
-from gateway.channels.voice.intake import IntakeScript
+from gateway.channels.voice.ami import AmiClient, AmiError, Frame
+from gateway.channels.voice.intake import IntakeScript, queue_numbers
+from gateway.channels.voice.queuelog import QueueLog, parse
 from gateway.channels.voice.server import FastAgiServer
 from gateway.channels.voice.tracker import CallTracker, event_time
 from gateway.config import AdapterSettings, ConfigError, Duration, HostPort, Secret
@@ -104,6 +105,10 @@ class AsteriskConfig:
     """A FastAGI peer that sends nothing for this long is cut off (the header block, a reply)."""
     dial: DialConfig | None = None
     """Dialled callbacks through AMI ``Originate`` (needs ``ami`` and ``write = originate``)."""
+    queue_log: str = ""
+    """Asterisk's ``queue_log`` file, when the gateway can read it (same host, or a shared
+    mount): after each AMI (re)connect, the calls it shows ending while no instance followed
+    AMI get their contact and outcome. Empty: not read."""
     max_loop_lag: Duration = Duration(0.5)
     """Readiness (``/readyz``) fails while the event loop runs this late: FastAGI answers
     would be late, so a load balancer or ``hagi://`` should pick another gateway."""
@@ -140,7 +145,17 @@ class AsteriskAdapter:
             ami_contacts=config.ami_contacts,
             languages=config.languages,
             own_contexts=frozenset({config.dial.context}) if config.dial else frozenset(),
+            queue_numbers=queue_numbers(config),
         )
+        self.queue_log: QueueLog | None = None
+        if config.queue_log and config.ami is not None:
+            self.queue_log = QueueLog(
+                config.queue_log, ctx.state,
+                f"queue_log:{config.ami.host}:{config.ami.port}",
+                lag=2 * float(config.ami.ping_interval) + 5,
+            )
+        self._log_read = False
+        """The queue_log was read since this AMI connection came up: the mark may move on."""
         self.intake = IntakeScript(
             ctx.name,
             ctx.intake,
@@ -169,8 +184,8 @@ class AsteriskAdapter:
                 a.username,
                 a.secret,
                 on_event=self.tracker.handle,
-                on_connect=self.tracker.on_reconnect,
-                on_channels=self.tracker.reconcile,
+                on_connect=self._connected,
+                on_channels=self._channels,
                 reconnect_min=float(a.reconnect_min),
                 reconnect_max=float(a.reconnect_max),
                 ping_interval=float(a.ping_interval),
@@ -207,6 +222,8 @@ class AsteriskAdapter:
         """Follow AMI while this instance holds the PBX's lease; the calls are in Redis."""
         assert self.ami is not None
         self.store.fence = fence
+        if self.queue_log is not None:
+            self.queue_log.fence = fence
         try:
             await self.tracker.resume()
             await self.ami.start()
@@ -260,12 +277,31 @@ class AsteriskAdapter:
         await self.ctx.events.emit(Event(contact.id, "delivered", at, self.name, detail=detail))
         return SendReceipt(external_id=detail["uniqueid"] or None, detail=detail)
 
+    async def _connected(self) -> None:
+        self._log_read = False
+        await self.tracker.on_reconnect()
+
+    async def _channels(self, live: dict[str, Frame]) -> None:
+        """The channel list after a (re)connect; then the calls queue_log saw meanwhile."""
+        await self.tracker.reconcile(live)
+        if self.queue_log is None:
+            return
+        try:
+            lines = await self.queue_log.read()
+            await self.tracker.recover(parse(lines).values(), set(live))
+            self._log_read = True
+        except Exception:
+            log.exception("queue_log recovery failed; tried again at the next reconnect")
+
     async def _sweep(self) -> None:
         interval = max(0.05, min(1.0, float(self.config.settle) / 2 or 1.0))
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.tracker.sweep()
+                if (self.queue_log is not None and self._log_read and self.ami is not None
+                        and self.ami.connected.is_set()):
+                    await self.queue_log.advance()
             except Exception:
                 log.exception("call tracker sweep failed")
 

@@ -188,6 +188,17 @@ def fallback_globals(config: RoutingConfig) -> dict[str, str]:
     return found
 
 
+def queue_numbers(config: RoutingConfig) -> dict[str, str]:
+    """Queue -> the dialled number routed to it, for the queues exactly one configured number
+    reaches (``queue_log`` names the queue, not the number dialled)."""
+    numbers = sorted({n for n in (*config.languages, *config.queues) if n.isdigit()})
+    found: dict[str, list[str]] = {}
+    for number in numbers:
+        found.setdefault(pick_queue(number, config.languages.get(number), config), []).append(
+            number)
+    return {queue: only[0] for queue, only in found.items() if len(only) == 1}
+
+
 def channel_variables(
     receipt: Receipt | None,
     *,

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import orjson
 
 from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receipt, Submitter
+from gateway.channels.voice.queuelog import LoggedCall
 from gateway.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.records import EventType, Inbound, Sender
 
@@ -125,6 +126,8 @@ class Call:
     callback_due: bool = False
     missing_us: Micros | None = None
     """When the channel list after a reconnect did not have this call."""
+    source: str = "ami"
+    """Where a contact made by the tracker comes from: ``ami`` or ``queue_log``."""
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -188,6 +191,7 @@ class CallTracker:
         ami_contacts: bool = True,
         languages: Mapping[str, str] | None = None,
         own_contexts: frozenset[str] = frozenset(),
+        queue_numbers: Mapping[str, str] | None = None,
     ) -> None:
         self.adapter = adapter
         self.events = events
@@ -203,6 +207,8 @@ class CallTracker:
         self.ami_contacts = ami_contacts
         self.languages = dict(languages or {})
         self.own_contexts = own_contexts
+        self.queue_numbers = dict(queue_numbers or {})
+        """Queue -> the one dialled number routed to it (a queue_log line has no number)."""
         """Dialplan contexts of the gateway's own calls (dialled callbacks): a caller there
         is a citizen called back, never a new call to make a contact of."""
         self.active = store is None
@@ -449,6 +455,53 @@ class CallTracker:
             await self.sweep()
         await self.flush()
 
+    async def recover(self, logged: Iterable[LoggedCall], live: Collection[str]) -> int:
+        """Calls that ``queue_log`` saw end while no instance followed AMI (after
+        ``reconcile``): each gets its contact (``meta.source = "queue_log"``, ``recovered``,
+        ``received_at`` = the queue entry) unless it has one, and its outcome from the log
+        unless one is written. Returns how many calls got an outcome here."""
+        done = 0
+        for found in logged:
+            uniqueid = found.uniqueid
+            if found.outcome is None or uniqueid in live or uniqueid in self._finished:
+                continue  # still queued (AMI follows it), or followed to its end here
+            call = self.calls.get(uniqueid)
+            if call is not None and call.outcome is not None:
+                continue
+            if call is None:
+                call = self._ensure(uniqueid, "", found.entered_at)
+                call.source = "queue_log"
+            call.queue = call.queue or found.queue
+            call.caller_number = call.caller_number or found.caller
+            call.recipient = call.recipient or self.queue_numbers.get(found.queue, "")
+            if not call.contact_id and self.ami_contacts:
+                call.needs_contact = True
+                await self._make_contact(call, found.entered_at)
+            if call.contact_id and await self._has_outcome(call.contact_id):
+                self._forget(call, self.clock.now_us())  # another follower wrote it
+                continue
+            call.gone_at = call.gone_at or found.at
+            call.gone_reason = call.gone_reason or str(found.detail.get("reason", ""))
+            detail = {k: v for k, v in found.detail.items() if v is not None and v != ""}
+            if found.outcome == "answered":
+                await self._answer(call, found.at, detail)
+            else:
+                await self._decide(call, found.outcome, found.at, detail, callback=True)
+            await self._finish(call, self.clock.now_us())
+            done += 1
+        if done:
+            log.info("queue_log: %d calls that ended while AMI was not followed recovered", done)
+        await self.flush()
+        return done
+
+    async def _has_outcome(self, contact_id: str) -> bool:
+        try:
+            events = await self.contacts.events(contact_id)
+        except Exception as exc:
+            log.warning("events of contact %s not read: %s", contact_id, type(exc).__name__)
+            return False
+        return any(e.type in ("answered", "abandoned", "closed") for e in events)
+
     # ------------------------------------------------------------ time
 
     async def sweep(self) -> None:
@@ -692,8 +745,10 @@ class CallTracker:
         meta: dict[str, Any] = {
             "uniqueid": call.uniqueid,
             "reached_agi": False,
-            "source": "ami",
+            "source": call.source,
         }
+        if call.source == "queue_log":
+            meta["recovered"] = True  # the call began and ended while no gateway followed AMI
         if call.linkedid:
             meta["linkedid"] = call.linkedid
         if call.queue:
@@ -719,10 +774,11 @@ class CallTracker:
         call.contact_id = receipt.contact_id
         call.needs_contact = False
         call.language = language
-        self.ami_contacts_made += 1
         self._dirty.add(call.uniqueid)
-        log.info("call %s never reached the intake: contact %s made from AMI",
-                 call.uniqueid, receipt.contact_id)
+        if receipt.status != "duplicate":
+            self.ami_contacts_made += 1
+            log.info("call %s never reached the intake: contact %s made from %s",
+                     call.uniqueid, receipt.contact_id, call.source)
         await self._settle_written(call)
 
     async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> None:
