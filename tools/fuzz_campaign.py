@@ -401,7 +401,7 @@ SMTP_MESSAGE = (b"From: =?utf-8?b?5byg5LiJ?= <citizen@example.org>\r\nTo: 12345@
 
 
 async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng: random.Random,
-                            checkpoint: Path | None = None) -> dict[str, Any]:
+                            checkpoint: Path | None = None, tag: str = "") -> dict[str, Any]:
     """SMTP commands and DATA through the listener's real protocol object (aiosmtpd's SMTP with
     the gateway's Handler and limits), many inputs per session over a loopback socket.
 
@@ -419,7 +419,7 @@ async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng:
     from gateway.channels.email.smtp import Handler, Listener
     from gateway.config import HostPort
 
-    progress = Progress("smtp-session", "in-process protocol", max_inputs, checkpoint)
+    progress = Progress("smtp-session" + tag, "in-process protocol", max_inputs, checkpoint)
     r = progress.result
     r["replies"] = {}
     r["sessions"] = 0
@@ -446,7 +446,17 @@ async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng:
         count += 1
         return f"c{count}"
 
-    listener = Listener(config, Handler(config, accept))
+    class Recording(Handler):
+        async def handle_exception(self, error: Exception) -> str:
+            """aiosmtpd's catch-all (answers 451 4.3.0): keep where it was raised."""
+            tb = traceback.extract_tb(error.__traceback__)
+            where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in tb[-3:])
+            kinds = r.setdefault("exception_kinds", {})
+            kinds[f"{type(error).__name__}: {where}"] = kinds.get(
+                f"{type(error).__name__}: {where}", 0) + 1
+            return await super().handle_exception(error)
+
+    listener = Listener(config, Recording(config, accept))
     await listener.start()
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # not every bogus command echoed
     n = 0
@@ -709,7 +719,8 @@ def _isolated(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     argv = [sys.executable, __file__, "--only", "inprocess", "--target", name,
             "--seconds", str(args.seconds), "--max-inputs", str(args.max_inputs),
-            "--hang", str(args.hang), "--seed", str(args.seed + sum(name.encode()))]
+            "--hang", str(args.hang), "--seed", str(args.seed + sum(name.encode())),
+            "--tag", args.tag]
     if args.checkpoint is not None:
         argv += ["--checkpoint", str(args.checkpoint)]
     proc = subprocess.run(argv, capture_output=True, text=True)  # noqa: S603 - our own argv
@@ -739,6 +750,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="keep each target's counts here, updated every 10 s (a cut run still"
                     " has its figures)")
+    ap.add_argument("--tag", default="", help="appended to target names in the figures (a"
+                    " second run of a target with another seed)")
     ap.add_argument("--isolate", action="store_true",
                     help="each in-process target in its own process (its own RSS)")
     args = ap.parse_args()
@@ -761,10 +774,10 @@ def main() -> int:
                 continue
             if name == "smtp-session":
                 result = asyncio.run(run_smtp_protocol(args.seconds, args.max_inputs, args.hang,
-                                                       rng, args.checkpoint))
+                                                       rng, args.checkpoint, args.tag))
             else:
                 seeds, parse, expected = _targets()[name]
-                result = run_inprocess(name, seeds, parse, expected, args.seconds,
+                result = run_inprocess(name + args.tag, seeds, parse, expected, args.seconds,
                                        args.max_inputs, args.hang, rng, args.checkpoint)
             results.append(result)
             print(json.dumps(result, ensure_ascii=False), flush=True)

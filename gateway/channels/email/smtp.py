@@ -196,10 +196,18 @@ class GatewaySMTP(SMTP):
         super().connection_lost(error)
 
     async def push(self, status: AnyStr) -> None:
-        """Send one reply line; counted by its code (``gateway_smtp_replies_total``)."""
+        """Send one reply line; counted by its code (``gateway_smtp_replies_total``).
+
+        aiosmtpd echoes some arguments (``502 Could not VRFY <arg>``); an argument holding bytes
+        that are not UTF-8 (kept as surrogates) failed to encode and the reply became its
+        catch-all 451. Such characters are replaced instead."""
         if self._metrics is not None:
             code = status[:3]
             self._metrics.smtp_reply(code.decode() if isinstance(code, bytes) else code)
+        if isinstance(status, str):
+            await super().push(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii",
+                                             "replace"))
+            return
         await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
