@@ -143,7 +143,7 @@ async def _accept_nothing(raw: bytes, envelope: Any) -> str:
 async def main(seconds: float) -> None:
     from aiosmtpd.smtp import SMTP
 
-    from gateway.channels.email.config import EmailConfig
+    from gateway.channels.email.common import EmailConfig
     from gateway.channels.email.smtp import Handler, Listener
     from gateway.config import HostPort, parse_settings
     from gateway.queueing.embedded import EmbeddedRedis

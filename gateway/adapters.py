@@ -2,8 +2,9 @@
 
 A channel type (``ChannelType``) names a config dataclass and a factory. The factory gets an
 ``AdapterContext`` (the door into the gateway: Intake, events, HTTP routes, attachments, clock)
-and returns an ``Adapter``. Built-in types are listed in ``gateway.channels.BUILTIN``; other
-packages add types through the ``gateway.channels`` entry-point group.
+and returns an ``Adapter``. Built-in types are listed in ``gateway.channels.BUILTIN`` (each
+medium folder registers its own in ``TYPES``); other packages add types through the
+``gateway.channels`` entry-point group.
 """
 
 from __future__ import annotations

@@ -413,7 +413,7 @@ async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng:
     """
     import logging
 
-    from gateway.channels.email.config import EmailConfig
+    from gateway.channels.email.common import EmailConfig
     from gateway.channels.email.normalize import Envelope as MailEnvelope
     from gateway.channels.email.normalize import normalize
     from gateway.channels.email.smtp import Handler, Listener

@@ -1,21 +1,18 @@
-"""Channel adapters, one folder per medium.
+"""Channel adapters, one folder per medium, all of one shape (docs/adapters.md):
 
-``BUILTIN`` lists the built-in channel types as ``module:attribute``; each attribute is a
-``gateway.adapters.ChannelType``. Other packages register more through the
-``gateway.channels`` entry-point group.
+- the folder's ``__init__.py`` registers its channel types in ``TYPES`` (``module:attribute``,
+  each attribute a ``gateway.adapters.ChannelType``);
+- a channel type's adapter lives in the module named after its provider or protocol
+  (``sms/kannel.py``, ``chat/telegram.py``), or in ``adapter.py`` when the medium has one type
+  whose adapter joins several protocol modules (``email/``, ``voice/``);
+- what several modules of the folder share is in its ``common.py``; a wire protocol spoken by
+  several providers has its own module (``sms/link.py``, ``chat/officialaccount.py``);
+- what every medium shares is in ``gateway/channels/common.py`` (the HTTP submit path).
+
+``BUILTIN`` lists the built-in channel types of every folder; other packages register more
+through the ``gateway.channels`` entry-point group.
 """
 
-BUILTIN: tuple[str, ...] = (
-    "gateway.channels.chat.telegram:CHANNEL",
-    "gateway.channels.chat.wechat:CHANNEL",
-    "gateway.channels.chat.weibo:CHANNEL",
-    "gateway.channels.web.app:CHANNEL",
-    "gateway.channels.web.open311:CHANNEL",
-    "gateway.channels.email.adapter:CHANNEL",
-    "gateway.channels.sms.generic:CHANNEL",
-    "gateway.channels.sms.kannel:CHANNEL",
-    "gateway.channels.sms.smpp:CHANNEL",
-    "gateway.channels.sms.cmpp:CHANNEL",
-    "gateway.channels.sms.twilio:CHANNEL",
-    "gateway.channels.voice.adapter:CHANNEL",
-)
+from gateway.channels import chat, email, sms, voice, web
+
+BUILTIN: tuple[str, ...] = (*chat.TYPES, *web.TYPES, *email.TYPES, *sms.TYPES, *voice.TYPES)

@@ -189,7 +189,7 @@ async def test_twenty_megabyte_attachment_with_aiosmtplib(start_mailbox):
 
 def test_message_size_beyond_the_attachment_store_is_a_config_error(tmp_path):
     """The rule needs [intake]: it is the channel type's check, run by the one validation."""
-    from gateway.channels.email.config import EmailConfig
+    from gateway.channels.email.common import EmailConfig
     from gateway.config import load_table
     from tests.harness import settings_for
 

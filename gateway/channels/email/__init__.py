@@ -1,0 +1,3 @@
+"""E-mail: an SMTP listener (and the Postfix pipe) for inbound mail, replies through a relay."""
+
+TYPES: tuple[str, ...] = ("gateway.channels.email.adapter:CHANNEL",)

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
-from gateway.channels.email.config import EmailConfig
+from gateway.channels.email.common import EmailConfig
 from gateway.channels.email.normalize import Envelope, Normalized, Options, normalize
 from gateway.channels.email.relay import (
     OutFile,

@@ -14,7 +14,7 @@ from email.utils import formataddr, formatdate, parseaddr
 import aiosmtplib
 
 from gateway.adapters import SendError
-from gateway.channels.email.config import RelayConfig
+from gateway.channels.email.common import RelayConfig
 from gateway.clock import MICROS_PER_SECOND, Micros
 from gateway.supervise import Backoff, retry
 

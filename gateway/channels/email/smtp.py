@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.adapters import IntakeUnavailable, InvalidContact, RateLimited
 from gateway.attachments import AttachmentTooLarge
-from gateway.channels.email.config import EmailConfig
+from gateway.channels.email.common import EmailConfig
 from gateway.channels.email.normalize import Envelope as MailEnvelope
 from gateway.channels.email.normalize import split_mailbox
 from gateway.connguard import ConnectionCount, default_cap

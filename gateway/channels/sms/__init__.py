@@ -1,1 +1,10 @@
-"""SMS channel: Kannel, Twilio and a generic webhook, with shared segments and concatenation."""
+"""SMS channel: Kannel, Twilio, a generic webhook, SMPP and CMPP carrier links, with shared
+segments and concatenation."""
+
+TYPES: tuple[str, ...] = (
+    "gateway.channels.sms.generic:CHANNEL",
+    "gateway.channels.sms.kannel:CHANNEL",
+    "gateway.channels.sms.smpp:CHANNEL",
+    "gateway.channels.sms.cmpp:CHANNEL",
+    "gateway.channels.sms.twilio:CHANNEL",
+)

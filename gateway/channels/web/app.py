@@ -30,7 +30,7 @@ from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.attachments import AttachmentTooLarge
 from gateway.auth import presented_key, secrets_equal
 from gateway.channels.common import Refused, submit
-from gateway.channels.web.bodies import contact_history, read_part
+from gateway.channels.web.common import contact_history, read_part
 from gateway.clock import format_time
 from gateway.config import Secret
 from gateway.http import MALFORMED_BODY, read_capped
