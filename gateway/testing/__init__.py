@@ -10,7 +10,7 @@ Public API (see docs/adapters.md):
   refused without a crash, no secret nor full number in logs, replies stamped).
 - ``WebhookCase``, ``run_case``: a table-driven runner (a request, the expected status, the
   contact's fields and the events stamped), in the spirit of courier's handler tests.
-- ``eventually``: the polling helper the checks use.
+- ``eventually``: the polling helper the checks use (and the gateway's own tests).
 - ``gateway.testing.plugin``: pytest fixtures (a session Redis, a Redis of one's own, a gateway
   starter) for a distribution's own test suite: ``pytest_plugins = ["gateway.testing.plugin"]``.
 
@@ -34,7 +34,8 @@ from gateway.testing.contract import (
     check_replies_stamped,
     check_retry_later_when_nothing_stored,
 )
-from gateway.testing.webhook import Request, WebhookCase, eventually, field_of, run_case, send
+from gateway.testing.poll import eventually
+from gateway.testing.webhook import Request, WebhookCase, field_of, run_case, send
 
 KIT_VERSION = 1
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.testing.webhook import Request, eventually, send
+from gateway.testing.poll import eventually
+from gateway.testing.webhook import Request, send
 
 if TYPE_CHECKING:
     from gateway.queueing.embedded import EmbeddedRedis
@@ -206,7 +207,7 @@ async def _post_reply_and_wait(gw: Gateway, outcome: str) -> None:
         return any(e.contact_id == contact.id and e.type == outcome
                    for e in await gw.read_events())
 
-    await eventually(stamped, timeout_s=20)
+    await eventually(stamped)
 
 
 async def check_replies_stamped(

@@ -3,12 +3,13 @@ contact and events read back from Redis."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+from gateway.testing.poll import eventually
 
 if TYPE_CHECKING:
     from gateway.records import Contact
@@ -47,18 +48,6 @@ def field_of(contact: Contact, path: str) -> Any:
     for key in path.split("."):
         value = value[key] if isinstance(value, Mapping) else getattr(value, key)
     return value
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, step_s: float = 0.02
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound, not a timing)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(step_s)
 
 
 @dataclass(frozen=True, slots=True)

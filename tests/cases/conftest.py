@@ -119,18 +119,6 @@ async def submit(client: Client, text: str, *, channel: str = "web", **extra: An
     return str(answer["id"])
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], *, timeout: float = 20.0) -> Any:
-    """Poll ``probe`` until it returns something truthy (a liveness bound, not a timing claim)."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        assert loop.time() < until, "condition never became true"
-        await asyncio.sleep(0.05)
-
-
 @dataclass
 class Receiver:
     """A local webhook receiver whose behaviour the test scripts (see ``plan``)."""

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from gateway.runtime import Gateway
-from tests.cases.conftest import API, Client, auth, eventually, submit
+from gateway.testing import eventually
+from tests.cases.conftest import API, Client, auth, submit
 
 CONTACTS = "/v1/groups/{group}/contacts"
 EVENTS = "/v1/groups/{group}/events"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.cases.conftest import API, Client, Receiver, eventually, submit
+from gateway.testing import eventually
+from tests.cases.conftest import API, Client, Receiver, submit
 from tests.core.test_topologies import cluster  # noqa: F401 - the three-master fixture
 
 

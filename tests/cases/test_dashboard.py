@@ -23,8 +23,9 @@ from gateway.config import SlaSection
 from gateway.i18n import Locale
 from gateway.records import Repeat
 from gateway.report import build, render
+from gateway.testing import eventually
 from tests.cases import dataset
-from tests.cases.conftest import API, TOKENS, eventually
+from tests.cases.conftest import API, TOKENS
 
 CHROMIUM = "/usr/bin/chromium"
 PACKAGES = ("chromium", "fonts-wqy-microhei")

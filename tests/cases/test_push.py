@@ -13,7 +13,8 @@ from typing import Any
 
 from gateway.push.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from gateway.runtime import Gateway
-from tests.cases.conftest import API, Client, Receiver, eventually, submit
+from gateway.testing import eventually
+from tests.cases.conftest import API, Client, Receiver, submit
 
 SECRET = "whsec-test-0123456789"
 
@@ -143,7 +144,7 @@ async def test_failing_hanging_slow_receiver_then_recovery_keeps_order_and_loses
     async def all_in() -> bool:
         return len(firsts(receiver.accepted)) == 10
 
-    await eventually(all_in, timeout=60)
+    await eventually(all_in, timeout_s=60)
     assert [d["data"]["id"] for d in firsts(receiver.accepted)] == ids
     # no entry was taken twice out of order: every accepted body is in stream order
     order = [json.loads(b)["data"]["id"] for b in receiver.accepted]
@@ -294,7 +295,7 @@ async def test_an_instance_dying_mid_delivery_hands_over_to_another(
     async def all_in() -> bool:
         return len(firsts(receiver.accepted)) == 7
 
-    await eventually(all_in, timeout=60)
+    await eventually(all_in, timeout_s=60)
     assert [d["data"]["id"] for d in firsts(receiver.accepted)] == ids + more
     pending = await other.redis.xpending(other.keys.contacts, "gateway-push.crm")
     assert pending["pending"] == 0
@@ -315,7 +316,7 @@ async def test_many_contacts_and_events_merge_in_order(
     async def all_in() -> bool:
         return len(firsts(receiver.accepted)) == 500
 
-    await eventually(all_in, timeout=60)
+    await eventually(all_in, timeout_s=60)
     docs = firsts(receiver.accepted)
     contacts = [d for d in docs if d["type"] == "contact"]
     events = [d for d in docs if d["type"] == "event"]
@@ -357,9 +358,9 @@ async def test_redis_restart_api_answers_503_then_everything_resumes(
         )
         return status == 200
 
-    await eventually(api_back, timeout=30)
+    await eventually(api_back, timeout_s=30)
     second = await submit(client, "after")
-    await eventually(await delivered(2), timeout=30)
+    await eventually(await delivered(2), timeout_s=30)
     assert [d["data"]["id"] for d in firsts(receiver.accepted)] == [first, second]
 
 
@@ -379,7 +380,7 @@ async def test_two_instances_of_one_name_never_deliver_at_once(
     async def all_in() -> bool:
         return len(firsts(receiver.accepted)) == 20
 
-    await eventually(all_in, timeout=60)
+    await eventually(all_in, timeout_s=60)
     assert receiver.most_in_flight == 1
     assert [d["data"]["id"] for d in firsts(receiver.accepted)] == ids
     assert len([gw for gw in (a, b) if "push:crm" in gw.leases.held]) == 1

@@ -20,7 +20,7 @@ from gateway.queueing import post_reply as put_reply
 from gateway.records import Reply
 from gateway.replies import GROUP, reply_queues
 from gateway.runtime import Gateway
-from tests.cases.conftest import eventually
+from gateway.testing import eventually
 from tests.core.test_intake import inbound
 from tests.e2e.test_serve import free_port, start_serve, wait_healthy
 from tests.sms.fakes import Answer, FakeProvider, running

@@ -20,8 +20,9 @@ from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue
 from gateway.records import Contact, Event
 from gateway.surge import SurgeWatch, poisson_tail
+from gateway.testing import eventually
 from tests.cases import dataset
-from tests.cases.conftest import API, TOKENS, Receiver, eventually
+from tests.cases.conftest import API, TOKENS, Receiver
 from tests.cases.test_push import subscriber
 
 MIN = 60 * MICROS_PER_SECOND

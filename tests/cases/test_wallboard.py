@@ -14,8 +14,9 @@ from gateway.config import SlaSection
 from gateway.dashboard.aggregates import read_window, time_bin, window_buckets
 from gateway.queueing.keys import Keys
 from gateway.report import build
+from gateway.testing import eventually
 from tests.cases import dataset
-from tests.cases.conftest import API, TOKENS, eventually
+from tests.cases.conftest import API, TOKENS
 from tests.cases.test_dashboard import _aggregated
 
 S = dataset.S

@@ -9,8 +9,9 @@ from gateway.clock import MICROS_PER_SECOND, FixedClock
 from gateway.config import WatcherSection
 from gateway.records import Inbound, Sender
 from gateway.runtime import Gateway
+from gateway.testing import eventually
 from gateway.watcher import DeadlineWatcher
-from tests.cases.conftest import API, Client, eventually, submit
+from tests.cases.conftest import API, Client, submit
 
 
 def own_watcher(gw: Gateway, clock: FixedClock) -> DeadlineWatcher:

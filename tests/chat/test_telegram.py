@@ -23,7 +23,7 @@ from gateway.channels.chat.telegram import (
 )
 from gateway.config import AdapterSettings, Secret
 from gateway.records import Inbound, Reply
-from tests.cases.conftest import eventually
+from gateway.testing import eventually
 from tests.chat.fakes import (
     BOT_ID,
     BOT_TOKEN,
@@ -382,12 +382,10 @@ async def test_reply_is_sent_and_stamps_responded(
         gw.keys.replies,
         {"reply": orjson.dumps({"contact_id": contact.id, "text": "已受理，工单号 12345"})},
     )
-    for _ in range(600):
-        responded = [e for e in await gw.read_events() if e.type == "responded"]
-        if responded:
-            break
-        await asyncio.sleep(0.05)
-    assert [e.contact_id for e in responded] == [contact.id]
+    async def responded() -> list[Any]:
+        return [e for e in await gw.read_events() if e.type == "responded"]
+
+    assert [e.contact_id for e in await eventually(responded, timeout_s=30)] == [contact.id]
     [sent] = bot_api.sent
     assert (sent["chat_id"], sent["text"]) == (777000001, "已受理，工单号 12345")
 
@@ -519,10 +517,7 @@ async def test_polling_confirms_an_offset_only_after_the_contact_is_durable(
         "file_base": bot_api.file_base,
     }
     gw_box.append(await start_gateway(adapters={"tg": table}))
-    for _ in range(600):
-        if any(offset == 73 for offset, _ in seen):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: any(offset == 73 for offset, _ in seen), timeout_s=30)
     assert ("deleteWebhook", {"drop_pending_updates": False}) in bot_api.calls or any(
         n == "deleteWebhook" for n, _ in bot_api.calls
     )
@@ -550,10 +545,10 @@ async def test_one_chat_three_messages_in_one_batch_count_as_repeats(
         "file_base": bot_api.file_base,
     }
     gw = await start_gateway(adapters={"tg": table})
-    for _ in range(600):
-        if len(await gw.read_contacts()) == 3:
-            break
-        await asyncio.sleep(0.05)
+    async def three() -> bool:
+        return len(await gw.read_contacts()) == 3
+
+    await eventually(three, timeout_s=30)
     contacts = await gw.read_contacts()
     assert len({c.received_at for c in contacts}) == 1  # one batch, one stamp
     assert [c.text for c in contacts] == ["again 0", "again 1", "again 2"]
@@ -606,10 +601,7 @@ async def test_polling_never_confirms_an_update_intake_refused(
     bot_api.push({"update_id": 301, "message": message(91, text="second")})
     await adapter.start()
     try:
-        for _ in range(800):
-            if adapter.offset == 302:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: adapter.offset == 302, timeout_s=40)
     finally:
         await adapter.stop()
     assert flaky.refused == ["777000001:90"]
@@ -668,10 +660,7 @@ async def test_polling_takes_chats_in_parallel_but_confirms_only_a_durable_prefi
     bot_api.push({"update_id": 402, "message": message(2, a_chat, text="A2")})
     await adapter.start()
     try:
-        for _ in range(800):
-            if adapter.offset == 403:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: adapter.offset == 403, timeout_s=40)
     finally:
         await adapter.stop()
     assert refusing.refused == ["1001:1"]

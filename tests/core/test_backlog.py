@@ -12,7 +12,7 @@ import pytest
 
 from gateway.adapters import IntakeUnavailable
 from gateway.queueing import ContactConsumer
-from tests.cases.conftest import eventually
+from gateway.testing import eventually
 from tests.core.test_intake import inbound
 from tests.email.conftest import MAILBOX
 

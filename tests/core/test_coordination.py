@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from gateway.queueing.coordination import Fence, LeaseLost, Leases, SharedState
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
-from tests.cases.conftest import eventually
+from gateway.testing import eventually
 
 TTL = 0.6
 
@@ -271,7 +271,7 @@ async def test_a_frozen_redis_ends_the_belief_in_the_lease_on_time(
     try:
         await eventually(lambda: _true(rec.running))
         os.kill(pid, signal.SIGSTOP)
-        await eventually(lambda: _true(rec.cancelled == ["a"] and not leases.held), timeout=10)
+        await eventually(lambda: _true(rec.cancelled == ["a"] and not leases.held))
     finally:
         os.kill(pid, signal.SIGCONT)
         task.cancel()

@@ -13,6 +13,7 @@ from gateway.lock import DataDirBusy
 from gateway.queueing.spool import Spool, SpoolError
 from gateway.records import Event, Inbound, Sender
 from gateway.runtime import Gateway
+from gateway.testing import eventually
 from tests.harness import settings_for
 
 
@@ -153,10 +154,7 @@ async def test_script_is_atomic_when_the_connection_dies_mid_write(start_gateway
     kill = asyncio.create_task(killer())
     receipts = await asyncio.gather(*(gw.intake.submit(i) for i in items))
     await kill
-    for _ in range(100):  # whatever was spooled is replayed
-        if gw.spool.depth == 0:
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: gw.spool.depth == 0)  # whatever was spooled is replayed
     contacts = await gw.read_contacts()
     by_external = {}
     for c in contacts:
@@ -186,10 +184,7 @@ async def test_redis_stopped_contacts_spool_and_replay_without_loss(start_gatewa
     assert dup.status == "duplicate" and dup.contact_id == receipts[0].contact_id
     assert gw.spool.depth == 50
     own_redis.start_sync()
-    for _ in range(200):
-        if gw.spool.depth == 0 and gw.intake.redis_up:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)
     assert gw.spool.depth == 0
     contacts = await gw.read_contacts()
     assert len(contacts) == 70
@@ -218,10 +213,7 @@ async def test_spool_survives_a_gateway_restart(tmp_path, own_redis, prefix):
     gw2 = Gateway(settings, configs)
     await gw2.start()
     try:
-        for _ in range(200):
-            if gw2.spool.depth == 0:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: gw2.spool.depth == 0)
         contacts = await gw2.read_contacts()
         assert sorted(c.id for c in contacts) == sorted(r.contact_id for r in receipts)
     finally:
@@ -238,10 +230,7 @@ async def test_corrupt_spool_record_is_quarantined_and_the_rest_replayed(start_g
     data[2] = data[2][:20] + b"X" + data[2][21:]  # flip one byte of the third record
     segment.write_bytes(b"\n".join(data))
     own_redis.start_sync()
-    for _ in range(200):
-        if not gw.spool.segments(include_active=True):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: not gw.spool.segments(include_active=True))
     contacts = await gw.read_contacts()
     assert sorted(c.external_id for c in contacts) == ["q0", "q1", "q3", "q4"]
     quarantined = list(gw.spool.quarantine_dir.iterdir())
@@ -275,10 +264,7 @@ async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(
     for i in range(5):
         assert (await gw.intake.submit(inbound(external_id=f"p{i}"))).status == "spooled"
     own_redis.start_sync()
-    for _ in range(200):
-        if not gw.spool.segments(include_active=True) and gw.spool.depth == 0:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: not gw.spool.segments(include_active=True) and gw.spool.depth == 0)
     assert sorted(c.external_id for c in await gw.read_contacts()) == ["p0", "p1", "p3", "p4"]
     (refused,) = gw.spool.quarantine_dir.glob("refused-*.log")
     assert refused.read_bytes().count(b"\n") == 1 and b'"p2"' in refused.read_bytes()
@@ -295,10 +281,7 @@ async def test_events_and_stamps_wait_in_the_spool_behind_their_contact(start_ga
     assert provisional is not None and provisional.elapsed_ms is None
     await gw.intake.emit(Event(receipt.contact_id, "closed", answered_at + 1, "asterisk"))
     own_redis.start_sync()
-    for _ in range(200):
-        if gw.spool.depth == 0 and not gw.spool.segments(include_active=True):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: gw.spool.depth == 0 and not gw.spool.segments(include_active=True))
     events = [e for e in await gw.read_events() if e.contact_id == receipt.contact_id]
     assert [e.type for e in events] == ["enqueued", "answered", "closed"]
     answered = events[1]
@@ -332,10 +315,7 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_write(start_gateway):
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0):
             await gw.intake.submit(inbound(external_id="impatient"))
-    for _ in range(100):
-        if await gw.read_contacts():
-            break
-        await asyncio.sleep(0.02)
+    await eventually(gw.read_contacts)
     assert [c.external_id for c in await gw.read_contacts()] == ["impatient"]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from gateway.testing import eventually
+
 FAST = {"header_timeout": "500ms", "body_timeout": "500ms"}
 
 
@@ -73,10 +75,8 @@ async def test_http_connection_cap(start_gateway: Any) -> None:
     writer.close()
     for _, w in held:
         w.close()
-    for _ in range(100):  # once they are gone, a new connection is served
-        if gw.http.connections.open == 0:
-            break
-        await asyncio.sleep(0.05)
+    # once they are gone, a new connection is served
+    await eventually(lambda: gw.http.connections.open == 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert (await _closed_by_server(reader)).startswith(b"HTTP/1.1 200")

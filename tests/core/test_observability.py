@@ -107,7 +107,7 @@ async def test_smtp_sessions_and_reply_codes(start_gateway: Any) -> None:
         active = sample(text, "gateway_sessions_active", adapter="mailbox", protocol="smtp")
         return text if active == 0 else None
 
-    from tests.cases.conftest import eventually
+    from gateway.testing import eventually
 
     text = await eventually(closed)
     assert sample(text, "gateway_sessions_total", adapter="mailbox", protocol="smtp") == 1
@@ -198,7 +198,7 @@ async def test_answer_within_15_seconds_is_measured(start_gateway: Any) -> None:
 
 
 async def test_ami_link_reconnects_and_event_lag(start_gateway: Any) -> None:
-    from tests.cases.conftest import eventually
+    from gateway.testing import eventually
     from tests.voice.fakes import FakeAmi
     from tests.voice.test_ami import voice_with_ami
 

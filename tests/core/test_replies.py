@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.queueing import post_reply
 from gateway.records import Reply
+from gateway.testing import eventually
 from tests.core.test_intake import inbound
 
 
 async def wait_for_event(gw, contact_id: str, type_: str):
-    for _ in range(100):
+    async def found():
         for event in await gw.read_events():
             if event.contact_id == contact_id and event.type == type_:
                 return event
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {type_} event for {contact_id}")
+        return None
+
+    return await eventually(found)
 
 
 async def test_reply_to_unknown_contact_emits_failed_and_is_acked(start_gateway):
@@ -23,10 +23,10 @@ async def test_reply_to_unknown_contact_emits_failed_and_is_acked(start_gateway)
     await post_reply(gw.redis, Reply(contact_id="nope", text="hi", id="r1"), prefix=gw.keys.prefix)
     event = await wait_for_event(gw, "nope", "failed")
     assert event.detail == {"reason": "unknown contact", "reply_id": "r1"}
-    for _ in range(50):
-        if not (await gw.redis.xpending(gw.keys.replies, "gateway-replies"))["pending"]:
-            break
-        await asyncio.sleep(0.05)
+    async def settled():
+        return not (await gw.redis.xpending(gw.keys.replies, "gateway-replies"))["pending"]
+
+    await eventually(settled)
     assert (await gw.redis.xpending(gw.keys.replies, "gateway-replies"))["pending"] == 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from gateway.queueing.embedded import find_server_binary
+from gateway.testing import eventually
 from tests.core.test_intake import inbound
 
 
@@ -161,10 +162,7 @@ async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start
     try:
         wait_ping(master_port).close()
         probe = wait_ping(replica_port)
-        for _ in range(200):
-            if probe.info("replication").get("master_link_status") == "up":
-                break
-            time.sleep(0.05)
+        await eventually(lambda: probe.info("replication").get("master_link_status") == "up")
         probe.close()
         gw = await start_gateway(
             url=f"redis://127.0.0.1:{master_port}",
@@ -176,16 +174,10 @@ async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start
         await asyncio.sleep(0.2)
         assert (await gw.intake.submit(inbound(external_id="r2"))).status == "spooled"
         replica = spawn(replica_args, tmp_path / "r")
-        for _ in range(300):
-            if gw.spool.depth == 0 and gw.intake.redis_up:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)
         assert sorted(c.external_id for c in await gw.read_contacts()) == ["r1", "r2"]
         on_replica = redis.Redis(host="127.0.0.1", port=replica_port)
-        for _ in range(100):
-            if on_replica.xlen(gw.keys.contacts) == 2:
-                break
-            time.sleep(0.05)
+        await eventually(lambda: on_replica.xlen(gw.keys.contacts) == 2)
         assert on_replica.xlen(gw.keys.contacts) == 2
         on_replica.close()
     finally:

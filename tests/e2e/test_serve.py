@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 
 from gateway.clock import MICROS_PER_SECOND, parse_time
+from gateway.testing import eventually
 
 PY = sys.executable
 
@@ -57,17 +58,16 @@ def start_serve(cfg: Path) -> subprocess.Popen[bytes]:
 
 
 async def wait_healthy(session: aiohttp.ClientSession, port: int, proc) -> None:
-    for _ in range(300):
+    async def healthy() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"gateway exited: {proc.stderr.read().decode()}")
         try:
             async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                if resp.status == 200:
-                    return
+                return resp.status == 200
         except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("gateway did not become healthy")
+            return False
+
+    await eventually(healthy, timeout_s=30)
 
 
 async def test_serve_intake_tail_and_clean_sigterm(tmp_path):
@@ -145,11 +145,11 @@ async def test_nothing_acknowledged_is_lost_when_gateway_and_redis_are_killed(tm
             stop.set()
             await asyncio.gather(*clients)
             assert before_kill > 0 and len(acked) > before_kill
-            for _ in range(200):  # the restarted gateway replays what its predecessor spooled
+            async def replayed() -> bool:  # the restarted gateway replays what was spooled
                 async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                    if "gateway_spool_depth 0.0" in await resp.text():
-                        break
-                await asyncio.sleep(0.1)
+                    return "gateway_spool_depth 0.0" in await resp.text()
+
+            await eventually(replayed, step_s=0.1)
         import redis
 
         client_ = redis.Redis.from_url(own_redis.url)

@@ -40,15 +40,6 @@ def start_mailbox(start_gateway: Any) -> StartMailbox:
     return start
 
 
-async def eventually(predicate: Callable[[], Awaitable[bool]], attempts: int = 400) -> bool:
-    """Poll ``predicate`` until it holds (0.05 s apart); return its last value."""
-    for _ in range(attempts):
-        if await predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 @dataclass
 class Recorded:
     mail_from: str

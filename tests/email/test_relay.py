@@ -11,7 +11,8 @@ from email.message import EmailMessage
 
 from gateway.queueing.consumer import post_reply
 from gateway.records import Attachment, Reply
-from tests.email.conftest import FIXTURES, MAILBOX, eventually
+from gateway.testing import eventually
+from tests.email.conftest import FIXTURES, MAILBOX
 from tests.email.test_smtp import send
 
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError
-from tests.email.conftest import FIXTURES, MAILBOX, eventually
+from gateway.testing import eventually
+from tests.email.conftest import FIXTURES, MAILBOX
 from tests.email.test_normalize import CASES
 
 QUEUED = re.compile(rb"^2\.0\.0 OK queued as ([0-9a-f-]{36})$")

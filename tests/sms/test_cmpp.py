@@ -12,6 +12,7 @@ import pytest
 
 from gateway.channels.sms import cmpp_pdu as C
 from gateway.records import Reply
+from gateway.testing import eventually
 from tests.sms.ismg import Ismg
 from tests.sms.test_unavailable_and_logs import break_spool
 
@@ -58,10 +59,7 @@ async def test_connect_and_mo_in_ucs2_gbk_and_ascii(ismg: Ismg, start_gateway: A
 
 async def test_wrong_secret_is_refused_and_retried(ismg: Ismg, start_gateway: Any) -> None:
     gw = await start_gateway(adapters={"cmpp": config(ismg, shared_secret="wrong")})
-    for _ in range(2000):
-        if ismg.refused >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: ismg.refused >= 2)
     assert ismg.refused >= 2 and not ismg.connects  # refused, connected again with back-off
     assert not gw.adapters["cmpp"].bound.is_set()
 
@@ -74,11 +72,7 @@ async def test_long_mo_by_tp_udhi_out_of_order(ismg: Ismg, start_gateway: Any) -
     for n in (2, 3, 1):
         udh = bytes([5, 0, 3, 9, 3, n])
         assert (await ismg.deliver(**mo(udh + chunks[n - 1], 8, 100 + n, tp_udhi=1)))[1] == 0
-    for _ in range(500):
-        contacts = await gw.read_contacts()
-        if contacts:
-            break
-        await asyncio.sleep(0.01)
+    contacts = await eventually(gw.read_contacts)
     assert [c.text for c in contacts] == ["第一段，第二段🙂结束"]
 
 
@@ -126,12 +120,10 @@ async def test_nothing_stored_answers_non_zero_and_the_redelivery_is_taken_once(
     pdu = mo("停水了".encode("utf-16-be"), 8, 555)
     assert await ismg.deliver(**pdu) == (555, C.DELIVER_FLOW_CONTROL)
     own_redis.start_sync()
-    for _ in range(100):  # the ISMG's redeliveries, until Intake takes it
-        _, result = await ismg.deliver(**pdu)
-        if result == 0:
-            break
-        await asyncio.sleep(0.2)
-    assert result == 0
+    async def taken() -> bool:  # the ISMG's redeliveries, until Intake takes it
+        return (await ismg.deliver(**pdu))[1] == 0
+
+    assert await eventually(taken, step_s=0.2)
     assert await ismg.deliver(**pdu) == (555, 0)
     assert [c.text for c in await gw.read_contacts()] == ["停水了"]
 
@@ -142,10 +134,7 @@ async def test_link_lost_reconnects_and_a_malformed_deliver_keeps_it(
     gw = await start_gateway(adapters={"cmpp": config(ismg)})
     adapter = await connected(gw)
     ismg.drop()
-    for _ in range(2000):
-        if adapter.binds == 2 and ismg.connected.is_set():
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: adapter.binds == 2 and ismg.connected.is_set())
     assert adapter.binds == 2 and len(ismg.connects) == 2
     assert await ismg.deliver(**mo(b"again", 0, 9)) == (9, 0)
 
@@ -162,10 +151,7 @@ async def test_active_test_malformed_deliver_and_terminate(ismg: Ismg, start_gat
     assert await ismg.deliver(**mo(b"still here", 0, 4243)) == (4243, 0)
     assert adapter.binds == 1
     assert await ismg.raw(C.TERMINATE) == (C.TERMINATE | C.RESP, b"")
-    for _ in range(2000):
-        if adapter.binds == 2 and ismg.connected.is_set():
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: adapter.binds == 2 and ismg.connected.is_set())
     assert adapter.binds == 2
     assert [c.text for c in await gw.read_contacts()] == ["still here"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -16,6 +15,7 @@ import pytest
 
 from gateway.adapters import SendError
 from gateway.records import Reply
+from gateway.testing import eventually
 from tests.sms.fakes import Answer, FakeProvider, running
 
 SECRET = "webhook-secret"
@@ -242,11 +242,10 @@ async def test_auto_acknowledgement_by_sms(start_gateway: Any) -> None:
                                                           ack_text="已收到，编号{ref}")})
         assert await post(gw, payload()) == 200
         (contact,) = await gw.read_contacts()
-        for _ in range(500):
-            acks = [e for e in await gw.read_events() if e.type == "acknowledged"]
-            if acks:
-                break
-            await asyncio.sleep(0.01)
+        async def acknowledged() -> list[Any]:
+            return [e for e in await gw.read_events() if e.type == "acknowledged"]
+
+        acks = await eventually(acknowledged)
         assert [e.contact_id for e in acks] == [contact.id]
         (call,) = api.calls
         assert orjson.loads(call.body)["text"] == (
@@ -268,8 +267,5 @@ async def test_incomplete_long_message_is_acknowledged_at_the_timeout(start_gate
         assert await gw.adapters["agg"].assembler.sweep() == 1
         (contact,) = await gw.read_contacts()
         assert contact.text == "上半" and contact.meta["incomplete"] is True
-        for _ in range(500):
-            if api.calls:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: api.calls)
         assert orjson.loads(api.calls[0].body)["text"].startswith("收到")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from aiohttp import web
 from gateway.adapters import SendError
 from gateway.clock import FixedClock
 from gateway.records import Reply
+from gateway.testing import eventually
 from tests.sms.fakes import Answer, FakeProvider, running
 
 SECRET = "kannel-s3cret"
@@ -414,12 +414,10 @@ async def test_reply_stream_end_to_end_with_retry(start_gateway: Any, redis_clie
         await redis_client.xadd(f"{{{prefix}}}:replies", {
             "reply": orjson.dumps({"contact_id": contact.id, "text": "收到", "id": "rep-9"})
         })
-        for _ in range(500):
-            events = await gw.read_events()
-            if any(e.type == "responded" for e in events):
-                break
-            await asyncio.sleep(0.01)
-        responded = [e for e in events if e.type == "responded"]
+        async def responded_events() -> list[Any]:
+            return [e for e in await gw.read_events() if e.type == "responded"]
+
+        responded = await eventually(responded_events)
         assert len(responded) == 1 and responded[0].contact_id == contact.id
         assert len(kannel.calls) == 2
         assert kannel.calls[1].query["text"] == "收到"
@@ -460,11 +458,11 @@ async def test_delivered_never_comes_before_responded(
                 "reply": orjson.dumps({"contact_id": contact.id, "text": f"收到 {n}",
                                        "id": f"rep-{n}"})
             })
-            for _ in range(1000):
+            async def settled(n: int = n) -> bool:
                 types = [e.type for e in await gw.read_events()]
-                if types.count("delivered") == n + 1 and "responded" in types:
-                    break
-                await asyncio.sleep(0.01)
+                return types.count("delivered") == n + 1 and "responded" in types
+
+            await eventually(settled)
         events = [e for e in await gw.read_events() if e.type in ("responded", "delivered")]
         assert [(e.type, e.detail["reply_id"]) for e in events] == [
             ("responded", "rep-0"),
@@ -488,11 +486,10 @@ async def test_timed_out_long_message_is_acknowledged_by_sendsms(start_gateway: 
         clock.advance(31)
         assert await gw.adapters["kannel"].assembler.sweep() == 1
         (contact,) = await gw.read_contacts()
-        for _ in range(500):
-            acks = [e for e in await gw.read_events() if e.type == "acknowledged"]
-            if acks:
-                break
-            await asyncio.sleep(0.01)
+        async def acknowledged() -> list[Any]:
+            return [e for e in await gw.read_events() if e.type == "acknowledged"]
+
+        acks = await eventually(acknowledged)
         assert [(e.contact_id, e.detail["via"]) for e in acks] == [(contact.id, "sendsms")]
         (call,) = kannel.calls
         assert call.query["text"].startswith("已收到，编号")

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError
-from tests.cases.conftest import eventually
+from gateway.testing import eventually
 from tests.harness import require
 
 CONF = Path(__file__).resolve().parents[2] / "deploy" / "kannel" / "kannel.conf"

@@ -14,6 +14,7 @@ import pytest
 from gateway.channels.sms import gsm7
 from gateway.channels.sms import smpp_pdu as P
 from gateway.records import Reply
+from gateway.testing import eventually
 from tests.sms.smsc import Smsc
 from tests.sms.test_unavailable_and_logs import break_spool
 
@@ -40,12 +41,11 @@ async def bound(gw: Any, name: str = "smpp") -> Any:
 
 
 async def contacts_until(gw: Any, n: int) -> list[Any]:
-    for _ in range(1000):
+    async def enough() -> list[Any]:
         contacts = await gw.read_contacts()
-        if len(contacts) >= n:
-            return contacts
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{n} contacts expected, got {len(contacts)}")
+        return contacts if len(contacts) >= n else []
+
+    return await eventually(enough)
 
 
 def mo(text: bytes, coding: int, **extra: Any) -> dict[str, Any]:
@@ -147,12 +147,10 @@ async def test_nothing_stored_answers_x_t_appn_and_the_redelivery_is_taken_once(
     pdu = mo("停电了".encode("utf-16-be"), 8)
     assert await smsc.deliver(**pdu) == P.ESME_RX_T_APPN  # the SMSC keeps it
     own_redis.start_sync()
-    for _ in range(100):  # the SMSC's redeliveries, until Intake takes it
-        status = await smsc.deliver(**pdu)
-        if status == 0:
-            break
-        await asyncio.sleep(0.2)
-    assert status == 0
+    async def taken() -> bool:  # the SMSC's redeliveries, until Intake takes it
+        return await smsc.deliver(**pdu) == 0
+
+    assert await eventually(taken, step_s=0.2)
     assert await smsc.deliver(**pdu) == 0  # once more (a lost deliver_sm_resp): no second contact
     contacts = await gw.read_contacts()
     assert [c.text for c in contacts] == ["停电了"]
@@ -173,10 +171,7 @@ async def test_bad_pdus_get_generic_nack_and_the_bind_survives(smsc: Smsc,
     # a command_length below the header's own size: answered, then a fresh bind
     short = struct.pack(">IIII", 8, P.DELIVER_SM, 0, 903)
     assert await smsc.raw(short, 903) == (P.GENERIC_NACK, P.ESME_RINVCMDLEN, 903)
-    for _ in range(2000):
-        if len(smsc.binds) == 2 and smsc.bound.is_set():
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(smsc.binds) == 2 and smsc.bound.is_set())
     assert await smsc.deliver(**mo(b"after", 0)) == 0
     texts = sorted(c.text for c in await gw.read_contacts())
     assert texts == ["after", "still bound"]
@@ -202,10 +197,7 @@ async def test_bind_lost_reconnects(smsc: Smsc, start_gateway: Any) -> None:
     gw = await start_gateway(adapters={"smpp": config(smsc)})
     adapter = await bound(gw)
     smsc.drop()
-    for _ in range(2000):
-        if adapter.binds == 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: adapter.binds == 2)
     assert adapter.binds == 2 and len(smsc.binds) == 2
     await smsc.bound.wait()
     assert await smsc.deliver(**mo(b"again", 0)) == 0
@@ -232,19 +224,14 @@ async def test_two_instances_hold_one_bind(smsc: Smsc, start_gateway: Any) -> No
 async def test_enquire_link_both_ways_and_unbind(smsc: Smsc, start_gateway: Any) -> None:
     gw = await start_gateway(adapters={"smpp": config(smsc, enquire_link="0.05s")})
     adapter = await bound(gw)
-    for _ in range(2000):
-        if smsc.enquire_links >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: smsc.enquire_links >= 2)
     assert smsc.enquire_links >= 2  # ours, answered by the SMSC
     theirs = struct.pack(">IIII", 16, P.ENQUIRE_LINK, 0, 911)
     assert await smsc.raw(theirs, 911) == (P.ENQUIRE_LINK | P.RESP, 0, 911)
     unbind = struct.pack(">IIII", 16, P.UNBIND, 0, 912)
     assert await smsc.raw(unbind, 912) == (P.UNBIND | P.RESP, 0, 912)
-    for _ in range(2000):  # the SMSC unbound us: a new bind follows
-        if adapter.binds == 2 and smsc.bound.is_set():
-            break
-        await asyncio.sleep(0.01)
+    # the SMSC unbound us: a new bind follows
+    await eventually(lambda: adapter.binds == 2 and smsc.bound.is_set())
     assert adapter.binds == 2
 
 
@@ -298,10 +285,7 @@ async def test_logs_never_carry_numbers_or_the_password(
     caplog.set_level(logging.DEBUG)
     smsc.accept_bind = False  # refused binds are logged and retried
     gw = await start_gateway(adapters={"smpp": config(smsc)})
-    for _ in range(2000):
-        if len(smsc.binds) >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(smsc.binds) >= 2)
     smsc.accept_bind = True
     adapter = await bound(gw)
     assert await smsc.deliver(**mo(b"help", 0)) == 0

@@ -3,7 +3,6 @@ the faults only a process has (kill -9, SIGSTOP)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+
+from gateway.testing import eventually
 
 
 def free_port() -> int:
@@ -38,14 +39,17 @@ class ServedGateway:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        for _ in range(600):
-            assert self.proc.poll() is None, "gateway serve exited"
+        proc = self.proc
+
+        def listening() -> bool:
+            assert proc.poll() is None, "gateway serve exited"
             try:
                 socket.create_connection(("127.0.0.1", self.agi_port), 0.2).close()
-                return
+                return True
             except OSError:
-                await asyncio.sleep(0.05)
-        raise AssertionError("gateway serve did not listen for FastAGI")
+                return False
+
+        await eventually(listening, timeout_s=30)  # gateway serve listens for FastAGI
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

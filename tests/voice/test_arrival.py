@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.channels.voice.intake import arrival
 from gateway.clock import MICROS_PER_SECOND, FixedClock, parse_time
+from gateway.testing import eventually
 from tests.voice.fakes import agi_fixture, fake_call
 from tests.voice.serve import served_gateways
 
@@ -113,16 +114,10 @@ async def test_readiness_fails_while_the_event_loop_lags(start_gateway: Any) -> 
             ok, loops = gw.supervisor.ready()
             return not ok and loops["asterisk-loop-lag"]["state"] == "degraded"  # type: ignore[index]
 
-        for _ in range(200):
-            if await degraded():
-                break
-            await asyncio.sleep(0.01)
+        await eventually(degraded)
         assert await degraded()
     finally:
         stop.set()
         await task
-    for _ in range(2000):
-        if gw.supervisor.ready()[0]:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: gw.supervisor.ready()[0])
     assert gw.supervisor.ready()[0]

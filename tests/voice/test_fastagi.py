@@ -11,6 +11,7 @@ import pytest
 from gateway.clock import FixedClock
 from gateway.records import Contact
 from gateway.runtime import Gateway
+from gateway.testing import eventually
 from tests.voice.fakes import agi_fixture, asterisk_reply, fake_call
 
 T0 = 1_795_594_483_000_000
@@ -160,12 +161,7 @@ async def test_two_hangups_then_eof_still_records_the_call(start_gateway: Any) -
     writer.close()  # AGIEXITONHANGUP: Asterisk leaves the AGI and closes
     await writer.wait_closed()
 
-    async def contacts() -> list[Contact]:
-        while not (found := await gw.read_contacts()):
-            await asyncio.sleep(0.02)
-        return found
-
-    found = await asyncio.wait_for(contacts(), 10)
+    found = await eventually(gw.read_contacts)
     assert [c.external_id for c in found] == ["1795594483.1"]
 
 

@@ -9,6 +9,7 @@ from gateway.clock import FixedClock
 from gateway.config import WatcherSection
 from gateway.records import Event
 from gateway.runtime import Gateway
+from gateway.testing import eventually
 from gateway.watcher import DeadlineWatcher
 from tests.voice.fakes import agi_fixture, fake_call
 
@@ -163,7 +164,6 @@ async def test_unknown_calls_and_odd_frames_are_ignored(start_gateway: Any) -> N
 async def test_answer_of_a_spooled_call_is_written_once_redis_is_back(
     start_gateway: Any, own_redis: Any
 ) -> None:
-    import asyncio
 
     clock = FixedClock(T0)
     gw = await start_gateway(
@@ -180,16 +180,13 @@ async def test_answer_of_a_spooled_call_is_written_once_redis_is_back(
     await tracker.handle(frame("AgentConnect", 8.2, Queue="hotline", HoldTime="8"))
     await tracker.handle(frame("Hangup", 60.0))
     own_redis.start_sync()
-    for _ in range(400):
-        if gw.spool.depth == 0 and gw.intake.redis_up:
-            break
-        await asyncio.sleep(0.05)
-    for _ in range(100):
+    await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)
+    async def swept() -> bool:
         clock.advance(60)
         await tracker.sweep()
-        if kinds(await gw.read_events()) == ["answered"]:
-            break
-        await asyncio.sleep(0.05)
+        return kinds(await gw.read_events()) == ["answered"]
+
+    await eventually(swept)
     events = await gw.read_events()
     assert kinds(events) == ["answered"]
     answered = next(e for e in events if e.type == "answered")
