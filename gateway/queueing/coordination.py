@@ -336,18 +336,24 @@ class Leases:
                 await asyncio.wait({worker, keeper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._held.pop(name, None)
-                keeper.cancel()
-                while not worker.done():  # a client call may swallow one cancellation
-                    worker.cancel()
-                    await asyncio.wait({worker}, timeout=0.2)
-                await asyncio.wait({keeper})
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await _bounded(self.release(fence), retry_s)  # compare-and-delete
+                await finish(self._wind_down(worker, keeper, fence, retry_s))
             if worker.cancelled():
                 log.warning("lease %s: lost (fence %d), work stopped", name, fence.token)
                 continue
             worker.result()  # raises the work's own error
             return
+
+    async def _wind_down(
+        self, worker: asyncio.Task[None], keeper: asyncio.Task[None], fence: Fence, retry_s: float
+    ) -> None:
+        """Stop the work and the renewals, then release the lease (compare-and-delete)."""
+        keeper.cancel()
+        while not worker.done():  # a client call may swallow one cancellation
+            worker.cancel()
+            await asyncio.wait({worker}, timeout=0.2)
+        await asyncio.wait({keeper})
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await _bounded(self.release(fence), retry_s)
 
     async def _keep(self, fence: Fence, acquired_at: float) -> None:
         """Renew every TTL/3; return as soon as the lease must be taken as lost."""
@@ -369,6 +375,23 @@ class Leases:
             if not ok:
                 return
             confirmed = started
+
+
+async def finish(cleanup: Awaitable[None]) -> None:
+    """Run ``cleanup`` to its end even when the caller is cancelled (again) meanwhile, then
+    re-raise that cancellation: a supervisor repeats its cancellation while a loop runs on,
+    and a release it interrupted would leave the lease to expire instead. ``cleanup`` must
+    be bounded in time."""
+    task = asyncio.ensure_future(cleanup)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _bounded(call: Awaitable[T], timeout_s: float) -> T:

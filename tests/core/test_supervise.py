@@ -251,3 +251,31 @@ async def test_retry_is_cancelled_from_outside_even_inside_its_time_bound() -> N
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_lost_cancellation_does_not_let_the_next_blocking_read_finish() -> None:
+    """The reply router, the aggregator and the push lanes block up to 1 s in XREADGROUP;
+    redis-py sends each command through ``asyncio.wait_for``, which on Python 3.11 loses the
+    stop's cancellation about once in five gateway stops. stop() waited 1 s before cancelling
+    again, so the next read ran to its end: a second added to shutdown, and to the teardown of
+    one gateway test in several. Here the loop loses the cancellation, then starts a read that
+    ends on its own after 0.9 s: the repeated cancellation must interrupt it (nine times the
+    0.1 s the supervisor now waits before repeating; the old 1 s let it end)."""
+    supervisor = Supervisor()
+    reads_done = 0
+
+    async def reader() -> None:
+        nonlocal reads_done
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()  # lost, as in wait_for
+        await asyncio.sleep(0.9)  # the next blocking read: XREADGROUP ... BLOCK
+        reads_done += 1
+
+    supervisor.spawn("reader", reader)
+    await asyncio.sleep(0)
+    await supervisor.stop("reader")
+    assert reads_done == 0
