@@ -16,7 +16,14 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from gateway import __version__
-from gateway.config import TOOL_SECRETS, ConfigError, Settings, load_file, parse_settings
+from gateway.config import (
+    TOOL_SECRETS,
+    ConfigError,
+    Settings,
+    deprecations,
+    load_file,
+    parse_settings,
+)
 from gateway.lock import DataDirBusy, DataDirLock
 from gateway.logs import setup_logging
 from gateway.permissions import UnsafePermissions
@@ -175,11 +182,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Exactly the validation ``serve`` runs (``load_settings``), adapter types' rules included."""
-    try:
-        _, adapters = load_settings(str(args.file))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    with deprecations() as notes:
+        try:
+            _, adapters = load_settings(str(args.file))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"{args.file}: OK ({len(adapters)} adapters: {', '.join(adapters) or 'none'})")
     return 0
 

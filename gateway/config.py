@@ -8,19 +8,23 @@ Adapters declare their config the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -236,7 +240,49 @@ def _read_secret(
     return None
 
 
+RENAMED: dict[str, str] = {"default_region": "region", "phone_region": "region"}
+"""Old key -> its name now, in any table whose dataclass has the new key: the old one is still
+accepted, with a warning (logged; ``check-config`` prints it), and both at once are an error."""
+
+_DEPRECATED: ContextVar[list[str] | None] = ContextVar("_DEPRECATED", default=None)
+
+
+@contextlib.contextmanager
+def deprecations() -> Iterator[list[str]]:
+    """Collect the deprecation warnings of the configs loaded inside (instead of logging them)."""
+    notes: list[str] = []
+    token = _DEPRECATED.set(notes)
+    try:
+        yield notes
+    finally:
+        _DEPRECATED.reset(token)
+
+
+def _renamed(cls: type[T], raw: Mapping[str, Any], prefix: str,
+             errors: list[tuple[str, str]]) -> Mapping[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    out: dict[str, Any] | None = None
+    for old, new in RENAMED.items():
+        if old not in raw or old in names or new not in names:
+            continue
+        key = f"{prefix}.{old}" if prefix else old
+        out = dict(raw) if out is None else out
+        value = out.pop(old)
+        if new in raw:
+            errors.append((key, f"renamed to {new!r}: set only {new}"))
+            continue
+        note = f"{key}: deprecated, the key is now {new!r} (same meaning)"
+        notes = _DEPRECATED.get()
+        if notes is None:
+            log.warning("config: %s", note)
+        else:
+            notes.append(note)
+        out[new] = value
+    return raw if out is None else out
+
+
 def _load(cls: type[T], raw: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]]) -> T:
+    raw = _renamed(cls, raw, prefix, errors)
     hints = get_type_hints(cls)
     known: set[str] = set()
     values: dict[str, Any] = {}
@@ -403,8 +449,9 @@ class ApiSection:
     keys: tuple[ApiKey, ...] = ()
     open_to_loopback: bool = False
     """Allow ``POST /v1/intake`` without a key from 127.0.0.1 / ::1 (the no-config default)."""
-    default_region: str = "CN"
-    """Region for phone senders without a country code (sms and voice contacts: E.164)."""
+    region: str = "CN"
+    """Region for phone senders without a country code (sms and voice contacts: E.164);
+    ``default_region`` is its old name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,7 +634,7 @@ class AdapterSettings:
     egress: EgressSection
     limits: LimitsSection = field(default_factory=LimitsSection)
     """Listeners of their own (SMTP) bound their connections with ``max_connections``."""
-    default_region: str = "CN"
+    region: str = "CN"
 
     @classmethod
     def of(cls, settings: Settings) -> AdapterSettings:
@@ -598,7 +645,7 @@ class AdapterSettings:
             intake=settings.intake,
             egress=settings.egress,
             limits=settings.limits,
-            default_region=settings.api.default_region,
+            region=settings.api.region,
         )
 
 

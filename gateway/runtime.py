@@ -138,7 +138,7 @@ class Gateway:
             core.register_probes(probes.router)
             self.metrics_http = HttpServer(probes, s.http.metrics_listen, s.limits)
         IntakeApi(
-            self.intake, api_keys, self.clock, s.http.max_body, s.api.default_region
+            self.intake, api_keys, self.clock, s.http.max_body, s.api.region
         ).register(app.router)
         self.leases = Leases(self.redis, self.keys, self.instance, s.fleet.lease_ttl)
         self.cases = CaseServices(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.cli import load_settings, main
 
 # Each table passes its config class's field types but breaks a rule of its channel type
 # that was checked only when the adapter was constructed, so check-config said OK.
@@ -114,3 +114,32 @@ def test_read_only_commands_still_read_the_redis_secret(
     path.write_text(text)
     assert main(["tail", "-c", str(path)]) == 2
     assert "redis.password_env" in capsys.readouterr().err
+
+
+def test_the_old_names_of_region_are_read_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Three names meant one thing: [api] default_region, the voice adapter's default_region,
+    # Open311's phone_region; the SMS adapters said region. Now all say region.
+    path = config(
+        tmp_path,
+        '[api]\ndefault_region = "US"\n'
+        '[adapters.o]\ntype = "open311"\nphone_region = "FR"\n'
+        '[adapters.k]\ntype = "kannel"\nsecret = "s3cret"\nregion = "DE"',
+    )
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "api.default_region: deprecated, the key is now 'region'" in err
+    assert "adapters.o.phone_region: deprecated" in err
+    assert "adapters.k" not in err
+    settings, adapters = load_settings(str(path))
+    assert settings.api.region == "US"
+    assert adapters["o"].region == "FR" and adapters["k"].region == "DE"
+
+
+def test_a_region_under_both_names_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = config(tmp_path, '[api]\ndefault_region = "US"\nregion = "CN"')
+    assert main(["check-config", str(path)]) == 1
+    assert "api.default_region: renamed to 'region'" in capsys.readouterr().err

@@ -98,7 +98,7 @@ class LinkConfig:
     """Requests sent and not yet answered, at most."""
     response_timeout: Duration = Duration(10)
     region: str = "CN"
-    """Where a sender's national number is read (``phone_region`` of the other adapters)."""
+    """Where a sender's national number is read (ISO 3166 code; docs/adapters.md)."""
     max_segments: int = 10
     concat_timeout: Duration = Duration(60)
 

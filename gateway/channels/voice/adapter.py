@@ -69,7 +69,7 @@ class AsteriskConfig:
     """Addresses or networks (``"10.1.2.3"``, ``"10.1.0.0/16"``) allowed to connect to FastAGI,
     which has no authentication of its own; empty: any peer that reaches the listener."""
     ami: AmiConfig | None = None
-    default_region: str = "CN"
+    region: str = "CN"
     """Region for caller ids without a country code (``to_e164``)."""
     languages: dict[str, str] = field(default_factory=dict)
     """Dialled number -> BCP 47 language of the seat group (``"12345" = "zh"``)."""
@@ -140,7 +140,7 @@ class AsteriskAdapter:
             call_timeout=float(config.call_timeout),
             settle=float(config.settle),
             callbacks=config.callbacks,
-            default_region=config.default_region,
+            default_region=config.region,
             store=self.store if config.ami is not None else None,
             ami_contacts=config.ami_contacts,
             languages=config.languages,

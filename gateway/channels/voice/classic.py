@@ -11,7 +11,7 @@ api-key-file=/etc/asterisk/gateway.key,arrived=${GATEWAY_ARRIVED})``.
 Options, as ``--name=value`` or ``name=value``, or environment: ``url``
 (``GATEWAY_INTAKE_URL``, default ``http://127.0.0.1:8080/v1/intake``), the API key from
 ``GATEWAY_API_KEY`` or ``api-key-file``, ``config=FILE adapter=NAME`` to take ``languages``/
-``queues``/``default_queue``/``default_region``/``repeat_priority`` from that adapter's table,
+``queues``/``default_queue``/``region``/``repeat_priority`` from that adapter's table,
 ``timeout`` in seconds.
 """
 

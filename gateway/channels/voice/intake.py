@@ -39,7 +39,7 @@ class RoutingConfig(Protocol):
     """The config keys the intake needs (``AsteriskConfig`` has them)."""
 
     @property
-    def default_region(self) -> str: ...
+    def region(self) -> str: ...
     @property
     def languages(self) -> Mapping[str, str]: ...
     @property
@@ -102,7 +102,7 @@ def build_inbound(
 ) -> Inbound:
     """Build the voice contact from an AGI header block (pure; never raises on odd values).
 
-    The sender is the caller id as E.164 (with ``config.default_region``), its name the caller
+    The sender is the caller id as E.164 (with ``config.region``), its name the caller
     name; ``unknown`` or empty means none, and an unknown caller gets the address ``""``.
     ``external_id`` is ``agi_uniqueid`` (Asterisk re-running the dialplan gives the same id,
     and Intake answers the first contact). Raise ``ValueError`` only when ``agi_uniqueid`` is
@@ -112,7 +112,7 @@ def build_inbound(
     if not uniqueid:
         raise ValueError("agi_uniqueid is missing")
     raw_number = known(env.get("agi_callerid"))
-    address = caller_address(raw_number, config.default_region) if raw_number else ""
+    address = caller_address(raw_number, config.region) if raw_number else ""
     name = known(env.get("agi_calleridname"))
     if name is not None and raw_number is not None and name == raw_number:
         name = None  # Asterisk repeats the number when there is no name

@@ -128,7 +128,7 @@ class Open311Config:
     changeset: str = "2026-01-01T00:00:00Z"
     agency_responsible: str = ""
     service_notice: str = ""
-    phone_region: str = "CN"
+    region: str = "CN"
     recipient: str = "open311"
     max_body: int = 30 * 1024 * 1024
 
@@ -532,7 +532,7 @@ class Open311:
         idempotency_key: str,
     ) -> Inbound:
         service = self.config.services[req.service_code]
-        phone = to_e164(req.phone, self.config.phone_region) if req.phone else None
+        phone = to_e164(req.phone, self.config.region) if req.phone else None
         if req.email:
             address = req.email
         elif phone:
