@@ -21,8 +21,8 @@ from gateway.config import (
     ConfigError,
     Settings,
     deprecations,
-    load_file,
     parse_settings,
+    read_file,
 )
 from gateway.lock import DataDirBusy, DataDirLock
 from gateway.logs import setup_logging
@@ -32,6 +32,7 @@ from gateway.queueing.keys import Keys
 from gateway.queueing.spool import SpoolError
 from gateway.queueing.store import connect, decode_fields
 from gateway.replies import reply_queues
+from gateway.server.workers import WorkerRole, default_count, die_with_parent, serve_workers
 
 
 def default_raw_config() -> dict[str, Any]:
@@ -52,12 +53,17 @@ def default_raw_config() -> dict[str, Any]:
 
 
 def load_settings(
-    path: str | None, *, secrets: Collection[str] | None = None
+    path: str | None,
+    *,
+    secrets: Collection[str] | None = None,
+    worker: WorkerRole | None = None,
 ) -> tuple[Settings, dict[str, Any]]:
-    """Load ``path``, or the built-in defaults when None; ``secrets``: see ``parse_settings``."""
-    if path:
-        return load_file(path, secrets=secrets)
-    return parse_settings(default_raw_config(), "<defaults>", secrets=secrets)
+    """Load ``path``, or the built-in defaults when None; ``secrets``: see ``parse_settings``;
+    a ``worker`` listens on the addresses its parent bound (``WorkerRole.apply``)."""
+    raw = read_file(path) if path else default_raw_config()
+    if worker is not None:
+        raw = worker.apply(raw)
+    return parse_settings(raw, path or "<defaults>", secrets=secrets)
 
 
 def load_for_tool(path: str | None, *sections: str) -> Settings:
@@ -70,20 +76,25 @@ def load_for_tool(path: str | None, *sections: str) -> Settings:
 # ------------------------------------------------------------------ serve
 
 
-async def _serve(settings: Settings, adapter_configs: dict[str, Any]) -> int:
+async def _serve(
+    settings: Settings, adapter_configs: dict[str, Any], worker: WorkerRole | None = None
+) -> int:
     from gateway.runtime import Gateway
 
-    gateway = Gateway(settings, adapter_configs)
+    gateway = Gateway(settings, adapter_configs, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
-    print(
-        f"gateway {__version__} listening: http://{settings.http.listen.host}:{gateway.http_port}"
-        f" (Ctrl-C to stop)",
-        file=sys.stderr,
-    )
+    if worker is not None:
+        worker.announce_ready()
+    else:
+        print(
+            f"gateway {__version__} listening: "
+            f"http://{settings.http.listen.host}:{gateway.http_port} (Ctrl-C to stop)",
+            file=sys.stderr,
+        )
     try:
         await stop.wait()
     finally:
@@ -92,7 +103,13 @@ async def _serve(settings: Settings, adapter_configs: dict[str, Any]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings, adapter_configs = load_settings(args.config)
+    worker = WorkerRole.from_env()  # set by the parent of `serve --workers N`, for its workers
+    if worker is not None:
+        from gateway.server import listeners
+
+        die_with_parent(worker.parent)
+        listeners.adopt(worker.sockets)
+    settings, adapter_configs = load_settings(args.config, worker=worker)
     setup_logging(settings.gateway.log_format, settings.gateway.log_level)
     try:
         import uvloop
@@ -100,7 +117,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    return int(runner(_serve(settings, adapter_configs)))
+    count = 1 if worker is not None else default_count(args.workers or settings.gateway.workers)
+    if count > 1:
+        return int(runner(serve_workers(args.config, settings, count)))
+    return int(runner(_serve(settings, adapter_configs, worker)))
 
 
 # ------------------------------------------------------------------ redis for the tools
@@ -284,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run every configured adapter")
     p.add_argument("-c", "--config", help="TOML config file (default: built-in loopback setup)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the listeners (default: [gateway] workers, else one per"
+        " core; 1: a single process)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tail", help="print contacts from the stream")

@@ -335,6 +335,9 @@ class GatewaySection:
     """Name of this gateway instance in events and consumer names; default: host name."""
     log_format: typing.Literal["plain", "json"] = "plain"
     log_level: str = "INFO"
+    workers: int = 0
+    """Worker processes of ``gateway serve`` (``--workers``); 0: one per core, 1: one process
+    (gateway/server/workers.py)."""
     permissions: typing.Literal["warn", "refuse"] = "warn"
     """The data folder (0700) and its spool and Redis files (0600) found wider at start-up:
     log a warning, or refuse to start (gateway/permissions.py)."""
@@ -734,6 +737,11 @@ def load_file(
     path: str | Path, *, secrets: Collection[str] | None = None
 ) -> tuple[Settings, dict[str, Any]]:
     """Read and validate a TOML config file (``secrets``: see ``parse_settings``)."""
+    return parse_settings(read_file(path), str(path), secrets=secrets)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A TOML config file as a table, not yet validated; ConfigError if it cannot be read."""
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -743,4 +751,4 @@ def load_file(
         raise ConfigError([("", f"invalid TOML: {exc}")], str(p)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([("", "not UTF-8")], str(p)) from exc
-    return parse_settings(raw, str(p), secrets=secrets)
+    return raw

@@ -20,6 +20,7 @@ from gateway.config import HostPort, LimitsSection, Secret
 from gateway.connguard import ConnectionCount, default_cap, guarded_http
 from gateway.metrics import Metrics
 from gateway.problems import ApiProblem, problem
+from gateway.server.listeners import create_listener
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class HttpServer:
         factory = guarded_http(
             server, self.connections, float(limits.header_timeout), float(limits.body_timeout)
         )
-        self._server = await asyncio.get_running_loop().create_server(
+        self._server = await create_listener(
             factory, self.listen.host, self.listen.port, reuse_address=True, backlog=1024
         )
         sockets = list(self._server.sockets)

@@ -26,12 +26,13 @@ from gateway.intake_api import IntakeApi
 from gateway.lock import DataDirLock
 from gateway.metrics import Metrics
 from gateway.queueing.coordination import Leases, SharedState
-from gateway.queueing.embedded import EmbeddedRedis, EmbeddedRedisError
+from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import Spool
 from gateway.queueing.store import RateLimit, RedisQueue, connect, decode_fields
 from gateway.records import Contact, Event
 from gateway.replies import ReplyRouter
+from gateway.server.workers import WorkerEndpoint, WorkerRole
 from gateway.sla import SlaPolicy
 from gateway.supervise import Supervisor
 
@@ -47,11 +48,17 @@ class Gateway:
         adapter_configs: dict[str, Any] | None = None,
         *,
         clock: Clock = SYSTEM_CLOCK,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker
+        """Set in a worker of ``gateway serve --workers N`` (gateway/server/workers.py)."""
         self.adapter_configs = adapter_configs or {}
         self.clock = clock
         self.instance = settings.gateway.instance or f"{socket.gethostname()}-{os.getpid()}"
+        if worker is not None:
+            base = settings.gateway.instance or f"{socket.gethostname()}-{worker.parent}"
+            self.instance = worker.instance(base)
         self.data_dir: Path = settings.gateway.data_dir.resolve()
         self.keys = Keys(settings.redis.prefix)
         self.metrics = Metrics()
@@ -59,7 +66,9 @@ class Gateway:
         """Runs the background loops (replayer, replies, ...); see gateway/supervise.py."""
         self.adapters: dict[str, Adapter] = {}
         self.embedded: EmbeddedRedis | None = None
-        self.lock = DataDirLock(self.data_dir)
+        self.lock = DataDirLock(worker.spool_dir(self.data_dir) if worker else self.data_dir)
+        """The data folder's lock; a worker's parent holds that one, the worker its spool's."""
+        self.endpoint: WorkerEndpoint | None = None
         self.redis_url = settings.redis.url
         self._started: list[Adapter] = []
         self._running = False
@@ -85,16 +94,22 @@ class Gateway:
         s = self.settings
         self._running = True
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.lock.acquire()
-        permissions.enforce(self.data_dir, s.gateway.permissions)
-        self.spool = Spool(self.data_dir / "spool")
+        if self.worker is None:
+            self.lock.acquire()
+            permissions.enforce(self.data_dir, s.gateway.permissions)
+            self.spool = Spool(self.data_dir / "spool")
+        else:  # the parent holds the folder; a dead predecessor may hold its spool a moment
+            await self.worker.lock_spool(self.lock)
+            self.spool = Spool(self.worker.spool_dir(self.data_dir))
         self.spool.open()
         self.attachments = AttachmentStore(self.data_dir / "attachments", s.intake.max_attachment)
-        if not s.redis.url and s.redis.sentinel is None:
+        if self.worker is not None and self.worker.redis_url:
+            self.redis_url = self.worker.redis_url  # the parent's embedded server
+        elif not s.redis.url and s.redis.sentinel is None:
             self.embedded = EmbeddedRedis(self.data_dir, s.redis.server_binary)
             await self.embedded.start()
             self.redis_url = self.embedded.url
-            self.supervisor.spawn("embedded-redis", self._keep_embedded, backoff=(0.5, 10.0))
+            self.supervisor.spawn("embedded-redis", self.embedded.keep_running, backoff=(0.5, 10.0))
         self.redis = connect(s.redis, self.redis_url)
         self.queue = RedisQueue(
             self.redis,
@@ -197,13 +212,19 @@ class Gateway:
         self.replies.start(self.supervisor)
         self.keeper = StreamKeeper(self.queue, self.intake, self.metrics, s.redis)
         self.keeper.start(self.supervisor)
+        if self.worker is not None:
+            self.endpoint = WorkerEndpoint(
+                self.worker, self.data_dir, self._render_own_metrics, self._ready
+            )
+            await self.endpoint.start()
         log.info(
-            "gateway %s started: http %s:%d, %d adapters, redis %s",
+            "gateway %s started%s: http %s:%d, %d adapters, redis %s",
             __version__,
+            f" (worker {self.worker.slot}, {self.instance})" if self.worker else "",
             s.http.listen.host,
             self.http_port,
             len(self.adapters),
-            "embedded" if self.embedded else "external",
+            "embedded" if self.embedded or (self.worker and self.worker.redis_url) else "external",
         )
 
     async def stop(self) -> None:
@@ -214,6 +235,8 @@ class Gateway:
         # Each step runs whatever the one before it raised: the embedded server is always
         # stopped and the data folder released (a failed step is logged, and stop goes on).
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if self.endpoint is not None:
+            steps.append(("worker endpoint", self.endpoint.stop))
         if self.keeper is not None:
             steps.append(("stream keeper", self.keeper.stop))
         if self.cases is not None:
@@ -241,22 +264,6 @@ class Gateway:
         self.embedded = None
         self.lock.release()
         log.info("gateway stopped")
-
-    async def _keep_embedded(self) -> None:
-        """The supervised loop ``embedded-redis``: start the embedded server again when it
-        exits under the gateway (crashed, killed); meanwhile contacts go to the spool."""
-        server = self.embedded
-        assert server is not None
-        if server.process is None or server.process.poll() is not None:
-            await server.start()
-            log.warning("embedded redis: started again on %s", server.url)
-        process = server.process
-        assert process is not None
-        while True:  # a pidfd would do; polling twice a second costs nothing
-            code = process.poll()
-            if code is not None:
-                raise EmbeddedRedisError(f"embedded server pid {process.pid} exited ({code})")
-            await asyncio.sleep(0.5)
 
     def state_for(self, scope: str) -> SharedState:
         """Shared state with expiry under one scope (an adapter's name)."""
@@ -304,6 +311,11 @@ class Gateway:
         return (redis_ok or spool_ok) and loops_ok and not refusing, detail
 
     async def _render_metrics(self) -> bytes:
+        if self.endpoint is not None:  # every worker's, labelled
+            return await self.endpoint.render_all()
+        return await self._render_own_metrics()
+
+    async def _render_own_metrics(self) -> bytes:
         with contextlib.suppress(Exception):
             self.metrics.stream_length.set(await self.queue.stream_length())
         self.metrics.spool_depth.set(self.spool.depth)

@@ -251,6 +251,21 @@ class EmbeddedRedis:
             self.process.kill()
             self.process.wait()
 
+    async def keep_running(self) -> None:
+        """A supervised loop (``embedded-redis``): start the server again when it exits under
+        its owner (crashed, killed), then watch it; raise when it exits, so the supervisor
+        logs it and calls this again after its back-off."""
+        if self.process is None or self.process.poll() is not None:
+            await self.start()
+            log.warning("embedded redis: started again on %s", self.url)
+        process = self.process
+        assert process is not None
+        while True:  # a pidfd would do; polling twice a second costs nothing
+            code = process.poll()
+            if code is not None:
+                raise EmbeddedRedisError(f"embedded server pid {process.pid} exited ({code})")
+            await asyncio.sleep(0.5)
+
     async def stop(self) -> None:
         await asyncio.to_thread(self.stop_sync)
 

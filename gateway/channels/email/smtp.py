@@ -26,6 +26,7 @@ from gateway.channels.email.normalize import Envelope as MailEnvelope
 from gateway.channels.email.normalize import split_mailbox
 from gateway.connguard import ConnectionCount, default_cap
 from gateway.metrics import AdapterMetrics
+from gateway.server.listeners import create_listener
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,7 @@ class Listener:
     async def start(self) -> None:
         # aiosmtpd logs every command line and address at INFO: keep addresses out of our logs.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        self._server = await create_listener(
             self._protocol, self.config.listen.host, self.config.listen.port
         )
         self.port = self._server.sockets[0].getsockname()[1]

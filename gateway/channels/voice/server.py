@@ -24,6 +24,7 @@ from gateway.channels.voice.agi import (
 from gateway.clock import Clock, Micros
 from gateway.connguard import ConnectionCount, default_cap
 from gateway.metrics import AdapterMetrics
+from gateway.server.listeners import start_stream_listener
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class FastAgiServer:
 
     async def start(self) -> None:
         """Listen; ``port`` holds the bound port afterwards (``0`` picks a free one)."""
-        self._server = await asyncio.start_server(
+        self._server = await start_stream_listener(
             self._accept, self.host, self.port, limit=self.max_header_bytes, backlog=1024
         )
         self.port = self._server.sockets[0].getsockname()[1]

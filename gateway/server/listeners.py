@@ -1,0 +1,105 @@
+"""The gateway's listening sockets, and how a worker of ``gateway serve --workers N`` gets them.
+
+Every listener (HTTP, SMTP, FastAGI, an adapter's own) opens its server with
+:func:`create_listener` instead of ``loop.create_server``. In a single process that is the same
+call. In a worker (``gateway/server/workers.py``) the parent has already opened each listener
+address once per worker slot with ``SO_REUSEPORT`` and handed this worker its slot's sockets
+(inherited file descriptors, announced in the ``GATEWAY_WORKER`` environment variable): the
+worker serves on those, so the kernel spreads new connections over the workers, a port given
+as ``0`` is the same port in every worker, and connections queued on a dead worker's socket wait
+for its replacement instead of being reset. An address the parent did not open (an adapter
+with a listener key the parent does not know) is bound here with ``SO_REUSEPORT``, so N workers
+can still share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_inherited: dict[tuple[str, int], list[socket.socket]] = {}
+_shared_by_workers = False
+
+
+def adopt(sockets: Mapping[str, list[int]]) -> None:
+    """Take the sockets a worker inherited: ``{"host:port": [fd, ...]}`` (called once, by the
+    worker, before any listener starts)."""
+    global _shared_by_workers
+    _shared_by_workers = True
+    for address, fds in sockets.items():
+        host, _, port = address.rpartition(":")
+        _inherited[(host.strip("[]"), int(port))] = [socket.socket(fileno=fd) for fd in fds]
+
+
+def shared_by_workers() -> bool:
+    """True in a worker of ``gateway serve --workers N``."""
+    return _shared_by_workers
+
+
+def inherited(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets handed over for ``host:port`` (none outside a worker)."""
+    return _inherited.get((host, port), [])
+
+
+async def create_listener(
+    factory: Callable[[], asyncio.BaseProtocol], host: str, port: int, **kwargs: Any
+) -> asyncio.Server:
+    """``loop.create_server(factory, host, port, **kwargs)``, on the inherited sockets when
+    this process is a worker and the parent opened ``host:port``."""
+    loop = asyncio.get_running_loop()
+    sockets = inherited(host, port)
+    if sockets:
+        kwargs.pop("reuse_address", None)
+        kwargs.pop("backlog", None)  # the parent's listen() set it
+        sock = sockets[0]
+        sock.setblocking(False)
+        return await loop.create_server(factory, sock=sock, **kwargs)
+    if _shared_by_workers:
+        kwargs["reuse_port"] = True
+    return await loop.create_server(factory, host, port, **kwargs)
+
+
+async def start_stream_listener(
+    client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    host: str,
+    port: int,
+    *,
+    limit: int = 2**16,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """``asyncio.start_server`` through :func:`create_listener`."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        return asyncio.StreamReaderProtocol(reader, client_connected, loop=loop)
+
+    return await create_listener(factory, host, port, **kwargs)
+
+
+def bind_slots(host: str, port: int, slots: int, backlog: int = 1024) -> list[socket.socket]:
+    """Open ``host:port`` ``slots`` times with ``SO_REUSEPORT``, listening, one socket per
+    worker slot (on the first address ``host`` resolves to). Port 0 picks one free port, the
+    same for every slot."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(slots):
+            s = socket.socket(family, kind, proto)
+            opened.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((address[0], port, *address[2:]))
+            port = s.getsockname()[1]  # port 0: the first bind picked it, the others share it
+            s.listen(backlog)
+    except BaseException:
+        for s in opened:
+            s.close()
+        raise
+    return opened
