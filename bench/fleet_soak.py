@@ -165,6 +165,7 @@ def write_config(root: Path, n: int, port: int, redis: str, bot: FakeBotApi, ttl
 [gateway]
 data_dir = "{root / f"i{n}"}"
 instance = "i{n}"
+workers = 1  # instances, each one process: kills, leases and /readyz are per instance
 
 [redis]
 prefix = "{PREFIX}"

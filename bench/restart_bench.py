@@ -60,7 +60,7 @@ async def main(cycles: int, contacts: int) -> None:
         port = free_port()
         cfg = Path(tmp) / "gateway.toml"
         cfg.write_text(
-            f'[gateway]\ndata_dir = "{tmp}/var"\n[http]\nlisten = "127.0.0.1:{port}"\n'
+            f'[gateway]\ndata_dir = "{tmp}/var"\nworkers = 1\n[http]\nlisten = "127.0.0.1:{port}"\n'
             "[api]\nopen_to_loopback = true\n"
         )
         redis_dir = (Path(tmp) / "var" / "redis").resolve()

@@ -20,6 +20,7 @@ from tests.e2e.test_serve import PY, free_port, wait_healthy, write_config
 from tests.voice.test_ami import until
 
 NOFILE = 160
+# One process (workers = 1): the open-file limit and the loop restarted are one process's.
 
 
 # [limits] max_connections (default: a quarter of the open-file limit) keeps idle connections
@@ -66,7 +67,7 @@ async def exhaust_until(port: int, log: Path, line: str) -> None:
 
 async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
     port = free_port()
-    cfg = write_config(tmp_path, port, own_redis.url, UNCAPPED)
+    cfg = write_config(tmp_path, port, own_redis.url, UNCAPPED, workers=1)
     log = tmp_path / "gateway.log"
     proc = start_limited(cfg, log)
     try:
@@ -113,7 +114,7 @@ async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
 
 async def test_shutdown_after_the_open_files_ran_out_exits_0_and_stops_the_server(tmp_path):
     port = free_port()
-    cfg = write_config(tmp_path, port, extra=UNCAPPED)  # the embedded server
+    cfg = write_config(tmp_path, port, extra=UNCAPPED, workers=1)  # the embedded server
     log = tmp_path / "gateway.log"
     proc = start_limited(cfg, log)
     try:

@@ -26,12 +26,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp: Path, port: int, redis_url: str = "", extra: str = "") -> Path:
+def write_config(
+    tmp: Path, port: int, redis_url: str = "", extra: str = "", workers: int = 0
+) -> Path:
+    """``workers`` 0: the default, one worker per core."""
     cfg = tmp / "gateway.toml"
     cfg.write_text(
         f"""
 [gateway]
 data_dir = "{tmp / "var"}"
+workers = {workers}
 
 [redis]
 url = "{redis_url}"

@@ -94,6 +94,7 @@ async def served_gateways(
 [gateway]
 data_dir = "{folder / f"var{n}"}"
 instance = "gw{n}"
+workers = 1  # one process each: SIGSTOP and kill -9 reach all of it, /metrics is its own
 [redis]
 url = "{redis_url}"
 prefix = "{prefix}"
