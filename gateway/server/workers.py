@@ -15,7 +15,7 @@ worker per core. The **parent** does no intake itself:
 - it starts the workers (``python -m gateway serve`` with the ``GATEWAY_WORKER`` environment
   variable saying which slot, which sockets, which Redis), restarts a worker that dies with a
   back-off (0.5 s doubling to 30 s, from 0.5 s again after a minute of running), and on SIGTERM
-  or SIGINT sends SIGTERM to every worker, waits for them to drain (60 s, then SIGKILL), stops
+  or SIGINT sends SIGTERM to every worker, waits for them to drain (45 s, then SIGKILL), stops
   Valkey and exits 0 (1 if a worker had to be killed; a worker that fails before it ever
   served stops the whole start with its exit code, e.g. 2 for a config error).
 
@@ -71,7 +71,8 @@ log = logging.getLogger(__name__)
 
 ENV = "GATEWAY_WORKER"
 RESTART_BACKOFF = (0.5, 30.0)
-DRAIN_S = 60.0
+DRAIN_S = 45.0
+"""A worker still running this long after SIGTERM is killed (systemd's stop timeout is 60 s)."""
 _PR_SET_PDEATHSIG = 1
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
