@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -371,11 +373,14 @@ class RedisQueue:
         try:
             await conn.send_packed_command(pack_commands(commands), check_health=False)
             replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            # one deadline for all the replies of the batch (the connection's socket timeout),
+            # not one timeout context per reply: math.inf tells redis-py not to add its own
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:
+                        replies.append(exc)
             return replies
         except BaseException:
             await conn.disconnect()
