@@ -7,14 +7,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.channels.email.normalize import (
-    Envelope,
-    Normalized,
-    decode_header,
-    header_params,
-    html_to_text,
-    normalize,
-)
+from gateway.channels.email.headers import decode_header, header_params
+from gateway.channels.email.htmltext import html_to_text
+from gateway.channels.email.normalize import Envelope, Normalized, normalize
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("*.eml"))
 CORPUS = [p.read_bytes() for p in FIXTURES]

@@ -9,19 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from gateway.channels.email.headers import decode_bytes, decode_header, header_params
+from gateway.channels.email.htmltext import html_to_text
 from gateway.channels.email.normalize import (
     Envelope,
     Options,
     content_hash,
-    decode_bytes,
-    decode_header,
-    header_params,
-    html_to_text,
     normalize,
-    script_language,
     split_mailbox,
 )
 from gateway.clock import parse_time
+from gateway.language import guess_language
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ENVELOPE = Envelope("citizen@example.org", ("12345@hotline.example.gov.cn",))
@@ -48,16 +46,17 @@ class Case:
 CASES = [
     Case("plain.eml", "Streetlight broken on Renmin Road",
          "The streetlight at Renmin Road 12 has been out for a week.", name="Zhang San",
-         external_id="<plain-1@example.org>", origin="2026-11-25T00:00:00Z"),
+         external_id="<plain-1@example.org>", origin="2026-11-25T00:00:00Z", language="en"),
     Case("alternative.eml", "噪音投诉", "工地夜间施工噪音太大。\n请尽快处理。",
          sender="lisi@example.org", name="李四", language="zh", meta={"body": "plain"}),
     Case("nested.eml", "Nested", "Photo of the pothole below.",
          files=(("part-1.png", "image/png"), ("report.pdf", "application/pdf")),
-         inline=("<img1@example.org>",)),
+         inline=("<img1@example.org>",), language="en"),
     Case("attachments.eml", "Attachments with CJK names", "见附件。", language="zh",
          files=(("投诉材料.pdf", "application/pdf"), ("现场照片.png", "image/png"))),
     Case("inline_image.eml", "Inline image, HTML only", "See the photo:\n[photo]\nThanks & regards",
-         files=(("part-1.png", "image/png"),), inline=("<photo@x>",), meta={"body": "html"}),
+         files=(("part-1.png", "image/png"),), inline=("<photo@x>",), meta={"body": "html"},
+         language="en"),
     Case("gbk_as_gb2312.eml", "关于镕园路积水", "朱镕基同志：小区堃园路积水严重。",
          sender="wangwu@example.cn", name="王五", language="zh-Hans"),
     Case("gb18030.eml", "生僻字𠀀投诉", "姓名含生僻字𠀀，户籍系统无法录入。",
@@ -72,24 +71,26 @@ CASES = [
          language="ko"),
     Case("broken_rfc2047.eml", "市长信箱", "正文", sender="zhao@example.cn", name="赵六",
          language="zh"),
-    Case("no_date.eml", "No date", "No Date header here.", origin=None),
+    Case("no_date.eml", "No date", "No Date header here.", origin=None, language="en"),
     Case("no_message_id.eml", "No message id", "No Message-ID header here.",
-         external_id="sha256:"),
+         external_id="sha256:", language="en"),
     Case("undeclared_utf8.eml", "未声明编码的主题", "正文没有声明字符集。",
          sender="chen@example.cn", name="陈七", language="zh"),
     Case("undeclared_gbk.eml", "未声明编码的主题", "正文没有声明字符集，是GBK。",
          sender="citizen@example.cn", language="zh"),
-    Case("bare_lf.eml", "Bare LF", "line one\nline two", files=(("a.txt", "text/plain"),)),
+    Case("bare_lf.eml", "Bare LF", "line one\nline two", files=(("a.txt", "text/plain"),),
+         language="en"),
     Case("no_boundary.eml", "Multipart without boundary", "边界参数丢失了。", language="zh",
          files=(("p.png", "image/png"),), meta={"notes": ["multipart boundary recovered"]}),
     Case("html_only.eml", "HTML only",
          "您好，\n\n路灯不亮。\n地址：地图 <https://map.example/1>\n\n- 一\n\n- 二",
          language="zh-Hans", meta={"body": "html"}),
     Case("auto_replied.eml", "Out of office", "I am away.",
-         auto="auto-submitted: auto-replied"),
-    Case("bulk.eml", "Newsletter", "News.", sender="news@example.org", auto="precedence: bulk"),
+         auto="auto-submitted: auto-replied", language="en"),
+    Case("bulk.eml", "Newsletter", "News.", sender="news@example.org", auto="precedence: bulk",
+         language="en"),
     Case("reply.eml", "Re: Streetlight broken on Renmin Road", "Still broken.",
-         thread=CONTACT_ID,
+         thread=CONTACT_ID, language="en",
          meta={"reply_to": "other@example.org", "reply_to_contact": CONTACT_ID,
                "in_reply_to": f"<reply.{CONTACT_ID}.k3j@hotline.example.gov.cn>"}),
 ]
@@ -337,8 +338,14 @@ def test_format_flowed_is_unwrapped():
 
 @pytest.mark.parametrize(
     ("text", "language"),
-    [("路灯坏了", "zh"), ("道路の陥没", "ja"), ("민원입니다", "ko"), ("Streetlight", None),
-     ("Streetlight at 人民路 12, broken for a week", None), ("", None)],
+    [("路灯坏了", "zh"), ("道路の陥没", "ja"), ("민원입니다", "ko"),
+     ("Streetlight is broken", "en"), ("Streetlight at 人民路 12, broken for a week", "en"),
+     ("", None)],
 )
-def test_script_language(text: str, language: str | None):
-    assert script_language(text) == language
+def test_without_a_declared_language_the_text_is_guessed_by_the_gateways_guesser(
+    text: str, language: str | None
+):
+    # Normalization had a second guesser of its own (by script only: Latin text got no hint
+    # here, and another one at intake); now the hint is the one of every channel.
+    raw = b"From: a@example.org\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
+    assert normalize(raw, ENVELOPE).language == language == guess_language(text)

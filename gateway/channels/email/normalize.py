@@ -9,12 +9,7 @@ flagged result that keeps the raw message as its only attachment.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
-import functools
 import hashlib
-import html
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,15 +17,26 @@ from email import policy
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
-from html.parser import HTMLParser
 from typing import Any, Final
 
+from gateway.channels.email.headers import (
+    ENCODED_WORD,
+    clean_line,
+    decode_bytes,
+    decode_header,
+    header_params,
+    language_of,
+    message_ids,
+    raw_text,
+    unfold,
+)
+from gateway.channels.email.htmltext import html_to_text
 from gateway.clock import Micros, from_datetime
-from gateway.records import Sender, clean_text, repair_text
+from gateway.language import guess_language
+from gateway.records import Sender, clean_text
 
 MAX_DEPTH: Final = 16
 MAX_PARTS: Final = 200
-MAX_HEADER_CHARS: Final = 4000
 MAX_DEFECTS: Final = 20
 
 def _raw_header(name: str, value: str) -> str:
@@ -95,368 +101,6 @@ class Normalized:
     """Why the message is machine-generated (never auto-acknowledge it), or None."""
     parse_error: str | None
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- charsets
-
-_SUPERSETS: Final[dict[str, tuple[str, ...]]] = {
-    "gb2312": ("gb18030",),
-    "gbk": ("gb18030",),
-    "gb18030": ("gb18030",),
-    "hz": ("hz", "gb18030"),
-    "big5": ("cp950", "big5hkscs"),
-    "big5hkscs": ("big5hkscs", "cp950"),
-    "cp950": ("cp950", "big5hkscs"),
-    "iso2022_jp": ("iso2022_jp", "iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_2004"),
-    "iso2022_jp_2": ("iso2022_jp_2", "iso2022_jp_ext", "iso2022_jp_2004"),
-    "shift_jis": ("cp932", "shift_jis_2004"),
-    "cp932": ("cp932", "shift_jis_2004"),
-    "euc_jp": ("euc_jp", "euc_jis_2004"),
-    "euc_kr": ("cp949",),
-    "cp949": ("cp949",),
-    "iso2022_kr": ("iso2022_kr", "cp949"),
-    "iso8859_1": ("cp1252", "iso8859_1"),
-    "ascii": (),
-}
-"""Codec (by Python's canonical name) -> the decoders to try, widest real-world superset first."""
-
-_SEVEN_BIT: Final = ("iso2022", "hz", "utf_7")
-"""Stateful encodings whose bytes are all ASCII."""
-
-_ALIASES: Final[dict[str, str]] = {
-    "x-gbk": "gbk",
-    "cp936": "gbk",
-    "ms936": "gbk",
-    "windows-936": "gbk",
-    "gb_2312-80": "gb2312",
-    "csgb2312": "gb2312",
-    "euc-cn": "gb2312",
-    "x-euc-cn": "gb2312",
-    "chinese": "gb2312",
-    "x-big5": "big5",
-    "big5-hkscs": "big5hkscs",
-    "windows-950": "cp950",
-    "x-sjis": "shift_jis",
-    "windows-31j": "cp932",
-    "ks_c_5601-1987": "euc_kr",
-    "ks_c_5601": "euc_kr",
-    "ksc5601": "euc_kr",
-    "windows-949": "cp949",
-    "unicode-1-1-utf-7": "utf-7",
-    "x-unknown": "",
-    "unknown-8bit": "",
-    "default": "",
-}
-
-_LANGUAGES: Final[dict[str, str]] = {
-    "gb2312": "zh-Hans",
-    "gbk": "zh-Hans",
-    "gb18030": "zh-Hans",
-    "hz": "zh-Hans",
-    "big5": "zh-Hant",
-    "big5hkscs": "zh-Hant",
-    "cp950": "zh-Hant",
-    "iso2022_jp": "ja",
-    "iso2022_jp_2": "ja",
-    "shift_jis": "ja",
-    "cp932": "ja",
-    "euc_jp": "ja",
-    "euc_kr": "ko",
-    "cp949": "ko",
-    "iso2022_kr": "ko",
-}
-
-
-@functools.lru_cache(maxsize=256)
-def canonical_charset(label: str | None) -> str | None:
-    """Return Python's codec name for a MIME charset label, or None if unknown or absent."""
-    if not label:
-        return None
-    name = label.strip().strip("\"'").split("*", 1)[0].lower()
-    name = _ALIASES.get(name, name)
-    if not name or len(name) > 40:
-        return None
-    try:
-        return codecs.lookup(name).name.replace("-", "_")
-    except (LookupError, ValueError):
-        return None
-
-
-def decode_bytes(data: bytes, charset: str | None, fallback: str) -> str:
-    """Decode text bytes: the declared charset's superset, else UTF-8, else ``fallback``."""
-    name = canonical_charset(charset)
-    candidates: list[str] = []
-    if name and name not in ("ascii", "utf_8"):
-        candidates.extend(_SUPERSETS.get(name, (name,)))
-    candidates.append("utf_8")
-    fb = canonical_charset(fallback)
-    if fb:
-        candidates.extend(_SUPERSETS.get(fb, (fb,)))
-    if data.isascii() and not (name and name.startswith(_SEVEN_BIT)):
-        return data.decode("ascii")
-    for codec in candidates:
-        try:
-            return data.decode(codec)
-        except (UnicodeDecodeError, LookupError):
-            continue
-    return data.decode(candidates[0] if name else "utf_8", errors="replace")
-
-
-def language_of(charset: str | None) -> str | None:
-    """Return a BCP 47 hint implied by a regional charset, or None."""
-    name = canonical_charset(charset)
-    return _LANGUAGES.get(name) if name else None
-
-
-# ---------------------------------------------------------------- headers
-
-_ENCODED_WORD: Final = re.compile(
-    r"=\?([^?\s]{1,60})\?([bBqQ])\?(?:([^?]{0,2000}?)\?=|([^?\s]{0,2000}))",
-)
-_HEX2: Final = re.compile(rb"[0-9A-Fa-f]{2}")
-_FOLD: Final = re.compile(r"\r?\n(?=[ \t])|\r?\n")
-_SPACES: Final = re.compile(r"[ \t\r\n]+")
-
-
-def _unfold(value: str) -> str:
-    return _FOLD.sub("", value)
-
-
-def _q_decode(text: str) -> bytes:
-    raw = text.replace("_", " ").encode("ascii", "surrogateescape")
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if c == 0x3D and _HEX2.fullmatch(raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-            continue
-        out.append(c)
-        i += 1
-    return bytes(out)
-
-
-def _b_decode(text: str) -> bytes:
-    cleaned = re.sub(r"[^A-Za-z0-9+/]", "", text)
-    cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
-    cleaned += "=" * (-len(cleaned) % 4)
-    try:
-        return base64.b64decode(cleaned)
-    except (binascii.Error, ValueError):
-        return b""
-
-
-def _raw_text(value: str, fallback: str) -> str:
-    """Decode a header string whose 8-bit bytes arrived as surrogate escapes."""
-    try:
-        data = value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return clean_text(value)
-    return decode_bytes(data, None, fallback)
-
-
-def decode_header(value: str, fallback: str = "gb18030") -> str:
-    """Decode RFC 2047 encoded words leniently and raw 8-bit text; unfold; never raise.
-
-    Adjacent encoded words in one charset are joined as bytes before decoding, so a character
-    split across two words (a common fault of CJK mailers) comes out whole.
-    """
-    value = _unfold(value[: MAX_HEADER_CHARS * 4])
-    pieces: list[str] = []
-    pending: bytearray = bytearray()
-    pending_charset: str | None = None
-    pos = 0
-
-    def flush() -> None:
-        nonlocal pending_charset
-        if pending_charset is not None:
-            pieces.append(decode_bytes(bytes(pending), pending_charset, fallback))
-            pending.clear()
-            pending_charset = None
-
-    for m in _ENCODED_WORD.finditer(value):
-        between = value[pos : m.start()]
-        charset, enc = m.group(1), m.group(2).upper()
-        text = m.group(3) if m.group(3) is not None else (m.group(4) or "")
-        data = _b_decode(text) if enc == "B" else _q_decode(text)
-        if (between and not between.isspace()) or pending_charset is None:
-            flush()
-            if between:
-                pieces.append(_raw_text(between, fallback))
-        elif pending_charset.lower() != charset.lower():
-            flush()
-        pending_charset = pending_charset or charset
-        pending.extend(data)
-        pos = m.end()
-    flush()
-    if pos < len(value):
-        pieces.append(_raw_text(value[pos:], fallback))
-    return clean_text("".join(pieces))
-
-
-def _clean_line(value: str, limit: int = MAX_HEADER_CHARS) -> str:
-    return _SPACES.sub(" ", value).strip()[:limit]
-
-
-_TOKEN_PARAM: Final = re.compile(
-    r';\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)',
-)
-
-
-def header_params(value: str, fallback: str = "gb18030") -> tuple[str, dict[str, str]]:
-    """Split a MIME header (Content-Type, Content-Disposition) into its value and parameters.
-
-    Handles quoted strings, RFC 2231 continuations and charsets, and RFC 2047 words inside
-    parameter values (common in file names although not allowed there).
-    """
-    value = _unfold(value)
-    main, _, rest = value.partition(";")
-    params: dict[str, str] = {}
-    extended: dict[str, dict[int, tuple[str, bool]]] = {}
-    for m in _TOKEN_PARAM.finditer(";" + rest):
-        name = m.group(1).lower()
-        raw = m.group(2).strip()
-        if raw.startswith('"'):
-            inner = raw[1:-1] if raw.endswith('"') and len(raw) > 1 else raw[1:]
-            raw = re.sub(r"\\(.)", r"\1", inner)
-        cm = re.fullmatch(r"([^*]+)\*(\d+)?(\*)?", name)
-        if cm:
-            base, index, star = cm.group(1), cm.group(2), cm.group(3)
-            if index is None:
-                extended.setdefault(base, {})[0] = (raw, True)
-            else:
-                extended.setdefault(base, {})[int(index)] = (raw, star is not None)
-            continue
-        params.setdefault(name, raw)
-    for base, chunks in extended.items():
-        first = chunks.get(0)
-        charset: str | None = None
-        buf = bytearray()
-        for i in sorted(chunks):
-            text, encoded = chunks[i]
-            if encoded:
-                if i == 0 and first is not None and text.count("'") >= 2:
-                    charset, _, text = text.split("'", 2)
-                buf.extend(_percent_decode(text))
-            else:
-                buf.extend(text.encode("utf-8", "surrogateescape"))
-        params[base] = decode_bytes(bytes(buf), charset, fallback)
-    for key, val in params.items():
-        params[key] = decode_header(val, fallback) if ("=?" in val or not val.isascii()) else val
-    return main.strip().lower(), params
-
-
-def _percent_decode(text: str) -> bytes:
-    out = bytearray()
-    data = text.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(data):
-        if data[i] == 0x25 and _HEX2.fullmatch(data[i + 1 : i + 3]):
-            out.append(int(data[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(data[i])
-            i += 1
-    return bytes(out)
-
-
-_MSGID: Final = re.compile(r"<([^<>\s]{1,900})>")
-
-
-def message_ids(value: str) -> list[str]:
-    """Return the ``<id>`` tokens of a Message-ID, In-Reply-To or References value."""
-    return [repair_text(f"<{m.group(1)}>") for m in _MSGID.finditer(_unfold(value))][:100]
-
-
-# ---------------------------------------------------------------- html
-
-_BLOCK: Final = frozenset(
-    "address article aside blockquote div dl dt dd fieldset figcaption figure footer form "
-    "h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre section table tr ul center".split()
-)
-_SKIP: Final = frozenset(("script", "style", "head", "title", "template", "noscript", "xml"))
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-        self.pre = 0
-        self.href: list[str | None] = []
-
-    def _newline(self, count: int = 1) -> None:
-        self.out.append("\n" * count)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP:
-            self.skip += 1
-        elif tag == "br":
-            self._newline()
-        elif tag == "pre":
-            self.pre += 1
-            self._newline()
-        elif tag == "li":
-            self._newline()
-            self.out.append("- ")
-        elif tag in ("td", "th"):
-            self.out.append("\t")
-        elif tag == "img":
-            alt = dict(attrs).get("alt")
-            if alt and not self.skip:
-                self.out.append(f"[{alt}]")
-        elif tag == "a":
-            self.href.append(dict(attrs).get("href"))
-        elif tag in _BLOCK:
-            self._newline()
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
-            return
-        self.handle_starttag(tag, attrs)
-        if tag in _SKIP:
-            self.skip -= 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP:
-            self.skip = max(0, self.skip - 1)
-        elif tag == "pre":
-            self.pre = max(0, self.pre - 1)
-            self._newline()
-        elif tag == "a":
-            href = self.href.pop() if self.href else None
-            if href and not self.skip and href.startswith(("http://", "https://", "mailto:")):
-                target = href.removeprefix("mailto:")
-                if target not in "".join(self.out[-3:]):
-                    self.out.append(f" <{target}>")
-        elif tag in _BLOCK or tag == "p":
-            self._newline()
-
-    def handle_data(self, data: str) -> None:
-        if self.skip:
-            return
-        self.out.append(data if self.pre else _SPACES.sub(" ", data))
-
-
-_BLANK_LINES: Final = re.compile(r"\n[ \t]*(?:\n[ \t]*){2,}")
-_TRAILING: Final = re.compile(r"[ \t]+\n")
-_TAG: Final = re.compile(r"<[^>]*>")
-
-
-def html_to_text(markup: str) -> str:
-    """Render HTML as readable plain text (paragraphs, line breaks, list items, link targets)."""
-    parser = _TextExtractor()
-    try:
-        parser.feed(markup)
-        parser.close()
-        text = "".join(parser.out)
-    except Exception:  # html.parser is lenient, but a fallback costs nothing
-        text = html.unescape(_TAG.sub(" ", markup))
-    lines = (line.strip(" ") for line in text.replace("\xa0", " ").split("\n"))
-    text = "\n".join(lines)
-    text = _BLANK_LINES.sub("\n\n", _TRAILING.sub("\n", text))
-    return text.strip()
 
 
 # ---------------------------------------------------------------- message structure
@@ -605,7 +249,7 @@ def _attachment(
                "text/plain": ".txt", "application/pdf": ".pdf"}.get(ctype, ".bin")
         name = f"part-{index}{ext}"
     return Part(
-        name=clean_text(_clean_line(name, 255)),
+        name=clean_text(clean_line(name, 255)),
         content_type=ctype,
         data=data,
         content_id=content_id[0] if content_id else None,
@@ -690,10 +334,10 @@ def auto_generated_reason(
     """Return why a message must never get an automatic answer (RFC 3834), or None."""
     if mail_from == "":
         return "null sender"
-    auto = _clean_line(headers.get("auto-submitted", "")).lower()
+    auto = clean_line(headers.get("auto-submitted", "")).lower()
     if auto and auto.split(";", 1)[0].strip() != "no":
         return f"auto-submitted: {auto[:40]}"
-    precedence = _clean_line(headers.get("precedence", "")).lower()
+    precedence = clean_line(headers.get("precedence", "")).lower()
     if precedence in _AUTO_PRECEDENCE:
         return f"precedence: {precedence}"
     if "list-id" in headers or "list-unsubscribe" in headers:
@@ -715,17 +359,17 @@ _SIMPLE_ADDRESS: Final = re.compile(
 def _address(raw: str, fallback: str) -> tuple[str, str | None]:
     if not raw:
         return "", None
-    raw = _unfold(raw)
+    raw = unfold(raw)
     simple = _SIMPLE_ADDRESS.fullmatch(raw)
     if simple:  # the common shapes, without the cost of the full RFC 5322 parser
         name, addr = simple.group(1), simple.group(2) or simple.group(3)
         display = decode_header(name, fallback).strip() if name else ""
-        return _norm_address(_raw_text(addr, fallback)), (display or None)
+        return _norm_address(raw_text(addr, fallback)), (display or None)
     pairs = getaddresses([raw])
     for name, addr in pairs:
         if addr and "@" in addr:
             display = decode_header(name, fallback).strip().strip('"').strip() if name else ""
-            return _norm_address(_raw_text(addr, fallback)), (display or None)
+            return _norm_address(raw_text(addr, fallback)), (display or None)
     return "", None
 
 
@@ -751,7 +395,7 @@ def _origin(raw_date: str | None) -> Micros | None:
     if not raw_date:
         return None
     try:
-        return from_datetime(parsedate_to_datetime(_clean_line(raw_date)))
+        return from_datetime(parsedate_to_datetime(clean_line(raw_date)))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
@@ -781,33 +425,15 @@ def _thread(headers: dict[str, str], rcpt_tos: Iterable[str]) -> tuple[str | Non
     return None, facts
 
 
-_KANA: Final = re.compile("[\u3040-\u30ff]")
-_HANGUL: Final = re.compile("[\uac00-\ud7af\u1100-\u11ff]")
-_HAN: Final = re.compile("[\u4e00-\u9fff\u3400-\u4dbf]")
-
-
-def script_language(text: str) -> str | None:
-    """Guess a language from the script of the text: kana ja, hangul ko, Han only zh."""
-    sample = text[:2000]
-    han = len(_HAN.findall(sample))
-    if _KANA.search(sample):
-        return "ja"
-    if len(_HANGUL.findall(sample)) > han:
-        return "ko"
-    if han and han * 4 >= len(sample.strip()):
-        return "zh"
-    return None
-
-
 def _language(headers: dict[str, str], charsets: Iterable[str], text: str) -> str | None:
-    declared = _clean_line(headers.get("content-language", "")).split(",", 1)[0].strip()
+    declared = clean_line(headers.get("content-language", "")).split(",", 1)[0].strip()
     if declared and re.fullmatch(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*", declared):
         return declared
     for cs in charsets:
         hint = language_of(cs)
         if hint:
             return hint
-    return script_language(text)
+    return guess_language(text)  # the one guesser every channel uses (gateway/language.py)
 
 
 _CONTROLS: Final = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")
@@ -865,7 +491,7 @@ def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
         sender_addr, sender_name = _norm_address(envelope.mail_from or ""), None
     reply_to, _ = _address(headers.get("reply-to", ""), fallback)
     subject = (
-        _tidy(_clean_line(decode_header(headers["subject"], fallback), 1000))
+        _tidy(clean_line(decode_header(headers["subject"], fallback), 1000))
         if "subject" in headers
         else None
     )
@@ -888,7 +514,7 @@ def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
     if mids:
         external_id = mids[0]
     else:
-        bare = _clean_line(headers.get("message-id", ""), 900)
+        bare = clean_line(headers.get("message-id", ""), 900)
         external_id = bare if bare and bare.isascii() and bare.isprintable() else content_hash(raw)
     thread, thread_facts = _thread(headers, envelope.rcpt_tos)
     meta.update(thread_facts)
@@ -921,7 +547,7 @@ def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
 
 
 def _subject_charsets(headers: dict[str, str]) -> list[str]:
-    return [m.group(1) for m in _ENCODED_WORD.finditer(headers.get("subject", ""))][:3]
+    return [m.group(1) for m in ENCODED_WORD.finditer(headers.get("subject", ""))][:3]
 
 
 def _safe_walk(msg: Message) -> Iterator[Message]:
