@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,25 @@ def ami_fixture(name: str, **values: str) -> bytes:
     for key, value in values.items():
         data = data.replace(("{" + key + "}").encode(), value.encode())
     return data
+
+
+LIVE_SESSION_END = b"\r\n-- connection closed --\r\n\r\n"
+"""Where a live capture's manager connection was closed by Asterisk (fixtures/README.md)."""
+
+
+def live_sessions(name: str, **values: str) -> list[tuple[bytes, bool]]:
+    """A live capture cut into manager sessions: each but the last is closed after it."""
+    parts = ami_fixture(name, **values).split(LIVE_SESSION_END)
+    return [(part, n < len(parts) - 1) for n, part in enumerate(parts)]
+
+
+def live_originates(name: str) -> list[bytes]:
+    """A live capture of several ``Originate`` actions, cut into what each one brought: its
+    ``Response``, its ``OriginateResponse`` and the events of its call that followed."""
+    data = ami_fixture(name)
+    starts = [m.start() for m in re.finditer(rb"Response: Success\r\nActionID: gateway-originate-",
+                                             data)]
+    return [data[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
 
 
 def asterisk_reply(argv: list[str], linkedid: str = "1795594483.0") -> bytes:
@@ -147,6 +167,8 @@ class FakeAmi:
         live_channels: list[str] | None = None,
         answer_ping: bool = True,
         uptime: int = 100,
+        booted: bool = True,
+        status_answer: bytes | None = None,
     ) -> None:
         self.sessions = list(sessions)
         self.live_channels = live_channels
@@ -158,10 +180,19 @@ class FakeAmi:
         self.actions: list[dict[str, str]] = []
         self.answer_ping = answer_ping
         self.uptime = uptime
+        self.booted = booted
+        """Send a ``FullyBooted`` after login (False: the transcript has the real one)."""
+        self.status_answer = status_answer
+        """A captured answer to ``Status`` (``{action_id}`` replaced), instead of one built
+        from ``live_channels``. The session's transcript then follows that answer, as the
+        events captured after it did."""
+        self._status_sent = asyncio.Event()
         self.originate_outcomes: list[tuple[str, str]] = []
         """``(Response, Reason)`` of the next ``OriginateResponse`` events (default: answered,
         ``Success``/``4``)."""
         self.originated = 0
+        self.originate_answers: list[bytes] = []
+        """Captured answers to the next ``Originate`` actions (``live_originates``)."""
         """``Uptime`` of the ``FullyBooted`` event after login (seconds since Asterisk started)."""
         self.username = username
         self.secret = secret
@@ -208,11 +239,12 @@ class FakeAmi:
                 f"Response: Success\r\nActionID: {action_id}\r\n"
                 "Message: Authentication accepted\r\n\r\n".encode()
             )
-            writer.write(
-                b"Event: FullyBooted\r\nPrivilege: system,all\r\n"
-                b"Timestamp: 1795594480.000001\r\nStatus: Fully Booted\r\n"
-                + f"Uptime: {self.uptime}\r\nLastReload: {self.uptime}\r\n\r\n".encode()
-            )
+            if self.booted:
+                writer.write(
+                    b"Event: FullyBooted\r\nPrivilege: system,all\r\n"
+                    b"Timestamp: 1795594480.000001\r\nStatus: Fully Booted\r\n"
+                    + f"Uptime: {self.uptime}\r\nLastReload: {self.uptime}\r\n\r\n".encode()
+                )
             self.accepted += 1
             lock = asyncio.Lock()  # whole frames only: action answers never split an event
             actions = asyncio.create_task(self._answer_actions(reader, writer, lock))
@@ -220,6 +252,9 @@ class FakeAmi:
                 await actions  # idle (answering actions) until the client leaves
                 return
             data, close = self.sessions.pop(0)
+            if self.status_answer is not None:
+                self._status_sent.clear()
+                await self._status_sent.wait()
             for event in data.split(b"\r\n\r\n"):
                 if not event:
                     continue
@@ -289,6 +324,10 @@ class FakeAmi:
                 if name == "ping":
                     reply = f"Response: Success\r\nActionID: {action_id}\r\nPing: Pong\r\n"
                     reply += "Timestamp: 1795594483.000000\r\n\r\n"
+                elif name == "originate" and self.originate_answers:
+                    self.originated += 1  # a captured answer, under this action's id
+                    captured = self.originate_answers.pop(0).decode()
+                    reply = re.sub(r"gateway-originate-\d+", action_id, captured)
                 elif name == "originate":
                     self.originated += 1
                     reply = (f"Response: Success\r\nActionID: {action_id}\r\n"
@@ -313,6 +352,8 @@ class FakeAmi:
                 elif name == "status" and self.live_channels is None:
                     reply = (f"Response: Error\r\nActionID: {action_id}\r\n"
                              "Message: Permission denied\r\n\r\n")
+                elif name == "status" and self.status_answer is not None:
+                    reply = self.status_answer.decode().replace("{action_id}", action_id)
                 elif name == "status":
                     reply = self.status_reply(action_id, action.get("Variables", ""))
                 else:
@@ -321,6 +362,8 @@ class FakeAmi:
                 async with lock:
                     writer.write(reply.encode())
                     await writer.drain()
+                if name == "status":
+                    self._status_sent.set()
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> dict[str, str]:
