@@ -97,7 +97,7 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     from gateway.channels.voice.agi import AgiError, parse_header_block
     from gateway.channels.voice.ami import AmiError, FrameReader
     from gateway.channels.web.app import form_to_body, parse_location
-    from gateway.channels.web.open311 import Open311Error, Open311Service, parse_request
+    from gateway.channels.web.georeport import Open311Error, Open311Service, parse_request
     from gateway.intake_api import BadRequest, parse_intake
     from gateway.records import clean_text
 

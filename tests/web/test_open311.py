@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.channels.web.open311 import Open311Error, Open311Service, parse_request, to_xml
+from gateway.channels.web.georeport import Open311Error, Open311Service, parse_request, to_xml
 from gateway.records import Event
 from tests.harness import answer_before_body
 

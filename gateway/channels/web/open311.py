@@ -19,13 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any
 from urllib.parse import parse_qsl
-from xml.sax.saxutils import escape
 
 import orjson
 from aiohttp import BodyPartReader, web
@@ -36,70 +33,27 @@ from gateway.attachments import AttachmentTooLarge
 from gateway.auth import secrets_equal
 from gateway.channels.common import Refused, submit
 from gateway.channels.web.common import contact_history, read_part
-from gateway.clock import Micros, format_time
+from gateway.channels.web.georeport import (
+    CONTACT_ID,
+    FORMATS,
+    MAX_FORM,
+    SPEC_URL,
+    Open311Error,
+    Open311Service,
+    ServiceRequest,
+    iso_time,
+    parse_request,
+    to_xml,
+    xml_fields,
+)
+from gateway.clock import Micros
 from gateway.config import Secret
 from gateway.http import MALFORMED_BODY, read_capped
 from gateway.language import guess_language
 from gateway.phone import to_e164
-from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
+from gateway.records import Attachment, Contact, Inbound, Reply, Sender
 
 log = logging.getLogger(__name__)
-
-SPEC_URL: Final = "http://wiki.open311.org/GeoReport_v2"
-FORMATS: Final = ("application/json", "text/xml")
-_ATTRIBUTE: Final = re.compile(r"^attribute\[([^\[\]]{1,64})\](\[\])?$")
-_FIELDS: Final = frozenset(
-    {
-        "api_key",
-        "jurisdiction_id",
-        "service_code",
-        "lat",
-        "long",
-        "address_string",
-        "address_id",
-        "email",
-        "device_id",
-        "account_id",
-        "first_name",
-        "last_name",
-        "phone",
-        "description",
-        "media_url",
-        "media",
-    }
-)
-_CONTACT_ID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_LIMITS: Final = {"description": 8000, "address_string": 1024, "media_url": 2048}
-_MAX_FORM: Final = 64 * 1024
-
-Datatype = Literal["string", "number", "datetime", "text", "singlevaluelist", "multivaluelist"]
-
-
-@dataclass(frozen=True, slots=True)
-class Open311Attribute:
-    """One attribute of a service definition (GeoReport v2 ``services/{code}``)."""
-
-    code: str
-    description: str = ""
-    datatype: Datatype = "string"
-    required: bool = False
-    variable: bool = True
-    order: int = 0
-    datatype_description: str = ""
-    values: dict[str, str] = field(default_factory=dict)
-    """For list datatypes: key -> name."""
-
-
-@dataclass(frozen=True, slots=True)
-class Open311Service:
-    """One service (GeoReport v2 ``services``); the table key is its ``service_code``."""
-
-    name: str
-    description: str = ""
-    group: str = ""
-    keywords: tuple[str, ...] = ()
-    type: Literal["realtime", "batch", "blackbox"] = "realtime"
-    attributes: tuple[Open311Attribute, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,189 +85,6 @@ class Open311Config:
     region: str = "CN"
     recipient: str = "open311"
     max_body: int = 30 * 1024 * 1024
-
-
-class Open311Error(Exception):
-    """An error the spec reports as ``[{code, description}]`` with that HTTP status."""
-
-    def __init__(self, status: int, description: str) -> None:
-        super().__init__(description)
-        self.status = status
-        self.description = description
-
-
-# ---------------------------------------------------------------- rendering
-
-
-def to_xml(root: str, item: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """Render rows as the spec's XML: ``<root><item><field>v</field>...</item></root>``."""
-    out = ['<?xml version="1.0" encoding="utf-8"?>', f"<{root}>"]
-    for row in rows:
-        out.append(f"<{item}>{_xml_fields(row)}</{item}>")
-    out.append(f"</{root}>")
-    return "".join(out)
-
-
-_PLURALS: Final = {
-    "attributes": "attribute",
-    "values": "value",
-    "endpoints": "endpoint",
-    "formats": "format",
-    "keywords": "keyword",
-}
-
-
-def _xml_fields(row: Mapping[str, Any]) -> str:
-    parts = []
-    for key, value in row.items():
-        if isinstance(value, Mapping):
-            parts.append(f"<{key}>{_xml_fields(value)}</{key}>")
-        elif isinstance(value, (list, tuple)):
-            child = _PLURALS.get(key, "item")
-            inner = "".join(
-                f"<{child}>{_xml_fields(v)}</{child}>"
-                if isinstance(v, Mapping)
-                else f"<{child}>{_xml_value(v)}</{child}>"
-                for v in value
-            )
-            parts.append(f"<{key}>{inner}</{key}>")
-        else:
-            parts.append(f"<{key}>{_xml_value(value)}</{key}>")
-    return "".join(parts)
-
-
-def _xml_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return escape(str(value))
-
-
-def _iso(us: Micros) -> str:
-    """ISO 8601 with offset, as the spec's examples write datetimes."""
-    return format_time(us).split(".")[0] + "Z"
-
-
-# ---------------------------------------------------------------- parsing a request
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceRequest:
-    """A validated ``POST requests`` body."""
-
-    service_code: str
-    lat: float | None
-    long: float | None
-    address_string: str
-    address_id: str
-    description: str
-    media_url: str
-    email: str
-    phone: str
-    first_name: str
-    last_name: str
-    device_id: str
-    account_id: str
-    attributes: dict[str, str | list[str]]
-
-
-def parse_request(
-    form: Mapping[str, str | list[str]], services: Mapping[str, Open311Service]
-) -> ServiceRequest:
-    """Validate a service request as GeoReport v2 defines it; raise Open311Error."""
-    plain: dict[str, str] = {}
-    attributes: dict[str, str | list[str]] = {}
-    for key, value in form.items():
-        m = _ATTRIBUTE.match(key)
-        if m:
-            values = value if isinstance(value, list) else [value]
-            if m.group(2) or len(values) != 1:
-                attributes[m.group(1)] = [v[:1024] for v in values]
-            else:
-                attributes[m.group(1)] = values[0][:1024]
-            continue
-        if key not in _FIELDS:
-            raise Open311Error(400, f"unknown parameter: {key[:64]}")
-        if isinstance(value, list):
-            if len(value) > 1:
-                raise Open311Error(400, f"{key} given more than once")
-            text = value[0] if value else ""
-        else:
-            text = value
-        limit = _LIMITS.get(key, 256)
-        if len(text) > limit:
-            raise Open311Error(400, f"{key}: longer than {limit} characters")
-        plain[key] = clean_text(text).strip()
-    code = plain.get("service_code", "")
-    if not code:
-        raise Open311Error(400, "service_code is required")
-    service = services.get(code)
-    if service is None:
-        raise Open311Error(404, f"service_code not found: {code[:64]}")
-    lat = _coordinate(plain.get("lat"), "lat", 90.0)
-    long = _coordinate(plain.get("long"), "long", 180.0)
-    if (lat is None) != (long is None):
-        raise Open311Error(400, "lat and long go together")
-    if lat is None and not plain.get("address_string") and not plain.get("address_id"):
-        raise Open311Error(
-            400, "a location is required: lat and long, address_string or address_id"
-        )
-    _check_attributes(service, attributes)
-    return ServiceRequest(
-        service_code=code,
-        lat=lat,
-        long=long,
-        address_string=plain.get("address_string", ""),
-        address_id=plain.get("address_id", ""),
-        description=plain.get("description", ""),
-        media_url=plain.get("media_url", ""),
-        email=plain.get("email", ""),
-        phone=plain.get("phone", ""),
-        first_name=plain.get("first_name", ""),
-        last_name=plain.get("last_name", ""),
-        device_id=plain.get("device_id", ""),
-        account_id=plain.get("account_id", ""),
-        attributes=attributes,
-    )
-
-
-def _coordinate(raw: str | None, name: str, bound: float) -> float | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise Open311Error(400, f"{name}: not a number") from None
-    if not math.isfinite(value) or abs(value) > bound:
-        raise Open311Error(400, f"{name}: out of range")
-    return value
-
-
-def _check_attributes(service: Open311Service, given: Mapping[str, str | list[str]]) -> None:
-    defined = {a.code: a for a in service.attributes}
-    for code in given:
-        if code not in defined:
-            raise Open311Error(400, f"attribute[{code[:64]}] is not defined for this service")
-    for attr in service.attributes:
-        value = given.get(attr.code)
-        if value is None or value == "" or value == []:
-            if attr.required and attr.variable:
-                raise Open311Error(400, f"attribute[{attr.code}] is required")
-            continue
-        values = value if isinstance(value, list) else [value]
-        if attr.datatype in ("singlevaluelist", "multivaluelist"):
-            if attr.datatype == "singlevaluelist" and len(values) > 1:
-                raise Open311Error(400, f"attribute[{attr.code}] takes one value")
-            for v in values:
-                if v not in attr.values:
-                    raise Open311Error(400, f"attribute[{attr.code}]: {v[:64]!r} is not a choice")
-        elif attr.datatype == "number":
-            for v in values:
-                try:
-                    float(v)
-                except ValueError:
-                    raise Open311Error(400, f"attribute[{attr.code}]: not a number") from None
 
 
 # ---------------------------------------------------------------- the adapter
@@ -410,7 +181,7 @@ class Open311:
         if fmt == "xml":
             xml = (
                 '<?xml version="1.0" encoding="utf-8"?><discovery>'
-                + _xml_fields(doc)
+                + xml_fields(doc)
                 + "</discovery>"
             )
             return web.Response(text=xml, content_type="text/xml", charset="utf-8")
@@ -459,7 +230,7 @@ class Open311:
         if fmt == "xml":
             xml = (
                 '<?xml version="1.0" encoding="utf-8"?><service_definition>'
-                + _xml_fields(doc)
+                + xml_fields(doc)
                 + "</service_definition>"
             )
             return web.Response(text=xml, content_type="text/xml", charset="utf-8")
@@ -619,13 +390,13 @@ class Open311:
                     content_type = part.headers.get("Content-Type", "application/octet-stream")
                     media.append((data, part.filename, content_type))
                     continue
-                value = await read_part(part, _MAX_FORM)
+                value = await read_part(part, MAX_FORM)
                 total += len(value)
-                if total > _MAX_FORM:
+                if total > MAX_FORM:
                     raise Open311Error(413, "form too large")
                 add(part.name or "", value.decode("utf-8", errors="replace"))
             return form, media
-        raw = await read_capped(request.content, _MAX_FORM)
+        raw = await read_capped(request.content, MAX_FORM)
         if raw is None:
             raise Open311Error(413, "form too large")
         if ctype == "application/json":
@@ -665,7 +436,7 @@ class Open311:
     async def _status_rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         rows = []
         for contact_id in ids:
-            if not _CONTACT_ID.match(contact_id):
+            if not CONTACT_ID.match(contact_id):
                 continue
             contact = await self.ctx.contacts.get(contact_id)
             if contact is None or contact.adapter != self.name:
@@ -693,8 +464,8 @@ class Open311:
             "description": "" if contact.confidential else contact.text,
             "agency_responsible": self.config.agency_responsible,
             "service_notice": self.config.service_notice,
-            "requested_datetime": _iso(contact.received_at),
-            "updated_datetime": _iso(updated),
+            "requested_datetime": iso_time(contact.received_at),
+            "updated_datetime": iso_time(updated),
             "expected_datetime": None,
             "address": "" if contact.confidential else location.get("address", ""),
             "address_id": details.get("address_id", ""),
