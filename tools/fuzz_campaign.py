@@ -129,7 +129,7 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     def telegram(raw: bytes) -> object:
         from telegram import Update
 
-        from gateway.channels.chat.telegram import decode_update
+        from gateway.channels.chat.telegram_updates import decode_update
 
         data = safejson.loads(raw)  # as TelegramAdapter.handle_webhook and take do
         if not isinstance(data, dict) or type(data.get("update_id")) is not int:

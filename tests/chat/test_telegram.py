@@ -14,13 +14,8 @@ from hypothesis import strategies as st
 from telegram import Update
 
 from gateway.adapters import AdapterContext, IntakeUnavailable, Receipt, SendError
-from gateway.channels.chat.telegram import (
-    TelegramAdapter,
-    TelegramConfig,
-    decode_update,
-    derived_secret,
-    split_text,
-)
+from gateway.channels.chat.telegram import TelegramAdapter, TelegramConfig
+from gateway.channels.chat.telegram_updates import decode_update, derived_secret, split_text
 from gateway.config import AdapterSettings, Secret
 from gateway.records import Inbound, Reply
 from gateway.testing import eventually
