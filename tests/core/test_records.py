@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from gateway import clock
 from gateway.clock import format_time, parse_time
 from gateway.ids import uuid7, uuid7_time_ms
 from gateway.records import Contact, Event, clean_text
@@ -112,6 +114,41 @@ def test_time_format_round_trips(us):
     text = format_time(us)
     assert text.endswith("Z") and len(text) == 27
     assert parse_time(text) == us
+
+
+@given(st.lists(st.integers(min_value=0, max_value=253_402_300_799_999_999), min_size=1))
+def test_time_format_with_cached_seconds_matches_datetime(stamps):
+    for us in stamps + stamps[::-1]:  # seconds apart and back: the prefix cache is per second
+        expected = datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        assert format_time(us) == f"{expected}.{us % 1_000_000:06d}Z"
+
+
+def _mutated(us: int, at: int, char: str) -> str:
+    text = format_time(us)
+    return text[:at] + char + text[at + 1 :]
+
+
+@given(
+    st.builds(
+        _mutated,
+        st.integers(min_value=0, max_value=253_402_300_799_999_999),
+        st.integers(min_value=0, max_value=26),
+        st.sampled_from("0123456789-T:.Z+z _\u0661"),
+    )
+)
+@example("2026-11-25T08:00:00.12\u0661456Z")  # a digit, but not an ASCII one
+@example("2026-11-25T08:00:00.+12345Z")
+@example("2026-11-25T08:00:00.1_2345Z")
+def test_parse_time_fast_path_agrees_with_the_general_parser(text):
+    """Our own form (and every one-character change of it) parses as the general parser does:
+    the same value, or the same refusal."""
+    def parse(fn):
+        try:
+            return fn(text)
+        except ValueError:
+            return "ValueError"
+
+    assert parse(parse_time) == parse(clock._parse_time)
 
 
 @given(st.binary())
