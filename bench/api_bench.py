@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.push.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from gateway.cases.push.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 
@@ -70,8 +70,8 @@ def serve(raw: dict[str, Any], ready: Any) -> None:
 async def _serve(raw: dict[str, Any], ready: Any) -> None:
     import logging
 
-    from gateway.config import parse_settings
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     logging.basicConfig(level=logging.WARNING)
     settings, configs = parse_settings(raw, "<bench>")

@@ -133,8 +133,8 @@ async def _bare_esme(port: int, stop: asyncio.Event) -> None:
 
 async def _run(target: str, window: int, seconds: float, redis_url: str, tmp: Path,
                run: str) -> tuple[int, int, list[float]]:
-    from gateway.config import parse_settings
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     ctx = mp.get_context("spawn")
     port_out, out = ctx.Queue(), ctx.Queue()

@@ -188,10 +188,10 @@ def _intake_only(box: list[Any]) -> Any:
             external_id=f"direct-{n}",
             sender=Sender(f"wechat:oBench{n}"),
             recipient="gh_bench",
-            received_at=gateway.clock.now_us(),
+            received_at=gateway.contact.clock.now_us(),
             text=TEXT,
         )
-        await gateway.intake.submit(inbound)
+        await gateway.queueing.intake.submit(inbound)
         return web.Response(text="success")
 
     return handler
@@ -216,9 +216,9 @@ async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
 async def main(seconds: float, rounds: int, connections: int, only: tuple[str, ...] = ()) -> None:
     import logging
 
-    from gateway.config import parse_settings
     from gateway.queueing.embedded import EmbeddedRedis
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     logging.getLogger("gateway").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)

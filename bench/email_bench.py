@@ -145,9 +145,9 @@ async def main(seconds: float) -> None:
 
     from gateway.channels.email.common import EmailConfig
     from gateway.channels.email.smtp import Handler, Listener
-    from gateway.config import HostPort, parse_settings
     from gateway.queueing.embedded import EmbeddedRedis
-    from gateway.runtime import Gateway
+    from gateway.server.config import HostPort, parse_settings
+    from gateway.server.runtime import Gateway
 
     sizes = {"2 KB": 2 * 1024, "200 KB": 200 * 1024}
     fanouts = (8, 50)

@@ -18,8 +18,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from gateway.http import build_app
-from gateway.metrics import Metrics
+from gateway.server.http import build_app
+from gateway.server.metrics import Metrics
 
 
 async def ok(request: web.Request) -> web.Response:

@@ -75,8 +75,8 @@ async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) 
     from aiohttp import web
 
     if kind.startswith("gateway"):
-        from gateway.config import parse_settings
-        from gateway.runtime import Gateway
+        from gateway.server.config import parse_settings
+        from gateway.server.runtime import Gateway
 
         settings, configs = parse_settings(
             {
@@ -161,7 +161,7 @@ async def edge_to_enqueue(redis_url: str, prefix: str, since_ms: int) -> tuple[f
     client = aioredis.from_url(redis_url)
     entries = await client.xrange(Keys(prefix).contacts, min=f"{since_ms}-0")
     await client.aclose()
-    from gateway.clock import parse_time
+    from gateway.contact.clock import parse_time
 
     lat = sorted(
         parse_time(c["enqueued_at"]) - parse_time(c["received_at"])

@@ -1,9 +1,11 @@
-"""Cost of the language hint (``gateway/language.py``) per text, against an older version of it.
+"""Cost of the language hint (``gateway/contact/language.py``) per text, against an older
+version of it.
 
     .venv/bin/python -m bench.language_bench --before DIR
 
 DIR is an older source tree (``git archive <commit> gateway | tar -x -C DIR``); its
-``gateway/language.py`` is loaded as a module of its own and timed in the same run, text by text.
+``gateway/contact/language.py`` (``language.py`` at the top of the package before the tree was
+grouped by role) is loaded as a module of its own and timed in the same run, text by text.
 Without ``--before`` only the current module is timed.
 """
 
@@ -15,7 +17,7 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.language import guess_language
+from gateway.contact.language import guess_language
 
 BENCH_TEXT = "您好，我家楼下的路灯已经坏了一个星期，晚上出行很不安全，请尽快派人维修。"
 TEXTS = {
@@ -32,6 +34,12 @@ def per_call_us(fn: Callable[[str], str | None], text: str, n: int = 5000) -> fl
     return min(timeit.repeat(lambda: fn(text), number=n, repeat=5)) / n * 1e6
 
 
+def _before_module(tree: Path) -> Path:
+    """The language module of an older tree: grouped by role, or flat as it was before."""
+    grouped = tree / "gateway" / "contact" / "language.py"
+    return grouped if grouped.exists() else tree / "gateway" / "language.py"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="", help="older source tree")
@@ -39,7 +47,7 @@ def main() -> None:
     old: Callable[[str], str | None] | None = None
     if args.before:
         spec = importlib.util.spec_from_file_location(
-            "language_before", Path(args.before) / "gateway" / "language.py"
+            "language_before", _before_module(Path(args.before))
         )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)

@@ -109,18 +109,18 @@ def _intake_only(gateway: Any) -> Any:
         inbound = Inbound(
             channel="sms", adapter="kannel", external_id=f"direct-{n}",
             sender=Sender(sender), recipient="12345",
-            received_at=gateway.clock.now_us(), text=TEXT,
+            received_at=gateway.contact.clock.now_us(), text=TEXT,
         )
-        await gateway.intake.submit(inbound)
+        await gateway.queueing.intake.submit(inbound)
         return web.Response(status=200, body=b"", content_type="text/plain")
 
     return handler
 
 
 async def main(seconds: float, rounds: int, concurrency: int) -> None:
-    from gateway.config import parse_settings
     from gateway.queueing.embedded import EmbeddedRedis
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,7 @@ import redis.asyncio as aioredis
 
 from bench.chat_bench import TEXT, TG_SECRET, WX_APP_ID, WX_TOKEN, _sign, _wx_xml
 from bench.loadgen import build_request
-from gateway.clock import parse_time
+from gateway.contact.clock import parse_time
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 from gateway.server.workers import run_dir

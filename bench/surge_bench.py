@@ -26,13 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.clock import MICROS_PER_SECOND, FixedClock
-from gateway.config import SurgeSection, parse_settings
+from gateway.cases.surge import SurgeWatch
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue, connect
 from gateway.records import Contact, Deadline, Repeat, Sender
-from gateway.surge import SurgeWatch
+from gateway.server.config import SurgeSection, parse_settings
 
 MIN = 60 * MICROS_PER_SECOND
 DAY_MIN = 1440

@@ -21,18 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.backlog import StreamKeeper
-from gateway.clock import SYSTEM_CLOCK
-from gateway.config import RedisSection, SlaSection
-from gateway.intake import Intake
-from gateway.metrics import Metrics
+from gateway.contact.clock import SYSTEM_CLOCK
+from gateway.contact.sla import SlaPolicy
+from gateway.queueing.backlog import StreamKeeper
 from gateway.queueing.consumer import ContactConsumer, EventConsumer
 from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.intake import Intake
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import Spool
 from gateway.queueing.store import Prepared, RedisQueue, connect
 from gateway.records import Deadline, Inbound, Sender
-from gateway.sla import SlaPolicy
+from gateway.server.config import RedisSection, SlaSection
+from gateway.server.metrics import Metrics
 
 
 def prepared(i: int, now: int) -> Prepared:

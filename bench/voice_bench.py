@@ -165,8 +165,8 @@ async def protocol_only_server(mode: str) -> Any:
     from gateway.channels.voice.adapter import AsteriskConfig
     from gateway.channels.voice.intake import IntakeScript
     from gateway.channels.voice.server import FastAgiServer
-    from gateway.clock import SYSTEM_CLOCK
-    from gateway.ids import uuid7
+    from gateway.contact.clock import SYSTEM_CLOCK
+    from gateway.contact.ids import uuid7
     from gateway.records import Deadline, Inbound, Repeat
 
     class MemoryIntake:
@@ -242,9 +242,9 @@ async def bench_pyst2(calls: int, parallel: int) -> dict[str, Any]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    from gateway.clock import SYSTEM_CLOCK
+    from gateway.contact.clock import SYSTEM_CLOCK
     from gateway.queueing.embedded import EmbeddedRedis
-    from gateway.runtime import Gateway
+    from gateway.server.runtime import Gateway
     from tests.harness import settings_for
 
     logging_off()

@@ -40,10 +40,10 @@ def frames(uid: str, contact_id: str, t: float) -> list[dict[str, str]]:
 async def run(calls: int) -> None:
     from gateway.channels.voice.adapter import SharedCallStore
     from gateway.channels.voice.tracker import CallTracker
-    from gateway.config import parse_settings
     from gateway.queueing.embedded import EmbeddedRedis
     from gateway.records import Inbound, Sender
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     server = EmbeddedRedis(tmp / "redis")

@@ -9,7 +9,7 @@
    tiles, open per channel, breaches, repeats, surges, charts) and its drawing in Chinese and
    English, ``--refreshes`` times; median and worst.
 3. ``baseline`` (same run): the same figures the old way, a scan of the streams and a decode
-   of every contact (``gateway.report.load`` + ``build``), over ``--scan`` contacts (with
+   of every contact (``gateway.cases.report.load`` + ``build``), over ``--scan`` contacts (with
    their events) on their own prefix; then the ratio per contact.
 4. ``aggregator``: events per second through the real path (``{p}:events`` read in the
    consumer group, ``Aggregator.process``), over ``--scan`` contacts.
@@ -31,16 +31,16 @@ from typing import Any
 
 import orjson
 
-from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
-from gateway.config import parse_settings
-from gateway.dashboard.aggregates import Aggregator, Step, apply
-from gateway.dashboard.wallboard import Wallboard
-from gateway.i18n import Locale
+from gateway.cases.dashboard.aggregates import Aggregator, Step, apply
+from gateway.cases.dashboard.wallboard import Wallboard
+from gateway.cases.i18n import Locale
+from gateway.cases.report import build, load
+from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue, connect
 from gateway.records import Event
-from gateway.report import build, load
+from gateway.server.config import parse_settings
 
 DAY_US = 86_400 * MICROS_PER_SECOND
 CHANNELS = (("voice", "answer", 15), ("sms", "response", 180), ("chat", "response", 180),
@@ -91,7 +91,7 @@ def contact_json(cid: str, channel: str, kind: str, received: int, due: int, n: 
 
 
 def _time(us: int) -> str:
-    from gateway.clock import format_time
+    from gateway.contact.clock import format_time
 
     return format_time(us)
 

@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from gateway.clock import Clock, Micros
-from gateway.egress import SendRate
-from gateway.metrics import AdapterMetrics
+from gateway.contact.clock import Clock, Micros
 from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Reply
-from gateway.supervise import Supervisor
+from gateway.server.egress import SendRate
+from gateway.server.metrics import AdapterMetrics
+from gateway.server.supervise import Supervisor
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway.attachments import AttachmentStore
-    from gateway.config import AdapterCheck, AdapterSettings
+    from gateway.contact.attachments import AttachmentStore
     from gateway.queueing.coordination import Leases, SharedState
+    from gateway.server.config import AdapterCheck, AdapterSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from typing import Any, Final, Literal, cast
 
 import orjson
 
-from gateway.clock import Micros, format_time, parse_time
+from gateway.contact.clock import Micros, format_time, parse_time
 
 SCHEMA: Final = 1
 
@@ -59,7 +59,7 @@ class Sender:
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """A stored file; ``ref`` says where the bytes are (see ``gateway.attachments``)."""
+    """A stored file; ``ref`` says where the bytes are (see ``gateway.contact.attachments``)."""
 
     name: str
     content_type: str

@@ -39,7 +39,7 @@ def production_logging() -> Iterator[None]:
     import io
     import logging
 
-    from gateway.logs import MaskingFilter
+    from gateway.server.logs import MaskingFilter
 
     root = logging.getLogger()
     handler = logging.StreamHandler(io.StringIO())

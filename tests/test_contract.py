@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from gateway.adapters import ChannelType, load_channel_types
-from gateway.config import ConfigError, HostPort, Secret, load_table
-from gateway.logs import MaskingFilter
 from gateway.records import CHANNELS
+from gateway.server.config import ConfigError, HostPort, Secret, load_table
+from gateway.server.logs import MaskingFilter
 
 TYPES = load_channel_types()
 SECRET = "contract-secret-3f9a1c"
@@ -78,7 +78,8 @@ def test_secrets_never_appear_in_the_config_repr(type_name):
 @pytest.mark.parametrize("type_name", sorted(TYPES))
 async def test_adapter_starts_from_its_example_and_stops_twice(type_name, start_gateway, caplog):
     """Secrets are checked in what reaches a log handler: the gateway's handlers carry the
-    masking filter (``gateway.logs.setup_logging``), so the test's capture handler does too."""
+    masking filter (``gateway.server.logs.setup_logging``), so the test's capture handler does
+    too."""
     channel_type = TYPES[type_name]
     table = {"type": type_name, **example_with_secrets(channel_type)}
     masking = MaskingFilter()
@@ -118,7 +119,7 @@ def walk(value: Any, seen: set[int] | None = None) -> list[Any]:
 async def test_an_adapter_sees_no_secret_of_the_core_or_of_another_adapter(start_gateway):
     """``AdapterContext.settings`` was the whole Settings: every adapter could read every other
     adapter's table (with its secrets), the API keys and the push secrets."""
-    from gateway.config import AdapterSettings
+    from gateway.server.config import AdapterSettings
 
     core_secrets = {
         "api-key-7c1e0b",

@@ -85,7 +85,6 @@ def rss_kib() -> int:
 
 
 def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[type, ...]]]:
-    from gateway import safejson
     from gateway.channels.chat import weibo
     from gateway.channels.chat.officialaccount import PayloadError, parse_xml
     from gateway.channels.chat.wechat import decode_message
@@ -98,8 +97,9 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     from gateway.channels.voice.ami import AmiError, FrameReader
     from gateway.channels.web.app import form_to_body, parse_location
     from gateway.channels.web.georeport import Open311Error, Open311Service, parse_request
-    from gateway.intake_api import BadRequest, parse_intake
+    from gateway.contact import safejson
     from gateway.records import clean_text
+    from gateway.server.intake_api import BadRequest, parse_intake
 
     now = 1_795_594_483_000_000
 
@@ -417,7 +417,7 @@ async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng:
     from gateway.channels.email.normalize import Envelope as MailEnvelope
     from gateway.channels.email.normalize import normalize
     from gateway.channels.email.smtp import Handler, Listener
-    from gateway.config import HostPort
+    from gateway.server.config import HostPort
 
     progress = Progress("smtp-session" + tag, "in-process protocol", max_inputs, checkpoint)
     r = progress.result
@@ -549,8 +549,8 @@ async def run_sockets(seconds: float, hang_s: float, rng: random.Random, concurr
                       redis_url: str = "", prefix: str = "fuzz") -> list[dict[str, Any]]:
     import aiohttp
 
-    from gateway.config import parse_settings
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-"))
     raw_cfg = {

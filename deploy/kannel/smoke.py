@@ -95,8 +95,8 @@ async def wait_for(predicate: object, what: str, seconds: float = 20.0) -> None:
 
 
 async def main(combine: bool) -> int:
-    from gateway.config import parse_settings
-    from gateway.runtime import Gateway
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway
 
     for tool in ("bearerbox", "smsbox"):
         if shutil.which(tool) is None:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, IntakeUnavailable, InvalidContact, RateLimited, Receipt
-from gateway.logs import mask
 from gateway.records import Inbound
+from gateway.server.logs import mask
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 -- Service-level counters: move contacts to a better-ranked outcome, once each (see
--- gateway/dashboard/aggregates.py). The contact hash remembers the outcome ('agg'), so an
+-- gateway/cases/dashboard/aggregates.py). The contact hash remembers the outcome ('agg'), so an
 -- event read twice (a redelivered stream entry) changes nothing. One call takes a batch of
 -- steps: 6 keys and 13 arguments each. Returns one flag per step: 1 when the step asked to
 -- mark the contact counted for surges (ARGV 13) and it was not yet (field 'surged').

@@ -1,5 +1,5 @@
 -- The deadline watcher's claim: of several instances racing for a due member, only the one
--- whose ZREM removed it writes the event (see gateway/watcher.py).
+-- whose ZREM removed it writes the event (see gateway/cases/watcher.py).
 -- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well,
 --       4 the contact's hash (its event index)
 -- ARGV: 1 contact id, 2 now (us), 3 event JSON ('' to drop without an event), 4 type

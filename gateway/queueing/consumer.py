@@ -179,7 +179,7 @@ async def post_reply(client: RedisClient, reply: Reply, *, prefix: str = "gatewa
     """Put a reply on ``{prefix}:replies`` for the gateway to deliver; return the entry id.
 
     Any gateway instance routes it to the contact's adapter; one running that adapter sends it
-    (held until one runs, see ``gateway/replies.py``)."""
+    (held until one runs, see ``gateway/cases/replies.py``)."""
     import orjson
 
     entry = await client.xadd(

@@ -12,7 +12,7 @@
 -- A duplicate passes before the rate limits: a peer's retry is never "too many".
 -- Rate limited: {2, ms until that window ends, 0}; nothing written, nothing counted.
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
--- group has read (gateway/backlog.py), never on the hot path.
+-- group has read (gateway/queueing/backlog.py), never on the hot path.
 local first = redis.call('GET', KEYS[3])
 if first then
   return {0, first, 0}

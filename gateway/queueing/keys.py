@@ -89,7 +89,7 @@ class Keys:
 
     def agg_bucket(self, unit: str, start_s: int) -> str:
         """Hash: service-level counters of the contacts received in one minute (``m``) or
-        hour (``h``) starting at ``start_s`` (``gateway/dashboard/aggregates.py``)."""
+        hour (``h``) starting at ``start_s`` (``gateway/cases/dashboard/aggregates.py``)."""
         return f"{self.tag}:agg:{unit}:{start_s}"
 
     def agg_open(self, label: str) -> str:
@@ -112,7 +112,7 @@ class Keys:
         return f"{self.tag}:agg:repeats"
 
     def surge_bucket(self, start_s: int) -> str:
-        """Hash: contacts per surge key (``kind:value``) in one period (``gateway/surge.py``)."""
+        """Hash: contacts per surge key (``kind:value``) in one period (``cases/surge.py``)."""
         return f"{self.tag}:surge:b:{start_s}"
 
     def surge_emitted(self, key: str, start_s: int) -> str:

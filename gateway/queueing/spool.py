@@ -32,10 +32,10 @@ from typing import Any
 
 import orjson
 
-from gateway.permissions import open_private, private_dir
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.store import Prepared
 from gateway.records import Attachment, Deadline, Event, Inbound, Sender
+from gateway.server.permissions import open_private, private_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.adapters import InvalidContact, RateLimited
-from gateway.clock import MICROS_PER_SECOND, Clock, Micros, format_time
-from gateway.config import RedisSection
+from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.keys import Keys
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
+from gateway.server.config import RedisSection
 
 log = logging.getLogger(__name__)
 

@@ -64,8 +64,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gateway.config import HostPort, Settings
-from gateway.lock import DataDirBusy, DataDirLock
+from gateway.server.config import HostPort, Settings
+from gateway.server.lock import DataDirBusy, DataDirLock
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def run_dir(data_dir: Path) -> Path:
 def listener_addresses(settings: Settings) -> Iterator[tuple[tuple[str, ...], HostPort]]:
     """Every address the gateway listens on, with its config path: ``[http] listen`` and
     ``metrics_listen``, and each adapter's ``listen`` and ``agi_listen``."""
-    from gateway.config import parse_host_port
+    from gateway.server.config import parse_host_port
 
     yield ("http", "listen"), settings.http.listen
     if settings.http.metrics_listen is not None:
@@ -346,11 +346,12 @@ class WorkerPool:
 
 async def serve_workers(config_path: str | None, settings: Settings, count: int) -> int:
     """The parent of ``gateway serve --workers N`` (N > 1): see the module docstring."""
-    from gateway import __version__, permissions
-    from gateway.metrics import Metrics
+    from gateway import __version__
     from gateway.queueing.embedded import EmbeddedRedis
+    from gateway.server import permissions
     from gateway.server.listeners import bind_slots
-    from gateway.supervise import Supervisor
+    from gateway.server.metrics import Metrics
+    from gateway.server.supervise import Supervisor
 
     data_dir = settings.gateway.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

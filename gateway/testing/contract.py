@@ -21,7 +21,7 @@ from gateway.testing.webhook import Request, send
 
 if TYPE_CHECKING:
     from gateway.queueing.embedded import EmbeddedRedis
-    from gateway.runtime import Gateway
+    from gateway.server.runtime import Gateway
 
 StartGateway = Callable[..., Awaitable["Gateway"]]
 """``await start(adapters={...}, url=..., data_dir=..., redis={...})``: a started gateway,

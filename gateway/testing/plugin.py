@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.config import Settings, parse_settings
+from gateway.contact.clock import SYSTEM_CLOCK, Clock
 from gateway.queueing.embedded import EmbeddedRedis
-from gateway.runtime import Gateway
+from gateway.server.config import Settings, parse_settings
+from gateway.server.runtime import Gateway
 from gateway.testing.contract import StartGateway
 
 _prefixes = itertools.count(1)

@@ -13,7 +13,7 @@ from gateway.testing.poll import eventually
 
 if TYPE_CHECKING:
     from gateway.records import Contact
-    from gateway.runtime import Gateway
+    from gateway.server.runtime import Gateway
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 from aiohttp import web
 
-from gateway.api.openapi import document
-from gateway.runtime import Gateway
+from gateway.cases.api.openapi import document
+from gateway.server.runtime import Gateway
 
 TOKENS = {
     "reader": "tok-reader-0123456789",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.clock import MICROS_PER_SECOND, Micros
+from gateway.contact.clock import MICROS_PER_SECOND, Micros
 from gateway.queueing.keys import Keys
 from gateway.records import Contact, Deadline, Event, Repeat, Sender
 

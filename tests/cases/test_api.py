@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.runtime import Gateway
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.cases.conftest import API, Client, auth, submit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import ConfigError, Secret, parse_settings
+from gateway.server.config import ConfigError, Secret, parse_settings
 
 
 def test_sections_parse_with_secrets_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from gateway.clock import SYSTEM_CLOCK
-from gateway.config import SlaSection
-from gateway.i18n import Locale
+from gateway.cases.i18n import Locale
+from gateway.cases.report import build, render
+from gateway.contact.clock import SYSTEM_CLOCK
 from gateway.records import Repeat
-from gateway.report import build, render
+from gateway.server.config import SlaSection
 from gateway.testing import eventually
 from tests.cases import dataset
 from tests.cases.conftest import API, TOKENS
@@ -252,7 +252,7 @@ async def test_dashboard_shows_the_hand_computed_figures(
 
 
 async def _aggregated(gw: Any, entries: int) -> bool:
-    from gateway.dashboard.aggregates import GROUP
+    from gateway.cases.dashboard.aggregates import GROUP
 
     groups = await gw.redis.xinfo_groups(gw.keys.events)
     mine = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]

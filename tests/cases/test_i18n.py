@@ -1,4 +1,4 @@
-"""Language, time zone and number formats of the supervisor's views (``gateway.i18n``)."""
+"""Language, time zone and number formats of the supervisor's views (``gateway.cases.i18n``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.config import ConfigError, parse_settings
-from gateway.i18n import MESSAGES, Locale, negotiate
-from gateway.report import main as report_main
+from gateway.cases.i18n import MESSAGES, Locale, negotiate
+from gateway.cases.report import main as report_main
+from gateway.server.config import ConfigError, parse_settings
 
 
 def test_the_browser_chooses_unless_the_config_does() -> None:

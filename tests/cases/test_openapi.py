@@ -114,7 +114,7 @@ async def test_router_and_document_agree(start_gateway: Any, client: Client) -> 
 
 def test_records_are_the_shipped_json_schemas() -> None:
     """Contact and Event are the schemas in gateway/schemas/, not a hand copy."""
-    from gateway.api.openapi import shipped_schema
+    from gateway.cases.api.openapi import shipped_schema
 
     for name, file in (("Contact", "contact.schema.json"), ("Event", "event.schema.json")):
         shipped = json.loads(files("gateway").joinpath("schemas", file).read_text())
@@ -123,7 +123,7 @@ def test_records_are_the_shipped_json_schemas() -> None:
         assert embedded["required"] == shipped["required"]
         assert embedded["properties"].keys() == shipped["properties"].keys()
         assert embedded.get("additionalProperties") == shipped.get("additionalProperties")
-    raw = json.loads(files("gateway.api").joinpath("openapi.json").read_text())
+    raw = json.loads(files("gateway.cases.api").joinpath("openapi.json").read_text())
     assert not {"Contact", "Event"} & set(raw["components"]["schemas"])
 
 

@@ -11,8 +11,8 @@ from asyncio.subprocess import PIPE
 from pathlib import Path
 from typing import Any
 
-from gateway.push.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
-from gateway.runtime import Gateway
+from gateway.cases.push.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.cases.conftest import API, Client, Receiver, submit
 

@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.cli import _info
+from gateway.cases.replies import GROUP, reply_queues
 from gateway.queueing import post_reply as put_reply
 from gateway.records import Reply
-from gateway.replies import GROUP, reply_queues
-from gateway.runtime import Gateway
+from gateway.server.cli import _info
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.core.test_intake import inbound
 from tests.e2e.test_serve import free_port, start_serve, wait_healthy
@@ -96,7 +96,7 @@ async def test_replies_posted_through_either_instance_are_sent_once_by_the_right
 async def test_a_reply_for_an_adapter_no_instance_runs_is_held_then_sent(
     start_gateway, aiohttp_client_session, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="gateway.replies")
+    caplog.set_level(logging.WARNING, logger="gateway.cases.replies")
     async with running(ok()) as api:
         gw_b = await start_gateway(gateway={"instance": "b"}, adapters={})
         cid = await contact_of(gw_b, "agg", 1)

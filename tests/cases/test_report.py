@@ -16,11 +16,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.clock import SYSTEM_CLOCK
-from gateway.config import SlaSection
-from gateway.i18n import Language, Locale
+from gateway.cases.i18n import Language, Locale
+from gateway.cases.report import build, hour_of, render
+from gateway.contact.clock import SYSTEM_CLOCK
 from gateway.queueing.keys import Keys
-from gateway.report import build, hour_of, render
+from gateway.server.config import SlaSection
 from tests.cases import dataset
 
 SLA = SlaSection(voice_answer=15, sms_response=180, email_response=86400)
@@ -72,7 +72,7 @@ def test_a_window_leaves_older_contacts_out() -> None:
 
 
 def local_minute(us: int, zone: str = "Asia/Shanghai") -> str:
-    """Worked independently of gateway.i18n: the minute ``us`` falls in, on a wall clock."""
+    """Worked independently of gateway.cases.i18n: the minute ``us`` falls in, on a wall clock."""
     return datetime.fromtimestamp(us / 1e6, ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
 
 
@@ -225,7 +225,7 @@ async def test_gateway_report_command(
 
 
 async def test_load_reads_past_one_chunk(redis_client: Any, prefix: str) -> None:
-    from gateway.report import CHUNK, load
+    from gateway.cases.report import CHUNK, load
 
     keys = Keys(prefix)
     now = SYSTEM_CLOCK.now_us()

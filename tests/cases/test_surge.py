@@ -14,12 +14,12 @@ from typing import Any
 import aiohttp
 import jsonschema
 
-from gateway.clock import MICROS_PER_SECOND, FixedClock
-from gateway.config import SurgeSection
+from gateway.cases.surge import SurgeWatch, poisson_tail
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue
 from gateway.records import Contact, Event
-from gateway.surge import SurgeWatch, poisson_tail
+from gateway.server.config import SurgeSection
 from gateway.testing import eventually
 from tests.cases import dataset
 from tests.cases.conftest import API, TOKENS, Receiver

@@ -9,11 +9,11 @@ from typing import Any
 
 import aiohttp
 
-from gateway.clock import SYSTEM_CLOCK
-from gateway.config import SlaSection
-from gateway.dashboard.aggregates import read_window, time_bin, window_buckets
+from gateway.cases.dashboard.aggregates import read_window, time_bin, window_buckets
+from gateway.cases.report import build
+from gateway.contact.clock import SYSTEM_CLOCK
 from gateway.queueing.keys import Keys
-from gateway.report import build
+from gateway.server.config import SlaSection
 from gateway.testing import eventually
 from tests.cases import dataset
 from tests.cases.conftest import API, TOKENS
@@ -131,7 +131,7 @@ async def test_read_window_sums_hours_and_minutes(redis_client: Any, prefix: str
 
 
 async def test_what_a_dead_instance_read_is_taken_over(start_gateway: Any) -> None:
-    from gateway.dashboard.aggregates import GROUP
+    from gateway.cases.dashboard.aggregates import GROUP
 
     gw = await start_gateway(api=API)
     aggregator = gw.cases.aggregator

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from gateway.clock import MICROS_PER_SECOND, FixedClock
-from gateway.config import WatcherSection
+from gateway.cases.watcher import DeadlineWatcher
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.records import Inbound, Sender
-from gateway.runtime import Gateway
+from gateway.server.config import WatcherSection
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
-from gateway.watcher import DeadlineWatcher
 from tests.cases.conftest import API, Client, submit
 
 

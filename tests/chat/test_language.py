@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.language import guess_language
+from gateway.contact.language import guess_language
 
 CASES = [
     ("zh", "路灯坏了，请尽快修理"),

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from tests.chat import payloads as p
 from tests.chat.fakes import BOT_TOKEN, FakeBotApi, message
 

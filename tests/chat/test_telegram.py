@@ -16,8 +16,8 @@ from telegram import Update
 from gateway.adapters import AdapterContext, IntakeUnavailable, Receipt, SendError
 from gateway.channels.chat.telegram import TelegramAdapter, TelegramConfig
 from gateway.channels.chat.telegram_updates import decode_update, derived_secret, split_text
-from gateway.config import AdapterSettings, Secret
 from gateway.records import Inbound, Reply
+from gateway.server.config import AdapterSettings, Secret
 from gateway.testing import eventually
 from tests.chat.fakes import (
     BOT_ID,

@@ -18,8 +18,8 @@ from gateway.adapters import AdapterContext
 from gateway.channels.chat.telegram import TelegramAdapter, TelegramConfig
 from gateway.channels.chat.wechat import WeChatAdapter, WeChatConfig
 from gateway.channels.chat.weibo import WeiboAdapter, WeiboConfig
-from gateway.clock import FixedClock
-from gateway.config import AdapterSettings, Secret
+from gateway.contact.clock import FixedClock
+from gateway.server.config import AdapterSettings, Secret
 from tests.chat import payloads as p
 from tests.chat.fakes import BOT_TOKEN, FakeBotApi, LocalServer, message
 from tests.chat.test_telegram import FlakyIntake

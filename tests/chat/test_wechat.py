@@ -12,9 +12,9 @@ import pytest
 
 from gateway.adapters import SendError
 from gateway.channels.chat.officialaccount import parse_xml
-from gateway.clock import FixedClock
-from gateway.config import ConfigError
+from gateway.contact.clock import FixedClock
 from gateway.records import Reply
+from gateway.server.config import ConfigError
 from tests.chat import payloads as p
 from tests.chat.fakes import FakeWeChatApi
 from tests.harness import answer_before_body

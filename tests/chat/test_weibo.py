@@ -13,7 +13,7 @@ import pytest
 
 from gateway.adapters import SendError
 from gateway.channels.chat.officialaccount import parse_xml
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from gateway.records import Reply
 from tests.chat import payloads as p
 from tests.chat.fakes import FakeWeiboApi

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.attachments import AttachmentStore, AttachmentTooLarge
+from gateway.contact.attachments import AttachmentStore, AttachmentTooLarge
 
 
 async def test_same_bytes_are_stored_once_and_named_safely(tmp_path):

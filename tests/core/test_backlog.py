@@ -60,7 +60,7 @@ def _smtp_data(port: int) -> tuple[int, bytes]:
 async def test_a_backlog_is_reported_then_refused_the_retry_later_way_until_read(
     start_gateway, aiohttp_client_session, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="gateway.backlog")
+    caplog.set_level(logging.WARNING, logger="gateway.queueing.backlog")
     gw = await start_gateway(
         redis={"backlog_warning": 20, "backlog_limit": 50, "trim_interval": "1h"},
         adapters={"mail": {"type": "smtp", "listen": "127.0.0.1:0", "mailboxes": [MAILBOX]}},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import load_settings, main
+from gateway.server.cli import load_settings, main
 
 # Each table passes its config class's field types but breaks a rule of its channel type
 # that was checked only when the adapter was constructed, so check-config said OK.

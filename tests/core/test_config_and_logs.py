@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from gateway.config import ConfigError, Secret, load_file, parse_duration
-from gateway.logs import MaskingFilter, mask
+from gateway.server.config import ConfigError, Secret, load_file, parse_duration
+from gateway.server.logs import MaskingFilter, mask
 
 
 def test_every_error_names_its_key(tmp_path):

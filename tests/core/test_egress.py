@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 
 from gateway.adapters import SendError
-from gateway.config import ConfigError, EgressSection
-from gateway.egress import SendLimiter, SendRate, bypassed, proxy_for
 from gateway.records import Reply
+from gateway.server.config import ConfigError, EgressSection
+from gateway.server.egress import SendLimiter, SendRate, bypassed, proxy_for
 from tests.sms.fakes import Answer, FakeProvider, running
 
 

@@ -7,9 +7,9 @@ import zlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError, parse_settings
-from gateway.intake_api import BadRequest, parse_intake
 from gateway.queueing.spool import Spool
+from gateway.server.config import ConfigError, parse_settings
+from gateway.server.intake_api import BadRequest, parse_intake
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 
 from gateway.adapters import IntakeUnavailable
-from gateway.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
-from gateway.lock import DataDirBusy
+from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.spool import Spool, SpoolError
 from gateway.records import Event, Inbound, Sender
-from gateway.runtime import Gateway
+from gateway.server.lock import DataDirBusy
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.harness import settings_for
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from gateway.adapters import IntakeUnavailable, InvalidContact
-from gateway.clock import SYSTEM_CLOCK
+from gateway.contact.clock import SYSTEM_CLOCK
 from gateway.records import Inbound, Sender
 
 

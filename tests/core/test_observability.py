@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.logs import JsonFormatter, MaskingFilter, mask
+from gateway.server.logs import JsonFormatter, MaskingFilter, mask
 from tests.voice.fakes import agi_fixture, fake_call
 
 
@@ -136,7 +136,7 @@ def test_phone_numbers_and_addresses_still_masked(text: str, masked: str) -> Non
 
 
 def test_json_lines_carry_adapter_contact_and_event() -> None:
-    record = logging.LogRecord("gateway.replies", logging.WARNING, __file__, 1,
+    record = logging.LogRecord("gateway.cases.replies", logging.WARNING, __file__, 1,
                                "reply %s failed for %s", ("r1", "+8613800138000"), None)
     record.adapter, record.contact_id, record.event = "kannel", "0193-abc", "reply_failed"
     MaskingFilter().filter(record)
@@ -149,10 +149,10 @@ def test_json_lines_carry_adapter_contact_and_event() -> None:
 async def test_watcher_lines_per_contact_are_debug_and_breaches_counted_by_policy(
     start_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway.clock import FixedClock
-    from gateway.config import WatcherSection
+    from gateway.cases.watcher import DeadlineWatcher
+    from gateway.contact.clock import FixedClock
     from gateway.records import Inbound, Sender
-    from gateway.watcher import DeadlineWatcher
+    from gateway.server.config import WatcherSection
 
     clock = FixedClock()
     gw = await start_gateway(clock=clock, sla={"web_response": "100s"},
@@ -164,14 +164,14 @@ async def test_watcher_lines_per_contact_are_debug_and_breaches_counted_by_polic
     clock.advance(101)
     with caplog.at_level(logging.INFO):
         assert await watcher.tick() == 5  # the five breaches (their warnings are past too)
-    assert not [r for r in caplog.records if r.name == "gateway.watcher"]
-    with caplog.at_level(logging.DEBUG, logger="gateway.watcher"):
+    assert not [r for r in caplog.records if r.name == "gateway.cases.watcher"]
+    with caplog.at_level(logging.DEBUG, logger="gateway.cases.watcher"):
         clock.advance(1)
         await gw.intake.submit(Inbound("web", "api", "w9", Sender("a@example.org"), "",
                                        clock.now_us(), text="x"))
         clock.advance(101)
         await watcher.tick()
-    (line,) = [r for r in caplog.records if r.name == "gateway.watcher"]
+    (line,) = [r for r in caplog.records if r.name == "gateway.cases.watcher"]
     assert line.levelno == logging.DEBUG and line.event == "breached"  # type: ignore[attr-defined]
     _, text = await scrape(gw.http_port)
     assert sample(text, "gateway_deadline_events_total", type="breached",
@@ -179,7 +179,7 @@ async def test_watcher_lines_per_contact_are_debug_and_breaches_counted_by_polic
 
 
 async def test_answer_within_15_seconds_is_measured(start_gateway: Any) -> None:
-    from gateway.clock import FixedClock
+    from gateway.contact.clock import FixedClock
     from gateway.records import Inbound, Sender
 
     clock = FixedClock()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.permissions import UnsafePermissions
-from gateway.runtime import Gateway
+from gateway.server.permissions import UnsafePermissions
+from gateway.server.runtime import Gateway
 from tests.core.test_intake import inbound
 from tests.e2e.test_serve import PY
 from tests.harness import settings_for
@@ -72,7 +72,7 @@ def test_wider_data_folder_warns_at_start_up_or_is_refused(tmp_path, redis_url, 
         finally:
             await gw.stop()
 
-    caplog.set_level(logging.WARNING, logger="gateway.permissions")
+    caplog.set_level(logging.WARNING, logger="gateway.server.permissions")
     asyncio.run(start("warn"))
     (warning,) = caplog.records
     assert str(data) in warning.getMessage() and "drwxr-xr-x" in warning.getMessage()

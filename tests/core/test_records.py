@@ -12,9 +12,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway import clock
-from gateway.clock import format_time, parse_time
-from gateway.ids import uuid7, uuid7_time_ms
+from gateway.contact import clock
+from gateway.contact.clock import format_time, parse_time
+from gateway.contact.ids import uuid7, uuid7_time_ms
 from gateway.records import Contact, Event, clean_text
 
 

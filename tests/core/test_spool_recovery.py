@@ -9,7 +9,7 @@ import os
 import aiohttp
 import redis
 
-from gateway.runtime import Gateway
+from gateway.server.runtime import Gateway
 from tests.core.test_intake import inbound
 from tests.harness import settings_for
 from tests.voice.test_ami import until

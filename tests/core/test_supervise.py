@@ -11,13 +11,13 @@ import re
 import aiohttp
 import pytest
 
-from gateway.metrics import Metrics
-from gateway.supervise import Backoff, Supervisor, retry
+from gateway.server.metrics import Metrics
+from gateway.server.supervise import Backoff, Supervisor, retry
 from tests.voice.test_ami import until
 
 
 async def test_a_failing_loop_is_restarted_with_bounded_backoff_and_logged(caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.supervise")
+    caplog.set_level(logging.WARNING, logger="gateway.server.supervise")
     metrics = Metrics()
     supervisor = Supervisor(metrics)
     runs = 0
@@ -85,7 +85,7 @@ async def test_a_required_loop_that_is_down_fails_readiness_and_a_finished_one_d
 
 
 async def test_degraded_loop_fails_readiness_until_cleared(caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.supervise")
+    caplog.set_level(logging.WARNING, logger="gateway.server.supervise")
     supervisor = Supervisor()
     supervisor.spawn("replay", asyncio.Event().wait)
     supervisor.degrade("replay", "spool not draining for 30 s")
@@ -175,7 +175,7 @@ async def test_stop_ends_a_loop_that_lost_its_cancellation(caplog) -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(supervisor.stop("loses-one"), 10)
     assert lost == 1 and supervisor.states()["loses-one"].state == "stopped"
-    caplog.set_level(logging.ERROR, logger="gateway.supervise")
+    caplog.set_level(logging.ERROR, logger="gateway.server.supervise")
     await asyncio.wait_for(supervisor.stop("never-ends", timeout_s=0.5), 10)
     assert any("never-ends: still running" in r.getMessage() for r in caplog.records)
     released = True

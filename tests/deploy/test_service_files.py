@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_file
+from gateway.server.config import load_file
 from tests.harness import require
 
 ROOT = Path(__file__).resolve().parents[2]

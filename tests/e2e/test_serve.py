@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from gateway.clock import MICROS_PER_SECOND, parse_time
+from gateway.contact.clock import MICROS_PER_SECOND, parse_time
 from gateway.testing import eventually
 
 PY = sys.executable

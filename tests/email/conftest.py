@@ -15,7 +15,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway.queueing.embedded import EmbeddedRedis
-from gateway.runtime import Gateway
+from gateway.server.runtime import Gateway
 
 MAILBOX = "12345@hotline.example.gov.cn"
 FIXTURES = Path(__file__).parent / "fixtures"

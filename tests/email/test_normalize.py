@@ -18,8 +18,8 @@ from gateway.channels.email.normalize import (
     normalize,
     split_mailbox,
 )
-from gateway.clock import parse_time
-from gateway.language import guess_language
+from gateway.contact.clock import parse_time
+from gateway.contact.language import guess_language
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ENVELOPE = Envelope("citizen@example.org", ("12345@hotline.example.gov.cn",))

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError
+from gateway.server.config import ConfigError
 from gateway.testing import eventually
 from tests.email.conftest import FIXTURES, MAILBOX
 from tests.email.test_normalize import CASES
@@ -191,7 +191,7 @@ async def test_twenty_megabyte_attachment_with_aiosmtplib(start_mailbox):
 def test_message_size_beyond_the_attachment_store_is_a_config_error(tmp_path):
     """The rule needs [intake]: it is the channel type's check, run by the one validation."""
     from gateway.channels.email.common import EmailConfig
-    from gateway.config import load_table
+    from gateway.server.config import load_table
     from tests.harness import settings_for
 
     with pytest.raises(ConfigError, match="max_attachment") as info:
@@ -486,7 +486,7 @@ def test_base64_fixture_really_is_base64():
 def test_deploy_sample_config_is_valid(monkeypatch):
     import tomllib
 
-    from gateway.config import parse_settings
+    from gateway.server.config import parse_settings
 
     monkeypatch.setenv("GATEWAY_SMTP_PASSWORD", "from-the-environment")
     path = Path(__file__).parents[2] / "deploy" / "email" / "gateway.toml"

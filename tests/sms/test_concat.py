@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, parse_udh
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from gateway.queueing.coordination import SharedState
 from gateway.queueing.keys import Keys
 

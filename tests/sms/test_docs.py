@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import parse_settings
+from gateway.server.config import parse_settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "channels" / "sms.md"
 BLOCKS = re.findall(r"```toml\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)

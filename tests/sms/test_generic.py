@@ -254,7 +254,7 @@ async def test_auto_acknowledgement_by_sms(start_gateway: Any) -> None:
 
 
 async def test_incomplete_long_message_is_acknowledged_at_the_timeout(start_gateway: Any) -> None:
-    from gateway.clock import FixedClock
+    from gateway.contact.clock import FixedClock
 
     clock = FixedClock()
     async with running(FakeProvider(Answer(200))) as api:

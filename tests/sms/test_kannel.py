@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.adapters import SendError
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from gateway.records import Reply
 from gateway.testing import eventually
 from tests.sms.fakes import Answer, FakeProvider, running

@@ -14,7 +14,7 @@ from urllib.parse import quote_from_bytes, urlsplit
 import aiohttp
 import pytest
 
-from gateway.config import ConfigError
+from gateway.server.config import ConfigError
 from gateway.testing import eventually
 from tests.harness import require
 

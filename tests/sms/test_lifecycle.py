@@ -40,7 +40,7 @@ async def test_registered_example_starts_and_stops_twice(name: str, start_gatewa
 )
 async def test_unauthenticated_or_broken_config_refused(table: dict[str, Any], key: str,
                                                          start_gateway: Any) -> None:
-    from gateway.config import ConfigError
+    from gateway.server.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         await start_gateway(adapters={"a": table})

@@ -26,7 +26,7 @@ from gateway.channels.voice.agi import (
     split_command,
 )
 from gateway.channels.voice.ami import AmiError, FrameReader
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from tests.voice.fakes import agi_fixture, fake_call
 
 REPLIES = [

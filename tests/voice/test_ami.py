@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from gateway.channels.voice.ami import AmiClient, AmiError, FrameReader, format_action
-from gateway.clock import FixedClock
-from gateway.config import Secret
+from gateway.contact.clock import FixedClock
 from gateway.records import Contact, Event
-from gateway.runtime import Gateway
+from gateway.server.config import Secret
+from gateway.server.runtime import Gateway
 from tests.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
 
 T0 = 1_795_594_483_000_000

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.channels.voice.intake import arrival
-from gateway.clock import MICROS_PER_SECOND, FixedClock, parse_time
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock, parse_time
 from gateway.testing import eventually
 from tests.voice.fakes import agi_fixture, fake_call
 from tests.voice.serve import served_gateways

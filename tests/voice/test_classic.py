@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.channels.voice.agi import split_command
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from tests.voice.fakes import agi_fixture
 
 T0 = 1_795_594_483_000_000

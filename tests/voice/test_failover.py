@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.clock import MICROS_PER_SECOND, parse_time
+from gateway.contact.clock import MICROS_PER_SECOND, parse_time
 from tests.voice.fakes import agi_fixture, dialplan_intake
 from tests.voice.serve import served_gateways
 from tests.voice.test_ami import until

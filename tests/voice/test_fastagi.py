@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from gateway.records import Contact
-from gateway.runtime import Gateway
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.voice.fakes import agi_fixture, asterisk_reply, fake_call
 
@@ -373,7 +373,7 @@ async def test_agi_allow_list(start_gateway: Any, allow: list[str], served: bool
 
 
 async def test_agi_allow_list_is_checked_at_start(start_gateway: Any) -> None:
-    from gateway.config import ConfigError
+    from gateway.server.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"adapters.asterisk.agi_allow\[1\]"):
         await start_voice(start_gateway, agi_allow=["10.0.0.0/8", "not-a-network"])

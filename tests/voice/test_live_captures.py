@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.clock import MICROS_PER_SECOND, FixedClock
-from gateway.runtime import Gateway
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
+from gateway.server.runtime import Gateway
 from tests.voice.fakes import (
     FakeAmi,
     agi_fixture,

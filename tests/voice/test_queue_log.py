@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.channels.voice.queuelog import parse
-from gateway.clock import MICROS_PER_SECOND, FixedClock
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.records import Contact, Event
-from gateway.runtime import Gateway
+from gateway.server.runtime import Gateway
 from tests.voice.fakes import FIXTURES, FakeAmi, agi_fixture, fake_call
 from tests.voice.test_ami import of_type, until, voice_with_ami
 

@@ -90,7 +90,7 @@ def test_no_calls() -> None:
 
 def test_settings_drive_the_figures() -> None:
     from gateway.channels.voice.report import voice_report_for
-    from gateway.config import parse_settings
+    from gateway.server.config import parse_settings
 
     settings, _ = parse_settings(
         {"sla": {"voice_answer": "10s", "connection_target": 0.8, "short_abandon": "3s"}}
@@ -121,7 +121,7 @@ def test_worst_24_hours_over_a_longer_period() -> None:
 
 def test_report_round_trips_through_its_dict() -> None:
     from gateway.channels.voice.report import VoiceReport
-    from gateway.clock import parse_time
+    from gateway.contact.clock import parse_time
 
     day = 24 * 3600 * S
     contacts = [call(i, at=T0 + i * 3600 * S) for i in range(30)]
@@ -129,7 +129,7 @@ def test_report_round_trips_through_its_dict() -> None:
     r = voice_report(contacts, events, since=T0, until=T0 + 2 * day)
     d = r.to_dict()
     assert VoiceReport.from_dict(d) == r
-    # what gateway.report does with the JSON form: since/until back, the rest as is
+    # what gateway.cases.report does with the JSON form: since/until back, the rest as is
     v = dict(d)
     v["since"], v["until"] = parse_time(v["since"]), parse_time(v["until"])
     assert VoiceReport(**v).lines() == r.lines()

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from gateway.channels.voice.report import voice_report
-from gateway.clock import FixedClock
+from gateway.contact.clock import FixedClock
 from gateway.records import Contact
 from tests.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
 from tests.voice.test_ami import (

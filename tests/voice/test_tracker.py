@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.cases.watcher import DeadlineWatcher
 from gateway.channels.voice.tracker import CallTracker, event_time
-from gateway.clock import FixedClock
-from gateway.config import WatcherSection
+from gateway.contact.clock import FixedClock
 from gateway.records import Event
-from gateway.runtime import Gateway
+from gateway.server.config import WatcherSection
+from gateway.server.runtime import Gateway
 from gateway.testing import eventually
-from gateway.watcher import DeadlineWatcher
 from tests.voice.fakes import agi_fixture, fake_call
 
 T0 = 1_795_594_483_000_000

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.adapters import Receipt
 from gateway.channels.voice.tracker import CallTracker
-from gateway.clock import FixedClock, Micros
+from gateway.contact.clock import FixedClock, Micros
 from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Sender
 
 T0 = 1_795_594_483_000_000

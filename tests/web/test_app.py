@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.channels.web.app import form_to_body, parse_location
-from gateway.intake_api import BadRequest
+from gateway.server.intake_api import BadRequest
 
 IOS_KEY = "ios-key-0123456789"
 WEB_KEY = "web-key-9876543210"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import parse_settings
+from gateway.server.config import parse_settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "channels"
 ENV = {

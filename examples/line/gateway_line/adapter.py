@@ -30,10 +30,10 @@ from gateway.adapters import (
     SendError,
     SendReceipt,
 )
-from gateway.config import Duration, Secret
-from gateway.egress import client_session
-from gateway.http import read_body
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
+from gateway.server.config import Duration, Secret
+from gateway.server.egress import client_session
+from gateway.server.http import read_body
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from defusedxml.ElementTree import fromstring as _defused_fromstring
 
 from gateway.adapters import AdapterContext, Receipt, SendError
 from gateway.channels.common import Refused, Unavailable, retry_later, submit
-from gateway.clock import MICROS_PER_SECOND, Micros
-from gateway.config import Duration
-from gateway.egress import client_session
-from gateway.http import read_body, read_capped
-from gateway.language import guess_language
+from gateway.contact.clock import MICROS_PER_SECOND, Micros
+from gateway.contact.language import guess_language
 from gateway.records import Attachment, Inbound, Sender, clean_text
-from gateway.supervise import Backoff, retry
+from gateway.server.config import Duration
+from gateway.server.egress import client_session
+from gateway.server.http import read_body, read_capped
+from gateway.server.supervise import Backoff, retry
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,7 @@ from telegram.error import (
 )
 from telegram.ext import Application, ApplicationBuilder
 
-from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
-from gateway.attachments import AttachmentTooLarge
 from gateway.channels.chat.telegram_updates import (
     FileRef,
     decode_update,
@@ -53,13 +51,15 @@ from gateway.channels.chat.telegram_updates import (
     start_payload,
 )
 from gateway.channels.common import Refused, retry_later, submit
-from gateway.clock import Micros
-from gateway.config import Duration, Secret
-from gateway.egress import SendRate, proxy_for
-from gateway.http import read_body
+from gateway.contact import safejson
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.clock import Micros
 from gateway.queueing.coordination import Fence
 from gateway.records import Attachment, Contact, Inbound, Reply
-from gateway.supervise import Backoff
+from gateway.server.config import Duration, Secret
+from gateway.server.egress import SendRate, proxy_for
+from gateway.server.http import read_body
+from gateway.server.supervise import Backoff
 
 log = logging.getLogger(__name__)
 

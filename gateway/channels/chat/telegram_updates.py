@@ -12,8 +12,8 @@ from typing import Any, Final
 
 from telegram import Message, MessageEntity, Update
 
-from gateway.clock import Micros, from_datetime
-from gateway.language import guess_language
+from gateway.contact.clock import Micros, from_datetime
+from gateway.contact.language import guess_language
 from gateway.records import Sender, clean_text
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ import orjson
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
-from gateway.attachments import AttachmentTooLarge
 from gateway.channels.chat.officialaccount import (
     WINDOW,
     AccessToken,
@@ -35,9 +34,10 @@ from gateway.channels.chat.officialaccount import (
     text_reply_xml,
     timestamp_within,
 )
-from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.http import read_capped
+from gateway.contact.attachments import AttachmentTooLarge
 from gateway.records import Attachment, Contact, Reply
+from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
+from gateway.server.http import read_capped
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from urllib.parse import quote
 import orjson
 from aiohttp import web
 
-from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.chat.officialaccount import (
     WINDOW,
@@ -32,9 +31,10 @@ from gateway.channels.chat.officialaccount import (
     parse_xml,
     text_reply_xml,
 )
-from gateway.clock import from_datetime
-from gateway.config import Duration, Secret
+from gateway.contact import safejson
+from gateway.contact.clock import from_datetime
 from gateway.records import Contact, Reply
+from gateway.server.config import Duration, Secret
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from string import Template
 from typing import Any
 
 from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
-from gateway.attachments import AttachmentTooLarge
 from gateway.channels.email.common import EmailConfig
 from gateway.channels.email.normalize import Envelope, Normalized, Options, normalize
 from gateway.channels.email.relay import (
@@ -28,9 +27,10 @@ from gateway.channels.email.relay import (
     tagged_address,
 )
 from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
-from gateway.clock import MICROS_PER_SECOND
-from gateway.config import AdapterSettings, ConfigError
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.clock import MICROS_PER_SECOND
 from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
+from gateway.server.config import AdapterSettings, ConfigError
 
 log = logging.getLogger(__name__)
 

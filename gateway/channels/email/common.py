@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.config import ConfigError, Duration, HostPort, Secret
+from gateway.server.config import ConfigError, Duration, HostPort, Secret
 
 
 @dataclass(frozen=True, slots=True)

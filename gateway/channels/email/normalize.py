@@ -31,8 +31,8 @@ from gateway.channels.email.headers import (
     unfold,
 )
 from gateway.channels.email.htmltext import html_to_text
-from gateway.clock import Micros, from_datetime
-from gateway.language import guess_language
+from gateway.contact.clock import Micros, from_datetime
+from gateway.contact.language import guess_language
 from gateway.records import Sender, clean_text
 
 MAX_DEPTH: Final = 16
@@ -433,7 +433,7 @@ def _language(headers: dict[str, str], charsets: Iterable[str], text: str) -> st
         hint = language_of(cs)
         if hint:
             return hint
-    return guess_language(text)  # the one guesser every channel uses (gateway/language.py)
+    return guess_language(text)  # the one guesser every channel uses (gateway/contact/language.py)
 
 
 _CONTROLS: Final = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")

@@ -15,8 +15,8 @@ import aiosmtplib
 
 from gateway.adapters import SendError
 from gateway.channels.email.common import RelayConfig
-from gateway.clock import MICROS_PER_SECOND, Micros
-from gateway.supervise import Backoff, retry
+from gateway.contact.clock import MICROS_PER_SECOND, Micros
+from gateway.server.supervise import Backoff, retry
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from typing import Any, AnyStr, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.adapters import IntakeUnavailable, InvalidContact, RateLimited
-from gateway.attachments import AttachmentTooLarge
 from gateway.channels.email.common import EmailConfig
 from gateway.channels.email.normalize import Envelope as MailEnvelope
 from gateway.channels.email.normalize import split_mailbox
-from gateway.connguard import ConnectionCount, default_cap
-from gateway.metrics import AdapterMetrics
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.server.connguard import ConnectionCount, default_cap
 from gateway.server.listeners import create_listener
+from gateway.server.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
 

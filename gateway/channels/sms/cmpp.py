@@ -34,9 +34,9 @@ from gateway.channels.sms import cmpp_pdu as C
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import parse_udh
 from gateway.channels.sms.link import BoundLink, LinkConfig, LinkDown, link_errors, raise_errors
-from gateway.config import AdapterSettings, Duration, Secret
-from gateway.phone import mask_phone
+from gateway.contact.phone import mask_phone
 from gateway.records import Contact, EventType, Reply
+from gateway.server.config import AdapterSettings, Duration, Secret
 
 log = logging.getLogger(__name__)
 

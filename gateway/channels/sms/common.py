@@ -27,10 +27,10 @@ from gateway.adapters import AdapterContext, Receipt, SendError, SendReceipt
 from gateway.channels.common import retry_later
 from gateway.channels.sms.concat import Added, Assembler, Part, assembled_id
 from gateway.channels.sms.segments import Segments, split, substitute
-from gateway.config import ConfigError, Secret
-from gateway.egress import client_session
-from gateway.phone import mask_phone, to_e164
+from gateway.contact.phone import mask_phone, to_e164
 from gateway.records import Contact, Event, EventType, Inbound, Reply, Sender, short_ref
+from gateway.server.config import ConfigError, Secret
+from gateway.server.egress import client_session
 
 if TYPE_CHECKING:
     from gateway.queueing.coordination import SharedState

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 
 if TYPE_CHECKING:
     from gateway.queueing.coordination import SharedState

@@ -21,7 +21,6 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from gateway import safejson
 from gateway.adapters import (
     AdapterContext,
     ChannelType,
@@ -32,11 +31,12 @@ from gateway.adapters import (
 from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Concat, Part, group_key
-from gateway.clock import MICROS_PER_SECOND, Micros, from_datetime
-from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.http import read_body
-from gateway.phone import mask_phone
+from gateway.contact import safejson
+from gateway.contact.clock import MICROS_PER_SECOND, Micros, from_datetime
+from gateway.contact.phone import mask_phone
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
+from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
+from gateway.server.http import read_body
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Part, group_key, parse_udh
 from gateway.channels.sms.segments import split, substitute
-from gateway.clock import MICROS_PER_SECOND
-from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.http import read_body
-from gateway.phone import mask_phone
+from gateway.contact.clock import MICROS_PER_SECOND
+from gateway.contact.phone import mask_phone
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
+from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
+from gateway.server.http import read_body
 
 log = logging.getLogger(__name__)
 

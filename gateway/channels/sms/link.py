@@ -28,10 +28,10 @@ import orjson
 from gateway.adapters import AdapterContext, IntakeUnavailable, SendError
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
-from gateway.config import ConfigError, Duration
-from gateway.phone import mask_phone
+from gateway.contact.phone import mask_phone
 from gateway.queueing.coordination import Fence
 from gateway.records import EventType, Inbound, Sender, clean_text
+from gateway.server.config import ConfigError, Duration
 
 log = logging.getLogger(__name__)
 

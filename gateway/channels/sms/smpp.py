@@ -37,9 +37,9 @@ from gateway.channels.sms import common, gsm7
 from gateway.channels.sms import smpp_pdu as P
 from gateway.channels.sms.concat import Concat, parse_udh
 from gateway.channels.sms.link import BoundLink, LinkConfig, LinkDown, link_errors, raise_errors
-from gateway.config import AdapterSettings, Duration, Secret
-from gateway.phone import mask_phone
+from gateway.contact.phone import mask_phone
 from gateway.records import Contact, EventType, Reply
+from gateway.server.config import AdapterSettings, Duration, Secret
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from gateway.adapters import (
     SendError,
     SendReceipt,
 )
-from gateway.attachments import AttachmentTooLarge
 from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
-from gateway.config import AdapterSettings, ConfigError, Duration, Secret
-from gateway.http import read_body
-from gateway.phone import mask_phone
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.phone import mask_phone
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
+from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
+from gateway.server.http import read_body
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from gateway.channels.voice.intake import IntakeScript, queue_numbers
 from gateway.channels.voice.queuelog import QueueLog, parse
 from gateway.channels.voice.server import FastAgiServer
 from gateway.channels.voice.tracker import CallTracker, event_time
-from gateway.config import AdapterSettings, ConfigError, Duration, HostPort, Secret
 from gateway.queueing.coordination import Fence, SharedState
 from gateway.records import Contact, Event, Reply
+from gateway.server.config import AdapterSettings, ConfigError, Duration, HostPort, Secret
 
 log = logging.getLogger(__name__)
 

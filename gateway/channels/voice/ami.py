@@ -18,8 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from gateway.config import Secret
-from gateway.metrics import AdapterMetrics
+from gateway.server.config import Secret
+from gateway.server.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
 

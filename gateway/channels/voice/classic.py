@@ -39,7 +39,7 @@ from gateway.channels.voice.intake import (
     channel_variables,
     dialled_number,
 )
-from gateway.clock import format_time, parse_time
+from gateway.contact.clock import format_time, parse_time
 from gateway.records import Deadline, Inbound, Repeat
 
 DEFAULT_URL = "http://127.0.0.1:8080/v1/intake"
@@ -47,7 +47,7 @@ DEFAULT_URL = "http://127.0.0.1:8080/v1/intake"
 
 def _routing(path: str | None, adapter: str) -> Any:
     from gateway.channels.voice.adapter import AsteriskConfig
-    from gateway.config import load_table
+    from gateway.server.config import load_table
 
     if not path:
         return AsteriskConfig()

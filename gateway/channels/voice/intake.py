@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.adapters import IntakeUnavailable, RateLimited, Receipt, Submitter
 from gateway.channels.voice.agi import AgiChannel, AgiError
-from gateway.clock import MICROS_PER_SECOND, Micros, format_time
-from gateway.phone import mask_phone, to_e164
+from gateway.contact.clock import MICROS_PER_SECOND, Micros, format_time
+from gateway.contact.phone import mask_phone, to_e164
 from gateway.records import Inbound, Sender, clean_text
 
 if TYPE_CHECKING:

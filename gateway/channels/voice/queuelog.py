@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from gateway.clock import MICROS_PER_SECOND, Micros
+from gateway.contact.clock import MICROS_PER_SECOND, Micros
 from gateway.queueing.coordination import Fence, SharedState
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gateway.clock import Micros, format_time, parse_time
-from gateway.config import Settings
-from gateway.i18n import Locale
+from gateway.cases.i18n import Locale
+from gateway.contact.clock import Micros, format_time, parse_time
 from gateway.records import Contact, Event
+from gateway.server.config import Settings
 
 
 @dataclass(frozen=True, slots=True)

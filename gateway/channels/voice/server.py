@@ -21,10 +21,10 @@ from gateway.channels.voice.agi import (
     script_args,
     script_name,
 )
-from gateway.clock import Clock, Micros
-from gateway.connguard import ConnectionCount, default_cap
-from gateway.metrics import AdapterMetrics
+from gateway.contact.clock import Clock, Micros
+from gateway.server.connguard import ConnectionCount, default_cap
 from gateway.server.listeners import start_stream_listener
+from gateway.server.metrics import AdapterMetrics
 
 log = logging.getLogger(__name__)
 

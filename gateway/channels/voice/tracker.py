@@ -38,7 +38,7 @@ import orjson
 
 from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receipt, Submitter
 from gateway.channels.voice.queuelog import LoggedCall
-from gateway.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.records import EventType, Inbound, Sender
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """App intake: channel type ``app``, for the hotline's own mobile and web clients.
 
 ``POST /v1/apps/{app}/contacts`` extends the core ``POST /v1/intake`` contact (same JSON fields,
-validated by ``gateway.intake_api.parse_intake``) with what client apps need:
+validated by ``gateway.server.intake_api.parse_intake``) with what client apps need:
 
 - a key per app (``Authorization: Bearer <key>`` or ``X-API-Key``), compared in constant time;
 - ``location``: ``{"lat", "lon", "accuracy_m", "address"}``;
@@ -25,19 +25,19 @@ from typing import Any, Final
 import orjson
 from aiohttp import BodyPartReader, web
 
-from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
-from gateway.attachments import AttachmentTooLarge
-from gateway.auth import presented_key, secrets_equal
 from gateway.channels.common import Refused, submit
 from gateway.channels.web.common import contact_history, read_part
-from gateway.clock import format_time
-from gateway.config import Secret
-from gateway.http import MALFORMED_BODY, read_capped
-from gateway.intake_api import BadRequest, parse_intake
-from gateway.language import guess_language
-from gateway.problems import problem
+from gateway.contact import safejson
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.clock import format_time
+from gateway.contact.language import guess_language
 from gateway.records import Contact, Inbound, Reply
+from gateway.server.auth import presented_key, secrets_equal
+from gateway.server.config import Secret
+from gateway.server.http import MALFORMED_BODY, read_capped
+from gateway.server.intake_api import BadRequest, parse_intake
+from gateway.server.problems import problem
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import BodyPartReader
 
 from gateway.adapters import ContactLookup
-from gateway.attachments import AttachmentTooLarge
-from gateway.clock import Micros
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.clock import Micros
 
 
 async def read_part(part: BodyPartReader, limit: int) -> bytes:

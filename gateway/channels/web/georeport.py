@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 from xml.sax.saxutils import escape
 
-from gateway.clock import Micros, format_time
+from gateway.contact.clock import Micros, format_time
 from gateway.records import clean_text
 
 SPEC_URL: Final = "http://wiki.open311.org/GeoReport_v2"

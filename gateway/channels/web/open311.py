@@ -27,10 +27,7 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import BodyPartReader, web
 
-from gateway import safejson
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
-from gateway.attachments import AttachmentTooLarge
-from gateway.auth import secrets_equal
 from gateway.channels.common import Refused, submit
 from gateway.channels.web.common import contact_history, read_part
 from gateway.channels.web.georeport import (
@@ -46,12 +43,15 @@ from gateway.channels.web.georeport import (
     to_xml,
     xml_fields,
 )
-from gateway.clock import Micros
-from gateway.config import Secret
-from gateway.http import MALFORMED_BODY, read_capped
-from gateway.language import guess_language
-from gateway.phone import to_e164
+from gateway.contact import safejson
+from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.clock import Micros
+from gateway.contact.language import guess_language
+from gateway.contact.phone import to_e164
 from gateway.records import Attachment, Contact, Inbound, Reply, Sender
+from gateway.server.auth import secrets_equal
+from gateway.server.config import Secret
+from gateway.server.http import MALFORMED_BODY, read_capped
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,367 @@
+"""Surge warning (实时舆情预警): the gateway watches its own edge volume and writes a ``surge``
+event on ``{p}:events`` (so push subscribers get it too) when contacts rise well above their
+usual level.
+
+Counting (every instance, as the aggregator of ``gateway/cases/dashboard/aggregates.py`` reads each
+``enqueued`` event): each contact adds one to a few **keys** in the hash of the minute it
+arrived in (``{p}:surge:b:<minute>``, kept ``history_days`` + 1 day):
+
+- ``all``; ``channel:<medium>``; ``recipient:<dialled number or mailbox>``;
+- ``topic:<name>`` for each configured topic whose words appear in the subject or text;
+- ``place:<lat>,<lon>`` on a grid of ``grid`` degrees (Open311 and app locations) and
+  ``place:<district>`` for each configured district named in the text or address;
+- ``sensitive:<word>`` for each configured sensitive word.
+
+and keeps the latest contact ids per key and minute as samples.
+
+Evaluating (one instance: the holder of lease ``surge``, every ``interval``): for each key, the
+count ``c`` over the last ``window`` minutes against the usual level ``λ``, the larger of
+
+- the same window on each of the past ``history_days`` days (their mean), and
+- the ``recent`` minutes before the window (scaled to the window),
+- and a floor of ``min_rate`` per minute,
+
+is a surge when ``c >= min_count``, ``c >= ratio * λ`` and the Poisson tail
+``P(X >= c | λ) < alpha``. A steady load gives ``c`` near ``λ`` and raises none. A key's surge
+is written once per period of two windows (``SET NX`` on ``{p}:surge:e:<key>:<period start>``),
+even if two instances evaluate during a lease take-over, and not again within two windows of
+the last one. Sensitive words need no rise: any contact with one
+raises a surge of its word. A citizen's ``repeat``-th contact within the
+repeat window (one phone number across calls and SMS is one citizen) raises one at once,
+once per citizen and day. Nothing is evaluated until the counters span ``warmup``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
+from gateway.queueing.coordination import Fence, Leases
+from gateway.queueing.keys import Keys
+from gateway.queueing.store import RedisQueue
+from gateway.records import Contact, Event
+from gateway.server.config import SurgeSection
+from gateway.server.logs import mask
+from gateway.server.supervise import Supervisor
+
+log = logging.getLogger(__name__)
+
+MINUTE_S = 60
+SAMPLES = 5
+LEASE = "surge"
+
+
+def poisson_tail(c: int, lam: float) -> float:
+    """``P(X >= c)`` for X ~ Poisson(lam), summed upward from ``c`` in log space."""
+    if c <= 0:
+        return 1.0
+    if lam <= 0:
+        return 0.0
+    log_term = -lam + c * math.log(lam) - math.lgamma(c + 1)
+    total = 0.0
+    k = c
+    while True:
+        term = math.exp(log_term)
+        total += term
+        k += 1
+        log_term += math.log(lam) - math.log(k)
+        if term < 1e-17 * max(total, 1e-300) or k > c + 100_000:
+            break
+    return min(1.0, total)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One key found surging in one window."""
+
+    key: str
+    count: int
+    baseline: float
+    p_value: float
+    window_start_s: int
+
+
+class SurgeWatch:
+    """Counts contacts per key (any instance) and evaluates them (the lease holder)."""
+
+    def __init__(self, queue: RedisQueue, clock: Clock, section: SurgeSection, source: str) -> None:
+        self.queue = queue
+        self.redis = queue.redis
+        self.keys: Keys = queue.keys
+        self.clock = clock
+        self.section = section
+        self.source = source
+        self.window_min = max(1, int(section.window // MINUTE_S))
+        self.recent_min = max(1, int(section.recent // MINUTE_S))
+        self.ttl_s = int((section.history_days + 1) * 86400)
+        self._topics = {
+            name: [w.lower() for w in words] for name, words in section.topics.items() if words
+        }
+        self._districts = [d for d in section.districts if d]
+        self._sensitive = [w.lower() for w in section.sensitive if w]
+        self._history: dict[tuple[int, int], dict[str, float]] = {}
+        self.evaluations = 0
+        self._supervisor: Supervisor | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ counting
+
+    def keys_of(self, contact: Contact) -> list[str]:
+        """The surge keys a contact counts under."""
+        out = ["all", f"channel:{contact.channel}"]
+        if contact.recipient:
+            out.append(f"recipient:{contact.recipient.lower()}")
+        text = " ".join(x for x in (contact.subject, contact.text) if x)
+        lowered = text.lower()
+        for name, words in self._topics.items():
+            if any(w in lowered for w in words):
+                out.append(f"topic:{name}")
+        location = contact.meta.get("location") if isinstance(contact.meta, dict) else None
+        address = ""
+        if isinstance(location, dict):
+            lat, lon = location.get("lat"), location.get("lon")
+            if isinstance(lat, (int, float)) and isinstance(lon, (int, float)):
+                out.append(f"place:{self._cell(float(lat))},{self._cell(float(lon))}")
+            address = str(location.get("address") or "")
+        for district in self._districts:
+            if district in text or district in address:
+                out.append(f"place:{district}")
+        for word in self._sensitive:
+            if word in lowered:
+                out.append(f"sensitive:{word}")
+        return out
+
+    def _cell(self, degrees: float) -> str:
+        grid = float(self.section.grid)
+        digits = max(0, -math.floor(math.log10(grid))) if grid < 1 else 0
+        return f"{math.floor(degrees / grid) * grid:.{digits}f}"
+
+    async def count(self, contacts: Iterable[Contact]) -> list[Event]:
+        """Count a batch of new contacts; return the repeat surges written for them."""
+        counts: dict[tuple[int, str], int] = {}
+        samples: dict[tuple[int, str], list[str]] = {}
+        first: Micros | None = None
+        repeats: list[Contact] = []
+        for c in contacts:
+            minute = c.received_at // MICROS_PER_SECOND
+            minute -= minute % MINUTE_S
+            for key in self.keys_of(c):
+                counts[(minute, key)] = counts.get((minute, key), 0) + 1
+                ids = samples.setdefault((minute, key), [])
+                ids.append(c.id)
+                del ids[:-SAMPLES]
+            first = c.received_at if first is None else min(first, c.received_at)
+            if self.section.repeat and c.repeat.count + 1 >= self.section.repeat:
+                repeats.append(c)
+        commands: list[list[Any]] = []
+        for (minute, key), n in counts.items():
+            commands.append(["HINCRBY", self.keys.surge_bucket(minute), key, n])
+            name = self.keys.surge_samples(key, minute)
+            commands.append(["LPUSH", name, *samples[(minute, key)]])
+            commands.append(["LTRIM", name, 0, SAMPLES - 1])
+            commands.append(["EXPIRE", name, 2 * 86400])
+        for minute in {m for m, _ in counts}:
+            commands.append(["EXPIRE", self.keys.surge_bucket(minute), self.ttl_s])
+        if first is not None:
+            commands.append(["SET", self.keys.surge_first, first, "NX"])
+        for r in await self.queue.execute(commands):
+            if isinstance(r, Exception):
+                raise r
+        written = []
+        for c in repeats:
+            event = await self._repeat(c)
+            if event is not None:
+                written.append(event)
+        return written
+
+    async def _repeat(self, c: Contact) -> Event | None:
+        day = c.received_at // MICROS_PER_SECOND // 86400 * 86400
+        await self.queue.load_pseudonym_key()
+        key = f"repeat:{self.queue.pseudonym(c.sender.address)}"  # no number in a key name
+        if not await self.redis.set(self.keys.surge_emitted(key, day), 1, nx=True, ex=2 * 86400):
+            return None
+        ids = [c.id]
+        detail = {
+            "kind": "repeat",
+            "key": f"repeat:{mask(c.sender.address)}",
+            "value": mask(c.sender.address),
+            "count": c.repeat.count + 1,
+            "baseline": 0.0,
+            "p_value": 0.0,
+            "window_s": 86400,
+            "window_start": format_time(day * MICROS_PER_SECOND),
+            "samples": ids,
+            "channels": [c.channel],
+        }
+        return await self._emit(c.id, detail)
+
+    # ------------------------------------------------------------------ evaluating
+
+    def start(self, leases: Leases, supervisor: Supervisor) -> None:
+        """Evaluate while this instance holds lease ``surge`` (supervised)."""
+        self._supervisor = supervisor
+        self._stopping = False
+
+        async def run() -> None:
+            await leases.exclusive(LEASE, self._held)
+
+        supervisor.spawn("surge", run, required=False, backoff=(0.5, 30.0))
+
+    async def stop(self) -> None:
+        self._stopping = True  # the loop ends even if a client call swallows the cancellation
+        if self._supervisor is not None:
+            await self._supervisor.stop("surge")
+
+    async def _held(self, fence: Fence) -> None:
+        log.info("surge: evaluating here (lease fence %d)", fence.token)
+        while not self._stopping:
+            try:
+                await self.evaluate()
+            except (RedisError, OSError) as exc:
+                log.warning("surge: %r", exc)
+            await asyncio.sleep(float(self.section.interval))
+
+    async def evaluate(self, now: Micros | None = None) -> list[Event]:
+        """Check every key once now; write and return the surges found."""
+        now = self.clock.now_us() if now is None else now
+        self.evaluations += 1
+        now_s = now // MICROS_PER_SECOND
+        current = now_s - now_s % MINUTE_S
+        start = current - (self.window_min - 1) * MINUTE_S
+        first = await self.redis.get(self.keys.surge_first)
+        if first is None or now - int(first) < float(self.section.warmup) * MICROS_PER_SECOND:
+            return []
+        window = await self._sum(range(start, current + 1, MINUTE_S))
+        if not window:
+            return []
+        recent_start = start - self.recent_min * MINUTE_S
+        recent = await self._sum(range(recent_start, start, MINUTE_S))
+        history = await self._history_rates(start)
+        found: list[Finding] = []
+        for key, c in window.items():
+            if key.startswith("sensitive:"):
+                if c >= 1:
+                    found.append(Finding(key, c, 0.0, 0.0, start))
+                continue
+            rate = max(
+                history.get(key, 0.0),
+                recent.get(key, 0) / self.recent_min,
+                float(self.section.min_rate),
+            )
+            lam = rate * self.window_min
+            if c < self.section.min_count or c < float(self.section.ratio) * lam:
+                continue
+            p = poisson_tail(c, lam)
+            if p < float(self.section.alpha):
+                found.append(Finding(key, c, lam, p, start))
+        written = []
+        for f in found:
+            event = await self._write(f, now)
+            if event is not None:
+                written.append(event)
+        return written
+
+    async def _sum(self, minutes: Iterable[int]) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for m in minutes:
+            pipe.hgetall(self.keys.surge_bucket(m))
+        total: dict[str, int] = {}
+        for raw in await pipe.execute():
+            for k, v in raw.items():
+                name = k.decode() if isinstance(k, bytes) else str(k)
+                total[name] = total.get(name, 0) + int(v)
+        return total
+
+    async def _history_rates(self, start: int) -> dict[str, float]:
+        """Mean count per minute of each key in the same window on the past days that have
+        any count (cached per window start)."""
+        cache_key = (start, self.window_min)
+        hit = self._history.get(cache_key)
+        if hit is not None:
+            return hit
+        days = 0
+        sums: dict[str, int] = {}
+        for d in range(1, int(self.section.history_days) + 1):
+            day_start = start - d * 86400
+            counts = await self._sum(range(day_start, day_start + self.window_min * MINUTE_S, 60))
+            if counts:
+                days += 1
+                for k, v in counts.items():
+                    sums[k] = sums.get(k, 0) + v
+        rates = {k: v / days / self.window_min for k, v in sums.items()} if days else {}
+        if len(self._history) > 8:
+            self._history.clear()
+        self._history[cache_key] = rates
+        return rates
+
+    async def _write(self, f: Finding, now: Micros) -> Event | None:
+        # once per key and period of two windows (SET NX: across instances), and not again
+        # within two windows of the last one (a burst going on across a period's end)
+        period = int(self.window_min * MINUTE_S * 2)
+        now_s = now // MICROS_PER_SECOND
+        bucket = now_s - now_s % period
+        last = await self.redis.get(self.keys.surge_emitted(f.key, bucket - period))
+        if last is not None and now - int(last) < period * MICROS_PER_SECOND:
+            return None
+        name = self.keys.surge_emitted(f.key, bucket)
+        if not await self.redis.set(name, now, nx=True, ex=2 * period):
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        minutes = range(f.window_start_s, f.window_start_s + self.window_min * MINUTE_S, 60)
+        for m in reversed(minutes):
+            pipe.lrange(self.keys.surge_samples(f.key, m), 0, SAMPLES - 1)
+        samples: list[str] = []
+        for ids in await pipe.execute():
+            for raw in ids:
+                cid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if cid not in samples and len(samples) < SAMPLES:
+                    samples.append(cid)
+        if not samples:
+            return None
+        kind, _, value = f.key.partition(":")
+        detail = {
+            "kind": kind,
+            "key": f.key,
+            "value": value or kind,
+            "count": f.count,
+            "baseline": round(f.baseline, 3),
+            "p_value": f.p_value,
+            "window_s": self.window_min * MINUTE_S,
+            "window_start": format_time(f.window_start_s * MICROS_PER_SECOND),
+            "samples": samples,
+        }
+        log.warning(
+            "surge: %s %s contacts in %d min (usual %.1f, p=%.2g)",
+            f.key if kind != "recipient" else "recipient",
+            f.count,
+            self.window_min,
+            f.baseline,
+            f.p_value,
+        )
+        return await self._emit(samples[0], detail, now)
+
+    async def _emit(
+        self, contact_id: str, detail: dict[str, Any], at: Micros | None = None
+    ) -> Event:
+        event = Event(
+            contact_id=contact_id,
+            type="surge",
+            at=self.clock.now_us() if at is None else at,
+            source=self.source,
+            detail=detail,
+        )
+        await self.queue.emit(event)
+        score = event.at
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.surges, {orjson.dumps(event.to_dict()): score})
+        pipe.zremrangebyscore(self.keys.surges, "-inf", score - 86400 * MICROS_PER_SECOND)
+        await pipe.execute()
+        return event

@@ -1,0 +1,168 @@
+"""Deadline watcher: ``warning`` and ``breached`` events the moment they fall due, exactly once.
+
+Intake puts every contact in two sorted sets, ``{p}:warnings`` (scored by when its warning is
+due) and ``{p}:deadlines`` (scored by its deadline); the stamp that settles a deadline removes
+it from both. The watcher runs on one instance of a fleet at a time, under the lease ``watcher``
+(``gateway.queueing.coordination``); another takes over within ``[fleet] lease_ttl`` when it
+dies. It looks at the members whose score has passed and claims them one by one with a script
+that re-checks the score, ZREMs the member and XADDs the event in one atomic step: even if two
+instances overlap (a holder paused past its lease), only the one whose ZREM removed a member
+writes its event. A settling stamp racing the watcher is decided the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.contact.sla import policy_name
+from gateway.queueing.coordination import Fence, Leases
+from gateway.queueing.store import RedisQueue
+from gateway.records import Event, EventType
+from gateway.server.config import WatcherSection
+from gateway.server.metrics import Metrics
+from gateway.server.supervise import Backoff, Supervisor
+
+log = logging.getLogger(__name__)
+
+BATCH = 200
+LEASE = "watcher"
+
+
+class DeadlineWatcher:
+    """Emits ``warning`` and ``breached`` for this gateway's key prefix."""
+
+    def __init__(
+        self, queue: RedisQueue, clock: Clock, metrics: Metrics, section: WatcherSection
+    ) -> None:
+        self.queue = queue
+        self.clock = clock
+        self.metrics = metrics
+        self.interval_s = max(0.01, float(section.interval))
+        self._supervisor: Supervisor | None = None
+        self._stopping = False
+
+    def start(self, leases: Leases, supervisor: Supervisor) -> None:
+        """Run while this instance holds the ``watcher`` lease (supervised)."""
+        self._supervisor = supervisor
+
+        async def run() -> None:
+            await leases.exclusive(LEASE, self._held)
+
+        supervisor.spawn("watcher", run, backoff=(0.5, 10.0))
+
+    async def stop(self) -> None:
+        self._stopping = True  # the loop ends even if a client call swallows the cancellation
+        if self._supervisor is not None:
+            await self._supervisor.stop("watcher")
+
+    async def _held(self, fence: Fence) -> None:
+        log.info("watcher: running here (lease fence %d)", fence.token)
+        await self._run()
+
+    async def _run(self) -> None:
+        backoff = Backoff(0.5, 10.0)
+        while not self._stopping:
+            try:
+                await self.tick()
+                delay = await self._until_next()
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = backoff.next()
+                log.warning("watcher: %r, retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+
+    async def _until_next(self) -> float:
+        """Sleep until the earliest pending score, at most ``interval``."""
+        k = self.queue.keys
+        pipe = self.queue.redis.pipeline(transaction=False)
+        pipe.zrange(k.warnings, 0, 0, withscores=True)
+        pipe.zrange(k.deadlines, 0, 0, withscores=True)
+        pipe.zcard(k.deadlines)
+        first_warning, first_deadline, open_count = await pipe.execute()
+        self.metrics.deadlines_open.set(int(open_count))
+        scores = [s for items in (first_warning, first_deadline) for _, s in items]
+        if not scores:
+            return self.interval_s
+        wait = (float(min(scores)) - self.clock.now_us()) / MICROS_PER_SECOND
+        return min(self.interval_s, max(0.0, wait))
+
+    async def tick(self) -> int:
+        """Claim every due warning and deadline now; return how many events this instance wrote."""
+        now = self.clock.now_us()
+        written = await self._sweep("warning", now)
+        written += await self._sweep("breached", now)
+        return written
+
+    async def _sweep(self, type: EventType, now: Micros) -> int:
+        k = self.queue.keys
+        zset, other = (k.deadlines, k.warnings) if type == "breached" else (k.warnings, k.warnings)
+        written = 0
+        while True:
+            ids = await self.queue.redis.zrangebyscore(zset, "-inf", now, start=0, num=BATCH)
+            if not ids:
+                return written
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+            pipe = self.queue.redis.pipeline(transaction=False)
+            for cid in ids:
+                pipe.hmget(k.contact(cid), ["received_us", "due_us", "kind", "channel"])
+            facts = await pipe.execute()
+            calls: list[tuple[str, bytes, str, Micros]] = []
+            policies: dict[str, str] = {}
+            for cid, (received, due, kind, channel) in zip(ids, facts, strict=True):
+                if received is None:  # the contact expired: drop the member, no event
+                    calls.append((cid, b"", "", 0))
+                    continue
+                due_us = int(due)
+                if type == "warning" and due_us <= now:
+                    calls.append((cid, b"", "", 0))  # the breach says it all
+                    continue
+                event = Event(
+                    contact_id=cid,
+                    type=type,
+                    at=now,
+                    source="watcher",
+                    due_at=due_us,
+                    elapsed_ms=max(0, (now - int(received)) // 1000),
+                    met=False if type == "breached" else None,
+                    detail={"kind": kind.decode()},
+                )
+                calls.append((cid, event.to_json(), channel.decode(), due_us))
+                policies[cid] = policy_name(channel.decode(), kind.decode())
+            results = await self._claim_all(zset, other, calls, now, type)
+            for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
+                if claimed and body:
+                    written += 1
+                    self.metrics.deadline_events.labels(type, channel, policies[cid]).inc()
+                    if type == "breached":
+                        self.metrics.deadline_lag.observe(max(0, now - due_us) / MICROS_PER_SECOND)
+                    # one line per contact: DEBUG (the counters and events say it at INFO scale)
+                    log.debug("watcher: %s for contact %s", type, cid,
+                              extra={"contact_id": cid, "event": type})
+            if len(ids) < BATCH:
+                return written
+
+    async def _claim_all(
+        self,
+        zset: str,
+        other: str,
+        calls: list[tuple[str, bytes, str, Micros]],
+        now: Micros,
+        type: EventType,
+    ) -> list[Any]:
+        k = self.queue.keys
+        results = await self.queue.run_scripts(
+            "claim",
+            [
+                ([zset, k.events, other, k.contact(cid)], [cid, now, body, type])
+                for cid, body, _, _ in calls
+            ],
+        )
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results

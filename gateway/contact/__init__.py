@@ -1,0 +1,2 @@
+"""The contact's core: clock, ids, deadlines (SLA), language, phone numbers, bounded JSON,
+attachments."""

@@ -1,0 +1,90 @@
+"""API keys and shared secrets, always compared in constant time."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+
+from aiohttp import web
+
+from gateway.server.config import ApiKey, ApiSection
+from gateway.server.problems import ApiProblem
+
+
+def secrets_equal(given: str | bytes, expected: str | bytes) -> bool:
+    """Compare two secrets in constant time (for equal lengths)."""
+    a = given.encode() if isinstance(given, str) else given
+    b = expected.encode() if isinstance(expected, str) else expected
+    return hmac.compare_digest(a, b)
+
+
+def is_loopback(request: web.Request) -> bool:
+    """True when the peer is on a loopback address."""
+    return _loopback(request.remote or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _loopback(remote: str) -> bool:
+    """Parsing the address costs more than the rest of a key check: peers are few, keep it."""
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("X-API-Key")
+
+
+class ApiKeys:
+    """The configured API keys and their scopes."""
+
+    def __init__(self, section: ApiSection) -> None:
+        self.keys = section.keys
+        self.open_to_loopback = section.open_to_loopback
+
+    def match(self, token: str) -> ApiKey | None:
+        """Return the key equal to ``token``; every key is compared, so timing tells nothing."""
+        found = None
+        for key in self.keys:
+            if secrets_equal(token, key.key.reveal()) and found is None:
+                found = key
+        return found
+
+    def authorize(self, request: web.Request, scope: str) -> ApiKey | None:
+        """Return the caller's key, or raise ``ApiProblem`` 401 (no or unknown key) / 403 (scope).
+
+        ``admin`` grants every scope. With ``open_to_loopback`` a loopback caller without a key
+        is let in (the no-config try-it-here setup) and None is returned.
+        """
+        token = presented_key(request)
+        if token is None:
+            if self.open_to_loopback and is_loopback(request):
+                return None
+            raise ApiProblem(
+                401, "missing API key", {"WWW-Authenticate": 'Bearer realm="gateway"'}
+            )
+        key = self.match(token)
+        if key is None:
+            raise ApiProblem(
+                401,
+                "unknown API key",
+                {"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'},
+            )
+        if scope not in key.scopes and "admin" not in key.scopes:
+            raise ApiProblem(
+                403,
+                f"this key lacks the {scope!r} scope",
+                {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+            )
+        return key
+
+
+def source_of(key: ApiKey | None) -> str:
+    """Who acted through the API: ``api:<key name>``, or ``api`` (adapter, event source)."""
+    return f"api:{key.name}" if key is not None and key.name else "api"

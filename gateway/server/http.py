@@ -1,0 +1,260 @@
+"""The one HTTP server every adapter shares: health, readiness, metrics, attachments."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
+
+from gateway.adapters import InvalidContact, RateLimited
+from gateway.contact.attachments import AttachmentStore
+from gateway.server.auth import ApiKeys, presented_key, secrets_equal
+from gateway.server.config import HostPort, LimitsSection, Secret
+from gateway.server.connguard import ConnectionCount, default_cap, guarded_http
+from gateway.server.listeners import create_listener
+from gateway.server.metrics import Metrics
+from gateway.server.problems import ApiProblem, problem
+
+log = logging.getLogger(__name__)
+
+
+MALFORMED_BODY = (HttpProcessingError, ValueError)
+"""What aiohttp's multipart and form readers raise for a body that does not parse (a part
+header with a NUL, a bad boundary, bad percent-encoding): the peer's error, answered 400."""
+
+
+async def read_capped(stream: StreamReader, limit: int) -> bytes | None:
+    """Read a body stream to its end; None once it holds more than ``limit`` bytes.
+
+    ``StreamReader.read(n)`` returns what has arrived so far, not ``n`` bytes: this loops.
+    """
+    data = bytearray()
+    while chunk := await stream.readany():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read a request body whole; raise 413 past ``limit`` bytes (declared or actual)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    body = await read_capped(request.content, limit)
+    if body is None:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1)
+    return body
+
+
+API_PREFIX = "/v1/"
+
+
+def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every error under ``/v1/`` is ``application/problem+json`` (aiohttp's own 404, 405 and
+    413 included), a contact Intake cannot encode is a 400 problem, and an unhandled exception
+    anywhere is a 500 problem, logged and counted in ``gateway_api_requests`` (operation
+    ``unhandled``): a 500 is a bug, never plain text."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or not request.path.startswith(API_PREFIX):
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+            return problem(exc.status, exc.reason, headers or None)
+        except RateLimited as exc:  # a sender or adapter over its rate: slow down
+            retry = str(max(1, math.ceil(exc.retry_after_s)))
+            return problem(429, "too many contacts, slow down", {"Retry-After": retry})
+        except InvalidContact as exc:  # the peer's bad input, on every route: 400
+            log.info("http: %s %s: contact refused: %s", request.method, request.path[:200], exc)
+            return problem(400, str(exc))
+        except Exception:
+            log.exception("http: unhandled error in %s %s", request.method, request.path[:200])
+            if metrics is not None:
+                metrics.api_requests.labels("unhandled", "500").inc()
+            return problem(500, "internal error")
+
+    return middleware
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_of(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/contacts/{id}``), ``unmatched`` for 404/405: labels
+    stay few whatever paths clients try."""
+    match = request.match_info
+    if match.http_exception is not None:
+        return "unmatched"
+    resource = match.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def requests_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Counts every request by route pattern, method and status, and times it. The label
+    children are kept (few: route patterns x methods x statuses), ``labels()`` costs more."""
+    series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away first (nginx's code for it)
+            raise
+        finally:
+            route = route_of(request)
+            method = request.method if request.method in _METHODS else "other"
+            children = series.get((route, method, status))
+            if children is None:
+                children = series[(route, method, status)] = (
+                    metrics.http_requests.labels(route, method, str(status)),
+                    metrics.http_duration.labels(route),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
+
+    return middleware
+
+
+def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:
+    """Create the application; adapters add their routes to ``app.router`` before it starts."""
+    middlewares = [errors_middleware(metrics)]
+    if metrics is not None:
+        middlewares.insert(0, requests_middleware(metrics))
+    return web.Application(client_max_size=max_body, middlewares=middlewares)
+
+
+class CoreRoutes:
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/attachments/{sha256}``."""
+
+    def __init__(
+        self,
+        ready: Callable[[], Awaitable[tuple[bool, dict[str, object]]]],
+        metrics: Callable[[], Awaitable[bytes]],
+        attachments: AttachmentStore,
+        keys: ApiKeys,
+        metrics_token: Secret | None = None,
+    ) -> None:
+        self._ready = ready
+        self._metrics = metrics
+        self.attachments = attachments
+        self.keys = keys
+        self.metrics_token = metrics_token
+
+    def register(self, router: web.UrlDispatcher, *, with_metrics: bool = True) -> None:
+        router.add_get("/healthz", self.healthz)
+        router.add_get("/readyz", self.readyz)
+        if with_metrics:
+            router.add_get("/metrics", self.metrics)
+        router.add_get("/v1/attachments/{sha256}", self.attachment)
+
+    def register_probes(self, router: web.UrlDispatcher) -> None:
+        """The metrics listener's routes: ``/metrics``, ``/healthz``, ``/readyz``."""
+        router.add_get("/healthz", self.healthz)
+        router.add_get("/readyz", self.readyz)
+        router.add_get("/metrics", self.metrics)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ok, detail = await self._ready()
+        return web.json_response(
+            {"status": "ready" if ok else "unready", **detail}, status=200 if ok else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_token:
+            given = presented_key(request)
+            if given is None or not secrets_equal(given, self.metrics_token.reveal()):
+                return web.Response(
+                    status=401, text="metrics token required\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
+        body = await self._metrics()
+        return web.Response(
+            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+    async def attachment(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.keys.authorize(request, "read")
+        except ApiProblem as exc:
+            return exc.response()
+        try:
+            path = self.attachments.path_for(request.match_info["sha256"])
+        except ValueError:
+            return problem(400, "not a sha256 digest")
+        if not path.is_file():
+            return problem(404, "no such attachment")
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Type": self.attachments.content_type(path),
+                "Content-Disposition": "attachment",  # never rendered by a browser on our origin
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+
+class HttpServer:
+    """Runs the application on the gateway's loop (AppRunner), every connection guarded:
+    a cap per listener, the request head and a silent body bounded in time (``[limits]``)."""
+
+    def __init__(
+        self, app: web.Application, listen: HostPort, limits: LimitsSection | None = None
+    ) -> None:
+        self.app = app
+        self.listen = listen
+        self.limits = limits or LimitsSection()
+        self.port = 0
+        self.connections = ConnectionCount(default_cap(self.limits.max_connections))
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        limits = self.limits
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=float(limits.keepalive_timeout),
+        )
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        factory = guarded_http(
+            server, self.connections, float(limits.header_timeout), float(limits.body_timeout)
+        )
+        self._server = await create_listener(
+            factory, self.listen.host, self.listen.port, reuse_address=True, backlog=1024
+        )
+        sockets = list(self._server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else self.listen.port
+        log.info("http: listening on %s:%d", self.listen.host, self.port)
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

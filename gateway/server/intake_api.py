@@ -1,0 +1,165 @@
+"""``POST /v1/intake``: a partial contact as JSON, answered 202 once it is durable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter
+from gateway.contact import safejson
+from gateway.contact.clock import Clock, format_time, parse_rfc3339
+from gateway.contact.phone import to_e164
+from gateway.records import CHANNELS, Inbound, Sender, clean_text
+from gateway.server.auth import ApiKeys, source_of
+from gateway.server.http import read_capped
+from gateway.server.problems import ApiProblem, problem
+
+MAX_TEXT = 64 * 1024
+_JSON = {"Content-Type": "application/json; charset=utf-8"}
+
+
+class BadRequest(ValueError):
+    """The request body does not describe a contact."""
+
+
+def _opt_str(body: dict[str, Any], name: str, limit: int = 1024) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name}: expected a string")
+    if len(value) > limit:
+        raise BadRequest(f"{name}: longer than {limit} characters")
+    return clean_text(value)
+
+
+def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN") -> Inbound:
+    """Validate a ``/v1/intake`` body and build the Inbound; raise BadRequest.
+
+    The sender of an sms or voice contact is normalized to E.164 (``region`` for numbers
+    without a country code) when it is a phone number.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object")
+    known = {
+        "channel",
+        "sender",
+        "recipient",
+        "subject",
+        "text",
+        "external_id",
+        "language",
+        "confidential",
+        "meta",
+        "thread",
+        "origin_at",
+    }
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequest(f"unknown field: {unknown[0]}")
+    channel = body.get("channel", "web")
+    if channel not in CHANNELS:
+        raise BadRequest(f"channel: expected one of {', '.join(CHANNELS)}")
+    sender_raw = body.get("sender")
+    if sender_raw is None:
+        sender_raw = {}
+    if isinstance(sender_raw, str):
+        sender_raw = {"address": sender_raw}
+    if not isinstance(sender_raw, dict) or not isinstance(sender_raw.get("address", ""), str):
+        raise BadRequest("sender: expected an object with an address")
+    unknown = sorted(set(sender_raw) - {"address", "name"})
+    if unknown:
+        raise BadRequest(f"unknown field: sender.{unknown[0]}")
+    name = sender_raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("sender.name: expected a string")
+    address = clean_text(sender_raw.get("address", ""))[:320]
+    if channel in ("sms", "voice") and address:
+        address = to_e164(address, region) or address
+    sender = Sender(address, clean_text(name) if name else None)
+    confidential = body.get("confidential", False)
+    if not isinstance(confidential, bool):
+        raise BadRequest("confidential: expected true or false")
+    meta = body.get("meta", {})
+    if not isinstance(meta, dict):
+        raise BadRequest("meta: expected an object")
+    origin_raw = _opt_str(body, "origin_at", 64)
+    try:
+        origin_at = parse_rfc3339(origin_raw) if origin_raw is not None else None
+    except ValueError as exc:
+        raise BadRequest("origin_at: expected an RFC 3339 time") from exc
+    return Inbound(
+        channel=channel,
+        adapter=adapter,
+        external_id=_opt_str(body, "external_id", 512) or "",
+        sender=sender,
+        recipient=_opt_str(body, "recipient", 320) or "",
+        received_at=received_at,
+        text=_opt_str(body, "text", MAX_TEXT) or "",
+        subject=_opt_str(body, "subject", 998),
+        language=_opt_str(body, "language", 35),
+        thread=_opt_str(body, "thread", 512),
+        origin_at=origin_at,
+        confidential=confidential,
+        meta=meta,
+    )
+
+
+class IntakeApi:
+    """The JSON intake endpoint."""
+
+    def __init__(
+        self, intake: Submitter, keys: ApiKeys, clock: Clock, max_body: int, region: str = "CN"
+    ) -> None:
+        self.intake = intake
+        self.keys = keys
+        self.clock = clock
+        self.max_body = max_body
+        self.region = region
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/intake", self.post)
+
+    async def post(self, request: web.Request) -> web.Response:
+        received_at = self.clock.now_us()
+        try:
+            key = self.keys.authorize(request, "intake")
+        except ApiProblem as exc:
+            return exc.response()
+        if request.content_length is not None and request.content_length > self.max_body:
+            return problem(413, f"body larger than {self.max_body} bytes")
+        raw = await read_capped(request.content, self.max_body)
+        if raw is None:
+            return problem(413, f"body larger than {self.max_body} bytes")
+        try:
+            body = safejson.loads(raw)
+        except safejson.BadJson as exc:
+            return problem(400, f"body: {exc}")
+        adapter = source_of(key)
+        try:
+            inbound = parse_intake(body, received_at, adapter, self.region)
+        except BadRequest as exc:
+            return problem(400, str(exc))
+        try:
+            receipt = await self.intake.submit(inbound)
+        except InvalidContact as exc:
+            return problem(400, str(exc))
+        except IntakeUnavailable:
+            return problem(503, "queue unavailable, retry later", {"Retry-After": "5"})
+        deadline = receipt.deadline
+        body = orjson.dumps(
+            {
+                "id": receipt.contact_id,
+                "status": receipt.status,
+                "deadline": {
+                    "kind": deadline.kind,
+                    "due_at": format_time(deadline.due_at),
+                    "policy": deadline.policy,
+                },
+                "repeat": {"count": receipt.repeat.count, "window": receipt.repeat.window},
+            }
+        )
+        # the bytes as they are: json_response would decode them and encode them again
+        return web.Response(body=body, status=202, headers=_JSON)

@@ -1,0 +1,351 @@
+"""Prometheus metrics of one gateway instance (its own registry, so tests can run several).
+
+Every per-adapter series carries an ``adapter`` label (the ``[adapters.NAME]`` name) next to
+``channel``; adapters report through the ``AdapterMetrics`` in their ``AdapterContext``. The
+names are listed in docs/operations.md; deploy/grafana and deploy/prometheus use them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from gateway import __version__
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+    60.0,
+)
+SLA_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
+"""Edge-to-stamp times: 15 s is the answer-rate mark, the rest spans GB/T 33358 deadlines."""
+SESSION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The gateway's counters, gauges and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        build = Gauge("gateway_build_info", "Always 1: the version", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        per_adapter = ["channel", "adapter"]
+        self.received = Counter(
+            "gateway_contacts_received", "Contacts handed to Intake", per_adapter, registry=r
+        )
+        self.enqueued = Counter(
+            "gateway_contacts_enqueued", "Contacts written to the stream", per_adapter, registry=r
+        )
+        self.duplicate = Counter(
+            "gateway_contacts_duplicate",
+            "Redeliveries answered with the first id",
+            per_adapter,
+            registry=r,
+        )
+        self.spooled = Counter(
+            "gateway_contacts_spooled",
+            "Contacts written to the local spool",
+            per_adapter,
+            registry=r,
+        )
+        self.refused = Counter(
+            "gateway_contacts_refused",
+            "Contacts neither Redis nor the spool could take",
+            per_adapter,
+            registry=r,
+        )
+        self.replayed = Counter(
+            "gateway_spool_replayed", "Contacts moved from the spool to Redis", registry=r
+        )
+        self.edge_to_enqueue = Histogram(
+            "gateway_edge_to_enqueue_seconds",
+            "From the adapter's edge stamp to the stream write",
+            per_adapter,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.spool_depth = Gauge("gateway_spool_depth", "Contacts waiting in the spool", registry=r)
+        self.spool_oldest = Gauge(
+            "gateway_spool_oldest_age_seconds", "Age of the oldest spooled contact", registry=r
+        )
+        self.stream_length = Gauge(
+            "gateway_stream_length", "Entries in the contacts stream", registry=r
+        )
+        self.redis_up = Gauge("gateway_redis_up", "1 when Redis answers", registry=r)
+        self.stream_backlog = Gauge(
+            "gateway_stream_backlog",
+            "Entries kept for the slowest consumer group of a stream (0: no group reads it)",
+            ["stream"],
+            registry=r,
+        )
+        self.intake_refusing = Gauge(
+            "gateway_intake_refusing",
+            "1 while new contacts are refused: backlog or Redis memory past its bound",
+            registry=r,
+        )
+        self.replies_waiting = Gauge(
+            "gateway_replies_waiting",
+            "Replies routed to an adapter and not yet sent (fleet-wide)",
+            ["adapter"],
+            registry=r,
+        )
+        self.replies_held = Gauge(
+            "gateway_replies_held",
+            "Replies waiting for an adapter that no live instance runs (fleet-wide)",
+            ["adapter"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "gateway_replies",
+            "Replies handled, by outcome (sent, failed, retried)",
+            ["channel", "adapter", "outcome"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests to the shared server, by route pattern, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "gateway_http_request_duration_seconds",
+            "HTTP request handling time, by route pattern",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions = Counter(
+            "gateway_sessions",
+            "Protocol sessions accepted (agi: FastAGI, smtp: SMTP connections)",
+            ["adapter", "protocol"],
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            "gateway_sessions_active", "Protocol sessions open now", ["adapter", "protocol"],
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "gateway_session_duration_seconds",
+            "From accepting a session to its end",
+            ["adapter", "protocol"],
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.smtp_replies = Counter(
+            "gateway_smtp_replies", "SMTP replies sent, by reply code", ["adapter", "code"],
+            registry=r,
+        )
+        self.ami_connected = Gauge(
+            "gateway_ami_connected", "1 while the AMI link is logged in", ["adapter"], registry=r
+        )
+        self.ami_reconnects = Counter(
+            "gateway_ami_reconnects", "AMI connection attempts after the first", ["adapter"],
+            registry=r,
+        )
+        self.ami_event_lag = Histogram(
+            "gateway_ami_event_lag_seconds",
+            "From an AMI event's Timestamp (timestampevents = yes) to its handling",
+            ["adapter"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.outbound_wait = Histogram(
+            "gateway_outbound_rate_wait_seconds",
+            "Time an outbound send waited for the adapter's send rate",
+            ["adapter"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.stamps = Histogram(
+            "gateway_deadline_stamp_seconds",
+            "From the edge stamp to the answered, abandoned, responded or acknowledged stamp",
+            ["type", "met"],
+            buckets=SLA_BUCKETS,
+            registry=r,
+        )
+        # case systems: consumer API, push webhooks, deadline watcher
+        self.api_requests = Counter(
+            "gateway_api_requests",
+            "Consumer API requests, by operation and status",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.api_delivered = Counter(
+            "gateway_api_delivered",
+            "Entries handed out by the consumer API",
+            ["stream"],
+            registry=r,
+        )
+        self.api_acked = Counter(
+            "gateway_api_acked",
+            "Entries acknowledged through the consumer API",
+            ["stream"],
+            registry=r,
+        )
+        self.push_deliveries = Counter(
+            "gateway_push_deliveries",
+            "Webhook POSTs, by subscriber and outcome (delivered, failed, parked, replayed)",
+            ["subscriber", "outcome"],
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "gateway_push_latency_seconds",
+            "From the stream entry's time to its successful delivery",
+            ["subscriber"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_deadletter = Gauge(
+            "gateway_push_deadletter",
+            "Entries parked in a dead-letter stream",
+            ["subscriber"],
+            registry=r,
+        )
+        self.deadline_events = Counter(
+            "gateway_deadline_events",
+            "warning and breached events emitted by this instance's watcher",
+            ["type", "channel", "policy"],
+            registry=r,
+        )
+        self.deadline_lag = Histogram(
+            "gateway_deadline_lag_seconds",
+            "From the moment a warning or deadline was due to its event",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadlines_open = Gauge(
+            "gateway_deadlines_open",
+            "Contacts whose deadline is neither met nor passed",
+            registry=r,
+        )
+        # supervised background loops (gateway/server/supervise.py)
+        self.loop_up = Gauge(
+            "gateway_loop_up", "1 while a supervised background loop runs", ["loop"], registry=r
+        )
+        self.loop_restarts = Counter(
+            "gateway_loop_restarts",
+            "Restarts of a supervised background loop after an error",
+            ["loop"],
+            registry=r,
+        )
+
+        self._intake: dict[tuple[str, str], IntakeMetrics] = {}
+
+    def intake(self, channel: str, adapter: str) -> IntakeMetrics:
+        """The intake series of one adapter, made once: ``labels()`` costs a lookup per call."""
+        found = self._intake.get((channel, adapter))
+        if found is None:
+            found = self._intake[(channel, adapter)] = IntakeMetrics(self, channel, adapter)
+        return found
+
+    def adapter(self, name: str) -> AdapterMetrics:
+        """The view an adapter reports through (its ``AdapterContext.metrics``)."""
+        return AdapterMetrics(self, name)
+
+    def render(self) -> bytes:
+        """Return the text exposition format."""
+        return generate_latest(self.registry)
+
+
+class IntakeMetrics:
+    """The intake counters of one adapter, resolved once."""
+
+    __slots__ = ("duplicate", "edge_to_enqueue", "enqueued", "received", "refused", "spooled")
+
+    def __init__(self, metrics: Metrics, channel: str, adapter: str) -> None:
+        self.received = metrics.received.labels(channel, adapter)
+        self.enqueued = metrics.enqueued.labels(channel, adapter)
+        self.duplicate = metrics.duplicate.labels(channel, adapter)
+        self.spooled = metrics.spooled.labels(channel, adapter)
+        self.refused = metrics.refused.labels(channel, adapter)
+        self.edge_to_enqueue = metrics.edge_to_enqueue.labels(channel, adapter)
+
+
+class AdapterMetrics:
+    """What one adapter's listeners and links report, labelled ``adapter=<name>``."""
+
+    def __init__(self, metrics: Metrics, adapter: str) -> None:
+        self.metrics = metrics
+        self.adapter = adapter
+        # label children resolved once: labels() is a locked dict lookup per call, and a
+        # FastAGI session or an SMTP transaction would pay it four to eight times
+        self._sessions: dict[str, tuple[Counter, Gauge, Histogram]] = {}
+        self._replies: dict[str, Counter] = {}
+
+    @classmethod
+    def detached(cls) -> AdapterMetrics:
+        """Series on a registry of their own (an adapter made outside a ``Gateway``)."""
+        return cls(Metrics(), "detached")
+
+    def _session_series(self, protocol: str) -> tuple[Counter, Gauge, Histogram]:
+        found = self._sessions.get(protocol)
+        if found is None:
+            m, labels = self.metrics, (self.adapter, protocol)
+            found = self._sessions[protocol] = (
+                m.sessions.labels(*labels),
+                m.sessions_active.labels(*labels),
+                m.session_duration.labels(*labels),
+            )
+        return found
+
+    def session_opened(self, protocol: str) -> float:
+        """Count a session; return its start for ``session_closed``."""
+        total, active, _ = self._session_series(protocol)
+        total.inc()
+        active.inc()
+        return time.monotonic()
+
+    def session_closed(self, protocol: str, started: float) -> None:
+        _, active, duration = self._session_series(protocol)
+        active.dec()
+        duration.observe(time.monotonic() - started)
+
+    def smtp_reply(self, code: str) -> None:
+        counter = self._replies.get(code)
+        if counter is None:
+            if len(self._replies) >= 64:  # codes come from our own replies; bounded all the same
+                self.metrics.smtp_replies.labels(self.adapter, code).inc()
+                return
+            counter = self._replies[code] = self.metrics.smtp_replies.labels(self.adapter, code)
+        counter.inc()
+
+    def ami_link(self, up: bool) -> None:
+        self.metrics.ami_connected.labels(self.adapter).set(1 if up else 0)
+
+    def ami_reconnect(self) -> None:
+        self.metrics.ami_reconnects.labels(self.adapter).inc()
+
+    def ami_event_lag(self, seconds: float) -> None:
+        self.metrics.ami_event_lag.labels(self.adapter).observe(max(0.0, seconds))
+
+    def rate_wait(self, seconds: float) -> None:
+        self.metrics.outbound_wait.labels(self.adapter).observe(seconds)
