@@ -16,8 +16,18 @@ GATEWAY = Path(__file__).resolve().parents[1] / "gateway"
 
 # Bottom to top: a module imports only from its own layer and the layers below it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # the contact and its parts; the version; the list of built-in channel types (names only)
-    ("contact", ("gateway", "gateway.records", "gateway.contact", "gateway.channels")),
+    # the contact and its parts; the version; the list of built-in channel types (names only);
+    # the coalescer that batches writes (no imports: attachments use it as intake does)
+    (
+        "contact",
+        (
+            "gateway",
+            "gateway.records",
+            "gateway.contact",
+            "gateway.channels",
+            "gateway.queueing.batching",
+        ),
+    ),
     # the adapter interface and the services every part uses: config, HTTP server, metrics...
     ("services", ("gateway.adapters", "gateway.server")),
     ("queueing", ("gateway.queueing",)),
