@@ -68,7 +68,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # what puts it all together: the gateway object, the command line, the adapter kit
     (
         "wiring",
-        ("gateway.server.runtime", "gateway.server.cli", "gateway.__main__", "gateway.testing"),
+        (
+            "gateway.server.runtime",
+            "gateway.server.workers",
+            "gateway.server.cli",
+            "gateway.__main__",
+            "gateway.testing",
+        ),
     ),
 )
 
