@@ -89,7 +89,7 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
     from gateway.channels.chat.officialaccount import PayloadError, parse_xml
     from gateway.channels.chat.wechat import decode_message
     from gateway.channels.email.normalize import Envelope, normalize
-    from gateway.channels.sms import cmpp, common, generic, kannel, smpp, twilio
+    from gateway.channels.sms import cmpp, common, generic, smpp, smsbox, twilio
     from gateway.channels.sms import cmpp_pdu as C
     from gateway.channels.sms import smpp_pdu as P
     from gateway.channels.sms.concat import parse_udh
@@ -150,8 +150,8 @@ def _targets() -> dict[str, tuple[list[bytes], Callable[[bytes], object], tuple[
         return weibo.decode_json(raw)
 
     def kannel_get(raw: bytes) -> object:
-        msg = kannel.parse_request("GET", raw.decode("latin-1"), {}, b"")
-        return kannel.decode_text(msg.data, msg.coding, msg.charset, ("gb18030",))
+        msg = smsbox.parse_request("GET", raw.decode("latin-1"), {}, b"")
+        return smsbox.decode_text(msg.data, msg.coding, msg.charset, ("gb18030",))
 
     def twilio_form(raw: bytes) -> object:
         return twilio.parse_message(twilio.parse_form(raw))

@@ -11,7 +11,7 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.channels.sms import common, generic, kannel, twilio
+from gateway.channels.sms import common, generic, smsbox, twilio
 from gateway.channels.sms.concat import Part, parse_udh
 
 FUZZ = settings(max_examples=200, deadline=None)
@@ -24,10 +24,10 @@ FUZZ = settings(max_examples=200, deadline=None)
                        st.text(max_size=40)))
 def test_kannel_parser(query: str, body: bytes, method: str, headers: dict[str, str]) -> None:
     try:
-        msg = kannel.parse_request(method, query, headers, body)
+        msg = smsbox.parse_request(method, query, headers, body)
     except common.BadRequest:
         return
-    text, used = kannel.decode_text(msg.data, msg.coding, msg.charset, ("gb18030",))
+    text, used = smsbox.decode_text(msg.data, msg.coding, msg.charset, ("gb18030",))
     assert "\x00" not in text
     text.encode("utf-8")
     assert used
@@ -37,7 +37,7 @@ def test_kannel_parser(query: str, body: bytes, method: str, headers: dict[str, 
 @given(st.binary(max_size=300), st.integers(-5, 5), st.text(max_size=20),
        st.lists(st.sampled_from(["gb18030", "gbk", "big5", "utf-8", "shift_jis"]), max_size=3))
 def test_kannel_decoder(data: bytes, coding: int, charset: str, chain: list[str]) -> None:
-    text, _ = kannel.decode_text(data, coding, charset, tuple(chain))
+    text, _ = smsbox.decode_text(data, coding, charset, tuple(chain))
     text.encode("utf-8")  # always valid UTF-8
 
 
