@@ -4,12 +4,11 @@ Every listener (HTTP, SMTP, FastAGI, an adapter's own) opens its server with
 :func:`create_listener` instead of ``loop.create_server``. In a single process that is the same
 call. In a worker (``gateway/server/workers.py``) the parent has already opened each listener
 address once per worker slot with ``SO_REUSEPORT`` and handed this worker its slot's sockets
-(inherited file descriptors, announced in the ``GATEWAY_WORKER`` environment variable): the
-worker serves on those, so the kernel spreads new connections over the workers, a port given
-as ``0`` is the same port in every worker, and connections queued on a dead worker's socket wait
-for its replacement instead of being reset. An address the parent did not open (an adapter
-with a listener key the parent does not know) is bound here with ``SO_REUSEPORT``, so N workers
-can still share it.
+(inherited file descriptors, bound but not listening, announced in the ``GATEWAY_WORKER``
+environment variable): the worker listens on those, so the kernel spreads new connections over
+the workers and a port given as ``0`` is the same port in every worker. An address the parent
+did not open (an adapter with a listener key the parent does not know) is bound here with
+``SO_REUSEPORT``, so N workers can still share it.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ async def create_listener(
     sockets = inherited(host, port)
     if sockets:
         kwargs.pop("reuse_address", None)
-        kwargs.pop("backlog", None)  # the parent's listen() set it
         sock = sockets[0]
+        sock.listen(kwargs.pop("backlog", 1024))
         sock.setblocking(False)
         return await loop.create_server(factory, sock=sock, **kwargs)
     if _shared_by_workers:
@@ -79,10 +78,10 @@ async def start_stream_listener(
     return await create_listener(factory, host, port, **kwargs)
 
 
-def bind_slots(host: str, port: int, slots: int, backlog: int = 1024) -> list[socket.socket]:
-    """Open ``host:port`` ``slots`` times with ``SO_REUSEPORT``, listening, one socket per
-    worker slot (on the first address ``host`` resolves to). Port 0 picks one free port, the
-    same for every slot."""
+def bind_slots(host: str, port: int, slots: int) -> list[socket.socket]:
+    """Bind ``host:port`` ``slots`` times with ``SO_REUSEPORT``, one socket per worker slot (on
+    the first address ``host`` resolves to), not listening yet: a worker listens when it
+    serves. Port 0 picks one free port, the same for every slot."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -97,7 +96,6 @@ def bind_slots(host: str, port: int, slots: int, backlog: int = 1024) -> list[so
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind((address[0], port, *address[2:]))
             port = s.getsockname()[1]  # port 0: the first bind picked it, the others share it
-            s.listen(backlog)
     except BaseException:
         for s in opened:
             s.close()

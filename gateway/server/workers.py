@@ -5,11 +5,14 @@ worker per core. The **parent** does no intake itself:
 
 - it holds the data folder's lock (``gateway/server/lock.py``), checks its permissions and runs
   the embedded Valkey when no Redis is configured (started again if it dies, as in one process);
-- it opens every listener (HTTP, ``metrics_listen``, each adapter's ``listen``/``agi_listen``)
-  once per worker slot with ``SO_REUSEPORT`` (``listeners.bind_slots``) and keeps those sockets
-  for its whole life: worker K serves on slot K's sockets (inherited), the kernel spreads new
-  connections over the slots, a port written as ``0`` is one port for all, and connections
-  queued on a dead worker's socket wait for its replacement instead of being reset;
+- it binds every listener address (HTTP, ``metrics_listen``, each adapter's ``listen``/
+  ``agi_listen``) once per worker slot with ``SO_REUSEPORT`` (``listeners.bind_slots``), so a
+  port written as ``0`` is one port for all, and hands each worker its slot's bound sockets
+  (inherited, the parent's copies closed): the worker listens on them once it serves, the
+  kernel spreads new connections over the listening workers, and a dead worker's socket goes
+  with it (its queued connections are reset, as when a single process dies; before any worker
+  serves, connections are refused, as before a single process listens). A replacement gets
+  newly bound sockets on the same ports;
 - it moves spool segments left in a folder no worker will own (``spool/`` of a one-process run,
   ``spool/worker-K`` for K >= N) into a worker's folder before starting any worker;
 - it starts the workers (``python -m gateway serve`` with the ``GATEWAY_WORKER`` environment
@@ -237,6 +240,8 @@ class WorkerPool:
         listen: list[tuple[tuple[str, ...], str]],
         sockets: dict[str, list[socket.socket]],
     ) -> None:
+        """``sockets``: by "host:port", one bound socket per slot for the first start of each
+        worker (the parent's copy is closed once the worker has it)."""
         self.config_path = config_path
         self.count = count
         self.redis_url = redis_url
@@ -294,14 +299,15 @@ class WorkerPool:
 
     async def _run_once(self, slot: _Slot) -> int:
         read_end, write_end = os.pipe()
-        fds = [s.fileno() for s in self.sockets_of(slot.index).values()]
+        handed = self.sockets_of(slot.index)
+        fds = [s.fileno() for s in handed.values()]
         role = WorkerRole(
             slot=slot.index,
             count=self.count,
             parent=os.getpid(),
             redis_url=self.redis_url,
             listen=tuple(self.listen),
-            sockets={a: [s.fileno()] for a, s in self.sockets_of(slot.index).items()},
+            sockets={a: [s.fileno()] for a, s in handed.items()},
             ready_fd=write_end,
         )
         argv = [sys.executable, "-m", "gateway", "serve", "--workers", "1"]
@@ -313,6 +319,8 @@ class WorkerPool:
             )
         finally:
             os.close(write_end)
+            for s in handed.values():  # the worker's now: it dies with it
+                s.close()
         try:
             ready = await asyncio.to_thread(os.read, read_end, 1)  # b"" when it died first
         finally:
@@ -323,7 +331,17 @@ class WorkerPool:
         return await slot.process.wait()
 
     def sockets_of(self, slot: int) -> dict[str, socket.socket]:
-        return {address: per_slot[slot] for address, per_slot in self.sockets.items()}
+        """Slot ``slot``'s bound sockets: those of the first start, then newly bound ones."""
+        from gateway.server.listeners import bind_slots
+
+        handed: dict[str, socket.socket] = {}
+        for address, per_slot in self.sockets.items():
+            s = per_slot[slot]
+            if s.fileno() < 0:  # closed: handed to an earlier worker of this slot
+                host, _, port = address.rpartition(":")
+                s = per_slot[slot] = bind_slots(host, int(port), 1)[0]
+            handed[address] = s
+        return handed
 
     async def _drain(self) -> None:
         running = [s.process for s in self.slots if s.process and s.process.returncode is None]

@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 
 from gateway.contact.clock import MICROS_PER_SECOND, parse_time
+from gateway.server.workers import default_count
 from gateway.testing import eventually
 
 PY = sys.executable
@@ -151,7 +152,12 @@ async def test_nothing_acknowledged_is_lost_when_gateway_and_redis_are_killed(tm
             assert before_kill > 0 and len(acked) > before_kill
             async def replayed() -> bool:  # the restarted gateway replays what was spooled
                 async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                    return "gateway_spool_depth 0.0" in await resp.text()
+                    text = await resp.text()
+                depths = [x for x in text.splitlines() if x.startswith("gateway_spool_depth")]
+                # one line per worker (label worker="K"), each of them answering
+                return len(depths) == default_count(0) and all(
+                    x.endswith(" 0.0") for x in depths
+                )
 
             await eventually(replayed, step_s=0.1)
         import redis
