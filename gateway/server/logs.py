@@ -98,6 +98,15 @@ def setup_logging(fmt: str = "plain", level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name, library_level in library_levels(root.level).items():
+        logging.getLogger(name).setLevel(library_level)
+
+
+def library_levels(root_level: int) -> dict[str, int]:
+    """The levels ``setup_logging`` gives libraries' loggers that would write what the
+    gateway keeps out of its logs (httpx logs each request URL, a Telegram bot token in it;
+    the access log, query strings): WARNING, whatever the gateway's own level."""
+    levels = {"aiohttp.access": logging.WARNING}
     for chatty in ("httpx", "httpcore", "telegram.ext.ExtBot"):
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+        levels[chatty] = max(logging.WARNING, root_level)
+    return levels

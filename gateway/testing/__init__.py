@@ -5,6 +5,11 @@ Public API (see docs/adapters.md):
 
 - ``WebhookKit``, ``Request``: how to reach one HTTP webhook adapter (its config table, a valid
   signed request for a message id and text, requests it must refuse, its secrets).
+- ``SmtpKit`` (SMTP transactions over a socket), ``AgiKit`` (FastAGI calls from a fake
+  Asterisk), ``PeerKit`` (any other protocol as two callables: deliver one message, deliver
+  one bad input): the same checks for adapters that are not HTTP webhooks. Every kit answers
+  the ``AdapterKit`` protocol; a delivery's answer is a ``Delivery`` (``ok``, ``retry`` or
+  ``refused``, with the protocol's own answer).
 - ``check_*`` coroutines: the behavioural contract (acknowledged only once durable, the
   protocol's retry-later when nothing can be stored, redelivery deduplicated, bad input
   refused without a crash, no secret nor full number in logs, replies stamped).
@@ -23,8 +28,13 @@ only where it breaks a rule the gateway already documents. Anything not exported
 
 from __future__ import annotations
 
+from gateway.testing.agi import AgiKit
 from gateway.testing.contract import (
     ALL_CHECKS,
+    AdapterKit,
+    Delivery,
+    PeerKit,
+    ProviderAnswer,
     StartGateway,
     WebhookKit,
     check_acknowledged_only_once_durable,
@@ -35,6 +45,7 @@ from gateway.testing.contract import (
     check_retry_later_when_nothing_stored,
 )
 from gateway.testing.poll import eventually
+from gateway.testing.smtp import SmtpKit
 from gateway.testing.webhook import Request, WebhookCase, field_of, run_case, send
 
 KIT_VERSION = 1
@@ -42,7 +53,13 @@ KIT_VERSION = 1
 __all__ = [
     "ALL_CHECKS",
     "KIT_VERSION",
+    "AdapterKit",
+    "AgiKit",
+    "Delivery",
+    "PeerKit",
+    "ProviderAnswer",
     "Request",
+    "SmtpKit",
     "StartGateway",
     "WebhookCase",
     "WebhookKit",
