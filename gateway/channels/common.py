@@ -13,6 +13,8 @@ when it is not. ``submit`` is that path for all of them: it returns the receipt,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -65,6 +67,38 @@ def unavailable() -> Unavailable:
 def retry_later(render: Render | None = None) -> web.Response:
     """Answer 503 + ``Retry-After``: nothing was stored, the peer must send again."""
     return unavailable().answer(render)
+
+
+async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel an adapter's background tasks (sends, answers) and wait for each to end."""
+    running = list(tasks)
+    tasks.clear()
+    for task in running:
+        task.cancel()
+    for task in running:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+class SentParts:
+    """How many parts of a reply went out before a send failed part-way, so that its retry
+    resumes after them (a provider that takes a long reply in several requests); at most
+    ``limit`` replies are remembered, the oldest forgotten first."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._sent: dict[str, int] = {}
+
+    def resume(self, key: str) -> int:
+        """The parts of reply ``key`` already sent (0: start from the first)."""
+        return self._sent.pop(key, 0)
+
+    def keep(self, key: str, sent: int, total: int) -> None:
+        """After a send of reply ``key``: ``sent`` of its ``total`` parts are out."""
+        if 0 < sent < total:
+            self._sent[key] = sent
+            while len(self._sent) > self.limit:
+                self._sent.pop(next(iter(self._sent)))
 
 
 async def submit(ctx: AdapterContext, inbound: Inbound) -> Receipt:

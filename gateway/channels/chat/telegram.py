@@ -50,7 +50,7 @@ from gateway.channels.chat.telegram_updates import (
     split_text,
     start_payload,
 )
-from gateway.channels.common import Refused, retry_later, submit
+from gateway.channels.common import Refused, SentParts, retry_later, submit
 from gateway.contact import safejson
 from gateway.contact.attachments import AttachmentTooLarge
 from gateway.contact.clock import Micros
@@ -132,7 +132,7 @@ class TelegramAdapter:
         self._running = False
         self._initialized = False
         self._welcomed: dict[str, None] = {}
-        self._progress: dict[str, int] = {}
+        self._progress = SentParts()
         """Reply id -> parts already sent, for a retried multi-part reply."""
         if config.mode == "webhook":
             ctx.router.add_route("POST", self.path, self.handle_webhook)
@@ -372,7 +372,7 @@ class TelegramAdapter:
         reply_to = contact.meta.get("message_id")
         parts: list[str | Attachment] = [*split_text(reply.text), *reply.attachments]
         key = reply.id or f"{contact.id}:{hash(reply.text)}"
-        done = self._progress.pop(key, 0)
+        done = self._progress.resume(key)
         first: str | None = None
         for index in range(done, len(parts)):
             try:
@@ -380,10 +380,7 @@ class TelegramAdapter:
                     chat_id, parts[index], reply_to if index == 0 else None
                 )
             except SendError:
-                if index:
-                    self._progress[key] = index
-                    while len(self._progress) > 10_000:
-                        self._progress.pop(next(iter(self._progress)))
+                self._progress.keep(key, index, len(parts))
                 raise
             first = first or f"{sent.chat.id}:{sent.message_id}"
         return SendReceipt(external_id=first)

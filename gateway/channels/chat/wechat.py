@@ -34,6 +34,7 @@ from gateway.channels.chat.officialaccount import (
     text_reply_xml,
     timestamp_within,
 )
+from gateway.channels.common import SentParts
 from gateway.contact.attachments import AttachmentTooLarge
 from gateway.records import Attachment, Contact, Reply
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
@@ -200,7 +201,7 @@ class WeChatAdapter(PushAdapter):
         )
         self.access_token = AccessToken(self._fetch_token)
         self._force_refresh = False
-        self._progress: dict[str, int] = {}
+        self._progress = SentParts()
         """Reply id -> parts already sent, for a retried multi-part reply."""
 
     def signs_query_only(self, query: Mapping[str, str]) -> bool:
@@ -332,7 +333,7 @@ class WeChatAdapter(PushAdapter):
         parts += images
         key = reply.id or f"{contact.id}:{hash(reply.text)}"
         first: str | None = None
-        for index in range(self._progress.pop(key, 0), len(parts)):
+        for index in range(self._progress.resume(key), len(parts)):
             part = parts[index]
             try:
                 if isinstance(part, str):
@@ -346,10 +347,7 @@ class WeChatAdapter(PushAdapter):
                     }
                 result = await self._api_post("/cgi-bin/message/custom/send", payload)
             except SendError:
-                if index:
-                    self._progress[key] = index
-                    while len(self._progress) > 10_000:
-                        self._progress.pop(next(iter(self._progress)))
+                self._progress.keep(key, index, len(parts))
                 raise
             msgid = result.get("msgid")
             first = first or (None if msgid is None else str(msgid))

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, Receipt, SendError, SendReceipt
-from gateway.channels.common import retry_later
+from gateway.channels.common import cancel_all, retry_later
 from gateway.channels.sms.concat import Added, Assembler, Part, assembled_id
 from gateway.channels.sms.segments import Segments, split, substitute
 from gateway.contact.phone import mask_phone, to_e164
@@ -304,12 +304,7 @@ class SmsWebhook:
         """Stop the assembler (parts stay on disk), cancel background sends, close the session."""
         if self.assembler is not None:
             await self.assembler.stop()
-        tasks, self._tasks = self._tasks, set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
         session, self._session = self._session, None
         if session is not None:
             await session.close()

@@ -18,17 +18,12 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
+import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.adapters import (
-    AdapterContext,
-    ChannelType,
-    Receipt,
-    SendError,
-    SendReceipt,
-)
-from gateway.channels.common import Refused, submit
+from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
+from gateway.channels.common import Refused, SentParts, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Concat, Part, group_key
 from gateway.contact import safejson
@@ -234,7 +229,7 @@ class GenericAdapter(common.SmsWebhook):
         super().__init__(ctx, path=config.path, report_suffix="/status", region=config.region,
                          parts=float(config.concat_timeout), secret=config.secret)
         self.config = config
-        self._progress: dict[str, int] = {}
+        self._progress = SentParts()
         self.route(("GET", "POST"), self.receive, self.status_report)
 
     # ------------------------------------------------------------------ inbound
@@ -378,45 +373,54 @@ class GenericAdapter(common.SmsWebhook):
             raise SendError("no send.url configured", retryable=False)
         text, segments = common.reply_segments(text, self.config.max_segments)
         pieces = segments.parts if tpl.split else (text,)
-        start = self._progress.get(ref, 0)  # a retry resumes after the parts already sent
+        start = sent = self._progress.resume(ref)  # a retry resumes after the parts sent
         session = self.session(tpl.url)
         headers = dict(tpl.headers)
         if tpl.authorization:
             headers["Authorization"] = tpl.authorization.reveal()
-        for index in range(start, len(pieces)):
-            values = {
-                "to": contact.sender.address,
-                "to_digits": contact.sender.address.lstrip("+"),
-                "from": self.config.sender_id or contact.recipient,
-                "text": pieces[index],
-                "ref": await self.reference(contact.id, ref),
-                "part": str(index + 1),
-                "parts": str(len(pieces)),
-                "encoding": segments.encoding,
-            }
-            payload = {k: _fill(v, values) for k, v in tpl.fields.items()}
-            kwargs: dict[str, Any]
-            if tpl.method == "GET":
-                kwargs = {"params": payload}
-            elif tpl.format == "json":
-                kwargs = {"data": orjson.dumps(payload),
-                          "headers": {**headers, "Content-Type": "application/json"}}
-            else:
-                kwargs = {"data": payload}
-            kwargs.setdefault("headers", headers)
-            status, resp_headers, body = await common.call(
-                session, tpl.method, tpl.url, timeout_s=float(tpl.timeout),
-                provider="sms-webhook send", **kwargs,
-            )
-            common.check_status(status, resp_headers, body, "sms-webhook send")
-            self._progress[ref] = index + 1
-        self._progress.pop(ref, None)
+        try:
+            for index in range(start, len(pieces)):
+                await self._send_piece(contact, ref, tpl, headers, session, pieces, index,
+                                       segments.encoding)
+                sent = index + 1
+        finally:
+            self._progress.keep(ref, sent, len(pieces))
         log.info("reply %s to %s sent (%d requests)", ref, mask_phone(contact.sender.address),
                  len(pieces) - start)
         return SendReceipt(
             external_id=None,
             detail={"ref": ref, "segments": segments.count, "encoding": segments.encoding},
         )
+
+    async def _send_piece(self, contact: Contact, ref: str, tpl: SendTemplate,
+                          headers: dict[str, str], session: aiohttp.ClientSession,
+                          pieces: tuple[str, ...], index: int, encoding: str) -> None:
+        """One request of the send template: part ``index`` of the reply."""
+        values = {
+            "to": contact.sender.address,
+            "to_digits": contact.sender.address.lstrip("+"),
+            "from": self.config.sender_id or contact.recipient,
+            "text": pieces[index],
+            "ref": await self.reference(contact.id, ref),
+            "part": str(index + 1),
+            "parts": str(len(pieces)),
+            "encoding": encoding,
+        }
+        payload = {k: _fill(v, values) for k, v in tpl.fields.items()}
+        kwargs: dict[str, Any]
+        if tpl.method == "GET":
+            kwargs = {"params": payload}
+        elif tpl.format == "json":
+            kwargs = {"data": orjson.dumps(payload),
+                      "headers": {**headers, "Content-Type": "application/json"}}
+        else:
+            kwargs = {"data": payload}
+        kwargs.setdefault("headers", headers)
+        status, resp_headers, body = await common.call(
+            session, tpl.method, tpl.url, timeout_s=float(tpl.timeout),
+            provider="sms-webhook send", **kwargs,
+        )
+        common.check_status(status, resp_headers, body, "sms-webhook send")
 
 
 def _fill(template: str, values: dict[str, str]) -> str:

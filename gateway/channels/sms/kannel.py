@@ -24,13 +24,7 @@ from urllib.parse import urlencode
 import phonenumbers
 from aiohttp import web
 
-from gateway.adapters import (
-    AdapterContext,
-    ChannelType,
-    Receipt,
-    SendError,
-    SendReceipt,
-)
+from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
 from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Part, group_key, parse_udh

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import orjson
 
 from gateway.adapters import AdapterContext, IntakeUnavailable, SendError
+from gateway.channels.common import cancel_all
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Assembler, Concat, Part, assembled_id, group_key
 from gateway.contact.phone import mask_phone
@@ -219,12 +220,7 @@ class BoundLink(ABC):
     async def stop(self) -> None:
         await self.ctx.supervisor.stop(self.loop_name)
         await self.assembler.stop()
-        tasks, self._tasks = self._tasks, set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
 
     # ------------------------------------------------------------------ the link
 

@@ -25,13 +25,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.adapters import (
-    AdapterContext,
-    ChannelType,
-    Receipt,
-    SendError,
-    SendReceipt,
-)
+from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
 from gateway.channels.common import Refused, submit
 from gateway.channels.sms import common
 from gateway.contact.attachments import AttachmentTooLarge

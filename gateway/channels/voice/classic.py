@@ -33,12 +33,7 @@ import orjson
 
 from gateway.adapters import Receipt
 from gateway.channels.voice.agi import format_command, script_args
-from gateway.channels.voice.intake import (
-    arrival,
-    build_inbound,
-    channel_variables,
-    dialled_number,
-)
+from gateway.channels.voice.intake import arrival, build_inbound, channel_variables, dialled_number
 from gateway.contact.clock import format_time, parse_time
 from gateway.records import Deadline, Inbound, Repeat
 
