@@ -200,6 +200,9 @@ class ChannelType(Generic[ConfigT]):
     """A minimal valid config table (without ``type``), used by docs and the contract tests."""
     send_rate: SendRate = SendRate()
     """The provider's documented send limits, the default of ``send_rate`` & co."""
+    sender_contacts: int = 0
+    """A floor for ``[limits] sender_contacts`` on this type's adapters (0: none): a medium
+    where one citizen's ordinary use sends many contacts a minute (a chat)."""
     check: AdapterCheck | None = None
     """Rules the config's field types cannot express, run by the one validation
     (``parse_settings``) that ``serve`` and ``check-config`` share; a factory never refuses

@@ -8,7 +8,7 @@ import hmac
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
@@ -184,6 +184,8 @@ class RedisQueue:
         replica_timeout_ms: int = 1000,
         sender_limit: RateLimit = RateLimit(),
         adapter_limit: RateLimit = RateLimit(),
+        sender_limits: Mapping[str, RateLimit] | None = None,
+        sender_exempt: Iterable[str] = (),
     ) -> None:
         self.redis = client
         self.keys = keys
@@ -198,6 +200,9 @@ class RedisQueue:
         self.min_replicas = min_replicas if hasattr(client, "connection_pool") else 0
         self.replica_timeout_ms = replica_timeout_ms
         self.sender_limit = sender_limit
+        """Per sender, for adapters without one of their own in ``sender_limits``."""
+        self.sender_limits = dict(sender_limits or {})
+        self.sender_exempt = frozenset(sender_exempt)
         self.adapter_limit = adapter_limit
         self._shas: dict[str, str] = {}
         self._pseudonym_key: bytes | None = None
@@ -274,7 +279,8 @@ class RedisQueue:
         if limited:
             now_ms = enqueued_at // 1000
             for scope, name, rate in (
-                ("sender", sender, self.sender_limit),
+                ("sender", "" if address in self.sender_exempt else sender,
+                 self.sender_limits.get(inbound.adapter, self.sender_limit)),
                 ("adapter", inbound.adapter, self.adapter_limit),
             ):
                 if rate.limit > 0 and name:

@@ -522,8 +522,14 @@ class LimitsSection:
 
     sender_contacts: int = 30
     """New contacts one sender address may make per ``sender_window`` (0: no limit); counted
-    in Redis for the whole fleet. A peer's retry of the same contact is not counted."""
+    in Redis for the whole fleet. A peer's retry of the same contact is not counted. A channel
+    type may raise it for its adapters (chat: 120), an adapter's ``sender_contacts`` sets its
+    own (docs/reliability.md: the defaults per medium)."""
     sender_window: Duration = Duration(60)
+    sender_exempt: tuple[str, ...] = ()
+    """Sender addresses never limited per sender, as written in contacts (``+8610...``,
+    ``alerts@relay.example``): a shared sender, such as a company's SMS gateway number or an
+    e-mail relay, speaking for many citizens. The adapter limit still applies."""
     adapter_contacts: int = 0
     """New contacts one adapter may take per ``adapter_window`` (0: no limit)."""
     adapter_window: Duration = Duration(1)
@@ -605,7 +611,8 @@ class Settings:
 
 @dataclass(frozen=True, slots=True)
 class SendRateTable:
-    """Keys every ``[adapters.NAME]`` table may carry, whatever its type (``server/egress.py``)."""
+    """Keys every ``[adapters.NAME]`` table may carry, whatever its type: send rates
+    (``server/egress.py``) and the per-sender intake limit."""
 
     send_rate: float | None = None
     """Replies a second through this adapter (per instance); default: the channel type's."""
@@ -613,7 +620,12 @@ class SendRateTable:
     send_rate_per_recipient: float | None = None
 
 
-SEND_RATE_KEYS = ("send_rate", "send_burst", "send_rate_per_recipient")
+    sender_contacts: int | None = None
+    """New contacts one sender may make through this adapter per ``[limits] sender_window``
+    (0: no limit); default: ``[limits] sender_contacts``, raised to the channel type's floor."""
+
+
+SEND_RATE_KEYS = ("send_rate", "send_burst", "send_rate_per_recipient", "sender_contacts")
 
 
 @dataclass(frozen=True, slots=True)

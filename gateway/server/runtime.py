@@ -29,7 +29,7 @@ from gateway.queueing.store import RateLimit, RedisQueue, connect, decode_fields
 from gateway.records import Contact, Event
 from gateway.server import permissions
 from gateway.server.auth import ApiKeys
-from gateway.server.config import AdapterSettings, Settings
+from gateway.server.config import AdapterSettings, LimitsSection, Settings
 from gateway.server.egress import SendLimiter, send_rate_of
 from gateway.server.http import CoreRoutes, HttpServer, build_app
 from gateway.server.intake_api import IntakeApi
@@ -39,6 +39,17 @@ from gateway.server.supervise import Supervisor
 from gateway.server.workers import WorkerEndpoint, WorkerRole
 
 log = logging.getLogger(__name__)
+
+
+def sender_contacts_of(table: dict[str, Any], limits: LimitsSection) -> int:
+    """An adapter's per-sender limit: its table's ``sender_contacts``, else ``[limits]
+    sender_contacts`` raised to its channel type's floor (a limit of 0 stays off)."""
+    own = table.get("sender_contacts")
+    if own is not None:
+        return int(own)
+    if limits.sender_contacts <= 0:
+        return 0
+    return max(limits.sender_contacts, load_channel_types()[table["type"]].sender_contacts)
 
 
 class Gateway:
@@ -126,6 +137,11 @@ class Gateway:
             replica_timeout_ms=int(s.redis.write_timeout * 1000),
             sender_limit=RateLimit(s.limits.sender_contacts, s.limits.sender_window),
             adapter_limit=RateLimit(s.limits.adapter_contacts, s.limits.adapter_window),
+            sender_limits={
+                name: RateLimit(sender_contacts_of(table, s.limits), s.limits.sender_window)
+                for name, table in s.adapters.items()
+            },
+            sender_exempt=s.limits.sender_exempt,
         )
         safejson.configure(s.limits.json_depth, s.limits.json_string)
         self.intake = Intake(

@@ -150,3 +150,41 @@ async def test_fastagi_connection_cap(start_gateway: Any) -> None:
     call = await fake_call(server.port, agi_fixture("sip_call.agi"))
     assert call.variables["GATEWAY_STATUS"] == "OK"
     assert len(await gw.read_contacts()) == 1
+
+
+async def test_sender_limit_per_medium_shared_senders_and_per_adapter(
+    start_gateway: Any, aiohttp_client_session: Any
+) -> None:
+    gw = await start_gateway(
+        limits={"sender_contacts": 2, "sender_window": "1h",
+                "sender_exempt": ["relay@example.org"]},
+        adapters={"wb": {"type": "weibo", "app_secret": "s", "verify": False},
+                  "wb1": {"type": "weibo", "app_secret": "s", "verify": False,
+                          "path": "/chat/weibo-strict", "sender_contacts": 1}},
+    )
+    base = f"http://127.0.0.1:{gw.http_port}"
+
+    async def intake(sender: str) -> int:
+        async with aiohttp_client_session.post(
+            f"{base}/v1/intake", json={"text": "x", "sender": sender}
+        ) as resp:
+            return int(resp.status)
+
+    async def weibo(path: str, n: int, sender: str = "5001") -> int:
+        body = {"type": "text", "sender_id": sender, "receiver_id": "2", "text": f"井盖{n}",
+                "created_at": "Mon Nov 30 10:00:00 +0800 2026", "data": {}}
+        async with aiohttp_client_session.post(
+            f"{base}{path}?signature=x&timestamp=1&nonce={n}", json=body
+        ) as resp:
+            return int(resp.status)
+
+    assert [await intake("citizen@example.org") for _ in range(3)] == [202, 202, 429]
+    # a shared sender (an e-mail relay, a company's SMS gateway) is not limited per sender
+    assert [await intake("relay@example.org") for _ in range(4)] == [202] * 4
+    # a chat: one citizen's many short messages pass the chat floor (120 a minute)
+    assert [await weibo("/chat/weibo/wb", n) for n in range(5)] == [200] * 5
+    # an adapter's own sender_contacts
+    assert await weibo("/chat/weibo-strict", 10, "5002") == 200
+    assert await weibo("/chat/weibo-strict", 11, "5002") != 200
+    texts = [c.text for c in await gw.read_contacts() if c.adapter == "wb1"]
+    assert texts == ["井盖10"]

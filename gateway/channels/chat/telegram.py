@@ -42,6 +42,7 @@ from telegram.error import (
 from telegram.ext import Application, ApplicationBuilder
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.chat import SENDER_CONTACTS
 from gateway.channels.chat.telegram_updates import (
     FileRef,
     decode_update,
@@ -444,6 +445,7 @@ CHANNEL: ChannelType[TelegramConfig] = ChannelType(
     example={"token": "123456:ABC-DEF", "mode": "polling"},
     # core.telegram.org/bots/faq: about 30 messages a second per bot, one a second per chat
     send_rate=SendRate(per_second=30, burst=30, per_recipient=1),
+    sender_contacts=SENDER_CONTACTS,
 )
 
 __all__ = ["CHANNEL", "TelegramAdapter", "TelegramConfig", "decode_update"]

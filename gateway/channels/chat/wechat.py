@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.chat import SENDER_CONTACTS
 from gateway.channels.chat.officialaccount import (
     WINDOW,
     AccessToken,
@@ -448,4 +449,5 @@ CHANNEL: ChannelType[WeChatConfig] = ChannelType(
     factory=_factory,
     check=_check,
     example={"app_id": "wx0123456789abcdef", "token": "change-me"},
+    sender_contacts=SENDER_CONTACTS,
 )

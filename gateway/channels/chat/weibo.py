@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.chat import SENDER_CONTACTS
 from gateway.channels.chat.officialaccount import (
     WINDOW,
     Decoded,
@@ -289,4 +290,5 @@ CHANNEL: ChannelType[WeiboConfig] = ChannelType(
     config=WeiboConfig,
     factory=_factory,
     example={"app_secret": "change-me"},
+    sender_contacts=SENDER_CONTACTS,
 )
