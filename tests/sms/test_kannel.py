@@ -531,3 +531,26 @@ async def test_a_repeated_delivery_report_at_another_instance_is_recorded_once(
                     assert resp.status == 200
         delivered = [e for e in await one.read_events() if e.type == "delivered"]
         assert [e.detail["reply_id"] for e in delivered] == ["r-9"]
+
+
+async def test_a_sender_over_its_rate_is_answered_429_in_kannels_format(
+    start_gateway: Any,
+) -> None:
+    # The HTTP adapters share one submit path (gateway/channels/common.py): a sender over its
+    # rate gets 429 + Retry-After in the adapter's own format. Kannel's answered this through
+    # the core's error middleware, as an application/problem+json document.
+    gw = await start_gateway(adapters={"kannel": ADAPTER},
+                             limits={"sender_contacts": 1, "sender_window": "1h"})
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for n in (1, 2):
+            query = get_url(b"street light", msg_id=f"1b3c5d7e-0000-4000-8000-00000000000{n}")
+            async with http.get(f"http://127.0.0.1:{gw.http_port}/sms/kannel?{query}",
+                                headers=AUTH) as resp:
+                answers.append((resp.status, resp.content_type, resp.headers.get("Retry-After"),
+                                await resp.text()))
+    assert answers[0][0] == 200
+    status, content_type, retry_after, text = answers[1]
+    assert status == 429 and int(retry_after or 0) >= 1
+    assert content_type == "text/plain" and "slow down" in text
+    assert len(await gw.read_contacts()) == 1
