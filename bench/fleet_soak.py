@@ -44,8 +44,8 @@ import redis.asyncio as aioredis
 
 from gateway.queueing.embedded import EmbeddedRedis, find_server_binary
 from gateway.queueing.keys import Keys
-from tests.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi, message
-from tests.sms.test_kannel import AUTH, SECRET, get_url
+from tests.channels.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi, message
+from tests.channels.sms.test_kannel import AUTH, SECRET, get_url
 
 PREFIX = "fleet"
 SAMPLE_WINDOW_S = 0.3
@@ -611,7 +611,8 @@ class Soak:
 
 
 BOT_ID_CHAT = 777000001
-"""The private chat of ``tests.chat.fakes.message`` (external id ``<chat>:<message id>``)."""
+"""The private chat of ``tests.channels.chat.fakes.message`` (external id
+``<chat>:<message id>``)."""
 
 
 async def soak(

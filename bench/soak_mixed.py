@@ -51,8 +51,8 @@ from gateway.contact.clock import parse_time
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import Keys
 from gateway.server.workers import run_dir
-from tests.chat.fakes import BOT_TOKEN, FakeBotApi
-from tests.sms.test_kannel import AUTH, SECRET, get_url
+from tests.channels.chat.fakes import BOT_TOKEN, FakeBotApi
+from tests.channels.sms.test_kannel import AUTH, SECRET, get_url
 
 HOST = "127.0.0.1"
 PREFIX = "soak"

@@ -7,7 +7,7 @@ from typing import Any
 
 from gateway.testing import eventually
 from tests.cases.conftest import API, Client, Receiver, submit
-from tests.core.test_topologies import cluster  # noqa: F401 - the three-master fixture
+from tests.queueing.test_topologies import cluster  # noqa: F401 - the three-master fixture
 
 
 async def test_api_push_watcher_and_index_on_a_cluster(

@@ -21,9 +21,9 @@ from gateway.records import Reply
 from gateway.server.cli import _info
 from gateway.server.runtime import Gateway
 from gateway.testing import eventually
-from tests.core.test_intake import inbound
+from tests.channels.sms.fakes import Answer, FakeProvider, running
 from tests.e2e.test_serve import free_port, start_serve, wait_healthy
-from tests.sms.fakes import Answer, FakeProvider, running
+from tests.queueing.test_intake import inbound
 
 
 def sms(api: FakeProvider, name: str, timeout: str = "5s") -> dict[str, Any]:

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.embedded import servers_of as servers_on
+from tests.channels.voice.test_ami import until
 from tests.e2e.test_serve import PY, free_port, start_serve, wait_healthy, write_config
-from tests.voice.test_ami import until
 
 CYCLES = 6
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import redis
 
+from tests.channels.voice.test_ami import until
 from tests.e2e.test_restarts import post, servers_on
 from tests.e2e.test_serve import PY, free_port, wait_healthy, write_config
-from tests.voice.test_ami import until
 
 NOFILE = 160
 # One process (workers = 1): the open-file limit and the loop restarted are one process's.

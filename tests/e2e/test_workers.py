@@ -22,8 +22,8 @@ from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.store import decode_fields
 from gateway.server.workers import run_dir
 from gateway.testing import eventually
+from tests.channels.voice.fakes import agi_fixture, fake_call
 from tests.e2e.test_serve import free_port
-from tests.voice.fakes import agi_fixture, fake_call
 
 PREFIX = "workers"
 
