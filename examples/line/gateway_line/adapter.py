@@ -21,15 +21,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.adapters import (
-    AdapterContext,
-    ChannelType,
-    IntakeUnavailable,
-    InvalidContact,
-    RateLimited,
-    SendError,
-    SendReceipt,
-)
+from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
+from gateway.channels.common import Refused, submit
 from gateway.records import Contact, Inbound, Reply, Sender, clean_text
 from gateway.server.config import Duration, Secret
 from gateway.server.egress import client_session
@@ -133,17 +126,10 @@ class LineAdapter:
                 if isinstance(event.get("timestamp"), int) else None,
                 meta={"provider": "line", "message_id": message["id"]},
             )
-            try:
-                receipt = await self.ctx.intake.submit(inbound)
-            except IntakeUnavailable:
-                log.warning("LINE event refused: intake unavailable")
-                return web.Response(status=503, text="try again later\n",
-                                    headers={"Retry-After": "30"})
-            except RateLimited as exc:
-                return web.Response(status=429, text="slow down\n",
-                                    headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
-            except InvalidContact as exc:
-                return web.Response(status=400, text=f"{exc}\n")
+            try:  # durable, or the shared answer: 503/429 + Retry-After, 400
+                receipt = await submit(self.ctx, inbound)
+            except Refused as exc:
+                return exc.answer()
             log.debug("LINE message %s as %s", receipt.status, receipt.contact_id)
         return web.Response(status=200, text="ok\n")
 
