@@ -7,7 +7,10 @@ Valkey, five SET VARIABLE one after the other), close. The callers run in a sepa
 gateway keeps its core) and answer every command like res_agi.c. Printed per setup: sessions/s
 with ``--concurrency`` callers back to back, server CPU per session, session time p50/p99, and
 for the gateway the added time over the bare server and a paced run at ``--rate`` calls/s.
-The whole run takes well under a minute.
+The FastAGI layer alone (our server and intake script with an in-memory Intake) and the whole
+gateway run in ``--rounds`` alternating rounds, best of each, and the bench prints their ratio
+of sessions per server core (a gateway run counts until the dashboard's aggregator has read
+its events). The whole run takes about a minute.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +189,15 @@ async def protocol_only_server(mode: str) -> Any:
     return server
 
 
-async def drive(port: int, run: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+async def drive(
+    port: int,
+    run: str,
+    mode: str,
+    args: argparse.Namespace,
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any]:
+    """One run of callers; ``settle`` waits for the server's background work the run caused
+    (counted in its CPU)."""
     cpu0 = time.process_time()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--child", "--port", str(port), "--run", run, "--mode", mode,
@@ -194,6 +206,8 @@ async def drive(port: int, run: str, mode: str, args: argparse.Namespace) -> dic
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
+    if settle is not None:
+        await settle()
     result: dict[str, Any] = json.loads(out)
     result["server_cpu"] = time.process_time() - cpu0
     return result
@@ -258,14 +272,7 @@ async def main(args: argparse.Namespace) -> None:
     print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
     bare.close()
 
-    for mode in ("set_variable", "mset"):
-        layer = await protocol_only_server(mode)
-        proto = await drive(layer.port, "m" + mode, "closed", args)
-        print(line(f"FastAGI layer ({mode})", proto, base))
-        proto_paced = await drive(layer.port, "n" + mode, "open", args)
-        print(line(f"  paced at {args.rate:g} calls/s", proto_paced, base_paced))
-        await layer.stop()
-
+    layers = {mode: await protocol_only_server(mode) for mode in ("set_variable", "mset")}
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis")
         await redis.start()
@@ -280,17 +287,61 @@ async def main(args: argparse.Namespace) -> None:
         await gateway.start()
         try:
             run = str(int(time.time()))
-            for name, label in (("set", "set_variable"), ("mset", "mset")):
-                port = gateway.adapters[name].port  # type: ignore[attr-defined]
-                gw = await drive(port, run + name + "1", "closed", args)
-                print(line(f"gateway, Redis intake ({label})", gw, base))
-                paced = await drive(port, run + name + "2", "open", args)
+            ports = {
+                mode: (layers[mode].port, gateway.adapters[name].port)  # type: ignore[attr-defined]
+                for mode, name in (("set_variable", "set"), ("mset", "mset"))
+            }
+            # the layer alone and the whole gateway in alternating rounds, the best of each:
+            # on a shared machine the load moves between runs, and the ratio is what counts
+            best: dict[tuple[str, str], dict[str, Any]] = {}
+            assert gateway.cases is not None
+            aggregator = gateway.cases.aggregator
+
+            async def settled() -> None:
+                """The dashboard's aggregator has read every event of the run (its work is
+                part of a contact's cost, and must not land in the next run)."""
+                seen = -1
+                while aggregator.processed != seen:
+                    seen = aggregator.processed
+                    await asyncio.sleep(0.3)
+
+            for r in range(args.rounds):
+                for mode, (layer_port, gw_port) in ports.items():
+                    for what, port in (("layer", layer_port), ("gateway", gw_port)):
+                        result = await drive(
+                            port, f"{run}{r}{mode}{what}", "closed", args,
+                            settled if what == "gateway" else None,
+                        )
+                        cpu = result["server_cpu"] / max(1, result["sessions"])
+                        old = best.get((mode, what))
+                        if old is None or cpu < old["server_cpu"] / max(1, old["sessions"]):
+                            best[(mode, what)] = result
+            for mode, (layer_port, gw_port) in ports.items():
+                layer, whole = best[(mode, "layer")], best[(mode, "gateway")]
+                print(line(f"FastAGI layer ({mode})", layer, base))
+                paced_layer = await drive(layer_port, f"{run}{mode}lp", "open", args)
+                print(line(f"  paced at {args.rate:g} calls/s", paced_layer, base_paced))
+                print(line(f"gateway, Redis intake ({mode})", whole, base))
+                paced = await drive(gw_port, f"{run}{mode}gp", "open", args)
                 print(line(f"  paced at {args.rate:g} calls/s", paced, base_paced))
+                ratio = (layer["server_cpu"] / layer["sessions"]) / (
+                    whole["server_cpu"] / whole["sessions"]
+                )
+                p99 = {
+                    name: pct([x * 1000 for x in r["latencies"]], 0.99)
+                    for name, r in (("gw", paced), ("layer", paced_layer), ("bare", base_paced))
+                }
+                print(f"  {mode}: gateway / layer, sessions per server core = {ratio:.2f} "
+                      f"(aim >= 0.8); p99 at {args.rate:g} calls/s, gateway over layer "
+                      f"{p99['gw'] - p99['layer']:+.2f} ms, over the bare server "
+                      f"{p99['gw'] - p99['bare']:+.2f} ms (aim < 2 ms)")
             contacts = await gateway.redis.xlen(gateway.keys.contacts)
             print(f"{'':<34} {contacts} contacts on the stream")
         finally:
             await gateway.stop()
             await redis.stop()
+            for layer_server in layers.values():
+                await layer_server.stop()
 
     classic = await bench_pyst2(args.pyst2_calls, 4)
     print(line("pyst2 classic AGI, process/call", classic))
@@ -312,5 +363,7 @@ if __name__ == "__main__":
         parser.add_argument("--concurrency", type=int, default=100)
         parser.add_argument("--rate", type=float, default=1000.0)
         parser.add_argument("--pyst2-calls", type=int, default=60)
+        parser.add_argument("--rounds", type=int, default=2,
+                            help="alternating rounds of the layer alone and the gateway")
         ns = parser.parse_args()
         _runner()(main(ns))
