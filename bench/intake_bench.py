@@ -58,6 +58,18 @@ def body(i: int) -> bytes:
     )
 
 
+def gateway_classes() -> tuple[Any, Any]:
+    """``parse_settings`` and ``Gateway`` from the gateway on the path, also from a ``--before``
+    tree made before the modules were grouped by role (``gateway/server/``)."""
+    try:
+        from gateway.server.config import parse_settings
+        from gateway.server.runtime import Gateway
+    except ImportError:
+        from gateway.config import parse_settings  # type: ignore[import-not-found,no-redef]
+        from gateway.runtime import Gateway  # type: ignore[import-not-found,no-redef]
+    return parse_settings, Gateway
+
+
 def serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any, src: str = "") -> None:
     import sys
 
@@ -75,8 +87,7 @@ async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) 
     from aiohttp import web
 
     if kind.startswith("gateway"):
-        from gateway.server.config import parse_settings
-        from gateway.server.runtime import Gateway
+        parse_settings, Gateway = gateway_classes()
 
         settings, configs = parse_settings(
             {
