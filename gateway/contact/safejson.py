@@ -34,8 +34,22 @@ def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = 0,
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadJson("not valid UTF-8 JSON") from exc
+    if isinstance(raw, (bytes, str)) and _within(raw, max_depth or MAX_DEPTH,
+                                                 max_string or MAX_STRING):
+        return value
     check(value, max_depth=max_depth, max_string=max_string)
     return value
+
+
+def _within(raw: bytes | str, max_depth: int, max_string: int) -> bool:
+    """True when the text alone proves the bounds, without walking the value: no string or key
+    has more characters than the whole text, and nothing nests deeper than the text has
+    opening brackets (those inside strings only make the count larger). Most bodies pass."""
+    if len(raw) > max_string:
+        return False
+    if isinstance(raw, bytes):
+        return raw.count(b"{") + raw.count(b"[") <= max_depth
+    return raw.count("{") + raw.count("[") <= max_depth
 
 
 def check(value: Any, *, max_depth: int = 0, max_string: int = 0) -> None:
