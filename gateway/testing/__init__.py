@@ -14,7 +14,8 @@ Public API (see docs/adapters.md):
   protocol's retry-later when nothing can be stored, redelivery deduplicated, bad input
   refused without a crash, no secret nor full number in logs, replies stamped).
 - ``WebhookCase``, ``run_case``: a table-driven runner (a request, the expected status, the
-  contact's fields and the events stamped), in the spirit of courier's handler tests.
+  contact's fields and the events stamped), in the spirit of courier's handler tests;
+  ``KitCase``, ``run_kit_case``: the same for any kit (a delivery and its expected outcome).
 - ``eventually``: the polling helper the checks use (and the gateway's own tests).
 - ``gateway.testing.plugin``: pytest fixtures (a session Redis, a Redis of one's own, a gateway
   starter) for a distribution's own test suite: ``pytest_plugins = ["gateway.testing.plugin"]``.
@@ -33,6 +34,7 @@ from gateway.testing.contract import (
     ALL_CHECKS,
     AdapterKit,
     Delivery,
+    KitCase,
     PeerKit,
     ProviderAnswer,
     StartGateway,
@@ -43,6 +45,7 @@ from gateway.testing.contract import (
     check_redelivery_deduplicated,
     check_replies_stamped,
     check_retry_later_when_nothing_stored,
+    run_kit_case,
 )
 from gateway.testing.poll import eventually
 from gateway.testing.smtp import SmtpKit
@@ -56,6 +59,7 @@ __all__ = [
     "AdapterKit",
     "AgiKit",
     "Delivery",
+    "KitCase",
     "PeerKit",
     "ProviderAnswer",
     "Request",
@@ -72,5 +76,6 @@ __all__ = [
     "eventually",
     "field_of",
     "run_case",
+    "run_kit_case",
     "send",
 ]

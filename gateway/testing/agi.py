@@ -134,9 +134,11 @@ class AgiKit:
                         else "closed without a status")
 
     async def deliver(self, gateway: Gateway, message_id: str, text: str) -> Delivery:
-        variables = await call(self.port(gateway), self.header(message_id, text))
-        return self._delivery(variables, "retry")
+        return await self.play(gateway, self.header(message_id, text))
+
+    async def play(self, gateway: Gateway, header: bytes, fail: Outcome = "retry") -> Delivery:
+        """One call with this header block; ``fail``: the outcome of the fail path."""
+        return self._delivery(await call(self.port(gateway), header), fail)
 
     async def refusals(self, gateway: Gateway) -> list[Delivery]:
-        return [self._delivery(await call(self.port(gateway), header), "refused")
-                for header in self.bad]
+        return [await self.play(gateway, header, "refused") for header in self.bad]

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from aiohttp import web
 
 from gateway.testing.poll import eventually
-from gateway.testing.webhook import Request, send
+from gateway.testing.webhook import Request, send, stored_as
 
 if TYPE_CHECKING:
     from gateway.queueing.embedded import EmbeddedRedis
+    from gateway.records import Contact
     from gateway.server.runtime import Gateway
 
 StartGateway = Callable[..., Awaitable["Gateway"]]
@@ -135,15 +136,15 @@ class WebhookKit:
         return Delivery(outcome, f"HTTP {status} {body[:200]!r}")
 
     async def deliver(self, gateway: Gateway, message_id: str, text: str) -> Delivery:
-        answer = await send(gateway, self.inbound(message_id, text))
+        return await self.deliver_request(gateway, self.inbound(message_id, text))
+
+    async def deliver_request(self, gateway: Gateway, request: Request) -> Delivery:
+        """Send any request; its status in the kit's terms."""
+        answer = await send(gateway, request)
         return self._delivery(answer.status, answer.body)
 
     async def refusals(self, gateway: Gateway) -> list[Delivery]:
-        out = []
-        for request in self.bad:
-            answer = await send(gateway, request)
-            out.append(self._delivery(answer.status, answer.body))
-        return out
+        return [await self.deliver_request(gateway, request) for request in self.bad]
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,27 @@ class PeerKit:
 
     async def refusals(self, gateway: Gateway) -> list[Delivery]:
         return [await bad(gateway) for bad in self.bad]
+
+
+@dataclass(frozen=True)
+class KitCase:
+    """One row of a handler table for any kit: ``deliver(gateway)`` delivers one input (e.g.
+    ``lambda gw: SMTP.deliver(gw, "m1", "路灯坏了")`` or a raw message, header block, PDU),
+    ``outcome`` is how it must be answered, ``contact`` the expected fields of the one contact
+    stored (dotted paths; ``None``: nothing stored), ``events`` the event types stamped."""
+
+    label: str
+    deliver: Callable[[Gateway], Awaitable[Delivery]]
+    outcome: Outcome
+    contact: Mapping[str, Any] | None = None
+    events: Sequence[str] = ()
+
+
+async def run_kit_case(gateway: Gateway, case: KitCase) -> Contact | None:
+    """Deliver the case's input to a fresh gateway and check the answer, contact and events."""
+    answer = await case.deliver(gateway)
+    assert answer.outcome == case.outcome, (case.label, answer)
+    return await stored_as(gateway, case.label, case.contact, case.events)
 
 
 async def _started(start: StartGateway, kit: AdapterKit, **options: Any) -> Gateway:

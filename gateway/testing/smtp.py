@@ -118,18 +118,23 @@ class SmtpKit:
         return self.port_of(gateway.adapters[self.name])
 
     async def deliver(self, gateway: Gateway, message_id: str, text: str) -> Delivery:
+        return await self.send_message(gateway, self.message(message_id, text))
+
+    async def send_message(self, gateway: Gateway, raw: bytes) -> Delivery:
+        """One transaction from ``sender`` to ``mailbox`` carrying ``raw`` (RFC 5322 bytes)."""
         replies = await session(
             self.port(gateway),
             [b"EHLO client.kit.invalid", f"MAIL FROM:<{self.sender}>".encode(),
              f"RCPT TO:<{self.mailbox}>".encode()],
-            self.message(message_id, text),
+            raw,
         )
         code, line = replies[-1]
         return Delivery(_outcome(code), f"SMTP {line}")
 
+    async def send_commands(self, gateway: Gateway, commands: Sequence[bytes]) -> Delivery:
+        """A session of these command lines; the answer is the last reply's."""
+        code, line = (await session(self.port(gateway), commands))[-1]
+        return Delivery(_outcome(code), f"SMTP {line}")
+
     async def refusals(self, gateway: Gateway) -> list[Delivery]:
-        out = []
-        for commands in self.bad:
-            code, line = (await session(self.port(gateway), commands))[-1]
-            out.append(Delivery(_outcome(code), f"SMTP {line}"))
-        return out
+        return [await self.send_commands(gateway, commands) for commands in self.bad]

@@ -70,15 +70,22 @@ async def run_case(gateway: Gateway, case: WebhookCase) -> Contact | None:
     """Send the case's request to a fresh gateway and check status, contact and events."""
     answer = await send(gateway, case.request)
     assert answer.status == case.status, (case.label, answer.status, answer.body[:200])
+    return await stored_as(gateway, case.label, case.contact, case.events)
+
+
+async def stored_as(gateway: Gateway, label: str, expected: Mapping[str, Any] | None,
+                    events: Sequence[str] = ()) -> Contact | None:
+    """The one contact stored, with the ``expected`` fields (dotted paths) and the ``events``
+    stamped (polled); or, with ``expected=None``, nothing stored at all."""
     contacts = await gateway.read_contacts()
-    if case.contact is None:
-        assert contacts == [], (case.label, "stored a contact", contacts)
+    if expected is None:
+        assert contacts == [], (label, "stored a contact", contacts)
         return None
-    assert len(contacts) == 1, (case.label, contacts)
+    assert len(contacts) == 1, (label, contacts)
     (contact,) = contacts
-    for path, expected in case.contact.items():
-        assert field_of(contact, path) == expected, (case.label, path, field_of(contact, path))
-    wanted = set(case.events)
+    for path, value in expected.items():
+        assert field_of(contact, path) == value, (label, path, field_of(contact, path))
+    wanted = set(events)
 
     async def stamped() -> bool:
         seen = {e.type for e in await gateway.read_events() if e.contact_id == contact.id}

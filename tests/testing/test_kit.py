@@ -15,10 +15,12 @@ import pytest
 
 from gateway.testing import (
     ALL_CHECKS,
+    KitCase,
     Request,
     WebhookCase,
     WebhookKit,
     run_case,
+    run_kit_case,
 )
 from gateway.testing.contract import ProviderAnswer
 from tests.channels.chat import payloads as wx
@@ -249,3 +251,22 @@ CASES = [(SMS_WEBHOOK, c) for c in SMS_CASES] + [(TWILIO, c) for c in TWILIO_CAS
 async def test_webhook_table(kit: WebhookKit, case: WebhookCase, start_gateway: Any) -> None:
     gw = await start_gateway(adapters=kit.adapters())
     await run_case(gw, case)
+
+
+CHANNEL_OF = {"kannel": "sms", "app": "web", "open311": "web", "wechat": "chat", "weibo": "chat"}
+TABLE = [(name, n) for name in sorted(CHANNEL_OF) for n in range(len(KITS[name].bad) + 1)]
+
+
+@pytest.mark.parametrize(("kit", "n"), TABLE, ids=[f"{k}-{n}" for k, n in TABLE])
+async def test_handler_table(kit: str, n: int, start_gateway: Any) -> None:
+    """Each HTTP kit's valid request (one contact, its channel and text) and each of its bad
+    requests (refused, nothing stored), through the table runner for any kit."""
+    webhook = KITS[kit]
+    if n == 0:
+        case = KitCase("valid", lambda gw: webhook.deliver(gw, "t1", "井盖丢了"), "ok",
+                       contact={"channel": CHANNEL_OF[kit], "text": "井盖丢了", "adapter": "kit"},
+                       events=["enqueued"])
+    else:
+        case = KitCase(f"bad {n}", lambda gw: webhook.deliver_request(gw, webhook.bad[n - 1]),
+                       "refused")
+    await run_kit_case(await start_gateway(adapters=webhook.adapters()), case)

@@ -28,6 +28,7 @@ from gateway.testing import (
     ALL_CHECKS,
     AgiKit,
     Delivery,
+    KitCase,
     PeerKit,
     Request,
     SmtpKit,
@@ -36,6 +37,7 @@ from gateway.testing import (
     check_acknowledged_only_once_durable,
     eventually,
     run_case,
+    run_kit_case,
 )
 from gateway.testing.agi import header_block
 from tests.channels.chat import payloads as wx
@@ -399,3 +401,84 @@ SAFE_CASES = [
 @pytest.mark.parametrize("case", SAFE_CASES, ids=[c.label for c in SAFE_CASES])
 async def test_table_runner_over_wechat_safe_mode(case: WebhookCase, start_gateway: Any) -> None:
     await run_case(await start_gateway(adapters=WECHAT_SAFE.adapters()), case)
+
+
+# ---------------------------------------------------------------- handler tables, any kit
+
+
+def _smtp_cases(kit: SmtpKit) -> list[KitCase]:
+    return [
+        KitCase("plain text mail", lambda gw: kit.deliver(gw, "m1", "路灯坏了"), "ok",
+                contact={"channel": "email", "text": "路灯坏了", "recipient": MAILBOX,
+                         "sender.address": kit.sender, "external_id": "<m1@kit.invalid>"},
+                events=["enqueued"]),
+        KitCase("relay attempt", lambda gw: kit.send_commands(gw, kit.bad[0]), "refused"),
+        KitCase("unknown mailbox", lambda gw: kit.send_commands(gw, kit.bad[3]), "refused"),
+    ]
+
+
+def _agi_cases(kit: AgiKit) -> list[KitCase]:
+    return [
+        KitCase("a call", lambda gw: kit.deliver(gw, "1795594483.9", ""), "ok",
+                contact={"channel": "voice", "sender.address": "+86" + PHONE,
+                         "recipient": "12345", "external_id": "1795594483.9",
+                         "language": "zh"}, events=["enqueued"]),
+        KitCase("a call without its id", lambda gw: kit.play(gw, kit.bad[1], "refused"),
+                "refused"),
+        KitCase("not AGI at all", lambda gw: kit.play(gw, kit.bad[0], "refused"), "refused"),
+    ]
+
+
+def _peer_cases(kit: PeerKit, channel: str, sender: str) -> list[KitCase]:
+    return [
+        KitCase("a message", lambda gw: kit.deliver(gw, "p1", "停水了"), "ok",
+                contact={"channel": channel, "sender.address": sender, "adapter": "kit"},
+                events=["enqueued"]),
+        KitCase("a bad input", kit.bad[0], "refused"),
+    ]
+
+
+def _telegram_webhook_cases(kit: WebhookKit) -> list[KitCase]:
+    return [
+        KitCase("text update", lambda gw: kit.deliver(gw, "w1", "噪音扰民"), "ok",
+                contact={"channel": "chat", "text": "噪音扰民",
+                         "sender.address": "telegram:777000001"},
+                events=["enqueued"]),
+        KitCase("wrong secret token", lambda gw: _first_refusal(kit, gw), "refused"),
+    ]
+
+
+async def _first_refusal(kit: Any, gw: Gateway) -> Delivery:
+    return (await kit.refusals(gw))[0]
+
+
+CASES_FOR: dict[str, Callable[[Any], list[KitCase]]] = {
+    "smtp": _smtp_cases,
+    "asterisk": _agi_cases,
+    "smpp": lambda kit: _peer_cases(kit, "sms", "+86" + PHONE),
+    "cmpp-3.0": lambda kit: _peer_cases(kit, "sms", "+86" + PHONE),
+    "telegram-polling": lambda kit: [
+        *_peer_cases(kit, "chat", "telegram:777000001")[:1],
+        KitCase("a sticker: confirmed, nothing stored", kit.bad[0], "refused")],
+    "telegram-webhook": _telegram_webhook_cases,
+}
+TABLE = [(name, n) for name in CASES_FOR for n in range(3 if name in ("smtp", "asterisk")
+                                                         else 2)]
+
+
+@pytest.mark.parametrize(("peer_kit", "n"), TABLE, ids=[f"{k}-{n}" for k, n in TABLE],
+                         indirect=["peer_kit"])
+async def test_handler_table(peer_kit: Any, n: int, start_gateway: Any) -> None:
+    case = CASES_FOR[peer_kit_name(peer_kit)](peer_kit)[n]
+    gw = await start_gateway(adapters=peer_kit.adapters())
+    await peer_kit.ready(gw)
+    await run_kit_case(gw, case)
+
+
+def peer_kit_name(kit: Any) -> str:
+    table = getattr(kit, "table", {})
+    if kit.type == "telegram":
+        return f"telegram-{table['mode']}"
+    if kit.type == "cmpp":
+        return "cmpp-3.0"
+    return {"smtp": "smtp", "asterisk": "asterisk", "smpp": "smpp"}[kit.type]
