@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
@@ -107,6 +108,10 @@ def test_uuid7_sorts_by_time_and_is_unique():
     assert len(set(ids)) == 1000
     assert uuid7_time_ms(ids[-1]) == base + 99
     assert uuid7(base) > ids[-1]  # an earlier clock reading never sorts before a later id
+    for text in ids[::97]:  # the canonical form of an RFC 9562 version 7 UUID
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
 
 
 @given(st.integers(min_value=0, max_value=253_402_300_799_999_999))
