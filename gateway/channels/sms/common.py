@@ -24,11 +24,20 @@ import aiohttp
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, Receipt, SendError, SendReceipt
-from gateway.channels.common import cancel_all, retry_later
+from gateway.channels.common import cancel_all, retry_later, submit
 from gateway.channels.sms.concat import Added, Assembler, Part, assembled_id
 from gateway.channels.sms.segments import Segments, split, substitute
 from gateway.contact.phone import mask_phone, to_e164
-from gateway.records import Contact, Event, EventType, Inbound, Reply, Sender, short_ref
+from gateway.records import (
+    Attachment,
+    Contact,
+    Event,
+    EventType,
+    Inbound,
+    Reply,
+    Sender,
+    short_ref,
+)
 from gateway.server.config import ConfigError, Secret
 from gateway.server.egress import client_session
 
@@ -316,6 +325,22 @@ class SmsWebhook:
         ``BadRequest`` for an empty sender."""
         return (phone_address(sender, self.region),
                 phone_address(recipient, self.region) if recipient else "")
+
+    async def take(self, *, external_id: str, sender: str, recipient: str, received_at: int,
+                   text: str, origin_at: int | None = None,
+                   attachments: tuple[Attachment, ...] = (), **meta: Any) -> Receipt:
+        """Make one whole message a durable contact (``meta.provider`` set); ``Refused`` with
+        the answer when it is not (gateway/channels/common.py)."""
+        inbound = Inbound(
+            channel="sms", adapter=self.name, external_id=external_id, sender=Sender(sender),
+            recipient=recipient, received_at=received_at, text=text, origin_at=origin_at,
+            attachments=attachments, meta={"provider": self.provider, **meta},
+        )
+        receipt = await submit(self.ctx, inbound)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status,
+                      receipt.contact_id)
+        return receipt
 
     async def take_part(self, part: Part) -> Added | web.Response:
         """Keep one part of a long message (what the assembler did with it), or the 503

@@ -23,13 +23,13 @@ import orjson
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
-from gateway.channels.common import Refused, SentParts, submit
+from gateway.channels.common import Refused, SentParts
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Concat, Part, group_key
 from gateway.contact import safejson
 from gateway.contact.clock import MICROS_PER_SECOND, Micros, from_datetime
 from gateway.contact.phone import mask_phone
-from gateway.records import Contact, Inbound, Reply, Sender, clean_text
+from gateway.records import Contact, Reply, clean_text
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.server.http import read_body
 
@@ -292,22 +292,13 @@ class GenericAdapter(common.SmsWebhook):
             )
             added = await self.take_part(part)  # the hand-over acknowledges, whenever it happens
             return added if isinstance(added, web.Response) else self._answer()
-        inbound = Inbound(
-            channel="sms",
-            adapter=self.name,
-            external_id=msg.id,
-            sender=Sender(sender),
-            recipient=recipient,
-            received_at=received_at,
-            text=msg.text,
-            origin_at=msg.origin_at,
-            meta={"provider": "sms-webhook"},
-        )
         try:
-            receipt = await submit(self.ctx, inbound)
+            receipt = await self.take(
+                external_id=msg.id, sender=sender, recipient=recipient, received_at=received_at,
+                text=msg.text, origin_at=msg.origin_at,
+            )
         except Refused as exc:
             return exc.answer()
-        log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         self._acknowledge(receipt)
         return self._answer()
 

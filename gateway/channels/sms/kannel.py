@@ -25,7 +25,7 @@ import phonenumbers
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
-from gateway.channels.common import Refused, submit
+from gateway.channels.common import Refused
 from gateway.channels.sms import common
 from gateway.channels.sms.concat import Part, group_key, parse_udh
 from gateway.channels.sms.segments import split, substitute
@@ -40,7 +40,7 @@ from gateway.channels.sms.smsbox import (
 )
 from gateway.contact.clock import MICROS_PER_SECOND
 from gateway.contact.phone import mask_phone
-from gateway.records import Contact, Inbound, Reply, Sender
+from gateway.records import Contact, Reply
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.server.http import read_body
 
@@ -164,31 +164,14 @@ class KannelAdapter(common.SmsWebhook):
                 return await self._answer(added.handed_over)
             return self._empty()
         text, used = decode_text(msg.data, msg.coding, msg.charset, self.eight_bit)
-        inbound = Inbound(
-            channel="sms",
-            adapter=self.name,
-            external_id=msg.id,
-            sender=Sender(sender),
-            recipient=recipient,
-            received_at=received_at,
-            text=text,
-            origin_at=origin_at,
-            meta={
-                "provider": "kannel",
-                "smsc": msg.smsc,
-                "coding": msg.coding,
-                "charset": msg.charset,
-                "decoded_as": used,
-            },
-        )
         try:
-            receipt = await submit(self.ctx, inbound)
+            receipt = await self.take(
+                external_id=msg.id, sender=sender, recipient=recipient, received_at=received_at,
+                text=text, origin_at=origin_at, smsc=msg.smsc, coding=msg.coding,
+                charset=msg.charset, decoded_as=used,
+            )
         except Refused as exc:
             return exc.answer()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id
-            )
         return await self._answer(receipt)
 
     def _empty(self) -> web.Response:

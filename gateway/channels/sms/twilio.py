@@ -26,11 +26,11 @@ import orjson
 from aiohttp import web
 
 from gateway.adapters import AdapterContext, ChannelType, Receipt, SendError, SendReceipt
-from gateway.channels.common import Refused, submit
+from gateway.channels.common import Refused
 from gateway.channels.sms import common
 from gateway.contact.attachments import AttachmentTooLarge
 from gateway.contact.phone import mask_phone
-from gateway.records import Attachment, Contact, Inbound, Reply, Sender, clean_text
+from gateway.records import Attachment, Contact, Reply, clean_text
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.server.http import read_body
 
@@ -241,27 +241,18 @@ class TwilioAdapter(common.SmsWebhook):
         if msg.account_sid and not common.equal(msg.account_sid, self.config.account_sid):
             return common.forbidden()
         attachments, media_errors = await self._fetch_media(msg.media)
-        meta: dict[str, Any] = {"provider": "twilio", **msg.extra}
+        meta: dict[str, Any] = dict(msg.extra)
         if msg.segments is not None:
             meta["segments"] = msg.segments
         if media_errors:
             meta["media_errors"] = media_errors
-        inbound = Inbound(
-            channel="sms",
-            adapter=self.name,
-            external_id=msg.sid,
-            sender=Sender(sender),
-            recipient=recipient,
-            received_at=received_at,
-            text=msg.body,
-            attachments=attachments,
-            meta=meta,
-        )
         try:
-            receipt = await submit(self.ctx, inbound)
+            receipt = await self.take(
+                external_id=msg.sid, sender=sender, recipient=recipient, received_at=received_at,
+                text=msg.body, attachments=attachments, **meta,
+            )
         except Refused as exc:
             return exc.answer()
-        log.debug("SMS from %s %s as %s", mask_phone(sender), receipt.status, receipt.contact_id)
         return await self._answer(receipt)
 
     async def _answer(self, receipt: Receipt) -> web.Response:
