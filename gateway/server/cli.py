@@ -33,7 +33,13 @@ from gateway.server.config import (
 from gateway.server.lock import DataDirBusy
 from gateway.server.logs import setup_logging
 from gateway.server.permissions import UnsafePermissions
-from gateway.server.workers import WorkerRole, default_count, die_with_parent, serve_workers
+from gateway.server.workers import (
+    WorkerRole,
+    default_count,
+    die_with_parent,
+    listener_addresses,
+    serve_workers,
+)
 
 
 def default_raw_config() -> dict[str, Any]:
@@ -193,13 +199,9 @@ async def _info(settings: Settings) -> dict[str, Any]:
             "url": redact_url(settings.redis.url) or "embedded",
             "keys": {"contacts": keys.contacts, "events": keys.events, "replies": keys.replies},
         },
-        "listeners": {"http": str(settings.http.listen)},
+        "listeners": {_listener_name(path): str(at) for path, at in listener_addresses(settings)},
         "adapters": {name: table.get("type") for name, table in settings.adapters.items()},
     }
-    for name, table in settings.adapters.items():
-        for key in ("listen", "agi_listen"):
-            if key in table:
-                info["listeners"][f"{name}.{key}"] = table[key]
     try:
         async with open_queue(settings) as (client, _, url):
             server = await client.info("server")
@@ -224,6 +226,13 @@ async def _stream_info(client: Any, key: str) -> dict[str, Any]:
             name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
             groups[name] = {"pending": int(g["pending"]), "lag": g.get("lag")}
     return {"length": int(await client.xlen(key)), "groups": groups}
+
+
+def _listener_name(path: tuple[str, ...]) -> str:
+    """"http", "http.metrics_listen", "<adapter>.<key>"."""
+    if path == ("http", "listen"):
+        return "http"
+    return ".".join(path[1:] if path[0] == "adapters" else path)
 
 
 def redact_url(url: str) -> str:
