@@ -39,7 +39,7 @@ import orjson
 from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receipt, Submitter
 from gateway.channels.voice.queuelog import LoggedCall
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
-from gateway.records import EventType, Inbound, Sender
+from gateway.records import Inbound, Sender
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ _UNKNOWN = frozenset({"", "unknown", "<unknown>", "anonymous", "restricted", "pr
 FLUSH_EVERY_S = 0.1
 """Open calls' state is written to Redis at most this long after a change (and at every
 sweep, reconnect and stop)."""
+RETRY_MAX_S = 5.0
+"""Longest wait between two tries of an outcome or a callback (a spooled contact is usually
+in Redis seconds after Redis is back)."""
 ARRIVED_VARIABLE = "GATEWAY_ARRIVED"
 CONTACT_VARIABLE = "GATEWAY_CONTACT_ID"
 
@@ -120,7 +123,7 @@ class Call:
     outcome_at: Micros | None = None
     outcome_detail: dict[str, Any] = field(default_factory=dict)
     written: bool = False
-    """The outcome is stamped (or queued for a retry)."""
+    """The outcome is stamped (or was found stamped by another instance)."""
     needs_contact: bool = False
     """The call reached the queue, or ended, without a contact: make one from AMI."""
     callback_due: bool = False
@@ -128,6 +131,12 @@ class Call:
     """When the channel list after a reconnect did not have this call."""
     source: str = "ami"
     """Where a contact made by the tracker comes from: ``ami`` or ``queue_log``."""
+    attempts: int = 0
+    """Failed tries to stamp the outcome or make the callback (Redis down, or the contact
+    still in a spool): kept in the call's record, so a restart or the next lease holder goes on
+    with them."""
+    retry_us: Micros = 0
+    """Not before this moment (backoff)."""
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -150,26 +159,6 @@ class CallStore(Protocol):
     async def drop(self, uniqueid: str) -> None: ...
 
     async def load(self) -> dict[str, bytes]: ...
-
-
-@dataclass(slots=True)
-class _PendingWrite:
-    """An outcome to stamp: answered, abandoned or closed."""
-
-    contact_id: str
-    type: EventType
-    at: Micros
-    detail: dict[str, Any]
-    attempts: int = 0
-    next_us: Micros = 0
-    first_us: Micros = 0
-
-
-@dataclass(slots=True)
-class _PendingCallback:
-    inbound: Inbound
-    attempts: int = 0
-    next_us: Micros = 0
 
 
 class CallTracker:
@@ -217,8 +206,6 @@ class CallTracker:
         self._by_linkedid: dict[str, set[str]] = {}
         self._bridges: dict[str, tuple[set[str], Micros]] = {}
         self._finished: dict[str, Micros] = {}
-        self._pending: list[_PendingCallback] = []
-        self._writes: list[_PendingWrite] = []
         self._dirty: set[str] = set()
         self._dropped: set[str] = set()
         self._snapshot_from: Micros = 0
@@ -239,6 +226,7 @@ class CallTracker:
                 call = Call.from_json(raw)
                 if call is None or call.uniqueid != uniqueid:
                     continue
+                call.retry_us = 0  # a new holder tries what is pending at once
                 self.calls[uniqueid] = call
                 if call.linkedid:
                     self._by_linkedid.setdefault(call.linkedid, set()).add(uniqueid)
@@ -511,7 +499,8 @@ class CallTracker:
             if call.needs_contact and not call.contact_id:
                 await self._make_contact(call)
             if call.outcome is not None:
-                await self._finish(call, now)
+                if call.retry_us <= now:  # a failed stamp or callback waits for its backoff
+                    await self._finish(call, now)
             elif call.missing_us is not None and now - call.missing_us >= self.settle_us:
                 await self._close(call, now, "ended while AMI was down")
             elif now - call.seen_us >= self.call_timeout_us:
@@ -522,56 +511,46 @@ class CallTracker:
         for bridge, (members, touched) in list(self._bridges.items()):
             if now - touched >= _IDLE_BRIDGE_US and not any(m in self.calls for m in members):
                 del self._bridges[bridge]
-        if self._writes:
-            await self._retry_writes(now)
-        if self._pending:
-            await self._retry_callbacks(now)
         await self.flush()
+
+    def pending(self) -> int:
+        """Calls whose outcome or callback is decided but not yet written."""
+        return sum(1 for c in self.calls.values()
+                   if c.outcome is not None and (not c.written or c.callback_due))
 
     async def drain(self) -> None:
-        """Try pending outcome writes and callbacks once more (shutdown)."""
-        if self._writes:
-            await self._retry_writes(None)
-        if self._pending:
-            await self._retry_callbacks(None)
+        """Try pending outcomes and callbacks once more (shutdown); what still fails stays in
+        the calls' records in Redis for the next lease holder."""
+        for call in list(self.calls.values()):
+            if call.outcome is not None and call.contact_id:
+                call.retry_us = 0
+                await self._settle_written(call)
         await self.flush()
 
-    async def _write(self, item: _PendingWrite) -> bool:
-        """Stamp one outcome; keep it for a retry when Redis is down or the contact is not
-        there yet (a spooled contact reaches Redis when the spool is replayed).
+    async def _stamp(self, call: Call) -> bool:
+        """Stamp the call's outcome; False when Redis is down or the contact is not there yet
+        (a spooled contact reaches Redis when its spool is replayed).
 
         Stamping (not a plain emit) records each outcome once per contact even when several
         gateway instances follow the same call, and settles the answer deadline.
         """
         try:
             done = await self.events.stamp(
-                item.contact_id, item.type, item.at, self.adapter, item.detail
+                call.contact_id, call.outcome,  # type: ignore[arg-type]
+                call.outcome_at or self.clock.now_us(), self.adapter, dict(call.outcome_detail),
             )
-            if done is not None or await self.contacts.get(item.contact_id) is not None:
-                return True  # written now, or stamped before (a replayed event)
+            return done is not None or await self.contacts.get(call.contact_id) is not None
         except Exception as exc:
-            log.warning("outcome of contact %s not written yet: %s", item.contact_id,
+            log.warning("outcome of contact %s not written yet: %s", call.contact_id,
                         type(exc).__name__)
-        now = self.clock.now_us()
-        item.attempts += 1
-        if item.attempts == 1:
-            item.first_us = now
-            self._writes.append(item)
-        backoff_s = min(30.0, 0.25 * 2 ** min(item.attempts, 8))
-        item.next_us = now + int(backoff_s * MICROS_PER_SECOND)
-        return False
+            return False
 
-    async def _retry_writes(self, now: Micros | None) -> None:
-        """Retry kept outcomes with backoff, for as long as a call may last."""
-        for item in list(self._writes):
-            if now is not None and item.next_us > now:
-                continue
-            if await self._write(item):
-                self._writes.remove(item)
-            elif self.clock.now_us() - item.first_us > self.call_timeout_us:
-                log.error("outcome of contact %s dropped after %d attempts",
-                          item.contact_id, item.attempts)
-                self._writes.remove(item)
+    def _later(self, call: Call) -> None:
+        """Back off before the next try (kept in the call's record)."""
+        call.attempts += 1
+        backoff_s = min(RETRY_MAX_S, 0.25 * 2 ** min(call.attempts, 8))
+        call.retry_us = self.clock.now_us() + int(backoff_s * MICROS_PER_SECOND)
+        self._dirty.add(call.uniqueid)
 
     # ------------------------------------------------------------ internals
 
@@ -668,23 +647,35 @@ class CallTracker:
         await self._settle_written(call)
 
     async def _settle_written(self, call: Call) -> None:
-        """Stamp a decided outcome once the call has a contact, then make its callback."""
-        if call.outcome is None or call.written or not call.contact_id:
+        """Stamp a decided outcome once the call has a contact, then make its callback; what
+        fails is tried again by the sweep after a backoff, from the call's record."""
+        if call.outcome is None or not call.contact_id:
             return
-        call.written = True
-        self._dirty.add(call.uniqueid)
-        await self._write(_PendingWrite(
-            call.contact_id, call.outcome,  # type: ignore[arg-type]
-            call.outcome_at or self.clock.now_us(), dict(call.outcome_detail),
-        ))
+        if not call.written:
+            if not await self._stamp(call):
+                self._later(call)
+                return
+            call.written = True
+            call.attempts = 0
+            self._dirty.add(call.uniqueid)
         if call.callback_due:
+            if not await self._callback(call, call.outcome_at or self.clock.now_us(),
+                                        call.outcome_detail):
+                if call.attempts + 1 >= _MAX_CALLBACK_ATTEMPTS:
+                    log.error("callback for %s dropped after %d attempts", call.uniqueid,
+                              call.attempts + 1)
+                else:
+                    self._later(call)
+                    return
             call.callback_due = False
-            await self._callback(call, call.outcome_at or self.clock.now_us(),
-                                 call.outcome_detail)
+            call.attempts = 0
+            self._dirty.add(call.uniqueid)
 
     async def _finish(self, call: Call, now: Micros) -> None:
         """Forget a call whose outcome is written and that is over (or answered)."""
         await self._settle_written(call)
+        if call.written and call.callback_due and now - call.seen_us < self.call_timeout_us:
+            return  # the callback is still to be made
         if call.written and (call.gone_at is not None or call.outcome != "answered"):
             self._forget(call, now)
         elif call.written and now - call.seen_us >= self.call_timeout_us:
@@ -781,7 +772,8 @@ class CallTracker:
                      call.uniqueid, receipt.contact_id, call.source)
         await self._settle_written(call)
 
-    async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> None:
+    async def _callback(self, call: Call, at: Micros, detail: dict[str, Any]) -> bool:
+        """Make the callback contact; False when it should be tried again later."""
         sender = self._sender(call)
         recipient, language = call.recipient, call.language
         if sender is None or not recipient:  # learned from AMI only: the contact has the caller
@@ -793,7 +785,7 @@ class CallTracker:
         if sender is None or not sender.address:
             log.info("call %s ended unanswered with no caller number: no callback",
                      call.uniqueid)
-            return
+            return True
         inbound = Inbound(
             channel="voice",
             adapter=self.adapter,
@@ -810,26 +802,10 @@ class CallTracker:
                 **{k: v for k, v in detail.items() if k in ("reason", "queue", "hold_s")},
             },
         )
-        self._pending.append(_PendingCallback(inbound))
-        await self._retry_callbacks(self.clock.now_us())
-
-    async def _retry_callbacks(self, now: Micros | None) -> None:
-        keep: list[_PendingCallback] = []
-        for item in self._pending:
-            if now is not None and item.next_us > now:
-                keep.append(item)
-                continue
-            try:
-                await self.intake.submit(item.inbound)
-            except IntakeUnavailable:
-                item.attempts += 1
-                if item.attempts < _MAX_CALLBACK_ATTEMPTS:
-                    backoff = min(60, 2**item.attempts) * MICROS_PER_SECOND
-                    item.next_us = (now or self.clock.now_us()) + backoff
-                    keep.append(item)
-                else:
-                    log.error("callback for %s dropped after %d attempts",
-                              item.inbound.external_id, item.attempts)
-            except Exception:
-                log.exception("callback for %s failed", item.inbound.external_id)
-        self._pending = keep
+        try:
+            await self.intake.submit(inbound)
+        except IntakeUnavailable:
+            return False
+        except Exception:
+            log.exception("callback for %s failed", inbound.external_id)
+        return True

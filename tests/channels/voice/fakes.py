@@ -387,7 +387,7 @@ class DialplanIntake:
     call: AgiTranscript | None = None
 
 
-async def dialplan_intake(ports: list[int], header: bytes, wait: float) -> DialplanIntake:
+async def dialplan_intake(ports: list[int], header: bytes, waits: list[float]) -> DialplanIntake:
     """Play the sample dialplan's intake (deploy/asterisk/extensions.conf) as Asterisk runs it:
     ``AGI(${GATEWAY_AGI_<n>})`` for n = 1, 2, ... until a gateway answers ``OK``/``SPOOLED``.
 
@@ -397,10 +397,10 @@ async def dialplan_intake(ports: list[int], header: bytes, wait: float) -> Dialp
     AGI() soft-hangs the channel after ``GATEWAY_AGI_WAIT``; with ``AGIEXITONHANGUP=yes``
     run_agi then closes the socket at once, and the pbx loop goes to the T extension, which
     tries the next gateway. Both are played here: a refused connect, and a socket closed by us
-    when ``wait`` passes.
+    when that gateway's ``waits`` entry (``GATEWAY_AGI_WAIT``) passes.
     """
     done = DialplanIntake()
-    for port in ports:
+    for port, wait in zip(ports, waits, strict=True):
         try:
             async with asyncio.timeout(wait):
                 call = await fake_call(port, header)

@@ -81,31 +81,38 @@ class ServedGateway:
             self.proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def served_gateways(
-    folder: Path, redis_url: str, prefix: str, count: int = 1, adapter: str = ""
-) -> AsyncIterator[list[ServedGateway]]:
-    """Start ``count`` instances of one fleet (one Redis, one prefix); stop them all after."""
-    gateways = []
-    for n in range(1, count + 1):
-        agi_port, http_port = free_port(), free_port()
-        config = folder / f"gateway{n}.toml"
-        config.write_text(f"""
+def configure(
+    folder: Path, n: int, redis_url: str, prefix: str, adapter: str = "", extra: str = ""
+) -> ServedGateway:
+    """Write instance ``n``'s config (data in ``folder/var<n>``); ``adapter``: more lines of
+    the ``asterisk`` table, ``extra``: more sections."""
+    agi_port, http_port = free_port(), free_port()
+    config = folder / f"gateway{n}.toml"
+    config.write_text(f"""
 [gateway]
 data_dir = "{folder / f"var{n}"}"
 instance = "gw{n}"
-workers = 1  # one process each: SIGSTOP and kill -9 reach all of it, /metrics is its own
 [redis]
 url = "{redis_url}"
 prefix = "{prefix}"
+write_timeout = "500ms"
 [http]
 listen = "127.0.0.1:{http_port}"
 [adapters.asterisk]
 type = "asterisk"
 agi_listen = "127.0.0.1:{agi_port}"
 {adapter}
+{extra}
 """)
-        gateways.append(ServedGateway(config, agi_port, http_port))
+    return ServedGateway(config, agi_port, http_port)
+
+
+@contextlib.asynccontextmanager
+async def served_gateways(
+    folder: Path, redis_url: str, prefix: str, count: int = 1, adapter: str = ""
+) -> AsyncIterator[list[ServedGateway]]:
+    """Start ``count`` instances of one fleet (one Redis, one prefix); stop them all after."""
+    gateways = [configure(folder, n, redis_url, prefix, adapter) for n in range(1, count + 1)]
     try:
         for gw in gateways:
             await gw.start()

@@ -70,12 +70,12 @@ def of_type(events: list[Event], kind: str) -> list[Event]:
     return [e for e in events if e.type == kind]
 
 
-async def events_of(gw: Gateway, kind: str, n: int = 1) -> list[Event]:
+async def events_of(gw: Gateway, kind: str, n: int = 1, timeout: float = 10.0) -> list[Event]:
     async def probe() -> list[Event] | None:
         found = of_type(await gw.read_events(), kind)
         return found if len(found) >= n else None
 
-    return await until(probe)  # type: ignore[no-any-return]
+    return await until(probe, timeout)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------ frame reader
@@ -363,7 +363,7 @@ async def test_two_instances_following_one_call_record_one_outcome(start_gateway
     second = await voice_with_ami(start_gateway, FakeAmi([(transcript, False)]))
     trackers = [gw.adapters["asterisk"].tracker for gw in (first, second)]  # type: ignore[attr-defined]
     await until(lambda: all(t.finished("1795594483.1") for t in trackers))
-    await until(lambda: all(not t._pending for t in trackers))
+    await until(lambda: all(not t.pending() for t in trackers))
     events = await first.read_events()
     assert [e.contact_id for e in of_type(events, "abandoned")] == [contact_id]
     callbacks = [c for c in await first.read_contacts() if c.meta.get("callback")]

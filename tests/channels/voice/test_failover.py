@@ -19,6 +19,7 @@ from tests.channels.voice.test_ami import until
 
 ROOT = Path(__file__).resolve().parents[3]
 WAIT = 3.0  # the sample's GATEWAY_AGI_WAIT
+ANSWERS = 60.0  # the wait on a gateway that must answer (a bound: the machine may be loaded)
 
 
 def call(uniqueid: str) -> tuple[bytes, int]:
@@ -60,19 +61,19 @@ async def test_a_killed_or_stopped_gateway_is_skipped_and_the_call_recorded_once
         ports = [first.agi_port, second.agi_port]
 
         header, _ = call("1795594483.1")
-        both_up = await dialplan_intake(ports, header, WAIT)
+        both_up = await dialplan_intake(ports, header, [ANSWERS, ANSWERS])
         assert both_up.attempts == [(first.agi_port, "OK")]
 
         first.signal(signal.SIGKILL)
         header, _ = call("1795594483.2")
-        killed = await dialplan_intake(ports, header, WAIT)
+        killed = await dialplan_intake(ports, header, [ANSWERS, ANSWERS])
         assert killed.attempts == [(first.agi_port, "FAILURE"), (second.agi_port, "OK")]
 
         await first.start()
         accepted, _ = await first.agi_sessions()
         first.signal(signal.SIGSTOP)  # the kernel still accepts: connect succeeds
         header, called = call("1795594483.3")
-        stopped = await dialplan_intake(ports, header, WAIT)
+        stopped = await dialplan_intake(ports, header, [WAIT, ANSWERS])
         assert stopped.attempts == [(first.agi_port, "T"), (second.agi_port, "OK")]
 
         # The stopped gateway runs again and reads the header Asterisk left in its backlog:

@@ -4,12 +4,16 @@ Asterisk restart, a stopped (SIGSTOP) gateway. AMI transcripts replayed over TCP
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+from pathlib import Path
 from typing import Any
 
 from gateway.channels.voice.report import voice_report
 from gateway.contact.clock import FixedClock
 from gateway.records import Contact
 from tests.channels.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
+from tests.channels.voice.serve import configure
 from tests.channels.voice.test_ami import (
     SECRET,
     T0,
@@ -183,3 +187,54 @@ async def test_live_capture_of_an_answered_call(start_gateway: Any) -> None:
     tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
     await until(lambda: not tracker.calls)  # the root channel's Hangup ends it
     assert of_type(await gw.read_events(), "abandoned") == []
+
+
+async def test_outcome_waiting_for_a_spooled_contact_survives_the_followers_kill(
+    start_gateway: Any, tmp_path: Path, redis_url: str, prefix: str, redis_client: Any
+) -> None:
+    """Defect: an outcome (and its callback) that could not be written yet lived only in the
+    follower's memory: a follower killed meanwhile lost it for good. Three real processes:
+    FastAGI on one whose Redis is unreachable (the contact waits in its spool), the AMI
+    follower killed -9 while the outcome waits for that contact, a successor that takes the
+    lease; then the spooling instance gets its Redis back and replays the contact."""
+    ami = FakeAmi([])
+    await ami.start()
+    follow = (f'settle = "0s"\nami = {{ host = "127.0.0.1", port = {ami.port}, '
+              f'username = "gateway", secret = "{SECRET}", reconnect_min = "20ms", '
+              f'reconnect_max = "100ms" }}')
+    fleet = '[fleet]\nlease_ttl = "1s"'
+    spooling = configure(tmp_path, 1, "unix:///nonexistent/redis.sock", prefix)
+    follower = configure(tmp_path, 2, redis_url, prefix, follow, fleet)
+    successor = configure(tmp_path, 3, redis_url, prefix, follow, fleet)
+    try:
+        await spooling.start()
+        call = await fake_call(spooling.agi_port, agi_fixture("sip_call.agi"))
+        assert call.variables["GATEWAY_STATUS"] == "SPOOLED"
+        contact_id = call.variables["GATEWAY_CONTACT_ID"]
+        ami.sessions.append((ami_fixture("abandoned.ami", contact_id=contact_id), False))
+        await follower.start()
+        calls = f"{{{prefix}}}:state:asterisk:calls:127.0.0.1:{ami.port}"
+
+        async def waiting() -> bool:  # decided, not written: the contact is not in Redis
+            raw = await redis_client.hget(calls, UID)
+            record = json.loads(raw) if raw else {}
+            return bool(record.get("outcome") == "abandoned" and not record["written"])
+
+        await until(waiting, 30)
+        follower.signal(signal.SIGKILL)
+        await successor.start()
+        spooling.signal(signal.SIGKILL)  # back with its Redis: the spool is replayed
+        spooling.config.write_text(spooling.config.read_text().replace(
+            "unix:///nonexistent/redis.sock", redis_url))
+        await spooling.start()
+        reader = await start_gateway()  # same Redis and prefix, to read what was written
+        (event,) = await events_of(reader, "abandoned", timeout=30)
+        assert event.contact_id == contact_id
+        assert event.at == T0 + 25_731_002
+        (callback,) = await callbacks_of(reader)
+        assert callback.thread == contact_id
+        assert not await redis_client.hexists(calls, UID)  # done: the record is dropped
+    finally:
+        for gw in (spooling, follower, successor):
+            gw.stop()
+        await ami.stop()
