@@ -92,6 +92,7 @@ def configure(
 [gateway]
 data_dir = "{folder / f"var{n}"}"
 instance = "gw{n}"
+workers = 1  # one process: the signals of these tests reach the gateway itself
 [redis]
 url = "{redis_url}"
 prefix = "{prefix}"

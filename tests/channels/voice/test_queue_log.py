@@ -54,7 +54,7 @@ async def come_back(start_gateway: Any, ami: FakeAmi, log: Path) -> Gateway:
     """An instance of the fleet follows this Asterisk (its AMI, its queue_log)."""
     gw = await voice_with_ami(start_gateway, ami, AFTER, queue_log=str(log), **ROUTING)
     adapter = gw.adapters["asterisk"]
-    await until(lambda: adapter._log_read)  # type: ignore[attr-defined]
+    await until(lambda: adapter._log_read, 30)  # type: ignore[attr-defined]
     return gw  # type: ignore[no-any-return]
 
 
