@@ -417,10 +417,8 @@ token = "{WX_TOKEN}"
 
 
 async def ready(port: int, data_dir: Path, workers: int) -> bool:
-    # /healthz, not /readyz: a Telegram adapter in webhook mode leaves /readyz failing (its
-    # start-up loop "finishes"; see docs/performance.md, the mixed soak)
     try:
-        async with aiohttp.ClientSession() as s, s.get(f"http://{HOST}:{port}/healthz") as r:
+        async with aiohttp.ClientSession() as s, s.get(f"http://{HOST}:{port}/readyz") as r:
             if r.status != 200:
                 return False
     except aiohttp.ClientError:

@@ -146,7 +146,10 @@ class TelegramAdapter:
         """
         if not self._running:
             self._running = True
-            self.ctx.supervisor.spawn(self._loop, self._run)
+            # in webhook mode the loop ends once the bot is up: a finished start-up, not a
+            # loop down (required, it would fail /readyz for good); polling runs for ever
+            polling = self.config.mode == "polling"
+            self.ctx.supervisor.spawn(self._loop, self._run, required=polling)
 
     async def stop(self) -> None:
         """Stop polling (releasing the poller's lease) and shut PTB down; idempotent."""

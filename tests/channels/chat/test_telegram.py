@@ -82,6 +82,18 @@ async def test_start_calls_get_me_and_set_webhook(start_gateway: Any, bot_api: F
     assert params["allowed_updates"] == ["message", "edited_message"]
 
 
+async def test_a_webhook_bot_once_up_leaves_the_gateway_ready(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    """In webhook mode the start-up loop ends once getMe and setWebhook are done; that must
+    not fail /readyz (it did: a required loop that finished counts as down)."""
+    gw = await _webhook_gateway(start_gateway, bot_api)
+    await eventually(lambda: gw.supervisor.states()["telegram-tg"].state != "running")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.http_port}/readyz") as resp:
+            assert resp.status == 200, await resp.text()
+
+
 async def test_text_update_becomes_a_contact_once(start_gateway: Any, bot_api: FakeBotApi) -> None:
     gw = await _webhook_gateway(start_gateway, bot_api)
     update = {"update_id": 500, "message": message(10, text="路灯坏了，在人民路12号")}
