@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,7 @@ from telegram.error import (
     TelegramError,
 )
 from telegram.ext import Application, ApplicationBuilder
+from telegram.warnings import PTBUserWarning
 
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.chat import SENDER_CONTACTS
@@ -318,12 +320,47 @@ class TelegramAdapter:
                 )
                 await asyncio.sleep(60)
                 continue
-            except Exception as exc:  # network errors, or an update PTB cannot parse
+            except (TypeError, KeyError, ValueError, AttributeError):  # an update PTB cannot build
+                try:
+                    updates = await self._updates_one_by_one()
+                except Exception as exc:
+                    log.warning("%s: getUpdates failed: %s", self.name, type(exc).__name__)
+                    await backoff.sleep()
+                    continue
+                received_at = self.ctx.clock.now_us()
+            except Exception as exc:  # network errors
                 log.warning("%s: getUpdates failed: %s", self.name, type(exc).__name__)
                 await backoff.sleep()
                 continue
             if not await self._take_batch(updates, received_at):
                 await backoff.sleep()
+
+    async def _updates_one_by_one(self) -> tuple[Update, ...]:
+        """The pending batch read raw and built one update at a time: an update the library
+        cannot build (a Bot API newer than it, a malformed one) is logged and stands as an
+        empty update of its id, so it is confirmed instead of stopping polling for good."""
+        with warnings.catch_warnings():  # PTB suggests get_updates: the very call that fails
+            warnings.simplefilter("ignore", PTBUserWarning)
+            raw = await self.bot.do_api_request(
+                "getUpdates",
+                api_kwargs={"offset": self.offset, "timeout": 0,
+                            "allowed_updates": list(ALLOWED_UPDATES)},
+                return_type=None,
+            )
+        updates: list[Update] = []
+        for item in raw if isinstance(raw, list) else []:
+            update_id = item.get("update_id") if isinstance(item, dict) else None
+            if not isinstance(update_id, int):
+                continue
+            try:
+                update = Update.de_json(item, self.bot)
+            except Exception as exc:
+                log.warning("%s: update %d cannot be read (%s); skipped", self.name, update_id,
+                            type(exc).__name__)
+                update = Update(update_id)
+            if update is not None:
+                updates.append(update)
+        return tuple(updates)
 
     async def _take_batch(self, updates: Sequence[Update], received_at: Micros) -> bool:
         """Take one getUpdates batch; return False when some update could not be taken.
