@@ -85,6 +85,9 @@ def _child(src: str, redis_url: str, seconds: float) -> None:
     sys.path.insert(0, str(ROOT))  # bench itself
     if src:  # an older gateway first on the path (the installed one is found after it)
         sys.path.insert(0, src)
+        from bench.intake_bench import without_plugins
+
+        without_plugins()
     import uvloop
 
     uvloop.run(_measure(redis_url, seconds, src or "now"))
