@@ -16,7 +16,8 @@ Public API (see docs/adapters.md):
 - ``WebhookCase``, ``run_case``: a table-driven runner (a request, the expected status, the
   contact's fields and the events stamped), in the spirit of courier's handler tests;
   ``KitCase``, ``run_kit_case``: the same for any kit (a delivery and its expected outcome).
-- ``eventually``: the polling helper the checks use (and the gateway's own tests).
+- ``eventually``: the polling helper the checks use (and the gateway's own tests);
+  ``break_spool``: make a gateway's local spool unusable (with Redis stopped: nothing stored).
 - ``gateway.testing.plugin``: pytest fixtures (a session Redis, a Redis of one's own, a gateway
   starter) for a distribution's own test suite: ``pytest_plugins = ["gateway.testing.plugin"]``.
 
@@ -39,6 +40,7 @@ from gateway.testing.contract import (
     ProviderAnswer,
     StartGateway,
     WebhookKit,
+    break_spool,
     check_acknowledged_only_once_durable,
     check_bad_input_refused,
     check_no_secret_in_logs,
@@ -67,6 +69,7 @@ __all__ = [
     "StartGateway",
     "WebhookCase",
     "WebhookKit",
+    "break_spool",
     "check_acknowledged_only_once_durable",
     "check_bad_input_refused",
     "check_no_secret_in_logs",

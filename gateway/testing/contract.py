@@ -219,8 +219,9 @@ async def check_acknowledged_only_once_durable(
     assert contacts[0].received_at > 0
 
 
-def _break_spool(data_dir: Path) -> None:
-    """Make the local spool unusable (a file where its folder should be)."""
+def break_spool(data_dir: Path) -> None:
+    """Make the local spool of the gateway with this data folder unusable (a file where its
+    folder should be): with Redis stopped too, nothing can be stored."""
     spool = data_dir / "spool"
     if spool.exists():
         for child in sorted(spool.rglob("*"), reverse=True):
@@ -235,7 +236,7 @@ async def check_retry_later_when_nothing_stored(
     """Redis stopped and the spool unusable: the protocol's retry-later, nothing acknowledged."""
     gw = await _started(start, kit, url=own_redis.url, redis={"write_timeout": "300ms"})
     own_redis.stop_sync()
-    _break_spool(gw.settings.gateway.data_dir)
+    break_spool(gw.settings.gateway.data_dir)
     with contextlib.suppress(Exception):
         await gw.spool.rotate()  # a segment open before: closed, the next one fails to open
     answer = await kit.deliver(gw, "kit-down-1", "水管爆了")

@@ -13,9 +13,8 @@ import pytest
 
 from gateway.channels.sms import cmpp_pdu as C
 from gateway.records import Reply
-from gateway.testing import eventually
+from gateway.testing import break_spool, eventually
 from tests.channels.sms.ismg import Ismg
-from tests.channels.sms.test_unavailable_and_logs import break_spool
 
 PHONE = "13800138000"
 

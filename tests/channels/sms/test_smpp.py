@@ -14,9 +14,8 @@ import pytest
 from gateway.channels.sms import gsm7
 from gateway.channels.sms import smpp_pdu as P
 from gateway.records import Reply
-from gateway.testing import eventually
+from gateway.testing import break_spool, eventually
 from tests.channels.sms.smsc import Smsc
-from tests.channels.sms.test_unavailable_and_logs import break_spool
 
 PHONE = "8613800138000"
 

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from gateway.records import Reply
+from gateway.testing import break_spool
 from tests.channels.sms.fakes import Answer, FakeProvider, running
 
 PHONE = "13800138000"
@@ -65,14 +66,6 @@ async def deliver(gw: Any, which: str, text: str = "你好", msg_id: str = "m1",
         async with req as resp:
             await resp.read()
             return resp
-
-
-def break_spool(data_dir: Path) -> None:
-    spool = data_dir / "spool"
-    for child in sorted(spool.rglob("*"), reverse=True):
-        child.unlink() if child.is_file() else child.rmdir()
-    spool.rmdir()
-    spool.write_bytes(b"not a folder")
 
 
 @pytest.mark.parametrize("which", ["kannel", "twilio", "agg"])
