@@ -14,7 +14,7 @@ import pytest
 
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.embedded import servers_of as servers_on
-from tests.channels.voice.test_ami import until
+from gateway.testing import eventually
 from tests.e2e.test_serve import PY, free_port, start_serve, wait_healthy, write_config
 
 CYCLES = 6
@@ -60,7 +60,7 @@ async def test_kill_9_loop_leaves_one_server_per_data_folder_and_loses_nothing(t
                 proc.kill()
                 proc.wait()
                 if cycle % 2 == 0:  # the server dies with its gateway (it is not orphaned)
-                    await until(lambda: not servers_on(redis_dir), timeout=30)
+                    await eventually(lambda: not servers_on(redis_dir), timeout_s=30)
                 # otherwise restart at once, racing the server's own shutdown
                 proc = start_serve(cfg)
             await wait_healthy(session, port, proc)

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import redis
 
-from tests.channels.voice.test_ami import until
+from gateway.testing import eventually
 from tests.e2e.test_restarts import post, servers_on
 from tests.e2e.test_serve import PY, free_port, wait_healthy, write_config
 
@@ -84,7 +84,7 @@ async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
             def landed() -> bool:
                 return bool(client.xlen("{gateway}:contacts"))
 
-            await until(landed, timeout=60)  # the restarted replayer moved it
+            await eventually(landed, timeout_s=60)  # the restarted replayer moved it
             client.close()
 
             async def redis_back() -> bool:
@@ -92,7 +92,7 @@ async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
                     text = await resp.text()
                 return "gateway_redis_up 1.0" in text and "gateway_spool_depth 0.0" in text
 
-            await until(redis_back, timeout=30)
+            await eventually(redis_back, timeout_s=30)
             after = await post(session, port, "after-outage")
             assert after["status"] == "enqueued"  # Redis is used again, not the spool
 
@@ -101,7 +101,7 @@ async def test_replayer_heals_after_the_open_files_ran_out(tmp_path, own_redis):
                     body = await resp.json()
                     return body["loops"]["replayer"] if resp.status == 200 else {}
 
-            state = await until(replayer, timeout=30)
+            state = await eventually(replayer, timeout_s=30)
             assert state["state"] == "running" and state["restarts"] >= 1
             assert "Too many open files" in state["last_error"]
         proc.send_signal(signal.SIGTERM)

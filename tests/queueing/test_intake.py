@@ -329,16 +329,10 @@ async def test_a_caller_that_gives_up_while_redis_is_away_still_has_its_contact_
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0):
             await gw.intake.submit(inbound(external_id="impatient"))
-    for _ in range(200):
-        if gw.spool.depth == 1:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: gw.spool.depth == 1)
     assert gw.spool.depth == 1 and not gw.intake.redis_up
     own_redis.start_sync()
-    for _ in range(500):
-        if gw.spool.depth == 0 and gw.intake.redis_up:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)
     assert [c.external_id for c in await gw.read_contacts()] == ["impatient"]
 
 

@@ -10,7 +10,7 @@ import aiohttp
 import redis
 
 from gateway.server.runtime import Gateway
-from tests.channels.voice.test_ami import until
+from gateway.testing import eventually
 from tests.harness import settings_for
 from tests.queueing.test_intake import inbound
 
@@ -42,7 +42,7 @@ async def test_torn_line_on_a_full_disk_does_not_stall_the_replay(start_gateway,
     gw.spool.quarantine_dir.mkdir(exist_ok=True)
     os.symlink("/dev/full", gw.spool.quarantine_dir / segment.name)
     own_redis.start_sync()
-    await until(lambda: gw.intake.redis_up and not gw.spool.segments(include_active=True), 30)
+    await eventually(lambda: gw.intake.redis_up and not gw.spool.segments(include_active=True), 30)
     contacts = await gw.read_contacts()
     assert sorted(c.external_id for c in contacts) == ["t0", "t1", "t2"]
     moved = gw.spool.quarantine_dir / f"{segment.name}.unsettled"
@@ -65,8 +65,8 @@ async def test_a_segment_that_cannot_be_set_aside_fails_readiness_not_intake(
     gw.spool.quarantine_dir.rmdir()
     gw.spool.quarantine_dir.write_text("not a folder")
     own_redis.start_sync()
-    await until(lambda: gw.spool.stuck, 30)
-    await until(lambda: gw.intake.redis_up, 30)
+    await eventually(lambda: gw.spool.stuck, 30)
+    await eventually(lambda: gw.intake.redis_up, 30)
     assert sorted(c.external_id for c in await gw.read_contacts()) == ["t0", "t1"]
     assert (await gw.intake.submit(inbound(external_id="meanwhile"))).status == "enqueued"
     status, body = await readyz(gw)
@@ -77,11 +77,11 @@ async def test_a_segment_that_cannot_be_set_aside_fails_readiness_not_intake(
         r.levelno == logging.WARNING and "replayer" in r.getMessage() for r in caplog.records
     )
     gw.spool.quarantine_dir.unlink()  # the operator makes room
-    await until(lambda: not gw.spool.stuck, 30)
+    await eventually(lambda: not gw.spool.stuck, 30)
     # retried with room: the torn line is quarantined as usual and the segment removed
     assert (gw.spool.quarantine_dir / segment.name).read_bytes() == b'0badc0de {"id": "torn'
     assert not segment.exists()
-    await until(lambda: gw.supervisor.ready()[0], 30)
+    await eventually(lambda: gw.supervisor.ready()[0], 30)
     contacts = await gw.read_contacts()
     assert sorted(c.external_id for c in contacts) == ["meanwhile", "t0", "t1"]
 
@@ -97,7 +97,7 @@ async def test_a_replay_that_makes_no_progress_fails_readiness(start_gateway, ow
     try:
         receipt = await gw.intake.submit(inbound(external_id="readonly"))
         assert receipt.status == "spooled"
-        await until(lambda: gw.supervisor.states()["replayer"].state == "degraded", 30)
+        await eventually(lambda: gw.supervisor.states()["replayer"].state == "degraded", 30)
         status, body = await readyz(gw)
         assert status == 503
         assert "replay stalled" in body["loops"]["replayer"]["problem"]
@@ -105,7 +105,7 @@ async def test_a_replay_that_makes_no_progress_fails_readiness(start_gateway, ow
     finally:
         admin.replicaof("NO", "ONE")
         admin.close()
-    await until(lambda: gw.spool.depth == 0 and gw.supervisor.ready()[0], 30)
+    await eventually(lambda: gw.spool.depth == 0 and gw.supervisor.ready()[0], 30)
     assert [c.id for c in await gw.read_contacts()] == [receipt.contact_id]
 
 
@@ -133,7 +133,7 @@ async def test_a_retried_contact_keeps_its_first_id_across_a_restart_while_redis
         other = await second.intake.submit(inbound(external_id="kannel-43"))
         assert other.status == "spooled"
         own_redis.start_sync()
-        await until(lambda: second.spool.depth == 0 and second.intake.redis_up, 30)
+        await eventually(lambda: second.spool.depth == 0 and second.intake.redis_up, 30)
         contacts = await second.read_contacts()
         assert sorted((c.external_id, c.id) for c in contacts) == [
             ("kannel-42", receipt.contact_id),

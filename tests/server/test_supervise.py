@@ -13,7 +13,7 @@ import pytest
 
 from gateway.server.metrics import Metrics
 from gateway.server.supervise import Backoff, Supervisor, retry
-from tests.channels.voice.test_ami import until
+from gateway.testing import eventually
 
 
 async def test_a_failing_loop_is_restarted_with_bounded_backoff_and_logged(caplog) -> None:
@@ -70,8 +70,8 @@ async def test_a_required_loop_that_is_down_fails_readiness_and_a_finished_one_d
     supervisor.spawn("required", broken, backoff=(60.0, 60.0))
     assert supervisor.ready()[0]
     release.set()
-    await until(lambda: supervisor.states()["required"].state == "restarting")
-    await until(lambda: supervisor.states()["optional"].state == "restarting")
+    await eventually(lambda: supervisor.states()["required"].state == "restarting")
+    await eventually(lambda: supervisor.states()["optional"].state == "restarting")
     ok, detail = supervisor.ready()
     assert not ok
     assert detail["required"]["state"] == "restarting"  # type: ignore[index]
@@ -133,14 +133,14 @@ async def test_embedded_server_killed_under_the_gateway_is_started_again(start_g
     first_pid = gw.embedded.process.pid
     before = await gw.intake.submit(inbound(external_id="before"))
     gw.embedded.kill_sync()
-    await until(lambda: gw.supervisor.states()["embedded-redis"].restarts >= 1)
+    await eventually(lambda: gw.supervisor.states()["embedded-redis"].restarts >= 1)
     during = await gw.intake.submit(inbound(external_id="during"))
     assert during.status in ("spooled", "enqueued")  # spooled unless the server is back yet
-    await until(lambda: gw.spool.depth == 0 and gw.intake.redis_up, 30)
+    await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up, 30)
     assert gw.embedded.process is not None and gw.embedded.process.pid != first_pid
     ids = sorted(c.id for c in await gw.read_contacts())
     assert ids == sorted([before.contact_id, during.contact_id])  # the AOF kept the first
-    await until(lambda: gw.supervisor.ready()[0], 30)
+    await eventually(lambda: gw.supervisor.ready()[0], 30)
 
 
 async def test_stop_ends_a_loop_that_lost_its_cancellation(caplog) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,25 +13,13 @@ from gateway.contact.clock import FixedClock
 from gateway.records import Contact, Event
 from gateway.server.config import Secret
 from gateway.server.runtime import Gateway
+from gateway.testing import eventually
 from tests.channels.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
 
 T0 = 1_795_594_483_000_000
 SECRET = "s3cret"
 
 
-async def until(probe: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Wait for ``probe()`` (sync or async) to give a true value; return it."""
-
-    async def loop() -> Any:
-        while True:
-            value = probe()
-            if asyncio.iscoroutine(value):
-                value = await value
-            if value:
-                return value
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(loop(), timeout)
 
 
 async def voice_with_ami(
@@ -56,7 +43,7 @@ async def voice_with_ami(
         **config,
     }
     gw = await start_gateway(adapters={"asterisk": table}, clock=clock or FixedClock(T0))
-    await until(lambda: gw.adapters["asterisk"].tracker.active)  # type: ignore[attr-defined]
+    await eventually(lambda: gw.adapters["asterisk"].tracker.active)  # type: ignore[attr-defined]
     return gw  # type: ignore[no-any-return]
 
 
@@ -75,7 +62,7 @@ async def events_of(gw: Gateway, kind: str, n: int = 1, timeout: float = 10.0) -
         found = of_type(await gw.read_events(), kind)
         return found if len(found) >= n else None
 
-    return await until(probe, timeout)  # type: ignore[no-any-return]
+    return await eventually(probe, timeout)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------ frame reader
@@ -135,7 +122,7 @@ async def test_answered_call_is_stamped_once_with_asterisk_time(start_gateway: A
     await gw.adapters["asterisk"].ami.stop()  # type: ignore[attr-defined]
     await gw.adapters["asterisk"].ami.start()  # type: ignore[attr-defined]
     answered = await events_of(gw, "answered")
-    await until(lambda: not gw.adapters["asterisk"].tracker.calls)  # type: ignore[attr-defined]
+    await eventually(lambda: not gw.adapters["asterisk"].tracker.calls)  # type: ignore[attr-defined]
     events = await gw.read_events()
     assert len(of_type(events, "answered")) == 1
     assert of_type(events, "abandoned") == []
@@ -186,7 +173,7 @@ async def test_abandoned_call_becomes_a_callback_contact(start_gateway: Any) -> 
         found = await gw.read_contacts()
         return found if len(found) == 2 else None
 
-    original, callback = await until(two_contacts)
+    original, callback = await eventually(two_contacts)
     assert callback.channel == "voice"
     assert callback.meta["callback"] is True
     assert callback.thread == original.id == contact_id
@@ -204,7 +191,7 @@ async def test_duplicated_events_count_the_call_once(start_gateway: Any) -> None
     gw, _, contact_id = await start_after_intake(start_gateway, "duplicated.ami")
     await events_of(gw, "answered")
     tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
-    await until(lambda: not tracker.calls)
+    await eventually(lambda: not tracker.calls)
     events = await gw.read_events()
     assert [e.contact_id for e in of_type(events, "answered")] == [contact_id]
     assert of_type(events, "abandoned") == []
@@ -224,7 +211,7 @@ async def test_hangup_decides_at_once_and_later_answer_evidence_changes_nothing(
     assert event.contact_id == contact_id
     assert event.met is False
     tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
-    await until(lambda: not tracker.calls)
+    await eventually(lambda: not tracker.calls)
     events = await gw.read_events()
     assert of_type(events, "answered") == []
     assert len(of_type(events, "abandoned")) == 1
@@ -263,7 +250,7 @@ async def test_call_known_only_from_ami_varset(start_gateway: Any) -> None:
         found = [c for c in await second.read_contacts() if c.meta.get("callback")]
         return found or None
 
-    (cb,) = await until(callback)
+    (cb,) = await eventually(callback)
     assert cb.sender.address == "+8613800138000"
     assert cb.thread == contact_id
     assert cb.recipient == "12345"
@@ -276,7 +263,7 @@ async def test_failed_login_retries_without_leaking_the_secret(
     ami = FakeAmi([], secret="another")
     gw = await voice_with_ami(start_gateway, ami)
     client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
-    await until(lambda: client.login_failures >= 2)
+    await eventually(lambda: client.login_failures >= 2)
     assert ami.refused >= 2 and ami.accepted == 0
     assert ami.logins[0]["Secret"] == SECRET
     assert ami.logins[0]["Events"] == "system,call,agent,dialplan"
@@ -301,7 +288,7 @@ async def test_calls_older_than_a_restarted_asterisk_are_closed(start_gateway: A
     (closed,) = await events_of(gw, "closed")
     assert closed.contact_id == contact_id
     assert closed.detail == {"reason": "asterisk restarted", "answered": False}
-    await until(lambda: tracker.calls == {})  # forgotten once the stamp is written
+    await eventually(lambda: tracker.calls == {})  # forgotten once the stamp is written
 
 
 @pytest.mark.parametrize("alive", [False, True], ids=["call ended in the gap", "call alive"])
@@ -318,7 +305,7 @@ async def test_channel_list_after_reconnect_closes_calls_that_ended_in_the_gap(
     await client.stop()
     lists = client.channel_lists
     await client.start()
-    await until(lambda: client.channel_lists > lists)
+    await eventually(lambda: client.channel_lists > lists)
     if alive:
         await tracker.sweep()
         assert "1795594483.1" in tracker.calls
@@ -344,7 +331,7 @@ async def test_refused_channel_list_closes_nothing(start_gateway: Any) -> None:
     await client.stop()
     lists = client.channel_lists
     await client.start()
-    await until(lambda: client.channel_lists > lists)
+    await eventually(lambda: client.channel_lists > lists)
     assert [a["Action"] for a in ami.actions].count("Status") >= 2
     tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
     await tracker.sweep()
@@ -362,8 +349,8 @@ async def test_two_instances_following_one_call_record_one_outcome(start_gateway
     await client.start()
     second = await voice_with_ami(start_gateway, FakeAmi([(transcript, False)]))
     trackers = [gw.adapters["asterisk"].tracker for gw in (first, second)]  # type: ignore[attr-defined]
-    await until(lambda: all(t.finished("1795594483.1") for t in trackers))
-    await until(lambda: all(not t.pending() for t in trackers))
+    await eventually(lambda: all(t.finished("1795594483.1") for t in trackers))
+    await eventually(lambda: all(not t.pending() for t in trackers))
     events = await first.read_events()
     assert [e.contact_id for e in of_type(events, "abandoned")] == [contact_id]
     callbacks = [c for c in await first.read_contacts() if c.meta.get("callback")]
@@ -381,7 +368,7 @@ async def test_a_silent_manager_is_pinged_then_reconnected(start_gateway: Any) -
     }
     gw = await start_gateway(adapters={"asterisk": table}, clock=FixedClock(T0))
     client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
-    await until(lambda: client.logins >= 2)
+    await eventually(lambda: client.logins >= 2)
     assert [a["Action"] for a in ami.actions].count("Ping") >= 1
 
 
@@ -417,7 +404,7 @@ async def test_a_stop_that_meets_a_completing_read_ends_the_session() -> None:
     loop.set_task_factory(watch_reads)
     try:
         await client.start()
-        await until(lambda: client.logins >= 1)
+        await eventually(lambda: client.logins >= 1)
         if not stops:  # reads run in the session's own task: stop it as it reads
             assert client._task is not None
             client._task.cancel()

@@ -10,8 +10,9 @@ import aiohttp
 
 from gateway.channels.voice.adapter import dial_number
 from gateway.records import Event
+from gateway.testing import eventually
 from tests.channels.voice.fakes import FakeAmi
-from tests.channels.voice.test_ami import intake_call, until, voice_with_ami
+from tests.channels.voice.test_ami import intake_call, voice_with_ami
 
 DIAL = {"channel": "PJSIP/{number}@trunk", "context": "callbacks", "caller_id": "12345 <12345>",
         "per_number": 2, "per_number_window": "1h"}
@@ -40,7 +41,7 @@ async def outcome(gw: Any, reply_id: str, kind: str) -> Event:
                 return e  # type: ignore[no-any-return]
         return None
 
-    return await until(probe, 20)  # type: ignore[no-any-return]
+    return await eventually(probe, 20)  # type: ignore[no-any-return]
 
 
 async def test_reply_on_a_call_dials_the_citizen_and_stamps_the_real_outcome(
@@ -105,4 +106,4 @@ async def test_a_dialled_callback_in_the_queue_is_not_taken_for_a_new_call(
         found = [c.external_id for c in await gw.read_contacts()]
         return found or None
 
-    assert await until(made) == ["1795594600.2"]  # only the citizen's own call
+    assert await eventually(made) == ["1795594600.2"]  # only the citizen's own call

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.contact.clock import MICROS_PER_SECOND, parse_time
+from gateway.testing import eventually
 from tests.channels.voice.fakes import agi_fixture, dialplan_intake
 from tests.channels.voice.serve import served_gateways
-from tests.channels.voice.test_ami import until
 
 ROOT = Path(__file__).resolve().parents[3]
 WAIT = 3.0  # the sample's GATEWAY_AGI_WAIT
@@ -83,7 +83,7 @@ async def test_a_killed_or_stopped_gateway_is_skipped_and_the_call_recorded_once
         async def stale_session_done() -> bool:
             return await first.agi_sessions() == (accepted + 1, 0.0)
 
-        await until(stale_session_done, timeout=30)
+        await eventually(stale_session_done, timeout_s=30)
         contacts = await reader.read_contacts()
         assert sorted(c.external_id for c in contacts) == [
             "1795594483.1", "1795594483.2", "1795594483.3"

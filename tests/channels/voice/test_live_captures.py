@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.server.runtime import Gateway
+from gateway.testing import eventually
 from tests.channels.voice.fakes import (
     FakeAmi,
     agi_fixture,
@@ -17,7 +18,7 @@ from tests.channels.voice.fakes import (
     live_originates,
     live_sessions,
 )
-from tests.channels.voice.test_ami import events_of, of_type, until, voice_with_ami
+from tests.channels.voice.test_ami import events_of, of_type, voice_with_ami
 from tests.channels.voice.test_dial import outcome, reply
 from tests.channels.voice.test_restarts import callbacks_of
 
@@ -40,7 +41,7 @@ async def replay(gw: Gateway, ami: FakeAmi, sessions: list[tuple[bytes, bool]]) 
     client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
     await client.stop()
     await client.start()
-    await until(ami.done.is_set)
+    await eventually(ami.done.is_set)
 
 
 async def test_core_restart_now_with_a_call_waiting(start_gateway: Any) -> None:
@@ -105,7 +106,7 @@ async def test_reconnect_with_one_call_waiting_and_one_answered(start_gateway: A
     assert abandon.detail["queue"] == "hotline-en"
     (callback,) = await callbacks_of(gw)
     assert callback.thread == waiting
-    await until(lambda: not tracker.calls)  # both ended: nothing left open
+    await eventually(lambda: not tracker.calls)  # both ended: nothing left open
     contacts = await gw.read_contacts()
     assert len(contacts) == 3  # the two calls and one callback: no contact for a member leg
 

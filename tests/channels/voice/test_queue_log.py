@@ -10,8 +10,9 @@ from gateway.channels.voice.queuelog import parse
 from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.records import Contact, Event
 from gateway.server.runtime import Gateway
+from gateway.testing import eventually
 from tests.channels.voice.fakes import FIXTURES, FakeAmi, agi_fixture, fake_call
-from tests.channels.voice.test_ami import of_type, until, voice_with_ami
+from tests.channels.voice.test_ami import of_type, voice_with_ami
 
 S = MICROS_PER_SECOND
 HISTORY = (FIXTURES / "queue_log" / "history.queue_log").read_text()
@@ -54,7 +55,7 @@ async def come_back(start_gateway: Any, ami: FakeAmi, log: Path) -> Gateway:
     """An instance of the fleet follows this Asterisk (its AMI, its queue_log)."""
     gw = await voice_with_ami(start_gateway, ami, AFTER, queue_log=str(log), **ROUTING)
     adapter = gw.adapters["asterisk"]
-    await until(lambda: adapter._log_read, 30)  # type: ignore[attr-defined]
+    await eventually(lambda: adapter._log_read, 30)  # type: ignore[attr-defined]
     return gw  # type: ignore[no-any-return]
 
 
@@ -124,7 +125,7 @@ async def test_a_call_recorded_meanwhile_keeps_its_contact_and_its_outcome(
                  if e.type in ("abandoned", "answered", "closed")]
         return found if len(found) >= 3 else None
 
-    found = await until(outcomes)
+    found = await eventually(outcomes)
     assert [(e.contact_id, e.type) for e in found if e.contact_id in ids.values()] == [
         (ids["1796092535.41"], "closed"), (ids["1796092499.37"], "abandoned")]
     contacts = await gw.read_contacts()

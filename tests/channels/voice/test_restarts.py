@@ -12,6 +12,7 @@ from typing import Any
 from gateway.channels.voice.report import voice_report
 from gateway.contact.clock import FixedClock
 from gateway.records import Contact
+from gateway.testing import eventually
 from tests.channels.voice.fakes import FakeAmi, agi_fixture, ami_fixture, fake_call
 from tests.channels.voice.serve import configure
 from tests.channels.voice.test_ami import (
@@ -20,7 +21,6 @@ from tests.channels.voice.test_ami import (
     events_of,
     intake_call,
     of_type,
-    until,
     voice_with_ami,
 )
 
@@ -40,7 +40,7 @@ async def callbacks_of(gw: Any, n: int = 1) -> list[Contact]:
         found = [c for c in await gw.read_contacts() if c.meta.get("callback")]
         return found if len(found) >= n else None
 
-    return await until(probe)  # type: ignore[no-any-return]
+    return await eventually(probe)  # type: ignore[no-any-return]
 
 
 async def test_gateway_restarted_while_the_call_waits_still_records_it(
@@ -59,7 +59,7 @@ async def test_gateway_restarted_while_the_call_waits_still_records_it(
     await client.stop()
     await client.start()
     tracker = first.adapters["asterisk"].tracker  # type: ignore[attr-defined]
-    await until(lambda: tracker.calls.get(UID) is not None and tracker.calls[UID].queue)
+    await eventually(lambda: tracker.calls.get(UID) is not None and tracker.calls[UID].queue)
     await asyncio.sleep(0.1)  # the state write after the event
     # ... and stops (the call is still waiting); a new process takes over the PBX
     await first.stop()
@@ -88,7 +88,7 @@ async def test_call_that_never_reached_fastagi_gets_a_contact_from_ami(
         found = [c for c in await gw.read_contacts() if c.external_id == UID]
         return found or None
 
-    (contact,) = await until(made)
+    (contact,) = await eventually(made)
     assert contact.meta["reached_agi"] is False
     assert contact.received_at == T0 + 287  # GATEWAY_ARRIVED, not the queue join 2 s later
     assert contact.origin_at == T0 + 287
@@ -185,7 +185,7 @@ async def test_live_capture_of_an_answered_call(start_gateway: Any) -> None:
     assert event.met is True
     assert event.detail["member"] == "Live Seat"
     tracker = gw.adapters["asterisk"].tracker  # type: ignore[attr-defined]
-    await until(lambda: not tracker.calls)  # the root channel's Hangup ends it
+    await eventually(lambda: not tracker.calls)  # the root channel's Hangup ends it
     assert of_type(await gw.read_events(), "abandoned") == []
 
 
@@ -220,7 +220,7 @@ async def test_outcome_waiting_for_a_spooled_contact_survives_the_followers_kill
             record = json.loads(raw) if raw else {}
             return bool(record.get("outcome") == "abandoned" and not record["written"])
 
-        await until(waiting, 30)
+        await eventually(waiting, 30)
         follower.signal(signal.SIGKILL)
         await successor.start()
         spooling.signal(signal.SIGKILL)  # back with its Redis: the spool is replayed
