@@ -22,13 +22,16 @@ from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.store import decode_fields
 from gateway.server.workers import run_dir
 from gateway.testing import eventually
+from tests.channels.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi
 from tests.channels.voice.fakes import agi_fixture, fake_call
 from tests.e2e.test_serve import free_port
 
 PREFIX = "workers"
 
 
-def write_config(tmp: Path, http: int, smtp: int, agi: int, redis_url: str = "") -> Path:
+def write_config(
+    tmp: Path, http: int, smtp: int, agi: int, redis_url: str = "", extra: str = ""
+) -> Path:
     cfg = tmp / "gateway.toml"
     cfg.write_text(
         f"""
@@ -61,7 +64,7 @@ domains = ["localhost"]
 [adapters.pbx]
 type = "asterisk"
 agi_listen = "127.0.0.1:{agi}"
-"""
+{extra}"""
     )
     return cfg
 
@@ -69,10 +72,10 @@ agi_listen = "127.0.0.1:{agi}"
 class Workers:
     """A ``gateway serve`` parent and a look at each worker through its own socket."""
 
-    def __init__(self, tmp: Path, redis_url: str = "") -> None:
+    def __init__(self, tmp: Path, redis_url: str = "", extra: str = "") -> None:
         self.http, self.smtp, self.agi = free_port(), free_port(), free_port()
         self.data_dir = tmp / "var"
-        self.cfg = write_config(tmp, self.http, self.smtp, self.agi, redis_url)
+        self.cfg = write_config(tmp, self.http, self.smtp, self.agi, redis_url, extra)
         self.log = tmp / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -221,8 +224,23 @@ async def test_a_worker_killed_mid_load_loses_nothing_and_its_spool_is_replayed(
     """HTTP, SMTP and FastAGI clients run all along. Redis is killed, so both workers spool;
     worker 0 is killed with SIGKILL while its spool holds contacts; Redis comes back. Every
     acknowledged contact ends up on the stream once, worker 0's replacement empties the dead
-    worker's spool, and no lease is ever held by both workers."""
-    gw = Workers(tmp_path, own_redis.url)
+    worker's spool, and no lease (watcher, surge, a Telegram poller) is ever held by
+    both workers."""
+    bot = FakeBotApi()  # a Telegram bot in polling mode: its poller is one more singleton
+    await bot.start()
+    gw = Workers(
+        tmp_path,
+        own_redis.url,
+        f"""
+[adapters.tg]
+type = "telegram"
+token = "{BOT_TOKEN}"
+mode = "polling"
+poll_timeout = "1s"
+api_base = "{bot.api_base}"
+file_base = "{bot.file_base}"
+""",
+    )
     gw.start()
     acked: list[str] = []
     stop = asyncio.Event()
@@ -297,8 +315,9 @@ async def test_a_worker_killed_mid_load_loses_nothing_and_its_spool_is_replayed(
         on_stream = await stream_ids(own_redis.url)
         assert not set(taken) - set(on_stream), "acknowledged but not on the stream"
         assert max(on_stream.values()) == 1
-        assert {"watcher", "surge"} <= set(holders)
+        assert {"watcher", "surge", f"telegram:{BOT_ID}"} <= set(holders)
         assert max(holders.values()) == 1, holders
         assert gw.stop() == 0
     finally:
         gw.kill()
+        await bot.stop()
