@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -321,3 +322,21 @@ file_base = "{bot.file_base}"
     finally:
         gw.kill()
         await bot.stop()
+
+
+async def test_a_worker_that_cannot_start_stops_the_whole_start_with_an_error(tmp_path):
+    """Worker 0's spool folder is a file: that worker fails before it ever serves, so the
+    parent stops the other worker and Valkey and exits non-zero instead of restarting it for
+    ever; the ports are free again."""
+    gw = Workers(tmp_path)
+    (gw.data_dir / "spool").mkdir(parents=True, mode=0o700)
+    (gw.data_dir / "spool" / "worker-0").write_text("not a folder")
+    gw.start()
+    assert gw.proc is not None
+    code = await asyncio.to_thread(gw.proc.wait, 90)
+    assert code != 0
+    assert "worker 0 exited" in gw.tail() and "before it served" in gw.tail()
+    assert EmbeddedRedis(gw.data_dir).leftover_pids() == []
+    for port in (gw.http, gw.smtp, gw.agi):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nobody listens or holds it any more
