@@ -378,8 +378,12 @@ def run_inprocess(name: str, seeds: list[bytes], parse: Callable[[bytes], object
             progress.crash(f"{type(exc).__name__}: {exc!s:.120} <- {raw[:120]!r}"
                            + traceback.format_exc(limit=-2)[-300:],
                            f"{type(exc).__name__} at {Path(tb.filename).name}:{tb.lineno}")
-        if time.perf_counter() - t0 > hang_s:
+        took = time.perf_counter() - t0
+        if took > hang_s:  # kept with its size and CPU time: a stall of a loaded machine or ours
             progress.result["hangs"] += 1
+            progress.result.setdefault("hang_examples", []).append(
+                f"{took:.1f} s wall, {len(raw)} bytes: {raw[:80]!r}")
+            del progress.result["hang_examples"][3:]
         n += 1
         progress.step(n)
     return progress.done()

@@ -7,7 +7,10 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import encodings
+import encodings.aliases
 import functools
+import pkgutil
 import re
 from typing import Final
 
@@ -84,6 +87,24 @@ _LANGUAGES: Final[dict[str, str]] = {
 }
 
 
+def _codec_names() -> frozenset[str]:
+    names = set(encodings.aliases.aliases) | set(encodings.aliases.aliases.values())
+    names.update(m.name for m in pkgutil.iter_modules(encodings.__path__))
+    return frozenset(names)
+
+
+_CODECS: Final = _codec_names()
+
+
+def _known_codec(name: str) -> bool:
+    """True for a name the standard codecs know. ``codecs.lookup`` remembers every name it
+    was asked for, found or not, for the life of the process (``encodings._cache``): each
+    distinct made-up charset in a mail grew the gateway for good, so only known names are
+    looked up."""
+    norm = encodings.normalize_encoding(name).lower()
+    return norm in _CODECS or norm.replace(".", "_") in _CODECS
+
+
 @functools.lru_cache(maxsize=256)
 def canonical_charset(label: str | None) -> str | None:
     """Return Python's codec name for a MIME charset label, or None if unknown or absent."""
@@ -91,7 +112,7 @@ def canonical_charset(label: str | None) -> str | None:
         return None
     name = label.strip().strip("\"'").split("*", 1)[0].lower()
     name = _ALIASES.get(name, name)
-    if not name or len(name) > 40:
+    if not name or len(name) > 40 or not _known_codec(name):
         return None
     try:
         return codecs.lookup(name).name.replace("-", "_")
