@@ -368,7 +368,7 @@ def run_inprocess(name: str, seeds: list[bytes], parse: Callable[[bytes], object
     n = 0
     while n < max_inputs and time.perf_counter() - started < seconds:
         raw = mutate(rng.choice(seeds), rng) if n % 50 else rng.randbytes(rng.randrange(200))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             parse(raw)
         except expected:
@@ -382,7 +382,8 @@ def run_inprocess(name: str, seeds: list[bytes], parse: Callable[[bytes], object
         if took > hang_s:  # kept with its size and CPU time: a stall of a loaded machine or ours
             progress.result["hangs"] += 1
             progress.result.setdefault("hang_examples", []).append(
-                f"{took:.1f} s wall, {len(raw)} bytes: {raw[:80]!r}")
+                f"{took:.1f} s wall, {time.process_time() - c0:.2f} s CPU, {len(raw)} bytes:"
+                f" {raw[:80]!r}")
             del progress.result["hang_examples"][3:]
         n += 1
         progress.step(n)
@@ -717,6 +718,20 @@ async def _agi_campaign(port: int, seconds: float, hang_s: float,
 # ------------------------------------------------------------------ main
 
 
+def report(board: dict[str, dict[str, Any]]) -> str:
+    """A checkpoint file as the table of docs/reliability.md."""
+    rows = ["| target | inputs | reached 1,000,000 | time | crashes | hangs | RSS MiB: after 2,000"
+            " → middle → end |", "|---|---|---|---|---|---|---|"]
+    for name, r in sorted(board.items(), key=lambda kv: -int(kv[1]["inputs"])):
+        mib = [round(int(r.get(k) or 0) / 1024) for k in ("rss_after_2000_kib", "rss_mid_kib",
+                                                          "rss_end_kib")]
+        reached = "yes" if r["inputs"] >= 1_000_000 else "no"
+        rows.append(f"| {name} | {int(r['inputs']):,} | {reached}"
+                    f" | {float(r['seconds']) / 60:.0f} min | {r['crashes']} | {r['hangs']} |"
+                    f" {mib[0]} → {mib[1] or '–'} → {mib[2]} |")
+    return "\n".join(rows)
+
+
 def _isolated(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run one target in a child process; a child that dies counts as a crash."""
     import subprocess
@@ -756,9 +771,14 @@ def main() -> int:
                     " has its figures)")
     ap.add_argument("--tag", default="", help="appended to target names in the figures (a"
                     " second run of a target with another seed)")
+    ap.add_argument("--report", type=Path, default=None,
+                    help="print a checkpoint file as a markdown table, run nothing")
     ap.add_argument("--isolate", action="store_true",
                     help="each in-process target in its own process (its own RSS)")
     args = ap.parse_args()
+    if args.report is not None:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the listeners' refusals are expected, errors not

@@ -85,6 +85,17 @@ def test_campaign_short_run_of_every_parser() -> None:
         assert result["crashes"] == 0 and result["hangs"] == 0, result
 
 
+async def test_campaign_short_run_of_smtp_commands_and_data_in_process() -> None:
+    import random
+
+    from tools.fuzz_campaign import run_smtp_protocol
+
+    result = await run_smtp_protocol(0.5, 600, 10.0, random.Random(7))
+    assert result["inputs"] > 0 and result["messages"] > 0, result
+    assert result["crashes"] == 0 and result["hangs"] == 0, result
+    assert result["still_serving"], result
+
+
 async def test_campaign_short_run_of_every_listener(redis_url, prefix) -> None:
     import random
 
