@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway.adapters import load_media
 from gateway.contact.clock import SYSTEM_CLOCK
 from gateway.contact.sla import SlaPolicy
 from gateway.queueing.backlog import StreamKeeper
@@ -55,7 +56,7 @@ async def run(contacts: int) -> None:
     metrics = Metrics()
     spool = Spool(tmp / "spool")
     spool.open()
-    intake = Intake(queue, spool, SlaPolicy(SlaSection()), metrics, SYSTEM_CLOCK)
+    intake = Intake(queue, spool, SlaPolicy(SlaSection(), load_media()), metrics, SYSTEM_CLOCK)
     keeper = StreamKeeper(queue, intake, metrics, section)
     consumer = ContactConsumer(client, "cases", "w1", prefix="bench")
     events = EventConsumer(client, "cases", "w1", prefix="bench")

@@ -17,6 +17,9 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from gateway.contact.clock import Clock, Micros
+from gateway.contact.media import DeadlineRule as DeadlineRule  # public: declaring a medium
+from gateway.contact.media import Media
+from gateway.contact.media import Medium as Medium
 from gateway.records import Contact, Deadline, Event, EventType, Inbound, Repeat, Reply
 from gateway.server.egress import SendRate
 from gateway.server.metrics import AdapterMetrics
@@ -207,6 +210,9 @@ class ChannelType(Generic[ConfigT]):
     """Rules the config's field types cannot express, run by the one validation
     (``parse_settings``) that ``serve`` and ``check-config`` share; a factory never refuses
     a config that passed it."""
+    medium: Medium | None = None
+    """The medium this type brings when ``channel`` names none of the registered ones: its
+    deadlines, report rows and words (docs/adapters.md, "Declaring a medium")."""
 
 
 ENTRY_POINT_GROUP = "gateway.channels"
@@ -219,8 +225,7 @@ def load_channel_types() -> dict[str, ChannelType[Any]]:
 
     types: dict[str, ChannelType[Any]] = {}
     for spec in BUILTIN:
-        module_name, _, attr = spec.partition(":")
-        channel_type = getattr(importlib.import_module(module_name), attr)
+        channel_type = _load_spec(spec)
         types[channel_type.name] = channel_type
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         channel_type = ep.load()
@@ -228,3 +233,32 @@ def load_channel_types() -> dict[str, ChannelType[Any]]:
             raise TypeError(f"entry point {ep.name!r} is not a gateway.adapters.ChannelType")
         types.setdefault(channel_type.name, channel_type)
     return types
+
+
+def _load_spec(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+@functools.cache
+def load_media() -> Media:
+    """Return the registered media: the built-in ones, then those the channel types declare
+    (cached). A channel type whose ``channel`` no medium declares is refused."""
+    from gateway.channels import BUILTIN_MEDIA
+
+    types = load_channel_types()
+    declared = [_load_spec(spec) for spec in BUILTIN_MEDIA]
+    declared += [t.medium for t in types.values() if t.medium is not None]
+    media = Media(declared)
+    for channel_type in types.values():
+        if channel_type.medium is not None and channel_type.medium.name != channel_type.channel:
+            raise TypeError(
+                f"channel type {channel_type.name!r}: channel {channel_type.channel!r} is not "
+                f"the medium it declares ({channel_type.medium.name!r})"
+            )
+        if channel_type.channel not in media:
+            raise TypeError(
+                f"channel type {channel_type.name!r}: no medium {channel_type.channel!r} is "
+                "registered (declare it as ChannelType.medium)"
+            )
+    return media

@@ -16,8 +16,8 @@ from gateway.contact.clock import Micros, format_time, parse_time
 
 SCHEMA: Final = 1
 
-Channel = Literal["voice", "sms", "email", "chat", "web"]
-CHANNELS: Final[tuple[str, ...]] = ("voice", "sms", "email", "chat", "web")
+Channel = str
+"""A registered medium (``gateway.adapters.load_media``); built in: voice, sms, email, chat, web."""
 
 DeadlineKind = Literal["answer", "response"]
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.adapters import ChannelType, load_channel_types
-from gateway.records import CHANNELS
+from gateway.adapters import ChannelType, load_channel_types, load_media
 from gateway.server.config import ConfigError, HostPort, Secret, load_table
 from gateway.server.logs import MaskingFilter
 
@@ -55,7 +54,7 @@ def test_builtin_channels_are_registered():
 def test_type_declares_a_known_channel_and_a_valid_example(type_name):
     channel_type = TYPES[type_name]
     assert channel_type.name == type_name
-    assert channel_type.channel in CHANNELS
+    assert channel_type.channel in load_media()
     config = load_table(channel_type.config, channel_type.example, f"adapters.{type_name}")
     assert dataclasses.is_dataclass(config)
 

@@ -1,7 +1,8 @@
 """The one message catalogue of the supervisor's views (dashboard, ``gateway report``), and the
 formatting of times, durations and shares in Simplified Chinese or English.
 
-Every label a supervisor reads comes from ``MESSAGES``; code never writes user-facing words
+Every label a supervisor reads comes from ``MESSAGES`` or from a medium's declaration (its rows'
+labels, its report section's words: ``catalogue()``); code never writes user-facing words
 itself. The language is fixed by ``[dashboard] language`` or, with ``"auto"``, chosen from the
 browser's ``Accept-Language`` (the command line: ``--lang``, else ``LANG``); Chinese is the
 fallback. Times are shown in ``[dashboard] timezone`` (default Asia/Shanghai).
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Final, Literal
 from zoneinfo import ZoneInfo
 
+from gateway.adapters import load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Micros
 
 Language = Literal["zh", "en"]
@@ -36,12 +38,6 @@ MESSAGES: Final[dict[str, tuple[str, str]]] = {
     "none": ("无", "none"),
     "dash": ("-", "-"),
     # channels
-    "channel.voice": ("电话", "Phone"),
-    "channel.voice_callback": ("回拨", "Callbacks"),
-    "channel.sms": ("短信", "SMS"),
-    "channel.email": ("邮件", "E-mail"),
-    "channel.chat": ("在线消息", "Chat"),
-    "channel.web": ("网站/App", "Web and app"),
     # the figures table
     "col.hour": ("时段", "Hour"),
     "col.channel": ("渠道", "Channel"),
@@ -59,30 +55,6 @@ MESSAGES: Final[dict[str, tuple[str, str]]] = {
     "col.p50_ms": ("中位用时", "Median time"),
     "col.p90_ms": ("90% 用时", "90th percentile"),
     "col.p99_ms": ("99% 用时", "99th percentile"),
-    # voice figures
-    "voice.heading": ("电话", "Phone"),
-    "voice.offered": ("呼入量", "Calls offered"),
-    "voice.answered": ("接通", "Answered"),
-    "voice.abandoned": ("放弃", "Abandoned"),
-    "voice.answered_within": ("{deadline}接听", "Answered within {deadline}"),
-    "voice.answered_within_rate": ("{deadline}接听率", "Answered within {deadline}"),
-    "voice.of_answered": ("占接通 {pct}", "{pct} of answered"),
-    "voice.of_offered": ("占呼入 {pct}", "{pct} of offered"),
-    "voice.connection_rate": ("接通率", "Connection rate"),
-    "voice.target": ("目标 {target}", "target {target}"),
-    "voice.met": ("达标", "met"),
-    "voice.not_met": ("未达标", "NOT met"),
-    "voice.no_calls": ("无来电", "no calls"),
-    "voice.asa": ("平均应答时间", "Average speed of answer"),
-    "voice.callbacks": ("回拨已完成", "Callbacks returned"),
-    "voice.of": ("{done} / {total}", "{done} of {total}"),
-    "voice.worst_24h": ("最差 24 小时", "Worst 24 h"),
-    "voice.worst_from": ("{rate}，自 {since}", "{rate} from {since}"),
-    "voice.short_abandoned": (
-        "短时放弃（< {limit}，不计）",
-        "Short abandons (< {limit}, left out)",
-    ),
-    "voice.unresolved": ("尚无结果", "No outcome yet"),
     # charts
     "chart.volume": ("每小时受理量（按渠道）", "Contacts per hour and channel"),
     "chart.answer": ("接听用时分布（{n} 个接通）", "Answer times ({n} calls answered)"),
@@ -220,6 +192,12 @@ DEFINITIONS: Final[dict[str, tuple[str, str]]] = {
 }
 
 
+def catalogue() -> dict[str, tuple[str, str]]:
+    """Every message: the core's ``MESSAGES`` and what the registered media declare (their rows'
+    labels as ``channel.<row>``, the words of their report sections)."""
+    return {**load_media().messages, **MESSAGES}
+
+
 def negotiate(accept_language: str | None, configured: str = "auto") -> Language:
     """The language to show: the configured one, or the browser's best of zh and en."""
     if configured in LANGUAGES:
@@ -271,7 +249,7 @@ class Locale:
 
     def t(self, key: str, **values: object) -> str:
         """The message ``key`` in this language, with ``values`` filled in."""
-        zh, en = MESSAGES[key]
+        zh, en = MESSAGES[key] if key in MESSAGES else load_media().messages[key]
         text = zh if self.lang == "zh" else en
         return text.format(**values) if values else text
 
@@ -284,7 +262,7 @@ class Locale:
 
     def channel(self, name: str) -> str:
         key = f"channel.{name}"
-        return self.t(key) if key in MESSAGES else name
+        return self.t(key) if key in catalogue() else name
 
     def local(self, us: Micros) -> datetime:
         return datetime.fromtimestamp(us / MICROS_PER_SECOND, UTC).astimezone(self.zone)

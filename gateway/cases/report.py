@@ -10,9 +10,10 @@ Each contact received in the window is counted once, by what settled its deadlin
 ``within_pct`` is within / volume (of received), ``within_settled_pct`` within / settled (of
 answered or replied: what most call-centre software shows). Times are from the edge stamp to
 the settling event; the percentiles are nearest-rank (p90 of 10 values is the 9th smallest).
-Voice calls and callbacks (a voice contact with a response deadline) are separate rows. Voice
-figures (connection rate, average speed of answer, callbacks) come from
-``gateway.channels.voice.report``. The table and the page are in ``gateway.cases.i18n``'s words.
+A contact counts in the row of its deadline's rule, as its medium declares it (voice calls and
+callbacks are separate rows). A medium may add its own section (``Medium.report``, a
+``MediumReport``: the voice connection rate, average speed of answer, callbacks). The table and
+the page are in ``gateway.cases.i18n``'s words.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import sys
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import orjson
 
+from gateway.adapters import load_media
 from gateway.cases.i18n import Locale, from_environment
 from gateway.contact.clock import (
     MICROS_PER_SECOND,
@@ -40,9 +42,10 @@ from gateway.contact.clock import (
     format_time,
     parse_time,
 )
+from gateway.contact.media import Media
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient, decode_fields
-from gateway.records import CHANNELS, Contact, Event
+from gateway.records import Contact, Event
 from gateway.server.config import Settings, SlaSection, parse_duration
 
 SETTLING = {"answer": "answered", "response": "responded"}
@@ -109,14 +112,45 @@ def hour_of(us: Micros) -> str:
     return format_time(us - us % HOUR_US)[:13] + ":00Z"
 
 
+class MediumReport(Protocol):
+    """A medium's own section of the report (``Medium.report``), beside the rows every medium
+    has: built from the contacts and events of the window, shown as lines and as HTML."""
+
+    def build(
+        self,
+        contacts: list[Contact],
+        events: list[Event],
+        *,
+        since: Micros,
+        until: Micros,
+        sla: SlaSection,
+        media: Media,
+    ) -> dict[str, Any]: ...
+
+    def row_rate(self, section: dict[str, Any]) -> float | None:
+        """A connection rate (percent) for the medium's row, or None."""
+        ...
+
+    def lines(self, section: dict[str, Any], loc: Locale) -> list[str]: ...
+
+    def html(self, section: dict[str, Any], loc: Locale) -> str: ...
+
+
+def sections(media: Media) -> dict[str, MediumReport]:
+    """The media that add a section of their own, by name."""
+    return {m.name: cast(MediumReport, m.report) for m in media if m.report is not None}
+
+
 def label_of(channel: str, kind: str) -> str:
-    """The row a contact counts in: its channel, but a voice contact with a response deadline
-    (a missed call to return) is a callback, ``voice_callback``, apart from the calls."""
-    return "voice_callback" if channel == "voice" and kind == "response" else channel
+    """The row a contact counts in, by channel and deadline kind: the row of the medium's rule
+    of that kind (a voice contact with a response deadline, a missed call to return, is a
+    callback, ``voice_callback``, apart from the calls)."""
+    media = load_media()
+    return media.row_of(channel, media.policy(channel, kind))
 
 
 def row_of(contact: Contact) -> str:
-    return label_of(contact.channel, contact.deadline.kind)
+    return load_media().row_of(contact.channel, contact.deadline.policy)
 
 
 def _index(events: Iterable[Event]) -> dict[str, dict[str, Event]]:
@@ -165,15 +199,9 @@ def compute(
 
 
 def deadlines_s(sla: SlaSection) -> dict[str, float]:
-    """Each channel's response or answer deadline in seconds (voice: the answer deadline)."""
-    return {
-        "voice": float(sla.voice_answer),
-        "sms": float(sla.sms_response),
-        "chat": float(sla.chat_response),
-        "web": float(sla.web_response),
-        "email": float(sla.email_response),
-        "voice_callback": float(sla.voice_callback),
-    }
+    """Each row's deadline in seconds (voice: the answer deadline), from the media's rules and
+    the ``[sla]`` overrides."""
+    return load_media().row_deadlines(sla.deadlines)
 
 
 def build(
@@ -185,24 +213,25 @@ def build(
     sla: SlaSection,
     by: str = "channel",
 ) -> dict[str, Any]:
-    """The whole report as a JSON-ready mapping: rows, voice figures and chart series."""
-    from gateway.channels.voice.report import voice_report
-
+    """The whole report as a JSON-ready mapping: rows, the media's own sections (each under
+    its medium's name, with ``<name>_lines``; None and [] without contacts of it) and chart
+    series."""
+    media = load_media()
     contacts = [c for c in contacts if since_us <= c.received_at < until_us]
     figures = compute(contacts, events, until_us, by)
-    voice = None
-    if any(c.channel == "voice" for c in contacts):
-        voice = voice_report(
-            contacts,
-            events,
-            since=since_us,
-            until=until_us,
-            answer_deadline_s=float(sla.voice_answer),
-            connection_target=sla.connection_target,
-            short_abandon_s=float(sla.short_abandon),
+    own: dict[str, Any] = {}
+    en = Locale("en", "UTC")
+    for name, section in sections(media).items():
+        own[name], own[f"{name}_lines"] = None, []
+        if not any(c.channel == name for c in contacts):
+            continue
+        figs = section.build(
+            contacts, events, since=since_us, until=until_us, sla=sla, media=media
         )
-        if by == "channel" and "voice" in figures and voice.connection_rate is not None:
-            figures["voice"].connection_rate = 100.0 * voice.connection_rate
+        own[name], own[f"{name}_lines"] = figs, section.lines(figs, en)
+        rate = section.row_rate(figs)
+        if by == "channel" and name in figures and rate is not None:
+            figures[name].connection_rate = rate
     by_contact = _index(events)
     volume: dict[str, dict[str, int]] = {}
     start = since_us - since_us % HOUR_US
@@ -224,8 +253,7 @@ def build(
         "until": format_time(until_us),
         "by": by,
         "channels": [figures[k].as_dict() for k in sorted(figures)],
-        "voice": None if voice is None else voice.to_dict(),
-        "voice_lines": [] if voice is None else voice.lines(),
+        **own,
         "series": {
             "volume_per_hour": volume,
             "answer_times_ms": sorted(answer_ms),
@@ -321,11 +349,23 @@ def title(report: dict[str, Any], loc: Locale, key: str = "report.title") -> str
     return f"{loc.t(key)} {window}"
 
 
-def voice_lines(report: dict[str, Any], loc: Locale) -> list[str]:
-    from gateway.channels.voice.report import VoiceReport
+def section_lines(report: dict[str, Any], loc: Locale) -> list[str]:
+    """The media's own sections as lines (a blank line between two)."""
+    out: list[str] = []
+    for name, section in sections(load_media()).items():
+        figs = report.get(name)
+        if figs:
+            out.extend([""] if out else [])
+            out.extend(section.lines(figs, loc))
+    return out
 
-    voice = report.get("voice")
-    return [] if not voice else VoiceReport.from_dict(voice).lines(loc)
+
+def section_html(report: dict[str, Any], loc: Locale) -> str:
+    return "".join(
+        section.html(report[name], loc)
+        for name, section in sections(load_media()).items()
+        if report.get(name)
+    )
 
 
 def render(report: dict[str, Any], fmt: str, loc: Locale | None = None) -> str:
@@ -354,7 +394,7 @@ def render(report: dict[str, Any], fmt: str, loc: Locale | None = None) -> str:
     lines.append("  ".join(_pad(h, w) for h, w in zip(heads, widths, strict=True)))
     for line in cells:
         lines.append("  ".join(_pad(v, w) for v, w in zip(line, widths, strict=True)))
-    extra = voice_lines(report, loc)
+    extra = section_lines(report, loc)
     if extra:
         lines.append("")
         lines.extend(extra)
@@ -426,52 +466,6 @@ def _raw(v: Any) -> str:
     return str(v)
 
 
-def voice_html(report: dict[str, Any], loc: Locale) -> str:
-    """The voice figures as a list (empty without voice calls in the window)."""
-    v = report.get("voice")
-    if not v:
-        return ""
-    deadline = loc.seconds(v["answer_deadline_s"])
-    rate = v.get("connection_rate")
-    target = loc.pct(v["connection_target"], fraction=True, digits=0)
-    verdict = {None: "voice.no_calls", True: "voice.met", False: "voice.not_met"}[
-        v.get("connection_met")
-    ]
-    items = [
-        ("offered", loc.t("voice.offered"), str(v["offered"]), ""),
-        ("answered", loc.t("voice.answered"), str(v["answered"]), ""),
-        ("abandoned", loc.t("voice.abandoned"), str(v["abandoned"]), ""),
-        (
-            "answered_within",
-            loc.t("voice.answered_within_rate", deadline=deadline),
-            loc.pct(v.get("answered_within_offered_pct"), fraction=True),
-            loc.t("voice.of_answered", pct=loc.pct(v.get("answered_within_pct"), fraction=True)),
-        ),
-        (
-            "connection_rate",
-            loc.t("voice.connection_rate"),
-            loc.pct(rate, fraction=True),
-            f"{loc.t('voice.target', target=target)}: {loc.t(verdict)}",
-        ),
-        (
-            "asa",
-            loc.t("voice.asa"),
-            loc.duration(
-                None
-                if v.get("average_speed_of_answer_s") is None
-                else v["average_speed_of_answer_s"] * 1000
-            ),
-            "",
-        ),
-    ]
-    lis = "".join(
-        f'<li>{html.escape(label)} <b class="{cls}">{html.escape(value)}</b>'
-        f"{f' <span>{html.escape(note)}</span>' if note else ''}</li>"
-        for cls, label, value, note in items
-    )
-    return f'<h2>{html.escape(loc.t("voice.heading"))}</h2><ul id="voice">{lis}</ul>'
-
-
 def definitions_html(loc: Locale) -> str:
     """Every definition behind the figures, folded (one click away)."""
     items = "".join(
@@ -493,7 +487,7 @@ def render_html(report: dict[str, Any], loc: Locale | None = None) -> str:
     return (
         f'<!doctype html><html lang="{loc.html_lang}"><head><meta charset="utf-8">'
         f"<title>{html.escape(head)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{html.escape(head)}</h1>{table_html(report, loc)}{voice_html(report, loc)}"
+        f"<h1>{html.escape(head)}</h1>{table_html(report, loc)}{section_html(report, loc)}"
         f"{charts_html(report, loc)}{definitions_html(loc)}</body></html>\n"
     )
 
@@ -525,4 +519,4 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["CHANNELS", "ChannelFigures", "build", "compute", "load", "main", "render"]
+__all__ = ["ChannelFigures", "MediumReport", "build", "compute", "load", "main", "render"]

@@ -16,8 +16,8 @@ import asyncio
 import logging
 from typing import Any
 
+from gateway.adapters import load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
-from gateway.contact.sla import policy_name
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.store import RedisQueue
 from gateway.records import Event, EventType
@@ -113,6 +113,7 @@ class DeadlineWatcher:
             facts = await pipe.execute()
             calls: list[tuple[str, bytes, str, Micros]] = []
             policies: dict[str, str] = {}
+            media = load_media()
             for cid, (received, due, kind, channel) in zip(ids, facts, strict=True):
                 if received is None:  # the contact expired: drop the member, no event
                     calls.append((cid, b"", "", 0))
@@ -132,7 +133,7 @@ class DeadlineWatcher:
                     detail={"kind": kind.decode()},
                 )
                 calls.append((cid, event.to_json(), channel.decode(), due_us))
-                policies[cid] = policy_name(channel.decode(), kind.decode())
+                policies[cid] = media.policy(channel.decode(), kind.decode())
             results = await self._claim_all(zset, other, calls, now, type)
             for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
                 if claimed and body:

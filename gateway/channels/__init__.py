@@ -9,10 +9,15 @@
   several providers has its own module (``sms/link.py``, ``chat/officialaccount.py``);
 - what every medium shares is in ``gateway/channels/common.py`` (the HTTP submit path).
 
-``BUILTIN`` lists the built-in channel types of every folder; other packages register more
-through the ``gateway.channels`` entry-point group.
+``BUILTIN`` lists the built-in channel types of every folder and ``BUILTIN_MEDIA`` their media
+(each folder's ``MEDIUM``); other packages register more through the ``gateway.channels``
+entry-point group.
 """
 
 from gateway.channels import chat, email, sms, voice, web
 
 BUILTIN: tuple[str, ...] = (*chat.TYPES, *web.TYPES, *email.TYPES, *sms.TYPES, *voice.TYPES)
+
+BUILTIN_MEDIA: tuple[str, ...] = (voice.MEDIUM, sms.MEDIUM, chat.MEDIUM, web.MEDIUM, email.MEDIUM)
+"""The built-in media (``gateway.contact.media.Medium``), in the order of the report's rows; a
+channel type of another medium declares it as ``ChannelType.medium``."""

@@ -1,49 +1,34 @@
-"""SLA policy: the deadline of each contact, from its edge stamp and channel (GB/T 33358-2016)."""
+"""SLA policy: the deadline of each contact, from its edge stamp and its medium's deadline rules
+(the media declare their defaults, GB/T 33358-2016 for the built-in five; ``[sla]`` overrides)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from gateway.contact.clock import MICROS_PER_SECOND, Micros
+from gateway.contact.media import Media
 from gateway.records import Deadline, Inbound
 
 if TYPE_CHECKING:  # the [sla] section is read, never built here
     from gateway.server.config import SlaSection
 
 
-def policy_name(channel: str, kind: str) -> str:
-    """The ``[sla]`` rule a deadline came from, by its channel and kind (``voice_answer``...)."""
-    return "voice_callback" if (channel, kind) == ("voice", "response") else f"{channel}_{kind}"
-
-
 class SlaPolicy:
-    """Maps a contact to its deadline; the rules come from the ``[sla]`` section."""
+    """Maps a contact to its deadline: the rule its medium picks, the seconds from ``[sla]``."""
 
-    def __init__(self, section: SlaSection) -> None:
+    def __init__(self, section: SlaSection, media: Media) -> None:
         self.section = section
-        self._rules: dict[str, tuple[str, str, float]] = {
-            "voice": ("answer", "voice_answer", section.voice_answer),
-            "sms": ("response", "sms_response", section.sms_response),
-            "chat": ("response", "chat_response", section.chat_response),
-            "web": ("response", "web_response", section.web_response),
-            "email": ("response", "email_response", section.email_response),
-        }
+        self.media = media
 
     def deadline(self, inbound: Inbound) -> Deadline:
-        """Return the deadline for ``inbound``: an answer for calls, a response otherwise.
-
-        A voice contact with ``meta["callback"]`` (a missed call to return) gets the
-        ``voice_callback`` response deadline instead.
-        """
-        seconds: float
-        if inbound.channel == "voice" and inbound.meta.get("callback"):
-            kind, policy, seconds = "response", "voice_callback", self.section.voice_callback
-        else:
-            kind, policy, seconds = self._rules[inbound.channel]
+        """Return the deadline for ``inbound``: its medium's rule (an answer for calls, a
+        response otherwise; a missed call to return gets ``voice_callback``)."""
+        rule = self.media.by_name[inbound.channel].rule(inbound)
+        seconds = self.media.seconds(rule.policy, self.section.deadlines)
         return Deadline(
-            kind=kind,  # type: ignore[arg-type]
+            kind=rule.kind,
             due_at=inbound.received_at + int(seconds * MICROS_PER_SECOND),
-            policy=policy,
+            policy=rule.policy,
         )
 
     def warning_at(self, inbound: Inbound, deadline: Deadline) -> Micros:

@@ -92,6 +92,8 @@ class Intake:
             language = guess_language(inbound.text)  # every text contact gets a hint
             if language is not None:
                 inbound = _with_language(inbound, language)
+        if inbound.channel not in self.sla.media:
+            raise InvalidContact(f"channel: no medium {inbound.channel!r} is registered")
         deadline = self.sla.deadline(inbound)
         return Prepared(
             id=uuid7(inbound.received_at // 1000),

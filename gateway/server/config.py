@@ -418,13 +418,10 @@ class EgressSection:
 
 @dataclass(frozen=True, slots=True)
 class SlaSection:
-    voice_answer: Duration = Duration(15)
-    sms_response: Duration = Duration(180)
-    chat_response: Duration = Duration(180)
-    web_response: Duration = Duration(180)
-    email_response: Duration = Duration(86400)
-    voice_callback: Duration = Duration(1800)
-    """Response deadline of a missed-call callback contact (an abandoned call to return)."""
+    deadlines: Mapping[str, Duration] = field(default_factory=dict)
+    """Deadlines by policy (``sms_response``...), over the defaults the media declare (GB/T
+    33358-2016 for the built-in five). Written ``[sla] sms_response = "3m"``: every key of
+    ``[sla]`` that is a registered medium's deadline policy lands here."""
     warning_fraction: float = 0.8
     connection_target: float = 0.95
     short_abandon: Duration = Duration(0)
@@ -689,7 +686,10 @@ def parse_settings(
     try:
         errors: list[tuple[str, str]] = []
         core = {k: v for k, v in raw.items() if k != "adapters"}
+        if isinstance(core.get("sla"), dict):
+            core["sla"] = _sla_table(core["sla"])
         settings = _load(Settings, core, "", errors)
+        errors = [(_sla_key(key), message) for key, message in errors]
         _check_timezone(settings, errors)
         adapters_raw = raw.get("adapters", {})
         adapter_configs: dict[str, Any] = {}
@@ -737,6 +737,23 @@ def parse_settings(
 AdapterCheck = Callable[[Any, str, AdapterSettings], None]
 """``check(config, key, settings)``: raise ConfigError naming ``key.<field>`` for what a channel
 type's config fields cannot express (see ``ChannelType.check``)."""
+
+
+def _sla_table(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``[sla]`` with the registered media's deadline policies gathered under ``deadlines``."""
+    from gateway.adapters import load_media
+
+    policies = load_media().rules
+    table = {k: v for k, v in raw.items() if k not in policies}
+    deadlines = {k: v for k, v in raw.items() if k in policies}
+    if deadlines:
+        table["deadlines"] = {**table.get("deadlines", {}), **deadlines}
+    return table
+
+
+def _sla_key(key: str) -> str:
+    """A deadline's error names the key as written: ``sla.sms_response``."""
+    return "sla." + key.removeprefix("sla.deadlines.") if key.startswith("sla.deadlines.") else key
 
 
 def _check_timezone(settings: Settings | None, errors: list[tuple[str, str]]) -> None:

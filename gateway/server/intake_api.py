@@ -7,11 +7,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter
+from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter, load_media
 from gateway.contact import safejson
 from gateway.contact.clock import Clock, format_time, parse_rfc3339
 from gateway.contact.phone import to_e164
-from gateway.records import CHANNELS, Inbound, Sender, clean_text
+from gateway.records import Inbound, Sender, clean_text
 from gateway.server.auth import ApiKeys, source_of
 from gateway.server.http import read_capped
 from gateway.server.problems import ApiProblem, problem
@@ -60,8 +60,9 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
     if unknown:
         raise BadRequest(f"unknown field: {unknown[0]}")
     channel = body.get("channel", "web")
-    if channel not in CHANNELS:
-        raise BadRequest(f"channel: expected one of {', '.join(CHANNELS)}")
+    media = load_media()
+    if not isinstance(channel, str) or channel not in media:
+        raise BadRequest(f"channel: expected a registered medium ({', '.join(media.names())})")
     sender_raw = body.get("sender")
     if sender_raw is None:
         sender_raw = {}
@@ -76,7 +77,7 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
     if name is not None and not isinstance(name, str):
         raise BadRequest("sender.name: expected a string")
     address = clean_text(sender_raw.get("address", ""))[:320]
-    if channel in ("sms", "voice") and address:
+    if media.by_name[channel].phone and address:
         address = to_e164(address, region) or address
     sender = Sender(address, clean_text(name) if name else None)
     confidential = body.get("confidential", False)

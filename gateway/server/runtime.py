@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.adapters import Adapter, AdapterContext, load_channel_types
+from gateway.adapters import Adapter, AdapterContext, load_channel_types, load_media
 from gateway.cases.api.services import CaseServices
 from gateway.cases.replies import ReplyRouter
 from gateway.contact import safejson
@@ -147,7 +147,7 @@ class Gateway:
         self.intake = Intake(
             self.queue,
             self.spool,
-            SlaPolicy(s.sla),
+            SlaPolicy(s.sla, load_media()),
             self.metrics,
             self.clock,
             write_timeout_s=s.redis.write_timeout,

@@ -272,7 +272,7 @@ async def test_dashboard_without_a_token_says_so(start_gateway: Any, chromium: s
 async def test_html_report_in_the_browser(chromium: str, tmp_path: Path, lang: str) -> None:
     now = SYSTEM_CLOCK.now_us()
     contacts, events = dataset.build(now)
-    sla = SlaSection(voice_answer=15, sms_response=180, email_response=86400)
+    sla = SlaSection(deadlines={"voice_answer": 15, "sms_response": 180, "email_response": 86400})
     report = build(contacts, events, since_us=now - 3 * dataset.HOUR, until_us=now, sla=sla)
     path = tmp_path / f"report-{lang}.html"
     path.write_text(render(report, "html", Locale(lang)), encoding="utf-8")  # type: ignore[arg-type]

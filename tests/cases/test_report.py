@@ -23,7 +23,7 @@ from gateway.queueing.keys import Keys
 from gateway.server.config import SlaSection
 from tests.cases import dataset
 
-SLA = SlaSection(voice_answer=15, sms_response=180, email_response=86400)
+SLA = SlaSection(deadlines={"voice_answer": 15, "sms_response": 180, "email_response": 86400})
 
 
 def rows_by_channel(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,7 @@ async def test_counters_agree_with_the_report_and_survive_redelivery(start_gatew
     await dataset.write(gw.redis, gw.keys, contacts, events)
     await eventually(lambda: _aggregated(gw, len(contacts) + len(events)))  # enqueued + events
     first = await live(gw)
-    sla = SlaSection(voice_answer=15, sms_response=180, email_response=86400)
+    sla = SlaSection(deadlines={"voice_answer": 15, "sms_response": 180, "email_response": 86400})
     report = build(contacts, events, since_us=now - 3 * dataset.HOUR, until_us=now + 1, sla=sla)
     for row in report["channels"]:
         assert first["figures"]["rolling"][row["channel"]] == row, row["channel"]

@@ -92,7 +92,8 @@ def test_example_config_is_valid(monkeypatch):
         "app",
         "open311",
     }
-    assert settings.sla.voice_answer == 15 and settings.sla.email_response == 86400
+    deadlines = settings.sla.deadlines
+    assert deadlines["voice_answer"] == 15 and deadlines["email_response"] == 86400
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 ``openapi.json`` (beside this module) describes every operation; the record schemas it refers
 to (``Contact``, ``Event``) are not copied into it but filled in from the shipped JSON Schemas
-(``gateway/schemas/*.schema.json``) when the document is loaded, so the two never drift.
+(``gateway/schemas/*.schema.json``) when the document is loaded, so the two never drift. The
+channels ``POST /v1/intake`` takes are the registered media, filled in the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from importlib.resources import files
 from typing import Any
 
 import orjson
+
+from gateway.adapters import load_media
 
 SHIPPED: dict[str, str] = {"Contact": "contact.schema.json", "Event": "event.schema.json"}
 """Component name -> shipped JSON Schema file (``gateway/schemas/``)."""
@@ -27,9 +30,12 @@ def shipped_schema(name: str) -> dict[str, Any]:
 
 
 @functools.cache
-def _document_bytes() -> bytes:
+def _document_bytes(media: tuple[str, ...]) -> bytes:
     doc = orjson.loads(files("gateway.cases.api").joinpath("openapi.json").read_bytes())
     schemas = doc["components"]["schemas"]
+    channel = schemas["IntakeRequest"]["properties"]["channel"]
+    del channel["pattern"]
+    channel["enum"] = list(media)
     for name in SHIPPED:
         if name in schemas:
             raise ValueError(f"openapi.json must not carry its own copy of {name}")
@@ -39,9 +45,9 @@ def _document_bytes() -> bytes:
 
 def document() -> dict[str, Any]:
     """The whole document (a fresh copy)."""
-    return dict(orjson.loads(_document_bytes()))
+    return dict(orjson.loads(document_bytes()))
 
 
 def document_bytes() -> bytes:
     """The document as served at ``/v1/openapi.json``."""
-    return _document_bytes()
+    return _document_bytes(load_media().names())

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
+from gateway.adapters import load_media
 from gateway.cases.report import label_of
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.keys import Keys
@@ -114,7 +115,7 @@ class Counts:
             "closed": closed,
             "open": max(0, self.volume - settled - self.get("breached") - abandoned - closed),
             "connection_rate": (100.0 * settled / offered if offered else None)
-            if label == "voice"
+            if label == load_media().answer_row()
             else None,
             "average_ms": round(self.tsum_ms / settled) if settled else None,
             "p50_ms": self.percentile_ms(0.5),
@@ -429,7 +430,7 @@ class Aggregator:
             outcome = "short" if short else "abandoned"
         elif type_ == "closed" and at <= due:
             outcome = "closed"
-        is_call = kind == "answer" and fact["channel"] == "voice"
+        is_call = kind == "answer"  # a call: an answer deadline (the voice medium's)
         ends_wait = is_call and type_ in ("answered", "abandoned", "closed")
         if outcome is None and not ends_wait:
             return None

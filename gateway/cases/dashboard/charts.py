@@ -8,17 +8,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gateway.adapters import load_media
 from gateway.cases.i18n import Locale
 from gateway.contact.clock import parse_time
 
-COLORS = {
-    "voice": "#1f77b4",
-    "sms": "#ff7f0e",
-    "email": "#2ca02c",
-    "chat": "#d62728",
-    "web": "#9467bd",
-    "voice_callback": "#17becf",
-}
 STYLE = (
     "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0}"
@@ -63,7 +56,7 @@ def volume_chart(volume: dict[str, dict[str, int]], loc: Locale) -> str:
             y -= h
             parts.append(
                 f'<rect x="{LEFT + i * bar + 1:.1f}" y="{y:.1f}" width="{max(1.0, bar - 2):.1f}" '
-                f'height="{h:.1f}" fill="{COLORS.get(ch, "#777")}" data-channel="{ch}" '
+                f'height="{h:.1f}" fill="{load_media().color(ch)}" data-channel="{ch}" '
                 f'data-hour="{hour}" data-count="{n}"><title>{hour} {ch}: {n}</title></rect>'
             )
         if i % step == 0:
@@ -72,7 +65,7 @@ def volume_chart(volume: dict[str, dict[str, int]], loc: Locale) -> str:
     for j, ch in enumerate(channels):
         x = W - RIGHT - 70 * (len(channels) - j)
         parts.append(
-            f'<rect x="{x}" y="4" width="10" height="10" fill="{COLORS.get(ch, "#777")}"/>'
+            f'<rect x="{x}" y="4" width="10" height="10" fill="{load_media().color(ch)}"/>'
             f'<text x="{x + 13}" y="13">{html.escape(loc.channel(ch))}</text>'
         )
     return _svg(loc.t("chart.volume"), "".join(parts), "volume")
@@ -122,7 +115,7 @@ def response_chart(channel: str, times_ms: Times, deadline_s: float, loc: Locale
     total = sum(hist.values())
     span_ms = max(1.5 * deadline_s * 1000, float(ordered[-1]) if ordered else 0.0, 1.0)
     plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
-    color = COLORS.get(channel, "#777")
+    color = load_media().color(channel)
     points = [f"{LEFT},{H - BOTTOM}"]
     seen = 0
     for t in ordered:
@@ -165,8 +158,9 @@ def charts(report: dict[str, Any], loc: Locale | None = None) -> dict[str, str]:
     series = report["series"]
     deadlines = series["deadlines_s"]
     out = {"volume": volume_chart(series["volume_per_hour"], loc)}
-    if series["answer_times_ms"] or report.get("voice"):
-        out["answer"] = answer_chart(series["answer_times_ms"], deadlines["voice"], loc)
+    calls = load_media().answer_row() or ""  # the row of calls (voice): answer times
+    if series["answer_times_ms"] or report.get(calls):
+        out["answer"] = answer_chart(series["answer_times_ms"], deadlines.get(calls, 0.0), loc)
     for channel, times in series["response_times_ms"].items():
         out[f"response-{channel}"] = response_chart(
             channel, times, deadlines.get(channel, 0.0), loc

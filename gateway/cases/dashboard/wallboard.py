@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway.adapters import load_media
 from gateway.cases.dashboard.aggregates import (
     DAY_S,
     HOUR_S,
@@ -34,7 +35,6 @@ from gateway.server.logs import mask
 CACHE_S = 1.0
 """One snapshot serves every viewer for this long."""
 LIST_LIMIT = 50
-ORDER = ("voice", "voice_callback", "sms", "chat", "web", "email")
 
 
 def _dec(value: Any) -> str:
@@ -56,6 +56,9 @@ class Wallboard:
         """Channels of the configured adapters: shown even when quiet; others only with
         contacts in the window (``POST /v1/intake`` takes any channel)."""
         self.deadlines = deadlines_s(settings.sla)
+        self.media = load_media()
+        self.calls = self.media.answer_row()
+        """The row whose deadline is an answer (voice): the waiting and connection tiles."""
         self._cache: tuple[float, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
 
@@ -70,7 +73,7 @@ class Wallboard:
         seen = set(self.configured)
         for counts in windows:
             seen.update(label for label, c in counts.items() if c.volume)
-        return sorted(seen, key=lambda x: (ORDER.index(x) if x in ORDER else 99, x))
+        return sorted(seen, key=self.media.order)
 
     async def _snapshot(self) -> dict[str, Any]:
         now = self.clock.now_us()
@@ -127,8 +130,9 @@ class Wallboard:
         breaches = await self._contacts([_dec(m) for m in breach_ids])
         repeat_list = await self._contacts([_dec(m) for m, _ in repeats])
         hours = await read_hours(self.redis, self.keys, day_ago, now)
-        voice_rolling = rolling.get("voice", Counts())
-        voice_today = today.get("voice", Counts())
+        calls = self.calls or ""
+        voice_rolling = rolling.get(calls, Counts())
+        voice_today = today.get(calls, Counts())
         return {
             "now": format_time(now),
             "since_24h": format_time(day_ago),
@@ -138,13 +142,13 @@ class Wallboard:
             "rolling": {label: rolling.get(label, Counts()).row(label) for label in labels},
             "today": {label: today.get(label, Counts()).row(label) for label in labels},
             "voice": None
-            if "voice" not in labels
+            if calls not in labels
             else {
                 "waiting": int(waiting),
                 "longest_wait_ms": (now - int(first_waiting[0][1])) // 1000
                 if first_waiting
                 else None,
-                "answer_deadline_s": float(self.sla.voice_answer),
+                "answer_deadline_s": self.deadlines[calls],
                 "connection_target": float(self.sla.connection_target),
                 "rolling": _voice(voice_rolling),
                 "today": _voice(voice_today),
@@ -373,8 +377,8 @@ class Wallboard:
         times = snap["times"]
         for label in snap["channels"]:
             hist = Counter({int(e) * 1000: n for e, n in times.get(label, {}).items()})
-            if label == "voice":
-                figures.append(answer_chart(hist, self.deadlines["voice"], loc))
+            if label == self.calls:
+                figures.append(answer_chart(hist, self.deadlines[label], loc))
             else:
                 figures.append(
                     response_chart(label, hist, self.deadlines.get(label, 0.0), loc)

@@ -11,3 +11,6 @@ SENDER_CONTACTS = 120
 short messages, and each photo of an album is an update of its own (Telegram: up to 10); a
 refused WeChat push is retried three times within about 15 s and then dropped by WeChat, so a
 chat limit must stop floods only, never a person typing (docs/reliability.md)."""
+
+MEDIUM: str = "gateway.channels.chat.medium:MEDIUM"
+"""The medium of this folder's types: its deadlines and report rows."""

@@ -8,3 +8,6 @@ TYPES: tuple[str, ...] = (
     "gateway.channels.sms.cmpp:CHANNEL",
     "gateway.channels.sms.twilio:CHANNEL",
 )
+
+MEDIUM: str = "gateway.channels.sms.medium:MEDIUM"
+"""The medium of this folder's types: its deadlines and report rows."""

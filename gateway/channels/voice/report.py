@@ -13,15 +13,18 @@
 
 from __future__ import annotations
 
+import html
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gateway.adapters import load_media
 from gateway.cases.i18n import Locale
 from gateway.contact.clock import Micros, format_time, parse_time
+from gateway.contact.media import Media
 from gateway.records import Contact, Event
-from gateway.server.config import Settings
+from gateway.server.config import Settings, SlaSection
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,13 +246,100 @@ def voice_report_for(
     until: Micros,
 ) -> VoiceReport:
     """``voice_report`` with the ``[sla]`` section's deadline, target and short-abandon setting."""
-    sla = settings.sla
+    return _for_sla(settings.sla, load_media(), contacts, events, since=since, until=until)
+
+
+def _for_sla(
+    sla: SlaSection,
+    media: Media,
+    contacts: Iterable[Contact],
+    events: Iterable[Event],
+    *,
+    since: Micros,
+    until: Micros,
+) -> VoiceReport:
     return voice_report(
         contacts,
         events,
         since=since,
         until=until,
-        answer_deadline_s=float(sla.voice_answer),
+        answer_deadline_s=media.seconds("voice_answer", sla.deadlines),
         connection_target=float(sla.connection_target),
         short_abandon_s=float(sla.short_abandon),
     )
+
+
+def voice_html(v: dict[str, Any] | None, loc: Locale) -> str:
+    """The voice figures as a list (empty without voice calls in the window)."""
+    if not v:
+        return ""
+    deadline = loc.seconds(v["answer_deadline_s"])
+    rate = v.get("connection_rate")
+    target = loc.pct(v["connection_target"], fraction=True, digits=0)
+    verdict = {None: "voice.no_calls", True: "voice.met", False: "voice.not_met"}[
+        v.get("connection_met")
+    ]
+    items = [
+        ("offered", loc.t("voice.offered"), str(v["offered"]), ""),
+        ("answered", loc.t("voice.answered"), str(v["answered"]), ""),
+        ("abandoned", loc.t("voice.abandoned"), str(v["abandoned"]), ""),
+        (
+            "answered_within",
+            loc.t("voice.answered_within_rate", deadline=deadline),
+            loc.pct(v.get("answered_within_offered_pct"), fraction=True),
+            loc.t("voice.of_answered", pct=loc.pct(v.get("answered_within_pct"), fraction=True)),
+        ),
+        (
+            "connection_rate",
+            loc.t("voice.connection_rate"),
+            loc.pct(rate, fraction=True),
+            f"{loc.t('voice.target', target=target)}: {loc.t(verdict)}",
+        ),
+        (
+            "asa",
+            loc.t("voice.asa"),
+            loc.duration(
+                None
+                if v.get("average_speed_of_answer_s") is None
+                else v["average_speed_of_answer_s"] * 1000
+            ),
+            "",
+        ),
+    ]
+    lis = "".join(
+        f'<li>{html.escape(label)} <b class="{cls}">{html.escape(value)}</b>'
+        f"{f' <span>{html.escape(note)}</span>' if note else ''}</li>"
+        for cls, label, value, note in items
+    )
+    return f'<h2>{html.escape(loc.t("voice.heading"))}</h2><ul id="voice">{lis}</ul>'
+
+
+class VoiceSection:
+    """The voice medium's own figures in ``gateway report`` and on the dashboard (its
+    ``Medium.report``): calls offered, answered within the deadline, connection rate."""
+
+    def build(
+        self,
+        contacts: list[Contact],
+        events: list[Event],
+        *,
+        since: Micros,
+        until: Micros,
+        sla: SlaSection,
+        media: Media,
+    ) -> dict[str, Any]:
+        return _for_sla(sla, media, contacts, events, since=since, until=until).to_dict()
+
+    def row_rate(self, section: dict[str, Any]) -> float | None:
+        """The connection rate (percent) shown in the voice row."""
+        rate = section.get("connection_rate")
+        return None if rate is None else 100.0 * rate
+
+    def lines(self, section: dict[str, Any], loc: Locale) -> list[str]:
+        return VoiceReport.from_dict(section).lines(loc)
+
+    def html(self, section: dict[str, Any], loc: Locale) -> str:
+        return voice_html(section, loc)
+
+
+SECTION = VoiceSection()

@@ -4,3 +4,6 @@ TYPES: tuple[str, ...] = (
     "gateway.channels.web.app:CHANNEL",
     "gateway.channels.web.open311:CHANNEL",
 )
+
+MEDIUM: str = "gateway.channels.web.medium:MEDIUM"
+"""The medium of this folder's types: its deadlines and report rows."""
