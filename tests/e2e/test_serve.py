@@ -72,7 +72,7 @@ async def wait_healthy(session: aiohttp.ClientSession, port: int, proc) -> None:
         except aiohttp.ClientError:
             return False
 
-    await eventually(healthy, timeout_s=30)
+    await eventually(healthy, timeout_s=60)  # a restart after kill -9 on a loaded machine
 
 
 async def test_serve_intake_tail_and_clean_sigterm(tmp_path):
