@@ -333,3 +333,27 @@ async def test_with_min_replicas_an_acquisition_no_replica_has_is_not_taken(
     assert await client.exists(keys.lease("job")) == 0  # given back at once
     loose, _ = await Leases(client, keys, "b", TTL).acquire("job")
     assert loose is not None
+
+
+async def test_a_wind_down_finishes_through_repeated_cancellations() -> None:
+    """Supervisor.stop cancels every 0.1 s while a loop runs on; a lease's wind-down (stop
+    the work, release the lease) runs under ``finish``: it ends, then the cancellation goes on."""
+    from gateway.queueing.coordination import finish
+
+    released = asyncio.Event()
+    step = asyncio.Event()
+
+    async def wind_down() -> None:
+        await step.wait()  # e.g. the work still ending, then the compare-and-delete
+        released.set()
+
+    task = asyncio.ensure_future(finish(wind_down()))
+    for _ in range(3):
+        await asyncio.sleep(0)
+        task.cancel()
+    await asyncio.sleep(0)
+    assert not task.done()
+    step.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert released.is_set()
