@@ -12,7 +12,6 @@ import codecs
 import contextlib
 import itertools
 import logging
-import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from typing import Final
 
 from gateway.server.config import Secret
 from gateway.server.metrics import AdapterMetrics
+from gateway.server.supervise import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -176,34 +176,37 @@ class AmiClient:
         self.connected.clear()
 
     async def _run(self) -> None:
-        delay = self.reconnect_min
+        backoff = Backoff(self.reconnect_min, self.reconnect_max, jitter=0.2)
         failures = 0
         while True:
             logins = self.logins
             try:
                 await self._session()
+                pause = backoff.next()
             except AmiAuthError:
                 self.login_failures += 1
+                pause = self.reconnect_max
                 log.error("AMI login refused for user %r; retrying in %.0fs",
-                          self.username, self.reconnect_max)
-                delay = self.reconnect_max
+                          self.username, pause)
             except (OSError, AmiError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 if self.logins > logins:  # it was up: start over with short retries
-                    failures, delay = 0, self.reconnect_min
+                    failures = 0
+                    backoff.reset()
                 failures += 1
+                pause = backoff.next()
                 # the first failure and then one in 20: an Asterisk down for hours is no flood
                 level = logging.WARNING if failures % 20 == 1 else logging.DEBUG
                 log.log(level, "AMI %s:%d unavailable (%s); retrying in %.1fs (attempt %d)",
-                        self.host, self.port, exc or type(exc).__name__, delay, failures)
+                        self.host, self.port, exc or type(exc).__name__, pause, failures)
             except Exception:
                 log.exception("AMI session failed")
+                pause = backoff.next()
             self.connected.clear()
             if self.metrics is not None:
                 self.metrics.ami_link(False)
-            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            await asyncio.sleep(pause)
             if self.metrics is not None:
                 self.metrics.ami_reconnect()
-            delay = min(self.reconnect_max, max(self.reconnect_min, delay * 2))
 
     async def _session(self) -> None:
         async with asyncio.timeout(self.connect_timeout):  # see _next

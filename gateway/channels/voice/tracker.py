@@ -40,6 +40,7 @@ from gateway.adapters import ContactLookup, EventSink, IntakeUnavailable, Receip
 from gateway.channels.voice.queuelog import LoggedCall
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.records import Inbound, Sender
+from gateway.server.supervise import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +549,7 @@ class CallTracker:
     def _later(self, call: Call) -> None:
         """Back off before the next try (kept in the call's record)."""
         call.attempts += 1
-        backoff_s = min(RETRY_MAX_S, 0.25 * 2 ** min(call.attempts, 8))
+        backoff_s = Backoff(0.5, RETRY_MAX_S).nth(call.attempts)  # 0.5 s, 1 s, 2 s, ... 5 s
         call.retry_us = self.clock.now_us() + int(backoff_s * MICROS_PER_SECOND)
         self._dirty.add(call.uniqueid)
 
