@@ -33,7 +33,7 @@ from gateway.cases.push.signing import (
     sign,
 )
 from gateway.contact.clock import Clock
-from gateway.queueing.coordination import Fence, Leases
+from gateway.queueing.coordination import Fence, Leases, finish
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
 from gateway.server.config import EgressSection, PushSubscriber
@@ -211,8 +211,8 @@ class Lane:
                 await self._flush_acks()
                 await self._read_new()
         finally:
-            with contextlib.suppress(Exception):
-                await self._flush_acks()
+            with contextlib.suppress(Exception):  # through a repeated cancellation too
+                await finish(self._flush_acks())
 
     async def _take_over_pending(self) -> list[Item]:
         items: list[Item] = []
