@@ -69,6 +69,7 @@ from prometheus_client.samples import Sample
 
 from gateway.server.config import HostPort, Settings
 from gateway.server.lock import DataDirBusy, DataDirLock
+from gateway.server.supervise import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class WorkerPool:
         }
 
     async def _keep(self, slot: _Slot) -> None:
-        backoff = RESTART_BACKOFF[0]
+        backoff = Backoff(*RESTART_BACKOFF)
         while not self.stopping.is_set():
             started = time.monotonic()
             code = await self._run_once(slot)
@@ -287,15 +288,15 @@ class WorkerPool:
                 self.stop()
                 return
             if time.monotonic() - started >= 60.0:
-                backoff = RESTART_BACKOFF[0]
+                backoff.reset()
             slot.restarts += 1
+            pause = backoff.next()
             log.error(
-                "worker %d exited (%s); starting it again in %.1f s", slot.index, code, backoff
+                "worker %d exited (%s); starting it again in %.1f s", slot.index, code, pause
             )
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
+                async with asyncio.timeout(pause):
                     await self.stopping.wait()
-            backoff = min(backoff * 2, RESTART_BACKOFF[1])
 
     async def _run_once(self, slot: _Slot) -> int:
         read_end, write_end = os.pipe()
