@@ -51,7 +51,15 @@ from gateway.testing.contract import (
 )
 from gateway.testing.poll import eventually
 from gateway.testing.smtp import SmtpKit
-from gateway.testing.webhook import Request, WebhookCase, field_of, run_case, send
+from gateway.testing.webhook import (
+    Request,
+    RequestSource,
+    WebhookCase,
+    build,
+    field_of,
+    run_case,
+    send,
+)
 
 KIT_VERSION = 1
 
@@ -65,11 +73,13 @@ __all__ = [
     "PeerKit",
     "ProviderAnswer",
     "Request",
+    "RequestSource",
     "SmtpKit",
     "StartGateway",
     "WebhookCase",
     "WebhookKit",
     "break_spool",
+    "build",
     "check_acknowledged_only_once_durable",
     "check_bad_input_refused",
     "check_no_secret_in_logs",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from aiohttp import web
 
 from gateway.testing.poll import eventually
-from gateway.testing.webhook import Request, send, stored_as
+from gateway.testing.webhook import Request, RequestSource, send, stored_as
 
 if TYPE_CHECKING:
     from gateway.queueing.embedded import EmbeddedRedis
@@ -104,7 +104,8 @@ class WebhookKit:
     ``inbound(message_id, text)`` builds a valid, authenticated request for one new message
     (called again with the same arguments: the provider's redelivery of that message, which
     may carry a fresh nonce or timestamp as the provider's own retries do). ``bad`` are requests
-    the adapter must refuse with a 4xx and store nothing (forged signature, malformed body...).
+    the adapter must refuse with a 4xx and store nothing (forged signature, malformed body...);
+    one signed over a timestamp is given as a function that builds it, so it is fresh when sent.
     ``secrets`` and ``phone`` must never reach a log. ``reply_config(provider_url)`` returns the
     config keys that point the adapter's sending at a local provider answering
     ``reply_answer``; ``None`` when the adapter sends no replies over HTTP. ``until_ready``
@@ -114,7 +115,7 @@ class WebhookKit:
     type: str
     table: Mapping[str, Any]
     inbound: Callable[[str, str], Request]
-    bad: Sequence[Request]
+    bad: Sequence[RequestSource]
     secrets: Sequence[str]
     phone: str = ""
     retry_later: Collection[int] = (503,)
@@ -138,7 +139,7 @@ class WebhookKit:
     async def deliver(self, gateway: Gateway, message_id: str, text: str) -> Delivery:
         return await self.deliver_request(gateway, self.inbound(message_id, text))
 
-    async def deliver_request(self, gateway: Gateway, request: Request) -> Delivery:
+    async def deliver_request(self, gateway: Gateway, request: RequestSource) -> Delivery:
         """Send any request; its status in the kit's terms."""
         answer = await send(gateway, request)
         return self._delivery(answer.status, answer.body)

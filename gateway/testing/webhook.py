@@ -3,7 +3,7 @@ contact and events read back from Redis."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,17 @@ class Request:
     method: str = "POST"
 
 
+RequestSource = Request | Callable[[], Request]
+"""A request, or a function that builds it when it is sent: a request signed over a timestamp
+(WeChat, Weibo) goes stale minutes after it was built (the provider's window), and a table
+built when the tests are collected would be refused for that instead of for what it tests."""
+
+
+def build(request: RequestSource) -> Request:
+    """The request to send now (built at this moment when it is a function)."""
+    return request if isinstance(request, Request) else request()
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
@@ -33,8 +44,10 @@ class Answer:
     body: bytes
 
 
-async def send(gateway: Gateway, request: Request) -> Answer:
-    """Send ``request`` to ``gateway``'s HTTP listener over a real socket."""
+async def send(gateway: Gateway, source: RequestSource) -> Answer:
+    """Send a request (built now if ``source`` is a function) to ``gateway``'s HTTP listener
+    over a real socket."""
+    request = build(source)
     url = f"http://127.0.0.1:{gateway.http_port}{request.path}"
     async with aiohttp.ClientSession() as http, http.request(
         request.method, url, data=request.body, headers=dict(request.headers)
@@ -60,7 +73,7 @@ class WebhookCase:
     """
 
     label: str
-    request: Request
+    request: RequestSource
     status: int
     contact: Mapping[str, Any] | None = None
     events: Sequence[str] = ()

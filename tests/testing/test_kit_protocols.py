@@ -71,13 +71,13 @@ WECHAT_SAFE = WebhookKit(
            "encoding_aes_key": wx.AES_KEY},
     inbound=_wechat_safe,
     bad=[
-        _wechat_safe("s1", "x", forge=True),
-        _wechat_safe("s2", "x", app_id="wx-someone-else"),  # encrypted for another account
-        Request(f"/chat/wechat/kit?{wx.wechat_query(int(time.time()))}",  # plain in safe mode
-                wx.text("x", create_time=int(time.time()), msg_id=3),
-                {"Content-Type": "text/xml"}),
-        Request(f"/chat/wechat/kit?{wx.wechat_query(int(time.time()))}", b"<xml><Encrypt",
-                {"Content-Type": "text/xml"}),
+        lambda: _wechat_safe("s1", "x", forge=True),
+        lambda: _wechat_safe("s2", "x", app_id="wx-someone-else"),  # for another account
+        lambda: Request(f"/chat/wechat/kit?{wx.wechat_query(int(time.time()))}",  # plain
+                        wx.text("x", create_time=int(time.time()), msg_id=3),
+                        {"Content-Type": "text/xml"}),
+        lambda: Request(f"/chat/wechat/kit?{wx.wechat_query(int(time.time()))}",
+                        b"<xml><Encrypt", {"Content-Type": "text/xml"}),
     ],
     secrets=[wx.TOKEN, wx.AES_KEY],
 )
@@ -393,7 +393,7 @@ async def test_the_durability_check_fails_an_adapter_that_answers_before_storing
 
 
 SAFE_CASES = [
-    WebhookCase("encrypted text", _wechat_safe("t1", "路灯坏了"), 200,
+    WebhookCase("encrypted text", lambda: _wechat_safe("t1", "路灯坏了"), 200,
                 contact={"text": "路灯坏了", "channel": "chat"}, events=["enqueued"]),
     WebhookCase("forged msg_signature", WECHAT_SAFE.bad[0], 403),
     WebhookCase("encrypted for another account", WECHAT_SAFE.bad[1], 403),
