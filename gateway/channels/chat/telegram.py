@@ -473,15 +473,11 @@ def _retry_after_s(exc: RetryAfter) -> float:
     return float(value) if isinstance(value, (int, float)) else 1.0
 
 
-def _factory(ctx: AdapterContext, config: TelegramConfig) -> TelegramAdapter:
-    return TelegramAdapter(ctx, config)
-
-
 CHANNEL: ChannelType[TelegramConfig] = ChannelType(
     name="telegram",
     channel="chat",
     config=TelegramConfig,
-    factory=_factory,
+    factory=TelegramAdapter,
     example={"token": "123456:ABC-DEF", "mode": "polling"},
     # core.telegram.org/bots/faq: about 30 messages a second per bot, one a second per chat
     send_rate=SendRate(per_second=30, burst=30, per_recipient=1),

@@ -426,10 +426,6 @@ class WeChatAdapter(PushAdapter):
 _IMAGE_TYPES: Final = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif"}
 
 
-def _factory(ctx: AdapterContext, config: WeChatConfig) -> WeChatAdapter:
-    return WeChatAdapter(ctx, config)
-
-
 def _check(config: WeChatConfig, key: str, settings: AdapterSettings) -> None:
     if config.mode == "plain":
         return
@@ -446,7 +442,7 @@ CHANNEL: ChannelType[WeChatConfig] = ChannelType(
     name="wechat",
     channel="chat",
     config=WeChatConfig,
-    factory=_factory,
+    factory=WeChatAdapter,
     check=_check,
     example={"app_id": "wx0123456789abcdef", "token": "change-me"},
     sender_contacts=SENDER_CONTACTS,

@@ -280,15 +280,11 @@ class WeiboAdapter(PushAdapter):
         raise SendError(f"error_code {code}", retryable=code in _RETRYABLE)
 
 
-def _factory(ctx: AdapterContext, config: WeiboConfig) -> WeiboAdapter:
-    return WeiboAdapter(ctx, config)
-
-
 CHANNEL: ChannelType[WeiboConfig] = ChannelType(
     name="weibo",
     channel="chat",
     config=WeiboConfig,
-    factory=_factory,
+    factory=WeiboAdapter,
     example={"app_secret": "change-me"},
     sender_contacts=SENDER_CONTACTS,
 )

@@ -298,15 +298,11 @@ def _check(config: EmailConfig, key: str, settings: AdapterSettings) -> None:
         )
 
 
-def _factory(ctx: AdapterContext, config: EmailConfig) -> EmailAdapter:
-    return EmailAdapter(ctx, config)
-
-
 CHANNEL: ChannelType[EmailConfig] = ChannelType(
     name="smtp",
     channel="email",
     config=EmailConfig,
-    factory=_factory,
+    factory=EmailAdapter,
     check=_check,
     example={"listen": "127.0.0.1:0", "mailboxes": ["12345@hotline.example.gov.cn"]},
 )

@@ -374,15 +374,11 @@ def _check(config: AsteriskConfig, key: str, settings: AdapterSettings) -> None:
             raise ConfigError([(where, f"not an address or network: {net!r}")]) from None
 
 
-def _factory(ctx: AdapterContext, config: AsteriskConfig) -> AsteriskAdapter:
-    return AsteriskAdapter(ctx, config)
-
-
 CHANNEL: ChannelType[AsteriskConfig] = ChannelType(
     name="asterisk",
     channel="voice",
     config=AsteriskConfig,
-    factory=_factory,
+    factory=AsteriskAdapter,
     example={"agi_listen": "127.0.0.1:0"},
     check=_check,
 )

@@ -326,14 +326,10 @@ class AppIntake:
         return form_to_body(fields)
 
 
-def _factory(ctx: AdapterContext, config: AppConfig) -> AppIntake:
-    return AppIntake(ctx, config)
-
-
 CHANNEL: ChannelType[AppConfig] = ChannelType(
     name="app",
     channel="web",
     config=AppConfig,
-    factory=_factory,
+    factory=AppIntake,
     example={"apps": {"citizen-ios": {"key": "change-me"}}},
 )

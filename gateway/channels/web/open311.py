@@ -507,15 +507,11 @@ class Open311:
         return self._render(fmt, "service_requests", "request", [row])
 
 
-def _factory(ctx: AdapterContext, config: Open311Config) -> Open311:
-    return Open311(ctx, config)
-
-
 CHANNEL: ChannelType[Open311Config] = ChannelType(
     name="open311",
     channel="web",
     config=Open311Config,
-    factory=_factory,
+    factory=Open311,
     example={"services": {"001": {"name": "Streetlight out"}}, "require_api_key": False},
 )
 
