@@ -817,7 +817,9 @@ async def test_two_instances_poll_one_bot_one_at_a_time_and_take_over(
         "api_base": bot_api.api_base,
         "file_base": bot_api.file_base,
     }
-    fleet = {"lease_ttl": "1s"}
+    # a TTL well above the loop lag of a busy test machine (both instances share this loop):
+    # with 1 s, a holder starved for a third of it kept its long poll open past the take-over
+    fleet = {"lease_ttl": "3s"}
     one = await start_gateway(adapters={"tg": table}, fleet=fleet)
     two = await start_gateway(adapters={"tg": table}, fleet=fleet)
     for i in range(5):
