@@ -117,7 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         die_with_parent(worker.parent)
         listeners.adopt(worker.sockets)
     settings, adapter_configs = load_settings(args.config, worker=worker)
-    setup_logging(settings.gateway.log_format, settings.gateway.log_level)
+    setup_logging(
+        settings.gateway.log_format,
+        settings.gateway.log_level,
+        worker=None if worker is None else worker.slot,
+    )
     try:
         import uvloop
 

@@ -16,7 +16,7 @@ _PHONE = re.compile(
 )
 """Digits that may be a phone number. Not when a ``.`` or a ``-<digit>`` follows or a ``.``
 precedes: Asterisk unique ids (``1732981234.17``) and stream ids (``1732981234567-0``)."""
-FIELDS = ("adapter", "contact_id", "event")
+FIELDS = ("adapter", "contact_id", "event", "worker")
 """Structured fields a log call may pass as ``extra={...}``; JSON lines carry them as keys."""
 _EMAIL = re.compile(r"([A-Za-z0-9])[A-Za-z0-9._%+\-]*@([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
 
@@ -85,14 +85,20 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def setup_logging(fmt: str = "plain", level: str = "INFO") -> None:
-    """Configure the root logger once: masking filter on the handler, plain or JSON lines."""
+def setup_logging(fmt: str = "plain", level: str = "INFO", worker: int | None = None) -> None:
+    """Configure the root logger once: masking filter on the handler, plain or JSON lines;
+    a worker of ``serve --workers N`` marks its lines (``w<K>``, JSON ``worker``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(MaskingFilter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        mark = "" if worker is None else f" w{worker}"
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s{mark} %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -100,6 +106,16 @@ def setup_logging(fmt: str = "plain", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for name, library_level in library_levels(root.level).items():
         logging.getLogger(name).setLevel(library_level)
+
+
+class _WorkerField(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
 
 
 def library_levels(root_level: int) -> dict[str, int]:

@@ -1,11 +1,13 @@
 """``gateway serve --workers N``'s parent: spool segments no worker would own are moved to one
 that will (a one-process run's ``spool/``, ``spool/worker-K`` beyond N, and back), and the
-merged ``/metrics`` keeps each family whole with a ``worker`` label per sample."""
+merged ``/metrics`` keeps each family whole with a ``worker`` label per sample; a worker's log
+lines say which worker."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.server.metrics import Metrics
@@ -65,3 +67,26 @@ def test_merged_metrics_label_every_sample_with_its_worker_and_keep_families_who
     assert sorted(received) == [("0", 3.0), ("1", 5.0)]
     type_lines = [x for x in merged.splitlines() if x.startswith("# TYPE ")]
     assert len(type_lines) == len(set(type_lines))  # one block per family, as the format asks
+
+
+def test_a_workers_log_lines_say_which_worker(capsys):
+    import logging
+
+    from gateway.server.logs import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        setup_logging("json", "INFO", worker=1)
+        logging.getLogger("gateway.test").info("json line")
+        setup_logging("plain", "INFO", worker=0)
+        logging.getLogger("gateway.test").info("plain line")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    json_line, plain_line = capsys.readouterr().err.splitlines()[-2:]
+    assert orjson.loads(json_line)["worker"] == "1"
+    assert " INFO w0 gateway.test: plain line" in plain_line
