@@ -124,7 +124,7 @@ class EmbeddedRedis:
         self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dir.mkdir(exist_ok=True, mode=0o700)
         if self._socket_dir is not None:
-            _private_dir(self._socket_dir)
+            own_private_dir(self._socket_dir)
         for left in self.leftover_pids():
             log.warning(
                 "embedded redis: a server (pid %d) outlived the process that started it on "
@@ -350,7 +350,7 @@ def _answers(socket: Path) -> bool:
         client.close()
 
 
-def _private_dir(path: Path) -> None:
+def own_private_dir(path: Path) -> None:
     """Create ``path`` 0700 or check that an existing one is ours and private."""
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)

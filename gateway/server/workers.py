@@ -366,7 +366,7 @@ class WorkerPool:
 async def serve_workers(config_path: str | None, settings: Settings, count: int) -> int:
     """The parent of ``gateway serve --workers N`` (N > 1): see the module docstring."""
     from gateway import __version__
-    from gateway.queueing.embedded import EmbeddedRedis
+    from gateway.queueing.embedded import EmbeddedRedis, own_private_dir
     from gateway.server import permissions
     from gateway.server.listeners import bind_slots
     from gateway.server.metrics import Metrics
@@ -382,7 +382,7 @@ async def serve_workers(config_path: str | None, settings: Settings, count: int)
     try:
         permissions.enforce(data_dir, settings.gateway.permissions)
         adopt_spools(data_dir, count)
-        run_dir(data_dir).mkdir(exist_ok=True, mode=0o700)  # the workers' sockets
+        own_private_dir(run_dir(data_dir))  # the workers' sockets: ours alone, even in /tmp
         listen: list[tuple[tuple[str, ...], str]] = []
         for path, address in listener_addresses(settings):
             slots = bind_slots(address.host, address.port, count)
