@@ -188,3 +188,19 @@ async def test_sender_limit_per_medium_shared_senders_and_per_adapter(
     assert await weibo("/chat/weibo-strict", 11, "5002") != 200
     texts = [c.text for c in await gw.read_contacts() if c.adapter == "wb1"]
     assert texts == ["井盖10"]
+
+
+async def test_stop_closes_an_idle_keep_alive_connection_at_once(start_gateway: Any) -> None:
+    """A client that keeps its connection open after a request (keep-alive, as aiohttp's
+    and every provider's client pool does) does not hold the gateway's stop: the server
+    closes the idle connection as it stops (the keep-alive timeout is 30 s: any wait for it
+    would be the bounded read's 20 s failing this test)."""
+    gw = await start_gateway(limits={"keepalive_timeout": "60s"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await gw.stop()
+    rest = await _closed_by_server(reader)
+    assert b"HTTP/1.1" not in rest  # nothing more was answered: the connection just closed
+    writer.close()
