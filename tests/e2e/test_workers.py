@@ -52,7 +52,7 @@ listen = "127.0.0.1:{http}"
 open_to_loopback = true
 
 [fleet]
-lease_ttl = "3s"
+lease_ttl = "6s"  # a 2 s Redis outage costs no lease; a killed holder's is taken over
 
 [limits]
 sender_contacts = 0
@@ -273,13 +273,19 @@ file_base = "{bot.file_base}"
             n += 1
             acked.append(await call(gw.agi, n))
 
+    leases_seen = asyncio.Event()
+    singletons = {"watcher", "surge", f"telegram:{BOT_ID}"}
+    held_now: Counter[str] = Counter()
+
     async def watch_leases() -> None:
-        while not stop.is_set():
+        while not leases_seen.is_set():
             seen: Counter[str] = Counter()
             for detail in await asyncio.gather(gw.worker(0), gw.worker(1)):
                 seen.update((detail or {}).get("leases", {}).keys())
             for name, count in seen.items():
                 holders[name] = max(holders[name], count)
+            held_now.clear()
+            held_now.update(seen)
             await asyncio.sleep(0.1)
 
     async def spooled(slot: int) -> bool:
@@ -291,7 +297,7 @@ file_base = "{bot.file_base}"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             load = [asyncio.create_task(web(n, session)) for n in range(4)]
             load += [asyncio.create_task(mails()), asyncio.create_task(calls())]
-            load.append(asyncio.create_task(watch_leases()))
+            watcher = asyncio.create_task(watch_leases())
             await asyncio.sleep(1.0)
             own_redis.kill_sync()
             await eventually(lambda: spooled(0), timeout_s=30, step_s=0.1)
@@ -311,15 +317,19 @@ file_base = "{bot.file_base}"
             )
 
         await eventually(replaced_and_drained, timeout_s=60, step_s=0.2)
+        # the killed worker's leases taken over: each singleton held by one worker again
+        await eventually(lambda: singletons <= set(held_now), timeout_s=60, step_s=0.2)
+        leases_seen.set()
+        await watcher
         assert not list((gw.data_dir / "spool" / "worker-0").glob("segment-*.log"))
         taken = [contact_id for contact_id in acked if contact_id]
         on_stream = await stream_ids(own_redis.url)
         assert not set(taken) - set(on_stream), "acknowledged but not on the stream"
         assert max(on_stream.values()) == 1
-        assert {"watcher", "surge", f"telegram:{BOT_ID}"} <= set(holders)
         assert max(holders.values()) == 1, holders
         assert gw.stop() == 0
     finally:
+        leases_seen.set()
         gw.kill()
         await bot.stop()
 
