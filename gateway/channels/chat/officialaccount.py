@@ -406,6 +406,23 @@ class Decoded:
     passive: Callable[[str], web.Response]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushConfig:
+    """The keys of ``[adapters.NAME]`` both platforms' push adapters have."""
+
+    path: str = ""
+    """Webhook path on the gateway's HTTP server; default ``/chat/<type>/<name>``."""
+    verify: bool = True
+    """Check signatures; turn off only behind a proxy that already does."""
+    timestamp_window: Duration = WINDOW
+    auto_ack: str = ""
+    """A passive text reply sent with every accepted message (stamps ``acknowledged``)."""
+    event_contacts: bool = True
+    """Subscribe / follow events (and their opposites) become contacts (``meta.event``)."""
+    api_base: str = ""
+    """The platform's API host (its calls go through ``[egress] proxy`` unless bypassed)."""
+
+
 class PushAdapter:
     """The webhook half both platforms share: URL verification, signed pushes, passive replies.
 
@@ -418,29 +435,18 @@ class PushAdapter:
     events: frozenset[str] = frozenset()
     """Event names that become contacts (others are answered and ignored)."""
 
-    def __init__(
-        self,
-        ctx: AdapterContext,
-        *,
-        path: str,
-        secret: str,
-        verify: bool,
-        window_s: float,
-        auto_ack: str,
-        event_contacts: bool,
-        max_body: int = MAX_BODY,
-        api_base: str = "",
-    ) -> None:
+    def __init__(self, ctx: AdapterContext, config: PushConfig, *, secret: str,
+                 max_body: int = MAX_BODY) -> None:
         self.ctx = ctx
-        self.api_base = api_base
-        """The provider's API host: its calls go through ``[egress] proxy`` unless bypassed."""
+        self.api_base = config.api_base
         self.name = ctx.name
+        path = config.path or f"/chat/{self.scheme}/{ctx.name}"
         self.path = path
         self.secret = secret
-        self.verify = verify
-        self.window_s = window_s
-        self.auto_ack = auto_ack
-        self.event_contacts = event_contacts
+        self.verify = config.verify
+        self.window_s = float(config.timestamp_window)
+        self.auto_ack = config.auto_ack
+        self.event_contacts = config.event_contacts
         self.max_body = max_body
         self._session: aiohttp.ClientSession | None = None
         ctx.router.add_route("GET", path, self.handle_verify)
@@ -583,6 +589,7 @@ __all__ = [
     "MessageCrypto",
     "PayloadError",
     "PushAdapter",
+    "PushConfig",
     "PushMessage",
     "SignatureError",
     "TokenError",

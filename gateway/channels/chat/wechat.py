@@ -20,12 +20,12 @@ from aiohttp import web
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.chat import SENDER_CONTACTS
 from gateway.channels.chat.officialaccount import (
-    WINDOW,
     AccessToken,
     Decoded,
     MessageCrypto,
     PayloadError,
     PushAdapter,
+    PushConfig,
     PushMessage,
     SignatureError,
     TokenError,
@@ -61,9 +61,9 @@ _EXTENSIONS: Final = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class WeChatConfig:
-    """``[adapters.NAME]`` with ``type = "wechat"``."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeChatConfig(PushConfig):
+    """``[adapters.NAME]`` with ``type = "wechat"`` (and ``PushConfig``'s keys)."""
 
     app_id: str
     token: Secret
@@ -73,15 +73,6 @@ class WeChatConfig:
     encoding_aes_key: Secret | None = None
     """EncodingAESKey (43 characters): needed in compatible and safe mode."""
     mode: Literal["plain", "compatible", "safe"] = "plain"
-    path: str = ""
-    """Webhook path on the gateway's HTTP server; default ``/chat/wechat/<name>``."""
-    verify: bool = True
-    """Check signatures; turn off only behind a proxy that already does."""
-    timestamp_window: Duration = WINDOW
-    auto_ack: str = ""
-    """A passive text reply sent with every accepted message (stamps ``acknowledged``)."""
-    event_contacts: bool = True
-    """subscribe / unsubscribe events become contacts (``meta.event``)."""
     api_base: str = "https://api.weixin.qq.com"
     stable_token: bool = True
     """Fetch tokens from /cgi-bin/stable_token, which does not invalidate the token held by other
@@ -190,16 +181,7 @@ class WeChatAdapter(PushAdapter):
             self.crypto = MessageCrypto(
                 config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
             )
-        super().__init__(
-            ctx,
-            path=config.path or f"/chat/wechat/{ctx.name}",
-            secret=config.token.reveal(),
-            verify=config.verify,
-            window_s=float(config.timestamp_window),
-            auto_ack=config.auto_ack,
-            event_contacts=config.event_contacts,
-            api_base=config.api_base,
-        )
+        super().__init__(ctx, config, secret=config.token.reveal())
         self.access_token = AccessToken(self._fetch_token)
         self._force_refresh = False
         self._progress = SentParts()

@@ -23,10 +23,10 @@ from aiohttp import web
 from gateway.adapters import AdapterContext, ChannelType, SendError, SendReceipt
 from gateway.channels.chat import SENDER_CONTACTS
 from gateway.channels.chat.officialaccount import (
-    WINDOW,
     Decoded,
     PayloadError,
     PushAdapter,
+    PushConfig,
     PushMessage,
     call_json,
     parse_xml,
@@ -35,7 +35,7 @@ from gateway.channels.chat.officialaccount import (
 from gateway.contact import safejson
 from gateway.contact.clock import from_datetime
 from gateway.records import Contact, Reply
-from gateway.server.config import Duration, Secret
+from gateway.server.config import Secret
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +44,15 @@ _RETRYABLE: Final = frozenset({10001, 10009, 10022, 10023, 10024})
 """System error, task too busy, IP/user/app request rate limits: try later."""
 
 
-@dataclass(frozen=True, slots=True)
-class WeiboConfig:
-    """``[adapters.NAME]`` with ``type = "weibo"``."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeiboConfig(PushConfig):
+    """``[adapters.NAME]`` with ``type = "weibo"`` (and ``PushConfig``'s keys)."""
 
     app_secret: Secret
     """The App Secret that signs URL verification and every push."""
     access_token: Secret | None = None
     """The fan service access token of the account (for the customer-service message API)."""
     format: Literal["json", "xml"] = "json"
-    path: str = ""
-    """Webhook path on the gateway's HTTP server; default ``/chat/weibo/<name>``."""
-    verify: bool = True
-    timestamp_window: Duration = WINDOW
-    auto_ack: str = ""
-    event_contacts: bool = True
-    """follow / unfollow / subscribe / unsubscribe events become contacts (``meta.event``)."""
     api_base: str = "https://m.api.weibo.com"
 
 
@@ -222,16 +215,7 @@ class WeiboAdapter(PushAdapter):
 
     def __init__(self, ctx: AdapterContext, config: WeiboConfig) -> None:
         self.config = config
-        super().__init__(
-            ctx,
-            path=config.path or f"/chat/weibo/{ctx.name}",
-            secret=config.app_secret.reveal(),
-            verify=config.verify,
-            window_s=float(config.timestamp_window),
-            auto_ack=config.auto_ack,
-            event_contacts=config.event_contacts,
-            api_base=config.api_base,
-        )
+        super().__init__(ctx, config, secret=config.app_secret.reveal())
 
     def decode(self, query: Mapping[str, str], body: bytes) -> Decoded:
         self.check(query)
