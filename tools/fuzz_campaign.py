@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -553,7 +553,8 @@ async def run_smtp_protocol(seconds: float, max_inputs: int, hang_s: float, rng:
 
 
 async def run_sockets(seconds: float, hang_s: float, rng: random.Random, concurrency: int,
-                      redis_url: str = "", prefix: str = "fuzz") -> list[dict[str, Any]]:
+                      redis_url: str = "", prefix: str = "fuzz",
+                      only: Collection[str] = ()) -> list[dict[str, Any]]:
     import aiohttp
 
     from gateway.server.config import parse_settings
@@ -605,10 +606,15 @@ async def run_sockets(seconds: float, hang_s: float, rng: random.Random, concurr
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=hang_s)) as http:
             for name, path, headers, seed in http_targets:
+                if only and name not in only:
+                    continue
                 results.append(await _http_campaign(http, port, name, path, headers, seed,
                                                     seconds, rng, concurrency))
-        results.append(await _smtp_campaign(gw.adapters["mail"].port, seconds, hang_s, rng))
-        results.append(await _agi_campaign(gw.adapters["pbx"].server.port, seconds, hang_s, rng))
+        if not only or "smtp commands + DATA" in only:
+            results.append(await _smtp_campaign(gw.adapters["mail"].port, seconds, hang_s, rng))
+        if not only or "fastagi header blocks" in only:
+            results.append(await _agi_campaign(gw.adapters["pbx"].server.port, seconds, hang_s,
+                                               rng))
     finally:
         await gw.stop()
     return results
