@@ -282,16 +282,17 @@ class AsteriskAdapter:
         await self.tracker.on_reconnect()
 
     async def _channels(self, live: dict[str, Frame]) -> None:
-        """The channel list after a (re)connect; then the calls queue_log saw meanwhile."""
-        await self.tracker.reconcile(live)
-        if self.queue_log is None:
-            return
-        try:
-            lines = await self.queue_log.read()
-            await self.tracker.recover(parse(lines).values(), set(live))
-            self._log_read = True
-        except Exception:
-            log.exception("queue_log recovery failed; tried again at the next reconnect")
+        """The channel list after a (re)connect, with the calls queue_log saw meanwhile."""
+        lines: list[str] = []
+        read = False
+        if self.queue_log is not None:
+            try:
+                lines = await self.queue_log.read()
+                read = True
+            except Exception:
+                log.exception("queue_log not read; tried again at the next reconnect")
+        await self.tracker.reconcile(live, parse(lines).values())
+        self._log_read = read
 
     async def _sweep(self) -> None:
         interval = max(0.05, min(1.0, float(self.config.settle) / 2 or 1.0))

@@ -169,10 +169,19 @@ class AmiClient:
     async def stop(self) -> None:
         """Close the link and stop reconnecting."""
         task, self._task = self._task, None
-        if task is not None:
+        tries = 0
+        while task is not None and not task.done():
+            # cancelled again until it ends: a cancellation that meets a completing await
+            # (a shielded write, a timeout) can be swallowed on Python 3.11, and the link
+            # would then run on with nobody waiting for it
+            if tries:
+                log.warning("AMI link still running after a cancellation; cancelled again")
+            tries += 1
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
         self.connected.clear()
 
     async def _run(self) -> None:

@@ -398,12 +398,16 @@ class CallTracker:
         if self.calls:
             log.info("AMI connected with %d calls open", len(self.calls))
 
-    async def reconcile(self, live: Mapping[str, Frame] | set[str]) -> None:
+    async def reconcile(
+        self, live: Mapping[str, Frame] | set[str], logged: Iterable[LoggedCall] = ()
+    ) -> None:
         """Rebuild from the channel list taken after a (re)connect (``Status`` entries).
 
         Calls found there that this tracker did not know are followed from now on (a contact is
         made for those in a queue without one); a caller found in a bridge was answered while
-        nobody watched; calls not found there ended while nobody watched.
+        nobody watched; calls not found there ended while nobody watched: their outcome comes
+        from ``logged`` (the queue_log's calls, see ``recover``) when it has them, else they are
+        closed ``settle`` later.
         """
         now = self.clock.now_us()
         entries: Mapping[str, Frame] = (
@@ -440,6 +444,7 @@ class CallTracker:
                 continue
             if call.gone_at is None and call.missing_us is None:
                 call.missing_us = now  # closed by the sweep unless its hangup comes in late
+        await self.recover(logged, entries)
         if self.settle_us <= 0:
             await self.sweep()
         await self.flush()

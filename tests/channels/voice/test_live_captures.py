@@ -5,6 +5,7 @@ replayed over TCP into a gateway on real Redis."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
@@ -20,6 +21,7 @@ from tests.channels.voice.fakes import (
 )
 from tests.channels.voice.test_ami import events_of, of_type, voice_with_ami
 from tests.channels.voice.test_dial import outcome, reply
+from tests.channels.voice.test_queue_log import DOWN, HISTORY, ROUTING
 from tests.channels.voice.test_restarts import callbacks_of
 
 S = MICROS_PER_SECOND
@@ -131,3 +133,45 @@ async def test_dialled_callback_answered_and_not_answered(start_gateway: Any) ->
     assert "no answer" in str(failed.detail)
     # the citizen called back, waiting in [callbacks]' queue, is not a new call
     assert [c.external_id for c in await gw.read_contacts()] == ["1795594483.1"]
+
+
+async def test_calls_that_never_reached_fastagi_and_an_end_seen_only_in_queue_log(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """``live_agi_failed.ami``: what AMI showed of three calls made while no gateway served
+    FastAGI (both killed; the dialplan's fail path queued them): one to ``hotline`` whose end
+    the capture missed, one abandoned after 5 s, one answered. Each gets a contact from AMI
+    stamped with ``GATEWAY_ARRIVED``; the first one's end comes from ``queue_log`` (the same
+    live run's lines) at the next reconnect, and nothing is made twice."""
+    log = tmp_path / "queue_log"
+    log.write_text(HISTORY)
+    ami = FakeAmi([], live_channels=[])
+    gw = await voice_with_ami(start_gateway, ami, FixedClock(1_796_092_537 * S),
+                              queue_log=str(log), **ROUTING)
+    adapter = gw.adapters["asterisk"]
+    await until(lambda: adapter._log_read, 30)  # type: ignore[attr-defined]
+    await replay(gw, ami, [(ami_fixture("live_agi_failed.ami"), False)])
+    await events_of(gw, "answered", timeout=30)
+    contacts = await gw.read_contacts()
+    calls = {c.external_id: c for c in contacts if not c.meta.get("callback")}
+    assert sorted(calls) == ["1796092499.37", "1796092501.39", "1796092535.41"]
+    for c in calls.values():
+        assert c.meta["reached_agi"] is False and c.meta["source"] == "ami"
+    assert calls["1796092535.41"].received_at == 1_796_092_535_441_962  # GATEWAY_ARRIVED
+    (answer,) = await events_of(gw, "answered")
+    assert (answer.contact_id, answer.at) == (calls["1796092535.41"].id, 1_796_092_535_444_898)
+    assert (answer.elapsed_ms, answer.met) == (2, True)
+
+    with log.open("a") as f:  # what Asterisk logged meanwhile
+        f.write(DOWN)
+    await replay(gw, ami, [])  # a reconnect: the waiting call is gone from the channel list
+    abandoned = await events_of(gw, "abandoned", 2, timeout=30)
+    assert [(e.contact_id, e.at) for e in abandoned] == [
+        (calls["1796092501.39"].id, 1_796_092_506_924_483),  # the caller's side hung up
+        (calls["1796092499.37"].id, 1_796_092_529 * S),  # queue_log's ABANDON
+    ]
+    assert abandoned[1].detail["via"] == "queue_log"
+    assert of_type(await gw.read_events(), "closed") == []
+    callbacks = await callbacks_of(gw, 2)
+    assert len(callbacks) == 2
+    assert len(of_type(await gw.read_events(), "answered")) == 1
