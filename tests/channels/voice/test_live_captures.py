@@ -149,7 +149,7 @@ async def test_calls_that_never_reached_fastagi_and_an_end_seen_only_in_queue_lo
     gw = await voice_with_ami(start_gateway, ami, FixedClock(1_796_092_537 * S),
                               queue_log=str(log), **ROUTING)
     adapter = gw.adapters["asterisk"]
-    await until(lambda: adapter._log_read, 30)  # type: ignore[attr-defined]
+    await eventually(lambda: adapter._log_read, 30)  # type: ignore[attr-defined]
     await replay(gw, ami, [(ami_fixture("live_agi_failed.ami"), False)])
     await events_of(gw, "answered", timeout=30)
     contacts = await gw.read_contacts()
