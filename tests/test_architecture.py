@@ -185,7 +185,9 @@ def test_the_graph_is_read() -> None:
 
 
 def test_no_import_cycles() -> None:
-    assert [c for c in cycles(graph()) if tuple(c) not in KNOWN_CYCLES] == []
+    found = [tuple(c) for c in cycles(graph())]
+    assert [c for c in found if c not in KNOWN_CYCLES] == []
+    assert [c for c in KNOWN_CYCLES if c not in found] == [], "mended: drop it from KNOWN_CYCLES"
 
 
 def test_role_packages_are_layered() -> None:
