@@ -186,6 +186,9 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             umask=0o077,  # its data files 0600, folders 0700
+            # its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) stops
+            # the gateway, which drains into Redis and then stops the server itself
+            process_group=0,
             preexec_fn=_die_with(os.getpid()),
         )
         tmp = self.pidfile.with_suffix(".tmp")

@@ -87,6 +87,7 @@ class Workers:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                process_group=0,  # a group of its own, as a shell's job: Ctrl-C is killpg
             )
 
     def tail(self) -> str:
@@ -215,6 +216,28 @@ async def test_two_workers_share_each_port_and_sigterm_leaves_no_process(tmp_pat
         assert gw.stop() == 0
         for pid in children:
             assert not Path(f"/proc/{pid}").exists(), f"pid {pid} outlived the parent"
+    finally:
+        gw.kill()
+
+
+async def test_ctrl_c_stops_the_workers_then_valkey_and_leaves_no_process(tmp_path):
+    """A terminal's Ctrl-C is SIGINT to the whole foreground process group: the parent, its
+    workers and (before the fix) the embedded Valkey, which then died under the draining
+    workers and was restarted by the parent's supervisor mid-shutdown (an ERROR traceback on
+    every `make run` stopped with Ctrl-C). Valkey has its own group: the parent stops it last."""
+    gw = Workers(tmp_path)
+    gw.start()
+    try:
+        await gw.wait_serving()
+        children = gw.children()
+        assert len(children) == 3
+        assert gw.proc is not None
+        os.killpg(gw.proc.pid, signal.SIGINT)
+        assert gw.proc.wait(timeout=90) == 0, gw.tail()
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists(), f"pid {pid} outlived the parent"
+        log = gw.log.read_text(errors="replace")
+        assert "embedded-redis failed" not in log and "started again" not in log, gw.tail()
     finally:
         gw.kill()
 
