@@ -12,7 +12,7 @@ gateway reaches the outside:
 ``SendLimiter`` spaces replies per adapter: ``send_rate`` per second overall (a token bucket of
 ``send_burst``) and ``send_rate_per_recipient`` per citizen address; channel types declare their
 provider's documented limits as defaults (Telegram: 30 messages a second per bot, one a second
-per chat).
+per chat). The rates are per instance; each of N workers of one instance sends at 1/N of them.
 """
 
 from __future__ import annotations
@@ -87,6 +87,18 @@ class SendRate:
     burst: int = 1
     per_recipient: float = 0.0
     """Sends a second to one citizen address (one chat)."""
+
+    def shared(self, processes: int) -> SendRate:
+        """One process's part when ``processes`` send through the adapter together (the workers
+        of ``gateway serve --workers N``, each taking any reply): rates and burst divided, so
+        the provider sees at most the configured rate from the host."""
+        if processes <= 1:
+            return self
+        return SendRate(
+            self.per_second / processes,
+            max(1, self.burst // processes),
+            self.per_recipient / processes,
+        )
 
 
 class TokenBucket:

@@ -223,7 +223,11 @@ class Gateway:
             s.replies,
             self.instance,
             limiters={
-                name: SendLimiter(send_rate_of(table, channel_types[table["type"]].send_rate))
+                name: SendLimiter(
+                    send_rate_of(table, channel_types[table["type"]].send_rate).shared(
+                        self.worker.count if self.worker else 1
+                    )
+                )
                 for name, table in s.adapters.items()
             },
         )

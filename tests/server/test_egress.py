@@ -6,6 +6,7 @@ client sends to a proxy for an http:// URL) by forwarding them and counts what i
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,9 @@ from gateway.adapters import SendError
 from gateway.records import Reply
 from gateway.server.config import ConfigError, EgressSection
 from gateway.server.egress import SendLimiter, SendRate, bypassed, proxy_for
+from gateway.server.runtime import Gateway
+from gateway.server.workers import WorkerRole, run_dir
+from gateway.testing.plugin import settings_for
 from tests.channels.sms.fakes import Answer, FakeProvider, running
 
 
@@ -144,3 +148,25 @@ async def test_send_rate_keys_on_any_adapter_and_telegram_defaults(start_gateway
     with pytest.raises(ConfigError, match="send_rate"):
         await start_gateway(adapters={"k": {"type": "kannel", "allow_from": ["127.0.0.1"],
                                             "send_rate": "fast"}})
+
+
+async def test_the_workers_of_one_instance_share_its_send_rate(
+    tmp_path: Any, redis_url: str, prefix: str
+) -> None:
+    """Every worker of ``serve --workers N`` sends replies of every adapter: with the full rate
+    each, a Telegram bot sent N x 30 a second and N a second to one chat (Telegram answers 429)."""
+    settings, configs = settings_for(tmp_path / "gw", redis_url, prefix, adapters={
+        "bot": {"type": "telegram", "token": "123456:ABC-DEF", "mode": "webhook",
+                "api_base": "http://127.0.0.1:9/bot", "file_base": "http://127.0.0.1:9/file/bot"},
+    })
+    run_dir(settings.gateway.data_dir.resolve()).mkdir(parents=True)
+    worker = WorkerRole(slot=0, count=3, parent=os.getpid(), redis_url=redis_url)
+    gw = Gateway(settings, configs, worker=worker)
+    await gw.start()
+    try:
+        assert gw.replies is not None
+        assert gw.replies.limiters["bot"].rate == SendRate(10, 10, 1 / 3)
+    finally:
+        await gw.stop()
+    assert SendRate(5, 1, 0.5).shared(1) == SendRate(5, 1, 0.5)
+    assert SendRate(5, 1, 0.5).shared(4) == SendRate(1.25, 1, 0.125)
