@@ -381,7 +381,16 @@ class TelegramAdapter:
             for update in chain:
                 try:
                     await self.take(update, received_at)
-                except Exception as exc:  # Refused, or a disk error storing a file
+                except Refused as exc:
+                    if exc.status != 400:  # not durable now: the chain waits for the next poll
+                        log.warning("%s: update %d not taken (%s); it stays unconfirmed",
+                                    self.name, update.update_id, exc)
+                        return
+                    # Intake can never take it: confirming it is the only way the chat's
+                    # later updates are ever taken (as a webhook answers it 400)
+                    log.warning("%s: update %d refused for good (%s); skipped",
+                                self.name, update.update_id, exc.reason)
+                except Exception as exc:  # a disk error storing a file
                     log.warning(
                         "%s: update %d not taken (%s); it stays unconfirmed",
                         self.name,

@@ -5,6 +5,7 @@ Weibo's customer-service APIs. Each runs on an ephemeral loopback port and recor
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,8 +45,9 @@ class LocalServer:
 
 
 def _ok(result: Any) -> web.Response:
+    # the stdlib's encoder: it writes any string, a lone surrogate as its \ud8xx escape
     return web.Response(
-        body=orjson.dumps({"ok": True, "result": result}), content_type="application/json"
+        body=json.dumps({"ok": True, "result": result}).encode(), content_type="application/json"
     )
 
 

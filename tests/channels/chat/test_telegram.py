@@ -870,3 +870,21 @@ async def test_an_update_with_a_message_but_no_chat_is_ignored_never_500(
     update = {"update_id": 77, "message": {"message_id": 1, "date": 1795594480, "text": "x"}}
     assert await _post(gw, update) == 200
     assert await gw.read_contacts() == []
+
+
+async def test_polling_skips_an_update_intake_can_never_take_and_goes_on_with_its_chat(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    # A venue whose title holds a lone surrogate (valid JSON escape, no valid UTF-8): Intake
+    # refuses its contact as not encodable (400). It was left unconfirmed, and every later
+    # update of its chat waited behind it for ever.
+    venue = {"location": {"latitude": 31.2, "longitude": 121.4}, "title": "\ud800", "address": ""}
+    bot_api.push({"update_id": 400, "message": message(95, venue=venue)})
+    bot_api.push({"update_id": 401, "message": message(96, text="second")})
+    table = {
+        "type": "telegram", "token": BOT_TOKEN, "mode": "polling", "poll_timeout": "1s",
+        "api_base": bot_api.api_base, "file_base": bot_api.file_base,
+    }
+    gw = await start_gateway(adapters={"tg": table})
+    await eventually(lambda: 402 in bot_api.offsets, timeout_s=30)
+    assert [c.text for c in await gw.read_contacts()] == ["second"]
