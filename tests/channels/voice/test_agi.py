@@ -398,3 +398,22 @@ def test_sample_dialplan_fallback_keeps_the_gateway_routing() -> None:
     assert "${GLOBAL(QUEUE_${EXTEN})}" in text
     queues = (root / "deploy/asterisk/queues.conf").read_text()
     assert all(f"[{q}]" in queues for q in found.values())
+
+
+def test_sample_queue_login_adds_nothing_from_a_channel_that_is_no_seat() -> None:
+    """Defect (found live on Asterisk 22.10.1 with a Local channel): ``*45`` from a channel
+    that is not a PJSIP endpoint added the Invalid member ``PJSIP/`` and played
+    ``agent-loginok``. The codes now check the endpoint name before adding or removing."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[3] / "deploy/asterisk/extensions.conf").read_text()
+    agents = text.split("\n[agents]\n", 1)[1].split("\n[", 1)[0]
+    steps = [line.split("=>", 1)[1].strip() for line in agents.splitlines()
+             if line.lstrip().startswith(("exten", "same"))]
+    for code, app in (("*45", "AddQueueMember"), ("*46", "RemoveQueueMember")):
+        at = steps.index(f"{code},1,Set(SEAT=${{CHANNEL(endpoint)}})")
+        assert steps[at + 1] == 'n,GotoIf($["${SEAT}" = ""]?noseat,1)'
+        assert steps[at + 2].startswith(f"n,{app}(") and "PJSIP/${SEAT}" in steps[at + 2]
+    assert "${CHANNEL(endpoint)}" not in "".join(s for s in steps if "QueueMember" in s)
+    assert any(s.startswith("noseat,1,Log(WARNING,") for s in steps)
+    assert not any(";" in s for s in steps)  # a ';' would start a comment in extensions.conf
