@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.queueing.keys import Keys
-from gateway.queueing.store import RedisClient
+from gateway.queueing.store import Pseudonyms, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -427,15 +427,24 @@ class SharedState:
     use. ``fence`` (from ``Leases.exclusive``) makes a write conditional on still holding it.
     """
 
-    def __init__(self, redis: RedisClient, keys: Keys, scope: str) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, scope: str, pseudonyms: Pseudonyms | None = None
+    ) -> None:
         self.keys = keys
         self.scope = scope
         self._scripts = _Scripts(redis)
         self.redis = redis
+        self.pseudonyms = pseudonyms or Pseudonyms(redis, keys)
 
     def scoped(self, scope: str) -> SharedState:
         """The same store under another scope (e.g. shared by the adapters of one provider)."""
-        return SharedState(self.redis, self.keys, scope)
+        return SharedState(self.redis, self.keys, scope, self.pseudonyms)
+
+    async def private(self, address: str) -> str:
+        """What a key names instead of a citizen's address (a full phone number, an e-mail
+        address): the fleet's keyed pseudonym of it (``Pseudonyms``), as the intake's keys."""
+        await self.pseudonyms.load()
+        return self.pseudonyms.of(address)
 
     def _key(self, key: str) -> str:
         return self.keys.state(self.scope, key)

@@ -166,6 +166,38 @@ _CLEARS: dict[str, frozenset[str]] = {
 }
 
 
+class Pseudonyms:
+    """What key names hold instead of a citizen's address (a full phone number, an e-mail
+    address): a keyed hash, so that listing the keys (``SCAN``, ``--bigkeys``, an exporter)
+    shows no number and one cannot find a number's keys by hashing guesses without the key.
+    The key is the fleet's, in Redis (``{p}:pseudonym-key``); the first instance makes it."""
+
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._key: bytes | None = None
+
+    async def load(self, *, again: bool = False) -> None:
+        """Read the fleet's key. ``again`` (after a restart of the server, which may have lost
+        it): offer the one in use, so the fleet keeps one key."""
+        if self._key is not None and not again:
+            return
+        name = self.keys.pseudonym_key
+        offer = self._key or secrets.token_hex(32).encode()
+        await self.redis.set(name, offer, nx=True)
+        value = await self.redis.get(name)
+        self._key = value if isinstance(value, bytes) else str(value).encode()
+
+    def of(self, address: str) -> str:
+        """The pseudonym of ``address``; empty for an empty address. ``load`` first."""
+        if not address:
+            return ""
+        if self._key is None:
+            raise RuntimeError("pseudonym key not loaded")
+        data = address.encode("utf-8", "surrogatepass")
+        return "p" + hmac.new(self._key, data, hashlib.sha256).hexdigest()[:32]
+
+
 class RedisQueue:
     """Writes contacts and events with server-side scripts; every key under one hash tag."""
 
@@ -205,7 +237,7 @@ class RedisQueue:
         self.sender_exempt = frozenset(sender_exempt)
         self.adapter_limit = adapter_limit
         self._shas: dict[str, str] = {}
-        self._pseudonym_key: bytes | None = None
+        self.pseudonyms = Pseudonyms(client, keys)
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), and
@@ -214,28 +246,12 @@ class RedisQueue:
         await self.load_pseudonym_key(again=True)
 
     async def load_pseudonym_key(self, *, again: bool = False) -> None:
-        """Read the key that turns a sender's address into the part of a key name that stands
-        for it (``pseudonym``); the first instance makes it. ``again`` (after a restart of the
-        server, which may have lost it): offer the one in use, so the fleet keeps one key."""
-        if self._pseudonym_key is not None and not again:
-            return
-        name = self.keys.pseudonym_key
-        offer = self._pseudonym_key or secrets.token_hex(32).encode()
-        await self.redis.set(name, offer, nx=True)
-        value = await self.redis.get(name)
-        self._pseudonym_key = value if isinstance(value, bytes) else str(value).encode()
+        """``Pseudonyms.load``."""
+        await self.pseudonyms.load(again=again)
 
     def pseudonym(self, address: str) -> str:
-        """What key names hold instead of a sender's address (a full phone number, an e-mail
-        address): a keyed hash, so that listing the keys (``SCAN``, ``--bigkeys``, an exporter)
-        shows no number and one cannot find a number's keys by hashing guesses without the key.
-        Empty for an empty address. ``load_pseudonym_key`` first."""
-        if not address:
-            return ""
-        if self._pseudonym_key is None:
-            raise RuntimeError("pseudonym key not loaded")
-        data = address.encode("utf-8", "surrogatepass")
-        return "p" + hmac.new(self._pseudonym_key, data, hashlib.sha256).hexdigest()[:32]
+        """``Pseudonyms.of``: what key names hold instead of a sender's address."""
+        return self.pseudonyms.of(address)
 
     async def ping(self) -> bool:
         """True when the server answers."""

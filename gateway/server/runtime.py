@@ -289,7 +289,7 @@ class Gateway:
 
     def state_for(self, scope: str) -> SharedState:
         """Shared state with expiry under one scope (an adapter's name)."""
-        return SharedState(self.redis, self.keys, scope)
+        return SharedState(self.redis, self.keys, scope, self.queue.pseudonyms)
 
     async def _warn_if_not_durable(self) -> None:
         """Say so when the server may lose what it acknowledged (CONFIG may be disabled)."""

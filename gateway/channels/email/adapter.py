@@ -181,7 +181,9 @@ class EmailAdapter:
         address = to.lower()
         try:
             return await self.ctx.state.admit(
-                f"ack:{address}", ack.per_sender_limit, float(ack.per_sender_window)
+                f"ack:{await self.ctx.state.private(address)}",  # no address in key names
+                ack.per_sender_limit,
+                float(ack.per_sender_window),
             )
         except Exception as exc:
             log.info("smtp: acknowledgement limit counted locally (%s)", type(exc).__name__)

@@ -251,7 +251,8 @@ class AsteriskAdapter:
         if not await self.ctx.state.admit("dial", dial.per_minute, 60.0):
             raise SendError("dial rate reached", retryable=True,
                             retry_after_s=60.0 / max(1, dial.per_minute))
-        if not await self.ctx.state.admit(f"dial:{number}", dial.per_number, window):
+        per_number = f"dial:{await self.ctx.state.private(number)}"  # no number in key names
+        if not await self.ctx.state.admit(per_number, dial.per_number, window):
             raise SendError(f"at most {dial.per_number} callbacks to one number per "
                             f"{window:g} s", retryable=False)
         fields = {

@@ -300,3 +300,7 @@ async def test_acknowledgement_limit_holds_across_instances_and_restarts(
     await again.adapters["mail"].stop()
     assert len(recorder.messages) == 3
     assert all(m.rcpt_tos == ["citizen@example.org"] for m in recorder.messages)
+    # counted under the address's pseudonym: no address in a key name
+    names = [k.decode() for k in await again.redis.keys(f"{again.keys.tag}:*")]
+    assert any(":ack:p" in k for k in names)
+    assert [k for k in names if "citizen@" in k] == []

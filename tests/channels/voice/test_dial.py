@@ -75,6 +75,10 @@ async def test_reply_on_a_call_dials_the_citizen_and_stamps_the_real_outcome(
     refused = await outcome(gw, third, "failed")
     assert "at most 2 callbacks" in str(refused.detail)
     assert ami.originated == 2
+    # the per-number count is kept under the number's pseudonym: no number in a key name
+    names = [k.decode() for k in await gw.redis.keys(f"{gw.keys.tag}:*")]
+    assert any(":dial:p" in k for k in names)
+    assert [k for k in names if "13800138000" in k] == []
 
 
 async def test_without_dial_a_reply_on_a_call_fails_permanently(start_gateway: Any) -> None:
