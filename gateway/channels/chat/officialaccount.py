@@ -15,12 +15,13 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import string
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from xml.etree.ElementTree import Element, ParseError
 
 import aiohttp
@@ -39,6 +40,9 @@ from gateway.server.config import Duration
 from gateway.server.egress import client_session
 from gateway.server.http import read_body, read_capped
 from gateway.server.supervise import Backoff, retry
+
+if TYPE_CHECKING:
+    from gateway.queueing.coordination import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -233,18 +237,41 @@ class TokenError(Exception):
     """The platform would not give an access token."""
 
 
+TOKEN_KEY: Final = "access_token"  # noqa: S105 (a key name)
+REJECTED_KEY: Final = "access_token:rejected"
+CLAIM_KEY: Final = "access_token:fetching"
+CLAIM_TTL_S: Final = 15.0
+"""How long one process may take to fetch before another may try (the API call's own timeout
+is 10 s)."""
+LOCAL_CACHE_S: Final = 60.0
+"""How long a process keeps the fleet's token in memory before reading it again (WeChat keeps
+a replaced token working for 5 minutes)."""
+WAIT_FOR_FETCH_S: Final = 2 * CLAIM_TTL_S
+
+
 @dataclass(slots=True)
 class AccessToken:
-    """Fetches, caches and refreshes a platform access token (one fetch at a time).
+    """Fetches, caches and refreshes a platform access token, once for the whole fleet.
 
-    ``fetch`` returns ``(token, expires_in_s)``. The token is refreshed ``margin_s`` before it
-    expires, or at once after ``invalidate`` (the platform said it expired).
+    WeChat gives one valid token per AppID: every ``cgi-bin/token`` call (and a forced
+    ``stable_token``) replaces the last, which keeps working 5 minutes more. So the token lives
+    in the fleet's shared state (``state``, scoped to the AppID), and a process that finds it
+    missing claims the fetch (``SET NX`` with a short TTL); the others wait and read what it
+    stored. The shared copy expires ``margin_s`` before the token does, so the next caller
+    fetches in time; each process keeps it in memory at most ``LOCAL_CACHE_S``.
+
+    ``fetch(force)`` returns ``(token, expires_in_s)``; ``force`` asks for a new token even if
+    the platform still holds one (WeChat's ``force_refresh``): set when the shared token is one a
+    process was told is invalid (``invalidate``). Without ``state``, or while Redis is away, the
+    process fetches for itself as a single process would.
     """
 
-    fetch: Callable[[], Awaitable[tuple[str, float]]]
+    fetch: Callable[[bool], Awaitable[tuple[str, float]]]
+    state: SharedState | None = None
     margin_s: float = 300.0
     _token: str = ""
     _expires_at: float = 0.0
+    _rejected: str = ""
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def get(self) -> str:
@@ -253,16 +280,79 @@ class AccessToken:
         async with self._lock:
             if self._token and time.monotonic() < self._expires_at:
                 return self._token
-            token, expires_in = await self.fetch()
-            self._token = token
-            self._expires_at = time.monotonic() + max(expires_in - self.margin_s, expires_in / 2)
+            if self.state is not None:
+                try:
+                    return await self._shared(self.state)
+                except (TokenError, SendError):
+                    raise
+                except Exception as exc:  # Redis away: fetched as a single process would
+                    log.warning(
+                        "access token: shared state away (%s); fetching locally",
+                        type(exc).__name__,
+                    )
+            token, expires_in = await self.fetch(self._token == self._rejected != "")
+            self._keep(token, self._lifetime(expires_in), local_only=True)
             return token
 
-    def invalidate(self, token: str) -> None:
-        """Forget ``token`` if it is still the cached one."""
+    def _lifetime(self, expires_in: float) -> float:
+        return max(expires_in - self.margin_s, expires_in / 2)
+
+    def _keep(self, token: str, lifetime_s: float, *, local_only: bool = False) -> None:
+        self._token = token
+        limit = lifetime_s if local_only else min(lifetime_s, LOCAL_CACHE_S)
+        self._expires_at = time.monotonic() + limit
+
+    async def _shared(self, state: SharedState) -> str:
+        give_up = time.monotonic() + WAIT_FOR_FETCH_S
+        claim = f"{os.getpid()}/{secrets.token_hex(4)}"
+        while True:
+            raw = await state.get(TOKEN_KEY)
+            rejected = await state.get(REJECTED_KEY)
+            shared = _parse_token(raw)
+            if shared is not None and (rejected is None or shared[0] != rejected.decode()):
+                token, until = shared
+                self._keep(token, until - time.time())
+                return token
+            if await state.put(CLAIM_KEY, claim, CLAIM_TTL_S, only_new=True):
+                try:
+                    return await self._fetch_shared(state, shared is not None, rejected)
+                finally:
+                    await state.pop(CLAIM_KEY)
+            if time.monotonic() > give_up:
+                raise TokenError("another process did not finish fetching the token")
+            await asyncio.sleep(0.05)
+
+    async def _fetch_shared(self, state: SharedState, force: bool, rejected: bytes | None) -> str:
+        token, expires_in = await self.fetch(force)
+        if not force and rejected is not None and token == rejected.decode():
+            token, expires_in = await self.fetch(True)  # the platform gave the rejected one back
+        lifetime = self._lifetime(expires_in)
+        await state.put(TOKEN_KEY, f"{time.time() + lifetime:.3f} {token}", lifetime)
+        self._keep(token, lifetime)
+        return token
+
+    async def invalidate(self, token: str) -> None:
+        """The platform called ``token`` invalid: forget it here and tell the fleet, so the
+        next fetch (by whichever process) forces a new one."""
         if token == self._token:
-            self._token = ""
             self._expires_at = 0.0
+        self._rejected = token
+        if self.state is not None:
+            try:
+                await self.state.put(REJECTED_KEY, token, CLAIM_TTL_S * 40)
+            except Exception as exc:  # Redis away: the others find out from the platform
+                log.warning("access token: rejection not shared (%s)", type(exc).__name__)
+
+
+def _parse_token(raw: bytes | None) -> tuple[str, float] | None:
+    """``(token, valid until in Unix seconds)`` from the shared value, None if absent."""
+    if raw is None:
+        return None
+    until, _, token = raw.decode().partition(" ")
+    try:
+        return (token, float(until)) if token else None
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- decoded pushes

@@ -182,8 +182,9 @@ class WeChatAdapter(PushAdapter):
                 config.token.reveal(), config.encoding_aes_key.reveal(), config.app_id
             )
         super().__init__(ctx, config, secret=config.token.reveal())
-        self.access_token = AccessToken(self._fetch_token)
-        self._force_refresh = False
+        self.access_token = AccessToken(
+            self._fetch_token, ctx.state.scoped(f"wechat:{config.app_id}")
+        )
         self._progress = SentParts()
         """Reply id -> parts already sent, for a retried multi-part reply."""
 
@@ -267,8 +268,7 @@ class WeChatAdapter(PushAdapter):
                     except (orjson.JSONDecodeError, AttributeError):
                         code = None
                     if code in _TOKEN_EXPIRED:
-                        self._force_refresh = True
-                        self.access_token.invalidate(token)
+                        await self.access_token.invalidate(token)
                     raise SendError(f"media/get errcode {code}, HTTP {resp.status}", retryable=True)
                 data = await read_capped(resp.content, limit)
                 if data is None:
@@ -278,7 +278,7 @@ class WeChatAdapter(PushAdapter):
         name = f"{kind}-{media_id[:32]}{_EXTENSIONS.get(ctype, '')}"
         return await self.ctx.attachments.put(data, name, ctype)
 
-    async def _fetch_token(self) -> tuple[str, float]:
+    async def _fetch_token(self, force: bool) -> tuple[str, float]:
         if not self.config.app_secret:
             raise TokenError("app_secret is not configured")
         credentials = {
@@ -287,7 +287,6 @@ class WeChatAdapter(PushAdapter):
             "secret": self.config.app_secret.reveal(),
         }
         if self.config.stable_token:
-            force, self._force_refresh = self._force_refresh, False
             result = await call_json(
                 self.session,
                 "POST",
@@ -354,8 +353,7 @@ class WeChatAdapter(PushAdapter):
             if code == 0:
                 return result
             if code in _TOKEN_EXPIRED and attempt == 1:
-                self._force_refresh = True
-                self.access_token.invalidate(token)
+                await self.access_token.invalidate(token)
                 continue
             retryable = code in _RETRYABLE or code in _TOKEN_EXPIRED
             raise SendError(f"errcode {code}", retryable=retryable)
@@ -398,8 +396,7 @@ class WeChatAdapter(PushAdapter):
                 return media_id
             code = result.get("errcode") if isinstance(result, dict) else None
             if code in _TOKEN_EXPIRED and attempt == 1:
-                self._force_refresh = True
-                self.access_token.invalidate(token)
+                await self.access_token.invalidate(token)
                 continue
             raise SendError(f"media/upload errcode {code}", retryable=code in _RETRYABLE)
         raise SendError("access token rejected twice", retryable=True)  # pragma: no cover

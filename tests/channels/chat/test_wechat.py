@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -414,3 +415,42 @@ async def test_a_bad_signature_is_refused_before_the_body_is_read(start_gateway:
     )
     status, _ = await answer_before_body(gw.http_port, head, b"<xml>")
     assert status == 403
+
+
+async def test_a_fleet_of_two_fetches_one_token_and_both_reply(
+    start_gateway: Any, wechat_api: FakeWeChatApi
+) -> None:
+    """Every ``cgi-bin/token`` call replaces the AppID's token: two instances fetching their
+    own made each other's replies fail with 40001 (four token calls for two replies here)."""
+    one = await _gateway(start_gateway, wechat_api, stable_token=False)
+    two = await _gateway(start_gateway, wechat_api, stable_token=False)  # same Redis
+    await _post(one, p.wechat_query(NOW_S), p.text("x", create_time=NOW_S, msg_id=1))
+    [contact] = await one.read_contacts()
+    await asyncio.gather(
+        one.adapters["wx"].send(contact, Reply(contact.id, "from one")),
+        two.adapters["wx"].send(contact, Reply(contact.id, "from two")),
+    )
+    assert wechat_api.token_calls == ["classic"]
+    await one.adapters["wx"].send(contact, Reply(contact.id, "again"))
+    await two.adapters["wx"].send(contact, Reply(contact.id, "again"))
+    assert wechat_api.token_calls == ["classic"]
+    assert sorted(m["text"]["content"] for m in wechat_api.sent) == [
+        "again", "again", "from one", "from two"
+    ]
+
+
+async def test_a_token_rejected_at_one_instance_is_refreshed_once_for_the_fleet(
+    start_gateway: Any, wechat_api: FakeWeChatApi
+) -> None:
+    one = await _gateway(start_gateway, wechat_api)
+    two = await _gateway(start_gateway, wechat_api)
+    await _post(one, p.wechat_query(NOW_S), p.text("x", create_time=NOW_S, msg_id=1))
+    [contact] = await one.read_contacts()
+    for gw in (one, two):
+        await gw.adapters["wx"].send(contact, Reply(contact.id, "before"))
+    wechat_api.expire_tokens()  # WeChat calls the token invalid (40001)
+    for gw in (one, two):  # two still holds the old one in memory: 40001, then the new one
+        await gw.adapters["wx"].send(contact, Reply(contact.id, "after"))
+    assert wechat_api.token_calls == ["stable", "stable force"]
+    assert wechat_api.tokens_issued == 2
+    assert [m["text"]["content"] for m in wechat_api.sent] == ["before"] * 2 + ["after"] * 2
