@@ -144,6 +144,7 @@ def _mutated(us: int, at: int, char: str) -> str:
 @example("2026-11-25T08:00:00.12\u0661456Z")  # a digit, but not an ASCII one
 @example("2026-11-25T08:00:00.+12345Z")
 @example("2026-11-25T08:00:00.1_2345Z")
+@example("1970-01-01T00:00.00.000000Z")  # the head alone reads as HH:MM with a fraction
 def test_parse_time_fast_path_agrees_with_the_general_parser(text):
     """Our own form (and every one-character change of it) parses as the general parser does:
     the same value, or the same refusal."""

@@ -74,6 +74,9 @@ def parse_time(text: str) -> Micros:
         len(text) == 27
         and text[26] == "Z"
         and text[19] == "."
+        and text[16] == ":"  # without it "…T00:00.00.000000Z" took its head as HH:MM.ff
+        and text[13] == ":"
+        and text[10] == "T"
         and text.isascii()
         and text[20:26].isdigit()
     ):
