@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import platform
 import signal
 import sys
@@ -116,12 +117,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         die_with_parent(worker.parent)
         listeners.adopt(worker.sockets)
-    settings, adapter_configs = load_settings(args.config, worker=worker)
+    with deprecations() as notes:
+        settings, adapter_configs = load_settings(args.config, worker=worker)
     setup_logging(
         settings.gateway.log_format,
         settings.gateway.log_level,
         worker=None if worker is None else worker.slot,
     )
+    if worker is None:  # the parent (or single process) says it once, not once per worker
+        for note in notes:
+            logging.getLogger("gateway.server.config").warning("config: %s", note)
     try:
         import uvloop
 

@@ -224,8 +224,9 @@ async def test_ctrl_c_stops_the_workers_then_valkey_and_leaves_no_process(tmp_pa
     """A terminal's Ctrl-C is SIGINT to the whole foreground process group: the parent, its
     workers and (before the fix) the embedded Valkey, which then died under the draining
     workers and was restarted by the parent's supervisor mid-shutdown (an ERROR traceback on
-    every `make run` stopped with Ctrl-C). Valkey has its own group: the parent stops it last."""
-    gw = Workers(tmp_path)
+    every `make run` stopped with Ctrl-C). Valkey has its own group: the parent stops it last.
+    A deprecated config key is warned about once, by the parent (it was once per process)."""
+    gw = Workers(tmp_path, extra='[adapters.o]\ntype = "open311"\nphone_region = "FR"\n')
     gw.start()
     try:
         await gw.wait_serving()
@@ -238,6 +239,7 @@ async def test_ctrl_c_stops_the_workers_then_valkey_and_leaves_no_process(tmp_pa
             assert not Path(f"/proc/{pid}").exists(), f"pid {pid} outlived the parent"
         log = gw.log.read_text(errors="replace")
         assert "embedded-redis failed" not in log and "started again" not in log, gw.tail()
+        assert log.count("adapters.o.phone_region: deprecated") == 1, gw.tail()
     finally:
         gw.kill()
 
