@@ -260,7 +260,7 @@ class Assembler:
         if self.state is not None:
             with contextlib.suppress(Exception):
                 for group in await self.state.hash_all("open"):
-                    count += len(await self.state.hash_all(_parts_key(group)))
+                    count += len(await _held_shared(self.state, group))
         return count
 
     def is_duplicate(self, part: Part) -> bool:
@@ -300,17 +300,19 @@ class Assembler:
         return Added(stored=True)
 
     async def _add_shared(self, part: Part, state: SharedState) -> Added:
-        key = _parts_key(part.group)
+        key, _ = await _parts_keys(state, part.group)
         if await state.get(_done_key(part.external_id)) is not None:
             return Added(stored=False)
-        held = _parse(await state.hash_all(key))
+        held = await _held_shared(state, part.group)
         same = held.get(part.seq)
         if same is not None and same.external_id == part.external_id:
             return Added(stored=False)
         if same is not None:  # same reference and part number, another message: hand it over
             await self._handover_shared(part.group, state, complete=False, parts=held)
+            held = {}
         ttl_s = (self.timeout_us + self.remember_us) / MICROS_PER_SECOND
         count = await state.hash_add(key, str(part.seq), part.to_json(), ttl_s)
+        count = max(count, len({*held, part.seq}))  # with parts under the name before
         await state.hash_add("open", part.group, b"1", ttl_s)
         if count >= part.total:
             ok, result = await self._handover_shared(part.group, state, complete=True)
@@ -327,8 +329,8 @@ class Assembler:
     ) -> tuple[bool, object | None]:
         """Hand over the group's parts, then remove them (a crash in between repeats the
         hand-over, which Intake takes as a duplicate)."""
-        key = _parts_key(group)
-        held = parts if parts is not None else _parse(await state.hash_all(key))
+        keys = await _parts_keys(state, group)
+        held = parts if parts is not None else await _held_shared(state, group)
         if not held:
             await state.hash_remove("open", group)
             return False, None
@@ -343,7 +345,8 @@ class Assembler:
         try:
             for p in ordered:
                 await state.put(_done_key(p.external_id), b"1", ttl_s)
-            if await state.hash_remove(key, *(str(s) for s in held)) == 0:
+            left = [await state.hash_remove(k, *(str(s) for s in held)) for k in keys]
+            if sum(left) == 0:
                 await state.hash_remove("open", group)
         except Exception as exc:  # handed over: a sweeper repeats it, Intake dedupes
             log.warning("concatenated SMS handed over, parts not yet removed: %s", exc)
@@ -354,7 +357,7 @@ class Assembler:
         for group in await state.hash_all("open"):
             if now < self._next_try.get(group, 0):
                 continue
-            held = _parse(await state.hash_all(_parts_key(group)))
+            held = await _held_shared(state, group)
             if not held:
                 await state.hash_remove("open", group)
                 continue
@@ -453,8 +456,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _parts_key(group: str) -> str:
-    return f"parts:{group}"
+async def _parts_keys(state: SharedState, group: str) -> tuple[str, str]:
+    """The hash of a group's parts, named by the pseudonym of the group (which holds the sender's
+    and recipient's numbers), and the name it had before (the group itself), still read and
+    cleared so that parts held across the upgrade join (it expires with them)."""
+    return f"parts:{await state.private(group)}", f"parts:{group}"
+
+
+async def _held_shared(state: SharedState, group: str) -> dict[int, Part]:
+    """The parts of ``group`` in shared state."""
+    key, before = await _parts_keys(state, group)
+    held = _parse(await state.hash_all(before))
+    held.update(_parse(await state.hash_all(key)))
+    return held
 
 
 def _done_key(external_id: str) -> str:

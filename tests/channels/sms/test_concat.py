@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,28 @@ async def test_shared_parts_are_kept_until_a_hand_over_succeeds_anywhere(
     refusing.fail = False
     assert await one.sweep() == 1
     assert refusing.calls == [(["x"], False)]
+
+
+async def test_shared_parts_are_named_by_a_pseudonym_and_old_names_still_join(
+    tmp_path: Path, redis_client: Any, prefix: str
+) -> None:
+    """The parts' hash was named by the group, ``+8613800138000|12345|5|3``: a full number in a
+    key name. It is named by the group's pseudonym; parts held under the old name when the
+    gateway was upgraded join the new ones and are cleared with them."""
+    keys = Keys(prefix)
+    state = SharedState(redis_client, keys, "kannel")
+    recorder = Recorder()
+    asm = Assembler(tmp_path / "one", 60, FixedClock(), recorder, state=state)
+    assert (await asm.add(part(1, "a", "id1"))).stored
+    names = [k.decode() for k in await redis_client.keys(f"{keys.tag}:*")]
+    assert any(":parts:p" in k for k in names)
+    assert [k for k in names if "13800138000" in k] == []
+
+    group = "+8613800138000|12345|6|2"  # another message, held before the upgrade
+    old = dataclasses.replace(part(1, "x", "old1", total=2), group=group)
+    await state.hash_add(f"parts:{group}", "1", old.to_json(), 600)
+    await state.hash_add("open", group, b"1", 600)
+    added = await asm.add(dataclasses.replace(part(2, "y", "new2", total=2), group=group))
+    assert recorder.calls[-1] == (["x", "y"], True) and added.handed_over is not None
+    assert await redis_client.exists(keys.state("kannel", f"parts:{group}")) == 0
+    assert await asm.held() == 1  # the first message's part, still waiting
