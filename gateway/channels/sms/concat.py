@@ -17,7 +17,8 @@ collected, so parts of one message that reach different instances join: whicheve
 stores the last part hands the message over; every instance's sweeper hands over what timed
 out. Parts are removed only after the hand-over (two instances handing over the same parts
 give one contact: the external id is the same), and ``done:<part id>`` remembers handed-over
-parts for ``remember_s``. While Redis is away, parts go to the files as above.
+parts for ``remember_s``. While Redis is away, parts go to the files as above: each process
+(each worker of one data folder) in a folder of its own (see ``Assembler.load``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import glob
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.server.lock import DataDirBusy, DataDirLock
 
 if TYPE_CHECKING:
     from gateway.queueing.coordination import SharedState
@@ -176,7 +180,10 @@ class Assembler:
         state: SharedState | None = None,
     ) -> None:
         self.state = state
+        self.base = directory
         self.directory = directory
+        """This process's parts folder: ``directory`` or a sibling (see :meth:`load`)."""
+        self._lock: DataDirLock | None = None
         self.timeout_us = int(timeout_s * MICROS_PER_SECOND)
         self.clock = clock
         self.handover = handover
@@ -191,8 +198,16 @@ class Assembler:
     # ------------------------------------------------------------------ lifecycle
 
     def load(self) -> int:
-        """Reload the parts left on disk by an earlier run; return how many."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Take a parts folder of this process's own and reload the parts left in it by an
+        earlier run, and in any sibling folder no live process holds; return how many.
+
+        The workers of ``gateway serve --workers N`` share one data folder: each locks a folder
+        (``directory``, else ``directory-1``, ``-2``...; ``flock``, released when the process
+        dies or the assembler stops), so a worker never reloads, hands over or deletes the
+        parts another live worker holds. Part files of a folder nobody holds (a worker that
+        died, a larger ``--workers`` before) are moved into this process's folder.
+        """
+        self._claim()
         count = 0
         for path in sorted(self.directory.glob("*.part")):
             try:
@@ -214,6 +229,48 @@ class Assembler:
             count += 1
         return count
 
+    def _claim(self) -> None:
+        if self._lock is not None:
+            return
+        base = self.base
+        for k in itertools.count():
+            folder = base if k == 0 else base.with_name(f"{base.name}-{k}")
+            lock = DataDirLock(folder)
+            try:
+                lock.acquire()
+            except DataDirBusy:
+                continue
+            self.directory, self._lock = folder, lock
+            break
+        for other in (base, *sorted(base.parent.glob(f"{glob.escape(base.name)}-*"))):
+            if other == self.directory or not other.is_dir():
+                continue
+            orphan = DataDirLock(other)
+            try:
+                orphan.acquire()
+            except DataDirBusy:
+                continue  # a live worker's
+            try:
+                moved = self._adopt(other)
+            finally:
+                orphan.release()
+            if moved:
+                log.warning("%d SMS part file(s) of %s taken over", moved, other.name)
+
+    def _adopt(self, other: Path) -> int:
+        """Move ``other``'s part files into this process's folder; return how many."""
+        moved = 0
+        for path in other.glob("*.part"):
+            target = self.directory / path.name
+            if target.exists():  # the same part (the name is its digest): one copy is enough
+                path.unlink()
+            else:
+                os.replace(path, target)
+                moved += 1
+        _fsync_dir(self.directory)
+        _fsync_dir(other)
+        return moved
+
     def _retire(self, key: str) -> str:
         """Move the group held under ``key`` to a key of its own; return that key."""
         n = 1
@@ -232,12 +289,15 @@ class Assembler:
             self._task = asyncio.create_task(self._sweep_forever(interval_s), name="sms-concat")
 
     async def stop(self) -> None:
-        """Stop the sweeper; parts stay on disk for the next start."""
+        """Stop the sweeper; parts stay on disk for the next start (the folder is let go)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     async def _sweep_forever(self, interval_s: float) -> None:
         while True:

@@ -174,3 +174,33 @@ async def test_shared_parts_are_named_by_a_pseudonym_and_old_names_still_join(
     assert recorder.calls[-1] == (["x", "y"], True) and added.handed_over is not None
     assert await redis_client.exists(keys.state("kannel", f"parts:{group}")) == 0
     assert await asm.held() == 1  # the first message's part, still waiting
+
+
+async def test_workers_of_one_data_folder_never_share_part_files(tmp_path: Path) -> None:
+    """Two workers of `serve --workers 2` while Redis is away: a worker (re)started beside a
+    live one reloaded that one's part files too, and both handed the message over (twice, and
+    the second time without the part that came later)."""
+    clock = FixedClock()
+    base = tmp_path / "sms" / "kannel" / "parts"
+    one_took, two_took = Recorder(), Recorder()
+    one = Assembler(base, 60, clock, one_took)
+    one.load()
+    await one.add(part(1, "a", "id1"))
+    await one.add(part(2, "b", "id2"))
+    two = Assembler(base, 60, clock, two_took)  # a worker started again while `one` serves
+    assert two.load() == 0
+    assert two.directory != one.directory
+    await one.add(part(3, "c", "id3"))
+    clock.advance(61)
+    await one.sweep()
+    await two.sweep()
+    assert (one_took.calls, two_took.calls) == ([(["a", "b", "c"], True)], [])
+    # workers that die leave their folders; the next one to start takes every part over
+    await two.add(part(1, "x", "n1", total=2))
+    await one.add(part(1, "y", "m1", total=2, at=1))
+    await two.stop()  # as at their death: the lock goes with the process
+    await one.stop()
+    three = Assembler(base, 60, clock, Recorder())
+    assert three.load() == 2
+    assert three.directory == base and not list(two.directory.glob("*.part"))
+    await three.stop()
