@@ -36,7 +36,7 @@ from gateway.server.intake_api import IntakeApi
 from gateway.server.lock import DataDirLock
 from gateway.server.metrics import Metrics
 from gateway.server.supervise import Supervisor
-from gateway.server.workers import WorkerEndpoint, WorkerRole
+from gateway.server.workers import WorkerEndpoint, WorkerRole, adopt_spools
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class Gateway:
         if self.worker is None:
             self.lock.acquire()
             permissions.enforce(self.data_dir, s.gateway.permissions)
+            adopt_spools(self.data_dir, 1)  # what workers of a `--workers N` run left
             self.spool = Spool(self.data_dir / "spool")
         else:  # the parent holds the folder; a dead predecessor may hold its spool a moment
             await self.worker.lock_spool(self.lock)

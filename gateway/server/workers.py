@@ -14,7 +14,8 @@ worker per core. The **parent** does no intake itself:
   serves, connections are refused, as before a single process listens). A replacement gets
   newly bound sockets on the same ports;
 - it moves spool segments left in a folder no worker will own (``spool/`` of a one-process run,
-  ``spool/worker-K`` for K >= N) into a worker's folder before starting any worker;
+  ``spool/worker-K`` for K >= N) into a worker's folder before starting any worker (a
+  one-process start moves every worker's folder into its ``spool/``, ``runtime.py``);
 - it starts the workers (``python -m gateway serve`` with the ``GATEWAY_WORKER`` environment
   variable saying which slot, which sockets, which Redis), restarts a worker that dies with a
   back-off (0.5 s doubling to 30 s, from 0.5 s again after a minute of running), and on SIGTERM

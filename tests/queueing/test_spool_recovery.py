@@ -10,6 +10,7 @@ import aiohttp
 import redis
 
 from gateway.server.runtime import Gateway
+from gateway.server.workers import WorkerRole, run_dir
 from gateway.testing import eventually
 from tests.harness import settings_for
 from tests.queueing.test_intake import inbound
@@ -144,3 +145,34 @@ async def test_a_retried_contact_keeps_its_first_id_across_a_restart_while_redis
         assert (again.status, again.contact_id) == ("duplicate", receipt.contact_id)
     finally:
         await second.stop()
+
+
+async def test_a_one_process_start_replays_what_workers_of_a_larger_run_spooled(
+    tmp_path, own_redis, prefix
+):
+    """A worker of ``serve --workers 2`` spools into ``spool/worker-1`` while Redis is down; the
+    host then starts as one process (``--workers 1``, or fewer cores): those contacts were
+    acknowledged, so the start moves them into its own ``spool/`` and replays them. (Only the
+    parent of N > 1 moved folders before: one process never read ``spool/worker-K``.)"""
+    settings, configs = settings_for(
+        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"}
+    )
+    run_dir(settings.gateway.data_dir.resolve()).mkdir(parents=True)
+    own_redis.stop_sync()
+    role = WorkerRole(slot=1, count=2, parent=os.getpid(), redis_url=own_redis.url)
+    worker = Gateway(settings, configs, worker=role)
+    await worker.start()
+    try:
+        receipt = await worker.intake.submit(inbound(external_id="kannel-7"))
+        assert receipt.status == "spooled"
+    finally:
+        await worker.stop()
+    own_redis.start_sync()
+    alone = Gateway(settings, configs)
+    await alone.start()
+    try:
+        await eventually(lambda: alone.spool.depth == 0 and alone.intake.redis_up, 30)
+        contacts = await eventually(alone.read_contacts, 30)
+        assert [(c.external_id, c.id) for c in contacts] == [("kannel-7", receipt.contact_id)]
+    finally:
+        await alone.stop()
