@@ -212,12 +212,13 @@ class GatewaySMTP(SMTP):
         await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's address parse; an address the standard library's parser trips over
-        (``RCPT TO:<``, ``MAIL FROM:<a@``: IndexError, not its HeaderParseError) is a syntax
-        error (501/553) instead of aiosmtpd's catch-all 451, which the client would retry."""
+        """aiosmtpd's address parse; an address the standard library's parser trips over is
+        a syntax error (501/553) instead of aiosmtpd's catch-all 451, which the client would
+        retry: besides its ``HeaderParseError`` that parser raises ``IndexError``
+        (``RCPT TO:<``, ``MAIL FROM:<a@``) and ``AttributeError`` (``RCPT TO:<12345@[``)."""
         try:
             return super()._getaddr(arg)
-        except (IndexError, ValueError):
+        except Exception:  # whatever the parser raises, the address is not one
             return None, None
 
     def data_received(self, data: bytes) -> None:

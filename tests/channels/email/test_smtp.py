@@ -470,6 +470,7 @@ async def test_arguments_the_parsers_trip_over_are_syntax_errors_not_451(start_m
     assert (await command(b"MAIL FROM:<citizen@example.org>")).startswith(b"250")
     assert (await command(b"RCPT TO:<")).startswith(b"5")
     assert (await command(b"RCPT TO:<12345@")).startswith(b"5")
+    assert (await command(b"RCPT TO:<12345@[")).startswith(b"5")  # AttributeError, 5 in 1M
     assert (await command(b"RCPT TO:<" + MAILBOX.encode() + b">")).startswith(b"250")
     assert (await command(b"DATA")).startswith(b"354")
     assert (await command(b"Subject: x\r\n\r\nstill served\r\n.")).startswith(b"250")
