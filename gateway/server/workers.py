@@ -18,7 +18,9 @@ worker per core. The **parent** does no intake itself:
   one-process start moves every worker's folder into its ``spool/``, ``runtime.py``);
 - it starts the workers (``python -m gateway serve`` with the ``GATEWAY_WORKER`` environment
   variable saying which slot, which sockets, which Redis), restarts a worker that dies with a
-  back-off (0.5 s doubling to 30 s, from 0.5 s again after a minute of running), and on SIGTERM
+  back-off (0.5 s doubling to 30 s, from 0.5 s again after a minute of running), hands the
+  spool segments of a worker that has not served for ``HANDOVER_S`` to a serving worker's
+  folder (while it is down, under its spool lock), and on SIGTERM
   or SIGINT sends SIGTERM to every worker, waits for them to drain (45 s, then SIGKILL), stops
   Valkey and exits 0 (1 if a worker had to be killed; a worker that fails before it ever
   served stops the whole start with its exit code, e.g. 2 for a config error).
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 ENV = "GATEWAY_WORKER"
 RESTART_BACKOFF = (0.5, 30.0)
 DRAIN_S = 45.0
+HANDOVER_S = 10.0
+"""A dead worker's spool goes to a serving worker once its slot has not served for this long."""
 """A worker still running this long after SIGTERM is killed (systemd's stop timeout is 60 s)."""
 _PR_SET_PDEATHSIG = 1
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
@@ -205,19 +209,45 @@ def adopt_spools(data_dir: Path, count: int) -> int:
     sources = [root, *sorted(p for p in root.glob("worker-*") if p.is_dir())]
     moved = 0
     for i, folder in enumerate(p for p in sources if p not in owned):
-        target = root if count == 1 else spool_folder(data_dir, i % count)
-        segments = sorted(folder.glob("segment-*.log"))
-        if not segments:
-            continue
-        target.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for segment in segments:
-            destination = target / segment.name
-            if destination.exists():
-                destination = target / f"{segment.stem}-from-{folder.name}.log"
-            os.replace(segment, destination)
-            moved += 1
-        log.warning("spool: %d segment(s) of %s moved to %s", len(segments), folder, target)
+        moved += move_segments(folder, root if count == 1 else spool_folder(data_dir, i % count))
     return moved
+
+
+def move_segments(source: Path, target: Path) -> int:
+    """Move ``source``'s spool segments into ``target`` (renamed if the name is taken there);
+    return how many. The replayer of the worker owning ``target`` finds them on its next pass
+    (it lists the folder each time); the caller makes sure no process writes ``source``."""
+    segments = sorted(source.glob("segment-*.log"))
+    if not segments:
+        return 0
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for segment in segments:
+        destination = target / segment.name
+        if destination.exists():
+            destination = target / f"{segment.stem}-from-{source.name}.log"
+        os.replace(segment, destination)
+    for folder in (target, source):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    log.warning("spool: %d segment(s) of %s moved to %s", len(segments), source, target)
+    return len(segments)
+
+
+def hand_over_spool(data_dir: Path, dead: int, serving: int) -> int:
+    """Move dead slot ``dead``'s spool segments to serving slot ``serving``'s folder, holding
+    the dead slot's spool lock meanwhile (0 if a process holds it: not dead after all)."""
+    lock = DataDirLock(spool_folder(data_dir, dead))
+    try:
+        lock.acquire()
+    except DataDirBusy:
+        return 0
+    try:
+        return move_segments(spool_folder(data_dir, dead), spool_folder(data_dir, serving))
+    finally:
+        lock.release()
 
 
 # ------------------------------------------------------------------ the parent
@@ -229,6 +259,10 @@ class _Slot:
     process: asyncio.subprocess.Process | None = None
     served: bool = False
     restarts: int = 0
+    up: bool = False
+    """Its worker serves now."""
+    last_up: float = 0.0
+    """When its worker last served (monotonic)."""
 
 
 class WorkerPool:
@@ -241,9 +275,12 @@ class WorkerPool:
         redis_url: str,
         listen: list[tuple[tuple[str, ...], str]],
         sockets: dict[str, list[socket.socket]],
+        data_dir: Path | None = None,
     ) -> None:
         """``sockets``: by "host:port", one bound socket per slot for the first start of each
-        worker (the parent's copy is closed once the worker has it)."""
+        worker (the parent's copy is closed once the worker has it); ``data_dir``: where the
+        workers' spools are (a dead worker's is handed to a serving one, see ``_keep``)."""
+        self.data_dir = data_dir
         self.config_path = config_path
         self.count = count
         self.redis_url = redis_url
@@ -291,6 +328,7 @@ class WorkerPool:
             if time.monotonic() - started >= 60.0:
                 backoff.reset()
             slot.restarts += 1
+            self._hand_over(slot)
             pause = backoff.next()
             log.error(
                 "worker %d exited (%s); starting it again in %.1f s", slot.index, code, pause
@@ -298,6 +336,27 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self.stopping.wait()
+
+    def _hand_over(self, slot: _Slot) -> None:
+        """A worker that keeps dying (it has not served for ``HANDOVER_S``) would keep its
+        spool for ever: while it is down, its segments go to a serving worker, whose replayer
+        takes them (contacts dedupe, so a segment replayed twice is harmless)."""
+        if self.data_dir is None or time.monotonic() - slot.last_up < HANDOVER_S:
+            return
+        to = next((s for s in self.slots if s.up and s is not slot), None)
+        if to is None:
+            log.error("worker %d has not served for %.0f s and no worker serves: its spool "
+                      "waits", slot.index, time.monotonic() - slot.last_up)
+            return
+        try:
+            moved = hand_over_spool(self.data_dir, slot.index, to.index)
+        except OSError as exc:
+            log.error("worker %d's spool not handed over: %s", slot.index, exc)
+            return
+        if moved:
+            log.error("worker %d has not served for %.0f s: its spool (%d segment(s)) handed "
+                      "to worker %d", slot.index, time.monotonic() - slot.last_up, moved,
+                      to.index)
 
     async def _run_once(self, slot: _Slot) -> int:
         read_end, write_end = os.pipe()
@@ -328,9 +387,13 @@ class WorkerPool:
         finally:
             os.close(read_end)
         if ready:
-            slot.served = True
+            slot.served = slot.up = True
             log.info("worker %d (pid %d) serving", slot.index, slot.process.pid)
-        return await slot.process.wait()
+        try:
+            return await slot.process.wait()
+        finally:
+            if slot.up:
+                slot.up, slot.last_up = False, time.monotonic()
 
     def sockets_of(self, slot: int) -> dict[str, socket.socket]:
         """Slot ``slot``'s bound sockets: those of the first start, then newly bound ones."""
@@ -401,7 +464,7 @@ async def serve_workers(config_path: str | None, settings: Settings, count: int)
             await embedded.start()
             redis_url = embedded.url
             supervisor.spawn("embedded-redis", embedded.keep_running, backoff=(0.5, 10.0))
-        pool = WorkerPool(config_path, count, redis_url, listen, opened)
+        pool = WorkerPool(config_path, count, redis_url, listen, opened, data_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pool.stop)

@@ -375,3 +375,47 @@ async def test_a_worker_that_cannot_start_stops_the_whole_start_with_an_error(tm
     for port in (gw.http, gw.smtp, gw.agi):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # nobody listens or holds it any more
+
+
+async def test_a_crash_looping_workers_spool_is_handed_to_a_serving_worker(
+    tmp_path, own_redis
+):
+    """Worker 1 holds spooled contacts (Redis was away) and is killed; every start of its
+    replacement then fails (its spool's quarantine folder is a file), so its spool waited for
+    ever. The parent hands the segments of a worker that has not served for 10 s to a serving
+    one, whose replayer puts them on the stream."""
+    gw = Workers(tmp_path, own_redis.url)
+    gw.start()
+    try:
+        pids = await gw.wait_serving()
+        own_redis.kill_sync()
+        acked: list[str] = []
+        connector = aiohttp.TCPConnector(force_close=True)  # the kernel picks a worker each time
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def worker_1_spooled() -> bool:
+                body = {"channel": "web", "external_id": f"s{len(acked)}", "text": "路灯不亮"}
+                async with session.post(
+                    f"http://127.0.0.1:{gw.http}/v1/intake", json=body
+                ) as resp:
+                    assert resp.status == 202
+                    acked.append((await resp.json())["id"])
+                detail = await gw.worker(1)
+                return detail is not None and detail["spool_depth"] > 0
+
+            await eventually(worker_1_spooled, timeout_s=60, step_s=0.05)
+        spool = gw.data_dir / "spool" / "worker-1"
+        (spool / "quarantine").rmdir()
+        (spool / "quarantine").write_text("not a folder: every start of worker 1 fails\n")
+        os.kill(pids[1], signal.SIGKILL)
+        own_redis.start_sync()
+
+        async def all_on_stream() -> bool:
+            return not set(acked) - set(await stream_ids(own_redis.url))
+
+        await eventually(all_on_stream, timeout_s=90, step_s=0.5)
+        assert max((await stream_ids(own_redis.url)).values()) == 1
+        assert not list(spool.glob("segment-*.log"))
+        assert "handed to worker 0" in gw.log.read_text(errors="replace"), gw.tail()
+    finally:
+        gw.kill()

@@ -10,8 +10,9 @@ from pathlib import Path
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.server.lock import DataDirLock
 from gateway.server.metrics import Metrics
-from gateway.server.workers import adopt_spools, merge_metrics, spool_folder
+from gateway.server.workers import adopt_spools, hand_over_spool, merge_metrics, spool_folder
 
 
 def segment(folder: Path, name: str, text: str) -> Path:
@@ -49,6 +50,22 @@ def test_nothing_moves_when_every_folder_is_owned(tmp_path):
     segment(spool_folder(tmp_path, 1), "1", "b\n")
     assert adopt_spools(tmp_path, 2) == 0
     assert adopt_spools(tmp_path / "none", 2) == 0
+
+
+def test_a_dead_workers_spool_is_handed_to_a_serving_one_never_a_live_ones(tmp_path):
+    segment(spool_folder(tmp_path, 1), "1", "dead worker's\n")
+    segment(spool_folder(tmp_path, 0), "1", "serving worker's\n")
+    held = DataDirLock(spool_folder(tmp_path, 1))
+    held.acquire()  # a process holds worker 1's spool: it is not dead, nothing moves
+    try:
+        assert hand_over_spool(tmp_path, 1, 0) == 0
+    finally:
+        held.release()
+    assert hand_over_spool(tmp_path, 1, 0) == 1
+    assert segments(spool_folder(tmp_path, 1)) == {}
+    assert sorted(segments(spool_folder(tmp_path, 0)).values()) == [
+        "dead worker's\n", "serving worker's\n"
+    ]
 
 
 def test_merged_metrics_label_every_sample_with_its_worker_and_keep_families_whole():
