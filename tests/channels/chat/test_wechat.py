@@ -454,3 +454,34 @@ async def test_a_token_rejected_at_one_instance_is_refreshed_once_for_the_fleet(
     assert wechat_api.token_calls == ["stable", "stable force"]
     assert wechat_api.tokens_issued == 2
     assert [m["text"]["content"] for m in wechat_api.sent] == ["before"] * 2 + ["after"] * 2
+
+
+async def test_the_token_is_fetched_locally_while_redis_is_away(tmp_path: Path) -> None:
+    """The shared copy is out of reach: the process fetches and caches for itself, as one
+    process did before, instead of failing every reply."""
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from gateway.channels.chat.officialaccount import AccessToken
+    from gateway.queueing.coordination import SharedState
+    from gateway.queueing.keys import Keys
+
+    calls: list[bool] = []
+
+    async def fetch(force: bool) -> tuple[str, float]:
+        calls.append(force)
+        return f"T{len(calls)}", 7200.0
+
+    away = aioredis.Redis(
+        unix_socket_path=str(tmp_path / "no-redis.sock"), retry=Retry(NoBackoff(), 0)
+    )
+    token = AccessToken(fetch, SharedState(away, Keys("away"), "wechat:wx"))
+    try:
+        assert await token.get() == "T1"
+        assert await token.get() == "T1"
+        await token.invalidate("T1")  # WeChat said 40001: a forced fetch, still local
+        assert await token.get() == "T2"
+        assert calls == [False, True]
+    finally:
+        await away.aclose()
