@@ -88,6 +88,8 @@ class TelegramConfig:
     """Call setWebhook on start (webhook mode) with ``webhook_url`` or public_url + path."""
     webhook_url: str = ""
     drop_pending_updates: bool = False
+    """Drop the updates Telegram holds when the bot changes over to this webhook (or from a
+    webhook to polling); a start that finds it registered already drops nothing."""
     api_base: str = "https://api.telegram.org/bot"
     file_base: str = "https://api.telegram.org/file/bot"
     poll_timeout: Duration = _POLL_TIMEOUT
@@ -190,7 +192,7 @@ class TelegramAdapter:
             await self.application.start()
             self._initialized = True
         if self.config.mode == "polling":
-            await self.bot.delete_webhook(drop_pending_updates=self.config.drop_pending_updates)
+            await self.bot.delete_webhook(drop_pending_updates=await self._drop_pending(""))
             return
         public = self.ctx.settings.http.public_url
         url = self.config.webhook_url or (public.rstrip("/") + self.path if public else "")
@@ -198,12 +200,21 @@ class TelegramAdapter:
             await self.bot.set_webhook(
                 url,
                 allowed_updates=list(ALLOWED_UPDATES),
-                drop_pending_updates=self.config.drop_pending_updates,
+                drop_pending_updates=await self._drop_pending(url),
                 secret_token=self.secret.decode(),
             )
             log.info("%s: webhook set", self.name)
         elif self.config.set_webhook:
             log.warning("%s: no http.public_url or webhook_url: setWebhook skipped", self.name)
+
+    async def _drop_pending(self, url: str) -> bool:
+        """``drop_pending_updates`` applies when the bot changes over to ``url`` (to polling:
+        ""), not at every start: each worker and instance starts (and restarts) the adapter,
+        and a drop then lost updates the running ones had not been sent or fetched yet."""
+        if not self.config.drop_pending_updates:
+            return False
+        info = await self.bot.get_webhook_info()
+        return bool(info.url != url)
 
     # -------------------------------------------------------------- intake
 

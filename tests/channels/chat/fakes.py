@@ -99,6 +99,8 @@ class FakeBotApi(LocalServer):
         self.send_errors: list[dict[str, Any] | None] = []
         self.files: dict[str, tuple[str, bytes]] = {}
         self.on_get_updates: Callable[[int | None], Awaitable[None]] | None = None
+        self.webhook_url = ""
+        """What setWebhook registered ("" after deleteWebhook), as getWebhookInfo says."""
         self.polling = 0
         """getUpdates requests in flight now; ``most_polling`` the most ever at once."""
         self.most_polling = 0
@@ -176,10 +178,25 @@ class FakeBotApi(LocalServer):
         )
 
     async def m_deleteWebhook(self, params: dict[str, Any]) -> web.Response:
+        self.webhook_url = ""
+        if params.get("drop_pending_updates") in (True, "true", "True"):
+            self.updates.clear()
         return _ok(True)
 
     async def m_setWebhook(self, params: dict[str, Any]) -> web.Response:
+        self.webhook_url = str(params.get("url", ""))
+        if params.get("drop_pending_updates") in (True, "true", "True"):
+            self.updates.clear()  # Telegram drops every update not yet delivered
         return _ok(True)
+
+    async def m_getWebhookInfo(self, params: dict[str, Any]) -> web.Response:
+        return _ok(
+            {
+                "url": self.webhook_url,
+                "has_custom_certificate": False,
+                "pending_update_count": len(self.updates),
+            }
+        )
 
     async def m_getUpdates(self, params: dict[str, Any]) -> web.Response:
         offset = params.get("offset")

@@ -888,3 +888,19 @@ async def test_polling_skips_an_update_intake_can_never_take_and_goes_on_with_it
     gw = await start_gateway(adapters={"tg": table})
     await eventually(lambda: 402 in bot_api.offsets, timeout_s=30)
     assert [c.text for c in await gw.read_contacts()] == ["second"]
+
+
+async def test_drop_pending_updates_drops_once_when_the_webhook_changes_not_at_every_start(
+    start_gateway: Any, bot_api: FakeBotApi
+) -> None:
+    """Every worker of ``serve --workers N`` and every instance starts the adapter (again after
+    a restart): with ``drop_pending_updates`` each start dropped what Telegram still held for
+    the running ones. It drops when the bot changes over to this webhook, once."""
+    bot_api.push({"update_id": 1, "message": message(1, text="before the switch")})
+    await _webhook_gateway(start_gateway, bot_api, drop_pending_updates=True)
+    assert bot_api.updates == []  # switched to the webhook: the old backlog is dropped
+    bot_api.push({"update_id": 2, "message": message(2, text="not delivered yet")})
+    await _webhook_gateway(start_gateway, bot_api, drop_pending_updates=True)  # a second worker
+    assert [u["update_id"] for u in bot_api.updates] == [2]
+    drops = [p["drop_pending_updates"] for n, p in bot_api.calls if n == "setWebhook"]
+    assert drops == [True, False]
