@@ -450,17 +450,34 @@ def reply_segments(text: str, max_segments: int, *, gsm_substitutions: bool = Fa
 
 
 def local_key(folder: Path) -> str:
-    """A random signing key kept in ``folder/signing.key`` (made on first use, mode 0600)."""
+    """A random signing key kept in ``folder/signing.key`` (made on first use, mode 0600).
+
+    The workers of one data folder share the file, and may make it at the same moment: it is
+    written whole to a temporary file and linked into place (``link`` fails if one is there),
+    so a reader never sees it empty or half written (an empty key would accept forged
+    references). A file that is not a key (left by an interrupted write) is replaced.
+    """
     path = folder / "signing.key"
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
+    for _ in range(3):
+        with contextlib.suppress(FileNotFoundError):
+            key = path.read_text(encoding="ascii").strip()
+            if re.fullmatch(r"[0-9a-f]{64}", key):
+                return key
+            log.warning("%s is not a signing key: replaced", path)
+            path.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(key)
-        return key
+        tmp = folder / f".signing.key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another worker's is there: read it
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise OSError(f"{path}: no signing key could be kept")
 
 
 class References:

@@ -506,6 +506,27 @@ def test_delivery_reference_key_without_secrets_is_random_and_kept(tmp_path) -> 
     assert oct((tmp_path / "sms" / "k" / "signing.key").stat().st_mode & 0o777) == "0o600"
 
 
+def test_the_reference_key_is_never_read_empty_or_different_by_workers_of_one_folder(
+    tmp_path,
+) -> None:
+    """The file was created (O_EXCL), then written: a worker reading it in between got the
+    key "" (references signed with an empty key accepted), one that lost the race raised
+    FileExistsError. An empty file (what that window leaves after a crash) is replaced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.channels.sms import common
+
+    folder = tmp_path / "sms" / "k"
+    folder.mkdir(parents=True)
+    (folder / "signing.key").write_text("")
+    key = common.local_key(folder)
+    assert len(key) == 64 and common.local_key(folder) == key
+    with ThreadPoolExecutor(8) as pool:  # eight workers making the key of a fresh folder
+        keys = set(pool.map(lambda _: common.local_key(tmp_path / "sms" / "new"), range(64)))
+    assert len(keys) == 1 and len(keys.pop()) == 64
+    assert sorted(p.name for p in (tmp_path / "sms" / "new").iterdir()) == ["signing.key"]
+
+
 @pytest.mark.parametrize("configured_secret", [True, False])
 async def test_a_repeated_delivery_report_at_another_instance_is_recorded_once(
     start_gateway: Any, configured_secret: bool
