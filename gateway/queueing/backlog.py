@@ -19,9 +19,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from redis.exceptions import ResponseError
 
 from gateway.queueing.intake import Intake
 from gateway.queueing.store import RedisQueue
@@ -32,6 +36,15 @@ from gateway.server.supervise import Backoff, Supervisor
 log = logging.getLogger(__name__)
 
 REPEAT_WARNING_S = 300.0
+OWN_GROUPS = ("gateway-replies", "gateway-aggregate", "gateway-push.")
+"""The gateway's consumer groups (a name, or a prefix ending in "."); case systems' are not
+touched."""
+CONSUMER_IDLE_S = 86400.0
+"""A consumer of an own group idle this long with nothing pending is forgotten: consumer names
+carry the instance (and, by default, its pid), so every restart of N workers adds N to each
+group. A live consumer reads every few seconds; one deleted anyway is made again by its next
+read."""
+CONSUMERS_EVERY_S = 3600.0
 TRIM_CALLS = 100
 """Calls of trim.lua per stream and check (each looks at up to 1,000 entries for the cap)."""
 
@@ -74,6 +87,9 @@ class StreamKeeper:
         self._supervisor: Supervisor | None = None
         self._stopping = asyncio.Event()
         self._checking = asyncio.Lock()  # one check at a time (the loop's, or a caller's)
+        self.consumer_idle_s = CONSUMER_IDLE_S
+        self.consumers_every_s = CONSUMERS_EVERY_S
+        self._consumers_at = -math.inf
 
     def start(self, supervisor: Supervisor) -> None:
         """Run the loop as the supervised loop ``stream-keeper``."""
@@ -133,12 +149,43 @@ class StreamKeeper:
                 slowest[name] = result.slowest
             if name in ("contacts", "events"):
                 self.metrics.stream_backlog.labels(name).set(kept[name])
+        if time.monotonic() - self._consumers_at >= self.consumers_every_s:
+            self._consumers_at = time.monotonic()
+            try:
+                await self.forget_consumers(streams.values())
+            except Exception as exc:  # housekeeping: never in the way of the trim and bounds
+                log.debug("consumer groups: idle consumers not forgotten (%s)", exc)
         entries = max(kept["contacts"], kept["events"])
         backlog = self._judge(entries, kept, await self._memory())
         backlog = dataclasses.replace(backlog, slowest=slowest)
         self._report(backlog)
         self.last = backlog
         return backlog
+
+    async def forget_consumers(self, streams: Iterable[str]) -> int:
+        """Delete the consumers of the gateway's own groups that have nothing pending and
+        have been idle ``consumer_idle_s``; return how many."""
+        redis = self.queue.redis
+        idle_ms = self.consumer_idle_s * 1000
+        forgotten = 0
+        for stream in streams:
+            try:
+                groups = await redis.xinfo_groups(stream)
+            except ResponseError:  # no such stream yet
+                continue
+            for group in groups:
+                name = _text(group["name"])
+                if not any(name == g or (g.endswith(".") and name.startswith(g))
+                           for g in OWN_GROUPS):
+                    continue
+                for consumer in await redis.xinfo_consumers(stream, name):
+                    if int(consumer["pending"]) == 0 and int(consumer["idle"]) >= idle_ms:
+                        await redis.xgroup_delconsumer(stream, name, consumer["name"])
+                        forgotten += 1
+        if forgotten:
+            log.info("consumer groups: %d idle consumers with nothing pending forgotten",
+                     forgotten)
+        return forgotten
 
     async def _memory(self) -> tuple[int, int] | None:
         """(used, maxmemory) of the server, or None when unknown (CONFIG/INFO refused)."""

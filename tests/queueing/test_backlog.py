@@ -138,3 +138,32 @@ async def test_a_stream_no_group_reads_is_capped(start_gateway):
     await _submit_many(gw, 300)
     await gw.keeper.check()
     assert await gw.redis.xlen(gw.keys.contacts) == 100
+
+
+async def test_idle_consumers_with_nothing_pending_leave_the_gateways_own_groups(start_gateway):
+    """Consumer names carry the instance and its pid, so each restart of N workers added N
+    consumers to every group of the gateway, for ever. The keeper forgets those idle past
+    ``consumer_idle_s`` with nothing pending; one with an entry pending stays (another takes it
+    over), and a case system's group is not touched."""
+    gw = await start_gateway()
+    redis, keys = gw.redis, gw.keys
+    stream = keys.replies_to("nowhere")  # an adapter no instance runs: no live consumer
+    await redis.sadd(keys.reply_adapters, "nowhere")
+    for group in ("gateway-replies", "case-system"):
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        await redis.xgroup_createconsumer(stream, group, "host-101-w0")
+    await redis.xadd(stream, {"x": "1"})
+    await redis.xreadgroup("gateway-replies", "host-102-w1", {stream: ">"}, count=1)
+    await asyncio.sleep(0.3)
+    assert gw.keeper is not None
+    gw.keeper.consumer_idle_s = 0.2
+    gw.keeper.consumers_every_s = 0.0
+    await gw.keeper.check()
+
+    def names(group: str) -> list[str]:
+        return sorted(c["name"].decode() for c in consumers[group])
+
+    groups = ("gateway-replies", "case-system")
+    consumers = {g: await redis.xinfo_consumers(stream, g) for g in groups}
+    assert names("gateway-replies") == ["host-102-w1"]  # its entry is pending: kept
+    assert names("case-system") == ["host-101-w0"]
