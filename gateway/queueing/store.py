@@ -271,7 +271,8 @@ class RedisQueue:
             k.contacts,
             k.events,
             # encoded here, so a key that is not valid UTF-8 fails this contact alone
-            k.dedupe(inbound.adapter, inbound.external_id or p.id).encode(),
+            # the peer's id may hold a number (CMPP's ``cmpp:<msg_id>:<number>``): pseudonym
+            k.dedupe(inbound.adapter, self.pseudonym(inbound.external_id or p.id)).encode(),
             k.sender(sender).encode(),
             k.contact(p.id),
             k.deadlines,

@@ -259,7 +259,8 @@ async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(
 ):
     gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
     # a key of the wrong type makes the intake script fail for exactly one contact
-    await gw.redis.hset(gw.keys.dedupe("test", "p2"), "not", "a string")
+    await gw.queue.load_pseudonym_key()  # dedupe keys are named by the id's pseudonym
+    await gw.redis.hset(gw.keys.dedupe("test", gw.queue.pseudonym("p2")), "not", "a string")
     own_redis.stop_sync()
     for i in range(5):
         assert (await gw.intake.submit(inbound(external_id=f"p{i}"))).status == "spooled"

@@ -85,7 +85,8 @@ async def test_an_unencodable_key_or_text_is_invalid_alone(start_gateway):
 async def test_a_contact_redis_refuses_fails_alone_and_is_not_an_outage(start_gateway):
     gw = await start_gateway()
     # a key of the wrong type makes the intake script fail for exactly this contact
-    await gw.redis.hset(gw.keys.dedupe("test", "refused"), "not", "a string")
+    await gw.queue.load_pseudonym_key()  # dedupe keys are named by the id's pseudonym
+    await gw.redis.hset(gw.keys.dedupe("test", gw.queue.pseudonym("refused")), "not", "a string")
     results = await asyncio.gather(
         gw.intake.submit(_inbound("refused")),
         *(gw.intake.submit(_inbound(f"g{i}")) for i in range(20)),

@@ -361,7 +361,7 @@ class Assembler:
 
     async def _add_shared(self, part: Part, state: SharedState) -> Added:
         key, _ = await _parts_keys(state, part.group)
-        if await state.get(_done_key(part.external_id)) is not None:
+        if await state.get(await _done_key(state, part.external_id)) is not None:
             return Added(stored=False)
         held = await _held_shared(state, part.group)
         same = held.get(part.seq)
@@ -404,7 +404,7 @@ class Assembler:
         ttl_s = self.remember_us / MICROS_PER_SECOND
         try:
             for p in ordered:
-                await state.put(_done_key(p.external_id), b"1", ttl_s)
+                await state.put(await _done_key(state, p.external_id), b"1", ttl_s)
             left = [await state.hash_remove(k, *(str(s) for s in held)) for k in keys]
             if sum(left) == 0:
                 await state.hash_remove("open", group)
@@ -531,8 +531,9 @@ async def _held_shared(state: SharedState, group: str) -> dict[int, Part]:
     return held
 
 
-def _done_key(external_id: str) -> str:
-    return f"done:{external_id}"
+async def _done_key(state: SharedState, external_id: str) -> str:
+    """A part already handed over, by the pseudonym of its id (CMPP's holds the number)."""
+    return f"done:{await state.private(external_id)}"
 
 
 def _parse(fields: dict[str, bytes]) -> dict[int, Part]:

@@ -74,6 +74,14 @@ async def test_long_mo_by_tp_udhi_out_of_order(ismg: Ismg, start_gateway: Any) -
         assert (await ismg.deliver(**mo(udh + chunks[n - 1], 8, 100 + n, tp_udhi=1)))[1] == 0
     contacts = await eventually(gw.read_contacts)
     assert [c.text for c in contacts] == ["第一段，第二段🙂结束"]
+    # one part of another long message held, a single one taken: no key names the number
+    udh = bytes([5, 0, 3, 10, 2, 1])
+    assert (await ismg.deliver(**mo(udh + raw[:10], 8, 200, tp_udhi=1)))[1] == 0
+    assert (await ismg.deliver(**mo(b"single", 0, 201)))[1] == 0
+    tag = gw.keys.tag.encode()  # (the test's prefix holds "[": no MATCH pattern)
+    names = [n async for n in gw.redis.scan_iter(count=1000) if n.startswith(tag)]
+    assert [n for n in names if b":dedupe:" in n]  # CMPP's id is cmpp:<msg_id>:<number>
+    assert [n for n in names if PHONE[-8:].encode() in n] == []
 
 
 async def test_reply_and_status_reports(ismg: Ismg, start_gateway: Any) -> None:
