@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.testing.contract import Delivery, Outcome, ProviderAnswer
+from gateway.testing.contract import Delivery, KitAdapter, Outcome, ProviderAnswer
 
 if TYPE_CHECKING:
     from gateway.server.runtime import Gateway
@@ -91,7 +91,7 @@ def header_uniqueid(header: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class AgiKit:
+class AgiKit(KitAdapter):
     """How the kit reaches one FastAGI adapter listening on ``port_of(adapter)``.
 
     ``header(message_id, text)`` is a call's header block (by default from ``phone`` to
@@ -113,13 +113,6 @@ class AgiKit:
     name: str = "kit"
     until_ready: Callable[[Gateway], Awaitable[None]] | None = None
     port_of: Callable[[Any], int] = lambda adapter: int(adapter.port)
-
-    def adapters(self, **extra: Any) -> dict[str, dict[str, Any]]:
-        return {self.name: {"type": self.type, **self.table, **extra}}
-
-    async def ready(self, gateway: Gateway) -> None:
-        if self.until_ready is not None:
-            await self.until_ready(gateway)
 
     def header(self, message_id: str, text: str) -> bytes:
         return header_block(message_id, self.phone, self.dnid)

@@ -97,8 +97,25 @@ def _ok(status: int) -> bool:
     return 200 <= status < 300
 
 
+class KitAdapter:
+    """What every kit does alike: the adapter table that starts its adapter under ``name``,
+    and the wait until that adapter takes input (``until_ready``, if the kit has one)."""
+
+    type: str
+    table: Mapping[str, Any]
+    name: str
+    until_ready: Callable[[Gateway], Awaitable[None]] | None
+
+    def adapters(self, **extra: Any) -> dict[str, dict[str, Any]]:
+        return {self.name: {"type": self.type, **self.table, **extra}}
+
+    async def ready(self, gateway: Gateway) -> None:
+        if self.until_ready is not None:
+            await self.until_ready(gateway)
+
+
 @dataclass(frozen=True)
-class WebhookKit:
+class WebhookKit(KitAdapter):
     """How the kit reaches one HTTP webhook adapter.
 
     ``inbound(message_id, text)`` builds a valid, authenticated request for one new message
@@ -124,13 +141,6 @@ class WebhookKit:
     name: str = "kit"
     until_ready: Callable[[Gateway], Awaitable[None]] | None = None
 
-    def adapters(self, **extra: Any) -> dict[str, dict[str, Any]]:
-        return {self.name: {"type": self.type, **self.table, **extra}}
-
-    async def ready(self, gateway: Gateway) -> None:
-        if self.until_ready is not None:
-            await self.until_ready(gateway)
-
     def _delivery(self, status: int, body: bytes) -> Delivery:
         outcome: Outcome = ("ok" if _ok(status) else "retry" if status in self.retry_later
                             else "refused" if 400 <= status < 500 else "other")
@@ -149,7 +159,7 @@ class WebhookKit:
 
 
 @dataclass(frozen=True)
-class PeerKit:
+class PeerKit(KitAdapter):
     """A kit for any protocol, as callables: ``send(gateway, message_id, text)`` delivers one
     message as the peer does; ``bad`` are callables that each deliver one input the adapter
     must refuse. Both answer a ``Delivery``. ``until_ready`` waits until a started adapter
@@ -165,13 +175,6 @@ class PeerKit:
     reply_answer: ProviderAnswer = field(default_factory=ProviderAnswer)
     name: str = "kit"
     until_ready: Callable[[Gateway], Awaitable[None]] | None = None
-
-    def adapters(self, **extra: Any) -> dict[str, dict[str, Any]]:
-        return {self.name: {"type": self.type, **self.table, **extra}}
-
-    async def ready(self, gateway: Gateway) -> None:
-        if self.until_ready is not None:
-            await self.until_ready(gateway)
 
     async def deliver(self, gateway: Gateway, message_id: str, text: str) -> Delivery:
         return await self.send(gateway, message_id, text)

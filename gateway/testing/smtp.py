@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
-from gateway.testing.contract import Delivery, Outcome, ProviderAnswer
+from gateway.testing.contract import Delivery, KitAdapter, Outcome, ProviderAnswer
 
 if TYPE_CHECKING:
     from gateway.server.runtime import Gateway
@@ -74,7 +74,7 @@ async def session(port: int, commands: Sequence[bytes], data: bytes | None = Non
 
 
 @dataclass(frozen=True)
-class SmtpKit:
+class SmtpKit(KitAdapter):
     """How the kit reaches one SMTP adapter listening on ``port_of(adapter)``.
 
     ``message(message_id, text)`` is the message delivered (by default a plain UTF-8 mail from
@@ -96,13 +96,6 @@ class SmtpKit:
     name: str = "kit"
     until_ready: Callable[[Gateway], Awaitable[None]] | None = None
     port_of: Callable[[Any], int] = lambda adapter: int(adapter.port)
-
-    def adapters(self, **extra: Any) -> dict[str, dict[str, Any]]:
-        return {self.name: {"type": self.type, **self.table, **extra}}
-
-    async def ready(self, gateway: Gateway) -> None:
-        if self.until_ready is not None:
-            await self.until_ready(gateway)
 
     def message(self, message_id: str, text: str) -> bytes:
         mail = EmailMessage()
