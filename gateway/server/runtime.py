@@ -164,7 +164,11 @@ class Gateway:
         app = build_app(s.http.max_body, self.metrics)
         api_keys = ApiKeys(s.api)
         core = CoreRoutes(
-            self._ready, self._render_metrics, self.attachments, api_keys, s.http.metrics_token
+            self._instance_ready,
+            self._render_metrics,
+            self.attachments,
+            api_keys,
+            s.http.metrics_token,
         )
         core.register(app.router, with_metrics=s.http.metrics_listen is None)
         if s.http.metrics_listen is not None:  # /metrics off the webhook port
@@ -332,6 +336,11 @@ class Gateway:
         if self.replies is not None and self.replies.held:
             detail["replies_held"] = dict(self.replies.held)  # shown, not a reason to fail
         return (redis_ok or spool_ok) and loops_ok and not refusing, detail
+
+    async def _instance_ready(self) -> tuple[bool, dict[str, object]]:
+        if self.endpoint is not None:  # every worker's, each under "workers"
+            return await self.endpoint.ready_all()
+        return await self._ready()
 
     async def _render_metrics(self) -> bytes:
         if self.endpoint is not None:  # every worker's, labelled

@@ -38,7 +38,9 @@ instances.
 ``<data_dir>/run/worker-K.sock``. Whichever worker answers a scrape of ``/metrics`` (the kernel
 picks one) asks every other worker there and returns all of them, each series with a
 ``worker="K"`` label: one scrape target as before, counters of each process kept apart (a
-restarted worker's reset is a normal counter reset), per-worker CPU and balance visible. The
+restarted worker's reset is a normal counter reset), per-worker CPU and balance visible.
+``/readyz`` on the shared port answers the same way for the whole instance: ready when every
+worker is, each worker's own answer under ``workers`` (``WorkerEndpoint.ready_all``). The
 multiprocess mode of prometheus_client was not taken: it needs its folder before the metrics
 exist, does not carry the process, GC and custom collectors, and keeps the files of dead
 processes.
@@ -545,20 +547,63 @@ class WorkerEndpoint:
         texts = {self.role.slot: await self.own_metrics()}
         others = [k for k in range(self.role.count) if k != self.role.slot]
         if others:
-            results = await asyncio.gather(*(self._fetch(k) for k in others))
-            texts.update({k: t for k, t in zip(others, results, strict=True) if t is not None})
+            results = await asyncio.gather(*(self._fetch(k, "/metrics") for k in others))
+            texts.update(
+                {k: r[1] for k, r in zip(others, results, strict=True) if r and r[0] == 200}
+            )
         return merge_metrics(texts)
 
-    async def _fetch(self, slot: int) -> bytes | None:
-        path = self.role.socket_path(self.data_dir, slot)
+    async def ready_all(self) -> tuple[bool, dict[str, object]]:
+        """The instance's readiness for the shared port's ``/readyz``: ready only when every
+        worker answers (within a second) and is ready, since the kernel gives each listening
+        worker its share of new connections. Each worker's own answer is under ``workers``
+        (``"ready"`` added; a worker that does not answer shows ``{"ready": false, "answering":
+        false}``); at the top: ``redis`` and ``spool`` true when true in every answering worker,
+        ``spool_depth`` summed, ``leases`` (name: fencing token) of all workers, and ``backlog``
+        and ``replies_held`` (of the shared Redis) as this worker sees them."""
+        ok, own = await self.own_ready()
+        workers: dict[int, dict[str, Any]] = {
+            self.role.slot: {"ready": ok, "worker": {"slot": self.role.slot, "pid": os.getpid()},
+                             **own}
+        }
+        others = [k for k in range(self.role.count) if k != self.role.slot]
+        results = await asyncio.gather(*(self._fetch(k, "/readyz") for k in others))
+        for slot, result in zip(others, results, strict=True):
+            detail: dict[str, Any] = {"ready": False, "answering": False}
+            if result is not None:
+                with contextlib.suppress(ValueError):
+                    answer = json.loads(result[1])
+                    if isinstance(answer, dict):
+                        detail = {"ready": result[0] == 200, **answer}
+            workers[slot] = detail
+        answering = [d for d in workers.values() if d.get("answering", True)]
+        leases: dict[str, object] = {}
+        for d in answering:
+            leases.update(d.get("leases") or {})
+        summary: dict[str, object] = {
+            "redis": all(d.get("redis") is True for d in answering),
+            "spool": all(d.get("spool") is True for d in answering),
+            "spool_depth": sum(int(d.get("spool_depth") or 0) for d in answering),
+            "leases": dict(sorted(leases.items())),
+            "workers": {str(k): workers[k] for k in sorted(workers)},
+        }
+        for shared in ("backlog", "replies_held"):  # of the shared Redis: one worker's is all's
+            if shared in own:
+                summary[shared] = own[shared]
+        return all(d["ready"] for d in workers.values()), summary
+
+    async def _fetch(self, slot: int, path: str) -> tuple[int, bytes] | None:
+        """(status, body) of ``path`` asked of worker ``slot``, or None when it does not
+        answer within a second."""
+        socket_path = self.role.socket_path(self.data_dir, slot)
         try:
-            connector = aiohttp.UnixConnector(path=str(path))
+            connector = aiohttp.UnixConnector(path=str(socket_path))
             timeout = aiohttp.ClientTimeout(total=1.0)
             async with (
                 aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.get("http://worker/metrics") as resp,
+                session.get(f"http://worker{path}") as resp,
             ):
-                return await resp.read() if resp.status == 200 else None
+                return resp.status, await resp.read()
         except (OSError, aiohttp.ClientError, TimeoutError):
             return None
 

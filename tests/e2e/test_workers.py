@@ -220,6 +220,58 @@ async def test_two_workers_share_each_port_and_sigterm_leaves_no_process(tmp_pat
         gw.kill()
 
 
+async def test_readyz_on_the_shared_port_answers_for_every_worker(tmp_path):
+    """The shared port's /readyz answered for whichever worker took the connection, so a
+    stopped or unready worker was seen only by the probes the kernel happened to give it. Now
+    any worker answers for the instance: each worker's own state under ``workers``, 503 while
+    one of them does not answer (here: SIGSTOPped), 200 again once it does."""
+    gw = Workers(tmp_path)
+    gw.start()
+    try:
+        pids = await gw.wait_serving()
+
+        async def readyz() -> tuple[int, dict[str, Any]] | None:
+            try:
+                async with (
+                    aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(force_close=True),
+                        timeout=aiohttp.ClientTimeout(total=3),
+                    ) as session,
+                    session.get(f"http://127.0.0.1:{gw.http}/readyz") as resp,
+                ):
+                    return resp.status, await resp.json()
+            except (aiohttp.ClientError, TimeoutError):  # taken by the stopped worker
+                return None
+
+        for _ in range(8):  # new connections: both workers answer some of them
+            status, body = await eventually(readyz)
+            assert status == 200 and body["status"] == "ready", body
+            workers = body["workers"]
+            assert {k: w["worker"]["pid"] for k, w in workers.items()} == {
+                str(k): pid for k, pid in pids.items()
+            }
+            assert all(w["ready"] and w["redis"] and w["spool"] for w in workers.values())
+            assert body["redis"] is True and body["spool_depth"] == 0
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            status, body = await eventually(readyz, timeout_s=60)
+            assert status == 503 and body["status"] == "unready", body
+            assert body["workers"]["1"] == {"ready": False, "answering": False}
+            assert body["workers"]["0"]["ready"] is True
+            assert body["workers"]["0"]["worker"]["pid"] == pids[0]
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+
+        async def ready_again() -> bool:
+            answer = await readyz()
+            return answer is not None and answer[0] == 200
+
+        await eventually(ready_again, timeout_s=60)
+        assert gw.stop() == 0
+    finally:
+        gw.kill()
+
+
 async def test_ctrl_c_stops_the_workers_then_valkey_and_leaves_no_process(tmp_path):
     """A terminal's Ctrl-C is SIGINT to the whole foreground process group: the parent, its
     workers and (before the fix) the embedded Valkey, which then died under the draining
