@@ -11,16 +11,24 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import re
 import threading
+import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from gateway.queueing.batching import Coalescer
 from gateway.records import Attachment, repair_text
 
+log = logging.getLogger(__name__)
+
 REF_PREFIX = "/v1/attachments/"
+HOLD_LIMIT = 256 * 1024
+"""Files up to this size may be held in Redis by ``keep`` instead of waiting for their own file."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 OCTET_STREAM = "application/octet-stream"
@@ -34,6 +42,21 @@ def media_type(content_type: str) -> str:
 
 class AttachmentTooLarge(Exception):
     """The file is larger than the configured bound."""
+
+
+class Holder(Protocol):
+    """Durable storage for small files until their own files are written: the gateway's Redis
+    (``gateway.queueing.held.RedisHolder``); a value is the media type, a newline, the bytes."""
+
+    async def hold(self, files: Mapping[str, bytes]) -> None:
+        """Store every value under its sha256, durably when this returns (or raise)."""
+
+    async def fetch(self, digest: str) -> bytes | None: ...
+
+    async def release(self, digests: Sequence[str]) -> None: ...
+
+    async def held(self) -> list[str]:
+        """The digests held now."""
 
 
 class AttachmentStore:
@@ -55,6 +78,18 @@ class AttachmentStore:
         self._writer: Coalescer[_File, Attachment | Exception] = Coalescer(
             self._write_group, max_batch=max_batch, max_inflight=2
         )
+        self._holder: Holder | None = None
+        self._hold_limit = 0
+        self._hold_timeout = 5.0
+        self._holder_down_until = 0.0
+        self._behind: set[asyncio.Task[None]] = set()
+        """Files held in Redis being written to disk (``keep``)."""
+
+    def hold_in(self, holder: Holder, *, limit: int = HOLD_LIMIT, timeout: float = 5.0) -> None:
+        """Let ``keep`` hold files up to ``limit`` bytes in ``holder`` (see ``keep``)."""
+        self._holder = holder
+        self._hold_limit = min(limit, self.max_size)
+        self._hold_timeout = timeout
 
     def path_for(self, sha256: str) -> Path:
         """Return where the bytes of ``sha256`` live; raise ValueError for a malformed hash."""
@@ -115,20 +150,25 @@ class AttachmentStore:
             ]
         return out
 
-    def _stage(
-        self, data: bytes, name: str, content_type: str, staged: dict[str, _Staged]
-    ) -> Attachment:
-        """Write the file (and its type) under temporary names if new, not yet fsynced."""
+    def describe(self, data: bytes, name: str, content_type: str) -> Attachment:
+        """The Attachment ``data`` is stored as (raise AttachmentTooLarge); nothing written."""
         if len(data) > self.max_size:
             raise AttachmentTooLarge(f"{len(data)} bytes > {self.max_size}")
         digest = hashlib.sha256(data).hexdigest()
-        attachment = Attachment(
+        return Attachment(
             name=_safe_name(name),
             content_type=content_type or "application/octet-stream",
             size=len(data),
             sha256=digest,
             ref=REF_PREFIX + digest,
         )
+
+    def _stage(
+        self, data: bytes, name: str, content_type: str, staged: dict[str, _Staged]
+    ) -> Attachment:
+        """Write the file (and its type) under temporary names if new, not yet fsynced."""
+        attachment = self.describe(data, name, content_type)
+        digest = attachment.sha256
         target = self.path_for(digest)
         folder = target.parent
         file = staged.get(digest)
@@ -187,6 +227,138 @@ class AttachmentStore:
 
     async def _write_group(self, items: list[_File]) -> list[Attachment | Exception]:
         return await asyncio.to_thread(self.put_many_sync, items)
+
+    async def keep(self, items: Sequence[_File]) -> list[Attachment | Exception]:
+        """Make ``items`` durable the quickest way; each result as ``submit``'s.
+
+        Files up to the hold limit (``hold_in``) whose file does not exist yet are held in the
+        holder (Redis: one durable write, its ``appendfsync always``) and written to their own
+        files after this returns, then released; the consumer API serves them from the holder
+        meanwhile (``held``), and ``write_held`` writes what a killed process left held. Larger
+        files, and every file while the holder fails, are written to disk (``submit``) before
+        this returns."""
+        out: list[Attachment | Exception | None] = [None] * len(items)
+        to_hold: dict[str, bytes] = {}
+        held_at: list[int] = []
+        holder = self._holder
+        if holder is not None and time.monotonic() >= self._holder_down_until:
+            for i, (data, name, content_type) in enumerate(items):
+                if len(data) > self._hold_limit:
+                    continue
+                attachment = self.describe(data, name, content_type)
+                out[i] = attachment
+                digest = attachment.sha256
+                if digest not in to_hold and not self.path_for(digest).exists():
+                    to_hold[digest] = media_type(content_type).encode() + b"\n" + data
+                    held_at.append(i)
+        if to_hold:
+            assert holder is not None
+            try:
+                await asyncio.wait_for(holder.hold(to_hold), self._hold_timeout)
+            except Exception as exc:  # Redis away: the files themselves, before the answer
+                log.info("attachments: not held (%s), written first", type(exc).__name__)
+                self._holder_down_until = time.monotonic() + 1.0
+                for i in held_at:
+                    out[i] = None
+                held_at = []
+        to_put = [i for i, result in enumerate(out) if result is None]
+        if to_put:
+            written = await asyncio.gather(*(self.submit(*items[i]) for i in to_put))
+            for i, result in zip(to_put, written, strict=True):
+                out[i] = result
+        if held_at:
+            self._spawn_behind([items[i] for i in held_at])
+        return [r for r in out if r is not None]
+
+    def _spawn_behind(self, items: list[_File]) -> None:
+        task = asyncio.get_running_loop().create_task(self._write_behind(items))
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    async def _write_behind(self, items: list[_File]) -> None:
+        """Write held files to disk (one group commit with others), then release them."""
+        results = await asyncio.gather(*(self.submit(*item) for item in items))
+        done = [r.sha256 for r in results if isinstance(r, Attachment)]
+        for r in results:
+            if isinstance(r, Exception):  # still held: written again at the next start
+                log.warning("attachments: held file not written: %s", r)
+        if done and self._holder is not None:
+            try:
+                await self._holder.release(done)
+            except Exception as exc:  # written again later: the same bytes, the same name
+                log.info("attachments: held files not released (%s)", type(exc).__name__)
+
+    async def _fetch_held(self, sha256: str) -> _File | None:
+        if self._holder is None or not _SHA256.fullmatch(sha256):
+            return None
+        value = await self._holder.fetch(sha256)
+        if value is None:
+            return None
+        kind, _, data = value.partition(b"\n")
+        return data, "held", kind.decode("ascii", "replace")
+
+    async def held(self, sha256: str) -> tuple[bytes, str] | None:
+        """The bytes and media type of a file held and not yet on disk, or None; a file found
+        held is written to disk in the background."""
+        found = await self._fetch_held(sha256)
+        if found is None:
+            return None
+        self._spawn_behind([found])
+        return found[0], media_type(found[2])
+
+    async def load(self, sha256: str) -> bytes:
+        """The bytes of a stored or held file; raise FileNotFoundError or ValueError."""
+        try:
+            return await asyncio.to_thread(self.read, sha256)
+        except FileNotFoundError:
+            found = await self.held(sha256)
+            if found is None:
+                raise
+            return found[0]
+
+    async def ensure(self, sha256: str) -> bool:
+        """Whether the file of ``sha256`` is on disk, written first if it is held."""
+        if self.path_for(sha256).is_file():
+            return True
+        found = await self._fetch_held(sha256)
+        if found is None:
+            return False
+        await self._write_behind([found])
+        return self.path_for(sha256).is_file()
+
+    async def write_held(self) -> int:
+        """Write every file left held (a process killed between ``keep`` and its files) to
+        disk and release it; return how many."""
+        if self._holder is None:
+            return 0
+        digests = await self._holder.held()
+        for start in range(0, len(digests), 32):
+            chunk = digests[start : start + 32]
+            found = await asyncio.gather(*(self._fetch_held(d) for d in chunk))
+            await self._write_behind([f for f in found if f is not None])
+        return len(digests)
+
+    def start_writing_held(self) -> None:
+        """``write_held`` in the background (at start: what a killed process left held)."""
+
+        async def run() -> None:
+            try:
+                count = await self.write_held()
+            except Exception as exc:  # Redis away: written on first read or the next start
+                log.warning("attachments: held files not written at start (%s)", exc)
+            else:
+                if count:
+                    log.info("attachments: %d held files written at start", count)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    async def close(self) -> None:
+        """Let the files being written after ``keep`` finish, for at most 10 s (those left
+        stay held)."""
+        if self._behind:
+            await asyncio.wait(set(self._behind), timeout=10.0)
 
     def content_type(self, path: Path) -> str:
         """The stored content type of the file at ``path`` (octet-stream when none was given)."""

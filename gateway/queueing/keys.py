@@ -87,6 +87,11 @@ class Keys:
         """Shared state with expiry (``SharedState``) of one scope, usually an adapter."""
         return f"{self.tag}:state:{_short(scope)}:{_short(key)}"
 
+    def held_files(self, store: str) -> str:
+        """Hash: files of one attachment store (``store``: a digest of host and folder) held
+        by sha256 until they are written to their own files (``gateway/queueing/held.py``)."""
+        return f"{self.tag}:held:{_short(store)}"
+
     def agg_bucket(self, unit: str, start_s: int) -> str:
         """Hash: service-level counters of the contacts received in one minute (``m``) or
         hour (``h``) starting at ``start_s`` (``gateway/cases/dashboard/aggregates.py``)."""

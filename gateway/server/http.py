@@ -203,15 +203,15 @@ class CoreRoutes:
             path = self.attachments.path_for(request.match_info["sha256"])
         except ValueError:
             return problem(400, "not a sha256 digest")
-        if not path.is_file():
-            return problem(404, "no such attachment")
+        # never rendered by a browser on our origin
+        headers = {"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"}
+        if not path.is_file():  # a small mail's file may be written just after its 250
+            held = await self.attachments.held(path.name)
+            if held is None:
+                return problem(404, "no such attachment")
+            return web.Response(body=held[0], headers={"Content-Type": held[1], **headers})
         return web.FileResponse(
-            path,
-            headers={
-                "Content-Type": self.attachments.content_type(path),
-                "Content-Disposition": "attachment",  # never rendered by a browser on our origin
-                "X-Content-Type-Options": "nosniff",
-            },
+            path, headers={"Content-Type": self.attachments.content_type(path), **headers}
         )
 
 

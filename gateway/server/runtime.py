@@ -22,6 +22,7 @@ from gateway.contact.sla import SlaPolicy
 from gateway.queueing.backlog import StreamKeeper
 from gateway.queueing.coordination import Leases, SharedState
 from gateway.queueing.embedded import EmbeddedRedis
+from gateway.queueing.held import RedisHolder
 from gateway.queueing.intake import Intake
 from gateway.queueing.keys import Keys
 from gateway.queueing.spool import Spool
@@ -125,6 +126,10 @@ class Gateway:
             self.redis_url = self.embedded.url
             self.supervisor.spawn("embedded-redis", self.embedded.keep_running, backoff=(0.5, 10.0))
         self.redis = connect(s.redis, self.redis_url)
+        self.attachments.hold_in(
+            RedisHolder(self.redis, self.keys, self.attachments.root),
+            timeout=float(s.redis.write_timeout),
+        )
         self.queue = RedisQueue(
             self.redis,
             self.keys,
@@ -161,6 +166,7 @@ class Gateway:
             self.intake.redis_up = False
         else:
             await self._warn_if_not_durable()
+            self.attachments.start_writing_held()
         app = build_app(s.http.max_body, self.metrics)
         api_keys = ApiKeys(s.api)
         core = CoreRoutes(
@@ -276,6 +282,8 @@ class Gateway:
             steps.append(("http", self.http.stop))
         if self.metrics_http is not None:
             steps.append(("metrics http", self.metrics_http.stop))
+        if hasattr(self, "attachments"):
+            steps.append(("attachments written after the answer", self.attachments.close))
         if hasattr(self, "intake"):
             steps.append(("intake", self.intake.close))
         if hasattr(self, "redis"):

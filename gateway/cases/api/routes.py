@@ -405,7 +405,7 @@ class ConsumerApi:
             path = self.attachments.path_for(digest)
         except ValueError as exc:
             raise ApiProblem(400, f"{where}.sha256: not a sha256 digest") from exc
-        if not path.is_file():
+        if not await self.attachments.ensure(digest):  # held: written now
             raise ApiProblem(404, f"{where}.sha256: no such stored attachment")
         size = path.stat().st_size
         if not size:

@@ -81,35 +81,38 @@ class EmailAdapter:
         """Make one received message durable; return its contact id (raises IntakeUnavailable)."""
         received_at = self.ctx.clock.now_us()
         raw = trace_headers(envelope, self.listener.hostname, received_at) + raw
-        # File writes go to the attachment store's group commit (a thread, one round of fsync
-        # for the files of concurrent sessions); parsing stays on the loop unless the message
-        # is large: a parsing thread would hold the GIL for whole switch intervals and stall
-        # every other session.
+        # The raw message and the files of a small mail are held in Redis (one durable write)
+        # and written to their own files after the 250; larger ones go to the store's group
+        # commit (a thread, one round of fsync for the files of concurrent sessions), see
+        # AttachmentStore.keep. Parsing stays on the loop unless the message is large: a
+        # parsing thread would hold the GIL for whole switch intervals and stall every other
+        # session.
         store = self.ctx.attachments
-        raw_write = store.submit(raw, "message.eml", "message/rfc822")
-        try:
-            if len(raw) > INLINE_PARSE_LIMIT or raw.count(b"\n--") > INLINE_PARSE_PARTS:
+        raw_item = (raw, "message.eml", "message/rfc822")
+        if len(raw) > INLINE_PARSE_LIMIT or raw.count(b"\n--") > INLINE_PARSE_PARTS:
+            raw_kept = asyncio.ensure_future(store.keep([raw_item]))
+            try:
                 result = await asyncio.to_thread(normalize, raw, envelope, self.options)
-            else:
-                result = normalize(raw, envelope, self.options)
-        finally:
-            raw_result = await raw_write
+            finally:
+                (raw_result,) = await raw_kept
+            stored = await store.keep([(p.data, p.name, p.content_type) for p in result.parts])
+        else:
+            result = normalize(raw, envelope, self.options)
+            raw_result, *stored = await store.keep(
+                [raw_item, *((p.data, p.name, p.content_type) for p in result.parts)]
+            )
         if isinstance(raw_result, Exception):
             raise raw_result
         raw_file = raw_result
         files: list[tuple[str | None, bool, Attachment]] = []
         skipped: list[str] = []
-        if result.parts:
-            stored = await asyncio.gather(
-                *(store.submit(p.data, p.name, p.content_type) for p in result.parts)
-            )
-            for part, outcome in zip(result.parts, stored, strict=True):
-                if isinstance(outcome, AttachmentTooLarge):  # the raw message still holds it
-                    skipped.append(f"{part.name}: too large for the attachment store")
-                elif isinstance(outcome, Exception):
-                    raise outcome
-                else:
-                    files.append((part.content_id, part.inline, outcome))
+        for part, outcome in zip(result.parts, stored, strict=True):
+            if isinstance(outcome, AttachmentTooLarge):  # the raw message still holds it
+                skipped.append(f"{part.name}: too large for the attachment store")
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                files.append((part.content_id, part.inline, outcome))
         meta: dict[str, Any] = {
             "smtp": {
                 "mail_from": envelope.mail_from,
@@ -253,7 +256,7 @@ class EmailAdapter:
         files: list[OutFile] = []
         for a in reply.attachments:
             try:
-                data = await asyncio.to_thread(self.ctx.attachments.read, a.sha256)
+                data = await self.ctx.attachments.load(a.sha256)
             except (OSError, ValueError) as exc:
                 raise SendError(f"attachment {a.sha256[:12]} unavailable", retryable=False) from exc
             files.append(OutFile(a.name, a.content_type, data))

@@ -9,6 +9,7 @@ import re
 import smtplib
 import socket
 import ssl
+import threading
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -74,8 +75,8 @@ async def test_whole_corpus_over_one_connection(start_mailbox):
         assert contact.deadline.due_at - contact.received_at == 24 * 3600 * 1_000_000
         assert [a.name for a in contact.attachments] == [name for name, _ in case.files]
         for a in contact.attachments:
-            assert hashlib.sha256(gw.attachments.read(a.sha256)).hexdigest() == a.sha256
-        raw = gw.attachments.read(contact.meta["raw"]["sha256"])
+            assert hashlib.sha256(await gw.attachments.load(a.sha256)).hexdigest() == a.sha256
+        raw = await gw.attachments.load(contact.meta["raw"]["sha256"])
         trace, _, received = raw.partition(b"Return-Path: <citizen@example.org>\r\nReceived")
         assert trace == b"" and received.startswith(b": from client.example.org ([127.0.0.1])")
         assert f"by {hostname} with ESMTP; ".encode() in received.split(b"\r\n", 2)[1]
@@ -243,7 +244,7 @@ async def test_unparseable_message_is_kept_flagged_and_the_next_one_flows(start_
     flagged, good = await gw.read_contacts()
     assert flagged.meta["parse_error"].startswith("RecursionError")
     assert [a.name for a in flagged.attachments] == ["message.eml"]
-    assert hostile[:200] in gw.attachments.read(flagged.attachments[0].sha256)
+    assert hostile[:200] in await gw.attachments.load(flagged.attachments[0].sha256)
     assert flagged.sender.address == "citizen@example.org"
     assert good.subject == "Streetlight broken on Renmin Road"
 
@@ -313,7 +314,7 @@ async def test_starttls_required_when_configured(start_mailbox, certificate):
     offered, refused, cipher = await asyncio.to_thread(session)
     assert offered and refused == 530 and cipher.startswith("TLS")
     (contact,) = await gw.read_contacts()
-    assert b" with ESMTPS; " in gw.attachments.read(contact.meta["raw"]["sha256"])[:300]
+    assert b" with ESMTPS; " in (await gw.attachments.load(contact.meta["raw"]["sha256"]))[:300]
 
 
 async def test_pipelined_commands_are_answered_in_order(start_mailbox):
@@ -519,3 +520,44 @@ async def test_headers_with_bytes_that_are_not_utf8_are_taken_repaired(start_mai
     assert contact.id == first and contact.text.startswith("The light at gate 3")
     assert contact.external_id.startswith("<bad") and contact.external_id.endswith("@example.org>")
     assert gw.intake.redis_up and gw.spool.depth == 0
+
+
+async def test_250_waits_for_redis_not_for_the_disk(start_mailbox, aiohttp_client_session):
+    """A small mail's 250 waits for one durable write, its raw message in Redis: with the
+    attachment store's disk writes stalled the 250 still arrives, the consumer API serves the
+    raw message from Redis, and once the disk answers the file is written and Redis let go."""
+    from gateway.queueing.held import store_name
+
+    gw = await start_mailbox()
+    store = gw.attachments
+    disk = threading.Event()
+    write = store.put_many_sync
+
+    def stalled(items: list[tuple[bytes, str, str]]) -> list[object]:  # a disk not answering
+        disk.wait()
+        return write(items)
+
+    store.put_many_sync = stalled  # type: ignore[method-assign]
+    raw = (FIXTURES / CASES[0].file).read_bytes()
+    try:
+        contact_id = await asyncio.to_thread(send, gw.adapters["mail"].port, raw)
+        (contact,) = [c for c in await gw.read_contacts() if c.id == contact_id]
+        digest = contact.meta["raw"]["sha256"]
+        assert not store.path_for(digest).exists()
+        held = gw.keys.held_files(store_name(store.root))
+        assert (await gw.redis.hget(held, digest)).endswith(raw)
+        url = f"http://127.0.0.1:{gw.http_port}/v1/attachments/{digest}"
+        async with aiohttp_client_session.get(url) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "message/rfc822"
+            served = await resp.read()
+        assert hashlib.sha256(served).hexdigest() == digest and served.endswith(raw)
+    finally:
+        disk.set()
+
+    async def written() -> bool:
+        return store.path_for(digest).is_file() and not await gw.redis.hexists(held, digest)
+
+    await eventually(written)
+    assert store.read(digest) == served
+    assert store.content_type(store.path_for(digest)) == "message/rfc822"
