@@ -16,6 +16,15 @@ class Coalescer(Generic[T, R]):
     While ``max_inflight`` batches are being processed, new items wait and join the next batch,
     so the batch size grows with the load and a lone caller is never delayed by a timer.
     ``process`` returns one result per item, or raises to fail the whole batch.
+
+    ``timeout``: one deadline per batch, not one per caller: a batch is processed under a
+    deadline of its oldest item's submission plus ``timeout`` (items are taken in order), so no
+    item waits longer than ``timeout`` for its outcome, and a batch that misses its deadline
+    fails every item with ``TimeoutError``.
+
+    ``orphan``: a caller that gives up cancels its future, not the item (the batch goes on);
+    ``orphan(item, result, error)`` is then called with the item's outcome once it is known
+    (``error`` when the batch raised), so that the owner can settle it.
     """
 
     def __init__(
@@ -24,11 +33,15 @@ class Coalescer(Generic[T, R]):
         *,
         max_batch: int = 256,
         max_inflight: int = 2,
+        timeout: float | None = None,
+        orphan: Callable[[T, R | None, Exception | None], None] | None = None,
     ) -> None:
         self._process = process
         self._max_batch = max_batch
         self._max_inflight = max_inflight
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._timeout = timeout
+        self._orphan = orphan
+        self._pending: list[tuple[T, asyncio.Future[R], float]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._scheduled = False
 
@@ -36,7 +49,7 @@ class Coalescer(Generic[T, R]):
         """Queue ``item``; the future resolves with its result."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, loop.time()))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._kick)
@@ -57,21 +70,30 @@ class Coalescer(Generic[T, R]):
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._kick)
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R], float]]) -> None:
+        items = [item for item, _, _ in batch]
         try:
-            results = await self._process([item for item, _ in batch])
+            if self._timeout is None:
+                results = await self._process(items)
+            else:
+                async with asyncio.timeout_at(batch[0][2] + self._timeout):
+                    results = await self._process(items)
         except Exception as exc:
-            for _, future in batch:
+            for item, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
+                elif self._orphan is not None:  # cancelled: its caller gave up
+                    self._orphan(item, None, exc)
             return
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
-        for (_, future), result in zip(batch, results, strict=True):
+        for (item, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+            elif self._orphan is not None:
+                self._orphan(item, result, None)
 
     @property
     def busy(self) -> bool:

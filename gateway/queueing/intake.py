@@ -69,6 +69,9 @@ class Intake:
             max_batch=max(1, max_batch),
             # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
             max_inflight=2 if max_batch > 1 else 1024,
+            # one deadline per batch (from its oldest contact's submit), not one per caller
+            timeout=write_timeout_s,
+            orphan=self._orphaned,
         )
         self.stall_after_s = 30.0
         """A spool that Redis answers for but that has not drained for this long fails
@@ -107,8 +110,9 @@ class Intake:
 
         A caller that gives up (a timeout around the call) does not cut a write half done: the
         batch in flight goes on, and a contact whose write then fails is still spooled. The
-        common case (a new contact written in time) runs in the caller's task, with no task
-        or shield of its own; only the slower outcomes (spool, duplicate lookup) get one.
+        common case (a new contact written in time) runs in the caller's task, with no task,
+        shield or timeout of its own: the coalescer's batch has the one deadline
+        (``write_timeout``); only the slower outcomes (spool, duplicate lookup) get a task.
         """
         series = self.metrics.intake(inbound.channel, inbound.adapter)
         series.received.inc()
@@ -123,31 +127,39 @@ class Intake:
             return await self._shielded(self._spool(prepared))
         future = self._writer.submit(prepared)
         try:
-            async with asyncio.timeout(self.write_timeout_s):
-                result = await asyncio.shield(future)
-        except asyncio.CancelledError:  # the caller gave up (our own timeout is TimeoutError)
-            self._detach(self._finish(prepared, future))
+            result = await future
+        except asyncio.CancelledError:  # the caller gave up (our own deadline is TimeoutError)
+            if not future.cancelled():  # its outcome came as it gave up: settle it
+                error = future.exception()
+                self._orphaned(prepared, None if error else future.result(), error)
+            # else the coalescer calls _orphaned once the write has ended
             raise
         except Exception as exc:
-            future.add_done_callback(_consume)
             return await self._shielded(self._failed(prepared, exc))
         if type(result) is WriteResult and result.created:
             return self._enqueued(prepared, result)
         return await self._shielded(self._answered(prepared, result))
 
+    def _orphaned(
+        self,
+        prepared: Prepared,
+        result: WriteResult | ResponseError | InvalidContact | RateLimited | None,
+        error: BaseException | None,
+    ) -> None:
+        """The write of a caller that gave up has ended: settle it in the background."""
+        self._detach(self._finish(prepared, result, error))
+
     async def _finish(
         self,
         prepared: Prepared,
-        future: asyncio.Future[WriteResult | ResponseError | InvalidContact | RateLimited],
+        result: WriteResult | ResponseError | InvalidContact | RateLimited | None,
+        error: BaseException | None,
     ) -> None:
         """Settle a write whose caller gave up: counted when written, spooled when it failed."""
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                result = await future
-        except Exception as exc:
-            future.add_done_callback(_consume)
-            with contextlib.suppress(IntakeUnavailable, InvalidContact):
-                await self._failed(prepared, exc)
+        if result is None:
+            if isinstance(error, Exception):
+                with contextlib.suppress(IntakeUnavailable, InvalidContact):
+                    await self._failed(prepared, error)
             return
         with contextlib.suppress(IntakeUnavailable, InvalidContact, RateLimited):
             await self._answered(prepared, result)

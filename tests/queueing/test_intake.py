@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 
 import pytest
 
@@ -197,6 +199,32 @@ async def test_redis_stopped_contacts_spool_and_replay_without_loss(start_gatewa
         assert contact.enqueued_at > contact.received_at
     after = await gw.intake.submit(inbound(external_id="after"))
     assert after.status == "enqueued"
+
+
+async def test_a_frozen_redis_spools_every_waiting_batch_by_its_deadline(start_gateway, own_redis):
+    """Redis stops answering with its connections open (SIGSTOP): the batch in flight and the
+    batches queued behind it each fail at their own deadline (``write_timeout`` from their
+    oldest contact), not at the client's socket timeout, and every contact is spooled, then
+    written once when Redis answers again."""
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms", "max_batch": 4})
+    assert (await gw.intake.submit(inbound(external_id="warm"))).status == "enqueued"
+    pid = own_redis.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        items = [inbound(external_id=f"f{i}") for i in range(20)]  # five batches, two in flight
+        receipts = await asyncio.gather(*(gw.intake.submit(i) for i in items))
+        assert {r.status for r in receipts} == {"spooled"}
+        assert gw.spool.depth == 20 and not gw.intake.redis_up
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)
+    contacts = await gw.read_contacts()
+    expected = ["warm", *(i.external_id for i in items)]
+    assert sorted(c.external_id for c in contacts) == sorted(expected)
+    by_external = {c.external_id: c.id for c in contacts}
+    assert all(
+        by_external[i.external_id] == r.contact_id for i, r in zip(items, receipts, strict=True)
+    )
 
 
 async def test_spool_survives_a_gateway_restart(tmp_path, own_redis, prefix):
