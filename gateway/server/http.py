@@ -57,36 +57,6 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 API_PREFIX = "/v1/"
 
 
-def errors_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Every error under ``/v1/`` is ``application/problem+json`` (aiohttp's own 404, 405 and
-    413 included), a contact Intake cannot encode is a 400 problem, and an unhandled exception
-    anywhere is a 500 problem, logged and counted in ``gateway_api_requests`` (operation
-    ``unhandled``): a 500 is a bug, never plain text."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400 or not request.path.startswith(API_PREFIX):
-                raise
-            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-            return problem(exc.status, exc.reason, headers or None)
-        except RateLimited as exc:  # a sender or adapter over its rate: slow down
-            retry = str(max(1, math.ceil(exc.retry_after_s)))
-            return problem(429, "too many contacts, slow down", {"Retry-After": retry})
-        except InvalidContact as exc:  # the peer's bad input, on every route: 400
-            log.info("http: %s %s: contact refused: %s", request.method, request.path[:200], exc)
-            return problem(400, str(exc))
-        except Exception:
-            log.exception("http: unhandled error in %s %s", request.method, request.path[:200])
-            if metrics is not None:
-                metrics.api_requests.labels("unhandled", "500").inc()
-            return problem(500, "internal error")
-
-    return middleware
-
-
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -100,46 +70,75 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def requests_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Counts every request by route pattern, method and status, and times it. The label
-    children are kept (few: route patterns x methods x statuses), ``labels()`` costs more."""
+def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The one middleware of every request (one layer, not one per concern: each layer is a
+    coroutine and a call per request on the intake path).
+
+    Errors: every error under ``/v1/`` is ``application/problem+json`` (aiohttp's own 404,
+    405 and 413 included), a contact over its rate is a 429 problem, one Intake cannot encode
+    a 400 problem, and an unhandled exception anywhere is a 500 problem, logged and counted in
+    ``gateway_api_requests`` (operation ``unhandled``): a 500 is a bug, never plain text.
+
+    With ``metrics``: counts every request by route pattern, method and status (499 when the
+    client went away first, nginx's code for it), and times it. The label children are kept
+    (few: route patterns x methods x statuses), ``labels()`` costs more.
+    """
     series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def count(request: web.Request, status: int, started: float) -> None:
+        assert metrics is not None
+        route = route_of(request)
+        method = request.method if request.method in _METHODS else "other"
+        children = series.get((route, method, status))
+        if children is None:
+            children = series[(route, method, status)] = (
+                metrics.http_requests.labels(route, method, str(status)),
+                metrics.http_duration.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         status = 500
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                status = exc.status
+                if exc.status < 400 or not request.path.startswith(API_PREFIX):
+                    raise
+                headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+                response = problem(exc.status, exc.reason, headers or None)
+            except RateLimited as exc:  # a sender or adapter over its rate: slow down
+                retry = str(max(1, math.ceil(exc.retry_after_s)))
+                response = problem(429, "too many contacts, slow down", {"Retry-After": retry})
+            except InvalidContact as exc:  # the peer's bad input, on every route: 400
+                log.info("http: %s %s: contact refused: %s",
+                         request.method, request.path[:200], exc)
+                response = problem(400, str(exc))
+            except asyncio.CancelledError:
+                status = 499  # the client went away first
+                raise
+            except Exception:
+                log.exception("http: unhandled error in %s %s",
+                              request.method, request.path[:200])
+                if metrics is not None:
+                    metrics.api_requests.labels("unhandled", "500").inc()
+                response = problem(500, "internal error")
             status = response.status
             return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # the client went away first (nginx's code for it)
-            raise
         finally:
-            route = route_of(request)
-            method = request.method if request.method in _METHODS else "other"
-            children = series.get((route, method, status))
-            if children is None:
-                children = series[(route, method, status)] = (
-                    metrics.http_requests.labels(route, method, str(status)),
-                    metrics.http_duration.labels(route),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+            if metrics is not None:
+                count(request, status, started)
 
     return middleware
 
 
 def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:
     """Create the application; adapters add their routes to ``app.router`` before it starts."""
-    middlewares = [errors_middleware(metrics)]
-    if metrics is not None:
-        middlewares.insert(0, requests_middleware(metrics))
-    return web.Application(client_max_size=max_body, middlewares=middlewares)
+    return web.Application(client_max_size=max_body, middlewares=[api_middleware(metrics)])
 
 
 class CoreRoutes:
