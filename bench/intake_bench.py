@@ -112,6 +112,12 @@ async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) 
         )
         gateway = Gateway(settings, configs)
         await gateway.start()
+        try:  # what `gateway serve` does after its start (an older tree may not have it)
+            from gateway.server.runtime import settle_heap
+        except ImportError:
+            pass
+        else:
+            settle_heap()
     else:
         import redis.asyncio as aioredis
 

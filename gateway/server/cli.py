@@ -87,7 +87,7 @@ def load_for_tool(path: str | None, *sections: str) -> Settings:
 async def _serve(
     settings: Settings, adapter_configs: dict[str, Any], worker: WorkerRole | None = None
 ) -> int:
-    from gateway.server.runtime import Gateway
+    from gateway.server.runtime import Gateway, settle_heap
 
     gateway = Gateway(settings, adapter_configs, worker=worker)
     stop = asyncio.Event()
@@ -95,6 +95,7 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
+    settle_heap()
     if worker is not None:
         worker.announce_ready()
     else:
