@@ -51,6 +51,59 @@ def _answer(argv: list[str], linkedid: str) -> bytes:
     return b"510 Invalid or unknown command\n"
 
 
+def separate_args(buf: str, delim: str, arraylen: int) -> list[str]:
+    """``__ast_app_separate_args`` of main/app.c with ``remove_chars`` (how MSet splits its
+    argument, then each pair): no split inside ``()``/``[]`` or double quotes, quotes dropped,
+    a backslash makes the next character literal; the last of ``arraylen`` takes the rest."""
+    args: list[str] = []
+    i, paren, bracket, quote = 0, 0, 0, False
+    ended_on_delim = False
+    while i < len(buf) and len(args) < arraylen - 1:
+        word: list[str] = []
+        ended_on_delim = False
+        while i < len(buf):
+            ch = buf[i]
+            if ch == "(":
+                paren += 1
+            elif ch == ")":
+                paren = max(0, paren - 1)
+            elif ch == "[":
+                bracket += 1
+            elif ch == "]":
+                bracket = max(0, bracket - 1)
+            elif ch == '"' and delim != '"':
+                quote = not quote
+                i += 1
+                continue
+            elif ch == "\\":
+                i += 1
+                if i < len(buf):
+                    word.append(buf[i])
+                i += 1
+                continue
+            elif ch == delim and not paren and not quote and not bracket:
+                i += 1
+                ended_on_delim = True
+                break
+            word.append(ch)
+            i += 1
+        args.append("".join(word))
+    if i < len(buf) or ended_on_delim:
+        args.append(buf[i:])
+    return args
+
+
+def mset_variables(argument: str) -> dict[str, str]:
+    """What ``EXEC MSet <argument>`` sets (``pbx_builtin_setvar_multiple``: up to 99 pairs
+    split on commas, each at its first ``=``; a pair without ``=`` is ignored)."""
+    found: dict[str, str] = {}
+    for pair in separate_args(argument, ",", 99):
+        name_value = separate_args(pair, "=", 2)
+        if len(name_value) == 2:
+            found[name_value[0]] = name_value[1]
+    return found
+
+
 async def call(port: int, header: bytes, *, linkedid: str = "",
                host: str = "127.0.0.1") -> dict[str, str]:
     """Play one call; return the variables the server set (SET VARIABLE and EXEC MSet)."""
@@ -67,9 +120,7 @@ async def call(port: int, header: bytes, *, linkedid: str = "",
             if len(argv) == 4 and [w.upper() for w in argv[:2]] == ["SET", "VARIABLE"]:
                 variables[argv[2]] = argv[3]
             elif len(argv) == 3 and argv[0] == "EXEC" and argv[1].lower() == "mset":
-                for pair in argv[2].split(","):
-                    name, _, value = pair.partition("=")
-                    variables[name] = value
+                variables.update(mset_variables(argv[2]))
             writer.write(_answer(argv, linkedid or header_uniqueid(header)))
             await writer.drain()
     except ConnectionError:

@@ -296,7 +296,23 @@ class IntakeScript:
         await set_variables(session.channel, variables, mset=self.mset)
 
 
-_MSET_SAFE = re.compile(r"[A-Za-z0-9_.@+:-]*\Z")
+_MSET_SPECIAL = re.compile(r'([\\",()\[\]])')
+
+
+def mset_argument(variables: list[tuple[str, str]]) -> str | None:
+    """The argument of one ``EXEC MSet`` that sets exactly these values; None when MSet cannot.
+
+    MSet (``pbx_builtin_setvar_multiple``) splits its argument on commas with
+    ``__ast_app_separate_args``, which drops double quotes, makes a backslash's next character
+    literal and does not split inside ``()`` or ``[]``; each pair is then split at its first
+    ``=`` and the value taken as it is. So a backslash before each ``\\ " , ( ) [ ]`` gives
+    back every value, empty and non-ASCII ones included (verified on Asterisk 22.10.1:
+    docs/channels/voice.md). A value with ``$`` is left to ``SET VARIABLE``: with the channel
+    variable ``AGIEXECFULL`` set, ``EXEC`` would expand it.
+    """
+    if len(variables) > 99 or any("$" in value for _, value in variables):
+        return None
+    return ",".join(name + "=" + _MSET_SPECIAL.sub(r"\\\1", value) for name, value in variables)
 
 
 async def set_variables(
@@ -304,13 +320,12 @@ async def set_variables(
 ) -> None:
     """Set the variables: ``SET VARIABLE`` each, or all in one ``EXEC MSet`` when asked.
 
-    MSet splits its argument on commas and strips quotes, so it is used only when every value
-    is a plain token; Asterisk answers ``200 result=0`` when it ran, anything else (an unknown
-    application gives ``result=-2``) falls back to ``SET VARIABLE``.
+    Asterisk answers ``200 result=0`` when MSet ran; anything else (an unknown application
+    gives ``result=-2``) falls back to ``SET VARIABLE``.
     """
-    if mset and all(_MSET_SAFE.match(value) for _, value in variables):
-        pairs = ",".join(f"{name}={value}" for name, value in variables)
-        reply = await channel.command("EXEC", "MSet", pairs)
+    argument = mset_argument(variables) if mset else None
+    if argument is not None:
+        reply = await channel.command("EXEC", "MSet", argument)
         if reply.ok and reply.result == "0":
             return
     await channel.commands([("SET VARIABLE", (name, value)) for name, value in variables])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.channels.voice.agi import split_command
+from gateway.testing.agi import mset_variables
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -44,6 +45,39 @@ def live_originates(name: str) -> list[bytes]:
     starts = [m.start() for m in re.finditer(rb"Response: Success\r\nActionID: gateway-originate-",
                                              data)]
     return [data[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
+
+
+def live_transcript(name: str) -> list[tuple[str, bytes]]:
+    """A live FastAGI capture (fixtures/README.md): ``("A", line)`` Asterisk sent, ``("G", line)``
+    the gateway sent, each line with its LF."""
+    text = (FIXTURES / "agi" / name).read_text(encoding="utf-8")
+    return [(line[0], line[3:].encode() + b"\n") for line in text.splitlines()]
+
+
+async def replay_asterisk(port: int, transcript: list[tuple[str, bytes]]) -> list[bytes]:
+    """Play Asterisk's side of a live capture: send its lines, and after each line of the
+    gateway's it expects, read one line. Return what the server sent, line by line, until it
+    closed (or until a line differed from the capture)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent: list[bytes] = []
+    try:
+        for side, line in transcript:
+            if side == "A":
+                writer.write(line)
+                continue
+            await writer.drain()
+            got = await reader.readline()
+            sent.append(got)
+            if got != line:
+                return sent
+        rest = await reader.read()
+        if rest:
+            sent.append(rest)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return sent
 
 
 def asterisk_reply(argv: list[str], linkedid: str = "1795594483.0") -> bytes:
@@ -85,10 +119,10 @@ class AgiTranscript:
             if len(c) == 4 and [w.upper() for w in c[:2]] == ["SET", "VARIABLE"]:
                 found[c[2]] = c[3]
             elif len(c) == 3 and c[0] == "EXEC" and c[1].lower() == "mset":
-                for pair in c[2].split(","):
-                    name, _, value = pair.partition("=")
-                    found[name] = value
+                found.update(mset_variables(c[2]))
         return found
+
+
 
 
 async def fake_call(

@@ -168,7 +168,7 @@ async def test_two_hangups_then_eof_still_records_the_call(start_gateway: Any) -
 async def test_multi_line_520_and_510_replies_keep_the_dialogue_in_step(
     start_gateway: Any,
 ) -> None:
-    gw = await start_voice(start_gateway)
+    gw = await start_voice(start_gateway, set_with="set_variable")
 
     def script(index: int, argv: list[str]) -> bytes:
         if index == 0:
@@ -244,10 +244,10 @@ async def test_redis_down_spools_and_says_so(start_gateway: Any) -> None:
     assert call.closed_by_server
 
 
-async def test_by_default_the_session_is_five_set_variables_one_at_a_time(
+async def test_with_set_variable_the_session_is_five_set_variables_one_at_a_time(
     start_gateway: Any,
 ) -> None:
-    gw = await start_voice(start_gateway, linkedid_lookup=False)
+    gw = await start_voice(start_gateway, linkedid_lookup=False, set_with="set_variable")
     seen: list[int] = []
 
     def script(index: int, argv: list[str]) -> bytes:
@@ -333,7 +333,7 @@ async def test_mset_sets_all_five_in_one_command(start_gateway: Any) -> None:
 
 async def test_mset_falls_back_to_set_variable(start_gateway: Any) -> None:
     gw = await start_voice(
-        start_gateway, set_with="mset", linkedid_lookup=False, queues={"12346": "hot line,2"}
+        start_gateway, set_with="mset", linkedid_lookup=False, queues={"12346": "hot $line"}
     )
 
     def no_mset(index: int, argv: list[str]) -> bytes:
@@ -342,10 +342,22 @@ async def test_mset_falls_back_to_set_variable(start_gateway: Any) -> None:
     refused = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"), no_mset)
     assert [c[0] for c in refused.commands] == ["EXEC"] + ["SET"] * 5
     assert refused.variables["GATEWAY_STATUS"] == "OK"
-    # a value MSet would split (comma, blank) never goes through MSet
+    # a value with "$" never goes through MSet (AGIEXECFULL would expand it)
     unsafe = await fake_call(agi_port(gw), agi_fixture("empty_caller.agi"))
     assert [c[0] for c in unsafe.commands] == ["SET"] * 5
-    assert unsafe.variables["GATEWAY_QUEUE"] == "hot line,2"
+    assert unsafe.variables["GATEWAY_QUEUE"] == "hot $line"
+
+
+async def test_mset_is_the_default_and_carries_any_queue_name(start_gateway: Any) -> None:
+    """Commas, quotes, backslashes, brackets and blanks in a value go through the one MSet,
+    escaped as MSet's argument parser reads them (the fake splits as main/app.c does; the
+    live check is test_live_captures.py)."""
+    name = 'hot,line "2" (a)[b]\\c 热线'
+    gw = await start_voice(start_gateway, linkedid_lookup=False, queues={"12346": name})
+    call = await fake_call(agi_port(gw), agi_fixture("empty_caller.agi"))
+    assert [c[:2] for c in call.commands] == [["EXEC", "MSet"]]
+    assert call.variables["GATEWAY_QUEUE"] == name
+    assert call.variables["GATEWAY_STATUS"] == "OK"
 
 
 async def test_logs_carry_no_full_phone_number(

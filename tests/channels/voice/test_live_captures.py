@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
+from gateway.channels.voice.server import AgiSession, FastAgiServer
+from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, FixedClock
 from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.channels.voice.fakes import (
@@ -18,11 +19,14 @@ from tests.channels.voice.fakes import (
     fake_call,
     live_originates,
     live_sessions,
+    live_transcript,
+    replay_asterisk,
 )
 from tests.channels.voice.test_ami import events_of, of_type, voice_with_ami
 from tests.channels.voice.test_dial import outcome, reply
 from tests.channels.voice.test_queue_log import DOWN, HISTORY, ROUTING
 from tests.channels.voice.test_restarts import callbacks_of
+from tools.agi_mset_check import VALUES, check
 
 S = MICROS_PER_SECOND
 
@@ -175,3 +179,30 @@ async def test_calls_that_never_reached_fastagi_and_an_end_seen_only_in_queue_lo
     callbacks = await callbacks_of(gw, 2)
     assert len(callbacks) == 2
     assert len(of_type(await gw.read_events(), "answered")) == 1
+
+
+async def test_mset_sets_every_value_as_set_variable_does_on_a_live_asterisk() -> None:
+    """``tools/agi_mset_check.py`` against Asterisk 22.10.1 (fixtures/README.md): each value
+    set with ``SET VARIABLE`` and, all in one, with the gateway's ``EXEC MSet``, then read back
+    with ``GET VARIABLE``. Replayed: our server sends byte for byte the commands Asterisk took
+    (so the MSet argument is the one verified live, commas, quotes, backslashes, brackets,
+    blanks, tab, empty and non-ASCII values included), and every value read back equals the
+    value set, both ways."""
+    problems: list[list[str]] = []
+
+    async def handler(session: AgiSession) -> None:
+        problems.append(await check(session.channel))
+
+    server = FastAgiServer({"mset-check": handler}, "127.0.0.1", 0, SYSTEM_CLOCK)
+    await server.start()
+    try:
+        transcript = live_transcript("live_mset.transcript")
+        sent = await replay_asterisk(server.port, transcript)
+    finally:
+        await server.stop()
+    expected = [line for side, line in transcript if side == "G"]
+    assert sent == expected
+    assert sum(line.startswith(b'EXEC "MSet"') for line in sent) == 1
+    assert problems == [[]]
+    readback = [line for side, line in transcript if side == "A" and b"result=1 (" in line]
+    assert len(readback) == 2 * len(VALUES)
