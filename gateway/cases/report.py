@@ -142,11 +142,8 @@ def sections(media: Media) -> dict[str, MediumReport]:
 
 
 def label_of(channel: str, kind: str) -> str:
-    """The row a contact counts in, by channel and deadline kind: the row of the medium's rule
-    of that kind (a voice contact with a response deadline, a missed call to return, is a
-    callback, ``voice_callback``, apart from the calls)."""
-    media = load_media()
-    return media.row_of(channel, media.policy(channel, kind))
+    """``Media.label_of``: the row a contact counts in, by channel and deadline kind."""
+    return load_media().label_of(channel, kind)
 
 
 def row_of(contact: Contact) -> str:

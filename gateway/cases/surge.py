@@ -47,7 +47,7 @@ from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue
-from gateway.records import Contact, Event
+from gateway.records import Contact, Event, Inbound
 from gateway.server.config import SurgeSection
 from gateway.server.logs import mask
 from gateway.server.supervise import Supervisor
@@ -76,6 +76,17 @@ def poisson_tail(c: int, lam: float) -> float:
         if term < 1e-17 * max(total, 1e-300) or k > c + 100_000:
             break
     return min(1.0, total)
+
+
+@dataclass(frozen=True, slots=True)
+class Tagged:
+    """A new contact as the surge counters see it: its keys, computed where it was whole."""
+
+    contact_id: str
+    received_at: Micros
+    keys: list[str]
+    repeat: int
+    """Its repeat count (earlier contacts of its sender in the repeat window)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +125,9 @@ class SurgeWatch:
 
     # ------------------------------------------------------------------ counting
 
-    def keys_of(self, contact: Contact) -> list[str]:
-        """The surge keys a contact counts under."""
+    def keys_of(self, contact: Contact | Inbound) -> list[str]:
+        """The surge keys a contact counts under (computed at intake, from the ``Inbound``:
+        ``RedisQueue.surge_keys``)."""
         out = ["all", f"channel:{contact.channel}"]
         if contact.recipient:
             out.append(f"recipient:{contact.recipient.lower()}")
@@ -146,21 +158,31 @@ class SurgeWatch:
 
     async def count(self, contacts: Iterable[Contact]) -> list[Event]:
         """Count a batch of new contacts; return the repeat surges written for them."""
+        batch = list(contacts)
+        tagged = [Tagged(c.id, c.received_at, self.keys_of(c), c.repeat.count) for c in batch]
+        return await self.count_tagged(tagged, {c.id: c for c in batch})
+
+    async def count_tagged(
+        self, tagged: Iterable[Tagged], known: dict[str, Contact] | None = None
+    ) -> list[Event]:
+        """Count a batch of new contacts by their keys (computed at intake and carried in the
+        ``enqueued`` event); return the repeat surges written for them. A repeat surge needs
+        its contact (the sender): taken from ``known``, else read (rare)."""
         counts: dict[tuple[int, str], int] = {}
         samples: dict[tuple[int, str], list[str]] = {}
         first: Micros | None = None
-        repeats: list[Contact] = []
-        for c in contacts:
-            minute = c.received_at // MICROS_PER_SECOND
+        repeats: list[str] = []
+        for t in tagged:
+            minute = t.received_at // MICROS_PER_SECOND
             minute -= minute % MINUTE_S
-            for key in self.keys_of(c):
+            for key in t.keys:
                 counts[(minute, key)] = counts.get((minute, key), 0) + 1
                 ids = samples.setdefault((minute, key), [])
-                ids.append(c.id)
+                ids.append(t.contact_id)
                 del ids[:-SAMPLES]
-            first = c.received_at if first is None else min(first, c.received_at)
-            if self.section.repeat and c.repeat.count + 1 >= self.section.repeat:
-                repeats.append(c)
+            first = t.received_at if first is None else min(first, t.received_at)
+            if self.section.repeat and t.repeat + 1 >= self.section.repeat:
+                repeats.append(t.contact_id)
         commands: list[list[Any]] = []
         for (minute, key), n in counts.items():
             commands.append(["HINCRBY", self.keys.surge_bucket(minute), key, n])
@@ -172,11 +194,14 @@ class SurgeWatch:
             commands.append(["EXPIRE", self.keys.surge_bucket(minute), self.ttl_s])
         if first is not None:
             commands.append(["SET", self.keys.surge_first, first, "NX"])
-        for r in await self.queue.execute(commands):
+        for r in await self.queue.execute(commands) if commands else ():
             if isinstance(r, Exception):
                 raise r
         written = []
-        for c in repeats:
+        for cid in repeats:
+            c = (known or {}).get(cid) or await self.queue.get(cid)
+            if c is None:
+                continue  # expired meanwhile
             event = await self._repeat(c)
             if event is not None:
                 written.append(event)

@@ -116,6 +116,12 @@ class Media:
         rule = self.rules.get(policy)
         return rule.row if rule is not None else channel
 
+    def label_of(self, channel: str, kind: str) -> str:
+        """The row a contact counts in, by channel and deadline kind: the row of the medium's
+        rule of that kind (a voice contact with a response deadline, a missed call to return,
+        is a callback, ``voice_callback``, apart from the calls)."""
+        return self.row_of(channel, self.policy(channel, kind))
+
     def policy(self, channel: str, kind: str) -> str:
         """The policy of a contact known only by channel and deadline kind (older records)."""
         medium = self.by_name.get(channel)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+AGG_BUCKET_TTL_S = 2 * 86400 + 3600
+"""How long a dashboard bucket (``Keys.agg_bucket``) is kept after its first contact."""
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:

@@ -19,9 +19,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.adapters import InvalidContact, RateLimited
+from gateway.adapters import InvalidContact, RateLimited, load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
-from gateway.queueing.keys import Keys
+from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -238,6 +238,13 @@ class RedisQueue:
         self.adapter_limit = adapter_limit
         self._shas: dict[str, str] = {}
         self.pseudonyms = Pseudonyms(client, keys)
+        self.surge_keys: Callable[[Inbound], list[str]] | None = None
+        """The surge keys of a new contact (``SurgeWatch.keys_of``, set by the case services
+        when surges are on): carried in its ``enqueued`` event, so the aggregator counts them
+        without reading the contact back."""
+        self._labels: dict[tuple[str, str], str] = {}
+        """(channel, deadline kind) -> the dashboard's row (``Media.label_of``)."""
+        self._bucket_of: tuple[int, str, str] = (-1, "", "")
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), and
@@ -267,6 +274,12 @@ class RedisQueue:
         k = self.keys
         address = inbound.sender.address
         sender = self.pseudonym(address)
+        label = self._labels.get((inbound.channel, p.deadline.kind))
+        if label is None:
+            label = self._labels[(inbound.channel, p.deadline.kind)] = load_media().label_of(
+                inbound.channel, p.deadline.kind
+            )
+        minute, hour = self._buckets(inbound.received_at)
         keys = [
             k.contacts,
             k.events,
@@ -277,7 +290,13 @@ class RedisQueue:
             k.contact(p.id),
             k.deadlines,
             k.warnings,
+            minute,
+            hour,
+            k.agg_open(label),
+            k.agg_waiting,
+            k.agg_repeats,
         ]
+        surge = self.surge_keys
         args: list[Any] = [
             p.id,
             head + b'"repeat":{"count":',
@@ -292,6 +311,9 @@ class RedisQueue:
             inbound.channel,
             p.deadline.kind,
             "1" if address else "0",
+            label,
+            AGG_BUCKET_TTL_S,
+            b"" if surge is None else orjson.dumps([inbound.received_at, *surge(inbound)]),
         ]
         if limited:
             now_ms = enqueued_at // 1000
@@ -305,6 +327,18 @@ class RedisQueue:
                     keys.append(k.rate(scope, name, now_ms // window_ms).encode())
                     args += [rate.limit, window_ms, window_ms - now_ms % window_ms]
         return keys, args
+
+    def _buckets(self, received_at: Micros) -> tuple[str, str]:
+        """The dashboard's minute and hour buckets of a contact received at ``received_at``
+        (the last minute's names are kept: a batch's contacts mostly share it)."""
+        second = received_at // MICROS_PER_SECOND
+        minute = second - second % 60
+        last, m, h = self._bucket_of
+        if minute != last:
+            m = self.keys.agg_bucket("m", minute)
+            h = self.keys.agg_bucket("h", minute - minute % 3600)
+            self._bucket_of = (minute, m, h)
+        return m, h
 
     async def write_batch(
         self, batch: list[Prepared], *, limited: bool = False

@@ -204,3 +204,30 @@ async def test_stop_closes_an_idle_keep_alive_connection_at_once(start_gateway: 
     rest = await _closed_by_server(reader)
     assert b"HTTP/1.1" not in rest  # nothing more was answered: the connection just closed
     writer.close()
+
+
+async def test_a_refused_contact_gives_back_its_dedupe_key_and_the_counts_it_took(
+    start_gateway: Any, aiohttp_client_session: Any
+) -> None:
+    """``intake.lua`` claims the dedupe key and takes each counter first (``SET NX GET``,
+    ``INCR``); a refusal by a later counter gives them back, so nothing is counted and the
+    peer's retry of the same id is a new contact once the window allows it."""
+    gw = await start_gateway(limits={"sender_contacts": 5, "sender_window": "1h",
+                                     "adapter_contacts": 2, "adapter_window": "1h"})
+
+    async def post(external_id: str) -> int:
+        async with aiohttp_client_session.post(
+            f"http://127.0.0.1:{gw.http_port}/v1/intake",
+            json={"text": "x", "sender": "citizen@example.org", "external_id": external_id},
+        ) as resp:
+            return int(resp.status)
+
+    assert [await post(f"m{i}") for i in range(4)] == [202, 202, 429, 429]
+    names = [n async for n in gw.redis.scan_iter(match=gw.keys.tag + ":*", count=1000)]
+    rates = {n: int(await gw.redis.get(n)) for n in names if b":rate:" in n}
+    assert sorted(rates.values()) == [2, 2]  # the sender's counter: 2, not 4
+    assert len([n for n in names if b":dedupe:" in n]) == 2  # m2, m3 claimed nothing
+    for name in rates:
+        await gw.redis.delete(name)  # the next window
+    assert await post("m2") == 202  # not "duplicate" of a contact never written
+    assert len(await gw.read_contacts()) == 3

@@ -18,7 +18,6 @@ from gateway.contact.attachments import AttachmentStore
 from gateway.contact.clock import Clock
 from gateway.queueing.coordination import Leases
 from gateway.queueing.store import RedisQueue
-from gateway.records import Contact
 from gateway.server.auth import ApiKeys
 from gateway.server.config import Settings
 from gateway.server.metrics import Metrics
@@ -58,12 +57,14 @@ class CaseServices:
             deadletter=self.deadletters,
         )
         self.surge = SurgeWatch(queue, clock, settings.surge, instance)
+        if settings.surge.enabled:  # a new contact's surge keys travel in its enqueued event
+            queue.surge_keys = self.surge.keys_of
         self.aggregator = Aggregator(
             queue,
             clock,
             settings.sla,
             instance,
-            on_contacts=self._count if settings.surge.enabled else None,
+            surge=self.surge if settings.surge.enabled else None,
         )
         channels = configured_channels(settings)
         self.wallboard = Wallboard(queue.redis, keys, clock, settings, channels)
@@ -99,9 +100,6 @@ class CaseServices:
         self.aggregator.start(self.supervisor)
         if self.settings.surge.enabled:
             self.surge.start(self.leases, self.supervisor)
-
-    async def _count(self, contacts: list[Contact]) -> None:
-        await self.surge.count(contacts)
 
     async def stop(self) -> None:
         if not self._started:

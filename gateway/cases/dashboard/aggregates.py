@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,9 @@ from redis.exceptions import ResponseError
 
 from gateway.adapters import load_media
 from gateway.cases.report import label_of
+from gateway.cases.surge import SurgeWatch, Tagged
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
-from gateway.queueing.keys import Keys
+from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.store import RedisQueue
 from gateway.records import Contact
 from gateway.server.config import SlaSection
@@ -46,13 +47,12 @@ GROUP = "gateway-aggregate"
 MINUTE_S = 60
 HOUR_S = 3600
 DAY_S = 86400
-BUCKET_TTL_S = 2 * DAY_S + HOUR_S
+BUCKET_TTL_S = AGG_BUCKET_TTL_S
 WAIT_LIMIT_S = HOUR_S
 """A call still 'waiting' after this long lost its hang-up (AMI down): it is left out."""
 SETTLING = {"answer": "answered", "response": "responded"}
 RANKS = {"open": 0, "closed": 1, "abandoned": 2, "short": 2, "breached": 3, "within": 4, "late": 4}
 OUTCOMES = ("within", "late", "breached", "abandoned", "short", "closed")
-ContactHook = Callable[[list[Contact]], Awaitable[None]]
 
 
 def time_bin(ms: int) -> int:
@@ -241,7 +241,7 @@ class Aggregator:
         sla: SlaSection,
         instance: str,
         *,
-        on_contacts: ContactHook | None = None,
+        surge: SurgeWatch | None = None,
         batch: int = 500,
     ) -> None:
         self.queue = queue
@@ -250,7 +250,8 @@ class Aggregator:
         self.clock = clock
         self.short_abandon_ms = int(float(sla.short_abandon) * 1000)
         self.instance = instance
-        self.on_contacts = on_contacts
+        self.surge = surge
+        """Counts new contacts for surge warnings (``[surge] enabled``), else None."""
         self.batch = batch
         self._supervisor: Supervisor | None = None
         self._stopping = False
@@ -338,42 +339,67 @@ class Aggregator:
                 return total
 
     async def process(self, entries: list[tuple[Any, dict[bytes, bytes]]]) -> None:
-        """Apply a batch of event entries, then acknowledge them."""
+        """Apply a batch of event entries, then acknowledge them.
+
+        An ``enqueued`` event that ``intake.lua`` marked ``counted`` took its step with the
+        contact's write: nothing is read for it, only its surge keys (carried in the event)
+        are counted, once a contact (the first HDEL of the hash's ``surge`` mark). An
+        ``enqueued`` event without the mark (written by an older version) takes the old path:
+        the contact is read, decoded and stepped like any other event.
+        """
         parsed: list[tuple[str, str, dict[str, Any]]] = []
+        tagged: list[Tagged] = []
         for _, fields in entries:
             type_ = _text(fields.get(b"type"))
-            cid = _text(fields.get(b"contact_id"))
+            if type_ == "enqueued" and b"counted" in fields:
+                raw = fields.get(b"surge")
+                if raw is not None and self.surge is not None:
+                    received, *names = orjson.loads(raw)
+                    cid = _text(fields.get(b"contact_id"))
+                    tagged.append(Tagged(cid, int(received), names, int(fields[b"counted"])))
+                continue
             if type_ in ("enqueued", "answered", "responded", "abandoned", "breached", "closed"):
+                cid = _text(fields.get(b"contact_id"))
                 parsed.append((cid, type_, orjson.loads(fields[b"event"])))
-        facts = await self._facts({cid for cid, _, _ in parsed}, parsed)
         steps: list[Step] = []
         new: dict[int, Contact] = {}
-        """Step index -> the contact of an ``enqueued`` step (counted for surges once)."""
+        """Step index -> the contact of an old-style ``enqueued`` step (surges: once)."""
         extra: list[list[Any]] = []
-        for cid, type_, event in parsed:
-            fact = facts.get(cid)
-            if fact is None:
-                continue  # the contact expired, or never was (a foreign event)
-            step = self._step(cid, type_, event, fact)
-            if step is not None:
-                steps.append(step)
-            if type_ == "enqueued" and fact.get("contact") and step is not None:
-                contact = Contact.from_json(fact["contact"])
-                new[len(steps) - 1] = contact
-                if contact.repeat.count >= 2:
-                    extra.append(["ZADD", self.keys.agg_repeats, contact.received_at, cid])
+        if parsed:
+            facts = await self._facts({cid for cid, _, _ in parsed}, parsed)
+            for cid, type_, event in parsed:
+                fact = facts.get(cid)
+                if fact is None:
+                    continue  # the contact expired, or never was (a foreign event)
+                step = self._step(cid, type_, event, fact)
+                if step is not None:
+                    steps.append(step)
+                if type_ == "enqueued" and fact.get("contact") and step is not None:
+                    contact = Contact.from_json(fact["contact"])
+                    new[len(steps) - 1] = contact
+                    if contact.repeat.count >= 2:
+                        extra.append(["ZADD", self.keys.agg_repeats, contact.received_at, cid])
         flags = await apply(self.queue, steps)
         # a redelivered batch counts none of its contacts for surges again
         contacts = [c for i, c in new.items() if flags[i]]
+        marks = [["HDEL", self.keys.contact(t.contact_id), "surge"] for t in tagged]
         now = self.clock.now_us()
         day_ago = now - DAY_S * MICROS_PER_SECOND
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_repeats, "-inf", day_ago])
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_breaches, "-inf", day_ago])
-        for r in await self.queue.execute(extra):
+        replies = await self.queue.execute(marks + extra)
+        for r in replies:
             if isinstance(r, Exception):
                 raise r
-        if contacts and self.on_contacts is not None:
-            await self.on_contacts(contacts)
+        if self.surge is not None and (contacts or tagged):
+            counting = [t for t, unmarked in zip(tagged, replies, strict=False) if unmarked]
+            known = {c.id: c for c in contacts}
+            counting += [
+                Tagged(c.id, c.received_at, self.surge.keys_of(c), c.repeat.count)
+                for c in contacts
+            ]
+            if counting:
+                await self.surge.count_tagged(counting, known)
         if entries:
             await self.redis.xack(self.keys.events, GROUP, *[e for e, _ in entries])
         self.processed += len(entries)
