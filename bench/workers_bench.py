@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,38 +32,7 @@ from typing import Any
 
 from bench.intake_bench import body
 from bench.loadgen import build_request, run_load
-
-HOST = "127.0.0.1"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def is_valkey(pid: int) -> bool:
-    try:
-        return "server" in Path(f"/proc/{pid}/comm").read_text()
-    except OSError:
-        return False
+from bench.procs import HOST, children, cpu_s, free_port, is_valkey
 
 
 @dataclass
