@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -112,6 +113,24 @@ def test_uuid7_sorts_by_time_and_is_unique():
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_uuid7_random_bits_differ_between_a_forked_worker_and_its_parent():
+    """The random bits come from a pool of ``os.urandom`` bytes: a forked child (a worker of
+    ``serve --workers N``) must not make the ids its parent makes next."""
+    uuid7()  # the pool is filled in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, " ".join(uuid7() for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    parent = [uuid7() for _ in range(5)]
+    assert len(child) == 5
+    assert not {c[-12:] for c in child} & {p[-12:] for p in parent}
 
 
 @given(st.integers(min_value=0, max_value=253_402_300_799_999_999))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import math
@@ -195,7 +194,8 @@ class Pseudonyms:
         if self._key is None:
             raise RuntimeError("pseudonym key not loaded")
         data = address.encode("utf-8", "surrogatepass")
-        return "p" + hmac.new(self._key, data, hashlib.sha256).hexdigest()[:32]
+        # hmac.digest: OpenSSL's one-shot HMAC, no HMAC object (same value as hmac.new)
+        return "p" + hmac.digest(self._key, data, "sha256")[:16].hex()
 
 
 class RedisQueue:
@@ -569,6 +569,8 @@ def pack_commands(commands: list[list[Any]]) -> bytes:
     hiredis's C packer does it in a third of the time of the Python one (about 5 against
     15-20 µs for an intake call of 22 arguments); an argument it does not take (only str,
     bytes, int and float) falls back to the Python packer, which writes ``str(arg)``.
+    (The buffers handed to the transport as a list instead of joined: no gain measured, a
+    loss at 100 commands, uvloop writing many small buffers.)
     """
     if _pack_one is not None:
         try:
