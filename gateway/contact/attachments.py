@@ -231,7 +231,7 @@ class AttachmentStore:
     async def keep(self, items: Sequence[_File]) -> list[Attachment | Exception]:
         """Make ``items`` durable the quickest way; each result as ``submit``'s.
 
-        Files up to the hold limit (``hold_in``) whose file does not exist yet are held in the
+        Files up to the hold limit (``hold_in``) are held in the
         holder (Redis: one durable write, its ``appendfsync always``) and written to their own
         files after this returns, then released; the consumer API serves them from the holder
         meanwhile (``held``), and ``write_held`` writes what a killed process left held. Larger
@@ -247,9 +247,9 @@ class AttachmentStore:
                     continue
                 attachment = self.describe(data, name, content_type)
                 out[i] = attachment
-                digest = attachment.sha256
-                if digest not in to_hold and not self.path_for(digest).exists():
-                    to_hold[digest] = media_type(content_type).encode() + b"\n" + data
+                if attachment.sha256 not in to_hold:  # no stat here: the writer skips a file
+                    # that exists, and a stat waits while the writer renames in that folder
+                    to_hold[attachment.sha256] = media_type(content_type).encode() + b"\n" + data
                     held_at.append(i)
         if to_hold:
             assert holder is not None

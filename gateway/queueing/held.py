@@ -11,6 +11,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from gateway.queueing.batching import Coalescer
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
 
@@ -22,21 +23,37 @@ def store_name(root: Path) -> str:
 
 
 class RedisHolder:
-    """``gateway.contact.attachments.Holder`` on the gateway's Redis."""
+    """``gateway.contact.attachments.Holder`` on the gateway's Redis; the holds of concurrent
+    sessions are one ``HSET``, their releases one ``HDEL``."""
 
     def __init__(self, redis: RedisClient, keys: Keys, root: Path) -> None:
         self.redis = redis
         self.key = keys.held_files(store_name(root))
+        self._holds: Coalescer[Mapping[str, bytes], None] = Coalescer(
+            self._hold_many, max_batch=64
+        )
+        self._releases: Coalescer[Sequence[str], None] = Coalescer(self._release_many)
 
     async def hold(self, files: Mapping[str, bytes]) -> None:
-        await self.redis.hset(self.key, mapping=dict(files))
+        await self._holds.submit(files)
+
+    async def _hold_many(self, batch: list[Mapping[str, bytes]]) -> list[None]:
+        mapping: dict[str, bytes] = {}
+        for files in batch:
+            mapping.update(files)
+        await self.redis.hset(self.key, mapping=mapping)
+        return [None] * len(batch)
+
+    async def _release_many(self, batch: list[Sequence[str]]) -> list[None]:
+        await self.redis.hdel(self.key, *{d for digests in batch for d in digests})
+        return [None] * len(batch)
 
     async def fetch(self, digest: str) -> bytes | None:
         value = await self.redis.hget(self.key, digest)
         return None if value is None else bytes(value)
 
     async def release(self, digests: Sequence[str]) -> None:
-        await self.redis.hdel(self.key, *digests)
+        await self._releases.submit(digests)
 
     async def held(self) -> list[str]:
         return [bytes(k).decode("ascii", "replace") for k in await self.redis.hkeys(self.key)]

@@ -216,6 +216,12 @@ class GatewaySMTP(SMTP):
         a syntax error (501/553) instead of aiosmtpd's catch-all 451, which the client would
         retry: besides its ``HeaderParseError`` that parser raises ``IndexError``
         (``RCPT TO:<``, ``MAIL FROM:<a@``) and ``AttributeError`` (``RCPT TO:<12345@[``)."""
+        plain = _PLAIN_PATH.match(arg)
+        if plain is not None:  # the common ``<local@domain> PARAMS``, as that parser reads it
+            local = plain.group(1).rpartition("@")[0]
+            if self.local_part_limit and len(local) > self.local_part_limit:
+                return None, None
+            return plain.group(1), arg[plain.end() :]
         try:
             return super()._getaddr(arg)
         except Exception:  # whatever the parser raises, the address is not one
@@ -235,6 +241,14 @@ class GatewaySMTP(SMTP):
                 if self._metrics is not None:
                     self._metrics.smtp_reply("421")
             transport.close()
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[^ \t(])|\Z)"
+)
+"""A path the standard library's address parser (``get_angle_addr``, what aiosmtpd calls, ~0.3 ms
+a command) takes as it is: dot-atom local part and domain, then nothing or parameters."""
 
 
 class _Busy(asyncio.Protocol):
