@@ -255,6 +255,65 @@ async def bench_pyst2(calls: int, parallel: int) -> dict[str, Any]:
             "latencies": latencies, "server_cpu": cpu}
 
 
+async def calls(args: argparse.Namespace) -> None:
+    """``--calls``: Python function calls per session (cProfile) of the layer alone and of the
+    whole gateway, each with ``SET VARIABLE`` and with MSet, under the closed-loop callers; the
+    machine's load hardly moves these counts (unlike CPU time)."""
+    import cProfile
+    import pstats
+
+    from gateway.contact.clock import SYSTEM_CLOCK
+    from gateway.queueing.embedded import EmbeddedRedis
+    from gateway.server.runtime import Gateway
+    from tests.harness import settings_for
+
+    logging_off()
+    modes = ("set_variable", "mset")
+    layers = {mode: await protocol_only_server(mode) for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = EmbeddedRedis(Path(tmp) / "redis")
+        await redis.start()
+        settings, configs = settings_for(
+            Path(tmp) / "gw", redis.url, "bench",
+            adapters={mode: {"type": "asterisk", "agi_listen": "127.0.0.1:0", "set_with": mode}
+                      for mode in modes},
+        )
+        gateway = Gateway(settings, configs, clock=SYSTEM_CLOCK)
+        await gateway.start()
+        assert gateway.cases is not None
+        aggregator = gateway.cases.aggregator
+
+        async def settled() -> None:
+            seen = -1
+            while aggregator.processed != seen:
+                seen = aggregator.processed
+                await asyncio.sleep(0.3)
+
+        try:
+            run = str(int(time.time()))
+            ports = {mode: gateway.adapters[mode].port for mode in modes}  # type: ignore[attr-defined]
+            await drive(ports["mset"], f"{run}w", "closed", args, settled)  # warm up
+            for mode in modes:
+                for what, port, settle in (("layer", layers[mode].port, None),
+                                           ("gateway", ports[mode], settled)):
+                    profile = cProfile.Profile()
+                    profile.enable()
+                    result = await drive(port, f"{run}{mode}{what}", "closed", args, settle)
+                    profile.disable()
+                    stats = pstats.Stats(profile)
+                    total = getattr(stats, "total_calls", 0)  # not in the stubs
+                    print(f"{what} ({mode}): {result['sessions']} sessions, "
+                          f"{total / max(1, result['sessions']):.0f} Python calls per session",
+                          flush=True)
+                    if args.calls > 0:
+                        stats.sort_stats("tottime").print_stats(args.calls)
+        finally:
+            await gateway.stop()
+            await redis.stop()
+            for layer in layers.values():
+                await layer.stop()
+
+
 async def main(args: argparse.Namespace) -> None:
     from gateway.contact.clock import SYSTEM_CLOCK
     from gateway.queueing.embedded import EmbeddedRedis
@@ -365,5 +424,8 @@ if __name__ == "__main__":
         parser.add_argument("--pyst2-calls", type=int, default=60)
         parser.add_argument("--rounds", type=int, default=2,
                             help="alternating rounds of the layer alone and the gateway")
+        parser.add_argument("--calls", type=int, default=-1, metavar="N",
+                            help="only count Python calls per session (cProfile), and print "
+                                 "the N functions of most own time")
         ns = parser.parse_args()
-        _runner()(main(ns))
+        _runner()(calls(ns) if ns.calls >= 0 else main(ns))

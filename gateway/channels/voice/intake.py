@@ -296,7 +296,7 @@ class IntakeScript:
         await set_variables(session.channel, variables, mset=self.mset)
 
 
-_MSET_SPECIAL = re.compile(r'([\\",()\[\]])')
+_MSET_ESCAPE = {ord(c): "\\" + c for c in '\\",()[]'}
 
 
 def mset_argument(variables: list[tuple[str, str]]) -> str | None:
@@ -312,7 +312,7 @@ def mset_argument(variables: list[tuple[str, str]]) -> str | None:
     """
     if len(variables) > 99 or any("$" in value for _, value in variables):
         return None
-    return ",".join(name + "=" + _MSET_SPECIAL.sub(r"\\\1", value) for name, value in variables)
+    return ",".join(f"{name}={value.translate(_MSET_ESCAPE)}" for name, value in variables)
 
 
 async def set_variables(

@@ -232,6 +232,51 @@ def test_header_block_parser_never_raises_anything_else(data: bytes) -> None:
     assert all(k.startswith("agi_") for k in env)
 
 
+def line_by_line(data: bytes, max_lines: int = 200) -> dict[str, str] | None:
+    """The header block parser as it was (a partition, a match and a strip per line), for
+    comparison; None where it raised."""
+    import re
+
+    text = data.decode("utf-8", errors="replace").replace("\x00", "")
+    lines = text.split("\n")
+    if len(lines) > max_lines:
+        return None
+    env: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if not sep or not re.match(r"agi_[A-Za-z0-9_]+\Z", key):
+            if not line.strip("\r"):
+                continue
+            return None
+        if key not in env:
+            env[key] = value.strip()
+    return env
+
+
+header_bytes = st.lists(
+    st.one_of(
+        st.builds(lambda k, v, sep: f"agi_{k}:{sep}{v}".encode(),
+                  st.from_regex(r"[a-zA-Z0-9_]{0,6}", fullmatch=True),
+                  st.text(max_size=12), st.sampled_from(["", " ", "\t", "  "])),
+        st.sampled_from([b"", b"\r", b"\r\r", b"agi_x", b"agi-x: 1", b" agi_x: 1", b"agi_x :1",
+                         b"agi_\xc3: 1", b"agi_x: \xff\x00 v\x0b\x1c", b"x: agi_y: 1"]),
+        st.binary(max_size=10),
+    ),
+    max_size=12,
+).map(b"\n".join)
+
+
+@given(header_bytes, st.integers(1, 14))
+def test_header_block_parser_answers_as_the_line_by_line_parser(
+    data: bytes, max_lines: int
+) -> None:
+    try:
+        env: dict[str, str] | None = parse_header_block(data, max_lines=max_lines)
+    except AgiError:
+        env = None
+    assert env == line_by_line(data, max_lines)
+
+
 @given(st.binary(max_size=3000))
 async def test_header_reader_never_raises_anything_else(data: bytes) -> None:
     try:
