@@ -343,4 +343,6 @@ def clean_text(value: str | bytes, encoding: str = "utf-8") -> str:
     """Return valid UTF-8 text: invalid sequences, lone surrogates and NUL removed."""
     if isinstance(value, bytes):
         value = value.decode(encoding, errors="ignore")
+    if value.isprintable():  # no NUL (Cc) and no surrogate (Cs): nothing to remove, no regex
+        return value
     return _CONTROL.sub("", value)

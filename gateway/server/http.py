@@ -34,8 +34,14 @@ async def read_capped(stream: StreamReader, limit: int) -> bytes | None:
     """Read a body stream to its end; None once it holds more than ``limit`` bytes.
 
     ``StreamReader.read(n)`` returns what has arrived so far, not ``n`` bytes: this loops.
+    A body that came whole in one chunk (most requests) is returned as it is, not copied.
     """
-    data = bytearray()
+    first = await stream.readany()
+    if len(first) > limit:
+        return None
+    if stream.at_eof():
+        return first
+    data = bytearray(first)
     while chunk := await stream.readany():
         data += chunk
         if len(data) > limit:

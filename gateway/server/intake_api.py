@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.adapters import IntakeUnavailable, InvalidContact, Submitter, load_media
 from gateway.contact import safejson
 from gateway.contact.clock import Clock, format_time, parse_rfc3339
+from gateway.contact.language import guess_language
 from gateway.contact.phone import to_e164
 from gateway.records import Inbound, Sender, clean_text
 from gateway.server.auth import ApiKeys, source_of
@@ -18,6 +19,22 @@ from gateway.server.problems import ApiProblem, problem
 
 MAX_TEXT = 64 * 1024
 _JSON = {"Content-Type": "application/json; charset=utf-8"}
+
+
+_KNOWN = frozenset({
+    "channel",
+    "sender",
+    "recipient",
+    "subject",
+    "text",
+    "external_id",
+    "language",
+    "confidential",
+    "meta",
+    "thread",
+    "origin_at",
+})
+_SENDER_KNOWN = frozenset({"address", "name"})
 
 
 class BadRequest(ValueError):
@@ -43,22 +60,8 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
     """
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object")
-    known = {
-        "channel",
-        "sender",
-        "recipient",
-        "subject",
-        "text",
-        "external_id",
-        "language",
-        "confidential",
-        "meta",
-        "thread",
-        "origin_at",
-    }
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadRequest(f"unknown field: {unknown[0]}")
+    if not _KNOWN.issuperset(body):
+        raise BadRequest(f"unknown field: {sorted(set(body) - _KNOWN)[0]}")
     channel = body.get("channel", "web")
     media = load_media()
     if not isinstance(channel, str) or channel not in media:
@@ -70,9 +73,8 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
         sender_raw = {"address": sender_raw}
     if not isinstance(sender_raw, dict) or not isinstance(sender_raw.get("address", ""), str):
         raise BadRequest("sender: expected an object with an address")
-    unknown = sorted(set(sender_raw) - {"address", "name"})
-    if unknown:
-        raise BadRequest(f"unknown field: sender.{unknown[0]}")
+    if not _SENDER_KNOWN.issuperset(sender_raw):
+        raise BadRequest(f"unknown field: sender.{sorted(set(sender_raw) - _SENDER_KNOWN)[0]}")
     name = sender_raw.get("name")
     if name is not None and not isinstance(name, str):
         raise BadRequest("sender.name: expected a string")
@@ -91,16 +93,24 @@ def parse_intake(body: object, received_at: int, adapter: str, region: str = "CN
         origin_at = parse_rfc3339(origin_raw) if origin_raw is not None else None
     except ValueError as exc:
         raise BadRequest("origin_at: expected an RFC 3339 time") from exc
+    external_id = _opt_str(body, "external_id", 512) or ""
+    recipient = _opt_str(body, "recipient", 320) or ""
+    text = _opt_str(body, "text", MAX_TEXT) or ""
+    subject = _opt_str(body, "subject", 998)
+    language = _opt_str(body, "language", 35)
+    if language is None and text:
+        # Intake's own hint (Intake.prepare), given here: the Inbound is built once, not twice
+        language = guess_language(text)
     return Inbound(
         channel=channel,
         adapter=adapter,
-        external_id=_opt_str(body, "external_id", 512) or "",
+        external_id=external_id,
         sender=sender,
-        recipient=_opt_str(body, "recipient", 320) or "",
+        recipient=recipient,
         received_at=received_at,
-        text=_opt_str(body, "text", MAX_TEXT) or "",
-        subject=_opt_str(body, "subject", 998),
-        language=_opt_str(body, "language", 35),
+        text=text,
+        subject=subject,
+        language=language,
         thread=_opt_str(body, "thread", 512),
         origin_at=origin_at,
         confidential=confidential,
