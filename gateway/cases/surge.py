@@ -197,11 +197,20 @@ class SurgeWatch:
         for r in await self.queue.execute(commands) if commands else ():
             if isinstance(r, Exception):
                 raise r
+        known = dict(known or {})
+        unknown = [cid for cid in repeats if cid not in known]
+        if unknown:  # one round trip for the batch's few
+            replies = await self.queue.execute(
+                [["HGET", self.keys.contact(cid), "contact"] for cid in unknown]
+            )
+            for cid, raw in zip(unknown, replies, strict=True):
+                if isinstance(raw, bytes):  # else expired meanwhile
+                    known[cid] = Contact.from_json(raw)
         written = []
         for cid in repeats:
-            c = (known or {}).get(cid) or await self.queue.get(cid)
+            c = known.get(cid)
             if c is None:
-                continue  # expired meanwhile
+                continue
             event = await self._repeat(c)
             if event is not None:
                 written.append(event)

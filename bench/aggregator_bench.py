@@ -1,0 +1,163 @@
+"""The dashboard aggregator's cost per contact, and Valkey's, from figures the load hardly moves.
+
+A gateway (its own process, the aggregator's loop stopped) takes ``--contacts`` new contacts
+through ``Intake.submit`` (64 at a time, each from its own sender, as ``bench/intake_bench.py``
+sends them; surge warnings on); then the aggregator reads
+the ``enqueued`` events in batches of 500, as its loop does. Printed, per contact:
+
+- Valkey's commands (``INFO commandstats``, the commands scripts run included) and its CPU
+  (``used_cpu_user + used_cpu_sys``) for the writes and for the aggregator's pass;
+- the aggregator's CPU time per batch of 500 (``time.thread_time`` around ``poll``: what one
+  batch holds the event loop for) and its Python function calls per contact (cProfile).
+
+    .venv/bin/python -m bench.aggregator_bench                   # about 20 s
+    .venv/bin/python -m bench.aggregator_bench --before DIR      # and an older tree
+
+``--before DIR``: a source tree holding an older ``gateway`` package (``git archive <commit>
+gateway | tar -x -C DIR``), measured the same way in its own process on the same Valkey.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "您好，我家楼下的路灯已经坏了一个星期，晚上出行很不安全，请尽快派人维修。" * 3
+
+
+async def _server_figures(redis: Any) -> tuple[dict[str, int], float]:
+    stats = await redis.info("commandstats")
+    calls = {name[len("cmdstat_"):]: int(v["calls"]) for name, v in stats.items()}
+    cpu = await redis.info("cpu")
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _delta(
+    a: tuple[dict[str, int], float], b: tuple[dict[str, int], float], n: int
+) -> tuple[float, float, str]:
+    calls = {k: v - a[0].get(k, 0) for k, v in b[0].items() if v - a[0].get(k, 0) > 0}
+    scripts = sum(v for k, v in calls.items() if k in ("evalsha", "eval"))
+    commands = sum(calls.values()) - scripts
+    top = ", ".join(
+        f"{k} {v / n:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:12]
+    )
+    return commands / n, (b[1] - a[1]) * 1e6 / n, top
+
+
+async def _measure(redis_url: str, contacts: int, label: str) -> None:
+    from bench.intake_bench import gateway_classes
+    from gateway.records import Inbound, Sender
+
+    parse_settings, Gateway = gateway_classes()
+    settings, configs = parse_settings({
+        "gateway": {"data_dir": tempfile.mkdtemp(prefix="agg-gw-"), "instance": "bench"},
+        "redis": {"url": redis_url, "prefix": f"agg-{label.replace('/', '')[-12:]}"},
+        "http": {"listen": "127.0.0.1:0"},
+        "api": {"open_to_loopback": True},
+        "watcher": {"enabled": False},
+    })
+    gateway = Gateway(settings, configs)
+    await gateway.start()
+    try:
+        aggregator = gateway.cases.aggregator
+        await aggregator.stop()
+        await aggregator.ensure_group()
+        redis = gateway.redis
+        now = gateway.clock.now_us()
+
+        def inbound(i: int) -> Inbound:
+            return Inbound(
+                channel="web", adapter="bench", external_id=f"agg-{i}",
+                sender=Sender(f"+86138{i % 100000000:08d}"), recipient="12345", received_at=now + i,
+                text=TEXT, subject="路灯损坏",
+            )
+
+        await asyncio.gather(*(gateway.intake.submit(inbound(-1 - i)) for i in range(64)))
+        await aggregator.catch_up()  # warm: scripts loaded, caches filled
+        start = await _server_figures(redis)
+        for i in range(0, contacts, 64):
+            await asyncio.gather(
+                *(gateway.intake.submit(inbound(j)) for j in range(i, min(contacts, i + 64)))
+            )
+        written = await _server_figures(redis)
+        batches: list[float] = []
+        profile = cProfile.Profile()
+        while True:
+            cpu0 = time.thread_time()
+            profile.enable()
+            n = await aggregator.poll()
+            profile.disable()
+            if n == 0:
+                break
+            if n == aggregator.batch:
+                batches.append(time.thread_time() - cpu0)
+        done = await _server_figures(redis)
+    finally:
+        await gateway.stop()
+    w_cmds, w_cpu, w_top = _delta(start, written, contacts)
+    a_cmds, a_cpu, a_top = _delta(written, done, contacts)
+    calls = getattr(pstats.Stats(profile), "total_calls", 0)
+    import os
+    if os.environ.get("AGG_PROFILE"):
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    batch_ms = 1000 * sorted(batches)[len(batches) // 2] if batches else float("nan")
+    print(
+        f"{label}: {contacts} contacts\n"
+        f"  intake:     Valkey {w_cmds:5.1f} commands/contact, {w_cpu:6.1f} us CPU/contact"
+        f"  ({w_top})\n"
+        f"  aggregator: Valkey {a_cmds:5.1f} commands/contact, {a_cpu:6.1f} us CPU/contact"
+        f"  ({a_top})\n"
+        f"  aggregator: {calls / contacts:.0f} Python calls/contact, CPU per batch of"
+        f" {aggregator.batch}: median {batch_ms:.1f} ms of {len(batches)}",
+        flush=True,
+    )
+
+
+def _child(src: str, redis_url: str, contacts: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    if src:
+        sys.path.insert(0, src)
+        from bench.intake_bench import without_plugins
+
+        without_plugins()
+    import uvloop
+
+    uvloop.run(_measure(redis_url, contacts, src or "now"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--contacts", type=int, default=5000)
+    parser.add_argument("--before", default="", help="source tree of an older gateway")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], args.child[1], args.contacts)
+        return
+    sys.path.insert(0, str(ROOT))
+    from gateway.queueing.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-agg-")) / "r")
+    server.start_sync()
+    try:
+        for src in ("", args.before) if args.before else ("",):
+            subprocess.run(
+                [sys.executable, __file__, "--contacts", str(args.contacts), "--child", src,
+                 server.url],
+                check=True,
+            )
+    finally:
+        server.stop_sync()
+
+
+if __name__ == "__main__":
+    main()
