@@ -64,7 +64,9 @@ def _script(name: str) -> str:
 
 SCRIPTS = {
     name: _script(f"{name}.lua")
-    for name in ("intake", "stamp", "emit", "claim", "aggregate", "trim", "route", "hold")
+    for name in (
+        "intake", "stamp", "emit", "claim", "aggregate", "unmark", "trim", "route", "hold"
+    )
 }
 
 

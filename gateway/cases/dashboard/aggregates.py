@@ -214,6 +214,10 @@ class Step:
 
 
 STEPS_PER_CALL = 200
+STEPPED = frozenset(
+    t.encode() for t in ("enqueued", "answered", "responded", "abandoned", "breached", "closed")
+)
+"""The event types that move a contact's outcome (``type`` fields as read)."""
 
 
 async def apply(queue: RedisQueue, steps: list[Step]) -> list[bool]:
@@ -242,7 +246,7 @@ class Aggregator:
         instance: str,
         *,
         surge: SurgeWatch | None = None,
-        batch: int = 500,
+        batch: int = 200,
     ) -> None:
         self.queue = queue
         self.redis = queue.redis
@@ -253,6 +257,9 @@ class Aggregator:
         self.surge = surge
         """Counts new contacts for surge warnings (``[surge] enabled``), else None."""
         self.batch = batch
+        """Events read at once: the loop is held for one batch's processing (a few ms)."""
+        self.pause_s = 0.05
+        """After a batch that was not full, wait this long before reading again."""
         self._supervisor: Supervisor | None = None
         self._stopping = False
         self._group_ready = False
@@ -290,8 +297,10 @@ class Aggregator:
                 if loop.time() - last_claim > 30:
                     last_claim = loop.time()
                     await self.claim_stale()
-                await self.poll(block_ms=1000)
+                n = await self.poll(block_ms=1000)
                 backoff.reset()
+                if 0 < n < self.batch:  # fewer, larger batches: the cost per poll is shared
+                    await asyncio.sleep(self.pause_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -349,18 +358,19 @@ class Aggregator:
         """
         parsed: list[tuple[str, str, dict[str, Any]]] = []
         tagged: list[Tagged] = []
+        counting = self.surge is not None
         for _, fields in entries:
-            type_ = _text(fields.get(b"type"))
-            if type_ == "enqueued" and b"counted" in fields:
+            kind = fields.get(b"type")
+            if kind == b"enqueued" and b"counted" in fields:
                 raw = fields.get(b"surge")
-                if raw is not None and self.surge is not None:
+                if raw is not None and counting:
                     received, *names = orjson.loads(raw)
-                    cid = _text(fields.get(b"contact_id"))
-                    tagged.append(Tagged(cid, int(received), names, int(fields[b"counted"])))
+                    cid = fields[b"contact_id"].decode()
+                    tagged.append(Tagged(cid, received, names, int(fields[b"counted"])))
                 continue
-            if type_ in ("enqueued", "answered", "responded", "abandoned", "breached", "closed"):
+            if kind in STEPPED:
                 cid = _text(fields.get(b"contact_id"))
-                parsed.append((cid, type_, orjson.loads(fields[b"event"])))
+                parsed.append((cid, _text(kind), orjson.loads(fields[b"event"])))
         steps: list[Step] = []
         new: dict[int, Contact] = {}
         """Step index -> the contact of an old-style ``enqueued`` step (surges: once)."""
@@ -382,26 +392,29 @@ class Aggregator:
         flags = await apply(self.queue, steps)
         # a redelivered batch counts none of its contacts for surges again
         contacts = [c for i, c in new.items() if flags[i]]
-        marks = [["HDEL", self.keys.contact(t.contact_id), "surge"] for t in tagged]
+        if tagged:  # the same for counted contacts: the first to take the mark counts them
+            hash_of = self.keys.contact
+            (marks,) = await self.queue.run_scripts(
+                "unmark", [([hash_of(t.contact_id) for t in tagged], ["surge"])]
+            )
+            if isinstance(marks, Exception):
+                raise marks
+            tagged = [t for t, mark in zip(tagged, marks, strict=True) if mark]
         now = self.clock.now_us()
         day_ago = now - DAY_S * MICROS_PER_SECOND
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_repeats, "-inf", day_ago])
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_breaches, "-inf", day_ago])
-        replies = await self.queue.execute(marks + extra)
-        for r in replies:
+        if entries:  # the surges of this batch are marked counted: a redelivery adds none
+            extra.append(["XACK", self.keys.events, GROUP, *[e for e, _ in entries]])
+        for r in await self.queue.execute(extra):
             if isinstance(r, Exception):
                 raise r
         if self.surge is not None and (contacts or tagged):
-            counting = [t for t, unmarked in zip(tagged, replies, strict=False) if unmarked]
-            known = {c.id: c for c in contacts}
-            counting += [
+            tagged += [
                 Tagged(c.id, c.received_at, self.surge.keys_of(c), c.repeat.count)
                 for c in contacts
             ]
-            if counting:
-                await self.surge.count_tagged(counting, known)
-        if entries:
-            await self.redis.xack(self.keys.events, GROUP, *[e for e, _ in entries])
+            await self.surge.count_tagged(tagged, {c.id: c for c in contacts})
         self.processed += len(entries)
 
     async def _facts(
