@@ -211,11 +211,12 @@ def _part_bytes(part: Message) -> bytes:
     return b""
 
 
-def _part_text(part: Message, headers: dict[str, str], opts: Options, body: _Body) -> str:
-    _, params = header_params(headers.get("content-type", ""), opts.regional_fallback)
+def _part_text(
+    part: Message, ctype: str, params: dict[str, str], opts: Options, body: _Body
+) -> str:
     charset = params.get("charset")
     data = _part_bytes(part)
-    if charset is None and part.get_content_subtype() == "html":
+    if charset is None and ctype == "text/html":
         m = re.search(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_.:-]+)""", data[:4096], re.I)
         if m:
             charset = m.group(1).decode("ascii", "replace")
@@ -272,7 +273,7 @@ def _attachment(
     )
 
 
-def _walk(msg: Message, opts: Options, body: _Body) -> None:
+def _walk(msg: Message, msg_headers: dict[str, str], opts: Options, body: _Body) -> None:
     """Collect body text and files; alternatives not chosen for text still give their files."""
     stack: list[tuple[Message, int, bool]] = [(msg, 0, True)]
     count = 0
@@ -282,8 +283,8 @@ def _walk(msg: Message, opts: Options, body: _Body) -> None:
         if count > MAX_PARTS:
             body.notes.append("too many parts")
             return
-        headers = _raw_headers(part)
-        ctype, _ = header_params(headers.get("content-type", ""), opts.regional_fallback)
+        headers = msg_headers if part is msg else _raw_headers(part)
+        ctype, cparams = header_params(headers.get("content-type", ""), opts.regional_fallback)
         if not _MIME_TYPE.fullmatch(ctype):
             ctype = "text/plain"  # RFC 2045 5.2: an invalid Content-Type means text/plain
         maintype = ctype.split("/", 1)[0]
@@ -318,7 +319,7 @@ def _walk(msg: Message, opts: Options, body: _Body) -> None:
             ctype in ("text/plain", "text/html") or part is msg
         ):
             if text_wanted:
-                text = _part_text(part, headers, opts, body)
+                text = _part_text(part, ctype, cparams, opts, body)
                 (body.html if ctype == "text/html" else body.plain).append(text)
             continue
         body.parts.append(_attachment(part, headers, ctype, opts, len(body.parts) + 1))
@@ -511,7 +512,7 @@ def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
         else None
     )
     body = _Body()
-    _walk(msg, opts, body)
+    _walk(msg, headers, opts, body)
     if body.plain:
         text = "\n\n".join(t.strip("\r\n") for t in body.plain if t.strip())
         source = "plain"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import socket
@@ -69,7 +70,7 @@ def trace_headers(envelope: MailEnvelope, hostname: str, at_us: int) -> bytes:
     peer = _TRACE_UNSAFE.sub("", envelope.peer or "unknown")[:60]
     peer = f"IPv6:{peer}" if ":" in peer else peer
     protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") + ("S" if envelope.tls else "")
-    stamp = formatdate(at_us / 1_000_000, usegmt=True)
+    stamp = _stamp(at_us // 1_000_000)
     return_path = envelope.mail_from or ""
     return (
         f"Return-Path: <{_TRACE_UNSAFE.sub('', return_path)[:320]}>\r\n"
@@ -78,6 +79,12 @@ def trace_headers(envelope: MailEnvelope, hostname: str, at_us: int) -> bytes:
 
 
 _TRACE_UNSAFE = re.compile(r"[\x00-\x20\x7f<>()\[\];]")
+
+
+@functools.lru_cache(maxsize=4)
+def _stamp(second: int) -> str:
+    """The RFC 5322 date of a second (formatted once a second, not once a message)."""
+    return formatdate(second, usegmt=True)
 
 
 def masked(address: str) -> str:
