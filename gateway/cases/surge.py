@@ -131,10 +131,12 @@ class SurgeWatch:
         out = ["all", f"channel:{contact.channel}"]
         if contact.recipient:
             out.append(f"recipient:{contact.recipient.lower()}")
-        text = " ".join(x for x in (contact.subject, contact.text) if x)
+        subject = contact.subject
+        text = f"{subject} {contact.text}" if subject and contact.text else subject or contact.text
         lowered = text.lower()
+        within = lowered.__contains__
         for name, words in self._topics.items():
-            if any(w in lowered for w in words):
+            if any(map(within, words)):
                 out.append(f"topic:{name}")
         location = contact.meta.get("location") if isinstance(contact.meta, dict) else None
         address = ""
@@ -146,9 +148,7 @@ class SurgeWatch:
         for district in self._districts:
             if district in text or district in address:
                 out.append(f"place:{district}")
-        for word in self._sensitive:
-            if word in lowered:
-                out.append(f"sensitive:{word}")
+        out.extend(f"sensitive:{word}" for word in filter(within, self._sensitive))
         return out
 
     def _cell(self, degrees: float) -> str:

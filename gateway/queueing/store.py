@@ -275,9 +275,14 @@ class RedisQueue:
         """The surge keys of a new contact (``SurgeWatch.keys_of``, set by the case services
         when surges are on): carried in its ``enqueued`` event, so the aggregator counts them
         without reading the contact back."""
-        self._labels: dict[tuple[str, str], str] = {}
-        """(channel, deadline kind) -> the dashboard's row (``Media.label_of``)."""
+        self._rows: dict[tuple[str, str], tuple[str, str]] = {}
+        """(channel, deadline kind) -> the dashboard's row (``Media.label_of``), its open zset."""
         self._bucket_of: tuple[int, str, str] = (-1, "", "")
+        self._fixed = (
+            keys.contacts, keys.events, keys.deadlines, keys.warnings, keys.agg_waiting,
+            keys.agg_repeats,
+        )
+        """The intake script's keys that are the same for every contact."""
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), and
@@ -307,27 +312,26 @@ class RedisQueue:
         k = self.keys
         address = inbound.sender.address
         sender = self.pseudonym(address)
-        label = self._labels.get((inbound.channel, p.deadline.kind))
-        if label is None:
-            label = self._labels[(inbound.channel, p.deadline.kind)] = load_media().label_of(
-                inbound.channel, p.deadline.kind
-            )
+        label, open_zset = self._rows.get((inbound.channel, p.deadline.kind)) or self._row(
+            inbound.channel, p.deadline.kind
+        )
         minute, hour = self._buckets(inbound.received_at)
+        contacts, events, deadlines, warnings, waiting, repeats = self._fixed
         keys = [
-            k.contacts,
-            k.events,
+            contacts,
+            events,
             # encoded here, so a key that is not valid UTF-8 fails this contact alone
             # the peer's id may hold a number (CMPP's ``cmpp:<msg_id>:<number>``): pseudonym
             k.dedupe(inbound.adapter, self.pseudonym(inbound.external_id or p.id)).encode(),
             k.sender(sender).encode(),
             k.contact(p.id),
-            k.deadlines,
-            k.warnings,
+            deadlines,
+            warnings,
             minute,
             hour,
-            k.agg_open(label),
-            k.agg_waiting,
-            k.agg_repeats,
+            open_zset,
+            waiting,
+            repeats,
         ]
         surge = self.surge_keys
         args: list[Any] = [
@@ -360,6 +364,11 @@ class RedisQueue:
                     keys.append(k.rate(scope, name, now_ms // window_ms).encode())
                     args += [rate.limit, window_ms, window_ms - now_ms % window_ms]
         return keys, args
+
+    def _row(self, channel: str, kind: str) -> tuple[str, str]:
+        label = load_media().label_of(channel, kind)
+        row = self._rows[(channel, kind)] = (label, self.keys.agg_open(label))
+        return row
 
     def _buckets(self, received_at: Micros) -> tuple[str, str]:
         """The dashboard's minute and hour buckets of a contact received at ``received_at``
