@@ -92,12 +92,9 @@ class HttpGuard(asyncio.Protocol):
 
     def _busy(self) -> bool:
         """The parser holds a whole request head (queued or being handled): aiohttp 3.x's
-        ``RequestHandler`` state, read defensively."""
+        ``RequestHandler`` state (``guarded_http`` checks the attributes are there)."""
         inner = self.inner
-        return (
-            getattr(inner, "_current_request", None) is not None
-            or bool(getattr(inner, "_messages", ()))
-        )
+        return inner._current_request is not None or bool(inner._messages)
 
     def _idle(self) -> bool:
         return not self._busy()
@@ -106,11 +103,13 @@ class HttpGuard(asyncio.Protocol):
         if not self._counted:
             return
         self._last_data = self._loop.time()
-        if self._head_started is None and self._idle():
-            self._head_started = self._last_data
         self.inner.data_received(data)
+        # one look at the parser per chunk: a whole head (or a request in hand) ends the head
+        # clock; otherwise the bytes began or continued a head, timed from its first chunk
         if self._busy():
-            self._head_started = None  # the parser has a whole head
+            self._head_started = None
+        elif self._head_started is None:
+            self._head_started = self._last_data
 
     def _check(self) -> None:
         self._timer = None
@@ -158,4 +157,9 @@ def guarded_http(
     factory: Callable[[], Any], count: ConnectionCount, header_timeout: float, body_timeout: float
 ) -> Callable[[], HttpGuard]:
     """A protocol factory for ``loop.create_server``: aiohttp's handlers, guarded."""
+    from aiohttp.web_protocol import RequestHandler
+
+    slots = set(getattr(RequestHandler, "__slots__", ())) | set(vars(RequestHandler))
+    if not {"_current_request", "_messages"} <= slots:  # an aiohttp this guard does not know
+        raise RuntimeError("aiohttp's RequestHandler has no _current_request/_messages")
     return lambda: HttpGuard(factory(), count, header_timeout, body_timeout)

@@ -89,17 +89,23 @@ def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.Strea
     client went away first, nginx's code for it), and times it. The label children are kept
     (few: route patterns x methods x statuses), ``labels()`` costs more.
     """
-    series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+    series: dict[tuple[object, str, int], tuple[Any, Any]] = {}
 
     def count(request: web.Request, status: int, started: float) -> None:
         assert metrics is not None
-        route = route_of(request)
-        method = request.method if request.method in _METHODS else "other"
+        match = request.match_info
+        # keyed by the matched route object (no pattern to look up per request); a 404/405's
+        # route is made per request, so those share the key None ("unmatched")
+        route = match.route if match.http_exception is None else None
+        method = request.method
+        if method not in _METHODS:
+            method = "other"
         children = series.get((route, method, status))
         if children is None:
+            pattern = route_of(request)
             children = series[(route, method, status)] = (
-                metrics.http_requests.labels(route, method, str(status)),
-                metrics.http_duration.labels(route),
+                metrics.http_requests.labels(pattern, method, str(status)),
+                metrics.http_duration.labels(pattern),
             )
         children[0].inc()
         children[1].observe(time.perf_counter() - started)
