@@ -347,11 +347,13 @@ class AgiCall(asyncio.Protocol):
                 name, _, value = line[13:].partition(b" ")
                 self.variables[name.strip(b'"')] = value.strip().strip(b'"')
                 self.transport.write(b"200 result=1\n")
-            elif line[:5].upper() == b"EXEC " and line[5:9].lower() == b"mset":
-                for pair in line[10:].strip().strip(b'"').split(b","):
+            elif line[:5].upper() == b"EXEC " and (
+                    (app := line[5:].partition(b" "))[0].strip(b'"').lower() == b"mset"):
+                # the gateway quotes each word: EXEC "MSet" "A=1,B=2" (plain values here)
+                for pair in app[2].strip().strip(b'"').split(b","):
                     name, _, value = pair.partition(b"=")
                     self.variables[name] = value
-                self.transport.write(b"200 result=1\n")
+                self.transport.write(b"200 result=0\n")  # what pbx_exec of MSet returns
             elif line.startswith(b"GET "):
                 self.transport.write(b"200 result=1 (1795594483.0)\n")
             else:
