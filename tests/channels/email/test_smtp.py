@@ -255,8 +255,12 @@ async def test_redis_stopped_mail_is_spooled_then_replayed(start_mailbox, own_re
     )
     port = gw.adapters["mail"].port
     own_redis_server.stop_sync()
-    contact_id = await asyncio.to_thread(send, port, (FIXTURES / "gbk_as_gb2312.eml").read_bytes())
+    raw = (FIXTURES / "gbk_as_gb2312.eml").read_bytes()
+    contact_id = await asyncio.to_thread(send, port, raw)
     assert gw.spool.depth == 1
+    # Redis away: nothing can be held there, so the raw file was written before the 250
+    files = [p for p in gw.attachments.root.glob("??/*") if len(p.name) == 64]
+    assert any(p.read_bytes().endswith(raw) for p in files)
     again = await asyncio.to_thread(send, port, (FIXTURES / "gbk_as_gb2312.eml").read_bytes())
     assert again == contact_id
     own_redis_server.start_sync()
