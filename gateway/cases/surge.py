@@ -3,8 +3,9 @@ event on ``{p}:events`` (so push subscribers get it too) when contacts rise well
 usual level.
 
 Counting (every instance, as the aggregator of ``gateway/cases/dashboard/aggregates.py`` reads each
-``enqueued`` event): each contact adds one to a few **keys** in the hash of the minute it
-arrived in (``{p}:surge:b:<minute>``, kept ``history_days`` + 1 day):
+``enqueued`` event; the keys are computed at intake, ``RedisQueue.surge_keys``, and travel in
+the event): each contact adds one to a few **keys** in the hash of the minute it arrived in
+(``{p}:surge:b:<minute>``, kept ``history_days`` + 1 day):
 
 - ``all``; ``channel:<medium>``; ``recipient:<dialled number or mailbox>``;
 - ``topic:<name>`` for each configured topic whose words appear in the subject or text;

@@ -15,6 +15,19 @@ buckets and 120 minute buckets. The contact hash remembers the outcome (field ``
 redelivered entry changes nothing. Besides: open contacts per label by deadline, calls
 waiting by arrival, breaches and repeat contacts by time (sorted sets, trimmed to a day).
 
+A new contact's first step ("open": its volume, the ``agg`` field, the open, waiting and
+repeat sets) is taken by ``intake.lua`` itself, atomically with the contact's write, on every
+path that writes one (Intake, the spool's replay); its ``enqueued`` event says so (field
+``counted``, the repeat count) and carries the contact's surge keys (field ``surge``, computed
+at intake by ``SurgeWatch.keys_of``). The aggregator skips such an event without reading
+anything, and counts the surge keys of a batch together, once a contact: the first to take
+the hash's ``surge`` mark (``unmark.lua``) counts it. An ``enqueued`` event without
+``counted`` (an instance of an older version wrote it: a rolling upgrade) takes the old path:
+the contact is read, decoded and stepped here.
+
+The loop reads at most ``batch`` (200) events at a time, and waits ``pause_s`` (50 ms) after
+a batch that was not full, so a batch holds the event loop for a few milliseconds at most.
+
 Breaches are counted when the deadline watcher writes them (within its interval of the
 deadline), where ``gateway report`` also counts a deadline passed with nothing as breached.
 """
