@@ -32,10 +32,10 @@ client's round trip p99; RSS start/end/max of each process (parent, worker-K, Va
 and of the load generator, with the load generator's share of the machine's cores.
 
 ``--trace-memory`` starts the gateway with ``bench/memtrace`` on its path: each gateway
-process (parent and workers) runs ``tracemalloc`` and writes, 30 s after its start and then
-every minute, a snapshot and the counts of live objects by type to ``<run folder>/memtrace``;
-the soak prints the largest growths between each worker's first and last snapshot. It slows
-the gateway a lot: for finding a leak, not for figures.
+process (parent and workers) runs ``tracemalloc`` from 20 s after its start and writes, 30 s
+later and then every minute, a snapshot and the counts of live objects by type to ``<run
+folder>/memtrace``; the soak prints the largest growths between each process's first and last
+snapshot. It slows the gateway a lot: for finding a leak, not for figures.
 
 Finding the highest rate this machine sustains: short runs (``--minutes 1``) at rising
 ``--rate``; a rate is sustained when behind, refused and lost are 0 and the p99s stay

@@ -1,9 +1,10 @@
 """Memory tracing for ``bench/soak_mixed.py --trace-memory`` (never installed, never imported by
 the gateway): the soak puts this folder on the gateway's ``PYTHONPATH`` with
 ``SOAK_MEMTRACE_DIR`` set, so every gateway process (parent and workers) imports this file at
-start. It runs ``tracemalloc`` and, from a daemon thread, writes 30 s after the start and then
-every minute ``<role>-<pid>-<k>.snap`` (a tracemalloc snapshot) and ``.types`` (live objects
-counted by type, JSON) to that folder; the soak diffs each process's first and last."""
+start. From a daemon thread it starts ``tracemalloc`` 20 s after the process started (what the
+start allocated is not traced), and writes 30 s later and then every minute
+``<role>-<pid>-<k>.snap`` (a tracemalloc snapshot) and ``.types`` (live objects counted by
+type, JSON) to that folder; the soak diffs each process's first and last."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def _dump(folder: Path, k: int) -> None:
 
 
 def _run(folder: Path) -> None:
+    time.sleep(20)  # the imports and the start run untraced (traced, they take minutes)
+    tracemalloc.start(8)
     time.sleep(30)
     k = 0
     while True:
@@ -44,5 +47,4 @@ def _run(folder: Path) -> None:
 _folder = os.environ.get("SOAK_MEMTRACE_DIR")
 if _folder:
     Path(_folder).mkdir(parents=True, exist_ok=True)
-    tracemalloc.start(8)
     threading.Thread(target=_run, args=(Path(_folder),), daemon=True, name="memtrace").start()
