@@ -162,7 +162,9 @@ class AsteriskAdapter:
             ctx.name,
             ctx.intake,
             config,
-            tracker=self.tracker,
+            # Only an AMI follower ends the calls it is given (Hangup events, its sweep):
+            # without [ami] each call would stay in the tracker's memory for good.
+            tracker=self.tracker if config.ami is not None else None,
             ask_linkedid=config.linkedid_lookup,
             mset=config.set_with == "mset",
         )

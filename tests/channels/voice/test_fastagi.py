@@ -72,6 +72,19 @@ CASES = [
 ]
 
 
+async def test_calls_are_not_kept_in_memory_when_no_ami_follows_them(start_gateway: Any) -> None:
+    """Without ``[ami]`` nothing ever ends a call the tracker is given (no Hangup event, no
+    sweep: both belong to the AMI follower), and every FastAGI call was kept in its memory for
+    good: the gateway's RSS grew about 1 KB a call in the mixed soak (bench/soak_mixed.py)."""
+    gw = await start_voice(start_gateway)
+    for n in range(20):
+        header = agi_fixture("sip_call.agi").replace(b"1795594483.1", f"9{n}.1".encode())
+        call = await fake_call(agi_port(gw), header)
+        assert call.variables["GATEWAY_STATUS"] == "OK"
+    assert len(await gw.read_contacts()) == 20
+    assert gw.adapters["asterisk"].tracker.calls == {}  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
 async def test_header_blocks_become_voice_contacts(start_gateway: Any, case: HeaderCase) -> None:
     gw = await start_voice(start_gateway)
