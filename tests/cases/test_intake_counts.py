@@ -100,17 +100,20 @@ async def test_intake_counted_contacts_agree_with_the_report_and_count_once(
 
 
 async def test_spooled_and_replayed_contacts_count_once_with_their_repeats(
-    start_gateway: Any,
+    start_gateway: Any, own_redis: Any
 ) -> None:
-    gw = await start_gateway(api=API, watcher=QUIET)
+    gw = await start_gateway(
+        api=API, watcher=QUIET, url=own_redis.url, redis={"write_timeout": "300ms"}
+    )
     now = SYSTEM_CLOCK.now_us()
     same = "+8613912345678"
-    gw.intake.redis_up = False  # as after a failed write: new contacts go to the spool
+    own_redis.stop_sync()  # new contacts go to the spool
     spooled = [
         await gw.intake.submit(inbound(dataset.contact(f"s{i}", "sms", now + i), same))
         for i in range(3)
     ]
     assert {r.status for r in spooled} == {"spooled"}
+    own_redis.start_sync()
     await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)  # replayed
     # a replay whose first write landed (its answer lost): the dedupe key makes it a no-op
     prepared = gw.intake.prepare(inbound(dataset.contact("v", "voice", now + 5), same))
