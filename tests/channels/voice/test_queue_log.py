@@ -95,7 +95,10 @@ async def test_calls_while_no_instance_followed_ami_are_recovered_once(
     # a restart (the mark has not moved: it lags the file) reads the same lines again
     again = await come_back(start_gateway, ami, log)
     assert len(await again.read_contacts()) == len(contacts)
-    assert len(await again.read_events()) == len(events)
+    # (the surge evaluation runs on its own clock and may flag the caller's three contacts
+    # before or after either read: not what the queue_log recovery adds)
+    assert ([e for e in await again.read_events() if e.type != "surge"]
+            == [e for e in events if e.type != "surge"])
 
 
 async def test_a_call_recorded_meanwhile_keeps_its_contact_and_its_outcome(
