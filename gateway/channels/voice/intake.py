@@ -308,9 +308,10 @@ def mset_argument(variables: list[tuple[str, str]]) -> str | None:
     ``=`` and the value taken as it is. So a backslash before each ``\\ " , ( ) [ ]`` gives
     back every value, empty and non-ASCII ones included (verified on Asterisk 22.10.1:
     docs/channels/voice.md). A value with ``$`` is left to ``SET VARIABLE``: with the channel
-    variable ``AGIEXECFULL`` set, ``EXEC`` would expand it.
+    variable ``AGIEXECFULL`` set, ``EXEC`` would expand it. At most 98 pairs: MSet takes 99,
+    and the 99th unparsed.
     """
-    if len(variables) > 99 or any("$" in value for _, value in variables):
+    if len(variables) > 98 or any("$" in value for _, value in variables):
         return None
     return ",".join(f"{name}={value.translate(_MSET_ESCAPE)}" for name, value in variables)
 
@@ -321,12 +322,16 @@ async def set_variables(
     """Set the variables: ``SET VARIABLE`` each, or all in one ``EXEC MSet`` when asked.
 
     Asterisk answers ``200 result=0`` when MSet ran; anything else (an unknown application
-    gives ``result=-2``) falls back to ``SET VARIABLE``.
+    gives ``result=-2``), or values too long for one command line, falls back to
+    ``SET VARIABLE``.
     """
     argument = mset_argument(variables) if mset else None
     if argument is not None:
-        reply = await channel.command("EXEC", "MSet", argument)
-        if reply.ok and reply.result == "0":
+        try:
+            reply = await channel.command("EXEC", "MSet", argument)
+        except ValueError:  # over the 8192 bytes of a command line: nothing was sent
+            reply = None
+        if reply is not None and reply.ok and reply.result == "0":
             return
     await channel.commands([("SET VARIABLE", (name, value)) for name, value in variables])
 

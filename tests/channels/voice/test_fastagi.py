@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.channels.voice.intake import mset_argument
 from gateway.contact.clock import FixedClock
 from gateway.records import Contact
 from gateway.server.runtime import Gateway
@@ -359,6 +360,19 @@ async def test_mset_falls_back_to_set_variable(start_gateway: Any) -> None:
     unsafe = await fake_call(agi_port(gw), agi_fixture("empty_caller.agi"))
     assert [c[0] for c in unsafe.commands] == ["SET"] * 5
     assert unsafe.variables["GATEWAY_QUEUE"] == "hot $line"
+
+
+async def test_values_too_long_for_one_mset_line_are_set_one_by_one(start_gateway: Any) -> None:
+    """Defect: the MSet line over res_agi's 8192 bytes raised in the session, which closed
+    with no variable set (the call took the fail path although its contact was stored)."""
+    long_name = "q" * 8100  # fits a SET VARIABLE line, not the MSet line
+    gw = await start_voice(start_gateway, linkedid_lookup=False, queues={"12346": long_name})
+    call = await fake_call(agi_port(gw), agi_fixture("empty_caller.agi"))
+    assert [c[:2] for c in call.commands] == [["SET", "VARIABLE"]] * 5
+    assert call.variables["GATEWAY_QUEUE"] == long_name
+    assert call.variables["GATEWAY_STATUS"] == "OK"
+    assert mset_argument([(f"V{i}", "") for i in range(98)]) is not None
+    assert mset_argument([(f"V{i}", "") for i in range(99)]) is None  # the 99th unparsed
 
 
 async def test_mset_is_the_default_and_carries_any_queue_name(start_gateway: Any) -> None:
