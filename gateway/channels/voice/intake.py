@@ -281,13 +281,14 @@ class IntakeScript:
         except Exception:
             log.exception("voice intake failed: call queued without a contact")
         if receipt is not None and inbound is not None:
-            log.debug(
-                "call %s from %s: contact %s (%s)",
-                inbound.external_id,
-                mask_phone(inbound.sender.address) if inbound.sender.address else "unknown",
-                receipt.contact_id,
-                receipt.status,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the masking costs even when not logged
+                log.debug(
+                    "call %s from %s: contact %s (%s)",
+                    inbound.external_id,
+                    mask_phone(inbound.sender.address) if inbound.sender.address else "unknown",
+                    receipt.contact_id,
+                    receipt.status,
+                )
             if self.tracker is not None:
                 await self.tracker.register(inbound, receipt)
         variables = channel_variables(
