@@ -6,8 +6,10 @@ server's ``appendfsync always``) instead of a file and folder fsync on the gatew
 
 from __future__ import annotations
 
-import hashlib
-import socket
+import contextlib
+import os
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,11 +17,46 @@ from gateway.queueing.batching import Coalescer
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisClient
 
+STORE_ID = ".store-id"
+"""The attachment folder's own name for its held hash, made once in the folder."""
+
 
 def store_name(root: Path) -> str:
-    """Who holds: this host and folder, the same across restarts and for every worker of it."""
-    where = f"{socket.gethostname()}:{root.resolve()}"
-    return hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    """Who holds: the attachment folder itself, by an id kept in it (``.store-id``, made once
+    and fsynced): the same across restarts and for every worker of it, whatever the host is
+    called now (a container made anew is named by its new id) and wherever the folder is
+    mounted, so the start after a kill writes what was left held; every host that shares the
+    folder shares its held files too. Raise OSError when the folder cannot be written."""
+    path = root / STORE_ID
+    with contextlib.suppress(FileNotFoundError):
+        return _read_id(path)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = root / f"{STORE_ID}-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(8).encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # the first of concurrent starts (workers) makes it
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    folder = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return _read_id(path)
+
+
+def _read_id(path: Path) -> str:
+    value = path.read_text("ascii").strip()
+    if not re.fullmatch(r"[0-9a-f]{16}", value):
+        raise OSError(f"{path}: not a store id")
+    return value
 
 
 class RedisHolder:

@@ -91,8 +91,9 @@ class Keys:
         return f"{self.tag}:state:{_short(scope)}:{_short(key)}"
 
     def held_files(self, store: str) -> str:
-        """Hash: files of one attachment store (``store``: a digest of host and folder) held
-        by sha256 until they are written to their own files (``gateway/queueing/held.py``)."""
+        """Hash: files of one attachment folder (``store``: the id kept in it,
+        ``held.store_name``) held by sha256 until they are written to their own files
+        (``gateway/queueing/held.py``)."""
         return f"{self.tag}:held:{_short(store)}"
 
     def agg_bucket(self, unit: str, start_s: int) -> str:

@@ -146,10 +146,12 @@ class Gateway:
             self.redis_url = self.embedded.url
             self.supervisor.spawn("embedded-redis", self.embedded.keep_running, backoff=(0.5, 10.0))
         self.redis = connect(s.redis, self.redis_url)
-        self.attachments.hold_in(
-            RedisHolder(self.redis, self.keys, self.attachments.root),
-            timeout=float(s.redis.write_timeout),
-        )
+        try:
+            holder = RedisHolder(self.redis, self.keys, self.attachments.root)
+        except OSError as exc:  # no id for the folder: every file written before its answer
+            log.warning("attachments: nothing held in Redis (%s)", exc)
+        else:
+            self.attachments.hold_in(holder, timeout=float(s.redis.write_timeout))
         self.queue = RedisQueue(
             self.redis,
             self.keys,

@@ -117,3 +117,42 @@ async def test_a_file_that_cannot_be_stored_fails_alone_and_leaves_nothing_behin
     assert isinstance(results[0], OSError)
     assert results[1] == dataclasses.replace(ok, name="a2", content_type="application/octet-stream")
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("restart", ["another host name", "the folder mounted elsewhere"])
+async def test_files_left_held_are_written_by_the_next_start_on_the_same_folder(
+    tmp_path, redis_client, prefix, monkeypatch, restart
+):
+    """A gateway killed after a 250 and before its held files were written (the raw message
+    is then only in Redis) starts again on the same folder under another host name (a
+    container made anew: Docker names it by its id) or with the folder mounted at another
+    path: that start writes what was left held. The hold names the folder by an id kept in
+    it, not by the host's name and the path (with those, the files stayed in Redis, unwritten,
+    and the consumer API answered 404)."""
+    import socket
+
+    from gateway.queueing.held import RedisHolder
+    from gateway.queueing.keys import Keys
+
+    keys = Keys(prefix)
+    before = tmp_path / "a" / "attachments"
+    data = b"Subject: lamp\r\n\r\nthe light at gate 3 is out\r\n"
+    digest = hashlib.sha256(data).hexdigest()
+    before.mkdir(parents=True)
+    # what keep holds before the 250; the process is then killed before its write behind
+    await RedisHolder(redis_client, keys, before).hold({digest: b"message/rfc822\n" + data})
+    after = before
+    if restart == "another host name":
+        name = socket.gethostname()
+        monkeypatch.setattr(socket, "gethostname", lambda: name + "-new")
+    else:
+        after = tmp_path / "b" / "attachments"
+        after.parent.mkdir()
+        before.rename(after)
+    store = AttachmentStore(after, max_size=1024)
+    holder = RedisHolder(redis_client, keys, after)
+    store.hold_in(holder)
+    assert await store.write_held() == 1
+    assert store.read(digest) == data
+    assert store.content_type(store.path_for(digest)) == "message/rfc822"
+    assert await holder.held() == []  # released once written
