@@ -25,8 +25,11 @@ the hash's ``surge`` mark (``unmark.lua``) counts it. An ``enqueued`` event with
 ``counted`` (an instance of an older version wrote it: a rolling upgrade) takes the old path:
 the contact is read, decoded and stepped here.
 
-The loop reads at most ``batch`` (200) events at a time, and waits ``pause_s`` (50 ms) after
-a batch that was not full, so a batch holds the event loop for a few milliseconds at most.
+The loop reads at most ``batch`` (200) events at a time, and waits ``pause_s`` (250 ms) after
+a batch that was not full: a batch holds the event loop for a few milliseconds at most, and
+at moderate rates the aggregator polls a few times a second, not dozens (each poll is a few
+writes, each an fsync of the append-only file under ``appendfsync always``, which the intake
+writes queue behind).
 
 Breaches are counted when the deadline watcher writes them (within its interval of the
 deadline), where ``gateway report`` also counts a deadline passed with nothing as breached.
@@ -271,8 +274,9 @@ class Aggregator:
         """Counts new contacts for surge warnings (``[surge] enabled``), else None."""
         self.batch = batch
         """Events read at once: the loop is held for one batch's processing (a few ms)."""
-        self.pause_s = 0.05
-        """After a batch that was not full, wait this long before reading again."""
+        self.pause_s = 0.25
+        """After a batch that was not full, wait this long before reading again (the figures
+        lag by as much; a wallboard snapshot is a second old anyway)."""
         self._supervisor: Supervisor | None = None
         self._stopping = False
         self._group_ready = False
