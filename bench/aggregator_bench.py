@@ -14,6 +14,13 @@ the ``enqueued`` events in batches of 500, as its loop does. Printed, per contac
     .venv/bin/python -m bench.aggregator_bench                   # about 20 s
     .venv/bin/python -m bench.aggregator_bench --before DIR      # and an older tree
 
+``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
+load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
+p50 and p99 of each phase (``enqueued_at - received_at`` of the records): what the aggregator
+adds to the tail, measured side by side.
+
+    .venv/bin/python -m bench.aggregator_bench --tail 300 --seconds 6 --rounds 2
+
 ``--before DIR``: a source tree holding an older ``gateway`` package (``git archive <commit>
 gateway | tar -x -C DIR``), measured the same way in its own process on the same Valkey.
 """
@@ -131,6 +138,64 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
     )
 
 
+async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> None:
+    """Edge-to-enqueue under paced HTTP load, the aggregator's loop on and off in turns."""
+    import multiprocessing as mp
+
+    from bench.intake_bench import HOST, edge_to_enqueue, free_port
+    from gateway.server.config import parse_settings
+    from gateway.server.runtime import Gateway, settle_heap
+
+    port = free_port()
+    prefix = f"tail{port}"
+    settings, configs = parse_settings({
+        "gateway": {"data_dir": tempfile.mkdtemp(prefix="agg-tail-"), "instance": "bench"},
+        "redis": {"url": redis_url, "prefix": prefix},
+        "http": {"listen": f"{HOST}:{port}"},
+        "api": {"open_to_loopback": True},
+    })
+    gateway = Gateway(settings, configs)
+    await gateway.start()
+    settle_heap()
+    aggregator = gateway.cases.aggregator
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    offset = 0
+    try:
+        for r in range(rounds):
+            for phase in ("on", "off"):
+                if phase == "off":
+                    await aggregator.stop()
+                elif r:
+                    aggregator.start(gateway.supervisor)
+                since_ms = int(time.time() * 1000)
+                load = ctx.Process(target=_paced, args=(port, seconds, rate, offset, out))
+                load.start()
+                ok = await asyncio.to_thread(out.get)
+                await asyncio.to_thread(load.join)
+                offset += 10_000_000
+                p50, p99, _ = await edge_to_enqueue(redis_url, prefix, since_ms)
+                print(
+                    f"round {r + 1}, aggregator {phase:3}: {ok} contacts at {rate:.0f}/s,"
+                    f" edge-to-enqueue p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+                    flush=True,
+                )
+    finally:
+        await gateway.stop()
+
+
+def _paced(port: int, seconds: float, rate: float, offset: int, out: Any) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.intake_bench import drive
+
+    class Port:
+        pass
+
+    target: Any = Port()
+    target.port = port
+    out.put(asyncio.run(drive(target, seconds, offset, rate=rate)).ok)
+
+
 def _child(src: str, redis_url: str, contacts: int) -> None:
     sys.path.insert(0, str(ROOT))
     if src:
@@ -147,6 +212,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--contacts", type=int, default=5000)
     parser.add_argument("--before", default="", help="source tree of an older gateway")
+    parser.add_argument(
+        "--tail", type=float, default=0.0, metavar="RATE",
+        help="instead: edge-to-enqueue at RATE contacts/s over HTTP, aggregator on and off",
+    )
+    parser.add_argument("--seconds", type=float, default=6.0, help="of each --tail phase")
+    parser.add_argument("--rounds", type=int, default=2, help="of --tail phases")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -157,6 +228,14 @@ def main() -> None:
 
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-agg-")) / "r")
     server.start_sync()
+    if args.tail:
+        import uvloop
+
+        try:
+            uvloop.run(_tail(server.url, args.tail, args.seconds, args.rounds))
+        finally:
+            server.stop_sync()
+        return
     try:
         for src in ("", args.before) if args.before else ("",):
             subprocess.run(
