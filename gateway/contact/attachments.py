@@ -253,9 +253,19 @@ class AttachmentStore:
                     held_at.append(i)
         if to_hold:
             assert holder is not None
+            holding = asyncio.ensure_future(holder.hold(to_hold))
             try:
-                await asyncio.wait_for(holder.hold(to_hold), self._hold_timeout)
-            except Exception as exc:  # Redis away: the files themselves, before the answer
+                await asyncio.wait_for(asyncio.shield(holding), self._hold_timeout)
+            except BaseException as exc:
+                # a hold that still lands (Redis slow, or this caller gave up) is written and
+                # let go then, instead of staying in Redis until the next start
+                late = [items[i] for i in held_at]
+                holding.add_done_callback(lambda task: self._landed_late(task, late))
+                self._behind.add(holding)
+                holding.add_done_callback(self._behind.discard)
+                if not isinstance(exc, Exception):
+                    raise
+                # Redis away: the files themselves, before the answer
                 log.info("attachments: not held (%s), written first", type(exc).__name__)
                 self._holder_down_until = time.monotonic() + 1.0
                 for i in held_at:
@@ -269,6 +279,10 @@ class AttachmentStore:
         if held_at:
             self._spawn_behind([items[i] for i in held_at])
         return [r for r in out if r is not None]
+
+    def _landed_late(self, hold: asyncio.Future[None], items: list[_File]) -> None:
+        if not hold.cancelled() and hold.exception() is None:
+            self._spawn_behind(items)
 
     def _spawn_behind(self, items: list[_File]) -> None:
         task = asyncio.get_running_loop().create_task(self._write_behind(items))
@@ -357,8 +371,10 @@ class AttachmentStore:
     async def close(self) -> None:
         """Let the files being written after ``keep`` finish, for at most 10 s (those left
         stay held)."""
-        if self._behind:
-            await asyncio.wait(set(self._behind), timeout=10.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while self._behind and loop.time() < deadline:  # a hold that lands starts a write
+            await asyncio.wait(set(self._behind), timeout=deadline - loop.time())
 
     def content_type(self, path: Path) -> str:
         """The stored content type of the file at ``path`` (octet-stream when none was given)."""

@@ -92,5 +92,10 @@ class RedisHolder:
     async def release(self, digests: Sequence[str]) -> None:
         await self._releases.submit(digests)
 
+    async def drain(self) -> None:
+        """Wait for the holds and releases sent."""
+        await self._holds.drain()
+        await self._releases.drain()
+
     async def held(self) -> list[str]:
         return [bytes(k).decode("ascii", "replace") for k in await self.redis.hkeys(self.key)]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gateway.contact.attachments import AttachmentStore, AttachmentTooLarge
+from gateway.records import Attachment
 
 
 async def test_same_bytes_are_stored_once_and_named_safely(tmp_path):
@@ -156,3 +157,39 @@ async def test_files_left_held_are_written_by_the_next_start_on_the_same_folder(
     assert store.read(digest) == data
     assert store.content_type(store.path_for(digest)) == "message/rfc822"
     assert await holder.held() == []  # released once written
+
+
+async def test_a_hold_that_lands_after_its_timeout_is_let_go_once_written(
+    tmp_path, own_redis, prefix
+):
+    """Redis stops answering (SIGSTOP) while a mail's files are being held: ``keep`` gives up
+    on the hold after its timeout and writes the files first, as it must. The HSET was sent
+    and lands when Redis answers again; it is then released too, instead of staying in Redis
+    until the gateway's next start (before: held for good, up to 256 KiB a mail)."""
+    import os
+    import signal
+
+    import redis.asyncio as aioredis
+
+    from gateway.queueing.held import RedisHolder
+    from gateway.queueing.keys import Keys
+
+    client = aioredis.from_url(own_redis.url, socket_timeout=30)
+    try:
+        store = AttachmentStore(tmp_path / "attachments", max_size=1024)
+        holder = RedisHolder(client, Keys(prefix), store.root)
+        store.hold_in(holder, timeout=0.3)
+        await client.ping()  # connected before the freeze
+        data = b"Subject: lamp\r\n\r\nthe light at gate 3 is out\r\n"
+        pid = own_redis.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            (kept,) = await store.keep([(data, "message.eml", "message/rfc822")])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert isinstance(kept, Attachment) and store.read(kept.sha256) == data  # written first
+        await holder.drain()  # the HSET sent during the freeze has landed
+        await store.close()  # what was written after the answer has ended
+        assert await holder.held() == []
+    finally:
+        await client.aclose()
