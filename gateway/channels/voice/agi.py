@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -77,7 +78,7 @@ class AgiStream:
     """One receive buffer over a stream: a TCP read usually carries the whole header block or
     a batch of replies, so lines are cut from the buffer instead of one read per line."""
 
-    __slots__ = ("buffer", "read_timeout", "reader")
+    __slots__ = ("buffer", "read_timeout", "reader", "waiting_since")
 
     def __init__(
         self, reader: asyncio.StreamReader, read_timeout: float | None = None
@@ -85,16 +86,26 @@ class AgiStream:
         self.reader = reader
         self.buffer = bytearray()
         self.read_timeout = read_timeout
-        """Longest wait for the peer's next bytes; ``AgiIdle`` after it."""
+        """Longest wait for the peer's next bytes; ``AgiIdle`` after it. None: no bound here
+        (the FastAGI server bounds it with one sweep over all its sessions instead)."""
+        self.waiting_since: float | None = None
+        """``time.monotonic()`` when the wait for the peer's next bytes began; None when not
+        waiting."""
 
     async def fill(self) -> bool:
         """Read what the peer sent; False at EOF, ``AgiIdle`` when it sends nothing for
         ``read_timeout`` seconds."""
+        self.waiting_since = time.monotonic()
         try:
-            async with asyncio.timeout(self.read_timeout):
+            if self.read_timeout is None:
                 chunk = await self.reader.read(65536)
+            else:
+                async with asyncio.timeout(self.read_timeout):
+                    chunk = await self.reader.read(65536)
         except TimeoutError:
             raise AgiIdle(f"peer sent nothing for {self.read_timeout:g}s") from None
+        finally:
+            self.waiting_since = None
         if not chunk:
             return False
         self.buffer += chunk

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -45,12 +46,27 @@ class AgiSession:
 Handler = Callable[[AgiSession], Awaitable[None]]
 
 
+@dataclass(slots=True)
+class _Watch:
+    """What the server's sweep needs of one open session."""
+
+    started: float
+    """``time.monotonic()`` at accept."""
+    stream: AgiStream | None = None
+    expired: str = ""
+    """Why the sweep cancelled the session: ``session`` or ``idle``; empty while it has not."""
+
+
 class FastAgiServer:
     """Accepts FastAGI connections and runs the handler named by ``agi_network_script``.
 
     Every session is bounded: the header block by ``max_header_bytes``, the whole session by
-    ``session_timeout`` seconds. Whatever happens, the socket is closed when the handler returns,
-    since Asterisk continues the dialplan only then.
+    ``session_timeout`` seconds, each wait for the peer by ``read_timeout``. Whatever happens,
+    the socket is closed when the handler returns, since Asterisk continues the dialplan only
+    then. The two time bounds are kept by one sweep over the open sessions, every quarter of
+    the shorter bound (at most a second), rather than by timers per session and per read
+    (an ``asyncio.timeout`` costs a timer set and cancelled, 10-25 us on uvloop, three times
+    a session): a bound is enforced up to a quarter of itself late.
     """
 
     def __init__(
@@ -82,7 +98,8 @@ class FastAgiServer:
         """Open sessions against ``[limits] max_connections``: over it a connection is closed
         at once, before its header block is read (the dialplan's fail path queues the call)."""
         self._server: asyncio.Server | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._sessions: dict[asyncio.Task[None], _Watch] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self.sessions_total = 0
 
     async def start(self) -> None:
@@ -91,6 +108,7 @@ class FastAgiServer:
             self._accept, self.host, self.port, limit=self.max_header_bytes, backlog=1024
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.create_task(self._sweep(), name="fastagi-sweep")
         log.info("FastAGI listening on %s:%d", self.host, self.port)
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -105,6 +123,11 @@ class FastAgiServer:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         if server is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
@@ -119,15 +142,22 @@ class FastAgiServer:
             writer.close()
             return
         task = asyncio.current_task()
+        watch = _Watch(time.monotonic())
         if task is not None:
-            self._sessions.add(task)
+            self._sessions[task] = watch
         self.sessions_total += 1
         started = self.metrics.session_opened("agi") if self.metrics else 0.0
         try:
-            async with asyncio.timeout(self.session_timeout):
-                await self._session(reader, writer, received_at)
-        except TimeoutError:
-            log.warning("FastAGI session exceeded %.1fs; closed", self.session_timeout)
+            await self._session(reader, writer, received_at, watch)
+        except asyncio.CancelledError:
+            if not watch.expired or task is None:
+                raise  # stopped from outside
+            task.uncancel()
+            if watch.expired == "idle":
+                log.warning("FastAGI session closed: peer sent nothing for %gs",
+                            self.read_timeout)
+            else:
+                log.warning("FastAGI session exceeded %.1fs; closed", self.session_timeout)
         except AgiClosed:
             log.debug("FastAGI peer closed early")
         except AgiIdle as exc:
@@ -142,9 +172,29 @@ class FastAgiServer:
             writer.close()
             self.connections.release()
             if task is not None:
-                self._sessions.discard(task)
+                self._sessions.pop(task, None)
             if self.metrics is not None:
                 self.metrics.session_closed("agi", started)
+
+    async def _sweep(self) -> None:
+        """Cancel the sessions past ``session_timeout``, or silent past ``read_timeout``."""
+        bounds = [b for b in (self.session_timeout, self.read_timeout) if b is not None]
+        interval = min(1.0, max(0.005, min(bounds) / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for task, watch in list(self._sessions.items()):
+                if watch.expired:
+                    continue
+                waiting = watch.stream.waiting_since if watch.stream is not None else None
+                if now - watch.started > self.session_timeout:
+                    watch.expired = "session"
+                elif (self.read_timeout is not None and waiting is not None
+                      and now - waiting > self.read_timeout):
+                    watch.expired = "idle"
+                else:
+                    continue
+                task.cancel()
 
     def _allowed(self, writer: asyncio.StreamWriter) -> bool:
         peer = writer.get_extra_info("peername")
@@ -158,9 +208,13 @@ class FastAgiServer:
         return False
 
     async def _session(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received_at: Micros
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        received_at: Micros,
+        watch: _Watch,
     ) -> None:
-        stream = AgiStream(reader, self.read_timeout)
+        stream = watch.stream = AgiStream(reader)  # its waits bounded by the sweep
         env = await read_header_block(stream, max_bytes=self.max_header_bytes)
         request = env.get("agi_network_script", "")
         name = script_name(request)
