@@ -72,11 +72,15 @@ class InvalidContact(ValueError):
 class Submitter(Protocol):
     """The one door into the queue."""
 
-    async def submit(self, inbound: Inbound) -> Receipt:
+    async def submit(
+        self, inbound: Inbound, *, held: tuple[str, Mapping[str, bytes]] | None = None
+    ) -> Receipt:
         """Make the contact durable and return its receipt.
 
         Raises ``IntakeUnavailable`` (retry later) or ``InvalidContact`` (bad input). Cancelling
-        the caller does not cancel the write: the contact still becomes durable.
+        the caller does not cancel the write: the contact still becomes durable. ``held``: a
+        hash key and fields (``AttachmentStore.plan``) set in Redis in the contact's own write,
+        before it; only a receipt ``enqueued`` says they were (a spooled contact has none).
         """
         ...
 

@@ -16,10 +16,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.queueing.batching import Coalescer
 from gateway.records import Attachment, repair_text
@@ -27,8 +28,11 @@ from gateway.records import Attachment, repair_text
 log = logging.getLogger(__name__)
 
 REF_PREFIX = "/v1/attachments/"
+LATE_RELEASE_S = 30.0
+"""A contact's write that timed out may still land (with its held files) this much later."""
 HOLD_LIMIT = 256 * 1024
-"""Files up to this size may be held in Redis by ``keep`` instead of waiting for their own file."""
+"""Files up to this size may be held in Redis with their contact (``AttachmentStore.plan``)
+instead of written to their own files before the answer."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 OCTET_STREAM = "application/octet-stream"
@@ -45,11 +49,13 @@ class AttachmentTooLarge(Exception):
 
 
 class Holder(Protocol):
-    """Durable storage for small files until their own files are written: the gateway's Redis
-    (``gateway.queueing.held.RedisHolder``); a value is the media type, a newline, the bytes."""
+    """Durable storage for small files until their own files are written: a hash in the
+    gateway's Redis (``gateway.queueing.held.RedisHolder``), set in a contact's own write;
+    field the sha256, value the media type, a newline, the bytes."""
 
-    async def hold(self, files: Mapping[str, bytes]) -> None:
-        """Store every value under its sha256, durably when this returns (or raise)."""
+    @property
+    def key(self) -> str:
+        """The hash's key."""
 
     async def fetch(self, digest: str) -> bytes | None: ...
 
@@ -80,16 +86,15 @@ class AttachmentStore:
         )
         self._holder: Holder | None = None
         self._hold_limit = 0
-        self._hold_timeout = 5.0
         self._holder_down_until = 0.0
         self._behind: set[asyncio.Task[None]] = set()
-        """Files held in Redis being written to disk (``keep``)."""
+        self.late_release_s = LATE_RELEASE_S
+        """Files held in Redis being written to disk (``settle``)."""
 
-    def hold_in(self, holder: Holder, *, limit: int = HOLD_LIMIT, timeout: float = 5.0) -> None:
-        """Let ``keep`` hold files up to ``limit`` bytes in ``holder`` (see ``keep``)."""
+    def hold_in(self, holder: Holder, *, limit: int = HOLD_LIMIT) -> None:
+        """Let ``plan`` hold files up to ``limit`` bytes in ``holder`` (see ``plan``)."""
         self._holder = holder
         self._hold_limit = min(limit, self.max_size)
-        self._hold_timeout = timeout
 
     def path_for(self, sha256: str) -> Path:
         """Return where the bytes of ``sha256`` live; raise ValueError for a malformed hash."""
@@ -228,61 +233,71 @@ class AttachmentStore:
     async def _write_group(self, items: list[_File]) -> list[Attachment | Exception]:
         return await asyncio.to_thread(self.put_many_sync, items)
 
-    async def keep(self, items: Sequence[_File]) -> list[Attachment | Exception]:
-        """Make ``items`` durable the quickest way; each result as ``submit``'s.
-
-        Files up to the hold limit (``hold_in``) are held in the
-        holder (Redis: one durable write, its ``appendfsync always``) and written to their own
-        files after this returns, then released; the consumer API serves them from the holder
-        meanwhile (``held``), and ``write_held`` writes what a killed process left held. Larger
-        files, and every file while the holder fails, are written to disk (``submit``) before
-        this returns."""
-        out: list[Attachment | Exception | None] = [None] * len(items)
-        to_hold: dict[str, bytes] = {}
-        held_at: list[int] = []
+    def plan(self, items: Sequence[_File]) -> Plan:
+        """Decide how ``items`` become durable: files up to the hold limit (``hold_in``) go into
+        Redis with the contact (``Plan.held``, passed to ``Submitter.submit``) and to their own
+        files after the answer (``settle``); the others, and all of them while the holder is
+        not to be used, are written to disk first (``write_first``)."""
+        plan = Plan(list(items), [None] * len(items), [], None)
         holder = self._holder
-        if holder is not None and time.monotonic() >= self._holder_down_until:
-            for i, (data, name, content_type) in enumerate(items):
-                if len(data) > self._hold_limit:
-                    continue
-                attachment = self.describe(data, name, content_type)
-                out[i] = attachment
-                if attachment.sha256 not in to_hold:  # no stat here: the writer skips a file
-                    # that exists, and a stat waits while the writer renames in that folder
-                    to_hold[attachment.sha256] = media_type(content_type).encode() + b"\n" + data
-                    held_at.append(i)
-        if to_hold:
-            assert holder is not None
-            holding = asyncio.ensure_future(holder.hold(to_hold))
-            try:
-                await asyncio.wait_for(asyncio.shield(holding), self._hold_timeout)
-            except BaseException as exc:
-                # a hold that still lands (Redis slow, or this caller gave up) is written and
-                # let go then, instead of staying in Redis until the next start
-                late = [items[i] for i in held_at]
-                holding.add_done_callback(lambda task: self._landed_late(task, late))
-                self._behind.add(holding)
-                holding.add_done_callback(self._behind.discard)
-                if not isinstance(exc, Exception):
-                    raise
-                # Redis away: the files themselves, before the answer
-                log.info("attachments: not held (%s), written first", type(exc).__name__)
-                self._holder_down_until = time.monotonic() + 1.0
-                for i in held_at:
-                    out[i] = None
-                held_at = []
-        to_put = [i for i, result in enumerate(out) if result is None]
-        if to_put:
-            written = await asyncio.gather(*(self.submit(*items[i]) for i in to_put))
-            for i, result in zip(to_put, written, strict=True):
-                out[i] = result
-        if held_at:
-            self._spawn_behind([items[i] for i in held_at])
-        return [r for r in out if r is not None]
+        if holder is None or time.monotonic() < self._holder_down_until:
+            return plan
+        fields: dict[str, bytes] = {}
+        for i, (data, name, content_type) in enumerate(items):
+            if len(data) > self._hold_limit:
+                continue
+            attachment = self.describe(data, name, content_type)
+            plan.results[i] = attachment
+            plan.held_at.append(i)
+            # no stat here: the writer skips a file that exists, and a stat waits while the
+            # writer renames in that folder
+            fields[attachment.sha256] = media_type(content_type).encode() + b"\n" + data
+        if fields:
+            plan.held = (holder.key, fields)
+        return plan
 
-    def _landed_late(self, hold: asyncio.Future[None], items: list[_File]) -> None:
-        if not hold.cancelled() and hold.exception() is None:
+    async def write_first(self, plan: Plan) -> list[Attachment | Exception]:
+        """Write the files the plan does not hold (durable when this returns); every item's
+        result, as ``submit``'s."""
+        first = [i for i, r in enumerate(plan.results) if r is None]
+        if first:
+            written = await asyncio.gather(*(self.submit(*plan.items[i]) for i in first))
+            for i, result in zip(first, written, strict=True):
+                plan.results[i] = result
+        return [r for r in plan.results if r is not None]
+
+    async def settle(self, plan: Plan, in_redis: bool) -> None:
+        """After the contact's write: held files are written to disk in the background when
+        Redis has them (``in_redis``), else now, durably, before this returns (raises the
+        first file's error); either way released from Redis once on disk."""
+        if not plan.held_at:
+            return
+        items = [plan.items[i] for i in plan.held_at]
+        if in_redis:
             self._spawn_behind(items)
+            return
+        self._holder_down_until = time.monotonic() + 1.0  # Redis away: write first for a while
+        results = await asyncio.gather(*(self.submit(*item) for item in items))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        digests = [r.sha256 for r in results if isinstance(r, Attachment)]
+        # set anyway if the write reached Redis after all (it was sent; Redis was slow): let
+        # go now, and once more later for a write that lands after this release
+        await self._release_quietly(digests)
+        asyncio.get_running_loop().call_later(
+            self.late_release_s, lambda: self._spawn(self._release_quietly(digests))
+        )
+
+    async def _release_quietly(self, digests: list[str]) -> None:
+        if self._holder is not None and digests:
+            with contextlib.suppress(Exception):
+                await self._holder.release(digests)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
 
     def _spawn_behind(self, items: list[_File]) -> None:
         task = asyncio.get_running_loop().create_task(self._write_behind(items))
@@ -341,7 +356,7 @@ class AttachmentStore:
         return self.path_for(sha256).is_file()
 
     async def write_held(self) -> int:
-        """Write every file left held (a process killed between ``keep`` and its files) to
+        """Write every file left held (a process killed between a contact and its files) to
         disk and release it; return how many."""
         if self._holder is None:
             return 0
@@ -369,7 +384,7 @@ class AttachmentStore:
         task.add_done_callback(self._behind.discard)
 
     async def close(self) -> None:
-        """Let the files being written after ``keep`` finish, for at most 10 s (those left
+        """Let the files being written after ``settle`` finish, for at most 10 s (those left
         stay held)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
@@ -390,6 +405,18 @@ class AttachmentStore:
 
 _File = tuple[bytes, str, str]
 """Bytes, name, content type."""
+
+
+@dataclass(slots=True)
+class Plan:
+    """How some files become durable (``AttachmentStore.plan``)."""
+
+    items: list[_File]
+    results: list[Attachment | Exception | None]
+    """An Attachment for a held file; None until written for the others."""
+    held_at: list[int]
+    held: tuple[str, dict[str, bytes]] | None
+    """The hash key and fields to set with the contact, or None."""
 
 
 class _Staged:

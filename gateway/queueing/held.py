@@ -1,8 +1,10 @@
 """Small files held in Redis until they are written to their own files (the attachment store's
-``keep``): one hash per store, field the sha256, value the media type, a newline, the bytes.
+``plan`` and ``settle``): one hash per store, field the sha256, value the media type, a
+newline, the bytes, set by an ``HSET`` sent before the contact's script in its own pipelined
+write (``RedisQueue.write_batch``).
 
-An SMTP ``250`` then waits for one durable write of the raw message (this hash, under the
-server's ``appendfsync always``) instead of a file and folder fsync on the gateway's disk."""
+An SMTP ``250`` then waits for one durable write (the contact's, with its raw message, under
+the server's ``appendfsync always``) instead of a file and folder fsync on the gateway's disk."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import contextlib
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.queueing.batching import Coalescer
@@ -60,26 +62,14 @@ def _read_id(path: Path) -> str:
 
 
 class RedisHolder:
-    """``gateway.contact.attachments.Holder`` on the gateway's Redis; the holds of concurrent
-    sessions are one ``HSET``, their releases one ``HDEL``."""
+    """``gateway.contact.attachments.Holder`` on the gateway's Redis: files are set in the hash
+    by the contact's own write (``RedisQueue.write_batch``); concurrent releases are one
+    ``HDEL``."""
 
     def __init__(self, redis: RedisClient, keys: Keys, root: Path) -> None:
         self.redis = redis
         self.key = keys.held_files(store_name(root))
-        self._holds: Coalescer[Mapping[str, bytes], None] = Coalescer(
-            self._hold_many, max_batch=64
-        )
         self._releases: Coalescer[Sequence[str], None] = Coalescer(self._release_many)
-
-    async def hold(self, files: Mapping[str, bytes]) -> None:
-        await self._holds.submit(files)
-
-    async def _hold_many(self, batch: list[Mapping[str, bytes]]) -> list[None]:
-        mapping: dict[str, bytes] = {}
-        for files in batch:
-            mapping.update(files)
-        await self.redis.hset(self.key, mapping=mapping)
-        return [None] * len(batch)
 
     async def _release_many(self, batch: list[Sequence[str]]) -> list[None]:
         await self.redis.hdel(self.key, *{d for digests in batch for d in digests})
@@ -90,11 +80,11 @@ class RedisHolder:
         return None if value is None else bytes(value)
 
     async def release(self, digests: Sequence[str]) -> None:
-        await self._releases.submit(digests)
+        if digests:
+            await self._releases.submit(digests)
 
     async def drain(self) -> None:
-        """Wait for the holds and releases sent."""
-        await self._holds.drain()
+        """Wait for the releases sent."""
         await self._releases.drain()
 
     async def held(self) -> list[str]:

@@ -23,7 +23,7 @@ from gateway.contact.language import guess_language
 from gateway.contact.sla import SlaPolicy
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
-from gateway.queueing.store import Prepared, RedisQueue, WriteResult
+from gateway.queueing.store import Held, Prepared, RedisQueue, WriteResult
 from gateway.records import Event, EventType, Inbound, Repeat
 from gateway.server.metrics import Metrics
 from gateway.server.supervise import Supervisor
@@ -105,7 +105,7 @@ class Intake:
             warn_at=self.sla.warning_at(inbound, deadline),
         )
 
-    async def submit(self, inbound: Inbound) -> Receipt:
+    async def submit(self, inbound: Inbound, *, held: Held | None = None) -> Receipt:
         """Make ``inbound`` durable and return its receipt (see ``gateway.adapters.Submitter``).
 
         A caller that gives up (a timeout around the call) does not cut a write half done: the
@@ -120,6 +120,8 @@ class Intake:
             series.refused.inc()
             raise IntakeUnavailable(self.refusing)
         prepared = self.prepare(inbound)
+        if held is not None:
+            prepared = dataclasses.replace(prepared, held=held)
         first = self.spool.spooled_id(inbound.adapter, inbound.external_id)
         if first is not None:  # its first delivery still waits in the spool: keep that id
             return self._spooled_duplicate(prepared, first)

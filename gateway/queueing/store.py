@@ -74,6 +74,10 @@ class ReplicationLagError(ConnectionError):
     """Fewer replicas than ``redis.min_replicas`` confirmed a batch: treat it as not written."""
 
 
+Held = tuple[str, Mapping[str, bytes]]
+"""A hash key and fields to set in it (``HSET``) in the write of a contact."""
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A contact ready to be written: id and deadline fixed, JSON encoded at write time."""
@@ -82,6 +86,9 @@ class Prepared:
     inbound: Inbound
     deadline: Deadline
     warn_at: Micros
+    held: Held | None = None
+    """Files to hold with the contact (``Submitter.submit``), written in the same round trip
+    before its script; never spooled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +409,17 @@ class RedisQueue:
                 encoded.append(self._encode(p, enqueued_at, limited))
             except (TypeError, ValueError) as exc:  # orjson's errors, UnicodeEncodeError
                 invalid[n] = InvalidContact(f"contact not encodable: {exc}")
-        replies = await self.run_scripts("intake", encoded, replicated=True) if encoded else []
+        held: dict[str, list[Any]] = {}  # one HSET per key, before the scripts
+        for n, p in enumerate(batch):
+            if p.held is not None and n not in invalid:
+                fields = held.setdefault(p.held[0], [])
+                for name, value in p.held[1].items():
+                    fields += (name, value)
+        before = [["HSET", key, *fields] for key, fields in held.items()]
+        replies = (
+            await self.run_scripts("intake", encoded, replicated=True, before=before)
+            if encoded else []
+        )
         if invalid:
             for n in sorted(invalid):
                 replies.insert(n, invalid[n])
@@ -421,14 +438,22 @@ class RedisQueue:
         return results
 
     async def run_scripts(
-        self, name: str, calls: list[tuple[list[Any], list[Any]]], *, replicated: bool = False
+        self,
+        name: str,
+        calls: list[tuple[list[Any], list[Any]]],
+        *,
+        replicated: bool = False,
+        before: list[list[Any]] | None = None,
     ) -> list[Any]:
         """Run one of the gateway's scripts once per ``(keys, args)`` in one round trip; error
         replies come back as values. Loads the script again after a restart or failover.
 
         ``replicated``: with ``redis.min_replicas``, raise ReplicationLagError unless that many
-        replicas confirm the writes (``WAIT`` in the same round trip).
+        replicas confirm the writes (``WAIT`` in the same round trip). ``before``: plain
+        commands sent first on the same connection (executed before the scripts); an error
+        reply to one of them raises for the whole round trip.
         """
+        before = before or []
         wait = replicated and self.min_replicas > 0
         for attempt in range(2):
             if not self._shas:
@@ -437,7 +462,11 @@ class RedisQueue:
             commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
             if wait:
                 commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
-            replies = await self._execute(commands)
+            replies = await self._execute([*before, *commands])
+            for reply in replies[: len(before)]:
+                if isinstance(reply, Exception):
+                    raise reply
+            del replies[: len(before)]
             if wait:
                 confirmed = replies.pop()
                 if isinstance(confirmed, Exception) or int(confirmed) < self.min_replicas:

@@ -151,7 +151,7 @@ class Gateway:
         except OSError as exc:  # no id for the folder: every file written before its answer
             log.warning("attachments: nothing held in Redis (%s)", exc)
         else:
-            self.attachments.hold_in(holder, timeout=float(s.redis.write_timeout))
+            self.attachments.hold_in(holder)
         self.queue = RedisQueue(
             self.redis,
             self.keys,

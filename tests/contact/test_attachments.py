@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from gateway.contact.attachments import AttachmentStore, AttachmentTooLarge
-from gateway.records import Attachment
 
 
 async def test_same_bytes_are_stored_once_and_named_safely(tmp_path):
@@ -159,13 +158,14 @@ async def test_files_left_held_are_written_by_the_next_start_on_the_same_folder(
     assert await holder.held() == []  # released once written
 
 
-async def test_a_hold_that_lands_after_its_timeout_is_let_go_once_written(
+async def test_a_hold_that_lands_after_its_contact_was_spooled_is_let_go(
     tmp_path, own_redis, prefix
 ):
-    """Redis stops answering (SIGSTOP) while a mail's files are being held: ``keep`` gives up
-    on the hold after its timeout and writes the files first, as it must. The HSET was sent
-    and lands when Redis answers again; it is then released too, instead of staying in Redis
-    until the gateway's next start (before: held for good, up to 256 KiB a mail)."""
+    """Redis stops answering (SIGSTOP) while a mail's contact and held files are being
+    written: the write times out, the contact is spooled, and ``settle`` writes the files
+    first, as it must. The write was sent and lands when Redis answers again, after the
+    release that followed the files; it is let go once more later, instead of staying in
+    Redis until the gateway's next start (up to 256 KiB a mail)."""
     import os
     import signal
 
@@ -173,23 +173,38 @@ async def test_a_hold_that_lands_after_its_timeout_is_let_go_once_written(
 
     from gateway.queueing.held import RedisHolder
     from gateway.queueing.keys import Keys
+    from gateway.testing import eventually
 
     client = aioredis.from_url(own_redis.url, socket_timeout=30)
+    writer = aioredis.from_url(own_redis.url, socket_timeout=30)  # the contact's write
     try:
         store = AttachmentStore(tmp_path / "attachments", max_size=1024)
         holder = RedisHolder(client, Keys(prefix), store.root)
-        store.hold_in(holder, timeout=0.3)
+        store.hold_in(holder)
+        store.late_release_s = 0.5
         await client.ping()  # connected before the freeze
+        await writer.ping()
         data = b"Subject: lamp\r\n\r\nthe light at gate 3 is out\r\n"
+        plan = store.plan([(data, "message.eml", "message/rfc822")])
+        assert plan.held is not None
         pid = own_redis.process.pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            (kept,) = await store.keep([(data, "message.eml", "message/rfc822")])
+            landing = asyncio.ensure_future(writer.hset(plan.held[0], mapping=plan.held[1]))
+            await asyncio.sleep(0.2)  # sent; its caller gave up: the contact was spooled
+            settling = asyncio.ensure_future(store.settle(plan, in_redis=False))
+            digest = hashlib.sha256(data).hexdigest()
+            await eventually(lambda: store.path_for(digest).is_file())  # written first
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert isinstance(kept, Attachment) and store.read(kept.sha256) == data  # written first
-        await holder.drain()  # the HSET sent during the freeze has landed
-        await store.close()  # what was written after the answer has ended
-        assert await holder.held() == []
+        await settling
+        await landing
+
+        async def let_go() -> bool:
+            return await holder.held() == []
+
+        await eventually(let_go)
+        assert store.read(digest) == data
     finally:
         await client.aclose()
+        await writer.aclose()

@@ -82,26 +82,20 @@ class EmailAdapter:
         """Make one received message durable; return its contact id (raises IntakeUnavailable)."""
         received_at = self.ctx.clock.now_us()
         raw = trace_headers(envelope, self.listener.hostname, received_at) + raw
-        # The raw message and the files of a small mail are held in Redis (one durable write)
-        # and written to their own files after the 250; larger ones go to the store's group
-        # commit (a thread, one round of fsync for the files of concurrent sessions), see
-        # AttachmentStore.keep. Parsing stays on the loop unless the message is large: a
-        # parsing thread would hold the GIL for whole switch intervals and stall every other
-        # session.
+        # The raw message and the files of a small mail go into Redis with the contact (one
+        # durable write) and to their own files after the 250; larger ones are written first
+        # (the store's group commit: a thread, one round of fsync for the files of concurrent
+        # sessions), see AttachmentStore.plan. Parsing stays on the loop unless the message is
+        # large: a parsing thread would hold the GIL for whole switch intervals and stall
+        # every other session.
         store = self.ctx.attachments
         raw_item = (raw, "message.eml", "message/rfc822")
         if len(raw) > INLINE_PARSE_LIMIT or raw.count(b"\n--") > INLINE_PARSE_PARTS:
-            raw_kept = asyncio.ensure_future(store.keep([raw_item]))
-            try:
-                result = await asyncio.to_thread(normalize, raw, envelope, self.options)
-            finally:
-                (raw_result,) = await raw_kept
-            stored = await store.keep([(p.data, p.name, p.content_type) for p in result.parts])
+            result = await asyncio.to_thread(normalize, raw, envelope, self.options)
         else:
             result = normalize(raw, envelope, self.options)
-            raw_result, *stored = await store.keep(
-                [raw_item, *((p.data, p.name, p.content_type) for p in result.parts)]
-            )
+        plan = store.plan([raw_item, *((p.data, p.name, p.content_type) for p in result.parts)])
+        raw_result, *stored = await store.write_first(plan)
         if isinstance(raw_result, Exception):
             raise raw_result
         raw_file = raw_result
@@ -144,7 +138,12 @@ class EmailAdapter:
             origin_at=result.origin_at,
             meta=meta,
         )
-        receipt = await self.ctx.intake.submit(inbound)
+        try:
+            receipt = await self.ctx.intake.submit(inbound, held=plan.held)
+        except BaseException:  # refused: what may have reached Redis is written and let go
+            await store.settle(plan, in_redis=True)
+            raise
+        await store.settle(plan, receipt.status == "enqueued")
         if result.parse_error:
             log.warning(
                 "smtp: message %s stored unparsed: %s", receipt.contact_id, result.parse_error
