@@ -252,7 +252,7 @@ class GatewaySMTP(SMTP):
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(
-    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[^ \t(])|\Z)"
+    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[!-'*-~])|\Z)"
 )
 """A path the standard library's address parser (``get_angle_addr``, what aiosmtpd calls, ~0.3 ms
 a command) takes as it is: dot-atom local part and domain, then nothing or parameters."""

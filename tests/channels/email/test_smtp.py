@@ -574,7 +574,7 @@ _PATH_PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(
     local=st.text(alphabet=_ATEXT + ".", min_size=1, max_size=12),
     domain=st.text(alphabet="abc019-.", min_size=1, max_size=12),
