@@ -371,6 +371,7 @@ class AttachmentStore:
         """``write_held`` in the background (at start: what a killed process left held)."""
 
         async def run() -> None:
+            await asyncio.to_thread(self._remove_stale_tmp)
             try:
                 count = await self.write_held()
             except Exception as exc:  # Redis away: written on first read or the next start
@@ -382,6 +383,15 @@ class AttachmentStore:
         task = asyncio.get_running_loop().create_task(run())
         self._behind.add(task)
         task.add_done_callback(self._behind.discard)
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove temporary files a killed process left (never renamed into place: not a
+        stored file); those of a process still running (another worker) are kept."""
+        for tmp in self.root.glob("??/.tmp-*"):
+            pid = tmp.name.split("-")[1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     async def close(self) -> None:
         """Let the files being written after ``settle`` finish, for at most 10 s (those left

@@ -93,7 +93,11 @@ mailboxes = ["{MAILBOX}"]
         def written() -> bool:  # at the restart, or when first read
             return all((folder / d[:2] / d).is_file() for d in digests.values())
 
+        def tidy() -> bool:  # at the restart: the killed process's temporary files removed
+            return not list(folder.rglob(".tmp-*"))
+
         await eventually(written, timeout_s=30)
+        await eventually(tidy, timeout_s=30)
         for n, digest in digests.items():
             data = (folder / digest[:2] / digest).read_bytes()
             assert hashlib.sha256(data).hexdigest() == digest, f"message {n} file incomplete"
@@ -101,4 +105,5 @@ mailboxes = ["{MAILBOX}"]
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    # what the killed process was writing after its 250s is removed by the next start
     assert not list(Path(tmp_path / "var" / "attachments").rglob(".tmp-*"))
