@@ -309,17 +309,35 @@ def _load_process(index: int, ports: dict[str, int], args: argparse.Namespace,
                   conn: Connection) -> None:
     """A load generator process: ready, wait for "go", drive, send back the tallies and the
     CPU seconds it used while driving."""
+    import faulthandler
+
     import uvloop
 
     mix = Mix(ports, args, index)
     conn.send("ready")
     conn.recv()
+    # a load process still running long after its schedule says where it is, and ends
+    faulthandler.dump_traceback_later(args.minutes * 60 + 150, exit=True)
     times0, wall0 = os.times(), time.monotonic()
     uvloop.run(mix.drive(args.minutes * 60))
     times1 = os.times()
+    left = sum(t.open for t in mix.tallies.values())
+    print(f"load process {index}: done{f', {left} contacts still open' if left else ''}",
+          file=sys.stderr, flush=True)
     conn.send({"tallies": mix.tallies, "user": times1.user - times0.user,
                "system": times1.system - times0.system, "wall": time.monotonic() - wall0})
     conn.close()
+
+
+def _result(pipe: Connection, timeout_s: float) -> dict[str, Any]:
+    """A load process's tallies (SystemExit when it sends none in time or died)."""
+    try:
+        if pipe.poll(timeout_s):
+            result: dict[str, Any] = pipe.recv()
+            return result
+    except EOFError:
+        pass
+    raise SystemExit("a load process sent no result (it died or hung): see its traceback above")
 
 
 def write_config(root: Path, ports: dict[str, int], workers: int, bot: FakeBotApi) -> Path:
@@ -462,10 +480,15 @@ async def main(args: argparse.Namespace) -> None:
         ours, theirs = spawn.Pipe()
         loader = spawn.Process(target=_load_process, args=(k, ports, args, theirs), daemon=True)
         loader.start()
+        theirs.close()  # the child's end: a child that dies is an EOFError here, not a hang
         pipes.append(ours)
         loaders.append(loader)
     data_dir = root / "var"
     client = aioredis.Redis.from_url(EmbeddedRedis(data_dir).url)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    sampler: asyncio.Task[None] | None = None
     load1 = os.getloadavg()[0]
     try:
         deadline = time.monotonic() + 180
@@ -497,7 +520,8 @@ async def main(args: argparse.Namespace) -> None:
         sampler = asyncio.create_task(sample())
         for pipe in pipes:
             pipe.send("go")
-        results = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
+        results = [await asyncio.to_thread(_result, pipe, args.minutes * 60 + 180)
+                   for pipe in pipes]
         took = time.monotonic() - started
         processes1 = tree(proc.pid)
         cpu1 = {r: cpu_s(p) for r, p in processes1.items()}
@@ -517,6 +541,8 @@ async def main(args: argparse.Namespace) -> None:
         if args.trace_memory:
             memtrace_report(root / "memtrace")
     finally:
+        if sampler is not None:
+            sampler.cancel()
         await client.aclose()
         proc.send_signal(signal.SIGTERM)
         try:
