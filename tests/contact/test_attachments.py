@@ -167,7 +167,7 @@ async def test_a_hold_that_lands_after_its_contact_was_spooled_is_let_go(
     written: the write times out, the contact is spooled, and ``settle`` writes the files
     first, as it must. The write was sent and lands when Redis answers again, after the
     release that followed the files; it is let go once more later, instead of staying in
-    Redis until the gateway's next start (up to 256 KiB a mail)."""
+    Redis until the gateway's next start (up to 64 KiB a file)."""
     import os
     import signal
 

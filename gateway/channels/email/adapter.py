@@ -1,7 +1,7 @@
 """The ``smtp`` channel type: the gateway is the public mailbox's own SMTP server.
 
 Inbound: listener (smtp.py) -> normalize.py -> raw message and files kept (held in Redis up to
-256 KiB, their files written after the answer; larger ones written first) -> Intake, and 250
+64 KiB, their files written after the answer; larger ones written first) -> Intake, and 250
 only after the receipt. Outbound: replies and optional acknowledgements go through
 the configured relay (relay.py) with threading headers and a Reply-To carrying the contact id.
 """
