@@ -507,15 +507,21 @@ async def main(args: argparse.Namespace) -> None:
         samples: list[tuple[float, dict[str, float], int]] = []
         started = time.monotonic()
 
+        sampled = asyncio.Event()
+
         async def sample() -> None:
-            while True:
+            # ends when ``sampled`` is set, not by cancellation: redis-py swallows a
+            # cancellation now and then (under Python 3.11's wait_for), and the soak waited for
+            # ever on a sampler that went on
+            while not sampled.is_set():
                 rss = {r: rss_mb(p) for r, p in sorted(tree(proc.pid).items())}
                 on_stream = int(await client.xlen(Keys(PREFIX).contacts))
                 samples.append((time.monotonic() - started, rss, on_stream))
                 shown = "  ".join(f"{r} {v:6.1f}" for r, v in rss.items())
                 print(f"{samples[-1][0]:6.0f} s  RSS MB: {shown}  on stream {on_stream:,}  "
                       f"load average {os.getloadavg()[0]:.1f}", flush=True)
-                await asyncio.sleep(args.sample)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sampled.wait(), args.sample)
 
         sampler = asyncio.create_task(sample())
         for pipe in pipes:
@@ -525,9 +531,8 @@ async def main(args: argparse.Namespace) -> None:
         took = time.monotonic() - started
         processes1 = tree(proc.pid)
         cpu1 = {r: cpu_s(p) for r, p in processes1.items()}
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        sampled.set()
+        await sampler
         samples.append((took, {r: rss_mb(p) for r, p in sorted(processes1.items())},
                         int(await client.xlen(Keys(PREFIX).contacts))))
         load2 = os.getloadavg()[0]
