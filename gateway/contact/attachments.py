@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -83,6 +84,9 @@ class AttachmentStore:
         self._folders: set[Path] = set()
         """Folders known to exist (made once, not checked per file)."""
         self._names = itertools.count()
+        self._token = secrets.token_hex(4)
+        """In temporary names beside the pid: a restarted container's process has the pid of
+        the one killed before it (often 1), whose temporary files may still be there."""
         self._writer: Coalescer[_File, Attachment | Exception] = Coalescer(
             self._write_group, max_batch=max_batch, max_inflight=2
         )
@@ -184,14 +188,14 @@ class AttachmentStore:
             file = staged[digest] = _Staged(folder)
             if not target.exists():
                 tmp = self._tmp(folder)
-                file.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                file.renames.append((tmp, target))
                 try:
+                    file.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    file.renames.append((tmp, target))
                     view = memoryview(data)
                     while view:
                         view = view[os.write(file.fd, view) :]
-                except OSError as exc:  # never renamed into place half written
-                    file.error = exc
+                except OSError as exc:  # never renamed into place half written, and every
+                    file.error = exc  # item of these bytes in the group fails with it
                     raise
         kind = media_type(content_type)
         sidecar = target.with_name(target.name + ".type")
@@ -215,7 +219,7 @@ class AttachmentStore:
             self._folders.add(folder)
 
     def _tmp(self, folder: Path) -> str:
-        return str(folder / f".tmp-{os.getpid()}-{next(self._names)}")
+        return str(folder / f".tmp-{os.getpid()}-{self._token}-{next(self._names)}")
 
     async def put(self, data: bytes, name: str, content_type: str) -> Attachment:
         """Store ``data`` durably (grouped with concurrent puts) and return its Attachment."""
@@ -343,17 +347,18 @@ class AttachmentStore:
             return await asyncio.to_thread(self.read, sha256)
         except FileNotFoundError:
             found = await self.held(sha256)
-            if found is None:
-                raise
-            return found[0]
+            if found is not None:
+                return found[0]
+        # written and let go between the two looks: on disk now
+        return await asyncio.to_thread(self.read, sha256)
 
     async def ensure(self, sha256: str) -> bool:
         """Whether the file of ``sha256`` is on disk, written first if it is held."""
         if self.path_for(sha256).is_file():
             return True
         found = await self._fetch_held(sha256)
-        if found is None:
-            return False
+        if found is None:  # written and let go between the two looks, or never there
+            return self.path_for(sha256).is_file()
         await self._write_behind([found])
         return self.path_for(sha256).is_file()
 
@@ -389,9 +394,12 @@ class AttachmentStore:
     def _remove_stale_tmp(self) -> None:
         """Remove temporary files a killed process left (never renamed into place: not a
         stored file); those of a process still running (another worker) are kept."""
+        me = str(os.getpid())
         for tmp in self.root.glob("??/.tmp-*"):
-            pid = tmp.name.split("-")[1]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            parts = tmp.name.split("-")
+            pid, token = parts[1], parts[2] if len(parts) > 3 else ""
+            ours_before = pid == me and token != self._token  # our pid, an earlier process
+            if pid.isdigit() and (ours_before or not Path(f"/proc/{pid}").exists()):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 

@@ -218,9 +218,10 @@ class CoreRoutes:
         headers = {"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"}
         if not path.is_file():  # a small mail's file may be written just after its 250
             held = await self.attachments.held(path.name)
-            if held is None:
+            if held is not None:
+                return web.Response(body=held[0], headers={"Content-Type": held[1], **headers})
+            if not path.is_file():  # not written and let go between the two looks
                 return problem(404, "no such attachment")
-            return web.Response(body=held[0], headers={"Content-Type": held[1], **headers})
         return web.FileResponse(
             path, headers={"Content-Type": self.attachments.content_type(path), **headers}
         )

@@ -119,6 +119,49 @@ async def test_a_file_that_cannot_be_stored_fails_alone_and_leaves_nothing_behin
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+def test_a_temporary_file_left_by_a_killed_process_of_the_same_pid_loses_nothing(tmp_path):
+    """A restarted container's gateway has the pid its killed predecessor had (often 1), and
+    the temporary files that one left are still there. The same bytes twice in one group (one
+    logo in two mails): before, the first open failed on the leftover name, the second item
+    came back stored, and no file was ever written (its held copy was then let go)."""
+    store = AttachmentStore(tmp_path, max_size=1024)
+    data = b"logo"
+    folder = store.path_for(hashlib.sha256(data).hexdigest()).parent
+    folder.mkdir(parents=True)
+    for n in range(4):  # as the process before us named them: pid and a counter from 0
+        (folder / f".tmp-{os.getpid()}-{n}").write_bytes(b"half")
+    results = store.put_many_sync([(data, "a.png", ""), (data, "b.png", "")])
+    for result in results:
+        if not isinstance(result, Exception):
+            assert store.path_for(result.sha256).is_file(), "answered stored, never written"
+    assert not any(isinstance(r, Exception) for r in results)
+    assert store.read(hashlib.sha256(data).hexdigest()) == data
+
+
+def test_bytes_whose_temporary_file_cannot_be_opened_fail_for_every_item_of_them(tmp_path):
+    class Unopenable(AttachmentStore):
+        def _tmp(self, folder: Any) -> str:
+            return str(folder / "no such folder" / "tmp")  # the open fails (ENOENT)
+
+    store = Unopenable(tmp_path, max_size=1024)
+    results = store.put_many_sync([(b"same", "a", ""), (b"same", "b", ""), (b"other", "c", "")])
+    assert [type(r) for r in results] == [FileNotFoundError] * 3
+    assert not store.path_for(hashlib.sha256(b"same").hexdigest()).exists()
+
+
+async def test_start_removes_the_temporary_files_of_an_earlier_process_with_our_pid(tmp_path):
+    store = AttachmentStore(tmp_path, max_size=1024)
+    folder = tmp_path / "ab"
+    folder.mkdir()
+    earlier = folder / f".tmp-{os.getpid()}-0123abcd-0"  # our pid, not our temporary name
+    other = folder / f".tmp-{os.getppid()}-0123abcd-0"  # a process still running (a worker)
+    for path in (earlier, other):
+        path.write_bytes(b"half")
+    store._remove_stale_tmp()
+    assert not earlier.exists()
+    assert other.exists()
+
+
 @pytest.mark.parametrize("restart", ["another host name", "the folder mounted elsewhere"])
 async def test_files_left_held_are_written_by_the_next_start_on_the_same_folder(
     tmp_path, redis_client, prefix, monkeypatch, restart
