@@ -404,7 +404,15 @@ async def main(args: argparse.Namespace) -> None:
                 paced_layer = await drive(layer_port, f"{run}{mode}lp", "open", args)
                 print(line(f"  paced at {args.rate:g} calls/s", paced_layer, base_paced))
                 print(line(f"gateway, Redis intake ({mode})", whole, base))
+                probe = None
+                if args.lag:  # where the loop stalls in the paced run (bench/loop_lag.py)
+                    from bench.loop_lag import LagProbe, print_report
+
+                    probe = LagProbe()
+                    probe.start()
                 paced = await drive(gw_port, f"{run}{mode}gp", "open", args)
+                if probe is not None:
+                    print_report(await probe.stop(), probe.stall_ms)
                 print(line(f"  paced at {args.rate:g} calls/s", paced, base_paced))
                 ratio = (layer["server_cpu"] / layer["sessions"]) / (
                     whole["server_cpu"] / whole["sessions"]
@@ -447,6 +455,9 @@ if __name__ == "__main__":
         parser.add_argument("--pyst2-calls", type=int, default=60)
         parser.add_argument("--rounds", type=int, default=2,
                             help="alternating rounds of the layer alone and the gateway")
+        parser.add_argument("--lag", action="store_true",
+                            help="record the loop's stalls in the paced gateway runs "
+                                 "(bench/loop_lag.py)")
         parser.add_argument("--calls", type=int, default=-1, metavar="N",
                             help="only count Python calls per session (cProfile), and print "
                                  "the N functions of most own time")
