@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -186,3 +188,47 @@ async def test_one_instance_watches_and_another_takes_over(
     await eventually(lambda: breached(later))
     assert "watcher" in other.leases.held
     assert sum(deadline_events(await other.read_events(), "breached").values()) == 8
+
+
+async def test_many_due_at_once_are_claimed_in_small_steps(start_gateway: Any) -> None:
+    """A sweep of many due contacts gives the loop back between small batches: other tasks
+    (the intake's requests) run while it goes on, instead of waiting for all of it."""
+    clock = FixedClock()
+    gw: Gateway = await start_gateway(
+        api=API, clock=clock, sla={"web_response": "100s"}, watcher={"enabled": False}
+    )
+    due = 150
+    await asyncio.gather(
+        *(
+            gw.intake.submit(
+                Inbound("web", "api", f"ext-{i}", Sender(f"a{i}@example.org"), "",
+                        clock.now_us(), text="x")
+            )
+            for i in range(due)
+        )
+    )
+    watcher = own_watcher(gw, clock)
+    clock.advance(80)
+    labels = {"type": "warning", "channel": "web", "policy": "web_response"}
+
+    def written() -> int:
+        value = gw.metrics.registry.get_sample_value("gateway_deadline_events_total", labels)
+        return int(value or 0)
+
+    seen: list[int] = []
+    sweeping = True
+
+    async def other_task() -> None:  # what the loop runs besides the sweep
+        while sweeping:
+            seen.append(written())
+            await asyncio.sleep(0)
+
+    observer = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    assert await watcher.tick() == due
+    sweeping = False
+    await observer
+    seen.append(written())
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert sum(steps) == due
+    assert max(steps) <= 64, f"{max(steps)} contacts claimed without the loop running others"
