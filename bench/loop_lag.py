@@ -6,7 +6,8 @@ thread's Python stack every 0.5 ms. Each stall of the loop longer than ``--stall
 attributed to the code sampled during it: "waiting in epoll" means the loop had nothing to
 run (so the process was not scheduled: on 2 cores the load generator, Valkey and the gateway
 take turns), anything else is a callback of ours that held the loop. Also printed: the
-garbage collections in the gateway and Valkey's own ``LATENCY LATEST`` (threshold 1 ms).
+garbage collections in the gateway and Valkey's own ``LATENCY LATEST`` (threshold 1 ms) and the
+commands of its ``SLOWLOG`` over 1 ms.
 
     .venv/bin/python -m bench.loop_lag --rate 500 --seconds 10     # HTTP intake, ~15 s
 
@@ -193,6 +194,7 @@ def main() -> None:
     server.start_sync()
     valkey = redis.Redis.from_url(server.url)
     valkey.config_set("latency-monitor-threshold", 1)
+    valkey.config_set("slowlog-log-slower-than", 1000)  # microseconds
     ctx = mp.get_context("spawn")
     ready, out = ctx.Event(), ctx.Queue()
     port = free_port()
@@ -206,6 +208,17 @@ def main() -> None:
         result = asyncio.run(load(port, args.rate, args.seconds))
         report = out.get(timeout=60)
         latency = valkey.execute_command("LATENCY", "LATEST")
+        slow = collections.Counter(
+            " ".join(
+                word[:12]
+                for word in (
+                    e["command"].decode(errors="replace")
+                    if isinstance(e["command"], bytes)
+                    else str(e["command"])
+                ).split()[:2]
+            )
+            for e in valkey.slowlog_get(128)
+        )
     finally:
         proc.join(30)
         if proc.is_alive():
@@ -217,6 +230,7 @@ def main() -> None:
         f"p99 {result.percentile_ms(0.99):.2f} ms  errors {result.errors}"
     )
     print(f"Valkey LATENCY LATEST (event, unix time, latest ms, max ms): {latency}")
+    print(f"Valkey SLOWLOG (over 1 ms, last 128): {dict(slow)}")
     print_report(report, args.stall_ms)
 
 
