@@ -364,6 +364,11 @@ async def main(args: argparse.Namespace) -> None:
                 "set": {"type": "asterisk", "agi_listen": "127.0.0.1:0"},
                 "mset": {"type": "asterisk", "agi_listen": "127.0.0.1:0", "set_with": "mset"},
             },
+            # Nobody answers the bench's calls (no AMI): with the 15 s answer deadline the
+            # thousands of calls of the closed-loop rounds all breached during the paced runs
+            # that follow, a burst of deadline work no line has at once, and the paced p99
+            # measured that instead of the call path. bench/deadline_sweep_bench.py measures it.
+            sla={"voice_answer": "1h"},
         )
         gateway = Gateway(settings, configs, clock=SYSTEM_CLOCK)
         await gateway.start()
