@@ -47,7 +47,7 @@ from redis.exceptions import RedisError
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import Keys
-from gateway.queueing.store import RedisQueue
+from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Contact, Event, Inbound
 from gateway.server.config import SurgeSection
 from gateway.server.logs import mask
@@ -195,9 +195,8 @@ class SurgeWatch:
             commands.append(["EXPIRE", self.keys.surge_bucket(minute), self.ttl_s])
         if first is not None:
             commands.append(["SET", self.keys.surge_first, first, "NX"])
-        for r in await self.queue.execute(commands) if commands else ():
-            if isinstance(r, Exception):
-                raise r
+        if commands:
+            raise_errors(await self.queue.execute(commands))
         known = dict(known or {})
         unknown = [cid for cid in repeats if cid not in known]
         if unknown:  # one round trip for the batch's few

@@ -19,7 +19,7 @@ from typing import Any
 from gateway.adapters import load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.coordination import Fence, Leases
-from gateway.queueing.store import RedisQueue
+from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Event, EventType
 from gateway.server.config import WatcherSection
 from gateway.server.metrics import Metrics
@@ -111,17 +111,14 @@ class DeadlineWatcher:
             if not ids:
                 return written
             ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
-            facts = await self.queue.execute(  # packed by the queue: a third of a pipeline's
+            facts = raise_errors(await self.queue.execute(  # packed: a third of a pipeline's
                 [["HMGET", k.contact(cid), "received_us", "due_us", "kind", "channel"]
                  for cid in ids]
-            )
+            ))
             calls: list[tuple[str, bytes, str, Micros]] = []
             policies: dict[str, str] = {}
             media = load_media()
-            for cid, reply in zip(ids, facts, strict=True):
-                if isinstance(reply, Exception):
-                    raise reply
-                received, due, kind, channel = reply
+            for cid, (received, due, kind, channel) in zip(ids, facts, strict=True):
                 if received is None:  # the contact expired: drop the member, no event
                     calls.append((cid, b"", "", 0))
                     continue
@@ -170,7 +167,4 @@ class DeadlineWatcher:
                 for cid, body, _, _ in calls
             ],
         )
-        for r in results:
-            if isinstance(r, Exception):
-                raise r
-        return results
+        return raise_errors(results)

@@ -57,24 +57,19 @@ end
 local contact = ARGV[2] .. count .. ARGV[3]
 local entry = redis.call('XADD', KEYS[1], '*',
   'contact', contact, 'id', id, 'channel', ARGV[11])
-local event
+local fields = {'event', ARGV[9], 'contact_id', id, 'type', 'enqueued', 'counted', count}
 if ARGV[16] ~= '' then
-  event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[9], 'contact_id', id,
-    'type', 'enqueued', 'counted', count, 'surge', ARGV[16])
-else
-  event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[9], 'contact_id', id,
-    'type', 'enqueued', 'counted', count)
+  fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[16]
 end
--- One HSET for the contact's fields, its first event's index entry and its dashboard outcome.
+local event = redis.call('XADD', KEYS[2], '*', unpack(fields))
+-- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
+-- (and the mark that its surge keys are not yet counted).
+fields = {'contact', contact, 'entry', entry, 'received_us', ARGV[6], 'due_us', ARGV[7],
+  'kind', ARGV[12], 'channel', ARGV[11], 'event:' .. event, ARGV[9], 'agg', 'open:0'}
 if ARGV[16] ~= '' then
-  redis.call('HSET', KEYS[5], 'contact', contact, 'entry', entry, 'received_us', ARGV[6],
-    'due_us', ARGV[7], 'kind', ARGV[12], 'channel', ARGV[11], 'event:' .. event, ARGV[9],
-    'agg', 'open:0', 'surge', 1)
-else
-  redis.call('HSET', KEYS[5], 'contact', contact, 'entry', entry, 'received_us', ARGV[6],
-    'due_us', ARGV[7], 'kind', ARGV[12], 'channel', ARGV[11], 'event:' .. event, ARGV[9],
-    'agg', 'open:0')
+  fields[#fields + 1], fields[#fields + 2] = 'surge', 1
 end
+redis.call('HSET', KEYS[5], unpack(fields))
 redis.call('EXPIRE', KEYS[5], ARGV[10])
 redis.call('ZADD', KEYS[6], ARGV[7], id)
 redis.call('ZADD', KEYS[7], ARGV[8], id)

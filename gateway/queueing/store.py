@@ -629,6 +629,15 @@ class RedisQueue:
             return 0
 
 
+def raise_errors(replies: list[Any]) -> list[Any]:
+    """The replies of ``RedisQueue.execute`` or ``run_scripts``, or the first error among
+    them raised (for callers that have no use for a partial batch)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 def _entry_order(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)

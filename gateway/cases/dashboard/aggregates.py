@@ -52,7 +52,7 @@ from gateway.cases.report import label_of
 from gateway.cases.surge import SurgeWatch, Tagged
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
-from gateway.queueing.store import RedisQueue
+from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Contact
 from gateway.server.config import SlaSection
 from gateway.server.supervise import Backoff, Supervisor
@@ -247,9 +247,7 @@ async def apply(queue: RedisQueue, steps: list[Step]) -> list[bool]:
         chunk = steps[i : i + STEPS_PER_CALL]
         calls.append(([k for s in chunk for k in s.keys], [a for s in chunk for a in s.args]))
     flags: list[bool] = []
-    for r in await queue.run_scripts("aggregate", calls) if calls else ():
-        if isinstance(r, Exception):
-            raise r
+    for r in raise_errors(await queue.run_scripts("aggregate", calls)) if calls else ():
         flags.extend(bool(int(f)) for f in r)
     return flags
 
@@ -418,11 +416,9 @@ class Aggregator:
             contacts += [c for i, c in new.items() if flags[i]]
         if tagged:  # the same for counted contacts: the first to take the mark counts them
             hash_of = self.keys.contact
-            (marks,) = await self.queue.run_scripts(
+            (marks,) = raise_errors(await self.queue.run_scripts(
                 "unmark", [([hash_of(t.contact_id) for t in tagged], ["surge"])]
-            )
-            if isinstance(marks, Exception):
-                raise marks
+            ))
             tagged = [t for t, mark in zip(tagged, marks, strict=True) if mark]
         now = self.clock.now_us()
         day_ago = now - DAY_S * MICROS_PER_SECOND
@@ -430,9 +426,7 @@ class Aggregator:
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_breaches, "-inf", day_ago])
         if entries:  # the surges of this batch are marked counted: a redelivery adds none
             extra.append(["XACK", self.keys.events, GROUP, *[e for e, _ in entries]])
-        for r in await self.queue.execute(extra):
-            if isinstance(r, Exception):
-                raise r
+        raise_errors(await self.queue.execute(extra))
         if self.surge is not None and (contacts or tagged):
             tagged += [
                 Tagged(c.id, c.received_at, self.surge.keys_of(c), c.repeat.count)
@@ -453,9 +447,8 @@ class Aggregator:
                 names.append("contact")
             commands.append(["HMGET", self.keys.contact(cid), *names])
         out: dict[str, dict[str, Any]] = {}
-        for cid, values in zip(wanted, await self.queue.execute(commands), strict=True):
-            if isinstance(values, Exception):
-                raise values
+        replies = raise_errors(await self.queue.execute(commands))
+        for cid, values in zip(wanted, replies, strict=True):
             if values[0] is None or values[1] is None:
                 continue
             out[cid] = {
