@@ -10,7 +10,10 @@ for the gateway the added time over the bare server and a paced run at ``--rate`
 The FastAGI layer alone (our server and intake script with an in-memory Intake) and the whole
 gateway run in ``--rounds`` alternating rounds, best of each, and the bench prints their ratio
 of sessions per server core (a gateway run counts until the dashboard's aggregator has read
-its events). The whole run takes about a minute.
+its events). The servers run in a child process of their own (``--serve``), their CPU read
+there. ``--before DIR`` runs an older tree's layer and gateway (``git archive <commit> gateway
+| tar -x -C DIR``) in another such child, in the same alternating rounds, and prints the CPU a
+session costs now against before. The whole run takes about a minute (two with ``--before``).
 
 ``--calls N`` instead counts the Python function calls a session costs (cProfile) in the layer
 and the gateway, both modes, and prints the N functions of most own time; a count the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -337,24 +341,20 @@ async def calls(args: argparse.Namespace) -> None:
                 await layer.stop()
 
 
-async def main(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> None:
+    """``--serve``: the layer alone and the whole gateway (both modes) of this tree, or of
+    ``--tree``, in this process, driven by the parent: one JSON line of ports, then one answer
+    per command read on stdin (``cpu``, ``settle``, ``lag-start``, ``lag-stop``, ``contacts``,
+    ``quit``). Each tree measured runs in a process like this one, so the trees are measured
+    alike."""
     from gateway.contact.clock import SYSTEM_CLOCK
     from gateway.queueing.embedded import EmbeddedRedis
     from gateway.server.runtime import Gateway
     from tests.harness import settings_for
 
     logging_off()
-    print(f"voice bench: {args.concurrency} concurrent callers, {args.duration:g} s per run, "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
-    bare = await bare_server()
-    bare_port = bare.sockets[0].getsockname()[1]
-    base = await drive(bare_port, "b", "closed", args)
-    print(line("bare asyncio server (no writes)", base))
-    base_paced = await drive(bare_port, "c", "open", args)
-    print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
-    bare.close()
-
     layers = {mode: await protocol_only_server(mode) for mode in ("set_variable", "mset")}
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis")
         await redis.start()
@@ -372,52 +372,156 @@ async def main(args: argparse.Namespace) -> None:
         )
         gateway = Gateway(settings, configs, clock=SYSTEM_CLOCK)
         await gateway.start()
+        assert gateway.cases is not None
+        aggregator = gateway.cases.aggregator
+        probe: Any = None
         try:
-            run = str(int(time.time()))
             ports = {
-                mode: (layers[mode].port, gateway.adapters[name].port)  # type: ignore[attr-defined]
+                mode: {"layer": layers[mode].port,
+                       "gateway": gateway.adapters[name].port}  # type: ignore[attr-defined]
                 for mode, name in (("set_variable", "set"), ("mset", "mset"))
             }
-            # the layer alone and the whole gateway in alternating rounds, the best of each:
-            # on a shared machine the load moves between runs, and the ratio is what counts
-            best: dict[tuple[str, str], dict[str, Any]] = {}
-            assert gateway.cases is not None
-            aggregator = gateway.cases.aggregator
-
-            async def settled() -> None:
-                """The dashboard's aggregator has read every event of the run (its work is
-                part of a contact's cost, and must not land in the next run)."""
-                seen = -1
-                while aggregator.processed != seen:
-                    seen = aggregator.processed
-                    await asyncio.sleep(0.3)
-
-            for r in range(args.rounds):
-                for mode, (layer_port, gw_port) in ports.items():
-                    for what, port in (("layer", layer_port), ("gateway", gw_port)):
-                        result = await drive(
-                            port, f"{run}{r}{mode}{what}", "closed", args,
-                            settled if what == "gateway" else None,
-                        )
-                        cpu = result["server_cpu"] / max(1, result["sessions"])
-                        old = best.get((mode, what))
-                        if old is None or cpu < old["server_cpu"] / max(1, old["sessions"]):
-                            best[(mode, what)] = result
-            for mode, (layer_port, gw_port) in ports.items():
-                layer, whole = best[(mode, "layer")], best[(mode, "gateway")]
-                print(line(f"FastAGI layer ({mode})", layer, base))
-                paced_layer = await drive(layer_port, f"{run}{mode}lp", "open", args)
-                print(line(f"  paced at {args.rate:g} calls/s", paced_layer, base_paced))
-                print(line(f"gateway, Redis intake ({mode})", whole, base))
-                probe = None
-                if args.lag:  # where the loop stalls in the paced run (bench/loop_lag.py)
-                    from bench.loop_lag import LagProbe, print_report
+            print(json.dumps({"ports": ports}), flush=True)
+            while True:
+                command = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+                answer: dict[str, Any] = {}
+                if command == "settle":
+                    # the dashboard's aggregator has read every event of the run (its work is
+                    # part of a contact's cost, and must not land in the next run)
+                    seen = -1
+                    while aggregator.processed != seen:
+                        seen = aggregator.processed
+                        await asyncio.sleep(0.3)
+                elif command == "lag-start":  # where the loop stalls (bench/loop_lag.py)
+                    from bench.loop_lag import LagProbe
 
                     probe = LagProbe()
                     probe.start()
-                paced = await drive(gw_port, f"{run}{mode}gp", "open", args)
-                if probe is not None:
-                    print_report(await probe.stop(), probe.stall_ms)
+                elif command == "lag-stop" and probe is not None:
+                    from bench.loop_lag import print_report
+
+                    with contextlib.redirect_stdout(sys.stderr):
+                        print_report(await probe.stop(), probe.stall_ms)
+                    probe = None
+                elif command == "contacts":
+                    answer["contacts"] = await gateway.redis.xlen(gateway.keys.contacts)
+                elif command in ("quit", ""):
+                    break
+                answer["cpu"] = time.process_time()
+                print(json.dumps(answer), flush=True)
+        finally:
+            await gateway.stop()
+            await redis.stop()
+            for layer in layers.values():
+                await layer.stop()
+
+
+class Servers:
+    """A ``--serve`` child: the layer and the gateway of one tree."""
+
+    def __init__(self, label: str, tree: str) -> None:
+        self.label = label
+        self.tree = tree
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ports: dict[str, dict[str, int]] = {}
+
+    async def start(self) -> None:
+        tree = ["--tree", self.tree] if self.tree else []
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--serve", *tree,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        self.ports = (await self._read())["ports"]
+
+    async def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self._read()
+
+    async def _read(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.label} servers ended")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(RuntimeError, ConnectionError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b"quit\n")
+                await self.proc.stdin.drain()
+            await self.proc.wait()
+
+
+async def measured(
+    servers: Servers, what: str, mode: str, run: str, kind: str, args: argparse.Namespace,
+    lag: bool = False,
+) -> dict[str, Any]:
+    """One run of callers against a child's server; its CPU from the child (after the
+    aggregator settled, for the gateway)."""
+    gateway = what == "gateway"
+    cpu0 = (await servers.ask("cpu"))["cpu"]
+    if lag:
+        await servers.ask("lag-start")
+    result = await drive(servers.ports[mode][what], run, kind, args)
+    if lag:
+        await servers.ask("lag-stop")
+    cpu1 = (await servers.ask("settle" if gateway else "cpu"))["cpu"]
+    result["server_cpu"] = cpu1 - cpu0
+    return result
+
+
+async def main(args: argparse.Namespace) -> None:
+    logging_off()
+    print(f"voice bench: {args.concurrency} concurrent callers, {args.duration:g} s per run, "
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    bare = await bare_server()
+    bare_port = bare.sockets[0].getsockname()[1]
+    base = await drive(bare_port, "b", "closed", args)
+    print(line("bare asyncio server (no writes)", base))
+    base_paced = await drive(bare_port, "c", "open", args)
+    print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
+    bare.close()
+
+    trees = [Servers("now", "")]
+    if args.before:
+        trees.append(Servers("before", args.before))
+    try:
+        for servers in trees:
+            await servers.start()
+        run = str(int(time.time()))
+        modes = ("set_variable", "mset")
+        # the layer alone and the whole gateway (of each tree) in alternating rounds, the best
+        # of each: on a shared machine the load moves between runs, and the ratio is what counts
+        best: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for r in range(args.rounds):
+            for servers in trees:
+                for mode in modes:
+                    for what in ("layer", "gateway"):
+                        result = await measured(
+                            servers, what, mode, f"{run}{r}{servers.label}{mode}{what}",
+                            "closed", args)
+                        cpu = result["server_cpu"] / max(1, result["sessions"])
+                        key = (servers.label, mode, what)
+                        old = best.get(key)
+                        if old is None or cpu < old["server_cpu"] / max(1, old["sessions"]):
+                            best[key] = result
+        for servers in trees:
+            tag = "" if len(trees) == 1 else f", {servers.label}"
+            for mode in modes:
+                layer = best[(servers.label, mode, "layer")]
+                whole = best[(servers.label, mode, "gateway")]
+                print(line(f"FastAGI layer ({mode}{tag})", layer, base))
+                paced_layer = await measured(
+                    servers, "layer", mode, f"{run}{servers.label}{mode}lp", "open", args)
+                print(line(f"  paced at {args.rate:g} calls/s", paced_layer, base_paced))
+                print(line(f"gateway, Redis intake ({mode}{tag})", whole, base))
+                paced = await measured(
+                    servers, "gateway", mode, f"{run}{servers.label}{mode}gp", "open", args,
+                    lag=args.lag)
                 print(line(f"  paced at {args.rate:g} calls/s", paced, base_paced))
                 ratio = (layer["server_cpu"] / layer["sessions"]) / (
                     whole["server_cpu"] / whole["sessions"]
@@ -426,17 +530,22 @@ async def main(args: argparse.Namespace) -> None:
                     name: pct([x * 1000 for x in r["latencies"]], 0.99)
                     for name, r in (("gw", paced), ("layer", paced_layer), ("bare", base_paced))
                 }
-                print(f"  {mode}: gateway / layer, sessions per server core = {ratio:.2f} "
+                print(f"  {mode}{tag}: gateway / layer, sessions per server core = {ratio:.2f} "
                       f"(aim >= 0.8); p99 at {args.rate:g} calls/s, gateway over layer "
                       f"{p99['gw'] - p99['layer']:+.2f} ms, over the bare server "
                       f"{p99['gw'] - p99['bare']:+.2f} ms (aim < 2 ms)")
-            contacts = await gateway.redis.xlen(gateway.keys.contacts)
-            print(f"{'':<34} {contacts} contacts on the stream")
-        finally:
-            await gateway.stop()
-            await redis.stop()
-            for layer_server in layers.values():
-                await layer_server.stop()
+            contacts = (await servers.ask("contacts"))["contacts"]
+            print(f"{'':<34} {contacts} contacts on the stream{tag}")
+        if len(trees) > 1:
+            for mode in modes:
+                for what in ("layer", "gateway"):
+                    now, old = (best[(label, mode, what)] for label in ("now", "before"))
+                    per = [r["server_cpu"] / max(1, r["sessions"]) * 1e6 for r in (now, old)]
+                    print(f"  {what} ({mode}): {per[0]:.0f} us of server CPU a session now, "
+                          f"{per[1]:.0f} before ({per[0] / per[1]:.2f})")
+    finally:
+        for servers in trees:
+            await servers.stop()
 
     classic = await bench_pyst2(args.pyst2_calls, 4)
     print(line("pyst2 classic AGI, process/call", classic))
@@ -467,16 +576,20 @@ if __name__ == "__main__":
                             help="only count Python calls per session (cProfile), and print "
                                  "the N functions of most own time")
         parser.add_argument("--before", default="", metavar="DIR",
-                            help="with --calls: count an older gateway too (a tree holding its "
-                                 "gateway package: git archive <commit> gateway | tar -x -C DIR)")
+                            help="measure an older gateway too, in the same alternating rounds "
+                                 "(a tree holding its gateway package: git archive <commit> "
+                                 "gateway | tar -x -C DIR); with --calls, count its calls")
         parser.add_argument("--tree", default="", help=argparse.SUPPRESS)
+        parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
         ns = parser.parse_args()
         if ns.tree:  # the child counting an older tree: its gateway package first on the path
             sys.path.insert(0, ns.tree)
             from bench.intake_bench import without_plugins
 
             without_plugins()
-        if ns.calls < 0:
+        if ns.serve:
+            _runner()(serve(ns))
+        elif ns.calls < 0:
             _runner()(main(ns))
         else:
             print(f"{ns.tree or 'now'}:", flush=True)
