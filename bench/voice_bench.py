@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 HEADER = (
     "agi_network: yes\nagi_network_script: intake\nagi_request: agi://127.0.0.1/intake\n"
     "agi_channel: PJSIP/sipp-{n:08x}\nagi_language: en\nagi_type: PJSIP\n"
-    "agi_uniqueid: {run}.{n}\nagi_version: 22.10.1\nagi_callerid: 1380{n:07d}\n"
-    "agi_calleridname: Caller {n}\nagi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\n"
+    "agi_uniqueid: {run}.{n}\nagi_version: 22.10.1\nagi_callerid: 1380{caller:07d}\n"
+    "agi_calleridname: Caller {caller}\nagi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\n"
     "agi_callingtns: 0\nagi_dnid: 12345\nagi_rdnis: unknown\nagi_context: intake\n"
     "agi_extension: 12345\nagi_priority: 3\nagi_enhanced: 0.0\nagi_accountcode: \n"
     "agi_threadid: 140206706226880\n\n"
@@ -93,10 +93,17 @@ class Caller(asyncio.Protocol):
             self.done.set_result(time.perf_counter() - self.started)
 
 
+FIRST_CALLER = [0]
+"""The caller number of this process's session 0 (``--first``): each run of the bench's
+callers takes numbers no earlier run used, so every call is its caller's first. (Numbers that
+came round again in every run made every call of the later runs a repeat caller's, which the
+dashboard's repeat surge reads back: work the first rounds did not have.)"""
+
+
 async def call(port: int, run: str, n: int) -> float:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[float] = loop.create_future()
-    header = HEADER.format(run=run, n=n).encode()
+    header = HEADER.format(run=run, n=n, caller=(FIRST_CALLER[0] + n) % 10**7).encode()
     await loop.create_connection(lambda: Caller(header, done), "127.0.0.1", port)
     return await done
 
@@ -134,11 +141,13 @@ def child(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int)
     p.add_argument("--run")
+    p.add_argument("--first", type=int, default=0)
     p.add_argument("--mode", choices=["closed", "open"])
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--rate", type=float, default=1000)
     p.add_argument("--duration", type=float, default=3)
     a = p.parse_args(argv)
+    FIRST_CALLER[0] = a.first
     runner = _runner()
     if a.mode == "closed":
         result = runner(closed_loop(a.port, a.run, a.concurrency, a.duration))
@@ -210,13 +219,14 @@ async def drive(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--child", "--port", str(port), "--run", run, "--mode", mode,
         "--concurrency", str(args.concurrency), "--rate", str(args.rate),
-        "--duration", str(args.duration),
+        "--duration", str(args.duration), "--first", str(FIRST_CALLER[0]),
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
     if settle is not None:
         await settle()
     result: dict[str, Any] = json.loads(out)
+    FIRST_CALLER[0] += result["sessions"]
     result["server_cpu"] = time.process_time() - cpu0
     return result
 
@@ -251,7 +261,7 @@ async def bench_pyst2(calls: int, parallel: int) -> dict[str, Any]:
                 sys.executable, "-c", script, stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-            await proc.communicate(HEADER.format(run="p", n=n).encode() + replies)
+            await proc.communicate(HEADER.format(run="p", n=n, caller=n).encode() + replies)
             latencies.append(time.perf_counter() - started)
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
