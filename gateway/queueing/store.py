@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from gateway.adapters import InvalidContact, RateLimited, load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
+from gateway.queueing.link import Link
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -290,6 +291,11 @@ class RedisQueue:
             keys.agg_repeats,
         )
         """The intake script's keys that are the same for every contact."""
+        self._link: Link | None = None
+        """The intake batches' own connection (``gateway/queueing/link.py``), made when the
+        first batch is written; a cluster client has none (its pipeline routes by slot)."""
+        self._linked = hasattr(client, "connection_pool")
+        self._linking = asyncio.Lock()
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), and
@@ -417,7 +423,7 @@ class RedisQueue:
                     fields += (name, value)
         before = [["HSET", key, *fields] for key, fields in held.items()]
         replies = (
-            await self.run_scripts("intake", encoded, replicated=True, before=before)
+            await self.run_scripts("intake", encoded, replicated=True, before=before, link=True)
             if encoded else []
         )
         if invalid:
@@ -444,6 +450,7 @@ class RedisQueue:
         *,
         replicated: bool = False,
         before: list[list[Any]] | None = None,
+        link: bool = False,
     ) -> list[Any]:
         """Run one of the gateway's scripts once per ``(keys, args)`` in one round trip; error
         replies come back as values. Loads the script again after a restart or failover.
@@ -451,7 +458,8 @@ class RedisQueue:
         ``replicated``: with ``redis.min_replicas``, raise ReplicationLagError unless that many
         replicas confirm the writes (``WAIT`` in the same round trip). ``before``: plain
         commands sent first on the same connection (executed before the scripts); an error
-        reply to one of them raises for the whole round trip.
+        reply to one of them raises for the whole round trip. ``link``: over the intake
+        write's own connection (``Link``) instead of a pooled one.
         """
         before = before or []
         wait = replicated and self.min_replicas > 0
@@ -462,7 +470,7 @@ class RedisQueue:
             commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
             if wait:
                 commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
-            replies = await self._execute([*before, *commands])
+            replies = await self._execute([*before, *commands], link=link)
             for reply in replies[: len(before)]:
                 if isinstance(reply, Exception):
                     raise reply
@@ -484,12 +492,13 @@ class RedisQueue:
         replies come back as values."""
         return await self._execute(commands)
 
-    async def _execute(self, commands: list[list[Any]]) -> list[Any]:
+    async def _execute(self, commands: list[list[Any]], *, link: bool = False) -> list[Any]:
         """Send commands in one write and read every reply; error replies come back as values.
 
         On a single server (or a Sentinel master) the commands are packed here and written on
-        one pooled connection, which costs a third of redis-py's pipeline; a cluster client
-        goes through its own pipeline, which routes by slot.
+        one pooled connection, which costs a third of redis-py's pipeline, or with ``link`` on
+        the intake write's own connection (``Link``: replies parsed in one callback, no pool);
+        a cluster client goes through its own pipeline, which routes by slot.
         """
         pool = getattr(self.redis, "connection_pool", None)
         if pool is None:
@@ -497,6 +506,12 @@ class RedisQueue:
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
+        if link and self._linked:
+            own = self._link
+            if own is None or own.closed:
+                own = await self._open_link(pool)
+            if own is not None:
+                return await own.send(pack_commands(commands), len(commands))
         conn = await pool.get_connection()
         try:
             await conn.send_packed_command(pack_commands(commands), check_health=False)
@@ -515,6 +530,21 @@ class RedisQueue:
             raise
         finally:
             await pool.release(conn)
+
+    async def _open_link(self, pool: Any) -> Link | None:
+        async with self._linking:  # concurrent batches wait for the one connection
+            own = self._link
+            if own is None or own.closed:
+                own = self._link = await Link.open(pool)
+                if own is None:  # a connection class whose transport is not reachable
+                    self._linked = False
+            return own
+
+    async def aclose(self) -> None:
+        """Close the intake write's own connection (the client is closed by its owner)."""
+        own, self._link = self._link, None
+        if own is not None:
+            own.close()
 
     async def emit(self, event: Event) -> None:
         """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline."""

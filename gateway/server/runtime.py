@@ -308,6 +308,8 @@ class Gateway:
             steps.append(("attachments written after the answer", self.attachments.close))
         if hasattr(self, "intake"):
             steps.append(("intake", self.intake.close))
+        if hasattr(self, "queue"):
+            steps.append(("intake link", self.queue.aclose))
         if hasattr(self, "redis"):
             steps.append(("redis client", self.redis.aclose))
         steps.append(("supervisor", self.supervisor.close))

@@ -1,0 +1,150 @@
+"""The intake write's own connection to Redis: packed batches out, replies read by hiredis.
+
+redis-py reads a pipeline's replies one coroutine call each (its connection, its parser, a
+timeout context), and takes a pooled connection per batch (a lock, a readiness check that is
+a system call, observability hooks). The intake batches (``RedisQueue.write_batch``) go
+instead over one connection of their own: the batch is written as one buffer, and the
+replies are parsed by a ``hiredis.Reader`` in the transport's ``data_received`` callback, which
+hands the whole batch to its waiting caller at once. Batches in flight share the connection
+in order (first sent, first answered).
+
+The connection itself is made by redis-py (``pool.make_connection()`` and ``connect()``), so
+the URL's TLS, user and password, database, a Sentinel master's lookup and the handshake are
+exactly the client's; only its transport's protocol is replaced once it is ready.
+
+Failures keep the semantics of the pooled path: a reply that is a server error is a value
+(``ResponseError`` and its kinds, ``NoScriptError`` included); a connection-level error
+reply (``LOADING``, ``NOAUTH``...), a lost connection, a read past the deadline or a caller
+that gives up fail the whole batch, and the connection is closed, so every batch still in
+flight on it fails too (its outcome unknown: Intake spools it and the dedupe key makes the
+replay a no-op where the write landed). The next batch opens a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+
+log = logging.getLogger(__name__)
+
+_MORE = object()
+"""What ``hiredis.Reader.gets`` answers while a reply is not complete."""
+
+
+class Link(asyncio.Protocol):
+    """One connection for pipelined command batches (see the module's docstring)."""
+
+    def __init__(self, conn: Any, transport: asyncio.Transport, read_timeout: float) -> None:
+        self._conn = conn
+        self.transport = transport
+        self.read_timeout = read_timeout
+        self._old: asyncio.BaseProtocol | None = None
+        self._reader = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
+        self._waiting: collections.deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = (
+            collections.deque()
+        )
+        pool = getattr(conn, "connection_pool", None)
+        self._sentinel_master = bool(getattr(pool, "is_master", False))
+        """A Sentinel master's connection: ``READONLY`` means it was demoted (redis-py's
+        ``SentinelManagedConnection`` disconnects then, so the next one asks Sentinel)."""
+        self.closed = False
+
+    @classmethod
+    async def open(cls, pool: Any) -> Link | None:
+        """A new connection made by ``pool``'s redis-py connection class; None when its
+        transport cannot be taken over (then the caller keeps the pooled path)."""
+        conn = pool.make_connection()
+        await conn.connect()
+        transport = getattr(getattr(conn, "_writer", None), "transport", None)
+        if transport is None or not hasattr(transport, "set_protocol"):
+            await conn.disconnect(nowait=True)
+            return None
+        link = cls(conn, transport, float(getattr(conn, "socket_timeout", None) or 5.0))
+        link._old = transport.get_protocol()
+        transport.set_protocol(link)
+        return link
+
+    async def send(self, payload: bytes, count: int) -> list[Any]:
+        """Write ``payload`` (``count`` packed commands) and return its ``count`` replies,
+        error replies as values; raise for the batch when its outcome is unknown."""
+        if self.closed:
+            raise RedisConnectionError("Connection closed by server.")
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((count, [], future))
+        try:
+            self.transport.write(payload)
+            async with asyncio.timeout(self.read_timeout):
+                replies = await future
+        except BaseException:  # lost, late or given up: nobody can tell what ran
+            self.close()
+            raise
+        for reply in replies:  # what redis-py's read_response raises instead of returning
+            if isinstance(reply, Exception):
+                if not isinstance(reply, ResponseError):  # LOADING, NOAUTH...: the connection's
+                    self.close()
+                    raise reply
+                if self._sentinel_master and isinstance(reply, ReadOnlyError):
+                    self.close()
+                    raise RedisConnectionError("The previous master is now a slave")
+            elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+                self.close()
+                raise reply[0]
+        return replies
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiting = self._waiting
+        try:
+            while waiting:
+                reply = reader.gets()
+                if reply is _MORE:
+                    return
+                count, replies, future = waiting[0]
+                replies.append(reply)
+                if len(replies) == count:
+                    waiting.popleft()
+                    if not future.done():
+                        future.set_result(replies)
+        except hiredis.ProtocolError as exc:
+            self._fail(RedisConnectionError(f"Protocol error from Redis: {exc}"))
+            return
+        if reader.has_data():  # bytes nobody asked for: the stream is out of step
+            self._fail(RedisConnectionError("Redis sent a reply nobody waited for"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(
+            "Connection closed by server." if exc is None else f"Connection lost: {exc}"
+        ))
+        old, self._old = self._old, None
+        if old is not None:  # redis-py's stream protocol, so its streams see the end too
+            old.connection_lost(exc)
+
+    def _fail(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, collections.deque()
+        self.close()
+        for _, _, future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        """Close the connection; every batch still waiting on it fails."""
+        if self.closed:
+            return
+        self.closed = True
+        self.transport.close()
+        closer = getattr(self._conn, "_close", None)
+        if closer is not None:  # redis-py's own silent close: its streams let go
+            closer()
+        if self._waiting:
+            self._fail(RedisConnectionError("Connection closed"))

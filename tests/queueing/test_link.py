@@ -1,0 +1,101 @@
+"""The intake write's own connection (``gateway/queueing/link.py``) against a real Valkey: the
+client's settings, script reloads, and batches whose outcome is unknown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from gateway.contact.clock import SYSTEM_CLOCK
+from gateway.records import Inbound, Sender
+from gateway.testing import eventually
+
+
+def inbound(external_id: str) -> Inbound:
+    return Inbound(
+        channel="sms",
+        adapter="test",
+        external_id=external_id,
+        sender=Sender("+8613800138000"),
+        recipient="12345",
+        received_at=SYSTEM_CLOCK.now_us(),
+        text="hello",
+    )
+
+
+async def test_batches_go_with_the_clients_password_and_database(start_gateway, own_redis):
+    """The connection is made by the client's own settings: AUTH and SELECT as in the URL."""
+    admin = aioredis.from_url(own_redis.url)
+    await admin.config_set("requirepass", "s3cret-link")
+    try:
+        gw = await start_gateway(url=f"{own_redis.url}?db=3", redis={"password": "s3cret-link"})
+        receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"a{i}")) for i in range(50)))
+        assert {r.status for r in receipts} == {"enqueued"}
+        assert gw.queue._link is not None and not gw.queue._link.closed  # over the link
+        await admin.execute_command("AUTH", "s3cret-link")
+        await admin.execute_command("SELECT", "3")
+        assert await admin.xlen(gw.keys.contacts) == 50
+        await admin.execute_command("SELECT", "0")
+        assert await admin.xlen(gw.keys.contacts) == 0
+    finally:
+        await admin.config_set("requirepass", "")
+        await admin.aclose()
+
+
+async def test_scripts_flushed_under_the_link_are_loaded_again_and_written_once(
+    start_gateway, redis_client
+):
+    gw = await start_gateway()
+    assert (await gw.intake.submit(inbound("before"))).status == "enqueued"
+    await redis_client.script_flush()
+    receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"f{i}")) for i in range(40)))
+    assert {r.status for r in receipts} == {"enqueued"}
+    contacts = await gw.read_contacts()
+    assert sorted(c.external_id for c in contacts) == sorted(
+        ["before", *(f"f{i}" for i in range(40))]
+    )
+
+
+async def test_a_link_closed_by_the_server_between_batches_is_opened_again(
+    start_gateway, redis_client
+):
+    """An idle link the server dropped (a ``timeout`` setting, a restart) fails no contact
+    that comes after: the next batch finds it closed and opens a new one."""
+    gw = await start_gateway()
+    assert (await gw.intake.submit(inbound("one"))).status == "enqueued"
+    first = gw.queue._link
+    assert first is not None
+    await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    await eventually(lambda: first.closed)
+    assert (await gw.intake.submit(inbound("two"))).status == "enqueued"
+    assert gw.queue._link is not first
+    assert len(await gw.read_contacts()) == 2
+
+
+async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
+    start_gateway, redis_client
+):
+    """Batches share the link in order; killing it fails every one still waiting (their
+    outcome unknown): each of those contacts is spooled, replayed, and found once. Writes are
+    paused (``CLIENT PAUSE WRITE`` holds scripts), so the batches are surely in flight."""
+    gw = await start_gateway(redis={"max_batch": 20, "write_timeout": "5s"})
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    link = gw.queue._link
+    assert link is not None
+    await redis_client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+    try:
+        items = [inbound(f"k{i}") for i in range(40)]  # two batches
+        tasks = [asyncio.ensure_future(gw.intake.submit(i)) for i in items]
+        await eventually(lambda: len(link._waiting) == 2)  # two batches sent, held by the pause
+        await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        receipts = await asyncio.gather(*tasks)
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    assert {r.status for r in receipts} == {"spooled"}
+    await eventually(lambda: gw.spool.depth == 0)
+    contacts = await gw.read_contacts()
+    expected = ["warm", *(i.external_id for i in items)]
+    assert sorted(c.external_id for c in contacts) == sorted(expected)
+    by_external = {c.external_id: c.id for c in contacts}
+    assert [by_external[i.external_id] for i in items] == [r.contact_id for r in receipts]
