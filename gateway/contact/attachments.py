@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import hashlib
 import itertools
 import logging
@@ -17,7 +19,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,12 @@ class AttachmentStore:
         self._writer: Coalescer[_File, Attachment | Exception] = Coalescer(
             self._write_group, max_batch=max_batch, max_inflight=2
         )
+        self._behind_writer: Coalescer[_File, Attachment | Exception] = Coalescer(
+            self._write_behind_group, max_batch=BEHIND_BATCH, max_inflight=1
+        )
+        """Files held in Redis, written after their answer: no hurry, so one group at a time
+        (the next one grows while it is written) and one sync of the file system per group
+        instead of an fsync per file and folder (``put_many_sync(sync_fs=True)``)."""
         self._holder: Holder | None = None
         self._hold_limit = 0
         self._holder_down_until = 0.0
@@ -115,12 +123,23 @@ class AttachmentStore:
             raise result
         return result
 
-    def put_many_sync(self, items: list[_File]) -> list[Attachment | Exception]:
+    def put_many_sync(
+        self, items: list[_File], *, sync_fs: bool = False
+    ) -> list[Attachment | Exception]:
         """Store several files (blocking) with one group commit; see the class.
 
         Each result is durable when this returns. A file that is too large or cannot be
         written comes back as its exception; the others are stored.
+
+        ``sync_fs``: instead of an fsync per file and per folder, one ``syncfs`` of the store's
+        file system once the files are written under their temporary names and one more after
+        the renames (a file's name never points to bytes not yet on disk). Cheaper in CPU per
+        file (measured: about 55-100 against 270-340 µs) but it waits for whatever else is
+        dirty on that file system: for files that are already durable elsewhere (held in
+        Redis), not for an answer that waits. Without ``syncfs`` (not Linux) it is the fsyncs.
         """
+        if sync_fs and _syncfs is not None:
+            return self._put_many_syncfs(items, _syncfs)
         out: list[Attachment | Exception] = []
         staged: dict[str, _Staged] = {}  # by digest: the same bytes twice are written once
         try:
@@ -148,6 +167,47 @@ class AttachmentStore:
                 if error is not None:
                     for file in files:
                         file.error = file.error or error
+        finally:
+            for file in staged.values():
+                file.close()
+                for tmp, _ in file.renames:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)  # renamed ones are gone already
+        failed = {digest: f.error for digest, f in staged.items() if f.error is not None}
+        if failed:
+            out = [
+                failed.get(r.sha256, r) if isinstance(r, Attachment) else r for r in out
+            ]
+        return out
+
+    def _put_many_syncfs(
+        self, items: list[_File], syncfs: _SyncFs
+    ) -> list[Attachment | Exception]:
+        """``put_many_sync(sync_fs=True)``: written, synced, renamed, synced."""
+        out: list[Attachment | Exception] = []
+        staged: dict[str, _Staged] = {}
+        try:
+            for data, name, content_type in items:
+                try:
+                    out.append(self._stage(data, name, content_type, staged))
+                except (AttachmentTooLarge, OSError) as exc:
+                    out.append(exc)
+            for file in staged.values():
+                file.close()
+            pending = [f for f in staged.values() if f.error is None]
+            error = syncfs(self.root) if any(f.renames for f in pending) else None
+            for file in pending:
+                file.error = error
+                if error is None:
+                    try:
+                        for tmp, target in file.renames:
+                            os.replace(tmp, target)
+                    except OSError as exc:
+                        file.error = exc
+            # also what a concurrent group renamed (a file found in place, not written here)
+            error = syncfs(self.root) if pending else None
+            for file in pending:
+                file.error = file.error or error
         finally:
             for file in staged.values():
                 file.close()
@@ -239,6 +299,9 @@ class AttachmentStore:
     async def _write_group(self, items: list[_File]) -> list[Attachment | Exception]:
         return await asyncio.to_thread(self.put_many_sync, items)
 
+    async def _write_behind_group(self, items: list[_File]) -> list[Attachment | Exception]:
+        return await asyncio.to_thread(self.put_many_sync, items, sync_fs=True)
+
     def plan(self, items: Sequence[_File]) -> Plan:
         """Decide how ``items`` become durable: files up to the hold limit (``hold_in``) go into
         Redis with the contact (``Plan.held``, passed to ``Submitter.submit``) and to their own
@@ -312,7 +375,7 @@ class AttachmentStore:
 
     async def _write_behind(self, items: list[_File]) -> None:
         """Write held files to disk (one group commit with others), then release them."""
-        results = await asyncio.gather(*(self.submit(*item) for item in items))
+        results = await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
         done = [r.sha256 for r in results if isinstance(r, Attachment)]
         for r in results:
             if isinstance(r, Exception):  # still held: written again at the next start
@@ -456,6 +519,40 @@ class _Staged:
             fd, self.fd = self.fd, -1
             os.close(fd)
 
+
+BEHIND_BATCH = 256
+"""Most files of one group written behind (``AttachmentStore._behind_writer``)."""
+
+_SyncFs = Callable[[Path], OSError | None]
+
+
+def _load_syncfs() -> _SyncFs | None:
+    """``syncfs(2)`` through the C library (the os module has none), or None where missing."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    call.restype = ctypes.c_int
+
+    def syncfs(path: Path) -> OSError | None:
+        """Flush the file system holding ``path``; the error it reports, or None."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            return exc
+        try:
+            if call(fd) != 0:
+                code = ctypes.get_errno() or errno.EIO
+                return OSError(code, f"syncfs: {os.strerror(code)}")
+            return None
+        finally:
+            os.close(fd)
+
+    return syncfs
+
+
+_syncfs = _load_syncfs()
 
 _SYNC_WORKERS = 16
 _sync_pool: ThreadPoolExecutor | None = None

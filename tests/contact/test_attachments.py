@@ -253,3 +253,55 @@ async def test_a_hold_that_lands_after_its_contact_was_spooled_is_let_go(
     finally:
         await client.aclose()
         await writer.aclose()
+
+
+async def test_held_files_are_written_behind_with_one_file_system_sync_per_group(
+    tmp_path, redis_client, prefix, monkeypatch
+):
+    """Files held in Redis are written after their answer as one group: written under
+    temporary names, the file system synced, renamed, synced again, and only then let go from
+    Redis; no fsync per file and per folder (each cost ~270-340 µs of CPU against ~55-100 for
+    the group's share of two syncs)."""
+    from gateway.contact import attachments
+    from gateway.queueing.held import RedisHolder
+    from gateway.queueing.keys import Keys
+
+    assert attachments._syncfs is not None  # Linux
+    store = AttachmentStore(tmp_path / "attachments", max_size=4096)
+    holder = RedisHolder(redis_client, Keys(prefix), store.root)
+    store.hold_in(holder)
+    blobs = [f"Subject: lamp {n}\r\n\r\nlight {n} is out\r\n".encode() for n in range(12)]
+    plans = [store.plan([(b, f"m{n}.eml", "message/rfc822")]) for n, b in enumerate(blobs)]
+    for plan in plans:  # what each contact's write sets
+        assert plan.held is not None
+        await redis_client.hset(plan.held[0], mapping=plan.held[1])
+    steps: list[str] = []
+    syncfs, replace, fsync = attachments._syncfs, os.replace, os.fsync
+
+    def recording_syncfs(path: Any) -> OSError | None:
+        held = asyncio.run_coroutine_threadsafe(holder.held(), loop).result()
+        steps.append(f"sync {len(held)} held")
+        return syncfs(path)
+
+    def recording_replace(src: Any, dst: Any) -> None:
+        steps.append("replace")
+        replace(src, dst)
+
+    def recording_fsync(fd: int) -> None:
+        steps.append("fsync")
+        fsync(fd)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(attachments, "_syncfs", recording_syncfs)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    await asyncio.gather(*(store.settle(plan, in_redis=True) for plan in plans))
+    await store.close()
+    await holder.drain()
+    monkeypatch.undo()
+    renames = 2 * len(blobs)  # each file and its type beside it
+    assert steps == ["sync 12 held", *["replace"] * renames, "sync 12 held"], steps
+    for blob in blobs:
+        assert store.read(hashlib.sha256(blob).hexdigest()) == blob
+    assert await holder.held() == []
+    assert not list(store.root.rglob(".tmp-*"))

@@ -537,9 +537,9 @@ async def test_250_waits_for_redis_not_for_the_disk(start_mailbox, aiohttp_clien
     disk = threading.Event()
     write = store.put_many_sync
 
-    def stalled(items: list[tuple[bytes, str, str]]) -> list[object]:  # a disk not answering
+    def stalled(items: list[tuple[bytes, str, str]], **kw: bool) -> list[object]:  # disk stuck
         disk.wait()
-        return write(items)
+        return write(items, **kw)
 
     store.put_many_sync = stalled  # type: ignore[method-assign]
     raw = (FIXTURES / CASES[0].file).read_bytes()
