@@ -125,3 +125,60 @@ def test_a_boundary_longer_than_mime_allows_is_not_compiled_and_kept() -> None:
     assert cached == []  # re kept the last 512 compiled boundaries: 70 kB ones, ~100 MB
     short = raw.replace(boundary.encode(), b"b" * 70)
     assert "street light broken" in normalize(short, ENVELOPE).text
+
+
+LINE_TOKENS = [
+    b"Subject: x", b"From: a@b", b"From a@b", b"From :x", b"Content-Type: text/plain",
+    b"content-type: TEXT/html; charset=gbk", b"Content-Type: multipart/mixed; boundary=b",
+    b"Content-Type: Message/rfc822", b"CONTENT-TYPE:", b"X: \xff\xfe", b":", b"a:", b" ", b"\t",
+    b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\n\n", b"\r\r", b" b", b"\x00", b"--b", b"x y: z",
+    b"Content-Transfer-Encoding: base64", b"\x0b", b"\x85", b"\xe2\x80\xa8", b"=?utf-8?B?",
+]
+
+
+def _tree(msg: object) -> object:
+    from email.message import Message
+
+    assert isinstance(msg, Message)
+    payload = msg.get_payload()
+    return (
+        type(msg),
+        msg.get_unixfrom(),
+        list(msg.raw_items()),
+        [type(d) for d in msg.defects],
+        msg.get_default_type(),
+        msg.preamble,
+        msg.epilogue,
+        [_tree(p) for p in payload] if isinstance(payload, list) else payload,
+    )
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.lists(st.sampled_from(LINE_TOKENS), max_size=40).map(b"".join),
+    mutated(),
+    st.binary(max_size=400),
+))
+def test_own_reading_of_a_single_part_is_the_feed_parsers(raw: bytes):
+    """``parse`` reads a one-part message itself (the feed parser walks its body line by line):
+    the message it builds is the one the standard library's parser builds, headers, payload
+    and defects, for whatever bytes arrive."""
+    from email.parser import BytesParser
+
+    from gateway.channels.email.normalize import POLICY, parse
+
+    assert _tree(parse(raw)) == _tree(BytesParser(policy=POLICY).parsebytes(raw))
+
+
+def test_own_reading_takes_the_common_mail_and_leaves_the_rest():
+    from gateway.channels.email.normalize import _single_part
+
+    plain = b"From: a@b\r\nSubject: x\r\n\tfolded\r\nContent-Type: text/plain\r\n\r\nbody\r\n"
+    assert _single_part(plain.decode()) is not None
+    for other in (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+        b"From a@b Mon Jan 1 00:00:00 2026\r\nSubject: x\r\n\r\nbody\r\n",
+        b"Subject: x\r\nnot a header\r\n\r\nbody\r\n",
+        b" folded first\r\nSubject: x\r\n\r\nbody\r\n",
+    ):
+        assert _single_part(other.decode()) is None
