@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 MAX_COMMAND_BYTES: Final = 8192
 """``AGI_BUF_LEN`` in res_agi.c: a longer command line is cut by Asterisk."""
@@ -76,12 +76,16 @@ def parse_header_block(data: bytes, *, max_lines: int = MAX_HEADER_LINES) -> dic
 
 class AgiStream:
     """One receive buffer over a stream: a TCP read usually carries the whole header block or
-    a batch of replies, so lines are cut from the buffer instead of one read per line."""
+    a batch of replies, so lines are cut from the buffer instead of one read per line.
+
+    A subclass may fill ``buffer`` by other means (the FastAGI server's connection protocol
+    appends what the transport delivers): it overrides ``fill``, and has no ``reader``.
+    """
 
     __slots__ = ("buffer", "read_timeout", "reader", "waiting_since")
 
     def __init__(
-        self, reader: asyncio.StreamReader, read_timeout: float | None = None
+        self, reader: asyncio.StreamReader | None, read_timeout: float | None = None
     ) -> None:
         self.reader = reader
         self.buffer = bytearray()
@@ -95,6 +99,7 @@ class AgiStream:
     async def fill(self) -> bool:
         """Read what the peer sent; False at EOF, ``AgiIdle`` when it sends nothing for
         ``read_timeout`` seconds."""
+        assert self.reader is not None
         self.waiting_since = time.monotonic()
         try:
             if self.read_timeout is None:
@@ -394,12 +399,18 @@ class ReplyAssembler:
         return parse_reply_line(text)
 
 
+class AgiWriter(Protocol):
+    """What ``AgiChannel`` writes commands through (an ``asyncio.StreamWriter`` has it)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
 class AgiChannel:
     """Commands and replies over one AGI stream pair (a FastAGI socket)."""
 
-    def __init__(
-        self, stream: AgiStream | asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, stream: AgiStream | asyncio.StreamReader, writer: AgiWriter) -> None:
         self.stream = stream if isinstance(stream, AgiStream) else AgiStream(stream)
         self.writer = writer
         self._assembler = ReplyAssembler()
