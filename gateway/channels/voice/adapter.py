@@ -178,6 +178,7 @@ class AsteriskAdapter:
             allow=config.agi_allow,
             metrics=ctx.metrics,
             max_connections=ctx.settings.limits.max_connections,
+            step_timeout=float(config.intake_timeout),
         )
         self.ami: AmiClient | None = None
         if config.ami is not None:

@@ -12,7 +12,6 @@ Channel variables set on every call (the dialplan reads them after ``AGI()``):
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import re
@@ -245,7 +244,7 @@ class IntakeScript:
         receipt: Receipt | None = None
         inbound: Inbound | None = None
         try:
-            async with asyncio.timeout(float(self.config.intake_timeout)):
+            async with session.within(float(self.config.intake_timeout)):
                 linkedid = session.query.get("linkedid") or None
                 if linkedid is None and self.ask_linkedid:
                     linkedid = await _linkedid(session)

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.channels.voice.agi import (
     MAX_HEADER_BYTES,
@@ -41,6 +41,43 @@ class AgiSession:
     received_at: Micros
     channel: AgiChannel
     peer: str = ""
+    connection: _Connection | None = field(default=None, repr=False)
+
+    def within(self, seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+        """``asyncio.timeout(seconds)`` for a step of the session (TimeoutError when it runs
+        longer), kept by the server's sweep instead of a timer of its own: up to a quarter
+        of the server's shortest bound late (``FastAgiServer.step_timeout``)."""
+        if self.connection is None:
+            return asyncio.timeout(seconds)
+        return _Step(self.connection, seconds)
+
+
+class _Step:
+    """``AgiSession.within``: the sweep cancels the session's task once ``step_until`` has
+    passed (``expired = "step"``), and leaving the block turns that cancellation into
+    ``TimeoutError``, as ``asyncio.timeout`` does."""
+
+    __slots__ = ("conn", "seconds")
+
+    def __init__(self, conn: _Connection, seconds: float) -> None:
+        self.conn = conn
+        self.seconds = seconds
+
+    async def __aenter__(self) -> None:
+        self.conn.step_until = time.monotonic() + self.seconds
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        conn = self.conn
+        conn.step_until = 0.0
+        if conn.expired != "step":
+            return
+        conn.expired = ""
+        if conn.task is not None and conn.task.uncancel() == 0 and kind is not None and (
+            issubclass(kind, asyncio.CancelledError)
+        ):
+            raise TimeoutError from exc
 
 
 Handler = Callable[[AgiSession], Awaitable[None]]
@@ -59,7 +96,7 @@ class _Connection(AgiStream, asyncio.Protocol):
 
     __slots__ = (
         "_eof", "_error", "_lost", "_paused", "_resumed", "_waiter", "expired", "received_at",
-        "server", "started", "task", "transport",
+        "server", "started", "step_until", "task", "transport",
     )
 
     def __init__(self, server: FastAgiServer) -> None:
@@ -71,7 +108,10 @@ class _Connection(AgiStream, asyncio.Protocol):
         self.started = 0.0
         """``time.monotonic()`` at accept."""
         self.expired = ""
-        """Why the sweep cancelled the session: ``session`` or ``idle``; empty while it has not."""
+        """Why the sweep cancelled the session: ``session``, ``idle`` or ``step`` (a bound set
+        with ``AgiSession.within``); empty while it has not."""
+        self.step_until = 0.0
+        """``time.monotonic()`` by which the step under way must end (0: none)."""
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._error: BaseException | None = None
@@ -182,10 +222,11 @@ class FastAgiServer:
     Every session is bounded: the header block by ``max_header_bytes``, the whole session by
     ``session_timeout`` seconds, each wait for the peer by ``read_timeout``. Whatever happens,
     the socket is closed when the handler returns, since Asterisk continues the dialplan only
-    then. The two time bounds are kept by one sweep over the open sessions, every quarter of
-    the shorter bound (at most a second), rather than by timers per session and per read
-    (an ``asyncio.timeout`` costs a timer set and cancelled, 10-25 us on uvloop, three times
-    a session): a bound is enforced up to a quarter of itself late.
+    then. The two time bounds, and a handler's bound on a step (``AgiSession.within``: the
+    intake's), are kept by one sweep over the open sessions, every quarter of the shortest
+    bound (at most a second), rather than by timers per session, per read and per step (an
+    ``asyncio.timeout`` costs a timer set and cancelled, about 5 us on uvloop, four times a
+    session): a bound is enforced up to a quarter of the shortest late.
     """
 
     def __init__(
@@ -201,8 +242,12 @@ class FastAgiServer:
         allow: tuple[str, ...] = (),
         metrics: AdapterMetrics | None = None,
         max_connections: int = 0,
+        step_timeout: float | None = None,
     ) -> None:
         self.handlers = dict(handlers)
+        self.step_timeout = step_timeout
+        """The shortest bound handlers set with ``AgiSession.within`` (the intake's
+        ``intake_timeout``): the sweep runs often enough for it too."""
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -301,7 +346,10 @@ class FastAgiServer:
 
     async def _sweep(self) -> None:
         """Cancel the sessions past ``session_timeout``, or silent past ``read_timeout``."""
-        bounds = [b for b in (self.session_timeout, self.read_timeout) if b is not None]
+        bounds = [
+            b for b in (self.session_timeout, self.read_timeout, self.step_timeout)
+            if b is not None
+        ]
         interval = min(1.0, max(0.005, min(bounds) / 4))
         while True:
             await asyncio.sleep(interval)
@@ -315,6 +363,8 @@ class FastAgiServer:
                 elif (self.read_timeout is not None and waiting is not None
                       and now - waiting > self.read_timeout):
                     conn.expired = "idle"
+                elif conn.step_until and now > conn.step_until:
+                    conn.expired = "step"
                 else:
                     continue
                 task.cancel()
@@ -347,5 +397,6 @@ class FastAgiServer:
             received_at=conn.received_at,
             channel=AgiChannel(conn, conn),
             peer=conn.peer(),
+            connection=conn,
         )
         await handler(session)

@@ -416,3 +416,26 @@ async def test_agi_allow_list_is_checked_at_start(start_gateway: Any) -> None:
 
     with pytest.raises(ConfigError, match=r"adapters.asterisk.agi_allow\[1\]"):
         await start_voice(start_gateway, agi_allow=["10.0.0.0/8", "not-a-network"])
+
+
+async def test_an_intake_slower_than_intake_timeout_gives_failed_in_time(
+    start_gateway: Any,
+) -> None:
+    """Redis holds the write (``CLIENT PAUSE WRITE``) longer than ``intake_timeout``: the call
+    is answered ``FAILED`` (queued all the same) once the bound has passed, kept by the
+    server's sweep (``AgiSession.within``), not after the write's own, longer, deadline (the
+    harness's 5 s ``write_timeout``, which would give ``SPOOLED``)."""
+    gw = await start_voice(start_gateway, intake_timeout="300ms", linkedid_lookup=False)
+    await gw.redis.execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+    try:
+        call = await fake_call(agi_port(gw), agi_fixture("sip_call.agi"))
+    finally:
+        await gw.redis.execute_command("CLIENT", "UNPAUSE")
+    assert call.closed_by_server
+    assert call.variables["GATEWAY_STATUS"] == "FAILED"
+    assert call.variables["GATEWAY_QUEUE"] == "hotline"
+    # the write the caller gave up on still lands: the call has its contact all the same
+    async def written() -> bool:
+        return len(await gw.read_contacts()) == 1
+
+    await eventually(written)
