@@ -30,6 +30,9 @@ from gateway.server.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
+MAX_INFLIGHT = 8
+"""Coalesced intake batches written and not yet answered, at most."""
+
 
 class Intake:
     """Makes contacts durable: in Redis when it answers in time, else in the local spool.
@@ -67,8 +70,11 @@ class Intake:
         ] = Coalescer(
             functools.partial(queue.write_batch, limited=True),
             max_batch=max(1, max_batch),
+            # Batches pipelined on the intake link (gateway/queueing/link.py): a contact waits
+            # for a free slot only behind eight batches, not two (a wait for a whole round trip,
+            # fsync included, at moderate rates); at the peak the batches are about as large.
             # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
-            max_inflight=2 if max_batch > 1 else 1024,
+            max_inflight=MAX_INFLIGHT if max_batch > 1 else 1024,
             # one deadline per batch (from its oldest contact's submit), not one per caller
             timeout=write_timeout_s,
             orphan=self._orphaned,

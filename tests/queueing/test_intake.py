@@ -211,7 +211,7 @@ async def test_a_frozen_redis_spools_every_waiting_batch_by_its_deadline(start_g
     pid = own_redis.process.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        items = [inbound(external_id=f"f{i}") for i in range(20)]  # five batches, two in flight
+        items = [inbound(external_id=f"f{i}") for i in range(20)]  # five batches, all in flight
         receipts = await asyncio.gather(*(gw.intake.submit(i) for i in items))
         assert {r.status for r in receipts} == {"spooled"}
         assert gw.spool.depth == 20 and not gw.intake.redis_up

@@ -99,3 +99,28 @@ async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
     assert sorted(c.external_id for c in contacts) == sorted(expected)
     by_external = {c.external_id: c.id for c in contacts}
     assert [by_external[i.external_id] for i in items] == [r.contact_id for r in receipts]
+
+
+async def test_a_contact_is_sent_while_earlier_batches_wait_on_redis(start_gateway, redis_client):
+    """Batches are pipelined on the link: a contact submitted while earlier batches wait for
+    Redis is written at once (its ``enqueued_at`` stamp, taken when its batch is sent, comes
+    before Redis answers any of them), not after a batch ahead of it came back."""
+    gw = await start_gateway(redis={"write_timeout": "10s"})
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    link = gw.queue._link
+    assert link is not None
+    waiting = 3  # batches ahead of the last one, all waiting on the paused server
+    await redis_client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+    try:
+        tasks = []
+        for i in range(waiting + 1):  # each in a batch of its own, sent before the next
+            tasks.append(asyncio.ensure_future(gw.intake.submit(inbound(f"p{i}"))))
+            await eventually(lambda n=i + 1: len(link._waiting) == n)
+        released_at = SYSTEM_CLOCK.now_us()
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    receipts = await asyncio.gather(*tasks)
+    assert {r.status for r in receipts} == {"enqueued"}
+    contacts = [c for c in await gw.read_contacts() if c.external_id != "warm"]
+    assert len(contacts) == waiting + 1
+    assert all(c.enqueued_at < released_at for c in contacts)
