@@ -30,9 +30,11 @@ if first then
 end
 for i = 13, #KEYS do
   local at = 17 + 3 * (i - 13)
-  local n = redis.call('INCR', KEYS[i])
-  if n == 1 then
-    redis.call('PEXPIRE', KEYS[i], ARGV[at + 1])
+  -- the window's first contact makes the counter and its expiry in one command (a sender's
+  -- first contact in a window is the common case); a later one counts with INCR
+  local n = 1
+  if redis.call('SET', KEYS[i], 1, 'NX', 'GET', 'PX', ARGV[at + 1]) then
+    n = redis.call('INCR', KEYS[i])
   end
   if n > tonumber(ARGV[at]) then
     for j = 13, i do
@@ -48,15 +50,20 @@ if ARGV[13] == '1' then
   local window = tonumber(ARGV[5])
   -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
   -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
-  -- of one batch share one edge stamp and count in the order they were written.
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%.0f', received - window))
-  count = redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[6])
+  -- of one batch share one edge stamp and count in the order they were written. The count
+  -- reads the window alone, so the members that left it are taken off only when there is a
+  -- count to make (a sender's first contact, the common case, has nothing to take off: the
+  -- set expires one window after its last contact).
+  local since = string.format('%.0f', received - window)
+  count = redis.call('ZCOUNT', KEYS[4], since, ARGV[6])
+  if count > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. since)
+  end
   redis.call('ZADD', KEYS[4], received, id)
   redis.call('PEXPIRE', KEYS[4], math.floor(window / 1000))
 end
 local contact = ARGV[2] .. count .. ARGV[3]
-local entry = redis.call('XADD', KEYS[1], '*',
-  'contact', contact, 'id', id, 'channel', ARGV[11])
+redis.call('XADD', KEYS[1], '*', 'contact', contact, 'id', id, 'channel', ARGV[11])
 local fields = {'event', ARGV[9], 'contact_id', id, 'type', 'enqueued', 'counted', count}
 if ARGV[16] ~= '' then
   fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[16]
@@ -64,7 +71,9 @@ end
 local event = redis.call('XADD', KEYS[2], '*', unpack(fields))
 -- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
 -- (and the mark that its surge keys are not yet counted).
-fields = {'contact', contact, 'entry', entry, 'received_us', ARGV[6], 'due_us', ARGV[7],
+-- (No field for the contact's stream entry id: nothing read it, and each field is copied
+-- into the command, the AOF and the hash.)
+fields = {'contact', contact, 'received_us', ARGV[6], 'due_us', ARGV[7],
   'kind', ARGV[12], 'channel', ARGV[11], 'event:' .. event, ARGV[9], 'agg', 'open:0'}
 if ARGV[16] ~= '' then
   fields[#fields + 1], fields[#fields + 2] = 'surge', 1

@@ -72,6 +72,32 @@ async def test_repeat_counts_earlier_contacts_of_the_sender_within_the_window(st
     assert contacts["2"].repeat.count == 1
 
 
+async def test_the_repeat_set_and_the_rate_counter_expire_and_shed_what_left_the_window(
+    start_gateway,
+):
+    """The sender's set is read by its window alone; members that left the window are taken
+    off by the next contact that has a count to make, and every key the sender's contacts
+    make expires (the rate counter is made with its expiry by the window's first contact)."""
+    gw = await start_gateway(
+        intake={"repeat_window": "1h"}, limits={"sender_contacts": 5, "sender_window": "1h"}
+    )
+    now = SYSTEM_CLOCK.now_us()
+    hour = 3600 * MICROS_PER_SECOND
+    counts = [
+        (await gw.intake.submit(inbound(external_id=name, received_at=at))).repeat.count
+        for name, at in (("old", now - 2 * hour), ("1", now - 10 * MICROS_PER_SECOND),
+                         ("2", now))
+    ]
+    assert counts == [0, 0, 1]
+    names = [n async for n in gw.redis.scan_iter(match=gw.keys.tag + ":*", count=1000)]
+    (sender,) = [n for n in names if b":sender:" in n and b":rate:" not in n]
+    assert await gw.redis.zcard(sender) == 2  # "old" was taken off by the counted contact
+    (rate,) = [n for n in names if b":rate:sender:" in n]
+    assert int(await gw.redis.get(rate)) == 3
+    for name in (sender, rate):
+        assert 0 < await gw.redis.pttl(name) <= 3600 * 1000
+
+
 @pytest.mark.parametrize("offset_us", [7, 93, 50])
 async def test_contacts_sharing_one_stamp_count_in_the_order_written(start_gateway, offset_us):
     """One polling batch shares one edge stamp. Stamps are exact microseconds: the script once
