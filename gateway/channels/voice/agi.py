@@ -67,11 +67,15 @@ def parse_header_block(data: bytes, *, max_lines: int = MAX_HEADER_LINES) -> dic
     lines on every call.)
     """
     text = data.decode("utf-8", errors="replace").replace("\x00", "")
-    if text.count("\n") >= max_lines:
+    breaks = text.count("\n")
+    if breaks >= max_lines:
         raise AgiError("too many header lines")
-    if _NOT_HEADER.search(text):
+    pairs = _HEADER_PAIR.findall(text)
+    # one pair per line: every line is a header line (the usual block), no need to look for
+    # one that is not; else the blank (CR-only) lines may account for the rest
+    if len(pairs) <= breaks and _NOT_HEADER.search(text):
         raise AgiError("not an AGI header line")
-    return {key: value.strip() for key, value in reversed(_HEADER_PAIR.findall(text))}
+    return {key: value.strip() for key, value in reversed(pairs)}
 
 
 class AgiStream:
@@ -315,6 +319,9 @@ def parse_reply_line(line: str) -> AgiReply:
     number is kept in ``extra``).
     """
     text = line.rstrip("\r\n")
+    common = _COMMON_REPLIES.get(text)
+    if common is not None:
+        return common
     m = _STATUS.match(text)
     if not m:
         raise AgiError("not an AGI reply")
@@ -346,6 +353,14 @@ def parse_reply_line(line: str) -> AgiReply:
     return AgiReply(
         code=200, result=result, data=data, endpos=endpos, text=rest, lines=(text,), extra=extra
     )
+
+
+_COMMON_REPLIES: dict[str, AgiReply] = {}
+_COMMON_REPLIES.update(
+    (text, parse_reply_line(text))
+    for text in ("200 result=0", "200 result=1", "200 result=-1")
+)
+"""What ``SET VARIABLE``, ``EXEC`` and most commands answer, parsed once (replies are frozen)."""
 
 
 def parse_reply(lines: Sequence[str]) -> AgiReply:
