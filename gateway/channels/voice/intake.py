@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.adapters import IntakeUnavailable, RateLimited, Receipt, Submitter
 from gateway.channels.voice.agi import AgiChannel, AgiError
+from gateway.channels.voice.numbers import PrefixTemplates
 from gateway.contact.clock import MICROS_PER_SECOND, Micros, format_time
 from gateway.contact.phone import mask_phone, to_e164
 from gateway.records import Inbound, Sender, clean_text
@@ -155,14 +156,25 @@ def build_inbound(
 _NOT_DIGIT = re.compile(r"\D")
 
 
-@functools.lru_cache(maxsize=4096)  # callers call again; parsing a number costs ~20 us
+@functools.lru_cache(maxsize=4096)  # callers call again
 def caller_address(raw: str, region: str) -> str:
-    """E.164 when the caller id is a number; its digits otherwise (short codes); else ``""``."""
+    """E.164 when the caller id is a number; its digits otherwise (short codes); else ``""``.
+
+    A new caller's number is derived from an earlier one of the same length and decisive
+    leading digits when the region allows (``numbers.PrefixTemplates``: about 1 us against
+    the ~20 us of a phonenumbers parse)."""
+    return _TEMPLATES(raw, region)
+
+
+def _caller_address(raw: str, region: str) -> str:
     number = to_e164(raw, region) or ""
     digits = _NOT_DIGIT.sub("", number)
     if not digits:
         return ""
     return f"+{digits}" if number.startswith("+") else digits
+
+
+_TEMPLATES = PrefixTemplates(_caller_address)
 
 
 def pick_queue(recipient: str, language: str | None, config: RoutingConfig) -> str:
