@@ -140,7 +140,7 @@ def _tree(msg: object) -> object:
     from email.message import Message
 
     assert isinstance(msg, Message)
-    payload = msg.get_payload()
+    payload = msg._payload  # as parsed (get_payload() decodes, and may raise doing so)
     return (
         type(msg),
         msg.get_unixfrom(),
