@@ -49,6 +49,25 @@ def media_type(content_type: str) -> str:
     return value if _MEDIA_TYPE.fullmatch(value) else OCTET_STREAM
 
 
+_GIL_FREE = 2048
+"""hashlib lets the GIL go while it hashes this many bytes or more."""
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of ``data``; bytes up to ``HOLD_LIMIT`` (what the event loop hashes) are fed
+    in pieces under 2 KiB, so hashlib keeps the GIL: letting it go for a few microseconds of
+    hashing handed it to the writer threads and the loop waited for it back (py-spy: ~3 % of
+    the loop's samples under 50 SMTP sessions, in the hash of a 2 KB mail)."""
+    size = len(data)
+    if size < _GIL_FREE or size > HOLD_LIMIT:
+        return hashlib.sha256(data).hexdigest()
+    view = memoryview(data)
+    digest = hashlib.sha256(view[: _GIL_FREE - 1])
+    for start in range(_GIL_FREE - 1, size, _GIL_FREE - 1):
+        digest.update(view[start : start + _GIL_FREE - 1])
+    return digest.hexdigest()
+
+
 class AttachmentTooLarge(Exception):
     """The file is larger than the configured bound."""
 
@@ -225,7 +244,7 @@ class AttachmentStore:
         """The Attachment ``data`` is stored as (raise AttachmentTooLarge); nothing written."""
         if len(data) > self.max_size:
             raise AttachmentTooLarge(f"{len(data)} bytes > {self.max_size}")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_hex(data)
         return Attachment(
             name=_safe_name(name),
             content_type=content_type or "application/octet-stream",

@@ -62,6 +62,14 @@ async def test_attachments_are_served_over_http_with_a_key(
         assert resp.headers["Content-Type"] == "application/problem+json"
 
 
+def test_the_digest_fed_in_pieces_is_sha256():
+    from gateway.contact.attachments import HOLD_LIMIT, sha256_hex
+
+    for size in (0, 1, 2046, 2047, 2048, 2049, 4094, 4095, 5000, HOLD_LIMIT, HOLD_LIMIT + 1):
+        data = os.urandom(size)
+        assert sha256_hex(data) == hashlib.sha256(data).hexdigest(), size
+
+
 async def test_concurrent_puts_are_one_group_commit_durable_before_they_return(
     tmp_path, monkeypatch
 ):

@@ -378,6 +378,13 @@ def test_recipient_policy_compares_domains_in_one_form():
     for other in ("12345@hotline.example.gov.cn.evil.example", "12345@example.gov.cn",
                   "other@hotline.example.gov.cn", "no-at-sign", "x@sub.例子.cn"):
         assert not policy.accepts(other), other
+    # answers are remembered (the same recipients come again), within a bound
+    from gateway.channels.email import smtp
+
+    for n in range(2 * smtp._REMEMBERED):
+        assert policy.accepts(f"{n}@例子.cn") and not policy.accepts(f"{n}@example.cn")
+    assert len(policy._answers) <= smtp._REMEMBERED
+    assert policy.accepts("12345@HOTLINE.Example.gov.cn.") and not policy.accepts("no-at-sign")
 
 
 async def test_idle_and_session_time_bounds(start_mailbox):
