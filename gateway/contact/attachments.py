@@ -102,7 +102,8 @@ class AttachmentStore:
     def __init__(self, root: Path, max_size: int, *, max_batch: int = 64) -> None:
         self.root = root
         self.max_size = max_size
-        self._folders: set[Path] = set()
+        self._root = str(root)
+        self._folders: set[str] = set()
         """Folders known to exist (made once, not checked per file)."""
         self._names = itertools.count()
         self._token = secrets.token_hex(4)
@@ -170,13 +171,12 @@ class AttachmentStore:
             written = [f for f in staged.values() if f.fd >= 0 and f.error is None]
             for file, error in zip(written, _fsync_all([f.fd for f in written]), strict=True):
                 file.error = error  # the group commit
-            folders: dict[Path, list[_Staged]] = {}
+            folders: dict[str, list[_Staged]] = {}
             for file in staged.values():
                 file.close()
                 if file.error is None:
                     try:
-                        for tmp, target in file.renames:
-                            os.replace(tmp, target)
+                        file.rename_all()
                     except OSError as exc:
                         file.error = exc
                 folders.setdefault(file.folder, []).append(file)
@@ -189,9 +189,7 @@ class AttachmentStore:
         finally:
             for file in staged.values():
                 file.close()
-                for tmp, _ in file.renames:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)  # renamed ones are gone already
+                file.remove_unrenamed()
         failed = {digest: f.error for digest, f in staged.items() if f.error is not None}
         if failed:
             out = [
@@ -219,8 +217,7 @@ class AttachmentStore:
                 file.error = error
                 if error is None:
                     try:
-                        for tmp, target in file.renames:
-                            os.replace(tmp, target)
+                        file.rename_all()
                     except OSError as exc:
                         file.error = exc
             # also what a concurrent group renamed (a file found in place, not written here)
@@ -230,9 +227,7 @@ class AttachmentStore:
         finally:
             for file in staged.values():
                 file.close()
-                for tmp, _ in file.renames:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)  # renamed ones are gone already
+                file.remove_unrenamed()
         failed = {digest: f.error for digest, f in staged.items() if f.error is not None}
         if failed:
             out = [
@@ -259,13 +254,13 @@ class AttachmentStore:
         """Write the file (and its type) under temporary names if new, not yet fsynced."""
         attachment = self.describe(data, name, content_type)
         digest = attachment.sha256
-        target = self.path_for(digest)
-        folder = target.parent
+        folder = f"{self._root}/{digest[:2]}"  # path_for's, as strings (no pathlib per file)
+        target = f"{folder}/{digest}"
         file = staged.get(digest)
         if file is None:
             self._make(folder)
             file = staged[digest] = _Staged(folder)
-            if not target.exists():
+            if not os.access(target, os.F_OK):
                 tmp = self._tmp(folder)
                 try:
                     file.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -277,8 +272,8 @@ class AttachmentStore:
                     file.error = exc  # item of these bytes in the group fails with it
                     raise
         kind = media_type(content_type)
-        sidecar = target.with_name(target.name + ".type")
-        if kind != OCTET_STREAM and not file.typed and not sidecar.exists():
+        sidecar = target + ".type"
+        if kind != OCTET_STREAM and not file.typed and not os.access(sidecar, os.F_OK):
             # the first type given is kept; a lost type file only serves the bytes as
             # octet-stream, so it is renamed into place without an fsync of its own
             tmp = self._tmp(folder)
@@ -291,14 +286,18 @@ class AttachmentStore:
             file.typed = True
         return attachment
 
-    def _make(self, folder: Path) -> None:
+    def _make(self, folder: str) -> None:
         if folder not in self._folders:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            folder.mkdir(exist_ok=True, mode=0o700)
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
             self._folders.add(folder)
 
-    def _tmp(self, folder: Path) -> str:
-        return str(folder / f".tmp-{os.getpid()}-{self._token}-{next(self._names)}")
+    def _tmp(self, folder: str) -> str:
+        return f"{folder}/.tmp-{os.getpid()}-{self._token}-{next(self._names)}"
 
     async def put(self, data: bytes, name: str, content_type: str) -> Attachment:
         """Store ``data`` durably (grouped with concurrent puts) and return its Attachment."""
@@ -524,14 +523,27 @@ class Plan:
 class _Staged:
     """One new file of a group: its open descriptor and the renames that put it in place."""
 
-    __slots__ = ("error", "fd", "folder", "renames", "typed")
+    __slots__ = ("error", "fd", "folder", "renamed", "renames", "typed")
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: str) -> None:
         self.folder = folder
         self.fd = -1
-        self.renames: list[tuple[str, Path]] = []
+        self.renames: list[tuple[str, str]] = []
+        self.renamed = 0
+        """How many of ``renames`` are done."""
         self.typed = False
         self.error: OSError | None = None
+
+    def rename_all(self) -> None:
+        for tmp, target in self.renames[self.renamed :]:
+            os.replace(tmp, target)
+            self.renamed += 1
+
+    def remove_unrenamed(self) -> None:
+        """Remove the temporary files not renamed into place (a failed group's)."""
+        for tmp, _ in self.renames[self.renamed :]:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -601,7 +613,7 @@ def _try_fsync(fd: int) -> OSError | None:
     return None
 
 
-def _fsync_dirs(folders: list[Path]) -> list[OSError | None]:
+def _fsync_dirs(folders: list[str]) -> list[OSError | None]:
     """Make the renames into ``folders`` durable, the folders' fsyncs at the same time."""
     fds: list[int] = []
     errors: list[OSError | None] = []

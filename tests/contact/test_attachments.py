@@ -149,7 +149,7 @@ def test_a_temporary_file_left_by_a_killed_process_of_the_same_pid_loses_nothing
 def test_bytes_whose_temporary_file_cannot_be_opened_fail_for_every_item_of_them(tmp_path):
     class Unopenable(AttachmentStore):
         def _tmp(self, folder: Any) -> str:
-            return str(folder / "no such folder" / "tmp")  # the open fails (ENOENT)
+            return f"{folder}/no such folder/tmp"  # the open fails (ENOENT)
 
     store = Unopenable(tmp_path, max_size=1024)
     results = store.put_many_sync([(b"same", "a", ""), (b"same", "b", ""), (b"other", "c", "")])
