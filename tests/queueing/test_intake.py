@@ -12,7 +12,7 @@ import pytest
 from gateway.adapters import IntakeUnavailable
 from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.spool import Spool, SpoolError
-from gateway.records import Event, Inbound, Sender
+from gateway.records import Contact, Event, Inbound, Sender
 from gateway.server.lock import DataDirBusy
 from gateway.server.runtime import Gateway
 from gateway.testing import eventually
@@ -420,3 +420,23 @@ async def test_the_same_event_written_twice_is_appended_once(start_gateway):
     types = [e.type for e in await gw.read_events()]
     assert types == ["enqueued", "delivered", "delivered"]
     assert len(await gw.queue.events(receipt.contact_id)) == 3
+
+
+async def test_the_stream_entries_are_the_records_own_encodings(start_gateway):
+    """The intake write builds the contact's and its ``enqueued`` event's JSON without making
+    the records: byte for byte what ``Contact`` and ``Event`` encode."""
+    gw = await start_gateway()
+    items = [
+        inbound(external_id=f"e{i}", text="路灯坏了 \"quoted\"", subject="主题",
+                meta={"a": [1, "二"]}, origin_at=SYSTEM_CLOCK.now_us() - 5_000_000)
+        for i in range(3)
+    ]
+    receipts = await asyncio.gather(*(gw.intake.submit(i) for i in items))
+    assert {r.status for r in receipts} == {"enqueued"}
+    events = [f[b"event"] for _, f in await gw.redis.xrange(gw.keys.events)]
+    contacts = [f[b"contact"] for _, f in await gw.redis.xrange(gw.keys.contacts)]
+    assert len(events) == len(contacts) == 3
+    for raw in events:
+        assert raw == Event.from_json(raw).to_json()
+    for raw in contacts:
+        assert raw == Contact.from_json(raw).to_json()
