@@ -37,6 +37,10 @@ RedisClient = Any
 """``redis.asyncio.Redis`` or ``RedisCluster`` (their common surface)."""
 
 
+POOL_SIZE = 100
+"""Connections to one Redis per process (redis-py's default bound)."""
+
+
 def connect(section: RedisSection, url: str) -> RedisClient:
     """Return a client for a URL, a Sentinel group or a Cluster, as configured."""
     password = section.password.reveal() if section.password else None
@@ -56,7 +60,15 @@ def connect(section: RedisSection, url: str) -> RedisClient:
         return sentinel.master_for(section.sentinel.master)
     if section.cluster:
         return RedisCluster.from_url(url, password=password, **common)
-    return aioredis.from_url(url, password=password, **common)
+    # redis-py's default pool raises MaxConnectionsError (a ConnectionError, so "Redis is
+    # away" to Intake) the moment POOL_SIZE commands are in flight: under load, a process
+    # then spooled contacts and skipped checks while Redis was fine. These wait for a
+    # connection instead, as long as any command may take.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, password=password, max_connections=POOL_SIZE, timeout=common["socket_timeout"],
+        **common,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _script(name: str) -> str:

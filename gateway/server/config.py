@@ -543,6 +543,14 @@ class LimitsSection:
     max_connections: int = 0
     """Open connections per listener (HTTP, SMTP); further ones are closed at once. 0: a
     quarter of the process's open-file limit (RLIMIT_NOFILE), at most 4096."""
+    in_flight: int = 1000
+    """Contacts one process (each worker) holds in flight, from submit to answer; further
+    ones are refused at once, the protocol's retry-later way (HTTP 503 + Retry-After, SMTP
+    451, AGI fail path), before they are parsed (``gateway/server/admission.py``). 0: no
+    bound."""
+    loop_lag: Duration = Duration(0.25)
+    """While a process's event loop runs this late (CPU overload: more offered than its core
+    can take), new contacts are refused the same way. 0: not measured."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,10 +49,39 @@ class ConnectionCount:
         self.open -= 1
 
 
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 31\r\n\r\n"
+    b"overloaded, retry in 5 seconds\n"
+)
+_OVERLOADED_PROBLEM = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
+    b"Content-Type: application/problem+json\r\nContent-Length: 88\r\n\r\n"
+    b'{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"overloaded"}\n'
+)
+_NEVER_REFUSED = (b"/healthz", b"/readyz", b"/metrics", b"/dashboard")
+"""Paths served even while contacts are refused: probes, metrics, the wallboard."""
+
+
+def overload_answer(data: bytes) -> bytes | None:
+    """What a request starting with ``data`` is answered while the process refuses contacts
+    (``Admission.busy``), before aiohttp parses it; None for requests that are served all the
+    same: probes, metrics, the wallboard and the case systems' API (``/v1/`` other than
+    ``/v1/intake``: reads, replies and events bring no new contact)."""
+    _, _, rest = data[:64].partition(b" ")
+    if rest.startswith(b"/v1/intake"):
+        return _OVERLOADED_PROBLEM
+    if rest.startswith(b"/v1/") or rest.startswith(_NEVER_REFUSED):
+        return None
+    return _OVERLOADED
+
+
 class HttpGuard(asyncio.Protocol):
     """Wraps one aiohttp ``RequestHandler``: refuses the connection over the cap (503), closes
     it when a request head takes longer than ``header_timeout`` or the client is silent for
-    ``body_timeout`` while its request body is incomplete."""
+    ``body_timeout`` while its request body is incomplete; while ``busy()`` (the process holds
+    its bound of contacts in flight) a new request that would bring a contact is answered 503
+    + ``Retry-After`` and the connection closed, before it is parsed (``overload_answer``)."""
 
     def __init__(
         self,
@@ -60,13 +89,21 @@ class HttpGuard(asyncio.Protocol):
         count: ConnectionCount,
         header_timeout: float,
         body_timeout: float,
+        busy: Callable[[], bool] | None = None,
+        refused: Callable[[], None] | None = None,
     ) -> None:
         self.inner = inner
         self.count = count
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        self.busy = busy
+        self.refused = refused
         self.transport: asyncio.Transport | None = None
         self._counted = False
+        self._partial = False
+        """The parser holds the first bytes of a request head (the next chunk continues it)."""
+        self._refused = False
+        """Answered 503 before parsing: what else arrives is discarded until the close."""
         self._loop = asyncio.get_running_loop()
         self._head_started: float | None = None
         self._last_data = 0.0
@@ -100,7 +137,25 @@ class HttpGuard(asyncio.Protocol):
         return not self._busy()
 
     def data_received(self, data: bytes) -> None:
-        if not self._counted:
+        if not self._counted or self._refused:
+            return
+        if (self.busy is not None and not self._partial and self.busy() and not self._busy()
+                and (answer := overload_answer(data)) is not None):
+            # a new request while contacts are refused: answered before it is parsed (its
+            # body may follow in later chunks, so the connection ends with the answer)
+            if self.refused is not None:
+                self.refused()
+            # the answer, then our side of the connection closed; the rest of the request is
+            # read and dropped until the peer closes or the next tick of ``_check`` (closing
+            # with unread bytes would reset the connection, and the peer might lose the 503)
+            transport = self.transport
+            assert transport is not None
+            self._refused = True
+            transport.write(answer)
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
             return
         self._last_data = self._loop.time()
         self.inner.data_received(data)
@@ -108,13 +163,19 @@ class HttpGuard(asyncio.Protocol):
         # clock; otherwise the bytes began or continued a head, timed from its first chunk
         if self._busy():
             self._head_started = None
-        elif self._head_started is None:
-            self._head_started = self._last_data
+            self._partial = False
+        else:
+            self._partial = True
+            if self._head_started is None:
+                self._head_started = self._last_data
 
     def _check(self) -> None:
         self._timer = None
         transport = self.transport
         if transport is None or transport.is_closing():
+            return
+        if self._refused:
+            transport.close()
             return
         now = self._loop.time()
         request = getattr(self.inner, "_current_request", None)
@@ -133,6 +194,8 @@ class HttpGuard(asyncio.Protocol):
         self._timer = self._loop.call_later(self._tick, self._check)
 
     def eof_received(self) -> bool | None:
+        if self._refused:
+            return None  # the transport closes itself
         return self.inner.eof_received() if self._counted else None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -154,7 +217,12 @@ class HttpGuard(asyncio.Protocol):
 
 
 def guarded_http(
-    factory: Callable[[], Any], count: ConnectionCount, header_timeout: float, body_timeout: float
+    factory: Callable[[], Any],
+    count: ConnectionCount,
+    header_timeout: float,
+    body_timeout: float,
+    busy: Callable[[], bool] | None = None,
+    refused: Callable[[], None] | None = None,
 ) -> Callable[[], HttpGuard]:
     """A protocol factory for ``loop.create_server``: aiohttp's handlers, guarded."""
     from aiohttp.web_protocol import RequestHandler
@@ -162,4 +230,4 @@ def guarded_http(
     slots = set(getattr(RequestHandler, "__slots__", ())) | set(vars(RequestHandler))
     if not {"_current_request", "_messages"} <= slots:  # an aiohttp this guard does not know
         raise RuntimeError("aiohttp's RequestHandler has no _current_request/_messages")
-    return lambda: HttpGuard(factory(), count, header_timeout, body_timeout)
+    return lambda: HttpGuard(factory(), count, header_timeout, body_timeout, busy, refused)

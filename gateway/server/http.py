@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.adapters import InvalidContact, RateLimited
 from gateway.contact.attachments import AttachmentStore
+from gateway.server.admission import Admission
 from gateway.server.auth import ApiKeys, presented_key, secrets_equal
 from gateway.server.config import HostPort, LimitsSection, Secret
 from gateway.server.connguard import ConnectionCount, default_cap, guarded_http
@@ -232,9 +233,15 @@ class HttpServer:
     a cap per listener, the request head and a silent body bounded in time (``[limits]``)."""
 
     def __init__(
-        self, app: web.Application, listen: HostPort, limits: LimitsSection | None = None
+        self,
+        app: web.Application,
+        listen: HostPort,
+        limits: LimitsSection | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.app = app
+        self.admission = admission
+        """While it is ``busy``, requests that bring contacts are refused before parsing."""
         self.listen = listen
         self.limits = limits or LimitsSection()
         self.port = 0
@@ -253,8 +260,14 @@ class HttpServer:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
+        admission = self.admission
         factory = guarded_http(
-            server, self.connections, float(limits.header_timeout), float(limits.body_timeout)
+            server,
+            self.connections,
+            float(limits.header_timeout),
+            float(limits.body_timeout),
+            busy=(lambda: admission.busy) if admission is not None else None,
+            refused=admission.refuse if admission is not None else None,
         )
         self._server = await create_listener(
             factory, self.listen.host, self.listen.port, reuse_address=True, backlog=1024

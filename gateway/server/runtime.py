@@ -30,6 +30,7 @@ from gateway.queueing.spool import Spool
 from gateway.queueing.store import RateLimit, RedisQueue, connect, decode_fields
 from gateway.records import Contact, Event
 from gateway.server import permissions
+from gateway.server.admission import Admission
 from gateway.server.auth import ApiKeys
 from gateway.server.config import AdapterSettings, LimitsSection, Settings
 from gateway.server.egress import SendLimiter, send_rate_of
@@ -203,8 +204,11 @@ class Gateway:
             probes = build_app(s.http.max_body)
             core.register_probes(probes.router)
             self.metrics_http = HttpServer(probes, s.http.metrics_listen, s.limits)
+        self.admission = Admission(
+            self.intake, s.limits.in_flight, float(s.limits.loop_lag)
+        )
         IntakeApi(
-            self.intake, api_keys, self.clock, s.http.max_body, s.api.region
+            self.admission, api_keys, self.clock, s.http.max_body, s.api.region
         ).register(app.router)
         self.leases = Leases(self.redis, self.keys, self.instance, s.fleet.lease_ttl)
         self.cases = CaseServices(
@@ -225,7 +229,7 @@ class Gateway:
             channel_type = channel_types[table["type"]]
             ctx = AdapterContext(
                 name=name,
-                intake=self.intake,
+                intake=self.admission,
                 events=self.intake,
                 contacts=self.queue,
                 router=app.router,
@@ -239,11 +243,12 @@ class Gateway:
             )
             self.adapters[name] = channel_type.factory(ctx, self.adapter_configs[name])
         self.app = app
-        self.http = HttpServer(app, s.http.listen, s.limits)
+        self.http = HttpServer(app, s.http.listen, s.limits, self.admission)
         await self.http.start()
         if self.metrics_http is not None:
             await self.metrics_http.start()
         self.intake.start(self.supervisor)
+        self.admission.start()
         for adapter in self.adapters.values():
             await adapter.start()
             self._started.append(adapter)
@@ -306,6 +311,8 @@ class Gateway:
             steps.append(("metrics http", self.metrics_http.stop))
         if hasattr(self, "attachments"):
             steps.append(("attachments written after the answer", self.attachments.close))
+        if hasattr(self, "admission"):
+            self.admission.stop()
         if hasattr(self, "intake"):
             steps.append(("intake", self.intake.close))
         if hasattr(self, "queue"):

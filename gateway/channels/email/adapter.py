@@ -31,6 +31,7 @@ from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
 from gateway.contact.attachments import AttachmentTooLarge
 from gateway.contact.clock import MICROS_PER_SECOND
 from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
+from gateway.server.admission import busy, refuse
 from gateway.server.config import AdapterSettings, ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class EmailAdapter:
         self.ctx = ctx
         self.config = config
         self.options = Options(config.regional_fallback, config.max_text_chars)
-        self.handler = Handler(config, self.accept)
+        self.handler = Handler(
+            config, self.accept, busy=lambda: busy(ctx.intake), refused=lambda: refuse(ctx.intake)
+        )
         self.listener = Listener(
             config, self.handler, ctx.metrics, ctx.settings.limits.max_connections
         )

@@ -111,10 +111,20 @@ def masked(address: str) -> str:
 class Handler:
     """aiosmtpd hooks (``handle_<VERB>``): policy and hand-off, no protocol parsing."""
 
-    def __init__(self, config: EmailConfig, accept: Accept) -> None:
+    def __init__(
+        self,
+        config: EmailConfig,
+        accept: Accept,
+        busy: Callable[[], bool] | None = None,
+        refused: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.policy = Policy(config.mailboxes, config.domains)
         self.accept = accept
+        self.busy = busy
+        """True while the gateway refuses contacts (overloaded): RCPT is answered 451, so
+        the message is not sent (``gateway/server/admission.py``)."""
+        self.refused = refused
         self.in_flight: set[asyncio.Task[str]] = set()
 
     async def handle_EHLO(
@@ -136,6 +146,10 @@ class Handler:
         if not self.policy.accepts(address):
             log.info("smtp: recipient %s refused (not ours)", masked(address))
             return "550 5.7.1 Relaying denied: not a mailbox of this server"
+        if self.busy is not None and self.busy():
+            if self.refused is not None:
+                self.refused()
+            return "451 4.3.2 Overloaded, try again later"
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)

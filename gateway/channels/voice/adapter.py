@@ -19,6 +19,7 @@ from gateway.channels.voice.server import FastAgiServer
 from gateway.channels.voice.tracker import CallTracker, event_time
 from gateway.queueing.coordination import Fence, SharedState
 from gateway.records import Contact, Event, Reply
+from gateway.server.admission import busy, refuse
 from gateway.server.config import AdapterSettings, ConfigError, Duration, HostPort, Secret
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ class AsteriskAdapter:
             metrics=ctx.metrics,
             max_connections=ctx.settings.limits.max_connections,
             step_timeout=float(config.intake_timeout),
+            busy=lambda: busy(ctx.intake),
+            refused=lambda: refuse(ctx.intake),
         )
         self.ami: AmiClient | None = None
         if config.ami is not None:

@@ -243,8 +243,15 @@ class FastAgiServer:
         metrics: AdapterMetrics | None = None,
         max_connections: int = 0,
         step_timeout: float | None = None,
+        busy: Callable[[], bool] | None = None,
+        refused: Callable[[], None] | None = None,
     ) -> None:
         self.handlers = dict(handlers)
+        self.busy = busy
+        """True while the gateway refuses contacts (overloaded): a new connection is closed
+        before its header block is read, and the dialplan's fail path queues the call
+        (``gateway/server/admission.py``)."""
+        self.refused = refused
         self.step_timeout = step_timeout
         """The shortest bound handlers set with ``AgiSession.within`` (the intake's
         ``intake_timeout``): the sweep runs often enough for it too."""
@@ -298,10 +305,15 @@ class FastAgiServer:
                     await server.wait_closed()
 
     def _opened(self, conn: _Connection) -> None:
-        """A connection was accepted: refused at once (``agi_allow``, the cap), else its
-        session runs in a task of its own."""
+        """A connection was accepted: refused at once (``agi_allow``, the cap, the gateway
+        overloaded), else its session runs in a task of its own."""
         conn.received_at = self.clock.now_us()
         if self.allow and not self._allowed(conn):
+            conn.close()
+            return
+        if self.busy is not None and self.busy():
+            if self.refused is not None:
+                self.refused()
             conn.close()
             return
         if not self.connections.take():
