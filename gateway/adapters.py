@@ -55,6 +55,11 @@ class IntakeUnavailable(Exception):
     """Neither Redis nor the spool could take the contact: the peer must retry later."""
 
 
+class Overloaded(IntakeUnavailable):
+    """The gateway holds as much as it may (``[limits] in_flight``, ``loop_lag``): the peer
+    must retry later. Counted and logged in summary by the gateway, not per contact."""
+
+
 class RateLimited(Exception):
     """Too many contacts from one sender (or through one adapter) in the configured window:
     the peer must slow down. Answered the protocol's way: HTTP 429 with ``Retry-After``, SMTP

@@ -21,7 +21,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.adapters import AdapterContext, IntakeUnavailable, InvalidContact, RateLimited, Receipt
+from gateway.adapters import (
+    AdapterContext,
+    IntakeUnavailable,
+    InvalidContact,
+    Overloaded,
+    RateLimited,
+    Receipt,
+)
 from gateway.records import Inbound
 from gateway.server.logs import mask
 
@@ -105,6 +112,8 @@ async def submit(ctx: AdapterContext, inbound: Inbound) -> Receipt:
     """Hand ``inbound`` to Intake; return once it is durable, else raise ``Refused``."""
     try:
         return await ctx.intake.submit(inbound)
+    except Overloaded:  # counted and logged in summary (gateway/server/admission.py)
+        raise unavailable() from None
     except IntakeUnavailable:
         log.warning(
             "%s: contact from %s refused: intake unavailable",

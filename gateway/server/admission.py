@@ -9,11 +9,13 @@ and the memory held by the waiting requests grows with the overload. With it, a 
 finds ``in_flight`` others still being made durable, or the event loop ``loop_lag`` late (the
 process has more to do than its core can: CPU overload, which the count alone does not show,
 since requests then wait before they reach Intake), is refused before any work is done on it
-(``IntakeUnavailable``: HTTP 503 + ``Retry-After``, SMTP 451, AGI ``FAILED``), and the
-listeners check ``busy`` first to refuse before parsing (``HttpGuard``: a new request answered
-503 before aiohttp reads it; FastAGI: the connection closed before its header block is read,
-the dialplan's fail path queues the call; SMTP: ``MAIL`` answered 451 before the message is
-sent). What was acknowledged stays acknowledged: nothing admitted is dropped.
+(``Overloaded``, an ``IntakeUnavailable``: HTTP 503 + ``Retry-After``, SMTP 451, AGI
+``FAILED``), and the listeners ask ``busy`` first to refuse before parsing (``HttpGuard``: a
+new request answered 503 before aiohttp reads it; FastAGI: the connection closed before its
+header block is read, the dialplan's fail path queues the call; SMTP: ``RCPT`` answered 451
+4.3.2, so the message is never sent). Refusals are counted (``refused``, the metric
+``gateway_overload_refused_total``) and logged in summary, never per contact. What was
+acknowledged stays acknowledged: nothing admitted is dropped.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from gateway.adapters import IntakeUnavailable, Receipt, Submitter
+from gateway.adapters import Overloaded, Receipt, Submitter
 from gateway.records import Inbound
+from gateway.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,18 @@ class Admission:
     and refuses new ones while ``limit`` are (0: no bound) or while the event loop runs
     ``max_lag_s`` late or more (0: not measured; ``start`` begins the measuring)."""
 
-    def __init__(self, intake: Submitter, limit: int, max_lag_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        intake: Submitter,
+        limit: int,
+        max_lag_s: float = 0.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.intake = intake
+        self._counter = metrics.overload_refused if metrics is not None else None
+        if metrics is not None:
+            metrics.in_flight.set_function(lambda: self.open)
+            metrics.loop_lag.set_function(lambda: self.lag_s)
         self.limit = limit
         self.max_lag_s = max_lag_s
         self.lagging = False
@@ -85,6 +98,8 @@ class Admission:
     def refuse(self) -> None:
         """Count one contact a listener refused because the process is ``busy``."""
         self.refused += 1
+        if self._counter is not None:
+            self._counter.inc()
         if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
             log.warning("overloaded: %d contacts in flight (limit %d), %d refused so far",
                         self.open, self.limit, self.refused)
@@ -94,7 +109,7 @@ class Admission:
     ) -> Receipt:
         if self.busy:
             self.refuse()
-            raise IntakeUnavailable(f"overloaded: {self.open} contacts in flight")
+            raise Overloaded(f"overloaded: {self.open} contacts in flight")
         self.open += 1
         try:
             return await self.intake.submit(inbound, held=held)

@@ -112,6 +112,18 @@ class Metrics:
             "1 while new contacts are refused: backlog or Redis memory past its bound",
             registry=r,
         )
+        self.overload_refused = Counter(
+            "gateway_overload_refused",
+            "Contacts refused because the process was overloaded ([limits] in_flight, loop_lag)",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_contacts_in_flight", "Contacts submitted and not yet answered", registry=r
+        )
+        self.loop_lag = Gauge(
+            "gateway_loop_lag_seconds", "How late the event loop ran at its last probe",
+            registry=r,
+        )
         self.replies_waiting = Gauge(
             "gateway_replies_waiting",
             "Replies routed to an adapter and not yet sent (fleet-wide)",

@@ -205,7 +205,7 @@ class Gateway:
             core.register_probes(probes.router)
             self.metrics_http = HttpServer(probes, s.http.metrics_listen, s.limits)
         self.admission = Admission(
-            self.intake, s.limits.in_flight, float(s.limits.loop_lag)
+            self.intake, s.limits.in_flight, float(s.limits.loop_lag), self.metrics
         )
         IntakeApi(
             self.admission, api_keys, self.clock, s.http.max_body, s.api.region

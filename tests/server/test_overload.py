@@ -91,6 +91,10 @@ async def test_past_the_in_flight_bound_contacts_are_refused_then_taken_again(
         with pytest.raises(IntakeUnavailable):
             await gw.admission.submit(inbound)
         assert gw.admission.refused == 5
+        async with http.get(f"http://127.0.0.1:{gw.http_port}/metrics") as r:
+            metrics = await r.text()
+        assert "gateway_overload_refused_total 5.0" in metrics
+        assert f"gateway_contacts_in_flight {IN_FLIGHT}.0" in metrics
     finally:
         await admin.execute_command("CLIENT", "UNPAUSE")
         answers = await asyncio.gather(*held)

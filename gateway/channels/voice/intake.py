@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.adapters import IntakeUnavailable, RateLimited, Receipt, Submitter
+from gateway.adapters import IntakeUnavailable, Overloaded, RateLimited, Receipt, Submitter
 from gateway.channels.voice.agi import AgiChannel, AgiError
 from gateway.channels.voice.numbers import PrefixTemplates
 from gateway.contact.clock import MICROS_PER_SECOND, Micros, format_time
@@ -280,6 +280,8 @@ class IntakeScript:
                     edge_at=session.received_at if pbx_raw else None,
                 )
                 receipt = await self.intake.submit(inbound)
+        except Overloaded:  # counted and logged in summary (gateway/server/admission.py)
+            pass
         except IntakeUnavailable:
             log.warning("intake unavailable: call queued without a contact")
         except RateLimited:
