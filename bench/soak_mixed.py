@@ -273,7 +273,7 @@ class Mix:
             if variables is None:
                 self._answered(t, t0, 0, 1, None)
                 return
-            status = variables.get(b"GATEWAY_STATUS", b"none")
+            status = variables.get(b"GATEWAY_STATUS", b"closed")  # the fail path
             key = variables.get(b"GATEWAY_CONTACT_ID", b"").decode() or None
             if status in (b"OK", b"SPOOLED") and key:
                 t.ids.add(key)
@@ -459,12 +459,38 @@ def memtrace_report(folder: Path, top: int = 12) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
+    """One soak of this tree; with ``--before``, ``--rounds`` of each tree in turn and the
+    summaries side by side."""
+    if not args.before:
+        await run_once(args, "")
+        return
+    summaries: list[tuple[str, dict[str, Any]]] = []
+    for r in range(args.rounds):
+        for label, src in (("now", ""), ("before", args.before))[:: 1 if r % 2 == 0 else -1]:
+            print(f"\n===== round {r + 1}: {label} ({src or 'this tree'}) =====", flush=True)
+            summaries.append((label, await run_once(args, src)))
+    print("\n| run | acknowledged/s | refused | lost | duplicated | worst edge-to-enqueue p99 "
+          "| worst client round trip p99 | voice round trip p99 | gateway CPU µs per contact "
+          "| worker RSS max (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, s in summaries:
+        print(f"| {label} | {s['acked_per_s']:,.0f} | {s['refused']:,} | {s['lost']} | "
+              f"{s['duplicated']} | {s['e2e_p99_ms']:,.0f} ms | {s['rtt_p99_ms']:,.0f} ms | "
+              f"{s['voice_rtt_p99_ms']:,.0f} ms | {s['gateway_cpu_us']:,.0f} | "
+              f"{s['worker_rss_max']:.0f} |")
+
+
+async def run_once(args: argparse.Namespace, src: str) -> dict[str, Any]:
+    """One soak of the gateway in ``src`` (a tree holding an older ``gateway`` package; empty:
+    this tree's); returns the summary's figures."""
     root = Path(tempfile.mkdtemp(prefix="soak-mixed-"))
     bot = FakeBotApi()
     await bot.start()
     ports = {"http": free_port(), "smtp": free_port(), "agi": free_port()}
     cfg = write_config(root, ports, args.workers, bot)
     env = {**os.environ}
+    if src:  # the older package first on the gateway's path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     if args.trace_memory:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MEMTRACE), env.get("PYTHONPATH")]))
         env["SOAK_MEMTRACE_DIR"] = str(root / "memtrace")
@@ -489,6 +515,7 @@ async def main(args: argparse.Namespace) -> None:
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     sampler: asyncio.Task[None] | None = None
+    summary: dict[str, Any] = {}
     load1 = os.getloadavg()[0]
     try:
         deadline = time.monotonic() + 180
@@ -541,8 +568,8 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.5)
         records = await read_stream(client)
         memory1 = int((await client.info("memory"))["used_memory"])
-        report(args, results, records, samples, took, (load1, load2), (memory0, memory1),
-               cpu0, cpu1, processes0 != processes1)
+        summary = report(args, results, records, samples, took, (load1, load2),
+                         (memory0, memory1), cpu0, cpu1, processes0 != processes1)
         if args.trace_memory:
             memtrace_report(root / "memtrace")
     finally:
@@ -561,6 +588,7 @@ async def main(args: argparse.Namespace) -> None:
                 loader.kill()
         print(f"gateway exit code {code}; log in {root / 'gateway.log'}")
         await bot.stop()
+    return summary
 
 
 def report(
@@ -574,7 +602,8 @@ def report(
     cpu0: dict[str, float],
     cpu1: dict[str, float],
     restarted: bool,
-) -> None:
+) -> dict[str, Any]:
+    """Print the summary; return its main figures (for ``--before``'s comparison)."""
     tallies = {name: Tally(name, 0.0) for name in SHARE}
     for result in results:
         for name, t in result["tallies"].items():
@@ -591,7 +620,8 @@ def report(
     print("| medium | target/s | sent/s | acknowledged | refused | failed | behind | on stream "
           "| lost | duplicated | edge-to-enqueue p50 | p99 | max | client round trip p99 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    total_lost = 0
+    total_lost = total_dup = 0
+    worst_e2e = worst_rtt = 0.0
     for t in tallies.values():
         rows = by_adapter.get(ADAPTER[t.name], [])
         ids = {r["id"] for r in rows}
@@ -599,14 +629,17 @@ def report(
         lost = len(t.ids - ids) + len(t.external - externals)
         dup = sum(1 for c in Counter(r["external_id"] for r in rows).values() if c > 1)
         total_lost += lost
+        total_dup += dup
         lat = sorted(r["e2e"] for r in rows)
         rtt = sorted(t.rtt_us)
-        print(f"| {t.name} | {t.rate:,.0f} | {t.sent / seconds:,.0f} | {t.acked:,} | {t.refused} | "
-              f"{t.failed} | {t.behind:,} | {len(rows):,} | {lost} | {dup} | "
+        worst_e2e = max(worst_e2e, pct(lat, 0.99) if lat else 0.0)
+        worst_rtt = max(worst_rtt, pct(rtt, 0.99) if rtt else 0.0)
+        print(f"| {t.name} | {t.rate:,.0f} | {t.sent / seconds:,.0f} | {t.acked:,} | "
+              f"{t.refused:,} | {t.failed} | {t.behind:,} | {len(rows):,} | {lost} | {dup} | "
               f"{pct(lat, 0.5):.2f} ms | {pct(lat, 0.99):.2f} ms | {pct(lat, 1.0):.1f} ms | "
               f"{pct(rtt, 0.99):.2f} ms |")
     print(f"| **all** | {args.rate:,.0f} | {sent / seconds:,.0f} | {acked:,} | "
-          f"{sum(t.refused for t in tallies.values())} | "
+          f"{sum(t.refused for t in tallies.values()):,} | "
           f"{sum(t.failed for t in tallies.values())} | "
           f"{sum(t.behind for t in tallies.values()):,} | {len(records):,} | **{total_lost}** "
           "| | | | | |")
@@ -642,6 +675,18 @@ def report(
     for t_s, rss, on_stream in [*samples[::step], samples[-1]]:
         print(f"| {t_s / 60:.1f} | " + " | ".join(f"{rss.get(r, 0):.0f}" for r in roles)
               + f" | {on_stream:,} |")
+    return {
+        "acked_per_s": acked / seconds,
+        "refused": sum(t.refused for t in tallies.values()),
+        "lost": total_lost,
+        "duplicated": total_dup,
+        "e2e_p99_ms": worst_e2e,
+        "rtt_p99_ms": worst_rtt,
+        "voice_rtt_p99_ms": pct(sorted(tallies["voice"].rtt_us), 0.99),
+        "gateway_cpu_us": gateway_cpu / max(acked, 1) * 1e6,
+        "worker_rss_max": max((rss.get(r, 0.0) for _, rss, _ in samples for r in roles
+                               if r.startswith("worker")), default=0.0),
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -663,6 +708,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smtp-sessions", type=int, default=8,
                         help="SMTP sessions per load process")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
+    parser.add_argument("--before", default="", metavar="DIR",
+                        help="also soak the gateway of an older tree (git archive <commit> "
+                        "gateway | tar -x -C DIR), in turns with this one")
+    parser.add_argument("--rounds", type=int, default=1, help="of each tree, with --before")
     parser.add_argument("--trace-memory", action="store_true",
                         help="tracemalloc snapshots in every gateway process (slow; see above)")
     return parser.parse_args()

@@ -38,7 +38,8 @@ PROBE_S = 0.05
 class Admission:
     """A ``Submitter`` in front of Intake that counts the contacts in flight in this process
     and refuses new ones while ``limit`` are (0: no bound) or while the event loop runs
-    ``max_lag_s`` late or more (0: not measured; ``start`` begins the measuring)."""
+    ``max_lag_s`` late or more at two probes in a row (0: not measured; ``start`` begins the
+    measuring)."""
 
     def __init__(
         self,
@@ -86,8 +87,10 @@ class Admission:
     def _measure(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self.lag_s = now - self._due
-        lagging = self.lag_s >= self.max_lag_s
+        late, self.lag_s = self.lag_s, now - self._due
+        # late at two probes in a row: the loop has more work than its core can do; one late
+        # probe alone is a stall that has ended (a collection, the machine busy elsewhere)
+        lagging = self.lag_s >= self.max_lag_s and late >= self.max_lag_s
         if lagging and not self.lagging:
             log.warning("overloaded: event loop %.0f ms late, contacts refused until it "
                         "catches up (%d refused so far)", self.lag_s * 1000, self.refused)

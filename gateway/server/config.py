@@ -549,8 +549,9 @@ class LimitsSection:
     451, AGI fail path), before they are parsed (``gateway/server/admission.py``). 0: no
     bound."""
     loop_lag: Duration = Duration(0.25)
-    """While a process's event loop runs this late (CPU overload: more offered than its core
-    can take), new contacts are refused the same way. 0: not measured."""
+    """While a process's event loop runs this late (measured every 50 ms; late at two probes
+    in a row: CPU overload, more offered than its core can take), new contacts are refused
+    the same way. 0: not measured."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ WRITE``), with a ``write_timeout`` long enough that nothing goes to the spool me
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -116,3 +117,29 @@ async def test_past_the_in_flight_bound_contacts_are_refused_then_taken_again(
     assert replies[-1][0] == 250
     external = sorted(c.external_id or "" for c in await gw.read_contacts())
     assert external == ["<after@example.org>", "after", "held-0", "held-1", "held-2"]
+
+
+async def test_while_the_event_loop_runs_late_contacts_are_refused(start_gateway: Any) -> None:
+    gw = await start_gateway(limits={"loop_lag": "100ms", "sender_contacts": 0})
+    loop = asyncio.get_running_loop()
+    hogging = True
+
+    def hog() -> None:  # more work than the core can do: every turn of the loop is long
+        if hogging:
+            time.sleep(0.15)
+            loop.call_soon(hog)
+
+    async with aiohttp.ClientSession() as http:
+        status, _ = await _post(http, gw.http_port, "before")
+        assert status == 202
+        loop.call_soon(hog)
+        try:
+            await eventually(lambda: gw.admission.busy)
+            status, (headers, _) = await _post(http, gw.http_port, "late")
+            assert status == 503 and headers["Retry-After"] == "5"
+        finally:
+            hogging = False
+        await eventually(lambda: not gw.admission.busy)  # caught up: taken again
+        status, _ = await _post(http, gw.http_port, "after")
+        assert status == 202
+    assert sorted(c.external_id or "" for c in await gw.read_contacts()) == ["after", "before"]
