@@ -31,14 +31,13 @@ import argparse
 import asyncio
 import cProfile
 import pstats
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.procs import child_path, each_tree, intake_load
+
 TEXT = "您好，我家楼下的路灯已经坏了一个星期，晚上出行很不安全，请尽快派人维修。" * 3
 
 
@@ -150,8 +149,6 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
 
 async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> None:
     """Edge-to-enqueue under paced HTTP load, the aggregator's loop on and off in turns."""
-    import multiprocessing as mp
-
     from bench.intake_bench import HOST, edge_to_enqueue, free_port
     from gateway.server.config import parse_settings
     from gateway.server.runtime import Gateway, settle_heap
@@ -168,8 +165,6 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
     await gateway.start()
     settle_heap()
     aggregator = gateway.cases.aggregator
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     offset = 0
     try:
         for r in range(rounds):
@@ -179,10 +174,7 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
                 elif r:
                     aggregator.start(gateway.supervisor)
                 since_ms = int(time.time() * 1000)
-                load = ctx.Process(target=_paced, args=(port, seconds, rate, offset, out))
-                load.start()
-                ok = await asyncio.to_thread(out.get)
-                await asyncio.to_thread(load.join)
+                ok = await intake_load(port, seconds, offset, rate=rate)
                 offset += 10_000_000
                 p50, p99, _ = await edge_to_enqueue(redis_url, prefix, since_ms)
                 print(
@@ -194,25 +186,8 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
         await gateway.stop()
 
 
-def _paced(port: int, seconds: float, rate: float, offset: int, out: Any) -> None:
-    sys.path.insert(0, str(ROOT))
-    from bench.intake_bench import drive
-
-    class Port:
-        pass
-
-    target: Any = Port()
-    target.port = port
-    out.put(asyncio.run(drive(target, seconds, offset, rate=rate)).ok)
-
-
 def _child(src: str, redis_url: str, contacts: int) -> None:
-    sys.path.insert(0, str(ROOT))
-    if src:
-        sys.path.insert(0, src)
-        from bench.intake_bench import without_plugins
-
-        without_plugins()
+    child_path(src)
     import uvloop
 
     uvloop.run(_measure(redis_url, contacts, src or "now"))
@@ -233,28 +208,20 @@ def main() -> None:
     if args.child:
         _child(args.child[0], args.child[1], args.contacts)
         return
-    sys.path.insert(0, str(ROOT))
-    from gateway.queueing.embedded import EmbeddedRedis
-
-    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-agg-")) / "r")
-    server.start_sync()
     if args.tail:
         import uvloop
 
+        from gateway.queueing.embedded import EmbeddedRedis
+
+        server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-agg-")) / "r")
+        server.start_sync()
         try:
             uvloop.run(_tail(server.url, args.tail, args.seconds, args.rounds))
         finally:
             server.stop_sync()
         return
-    try:
-        for src in ("", args.before) if args.before else ("",):
-            subprocess.run(
-                [sys.executable, __file__, "--contacts", str(args.contacts), "--child", src,
-                 server.url],
-                check=True,
-            )
-    finally:
-        server.stop_sync()
+    each_tree("bench.aggregator_bench", ["--contacts", str(args.contacts)], args.before,
+              "bench-agg-")
 
 
 if __name__ == "__main__":

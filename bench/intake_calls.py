@@ -18,30 +18,12 @@ gateway | tar -x -C DIR``), measured the same way in its own process.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
-import multiprocessing as mp
 import pstats
 import socket
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(port: int, seconds: float, offset: int, out: Any) -> None:
-    sys.path.insert(0, str(ROOT))
-    from bench.intake_bench import drive
-
-    class Port:
-        pass
-
-    target: Any = Port()
-    target.port = port
-    out.put(asyncio.run(drive(target, seconds, offset)).ok)
+from bench.procs import child_path, each_tree, intake_load
 
 
 async def _measure(redis_url: str, seconds: float, label: str) -> None:
@@ -60,18 +42,12 @@ async def _measure(redis_url: str, seconds: float, label: str) -> None:
     })
     gateway = Gateway(settings, configs)
     await gateway.start()
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     try:
         for offset, profile in ((0, None), (50_000_000, cProfile.Profile())):
-            load = ctx.Process(target=_load, args=(port, seconds if profile else 1.0, offset, out))
-            load.start()
-            if profile is not None:
-                profile.enable()
-            ok = await asyncio.to_thread(out.get)
+            ok = await intake_load(port, seconds if profile else 1.0, offset,
+                                   started=profile.enable if profile is not None else None)
             if profile is not None:
                 profile.disable()
-            await asyncio.to_thread(load.join)
     finally:
         await gateway.stop()
     assert profile is not None
@@ -82,12 +58,7 @@ async def _measure(redis_url: str, seconds: float, label: str) -> None:
 
 
 def _child(src: str, redis_url: str, seconds: float) -> None:
-    sys.path.insert(0, str(ROOT))  # bench itself
-    if src:  # an older gateway first on the path (the installed one is found after it)
-        sys.path.insert(0, src)
-        from bench.intake_bench import without_plugins
-
-        without_plugins()
+    child_path(src)
     import uvloop
 
     uvloop.run(_measure(redis_url, seconds, src or "now"))
@@ -102,20 +73,7 @@ def main() -> None:
     if args.child:
         _child(args.child[0], args.child[1], args.seconds)
         return
-    sys.path.insert(0, str(ROOT))
-    from gateway.queueing.embedded import EmbeddedRedis
-
-    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-calls-")) / "r")
-    server.start_sync()
-    try:
-        for src in ("", args.before) if args.before else ("",):
-            subprocess.run(
-                [sys.executable, __file__, "--seconds", str(args.seconds), "--child", src,
-                 server.url],
-                check=True,
-            )
-    finally:
-        server.stop_sync()
+    each_tree("bench.intake_calls", ["--seconds", str(args.seconds)], args.before, "bench-calls-")
 
 
 if __name__ == "__main__":

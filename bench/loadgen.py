@@ -320,16 +320,25 @@ class AgiCall(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
+    CONNECT_TIMEOUT_S = 2.0
+    """How long res_agi waits for a FastAGI connection (``MAX_AGI_CONNECT``, 2000 ms) before
+    the call takes the dialplan's fail path."""
+
     @classmethod
     def start(
         cls, host: str, port: int, header: bytes, done: Callable[[dict[bytes, bytes] | None], None]
     ) -> None:
+        """Connect and play the call; ``done(None)`` when no connection was made within
+        ``CONNECT_TIMEOUT_S`` (as Asterisk gives up) or it failed."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.create_connection(lambda: cls(header, done), host, port))
+        timer = loop.call_later(cls.CONNECT_TIMEOUT_S, task.cancel)
+
         def opened(task: asyncio.Task[Any]) -> None:
+            timer.cancel()
             if task.cancelled() or task.exception() is not None:
                 done(None)
 
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.create_connection(lambda: cls(header, done), host, port))
         task.add_done_callback(opened)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

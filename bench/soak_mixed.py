@@ -40,6 +40,17 @@ snapshot. It slows the gateway a lot: for finding a leak, not for figures.
 Finding the highest rate this machine sustains: short runs (``--minutes 1``) at rising
 ``--rate``; a rate is sustained when behind, refused and lost are 0 and the p99s stay
 bounded (docs/performance.md, "Issue 16, third session", says how it was done).
+
+Overload (more offered than the machine takes): give the load the peers' own concurrency, so
+that it is the gateway, not the load generator, that must say no, e.g. ``--rate 3000
+--in-flight 4000 --http-connections 512 --smtp-sessions 32``. "refused, by answer" then
+counts each protocol's retry-later (``503``, ``451``, ``FAILED``, ``closed``: a FastAGI
+connection closed before any command, the dialplan's fail path); "failed" counts contacts
+with no answer at all (for calls: not connected within res_agi's 2 s, ``MAX_AGI_CONNECT``,
+after which Asterisk takes the fail path). Refused contacts are not on the stream; lost must
+stay 0 whatever the load. ``--before DIR --rounds N`` soaks an older tree's gateway (``git
+archive <commit> gateway | tar -x -C DIR``) in turns with this one and prints both side by
+side: how to compare a change under the same load.
 """
 
 from __future__ import annotations
