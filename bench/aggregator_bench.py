@@ -13,6 +13,7 @@ the ``enqueued`` events in batches of 500, as its loop does. Printed, per contac
 
     .venv/bin/python -m bench.aggregator_bench                   # about 20 s
     .venv/bin/python -m bench.aggregator_bench --before DIR      # and an older tree
+    .venv/bin/python -m bench.aggregator_bench --before DIR --rounds 4   # alternating order
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import tempfile
 import time
@@ -75,7 +77,7 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
     parse_settings, Gateway = gateway_classes()
     settings, configs = parse_settings({
         "gateway": {"data_dir": tempfile.mkdtemp(prefix="agg-gw-"), "instance": "bench"},
-        "redis": {"url": redis_url, "prefix": f"agg-{label.replace('/', '')[-12:]}"},
+        "redis": {"url": redis_url, "prefix": f"agg-{os.getpid()}"},
         "http": {"listen": "127.0.0.1:0"},
         "api": {"open_to_loopback": True},
         "watcher": {"enabled": False},
@@ -128,7 +130,6 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
     w_cmds, w_cpu, w_top, w_us = _delta(start, written, contacts)
     a_cmds, a_cpu, a_top, a_us = _delta(written, done, contacts)
     calls = getattr(pstats.Stats(profile), "total_calls", 0)
-    import os
     if os.environ.get("AGG_PROFILE"):
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     batch_ms = 1000 * sorted(batches)[len(batches) // 2] if batches else float("nan")
@@ -202,7 +203,10 @@ def main() -> None:
         help="instead: edge-to-enqueue at RATE contacts/s over HTTP, aggregator on and off",
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="of each --tail phase")
-    parser.add_argument("--rounds", type=int, default=2, help="of --tail phases")
+    parser.add_argument(
+        "--rounds", type=int, default=2,
+        help="of --tail phases; else of the runs (alternating order with --before)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -220,8 +224,9 @@ def main() -> None:
         finally:
             server.stop_sync()
         return
-    each_tree("bench.aggregator_bench", ["--contacts", str(args.contacts)], args.before,
-              "bench-agg-")
+    for _ in range(args.rounds):  # each round on a fresh server
+        each_tree("bench.aggregator_bench", ["--contacts", str(args.contacts)], args.before,
+                  "bench-agg-")
 
 
 if __name__ == "__main__":

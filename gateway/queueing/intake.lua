@@ -1,4 +1,10 @@
--- Intake: one atomic write of a new contact, or the id of the first one (dedupe).
+-- Intake: a batch of contacts, each one atomic write of a new contact, or the id of the first
+-- one (dedupe). One call takes the contacts of one coalesced batch in turn (the whole call is
+-- atomic, so each contact is too), and its index entries of one key (deadlines, warnings, a
+-- label's open set, the waiting calls, the repeats) go in one ZADD, its dashboard volumes of
+-- one bucket and label in one HINCRBY, at the end: each command and argument a script runs is
+-- copied into a command, into the AOF and into the propagation, so per contact it costs
+-- Valkey about an eighth less than a call per contact with a command per index (docs/performance.md).
 -- Every event of a contact is also kept in its hash as field 'event:<entry id>' (the per-contact
 -- index the API reads), so it expires with the contact.
 -- The dashboard's first step ("open", gateway/cases/dashboard/aggregates.py) is taken here, in
@@ -7,94 +13,150 @@
 -- (field 'counted', the repeat count), so the aggregator skips it without reading the contact;
 -- its field 'surge' carries the contact's surge keys (JSON [received us, key, ...]) and the
 -- hash's field 'surge' marks them not yet counted (the aggregator HDELs it: once a contact).
--- KEYS: 1 contacts stream, 2 events stream, 3 dedupe key, 4 sender zset, 5 contact hash,
---       6 deadlines zset, 7 warnings zset, 8 minute bucket, 9 hour bucket, 10 open zset of the
---       label, 11 waiting zset (calls), 12 repeats zset
--- ARGV: 1 id, 2 contact JSON before the repeat count, 3 contact JSON after it,
+-- KEYS: every contact's keys in turn. A contact's: 1 contacts stream, 2 events stream,
+--       3 dedupe key, 4 sender zset, 5 contact hash, 6 deadlines zset, 7 warnings zset,
+--       8 minute bucket, 9 hour bucket, 10 open zset of the label, 11 waiting zset (calls),
+--       12 repeats zset, then its rate counters (13..)
+-- ARGV: 1 the number of contacts n, then (number of keys, number of arguments) of each
+--       contact (2 .. 2n+1), then every contact's arguments in turn. A contact's:
+--       1 id, 2 contact JSON before the repeat count, 3 contact JSON after it,
 --       4 dedupe ttl (s), 5 repeat window (us), 6 received_at (us), 7 due_at (us),
 --       8 warn_at (us), 9 enqueued event JSON, 10 retention (s), 11 channel,
 --       12 deadline kind, 13 count repeats (1/0), 14 label (the dashboard's row),
 --       15 bucket ttl (s), 16 surge keys ('' = none),
---       then for each rate counter KEYS[13..] (a fixed window of one sender or adapter):
---       its limit, the window length (ms) and the ms left in the window, from ARGV[17]
+--       then for each of its rate counters (a fixed window of one sender or adapter):
+--       its limit, the window length (ms) and the ms left in the window, from 17
+-- Returns one reply per contact: {1, id, repeat count} written; {0, first id, 0} a duplicate;
+-- {2, ms until that window ends, 0} rate limited: nothing written, nothing counted (the
+-- dedupe key and the counters taken are given back); or an error reply (that contact alone).
 -- A duplicate passes before the rate limits: a peer's retry is never "too many".
--- Rate limited: {2, ms until that window ends, 0}; nothing written, nothing counted (the
--- dedupe key and the counters taken are given back).
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
 -- group has read (gateway/queueing/backlog.py), never on the hot path.
-local id = ARGV[1]
--- SET NX GET (Redis 7.0): the dedupe lookup and the claim in one command
-local first = redis.call('SET', KEYS[3], id, 'NX', 'GET', 'EX', ARGV[4])
-if first then
-  return {0, first, 0}
-end
-for i = 13, #KEYS do
-  local at = 17 + 3 * (i - 13)
-  -- the window's first contact makes the counter and its expiry in one command (a sender's
-  -- first contact in a window is the common case); a later one counts with INCR
-  local n = 1
-  if redis.call('SET', KEYS[i], 1, 'NX', 'GET', 'PX', ARGV[at + 1]) then
-    n = redis.call('INCR', KEYS[i])
+local zsets, zorder = {}, {}  -- key -> {score, member, ...}, in the order first seen
+local volumes, vorder = {}, {}  -- bucket key -> {field -> n, ttl}
+local function index(key, score, member)
+  local t = zsets[key]
+  if not t then
+    t = {}
+    zsets[key] = t
+    zorder[#zorder + 1] = key
   end
-  if n > tonumber(ARGV[at]) then
-    for j = 13, i do
-      redis.call('DECR', KEYS[j])
+  t[#t + 1], t[#t + 2] = score, member
+end
+
+local function contact(kb, nk, ab)
+  local id = ARGV[ab + 1]
+  -- SET NX GET (Redis 7.0): the dedupe lookup and the claim in one command
+  local first = redis.call('SET', KEYS[kb + 3], id, 'NX', 'GET', 'EX', ARGV[ab + 4])
+  if first then
+    return {0, first, 0}
+  end
+  for i = 13, nk do
+    local at = ab + 17 + 3 * (i - 13)
+    -- the window's first contact makes the counter and its expiry in one command (a sender's
+    -- first contact in a window is the common case); a later one counts with INCR
+    local n = 1
+    if redis.call('SET', KEYS[kb + i], 1, 'NX', 'GET', 'PX', ARGV[at + 1]) then
+      n = redis.call('INCR', KEYS[kb + i])
     end
-    redis.call('DEL', KEYS[3])
-    return {2, ARGV[at + 2], 0}
+    if n > tonumber(ARGV[at]) then
+      for j = 13, i do
+        redis.call('DECR', KEYS[kb + j])
+      end
+      redis.call('DEL', KEYS[kb + 3])
+      return {2, ARGV[at + 2], 0}
+    end
+  end
+  local received = tonumber(ARGV[ab + 6])
+  local count = 0
+  if ARGV[ab + 13] == '1' then
+    local window = tonumber(ARGV[ab + 5])
+    -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
+    -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
+    -- of one batch share one edge stamp and count in the order they were written. The count
+    -- reads the window alone, so the members that left it are taken off only when there is a
+    -- count to make (a sender's first contact, the common case, has nothing to take off: the
+    -- set expires one window after its last contact).
+    local since = string.format('%.0f', received - window)
+    count = redis.call('ZCOUNT', KEYS[kb + 4], since, ARGV[ab + 6])
+    if count > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[kb + 4], '-inf', '(' .. since)
+    end
+    redis.call('ZADD', KEYS[kb + 4], received, id)
+    redis.call('PEXPIRE', KEYS[kb + 4], math.floor(window / 1000))
+  end
+  local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
+  redis.call('XADD', KEYS[kb + 1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 11])
+  local fields = {'event', ARGV[ab + 9], 'contact_id', id, 'type', 'enqueued', 'counted', count}
+  if ARGV[ab + 16] ~= '' then
+    fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[ab + 16]
+  end
+  local event = redis.call('XADD', KEYS[kb + 2], '*', unpack(fields))
+  -- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
+  -- (and the mark that its surge keys are not yet counted). (No field for the contact's
+  -- stream entry id: nothing read it.)
+  fields = {'contact', json, 'received_us', ARGV[ab + 6], 'due_us', ARGV[ab + 7],
+    'kind', ARGV[ab + 12], 'channel', ARGV[ab + 11], 'event:' .. event, ARGV[ab + 9],
+    'agg', 'open:0'}
+  if ARGV[ab + 16] ~= '' then
+    fields[#fields + 1], fields[#fields + 2] = 'surge', 1
+  end
+  redis.call('HSET', KEYS[kb + 5], unpack(fields))
+  redis.call('EXPIRE', KEYS[kb + 5], ARGV[ab + 10])
+  -- written: its index entries and its dashboard volume wait for the batch's end
+  index(KEYS[kb + 6], ARGV[ab + 7], id)
+  index(KEYS[kb + 7], ARGV[ab + 8], id)
+  index(KEYS[kb + 10], ARGV[ab + 7], id)
+  if ARGV[ab + 12] == 'answer' then
+    index(KEYS[kb + 11], ARGV[ab + 6], id)
+  end
+  if count >= 2 then
+    index(KEYS[kb + 12], ARGV[ab + 6], id)
+  end
+  local volume = ARGV[ab + 14] .. ':volume'
+  for b = 8, 9 do
+    local key = KEYS[kb + b]
+    local t = volumes[key]
+    if not t then
+      t = {fields = {}, order = {}, ttl = ARGV[ab + 15]}
+      volumes[key] = t
+      vorder[#vorder + 1] = key
+    end
+    if not t.fields[volume] then
+      t.order[#t.order + 1] = volume
+    end
+    t.fields[volume] = (t.fields[volume] or 0) + 1
+  end
+  return {1, id, count}
+end
+
+local replies = {}
+local n = tonumber(ARGV[1])
+local kb, ab = 0, 1 + 2 * n
+for c = 1, n do
+  local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
+  -- a contact the server refuses (a key of the wrong type...) fails alone
+  local ok, reply = pcall(contact, kb, nk, ab)
+  if not ok then
+    reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+  end
+  replies[c] = reply
+  kb, ab = kb + nk, ab + na
+end
+for _, key in ipairs(zorder) do
+  local t = zsets[key]
+  for i = 1, #t, 1000 do  -- unpack's bound on the stack
+    redis.call('ZADD', key, unpack(t, i, math.min(#t, i + 999)))
   end
 end
-local received = tonumber(ARGV[6])
-local count = 0
-if ARGV[13] == '1' then
-  local window = tonumber(ARGV[5])
-  -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
-  -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
-  -- of one batch share one edge stamp and count in the order they were written. The count
-  -- reads the window alone, so the members that left it are taken off only when there is a
-  -- count to make (a sender's first contact, the common case, has nothing to take off: the
-  -- set expires one window after its last contact).
-  local since = string.format('%.0f', received - window)
-  count = redis.call('ZCOUNT', KEYS[4], since, ARGV[6])
-  if count > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. since)
-  end
-  redis.call('ZADD', KEYS[4], received, id)
-  redis.call('PEXPIRE', KEYS[4], math.floor(window / 1000))
-end
-local contact = ARGV[2] .. count .. ARGV[3]
-redis.call('XADD', KEYS[1], '*', 'contact', contact, 'id', id, 'channel', ARGV[11])
-local fields = {'event', ARGV[9], 'contact_id', id, 'type', 'enqueued', 'counted', count}
-if ARGV[16] ~= '' then
-  fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[16]
-end
-local event = redis.call('XADD', KEYS[2], '*', unpack(fields))
--- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
--- (and the mark that its surge keys are not yet counted).
--- (No field for the contact's stream entry id: nothing read it, and each field is copied
--- into the command, the AOF and the hash.)
-fields = {'contact', contact, 'received_us', ARGV[6], 'due_us', ARGV[7],
-  'kind', ARGV[12], 'channel', ARGV[11], 'event:' .. event, ARGV[9], 'agg', 'open:0'}
-if ARGV[16] ~= '' then
-  fields[#fields + 1], fields[#fields + 2] = 'surge', 1
-end
-redis.call('HSET', KEYS[5], unpack(fields))
-redis.call('EXPIRE', KEYS[5], ARGV[10])
-redis.call('ZADD', KEYS[6], ARGV[7], id)
-redis.call('ZADD', KEYS[7], ARGV[8], id)
--- the dashboard's "open" step (aggregate.lua's, for a contact it has not seen): a bucket is
--- made by the first volume of a label in it, which sets its expiry
-local volume = ARGV[14] .. ':volume'
-for b = 8, 9 do
-  if redis.call('HINCRBY', KEYS[b], volume, 1) == 1 then
-    redis.call('EXPIRE', KEYS[b], ARGV[15])
+-- a bucket is made by the first volume of a label in it, which sets its expiry
+for _, key in ipairs(vorder) do
+  local t = volumes[key]
+  for _, field in ipairs(t.order) do
+    local by = t.fields[field]
+    if redis.call('HINCRBY', key, field, by) == by then
+      redis.call('EXPIRE', key, t.ttl)
+    end
   end
 end
-redis.call('ZADD', KEYS[10], ARGV[7], id)
-if ARGV[12] == 'answer' then
-  redis.call('ZADD', KEYS[11], ARGV[6], id)
-end
-if count >= 2 then
-  redis.call('ZADD', KEYS[12], ARGV[6], id)
-end
-return {1, id, count}
+return replies

@@ -441,7 +441,12 @@ class RedisQueue:
                     fields += (name, value)
         before = [["HSET", key, *fields] for key, fields in held.items()]
         replies = (
-            await self.run_scripts("intake", encoded, replicated=True, before=before, link=True)
+            _per_contact(
+                await self.run_scripts(
+                    "intake", _script_calls(encoded), replicated=True, before=before, link=True
+                ),
+                len(encoded),
+            )
             if encoded else []
         )
         if invalid:
@@ -675,6 +680,43 @@ class RedisQueue:
             return int(await self.redis.xlen(self.keys.contacts))
         except ResponseError:
             return 0
+
+
+SCRIPT_CONTACTS = 64
+"""Contacts in one call of ``intake.lua`` (a longer batch is sent as several calls in its one
+round trip): a call holds Valkey for all of its contacts, about 0.1 ms each."""
+
+
+def _script_calls(
+    encoded: list[tuple[list[Any], list[Any]]],
+) -> list[tuple[list[Any], list[Any]]]:
+    """The intake script's calls for contacts encoded one by one (``RedisQueue._encode``): up
+    to ``SCRIPT_CONTACTS`` in a call, their keys in turn, then the count, each one's numbers of
+    keys and arguments, and their arguments in turn (the layout ``intake.lua`` reads)."""
+    calls: list[tuple[list[Any], list[Any]]] = []
+    for start in range(0, len(encoded), SCRIPT_CONTACTS):
+        group = encoded[start : start + SCRIPT_CONTACTS]
+        keys: list[Any] = []
+        sizes: list[Any] = [len(group)]
+        args: list[Any] = []
+        for k, a in group:
+            keys += k
+            sizes += (len(k), len(a))
+            args += a
+        calls.append((keys, sizes + args))
+    return calls
+
+
+def _per_contact(replies: list[Any], contacts: int) -> list[Any]:
+    """One reply per contact from the replies of ``_script_calls``' calls: a call's error
+    reply stands for each of its contacts."""
+    out: list[Any] = []
+    for n, reply in enumerate(replies):
+        if isinstance(reply, Exception):
+            out += [reply] * min(SCRIPT_CONTACTS, contacts - n * SCRIPT_CONTACTS)
+        else:
+            out += reply
+    return out
 
 
 def raise_errors(replies: list[Any]) -> list[Any]:

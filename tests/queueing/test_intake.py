@@ -8,10 +8,13 @@ import os
 import signal
 
 import pytest
+from redis.exceptions import ResponseError
 
 from gateway.adapters import IntakeUnavailable
+from gateway.cases.dashboard.aggregates import read_window
 from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.spool import Spool, SpoolError
+from gateway.queueing.store import SCRIPT_CONTACTS
 from gateway.records import Contact, Event, Inbound, Sender
 from gateway.server.lock import DataDirBusy
 from gateway.server.runtime import Gateway
@@ -96,6 +99,42 @@ async def test_the_repeat_set_and_the_rate_counter_expire_and_shed_what_left_the
     assert int(await gw.redis.get(rate)) == 3
     for name in (sender, rate):
         assert 0 < await gw.redis.pttl(name) <= 3600 * 1000
+
+
+async def test_one_script_call_per_batch_writes_each_contact_alone(start_gateway):
+    """``intake.lua`` takes a batch's contacts in one call (``SCRIPT_CONTACTS`` a call) and
+    adds their index entries and volumes at the end: a contact the server refuses fails
+    alone, a duplicate in the same batch is a duplicate, and every written contact has its
+    deadline, warning and open entries and its volume, in a batch longer than one call."""
+    gw = await start_gateway()
+    minute = 60 * MICROS_PER_SECOND
+    now = SYSTEM_CLOCK.now_us() // minute * minute  # every contact in one minute's bucket
+    poisoned = "+8613911112222"
+    # the sender's repeat set holds a string: its contact's script step fails (WRONGTYPE)
+    await gw.redis.set(gw.keys.sender(gw.queue.pseudonym(poisoned)), "x")
+    items = [
+        inbound(external_id=f"b{i}", sender=f"+86138{i:08d}", received_at=now + i)
+        for i in range(SCRIPT_CONTACTS + 6)
+    ]
+    items[3] = inbound(external_id="poisoned", sender=poisoned, received_at=now)
+    items[5] = items[4]  # a peer's retry in the same batch
+    batch = [gw.intake.prepare(item) for item in items]
+    results = await gw.queue.write_batch(batch)
+    assert isinstance(results[3], ResponseError) and "WRONGTYPE" in str(results[3])
+    assert not results[5].created and results[5].contact_id == batch[4].id
+    written = [r.contact_id for n, r in enumerate(results) if n not in (3, 5)]
+    assert all(r.created for n, r in enumerate(results) if n not in (3, 5))
+    assert len(written) == len(items) - 2
+    for key in (gw.keys.deadlines, gw.keys.warnings, gw.keys.agg_open("sms")):
+        assert sorted(m.decode() for m in await gw.redis.zrange(key, 0, -1)) == sorted(written)
+    assert {c.id for c in await gw.read_contacts()} == set(written)
+    counts = await read_window(gw.redis, gw.keys, now - 60 * MICROS_PER_SECOND,
+                               now + 60 * MICROS_PER_SECOND)
+    assert {k: c.volume for k, c in counts.items()} == {"sms": len(written)}
+    # the hour bucket counted them too, and both buckets expire
+    for key in [n async for n in gw.redis.scan_iter(match=gw.keys.tag + ":agg:[mh]:*")]:
+        assert await gw.redis.hget(key, "sms:volume") == str(len(written)).encode()
+        assert await gw.redis.ttl(key) > 0
 
 
 @pytest.mark.parametrize("offset_us", [7, 93, 50])
