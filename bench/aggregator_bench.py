@@ -13,7 +13,7 @@ the ``enqueued`` events in batches of 500, as its loop does. Printed, per contac
 
     .venv/bin/python -m bench.aggregator_bench                   # about 20 s
     .venv/bin/python -m bench.aggregator_bench --before DIR      # and an older tree
-    .venv/bin/python -m bench.aggregator_bench --before DIR --rounds 4   # alternating order
+    .venv/bin/python -m bench.aggregator_bench --before DIR --rounds 3   # a fresh server each
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="of each --tail phase")
     parser.add_argument(
         "--rounds", type=int, default=2,
-        help="of --tail phases; else of the runs (alternating order with --before)",
+        help="of --tail phases; else of the runs, each on a fresh server",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
