@@ -1,0 +1,179 @@
+"""Valkey's work per contact in instructions (callgrind): a figure the machine's load does not move.
+
+On a shared 2-core machine Valkey's CPU time per contact (``INFO cpu``, what
+``bench/aggregator_bench.py`` prints) moves by 20-40 % from run to run, more than most changes
+to the scripts. This bench runs the embedded server's binary under valgrind's callgrind and
+counts the instructions Valkey executes (every thread; not the kernel's work: the AOF's
+``write`` and ``fdatasync`` are system time and not counted) while a gateway in its own process
+writes ``--contacts`` new contacts through ``Intake.submit`` (64 at a time, each from its own
+sender, surge warnings on: ``bench/aggregator_bench.py``'s load), and then while the dashboard
+aggregator reads their ``enqueued`` events. Printed per contact: instructions for the writes
+and for the aggregator's pass, Valkey commands (``INFO commandstats``), AOF bytes and memory.
+
+    .venv/bin/python -m bench.valkey_cost                       # about a minute
+    .venv/bin/python -m bench.valkey_cost --before DIR --rounds 2
+
+``--before DIR``: a source tree holding an older ``gateway`` package (``git archive <commit>
+gateway | tar -x -C DIR``), measured the same way in its own process on the same server, in
+alternating order. Needs ``valgrind`` (callgrind) on the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _callgrind(pid: int, folder: str, action: str) -> int:
+    """Zero (``-z``) or dump (``-d``) the server's counters; a dump answers its instructions."""
+    before = set(glob.glob(f"{folder}/callgrind.out.*"))
+    subprocess.run(["callgrind_control", action, str(pid)], capture_output=True, check=True)
+    if action != "-d":
+        return 0
+    total = 0
+    for _ in range(100):  # the dump is written by the server's next instrumented step
+        new = set(glob.glob(f"{folder}/callgrind.out.*")) - before
+        if new:
+            break
+        time.sleep(0.05)
+    for name in new:
+        with open(name) as fh:
+            for line in fh:
+                if line.startswith(("summary:", "totals:")):
+                    total = int(line.split()[1])
+        os.unlink(name)
+    return total
+
+
+async def _figures(redis: Any) -> tuple[int, int, int]:
+    stats = await redis.info("commandstats")
+    calls = sum(
+        int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_evalsha")
+    )
+    aof = int((await redis.info("persistence"))["aof_current_size"])
+    memory = int((await redis.info("memory"))["used_memory"])
+    return calls, aof, memory
+
+
+async def _measure(redis_url: str, pid: int, folder: str, contacts: int, label: str) -> None:
+    from bench.intake_bench import gateway_classes
+    from gateway.records import Inbound, Sender
+
+    parse_settings, Gateway = gateway_classes()
+    settings, configs = parse_settings({
+        "gateway": {"data_dir": tempfile.mkdtemp(prefix="vk-cost-gw-"), "instance": "bench"},
+        "redis": {"url": redis_url, "prefix": f"cost-{os.getpid()}", "write_timeout": "60s"},
+        "http": {"listen": "127.0.0.1:0"},
+        "api": {"open_to_loopback": True},
+        "watcher": {"enabled": False},
+    })
+    gateway = Gateway(settings, configs)
+    await gateway.start()
+    try:
+        aggregator = gateway.cases.aggregator
+        await aggregator.stop()
+        await aggregator.ensure_group()
+        redis = gateway.redis
+        now = gateway.clock.now_us()
+
+        def inbound(i: int) -> Inbound:
+            from bench.aggregator_bench import TEXT
+
+            return Inbound(
+                channel="web", adapter="bench", external_id=f"cost-{i}",
+                sender=Sender(f"+86137{i % 100000000:08d}"), recipient="12345",
+                received_at=now + i, text=TEXT, subject="路灯损坏",
+            )
+
+        await asyncio.gather(*(gateway.intake.submit(inbound(-1 - i)) for i in range(64)))
+        await aggregator.catch_up()  # warm: scripts loaded, caches filled
+        start = await _figures(redis)
+        await asyncio.to_thread(_callgrind, pid, folder, "-z")
+        for i in range(0, contacts, 64):
+            await asyncio.gather(
+                *(gateway.intake.submit(inbound(j)) for j in range(i, min(contacts, i + 64)))
+            )
+        write = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+        written = await _figures(redis)
+        while await aggregator.poll():
+            pass
+        aggregate = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+        done = await _figures(redis)
+    finally:
+        await gateway.stop()
+    n = contacts
+    print(
+        f"{label}: {n} contacts; per contact: intake {write / n / 1000:,.1f} K instructions,"
+        f" {(written[0] - start[0]) / n:.1f} commands, {(written[1] - start[1]) / n:,.0f} AOF"
+        f" bytes, {(written[2] - start[2]) / n:,.0f} bytes of memory; aggregator"
+        f" {aggregate / n / 1000:,.1f} K instructions, {(done[0] - written[0]) / n:.1f}"
+        f" commands; both {(write + aggregate) / n / 1000:,.1f} K instructions",
+        flush=True,
+    )
+
+
+def _child(src: str, redis_url: str, pid: int, folder: str, contacts: int) -> None:
+    from bench.procs import child_path
+
+    child_path(src)
+    import uvloop
+
+    uvloop.run(_measure(redis_url, pid, folder, contacts, src or "now"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--contacts", type=int, default=1000)
+    parser.add_argument("--before", default="", help="source tree of an older gateway")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating with --before")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        src, url, pid, folder = args.child
+        _child(src, url, int(pid), folder, args.contacts)
+        return
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("valkey_cost: needs valgrind (callgrind) on the path")
+    sys.path.insert(0, str(ROOT))
+    from gateway.queueing.embedded import find_server_binary
+
+    folder = tempfile.mkdtemp(prefix="bench-vk-cost-")
+    socket = f"{folder}/s.sock"
+    server = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder}/callgrind.out.%p",
+         find_server_binary(""), "--port", "0", "--unixsocket", socket, "--dir", folder,
+         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder,
+    )
+    try:
+        for _ in range(600):
+            if os.path.exists(socket):
+                break
+            time.sleep(0.1)
+        trees = ("", args.before) if args.before else ("",)
+        for r in range(args.rounds):
+            for src in trees if r % 2 == 0 else trees[::-1]:
+                subprocess.run(
+                    [sys.executable, "-m", "bench.valkey_cost", "--contacts", str(args.contacts),
+                     "--child", src, f"unix://{socket}", str(server.pid), folder],
+                    check=True, cwd=ROOT,
+                )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
