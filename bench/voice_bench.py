@@ -544,6 +544,10 @@ async def main(args: argparse.Namespace) -> None:
                       f"(aim >= 0.8); p99 at {args.rate:g} calls/s, gateway over layer "
                       f"{p99['gw'] - p99['layer']:+.2f} ms, over the bare server "
                       f"{p99['gw'] - p99['bare']:+.2f} ms (aim < 2 ms)")
+                per = [r["server_cpu"] / max(1, r["sessions"]) * 1e6 for r in (layer, whole)]
+                print(f"  {mode}{tag}: server CPU a session: layer {per[0]:.0f} us, what the "
+                      f"gateway adds (Intake, dashboard) {per[1] - per[0]:.0f} us; 0.8 needs "
+                      f"it under {per[0] / 4:.0f} us")
             contacts = (await servers.ask("contacts"))["contacts"]
             print(f"{'':<34} {contacts} contacts on the stream{tag}")
         if len(trees) > 1:
