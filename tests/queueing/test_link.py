@@ -4,6 +4,9 @@ client's settings, script reloads, and batches whose outcome is unknown."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import ssl
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -124,3 +127,75 @@ async def test_a_contact_is_sent_while_earlier_batches_wait_on_redis(start_gatew
     contacts = [c for c in await gw.read_contacts() if c.external_id != "warm"]
     assert len(contacts) == waiting + 1
     assert all(c.enqueued_at < released_at for c in contacts)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (no fixture files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return cert_path, key_path
+
+
+async def test_batches_go_over_tls(start_gateway, redis_server, tmp_path):
+    """A ``rediss://`` URL: the link takes over redis-py's TLS connection (the bundled Valkey
+    has no TLS, so a TLS relay in front of it terminates it, as a proxy would)."""
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(redis_server.socket))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+                             return_exceptions=True)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")
+        receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"t{i}")) for i in range(30)))
+        assert {r.status for r in receipts} == {"enqueued"}
+        link = gw.queue._link
+        assert link is not None and not link.closed
+        assert link.transport.get_extra_info("ssl_object") is not None  # TLS under the link
+        assert len(await gw.read_contacts()) == 30
+    finally:
+        server.close()
