@@ -60,24 +60,6 @@ async def create_listener(
     return await loop.create_server(factory, host, port, **kwargs)
 
 
-async def start_stream_listener(
-    client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
-    host: str,
-    port: int,
-    *,
-    limit: int = 2**16,
-    **kwargs: Any,
-) -> asyncio.Server:
-    """``asyncio.start_server`` through :func:`create_listener`."""
-    loop = asyncio.get_running_loop()
-
-    def factory() -> asyncio.StreamReaderProtocol:
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
-        return asyncio.StreamReaderProtocol(reader, client_connected, loop=loop)
-
-    return await create_listener(factory, host, port, **kwargs)
-
-
 def bind_slots(host: str, port: int, slots: int) -> list[socket.socket]:
     """Bind ``host:port`` ``slots`` times with ``SO_REUSEPORT``, one socket per worker slot (on
     the first address ``host`` resolves to), not listening yet: a worker listens when it
