@@ -26,6 +26,7 @@ phonenumbers' own answers over random numbers of many regions.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -183,7 +184,9 @@ class PrefixTemplates:
     def __init__(self, convert: Callable[[str, str], str], max_templates: int = 16384) -> None:
         self.convert = convert
         self.max_templates = max_templates
-        self._heads: dict[tuple[str, int, str], str] = {}
+        self._heads: OrderedDict[tuple[str, int, str], str] = OrderedDict()
+        """Oldest first: when full, the oldest goes (one at a time, not a clear that would
+        hold the event loop for a whole table's worth of frees)."""
 
     def __call__(self, raw: str, region: str) -> str:
         rule = region_rule(region) if raw.isascii() and raw.isdigit() else None
@@ -200,6 +203,6 @@ class PrefixTemplates:
         tail = raw[depth:]
         if answer.endswith(tail):  # always, by the reasoning above; else no template
             if len(self._heads) >= self.max_templates:
-                self._heads.clear()
+                self._heads.popitem(last=False)
             self._heads[key] = answer[: len(answer) - len(tail)]
         return answer
