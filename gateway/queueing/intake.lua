@@ -13,19 +13,18 @@
 -- (field 'counted', the repeat count), so the aggregator skips it without reading the contact;
 -- its field 'surge' carries the contact's surge keys (JSON [received us, key, ...]) and the
 -- hash's field 'surge' marks them not yet counted (the aggregator HDELs it: once a contact).
--- KEYS: every contact's keys in turn. A contact's: 1 contacts stream, 2 events stream,
---       3 dedupe key, 4 sender zset, 5 contact hash, 6 deadlines zset, 7 warnings zset,
---       8 minute bucket, 9 hour bucket, 10 open zset of the label, 11 waiting zset (calls),
---       12 repeats zset, then its rate counters (13..)
--- ARGV: 1 the number of contacts n, then (number of keys, number of arguments) of each
---       contact (2 .. 2n+1), then every contact's arguments in turn. A contact's:
+-- KEYS: 1 contacts stream, 2 events stream, 3 deadlines zset, 4 warnings zset, 5 waiting zset
+--       (calls), 6 repeats zset (the keys every contact shares), then every contact's own keys
+--       in turn: 1 dedupe key, 2 sender zset, 3 contact hash, 4 minute bucket, 5 hour bucket,
+--       6 open zset of the label, then its rate counters (7..)
+-- ARGV: 1 the number of contacts n, 2 dedupe ttl (s), 3 repeat window (us), 4 retention (s),
+--       5 bucket ttl (s), then (number of keys, number of arguments) of each contact
+--       (6 .. 5+2n), then every contact's own arguments in turn:
 --       1 id, 2 contact JSON before the repeat count, 3 contact JSON after it,
---       4 dedupe ttl (s), 5 repeat window (us), 6 received_at (us), 7 due_at (us),
---       8 warn_at (us), 9 enqueued event JSON, 10 retention (s), 11 channel,
---       12 deadline kind, 13 count repeats (1/0), 14 label (the dashboard's row),
---       15 bucket ttl (s), 16 surge keys ('' = none),
---       then for each of its rate counters (a fixed window of one sender or adapter):
---       its limit, the window length (ms) and the ms left in the window, from 17
+--       4 received_at (us), 5 due_at (us), 6 warn_at (us), 7 enqueued event JSON, 8 channel,
+--       9 deadline kind, 10 count repeats (1/0), 11 label (the dashboard's row),
+--       12 surge keys ('' = none), then for each of its rate counters (a fixed window of one
+--       sender or adapter): its limit, the window length (ms) and the ms left in the window
 -- Returns one reply per contact: {1, id, repeat count} written; {0, first id, 0} a duplicate;
 -- {2, ms until that window ends, 0} rate limited: nothing written, nothing counted (the
 -- dedupe key and the counters taken are given back); or an error reply (that contact alone).
@@ -33,7 +32,7 @@
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
 -- group has read (gateway/queueing/backlog.py), never on the hot path.
 local zsets, zorder = {}, {}  -- key -> {score, member, ...}, in the order first seen
-local volumes, vorder = {}, {}  -- bucket key -> {field -> n, ttl}
+local volumes, vorder = {}, {}  -- bucket key -> {fields = {field -> n}, order = {field...}}
 local function index(key, score, member)
   local t = zsets[key]
   if not t then
@@ -47,12 +46,12 @@ end
 local function contact(kb, nk, ab)
   local id = ARGV[ab + 1]
   -- SET NX GET (Redis 7.0): the dedupe lookup and the claim in one command
-  local first = redis.call('SET', KEYS[kb + 3], id, 'NX', 'GET', 'EX', ARGV[ab + 4])
+  local first = redis.call('SET', KEYS[kb + 1], id, 'NX', 'GET', 'EX', ARGV[2])
   if first then
     return {0, first, 0}
   end
-  for i = 13, nk do
-    local at = ab + 17 + 3 * (i - 13)
+  for i = 7, nk do
+    local at = ab + 13 + 3 * (i - 7)
     -- the window's first contact makes the counter and its expiry in one command (a sender's
     -- first contact in a window is the common case); a later one counts with INCR
     local n = 1
@@ -60,65 +59,65 @@ local function contact(kb, nk, ab)
       n = redis.call('INCR', KEYS[kb + i])
     end
     if n > tonumber(ARGV[at]) then
-      for j = 13, i do
+      for j = 7, i do
         redis.call('DECR', KEYS[kb + j])
       end
-      redis.call('DEL', KEYS[kb + 3])
+      redis.call('DEL', KEYS[kb + 1])
       return {2, ARGV[at + 2], 0}
     end
   end
-  local received = tonumber(ARGV[ab + 6])
+  local received = ARGV[ab + 4]
   local count = 0
-  if ARGV[ab + 13] == '1' then
-    local window = tonumber(ARGV[ab + 5])
+  if ARGV[ab + 10] == '1' then
+    local window = tonumber(ARGV[3])
     -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
     -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
     -- of one batch share one edge stamp and count in the order they were written. The count
     -- reads the window alone, so the members that left it are taken off only when there is a
     -- count to make (a sender's first contact, the common case, has nothing to take off: the
     -- set expires one window after its last contact).
-    local since = string.format('%.0f', received - window)
-    count = redis.call('ZCOUNT', KEYS[kb + 4], since, ARGV[ab + 6])
+    local since = string.format('%.0f', tonumber(received) - window)
+    count = redis.call('ZCOUNT', KEYS[kb + 2], since, received)
     if count > 0 then
-      redis.call('ZREMRANGEBYSCORE', KEYS[kb + 4], '-inf', '(' .. since)
+      redis.call('ZREMRANGEBYSCORE', KEYS[kb + 2], '-inf', '(' .. since)
     end
-    redis.call('ZADD', KEYS[kb + 4], received, id)
-    redis.call('PEXPIRE', KEYS[kb + 4], math.floor(window / 1000))
+    redis.call('ZADD', KEYS[kb + 2], received, id)
+    redis.call('PEXPIRE', KEYS[kb + 2], math.floor(window / 1000))
   end
   local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
-  redis.call('XADD', KEYS[kb + 1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 11])
-  local fields = {'event', ARGV[ab + 9], 'contact_id', id, 'type', 'enqueued', 'counted', count}
-  if ARGV[ab + 16] ~= '' then
-    fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[ab + 16]
+  redis.call('XADD', KEYS[1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 8])
+  local fields = {'event', ARGV[ab + 7], 'contact_id', id, 'type', 'enqueued', 'counted', count}
+  if ARGV[ab + 12] ~= '' then
+    fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[ab + 12]
   end
-  local event = redis.call('XADD', KEYS[kb + 2], '*', unpack(fields))
+  local event = redis.call('XADD', KEYS[2], '*', unpack(fields))
   -- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
   -- (and the mark that its surge keys are not yet counted). (No field for the contact's
   -- stream entry id: nothing read it.)
-  fields = {'contact', json, 'received_us', ARGV[ab + 6], 'due_us', ARGV[ab + 7],
-    'kind', ARGV[ab + 12], 'channel', ARGV[ab + 11], 'event:' .. event, ARGV[ab + 9],
+  fields = {'contact', json, 'received_us', received, 'due_us', ARGV[ab + 5],
+    'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8], 'event:' .. event, ARGV[ab + 7],
     'agg', 'open:0'}
-  if ARGV[ab + 16] ~= '' then
+  if ARGV[ab + 12] ~= '' then
     fields[#fields + 1], fields[#fields + 2] = 'surge', 1
   end
-  redis.call('HSET', KEYS[kb + 5], unpack(fields))
-  redis.call('EXPIRE', KEYS[kb + 5], ARGV[ab + 10])
+  redis.call('HSET', KEYS[kb + 3], unpack(fields))
+  redis.call('EXPIRE', KEYS[kb + 3], ARGV[4])
   -- written: its index entries and its dashboard volume wait for the batch's end
-  index(KEYS[kb + 6], ARGV[ab + 7], id)
-  index(KEYS[kb + 7], ARGV[ab + 8], id)
-  index(KEYS[kb + 10], ARGV[ab + 7], id)
-  if ARGV[ab + 12] == 'answer' then
-    index(KEYS[kb + 11], ARGV[ab + 6], id)
+  index(KEYS[3], ARGV[ab + 5], id)
+  index(KEYS[4], ARGV[ab + 6], id)
+  index(KEYS[kb + 6], ARGV[ab + 5], id)
+  if ARGV[ab + 9] == 'answer' then
+    index(KEYS[5], received, id)
   end
   if count >= 2 then
-    index(KEYS[kb + 12], ARGV[ab + 6], id)
+    index(KEYS[6], received, id)
   end
-  local volume = ARGV[ab + 14] .. ':volume'
-  for b = 8, 9 do
+  local volume = ARGV[ab + 11] .. ':volume'
+  for b = 4, 5 do
     local key = KEYS[kb + b]
     local t = volumes[key]
     if not t then
-      t = {fields = {}, order = {}, ttl = ARGV[ab + 15]}
+      t = {fields = {}, order = {}}
       volumes[key] = t
       vorder[#vorder + 1] = key
     end
@@ -132,9 +131,9 @@ end
 
 local replies = {}
 local n = tonumber(ARGV[1])
-local kb, ab = 0, 1 + 2 * n
+local kb, ab = 6, 5 + 2 * n
 for c = 1, n do
-  local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
+  local nk, na = tonumber(ARGV[4 + 2 * c]), tonumber(ARGV[5 + 2 * c])
   -- a contact the server refuses (a key of the wrong type...) fails alone
   local ok, reply = pcall(contact, kb, nk, ab)
   if not ok then
@@ -155,7 +154,7 @@ for _, key in ipairs(vorder) do
   for _, field in ipairs(t.order) do
     local by = t.fields[field]
     if redis.call('HINCRBY', key, field, by) == by then
-      redis.call('EXPIRE', key, t.ttl)
+      redis.call('EXPIRE', key, ARGV[5])
     end
   end
 end

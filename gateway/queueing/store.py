@@ -346,40 +346,31 @@ class RedisQueue:
             inbound.channel, p.deadline.kind
         )
         minute, hour = self._buckets(inbound.received_at)
-        contacts, events, deadlines, warnings, waiting, repeats = self._fixed
+        # the contact's own keys and arguments (intake.lua's layout; the ones every contact
+        # shares are added once a call by _script_calls)
         keys = [
-            contacts,
-            events,
             # encoded here, so a key that is not valid UTF-8 fails this contact alone
             # the peer's id may hold a number (CMPP's ``cmpp:<msg_id>:<number>``): pseudonym
             k.dedupe(inbound.adapter, self.pseudonym(inbound.external_id or p.id)).encode(),
             k.sender(sender).encode(),
             k.contact(p.id),
-            deadlines,
-            warnings,
             minute,
             hour,
             open_zset,
-            waiting,
-            repeats,
         ]
         surge = self.surge_keys
         args: list[Any] = [
             p.id,
             head + b'"repeat":{"count":',
             tail,
-            self.dedupe_ttl,
-            self.repeat_window_s * MICROS_PER_SECOND,
             inbound.received_at,
             p.deadline.due_at,
             p.warn_at,
             event,
-            self.retention_s,
             inbound.channel,
             p.deadline.kind,
             "1" if address else "0",
             label,
-            AGG_BUCKET_TTL_S,
             b"" if surge is None else orjson.dumps([inbound.received_at, *surge(inbound)]),
         ]
         if limited:
@@ -394,6 +385,30 @@ class RedisQueue:
                     keys.append(k.rate(scope, name, now_ms // window_ms).encode())
                     args += [rate.limit, window_ms, window_ms - now_ms % window_ms]
         return keys, args
+
+    def _script_calls(
+        self, encoded: list[tuple[list[Any], list[Any]]]
+    ) -> list[tuple[list[Any], list[Any]]]:
+        """The intake script's calls for contacts encoded one by one (``_encode``): up to
+        ``SCRIPT_CONTACTS`` in a call; its keys: the ones every contact shares, then each
+        contact's in turn; its arguments: the count, the ones every contact shares, each
+        contact's numbers of keys and arguments, then each contact's in turn (``intake.lua``)."""
+        calls: list[tuple[list[Any], list[Any]]] = []
+        shared = [
+            self.dedupe_ttl, self.repeat_window_s * MICROS_PER_SECOND, self.retention_s,
+            AGG_BUCKET_TTL_S,
+        ]
+        for start in range(0, len(encoded), SCRIPT_CONTACTS):
+            group = encoded[start : start + SCRIPT_CONTACTS]
+            keys: list[Any] = list(self._fixed)
+            sizes: list[Any] = [len(group), *shared]
+            args: list[Any] = []
+            for k, a in group:
+                keys += k
+                sizes += (len(k), len(a))
+                args += a
+            calls.append((keys, sizes + args))
+        return calls
 
     def _row(self, channel: str, kind: str) -> tuple[str, str]:
         label = load_media().label_of(channel, kind)
@@ -443,7 +458,8 @@ class RedisQueue:
         replies = (
             _per_contact(
                 await self.run_scripts(
-                    "intake", _script_calls(encoded), replicated=True, before=before, link=True
+                    "intake", self._script_calls(encoded), replicated=True, before=before,
+                    link=True,
                 ),
                 len(encoded),
             )
@@ -685,26 +701,6 @@ class RedisQueue:
 SCRIPT_CONTACTS = 64
 """Contacts in one call of ``intake.lua`` (a longer batch is sent as several calls in its one
 round trip): a call holds Valkey for all of its contacts, about 0.1 ms each."""
-
-
-def _script_calls(
-    encoded: list[tuple[list[Any], list[Any]]],
-) -> list[tuple[list[Any], list[Any]]]:
-    """The intake script's calls for contacts encoded one by one (``RedisQueue._encode``): up
-    to ``SCRIPT_CONTACTS`` in a call, their keys in turn, then the count, each one's numbers of
-    keys and arguments, and their arguments in turn (the layout ``intake.lua`` reads)."""
-    calls: list[tuple[list[Any], list[Any]]] = []
-    for start in range(0, len(encoded), SCRIPT_CONTACTS):
-        group = encoded[start : start + SCRIPT_CONTACTS]
-        keys: list[Any] = []
-        sizes: list[Any] = [len(group)]
-        args: list[Any] = []
-        for k, a in group:
-            keys += k
-            sizes += (len(k), len(a))
-            args += a
-        calls.append((keys, sizes + args))
-    return calls
 
 
 def _per_contact(replies: list[Any], contacts: int) -> list[Any]:
