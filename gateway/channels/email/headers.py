@@ -157,7 +157,7 @@ SPACES: Final = re.compile(r"[ \t\r\n]+")
 
 
 def unfold(value: str) -> str:
-    return _FOLD.sub("", value)
+    return _FOLD.sub("", value) if "\n" in value else value  # every fold holds a LF
 
 
 def _q_decode(text: str) -> bytes:
@@ -175,8 +175,11 @@ def _q_decode(text: str) -> bytes:
     return bytes(out)
 
 
+_NOT_BASE64: Final = re.compile(r"[^A-Za-z0-9+/]")
+
+
 def _b_decode(text: str) -> bytes:
-    cleaned = re.sub(r"[^A-Za-z0-9+/]", "", text)
+    cleaned = _NOT_BASE64.sub("", text)
     cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
     cleaned += "=" * (-len(cleaned) % 4)
     try:
@@ -234,9 +237,13 @@ def decode_header(value: str, fallback: str = "gb18030") -> str:
 
 
 def clean_line(value: str, limit: int = MAX_HEADER_CHARS) -> str:
-    return SPACES.sub(" ", value).strip()[:limit]
+    if "  " in value or "\t" in value or "\r" in value or "\n" in value:
+        value = SPACES.sub(" ", value)  # else it has nothing to replace
+    return value.strip()[:limit]
 
 
+_RFC2231_NAME: Final = re.compile(r"([^*]+)\*(\d+)?(\*)?")
+_QUOTED_PAIR: Final = re.compile(r"\\(.)")
 _TOKEN_PARAM: Final = re.compile(
     r';\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)',
 )
@@ -257,8 +264,8 @@ def header_params(value: str, fallback: str = "gb18030") -> tuple[str, dict[str,
         raw = m.group(2).strip()
         if raw.startswith('"'):
             inner = raw[1:-1] if raw.endswith('"') and len(raw) > 1 else raw[1:]
-            raw = re.sub(r"\\(.)", r"\1", inner)
-        cm = re.fullmatch(r"([^*]+)\*(\d+)?(\*)?", name)
+            raw = _QUOTED_PAIR.sub(r"\1", inner) if "\\" in inner else inner
+        cm = _RFC2231_NAME.fullmatch(name) if "*" in name else None
         if cm:
             base, index, star = cm.group(1), cm.group(2), cm.group(3)
             if index is None:
