@@ -237,11 +237,14 @@ class GatewaySMTP(SMTP):
 
         aiosmtpd echoes some arguments (``502 Could not VRFY <arg>``); an argument holding bytes
         that are not UTF-8 (kept as surrogates) failed to encode and the reply became its
-        catch-all 451. Such characters are replaced instead."""
+        catch-all 451. Such characters are replaced instead, and so is a bare CR in an echoed
+        command (``500 Error: command "X\\r..." not recognized`` was two lines to a client)."""
         if self._metrics is not None:
             code = status[:3]
             self._metrics.smtp_reply(code.decode() if isinstance(code, bytes) else code)
         if isinstance(status, str):
+            if "\r" in status:
+                status = status.replace("\r", "?")
             await super().push(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii",
                                              "replace"))
             return

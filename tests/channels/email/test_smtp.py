@@ -476,6 +476,9 @@ async def test_arguments_the_parsers_trip_over_are_syntax_errors_not_451(start_m
                 return reply
 
     await command(b"EHLO client.example.org")
+    # an unknown command holding a bare CR was echoed with it: one reply on two lines
+    # (test_listener_survives_garbage, now and then)
+    assert await command(b"x\r\x00") == b'500 Error: command "X?\x00" not recognized\r\n'
     # an echoed argument that is not UTF-8 failed to encode (campaign, 2 in 470,000 inputs)
     assert (await command(b"VRFY a\xff@")).startswith(b"502")
     assert (await command(b"MAIL FROM:<a@")).startswith(b"5")
