@@ -351,7 +351,9 @@ def _result(pipe: Connection, timeout_s: float) -> dict[str, Any]:
     raise SystemExit("a load process sent no result (it died or hung): see its traceback above")
 
 
-def write_config(root: Path, ports: dict[str, int], workers: int, bot: FakeBotApi) -> Path:
+def write_config(
+    root: Path, ports: dict[str, int], workers: int, bot: FakeBotApi, limits: str = ""
+) -> Path:
     cfg = root / "gateway.toml"
     cfg.write_text(
         f"""
@@ -371,7 +373,7 @@ open_to_loopback = true
 
 [limits]
 sender_contacts = 0
-
+{limits}
 [adapters.pbx]
 type = "asterisk"
 agi_listen = "{HOST}:{ports["agi"]}"
@@ -469,17 +471,26 @@ def memtrace_report(folder: Path, top: int = 12) -> None:
         print("  live objects by type: " + ", ".join(f"{k} {d:+,}" for d, k in growth[:top]))
 
 
+NO_ADMISSION = 'in_flight = 0\nloop_lag = "0"\n'
+"""``[limits]`` of a gateway that takes whatever it is sent (``--admission-ab``)."""
+
+
 async def main(args: argparse.Namespace) -> None:
-    """One soak of this tree; with ``--before``, ``--rounds`` of each tree in turn and the
-    summaries side by side."""
-    if not args.before:
+    """One soak of this tree; with ``--before`` (or ``--admission-ab``), ``--rounds`` of each
+    tree (or of this tree with and without its admission bounds) in turn and the summaries
+    side by side."""
+    if args.admission_ab:
+        variants = (("admission on", "", ""), ("admission off", "", NO_ADMISSION))
+    elif args.before:
+        variants = (("now", "", ""), ("before", args.before, ""))
+    else:
         await run_once(args, "")
         return
     summaries: list[tuple[str, dict[str, Any]]] = []
     for r in range(args.rounds):
-        for label, src in (("now", ""), ("before", args.before))[:: 1 if r % 2 == 0 else -1]:
+        for label, src, limits in variants[:: 1 if r % 2 == 0 else -1]:
             print(f"\n===== round {r + 1}: {label} ({src or 'this tree'}) =====", flush=True)
-            summaries.append((label, await run_once(args, src)))
+            summaries.append((label, await run_once(args, src, limits)))
     print("\n| run | acknowledged/s | refused | lost | duplicated | worst edge-to-enqueue p99 "
           "| worst client round trip p99 | voice round trip p99 | gateway CPU µs per contact "
           "| worker RSS max (MB) |")
@@ -491,14 +502,14 @@ async def main(args: argparse.Namespace) -> None:
               f"{s['worker_rss_max']:.0f} |")
 
 
-async def run_once(args: argparse.Namespace, src: str) -> dict[str, Any]:
+async def run_once(args: argparse.Namespace, src: str, limits: str = "") -> dict[str, Any]:
     """One soak of the gateway in ``src`` (a tree holding an older ``gateway`` package; empty:
-    this tree's); returns the summary's figures."""
+    this tree's), ``limits`` added to its ``[limits]``; returns the summary's figures."""
     root = Path(tempfile.mkdtemp(prefix="soak-mixed-"))
     bot = FakeBotApi()
     await bot.start()
     ports = {"http": free_port(), "smtp": free_port(), "agi": free_port()}
-    cfg = write_config(root, ports, args.workers, bot)
+    cfg = write_config(root, ports, args.workers, bot, limits)
     env = {**os.environ}
     if src:  # the older package first on the gateway's path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
@@ -722,7 +733,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--before", default="", metavar="DIR",
                         help="also soak the gateway of an older tree (git archive <commit> "
                         "gateway | tar -x -C DIR), in turns with this one")
-    parser.add_argument("--rounds", type=int, default=1, help="of each tree, with --before")
+    parser.add_argument("--admission-ab", action="store_true",
+                        help="soak this tree with its admission bounds ([limits] in_flight, "
+                        "loop_lag) and without them, in turns")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="of each variant, with --before or --admission-ab")
     parser.add_argument("--trace-memory", action="store_true",
                         help="tracemalloc snapshots in every gateway process (slow; see above)")
     return parser.parse_args()
