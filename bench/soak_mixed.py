@@ -4,6 +4,7 @@ contacts and what the load itself cost.
 
     .venv/bin/python -m bench.soak_mixed --help
     .venv/bin/python -m bench.soak_mixed                       # 3,000 contacts/s for 10 minutes
+    .venv/bin/python -m bench.soak_mixed --minutes 1 --admission-ab --rounds 2  # overload A/B
     .venv/bin/python -m bench.soak_mixed --rate 600 --minutes 1 --workers 2 --load-procs 1
     .venv/bin/python -m bench.soak_mixed --rate 300 --minutes 3 --trace-memory  # RSS hunt
 
@@ -41,9 +42,11 @@ Finding the highest rate this machine sustains: short runs (``--minutes 1``) at 
 ``--rate``; a rate is sustained when behind, refused and lost are 0 and the p99s stay
 bounded (docs/performance.md, "Issue 16, third session", says how it was done).
 
-Overload (more offered than the machine takes): give the load the peers' own concurrency, so
-that it is the gateway, not the load generator, that must say no, e.g. ``--rate 3000
---in-flight 4000 --http-connections 512 --smtp-sessions 32``. "refused, by answer" then
+Overload (more offered than the machine takes): the load has the peers' own concurrency (up
+to ``--in-flight`` 4,000 open contacts of each medium, 512 HTTP connections, 32 SMTP sessions,
+opened as needed), so that it is the gateway, not the load generator, that must say no (with
+``--in-flight 300 --http-connections 64 --smtp-sessions 8``, the third session's load, the
+excess stayed in the load generator as "behind"). "refused, by answer" then
 counts each protocol's retry-later (``503``, ``451``, ``FAILED``, ``closed``: a FastAGI
 connection closed before any command, the dialplan's fail path); "failed" counts contacts
 with no answer at all (for calls: not connected within res_agi's 2 s, ``MAX_AGI_CONNECT``,
@@ -723,11 +726,11 @@ def parse_args() -> argparse.Namespace:
                         help="gateway workers (default: one per core)")
     parser.add_argument("--load-procs", type=int, default=1,
                         help="load generator processes, each an equal part of the rate")
-    parser.add_argument("--in-flight", type=int, default=300,
+    parser.add_argument("--in-flight", type=int, default=4000,
                         help="open contacts per medium and load process before one is 'behind'")
-    parser.add_argument("--http-connections", type=int, default=64,
-                        help="keep-alive HTTP connections per load process")
-    parser.add_argument("--smtp-sessions", type=int, default=8,
+    parser.add_argument("--http-connections", type=int, default=512,
+                        help="keep-alive HTTP connections per load process (opened as needed)")
+    parser.add_argument("--smtp-sessions", type=int, default=32,
                         help="SMTP sessions per load process")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
     parser.add_argument("--before", default="", metavar="DIR",
