@@ -286,10 +286,10 @@ async def test_held_files_are_written_behind_with_one_file_system_sync_per_group
     steps: list[str] = []
     syncfs, replace, fsync = attachments._syncfs, os.replace, os.fsync
 
-    def recording_syncfs(path: Any) -> OSError | None:
+    def recording_syncfs(fd: int) -> OSError | None:
         held = asyncio.run_coroutine_threadsafe(holder.held(), loop).result()
         steps.append(f"sync {len(held)} held")
-        return syncfs(path)
+        return syncfs(fd)
 
     def recording_replace(src: Any, dst: Any) -> None:
         steps.append("replace")
@@ -313,3 +313,54 @@ async def test_held_files_are_written_behind_with_one_file_system_sync_per_group
         assert store.read(hashlib.sha256(blob).hexdigest()) == blob
     assert await holder.held() == []
     assert not list(store.root.rglob(".tmp-*"))
+
+
+def test_a_group_synced_with_syncfs_syncs_through_a_descriptor_opened_before_its_writes(
+    tmp_path, monkeypatch
+):
+    """syncfs(2) reports a writeback error only to descriptors opened before the error was
+    first seen: opened after the group's writes, another syncfs of the same file system
+    (another worker, another program) can take the error first and the group's files are then
+    renamed into place and let go from Redis on bytes that never reached the disk."""
+    from gateway.contact import attachments
+
+    assert attachments._syncfs is not None  # Linux 5.8 or later
+    store = AttachmentStore(tmp_path / "attachments", max_size=4096)
+    opened: list[str] = []
+    synced: list[str] = []
+    real_open, syncfs = os.open, attachments._syncfs
+
+    def recording_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, *args, **kwargs)
+        opened.append(os.fspath(path))
+        return fd
+
+    def recording_syncfs(fd: int) -> OSError | None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return syncfs(fd)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(attachments, "_syncfs", recording_syncfs)
+    results = store.put_many_sync(
+        [(f"light {n} is out".encode(), f"m{n}.txt", "text/plain") for n in range(3)],
+        sync_fs=True,
+    )
+    monkeypatch.undo()
+    assert all(not isinstance(r, Exception) for r in results), results
+    root = str(store.root)
+    assert synced == [root, root]
+    first_write = next(n for n, path in enumerate(opened) if "/.tmp-" in path)
+    assert root in opened[:first_write], opened
+
+
+@pytest.mark.parametrize(
+    ("release", "reports"),
+    [("4.19.0-26-amd64", False), ("5.4.0-150-generic", False), ("5.7.19", False),
+     ("5.8.0", True), ("5.15.0-91-generic", True), ("6.18.44-fc-v669", True), ("x", False)],
+)
+def test_syncfs_is_used_only_where_it_reports_writeback_errors(release, reports):
+    """Before Linux 5.8 syncfs returned 0 whatever failed to be written: the store keeps its
+    fsyncs there."""
+    from gateway.contact.attachments import syncfs_reports_errors
+
+    assert syncfs_reports_errors(release) is reports
