@@ -54,10 +54,12 @@ _OVERLOADED = (
     b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 31\r\n\r\n"
     b"overloaded, retry in 5 seconds\n"
 )
+_PROBLEM_BODY = b'{"status":503,"title":"Service Unavailable","detail":"overloaded"}'
+"""What ``problems.problem(503, "overloaded")`` answers."""
 _OVERLOADED_PROBLEM = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
-    b"Content-Type: application/problem+json\r\nContent-Length: 88\r\n\r\n"
-    b'{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"overloaded"}\n'
+    b"Content-Type: application/problem+json\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_PROBLEM_BODY), _PROBLEM_BODY)
 )
 _NEVER_REFUSED = (b"/healthz", b"/readyz", b"/metrics", b"/dashboard")
 """Paths served even while contacts are refused: probes, metrics, the wallboard."""

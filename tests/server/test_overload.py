@@ -13,12 +13,14 @@ import time
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from gateway.adapters import IntakeUnavailable
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.records import Inbound, Sender
+from gateway.server.problems import problem
 from gateway.testing import eventually
 from gateway.testing.agi import header_block
 from gateway.testing.smtp import session
@@ -60,7 +62,7 @@ async def test_past_the_in_flight_bound_contacts_are_refused_then_taken_again(
         assert status == 503
         assert headers["Retry-After"] == "5"
         assert headers["Content-Type"] == "application/problem+json"
-        assert b"overloaded" in body
+        assert orjson.loads(body) == orjson.loads(problem(503, "overloaded").body)
         # a webhook path: the same refusal, plain
         async with http.post(f"http://127.0.0.1:{gw.http_port}/sms/x", data=b"x") as r:
             assert r.status == 503 and r.headers["Retry-After"] == "5"
