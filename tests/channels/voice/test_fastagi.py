@@ -439,3 +439,48 @@ async def test_an_intake_slower_than_intake_timeout_gives_failed_in_time(
         return len(await gw.read_contacts()) == 1
 
     await eventually(written)
+
+
+async def test_a_peer_that_floods_while_its_script_runs_is_not_read_on() -> None:
+    """Bytes a peer sends while the script is busy (here: waiting on an event, as on Intake)
+    wait unread, and the connection stops reading from the socket once 128 KiB are unread:
+    a peer cannot make the server hold its flood. The session then goes on as usual."""
+    from gateway.channels.voice.server import _HIGH_WATER, AgiSession, FastAgiServer
+    from gateway.contact.clock import SYSTEM_CLOCK
+
+    busy = asyncio.Event()
+    go_on = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(session: AgiSession) -> None:
+        busy.set()
+        await go_on.wait()
+        seen.append(session.env["agi_uniqueid"])
+
+    server = FastAgiServer({"intake": handler}, "127.0.0.1", 0, SYSTEM_CLOCK)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(agi_fixture("sip_call.agi"))
+        await busy.wait()
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < 64 * 1024 * 1024:  # until the socket buffers are full: drain blocks
+            writer.write(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                break
+            sent += len(chunk)
+        assert sent < 64 * 1024 * 1024  # the server stopped reading
+        (conn,) = server._sessions.values()
+        assert len(conn.buffer) <= _HIGH_WATER + 65536
+        go_on.set()
+        try:  # the handler returned: closed (reset, with our flood unread)
+            assert await reader.read() == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+    finally:
+        await server.stop()
+    assert seen == ["1795594483.1"]
