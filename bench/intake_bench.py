@@ -16,6 +16,9 @@ append-only file's other fsync policies.
     .venv/bin/python -m bench.intake_bench                 # about a minute
     .venv/bin/python -m bench.intake_bench --seconds 2 --rounds 1
 
+Each round prints the server process's CPU per contact and Valkey's (all its threads, the
+same server for every kind): what a contact costs on either side of the round trip.
+
 ``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (for example
 ``git archive <commit> gateway | tar -x -C DIR``) in the same alternating rounds, so a change
 is measured before and after in one run.
@@ -198,6 +201,18 @@ async def edge_to_enqueue(redis_url: str, prefix: str, since_ms: int) -> tuple[f
     return lat[len(lat) // 2] / 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] / 1000, len(lat)
 
 
+def process_cpu_ns(pid: int) -> int:
+    """CPU time a process's threads have used so far (Linux schedstat, nanoseconds): Valkey's
+    own work per contact, next to the server's (its I/O threads and fsync thread included)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            pass
+    return total
+
+
 def fmt(r: LoadResult) -> str:
     return (
         f"{r.rate:8.0f}/s  p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms"
@@ -219,22 +234,27 @@ async def main(seconds: float, rounds: int, before: str = "") -> None:
         targets["gateway-before"] = Target("gateway-before", server.url, "b-before", before)
     best: dict[str, LoadResult] = {}
     cpu: dict[str, float] = {}  # the server process's CPU per contact, least of the rounds
+    valkey: dict[str, float] = {}  # Valkey's CPU per contact (all its threads), least too
+    assert server.process is not None
+    valkey_pid = server.process.pid
     offset = 0
     try:
         for r in range(rounds):
             for kind, target in targets.items():
-                cpu0 = target.cpu_ns()
+                cpu0, valkey0 = target.cpu_ns(), process_cpu_ns(valkey_pid)
                 result = await drive(target, seconds, offset)
                 cpu_us = (target.cpu_ns() - cpu0) / 1000 / max(1, result.ok)
+                valkey_us = (process_cpu_ns(valkey_pid) - valkey0) / 1000 / max(1, result.ok)
                 offset += 10_000_000
                 print(
                     f"round {r + 1} {kind:8} {fmt(result)}  server CPU {cpu_us:5.1f} us/contact"
-                    f"  errors {result.errors}",
+                    f"  Valkey {valkey_us:5.1f} us/contact  errors {result.errors}",
                     flush=True,
                 )
                 if kind not in best or result.rate > best[kind].rate:
                     best[kind] = result
                 cpu[kind] = min(cpu.get(kind, cpu_us), cpu_us)
+                valkey[kind] = min(valkey.get(kind, valkey_us), valkey_us)
         peak = best["gateway"].rate
         since_ms = int(time.time() * 1000)
         half = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
@@ -258,13 +278,16 @@ async def main(seconds: float, rounds: int, before: str = "") -> None:
 
     plain, xadd = best["plain"].rate, best["xadd"].rate
     print()
-    print("| server | contacts/s | client p50 | client p99 | server CPU per contact |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| server | contacts/s | client p50 | client p99 | server CPU per contact "
+        "| Valkey CPU per contact |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for kind in kinds:
         b = best[kind]
         print(
             f"| {kind} | {b.rate:.0f} | {b.percentile_ms(0.5):.2f} ms "
-            f"| {b.percentile_ms(0.99):.2f} ms | {cpu[kind]:.1f} µs |"
+            f"| {b.percentile_ms(0.99):.2f} ms | {cpu[kind]:.1f} µs | {valkey[kind]:.1f} µs |"
         )
     print()
     unbatched = best["gateway-unbatched"].rate

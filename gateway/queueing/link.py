@@ -61,7 +61,13 @@ class Link(asyncio.Protocol):
         """A new connection made by ``pool``'s redis-py connection class; None when its
         transport cannot be taken over (then the caller keeps the pooled path)."""
         conn = pool.make_connection()
-        await conn.connect()
+        try:
+            await conn.connect()
+        except BaseException:  # refused, or the batch's deadline came first: nothing left open
+            closer = getattr(conn, "_close", None)
+            if closer is not None:
+                closer()
+            raise
         transport = getattr(getattr(conn, "_writer", None), "transport", None)
         if transport is None or not hasattr(transport, "set_protocol"):
             await conn.disconnect(nowait=True)
