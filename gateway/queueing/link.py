@@ -12,6 +12,10 @@ The connection itself is made by redis-py (``pool.make_connection()`` and ``conn
 the URL's TLS, user and password, database, a Sentinel master's lookup and the handshake are
 exactly the client's; only its transport's protocol is replaced once it is ready.
 
+With ``redis.min_replicas`` the batches keep their pooled connections: a ``WAIT`` blocks the
+connection it was sent on until the replicas answer, and batches pipelined behind it would
+wait in turn instead of side by side.
+
 Failures keep the semantics of the pooled path: a reply that is a server error is a value
 (``ResponseError`` and its kinds, ``NoScriptError`` included); a connection-level error
 reply (``LOADING``, ``NOAUTH``...), a lost connection, a read past the deadline or a caller

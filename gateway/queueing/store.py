@@ -509,7 +509,9 @@ class RedisQueue:
             commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
             if wait:
                 commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
-            replies = await self._execute([*before, *commands], link=link)
+            # a WAIT holds its connection until the replicas answer: with min_replicas each
+            # batch keeps a pooled connection of its own, so batches wait for them side by side
+            replies = await self._execute([*before, *commands], link=link and not wait)
             for reply in replies[: len(before)]:
                 if isinstance(reply, Exception):
                     raise reply

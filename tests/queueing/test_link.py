@@ -199,3 +199,13 @@ async def test_batches_go_over_tls(start_gateway, redis_server, tmp_path):
         assert len(await gw.read_contacts()) == 30
     finally:
         server.close()
+
+
+async def test_with_min_replicas_batches_keep_pooled_connections(start_gateway, own_redis):
+    """A ``WAIT`` holds the connection it was sent on until the replicas answer: with
+    ``min_replicas`` the batches do not queue behind each other's on the link (here no replica
+    answers, so each is spooled by its own deadline)."""
+    gw = await start_gateway(url=own_redis.url, redis={"min_replicas": 1, "write_timeout": "200ms"})
+    receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"w{i}")) for i in range(3)))
+    assert {r.status for r in receipts} == {"spooled"}
+    assert gw.queue._link is None
