@@ -472,7 +472,10 @@ async def test_the_stream_entries_are_the_records_own_encodings(start_gateway):
     ]
     receipts = await asyncio.gather(*(gw.intake.submit(i) for i in items))
     assert {r.status for r in receipts} == {"enqueued"}
-    events = [f[b"event"] for _, f in await gw.redis.xrange(gw.keys.events)]
+    events = [  # the dashboard may add a repeat surge's event: the three senders are one
+        f[b"event"] for _, f in await gw.redis.xrange(gw.keys.events)
+        if Event.from_json(f[b"event"]).type == "enqueued"
+    ]
     contacts = [f[b"contact"] for _, f in await gw.redis.xrange(gw.keys.contacts)]
     assert len(events) == len(contacts) == 3
     for raw in events:
