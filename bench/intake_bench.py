@@ -300,9 +300,11 @@ async def main(seconds: float, rounds: int, before: str = "") -> None:
         f"gateway / plain = {peak / plain:.2f} (aim >= 0.5); "
         f"gateway / xadd = {peak / xadd:.2f} (aim >= 1.2)"
     )
+    held = half.rate >= 0.95 * peak / 2
     print(
-        f"at half peak ({half.rate:.0f}/s, {n} contacts): edge-to-enqueue p50 {p50:.2f} ms, "
-        f"p99 {p99:.2f} ms (aim < 5 ms)"
+        f"at half peak ({half.rate:.0f}/s of {peak / 2:.0f}/s asked, {n} contacts): "
+        f"edge-to-enqueue p50 {p50:.2f} ms, p99 {p99:.2f} ms (aim < 5 ms)"
+        + ("" if held else "; rate not held (a busy machine): not a figure for the aim")
     )
     if before:
         old = best["gateway-before"].rate
