@@ -15,7 +15,8 @@ and for the aggregator's pass, Valkey commands (``INFO commandstats``), AOF byte
 
 ``--before DIR``: a source tree holding an older ``gateway`` package (``git archive <commit>
 gateway | tar -x -C DIR``), measured the same way in its own process on the same server, in
-alternating order. Needs ``valgrind`` (callgrind) on the path.
+alternating order. Needs ``valgrind`` (callgrind) on the path. ``VALKEY_COST_KEEP=1`` keeps the
+callgrind files (their names are printed) for ``callgrind_annotate --inclusive=yes``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def _callgrind(pid: int, folder: str, action: str) -> int:
             for line in fh:
                 if line.startswith(("summary:", "totals:")):
                     total = int(line.split()[1])
-        os.unlink(name)
+        if not os.environ.get("VALKEY_COST_KEEP"):
+            os.unlink(name)
+        else:
+            print("kept", name, flush=True)
     return total
 
 
@@ -172,7 +176,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
+        if not os.environ.get("VALKEY_COST_KEEP"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def _script(name: str) -> str:
 SCRIPTS = {
     name: _script(f"{name}.lua")
     for name in (
-        "intake", "stamp", "emit", "claim", "aggregate", "unmark", "trim", "route", "hold"
+        "intake", "stamp", "emit", "claim", "aggregate", "trim", "route", "hold"
     )
 }
 
