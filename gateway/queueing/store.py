@@ -311,10 +311,15 @@ class RedisQueue:
         self._linking = asyncio.Lock()
 
     async def load_scripts(self) -> None:
-        """Load the scripts into the server's cache (again after a restart or failover), and
-        the fleet's pseudonym key."""
+        """Load the scripts into the server's cache (again after a restart or failover), the
+        fleet's pseudonym key, and open the intake write's own connection (``Link``), so that
+        the first contact after a start or an outage does not also wait for its connect and
+        handshake within ``write_timeout``."""
         self._shas = {name: await self.redis.script_load(body) for name, body in SCRIPTS.items()}
         await self.load_pseudonym_key(again=True)
+        pool = getattr(self.redis, "connection_pool", None)
+        if self._linked and pool is not None and (self._link is None or self._link.closed):
+            await self._open_link(pool)
 
     async def load_pseudonym_key(self, *, again: bool = False) -> None:
         """``Pseudonyms.load``."""

@@ -60,6 +60,17 @@ async def test_scripts_flushed_under_the_link_are_loaded_again_and_written_once(
     )
 
 
+async def test_the_link_is_open_before_the_first_contact(start_gateway):
+    """Opened with the scripts' load at start (and again when Redis comes back): the first
+    contact's write_timeout does not also cover a connect and handshake (under heavy load,
+    several round trips to a server waiting for its turn on the CPU)."""
+    gw = await start_gateway()
+    link = gw.queue._link
+    assert link is not None and not link.closed
+    assert (await gw.intake.submit(inbound("one"))).status == "enqueued"
+    assert gw.queue._link is link
+
+
 async def test_a_link_closed_by_the_server_between_batches_is_opened_again(
     start_gateway, redis_client
 ):
