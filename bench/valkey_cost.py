@@ -141,6 +141,10 @@ def main() -> None:
     parser.add_argument("--contacts", type=int, default=1000)
     parser.add_argument("--before", default="", help="source tree of an older gateway")
     parser.add_argument("--rounds", type=int, default=1, help="alternating with --before")
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="NAME=VALUE",
+        help="a server setting to try (e.g. hash-max-listpack-value=2048); repeatable",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -157,7 +161,9 @@ def main() -> None:
     server = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder}/callgrind.out.%p",
          find_server_binary(""), "--port", "0", "--unixsocket", socket, "--dir", folder,
-         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+         "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+         *[part for kv in args.config for part in ("--" + kv.partition("=")[0],
+                                                    kv.partition("=")[2])]],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder,
     )
     try:
