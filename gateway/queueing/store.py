@@ -318,7 +318,8 @@ class RedisQueue:
         self._shas = {name: await self.redis.script_load(body) for name, body in SCRIPTS.items()}
         await self.load_pseudonym_key(again=True)
         pool = getattr(self.redis, "connection_pool", None)
-        if self._linked and pool is not None and (self._link is None or self._link.closed):
+        if (self._linked and pool is not None and self.min_replicas == 0  # else none: _execute
+                and (self._link is None or self._link.closed)):
             await self._open_link(pool)
 
     async def load_pseudonym_key(self, *, again: bool = False) -> None:
