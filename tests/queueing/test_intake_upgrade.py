@@ -1,0 +1,82 @@
+"""A rolling upgrade: instances of the previous version (``intake.lua`` one call a contact, as
+of 155fb1c, kept in ``data/``) and of this one (one call a batch) write into one Redis. Their
+contacts share the sender's repeat set, the rate counters, the dedupe keys, the indexes and the
+dashboard's volumes: each version counts the other's contacts, and what either wrote reads
+back the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gateway.cases.dashboard.aggregates import read_window
+from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
+from gateway.queueing.keys import AGG_BUCKET_TTL_S
+from gateway.queueing.store import Prepared, RedisQueue
+from gateway.records import Inbound, Sender
+
+OLD_SCRIPT = (Path(__file__).parent / "data" / "intake_155fb1c.lua").read_text()
+MINUTE = 60 * MICROS_PER_SECOND
+
+
+def _inbound(external_id: str, received_at: int) -> Inbound:
+    return Inbound(
+        channel="sms", adapter="test", external_id=external_id,
+        sender=Sender("+8613912345678"), recipient="12345", received_at=received_at,
+        text="路灯坏了",
+    )
+
+
+async def _old_write(queue: RedisQueue, sha: str, p: Prepared) -> Any:
+    """Write ``p`` the way the previous version did: its own call, the old argument list."""
+    now = SYSTEM_CLOCK.now_us()
+    own_keys, own = queue._encode(p, now, "2026-12-01T00:00:00.000000Z", limited=True)
+    contacts, events, deadlines, warnings, waiting, repeats = queue._fixed
+    dedupe, sender, hash_, minute, hour, open_zset, *rates = own_keys
+    id_, head, tail, received, due, warn, event, channel, kind, count, label, surge = own[:12]
+    keys = [contacts, events, dedupe, sender, hash_, deadlines, warnings, minute, hour,
+            open_zset, waiting, repeats, *rates]
+    args = [id_, head, tail, queue.dedupe_ttl, queue.repeat_window_s * MICROS_PER_SECOND,
+            received, due, warn, event, queue.retention_s, channel, kind, count, label,
+            AGG_BUCKET_TTL_S, surge, *own[12:]]
+    return await queue.redis.evalsha(sha, len(keys), *keys, *args)
+
+
+async def test_old_and_new_intake_scripts_count_each_others_contacts(start_gateway):
+    gw = await start_gateway(
+        intake={"repeat_window": "1h"}, limits={"sender_contacts": 10, "sender_window": "1h"}
+    )
+    queue = gw.queue
+    sha = await gw.redis.script_load(OLD_SCRIPT)
+    base = SYSTEM_CLOCK.now_us() // MINUTE * MINUTE  # one minute's bucket
+    a = gw.intake.prepare(_inbound("a", base + 1))
+    b = gw.intake.prepare(_inbound("b", base + 2))
+    c = gw.intake.prepare(_inbound("c", base + 3))
+    d = gw.intake.prepare(_inbound("d", base + 4))
+    first = await _old_write(queue, sha, a)  # an old instance
+    (second,) = await queue.write_batch([b], limited=True)  # a new one
+    third = await _old_write(queue, sha, c)
+    (fourth,) = await queue.write_batch([d], limited=True)
+    # the repeat count goes on across versions: 0, 1, 2, 3
+    assert [first[2], second.repeat_count, third[2], fourth.repeat_count] == [0, 1, 2, 3]
+    # a retry of an old instance's contact through a new one (and back) is a duplicate
+    (again,) = await queue.write_batch([a], limited=True)
+    assert not again.created and again.contact_id == a.id
+    assert (await _old_write(queue, sha, b))[:2] == [0, b.id.encode()]
+    # the sender's rate counter (one, unless an hour's window turned meanwhile), counted by both
+    rates = [n async for n in gw.redis.scan_iter(match=gw.keys.tag + ":rate:*")]
+    assert sum([int(await gw.redis.get(name)) for name in rates]) == 4
+    ids = sorted(p.id.encode() for p in (a, b, c, d))
+    for key in (gw.keys.deadlines, gw.keys.warnings, gw.keys.agg_open("sms")):
+        assert sorted(await gw.redis.zrange(key, 0, -1)) == ids
+    # the third and fourth contacts of one sender are repeats, whoever wrote them
+    assert sorted(await gw.redis.zrange(gw.keys.agg_repeats, 0, -1)) == sorted(
+        [c.id.encode(), d.id.encode()]
+    )
+    counts = await read_window(gw.redis, gw.keys, base, base + MINUTE)
+    assert {k: v.volume for k, v in counts.items()} == {"sms": 4}
+    # each reads back the same way: the contact and its enqueued event
+    for p in (a, b, c, d):
+        contact = await queue.get(p.id)
+        assert contact is not None and contact.id == p.id
+        assert [e.type for e in await queue.events(p.id)] == ["enqueued"]
