@@ -112,7 +112,11 @@ async def run_load(
 
 Done = Callable[[int, bytes], None]
 """Called once per request: (status or reply code, body or reply line); 0 when the
-connection failed or closed first."""
+connection failed or closed first, ``TIMED_OUT`` when the pool's ``timeout`` passed first."""
+
+TIMED_OUT = -1
+"""The status ``done`` gets when a request had no answer within the pool's ``timeout``: the
+client gave up and closed the connection, as a peer does (its answer, if any, is lost)."""
 
 
 class Pool:
@@ -127,8 +131,11 @@ class Pool:
         factory: Callable[[Pool], PooledConnection],
         size: int,
         waiting: int,
+        timeout: float | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.timeout = timeout
+        """Seconds a request waits for its answer once sent (None: for ever)."""
         self.factory = factory
         self.size = size
         self.waiting = waiting
@@ -213,7 +220,10 @@ class PooledConnection(asyncio.Protocol):
 
 class HttpConnection(PooledConnection):
     """HTTP/1.1 keep-alive: ``send`` a prebuilt request (``build_request``), the answer's
-    status and ``Content-Length`` body handed to ``done``."""
+    status and ``Content-Length`` body handed to ``done``; with the pool's ``timeout``, a
+    request not answered in time is given up (``TIMED_OUT``) and its connection closed."""
+
+    timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -223,6 +233,28 @@ class HttpConnection(PooledConnection):
         assert self.transport is not None
         self.done = done
         self.transport.write(payload)
+        if self.pool.timeout is not None:
+            self.timer = asyncio.get_running_loop().call_later(self.pool.timeout, self._late)
+
+    def _late(self) -> None:
+        self.timer = None
+        done, self.done = self.done, None
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost tells the pool; no second done
+        if done is not None:
+            done(TIMED_OUT, b"")
+
+    def finish(self, code: int, body: bytes) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        super().finish(code, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -242,6 +274,9 @@ class HttpConnection(PooledConnection):
         body = bytes(buffer[end + 4 : end + 4 + length])
         del buffer[: end + 4 + length]
         if b"\r\nconnection: close" in head and self.transport is not None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
             self.transport.close()  # connection_lost tells the pool; no second done
             done, self.done = self.done, None
             if done is not None:

@@ -50,10 +50,14 @@ excess stayed in the load generator as "behind"). "refused, by answer" then
 counts each protocol's retry-later (``503``, ``451``, ``FAILED``, ``closed``: a FastAGI
 connection closed before any command, the dialplan's fail path); "failed" counts contacts
 with no answer at all (for calls: not connected within res_agi's 2 s, ``MAX_AGI_CONNECT``,
-after which Asterisk takes the fail path). Refused contacts are not on the stream; lost must
-stay 0 whatever the load. ``--before DIR --rounds N`` soaks an older tree's gateway (``git
-archive <commit> gateway | tar -x -C DIR``) in turns with this one and prints both side by
-side: how to compare a change under the same load.
+after which Asterisk takes the fail path); "timed out" counts HTTP contacts not answered
+within ``--http-timeout`` (5 s, WeChat's platform's wait), given up as a peer gives up (it
+would send them again; one the gateway wrote all the same is on the stream, not lost).
+Refused contacts are not on the stream; lost must stay 0 whatever the load. ``--before DIR
+--rounds N`` soaks an older tree's gateway (``git archive <commit> gateway | tar -x -C DIR``)
+in turns with this one and prints both side by side (``--admission-ab``: this tree with and
+without its ``[limits] in_flight`` and ``loop_lag``): how to compare a change under the same
+load.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.chat_bench import TEXT, TG_SECRET, WX_APP_ID, WX_TOKEN, _sign
-from bench.loadgen import AgiCall, HttpConnection, Pool, SmtpConnection
+from bench.loadgen import TIMED_OUT, AgiCall, HttpConnection, Pool, SmtpConnection
 from bench.procs import HOST, cpu_s, free_port, rss_mb, tree
 from gateway.contact.clock import parse_time
 from gateway.queueing.embedded import EmbeddedRedis
@@ -132,6 +136,8 @@ class Tally:
     acked: int = 0
     refused: int = 0
     failed: int = 0
+    timed_out: int = 0
+    """HTTP contacts given up after ``--http-timeout`` (the peer would send them again)."""
     behind: int = 0
     open: int = 0
     answers: Counter[str] = field(default_factory=Counter)
@@ -144,7 +150,7 @@ class Tally:
     """The client's round trip of each acknowledged contact."""
 
     def add(self, other: Tally) -> None:
-        for name in ("rate", "sent", "acked", "refused", "failed", "behind"):
+        for name in ("rate", "sent", "acked", "refused", "failed", "timed_out", "behind"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.answers.update(other.answers)
         self.ids |= other.ids
@@ -165,7 +171,7 @@ class Mix:
             name: Tally(name, args.rate * share / args.load_procs) for name, share in SHARE.items()
         }
         self.http = Pool(HOST, ports["http"], HttpConnection, args.http_connections,
-                         waiting=4 * args.in_flight)
+                         waiting=4 * args.in_flight, timeout=args.http_timeout or None)
         self.smtp = Pool(HOST, ports["smtp"], SmtpConnection, args.smtp_sessions,
                          waiting=args.in_flight)
         port = ports["http"]
@@ -215,6 +221,8 @@ class Mix:
             t.rtt_us.append((time.perf_counter_ns() - t0) // 1000)
         elif status == 0:
             t.failed += 1
+        elif status == TIMED_OUT:
+            t.timed_out += 1
         else:
             t.refused += 1
             t.answers[str(status)] += 1
@@ -494,12 +502,14 @@ async def main(args: argparse.Namespace) -> None:
         for label, src, limits in variants[:: 1 if r % 2 == 0 else -1]:
             print(f"\n===== round {r + 1}: {label} ({src or 'this tree'}) =====", flush=True)
             summaries.append((label, await run_once(args, src, limits)))
-    print("\n| run | acknowledged/s | refused | lost | duplicated | worst edge-to-enqueue p99 "
+    print("\n| run | acknowledged/s | refused | timed out | lost | duplicated "
+          "| worst edge-to-enqueue p99 "
           "| worst client round trip p99 | voice round trip p99 | gateway CPU µs per contact "
           "| worker RSS max (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, s in summaries:
-        print(f"| {label} | {s['acked_per_s']:,.0f} | {s['refused']:,} | {s['lost']} | "
+        print(f"| {label} | {s['acked_per_s']:,.0f} | {s['refused']:,} | "
+              f"{s['timed_out']:,} | {s['lost']} | "
               f"{s['duplicated']} | {s['e2e_p99_ms']:,.0f} ms | {s['rtt_p99_ms']:,.0f} ms | "
               f"{s['voice_rtt_p99_ms']:,.0f} ms | {s['gateway_cpu_us']:,.0f} | "
               f"{s['worker_rss_max']:.0f} |")
@@ -642,9 +652,10 @@ def report(
     print(f"\n{seconds:.0f} s of schedule, {took:.0f} s until every answer was in, "
           f"{args.workers} workers, {args.load_procs} load process(es); "
           f"load average {loads[0]:.1f} before, {loads[1]:.1f} at the end")
-    print("| medium | target/s | sent/s | acknowledged | refused | failed | behind | on stream "
-          "| lost | duplicated | edge-to-enqueue p50 | p99 | max | client round trip p99 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| medium | target/s | sent/s | acknowledged | refused | failed | timed out | behind "
+          "| on stream | lost | duplicated | edge-to-enqueue p50 | p99 | max "
+          "| client round trip p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     total_lost = total_dup = 0
     worst_e2e = worst_rtt = 0.0
     for t in tallies.values():
@@ -660,12 +671,14 @@ def report(
         worst_e2e = max(worst_e2e, pct(lat, 0.99) if lat else 0.0)
         worst_rtt = max(worst_rtt, pct(rtt, 0.99) if rtt else 0.0)
         print(f"| {t.name} | {t.rate:,.0f} | {t.sent / seconds:,.0f} | {t.acked:,} | "
-              f"{t.refused:,} | {t.failed} | {t.behind:,} | {len(rows):,} | {lost} | {dup} | "
+              f"{t.refused:,} | {t.failed:,} | {t.timed_out:,} | {t.behind:,} | {len(rows):,} | "
+              f"{lost} | {dup} | "
               f"{pct(lat, 0.5):.2f} ms | {pct(lat, 0.99):.2f} ms | {pct(lat, 1.0):.1f} ms | "
               f"{pct(rtt, 0.99):.2f} ms |")
     print(f"| **all** | {args.rate:,.0f} | {sent / seconds:,.0f} | {acked:,} | "
           f"{sum(t.refused for t in tallies.values()):,} | "
-          f"{sum(t.failed for t in tallies.values())} | "
+          f"{sum(t.failed for t in tallies.values()):,} | "
+          f"{sum(t.timed_out for t in tallies.values()):,} | "
           f"{sum(t.behind for t in tallies.values()):,} | {len(records):,} | **{total_lost}** "
           "| | | | | |")
     refusals = {t.name: dict(t.answers) for t in tallies.values() if t.answers}
@@ -703,6 +716,7 @@ def report(
     return {
         "acked_per_s": acked / seconds,
         "refused": sum(t.refused for t in tallies.values()),
+        "timed_out": sum(t.timed_out for t in tallies.values()),
         "lost": total_lost,
         "duplicated": total_dup,
         "e2e_p99_ms": worst_e2e,
@@ -730,6 +744,9 @@ def parse_args() -> argparse.Namespace:
                         help="open contacts per medium and load process before one is 'behind'")
     parser.add_argument("--http-connections", type=int, default=512,
                         help="keep-alive HTTP connections per load process (opened as needed)")
+    parser.add_argument("--http-timeout", type=float, default=5.0,
+                        help="seconds an HTTP peer waits for its answer before it gives up and "
+                        "closes (WeChat's platform: 5 s, then it sends again); 0: for ever")
     parser.add_argument("--smtp-sessions", type=int, default=32,
                         help="SMTP sessions per load process")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
