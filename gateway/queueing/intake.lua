@@ -27,7 +27,8 @@
 --       sender or adapter): its limit, the window length (ms) and the ms left in the window
 -- Returns one reply per contact: {1, id, repeat count} written; {0, first id, 0} a duplicate;
 -- {2, ms until that window ends, 0} rate limited: nothing written, nothing counted (the
--- dedupe key and the counters taken are given back); or an error reply (that contact alone).
+-- dedupe key and the counters taken are given back); or an error reply (that contact alone;
+-- one that failed before its stream entry gives its dedupe key and counters back too).
 -- A duplicate passes before the rate limits: a peer's retry is never "too many".
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
 -- group has read (gateway/queueing/backlog.py), never on the hot path.
@@ -43,6 +44,10 @@ local function index(key, score, member)
   t[#t + 1], t[#t + 2] = score, member
 end
 
+-- What the contact under way has taken, for the main loop to give back if it fails before it
+-- can be read (its stream entry): its dedupe key claimed and the rate counters it counted.
+local claimed, counted, visible = nil, 0, false
+
 local function contact(kb, nk, ab)
   local id = ARGV[ab + 1]
   -- SET NX GET (Redis 7.0): the dedupe lookup and the claim in one command
@@ -50,6 +55,7 @@ local function contact(kb, nk, ab)
   if first then
     return {0, first, 0}
   end
+  claimed = KEYS[kb + 1]
   for i = 7, nk do
     local at = ab + 13 + 3 * (i - 7)
     -- the window's first contact makes the counter and its expiry in one command (a sender's
@@ -58,6 +64,7 @@ local function contact(kb, nk, ab)
     if redis.call('SET', KEYS[kb + i], 1, 'NX', 'GET', 'PX', ARGV[at + 1]) then
       n = redis.call('INCR', KEYS[kb + i])
     end
+    counted = i - 6
     if n > tonumber(ARGV[at]) then
       for j = 7, i do
         redis.call('DECR', KEYS[kb + j])
@@ -86,6 +93,7 @@ local function contact(kb, nk, ab)
   end
   local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
   redis.call('XADD', KEYS[1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 8])
+  visible = true
   local fields = {'event', ARGV[ab + 7], 'contact_id', id, 'type', 'enqueued', 'counted', count}
   if ARGV[ab + 12] ~= '' then
     fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[ab + 12]
@@ -135,9 +143,20 @@ local kb, ab = 6, 5 + 2 * n
 for c = 1, n do
   local nk, na = tonumber(ARGV[4 + 2 * c]), tonumber(ARGV[5 + 2 * c])
   -- a contact the server refuses (a key of the wrong type...) fails alone
+  claimed, counted, visible = nil, 0, false
   local ok, reply = pcall(contact, kb, nk, ab)
   if not ok then
     reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+    if claimed and not visible then
+      -- nothing of it can be read: its dedupe key and counters are given back, so that the
+      -- peer's retry is written (else it is "a duplicate" of a contact never written)
+      pcall(function()
+        for j = 7, 6 + counted do
+          redis.call('DECR', KEYS[kb + j])
+        end
+        redis.call('DEL', claimed)
+      end)
+    end
   end
   replies[c] = reply
   kb, ab = kb + nk, ab + na

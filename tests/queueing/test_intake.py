@@ -137,6 +137,27 @@ async def test_one_script_call_per_batch_writes_each_contact_alone(start_gateway
         assert await gw.redis.ttl(key) > 0
 
 
+async def test_a_contact_refused_before_it_is_written_gives_back_its_dedupe_key_and_counters(
+    start_gateway,
+):
+    """A contact whose step fails before its stream entry (here the sender's repeat set holds
+    a string: WRONGTYPE) leaves nothing that can be read, so it must leave no dedupe claim and
+    no rate count either: the peer's retry, once the key is repaired, is written, not answered
+    "a duplicate" of a contact that does not exist (nor "too many")."""
+    gw = await start_gateway(limits={"sender_contacts": 1})
+    poisoned = "+8613911112222"
+    key = gw.keys.sender(gw.queue.pseudonym(poisoned))
+    await gw.redis.set(key, "x")
+    prepared = gw.intake.prepare(inbound(external_id="p1", sender=poisoned))
+    [failed] = await gw.queue.write_batch([prepared], limited=True)
+    assert isinstance(failed, ResponseError) and "WRONGTYPE" in str(failed)
+    await gw.redis.delete(key)
+    [retried] = await gw.queue.write_batch([prepared], limited=True)
+    assert not isinstance(retried, Exception), retried
+    assert retried.created and retried.contact_id == prepared.id
+    assert [c.id for c in await gw.read_contacts()] == [prepared.id]
+
+
 @pytest.mark.parametrize("offset_us", [7, 93, 50])
 async def test_contacts_sharing_one_stamp_count_in_the_order_written(start_gateway, offset_us):
     """One polling batch shares one edge stamp. Stamps are exact microseconds: the script once
