@@ -109,9 +109,9 @@ def _intake_only(gateway: Any) -> Any:
         inbound = Inbound(
             channel="sms", adapter="kannel", external_id=f"direct-{n}",
             sender=Sender(sender), recipient="12345",
-            received_at=gateway.contact.clock.now_us(), text=TEXT,
+            received_at=gateway.clock.now_us(), text=TEXT,
         )
-        await gateway.queueing.intake.submit(inbound)
+        await gateway.intake.submit(inbound)
         return web.Response(status=200, body=b"", content_type="text/plain")
 
     return handler

@@ -52,6 +52,7 @@ async def run(calls: int) -> None:
         "gateway": {"data_dir": str(tmp / "gw"), "instance": "bench"},
         "redis": {"url": server.url, "prefix": "bt"},
         "http": {"listen": "127.0.0.1:0"},
+        "limits": {"sender_contacts": 0},  # every call is from one number
     })
     gw = Gateway(settings, configs)
     await gw.start()
