@@ -188,10 +188,10 @@ def _intake_only(box: list[Any]) -> Any:
             external_id=f"direct-{n}",
             sender=Sender(f"wechat:oBench{n}"),
             recipient="gh_bench",
-            received_at=gateway.contact.clock.now_us(),
+            received_at=gateway.clock.now_us(),
             text=TEXT,
         )
-        await gateway.queueing.intake.submit(inbound)
+        await gateway.intake.submit(inbound)
         return web.Response(text="success")
 
     return handler
