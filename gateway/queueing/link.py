@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
 from typing import Any
 
 import hiredis
@@ -59,6 +61,33 @@ class Link(asyncio.Protocol):
         """A Sentinel master's connection: ``READONLY`` means it was demoted (redis-py's
         ``SentinelManagedConnection`` disconnects then, so the next one asks Sentinel)."""
         self.closed = False
+        self._peek: socket.socket | None = None
+        """A duplicate of the plain socket's descriptor, for ``usable``'s peek (None on TLS,
+        where the socket's bytes are records, or where there is no socket to reach)."""
+        raw = transport.get_extra_info("socket")
+        if raw is not None and transport.get_extra_info("sslcontext") is None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                self._peek = socket.fromfd(raw.fileno(), raw.family, raw.type)
+
+    def usable(self) -> bool:
+        """False when closed, or when no batch is in flight and the server has closed the
+        connection (or sent bytes nobody asked for) before the event loop has seen it: one
+        non-blocking peek, as redis-py's pool checks a connection before use. The link is
+        then closed, and the caller opens a new one instead of failing a batch that was
+        never run (a server's ``timeout``, a restart, CLIENT KILL). Only while idle: a
+        system call a batch at low rates, none while batches follow each other."""
+        if self.closed:
+            return False
+        if self._waiting or self._peek is None:
+            return True
+        try:
+            self._peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: the connection is as it was
+        except OSError:
+            pass
+        self.close()  # end of stream, an error, or bytes out of step
+        return False
 
     @classmethod
     async def open(cls, pool: Any) -> Link | None:
@@ -153,6 +182,9 @@ class Link(asyncio.Protocol):
             return
         self.closed = True
         self.transport.close()
+        peek, self._peek = self._peek, None
+        if peek is not None:
+            peek.close()  # the duplicate descriptor only
         closer = getattr(self._conn, "_close", None)
         if closer is not None:  # redis-py's own silent close: its streams let go
             closer()

@@ -555,7 +555,7 @@ class RedisQueue:
             return list(await pipe.execute(raise_on_error=False))
         if link and self._linked:
             own = self._link
-            if own is None or own.closed:
+            if own is None or not own.usable():
                 own = await self._open_link(pool)
             if own is not None:
                 return await own.send(pack_commands(commands), len(commands))

@@ -87,6 +87,30 @@ async def test_a_link_closed_by_the_server_between_batches_is_opened_again(
     assert len(await gw.read_contacts()) == 2
 
 
+async def test_a_link_the_server_closed_unseen_is_opened_again_before_the_write(
+    start_gateway, redis_url
+):
+    """The server closed the idle link (CLIENT KILL from a blocking client: the event loop has
+    not run since, so the link has not seen the end): the next batch is not written on it and
+    spooled, but sent on a new link, as redis-py's pool reconnects a connection found closed."""
+    import redis
+
+    gw = await start_gateway()
+    assert (await gw.intake.submit(inbound("one"))).status == "enqueued"
+    first = gw.queue._link
+    assert first is not None
+    blocking = redis.Redis.from_url(redis_url)
+    try:
+        blocking.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    finally:
+        blocking.close()
+    assert not first.closed
+    [result] = await gw.queue.write_batch([gw.intake.prepare(inbound("two"))], limited=True)
+    assert not isinstance(result, Exception), result
+    assert result.created
+    assert gw.queue._link is not first and first.closed
+
+
 async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
     start_gateway, redis_client
 ):
