@@ -28,7 +28,12 @@ def free_port() -> int:
 
 
 def write_config(
-    tmp: Path, port: int, redis_url: str = "", extra: str = "", workers: int = 0
+    tmp: Path,
+    port: int,
+    redis_url: str = "",
+    extra: str = "",
+    workers: int = 0,
+    write_timeout: str = "300ms",
 ) -> Path:
     """``workers`` 0: the default, one worker per core."""
     cfg = tmp / "gateway.toml"
@@ -40,7 +45,7 @@ workers = {workers}
 
 [redis]
 url = "{redis_url}"
-write_timeout = "300ms"
+write_timeout = "{write_timeout}"
 
 [http]
 listen = "127.0.0.1:{port}"
