@@ -18,10 +18,12 @@ wait in turn instead of side by side.
 
 Failures keep the semantics of the pooled path: a reply that is a server error is a value
 (``ResponseError`` and its kinds, ``NoScriptError`` included); a connection-level error
-reply (``LOADING``, ``NOAUTH``...), a lost connection, a read past the deadline or a caller
-that gives up fail the whole batch, and the connection is closed, so every batch still in
+reply (``LOADING``, ``NOAUTH``...), a lost connection or no reply within the connection's
+socket timeout fail the whole batch, and the connection is closed, so every batch still in
 flight on it fails too (its outcome unknown: Intake spools it and the dedupe key makes the
-replay a no-op where the write landed). The next batch opens a new connection.
+replay a no-op where the write landed). The next batch opens a new connection. A caller that
+gives up (its batch's ``write_timeout``) fails only its own batch: the link stays open, and
+that batch's replies are read and dropped when they come.
 """
 
 from __future__ import annotations
@@ -121,7 +123,13 @@ class Link(asyncio.Protocol):
             self.transport.write(payload)
             async with asyncio.timeout(self.read_timeout):
                 replies = await future
-        except BaseException:  # lost, late or given up: nobody can tell what ran
+        except asyncio.CancelledError:
+            # The caller gave up (its batch's deadline): its future is cancelled, so its
+            # replies, which still come in order, are read and dropped; the link stays open
+            # for the batches behind it, each under its own deadline. (Closing it here failed
+            # every batch in flight whenever one was late: under load, a spool storm.)
+            raise
+        except BaseException:  # lost, or no reply within read_timeout: nobody can tell what ran
             self.close()
             raise
         for reply in replies:  # what redis-py's read_response raises instead of returning

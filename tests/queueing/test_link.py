@@ -164,6 +164,35 @@ async def test_a_contact_is_sent_while_earlier_batches_wait_on_redis(start_gatew
     assert all(c.enqueued_at < released_at for c in contacts)
 
 
+async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
+    start_gateway, redis_client
+):
+    """Defect: a caller that gave up (its batch's ``write_timeout``) closed the link, failing
+    every batch behind it too; under load one late batch spooled all eight in flight. Now only
+    the late batch is spooled (and written once: the replay finds it written), and the batch
+    behind it is answered on the same link when Redis answers, within its own deadline."""
+    gw = await start_gateway(redis={"write_timeout": "2s"})
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    link = gw.queue._link
+    assert link is not None
+    await redis_client.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+    try:
+        late = asyncio.ensure_future(gw.intake.submit(inbound("late")))
+        await eventually(lambda: len(link._waiting) == 1)
+        await asyncio.sleep(1.0)  # the second batch's deadline comes a second after the first's
+        behind = asyncio.ensure_future(gw.intake.submit(inbound("behind")))
+        await eventually(lambda: len(link._waiting) == 2)
+        assert (await late).status == "spooled"  # its deadline passed while Redis was paused
+        assert not behind.done() and not link.closed
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    assert (await behind).status == "enqueued"
+    assert gw.queue._link is link and not link.closed
+    await eventually(lambda: gw.spool.depth == 0)
+    contacts = await gw.read_contacts()
+    assert sorted(c.external_id for c in contacts) == ["behind", "late", "warm"]
+
+
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made here (no fixture files)."""
     import datetime
