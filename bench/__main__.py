@@ -1,12 +1,12 @@
 """Run the benchmarks in turn (``make bench``), each with a short run's arguments; each prints
 its own table, with its baselines measured in the same run.
 
-    .venv/bin/python -m bench                    # the quick set below, several minutes
+    .venv/bin/python -m bench                    # the quick set below, about eight minutes
     .venv/bin/python -m bench --list             # what it runs, with the arguments
     .venv/bin/python -m bench intake_bench soak_mixed   # only these (same arguments)
 
-It prints each bench's time at the end (surge, language, trim, wallboard, deadline sweep,
-loop lag, HTTP metrics and attachments took 167 s together on the shared machine). A bench
+It prints each bench's time at the end (on the shared machine at load 5-8: about 460 s in
+all, wallboard_bench 92 s, chat_bench about 60 s, voice and email about 40 s each). A bench
 run alone (``.venv/bin/python -m bench.<name> --help``) takes longer, steadier
 defaults: use those for figures written in docs/performance.md. Not in the set, for their
 length or their purpose: ``fleet_soak`` and ``restart_bench`` (kill -9 soaks,
