@@ -63,6 +63,8 @@ _OVERLOADED_PROBLEM = (
 )
 _NEVER_REFUSED = (b"/healthz", b"/readyz", b"/metrics", b"/dashboard")
 """Paths served even while contacts are refused: probes, metrics, the wallboard."""
+_DECISIVE = (b"/v1/intake", b"/v1/", *_NEVER_REFUSED)
+"""The path prefixes ``overload_answer`` decides by."""
 
 
 def overload_answer(data: bytes) -> bytes | None:
@@ -71,6 +73,8 @@ def overload_answer(data: bytes) -> bytes | None:
     same: probes, metrics, the wallboard and the case systems' API (``/v1/`` other than
     ``/v1/intake``: reads, replies and events bring no new contact)."""
     _, _, rest = data[:64].partition(b" ")
+    if any(len(rest) < len(p) and p.startswith(rest) for p in _DECISIVE):
+        return None  # a first chunk cut before its path says which: parsed, refused at submit
     if rest.startswith(b"/v1/intake"):
         return _OVERLOADED_PROBLEM
     if rest.startswith(b"/v1/") or rest.startswith(_NEVER_REFUSED):

@@ -145,3 +145,16 @@ async def test_while_the_event_loop_runs_late_contacts_are_refused(start_gateway
         status, _ = await _post(http, gw.http_port, "after")
         assert status == 202
     assert sorted(c.external_id or "" for c in await gw.read_contacts()) == ["after", "before"]
+
+
+@pytest.mark.parametrize("first", [b"GET", b"GET ", b"GET /hea", b"GET /metr", b"POST /v1/in"])
+def test_a_first_chunk_cut_before_its_path_decides_is_not_refused_unread(first: bytes) -> None:
+    """The guard decides from a request's first chunk; one cut before its path says which (a
+    probe's ``GET /hea``...) is left to the parser (a contact is still refused at submit), not
+    answered the plain 503 a probe must never get."""
+    from gateway.server.connguard import overload_answer
+
+    assert overload_answer(first) is None
+    assert overload_answer(b"GET /healthz HTTP/1.1\r\n") is None
+    assert overload_answer(b"POST /sms/x HTTP/1.1\r\n") is not None
+    assert b"problem+json" in (overload_answer(b"POST /v1/intake HTTP/1.1\r\n") or b"")
