@@ -30,9 +30,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from re import _constants as sre_c  # type: ignore[attr-defined]
-from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
+
+try:  # CPython's own parse trees of regular expressions (private: 3.11 moved them here)
+    from re import _constants as sre_c  # type: ignore[attr-defined]
+    from re import _parser as sre_parse  # type: ignore[attr-defined]
+except ImportError:  # another Python: no rule, phonenumbers for every number
+    sre_c = sre_parse = None
 
 import phonenumbers
 from phonenumbers import phonenumberutil as pu
@@ -42,7 +46,7 @@ _DESCS = (
     "personal_number", "pager", "uan", "voicemail", "no_international_dialling",
 )
 _DIGIT_CODES = frozenset(range(ord("0"), ord("9") + 1))
-_UNBOUNDED = sre_c.MAXREPEAT
+_UNBOUNDED = sre_c.MAXREPEAT if sre_c is not None else 0
 
 
 class _Unprovable(Exception):
@@ -146,6 +150,8 @@ class RegionRule:
 def region_rule(region: str) -> RegionRule | None:
     """The region's rule, or None when its metadata does not allow one (then every number
     goes to phonenumbers)."""
+    if sre_parse is None:
+        return None
     metadata = phonenumbers.PhoneMetadata.metadata_for_region(region.upper())
     if metadata is None or metadata.country_code is None:
         return None
@@ -166,7 +172,7 @@ def region_rule(region: str) -> RegionRule | None:
             pattern = getattr(getattr(metadata, name, None), "national_number_pattern", None)
             if pattern:
                 depth = max(depth, _pattern_depth(pattern)[0])
-    except (_Unprovable, re.error):
+    except Exception:  # _Unprovable, re.error, or a parse tree of a shape not known here
         return None
     code = str(metadata.country_code)
     idd = re.compile(metadata.international_prefix).match if metadata.international_prefix else None

@@ -79,3 +79,28 @@ def test_regions_without_a_rule_go_to_phonenumbers() -> None:
     templates = PrefixTemplates(_caller_address)
     assert templates("2015550123", "US") == _caller_address("2015550123", "US")
     assert not templates._heads
+
+
+def test_a_python_without_cpythons_regex_parser_still_converts_every_number() -> None:
+    """The rules read CPython's private ``re._parser``: on a Python without it (or where it
+    moved) the module still imports, and every number goes to phonenumbers."""
+    import subprocess
+    import sys
+
+    script = (
+        "import re, sys\n"  # as if re had no such modules (re itself keeps working)
+        "del re._parser, re._constants\n"
+        "sys.modules['re._parser'] = sys.modules['re._constants'] = None\n"
+        "from gateway.channels.voice.numbers import PrefixTemplates, region_rule\n"
+        "import phonenumbers\n"
+        "assert region_rule('CN') is None\n"
+        "def convert(raw, region):\n"
+        "    n = phonenumbers.parse(raw, region)\n"
+        "    return phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164)\n"
+        "t = PrefixTemplates(convert)\n"
+        "print(t('13800138000', 'CN'), t('01088886666', 'CN'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["+8613800138000", "+861088886666"]
