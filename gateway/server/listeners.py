@@ -9,16 +9,23 @@ environment variable): the worker listens on those, so the kernel spreads new co
 the workers and a port given as ``0`` is the same port in every worker. An address the parent
 did not open (an adapter with a listener key the parent does not know) is bound here with
 ``SO_REUSEPORT``, so N workers can still share it.
+
+An inherited socket serves one listener: a second listener configured on the same address gets
+``EADDRINUSE``, as it would in a single process (the event loop cannot serve one socket twice:
+uvloop fails with "the handler is closed", asyncio's selector loop silently steals it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
 _inherited: dict[tuple[str, int], list[socket.socket]] = {}
+_taken: set[tuple[str, int]] = set()
+"""Inherited addresses a listener of this process already serves."""
 _shared_by_workers = False
 
 
@@ -50,6 +57,13 @@ async def create_listener(
     loop = asyncio.get_running_loop()
     sockets = inherited(host, port)
     if sockets:
+        if (host, port) in _taken:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"error while attempting to bind on address {(host, port)!r}: "
+                "address already in use by another listener of this gateway",
+            )
+        _taken.add((host, port))
         kwargs.pop("reuse_address", None)
         sock = sockets[0]
         sock.listen(kwargs.pop("backlog", 1024))

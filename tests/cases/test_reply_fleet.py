@@ -22,7 +22,7 @@ from gateway.server.cli import _info
 from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.channels.sms.fakes import Answer, FakeProvider, running
-from tests.e2e.test_serve import free_port, start_serve, wait_healthy
+from tests.e2e.test_serve import free_port, free_ports, start_serve, wait_healthy
 from tests.queueing.test_intake import inbound
 
 
@@ -184,7 +184,7 @@ async def test_replies_through_serve_processes_while_the_sender_is_killed_and_re
     async with running(ok()) as api:
         maker = await start_gateway(gateway={"instance": "maker"}, adapters={})
         contacts = [await contact_of(maker, "agg", n) for n in range(5)]
-        front_port, sms_port = free_port(), free_port()
+        front_port, sms_port = free_ports(2)
         front = start_serve(serve_config(tmp_path, "front", redis_url, prefix, front_port, None))
         sms_config = serve_config(tmp_path, "sms", redis_url, prefix, sms_port, api)
         sms = start_serve(sms_config)

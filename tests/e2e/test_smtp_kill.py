@@ -15,7 +15,7 @@ import aiosmtplib
 import pytest
 
 from gateway.testing import eventually
-from tests.e2e.test_serve import free_port, start_serve, wait_healthy, write_config
+from tests.e2e.test_serve import free_ports, start_serve, wait_healthy, write_config
 
 MAILBOX = "12345@hotline.example.gov.cn"
 SESSIONS = 24
@@ -35,7 +35,7 @@ async def test_raw_messages_are_served_complete_after_kill_9_right_after_250(tmp
     """``refuses``: every folder of the attachment store is a file, so no raw message can be
     written after its 250 and all of them are only in Redis when the gateway is killed; the
     restarted gateway writes them (``AttachmentStore.write_held``)."""
-    port, smtp_port = free_port(), free_port()
+    port, smtp_port = free_ports(2)
     folder = tmp_path / "var" / "attachments"
     blockers = [folder / f"{n:02x}" for n in range(256)]
     if disk == "refuses":

@@ -25,7 +25,7 @@ from gateway.server.workers import run_dir
 from gateway.testing import eventually
 from tests.channels.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi
 from tests.channels.voice.fakes import agi_fixture, fake_call
-from tests.e2e.test_serve import free_port
+from tests.e2e.test_serve import free_ports
 
 PREFIX = "workers"
 
@@ -74,7 +74,7 @@ class Workers:
     """A ``gateway serve`` parent and a look at each worker through its own socket."""
 
     def __init__(self, tmp: Path, redis_url: str = "", extra: str = "") -> None:
-        self.http, self.smtp, self.agi = free_port(), free_port(), free_port()
+        self.http, self.smtp, self.agi = free_ports(3)
         self.data_dir = tmp / "var"
         self.cfg = write_config(tmp, self.http, self.smtp, self.agi, redis_url, extra)
         self.log = tmp / "gateway.log"
