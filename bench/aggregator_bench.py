@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import pstats
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +72,20 @@ def _delta(a: Figures, b: Figures, n: int) -> tuple[float, float, str, str]:
     return commands / n, (b[1] - a[1]) * 1e6 / n, top, timed
 
 
-async def _measure(redis_url: str, contacts: int, label: str) -> None:
+@contextlib.asynccontextmanager
+async def bench_gateway(
+    redis_url: str, tag: str, mobiles: str, **redis_settings: Any
+) -> AsyncIterator[tuple[Any, Any, Callable[[int], Any]]]:
+    """A started gateway of the tree on the path (its aggregator stopped, driven by hand),
+    64 contacts written and aggregated to warm it, and ``inbound(i)``: a new web contact of
+    sender ``<mobiles><i>``. Also used by bench/valkey_cost.py."""
     from bench.intake_bench import gateway_classes
     from gateway.records import Inbound, Sender
 
     parse_settings, Gateway = gateway_classes()
     settings, configs = parse_settings({
-        "gateway": {"data_dir": tempfile.mkdtemp(prefix="agg-gw-"), "instance": "bench"},
-        "redis": {"url": redis_url, "prefix": f"agg-{os.getpid()}"},
+        "gateway": {"data_dir": tempfile.mkdtemp(prefix=f"{tag}-gw-"), "instance": "bench"},
+        "redis": {"url": redis_url, "prefix": f"{tag}-{os.getpid()}", **redis_settings},
         "http": {"listen": "127.0.0.1:0"},
         "api": {"open_to_loopback": True},
         "watcher": {"enabled": False},
@@ -88,18 +96,25 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
         aggregator = gateway.cases.aggregator
         await aggregator.stop()
         await aggregator.ensure_group()
-        redis = gateway.redis
         now = gateway.clock.now_us()
 
         def inbound(i: int) -> Inbound:
             return Inbound(
-                channel="web", adapter="bench", external_id=f"agg-{i}",
-                sender=Sender(f"+86138{i % 100000000:08d}"), recipient="12345", received_at=now + i,
-                text=TEXT, subject="路灯损坏",
+                channel="web", adapter="bench", external_id=f"{tag}-{i}",
+                sender=Sender(f"{mobiles}{i % 100000000:08d}"), recipient="12345",
+                received_at=now + i, text=TEXT, subject="路灯损坏",
             )
 
         await asyncio.gather(*(gateway.intake.submit(inbound(-1 - i)) for i in range(64)))
         await aggregator.catch_up()  # warm: scripts loaded, caches filled
+        yield gateway, aggregator, inbound
+    finally:
+        await gateway.stop()
+
+
+async def _measure(redis_url: str, contacts: int, label: str) -> None:
+    async with bench_gateway(redis_url, "agg", "+86138") as (gateway, aggregator, inbound):
+        redis = gateway.redis
         start = await _server_figures(redis)
         for i in range(0, contacts, 64):
             await asyncio.gather(
@@ -125,8 +140,6 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
         while await aggregator.poll():
             pass
         profile.disable()
-    finally:
-        await gateway.stop()
     w_cmds, w_cpu, w_top, w_us = _delta(start, written, contacts)
     a_cmds, a_cpu, a_top, a_us = _delta(written, done, contacts)
     calls = getattr(pstats.Stats(profile), "total_calls", 0)

@@ -71,37 +71,12 @@ async def _figures(redis: Any) -> tuple[int, int, int]:
 
 
 async def _measure(redis_url: str, pid: int, folder: str, contacts: int, label: str) -> None:
-    from bench.intake_bench import gateway_classes
-    from gateway.records import Inbound, Sender
+    from bench.aggregator_bench import bench_gateway
 
-    parse_settings, Gateway = gateway_classes()
-    settings, configs = parse_settings({
-        "gateway": {"data_dir": tempfile.mkdtemp(prefix="vk-cost-gw-"), "instance": "bench"},
-        "redis": {"url": redis_url, "prefix": f"cost-{os.getpid()}", "write_timeout": "60s"},
-        "http": {"listen": "127.0.0.1:0"},
-        "api": {"open_to_loopback": True},
-        "watcher": {"enabled": False},
-    })
-    gateway = Gateway(settings, configs)
-    await gateway.start()
-    try:
-        aggregator = gateway.cases.aggregator
-        await aggregator.stop()
-        await aggregator.ensure_group()
+    async with bench_gateway(redis_url, "cost", "+86137", write_timeout="60s") as (
+        gateway, aggregator, inbound
+    ):
         redis = gateway.redis
-        now = gateway.clock.now_us()
-
-        def inbound(i: int) -> Inbound:
-            from bench.aggregator_bench import TEXT
-
-            return Inbound(
-                channel="web", adapter="bench", external_id=f"cost-{i}",
-                sender=Sender(f"+86137{i % 100000000:08d}"), recipient="12345",
-                received_at=now + i, text=TEXT, subject="路灯损坏",
-            )
-
-        await asyncio.gather(*(gateway.intake.submit(inbound(-1 - i)) for i in range(64)))
-        await aggregator.catch_up()  # warm: scripts loaded, caches filled
         start = await _figures(redis)
         await asyncio.to_thread(_callgrind, pid, folder, "-z")
         for i in range(0, contacts, 64):
@@ -114,8 +89,6 @@ async def _measure(redis_url: str, pid: int, folder: str, contacts: int, label: 
             pass
         aggregate = await asyncio.to_thread(_callgrind, pid, folder, "-d")
         done = await _figures(redis)
-    finally:
-        await gateway.stop()
     n = contacts
     print(
         f"{label}: {n} contacts; per contact: intake {write / n / 1000:,.1f} K instructions,"

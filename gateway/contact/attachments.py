@@ -190,15 +190,8 @@ class AttachmentStore:
                     for file in files:
                         file.error = file.error or error
         finally:
-            for file in staged.values():
-                file.close()
-                file.remove_unrenamed()
-        failed = {digest: f.error for digest, f in staged.items() if f.error is not None}
-        if failed:
-            out = [
-                failed.get(r.sha256, r) if isinstance(r, Attachment) else r for r in out
-            ]
-        return out
+            _let_go(staged)
+        return _outcomes(out, staged)
 
     def _put_many_syncfs(
         self, items: list[_File], syncfs: _SyncFs
@@ -241,15 +234,8 @@ class AttachmentStore:
                 file.error = file.error or error
         finally:
             os.close(root)
-            for file in staged.values():
-                file.close()
-                file.remove_unrenamed()
-        failed = {digest: f.error for digest, f in staged.items() if f.error is not None}
-        if failed:
-            out = [
-                failed.get(r.sha256, r) if isinstance(r, Attachment) else r for r in out
-            ]
-        return out
+            _let_go(staged)
+        return _outcomes(out, staged)
 
     def describe(self, data: bytes, name: str, content_type: str) -> Attachment:
         """The Attachment ``data`` is stored as (raise AttachmentTooLarge); nothing written."""
@@ -587,6 +573,23 @@ def syncfs_reports_errors(release: str) -> bool:
     ``syncfs``: Linux before 5.8 returned 0 whatever failed to reach the disk."""
     found = re.match(r"(\d+)\.(\d+)", release)
     return found is not None and (int(found[1]), int(found[2])) >= (5, 8)
+
+
+def _let_go(staged: dict[str, _Staged]) -> None:
+    """Close a group's files and remove what was not renamed into place."""
+    for file in staged.values():
+        file.close()
+        file.remove_unrenamed()
+
+
+def _outcomes(
+    out: list[Attachment | Exception], staged: dict[str, _Staged]
+) -> list[Attachment | Exception]:
+    """``out`` with each file that failed after staging (sync, rename) as its error."""
+    failed = {digest: f.error for digest, f in staged.items() if f.error is not None}
+    if not failed:
+        return out
+    return [failed.get(r.sha256, r) if isinstance(r, Attachment) else r for r in out]
 
 
 def _load_syncfs() -> _SyncFs | None:
