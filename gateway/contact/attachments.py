@@ -163,14 +163,9 @@ class AttachmentStore:
         """
         if sync_fs and _syncfs is not None:
             return self._put_many_syncfs(items, _syncfs)
-        out: list[Attachment | Exception] = []
         staged: dict[str, _Staged] = {}  # by digest: the same bytes twice are written once
         try:
-            for data, name, content_type in items:
-                try:
-                    out.append(self._stage(data, name, content_type, staged))
-                except (AttachmentTooLarge, OSError) as exc:
-                    out.append(exc)
+            out = self._stage_all(items, staged)
             written = [f for f in staged.values() if f.fd >= 0 and f.error is None]
             for file, error in zip(written, _fsync_all([f.fd for f in written]), strict=True):
                 file.error = error  # the group commit
@@ -193,6 +188,18 @@ class AttachmentStore:
             _let_go(staged)
         return _outcomes(out, staged)
 
+    def _stage_all(
+        self, items: list[_File], staged: dict[str, _Staged]
+    ) -> list[Attachment | Exception]:
+        """Write each item under a temporary name (``_stage``): its Attachment, or its error."""
+        out: list[Attachment | Exception] = []
+        for data, name, content_type in items:
+            try:
+                out.append(self._stage(data, name, content_type, staged))
+            except (AttachmentTooLarge, OSError) as exc:
+                out.append(exc)
+        return out
+
     def _put_many_syncfs(
         self, items: list[_File], syncfs: _SyncFs
     ) -> list[Attachment | Exception]:
@@ -204,7 +211,6 @@ class AttachmentStore:
         (another worker's group, any other process) has already seen, and the file's name would
         then be put on bytes that never reached the disk.
         """
-        out: list[Attachment | Exception] = []
         staged: dict[str, _Staged] = {}
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -212,11 +218,7 @@ class AttachmentStore:
         except OSError as exc:
             return [exc for _ in items]
         try:
-            for data, name, content_type in items:
-                try:
-                    out.append(self._stage(data, name, content_type, staged))
-                except (AttachmentTooLarge, OSError) as exc:
-                    out.append(exc)
+            out = self._stage_all(items, staged)
             for file in staged.values():
                 file.close()
             pending = [f for f in staged.values() if f.error is None]
