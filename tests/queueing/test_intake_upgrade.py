@@ -79,4 +79,5 @@ async def test_old_and_new_intake_scripts_count_each_others_contacts(start_gatew
     for p in (a, b, c, d):
         contact = await queue.get(p.id)
         assert contact is not None and contact.id == p.id
-        assert [e.type for e in await queue.events(p.id)] == ["enqueued"]
+        # (the surge evaluation runs on its own clock and may flag the sender's four contacts)
+        assert [e.type for e in await queue.events(p.id) if e.type != "surge"] == ["enqueued"]

@@ -130,11 +130,15 @@ def phone_address(raw: str, region: str) -> str:
 
 
 def known_charset(name: str) -> str | None:
-    """The codec's canonical name, None when Python has no such codec."""
+    """The codec's canonical name, None when Python has no such text codec (``undefined``,
+    which decodes nothing, and the bytes-to-bytes codecs such as ``base64`` are none)."""
     try:
-        return codecs.lookup(name).name
+        info = codecs.lookup(name)
     except (LookupError, ValueError):
         return None
+    if info.name == "undefined" or not getattr(info, "_is_text_encoding", True):
+        return None
+    return info.name
 
 
 def charset_errors(names: str | tuple[str, ...], key: str) -> list[tuple[str, str]]:

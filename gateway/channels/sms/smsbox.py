@@ -183,6 +183,6 @@ def decode_text(
     for name in chain:
         try:
             return clean_text(data.decode(name)), codecs.lookup(name).name
-        except (UnicodeDecodeError, LookupError):
+        except (UnicodeError, LookupError):  # UnicodeError: a codec that decodes nothing
             continue
     return clean_text(data.decode("latin-1")), "iso8859-1"

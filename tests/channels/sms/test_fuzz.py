@@ -41,6 +41,14 @@ def test_kannel_decoder(data: bytes, coding: int, charset: str, chain: list[str]
     text.encode("utf-8")  # always valid UTF-8
 
 
+def test_a_charset_python_knows_but_cannot_decode_with_falls_back() -> None:
+    """Found by the fuzz pass: ``charset=UNDEFINED`` named Python's ``undefined`` codec, which
+    raises UnicodeError (not UnicodeDecodeError) for any bytes: the decode raised."""
+    for charset in ("UNDEFINED", "base64", "rot13", "hex"):
+        assert smsbox.decode_text(b"caf\xe9", 0, charset, ()) == ("café", "iso8859-1")
+        assert common.known_charset(charset) is None
+
+
 @FUZZ
 @given(st.binary(max_size=40))
 def test_udh_parser(udh: bytes) -> None:
