@@ -305,8 +305,9 @@ class RedisQueue:
         )
         """The intake script's keys that are the same for every contact."""
         self._link: Link | None = None
-        """The intake batches' own connection (``gateway/queueing/link.py``), made when the
-        first batch is written; a cluster client has none (its pipeline routes by slot)."""
+        """The intake batches' own connection (``gateway/queueing/link.py``), opened by
+        ``load_scripts`` (again by a batch that finds it closed); none on a cluster client (its
+        pipeline routes by slot) or with ``min_replicas``."""
         self._linked = hasattr(client, "connection_pool")
         self._linking = asyncio.Lock()
 

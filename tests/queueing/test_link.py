@@ -4,9 +4,7 @@ client's settings, script reloads, and batches whose outcome is unknown."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -193,47 +191,10 @@ async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
     assert sorted(c.external_id for c in contacts) == ["behind", "late", "warm"]
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made here (no fixture files)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-    return cert_path, key_path
-
-
-async def test_batches_go_over_tls(start_gateway, redis_server, tmp_path):
+async def test_batches_go_over_tls(start_gateway, redis_server, certificate):
     """A ``rediss://`` URL: the link takes over redis-py's TLS connection (the bundled Valkey
     has no TLS, so a TLS relay in front of it terminates it, as a proxy would)."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
