@@ -306,21 +306,36 @@ class AccessToken:
         give_up = time.monotonic() + WAIT_FOR_FETCH_S
         claim = f"{os.getpid()}/{secrets.token_hex(4)}"
         while True:
-            raw = await state.get(TOKEN_KEY)
-            rejected = await state.get(REJECTED_KEY)
-            shared = _parse_token(raw)
-            if shared is not None and (rejected is None or shared[0] != rejected.decode()):
-                token, until = shared
-                self._keep(token, until - time.time())
-                return token
+            shared, rejected = await self._read_shared(state)
+            if isinstance(shared, str):
+                return shared
             if await state.put(CLAIM_KEY, claim, CLAIM_TTL_S, only_new=True):
                 try:
-                    return await self._fetch_shared(state, shared is not None, rejected)
+                    # Read again under the claim: another process may have stored its token
+                    # and let its claim go between our read and our claim, and a second fetch
+                    # would replace the token it has just shared.
+                    shared, rejected = await self._read_shared(state)
+                    if isinstance(shared, str):
+                        return shared
+                    return await self._fetch_shared(state, shared, rejected)
                 finally:
                     await state.pop(CLAIM_KEY)
             if time.monotonic() > give_up:
                 raise TokenError("another process did not finish fetching the token")
             await asyncio.sleep(0.05)
+
+    async def _read_shared(self, state: SharedState) -> tuple[str | bool, bytes | None]:
+        """The fleet's token if it is usable (kept here too), else whether a rejected one is
+        stored (the next fetch must force); and the rejected token."""
+        shared = _parse_token(await state.get(TOKEN_KEY))
+        rejected = await state.get(REJECTED_KEY)
+        if shared is None:
+            return False, rejected
+        token, until = shared
+        if rejected is not None and token == rejected.decode():
+            return True, rejected
+        self._keep(token, until - time.time())
+        return token, rejected
 
     async def _fetch_shared(self, state: SharedState, force: bool, rejected: bytes | None) -> str:
         token, expires_in = await self.fetch(force)

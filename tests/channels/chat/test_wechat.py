@@ -485,3 +485,54 @@ async def test_the_token_is_fetched_locally_while_redis_is_away(tmp_path: Path) 
         assert calls == [False, True]
     finally:
         await away.aclose()
+
+
+async def test_a_process_that_claims_just_after_another_stored_reads_before_fetching(
+    redis_url: str, prefix: str
+) -> None:
+    """Process B reads no token, then A fetches, stores and lets its claim go, then B claims:
+    B must take A's token, not fetch a second one (every ``cgi-bin/token`` call replaces the
+    last, so A's replies would fail). This interleaving made the fleet test flaky."""
+    import redis.asyncio as aioredis
+
+    from gateway.channels.chat.officialaccount import TOKEN_KEY, AccessToken
+    from gateway.queueing.coordination import SharedState
+    from gateway.queueing.keys import Keys
+
+    a_done = asyncio.Event()
+
+    class ReadsLate(SharedState):
+        """B's view of the shared state: its first read of the token returns only after A has
+        finished (the value read is the one from before)."""
+
+        stalled = False
+
+        async def get(self, key: str) -> bytes | None:
+            value = await super().get(key)
+            if key == TOKEN_KEY and not self.stalled:
+                self.stalled = True
+                await a_done.wait()
+            return value
+
+    calls: list[str] = []
+
+    def fetcher(name: str) -> Any:
+        async def fetch(force: bool) -> tuple[str, float]:
+            calls.append(name)
+            return f"token-{name}", 7200.0
+
+        return fetch
+
+    redis = aioredis.from_url(redis_url)
+    keys = Keys(prefix)
+    try:
+        b = AccessToken(fetcher("b"), ReadsLate(redis, keys, "wechat:wx"))
+        a = AccessToken(fetcher("a"), SharedState(redis, keys, "wechat:wx"))
+        b_token = asyncio.create_task(b.get())
+        await asyncio.sleep(0.05)  # B has read "no token" and waits
+        assert await a.get() == "token-a"
+        a_done.set()
+        assert await b_token == "token-a"
+        assert calls == ["a"]
+    finally:
+        await redis.aclose()
