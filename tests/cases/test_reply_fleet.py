@@ -22,7 +22,8 @@ from gateway.server.cli import _info
 from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.channels.sms.fakes import Answer, FakeProvider, running
-from tests.e2e.test_serve import free_port, free_ports, start_serve, wait_healthy
+from tests.e2e.test_serve import start_serve, wait_healthy
+from tests.harness import free_port, free_ports
 from tests.queueing.test_intake import inbound
 
 

@@ -15,7 +15,8 @@ import pytest
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.embedded import servers_of as servers_on
 from gateway.testing import eventually
-from tests.e2e.test_serve import PY, free_port, start_serve, wait_healthy, write_config
+from tests.e2e.test_serve import PY, start_serve, wait_healthy, write_config
+from tests.harness import free_port
 
 CYCLES = 6
 

@@ -17,7 +17,8 @@ import redis
 
 from gateway.testing import eventually
 from tests.e2e.test_restarts import post, servers_on
-from tests.e2e.test_serve import PY, free_port, wait_healthy, write_config
+from tests.e2e.test_serve import PY, wait_healthy, write_config
+from tests.harness import free_port
 
 NOFILE = 160
 # One process (workers = 1): the open-file limit and the loop restarted are one process's.

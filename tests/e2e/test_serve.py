@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,27 +16,9 @@ import orjson
 from gateway.contact.clock import MICROS_PER_SECOND, parse_time
 from gateway.server.workers import default_count
 from gateway.testing import eventually
+from tests.harness import free_port
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: each stays bound until all are picked (``free_port()`` twice
-    can give the same port, about once in 10,000 calls, and two listeners on one port)."""
-    held = [socket.socket() for _ in range(n)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in held]
-    finally:
-        for s in held:
-            s.close()
 
 
 def write_config(

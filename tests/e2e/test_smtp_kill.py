@@ -15,7 +15,8 @@ import aiosmtplib
 import pytest
 
 from gateway.testing import eventually
-from tests.e2e.test_serve import free_ports, start_serve, wait_healthy, write_config
+from tests.e2e.test_serve import start_serve, wait_healthy, write_config
+from tests.harness import free_ports
 
 MAILBOX = "12345@hotline.example.gov.cn"
 SESSIONS = 24

@@ -25,7 +25,7 @@ from gateway.server.workers import run_dir
 from gateway.testing import eventually
 from tests.channels.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi
 from tests.channels.voice.fakes import agi_fixture, fake_call
-from tests.e2e.test_serve import free_ports
+from tests.harness import free_ports
 
 PREFIX = "workers"
 

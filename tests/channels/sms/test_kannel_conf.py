@@ -6,7 +6,6 @@ import asyncio
 import base64
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit
@@ -16,7 +15,7 @@ import pytest
 
 from gateway.server.config import ConfigError
 from gateway.testing import eventually
-from tests.harness import require
+from tests.harness import free_ports, require
 
 CONF = Path(__file__).resolve().parents[3] / "deploy" / "kannel" / "kannel.conf"
 
@@ -48,12 +47,6 @@ def test_every_group_ends_with_an_empty_line() -> None:
     assert text.endswith("\n\n")
     names = [g["group"] for g in groups(text)]
     assert names == ["core", "smsc", "smsbox", "sendsms-user", "sms-service"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def kannel_escape(pattern: str, values: dict[str, bytes]) -> str:
@@ -130,7 +123,7 @@ async def test_bearerbox_and_smsbox_start_with_the_sample(tmp_path: Path) -> Non
     text = CONF.read_text(encoding="utf-8")
     for path in paths(text):  # what Debian's kannel package creates (only /var/log/kannel)
         assert Path(path).parent.is_dir(), f"{path}: its folder is not on a Debian install"
-    ports = {13000: free_port(), 13001: free_port(), 13013: free_port()}
+    ports = dict(zip((13000, 13001, 13013), free_ports(3), strict=True))
     copy = text.replace('"/var/log/kannel/', f'"{tmp_path}/')
     for old, new in ports.items():
         copy = copy.replace(f"-port = {old}", f"-port = {new}")

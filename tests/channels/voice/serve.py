@@ -16,12 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.testing import eventually
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.harness import free_ports
 
 
 @dataclass
@@ -82,11 +77,19 @@ class ServedGateway:
 
 
 def configure(
-    folder: Path, n: int, redis_url: str, prefix: str, adapter: str = "", extra: str = ""
+    folder: Path,
+    n: int,
+    redis_url: str,
+    prefix: str,
+    adapter: str = "",
+    extra: str = "",
+    ports: tuple[int, int] | None = None,
 ) -> ServedGateway:
     """Write instance ``n``'s config (data in ``folder/var<n>``); ``adapter``: more lines of
-    the ``asterisk`` table, ``extra``: more sections."""
-    agi_port, http_port = free_port(), free_port()
+    the ``asterisk`` table, ``extra``: more sections; ``ports``: its FastAGI and HTTP ports
+    (two free ones by default). Instances configured before any of them listens take their
+    ports from one ``free_ports`` call: picked apart, two could get the same port."""
+    agi_port, http_port = ports or free_ports(2)
     config = folder / f"gateway{n}.toml"
     config.write_text(f"""
 [gateway]
@@ -113,7 +116,11 @@ async def served_gateways(
     folder: Path, redis_url: str, prefix: str, count: int = 1, adapter: str = ""
 ) -> AsyncIterator[list[ServedGateway]]:
     """Start ``count`` instances of one fleet (one Redis, one prefix); stop them all after."""
-    gateways = [configure(folder, n, redis_url, prefix, adapter) for n in range(1, count + 1)]
+    ports = free_ports(2 * count)
+    gateways = [
+        configure(folder, n, redis_url, prefix, adapter, ports=(ports[2 * n - 2], ports[2 * n - 1]))
+        for n in range(1, count + 1)
+    ]
     try:
         for gw in gateways:
             await gw.start()

@@ -23,6 +23,7 @@ from tests.channels.voice.test_ami import (
     of_type,
     voice_with_ami,
 )
+from tests.harness import free_ports
 
 UID = "1795594483.1"
 
@@ -203,9 +204,12 @@ async def test_outcome_waiting_for_a_spooled_contact_survives_the_followers_kill
               f'username = "gateway", secret = "{SECRET}", reconnect_min = "20ms", '
               f'reconnect_max = "100ms" }}')
     fleet = '[fleet]\nlease_ttl = "1s"'
-    spooling = configure(tmp_path, 1, "unix:///nonexistent/redis.sock", prefix)
-    follower = configure(tmp_path, 2, redis_url, prefix, follow, fleet)
-    successor = configure(tmp_path, 3, redis_url, prefix, follow, fleet)
+    ports = free_ports(6)  # the three instances' ports, all distinct
+    spooling = configure(tmp_path, 1, "unix:///nonexistent/redis.sock", prefix,
+                         ports=(ports[0], ports[1]))
+    follower = configure(tmp_path, 2, redis_url, prefix, follow, fleet, ports=(ports[2], ports[3]))
+    successor = configure(tmp_path, 3, redis_url, prefix, follow, fleet,
+                          ports=(ports[4], ports[5]))
     try:
         await spooling.start()
         call = await fake_call(spooling.agi_port, agi_fixture("sip_call.agi"))
