@@ -23,7 +23,7 @@ from gateway.contact.language import guess_language
 from gateway.contact.sla import SlaPolicy
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
-from gateway.queueing.store import Held, Prepared, RedisQueue, WriteResult
+from gateway.queueing.store import Held, Prepared, RedisQueue, ReplicationLagError, WriteResult
 from gateway.records import Event, EventType, Inbound, Repeat
 from gateway.server.metrics import Metrics
 from gateway.server.supervise import Supervisor
@@ -363,9 +363,10 @@ class Intake:
         self._wake.set()
 
     async def _replay_loop(self) -> None:
-        """Probe Redis and replay the spool, for ever. A Redis failure marks Redis down and
-        waits for the next probe; anything else (the spool cannot be read: no file descriptor
-        left, an I/O error) is raised to the supervisor, which logs it and restarts the loop."""
+        """Probe Redis and replay the spool, for ever. A Redis failure (fewer replicas than
+        ``redis.min_replicas`` confirming a batch included) marks Redis down and waits for the
+        next probe; anything else (the spool cannot be read: no file descriptor left, an I/O
+        error) is raised to the supervisor, which logs it and restarts the loop."""
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.probe_interval_s):
@@ -377,7 +378,7 @@ class Intake:
                 continue
             try:
                 await self.replay_once()
-            except (RedisError, TimeoutError) as exc:
+            except (RedisError, TimeoutError, ReplicationLagError) as exc:
                 if self.redis_up or self._reachable:
                     log.warning("intake: replay deferred: %s", type(exc).__name__)
                 else:

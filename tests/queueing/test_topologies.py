@@ -18,18 +18,33 @@ from gateway.testing import eventually
 from tests.queueing.test_intake import inbound
 
 
-def free_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    for _ in range(1000):
-        port = random.randint(20000, 45000)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port pair")
+def free_ports(n: int, bus: bool = False) -> list[int]:
+    """``n`` distinct free ports; with ``bus``, each one's cluster bus port (port + 10000) is
+    free and valid too, and no port is another's bus port. All stay bound until every one is
+    picked: picked apart, two could be the same port."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for _ in range(1000):
+            if len(ports) == n:
+                return ports
+            port = random.randint(20000, 45000) if bus else 0
+            pair = [socket.socket() for _ in range(2 if bus else 1)]
+            try:
+                pair[0].bind(("127.0.0.1", port))
+                port = int(pair[0].getsockname()[1])
+                if bus:
+                    pair[1].bind(("127.0.0.1", port + 10000))
+            except OSError:
+                for s in pair:
+                    s.close()
+                continue
+            held.extend(pair)
+            ports.append(port)
+        raise AssertionError(f"no {n} free ports")
+    finally:
+        for s in held:
+            s.close()
 
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -50,10 +65,15 @@ def wait_ping(port: int) -> redis.Redis:
     raise AssertionError(f"server on {port} did not start")
 
 
+def waits_done(client: redis.Redis) -> int:
+    """How many WAIT commands the server has finished (a blocked one counts once answered)."""
+    return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[int]]:
     """Three masters sharing the 16384 slots."""
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3, bus=True)
     procs = [
         spawn(
             [
@@ -114,7 +134,7 @@ async def test_intake_and_replies_on_a_three_master_cluster(cluster, start_gatew
 
 
 async def test_intake_behind_sentinel(tmp_path, start_gateway):
-    master_port, sentinel_port = free_port(), free_port()
+    master_port, sentinel_port = free_ports(2)
     master = spawn(
         ["--port", str(master_port), "--appendonly", "yes", "--save", ""], tmp_path / "m"
     )
@@ -145,7 +165,7 @@ async def test_intake_behind_sentinel(tmp_path, start_gateway):
 
 
 async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start_gateway):
-    master_port, replica_port = free_port(), free_port()
+    master_port, replica_port = free_ports(2)
     master = spawn(
         ["--port", str(master_port), "--appendonly", "yes", "--save", ""], tmp_path / "m"
     )
@@ -171,10 +191,23 @@ async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start
         assert (await gw.intake.submit(inbound(external_id="r1"))).status == "enqueued"
         replica.terminate()
         replica.wait(10)
-        await asyncio.sleep(0.2)
+        primary = redis.Redis(host="127.0.0.1", port=master_port)
+        await eventually(lambda: primary.info("replication")["connected_slaves"] == 0)
+        waits = waits_done(primary)
         assert (await gw.intake.submit(inbound(external_id="r2"))).status == "spooled"
+        # the replayer tries (a WAIT the replica cannot answer) while the replica is away:
+        # a Redis without replicas is an outage it waits out, not a failure of its loop
+        # (ReplicationLagError went to the supervisor, which restarted the loop with a
+        # back-off that reached 10 s)
+        await eventually(lambda: waits_done(primary) >= waits + 2)
+        replayer = gw.supervisor.states()["replayer"]
+        assert replayer.restarts == 0, replayer.last_error
+        assert replayer.state in ("running", "degraded")
+        assert gw.spool.depth == 1 and not gw.intake.redis_up
+        primary.close()
         replica = spawn(replica_args, tmp_path / "r")
         await eventually(lambda: gw.spool.depth == 0 and gw.intake.redis_up)
+        assert gw.supervisor.states()["replayer"].restarts == 0
         assert sorted(c.external_id for c in await gw.read_contacts()) == ["r1", "r2"]
         on_replica = redis.Redis(host="127.0.0.1", port=replica_port)
         await eventually(lambda: on_replica.xlen(gw.keys.contacts) == 2)
