@@ -68,7 +68,7 @@ async def test_slow_but_steady_requests_still_pass(start_gateway: Any) -> None:
 async def test_http_connection_cap(start_gateway: Any) -> None:
     gw = await start_gateway(limits={"max_connections": 3})
     held = [await asyncio.open_connection("127.0.0.1", gw.http_port) for _ in range(3)]
-    await asyncio.sleep(0.1)  # the server has accepted them
+    await eventually(lambda: gw.http.connections.open == 3)  # the server has accepted them
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
     answer = await _closed_by_server(reader)
     assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in answer

@@ -500,6 +500,7 @@ async def test_a_process_that_claims_just_after_another_stored_reads_before_fetc
     from gateway.queueing.keys import Keys
 
     a_done = asyncio.Event()
+    b_read = asyncio.Event()
 
     class ReadsLate(SharedState):
         """B's view of the shared state: its first read of the token returns only after A has
@@ -511,6 +512,7 @@ async def test_a_process_that_claims_just_after_another_stored_reads_before_fetc
             value = await super().get(key)
             if key == TOKEN_KEY and not self.stalled:
                 self.stalled = True
+                b_read.set()
                 await a_done.wait()
             return value
 
@@ -529,7 +531,7 @@ async def test_a_process_that_claims_just_after_another_stored_reads_before_fetc
         b = AccessToken(fetcher("b"), ReadsLate(redis, keys, "wechat:wx"))
         a = AccessToken(fetcher("a"), SharedState(redis, keys, "wechat:wx"))
         b_token = asyncio.create_task(b.get())
-        await asyncio.sleep(0.05)  # B has read "no token" and waits
+        await b_read.wait()  # B has read "no token" and waits (a sleep let A go first under load)
         assert await a.get() == "token-a"
         a_done.set()
         assert await b_token == "token-a"
