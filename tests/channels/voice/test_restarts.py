@@ -61,7 +61,13 @@ async def test_gateway_restarted_while_the_call_waits_still_records_it(
     await client.start()
     tracker = first.adapters["asterisk"].tracker  # type: ignore[attr-defined]
     await eventually(lambda: tracker.calls.get(UID) is not None and tracker.calls[UID].queue)
-    await asyncio.sleep(0.1)  # the state write after the event
+    store = first.adapters["asterisk"].store  # type: ignore[attr-defined]
+
+    async def saved() -> bool:  # the state write after the event (a 0.1 s sleep before)
+        raw = (await store.load()).get(UID)
+        return raw is not None and json.loads(raw).get("queue") == "hotline"
+
+    await eventually(saved)
     # ... and stops (the call is still waiting); a new process takes over the PBX
     await first.stop()
     ami.live_channels = [UID]  # Status after the new login: the caller still waits
