@@ -361,7 +361,8 @@ class Assembler:
 
     async def _add_shared(self, part: Part, state: SharedState) -> Added:
         key, _ = await _parts_keys(state, part.group)
-        if await state.get(await _done_key(state, part.external_id)) is not None:
+        done = await _done_key(state, part.external_id)
+        if await state.get(done) is not None:
             return Added(stored=False)
         held = await _held_shared(state, part.group)
         same = held.get(part.seq)
@@ -372,6 +373,13 @@ class Assembler:
             held = {}
         ttl_s = (self.timeout_us + self.remember_us) / MICROS_PER_SECOND
         count = await state.hash_add(key, str(part.seq), part.to_json(), ttl_s)
+        if await state.get(done) is not None:
+            # Read again once stored: another instance may have handed the message over (it
+            # marks the parts done before it removes them) between our first read and our
+            # write, and this retry, held alone, would go out again as an incomplete message.
+            # Marked done after this read, its removal comes after our write and takes it.
+            await state.hash_remove(key, str(part.seq))
+            return Added(stored=False)
         count = max(count, len({*held, part.seq}))  # with parts under the name before
         await state.hash_add("open", part.group, b"1", ttl_s)
         if count >= part.total:

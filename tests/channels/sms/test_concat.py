@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,47 @@ async def test_shared_parts_are_kept_until_a_hand_over_succeeds_anywhere(
     refusing.fail = False
     assert await one.sweep() == 1
     assert refusing.calls == [(["x"], False)]
+
+
+async def test_a_retried_part_is_a_duplicate_when_another_instance_hands_its_message_over(
+    tmp_path: Path, redis_client: Any, prefix: str
+) -> None:
+    """A provider retries part 1 at instance two, which reads "not handed over"; instance one
+    then gets part 2, hands the message over and removes its parts; two must not store part 1
+    again: held alone, it went out once more after the timeout as an incomplete message (a
+    second contact). Two's first read is held until one has finished, on a real Redis."""
+    clock = FixedClock()
+    handover = Recorder()
+    keys = Keys(prefix)
+    two_read, one_done = asyncio.Event(), asyncio.Event()
+
+    class ReadsLate(SharedState):
+        """Two's view: its first read of a part's done mark returns after one has finished."""
+
+        stalled = False
+
+        async def get(self, key: str) -> bytes | None:
+            value = await super().get(key)
+            if key.startswith("done:") and not self.stalled:
+                self.stalled = True
+                two_read.set()
+                await one_done.wait()
+            return value
+
+    one = Assembler(tmp_path / "one", 60, clock, handover,
+                    state=SharedState(redis_client, keys, "kannel"))
+    two = Assembler(tmp_path / "two", 60, clock, handover,
+                    state=ReadsLate(redis_client, keys, "kannel"))
+    assert (await one.add(part(1, "a", "id1", total=2))).stored
+    retry = asyncio.create_task(two.add(part(1, "a", "id1", total=2)))
+    await two_read.wait()
+    assert (await one.add(part(2, "b", "id2", total=2))).handed_over is not None
+    one_done.set()
+    assert not (await retry).stored
+    assert await one.held() == await two.held() == 0
+    clock.advance(61)
+    assert await one.sweep() == await two.sweep() == 0
+    assert handover.calls == [(["a", "b"], True)]
 
 
 async def test_shared_parts_are_named_by_a_pseudonym_and_old_names_still_join(
