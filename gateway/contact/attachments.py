@@ -344,11 +344,26 @@ class AttachmentStore:
         return await asyncio.to_thread(self.put_many_sync, items)
 
     async def _write_behind_group(self, items: list[_File]) -> list[Attachment | Exception]:
+        """Write a group of held files to disk, then release the ones written from Redis (one
+        ``HDEL``); a file not written stays held (written again at the next start)."""
         wait = self._behind_next - time.monotonic()
         if wait > 0:  # syncs back to back slowed Valkey's own fsyncs
             await asyncio.sleep(wait)
         self._behind_next = time.monotonic() + self.behind_interval
-        return await asyncio.to_thread(self.put_many_sync, items, sync_fs=True)
+        try:
+            results = await asyncio.to_thread(self.put_many_sync, items, sync_fs=True)
+        except Exception as exc:  # no thread to run it (shutting down): every item stays held
+            results = [exc] * len(items)
+        done = [r.sha256 for r in results if isinstance(r, Attachment)]
+        for r in results:
+            if isinstance(r, Exception):
+                log.warning("attachments: held file not written: %s", r)
+        if done and self._holder is not None:
+            try:
+                await self._holder.release(done)
+            except Exception as exc:  # written again later: the same bytes, the same name
+                log.info("attachments: held files not released (%s)", type(exc).__name__)
+        return results
 
     def plan(self, items: Sequence[_File]) -> Plan:
         """Decide how ``items`` become durable: files up to the hold limit (``hold_in``) go into
@@ -417,22 +432,15 @@ class AttachmentStore:
         task.add_done_callback(self._behind.discard)
 
     def _spawn_behind(self, items: list[_File]) -> None:
-        task = asyncio.get_running_loop().create_task(self._write_behind(items))
-        self._behind.add(task)
-        task.add_done_callback(self._behind.discard)
+        """Queue held files for the next group written behind (no task of their own: the group
+        writes them, logs what failed and releases the others; ``close`` waits for it)."""
+        for item in items:
+            self._behind_writer.submit(item)
 
     async def _write_behind(self, items: list[_File]) -> None:
-        """Write held files to disk (one group commit with others), then release them."""
-        results = await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
-        done = [r.sha256 for r in results if isinstance(r, Attachment)]
-        for r in results:
-            if isinstance(r, Exception):  # still held: written again at the next start
-                log.warning("attachments: held file not written: %s", r)
-        if done and self._holder is not None:
-            try:
-                await self._holder.release(done)
-            except Exception as exc:  # written again later: the same bytes, the same name
-                log.info("attachments: held files not released (%s)", type(exc).__name__)
+        """Write held files to disk (one group commit with others) and release them; return
+        once their group is done."""
+        await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
 
     async def _fetch_held(self, sha256: str) -> _File | None:
         if self._holder is None or not _SHA256.fullmatch(sha256):
@@ -519,8 +527,18 @@ class AttachmentStore:
         stay held)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
-        while self._behind and loop.time() < deadline:  # a hold that lands starts a write
-            await asyncio.wait(set(self._behind), timeout=deadline - loop.time())
+        while loop.time() < deadline:
+            if self._behind:  # a hold that lands starts a write
+                await asyncio.wait(set(self._behind), timeout=deadline - loop.time())
+            elif self._behind_writer.busy:
+                try:
+                    await asyncio.wait_for(
+                        self._behind_writer.drain(), timeout=deadline - loop.time()
+                    )
+                except TimeoutError:
+                    return
+            else:
+                return
 
     def content_type(self, path: Path) -> str:
         """The stored content type of the file at ``path`` (octet-stream when none was given):
