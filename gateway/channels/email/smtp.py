@@ -214,6 +214,8 @@ class GatewaySMTP(SMTP):
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._max_session_s = max_session_s
         self._session_timer: asyncio.TimerHandle | None = None
+        self._idle_due = 0.0
+        self._idle_armed = 0.0
         super().__init__(handler, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -356,6 +358,28 @@ class GatewaySMTP(SMTP):
         self._reset_timeout()
         super().data_received(data)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer (``idle_timeout`` from now), moved lazily: the timer armed
+        stays while it comes first and looks again when it fires (``_idle_check``), where
+        aiosmtpd cancelled it and made a new one for every command and every read."""
+        due = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_due = due
+        handle = self._timeout_handle
+        if handle is not None and self._idle_armed <= due and not handle.cancelled():
+            return
+        if handle is not None:
+            handle.cancel()
+        self._idle_armed = due
+        self._timeout_handle = self.loop.call_at(due, self._idle_check)
+
+    def _idle_check(self) -> None:
+        due = self._idle_due
+        if due - self.loop.time() > _TIMER_SLACK_S:  # the client was heard since it was armed
+            self._idle_armed = due
+            self._timeout_handle = self.loop.call_at(due, self._idle_check)
+        else:
+            self._timeout_cb()  # type: ignore[no-untyped-call]
+
     def _session_expired(self) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -365,6 +389,9 @@ class GatewaySMTP(SMTP):
                     self._metrics.smtp_reply("421")
             transport.close()
 
+
+_TIMER_SLACK_S = 0.002
+"""A timer may fire this much before its time (the loop's clock in milliseconds)."""
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(
