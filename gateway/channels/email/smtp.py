@@ -216,6 +216,8 @@ class GatewaySMTP(SMTP):
         self._session_timer: asyncio.TimerHandle | None = None
         self._idle_due = 0.0
         self._idle_armed = 0.0
+        self._replies: list[bytes] = []
+        """Replies held to go out with the next (``push``)."""
         super().__init__(handler, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -247,10 +249,40 @@ class GatewaySMTP(SMTP):
         if isinstance(status, str):
             if "\r" in status:
                 status = status.replace("\r", "?")
-            await super().push(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii",
-                                             "replace"))
-            return
-        await super().push(status)
+            reply = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii", "replace")
+        else:
+            reply = status
+        # RFC 2920 (PIPELINING): replies to commands sent in one group may go out as one
+        # write. A reply after which the session reads on is held while the next command is
+        # already received (a whole line in the reader's buffer: reading it does not wait for
+        # the client), and so is every line of a multi-line reply but its last; any other
+        # (354, 221, 421, a TLS or AUTH step) sends what is held with it.
+        if reply[:4] == b"250-" or (
+            reply[:3] in _READS_ON and reply[3:4] == b" " and self._next_line_received()
+        ):
+            if len(self._replies) < _MOST_HELD:
+                self._replies.append(reply + b"\r\n")
+                return
+        if self._replies:
+            self._replies.append(reply + b"\r\n")
+            reply = b"".join(self._replies)
+            self._replies.clear()
+        else:
+            reply += b"\r\n"
+        self._writer.write(reply)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r << %r", self.session.peer if self.session else None, reply)
+        await self._writer.drain()
+
+    def _next_line_received(self) -> bool:
+        buffer = getattr(self._reader, "_buffer", None)
+        return isinstance(buffer, bytearray) and b"\n" in buffer
+
+    def _send_held(self, transport: asyncio.WriteTransport) -> None:
+        """Write the replies held (before a last word of the server's own)."""
+        if self._replies:
+            transport.write(b"".join(self._replies))
+            self._replies.clear()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse; an address the standard library's parser trips over is
@@ -384,11 +416,22 @@ class GatewaySMTP(SMTP):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if isinstance(transport, asyncio.WriteTransport):
+                self._send_held(transport)
                 transport.write(b"421 4.4.2 Session time limit exceeded\r\n")
                 if self._metrics is not None:
                     self._metrics.smtp_reply("421")
             transport.close()
 
+
+_READS_ON = frozenset(
+    c.encode() for c in "250 251 252 450 451 452 455 500 501 503 504 530 550 551 552 553 "
+    "554 555".split()
+)
+"""Reply codes after which a session reads the next command (``502`` is left out: aiosmtpd
+closes the connection after its ``502 5.5.1 Too many unrecognized commands``)."""
+
+_MOST_HELD = 128
+"""Most replies held for one write (a client pipelining many RCPTs)."""
 
 _TIMER_SLACK_S = 0.002
 """A timer may fire this much before its time (the loop's clock in milliseconds)."""
@@ -535,6 +578,7 @@ class Listener:
             transport = proto.transport
             if transport is not None and not transport.is_closing():
                 if isinstance(transport, asyncio.WriteTransport):
+                    proto._send_held(transport)
                     transport.write(b"421 4.3.2 Service shutting down\r\n")
                 transport.close()
         self._sessions.clear()
