@@ -278,11 +278,18 @@ class GatewaySMTP(SMTP):
         buffer = getattr(self._reader, "_buffer", None)
         return isinstance(buffer, bytearray) and b"\n" in buffer
 
-    def _send_held(self, transport: asyncio.WriteTransport) -> None:
-        """Write the replies held (before a last word of the server's own)."""
-        if self._replies:
-            transport.write(b"".join(self._replies))
-            self._replies.clear()
+    def last_word(self, reply: bytes) -> None:
+        """Send the replies held, then ``reply`` (a 421), and close the connection."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        # uvloop's transports are not asyncio's classes: no isinstance check (one here kept
+        # every 421 from being sent under ``gateway serve``)
+        cast(asyncio.WriteTransport, transport).write(b"".join([*self._replies, reply]))
+        self._replies.clear()
+        if self._metrics is not None:
+            self._metrics.smtp_reply(reply[:3].decode())
+        transport.close()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parse; an address the standard library's parser trips over is
@@ -413,14 +420,7 @@ class GatewaySMTP(SMTP):
             self._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _session_expired(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            if isinstance(transport, asyncio.WriteTransport):
-                self._send_held(transport)
-                transport.write(b"421 4.4.2 Session time limit exceeded\r\n")
-                if self._metrics is not None:
-                    self._metrics.smtp_reply("421")
-            transport.close()
+        self.last_word(b"421 4.4.2 Session time limit exceeded\r\n")
 
 
 _READS_ON = frozenset(
@@ -575,11 +575,6 @@ class Listener:
         if self.handler.in_flight:
             await asyncio.wait(set(self.handler.in_flight), timeout=30)
         for proto in list(self._sessions):
-            transport = proto.transport
-            if transport is not None and not transport.is_closing():
-                if isinstance(transport, asyncio.WriteTransport):
-                    proto._send_held(transport)
-                    transport.write(b"421 4.3.2 Service shutting down\r\n")
-                transport.close()
+            proto.last_word(b"421 4.3.2 Service shutting down\r\n")
         self._sessions.clear()
         await server.wait_closed()
