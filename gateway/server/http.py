@@ -9,7 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader, hdrs, web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
@@ -64,6 +66,53 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 API_PREFIX = "/v1/"
 
 
+class RawResponse(web.StreamResponse):
+    """An HTTP/1.1 keep-alive answer written as prebuilt bytes (``raw_answer``): no header
+    multidict filled, serialized and joined per request. Only for a request that keeps its
+    HTTP/1.1 connection (``can_answer_raw``); its ``headers`` are empty (the bytes hold
+    them)."""
+
+    def __init__(self, status: int, reason: str, raw: bytes) -> None:
+        super().__init__(status=status, reason=reason)
+        self._raw = raw
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        if self._eof_sent:
+            return
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        self._keep_alive = True
+        transport.write(self._raw)
+        self._eof_sent = True
+        self._body_length = len(self._raw)
+
+
+def can_answer_raw(request: web.BaseRequest) -> bool:
+    """The request's connection stays open after it, on HTTP/1.1 (a ``RawResponse`` says
+    nothing about the connection)."""
+    return request.version == HttpVersion11 and request.keep_alive
+
+
+_date_line: tuple[int, bytes] = (-1, b"")
+
+
+def raw_answer(status_line: bytes, content_type: bytes, body: bytes) -> bytes:
+    """A whole answer: ``status_line`` (``b"HTTP/1.1 202 Accepted"``), the headers aiohttp
+    would send (``Content-Type``, ``Content-Length``, ``Date``, ``Server``) and ``body``."""
+    global _date_line
+    now = int(time.time())
+    second, line = _date_line
+    if second != now:
+        line = b"Date: %s\r\nServer: %s\r\n" % (
+            rfc822_formatted_time().encode(), SERVER_SOFTWARE.encode()
+        )
+        _date_line = (now, line)
+    return b"%s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        status_line, content_type, len(body), line, body
+    )
+
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -77,9 +126,11 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The one middleware of every request (one layer, not one per concern: each layer is a
-    coroutine and a call per request on the intake path).
+class ApiGuard:
+    """What every request goes through (one layer, not one per concern: each layer is a
+    coroutine and a call per request on the intake path): as the application's one
+    middleware (``middleware``), and around the direct routes (``add_direct``), which skip
+    the router and the middleware chain.
 
     Errors: every error under ``/v1/`` is ``application/problem+json`` (aiohttp's own 404,
     405 and 413 included), a contact over its rate is a 429 problem, one Intake cannot encode
@@ -90,29 +141,55 @@ def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.Strea
     client went away first, nginx's code for it), and times it. The label children are kept
     (few: route patterns x methods x statuses), ``labels()`` costs more.
     """
-    series: dict[tuple[object, str, int], tuple[Any, Any]] = {}
 
-    def count(request: web.Request, status: int, started: float) -> None:
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self._series: dict[tuple[object, str, int], tuple[Any, Any]] = {}
+
+    def _count(
+        self, request: web.BaseRequest, route: object, pattern: str | None, status: int,
+        started: float,
+    ) -> None:
+        metrics = self.metrics
         assert metrics is not None
-        match = request.match_info
-        # keyed by the matched route object (no pattern to look up per request); a 404/405's
-        # route is made per request, so those share the key None ("unmatched")
-        route = match.route if match.http_exception is None else None
         method = request.method
         if method not in _METHODS:
             method = "other"
-        children = series.get((route, method, status))
+        children = self._series.get((route, method, status))
         if children is None:
-            pattern = route_of(request)
-            children = series[(route, method, status)] = (
+            if pattern is None:
+                assert isinstance(request, web.Request)
+                pattern = route_of(request)
+            children = self._series[(route, method, status)] = (
                 metrics.http_requests.labels(pattern, method, str(status)),
                 metrics.http_duration.labels(pattern),
             )
         children[0].inc()
         children[1].observe(time.perf_counter() - started)
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """The application's middleware: ``run`` with the matched route."""
+
+        @web.middleware
+        def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+            # keyed by the matched route object (no pattern to look up per request); a
+            # 404/405's route is made per request, so those share the key None ("unmatched").
+            # A plain function returning run's coroutine: no layer of its own to await.
+            match = request.match_info
+            route = match.route if match.http_exception is None else None
+            return self.run(request, handler, route, None)
+
+        return middleware
+
+    async def run(
+        self,
+        request: web.BaseRequest,
+        handler: Callable[[Any], Awaitable[web.StreamResponse]],
+        route: object,
+        pattern: str | None,
+    ) -> web.StreamResponse:
+        """``handler(request)`` with the errors answered and the request counted under
+        ``route`` (``pattern`` its label, None: looked up from the request's match)."""
         started = time.perf_counter()
         status = 500
         try:
@@ -137,21 +214,71 @@ def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.Strea
             except Exception:
                 log.exception("http: unhandled error in %s %s",
                               request.method, request.path[:200])
-                if metrics is not None:
-                    metrics.api_requests.labels("unhandled", "500").inc()
+                if self.metrics is not None:
+                    self.metrics.api_requests.labels("unhandled", "500").inc()
                 response = problem(500, "internal error")
             status = response.status
             return response
         finally:
-            if metrics is not None:
-                count(request, status, started)
+            if self.metrics is not None:
+                self._count(request, route, pattern, status, started)
 
-    return middleware
+
+def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The one middleware of every request (``ApiGuard``)."""
+    return ApiGuard(metrics).middleware()
+
+
+DirectHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Direct:
+    """Routes answered without aiohttp's router and middleware chain (``add_direct``)."""
+
+    def __init__(self, guard: ApiGuard) -> None:
+        self.guard = guard
+        self.routes: dict[tuple[str, str], tuple[DirectHandler, str]] = {}
+
+    def dispatcher(
+        self, fallback: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        """The server's request handler: a direct route's handler under the guard when the
+        method and the raw path are exactly a direct route's and nothing asks for more
+        (``Expect``), else ``fallback`` (the application: router, middleware)."""
+        routes = self.routes
+        run = self.guard.run
+
+        def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            found = routes.get((request.method, request.raw_path))
+            if found is None or hdrs.EXPECT in request.headers:
+                return fallback(request)
+            return run(request, found[0], found[1], found[1])
+
+        return dispatch
+
+
+DIRECT = web.AppKey("direct", Direct)
+
+
+def add_direct(app: web.Application, method: str, path: str, handler: DirectHandler) -> None:
+    """Route ``method path`` to ``handler`` in ``app``'s router, and with ``HttpServer``
+    also straight from the connection (``Direct``): the router's lookup, the match's
+    freezing and the middleware chain cost a contact more than its handler's own checks.
+    The direct way is taken only for exactly ``path`` (no query, no other spelling) and
+    without ``Expect``; everything else goes through the router to the same handler. The
+    handler must not read ``request.match_info`` or ``request.app``; its requests are counted
+    and their errors answered as every other's (``ApiGuard``)."""
+    app.router.add_route(method, path, handler)
+    app[DIRECT].routes[(method, path)] = (handler, path)
 
 
 def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:
-    """Create the application; adapters add their routes to ``app.router`` before it starts."""
-    return web.Application(client_max_size=max_body, middlewares=[api_middleware(metrics)])
+    """Create the application; adapters add their routes to ``app.router`` before it starts
+    (or with ``add_direct``)."""
+    guard = ApiGuard(metrics)
+    app = web.Application(client_max_size=max_body, middlewares=[guard.middleware()])
+    app[DIRECT] = Direct(guard)
+    return app
 
 
 class CoreRoutes:
@@ -260,6 +387,9 @@ class HttpServer:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
+        direct = self.app.get(DIRECT)
+        if direct is not None and direct.routes:
+            server.request_handler = direct.dispatcher(server.request_handler)
         admission = self.admission
         factory = guarded_http(
             server,

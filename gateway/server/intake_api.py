@@ -14,11 +14,13 @@ from gateway.contact.language import guess_language
 from gateway.contact.phone import to_e164
 from gateway.records import Inbound, Sender, clean_text
 from gateway.server.auth import ApiKeys, source_of
-from gateway.server.http import read_capped
+from gateway.server.http import RawResponse, add_direct, can_answer_raw, raw_answer, read_capped
 from gateway.server.problems import ApiProblem, problem
 
 MAX_TEXT = 64 * 1024
 _JSON = {"Content-Type": "application/json; charset=utf-8"}
+_JSON_TYPE = b"application/json; charset=utf-8"
+_ACCEPTED = b"HTTP/1.1 202 Accepted"
 
 
 _KNOWN = frozenset({
@@ -130,10 +132,10 @@ class IntakeApi:
         self.max_body = max_body
         self.region = region
 
-    def register(self, router: web.UrlDispatcher) -> None:
-        router.add_post("/v1/intake", self.post)
+    def register(self, app: web.Application) -> None:
+        add_direct(app, "POST", "/v1/intake", self.post)
 
-    async def post(self, request: web.Request) -> web.Response:
+    async def post(self, request: web.Request) -> web.StreamResponse:
         received_at = self.clock.now_us()
         try:
             key = self.keys.authorize(request, "intake")
@@ -172,5 +174,7 @@ class IntakeApi:
                 "repeat": {"count": receipt.repeat.count, "window": receipt.repeat.window},
             }
         )
+        if can_answer_raw(request):  # the whole answer in one piece
+            return RawResponse(202, "Accepted", raw_answer(_ACCEPTED, _JSON_TYPE, body))
         # the bytes as they are: json_response would decode them and encode them again
         return web.Response(body=body, status=202, headers=_JSON)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import orjson
 import pytest
 
@@ -130,3 +131,94 @@ async def test_phone_senders_of_sms_and_voice_become_e164(start_gateway, aiohttp
     sms, web = await gw.read_contacts()
     assert sms.sender.address == "+8613800138000"
     assert web.sender.address == "138 0013 8000"  # a web sender is whatever the form said
+
+
+async def _exchange(port: int, request: bytes, answers: int = 1) -> tuple[list[bytes], bool]:
+    """Send raw ``request`` bytes; read ``answers`` responses (head and body each), then
+    whether the server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        out = []
+        for _ in range(answers):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            out.append(head + await reader.readexactly(length))
+        closed = await reader.read(1) == b""
+    finally:
+        writer.close()
+    return out, closed
+
+
+def _post(path: str, body: bytes, *extra: str, version: str = "1.1") -> bytes:
+    head = [f"POST {path} HTTP/{version}", "Host: x", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def test_every_way_of_posting_a_contact_gets_its_whole_answer(start_gateway):
+    """``/v1/intake`` is served straight from the connection (``add_direct``, a prebuilt
+    answer) when nothing is unusual; the other spellings go through the router to the same
+    handler. Each way: the same 202 and its headers, the connection kept or closed as the
+    client asked, and every request counted under the route's pattern."""
+    from tests.server.test_observability import sample
+
+    gw = await start_gateway()
+    port = gw.http_port
+    body = orjson.dumps({"text": "路灯坏了", "sender": "+8613800138000"})
+    # on one connection: direct, with a query (router), direct again, then one that closes
+    answers, closed = await _exchange(port, b"".join([
+        _post("/v1/intake", body), _post("/v1/intake?from=app", body), _post("/v1/intake", body),
+        _post("/v1/intake", body, "Connection: close"),
+    ]), 4)
+    assert closed and b"Connection: close" in answers[3]
+    assert all(b"Connection" not in answer for answer in answers[:3])  # HTTP/1.1: kept
+    (answer,), closed = await _exchange(port, _post("/v1/intake", body, version="1.0"))
+    assert closed and answer.startswith(b"HTTP/1.0 202 Accepted")
+    answers.append(answer)
+    (go_on, answer), closed = await _exchange(
+        port, _post("/v1/intake", body, "Expect: 100-continue", "Connection: close"), 2
+    )
+    assert closed and go_on == b"HTTP/1.1 100 Continue\r\n\r\n"
+    answers.append(answer)
+    for answer in answers:
+        head, _, payload = answer.rpartition(b"\r\n\r\n")
+        assert b" 202 Accepted\r\n" in head, answer
+        lines = {line.partition(b":")[0].lower() for line in head.split(b"\r\n")[1:]}
+        assert {b"content-type", b"content-length", b"date", b"server"} <= lines, head
+        assert b"application/json; charset=utf-8" in head
+        assert orjson.loads(payload)["status"] == "enqueued"
+    assert len(await gw.read_contacts()) == 6
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{port}/metrics"
+    ) as resp:
+        text = await resp.text()
+    assert sample(text, "gateway_http_requests_total", route="/v1/intake", method="POST",
+                  status="202") == 6
+
+
+async def test_a_sender_over_its_rate_on_the_direct_route_is_a_counted_429(start_gateway):
+    """The direct route has the middleware's guard: ``RateLimited`` from Intake is a 429
+    problem with ``Retry-After``, counted, and the connection serves the next request."""
+    from tests.server.test_observability import sample
+
+    gw = await start_gateway(limits={"sender_contacts": 1, "sender_window": "60s"})
+    one = orjson.dumps({"text": "x", "sender": "+8613800138000"})
+    other = orjson.dumps({"text": "x", "sender": "+8613900139000"})
+    (first, second, third), _ = await _exchange(
+        gw.http_port,
+        _post("/v1/intake", one) + _post("/v1/intake", one) + _post("/v1/intake", other), 3
+    )
+    assert first.startswith(b"HTTP/1.1 202") and third.startswith(b"HTTP/1.1 202")
+    head, _, payload = second.rpartition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429") and b"application/problem+json" in head
+    assert b"Retry-After: " in head and orjson.loads(payload)["status"] == 429
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{gw.http_port}/metrics"
+    ) as resp:
+        text = await resp.text()
+    assert sample(text, "gateway_http_requests_total", route="/v1/intake", status="429") == 1
+    assert sample(text, "gateway_http_requests_total", route="/v1/intake", status="202") == 2
