@@ -227,9 +227,17 @@ def ack_reply_id(contact_id: str) -> str:
 class DeliveryReports:
     """Turns a provider's final delivery report into a ``delivered`` or ``failed`` event, once
     per (reply, outcome): providers repeat callbacks, to any instance of a fleet. What was
-    recorded is remembered in the adapter's shared state for ``REMEMBER_S``."""
+    recorded is remembered in the adapter's shared state for ``REMEMBER_S``.
+
+    The first instance handed a report claims it with the event it is about to write
+    (``dlr:<contact>:<reply>:<outcome>``), and marks it ``DONE`` once written. A repeat that
+    finds the event still there (the claimant is writing, or died or failed before it wrote)
+    writes that same event: the events stream takes the same event once (``emit.lua``), and
+    a claimant that died between its claim and its write no longer loses the report."""
 
     REMEMBER_S = 7 * 86400
+    DONE = b"1"
+    """A claim whose event is written (what every claim held before it held the event)."""
 
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
@@ -254,23 +262,22 @@ class DeliveryReports:
                 log.warning("delivery report for %s not recorded: %s", contact_id, exc)
                 return False
         key = f"dlr:{contact_id}:{reply_id}:{kind}"
-        try:  # claim first: of two instances handed the same report, one writes the event
-            if not await self.ctx.state.put(key, "1", self.REMEMBER_S, only_new=True):
-                return True
-        except Exception as exc:
-            log.warning("delivery report for %s not recorded: %s", contact_id, exc)
-            return False
         event = Event(
             contact_id, kind, now, self.ctx.name,
             detail={"reply_id": reply_id, **detail},
         )
-        try:
+        try:  # claim with the event: of instances handed the same report, one event is written
+            if not await self.ctx.state.put(key, event.to_json(), self.REMEMBER_S, only_new=True):
+                claimed = await self.ctx.state.get(key)
+                if claimed is None or claimed == self.DONE:
+                    return True
+                event = Event.from_json(claimed)  # not written yet, or its claimant died
             await self.ctx.events.emit(event)
-        except Exception as exc:
+        except Exception as exc:  # the claim keeps the event: a repeat writes it
             log.warning("delivery report for %s not recorded: %s", contact_id, exc)
-            with contextlib.suppress(Exception):
-                await self.ctx.state.pop(key)
             return False
+        with contextlib.suppress(Exception):  # else a repeat writes it again: taken once
+            await self.ctx.state.put(key, self.DONE, self.REMEMBER_S)
         return True
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from aiohttp import web
 
 from gateway.adapters import SendError
 from gateway.contact.clock import FixedClock
-from gateway.records import Reply
+from gateway.records import Event, Reply
 from gateway.testing import eventually
 from tests.channels.sms.fakes import Answer, FakeProvider, running
 
@@ -367,6 +369,47 @@ async def test_send_chinese_reply_as_ucs2_with_dlr(start_gateway: Any) -> None:
         assert [(e.type, e.detail["reply_id"]) for e in final] == [
             ("delivered", "r-1"), ("failed", "r-2")]
         assert final[1].detail["answer"] == "NACK/0x0000000b"
+
+
+async def test_a_report_claimed_by_an_instance_that_died_writing_is_recorded_by_a_repeat(
+    start_gateway: Any,
+) -> None:
+    """Instance one claims a delivery report and dies before its event is written; Kannel
+    repeats the report to instance two, which found the claim and answered "recorded": the
+    outcome was lost for good. The claim holds the event: two writes it, once, and a third
+    repeat writes nothing more. One's write never ends (then it is cancelled, as the process
+    dies); both instances on one Redis."""
+    from gateway.channels.sms.common import DeliveryReports
+
+    first = await start_gateway(adapters={"kannel": ADAPTER})
+    second = await start_gateway(adapters={"kannel": ADAPTER})  # same Redis and adapter state
+    contact = await inbound_contact(first)
+    ctx = first.adapters["kannel"].ctx
+    writing = asyncio.Event()
+
+    class DiesWriting:
+        """One's event sink: the claim is made, the event's write never comes back."""
+
+        async def emit(self, event: Event) -> None:
+            writing.set()
+            await asyncio.Event().wait()
+
+        async def stamp(self, *args: Any, **kwargs: Any) -> Event | None:
+            return await ctx.events.stamp(*args, **kwargs)
+
+    one = DeliveryReports(dataclasses.replace(ctx, events=DiesWriting()))
+    detail = {"answer": "NACK/0x0000000b"}
+    dying = asyncio.create_task(one.record(contact.id, "r-1", "failed", detail))
+    await writing.wait()
+    dying.cancel()
+    two = second.adapters["kannel"].reports
+    assert await two.record(contact.id, "r-1", "failed", detail)
+    assert await two.record(contact.id, "r-1", "failed", detail)
+
+    failed = [e for e in await first.read_events() if e.type == "failed"]
+    assert [(e.contact_id, e.detail) for e in failed] == [
+        (contact.id, {"reply_id": "r-1", **detail})
+    ]
 
 
 async def test_send_latin_reply_as_gsm(start_gateway: Any) -> None:
