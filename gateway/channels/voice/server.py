@@ -256,6 +256,7 @@ class FastAgiServer:
         """The shortest bound handlers set with ``AgiSession.within`` (the intake's
         ``intake_timeout``): the sweep runs often enough for it too."""
         self.metrics = metrics
+        self._counts = metrics.sessions("agi") if metrics is not None else None
         self.host = host
         self.port = port
         self.clock = clock
@@ -326,7 +327,8 @@ class FastAgiServer:
     async def _run(self, conn: _Connection) -> None:
         task = conn.task
         self.sessions_total += 1
-        started = self.metrics.session_opened("agi") if self.metrics else 0.0
+        counts = self._counts
+        started = counts.opened() if counts is not None else 0.0
         try:
             await self._session(conn)
         except asyncio.CancelledError:
@@ -353,8 +355,8 @@ class FastAgiServer:
             self.connections.release()
             if task is not None:
                 self._sessions.pop(task, None)
-            if self.metrics is not None:
-                self.metrics.session_closed("agi", started)
+            if counts is not None:
+                counts.closed(started)
 
     async def _sweep(self) -> None:
         """Cancel the sessions past ``session_timeout``, or silent past ``read_timeout``."""
