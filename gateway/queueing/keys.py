@@ -73,6 +73,12 @@ class Keys:
         the sender's pseudonym (``RedisQueue.pseudonym``), never the address itself."""
         return f"{self.tag}:sender:{_short(pseudonym)}"
 
+    def sender_first(self, pseudonym: str) -> str:
+        """String: the received_at (us) of a sender's contact that found no such key (its
+        first in a repeat window), which is kept here instead of in the sender's sorted set;
+        expires one window after it was made (``intake.lua``)."""
+        return f"{self.tag}:first:{_short(pseudonym)}"
+
     @property
     def pseudonym_key(self) -> str:
         """String: the fleet's key for pseudonyms of senders in key names (made once)."""

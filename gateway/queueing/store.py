@@ -364,6 +364,7 @@ class RedisQueue:
             minute,
             hour,
             open_zset,
+            k.sender_first(sender).encode(),
         ]
         surge = self.surge_keys
         args: list[Any] = [

@@ -97,8 +97,36 @@ async def test_the_repeat_set_and_the_rate_counter_expire_and_shed_what_left_the
     assert await gw.redis.zcard(sender) == 2  # "old" was taken off by the counted contact
     (rate,) = [n for n in names if b":rate:sender:" in n]
     assert int(await gw.redis.get(rate)) == 3
-    for name in (sender, rate):
+    (first,) = [n for n in names if b":first:" in n]
+    for name in (sender, rate, first):
         assert 0 < await gw.redis.pttl(name) <= 3600 * 1000
+
+
+async def test_a_senders_first_contact_in_the_window_is_kept_in_a_string_alone(start_gateway):
+    """The common case, a sender's first contact in the window, makes one string with its
+    expiry (``Keys.sender_first``: its stamp) and no sorted set; a later one counts it and goes
+    into the set. When the string has expired (here deleted) while the set still holds
+    contacts in the window, the next contact counts those and makes the string again."""
+    gw = await start_gateway(intake={"repeat_window": "1h"})
+    now = SYSTEM_CLOCK.now_us()
+    pseudonym = gw.queue.pseudonym("+8613800138000")
+    sender, first = gw.keys.sender(pseudonym), gw.keys.sender_first(pseudonym)
+    r0 = await gw.intake.submit(inbound(external_id="0", received_at=now - 3))
+    assert r0.repeat.count == 0
+    assert not await gw.redis.exists(sender)
+    assert await gw.redis.get(first) == str(now - 3).encode()
+    assert 3590 * 1000 < await gw.redis.pttl(first) <= 3600 * 1000
+    r1 = await gw.intake.submit(inbound(external_id="1", received_at=now - 2))
+    assert r1.repeat.count == 1
+    assert await gw.redis.zcard(sender) == 1
+    await gw.redis.delete(first)  # as if it had expired
+    r2 = await gw.intake.submit(inbound(external_id="2", received_at=now - 1))
+    r3 = await gw.intake.submit(inbound(external_id="3", received_at=now))
+    assert [r2.repeat.count, r3.repeat.count] == [1, 2]
+    assert await gw.redis.get(first) == str(now - 1).encode()
+    assert await gw.redis.zcard(sender) == 2
+    by_id = {c.external_id: c.repeat.count for c in await gw.read_contacts()}
+    assert by_id == {"0": 0, "1": 1, "2": 1, "3": 2}
 
 
 async def test_one_script_call_per_batch_writes_each_contact_alone(start_gateway):
@@ -156,6 +184,24 @@ async def test_a_contact_refused_before_it_is_written_gives_back_its_dedupe_key_
     assert not isinstance(retried, Exception), retried
     assert retried.created and retried.contact_id == prepared.id
     assert [c.id for c in await gw.read_contacts()] == [prepared.id]
+
+
+async def test_a_contact_refused_before_its_stream_entry_leaves_no_first_contact_of_its_sender(
+    start_gateway,
+):
+    """The sender's 'first' key made by a contact whose step then fails (here the contacts
+    stream is a string: WRONGTYPE) is taken back, so the retry is not counted a repeat of a
+    contact that was never written."""
+    gw = await start_gateway(intake={"repeat_window": "1h"})
+    await gw.redis.set(gw.keys.contacts, "x")
+    prepared = gw.intake.prepare(inbound(external_id="p1"))
+    [failed] = await gw.queue.write_batch([prepared])
+    assert isinstance(failed, ResponseError) and "WRONGTYPE" in str(failed)
+    assert not await gw.redis.exists(gw.keys.sender_first(gw.queue.pseudonym("+8613800138000")))
+    await gw.redis.delete(gw.keys.contacts)
+    [retried] = await gw.queue.write_batch([prepared])
+    assert not isinstance(retried, Exception), retried
+    assert retried.created and retried.repeat_count == 0
 
 
 @pytest.mark.parametrize("offset_us", [7, 93, 50])
