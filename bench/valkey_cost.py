@@ -9,9 +9,13 @@ writes ``--contacts`` new contacts through ``Intake.submit`` (64 at a time, each
 sender, surge warnings on: ``bench/aggregator_bench.py``'s load), and then while the dashboard
 aggregator reads their ``enqueued`` events. Printed per contact: instructions for the writes
 and for the aggregator's pass, Valkey commands (``INFO commandstats``), AOF bytes and memory.
+With ``--replies``, then the rest of a contact's usual life: each is replied to (its
+``responded`` stamp, ``Intake.stamp``: the hash read and ``stamp.lua``) and the aggregator
+steps it to its outcome (``aggregate.lua``); the same figures for those two.
 
     .venv/bin/python -m bench.valkey_cost                       # about a minute
     .venv/bin/python -m bench.valkey_cost --before DIR --rounds 2
+    .venv/bin/python -m bench.valkey_cost --replies             # and the reply's stamp and step
 
 ``--before DIR``: a source tree holding an older ``gateway`` package (``git archive <commit>
 gateway | tar -x -C DIR``), measured the same way in its own process on the same server, in
@@ -70,7 +74,9 @@ async def _figures(redis: Any) -> tuple[int, int, int]:
     return calls, aof, memory
 
 
-async def _measure(redis_url: str, pid: int, folder: str, contacts: int, label: str) -> None:
+async def _measure(
+    redis_url: str, pid: int, folder: str, contacts: int, label: str, replies: bool
+) -> None:
     from bench.aggregator_bench import bench_gateway
 
     async with bench_gateway(redis_url, "cost", "+86137", write_timeout="60s") as (
@@ -79,16 +85,31 @@ async def _measure(redis_url: str, pid: int, folder: str, contacts: int, label: 
         redis = gateway.redis
         start = await _figures(redis)
         await asyncio.to_thread(_callgrind, pid, folder, "-z")
+        ids: list[str] = []
         for i in range(0, contacts, 64):
-            await asyncio.gather(
+            receipts = await asyncio.gather(
                 *(gateway.intake.submit(inbound(j)) for j in range(i, min(contacts, i + 64)))
             )
+            ids += [r.contact_id for r in receipts]
         write = await asyncio.to_thread(_callgrind, pid, folder, "-d")
         written = await _figures(redis)
         while await aggregator.poll():
             pass
         aggregate = await asyncio.to_thread(_callgrind, pid, folder, "-d")
         done = await _figures(redis)
+        if replies:  # each contact replied to: its 'responded' stamp, then the aggregator's step
+            events = gateway.intake
+            for i in range(0, contacts, 64):
+                await asyncio.gather(*(
+                    events.stamp(cid, "responded", gateway.clock.now_us(), "bench")
+                    for cid in ids[i : i + 64]
+                ))
+            stamp = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+            stamped = await _figures(redis)
+            while await aggregator.poll():
+                pass
+            outcome = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+            settled = await _figures(redis)
     n = contacts
     print(
         f"{label}: {n} contacts; per contact: intake {write / n / 1000:,.1f} K instructions,"
@@ -98,15 +119,27 @@ async def _measure(redis_url: str, pid: int, folder: str, contacts: int, label: 
         f" commands; both {(write + aggregate) / n / 1000:,.1f} K instructions",
         flush=True,
     )
+    if replies:
+        print(
+            f"{label}: replies; per contact: 'responded' stamp {stamp / n / 1000:,.1f} K"
+            f" instructions, {(stamped[0] - done[0]) / n:.1f} commands,"
+            f" {(stamped[1] - done[1]) / n:,.0f} AOF bytes; the aggregator's step"
+            f" {outcome / n / 1000:,.1f} K instructions,"
+            f" {(settled[0] - stamped[0]) / n:.1f} commands, {(settled[1] - stamped[1]) / n:,.0f}"
+            f" AOF bytes",
+            flush=True,
+        )
 
 
-def _child(src: str, redis_url: str, pid: int, folder: str, contacts: int) -> None:
+def _child(
+    src: str, redis_url: str, pid: int, folder: str, contacts: int, replies: bool
+) -> None:
     from bench.procs import child_path
 
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, pid, folder, contacts, src or "now"))
+    uvloop.run(_measure(redis_url, pid, folder, contacts, src or "now", replies))
 
 
 def main() -> None:
@@ -118,11 +151,15 @@ def main() -> None:
         "--config", action="append", default=[], metavar="NAME=VALUE",
         help="a server setting to try (e.g. hash-max-listpack-value=2048); repeatable",
     )
+    parser.add_argument(
+        "--replies", action="store_true",
+        help="then reply to each contact: its 'responded' stamp and the aggregator's step",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         src, url, pid, folder = args.child
-        _child(src, url, int(pid), folder, args.contacts)
+        _child(src, url, int(pid), folder, args.contacts, args.replies)
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valkey_cost: needs valgrind (callgrind) on the path")
@@ -149,7 +186,8 @@ def main() -> None:
             for src in trees if r % 2 == 0 else trees[::-1]:
                 subprocess.run(
                     [sys.executable, "-m", "bench.valkey_cost", "--contacts", str(args.contacts),
-                     "--child", src, f"unix://{socket}", str(server.pid), folder],
+                     *(["--replies"] if args.replies else []), "--child", src,
+                     f"unix://{socket}", str(server.pid), folder],
                     check=True, cwd=ROOT,
                 )
     finally:

@@ -9,10 +9,17 @@ from typing import Any
 
 import aiohttp
 
-from gateway.cases.dashboard.aggregates import read_window, time_bin, window_buckets
+from gateway.cases.dashboard.aggregates import (
+    RANKS,
+    Step,
+    apply,
+    read_window,
+    time_bin,
+    window_buckets,
+)
 from gateway.cases.report import build
 from gateway.contact.clock import SYSTEM_CLOCK
-from gateway.queueing.keys import Keys
+from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.server.config import SlaSection
 from gateway.testing import eventually
 from tests.cases import dataset
@@ -163,3 +170,72 @@ async def test_two_instances_share_the_events_and_count_each_once(start_gateway:
     assert {k: c.volume for k, c in counts.items()} == {"voice": 5, "sms": 5, "email": 1}
     assert counts["voice"].settled == 4 and counts["sms"].get("within") == 1
     assert (await live(one))["figures"]["rolling"] == (await live(two))["figures"]["rolling"]
+
+
+async def test_many_steps_in_one_call_leave_what_one_step_a_call_leaves(
+    start_gateway: Any,
+) -> None:
+    """``aggregate.lua`` sums a call's counter moves per bucket and field and sends its set
+    removals and breach entries at the end: every counter, set and hash is what the same steps
+    one call each leave (a contact stepped three times in one call, a breach then a late
+    reply, a call that waits then is answered), in far fewer commands."""
+    gw = await start_gateway(api=API)
+    now = SYSTEM_CLOCK.now_us()
+    minute = now // 3_600_000_000 * 3_600_000_000 + 600_000_000  # ten minutes into an hour
+
+    def steps(keys: Keys) -> list[Step]:
+        def step(cid: str, received: int, label: str, outcome: str, bin_: str = "",
+                 ms: int = 0, call: bool = False, ends: bool = False,
+                 first: bool = False) -> Step:
+            r = received // 1_000_000
+            return Step(
+                keys=[keys.contact(cid), keys.agg_bucket("m", r - r % 60),
+                      keys.agg_bucket("h", r - r % 3600), keys.agg_open(label),
+                      keys.agg_waiting, keys.agg_breaches],
+                args=[cid, label, outcome, RANKS[outcome], received + 180_000_000,
+                      AGG_BUCKET_TTL_S, bin_, ms, now, received, "1" if call else "0",
+                      "1" if ends else "0", "1" if first else "0"],
+            )
+
+        early = minute - 120_000_000  # another minute's bucket, the same hour's
+        return [
+            step("a", minute, "sms", "open", first=True),
+            step("a", minute, "sms", "closed"),
+            step("b", minute + 1, "sms", "open", first=True),
+            step("a", minute, "sms", "within", "30", 25_000),
+            step("b", minute + 1, "sms", "breached"),
+            step("c", minute + 2, "voice", "open", call=True, first=True),
+            step("b", minute + 1, "sms", "late", "300", 290_000),
+            step("c", minute + 2, "voice", "within", "5", 4_000, call=True, ends=True),
+            step("d", early, "sms", "open", first=True),
+            step("d", early, "sms", "within", "30", 21_000),
+            step("a", minute, "sms", "closed"),  # a lower rank: nothing moves
+        ]
+
+    async def hincrbys() -> int:
+        stats = await gw.redis.info("commandstats")
+        return int(stats.get("cmdstat_hincrby", {}).get("calls", 0))
+
+    async def contents(keys: Keys) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async for raw in gw.redis.scan_iter(match=keys.tag + ":*"):
+            name = raw.decode()
+            kind = (await gw.redis.type(name)).decode()
+            value = (await gw.redis.hgetall(name) if kind == "hash"
+                     else await gw.redis.zrange(name, 0, -1, withscores=True))
+            out[name[len(keys.tag):]] = (kind, value, await gw.redis.ttl(name) > 0)
+        return out
+
+    apart, together = Keys("apart"), Keys("together")
+    before = await hincrbys()
+    for s in steps(apart):
+        await apply(gw.queue, [s])
+    one_each = await hincrbys() - before
+    before = await hincrbys()
+    flags = await apply(gw.queue, steps(together))
+    in_one = await hincrbys() - before
+    assert flags == [True, False, True, False, False, True, False, False, True, False, False]
+    assert await contents(together) == await contents(apart)
+    # one a step and bucket and field moved, against one a bucket and field (the old-style
+    # first steps' volumes, 4 contacts x 2 buckets, are counted as they come)
+    assert (one_each, in_one) == (8 + 32, 8 + 10 + 3 + 10)
