@@ -17,8 +17,7 @@
 -- (Each command a script runs costs Valkey its call, its arguments and its AOF copy:
 -- docs/performance.md.)
 local moves, morder = {}, {}  -- bucket key -> {fields = {field -> n}, order = {field...}}
-local drops, dorder = {}, {}  -- zset key -> {member...} (ZREM)
-local marks, korder = {}, {}  -- zset key -> {score, member...} (ZADD NX)
+local sets, sorder = {}, {}  -- {command, key} -> {argument...}: the ZREMs and ZADD NXs
 local function move(key, field, by)
   local t = moves[key]
   if not t then
@@ -26,72 +25,79 @@ local function move(key, field, by)
     moves[key] = t
     morder[#morder + 1] = key
   end
-  if not t.fields[field] then
+  local n = t.fields[field]
+  if not n then
     t.order[#t.order + 1] = field
-    t.fields[field] = 0
+    n = 0
   end
-  t.fields[field] = t.fields[field] + by
+  t.fields[field] = n + by
 end
-local function push(into, order, key, ...)
-  local t = into[key]
+local function later(command, key, a, b)
+  local name = command .. ' ' .. key
+  local t = sets[name]
   if not t then
     t = {}
-    into[key] = t
-    order[#order + 1] = key
+    sets[name] = t
+    sorder[#sorder + 1] = {command, key, t}
   end
-  for _, v in ipairs({...}) do
-    t[#t + 1] = v
+  t[#t + 1] = a
+  if b then
+    t[#t + 1] = b
   end
 end
+-- (the step's keys and arguments are read in place: no table a step)
 local flags = {}
 for step = 0, #KEYS / 6 - 1 do
-  local K = {KEYS[step * 6 + 1], KEYS[step * 6 + 2], KEYS[step * 6 + 3], KEYS[step * 6 + 4],
-             KEYS[step * 6 + 5], KEYS[step * 6 + 6]}
-  local A = {}
-  for i = 1, 13 do A[i] = ARGV[step * 13 + i] end
+  local k, a = step * 6, step * 13
+  local hash, id, label = KEYS[k + 1], ARGV[a + 1], ARGV[a + 2]
   local flag = 0
-  if A[13] == '1' then
-    flag = redis.call('HSETNX', K[1], 'surged', 1)
+  if ARGV[a + 13] == '1' then
+    flag = redis.call('HSETNX', hash, 'surged', 1)
   end
   flags[#flags + 1] = flag
-  local label = A[2]
-  if A[12] == '1' then
-    push(drops, dorder, K[5], A[1])
+  if ARGV[a + 12] == '1' then
+    later('ZREM', KEYS[k + 5], id)
   end
-  local cur = redis.call('HGET', K[1], 'agg')
+  local cur = redis.call('HGET', hash, 'agg')
   local cur_outcome, cur_rank
   if not cur then
     for b = 2, 3 do
-      redis.call('HINCRBY', K[b], label .. ':volume', 1)
-      redis.call('EXPIRE', K[b], A[6])
+      redis.call('HINCRBY', KEYS[k + b], label .. ':volume', 1)
+      redis.call('EXPIRE', KEYS[k + b], ARGV[a + 6])
     end
     cur_outcome, cur_rank = 'open', 0
-    redis.call('HSET', K[1], 'agg', 'open:0')
-    redis.call('ZADD', K[4], A[5], A[1])
-    if A[11] == '1' and A[12] ~= '1' then
-      redis.call('ZADD', K[5], A[10], A[1])
+    redis.call('HSET', hash, 'agg', 'open:0')
+    redis.call('ZADD', KEYS[k + 4], ARGV[a + 5], id)
+    if ARGV[a + 11] == '1' and ARGV[a + 12] ~= '1' then
+      redis.call('ZADD', KEYS[k + 5], ARGV[a + 10], id)
     end
   else
     local sep = string.find(cur, ':', 1, true)
     cur_outcome, cur_rank = string.sub(cur, 1, sep - 1), tonumber(string.sub(cur, sep + 1))
   end
-  local rank = tonumber(A[4])
-  if rank > cur_rank then
-    local outcome = A[3]
+  if tonumber(ARGV[a + 4]) > cur_rank then
+    local outcome, bin = ARGV[a + 3], ARGV[a + 7]
+    local left = cur_outcome ~= 'open' and label .. ':' .. cur_outcome
+    local reached = label .. ':' .. outcome
+    local binned, sum, ms
+    if bin ~= '' then
+      binned, sum, ms = label .. ':t:' .. bin, label .. ':tsum', tonumber(ARGV[a + 8])
+    end
     for b = 2, 3 do
-      if cur_outcome ~= 'open' then
-        move(K[b], label .. ':' .. cur_outcome, -1)
+      local key = KEYS[k + b]
+      if left then
+        move(key, left, -1)
       end
-      move(K[b], label .. ':' .. outcome, 1)
-      if A[7] ~= '' then
-        move(K[b], label .. ':t:' .. A[7], 1)
-        move(K[b], label .. ':tsum', tonumber(A[8]))
+      move(key, reached, 1)
+      if binned then
+        move(key, binned, 1)
+        move(key, sum, ms)
       end
     end
-    redis.call('HSET', K[1], 'agg', outcome .. ':' .. A[4])
-    push(drops, dorder, K[4], A[1])
+    redis.call('HSET', hash, 'agg', outcome .. ':' .. ARGV[a + 4])
+    later('ZREM', KEYS[k + 4], id)
     if outcome == 'breached' or outcome == 'late' then
-      push(marks, korder, K[6], A[9], A[1])
+      later('ZADD', KEYS[k + 6], ARGV[a + 9], id)
     end
   end
 end
@@ -101,16 +107,14 @@ for _, key in ipairs(morder) do
     redis.call('HINCRBY', key, field, string.format('%.0f', t.fields[field]))
   end
 end
-for _, key in ipairs(dorder) do
-  local t = drops[key]
+for _, set in ipairs(sorder) do
+  local command, key, t = set[1], set[2], set[3]
   for i = 1, #t, 1000 do  -- unpack's bound on the stack
-    redis.call('ZREM', key, unpack(t, i, math.min(#t, i + 999)))
-  end
-end
-for _, key in ipairs(korder) do
-  local t = marks[key]
-  for i = 1, #t, 1000 do
-    redis.call('ZADD', key, 'NX', unpack(t, i, math.min(#t, i + 999)))
+    if command == 'ZADD' then
+      redis.call('ZADD', key, 'NX', unpack(t, i, math.min(#t, i + 999)))
+    else
+      redis.call('ZREM', key, unpack(t, i, math.min(#t, i + 999)))
+    end
   end
 end
 return flags
