@@ -161,8 +161,10 @@ class ApiGuard:
                 assert isinstance(request, web.Request)
                 pattern = route_of(request)
             children = self._series[(route, method, status)] = (
-                metrics.http_requests.labels(pattern, method, str(status)),
-                metrics.http_duration.labels(pattern),
+                metrics.deferred_counter(
+                    metrics.http_requests.labels(pattern, method, str(status))
+                ),
+                metrics.deferred_histogram(metrics.http_duration.labels(pattern)),
             )
         children[0].inc()
         children[1].observe(time.perf_counter() - started)
