@@ -123,6 +123,13 @@ def canonical_charset(label: str | None) -> str | None:
 def decode_bytes(data: bytes, charset: str | None, fallback: str) -> str:
     """Decode text bytes: the declared charset's superset, else UTF-8, else ``fallback``."""
     name = canonical_charset(charset)
+    if data.isascii() and not (name and name.startswith(_SEVEN_BIT)):
+        return data.decode("ascii")
+    if name is None or name == "utf_8" or name == "ascii":  # UTF-8 comes first: try it alone
+        try:
+            return data.decode("utf_8")
+        except UnicodeDecodeError:
+            pass
     candidates: list[str] = []
     if name and name not in ("ascii", "utf_8"):
         candidates.extend(_SUPERSETS.get(name, (name,)))
@@ -130,8 +137,6 @@ def decode_bytes(data: bytes, charset: str | None, fallback: str) -> str:
     fb = canonical_charset(fallback)
     if fb:
         candidates.extend(_SUPERSETS.get(fb, (fb,)))
-    if data.isascii() and not (name and name.startswith(_SEVEN_BIT)):
-        return data.decode("ascii")
     for codec in candidates:
         try:
             return data.decode(codec)

@@ -170,6 +170,28 @@ def test_own_reading_of_a_single_part_is_the_feed_parsers(raw: bytes):
     assert _tree(parse(raw)) == _tree(BytesParser(policy=POLICY).parsebytes(raw))
 
 
+CTE_TOKENS = [
+    b"Content-Transfer-Encoding: base64", b"Content-Transfer-Encoding: BASE64",
+    b"Content-Transfer-Encoding: quoted-printable", b"Content-Transfer-Encoding: 8bit",
+    b"Content-Transfer-Encoding: x-uue", b"Content-Transfer-Encoding:\r\n base64",
+    b"Content-Transfer-Encoding: base64 ", b"content-transfer-encoding: Quoted-Printable",
+    b"Content-Transfer-Encoding: 7bit\r\nContent-Transfer-Encoding: base64",
+    b"begin 644 x\r\n", b"end\r\n", b"=41=\r\n", b"QUJD", b"QUJ=", b"\xe4\xbd\xa0",
+    b"Content-Type: multipart/mixed; boundary=b", b"--b", b"--b--",
+]
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(CTE_TOKENS + LINE_TOKENS), max_size=30).map(b"\r\n".join))
+def test_a_parts_bytes_read_without_get_payload_are_get_payloads(raw: bytes):
+    """``_part_bytes`` turns a payload whose transfer encoding is not decoded back into its
+    bytes itself: the same bytes ``get_payload(decode=True)`` gives, for every part."""
+    from gateway.channels.email.normalize import _part_bytes, _raw_headers, _safe_walk, parse
+
+    for part in _safe_walk(parse(raw)):
+        assert _part_bytes(part, _raw_headers(part)) == _part_bytes(part)
+
+
 def test_own_reading_takes_the_common_mail_and_leaves_the_rest():
     from gateway.channels.email.normalize import _single_part
 
