@@ -51,7 +51,7 @@ class LagProbe:
         self._samples: collections.deque[Sample] = collections.deque(maxlen=400_000)
         self._stop = threading.Event()
         self._lags: list[float] = []
-        self._stalls: list[tuple[float, float]] = []  # (start, lateness)
+        self._stalls: list[tuple[float, float, float]] = []  # (start, lateness, loop CPU)
         self._gc = 0
         self._task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
@@ -78,11 +78,12 @@ class LagProbe:
     async def _probe(self) -> None:
         while True:
             t0 = time.perf_counter()
+            c0 = time.thread_time()  # the loop thread's CPU: a hold, or not scheduled?
             await asyncio.sleep(0.001)
             late = time.perf_counter() - t0 - 0.001
             self._lags.append(late)
             if late * 1000 > self.stall_ms:
-                self._stalls.append((t0 + 0.001, late))
+                self._stalls.append((t0 + 0.001, late, time.thread_time() - c0))
 
     async def stop(self) -> dict[str, Any]:
         assert self._task is not None and self._thread is not None
@@ -101,7 +102,10 @@ class LagProbe:
         blame: collections.Counter[str] = collections.Counter()
         ordered = list(self._samples)
         times = [t for t, _ in ordered]
-        for start, late in self._stalls:
+        # a stall in which the loop's thread ran for at least half of it is a hold (our code,
+        # a collection); less, and the process mostly waited for a core or for epoll
+        held = [(late, cpu) for _, late, cpu in self._stalls if cpu >= late / 2]
+        for start, late, _ in self._stalls:
             i, j = bisect.bisect_left(times, start), bisect.bisect_right(times, start + late)
             seen: set[str] = set()
             for _, stack in ordered[i:j]:
@@ -117,6 +121,10 @@ class LagProbe:
             "p99": lags[int(0.99 * len(lags))] * 1000,
             "max": lags[-1] * 1000,
             "stalls": len(self._stalls),
+            "held": len(held),
+            "held_ms": sorted((round(late * 1000, 1) for late, _ in held), reverse=True)[:12],
+            "stall_cpu": sum(cpu for _, _, cpu in self._stalls) / max(
+                1e-9, sum(late for _, late, _ in self._stalls)),
             "blame": blame.most_common(20),
             "gc": self._gc,
         }
@@ -128,6 +136,12 @@ def print_report(report: dict[str, Any], stall_ms: float) -> None:
         f"p99 {report['p99']:.2f} ms  max {report['max']:.1f} ms; {report['stalls']} stalls "
         f"over {stall_ms:g} ms; garbage collections {report['gc']}"
     )
+    if "held" in report:
+        print(
+            f"the loop's thread ran {100 * report['stall_cpu']:.0f} % of the stalls' time; "
+            f"{report['held']} stalls were holds (it ran at least half of the stall), the "
+            f"longest (ms): {report['held_ms']}"
+        )
     print("stalls in which each stack was sampled (innermost frame first):")
     for stack, n in report["blame"]:
         print(f"{n:5d}  {stack}")
