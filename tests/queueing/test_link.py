@@ -7,6 +7,7 @@ import asyncio
 import ssl
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.contact.clock import SYSTEM_CLOCK
 from gateway.records import Inbound, Sender
@@ -234,3 +235,56 @@ async def test_with_min_replicas_batches_keep_pooled_connections(start_gateway, 
     receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"w{i}")) for i in range(3)))
     assert {r.status for r in receipts} == {"spooled"}
     assert gw.queue._link is None
+
+
+async def test_a_link_without_a_reply_for_its_read_timeout_is_closed(start_gateway, redis_client):
+    """The link's own bound (the connection's socket timeout), for callers without a shorter
+    deadline of their own: the oldest batch gets no reply within ``read_timeout``, so it fails
+    with TimeoutError and the link is closed, failing the batch behind it; the next batch goes
+    on a new link. (One timer keeps the bound for every batch in flight, not one each.)"""
+    from gateway.queueing.store import pack_commands
+
+    gw = await start_gateway(redis={"write_timeout": "30s"})
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    link = gw.queue._link
+    assert link is not None
+    link.read_timeout = 0.5  # the connection's socket timeout is longer: the warm-up's
+    if link._watch is not None:  # timer is due by that, so it is set again by the next batch
+        link._watch.cancel()
+        link._watch = None
+    await redis_client.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        first = asyncio.ensure_future(link.send(pack_commands([["SET", "p:1", "1"]]), 1))
+        await eventually(lambda: len(link._waiting) == 1)
+        behind = asyncio.ensure_future(link.send(pack_commands([["SET", "p:2", "2"]]), 1))
+        await eventually(lambda: len(link._waiting) == 2)
+        outcomes = await asyncio.gather(first, behind, return_exceptions=True)
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    assert isinstance(outcomes[0], TimeoutError)
+    assert isinstance(outcomes[1], RedisConnectionError)
+    assert link.closed and not link._waiting
+    assert (await gw.intake.submit(inbound("after"))).status == "enqueued"
+    assert gw.queue._link is not link
+
+
+async def test_batches_answered_in_time_one_after_another_keep_the_link(
+    start_gateway, redis_client
+):
+    """The bound runs from each batch's own send: batches that each wait on Redis for less
+    than ``read_timeout``, one after another for longer than it in all, are all answered on
+    the same link."""
+    from gateway.queueing.store import pack_commands
+
+    gw = await start_gateway(redis={"write_timeout": "30s"})
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    link = gw.queue._link
+    assert link is not None
+    link.read_timeout = 1.5
+    if link._watch is not None:
+        link._watch.cancel()
+        link._watch = None
+    for i in range(4):  # each held 0.6 s by the paused server: 2.4 s in all
+        await redis_client.execute_command("CLIENT", "PAUSE", "600", "WRITE")
+        assert await link.send(pack_commands([["SET", f"q:{i}", "1"]]), 1) == [b"OK"]
+    assert not link.closed and gw.queue._link is link
