@@ -310,6 +310,13 @@ class RedisQueue:
         pipeline routes by slot) or with ``min_replicas``."""
         self._linked = hasattr(client, "connection_pool")
         self._linking = asyncio.Lock()
+        self._side: Link | None = None
+        """The connection of ``execute``'s plain commands (the dashboard's aggregator, the
+        surge counters, the watcher's lookups), opened by the first: their replies parsed in
+        one callback as the intake batches' are, not one redis-py coroutine chain a reply
+        (a surge mark's ``HDEL`` a contact). Apart from the intake link, so that a failure
+        there never fails an intake batch."""
+        self._siding = asyncio.Lock()
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), the
@@ -538,8 +545,25 @@ class RedisQueue:
 
     async def execute(self, commands: list[list[Any]]) -> list[Any]:
         """Run plain commands in one round trip (the cheap path ``run_scripts`` takes); error
-        replies come back as values."""
+        replies come back as values. Commands that answer at once only (no blocking read):
+        on a single server they share one connection (``_side``), pipelined."""
+        if self._linked:
+            pool = getattr(self.redis, "connection_pool", None)
+            side = self._side
+            if side is None or not side.usable():
+                side = await self._open_side(pool)
+            if side is not None:
+                return await side.send(pack_commands(commands), len(commands))
         return await self._execute(commands)
+
+    async def _open_side(self, pool: Any) -> Link | None:
+        async with self._siding:
+            side = self._side
+            if side is None or side.closed:
+                side = self._side = await Link.open(pool)
+                if side is None:
+                    self._linked = False
+            return side
 
     async def _execute(self, commands: list[list[Any]], *, link: bool = False) -> list[Any]:
         """Send commands in one write and read every reply; error replies come back as values.
@@ -591,9 +615,10 @@ class RedisQueue:
 
     async def aclose(self) -> None:
         """Close the intake write's own connection (the client is closed by its owner)."""
-        own, self._link = self._link, None
-        if own is not None:
-            own.close()
+        for own in (self._link, self._side):
+            if own is not None:
+                own.close()
+        self._link = self._side = None
 
     async def emit(self, event: Event) -> None:
         """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline."""

@@ -288,3 +288,32 @@ async def test_batches_answered_in_time_one_after_another_keep_the_link(
         await redis_client.execute_command("CLIENT", "PAUSE", "600", "WRITE")
         assert await link.send(pack_commands([["SET", f"q:{i}", "1"]]), 1) == [b"OK"]
     assert not link.closed and gw.queue._link is link
+
+
+async def test_plain_commands_share_a_connection_of_their_own(start_gateway, redis_url):
+    """``RedisQueue.execute`` (the aggregator's marks, the surge counters): pipelined on a
+    connection apart from the intake link, error replies as values, and a connection the
+    server closed unseen is replaced before the next commands, as the intake link is."""
+    import redis
+    from redis.exceptions import ResponseError
+
+    gw = await start_gateway()
+    queue = gw.queue
+    key = f"{gw.keys.tag}:side-test"
+    first, second = await asyncio.gather(
+        queue.execute([["SET", key, "a"], ["INCR", key], ["GET", key]]),
+        queue.execute([["APPEND", key, "b"], ["GET", key]]),
+    )
+    assert first[0] is True or first[0] == b"OK"
+    assert isinstance(first[1], ResponseError) and first[2] == b"a"  # a value, not raised
+    assert second == [2, b"ab"]
+    side = queue._side
+    assert side is not None and side is not queue._link and not side.closed
+    blocking = redis.Redis.from_url(redis_url)
+    try:
+        blocking.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    finally:
+        blocking.close()
+    assert await queue.execute([["GET", key]]) == [b"ab"]
+    assert queue._side is not side and side.closed
+    assert (await gw.intake.submit(inbound("after"))).status == "enqueued"
