@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _MORE = object()
 """What ``hiredis.Reader.gets`` answers while a reply is not complete."""
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+"""``usable``'s flags, combined once (each ``|`` of the two ``IntFlag`` members is three
+Python calls of ``enum``: about 1 us a batch sent while the link was idle)."""
 
 
 class Link(asyncio.Protocol):
@@ -88,7 +91,7 @@ class Link(asyncio.Protocol):
         if self._waiting or self._peek is None:
             return True
         try:
-            self._peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self._peek.recv(1, _PEEK)
         except (BlockingIOError, InterruptedError):
             return True  # nothing to read: the connection is as it was
         except OSError:
