@@ -304,6 +304,11 @@ class RedisQueue:
             keys.agg_repeats,
         )
         """The intake script's keys that are the same for every contact."""
+        tag = keys.tag
+        self._heads = (f"{tag}:dedupe:", f"{tag}:sender:", f"{tag}:contact:", f"{tag}:first:")
+        """The heads of a contact's own key names (``Keys.dedupe``, ``sender``, ``contact``,
+        ``sender_first``), made once: ``_encode`` adds a pseudonym or id to them (33 and 36
+        printable characters, which ``Keys`` keeps as they are)."""
         self._link: Link | None = None
         """The intake batches' own connection (``gateway/queueing/link.py``), opened by
         ``load_scripts`` (again by a batch that finds it closed); none on a cluster client (its
@@ -355,23 +360,25 @@ class RedisQueue:
         )
         k = self.keys
         address = inbound.sender.address
-        sender = self.pseudonym(address)
+        pseudonym = self.pseudonyms.of
+        sender = pseudonym(address)
         label, open_zset = self._rows.get((inbound.channel, p.deadline.kind)) or self._row(
             inbound.channel, p.deadline.kind
         )
         minute, hour = self._buckets(inbound.received_at)
         # the contact's own keys and arguments (intake.lua's layout; the ones every contact
         # shares are added once a call by _script_calls)
+        dedupe, senders, contacts, firsts = self._heads
         keys = [
             # encoded here, so a key that is not valid UTF-8 fails this contact alone
             # the peer's id may hold a number (CMPP's ``cmpp:<msg_id>:<number>``): pseudonym
-            k.dedupe(inbound.adapter, self.pseudonym(inbound.external_id or p.id)).encode(),
-            k.sender(sender).encode(),
-            k.contact(p.id),
+            f"{dedupe}{inbound.adapter}:{pseudonym(inbound.external_id or p.id)}".encode(),
+            (senders + sender).encode(),
+            contacts + p.id,
             minute,
             hour,
             open_zset,
-            k.sender_first(sender).encode(),
+            (firsts + sender).encode(),
         ]
         surge = self.surge_keys
         args: list[Any] = [
