@@ -81,7 +81,14 @@ class Coalescer(Generic[T, R]):
 
     def _check(self) -> None:
         """The timer: cancel the batches whose deadline has passed, then set it again for
-        the first one still in flight, if any."""
+        the first one still in flight, if any.
+
+        The cancellation is sent one callback later (``_expire``): a batch started by a
+        ``_kick`` that ran just before this, in the same turn of the loop, has not run its
+        first step yet (its items waited their whole ``timeout`` for a slot, as after a stall
+        of the loop), and a task cancelled before its first step never enters ``_run``: its
+        callers' futures would never be resolved. Its first step was scheduled before this
+        callback, so it comes first and the cancellation finds it inside ``_run``."""
         self._watch = None
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -92,7 +99,12 @@ class Coalescer(Generic[T, R]):
             del self._due[task]
             if not task.done():
                 self._expired.add(task)
-                task.cancel()
+                loop.call_soon(self._expire, task)
+
+    @staticmethod
+    def _expire(task: asyncio.Task[None]) -> None:
+        if not task.done():
+            task.cancel()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

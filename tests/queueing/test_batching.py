@@ -4,6 +4,7 @@ fails at its own oldest item's submission plus ``timeout``, kept by one timer fo
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -75,3 +76,23 @@ async def test_a_caller_giving_up_is_not_a_deadline() -> None:
     process.gates[0].set()
     await coalescer.drain()
     assert orphaned == [("x", "ok:x", None)]
+
+
+async def test_a_batch_past_its_deadline_while_it_waited_for_a_slot_still_fails() -> None:
+    """Review finding on baccdfa: the loop stalls as the batch before it ends, so the next
+    batch starts (``_kick``) with its deadline already past and the timer's ``_check`` right
+    behind it in the same turn of the loop. Cancelled before its first step, the batch never
+    entered ``_run``, and its caller's future was never resolved (fails before: not done)."""
+    process = Gate()
+    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=1, timeout=0.2)
+    first = coalescer.submit("a")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    waiting = coalescer.submit("b")  # no slot: it waits for a's batch
+    first.add_done_callback(lambda _: time.sleep(0.3))  # the stall, past b's deadline
+    process.gates[0].set()
+    assert await first == "ok:a"
+    await coalescer.drain()
+    assert waiting.done()
+    assert isinstance(waiting.exception(), TimeoutError)
+    assert not coalescer.busy and coalescer._watch is None
