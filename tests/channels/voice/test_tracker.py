@@ -204,3 +204,26 @@ async def test_answer_of_a_spooled_call_is_written_once_redis_is_back(
     assert answered.met is True
     await tracker.sweep()
     assert kinds(await gw.read_events()) == ["answered"]
+
+
+def test_a_call_record_is_the_json_older_instances_write_and_read() -> None:
+    """A call's record (the fleet's shared state) is written by orjson from the dataclass
+    itself: the same bytes as the ``asdict`` form older instances write, every field included,
+    so either reads the other's records during a rolling upgrade."""
+    from dataclasses import asdict
+
+    import orjson
+
+    from gateway.channels.voice.tracker import Call
+
+    call = Call(
+        uniqueid="1733000000.55", contact_id="0193a1b2c3", seen_us=1_733_000_000_000_000,
+        linkedid="1733000000.54", sender_address="+8613800138000", sender_name="陈",
+        recipient="12345", language="zh", queue="hotline", arrived_us=1_733_000_000_000_001,
+        abandon={"position": 1, "wait": 3}, outcome="answered",
+        outcome_detail={"exact": True, "agent": "Agent One"}, attempts=2,
+    )
+    record = call.to_json()
+    assert record == orjson.dumps(asdict(call))
+    assert Call.from_json(record) == call
+    assert Call.from_json(orjson.dumps(asdict(Call("u", "", 0)))) == Call("u", "", 0)
