@@ -16,6 +16,7 @@
 -- the contact hash ('agg', 'surged') stay in turn: a later step of the same contact reads them.
 -- (Each command a script runs costs Valkey its call, its arguments and its AOF copy:
 -- docs/performance.md.)
+local KEYS, ARGV = KEYS, ARGV  -- upvalues: each use is no look-up in the globals
 local moves, morder = {}, {}  -- bucket key -> {fields = {field -> n}, order = {field...}}
 local sets, sorder = {}, {}  -- {command, key} -> {argument...}: the ZREMs and ZADD NXs
 local function move(key, field, by)

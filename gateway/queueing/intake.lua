@@ -33,6 +33,7 @@
 -- A duplicate passes before the rate limits: a peer's retry is never "too many".
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
 -- group has read (gateway/queueing/backlog.py), never on the hot path.
+local KEYS, ARGV = KEYS, ARGV  -- upvalues: each use is no look-up in the globals
 local zsets, zorder = {}, {}  -- key -> {score, member, ...}, in the order first seen
 local volumes, vorder = {}, {}  -- bucket key -> {fields = {field -> n}, order = {field...}}
 local function index(key, score, member)
@@ -110,21 +111,23 @@ local function contact(kb, nk, ab)
   local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
   redis.call('XADD', KEYS[1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 8])
   visible = true
-  local fields = {'event', ARGV[ab + 7], 'contact_id', id, 'type', 'enqueued', 'counted', count}
-  if ARGV[ab + 12] ~= '' then
-    fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[ab + 12]
+  -- The event and the contact's one HSET (its fields, its first event's index entry, its
+  -- dashboard outcome, and the mark that its surge keys are not yet counted) with their
+  -- arguments written out: no table to build and unpack a contact.
+  local event, surge = nil, ARGV[ab + 12]
+  if surge == '' then
+    event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
+      'type', 'enqueued', 'counted', count)
+    redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
+      'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
+      'event:' .. event, ARGV[ab + 7], 'agg', 'open:0')
+  else
+    event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
+      'type', 'enqueued', 'counted', count, 'surge', surge)
+    redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
+      'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
+      'event:' .. event, ARGV[ab + 7], 'agg', 'open:0', 'surge', 1)
   end
-  local event = redis.call('XADD', KEYS[2], '*', unpack(fields))
-  -- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
-  -- (and the mark that its surge keys are not yet counted). (No field for the contact's
-  -- stream entry id: nothing read it.)
-  fields = {'contact', json, 'received_us', received, 'due_us', ARGV[ab + 5],
-    'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8], 'event:' .. event, ARGV[ab + 7],
-    'agg', 'open:0'}
-  if ARGV[ab + 12] ~= '' then
-    fields[#fields + 1], fields[#fields + 2] = 'surge', 1
-  end
-  redis.call('HSET', KEYS[kb + 3], unpack(fields))
   redis.call('EXPIRE', KEYS[kb + 3], ARGV[4])
   -- written: its index entries and its dashboard volume wait for the batch's end
   index(KEYS[3], ARGV[ab + 5], id)
