@@ -11,7 +11,10 @@ aggregator reads their ``enqueued`` events. Printed per contact: instructions fo
 and for the aggregator's pass, Valkey commands (``INFO commandstats``), AOF bytes and memory.
 With ``--replies``, then the rest of a contact's usual life: each is replied to (its
 ``responded`` stamp, ``Intake.stamp``: the hash read and ``stamp.lua``) and the aggregator
-steps it to its outcome (``aggregate.lua``); the same figures for those two.
+steps it to its outcome (``aggregate.lua``); the same figures for those two. With
+``--deadlines`` (instead), none is replied to: the deadline watcher's sweeps claim each one's
+warning and then its breach (``claim.lua``, its ``now`` moved on), and the aggregator steps
+the breaches (per contact breached: the bench's 64 warm-up contacts too).
 
     .venv/bin/python -m bench.valkey_cost                       # about a minute
     .venv/bin/python -m bench.valkey_cost --before DIR --rounds 2
@@ -75,7 +78,8 @@ async def _figures(redis: Any) -> tuple[int, int, int]:
 
 
 async def _measure(
-    redis_url: str, pid: int, folder: str, contacts: int, label: str, replies: bool
+    redis_url: str, pid: int, folder: str, contacts: int, label: str, replies: bool,
+    deadlines: bool,
 ) -> None:
     from bench.aggregator_bench import bench_gateway
 
@@ -110,6 +114,27 @@ async def _measure(
                 pass
             outcome = await asyncio.to_thread(_callgrind, pid, folder, "-d")
             settled = await _figures(redis)
+        if deadlines:  # none replied to: each one's warning, then its breach, fall due
+            from gateway.cases.watcher import DeadlineWatcher
+            from gateway.server.config import WatcherSection
+
+            watcher = DeadlineWatcher(
+                gateway.queue, gateway.clock, gateway.metrics, WatcherSection()
+            )
+            await asyncio.to_thread(_callgrind, pid, folder, "-z")
+            before = await _figures(redis)
+            # the warnings when every warning and no deadline is due, then the deadlines
+            ((_, first_due),) = await redis.zrange(
+                gateway.keys.deadlines, 0, 0, withscores=True
+            )
+            warned = await watcher._sweep("warning", int(first_due) - 1)
+            breached = await watcher._sweep("breached", int(first_due) + 86400 * 1_000_000)
+            sweep = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+            swept = await _figures(redis)
+            while await aggregator.poll():
+                pass
+            breach = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+            counted = await _figures(redis)
     n = contacts
     print(
         f"{label}: {n} contacts; per contact: intake {write / n / 1000:,.1f} K instructions,"
@@ -131,15 +156,28 @@ async def _measure(
         )
 
 
+    if deadlines:
+        n = max(1, breached)  # the bench's warm-up contacts too
+        print(
+            f"{label}: deadlines ({warned} warnings, {breached} breaches); per contact: the"
+            f" watcher's sweeps {sweep / n / 1000:,.1f} K instructions,"
+            f" {(swept[0] - before[0]) / n:.1f} commands, {(swept[1] - before[1]) / n:,.0f} AOF"
+            f" bytes; the aggregator's step {breach / n / 1000:,.1f} K instructions,"
+            f" {(counted[0] - swept[0]) / n:.1f} commands",
+            flush=True,
+        )
+
+
 def _child(
-    src: str, redis_url: str, pid: int, folder: str, contacts: int, replies: bool
+    src: str, redis_url: str, pid: int, folder: str, contacts: int, replies: bool,
+    deadlines: bool,
 ) -> None:
     from bench.procs import child_path
 
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, pid, folder, contacts, src or "now", replies))
+    uvloop.run(_measure(redis_url, pid, folder, contacts, src or "now", replies, deadlines))
 
 
 def main() -> None:
@@ -155,11 +193,15 @@ def main() -> None:
         "--replies", action="store_true",
         help="then reply to each contact: its 'responded' stamp and the aggregator's step",
     )
+    parser.add_argument(
+        "--deadlines", action="store_true",
+        help="or let each contact's warning and deadline fall due: the watcher and the step",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         src, url, pid, folder = args.child
-        _child(src, url, int(pid), folder, args.contacts, args.replies)
+        _child(src, url, int(pid), folder, args.contacts, args.replies, args.deadlines)
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valkey_cost: needs valgrind (callgrind) on the path")
@@ -186,7 +228,8 @@ def main() -> None:
             for src in trees if r % 2 == 0 else trees[::-1]:
                 subprocess.run(
                     [sys.executable, "-m", "bench.valkey_cost", "--contacts", str(args.contacts),
-                     *(["--replies"] if args.replies else []), "--child", src,
+                     *(["--replies"] if args.replies else []),
+                     *(["--deadlines"] if args.deadlines else []), "--child", src,
                      f"unix://{socket}", str(server.pid), folder],
                     check=True, cwd=ROOT,
                 )
