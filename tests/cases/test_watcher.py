@@ -232,3 +232,33 @@ async def test_many_due_at_once_are_claimed_in_small_steps(start_gateway: Any) -
     steps = [b - a for a, b in itertools.pairwise(seen)]
     assert sum(steps) == due
     assert max(steps) <= 64, f"{max(steps)} contacts claimed without the loop running others"
+
+
+async def test_a_warning_claim_clears_its_own_set_once(start_gateway: Any) -> None:
+    """A warning's claim removes its member from the warning set once (the set to clear as
+    well is the same one: no second ZREM), a breach's from both sets."""
+    clock = FixedClock()
+    gw: Gateway = await start_gateway(
+        api=API, clock=clock, sla={"web_response": "100s"}, watcher={"enabled": False}
+    )
+    receipt = await gw.intake.submit(
+        Inbound("web", "api", "ext-1", Sender("a@example.org"), "", clock.now_us(), text="x")
+    )
+    watcher = own_watcher(gw, clock)
+    cid = receipt.contact_id.encode()
+
+    async def zrems() -> int:
+        stats = await gw.redis.info("commandstats")
+        return int(stats.get("cmdstat_zrem", {}).get("calls", 0))
+
+    clock.advance(80)
+    before = await zrems()
+    assert await watcher.tick() == 1
+    assert await zrems() - before == 1
+    assert await gw.redis.zrange(gw.keys.warnings, 0, -1) == []
+    assert await gw.redis.zrange(gw.keys.deadlines, 0, -1) == [cid]
+    clock.advance(20)
+    before = await zrems()
+    assert await watcher.tick() == 1
+    assert await zrems() - before == 2
+    assert await gw.redis.zrange(gw.keys.deadlines, 0, -1) == []
