@@ -358,12 +358,16 @@ class AttachmentStore:
         for r in results:
             if isinstance(r, Exception):
                 log.warning("attachments: held file not written: %s", r)
-        if done and self._holder is not None:
-            try:
-                await self._holder.release(done)
-            except Exception as exc:  # written again later: the same bytes, the same name
-                log.info("attachments: held files not released (%s)", type(exc).__name__)
+        if done and self._holder is not None:  # a task: a slow Redis never holds up the writes
+            self._spawn(self._release_written(done))
         return results
+
+    async def _release_written(self, digests: list[str]) -> None:
+        assert self._holder is not None
+        try:
+            await self._holder.release(digests)
+        except Exception as exc:  # written again later: the same bytes, the same name
+            log.info("attachments: held files not released (%s)", type(exc).__name__)
 
     def plan(self, items: Sequence[_File]) -> Plan:
         """Decide how ``items`` become durable: files up to the hold limit (``hold_in``) go into
@@ -433,14 +437,17 @@ class AttachmentStore:
 
     def _spawn_behind(self, items: list[_File]) -> None:
         """Queue held files for the next group written behind (no task of their own: the group
-        writes them, logs what failed and releases the others; ``close`` waits for it)."""
+        writes them, logs what failed and releases the others; ``close`` waits for both)."""
         for item in items:
             self._behind_writer.submit(item)
 
     async def _write_behind(self, items: list[_File]) -> None:
         """Write held files to disk (one group commit with others) and release them; return
-        once their group is done."""
-        await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
+        once they are (the group's own release of them is in the background)."""
+        results = await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
+        done = [r.sha256 for r in results if isinstance(r, Attachment)]
+        if done and self._holder is not None:
+            await self._release_written(done)
 
     async def _fetch_held(self, sha256: str) -> _File | None:
         if self._holder is None or not _SHA256.fullmatch(sha256):

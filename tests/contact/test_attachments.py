@@ -413,3 +413,43 @@ def test_syncfs_is_used_only_where_it_reports_writeback_errors(release, reports)
     from gateway.contact.attachments import syncfs_reports_errors
 
     assert syncfs_reports_errors(release) is reports
+
+
+async def test_a_release_that_waits_on_redis_does_not_hold_up_the_next_files(
+    tmp_path, own_redis, prefix
+):
+    """The files written behind are let go from Redis after each group in the background: a
+    release that waits (Redis slow, writes paused) does not keep the next group from being
+    written (the release was awaited inside the group, so the writer waited with it)."""
+    import redis.asyncio as aioredis
+
+    from gateway.queueing.held import RedisHolder
+    from gateway.queueing.keys import Keys
+    from gateway.testing import eventually
+
+    client = aioredis.from_url(own_redis.url, socket_timeout=60)
+    admin = aioredis.from_url(own_redis.url)
+    store = AttachmentStore(tmp_path / "attachments", max_size=4096)
+    store.behind_interval = 0.0
+    holder = RedisHolder(client, Keys(prefix), store.root)
+    store.hold_in(holder)
+    blobs = [f"Subject: lamp {n}\r\n\r\nlight {n} is out\r\n".encode() for n in range(2)]
+    plans = [store.plan([(b, f"m{n}.eml", "message/rfc822")]) for n, b in enumerate(blobs)]
+    for plan in plans:
+        assert plan.held is not None
+        await client.hset(plan.held[0], mapping=plan.held[1])
+    paths = [store.path_for(hashlib.sha256(b).hexdigest()) for b in blobs]
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "60000", "WRITE")  # HDELs wait
+        await store.settle(plans[0], in_redis=True)
+        await eventually(paths[0].is_file)
+        await store.settle(plans[1], in_redis=True)  # while the first group's release waits
+        await eventually(paths[1].is_file)
+        assert len(await holder.held()) == 2  # neither let go yet
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+    await store.close()
+    await holder.drain()
+    assert await holder.held() == []
+    await client.aclose()
+    await admin.aclose()
