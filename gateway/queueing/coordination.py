@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -116,6 +116,16 @@ return redis.call('HLEN', KEYS[2])
 """
 )
 
+_HASH_SET = (
+    _FENCE_CHECK
+    + """
+-- KEYS[2]: hash; ARGV[2..n-1]: field, value pairs; ARGV[n]: ttl ms. Returns the field count.
+redis.call('HSET', KEYS[2], unpack(ARGV, 2, #ARGV - 1))
+redis.call('PEXPIRE', KEYS[2], ARGV[#ARGV])
+return redis.call('HLEN', KEYS[2])
+"""
+)
+
 _HASH_TAKE = (
     _FENCE_CHECK
     + """
@@ -159,6 +169,7 @@ _SCRIPTS = {
     "put": _PUT,
     "pop": _POP,
     "hash_add": _HASH_ADD,
+    "hash_set": _HASH_SET,
     "hash_take": _HASH_TAKE,
     "hash_remove": _HASH_REMOVE,
     "admit": _ADMIT,
@@ -491,6 +502,28 @@ class SharedState:
         return int(
             await self._scripts.run(
                 "hash_add", [lease_key, self._key(key)], [expected, field, value, _ms(ttl_s)]
+            )
+        )
+
+    async def hash_set(
+        self,
+        key: str,
+        fields: Mapping[str, bytes | str],
+        ttl_s: float,
+        *,
+        fence: Fence | None = None,
+    ) -> int:
+        """Set several fields of hash ``key`` in one step (its TTL restarts), as ``hash_add``
+        does one; return how many fields it has."""
+        if not fields:
+            return len(await self.hash_all(key))
+        lease_key, expected = self._fence(fence)
+        pairs: list[bytes | str] = []
+        for name, value in fields.items():
+            pairs += (name, value)
+        return int(
+            await self._scripts.run(
+                "hash_set", [lease_key, self._key(key)], [expected, *pairs, _ms(ttl_s)]
             )
         )
 

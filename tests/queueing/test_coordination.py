@@ -237,6 +237,28 @@ async def test_shared_state_expires_and_is_taken_once(client: Any, prefix: str) 
     assert await SharedState(client, keys, "mail").get("ttl") is None
 
 
+async def test_hash_set_writes_many_fields_in_one_fenced_step(client: Any, prefix: str) -> None:
+    """``hash_set``: several fields at once (the call tracker's flush), the hash's TTL
+    restarted, the field count returned; under a stale fence nothing is written."""
+    keys = Keys(prefix)
+    state = SharedState(client, keys, "pbx")
+    assert await state.hash_add("calls", "old", b"kept", 60) == 1
+    records = {f"1733.{n}": f"record {n} \u9648".encode() for n in range(250)}
+    assert await state.hash_set("calls", records, 120) == 251
+    assert await state.hash_all("calls") == {"old": b"kept", **records}
+    assert 60_000 < await client.pttl(keys.state("pbx", "calls")) <= 120_000
+    assert await state.hash_set("calls", {}, 120) == 251
+    assert await state.hash_remove("calls", *records) == 1
+    leases = Leases(client, keys, "a", TTL)
+    fence, _ = await leases.acquire("pbx")
+    assert fence is not None
+    assert await state.hash_set("calls", {"a": b"1", "b": "2"}, 60, fence=fence) == 3
+    assert await leases.release(fence)
+    with pytest.raises(LeaseLost):
+        await state.hash_set("calls", {"c": b"3"}, 60, fence=fence)
+    assert sorted(await state.hash_all("calls")) == ["a", "b", "old"]
+
+
 async def test_admit_counts_across_instances_in_a_window(client: Any, prefix: str) -> None:
     keys = Keys(prefix)
     one, two = SharedState(client, keys, "mail"), SharedState(client, keys, "mail")

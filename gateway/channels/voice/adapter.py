@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -368,8 +369,14 @@ class SharedCallStore:
     async def save(self, uniqueid: str, record: bytes) -> None:
         await self.state.hash_add(self.key, uniqueid, record, self.ttl_s, fence=self.fence)
 
+    async def save_many(self, records: Mapping[str, bytes]) -> None:
+        await self.state.hash_set(self.key, records, self.ttl_s, fence=self.fence)
+
     async def drop(self, uniqueid: str) -> None:
         await self.state.hash_remove(self.key, uniqueid, fence=self.fence)
+
+    async def drop_many(self, uniqueids: Collection[str]) -> None:
+        await self.state.hash_remove(self.key, *uniqueids, fence=self.fence)
 
     async def load(self) -> dict[str, bytes]:
         return await self.state.hash_all(self.key)

@@ -227,3 +227,35 @@ def test_a_call_record_is_the_json_older_instances_write_and_read() -> None:
     assert record == orjson.dumps(asdict(call))
     assert Call.from_json(record) == call
     assert Call.from_json(orjson.dumps(asdict(Call("u", "", 0)))) == Call("u", "", 0)
+
+
+async def test_a_flush_of_many_changed_calls_reaches_the_successor(start_gateway: Any) -> None:
+    """The flush writes the changed calls' records a few hundred at a time (one script call
+    each, ``SharedState.hash_set``), not one round trip a call: 450 open calls (three chunks)
+    all reach a successor that resumes from Redis, with their queue."""
+    from gateway.channels.voice.adapter import SharedCallStore
+    from gateway.channels.voice.tracker import FLUSH_CHUNK
+
+    gw = await start_gateway()
+    store = SharedCallStore(gw.state_for("asterisk"), "calls:flush", ttl_s=3600)
+
+    def tracker() -> CallTracker:
+        return CallTracker(adapter="asterisk", events=gw.intake, intake=gw.intake,
+                           contacts=gw.queue, clock=gw.clock, store=store, callbacks=False)
+
+    first = tracker()
+    await first.resume()
+    calls = 2 * FLUSH_CHUNK + 50
+    for n in range(calls):
+        base = {"Uniqueid": f"1733.{n}", "Linkedid": f"1733.{n}", "Exten": "12345",
+                "CallerIDNum": "13800138000", "Timestamp": "1733000000.000000"}
+        await first.handle({"Event": "VarSet", "Variable": "GATEWAY_CONTACT_ID",
+                            "Value": f"c{n}", **base})
+        await first.handle({"Event": "QueueCallerJoin", "Queue": "hotline", "Position": "1",
+                            **base})
+    await first.flush()
+    successor = tracker()
+    await successor.resume()
+    assert len(successor.calls) == calls
+    assert {c.queue for c in successor.calls.values()} == {"hotline"}
+    assert successor.calls["1733.7"].contact_id == "c7"
