@@ -159,12 +159,17 @@ class DeadlineWatcher:
         now: Micros,
         type: EventType,
     ) -> list[Any]:
+        """One ``claim.lua`` call for the step's members (``BATCH``); one flag a member."""
         k = self.queue.keys
-        results = await self.queue.run_scripts(
-            "claim",
-            [
-                ([zset, k.events, other, k.contact(cid)], [cid, now, body, type])
-                for cid, body, _, _ in calls
-            ],
-        )
-        return raise_errors(results)
+        script_calls: list[tuple[list[Any], list[Any]]] = []
+        for start in range(0, len(calls), BATCH):
+            part = calls[start : start + BATCH]
+            keys: list[Any] = [zset, k.events, other, *(k.contact(c[0]) for c in part)]
+            args: list[Any] = [now, type]
+            for cid, body, _, _ in part:
+                args += (cid, body)
+            script_calls.append((keys, args))
+        flags: list[Any] = []
+        for reply in raise_errors(await self.queue.run_scripts("claim", script_calls)):
+            flags.extend(reply)
+        return flags

@@ -1,23 +1,47 @@
--- The deadline watcher's claim: of several instances racing for a due member, only the one
--- whose ZREM removed it writes the event (see gateway/cases/watcher.py).
--- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well
---       (a warning's is its own set: then nothing more to clear), 4 the contact's hash (its
---       event index)
--- ARGV: 1 contact id, 2 now (us), 3 event JSON ('' to drop without an event), 4 type
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then
-  return 0
+-- The deadline watcher's claims of one step of its sweep: of several instances racing for a
+-- due member, only the one whose call removes it writes the event (see
+-- gateway/cases/watcher.py). One call takes the step's members (up to 50): their scores in one
+-- ZMSCORE, the claimed ones removed in one ZREM a set at the end (the call is atomic, so no
+-- other claim comes between).
+-- KEYS: 1 the sorted set to claim from, 2 events stream, 3 a sorted set to clear as well (a
+--       warning's is its own set: then nothing more to clear), then each member's contact hash
+--       (its event index)
+-- ARGV: 1 now (us), 2 event type, then each member's contact id and event JSON ('' to drop
+--       the member without an event)
+-- Returns one flag a member: 1 when this call claimed it and wrote its event.
+local KEYS, ARGV = KEYS, ARGV  -- upvalues: each use is no look-up in the globals
+local n = #KEYS - 3
+if n == 0 then
+  return {}
 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if KEYS[3] ~= KEYS[1] then
-  redis.call('ZREM', KEYS[3], ARGV[1])
+local now, type = tonumber(ARGV[1]), ARGV[2]
+local ids = {}
+for c = 1, n do
+  ids[c] = ARGV[2 * c + 1]
 end
-if ARGV[3] == '' then
-  return 0
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+local claimed, flags = {}, {}
+for c = 1, n do
+  local flag = 0
+  local score = scores[c]
+  if score and tonumber(score) <= now then
+    local id, body = ids[c], ARGV[2 * c + 2]
+    claimed[#claimed + 1] = id
+    if body ~= '' then
+      local event = redis.call('XADD', KEYS[2], '*',
+        'event', body, 'contact_id', id, 'type', type)
+      if redis.call('EXISTS', KEYS[3 + c]) == 1 then
+        redis.call('HSET', KEYS[3 + c], 'event:' .. event, body)
+      end
+      flag = 1
+    end
+  end
+  flags[c] = flag
 end
-local event = redis.call('XADD', KEYS[2], '*',
-  'event', ARGV[3], 'contact_id', ARGV[1], 'type', ARGV[4])
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('HSET', KEYS[4], 'event:' .. event, ARGV[3])
+if #claimed > 0 then
+  redis.call('ZREM', KEYS[1], unpack(claimed))
+  if KEYS[3] ~= KEYS[1] then
+    redis.call('ZREM', KEYS[3], unpack(claimed))
+  end
 end
-return 1
+return flags

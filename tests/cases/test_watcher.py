@@ -235,17 +235,20 @@ async def test_many_due_at_once_are_claimed_in_small_steps(start_gateway: Any) -
 
 
 async def test_a_warning_claim_clears_its_own_set_once(start_gateway: Any) -> None:
-    """A warning's claim removes its member from the warning set once (the set to clear as
-    well is the same one: no second ZREM), a breach's from both sets."""
+    """The members of one step are claimed in one ``claim.lua`` call: their removal is one
+    ZREM a set, from the warning set alone for warnings (the set to clear as well is the same
+    one), from both sets for breaches."""
     clock = FixedClock()
     gw: Gateway = await start_gateway(
         api=API, clock=clock, sla={"web_response": "100s"}, watcher={"enabled": False}
     )
-    receipt = await gw.intake.submit(
-        Inbound("web", "api", "ext-1", Sender("a@example.org"), "", clock.now_us(), text="x")
-    )
+    ids = sorted([
+        (await gw.intake.submit(Inbound(
+            "web", "api", f"ext-{i}", Sender(f"{i}@example.org"), "", clock.now_us(), text="x"
+        ))).contact_id.encode()
+        for i in range(3)
+    ])
     watcher = own_watcher(gw, clock)
-    cid = receipt.contact_id.encode()
 
     async def zrems() -> int:
         stats = await gw.redis.info("commandstats")
@@ -253,12 +256,16 @@ async def test_a_warning_claim_clears_its_own_set_once(start_gateway: Any) -> No
 
     clock.advance(80)
     before = await zrems()
-    assert await watcher.tick() == 1
+    assert await watcher.tick() == 3
     assert await zrems() - before == 1
     assert await gw.redis.zrange(gw.keys.warnings, 0, -1) == []
-    assert await gw.redis.zrange(gw.keys.deadlines, 0, -1) == [cid]
+    assert sorted(await gw.redis.zrange(gw.keys.deadlines, 0, -1)) == ids
     clock.advance(20)
     before = await zrems()
-    assert await watcher.tick() == 1
+    assert await watcher.tick() == 3
     assert await zrems() - before == 2
     assert await gw.redis.zrange(gw.keys.deadlines, 0, -1) == []
+    events = [e for e in await gw.read_events() if e.type in ("warning", "breached")]
+    assert sorted((e.contact_id.encode(), e.type) for e in events) == sorted(
+        [(i, t) for i in ids for t in ("warning", "breached")]
+    )
