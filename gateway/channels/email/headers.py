@@ -209,6 +209,16 @@ def decode_header(value: str, fallback: str = "gb18030") -> str:
     split across two words (a common fault of CJK mailers) comes out whole.
     """
     value = unfold(value[: MAX_HEADER_CHARS * 4])
+    whole = ENCODED_WORD.fullmatch(value)
+    if whole is not None:  # one encoded word and nothing else (a common subject, a name)
+        text = whole.group(3) if whole.group(3) is not None else (whole.group(4) or "")
+        data = _b_decode(text) if whole.group(2) in "Bb" else _q_decode(text)
+        return clean_text(decode_bytes(data, whole.group(1), fallback))
+    return _decode_words(value, fallback)
+
+
+def _decode_words(value: str, fallback: str) -> str:
+    """``decode_header`` of an unfolded value: its encoded words and the text between."""
     pieces: list[str] = []
     pending: bytearray = bytearray()
     pending_charset: str | None = None

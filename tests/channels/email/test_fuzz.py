@@ -204,3 +204,22 @@ def test_own_reading_takes_the_common_mail_and_leaves_the_rest():
         b" folded first\r\nSubject: x\r\n\r\nbody\r\n",
     ):
         assert _single_part(other.decode()) is None
+
+
+_WORD_TOKENS = [
+    "=?utf-8?B?5byg5LiJ?=", "=?gb2312?B?wrfGxs/Uo6E=?=", "=?utf-8?Q?caf=C3=A9_x?=", "=?", "?=",
+    "?", "=?x?B?", "=?utf-8?b?", "=?UTF-8?q?", "abc", " ", "\t", "\r\n ", "\udce4", "\udcbd",
+    "=41", "_", "====", "QUJD", "=?unknown-cs?B?QUJD?=", "=?gbk?B?1tDOxA==?=", "=?utf-8?B?5byg5L?=",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_WORD_TOKENS), max_size=5).map("".join))
+def test_a_header_of_one_encoded_word_is_decoded_as_any_other(value: str):
+    """``decode_header`` takes a value that is one encoded word and nothing else by itself:
+    the text it gives is the general reading's (``_decode_words``)."""
+    from gateway.channels.email.headers import ENCODED_WORD, _decode_words, decode_header, unfold
+
+    unfolded = unfold(value)
+    if ENCODED_WORD.fullmatch(unfolded):
+        assert decode_header(value) == _decode_words(unfolded, "gb18030")
