@@ -480,6 +480,7 @@ class AdapterMetrics:
         self.metrics = metrics
         self.adapter = adapter
         self._replies: dict[str, Counter] = {}
+        self._event_lag: DeferredHistogram | None = None
 
     @classmethod
     def detached(cls) -> AdapterMetrics:
@@ -513,7 +514,12 @@ class AdapterMetrics:
         self.metrics.ami_reconnects.labels(self.adapter).inc()
 
     def ami_event_lag(self, seconds: float) -> None:
-        self.metrics.ami_event_lag.labels(self.adapter).observe(max(0.0, seconds))
+        # every AMI event (tens a call): the series resolved once, observed in plain numbers
+        lag = self._event_lag
+        if lag is None:
+            lag = self._event_lag = self.metrics.deferred_histogram(
+                self.metrics.ami_event_lag.labels(self.adapter))
+        lag.observe(max(0.0, seconds))
 
     def rate_wait(self, seconds: float) -> None:
         self.metrics.outbound_wait.labels(self.adapter).observe(seconds)
