@@ -166,7 +166,12 @@ def unfold(value: str) -> str:
 
 
 def _q_decode(text: str) -> bytes:
-    raw = text.replace("_", " ").encode("ascii", "surrogateescape")
+    # UTF-8: a word may hold characters already decoded (an RFC 2231 parameter's value); the
+    # 8-bit bytes of a raw header come back as they arrived
+    try:
+        raw = text.replace("_", " ").encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.replace("_", " ").encode("utf-8", "replace")
     out = bytearray()
     i = 0
     while i < len(raw):

@@ -349,3 +349,21 @@ def test_without_a_declared_language_the_text_is_guessed_by_the_gateways_guesser
     # here, and another one at intake); now the hint is the one of every channel.
     raw = b"From: a@example.org\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
     assert normalize(raw, ENVELOPE).language == language == guess_language(text)
+
+
+def test_an_encoded_word_inside_an_rfc2231_file_name_does_not_sink_the_message():
+    """A file name given by RFC 2231 (percent-encoded UTF-8) that decodes to an RFC 2047 word
+    holding a non-ASCII character: the word's Q decoding took only ASCII and raised, and the
+    whole message was stored unparsed (no text, no parts). The name is read; the rest stays."""
+    raw = (
+        b"From: a@example.org\r\nSubject: x\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/pdf\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''%3D%3Futf-8%3Fq%3F%C3%A4%3F%3D\r\n"
+        b"\r\nPDF\r\n--b--\r\n"
+    )
+    result = normalize(raw, ENVELOPE)
+    assert result.parse_error is None
+    assert result.text == "hello"
+    assert [(p.name, p.data) for p in result.parts] == [("ä", b"PDF")]
+    assert decode_header("=?utf-8?q?caf\udcc3\udca9?=") == "café"  # raw 8-bit bytes as before
