@@ -156,7 +156,8 @@ async def test_only_one_instance_follows_a_pbx(start_gateway: Any) -> None:
         fleet={"lease_ttl": "600ms"},
         clock=FixedClock(T0),
     )
-    await asyncio.sleep(0.3)
+    await eventually(lambda: ami.accepted == 1)  # the first follows AMI (it may log in late)
+    await asyncio.sleep(0.3)  # time for the second to take the lease, were it free
     assert not second.adapters["asterisk"].tracker.active  # type: ignore[attr-defined]
     assert ami.accepted == 1
     contact_id = await intake_call(second)  # FastAGI works on both
