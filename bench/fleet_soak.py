@@ -28,7 +28,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,17 +45,12 @@ from gateway.queueing.embedded import EmbeddedRedis, find_server_binary
 from gateway.queueing.keys import Keys
 from tests.channels.chat.fakes import BOT_ID, BOT_TOKEN, FakeBotApi, message
 from tests.channels.sms.test_kannel import AUTH, SECRET, get_url
+from tests.harness import free_ports
 
 PREFIX = "fleet"
 SAMPLE_WINDOW_S = 0.3
 """A look at every instance's leases counts only if all answered within this."""
 TELEGRAM_LEASE = f"telegram:{BOT_ID}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -214,8 +208,8 @@ class SentinelGroup:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.binary = find_server_binary()
-        self.ports = [free_port() for _ in range(3)]
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        ports = free_ports(6)  # the master, brought back on its port after a kill, and all
+        self.ports, self.sentinel_ports = ports[:3], ports[3:]
         self.servers: dict[int, subprocess.Popen[bytes]] = {}
         self.sentinels: list[subprocess.Popen[bytes]] = []
         self.failovers = 0
@@ -523,8 +517,8 @@ class Soak:
             self.redis.start_sync()
         await self.bot.start()
         ttl = f"{self.ttl_s}s"
-        for n in range(self.n_instances):
-            port = free_port()
+        ports = free_ports(self.n_instances)  # each instance comes back on its own port
+        for n, port in enumerate(ports):
             redis = self.group.config() if self.group else f'url = "{self.redis.url}"'
             cfg = write_config(self.root, n, port, redis, self.bot, ttl)
             self.fleet.append(Instance(f"i{n}", port, cfg, sms=n > 0))

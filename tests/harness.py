@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 from gateway.testing.plugin import settings_for
 
@@ -10,22 +12,57 @@ __all__ = ["answer_before_body", "free_port", "free_ports", "require", "settings
 
 
 def free_port() -> int:
-    """One free loopback port. For two or more, ``free_ports(n)``: ``free_port()`` twice can
-    give the same port (the second bind may be handed the port the first just let go)."""
+    """One free loopback port (see ``free_ports``). For two or more, ``free_ports(n)``:
+    ``free_port()`` twice can give the same port."""
     return free_ports(1)[0]
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports: each stays bound until all are picked, so no two
-    are the same (separate ``free_port()`` calls gave one port twice about once in 10,000)."""
-    held = [socket.socket() for _ in range(n)]
+def free_ports(n: int, *, bus: int = 0) -> list[int]:
+    """``n`` distinct free loopback ports for servers a test starts (and may kill and start
+    again on the same port).
+
+    Taken below the kernel's ephemeral range (``ip_local_port_range``), where ``bind(0)``
+    finds its ports and where every outgoing connection takes its local port: a port from
+    there, let go by a killed server, was taken by a client's connection before the server
+    came back (``address already in use``, seen in the fleet soak). Each port stays bound
+    until all are picked, so no two are the same (separate ``bind(0)`` calls gave one port
+    twice about once in 10,000). With ``bus``, port + ``bus`` is free and held too (a Redis
+    Cluster node's bus port) and below the range as well, so no port is another's bus port.
+    """
+    low = _ephemeral_low()
+    top = max(low - bus, _FIRST_PORT + 1000)
+    held: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in held]
+        for _ in range(10_000):
+            if len(ports) == n:
+                return ports
+            port = random.randrange(_FIRST_PORT, top)
+            pair = [socket.socket() for _ in range(2 if bus else 1)]
+            try:
+                for s, number in zip(pair, (port, port + bus), strict=False):
+                    s.bind(("127.0.0.1", number))
+            except OSError:
+                for s in pair:
+                    s.close()
+                continue
+            held.extend(pair)
+            ports.append(port)
+        raise AssertionError(f"no {n} free ports in {_FIRST_PORT}-{top}")
     finally:
         for s in held:
             s.close()
+
+
+_FIRST_PORT = 20000
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 async def answer_before_body(port: int, head: bytes, first: bytes = b"") -> tuple[int, bytes]:
