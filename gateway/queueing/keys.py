@@ -84,6 +84,12 @@ class Keys:
         """String: the fleet's key for pseudonyms of senders in key names (made once)."""
         return f"{self.tag}:pseudonym-key"
 
+    @property
+    def replicated(self) -> str:
+        """Pub/sub channel (no key, nothing stored): published to before each ``WAIT`` of a
+        write with ``redis.min_replicas``, so the ``WAIT`` covers every earlier write."""
+        return f"{self.tag}:replicated"
+
     def lease(self, name: str) -> str:
         """String: ``<holder>/<fence>`` of the instance holding lease ``name`` (with a TTL)."""
         return f"{self.tag}:lease:{_short(name)}"

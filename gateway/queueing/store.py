@@ -530,6 +530,13 @@ class RedisQueue:
             sha = self._shas[name]
             commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
             if wait:
+                # WAIT counts the replicas that have this connection's last write. A batch of
+                # duplicates writes nothing, so that was an older write (or none), and WAIT
+                # confirmed at once contacts whose first write, made on another connection,
+                # no replica had yet (a replayed spool, a peer's retry at another instance):
+                # a PUBLISH is propagated to the replicas (no key), so WAIT covers everything
+                # the master has when it runs
+                commands.append(["PUBLISH", self.keys.replicated, "1"])
                 commands.append(["WAIT", self.min_replicas, self.replica_timeout_ms])
             # a WAIT holds its connection until the replicas answer: with min_replicas each
             # batch keeps a pooled connection of its own, so batches wait for them side by side
@@ -540,6 +547,7 @@ class RedisQueue:
             del replies[: len(before)]
             if wait:
                 confirmed = replies.pop()
+                replies.pop()  # the PUBLISH's count of subscribers
                 if isinstance(confirmed, Exception) or int(confirmed) < self.min_replicas:
                     raise ReplicationLagError(
                         f"{confirmed} of {self.min_replicas} replicas acknowledged the batch"

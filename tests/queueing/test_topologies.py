@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,36 +15,8 @@ import redis
 
 from gateway.queueing.embedded import find_server_binary
 from gateway.testing import eventually
+from tests.harness import free_ports
 from tests.queueing.test_intake import inbound
-
-
-def free_ports(n: int, bus: bool = False) -> list[int]:
-    """``n`` distinct free ports; with ``bus``, each one's cluster bus port (port + 10000) is
-    free and valid too, and no port is another's bus port. All stay bound until every one is
-    picked: picked apart, two could be the same port."""
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        for _ in range(1000):
-            if len(ports) == n:
-                return ports
-            port = random.randint(20000, 45000) if bus else 0
-            pair = [socket.socket() for _ in range(2 if bus else 1)]
-            try:
-                pair[0].bind(("127.0.0.1", port))
-                port = int(pair[0].getsockname()[1])
-                if bus:
-                    pair[1].bind(("127.0.0.1", port + 10000))
-            except OSError:
-                for s in pair:
-                    s.close()
-                continue
-            held.extend(pair)
-            ports.append(port)
-        raise AssertionError(f"no {n} free ports")
-    finally:
-        for s in held:
-            s.close()
 
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -73,7 +45,7 @@ def waits_done(client: redis.Redis) -> int:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[int]]:
     """Three masters sharing the 16384 slots."""
-    ports = free_ports(3, bus=True)
+    ports = free_ports(3, bus=10000)  # a node and its cluster bus port
     procs = [
         spawn(
             [
@@ -214,6 +186,58 @@ async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start
         assert on_replica.xlen(gw.keys.contacts) == 2
         on_replica.close()
     finally:
+        for proc in (replica, master):
+            proc.terminate()
+            proc.wait(10)
+
+
+async def test_min_replicas_a_duplicate_is_confirmed_only_once_a_replica_has_it(
+    tmp_path, start_gateway
+):
+    """Instance one's write of a contact lands on the master while the replica is stopped (its
+    WAIT times out: spooled); the peer repeats the contact at instance two. A duplicate writes
+    nothing, and WAIT counts the replicas that have the connection's own last write: two's
+    WAIT confirmed at once and two answered "duplicate", the contact on the master alone (a
+    failover then lost it; the Sentinel fleet soak lost a window of contacts so, its replays
+    of spooled contacts written before being duplicates). Two must spool it as well."""
+    master_port, replica_port = free_ports(2)
+    master = spawn(
+        ["--port", str(master_port), "--appendonly", "yes", "--save", ""], tmp_path / "m"
+    )
+    replica = spawn(
+        ["--port", str(replica_port), "--replicaof", "127.0.0.1", str(master_port),
+         "--save", ""],
+        tmp_path / "r",
+    )
+    stopped = False
+    try:
+        wait_ping(master_port).close()
+        probe = wait_ping(replica_port)
+        await eventually(lambda: probe.info("replication").get("master_link_status") == "up")
+        probe.close()
+        url = f"redis://127.0.0.1:{master_port}"
+        section = {"min_replicas": 1, "write_timeout": "500ms"}
+        one = await start_gateway(url=url, redis=section, gateway={"instance": "one"})
+        two = await start_gateway(url=url, redis=section, gateway={"instance": "two"})
+        assert (await one.intake.submit(inbound(external_id="w1"))).status == "enqueued"
+        assert (await two.intake.submit(inbound(external_id="w2"))).status == "enqueued"
+        os.kill(replica.pid, signal.SIGSTOP)
+        stopped = True
+        assert (await one.intake.submit(inbound(external_id="r"))).status == "spooled"
+        primary = redis.Redis(host="127.0.0.1", port=master_port)
+        assert primary.xlen(one.keys.contacts) == 3  # on the master, on no replica
+        primary.close()
+        # two's next write on a new connection, which has written nothing (as one that last
+        # wrote before "r"; two's own background writes would make the test pass by chance)
+        await two.queue.redis.connection_pool.disconnect()
+        assert (await two.intake.submit(inbound(external_id="r"))).status == "spooled"
+        os.kill(replica.pid, signal.SIGCONT)
+        stopped = False
+        await eventually(lambda: one.spool.depth == two.spool.depth == 0)
+        assert sorted(c.external_id for c in await one.read_contacts()) == ["r", "w1", "w2"]
+    finally:
+        if stopped:
+            os.kill(replica.pid, signal.SIGCONT)
         for proc in (replica, master):
             proc.terminate()
             proc.wait(10)
