@@ -166,6 +166,8 @@ class BoundLink(ABC):
         self._window = asyncio.Semaphore(max(1, config.window))
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._remembering: dict[str, asyncio.Future[None]] = {}
+        """Message ids being stored by ``remember`` (their receipts may come first)."""
         self.bound = asyncio.Event()
         self.binds = 0
         """Binds made since start (tests, metrics)."""
@@ -396,18 +398,34 @@ class BoundLink(ABC):
 
     async def remember(self, message_id: str, contact_id: str, reply_ref: str) -> None:
         """Keep which reply a carrier's message id belongs to, for its receipt."""
-        with contextlib.suppress(Exception):
-            await self.ctx.state.put(f"msg:{message_id.lower()}",
-                                     orjson.dumps({"c": contact_id, "r": reply_ref}),
-                                     self.REMEMBER_S)
+        key = f"msg:{message_id.lower()}"
+        done = asyncio.get_running_loop().create_future()
+        self._remembering[key] = done
+        try:
+            with contextlib.suppress(Exception):
+                await self.ctx.state.put(key, orjson.dumps({"c": contact_id, "r": reply_ref}),
+                                         self.REMEMBER_S)
+        finally:
+            if self._remembering.get(key) is done:
+                del self._remembering[key]
+            done.set_result(None)
 
     async def receipt(self, message_id: str, kind: EventType | None,
                       detail: dict[str, Any]) -> bool:
         """Record a receipt; False: not recorded now, answer so that the carrier repeats it."""
         if not message_id or kind is None:
             return True
+        key = f"msg:{message_id.lower()}"
         try:
-            raw = await self.ctx.state.get(f"msg:{message_id.lower()}")
+            raw = await self.ctx.state.get(key)
+            storing = self._remembering.get(key)
+            if raw is None and storing is not None:
+                # a carrier that reports at once: the receipt came on the bind right behind
+                # the submit's answer, before the send had stored the message id
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.response_timeout):
+                        await asyncio.shield(storing)
+                raw = await self.ctx.state.get(key)
         except Exception as exc:
             log.warning("%s: receipt lookup failed: %s", self.name, exc)
             return False
