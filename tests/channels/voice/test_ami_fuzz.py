@@ -40,3 +40,30 @@ def test_frame_reader_takes_any_bytes_split_anywhere(
     for frame in frames:
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in frame.items())
         "".join(frame.values()).encode("utf-8")  # replacement characters, never surrogates
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.lists(LINES.filter(bool), min_size=1, max_size=6), max_size=12),
+    st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_frames_do_not_depend_on_how_the_bytes_are_split(
+    frames: list[list[bytes]], cuts: list[int], eol: bytes
+) -> None:
+    """However the reads cut the stream (one segment, many events in one read, a line cut in
+    two), the reader yields the same frames as from the whole stream at once."""
+    data = b"Asterisk Call Manager/7.0.3" + eol + b"".join(
+        eol.join(lines) + eol * 2 for lines in frames)
+    whole = FrameReader(max_frame=1 << 20).feed(data)
+    reader = FrameReader(max_frame=1 << 20)
+    got = []
+    pos = 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        got += reader.feed(data[pos : pos + cut])
+        pos += cut
+        if pos >= len(data):
+            break
+    assert got == whole
+    assert whole[0] == {"Greeting": "Asterisk Call Manager/7.0.3"}
+    assert len(whole) == 1 + len(frames)
