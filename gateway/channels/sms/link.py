@@ -396,19 +396,34 @@ class BoundLink(ABC):
 
     # ------------------------------------------------------------------ receipts
 
-    async def remember(self, message_id: str, contact_id: str, reply_ref: str) -> None:
-        """Keep which reply a carrier's message id belongs to, for its receipt."""
-        key = f"msg:{message_id.lower()}"
-        done = asyncio.get_running_loop().create_future()
-        self._remembering[key] = done
+    async def remember(
+        self, message_id: str, contact_id: str, reply_ref: str, *aliases: str
+    ) -> None:
+        """Keep which reply a carrier's message id belongs to, for its receipt; ``aliases``:
+        other forms of the id a receipt may carry (SMPP's decimal form of a hex id). Every
+        form is marked as being stored before the first is written, so a receipt that comes
+        right behind the submit's answer waits for whichever form it carries."""
+        loop = asyncio.get_running_loop()
+        record = orjson.dumps({"c": contact_id, "r": reply_ref})
+        pending: list[tuple[str, asyncio.Future[None]]] = []
+        for form in (message_id, *aliases):
+            key = f"msg:{form.lower()}"
+            done: asyncio.Future[None] = loop.create_future()
+            self._remembering[key] = done
+            pending.append((key, done))
         try:
-            with contextlib.suppress(Exception):
-                await self.ctx.state.put(key, orjson.dumps({"c": contact_id, "r": reply_ref}),
-                                         self.REMEMBER_S)
+            for key, done in pending:
+                with contextlib.suppress(Exception):
+                    await self.ctx.state.put(key, record, self.REMEMBER_S)
+                if self._remembering.get(key) is done:
+                    del self._remembering[key]
+                done.set_result(None)
         finally:
-            if self._remembering.get(key) is done:
-                del self._remembering[key]
-            done.set_result(None)
+            for key, done in pending:
+                if not done.done():
+                    if self._remembering.get(key) is done:
+                        del self._remembering[key]
+                    done.set_result(None)
 
     async def receipt(self, message_id: str, kind: EventType | None,
                       detail: dict[str, Any]) -> bool:

@@ -288,10 +288,8 @@ class SmppAdapter(BoundLink):
             message_id = P.parse_message_id(body)
             ids.append(message_id)
             if message_id:
-                await self.remember(message_id, contact.id, reply_ref)
                 alias = decimal_alias(message_id)
-                if alias:
-                    await self.remember(alias, contact.id, reply_ref)
+                await self.remember(message_id, contact.id, reply_ref, *([alias] if alias else []))
         log.info("reply %s to %s accepted by the SMSC (%d %s segments)", reply_ref,
                  mask_phone(dest), segments.count, segments.encoding)
         return SendReceipt(
