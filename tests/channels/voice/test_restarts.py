@@ -244,7 +244,11 @@ async def test_outcome_waiting_for_a_spooled_contact_survives_the_followers_kill
         assert event.at == T0 + 25_731_002
         (callback,) = await callbacks_of(reader)
         assert callback.thread == contact_id
-        assert not await redis_client.hexists(calls, UID)  # done: the record is dropped
+
+        async def dropped() -> bool:  # done: the record is dropped, at the tracker's next flush
+            return not await redis_client.hexists(calls, UID)
+
+        await eventually(dropped)
     finally:
         for gw in (spooling, follower, successor):
             gw.stop()
