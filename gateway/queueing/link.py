@@ -232,3 +232,30 @@ class Link(asyncio.Protocol):
             closer()
         if self._waiting:
             self._fail(RedisConnectionError("Connection closed"))
+
+
+class Lane:
+    """A ``Link`` of one's own, opened at first use and again once it is closed or found
+    unusable; concurrent callers wait for the one connection (``RedisQueue`` keeps two: the
+    intake batches' and ``execute``'s)."""
+
+    def __init__(self) -> None:
+        self.link: Link | None = None
+        self._opening = asyncio.Lock()
+
+    async def get(self, pool: Any) -> Link | None:
+        """The lane's link, usable; None when ``pool``'s connection class cannot be taken
+        over (``Link.open``: the caller keeps the pooled path)."""
+        own = self.link
+        if own is not None and own.usable():
+            return own
+        async with self._opening:
+            own = self.link
+            if own is None or own.closed:
+                own = self.link = await Link.open(pool)
+            return own
+
+    def close(self) -> None:
+        own, self.link = self.link, None
+        if own is not None:
+            own.close()

@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from gateway.adapters import InvalidContact, RateLimited, load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
-from gateway.queueing.link import Link
+from gateway.queueing.link import Lane, Link
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -309,19 +309,17 @@ class RedisQueue:
         """The heads of a contact's own key names (``Keys.dedupe``, ``sender``, ``contact``,
         ``sender_first``), made once: ``_encode`` adds a pseudonym or id to them (33 and 36
         printable characters, which ``Keys`` keeps as they are)."""
-        self._link: Link | None = None
+        self._link = Lane()
         """The intake batches' own connection (``gateway/queueing/link.py``), opened by
         ``load_scripts`` (again by a batch that finds it closed); none on a cluster client (its
         pipeline routes by slot) or with ``min_replicas``."""
         self._linked = hasattr(client, "connection_pool")
-        self._linking = asyncio.Lock()
-        self._side: Link | None = None
+        self._side = Lane()
         """The connection of ``execute``'s plain commands (the dashboard's aggregator, the
         surge counters, the watcher's lookups), opened by the first: their replies parsed in
         one callback as the intake batches' are, not one redis-py coroutine chain a reply
         (a surge mark's ``HDEL`` a contact). Apart from the intake link, so that a failure
         there never fails an intake batch."""
-        self._siding = asyncio.Lock()
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), the
@@ -331,9 +329,8 @@ class RedisQueue:
         self._shas = {name: await self.redis.script_load(body) for name, body in SCRIPTS.items()}
         await self.load_pseudonym_key(again=True)
         pool = getattr(self.redis, "connection_pool", None)
-        if (self._linked and pool is not None and self.min_replicas == 0  # else none: _execute
-                and (self._link is None or self._link.closed)):
-            await self._open_link(pool)
+        if self._linked and pool is not None and self.min_replicas == 0:  # else none: _execute
+            await self._open(self._link, pool)
 
     async def load_pseudonym_key(self, *, again: bool = False) -> None:
         """``Pseudonyms.load``."""
@@ -563,22 +560,10 @@ class RedisQueue:
         replies come back as values. Commands that answer at once only (no blocking read):
         on a single server they share one connection (``_side``), pipelined."""
         if self._linked:
-            pool = getattr(self.redis, "connection_pool", None)
-            side = self._side
-            if side is None or not side.usable():
-                side = await self._open_side(pool)
+            side = await self._open(self._side, getattr(self.redis, "connection_pool", None))
             if side is not None:
                 return await side.send(pack_commands(commands), len(commands))
         return await self._execute(commands)
-
-    async def _open_side(self, pool: Any) -> Link | None:
-        async with self._siding:
-            side = self._side
-            if side is None or side.closed:
-                side = self._side = await Link.open(pool)
-                if side is None:
-                    self._linked = False
-            return side
 
     async def _execute(self, commands: list[list[Any]], *, link: bool = False) -> list[Any]:
         """Send commands in one write and read every reply; error replies come back as values.
@@ -595,9 +580,7 @@ class RedisQueue:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
         if link and self._linked:
-            own = self._link
-            if own is None or not own.usable():
-                own = await self._open_link(pool)
+            own = await self._open(self._link, pool)
             if own is not None:
                 return await own.send(pack_commands(commands), len(commands))
         conn = await pool.get_connection()
@@ -619,21 +602,18 @@ class RedisQueue:
         finally:
             await pool.release(conn)
 
-    async def _open_link(self, pool: Any) -> Link | None:
-        async with self._linking:  # concurrent batches wait for the one connection
-            own = self._link
-            if own is None or own.closed:
-                own = self._link = await Link.open(pool)
-                if own is None:  # a connection class whose transport is not reachable
-                    self._linked = False
-            return own
+    async def _open(self, lane: Lane, pool: Any) -> Link | None:
+        """``lane``'s link; none for good when the pool's connection class cannot give its
+        transport (the pooled path then serves)."""
+        own = await lane.get(pool)
+        if own is None:
+            self._linked = False
+        return own
 
     async def aclose(self) -> None:
         """Close the intake write's own connection (the client is closed by its owner)."""
-        for own in (self._link, self._side):
-            if own is not None:
-                own.close()
-        self._link = self._side = None
+        self._link.close()
+        self._side.close()
 
     async def emit(self, event: Event) -> None:
         """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline."""

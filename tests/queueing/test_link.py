@@ -34,7 +34,7 @@ async def test_batches_go_with_the_clients_password_and_database(start_gateway, 
         gw = await start_gateway(url=f"{own_redis.url}?db=3", redis={"password": "s3cret-link"})
         receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"a{i}")) for i in range(50)))
         assert {r.status for r in receipts} == {"enqueued"}
-        assert gw.queue._link is not None and not gw.queue._link.closed  # over the link
+        assert gw.queue._link.link is not None and not gw.queue._link.link.closed  # over the link
         await admin.execute_command("AUTH", "s3cret-link")
         await admin.execute_command("SELECT", "3")
         assert await admin.xlen(gw.keys.contacts) == 50
@@ -64,10 +64,10 @@ async def test_the_link_is_open_before_the_first_contact(start_gateway):
     contact's write_timeout does not also cover a connect and handshake (under heavy load,
     several round trips to a server waiting for its turn on the CPU)."""
     gw = await start_gateway()
-    link = gw.queue._link
+    link = gw.queue._link.link
     assert link is not None and not link.closed
     assert (await gw.intake.submit(inbound("one"))).status == "enqueued"
-    assert gw.queue._link is link
+    assert gw.queue._link.link is link
 
 
 async def test_a_link_closed_by_the_server_between_batches_is_opened_again(
@@ -77,12 +77,12 @@ async def test_a_link_closed_by_the_server_between_batches_is_opened_again(
     that comes after: the next batch finds it closed and opens a new one."""
     gw = await start_gateway()
     assert (await gw.intake.submit(inbound("one"))).status == "enqueued"
-    first = gw.queue._link
+    first = gw.queue._link.link
     assert first is not None
     await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     await eventually(lambda: first.closed)
     assert (await gw.intake.submit(inbound("two"))).status == "enqueued"
-    assert gw.queue._link is not first
+    assert gw.queue._link.link is not first
     assert len(await gw.read_contacts()) == 2
 
 
@@ -96,7 +96,7 @@ async def test_a_link_the_server_closed_unseen_is_opened_again_before_the_write(
 
     gw = await start_gateway()
     assert (await gw.intake.submit(inbound("one"))).status == "enqueued"
-    first = gw.queue._link
+    first = gw.queue._link.link
     assert first is not None
     blocking = redis.Redis.from_url(redis_url)
     try:
@@ -107,7 +107,7 @@ async def test_a_link_the_server_closed_unseen_is_opened_again_before_the_write(
     [result] = await gw.queue.write_batch([gw.intake.prepare(inbound("two"))], limited=True)
     assert not isinstance(result, Exception), result
     assert result.created
-    assert gw.queue._link is not first and first.closed
+    assert gw.queue._link.link is not first and first.closed
 
 
 async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
@@ -118,7 +118,7 @@ async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
     paused (``CLIENT PAUSE WRITE`` holds scripts), so the batches are surely in flight."""
     gw = await start_gateway(redis={"max_batch": 20, "write_timeout": "5s"})
     assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
-    link = gw.queue._link
+    link = gw.queue._link.link
     assert link is not None
     await redis_client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
     try:
@@ -144,7 +144,7 @@ async def test_a_contact_is_sent_while_earlier_batches_wait_on_redis(start_gatew
     before Redis answers any of them), not after a batch ahead of it came back."""
     gw = await start_gateway(redis={"write_timeout": "10s"})
     assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
-    link = gw.queue._link
+    link = gw.queue._link.link
     assert link is not None
     waiting = 3  # batches ahead of the last one, all waiting on the paused server
     await redis_client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
@@ -172,7 +172,7 @@ async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
     behind it is answered on the same link when Redis answers, within its own deadline."""
     gw = await start_gateway(redis={"write_timeout": "2s"})
     assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
-    link = gw.queue._link
+    link = gw.queue._link.link
     assert link is not None
     await redis_client.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
     try:
@@ -186,7 +186,7 @@ async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
     finally:
         await redis_client.execute_command("CLIENT", "UNPAUSE")
     assert (await behind).status == "enqueued"
-    assert gw.queue._link is link and not link.closed
+    assert gw.queue._link.link is link and not link.closed
     await eventually(lambda: gw.spool.depth == 0)
     contacts = await gw.read_contacts()
     assert sorted(c.external_id for c in contacts) == ["behind", "late", "warm"]
@@ -219,7 +219,7 @@ async def test_batches_go_over_tls(start_gateway, redis_server, certificate):
         gw = await start_gateway(url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")
         receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"t{i}")) for i in range(30)))
         assert {r.status for r in receipts} == {"enqueued"}
-        link = gw.queue._link
+        link = gw.queue._link.link
         assert link is not None and not link.closed
         assert link.transport.get_extra_info("ssl_object") is not None  # TLS under the link
         assert len(await gw.read_contacts()) == 30
@@ -234,7 +234,7 @@ async def test_with_min_replicas_batches_keep_pooled_connections(start_gateway, 
     gw = await start_gateway(url=own_redis.url, redis={"min_replicas": 1, "write_timeout": "200ms"})
     receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"w{i}")) for i in range(3)))
     assert {r.status for r in receipts} == {"spooled"}
-    assert gw.queue._link is None
+    assert gw.queue._link.link is None
 
 
 async def test_a_link_without_a_reply_for_its_read_timeout_is_closed(start_gateway, redis_client):
@@ -246,7 +246,7 @@ async def test_a_link_without_a_reply_for_its_read_timeout_is_closed(start_gatew
 
     gw = await start_gateway(redis={"write_timeout": "30s"})
     assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
-    link = gw.queue._link
+    link = gw.queue._link.link
     assert link is not None
     link.read_timeout = 0.5  # the connection's socket timeout is longer: the warm-up's
     if link._watch is not None:  # timer is due by that, so it is set again by the next batch
@@ -265,7 +265,7 @@ async def test_a_link_without_a_reply_for_its_read_timeout_is_closed(start_gatew
     assert isinstance(outcomes[1], RedisConnectionError)
     assert link.closed and not link._waiting
     assert (await gw.intake.submit(inbound("after"))).status == "enqueued"
-    assert gw.queue._link is not link
+    assert gw.queue._link.link is not link
 
 
 async def test_batches_answered_in_time_one_after_another_keep_the_link(
@@ -278,7 +278,7 @@ async def test_batches_answered_in_time_one_after_another_keep_the_link(
 
     gw = await start_gateway(redis={"write_timeout": "30s"})
     assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
-    link = gw.queue._link
+    link = gw.queue._link.link
     assert link is not None
     link.read_timeout = 1.5
     if link._watch is not None:
@@ -287,7 +287,7 @@ async def test_batches_answered_in_time_one_after_another_keep_the_link(
     for i in range(4):  # each held 0.6 s by the paused server: 2.4 s in all
         await redis_client.execute_command("CLIENT", "PAUSE", "600", "WRITE")
         assert await link.send(pack_commands([["SET", f"q:{i}", "1"]]), 1) == [b"OK"]
-    assert not link.closed and gw.queue._link is link
+    assert not link.closed and gw.queue._link.link is link
 
 
 async def test_plain_commands_share_a_connection_of_their_own(start_gateway, redis_url):
@@ -307,13 +307,13 @@ async def test_plain_commands_share_a_connection_of_their_own(start_gateway, red
     assert first[0] is True or first[0] == b"OK"
     assert isinstance(first[1], ResponseError) and first[2] == b"a"  # a value, not raised
     assert second == [2, b"ab"]
-    side = queue._side
-    assert side is not None and side is not queue._link and not side.closed
+    side = queue._side.link
+    assert side is not None and side is not queue._link.link and not side.closed
     blocking = redis.Redis.from_url(redis_url)
     try:
         blocking.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     finally:
         blocking.close()
     assert await queue.execute([["GET", key]]) == [b"ab"]
-    assert queue._side is not side and side.closed
+    assert queue._side.link is not side and side.closed
     assert (await gw.intake.submit(inbound("after"))).status == "enqueued"
