@@ -106,16 +106,6 @@ return value
 """
 )
 
-_HASH_ADD = (
-    _FENCE_CHECK
-    + """
--- KEYS[2]: hash; ARGV[2]: field, ARGV[3]: value, ARGV[4]: ttl ms. Returns the field count.
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return redis.call('HLEN', KEYS[2])
-"""
-)
-
 _HASH_SET = (
     _FENCE_CHECK
     + """
@@ -168,7 +158,6 @@ _SCRIPTS = {
     "release": _RELEASE,
     "put": _PUT,
     "pop": _POP,
-    "hash_add": _HASH_ADD,
     "hash_set": _HASH_SET,
     "hash_take": _HASH_TAKE,
     "hash_remove": _HASH_REMOVE,
@@ -498,12 +487,7 @@ class SharedState:
         self, key: str, field: str, value: bytes | str, ttl_s: float, *, fence: Fence | None = None
     ) -> int:
         """Set one field of hash ``key`` (its TTL restarts); return how many fields it has."""
-        lease_key, expected = self._fence(fence)
-        return int(
-            await self._scripts.run(
-                "hash_add", [lease_key, self._key(key)], [expected, field, value, _ms(ttl_s)]
-            )
-        )
+        return await self.hash_set(key, {field: value}, ttl_s, fence=fence)
 
     async def hash_set(
         self,
@@ -513,10 +497,10 @@ class SharedState:
         *,
         fence: Fence | None = None,
     ) -> int:
-        """Set several fields of hash ``key`` in one step (its TTL restarts), as ``hash_add``
-        does one; return how many fields it has."""
+        """Set several fields of hash ``key`` in one step (its TTL restarts); return how many
+        fields it has."""
         if not fields:
-            return len(await self.hash_all(key))
+            return int(await self.redis.hlen(self._key(key)))
         lease_key, expected = self._fence(fence)
         pairs: list[bytes | str] = []
         for name, value in fields.items():

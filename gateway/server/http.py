@@ -226,11 +226,6 @@ class ApiGuard:
                 self._count(request, route, pattern, status, started)
 
 
-def api_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The one middleware of every request (``ApiGuard``)."""
-    return ApiGuard(metrics).middleware()
-
-
 DirectHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -239,7 +234,8 @@ class Direct:
 
     def __init__(self, guard: ApiGuard) -> None:
         self.guard = guard
-        self.routes: dict[tuple[str, str], tuple[DirectHandler, str]] = {}
+        self.routes: dict[tuple[str, str], DirectHandler] = {}
+        """Handlers by method and exact path (the path is also the request's route and label)."""
 
     def dispatcher(
         self, fallback: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -251,10 +247,11 @@ class Direct:
         run = self.guard.run
 
         def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-            found = routes.get((request.method, request.raw_path))
+            path = request.raw_path
+            found = routes.get((request.method, path))
             if found is None or hdrs.EXPECT in request.headers:
                 return fallback(request)
-            return run(request, found[0], found[1], found[1])
+            return run(request, found, path, path)
 
         return dispatch
 
@@ -271,7 +268,7 @@ def add_direct(app: web.Application, method: str, path: str, handler: DirectHand
     handler must not read ``request.match_info`` or ``request.app``; its requests are counted
     and their errors answered as every other's (``ApiGuard``)."""
     app.router.add_route(method, path, handler)
-    app[DIRECT].routes[(method, path)] = (handler, path)
+    app[DIRECT].routes[(method, path)] = handler
 
 
 def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:

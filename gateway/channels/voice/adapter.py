@@ -366,14 +366,8 @@ class SharedCallStore:
         self.ttl_s = ttl_s
         self.fence: Fence | None = None
 
-    async def save(self, uniqueid: str, record: bytes) -> None:
-        await self.state.hash_add(self.key, uniqueid, record, self.ttl_s, fence=self.fence)
-
     async def save_many(self, records: Mapping[str, bytes]) -> None:
         await self.state.hash_set(self.key, records, self.ttl_s, fence=self.fence)
-
-    async def drop(self, uniqueid: str) -> None:
-        await self.state.hash_remove(self.key, uniqueid, fence=self.fence)
 
     async def drop_many(self, uniqueids: Collection[str]) -> None:
         await self.state.hash_remove(self.key, *uniqueids, fence=self.fence)

@@ -161,15 +161,11 @@ class Call:
 class CallStore(Protocol):
     """Where open calls are kept for the next lease holder (the adapter's shared state)."""
 
-    async def save(self, uniqueid: str, record: bytes) -> None: ...
-
     async def save_many(self, records: Mapping[str, bytes]) -> None:
-        """``save`` for each record, in one step."""
-
-    async def drop(self, uniqueid: str) -> None: ...
+        """Keep each call's record (by uniqueid), in one step."""
 
     async def drop_many(self, uniqueids: Collection[str]) -> None:
-        """``drop`` for each call, in one step."""
+        """Forget these calls, in one step."""
 
     async def load(self) -> dict[str, bytes]: ...
 
