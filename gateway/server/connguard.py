@@ -14,6 +14,8 @@ import resource
 from collections.abc import Callable
 from typing import Any, cast
 
+from gateway.server.problems import problem_body
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ _OVERLOADED = (
     b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 31\r\n\r\n"
     b"overloaded, retry in 5 seconds\n"
 )
-_PROBLEM_BODY = b'{"status":503,"title":"Service Unavailable","detail":"overloaded"}'
+_PROBLEM_BODY = problem_body(503, "overloaded")
 """What ``problems.problem(503, "overloaded")`` answers."""
 _OVERLOADED_PROBLEM = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"

@@ -21,11 +21,16 @@ class ApiProblem(Exception):
         return problem(self.status, self.detail, self.headers)
 
 
+def problem_body(status: int, detail: str) -> bytes:
+    """The ``application/problem+json`` body of ``problem``."""
+    return orjson.dumps({"status": status, "title": HTTPStatus(status).phrase, "detail": detail})
+
+
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     """Return an ``application/problem+json`` response."""
     return web.Response(
         status=status,
-        body=orjson.dumps({"status": status, "title": HTTPStatus(status).phrase, "detail": detail}),
+        body=problem_body(status, detail),
         content_type="application/problem+json",
         headers=headers,
     )

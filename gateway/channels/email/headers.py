@@ -125,15 +125,16 @@ def decode_bytes(data: bytes, charset: str | None, fallback: str) -> str:
     name = canonical_charset(charset)
     if data.isascii() and not (name and name.startswith(_SEVEN_BIT)):
         return data.decode("ascii")
+    candidates: list[str] = []
     if name is None or name == "utf_8" or name == "ascii":  # UTF-8 comes first: try it alone
         try:
             return data.decode("utf_8")
         except UnicodeDecodeError:
             pass
-    candidates: list[str] = []
-    if name and name not in ("ascii", "utf_8"):
-        candidates.extend(_SUPERSETS.get(name, (name,)))
-    candidates.append("utf_8")
+        last = "utf_8"  # what is left: UTF-8 with replacements
+    else:
+        candidates += [*_SUPERSETS.get(name, (name,)), "utf_8"]
+        last = candidates[0]
     fb = canonical_charset(fallback)
     if fb:
         candidates.extend(_SUPERSETS.get(fb, (fb,)))
@@ -142,7 +143,7 @@ def decode_bytes(data: bytes, charset: str | None, fallback: str) -> str:
             return data.decode(codec)
         except (UnicodeDecodeError, LookupError):
             continue
-    return data.decode(candidates[0] if name else "utf_8", errors="replace")
+    return data.decode(last, errors="replace")
 
 
 def language_of(charset: str | None) -> str | None:
