@@ -51,6 +51,18 @@ end
 -- sender's 'first' key it made.
 local claimed, counted, visible, kept = nil, 0, false, nil
 
+-- Gives back what the contact under way has taken (KEYS from kb on are its own): a contact
+-- over a rate limit, and one that failed before it could be read.
+local function give_back(kb)
+  for j = 8, 7 + counted do
+    redis.call('DECR', KEYS[kb + j])
+  end
+  redis.call('DEL', claimed)
+  if kept then
+    redis.call('DEL', kept)
+  end
+end
+
 local function contact(kb, nk, ab)
   local id = ARGV[ab + 1]
   -- SET NX GET (Redis 7.0): the dedupe lookup and the claim in one command
@@ -69,10 +81,7 @@ local function contact(kb, nk, ab)
     end
     counted = i - 7
     if n > tonumber(ARGV[at]) then
-      for j = 8, i do
-        redis.call('DECR', KEYS[kb + j])
-      end
-      redis.call('DEL', KEYS[kb + 1])
+      give_back(kb)
       return {2, ARGV[at + 2], 0}
     end
   end
@@ -81,22 +90,24 @@ local function contact(kb, nk, ab)
   if ARGV[ab + 10] == '1' and tonumber(ARGV[3]) >= 1000 then
     local window = tonumber(ARGV[3])
     local ms = math.floor(window / 1000)
-    -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
-    -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
-    -- of one batch share one edge stamp and count in the order they were written. The count
-    -- reads the window alone, so the members that left it are taken off only when there is a
-    -- count to make.
-    local since = string.format('%.0f', tonumber(received) - window)
-    count = redis.call('ZCOUNT', KEYS[kb + 2], since, received)
-    -- The contact that finds no 'first' key (a sender's first contact in a window, the common
-    -- case) is kept there alone, its stamp in a string made with its expiry in one command,
-    -- instead of a member of the sender's set and the set's expiry (two commands); every later
-    -- one while it lives counts it and goes into the set as before. (Older instances read the
-    -- set alone: docs/operations.md, upgrade notes.)
+    -- The sender's 'first' key is read first: the contact that finds none (a sender's first
+    -- contact in a window, the common case) is kept there alone, its stamp in a string made
+    -- with its expiry in one command, and counts 0 without reading the sender's set: every
+    -- later one while it lives counts it and the set, goes into the set, and moves the
+    -- string's expiry to one window from itself, so the string outlives every contact of the
+    -- set that is still in the window. (Older instances read the set alone and do not move the
+    -- string's expiry: docs/operations.md, upgrade notes.)
     local first = redis.call('SET', KEYS[kb + 7], received, 'NX', 'GET', 'PX', ms)
     if not first then
       kept = KEYS[kb + 7]
     else
+      -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14
+      -- digits, which rounded a microsecond stamp up or down at random. The count is
+      -- inclusive: contacts of one batch share one edge stamp and count in the order they
+      -- were written. The count reads the window alone, so the members that left it are
+      -- taken off only when there is a count to make.
+      local since = string.format('%.0f', tonumber(received) - window)
+      count = redis.call('ZCOUNT', KEYS[kb + 2], since, received)
       local at = tonumber(first)
       if at and at >= tonumber(since) and at <= tonumber(received) then
         count = count + 1
@@ -106,6 +117,7 @@ local function contact(kb, nk, ab)
       end
       redis.call('ZADD', KEYS[kb + 2], received, id)
       redis.call('PEXPIRE', KEYS[kb + 2], ms)
+      redis.call('PEXPIRE', KEYS[kb + 7], ms)
     end
   end
   local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
@@ -169,15 +181,7 @@ for c = 1, n do
     if claimed and not visible then
       -- nothing of it can be read: its dedupe key and counters are given back, so that the
       -- peer's retry is written (else it is "a duplicate" of a contact never written)
-      pcall(function()
-        for j = 8, 7 + counted do
-          redis.call('DECR', KEYS[kb + j])
-        end
-        redis.call('DEL', claimed)
-        if kept then
-          redis.call('DEL', kept)
-        end
-      end)
+      pcall(give_back, kb)
     end
   end
   replies[c] = reply

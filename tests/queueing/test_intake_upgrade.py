@@ -1,10 +1,11 @@
-"""A rolling upgrade: instances of the previous version (``intake.lua`` as of 3b05ae1, kept in
-``data/``: the sender's repeat set alone) and of this one (a sender's first contact in the
-window kept in a string, ``Keys.sender_first``) write into one Redis. Their contacts share the
-sender's repeat set, the rate counters, the dedupe keys, the indexes and the dashboard's
-volumes: the new version counts every contact the old one wrote, the old one every contact
-the new one wrote except the one kept in the string (docs/operations.md), and what either
-wrote reads back the same."""
+"""A rolling upgrade: instances of the previous version (``intake.lua`` as of c8387e3, kept in
+``data/``: it reads the sender's repeat set for every contact) and of this one (a sender's
+first contact in the window, the one that finds no ``Keys.sender_first`` string, counts 0
+without reading the set; a later one moves the string's expiry on) write into one Redis.
+Their contacts share the sender's repeat set and string, the rate counters, the dedupe keys,
+the indexes and the dashboard's volumes: each version counts every contact the other wrote,
+but for a string that expired while contacts an old instance put in the set are still in the
+window (docs/operations.md), and what either wrote reads back the same."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gateway.queueing.keys import AGG_BUCKET_TTL_S
 from gateway.queueing.store import Prepared, RedisQueue
 from gateway.records import Inbound, Sender
 
-OLD_SCRIPT = (Path(__file__).parent / "data" / "intake_3b05ae1.lua").read_text()
+OLD_SCRIPT = (Path(__file__).parent / "data" / "intake_c8387e3.lua").read_text()
 MINUTE = 60 * MICROS_PER_SECOND
 
 
@@ -30,15 +31,12 @@ def _inbound(external_id: str, received_at: int) -> Inbound:
 
 
 async def _old_write(queue: RedisQueue, sha: str, p: Prepared) -> Any:
-    """Write ``p`` the way the previous version did: the same call, without the sender's
-    'first' key."""
+    """Write ``p`` the way the previous version did: the same call (keys and arguments)."""
     now = SYSTEM_CLOCK.now_us()
     own_keys, own = queue._encode(p, now, "2026-12-01T00:00:00.000000Z", limited=True)
-    dedupe, sender, hash_, minute, hour, open_zset, _first, *rates = own_keys
-    mine = [dedupe, sender, hash_, minute, hour, open_zset, *rates]
-    keys = [*queue._fixed, *mine]
+    keys = [*queue._fixed, *own_keys]
     args = [1, queue.dedupe_ttl, queue.repeat_window_s * MICROS_PER_SECOND, queue.retention_s,
-            AGG_BUCKET_TTL_S, len(mine), len(own), *own]
+            AGG_BUCKET_TTL_S, len(own_keys), len(own), *own]
     (reply,) = await queue.redis.evalsha(sha, len(keys), *keys, *args)
     return reply
 
@@ -50,34 +48,41 @@ async def test_old_and_new_intake_scripts_count_each_others_contacts(start_gatew
     queue = gw.queue
     sha = await gw.redis.script_load(OLD_SCRIPT)
     base = SYSTEM_CLOCK.now_us() // MINUTE * MINUTE  # one minute's bucket
-    a = gw.intake.prepare(_inbound("a", base + 1))
-    b = gw.intake.prepare(_inbound("b", base + 2))
-    c = gw.intake.prepare(_inbound("c", base + 3))
-    d = gw.intake.prepare(_inbound("d", base + 4))
+    a, b, c, d, e, f = (gw.intake.prepare(_inbound(name, base + n))
+                        for n, name in enumerate("abcdef", start=1))
     first = await _old_write(queue, sha, a)  # an old instance
     (second,) = await queue.write_batch([b], limited=True)  # a new one
     third = await _old_write(queue, sha, c)
     (fourth,) = await queue.write_batch([d], limited=True)
-    # the repeat count goes on across versions: 0, 1, 2, 3, but for the new version's first
-    # contact of the sender, kept in the string the old version does not read: 0, 1, 1, 3
-    assert [first[2], second.repeat_count, third[2], fourth.repeat_count] == [0, 1, 1, 3]
+    # the repeat count goes on across versions
+    assert [first[2], second.repeat_count, third[2], fourth.repeat_count] == [0, 1, 2, 3]
+    # An old instance's repeat does not move the string's expiry on: the string can expire
+    # (here deleted) while contacts of the set are still in the window, and a new instance's
+    # next contact then counts 0 (an old one counts the set: 4); the next counts on.
+    await gw.redis.delete(gw.keys.sender_first(queue.pseudonym("+8613912345678")))
+    (fifth,) = await queue.write_batch([e], limited=True)
+    sixth = await _old_write(queue, sha, f)
+    assert [fifth.repeat_count, sixth[2]] == [0, 4]
     # a retry of an old instance's contact through a new one (and back) is a duplicate
     (again,) = await queue.write_batch([a], limited=True)
     assert not again.created and again.contact_id == a.id
     assert (await _old_write(queue, sha, b))[:2] == [0, b.id.encode()]
     # the sender's rate counter (one, unless an hour's window turned meanwhile), counted by both
     rates = [n async for n in gw.redis.scan_iter(match=gw.keys.tag + ":rate:*")]
-    assert sum([int(await gw.redis.get(name)) for name in rates]) == 4
-    ids = sorted(p.id.encode() for p in (a, b, c, d))
+    assert sum([int(await gw.redis.get(name)) for name in rates]) == 6
+    every = (a, b, c, d, e, f)
+    ids = sorted(p.id.encode() for p in every)
     for key in (gw.keys.deadlines, gw.keys.warnings, gw.keys.agg_open("sms")):
         assert sorted(await gw.redis.zrange(key, 0, -1)) == ids
-    # a third contact of one sender or later is a repeat (the old version counted one less)
-    assert await gw.redis.zrange(gw.keys.agg_repeats, 0, -1) == [d.id.encode()]
+    # a third contact of one sender or later is a repeat, listed by either version
+    repeats = await gw.redis.zrange(gw.keys.agg_repeats, 0, -1)
+    assert sorted(repeats) == sorted(p.id.encode() for p in (c, d, f))
     counts = await read_window(gw.redis, gw.keys, base, base + MINUTE)
-    assert {k: v.volume for k, v in counts.items()} == {"sms": 4}
+    assert {k: v.volume for k, v in counts.items()} == {"sms": 6}
     # each reads back the same way: the contact and its enqueued event
-    for p in (a, b, c, d):
+    for p in every:
         contact = await queue.get(p.id)
         assert contact is not None and contact.id == p.id
-        # (the surge evaluation runs on its own clock and may flag the sender's four contacts)
-        assert [e.type for e in await queue.events(p.id) if e.type != "surge"] == ["enqueued"]
+        # (the surge evaluation runs on its own clock and may flag the sender's contacts)
+        types = [event.type for event in await queue.events(p.id)]
+        assert [t for t in types if t != "surge"] == ["enqueued"]

@@ -16,7 +16,8 @@
 -- KEYS: 1 contacts stream, 2 events stream, 3 deadlines zset, 4 warnings zset, 5 waiting zset
 --       (calls), 6 repeats zset (the keys every contact shares), then every contact's own keys
 --       in turn: 1 dedupe key, 2 sender zset, 3 contact hash, 4 minute bucket, 5 hour bucket,
---       6 open zset of the label, then its rate counters (7..)
+--       6 open zset of the label, 7 the sender's first contact in the window (a string:
+--       its received_at), then its rate counters (8..)
 -- ARGV: 1 the number of contacts n, 2 dedupe ttl (s), 3 repeat window (us), 4 retention (s),
 --       5 bucket ttl (s), then (number of keys, number of arguments) of each contact
 --       (6 .. 5+2n), then every contact's own arguments in turn:
@@ -32,6 +33,7 @@
 -- A duplicate passes before the rate limits: a peer's retry is never "too many".
 -- No MAXLEN on the XADDs: the streams are trimmed by trim.lua, only below what every consumer
 -- group has read (gateway/queueing/backlog.py), never on the hot path.
+local KEYS, ARGV = KEYS, ARGV  -- upvalues: each use is no look-up in the globals
 local zsets, zorder = {}, {}  -- key -> {score, member, ...}, in the order first seen
 local volumes, vorder = {}, {}  -- bucket key -> {fields = {field -> n}, order = {field...}}
 local function index(key, score, member)
@@ -45,8 +47,9 @@ local function index(key, score, member)
 end
 
 -- What the contact under way has taken, for the main loop to give back if it fails before it
--- can be read (its stream entry): its dedupe key claimed and the rate counters it counted.
-local claimed, counted, visible = nil, 0, false
+-- can be read (its stream entry): its dedupe key claimed, the rate counters it counted and the
+-- sender's 'first' key it made.
+local claimed, counted, visible, kept = nil, 0, false, nil
 
 local function contact(kb, nk, ab)
   local id = ARGV[ab + 1]
@@ -56,17 +59,17 @@ local function contact(kb, nk, ab)
     return {0, first, 0}
   end
   claimed = KEYS[kb + 1]
-  for i = 7, nk do
-    local at = ab + 13 + 3 * (i - 7)
+  for i = 8, nk do
+    local at = ab + 13 + 3 * (i - 8)
     -- the window's first contact makes the counter and its expiry in one command (a sender's
     -- first contact in a window is the common case); a later one counts with INCR
     local n = 1
     if redis.call('SET', KEYS[kb + i], 1, 'NX', 'GET', 'PX', ARGV[at + 1]) then
       n = redis.call('INCR', KEYS[kb + i])
     end
-    counted = i - 6
+    counted = i - 7
     if n > tonumber(ARGV[at]) then
-      for j = 7, i do
+      for j = 8, i do
         redis.call('DECR', KEYS[kb + j])
       end
       redis.call('DEL', KEYS[kb + 1])
@@ -75,40 +78,56 @@ local function contact(kb, nk, ab)
   end
   local received = ARGV[ab + 4]
   local count = 0
-  if ARGV[ab + 10] == '1' then
+  if ARGV[ab + 10] == '1' and tonumber(ARGV[3]) >= 1000 then
     local window = tonumber(ARGV[3])
+    local ms = math.floor(window / 1000)
     -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
     -- which rounded a microsecond stamp up or down at random. The count is inclusive: contacts
     -- of one batch share one edge stamp and count in the order they were written. The count
     -- reads the window alone, so the members that left it are taken off only when there is a
-    -- count to make (a sender's first contact, the common case, has nothing to take off: the
-    -- set expires one window after its last contact).
+    -- count to make.
     local since = string.format('%.0f', tonumber(received) - window)
     count = redis.call('ZCOUNT', KEYS[kb + 2], since, received)
-    if count > 0 then
-      redis.call('ZREMRANGEBYSCORE', KEYS[kb + 2], '-inf', '(' .. since)
+    -- The contact that finds no 'first' key (a sender's first contact in a window, the common
+    -- case) is kept there alone, its stamp in a string made with its expiry in one command,
+    -- instead of a member of the sender's set and the set's expiry (two commands); every later
+    -- one while it lives counts it and goes into the set as before. (Older instances read the
+    -- set alone: docs/operations.md, upgrade notes.)
+    local first = redis.call('SET', KEYS[kb + 7], received, 'NX', 'GET', 'PX', ms)
+    if not first then
+      kept = KEYS[kb + 7]
+    else
+      local at = tonumber(first)
+      if at and at >= tonumber(since) and at <= tonumber(received) then
+        count = count + 1
+      end
+      if count > 0 then
+        redis.call('ZREMRANGEBYSCORE', KEYS[kb + 2], '-inf', '(' .. since)
+      end
+      redis.call('ZADD', KEYS[kb + 2], received, id)
+      redis.call('PEXPIRE', KEYS[kb + 2], ms)
     end
-    redis.call('ZADD', KEYS[kb + 2], received, id)
-    redis.call('PEXPIRE', KEYS[kb + 2], math.floor(window / 1000))
   end
   local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
   redis.call('XADD', KEYS[1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 8])
   visible = true
-  local fields = {'event', ARGV[ab + 7], 'contact_id', id, 'type', 'enqueued', 'counted', count}
-  if ARGV[ab + 12] ~= '' then
-    fields[#fields + 1], fields[#fields + 2] = 'surge', ARGV[ab + 12]
+  -- The event and the contact's one HSET (its fields, its first event's index entry, its
+  -- dashboard outcome, and the mark that its surge keys are not yet counted) with their
+  -- arguments written out: no table to build and unpack a contact.
+  local event, surge = nil, ARGV[ab + 12]
+  if surge == '' then
+    event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
+      'type', 'enqueued', 'counted', count)
+    redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
+      'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
+      'event:' .. event, ARGV[ab + 7], 'agg', 'open:0')
+  else
+    event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
+      'type', 'enqueued', 'counted', count, 'surge', surge)
+    redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
+      'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
+      'event:' .. event, ARGV[ab + 7], 'agg', 'open:0', 'surge', 1)
   end
-  local event = redis.call('XADD', KEYS[2], '*', unpack(fields))
-  -- One HSET for the contact's fields, its first event's index entry and its dashboard outcome
-  -- (and the mark that its surge keys are not yet counted). (No field for the contact's
-  -- stream entry id: nothing read it.)
-  fields = {'contact', json, 'received_us', received, 'due_us', ARGV[ab + 5],
-    'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8], 'event:' .. event, ARGV[ab + 7],
-    'agg', 'open:0'}
-  if ARGV[ab + 12] ~= '' then
-    fields[#fields + 1], fields[#fields + 2] = 'surge', 1
-  end
-  redis.call('HSET', KEYS[kb + 3], unpack(fields))
   redis.call('EXPIRE', KEYS[kb + 3], ARGV[4])
   -- written: its index entries and its dashboard volume wait for the batch's end
   index(KEYS[3], ARGV[ab + 5], id)
@@ -143,7 +162,7 @@ local kb, ab = 6, 5 + 2 * n
 for c = 1, n do
   local nk, na = tonumber(ARGV[4 + 2 * c]), tonumber(ARGV[5 + 2 * c])
   -- a contact the server refuses (a key of the wrong type...) fails alone
-  claimed, counted, visible = nil, 0, false
+  claimed, counted, visible, kept = nil, 0, false, nil
   local ok, reply = pcall(contact, kb, nk, ab)
   if not ok then
     reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
@@ -151,10 +170,13 @@ for c = 1, n do
       -- nothing of it can be read: its dedupe key and counters are given back, so that the
       -- peer's retry is written (else it is "a duplicate" of a contact never written)
       pcall(function()
-        for j = 7, 6 + counted do
+        for j = 8, 7 + counted do
           redis.call('DECR', KEYS[kb + j])
         end
         redis.call('DEL', claimed)
+        if kept then
+          redis.call('DEL', kept)
+        end
       end)
     end
   end
