@@ -11,8 +11,9 @@ run alone (``.venv/bin/python -m bench.<name> --help``) takes longer, steadier
 defaults: use those for figures written in docs/performance.md. Not in the set, for their
 length or their purpose: ``fleet_soak`` and ``restart_bench`` (kill -9 soaks,
 docs/reliability.md), ``contract_fuzz`` (schemathesis over the API), ``intake_calls``
-(function calls per contact under cProfile), ``valkey_cost`` (Valkey under callgrind), and
-the long ``soak_mixed`` runs (the set runs 30 seconds of it).
+(function calls per contact under cProfile), ``valkey_cost`` (Valkey under callgrind),
+``voice_stages`` (where a paced call's time goes, stage by stage), and the long
+``soak_mixed`` runs (the set runs 30 seconds of it).
 """
 
 from __future__ import annotations

@@ -427,6 +427,16 @@ async def serve(args: argparse.Namespace) -> None:
                     answer["gc"] = gc.get_stats()
                 elif command == "contacts":
                     answer["contacts"] = await gateway.redis.xlen(gateway.keys.contacts)
+                elif command == "valkey":  # what Valkey did meanwhile (the paced runs' tail)
+                    info = await gateway.redis.info("persistence")
+                    stats = await gateway.redis.info("stats")
+                    answer["valkey"] = {
+                        "rewrites": info["aof_rewrites"],
+                        "rewriting": info["aof_rewrite_in_progress"],
+                        "aof": info["aof_current_size"],
+                        "cycles": stats["eventloop_cycles"],
+                        "cycles_us": stats["eventloop_duration_sum"],
+                    }
                 elif command in ("quit", ""):
                     break
                 answer["cpu"] = time.process_time()
@@ -486,6 +496,8 @@ async def measured(
     """One run of callers against a child's server; its CPU from the child (after the
     aggregator settled, for the gateway)."""
     gateway = what == "gateway"
+    paced = gateway and kind == "open"
+    valkey0 = (await servers.ask("valkey")).get("valkey") if paced else None
     cpu0 = (await servers.ask("cpu"))["cpu"]
     if lag:
         await servers.ask("lag-start")
@@ -494,6 +506,15 @@ async def measured(
         await servers.ask("lag-stop")
     cpu1 = (await servers.ask("settle" if gateway else "cpu"))["cpu"]
     result["server_cpu"] = cpu1 - cpu0
+    if valkey0:  # an older tree's child has no such command
+        valkey1 = (await servers.ask("valkey"))["valkey"]
+        cycles = max(1, valkey1["cycles"] - valkey0["cycles"])
+        busy = (valkey1["cycles_us"] - valkey0["cycles_us"]) / cycles
+        rewrites = valkey1["rewrites"] - valkey0["rewrites"] + valkey1["rewriting"]
+        result["valkey"] = (
+            f"Valkey in the run: {cycles} event loop cycles, {busy:.0f} us a cycle; append-only "
+            f"file {valkey1['aof'] / 2**20:.0f} MB, rewrites {rewrites} (under way at the start:"
+            f" {'yes' if valkey0['rewriting'] else 'no'})")
     return result
 
 
@@ -547,6 +568,8 @@ async def main(args: argparse.Namespace) -> None:
                     servers, "gateway", mode, f"{run}{servers.label}{mode}gp", "open", args,
                     lag=args.lag)
                 print(line(f"  paced at {args.rate:g} calls/s", paced, base_paced))
+                if "valkey" in paced:
+                    print(f"    {paced['valkey']}")
                 ratio = (layer["server_cpu"] / layer["sessions"]) / (
                     whole["server_cpu"] / whole["sessions"]
                 )
