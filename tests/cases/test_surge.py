@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.cases.surge import SurgeWatch, poisson_tail
 from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
@@ -233,3 +235,34 @@ async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(
     docs = await eventually(pushed)  # push subscribers get it like any event (at least once)
     assert len({d["delivery"] for d in docs}) == 1
     assert docs[0]["data"]["detail"]["kind"] == "repeat"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["停", "水", "电", "没", "断", "燃", "气", "煤", "漏", "跳",
+                                 "闸", "压", "低", "天", "然", "X", "x", "Wi", "FI", " "]),
+                max_size=12))
+def test_topic_keys_are_the_words_found_in_the_text(parts: list[str]) -> None:
+    # keys_of first scans for any topic word at all, then looks topic by topic: the same
+    # topics as a search for each word (upper case matching a lower-case word)
+    section = SurgeSection(topics={**SurgeSection().topics, "wifi": ("WiFi", "无线")})
+    surge = watch(None, "t", FixedClock(NOW), section)
+    text = "".join(parts)
+    c = citizen(1, NOW, text)
+    found = {k for k in surge.keys_of(c) if k.startswith("topic:")}
+    lowered = f"{c.subject} {text}".lower() if c.subject else text.lower()
+    expected = {f"topic:{name}" for name, words in section.topics.items()
+                if any(w.lower() in lowered for w in words)}
+    assert found == expected
+
+
+async def test_a_key_keeps_its_count_and_its_latest_samples(redis_client: Any, prefix: str) -> None:
+    surge = watch(redis_client, prefix, FixedClock(NOW), SECTION)
+    batch = [citizen(i, NOW + i * MICROS_PER_SECOND) for i in range(8)]
+    await surge.count(batch[:3])
+    await surge.count(batch[3:])
+    minute = NOW // MICROS_PER_SECOND
+    minute -= minute % 60
+    keys = Keys(prefix)
+    assert int(await redis_client.hget(keys.surge_bucket(minute), "all")) == 8
+    samples = await redis_client.lrange(keys.surge_samples("all", minute), 0, -1)
+    assert [s.decode() for s in samples] == [c.id for c in reversed(batch[-5:])]
