@@ -86,6 +86,10 @@ class RawResponse(web.StreamResponse):
         transport.write(self._raw)
         self._eof_sent = True
         self._body_length = len(self._raw)
+        # back-pressure, as aiohttp's own answers have it (their write_eof drains): while the
+        # client reads no answers, its next request waits here instead of being handled and
+        # its answer buffered in the process
+        await request.writer.drain()
 
 
 def can_answer_raw(request: web.BaseRequest) -> bool:

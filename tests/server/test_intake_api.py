@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import aiohttp
 import orjson
@@ -222,3 +223,47 @@ async def test_a_sender_over_its_rate_on_the_direct_route_is_a_counted_429(start
         text = await resp.text()
     assert sample(text, "gateway_http_requests_total", route="/v1/intake", status="429") == 1
     assert sample(text, "gateway_http_requests_total", route="/v1/intake", status="202") == 2
+
+
+async def test_a_raw_answer_waits_while_the_client_reads_no_answers():
+    """``RawResponse`` (the direct route's 202) keeps aiohttp's back-pressure: a client that
+    pipelines requests and reads no answers has its next request handled only once the
+    answers before it have left the process (aiohttp's own answers drain in ``write_eof``;
+    without it every request was handled and its answer buffered, without bound). Answers
+    of 16 MiB, far more than the sockets take."""
+    from aiohttp import web
+
+    from gateway.server.http import RawResponse, raw_answer
+
+    size = 16 * 1024 * 1024
+    raw = raw_answer(b"HTTP/1.1 200 OK", b"application/octet-stream", b"x" * size)
+    buffered: list[int] = []  # the process's unsent bytes when each request is handled
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        buffered.append(request.transport.get_write_buffer_size())
+        return RawResponse(200, "OK", raw)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # no autotuning
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(size)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    # the second request came once the first answer had gone, but for aiohttp's low-water
+    # mark (fails before: over 12 MiB of it still in the process)
+    assert len(buffered) == 2 and buffered[1] < 1024 * 1024, buffered
