@@ -372,6 +372,23 @@ async def test_a_silent_manager_is_pinged_then_reconnected(start_gateway: Any) -
     assert [a["Action"] for a in ami.actions].count("Ping") >= 1
 
 
+async def test_a_manager_that_answers_its_pings_keeps_the_link(start_gateway: Any) -> None:
+    """The link's silence is watched by one timer (no timeout a read): a Pong read resets it,
+    so a quiet manager that answers is pinged again and again on one login."""
+    ami = FakeAmi([])
+    await ami.start()
+    table = {
+        "type": "asterisk",
+        "agi_listen": "127.0.0.1:0",
+        "ami": {"host": "127.0.0.1", "port": ami.port, "username": "gateway", "secret": SECRET,
+                "reconnect_min": "20ms", "reconnect_max": "100ms", "ping_interval": "50ms"},
+    }
+    gw = await start_gateway(adapters={"asterisk": table}, clock=FixedClock(T0))
+    client = gw.adapters["asterisk"].ami  # type: ignore[attr-defined]
+    await eventually(lambda: [a["Action"] for a in ami.actions].count("Ping") >= 4)
+    assert client.logins == 1
+
+
 async def test_a_stop_that_meets_a_completing_read_ends_the_session() -> None:
     """The manager link is stopped just as a read from the manager completes (the moment
     Python 3.11's ``asyncio.wait_for`` lost the cancellation: the session went on, and the
