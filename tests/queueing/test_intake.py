@@ -277,6 +277,30 @@ async def test_stamp_records_once_and_settles_the_deadline(start_gateway):
     assert [e.type for e in await gw.read_events()] == ["enqueued", "answered"]
 
 
+async def test_a_stamp_whose_event_is_refused_leaves_nothing_and_its_retry_is_stamped(
+    start_gateway,
+):
+    """``stamp.lua`` appends the event before it writes the stamp: a call whose XADD the
+    server refuses (here the events stream is a string: WRONGTYPE) leaves no stamp and its
+    deadline in place, so the retry writes the event (before, its stamp was set first and the
+    retry was taken for a second stamp: the event was never written)."""
+    gw = await start_gateway()
+    item = inbound(channel="voice")
+    receipt = await gw.intake.submit(item)
+    at = item.received_at + 4 * MICROS_PER_SECOND
+    await gw.redis.rename(gw.keys.events, "saved-events")
+    await gw.redis.set(gw.keys.events, "x")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await gw.queue.stamp(receipt.contact_id, "answered", at, "asterisk")
+    assert await gw.redis.zscore(gw.keys.deadlines, receipt.contact_id) is not None
+    await gw.redis.delete(gw.keys.events)
+    await gw.redis.rename("saved-events", gw.keys.events)
+    stamped = await gw.queue.stamp(receipt.contact_id, "answered", at, "asterisk")
+    assert stamped is not None and stamped.type == "answered"
+    assert await gw.redis.zscore(gw.keys.deadlines, receipt.contact_id) is None
+    assert [e.type for e in await gw.queue.events(receipt.contact_id)] == ["enqueued", "answered"]
+
+
 async def test_script_is_atomic_when_the_connection_dies_mid_write(start_gateway, redis_client):
     """Connections are killed while batches are in flight; every receipt's contact is there once."""
     gw = await start_gateway()
