@@ -209,6 +209,10 @@ class Steps:
             def __init__(self, coro: Any) -> None:
                 self.coro = coro
                 self.name = getattr(coro, "__qualname__", type(coro).__name__)
+                frame = getattr(coro, "cr_frame", None)
+                state = frame.f_locals.get("state") if frame is not None else None
+                if self.name == "Supervisor._supervise" and state is not None:
+                    self.name = f"loop {state.name} (supervised)"
 
             def _time(self, method: Any, *args: Any) -> Any:
                 if not steps.on:
@@ -282,6 +286,20 @@ def stages(rec: dict[str, float], client: float) -> dict[str, float] | None:
         "close": (rec["closed"] - rec["mset_done"]) * ms,
         "total": client * ms,
     }
+
+
+def schedstat(pid: int | str) -> tuple[int, int]:
+    """The process's time on a CPU and waiting on a run queue for one (ns, all its threads;
+    ``/proc/<pid>/task/*/schedstat``): the wait is the time it was ready and not run."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:
+            continue
+        run += int(fields[0])
+        wait += int(fields[1])
+    return run, wait
 
 
 def pct(values: list[float], q: float) -> float:
@@ -379,7 +397,10 @@ async def main(args: argparse.Namespace) -> None:
                     probe = LagProbe()
                     probe.start()
                 run = f"s{int(time.time())}r{r}"
+                pids = {"gateway": "self", "Valkey": server.process.pid if server.process else 0}
+                sched0 = {name: schedstat(pid) for name, pid in pids.items() if pid}
                 result = await drive(port, run, "open", ns)
+                sched1 = {name: schedstat(pid) for name, pid in pids.items() if pid}
                 if probe is not None:
                     from bench.loop_lag import print_report
 
@@ -392,6 +413,11 @@ async def main(args: argparse.Namespace) -> None:
                       f"{pct(lat, 0.99) * 1000:.2f} ms, server CPU "
                       f"{result['server_cpu'] / max(1, result['sessions']) * 1e6:.0f} us a call",
                       flush=True)
+                calls = max(1, result["sessions"])
+                print("  on a CPU / ready and waiting for one, us a call: " + ", ".join(
+                    f"{name} {(sched1[name][0] - sched0[name][0]) / calls / 1000:.0f} / "
+                    f"{(sched1[name][1] - sched0[name][1]) / calls / 1000:.0f}"
+                    for name in sched0))
                 for n, client in enumerate(lat):
                     rec = hooks.calls.get(f"{run}.{n}")
                     cut = stages(rec, client) if rec is not None else None
