@@ -399,6 +399,9 @@ async def main(args: argparse.Namespace) -> None:
                 run = f"s{int(time.time())}r{r}"
                 pids = {"gateway": "self", "Valkey": server.process.pid if server.process else 0}
                 sched0 = {name: schedstat(pid) for name, pid in pids.items() if pid}
+                rewrite = args.rewrite and r % 2 == 1
+                if rewrite:  # an append-only file rewrite (a fork, a child writing) under way
+                    await valkey.execute_command("BGREWRITEAOF")
                 result = await drive(port, run, "open", ns)
                 sched1 = {name: schedstat(pid) for name, pid in pids.items() if pid}
                 if probe is not None:
@@ -408,7 +411,8 @@ async def main(args: argparse.Namespace) -> None:
                     probe = None
                 hooks.on = steps.on = False
                 lat = result["latencies"]
-                print(f"round {r}: {result['sessions']} calls in {result['seconds']:.2f} s, "
+                print(f"round {r}{' (BGREWRITEAOF at its start)' if rewrite else ''}: "
+                      f"{result['sessions']} calls in {result['seconds']:.2f} s, "
                       f"caller's p50 {pct(lat, 0.5) * 1000:.2f} ms p99 "
                       f"{pct(lat, 0.99) * 1000:.2f} ms, server CPU "
                       f"{result['server_cpu'] / max(1, result['sessions']) * 1e6:.0f} us a call",
@@ -465,6 +469,9 @@ if __name__ == "__main__":
     parser.add_argument("--dir", default="", help="the data folder's parent (Valkey's "
                         "append-only file): /dev/shm takes the disk out of the picture")
     parser.add_argument("--appendfsync", default="always")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="every other round starts with BGREWRITEAOF (how much a rewrite "
+                             "under way moves the tail)")
     parser.add_argument("--holds", action="store_true",
                         help="time every task step (how long each kind holds the loop)")
     import uvloop
