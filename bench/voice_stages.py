@@ -202,6 +202,20 @@ class Steps:
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         steps = self
+        import gc
+
+        self.collections: list[tuple[int, float]] = []
+        started = [0.0]
+
+        def collected(phase: str, info: dict[str, int]) -> None:
+            if not steps.on:
+                return
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                steps.collections.append((info["generation"], time.perf_counter() - started[0]))
+
+        gc.callbacks.append(collected)
 
         class Timed:
             __slots__ = ("coro", "name")
@@ -251,6 +265,11 @@ class Steps:
         loop.set_task_factory(factory)
 
     def report(self) -> None:
+        for generation in (0, 1, 2):
+            ms = [t * 1000 for g, t in self.collections if g == generation]
+            if ms:
+                print(f"garbage collections of generation {generation}: {len(ms)}, "
+                      f"p50 {pct(ms, 0.5):.2f} ms, max {max(ms):.2f} ms")
         rows = []
         for name, held in self.held.items():
             rows.append((sum(held), name, held))
