@@ -398,8 +398,10 @@ async def main(args: argparse.Namespace) -> None:
         try:
             port = gateway.adapters["mset"].port  # type: ignore[attr-defined]
             FIRST_CALLER[0] = int(time.time()) % 10**6
-            ns = argparse.Namespace(concurrency=100, rate=args.rate, duration=args.seconds)
-            await drive(port, "warm", "open", ns)
+            ns = argparse.Namespace(concurrency=args.closed or 100, rate=args.rate,
+                                    duration=args.seconds)
+            kind = "closed" if args.closed else "open"
+            await drive(port, "warm", kind, ns)
             await asyncio.sleep(1)
             await valkey.config_set("latency-monitor-threshold", 1)
             await valkey.config_set("slowlog-log-slower-than", 1000)
@@ -421,7 +423,7 @@ async def main(args: argparse.Namespace) -> None:
                 rewrite = args.rewrite and r % 2 == 1
                 if rewrite:  # an append-only file rewrite (a fork, a child writing) under way
                     await valkey.execute_command("BGREWRITEAOF")
-                result = await drive(port, run, "open", ns)
+                result = await drive(port, run, kind, ns)
                 sched1 = {name: schedstat(pid) for name, pid in pids.items() if pid}
                 if probe is not None:
                     from bench.loop_lag import print_report
@@ -488,6 +490,9 @@ if __name__ == "__main__":
     parser.add_argument("--dir", default="", help="the data folder's parent (Valkey's "
                         "append-only file): /dev/shm takes the disk out of the picture")
     parser.add_argument("--appendfsync", default="always")
+    parser.add_argument("--closed", type=int, default=0, metavar="N",
+                        help="N callers back to back instead of the paced rate (the closed "
+                             "loop voice_bench's ratio is measured in)")
     parser.add_argument("--rewrite", action="store_true",
                         help="every other round starts with BGREWRITEAOF (how much a rewrite "
                              "under way moves the tail)")
