@@ -365,6 +365,46 @@ def report(rows: list[tuple[float, dict[str, float]]], hooks: Hooks) -> None:
         print(f"  of them in flight within 2 ms before a slow call's accept or during it: {near}")
 
 
+async def per_batch(gateway: Any, rounds: int) -> None:
+    """``--per-batch``: the gateway's CPU (its loop thread's) for one batch of 1 and of 8 voice
+    contacts written by ``write_batch`` (prepared first), and for one contact through the
+    script's whole ``submit`` (admission, Intake, the coalescer's task), each awaited alone
+    on an otherwise idle gateway: the fixed cost a batch pays against the cost a contact."""
+    from bench.voice_bench import HEADER
+    from gateway.channels.voice.agi import parse_header_block
+    from gateway.channels.voice.intake import build_inbound
+    from gateway.contact.clock import SYSTEM_CLOCK
+
+    script = gateway.adapters["mset"].intake
+    serial = [int(time.time() * 1000) % 10**6 * 100_000]
+
+    def inbound() -> Any:
+        serial[0] += 1
+        text = HEADER.format(run="pb", n=serial[0], caller=serial[0] % 10**7)
+        env = parse_header_block(text.encode()[:-2])
+        return build_inbound(env, adapter="mset", received_at=SYSTEM_CLOCK.now_us(),
+                             config=script.config)
+
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for label, n in (("write_batch, 1 contact", 1), ("write_batch, 8 contacts", 8),
+                         ("submit, 1 contact", 0)):
+            cpu = []
+            for _ in range(300):
+                items = [inbound() for _ in range(max(1, n))]
+                prepared = [gateway.intake.prepare(i) for i in items] if n else []
+                await asyncio.sleep(0.0005)
+                t = time.thread_time()
+                if n:
+                    await gateway.queue.write_batch(prepared, limited=True)
+                else:
+                    await script.intake.submit(items[0])
+                cpu.append(time.thread_time() - t)
+            best[label] = min(best.get(label, 1e9), statistics.median(cpu) * 1e6)
+    for label, us in best.items():
+        print(f"{label:<26} {us:6.1f} us of CPU (median of 300, best of {rounds} rounds)")
+
+
 async def main(args: argparse.Namespace) -> None:
     import redis.asyncio as aioredis
 
@@ -396,6 +436,9 @@ async def main(args: argparse.Namespace) -> None:
         valkey = aioredis.Redis.from_url(server.url)
         probe: Any = None
         try:
+            if args.per_batch:
+                await per_batch(gateway, args.rounds)
+                return
             port = gateway.adapters["mset"].port  # type: ignore[attr-defined]
             FIRST_CALLER[0] = int(time.time()) % 10**6
             ns = argparse.Namespace(concurrency=args.closed or 100, rate=args.rate,
@@ -490,6 +533,9 @@ if __name__ == "__main__":
     parser.add_argument("--dir", default="", help="the data folder's parent (Valkey's "
                         "append-only file): /dev/shm takes the disk out of the picture")
     parser.add_argument("--appendfsync", default="always")
+    parser.add_argument("--per-batch", action="store_true",
+                        help="only the CPU of one batch of 1 and of 8 contacts, and of one "
+                             "contact's whole submit, on an idle gateway")
     parser.add_argument("--closed", type=int, default=0, metavar="N",
                         help="N callers back to back instead of the paced rate (the closed "
                              "loop voice_bench's ratio is measured in)")
