@@ -269,3 +269,35 @@ async def test_a_warning_claim_clears_its_own_set_once(start_gateway: Any) -> No
     assert sorted((e.contact_id.encode(), e.type) for e in events) == sorted(
         [(i, t) for i in ids for t in ("warning", "breached")]
     )
+
+
+async def test_a_claim_indexes_its_events_in_the_hashes_still_retained_alone(
+    start_gateway: Any,
+) -> None:
+    """A step's hashes are checked by one EXISTS; when one expired between the watcher's read
+    and its claim (here deleted), its event is still written and the others' are indexed, but
+    that hash is not made again (it would never expire)."""
+    clock = FixedClock()
+    gw: Gateway = await start_gateway(
+        api=API, clock=clock, sla={"web_response": "100s"}, watcher={"enabled": False}
+    )
+    ids = [
+        (await gw.intake.submit(Inbound(
+            "web", "api", f"ext-{i}", Sender(f"{i}@example.org"), "", clock.now_us(), text="x"
+        ))).contact_id
+        for i in range(3)
+    ]
+    watcher = own_watcher(gw, clock)
+    clock.advance(80)
+    now = clock.now_us()
+    calls = [(cid, f'{{"n":{n}}}'.encode(), "web", now) for n, cid in enumerate(ids)]
+    await gw.redis.delete(gw.keys.contact(ids[1]))
+    assert await watcher._claim_all(gw.keys.warnings, gw.keys.warnings, calls, now,
+                                    "warning") == [1, 1, 1]
+    assert not await gw.redis.exists(gw.keys.contact(ids[1]))
+    for n in (0, 2):
+        indexed = await gw.queue.contact_events(ids[n])
+        assert indexed[-1] == f'{{"n":{n}}}'.encode()
+    written = [f[b"contact_id"] for _, f in await gw.redis.xrange(gw.keys.events)
+               if f[b"type"] == b"warning"]
+    assert written == [cid.encode() for cid in ids]
