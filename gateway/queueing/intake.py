@@ -25,7 +25,7 @@ from gateway.queueing.batching import Coalescer
 from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
 from gateway.queueing.store import Held, Prepared, RedisQueue, ReplicationLagError, WriteResult
 from gateway.records import Event, EventType, Inbound, Repeat
-from gateway.server.metrics import Metrics
+from gateway.server.metrics import IntakeMetrics, Metrics
 from gateway.server.supervise import Supervisor
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,11 @@ class Intake:
     def prepare(self, inbound: Inbound) -> Prepared:
         """Fix the contact's id, deadline and language hint; raise InvalidContact when it cannot
         be encoded."""
-        try:
-            orjson.dumps(inbound.meta)
-        except (orjson.JSONEncodeError, TypeError) as exc:
-            raise InvalidContact(f"meta: {exc}") from exc
+        if inbound.meta:  # an empty mapping encodes
+            try:
+                orjson.dumps(inbound.meta)
+            except (orjson.JSONEncodeError, TypeError) as exc:
+                raise InvalidContact(f"meta: {exc}") from exc
         if inbound.language is None and inbound.text:
             language = guess_language(inbound.text)  # every text contact gets a hint
             if language is not None:
@@ -145,7 +146,7 @@ class Intake:
         except Exception as exc:
             return await self._shielded(self._failed(prepared, exc))
         if type(result) is WriteResult and result.created:
-            return self._enqueued(prepared, result)
+            return self._enqueued(prepared, result, series)
         return await self._shielded(self._answered(prepared, result))
 
     def _orphaned(
@@ -216,8 +217,11 @@ class Intake:
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    def _enqueued(self, prepared: Prepared, result: WriteResult) -> Receipt:
-        series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
+    def _enqueued(
+        self, prepared: Prepared, result: WriteResult, series: IntakeMetrics | None = None
+    ) -> Receipt:
+        if series is None:
+            series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
         series.enqueued.inc()
         series.edge_to_enqueue.observe(
             max(0, result.enqueued_at - prepared.inbound.received_at) / MICROS_PER_SECOND

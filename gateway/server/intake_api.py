@@ -141,7 +141,8 @@ class IntakeApi:
             key = self.keys.authorize(request, "intake")
         except ApiProblem as exc:
             return exc.response()
-        if request.content_length is not None and request.content_length > self.max_body:
+        declared = request.content_length  # a property that parses the header each time
+        if declared is not None and declared > self.max_body:
             return problem(413, f"body larger than {self.max_body} bytes")
         raw = await read_capped(request.content, self.max_body)
         if raw is None:
