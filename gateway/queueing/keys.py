@@ -55,13 +55,33 @@ class Keys:
         """Sorted set: contact id scored by when its warning is due (microseconds)."""
         return f"{self.tag}:warnings"
 
+    # A contact's own keys are a head and its id or pseudonym: the heads are properties of
+    # their own, so that a caller that names many (``RedisQueue._encode``, the aggregator)
+    # makes them once and the layout stays here.
+
+    @property
+    def contact_head(self) -> str:
+        return f"{self.tag}:contact:"
+
+    @property
+    def dedupe_head(self) -> str:
+        return f"{self.tag}:dedupe:"
+
+    @property
+    def sender_head(self) -> str:
+        return f"{self.tag}:sender:"
+
+    @property
+    def sender_first_head(self) -> str:
+        return f"{self.tag}:first:"
+
     def contact(self, contact_id: str) -> str:
         """Hash: the contact's JSON, stream entry id, edge stamp, deadline and stamps."""
-        return f"{self.tag}:contact:{contact_id}"
+        return self.contact_head + contact_id
 
     def dedupe(self, adapter: str, external_id: str) -> str:
         """String: the first contact id seen for (adapter, external_id)."""
-        return f"{self.tag}:dedupe:{adapter}:{_short(external_id)}"
+        return f"{self.dedupe_head}{adapter}:{_short(external_id)}"
 
     def rate(self, scope: str, name: str, window: int) -> str:
         """Counter: contacts of one sender (by pseudonym) or adapter in one fixed window (rate
@@ -71,13 +91,13 @@ class Keys:
     def sender(self, pseudonym: str) -> str:
         """Sorted set: a sender's recent contacts scored by arrival (repeat counting). Keyed by
         the sender's pseudonym (``RedisQueue.pseudonym``), never the address itself."""
-        return f"{self.tag}:sender:{_short(pseudonym)}"
+        return self.sender_head + _short(pseudonym)
 
     def sender_first(self, pseudonym: str) -> str:
         """String: the received_at (us) of a sender's contact that found no such key (its
         first in a repeat window), which is kept here instead of in the sender's sorted set;
         expires one window after it was made (``intake.lua``)."""
-        return f"{self.tag}:first:{_short(pseudonym)}"
+        return self.sender_first_head + _short(pseudonym)
 
     @property
     def pseudonym_key(self) -> str:

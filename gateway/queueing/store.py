@@ -304,8 +304,9 @@ class RedisQueue:
             keys.agg_repeats,
         )
         """The intake script's keys that are the same for every contact."""
-        tag = keys.tag
-        self._heads = (f"{tag}:dedupe:", f"{tag}:sender:", f"{tag}:contact:", f"{tag}:first:")
+        self._heads = (
+            keys.dedupe_head, keys.sender_head, keys.contact_head, keys.sender_first_head
+        )
         """The heads of a contact's own key names (``Keys.dedupe``, ``sender``, ``contact``,
         ``sender_first``), made once: ``_encode`` adds a pseudonym or id to them (33 and 36
         printable characters, which ``Keys`` keeps as they are)."""

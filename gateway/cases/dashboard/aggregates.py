@@ -417,9 +417,9 @@ class Aggregator:
         if tagged:  # the same for counted contacts: the first to take the mark counts them
             # one plain HDEL a contact in one round trip: each is atomic on its own, and a
             # script's call of the same HDEL cost Valkey three times as much
-            hash_of = self.keys.contact
+            head = self.keys.contact_head  # Keys.contact, its head made once a batch
             marks = raise_errors(await self.queue.execute(
-                [["HDEL", hash_of(t.contact_id), "surge"] for t in tagged]
+                [["HDEL", head + t.contact_id, "surge"] for t in tagged]
             ))
             tagged = [t for t, mark in zip(tagged, marks, strict=True) if mark]
         now = self.clock.now_us()
