@@ -50,9 +50,8 @@ class Coalescer(Generic[T, R]):
         self._scheduled = False
         self._due: dict[asyncio.Task[None], float] = {}
         """The batches in flight under ``timeout``, in the order they started, with their
-        deadlines (the loop's clock)."""
-        self._expired: set[asyncio.Task[None]] = set()
-        """Batches cancelled by ``_check`` for their deadline (not from outside)."""
+        deadlines (the loop's clock). ``_check`` takes out a batch it cancels for its
+        deadline: a batch in flight and not here was cancelled so (not from outside)."""
         self._watch: asyncio.TimerHandle | None = None
 
     def submit(self, item: T) -> asyncio.Future[R]:
@@ -98,7 +97,6 @@ class Coalescer(Generic[T, R]):
                 return
             del self._due[task]
             if not task.done():
-                self._expired.add(task)
                 loop.call_soon(self._expire, task)
 
     @staticmethod
@@ -109,7 +107,6 @@ class Coalescer(Generic[T, R]):
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._due.pop(task, None)
-        self._expired.discard(task)
         if self._pending and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._kick)
@@ -123,7 +120,8 @@ class Coalescer(Generic[T, R]):
                 task = asyncio.current_task()
                 # its deadline (and no cancellation from outside as well): TimeoutError, as
                 # asyncio.timeout would raise
-                if task in self._expired and task is not None and task.uncancel() == 0:
+                expired = self._timeout is not None and task not in self._due
+                if expired and task is not None and task.uncancel() == 0:
                     raise TimeoutError from cancelled
                 raise
         except Exception as exc:
