@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -20,16 +19,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
 
@@ -167,9 +159,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # gateway_sessions_total, gateway_sessions_active, gateway_session_duration_seconds
-        self.sessions = Sessions()
-        r.register(self.sessions)
+        per_session = ["adapter", "protocol"]
+        self.sessions = Counter(
+            "gateway_sessions",
+            "Protocol sessions accepted (agi: FastAGI, smtp: SMTP connections)",
+            per_session,
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            "gateway_sessions_active", "Protocol sessions open now", per_session, registry=r
+        )
+        self.session_duration = Histogram(
+            "gateway_session_duration_seconds",
+            "From accepting a session to its end",
+            per_session,
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self._sessions: dict[tuple[str, str], SessionCounts] = {}
         self.smtp_replies = Counter(
             "gateway_smtp_replies", "SMTP replies sent, by reply code", ["adapter", "code"],
             registry=r,
@@ -284,14 +291,17 @@ class Metrics:
         return made
 
     def deferred_histogram(self, child: Any) -> DeferredHistogram:
-        """A histogram's labelled series, observed on the hot path in plain numbers (the
-        series itself, observed at once, on a prometheus_client without the bucket values
-        this reads)."""
-        if not all(hasattr(child, name) for name in ("_upper_bounds", "_buckets", "_sum")):
-            return child  # type: ignore[no-any-return]
+        """A histogram's labelled series, observed on the hot path in plain numbers."""
         made = DeferredHistogram(child)
         self._deferred.series.append(made)
         return made
+
+    def session_counts(self, adapter: str, protocol: str) -> SessionCounts:
+        """The session series of one adapter and protocol, made once."""
+        found = self._sessions.get((adapter, protocol))
+        if found is None:
+            found = self._sessions[(adapter, protocol)] = SessionCounts(self, adapter, protocol)
+        return found
 
     def adapter(self, name: str) -> AdapterMetrics:
         """The view an adapter reports through (its ``AdapterContext.metrics``)."""
@@ -391,86 +401,32 @@ class IntakeMetrics:
 
 
 class SessionCounts:
-    """The sessions of one adapter and protocol as plain numbers, read by ``Sessions`` when
-    the metrics are rendered: a session costs a few additions instead of four prometheus
-    updates (each a lock and two or three Python calls: about 2 us a FastAGI call)."""
+    """The session series of one adapter and protocol (``gateway_sessions_total``,
+    ``gateway_sessions_active``, ``gateway_session_duration_seconds``), resolved once: the
+    total and the durations deferred (``DeferredCounter``, ``DeferredHistogram``), the open
+    sessions a plain number the gauge reads when the metrics are rendered. A session costs a
+    few additions instead of four prometheus updates (each a lock and two or three Python
+    calls: about 2 us a FastAGI call)."""
 
-    __slots__ = ("active", "buckets", "sum", "total")
+    __slots__ = ("active", "duration", "total")
 
-    def __init__(self) -> None:
-        self.total = 0
+    def __init__(self, metrics: Metrics, adapter: str, protocol: str) -> None:
+        self.total = metrics.deferred_counter(metrics.sessions.labels(adapter, protocol))
+        self.duration = metrics.deferred_histogram(
+            metrics.session_duration.labels(adapter, protocol)
+        )
         self.active = 0
-        self.buckets = [0] * (len(SESSION_BUCKETS) + 1)
-        """Sessions by the first bound of ``SESSION_BUCKETS`` they took at most (the last:
-        longer than every bound), not cumulative."""
-        self.sum = 0.0
+        metrics.sessions_active.labels(adapter, protocol).set_function(lambda: self.active)
 
     def opened(self) -> float:
         """Count a session; return its start for ``closed``."""
-        self.total += 1
+        self.total.inc()
         self.active += 1
         return time.monotonic()
 
     def closed(self, started: float) -> None:
-        took = time.monotonic() - started
         self.active -= 1
-        self.buckets[bisect.bisect_left(SESSION_BUCKETS, took)] += 1
-        self.sum += took
-
-
-_SESSION_LE = [
-    *(floatToGoString(b) for b in SESSION_BUCKETS),  # type: ignore[no-untyped-call]
-    "+Inf",
-]
-_SESSION_LABELS = ("adapter", "protocol")
-
-
-class Sessions:
-    """The collector of ``gateway_sessions_total``, ``gateway_sessions_active`` and
-    ``gateway_session_duration_seconds`` (labels ``adapter``, ``protocol``): the same series
-    and text a ``Counter``, ``Gauge`` and ``Histogram`` would give, from ``SessionCounts``."""
-
-    def __init__(self) -> None:
-        self.series: dict[tuple[str, str], SessionCounts] = {}
-
-    def of(self, adapter: str, protocol: str) -> SessionCounts:
-        found = self.series.get((adapter, protocol))
-        if found is None:
-            found = self.series[(adapter, protocol)] = SessionCounts()
-        return found
-
-    def describe(self) -> Iterator[Metric]:
-        return self._families([])
-
-    def collect(self) -> Iterator[Metric]:
-        return self._families(list(self.series.items()))
-
-    @staticmethod
-    def _families(series: list[tuple[tuple[str, str], SessionCounts]]) -> Iterator[Metric]:
-        total = CounterMetricFamily(
-            "gateway_sessions",
-            "Protocol sessions accepted (agi: FastAGI, smtp: SMTP connections)",
-            labels=_SESSION_LABELS,
-        )
-        active = GaugeMetricFamily(
-            "gateway_sessions_active", "Protocol sessions open now", labels=_SESSION_LABELS
-        )
-        duration = HistogramMetricFamily(
-            "gateway_session_duration_seconds",
-            "From accepting a session to its end",
-            labels=_SESSION_LABELS,
-        )
-        for labels, counts in series:
-            total.add_metric(labels, counts.total)
-            active.add_metric(labels, counts.active)
-            running, buckets = 0, []
-            for le, n in zip(_SESSION_LE, list(counts.buckets), strict=True):
-                running += n
-                buckets.append((le, running))
-            duration.add_metric(labels, buckets, counts.sum)
-        yield total
-        yield active
-        yield duration
+        self.duration.observe(time.monotonic() - started)
 
 
 class AdapterMetrics:
@@ -489,7 +445,7 @@ class AdapterMetrics:
 
     def sessions(self, protocol: str) -> SessionCounts:
         """This adapter's counts of ``protocol`` sessions (``opened`` and ``closed`` each)."""
-        return self.metrics.sessions.of(self.adapter, protocol)
+        return self.metrics.session_counts(self.adapter, protocol)
 
     def session_opened(self, protocol: str) -> float:
         """Count a session; return its start for ``session_closed``."""

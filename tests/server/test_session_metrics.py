@@ -1,9 +1,8 @@
-"""The session series (``gateway/server/metrics.py``, ``Sessions``): counted as plain numbers,
-rendered exactly as a prometheus ``Counter``, ``Gauge`` and ``Histogram`` would render them."""
+"""The session series (``gateway/server/metrics.py``, ``SessionCounts``): counted as plain
+numbers, rendered exactly as a prometheus ``Counter``, ``Gauge`` and ``Histogram`` would render
+them."""
 
 from __future__ import annotations
-
-import bisect
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -24,10 +23,9 @@ def test_sessions_render_as_the_prometheus_series_would() -> None:
     metrics = Metrics()
     for (adapter, protocol), taken in durations.items():
         counts = metrics.adapter(adapter).sessions(protocol)
-        for seconds in taken:  # what closed() does, with exact durations
-            counts.total += 1
-            counts.buckets[bisect.bisect_left(SESSION_BUCKETS, seconds)] += 1
-            counts.sum += seconds
+        for seconds in taken:  # what opened() and closed() do, with exact durations
+            counts.total.inc()
+            counts.duration.observe(seconds)
         for _ in range(still_open[(adapter, protocol)]):
             counts.opened()
 
@@ -54,12 +52,12 @@ def test_a_closed_session_lands_in_the_bucket_of_its_duration() -> None:
     metrics = Metrics()
     counts = metrics.adapter("pbx").sessions("agi")
     started = counts.opened()
-    assert (counts.total, counts.active) == (1, 1)
+    assert (counts.total.count, counts.active) == (1, 1)
     counts.closed(started - 0.3)  # took 0.3 s and a little
-    assert (counts.total, counts.active) == (1, 0)
-    assert counts.buckets[SESSION_BUCKETS.index(0.5)] == 1
-    assert sum(counts.buckets) == 1
-    assert 0.3 <= counts.sum < 1.0
+    assert (counts.total.count, counts.active) == (1, 0)
+    assert counts.duration.counts[SESSION_BUCKETS.index(0.5)] == 1
+    assert sum(counts.duration.counts) == 1
+    assert 0.3 <= counts.duration.total < 1.0
     text = metrics.render().decode()
     assert 'gateway_session_duration_seconds_bucket{adapter="pbx",le="0.1",protocol="agi"} 0.0' \
         in text
