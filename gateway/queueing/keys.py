@@ -96,7 +96,8 @@ class Keys:
     def sender_first(self, pseudonym: str) -> str:
         """String: the received_at (us) of a sender's contact that found no such key (its
         first in a repeat window), which is kept here instead of in the sender's sorted set;
-        expires one window after it was made (``intake.lua``)."""
+        expires one window after the last contact that made or read it (every repeat moves its
+        expiry with the set's: ``intake.lua``)."""
         return self.sender_first_head + _short(pseudonym)
 
     @property
