@@ -17,6 +17,7 @@ the server process's (all threads) plus the Valkey server's over its rounds.
     .venv/bin/python -m bench.email_bench               # about two minutes
     .venv/bin/python -m bench.email_bench --seconds 2 --rounds 1
     .venv/bin/python -m bench.email_bench --client pipelining   # as a relaying MTA sends
+    .venv/bin/python -m bench.email_bench --client connection   # a connection a message
 
 ``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (``git archive
 <commit> gateway | tar -x -C DIR``) in the same alternating rounds.
@@ -171,14 +172,57 @@ async def _drive_pipelined(
     return len(latencies), errors, latencies
 
 
+async def _drive_connections(
+    port: int, seconds: float, connections: int, size: int, run: str
+) -> tuple[int, int, list[float]]:
+    """A new connection for every message (greeting, ``EHLO``, the transaction, ``QUIT``), as
+    a public mailbox mostly receives: each citizen's mail comes from their provider's MTA. The
+    round-trip time is the whole connection's."""
+    import aiosmtplib
+
+    template = message(size)
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(w: int) -> None:
+        nonlocal errors
+        await ready.wait()
+        i = 0
+        while time.perf_counter() < deadline:
+            raw = template.replace(b"@@ID@@", f"{run}-{w}-{i}".encode())
+            i += 1
+            start = time.perf_counter()
+            try:
+                await aiosmtplib.send(
+                    raw, sender="citizen@example.org", recipients=[MAILBOX],
+                    hostname="127.0.0.1", port=port, start_tls=False, timeout=60,
+                )
+            except (aiosmtplib.SMTPException, OSError):
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    ready = asyncio.Event()
+    deadline = float("inf")
+    tasks = [asyncio.create_task(worker(w)) for w in range(connections)]
+    await asyncio.sleep(0.2)
+    deadline = time.perf_counter() + seconds
+    ready.set()
+    await asyncio.gather(*tasks)
+    return len(latencies), errors, latencies
+
+
 CLIENT = "aiosmtplib"
-"""The load generator: ``aiosmtplib`` (one command, then its reply) or ``pipelining``."""
+"""The load generator: ``aiosmtplib`` (one command, then its reply), ``pipelining``, or
+``connection`` (aiosmtplib, a new connection a message)."""
 
 
 def _client(
     port: int, seconds: float, connections: int, size: int, run: str, out: Any, client: str
 ) -> None:
-    drive = _drive_pipelined if client == "pipelining" else _drive
+    drive = {"pipelining": _drive_pipelined, "connection": _drive_connections}.get(
+        client, _drive
+    )
     out.put(_loop()(drive(port, seconds, connections, size, run)))
 
 
@@ -347,8 +391,8 @@ async def main(seconds: float, rounds: int, before: str) -> None:
                 target.stop()
             redis.stop_sync()
 
-    print(f"\nInbound SMTP, persistent connections, {seconds:g} s per cell, best of {rounds},"
-          f" client {CLIENT}")
+    kind = "a connection a message" if CLIENT == "connection" else "persistent connections"
+    print(f"\nInbound SMTP, {kind}, {seconds:g} s per cell, best of {rounds}, client {CLIENT}")
     print("(cpu us/msg: server process, all threads, plus the Redis server; the load generator")
     print(" runs in its own process and is not counted)")
     print(f"{'target':32} {'size':>7} {'conns':>6} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
@@ -377,9 +421,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default="", help="source tree of an older gateway")
     parser.add_argument(
-        "--client", choices=("aiosmtplib", "pipelining"), default=CLIENT,
+        "--client", choices=("aiosmtplib", "pipelining", "connection"), default=CLIENT,
         help="the load generator: aiosmtplib waits for each reply; pipelining sends MAIL, "
-        "RCPT and DATA in one write, as a relaying MTA does (RFC 2920)",
+        "RCPT and DATA in one write, as a relaying MTA does (RFC 2920); connection is "
+        "aiosmtplib with a new connection for every message",
     )
     args = parser.parse_args()
     CLIENT = args.client

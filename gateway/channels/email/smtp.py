@@ -14,11 +14,12 @@ import logging
 import re
 import socket
 import ssl
+import types
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _DataState
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _AuthMechAttr, _DataState
 
 from gateway.adapters import IntakeUnavailable, InvalidContact, RateLimited
 from gateway.channels.email.common import EmailConfig
@@ -204,6 +205,7 @@ class GatewaySMTP(SMTP):
         max_session_s: float,
         sessions: set[GatewaySMTP],
         metrics: AdapterMetrics | None = None,
+        like: GatewaySMTP | None = None,
         **kwargs: Any,
     ) -> None:
         self.line_length_limit = line_length
@@ -218,7 +220,35 @@ class GatewaySMTP(SMTP):
         self._idle_armed = 0.0
         self._replies: list[bytes] = []
         """Replies held to go out with the next (``push``)."""
-        super().__init__(handler, **kwargs)
+        if like is None:
+            super().__init__(handler, **kwargs)
+        else:
+            self._init_like(like)
+
+    def _init_like(self, like: GatewaySMTP) -> None:
+        """What aiosmtpd's constructor makes, taken from ``like``: a session built by it with
+        the same handler and arguments that never connected (``Listener``). The constructor
+        finds the handler's hooks, the ``smtp_`` commands and the AUTH mechanisms by
+        introspection (``inspect.getmembers``, ``dir``, ``inspect.signature``: ~150 µs, most of
+        what a new connection cost us before its greeting); here its settings are copied, the
+        tables rebound to this session, and the stream state made new.
+        ``tests/channels/email/test_smtp_session_init.py`` holds the result to the
+        constructor's own, attribute by attribute, and no mutable object shared."""
+        state = vars(self)
+        for name, value in vars(like).items():
+            state.setdefault(name, value)  # ours (set above) stay this session's own
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+        self._handle_hooks = dict(like._handle_hooks)
+        self._smtp_methods = {n: _rebound(m, like, self) for n, m in like._smtp_methods.items()}
+        self._auth_methods = {
+            name: _AuthMechAttr(_rebound(m.method, like, self), m.is_builtin)
+            for name, m in like._auth_methods.items()
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._metrics is not None and self._started is None:
@@ -423,6 +453,13 @@ class GatewaySMTP(SMTP):
         self.last_word(b"421 4.4.2 Session time limit exceeded\r\n")
 
 
+def _rebound(method: Any, old: object, new: object) -> Any:
+    """``method`` bound to ``new`` instead if it was bound to ``old``; else itself."""
+    if getattr(method, "__self__", None) is old:
+        return types.MethodType(method.__func__, new)
+    return method
+
+
 _READS_ON = frozenset(
     c.encode() for c in "250 251 252 450 451 452 455 500 501 503 504 530 550 551 552 553 "
     "554 555".split()
@@ -531,6 +568,8 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._tls = tls_context(config)
         self._sessions: set[GatewaySMTP] = set()
+        self._like: GatewaySMTP | None = None
+        """The session every new one copies aiosmtpd's settings from (made at the first)."""
         # Once, not per connection: aiosmtpd would call getfqdn() (a DNS lookup) every time.
         self.hostname = config.hostname or socket.getfqdn()
 
@@ -538,13 +577,23 @@ class Listener:
         self.connections.open = len(self._sessions)
         if not self.connections.take():  # over the cap: refused the SMTP way, at once
             return _Busy()
+        if self._like is None:
+            self._like = self._session(None)
+        proto = self._session(self._like)
+        self._sessions.add(proto)
+        return proto
+
+    def _session(self, like: GatewaySMTP | None) -> GatewaySMTP:
+        """A session; ``like`` one built by aiosmtpd's constructor with the same arguments,
+        never connected, to copy its settings from (``GatewaySMTP._init_like``)."""
         c = self.config
-        proto = GatewaySMTP(
+        return GatewaySMTP(
             self.handler,
             line_length=c.max_line_length + 2,
             max_session_s=float(c.max_session_time),
             sessions=self._sessions,
             metrics=self.metrics,
+            like=like,
             data_size_limit=c.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -555,8 +604,6 @@ class Listener:
             timeout=float(c.idle_timeout),
             loop=asyncio.get_running_loop(),
         )
-        self._sessions.add(proto)
-        return proto
 
     async def start(self) -> None:
         # aiosmtpd logs every command line and address at INFO: keep addresses out of our logs.
