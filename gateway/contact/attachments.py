@@ -134,6 +134,9 @@ class AttachmentStore:
         self._hold_limit = 0
         self._holder_down_until = 0.0
         self._behind: set[asyncio.Task[None]] = set()
+        self._releasing: dict[str, asyncio.Task[None]] = {}
+        """Files a group wrote behind, by sha256, while its release from Redis is under way
+        (the group's own: ``_write_behind`` waits for it instead of sending another)."""
         self.late_release_s = LATE_RELEASE_S
         """Files held in Redis being written to disk (``settle``)."""
 
@@ -359,8 +362,16 @@ class AttachmentStore:
             if isinstance(r, Exception):
                 log.warning("attachments: held file not written: %s", r)
         if done and self._holder is not None:  # a task: a slow Redis never holds up the writes
-            self._spawn(self._release_written(done))
+            task = self._spawn(self._release_written(done))
+            for digest in done:
+                self._releasing[digest] = task
+            task.add_done_callback(lambda _: self._released(done, task))
         return results
+
+    def _released(self, digests: list[str], task: asyncio.Task[None]) -> None:
+        for digest in digests:
+            if self._releasing.get(digest) is task:  # not a later group's release of it
+                del self._releasing[digest]
 
     async def _release_written(self, digests: list[str]) -> None:
         assert self._holder is not None
@@ -430,10 +441,11 @@ class AttachmentStore:
             with contextlib.suppress(Exception):
                 await self._holder.release(digests)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._behind.add(task)
         task.add_done_callback(self._behind.discard)
+        return task
 
     def _spawn_behind(self, items: list[_File]) -> None:
         """Queue held files for the next group written behind (no task of their own: the group
@@ -442,12 +454,16 @@ class AttachmentStore:
             self._behind_writer.submit(item)
 
     async def _write_behind(self, items: list[_File]) -> None:
-        """Write held files to disk (one group commit with others) and release them; return
-        once they are (the group's own release of them is in the background)."""
+        """Write held files to disk (one group commit with others); return once they are and
+        their group has released them from Redis (its release, not one more ``HDEL``)."""
         results = await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
-        done = [r.sha256 for r in results if isinstance(r, Attachment)]
-        if done and self._holder is not None:
-            await self._release_written(done)
+        releases = {
+            self._releasing[r.sha256]
+            for r in results
+            if isinstance(r, Attachment) and r.sha256 in self._releasing
+        }
+        if releases:
+            await asyncio.wait(releases)
 
     async def _fetch_held(self, sha256: str) -> _File | None:
         if self._holder is None or not _SHA256.fullmatch(sha256):

@@ -453,3 +453,34 @@ async def test_a_release_that_waits_on_redis_does_not_hold_up_the_next_files(
     assert await holder.held() == []
     await client.aclose()
     await admin.aclose()
+
+
+async def test_a_held_file_written_on_first_read_is_released_once(tmp_path, redis_client, prefix):
+    """A held file read through ``ensure`` (the consumer API's download) or written at start
+    (``write_held``) is written by the group writer, which releases it from Redis: one
+    ``HDEL`` for it, done when the call returns (the caller released it a second time)."""
+    from gateway.queueing.held import RedisHolder
+    from gateway.queueing.keys import Keys
+
+    released: list[str] = []
+
+    class Counted(RedisHolder):
+        async def release(self, digests):  # type: ignore[no-untyped-def]
+            released.extend(digests)
+            await super().release(digests)
+
+    store = AttachmentStore(tmp_path / "attachments", max_size=1024)
+    store.behind_interval = 0.0
+    holder = Counted(redis_client, Keys(prefix), store.root)
+    store.hold_in(holder)
+    blobs = [f"Subject: lamp {n}\r\n\r\nlight {n} is out\r\n".encode() for n in range(2)]
+    digests = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for digest, data in zip(digests, blobs, strict=True):
+        await redis_client.hset(holder.key, digest, b"message/rfc822\n" + data)
+    assert await store.ensure(digests[0])
+    assert await holder.held() == [digests[1]]  # released by the time ensure returns
+    assert await store.write_held() == 1
+    assert await holder.held() == []
+    assert store.read(digests[1]) == blobs[1]
+    assert sorted(released) == sorted(digests)  # once each
+    await store.close()
