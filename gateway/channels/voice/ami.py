@@ -318,11 +318,11 @@ class AmiClient:
         frames: FrameReader,
         queue: list[Frame],
     ) -> None:
-        silence = _Silence(
-            self.ping_interval,
-            lambda: writer.write(format_action({"Action": "Ping", "ActionID": "gateway-ping"})),
-            writer.transport.abort,
-        )
+        def ping() -> None:
+            if not writer.transport.is_closing():  # lost meanwhile: the read sees its end
+                writer.write(format_action({"Action": "Ping", "ActionID": "gateway-ping"}))
+
+        silence = _Silence(self.ping_interval, ping, writer.transport.abort)
         try:
             await self._follow_frames(reader, writer, frames, queue, silence)
         finally:
