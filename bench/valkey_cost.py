@@ -11,7 +11,9 @@ aggregator reads their ``enqueued`` events. Printed per contact: instructions fo
 and for the aggregator's pass, Valkey commands (``INFO commandstats``), AOF bytes and memory.
 With ``--replies``, then the rest of a contact's usual life: each is replied to (its
 ``responded`` stamp, ``Intake.stamp``: the hash read and ``stamp.lua``) and the aggregator
-steps it to its outcome (``aggregate.lua``); the same figures for those two. With
+steps it to its outcome (``aggregate.lua``); the same figures for those two; then one event
+each that is not a stamp (``emit.lua``, a ``delivered`` receipt; the aggregator does not read
+it here). With
 ``--deadlines`` (instead), none is replied to: the deadline watcher's sweeps claim each one's
 warning and then its breach (``claim.lua``, its ``now`` moved on), and the aggregator steps
 the breaches (per contact breached: the bench's 64 warm-up contacts too).
@@ -114,6 +116,16 @@ async def _measure(
                 pass
             outcome = await asyncio.to_thread(_callgrind, pid, folder, "-d")
             settled = await _figures(redis)
+            # then one event each that is not a stamp (``emit.lua``: a delivery receipt)
+            from gateway.records import Event
+
+            for i in range(0, contacts, 64):
+                await asyncio.gather(*(
+                    gateway.queue.emit(Event(cid, "delivered", gateway.clock.now_us(), "bench"))
+                    for cid in ids[i : i + 64]
+                ))
+            emit = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+            emitted = await _figures(redis)
         if deadlines:  # none replied to: each one's warning, then its breach, fall due
             from gateway.cases.watcher import DeadlineWatcher
             from gateway.server.config import WatcherSection
@@ -151,7 +163,9 @@ async def _measure(
             f" {(stamped[1] - done[1]) / n:,.0f} AOF bytes; the aggregator's step"
             f" {outcome / n / 1000:,.1f} K instructions,"
             f" {(settled[0] - stamped[0]) / n:.1f} commands, {(settled[1] - stamped[1]) / n:,.0f}"
-            f" AOF bytes",
+            f" AOF bytes; an emitted 'delivered' event {emit / n / 1000:,.1f} K instructions,"
+            f" {(emitted[0] - settled[0]) / n:.1f} commands,"
+            f" {(emitted[1] - settled[1]) / n:,.0f} AOF bytes",
             flush=True,
         )
 

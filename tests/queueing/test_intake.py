@@ -554,6 +554,26 @@ async def test_the_same_event_written_twice_is_appended_once(start_gateway):
     assert len(await gw.queue.events(receipt.contact_id)) == 3
 
 
+async def test_an_event_whose_append_is_refused_leaves_no_digest_and_its_retry_is_written(
+    start_gateway,
+):
+    """``emit.lua`` appends the event before it writes the event's digest: a call whose XADD
+    the server refuses (here the events stream is a string: WRONGTYPE) leaves no digest, so
+    the retry is written (before, the digest was set first and the retry was taken for the
+    same event written twice: the event was never written)."""
+    gw = await start_gateway()
+    receipt = await gw.intake.submit(inbound())
+    event = Event(receipt.contact_id, "delivered", SYSTEM_CLOCK.now_us(), "kannel")
+    await gw.redis.rename(gw.keys.events, "saved-events")
+    await gw.redis.set(gw.keys.events, "x")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await gw.queue.emit(event)
+    await gw.redis.delete(gw.keys.events)
+    await gw.redis.rename("saved-events", gw.keys.events)
+    await gw.queue.emit(event)
+    assert [e.type for e in await gw.queue.events(receipt.contact_id)] == ["enqueued", "delivered"]
+
+
 async def test_the_stream_entries_are_the_records_own_encodings(start_gateway):
     """The intake write builds the contact's and its ``enqueued`` event's JSON without making
     the records: byte for byte what ``Contact`` and ``Event`` encode."""
