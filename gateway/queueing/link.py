@@ -243,11 +243,17 @@ class Lane:
         self.link: Link | None = None
         self._opening = asyncio.Lock()
 
+    def ready(self) -> Link | None:
+        """The lane's link when it is open and usable, without a wait (the common case: no
+        coroutine to await a batch); None: ``get`` it."""
+        own = self.link
+        return own if own is not None and own.usable() else None
+
     async def get(self, pool: Any) -> Link | None:
         """The lane's link, usable; None when ``pool``'s connection class cannot be taken
         over (``Link.open``: the caller keeps the pooled path)."""
-        own = self.link
-        if own is not None and own.usable():
+        own = self.ready()
+        if own is not None:
             return own
         async with self._opening:
             own = self.link

@@ -212,6 +212,10 @@ class Pseudonyms:
         value = await self.redis.get(name)
         self.use(value if isinstance(value, bytes) else str(value).encode())
 
+    @property
+    def loaded(self) -> bool:
+        return self._key is not None
+
     def use(self, key: bytes) -> None:
         """Take ``key`` as the fleet's key (``load`` reads it from Redis)."""
         self._key = key
@@ -457,7 +461,8 @@ class RedisQueue:
         limit as ``RateLimited``; the others are written. A failed round trip (connection,
         timeout) raises for the whole batch.
         """
-        await self.load_pseudonym_key()
+        if not self.pseudonyms.loaded:
+            await self.load_pseudonym_key()
         enqueued_at = self.clock.now_us()
         enqueued = format_time(enqueued_at)
         results: list[WriteResult | ResponseError | InvalidContact | RateLimited] = []
@@ -561,7 +566,9 @@ class RedisQueue:
         replies come back as values. Commands that answer at once only (no blocking read):
         on a single server they share one connection (``_side``), pipelined."""
         if self._linked:
-            side = await self._open(self._side, getattr(self.redis, "connection_pool", None))
+            side = self._side.ready() or await self._open(
+                self._side, getattr(self.redis, "connection_pool", None)
+            )
             if side is not None:
                 return await side.send(pack_commands(commands), len(commands))
         return await self._execute(commands)
@@ -581,7 +588,7 @@ class RedisQueue:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
         if link and self._linked:
-            own = await self._open(self._link, pool)
+            own = self._link.ready() or await self._open(self._link, pool)
             if own is not None:
                 return await own.send(pack_commands(commands), len(commands))
         conn = await pool.get_connection()
