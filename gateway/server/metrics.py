@@ -435,7 +435,7 @@ class AdapterMetrics:
     def __init__(self, metrics: Metrics, adapter: str) -> None:
         self.metrics = metrics
         self.adapter = adapter
-        self._replies: dict[str, Counter] = {}
+        self._replies: dict[str, DeferredCounter] = {}
         self._event_lag: DeferredHistogram | None = None
 
     @classmethod
@@ -460,8 +460,10 @@ class AdapterMetrics:
             if len(self._replies) >= 64:  # codes come from our own replies; bounded all the same
                 self.metrics.smtp_replies.labels(self.adapter, code).inc()
                 return
-            counter = self._replies[code] = self.metrics.smtp_replies.labels(self.adapter, code)
-        counter.inc()
+            counter = self._replies[code] = self.metrics.deferred_counter(
+                self.metrics.smtp_replies.labels(self.adapter, code)
+            )
+        counter.inc()  # a plain number (four replies a mail); the series has it when read
 
     def ami_link(self, up: bool) -> None:
         self.metrics.ami_connected.labels(self.adapter).set(1 if up else 0)
