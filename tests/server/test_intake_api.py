@@ -229,11 +229,13 @@ async def test_a_raw_answer_waits_while_the_client_reads_no_answers():
     """``RawResponse`` (the direct route's 202) keeps aiohttp's back-pressure: a client that
     pipelines requests and reads no answers has its next request handled only once the
     answers before it have left the process (aiohttp's own answers drain in ``write_eof``;
-    without it every request was handled and its answer buffered, without bound). Answers
-    of 16 MiB, far more than the sockets take."""
+    without it every request was handled and its answer buffered, without bound). The
+    gateway's own server (connection guard, direct dispatch), answers of 16 MiB: far more
+    than the sockets take."""
     from aiohttp import web
 
-    from gateway.server.http import RawResponse, raw_answer
+    from gateway.server.config import HostPort
+    from gateway.server.http import HttpServer, RawResponse, add_direct, build_app, raw_answer
 
     size = 16 * 1024 * 1024
     raw = raw_answer(b"HTTP/1.1 200 OK", b"application/octet-stream", b"x" * size)
@@ -244,26 +246,23 @@ async def test_a_raw_answer_waits_while_the_client_reads_no_answers():
         buffered.append(request.transport.get_write_buffer_size())
         return RawResponse(200, "OK", raw)
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    app = build_app(1024)
+    add_direct(app, "GET", "/big", handler)
+    server = HttpServer(app, HostPort("127.0.0.1", 0))
+    await server.start()
     try:
-        port = runner.addresses[0][1]
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # no autotuning
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
         reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
         for _ in range(2):
             await reader.readuntil(b"\r\n\r\n")
             await reader.readexactly(size)
         writer.close()
     finally:
-        await runner.cleanup()
-    # the second request came once the first answer had gone, but for aiohttp's low-water
-    # mark (fails before: over 12 MiB of it still in the process)
+        await server.stop()
+    # the second request came once the first answer had gone, but for the transport's
+    # low-water mark (fails before: over 12 MiB of it still in the process)
     assert len(buffered) == 2 and buffered[1] < 1024 * 1024, buffered
