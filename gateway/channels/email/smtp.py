@@ -577,8 +577,8 @@ class Listener:
         self.connections.open = len(self._sessions)
         if not self.connections.take():  # over the cap: refused the SMTP way, at once
             return _Busy()
-        if self._like is None:
-            self._like = self._session(None)
+        if self._like is None or self._like.loop is not asyncio.get_running_loop():
+            self._like = self._session(None)  # at the first session (of a loop)
         proto = self._session(self._like)
         self._sessions.add(proto)
         return proto

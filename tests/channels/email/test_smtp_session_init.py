@@ -127,3 +127,24 @@ async def test_sessions_of_a_listener_answer_as_before() -> None:
         assert [r[:3] for r in replies] == [
             b"220", b"250", b"250", b"250", b"550", b"354", b"250", b"221"
         ]
+
+
+def test_a_listener_started_again_on_another_loop_makes_its_sessions_on_that_loop() -> None:
+    """The session copied from is made again on a new loop (its loop is copied with it)."""
+    listener = _listener()
+
+    async def greeting() -> bytes:
+        await listener.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            # bounded: on the old loop the session never starts and nothing would come
+            line = await asyncio.wait_for(reader.readline(), 30)
+            writer.close()
+            assert listener._like is not None
+            assert listener._like.loop is asyncio.get_running_loop()
+            return line
+        finally:
+            await listener.stop()
+
+    assert asyncio.run(greeting())[:3] == b"220"
+    assert asyncio.run(greeting())[:3] == b"220"  # a new loop
