@@ -74,11 +74,13 @@ def _delta(a: Figures, b: Figures, n: int) -> tuple[float, float, str, str]:
 
 @contextlib.asynccontextmanager
 async def bench_gateway(
-    redis_url: str, tag: str, mobiles: str, **redis_settings: Any
+    redis_url: str, tag: str, mobiles: str, sections: dict[str, Any] | None = None,
+    **redis_settings: Any,
 ) -> AsyncIterator[tuple[Any, Any, Callable[[int], Any]]]:
     """A started gateway of the tree on the path (its aggregator stopped, driven by hand),
     64 contacts written and aggregated to warm it, and ``inbound(i)``: a new web contact of
-    sender ``<mobiles><i>``. Also used by bench/valkey_cost.py."""
+    sender ``<mobiles><i>``; ``sections``: more settings (``{"intake": {...}}``). Also used
+    by bench/valkey_cost.py."""
     from bench.intake_bench import gateway_classes
     from gateway.records import Inbound, Sender
 
@@ -89,6 +91,7 @@ async def bench_gateway(
         "http": {"listen": "127.0.0.1:0"},
         "api": {"open_to_loopback": True},
         "watcher": {"enabled": False},
+        **(sections or {}),
     })
     gateway = Gateway(settings, configs)
     await gateway.start()

@@ -16,7 +16,10 @@ each that is not a stamp (``emit.lua``, a ``delivered`` receipt; the aggregator 
 it here). With
 ``--deadlines`` (instead), none is replied to: the deadline watcher's sweeps claim each one's
 warning and then its breach (``claim.lua``, its ``now`` moved on), and the aggregator steps
-the breaches (per contact breached: the bench's 64 warm-up contacts too).
+the breaches (per contact breached: the bench's 64 warm-up contacts too). With ``--expiry``
+(instead), every key a contact makes (the dedupe key, the rate counter, the sender's 'first'
+key, the contact hash) expires after a few seconds: the server's instructions while they
+expire, beyond the same time with nothing to expire, per key and per contact.
 
     .venv/bin/python -m bench.valkey_cost                       # about a minute
     .venv/bin/python -m bench.valkey_cost --before DIR --rounds 2
@@ -79,15 +82,52 @@ async def _figures(redis: Any) -> tuple[int, int, int]:
     return calls, aof, memory
 
 
+EXPIRY_S = 10
+"""``--expiry``: the windows and the retention every key of a contact expires after (longer
+than the writes take, so that every key expires while the server is left alone)."""
+
+
+async def _expiry(redis: Any, pid: int, folder: str, settle_s: float) -> tuple[int, int]:
+    """Valkey's instructions and the keys it expired in ``settle_s`` seconds left alone."""
+    gone = int((await redis.info("stats"))["expired_keys"])
+    await asyncio.to_thread(_callgrind, pid, folder, "-z")
+    await asyncio.sleep(settle_s)
+    total = await asyncio.to_thread(_callgrind, pid, folder, "-d")
+    return total, int((await redis.info("stats"))["expired_keys"]) - gone
+
+
 async def _measure(
     redis_url: str, pid: int, folder: str, contacts: int, label: str, replies: bool,
-    deadlines: bool,
+    deadlines: bool, expiry: bool = False,
 ) -> None:
     from bench.aggregator_bench import bench_gateway
 
-    async with bench_gateway(redis_url, "cost", "+86137", write_timeout="60s") as (
-        gateway, aggregator, inbound
-    ):
+    window = f"{EXPIRY_S}s"
+    sections = {
+        "intake": {"dedupe_window": window, "repeat_window": window},
+        "limits": {"sender_window": window},
+    } if expiry else None
+    more = {"retention": window} if expiry else {}
+    async with bench_gateway(
+        redis_url, "cost", "+86137", sections, write_timeout="60s", **more
+    ) as (gateway, aggregator, inbound):
+        if expiry:  # what the server does left alone, then while the contacts' keys expire
+            redis = gateway.redis
+            await asyncio.sleep(EXPIRY_S + 1)  # the warm-up's keys gone
+            idle, _ = await _expiry(redis, pid, folder, EXPIRY_S + 2)
+            for i in range(0, contacts, 64):
+                await asyncio.gather(
+                    *(gateway.intake.submit(inbound(j)) for j in range(i, min(contacts, i + 64)))
+                )
+            busy, gone = await _expiry(redis, pid, folder, EXPIRY_S + 2)
+            per_key = (busy - idle) / max(1, gone)
+            print(
+                f"{label}: expiry; {gone} keys expired while left alone"
+                f" ({gone / contacts:.1f} a contact): {per_key / 1000:,.1f} K instructions a key"
+                f" beyond the idle server's, {per_key * gone / contacts / 1000:,.1f} K a contact",
+                flush=True,
+            )
+            return
         redis = gateway.redis
         start = await _figures(redis)
         await asyncio.to_thread(_callgrind, pid, folder, "-z")
@@ -184,14 +224,16 @@ async def _measure(
 
 def _child(
     src: str, redis_url: str, pid: int, folder: str, contacts: int, replies: bool,
-    deadlines: bool,
+    deadlines: bool, expiry: bool,
 ) -> None:
     from bench.procs import child_path
 
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, pid, folder, contacts, src or "now", replies, deadlines))
+    uvloop.run(_measure(
+        redis_url, pid, folder, contacts, src or "now", replies, deadlines, expiry
+    ))
 
 
 def main() -> None:
@@ -211,11 +253,17 @@ def main() -> None:
         "--deadlines", action="store_true",
         help="or let each contact's warning and deadline fall due: the watcher and the step",
     )
+    parser.add_argument(
+        "--expiry", action="store_true",
+        help=f"instead: every key of a contact made to expire after {EXPIRY_S} s; the server's"
+        " instructions while they expire, against the same time with nothing to expire",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         src, url, pid, folder = args.child
-        _child(src, url, int(pid), folder, args.contacts, args.replies, args.deadlines)
+        _child(src, url, int(pid), folder, args.contacts, args.replies, args.deadlines,
+               args.expiry)
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valkey_cost: needs valgrind (callgrind) on the path")
@@ -243,7 +291,8 @@ def main() -> None:
                 subprocess.run(
                     [sys.executable, "-m", "bench.valkey_cost", "--contacts", str(args.contacts),
                      *(["--replies"] if args.replies else []),
-                     *(["--deadlines"] if args.deadlines else []), "--child", src,
+                     *(["--deadlines"] if args.deadlines else []),
+                     *(["--expiry"] if args.expiry else []), "--child", src,
                      f"unix://{socket}", str(server.pid), folder],
                     check=True, cwd=ROOT,
                 )
