@@ -308,6 +308,22 @@ class GatewaySMTP(SMTP):
         buffer = getattr(self._reader, "_buffer", None)
         return isinstance(buffer, bytearray) and b"\n" in buffer
 
+    def eof_received(self) -> bool | None:
+        # aiosmtpd ends the session here (its coroutine cancelled, the connection closed):
+        # replies held for the next are sent first, as aiosmtpd had sent each at once
+        self._send_held()
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        self._send_held()  # before the idle timeout closes the connection, as above
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _send_held(self) -> None:
+        transport = self.transport
+        if self._replies and transport is not None and not transport.is_closing():
+            cast(asyncio.WriteTransport, transport).write(b"".join(self._replies))
+        self._replies.clear()
+
     def last_word(self, reply: bytes) -> None:
         """Send the replies held, then ``reply`` (a 421), and close the connection."""
         transport = self.transport
@@ -447,7 +463,7 @@ class GatewaySMTP(SMTP):
             self._idle_armed = due
             self._timeout_handle = self.loop.call_at(due, self._idle_check)
         else:
-            self._timeout_cb()  # type: ignore[no-untyped-call]
+            self._timeout_cb()
 
     def _session_expired(self) -> None:
         self.last_word(b"421 4.4.2 Session time limit exceeded\r\n")

@@ -101,3 +101,54 @@ async def test_pipelined_replies_are_aiosmtpds_to_the_byte():
     assert ours[-1] == b"221 Bye\r\n"
     assert b"".join(our_writes) == b"".join(their_writes) == b"".join(ours[1:])
     assert len(our_writes) == len(GROUPS) < len(their_writes)
+
+
+class _WaitingRcpt(Handler):
+    """A ``RCPT`` hook that waits (for a lookup, say) and never gets its answer here."""
+
+    async def handle_RCPT(self, *args: Any) -> str:
+        await asyncio.Event().wait()
+        raise AssertionError("not reached")
+
+
+async def _held_then(end: str) -> bytes:
+    """``MAIL`` and ``RCPT`` in one write: ``MAIL``'s 250 is held (the next line is already
+    received) while the ``RCPT`` hook waits; then the client half-closes, or the idle timeout
+    ends the session. Everything the client gets until the connection closes."""
+
+    async def accept(raw: bytes, envelope: Any) -> str:
+        return "00000000-0000-7000-8000-000000000000"
+
+    config = EmailConfig(listen=HostPort("127.0.0.1", 0), mailboxes=(MAILBOX,))
+    handler = _WaitingRcpt(config, accept)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: GatewaySMTP(handler, line_length=1000, max_session_s=60.0, sessions=set(),
+                            data_size_limit=10_000, enable_SMTPUTF8=True, decode_data=False,
+                            hostname="mx", timeout=0.5 if end == "idle" else 60.0, loop=loop),
+        "127.0.0.1", 0,
+    )
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]
+        )
+        await reader.readline()
+        writer.write(b"EHLO client\r\n")
+        while (await reader.readline())[3:4] == b"-":
+            pass
+        writer.write(f"MAIL FROM:<a@example.org>\r\nRCPT TO:<{MAILBOX}>\r\n".encode())
+        if end == "eof":
+            writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 30)  # until the server closes
+        writer.close()
+        return got
+    finally:
+        server.close()
+
+
+async def test_a_reply_held_is_sent_when_the_client_half_closes() -> None:
+    assert (await _held_then("eof")).startswith(b"250 OK\r\n")
+
+
+async def test_a_reply_held_is_sent_before_the_idle_timeout_closes() -> None:
+    assert (await _held_then("idle")).startswith(b"250 OK\r\n")
