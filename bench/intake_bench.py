@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -220,11 +221,18 @@ def fmt(r: LoadResult) -> str:
 
 
 async def main(seconds: float, rounds: int, before: str = "") -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
+    try:
+        await _run(tmp, seconds, rounds, before)
+    finally:  # the three Valkeys' files: a few hundred MB a run
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
     import time
 
     from gateway.queueing.embedded import EmbeddedRedis
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     server = EmbeddedRedis(tmp / "always", appendfsync="always")
     server.start_sync()
     kinds: tuple[str, ...] = ("plain", "xadd", "gateway-unbatched", "gateway")
