@@ -25,7 +25,8 @@
 --       4 received_at (us), 5 due_at (us), 6 warn_at (us), 7 enqueued event JSON, 8 channel,
 --       9 deadline kind, 10 count repeats (1/0), 11 label (the dashboard's row),
 --       12 surge keys ('' = none), then for each of its rate counters (a fixed window of one
---       sender or adapter): its limit, the window length (ms) and the ms left in the window
+--       sender or adapter): its limit, the window length (ms), the ms left in the window and
+--       whether it is the sender's (1/0)
 -- Returns one reply per contact: {1, id, repeat count} written; {0, first id, 0} a duplicate;
 -- {2, ms until that window ends, 0} rate limited: nothing written, nothing counted (the
 -- dedupe key and the counters taken are given back); or an error reply (that contact alone;
@@ -49,13 +50,13 @@ end
 -- What the contact under way has taken, for the main loop to give back if it fails before it
 -- can be read (its stream entry): its dedupe key claimed, the rate counters it counted and the
 -- sender's 'first' key it made.
-local claimed, counted, visible, kept = nil, 0, false, nil
+local claimed, counted, visible, kept = nil, {}, false, nil
 
 -- Gives back what the contact under way has taken (KEYS from kb on are its own): a contact
 -- over a rate limit, and one that failed before it could be read.
 local function give_back(kb)
-  for j = 8, 7 + counted do
-    redis.call('DECR', KEYS[kb + j])
+  for _, key in ipairs(counted) do
+    redis.call('DECR', key)
   end
   redis.call('DEL', claimed)
   if kept then
@@ -66,59 +67,77 @@ end
 local function contact(kb, nk, ab)
   local id = ARGV[ab + 1]
   -- SET NX GET (Redis 7.0): the dedupe lookup and the claim in one command
-  local first = redis.call('SET', KEYS[kb + 1], id, 'NX', 'GET', 'EX', ARGV[2])
-  if first then
-    return {0, first, 0}
+  local original = redis.call('SET', KEYS[kb + 1], id, 'NX', 'GET', 'EX', ARGV[2])
+  if original then
+    return {0, original, 0}
   end
   claimed = KEYS[kb + 1]
-  for i = 8, nk do
-    local at = ab + 13 + 3 * (i - 8)
-    -- the window's first contact makes the counter and its expiry in one command (a sender's
-    -- first contact in a window is the common case); a later one counts with INCR
-    local n = 1
-    if redis.call('SET', KEYS[kb + i], 1, 'NX', 'GET', 'PX', ARGV[at + 1]) then
-      n = redis.call('INCR', KEYS[kb + i])
-    end
-    counted = i - 7
-    if n > tonumber(ARGV[at]) then
-      give_back(kb)
-      return {2, ARGV[at + 2], 0}
-    end
-  end
   local received = ARGV[ab + 4]
-  local count = 0
-  if ARGV[ab + 10] == '1' and tonumber(ARGV[3]) >= 1000 then
-    local window = tonumber(ARGV[3])
-    local ms = math.floor(window / 1000)
-    -- The sender's 'first' key is read first: the contact that finds none (a sender's first
-    -- contact in a window, the common case) is kept there alone, its stamp in a string made
-    -- with its expiry in one command, and counts 0 without reading the sender's set: every
-    -- later one while it lives counts it and the set, goes into the set, and moves the
-    -- string's expiry to one window from itself, so the string outlives every contact of the
-    -- set that is still in the window. (Older instances read the set alone and do not move the
-    -- string's expiry: docs/operations.md, upgrade notes.)
-    local first = redis.call('SET', KEYS[kb + 7], received, 'NX', 'GET', 'PX', ms)
+  local window = tonumber(ARGV[3])
+  local repeats = ARGV[ab + 10] == '1' and window >= 1000
+  local ms = math.floor(window / 1000)
+  -- The sender's 'first' key is made or read before the rate counters: the contact that finds
+  -- none (a sender's first contact in the repeat window, the common case) is kept there
+  -- alone, its stamp in a string made with its expiry in one command, and counts 0 repeats
+  -- without reading the sender's set; every later one while it lives counts it and the set,
+  -- goes into the set, and moves the string's expiry to one window from itself, so the string
+  -- outlives every contact of the sender in the window. (Older instances read the set alone
+  -- and do not move the string's expiry: docs/operations.md, upgrade notes.)
+  local first = nil
+  if repeats then
+    first = redis.call('SET', KEYS[kb + 7], received, 'NX', 'GET', 'PX', ms)
     if not first then
       kept = KEYS[kb + 7]
-    else
-      -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14
-      -- digits, which rounded a microsecond stamp up or down at random. The count is
-      -- inclusive: contacts of one batch share one edge stamp and count in the order they
-      -- were written. The count reads the window alone, so the members that left it are
-      -- taken off only when there is a count to make.
-      local since = string.format('%.0f', tonumber(received) - window)
-      count = redis.call('ZCOUNT', KEYS[kb + 2], since, received)
-      local at = tonumber(first)
-      if at and at >= tonumber(since) and at <= tonumber(received) then
-        count = count + 1
-      end
-      if count > 0 then
-        redis.call('ZREMRANGEBYSCORE', KEYS[kb + 2], '-inf', '(' .. since)
-      end
-      redis.call('ZADD', KEYS[kb + 2], received, id)
-      redis.call('PEXPIRE', KEYS[kb + 2], ms)
-      redis.call('PEXPIRE', KEYS[kb + 7], ms)
     end
+  end
+  for i = 8, nk do
+    local at = ab + 13 + 4 * (i - 8)
+    local key, length = KEYS[kb + i], tonumber(ARGV[at + 1])
+    -- The sender's counter, when the repeat window covers its window: the contact that made
+    -- the 'first' string had no contact of its sender in the window, so it is not over the
+    -- limit and makes no counter; the sender's next contact in the window counts it.
+    local covered = repeats and ARGV[at + 3] == '1' and window >= 1000 * length
+    if not (covered and not first) then
+      -- the window's first contact makes the counter and its expiry in one command (a
+      -- sender's first contact in a window is the common case); a later one counts with INCR
+      local n = 1
+      if redis.call('SET', key, 1, 'NX', 'GET', 'PX', length) then
+        n = redis.call('INCR', key)
+      elseif covered then
+        -- the counter is new: the sender's latest contact (the 'first' string's PTTL says
+        -- when) counted none, so it is the one that made the string; it is counted here
+        -- when it came in this window (as far as the window has run, in ms)
+        local since = ms - redis.call('PTTL', KEYS[kb + 7])
+        if since <= length - tonumber(ARGV[at + 2]) then
+          n = redis.call('INCR', key)
+        end
+      end
+      counted[#counted + 1] = key
+      if n > tonumber(ARGV[at]) then
+        give_back(kb)
+        return {2, ARGV[at + 2], 0}
+      end
+    end
+  end
+  local count = 0
+  if first then
+    -- Bounds are written out as exact integers: Lua's own number-to-string keeps 14 digits,
+    -- which rounded a microsecond stamp up or down at random. The count is inclusive:
+    -- contacts of one batch share one edge stamp and count in the order they were written.
+    -- The count reads the window alone, so the members that left it are taken off only when
+    -- there is a count to make.
+    local since = string.format('%.0f', tonumber(received) - window)
+    count = redis.call('ZCOUNT', KEYS[kb + 2], since, received)
+    local at = tonumber(first)
+    if at and at >= tonumber(since) and at <= tonumber(received) then
+      count = count + 1
+    end
+    if count > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[kb + 2], '-inf', '(' .. since)
+    end
+    redis.call('ZADD', KEYS[kb + 2], received, id)
+    redis.call('PEXPIRE', KEYS[kb + 2], ms)
+    redis.call('PEXPIRE', KEYS[kb + 7], ms)
   end
   local json = ARGV[ab + 2] .. count .. ARGV[ab + 3]
   redis.call('XADD', KEYS[1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 8])
@@ -174,7 +193,7 @@ local kb, ab = 6, 5 + 2 * n
 for c = 1, n do
   local nk, na = tonumber(ARGV[4 + 2 * c]), tonumber(ARGV[5 + 2 * c])
   -- a contact the server refuses (a key of the wrong type...) fails alone
-  claimed, counted, visible, kept = nil, 0, false, nil
+  claimed, counted, visible, kept = nil, {}, false, nil
   local ok, reply = pcall(contact, kb, nk, ab)
   if not ok then
     reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))

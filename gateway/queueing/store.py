@@ -407,7 +407,8 @@ class RedisQueue:
                 if rate.limit > 0 and name:
                     window_ms = max(1, int(rate.window_s * 1000))
                     keys.append(k.rate(scope, name, now_ms // window_ms).encode())
-                    args += [rate.limit, window_ms, window_ms - now_ms % window_ms]
+                    args += [rate.limit, window_ms, window_ms - now_ms % window_ms,
+                             "1" if scope == "sender" else "0"]
         return keys, args
 
     def _script_calls(
