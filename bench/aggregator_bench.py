@@ -75,12 +75,12 @@ def _delta(a: Figures, b: Figures, n: int) -> tuple[float, float, str, str]:
 @contextlib.asynccontextmanager
 async def bench_gateway(
     redis_url: str, tag: str, mobiles: str, sections: dict[str, Any] | None = None,
-    **redis_settings: Any,
+    senders: int = 100_000_000, **redis_settings: Any,
 ) -> AsyncIterator[tuple[Any, Any, Callable[[int], Any]]]:
     """A started gateway of the tree on the path (its aggregator stopped, driven by hand),
     64 contacts written and aggregated to warm it, and ``inbound(i)``: a new web contact of
-    sender ``<mobiles><i>``; ``sections``: more settings (``{"intake": {...}}``). Also used
-    by bench/valkey_cost.py."""
+    sender ``<mobiles><i % senders>``; ``sections``: more settings (``{"intake": {...}}``).
+    Also used by bench/valkey_cost.py."""
     from bench.intake_bench import gateway_classes
     from gateway.records import Inbound, Sender
 
@@ -104,7 +104,7 @@ async def bench_gateway(
         def inbound(i: int) -> Inbound:
             return Inbound(
                 channel="web", adapter="bench", external_id=f"{tag}-{i}",
-                sender=Sender(f"{mobiles}{i % 100000000:08d}"), recipient="12345",
+                sender=Sender(f"{mobiles}{i % senders:08d}"), recipient="12345",
                 received_at=now + i, text=TEXT, subject="路灯损坏",
             )
 

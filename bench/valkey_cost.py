@@ -98,7 +98,7 @@ async def _expiry(redis: Any, pid: int, folder: str, settle_s: float) -> tuple[i
 
 async def _measure(
     redis_url: str, pid: int, folder: str, contacts: int, label: str, replies: bool,
-    deadlines: bool, expiry: bool = False,
+    deadlines: bool, expiry: bool = False, senders: int = 100_000_000,
 ) -> None:
     from bench.aggregator_bench import bench_gateway
 
@@ -109,7 +109,7 @@ async def _measure(
     } if expiry else None
     more = {"retention": window} if expiry else {}
     async with bench_gateway(
-        redis_url, "cost", "+86137", sections, write_timeout="60s", **more
+        redis_url, "cost", "+86137", sections, senders, write_timeout="60s", **more
     ) as (gateway, aggregator, inbound):
         if expiry:  # what the server does left alone, then while the contacts' keys expire
             redis = gateway.redis
@@ -224,7 +224,7 @@ async def _measure(
 
 def _child(
     src: str, redis_url: str, pid: int, folder: str, contacts: int, replies: bool,
-    deadlines: bool, expiry: bool,
+    deadlines: bool, expiry: bool, senders: int,
 ) -> None:
     from bench.procs import child_path
 
@@ -232,7 +232,7 @@ def _child(
     import uvloop
 
     uvloop.run(_measure(
-        redis_url, pid, folder, contacts, src or "now", replies, deadlines, expiry
+        redis_url, pid, folder, contacts, src or "now", replies, deadlines, expiry, senders
     ))
 
 
@@ -258,12 +258,17 @@ def main() -> None:
         help=f"instead: every key of a contact made to expire after {EXPIRY_S} s; the server's"
         " instructions while they expire, against the same time with nothing to expire",
     )
+    parser.add_argument(
+        "--senders", type=int, default=100_000_000,
+        help="the contacts come from this many senders in turn (500 of 1,000: each sender's"
+        " second contact a repeat); default: each its own",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         src, url, pid, folder = args.child
         _child(src, url, int(pid), folder, args.contacts, args.replies, args.deadlines,
-               args.expiry)
+               args.expiry, args.senders)
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valkey_cost: needs valgrind (callgrind) on the path")
@@ -292,7 +297,8 @@ def main() -> None:
                     [sys.executable, "-m", "bench.valkey_cost", "--contacts", str(args.contacts),
                      *(["--replies"] if args.replies else []),
                      *(["--deadlines"] if args.deadlines else []),
-                     *(["--expiry"] if args.expiry else []), "--child", src,
+                     *(["--expiry"] if args.expiry else []),
+                     "--senders", str(args.senders), "--child", src,
                      f"unix://{socket}", str(server.pid), folder],
                     check=True, cwd=ROOT,
                 )
