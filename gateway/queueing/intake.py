@@ -30,6 +30,10 @@ from gateway.server.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
+MAX_INFLIGHT = 8
+"""Coalesced intake batches written and not yet answered, at most."""
+
+
 class Intake:
     """Makes contacts durable: in Redis when it answers in time, else in the local spool.
 
@@ -49,7 +53,6 @@ class Intake:
         write_timeout_s: float = 1.0,
         probe_interval_s: float = 0.5,
         max_batch: int = 256,
-        batches_in_flight: int = 8,
     ) -> None:
         self.queue = queue
         self.spool = spool
@@ -68,11 +71,10 @@ class Intake:
             functools.partial(queue.write_batch, limited=True),
             max_batch=max(1, max_batch),
             # Batches pipelined on the intake link (gateway/queueing/link.py): a contact waits
-            # for a free slot only behind ``batches_in_flight`` batches (a wait for a whole
-            # round trip, fsync included); fewer make larger batches (``[redis]
-            # batches_in_flight``). Unbatched, every contact gets its own concurrent round
-            # trip, as in a plain handler.
-            max_inflight=max(1, batches_in_flight) if max_batch > 1 else 1024,
+            # for a free slot only behind eight batches, not two (a wait for a whole round trip,
+            # fsync included, at moderate rates); at the peak the batches are about as large.
+            # Unbatched, every contact gets its own concurrent round trip, as in a plain handler.
+            max_inflight=MAX_INFLIGHT if max_batch > 1 else 1024,
             # one deadline per batch (from its oldest contact's submit), not one per caller
             timeout=write_timeout_s,
             orphan=self._orphaned,

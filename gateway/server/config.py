@@ -366,10 +366,6 @@ class RedisSection:
     """A batch not written within this bound goes to the spool instead."""
     max_batch: int = 256
     """Contacts written per pipelined round trip (1 turns coalescing off)."""
-    batches_in_flight: int = 8
-    """Batches written and not yet answered, at most (pipelined on the intake link); a contact
-    arriving while they are all out waits for the next. Fewer: larger batches, less CPU a
-    contact, a longer wait at moderate rates (docs/performance.md)."""
     min_replicas: int = 0
     """With Sentinel or replicas: a batch counts as written only once this many replicas have
     it (``WAIT``); otherwise it is spooled and replayed, so a failover loses nothing."""

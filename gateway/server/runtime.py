@@ -181,7 +181,6 @@ class Gateway:
             self.clock,
             write_timeout_s=s.redis.write_timeout,
             max_batch=s.redis.max_batch,
-            batches_in_flight=s.redis.batches_in_flight,
         )
         try:
             await self.queue.load_scripts()

@@ -163,39 +163,6 @@ async def test_a_contact_is_sent_while_earlier_batches_wait_on_redis(start_gatew
     assert all(c.enqueued_at < released_at for c in contacts)
 
 
-async def test_batches_in_flight_bounds_the_batches_out_on_the_link(start_gateway, redis_client):
-    """``[redis] batches_in_flight``: with two out and Redis not answering, a third contact
-    waits and joins the next batch, sent only once one of them came back (its ``enqueued_at``
-    stamp is taken then)."""
-    gw = await start_gateway(redis={"write_timeout": "10s", "batches_in_flight": 2})
-    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
-    link = gw.queue._link.link
-    assert link is not None
-    await redis_client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
-    try:
-        tasks = []
-        for i in range(2):
-            tasks.append(asyncio.ensure_future(gw.intake.submit(inbound(f"p{i}"))))
-            await eventually(lambda n=i + 1: len(link._waiting) == n)
-        late = [asyncio.ensure_future(gw.intake.submit(inbound(f"late{i}"))) for i in range(3)]
-        writer = gw.intake._writer
-        # either the three were taken into a third batch and sent, or they wait for a slot
-        await eventually(
-            lambda: len(link._waiting) == 3 or (len(writer._pending) == 3 and not writer._scheduled)
-        )
-        assert len(link._waiting) == 2
-        released_at = SYSTEM_CLOCK.now_us()
-    finally:
-        await redis_client.execute_command("CLIENT", "UNPAUSE")
-    receipts = await asyncio.gather(*tasks, *late)
-    assert {r.status for r in receipts} == {"enqueued"}
-    contacts = {c.external_id: c for c in await gw.read_contacts()}
-    assert all(contacts[f"p{i}"].enqueued_at < released_at for i in range(2))
-    stamps = {contacts[f"late{i}"].enqueued_at for i in range(3)}
-    assert len(stamps) == 1  # one batch
-    assert stamps.pop() >= released_at
-
-
 async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
     start_gateway, redis_client
 ):
