@@ -265,11 +265,19 @@ class CallTracker:
             # a few hundred calls in one script call each: a round trip (and, with
             # appendfsync always, an fsync) per call held the AMI events behind the flush
             # for as many round trips at a busy line's rates
+            # a chunk is taken out of its set before its write, and put back if the write
+            # fails: a call changed (or dropped) by another task while the write is under way
+            # is marked again and goes with the next flush (taken out after the write, its
+            # change was cleared with the chunk and waited for the call's next change)
             dropped = list(self._dropped)
             for start in range(0, len(dropped), FLUSH_CHUNK):
                 chunk = dropped[start : start + FLUSH_CHUNK]
-                await self.store.drop_many(chunk)
                 self._dropped.difference_update(chunk)
+                try:
+                    await self.store.drop_many(chunk)
+                except BaseException:
+                    self._dropped.update(u for u in chunk if u not in self.calls)
+                    raise
             dirty = list(self._dirty)
             for start in range(0, len(dirty), FLUSH_CHUNK):
                 chunk = dirty[start : start + FLUSH_CHUNK]
@@ -278,9 +286,13 @@ class CallTracker:
                     for uniqueid in chunk
                     if (call := self.calls.get(uniqueid)) is not None
                 }
-                if records:
-                    await self.store.save_many(records)
                 self._dirty.difference_update(chunk)
+                if records:
+                    try:
+                        await self.store.save_many(records)
+                    except BaseException:
+                        self._dirty.update(u for u in records if u in self.calls)
+                        raise
         except Exception as exc:
             log.warning("call state not saved yet: %s", type(exc).__name__)
 

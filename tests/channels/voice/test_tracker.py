@@ -259,3 +259,44 @@ async def test_a_flush_of_many_changed_calls_reaches_the_successor(start_gateway
     assert len(successor.calls) == calls
     assert {c.queue for c in successor.calls.values()} == {"hotline"}
     assert successor.calls["1733.7"].contact_id == "c7"
+
+
+async def test_a_call_changed_while_its_record_is_written_goes_with_the_next_flush(
+    start_gateway: Any,
+) -> None:
+    """A call that changes while the flush writes its chunk (another task: a FastAGI session
+    registering it, an AMI event) is written by the next flush: the chunk was cleared from the
+    changed calls after its write, change included, so a successor resuming from Redis had
+    the call as it was before that change until its next one (fails before: no queue)."""
+    from gateway.channels.voice.adapter import SharedCallStore
+
+    gw = await start_gateway()
+    base = {"Uniqueid": "1733.1", "Linkedid": "1733.1", "Exten": "12345",
+            "CallerIDNum": "13800138000", "Timestamp": "1733000000.000000"}
+    joined = False
+
+    class Interleaved(SharedCallStore):
+        async def save_many(self, records: Any) -> None:
+            nonlocal joined
+            if not joined:  # the change comes while this write is under way
+                joined = True
+                await first._handle({"Event": "QueueCallerJoin", "Queue": "hotline",
+                                     "Position": "1", **base})
+            await super().save_many(records)
+
+    store = Interleaved(gw.state_for("asterisk"), "calls:interleaved", ttl_s=3600)
+
+    def tracker() -> CallTracker:
+        return CallTracker(adapter="asterisk", events=gw.intake, intake=gw.intake,
+                           contacts=gw.queue, clock=gw.clock, store=store, callbacks=False)
+
+    first = tracker()
+    await first.resume()
+    await first._handle({"Event": "VarSet", "Variable": "GATEWAY_CONTACT_ID", "Value": "c1",
+                         **base})
+    await first.flush()  # writes the call as it was before it joined the queue
+    assert joined
+    await first.flush()
+    successor = tracker()
+    await successor.resume()
+    assert successor.calls["1733.1"].queue == "hotline"
