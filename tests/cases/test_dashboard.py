@@ -12,9 +12,11 @@ import shutil
 import subprocess
 import tempfile
 from asyncio.subprocess import PIPE
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -203,14 +205,25 @@ def extras(now: int) -> list[Any]:
     return [late, repeat]
 
 
+def _daytime_zone(now: int) -> str:
+    """The dashboard's time zone for a test whose data reach up to three hours back: one where
+    ``now`` is at least three hours into the day, so that "today" holds them all (in Beijing
+    time alone the test failed from 00:00 to about 02:10, 16:00-18:10 UTC)."""
+    for zone in ("Asia/Shanghai", "UTC"):  # Beijing's first hours are UTC's afternoon
+        if datetime.fromtimestamp(now / 1e6, ZoneInfo(zone)).hour >= 3:
+            return zone
+    raise AssertionError("unreachable: the two zones are eight hours apart")
+
+
 @pytest.mark.parametrize("lang", ["zh", "en"])
 async def test_dashboard_shows_the_hand_computed_figures(
     start_gateway: Any, chromium: str, lang: str
 ) -> None:
-    gw = await start_gateway(
-        api=API, sla={"voice_answer": "15s", "sms_response": "3m"}, dashboard={"refresh": "500ms"}
-    )
     now = SYSTEM_CLOCK.now_us()
+    gw = await start_gateway(
+        api=API, sla={"voice_answer": "15s", "sms_response": "3m"},
+        dashboard={"refresh": "500ms", "timezone": _daytime_zone(now)},
+    )
     contacts, events = dataset.build(now)
     more = extras(now)
     events.append(dataset.settle(more[0], "breached", 180))
