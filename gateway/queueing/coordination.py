@@ -21,10 +21,11 @@ Leases
 
 Shared state
     ``SharedState`` is scoped (per adapter: ``{p}:state:<adapter>:<key>``) and every key it
-    writes expires. ``put``/``get``/``pop``; ``hash_add``/``hash_all``/``hash_take``/
-    ``hash_remove`` (parts that several instances collect); ``admit`` (at most N in a sliding
-    window, on the server's clock so every instance counts alike). A write may carry a ``Fence``: it
-    then happens only while that lease is still held by that acquisition.
+    writes expires. ``put``/``get``/``pop``; ``hash_add``/``hash_set`` (several fields in one
+    step)/``hash_all``/``hash_take``/``hash_remove`` (parts that several instances collect);
+    ``admit`` (at most N in a sliding window, on the server's clock so every instance counts
+    alike). A write may carry a ``Fence``: it then happens only while that lease is still
+    held by that acquisition.
 """
 
 from __future__ import annotations

@@ -411,19 +411,22 @@ class BoundLink(ABC):
             done: asyncio.Future[None] = loop.create_future()
             self._remembering[key] = done
             pending.append((key, done))
+
+        def stored(key: str, done: asyncio.Future[None]) -> None:
+            # a receipt waiting for this form reads it now (or, cancelled, finds none)
+            if self._remembering.get(key) is done:
+                del self._remembering[key]
+            if not done.done():
+                done.set_result(None)
+
         try:
             for key, done in pending:
                 with contextlib.suppress(Exception):
                     await self.ctx.state.put(key, record, self.REMEMBER_S)
-                if self._remembering.get(key) is done:
-                    del self._remembering[key]
-                done.set_result(None)
-        finally:
+                stored(key, done)
+        finally:  # cancelled: the forms not stored are let go as well
             for key, done in pending:
-                if not done.done():
-                    if self._remembering.get(key) is done:
-                        del self._remembering[key]
-                    done.set_result(None)
+                stored(key, done)
 
     async def receipt(self, message_id: str, kind: EventType | None,
                       detail: dict[str, Any]) -> bool:
