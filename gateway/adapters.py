@@ -153,7 +153,8 @@ class AdapterContext:
     acquisition; writes passed ``fence=`` happen only while it is still held.
 
     ``state`` (``SharedState``, scoped to this adapter's name): small state with expiry that
-    the fleet shares and a restart keeps: ``put``/``get``/``pop``, ``hash_add``/``hash_set``/
+    the fleet shares and a restart keeps: ``put``/``get``/``pop``, ``remove_if``
+    (compare-and-delete: let one's own claim go), ``hash_add``/``hash_set``/
     ``hash_all``/``hash_take``/``hash_remove`` (parts collected by several instances, taken
     by one), ``admit`` (at most N uses in a sliding window).
     """

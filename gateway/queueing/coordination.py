@@ -21,8 +21,9 @@ Leases
 
 Shared state
     ``SharedState`` is scoped (per adapter: ``{p}:state:<adapter>:<key>``) and every key it
-    writes expires. ``put``/``get``/``pop``; ``hash_add``/``hash_set`` (several fields in one
-    step)/``hash_all``/``hash_take``/``hash_remove`` (parts that several instances collect);
+    writes expires. ``put``/``get``/``pop``/``remove_if`` (compare-and-delete);
+    ``hash_add``/``hash_set`` (several fields in one step)/``hash_all``/``hash_take``/
+    ``hash_remove`` (parts that several instances collect);
     ``admit`` (at most N in a sliding window, on the server's clock so every instance counts
     alike). A write may carry a ``Fence``: it then happens only while that lease is still
     held by that acquisition.
@@ -107,6 +108,17 @@ return value
 """
 )
 
+_REMOVE_IF = (
+    _FENCE_CHECK
+    + """
+-- KEYS[2]: key; ARGV[2]: value. Delete only if it still holds that value (a claim of ours).
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  return redis.call('DEL', KEYS[2])
+end
+return 0
+"""
+)
+
 _HASH_SET = (
     _FENCE_CHECK
     + """
@@ -159,6 +171,7 @@ _SCRIPTS = {
     "release": _RELEASE,
     "put": _PUT,
     "pop": _POP,
+    "remove_if": _REMOVE_IF,
     "hash_set": _HASH_SET,
     "hash_take": _HASH_TAKE,
     "hash_remove": _HASH_REMOVE,
@@ -483,6 +496,16 @@ class SharedState:
         lease_key, expected = self._fence(fence)
         value = await self._scripts.run("pop", [lease_key, self._key(key)], [expected])
         return None if value is None else bytes(value)
+
+    async def remove_if(
+        self, key: str, value: bytes | str, *, fence: Fence | None = None
+    ) -> bool:
+        """Delete ``key`` only if it still holds ``value`` (compare-and-delete, atomically):
+        a claim taken with ``put(only_new=True)`` that expired and was taken again by another
+        process is theirs, not ours to let go. Returns whether it was deleted."""
+        lease_key, expected = self._fence(fence)
+        done = await self._scripts.run("remove_if", [lease_key, self._key(key)], [expected, value])
+        return bool(done)
 
     async def hash_add(
         self, key: str, field: str, value: bytes | str, ttl_s: float, *, fence: Fence | None = None

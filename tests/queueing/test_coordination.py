@@ -259,6 +259,28 @@ async def test_hash_set_writes_many_fields_in_one_fenced_step(client: Any, prefi
     assert sorted(await state.hash_all("calls")) == ["a", "b", "old"]
 
 
+async def test_remove_if_deletes_only_the_value_it_was_given(client: Any, prefix: str) -> None:
+    """Compare-and-delete: a claim that expired and was taken by another is theirs."""
+    keys = Keys(prefix)
+    state = SharedState(client, keys, "wechat:wx")
+    assert await state.put("claim", "mine", 60, only_new=True)
+    await client.delete(keys.state("wechat:wx", "claim"))  # expired ...
+    assert await state.put("claim", "theirs", 60, only_new=True)  # ... and taken again
+    assert not await state.remove_if("claim", "mine")
+    assert await state.get("claim") == b"theirs"
+    assert await state.remove_if("claim", b"theirs")
+    assert await state.get("claim") is None
+    assert not await state.remove_if("claim", "theirs")  # absent: nothing to delete
+    leases = Leases(client, keys, "a", TTL)
+    fence, _ = await leases.acquire("tok")
+    assert fence is not None
+    assert await state.put("claim", "fenced", 60)
+    assert await leases.release(fence)
+    with pytest.raises(LeaseLost):
+        await state.remove_if("claim", "fenced", fence=fence)
+    assert await state.get("claim") == b"fenced"
+
+
 async def test_admit_counts_across_instances_in_a_window(client: Any, prefix: str) -> None:
     keys = Keys(prefix)
     one, two = SharedState(client, keys, "mail"), SharedState(client, keys, "mail")

@@ -319,7 +319,9 @@ class AccessToken:
                         return shared
                     return await self._fetch_shared(state, shared, rejected)
                 finally:
-                    await state.pop(CLAIM_KEY)
+                    # ours only while it holds our value: expired (a fetch past CLAIM_TTL_S)
+                    # and taken again, it is another process's claim and stays
+                    await state.remove_if(CLAIM_KEY, claim)
             if time.monotonic() > give_up:
                 raise TokenError("another process did not finish fetching the token")
             await asyncio.sleep(0.05)

@@ -538,3 +538,67 @@ async def test_a_process_that_claims_just_after_another_stored_reads_before_fetc
         assert calls == ["a"]
     finally:
         await redis.aclose()
+
+
+async def test_a_claim_expired_and_retaken_is_not_deleted_by_its_first_holder(
+    redis_url: str, prefix: str
+) -> None:
+    """A's fetch outlives its claim (15 s), B takes the claim and fetches; A's fetch fails.
+    A must not delete B's claim on its way out: C would then find neither token nor claim and
+    fetch beside B (every ``cgi-bin/token`` call replaces the last, failing the other's
+    replies with 40001)."""
+    import redis.asyncio as aioredis
+
+    from gateway.channels.chat.officialaccount import CLAIM_KEY, AccessToken, TokenError
+    from gateway.queueing.coordination import SharedState
+    from gateway.queueing.keys import Keys
+
+    redis = aioredis.from_url(redis_url)
+    keys = Keys(prefix)
+    claim = keys.state("wechat:wx", CLAIM_KEY)
+    a_fetching, a_fail, b_fetching, b_done = (asyncio.Event() for _ in range(4))
+    calls: list[str] = []
+
+    async def fetch_a(force: bool) -> tuple[str, float]:
+        calls.append("a")
+        a_fetching.set()
+        await a_fail.wait()
+        raise TokenError("the platform did not answer A")
+
+    async def fetch_b(force: bool) -> tuple[str, float]:
+        calls.append("b")
+        b_fetching.set()
+        await b_done.wait()
+        return "token-b", 7200.0
+
+    async def fetch_c(force: bool) -> tuple[str, float]:
+        calls.append("c")
+        return "token-c", 7200.0
+
+    try:
+        a = AccessToken(fetch_a, SharedState(redis, keys, "wechat:wx"))
+        b = AccessToken(fetch_b, SharedState(redis, keys, "wechat:wx"))
+        c = AccessToken(fetch_c, SharedState(redis, keys, "wechat:wx"))
+        a_get = asyncio.create_task(a.get())
+        await a_fetching.wait()
+        a_claim = await redis.get(claim)
+        assert a_claim is not None
+        await redis.delete(claim)  # A's claim expired (15 s) while its fetch went on
+        b_get = asyncio.create_task(b.get())
+        await b_fetching.wait()
+        b_claim = await redis.get(claim)
+        assert b_claim not in (None, a_claim)
+        a_fail.set()
+        with pytest.raises(TokenError):
+            await a_get
+        assert await redis.get(claim) == b_claim  # B's claim stands
+        c_get = asyncio.create_task(c.get())  # C waits for B's token instead of fetching
+        await asyncio.sleep(0.2)
+        assert calls == ["a", "b"]
+        b_done.set()
+        assert await b_get == "token-b"
+        assert await c_get == "token-b"
+        assert calls == ["a", "b"]
+        assert await redis.get(claim) is None  # B let its own claim go
+    finally:
+        await redis.aclose()
