@@ -79,9 +79,14 @@ class Keys:
         """Hash: the contact's JSON, stream entry id, edge stamp, deadline and stamps."""
         return self.contact_head + contact_id
 
+    def dedupe_of(self, adapter: str) -> str:
+        """The head of one adapter's dedupe keys: ``dedupe(adapter, id)`` is it and the id
+        (``RedisQueue._encode`` makes it once per adapter and adds a pseudonym)."""
+        return f"{self.dedupe_head}{adapter}:"
+
     def dedupe(self, adapter: str, external_id: str) -> str:
         """String: the first contact id seen for (adapter, external_id)."""
-        return f"{self.dedupe_head}{adapter}:{_short(external_id)}"
+        return self.dedupe_of(adapter) + _short(external_id)
 
     def rate(self, scope: str, name: str, window: int) -> str:
         """Counter: contacts of one sender (by pseudonym) or adapter in one fixed window (rate

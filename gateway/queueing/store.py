@@ -308,12 +308,12 @@ class RedisQueue:
             keys.agg_repeats,
         )
         """The intake script's keys that are the same for every contact."""
-        self._heads = (
-            keys.dedupe_head, keys.sender_head, keys.contact_head, keys.sender_first_head
-        )
-        """The heads of a contact's own key names (``Keys.dedupe``, ``sender``, ``contact``,
+        self._heads = (keys.sender_head, keys.contact_head, keys.sender_first_head)
+        """The heads of a contact's own key names (``Keys.sender``, ``contact``,
         ``sender_first``), made once: ``_encode`` adds a pseudonym or id to them (33 and 36
         printable characters, which ``Keys`` keeps as they are)."""
+        self._dedupe_of: dict[str, str] = {}
+        """Adapter -> the head of its dedupe keys (``Keys.dedupe_of``), made once."""
         self._link = Lane()
         """The intake batches' own connection (``gateway/queueing/link.py``), opened by
         ``load_scripts`` (again by a batch that finds it closed); none on a cluster client (its
@@ -370,11 +370,12 @@ class RedisQueue:
         minute, hour = self._buckets(inbound.received_at)
         # the contact's own keys and arguments (intake.lua's layout; the ones every contact
         # shares are added once a call by _script_calls)
-        dedupe, senders, contacts, firsts = self._heads
+        senders, contacts, firsts = self._heads
+        dedupe = self._dedupe_of.get(inbound.adapter) or self._dedupe_head(inbound.adapter)
         keys = [
             # encoded here, so a key that is not valid UTF-8 fails this contact alone
             # the peer's id may hold a number (CMPP's ``cmpp:<msg_id>:<number>``): pseudonym
-            f"{dedupe}{inbound.adapter}:{pseudonym(inbound.external_id or p.id)}".encode(),
+            (dedupe + pseudonym(inbound.external_id or p.id)).encode(),
             (senders + sender).encode(),
             contacts + p.id,
             minute,
@@ -439,6 +440,12 @@ class RedisQueue:
         label = load_media().label_of(channel, kind)
         row = self._rows[(channel, kind)] = (label, self.keys.agg_open(label))
         return row
+
+    def _dedupe_head(self, adapter: str) -> str:
+        if len(self._dedupe_of) >= 1024:  # adapters are configured names: never this many
+            self._dedupe_of.clear()
+        head = self._dedupe_of[adapter] = self.keys.dedupe_of(adapter)
+        return head
 
     def _buckets(self, received_at: Micros) -> tuple[str, str]:
         """The dashboard's minute and hour buckets of a contact received at ``received_at``

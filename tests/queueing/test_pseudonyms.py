@@ -57,3 +57,34 @@ def test_a_contacts_own_key_names_are_the_keys_layouts(
     assert names[1] == keys.sender(sender).encode()
     assert names[2] == keys.contact(p.id)
     assert names[6] == keys.sender_first(sender).encode()
+
+
+def test_the_dedupe_keys_adapter_part_comes_from_keys() -> None:
+    """The whole dedupe key name is ``Keys``' (``dedupe_of(adapter)`` + the id's pseudonym):
+    ``_encode`` no longer writes the ``<adapter>:`` part itself, so a layout that ``Keys``
+    gives is the one written."""
+    from dataclasses import dataclass
+
+    from gateway.contact.clock import SYSTEM_CLOCK
+    from gateway.queueing.store import Prepared, RedisQueue
+    from gateway.records import Deadline, Inbound, Sender
+
+    @dataclass(frozen=True, slots=True)
+    class Elsewhere(Keys):
+        def dedupe_of(self, adapter: str) -> str:
+            return f"{self.tag}:once:{adapter}/"
+
+    keys = Elsewhere("t")
+    queue = RedisQueue(None, keys, SYSTEM_CLOCK, source="t", dedupe_window_s=60,
+                       repeat_window_s=60, retention_s=60, maxlen=10)
+    queue.pseudonyms.use(b"k" * 64)
+    now = SYSTEM_CLOCK.now_us()
+    for adapter in ("kannel", "wx", "kannel"):
+        inbound = Inbound(channel="sms", adapter=adapter, external_id="m-1",
+                          sender=Sender("+8613800138000"), recipient="", received_at=now)
+        p = Prepared("0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", inbound,
+                     Deadline("response", now + 1, "sms_response"), now)
+        names = queue._encode(p, now, "2026-12-01T00:00:00.000000Z")[0]
+        pseudonym = queue.pseudonyms.of("m-1")
+        assert names[0] == f"{{t}}:once:{adapter}/{pseudonym}".encode()
+        assert names[0] == keys.dedupe(adapter, pseudonym).encode()
