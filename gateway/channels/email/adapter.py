@@ -143,10 +143,24 @@ class EmailAdapter:
         )
         try:
             receipt = await self.ctx.intake.submit(inbound, held=plan.held)
+        except asyncio.CancelledError:
+            # The session ended (the client hung up) with the write under way: Intake settles
+            # it (in Redis, or spooled), whatever its outcome its held files are written
+            # durably in the background and let go from Redis, as for a contact spooled.
+            store.secure(plan)
+            raise
         except BaseException:  # refused: what may have reached Redis is written and let go
             await store.settle(plan, in_redis=True)
             raise
-        await store.settle(plan, receipt.status == "enqueued")
+        if receipt.status == "enqueued":
+            await store.settle(plan, True)  # written after the answer: nothing to wait for
+        else:  # written before it: not cut half way by a session that ends meanwhile
+            settling = asyncio.ensure_future(store.settle(plan, False))
+            try:
+                await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                settling.add_done_callback(_consume)
+                raise
         if result.parse_error:
             log.warning(
                 "smtp: message %s stored unparsed: %s", receipt.contact_id, result.parse_error
@@ -283,6 +297,12 @@ class EmailAdapter:
         )
         await self.relay.deliver(message, sender=mailbox, recipient=to)
         return SendReceipt(external_id=message_id, detail={"to": masked(to)})
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background step's outcome (its error is logged where it is raised)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("smtp: files of a message not written: %s", task.exception())
 
 
 def _threading(external_id: str, references: object) -> tuple[str, ...]:
