@@ -18,6 +18,7 @@ the server process's (all threads) plus the Valkey server's over its rounds.
     .venv/bin/python -m bench.email_bench --seconds 2 --rounds 1
     .venv/bin/python -m bench.email_bench --client pipelining   # as a relaying MTA sends
     .venv/bin/python -m bench.email_bench --client connection   # a connection a message
+    .venv/bin/python -m bench.email_bench --size "2 KB"         # the 2 KB rows alone
 
 ``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (``git archive
 <commit> gateway | tar -x -C DIR``) in the same alternating rounds.
@@ -331,12 +332,14 @@ class _Target:
         self.process.join(10)
 
 
-async def main(seconds: float, rounds: int, before: str) -> None:
+async def main(seconds: float, rounds: int, before: str, only: str = "") -> None:
     from bench.procs import cpu_s
     from gateway.queueing.embedded import EmbeddedRedis
     from gateway.queueing.keys import Keys
 
     sizes = {"2 KB": 2 * 1024, "200 KB": 200 * 1024}
+    if only:
+        sizes = {only: sizes[only]}
     fanouts = (8, 50)
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis")
@@ -352,7 +355,7 @@ async def main(seconds: float, rounds: int, before: str) -> None:
         best: dict[tuple[str, str, int], tuple[float, float, float, int, float, float]] = {}
         try:
             for kind, target in targets.items():  # warm-up
-                await _measure(target.port, 1.0, 8, sizes["2 KB"], f"warm{kinds.index(kind)}")
+                await _measure(target.port, 1.0, 8, 2 * 1024, f"warm{kinds.index(kind)}")
             for r in range(rounds):
                 for label, size in sizes.items():
                     for fanout in fanouts:
@@ -426,6 +429,8 @@ if __name__ == "__main__":
         "RCPT and DATA in one write, as a relaying MTA does (RFC 2920); connection is "
         "aiosmtplib with a new connection for every message",
     )
+    parser.add_argument("--size", choices=("2 KB", "200 KB"), default="",
+                        help="only this size (both by default)")
     args = parser.parse_args()
     CLIENT = args.client
-    _loop()(main(args.seconds, args.rounds, args.before))
+    _loop()(main(args.seconds, args.rounds, args.before, args.size))
