@@ -21,6 +21,9 @@ BOT_USERNAME = "hotline12345_bot"
 class LocalServer:
     """An aiohttp app on 127.0.0.1:0."""
 
+    handler_cancellation = False
+    """Whether a request's handler is cancelled when its client closes the connection."""
+
     def __init__(self) -> None:
         self.app = web.Application()
         self.runner: web.AppRunner | None = None
@@ -31,7 +34,7 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app)
+        self.runner = web.AppRunner(self.app, handler_cancellation=self.handler_cancellation)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -89,6 +92,11 @@ def message(
 
 class FakeBotApi(LocalServer):
     """The Bot API subset the adapter uses: ``/bot<token>/<method>``, ``/file/bot<token>/``."""
+
+    handler_cancellation = True
+    """A long poll whose client has gone (a poller cancelled when its lease was lost) ends
+    with its connection: counted in flight until its timeout, the successor's poll was
+    counted as a second at once and answered the dead one a 409."""
 
     def __init__(self) -> None:
         super().__init__()

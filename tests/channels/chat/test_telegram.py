@@ -904,3 +904,28 @@ async def test_drop_pending_updates_drops_once_when_the_webhook_changes_not_at_e
     assert [u["update_id"] for u in bot_api.updates] == [2]
     drops = [p["drop_pending_updates"] for n, p in bot_api.calls if n == "setWebhook"]
     assert drops == [True, False]
+
+
+async def test_the_fake_bot_api_counts_no_poll_whose_client_has_gone(bot_api: FakeBotApi) -> None:
+    """A poller cancelled when its lease is lost closes its connection: the fake must not
+    count that long poll in flight for the rest of its timeout, nor the successor's poll as a
+    second one at once (a 409 answered to nobody). It did, and the Sentinel fleet soak, where a
+    holder gives its lease up on failed renewals and the successor polls within the second,
+    reported those hand-overs as two getUpdates at once."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+
+        async def poll() -> int:
+            async with http.post(
+                f"{bot_api.api_base}{BOT_TOKEN}/getUpdates", json={"timeout": 30}
+            ) as resp:
+                return resp.status
+
+        gone = asyncio.create_task(poll())
+        await eventually(lambda: _true(bot_api.polling == 1))
+        gone.cancel()  # the holder lost its lease: its poller is cancelled mid-poll
+        await asyncio.gather(gone, return_exceptions=True)
+        assert await poll() == 200  # the successor's, at once (the fake's poll lasts 1 s)
+    assert bot_api.most_polling == 1
+    assert bot_api.conflicts == 0
