@@ -294,7 +294,22 @@ class Leases:
 
     async def renew(self, fence: Fence) -> bool:
         """Extend the lease if this acquisition still holds it."""
-        return bool(await self._scripts.run("renew", [fence.key], [fence.value, self.ttl_ms]))
+        return (await self._extend(fence))[0]
+
+    async def _extend(self, fence: Fence) -> tuple[bool, bool]:
+        """Renew: (extended, counts). With ``min_replicas`` an extension counts only once
+        ``WAIT`` says that many replicas have it: a failover loses what the master
+        acknowledged and no replica had, and the promoted replica's copy of the lease then
+        expires with the last renewal it got, while a holder that counted the lost ones
+        would go on believing in it (tests/queueing/test_topologies.py)."""
+        args = ([fence.key], [fence.value, self.ttl_ms])
+        if not self.min_replicas:
+            extended = bool(await self._scripts.run("renew", *args))
+            return extended, extended
+        reply, confirmed = await self._scripts.run_replicated(
+            "renew", *args, self.min_replicas, self.replica_timeout_ms
+        )
+        return bool(reply), bool(reply) and confirmed >= self.min_replicas
 
     async def release(self, fence: Fence) -> bool:
         """Give the lease up if this acquisition still holds it."""
@@ -379,7 +394,7 @@ class Leases:
             started = loop.time()
             give_up = confirmed + 2 * period
             try:
-                ok = await _bounded(self.renew(fence), max(0.01, give_up - started))
+                ok, counts = await _bounded(self._extend(fence), max(0.01, give_up - started))
             except (RedisError, OSError, TimeoutError) as exc:
                 if loop.time() >= give_up:
                     log.warning("lease %s: no renewal for %.1f s (%r)", fence.name, 2 * period, exc)
@@ -388,6 +403,15 @@ class Leases:
                 continue
             if not ok:
                 return
+            if not counts:  # extended on the master, on too few replicas: not counted
+                if loop.time() >= give_up:
+                    log.warning(
+                        "lease %s: no renewal a replica confirmed for %.1f s",
+                        fence.name, 2 * period,
+                    )
+                    return
+                await asyncio.sleep(min(0.2, max(0.0, give_up - loop.time())))
+                continue
             confirmed = started
 
 

@@ -342,8 +342,8 @@ class _StopAt(Leases):
         self._stop_once("acquire")
         return result
 
-    async def renew(self, fence: Fence) -> bool:
-        ok = await super().renew(fence)
+    async def _extend(self, fence: Fence) -> tuple[bool, bool]:  # the keeper's renewal
+        ok = await super()._extend(fence)
         self._stop_once("renew")
         return ok
 

@@ -241,3 +241,71 @@ async def test_min_replicas_a_duplicate_is_confirmed_only_once_a_replica_has_it(
         for proc in (replica, master):
             proc.terminate()
             proc.wait(10)
+
+
+async def test_min_replicas_a_holder_counts_only_renewals_a_replica_has(tmp_path):
+    """A failover loses what the master had acknowledged and no replica had yet: a lease's
+    renewals too, so the promoted replica's copy expires with the last renewal it got, while
+    a holder that counted the lost ones still believes in its lease; another instance then
+    takes it on the promoted replica and both run at once (the Sentinel fleet soak's "two
+    holders"). With ``min_replicas`` a renewal counts only once ``WAIT`` confirms it, as the
+    acquisition: here the holder gives its lease up before the failover's successor starts."""
+    import redis.asyncio as aioredis
+
+    from gateway.queueing.coordination import Leases
+    from gateway.queueing.keys import Keys
+    from tests.queueing.test_coordination import Recorder
+
+    ttl = 1.5
+    master_port, replica_port = free_ports(2)
+    master = spawn(["--port", str(master_port), "--save", ""], tmp_path / "m")
+    replica = spawn(
+        ["--port", str(replica_port), "--replicaof", "127.0.0.1", str(master_port),
+         "--save", ""],
+        tmp_path / "r",
+    )
+    stopped = False
+    on_master = aioredis.Redis(port=master_port, socket_timeout=0.5)
+    on_replica = aioredis.Redis(port=replica_port, socket_timeout=0.5)
+    keys = Keys("lease-failover")
+    rec = Recorder()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        wait_ping(master_port).close()
+        probe = wait_ping(replica_port)
+        await eventually(lambda: probe.info("replication").get("master_link_status") == "up")
+        probe.close()
+        a = Leases(on_master, keys, "a", ttl, min_replicas=1, replica_timeout_ms=100)
+        tasks.append(asyncio.create_task(a.exclusive("job", rec.work("a"))))
+        await eventually(lambda: _true(rec.running == {"a"}))
+        await asyncio.sleep(ttl / 3 + 0.1)  # a renewal the replica has
+        os.kill(replica.pid, signal.SIGSTOP)  # the replica falls behind (a saturated machine,
+        stopped = True  # its own appendfsync always) by more than its socket's buffer ...
+        await on_master.set(keys.state("test", "filler"), b"x" * (32 << 20))
+        await asyncio.sleep(ttl * 4 / 3)  # ... for renewals the master acknowledges
+        master.kill()  # the master dies; the replica, promoted, has the lease as it had it
+        master.wait(10)
+        os.kill(replica.pid, signal.SIGCONT)
+        stopped = False
+        await on_replica.execute_command("REPLICAOF", "NO", "ONE")
+        b = Leases(on_replica, keys, "b", ttl)
+        tasks.append(asyncio.create_task(b.exclusive("job", rec.work("b"))))
+        await eventually(lambda: _true("b" in rec.running))
+        await eventually(lambda: _true("a" not in rec.running))
+        assert rec.most_at_once == 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if stopped:
+            os.kill(replica.pid, signal.SIGCONT)
+        await on_master.aclose()
+        await on_replica.aclose()
+        for proc in (replica, master):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
