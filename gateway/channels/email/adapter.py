@@ -28,7 +28,7 @@ from gateway.channels.email.relay import (
     tagged_address,
 )
 from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
-from gateway.contact.attachments import AttachmentTooLarge
+from gateway.contact.attachments import AttachmentTooLarge, Plan
 from gateway.contact.clock import MICROS_PER_SECOND
 from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
 from gateway.server.admission import busy, refuse
@@ -64,6 +64,8 @@ class EmailAdapter:
             config.mailboxes[0] if config.mailboxes else f"postmaster@{config.domains[0]}"
         )
         self._acks: set[asyncio.Task[None]] = set()
+        self._landing: set[asyncio.Task[str]] = set()
+        """Writes of messages to acknowledge whose session ended first (``accept``)."""
         self._ack_times: dict[str, collections.deque[float]] = {}
         self._zone = zoneinfo.ZoneInfo(config.ack.timezone)
 
@@ -74,6 +76,8 @@ class EmailAdapter:
 
     async def stop(self) -> None:
         await self.listener.stop()
+        if self._landing:  # they may still start an acknowledgement
+            await asyncio.wait(set(self._landing), timeout=10)
         if self._acks:
             _, pending = await asyncio.wait(set(self._acks), timeout=10)
             for task in pending:
@@ -141,6 +145,30 @@ class EmailAdapter:
             origin_at=result.origin_at,
             meta=meta,
         )
+        if not self._should_acknowledge(result):
+            return await self._land(inbound, plan, result, acknowledge=False)
+        # To be acknowledged: the write and the acknowledgement go on in a task of their own
+        # should the session end (the client hangs up before its 250): the contact lands all
+        # the same, and the client's retry is a duplicate, which is never acknowledged.
+        landing = asyncio.ensure_future(self._land(inbound, plan, result, acknowledge=True))
+        try:
+            return await asyncio.shield(landing)
+        except asyncio.CancelledError:
+            self._landing.add(landing)
+            landing.add_done_callback(self._landed)
+            raise
+
+    def _landed(self, task: asyncio.Task[str]) -> None:
+        self._landing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("smtp: a message whose client hung up was not accepted: %r",
+                     task.exception())
+
+    async def _land(
+        self, inbound: Inbound, plan: Plan, result: Normalized, *, acknowledge: bool
+    ) -> str:
+        """Submit the contact, settle its held files, start its acknowledgement."""
+        store = self.ctx.attachments
         try:
             receipt = await self.ctx.intake.submit(inbound, held=plan.held)
         except asyncio.CancelledError:
@@ -165,7 +193,7 @@ class EmailAdapter:
             log.warning(
                 "smtp: message %s stored unparsed: %s", receipt.contact_id, result.parse_error
             )
-        if receipt.status != "duplicate" and self._should_acknowledge(result):
+        if receipt.status != "duplicate" and acknowledge:
             task = asyncio.get_running_loop().create_task(self._acknowledge(receipt, result))
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)

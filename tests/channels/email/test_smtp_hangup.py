@@ -134,3 +134,34 @@ async def test_a_listener_stopping_waits_for_the_message_being_made_durable(
         await admin.execute_command("CLIENT", "UNPAUSE")
         await admin.aclose()
         writer.close()
+
+
+async def test_hang_up_during_the_write_the_citizen_is_still_acknowledged_once(
+    start_mailbox: Any, own_redis_server: EmbeddedRedis, start_recorder: Any
+) -> None:
+    """The message lands though its client hung up before the 250, and the client's retry is
+    a duplicate (no acknowledgement for a duplicate): the acknowledgement of the contact that
+    landed is the citizen's only one, so it is still sent."""
+    from tests.channels.email.test_relay import relay_table
+    from tests.channels.email.test_smtp import send
+
+    recorder = await start_recorder()
+    gw = await start_mailbox(
+        sections={"url": own_redis_server.url, "redis": {"write_timeout": "60s"}},
+        relay=relay_table(recorder),
+        ack={"enabled": True, "timezone": "Asia/Shanghai"},
+    )
+    admin = aioredis.from_url(own_redis_server.url)
+    raw = RAW.replace(b"@@", b"4")
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+        await _send_and_hang_up(gw.adapters["mail"].port, raw, gw)
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+    await eventually(lambda: gw.admission.open == 0)
+    (contact,) = await gw.read_contacts()
+    again = await asyncio.to_thread(send, gw.adapters["mail"].port, raw)  # the MTA's retry
+    assert again == contact.id
+    await gw.adapters["mail"].stop()  # drains acknowledgements in flight
+    assert [m.rcpt_tos for m in recorder.messages] == [["citizen@example.org"]]
