@@ -436,24 +436,6 @@ class AttachmentStore:
             self.late_release_s, lambda: self._spawn(self._release_quietly(digests))
         )
 
-    def secure(self, plan: Plan) -> None:
-        """The held files of a contact whose write's outcome is not known to its caller (the
-        caller gave up: it may end in Redis or in the spool): written durably in the
-        background, one group commit with others, then let go from Redis (``close`` waits)."""
-        if plan.held_at:
-            self._spawn(self._secure([plan.items[i] for i in plan.held_at]))
-
-    async def _secure(self, items: list[_File]) -> None:
-        results = await asyncio.gather(*(self.submit(*item) for item in items))
-        for result in results:
-            if isinstance(result, Exception):  # stays held: written at the next start
-                log.warning("attachments: held file not written: %s", result)
-        digests = [r.sha256 for r in results if isinstance(r, Attachment)]
-        await self._release_quietly(digests)
-        asyncio.get_running_loop().call_later(  # a write that lands after this release
-            self.late_release_s, lambda: self._spawn(self._release_quietly(digests))
-        )
-
     async def _release_quietly(self, digests: list[str]) -> None:
         if self._holder is not None and digests:
             with contextlib.suppress(Exception):

@@ -28,7 +28,7 @@ from gateway.channels.email.relay import (
     tagged_address,
 )
 from gateway.channels.email.smtp import Handler, Listener, masked, trace_headers
-from gateway.contact.attachments import AttachmentTooLarge, Plan
+from gateway.contact.attachments import AttachmentTooLarge
 from gateway.contact.clock import MICROS_PER_SECOND
 from gateway.records import Attachment, Contact, Inbound, Reply, short_ref
 from gateway.server.admission import busy, refuse
@@ -64,8 +64,6 @@ class EmailAdapter:
             config.mailboxes[0] if config.mailboxes else f"postmaster@{config.domains[0]}"
         )
         self._acks: set[asyncio.Task[None]] = set()
-        self._landing: set[asyncio.Task[str]] = set()
-        """Writes of messages to acknowledge whose session ended first (``accept``)."""
         self._ack_times: dict[str, collections.deque[float]] = {}
         self._zone = zoneinfo.ZoneInfo(config.ack.timezone)
 
@@ -76,8 +74,6 @@ class EmailAdapter:
 
     async def stop(self) -> None:
         await self.listener.stop()
-        if self._landing:  # they may still start an acknowledgement
-            await asyncio.wait(set(self._landing), timeout=10)
         if self._acks:
             _, pending = await asyncio.wait(set(self._acks), timeout=10)
             for task in pending:
@@ -145,55 +141,17 @@ class EmailAdapter:
             origin_at=result.origin_at,
             meta=meta,
         )
-        if not self._should_acknowledge(result):
-            return await self._land(inbound, plan, result, acknowledge=False)
-        # To be acknowledged: the write and the acknowledgement go on in a task of their own
-        # should the session end (the client hangs up before its 250): the contact lands all
-        # the same, and the client's retry is a duplicate, which is never acknowledged.
-        landing = asyncio.ensure_future(self._land(inbound, plan, result, acknowledge=True))
-        try:
-            return await asyncio.shield(landing)
-        except asyncio.CancelledError:
-            self._landing.add(landing)
-            landing.add_done_callback(self._landed)
-            raise
-
-    def _landed(self, task: asyncio.Task[str]) -> None:
-        self._landing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.info("smtp: a message whose client hung up was not accepted: %r",
-                     task.exception())
-
-    async def _land(
-        self, inbound: Inbound, plan: Plan, result: Normalized, *, acknowledge: bool
-    ) -> str:
-        """Submit the contact, settle its held files, start its acknowledgement."""
-        store = self.ctx.attachments
         try:
             receipt = await self.ctx.intake.submit(inbound, held=plan.held)
-        except asyncio.CancelledError:
-            # The session ended (the client hung up) with the write under way: Intake settles
-            # it (in Redis, or spooled), whatever its outcome its held files are written
-            # durably in the background and let go from Redis, as for a contact spooled.
-            store.secure(plan)
-            raise
         except BaseException:  # refused: what may have reached Redis is written and let go
             await store.settle(plan, in_redis=True)
             raise
-        if receipt.status == "enqueued":
-            await store.settle(plan, True)  # written after the answer: nothing to wait for
-        else:  # written before it: not cut half way by a session that ends meanwhile
-            settling = asyncio.ensure_future(store.settle(plan, False))
-            try:
-                await asyncio.shield(settling)
-            except asyncio.CancelledError:
-                settling.add_done_callback(_consume)
-                raise
+        await store.settle(plan, receipt.status == "enqueued")
         if result.parse_error:
             log.warning(
                 "smtp: message %s stored unparsed: %s", receipt.contact_id, result.parse_error
             )
-        if receipt.status != "duplicate" and acknowledge:
+        if receipt.status != "duplicate" and self._should_acknowledge(result):
             task = asyncio.get_running_loop().create_task(self._acknowledge(receipt, result))
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)
@@ -325,12 +283,6 @@ class EmailAdapter:
         )
         await self.relay.deliver(message, sender=mailbox, recipient=to)
         return SendReceipt(external_id=message_id, detail={"to": masked(to)})
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a background step's outcome (its error is logged where it is raised)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("smtp: files of a message not written: %s", task.exception())
 
 
 def _threading(external_id: str, references: object) -> tuple[str, ...]:

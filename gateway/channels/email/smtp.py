@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import re
@@ -127,9 +126,7 @@ class Handler:
         """True while the gateway refuses contacts (overloaded): RCPT is answered 451, so
         the message is not sent (``gateway/server/admission.py``)."""
         self.refused = refused
-        self.accepting = 0
-        """Messages being made durable now (``handle_DATA``), which ``drain`` waits for."""
-        self._idle: asyncio.Future[None] | None = None
+        self.in_flight: set[asyncio.Task[str]] = set()
 
     async def handle_EHLO(
         self,
@@ -172,15 +169,12 @@ class Handler:
             smtputf8=bool(envelope.smtp_utf8),
             tls=session.ssl is not None,
         )
-        # In the session's own task, not a task of its own awaited through a shield: two
-        # turns of the event loop fewer before the 250 (the task's first step, the shield's
-        # callback), each a wait for every other session's ready work under load. A client
-        # that hangs up mid-way cancels the session here and cuts no write in half: the
-        # contact's write goes on and is settled by Intake (``Intake.submit``: a caller that
-        # gives up), and ``EmailAdapter.accept`` has its held files written durably.
-        self.accepting += 1
+        # Shielded: a client that hangs up mid-way must not cut a write to the queue in half.
+        task = asyncio.get_running_loop().create_task(self.accept(raw, env))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
         try:
-            contact_id = await self.accept(raw, env)
+            contact_id = await asyncio.shield(task)
         except IntakeUnavailable:
             return "451 4.3.0 Queue unavailable, try again later"
         except AttachmentTooLarge:
@@ -193,20 +187,7 @@ class Handler:
         except Exception:
             log.exception("smtp: message from %s not accepted", peer)
             return "451 4.3.0 Temporary failure, try again later"
-        finally:
-            self.accepting -= 1
-            idle = self._idle
-            if not self.accepting and idle is not None and not idle.done():
-                idle.set_result(None)
         return f"250 2.0.0 OK queued as {contact_id}"
-
-    async def drain(self) -> None:
-        """Wait until no message is being made durable."""
-        if not self.accepting:
-            return
-        if self._idle is None or self._idle.done():
-            self._idle = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._idle)
 
     async def handle_exception(self, error: Exception) -> str:
         log.warning("smtp: session error %s", type(error).__name__)
@@ -654,9 +635,8 @@ class Listener:
             return
         server, self._server = self._server, None
         server.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(30):
-                await self.handler.drain()
+        if self.handler.in_flight:
+            await asyncio.wait(set(self.handler.in_flight), timeout=30)
         for proto in list(self._sessions):
             proto.last_word(b"421 4.3.2 Service shutting down\r\n")
         self._sessions.clear()
