@@ -139,6 +139,10 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
         done = await _server_figures(redis)
         # the Python calls in a second pass over the same events (a redelivery: same work)
         await redis.xgroup_setid(gateway.keys.events, "gateway-aggregate", "0")
+        cursor = getattr(gateway.keys, "agg_cursor", None)  # a cursor reader's (this tree)
+        if cursor is not None:
+            await redis.delete(cursor)
+            await aggregator.ensure_group()  # takes the cursor again: from the start
         profile.enable()
         while await aggregator.poll():
             pass

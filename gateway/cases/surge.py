@@ -2,9 +2,10 @@
 event on ``{p}:events`` (so push subscribers get it too) when contacts rise well above their
 usual level.
 
-Counting (every instance, as the aggregator of ``gateway/cases/dashboard/aggregates.py`` reads each
+Counting (by the aggregator of ``gateway/cases/dashboard/aggregates.py``, as it reads each
 ``enqueued`` event; the keys are computed at intake, ``RedisQueue.surge_keys``, and travel in
-the event): each contact adds one to a few **keys** in the hash of the minute it arrived in
+the event; ``tally`` sums a batch's, which ``advance.lua`` writes with the aggregator's cursor
+move): each contact adds one to a few **keys** in the hash of the minute it arrived in
 (``{p}:surge:b:<minute>``, kept ``history_days`` + 1 day):
 
 - ``all``; ``channel:<medium>``; ``recipient:<dialled number or mailbox>``;
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 MINUTE_S = 60
 SAMPLES = 5
+SAMPLES_TTL_S = 2 * 86400
 LEASE = "surge"
 
 
@@ -89,6 +91,18 @@ class Tagged:
     keys: list[str]
     repeat: int
     """Its repeat count (earlier contacts of its sender in the repeat window)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A batch of new contacts as the counters take it."""
+
+    counted: dict[tuple[int, str], list[Any]]
+    """(minute, key) -> the ids counted under it, in order (the count and the samples)."""
+    first: Micros | None
+    """The earliest arrival (``{p}:surge:first``, set if not yet)."""
+    repeats: list[Any]
+    """The contacts that may raise a repeat surge."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,43 +184,56 @@ class SurgeWatch:
         tagged = [Tagged(c.id, c.received_at, self.keys_of(c), c.repeat.count) for c in batch]
         return await self.count_tagged(tagged, {c.id: c for c in batch})
 
+    def tally(self, rows: Iterable[tuple[Any, Micros, list[str], int]]) -> Tally:
+        """What a batch of new contacts adds to the counters, each ``(contact id, received_at,
+        keys, repeat count)`` (``count_tagged`` writes it; the aggregator's ``advance.lua``
+        writes it with its cursor's move). The ids are kept as given (str or bytes)."""
+        counted: dict[tuple[int, str], list[Any]] = {}
+        first: Micros | None = None
+        repeats: list[Any] = []
+        repeat = self.section.repeat
+        for cid, received, keys, count in rows:
+            minute = received // MICROS_PER_SECOND
+            minute -= minute % MINUTE_S
+            for key in keys:
+                ids = counted.get((minute, key))
+                if ids is None:
+                    counted[(minute, key)] = [cid]
+                else:
+                    ids.append(cid)
+            if first is None or received < first:
+                first = received
+            if repeat and count + 1 >= repeat:
+                repeats.append(cid)
+        return Tally(counted, first, repeats)
+
     async def count_tagged(
         self, tagged: Iterable[Tagged], known: dict[str, Contact] | None = None
     ) -> list[Event]:
         """Count a batch of new contacts by their keys (computed at intake and carried in the
         ``enqueued`` event); return the repeat surges written for them. A repeat surge needs
         its contact (the sender): taken from ``known``, else read (rare)."""
-        counted: dict[tuple[int, str], list[str]] = {}
-        """(minute, key) -> the ids counted under it, in order (the count and the samples)."""
-        first: Micros | None = None
-        repeats: list[str] = []
-        repeat = self.section.repeat
-        for t in tagged:
-            minute = t.received_at // MICROS_PER_SECOND
-            minute -= minute % MINUTE_S
-            cid = t.contact_id
-            for key in t.keys:
-                ids = counted.get((minute, key))
-                if ids is None:
-                    counted[(minute, key)] = [cid]
-                else:
-                    ids.append(cid)
-            first = t.received_at if first is None else min(first, t.received_at)
-            if repeat and t.repeat + 1 >= repeat:
-                repeats.append(cid)
+        tally = self.tally((t.contact_id, t.received_at, t.keys, t.repeat) for t in tagged)
         commands: list[list[Any]] = []
-        for (minute, key), ids in counted.items():
+        for (minute, key), ids in tally.counted.items():
             commands.append(["HINCRBY", self.keys.surge_bucket(minute), key, len(ids)])
             name = self.keys.surge_samples(key, minute)
             commands.append(["LPUSH", name, *ids[-SAMPLES:]])
             commands.append(["LTRIM", name, 0, SAMPLES - 1])
-            commands.append(["EXPIRE", name, 2 * 86400])
-        for minute in {m for m, _ in counted}:
+            commands.append(["EXPIRE", name, SAMPLES_TTL_S])
+        for minute in {m for m, _ in tally.counted}:
             commands.append(["EXPIRE", self.keys.surge_bucket(minute), self.ttl_s])
-        if first is not None:
-            commands.append(["SET", self.keys.surge_first, first, "NX"])
+        if tally.first is not None:
+            commands.append(["SET", self.keys.surge_first, tally.first, "NX"])
         if commands:
             raise_errors(await self.queue.execute(commands))
+        return await self.repeats_of(tally.repeats, known)
+
+    async def repeats_of(
+        self, repeats: list[str], known: dict[str, Contact] | None = None
+    ) -> list[Event]:
+        """Write the repeat surges of these contacts (once per citizen and day: ``SET NX``),
+        return them; each contact taken from ``known``, else read (one round trip)."""
         known = dict(known or {})
         unknown = [cid for cid in repeats if cid not in known]
         if unknown:  # one round trip for the batch's few

@@ -11,8 +11,10 @@
 -- the same atomic write: the volume of the minute and hour buckets, the hash's 'agg' field, the
 -- label's open zset, the waiting calls, the repeat contacts. The 'enqueued' event says so
 -- (field 'counted', the repeat count), so the aggregator skips it without reading the contact;
--- its field 'surge' carries the contact's surge keys (JSON [received us, key, ...]) and the
--- hash's field 'surge' marks them not yet counted (the aggregator HDELs it: once a contact).
+-- its field 'keys' carries the contact's surge keys (JSON [received us, key, ...]), which the
+-- aggregator counts with its cursor's move past the event (advance.lua: once). (Before, the
+-- field was 'surge', with a 'surge' mark in the hash that the aggregator took off with an
+-- HDEL, once a contact: an older instance's events still come so, docs/operations.md.)
 -- KEYS: 1 contacts stream, 2 events stream, 3 deadlines zset, 4 warnings zset, 5 waiting zset
 --       (calls), 6 repeats zset (the keys every contact shares), then every contact's own keys
 --       in turn: 1 dedupe key, 2 sender zset, 3 contact hash, 4 minute bucket, 5 hour bucket,
@@ -143,22 +145,19 @@ local function contact(kb, nk, ab)
   redis.call('XADD', KEYS[1], '*', 'contact', json, 'id', id, 'channel', ARGV[ab + 8])
   visible = true
   -- The event and the contact's one HSET (its fields, its first event's index entry, its
-  -- dashboard outcome, and the mark that its surge keys are not yet counted) with their
-  -- arguments written out: no table to build and unpack a contact.
+  -- dashboard outcome) with their arguments written out: no table to build and unpack a
+  -- contact.
   local event, surge = nil, ARGV[ab + 12]
   if surge == '' then
     event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
       'type', 'enqueued', 'counted', count)
-    redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
-      'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
-      'event:' .. event, ARGV[ab + 7], 'agg', 'open:0')
   else
     event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
-      'type', 'enqueued', 'counted', count, 'surge', surge)
-    redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
-      'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
-      'event:' .. event, ARGV[ab + 7], 'agg', 'open:0', 'surge', 1)
+      'type', 'enqueued', 'counted', count, 'keys', surge)
   end
+  redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
+    'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],
+    'event:' .. event, ARGV[ab + 7], 'agg', 'open:0')
   redis.call('EXPIRE', KEYS[kb + 3], ARGV[4])
   -- written: its index entries and its dashboard volume wait for the batch's end
   index(KEYS[3], ARGV[ab + 5], id)

@@ -134,6 +134,12 @@ class Keys:
         (``gateway/queueing/held.py``)."""
         return f"{self.tag}:held:{_short(store)}"
 
+    @property
+    def agg_cursor(self) -> str:
+        """String: ``<entry id> <entries-read>``, the last entry of ``{p}:events`` the dashboard's
+        aggregator has done with (``advance.lua``; it expires a day after its last move)."""
+        return f"{self.tag}:agg:cursor"
+
     def agg_bucket(self, unit: str, start_s: int) -> str:
         """Hash: service-level counters of the contacts received in one minute (``m``) or
         hour (``h``) starting at ``start_s`` (``gateway/cases/dashboard/aggregates.py``)."""

@@ -78,7 +78,7 @@ def _script(name: str) -> str:
 SCRIPTS = {
     name: _script(f"{name}.lua")
     for name in (
-        "intake", "stamp", "emit", "claim", "aggregate", "trim", "route", "hold"
+        "intake", "stamp", "emit", "claim", "aggregate", "advance", "trim", "route", "hold"
     )
 }
 
@@ -323,8 +323,8 @@ class RedisQueue:
         """The connection of ``execute``'s plain commands (the dashboard's aggregator, the
         surge counters, the watcher's lookups), opened by the first: their replies parsed in
         one callback as the intake batches' are, not one redis-py coroutine chain a reply
-        (a surge mark's ``HDEL`` a contact). Apart from the intake link, so that a failure
-        there never fails an intake batch."""
+        (the surge marks of an older version's contacts, ``HDEL`` a contact). Apart from the
+        intake link, so that a failure there never fails an intake batch."""
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), the
@@ -569,11 +569,13 @@ class RedisQueue:
             break
         return replies
 
-    async def execute(self, commands: list[list[Any]]) -> list[Any]:
+    async def execute(self, commands: list[list[Any]], *, pooled: bool = False) -> list[Any]:
         """Run plain commands in one round trip (the cheap path ``run_scripts`` takes); error
         replies come back as values. Commands that answer at once only (no blocking read):
-        on a single server they share one connection (``_side``), pipelined."""
-        if self._linked:
+        on a single server they share one connection (``_side``), pipelined; ``pooled``: on a
+        pooled connection of their own instead (a caller that polls, as the aggregator's
+        reads, keeps off the connection the others' commands share)."""
+        if self._linked and not pooled:
             side = self._side.ready() or await self._open(
                 self._side, getattr(self.redis, "connection_pool", None)
             )

@@ -97,7 +97,7 @@ class CaseServices:
         await self.pusher.start()
         if self.watcher is not None:
             self.watcher.start(self.leases, self.supervisor)
-        self.aggregator.start(self.supervisor)
+        self.aggregator.start(self.supervisor, self.leases)
         if self.settings.surge.enabled:
             self.surge.start(self.leases, self.supervisor)
 

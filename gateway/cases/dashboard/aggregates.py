@@ -1,8 +1,9 @@
 """Service-level counters kept current in Redis, so a dashboard refresh never scans the streams.
 
-Every gateway instance reads ``{p}:events`` in one consumer group (``gateway-aggregate``): each
-event goes to one instance, and a dead instance's pending entries are claimed by another. For
-each event the ``aggregate.lua`` script moves its contact to a better-ranked outcome, once:
+One reader a fleet (the holder of lease ``aggregate``; the other instances wait to take over)
+follows ``{p}:events`` with ``XREAD`` after a cursor, the string ``{p}:agg:cursor`` (the last
+entry done with and the group's entries-read counter there). For each event the
+``aggregate.lua`` script moves its contact to a better-ranked outcome, once:
 
     open (0) < closed (1) < abandoned, short (2) < breached (3) < within, late (4)
 
@@ -11,25 +12,37 @@ wins over a breach, a breach over an abandon, and so on. The counters are kept i
 of the minute and of the hour the contact *arrived* in (``{p}:agg:m:<s>``, ``{p}:agg:h:<s>``),
 field ``<label>:<outcome>``, with ``<label>:volume``, and the settling times in bins
 (``<label>:t:<seconds>``, ``<label>:tsum`` in ms). A window is summed from at most 24 hour
-buckets and 120 minute buckets. The contact hash remembers the outcome (field ``agg``), so a
-redelivered entry changes nothing. Besides: open contacts per label by deadline, calls
+buckets and 120 minute buckets. The contact hash remembers the outcome (field ``agg``), so an
+event read twice changes nothing. Besides: open contacts per label by deadline, calls
 waiting by arrival, breaches and repeat contacts by time (sorted sets, trimmed to a day).
+
+After each batch ``advance.lua`` moves the cursor past it, only from where the batch was
+read (compare and set: a reader whose lease was handed over meanwhile writes nothing and
+reads on from the cursor), and moves the consumer group ``gateway-aggregate`` to the same
+entry with its entries-read counter (``XGROUP SETID``): the group is no longer read, but the
+streams' trimming (``trim.lua``) and the backlog go by its position as before, and an older
+version's instances (a rolling upgrade) go on reading in it. There is no pending list and no
+``XACK``: a reader that dies mid-batch leaves the cursor where it was, and the next reads the
+batch again (every step is idempotent). Entries an older instance read in the group and left
+pending are taken over (``XAUTOCLAIM``) and acknowledged.
 
 A new contact's first step ("open": its volume, the ``agg`` field, the open, waiting and
 repeat sets) is taken by ``intake.lua`` itself, atomically with the contact's write, on every
 path that writes one (Intake, the spool's replay); its ``enqueued`` event says so (field
-``counted``, the repeat count) and carries the contact's surge keys (field ``surge``, computed
+``counted``, the repeat count) and carries the contact's surge keys (field ``keys``, computed
 at intake by ``SurgeWatch.keys_of``). The aggregator skips such an event without reading
-anything, and counts the surge keys of a batch together, once a contact: the first to take
-the hash's ``surge`` mark (``HDEL``) counts it. An ``enqueued`` event without
-``counted`` (an instance of an older version wrote it: a rolling upgrade) takes the old path:
-the contact is read, decoded and stepped here.
+anything, and counts the surge keys of the batch's new contacts in the same ``advance.lua``
+call that moves the cursor past them: once a contact, with no command of its own. An older
+version's counted event carries them in field ``surge`` with a ``surge`` mark in the hash:
+the first to take the mark (``HDEL``, this version or the older one's group consumers)
+counts it. An ``enqueued`` event without ``counted`` (older still) takes the old path: the
+contact is read, decoded and stepped here.
 
 The loop reads at most ``batch`` (200) events at a time, and waits ``pause_s`` (250 ms) after
-a batch that was not full: a batch holds the event loop for a few milliseconds at most, and
-at moderate rates the aggregator polls a few times a second, not dozens (each poll is a few
-writes, each an fsync of the append-only file under ``appendfsync always``, which the intake
-writes queue behind).
+a batch that was not full: a batch of new contacts holds the event loop for about 2 ms, a
+batch of outcome-moving events is stepped 50 at a time, and the reader polls a few times a
+second, not dozens (each poll that finds events is one write, an fsync of the append-only
+file under ``appendfsync always``, which the intake writes queue behind).
 
 Breaches are counted when the deadline watcher writes them (within its interval of the
 deadline), where ``gateway report`` also counts a deadline passed with nothing as breached.
@@ -49,8 +62,9 @@ from redis.exceptions import ResponseError
 
 from gateway.adapters import load_media
 from gateway.cases.report import label_of
-from gateway.cases.surge import SurgeWatch, Tagged
+from gateway.cases.surge import SAMPLES, SAMPLES_TTL_S, SurgeWatch, Tagged, Tally
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Contact
@@ -60,6 +74,11 @@ from gateway.server.supervise import Backoff, Supervisor
 log = logging.getLogger(__name__)
 
 GROUP = "gateway-aggregate"
+LEASE = "aggregate"
+CURSOR_TTL_S = 86400
+"""The cursor string lives a day after its last move: a fleet quiet that long (or an older
+version's instances alone, after a rollback) leaves none, and the next reader starts where the
+group has read to."""
 MINUTE_S = 60
 HOUR_S = 3600
 DAY_S = 86400
@@ -253,7 +272,8 @@ async def apply(queue: RedisQueue, steps: list[Step]) -> list[bool]:
 
 
 class Aggregator:
-    """Follows ``{p}:events`` in the ``gateway-aggregate`` group and keeps the counters."""
+    """Follows ``{p}:events`` (one reader a fleet, under lease ``aggregate``) and keeps the
+    counters."""
 
     def __init__(
         self,
@@ -281,28 +301,72 @@ class Aggregator:
         self._supervisor: Supervisor | None = None
         self._stopping = False
         self._group_ready = False
+        self._cursor: bytes = b"0-0"
+        """The last entry done with: the next read starts after it."""
+        self._entries_read: int | None = None
+        """The group's entries-read counter at ``_cursor`` (None: unknown)."""
+        self._base = b""
+        """The cursor string's value the reader's next batch starts from (``advance.lua``
+        compares it): b"" when there is none."""
         self.processed = 0
         self.claim_idle_ms = 60_000
         """Entries another consumer read and left unacknowledged this long are taken over."""
 
-    def start(self, supervisor: Supervisor) -> None:
-        """Run in every instance (the consumer group shares the events out), supervised."""
+    def start(self, supervisor: Supervisor, leases: Leases | None = None) -> None:
+        """Run the reader (supervised): under lease ``aggregate`` when ``leases`` are given
+        (one reader a fleet; the others wait to take over), else here."""
         self._stopping = False
         self._supervisor = supervisor
-        supervisor.spawn("aggregator", self._run, required=False, backoff=(0.5, 10.0))
+        if leases is None:
+            supervisor.spawn("aggregator", self._run, required=False, backoff=(0.5, 10.0))
+            return
+
+        async def held() -> None:
+            await self._create_group()  # on every instance: the trimming waits for it
+            await leases.exclusive(LEASE, self._held)
+
+        supervisor.spawn("aggregator", held, required=False, backoff=(0.5, 10.0))
 
     async def stop(self) -> None:
         self._stopping = True
         if self._supervisor is not None:
             await self._supervisor.stop("aggregator")
 
+    async def _held(self, fence: Fence) -> None:
+        log.info("aggregator: reading here (lease fence %d)", fence.token)
+        self._group_ready = False  # the cursor as the last holder left it
+        await self._run()
+
     async def ensure_group(self) -> None:
+        """Make the group if there is none, and take the cursor: the cursor string's, else
+        where the group has read to."""
+        await self._create_group()
+        await self._load_cursor()
+        self._group_ready = True
+
+    async def _create_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.keys.events, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._group_ready = True
+
+    async def _load_cursor(self) -> None:
+        raw = await self.redis.get(self.keys.agg_cursor)
+        if raw:
+            entry, _, count = bytes(raw).partition(b" ")
+            self._cursor, self._base = entry, bytes(raw)
+            self._entries_read = int(count) if count else None
+            return
+        self._base = b""
+        for group in await self.redis.xinfo_groups(self.keys.events):
+            if _text(group.get("name")) == GROUP:
+                last = group.get("last-delivered-id") or b"0-0"
+                self._cursor = last.encode() if isinstance(last, str) else bytes(last)
+                read = group.get("entries-read")
+                self._entries_read = None if read is None else int(read)
+        if self._entries_read is None:
+            await self._load_entries_read()
 
     async def _run(self) -> None:
         backoff = Backoff(0.5, 10.0)
@@ -315,9 +379,10 @@ class Aggregator:
                 if loop.time() - last_claim > 30:
                     last_claim = loop.time()
                     await self.claim_stale()
-                n = await self.poll(block_ms=1000)
+                    await self._load_entries_read()  # exact again at the stream's end
+                n = await self.poll()
                 backoff.reset()
-                if 0 < n < self.batch:  # fewer, larger batches: the cost per poll is shared
+                if n < self.batch:  # fewer, larger batches: the cost per poll is shared
                     await asyncio.sleep(self.pause_s)
             except asyncio.CancelledError:
                 raise
@@ -326,7 +391,10 @@ class Aggregator:
                 log.warning("aggregator: %r, retrying in %.1f s", exc, await backoff.sleep())
 
     async def claim_stale(self) -> None:
-        """Take over entries a dead instance read and never acknowledged (all of them)."""
+        """Take over entries a consumer of the group (an instance of an older version, during
+        an upgrade) read and never acknowledged: the old path's steps and surge marks."""
+        if not (await self.redis.xpending(self.keys.events, GROUP))["pending"]:
+            return  # as a rule: no consumer made in the group for nothing
         start: Any = "0-0"
         while True:
             reply = await self.redis.xautoclaim(
@@ -339,25 +407,28 @@ class Aggregator:
             )
             start, entries = reply[0], (reply[1] if len(reply) > 1 else [])
             if entries:
-                await self.process([(e, f) for e, f in entries if f])
+                await self.process([(e, f) for e, f in entries if f], claimed=True)
             if start in (b"0-0", "0-0") or not entries:
                 return
 
     async def poll(self, block_ms: int | None = None) -> int:
-        """Read and apply one batch; return how many events it held."""
-        reply = await self.redis.xreadgroup(
-            GROUP, self.instance, {self.keys.events: ">"}, count=self.batch, block=block_ms
-        )
+        """Read and apply one batch after the cursor; return how many events it held.
+        (``block_ms`` is not used: the loop pauses between batches instead.)"""
+        if not self._group_ready:
+            await self.ensure_group()
+        (reply,) = raise_errors(await self.queue.execute(
+            [["XREAD", "COUNT", self.batch, "STREAMS", self.keys.events, self._cursor]],
+            pooled=True,  # polled every 250 ms: not in the way of the shared connection
+        ))
         if not reply:
             return 0
-        entries = reply[0][1]
-        await self.process(entries)
-        return len(entries)
+        # RESP3 answers a map of streams, RESP2 a list of [stream, entries]
+        raw = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        await self.process(raw)  # each entry's fields as read: a flat list
+        return len(raw)
 
     async def catch_up(self) -> int:
         """Apply everything not yet read (tests, benchmarks); return how many events."""
-        if not self._group_ready:
-            await self.ensure_group()
         total = 0
         while True:
             n = await self.poll()
@@ -365,23 +436,58 @@ class Aggregator:
             if n == 0:
                 return total
 
-    async def process(self, entries: list[tuple[Any, dict[bytes, bytes]]]) -> None:
-        """Apply a batch of event entries, then acknowledge them.
+    async def process(self, entries: list[tuple[Any, Any]], *, claimed: bool = False) -> None:
+        """Apply a batch of event entries read in order from the stream, then move the cursor
+        past those beyond it (``advance.lua``); ``claimed``: taken over from the group's
+        pending list, acknowledged instead (the cursor reads them in its turn).
 
         An ``enqueued`` event that ``intake.lua`` marked ``counted`` took its step with the
-        contact's write: nothing is read for it, only its surge keys (carried in the event)
-        are counted, once a contact (the first HDEL of the hash's ``surge`` mark). An
-        ``enqueued`` event without the mark (written by an older version) takes the old path:
-        the contact is read, decoded and stepped like any other event.
+        contact's write: nothing is read for it. Its surge keys (field ``keys``) are counted
+        by ``advance.lua`` with the cursor's move, once: an entry read again (at or before the
+        cursor, or claimed) counts none. An older version's counted event carries them in
+        field ``surge`` instead, with the hash's ``surge`` mark: the first to take the mark
+        (``HDEL``) counts them, as that version's aggregator does. An ``enqueued`` event
+        without ``counted`` (older still) takes the old path: the contact is read, decoded and
+        stepped like any other event.
         """
         parsed: list[tuple[str, str, dict[str, Any]]] = []
         tagged: list[Tagged] = []
+        """The older version's counted contacts (the hash's mark decides)."""
+        fresh: list[tuple[bytes, Micros, list[str], int]] = []
+        """This version's counted contacts read past the cursor (counted with its move)."""
         counting = self.surge is not None
-        for _, fields in entries:
+        # the entries past the cursor: from ``first`` on (in order; all of them, as a rule)
+        first = len(entries)
+        if not claimed:
+            cursor = _order(self._cursor)
+            first = 0
+            while first < len(entries) and _order(entries[first][0]) <= cursor:
+                first += 1
+        for at, (_, read) in enumerate(entries):
+            fields: dict[bytes, bytes] = read
+            if read.__class__ is list:  # as read (``poll``): a flat list of fields and values
+                if (
+                    len(read) == 10 and read[5] == b"enqueued" and read[8] == b"keys"
+                    and read[6] == b"counted" and read[2] == b"contact_id"
+                ):  # intake.lua's counted event, its fields in its order: no dict made
+                    if counting and at >= first:
+                        received, *names = orjson.loads(read[9])
+                        fresh.append((read[3], received, names, int(read[7])))
+                    continue
+                fields = dict(zip(read[::2], read[1::2], strict=False))
             kind = fields.get(b"type")
             if kind == b"enqueued" and b"counted" in fields:
+                if not counting:
+                    continue
+                raw = fields.get(b"keys")
+                if raw is not None:
+                    if at >= first:
+                        received, *names = orjson.loads(raw)
+                        fresh.append((fields[b"contact_id"], received, names,
+                                      int(fields[b"counted"])))
+                    continue
                 raw = fields.get(b"surge")
-                if raw is not None and counting:
+                if raw is not None:
                     received, *names = orjson.loads(raw)
                     cid = fields[b"contact_id"].decode()
                     tagged.append(Tagged(cid, received, names, int(fields[b"counted"])))
@@ -414,9 +520,8 @@ class Aggregator:
             flags = await apply(self.queue, steps)
             # a redelivered batch counts none of its contacts for surges again
             contacts += [c for i, c in new.items() if flags[i]]
-        if tagged:  # the same for counted contacts: the first to take the mark counts them
-            # one plain HDEL a contact in one round trip: each is atomic on its own, and a
-            # script's call of the same HDEL cost Valkey three times as much
+        if tagged:  # an older version's counted contacts: the first to take the mark counts
+            # one plain HDEL a contact in one round trip: each is atomic on its own
             head = self.keys.contact_head  # Keys.contact, its head made once a batch
             marks = raise_errors(await self.queue.execute(
                 [["HDEL", head + t.contact_id, "surge"] for t in tagged]
@@ -426,9 +531,15 @@ class Aggregator:
         day_ago = now - DAY_S * MICROS_PER_SECOND
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_repeats, "-inf", day_ago])
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_breaches, "-inf", day_ago])
-        if entries:  # the surges of this batch are marked counted: a redelivery adds none
+        if claimed and entries:  # the surges of this batch are marked counted
             extra.append(["XACK", self.keys.events, GROUP, *[e for e, _ in entries]])
-        raise_errors(await self.queue.execute(extra))
+        if first < len(entries):
+            tally = self.surge.tally(fresh) if fresh and self.surge is not None else None
+            moved = await self._advance(entries[-1][0], len(entries) - first, tally, extra)
+            if moved and tally is not None and tally.repeats and self.surge is not None:
+                await self.surge.repeats_of([_text(cid) for cid in tally.repeats])
+        else:
+            raise_errors(await self.queue.execute(extra))
         if self.surge is not None and (contacts or tagged):
             tagged += [
                 Tagged(c.id, c.received_at, self.surge.keys_of(c), c.repeat.count)
@@ -436,6 +547,66 @@ class Aggregator:
             ]
             await self.surge.count_tagged(tagged, {c.id: c for c in contacts})
         self.processed += len(entries)
+
+    async def _advance(
+        self, last: Any, read: int, tally: Tally | None, before: list[list[Any]]
+    ) -> bool:
+        """Move the cursor to ``last`` (``read`` entries past it) and write ``tally`` (the
+        surge keys of the new contacts past it), in one ``advance.lua`` call after the plain
+        commands ``before`` (one round trip); False when another reader moved the cursor
+        first (then nothing of it is written, and the cursor is taken again from Redis)."""
+        last = last.encode() if isinstance(last, str) else bytes(last)
+        entries_read = None if self._entries_read is None else self._entries_read + read
+        k = self.keys
+        keys: list[Any] = [k.events, k.agg_cursor, k.surge_first]
+        args: list[Any] = [
+            GROUP, self._base, last, "" if entries_read is None else entries_read,
+            CURSOR_TTL_S,
+        ]
+        if tally is not None and self.surge is not None:
+            minutes = sorted({m for m, _ in tally.counted})
+            number = {m: i for i, m in enumerate(minutes, start=1)}
+            keys += [k.surge_bucket(m) for m in minutes]
+            args += [self.surge.ttl_s, SAMPLES_TTL_S, tally.first or "", len(minutes), SAMPLES]
+            for (minute, key), ids in tally.counted.items():
+                samples = ids[-SAMPLES:]
+                keys.append(k.surge_samples(key, minute))
+                args += [number[minute], key, len(ids), len(samples), *samples]
+        else:
+            args += [0, SAMPLES_TTL_S, "", 0, SAMPLES]
+        (moved,) = raise_errors(
+            await self.queue.run_scripts("advance", [(keys, args)], before=before)
+        )
+        if not moved:
+            await self._load_cursor()
+            return False
+        self._cursor = last
+        self._entries_read = entries_read
+        self._base = last + b" " + (b"" if entries_read is None else str(entries_read).encode())
+        if entries_read is None:  # Redis may know it now (the group at the stream's end)
+            await self._load_entries_read()
+        return True
+
+    async def _load_entries_read(self) -> None:
+        """The group's entries-read counter at the cursor, when the group does not know it:
+        exact at the stream's end, or before its first entry (no entry ever deleted inside
+        it), else still unknown."""
+        (info,) = await self.queue.execute([["XINFO", "STREAM", self.keys.events]])
+        if isinstance(info, Exception):
+            return  # no stream yet
+        fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
+        added, length = fields.get(b"entries-added"), fields.get(b"length")
+        last, first = fields.get(b"last-generated-id"), fields.get(b"first-entry")
+        deleted = fields.get(b"max-deleted-entry-id") or b"0-0"
+        if added is None or length is None or last is None:
+            return
+        cursor = _order(self._cursor)
+        if cursor >= _order(last):
+            self._entries_read = int(added)
+        elif not first or (
+            cursor < _order(first[0]) and _order(deleted) < _order(first[0])
+        ):
+            self._entries_read = int(added) - int(length)
 
     async def _facts(
         self, ids: Iterable[str], parsed: list[tuple[str, str, dict[str, Any]]]
@@ -520,6 +691,13 @@ class Aggregator:
                 "1" if type_ == "enqueued" else "0",
             ],
         )
+
+
+def _order(entry_id: Any) -> tuple[int, int]:
+    """An entry id's order: (ms, sequence)."""
+    raw = entry_id.encode() if isinstance(entry_id, str) else bytes(entry_id)
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,170 @@
+"""The dashboard aggregator as one cursor reader (``XREAD`` after ``{p}:agg:cursor``, moved with
+``advance.lua``), beside the previous version during a rolling upgrade.
+
+The previous version (kept in ``data/``, as of 01aed18: ``aggregates_01aed18.py`` and
+``tests/queueing/data/intake_01aed18.lua``) reads ``{p}:events`` in the consumer group
+``gateway-aggregate`` on every instance; its ``intake.lua`` writes a new contact's surge keys
+in the ``enqueued`` event's field ``surge`` and a ``surge`` mark in the hash, which the first
+aggregator to ``HDEL`` it counts. This version's intake writes them in field ``keys`` with no
+mark, and one reader counts them with its cursor's move. Old and new scripts and readers on
+one Redis, in every order: each contact's surge keys count once, its volume once, and the
+group's position and entries-read counter follow the new reader (what the trimming and the
+backlog read)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.cases.dashboard.aggregates import GROUP, Aggregator, read_window
+from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
+from gateway.queueing.keys import AGG_BUCKET_TTL_S
+from gateway.queueing.store import Prepared, RedisQueue
+from gateway.records import Inbound, Sender
+from tests.cases.conftest import API
+from tests.cases.test_intake_counts import QUIET, surge_total
+
+DATA = Path(__file__).parent / "data"
+OLD_INTAKE = (Path(__file__).parents[1] / "queueing" / "data" / "intake_01aed18.lua").read_text()
+MINUTE = 60 * MICROS_PER_SECOND
+
+
+def _old_aggregator_class() -> Any:
+    path = DATA / "aggregates_01aed18.py"
+    spec = importlib.util.spec_from_file_location("aggregates_01aed18", path)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module.Aggregator
+
+
+def _inbound(name: str, received_at: int, n: int) -> Inbound:
+    return Inbound(
+        channel="sms", adapter="test", external_id=name, sender=Sender(f"+86139000011{n:02d}"),
+        recipient="12345", received_at=received_at, text="路灯坏了",
+    )
+
+
+async def _old_write(queue: RedisQueue, sha: str, p: Prepared) -> None:
+    """Write ``p`` as the previous version did (the same keys and arguments, its script)."""
+    own_keys, own = queue._encode(p, SYSTEM_CLOCK.now_us(), "2026-12-01T00:00:00.000000Z")
+    keys = [*queue._fixed, *own_keys]
+    args = [1, queue.dedupe_ttl, queue.repeat_window_s * MICROS_PER_SECOND, queue.retention_s,
+            AGG_BUCKET_TTL_S, len(own_keys), len(own), *own]
+    ((status, _, _),) = await queue.redis.evalsha(sha, len(keys), *keys, *args)
+    assert status == 1
+
+
+async def _group(gw: Any) -> dict[str, Any]:
+    (mine,) = [g for g in await gw.redis.xinfo_groups(gw.keys.events)
+               if g["name"] in (GROUP, GROUP.encode())]
+    return dict(mine)
+
+
+async def _calls(gw: Any, *names: str) -> dict[str, int]:
+    stats = await gw.redis.info("commandstats")
+    return {n: int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in names}
+
+
+async def test_old_and_new_intake_and_aggregators_count_each_contact_once(
+    start_gateway: Any,
+) -> None:
+    gw = await start_gateway(api=API, watcher=QUIET)
+    await gw.cases.aggregator.stop()  # driven here
+    queue, surge = gw.queue, gw.cases.surge
+    new = gw.cases.aggregator
+    old = _old_aggregator_class()(queue, SYSTEM_CLOCK, gw.settings.sla, "old-1", surge=surge)
+    await old.ensure_group()
+    await new.ensure_group()
+    sha = await gw.redis.script_load(OLD_INTAKE)
+    base = SYSTEM_CLOCK.now_us() // MINUTE * MINUTE
+    contacts = [gw.intake.prepare(_inbound(f"c{n}", base + n, n)) for n in range(8)]
+
+    async def write(p: Prepared, by_old: bool) -> None:
+        if by_old:
+            await _old_write(queue, sha, p)
+        else:
+            (receipt,) = await queue.write_batch([p])
+            assert receipt.created
+
+    # old and new instances write; an old aggregator reads first, then the new one
+    for n, p in enumerate(contacts[:4]):
+        await write(p, by_old=n % 2 == 0)
+    entries = await gw.redis.xrange(gw.keys.events)
+    assert [b"surge" in f for _, f in entries] == [True, False, True, False]
+    assert [b"keys" in f for _, f in entries] == [False, True, False, True]
+    await old.poll()  # takes the old contacts' marks: counts them; skips the new ones
+    assert await surge_total(gw) == 2
+    await new.poll()  # counts the new ones with its cursor; the old ones' marks are gone
+    assert await surge_total(gw) == 4
+    # now the new one first, then the old one (the group moved back by the new reader's SETID:
+    # the old one reads again what the new one read)
+    for n, p in enumerate(contacts[4:]):
+        await write(p, by_old=n % 2 == 1)
+    await new.poll()
+    assert await surge_total(gw) == 8
+    group = await _group(gw)  # where the new reader is, with the count the trimming reads
+    assert group["entries-read"] == await gw.redis.xlen(gw.keys.events) and group["lag"] == 0
+    await gw.redis.xgroup_setid(gw.keys.events, GROUP, "0")  # every entry handed out again
+    while await old.poll():
+        pass
+    assert await surge_total(gw) == 8
+    # the new reader given every entry again (at or before its cursor): nothing counts
+    await new.process(await gw.redis.xrange(gw.keys.events))
+    assert await surge_total(gw) == 8
+    counts = await read_window(gw.redis, gw.keys, base, base + MINUTE)
+    assert {k: v.volume for k, v in counts.items()} == {"sms": 8}
+    for p in contacts:  # no mark left behind: the old ones' taken, the new ones' never made
+        assert await gw.redis.hget(gw.keys.contact(p.id), "surge") is None
+    assert (await _group(gw))["pending"] == 0  # the old one acknowledged what it read
+
+
+async def test_a_batch_read_by_two_readers_counts_once(start_gateway: Any) -> None:
+    """Two readers from one cursor (a lease handed over while its old holder still reads):
+    the second's move finds the cursor moved, writes nothing, and reads on from there."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    await gw.cases.aggregator.stop()
+    one = gw.cases.aggregator
+    two = Aggregator(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "two", surge=gw.cases.surge)
+    await one.ensure_group()
+    await two.ensure_group()
+    base = SYSTEM_CLOCK.now_us()
+    for n in range(3):
+        await gw.intake.submit(_inbound(f"a{n}", base + n, n))
+    assert await one.poll() == 3
+    assert await two.poll() == 3  # read from the same place: its move is refused
+    assert await surge_total(gw) == 3
+    await gw.intake.submit(_inbound("a3", base + 3, 3))
+    assert await two.poll() == 1  # on from where the first one left the cursor
+    assert await one.poll() == 1  # its own cursor was behind: refused again, then on
+    assert await one.poll() == 0
+    assert await surge_total(gw) == 4
+
+
+async def test_new_contacts_cost_the_aggregator_no_command_of_their_own(
+    start_gateway: Any,
+) -> None:
+    """A batch of this version's new contacts: no HDEL a contact, no consumer group read or
+    acknowledgement (no pending list), one script call that moves the cursor and counts."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    aggregator = gw.cases.aggregator
+    await aggregator.stop()
+    await aggregator.ensure_group()
+    base = SYSTEM_CLOCK.now_us()
+    for n in range(20):
+        await gw.intake.submit(_inbound(f"n{n}", base + n, n))
+    names = ("hdel", "xack")
+    before = await _calls(gw, *names)
+    assert await aggregator.poll() == 20
+    assert await _calls(gw, *names) == before
+    assert await surge_total(gw) == 20
+    group = await _group(gw)
+    assert group["pending"] == 0 and group["lag"] == 0
+    assert group["entries-read"] == await gw.redis.xlen(gw.keys.events)
+    # the reader is no consumer of the group: nothing handed out to it, nothing pending
+    assert await gw.redis.xinfo_consumers(gw.keys.events, GROUP) == []
