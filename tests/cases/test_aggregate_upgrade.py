@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cases.dashboard.aggregates import GROUP, Aggregator, read_window
+from gateway.cases.dashboard.aggregates import GROUP, LEASE, Aggregator, read_window
 from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.keys import AGG_BUCKET_TTL_S
 from gateway.queueing.store import Prepared, RedisQueue
 from gateway.records import Inbound, Sender
+from gateway.testing import eventually
 from tests.cases.conftest import API
 from tests.cases.test_intake_counts import QUIET, surge_total
 
@@ -168,3 +169,29 @@ async def test_new_contacts_cost_the_aggregator_no_command_of_their_own(
     assert group["entries-read"] == await gw.redis.xlen(gw.keys.events)
     # the reader is no consumer of the group: nothing handed out to it, nothing pending
     assert await gw.redis.xinfo_consumers(gw.keys.events, GROUP) == []
+
+
+async def test_one_instance_of_a_fleet_reads_and_another_takes_over(start_gateway: Any) -> None:
+    """Lease ``aggregate``: one of two instances reads; when it stops, the other reads on from
+    the cursor, and every contact counts once."""
+    one = await start_gateway(api=API, watcher=QUIET)
+    two = await start_gateway(api=API, watcher=QUIET)
+    base = SYSTEM_CLOCK.now_us()
+
+    async def counted(n: int) -> bool:
+        return await surge_total(one) == n
+
+    for n in range(3):
+        await one.intake.submit(_inbound(f"f{n}", base + n, n))
+    await eventually(lambda: counted(3))
+    holders = [gw for gw in (one, two) if LEASE in gw.leases.held]
+    assert len(holders) == 1
+    (reader,) = holders
+    other = two if reader is one else one
+    await reader.cases.aggregator.stop()  # its lease released: the other takes over
+    for n in range(3, 6):
+        await other.intake.submit(_inbound(f"f{n}", base + n, n))
+    await eventually(lambda: counted(6))
+    assert LEASE in other.leases.held and LEASE not in reader.leases.held
+    counts = await read_window(one.redis, one.keys, base - MINUTE, base + MINUTE)
+    assert {k: v.volume for k, v in counts.items()} == {"sms": 6}
