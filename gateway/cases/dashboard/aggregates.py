@@ -39,10 +39,11 @@ counts it. An ``enqueued`` event without ``counted`` (older still) takes the old
 contact is read, decoded and stepped here.
 
 The loop reads at most ``batch`` (200) events at a time, and waits ``pause_s`` (250 ms) after
-a batch that was not full: a batch of new contacts holds the event loop for about 2 ms, a
-batch of outcome-moving events is stepped 50 at a time, and the reader polls a few times a
-second, not dozens (each poll that finds events is one write, an fsync of the append-only
-file under ``appendfsync always``, which the intake writes queue behind).
+a batch that was not full: a full batch of new contacts holds the event loop for 1-2 ms
+(median, bench/aggregator_bench.py), a batch of outcome-moving events is stepped 50 at a
+time, and the reader polls a few times a second, not dozens (each poll that finds events is
+one write, an fsync of the append-only file under ``appendfsync always``, which the intake
+writes queue behind).
 
 Breaches are counted when the deadline watcher writes them (within its interval of the
 deadline), where ``gateway report`` also counts a deadline passed with nothing as breached.
