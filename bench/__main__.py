@@ -12,6 +12,7 @@ defaults: use those for figures written in docs/performance.md. Not in the set, 
 length or their purpose: ``fleet_soak`` and ``restart_bench`` (kill -9 soaks,
 docs/reliability.md), ``contract_fuzz`` (schemathesis over the API), ``intake_calls``
 (function calls per contact under cProfile), ``valkey_cost`` (Valkey under callgrind),
+``gateway_cost`` (the HTTP intake server's instructions a request, under callgrind),
 ``voice_stages`` (where a paced call's time goes, stage by stage), and the long
 ``soak_mixed`` runs (the set runs 30 seconds of it).
 """

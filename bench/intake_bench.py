@@ -74,6 +74,11 @@ def gateway_classes() -> tuple[Any, Any]:
     return parse_settings, Gateway
 
 
+SETTINGS: dict[str, dict[str, Any]] = {}
+"""Settings a bench adds to the gateway's (``bench/gateway_cost.py``: no overload bounds and
+a long write timeout, for a gateway run under valgrind), merged section by section."""
+
+
 def serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any, src: str = "") -> None:
     import sys
 
@@ -102,18 +107,19 @@ async def _serve(kind: str, port: int, redis_url: str, prefix: str, ready: Any) 
     if kind.startswith("gateway"):
         parse_settings, Gateway = gateway_classes()
 
-        settings, configs = parse_settings(
-            {
-                "gateway": {"data_dir": tempfile.mkdtemp(prefix="bench-gw-"), "instance": "bench"},
-                "redis": {
-                    "url": redis_url,
-                    "prefix": prefix,
-                    "max_batch": 1 if kind == "gateway-unbatched" else 256,
-                },
-                "http": {"listen": f"{HOST}:{port}"},
-                "api": {"open_to_loopback": True},
-            }
-        )
+        raw: dict[str, dict[str, Any]] = {
+            "gateway": {"data_dir": tempfile.mkdtemp(prefix="bench-gw-"), "instance": "bench"},
+            "redis": {
+                "url": redis_url,
+                "prefix": prefix,
+                "max_batch": 1 if kind == "gateway-unbatched" else 256,
+            },
+            "http": {"listen": f"{HOST}:{port}"},
+            "api": {"open_to_loopback": True},
+        }
+        for section, values in SETTINGS.items():
+            raw.setdefault(section, {}).update(values)
+        settings, configs = parse_settings(raw)
         gateway = Gateway(settings, configs)
         await gateway.start()
         try:  # what `gateway serve` does after its start (an older tree may not have it)
