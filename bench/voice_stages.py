@@ -11,11 +11,13 @@ report each call's time from before its connect to the socket's close. Each call
   backlog, the close reaching the caller, the callers' own process);
 - ``header``: accept to the intake script's start (the header block's bytes, the session task);
 - ``prepare``: the script's start to ``Intake.submit`` (the contact built from the headers);
-- ``to batch``: submit to the coalescer's batch task running (a call_soon, a task);
-- ``encode``: the batch task to the link's write (encoding, packing, the link's peek);
+- ``to batch``: submit to the coalescer's batch task running (a call_soon, a task), or to
+  the batch written from the session's own step (``start_batch``: about 0);
+- ``encode``: the batch's start to the link's write (encoding, packing, the link's peek);
 - ``valkey``: the write to the reply's bytes read (Valkey's work and fsync, the scheduling
   of Valkey and of this process);
-- ``wake``: the reply read to the batch task resumed;
+- ``wake``: the reply read to the batch task resumed (or to the reply's callback answering
+  a batch written from the session's step);
 - ``answer``: the batch's results back to the session (futures, the receipt);
 - ``mset``: the receipt to ``EXEC MSet`` written (channel variables, the command);
 - ``mset rtt``: MSet written to its reply read (the caller's process);
@@ -60,12 +62,14 @@ class Hooks:
         self.batches: list[tuple[float, int]] = []
         self.side: list[tuple[float, float]] = []
         """The other link sends (aggregator, surge...): when written, how long to the reply."""
+        self.direct = 0
+        """Batches written from the session's own step (``RedisQueue.start_batch``)."""
         self.on = False
 
     def install(self) -> None:
         from gateway.channels.voice import intake as voice_intake
         from gateway.channels.voice import server as voice_server
-        from gateway.queueing import batching, link
+        from gateway.queueing import batching, link, store
         from gateway.queueing import intake as queue_intake
 
         hooks = self
@@ -119,29 +123,74 @@ class Hooks:
         batching.Coalescer._run = batch_run  # type: ignore[method-assign]
 
         send = link.Link.send
+        start = link.Link.start
         received = link.Link.data_received
 
-        async def link_send(self: Any, payload: bytes, count: int) -> Any:
+        def link_start(self: Any, payload: bytes, count: int, answer: Any) -> None:
             recs = _BATCH.get()
             t = now()
-            try:
-                return await send(self, payload, count)
-            finally:
+
+            def answered(replies: Any, error: Any) -> None:
                 t2 = now()
                 if recs:
                     for r in recs:
                         r["write"] = t
                         r["reply"] = getattr(self, "_stage_in", t2)
-                        r["woke"] = t2
                 elif hooks.on:
                     hooks.side.append((t, t2 - t))
+                answer(replies, error)
+
+            start(self, payload, count, answered)
+
+        async def link_send(self: Any, payload: bytes, count: int) -> Any:
+            recs = _BATCH.get()
+            try:
+                return await send(self, payload, count)
+            finally:
+                t2 = now()
+                for r in recs or ():
+                    r["woke"] = t2  # the batch task resumed
 
         def link_received(self: Any, data: bytes) -> None:
             self._stage_in = now()
             received(self, data)
 
+        link.Link.start = link_start  # type: ignore[method-assign]
         link.Link.send = link_send  # type: ignore[method-assign]
         link.Link.data_received = link_received  # type: ignore[method-assign]
+
+        # a lone contact's batch, written from the session's own step (no batch task)
+        start_batch = store.RedisQueue.start_batch
+
+        def direct(self: Any, batch: list[Any], answer: Any, **kw: Any) -> bool:
+            rec = _CALL.get()
+            found = [rec] if rec is not None else []
+            t = now()
+
+            def answered(results: Any, error: Any) -> None:
+                t2 = now()
+                for r in found:
+                    r["woke"] = t2  # no task to wake: the reply's callback answers
+                answer(results, error)
+                t3 = now()
+                for r in found:
+                    r["results"] = t3
+
+            token = _BATCH.set(found)
+            try:
+                started = start_batch(self, batch, answered, **kw)
+            finally:
+                _BATCH.reset(token)
+            if started:
+                for r in found:
+                    r["batch"] = t
+                    r["size"] = 1
+                if hooks.on:
+                    hooks.batches.append((t, 1))
+                    hooks.direct += 1
+            return started
+
+        store.RedisQueue.start_batch = direct  # type: ignore[method-assign]
 
         set_variables = voice_intake.set_variables
 
@@ -354,7 +403,8 @@ def report(rows: list[tuple[float, dict[str, float]]], hooks: Hooks) -> None:
     if sizes:
         print(f"batches: {len(sizes)}, contacts a batch mean {statistics.fmean(sizes):.2f}, "
               f"max {max(sizes)}; calls in a batch of more than one: "
-              f"{sum(n for n in sizes if n > 1)} of {sum(sizes)}")
+              f"{sum(n for n in sizes if n > 1)} of {sum(sizes)}; written from the "
+              f"session's own step (no batch task): {hooks.direct}")
     if hooks.side:
         rtts = [d * 1000 for _, d in hooks.side]
         print(f"other sends on the links (aggregator, surge...): {len(rtts)}, round trip p50 "

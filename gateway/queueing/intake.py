@@ -78,6 +78,10 @@ class Intake:
             # one deadline per batch (from its oldest contact's submit), not one per caller
             timeout=write_timeout_s,
             orphan=self._orphaned,
+            # a contact submitted while no batch is in flight is written from the submitter's
+            # own step and answered from the link's reply callback (no batch task, no
+            # hand-offs: at low and moderate rates every contact; store.start_batch)
+            start=functools.partial(queue.start_batch, limited=True),
         )
         self.stall_after_s = 30.0
         """A spool that Redis answers for but that has not drained for this long fails
@@ -120,6 +124,10 @@ class Intake:
         common case (a new contact written in time) runs in the caller's task, with no task,
         shield or timeout of its own: the coalescer's batch has the one deadline
         (``write_timeout``); only the slower outcomes (spool, duplicate lookup) get a task.
+        While no batch is in flight the contact's batch is even written from this step
+        (``RedisQueue.start_batch``), in one ``write`` before the first wait, and its
+        outcome comes from the link's reply callback: a caller that gives up after that
+        cuts nothing, its outcome is settled as a batch task's would be.
         """
         series = self.metrics.intake(inbound.channel, inbound.adapter)
         series.received.inc()

@@ -31,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -48,6 +50,11 @@ _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 """``usable``'s flags, combined once (each ``|`` of the two ``IntFlag`` members is three
 Python calls of ``enum``: about 1 us a batch sent while the link was idle)."""
 
+Answer = Callable[[list[Any] | None, Exception | None], None]
+"""Where a batch's outcome goes (``Link.start``): ``(replies, None)`` once they have all come,
+error replies as values, or ``(None, error)`` when its outcome is unknown. Called once, from
+the link's callbacks (never from ``start`` itself); it must not raise."""
+
 
 class Link(asyncio.Protocol):
     """One connection for pipelined command batches (see the module's docstring)."""
@@ -58,11 +65,15 @@ class Link(asyncio.Protocol):
         self.read_timeout = read_timeout
         self._old: asyncio.BaseProtocol | None = None
         self._reader = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
-        self._waiting: collections.deque[
-            tuple[int, list[Any], asyncio.Future[list[Any]], float]
-        ] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        """Kept: on Python 3.11 each ``asyncio.get_running_loop()`` is a ``getpid`` system
+        call (its check that the process has not forked)."""
+        self._waiting: collections.deque[tuple[int, list[Any], Answer, float]] = (
+            collections.deque()
+        )
         """Batches sent and not fully answered, in order: their command count, the replies
-        read so far, the caller's future and when the batch was sent (the loop's clock)."""
+        read so far, where their outcome goes and when the batch was sent (the loop's
+        clock)."""
         self._watch: asyncio.TimerHandle | None = None
         """The one timer that enforces ``read_timeout``: due when the oldest batch waiting
         was sent plus ``read_timeout`` (or earlier), armed while batches wait."""
@@ -122,39 +133,57 @@ class Link(asyncio.Protocol):
 
     async def send(self, payload: bytes, count: int) -> list[Any]:
         """Write ``payload`` (``count`` packed commands) and return its ``count`` replies,
-        error replies as values; raise for the batch when its outcome is unknown."""
+        error replies as values; raise for the batch when its outcome is unknown.
+
+        A caller that gives up (its batch's deadline) has its wait cancelled: its replies,
+        which still come in order, are read and dropped; the link stays open for the batches
+        behind it, each under its own deadline. (Closing it then failed every batch in flight
+        whenever one was late: under load, a spool storm.)"""
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        self.start(payload, count, functools.partial(_settle, future))
+        return await future
+
+    def start(self, payload: bytes, count: int, answer: Answer) -> None:
+        """Write ``payload`` (``count`` packed commands) now, without a wait: ``answer`` gets
+        its outcome once it is known, from the link's own callbacks (the replies' bytes
+        arriving, the read timeout, the connection's end), with no task or future between
+        (``send`` awaits it; Intake's lone batch is written from its submitter's own step:
+        ``RedisQueue.start_batch``). Raise, with ``answer`` never called, when the link is
+        closed or the write fails (the link is closed then)."""
         if self.closed:
             raise RedisConnectionError("Connection closed by server.")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        sent = loop.time()
-        self._waiting.append((count, [], future, sent))
+        sent = self._loop.time()
+        self._waiting.append((count, [], answer, sent))
         if self._watch is None:  # else it is due by the oldest batch's bound, earlier
-            self._watch = loop.call_at(sent + self.read_timeout, self._check)
+            self._watch = self._loop.call_at(sent + self.read_timeout, self._check)
         try:
             self.transport.write(payload)
-            replies = await future
-        except asyncio.CancelledError:
-            # The caller gave up (its batch's deadline): its future is cancelled, so its
-            # replies, which still come in order, are read and dropped; the link stays open
-            # for the batches behind it, each under its own deadline. (Closing it here failed
-            # every batch in flight whenever one was late: under load, a spool storm.)
-            raise
-        except BaseException:  # lost, or no reply within read_timeout: nobody can tell what ran
+        except BaseException:
+            self._waiting.pop()  # nobody will answer it: the caller has the error
             self.close()
             raise
-        for reply in replies:  # what redis-py's read_response raises instead of returning
+
+    def _answer(self, answer: Answer, replies: list[Any]) -> None:
+        """A batch's replies have all come: what redis-py's ``read_response`` raises instead of
+        returning fails the batch (and closes the link: the connection's, not the batch's
+        errors); server errors that concern a command are values."""
+        error: Exception | None = None
+        for reply in replies:
             if isinstance(reply, Exception):
                 if not isinstance(reply, ResponseError):  # LOADING, NOAUTH...: the connection's
-                    self.close()
-                    raise reply
+                    error = reply
+                    break
                 if self._sentinel_master and isinstance(reply, ReadOnlyError):
-                    self.close()
-                    raise RedisConnectionError("The previous master is now a slave")
+                    error = RedisConnectionError("The previous master is now a slave")
+                    break
             elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
-                self.close()
-                raise reply[0]
-        return replies
+                error = reply[0]
+                break
+        if error is None:
+            answer(replies, None)
+            return
+        self.close()
+        answer(None, error)
 
     def _check(self) -> None:
         """``read_timeout``: the oldest batch waiting has had no whole answer for that long
@@ -166,15 +195,14 @@ class Link(asyncio.Protocol):
         self._watch = None
         if self.closed or not self._waiting:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         due = self._waiting[0][3] + self.read_timeout
         if loop.time() < due:
             self._watch = loop.call_at(due, self._check)
             return
-        future = self._waiting.popleft()[2]
-        if not future.done():
-            future.set_exception(TimeoutError(f"no reply from Redis in {self.read_timeout} s"))
+        answer = self._waiting.popleft()[2]
         self.close()
+        answer(None, TimeoutError(f"no reply from Redis in {self.read_timeout} s"))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -185,12 +213,13 @@ class Link(asyncio.Protocol):
                 reply = reader.gets()
                 if reply is _MORE:
                     return
-                count, replies, future, _ = waiting[0]
+                count, replies, answer, _ = waiting[0]
                 replies.append(reply)
                 if len(replies) == count:
                     waiting.popleft()
-                    if not future.done():
-                        future.set_result(replies)
+                    self._answer(answer, replies)
+                    if self.closed:  # a connection's error reply: every batch behind it failed
+                        return
         except hiredis.ProtocolError as exc:
             self._fail(RedisConnectionError(f"Protocol error from Redis: {exc}"))
             return
@@ -211,9 +240,8 @@ class Link(asyncio.Protocol):
     def _fail(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, collections.deque()
         self.close()
-        for _, _, future, _ in waiting:
-            if not future.done():
-                future.set_exception(error)
+        for _, _, answer, _ in waiting:
+            answer(None, error)
 
     def close(self) -> None:
         """Close the connection; every batch still waiting on it fails."""
@@ -232,6 +260,18 @@ class Link(asyncio.Protocol):
             closer()
         if self._waiting:
             self._fail(RedisConnectionError("Connection closed"))
+
+
+def _settle(
+    future: asyncio.Future[list[Any]], replies: list[Any] | None, error: Exception | None
+) -> None:
+    """``Link.send``'s answer: its caller's future (left alone once the caller gave up)."""
+    if future.done():
+        return
+    if error is not None or replies is None:
+        future.set_exception(error or RuntimeError("a batch without replies"))
+    else:
+        future.set_result(replies)
 
 
 class Lane:

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.adapters import InvalidContact, RateLimited, load_media
@@ -256,6 +257,40 @@ _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
+@dataclass(slots=True)
+class _Written:
+    """A batch encoded for the intake script (``RedisQueue._batch``) and how its replies read."""
+
+    encoded: list[tuple[list[Any], list[Any]]]
+    invalid: dict[int, InvalidContact]
+    before: list[list[Any]]
+    enqueued_at: Micros
+
+    def results(
+        self, replies: list[Any]
+    ) -> list[WriteResult | ResponseError | InvalidContact | RateLimited]:
+        """One result per contact from the script calls' replies (``before``'s taken off)."""
+        replies = _per_contact(replies, len(self.encoded)) if self.encoded else []
+        if self.invalid:
+            for n in sorted(self.invalid):
+                replies.insert(n, self.invalid[n])
+        results: list[WriteResult | ResponseError | InvalidContact | RateLimited] = []
+        enqueued_at = self.enqueued_at
+        for reply in replies:
+            if isinstance(reply, (ResponseError, InvalidContact)):
+                results.append(reply)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            created, contact_id, count = reply
+            if created == 2:
+                results.append(RateLimited(int(contact_id) / 1000))
+                continue
+            cid = contact_id.decode() if isinstance(contact_id, bytes) else str(contact_id)
+            results.append(WriteResult(bool(created), cid, int(count), enqueued_at))
+        return results
+
+
 class RedisQueue:
     """Writes contacts and events with server-side scripts; every key under one hash tag."""
 
@@ -319,6 +354,8 @@ class RedisQueue:
         ``load_scripts`` (again by a batch that finds it closed); none on a cluster client (its
         pipeline routes by slot) or with ``min_replicas``."""
         self._linked = hasattr(client, "connection_pool")
+        self._retries: set[asyncio.Task[Any]] = set()
+        """``start_batch``'s second tries under way (held: a task nobody holds may vanish)."""
         self._side = Lane()
         """The connection of ``execute``'s plain commands (the dashboard's aggregator, the
         surge counters, the watcher's lookups), opened by the first: their replies parsed in
@@ -471,9 +508,104 @@ class RedisQueue:
         """
         if not self.pseudonyms.loaded:
             await self.load_pseudonym_key()
+        written = self._batch(batch, limited)
+        encoded, before = written.encoded, written.before
+        replies = (
+            await self.run_scripts(
+                "intake", self._script_calls(encoded), replicated=True, before=before,
+                link=True,
+            )
+            if encoded else []
+        )
+        return written.results(replies)
+
+    def start_batch(
+        self,
+        batch: list[Prepared],
+        answer: Callable[
+            [list[WriteResult | ResponseError | InvalidContact | RateLimited] | None,
+             Exception | None],
+            None,
+        ],
+        *,
+        limited: bool = False,
+    ) -> bool:
+        """``write_batch`` without a wait, when nothing has to be awaited first: the batch
+        encoded and written on the intake link now, in the caller's step, and ``answer(results,
+        None)`` or ``answer(None, error)`` called once, from the link's callback when the
+        replies have come (the coalescer's lone batch: ``Coalescer``'s ``start``). The same
+        commands and outcomes as ``write_batch``; a reply that the script is not loaded (a
+        restarted server) loads it and runs the batch again, as ``run_scripts`` does, in a
+        task. False, having done nothing, when something has to be awaited first (the link
+        to open or found closed, the scripts or the pseudonym key to load), with
+        ``redis.min_replicas`` (a ``WAIT`` holds a pooled connection) or on a cluster: the
+        caller then awaits ``write_batch``. Raises as the link's write does."""
+        if not (self._linked and self._shas and self.pseudonyms.loaded) or self.min_replicas:
+            return False
+        link = self._link.ready()
+        if link is None:
+            return False
+        written = self._batch(batch, limited)
+        if not written.encoded:
+            return False
+        sha = self._shas["intake"]
+        commands = [
+            *written.before,
+            *(["EVALSHA", sha, len(keys), *keys, *args]
+              for keys, args in self._script_calls(written.encoded)),
+        ]
+
+        def replied(replies: list[Any] | None, error: Exception | None) -> None:
+            if error is not None or replies is None:
+                answer(None, error or RuntimeError("a batch without replies"))
+                return
+            try:
+                for reply in replies[: len(written.before)]:
+                    if isinstance(reply, Exception):
+                        raise reply
+                del replies[: len(written.before)]
+                if any(isinstance(r, NoScriptError) for r in replies):
+                    self._shas = {}  # the server restarted: load again and rerun (idempotent)
+                    self._again(self.write_batch(batch, limited=limited), answer)
+                    return
+                results = written.results(replies)
+            except Exception as exc:
+                answer(None, exc)
+                return
+            answer(results, None)
+
+        link.start(pack_commands(commands), len(commands), replied)
+        return True
+
+    def _again(
+        self,
+        work: Coroutine[Any, Any, list[WriteResult | ResponseError | InvalidContact | RateLimited]],
+        answer: Callable[
+            [list[WriteResult | ResponseError | InvalidContact | RateLimited] | None,
+             Exception | None],
+            None,
+        ],
+    ) -> None:
+        """``start_batch``'s rare second try, in a task of its own, answered when it ends."""
+        task = asyncio.ensure_future(work)
+        self._retries.add(task)
+
+        def ended(done: asyncio.Task[Any]) -> None:
+            self._retries.discard(done)
+            if done.cancelled():
+                answer(None, RedisConnectionError("the batch's second try was cancelled"))
+            elif (exc := done.exception()) is not None:
+                answer(None, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            else:
+                answer(done.result(), None)
+
+        task.add_done_callback(ended)
+
+    def _batch(self, batch: list[Prepared], limited: bool) -> _Written:
+        """A batch's script calls, encoded: the contacts that cannot be encoded set apart, the
+        plain commands that go first (``held``'s ``HSET``s)."""
         enqueued_at = self.clock.now_us()
         enqueued = format_time(enqueued_at)
-        results: list[WriteResult | ResponseError | InvalidContact | RateLimited] = []
         encoded: list[tuple[list[Any], list[Any]]] = []
         invalid: dict[int, InvalidContact] = {}
         for n, p in enumerate(batch):
@@ -488,32 +620,7 @@ class RedisQueue:
                 for name, value in p.held[1].items():
                     fields += (name, value)
         before = [["HSET", key, *fields] for key, fields in held.items()]
-        replies = (
-            _per_contact(
-                await self.run_scripts(
-                    "intake", self._script_calls(encoded), replicated=True, before=before,
-                    link=True,
-                ),
-                len(encoded),
-            )
-            if encoded else []
-        )
-        if invalid:
-            for n in sorted(invalid):
-                replies.insert(n, invalid[n])
-        for reply in replies:
-            if isinstance(reply, (ResponseError, InvalidContact)):
-                results.append(reply)
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            created, contact_id, count = reply
-            if created == 2:
-                results.append(RateLimited(int(contact_id) / 1000))
-                continue
-            cid = contact_id.decode() if isinstance(contact_id, bytes) else str(contact_id)
-            results.append(WriteResult(bool(created), cid, int(count), enqueued_at))
-        return results
+        return _Written(encoded, invalid, before, enqueued_at)
 
     async def run_scripts(
         self,

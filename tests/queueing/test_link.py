@@ -122,9 +122,11 @@ async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
     assert link is not None
     await redis_client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
     try:
-        items = [inbound(f"k{i}") for i in range(40)]  # two batches
+        # three batches: the first contact alone (the link was idle: written from its
+        # submitter's own step), the 39 submitted meanwhile in two (max_batch)
+        items = [inbound(f"k{i}") for i in range(40)]
         tasks = [asyncio.ensure_future(gw.intake.submit(i)) for i in items]
-        await eventually(lambda: len(link._waiting) == 2)  # two batches sent, held by the pause
+        await eventually(lambda: len(link._waiting) == 3)  # all sent, held by the pause
         await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         receipts = await asyncio.gather(*tasks)
     finally:
@@ -136,6 +138,24 @@ async def test_every_batch_in_flight_on_a_link_killed_mid_write_is_settled_once(
     assert sorted(c.external_id for c in contacts) == sorted(expected)
     by_external = {c.external_id: c.id for c in contacts}
     assert [by_external[i.external_id] for i in items] == [r.contact_id for r in receipts]
+
+
+async def test_a_lone_contact_is_written_in_its_submitters_own_step(start_gateway):
+    """Nothing in flight: the contact is encoded and written on the link by the submitting
+    task itself, before it first waits (no batch task, no turns of the loop between: at low
+    and moderate rates every contact), and answered from the link's reply callback."""
+    gw = await start_gateway()
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    await asyncio.sleep(0)  # the warm-up batch's end seen
+    link = gw.queue._link.link
+    assert link is not None and not link._waiting
+    submitting = asyncio.ensure_future(gw.intake.submit(inbound("lone")))
+    await asyncio.sleep(0)  # the submitter's first step, and nothing else
+    assert len(link._waiting) == 1
+    receipt = await submitting
+    assert receipt.status == "enqueued"
+    [contact] = [c for c in await gw.read_contacts() if c.external_id == "lone"]
+    assert contact.id == receipt.contact_id
 
 
 async def test_a_contact_is_sent_while_earlier_batches_wait_on_redis(start_gateway, redis_client):
