@@ -175,7 +175,7 @@ class _Connection(AgiStream, asyncio.Protocol):
         self.waiting_since = time.monotonic()
         try:
             while len(self.buffer) == size and not self._ended():
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self.server.loop.create_future()
                 await self._waiter
         finally:
             self._waiter = None
@@ -270,12 +270,16 @@ class FastAgiServer:
         """Open sessions against ``[limits] max_connections``: over it a connection is closed
         at once, before its header block is read (the dialplan's fail path queues the call)."""
         self._server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop
+        """The loop it serves on (set by ``start``), kept: on Python 3.11 each
+        ``asyncio.get_running_loop()`` is a ``getpid`` system call, and a session took three."""
         self._sessions: dict[asyncio.Task[None], _Connection] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions_total = 0
 
     async def start(self) -> None:
         """Listen; ``port`` holds the bound port afterwards (``0`` picks a free one)."""
+        self.loop = asyncio.get_running_loop()
         self._server = await create_listener(
             lambda: _Connection(self), self.host, self.port, backlog=1024
         )
@@ -321,7 +325,7 @@ class FastAgiServer:
             conn.close()
             return
         conn.started = time.monotonic()
-        task = conn.task = asyncio.get_running_loop().create_task(self._run(conn))
+        task = conn.task = self.loop.create_task(self._run(conn))
         self._sessions[task] = conn
 
     async def _run(self, conn: _Connection) -> None:
