@@ -180,10 +180,10 @@ class Link(asyncio.Protocol):
                 error = reply[0]
                 break
         if error is None:
-            answer(replies, None)
+            _call(answer, replies, None)
             return
         self.close()
-        answer(None, error)
+        _call(answer, None, error)
 
     def _check(self) -> None:
         """``read_timeout``: the oldest batch waiting has had no whole answer for that long
@@ -202,7 +202,7 @@ class Link(asyncio.Protocol):
             return
         answer = self._waiting.popleft()[2]
         self.close()
-        answer(None, TimeoutError(f"no reply from Redis in {self.read_timeout} s"))
+        _call(answer, None, TimeoutError(f"no reply from Redis in {self.read_timeout} s"))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -241,7 +241,7 @@ class Link(asyncio.Protocol):
         waiting, self._waiting = self._waiting, collections.deque()
         self.close()
         for _, _, answer, _ in waiting:
-            answer(None, error)
+            _call(answer, None, error)
 
     def close(self) -> None:
         """Close the connection; every batch still waiting on it fails."""
@@ -260,6 +260,15 @@ class Link(asyncio.Protocol):
             closer()
         if self._waiting:
             self._fail(RedisConnectionError("Connection closed"))
+
+
+def _call(answer: Answer, replies: list[Any] | None, error: Exception | None) -> None:
+    """An answer that raises (a defect) is logged, not raised into the transport's callback,
+    where it would end the connection and every batch on it."""
+    try:
+        answer(replies, error)
+    except Exception:
+        log.exception("intake link: a batch's answer failed")
 
 
 def _settle(

@@ -337,3 +337,23 @@ async def test_plain_commands_share_a_connection_of_their_own(start_gateway, red
     assert await queue.execute([["GET", key]]) == [b"ab"]
     assert queue._side.link is not side and side.closed
     assert (await gw.intake.submit(inbound("after"))).status == "enqueued"
+
+
+async def test_an_answer_that_raises_does_not_end_the_link(start_gateway, caplog):
+    """A batch's answer runs in the link's reply callback (``Link.start``): one that raises (a
+    defect) is logged, and the link and the batches behind it go on (raised into the
+    transport's callback, it ended the connection and failed every batch on it)."""
+    from gateway.queueing.store import pack_commands
+
+    gw = await start_gateway()
+    assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
+    link = gw.queue._link.link
+    assert link is not None
+
+    def broken(replies: object, error: object) -> None:
+        raise RuntimeError("a defect")
+
+    link.start(pack_commands([["PING"]]), 1, broken)
+    behind = await link.send(pack_commands([["ECHO", "behind"]]), 1)
+    assert behind == [b"behind"] and not link.closed
+    assert "a batch's answer failed" in caplog.text
