@@ -592,7 +592,7 @@ class Aggregator:
         """The group's entries-read counter at the cursor, when the group does not know it:
         exact at the stream's end, or before its first entry (no entry ever deleted inside
         it), else still unknown."""
-        (info,) = await self.queue.execute([["XINFO", "STREAM", self.keys.events]])
+        (info,) = await self.queue.execute([["XINFO", "STREAM", self.keys.events]], pooled=True)
         if isinstance(info, Exception):
             return  # no stream yet
         fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
