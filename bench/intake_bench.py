@@ -242,7 +242,13 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
     server = EmbeddedRedis(tmp / "always", appendfsync="always")
     server.start_sync()
     kinds: tuple[str, ...] = ("plain", "xadd", "gateway-unbatched", "gateway")
-    targets = {k: Target(k, server.url, f"b-{k}") for k in kinds}
+    # with --before, this tree's gateways are loaded the way the older one is (modules from
+    # the tree's folder, this environment's adapter plugins off): only the trees differ
+    this = str(Path(__file__).resolve().parent.parent) if before else ""
+    targets = {
+        k: Target(k, server.url, f"b-{k}", this if k.startswith("gateway") else "")
+        for k in kinds
+    }
     if before:
         kinds += ("gateway-before",)
         targets["gateway-before"] = Target("gateway-before", server.url, "b-before", before)
