@@ -1,4 +1,4 @@
-"""The gateway's own work per contact in instructions (callgrind): a figure the machine's load
+"""The gateway's own work per contact in instructions (callgrind): a count the machine's load
 does not move.
 
 On the shared 2-core machines the server's CPU time per request moves by a factor of two and
@@ -16,14 +16,17 @@ shared by its contacts. ``raw`` is the floor: the same 202 from a bare ``asyncio
 on uvloop (``RawHttp``), so ``plain - raw`` is aiohttp's own work per request.
 
     .venv/bin/python -m bench.gateway_cost                        # about 3 minutes
-    .venv/bin/python -m bench.gateway_cost --before DIR --rounds 2
+    .venv/bin/python -m bench.gateway_cost --before DIR --rounds 2  # about 6 minutes
 
 ``--before DIR``: a source tree holding an older ``gateway`` package (``git archive <commit>
 | tar -x -C DIR``), measured the same way in its own process on the same Valkey, in
-alternating order. Under callgrind a server runs 30-60 times slower, so each request waits
-longer in the server, and the batches can grow past those the real bench makes at its peak
-(about 14 contacts with ``intake_bench``'s 64 connections): the batch is printed; compare
-trees at the same ``--connections``. Needs ``valgrind`` (callgrind) on the path.
+alternating order. Under callgrind a server runs 30-60 times slower and its batches come out
+smaller than the real bench's at its peak (4-8 contacts an ``EVALSHA`` against about 14 with
+``intake_bench``'s 64 connections), so a batch's fixed cost weighs more: the batch is printed;
+compare trees at the same ``--connections``. The count does not move with the machine's load,
+but a round's figure for the same code still moves by up to ~6 % (the batches, and the idle
+work taken off, 12-34 % of the count): read a difference under ~7 % as none, and repeat the
+rounds. Needs ``valgrind`` (callgrind) on the path.
 """
 
 from __future__ import annotations
