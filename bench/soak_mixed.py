@@ -440,6 +440,21 @@ def pct(ordered: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000 if ordered else float("nan")
 
 
+async def aggregator_lag(client: aioredis.Redis) -> int:
+    """Entries of the events stream the dashboard's group (moved by its reader) has not read;
+    -1 when there is no such group yet or the server does not tell."""
+    try:
+        groups = await client.xinfo_groups(Keys(PREFIX).events)
+    except Exception:  # no stream yet
+        return -1
+    for group in groups:
+        name = group.get("name")
+        if name in (b"gateway-aggregate", "gateway-aggregate"):
+            lag = group.get("lag")
+            return int(lag) if lag is not None else -1
+    return -1
+
+
 async def read_stream(client: aioredis.Redis) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     last = "-"
@@ -573,6 +588,8 @@ async def run_once(args: argparse.Namespace, src: str, limits: str = "") -> dict
         started = time.monotonic()
 
         sampled = asyncio.Event()
+        lags: list[int] = []
+        """The dashboard aggregator's lag on the events stream at each sample (entries)."""
 
         async def sample() -> None:
             # ends when ``sampled`` is set, not by cancellation: redis-py swallows a
@@ -582,8 +599,10 @@ async def run_once(args: argparse.Namespace, src: str, limits: str = "") -> dict
                 rss = {r: rss_mb(p) for r, p in sorted(tree(proc.pid).items())}
                 on_stream = int(await client.xlen(Keys(PREFIX).contacts))
                 samples.append((time.monotonic() - started, rss, on_stream))
+                lags.append(await aggregator_lag(client))
                 shown = "  ".join(f"{r} {v:6.1f}" for r, v in rss.items())
                 print(f"{samples[-1][0]:6.0f} s  RSS MB: {shown}  on stream {on_stream:,}  "
+                      f"events the aggregator has not read {lags[-1]:,}  "
                       f"load average {os.getloadavg()[0]:.1f}", flush=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(sampled.wait(), args.sample)
@@ -608,6 +627,10 @@ async def run_once(args: argparse.Namespace, src: str, limits: str = "") -> dict
         memory1 = int((await client.info("memory"))["used_memory"])
         summary = report(args, results, records, samples, took, (load1, load2),
                          (memory0, memory1), cpu0, cpu1, processes0 != processes1)
+        if lags:  # one reader a fleet (lease ``aggregate``): does it keep up with the load?
+            print(f"aggregator: events not yet read, at most {max(lags):,} in the samples, "
+                  f"{lags[-1]:,} at the load's end, {await aggregator_lag(client):,} now")
+            summary["aggregator_lag_max"] = max(lags)
         if args.trace_memory:
             memtrace_report(root / "memtrace")
     finally:
