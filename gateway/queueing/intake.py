@@ -23,7 +23,14 @@ from gateway.contact.language import guess_language
 from gateway.contact.sla import SlaPolicy
 from gateway.queueing.batching import Coalescer
 from gateway.queueing.spool import Spool, SpooledEvent, SpoolError
-from gateway.queueing.store import Held, Prepared, RedisQueue, ReplicationLagError, WriteResult
+from gateway.queueing.store import (
+    Held,
+    Outcome,
+    Prepared,
+    RedisQueue,
+    ReplicationLagError,
+    WriteResult,
+)
 from gateway.records import Event, EventType, Inbound, Repeat
 from gateway.server.metrics import IntakeMetrics, Metrics
 from gateway.server.supervise import Supervisor
@@ -65,9 +72,7 @@ class Intake:
         self.refusing: str | None = None
         """Why new contacts are refused (backlog or Redis memory past its bound: set by the
         ``StreamKeeper`` in ``gateway/queueing/backlog.py``), or None."""
-        self._writer: Coalescer[
-            Prepared, WriteResult | ResponseError | InvalidContact | RateLimited
-        ] = Coalescer(
+        self._writer: Coalescer[Prepared, Outcome] = Coalescer(
             functools.partial(queue.write_batch, limited=True),
             max_batch=max(1, max_batch),
             # Batches pipelined on the intake link (gateway/queueing/link.py): a contact waits
@@ -160,7 +165,7 @@ class Intake:
     def _orphaned(
         self,
         prepared: Prepared,
-        result: WriteResult | ResponseError | InvalidContact | RateLimited | None,
+        result: Outcome | None,
         error: BaseException | None,
     ) -> None:
         """The write of a caller that gave up has ended: settle it in the background."""
@@ -169,7 +174,7 @@ class Intake:
     async def _finish(
         self,
         prepared: Prepared,
-        result: WriteResult | ResponseError | InvalidContact | RateLimited | None,
+        result: Outcome | None,
         error: BaseException | None,
     ) -> None:
         """Settle a write whose caller gave up: counted when written, spooled when it failed."""
@@ -190,9 +195,7 @@ class Intake:
         self._mark_down(exc)
         return await self._spool(prepared)
 
-    async def _answered(
-        self, prepared: Prepared, result: WriteResult | ResponseError | InvalidContact | RateLimited
-    ) -> Receipt:
+    async def _answered(self, prepared: Prepared, result: Outcome) -> Receipt:
         """What the intake script answered, other than a new contact written in time."""
         series = self.metrics.intake(prepared.inbound.channel, prepared.inbound.adapter)
         if isinstance(result, WriteResult):

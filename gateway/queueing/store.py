@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.adapters import InvalidContact, RateLimited, load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
+from gateway.queueing.batching import Answer
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.link import Lane, Link
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
@@ -257,6 +258,10 @@ _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
+Outcome = WriteResult | ResponseError | InvalidContact | RateLimited
+"""What the intake script made of one contact (``write_batch``'s results, in order)."""
+
+
 @dataclass(slots=True)
 class _Written:
     """A batch encoded for the intake script (``RedisQueue._batch``) and how its replies read."""
@@ -266,15 +271,13 @@ class _Written:
     before: list[list[Any]]
     enqueued_at: Micros
 
-    def results(
-        self, replies: list[Any]
-    ) -> list[WriteResult | ResponseError | InvalidContact | RateLimited]:
+    def results(self, replies: list[Any]) -> list[Outcome]:
         """One result per contact from the script calls' replies (``before``'s taken off)."""
         replies = _per_contact(replies, len(self.encoded)) if self.encoded else []
         if self.invalid:
             for n in sorted(self.invalid):
                 replies.insert(n, self.invalid[n])
-        results: list[WriteResult | ResponseError | InvalidContact | RateLimited] = []
+        results: list[Outcome] = []
         enqueued_at = self.enqueued_at
         for reply in replies:
             if isinstance(reply, (ResponseError, InvalidContact)):
@@ -289,6 +292,20 @@ class _Written:
             cid = contact_id.decode() if isinstance(contact_id, bytes) else str(contact_id)
             results.append(WriteResult(bool(created), cid, int(count), enqueued_at))
         return results
+
+
+def _evalsha(sha: str, calls: list[tuple[list[Any], list[Any]]]) -> list[list[Any]]:
+    """One ``EVALSHA`` of a script a ``(keys, args)`` call."""
+    return [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
+
+
+def _take_before(replies: list[Any], n: int) -> None:
+    """Take the replies of the ``n`` plain commands sent before a round trip's scripts off
+    ``replies``: an error reply to one of them raises for the whole round trip."""
+    for reply in replies[:n]:
+        if isinstance(reply, Exception):
+            raise reply
+    del replies[:n]
 
 
 class RedisQueue:
@@ -498,7 +515,7 @@ class RedisQueue:
 
     async def write_batch(
         self, batch: list[Prepared], *, limited: bool = False
-    ) -> list[WriteResult | ResponseError | InvalidContact | RateLimited]:
+    ) -> list[Outcome]:
         """Run the intake script for every contact in one pipelined round trip.
 
         A contact that cannot be encoded comes back as ``InvalidContact``, one the server
@@ -522,11 +539,7 @@ class RedisQueue:
     def start_batch(
         self,
         batch: list[Prepared],
-        answer: Callable[
-            [list[WriteResult | ResponseError | InvalidContact | RateLimited] | None,
-             Exception | None],
-            None,
-        ],
+        answer: Answer[Outcome],
         *,
         limited: bool = False,
     ) -> bool:
@@ -548,11 +561,8 @@ class RedisQueue:
         written = self._batch(batch, limited)
         if not written.encoded:
             return False
-        sha = self._shas["intake"]
         commands = [
-            *written.before,
-            *(["EVALSHA", sha, len(keys), *keys, *args]
-              for keys, args in self._script_calls(written.encoded)),
+            *written.before, *_evalsha(self._shas["intake"], self._script_calls(written.encoded))
         ]
 
         def replied(replies: list[Any] | None, error: Exception | None) -> None:
@@ -560,10 +570,7 @@ class RedisQueue:
                 answer(None, error or RuntimeError("a batch without replies"))
                 return
             try:
-                for reply in replies[: len(written.before)]:
-                    if isinstance(reply, Exception):
-                        raise reply
-                del replies[: len(written.before)]
+                _take_before(replies, len(written.before))
                 if any(isinstance(r, NoScriptError) for r in replies):
                     self._shas = {}  # the server restarted: load again and rerun (idempotent)
                     self._again(self.write_batch(batch, limited=limited), answer)
@@ -579,12 +586,8 @@ class RedisQueue:
 
     def _again(
         self,
-        work: Coroutine[Any, Any, list[WriteResult | ResponseError | InvalidContact | RateLimited]],
-        answer: Callable[
-            [list[WriteResult | ResponseError | InvalidContact | RateLimited] | None,
-             Exception | None],
-            None,
-        ],
+        work: Coroutine[Any, Any, list[Outcome]],
+        answer: Answer[Outcome],
     ) -> None:
         """``start_batch``'s rare second try, in a task of its own, answered when it ends."""
         task = asyncio.ensure_future(work)
@@ -646,7 +649,7 @@ class RedisQueue:
             if not self._shas:
                 await self.load_scripts()
             sha = self._shas[name]
-            commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
+            commands = _evalsha(sha, calls)
             if wait:
                 # WAIT counts the replicas that have this connection's last write. A batch of
                 # duplicates writes nothing, so that was an older write (or none), and WAIT
@@ -659,10 +662,7 @@ class RedisQueue:
             # a WAIT holds its connection until the replicas answer: with min_replicas each
             # batch keeps a pooled connection of its own, so batches wait for them side by side
             replies = await self._execute([*before, *commands], link=link and not wait)
-            for reply in replies[: len(before)]:
-                if isinstance(reply, Exception):
-                    raise reply
-            del replies[: len(before)]
+            _take_before(replies, len(before))
             if wait:
                 confirmed = replies.pop()
                 replies.pop()  # the PUBLISH's count of subscribers
