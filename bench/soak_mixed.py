@@ -40,7 +40,7 @@ snapshot. It slows the gateway a lot: for finding a leak, not for figures.
 
 Finding the highest rate this machine sustains: short runs (``--minutes 1``) at rising
 ``--rate``; a rate is sustained when behind, refused and lost are 0 and the p99s stay
-bounded (docs/performance.md, "Issue 16, third session", says how it was done).
+bounded (docs/performance.md, "Mixed soak: how to run it and what it reports").
 
 Overload (more offered than the machine takes): the load has the peers' own concurrency (up
 to ``--in-flight`` 4,000 open contacts of each medium, 512 HTTP connections, 32 SMTP sessions,
