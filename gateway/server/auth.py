@@ -35,10 +35,15 @@ def _loopback(remote: str) -> bool:
 
 def presented_key(request: web.Request) -> str | None:
     """The key a client sent: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("X-API-Key")
+    headers = request.headers
+    return key_in(headers.get("Authorization", ""), headers.get("X-API-Key"))
+
+
+def key_in(authorization: str, api_key: str | None) -> str | None:
+    """The key of a request's ``Authorization`` (``""`` if none) and ``X-API-Key`` headers."""
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return api_key
 
 
 class ApiKeys:
@@ -62,9 +67,12 @@ class ApiKeys:
         ``admin`` grants every scope. With ``open_to_loopback`` a loopback caller without a key
         is let in (the no-config try-it-here setup) and None is returned.
         """
-        token = presented_key(request)
+        return self.check(presented_key(request), request.remote, scope)
+
+    def check(self, token: str | None, remote: str | None, scope: str) -> ApiKey | None:
+        """``authorize`` for the key ``token`` presented from the address ``remote``."""
         if token is None:
-            if self.open_to_loopback and is_loopback(request):
+            if self.open_to_loopback and _loopback(remote or ""):
                 return None
             raise ApiProblem(
                 401, "missing API key", {"WWW-Authenticate": 'Bearer realm="gateway"'}

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway.server.problems import problem_body
+
+if TYPE_CHECKING:
+    from gateway.server.fastpost import Answer, FastPosts
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,13 @@ class HttpGuard(asyncio.Protocol):
     it when a request head takes longer than ``header_timeout`` or the client is silent for
     ``body_timeout`` while its request body is incomplete; while ``busy()`` (the process holds
     its bound of contacts in flight) a new request that would bring a contact is answered 503
-    + ``Retry-After`` and the connection closed, before it is parsed (``overload_answer``)."""
+    + ``Retry-After`` and the connection closed, before it is parsed (``overload_answer``).
+
+    With ``fast``: a request of a route answered from the connection is taken before aiohttp
+    sees it (``fastpost``); while it is in hand the connection's further bytes wait (their
+    answers come after its own), past ``HELD`` bytes with the reading paused."""
+
+    HELD = 256 * 1024
 
     def __init__(
         self,
@@ -99,6 +108,7 @@ class HttpGuard(asyncio.Protocol):
         body_timeout: float,
         busy: Callable[[], bool] | None = None,
         refused: Callable[[], None] | None = None,
+        fast: FastPosts | None = None,
     ) -> None:
         self.inner = inner
         self.count = count
@@ -116,7 +126,19 @@ class HttpGuard(asyncio.Protocol):
         self._head_started: float | None = None
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._tick = max(0.05, min(1.0, min(header_timeout, body_timeout) / 4))
+        # a quarter of the shortest clock; a request in hand moves aiohttp's keep-alive clock
+        # at each tick (``_keep_alive``), so it is one of them
+        clocks = [header_timeout, body_timeout, inner.keepalive_timeout or header_timeout]
+        self._tick = max(0.05, min(1.0, min(clocks) / 4))
+        self.fast = fast
+        self._held: list[bytes] | None = None
+        """While a request taken from the connection is in hand: the bytes come since."""
+        self._held_size = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._remote: tuple[str | None] | None = None
+        self._last_body: Any = None
+        """The body (aiohttp's ``StreamReader``) of the last request aiohttp parsed."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -147,6 +169,9 @@ class HttpGuard(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._counted or self._refused:
             return
+        if self._held is not None:
+            self._hold(data)
+            return
         if (self.busy is not None and not self._partial and self.busy() and not self._busy()
                 and (answer := overload_answer(data)) is not None):
             # a new request while contacts are refused: answered before it is parsed (its
@@ -166,7 +191,15 @@ class HttpGuard(asyncio.Protocol):
                 transport.close()
             return
         self._last_data = self._loop.time()
-        self.inner.data_received(data)
+        if (self.fast is not None and data[:5] == b"POST " and not self._partial
+                and not self._writing_paused and self._between()
+                and (taken := self.fast.take(data, self._peer)) is not None):
+            self._take(*taken, data)
+            return
+        inner = self.inner
+        inner.data_received(data)
+        if inner._messages:
+            self._last_body = inner._messages[-1][1]
         # one look at the parser per chunk: a whole head (or a request in hand) ends the head
         # clock; otherwise the bytes began or continued a head, timed from its first chunk
         if self._busy():
@@ -177,6 +210,80 @@ class HttpGuard(asyncio.Protocol):
             if self._head_started is None:
                 self._head_started = self._last_data
 
+    def _between(self) -> bool:
+        """aiohttp is between requests: none queued, in hand or being answered, the body of
+        the last one it parsed whole (what comes next begins a request: bytes of a body it
+        is still reading, after an answer that did not wait for them, are no request), and
+        the connection not closing."""
+        inner = self.inner
+        if (inner._messages or inner._current_request is not None
+                or inner._request_in_progress or inner._force_close or inner._close):
+            return False
+        last = self._last_body
+        return last is None or last.is_eof()
+
+    def _peer(self) -> str | None:
+        """The peer's address as aiohttp's ``request.remote`` has it (looked up once)."""
+        if self._remote is None:
+            transport = self.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            self._remote = (str(peer[0]) if isinstance(peer, (list, tuple)) else None,)
+        return self._remote[0]
+
+    def _take(self, work: Awaitable[Answer], end: int, data: bytes) -> None:
+        """Answer the request that ends at ``end`` in ``data`` (its rest waits its turn)."""
+        self._head_started = None
+        self._partial = False
+        self._held = []
+        self._held_size = 0
+        if end < len(data):
+            self._hold(data[end:])
+        self._keep_alive()
+        fast = self.fast
+        assert fast is not None
+        task = self._loop.create_task(self._answer(work))
+        fast.tasks.add(task)
+        task.add_done_callback(fast.tasks.discard)
+
+    async def _answer(self, work: Awaitable[Answer]) -> None:
+        try:
+            _, answer = await work
+            transport = self.transport
+            if self._counted and transport is not None and not transport.is_closing():
+                transport.write(answer)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        """The request in hand is answered: the bytes come since are the connection's next."""
+        held, self._held = self._held, None
+        self._keep_alive()
+        transport = self.transport
+        if self._reading_paused and transport is not None:
+            self._reading_paused = False
+            transport.resume_reading()
+        if held and self._counted:
+            self.data_received(b"".join(held))
+
+    def _hold(self, data: bytes) -> None:
+        assert self._held is not None
+        self._last_data = self._loop.time()
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size > self.HELD and not self._reading_paused:
+            transport = self.transport
+            if transport is not None:
+                self._reading_paused = True
+                transport.pause_reading()
+
+    def _keep_alive(self) -> None:
+        """Move aiohttp's keep-alive clock as its own answers do (it closes a connection idle
+        for ``keepalive_timeout`` as it sees it: here while a request is in hand too)."""
+        inner = self.inner
+        timeout = inner.keepalive_timeout
+        if timeout:
+            inner._next_keepalive_close_time = self._loop.time() + timeout
+
     def _check(self) -> None:
         self._timer = None
         transport = self.transport
@@ -186,6 +293,8 @@ class HttpGuard(asyncio.Protocol):
             transport.close()
             return
         now = self._loop.time()
+        if self._held is not None:
+            self._keep_alive()
         request = getattr(self.inner, "_current_request", None)
         if self._head_started is not None and self._idle():
             if now - self._head_started >= self.header_timeout:
@@ -216,10 +325,12 @@ class HttpGuard(asyncio.Protocol):
             self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self._counted:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self._counted:
             self.inner.resume_writing()
 
@@ -231,11 +342,18 @@ def guarded_http(
     body_timeout: float,
     busy: Callable[[], bool] | None = None,
     refused: Callable[[], None] | None = None,
+    fast: FastPosts | None = None,
 ) -> Callable[[], HttpGuard]:
     """A protocol factory for ``loop.create_server``: aiohttp's handlers, guarded."""
     from aiohttp.web_protocol import RequestHandler
 
     slots = set(getattr(RequestHandler, "__slots__", ())) | set(vars(RequestHandler))
-    if not {"_current_request", "_messages"} <= slots:  # an aiohttp this guard does not know
-        raise RuntimeError("aiohttp's RequestHandler has no _current_request/_messages")
-    return lambda: HttpGuard(factory(), count, header_timeout, body_timeout, busy, refused)
+    known = {
+        "_current_request", "_messages", "_request_in_progress", "_force_close", "_close",
+        "_next_keepalive_close_time", "keepalive_timeout",
+    }
+    if not known <= slots:  # an aiohttp this guard does not know
+        raise RuntimeError(f"aiohttp's RequestHandler lacks one of {sorted(known)}")
+    return lambda: HttpGuard(
+        factory(), count, header_timeout, body_timeout, busy, refused, fast
+    )

@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import StreamReader, hdrs, web
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
@@ -21,6 +20,8 @@ from gateway.server.admission import Admission
 from gateway.server.auth import ApiKeys, presented_key, secrets_equal
 from gateway.server.config import HostPort, LimitsSection, Secret
 from gateway.server.connguard import ConnectionCount, default_cap, guarded_http
+from gateway.server.fastpost import FastHandler, FastPosts
+from gateway.server.fastpost import raw_answer as raw_answer
 from gateway.server.listeners import create_listener
 from gateway.server.metrics import Metrics
 from gateway.server.problems import ApiProblem, problem
@@ -98,25 +99,6 @@ def can_answer_raw(request: web.BaseRequest) -> bool:
     return request.version == HttpVersion11 and request.keep_alive
 
 
-_date_line: tuple[int, bytes] = (-1, b"")
-
-
-def raw_answer(status_line: bytes, content_type: bytes, body: bytes) -> bytes:
-    """A whole answer: ``status_line`` (``b"HTTP/1.1 202 Accepted"``), the headers aiohttp
-    would send (``Content-Type``, ``Content-Length``, ``Date``, ``Server``) and ``body``."""
-    global _date_line
-    now = int(time.time())
-    second, line = _date_line
-    if second != now:
-        line = b"Date: %s\r\nServer: %s\r\n" % (
-            rfc822_formatted_time().encode(), SERVER_SOFTWARE.encode()
-        )
-        _date_line = (now, line)
-    return b"%s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        status_line, content_type, len(body), line, body
-    )
-
-
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -150,13 +132,14 @@ class ApiGuard:
         self.metrics = metrics
         self._series: dict[tuple[object, str, int], tuple[Any, Any]] = {}
 
-    def _count(
-        self, request: web.BaseRequest, route: object, pattern: str | None, status: int,
-        started: float,
+    def count(
+        self, method: str, route: object, pattern: str | None, status: int, started: float,
+        request: web.BaseRequest | None = None,
     ) -> None:
+        """Count a request and its time under ``route`` (``pattern`` its label; None: looked
+        up from ``request``'s match)."""
         metrics = self.metrics
         assert metrics is not None
-        method = request.method
         if method not in _METHODS:
             method = "other"
         children = self._series.get((route, method, status))
@@ -172,6 +155,23 @@ class ApiGuard:
             )
         children[0].inc()
         children[1].observe(time.perf_counter() - started)
+
+    def error_problem(
+        self, exc: Exception, method: str, path: str
+    ) -> tuple[int, str, dict[str, str] | None]:
+        """How an error a handler raised is answered, as ``problem``'s arguments: a contact
+        over its rate 429, one Intake cannot encode 400 (logged), anything else 500 (logged
+        with its traceback and counted: a bug)."""
+        if isinstance(exc, RateLimited):  # a sender or adapter over its rate: slow down
+            retry = str(max(1, math.ceil(exc.retry_after_s)))
+            return 429, "too many contacts, slow down", {"Retry-After": retry}
+        if isinstance(exc, InvalidContact):  # the peer's bad input, on every route: 400
+            log.info("http: %s %s: contact refused: %s", method, path[:200], exc)
+            return 400, str(exc), None
+        log.error("http: unhandled error in %s %s", method, path[:200], exc_info=exc)
+        if self.metrics is not None:
+            self.metrics.api_requests.labels("unhandled", "500").inc()
+        return 500, "internal error", None
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         """The application's middleware: ``run`` with the matched route."""
@@ -207,27 +207,16 @@ class ApiGuard:
                     raise
                 headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
                 response = problem(exc.status, exc.reason, headers or None)
-            except RateLimited as exc:  # a sender or adapter over its rate: slow down
-                retry = str(max(1, math.ceil(exc.retry_after_s)))
-                response = problem(429, "too many contacts, slow down", {"Retry-After": retry})
-            except InvalidContact as exc:  # the peer's bad input, on every route: 400
-                log.info("http: %s %s: contact refused: %s",
-                         request.method, request.path[:200], exc)
-                response = problem(400, str(exc))
             except asyncio.CancelledError:
                 status = 499  # the client went away first
                 raise
-            except Exception:
-                log.exception("http: unhandled error in %s %s",
-                              request.method, request.path[:200])
-                if self.metrics is not None:
-                    self.metrics.api_requests.labels("unhandled", "500").inc()
-                response = problem(500, "internal error")
+            except Exception as exc:
+                response = problem(*self.error_problem(exc, request.method, request.path))
             status = response.status
             return response
         finally:
             if self.metrics is not None:
-                self._count(request, route, pattern, status, started)
+                self.count(request.method, route, pattern, status, started, request)
 
 
 DirectHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -240,6 +229,8 @@ class Direct:
         self.guard = guard
         self.routes: dict[tuple[str, str], DirectHandler] = {}
         """Handlers by method and exact path (the path is also the request's route and label)."""
+        self.fast: dict[str, FastHandler] = {}
+        """``POST`` routes also answered from the connection, by path (``fastpost``)."""
 
     def dispatcher(
         self, fallback: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -263,16 +254,28 @@ class Direct:
 DIRECT = web.AppKey("direct", Direct)
 
 
-def add_direct(app: web.Application, method: str, path: str, handler: DirectHandler) -> None:
+def add_direct(
+    app: web.Application, method: str, path: str, handler: DirectHandler,
+    fast: FastHandler | None = None,
+) -> None:
     """Route ``method path`` to ``handler`` in ``app``'s router, and with ``HttpServer``
     also straight from the connection (``Direct``): the router's lookup, the match's
     freezing and the middleware chain cost a contact more than its handler's own checks.
     The direct way is taken only for exactly ``path`` (no query, no other spelling) and
     without ``Expect``; everything else goes through the router to the same handler. The
     handler must not read ``request.match_info`` or ``request.app``; its requests are counted
-    and their errors answered as every other's (``ApiGuard``)."""
+    and their errors answered as every other's (``ApiGuard``).
+
+    ``fast`` (a ``POST``): the same route answered without aiohttp when the request is the
+    plain case (``gateway/server/fastpost.py``); it must answer what ``handler`` answers,
+    and decline what it would refuse before doing anything."""
     app.router.add_route(method, path, handler)
-    app[DIRECT].routes[(method, path)] = handler
+    direct = app[DIRECT]
+    direct.routes[(method, path)] = handler
+    if fast is not None:
+        if method != "POST":
+            raise ValueError("only a POST route is answered from the connection")
+        direct.fast[path] = fast
 
 
 def build_app(max_body: int, metrics: Metrics | None = None) -> web.Application:
@@ -358,6 +361,10 @@ class CoreRoutes:
         )
 
 
+SHUTDOWN_TIMEOUT = 60.0
+"""How long a stop waits for the requests in hand (aiohttp's runner's default)."""
+
+
 class HttpServer:
     """Runs the application on the gateway's loop (AppRunner), every connection guarded:
     a cap per listener, the request head and a silent body bounded in time (``[limits]``)."""
@@ -378,6 +385,8 @@ class HttpServer:
         self.connections = ConnectionCount(default_cap(self.limits.max_connections))
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        self.fast: FastPosts | None = None
+        """The routes answered from the connection (``fastpost``), while the server runs."""
 
     async def start(self) -> None:
         limits = self.limits
@@ -386,6 +395,7 @@ class HttpServer:
             access_log=None,
             handle_signals=False,
             keepalive_timeout=float(limits.keepalive_timeout),
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
         await self._runner.setup()
         server = self._runner.server
@@ -393,6 +403,8 @@ class HttpServer:
         direct = self.app.get(DIRECT)
         if direct is not None and direct.routes:
             server.request_handler = direct.dispatcher(server.request_handler)
+        if direct is not None and direct.fast:
+            self.fast = FastPosts(direct.guard, direct.fast)
         admission = self.admission
         factory = guarded_http(
             server,
@@ -401,6 +413,7 @@ class HttpServer:
             float(limits.body_timeout),
             busy=(lambda: admission.busy) if admission is not None else None,
             refused=admission.refuse if admission is not None else None,
+            fast=self.fast,
         )
         self._server = await create_listener(
             factory, self.listen.host, self.listen.port, reuse_address=True, backlog=1024
@@ -413,6 +426,9 @@ class HttpServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        fast, self.fast = self.fast, None
+        if fast is not None:  # aiohttp's shutdown takes those connections for idle ones
+            await fast.drain(SHUTDOWN_TIMEOUT)
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

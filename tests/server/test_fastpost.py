@@ -1,0 +1,467 @@
+"""``POST /v1/intake`` answered from the connection (``gateway/server/fastpost.py``): taken
+only in the plain case, answered as aiohttp answers it, in order with the connection's other
+requests, within aiohttp's keep-alive clock, drained at stop, and held back while the client
+reads no answers. Every exchange is raw HTTP/1.1 over a real socket to a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.http_parser import HttpRequestParser
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.server.fastpost import split_post
+
+LINE = b"POST /v1/intake HTTP/1.1\r\n"
+
+
+def whole(body: bytes, *extra: str) -> bytes:
+    """A request the connection may take: head and body in one write."""
+    head = ["Host: x", f"Content-Length: {len(body)}", *extra]
+    return LINE + ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def chunked(body: bytes, *extra: str) -> bytes:
+    """The same request with a chunked body: always aiohttp's to answer."""
+    head = ["Host: x", "Transfer-Encoding: chunked", *extra]
+    return (
+        LINE + ("\r\n".join(head) + "\r\n\r\n").encode()
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+async def exchange(port: int, *writes: bytes, answers: int = 1) -> list[bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for data in writes:
+            writer.write(data)
+            await writer.drain()
+        return [await read_answer(reader) for _ in range(answers)]
+    finally:
+        writer.close()
+
+
+def parts(answer: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Status line, headers but ``Date`` (lower-case names), body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        if name.lower() != b"date":
+            headers[name.lower()] = value.strip()
+    return status, headers, body
+
+
+def taken(gw: Any) -> int:
+    return int(gw.http.fast.taken)
+
+
+async def test_the_plain_case_is_taken_from_the_connection_and_answered_as_aiohttp_does(
+    start_gateway,
+):
+    gw = await start_gateway()
+    body = orjson.dumps({"text": "路灯坏了", "sender": "+8613800138000", "external_id": "a"})
+    (fast,) = await exchange(gw.http_port, whole(body))
+    assert taken(gw) == 1
+    other = orjson.dumps({"text": "路灯坏了", "sender": "+8613800138000", "external_id": "b"})
+    (slow,) = await exchange(gw.http_port, chunked(other))
+    assert taken(gw) == 1  # aiohttp's
+    (fast_status, fast_headers, fast_body), (status, headers, body_) = parts(fast), parts(slow)
+    assert fast_status == status == b"HTTP/1.1 202 Accepted"
+    assert fast_headers.keys() == headers.keys()
+    assert {k: v for k, v in fast_headers.items() if k != b"content-length"} == {
+        k: v for k, v in headers.items() if k != b"content-length"
+    }
+    one, two = orjson.loads(fast_body), orjson.loads(body_)
+    assert one.keys() == two.keys() and one["status"] == "enqueued"
+    assert one["deadline"]["policy"] == two["deadline"]["policy"] == "web_response"
+    contacts = {c.external_id: c for c in await gw.read_contacts()}
+    assert contacts["a"].id == one["id"] and contacts["b"].id == two["id"]
+    assert contacts["a"].text == "路灯坏了" and contacts["a"].adapter == "api"
+    assert contacts["a"].sender.address == "+8613800138000"
+    # the same contact again: its repeat, answered with the first's id
+    (again,) = await exchange(gw.http_port, whole(body))
+    assert orjson.loads(parts(again)[2])["id"] == one["id"] and taken(gw) == 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("Connection: close",),
+        ("Expect: 100-continue",),
+        ("Content-Encoding: identity",),
+        ("Upgrade: h2c", "Connection: Upgrade"),
+        ("X-Folded: a", " b"),  # obs-fold
+        ("Bad Name: x",),
+        ("Content-Length: 2",),  # said twice
+    ],
+)
+async def test_anything_unusual_is_left_to_aiohttp(start_gateway, extra):
+    gw = await start_gateway()
+    body = orjson.dumps({"text": "x"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    writer.write(whole(body, *extra))
+    answer = await reader.read(4096)  # whatever aiohttp answers: a 202, a 100, a 400
+    writer.close()
+    assert answer.startswith(b"HTTP/1."), answer
+    assert taken(gw) == 0
+
+
+API_KEYS = [
+    {"name": "app", "key": "app-key-0123456789"},
+    {"name": "reader", "key": "reader-key-0123456789", "scopes": ["read"]},
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "body", "extra", "status"),
+    [
+        ("malformed JSON", b'{"text": ', (), 400),
+        ("not an object", b"[1, 2]", (), 400),
+        ("invalid UTF-8", b'{"text": "\xff\xfe"}', (), 400),
+        ("wrong type", b'{"text": 42}', (), 400),
+        ("unknown field", b'{"txt": "typo"}', (), 400),
+        ("unknown channel", b'{"channel": "fax"}', (), 400),
+        ("over the bound", b'{"text": "' + b"x" * (2 << 20) + b'"}', (), 413),
+        ("no key", b'{"text": "x"}', None, 401),
+        ("unknown key", b'{"text": "x"}', ("Authorization: Bearer nope",), 401),
+        ("read-only key", b'{"text": "x"}', ("X-API-Key: reader-key-0123456789",), 403),
+    ],
+)
+async def test_a_refusal_before_the_write_is_aiohttps_own_answer(
+    start_gateway, label, body, extra, status
+):
+    """Declined by the connection, the request is aiohttp's: the same bytes as the same
+    request in chunks (only ``Date`` differs), nothing written."""
+    gw = await start_gateway(api={"open_to_loopback": False, "keys": API_KEYS})
+    key = ("X-API-Key: app-key-0123456789",) if extra == () else (extra or ())
+    (fast,) = await exchange(gw.http_port, whole(body, *key))
+    (slow,) = await exchange(gw.http_port, chunked(body, *key))
+    assert parts(fast)[0].startswith(b"HTTP/1.1 %d " % status), (label, fast)
+    if status != 413:  # chunked: aiohttp's stream refuses it as it reads, its own way
+        assert parts(fast) == parts(slow), label
+    assert taken(gw) == 0
+    assert await gw.redis.xlen(gw.keys.contacts) == 0
+
+
+async def test_the_rest_of_a_body_aiohttp_is_reading_is_no_request(start_gateway):
+    """A request refused before its body is read (a bad key), whose body's rest, arriving
+    after the answer, looks like a whole request with a good key: aiohttp reads it as the
+    body it is (no contact), not the connection as a request of its own (request
+    smuggling through a proxy that shares one upstream connection among clients)."""
+    gw = await start_gateway(api={"open_to_loopback": False, "keys": API_KEYS})
+    inner = whole(orjson.dumps({"text": "smuggled"}), "X-API-Key: app-key-0123456789")
+    outer = LINE + b"Host: x\r\nX-API-Key: wrong\r\nContent-Length: %d\r\n\r\n" % (
+        len(inner) + 2
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    try:
+        writer.write(outer + b"{ ")
+        answer = await read_answer(reader)  # 401 before the body is read
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+        writer.write(inner)
+        await writer.drain()
+        writer.write(whole(orjson.dumps({"text": "next"}), "X-API-Key: app-key-0123456789"))
+        after = await read_answer(reader)
+    finally:
+        writer.close()
+    # the next request is answered; the body's rest was no request
+    assert after.startswith(b"HTTP/1.1 202"), after
+    assert [c.text for c in await gw.read_contacts()] == ["next"]
+
+
+async def test_a_key_is_checked_as_aiohttp_checks_it(start_gateway):
+    gw = await start_gateway(api={"open_to_loopback": False, "keys": API_KEYS})
+    body = orjson.dumps({"text": "x", "external_id": "k1"})
+    (one,) = await exchange(gw.http_port, whole(body, "authorization: bearer  app-key-0123456789 "))
+    body = orjson.dumps({"text": "x", "external_id": "k2"})
+    (two,) = await exchange(gw.http_port, whole(body, "x-api-key: app-key-0123456789"))
+    assert one.startswith(b"HTTP/1.1 202") and two.startswith(b"HTTP/1.1 202")
+    assert taken(gw) == 2
+    assert {c.adapter for c in await gw.read_contacts()} == {"api:app"}
+
+
+async def test_errors_of_the_write_are_answered_and_counted_as_aiohttps(start_gateway):
+    """A sender over its rate: the same 429 problem as aiohttp's route gives (only
+    ``Date`` and the retry's seconds may differ), counted under the route."""
+    from tests.server.test_observability import sample
+
+    gw = await start_gateway(limits={"sender_contacts": 1, "sender_window": "60s"})
+    first = orjson.dumps({"text": "x", "sender": "+8613800138000", "external_id": "1"})
+    second = orjson.dumps({"text": "x", "sender": "+8613800138000", "external_id": "2"})
+    third = orjson.dumps({"text": "x", "sender": "+8613800138000", "external_id": "3"})
+    (ok,) = await exchange(gw.http_port, whole(first))
+    (fast,) = await exchange(gw.http_port, whole(second))
+    (slow,) = await exchange(gw.http_port, chunked(third))
+    assert taken(gw) == 2
+    assert ok.startswith(b"HTTP/1.1 202")
+    (fast_status, fast_headers, fast_body), (status, headers, body) = parts(fast), parts(slow)
+    assert fast_status == status == b"HTTP/1.1 429 Too Many Requests"
+    assert fast_body == body and orjson.loads(body)["status"] == 429
+    assert fast_headers.keys() == headers.keys()
+    assert fast_headers[b"content-type"] == headers[b"content-type"]
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{gw.http_port}/metrics"
+    ) as resp:
+        text = await resp.text()
+    assert sample(text, "gateway_http_requests_total", route="/v1/intake", status="429") == 2
+    assert sample(text, "gateway_http_requests_total", route="/v1/intake", status="202") == 1
+
+
+async def test_a_handler_error_is_a_logged_counted_500(caplog):
+    """A bug in a route's work: a 500 problem, logged with its traceback, counted, and the
+    connection serves its next request (the server's own app, a route of the test's)."""
+    from gateway.server.config import HostPort
+    from gateway.server.fastpost import Post
+    from gateway.server.http import HttpServer, add_direct, build_app
+    from gateway.server.metrics import Metrics
+
+    async def work() -> tuple[int, bytes]:
+        raise RuntimeError("a bug")
+
+    def fast(post: Post):
+        return work()
+
+    async def handler(request):
+        raise AssertionError("not aiohttp's")
+
+    metrics = Metrics()
+    app = build_app(1024, metrics)
+    add_direct(app, "POST", "/v1/bug", handler, fast=fast)
+    server = HttpServer(app, HostPort("127.0.0.1", 0))
+    await server.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="gateway.server.http"):
+            one, two = await exchange(server.port, (
+                b"POST /v1/bug HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" * 2
+            ), answers=2)
+    finally:
+        await server.stop()
+    for answer in (one, two):
+        status, headers, body = parts(answer)
+        assert status == b"HTTP/1.1 500 Internal Server Error"
+        assert headers[b"content-type"] == b"application/problem+json"
+        assert orjson.loads(body) == {
+            "status": 500, "title": "Internal Server Error", "detail": "internal error"
+        }
+    assert [r.exc_info[1].args for r in caplog.records if r.exc_info] == [("a bug",)] * 2
+    text = metrics.render().decode()
+    assert 'route="/v1/bug",status="500"' in text.replace('method="POST",', "")
+
+
+async def paused(url: str, ms: int) -> aioredis.Redis:
+    """Redis's writes paused for ``ms`` (a contact's write held in hand)."""
+    client = aioredis.Redis.from_url(url)
+    await client.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+    return client
+
+
+async def test_requests_behind_one_in_hand_are_answered_in_order(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "10s"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    client = await paused(own_redis.url, 5000)
+    try:
+        writer.write(whole(orjson.dumps({"text": "a", "external_id": "a"})))
+        await asyncio.sleep(0.3)  # taken, its write held by Redis
+        assert taken(gw) == 1
+        for data in (
+            whole(orjson.dumps({"text": "b", "external_id": "b"})),
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            chunked(orjson.dumps({"text": "c", "external_id": "c"})),
+            whole(orjson.dumps({"text": "d", "external_id": "d"}))
+            + whole(orjson.dumps({"text": "e", "external_id": "e"})),
+        ):
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await client.execute_command("CLIENT", "UNPAUSE")
+        answers = [await read_answer(reader) for _ in range(6)]
+    finally:
+        await client.aclose()
+        writer.close()
+    statuses = [parts(a)[0] for a in answers]
+    assert statuses[2] == b"HTTP/1.1 200 OK" and b'"ok"' in answers[2]
+    ids = [orjson.loads(parts(a)[2])["id"] for i, a in enumerate(answers) if i != 2]
+    contacts = {c.id: c.external_id for c in await gw.read_contacts()}
+    assert [contacts[i] for i in ids] == ["a", "b", "c", "d", "e"]
+    # a, then b (held behind a, then taken); the rest was held behind b and began with the
+    # GET: aiohttp's, all of it
+    assert taken(gw) == 2
+
+
+async def test_a_connection_busy_past_the_keep_alive_clock_gets_its_answer(
+    start_gateway, own_redis
+):
+    """aiohttp's keep-alive clock closes a connection it sees idle: one whose request is in
+    hand longer than ``keepalive_timeout`` is not idle, and once answered it is idle again,
+    closed when the clock runs out."""
+    gw = await start_gateway(
+        url=own_redis.url, redis={"write_timeout": "10s"}, limits={"keepalive_timeout": "1s"}
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    client = await paused(own_redis.url, 2500)
+    try:
+        writer.write(whole(orjson.dumps({"text": "a"})))
+        answer = await read_answer(reader)
+        assert answer.startswith(b"HTTP/1.1 202") and taken(gw) == 1
+        closed = await asyncio.wait_for(reader.read(1), 10)  # then closed for idling
+        assert closed == b""
+    finally:
+        await client.aclose()
+        writer.close()
+
+
+async def test_stop_waits_for_the_requests_in_hand(start_gateway, own_redis):
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "10s"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    client = await paused(own_redis.url, 3000)
+    try:
+        writer.write(whole(orjson.dumps({"text": "a", "external_id": "a"})))
+        await asyncio.sleep(0.3)
+        assert taken(gw) == 1
+        await gw.http.stop()  # Redis lets the write through after 3 s
+        answer = await read_answer(reader)
+    finally:
+        await client.aclose()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 202")
+    redis = aioredis.Redis.from_url(own_redis.url)
+    try:
+        assert await redis.xlen(gw.keys.contacts) == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_a_client_that_reads_no_answers_gets_no_more_taken():
+    """While the transport's writing is paused (the client reads nothing), the next request
+    is aiohttp's, which waits for the answer before it to drain: answers of 16 MiB, far more
+    than the sockets hold."""
+    from gateway.server.config import HostPort
+    from gateway.server.fastpost import Post, raw_answer
+    from gateway.server.http import HttpServer, RawResponse, add_direct, build_app
+
+    size = 16 * 1024 * 1024
+    raw = raw_answer(b"HTTP/1.1 200 OK", b"application/octet-stream", b"x" * size)
+    calls: list[str] = []
+
+    async def work() -> tuple[int, bytes]:
+        return 200, raw
+
+    def fast(post: Post):
+        calls.append("fast")
+        return work()
+
+    async def handler(request):
+        calls.append("aiohttp")
+        await request.read()
+        return RawResponse(200, "OK", raw)
+
+    app = build_app(1024)
+    add_direct(app, "POST", "/big", handler, fast=fast)
+    server = HttpServer(app, HostPort("127.0.0.1", 0))
+    await server.start()
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" * 3)
+        await asyncio.sleep(0.5)
+        before = list(calls)
+        for _ in range(3):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(size)
+        writer.close()
+    finally:
+        await server.stop()
+    # fails without the check: fast, fast, fast, every answer buffered in the process
+    assert before == ["fast", "aiohttp"] and calls == ["fast", "aiohttp", "aiohttp"]
+
+
+# -- the head's parser against aiohttp's ------------------------------------------------
+
+_name = st.sampled_from(
+    ["Host", "Content-Length", "content-length", "Content-Type", "X-API-Key", "Authorization",
+     "Connection", "Transfer-Encoding", "Expect", "X-Other", "Bad Name", "", "X\x00"]
+)
+_value = st.one_of(
+    st.sampled_from(["2", "02", " 2 ", "-2", "2, 2", "keep-alive", "close", "chunked", "x"]),
+    st.text(st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=8),
+)
+_line = st.one_of(
+    st.tuples(_name, _value).map(lambda nv: f"{nv[0]}: {nv[1]}".encode()),
+    st.binary(max_size=12),
+)
+
+
+class _Protocol:
+    """What aiohttp's parser asks of its protocol."""
+
+    _reading_paused = False
+    transport = None
+
+    def pause_reading(self, **_: object) -> None: ...
+
+    def resume_reading(self, **_: object) -> None: ...
+
+
+_length = st.sampled_from(["Content-Length: {}", "content-length:{}", "CONTENT-LENGTH: \t{} "])
+
+
+@settings(max_examples=int(os.environ.get("FASTPOST_EXAMPLES", "400")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_line, max_size=4), _length, st.integers(0, 5), st.integers(0, 5),
+    st.binary(max_size=4),
+)
+def test_what_the_head_parser_takes_aiohttp_parses_the_same(lines, length, at, host, body):
+    """Whatever ``split_post`` takes, aiohttp's parser reads as one request with that body
+    and no transfer coding: the connection never reads a request otherwise than aiohttp."""
+    lines.insert(min(at, len(lines)), length.format(len(body)).encode())
+    lines.insert(min(host, len(lines)), b"Host: x")
+    data = LINE + b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
+    got = split_post(data, len(LINE))
+    if got is None:
+        return
+    read, start, stop = got
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(_Protocol(), loop, 2**16, max_line_size=8190,
+                                   max_field_size=8190)
+        messages, upgraded, tail = parser.feed_data(data[:stop])
+    finally:
+        loop.close()
+    assert len(messages) == 1 and not upgraded and tail == b""
+    message, payload = messages[0]
+    assert message.method == "POST" and message.path == "/v1/intake"
+    assert not message.chunked and message.compression is None and not message.upgrade
+    assert message.should_close is False
+    assert int(message.headers["Content-Length"]) == stop - start
+    assert (b"".join(payload._buffer) if stop > start else b"") == data[start:stop]
+    for name in ("Authorization", "X-API-Key"):
+        value = read.get(name.lower().encode())
+        expected = message.headers.get(name)
+        assert (value.decode("utf-8", "surrogateescape") if value is not None else None) == (
+            expected
+        )
