@@ -14,8 +14,10 @@ from gateway.server.problems import ApiProblem
 
 def secrets_equal(given: str | bytes, expected: str | bytes) -> bool:
     """Compare two secrets in constant time (for equal lengths)."""
-    a = given.encode() if isinstance(given, str) else given
-    b = expected.encode() if isinstance(expected, str) else expected
+    # a header value that is not UTF-8 arrives with surrogates (aiohttp decodes with
+    # surrogateescape): its own bytes again, not an error
+    a = given.encode("utf-8", "surrogateescape") if isinstance(given, str) else given
+    b = expected.encode("utf-8", "surrogateescape") if isinstance(expected, str) else expected
     return hmac.compare_digest(a, b)
 
 

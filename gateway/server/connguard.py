@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from gateway.server.fastpost import one_request
 from gateway.server.problems import problem_body
 
 if TYPE_CHECKING:
-    from gateway.server.fastpost import Answer, FastPosts
+    from gateway.server.fastpost import FastPosts
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,11 @@ class HttpGuard(asyncio.Protocol):
     + ``Retry-After`` and the connection closed, before it is parsed (``overload_answer``).
 
     With ``fast``: a request of a route answered from the connection is taken before aiohttp
-    sees it (``fastpost``); while it is in hand the connection's further bytes wait (their
-    answers come after its own), past ``HELD`` bytes with the reading paused."""
+    sees it (``fastpost``) when aiohttp is between requests (``_between``) and the client
+    reads its answers (the transport's writing not paused); while it is in hand the
+    connection's further bytes wait (their answers come after its own), past ``HELD`` bytes
+    with the reading paused, and aiohttp's keep-alive clock is moved as its own answers
+    move it."""
 
     HELD = 256 * 1024
 
@@ -136,9 +140,10 @@ class HttpGuard(asyncio.Protocol):
         self._held_size = 0
         self._reading_paused = False
         self._writing_paused = False
-        self._remote: tuple[str | None] | None = None
-        self._last_body: Any = None
-        """The body (aiohttp's ``StreamReader``) of the last request aiohttp parsed."""
+        self._remote: str | None = None
+        self._remote_known = False
+        self._at_boundary = True
+        """Every chunk aiohttp was given was exactly one whole request (``_between``)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -192,14 +197,12 @@ class HttpGuard(asyncio.Protocol):
             return
         self._last_data = self._loop.time()
         if (self.fast is not None and data[:5] == b"POST " and not self._partial
-                and not self._writing_paused and self._between()
-                and (taken := self.fast.take(data, self._peer)) is not None):
-            self._take(*taken, data)
+                and not self._writing_paused and self._between() and self.fast.take(data, self)):
+            self._took()
             return
-        inner = self.inner
-        inner.data_received(data)
-        if inner._messages:
-            self._last_body = inner._messages[-1][1]
+        if self._at_boundary and self.fast is not None:
+            self._at_boundary = one_request(data)
+        self.inner.data_received(data)
         # one look at the parser per chunk: a whole head (or a request in hand) ends the head
         # clock; otherwise the bytes began or continued a head, timed from its first chunk
         if self._busy():
@@ -211,51 +214,38 @@ class HttpGuard(asyncio.Protocol):
                 self._head_started = self._last_data
 
     def _between(self) -> bool:
-        """aiohttp is between requests: none queued, in hand or being answered, the body of
-        the last one it parsed whole (what comes next begins a request: bytes of a body it
-        is still reading, after an answer that did not wait for them, are no request), and
-        the connection not closing."""
-        inner = self.inner
-        if (inner._messages or inner._current_request is not None
-                or inner._request_in_progress or inner._force_close or inner._close):
-            return False
-        last = self._last_body
-        return last is None or last.is_eof()
+        """aiohttp waits for a request, with no byte of one begun: its loop parked on its
+        waiter (nothing queued, in hand, being answered or its body read: flags such as
+        ``_current_request`` are not all set at every moment of that), and every chunk it was
+        given was exactly one whole request (``fastpost.one_request``: its parser holds no
+        head or body begun)."""
+        waiter = self.inner._waiter
+        return self._at_boundary and waiter is not None and not waiter.done()
 
-    def _peer(self) -> str | None:
+    def peer(self) -> str | None:
         """The peer's address as aiohttp's ``request.remote`` has it (looked up once)."""
-        if self._remote is None:
+        if not self._remote_known:
             transport = self.transport
             peer = transport.get_extra_info("peername") if transport is not None else None
-            self._remote = (str(peer[0]) if isinstance(peer, (list, tuple)) else None,)
-        return self._remote[0]
+            self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
+            self._remote_known = True
+        return self._remote
 
-    def _take(self, work: Awaitable[Answer], end: int, data: bytes) -> None:
-        """Answer the request that ends at ``end`` in ``data`` (its rest waits its turn)."""
+    def _took(self) -> None:
+        """``fast`` took the request that was the chunk: what comes next waits for it."""
         self._head_started = None
         self._partial = False
         self._held = []
         self._held_size = 0
-        if end < len(data):
-            self._hold(data[end:])
         self._keep_alive()
-        fast = self.fast
-        assert fast is not None
-        task = self._loop.create_task(self._answer(work))
-        fast.tasks.add(task)
-        task.add_done_callback(fast.tasks.discard)
 
-    async def _answer(self, work: Awaitable[Answer]) -> None:
-        try:
-            _, answer = await work
-            transport = self.transport
-            if self._counted and transport is not None and not transport.is_closing():
-                transport.write(answer)
-        finally:
-            self._done()
+    def send(self, answer: bytes) -> None:
+        transport = self.transport
+        if self._counted and transport is not None and not transport.is_closing():
+            transport.write(answer)
 
-    def _done(self) -> None:
-        """The request in hand is answered: the bytes come since are the connection's next."""
+    def answered(self) -> None:
+        """The request taken is answered: the bytes come since are the connection's next."""
         held, self._held = self._held, None
         self._keep_alive()
         transport = self.transport
@@ -349,8 +339,8 @@ def guarded_http(
 
     slots = set(getattr(RequestHandler, "__slots__", ())) | set(vars(RequestHandler))
     known = {
-        "_current_request", "_messages", "_request_in_progress", "_force_close", "_close",
-        "_next_keepalive_close_time", "keepalive_timeout",
+        "_current_request", "_messages", "_waiter", "_next_keepalive_close_time",
+        "keepalive_timeout",
     }
     if not known <= slots:  # an aiohttp this guard does not know
         raise RuntimeError(f"aiohttp's RequestHandler lacks one of {sorted(known)}")

@@ -7,13 +7,12 @@ costs about as many instructions as everything the gateway does for a contact bu
 by the connection's guard (``HttpGuard``) straight from the bytes when its request is the
 plain case, and by aiohttp otherwise:
 
-- taken: ``POST <path> HTTP/1.1`` for exactly a registered path, head and body whole in the
-  chunk that brought the head (the rest of the chunk, pipelined requests, waits its turn),
-  every header line well formed (RFC 9112: a token, a colon, visible characters), one
-  ``Host`` (aiohttp refuses HTTP/1.1 without), one ``Content-Length``, none of the headers
-  aiohttp refuses twice said twice, no ``Transfer-Encoding``, ``Content-Encoding``,
-  ``Expect``, ``Upgrade``, nor ``Connection`` other than ``keep-alive``; and the handler
-  takes it;
+- taken: a chunk that is exactly one ``POST <path> HTTP/1.1`` for a registered path, head
+  and body whole, in the plain case (``frame``: header lines as RFC 9112 writes them within
+  aiohttp's bounds, one ``Host``, one ``Content-Length``, none of the headers aiohttp
+  refuses twice said twice, no ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
+  ``Upgrade``, nor ``Connection`` but ``keep-alive``), arriving while aiohttp waits for a
+  request with no byte of one begun (``HttpGuard._between``), and the handler takes it;
 - left to aiohttp, as the bytes came: everything else, and every request the handler
   declines. A handler declines whatever it would refuse before writing anything (a bad key,
   a body over the bound, a body that does not parse), so every such error is aiohttp's own
@@ -22,24 +21,29 @@ plain case, and by aiohttp otherwise:
 
 The connection's further bytes wait while its request is in hand (answers in order);
 aiohttp's keep-alive clock is moved as if aiohttp had answered; the server's stop waits for
-the requests in hand before it closes connections (``HttpServer.stop``).
+the requests in hand before it closes connections (``HttpServer.stop``). A test feeds
+generated heads to ``frame`` and to aiohttp's parser: whatever this path takes, aiohttp
+reads as the same one request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import SINGLETON_HEADERS
 
 from gateway.server.problems import problem_body
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from gateway.server.http import ApiGuard
@@ -65,47 +69,91 @@ FastHandler = Callable[[Post], Awaitable[Answer] | None]
 declines it (None: aiohttp answers it). Whatever it does before it returns must be free of
 effects: a declined request is handled again from the start."""
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
-"""Header lines as RFC 9112 has them (no obs-fold, no control characters, CRLF)."""
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[\t ]*([\t\x20-\x7e\x80-\xff]*?)[\t ]*\r\n")
-_DECLINED = frozenset((
-    b"transfer-encoding", b"content-encoding", b"expect", b"upgrade",
-))
-"""Headers that make aiohttp do more than read a body of ``Content-Length`` bytes."""
-_ONCE = frozenset((
-    b"host", b"content-length", b"connection", b"authorization", b"x-api-key",
-    *(name.encode() for name in SINGLETON_HEADERS),
-))
-"""Headers read here, and those aiohttp refuses twice: one of them twice is aiohttp's."""
+_FIELD = re.compile(rb"\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([\t\x20-\x7e\x80-\xff]*)\r")
+"""A header line as RFC 9112 has it (a token, a colon, visible characters and blanks; no
+obs-fold, no control character), read from the LF before it to its CR."""
+_DECLINE, _ONCE = 0, 1
+_HEADERS = {
+    **{name.encode(): _ONCE for name in SINGLETON_HEADERS},
+    # read here
+    b"host": _ONCE, b"content-length": _ONCE, b"connection": _ONCE,
+    b"authorization": _ONCE, b"x-api-key": _ONCE,
+    # they make aiohttp do more than read a body of Content-Length bytes
+    b"transfer-encoding": _DECLINE, b"content-encoding": _DECLINE, b"expect": _DECLINE,
+    b"upgrade": _DECLINE,
+}
+"""The headers this path looks at: those it declines a request for, and those it reads or
+aiohttp refuses twice (either said twice: aiohttp's to judge)."""
 
 
-def split_post(data: bytes, line: int) -> tuple[dict[bytes, bytes], int, int] | None:
-    """The headers this path reads (lower-case names), where the body starts and ends in
-    ``data``, whose first ``line`` bytes are the request line; None: not the plain case."""
-    end = data.find(b"\r\n\r\n", line - 2)
-    if end < 0 or _FIELDS.fullmatch(data, line, end + 2) is None:
+MAX_HEAD = 8190
+"""Header bytes a head may have here (aiohttp refuses a field over 8190 bytes)."""
+MAX_FIELDS = 100
+"""Header lines a head may have here (aiohttp refuses more than 128)."""
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/1\.1\r\n")
+
+
+def frame(data: bytes, line: int) -> tuple[dict[bytes, bytes], int, int] | None:
+    """One HTTP/1.1 request as aiohttp reads it, at the start of ``data`` (whose first ``line``
+    bytes are its request line): the headers this path reads (lower-case names) and where its
+    body starts and ends; None when the head is not whole in ``data``, not plain (every
+    header line as RFC 9112 writes it, within ``MAX_HEAD`` bytes and ``MAX_FIELDS`` lines,
+    one ``Host``, at most one ``Content-Length``, none of the headers aiohttp refuses twice
+    said twice, no ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``, ``Upgrade``, no
+    ``Connection`` but ``keep-alive``), or its body is not whole in ``data``."""
+    end = data.find(b"\r\n\r\n", line - 2, line + MAX_HEAD)
+    if end < 0:
+        return None
+    # every line between the request line's LF and the last header line's CR is a header
+    # line: as many of them as LFs and as CRs there (no bare CR or LF, no line that is not
+    # one). The value's class has no CR: the match never looks back (linear in the head).
+    fields = _FIELD.findall(data, line - 1, end + 1)
+    lines = len(fields)
+    if (lines > MAX_FIELDS or data.count(b"\n", line - 1, end + 1) != lines
+            or data.count(b"\r", line, end + 1) != lines):
         return None
     read: dict[bytes, bytes] = {}
-    for name, value in _FIELD.findall(data, line, end + 2):
+    for name, value in fields:
         name = name.lower()
-        if name in _DECLINED:
+        kind = _HEADERS.get(name)
+        if kind is None:
+            continue
+        if kind == _DECLINE or name in read:
             return None
-        if name in _ONCE:
-            if name in read:
-                return None  # said twice: aiohttp's to judge
-            read[name] = value
-    length = read.get(b"content-length")
-    if b"host" not in read or length is None or not length.isdigit() or len(length) > 12:
+        read[name] = value.strip(b" \t")
+    if b"host" not in read:
         return None
     connection = read.get(b"connection")
     if connection is not None and connection.lower() != b"keep-alive":
         return None
     start = end + 4
+    length = read.get(b"content-length")
+    if length is None:
+        return read, start, start
+    if not length.isdigit() or len(length) > 12:
+        return None
     stop = start + int(length)
     if len(data) < stop:
         return None  # the body comes in later chunks
     return read, start, stop
+
+
+def split_post(data: bytes, line: int) -> tuple[dict[bytes, bytes], int, int] | None:
+    """``frame`` of a request with a ``Content-Length`` (the plain case of a ``POST``)."""
+    framed = frame(data, line)
+    if framed is None or b"content-length" not in framed[0]:
+        return None
+    return framed
+
+
+def one_request(data: bytes) -> bool:
+    """``data`` is exactly one whole plain HTTP/1.1 request (``frame``): after it a parser
+    that was between requests is between requests again."""
+    line = data.find(b"\r\n") + 2
+    if line < 2 or _REQUEST_LINE.fullmatch(data, 0, line) is None:
+        return False
+    framed = frame(data, line)
+    return framed is not None and framed[2] == len(data)
 
 
 _date_line: tuple[int, bytes] = (-1, b"")
@@ -135,42 +183,58 @@ def problem_answer(status: int, detail: str, headers: dict[str, str] | None = No
     return raw_answer(line, b"application/problem+json", problem_body(status, detail), extra)
 
 
+class Connection(Protocol):
+    """The connection a request was taken from (``connguard.HttpGuard``)."""
+
+    def peer(self) -> str | None:
+        """The peer's address, as aiohttp's ``request.remote``."""
+
+    def send(self, answer: bytes) -> None:
+        """Write the answer of the request taken, unless the connection is gone."""
+
+    def answered(self) -> None:
+        """The request taken is done: the bytes received since are the connection's next."""
+
+
 class FastPosts:
     """The server's routes answered from the connection, and their requests in hand."""
 
-    def __init__(self, guard: ApiGuard, routes: dict[str, FastHandler]) -> None:
-        self.guard = guard
+    def __init__(self, api: ApiGuard, routes: dict[str, FastHandler]) -> None:
+        self.api = api
         self.routes = {
             b"POST %s HTTP/1.1\r\n" % path.encode(): (path, handler)
             for path, handler in routes.items()
         }
         self.tasks: set[asyncio.Task[None]] = set()
+        """The requests in hand."""
         self.taken = 0
         """Requests taken from the connection so far (the rest went to aiohttp)."""
+        self.failed = 0
+        """Requests whose handler raised when taking them (aiohttp answered them)."""
         self.closing = False
-        """The server is stopping: every request goes to aiohttp, which refuses them."""
+        """The server is stopping: no request is taken (aiohttp has them until it stops)."""
 
-    def take(
-        self, data: bytes, remote: Callable[[], str | None]
-    ) -> tuple[Awaitable[Answer], int] | None:
-        """The work of the request at the start of ``data`` and where it ends in ``data``, or
-        None (aiohttp's to answer)."""
+    def take(self, data: bytes, conn: Connection) -> bool:
+        """Take the request that is the whole of ``data``, which ``conn`` received (its work
+        under way, ``conn`` answers it); False: aiohttp's."""
         if self.closing:
-            return None
+            return False
         line = data.find(b"\r\n") + 2
         found = self.routes.get(data[:line])
         if found is None:
-            return None
+            return False
         split = split_post(data, line)
         if split is None:
-            return None
-        started = time.perf_counter()
+            return False
         read, start, stop = split
+        if stop != len(data):
+            return False  # pipelined requests in one chunk: aiohttp's, all of them
+        started = time.perf_counter()
         authorization = read.get(b"authorization")
         api_key = read.get(b"x-api-key")
         post = Post(
-            data[start:stop],
-            remote(),
+            data[start:],
+            conn.peer(),
             authorization.decode("utf-8", "surrogateescape") if authorization else "",
             api_key.decode("utf-8", "surrogateescape") if api_key is not None else None,
         )
@@ -178,16 +242,27 @@ class FastPosts:
         try:
             work = handler(post)
         except Exception:
-            return None  # aiohttp's path answers it as the error it is
+            # aiohttp's path answers the request (as the error it is there, if it is one);
+            # here it is a bug of the handler's fast side: said, and counted
+            self.failed += 1
+            if self.failed in (1, 10, 100) or self.failed % 1000 == 0:
+                log.exception("http: POST %s: the fast path failed (%d so far), aiohttp "
+                              "answered", path, self.failed)
+            return False
         if work is None:
-            return None
+            return False
         self.taken += 1
-        return self._run(work, path, started), stop
+        task = asyncio.get_running_loop().create_task(self._answer(conn, work, path, started))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
 
-    async def _run(self, work: Awaitable[Answer], path: str, started: float) -> Answer:
-        """``work``'s answer, with what ``ApiGuard.run`` does around a handler: an error of
-        its answered as a problem, the request counted."""
-        guard = self.guard
+    async def _answer(
+        self, conn: Connection, work: Awaitable[Answer], path: str, started: float
+    ) -> None:
+        """``work``'s answer sent, with what ``ApiGuard.run`` does around a handler: an error
+        of its answered as a problem, the request counted."""
+        api = self.api
         status = 500
         try:
             try:
@@ -196,15 +271,23 @@ class FastPosts:
                 status = 499
                 raise
             except Exception as exc:
-                status, detail, headers = guard.error_problem(exc, "POST", path)
+                status, detail, headers = api.error_problem(exc, "POST", path)
                 answer = problem_answer(status, detail, headers)
-            return status, answer
+            conn.send(answer)
         finally:
-            if guard.metrics is not None:
-                guard.count("POST", path, path, status, started)
+            if api.metrics is not None:
+                api.count("POST", path, path, status, started)
+            conn.answered()
 
     async def drain(self, within: float) -> None:
-        """Refuse further requests; wait up to ``within`` seconds for those in hand."""
+        """Take no further request (aiohttp has them, until the server stops); wait up to
+        ``within`` seconds for those in hand, then cancel what is left (counted 499, its
+        client unanswered: a contact it brought may be written, and its retry deduplicated)."""
         self.closing = True
         if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=within)
+            _, late = await asyncio.wait(set(self.tasks), timeout=within)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("http: %d requests still in hand at stop: cancelled", len(late))
+                await asyncio.wait(late)

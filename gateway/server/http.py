@@ -362,7 +362,7 @@ class CoreRoutes:
 
 
 SHUTDOWN_TIMEOUT = 60.0
-"""How long a stop waits for the requests in hand (aiohttp's runner's default)."""
+"""How long a stop waits for the requests in hand, all of them (aiohttp's default)."""
 
 
 class HttpServer:
@@ -387,6 +387,7 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self.fast: FastPosts | None = None
         """The routes answered from the connection (``fastpost``), while the server runs."""
+        self.shutdown_timeout = SHUTDOWN_TIMEOUT
 
     async def start(self) -> None:
         limits = self.limits
@@ -395,7 +396,7 @@ class HttpServer:
             access_log=None,
             handle_signals=False,
             keepalive_timeout=float(limits.keepalive_timeout),
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            shutdown_timeout=self.shutdown_timeout,
         )
         await self._runner.setup()
         server = self._runner.server
@@ -426,9 +427,14 @@ class HttpServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        # one bound for both waits: the requests taken from their connections first
+        # (aiohttp's shutdown takes those connections for idle ones), then aiohttp's own
+        deadline = asyncio.get_running_loop().time() + self.shutdown_timeout
         fast, self.fast = self.fast, None
-        if fast is not None:  # aiohttp's shutdown takes those connections for idle ones
-            await fast.drain(SHUTDOWN_TIMEOUT)
+        if fast is not None:
+            await fast.drain(self.shutdown_timeout)
         runner, self._runner = self._runner, None
+        if runner is not None and hasattr(runner, "_shutdown_timeout"):
+            runner._shutdown_timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         if runner is not None:
             await runner.cleanup()

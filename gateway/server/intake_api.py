@@ -15,6 +15,7 @@ from gateway.contact.language import guess_language
 from gateway.contact.phone import to_e164
 from gateway.records import Inbound, Sender, clean_text
 from gateway.server.auth import ApiKeys, key_in, source_of
+from gateway.server.config import ApiKey
 from gateway.server.fastpost import Answer, Post, problem_answer, raw_answer
 from gateway.server.http import RawResponse, add_direct, can_answer_raw, read_capped
 from gateway.server.problems import ApiProblem, problem
@@ -141,23 +142,15 @@ class IntakeApi:
         received_at = self.clock.now_us()
         try:
             key = self.keys.authorize(request, "intake")
+            declared = request.content_length  # a property that parses the header each time
+            if declared is not None and declared > self.max_body:
+                raise ApiProblem(413, f"body larger than {self.max_body} bytes")
+            raw = await read_capped(request.content, self.max_body)
+            if raw is None:
+                raise ApiProblem(413, f"body larger than {self.max_body} bytes")
+            inbound = self._inbound(raw, key, received_at)
         except ApiProblem as exc:
             return exc.response()
-        declared = request.content_length  # a property that parses the header each time
-        if declared is not None and declared > self.max_body:
-            return problem(413, f"body larger than {self.max_body} bytes")
-        raw = await read_capped(request.content, self.max_body)
-        if raw is None:
-            return problem(413, f"body larger than {self.max_body} bytes")
-        try:
-            body = safejson.loads(raw)
-        except safejson.BadJson as exc:
-            return problem(400, f"body: {exc}")
-        adapter = source_of(key)
-        try:
-            inbound = parse_intake(body, received_at, adapter, self.region)
-        except BadRequest as exc:
-            return problem(400, str(exc))
         try:
             receipt = await self.intake.submit(inbound)
         except (InvalidContact, IntakeUnavailable) as exc:
@@ -169,24 +162,31 @@ class IntakeApi:
         return web.Response(body=answer, status=202, headers=_JSON)
 
     def fast(self, request: Post) -> Awaitable[Answer] | None:
-        """``post`` for a request taken from the connection (``fastpost``): None for every
-        request ``post`` refuses before the write (key, size, body), which aiohttp then
-        answers through ``post``; else the write and its answer."""
+        """``post`` for a request taken from the connection (``fastpost``): the same checks,
+        and None for every request they refuse (aiohttp then answers it through ``post``);
+        else the write and its answer."""
         received_at = self.clock.now_us()
         try:
             key = self.keys.check(
                 key_in(request.authorization, request.api_key), request.remote, "intake"
             )
+            if len(request.body) > self.max_body:
+                return None
+            inbound = self._inbound(request.body, key, received_at)
         except ApiProblem:
             return None
-        if len(request.body) > self.max_body:
-            return None
-        try:
-            body = safejson.loads(request.body)
-            inbound = parse_intake(body, received_at, source_of(key), self.region)
-        except (safejson.BadJson, BadRequest):
-            return None
         return self._write(inbound)
+
+    def _inbound(self, raw: bytes, key: ApiKey | None, received_at: int) -> Inbound:
+        """The contact a body describes; ``ApiProblem`` 400 if none."""
+        try:
+            body = safejson.loads(raw)
+        except safejson.BadJson as exc:
+            raise ApiProblem(400, f"body: {exc}") from exc
+        try:
+            return parse_intake(body, received_at, source_of(key), self.region)
+        except BadRequest as exc:
+            raise ApiProblem(400, str(exc)) from exc
 
     async def _write(self, inbound: Inbound) -> Answer:
         try:
