@@ -402,6 +402,9 @@ class HttpSection:
     metrics_token: Secret | None = None
     """When set, ``/metrics`` wants ``Authorization: Bearer <token>`` (Prometheus'
     ``authorization`` / ``bearer_token_file``)."""
+    fast_intake: bool = True
+    """Answer a plain ``POST /v1/intake`` from the connection without aiohttp
+    (``gateway/server/fastpost.py``); false: aiohttp answers every request."""
 
 
 @dataclass(frozen=True, slots=True)

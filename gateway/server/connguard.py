@@ -103,6 +103,8 @@ class HttpGuard(asyncio.Protocol):
     move it."""
 
     HELD = 256 * 1024
+    TURNS = 3
+    """Turns of the loop a request waits for aiohttp to pass from one request to the next."""
 
     def __init__(
         self,
@@ -144,6 +146,8 @@ class HttpGuard(asyncio.Protocol):
         self._remote_known = False
         self._at_boundary = True
         """Every chunk aiohttp was given was exactly one whole request (``_between``)."""
+        self._turns = 0
+        """Turns the bytes in ``_held`` have waited for aiohttp (``_between``: None)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -197,9 +201,20 @@ class HttpGuard(asyncio.Protocol):
             return
         self._last_data = self._loop.time()
         if (self.fast is not None and data[:5] == b"POST " and not self._partial
-                and not self._writing_paused and self._between() and self.fast.take(data, self)):
-            self._took()
-            return
+                and not self._writing_paused):
+            between = self._between()
+            if between and self.fast.take(data, self):
+                self._turns = 0
+                self._took()
+                return
+            if between is None and self._turns < self.TURNS:
+                # aiohttp passes from one request to the next: a look again next turn
+                self._turns += 1
+                self._held = [data]
+                self._held_size = len(data)
+                self._loop.call_soon(self._again)
+                return
+        self._turns = 0
         if self._at_boundary and self.fast is not None:
             self._at_boundary = one_request(data)
         self.inner.data_received(data)
@@ -213,14 +228,30 @@ class HttpGuard(asyncio.Protocol):
             if self._head_started is None:
                 self._head_started = self._last_data
 
-    def _between(self) -> bool:
-        """aiohttp waits for a request, with no byte of one begun: its loop parked on its
-        waiter (nothing queued, in hand, being answered or its body read: flags such as
+    def _between(self) -> bool | None:
+        """True: aiohttp waits for a request, with no byte of one begun: its loop parked on
+        its waiter (nothing queued, in hand, being answered or its body read; flags such as
         ``_current_request`` are not all set at every moment of that), and every chunk it was
         given was exactly one whole request (``fastpost.one_request``: its parser holds no
-        head or body begun)."""
-        waiter = self.inner._waiter
-        return self._at_boundary and waiter is not None and not waiter.done()
+        head or body begun). None: aiohttp is between the two, passing from one request to
+        the next (for a turn of the loop: its task made, not yet started; or done, its loop
+        not yet back on the waiter), or reading what is left of a body it answered. False:
+        it has a request queued or in hand, or a chunk it was given was not one request."""
+        if not self._at_boundary:
+            return False
+        inner = self.inner
+        waiter = inner._waiter
+        if waiter is not None:
+            return not waiter.done()
+        if inner._messages or inner._current_request is not None or inner._request_in_progress:
+            return False
+        return None
+
+    def _again(self) -> None:
+        """Another look at the bytes held for a turn (``data_received``)."""
+        held, self._held = self._held, None
+        if held and self._counted:
+            self.data_received(b"".join(held))
 
     def peer(self) -> str | None:
         """The peer's address as aiohttp's ``request.remote`` has it (looked up once)."""
@@ -254,6 +285,12 @@ class HttpGuard(asyncio.Protocol):
             transport.resume_reading()
         if held and self._counted:
             self.data_received(b"".join(held))
+
+    def abandon(self) -> None:
+        self._held = None
+        transport = self.transport
+        if transport is not None:
+            transport.close()
 
     def _hold(self, data: bytes) -> None:
         assert self._held is not None
@@ -339,8 +376,8 @@ def guarded_http(
 
     slots = set(getattr(RequestHandler, "__slots__", ())) | set(vars(RequestHandler))
     known = {
-        "_current_request", "_messages", "_waiter", "_next_keepalive_close_time",
-        "keepalive_timeout",
+        "_current_request", "_messages", "_request_in_progress", "_waiter",
+        "_next_keepalive_close_time", "keepalive_timeout",
     }
     if not known <= slots:  # an aiohttp this guard does not know
         raise RuntimeError(f"aiohttp's RequestHandler lacks one of {sorted(known)}")

@@ -90,7 +90,9 @@ MAX_HEAD = 8190
 """Header bytes a head may have here (aiohttp refuses a field over 8190 bytes)."""
 MAX_FIELDS = 100
 """Header lines a head may have here (aiohttp refuses more than 128)."""
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/1\.1\r\n")
+_REQUEST_LINE = re.compile(rb"(?:GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) [!-~]+ HTTP/1\.1\r\n")
+"""A request line whose message aiohttp frames by its headers alone (not ``CONNECT``: its
+parser takes what follows that head for a tunnel, whatever ``Content-Length`` says)."""
 
 
 def frame(data: bytes, line: int) -> tuple[dict[bytes, bytes], int, int] | None:
@@ -193,7 +195,10 @@ class Connection(Protocol):
         """Write the answer of the request taken, unless the connection is gone."""
 
     def answered(self) -> None:
-        """The request taken is done: the bytes received since are the connection's next."""
+        """The request taken is answered: the bytes received since are the connection's next."""
+
+    def abandon(self) -> None:
+        """The request taken has no answer: close the connection, and drop what came since."""
 
 
 class FastPosts:
@@ -201,8 +206,14 @@ class FastPosts:
 
     def __init__(self, api: ApiGuard, routes: dict[str, FastHandler]) -> None:
         self.api = api
+        metrics = api.metrics
         self.routes = {
-            b"POST %s HTTP/1.1\r\n" % path.encode(): (path, handler)
+            b"POST %s HTTP/1.1\r\n" % path.encode(): (
+                path, handler,
+                (metrics.deferred_counter(metrics.http_fast.labels(path, "taken")),
+                 metrics.deferred_counter(metrics.http_fast.labels(path, "failed")))
+                if metrics is not None else None,
+            )
             for path, handler in routes.items()
         }
         self.tasks: set[asyncio.Task[None]] = set()
@@ -238,13 +249,15 @@ class FastPosts:
             authorization.decode("utf-8", "surrogateescape") if authorization else "",
             api_key.decode("utf-8", "surrogateescape") if api_key is not None else None,
         )
-        path, handler = found
+        path, handler, counts = found
         try:
             work = handler(post)
         except Exception:
             # aiohttp's path answers the request (as the error it is there, if it is one);
             # here it is a bug of the handler's fast side: said, and counted
             self.failed += 1
+            if counts is not None:
+                counts[1].inc()
             if self.failed in (1, 10, 100) or self.failed % 1000 == 0:
                 log.exception("http: POST %s: the fast path failed (%d so far), aiohttp "
                               "answered", path, self.failed)
@@ -252,6 +265,8 @@ class FastPosts:
         if work is None:
             return False
         self.taken += 1
+        if counts is not None:
+            counts[0].inc()
         task = asyncio.get_running_loop().create_task(self._answer(conn, work, path, started))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -264,6 +279,7 @@ class FastPosts:
         of its answered as a problem, the request counted."""
         api = self.api
         status = 500
+        sent = False
         try:
             try:
                 status, answer = await work
@@ -274,15 +290,20 @@ class FastPosts:
                 status, detail, headers = api.error_problem(exc, "POST", path)
                 answer = problem_answer(status, detail, headers)
             conn.send(answer)
+            sent = True
         finally:
             if api.metrics is not None:
                 api.count("POST", path, path, status, started)
-            conn.answered()
+            if sent:
+                conn.answered()
+            else:  # what came after it must not be answered in its place
+                conn.abandon()
 
     async def drain(self, within: float) -> None:
         """Take no further request (aiohttp has them, until the server stops); wait up to
         ``within`` seconds for those in hand, then cancel what is left (counted 499, its
-        client unanswered: a contact it brought may be written, and its retry deduplicated)."""
+        connection closed unanswered with what came after it: a contact it brought may be
+        written, and the client's retry is deduplicated)."""
         self.closing = True
         if self.tasks:
             _, late = await asyncio.wait(set(self.tasks), timeout=within)

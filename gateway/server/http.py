@@ -361,8 +361,9 @@ class CoreRoutes:
         )
 
 
-SHUTDOWN_TIMEOUT = 60.0
-"""How long a stop waits for the requests in hand, all of them (aiohttp's default)."""
+SHUTDOWN_TIMEOUT = 20.0
+"""How long a stop waits for the HTTP requests in hand, all of them: a third of the process
+manager's 60 s (deploy/), the rest for Intake's flush, the spool and the embedded server."""
 
 
 class HttpServer:
@@ -391,6 +392,8 @@ class HttpServer:
 
     async def start(self) -> None:
         limits = self.limits
+        if "_shutdown_timeout" not in web.BaseRunner.__slots__:  # an aiohttp stop does not know
+            raise RuntimeError("aiohttp's runner has no _shutdown_timeout")
         self._runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -434,7 +437,10 @@ class HttpServer:
         if fast is not None:
             await fast.drain(self.shutdown_timeout)
         runner, self._runner = self._runner, None
-        if runner is not None and hasattr(runner, "_shutdown_timeout"):
-            runner._shutdown_timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        if runner is not None:
+            # aiohttp waits up to its timeout for a handler, then as long again for the
+            # connection's task; and 0 is no bound at all to it
+            left = deadline - asyncio.get_running_loop().time()
+            runner._shutdown_timeout = max(0.05, left / 2)
         if runner is not None:
             await runner.cleanup()

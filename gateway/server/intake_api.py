@@ -135,8 +135,9 @@ class IntakeApi:
         self.max_body = max_body
         self.region = region
 
-    def register(self, app: web.Application) -> None:
-        add_direct(app, "POST", "/v1/intake", self.post, fast=self.fast)
+    def register(self, app: web.Application, fast: bool = True) -> None:
+        """``POST /v1/intake``; with ``fast`` also answered from the connection."""
+        add_direct(app, "POST", "/v1/intake", self.post, fast=self.fast if fast else None)
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         received_at = self.clock.now_us()

@@ -152,6 +152,13 @@ class Metrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.http_fast = Counter(
+            "gateway_http_fast_requests",
+            "Requests answered from the connection without aiohttp (taken), and those whose "
+            "fast handler failed (aiohttp answered them)",
+            ["route", "outcome"],
+            registry=r,
+        )
         self.http_duration = Histogram(
             "gateway_http_request_duration_seconds",
             "HTTP request handling time, by route pattern",

@@ -209,7 +209,7 @@ class Gateway:
         )
         IntakeApi(
             self.admission, api_keys, self.clock, s.http.max_body, s.api.region
-        ).register(app)
+        ).register(app, fast=s.http.fast_intake)
         self.leases = Leases(self.redis, self.keys, self.instance, s.fleet.lease_ttl)
         self.cases = CaseServices(
             s,

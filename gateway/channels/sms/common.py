@@ -94,9 +94,10 @@ def peer_in(request: web.Request, allowed: tuple[Network, ...]) -> bool:
 
 
 def equal(a: str | bytes, b: str | bytes) -> bool:
-    """Compare two secrets in constant time."""
-    ab = a.encode("utf-8") if isinstance(a, str) else a
-    bb = b.encode("utf-8") if isinstance(b, str) else b
+    """Compare two secrets in constant time (a header value that is not UTF-8 arrives with
+    surrogates: its own bytes again, not an error)."""
+    ab = a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
+    bb = b.encode("utf-8", "surrogateescape") if isinstance(b, str) else b
     return hmac.compare_digest(ab, bb)
 
 
