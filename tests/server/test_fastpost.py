@@ -1,7 +1,11 @@
 """``POST /v1/intake`` answered from the connection (``gateway/server/fastpost.py``): taken
-only in the plain case, answered as aiohttp answers it, in order with the connection's other
-requests, within aiohttp's keep-alive clock, drained at stop, and held back while the client
-reads no answers. Every exchange is raw HTTP/1.1 over a real socket to a real gateway."""
+only in the plain case and only where aiohttp is between requests, answered as aiohttp answers
+it, in order with the connection's other requests, within aiohttp's keep-alive clock, drained
+within the stop's bound, held back while the client reads no answers; and a differential of
+its head parser against aiohttp's. Every exchange is raw HTTP/1.1 over a real socket to a
+real gateway (or the gateway's HTTP server with a route of the test's) and a real Valkey.
+Several tests come from two independent reviews of the path; each failed on the code it
+found wanting."""
 
 from __future__ import annotations
 
@@ -104,6 +108,27 @@ async def test_the_plain_case_is_taken_from_the_connection_and_answered_as_aioht
     # the same contact again: its repeat, answered with the first's id
     (again,) = await exchange(gw.http_port, whole(body))
     assert orjson.loads(parts(again)[2])["id"] == one["id"] and taken(gw) == 2
+
+
+async def test_the_path_is_counted_and_can_be_turned_off(start_gateway):
+    """``gateway_http_fast_requests_total`` counts what the path takes; with
+    ``[http] fast_intake = false`` aiohttp answers every request, the same 202."""
+    from tests.server.test_observability import sample
+
+    gw = await start_gateway()
+    body = orjson.dumps({"text": "x", "external_id": "on"})
+    (on,) = await exchange(gw.http_port, whole(body))
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{gw.http_port}/metrics"
+    ) as resp:
+        text = await resp.text()
+    assert sample(text, "gateway_http_fast_requests_total", route="/v1/intake",
+                  outcome="taken") == 1
+    off = await start_gateway(http={"fast_intake": False})
+    assert off.http.fast is None
+    (answer,) = await exchange(off.http_port, whole(orjson.dumps({"text": "x"})))
+    assert parts(answer)[0] == parts(on)[0] == b"HTTP/1.1 202 Accepted"
+    assert parts(answer)[1].keys() == parts(on)[1].keys()
 
 
 @pytest.mark.parametrize(
