@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from pathlib import Path
 
 from gateway.testing.plugin import settings_for
 
-__all__ = ["answer_before_body", "free_port", "free_ports", "require", "settings_for"]
+__all__ = [
+    "answer_before_body", "free_port", "free_ports", "read_answer", "require", "settings_for",
+]
 
 
 def free_port() -> int:
@@ -90,3 +93,14 @@ def require(ok: bool, what: str) -> None:
 
     if not ok:
         pytest.fail(f"this test needs {what}", pytrace=False)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 answer, head and body (by its ``Content-Length``), as it came."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)

@@ -3,7 +3,8 @@ time limit on the request head and on silence while a body is still arriving (sl
 
 aiohttp closes idle keep-alive connections (``keepalive_timeout``) but never a request whose
 head or body trickles in; asyncio servers accept connections until the process runs out of
-file descriptors. The guard wraps each connection's protocol without touching its parser.
+file descriptors. The guard wraps each connection's protocol without touching its parser; it
+is also where a request of a route answered without aiohttp (``fastpost``) is taken.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.server.fastpost import frame, one_request, split_post
+from tests.harness import read_answer
 
 LINE = b"POST /v1/intake HTTP/1.1\r\n"
 
@@ -43,16 +44,6 @@ def chunked(body: bytes, *extra: str) -> bytes:
         LINE + ("\r\n".join(head) + "\r\n\r\n").encode()
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     )
-
-
-async def read_answer(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return head + await reader.readexactly(length)
 
 
 async def exchange(port: int, *writes: bytes, answers: int = 1) -> list[bytes]:

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.harness import settings_for  # noqa: F401  (documents where settings come from)
+from tests.harness import read_answer, settings_for  # noqa: F401  (settings: documented)
 
 
 async def post(session, gw, body: bytes, headers=None):
@@ -142,13 +142,7 @@ async def _exchange(port: int, request: bytes, answers: int = 1) -> tuple[list[b
         writer.write(request)
         out = []
         for _ in range(answers):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            out.append(head + await reader.readexactly(length))
+            out.append(await read_answer(reader))
         closed = await reader.read(1) == b""
     finally:
         writer.close()
