@@ -143,8 +143,6 @@ class HttpGuard(asyncio.Protocol):
         self._held_size = 0
         self._reading_paused = False
         self._writing_paused = False
-        self._remote: str | None = None
-        self._remote_known = False
         self._at_boundary = True
         """Every chunk aiohttp was given was exactly one whole request (``_between``)."""
         self._turns = 0
@@ -255,13 +253,12 @@ class HttpGuard(asyncio.Protocol):
             self.data_received(b"".join(held))
 
     def peer(self) -> str | None:
-        """The peer's address as aiohttp's ``request.remote`` has it (looked up once)."""
-        if not self._remote_known:
-            transport = self.transport
-            peer = transport.get_extra_info("peername") if transport is not None else None
-            self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
-            self._remote_known = True
-        return self._remote
+        """The peer's address as aiohttp's ``request.remote`` has it (from the handler's
+        cached ``peername``)."""
+        peer = self.inner.peername
+        if peer is None:
+            return None
+        return str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer)
 
     def _took(self) -> None:
         """``fast`` took the request that was the chunk: what comes next waits for it."""
@@ -378,7 +375,7 @@ def guarded_http(
     slots = set(getattr(RequestHandler, "__slots__", ())) | set(vars(RequestHandler))
     known = {
         "_current_request", "_messages", "_request_in_progress", "_waiter",
-        "_next_keepalive_close_time", "keepalive_timeout",
+        "_next_keepalive_close_time", "keepalive_timeout", "peername",
     }
     if not known <= slots:  # an aiohttp this guard does not know
         raise RuntimeError(f"aiohttp's RequestHandler lacks one of {sorted(known)}")
