@@ -105,7 +105,8 @@ class HttpGuard(asyncio.Protocol):
 
     HELD = 256 * 1024
     TURNS = 3
-    """Turns of the loop a request waits for aiohttp to pass from one request to the next."""
+    """Turns of the loop a request waits for aiohttp to pass from one request to the next
+    (seen: two, a request read as aiohttp's task for the one before was made)."""
 
     def __init__(
         self,
@@ -199,8 +200,8 @@ class HttpGuard(asyncio.Protocol):
                 transport.close()
             return
         self._last_data = self._loop.time()
-        if (self.fast is not None and data[:5] == b"POST " and not self._partial
-                and not self._writing_paused):
+        if (self.fast is not None and not self._partial and not self._writing_paused
+                and self.fast.wants(data)):
             between = self._between()
             if between and self.fast.take(data, self):
                 self._turns = 0
@@ -229,13 +230,13 @@ class HttpGuard(asyncio.Protocol):
 
     def _between(self) -> bool | None:
         """True: aiohttp waits for a request, with no byte of one begun: its loop parked on
-        its waiter (nothing queued, in hand, being answered or its body read; flags such as
+        its waiter (nothing queued, in hand or being answered; flags such as
         ``_current_request`` are not all set at every moment of that), and every chunk it was
         given was exactly one whole request (``fastpost.one_request``: its parser holds no
-        head or body begun). None: aiohttp is between the two, passing from one request to
-        the next (for a turn of the loop: its task made, not yet started; or done, its loop
-        not yet back on the waiter), or reading what is left of a body it answered. False:
-        it has a request queued or in hand, or a chunk it was given was not one request."""
+        head or body begun, so it reads no body's rest either). None: aiohttp passes from one
+        request to the next, for a turn of the loop (its task made, not yet started; or done,
+        its loop not yet back on the waiter), or leaves its loop to close. False: it has a
+        request queued or in hand, or a chunk it was given was not one request."""
         if not self._at_boundary:
             return False
         inner = self.inner
@@ -248,7 +249,16 @@ class HttpGuard(asyncio.Protocol):
 
     def _again(self) -> None:
         """Another look at the bytes held for a turn (``data_received``)."""
+        self._release()
+
+    def _release(self) -> None:
+        """The bytes held are the connection's next (the reading, if ``_hold`` paused it,
+        resumed first: whoever takes them, aiohttp or the fast path, bounds it again)."""
         held, self._held = self._held, None
+        transport = self.transport
+        if self._reading_paused and transport is not None:
+            self._reading_paused = False
+            transport.resume_reading()
         if held and self._counted:
             self.data_received(b"".join(held))
 
@@ -275,19 +285,25 @@ class HttpGuard(asyncio.Protocol):
 
     def answered(self) -> None:
         """The request taken is answered: the bytes come since are the connection's next."""
-        held, self._held = self._held, None
         self._keep_alive()
-        transport = self.transport
-        if self._reading_paused and transport is not None:
-            self._reading_paused = False
-            transport.resume_reading()
-        if held and self._counted:
-            self.data_received(b"".join(held))
+        self._release()
 
     def abandon(self) -> None:
+        """No answer: our side of the connection ended, what comes is read and dropped until
+        the peer closes or the next tick of ``_check`` (as for the overload refusal: closing
+        with unread bytes would reset the connection, and the peer might lose answers still
+        on their way)."""
         self._held = None
+        self._refused = True
         transport = self.transport
-        if transport is not None:
+        if transport is None or transport.is_closing():
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
             transport.close()
 
     def _hold(self, data: bytes) -> None:

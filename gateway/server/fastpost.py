@@ -225,6 +225,10 @@ class FastPosts:
         self.closing = False
         """The server is stopping: no request is taken (aiohttp has them until it stops)."""
 
+    def wants(self, data: bytes) -> bool:
+        """``data`` begins with a request line of a route of ours, and the server runs."""
+        return not self.closing and data[:data.find(b"\r\n") + 2] in self.routes
+
     def take(self, data: bytes, conn: Connection) -> bool:
         """Take the request that is the whole of ``data``, which ``conn`` received (its work
         under way, ``conn`` answers it); False: aiohttp's."""
@@ -292,12 +296,12 @@ class FastPosts:
             conn.send(answer)
             sent = True
         finally:
-            if api.metrics is not None:
-                api.count("POST", path, path, status, started)
             if sent:
                 conn.answered()
             else:  # what came after it must not be answered in its place
                 conn.abandon()
+            if api.metrics is not None:
+                api.count("POST", path, path, status, started)
 
     async def drain(self, within: float) -> None:
         """Take no further request (aiohttp has them, until the server stops); wait up to
@@ -311,4 +315,4 @@ class FastPosts:
                 task.cancel()
             if late:
                 log.warning("http: %d requests still in hand at stop: cancelled", len(late))
-                await asyncio.wait(late)
+                await asyncio.wait(late, timeout=1.0)

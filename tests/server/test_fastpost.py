@@ -602,11 +602,12 @@ async def test_a_head_over_aiohttps_limits_is_aiohttps_400(start_gateway):
 async def test_a_request_behind_one_aiohttp_has_just_dequeued_is_not_taken(start_gateway):
     """aiohttp's ``start()`` pops a request from its queue and creates the task that
     handles it; that task marks the request in hand only at its first step, an iteration of
-    the loop later. A chunk read in between is aiohttp's (taken only while aiohttp's loop
-    waits on its waiter): taken, its 202 could come before the GET's answer. The second
-    request is sent from a reader callback that runs right after the loop read the first
-    (same ``select``), so it is read in the next iteration, the one in which ``start()``
-    pops the first: every time."""
+    the loop later. A chunk read in between waits a turn (``_between``: None); it is taken
+    only once aiohttp's loop is back on its waiter, the GET answered (with a handler done in
+    one step), or given to aiohttp behind the GET (``/metrics`` suspends: in hand, False).
+    Taken before, its 202 could come before the GET's answer. The second request is sent
+    from a reader callback that runs right after the loop read the first (same ``select``),
+    so it is read in the next iteration, the one in which ``start()`` pops the first."""
     gw = await start_gateway()
     loop = asyncio.get_running_loop()
     sock = socket.socket()
@@ -748,6 +749,128 @@ async def test_a_request_behind_one_cancelled_at_stop_is_not_answered_in_its_pla
     finally:
         writer.close()
     assert got == b"", f"the POST's connection answered: {parts(got)[0]!r} {parts(got)[2]!r}"
+
+
+# -- the turn's wait (found by the third review) ------------------------------------
+
+def _fast_and_aiohttp_routes() -> Any:
+    """``POST /v1/fast`` answered from the connection; ``GET /ok`` answered by aiohttp at
+    once (its task done in its first step); ``POST /echo`` aiohttp's, answering the length
+    of the body it read."""
+    from gateway.server.config import HostPort
+    from gateway.server.http import HttpServer, add_direct, build_app
+    from gateway.server.metrics import Metrics
+
+    async def work() -> tuple[int, bytes]:
+        return 202, b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+
+    async def not_aiohttps(request: web.Request) -> web.Response:
+        return web.Response(status=202)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    app = build_app(1024, Metrics())
+    add_direct(app, "POST", "/v1/fast", not_aiohttps, fast=lambda post: work())
+    app.router.add_get("/ok", ok)
+    app.router.add_post("/ok", ok)
+    app.router.add_post("/echo", echo)
+    return HttpServer(app, HostPort("127.0.0.1", 0))
+
+
+def test_bytes_held_past_HELD_in_the_turn_wait_do_not_leave_reading_paused():
+    """Bytes held past ``HELD`` while aiohttp passes between requests leave no reading
+    paused. On uvloop, the gateway's loop (``cli``): libuv reads a readable socket until it
+    has nothing (up to 32 reads), so a turn can hold far more than one read's worth. (Found
+    by the third review.)"""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_held_past_HELD())
+
+
+async def _held_past_HELD() -> None:
+    """The turn's wait (``_between`` None) holds the chunk in ``_held``, and ``_hold``
+    pauses the transport's reading once ``_held`` passes ``HELD``; when the held bytes are
+    not one request they go to aiohttp, the reading resumed first (``_release``). Paused,
+    nothing more was read on the connection: aiohttp answered what it was given, then waited
+    for the rest of a head that never came (its keep-alive clock ended the connection with
+    the client's requests unanswered: 17 of 22 answered).
+
+    Timeline: the GET is read in iteration A; the pipelined POSTs are sent from a reader
+    callback that runs after that read, so they are read in A+1, after ``start()`` popped
+    the GET and made its task (None: held, turn 1; libuv's further reads of the same socket
+    in that turn: ``_hold``, past HELD, reading paused); in A+2 the GET's task runs to its
+    end, then ``_again`` (None: held again, turn 2); in A+3 ``start()`` is back on its
+    waiter, ``_again`` finds aiohttp between requests, ``take`` declines (not one request)
+    and aiohttp is given the bytes, the reading still paused."""
+    from gateway.server.config import Duration, LimitsSection
+
+    server = _fast_and_aiohttp_routes()
+    # the end comes sooner
+    server.limits = LimitsSection(body_timeout=Duration(2), keepalive_timeout=Duration(2))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    # no body (a body's end or read resumes the transport in aiohttp), fewer than aiohttp's
+    # 32 queued messages (it pauses and resumes for those): heads of 32 KB, 4 fields each
+    count = 20
+    pad = "".join(f"X-Pad-{i}: {'p' * 8000}\r\n" for i in range(4)).encode()
+    get = b"GET /ok HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n"
+    rest = b"POST /v1/fast HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" + get * count
+    # a receive window as the kernel's autotuning gives a busy connection (accepted sockets
+    # inherit the listener's): a read of uvloop's whole buffer at once
+    assert server._server is not None
+    server._server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"POST /v1/fast HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    await read_answer(reader)
+    assert server.fast is not None and server.fast.taken == 1
+    await asyncio.sleep(0.05)
+    r, w = os.pipe()
+    sent = 0
+
+    def after_first() -> None:
+        nonlocal sent
+        os.read(r, 1)
+        loop.remove_reader(r)
+        try:
+            sent = sock.send(rest)
+        except BlockingIOError:
+            sent = 0
+
+    loop.add_reader(r, after_first)
+    sock.send(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    os.write(w, b"x")
+    await asyncio.sleep(0)
+    answers: list[bytes] = []
+    try:
+        while sent == 0:
+            await asyncio.sleep(0.01)
+        writer.write(rest[sent:])
+        try:
+            # a hang guard 10x the body clock, not a timing: the connection ends first
+            for _ in range(count + 2):  # the GET, the POST, the GETs
+                answers.append(await asyncio.wait_for(read_answer(reader), 20))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
+        await server.stop()
+    # aiohttp alone (or the turn's wait resuming the reading): every request answered
+    assert len(answers) == count + 2, (
+        f"{len(answers)} of {count + 2} answered, then the connection ended "
+        f"({sent} bytes in the first send)"
+    )
 
 
 # -- the head's parser against aiohttp's ------------------------------------------------
