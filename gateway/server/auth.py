@@ -21,11 +21,6 @@ def secrets_equal(given: str | bytes, expected: str | bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-def is_loopback(request: web.Request) -> bool:
-    """True when the peer is on a loopback address."""
-    return _loopback(request.remote or "")
-
-
 @functools.lru_cache(maxsize=1024)
 def _loopback(remote: str) -> bool:
     """Parsing the address costs more than the rest of a key check: peers are few, keep it."""
