@@ -140,7 +140,8 @@ class HttpGuard(asyncio.Protocol):
         self._tick = max(0.05, min(1.0, min(clocks) / 4))
         self.fast = fast
         self._held: list[bytes] | None = None
-        """While a request taken from the connection is in hand: the bytes come since."""
+        """While a request taken from the connection is in hand, or a request waits a turn
+        for aiohttp to be between requests (``_between``: None): the bytes come since."""
         self._held_size = 0
         self._reading_paused = False
         self._writing_paused = False
@@ -201,18 +202,18 @@ class HttpGuard(asyncio.Protocol):
             return
         self._last_data = self._loop.time()
         if (self.fast is not None and not self._partial and not self._writing_paused
-                and self.fast.wants(data)):
+                and (route := self.fast.route(data)) is not None):
             between = self._between()
-            if between and self.fast.take(data, self):
+            if between and self.fast.take(data, route, self):
                 self._turns = 0
                 self._took()
                 return
             if between is None and self._turns < self.TURNS:
-                # aiohttp passes from one request to the next: a look again next turn
+                # aiohttp passes from one request to the next
                 self._turns += 1
                 self._held = [data]
                 self._held_size = len(data)
-                self._loop.call_soon(self._again)
+                self._loop.call_soon(self._release)  # a look again next turn
                 return
         self._turns = 0
         if self._at_boundary and self.fast is not None:
@@ -246,10 +247,6 @@ class HttpGuard(asyncio.Protocol):
         if inner._messages or inner._current_request is not None or inner._request_in_progress:
             return False
         return None
-
-    def _again(self) -> None:
-        """Another look at the bytes held for a turn (``data_received``)."""
-        self._release()
 
     def _release(self) -> None:
         """The bytes held are the connection's next (the reading, if ``_hold`` paused it,

@@ -41,6 +41,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import SINGLETON_HEADERS
 
+from gateway.server.metrics import DeferredCounter
 from gateway.server.problems import problem_body
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,10 @@ def problem_answer(status: int, detail: str, headers: dict[str, str] | None = No
     return raw_answer(line, b"application/problem+json", problem_body(status, detail), extra)
 
 
+Route = tuple[str, FastHandler, tuple[DeferredCounter, DeferredCounter] | None]
+"""A route's path, its handler, and its counters (taken, failed) when there are metrics."""
+
+
 class Connection(Protocol):
     """The connection a request was taken from (``connguard.HttpGuard``)."""
 
@@ -207,7 +212,7 @@ class FastPosts:
     def __init__(self, api: ApiGuard, routes: dict[str, FastHandler]) -> None:
         self.api = api
         metrics = api.metrics
-        self.routes = {
+        self.routes: dict[bytes, Route] = {
             b"POST %s HTTP/1.1\r\n" % path.encode(): (
                 path, handler,
                 (metrics.deferred_counter(metrics.http_fast.labels(path, "taken")),
@@ -225,20 +230,17 @@ class FastPosts:
         self.closing = False
         """The server is stopping: no request is taken (aiohttp has them until it stops)."""
 
-    def wants(self, data: bytes) -> bool:
-        """``data`` begins with a request line of a route of ours, and the server runs."""
-        return not self.closing and data[:data.find(b"\r\n") + 2] in self.routes
-
-    def take(self, data: bytes, conn: Connection) -> bool:
-        """Take the request that is the whole of ``data``, which ``conn`` received (its work
-        under way, ``conn`` answers it); False: aiohttp's."""
+    def route(self, data: bytes) -> Route | None:
+        """The route of ours whose request line ``data`` begins with, while the server runs."""
         if self.closing:
-            return False
-        line = data.find(b"\r\n") + 2
-        found = self.routes.get(data[:line])
-        if found is None:
-            return False
-        split = split_post(data, line)
+            return None
+        return self.routes.get(data[:data.find(b"\r\n") + 2])
+
+    def take(self, data: bytes, route: Route, conn: Connection) -> bool:
+        """Take the request of ``route`` that is the whole of ``data``, which ``conn``
+        received (its work under way, ``conn`` answers it); False: aiohttp's."""
+        path, handler, counts = route
+        split = split_post(data, data.find(b"\r\n") + 2)
         if split is None:
             return False
         read, start, stop = split
@@ -253,7 +255,6 @@ class FastPosts:
             authorization.decode("utf-8", "surrogateescape") if authorization else "",
             api_key.decode("utf-8", "surrogateescape") if api_key is not None else None,
         )
-        path, handler, counts = found
         try:
             work = handler(post)
         except Exception:

@@ -21,7 +21,6 @@ from gateway.server.auth import ApiKeys, presented_key, secrets_equal
 from gateway.server.config import HostPort, LimitsSection, Secret
 from gateway.server.connguard import ConnectionCount, default_cap, guarded_http
 from gateway.server.fastpost import FastHandler, FastPosts
-from gateway.server.fastpost import raw_answer as raw_answer
 from gateway.server.listeners import create_listener
 from gateway.server.metrics import Metrics
 from gateway.server.problems import ApiProblem, problem
@@ -442,5 +441,4 @@ class HttpServer:
             # connection's task; and 0 is no bound at all to it
             left = deadline - asyncio.get_running_loop().time()
             runner._shutdown_timeout = max(0.05, left / 2)
-        if runner is not None:
             await runner.cleanup()

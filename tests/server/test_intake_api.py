@@ -233,7 +233,8 @@ async def test_a_raw_answer_waits_while_the_client_reads_no_answers():
     from aiohttp import web
 
     from gateway.server.config import HostPort
-    from gateway.server.http import HttpServer, RawResponse, add_direct, build_app, raw_answer
+    from gateway.server.fastpost import raw_answer
+    from gateway.server.http import HttpServer, RawResponse, add_direct, build_app
 
     size = 16 * 1024 * 1024
     raw = raw_answer(b"HTTP/1.1 200 OK", b"application/octet-stream", b"x" * size)
