@@ -248,6 +248,8 @@ def line(label: str, r: dict[str, Any], base: dict[str, Any] | None = None) -> s
         blat = [x * 1000 for x in base["latencies"]]
         text += (f"  added p50 {pct(lat, 0.5) - pct(blat, 0.5):+.2f} ms"
                  f" p99 {pct(lat, 0.99) - pct(blat, 0.99):+.2f} ms")
+    if "batch" in r:
+        text += f"  {r['batch']:.1f} contacts a batch"
     return text
 
 
@@ -440,7 +442,10 @@ async def serve(args: argparse.Namespace) -> None:
                 elif command == "valkey":  # what Valkey did meanwhile (the paced runs' tail)
                     info = await gateway.redis.info("persistence")
                     stats = await gateway.redis.info("stats")
+                    commands = await gateway.redis.info("commandstats")
                     answer["valkey"] = {
+                        "scripts": commands.get("cmdstat_evalsha", {}).get("calls", 0),
+                        "contacts": await gateway.redis.xlen(gateway.keys.contacts),
                         "rewrites": info["aof_rewrites"],
                         "rewriting": info["aof_rewrite_in_progress"],
                         "aof": info["aof_current_size"],
@@ -507,7 +512,7 @@ async def measured(
     aggregator settled, for the gateway)."""
     gateway = what == "gateway"
     paced = gateway and kind == "open"
-    valkey0 = (await servers.ask("valkey")).get("valkey") if paced else None
+    valkey0 = (await servers.ask("valkey")).get("valkey") if gateway else None
     cpu0 = (await servers.ask("cpu"))["cpu"]
     if lag:
         await servers.ask("lag-start")
@@ -518,6 +523,11 @@ async def measured(
     result["server_cpu"] = cpu1 - cpu0
     if valkey0:  # an older tree's child has no such command
         valkey1 = (await servers.ask("valkey"))["valkey"]
+        if "scripts" in valkey1:  # the intake batches' size: a batch's fixed cost is shared
+            batches = max(1, valkey1["scripts"] - valkey0["scripts"])
+            result["batch"] = (valkey1["contacts"] - valkey0["contacts"]) / batches
+        if not paced:
+            return result
         cycles = max(1, valkey1["cycles"] - valkey0["cycles"])
         busy = (valkey1["cycles_us"] - valkey0["cycles_us"]) / cycles
         rewrites = valkey1["rewrites"] - valkey0["rewrites"] + valkey1["rewriting"]

@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,10 +437,12 @@ class Aggregator:
             if n == 0:
                 return total
 
-    async def process(self, entries: list[tuple[Any, Any]], *, claimed: bool = False) -> None:
+    async def process(self, entries: Sequence[Sequence[Any]], *, claimed: bool = False) -> None:
         """Apply a batch of event entries read in order from the stream, then move the cursor
         past those beyond it (``advance.lua``); ``claimed``: taken over from the group's
-        pending list, acknowledged instead (the cursor reads them in its turn).
+        pending list, acknowledged instead (the cursor reads them in its turn). Each entry is
+        its id and its fields as read: ``poll``'s raw reply gives a list and a flat list of
+        fields and values, redis-py's claim a pair and a dict.
 
         An ``enqueued`` event that ``intake.lua`` marked ``counted`` took its step with the
         contact's write: nothing is read for it. Its surge keys (field ``keys``) are counted
@@ -465,8 +467,10 @@ class Aggregator:
             while first < len(entries) and _order(entries[first][0]) <= cursor:
                 first += 1
         for at, (_, read) in enumerate(entries):
-            fields: dict[bytes, bytes] = read
-            if read.__class__ is list:  # as read (``poll``): a flat list of fields and values
+            fields: dict[bytes, bytes]
+            if read.__class__ is not list:
+                fields = read
+            else:  # as read (``poll``): a flat list of fields and values
                 if (
                     len(read) == 10 and read[5] == b"enqueued" and read[8] == b"keys"
                     and read[6] == b"counted" and read[2] == b"contact_id"
