@@ -26,6 +26,10 @@ import tempfile
 from bench.procs import child_path, each_tree, intake_load
 
 
+TOP = 0
+"""``--top N``: also print the N functions called most a contact."""
+
+
 async def _measure(redis_url: str, seconds: float, label: str) -> None:
     from bench.intake_bench import gateway_classes
 
@@ -55,6 +59,12 @@ async def _measure(redis_url: str, seconds: float, label: str) -> None:
     calls = getattr(stats, "total_calls", 0)  # not in the stubs
     print(f"{label}: {ok} contacts, {calls / max(1, ok):.0f} Python function calls per contact",
           flush=True)
+    if TOP:
+        rows = getattr(stats, "stats", {})  # not in the stubs: (file, line, name) -> counts
+        top = sorted(rows.items(), key=lambda kv: -kv[1][1])[:TOP]
+        for (file, line, name), (_, calls_of, *_) in top:
+            where = f"{file.rsplit('/', 2)[-1] if file != '~' else ''}:{line}"
+            print(f"  {calls_of / max(1, ok):6.2f} a contact  {name}  {where}", flush=True)
 
 
 def _child(src: str, redis_url: str, seconds: float) -> None:
@@ -68,12 +78,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--before", default="", help="source tree of an older gateway")
+    parser.add_argument("--top", type=int, default=0,
+                        help="also print the N functions called most a contact")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        global TOP
+        TOP = args.top
         _child(args.child[0], args.child[1], args.seconds)
         return
-    each_tree("bench.intake_calls", ["--seconds", str(args.seconds)], args.before, "bench-calls-")
+    each_tree("bench.intake_calls", ["--seconds", str(args.seconds), "--top", str(args.top)],
+              args.before, "bench-calls-")
 
 
 if __name__ == "__main__":
