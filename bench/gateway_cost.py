@@ -99,9 +99,14 @@ def child(kind: str, port: int, redis_url: str, prefix: str, src: str, ready: st
 
     # under valgrind the loop runs late and a batch's answer is handled late: no overload
     # refusals, no spooling for a write that only looks slow
+    # and no deadline watcher: in a run of seconds no deadline falls due, so all it does is
+    # look at the deadline sets four times a second (three round trips each), about a third of
+    # the idle work that is counted and taken off: the fewer requests valgrind lets through on
+    # a loaded machine, the more that estimate weighed (ninth session: 20-49 % of a round)
     intake_bench.SETTINGS.update({
         "limits": {"loop_lag": 0, "in_flight": 0},
         "redis": {"write_timeout": 60},
+        "watcher": {"enabled": False},
     })
 
     class Ready:
