@@ -677,7 +677,8 @@ def _normalize(raw: bytes, envelope: Envelope, opts: Options) -> Normalized:
     auto = auto_generated_reason(headers, envelope.mail_from, sender_addr)
     if auto:
         meta["auto_generated"] = auto
-    defects = sorted({type(d).__name__ for p in _safe_walk(msg) for d in p.defects})
+    found = [d for p in _safe_walk(msg) for d in p.defects] if msg.is_multipart() else msg.defects
+    defects = sorted({type(d).__name__ for d in found})
     if defects:
         meta["defects"] = defects[:MAX_DEFECTS]
     if body.notes:
