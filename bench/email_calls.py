@@ -66,7 +66,12 @@ async def _measure(redis_url: str, args: argparse.Namespace, label: str) -> None
 
 
 def _child(src: str, redis_url: str, args: argparse.Namespace) -> None:
+    import sys
+
     child_path(src)
+    # the load's process (multiprocessing, spawned) re-runs this file by its path: by its
+    # module name it would be looked for in the older tree's ``bench``, first on the path
+    setattr(sys.modules["__main__"], "__spec__", None)  # noqa: B010
     import uvloop
 
     uvloop.run(_measure(redis_url, args, src or "now"))
