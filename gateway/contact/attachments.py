@@ -119,7 +119,7 @@ class AttachmentStore:
         self._writer: Coalescer[_File, Attachment | Exception] = Coalescer(
             self._write_group, max_batch=max_batch, max_inflight=2
         )
-        self._behind_writer: Coalescer[_File, Attachment | Exception] = Coalescer(
+        self._behind_writer: Coalescer[_Behind, Attachment | Exception] = Coalescer(
             self._write_behind_group, max_batch=BEHIND_BATCH, max_inflight=1
         )
         """Files held in Redis, written after their answer: no hurry, so one group at a time,
@@ -159,7 +159,11 @@ class AttachmentStore:
         return result
 
     def put_many_sync(
-        self, items: list[_File], *, sync_fs: bool = False
+        self,
+        items: list[_File],
+        *,
+        sync_fs: bool = False,
+        described: Sequence[Attachment | None] = (),
     ) -> list[Attachment | Exception]:
         """Store several files (blocking) with one group commit; see the class.
 
@@ -172,12 +176,15 @@ class AttachmentStore:
         file (measured: about 55-100 against 270-340 µs) but it waits for whatever else is
         dirty on that file system: for files that are already durable elsewhere (held in
         Redis), not for an answer that waits. Without ``syncfs`` (not Linux) it is the fsyncs.
+
+        ``described``: for some items, the Attachment ``describe`` made of those very bytes (a
+        held file's, by ``plan``), not made again here (its sha256 above all).
         """
         if sync_fs and _syncfs is not None:
-            return self._put_many_syncfs(items, _syncfs)
+            return self._put_many_syncfs(items, _syncfs, described)
         staged: dict[str, _Staged] = {}  # by digest: the same bytes twice are written once
         try:
-            out = self._stage_all(items, staged)
+            out = self._stage_all(items, staged, described)
             written = [f for f in staged.values() if f.fd >= 0 and f.error is None]
             for file, error in zip(written, _fsync_all([f.fd for f in written]), strict=True):
                 file.error = error  # the group commit
@@ -201,19 +208,23 @@ class AttachmentStore:
         return _outcomes(out, staged)
 
     def _stage_all(
-        self, items: list[_File], staged: dict[str, _Staged]
+        self,
+        items: list[_File],
+        staged: dict[str, _Staged],
+        described: Sequence[Attachment | None] = (),
     ) -> list[Attachment | Exception]:
         """Write each item under a temporary name (``_stage``): its Attachment, or its error."""
         out: list[Attachment | Exception] = []
-        for data, name, content_type in items:
+        for n, (data, name, content_type) in enumerate(items):
+            known = described[n] if n < len(described) else None
             try:
-                out.append(self._stage(data, name, content_type, staged))
+                out.append(self._stage(data, name, content_type, staged, known))
             except (AttachmentTooLarge, OSError) as exc:
                 out.append(exc)
         return out
 
     def _put_many_syncfs(
-        self, items: list[_File], syncfs: _SyncFs
+        self, items: list[_File], syncfs: _SyncFs, described: Sequence[Attachment | None] = ()
     ) -> list[Attachment | Exception]:
         """``put_many_sync(sync_fs=True)``: written, synced, renamed, synced.
 
@@ -230,7 +241,7 @@ class AttachmentStore:
         except OSError as exc:
             return [exc for _ in items]
         try:
-            out = self._stage_all(items, staged)
+            out = self._stage_all(items, staged, described)
             for file in staged.values():
                 file.close()
             pending = [f for f in staged.values() if f.error is None]
@@ -265,10 +276,15 @@ class AttachmentStore:
         )
 
     def _stage(
-        self, data: bytes, name: str, content_type: str, staged: dict[str, _Staged]
+        self,
+        data: bytes,
+        name: str,
+        content_type: str,
+        staged: dict[str, _Staged],
+        described: Attachment | None = None,
     ) -> Attachment:
         """Write the file (and its type) under temporary names if new, not yet fsynced."""
-        attachment = self.describe(data, name, content_type)
+        attachment = described if described is not None else self.describe(data, name, content_type)
         digest = attachment.sha256
         folder = f"{self._root}/{digest[:2]}"  # path_for's, as strings (no pathlib per file)
         target = f"{folder}/{digest}"
@@ -346,7 +362,7 @@ class AttachmentStore:
     async def _write_group(self, items: list[_File]) -> list[Attachment | Exception]:
         return await asyncio.to_thread(self.put_many_sync, items)
 
-    async def _write_behind_group(self, items: list[_File]) -> list[Attachment | Exception]:
+    async def _write_behind_group(self, items: list[_Behind]) -> list[Attachment | Exception]:
         """Write a group of held files to disk, then release the ones written from Redis (one
         ``HDEL``); a file not written stays held (written again at the next start)."""
         wait = self._behind_next - time.monotonic()
@@ -354,7 +370,12 @@ class AttachmentStore:
             await asyncio.sleep(wait)
         self._behind_next = time.monotonic() + self.behind_interval
         try:
-            results = await asyncio.to_thread(self.put_many_sync, items, sync_fs=True)
+            results = await asyncio.to_thread(
+                self.put_many_sync,
+                [file for file, _ in items],
+                sync_fs=True,
+                described=[known for _, known in items],
+            )
         except Exception as exc:  # no thread to run it (shutting down): every item stays held
             results = [exc] * len(items)
         done = [r.sha256 for r in results if isinstance(r, Attachment)]
@@ -421,7 +442,8 @@ class AttachmentStore:
             return
         items = [plan.items[i] for i in plan.held_at]
         if in_redis:
-            self._spawn_behind(items)
+            described = [plan.results[i] for i in plan.held_at]
+            self._spawn_behind(items, [a if isinstance(a, Attachment) else None for a in described])
             return
         self._holder_down_until = time.monotonic() + 1.0  # Redis away: write first for a while
         results = await asyncio.gather(*(self.submit(*item) for item in items))
@@ -447,16 +469,22 @@ class AttachmentStore:
         task.add_done_callback(self._behind.discard)
         return task
 
-    def _spawn_behind(self, items: list[_File]) -> None:
+    def _spawn_behind(
+        self, items: list[_File], described: Sequence[Attachment | None] = ()
+    ) -> None:
         """Queue held files for the next group written behind (no task of their own: the group
-        writes them, logs what failed and releases the others; ``close`` waits for both)."""
-        for item in items:
-            self._behind_writer.submit(item)
+        writes them, logs what failed and releases the others; ``close`` waits for both).
+        ``described``: the Attachments ``plan`` made of them (their sha256 not taken again in
+        the writer's thread, where it held the GIL from the event loop), else None each."""
+        for n, item in enumerate(items):
+            self._behind_writer.submit((item, described[n] if n < len(described) else None))
 
     async def _write_behind(self, items: list[_File]) -> None:
         """Write held files to disk (one group commit with others); return once they are and
         their group has released them from Redis (its release, not one more ``HDEL``)."""
-        results = await asyncio.gather(*(self._behind_writer.submit(item) for item in items))
+        results = await asyncio.gather(
+            *(self._behind_writer.submit((item, None)) for item in items)
+        )
         releases = {
             self._releasing[r.sha256]
             for r in results
@@ -581,6 +609,8 @@ class AttachmentStore:
 
 _File = tuple[bytes, str, str]
 """Bytes, name, content type."""
+_Behind = tuple[_File, Attachment | None]
+"""A held file to write behind, and the Attachment ``plan`` made of it (None: made again)."""
 
 
 @dataclass(slots=True)

@@ -484,3 +484,45 @@ async def test_a_held_file_written_on_first_read_is_released_once(tmp_path, redi
     assert store.read(digests[1]) == blobs[1]
     assert sorted(released) == sorted(digests)  # once each
     await store.close()
+
+
+async def test_a_held_file_is_hashed_once_not_again_when_written_behind(
+    tmp_path, redis_client, prefix, monkeypatch
+):
+    """``plan`` takes a held file's sha256 on the event loop; the writer's thread writes the
+    file under it without hashing the bytes again (it held the GIL from the loop doing so),
+    and the file, its type and its release are as before."""
+    from gateway.contact import attachments
+    from gateway.queueing.held import RedisHolder
+    from gateway.queueing.keys import Keys
+
+    store = AttachmentStore(tmp_path / "attachments", max_size=1 << 20)
+    holder = RedisHolder(redis_client, Keys(prefix), store.root)
+    store.hold_in(holder)
+    store.behind_interval = 0.0
+    hashed: list[int] = []
+    sha256_hex = attachments.sha256_hex
+
+    def counted(data: bytes) -> str:
+        hashed.append(len(data))
+        return sha256_hex(data)
+
+    monkeypatch.setattr(attachments, "sha256_hex", counted)
+    blobs = [b"Subject: lamp %d\r\n\r\n" % n + b"light is out\r\n" * 300 for n in range(3)]
+    plans = [store.plan([(b, "message.eml", "message/rfc822")]) for b in blobs]
+    assert len(hashed) == len(blobs)
+    for plan in plans:
+        assert plan.held is not None
+        await redis_client.hset(plan.held[0], mapping=plan.held[1])
+    await asyncio.gather(*(store.settle(plan, in_redis=True) for plan in plans))
+    await store.close()
+    await holder.drain()
+    assert len(hashed) == len(blobs)  # not one more
+    for blob, plan in zip(blobs, plans, strict=True):
+        (attachment,) = plan.results
+        assert isinstance(attachment, attachments.Attachment)
+        assert attachment.sha256 == hashlib.sha256(blob).hexdigest()
+        path = store.path_for(attachment.sha256)
+        assert path.read_bytes() == blob
+        assert store.content_type(path) == "message/rfc822"
+    assert await holder.held() == []

@@ -276,6 +276,8 @@ def header_params(value: str, fallback: str = "gb18030") -> tuple[str, dict[str,
     Handles quoted strings, RFC 2231 continuations and charsets, and RFC 2047 words inside
     parameter values (common in file names although not allowed there).
     """
+    if not value:  # no such header
+        return "", {}
     value = unfold(value)
     main, _, rest = value.partition(";")
     params: dict[str, str] = {}
@@ -332,4 +334,6 @@ _MSGID: Final = re.compile(r"<([^<>\s]{1,900})>")
 
 def message_ids(value: str) -> list[str]:
     """Return the ``<id>`` tokens of a Message-ID, In-Reply-To or References value."""
+    if not value:  # no such header
+        return []
     return [repair_text(f"<{m.group(1)}>") for m in _MSGID.finditer(unfold(value))][:100]

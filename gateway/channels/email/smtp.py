@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from typing import Any, AnyStr, cast
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _AuthMechAttr, _DataState
 
 from gateway.adapters import IntakeUnavailable, InvalidContact, RateLimited
@@ -197,6 +198,10 @@ class Handler:
 class GatewaySMTP(SMTP):
     """aiosmtpd's protocol with a per-connection line bound and a session time bound."""
 
+    _paused: bool
+    _connection_lost: bool
+    """asyncio's flow control state (``FlowControlMixin``), read by ``push``."""
+
     def __init__(
         self,
         handler: Handler,
@@ -302,7 +307,16 @@ class GatewaySMTP(SMTP):
         self._writer.write(reply)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r << %r", self.session.peer if self.session else None, reply)
-        await self._writer.drain()
+        # ``drain`` raises, yields or waits only on one of these; else it returns at once (a
+        # coroutine and two calls a reply for nothing)
+        if (
+            self._paused
+            or self._connection_lost
+            or self.transport is None
+            or self.transport.is_closing()
+            or self._reader.exception() is not None
+        ):
+            await self._writer.drain()
 
     def _next_line_received(self) -> bool:
         buffer = getattr(self._reader, "_buffer", None)
@@ -467,6 +481,28 @@ class GatewaySMTP(SMTP):
 
     def _session_expired(self) -> None:
         self.last_word(b"421 4.4.2 Session time limit exceeded\r\n")
+
+
+_library_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LOG_LEVELS: dict[object, int] = {
+    logging.Logger.debug: logging.DEBUG,
+    logging.Logger.info: logging.INFO,
+}
+
+
+def _sanitized_log(func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's ``sanitized_log`` (its debug and info line of every command), asking the
+    logger first: aiosmtpd masks the arguments (a regular expression each) and calls the logger
+    whether or not the line is logged, about 9K instructions a command with ``mail.log`` at
+    WARNING, as ``Listener.start`` sets it. Logged lines are the library's own."""
+    level = _LOG_LEVELS.get(getattr(func, "__func__", None))
+    logger = getattr(func, "__self__", None)
+    if level is not None and isinstance(logger, logging.Logger) and not logger.isEnabledFor(level):
+        return
+    _library_sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log  # read by SMTP._handle_client at each command
 
 
 def _rebound(method: Any, old: object, new: object) -> Any:

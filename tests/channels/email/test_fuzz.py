@@ -196,14 +196,14 @@ def test_own_reading_takes_the_common_mail_and_leaves_the_rest():
     from gateway.channels.email.normalize import _single_part
 
     plain = b"From: a@b\r\nSubject: x\r\n\tfolded\r\nContent-Type: text/plain\r\n\r\nbody\r\n"
-    assert _single_part(plain.decode()) is not None
+    assert _single_part(plain) is not None
     for other in (
         b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
         b"From a@b Mon Jan 1 00:00:00 2026\r\nSubject: x\r\n\r\nbody\r\n",
         b"Subject: x\r\nnot a header\r\n\r\nbody\r\n",
         b" folded first\r\nSubject: x\r\n\r\nbody\r\n",
     ):
-        assert _single_part(other.decode()) is None
+        assert _single_part(other) is None
 
 
 _WORD_TOKENS = [
@@ -223,3 +223,51 @@ def test_a_header_of_one_encoded_word_is_decoded_as_any_other(value: str):
     unfolded = unfold(value)
     if ENCODED_WORD.fullmatch(unfolded):
         assert decode_header(value) == _decode_words(unfolded, "gb18030")
+
+
+_DATE_TOKENS = [
+    "Wed, ", "Sun, ", "wed, ", "Wed ", "Mon,", "1", "09", "25", "31", "30", "29", "00", "0", "123",
+    " ", "  ", "\t", "Feb", "Nov", "nov", "NOV", "Dec", "Sept", "2026", "1999", "0099", "99",
+    "1969", "2100", "08", "23", "24", "59", "60", "99", ":", "+", "-", "+0800", "-0000", "+0000",
+    "-1259", "+2359", "+2400", "+0099", "+9999", "GMT", "UT", "EST", "(CST)", " (UTC)", "(a (b))",
+    ",", ".", "\r\n ", "１", "٢",
+]
+
+
+@st.composite
+def dates(draw: st.DrawFn) -> str:
+    """Strings in and around RFC 5322's date form: well formed with each field drawn from
+    plausible and broken values, or a run of date-like tokens."""
+    if draw(st.booleans()):
+        pick = st.sampled_from
+        return (
+            draw(pick(["", "Wed, ", "Sat, ", "Wed,", "Thu "]))
+            + draw(pick(["1", "05", "25", "29", "30", "31", "0", "32"])) + " "
+            + draw(pick(["Jan", "Feb", "Apr", "Nov", "Dec", "nov"])) + " "
+            + draw(pick(["2026", "2024", "2023", "1900", "1999", "2999", "26", "0026"])) + " "
+            + draw(pick(["00", "08", "23", "24"])) + ":"
+            + draw(pick(["00", "30", "59", "60"])) + ":"
+            + draw(pick(["00", "07", "59", "60", "61"])) + " "
+            + draw(pick(["+0800", "-0500", "+0000", "-0000", "+0530", "-1200", "+1400",
+                         "+2359", "+2400", "-2400", "+0099", "+9999", "GMT", "EST"]))
+            + draw(pick(["", " (CST)", " (China Standard Time)", " (x", " x", "(CST)"]))
+        )
+    return "".join(draw(st.lists(st.sampled_from(_DATE_TOKENS), max_size=14)))
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dates())
+def test_own_reading_of_a_date_is_the_librarys(value: str):
+    """``_origin`` reads the common ``Date`` form itself: the instant it gives is the one
+    ``parsedate_to_datetime`` gives (no instant where the library raises), for any string."""
+    from email.utils import parsedate_to_datetime
+
+    from gateway.channels.email.headers import clean_line
+    from gateway.channels.email.normalize import _origin
+    from gateway.contact.clock import from_datetime
+
+    try:
+        expected = from_datetime(parsedate_to_datetime(clean_line(value)))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        expected = None
+    assert _origin(value) == expected
