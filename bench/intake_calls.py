@@ -25,7 +25,6 @@ import tempfile
 
 from bench.procs import child_path, each_tree, intake_load
 
-
 TOP = 0
 """``--top N``: also print the N functions called most a contact."""
 
