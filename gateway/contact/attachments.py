@@ -284,7 +284,11 @@ class AttachmentStore:
         described: Attachment | None = None,
     ) -> Attachment:
         """Write the file (and its type) under temporary names if new, not yet fsynced."""
-        attachment = described if described is not None else self.describe(data, name, content_type)
+        # plan's Attachment of these very bytes; anything but immutable bytes is hashed again
+        attachment = (
+            described if described is not None and type(data) is bytes
+            else self.describe(data, name, content_type)
+        )
         digest = attachment.sha256
         folder = f"{self._root}/{digest[:2]}"  # path_for's, as strings (no pathlib per file)
         target = f"{folder}/{digest}"

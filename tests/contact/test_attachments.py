@@ -526,3 +526,16 @@ async def test_a_held_file_is_hashed_once_not_again_when_written_behind(
         assert path.read_bytes() == blob
         assert store.content_type(path) == "message/rfc822"
     assert await holder.held() == []
+
+
+def test_a_described_file_that_is_not_bytes_is_hashed_again(tmp_path):
+    """``described`` is taken as the Attachment of immutable bytes only: a buffer that may
+    have changed since it was described is hashed again, so a file never lands under a
+    digest that is not its own."""
+    store = AttachmentStore(tmp_path, max_size=1024)
+    stale = store.describe(b"what it was", "a.txt", "text/plain")
+    data = bytearray(b"what it is now")
+    (stored,) = store.put_many_sync([(data, "a.txt", "text/plain")], described=[stale])
+    assert not isinstance(stored, Exception)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest() != stale.sha256
+    assert open(store.path_for(stored.sha256), "rb").read() == bytes(data)

@@ -66,14 +66,14 @@ class _Message(EmailMessage):
     def _payload(self) -> Any:
         body = self._body
         if body is not None:  # the text the feed parser would have made, made now
-            self.__dict__["_text"] = body.decode("ascii", "surrogateescape")
+            self.__dict__["_payload_value"] = body.decode("ascii", "surrogateescape")
             self._body = None
-        return self.__dict__.get("_text")
+        return self.__dict__.get("_payload_value")
 
     @_payload.setter
     def _payload(self, value: Any) -> None:
         self._body = None
-        self.__dict__["_text"] = value
+        self.__dict__["_payload_value"] = value
 
     def is_multipart(self) -> bool:
         return self._body is None and super().is_multipart()

@@ -312,8 +312,7 @@ class GatewaySMTP(SMTP):
         if (
             self._paused
             or self._connection_lost
-            or self.transport is None
-            or self.transport.is_closing()
+            or self._writer.transport.is_closing()
             or self._reader.exception() is not None
         ):
             await self._writer.drain()
@@ -483,7 +482,10 @@ class GatewaySMTP(SMTP):
         self.last_word(b"421 4.4.2 Session time limit exceeded\r\n")
 
 
-_library_sanitized_log = aiosmtpd.smtp.sanitized_log
+_library_sanitized_log = getattr(
+    aiosmtpd.smtp.sanitized_log, "__wrapped__", aiosmtpd.smtp.sanitized_log
+)
+"""aiosmtpd's own function (this module imported again wraps it once, not twice)."""
 _LOG_LEVELS: dict[object, int] = {
     logging.Logger.debug: logging.DEBUG,
     logging.Logger.info: logging.INFO,
@@ -502,6 +504,7 @@ def _sanitized_log(func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs:
     _library_sanitized_log(func, msg, *args, **kwargs)
 
 
+_sanitized_log.__wrapped__ = _library_sanitized_log  # type: ignore[attr-defined]
 aiosmtpd.smtp.sanitized_log = _sanitized_log  # read by SMTP._handle_client at each command
 
 

@@ -47,3 +47,11 @@ def test_nothing_is_masked_for_a_line_not_logged(
     aiosmtpd.smtp.sanitized_log(mail_log.warning, "%r", b"RCPT TO:<a@b>\r\n")  # other levels
     assert masked == [b"RCPT TO:<a@b>\r\n"]
     assert len(caplog.records) == 1
+
+
+
+def test_the_librarys_own_function_is_wrapped_once():
+    """The wrapper holds aiosmtpd's own function (a second import of the module takes that
+    one from it, so a line is never checked twice)."""
+    wrapped = aiosmtpd.smtp.sanitized_log.__wrapped__
+    assert wrapped.__module__ == "aiosmtpd.smtp" and not hasattr(wrapped, "__wrapped__")
