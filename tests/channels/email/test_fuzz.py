@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -259,15 +260,31 @@ def dates(draw: st.DrawFn) -> str:
 @given(dates())
 def test_own_reading_of_a_date_is_the_librarys(value: str):
     """``_origin`` reads the common ``Date`` form itself: the instant it gives is the one
-    ``parsedate_to_datetime`` gives (no instant where the library raises), for any string."""
+    ``parsedate_to_datetime`` gives (no instant where the library raises), for any string; a
+    comment right after the zone read as if a space came before it (the library reads
+    ``+0800(CST)`` as no zone at all)."""
     from email.utils import parsedate_to_datetime
 
     from gateway.channels.email.headers import clean_line
-    from gateway.channels.email.normalize import _origin
+    from gateway.channels.email.normalize import _DATE, _origin
     from gateway.contact.clock import from_datetime
 
+    line = clean_line(value)
+    if _DATE.fullmatch(line) is not None:
+        line = re.sub(r"([0-9]{4})\(", r"\1 (", line)  # the zone's comment spaced
     try:
-        expected = from_datetime(parsedate_to_datetime(clean_line(value)))
+        expected = from_datetime(parsedate_to_datetime(line))
     except (TypeError, ValueError, IndexError, OverflowError):
         expected = None
     assert _origin(value) == expected
+
+
+def test_a_comment_right_after_the_zone_keeps_the_zone():
+    """``+0800(CST)``: RFC 5322 lets a comment follow the zone with no space; the library then
+    reads no zone (a time eight hours off once taken as UTC). Read with the zone."""
+    from gateway.channels.email.normalize import _origin
+
+    spaced = _origin("Mon, 1 Dec 2026 10:00:00 +0800 (CST)")
+    assert spaced is not None
+    assert _origin("Mon, 1 Dec 2026 10:00:00 +0800(CST)") == spaced
+    assert _origin("1 Dec 2026 10:00:00 -0500(EST)") == spaced + 13 * 3600 * 1_000_000
