@@ -249,7 +249,7 @@ def line(label: str, r: dict[str, Any], base: dict[str, Any] | None = None) -> s
         text += (f"  added p50 {pct(lat, 0.5) - pct(blat, 0.5):+.2f} ms"
                  f" p99 {pct(lat, 0.99) - pct(blat, 0.99):+.2f} ms")
     if "batch" in r:
-        text += f"  {r['batch']:.1f} contacts a batch"
+        text += f"  {r['batch']:.1f} contacts an EVALSHA"
     return text
 
 
@@ -523,7 +523,8 @@ async def measured(
     result["server_cpu"] = cpu1 - cpu0
     if valkey0:  # an older tree's child has no such command
         valkey1 = (await servers.ask("valkey"))["valkey"]
-        if "scripts" in valkey1:  # the intake batches' size: a batch's fixed cost is shared
+        if "scripts" in valkey1:  # about the intake batches' size (the aggregator's few
+            # script calls counted too): a batch's fixed cost is shared by its contacts
             batches = max(1, valkey1["scripts"] - valkey0["scripts"])
             result["batch"] = (valkey1["contacts"] - valkey0["contacts"]) / batches
         if not paced:
