@@ -514,6 +514,7 @@ def split_mailbox(address: str) -> tuple[str, str | None]:
 _MONTHS: Final = {
     m: n for n, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)
 }
+_EPOCH_DAY: Final = date(1970, 1, 1).toordinal()
 _DATE: Final = re.compile(
     r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?([0-9]{1,2}) "
     r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([12][0-9]{3}) "
@@ -530,16 +531,15 @@ _COMMENT: Final = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 def _uncommented(value: str) -> str:
     """``value`` with its comments taken out, innermost first, each as a space (a comment is
-    CFWS, RFC 5322 3.2.2), and its runs of blanks made one space. A comment right after the
-    zone (``+0800(CST)``: CFWS needs no space before it) left in, the library takes the zone for
-    part of a word and gives a time with no zone, which read as UTC is eight hours off for
-    China's."""
+    CFWS, RFC 5322 3.2.2), and its runs of blanks made one space. Left in, a comment right after
+    the zone (``+0800(CST)``: CFWS needs no space before it) makes the library take the zone for
+    part of a word and give a time with no zone, eight hours off for China's once read as
+    UTC."""
     if "(" not in value:
         return value
     while (stripped := _COMMENT.sub(" ", value)) != value:
         value = stripped
     return " ".join(value.split())
-_EPOCH_DAY: Final = date(1970, 1, 1).toordinal()
 
 
 def _origin(raw_date: str | None) -> Micros | None:

@@ -38,6 +38,7 @@ from gateway.records import (
     Sender,
     short_ref,
 )
+from gateway.server.auth import secrets_equal
 from gateway.server.config import ConfigError, Secret
 from gateway.server.egress import client_session
 
@@ -91,14 +92,6 @@ def peer_in(request: web.Request, allowed: tuple[Network, ...]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in allowed)
-
-
-def equal(a: str | bytes, b: str | bytes) -> bool:
-    """Compare two secrets in constant time (a header value that is not UTF-8 arrives with
-    surrogates: its own bytes again, not an error)."""
-    ab = a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
-    bb = b.encode("utf-8", "surrogateescape") if isinstance(b, str) else b
-    return hmac.compare_digest(ab, bb)
 
 
 def basic_password(header: str | None) -> tuple[str, str] | None:
@@ -533,4 +526,4 @@ class References:
     async def valid(self, contact_id: str, ref: str, tag: str) -> bool:
         """True when ``tag`` is ours for (contact, reply); compared in constant time."""
         keys = await self._keys()
-        return any(equal(tag, sign(key, contact_id, ref)) for key in keys)
+        return any(secrets_equal(tag, sign(key, contact_id, ref)) for key in keys)

@@ -30,6 +30,7 @@ from gateway.contact import safejson
 from gateway.contact.clock import MICROS_PER_SECOND, Micros, from_datetime
 from gateway.contact.phone import mask_phone
 from gateway.records import Contact, Reply, clean_text
+from gateway.server.auth import secrets_equal
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.server.http import read_body
 
@@ -215,8 +216,8 @@ def verify_hmac(secret: str, body: bytes, given: str) -> bool:
     if value.lower().startswith("sha256="):
         value = value[7:]
     digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).digest()
-    hex_ok = common.equal(value.lower(), digest.hex())
-    b64_ok = common.equal(value, base64.b64encode(digest).decode("ascii"))
+    hex_ok = secrets_equal(value.lower(), digest.hex())
+    b64_ok = secrets_equal(value, base64.b64encode(digest).decode("ascii"))
     return hex_ok | b64_ok
 
 
@@ -246,7 +247,7 @@ class GenericAdapter(common.SmsWebhook):
             signed = body if body else request.rel_url.raw_query_string.encode("latin-1", "replace")
             ok = verify_hmac(cfg.secret.reveal(), signed, given)
         else:
-            ok = common.equal(given, cfg.secret.reveal())
+            ok = secrets_equal(given, cfg.secret.reveal())
         return None if ok else common.forbidden()
 
     async def _read(

@@ -41,6 +41,7 @@ from gateway.channels.sms.smsbox import (
 from gateway.contact.clock import MICROS_PER_SECOND
 from gateway.contact.phone import mask_phone
 from gateway.records import Contact, Reply
+from gateway.server.auth import secrets_equal
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.server.http import read_body
 
@@ -112,11 +113,11 @@ class KannelAdapter(common.SmsWebhook):
             return None
         creds = common.basic_password(request.headers.get("Authorization"))
         if creds is not None:
-            user_ok = common.equal(creds[0], self.config.username)
-            pass_ok = common.equal(creds[1], secret.reveal())
+            user_ok = secrets_equal(creds[0], self.config.username)
+            pass_ok = secrets_equal(creds[1], secret.reveal())
             return None if user_ok and pass_ok else common.forbidden()
         if params_key is not None:
-            return None if common.equal(params_key, secret.reveal()) else common.forbidden()
+            return None if secrets_equal(params_key, secret.reveal()) else common.forbidden()
         return common.unauthorized()
 
     async def receive(self, request: web.Request) -> web.StreamResponse:

@@ -31,6 +31,7 @@ from gateway.channels.sms import common
 from gateway.contact.attachments import AttachmentTooLarge
 from gateway.contact.phone import mask_phone
 from gateway.records import Attachment, Contact, Reply, clean_text
+from gateway.server.auth import secrets_equal
 from gateway.server.config import AdapterSettings, ConfigError, Duration, Secret
 from gateway.server.http import read_body
 
@@ -97,7 +98,7 @@ def verify(url: str, params: Sequence[tuple[str, str]], token: str, given: str) 
     """Check a signature in constant time against ``url`` with and without its port."""
     ok = False
     for candidate in _url_variants(url):
-        ok |= common.equal(signature(candidate, params, token), given)
+        ok |= secrets_equal(signature(candidate, params, token), given)
     return ok
 
 
@@ -238,7 +239,7 @@ class TwilioAdapter(common.SmsWebhook):
             sender, recipient = self.addresses(msg.sender, msg.recipient)
         except common.BadRequest as exc:
             return common.bad_request(str(exc))
-        if msg.account_sid and not common.equal(msg.account_sid, self.config.account_sid):
+        if msg.account_sid and not secrets_equal(msg.account_sid, self.config.account_sid):
             return common.forbidden()
         attachments, media_errors = await self._fetch_media(msg.media)
         meta: dict[str, Any] = dict(msg.extra)
