@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.cases.surge import SurgeWatch, poisson_tail
-from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
+from gateway.contact.clock import MICROS_PER_SECOND, FixedClock, format_time
 from gateway.queueing.keys import Keys
 from gateway.queueing.store import RedisQueue
-from gateway.records import Contact, Event
+from gateway.records import Contact, Event, Repeat
 from gateway.server.config import SurgeSection
 from gateway.testing import eventually
 from tests.cases import dataset
@@ -189,6 +189,55 @@ async def test_no_key_name_holds_a_sender_number(start_gateway: Any) -> None:
         assert [n for n in names if kind in n], kind  # the keys are there ...
     held = [n for n in names if b"12345678" in n or b"citizen" in n]
     assert held == []  # ... and none names the citizen
+
+
+def repeater(i: int, at: int, count: int, address: str = "+8613912345678") -> Contact:
+    """A contact of a citizen with ``count`` earlier ones in the repeat window."""
+    c = citizen(i, at)
+    return dataclasses.replace(
+        c, sender=dataclasses.replace(c.sender, address=address), repeat=Repeat(count, 60)
+    )
+
+
+async def surges_on(redis_client: Any, prefix: str) -> list[dict[str, Any]]:
+    entries = await redis_client.xrange(Keys(prefix).events)
+    return [json.loads(f[b"event"]) for _, f in entries if f[b"type"] == b"surge"]
+
+
+async def test_a_citizen_flooding_costs_one_mark_a_day_not_a_command_a_contact(
+    redis_client: Any, prefix: str
+) -> None:
+    # Every contact from the third on may raise the citizen's repeat surge; the first of the
+    # day does (SET NX), and every later one found the mark there. A citizen who writes again
+    # and again costs that one mark a day: the later contacts send no command for it (seen
+    # here as the mark, taken away behind the watch's back, not set again).
+    clock = FixedClock(NOW)
+    surge = watch(redis_client, prefix, clock, SECTION)
+    other = "+8613700000001"
+    first = await surge.count(
+        [repeater(1, NOW, 2), repeater(2, NOW + 1, 3), repeater(3, NOW + 2, 2, other)]
+    )
+    assert sorted(e.detail["count"] for e in first) == [3, 3]  # one each, the first of each
+    day = NOW // MICROS_PER_SECOND // 86400 * 86400
+    marks = [n async for n in redis_client.scan_iter(match=f"{Keys(prefix).tag}:surge:e:*")]
+    assert len(marks) == 2
+    # another instance has no memory of it: the mark in Redis keeps the day's one surge
+    assert await watch(redis_client, prefix, clock, SECTION).count(
+        [repeater(41, NOW + 2, 31)]
+    ) == []
+    await redis_client.delete(*marks)
+    later = [repeater(10 + i, NOW + MIN + i, 4 + i) for i in range(20)]
+    assert await surge.count(later[:10]) == []
+    assert await surge.repeats_of([c.id for c in later[10:]]) == []  # read back, as the
+    # aggregator does
+    assert [n async for n in redis_client.scan_iter(match=f"{Keys(prefix).tag}:surge:e:*")] == []
+    assert len(await surges_on(redis_client, prefix)) == 2
+    # the next day is a new day: the citizen is raised again, once
+    clock.value_us = NOW + DAY
+    (again,) = await surge.count([repeater(50 + i, NOW + DAY + i, 40 + i) for i in range(3)])
+    assert again.contact_id == "c50"
+    assert again.detail["window_start"] == format_time((day + 86400) * MICROS_PER_SECOND)
+    assert len(await surges_on(redis_client, prefix)) == 3
 
 
 async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(
