@@ -61,8 +61,10 @@ MINUTE_S = 60
 SAMPLES = 5
 SAMPLES_TTL_S = 2 * 86400
 LEASE = "surge"
+MARKED_FOR_S = 300
 MARKED_MAX = 100_000
-"""Citizens' repeat marks remembered a day at most (``SurgeWatch.repeats_of``; ~10 MB)."""
+"""Citizens' repeat marks an instance remembers (``SurgeWatch.repeats_of``): for
+``MARKED_FOR_S``, at most this many (~15 MB)."""
 
 
 def poisson_tail(c: int, lam: float) -> float:
@@ -143,7 +145,7 @@ class SurgeWatch:
         self._sensitive = [w.lower() for w in section.sensitive if w]
         self._history: dict[tuple[int, int], dict[str, float]] = {}
         self._marked: set[str] = set()
-        self._marked_day = 0
+        self._marked_since = 0
         self.evaluations = 0
         self._supervisor: Supervisor | None = None
         self._stopping = False
@@ -237,11 +239,11 @@ class SurgeWatch:
         self, repeats: list[str], known: dict[str, Contact] | None = None
     ) -> list[Event]:
         """Write the repeat surges of these contacts (once per citizen and day: ``SET NX``),
-        return them; each contact taken from ``known``, else read (one round trip). The
-        ``SET NX`` of a batch's citizens go in one round trip, and a citizen's day once marked
-        (by this instance or another: the key is there either way) is remembered until the
-        clock's day ends, so a citizen who writes again and again (a flood from one address)
-        costs no command after the first of the day."""
+        return them; each contact taken from ``known``, else read (one round trip for the
+        batch). The marks this instance has set or found are remembered a few minutes
+        (``MARKED_FOR_S``, and never past the clock's day): a citizen who writes again and
+        again, or a flood from one address, costs one ``SET NX`` in that time instead of one
+        a contact (a contact taken from the events still costs its read)."""
         known = dict(known or {})
         unknown = [cid for cid in repeats if cid not in known]
         if unknown:  # one round trip for the batch's few
@@ -251,39 +253,36 @@ class SurgeWatch:
             for cid, raw in zip(unknown, replies, strict=True):
                 if isinstance(raw, bytes):  # else expired meanwhile
                     known[cid] = Contact.from_json(raw)
-        today = self.clock.now_us() // MICROS_PER_SECOND // 86400
-        if today != self._marked_day or len(self._marked) >= MARKED_MAX:
-            # a mark lives two days from when it was set, on or after its own day: every
-            # key remembered lives at least until the clock's day ends
+        now_s = self.clock.now_us() // MICROS_PER_SECOND
+        if (
+            now_s // 86400 != self._marked_since // 86400
+            or now_s - self._marked_since >= MARKED_FOR_S
+            or len(self._marked) >= MARKED_MAX
+        ):
+            # a mark is set with two days' expiry on or after its own day, so one remembered
+            # is in Redis at least until the clock's day ends, unless Redis lost it (a
+            # failover): forgetting every few minutes bounds what that can hide
             self._marked.clear()
-            self._marked_day = today
-        pending: dict[str, Contact] = {}  # the mark's key -> the first contact to raise it
+            self._marked_since = now_s
+        written: list[Event] = []
+        if not known:
+            return written
+        await self.queue.load_pseudonym_key()
         for cid in repeats:
             c = known.get(cid)
             if c is None:
                 continue
-            if not pending:
-                await self.queue.load_pseudonym_key()
             day = c.received_at // MICROS_PER_SECOND // 86400 * 86400
             key = f"repeat:{self.queue.pseudonym(c.sender.address)}"  # no number in a key name
             mark = self.keys.surge_emitted(key, day)
-            if mark not in self._marked and mark not in pending:
-                pending[mark] = c
-        if not pending:
-            return []
-        replies = await self.queue.execute(
-            [["SET", mark, 1, "NX", "EX", 2 * 86400] for mark in pending]
-        )
-        written, failed = [], None
-        for (mark, c), reply in zip(pending.items(), replies, strict=True):
-            if isinstance(reply, Exception):  # not marked: a later contact tries again
-                failed = failed or reply
+            if mark in self._marked:
                 continue
+            (reply,) = raise_errors(
+                await self.queue.execute([["SET", mark, 1, "NX", "EX", 2 * 86400]])
+            )
             self._marked.add(mark)
             if reply is not None:  # set here: the first of this citizen's day
                 written.append(await self._repeat(c))
-        if failed is not None:  # raised once the others' surges are written
-            raise failed
         return written
 
     async def _repeat(self, c: Contact) -> Event:
