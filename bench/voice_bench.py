@@ -385,7 +385,10 @@ async def serve(args: argparse.Namespace) -> None:
         settings, configs = settings_for(
             Path(tmp) / "gw", redis.url, "bench",
             adapters={
-                "set": {"type": "asterisk", "agi_listen": "127.0.0.1:0"},
+                # set_with named: without it this gateway ran MSet, the adapter's default since
+                # the third session, against a layer sending five SET VARIABLE
+                "set": {"type": "asterisk", "agi_listen": "127.0.0.1:0",
+                        "set_with": "set_variable"},
                 "mset": {"type": "asterisk", "agi_listen": "127.0.0.1:0", "set_with": "mset"},
             },
             # Nobody answers the bench's calls (no AMI): with the 15 s answer deadline the
