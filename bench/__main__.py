@@ -13,6 +13,7 @@ length or their purpose: ``fleet_soak`` and ``restart_bench`` (kill -9 soaks,
 docs/reliability.md), ``contract_fuzz`` (schemathesis over the API), ``intake_calls``
 (function calls per contact under cProfile), ``valkey_cost`` (Valkey under callgrind),
 ``gateway_cost`` (the HTTP intake server's instructions a request, under callgrind),
+``voice_cost`` (FastAGI's layer and whole gateway in instructions a session, under callgrind),
 ``voice_stages`` (where a paced call's time goes, stage by stage), ``email_cost`` and
 ``email_calls`` (the SMTP path's instructions a mail piece by piece under cachegrind, its
 function calls under cProfile), and the long

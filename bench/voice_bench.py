@@ -365,6 +365,12 @@ async def calls(args: argparse.Namespace) -> None:
                 await layer.stop()
 
 
+SETTINGS: dict[str, dict[str, Any]] = {}
+"""Sections a bench adds to ``--serve``'s gateway settings, merged into each section
+(``bench/voice_cost.py``: no deadline watcher and a long write timeout, for a gateway run under
+valgrind); none here."""
+
+
 async def serve(args: argparse.Namespace) -> None:
     """``--serve``: the layer alone and the whole gateway (both modes) of this tree, or of
     ``--tree``, in this process, driven by the parent: one JSON line of ports, then one answer
@@ -396,6 +402,7 @@ async def serve(args: argparse.Namespace) -> None:
             # that follow, a burst of deadline work no line has at once, and the paced p99
             # measured that instead of the call path. bench/deadline_sweep_bench.py measures it.
             sla={"voice_answer": "1h"},
+            **SETTINGS,
         )
         gateway = Gateway(settings, configs, clock=SYSTEM_CLOCK)
         await gateway.start()
