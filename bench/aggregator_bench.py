@@ -15,6 +15,15 @@ the ``enqueued`` events in batches of 500, as its loop does. Printed, per contac
     .venv/bin/python -m bench.aggregator_bench --before DIR      # and an older tree
     .venv/bin/python -m bench.aggregator_bench --before DIR --rounds 3   # a fresh server each
 
+``--senders N``: the contacts come from N senders in turn, so a sender's third contact and
+every later one may raise its citizen's repeat surge (``repeat = 3``): with ``--senders``
+a third of ``--contacts``, every sender's third contact is its first repeat of the day, as
+when an outage brings citizens back to the line. Printed besides: the repeat surges written
+and the aggregator's wall time per contact and per full batch (its round trips to Valkey,
+which are waits and not CPU: under load each is a wait for the loop and for Valkey's fsync).
+
+    .venv/bin/python -m bench.aggregator_bench --contacts 3000 --senders 1000 --before DIR
+
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
 p50 and p99 of each phase (``enqueued_at - received_at`` of the records): what the aggregator
@@ -115,8 +124,10 @@ async def bench_gateway(
         await gateway.stop()
 
 
-async def _measure(redis_url: str, contacts: int, label: str) -> None:
-    async with bench_gateway(redis_url, "agg", "+86138") as (gateway, aggregator, inbound):
+async def _measure(redis_url: str, contacts: int, label: str, senders: int = 0) -> None:
+    async with bench_gateway(
+        redis_url, "agg", "+86138", senders=senders or 100_000_000
+    ) as (gateway, aggregator, inbound):
         redis = gateway.redis
         start = await _server_figures(redis)
         for i in range(0, contacts, 64):
@@ -125,10 +136,12 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
             )
         written = await _server_figures(redis)
         batches: list[float] = []
+        walls: list[float] = []
         total_cpu = 0.0
         profile = cProfile.Profile()
+        wall = time.perf_counter()
         while True:
-            cpu0 = time.thread_time()
+            cpu0, wall0 = time.thread_time(), time.perf_counter()
             n = await aggregator.poll()
             cpu = time.thread_time() - cpu0
             if n == 0:
@@ -136,7 +149,12 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
             total_cpu += cpu
             if n == aggregator.batch:
                 batches.append(cpu)
+                walls.append(time.perf_counter() - wall0)
+        wall = time.perf_counter() - wall
         done = await _server_figures(redis)
+        surges = sum(
+            1 for _, f in await redis.xrange(gateway.keys.events) if f[b"type"] == b"surge"
+        )
         # the Python calls in a second pass over the same events (a redelivery: same work)
         await redis.xgroup_setid(gateway.keys.events, "gateway-aggregate", "0")
         cursor = getattr(gateway.keys, "agg_cursor", None)  # a cursor reader's (this tree)
@@ -154,6 +172,8 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     batch_ms = 1000 * sorted(batches)[len(batches) // 2] if batches else float("nan")
     most_ms = 1000 * max(batches) if batches else float("nan")
+    wall_ms = 1000 * sorted(walls)[len(walls) // 2] if walls else float("nan")
+    wall_most = 1000 * max(walls) if walls else float("nan")
     print(
         f"{label}: {contacts} contacts\n"
         f"  intake:     Valkey {w_cmds:5.1f} commands/contact, {w_cpu:6.1f} us CPU/contact"
@@ -164,7 +184,11 @@ async def _measure(redis_url: str, contacts: int, label: str) -> None:
         f"              us in commands/contact: {a_us}\n"
         f"  aggregator: {calls / contacts:.0f} Python calls/contact,"
         f" {total_cpu * 1e6 / contacts:.1f} us CPU/contact, CPU per batch of"
-        f" {aggregator.batch}: median {batch_ms:.1f} ms, most {most_ms:.1f} ms of {len(batches)}",
+        f" {aggregator.batch}: median {batch_ms:.1f} ms, most {most_ms:.1f} ms of {len(batches)}\n"
+        f"  aggregator: wall {wall * 1e6 / contacts:.1f} us/contact, per batch of"
+        f" {aggregator.batch}: median {wall_ms:.1f} ms, most {wall_most:.1f} ms;"
+        f" {surges} repeat surges written"
+        f" ({senders or contacts} senders)",
         flush=True,
     )
 
@@ -208,17 +232,21 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
         await gateway.stop()
 
 
-def _child(src: str, redis_url: str, contacts: int) -> None:
+def _child(src: str, redis_url: str, contacts: int, senders: int) -> None:
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, contacts, src or "now"))
+    uvloop.run(_measure(redis_url, contacts, src or "now", senders))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--contacts", type=int, default=5000)
     parser.add_argument("--before", default="", help="source tree of an older gateway")
+    parser.add_argument(
+        "--senders", type=int, default=0,
+        help="the contacts from this many senders in turn (default: each its own)",
+    )
     parser.add_argument(
         "--tail", type=float, default=0.0, metavar="RATE",
         help="instead: edge-to-enqueue at RATE contacts/s over HTTP, aggregator on and off",
@@ -231,7 +259,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], args.contacts)
+        _child(args.child[0], args.child[1], args.contacts, args.senders)
         return
     if args.tail:
         import uvloop
@@ -246,8 +274,11 @@ def main() -> None:
             server.stop_sync()
         return
     for _ in range(args.rounds):  # each round on a fresh server
-        each_tree("bench.aggregator_bench", ["--contacts", str(args.contacts)], args.before,
-                  "bench-agg-")
+        each_tree(
+            "bench.aggregator_bench",
+            ["--contacts", str(args.contacts), "--senders", str(args.senders)],
+            args.before, "bench-agg-",
+        )
 
 
 if __name__ == "__main__":

@@ -238,12 +238,18 @@ class SurgeWatch:
     async def repeats_of(
         self, repeats: list[str], known: dict[str, Contact] | None = None
     ) -> list[Event]:
-        """Write the repeat surges of these contacts (once per citizen and day: ``SET NX``),
-        return them; each contact taken from ``known``, else read (one round trip for the
-        batch). The marks this instance has set or found are remembered a few minutes
-        (``MARKED_FOR_S``, and never past the clock's day): a citizen who writes again and
-        again, or a flood from one address, costs one ``SET NX`` in that time instead of one
-        a contact (a contact taken from the events still costs its read)."""
+        """Write the repeat surges of these contacts (once per citizen and day), return them;
+        each contact taken from ``known``, else read (one round trip for the batch).
+
+        Each citizen's first contact of the batch is one ``surge.lua`` call, all of them in
+        one round trip: the day's mark set (``SET NX``) and, only if set there, the event
+        written, atomically, so a call lost on its way loses no other citizen's surge and
+        leaves no mark without its event. The marks this instance has set or found are
+        remembered a few minutes (``MARKED_FOR_S``, never past the clock's day): a citizen
+        who writes again and again, or a flood from one address, then costs no call at all
+        (a contact taken from the events still costs its read). Under a surge of repeats (an
+        outage, many citizens on their third contact) the aggregator made a round trip or
+        three a contact, one after another, and fell seconds behind the events."""
         known = dict(known or {})
         unknown = [cid for cid in repeats if cid not in known]
         if unknown:  # one round trip for the batch's few
@@ -253,7 +259,10 @@ class SurgeWatch:
             for cid, raw in zip(unknown, replies, strict=True):
                 if isinstance(raw, bytes):  # else expired meanwhile
                     known[cid] = Contact.from_json(raw)
-        now_s = self.clock.now_us() // MICROS_PER_SECOND
+        if not known:
+            return []
+        now = self.clock.now_us()
+        now_s = now // MICROS_PER_SECOND
         if (
             now_s // 86400 != self._marked_since // 86400
             or now_s - self._marked_since >= MARKED_FOR_S
@@ -264,10 +273,8 @@ class SurgeWatch:
             # failover): forgetting every few minutes bounds what that can hide
             self._marked.clear()
             self._marked_since = now_s
-        written: list[Event] = []
-        if not known:
-            return written
         await self.queue.load_pseudonym_key()
+        pending: dict[str, Event] = {}  # a mark -> the surge of its citizen's first contact
         for cid in repeats:
             c = known.get(cid)
             if c is None:
@@ -275,32 +282,51 @@ class SurgeWatch:
             day = c.received_at // MICROS_PER_SECOND // 86400 * 86400
             key = f"repeat:{self.queue.pseudonym(c.sender.address)}"  # no number in a key name
             mark = self.keys.surge_emitted(key, day)
-            if mark in self._marked:
-                continue
-            (reply,) = raise_errors(
-                await self.queue.execute([["SET", mark, 1, "NX", "EX", 2 * 86400]])
+            if mark not in self._marked and mark not in pending:
+                pending[mark] = self._repeat(c, day, now)
+        if not pending:
+            return []
+        k = self.keys
+        cut = now - 86400 * MICROS_PER_SECOND
+        replies = await self.queue.run_scripts("surge", [
+            (
+                [k.events, k.contact(event.contact_id), mark, k.surges],
+                [event.contact_id, event.to_json(), 2 * 86400, now, cut],
             )
+            for mark, event in pending.items()
+        ])
+        written, failed = [], None
+        for (mark, event), reply in zip(pending.items(), replies, strict=True):
+            if isinstance(reply, Exception):  # not remembered: a later contact tries again
+                failed = failed or reply
+                continue
             self._marked.add(mark)
-            if reply is not None:  # set here: the first of this citizen's day
-                written.append(await self._repeat(c))
+            if reply:  # the mark set here: the first of this citizen's day
+                written.append(event)
+        if failed is not None:  # raised once the others are counted
+            raise failed
         return written
 
-    async def _repeat(self, c: Contact) -> Event:
-        day = c.received_at // MICROS_PER_SECOND // 86400 * 86400
-        ids = [c.id]
-        detail = {
-            "kind": "repeat",
-            "key": f"repeat:{mask(c.sender.address)}",
-            "value": mask(c.sender.address),
-            "count": c.repeat.count + 1,
-            "baseline": 0.0,
-            "p_value": 0.0,
-            "window_s": 86400,
-            "window_start": format_time(day * MICROS_PER_SECOND),
-            "samples": ids,
-            "channels": [c.channel],
-        }
-        return await self._emit(c.id, detail)
+    def _repeat(self, c: Contact, day: int, now: Micros) -> Event:
+        """The repeat surge of ``c``, its citizen's contact of ``day`` (s) that raises it."""
+        return Event(
+            contact_id=c.id,
+            type="surge",
+            at=now,
+            source=self.source,
+            detail={
+                "kind": "repeat",
+                "key": f"repeat:{mask(c.sender.address)}",
+                "value": mask(c.sender.address),
+                "count": c.repeat.count + 1,
+                "baseline": 0.0,
+                "p_value": 0.0,
+                "window_s": 86400,
+                "window_start": format_time(day * MICROS_PER_SECOND),
+                "samples": [c.id],
+                "channels": [c.channel],
+            },
+        )
 
     # ------------------------------------------------------------------ evaluating
 

@@ -80,7 +80,8 @@ def _script(name: str) -> str:
 SCRIPTS = {
     name: _script(f"{name}.lua")
     for name in (
-        "intake", "stamp", "emit", "claim", "aggregate", "advance", "trim", "route", "hold"
+        "intake", "stamp", "emit", "claim", "aggregate", "advance", "trim", "route", "hold",
+        "surge",
     )
 }
 
