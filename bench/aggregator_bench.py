@@ -87,9 +87,9 @@ async def bench_gateway(
     senders: int = 100_000_000, **redis_settings: Any,
 ) -> AsyncIterator[tuple[Any, Any, Callable[[int], Any]]]:
     """A started gateway of the tree on the path (its aggregator stopped, driven by hand),
-    64 contacts written and aggregated to warm it, and ``inbound(i)``: a new web contact of
-    sender ``<mobiles><i % senders>``; ``sections``: more settings (``{"intake": {...}}``).
-    Also used by bench/valkey_cost.py."""
+    64 contacts written and aggregated to warm it (senders of their own), and ``inbound(i)``:
+    a new web contact of sender ``<mobiles><i % senders>``; ``sections``: more settings
+    (``{"intake": {...}}``). Also used by bench/valkey_cost.py."""
     from bench.intake_bench import gateway_classes
     from gateway.records import Inbound, Sender
 
@@ -111,9 +111,12 @@ async def bench_gateway(
         now = gateway.clock.now_us()
 
         def inbound(i: int) -> Inbound:
+            # the warm-up's contacts (i < 0) from senders of their own: none of them counts
+            # as an earlier contact of a measured sender's
+            number = f"{mobiles}{i % senders:08d}" if i >= 0 else f"{mobiles}9{-i:07d}"
             return Inbound(
                 channel="web", adapter="bench", external_id=f"{tag}-{i}",
-                sender=Sender(f"{mobiles}{i % senders:08d}"), recipient="12345",
+                sender=Sender(number), recipient="12345",
                 received_at=now + i, text=TEXT, subject="路灯损坏",
             )
 

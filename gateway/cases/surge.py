@@ -265,12 +265,14 @@ class SurgeWatch:
         now_s = now // MICROS_PER_SECOND
         if (
             now_s // 86400 != self._marked_since // 86400
-            or now_s - self._marked_since >= MARKED_FOR_S
+            or not 0 <= now_s - self._marked_since < MARKED_FOR_S  # a clock set back too
             or len(self._marked) >= MARKED_MAX
         ):
             # a mark is set with two days' expiry on or after its own day, so one remembered
-            # is in Redis at least until the clock's day ends, unless Redis lost it (a
-            # failover): forgetting every few minutes bounds what that can hide
+            # for a contact of this day or the day before is in Redis at least until the
+            # clock's day ends, unless Redis lost it (a failover): forgetting every few minutes
+            # bounds what that can hide (an older day's mark may expire sooner: remembered, it
+            # only hides a second surge of that day)
             self._marked.clear()
             self._marked_since = now_s
         await self.queue.load_pseudonym_key()
