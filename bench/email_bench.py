@@ -19,6 +19,11 @@ the server process's (all threads) plus the Valkey server's over its rounds.
     .venv/bin/python -m bench.email_bench --client pipelining   # as a relaying MTA sends
     .venv/bin/python -m bench.email_bench --client connection   # a connection a message
     .venv/bin/python -m bench.email_bench --size "2 KB"         # the 2 KB rows alone
+    .venv/bin/python -m bench.email_bench --senders many        # each mail its own sender
+
+Every mail comes from one address unless ``--senders many``: from its third mail on, each is a
+repeat of that citizen (the repeat window's count in Redis, the wallboard's repeat surge looked
+at), which a public mailbox mostly is not; ``many`` gives each mail an address of its own.
 
 ``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (``git archive
 <commit> gateway | tar -x -C DIR``) in the same alternating rounds.
@@ -92,11 +97,11 @@ async def _drive(
         await ready.wait()
         i = 0
         while time.perf_counter() < deadline:
-            raw = template.replace(b"@@ID@@", f"{run}-{w}-{i}".encode())
+            raw, sender = _mail(template, f"{run}-{w}-{i}")
             i += 1
             start = time.perf_counter()
             try:
-                await client.sendmail("citizen@example.org", [MAILBOX], raw)
+                await client.sendmail(sender, [MAILBOX], raw)
             except aiosmtplib.SMTPException:
                 errors += 1
                 continue
@@ -140,12 +145,12 @@ async def _drive_pipelined(
         await ready.wait()
         i = 0
         while time.perf_counter() < deadline:
-            raw = template.replace(b"@@ID@@", f"{run}-{w}-{i}".encode())
+            raw, sender = _mail(template, f"{run}-{w}-{i}")
             i += 1
             data = raw.replace(b"\r\n.", b"\r\n..")  # dot-stuffing (none in these mails)
             start = time.perf_counter()
             writer.write(
-                f"MAIL FROM:<citizen@example.org> SIZE={len(raw)}\r\nRCPT TO:<{MAILBOX}>\r\n"
+                f"MAIL FROM:<{sender}> SIZE={len(raw)}\r\nRCPT TO:<{MAILBOX}>\r\n"
                 "DATA\r\n".encode()
             )
             answers = [await reply(reader) for _ in range(3)]
@@ -190,12 +195,12 @@ async def _drive_connections(
         await ready.wait()
         i = 0
         while time.perf_counter() < deadline:
-            raw = template.replace(b"@@ID@@", f"{run}-{w}-{i}".encode())
+            raw, sender = _mail(template, f"{run}-{w}-{i}")
             i += 1
             start = time.perf_counter()
             try:
                 await aiosmtplib.send(
-                    raw, sender="citizen@example.org", recipients=[MAILBOX],
+                    raw, sender=sender, recipients=[MAILBOX],
                     hostname="127.0.0.1", port=port, start_tls=False, timeout=60,
                 )
             except (aiosmtplib.SMTPException, OSError):
@@ -217,10 +222,27 @@ CLIENT = "aiosmtplib"
 """The load generator: ``aiosmtplib`` (one command, then its reply), ``pipelining``, or
 ``connection`` (aiosmtplib, a new connection a message)."""
 
+SENDERS = "one"
+"""Whose mails: ``one`` address for all (a citizen who writes again and again: from the third
+mail on each is a repeat, and the wallboard's repeat surge is looked at for each), or
+``many`` (each mail from an address of its own, as a public mailbox mostly receives them)."""
+
+
+def _mail(template: bytes, mail_id: str) -> tuple[bytes, str]:
+    """A mail of ``template`` with its id, and its sender (in ``From`` and the envelope)."""
+    raw = template.replace(b"@@ID@@", mail_id.encode())
+    if SENDERS == "one":
+        return raw, "citizen@example.org"
+    sender = "c" + "".join(ch if ch.isalnum() else "-" for ch in mail_id) + "@example.org"
+    return raw.replace(b"citizen@example.org", sender.encode()), sender
+
 
 def _client(
-    port: int, seconds: float, connections: int, size: int, run: str, out: Any, client: str
+    port: int, seconds: float, connections: int, size: int, run: str, out: Any, client: str,
+    senders: str,
 ) -> None:
+    global SENDERS
+    SENDERS = senders  # a process of its own (spawned): the parent's setting, passed
     drive = {"pipelining": _drive_pipelined, "connection": _drive_connections}.get(
         client, _drive
     )
@@ -233,7 +255,7 @@ async def _measure(
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(
-        target=_client, args=(port, seconds, connections, size, run, out, CLIENT)
+        target=_client, args=(port, seconds, connections, size, run, out, CLIENT, SENDERS)
     )
     proc.start()
     result = await asyncio.to_thread(out.get)
@@ -395,7 +417,8 @@ async def main(seconds: float, rounds: int, before: str, only: str = "") -> None
             redis.stop_sync()
 
     kind = "a connection a message" if CLIENT == "connection" else "persistent connections"
-    print(f"\nInbound SMTP, {kind}, {seconds:g} s per cell, best of {rounds}, client {CLIENT}")
+    print(f"\nInbound SMTP, {kind}, {seconds:g} s per cell, best of {rounds}, client {CLIENT},"
+          f" senders: {SENDERS}")
     print("(cpu us/msg: server process, all threads, plus the Redis server; the load generator")
     print(" runs in its own process and is not counted)")
     print(f"{'target':32} {'size':>7} {'conns':>6} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
@@ -431,6 +454,11 @@ if __name__ == "__main__":
     )
     parser.add_argument("--size", choices=("2 KB", "200 KB"), default="",
                         help="only this size (both by default)")
+    parser.add_argument(
+        "--senders", choices=("one", "many"), default=SENDERS,
+        help="one address for every mail (each a repeat from the third on), or one a mail",
+    )
     args = parser.parse_args()
     CLIENT = args.client
+    SENDERS = args.senders
     _loop()(main(args.seconds, args.rounds, args.before, args.size))
