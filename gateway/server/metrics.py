@@ -124,6 +124,13 @@ class Metrics:
         self.in_flight = Gauge(
             "gateway_contacts_in_flight", "Contacts submitted and not yet answered", registry=r
         )
+        self.dashboard_behind = Gauge(
+            "gateway_dashboard_behind_seconds",
+            "How far the wallboard's reader is behind the events (the age of the last event"
+            " it applied while more were waiting; 0 once it has read them all; its lease"
+            " holder's)",
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "gateway_loop_lag_seconds", "How late the event loop ran at its last probe",
             registry=r,
