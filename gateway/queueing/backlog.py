@@ -10,7 +10,9 @@ operator's chosen retention go whether read or not. The backlog is what the slow
 still to read or acknowledge. Past ``backlog_warning`` it is reported (metric, WARNING log,
 ``/readyz``); past ``backlog_limit``, or with Redis using ``memory_limit`` of its
 ``maxmemory``, Intake refuses new contacts (``IntakeUnavailable``: SMTP 451, HTTP 503 with
-Retry-After...) until the backlog is read.
+Retry-After...) until the backlog is read. It also says how late the wallboard is: the age of
+the oldest event its reader (group ``gateway-aggregate``, which the reader moves after each
+batch) has not read, ``gateway_dashboard_behind_seconds``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from gateway.server.supervise import Backoff, Supervisor
 log = logging.getLogger(__name__)
 
 REPEAT_WARNING_S = 300.0
-OWN_GROUPS = ("gateway-replies", "gateway-aggregate", "gateway-push.")
+WALLBOARD_GROUP = "gateway-aggregate"
+"""The wallboard's reader's group on the events stream (gateway/cases/dashboard)."""
+OWN_GROUPS = ("gateway-replies", WALLBOARD_GROUP, "gateway-push.")
 """The gateway's consumer groups (a name, or a prefix ending in "."); case systems' are not
 touched."""
 CONSUMER_IDLE_S = 86400.0
@@ -149,6 +153,7 @@ class StreamKeeper:
                 slowest[name] = result.slowest
             if name in ("contacts", "events"):
                 self.metrics.stream_backlog.labels(name).set(kept[name])
+        self.metrics.dashboard_behind.set(await self.wallboard_behind())
         if time.monotonic() - self._consumers_at >= self.consumers_every_s:
             self._consumers_at = time.monotonic()
             try:
@@ -161,6 +166,30 @@ class StreamKeeper:
         self._report(backlog)
         self.last = backlog
         return backlog
+
+    async def wallboard_behind(self) -> float:
+        """How late the wallboard's figures and surge warnings are, in seconds: the age (by
+        Redis's clock) of the oldest event its reader has not read, 0 when none waits. Read
+        from the group, not from the reader: it grows while no instance reads (a reader that
+        keeps failing, a lease between holders) as while one cannot keep up."""
+        redis = self.queue.redis
+        events = self.queue.keys.events
+        try:
+            groups = await redis.xinfo_groups(events)
+        except ResponseError:  # no events stream yet
+            return 0.0
+        last = next(
+            (g.get("last-delivered-id") for g in groups if _text(g["name"]) == WALLBOARD_GROUP),
+            None,
+        )
+        if last is None:
+            return 0.0
+        waiting = await redis.xrange(events, min=f"({_text(last)}", max="+", count=1)
+        if not waiting:
+            return 0.0
+        seconds, micros = await redis.time()
+        ms = int(_text(waiting[0][0]).partition("-")[0])
+        return max(0.0, int(seconds) + int(micros) / 1e6 - ms / 1000)
 
     async def forget_consumers(self, streams: Iterable[str]) -> int:
         """Delete the consumers of the gateway's own groups that have nothing pending and

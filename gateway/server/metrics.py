@@ -126,9 +126,8 @@ class Metrics:
         )
         self.dashboard_behind = Gauge(
             "gateway_dashboard_behind_seconds",
-            "How far the wallboard's reader is behind the events (the age of the last event"
-            " it applied while more were waiting; 0 once it has read them all; its lease"
-            " holder's)",
+            "How late the wallboard is: the age of the oldest event its reader has not read"
+            " (0: none waits)",
             registry=r,
         )
         self.loop_lag = Gauge(

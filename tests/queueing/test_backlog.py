@@ -167,3 +167,34 @@ async def test_idle_consumers_with_nothing_pending_leave_the_gateways_own_groups
     consumers = {g: await redis.xinfo_consumers(stream, g) for g in groups}
     assert names("gateway-replies") == ["host-102-w1"]  # its entry is pending: kept
     assert names("case-system") == ["host-101-w0"]
+
+
+async def test_the_keeper_says_how_late_the_wallboard_is(start_gateway):
+    """``gateway_dashboard_behind_seconds``: the age of the oldest event the wallboard's reader
+    has not read (its group's place). It grows while no instance reads (the reader stopped
+    here, as one that keeps failing, or a lease between holders, would leave it) as while one
+    cannot keep up, and is 0 once the reader has read everything."""
+    gw = await start_gateway()
+    aggregator = gw.cases.aggregator
+    await aggregator.stop()
+    await aggregator.catch_up()
+
+    def behind() -> float:
+        value = gw.metrics.registry.get_sample_value("gateway_dashboard_behind_seconds")
+        assert value is not None
+        return value
+
+    await gw.keeper.check()
+    assert behind() == 0
+    started = time.time()
+    await _submit_many(gw, 5)
+    await asyncio.sleep(0.3)
+    await gw.keeper.check()
+    first = behind()
+    assert 0.3 <= first <= time.time() - started + 0.01  # seconds, from the oldest unread
+    await asyncio.sleep(0.3)
+    await gw.keeper.check()
+    assert behind() >= first + 0.3  # nobody reads: it grows
+    assert await aggregator.catch_up() >= 5
+    await gw.keeper.check()
+    assert behind() == 0

@@ -65,7 +65,6 @@ class CaseServices:
             settings.sla,
             instance,
             surge=self.surge if settings.surge.enabled else None,
-            metrics=metrics,
         )
         channels = configured_channels(settings)
         self.wallboard = Wallboard(queue.redis, keys, clock, settings, channels)

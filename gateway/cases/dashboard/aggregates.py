@@ -70,7 +70,6 @@ from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Contact
 from gateway.server.config import SlaSection
-from gateway.server.metrics import Metrics
 from gateway.server.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
@@ -286,7 +285,6 @@ class Aggregator:
         *,
         surge: SurgeWatch | None = None,
         batch: int = 200,
-        metrics: Metrics | None = None,
     ) -> None:
         self.queue = queue
         self.redis = queue.redis
@@ -311,10 +309,6 @@ class Aggregator:
         self._base = b""
         """The cursor string's value the reader's next batch starts from (``advance.lua``
         compares it): b"" when there is none."""
-        self.metrics = metrics
-        """``gateway_dashboard_behind_seconds``, set after each batch while this instance
-        reads (the wallboard's freshness: under a load the reader cannot follow, its figures
-        and surge warnings come that late)."""
         self.processed = 0
         self.claim_idle_ms = 60_000
         """Entries another consumer read and left unacknowledged this long are taken over."""
@@ -342,11 +336,7 @@ class Aggregator:
     async def _held(self, fence: Fence) -> None:
         log.info("aggregator: reading here (lease fence %d)", fence.token)
         self._group_ready = False  # the cursor as the last holder left it
-        try:
-            await self._run()
-        finally:  # another instance reads now: it says how far behind
-            if self.metrics is not None:
-                self.metrics.dashboard_behind.set(0)
+        await self._run()
 
     async def ensure_group(self) -> None:
         """Make the group if there is none, and take the cursor: the cursor string's, else
@@ -432,24 +422,11 @@ class Aggregator:
             pooled=True,  # polled every 250 ms: not in the way of the shared connection
         ))
         if not reply:
-            self._behind(None)
             return 0
         # RESP3 answers a map of streams, RESP2 a list of [stream, entries]
         raw = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
         await self.process(raw)  # each entry's fields as read: a flat list
-        self._behind(raw[-1][0] if len(raw) >= self.batch else None)
         return len(raw)
-
-    def _behind(self, last: Any) -> None:
-        """After a batch: ``last``, the id of its last entry when more may be waiting (a full
-        batch), else None (every event read)."""
-        if self.metrics is None:
-            return
-        behind = 0.0
-        if last is not None:
-            ms = _order(last)[0]
-            behind = max(0.0, self.clock.now_us() / MICROS_PER_SECOND - ms / 1000)
-        self.metrics.dashboard_behind.set(behind)
 
     async def catch_up(self) -> int:
         """Apply everything not yet read (tests, benchmarks); return how many events."""
