@@ -252,7 +252,7 @@ class SurgeWatch:
         three a contact, one after another, and fell seconds behind the events."""
         known = dict(known or {})
         unknown = [cid for cid in repeats if cid not in known]
-        if unknown:  # one round trip for the batch's few
+        if unknown:  # one round trip for the batch's
             replies = await self.queue.execute(
                 [["HGET", self.keys.contact(cid), "contact"] for cid in unknown]
             )
@@ -475,13 +475,11 @@ class SurgeWatch:
         )
         return await self._emit(samples[0], detail, now)
 
-    async def _emit(
-        self, contact_id: str, detail: dict[str, Any], at: Micros | None = None
-    ) -> Event:
+    async def _emit(self, contact_id: str, detail: dict[str, Any], at: Micros) -> Event:
         event = Event(
             contact_id=contact_id,
             type="surge",
-            at=self.clock.now_us() if at is None else at,
+            at=at,
             source=self.source,
             detail=detail,
         )

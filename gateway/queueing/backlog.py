@@ -153,7 +153,10 @@ class StreamKeeper:
                 slowest[name] = result.slowest
             if name in ("contacts", "events"):
                 self.metrics.stream_backlog.labels(name).set(kept[name])
-        self.metrics.dashboard_behind.set(await self.wallboard_behind())
+        try:
+            self.metrics.dashboard_behind.set(await self.wallboard_behind())
+        except Exception as exc:  # a figure for the wallboard: never in the way of the bounds
+            log.debug("wallboard behind: not measured (%s)", exc)
         if time.monotonic() - self._consumers_at >= self.consumers_every_s:
             self._consumers_at = time.monotonic()
             try:

@@ -13,9 +13,11 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ResponseError
 
 from gateway.cases.surge import MARKED_FOR_S, SurgeWatch, poisson_tail
 from gateway.contact.clock import MICROS_PER_SECOND, FixedClock, format_time
@@ -296,6 +298,28 @@ async def test_an_outage_of_repeats_is_written_in_a_round_trip_not_three_a_citiz
         assert len(await surges_on(client, "own")) == 41
     finally:
         await client.aclose()
+
+
+async def test_a_failed_surge_call_costs_no_other_citizen_its_surge(
+    redis_client: Any, prefix: str
+) -> None:
+    # One surge.lua call a citizen, in one round trip: one that fails (here its contact's key
+    # of the wrong type, which the script reads first) fails alone. The others' surges are
+    # written and remembered, the error is raised once they are, and the failed citizen, not
+    # remembered and not marked, is raised by a later contact.
+    surge = watch(redis_client, prefix, FixedClock(NOW), SECTION)
+    bad, good = repeater(1, NOW, 2, "+8613700000001"), repeater(2, NOW + 1, 2, "+8613700000002")
+    await redis_client.set(Keys(prefix).contact(bad.id), "not a hash")
+    with pytest.raises(ResponseError):
+        await surge.count([bad, good])
+    assert [e["contact_id"] for e in await surges_on(redis_client, prefix)] == ["c2"]
+    marks = [n async for n in redis_client.scan_iter(match=f"{Keys(prefix).tag}:surge:e:*")]
+    assert len(marks) == 1  # the other citizen's: the failed call set none
+    await redis_client.delete(Keys(prefix).contact(bad.id))
+    (again,) = await surge.count([repeater(3, NOW + 2, 3, "+8613700000001")])
+    assert again.contact_id == "c3"
+    assert await surge.count([repeater(4, NOW + 3, 3, "+8613700000002")]) == []
+    assert len(await surges_on(redis_client, prefix)) == 2
 
 
 async def test_a_citizen_calling_and_texting_three_times_is_flagged_once(

@@ -65,6 +65,7 @@ from gateway.adapters import load_media
 from gateway.cases.report import label_of
 from gateway.cases.surge import SAMPLES, SAMPLES_TTL_S, SurgeWatch, Tagged, Tally
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
+from gateway.queueing.backlog import WALLBOARD_GROUP
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.store import RedisQueue, raise_errors
@@ -74,7 +75,7 @@ from gateway.server.supervise import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
-GROUP = "gateway-aggregate"
+GROUP = WALLBOARD_GROUP
 LEASE = "aggregate"
 CURSOR_TTL_S = 86400
 """The cursor string lives a day after its last move: a fleet quiet that long (or an older
