@@ -21,7 +21,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +215,10 @@ class AttachmentStore:
     ) -> list[Attachment | Exception]:
         """Write each item under a temporary name (``_stage``): its Attachment, or its error."""
         out: list[Attachment | Exception] = []
-        for n, (data, name, content_type) in enumerate(items):
-            known = described[n] if n < len(described) else None
+        # ``described`` may be shorter than ``items`` (none given: empty): None for the rest
+        for (data, name, content_type), known in itertools.zip_longest(
+            items, described[: len(items)]
+        ):
             try:
                 out.append(self._stage(data, name, content_type, staged, known))
             except (AttachmentTooLarge, OSError) as exc:
@@ -444,11 +446,13 @@ class AttachmentStore:
         first file's error); either way released from Redis once on disk."""
         if not plan.held_at:
             return
-        items = [plan.items[i] for i in plan.held_at]
         if in_redis:
-            described = [plan.results[i] for i in plan.held_at]
-            self._spawn_behind(items, [a if isinstance(a, Attachment) else None for a in described])
+            self._spawn_behind(
+                (plan.items[i], known if isinstance(known := plan.results[i], Attachment) else None)
+                for i in plan.held_at
+            )
             return
+        items = [plan.items[i] for i in plan.held_at]
         self._holder_down_until = time.monotonic() + 1.0  # Redis away: write first for a while
         results = await asyncio.gather(*(self.submit(*item) for item in items))
         for result in results:
@@ -473,15 +477,13 @@ class AttachmentStore:
         task.add_done_callback(self._behind.discard)
         return task
 
-    def _spawn_behind(
-        self, items: list[_File], described: Sequence[Attachment | None] = ()
-    ) -> None:
+    def _spawn_behind(self, behind: Iterable[_Behind]) -> None:
         """Queue held files for the next group written behind (no task of their own: the group
-        writes them, logs what failed and releases the others; ``close`` waits for both).
-        ``described``: the Attachments ``plan`` made of them (their sha256 not taken again in
-        the writer's thread, where it held the GIL from the event loop), else None each."""
-        for n, item in enumerate(items):
-            self._behind_writer.submit((item, described[n] if n < len(described) else None))
+        writes them, logs what failed and releases the others; ``close`` waits for both), each
+        with the Attachment ``plan`` made of it (its sha256 not taken again in the writer's
+        thread, where it held the GIL from the event loop), or None."""
+        for entry in behind:
+            self._behind_writer.submit(entry)
 
     async def _write_behind(self, items: list[_File]) -> None:
         """Write held files to disk (one group commit with others); return once they are and
@@ -512,7 +514,7 @@ class AttachmentStore:
         found = await self._fetch_held(sha256)
         if found is None:
             return None
-        self._spawn_behind([found])
+        self._spawn_behind([(found, None)])
         return found[0], media_type(found[2])
 
     async def load(self, sha256: str) -> bytes:

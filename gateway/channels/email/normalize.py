@@ -522,8 +522,9 @@ _DATE: Final = re.compile(
 )
 """A ``Date`` as RFC 5322 writes it (``Wed, 25 Nov 2026 08:00:00 +0800``), its comments taken
 out first (``_uncommented``), read here to the microseconds
-``from_datetime(parsedate_to_datetime(...))`` gives for it, in a fifth of the instructions; any
-other form, obsolete or broken, goes to the library. ``tests/channels/email/test_fuzz.py``
+``from_datetime(parsedate_to_datetime(...))`` gives for it, in under half the library's time
+(about 0.6 of the instructions of ``_origin``'s whole reading); any other form, obsolete or
+broken, goes to the library. ``tests/channels/email/test_fuzz.py``
 holds the two readings equal."""
 _COMMENT: Final = re.compile(r"\((?:[^()\\]|\\.)*\)")
 """An RFC 5322 comment with no comment inside it (quoted pairs allowed)."""
