@@ -159,7 +159,7 @@ class Hooks:
         link.Link.send = link_send  # type: ignore[method-assign]
         link.Link.data_received = link_received  # type: ignore[method-assign]
 
-        # a lone contact's batch, written from the session's own step (no batch task)
+        # a contact's batch of one, written from the session's own step (no batch task)
         start_batch = store.RedisQueue.start_batch
 
         def direct(self: Any, batch: list[Any], answer: Any, **kw: Any) -> bool:

@@ -33,18 +33,25 @@ class Coalescer(Generic[T, R]):
     ``orphan(item, result, error)`` is then called with the item's outcome once it is known
     (``error`` when the batch raised), so that the owner can settle it.
 
-    ``start``: a way to send a batch without a wait, when there is one. An item submitted
-    while nothing is in flight or waiting (the common case at low and moderate rates, where
-    every item is a batch of its own) is handed to ``start([item], answer)`` in the
-    submitter's own step: it sends it at once and returns True, and later calls
+    ``start``: a way to send a batch without a wait, when there is one. An item submitted while
+    nothing waits and fewer than ``max_inflight`` batches are in flight, all of them sent so
+    (the common case at low and moderate rates, where every item is a batch of its own and often
+    comes while the one before is still at the server), is handed to ``start([item], answer)``
+    in the submitter's own step: it sends it at once and returns True, and later calls
     ``answer(results, None)`` or ``answer(None, error)`` once, from a callback (the reply's
     arrival); or returns False, having done nothing, and the item takes the task's way. This
-    saves the hand-offs of a lone item (a callback to start its batch, a task, its first
-    step, and on the way back the task's wake and the caller's): each a turn of the event
-    loop in which whatever else is ready (other sessions, background loops) runs first. Items
-    submitted while that batch is in flight wait and are coalesced as before. The deadline,
-    ``orphan`` and ``drain`` hold for such a batch as for the others; a raise from ``start``
-    fails the item as a raise from ``process`` would.
+    saves the hand-offs of a batch of one (a callback to start its batch, a task, its first
+    step, and on the way back the task's wake and the caller's): each a turn of the event loop
+    in which whatever else is ready (other sessions, background loops) runs first. One item a
+    turn of the loop goes so: the items submitted after it in the same turn (a burst read at
+    once) wait and are coalesced as before, as do items while all the slots are taken, while
+    others wait, or while a batch is in flight in a task (which may not have written yet): no
+    item is written before one submitted earlier (but for a batch sent again after a server
+    lost its scripts, by ``start`` or by ``process``: ``RedisQueue``). While batch tasks
+    follow each other (contacts coming faster than a round trip after a burst), items keep
+    the task's way until none is in flight. The deadline, ``orphan`` and ``drain`` hold for
+    such a batch as for the others; a raise from ``start`` fails the item as a raise from
+    ``process`` would.
     """
 
     def __init__(
@@ -71,6 +78,14 @@ class Coalescer(Generic[T, R]):
         deadlines (the loop's clock). ``_check`` takes out a batch it cancels for its
         deadline: a batch in flight and not here was cancelled so (not from outside)."""
         self._watch: asyncio.TimerHandle | None = None
+        self._tasks = 0
+        """Batches in flight in a task of their own (``_kick``): while there is one, no item
+        goes by ``start``, which would write it before the task's batch, submitted earlier
+        (a task writes in its first step, a turn of the loop or more later; ``intake.lua``
+        counts a sender's repeats in the order the contacts are written)."""
+        self._sent_this_turn = False
+        """A batch went by ``start`` in this turn of the loop: the items that follow in the
+        same turn wait and are coalesced (``_turn_over``, called soon, clears it)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         """The running loop, kept (``_running``): on Python 3.11 each
         ``asyncio.get_running_loop()`` is a ``getpid`` system call."""
@@ -78,7 +93,12 @@ class Coalescer(Generic[T, R]):
     def _running(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
+            running = asyncio.get_running_loop()
+            if running is not loop:  # a new loop: the last one's turn is over (a batch
+                # task or a scheduled kick left on a closed loop is not undone here: a
+                # serving process has one loop, tests one per coalescer)
+                self._sent_this_turn = False
+            loop = self._loop = running
         return loop
 
     def submit(self, item: T) -> asyncio.Future[R]:
@@ -86,7 +106,13 @@ class Coalescer(Generic[T, R]):
         loop = self._running()
         future: asyncio.Future[R] = loop.create_future()
         entry = (item, future, loop.time())
-        if self._start is not None and not self._inflight and not self._pending:
+        if (
+            self._start is not None
+            and not self._pending
+            and not self._tasks
+            and not self._sent_this_turn
+            and len(self._inflight) < self._max_inflight
+        ):
             sent = _Sent(self, [entry])
             try:
                 started = self._start([item], sent.answer)
@@ -94,6 +120,8 @@ class Coalescer(Generic[T, R]):
                 future.set_exception(exc)
                 return future
             if started:
+                self._sent_this_turn = True
+                loop.call_soon(self._turn_over)
                 self._track(loop, sent, entry[2])
                 return future
         self._pending.append(entry)
@@ -101,6 +129,9 @@ class Coalescer(Generic[T, R]):
             self._scheduled = True
             loop.call_soon(self._kick)
         return future
+
+    def _turn_over(self) -> None:
+        self._sent_this_turn = False
 
     def _track(self, loop: asyncio.AbstractEventLoop, batch: _Batch, oldest: float) -> None:
         """``batch`` is in flight: under its deadline, kept by the one timer."""
@@ -118,6 +149,7 @@ class Coalescer(Generic[T, R]):
             del self._pending[: self._max_batch]
             task = loop.create_task(self._run(batch))
             task.add_done_callback(self._done)
+            self._tasks += 1
             self._track(loop, task, batch[0][2])
 
     def _check(self) -> None:
@@ -147,6 +179,10 @@ class Coalescer(Generic[T, R]):
             task.cancel()
 
     def _done(self, task: _Batch) -> None:
+        # called once a batch (a task's done callback, a _Sent's first answer); only the
+        # tasks are counted in _tasks
+        if task in self._inflight and task.__class__ is not _Sent:
+            self._tasks -= 1
         self._inflight.discard(task)
         self._due.pop(task, None)
         if self._pending and not self._scheduled:

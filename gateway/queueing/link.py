@@ -147,7 +147,7 @@ class Link(asyncio.Protocol):
         """Write ``payload`` (``count`` packed commands) now, without a wait: ``answer`` gets
         its outcome once it is known, from the link's own callbacks (the replies' bytes
         arriving, the read timeout, the connection's end), with no task or future between
-        (``send`` awaits it; Intake's lone batch is written from its submitter's own step:
+        (``send`` awaits it; Intake's batch of one is written from its submitter's own step:
         ``RedisQueue.start_batch``). Raise, with ``answer`` never called, when the link is
         closed or the write fails (the link is closed then)."""
         if self.closed:

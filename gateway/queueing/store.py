@@ -547,13 +547,14 @@ class RedisQueue:
         """``write_batch`` without a wait, when nothing has to be awaited first: the batch
         encoded and written on the intake link now, in the caller's step, and ``answer(results,
         None)`` or ``answer(None, error)`` called once, from the link's callback when the
-        replies have come (the coalescer's lone batch: ``Coalescer``'s ``start``). The same
-        commands and outcomes as ``write_batch``; a reply that the script is not loaded (a
-        restarted server) loads it and runs the batch again, as ``run_scripts`` does, in a
-        task. False, having done nothing, when something has to be awaited first (the link
-        to open or found closed, the scripts or the pseudonym key to load), with
-        ``redis.min_replicas`` (a ``WAIT`` holds a pooled connection) or on a cluster: the
-        caller then awaits ``write_batch``. Raises as the link's write does."""
+        replies have come (a batch of one the coalescer sends from its submitter's step:
+        ``Coalescer``'s ``start``). The same commands and outcomes as ``write_batch``; a
+        reply that the script is not loaded (a restarted server) loads it and runs the batch
+        again, as ``run_scripts`` does, in a task. False, having done nothing, when something
+        has to be awaited first (the link to open or found closed, the scripts or the
+        pseudonym key to load), with ``redis.min_replicas`` (a ``WAIT`` holds a pooled
+        connection) or on a cluster: the caller then awaits ``write_batch``. Raises as the
+        link's write does."""
         if not (self._linked and self._shas and self.pseudonyms.loaded) or self.min_replicas:
             return False
         link = self._link.ready()

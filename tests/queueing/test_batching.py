@@ -1,6 +1,7 @@
 """The coalescer's batch deadlines (``gateway/queueing/batching.py``): each batch in flight
 fails at its own oldest item's submission plus ``timeout``, kept by one timer for them all;
-and ``start``: a lone item's batch sent from its submitter's own step."""
+and ``start``: a batch of one sent from its submitter's own step, while only such batches are
+in flight."""
 
 from __future__ import annotations
 
@@ -142,6 +143,134 @@ async def test_a_lone_item_is_started_in_its_submitters_step_and_the_next_ones_c
         await after
     await coalescer.drain()
     assert not coalescer.busy
+
+
+async def test_an_item_is_started_while_others_are_in_flight_if_a_slot_is_free() -> None:
+    """Not only a lone item: an item that comes in a later turn of the loop, while nothing
+    waits and fewer than ``max_inflight`` batches are in flight, is started in its
+    submitter's step too (at paced rates a call arrives while the one before is still at
+    Valkey). The slots bound it: once they are all taken, items wait and coalesce, and
+    while items wait none goes past them."""
+    process = Gate()
+    start = Starter()
+    coalescer: Coalescer[str, str] = Coalescer(process, timeout=5.0, start=start,
+                                               max_inflight=2)
+    first = coalescer.submit("a")
+    await asyncio.sleep(0)  # a later turn: "a" is still in flight
+    second = coalescer.submit("b")
+    assert start.started == [["a"], ["b"]] and process.seen == []
+    await asyncio.sleep(0)
+    waiting = [coalescer.submit("c"), coalescer.submit("d")]  # both slots taken
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert start.started == [["a"], ["b"]] and process.seen == []
+    start.answers[0](["ok:a"], None)  # a slot frees; "c" and "d" are due next
+    late = coalescer.submit("e")  # in the same step: it must not go before them
+    assert start.started == [["a"], ["b"]]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert process.seen == [["c", "d", "e"]]
+    start.answers[1](["ok:b"], None)
+    process.gates[0].set()
+    assert [await f for f in (first, second, *waiting, late)] == [
+        "ok:a", "ok:b", "ok:c", "ok:d", "ok:e"]
+    await coalescer.drain()
+    assert not coalescer.busy
+
+
+async def test_items_of_one_turn_after_a_started_one_coalesce_even_with_free_slots() -> None:
+    """One item a turn of the loop goes by ``start``: those submitted in the same turn after
+    it (a burst read at once) wait and go as one batch, as at the peak, not one batch each."""
+    process = Gate()
+    start = Starter()
+    coalescer: Coalescer[str, str] = Coalescer(process, timeout=5.0, start=start,
+                                               max_inflight=8)
+    held = coalescer.submit("a")
+    await asyncio.sleep(0)
+    burst = [coalescer.submit(x) for x in "bcd"]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert start.started == [["a"], ["b"]] and process.seen == [["c", "d"]]
+    start.answers[0](["ok:a"], None)
+    start.answers[1](["ok:b"], None)
+    process.gates[0].set()
+    assert [await f for f in (held, *burst)] == ["ok:a", "ok:b", "ok:c", "ok:d"]
+
+
+async def test_no_item_is_written_before_a_batch_task_submitted_earlier() -> None:
+    """A batch in a task writes in its first step, a turn of the loop or more after it was
+    made: an item submitted meanwhile waits for it (and goes by ``start`` again only once
+    no such batch is in flight), so the writes keep the order of the submits."""
+    log: list[tuple[str, list[str]]] = []
+    start = Starter()
+
+    def starting(items: list[str], answer: Callable[[list[str] | None, Exception | None],
+                                                    None]) -> bool:
+        log.append(("start", items))
+        return start(items, answer)
+
+    async def process(items: list[str]) -> list[str]:
+        log.append(("process", items))
+        return [f"ok:{item}" for item in items]
+
+    coalescer: Coalescer[str, str] = Coalescer(process, timeout=5.0, start=starting,
+                                               max_inflight=8)
+    a, b = coalescer.submit("a"), coalescer.submit("b")  # "b" waits: one a turn goes by start
+    await asyncio.sleep(0)  # the turn in which "b"'s batch task is made
+    c = coalescer.submit("c")
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert log == [("start", ["a"]), ("process", ["b"]), ("process", ["c"])]
+    start.answers[0](["ok:a"], None)
+    assert [await f for f in (a, b, c)] == ["ok:a", "ok:b", "ok:c"]
+    await asyncio.sleep(0)  # the tasks' ends seen: the next item goes by start again
+    d = coalescer.submit("d")
+    assert log[-1] == ("start", ["d"])
+    start.answers[-1](["ok:d"], None)
+    assert await d == "ok:d"
+
+
+async def test_started_batches_and_a_task_batch_in_flight_each_fail_at_their_own_deadline(
+) -> None:
+    """Several batches sent by ``start`` (a slot each) and a batch task, all unanswered under
+    the one timer: each fails with ``TimeoutError``, none before its own oldest item's
+    submission plus ``timeout``; their late answers are dropped, and once none is in flight
+    the next item goes by ``start`` again."""
+    process = Gate()
+    start = Starter()
+    timeout = 0.3
+    coalescer: Coalescer[str, str] = Coalescer(process, timeout=timeout, start=start,
+                                               max_inflight=8)
+    submitted: dict[str, float] = {}
+
+    def submit(item: str) -> asyncio.Future[str]:
+        submitted[item] = time.monotonic()
+        return coalescer.submit(item)
+
+    a = submit("a")
+    await asyncio.sleep(0.05)
+    b = submit("b")
+    await asyncio.sleep(0.05)
+    x, y = submit("x"), submit("y")  # one turn: "x" by start, "y" in a batch task
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert start.started == [["a"], ["b"], ["x"]] and process.seen == [["y"]]
+    failed: dict[str, float] = {}
+    for name, future in (("a", a), ("b", b), ("x", x), ("y", y)):
+        with pytest.raises(TimeoutError):
+            await future
+        failed[name] = time.monotonic()
+    for name in "abxy":
+        assert failed[name] - submitted[name] >= timeout - 0.02, name
+    await asyncio.sleep(0)  # the batch task's end is seen (its done callback)
+    assert not coalescer.busy and coalescer._tasks == 0
+    for answer, items in zip(start.answers, start.started, strict=True):
+        answer([f"ok:{i}" for i in items], None)  # their replies came after all: dropped
+    assert isinstance(a.exception(), TimeoutError)
+    nxt = coalescer.submit("n")
+    assert start.started[-1] == ["n"]
+    start.answers[-1](["ok:n"], None)
+    assert await nxt == "ok:n"
 
 
 async def test_a_started_batch_fails_at_its_deadline_and_its_late_answer_is_dropped() -> None:

@@ -48,6 +48,29 @@ async def test_concurrent_duplicates_give_exactly_one_stream_entry(start_gateway
     assert [e.type for e in events] == ["enqueued"]
 
 
+async def test_a_senders_contacts_are_written_in_the_order_they_came(start_gateway):
+    """One sender's contacts A then B, B submitted a turn of the loop after A, which waits
+    behind another sender's contact sent at once: B is not written before A's batch (a
+    write from B's own step would have been), so B counts A as a repeat."""
+    gw = await start_gateway(redis={"write_timeout": "5s"})
+    warm = await gw.intake.submit(inbound(external_id="warm", sender="+8613800000001"))
+    assert warm.status == "enqueued"
+    await asyncio.sleep(0)
+
+    async def later(x: Inbound):
+        await asyncio.sleep(0)
+        return await gw.intake.submit(x)
+
+    other = inbound(external_id="p", sender="+8613800000002")
+    a = inbound(external_id="a")
+    b = inbound(external_id="b", received_at=a.received_at + 1)
+    _, ra, rb = await asyncio.gather(
+        gw.intake.submit(other), gw.intake.submit(a), later(b)
+    )
+    assert [c.external_id for c in await gw.read_contacts()] == ["warm", "p", "a", "b"]
+    assert (ra.repeat.count, rb.repeat.count) == (0, 1)
+
+
 async def test_same_external_id_on_two_adapters_is_two_contacts(start_gateway):
     gw = await start_gateway()
     a = await gw.intake.submit(inbound(adapter="kannel"))
