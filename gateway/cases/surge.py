@@ -39,7 +39,7 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,10 +236,17 @@ class SurgeWatch:
         return await self.repeats_of(tally.repeats, known)
 
     async def repeats_of(
-        self, repeats: list[str], known: dict[str, Contact] | None = None
+        self,
+        repeats: list[str],
+        known: dict[str, Contact] | None = None,
+        *,
+        senders: Mapping[str, tuple[bytes | str, Micros]] | None = None,
     ) -> list[Event]:
         """Write the repeat surges of these contacts (once per citizen and day), return them;
-        each contact taken from ``known``, else read (one round trip for the batch).
+        each contact taken from ``known``, else read (one round trip for the batch), unless
+        ``senders`` names its sender's pseudonym and arrival (a repeat's ``enqueued`` event
+        does) and that citizen's mark of the day is remembered: then it raises nothing and
+        is not read.
 
         Each citizen's first contact of the batch is one ``surge.lua`` call, all of them in
         one round trip: the day's mark set (``SET NX``) and, only if set there, the event
@@ -247,19 +254,10 @@ class SurgeWatch:
         leaves no mark without its event. The marks this instance has set or found are
         remembered a few minutes (``MARKED_FOR_S``, never past the clock's day): a citizen
         who writes again and again, or a flood from one address, then costs no call at all
-        (a contact taken from the events still costs its read). Under a surge of repeats (an
-        outage, many citizens on their third contact) the aggregator made a round trip or
-        three a contact, one after another, and fell seconds behind the events."""
-        known = dict(known or {})
-        unknown = [cid for cid in repeats if cid not in known]
-        if unknown:  # one round trip for the batch's
-            replies = await self.queue.execute(
-                [["HGET", self.keys.contact(cid), "contact"] for cid in unknown]
-            )
-            for cid, raw in zip(unknown, replies, strict=True):
-                if isinstance(raw, bytes):  # else expired meanwhile
-                    known[cid] = Contact.from_json(raw)
-        if not known:
+        (nor, when its event names the sender, a read of the contact). Under a surge of
+        repeats (an outage, many citizens on their third contact) the aggregator made a round
+        trip or three a contact, one after another, and fell seconds behind the events."""
+        if not repeats:
             return []
         now = self.clock.now_us()
         now_s = now // MICROS_PER_SECOND
@@ -275,6 +273,19 @@ class SurgeWatch:
             # only hides a second surge of that day)
             self._marked.clear()
             self._marked_since = now_s
+        known = dict(known or {})
+        unknown = [cid for cid in repeats if cid not in known]
+        if senders and self._marked:  # a citizen already raised today: nothing to read
+            unknown = [cid for cid in unknown if not self._remembered(senders.get(cid))]
+        if unknown:  # one round trip for the batch's
+            replies = await self.queue.execute(
+                [["HGET", self.keys.contact(cid), "contact"] for cid in unknown]
+            )
+            for cid, raw in zip(unknown, replies, strict=True):
+                if isinstance(raw, bytes):  # else expired meanwhile
+                    known[cid] = Contact.from_json(raw)
+        if not known:
+            return []
         await self.queue.load_pseudonym_key()
         pending: dict[str, Event] = {}  # a mark -> the surge of its citizen's first contact
         for cid in repeats:
@@ -308,6 +319,16 @@ class SurgeWatch:
         if failed is not None:  # raised once the others are counted
             raise failed
         return written
+
+    def _remembered(self, sender: tuple[bytes | str, Micros] | None) -> bool:
+        """Whether the day's mark of this (pseudonym, arrival) is remembered as set."""
+        if sender is None:
+            return False
+        pseudonym, received = sender
+        if isinstance(pseudonym, bytes):
+            pseudonym = pseudonym.decode()
+        day = received // MICROS_PER_SECOND // 86400 * 86400
+        return self.keys.surge_emitted(f"repeat:{pseudonym}", day) in self._marked
 
     def _repeat(self, c: Contact, day: int, now: Micros) -> Event:
         """The repeat surge of ``c``, its citizen's contact of ``day`` (s) that raises it."""

@@ -12,7 +12,8 @@
 -- label's open zset, the waiting calls, the repeat contacts. The 'enqueued' event says so
 -- (field 'counted', the repeat count), so the aggregator skips it without reading the contact;
 -- its field 'keys' carries the contact's surge keys (JSON [received us, key, ...]), which the
--- aggregator counts with its cursor's move past the event (advance.lua: once). (Before, the
+-- aggregator counts with its cursor's move past the event (advance.lua: once); a repeat's (count
+-- 2 or more) also carries field 'sender', the sender's pseudonym. (Before, the
 -- field was 'surge', with a 'surge' mark in the hash that the aggregator took off with an
 -- HDEL, once a contact: an older instance's events still come so, docs/operations.md.)
 -- KEYS: 1 contacts stream, 2 events stream, 3 deadlines zset, 4 warnings zset, 5 waiting zset
@@ -151,9 +152,17 @@ local function contact(kb, nk, ab)
   if surge == '' then
     event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
       'type', 'enqueued', 'counted', count)
-  else
+  elseif count < 2 then
     event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
       'type', 'enqueued', 'counted', count, 'keys', surge)
+  else
+    -- a repeat contact (the dashboard's, below: the third or later in the window, where the
+    -- repeat surge is raised by default): its sender's pseudonym (the last part of the
+    -- 'first' key's name), so that the aggregator knows the citizen of a repeat surge it has
+    -- already written without reading the contact
+    event = redis.call('XADD', KEYS[2], '*', 'event', ARGV[ab + 7], 'contact_id', id,
+      'type', 'enqueued', 'counted', count, 'keys', surge,
+      'sender', string.match(KEYS[kb + 7], '[^:]*$'))
   end
   redis.call('HSET', KEYS[kb + 3], 'contact', json, 'received_us', received,
     'due_us', ARGV[ab + 5], 'kind', ARGV[ab + 9], 'channel', ARGV[ab + 8],

@@ -102,7 +102,10 @@ class Keys:
         """String: the received_at (us) of a sender's contact that found no such key (its
         first in a repeat window), which is kept here instead of in the sender's sorted set;
         expires one window after the last contact that made or read it (every repeat moves its
-        expiry with the set's: ``intake.lua``)."""
+        expiry with the set's: ``intake.lua``). Its name's last ``:`` part is the pseudonym:
+        ``intake.lua`` takes it from there for a repeat's ``enqueued`` event (field
+        ``sender``; ``RedisQueue._encode`` makes the name as ``sender_first_head`` and the
+        pseudonym)."""
         return self.sender_first_head + _short(pseudonym)
 
     @property

@@ -436,7 +436,7 @@ class RedisQueue:
             minute,
             hour,
             open_zset,
-            (firsts + sender).encode(),
+            (firsts + sender).encode(),  # intake.lua reads the pseudonym back from it
         ]
         surge = self.surge_keys
         args: list[Any] = [

@@ -156,3 +156,109 @@ async def test_old_style_events_still_count_beside_counted_ones(start_gateway: A
     for cid in (old.id, new.contact_id):
         assert await gw.redis.hget(gw.keys.contact(cid), "agg") == b"open:0"
     assert await surge_total(gw) == 2
+
+
+async def test_a_repeat_names_its_sender_and_a_citizen_already_raised_costs_no_read(
+    start_gateway: Any,
+) -> None:
+    """A repeat's ``enqueued`` event (the sender's third contact in the window or later)
+    carries its sender's pseudonym (field ``sender``, after ``keys``); once the citizen's
+    surge of the day is written and remembered, the aggregator
+    counts the citizen's later contacts without reading them (it read each one, a 2 KB
+    JSON decoded, to find the sender), on the reader's own path (``poll``: the entries as
+    read) and on the one for entries as redis-py gives them."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    agg = gw.cases.aggregator
+    await agg.stop()  # the batches are read here
+    await agg.ensure_group()
+    now = SYSTEM_CLOCK.now_us()
+    same = "+8613912345678"
+
+    async def submit(n: int, at: int) -> list[str]:
+        ids = []
+        for i in range(n):
+            c = dataset.contact(f"r{at}-{i}", "sms", now + at + i)
+            receipt = await gw.intake.submit(inbound(c, same, "路灯坏了"))
+            assert receipt.status == "enqueued"
+            ids.append(receipt.contact_id)
+        return ids
+
+    first = await submit(3, 0)
+    entries = await gw.redis.xrange(gw.keys.events)
+    fields = [list(f) for _, f in entries]
+    for row in fields[:2]:  # the first and second contact: no repeat yet
+        assert row == [b"event", b"contact_id", b"type", b"counted", b"keys"]
+    assert fields[2] == [b"event", b"contact_id", b"type", b"counted", b"keys", b"sender"]
+    pseudonym = gw.queue.pseudonym(same).encode()
+    assert [f.get(b"sender") for _, f in entries] == [None, None, pseudonym]
+    assert [f[b"counted"] for _, f in entries] == [b"0", b"1", b"2"]
+    assert await agg.poll() == 3  # the third contact raises the citizen's repeat surge
+    surges = [f for _, f in await gw.redis.xrange(gw.keys.events) if f[b"type"] == b"surge"]
+    assert [f[b"contact_id"] for f in surges] == [first[2].encode()]
+    assert await agg.poll() == 1  # the surge's own event
+
+    more = await submit(3, 100)  # as read by the reader itself (a flat list of fields)
+    before = await reads(gw)
+    assert await agg.poll() == 3
+    assert await reads(gw) == before  # no HGET of a contact
+    later = await submit(3, 200)  # as redis-py gives them (a dict of fields)
+    past = await gw.redis.xrange(gw.keys.events, min=f"({agg._cursor.decode()}")
+    assert [f[b"contact_id"] for _, f in past] == [c.encode() for c in later]
+    await agg.process(past)
+    assert await reads(gw) == before
+    assert await surge_total(gw) == len(first) + len(more) + len(later)
+    assert await gw.redis.zcard(gw.keys.agg_repeats) == 7  # every contact from the third on
+    surges = [f for _, f in await gw.redis.xrange(gw.keys.events) if f[b"type"] == b"surge"]
+    assert len(surges) == 1
+
+    # an instance that remembers nothing (here: this one with its memo cleared) reads the
+    # contact: the mark in Redis decides
+    gw.cases.surge._marked.clear()
+    await submit(1, 300)
+    before = await reads(gw)
+    assert await agg.poll() == 1
+    assert await reads(gw) == before + 1
+    assert len([f for _, f in await gw.redis.xrange(gw.keys.events)
+                if f[b"type"] == b"surge"]) == 1
+
+
+async def test_a_remembered_citizen_beside_another_and_on_the_next_day_loses_no_surge(
+    start_gateway: Any,
+) -> None:
+    """What the sender saves is only a read: a remembered citizen's repeats beside another
+    citizen's first repeat of the day in one batch (the other's contact read, its surge
+    raised), and the remembered citizen's contact of the next day (its mark of that day not
+    remembered: read and raised)."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    agg = gw.cases.aggregator
+    await agg.stop()
+    await agg.ensure_group()
+    now = SYSTEM_CLOCK.now_us()
+    a, b = "+8613912340001", "+8613912340002"
+
+    async def submit(name: str, sender: str, at: int) -> None:
+        c = dataset.contact(name, "sms", at)
+        assert (await gw.intake.submit(inbound(c, sender, "路灯坏了"))).status == "enqueued"
+
+    async def surges() -> list[bytes]:
+        entries = await gw.redis.xrange(gw.keys.events)
+        return [f[b"contact_id"] for _, f in entries if f[b"type"] == b"surge"]
+
+    for i in range(3):
+        await submit(f"a{i}", a, now + i)
+    while await agg.poll():
+        pass
+    assert len(await surges()) == 1
+    for i in range(3):
+        await submit(f"b{i}", b, now + 10 + i)
+        await submit(f"a{i + 3}", a, now + 20 + i)
+    before = await reads(gw)
+    assert await agg.poll() == 6
+    assert await reads(gw) == before + 1  # b's third contact only
+    assert len(await surges()) == 2
+    await submit("a-next", a, now + 86400 * S + 5)
+    before = await reads(gw)
+    while await agg.poll():
+        pass
+    assert await reads(gw) == before + 1
+    assert len(await surges()) == 3

@@ -452,13 +452,19 @@ class Aggregator:
         field ``surge`` instead, with the hash's ``surge`` mark: the first to take the mark
         (``HDEL``) counts them, as that version's aggregator does. An ``enqueued`` event
         without ``counted`` (older still) takes the old path: the contact is read, decoded and
-        stepped like any other event.
+        stepped like any other event. A repeat's counted event also names its sender's
+        pseudonym (field ``sender``): a citizen whose repeat surge of the day is written and
+        remembered (``SurgeWatch.repeats_of``) costs no read of the contact.
         """
         parsed: list[tuple[str, str, dict[str, Any]]] = []
         tagged: list[Tagged] = []
         """The older version's counted contacts (the hash's mark decides)."""
         fresh: list[tuple[bytes, Micros, list[str], int]] = []
         """This version's counted contacts read past the cursor (counted with its move)."""
+        senders: dict[str, tuple[bytes | str, Micros]] = {}
+        """Contact id -> its sender's pseudonym and its arrival, for the repeats whose event
+        names the sender (``SurgeWatch.repeats_of``: a citizen's surge already written then
+        costs no read of the contact)."""
         counting = self.surge is not None
         # the entries past the cursor: from ``first`` on (in order; all of them, as a rule)
         first = len(entries)
@@ -472,13 +478,17 @@ class Aggregator:
             if read.__class__ is not list:
                 fields = read
             else:  # as read (``poll``): a flat list of fields and values
+                size = len(read)
                 if (
-                    len(read) == 10 and read[5] == b"enqueued" and read[8] == b"keys"
+                    (size == 10 or (size == 12 and read[10] == b"sender"))
+                    and read[5] == b"enqueued" and read[8] == b"keys"
                     and read[6] == b"counted" and read[2] == b"contact_id"
                 ):  # intake.lua's counted event, its fields in its order: no dict made
                     if counting and at >= first:
                         received, *names = orjson.loads(read[9])
                         fresh.append((read[3], received, names, int(read[7])))
+                        if size == 12:  # a repeat's: its sender's pseudonym
+                            senders[read[3].decode()] = (read[11], received)
                     continue
                 fields = dict(zip(read[::2], read[1::2], strict=False))
             kind = fields.get(b"type")
@@ -489,8 +499,11 @@ class Aggregator:
                 if raw is not None:
                     if at >= first:
                         received, *names = orjson.loads(raw)
-                        fresh.append((fields[b"contact_id"], received, names,
-                                      int(fields[b"counted"])))
+                        contact_id = fields[b"contact_id"]
+                        fresh.append((contact_id, received, names, int(fields[b"counted"])))
+                        sender = fields.get(b"sender")
+                        if sender is not None:
+                            senders[_text(contact_id)] = (sender, received)
                     continue
                 raw = fields.get(b"surge")
                 if raw is not None:
@@ -543,7 +556,9 @@ class Aggregator:
             tally = self.surge.tally(fresh) if fresh and self.surge is not None else None
             moved = await self._advance(entries[-1][0], len(entries) - first, tally, extra)
             if moved and tally is not None and tally.repeats and self.surge is not None:
-                await self.surge.repeats_of([_text(cid) for cid in tally.repeats])
+                await self.surge.repeats_of(
+                    [_text(cid) for cid in tally.repeats], senders=senders
+                )
         else:
             raise_errors(await self.queue.execute(extra))
         if self.surge is not None and (contacts or tagged):
