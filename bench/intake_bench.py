@@ -21,7 +21,8 @@ same server for every kind): what a contact costs on either side of the round tr
 
 ``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (for example
 ``git archive <commit> gateway | tar -x -C DIR``) in the same alternating rounds, so a change
-is measured before and after in one run.
+is measured before and after in one run; after the half-peak run it is driven at the same
+rate, for its edge-to-enqueue tail, and then this tree once more (neither always second).
 """
 
 from __future__ import annotations
@@ -280,6 +281,16 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
         half = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
         offset += 10_000_000
         p50, p99, n = await edge_to_enqueue(server.url, "b-gateway", since_ms)
+        if before:  # the older tree at the same rate, right after (the tail is noisy)
+            since_ms = int(time.time() * 1000)
+            half_before = await drive(targets["gateway-before"], seconds, offset, rate=peak / 2)
+            offset += 10_000_000
+            tail_before = await edge_to_enqueue(server.url, "b-before", since_ms)
+            # and this tree once more after it, so that neither is always second
+            since_ms = int(time.time() * 1000)
+            half_again = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
+            offset += 10_000_000
+            tail_again = await edge_to_enqueue(server.url, "b-gateway", since_ms)
     finally:
         for target in targets.values():
             target.stop()
@@ -333,6 +344,15 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
             f"gateway / xadd = {old / xadd:.2f}; after / before = {peak / old:.2f}; "
             f"server CPU per contact after / before = {cpu['gateway'] / cpu['gateway-before']:.2f}"
         )
+        for label, run, (t50, t99, tn) in (
+            ("before at the same rate", half_before, tail_before),
+            ("then this tree again", half_again, tail_again),
+        ):
+            print(
+                f"{label} ({run.rate:.0f}/s, {tn} contacts): edge-to-enqueue "
+                f"p50 {t50:.2f} ms, p99 {t99:.2f} ms"
+                + ("" if run.rate >= 0.95 * peak / 2 else "; rate not held")
+            )
     print("appendfsync: " + ", ".join(f"{m} {r:.0f}/s ({r / peak:.2f}x)" for m, r in fsync.items()))
 
 
