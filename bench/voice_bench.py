@@ -18,6 +18,11 @@ append-only file (``BGREWRITEAOF``, waited for), so that no rewrite the earlier 
 set off falls into it by chance; under it, a line says what Valkey did during the run. The
 whole run takes about a minute (two with ``--before``).
 
+``--pin`` (a machine of two cores or more): the servers' process (the bare server, the layer
+and the gateway) on CPU 0, the callers and Valkey on CPU 1, so that the server has a core of
+its own, as on the machine the issue's figures came from; without it the three share every
+core, and at paced rates the wait for a core is most of the gateway's tail.
+
 ``--calls N`` instead counts the Python function calls a session costs (cProfile) in the layer
 and the gateway, both modes, and prints the N functions of most own time; a count the
 machine's load hardly moves. ``--calls N --before DIR`` counts an older tree's too.
@@ -42,6 +47,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SERVER_CPU, OTHER_CPU = 0, 1
+"""``--pin``: where the servers run, and where the callers and Valkey do."""
 
 HEADER = (
     "agi_network: yes\nagi_network_script: intake\nagi_request: agi://127.0.0.1/intake\n"
@@ -150,7 +158,10 @@ def child(argv: list[str]) -> None:
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--rate", type=float, default=1000)
     p.add_argument("--duration", type=float, default=3)
+    p.add_argument("--pin", action="store_true")
     a = p.parse_args(argv)
+    if a.pin:
+        os.sched_setaffinity(0, {OTHER_CPU})
     FIRST_CALLER[0] = a.first
     runner = _runner()
     if a.mode == "closed":
@@ -224,6 +235,7 @@ async def drive(
         sys.executable, __file__, "--child", "--port", str(port), "--run", run, "--mode", mode,
         "--concurrency", str(args.concurrency), "--rate", str(args.rate),
         "--duration", str(args.duration), "--first", str(FIRST_CALLER[0]),
+        *(["--pin"] if getattr(args, "pin", False) else []),
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
@@ -388,6 +400,9 @@ async def serve(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis")
         await redis.start()
+        if args.pin and redis.process is not None:  # Valkey (every thread) beside the callers
+            for task in Path(f"/proc/{redis.process.pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), {OTHER_CPU})
         settings, configs = settings_for(
             Path(tmp) / "gw", redis.url, "bench",
             adapters={
@@ -552,7 +567,9 @@ async def measured(
 async def main(args: argparse.Namespace) -> None:
     logging_off()
     print(f"voice bench: {args.concurrency} concurrent callers, {args.duration:g} s per run, "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus"
+          + (f"; servers on CPU {SERVER_CPU}, callers and Valkey on CPU {OTHER_CPU}"
+             if args.pin else ""))
     bare = await bare_server()
     bare_port = bare.sockets[0].getsockname()[1]
     base = await drive(bare_port, "b", "closed", args)
@@ -561,7 +578,7 @@ async def main(args: argparse.Namespace) -> None:
     print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
     bare.close()
 
-    extra = ("--no-settle",) if args.no_settle else ()
+    extra = (*(("--no-settle",) if args.no_settle else ()), *(("--pin",) if args.pin else ()))
     trees = [Servers("now", "", extra)]
     if args.before:
         trees.append(Servers("before", args.before, extra))
@@ -684,9 +701,14 @@ if __name__ == "__main__":
         parser.add_argument("--no-settle", action="store_true",
                             help="leave the servers' garbage collector as Python starts it "
                                  "(gateway serve calls settle_heap)")
+        parser.add_argument("--pin", action="store_true",
+                            help=f"the servers on CPU {SERVER_CPU}, the callers and Valkey on "
+                                 f"CPU {OTHER_CPU} (a core of the server's own)")
         parser.add_argument("--tree", default="", help=argparse.SUPPRESS)
         parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
         ns = parser.parse_args()
+        if ns.pin:  # this process (the bare server) and the --serve children it starts
+            os.sched_setaffinity(0, {SERVER_CPU})
         if ns.tree:  # the child counting an older tree: its gateway package first on the path
             sys.path.insert(0, ns.tree)
             from bench.intake_bench import without_plugins
