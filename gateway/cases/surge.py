@@ -67,6 +67,11 @@ MARKED_MAX = 100_000
 ``MARKED_FOR_S``, at most this many (~15 MB)."""
 
 
+def _day(at: Micros) -> int:
+    """The start (s) of the UTC day of ``at``."""
+    return at // MICROS_PER_SECOND // 86400 * 86400
+
+
 def poisson_tail(c: int, lam: float) -> float:
     """``P(X >= c)`` for X ~ Poisson(lam), summed upward from ``c`` in log space."""
     if c <= 0:
@@ -292,11 +297,10 @@ class SurgeWatch:
             c = known.get(cid)
             if c is None:
                 continue
-            day = c.received_at // MICROS_PER_SECOND // 86400 * 86400
-            key = f"repeat:{self.queue.pseudonym(c.sender.address)}"  # no number in a key name
-            mark = self.keys.surge_emitted(key, day)
+            # no number in a key name: the sender's pseudonym
+            mark = self._mark(self.queue.pseudonym(c.sender.address), c.received_at)
             if mark not in self._marked and mark not in pending:
-                pending[mark] = self._repeat(c, day, now)
+                pending[mark] = self._repeat(c, _day(c.received_at), now)
         if not pending:
             return []
         k = self.keys
@@ -320,6 +324,10 @@ class SurgeWatch:
             raise failed
         return written
 
+    def _mark(self, pseudonym: str, received: Micros) -> str:
+        """The key marking a citizen's repeat surge of the day of ``received``."""
+        return self.keys.surge_emitted(f"repeat:{pseudonym}", _day(received))
+
     def _remembered(self, sender: tuple[bytes | str, Micros] | None) -> bool:
         """Whether the day's mark of this (pseudonym, arrival) is remembered as set."""
         if sender is None:
@@ -327,8 +335,7 @@ class SurgeWatch:
         pseudonym, received = sender
         if isinstance(pseudonym, bytes):
             pseudonym = pseudonym.decode()
-        day = received // MICROS_PER_SECOND // 86400 * 86400
-        return self.keys.surge_emitted(f"repeat:{pseudonym}", day) in self._marked
+        return self._mark(pseudonym, received) in self._marked
 
     def _repeat(self, c: Contact, day: int, now: Micros) -> Event:
         """The repeat surge of ``c``, its citizen's contact of ``day`` (s) that raises it."""

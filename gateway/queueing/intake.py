@@ -83,12 +83,8 @@ class Intake:
             # one deadline per batch (from its oldest contact's submit), not one per caller
             timeout=write_timeout_s,
             orphan=self._orphaned,
-            # a contact submitted while none waits, a slot is free and no batch task is in
-            # flight is written from the submitter's own step and answered from the link's
-            # reply callback (no batch task, no hand-offs: at low and moderate rates nearly
-            # every contact; one a turn of the loop, the rest of a burst coalesced; none
-            # written before a contact submitted earlier, but for a batch sent again after a
-            # server lost its scripts; store.start_batch)
+            # at low and moderate rates most contacts are written from the submitter's own
+            # step, with no batch task (when, and the order kept: Coalescer's ``start``)
             start=functools.partial(queue.start_batch, limited=True),
         )
         self.stall_after_s = 30.0
@@ -132,11 +128,10 @@ class Intake:
         common case (a new contact written in time) runs in the caller's task, with no task,
         shield or timeout of its own: the coalescer's batch has the one deadline
         (``write_timeout``); only the slower outcomes (spool, duplicate lookup) get a task.
-        While no contact waits, a batch slot is free and no batch task is in flight (and no
-        other contact went so in this turn of the loop) the contact's batch is even written
-        from this step (``RedisQueue.start_batch``), in one ``write`` before the first wait,
-        and its outcome comes from the link's reply callback: a caller that gives up after
-        that cuts nothing, its outcome is settled as a batch task's would be.
+        Often the contact's batch is even written from this step (``Coalescer``'s ``start``
+        says when; ``RedisQueue.start_batch``), in one ``write`` before the first wait, and
+        its outcome comes from the link's reply callback: a caller that gives up after that
+        cuts nothing, its outcome is settled as a batch task's would be.
         """
         series = self.metrics.intake(inbound.channel, inbound.adapter)
         series.received.inc()
