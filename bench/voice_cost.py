@@ -99,7 +99,7 @@ def child(what: str, tree: str) -> None:
         "redis": {"write_timeout": "60s"},
         "watcher": {"enabled": False},
     })
-    voice_bench._runner()(voice_bench.serve(argparse.Namespace(no_settle=False)))
+    voice_bench._runner()(voice_bench.serve(argparse.Namespace(no_settle=False, pin=False)))
 
 
 class Counted(voice_bench.Servers):
