@@ -43,8 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.coordination import Fence, Leases
@@ -65,6 +64,11 @@ MARKED_FOR_S = 300
 MARKED_MAX = 100_000
 """Citizens' repeat marks an instance remembers (``SurgeWatch.repeats_of``): for
 ``MARKED_FOR_S``, at most this many (~15 MB)."""
+
+
+def _shown(key: str) -> str:
+    """A surge key as logged: a recipient's number is not."""
+    return "recipient" if key.startswith("recipient:") else key
 
 
 def _day(at: Micros) -> int:
@@ -417,11 +421,18 @@ class SurgeWatch:
             p = poisson_tail(c, lam)
             if p < float(self.section.alpha):
                 found.append(Finding(key, c, lam, p, start))
-        written = []
+        written, failed = [], None
         for f in found:
-            event = await self._write(f, now)
+            try:
+                event = await self._write(f, now)
+            except ResponseError as exc:  # refused for that key alone: not marked, tried again
+                log.debug("surge: %s not written: %r", _shown(f.key), exc)
+                failed = failed or exc
+                continue
             if event is not None:
                 written.append(event)
+        if failed is not None:  # raised once the others are written
+            raise failed
         return written
 
     async def _sum(self, minutes: Iterable[int]) -> dict[str, int]:
@@ -458,23 +469,27 @@ class SurgeWatch:
         return rates
 
     async def _write(self, f: Finding, now: Micros) -> Event | None:
-        # once per key and period of two windows (SET NX: across instances), and not again
-        # within two windows of the last one (a burst going on across a period's end)
+        """Write ``f``'s surge once per key and period of two windows (its mark, ``SET NX``:
+        across instances), and not within two windows of the last one (a burst going on
+        across a period's end). The samples are read first; the mark (the time, read for that
+        second rule), the event, its index in the sample's hash and the dashboard's list are
+        then one ``surge.lua`` call, so a call lost on its way leaves no mark without its
+        event and a later evaluation writes it."""
         period = int(self.window_min * MINUTE_S * 2)
         now_s = now // MICROS_PER_SECOND
         bucket = now_s - now_s % period
-        last = await self.redis.get(self.keys.surge_emitted(f.key, bucket - period))
-        if last is not None and now - int(last) < period * MICROS_PER_SECOND:
-            return None
-        name = self.keys.surge_emitted(f.key, bucket)
-        if not await self.redis.set(name, now, nx=True, ex=2 * period):
-            return None
+        previous, mark = (self.keys.surge_emitted(f.key, b) for b in (bucket - period, bucket))
         pipe = self.redis.pipeline(transaction=False)
+        pipe.get(previous)  # both checked again by the script, atomically
+        pipe.exists(mark)
         minutes = range(f.window_start_s, f.window_start_s + self.window_min * MINUTE_S, 60)
         for m in reversed(minutes):
             pipe.lrange(self.keys.surge_samples(f.key, m), 0, SAMPLES - 1)
+        last, marked, *lists = await pipe.execute()
+        if marked or (last is not None and now - int(last) < period * MICROS_PER_SECOND):
+            return None
         samples: list[str] = []
-        for ids in await pipe.execute():
+        for ids in lists:
             for raw in ids:
                 cid = raw.decode() if isinstance(raw, bytes) else str(raw)
                 if cid not in samples and len(samples) < SAMPLES:
@@ -482,39 +497,46 @@ class SurgeWatch:
         if not samples:
             return None
         kind, _, value = f.key.partition(":")
-        detail = {
-            "kind": kind,
-            "key": f.key,
-            "value": value or kind,
-            "count": f.count,
-            "baseline": round(f.baseline, 3),
-            "p_value": f.p_value,
-            "window_s": self.window_min * MINUTE_S,
-            "window_start": format_time(f.window_start_s * MICROS_PER_SECOND),
-            "samples": samples,
-        }
+        event = Event(
+            contact_id=samples[0],
+            type="surge",
+            at=now,
+            source=self.source,
+            detail={
+                "kind": kind,
+                "key": f.key,
+                "value": value or kind,
+                "count": f.count,
+                "baseline": round(f.baseline, 3),
+                "p_value": f.p_value,
+                "window_s": self.window_min * MINUTE_S,
+                "window_start": format_time(f.window_start_s * MICROS_PER_SECOND),
+                "samples": samples,
+            },
+        )
+        k = self.keys
+        (reply,) = await self.queue.run_scripts("surge", [(
+            [k.events, k.contact(event.contact_id), mark, k.surges, previous],
+            [
+                event.contact_id,
+                event.to_json(),
+                2 * period,
+                now,
+                now - 86400 * MICROS_PER_SECOND,
+                now,
+                period * MICROS_PER_SECOND,
+            ],
+        )])
+        if isinstance(reply, Exception):
+            raise reply
+        if not reply:  # another instance's surge meanwhile (a lease take-over)
+            return None
         log.warning(
             "surge: %s %s contacts in %d min (usual %.1f, p=%.2g)",
-            f.key if kind != "recipient" else "recipient",
+            _shown(f.key),
             f.count,
             self.window_min,
             f.baseline,
             f.p_value,
         )
-        return await self._emit(samples[0], detail, now)
-
-    async def _emit(self, contact_id: str, detail: dict[str, Any], at: Micros) -> Event:
-        event = Event(
-            contact_id=contact_id,
-            type="surge",
-            at=at,
-            source=self.source,
-            detail=detail,
-        )
-        await self.queue.emit(event)
-        score = event.at
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.surges, {orjson.dumps(event.to_dict()): score})
-        pipe.zremrangebyscore(self.keys.surges, "-inf", score - 86400 * MICROS_PER_SECOND)
-        await pipe.execute()
         return event

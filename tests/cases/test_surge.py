@@ -136,6 +136,88 @@ async def test_two_evaluators_write_each_surge_once(redis_client: Any, prefix: s
     assert "topic:燃气" in keys and len(keys) == len(set(keys))
 
 
+async def test_a_failed_write_leaves_no_mark_and_the_next_evaluation_writes_it(
+    redis_client: Any, prefix: str
+) -> None:
+    # A surge found by the evaluator is one surge.lua call: the period's mark, the event and
+    # the dashboard's list. A call that fails (here: the samples' contact keys of the wrong
+    # type, which the script reads first) sets no mark, and the next evaluation writes it.
+    # (Before, the mark was set first and a failed write lost the key's surge for the
+    # period.) The mark holds the surge's time: in the next period, within two windows of
+    # it, the same burst is not written again.
+    clock = FixedClock(NOW)
+    surge = watch(redis_client, prefix, clock, SECTION)
+    n = await steady(surge, random.Random(3), per_min=1.0, days=2)
+    period = 2 * int(SECTION.window) * MICROS_PER_SECOND
+    end = NOW + 2 * period - (NOW + 2 * period) % period - 2 * MIN  # 2 min before a period ends
+    start = end - 3 * MIN
+    burst = [citizen(n + i, start + i * MICROS_PER_SECOND, "燃气泄漏") for i in range(40)]
+    await surge.count(burst)
+    for c in burst:
+        await redis_client.set(Keys(prefix).contact(c.id), "not a hash")
+    with pytest.raises(ResponseError):
+        await surge.evaluate(end)
+    assert await surges_on(redis_client, prefix) == []
+    assert [k async for k in redis_client.scan_iter(match=f"{Keys(prefix).tag}:surge:e:*")] == []
+    assert await redis_client.zcard(Keys(prefix).surges) == 0
+    for c in burst:
+        await redis_client.delete(Keys(prefix).contact(c.id))
+    found = {e.detail["key"] for e in await surge.evaluate(end + 5 * MICROS_PER_SECOND)}
+    assert {"all", "topic:燃气"} <= found
+    assert {e["detail"]["key"] for e in await surges_on(redis_client, prefix)} == found
+    assert await redis_client.zcard(Keys(prefix).surges) == len(found)
+    assert await surge.evaluate(end + 10 * MICROS_PER_SECOND) == []  # marked: once a period
+    assert await surge.evaluate(end + 3 * MIN) == []  # the next period: within two windows
+    assert len(await surges_on(redis_client, prefix)) == len(found)
+
+
+async def test_a_key_whose_write_fails_costs_the_other_keys_nothing(
+    redis_client: Any, prefix: str
+) -> None:
+    # One key's surge refused (its sample's contact key of the wrong type): the others found
+    # in the same evaluation are written, the error is raised once they are, and the refused
+    # key is written by the next evaluation.
+    surge = watch(redis_client, prefix, FixedClock(NOW), SECTION)
+    n = await steady(surge, random.Random(3), per_min=1.0, days=2)
+    end = NOW + 30 * MIN
+    word = citizen(n, end - 5 * MIN, "有人要自焚")
+    start = end - 3 * MIN
+    burst = [citizen(n + 1 + i, start + i * MICROS_PER_SECOND, "燃气泄漏") for i in range(40)]
+    await surge.count([word, *burst])
+    await redis_client.set(Keys(prefix).contact(word.id), "not a hash")
+    with pytest.raises(ResponseError):
+        await surge.evaluate(end)
+    written = {e["detail"]["key"] for e in await surges_on(redis_client, prefix)}
+    assert {"all", "topic:燃气"} <= written and "sensitive:自焚" not in written
+    await redis_client.delete(Keys(prefix).contact(word.id))
+    again = await surge.evaluate(end + 5 * MICROS_PER_SECOND)
+    assert [e.detail["key"] for e in again] == ["sensitive:自焚"]
+
+
+async def test_the_script_checks_the_previous_periods_surge_itself(
+    redis_client: Any, prefix: str
+) -> None:
+    # Two evaluators during a lease take-over across a period's end: the one in the new period
+    # may have read the previous period's mark before the other set it. surge.lua reads it
+    # again, in the call that would set the new mark: within the gap, nothing is written.
+    surge = watch(redis_client, prefix, FixedClock(NOW), SECTION)
+    k = Keys(prefix)
+    previous, mark = k.surge_emitted("all", 1), k.surge_emitted("all", 2)
+    await redis_client.set(previous, NOW - 10 * MICROS_PER_SECOND)
+
+    async def write(at: int) -> Any:
+        (reply,) = await surge.queue.run_scripts("surge", [(
+            [k.events, k.contact("c1"), mark, k.surges, previous],
+            ["c1", '{"contact_id":"c1"}', 60, at, 0, at, 20 * MIN],
+        )])
+        return reply
+
+    assert not await write(NOW)
+    assert await redis_client.exists(mark) == 0 and await redis_client.xlen(k.events) == 0
+    assert await write(NOW + 20 * MIN)  # past the gap
+    assert await redis_client.get(mark) == str(NOW + 20 * MIN).encode()
+
+
 async def test_places_and_sensitive_words(redis_client: Any, prefix: str) -> None:
     clock = FixedClock(NOW)
     surge = watch(redis_client, prefix, clock, SECTION)
