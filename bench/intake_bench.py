@@ -19,6 +19,12 @@ append-only file's other fsync policies.
 Each round prints the server process's CPU per contact and Valkey's (all its threads, the
 same server for every kind): what a contact costs on either side of the round trip.
 
+The half-peak runs also print Valkey's fsyncs of its append-only file that took over 1 ms
+(its latency monitor's ``aof-fsync-always`` event: how many, their sum and the longest): with
+``appendfsync always`` a batch's answer waits for its fsync, so a slow disk is in the tail.
+``--valkey-dir /dev/shm`` puts that Valkey's files on tmpfs (no disk: not durable, a diagnostic
+only) to see the tail without the disk.
+
 ``--before DIR`` adds ``gateway-before``: the gateway from an older source tree (for example
 ``git archive <commit> gateway | tar -x -C DIR``) in the same alternating rounds, so a change
 is measured before and after in one run; after the half-peak run it is driven at the same
@@ -209,6 +215,26 @@ async def edge_to_enqueue(redis_url: str, prefix: str, since_ms: int) -> tuple[f
     return lat[len(lat) // 2] / 1000, lat[min(len(lat) - 1, int(0.99 * len(lat)))] / 1000, len(lat)
 
 
+async def slow_fsyncs(redis_url: str, reset: bool = False) -> str:
+    """Valkey's fsyncs over 1 ms since the last reset (its latency monitor), as a phrase."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    try:
+        if reset:
+            await client.config_set("latency-monitor-threshold", 1)
+            await client.execute_command("LATENCY", "RESET")
+            return ""
+        for event in await client.execute_command("LATENCY", "LATEST"):
+            if event[0] == b"aof-fsync-always":
+                # Valkey 8: name, time, latest ms, max ms, sum ms, count
+                count, total = (event[5], event[4]) if len(event) >= 6 else ("?", "?")
+                return f"fsyncs over 1 ms: {count} (sum {total} ms, longest {event[3]} ms)"
+        return "fsyncs over 1 ms: 0"
+    finally:
+        await client.aclose()
+
+
 def process_cpu_ns(pid: int) -> int:
     """CPU time a process's threads have used so far (Linux schedstat, nanoseconds): Valkey's
     own work per contact, next to the server's (its I/O threads and fsync thread included)."""
@@ -227,20 +253,25 @@ def fmt(r: LoadResult) -> str:
     )
 
 
-async def main(seconds: float, rounds: int, before: str = "") -> None:
+async def main(seconds: float, rounds: int, before: str = "", valkey_dir: str = "") -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-intake-"))
+    shm = Path(tempfile.mkdtemp(prefix="bench-intake-", dir=valkey_dir)) if valkey_dir else None
     try:
-        await _run(tmp, seconds, rounds, before)
+        await _run(tmp, seconds, rounds, before, shm)
     finally:  # the three Valkeys' files: a few hundred MB a run
         shutil.rmtree(tmp, ignore_errors=True)
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
 
 
-async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
+async def _run(tmp: Path, seconds: float, rounds: int, before: str, shm: Path | None) -> None:
     import time
 
     from gateway.queueing.embedded import EmbeddedRedis
 
-    server = EmbeddedRedis(tmp / "always", appendfsync="always")
+    if shm is not None:
+        print(f"the measured Valkey's files in {shm}: a diagnostic, not the durable setup")
+    server = EmbeddedRedis((shm or tmp) / "always", appendfsync="always")
     server.start_sync()
     kinds: tuple[str, ...] = ("plain", "xadd", "gateway-unbatched", "gateway")
     # with --before, this tree's gateways are loaded the way the older one is (modules from
@@ -278,19 +309,25 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
                 valkey[kind] = min(valkey.get(kind, valkey_us), valkey_us)
         peak = best["gateway"].rate
         since_ms = int(time.time() * 1000)
+        await slow_fsyncs(server.url, reset=True)
         half = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
         offset += 10_000_000
         p50, p99, n = await edge_to_enqueue(server.url, "b-gateway", since_ms)
+        disk = await slow_fsyncs(server.url)
         if before:  # the older tree at the same rate, right after (the tail is noisy)
             since_ms = int(time.time() * 1000)
+            await slow_fsyncs(server.url, reset=True)
             half_before = await drive(targets["gateway-before"], seconds, offset, rate=peak / 2)
             offset += 10_000_000
             tail_before = await edge_to_enqueue(server.url, "b-before", since_ms)
+            disk_before = await slow_fsyncs(server.url)
             # and this tree once more after it, so that neither is always second
             since_ms = int(time.time() * 1000)
+            await slow_fsyncs(server.url, reset=True)
             half_again = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
             offset += 10_000_000
             tail_again = await edge_to_enqueue(server.url, "b-gateway", since_ms)
+            disk_again = await slow_fsyncs(server.url)
     finally:
         for target in targets.values():
             target.stop()
@@ -336,6 +373,7 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
         f"at half peak ({half.rate:.0f}/s of {peak / 2:.0f}/s asked, {n} contacts): "
         f"edge-to-enqueue p50 {p50:.2f} ms, p99 {p99:.2f} ms (aim < 5 ms)"
         + ("" if held else "; rate not held (a busy machine): not a figure for the aim")
+        + f"; Valkey's {disk}"
     )
     if before:
         old = best["gateway-before"].rate
@@ -344,14 +382,15 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str) -> None:
             f"gateway / xadd = {old / xadd:.2f}; after / before = {peak / old:.2f}; "
             f"server CPU per contact after / before = {cpu['gateway'] / cpu['gateway-before']:.2f}"
         )
-        for label, run, (t50, t99, tn) in (
-            ("before at the same rate", half_before, tail_before),
-            ("then this tree again", half_again, tail_again),
+        for label, run, (t50, t99, tn), fsyncs in (
+            ("before at the same rate", half_before, tail_before, disk_before),
+            ("then this tree again", half_again, tail_again, disk_again),
         ):
             print(
                 f"{label} ({run.rate:.0f}/s, {tn} contacts): edge-to-enqueue "
                 f"p50 {t50:.2f} ms, p99 {t99:.2f} ms"
                 + ("" if run.rate >= 0.95 * peak / 2 else "; rate not held")
+                + f"; Valkey's {fsyncs}"
             )
     print("appendfsync: " + ", ".join(f"{m} {r:.0f}/s ({r / peak:.2f}x)" for m, r in fsync.items()))
 
@@ -361,5 +400,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default="", help="source tree of an older gateway")
+    parser.add_argument(
+        "--valkey-dir", default="",
+        help="put the measured Valkey's files here (/dev/shm: the tail without the disk; "
+        "not durable, a diagnostic)",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.rounds, args.before))
+    asyncio.run(main(args.seconds, args.rounds, args.before, args.valkey_dir))
