@@ -127,10 +127,14 @@ async def bench_gateway(
         await gateway.stop()
 
 
-async def _measure(redis_url: str, contacts: int, label: str, senders: int = 0) -> None:
+async def _measure(
+    redis_url: str, contacts: int, label: str, senders: int = 0, batch: int = 0
+) -> None:
     async with bench_gateway(
         redis_url, "agg", "+86138", senders=senders or 100_000_000
     ) as (gateway, aggregator, inbound):
+        if batch:  # another read size than the aggregator's own (its loop reads 200)
+            aggregator.batch = batch
         redis = gateway.redis
         start = await _server_figures(redis)
         for i in range(0, contacts, 64):
@@ -235,11 +239,11 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
         await gateway.stop()
 
 
-def _child(src: str, redis_url: str, contacts: int, senders: int) -> None:
+def _child(src: str, redis_url: str, contacts: int, senders: int, batch: int) -> None:
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, contacts, src or "now", senders))
+    uvloop.run(_measure(redis_url, contacts, src or "now", senders, batch))
 
 
 def main() -> None:
@@ -259,10 +263,14 @@ def main() -> None:
         "--rounds", type=int, default=2,
         help="of --tail phases; else of the runs, each on a fresh server",
     )
+    parser.add_argument(
+        "--batch", type=int, default=0,
+        help="events a read (default the aggregator's own, 200): what a larger read holds",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], args.contacts, args.senders)
+        _child(args.child[0], args.child[1], args.contacts, args.senders, args.batch)
         return
     if args.tail:
         import uvloop
@@ -279,7 +287,8 @@ def main() -> None:
     for _ in range(args.rounds):  # each round on a fresh server
         each_tree(
             "bench.aggregator_bench",
-            ["--contacts", str(args.contacts), "--senders", str(args.senders)],
+            ["--contacts", str(args.contacts), "--senders", str(args.senders),
+             "--batch", str(args.batch)],
             args.before, "bench-agg-",
         )
 
