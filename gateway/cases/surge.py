@@ -472,9 +472,10 @@ class SurgeWatch:
         """Write ``f``'s surge once per key and period of two windows (its mark, ``SET NX``:
         across instances), and not within two windows of the last one (a burst going on
         across a period's end). The samples are read first; the mark (the time, read for that
-        second rule), the event, its index in the sample's hash and the dashboard's list are
-        then one ``surge.lua`` call, so a call lost on its way leaves no mark without its
-        event and a later evaluation writes it."""
+        second rule, checked again there), the event, its index in the first sample's hash
+        (while that contact is retained) and the dashboard's list are then one ``surge.lua``
+        call, so a call lost on its way leaves no mark without its event and a later
+        evaluation writes it."""
         period = int(self.window_min * MINUTE_S * 2)
         now_s = now // MICROS_PER_SECOND
         bucket = now_s - now_s % period
