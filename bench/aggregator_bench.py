@@ -3,7 +3,8 @@
 A gateway (its own process, the aggregator's loop stopped) takes ``--contacts`` new contacts
 through ``Intake.submit`` (64 at a time, each from its own sender, as ``bench/intake_bench.py``
 sends them; surge warnings on); then the aggregator reads
-the ``enqueued`` events in batches of 500, as its loop does. Printed, per contact:
+the ``enqueued`` events in batches of 200, as its loop does (``--batch N``: N a read, to see
+what a larger read holds the loop for; not used by ``--tail``). Printed, per contact:
 
 - Valkey's commands (``INFO commandstats``, the commands scripts run included) and its CPU
   (``used_cpu_user + used_cpu_sys``) for the writes and for the aggregator's pass;

@@ -20,7 +20,8 @@ Each round prints the server process's CPU per contact and Valkey's (all its thr
 same server for every kind): what a contact costs on either side of the round trip.
 
 The half-peak runs also print Valkey's fsyncs of its append-only file that took over 1 ms
-(its latency monitor's ``aof-fsync-always`` event: how many, their sum and the longest): with
+(its latency monitor's ``aof-fsync-always`` event, in whole ms from 1 ms on: how many, their
+sum and the longest; Valkey 8.1 or later for the first two): with
 ``appendfsync always`` a batch's answer waits for its fsync, so a slow disk is in the tail.
 ``--valkey-dir /dev/shm`` puts that Valkey's files on tmpfs (no disk: not durable, a diagnostic
 only) to see the tail without the disk.
@@ -227,7 +228,8 @@ async def slow_fsyncs(redis_url: str, reset: bool = False) -> str:
             return ""
         for event in await client.execute_command("LATENCY", "LATEST"):
             if event[0] == b"aof-fsync-always":
-                # Valkey 8: name, time, latest ms, max ms, sum ms, count
+                # Valkey 8.1 on: name, time, latest ms, max ms, sum ms, count (whole ms,
+                # each fsync of 1 ms or more: the sum runs low)
                 count, total = (event[5], event[4]) if len(event) >= 6 else ("?", "?")
                 return f"fsyncs over 1 ms: {count} (sum {total} ms, longest {event[3]} ms)"
         return "fsyncs over 1 ms: 0"

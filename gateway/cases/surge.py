@@ -471,11 +471,11 @@ class SurgeWatch:
     async def _write(self, f: Finding, now: Micros) -> Event | None:
         """Write ``f``'s surge once per key and period of two windows (its mark, ``SET NX``:
         across instances), and not within two windows of the last one (a burst going on
-        across a period's end). The samples are read first; the mark (the time, read for that
-        second rule, checked again there), the event, its index in the first sample's hash
-        (while that contact is retained) and the dashboard's list are then one ``surge.lua``
-        call, so a call lost on its way leaves no mark without its event and a later
-        evaluation writes it."""
+        across a period's end: the previous period's mark holds its surge's time). The marks
+        and the samples are read first; then one ``surge.lua`` call checks the previous mark
+        again, sets this period's and writes the event, its index in the first sample's hash
+        (while that contact is retained) and the dashboard's list, so a call lost on its way
+        leaves no mark without its event and a later evaluation writes it."""
         period = int(self.window_min * MINUTE_S * 2)
         now_s = now // MICROS_PER_SECOND
         bucket = now_s - now_s % period

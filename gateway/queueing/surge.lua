@@ -4,8 +4,8 @@
 -- indexed in its contact's hash while the contact is retained (as emit.lua does) and listed
 -- in the dashboard's surges zset (the last day of it kept). The event is written in the call
 -- that sets its mark, so a call lost on its way (a connection, a cancelled caller) leaves no
--- mark without its event, and two instances (or a retry) write the event once. The one read
--- comes first: a contact key of the wrong type fails the call before the mark is set.
+-- mark without its event, and two instances (or a retry) write the event once. The reads
+-- come first: a contact key of the wrong type fails the call before the mark is set.
 -- KEYS: 1 events stream, 2 contact hash, 3 the mark, 4 surges zset, 5 (optional) the
 --       previous period's mark
 -- ARGV: 1 contact id, 2 event JSON, 3 the mark's expiry (s), 4 the event's score (its at,
