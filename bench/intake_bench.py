@@ -310,26 +310,25 @@ async def _run(tmp: Path, seconds: float, rounds: int, before: str, shm: Path | 
                 cpu[kind] = min(cpu.get(kind, cpu_us), cpu_us)
                 valkey[kind] = min(valkey.get(kind, valkey_us), valkey_us)
         peak = best["gateway"].rate
-        since_ms = int(time.time() * 1000)
-        await slow_fsyncs(server.url, reset=True)
-        half = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
-        offset += 10_000_000
-        p50, p99, n = await edge_to_enqueue(server.url, "b-gateway", since_ms)
-        disk = await slow_fsyncs(server.url)
+
+        async def at_half(
+            kind: str, prefix: str
+        ) -> tuple[LoadResult, tuple[float, float, int], str]:
+            """``kind`` driven at half the peak: its run, its edge-to-enqueue tail and Valkey's
+            slow fsyncs meanwhile."""
+            nonlocal offset
+            since_ms = int(time.time() * 1000)
+            await slow_fsyncs(server.url, reset=True)
+            run = await drive(targets[kind], seconds, offset, rate=peak / 2)
+            offset += 10_000_000
+            tail = await edge_to_enqueue(server.url, prefix, since_ms)
+            return run, tail, await slow_fsyncs(server.url)
+
+        half, (p50, p99, n), disk = await at_half("gateway", "b-gateway")
         if before:  # the older tree at the same rate, right after (the tail is noisy)
-            since_ms = int(time.time() * 1000)
-            await slow_fsyncs(server.url, reset=True)
-            half_before = await drive(targets["gateway-before"], seconds, offset, rate=peak / 2)
-            offset += 10_000_000
-            tail_before = await edge_to_enqueue(server.url, "b-before", since_ms)
-            disk_before = await slow_fsyncs(server.url)
+            half_before, tail_before, disk_before = await at_half("gateway-before", "b-before")
             # and this tree once more after it, so that neither is always second
-            since_ms = int(time.time() * 1000)
-            await slow_fsyncs(server.url, reset=True)
-            half_again = await drive(targets["gateway"], seconds, offset, rate=peak / 2)
-            offset += 10_000_000
-            tail_again = await edge_to_enqueue(server.url, "b-gateway", since_ms)
-            disk_again = await slow_fsyncs(server.url)
+            half_again, tail_again, disk_again = await at_half("gateway", "b-gateway")
     finally:
         for target in targets.values():
             target.stop()
