@@ -634,6 +634,7 @@ class RedisQueue:
         *,
         replicated: bool = False,
         before: list[list[Any]] | None = None,
+        after: list[list[Any]] | None = None,
         link: bool = False,
     ) -> list[Any]:
         """Run one of the gateway's scripts once per ``(keys, args)`` in one round trip; error
@@ -642,16 +643,20 @@ class RedisQueue:
         ``replicated``: with ``redis.min_replicas``, raise ReplicationLagError unless that many
         replicas confirm the writes (``WAIT`` in the same round trip). ``before``: plain
         commands sent first on the same connection (executed before the scripts); an error
-        reply to one of them raises for the whole round trip. ``link``: over the intake
-        write's own connection (``Link``) instead of a pooled one.
+        reply to one of them raises for the whole round trip. ``after``: plain commands sent
+        after the scripts (executed after them, whatever they answered); their replies follow
+        the scripts' in the list returned, errors as values. ``link``: over the intake write's
+        own connection (``Link``) instead of a pooled one.
         """
         before = before or []
+        after = after or []
         wait = replicated and self.min_replicas > 0
         for attempt in range(2):
             if not self._shas:
                 await self.load_scripts()
             sha = self._shas[name]
             commands = _evalsha(sha, calls)
+            commands += after
             if wait:
                 # WAIT counts the replicas that have this connection's last write. A batch of
                 # duplicates writes nothing, so that was an older write (or none), and WAIT

@@ -13,6 +13,8 @@ backlog read)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -20,8 +22,9 @@ from typing import Any
 
 from gateway.cases.dashboard.aggregates import GROUP, LEASE, Aggregator, read_window
 from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
+from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import AGG_BUCKET_TTL_S
-from gateway.queueing.store import Prepared, RedisQueue
+from gateway.queueing.store import Prepared, RedisQueue, connect
 from gateway.records import Inbound, Sender
 from gateway.testing import eventually
 from tests.cases.conftest import API
@@ -195,3 +198,110 @@ async def test_one_instance_of_a_fleet_reads_and_another_takes_over(start_gatewa
     assert LEASE in other.leases.held and LEASE not in reader.leases.held
     counts = await read_window(one.redis, one.keys, base - MINUTE, base + MINUTE)
     assert {k: v.volume for k, v in counts.items()} == {"sms": 6}
+
+
+class RoundTrips:
+    """A TCP relay in front of the embedded server that counts round trips: a client's
+    commands that follow a reply (or open the connection) start one, however many commands
+    and segments it sends before the server's next reply."""
+
+    def __init__(self, server: EmbeddedRedis) -> None:
+        self.upstream = server
+        self.trips = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))
+        answered = [True]  # this connection's last bytes went to the client
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, up: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if up and answered[0]:
+                        self.trips += 1
+                    answered[0] = not up
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False),
+                             return_exceptions=True)
+
+
+async def test_a_full_batch_reads_the_next_in_the_round_trip_of_its_move(
+    start_gateway: Any, redis_server: EmbeddedRedis
+) -> None:
+    """Under a backlog every batch is full: the next one's ``XREAD`` goes behind the
+    ``advance.lua`` call that moves the cursor past this one, so a batch costs one round trip,
+    not two (a reader in a busy gateway waits tens of ms for each)."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    await gw.cases.aggregator.stop()
+    relay = RoundTrips(redis_server)
+    client = connect(gw.settings.redis, await relay.start())
+    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="relayed", dedupe_window_s=60,
+                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
+    reader = Aggregator(queue, SYSTEM_CLOCK, gw.settings.sla, "relayed", surge=gw.cases.surge,
+                        batch=50)
+    try:
+        base = SYSTEM_CLOCK.now_us()
+        await asyncio.gather(*(  # each from a sender of its own: 230 events, no more
+            gw.intake.submit(dataclasses.replace(
+                _inbound(f"r{n}", base + n, 0), sender=Sender(f"+8613900{n:06d}")
+            )) for n in range(230)
+        ))
+        assert await gw.redis.xlen(gw.keys.events) == 230
+        await reader.ensure_group()
+        await queue.load_scripts()
+        relay.trips = 0
+        assert await reader.catch_up() == 230
+        # four full batches, each read with the move before it; the fifth (30) read with the
+        # fourth's move, and its own move reads nothing on: one read more to find the end
+        assert relay.trips == 1 + 5 + 1
+        assert await surge_total(gw) == 230
+        group = await _group(gw)
+        assert group["lag"] == 0 and group["entries-read"] == await gw.redis.xlen(gw.keys.events)
+        counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + MINUTE)
+        assert {k: v.volume for k, v in counts.items()} == {"sms": 230}
+    finally:
+        await client.aclose()
+        relay.close()
+
+
+async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
+    start_gateway: Any,
+) -> None:
+    """Two readers handing over (as a lease moving while its old holder still reads), each
+    reading the next batch with its move: a batch read ahead from a cursor another reader has
+    moved since is refused like any other, and each contact counts once."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    await gw.cases.aggregator.stop()
+    one = gw.cases.aggregator
+    one.batch = 2
+    two = Aggregator(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "two", surge=gw.cases.surge,
+                     batch=2)
+    await one.ensure_group()
+    await two.ensure_group()
+    base = SYSTEM_CLOCK.now_us()
+    for n in range(5):
+        await gw.intake.submit(_inbound(f"h{n}", base + n, n))
+    assert await one.poll() == 2  # moved; read 3 and 4 with its move
+    assert one._ahead is not None
+    assert await two.poll() == 2  # 1 and 2 again: refused, the cursor taken from Redis
+    assert await two.poll() == 2  # 3 and 4, read from the cursor: moved, 5 read with it
+    assert await one.poll() == 2  # 3 and 4 as read ahead: refused
+    assert one._ahead is None
+    assert await one.poll() == 1  # 5, from the cursor two left
+    assert await two.poll() == 1  # 5 as read ahead: refused
+    assert await one.poll() == 0 and await two.poll() == 0
+    assert await surge_total(gw) == 5
+    counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + MINUTE)
+    assert {k: v.volume for k, v in counts.items()} == {"sms": 5}

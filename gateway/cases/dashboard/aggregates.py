@@ -310,6 +310,9 @@ class Aggregator:
         self._base = b""
         """The cursor string's value the reader's next batch starts from (``advance.lua``
         compares it): b"" when there is none."""
+        self._ahead: tuple[bytes, Any] | None = None
+        """The next read, sent with the last full batch's ``advance.lua`` (one round trip for
+        both): the cursor it was read after, and ``XREAD``'s reply."""
         self.processed = 0
         self.claim_idle_ms = 60_000
         """Entries another consumer read and left unacknowledged this long are taken over."""
@@ -354,6 +357,7 @@ class Aggregator:
                 raise
 
     async def _load_cursor(self) -> None:
+        self._ahead = None
         raw = await self.redis.get(self.keys.agg_cursor)
         if raw:
             entry, _, count = bytes(raw).partition(b" ")
@@ -418,16 +422,24 @@ class Aggregator:
         (``block_ms`` is not used: the loop pauses between batches instead.)"""
         if not self._group_ready:
             await self.ensure_group()
-        (reply,) = raise_errors(await self.queue.execute(
-            [["XREAD", "COUNT", self.batch, "STREAMS", self.keys.events, self._cursor]],
-            pooled=True,  # polled every 250 ms: not in the way of the shared connection
-        ))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == self._cursor:
+            reply = ahead[1]  # read with the last batch's move, after where it left the cursor
+        else:
+            (reply,) = raise_errors(await self.queue.execute(
+                [self._read()],
+                pooled=True,  # polled every 250 ms: not in the way of the shared connection
+            ))
         if not reply:
             return 0
         # RESP3 answers a map of streams, RESP2 a list of [stream, entries]
         raw = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
         await self.process(raw)  # each entry's fields as read: a flat list
         return len(raw)
+
+    def _read(self, after: bytes | None = None) -> list[Any]:
+        """The ``XREAD`` of the next batch: after ``after``, else after the cursor."""
+        return ["XREAD", "COUNT", self.batch, "STREAMS", self.keys.events, after or self._cursor]
 
     async def catch_up(self) -> int:
         """Apply everything not yet read (tests, benchmarks); return how many events."""
@@ -554,7 +566,11 @@ class Aggregator:
             extra.append(["XACK", self.keys.events, GROUP, *[e for e, _ in entries]])
         if first < len(entries):
             tally = self.surge.tally(fresh) if fresh and self.surge is not None else None
-            moved = await self._advance(entries[-1][0], len(entries) - first, tally, extra)
+            # a full batch: the next is read in the same round trip as this one's move
+            full = not claimed and len(entries) >= self.batch
+            moved = await self._advance(
+                entries[-1][0], len(entries) - first, tally, extra, read_on=full
+            )
             if moved and tally is not None and tally.repeats and self.surge is not None:
                 await self.surge.repeats_of(
                     [_text(cid) for cid in tally.repeats], senders=senders
@@ -570,12 +586,22 @@ class Aggregator:
         self.processed += len(entries)
 
     async def _advance(
-        self, last: Any, read: int, tally: Tally | None, before: list[list[Any]]
+        self,
+        last: Any,
+        read: int,
+        tally: Tally | None,
+        before: list[list[Any]],
+        *,
+        read_on: bool = False,
     ) -> bool:
         """Move the cursor to ``last`` (``read`` entries past it) and write ``tally`` (the
         surge keys of the new contacts past it), in one ``advance.lua`` call after the plain
         commands ``before`` (one round trip); False when another reader moved the cursor
-        first (then nothing of it is written, and the cursor is taken again from Redis)."""
+        first (then nothing of it is written, and the cursor is taken again from Redis).
+
+        ``read_on``: the next batch's ``XREAD`` (after ``last``) is sent behind the script in
+        the same round trip, and ``poll`` takes its reply instead of reading; a refused move
+        drops it (the cursor is elsewhere), as does a failed read (``poll`` reads again)."""
         last = last.encode() if isinstance(last, str) else bytes(last)
         entries_read = None if self._entries_read is None else self._entries_read + read
         k = self.keys
@@ -595,12 +621,16 @@ class Aggregator:
                 args += [number[minute], key, len(ids), len(samples), *samples]
         else:
             args += [0, SAMPLES_TTL_S, "", 0, SAMPLES]
-        (moved,) = raise_errors(
-            await self.queue.run_scripts("advance", [(keys, args)], before=before)
+        after = [self._read(last)] if read_on else None
+        replies = await self.queue.run_scripts(
+            "advance", [(keys, args)], before=before, after=after
         )
+        (moved,) = raise_errors(replies[:1])
         if not moved:
             await self._load_cursor()
             return False
+        if read_on and not isinstance(replies[1], Exception):
+            self._ahead = (last, replies[1])
         self._cursor = last
         self._entries_read = entries_read
         self._base = last + b" " + (b"" if entries_read is None else str(entries_read).encode())
