@@ -20,7 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cases.dashboard.aggregates import GROUP, LEASE, Aggregator, read_window
+from gateway.cases.dashboard.aggregates import (
+    GROUP,
+    LEASE,
+    STEP_CHUNK,
+    Aggregator,
+    read_window,
+)
 from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK
 from gateway.queueing.embedded import EmbeddedRedis
 from gateway.queueing.keys import AGG_BUCKET_TTL_S
@@ -305,3 +311,41 @@ async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
     assert await surge_total(gw) == 5
     counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + MINUTE)
     assert {k: v.volume for k, v in counts.items()} == {"sms": 5}
+
+
+async def test_a_part_of_outcome_events_reads_the_next_parts_contacts_with_its_steps(
+    start_gateway: Any, redis_server: EmbeddedRedis
+) -> None:
+    """Outcome events are stepped ``STEP_CHUNK`` at a time, each part with the contacts' facts
+    read first: the next part's reads go behind this part's steps, one round trip a part."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    await gw.cases.aggregator.stop()
+    relay = RoundTrips(redis_server)
+    client = connect(gw.settings.redis, await relay.start())
+    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="relayed", dedupe_window_s=60,
+                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
+    reader = Aggregator(queue, SYSTEM_CLOCK, gw.settings.sla, "relayed", surge=gw.cases.surge)
+    try:
+        base = SYSTEM_CLOCK.now_us()
+        receipts = await asyncio.gather(*(
+            gw.intake.submit(dataclasses.replace(
+                _inbound(f"o{n}", base + n, 0), sender=Sender(f"+8613900{n:06d}")
+            )) for n in range(120)
+        ))
+        await reader.ensure_group()
+        await queue.load_scripts()
+        assert await reader.catch_up() == 120
+        at = SYSTEM_CLOCK.now_us()
+        for r in receipts:
+            assert await gw.queue.stamp(r.contact_id, "responded", at, "test")
+        await queue.execute([["PING"]])  # the plain commands' connection open (5 round trips)
+        relay.trips = 0
+        assert await reader.catch_up() == 120  # one batch: parts of 50, 50 and 20
+        # the read; the first part's facts; each part's steps (the next's facts behind the
+        # first two); the move; the read that finds the end
+        assert STEP_CHUNK == 50 and relay.trips == 1 + 1 + 3 + 1 + 1
+        counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + MINUTE)
+        assert counts["sms"].volume == 120 and counts["sms"].get("within") == 120
+    finally:
+        await client.aclose()
+        relay.close()

@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,14 +263,26 @@ STEPPED = frozenset(
 async def apply(queue: RedisQueue, steps: list[Step]) -> list[bool]:
     """Run the steps in order, ``STEPS_PER_CALL`` to one script call, in one round trip;
     return, per step, whether it marked its contact counted for surges just now."""
+    flags, _ = await apply_then(queue, steps, [])
+    return flags
+
+
+async def apply_then(
+    queue: RedisQueue, steps: list[Step], then: list[list[Any]]
+) -> tuple[list[bool], list[Any]]:
+    """``apply``, with the plain commands ``then`` sent behind the steps in the same round
+    trip: the steps' flags, and ``then``'s replies (errors as values)."""
     calls = []
     for i in range(0, len(steps), STEPS_PER_CALL):
         chunk = steps[i : i + STEPS_PER_CALL]
         calls.append(([k for s in chunk for k in s.keys], [a for s in chunk for a in s.args]))
+    if not calls:
+        return [], (await queue.execute(then) if then else [])
+    replies = await queue.run_scripts("aggregate", calls, after=then)
     flags: list[bool] = []
-    for r in raise_errors(await queue.run_scripts("aggregate", calls)) if calls else ():
+    for r in raise_errors(replies[: len(calls)]):
         flags.extend(bool(int(f)) for f in r)
-    return flags
+    return flags, replies[len(calls) :]
 
 
 class Aggregator:
@@ -528,14 +540,17 @@ class Aggregator:
                 parsed.append((cid, _text(kind), orjson.loads(fields[b"event"])))
         extra: list[list[Any]] = []
         contacts: list[Contact] = []
-        # in parts of STEP_CHUNK events, each with its two round trips: the loop and Valkey
-        # are not held for a whole batch of deadline events in one piece
-        for start in range(0, len(parsed), STEP_CHUNK):
-            part = parsed[start : start + STEP_CHUNK]
+        # in parts of STEP_CHUNK events: the loop and Valkey are not held for a whole batch of
+        # deadline events in one piece. A part's contacts are read (HMGET) in the round trip
+        # of the part before it's steps, which write no field read here: a round trip a part
+        parts = [parsed[i : i + STEP_CHUNK] for i in range(0, len(parsed), STEP_CHUNK)]
+        wanted, reads = self._fact_reads(parts[0]) if parts else ([], [])
+        replies = await self.queue.execute(reads) if reads else []
+        for n, part in enumerate(parts):
             steps: list[Step] = []
             new: dict[int, Contact] = {}
             """Step index -> the contact of an old-style ``enqueued`` step (surges: once)."""
-            facts = await self._facts({cid for cid, _, _ in part}, part)
+            facts = self._facts(wanted, raise_errors(replies))
             for cid, type_, event in part:
                 fact = facts.get(cid)
                 if fact is None:
@@ -548,7 +563,8 @@ class Aggregator:
                     new[len(steps) - 1] = contact
                     if contact.repeat.count >= 2:
                         extra.append(["ZADD", self.keys.agg_repeats, contact.received_at, cid])
-            flags = await apply(self.queue, steps)
+            wanted, reads = self._fact_reads(parts[n + 1]) if n + 1 < len(parts) else ([], [])
+            flags, replies = await apply_then(self.queue, steps, reads)
             # a redelivered batch counts none of its contacts for surges again
             contacts += [c for i, c in new.items() if flags[i]]
         if tagged:  # an older version's counted contacts: the first to take the mark counts
@@ -659,19 +675,25 @@ class Aggregator:
         ):
             self._entries_read = int(added) - int(length)
 
-    async def _facts(
-        self, ids: Iterable[str], parsed: list[tuple[str, str, dict[str, Any]]]
-    ) -> dict[str, dict[str, Any]]:
-        wanted = sorted(ids)
-        enqueued = {cid for cid, type_, _ in parsed if type_ == "enqueued"}
+    def _fact_reads(
+        self, part: list[tuple[str, str, dict[str, Any]]]
+    ) -> tuple[list[str], list[list[Any]]]:
+        """The contacts of a part of a batch, and the reads of what its steps need of them
+        (``_facts`` takes the replies)."""
+        wanted = sorted({cid for cid, _, _ in part})
+        enqueued = {cid for cid, type_, _ in part if type_ == "enqueued"}
         commands: list[list[Any]] = []
         for cid in wanted:
             names = ["received_us", "due_us", "kind", "channel"]
             if cid in enqueued:
                 names.append("contact")
             commands.append(["HMGET", self.keys.contact(cid), *names])
+        return wanted, commands
+
+    def _facts(self, wanted: list[str], replies: list[Any]) -> dict[str, dict[str, Any]]:
+        """Contact id -> what its steps need, from ``_fact_reads``' replies (none for a
+        contact that expired, or never was)."""
         out: dict[str, dict[str, Any]] = {}
-        replies = raise_errors(await self.queue.execute(commands))
         for cid, values in zip(wanted, replies, strict=True):
             if values[0] is None or values[1] is None:
                 continue
