@@ -25,6 +25,13 @@ which are waits and not CPU: under load each is a wait for the loop and for Valk
 
     .venv/bin/python -m bench.aggregator_bench --contacts 3000 --senders 1000 --before DIR
 
+``--busy MS`` keeps the event loop busy while the aggregator reads, as a worker's loop is under
+a load it can hardly take: a callback that spins for MS ms runs once in every turn of the loop,
+so each of the reader's round trips waits a turn or more. Its wall time per batch then counts
+its round trips (the CPU figures include the spinning and mean nothing then).
+
+    .venv/bin/python -m bench.aggregator_bench --busy 20 --before DIR --rounds 1
+
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
 p50 and p99 of each phase (``enqueued_at - received_at`` of the records): what the aggregator
@@ -129,7 +136,8 @@ async def bench_gateway(
 
 
 async def _measure(
-    redis_url: str, contacts: int, label: str, senders: int = 0, batch: int = 0
+    redis_url: str, contacts: int, label: str, senders: int = 0, batch: int = 0,
+    busy_ms: float = 0.0,
 ) -> None:
     async with bench_gateway(
         redis_url, "agg", "+86138", senders=senders or 100_000_000
@@ -147,6 +155,7 @@ async def _measure(
         walls: list[float] = []
         total_cpu = 0.0
         profile = cProfile.Profile()
+        stop_busy = _busy(busy_ms) if busy_ms else None
         wall = time.perf_counter()
         while True:
             cpu0, wall0 = time.thread_time(), time.perf_counter()
@@ -159,6 +168,8 @@ async def _measure(
                 batches.append(cpu)
                 walls.append(time.perf_counter() - wall0)
         wall = time.perf_counter() - wall
+        if stop_busy is not None:
+            stop_busy()
         done = await _server_figures(redis)
         surges = sum(
             1 for _, f in await redis.xrange(gateway.keys.events) if f[b"type"] == b"surge"
@@ -196,9 +207,31 @@ async def _measure(
         f"  aggregator: wall {wall * 1e6 / contacts:.1f} us/contact, per batch of"
         f" {aggregator.batch}: median {wall_ms:.1f} ms, most {wall_most:.1f} ms;"
         f" {surges} repeat surges written"
-        f" ({senders or contacts} senders)",
+        f" ({senders or contacts} senders)"
+        + (f"; the loop kept busy {busy_ms:g} ms a turn" if busy_ms else ""),
         flush=True,
     )
+
+
+def _busy(ms: float) -> Callable[[], None]:
+    """Spin ``ms`` in every turn of the running loop until the function returned is called."""
+    loop = asyncio.get_running_loop()
+    handle: asyncio.Handle | None = None
+
+    def spin() -> None:
+        nonlocal handle
+        end = time.perf_counter() + ms / 1000
+        while time.perf_counter() < end:
+            pass
+        handle = loop.call_soon(spin)
+
+    handle = loop.call_soon(spin)
+
+    def stop() -> None:
+        if handle is not None:
+            handle.cancel()
+
+    return stop
 
 
 async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> None:
@@ -240,11 +273,13 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
         await gateway.stop()
 
 
-def _child(src: str, redis_url: str, contacts: int, senders: int, batch: int) -> None:
+def _child(
+    src: str, redis_url: str, contacts: int, senders: int, batch: int, busy_ms: float
+) -> None:
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, contacts, src or "now", senders, batch))
+    uvloop.run(_measure(redis_url, contacts, src or "now", senders, batch, busy_ms))
 
 
 def main() -> None:
@@ -268,10 +303,14 @@ def main() -> None:
         "--batch", type=int, default=0,
         help="events a read (default the aggregator's own, 200): what a larger read holds",
     )
+    parser.add_argument(
+        "--busy", type=float, default=0.0, metavar="MS",
+        help="spin MS ms in every turn of the loop while the aggregator reads (a loaded worker)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], args.contacts, args.senders, args.batch)
+        _child(args.child[0], args.child[1], args.contacts, args.senders, args.batch, args.busy)
         return
     if args.tail:
         import uvloop
@@ -289,7 +328,7 @@ def main() -> None:
         each_tree(
             "bench.aggregator_bench",
             ["--contacts", str(args.contacts), "--senders", str(args.senders),
-             "--batch", str(args.batch)],
+             "--batch", str(args.batch), "--busy", str(args.busy)],
             args.before, "bench-agg-",
         )
 
