@@ -31,6 +31,11 @@ so each of the reader's round trips waits a turn or more. Its wall time per batc
 its round trips (the CPU figures include the spinning and mean nothing then).
 
     .venv/bin/python -m bench.aggregator_bench --busy 20 --before DIR --rounds 1
+    .venv/bin/python -m bench.aggregator_bench --busy 20 --outcomes --before DIR --rounds 1
+
+``--outcomes``: then every contact is answered (a ``responded`` event each, as a case
+system's reply stamps it), and the reader's pass over those events is timed the same way:
+outcome events are stepped 50 to a part, each part reading its contacts first.
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
@@ -137,7 +142,7 @@ async def bench_gateway(
 
 async def _measure(
     redis_url: str, contacts: int, label: str, senders: int = 0, batch: int = 0,
-    busy_ms: float = 0.0,
+    busy_ms: float = 0.0, outcomes: bool = False,
 ) -> None:
     async with bench_gateway(
         redis_url, "agg", "+86138", senders=senders or 100_000_000
@@ -146,28 +151,17 @@ async def _measure(
             aggregator.batch = batch
         redis = gateway.redis
         start = await _server_figures(redis)
+        ids: list[str] = []
         for i in range(0, contacts, 64):
-            await asyncio.gather(
+            ids += [r.contact_id for r in await asyncio.gather(
                 *(gateway.intake.submit(inbound(j)) for j in range(i, min(contacts, i + 64)))
-            )
+            )]
         written = await _server_figures(redis)
-        batches: list[float] = []
-        walls: list[float] = []
-        total_cpu = 0.0
         profile = cProfile.Profile()
         stop_busy = _busy(busy_ms) if busy_ms else None
-        wall = time.perf_counter()
-        while True:
-            cpu0, wall0 = time.thread_time(), time.perf_counter()
-            n = await aggregator.poll()
-            cpu = time.thread_time() - cpu0
-            if n == 0:
-                break
-            total_cpu += cpu
-            if n == aggregator.batch:
-                batches.append(cpu)
-                walls.append(time.perf_counter() - wall0)
-        wall = time.perf_counter() - wall
+        cpu0 = time.thread_time()
+        batches, walls, wall = await _passes(aggregator)
+        total_cpu = time.thread_time() - cpu0
         if stop_busy is not None:
             stop_busy()
         done = await _server_figures(redis)
@@ -184,6 +178,16 @@ async def _measure(
         while await aggregator.poll():
             pass
         profile.disable()
+        if outcomes:  # each contact answered: an outcome event each, read 50 to a part
+            at = gateway.clock.now_us()
+            for i in range(0, len(ids), 64):
+                await asyncio.gather(*(
+                    gateway.queue.stamp(c, "responded", at, "bench") for c in ids[i : i + 64]
+                ))
+            stop_busy = _busy(busy_ms) if busy_ms else None
+            stepped = await _passes(aggregator)
+            if stop_busy is not None:
+                stop_busy()
     w_cmds, w_cpu, w_top, w_us = _delta(start, written, contacts)
     a_cmds, a_cpu, a_top, a_us = _delta(written, done, contacts)
     calls = getattr(pstats.Stats(profile), "total_calls", 0)
@@ -211,6 +215,32 @@ async def _measure(
         + (f"; the loop kept busy {busy_ms:g} ms a turn" if busy_ms else ""),
         flush=True,
     )
+    if outcomes:
+        cpus, walls, wall = stepped
+        wall_ms = 1000 * sorted(walls)[len(walls) // 2] if walls else float("nan")
+        batch_ms = 1000 * sorted(cpus)[len(cpus) // 2] if cpus else float("nan")
+        print(
+            f"  outcomes:   {len(ids)} 'responded' events: wall {wall * 1e6 / len(ids):.1f}"
+            f" us/event, per batch of {aggregator.batch}: median {wall_ms:.1f} ms"
+            f" (CPU {batch_ms:.1f} ms)",
+            flush=True,
+        )
+
+
+async def _passes(aggregator: Any) -> tuple[list[float], list[float], float]:
+    """Poll until nothing is left: the CPU and wall times of each full batch, and the whole
+    wall time."""
+    cpus: list[float] = []
+    walls: list[float] = []
+    wall = time.perf_counter()
+    while True:
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        n = await aggregator.poll()
+        if n == 0:
+            return cpus, walls, time.perf_counter() - wall
+        if n == aggregator.batch:
+            cpus.append(time.thread_time() - cpu0)
+            walls.append(time.perf_counter() - wall0)
 
 
 def _busy(ms: float) -> Callable[[], None]:
@@ -274,12 +304,13 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
 
 
 def _child(
-    src: str, redis_url: str, contacts: int, senders: int, batch: int, busy_ms: float
+    src: str, redis_url: str, contacts: int, senders: int, batch: int, busy_ms: float,
+    outcomes: bool,
 ) -> None:
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, contacts, src or "now", senders, batch, busy_ms))
+    uvloop.run(_measure(redis_url, contacts, src or "now", senders, batch, busy_ms, outcomes))
 
 
 def main() -> None:
@@ -307,10 +338,15 @@ def main() -> None:
         "--busy", type=float, default=0.0, metavar="MS",
         help="spin MS ms in every turn of the loop while the aggregator reads (a loaded worker)",
     )
+    parser.add_argument(
+        "--outcomes", action="store_true",
+        help="then a 'responded' event a contact, read and stepped (wall time a batch)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], args.contacts, args.senders, args.batch, args.busy)
+        _child(args.child[0], args.child[1], args.contacts, args.senders, args.batch, args.busy,
+               args.outcomes)
         return
     if args.tail:
         import uvloop
@@ -328,7 +364,8 @@ def main() -> None:
         each_tree(
             "bench.aggregator_bench",
             ["--contacts", str(args.contacts), "--senders", str(args.senders),
-             "--batch", str(args.batch), "--busy", str(args.busy)],
+             "--batch", str(args.batch), "--busy", str(args.busy),
+             *(["--outcomes"] if args.outcomes else [])],
             args.before, "bench-agg-",
         )
 
