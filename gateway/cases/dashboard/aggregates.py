@@ -45,6 +45,14 @@ time, and the reader polls a few times a second, not dozens (each poll that find
 one write, an fsync of the append-only file under ``appendfsync always``, which the intake
 writes queue behind).
 
+Round trips, not CPU, bound the reader in a busy worker: each waits for Valkey's fsync and
+for the worker's loop to come round, about three turns of it. So a full batch's
+``advance.lua`` call carries the next batch's ``XREAD`` (after the batch's last entry) in the
+same round trip, and ``poll`` takes that reply instead of reading (a refused move drops it):
+under a backlog a batch of counted ``enqueued`` events costs one round trip, not two. A part
+of outcome events reads its contacts (``HMGET``) in the round trip of the previous part's
+steps (``apply_then``): one round trip a part, not two.
+
 Breaches are counted when the deadline watcher writes them (within its interval of the
 deadline), where ``gateway report`` also counts a deadline passed with nothing as breached.
 """
@@ -542,7 +550,7 @@ class Aggregator:
         contacts: list[Contact] = []
         # in parts of STEP_CHUNK events: the loop and Valkey are not held for a whole batch of
         # deadline events in one piece. A part's contacts are read (HMGET) in the round trip
-        # of the part before it's steps, which write no field read here: a round trip a part
+        # of the previous part's steps, which write no field read here: a round trip a part
         parts = [parsed[i : i + STEP_CHUNK] for i in range(0, len(parsed), STEP_CHUNK)]
         wanted, reads = self._fact_reads(parts[0]) if parts else ([], [])
         replies = await self.queue.execute(reads) if reads else []
