@@ -644,8 +644,9 @@ class RedisQueue:
         replicas confirm the writes (``WAIT`` in the same round trip). ``before``: plain
         commands sent first on the same connection (executed before the scripts); an error
         reply to one of them raises for the whole round trip. ``after``: plain commands sent
-        after the scripts (executed after them, whatever they answered); their replies follow
-        the scripts' in the list returned, errors as values. ``link``: over the intake write's
+        after the scripts (executed after them, whatever they answered; run again with them
+        when the server had lost the scripts); their replies follow the scripts' in the list
+        returned, errors as values. ``link``: over the intake write's
         own connection (``Link``) instead of a pooled one.
         """
         before = before or []
@@ -677,8 +678,10 @@ class RedisQueue:
                     raise ReplicationLagError(
                         f"{confirmed} of {self.min_replicas} replicas acknowledged the batch"
                     )
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                self._shas = {}  # the server restarted: load again and rerun (idempotent)
+            if attempt == 0 and any(
+                isinstance(r, NoScriptError) for r in replies[: len(calls)]
+            ):  # the server restarted: load again and rerun (idempotent), ``after`` with them
+                self._shas = {}
                 continue
             break
         return replies

@@ -49,7 +49,8 @@ Round trips, not CPU, bound the reader in a busy worker: each waits for Valkey's
 for the worker's loop to come round, about three turns of it. So a full batch's
 ``advance.lua`` call carries the next batch's ``XREAD`` (after the batch's last entry) in the
 same round trip, and ``poll`` takes that reply instead of reading (a refused move drops it):
-under a backlog a batch of counted ``enqueued`` events costs one round trip, not two. A part
+under a backlog a batch of counted ``enqueued`` events costs one round trip, not two (as a
+rule: a repeat surge to write, or the group's entries-read counter to find, adds one). A part
 of outcome events reads its contacts (``HMGET``) in the round trip of the previous part's
 steps (``apply_then``): one round trip a part, not two.
 
@@ -438,8 +439,10 @@ class Aggregator:
                 return
 
     async def poll(self, block_ms: int | None = None) -> int:
-        """Read and apply one batch after the cursor; return how many events it held.
-        (``block_ms`` is not used: the loop pauses between batches instead.)"""
+        """Read and apply one batch after the cursor; return how many events it held: the
+        batch the last full batch's move read ahead, when it read after where the cursor is
+        (``_advance``), else one read now. (``block_ms`` is not used: the loop pauses between
+        batches instead.)"""
         if not self._group_ready:
             await self.ensure_group()
         ahead, self._ahead = self._ahead, None
@@ -549,8 +552,8 @@ class Aggregator:
         extra: list[list[Any]] = []
         contacts: list[Contact] = []
         # in parts of STEP_CHUNK events: the loop and Valkey are not held for a whole batch of
-        # deadline events in one piece. A part's contacts are read (HMGET) in the round trip
-        # of the previous part's steps, which write no field read here: a round trip a part
+        # deadline events in one piece. A part's contacts are read (HMGET) behind the previous
+        # part's steps in the same round trip, so still after them: a round trip a part
         parts = [parsed[i : i + STEP_CHUNK] for i in range(0, len(parsed), STEP_CHUNK)]
         wanted, reads = self._fact_reads(parts[0]) if parts else ([], [])
         replies = await self.queue.execute(reads) if reads else []
@@ -625,7 +628,8 @@ class Aggregator:
 
         ``read_on``: the next batch's ``XREAD`` (after ``last``) is sent behind the script in
         the same round trip, and ``poll`` takes its reply instead of reading; a refused move
-        drops it (the cursor is elsewhere), as does a failed read (``poll`` reads again)."""
+        drops it (the cursor is elsewhere), as does a failed or empty read (``poll`` reads
+        again)."""
         last = last.encode() if isinstance(last, str) else bytes(last)
         entries_read = None if self._entries_read is None else self._entries_read + read
         k = self.keys
@@ -653,8 +657,8 @@ class Aggregator:
         if not moved:
             await self._load_cursor()
             return False
-        if read_on and not isinstance(replies[1], Exception):
-            self._ahead = (last, replies[1])
+        if read_on and replies[1] and not isinstance(replies[1], Exception):
+            self._ahead = (last, replies[1])  # (none when it found nothing: poll reads again)
         self._cursor = last
         self._entries_read = entries_read
         self._base = last + b" " + (b"" if entries_read is None else str(entries_read).encode())
