@@ -19,6 +19,7 @@ from typing import Any
 from gateway.adapters import load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.coordination import Fence, Leases
+from gateway.queueing.outcomes import Step, step_of
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Event, EventType
 from gateway.server.config import WatcherSection
@@ -116,6 +117,8 @@ class DeadlineWatcher:
                  for cid in ids]
             ))
             calls: list[tuple[str, bytes, str, Micros]] = []
+            steps: dict[str, Step] = {}
+            """A breach's dashboard step, taken with its claim (``claim.lua``)."""
             policies: dict[str, str] = {}
             media = load_media()
             for cid, (received, due, kind, channel) in zip(ids, facts, strict=True):
@@ -126,6 +129,14 @@ class DeadlineWatcher:
                 if type == "warning" and due_us <= now:
                     calls.append((cid, b"", "", 0))  # the breach says it all
                     continue
+                if type == "breached":
+                    step = step_of(
+                        k, self.queue.short_abandon_ms, cid, type, now, False,
+                        max(0, (now - int(received)) // 1000), received=int(received),
+                        due=due_us, kind=kind.decode(), channel=channel.decode(),
+                    )
+                    if step is not None:
+                        steps[cid] = step
                 event = Event(
                     contact_id=cid,
                     type=type,
@@ -138,7 +149,7 @@ class DeadlineWatcher:
                 )
                 calls.append((cid, event.to_json(), channel.decode(), due_us))
                 policies[cid] = media.policy(channel.decode(), kind.decode())
-            results = await self._claim_all(zset, other, calls, now, type)
+            results = await self._claim_all(zset, other, calls, now, type, steps)
             for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
                 if claimed and body:
                     written += 1
@@ -158,16 +169,27 @@ class DeadlineWatcher:
         calls: list[tuple[str, bytes, str, Micros]],
         now: Micros,
         type: EventType,
+        steps: dict[str, Step],
     ) -> list[Any]:
-        """One ``claim.lua`` call for the step's members (``BATCH``); one flag a member."""
+        """One ``claim.lua`` call for the step's members (``BATCH``), with the dashboard steps
+        of their events (``steps``, by contact id); one flag a member."""
         k = self.queue.keys
         script_calls: list[tuple[list[Any], list[Any]]] = []
         for start in range(0, len(calls), BATCH):
             part = calls[start : start + BATCH]
             keys: list[Any] = [zset, k.events, other, *(k.contact(c[0]) for c in part)]
-            args: list[Any] = [now, type]
+            args: list[Any] = [now, type, len(part)]
             for cid, body, _, _ in part:
                 args += (cid, body)
+            taken: list[Step] = []
+            for cid, body, _, _ in part:
+                step = steps.get(cid) if body else None
+                if step is not None:
+                    taken.append(step)
+                args.append(len(taken) if step is not None else 0)
+            for step in taken:
+                keys += step.keys
+                args += step.args
             script_calls.append((keys, args))
         flags: list[Any] = []
         for reply in raise_errors(await self.queue.run_scripts("claim", script_calls)):

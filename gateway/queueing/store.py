@@ -24,6 +24,7 @@ from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.batching import Answer
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.link import Lane, Link
+from gateway.queueing.outcomes import step_of
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -77,8 +78,12 @@ def _script(name: str) -> str:
     return files("gateway.queueing").joinpath(name).read_text(encoding="utf-8")
 
 
+STEPPING = frozenset({"aggregate", "stamp", "claim"})
+"""The scripts that take the dashboard's outcome steps: ``aggstep.lua`` is put before each (so
+their error messages' line numbers count its lines first, and none of them can open with a
+``#!lua`` flags line)."""
 SCRIPTS = {
-    name: _script(f"{name}.lua")
+    name: (_script("aggstep.lua") if name in STEPPING else "") + _script(f"{name}.lua")
     for name in (
         "intake", "stamp", "emit", "claim", "aggregate", "advance", "trim", "route", "hold",
         "surge",
@@ -329,6 +334,7 @@ class RedisQueue:
         adapter_limit: RateLimit = RateLimit(),
         sender_limits: Mapping[str, RateLimit] | None = None,
         sender_exempt: Iterable[str] = (),
+        short_abandon_ms: int = 0,
     ) -> None:
         self.redis = client
         self.keys = keys
@@ -347,6 +353,9 @@ class RedisQueue:
         self.sender_limits = dict(sender_limits or {})
         self.sender_exempt = frozenset(sender_exempt)
         self.adapter_limit = adapter_limit
+        self.short_abandon_ms = short_abandon_ms
+        """``[sla] short_abandon`` in ms: the dashboard's steps of abandoned calls (``stamp``
+        takes them, as the dashboard's reader does)."""
         self._shas: dict[str, str] = {}
         self.pseudonyms = Pseudonyms(client, keys)
         self.surge_keys: Callable[[Inbound], list[str]] | None = None
@@ -777,9 +786,10 @@ class RedisQueue:
         source: str,
         detail: dict[str, Any] | None = None,
     ) -> Event | None:
-        """Record a deadline event once per contact and type (see ``EventSink.stamp``)."""
+        """Record a deadline event once per contact and type (see ``EventSink.stamp``), with
+        its dashboard step when it has one (``stamp.lua``: the event marked ``counted``)."""
         fields = await self.redis.hmget(
-            self.keys.contact(contact_id), ["received_us", "due_us", "kind"]
+            self.keys.contact(contact_id), ["received_us", "due_us", "kind", "channel"]
         )
         if fields[0] is None:
             return None
@@ -803,7 +813,17 @@ class RedisQueue:
             self.keys.warnings,
             self.keys.events,
         ]
-        args = [contact_id, type, at, event.to_json(), clears]
+        # with the contact's channel (every contact of this version has it) the step is known
+        # here: taken by stamp.lua, or none; the event is marked counted either way
+        counted = fields[3] is not None
+        args = [contact_id, type, at, event.to_json(), clears, "1" if counted else "0"]
+        step = None if fields[3] is None else step_of(
+            self.keys, self.short_abandon_ms, contact_id, type, at, event.met,
+            event.elapsed_ms, received=received, due=due, kind=kind, channel=fields[3].decode(),
+        )
+        if step is not None:
+            keys += step.keys
+            args += step.args
         done = await self._evalsha("stamp", keys, args)
         return event if done else None
 

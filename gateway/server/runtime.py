@@ -171,6 +171,7 @@ class Gateway:
                 for name, table in s.adapters.items()
             },
             sender_exempt=s.limits.sender_exempt,
+            short_abandon_ms=int(float(s.sla.short_abandon) * 1000),
         )
         safejson.configure(s.limits.json_depth, s.limits.json_string)
         self.intake = Intake(

@@ -237,7 +237,8 @@ async def test_many_due_at_once_are_claimed_in_small_steps(start_gateway: Any) -
 async def test_a_warning_claim_clears_its_own_set_once(start_gateway: Any) -> None:
     """The members of one step are claimed in one ``claim.lua`` call: their removal is one
     ZREM a set, from the warning set alone for warnings (the set to clear as well is the same
-    one), from both sets for breaches."""
+    one), from both sets for breaches (and the breaches' dashboard steps one from the open
+    set)."""
     clock = FixedClock()
     gw: Gateway = await start_gateway(
         api=API, clock=clock, sla={"web_response": "100s"}, watcher={"enabled": False}
@@ -261,10 +262,14 @@ async def test_a_warning_claim_clears_its_own_set_once(start_gateway: Any) -> No
     assert await gw.redis.zrange(gw.keys.warnings, 0, -1) == []
     assert sorted(await gw.redis.zrange(gw.keys.deadlines, 0, -1)) == ids
     clock.advance(20)
+    assert await gw.redis.zcard(gw.keys.agg_open("web")) == 3
     before = await zrems()
     assert await watcher.tick() == 3
-    assert await zrems() - before == 2
+    # the deadline and warning sets, and the dashboard's open set (the breaches' steps, taken
+    # with the claim: one ZREM for the three)
+    assert await zrems() - before == 3
     assert await gw.redis.zrange(gw.keys.deadlines, 0, -1) == []
+    assert await gw.redis.zcard(gw.keys.agg_open("web")) == 0
     events = [e for e in await gw.read_events() if e.type in ("warning", "breached")]
     assert sorted((e.contact_id.encode(), e.type) for e in events) == sorted(
         [(i, t) for i in ids for t in ("warning", "breached")]
@@ -293,7 +298,7 @@ async def test_a_claim_indexes_its_events_in_the_hashes_still_retained_alone(
     calls = [(cid, f'{{"n":{n}}}'.encode(), "web", now) for n, cid in enumerate(ids)]
     await gw.redis.delete(gw.keys.contact(ids[1]))
     assert await watcher._claim_all(gw.keys.warnings, gw.keys.warnings, calls, now,
-                                    "warning") == [1, 1, 1]
+                                    "warning", {}) == [1, 1, 1]
     assert not await gw.redis.exists(gw.keys.contact(ids[1]))
     for n in (0, 2):
         indexed = await gw.queue.contact_events(ids[n])

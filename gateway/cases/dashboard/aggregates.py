@@ -2,8 +2,9 @@
 
 One reader a fleet (the holder of lease ``aggregate``; the other instances wait to take over)
 follows ``{p}:events`` with ``XREAD`` after a cursor, the string ``{p}:agg:cursor`` (the last
-entry done with and the group's entries-read counter there). For each event the
-``aggregate.lua`` script moves its contact to a better-ranked outcome, once:
+entry done with and the group's entries-read counter there). Each event moves its contact
+to a better-ranked outcome, once (the step of ``gateway/queueing/outcomes.py`` and
+``aggstep.lua``):
 
     open (0) < closed (1) < abandoned, short (2) < breached (3) < within, late (4)
 
@@ -25,6 +26,13 @@ version's instances (a rolling upgrade) go on reading in it. There is no pending
 ``XACK``: a reader that dies mid-batch leaves the cursor where it was, and the next reads the
 batch again (every step is idempotent). Entries an older instance read in the group and left
 pending are taken over (``XAUTOCLAIM``) and acknowledged.
+
+Most steps are taken by the events' writers, in the same atomic call that appends the event,
+which then says so (field ``counted``): ``stamp.lua`` (answers, replies, abandoned calls) and
+``claim.lua`` (the watcher's breaches) have read the contact's facts already, and the reader
+skips their events without reading anything. It steps the rest itself with ``aggregate.lua``
+after reading the contacts' facts: events appended by ``emit.lua`` (a contact closed through
+the API), and an older version's (a rolling upgrade).
 
 A new contact's first step ("open": its volume, the ``agg`` field, the open, waiting and
 repeat sets) is taken by ``intake.lua`` itself, atomically with the contact's write, on every
@@ -71,12 +79,18 @@ import orjson
 from redis.exceptions import ResponseError
 
 from gateway.adapters import load_media
-from gateway.cases.report import label_of
 from gateway.cases.surge import SAMPLES, SAMPLES_TTL_S, SurgeWatch, Tagged, Tally
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.backlog import WALLBOARD_GROUP
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
+from gateway.queueing.outcomes import HOUR_S as HOUR_S  # the dashboard's names, as before
+from gateway.queueing.outcomes import MINUTE_S as MINUTE_S
+from gateway.queueing.outcomes import RANKS as RANKS
+from gateway.queueing.outcomes import SETTLING as SETTLING
+from gateway.queueing.outcomes import Step as Step
+from gateway.queueing.outcomes import step_of
+from gateway.queueing.outcomes import time_bin as time_bin
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Contact
 from gateway.server.config import SlaSection
@@ -90,26 +104,11 @@ CURSOR_TTL_S = 86400
 """The cursor string lives a day after its last move: a fleet quiet that long (or an older
 version's instances alone, after a rollback) leaves none, and the next reader starts where the
 group has read to."""
-MINUTE_S = 60
-HOUR_S = 3600
 DAY_S = 86400
 BUCKET_TTL_S = AGG_BUCKET_TTL_S
 WAIT_LIMIT_S = HOUR_S
 """A call still 'waiting' after this long lost its hang-up (AMI down): it is left out."""
-SETTLING = {"answer": "answered", "response": "responded"}
-RANKS = {"open": 0, "closed": 1, "abandoned": 2, "short": 2, "breached": 3, "within": 4, "late": 4}
 OUTCOMES = ("within", "late", "breached", "abandoned", "short", "closed")
-
-
-def time_bin(ms: int) -> int:
-    """The bin (its upper edge in seconds) of a settling time: to the second below 5 min, to
-    10 s below 1 h, to the minute beyond."""
-    s = ms / 1000
-    if s <= 300:
-        return math.ceil(s)
-    if s <= 3600:
-        return math.ceil(s / 10) * 10
-    return math.ceil(s / 60) * 60
 
 
 @dataclass(slots=True)
@@ -249,14 +248,6 @@ async def read_hours(
                 per[name[: -len(":volume")]] = int(v)
         out[h] = per
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One event's effect, ready for the script."""
-
-    keys: list[str]
-    args: list[Any]
 
 
 STEPS_PER_CALL = 200
@@ -481,15 +472,17 @@ class Aggregator:
         fields and values, redis-py's claim a pair and a dict.
 
         An ``enqueued`` event that ``intake.lua`` marked ``counted`` took its step with the
-        contact's write: nothing is read for it. Its surge keys (field ``keys``) are counted
-        by ``advance.lua`` with the cursor's move, once: an entry read again (at or before the
-        cursor, or claimed) counts none. An older version's counted event carries them in
-        field ``surge`` instead, with the hash's ``surge`` mark: the first to take the mark
-        (``HDEL``) counts them, as that version's aggregator does. An ``enqueued`` event
-        without ``counted`` (older still) takes the old path: the contact is read, decoded and
-        stepped like any other event. A repeat's counted event also names its sender's
-        pseudonym (field ``sender``): a citizen whose repeat surge of the day is written and
-        remembered (``SurgeWatch.repeats_of``) costs no read of the contact.
+        contact's write: nothing is read for it; nor for any other event marked ``counted``
+        (``stamp.lua``'s and ``claim.lua``'s: their writers took their steps). A new contact's
+        surge keys (field ``keys``) are counted by ``advance.lua`` with the cursor's move, once:
+        an entry read again (at or before the cursor, or claimed) counts none. An older
+        version's counted event carries them in field ``surge`` instead, with the hash's
+        ``surge`` mark: the first to take the mark (``HDEL``) counts them, as that version's
+        aggregator does. An ``enqueued`` event without ``counted`` (older still) takes the old
+        path: the contact is read, decoded and stepped like any other event. A repeat's counted
+        event also names its sender's pseudonym (field ``sender``): a citizen whose repeat surge
+        of the day is written and remembered (``SurgeWatch.repeats_of``) costs no read of the
+        contact.
         """
         parsed: list[tuple[str, str, dict[str, Any]]] = []
         tagged: list[Tagged] = []
@@ -525,8 +518,12 @@ class Aggregator:
                         if size == 12:  # a repeat's: its sender's pseudonym
                             senders[read[3].decode()] = (read[11], received)
                     continue
+                if size == 8 and read[6] == b"counted" and read[5] != b"enqueued":
+                    continue  # stamp.lua's or claim.lua's: stepped by its writer
                 fields = dict(zip(read[::2], read[1::2], strict=False))
             kind = fields.get(b"type")
+            if kind != b"enqueued" and b"counted" in fields:
+                continue  # an outcome event whose writer took its step
             if kind == b"enqueued" and b"counted" in fields:
                 if not counting:
                     continue
@@ -723,58 +720,10 @@ class Aggregator:
     ) -> Step | None:
         from gateway.contact.clock import parse_time
 
-        kind, received, due = fact["kind"], fact["received"], fact["due"]
-        label = label_of(fact["channel"], kind)
-        at = parse_time(event["at"])
-        elapsed_ms = max(0, (at - received) // 1000)
-        outcome = None
-        bin_ = ""
-        if type_ == "enqueued":
-            outcome = "open"
-        elif type_ == SETTLING.get(kind):
-            met = event.get("met")
-            outcome = "within" if (met if met is not None else at <= due) else "late"
-            if event.get("elapsed_ms") is not None:
-                elapsed_ms = int(event["elapsed_ms"])
-            bin_ = str(time_bin(elapsed_ms))
-        elif type_ == "breached":
-            outcome = "breached"
-        elif type_ == "abandoned" and kind == "answer":
-            short = self.short_abandon_ms > 0 and elapsed_ms < self.short_abandon_ms
-            outcome = "short" if short else "abandoned"
-        elif type_ == "closed" and at <= due:
-            outcome = "closed"
-        is_call = kind == "answer"  # a call: an answer deadline (the voice medium's)
-        ends_wait = is_call and type_ in ("answered", "abandoned", "closed")
-        if outcome is None and not ends_wait:
-            return None
-        outcome = outcome or "open"
-        received_s = received // MICROS_PER_SECOND
-        k = self.keys
-        return Step(
-            keys=[
-                k.contact(cid),
-                k.agg_bucket("m", received_s - received_s % MINUTE_S),
-                k.agg_bucket("h", received_s - received_s % HOUR_S),
-                k.agg_open(label),
-                k.agg_waiting,
-                k.agg_breaches,
-            ],
-            args=[
-                cid,
-                label,
-                outcome,
-                RANKS[outcome],
-                due,
-                BUCKET_TTL_S,
-                bin_,
-                elapsed_ms,
-                at,
-                received,
-                "1" if is_call else "0",
-                "1" if ends_wait else "0",
-                "1" if type_ == "enqueued" else "0",
-            ],
+        return step_of(
+            self.keys, self.short_abandon_ms, cid, type_, parse_time(event["at"]),
+            event.get("met"), event.get("elapsed_ms"), received=fact["received"],
+            due=fact["due"], kind=fact["kind"], channel=fact["channel"],
         )
 
 
