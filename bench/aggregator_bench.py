@@ -33,9 +33,12 @@ its round trips (the CPU figures include the spinning and mean nothing then).
     .venv/bin/python -m bench.aggregator_bench --busy 20 --before DIR --rounds 1
     .venv/bin/python -m bench.aggregator_bench --busy 20 --outcomes --before DIR --rounds 1
 
-``--outcomes``: then every contact is answered (a ``responded`` event each, as a case
-system's reply stamps it), and the reader's pass over those events is timed the same way:
-outcome events are stepped 50 to a part, each part reading its contacts first.
+``--outcomes``: then every contact is answered (a ``responded`` event each, stamped as a case
+system's reply is: ``RedisQueue.stamp``, 64 at a time), and the reader's pass over those events
+is timed the same way. Printed besides: what the stamps cost Valkey (commands and CPU a stamp)
+and the gateway (CPU a stamp). Since the thirteenth session a stamp takes its event's
+wallboard step itself and the reader skips the event; an older tree's reader steps them, 50
+to a part, each part reading its contacts first: compare the two trees' sums.
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
@@ -178,16 +181,21 @@ async def _measure(
         while await aggregator.poll():
             pass
         profile.disable()
-        if outcomes:  # each contact answered: an outcome event each, read 50 to a part
+        if outcomes:  # each contact answered: an outcome event each
             at = gateway.clock.now_us()
+            before_stamps = await _server_figures(redis)
+            stamp_cpu = time.process_time()
             for i in range(0, len(ids), 64):
                 await asyncio.gather(*(
                     gateway.queue.stamp(c, "responded", at, "bench") for c in ids[i : i + 64]
                 ))
+            stamp_cpu = time.process_time() - stamp_cpu
+            stamped = await _server_figures(redis)
             stop_busy = _busy(busy_ms) if busy_ms else None
             stepped = await _passes(aggregator)
             if stop_busy is not None:
                 stop_busy()
+            read_all = await _server_figures(redis)
     w_cmds, w_cpu, w_top, w_us = _delta(start, written, contacts)
     a_cmds, a_cpu, a_top, a_us = _delta(written, done, contacts)
     calls = getattr(pstats.Stats(profile), "total_calls", 0)
@@ -219,7 +227,14 @@ async def _measure(
         cpus, walls, wall = stepped
         wall_ms = 1000 * sorted(walls)[len(walls) // 2] if walls else float("nan")
         batch_ms = 1000 * sorted(cpus)[len(cpus) // 2] if cpus else float("nan")
+        s_cmds, s_cpu, s_top, s_us = _delta(before_stamps, stamped, len(ids))
+        r_cmds, r_cpu, r_top, _ = _delta(stamped, read_all, len(ids))
         print(
+            f"  stamps:     Valkey {s_cmds:5.1f} commands/stamp, {s_cpu:6.1f} us CPU/stamp"
+            f"  ({s_top}); gateway {stamp_cpu * 1e6 / len(ids):.1f} us CPU/stamp\n"
+            f"              us in commands/stamp: {s_us}\n"
+            f"  outcomes:   Valkey {r_cmds:5.1f} commands/event, {r_cpu:6.1f} us CPU/event"
+            f"  ({r_top}) in the reader's pass\n"
             f"  outcomes:   {len(ids)} 'responded' events: wall {wall * 1e6 / len(ids):.1f}"
             f" us/event, per batch of {aggregator.batch}: median {wall_ms:.1f} ms"
             f" (CPU {batch_ms:.1f} ms)",

@@ -10,13 +10,17 @@ sender, surge warnings on: ``bench/aggregator_bench.py``'s load), and then while
 aggregator reads their ``enqueued`` events. Printed per contact: instructions for the writes
 and for the aggregator's pass, Valkey commands (``INFO commandstats``), AOF bytes and memory.
 With ``--replies``, then the rest of a contact's usual life: each is replied to (its
-``responded`` stamp, ``Intake.stamp``: the hash read and ``stamp.lua``) and the aggregator
-steps it to its outcome (``aggregate.lua``); the same figures for those two; then one event
+``responded`` stamp, ``Intake.stamp``: the hash read and ``stamp.lua``, which since the
+thirteenth session takes the wallboard's step itself) and the aggregator's pass (it steps the
+outcome with ``aggregate.lua`` in older trees, skips the marked event since); the same
+figures for those two; then one event
 each that is not a stamp (``emit.lua``, a ``delivered`` receipt; the aggregator does not read
 it here). With
 ``--deadlines`` (instead), none is replied to: the deadline watcher's sweeps claim each one's
-warning and then its breach (``claim.lua``, its ``now`` moved on), and the aggregator steps
-the breaches (per contact breached: the bench's 64 warm-up contacts too). With ``--expiry``
+warning and then its breach (``claim.lua``, its ``now`` moved on, which takes the breach's
+wallboard step since the thirteenth session), and the aggregator's pass (stepping the
+breaches in older trees; per contact breached: the bench's 64 warm-up contacts too). With
+``--expiry``
 (instead), every key a contact makes (the dedupe key, the rate counter, the sender's 'first'
 key, the contact hash) expires after a few seconds: the server's instructions while they
 expire, beyond the same time with nothing to expire, per key and per contact.
