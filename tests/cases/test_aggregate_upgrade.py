@@ -14,9 +14,11 @@ backlog read)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.util
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +255,26 @@ class RoundTrips:
                              return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def relayed_reader(
+    gw: Any, server: EmbeddedRedis, batch: int = 200
+) -> AsyncIterator[tuple[RoundTrips, Aggregator]]:
+    """The gateway's own reader stopped, and a reader of ``batch`` events at a time over a
+    ``RoundTrips`` relay (its own queue and client), closed after."""
+    await gw.cases.aggregator.stop()
+    relay = RoundTrips(server)
+    client = connect(gw.settings.redis, await relay.start())
+    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="relayed", dedupe_window_s=60,
+                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
+    try:
+        yield relay, Aggregator(queue, SYSTEM_CLOCK, gw.settings.sla, "relayed",
+                                surge=gw.cases.surge, batch=batch)
+    finally:
+        await queue.aclose()
+        await client.aclose()
+        relay.close()
+
+
 async def test_a_full_batch_reads_the_next_in_the_round_trip_of_its_move(
     start_gateway: Any, redis_server: EmbeddedRedis
 ) -> None:
@@ -260,14 +282,8 @@ async def test_a_full_batch_reads_the_next_in_the_round_trip_of_its_move(
     ``advance.lua`` call that moves the cursor past this one, so a batch costs one round trip,
     not two (a reader in a busy gateway waits tens of ms for each)."""
     gw = await start_gateway(api=API, watcher=QUIET)
-    await gw.cases.aggregator.stop()
-    relay = RoundTrips(redis_server)
-    client = connect(gw.settings.redis, await relay.start())
-    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="relayed", dedupe_window_s=60,
-                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
-    reader = Aggregator(queue, SYSTEM_CLOCK, gw.settings.sla, "relayed", surge=gw.cases.surge,
-                        batch=50)
-    try:
+    async with relayed_reader(gw, redis_server, batch=50) as (relay, reader):
+        queue = reader.queue
         base = SYSTEM_CLOCK.now_us()
         await asyncio.gather(*(  # each from a sender of its own: 230 events, no more
             gw.intake.submit(dataclasses.replace(
@@ -288,10 +304,6 @@ async def test_a_full_batch_reads_the_next_in_the_round_trip_of_its_move(
         assert group["lag"] == 0 and group["entries-read"] == await gw.redis.xlen(gw.keys.events)
         counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + MINUTE)
         assert {k: v.volume for k, v in counts.items()} == {"sms": 230}
-    finally:
-        await queue.aclose()
-        await client.aclose()
-        relay.close()
 
 
 async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
@@ -333,13 +345,8 @@ async def test_a_part_of_outcome_events_reads_the_next_parts_contacts_with_its_s
     stepped ``STEP_CHUNK`` at a time, each part with the contacts' facts read first: the next
     part's reads go behind this part's steps, one round trip a part."""
     gw = await start_gateway(api=API, watcher=QUIET)
-    await gw.cases.aggregator.stop()
-    relay = RoundTrips(redis_server)
-    client = connect(gw.settings.redis, await relay.start())
-    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="relayed", dedupe_window_s=60,
-                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
-    reader = Aggregator(queue, SYSTEM_CLOCK, gw.settings.sla, "relayed", surge=gw.cases.surge)
-    try:
+    async with relayed_reader(gw, redis_server) as (relay, reader):
+        queue = reader.queue
         base = SYSTEM_CLOCK.now_us()
         receipts = await asyncio.gather(*(
             gw.intake.submit(dataclasses.replace(
@@ -360,26 +367,29 @@ async def test_a_part_of_outcome_events_reads_the_next_parts_contacts_with_its_s
         assert STEP_CHUNK == 50 and relay.trips == 1 + 1 + 3 + 1 + 1
         counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + MINUTE)
         assert counts["sms"].volume == 120 and counts["sms"].get("closed") == 120
-    finally:
-        await queue.aclose()
-        await client.aclose()
-        relay.close()
+
+
+async def _behind(start_gateway: Any, *, batch: int, contacts: int) -> tuple[Any, Any, int]:
+    """A gateway whose reader (stopped: the test drives it) reads ``batch`` at a time, with
+    ``contacts`` new contacts it has not read; and their base arrival time."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    reader = gw.cases.aggregator
+    await reader.stop()
+    reader.batch = batch
+    await reader.ensure_group()
+    base = SYSTEM_CLOCK.now_us()
+    for n in range(contacts):
+        await gw.intake.submit(_inbound(f"c{n}", base + n, n))
+    return gw, reader, base
 
 
 async def test_a_read_ahead_that_found_nothing_is_not_kept(start_gateway: Any) -> None:
     """A full batch that was the stream's last: its move's read finds nothing, and the next
     poll reads again (events added since are not missed until the loop's pause)."""
-    gw = await start_gateway(api=API, watcher=QUIET)
-    reader = gw.cases.aggregator
-    await reader.stop()
-    reader.batch = 3
-    await reader.ensure_group()
-    base = SYSTEM_CLOCK.now_us()
-    for n in range(3):
-        await gw.intake.submit(_inbound(f"e{n}", base + n, n))
+    gw, reader, base = await _behind(start_gateway, batch=3, contacts=3)
     assert await reader.poll() == 3
     for n in range(3, 5):
-        await gw.intake.submit(_inbound(f"e{n}", base + n, n))
+        await gw.intake.submit(_inbound(f"c{n}", base + n, n))
     assert await reader.catch_up() == 2
     assert await surge_total(gw) == 5
 
@@ -390,14 +400,7 @@ async def test_scripts_lost_between_batches_are_loaded_again_with_the_read_ahead
     """The server lost its scripts (a restart, a failover) while the reader is behind: the
     move that carries the next read is sent again, read-ahead and all, and every contact counts
     once."""
-    gw = await start_gateway(api=API, watcher=QUIET)
-    reader = gw.cases.aggregator
-    await reader.stop()
-    reader.batch = 4
-    await reader.ensure_group()
-    base = SYSTEM_CLOCK.now_us()
-    for n in range(10):
-        await gw.intake.submit(_inbound(f"s{n}", base + n, n))
+    gw, reader, _ = await _behind(start_gateway, batch=4, contacts=10)
     assert await reader.poll() == 4
     await gw.redis.script_flush()
     assert await reader.catch_up() == 6

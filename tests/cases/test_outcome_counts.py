@@ -40,13 +40,20 @@ async def calls(gw: Any, name: str) -> int:
     return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
 
 
-async def test_an_answer_is_counted_with_its_stamp_and_the_reader_skips_it(
-    start_gateway: Any,
-) -> None:
-    gw = await start_gateway(api=API, watcher=QUIET, sla={"sms_response": "3m"})
+async def driven(start_gateway: Any, clock: Any = SYSTEM_CLOCK) -> tuple[Any, Any]:
+    """A gateway (SMS answered within 3 minutes, no watcher of its own) and its dashboard
+    reader, stopped: the test drives it."""
+    gw = await start_gateway(api=API, clock=clock, watcher=QUIET, sla={"sms_response": "3m"})
     reader = gw.cases.aggregator
     await reader.stop()
     await reader.ensure_group()
+    return gw, reader
+
+
+async def test_an_answer_is_counted_with_its_stamp_and_the_reader_skips_it(
+    start_gateway: Any,
+) -> None:
+    gw, reader = await driven(start_gateway)
     at = SYSTEM_CLOCK.now_us()
     ids = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(3)]
     assert await reader.catch_up() == 3
@@ -71,10 +78,7 @@ async def test_an_answer_is_counted_with_its_stamp_and_the_reader_skips_it(
 
 async def test_a_breach_is_counted_with_its_claim(start_gateway: Any) -> None:
     clock = FixedClock()
-    gw = await start_gateway(api=API, clock=clock, watcher=QUIET, sla={"sms_response": "3m"})
-    reader = gw.cases.aggregator
-    await reader.stop()
-    await reader.ensure_group()
+    gw, reader = await driven(start_gateway, clock)
     at = clock.now_us()
     ids = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(3)]
     clock.advance(200)
@@ -115,10 +119,7 @@ async def test_older_writers_and_readers_beside_the_counted_events(start_gateway
     """A rolling upgrade: an older instance's stamp (d9e5dfd's ``stamp.lua``: no step, no mark)
     is stepped by this version's reader; an older reader (01aed18's aggregator) given this
     version's counted events steps them again, which changes nothing."""
-    gw = await start_gateway(api=API, watcher=QUIET, sla={"sms_response": "3m"})
-    reader = gw.cases.aggregator
-    await reader.stop()
-    await reader.ensure_group()
+    gw, reader = await driven(start_gateway)
     old = _old_aggregator_class()(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "old-1",
                                   surge=gw.cases.surge)
     await old.ensure_group()
@@ -183,8 +184,7 @@ async def test_a_step_that_fails_leaves_the_claim_and_the_stamp_written_once(
     claim counted (Valkey keeps what a script wrote before an error, so a claim that failed
     after its events appended them again at each retry)."""
     clock = FixedClock()
-    gw = await start_gateway(api=API, clock=clock, watcher=QUIET, sla={"sms_response": "3m"})
-    await gw.cases.aggregator.stop()
+    gw, _ = await driven(start_gateway, clock)
     at = clock.now_us()
     ids = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(4)]
     await gw.redis.hset(gw.keys.contact(ids[1]), "agg", "bogus")
@@ -209,10 +209,7 @@ async def test_a_claim_with_members_with_and_without_steps(start_gateway: Any) -
     """``claim.lua`` numbers the steps of the members that have one: the first and third
     members' steps are taken, the second's event is written unmarked (the reader steps it)."""
     clock = FixedClock()
-    gw = await start_gateway(api=API, clock=clock, watcher=QUIET, sla={"sms_response": "3m"})
-    reader = gw.cases.aggregator
-    await reader.stop()
-    await reader.ensure_group()
+    gw, reader = await driven(start_gateway, clock)
     at = clock.now_us()
     ids = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(3)]
     await reader.catch_up()
