@@ -162,9 +162,7 @@ async def _measure(
         written = await _server_figures(redis)
         profile = cProfile.Profile()
         stop_busy = _busy(busy_ms) if busy_ms else None
-        cpu0 = time.thread_time()
-        batches, walls, wall = await _passes(aggregator)
-        total_cpu = time.thread_time() - cpu0
+        batches, walls, wall, total_cpu = await _passes(aggregator)
         if stop_busy is not None:
             stop_busy()
         done = await _server_figures(redis)
@@ -224,7 +222,7 @@ async def _measure(
         flush=True,
     )
     if outcomes:
-        cpus, walls, wall = stepped
+        cpus, walls, wall, _ = stepped
         wall_ms = 1000 * sorted(walls)[len(walls) // 2] if walls else float("nan")
         batch_ms = 1000 * sorted(cpus)[len(cpus) // 2] if cpus else float("nan")
         s_cmds, s_cpu, s_top, s_us = _delta(before_stamps, stamped, len(ids))
@@ -242,19 +240,22 @@ async def _measure(
         )
 
 
-async def _passes(aggregator: Any) -> tuple[list[float], list[float], float]:
-    """Poll until nothing is left: the CPU and wall times of each full batch, and the whole
-    wall time."""
+async def _passes(aggregator: Any) -> tuple[list[float], list[float], float, float]:
+    """Poll until nothing is left: the CPU and wall times of each full batch, the whole wall
+    time, and the CPU time of the polls that read something."""
     cpus: list[float] = []
     walls: list[float] = []
+    total_cpu = 0.0
     wall = time.perf_counter()
     while True:
         cpu0, wall0 = time.thread_time(), time.perf_counter()
         n = await aggregator.poll()
         if n == 0:
-            return cpus, walls, time.perf_counter() - wall
+            return cpus, walls, time.perf_counter() - wall, total_cpu
+        cpu = time.thread_time() - cpu0
+        total_cpu += cpu
         if n == aggregator.batch:
-            cpus.append(time.thread_time() - cpu0)
+            cpus.append(cpu)
             walls.append(time.perf_counter() - wall0)
 
 

@@ -150,6 +150,9 @@ class DeadlineWatcher:
                 calls.append((cid, event.to_json(), channel.decode(), due_us))
                 policies[cid] = media.policy(channel.decode(), kind.decode())
             results = await self._claim_all(zset, other, calls, now, type, steps)
+            if 2 in results:  # written; their wallboard steps failed (Valkey's log says why)
+                log.warning("watcher: %d %s events written, their wallboard steps failed (see "
+                            "the Redis server's log)", results.count(2), type)
             for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
                 if claimed and body:
                     written += 1

@@ -8,5 +8,5 @@ local flags = {}
 for step = 0, #KEYS / 6 - 1 do
   flags[#flags + 1] = agg_step(step * 6, step * 13)
 end
-agg_flush()
+agg_flush(false)
 return flags

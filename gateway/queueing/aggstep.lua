@@ -4,11 +4,14 @@
 -- ARGV[a]; agg_flush() then writes the counter moves and set changes of every step taken
 -- since the last flush, at the call's end. agg_step returns the step's flag: 1 when it asked
 -- to mark the contact counted for surges (ARGV 13) and it was not yet (field 'surged').
--- agg_safely(f, ...) runs f (a step, a flush) for an event's writer: an error (data the step
--- does not expect: a malformed 'agg' field, a key of another type) is logged and the writer's
--- call goes on, so its event is written once whatever its step meets. (Valkey keeps what a
--- script wrote before an error: a claim that failed after its events would append them again
--- at its retry.)
+-- agg_safely(f, ...) runs f (a step, a key's writes) for an event's writer: an error (data
+-- the step does not expect: a malformed 'agg' field, a key of another type) is logged in
+-- Valkey's log and the writer's call goes on, so its event is written once whatever its step
+-- meets (Valkey keeps what a script wrote before an error: a claim that failed after its
+-- events would append them again at its retry); the writer's reply says so, and the gateway
+-- logs it. What the failed step or key would have counted is not counted: a step writes the
+-- contact's 'agg' at once and its moves at the flush, so a contact whose moves failed keeps
+-- its outcome uncounted (and in the open set, for a day at most).
 -- KEYS (a step): 1 contact hash, 2 minute bucket, 3 hour bucket, 4 open zset of the label,
 --       5 waiting zset (calls), 6 breaches zset
 -- ARGV (a step): 1 contact id, 2 label, 3 outcome, 4 rank, 5 due (us), 6 bucket ttl (s),
@@ -108,26 +111,6 @@ local function agg_step(k, a)
   end
   return flag
 end
-local function agg_flush()
-  local moves, morder, sorder = agg_moves, agg_morder, agg_sorder
-  agg_moves, agg_morder, agg_sets, agg_sorder = {}, {}, {}, {}  -- each move written once
-  for _, key in ipairs(morder) do
-    local t = moves[key]
-    for _, field in ipairs(t.order) do
-      redis.call('HINCRBY', key, field, string.format('%.0f', t.fields[field]))
-    end
-  end
-  for _, set in ipairs(sorder) do
-    local command, key, t = set[1], set[2], set[3]
-    for i = 1, #t, 1000 do  -- unpack's bound on the stack
-      if command == 'ZADD' then
-        redis.call('ZADD', key, 'NX', unpack(t, i, math.min(#t, i + 999)))
-      else
-        redis.call('ZREM', key, unpack(t, i, math.min(#t, i + 999)))
-      end
-    end
-  end
-end
 local function agg_safely(f, ...)
   local ok, err = pcall(f, ...)
   if not ok then
@@ -135,6 +118,43 @@ local function agg_safely(f, ...)
       err = err.err
     end
     redis.log(redis.LOG_WARNING, 'gateway: a wallboard step failed: ' .. tostring(err))
+  end
+  return ok
+end
+local function agg_write_moves(key, t)
+  for _, field in ipairs(t.order) do
+    redis.call('HINCRBY', key, field, string.format('%.0f', t.fields[field]))
+  end
+end
+local function agg_write_set(command, key, t)
+  for i = 1, #t, 1000 do  -- unpack's bound on the stack
+    if command == 'ZADD' then
+      redis.call('ZADD', key, 'NX', unpack(t, i, math.min(#t, i + 999)))
+    else
+      redis.call('ZREM', key, unpack(t, i, math.min(#t, i + 999)))
+    end
+  end
+end
+-- agg_flush(safe): with safe, each key's writes under agg_safely (one key of another type
+-- costs the others nothing); returns false when one failed. The tables are emptied first, so
+-- a move is written once even if the call flushed again.
+local function agg_flush(safe)
+  local moves, morder, sorder = agg_moves, agg_morder, agg_sorder
+  agg_moves, agg_morder, agg_sets, agg_sorder = {}, {}, {}, {}
+  local ok = true
+  for _, key in ipairs(morder) do
+    if safe then
+      ok = agg_safely(agg_write_moves, key, moves[key]) and ok
+    else
+      agg_write_moves(key, moves[key])
+    end
+  end
+  for _, set in ipairs(sorder) do
+    if safe then
+      ok = agg_safely(agg_write_set, set[1], set[2], set[3]) and ok
+    else
+      agg_write_set(set[1], set[2], set[3])
+    end
   end
   return ok
 end

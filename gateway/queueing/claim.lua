@@ -13,7 +13,8 @@
 -- ARGV: 1 now (us), 2 event type, 3 members (n), then each member's contact id and event JSON
 --       ('' to drop the member without an event), then each member's step number (1 for the
 --       first step given, 0 for none), then the steps' arguments (13 each)
--- Returns one flag a member: 1 when this call claimed it and wrote its event.
+-- Returns one flag a member: 1 when this call claimed it and wrote its event, 2 when it did
+-- and the member's step (or the flush of the call's steps) failed, 0 when it did not claim it.
 local now, type, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 if n == 0 then
   return {}
@@ -40,7 +41,7 @@ end
 -- them, the common case, and one each only when some expired.
 local every = #hashes > 0 and redis.call('EXISTS', unpack(hashes)) == #hashes
 local steps_at = 3 + 2 * n  -- ARGV: each member's step number follows
-local stepped = {}  -- the steps to take: their numbers
+local stepped = {}  -- the steps to take: {member, step number}
 for _, c in ipairs(written) do
   local id, body = ids[c], ARGV[2 * c + 3]
   local retained = every or redis.call('EXISTS', KEYS[3 + c]) == 1
@@ -49,7 +50,7 @@ for _, c in ipairs(written) do
   if retained and step > 0 then
     event = redis.call('XADD', KEYS[2], '*',
       'event', body, 'contact_id', id, 'type', type, 'counted', '1')
-    stepped[#stepped + 1] = step
+    stepped[#stepped + 1] = {c, step}
   else
     event = redis.call('XADD', KEYS[2], '*', 'event', body, 'contact_id', id, 'type', type)
   end
@@ -64,10 +65,15 @@ if #claimed > 0 then
     redis.call('ZREM', KEYS[3], unpack(claimed))
   end
 end
-for _, step in ipairs(stepped) do
-  agg_safely(agg_step, 3 + n + (step - 1) * 6, steps_at + n + (step - 1) * 13)
+for _, taken in ipairs(stepped) do
+  local c, step = taken[1], taken[2]
+  if not agg_safely(agg_step, 3 + n + (step - 1) * 6, steps_at + n + (step - 1) * 13) then
+    flags[c] = 2
+  end
 end
-if #stepped > 0 then
-  agg_safely(agg_flush)
+if #stepped > 0 and not agg_flush(true) then
+  for _, taken in ipairs(stepped) do
+    flags[taken[1]] = 2
+  end
 end
 return flags

@@ -27,10 +27,6 @@ MINUTE_S = 60
 HOUR_S = 3600
 SETTLING = {"answer": "answered", "response": "responded"}
 RANKS = {"open": 0, "closed": 1, "abandoned": 2, "short": 2, "breached": 3, "within": 4, "late": 4}
-STEP_KEYS = 6
-STEP_ARGS = 13
-"""A step's keys and arguments in ``aggregate.lua`` (and the step part of ``stamp.lua`` and
-``claim.lua``): the layout is theirs."""
 
 
 def time_bin(ms: int) -> int:

@@ -9,8 +9,8 @@
 -- so; the event is appended first, then the stamp and the event's index entry are written by
 -- one HSET (the call is atomic: nothing comes between the read and the write), so a call that
 -- fails at its event (the server refuses the XADD) leaves nothing: its retry is stamped. The
--- step comes last; one that fails is logged (agg_safely) and the event stays written. An event
--- marked 'counted' is skipped by the dashboard's reader.
+-- step comes last; one that fails is logged (agg_safely) and the event stays written: the call
+-- returns 2 instead of 1. An event marked 'counted' is skipped by the dashboard's reader.
 local stamp = 'stamp:' .. ARGV[2]
 local seen = redis.call('HMGET', KEYS[1], 'received_us', stamp)
 if not seen[1] or seen[2] then
@@ -29,7 +29,7 @@ if ARGV[5] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
 redis.call('HSET', KEYS[1], stamp, ARGV[3], 'event:' .. event, ARGV[4])
-if #KEYS == 10 and agg_safely(agg_step, 4, 6) then
-  agg_safely(agg_flush)
+if #KEYS == 10 and not (agg_safely(agg_step, 4, 6) and agg_flush(true)) then
+  return 2  -- written, its step failed (logged)
 end
 return 1

@@ -817,14 +817,18 @@ class RedisQueue:
         # here: taken by stamp.lua, or none; the event is marked counted either way
         counted = fields[3] is not None
         args = [contact_id, type, at, event.to_json(), clears, "1" if counted else "0"]
-        step = None if fields[3] is None else step_of(
+        step = step_of(
             self.keys, self.short_abandon_ms, contact_id, type, at, event.met,
             event.elapsed_ms, received=received, due=due, kind=kind, channel=fields[3].decode(),
-        )
+        ) if counted else None
         if step is not None:
             keys += step.keys
             args += step.args
         done = await self._evalsha("stamp", keys, args)
+        if done == 2:  # written; its wallboard step failed (Valkey's log says why)
+            log.warning("stamp: %s of contact %s written, its wallboard step failed (see the "
+                        "Redis server's log)", type, contact_id,
+                        extra={"contact_id": contact_id, "event": type})
         return event if done else None
 
     async def contact_events(self, contact_id: str) -> list[bytes]:

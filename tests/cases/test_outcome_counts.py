@@ -7,8 +7,11 @@ changes nothing."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.cases.dashboard.aggregates import Counts, read_window
 from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, FixedClock
@@ -177,7 +180,7 @@ async def test_calls_answered_and_abandoned_are_counted_with_their_stamps(
 
 
 async def test_a_step_that_fails_leaves_the_claim_and_the_stamp_written_once(
-    start_gateway: Any,
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Data a step does not expect (here a malformed ``agg`` field): the breach and the stamp
     are written once all the same, their deadlines cleared, and the other contacts of the
@@ -193,8 +196,13 @@ async def test_a_step_that_fails_leaves_the_claim_and_the_stamp_written_once(
     assert await gw.queue.stamp(ids[3], "responded", at + MICROS_PER_SECOND, "test") is None
     clock.advance(200)
     watcher = own_watcher(gw, clock)
-    assert await watcher.tick() == 3
+    with caplog.at_level(logging.WARNING):
+        assert await watcher.tick() == 3
     assert await watcher.tick() == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"responded of contact {ids[3]} written, its wallboard step failed" in m
+               for m in said)
+    assert "watcher: 1 breached events written, their wallboard steps failed" in " ".join(said)
     written = [(f[b"contact_id"].decode(), f[b"type"])
                for _, f in await gw.redis.xrange(gw.keys.events) if f[b"type"] != b"enqueued"]
     assert sorted(written) == sorted([
@@ -358,3 +366,26 @@ async def test_the_writers_steps_count_as_the_readers_did(start_gateway: Any) ->
             window["sms"].get("breached")) == (1, 2, 1)
     assert (window["voice"].get("within"), window["voice"].get("late"),
             window["voice"].get("short"), window["voice"].get("abandoned")) == (1, 1, 1, 1)
+
+
+async def test_a_key_of_another_type_costs_the_stamps_other_writes_nothing(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step's writes after it moved the contact (the flush) each under its own guard: the
+    minute bucket made a string here, the hour bucket still counts the reply; the stamp is
+    written and marked, and the gateway says the step failed."""
+    gw, _ = await driven(start_gateway)
+    at = SYSTEM_CLOCK.now_us()
+    cid = (await gw.intake.submit(sms(0, at))).contact_id
+    minute_s = at // MICROS_PER_SECOND // 60 * 60
+    minute = gw.keys.agg_bucket("m", minute_s)
+    await gw.redis.delete(minute)
+    await gw.redis.set(minute, "not a hash")
+    with caplog.at_level(logging.WARNING):
+        assert await gw.queue.stamp(cid, "responded", at + 5 * MICROS_PER_SECOND, "test")
+    assert any("its wallboard step failed" in r.getMessage() for r in caplog.records)
+    hour = await gw.redis.hgetall(gw.keys.agg_bucket("h", minute_s - minute_s % 3600))
+    assert hour[b"sms:within"] == b"1" and hour[b"sms:t:5"] == b"1"
+    assert await gw.redis.hget(gw.keys.contact(cid), "agg") == b"within:4"
+    (_, fields), = await gw.redis.xrevrange(gw.keys.events, count=1)
+    assert fields[b"counted"] == b"1"
