@@ -655,8 +655,8 @@ class RedisQueue:
         reply to one of them raises for the whole round trip. ``after``: plain commands sent
         after the scripts (executed after them, whatever they answered; run again with them
         when the server had lost the scripts); their replies follow the scripts' in the list
-        returned, errors as values. ``link``: over the intake write's
-        own connection (``Link``) instead of a pooled one.
+        returned, errors as values. ``link``: over the intake write's own connection
+        (``Link``) instead of a pooled one.
         """
         before = before or []
         after = after or []
