@@ -161,10 +161,7 @@ async def _measure(
             )]
         written = await _server_figures(redis)
         profile = cProfile.Profile()
-        stop_busy = _busy(busy_ms) if busy_ms else None
-        batches, walls, wall, total_cpu = await _passes(aggregator)
-        if stop_busy is not None:
-            stop_busy()
+        batches, walls, wall, total_cpu = await _passes(aggregator, busy_ms)
         done = await _server_figures(redis)
         surges = sum(
             1 for _, f in await redis.xrange(gateway.keys.events) if f[b"type"] == b"surge"
@@ -189,10 +186,7 @@ async def _measure(
                 ))
             stamp_cpu = time.process_time() - stamp_cpu
             stamped = await _server_figures(redis)
-            stop_busy = _busy(busy_ms) if busy_ms else None
-            stepped = await _passes(aggregator)
-            if stop_busy is not None:
-                stop_busy()
+            stepped = await _passes(aggregator, busy_ms)
             read_all = await _server_figures(redis)
     w_cmds, w_cpu, w_top, w_us = _delta(start, written, contacts)
     a_cmds, a_cpu, a_top, a_us = _delta(written, done, contacts)
@@ -240,23 +234,31 @@ async def _measure(
         )
 
 
-async def _passes(aggregator: Any) -> tuple[list[float], list[float], float, float]:
-    """Poll until nothing is left: the CPU and wall times of each full batch, the whole wall
-    time, and the CPU time of the polls that read something."""
+async def _passes(
+    aggregator: Any, busy_ms: float = 0.0
+) -> tuple[list[float], list[float], float, float]:
+    """Poll until nothing is left (the loop spun ``busy_ms`` a turn meanwhile, ``_busy``): the
+    CPU and wall times of each full batch, the whole wall time, and the CPU time of the polls
+    that read something."""
     cpus: list[float] = []
     walls: list[float] = []
     total_cpu = 0.0
+    stop_busy = _busy(busy_ms) if busy_ms else None
     wall = time.perf_counter()
-    while True:
-        cpu0, wall0 = time.thread_time(), time.perf_counter()
-        n = await aggregator.poll()
-        if n == 0:
-            return cpus, walls, time.perf_counter() - wall, total_cpu
-        cpu = time.thread_time() - cpu0
-        total_cpu += cpu
-        if n == aggregator.batch:
-            cpus.append(cpu)
-            walls.append(time.perf_counter() - wall0)
+    try:
+        while True:
+            cpu0, wall0 = time.thread_time(), time.perf_counter()
+            n = await aggregator.poll()
+            if n == 0:
+                return cpus, walls, time.perf_counter() - wall, total_cpu
+            cpu = time.thread_time() - cpu0
+            total_cpu += cpu
+            if n == aggregator.batch:
+                cpus.append(cpu)
+                walls.append(time.perf_counter() - wall0)
+    finally:
+        if stop_busy is not None:
+            stop_busy()
 
 
 def _busy(ms: float) -> Callable[[], None]:

@@ -129,11 +129,12 @@ class DeadlineWatcher:
                 if type == "warning" and due_us <= now:
                     calls.append((cid, b"", "", 0))  # the breach says it all
                     continue
+                elapsed_ms = max(0, (now - int(received)) // 1000)
                 if type == "breached":
                     step = step_of(
-                        k, self.queue.short_abandon_ms, cid, type, now, False,
-                        max(0, (now - int(received)) // 1000), received=int(received),
-                        due=due_us, kind=kind.decode(), channel=channel.decode(),
+                        k, self.queue.short_abandon_ms, cid, type, now, False, elapsed_ms,
+                        received=int(received), due=due_us, kind=kind.decode(),
+                        channel=channel.decode(),
                     )
                     if step is not None:
                         steps[cid] = step
@@ -143,7 +144,7 @@ class DeadlineWatcher:
                     at=now,
                     source="watcher",
                     due_at=due_us,
-                    elapsed_ms=max(0, (now - int(received)) // 1000),
+                    elapsed_ms=elapsed_ms,
                     met=False if type == "breached" else None,
                     detail={"kind": kind.decode()},
                 )
