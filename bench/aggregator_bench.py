@@ -3,8 +3,10 @@
 A gateway (its own process, the aggregator's loop stopped) takes ``--contacts`` new contacts
 through ``Intake.submit`` (64 at a time, each from its own sender, as ``bench/intake_bench.py``
 sends them; surge warnings on); then the aggregator reads
-the ``enqueued`` events in batches of 200, as its loop does (``--batch N``: N a read, to see
-what a larger read holds the loop for; not used by ``--tail``). Printed, per contact:
+the ``enqueued`` events as its loop does: 200 a read, and behind a backlog (every read full)
+twice the last full read's, up to 1,000 (``--batch N``: N a read, to see what a larger read
+holds the loop for; ``--most M``: reads grow up to M, ``--most N`` keeps them at N; neither
+is used by ``--tail``). Printed, per contact:
 
 - Valkey's commands (``INFO commandstats``, the commands scripts run included) and its CPU
   (``used_cpu_user + used_cpu_sys``) for the writes and for the aggregator's pass;
@@ -103,7 +105,8 @@ async def bench_gateway(
     senders: int = 100_000_000, **redis_settings: Any,
 ) -> AsyncIterator[tuple[Any, Any, Callable[[int], Any]]]:
     """A started gateway of the tree on the path (its aggregator stopped, driven by hand),
-    64 contacts written and aggregated to warm it (senders of their own), and ``inbound(i)``:
+    64 contacts written and aggregated to warm it (senders of their own), its heap settled as
+    ``gateway serve`` settles it, and ``inbound(i)``:
     a new web contact of sender ``<mobiles><i % senders>``; ``sections``: more settings
     (``{"intake": {...}}``). Also used by bench/valkey_cost.py."""
     from bench.intake_bench import gateway_classes
@@ -138,6 +141,9 @@ async def bench_gateway(
 
         await asyncio.gather(*(gateway.intake.submit(inbound(-1 - i)) for i in range(64)))
         await aggregator.catch_up()  # warm: scripts loaded, caches filled
+        from gateway.server.runtime import settle_heap
+
+        settle_heap()  # the collector's settings of `gateway serve`
         yield gateway, aggregator, inbound
     finally:
         await gateway.stop()
@@ -145,13 +151,15 @@ async def bench_gateway(
 
 async def _measure(
     redis_url: str, contacts: int, label: str, senders: int = 0, batch: int = 0,
-    busy_ms: float = 0.0, outcomes: bool = False,
+    busy_ms: float = 0.0, outcomes: bool = False, most: int = 0,
 ) -> None:
     async with bench_gateway(
         redis_url, "agg", "+86138", senders=senders or 100_000_000
     ) as (gateway, aggregator, inbound):
         if batch:  # another read size than the aggregator's own (its loop reads 200)
             aggregator.batch = batch
+        if most:  # reads grow up to another size than five times the first (an older tree's
+            aggregator.most = most  # reader has no such attribute: its reads stay the same)
         redis = gateway.redis
         start = await _server_figures(redis)
         ids: list[str] = []
@@ -161,7 +169,7 @@ async def _measure(
             )]
         written = await _server_figures(redis)
         profile = cProfile.Profile()
-        batches, walls, wall, total_cpu = await _passes(aggregator, busy_ms)
+        batches, walls, wall, total_cpu, sizes = await _passes(aggregator, busy_ms)
         done = await _server_figures(redis)
         surges = sum(
             1 for _, f in await redis.xrange(gateway.keys.events) if f[b"type"] == b"surge"
@@ -206,17 +214,17 @@ async def _measure(
         f"  ({a_top})\n"
         f"              us in commands/contact: {a_us}\n"
         f"  aggregator: {calls / contacts:.0f} Python calls/contact,"
-        f" {total_cpu * 1e6 / contacts:.1f} us CPU/contact, CPU per batch of"
-        f" {aggregator.batch}: median {batch_ms:.1f} ms, most {most_ms:.1f} ms of {len(batches)}\n"
-        f"  aggregator: wall {wall * 1e6 / contacts:.1f} us/contact, per batch of"
-        f" {aggregator.batch}: median {wall_ms:.1f} ms, most {wall_most:.1f} ms;"
+        f" {total_cpu * 1e6 / contacts:.1f} us CPU/contact, CPU per full batch ({sizes}):"
+        f" median {batch_ms:.1f} ms, most {most_ms:.1f} ms of {len(batches)}\n"
+        f"  aggregator: wall {wall * 1e6 / contacts:.1f} us/contact, per full batch:"
+        f" median {wall_ms:.1f} ms, most {wall_most:.1f} ms;"
         f" {surges} repeat surges written"
         f" ({senders or contacts} senders)"
         + (f"; the loop kept busy {busy_ms:g} ms a turn" if busy_ms else ""),
         flush=True,
     )
     if outcomes:
-        cpus, walls, wall, _ = stepped
+        cpus, walls, wall, _, sizes = stepped
         wall_ms = 1000 * sorted(walls)[len(walls) // 2] if walls else float("nan")
         batch_ms = 1000 * sorted(cpus)[len(cpus) // 2] if cpus else float("nan")
         s_cmds, s_cpu, s_top, s_us = _delta(before_stamps, stamped, len(ids))
@@ -228,7 +236,7 @@ async def _measure(
             f"  outcomes:   Valkey {r_cmds:5.1f} commands/event, {r_cpu:6.1f} us CPU/event"
             f"  ({r_top}) in the reader's pass\n"
             f"  outcomes:   {len(ids)} 'responded' events: wall {wall * 1e6 / len(ids):.1f}"
-            f" us/event, per batch of {aggregator.batch}: median {wall_ms:.1f} ms"
+            f" us/event, per full batch ({sizes}): median {wall_ms:.1f} ms"
             f" (CPU {batch_ms:.1f} ms)",
             flush=True,
         )
@@ -236,12 +244,13 @@ async def _measure(
 
 async def _passes(
     aggregator: Any, busy_ms: float = 0.0
-) -> tuple[list[float], list[float], float, float]:
+) -> tuple[list[float], list[float], float, float, str]:
     """Poll until nothing is left (the loop spun ``busy_ms`` a turn meanwhile, ``_busy``): the
-    CPU and wall times of each full batch, the whole wall time, and the CPU time of the polls
-    that read something."""
+    CPU and wall times of each full batch (at least ``batch`` events), the whole wall time,
+    the CPU time of the polls that read something, and the full batches' sizes."""
     cpus: list[float] = []
     walls: list[float] = []
+    sizes: list[int] = []
     total_cpu = 0.0
     stop_busy = _busy(busy_ms) if busy_ms else None
     wall = time.perf_counter()
@@ -250,10 +259,12 @@ async def _passes(
             cpu0, wall0 = time.thread_time(), time.perf_counter()
             n = await aggregator.poll()
             if n == 0:
-                return cpus, walls, time.perf_counter() - wall, total_cpu
+                span = f"{min(sizes)}-{max(sizes)} events" if sizes else "none"
+                return cpus, walls, time.perf_counter() - wall, total_cpu, span
             cpu = time.thread_time() - cpu0
             total_cpu += cpu
-            if n == aggregator.batch:
+            if n >= aggregator.batch:
+                sizes.append(n)
                 cpus.append(cpu)
                 walls.append(time.perf_counter() - wall0)
     finally:
@@ -323,12 +334,14 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
 
 def _child(
     src: str, redis_url: str, contacts: int, senders: int, batch: int, busy_ms: float,
-    outcomes: bool,
+    outcomes: bool, most: int,
 ) -> None:
     child_path(src)
     import uvloop
 
-    uvloop.run(_measure(redis_url, contacts, src or "now", senders, batch, busy_ms, outcomes))
+    uvloop.run(_measure(
+        redis_url, contacts, src or "now", senders, batch, busy_ms, outcomes, most
+    ))
 
 
 def main() -> None:
@@ -353,6 +366,10 @@ def main() -> None:
         help="events a read (default the aggregator's own, 200): what a larger read holds",
     )
     parser.add_argument(
+        "--most", type=int, default=0,
+        help="behind a backlog reads grow up to this (default five times --batch)",
+    )
+    parser.add_argument(
         "--busy", type=float, default=0.0, metavar="MS",
         help="spin MS ms in every turn of the loop while the aggregator reads (a loaded worker)",
     )
@@ -364,7 +381,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], args.child[1], args.contacts, args.senders, args.batch, args.busy,
-               args.outcomes)
+               args.outcomes, args.most)
         return
     if args.tail:
         import uvloop
@@ -382,7 +399,7 @@ def main() -> None:
         each_tree(
             "bench.aggregator_bench",
             ["--contacts", str(args.contacts), "--senders", str(args.senders),
-             "--batch", str(args.batch), "--busy", str(args.busy),
+             "--batch", str(args.batch), "--most", str(args.most), "--busy", str(args.busy),
              *(["--outcomes"] if args.outcomes else [])],
             args.before, "bench-agg-",
         )

@@ -218,6 +218,8 @@ class RoundTrips:
     def __init__(self, server: EmbeddedRedis) -> None:
         self.upstream = server
         self.trips = 0
+        self.counts: list[int] = []
+        """The ``COUNT`` of each ``XREAD`` sent, in order."""
         self._server: asyncio.Server | None = None
 
     async def start(self) -> str:
@@ -244,6 +246,8 @@ class RoundTrips:
                             if waiting[0] == 0:
                                 self.trips += 1
                             waiting[0] += 1
+                            if message[0].upper() == b"XREAD":
+                                self.counts.append(int(message[2]))
                         elif not isinstance(message, hiredis.PushNotification):
                             waiting[0] -= 1
                     sink.write(data)
@@ -257,10 +261,11 @@ class RoundTrips:
 
 @contextlib.asynccontextmanager
 async def relayed_reader(
-    gw: Any, server: EmbeddedRedis, batch: int = 200
+    gw: Any, server: EmbeddedRedis, batch: int = 200, most: int = 0
 ) -> AsyncIterator[tuple[RoundTrips, Aggregator]]:
-    """The gateway's own reader stopped, and a reader of ``batch`` events at a time over a
-    ``RoundTrips`` relay (its own queue and client), closed after."""
+    """The gateway's own reader stopped, and a reader of ``batch`` events at a time (up to
+    ``most`` while behind) over a ``RoundTrips`` relay (its own queue and client), closed
+    after."""
     await gw.cases.aggregator.stop()
     relay = RoundTrips(server)
     client = connect(gw.settings.redis, await relay.start())
@@ -268,7 +273,7 @@ async def relayed_reader(
                        repeat_window_s=60, retention_s=86400, maxlen=100_000)
     try:
         yield relay, Aggregator(queue, SYSTEM_CLOCK, gw.settings.sla, "relayed",
-                                surge=gw.cases.surge, batch=batch)
+                                surge=gw.cases.surge, batch=batch, most=most)
     finally:
         await queue.aclose()
         await client.aclose()
@@ -280,9 +285,10 @@ async def test_a_full_batch_reads_the_next_in_the_round_trip_of_its_move(
 ) -> None:
     """Under a backlog every batch is full: the next one's ``XREAD`` goes behind the
     ``advance.lua`` call that moves the cursor past this one, so a batch costs one round trip,
-    not two (a reader in a busy gateway waits tens of ms for each)."""
+    not two (a reader in a busy gateway waits tens of ms for each). (Reads of 50 throughout:
+    the next test has them grow.)"""
     gw = await start_gateway(api=API, watcher=QUIET)
-    async with relayed_reader(gw, redis_server, batch=50) as (relay, reader):
+    async with relayed_reader(gw, redis_server, batch=50, most=50) as (relay, reader):
         queue = reader.queue
         base = SYSTEM_CLOCK.now_us()
         await asyncio.gather(*(  # each from a sender of its own: 230 events, no more
@@ -306,6 +312,42 @@ async def test_a_full_batch_reads_the_next_in_the_round_trip_of_its_move(
         assert {k: v.volume for k, v in counts.items()} == {"sms": 230}
 
 
+async def test_behind_a_backlog_each_read_asks_for_twice_the_last_full_one(
+    start_gateway: Any, redis_server: EmbeddedRedis
+) -> None:
+    """Each full batch's move reads on with twice its ``COUNT``, up to ``most``: a backlog of
+    1,050 events in 7 round trips where reads of 50 took 23; the first read that is not full
+    brings the reader back to ``batch``, and it pauses again between reads."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    async with relayed_reader(gw, redis_server, batch=50, most=400) as (relay, reader):
+        queue = reader.queue
+        base = SYSTEM_CLOCK.now_us()
+        for start in range(0, 1050, 150):
+            await asyncio.gather(*(
+                gw.intake.submit(dataclasses.replace(
+                    _inbound(f"g{n}", base + n, 0), sender=Sender(f"+8613900{n:06d}")
+                )) for n in range(start, start + 150)
+            ))
+        await reader.ensure_group()
+        await queue.load_scripts()
+        relay.trips = 0
+        assert await reader.poll() == 50 and reader._behind
+        assert relay.counts == [50, 100]  # the second read went with the first batch's move
+        assert await reader.catch_up() == 1000
+        # 50, 100, 200, 400, then 400 asked for and 300 found (no read on), then the end
+        assert relay.counts == [50, 100, 200, 400, 400, 50]
+        assert relay.trips == 1 + 5 + 1
+        assert not reader._behind
+        await gw.intake.submit(_inbound("after", base + 2000, 0))
+        assert await reader.poll() == 1
+        assert relay.counts[-1] == 50
+        assert await surge_total(gw) == 1051
+        group = await _group(gw)
+        assert group["lag"] == 0 and group["entries-read"] == await gw.redis.xlen(gw.keys.events)
+        counts = await read_window(gw.redis, gw.keys, base - MINUTE, base + 3 * MINUTE)
+        assert {k: v.volume for k, v in counts.items()} == {"sms": 1051}
+
+
 async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
     start_gateway: Any,
 ) -> None:
@@ -316,9 +358,9 @@ async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
     gw = await start_gateway(api=API, watcher=QUIET)
     await gw.cases.aggregator.stop()
     one = gw.cases.aggregator
-    one.batch = 2
+    one.batch = one.most = 2
     two = Aggregator(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "two", surge=gw.cases.surge,
-                     batch=2)
+                     batch=2, most=2)
     await one.ensure_group()
     await two.ensure_group()
     base = SYSTEM_CLOCK.now_us()

@@ -298,6 +298,7 @@ class Aggregator:
         *,
         surge: SurgeWatch | None = None,
         batch: int = 200,
+        most: int = 0,
     ) -> None:
         self.queue = queue
         self.redis = queue.redis
@@ -308,7 +309,18 @@ class Aggregator:
         self.surge = surge
         """Counts new contacts for surge warnings (``[surge] enabled``), else None."""
         self.batch = batch
-        """Events read at once: the loop is held for one batch's processing (a few ms)."""
+        """Events read at once while the reader keeps up: the loop is held for one batch's
+        processing (1-2 ms for 200 new contacts)."""
+        self.most = most
+        """While the reader is behind, each read asks for twice as many events as the last
+        full one, up to this many (0: five times ``batch``): in a busy worker a round trip
+        waits several turns of the loop (tens of ms), and a batch of counted events costs a
+        few µs an event, so one round trip carries more of the backlog (a batch of 1,000
+        holds the loop 4-8 ms). ``batch`` again once a read was not full."""
+        self._count = 0
+        """The next read's ``COUNT`` (0: ``batch``)."""
+        self._behind = False
+        """The last read was full: read again at once, without the pause."""
         self.pause_s = 0.25
         """After a batch that was not full, wait this long before reading again (the figures
         lag by as much; a wallboard snapshot is a second old anyway)."""
@@ -322,9 +334,9 @@ class Aggregator:
         self._base = b""
         """The cursor string's value the reader's next batch starts from (``advance.lua``
         compares it): b"" when there is none."""
-        self._ahead: tuple[bytes, Any] | None = None
+        self._ahead: tuple[bytes, int, Any] | None = None
         """The next read, sent with the last full batch's ``advance.lua`` (one round trip for
-        both): the cursor it was read after, and ``XREAD``'s reply."""
+        both): the cursor it was read after, its ``COUNT`` and ``XREAD``'s reply."""
         self.processed = 0
         self.claim_idle_ms = 60_000
         """Entries another consumer read and left unacknowledged this long are taken over."""
@@ -398,9 +410,9 @@ class Aggregator:
                     last_claim = loop.time()
                     await self.claim_stale()
                     await self._load_entries_read()  # exact again at the stream's end
-                n = await self.poll()
+                await self.poll()
                 backoff.reset()
-                if n < self.batch:  # fewer, larger batches: the cost per poll is shared
+                if not self._behind:  # fewer, larger batches: the cost per poll is shared
                     await asyncio.sleep(self.pause_s)
             except asyncio.CancelledError:
                 raise
@@ -438,22 +450,25 @@ class Aggregator:
             await self.ensure_group()
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == self._cursor:
-            reply = ahead[1]  # read with the last batch's move, after where it left the cursor
+            # read with the last batch's move, after where it left the cursor
+            _, count, reply = ahead
         else:
+            count = self._count or self.batch
             (reply,) = raise_errors(await self.queue.execute(
-                [self._read()],
+                [self._read(count)],
                 pooled=True,  # polled every 250 ms: not in the way of the shared connection
             ))
         if not reply:
+            self._count, self._behind = 0, False
             return 0
         # RESP3 answers a map of streams, RESP2 a list of [stream, entries]
         raw = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
-        await self.process(raw)  # each entry's fields as read: a flat list
+        await self.process(raw, count=count)  # each entry's fields as read: a flat list
         return len(raw)
 
-    def _read(self, after: bytes | None = None) -> list[Any]:
-        """The ``XREAD`` of the next batch: after ``after``, else after the cursor."""
-        return ["XREAD", "COUNT", self.batch, "STREAMS", self.keys.events, after or self._cursor]
+    def _read(self, count: int, after: bytes | None = None) -> list[Any]:
+        """The ``XREAD`` of up to ``count`` events: after ``after``, else after the cursor."""
+        return ["XREAD", "COUNT", count, "STREAMS", self.keys.events, after or self._cursor]
 
     async def catch_up(self) -> int:
         """Apply everything not yet read (tests, benchmarks); return how many events."""
@@ -464,10 +479,14 @@ class Aggregator:
             if n == 0:
                 return total
 
-    async def process(self, entries: Sequence[Sequence[Any]], *, claimed: bool = False) -> None:
+    async def process(
+        self, entries: Sequence[Sequence[Any]], *, claimed: bool = False, count: int = 0
+    ) -> None:
         """Apply a batch of event entries read in order from the stream, then move the cursor
         past those beyond it (``advance.lua``); ``claimed``: taken over from the group's
-        pending list, acknowledged instead (the cursor reads them in its turn). Each entry is
+        pending list, acknowledged instead (the cursor reads them in its turn); ``count``: the
+        read's ``COUNT`` (a batch that filled it is followed by a larger read, up to
+        ``most``, sent with its move; else by a read of ``batch``). Each entry is
         its id and its fields as read: ``poll``'s raw reply gives a list and a flat list of
         fields and values, redis-py's claim a pair and a dict.
 
@@ -588,10 +607,15 @@ class Aggregator:
         extra.append(["ZREMRANGEBYSCORE", self.keys.agg_breaches, "-inf", day_ago])
         if claimed and entries:  # the surges of this batch are marked counted
             extra.append(["XACK", self.keys.events, GROUP, *[e for e, _ in entries]])
+        # a full batch: the reader is behind, and the next read is larger
+        count = count or self.batch
+        full = not claimed and len(entries) >= count
+        self._behind = full
+        most = max(self.most or 5 * self.batch, self.batch)
+        self._count = min(2 * count, most) if full else 0
         if first < len(entries):
             tally = self.surge.tally(fresh) if fresh and self.surge is not None else None
             # a full batch: the next is read in the same round trip as this one's move
-            full = not claimed and len(entries) >= self.batch
             moved = await self._advance(
                 entries[-1][0], len(entries) - first, tally, extra, read_on=full
             )
@@ -646,7 +670,7 @@ class Aggregator:
                 args += [number[minute], key, len(ids), len(samples), *samples]
         else:
             args += [0, SAMPLES_TTL_S, "", 0, SAMPLES]
-        after = [self._read(last)] if read_on else None
+        after = [self._read(self._count or self.batch, last)] if read_on else None
         replies = await self.queue.run_scripts(
             "advance", [(keys, args)], before=before, after=after
         )
@@ -655,7 +679,8 @@ class Aggregator:
             await self._load_cursor()
             return False
         if read_on and replies[1] and not isinstance(replies[1], Exception):
-            self._ahead = (last, replies[1])  # (none when it found nothing: poll reads again)
+            # (none when it found nothing: poll reads again)
+            self._ahead = (last, self._count or self.batch, replies[1])
         self._cursor = last
         self._entries_read = entries_read
         self._base = last + b" " + (b"" if entries_read is None else str(entries_read).encode())
