@@ -7,9 +7,10 @@ A contact moves to a better-ranked outcome, once:
 
 The writers of outcome events take the step themselves, in the same atomic call that appends
 the event (``stamp.lua`` for a stamped event, ``claim.lua`` for the watcher's breach), and mark
-the event ``counted``: they have read the contact's facts already. The dashboard's reader
-(``gateway/cases/dashboard/aggregates.py``) takes it for an event without the mark (an older
-writer's, or one appended by ``emit.lua``), after reading the facts. A step taken twice changes
+the event ``counted``: they have read the contact's facts already; ``emit.lua`` (a close
+through the API, any other outcome event appended as it is) does the same, its caller reading
+the facts first. The dashboard's reader (``gateway/cases/dashboard/aggregates.py``) takes the
+step for an event without the mark (an older writer's), after reading the facts. A step taken twice changes
 nothing (the contact hash remembers the outcome), so either may come first.
 """
 
@@ -26,6 +27,8 @@ from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 MINUTE_S = 60
 HOUR_S = 3600
 SETTLING = {"answer": "answered", "response": "responded"}
+MOVES = frozenset({"answered", "responded", "abandoned", "breached", "closed"})
+"""The event types after ``enqueued`` that may move a contact's outcome (``step_of``)."""
 RANKS = {"open": 0, "closed": 1, "abandoned": 2, "short": 2, "breached": 3, "within": 4, "late": 4}
 
 

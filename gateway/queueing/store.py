@@ -24,7 +24,7 @@ from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.batching import Answer
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.link import Lane, Link
-from gateway.queueing.outcomes import step_of
+from gateway.queueing.outcomes import MOVES, step_of
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -78,7 +78,7 @@ def _script(name: str) -> str:
     return files("gateway.queueing").joinpath(name).read_text(encoding="utf-8")
 
 
-STEPPING = frozenset({"aggregate", "stamp", "claim"})
+STEPPING = frozenset({"aggregate", "stamp", "emit", "claim"})
 """The scripts that take the dashboard's outcome steps: ``aggstep.lua`` is put before each (so
 their error messages' line numbers count its lines first, and none of them can open with a
 ``#!lua`` flags line)."""
@@ -760,16 +760,34 @@ class RedisQueue:
         self._side.close()
 
     async def emit(self, event: Event) -> None:
-        """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline."""
-        keys = [
-            self.keys.events,
-            self.keys.contact(event.contact_id),
-            self.keys.deadlines,
-            self.keys.warnings,
-        ]
+        """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline.
+        An event that may move the contact's outcome (``MOVES``: a close through the API, as
+        a rule) has its wallboard step taken by ``emit.lua`` in the same call, the contact's
+        facts read first (one round trip more), and is marked ``counted``, as ``stamp``'s."""
+        hash_key = self.keys.contact(event.contact_id)
+        keys = [self.keys.events, hash_key, self.keys.deadlines, self.keys.warnings]
         clears = "1" if event.type in ("abandoned", "closed") else "0"
-        args = [event.contact_id, event.type, event.to_json(), clears]
-        await self._evalsha("emit", keys, args)
+        args: list[Any] = [event.contact_id, event.type, event.to_json(), clears]
+        if event.type in MOVES:
+            fields = await self.redis.hmget(
+                hash_key, ["received_us", "due_us", "kind", "channel"]
+            )
+            if fields[0] is not None and fields[1] is not None and fields[3] is not None:
+                args.append("1")  # the facts are known: the step given here, or none
+                step = step_of(
+                    self.keys, self.short_abandon_ms, event.contact_id, event.type, event.at,
+                    event.met, event.elapsed_ms, received=int(fields[0]), due=int(fields[1]),
+                    kind=fields[2].decode() if fields[2] is not None else "response",
+                    channel=fields[3].decode(),
+                )
+                if step is not None:
+                    keys += step.keys
+                    args += step.args
+        done = await self._evalsha("emit", keys, args)
+        if type(done) is list:  # written; its wallboard step failed (Valkey's log says why)
+            log.warning("emit: %s of contact %s written, its wallboard step failed (see the "
+                        "Redis server's log)", event.type, event.contact_id,
+                        extra={"contact_id": event.contact_id, "event": event.type})
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script once; an error reply raises."""

@@ -42,6 +42,7 @@ from tests.cases.test_intake_counts import QUIET, surge_total
 
 DATA = Path(__file__).parent / "data"
 OLD_INTAKE = (Path(__file__).parents[1] / "queueing" / "data" / "intake_01aed18.lua").read_text()
+OLD_EMIT = (Path(__file__).parents[1] / "queueing" / "data" / "emit_9c2fbfa.lua").read_text()
 MINUTE = 60 * MICROS_PER_SECOND
 
 
@@ -383,9 +384,10 @@ async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
 async def test_a_part_of_outcome_events_reads_the_next_parts_contacts_with_its_steps(
     start_gateway: Any, redis_server: EmbeddedRedis
 ) -> None:
-    """Outcome events their writers did not step (``emit.lua``'s, an older version's) are
-    stepped ``STEP_CHUNK`` at a time, each part with the contacts' facts read first: the next
-    part's reads go behind this part's steps, one round trip a part."""
+    """Outcome events their writers did not step (an older version's: here closes appended by
+    9c2fbfa's ``emit.lua``) are stepped ``STEP_CHUNK`` at a time, each part with the contacts'
+    facts read first: the next part's reads go behind this part's steps, one round trip a
+    part."""
     gw = await start_gateway(api=API, watcher=QUIET)
     async with relayed_reader(gw, redis_server) as (relay, reader):
         queue = reader.queue
@@ -399,8 +401,14 @@ async def test_a_part_of_outcome_events_reads_the_next_parts_contacts_with_its_s
         await queue.load_scripts()
         assert await reader.catch_up() == 120
         at = SYSTEM_CLOCK.now_us()
-        for r in receipts:  # closed in time: emit.lua's events, not stepped by their writer
-            await gw.queue.emit(Event(r.contact_id, "closed", at, "test"))
+        old_emit = await gw.redis.script_load(OLD_EMIT)
+        k = gw.keys
+        for r in receipts:  # closed in time by an older instance: not stepped by their writer
+            event = Event(r.contact_id, "closed", at, "test").to_json()
+            assert await gw.redis.evalsha(
+                old_emit, 4, k.events, k.contact(r.contact_id), k.deadlines, k.warnings,
+                r.contact_id, "closed", event, "1",
+            )
         await queue.execute([["PING"]])  # the plain commands' connection open (5 round trips)
         relay.trips = 0
         assert await reader.catch_up() == 120  # one batch: parts of 50, 50 and 20

@@ -1,6 +1,7 @@
 """The dashboard's outcome steps taken by the events' writers: ``stamp.lua`` (answers, replies,
-abandoned calls) and ``claim.lua`` (the watcher's breaches) move the contact's counters in the
-same atomic call that appends the event, and mark it ``counted``; the dashboard's reader skips
+abandoned calls), ``claim.lua`` (the watcher's breaches) and ``emit.lua`` (a close through the
+API) move the contact's counters in the same atomic call that appends the event, and mark it
+``counted``; the dashboard's reader skips
 such an event without reading the contact, and counts it the old way when its writer is of an
 older version (a rolling upgrade). A step taken twice (an older reader reading a counted event)
 changes nothing."""
@@ -11,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.cases.dashboard.aggregates import Counts, read_window
@@ -18,12 +20,13 @@ from gateway.contact.clock import MICROS_PER_SECOND, SYSTEM_CLOCK, FixedClock
 from gateway.queueing.outcomes import step_of
 from gateway.queueing.store import _CLEARS
 from gateway.records import Event, Inbound, Sender
-from tests.cases.conftest import API
+from tests.cases.conftest import API, Client
 from tests.cases.test_aggregate_upgrade import _old_aggregator_class
 from tests.cases.test_intake_counts import QUIET, reads
 from tests.cases.test_watcher import own_watcher
 
 OLD_STAMP = (Path(__file__).parents[1] / "queueing" / "data" / "stamp_d9e5dfd.lua").read_text()
+OLD_EMIT = (Path(__file__).parents[1] / "queueing" / "data" / "emit_9c2fbfa.lua").read_text()
 MINUTE = 60 * MICROS_PER_SECOND
 
 
@@ -79,6 +82,74 @@ async def test_an_answer_is_counted_with_its_stamp_and_the_reader_skips_it(
     assert (after.volume, after.get("within"), after.bins) == (3, 2, {5: 2})
 
 
+async def close(gw: Any, cid: str) -> int:
+    """Close the contact through the API (``POST /v1/contacts/{id}/events``); the status."""
+    async with aiohttp.ClientSession() as session:
+        client = Client(session, f"http://127.0.0.1:{gw.http_port}")
+        status, _ = await client.call(
+            "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
+            token="replier", json_body={"type": "closed"},
+        )
+    return status
+
+
+async def test_a_close_through_the_api_is_counted_with_its_event(start_gateway: Any) -> None:
+    """``emit.lua`` takes a close's step in the call that appends it and marks it counted (the
+    route's caller read the facts first); a close after the deadline moves nothing, and is
+    marked all the same; the reader reads no contact for them; a second close writes
+    nothing."""
+    clock = FixedClock()
+    gw, reader = await driven(start_gateway, clock)
+    at = clock.now_us()
+    ids = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(3)]
+    assert await reader.catch_up() == 3
+    clock.advance(60)
+    assert [await close(gw, cid) for cid in ids[:2]] == [201, 201]
+    now = await counts(gw, at)  # counted with the close: before any reader has read it
+    assert (now.volume, now.get("closed"), now.settled) == (3, 2, 0)
+    assert await gw.redis.zcard(gw.keys.agg_open("sms")) == 1
+    assert await close(gw, ids[0]) == 200  # once: nothing written, nothing counted
+    clock.advance(180)  # past the third contact's 3 minutes: a late close moves nothing
+    assert await close(gw, ids[2]) == 201
+    entries = await gw.redis.xrange(gw.keys.events)
+    closes = [f for _, f in entries if f[b"type"] == b"closed"]
+    assert [f.get(b"counted") for f in closes] == [b"1", b"1", b"1"]
+    hmgets, evalsha = await reads(gw), await calls(gw, "evalsha")
+    assert await reader.catch_up() == 3
+    assert await reads(gw) == hmgets  # the contacts not read
+    assert await calls(gw, "evalsha") == evalsha + 1  # advance.lua only: no aggregate.lua
+    after = await counts(gw, at)
+    assert (after.volume, after.get("closed")) == (3, 2)
+    assert await gw.redis.zcard(gw.keys.agg_open("sms")) == 1  # the late one stays open
+
+
+async def test_a_close_of_an_older_writer_is_stepped_by_the_reader(start_gateway: Any) -> None:
+    """A rolling upgrade: a close appended by the previous version's ``emit.lua`` (no step, no
+    mark) is stepped by this version's reader; this version's marked close read by an older
+    reader (01aed18's aggregator) is stepped again, which changes nothing."""
+    gw, reader = await driven(start_gateway)
+    old = _old_aggregator_class()(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "old-1",
+                                  surge=gw.cases.surge)
+    await old.ensure_group()
+    at = SYSTEM_CLOCK.now_us()
+    ids = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(3)]
+    assert await reader.catch_up() == 3
+    k = gw.keys
+    sha = await gw.redis.script_load(OLD_EMIT)
+    event = Event(ids[0], "closed", at + MICROS_PER_SECOND, "old").to_json()
+    assert await gw.redis.evalsha(sha, 4, k.events, k.contact(ids[0]), k.deadlines,
+                                  k.warnings, ids[0], "closed", event, "1")
+    assert (await counts(gw, at)).get("closed") == 0  # not stepped by its writer
+    await gw.queue.emit(Event(ids[1], "closed", at + MICROS_PER_SECOND, "new"))
+    assert (await counts(gw, at)).get("closed") == 1
+    assert await reader.catch_up() == 2
+    assert (await counts(gw, at)).get("closed") == 2
+    await old.catch_up()  # the older reader: every event again, stepped its way
+    final = await counts(gw, at)
+    assert (final.volume, final.get("closed")) == (3, 2)
+    assert await gw.redis.zcard(k.agg_open("sms")) == 1
+
+
 async def test_a_breach_is_counted_with_its_claim(start_gateway: Any) -> None:
     clock = FixedClock()
     gw, reader = await driven(start_gateway, clock)
@@ -116,6 +187,26 @@ async def test_a_breach_is_counted_with_its_claim(start_gateway: Any) -> None:
     assert await gw.queue.stamp(ids[0], "responded", clock.now_us(), "test")
     late = await counts(gw, at)
     assert (late.get("breached"), late.get("late")) == (1, 1)
+
+
+async def test_a_close_whose_step_fails_is_written_once_and_logged(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Data the step does not expect (a malformed ``agg`` field): the close is written once
+    all the same, its deadline cleared, and the gateway says so."""
+    gw, _ = await driven(start_gateway)
+    at = SYSTEM_CLOCK.now_us()
+    cid = (await gw.intake.submit(sms(0, at))).contact_id
+    await gw.redis.hset(gw.keys.contact(cid), "agg", "bogus")
+    event = Event(cid, "closed", at + MICROS_PER_SECOND, "test")
+    with caplog.at_level(logging.WARNING):
+        await gw.queue.emit(event)
+        await gw.queue.emit(event)  # the same event again (a spooled copy): written once
+    assert any(f"emit: closed of contact {cid} written, its wallboard step failed"
+               in r.getMessage() for r in caplog.records)
+    closes = [f for _, f in await gw.redis.xrange(gw.keys.events) if f[b"type"] == b"closed"]
+    assert len(closes) == 1 and closes[0][b"counted"] == b"1"
+    assert await gw.redis.zscore(gw.keys.deadlines, cid) is None
 
 
 async def test_older_writers_and_readers_beside_the_counted_events(start_gateway: Any) -> None:
