@@ -769,9 +769,9 @@ class RedisQueue:
         clears = "1" if event.type in ("abandoned", "closed") else "0"
         args: list[Any] = [event.contact_id, event.type, event.to_json(), clears]
         if event.type in MOVES:
-            fields = await self.redis.hmget(
-                hash_key, ["received_us", "due_us", "kind", "channel"]
-            )
+            (fields,) = raise_errors(await self.execute(
+                [["HMGET", hash_key, "received_us", "due_us", "kind", "channel"]]
+            ))
             if fields[0] is not None and fields[1] is not None and fields[3] is not None:
                 args.append("1")  # the facts are known: the step given here, or none
                 step = step_of(
@@ -806,9 +806,9 @@ class RedisQueue:
     ) -> Event | None:
         """Record a deadline event once per contact and type (see ``EventSink.stamp``), with
         its dashboard step when it has one (``stamp.lua``: the event marked ``counted``)."""
-        fields = await self.redis.hmget(
-            self.keys.contact(contact_id), ["received_us", "due_us", "kind", "channel"]
-        )
+        (fields,) = raise_errors(await self.execute(
+            [["HMGET", self.keys.contact(contact_id), "received_us", "due_us", "kind", "channel"]]
+        ))
         if fields[0] is None:
             return None
         received, due, kind = int(fields[0]), int(fields[1]), fields[2].decode()
