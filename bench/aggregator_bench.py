@@ -34,6 +34,7 @@ its round trips (the CPU figures include the spinning and mean nothing then).
 
     .venv/bin/python -m bench.aggregator_bench --busy 20 --before DIR --rounds 1
     .venv/bin/python -m bench.aggregator_bench --busy 20 --outcomes --before DIR --rounds 1
+    .venv/bin/python -m bench.aggregator_bench --busy 20 --outcomes closed --before DIR
 
 ``--outcomes``: then every contact is answered (a ``responded`` event each, stamped as a case
 system's reply is: ``RedisQueue.stamp``, 64 at a time), and the reader's pass over those events
@@ -41,6 +42,9 @@ is timed the same way. Printed besides: what the stamps cost Valkey (commands an
 and the gateway (CPU a stamp). Since the thirteenth session a stamp takes its event's
 wallboard step itself and the reader skips the event; an older tree's reader steps them, 50
 to a part, each part reading its contacts first: compare the two trees' sums.
+``--outcomes closed`` closes every contact instead, as a case system's close through the API
+does (``RedisQueue.emit``, a ``closed`` event each): since the fourteenth session ``emit.lua``
+takes the step, its caller reading the contact's facts first.
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
@@ -151,7 +155,7 @@ async def bench_gateway(
 
 async def _measure(
     redis_url: str, contacts: int, label: str, senders: int = 0, batch: int = 0,
-    busy_ms: float = 0.0, outcomes: bool = False, most: int = 0,
+    busy_ms: float = 0.0, outcomes: str = "", most: int = 0,
 ) -> None:
     async with bench_gateway(
         redis_url, "agg", "+86138", senders=senders or 100_000_000
@@ -184,13 +188,17 @@ async def _measure(
         while await aggregator.poll():
             pass
         profile.disable()
-        if outcomes:  # each contact answered: an outcome event each
+        if outcomes:  # each contact answered (or closed): an outcome event each
+            from gateway.records import Event
+
             at = gateway.clock.now_us()
             before_stamps = await _server_figures(redis)
             stamp_cpu = time.process_time()
             for i in range(0, len(ids), 64):
                 await asyncio.gather(*(
-                    gateway.queue.stamp(c, "responded", at, "bench") for c in ids[i : i + 64]
+                    gateway.queue.emit(Event(c, "closed", at, "bench"))
+                    if outcomes == "closed" else gateway.queue.stamp(c, outcomes, at, "bench")
+                    for c in ids[i : i + 64]
                 ))
             stamp_cpu = time.process_time() - stamp_cpu
             stamped = await _server_figures(redis)
@@ -230,12 +238,12 @@ async def _measure(
         s_cmds, s_cpu, s_top, s_us = _delta(before_stamps, stamped, len(ids))
         r_cmds, r_cpu, r_top, _ = _delta(stamped, read_all, len(ids))
         print(
-            f"  stamps:     Valkey {s_cmds:5.1f} commands/stamp, {s_cpu:6.1f} us CPU/stamp"
-            f"  ({s_top}); gateway {stamp_cpu * 1e6 / len(ids):.1f} us CPU/stamp\n"
-            f"              us in commands/stamp: {s_us}\n"
+            f"  writes:     Valkey {s_cmds:5.1f} commands/event, {s_cpu:6.1f} us CPU/event"
+            f"  ({s_top}); gateway {stamp_cpu * 1e6 / len(ids):.1f} us CPU/event\n"
+            f"              us in commands/event: {s_us}\n"
             f"  outcomes:   Valkey {r_cmds:5.1f} commands/event, {r_cpu:6.1f} us CPU/event"
             f"  ({r_top}) in the reader's pass\n"
-            f"  outcomes:   {len(ids)} 'responded' events: wall {wall * 1e6 / len(ids):.1f}"
+            f"  outcomes:   {len(ids)} {outcomes!r} events: wall {wall * 1e6 / len(ids):.1f}"
             f" us/event, per full batch ({sizes}): median {wall_ms:.1f} ms"
             f" (CPU {batch_ms:.1f} ms)",
             flush=True,
@@ -334,7 +342,7 @@ async def _tail(redis_url: str, rate: float, seconds: float, rounds: int) -> Non
 
 def _child(
     src: str, redis_url: str, contacts: int, senders: int, batch: int, busy_ms: float,
-    outcomes: bool, most: int,
+    outcomes: str, most: int,
 ) -> None:
     child_path(src)
     import uvloop
@@ -374,8 +382,9 @@ def main() -> None:
         help="spin MS ms in every turn of the loop while the aggregator reads (a loaded worker)",
     )
     parser.add_argument(
-        "--outcomes", action="store_true",
-        help="then a 'responded' event a contact, read and stepped (wall time a batch)",
+        "--outcomes", nargs="?", const="responded", default="", choices=("responded", "closed"),
+        help="then an outcome event a contact, a reply stamped (responded, the default) or a "
+             "close (closed), read and stepped (wall time a batch)",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -400,7 +409,7 @@ def main() -> None:
             "bench.aggregator_bench",
             ["--contacts", str(args.contacts), "--senders", str(args.senders),
              "--batch", str(args.batch), "--most", str(args.most), "--busy", str(args.busy),
-             *(["--outcomes"] if args.outcomes else [])],
+             *(["--outcomes", args.outcomes] if args.outcomes else [])],
             args.before, "bench-agg-",
         )
 

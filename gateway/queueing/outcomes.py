@@ -10,8 +10,8 @@ the event (``stamp.lua`` for a stamped event, ``claim.lua`` for the watcher's br
 the event ``counted``: they have read the contact's facts already; ``emit.lua`` (a close
 through the API, any other outcome event appended as it is) does the same, its caller reading
 the facts first. The dashboard's reader (``gateway/cases/dashboard/aggregates.py``) takes the
-step for an event without the mark (an older writer's), after reading the facts. A step taken twice changes
-nothing (the contact hash remembers the outcome), so either may come first.
+step for an event without the mark (an older writer's), after reading the facts. A step taken
+twice changes nothing (the contact hash remembers the outcome), so either may come first.
 """
 
 from __future__ import annotations
