@@ -340,8 +340,8 @@ OLD_CLAIM = (Path(__file__).parents[1] / "queueing" / "data" / "claim_d9e5dfd.lu
 
 
 class OldWriter:
-    """The previous version's ``stamp.lua`` and the watcher's ``claim.lua`` (d9e5dfd's): the
-    same events, no step taken, no mark."""
+    """The previous versions' ``stamp.lua`` and the watcher's ``claim.lua`` (d9e5dfd's) and
+    ``emit.lua`` (9c2fbfa's): the same events, no step taken, no mark."""
 
     def __init__(self, gw: Any) -> None:
         self.gw = gw
@@ -349,6 +349,14 @@ class OldWriter:
     async def load(self) -> None:
         self.stamp_sha = await self.gw.redis.script_load(OLD_STAMP)
         self.claim_sha = await self.gw.redis.script_load(OLD_CLAIM)
+        self.emit_sha = await self.gw.redis.script_load(OLD_EMIT)
+
+    async def close(self, cid: str, at: int) -> None:
+        k = self.gw.keys
+        assert await self.gw.redis.evalsha(
+            self.emit_sha, 4, k.events, k.contact(cid), k.deadlines, k.warnings,
+            cid, "closed", Event(cid, "closed", at, "api").to_json(), "1",
+        )
 
     async def stamp(self, cid: str, type_: str, at: int) -> None:
         k = self.gw.keys
@@ -381,10 +389,10 @@ class OldWriter:
 
 
 async def test_the_writers_steps_count_as_the_readers_did(start_gateway: Any) -> None:
-    """One history through this version's writers (stamp.lua, claim.lua: steps taken at the
-    write) and through the previous version's writers and an older aggregator (01aed18's: its
-    own Python builds every step): every counter, bin and set of the wallboard comes out the
-    same."""
+    """One history through this version's writers (stamp.lua, claim.lua, emit.lua: steps
+    taken at the write) and through the previous versions' writers and an older aggregator
+    (01aed18's: its own Python builds every step): every counter, bin and set of the
+    wallboard comes out the same."""
     clock = FixedClock()
     sections: dict[str, Any] = {
         "api": API, "watcher": QUIET,
@@ -405,17 +413,22 @@ async def test_the_writers_steps_count_as_the_readers_did(start_gateway: Any) ->
     await new.cases.aggregator.ensure_group()
     await old_reader.ensure_group()
     for name, gw in (("new", new), ("old", old)):
-        ids[name] = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(4)] + [
-            (await gw.intake.submit(Inbound(
+        def call(n: int) -> Inbound:
+            return Inbound(
                 channel="voice", adapter="test", external_id=f"v{n}",
                 sender=Sender(f"+8613800{n:06d}"), recipient="12345", received_at=at,
-            ))).contact_id for n in range(4)
-        ]
-    # (contact, type, seconds after arrival): sms 0-3, calls 4-7
+            )
+
+        ids[name] = [(await gw.intake.submit(sms(n, at))).contact_id for n in range(4)] + [
+            (await gw.intake.submit(call(n))).contact_id for n in range(4)
+        ] + [(await gw.intake.submit(sms(4, at))).contact_id,
+             (await gw.intake.submit(call(4))).contact_id]
+    # (contact, type, seconds after arrival): sms 0-3 and 8, calls 4-7 and 9
     history: list[tuple[int | None, str, int]] = [
-        (4, "answered", 3), (5, "abandoned", 2), (6, "abandoned", 8), (7, "answered", 20),
-        (7, "responded", 25), (0, "responded", 60), (2, "closed", 90),
-        (None, "breached", 190), (1, "responded", 200), (2, "responded", 230),
+        (4, "answered", 3), (5, "abandoned", 2), (6, "abandoned", 8), (9, "closed", 6),
+        (7, "answered", 20), (7, "responded", 25), (8, "closed", 40), (0, "responded", 60),
+        (2, "closed", 90), (None, "breached", 190), (1, "responded", 200),
+        (2, "responded", 230),
     ]
     for n, type_, after in history:
         when = at + after * s
@@ -423,9 +436,9 @@ async def test_the_writers_steps_count_as_the_readers_did(start_gateway: Any) ->
             clock.advance((when - clock.now_us()) / s)
             assert await own_watcher(new, clock).tick() == 2
             assert await writer.breach(clock.now_us()) == 2
-        elif type_ == "closed":  # emit.lua's, in both: stepped by the reader
-            for name, gw in (("new", new), ("old", old)):
-                await gw.queue.emit(Event(ids[name][n], "closed", when, "api"))
+        elif type_ == "closed":  # through the API: emit.lua's, stepped by the old reader
+            await new.queue.emit(Event(ids["new"][n], "closed", when, "api"))
+            await writer.close(ids["old"][n], when)
         else:
             assert await new.queue.stamp(ids["new"][n], type_, when, "test") is not None
             await writer.stamp(ids["old"][n], type_, when)
@@ -457,6 +470,10 @@ async def test_the_writers_steps_count_as_the_readers_did(start_gateway: Any) ->
             window["sms"].get("breached")) == (1, 2, 1)
     assert (window["voice"].get("within"), window["voice"].get("late"),
             window["voice"].get("short"), window["voice"].get("abandoned")) == (1, 1, 1, 1)
+    # closed in time and nothing after: the sms and the call (whose wait it ended)
+    assert (window["sms"].get("closed"), window["voice"].get("closed")) == (1, 1)
+    assert mine[5][8] == mine[5][9] == b"closed:1"
+    assert mine[3] == []  # no call waits
 
 
 async def test_a_key_of_another_type_costs_the_stamps_other_writes_nothing(
