@@ -349,6 +349,29 @@ async def test_behind_a_backlog_each_read_asks_for_twice_the_last_full_one(
         assert {k: v.volume for k, v in counts.items()} == {"sms": 1051}
 
 
+async def test_a_reader_whose_move_is_refused_reads_its_batch_again(start_gateway: Any) -> None:
+    """A reader behind (its reads grown) whose move another reader refused takes the cursor
+    again, and with it reads of ``batch``: it is not behind where it now reads from."""
+    gw = await start_gateway(api=API, watcher=QUIET)
+    await gw.cases.aggregator.stop()
+    one = gw.cases.aggregator
+    one.batch, one.most = 2, 8
+    two = Aggregator(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "two", surge=gw.cases.surge,
+                     batch=2, most=2)
+    await one.ensure_group()
+    await two.ensure_group()
+    base = SYSTEM_CLOCK.now_us()
+    for n in range(10):
+        await gw.intake.submit(_inbound(f"m{n}", base + n, n))
+    assert await one.poll() == 2 and one._count == 4 and one._behind  # read 3-6 with its move
+    assert await two.poll() == 2  # 1 and 2 again: refused, the cursor taken from Redis
+    assert await two.poll() == 2  # 3 and 4: moved
+    assert await one.poll() == 4  # 3-6 as read ahead: refused
+    assert (one._count, one._behind, one._ahead) == (0, False, None)
+    assert await one.catch_up() == 6  # 5-6, then 7-10: every contact counted once
+    assert await surge_total(gw) == 10
+
+
 async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
     start_gateway: Any,
 ) -> None:
