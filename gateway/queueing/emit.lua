@@ -1,5 +1,6 @@
 -- Append an event; index it in the contact's hash; 'abandoned' and 'closed' settle the deadline;
--- and take the event's wallboard step (aggstep.lua, put before this text) when one is given.
+-- and take the event's wallboard step when one is given (then aggstep.lua is put before this
+-- text: store.py's 'emit_step'; without a step the plain text runs, the step's code not loaded).
 -- The same event written twice (a timed-out write that had landed, then its spooled copy
 -- replayed) is written once: the hash remembers a digest of each event it indexed.
 -- KEYS: 1 events stream, 2 contact hash, 3 deadlines zset, 4 warnings zset, then optionally
