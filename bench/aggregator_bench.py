@@ -38,13 +38,14 @@ its round trips (the CPU figures include the spinning and mean nothing then).
 
 ``--outcomes``: then every contact is answered (a ``responded`` event each, stamped as a case
 system's reply is: ``RedisQueue.stamp``, 64 at a time), and the reader's pass over those events
-is timed the same way. Printed besides: what the stamps cost Valkey (commands and CPU a stamp)
-and the gateway (CPU a stamp). Since the thirteenth session a stamp takes its event's
+is timed the same way. Printed besides: what the writes cost Valkey (commands and CPU an
+event) and the gateway (CPU an event). Since the thirteenth session a stamp takes its event's
 wallboard step itself and the reader skips the event; an older tree's reader steps them, 50
 to a part, each part reading its contacts first: compare the two trees' sums.
-``--outcomes closed`` closes every contact instead, as a case system's close through the API
-does (``RedisQueue.emit``, a ``closed`` event each): since the fourteenth session ``emit.lua``
-takes the step, its caller reading the contact's facts first.
+``--outcomes closed`` closes every contact instead, with the write a close through the API
+ends with (``RedisQueue.emit``, a ``closed`` event each; the route's own reads of the contact
+and its ``stamp:closed`` mark are not in it): since the fourteenth session ``emit.lua`` takes
+the step, ``emit`` reading the contact's facts first.
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue

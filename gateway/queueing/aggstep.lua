@@ -1,6 +1,6 @@
 -- The dashboard's outcome step (gateway/queueing/outcomes.py, docs/wallboard.md), shared: this
--- text is put before aggregate.lua, stamp.lua, emit.lua and claim.lua when they are loaded
--- (store.py).
+-- text is put before aggregate.lua, stamp.lua and claim.lua when they are loaded, and before
+-- emit.lua for an event that takes a step (store.py's 'emit_step').
 -- agg_step(k, a) takes one step whose 6 keys start after KEYS[k] and 13 arguments after
 -- ARGV[a]; agg_flush(safe) then writes the counter moves and set changes of every step taken
 -- since the last flush, at the call's end. agg_step returns the step's flag: 1 when it asked

@@ -79,9 +79,9 @@ def _script(name: str) -> str:
 
 
 STEPPING = frozenset({"aggregate", "stamp", "claim"})
-"""The scripts that take the dashboard's outcome steps: ``aggstep.lua`` is put before each (so
-their error messages' line numbers count its lines first, and none of them can open with a
-``#!lua`` flags line)."""
+"""The scripts that take the dashboard's outcome steps: ``aggstep.lua`` is put before each, and
+before ``emit.lua`` as ``emit_step`` (so their error messages' line numbers count its lines
+first, and none of them can open with a ``#!lua`` flags line)."""
 SCRIPTS = {
     name: (_script("aggstep.lua") if name in STEPPING else "") + _script(f"{name}.lua")
     for name in (

@@ -61,7 +61,7 @@ same round trip, and ``poll`` takes that reply instead of reading (a refused mov
 under a backlog a batch of counted ``enqueued`` events costs one round trip, not two (as a
 rule: a repeat surge to write, or the group's entries-read counter to find, adds one), and
 since each read asks for twice the last full one, such a round trip carries up to 1,000
-events (the reader caught up 2.0-2.4 times as fast with the loop spun 20 ms a turn). A part
+events (the reader caught up 1.9-2.4 times as fast with the loop spun 20 ms a turn). A part
 of outcome events reads its contacts (``HMGET``) in the round trip of the previous part's
 steps (``apply_then``): one round trip a part, not two.
 
@@ -324,7 +324,8 @@ class Aggregator:
         self._count = 0
         """The next read's ``COUNT`` (0: ``batch``)."""
         self._behind = False
-        """The last read was full: read again at once, without the pause."""
+        """The last read was full (and its move went through): read again at once, without
+        the pause."""
         self.pause_s = 0.25
         """After a batch that was not full, wait this long before reading again (the figures
         lag by as much; a wallboard snapshot is a second old anyway)."""
