@@ -389,10 +389,14 @@ class RedisQueue:
         """``start_batch``'s second tries under way (held: a task nobody holds may vanish)."""
         self._side = Lane()
         """The connection of ``execute``'s plain commands (the dashboard's aggregator, the
-        surge counters, the watcher's lookups), opened by the first: their replies parsed in
-        one callback as the intake batches' are, not one redis-py coroutine chain a reply
-        (the surge marks of an older version's contacts, ``HDEL`` a contact). Apart from the
-        intake link, so that a failure there never fails an intake batch."""
+        surge counters, the watcher's lookups, the stamps' and closes' reads of a contact's
+        facts), opened by the first: their replies parsed in one callback as the intake
+        batches' are, not one redis-py coroutine chain a reply (the surge marks of an older
+        version's contacts, ``HDEL`` a contact). Apart from the intake link, so that a failure
+        there never fails an intake batch. A command on it is not retried when the
+        connection drops (redis-py's own commands are): its caller has the error, as a
+        script's caller does (a stamp or a close is spooled by Intake, or answered 503 by
+        the API)."""
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), the
