@@ -7,17 +7,25 @@
 --       the event's wallboard step: its 6 keys (the first the contact hash again)
 -- ARGV: 1 contact id, 2 event type, 3 event JSON, 4 clears (1/0), 5 counted (1: the writer
 --       knew the contact's facts, so its step is the one given here, or none; else, or
---       absent, the dashboard's reader steps the event), then the step's 13 arguments if given
+--       absent, the dashboard's reader steps the event), 6 once (the event's time: written
+--       once per contact and type, as a stamp, into field 'stamp:<type>', and only while the
+--       contact is retained; '' or absent: as any event), then the step's 13 arguments if
+--       given
 -- One read says whether the contact is retained (its edge stamp) and whether it has the event
--- already; the event is appended first, then its digest and index entry are written by one
--- HSET (the call is atomic), so a call that fails at its XADD leaves no digest behind. The
--- step comes last; one that fails is logged (agg_safely) and the event stays written: the call
--- returns {entry id, 0} instead of the entry id. An event marked 'counted' is skipped by the
--- dashboard's reader.
+-- (or, once, its type) already; the event is appended first, then its digest, index entry and
+-- stamp are written by one HSET (the call is atomic), so a call that fails at its XADD leaves
+-- no digest behind. The step comes last; one that fails is logged (agg_safely) and the event
+-- stays written: the call returns {entry id, 0} instead of the entry id. An event marked
+-- 'counted' is skipped by the dashboard's reader. Returns false when nothing was written.
 local digest = 'emitted:' .. redis.sha1hex(ARGV[3])
-local seen = redis.call('HMGET', KEYS[2], 'received_us', digest)
+local stamp = digest
+local once = ARGV[6] ~= nil and ARGV[6] ~= ''
+if once then
+  stamp = 'stamp:' .. ARGV[2]
+end
+local seen = redis.call('HMGET', KEYS[2], 'received_us', digest, stamp)
 local known = seen[1] ~= false
-if known and seen[2] then
+if (known and (seen[2] or seen[3])) or (once and not known) then
   return false
 end
 local event
@@ -28,14 +36,16 @@ else
   event = redis.call('XADD', KEYS[1], '*',
     'event', ARGV[3], 'contact_id', ARGV[1], 'type', ARGV[2])
 end
-if known then
+if once then
+  redis.call('HSET', KEYS[2], digest, 1, 'event:' .. event, ARGV[3], stamp, ARGV[6])
+elseif known then
   redis.call('HSET', KEYS[2], digest, 1, 'event:' .. event, ARGV[3])
 end
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
 end
-if known and #KEYS == 10 and not (agg_safely(agg_step, 4, 5) and agg_flush(true)) then
+if known and #KEYS == 10 and not (agg_safely(agg_step, 4, 6) and agg_flush(true)) then
   return {event, 0}  -- written, its step failed (logged)
 end
 return event

@@ -767,37 +767,43 @@ class RedisQueue:
         self._link.close()
         self._side.close()
 
-    async def emit(self, event: Event) -> None:
-        """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline.
-        An event that may move the contact's outcome (``MOVES``: a close through the API, as
-        a rule) has its wallboard step taken by ``emit.lua`` in the same call, the contact's
-        facts read first (one round trip more), and is marked ``counted``, as ``stamp``'s."""
+    async def emit(self, event: Event, *, once: bool = False) -> bool:
+        """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline;
+        False when nothing was written (the same event written already). An event that may
+        move the contact's outcome (``MOVES``: a close through the API, as a rule) has its
+        wallboard step taken by ``emit.lua`` in the same call, the contact's facts read first
+        (one round trip more), and is marked ``counted``, as ``stamp``'s. ``once``: written
+        once per contact and type, as a stamp (field ``stamp:<type>``, the event's time), and
+        only while the contact is retained: the API's close."""
         hash_key = self.keys.contact(event.contact_id)
         keys = [self.keys.events, hash_key, self.keys.deadlines, self.keys.warnings]
         clears = "1" if event.type in ("abandoned", "closed") else "0"
         args: list[Any] = [event.contact_id, event.type, event.to_json(), clears]
         script = "emit"
+        counted, step = "0", None
         if event.type in MOVES:
             (fields,) = raise_errors(await self.execute(
                 [["HMGET", hash_key, "received_us", "due_us", "kind", "channel"]]
             ))
             if fields[0] is not None and fields[1] is not None and fields[3] is not None:
-                args.append("1")  # the facts are known: the step given here, or none
+                counted = "1"  # the facts are known: the step given here, or none
                 step = step_of(
                     self.keys, self.short_abandon_ms, event.contact_id, event.type, event.at,
                     event.met, event.elapsed_ms, received=int(fields[0]), due=int(fields[1]),
                     kind=fields[2].decode() if fields[2] is not None else "response",
                     channel=fields[3].decode(),
                 )
-                if step is not None:
-                    keys += step.keys
-                    args += step.args
-                    script = "emit_step"
+        args += [counted, event.at if once else ""]
+        if step is not None:
+            keys += step.keys
+            args += step.args
+            script = "emit_step"
         done = await self._evalsha(script, keys, args)
         if type(done) is list:  # written; its wallboard step failed (Valkey's log says why)
             log.warning("emit: %s of contact %s written, its wallboard step failed (see the "
                         "Redis server's log)", event.type, event.contact_id,
                         extra={"contact_id": event.contact_id, "event": event.type})
+        return done is not None
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script once; an error reply raises."""

@@ -204,6 +204,37 @@ async def test_closed_settles_the_deadline(client: Client, api_gateway: Gateway)
     assert len(closed) == 1
 
 
+async def test_concurrent_closes_write_one_event(client: Client, api_gateway: Gateway) -> None:
+    """Case systems closing the same contact at once: one close is written (201), the others
+    answered ``recorded: false``; the check and the mark are in the call that writes it."""
+    cid = await submit(client, "close me")
+    answers = await asyncio.gather(*(client.call(
+        "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
+        token="replier", json_body={"type": "closed"},
+    ) for _ in range(8)))
+    assert sorted(status for status, _ in answers) == [200] * 7 + [201]
+    closed = [e for e in await api_gateway.read_events() if e.type == "closed"]
+    assert len(closed) == 1
+
+
+async def test_a_close_of_a_contact_gone_meanwhile_writes_nothing(api_gateway: Gateway) -> None:
+    """The contact's hash expired between the route's read of it and the close: nothing is
+    written, and the hash is not made again (it would have no expiry)."""
+    from gateway.contact.clock import SYSTEM_CLOCK
+    from gateway.records import Event, Inbound, Sender
+
+    receipt = await api_gateway.intake.submit(Inbound(
+        channel="web", adapter="test", external_id="gone", sender=Sender("a@example.org"),
+        recipient="12345", received_at=SYSTEM_CLOCK.now_us(), text="x",
+    ))
+    key = api_gateway.keys.contact(receipt.contact_id)
+    await api_gateway.redis.delete(key)
+    event = Event(receipt.contact_id, "closed", SYSTEM_CLOCK.now_us(), "test")
+    assert await api_gateway.queue.emit(event, once=True) is False
+    assert not await api_gateway.redis.exists(key)
+    assert [e for e in await api_gateway.read_events() if e.type == "closed"] == []
+
+
 async def test_unknown_contact_is_404(client: Client) -> None:
     for method, path, template, token, body in [
         ("GET", "/v1/contacts/0190-nope", "/v1/contacts/{contact_id}", "reader", None),

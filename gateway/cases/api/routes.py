@@ -454,15 +454,12 @@ class ConsumerApi:
         await self._contact_json(contact_id)
         source = source_of(key)
         if type_ == "closed":
-            # once per contact, like the stamps; marked after the write, so a failed write
-            # can be retried (two concurrent closes may both be written)
-            hash_key = self.queue.keys.contact(contact_id)
-            if await self.redis.hexists(hash_key, "stamp:closed"):
-                return json_body({"recorded": False, "event": None})
+            # once per contact, like the stamps: emit.lua checks and sets ``stamp:closed`` in
+            # the call that writes it (a failed write leaves no mark: it can be retried)
             event: Event | None = Event(contact_id, "closed", at, source, detail=detail)
             assert event is not None
-            await self.queue.emit(event)
-            await self.redis.hset(hash_key, "stamp:closed", at)
+            if not await self.queue.emit(event, once=True):
+                event = None
         else:
             event = await self.queue.stamp(contact_id, type_, at, source, detail)
         if event is None:
