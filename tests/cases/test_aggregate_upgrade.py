@@ -349,20 +349,30 @@ async def test_behind_a_backlog_each_read_asks_for_twice_the_last_full_one(
         assert {k: v.volume for k, v in counts.items()} == {"sms": 1051}
 
 
-async def test_a_reader_whose_move_is_refused_reads_its_batch_again(start_gateway: Any) -> None:
-    """A reader behind (its reads grown) whose move another reader refused takes the cursor
-    again, and with it reads of ``batch``: it is not behind where it now reads from."""
+async def _two_readers(
+    start_gateway: Any, contacts: int, most: int
+) -> tuple[Any, Aggregator, Aggregator, int]:
+    """A gateway with ``contacts`` unread contacts and two readers of 2 events a read (the
+    gateway's own, stopped, its reads growing up to ``most``; and another, ``two``, whose
+    reads do not grow), as during a lease's hand-over; and the contacts' base arrival."""
     gw = await start_gateway(api=API, watcher=QUIET)
     await gw.cases.aggregator.stop()
     one = gw.cases.aggregator
-    one.batch, one.most = 2, 8
+    one.batch, one.most = 2, most
     two = Aggregator(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "two", surge=gw.cases.surge,
                      batch=2, most=2)
     await one.ensure_group()
     await two.ensure_group()
     base = SYSTEM_CLOCK.now_us()
-    for n in range(10):
-        await gw.intake.submit(_inbound(f"m{n}", base + n, n))
+    for n in range(contacts):
+        await gw.intake.submit(_inbound(f"h{n}", base + n, n))
+    return gw, one, two, base
+
+
+async def test_a_reader_whose_move_is_refused_reads_its_batch_again(start_gateway: Any) -> None:
+    """A reader behind (its reads grown) whose move another reader refused takes the cursor
+    again, and with it reads of ``batch``: it is not behind where it now reads from."""
+    gw, one, two, _ = await _two_readers(start_gateway, 10, most=8)
     assert await one.poll() == 2 and one._count == 4 and one._behind  # read 3-6 with its move
     assert await two.poll() == 2  # 1 and 2 again: refused, the cursor taken from Redis
     assert await two.poll() == 2  # 3 and 4: moved
@@ -379,17 +389,7 @@ async def test_a_batch_read_ahead_by_a_reader_whose_cursor_moved_counts_once(
     reading the next batch with its move: a batch read ahead from a cursor another reader has
     moved since is refused like any other, and each contact counts once. (``_ahead`` is looked
     at to be sure the steps go through a read-ahead, which changes no count.)"""
-    gw = await start_gateway(api=API, watcher=QUIET)
-    await gw.cases.aggregator.stop()
-    one = gw.cases.aggregator
-    one.batch = one.most = 2
-    two = Aggregator(gw.queue, SYSTEM_CLOCK, gw.settings.sla, "two", surge=gw.cases.surge,
-                     batch=2, most=2)
-    await one.ensure_group()
-    await two.ensure_group()
-    base = SYSTEM_CLOCK.now_us()
-    for n in range(5):
-        await gw.intake.submit(_inbound(f"h{n}", base + n, n))
+    gw, one, two, base = await _two_readers(start_gateway, 5, most=2)
     assert await one.poll() == 2  # moved; read 3 and 4 with its move
     assert one._ahead is not None
     assert await two.poll() == 2  # 1 and 2 again: refused, the cursor taken from Redis
