@@ -43,9 +43,11 @@ event) and the gateway (CPU an event). Since the thirteenth session a stamp take
 wallboard step itself and the reader skips the event; an older tree's reader steps them, 50
 to a part, each part reading its contacts first: compare the two trees' sums.
 ``--outcomes closed`` closes every contact instead, with the write a close through the API
-ends with (``RedisQueue.emit``, a ``closed`` event each; the route's own reads of the contact
-and its ``stamp:closed`` mark are not in it): since the fourteenth session ``emit.lua`` takes
-the step, ``emit`` reading the contact's facts first.
+ends with (``RedisQueue.emit``, a ``closed`` event each, ``once`` where the tree has it: its
+``stamp:closed`` mark checked and set in the call; an older tree's route read and set the
+mark in round trips of their own, not in this write; the route's read of the contact is not
+in it either): since the fourteenth session ``emit.lua`` takes the step, ``emit`` reading the
+contact's facts first.
 
 ``--tail RATE`` instead drives a gateway over HTTP at a paced RATE (``bench/intake_bench.py``'s
 load) in phases with the aggregator's loop on and off in turns, and prints the edge-to-enqueue
@@ -64,6 +66,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import inspect
 import os
 import pstats
 import tempfile
@@ -193,11 +196,14 @@ async def _measure(
             from gateway.records import Event
 
             at = gateway.clock.now_us()
+            # the route's close: once (checked and marked in emit.lua) where the tree has it
+            once = {"once": True} if "once" in inspect.signature(gateway.queue.emit).parameters \
+                else {}
             before_stamps = await _server_figures(redis)
             stamp_cpu = time.process_time()
             for i in range(0, len(ids), 64):
                 await asyncio.gather(*(
-                    gateway.queue.emit(Event(c, "closed", at, "bench"))
+                    gateway.queue.emit(Event(c, "closed", at, "bench"), **once)
                     if outcomes == "closed" else gateway.queue.stamp(c, outcomes, at, "bench")
                     for c in ids[i : i + 64]
                 ))

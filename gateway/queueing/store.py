@@ -769,12 +769,15 @@ class RedisQueue:
 
     async def emit(self, event: Event, *, once: bool = False) -> bool:
         """Append an event; ``abandoned`` and ``closed`` also settle the contact's deadline;
-        False when nothing was written (the same event written already). An event that may
-        move the contact's outcome (``MOVES``: a close through the API, as a rule) has its
-        wallboard step taken by ``emit.lua`` in the same call, the contact's facts read first
-        (one round trip more), and is marked ``counted``, as ``stamp``'s. ``once``: written
-        once per contact and type, as a stamp (field ``stamp:<type>``, the event's time), and
-        only while the contact is retained: the API's close."""
+        False when nothing was written (the same event written already; with ``once``, also
+        an event of its type, or a contact no longer retained). An event that may move the
+        contact's outcome (``MOVES``: a close through the API, as a rule) has its wallboard
+        step taken by ``emit.lua`` in the same call, the contact's facts read first (one
+        round trip more), and is marked ``counted``, as ``stamp``'s. ``once``: written once
+        per contact and type, as a stamp (field ``stamp:<type>``, the event's time), and only
+        while the contact is retained: for the API's close only (the deadline events
+        ``stamp`` writes carry what ``stamp.lua`` needs: their mark must come from it)."""
+        assert not once or event.type == "closed"
         hash_key = self.keys.contact(event.contact_id)
         keys = [self.keys.events, hash_key, self.keys.deadlines, self.keys.warnings]
         clears = "1" if event.type in ("abandoned", "closed") else "0"

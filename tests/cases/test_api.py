@@ -210,11 +210,28 @@ async def test_concurrent_closes_write_one_event(client: Client, api_gateway: Ga
     cid = await submit(client, "close me")
     answers = await asyncio.gather(*(client.call(
         "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
-        token="replier", json_body={"type": "closed"},
-    ) for _ in range(8)))
+        token="replier", json_body={"type": "closed", "detail": {"n": n}},
+    ) for n in range(8)))  # eight different events: not the digest's once
     assert sorted(status for status, _ in answers) == [200] * 7 + [201]
     closed = [e for e in await api_gateway.read_events() if e.type == "closed"]
     assert len(closed) == 1
+    mark = await api_gateway.redis.hget(api_gateway.keys.contact(cid), "stamp:closed")
+    assert mark is not None and int(mark) == closed[0].at
+
+
+async def test_a_contact_an_older_instance_closed_is_closed(
+    client: Client, api_gateway: Gateway
+) -> None:
+    """A rolling upgrade: the older route's mark (``HSET stamp:closed`` after its write)
+    refuses this version's close."""
+    cid = await submit(client, "closed elsewhere")
+    await api_gateway.redis.hset(api_gateway.keys.contact(cid), "stamp:closed", 1)
+    status, body = await client.call(
+        "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
+        token="replier", json_body={"type": "closed"},
+    )
+    assert (status, body) == (200, {"recorded": False, "event": None})
+    assert [e for e in await api_gateway.read_events() if e.type == "closed"] == []
 
 
 async def test_a_close_of_a_contact_gone_meanwhile_writes_nothing(api_gateway: Gateway) -> None:
