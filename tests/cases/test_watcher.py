@@ -306,3 +306,44 @@ async def test_a_claim_indexes_its_events_in_the_hashes_still_retained_alone(
     written = [f[b"contact_id"] for _, f in await gw.redis.xrange(gw.keys.events)
                if f[b"type"] == b"warning"]
     assert written == [cid.encode() for cid in ids]
+
+
+async def test_a_tick_that_finds_nothing_due_is_one_round_trip(
+    start_gateway: Any, redis_server: Any
+) -> None:
+    """An idle watcher looks four times a second: its look at both sets, and the earliest
+    scores it sleeps until, go in one round trip (three, through redis-py, before); with
+    something due, the sleep is read again after the claims."""
+    from gateway.contact.clock import SYSTEM_CLOCK
+    from gateway.queueing.store import RedisQueue, connect
+    from tests.cases.test_aggregate_upgrade import RoundTrips
+    from tests.cases.test_intake_counts import QUIET
+
+    gw = await start_gateway(api=API, sla={"sms_response": "3m"}, watcher=QUIET)
+    relay = RoundTrips(redis_server)
+    client = connect(gw.settings.redis, await relay.start())
+    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="relayed", dedupe_window_s=60,
+                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
+    try:
+        clock = FixedClock()
+        watcher = DeadlineWatcher(queue, clock, gw.metrics, WatcherSection())
+        await queue.execute([["PING"]])  # the plain commands' connection open
+        relay.trips = 0
+        assert await watcher.tick() == 0 and await watcher._until_next() == 0.25
+        assert relay.trips == 1
+        await gw.intake.submit(Inbound(
+            channel="sms", adapter="test", external_id="w1", sender=Sender("+8613900000001"),
+            recipient="12345", received_at=clock.now_us(), text="路灯坏了",
+        ))
+        relay.trips = 0
+        assert await watcher.tick() == 0 and 0 < await watcher._until_next() <= 0.25
+        assert relay.trips == 1  # the contact's warning and deadline are not due: still one
+        clock.advance(200)
+        relay.trips = 0
+        assert await watcher.tick() == 1  # the breach (its warning past too: dropped)
+        assert await watcher._until_next() == 0.25
+        assert relay.trips >= 3  # the look, the claims, then the sleep read again
+    finally:
+        await queue.aclose()
+        await client.aclose()
+        relay.close()
