@@ -95,7 +95,8 @@ class DeadlineWatcher:
 
     def _wait(self, first_warning: Any, first_deadline: Any, open_count: Any) -> float:
         """The sleep until the earliest pending score, at most ``interval`` (``_looks``'
-        replies: RESP2's flat member, score lists or RESP3's pairs)."""
+        replies: RESP2's flat ``[member, score]`` lists or RESP3's ``[[member, score]]``
+        pairs, redis-py 8's default)."""
         self.metrics.deadlines_open.set(int(open_count))
         scores = [
             float(items[0][1] if isinstance(items[0], list) else items[1])

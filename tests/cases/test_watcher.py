@@ -7,6 +7,8 @@ import itertools
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from gateway.cases.watcher import DeadlineWatcher
 from gateway.contact.clock import MICROS_PER_SECOND, FixedClock
 from gateway.records import Inbound, Sender
@@ -327,6 +329,7 @@ async def test_a_tick_that_finds_nothing_due_is_one_round_trip(
     try:
         clock = FixedClock()
         watcher = DeadlineWatcher(queue, clock, gw.metrics, WatcherSection())
+        await queue.load_scripts()  # and the intake link opened: not counted below
         await queue.execute([["PING"]])  # the plain commands' connection open
         relay.trips = 0
         assert await watcher.tick() == 0 and await watcher._until_next() == 0.25
@@ -335,15 +338,40 @@ async def test_a_tick_that_finds_nothing_due_is_one_round_trip(
             channel="sms", adapter="test", external_id="w1", sender=Sender("+8613900000001"),
             recipient="12345", received_at=clock.now_us(), text="路灯坏了",
         ))
+        (_, warn_at), = await gw.redis.zrange(gw.keys.warnings, 0, 0, withscores=True)
+        clock.value_us = int(warn_at) - 100_000  # 0.1 s before the warning falls due
         relay.trips = 0
-        assert await watcher.tick() == 0 and 0 < await watcher._until_next() <= 0.25
-        assert relay.trips == 1  # the contact's warning and deadline are not due: still one
+        assert await watcher.tick() == 0
+        assert await watcher._until_next() == pytest.approx(0.1)  # slept until the score
+        assert relay.trips == 1  # nothing due: still one
+        assert gw.metrics.deadlines_open._value.get() == 1
+        relay.trips = 0
+        assert await watcher._until_next() == pytest.approx(0.1)  # the tick's look used once
+        assert relay.trips == 1
         clock.advance(200)
         relay.trips = 0
         assert await watcher.tick() == 1  # the breach (its warning past too: dropped)
         assert await watcher._until_next() == 0.25
-        assert relay.trips >= 3  # the look, the claims, then the sleep read again
+        # the look; the warning's facts and claim (dropped: the breach says it all); the
+        # breach's facts and claim; the sleep read again
+        assert relay.trips == 6
     finally:
         await queue.aclose()
         await client.aclose()
         relay.close()
+
+
+def test_the_sleep_is_read_from_either_protocols_replies() -> None:
+    """``ZRANGE ... WITHSCORES`` answers RESP2's flat ``[member, score]`` list or RESP3's
+    ``[[member, score]]`` pairs (redis-py 8's default): the sleep is the same from both, and
+    a score already past sleeps none."""
+    from gateway.server.metrics import Metrics
+
+    clock = FixedClock()
+    watcher = DeadlineWatcher(None, clock, Metrics(), WatcherSection())  # type: ignore[arg-type]
+    at = clock.now_us() + 100_000
+    assert watcher._wait([b"a", str(at).encode()], [], 1) == pytest.approx(0.1)
+    assert watcher._wait([[b"a", float(at)]], [], 1) == pytest.approx(0.1)
+    assert watcher._wait([], [[b"b", float(at - 50_000)]], 2) == pytest.approx(0.05)
+    assert watcher._wait([], [], 0) == 0.25
+    assert watcher._wait([b"a", str(at - 1_000_000).encode()], [], 1) == 0.0
