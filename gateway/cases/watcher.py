@@ -19,7 +19,7 @@ from typing import Any
 from gateway.adapters import load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.coordination import Fence, Leases
-from gateway.queueing.outcomes import Step, step_of
+from gateway.queueing.outcomes import FACTS, Step, step_of
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Event, EventType
 from gateway.server.config import WatcherSection
@@ -143,7 +143,7 @@ class DeadlineWatcher:
                 return written
             ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
             facts = raise_errors(await self.queue.execute(  # packed: a third of a pipeline's
-                [["HMGET", k.contact(cid), "received_us", "due_us", "kind", "channel"]
+                [["HMGET", k.contact(cid), *FACTS]
                  for cid in ids]
             ))
             calls: list[tuple[str, bytes, str, Micros]] = []

@@ -27,6 +27,9 @@ from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 MINUTE_S = 60
 HOUR_S = 3600
 SETTLING = {"answer": "answered", "response": "responded"}
+FACTS = ("received_us", "due_us", "kind", "channel")
+"""The contact hash's fields a step is built from (``step_of``), in the order every reader of
+them asks for them (``HMGET``)."""
 MOVES = frozenset({"answered", "responded", "abandoned", "breached", "closed"})
 """The event types after ``enqueued`` that may move a contact's outcome (``step_of``)."""
 RANKS = {"open": 0, "closed": 1, "abandoned": 2, "short": 2, "breached": 3, "within": 4, "late": 4}

@@ -24,7 +24,7 @@ from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.batching import Answer
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.link import Lane, Link
-from gateway.queueing.outcomes import MOVES, step_of
+from gateway.queueing.outcomes import FACTS, MOVES, step_of
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -785,9 +785,7 @@ class RedisQueue:
         script = "emit"
         counted, step = "0", None
         if event.type in MOVES:
-            (fields,) = raise_errors(await self.execute(
-                [["HMGET", hash_key, "received_us", "due_us", "kind", "channel"]]
-            ))
+            fields = await self._facts(hash_key)
             if fields[0] is not None and fields[1] is not None and fields[3] is not None:
                 counted = "1"  # the facts are known: the step given here, or none
                 step = step_of(
@@ -802,11 +800,15 @@ class RedisQueue:
             args += step.args
             script = "emit_step"
         done = await self._evalsha(script, keys, args)
-        if type(done) is list:  # written; its wallboard step failed (Valkey's log says why)
-            log.warning("emit: %s of contact %s written, its wallboard step failed (see the "
-                        "Redis server's log)", event.type, event.contact_id,
-                        extra={"contact_id": event.contact_id, "event": event.type})
+        if type(done) is list:  # written; its wallboard step failed
+            _step_failed("emit", event.type, event.contact_id)
         return done is not None
+
+    async def _facts(self, hash_key: str) -> list[Any]:
+        """The contact's ``FACTS`` (each None once it is gone), read over the plain commands'
+        link: what a writer builds the event's wallboard step from."""
+        (fields,) = raise_errors(await self.execute([["HMGET", hash_key, *FACTS]]))
+        return list(fields)
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script once; an error reply raises."""
@@ -825,9 +827,7 @@ class RedisQueue:
     ) -> Event | None:
         """Record a deadline event once per contact and type (see ``EventSink.stamp``), with
         its dashboard step when it has one (``stamp.lua``: the event marked ``counted``)."""
-        (fields,) = raise_errors(await self.execute(
-            [["HMGET", self.keys.contact(contact_id), "received_us", "due_us", "kind", "channel"]]
-        ))
+        fields = await self._facts(self.keys.contact(contact_id))
         if fields[0] is None:
             return None
         received, due, kind = int(fields[0]), int(fields[1]), fields[2].decode()
@@ -862,10 +862,8 @@ class RedisQueue:
             keys += step.keys
             args += step.args
         done = await self._evalsha("stamp", keys, args)
-        if done == 2:  # written; its wallboard step failed (Valkey's log says why)
-            log.warning("stamp: %s of contact %s written, its wallboard step failed (see the "
-                        "Redis server's log)", type, contact_id,
-                        extra={"contact_id": contact_id, "event": type})
+        if done == 2:  # written; its wallboard step failed
+            _step_failed("stamp", type, contact_id)
         return event if done else None
 
     async def contact_events(self, contact_id: str) -> list[bytes]:
@@ -939,6 +937,13 @@ def _per_contact(replies: list[Any], contacts: int) -> list[Any]:
         else:
             out += reply
     return out
+
+
+def _step_failed(writer: str, type: str, contact_id: str) -> None:
+    """A writer's event was written and its wallboard step failed: Valkey's log says why."""
+    log.warning("%s: %s of contact %s written, its wallboard step failed (see the Redis "
+                "server's log)", writer, type, contact_id,
+                extra={"contact_id": contact_id, "event": type})
 
 
 def raise_errors(replies: list[Any]) -> list[Any]:

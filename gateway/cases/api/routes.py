@@ -456,10 +456,8 @@ class ConsumerApi:
         if type_ == "closed":
             # once per contact, like the stamps: emit.lua checks and sets ``stamp:closed`` in
             # the call that writes it (a failed write leaves no mark: it can be retried)
-            event: Event | None = Event(contact_id, "closed", at, source, detail=detail)
-            assert event is not None
-            if not await self.queue.emit(event, once=True):
-                event = None
+            closed = Event(contact_id, "closed", at, source, detail=detail)
+            event = closed if await self.queue.emit(closed, once=True) else None
         else:
             event = await self.queue.stamp(contact_id, type_, at, source, detail)
         if event is None:

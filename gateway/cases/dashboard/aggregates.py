@@ -87,12 +87,12 @@ from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.backlog import WALLBOARD_GROUP
 from gateway.queueing.coordination import Fence, Leases
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
+from gateway.queueing.outcomes import FACTS, step_of
 from gateway.queueing.outcomes import HOUR_S as HOUR_S  # the dashboard's names, as before
 from gateway.queueing.outcomes import MINUTE_S as MINUTE_S
 from gateway.queueing.outcomes import RANKS as RANKS
 from gateway.queueing.outcomes import SETTLING as SETTLING
 from gateway.queueing.outcomes import Step as Step
-from gateway.queueing.outcomes import step_of
 from gateway.queueing.outcomes import time_bin as time_bin
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Contact
@@ -724,7 +724,7 @@ class Aggregator:
         enqueued = {cid for cid, type_, _ in part if type_ == "enqueued"}
         commands: list[list[Any]] = []
         for cid in wanted:
-            names = ["received_us", "due_us", "kind", "channel"]
+            names = [*FACTS]
             if cid in enqueued:
                 names.append("contact")
             commands.append(["HMGET", self.keys.contact(cid), *names])
