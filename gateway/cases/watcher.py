@@ -113,7 +113,7 @@ class DeadlineWatcher:
         known, self._next = self._next, None
         if known is not None:
             return known
-        return self._wait(*raise_errors(await self.queue.execute(self._looks())))
+        return self._wait(*raise_errors(await self.queue.execute(self._looks(), reads=True)))
 
     async def tick(self) -> int:
         """Claim every due warning and deadline now; return how many events this instance wrote.
@@ -125,7 +125,7 @@ class DeadlineWatcher:
             ["ZRANGEBYSCORE", k.warnings, "-inf", now, "LIMIT", 0, BATCH],
             ["ZRANGEBYSCORE", k.deadlines, "-inf", now, "LIMIT", 0, BATCH],
             *self._looks(),
-        ]))
+        ], reads=True))
         self._next = None if warnings or deadlines else self._wait(*looks)
         written = await self._sweep("warning", now, warnings)
         written += await self._sweep("breached", now, deadlines)
@@ -143,8 +143,7 @@ class DeadlineWatcher:
                 return written
             ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
             facts = raise_errors(await self.queue.execute(  # packed: a third of a pipeline's
-                [["HMGET", k.contact(cid), *FACTS]
-                 for cid in ids]
+                [["HMGET", k.contact(cid), *FACTS] for cid in ids], reads=True
             ))
             calls: list[tuple[str, bytes, str, Micros]] = []
             steps: dict[str, Step] = {}
@@ -196,7 +195,7 @@ class DeadlineWatcher:
             if len(ids) < BATCH:
                 return written
             (ids,) = raise_errors(await self.queue.execute(
-                [["ZRANGEBYSCORE", zset, "-inf", now, "LIMIT", 0, BATCH]]
+                [["ZRANGEBYSCORE", zset, "-inf", now, "LIMIT", 0, BATCH]], reads=True
             ))
 
     async def _claim_all(

@@ -187,8 +187,8 @@ class Link(asyncio.Protocol):
 
     def _check(self) -> None:
         """``read_timeout``: the oldest batch waiting has had no whole answer for that long
-        (replies come in order, so no batch behind it has either): it fails with
-        ``TimeoutError`` and the link is closed, failing the others. Otherwise the timer is
+        (replies come in order, so no batch behind it has either): it and every batch behind
+        it fail with ``TimeoutError``, and the link is closed. Otherwise the timer is
         set again for the batch now oldest: one timer a ``read_timeout`` while batches
         follow each other, instead of a timer set and cancelled for every batch (a libuv
         timer each on uvloop, about 10 us with ``asyncio.timeout``)."""
@@ -200,9 +200,14 @@ class Link(asyncio.Protocol):
         if loop.time() < due:
             self._watch = loop.call_at(due, self._check)
             return
-        answer = self._waiting.popleft()[2]
+        # every batch waiting fails as late, the oldest's and those behind it alike: a
+        # stalled server, not a lost connection (``RedisQueue.execute`` resends reads on a
+        # lost connection only: here they would wait as long again)
+        waiting, self._waiting = self._waiting, collections.deque()
         self.close()
-        _call(answer, None, TimeoutError(f"no reply from Redis in {self.read_timeout} s"))
+        error = TimeoutError(f"no reply from Redis in {self.read_timeout} s")
+        for _, _, answer, _ in waiting:
+            _call(answer, None, error)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader

@@ -393,10 +393,11 @@ class RedisQueue:
         facts), opened by the first: their replies parsed in one callback as the intake
         batches' are, not one redis-py coroutine chain a reply (the surge marks of an older
         version's contacts, ``HDEL`` a contact). Apart from the intake link, so that a failure
-        there never fails an intake batch. A command on it is not retried when the
-        connection drops (redis-py's own commands are): its caller has the error, as a
-        script's caller does (a stamp or a close is spooled by Intake, or answered 503 by
-        the API)."""
+        there never fails an intake batch. When the connection drops, every command on it
+        fails; reads (``execute(..., reads=True)``: the facts of a stamp or a close, the
+        watcher's looks) are sent once more on a new connection, other commands leave their
+        caller the error, as a script's caller has it (the surge counters and the
+        aggregator's commands are tried again at their next beat)."""
 
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (again after a restart or failover), the
@@ -703,18 +704,37 @@ class RedisQueue:
             break
         return replies
 
-    async def execute(self, commands: list[list[Any]], *, pooled: bool = False) -> list[Any]:
+    async def execute(
+        self, commands: list[list[Any]], *, pooled: bool = False, reads: bool = False
+    ) -> list[Any]:
         """Run plain commands in one round trip (the cheap path ``run_scripts`` takes); error
         replies come back as values. Commands that answer at once only (no blocking read):
         on a single server they share one connection (``_side``), pipelined; ``pooled``: on a
         pooled connection of their own instead (a caller that polls, as the aggregator's
-        reads, keeps off the connection the others' commands share)."""
+        reads, keeps off the connection the others' commands share).
+
+        ``reads``: the commands only read, so when the shared connection is lost while they
+        are on it (``CLIENT KILL``, a reset, a proxy's or the server's idle timeout, a
+        Sentinel dropping the clients of a demoted master: every command in flight on it
+        fails) they are sent once more, at once, on a new connection; when none can be made
+        (the server down) that error is raised. Other commands fail with the connection
+        (whether they ran is not known), and so do reads whose link timed out (a stalled
+        server: ``TimeoutError``)."""
         if self._linked and not pooled:
-            side = self._side.ready() or await self._open(
-                self._side, getattr(self.redis, "connection_pool", None)
-            )
-            if side is not None:
-                return await side.send(pack_commands(commands), len(commands))
+            payload = pack_commands(commands)
+            again = reads
+            while True:
+                side = self._side.ready() or await self._open(
+                    self._side, getattr(self.redis, "connection_pool", None)
+                )
+                if side is None:
+                    break
+                try:
+                    return await side.send(payload, len(commands))
+                except RedisConnectionError:
+                    if not again:
+                        raise
+                    again = False
         return await self._execute(commands)
 
     async def _execute(self, commands: list[list[Any]], *, link: bool = False) -> list[Any]:
@@ -807,7 +827,7 @@ class RedisQueue:
     async def _facts(self, hash_key: str) -> list[Any]:
         """The contact's ``FACTS`` (each None once it is gone), read over the plain commands'
         link: what a writer builds the event's wallboard step from."""
-        (fields,) = raise_errors(await self.execute([["HMGET", hash_key, *FACTS]]))
+        (fields,) = raise_errors(await self.execute([["HMGET", hash_key, *FACTS]], reads=True))
         return list(fields)
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:

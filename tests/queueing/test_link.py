@@ -4,13 +4,20 @@ client's settings, script reloads, and batches whose outcome is unknown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
+from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.cases.watcher import DeadlineWatcher
 from gateway.contact.clock import SYSTEM_CLOCK
+from gateway.queueing.store import RedisQueue, connect
 from gateway.records import Inbound, Sender
+from gateway.server.config import WatcherSection
 from gateway.testing import eventually
 
 
@@ -260,8 +267,9 @@ async def test_with_min_replicas_batches_keep_pooled_connections(start_gateway, 
 async def test_a_link_without_a_reply_for_its_read_timeout_is_closed(start_gateway, redis_client):
     """The link's own bound (the connection's socket timeout), for callers without a shorter
     deadline of their own: the oldest batch gets no reply within ``read_timeout``, so it fails
-    with TimeoutError and the link is closed, failing the batch behind it; the next batch goes
-    on a new link. (One timer keeps the bound for every batch in flight, not one each.)"""
+    with TimeoutError and the link is closed, failing the batch behind it as late too (not as
+    a lost connection, whose reads ``execute`` sends again); the next batch goes on a new
+    link. (One timer keeps the bound for every batch in flight, not one each.)"""
     from gateway.queueing.store import pack_commands
 
     gw = await start_gateway(redis={"write_timeout": "30s"})
@@ -282,7 +290,7 @@ async def test_a_link_without_a_reply_for_its_read_timeout_is_closed(start_gatew
     finally:
         await redis_client.execute_command("CLIENT", "UNPAUSE")
     assert isinstance(outcomes[0], TimeoutError)
-    assert isinstance(outcomes[1], RedisConnectionError)
+    assert isinstance(outcomes[1], TimeoutError)
     assert link.closed and not link._waiting
     assert (await gw.intake.submit(inbound("after"))).status == "enqueued"
     assert gw.queue._link.link is not link
@@ -360,3 +368,105 @@ async def test_an_answer_that_raises_does_not_end_the_link(start_gateway, caplog
     behind = await link.send(pack_commands([["ECHO", "behind"]]), 1)
     assert behind == [b"behind"] and not link.closed
     assert "a batch's answer failed" in caplog.text
+
+
+class CutOnce:
+    """A TCP relay in front of the embedded server that, the first time a client sends
+    ``command``, closes that client's connection instead of passing the command on: the
+    command was in flight when its connection was lost, and never ran."""
+
+    def __init__(self, server: Any, command: bytes) -> None:
+        self.upstream = server
+        self.command = command
+        self.cut = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))
+        more = object()
+        parser = hiredis.Reader(notEnoughData=more)
+
+        async def up() -> None:
+            try:
+                while data := await reader.read(65536):
+                    parser.feed(data)
+                    while (message := parser.gets()) is not more:
+                        if message[0].upper() == self.command and not self.cut:
+                            self.cut += 1
+                            return  # nothing of this read goes up: the connection ends
+                    up_writer.write(data)
+                    await up_writer.drain()
+            finally:
+                up_writer.close()
+                writer.close()
+
+        async def down() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def cut_queue(gw: Any, server: Any, command: bytes) -> AsyncIterator[tuple[CutOnce, Any]]:
+    """A ``RedisQueue`` of the gateway's keys over a ``CutOnce`` relay, its scripts loaded."""
+    relay = CutOnce(server, command)
+    client = connect(gw.settings.redis, await relay.start())
+    queue = RedisQueue(client, gw.keys, SYSTEM_CLOCK, source="cut", dedupe_window_s=60,
+                       repeat_window_s=60, retention_s=86400, maxlen=100_000)
+    try:
+        await queue.load_scripts()
+        yield relay, queue
+    finally:
+        await queue.aclose()
+        await client.aclose()
+        relay.close()
+
+
+async def test_reads_on_a_connection_lost_under_them_are_sent_again(start_gateway, redis_server):
+    """The plain commands' connection lost while commands are on it (a Redis restart, a
+    failover, ``CLIENT KILL``): reads go once more on a new connection, so a stamp whose
+    read of the contact's facts was on it is written all the same (it was spooled, and a
+    close through the API answered 503); other commands fail, never sent twice."""
+    gw = await start_gateway(watcher={"enabled": False})
+    cid = (await gw.intake.submit(inbound("cut"))).contact_id
+    key = f"{gw.keys.tag}:cut-test"
+    async with cut_queue(gw, redis_server, b"HMGET") as (relay, queue):
+        await queue.execute([["PING"]])  # the plain commands' connection, open
+        side = queue._side.link
+        event = await queue.stamp(cid, "responded", SYSTEM_CLOCK.now_us(), "test")
+        assert relay.cut == 1 and side.closed and queue._side.link is not side
+        assert event is not None and event.type == "responded"
+        types = [f[b"type"] for _, f in await gw.redis.xrange(gw.keys.events)]
+        assert types == [b"enqueued", b"responded"]
+        assert await queue.execute([["HMGET", key, "a"]], reads=True) == [[None]]
+    async with cut_queue(gw, redis_server, b"ZRANGEBYSCORE") as (relay, queue):
+        await queue.execute([["PING"]])
+        side = queue._side.link
+        watcher = DeadlineWatcher(queue, SYSTEM_CLOCK, gw.metrics, WatcherSection())
+        assert await watcher.tick() == 0  # its look, sent again
+        assert relay.cut == 1 and side.closed and queue._side.link is not side
+    async with cut_queue(gw, redis_server, b"INCR") as (relay, queue):
+        await queue.execute([["PING"]])
+        try:
+            await queue.execute([["INCR", key]])
+        except RedisConnectionError:
+            pass
+        else:
+            raise AssertionError("a write on a lost connection is not sent again")
+        assert relay.cut == 1 and await gw.redis.get(key) is None
+        assert await queue.execute([["INCR", key]]) == [1]  # on a new connection
