@@ -181,8 +181,10 @@ class DeadlineWatcher:
                 policies[cid] = media.policy(channel.decode(), kind.decode())
             results = await self._claim_all(zset, other, calls, now, type, steps)
             if 2 in results:  # written; their wallboard steps failed (Valkey's log says why)
+                failed = results.count(2)
                 log.warning("watcher: %d %s events written, their wallboard steps failed (see "
-                            "the Redis server's log)", results.count(2), type)
+                            "the Redis server's log)", failed, type)
+                self.metrics.dashboard_steps_failed.labels("watcher").inc(failed)
             for (cid, body, channel, due_us), claimed in zip(calls, results, strict=True):
                 if claimed and body:
                     written += 1

@@ -366,6 +366,9 @@ class RedisQueue:
         """The surge keys of a new contact (``SurgeWatch.keys_of``, set by the case services
         when surges are on): carried in its ``enqueued`` event, so the aggregator counts them
         without reading the contact back."""
+        self.step_failed: Callable[[str], None] | None = None
+        """Told the writer (``stamp``, ``emit``) of an event written whose wallboard step
+        failed (the runtime counts it: ``gateway_dashboard_steps_failed_total``)."""
         self._rows: dict[tuple[str, str], tuple[str, str]] = {}
         """(channel, deadline kind) -> the dashboard's row (``Media.label_of``), its open zset."""
         self._bucket_of: tuple[int, str, str] = (-1, "", "")
@@ -821,8 +824,17 @@ class RedisQueue:
             script = "emit_step"
         done = await self._evalsha(script, keys, args)
         if type(done) is list:  # written; its wallboard step failed
-            _step_failed("emit", event.type, event.contact_id)
+            self._step_failed("emit", event.type, event.contact_id)
         return done is not None
+
+    def _step_failed(self, writer: str, type: str, contact_id: str) -> None:
+        """A writer's event was written and its wallboard step failed: Valkey's log says why;
+        counted by ``step_failed``."""
+        log.warning("%s: %s of contact %s written, its wallboard step failed (see the Redis "
+                    "server's log)", writer, type, contact_id,
+                    extra={"contact_id": contact_id, "event": type})
+        if self.step_failed is not None:
+            self.step_failed(writer)
 
     async def _facts(self, hash_key: str) -> list[Any]:
         """The contact's ``FACTS`` (each None once it is gone), read over the plain commands'
@@ -883,7 +895,7 @@ class RedisQueue:
             args += step.args
         done = await self._evalsha("stamp", keys, args)
         if done == 2:  # written; its wallboard step failed
-            _step_failed("stamp", type, contact_id)
+            self._step_failed("stamp", type, contact_id)
         return event if done else None
 
     async def contact_events(self, contact_id: str) -> list[bytes]:
@@ -957,13 +969,6 @@ def _per_contact(replies: list[Any], contacts: int) -> list[Any]:
         else:
             out += reply
     return out
-
-
-def _step_failed(writer: str, type: str, contact_id: str) -> None:
-    """A writer's event was written and its wallboard step failed: Valkey's log says why."""
-    log.warning("%s: %s of contact %s written, its wallboard step failed (see the Redis "
-                "server's log)", writer, type, contact_id,
-                extra={"contact_id": contact_id, "event": type})
 
 
 def raise_errors(replies: list[Any]) -> list[Any]:

@@ -266,6 +266,15 @@ class Metrics:
             ["type", "channel", "policy"],
             registry=r,
         )
+        self.dashboard_steps_failed = Counter(
+            "gateway_dashboard_steps_failed",
+            "Events written whose wallboard step failed in Redis (the wallboard does not count"
+            " them; the Redis server's log says why), by writer: stamp, emit, watcher",
+            ["writer"],
+            registry=r,
+        )
+        for writer in ("stamp", "emit", "watcher"):  # scraped as 0 before the first
+            self.dashboard_steps_failed.labels(writer)
         self.deadline_lag = Histogram(
             "gateway_deadline_lag_seconds",
             "From the moment a warning or deadline was due to its event",

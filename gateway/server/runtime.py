@@ -173,6 +173,8 @@ class Gateway:
             sender_exempt=s.limits.sender_exempt,
             short_abandon_ms=int(float(s.sla.short_abandon) * 1000),
         )
+        steps_failed = self.metrics.dashboard_steps_failed
+        self.queue.step_failed = lambda writer: steps_failed.labels(writer).inc()
         safejson.configure(s.limits.json_depth, s.limits.json_string)
         self.intake = Intake(
             self.queue,

@@ -46,6 +46,13 @@ async def calls(gw: Any, name: str) -> int:
     return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
 
 
+def steps_failed(gw: Any, writer: str) -> float | None:
+    """``gateway_dashboard_steps_failed_total`` of ``writer`` as scraped."""
+    return gw.metrics.registry.get_sample_value(  # type: ignore[no-any-return]
+        "gateway_dashboard_steps_failed_total", {"writer": writer}
+    )
+
+
 async def driven(start_gateway: Any, clock: Any = SYSTEM_CLOCK) -> tuple[Any, Any]:
     """A gateway (SMS answered within 3 minutes, no watcher of its own) and its dashboard
     reader, stopped: the test drives it."""
@@ -208,6 +215,8 @@ async def test_a_close_whose_step_fails_is_written_once_and_logged(
         await gw.queue.emit(event)  # the same event again (a spooled copy): written once
     assert any(f"emit: closed of contact {cid} written, its wallboard step failed"
                in r.getMessage() for r in caplog.records)
+    assert steps_failed(gw, "emit") == 1  # the copy wrote nothing: no step to fail
+    assert steps_failed(gw, "stamp") == steps_failed(gw, "watcher") == 0
     closes = [f for _, f in await gw.redis.xrange(gw.keys.events) if f[b"type"] == b"closed"]
     assert len(closes) == 1 and closes[0][b"counted"] == b"1"
     assert await gw.redis.zscore(gw.keys.deadlines, cid) is None
@@ -298,6 +307,7 @@ async def test_a_step_that_fails_leaves_the_claim_and_the_stamp_written_once(
     assert any(f"responded of contact {ids[3]} written, its wallboard step failed" in m
                for m in said)
     assert "watcher: 1 breached events written, their wallboard steps failed" in " ".join(said)
+    assert (steps_failed(gw, "stamp"), steps_failed(gw, "watcher")) == (1, 1)
     written = [(f[b"contact_id"].decode(), f[b"type"])
                for _, f in await gw.redis.xrange(gw.keys.events) if f[b"type"] != b"enqueued"]
     assert sorted(written) == sorted([
@@ -500,6 +510,7 @@ async def test_a_key_of_another_type_costs_the_stamps_other_writes_nothing(
     with caplog.at_level(logging.WARNING):
         assert await gw.queue.stamp(cid, "responded", at + 5 * MICROS_PER_SECOND, "test")
     assert any("its wallboard step failed" in r.getMessage() for r in caplog.records)
+    assert steps_failed(gw, "stamp") == 1
     hour = await gw.redis.hgetall(gw.keys.agg_bucket("h", minute_s - minute_s % 3600))
     assert hour[b"sms:within"] == b"1" and hour[b"sms:t:5"] == b"1"
     assert await gw.redis.hget(gw.keys.contact(cid), "agg") == b"within:4"
