@@ -2,8 +2,10 @@
 
 The gateway runs an ``smtp`` adapter on an embedded Valkey: every message is stored raw,
 normalized (GBK subject, UTF-8 body, a base64 attachment for the large size), its files
-stored, and made durable before the 250. The baseline is aiosmtpd with the same options and a
-handler that answers 250 and writes nothing, and our own listener (policy hooks, bounds) with an
+stored, and made durable before the 250. The baselines are aiosmtpd with the same options and a
+handler that answers 250 and writes nothing; the same with a handler whose 250 waits for one
+redis-py ``XADD`` of the raw message to the same Valkey (the least a durable 250 costs, as
+``intake_bench``'s one-``XADD`` handler); and our own listener (policy hooks, bounds) with an
 accept step that does nothing, which separates the protocol layer from the durable work. A
 separate load process (aiosmtplib, persistent
 connections, a unique Message-ID per message) drives each target for 2 KB and 200 KB messages
@@ -268,12 +270,29 @@ class _Bare:
         return "250 2.0.0 OK"
 
 
+class _Durable:
+    """aiosmtpd whose ``250`` waits for one redis-py ``XADD`` of the raw message (the
+    embedded Valkey's ``appendfsync always``): the least a durable ``250`` costs, as
+    ``intake_bench``'s one-``XADD`` handler is for the HTTP intake."""
+
+    def __init__(self, redis_url: str, stream: str) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self.client = redis_asyncio.Redis.from_url(redis_url)
+        self.stream = stream
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await self.client.xadd(self.stream, {"raw": envelope.original_content})
+        return "250 2.0.0 OK"
+
+
 async def _accept_nothing(raw: bytes, envelope: Any) -> str:
     return "00000000-0000-7000-8000-000000000000"
 
 
-BARE, LAYER, GATEWAY, BEFORE = (
+BARE, DURABLE, LAYER, GATEWAY, BEFORE = (
     "bare aiosmtpd (writes nothing)",
+    "bare aiosmtpd + one XADD",
     "our listener (accepts nothing)",
     "smtp -> gateway -> redis",
     "gateway-before",
@@ -304,6 +323,14 @@ async def _run_server(kind: str, redis_url: str, prefix: str, ready: Any) -> Non
             "127.0.0.1", 0,
         )
         port = bare.sockets[0].getsockname()[1]
+    elif kind == DURABLE:
+        handler = _Durable(redis_url, f"{prefix}:raw")
+        durable = await loop.create_server(
+            lambda: SMTP(handler, data_size_limit=25 * 1024 * 1024, enable_SMTPUTF8=True,
+                         hostname="durable", loop=loop),
+            "127.0.0.1", 0,
+        )
+        port = durable.sockets[0].getsockname()[1]
     elif kind == LAYER:
         from gateway.channels.email.common import EmailConfig
         from gateway.channels.email.smtp import Handler, Listener
@@ -367,7 +394,7 @@ async def main(seconds: float, rounds: int, before: str, only: str = "") -> None
         redis = EmbeddedRedis(Path(tmp) / "redis")
         redis.start_sync()
         redis_pid = redis.process.pid if redis.process else 0
-        kinds = [BARE, LAYER, GATEWAY] + ([BEFORE] if before else [])
+        kinds = [BARE, DURABLE, LAYER, GATEWAY] + ([BEFORE] if before else [])
         targets = {
             kind: _Target(kind, redis.url, f"m{n}", before if kind == BEFORE else "")
             for n, kind in enumerate(kinds)
@@ -433,11 +460,17 @@ async def main(seconds: float, rounds: int, before: str, only: str = "") -> None
     for label in sizes:
         for fanout in fanouts:
             bare_rate, *_, bare_cpu, _ = best[(BARE, label, fanout)]
-            for kind in kinds[2:]:
+            durable_rate, *_, durable_cpu, _ = best[(DURABLE, label, fanout)]
+            for kind in (DURABLE, GATEWAY, BEFORE):
+                if kind not in kinds:
+                    continue
                 rate, *_, cpu, _ = best[(kind, label, fanout)]
                 aim = " (aim >= 0.70)" if label == "2 KB" and kind == GATEWAY else ""
                 print(f"  {kind[:14]:14} {label:>6}, {fanout:2d} connections: "
                       f"{rate / max(bare_rate, 1e-9):.2f}; {bare_cpu / cpu:.2f}{aim}")
+                if kind != DURABLE:  # the durable write's own price taken out
+                    print(f"  {kind[:14]:14} / one XADD: {rate / max(durable_rate, 1e-9):.2f};"
+                          f" {durable_cpu / cpu:.2f}")
     print(f"contacts on the stream: {stored}")
 
 
