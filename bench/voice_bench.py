@@ -23,6 +23,9 @@ and the gateway) on CPU 0, the callers and Valkey on CPU 1, so that the server h
 its own, as on the machine the issue's figures came from; without it the three share every
 core, and at paced rates the wait for a core is most of the gateway's tail.
 
+``--valkey-dir /dev/shm`` puts the gateway's Valkey's files on tmpfs (no disk: not durable, a
+diagnostic of how much of the paced tail is the disk's fsyncs), as ``intake_bench``'s does.
+
 ``--calls N`` instead counts the Python function calls a session costs (cProfile) in the layer
 and the gateway, both modes, and prints the N functions of most own time; a count the
 machine's load hardly moves. ``--calls N --before DIR`` counts an older tree's too.
@@ -397,8 +400,10 @@ async def serve(args: argparse.Namespace) -> None:
     logging_off()
     layers = {mode: await protocol_only_server(mode) for mode in ("set_variable", "mset")}
     loop = asyncio.get_running_loop()
-    with tempfile.TemporaryDirectory() as tmp:
-        redis = EmbeddedRedis(Path(tmp) / "redis")
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(
+        prefix="bench-voice-", dir=args.valkey_dir or None
+    ) as valkey_tmp:
+        redis = EmbeddedRedis(Path(valkey_tmp) / "redis")
         await redis.start()
         if args.pin and redis.process is not None:  # Valkey (every thread) beside the callers
             for task in Path(f"/proc/{redis.process.pid}/task").iterdir():
@@ -578,7 +583,8 @@ async def main(args: argparse.Namespace) -> None:
     print(line(f"bare server paced at {args.rate:g} calls/s", base_paced))
     bare.close()
 
-    extra = (*(("--no-settle",) if args.no_settle else ()), *(("--pin",) if args.pin else ()))
+    extra = (*(("--no-settle",) if args.no_settle else ()), *(("--pin",) if args.pin else ()),
+             *(("--valkey-dir", args.valkey_dir) if args.valkey_dir else ()))
     trees = [Servers("now", "", extra)]
     if args.before:
         trees.append(Servers("before", args.before, extra))
@@ -704,6 +710,9 @@ if __name__ == "__main__":
         parser.add_argument("--pin", action="store_true",
                             help=f"the servers on CPU {SERVER_CPU}, the callers and Valkey on "
                                  f"CPU {OTHER_CPU} (a core of the server's own)")
+        parser.add_argument("--valkey-dir", default="",
+                            help="put the gateway's Valkey's files here (/dev/shm: the tail "
+                                 "without the disk; not durable, a diagnostic)")
         parser.add_argument("--tree", default="", help=argparse.SUPPRESS)
         parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
         ns = parser.parse_args()
