@@ -6,11 +6,13 @@ import asyncio
 import random
 import socket
 from pathlib import Path
+from typing import Any
 
 from gateway.testing.plugin import settings_for
 
 __all__ = [
-    "answer_before_body", "free_port", "free_ports", "read_answer", "require", "settings_for",
+    "ServerRelay", "answer_before_body", "free_port", "free_ports", "read_answer", "require",
+    "settings_for",
 ]
 
 
@@ -104,3 +106,23 @@ async def read_answer(reader: asyncio.StreamReader) -> bytes:
         if name.strip().lower() == b"content-length":
             length = int(value)
     return head + await reader.readexactly(length)
+
+
+class ServerRelay:
+    """A TCP relay in front of the embedded server (``upstream``: its Unix socket) that a test
+    points a client at (``start`` gives its URL); ``_relay`` serves each client connection."""
+
+    def __init__(self, server: Any) -> None:
+        self.upstream = server
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError

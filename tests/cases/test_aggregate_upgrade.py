@@ -39,6 +39,7 @@ from gateway.records import Event, Inbound, Sender
 from gateway.testing import eventually
 from tests.cases.conftest import API
 from tests.cases.test_intake_counts import QUIET, surge_total
+from tests.harness import ServerRelay
 
 DATA = Path(__file__).parent / "data"
 OLD_INTAKE = (Path(__file__).parents[1] / "queueing" / "data" / "intake_01aed18.lua").read_text()
@@ -211,25 +212,16 @@ async def test_one_instance_of_a_fleet_reads_and_another_takes_over(start_gatewa
     assert {k: v.volume for k, v in counts.items()} == {"sms": 6}
 
 
-class RoundTrips:
-    """A TCP relay in front of the embedded server that counts round trips: commands a client
+class RoundTrips(ServerRelay):
+    """A relay in front of the embedded server that counts round trips: commands a client
     sends while none of its earlier commands waits for its reply start one, however many
     commands and segments follow before the replies (both directions parsed as RESP)."""
 
     def __init__(self, server: EmbeddedRedis) -> None:
-        self.upstream = server
+        super().__init__(server)
         self.trips = 0
         self.counts: list[int] = []
         """The ``COUNT`` of each ``XREAD`` sent, in order."""
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))

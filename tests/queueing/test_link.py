@@ -19,6 +19,7 @@ from gateway.queueing.store import RedisQueue, connect
 from gateway.records import Inbound, Sender
 from gateway.server.config import WatcherSection
 from gateway.testing import eventually
+from tests.harness import ServerRelay
 
 
 def inbound(external_id: str) -> Inbound:
@@ -370,28 +371,17 @@ async def test_an_answer_that_raises_does_not_end_the_link(start_gateway, caplog
     assert "a batch's answer failed" in caplog.text
 
 
-class CutOnce:
-    """A TCP relay in front of the embedded server that, the first time a client sends
+class CutOnce(ServerRelay):
+    """A relay in front of the embedded server that, the first time a client sends
     ``command``, closes that client's connection instead of passing the command on: the
     command was in flight when its connection was lost, and never ran."""
 
     def __init__(self, server: Any, command: bytes) -> None:
-        self.upstream = server
+        super().__init__(server)
         self.command = command
         self.cut = 0
-        self.connections = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
         up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))
         more = object()
         parser = hiredis.Reader(notEnoughData=more)
