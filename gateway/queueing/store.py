@@ -836,6 +836,14 @@ class RedisQueue:
         if self.step_failed is not None:
             self.step_failed(writer)
 
+    async def retained(self, contact_id: str) -> bool:
+        """Whether the contact is still retained: its hash's edge stamp (``received_us``), by
+        which every writer of its events judges it."""
+        (found,) = raise_errors(await self.execute(
+            [["HEXISTS", self.keys.contact(contact_id), "received_us"]], reads=True
+        ))
+        return bool(found)
+
     async def _facts(self, hash_key: str) -> list[Any]:
         """The contact's ``FACTS`` (each None once it is gone), read over the plain commands'
         link: what a writer builds the event's wallboard step from."""

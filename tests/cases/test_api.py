@@ -252,6 +252,25 @@ async def test_a_close_of_a_contact_gone_meanwhile_writes_nothing(api_gateway: G
     assert [e for e in await api_gateway.read_events() if e.type == "closed"] == []
 
 
+async def test_an_event_for_a_contact_gone_since_the_routes_read_is_404(
+    client: Client, api_gateway: Gateway
+) -> None:
+    """The contact expires between the route's read of it and the write (here its edge stamp,
+    by which every writer judges it retained, is taken away once the contact is there to
+    read): 404, as for a contact unknown, not 200 ``recorded: false``, which says that it was
+    recorded before; nothing is written."""
+    for type_ in ("responded", "closed"):
+        cid = await submit(client, f"gone before its {type_}")
+        await api_gateway.redis.hdel(api_gateway.keys.contact(cid), "received_us")
+        status, _ = await client.call(
+            "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
+            token="replier", json_body={"type": type_},
+        )
+        assert status == 404, type_
+        assert [e for e in await api_gateway.read_events()
+                if e.contact_id == cid and e.type == type_] == []
+
+
 async def test_unknown_contact_is_404(client: Client) -> None:
     for method, path, template, token, body in [
         ("GET", "/v1/contacts/0190-nope", "/v1/contacts/{contact_id}", "reader", None),

@@ -460,7 +460,9 @@ class ConsumerApi:
             event = closed if await self.queue.emit(closed, once=True) else None
         else:
             event = await self.queue.stamp(contact_id, type_, at, source, detail)
-        if event is None:
+        if event is None:  # a repeat, or the contact gone (expired) since the read above
+            if not await self.queue.retained(contact_id):
+                raise ApiProblem(404, "no such contact (unknown or past retention)")
             return json_body({"recorded": False, "event": None})
         return json_body({"recorded": True, "event": event.to_dict()}, 201)
 
