@@ -838,7 +838,8 @@ class RedisQueue:
 
     async def retained(self, contact_id: str) -> bool:
         """Whether the contact is still retained: its hash's edge stamp (``received_us``), by
-        which every writer of its events judges it."""
+        which ``stamp`` and ``emit`` judge it (written and expired with the hash's ``contact``
+        field: one ``HSET``, one key)."""
         (found,) = raise_errors(await self.execute(
             [["HEXISTS", self.keys.contact(contact_id), "received_us"]], reads=True
         ))

@@ -7,12 +7,14 @@ import base64
 import hashlib
 from typing import Any
 
+import hiredis
 import pytest
 from aiohttp import web
 
 from gateway.server.runtime import Gateway
 from gateway.testing import eventually
 from tests.cases.conftest import API, Client, auth, submit
+from tests.harness import ServerRelay
 
 CONTACTS = "/v1/groups/{group}/contacts"
 EVENTS = "/v1/groups/{group}/events"
@@ -252,23 +254,70 @@ async def test_a_close_of_a_contact_gone_meanwhile_writes_nothing(api_gateway: G
     assert [e for e in await api_gateway.read_events() if e.type == "closed"] == []
 
 
+class ExpiresAtItsFacts(ServerRelay):
+    """A relay in front of the embedded server that deletes ``key`` (as its expiry would), by a
+    connection of its own, just before it passes on the first ``HMGET`` of it: the writers'
+    read of a contact's facts, after the route has read the contact."""
+
+    def __init__(self, server: Any, client: Any) -> None:
+        super().__init__(server)
+        self.client = client
+        self.key = b""
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))
+        more = object()
+        parser = hiredis.Reader(notEnoughData=more)
+
+        async def up() -> None:
+            try:
+                while data := await reader.read(65536):
+                    parser.feed(data)
+                    while (message := parser.gets()) is not more:
+                        if self.key and message[:2] == [b"HMGET", self.key]:
+                            await self.client.delete(self.key)
+                            self.key = b""
+                    up_writer.write(data)
+                    await up_writer.drain()
+            finally:
+                up_writer.close()
+
+        async def down() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+
 async def test_an_event_for_a_contact_gone_since_the_routes_read_is_404(
-    client: Client, api_gateway: Gateway
+    start_gateway: Any, session: Any, redis_server: Any, redis_client: Any
 ) -> None:
-    """The contact expires between the route's read of it and the write (here its edge stamp,
-    by which every writer judges it retained, is taken away once the contact is there to
-    read): 404, as for a contact unknown, not 200 ``recorded: false``, which says that it was
-    recorded before; nothing is written."""
-    for type_ in ("responded", "closed"):
-        cid = await submit(client, f"gone before its {type_}")
-        await api_gateway.redis.hdel(api_gateway.keys.contact(cid), "received_us")
-        status, _ = await client.call(
-            "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
-            token="replier", json_body={"type": type_},
-        )
-        assert status == 404, type_
-        assert [e for e in await api_gateway.read_events()
-                if e.contact_id == cid and e.type == type_] == []
+    """The contact expires between the route's read of it and the write (the relay deletes
+    it as the writer reads its facts): 404, as for a contact unknown, not 200 ``recorded:
+    false``, which says that it was recorded before; nothing is written, no hash made."""
+    relay = ExpiresAtItsFacts(redis_server, redis_client)
+    gw = await start_gateway(api=API, url=await relay.start())
+    try:
+        client = Client(session, f"http://127.0.0.1:{gw.http_port}")
+        for type_ in ("answered", "responded", "closed"):
+            cid = await submit(client, f"gone before its {type_}")
+            key = gw.keys.contact(cid)
+            relay.key = key.encode()
+            status, problem = await client.call(
+                "POST", f"/v1/contacts/{cid}/events", "/v1/contacts/{contact_id}/events",
+                token="replier", json_body={"type": type_},
+            )
+            assert relay.key == b"", type_  # it was deleted between the read and the write
+            assert status == 404 and "past retention" in problem["detail"], (type_, problem)
+            assert not await gw.redis.exists(key)
+            assert [e for e in await gw.read_events()
+                    if e.contact_id == cid and e.type == type_] == []
+    finally:
+        relay.close()
 
 
 async def test_unknown_contact_is_404(client: Client) -> None:
