@@ -8,6 +8,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import hiredis
+
 from gateway.testing.plugin import settings_for
 
 __all__ = [
@@ -110,7 +112,9 @@ async def read_answer(reader: asyncio.StreamReader) -> bytes:
 
 class ServerRelay:
     """A TCP relay in front of the embedded server (``upstream``: its Unix socket) that a test
-    points a client at (``start`` gives its URL); ``_relay`` serves each client connection."""
+    points a client at (``start`` gives its URL). Each client connection is piped both ways;
+    ``passing`` sees each of the client's commands first (RESP parsed), and may close the
+    connection instead of passing it on."""
 
     def __init__(self, server: Any) -> None:
         self.upstream = server
@@ -124,5 +128,35 @@ class ServerRelay:
         if self._server is not None:
             self._server.close()
 
+    async def passing(self, command: list[Any]) -> bool:
+        """True: the read that holds ``command`` goes on to the server; False: nothing of it
+        does, and the client's connection is closed (the command was in flight, never ran)."""
+        return True
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))
+        more = object()  # what the parser gives while a command is not whole
+        parser = hiredis.Reader(notEnoughData=more)
+
+        async def up() -> None:
+            try:
+                while data := await reader.read(65536):
+                    parser.feed(data)
+                    while (message := parser.gets()) is not more:
+                        if not await self.passing(message):
+                            return
+                    up_writer.write(data)
+                    await up_writer.drain()
+            finally:
+                up_writer.close()
+                writer.close()
+
+        async def down() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)

@@ -9,7 +9,6 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -381,34 +380,11 @@ class CutOnce(ServerRelay):
         self.command = command
         self.cut = 0
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream.socket))
-        more = object()
-        parser = hiredis.Reader(notEnoughData=more)
-
-        async def up() -> None:
-            try:
-                while data := await reader.read(65536):
-                    parser.feed(data)
-                    while (message := parser.gets()) is not more:
-                        if message[0].upper() == self.command and not self.cut:
-                            self.cut += 1
-                            return  # nothing of this read goes up: the connection ends
-                    up_writer.write(data)
-                    await up_writer.drain()
-            finally:
-                up_writer.close()
-                writer.close()
-
-        async def down() -> None:
-            try:
-                while data := await up_reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            finally:
-                writer.close()
-
-        await asyncio.gather(up(), down(), return_exceptions=True)
+    async def passing(self, command: list[Any]) -> bool:
+        if command[0].upper() == self.command and not self.cut:
+            self.cut += 1
+            return False
+        return True
 
 
 @contextlib.asynccontextmanager
