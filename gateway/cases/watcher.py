@@ -19,7 +19,7 @@ from typing import Any
 from gateway.adapters import load_media
 from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros
 from gateway.queueing.coordination import Fence, Leases
-from gateway.queueing.outcomes import FACTS, Step, step_of
+from gateway.queueing.outcomes import FACTS, Step
 from gateway.queueing.store import RedisQueue, raise_errors
 from gateway.records import Event, EventType
 from gateway.server.config import WatcherSection
@@ -158,25 +158,20 @@ class DeadlineWatcher:
                 if type == "warning" and due_us <= now:
                     calls.append((cid, b"", "", 0))  # the breach says it all
                     continue
-                elapsed_ms = max(0, (now - int(received)) // 1000)
-                if type == "breached":
-                    step = step_of(
-                        k, self.queue.short_abandon_ms, cid, type, now, False, elapsed_ms,
-                        received=int(received), due=due_us, kind=kind.decode(),
-                        channel=channel.decode(),
-                    )
-                    if step is not None:
-                        steps[cid] = step
                 event = Event(
                     contact_id=cid,
                     type=type,
                     at=now,
                     source="watcher",
                     due_at=due_us,
-                    elapsed_ms=elapsed_ms,
+                    elapsed_ms=max(0, (now - int(received)) // 1000),
                     met=False if type == "breached" else None,
                     detail={"kind": kind.decode()},
                 )
+                if type == "breached":
+                    step = self.queue.step_for(event, (received, due, kind, channel))
+                    if step is not None:
+                        steps[cid] = step
                 calls.append((cid, event.to_json(), channel.decode(), due_us))
                 policies[cid] = media.policy(channel.decode(), kind.decode())
             results = await self._claim_all(zset, other, calls, now, type, steps)

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
@@ -24,7 +24,7 @@ from gateway.contact.clock import MICROS_PER_SECOND, Clock, Micros, format_time
 from gateway.queueing.batching import Answer
 from gateway.queueing.keys import AGG_BUCKET_TTL_S, Keys
 from gateway.queueing.link import Lane, Link
-from gateway.queueing.outcomes import FACTS, MOVES, step_of
+from gateway.queueing.outcomes import FACTS, MOVES, Step, step_of
 from gateway.records import SCHEMA, Contact, Deadline, Event, EventType, Inbound, Reply
 from gateway.server.config import RedisSection
 
@@ -811,12 +811,7 @@ class RedisQueue:
             fields = await self._facts(hash_key)
             if fields[0] is not None and fields[1] is not None and fields[3] is not None:
                 counted = "1"  # the facts are known: the step given here, or none
-                step = step_of(
-                    self.keys, self.short_abandon_ms, event.contact_id, event.type, event.at,
-                    event.met, event.elapsed_ms, received=int(fields[0]), due=int(fields[1]),
-                    kind=fields[2].decode() if fields[2] is not None else "response",
-                    channel=fields[3].decode(),
-                )
+                step = self.step_for(event, fields)
         args += [counted, event.at if once else ""]
         if step is not None:
             keys += step.keys
@@ -835,6 +830,17 @@ class RedisQueue:
                     extra={"contact_id": contact_id, "event": type})
         if self.step_failed is not None:
             self.step_failed(writer)
+
+    def step_for(self, event: Event, facts: Sequence[Any]) -> Step | None:
+        """The wallboard step of ``event`` (its type, time, ``met`` and ``elapsed_ms``), from
+        its contact's ``FACTS`` as read (``HMGET``: received, due and channel present); None
+        when it moves nothing. For the events' writers: ``stamp``, ``emit``, the watcher."""
+        received, due, kind, channel = facts
+        return step_of(
+            self.keys, self.short_abandon_ms, event.contact_id, event.type, event.at, event.met,
+            event.elapsed_ms, received=int(received), due=int(due),
+            kind=kind.decode() if kind is not None else "response", channel=channel.decode(),
+        )
 
     async def retained(self, contact_id: str) -> bool:
         """Whether the contact is still retained: its hash's edge stamp (``received_us``), by
@@ -895,10 +901,7 @@ class RedisQueue:
         # here: taken by stamp.lua, or none; the event is marked counted either way
         counted = fields[3] is not None
         args = [contact_id, type, at, event.to_json(), clears, "1" if counted else "0"]
-        step = step_of(
-            self.keys, self.short_abandon_ms, contact_id, type, at, event.met,
-            event.elapsed_ms, received=received, due=due, kind=kind, channel=fields[3].decode(),
-        ) if counted else None
+        step = self.step_for(event, fields) if counted else None
         if step is not None:
             keys += step.keys
             args += step.args
