@@ -157,7 +157,7 @@ async def test_one_instance_watches_and_another_takes_over(
     start_gateway: Any, session: Any
 ) -> None:
     sla = {"sms_response": "1s"}
-    fleet = {"lease_ttl": "1s"}
+    fleet = {"lease_ttl": "5s"}
     a = await start_gateway(api=API, sla=sla, fleet=fleet, gateway={"instance": "gw-a"})
     b = await start_gateway(api=API, sla=sla, fleet=fleet, gateway={"instance": "gw-b"})
 

@@ -192,8 +192,8 @@ async def test_a_flood_beyond_the_in_flight_bound_is_answered_flow_control(
 
 
 async def test_two_instances_hold_one_link(ismg: Ismg, start_gateway: Any) -> None:
-    first = await start_gateway(adapters={"cmpp": config(ismg)}, fleet={"lease_ttl": "1s"})
-    second = await start_gateway(adapters={"cmpp": config(ismg)}, fleet={"lease_ttl": "1s"})
+    first = await start_gateway(adapters={"cmpp": config(ismg)}, fleet={"lease_ttl": "5s"})
+    second = await start_gateway(adapters={"cmpp": config(ismg)}, fleet={"lease_ttl": "5s"})
     done, _ = await asyncio.wait(
         [asyncio.ensure_future(gw.adapters["cmpp"].bound.wait()) for gw in (first, second)],
         return_when=asyncio.FIRST_COMPLETED, timeout=20)

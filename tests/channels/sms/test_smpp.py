@@ -253,8 +253,8 @@ async def test_bind_lost_reconnects(smsc: Smsc, start_gateway: Any) -> None:
 
 
 async def test_two_instances_hold_one_bind(smsc: Smsc, start_gateway: Any) -> None:
-    first = await start_gateway(adapters={"smpp": config(smsc)}, fleet={"lease_ttl": "1s"})
-    second = await start_gateway(adapters={"smpp": config(smsc)}, fleet={"lease_ttl": "1s"})
+    first = await start_gateway(adapters={"smpp": config(smsc)}, fleet={"lease_ttl": "5s"})
+    second = await start_gateway(adapters={"smpp": config(smsc)}, fleet={"lease_ttl": "5s"})
     done, _ = await asyncio.wait(
         [asyncio.ensure_future(gw.adapters["smpp"].bound.wait()) for gw in (first, second)],
         return_when=asyncio.FIRST_COMPLETED, timeout=20)
