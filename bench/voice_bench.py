@@ -7,16 +7,18 @@ Valkey, five SET VARIABLE one after the other), close. The callers run in a sepa
 gateway keeps its core) and answer every command like res_agi.c. Printed per setup: sessions/s
 with ``--concurrency`` callers back to back, server CPU per session, session time p50/p99, and
 for the gateway the added time over the bare server and a paced run at ``--rate`` calls/s.
-The FastAGI layer alone (our server and intake script with an in-memory Intake) and the whole
-gateway run in ``--rounds`` alternating rounds, best of each, and the bench prints their ratio
-of sessions per server core (a gateway run counts until the dashboard's aggregator has read
-its events). The servers run in a child process of their own (``--serve``), their CPU read
-there. ``--before DIR`` runs an older tree's layer and gateway (``git archive <commit> gateway
+The FastAGI layer alone (our server and intake script with an in-memory Intake), the durable
+baseline (the same layer whose Intake answers once one redis-py ``XADD`` of the call is in the
+gateway's Valkey: what one durable write alone costs) and the whole gateway run in
+``--rounds`` alternating rounds, best of each, and the bench prints their ratios of sessions
+per server core (a gateway run counts until the dashboard's aggregator has read its events)
+and their paced p99s. The servers run in a child process of their own (``--serve``), their CPU
+read there. ``--before DIR`` runs an older tree's three (``git archive <commit> gateway
 | tar -x -C DIR``) in another such child, in the same alternating rounds, and prints the CPU a
 session costs now against before. Each paced gateway run starts on a freshly rewritten
 append-only file (``BGREWRITEAOF``, waited for), so that no rewrite the earlier rounds' writes
-set off falls into it by chance; under it, a line says what Valkey did during the run. The
-whole run takes about a minute (two with ``--before``).
+set off falls into it by chance (the durable baseline's too); under it, a line says what Valkey
+did during the run. The whole run takes about two minutes (four with ``--before``).
 
 ``--pin`` (a machine of two cores or more): the servers' process (the bare server, the layer
 and the gateway) on CPU 0, the callers and Valkey on CPU 1, so that the server has a core of
@@ -50,6 +52,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+WHAT = ("layer", "durable", "gateway")
+"""The servers a tree's child runs for each mode: the FastAGI layer alone, the layer + one
+``XADD`` (the durable baseline), the whole gateway."""
 
 SERVER_CPU, OTHER_CPU = 0, 1
 """``--pin``: where the servers run, and where the callers and Valkey do."""
@@ -162,6 +168,7 @@ def child(argv: list[str]) -> None:
     p.add_argument("--rate", type=float, default=1000)
     p.add_argument("--duration", type=float, default=3)
     p.add_argument("--pin", action="store_true")
+    p.add_argument("--out", default="", help="write the result there, not to stdout")
     a = p.parse_args(argv)
     if a.pin:
         os.sched_setaffinity(0, {OTHER_CPU})
@@ -171,7 +178,10 @@ def child(argv: list[str]) -> None:
         result = runner(closed_loop(a.port, a.run, a.concurrency, a.duration))
     else:
         result = runner(open_loop(a.port, a.run, a.rate, a.duration))
-    print(json.dumps(result))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result))
+    else:
+        print(json.dumps(result))
 
 
 def _runner() -> Any:
@@ -197,9 +207,15 @@ async def bare_server() -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
 
 
-async def protocol_only_server(mode: str) -> Any:
+async def protocol_only_server(mode: str, redis_url: str = "") -> Any:
     """Our FastAGI server and intake script with an Intake that keeps contacts in memory:
-    what the voice channel costs by itself, without Redis."""
+    what the voice channel costs by itself, without Redis. With ``redis_url``, the durable
+    baseline: the same, its Intake answering only once one redis-py ``XADD`` of the call (its
+    id, external id, edge stamp and AGI variables, as JSON) is in that Valkey, the least a
+    durable answer costs, as ``intake_bench``'s one-``XADD`` handler and ``email_bench``'s
+    aiosmtpd + one ``XADD`` are for theirs."""
+    import orjson
+
     from gateway.adapters import Receipt
     from gateway.channels.voice.adapter import AsteriskConfig
     from gateway.channels.voice.intake import IntakeScript
@@ -208,13 +224,25 @@ async def protocol_only_server(mode: str) -> Any:
     from gateway.contact.ids import uuid7
     from gateway.records import Deadline, Inbound, Repeat
 
+    client: Any = None
+    if redis_url:
+        import redis.asyncio as redis_asyncio
+
+        client = redis_asyncio.Redis.from_url(redis_url)
+
     class MemoryIntake:
         def __init__(self) -> None:
             self.contacts: dict[str, Inbound] = {}
 
         async def submit(self, inbound: Inbound) -> Receipt:
             cid = uuid7()
-            self.contacts[cid] = inbound
+            if client is not None:
+                await client.xadd("bench:voice:durable", {"call": orjson.dumps({
+                    "id": cid, "external_id": inbound.external_id,
+                    "received_at": inbound.received_at, "meta": inbound.meta,
+                })})
+            else:
+                self.contacts[cid] = inbound
             due = inbound.received_at + 15_000_000
             return Receipt(cid, "enqueued", Deadline("answer", due, "voice_answer"), Repeat(0, 0))
 
@@ -234,20 +262,21 @@ async def drive(
     """One run of callers; ``settle`` waits for the server's background work the run caused
     (counted in its CPU)."""
     cpu0 = time.process_time()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--child", "--port", str(port), "--run", run, "--mode", mode,
-        "--concurrency", str(args.concurrency), "--rate", str(args.rate),
-        "--duration", str(args.duration), "--first", str(FIRST_CALLER[0]),
-        *(["--pin"] if getattr(args, "pin", False) else []),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await proc.communicate()
-    if settle is not None:
-        await settle()
-    first, _, rest = out.partition(b"\n")
-    if rest.strip():  # not the callers' result: show it, the run's figure is the first line
-        sys.stderr.write(f"callers printed more than their result: {rest[:2000]!r}\n")
-    result: dict[str, Any] = json.loads(first)
+    # The result (every session's time, hundreds of KB) comes through a file: read from the
+    # callers' stdout it was unreadable JSON twice in the sixteenth session's runs, once while
+    # this process served the bare server's sessions (the cause not found).
+    with tempfile.NamedTemporaryFile(prefix="bench-voice-callers-", suffix=".json") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--child", "--port", str(port), "--run", run, "--mode",
+            mode, "--concurrency", str(args.concurrency), "--rate", str(args.rate),
+            "--duration", str(args.duration), "--first", str(FIRST_CALLER[0]),
+            "--out", out.name, *(["--pin"] if getattr(args, "pin", False) else []),
+        )
+        if await proc.wait() != 0:
+            raise RuntimeError(f"the callers ended with {proc.returncode}")
+        if settle is not None:
+            await settle()
+        result: dict[str, Any] = json.loads(Path(out.name).read_bytes())
     FIRST_CALLER[0] += result["sessions"]
     result["server_cpu"] = time.process_time() - cpu0
     return result
@@ -398,7 +427,8 @@ async def serve(args: argparse.Namespace) -> None:
     from tests.harness import settings_for
 
     logging_off()
-    layers = {mode: await protocol_only_server(mode) for mode in ("set_variable", "mset")}
+    modes = ("set_variable", "mset")
+    layers = {mode: await protocol_only_server(mode) for mode in modes}
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(
         prefix="bench-voice-", dir=args.valkey_dir or None
@@ -408,6 +438,7 @@ async def serve(args: argparse.Namespace) -> None:
         if args.pin and redis.process is not None:  # Valkey (every thread) beside the callers
             for task in Path(f"/proc/{redis.process.pid}/task").iterdir():
                 os.sched_setaffinity(int(task.name), {OTHER_CPU})
+        durables = {mode: await protocol_only_server(mode, redis.url) for mode in modes}
         settings, configs = settings_for(
             Path(tmp) / "gw", redis.url, "bench",
             adapters={
@@ -432,7 +463,7 @@ async def serve(args: argparse.Namespace) -> None:
         probe: Any = None
         try:
             ports = {
-                mode: {"layer": layers[mode].port,
+                mode: {"layer": layers[mode].port, "durable": durables[mode].port,
                        "gateway": gateway.adapters[name].port}  # type: ignore[attr-defined]
                 for mode, name in (("set_variable", "set"), ("mset", "mset"))
             }
@@ -599,7 +630,8 @@ async def main(args: argparse.Namespace) -> None:
         for r in range(args.rounds):
             for servers in trees:
                 for mode in modes:
-                    for what in ("layer", "gateway"):
+                    # the durable baseline where the tree's child has it (an older one may not)
+                    for what in [w for w in WHAT if w in servers.ports[mode]]:
                         result = await measured(
                             servers, what, mode, f"{run}{r}{servers.label}{mode}{what}",
                             "closed", args)
@@ -617,6 +649,14 @@ async def main(args: argparse.Namespace) -> None:
                 paced_layer = await measured(
                     servers, "layer", mode, f"{run}{servers.label}{mode}lp", "open", args)
                 print(line(f"  paced at {args.rate:g} calls/s", paced_layer, base_paced))
+                durable = best.get((servers.label, mode, "durable"))
+                paced_durable = None
+                if durable is not None:
+                    print(line(f"layer + one XADD ({mode}{tag})", durable, base))
+                    await servers.ask("rewrite")
+                    paced_durable = await measured(
+                        servers, "durable", mode, f"{run}{servers.label}{mode}dp", "open", args)
+                    print(line(f"  paced at {args.rate:g} calls/s", paced_durable, base_paced))
                 print(line(f"gateway, Redis intake ({mode}{tag})", whole, base))
                 # The closed-loop rounds write enough to reach Valkey's rewrite threshold
                 # (64 MB, then twice the rewritten size) at about this point: whether a
@@ -645,6 +685,15 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"  {mode}{tag}: server CPU a session: layer {per[0]:.0f} us, what the "
                       f"gateway adds (Intake, dashboard) {per[1] - per[0]:.0f} us; 0.8 needs "
                       f"it under {per[0] / 4:.0f} us")
+                if durable is not None and paced_durable is not None:
+                    own = durable["server_cpu"] / durable["sessions"] * 1e6
+                    dp99 = pct([x * 1000 for x in paced_durable["latencies"]], 0.99)
+                    print(f"  {mode}{tag}: layer + one XADD / layer, per server core "
+                          f"{per[0] / own:.2f}, its p99 at {args.rate:g} calls/s over the layer "
+                          f"{dp99 - p99['layer']:+.2f} ms, over the bare server "
+                          f"{dp99 - p99['bare']:+.2f} ms (what one durable write alone costs); "
+                          f"gateway / layer + one XADD {own / per[1]:.2f}, its p99 over it "
+                          f"{p99['gw'] - dp99:+.2f} ms")
             contacts = (await servers.ask("contacts"))["contacts"]
             print(f"{'':<34} {contacts} contacts on the stream{tag}")
         if len(trees) > 1:
