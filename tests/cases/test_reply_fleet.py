@@ -132,15 +132,18 @@ async def test_a_slow_send_is_not_taken_over_by_another_sender(start_gateway):
     provider = ok()
     provider.answers = [Answer(200, b'{"ok":true}', hang=True)]
     async with running(provider) as api:
-        replies = {"reclaim_after": "300ms"}
+        # the sender touches its entry every third of reclaim_after: with 300 ms a pause of
+        # 0.2 s (this process runs both instances) could let the other reclaim it
+        replies = {"reclaim_after": "2s"}
+        agg = sms(api, "agg", timeout="30s")  # the send outlasts the hold below
         gw_a = await start_gateway(gateway={"instance": "a"}, replies=replies,
-                                   adapters={"agg": sms(api, "agg")})
+                                   adapters={"agg": agg})
         gw_b = await start_gateway(gateway={"instance": "b"}, replies=replies,
-                                   adapters={"agg": sms(api, "agg")})
+                                   adapters={"agg": agg})
         cid = await contact_of(gw_a, "agg", 1)
         await put_reply(gw_a.redis, Reply(cid, "慢"), prefix=gw_a.keys.prefix)
         await eventually(lambda: called(api, 1))
-        await asyncio.sleep(2)  # many reclaim periods go by while the provider holds the send
+        await asyncio.sleep(5)  # reclaim periods go by while the provider holds the send
         api._release.set()
         await eventually(lambda: all_sent(gw_b))
         assert sent_texts(api) == Counter({"慢": 1})

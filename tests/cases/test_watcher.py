@@ -30,7 +30,10 @@ def deadline_events(events: list[Any], type_: str) -> Counter[str]:
 async def test_two_instances_one_breach_and_one_warning_per_deadline(
     start_gateway: Any, session: Any
 ) -> None:
-    sla = {"sms_response": "1s", "web_response": "1h", "warning_fraction": 0.5}
+    # a warning the watcher finds already past its deadline is left out (the breach says it
+    # all): a window of 3 s between the two, not 0.5 s, so that a pause of the machine (this
+    # process, Valkey) cannot drop one
+    sla = {"sms_response": "4s", "web_response": "1h", "warning_fraction": 0.25}
     a = await start_gateway(api=API, sla=sla, gateway={"instance": "gw-a"})
     b = await start_gateway(api=API, sla=sla, gateway={"instance": "gw-b"})
     ca = Client(session, f"http://127.0.0.1:{a.http_port}")
@@ -65,7 +68,7 @@ async def test_two_instances_one_breach_and_one_warning_per_deadline(
             assert e.met is False
             assert e.at >= c.deadline.due_at  # never early
         if e.type == "warning":
-            assert e.at >= c.received_at + (c.deadline.due_at - c.received_at) // 2
+            assert e.at >= c.received_at + (c.deadline.due_at - c.received_at) // 4
             assert e.at < c.deadline.due_at
     # every warning comes before its breach on the stream
     order = [(e.contact_id, e.type) for e in events if e.type in ("warning", "breached")]
@@ -101,8 +104,10 @@ async def test_a_late_answer_after_the_breach_is_recorded_not_met(
         "POST", f"/v1/contacts/{cid}/events", token="replier", json_body={"type": "responded"}
     )
     assert status == 201 and body["event"]["met"] is False
-    events = await gw.read_events()
-    assert [e.type for e in events] == ["enqueued", "warning", "breached", "responded"]
+    types = [e.type for e in await gw.read_events()]
+    # the warning's window is 0.2 s: a pause of the machine across it leaves the warning out
+    assert [t for t in types if t != "warning"] == ["enqueued", "breached", "responded"]
+    assert types.count("warning") <= 1
 
 
 async def test_fraction_and_deadline_on_a_pinned_clock(start_gateway: Any) -> None:

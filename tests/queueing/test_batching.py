@@ -31,16 +31,18 @@ class Gate:
 
 async def test_a_late_batch_fails_at_its_deadline_and_the_batches_behind_keep_theirs() -> None:
     process = Gate()
-    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=4, timeout=0.6)
+    # (the gap between the two deadlines, 1 s, is what a pause of the machine may take before
+    # the late one's timer runs: both would then be past their deadlines)
+    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=4, timeout=1.5)
     late = coalescer.submit("a")
-    await asyncio.sleep(0.4)  # the second batch starts 0.4 s after the first: its deadline too
+    await asyncio.sleep(1.0)  # the second batch starts 1 s after the first: its deadline too
     behind = coalescer.submit("b")
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert process.seen == [["a"], ["b"]]
     with pytest.raises(TimeoutError):
         await late
-    assert not behind.done()  # its own deadline is 0.4 s later
+    assert not behind.done()  # its own deadline is 1 s later
     process.gates[1].set()
     assert await behind == "ok:b"
     after = coalescer.submit("c")  # a batch after a quiet spell still has its deadline
@@ -52,11 +54,11 @@ async def test_a_late_batch_fails_at_its_deadline_and_the_batches_behind_keep_th
 
 async def test_batches_answered_in_time_one_after_another_are_never_timed_out() -> None:
     process = Gate()
-    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=2, timeout=1.0)
-    for n in range(3):  # 0.4 s each, 1.2 s in all: longer than timeout, each within it
+    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=2, timeout=2.0)
+    for n in range(5):  # 0.5 s each, 2.5 s in all: longer than timeout, each within it
         future = coalescer.submit(str(n))
         await asyncio.sleep(0)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.5)
         process.gates[-1].set()
         assert await future == f"ok:{n}"
     await coalescer.drain()
@@ -87,12 +89,12 @@ async def test_a_batch_past_its_deadline_while_it_waited_for_a_slot_still_fails(
     behind it in the same turn of the loop. Cancelled before its first step, the batch never
     entered ``_run``, and its caller's future was never resolved (fails before: not done)."""
     process = Gate()
-    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=1, timeout=0.2)
+    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=1, timeout=1.0)
     first = coalescer.submit("a")
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     waiting = coalescer.submit("b")  # no slot: it waits for a's batch
-    first.add_done_callback(lambda _: time.sleep(0.3))  # the stall, past b's deadline
+    first.add_done_callback(lambda _: time.sleep(1.1))  # the stall, past b's deadline
     process.gates[0].set()
     assert await first == "ok:a"
     await coalescer.drain()

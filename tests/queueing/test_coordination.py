@@ -20,6 +20,11 @@ from gateway.queueing.keys import Keys
 from gateway.testing import eventually
 
 TTL = 0.6
+"""For the tests of expiry and loss: short, so that they run quickly."""
+HOLD_TTL = 2.4
+"""For the tests that assert a holder keeps its lease: a holder gives up after 2/3 of the TTL
+without a renewal, so a pause of the machine (this process, Valkey) over 0.4 s made one with
+``TTL`` let go and the other contender take over."""
 
 
 @pytest.fixture
@@ -56,7 +61,7 @@ class Recorder:
 
 async def test_of_two_contenders_exactly_one_holds(client: Any, prefix: str) -> None:
     keys = Keys(prefix)
-    a, b = Leases(client, keys, "same", TTL), Leases(client, keys, "same", TTL)
+    a, b = Leases(client, keys, "same", HOLD_TTL), Leases(client, keys, "same", HOLD_TTL)
     rec = Recorder()
     tasks = [
         asyncio.create_task(a.exclusive("job", rec.work("a"))),
@@ -65,8 +70,8 @@ async def test_of_two_contenders_exactly_one_holds(client: Any, prefix: str) -> 
     await eventually(lambda: _true(rec.running))
     first = next(iter(rec.running))
     # several renewal periods pass: the other never starts while the first holds
-    for _ in range(6):
-        await asyncio.sleep(TTL / 3)
+    for _ in range(4):
+        await asyncio.sleep(HOLD_TTL / 3)
         assert rec.running == {first}
     holder = await a.holder_of("job")
     assert holder is not None
@@ -109,7 +114,7 @@ async def test_a_killed_holder_is_replaced_after_its_lease_expires(
 ) -> None:
     keys = Keys(prefix)
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, redis_url, prefix, "1.5"],
+        [sys.executable, "-c", HOLDER, redis_url, prefix, "3"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -118,11 +123,11 @@ async def test_a_killed_holder_is_replaced_after_its_lease_expires(
         line = await asyncio.to_thread(proc.stdout.readline)
         assert line.startswith("held"), line
         killed_fence = int(line.split()[1])
-        ours = Leases(client, keys, "survivor", 1.5)
+        ours = Leases(client, keys, "survivor", 3)
         rec = Recorder()
         task = asyncio.create_task(ours.exclusive("job", rec.work("survivor")))
         for _ in range(3):  # the living holder keeps it through several renewals
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
             assert not rec.running
         os.kill(proc.pid, signal.SIGKILL)  # no release: its renewals just stop
         await eventually(lambda: _true(rec.running))
@@ -168,11 +173,11 @@ async def test_a_lost_lease_cancels_the_work_and_the_holder_contends_again(
     await eventually(lambda: _true(rec.running))
     # someone else holds it now (as after a pause longer than the TTL)
     await client.set(keys.lease("job"), "intruder/999", px=int(TTL * 1000))
-    await eventually(lambda: _true(rec.cancelled == ["a"]))
-    assert not rec.running
+    # (a pause of the machine may add a give-up and a re-take of its own: counted, not exact)
+    await eventually(lambda: _true(rec.cancelled and not rec.running))
     # the intruder's key expires: the holder takes the lease back with a new fence
-    await eventually(lambda: _true(len(rec.fences) == 2 and rec.running))
-    assert rec.fences[1][1] > rec.fences[0][1]
+    await eventually(lambda: _true(len(rec.fences) >= 2 and rec.running))
+    assert rec.fences[-1][1] > rec.fences[0][1]
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
@@ -185,10 +190,10 @@ async def test_redis_away_cancels_the_work_then_it_resumes(own_redis: EmbeddedRe
     try:
         await eventually(lambda: _true(rec.running))
         own_redis.stop_sync()
-        await eventually(lambda: _true(rec.cancelled == ["a"]))
-        assert not leases.held
+        fences = len(rec.fences)  # a pause of the machine may have made one more already
+        await eventually(lambda: _true(rec.cancelled and not rec.running and not leases.held))
         await asyncio.to_thread(own_redis.start_sync)
-        await eventually(lambda: _true(len(rec.fences) == 2 and rec.running))
+        await eventually(lambda: _true(len(rec.fences) > fences and rec.running))
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -315,7 +320,7 @@ async def test_a_frozen_redis_ends_the_belief_in_the_lease_on_time(
     try:
         await eventually(lambda: _true(rec.running))
         os.kill(pid, signal.SIGSTOP)
-        await eventually(lambda: _true(rec.cancelled == ["a"] and not leases.held))
+        await eventually(lambda: _true(rec.cancelled and not rec.running and not leases.held))
     finally:
         os.kill(pid, signal.SIGCONT)
         task.cancel()

@@ -390,7 +390,7 @@ async def test_script_is_atomic_when_the_connection_dies_mid_write(start_gateway
 
 
 async def test_redis_stopped_contacts_spool_and_replay_without_loss(start_gateway, own_redis):
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     before = [inbound(external_id=f"b{i}") for i in range(20)]
     for item in before:
         assert (await gw.intake.submit(item)).status == "enqueued"
@@ -422,7 +422,7 @@ async def test_a_frozen_redis_spools_every_waiting_batch_by_its_deadline(start_g
     batches queued behind it each fail at their own deadline (``write_timeout`` from their
     oldest contact), not at the client's socket timeout, and every contact is spooled, then
     written once when Redis answers again."""
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms", "max_batch": 4})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "1s", "max_batch": 4})
     assert (await gw.intake.submit(inbound(external_id="warm"))).status == "enqueued"
     pid = own_redis.process.pid
     os.kill(pid, signal.SIGSTOP)
@@ -445,7 +445,7 @@ async def test_a_frozen_redis_spools_every_waiting_batch_by_its_deadline(start_g
 
 async def test_spool_survives_a_gateway_restart(tmp_path, own_redis, prefix):
     settings, configs = settings_for(
-        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"}
+        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "2s"}
     )
     gw = Gateway(settings, configs)
     await gw.start()
@@ -465,7 +465,7 @@ async def test_spool_survives_a_gateway_restart(tmp_path, own_redis, prefix):
 
 
 async def test_corrupt_spool_record_is_quarantined_and_the_rest_replayed(start_gateway, own_redis):
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     own_redis.stop_sync()
     for i in range(5):
         assert (await gw.intake.submit(inbound(external_id=f"q{i}"))).status == "spooled"
@@ -501,7 +501,7 @@ async def test_neither_redis_nor_spool_raises_intake_unavailable(start_gateway, 
 async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(
     start_gateway, own_redis
 ):
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     # a key of the wrong type makes the intake script fail for exactly one contact
     await gw.queue.load_pseudonym_key()  # dedupe keys are named by the id's pseudonym
     await gw.redis.hset(gw.keys.dedupe("test", gw.queue.pseudonym("p2")), "not", "a string")
@@ -516,7 +516,7 @@ async def test_a_record_redis_refuses_for_good_is_quarantined_not_blocking(
 
 
 async def test_events_and_stamps_wait_in_the_spool_behind_their_contact(start_gateway, own_redis):
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     own_redis.stop_sync()
     item = inbound(channel="voice", external_id="call-1")
     receipt = await gw.intake.submit(item)
@@ -569,7 +569,7 @@ async def test_a_caller_that_gives_up_while_redis_is_away_still_has_its_contact_
 ):
     """The write of a caller that gave up goes on without it: when it fails (Redis stopped),
     the contact is spooled, then replayed, as if the caller had waited."""
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     own_redis.stop_sync()
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0):

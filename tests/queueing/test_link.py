@@ -197,7 +197,7 @@ async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
     every batch behind it too; under load one late batch spooled all eight in flight. Now only
     the late batch is spooled (and written once: the replay finds it written), and the batch
     behind it is answered on the same link when Redis answers, within its own deadline."""
-    gw = await start_gateway(redis={"write_timeout": "2s"})
+    gw = await start_gateway(redis={"write_timeout": "3s"})
     assert (await gw.intake.submit(inbound("warm"))).status == "enqueued"
     link = gw.queue._link.link
     assert link is not None
@@ -205,7 +205,9 @@ async def test_a_batch_given_up_leaves_the_batches_behind_it_on_the_link(
     try:
         late = asyncio.ensure_future(gw.intake.submit(inbound("late")))
         await eventually(lambda: len(link._waiting) == 1)
-        await asyncio.sleep(1.0)  # the second batch's deadline comes a second after the first's
+        # the second batch's deadline comes 2 s after the first's: more than a pause of the
+        # machine takes (past both deadlines, the late one's timer failed both)
+        await asyncio.sleep(2.0)
         behind = asyncio.ensure_future(gw.intake.submit(inbound("behind")))
         await eventually(lambda: len(link._waiting) == 2)
         assert (await late).status == "spooled"  # its deadline passed while Redis was paused

@@ -38,7 +38,7 @@ async def spool_with_torn_line(gw: Gateway, own_redis, count: int) -> os.PathLik
 async def test_torn_line_on_a_full_disk_does_not_stall_the_replay(start_gateway, own_redis):
     """The torn line cannot be copied to quarantine (the write answers ENOSPC, as on a full
     disk): the other records are replayed and the segment is moved to quarantine whole."""
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     segment = await spool_with_torn_line(gw, own_redis, 3)
     gw.spool.quarantine_dir.mkdir(exist_ok=True)
     os.symlink("/dev/full", gw.spool.quarantine_dir / segment.name)
@@ -60,7 +60,7 @@ async def test_a_segment_that_cannot_be_set_aside_fails_readiness_not_intake(
     stuck, readiness fails with a WARNING, new contacts still go to Redis; once the operator
     clears the way, the segment is settled and the gateway is ready again."""
     caplog.set_level(logging.WARNING)
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     segment = await spool_with_torn_line(gw, own_redis, 2)
     gw.spool.stuck_retry_s = 0.2
     gw.spool.quarantine_dir.rmdir()
@@ -91,7 +91,7 @@ async def test_a_replay_that_makes_no_progress_fails_readiness(start_gateway, ow
     """Redis answers PING but refuses every write (a replica: READONLY, a transient error): the
     replay is stalled, so /readyz fails and says why, with a WARNING; it recovers by itself."""
     caplog.set_level(logging.WARNING)
-    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "300ms"})
+    gw = await start_gateway(url=own_redis.url, redis={"write_timeout": "2s"})
     gw.intake.stall_after_s = 0.5
     admin = redis.Redis.from_url(own_redis.url)
     admin.replicaof("127.0.0.1", "1")  # a master that never answers
@@ -116,7 +116,7 @@ async def test_a_retried_contact_keeps_its_first_id_across_a_restart_while_redis
     """Spooled, gateway restarted with Redis still down, the peer retries: the retry gets the
     first id (the spool's own index), and the replay writes that contact once with that id."""
     settings, configs = settings_for(
-        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"}
+        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "2s"}
     )
     own_redis.stop_sync()
     first = Gateway(settings, configs)
@@ -155,7 +155,7 @@ async def test_a_one_process_start_replays_what_workers_of_a_larger_run_spooled(
     acknowledged, so the start moves them into its own ``spool/`` and replays them. (Only the
     parent of N > 1 moved folders before: one process never read ``spool/worker-K``.)"""
     settings, configs = settings_for(
-        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "300ms"}
+        tmp_path / "gw", own_redis.url, prefix, redis={"write_timeout": "2s"}
     )
     run_dir(settings.gateway.data_dir.resolve()).mkdir(parents=True)
     own_redis.stop_sync()

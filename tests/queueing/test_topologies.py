@@ -158,7 +158,7 @@ async def test_min_replicas_spools_until_a_replica_has_the_batch(tmp_path, start
         probe.close()
         gw = await start_gateway(
             url=f"redis://127.0.0.1:{master_port}",
-            redis={"min_replicas": 1, "write_timeout": "500ms"},
+            redis={"min_replicas": 1, "write_timeout": "2s"},
         )
         assert (await gw.intake.submit(inbound(external_id="r1"))).status == "enqueued"
         replica.terminate()
@@ -216,7 +216,7 @@ async def test_min_replicas_a_duplicate_is_confirmed_only_once_a_replica_has_it(
         await eventually(lambda: probe.info("replication").get("master_link_status") == "up")
         probe.close()
         url = f"redis://127.0.0.1:{master_port}"
-        section = {"min_replicas": 1, "write_timeout": "500ms"}
+        section = {"min_replicas": 1, "write_timeout": "2s"}
         one = await start_gateway(url=url, redis=section, gateway={"instance": "one"})
         two = await start_gateway(url=url, redis=section, gateway={"instance": "two"})
         assert (await one.intake.submit(inbound(external_id="w1"))).status == "enqueued"

@@ -818,8 +818,10 @@ async def test_two_instances_poll_one_bot_one_at_a_time_and_take_over(
         "file_base": bot_api.file_base,
     }
     # a TTL well above the loop lag of a busy test machine (both instances share this loop):
-    # with 1 s, a holder starved for a third of it kept its long poll open past the take-over
-    fleet = {"lease_ttl": "3s"}
+    # with 1 s, a holder starved for a third of it kept its long poll open past the take-over;
+    # a holder gives up after 2/3 of the TTL without a renewal (4 s here); the take-over
+    # follows a stop, which releases the lease
+    fleet = {"lease_ttl": "6s"}
     one = await start_gateway(adapters={"tg": table}, fleet=fleet)
     two = await start_gateway(adapters={"tg": table}, fleet=fleet)
     for i in range(5):
