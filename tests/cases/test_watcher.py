@@ -106,8 +106,9 @@ async def test_a_late_answer_after_the_breach_is_recorded_not_met(
     assert status == 201 and body["event"]["met"] is False
     types = [e.type for e in await gw.read_events()]
     # the warning's window is 0.2 s: a pause of the machine across it leaves the warning out
-    assert [t for t in types if t != "warning"] == ["enqueued", "breached", "responded"]
-    assert types.count("warning") <= 1
+    assert types in (
+        ["enqueued", "warning", "breached", "responded"], ["enqueued", "breached", "responded"]
+    )
 
 
 async def test_fraction_and_deadline_on_a_pinned_clock(start_gateway: Any) -> None:

@@ -31,18 +31,18 @@ class Gate:
 
 async def test_a_late_batch_fails_at_its_deadline_and_the_batches_behind_keep_theirs() -> None:
     process = Gate()
-    # (the gap between the two deadlines, 1 s, is what a pause of the machine may take before
-    # the late one's timer runs: both would then be past their deadlines)
-    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=4, timeout=1.5)
+    # (a pause of the machine longer than the gap between the two deadlines, before the late
+    # one's timer runs, would find both past them: the gap is 1.5 s)
+    coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=4, timeout=2.5)
     late = coalescer.submit("a")
-    await asyncio.sleep(1.0)  # the second batch starts 1 s after the first: its deadline too
+    await asyncio.sleep(1.5)  # the second batch starts 1.5 s after the first: its deadline too
     behind = coalescer.submit("b")
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert process.seen == [["a"], ["b"]]
     with pytest.raises(TimeoutError):
         await late
-    assert not behind.done()  # its own deadline is 1 s later
+    assert not behind.done()  # its own deadline is 1.5 s later
     process.gates[1].set()
     assert await behind == "ok:b"
     after = coalescer.submit("c")  # a batch after a quiet spell still has its deadline
@@ -55,10 +55,10 @@ async def test_a_late_batch_fails_at_its_deadline_and_the_batches_behind_keep_th
 async def test_batches_answered_in_time_one_after_another_are_never_timed_out() -> None:
     process = Gate()
     coalescer: Coalescer[str, str] = Coalescer(process, max_inflight=2, timeout=2.0)
-    for n in range(5):  # 0.5 s each, 2.5 s in all: longer than timeout, each within it
+    for n in range(5):  # 0.6 s each, 3 s in all: longer than timeout, each within it
         future = coalescer.submit(str(n))
         await asyncio.sleep(0)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.6)
         process.gates[-1].set()
         assert await future == f"ok:{n}"
     await coalescer.drain()

@@ -819,8 +819,8 @@ async def test_two_instances_poll_one_bot_one_at_a_time_and_take_over(
     }
     # a TTL well above the loop lag of a busy test machine (both instances share this loop):
     # with 1 s, a holder starved for a third of it kept its long poll open past the take-over;
-    # a holder gives up after 2/3 of the TTL without a renewal (4 s here); the take-over
-    # follows a stop, which releases the lease
+    # a pause of just over a third of the TTL (2 s here) can make a holder give up; the
+    # take-over follows a stop, which releases the lease
     fleet = {"lease_ttl": "6s"}
     one = await start_gateway(adapters={"tg": table}, fleet=fleet)
     two = await start_gateway(adapters={"tg": table}, fleet=fleet)

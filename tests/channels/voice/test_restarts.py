@@ -153,7 +153,7 @@ async def test_only_one_instance_follows_a_pbx(start_gateway: Any) -> None:
             "ami": {"host": "127.0.0.1", "port": ami.port, "username": "gateway",
                     "secret": SECRET, "reconnect_min": "20ms", "reconnect_max": "100ms"},
         }},
-        fleet={"lease_ttl": "5s"},
+        fleet={"lease_ttl": "600ms"},
         clock=FixedClock(T0),
     )
     await eventually(lambda: ami.accepted == 1)  # the first follows AMI (it may log in late)
