@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,11 @@ class ServerRelay:
         self.upstream = server
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+    async def start(self, tls: ssl.SSLContext | None = None) -> str:
+        """Listen; with ``tls``, terminate TLS as a proxy would (a ``rediss://`` URL)."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=tls)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"{'rediss' if tls else 'redis'}://127.0.0.1:{port}/0"
 
     def close(self) -> None:
         if self._server is not None:

@@ -227,25 +227,10 @@ async def test_batches_go_over_tls(start_gateway, redis_server, certificate):
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_unix_connection(str(redis_server.socket))
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            finally:
-                sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
-                             return_exceptions=True)
-
-    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
+    relay = ServerRelay(redis_server)
+    url = await relay.start(tls=context)
     try:
-        gw = await start_gateway(url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")
+        gw = await start_gateway(url=f"{url}?ssl_ca_certs={cert}")
         receipts = await asyncio.gather(*(gw.intake.submit(inbound(f"t{i}")) for i in range(30)))
         assert {r.status for r in receipts} == {"enqueued"}
         link = gw.queue._link.link
@@ -253,7 +238,7 @@ async def test_batches_go_over_tls(start_gateway, redis_server, certificate):
         assert link.transport.get_extra_info("ssl_object") is not None  # TLS under the link
         assert len(await gw.read_contacts()) == 30
     finally:
-        server.close()
+        relay.close()
 
 
 async def test_with_min_replicas_batches_keep_pooled_connections(start_gateway, own_redis):
